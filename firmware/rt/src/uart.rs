@@ -1,0 +1,113 @@
+//! Polled 16550 UART on COM1 (0x3f8), used from ring 3 (IOPL=3).
+use crate::arch::{inb, outb};
+use core::fmt;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+pub const COM1: u16 = 0x3f8;
+const THR: u16 = 0; // transmit holding (write) / receive buffer (read)
+const IER: u16 = 1;
+const LCR: u16 = 3;
+const MCR: u16 = 4;
+const LSR: u16 = 5;
+const LSR_DATA_READY: u8 = 0x01;
+const LSR_THR_EMPTY: u8 = 0x20;
+
+static LOCK: AtomicBool = AtomicBool::new(false);
+
+/// No interrupts, 8N1, DTR|RTS (OUT2 off: no IRQ). The baud divisor is left
+/// alone (meaningless for a virtual UART).
+pub fn init() {
+    outb(COM1 + IER, 0);
+    outb(COM1 + LCR, 0x03);
+    outb(COM1 + MCR, 0x03);
+}
+
+/// Send one byte (waits a bounded time for THR empty).
+pub fn putb(b: u8) {
+    let mut n = 0u32;
+    while inb(COM1 + LSR) & LSR_THR_EMPTY == 0 && n < 1_000_000 {
+        core::hint::spin_loop();
+        n += 1;
+    }
+    outb(COM1 + THR, b);
+}
+
+/// Is a received byte waiting?
+pub fn rx_ready() -> bool {
+    inb(COM1 + LSR) & LSR_DATA_READY != 0
+}
+
+/// Wait for and return one received byte.
+pub fn getb() -> u8 {
+    while !rx_ready() {
+        core::hint::spin_loop();
+    }
+    inb(COM1 + THR)
+}
+
+pub fn write_bytes(s: &[u8]) {
+    for &b in s {
+        if b == b'\n' {
+            putb(b'\r');
+        }
+        putb(b);
+    }
+}
+
+/// Serialises console output between CPUs.
+pub struct Console;
+
+impl Console {
+    pub fn lock() -> ConsoleGuard {
+        let mut spins = 0u64;
+        while LOCK
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+            spins += 1;
+            if spins > 2_000_000_000 {
+                break; // a CPU died holding it: print anyway
+            }
+        }
+        ConsoleGuard(())
+    }
+}
+
+pub struct ConsoleGuard(());
+
+impl Drop for ConsoleGuard {
+    fn drop(&mut self) {
+        LOCK.store(false, Ordering::Release);
+    }
+}
+
+impl fmt::Write for ConsoleGuard {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        write_bytes(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// Used by the panic handler: the panicking code may hold the lock.
+pub fn force_unlock() {
+    LOCK.store(false, Ordering::Release);
+}
+
+#[doc(hidden)]
+pub fn _print(args: fmt::Arguments) {
+    use fmt::Write;
+    let mut g = Console::lock();
+    let _ = g.write_fmt(args);
+}
+
+#[macro_export]
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::uart::_print(format_args!($($arg)*)) };
+}
+
+#[macro_export]
+macro_rules! println {
+    () => { $crate::uart::_print(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::uart::_print(format_args!("{}\n", format_args!($($arg)*))) };
+}

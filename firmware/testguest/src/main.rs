@@ -1,0 +1,332 @@
+//! The Bexar test guest. Entered by the VMM through the Linux 64-bit boot
+//! protocol; `rt` sets up ring 0 and drops to ring 3, where everything here
+//! runs. The command-line token `bexar.test=NAME` picks the test (default
+//! `banner`); every test ends the VM through the exit port (0 = pass) after
+//! printing `bexar-testguest: PASS <name>` or `bexar-testguest: FAIL <name>: <reason>`.
+#![no_std]
+#![no_main]
+
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use rt::arch::{self, cpuid, rdtsc};
+use rt::bootparams::{cmdline_param, BootParams};
+use rt::mptable::MpTable;
+use rt::{boot, exit, println, smp, uart, MAX_CPUS};
+
+rt::entry!(main);
+
+const P: &str = "bexar-testguest";
+
+/// Exit-port status codes (the ring-0 exception handler uses 0x100 + vector,
+/// the runtime's panic handler 2).
+mod code {
+    pub const PASS: u32 = 0;
+    pub const FAIL: u32 = 1;
+    pub const FAIL_TEST: u32 = 3;
+    pub const UNKNOWN_TEST: u32 = 4;
+    pub const SMP_TIMEOUT: u32 = 5;
+    pub const SMP_ID_MISMATCH: u32 = 6;
+    pub const SMP_NO_MPTABLE: u32 = 7;
+    pub const SMP_IPI: u32 = 8;
+    pub const RESET_IGNORED: u32 = 9;
+    pub const TRIPLE_FAULT_RETURNED: u32 = 10;
+    pub const RING0_CALL: u32 = 11;
+    pub const NOT_RING3: u32 = 12;
+}
+
+type TestResult = Result<(), (u32, &'static str)>;
+
+const TESTS: &[(&str, fn(&BootParams) -> TestResult)] = &[
+    ("banner", test_banner),
+    ("fail", test_fail),
+    ("smp", test_smp),
+    ("triple-fault", test_triple_fault),
+    ("reset", test_reset),
+    ("hang", test_hang),
+    ("echo", test_echo),
+    ("cpuid", test_cpuid),
+    ("ring0-call", test_ring0_call),
+    ("exception", test_exception),
+];
+
+fn main(bp: BootParams) -> ! {
+    let (cpl, iopl) = (arch::cpl(), arch::iopl());
+    println!("{P}: ring 3 reached (cpl={cpl}, iopl={iopl})");
+    let cmdline = bp.cmdline();
+    println!("{P}: cmdline: {cmdline}");
+    let name = cmdline_param(cmdline, "bexar.test").unwrap_or("banner");
+    println!("{P}: test: {name}");
+    let result = if cpl != 3 || iopl != 3 {
+        Err((code::NOT_RING3, "not running in ring 3 with IOPL=3"))
+    } else {
+        match TESTS.iter().find(|(n, _)| *n == name) {
+            Some((_, f)) => f(&bp),
+            None => Err((code::UNKNOWN_TEST, "unknown test")),
+        }
+    };
+    match result {
+        Ok(()) => {
+            println!("{P}: PASS {name}");
+            exit::exit(code::PASS)
+        }
+        Err((status, reason)) => {
+            println!("{P}: FAIL {name}: {reason} (status {status})");
+            exit::exit(status)
+        }
+    }
+}
+
+fn print_memory(bp: &BootParams) {
+    for e in bp.e820_iter() {
+        println!(
+            "{P}: e820: [{:#012x}-{:#012x}) type {}",
+            e.addr,
+            e.addr.wrapping_add(e.size),
+            e.kind
+        );
+    }
+    let ram = bp.ram_bytes();
+    let mib = (ram + (1 << 19)) >> 20;
+    println!(
+        "{P}: memory: {mib} MiB RAM ({ram} bytes in {} e820 entries, top {:#x})",
+        bp.e820_count(),
+        bp.ram_top()
+    );
+}
+
+fn test_banner(bp: &BootParams) -> TestResult {
+    println!("{P}: boot_params at {:#x}", bp.addr());
+    print_memory(bp);
+    match MpTable::find() {
+        Ok(mp) => {
+            let bsp = mp.bsp().map(|c| c.apic_id as i32).unwrap_or(-1);
+            println!(
+                "{P}: cpus: {} in the MP table (bsp apic id {bsp}, lapic {:#x}, {} ioapic(s){})",
+                mp.enabled_cpus().count(),
+                mp.lapic_addr,
+                mp.nioapics,
+                if mp.nioapics > 0 { " at " } else { "" }
+            );
+            for io in mp.ioapics() {
+                println!("{P}: ioapic: id {} at {:#x}", io.id, io.addr);
+            }
+        }
+        Err(e) => println!("{P}: cpus: no MP table ({e})"),
+    }
+    Ok(())
+}
+
+fn test_fail(_: &BootParams) -> TestResult {
+    println!("{P}: fail: failing on purpose");
+    Err((code::FAIL_TEST, "requested failure"))
+}
+
+// ---------------------------------------------------------------- smp
+
+/// Per CPU index: CPUID APIC id + 1 (0 = not checked in).
+static CHECKIN: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+/// Per CPU index: local APIC ID register + 1.
+static LAPIC_IDS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+static CHECKED_IN: AtomicUsize = AtomicUsize::new(0);
+
+fn check_in(index: usize) {
+    let id = arch::cpuid_apic_id();
+    let lapic = smp::lapic_id();
+    if index < MAX_CPUS {
+        LAPIC_IDS[index].store(lapic + 1, Ordering::Relaxed);
+        CHECKIN[index].store(id + 1, Ordering::Release);
+    }
+    CHECKED_IN.fetch_add(1, Ordering::AcqRel);
+}
+
+fn ap_main(index: usize) {
+    check_in(index);
+}
+
+fn test_smp(_: &BootParams) -> TestResult {
+    let mp = match MpTable::find() {
+        Ok(mp) => mp,
+        Err(e) => {
+            println!("{P}: smp: {e}");
+            return Err((code::SMP_NO_MPTABLE, "no usable MP table"));
+        }
+    };
+    let expected = mp.enabled_cpus().count();
+    let bsp_id = arch::cpuid_apic_id();
+    println!("{P}: smp: MP table lists {expected} cpus; bsp apic id {bsp_id}");
+    if mp.cpus_dropped > 0 {
+        println!("{P}: smp: {} more cpus than supported ({MAX_CPUS})", mp.cpus_dropped);
+        return Err((code::SMP_ID_MISMATCH, "too many cpus in the MP table"));
+    }
+    match mp.bsp() {
+        Some(b) if b.apic_id as u32 == bsp_id => {}
+        Some(b) => {
+            println!("{P}: smp: MP table bsp apic id {} != cpuid apic id {bsp_id}", b.apic_id);
+            return Err((code::SMP_ID_MISMATCH, "bsp apic id differs from the MP table"));
+        }
+        None => return Err((code::SMP_ID_MISMATCH, "no bsp in the MP table")),
+    }
+    check_in(0);
+
+    let t0 = rdtsc();
+    let sent = match smp::start_aps(&mp, ap_main) {
+        Ok(n) => n,
+        Err(e) => {
+            println!("{P}: smp: IPI failed: {e:?}");
+            return Err((code::SMP_IPI, "INIT/SIPI delivery failed"));
+        }
+    };
+    let hz = arch::tsc_hz();
+    let timeout = hz.saturating_mul(5);
+    while CHECKED_IN.load(Ordering::Acquire) < sent + 1 && rdtsc().wrapping_sub(t0) < timeout {
+        core::hint::spin_loop();
+    }
+    let online = CHECKED_IN.load(Ordering::Acquire);
+    let ms = rdtsc().wrapping_sub(t0) / (hz / 1000).max(1);
+
+    let mut ids = [0u32; MAX_CPUS];
+    let mut n = 0;
+    let mut mismatch = false;
+    for i in 0..MAX_CPUS {
+        let v = CHECKIN[i].load(Ordering::Acquire);
+        if v != 0 {
+            let l = LAPIC_IDS[i].load(Ordering::Relaxed);
+            if l != v {
+                println!("{P}: smp: cpu {i}: cpuid apic id {} but LAPIC ID register {}", v - 1, l.wrapping_sub(1));
+                mismatch = true;
+            }
+            ids[n] = v - 1;
+            n += 1;
+        }
+    }
+    let ids = &mut ids[..n];
+    ids.sort_unstable();
+    uart::write_bytes(b"bexar-testguest: smp: ");
+    {
+        let mut g = uart::Console::lock();
+        use core::fmt::Write;
+        let _ = write!(g, "{online}/{expected} cpus online, apic ids [");
+        for (i, id) in ids.iter().enumerate() {
+            let _ = write!(g, "{}{id}", if i > 0 { ", " } else { "" });
+        }
+        let _ = writeln!(g, "]");
+    }
+    println!("{P}: smp: {sent} APs started, {} arrived in long mode, {ms} ms", smp::aps_arrived());
+    if online < expected {
+        return Err((code::SMP_TIMEOUT, "not every cpu came online"));
+    }
+    if online > expected || n != online {
+        return Err((code::SMP_ID_MISMATCH, "more check-ins than cpus"));
+    }
+    if mismatch {
+        return Err((code::SMP_ID_MISMATCH, "cpuid apic id differs from the LAPIC ID register"));
+    }
+    if ids.windows(2).any(|w| w[0] == w[1]) {
+        return Err((code::SMP_ID_MISMATCH, "duplicate apic ids"));
+    }
+    let mut want = [0u32; MAX_CPUS];
+    let mut m = 0;
+    for c in mp.enabled_cpus() {
+        want[m] = c.apic_id as u32;
+        m += 1;
+    }
+    let want = &mut want[..m];
+    want.sort_unstable();
+    if want != ids {
+        return Err((code::SMP_ID_MISMATCH, "apic ids differ from the MP table"));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- others
+
+fn test_triple_fault(_: &BootParams) -> TestResult {
+    println!("{P}: triple-fault: asking ring 0 (int 0x80) to load an empty IDT and fault");
+    boot::ring0_call(boot::SYS_TRIPLE_FAULT);
+    Err((code::TRIPLE_FAULT_RETURNED, "still running after the triple fault request"))
+}
+
+fn test_reset(_: &BootParams) -> TestResult {
+    println!("{P}: reset: writing 0xfe to port 0x64");
+    exit::reset();
+    arch::delay_us(1_000_000);
+    Err((code::RESET_IGNORED, "still running 1 s after the reset request"))
+}
+
+fn test_hang(_: &BootParams) -> TestResult {
+    println!("{P}: hang: spinning forever in ring 3");
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+fn test_echo(_: &BootParams) -> TestResult {
+    println!("{P}: echo: ready, type a line");
+    let mut buf = [0u8; 256];
+    let mut n = 0;
+    loop {
+        let b = uart::getb();
+        if b == b'\n' || b == b'\r' {
+            if n == 0 && b == b'\n' {
+                continue; // the \n of a \r\n pair
+            }
+            break;
+        }
+        if n < buf.len() {
+            buf[n] = b;
+            n += 1;
+        }
+    }
+    let line = core::str::from_utf8(&buf[..n]).unwrap_or("<non-UTF-8 input>");
+    println!("{P}: echo: {line}");
+    Ok(())
+}
+
+fn test_cpuid(_: &BootParams) -> TestResult {
+    let (max, b, c, d) = cpuid(0, 0);
+    let mut vendor = [0u8; 12];
+    vendor[0..4].copy_from_slice(&b.to_le_bytes());
+    vendor[4..8].copy_from_slice(&d.to_le_bytes());
+    vendor[8..12].copy_from_slice(&c.to_le_bytes());
+    let vendor = core::str::from_utf8(&vendor).unwrap_or("?");
+    let (sig, _, _, _) = cpuid(1, 0);
+    let base_family = (sig >> 8) & 0xf;
+    let family = if base_family == 0xf { base_family + ((sig >> 20) & 0xff) } else { base_family };
+    let model = if base_family == 0x6 || base_family == 0xf {
+        ((sig >> 4) & 0xf) | (((sig >> 16) & 0xf) << 4)
+    } else {
+        (sig >> 4) & 0xf
+    };
+    let stepping = sig & 0xf;
+    let (hv_max, hb, hc, hd) = cpuid(0x4000_0000, 0);
+    let mut hv = [0u8; 12];
+    hv[0..4].copy_from_slice(&hb.to_le_bytes());
+    hv[4..8].copy_from_slice(&hc.to_le_bytes());
+    hv[8..12].copy_from_slice(&hd.to_le_bytes());
+    let hv: &str = core::str::from_utf8(&hv).unwrap_or("?").trim_end_matches('\0');
+    println!("{P}: cpuid: vendor {vendor}, max leaf {max:#x}");
+    println!("{P}: cpuid: family {family:#x} model {model:#x} stepping {stepping}");
+    println!("{P}: cpuid: apic id {}", arch::cpuid_apic_id());
+    match arch::cpuid_x2apic_id() {
+        Some(x) => println!("{P}: cpuid: x2apic id {x}"),
+        None => println!("{P}: cpuid: x2apic id n/a (no leaf 0xb)"),
+    }
+    println!("{P}: cpuid: hypervisor \"{hv}\" (max leaf {hv_max:#x})");
+    println!("{P}: cpuid: tsc {} MHz (estimated)", arch::tsc_hz() / 1_000_000);
+    Ok(())
+}
+
+fn test_ring0_call(_: &BootParams) -> TestResult {
+    println!("{P}: ring0-call: int 0x80 (ping)");
+    let r = boot::ring0_call(boot::SYS_PING);
+    println!("{P}: ring0-call: returned {r:#x}");
+    if r != boot::SYS_PING_MAGIC {
+        return Err((code::RING0_CALL, "wrong value from the ring-0 gate"));
+    }
+    Ok(())
+}
+
+fn test_exception(_: &BootParams) -> TestResult {
+    println!("{P}: exception: executing ud2 in ring 3 (expect exit status 0x106)");
+    unsafe { core::arch::asm!("ud2") };
+    Err((code::FAIL, "ud2 did not fault"))
+}

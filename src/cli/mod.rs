@@ -1,0 +1,148 @@
+//! The `bexar` command line.
+
+pub mod boot_test;
+pub mod junit;
+pub mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::devices::serial::ConsoleConfig;
+
+/// Exit status of `bexar run`, one per way a VM can end (documented in docs/operators-guide.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RunStatus {
+    /// The guest powered off, reset, or reported status 0 on the exit port.
+    Clean = 0,
+    /// The guest reported a non-zero status or a crash.
+    GuestFailure = 1,
+    /// Bad input: flags, files, sizes.
+    BadInput = 2,
+    /// Triple fault.
+    TripleFault = 3,
+    /// KVM could not run the guest (internal error, failed entry) or the VMM failed.
+    KvmError = 4,
+    /// The timeout expired.
+    Timeout = 5,
+}
+
+impl From<RunStatus> for ExitCode {
+    fn from(s: RunStatus) -> Self {
+        ExitCode::from(s as u8)
+    }
+}
+
+/// One binary per host: an embedded KVM microVM monitor (and, later, the host agent).
+#[derive(Debug, Parser)]
+#[command(name = "bexar", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot one VM in the foreground; the exit status says how the guest ended.
+    Run(RunArgs),
+    /// Boot one or more images in parallel, wait for a console pattern, write a JUnit report.
+    BootTest(BootTestArgs),
+}
+
+/// VM flags shared by `run` and `boot-test`.
+#[derive(Debug, Clone, Args)]
+pub struct VmArgs {
+    /// Initramfs to load.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Vec<PathBuf>,
+    /// Kernel command line (the VMM may append platform parameters; see --no-platform-params).
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Vec<String>,
+    /// Number of vCPUs (1-32).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128, value_name = "MIB")]
+    pub memory: u64,
+    /// CPU template: host, x86-64-v2 (alias baseline).
+    #[arg(long, default_value = "host", value_name = "NAME")]
+    pub cpu_template: String,
+    /// Stop the VM after this many seconds (exit status 5).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Do not add the platform's kernel parameters (PVM hosts) to the command line.
+    #[arg(long)]
+    pub no_platform_params: bool,
+}
+
+/// Flags of `bexar run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Kernel: an ELF vmlinux (PVH or 64-bit entry) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// VM flags.
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Console: stdio, none, file:PATH or socket:PATH.
+    #[arg(long, default_value = "stdio", value_name = "DEST")]
+    pub console: ConsoleConfig,
+    /// End the VM successfully when this text appears on the console.
+    #[arg(long, value_name = "PATTERN")]
+    pub expect: Option<String>,
+    /// Write the outcome (reason, timings, memory) as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub result_json: Option<PathBuf>,
+    /// Do not feed stdin to the guest's console.
+    #[arg(long)]
+    pub no_stdin: bool,
+}
+
+/// Flags of `bexar boot-test`.
+#[derive(Debug, Clone, Args)]
+pub struct BootTestArgs {
+    /// Kernel of each image to test (repeat for several images, run in parallel).
+    #[arg(long, value_name = "PATH", required = true)]
+    pub kernel: Vec<PathBuf>,
+    /// VM flags. --initrd and --cmdline are given once for all images or once per image.
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Console text that means the image booted (once for all, or once per image). Without it, an
+    /// image passes when its guest ends cleanly (power-off, reset, exit-port status 0).
+    #[arg(long, value_name = "PATTERN")]
+    pub expect: Vec<String>,
+    /// Write a JUnit XML report here.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Directory for console logs (default: a temporary directory).
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
+    /// Images booted at the same time (default: all).
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run::main(&args).into(),
+        Command::BootTest(args) => boot_test::main(&args),
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("BEXAR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

@@ -1,0 +1,420 @@
+//! COM1: a 16550 UART (vm-superio) whose output goes to a console sink (stdout, a file or a Unix
+//! socket) and whose input comes from stdin or the socket's client.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::{lock, BusDevice};
+use crate::vmm::{ExitHandle, ExitReason};
+
+/// COM1 base port.
+pub const COM1_BASE: u64 = 0x3f8;
+/// COM1 range length.
+pub const COM1_LEN: u64 = 8;
+/// COM1's ISA interrupt line.
+pub const COM1_IRQ: u32 = 4;
+/// Console bytes kept for a socket client that connects late.
+const REPLAY_BYTES: usize = 64 * 1024;
+
+/// Where the console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleConfig {
+    /// The VMM's stdout (and stdin as input).
+    Stdio,
+    /// Appended to a file.
+    File(PathBuf),
+    /// A Unix socket the VMM listens on; one client at a time reads and writes the console.
+    Socket(PathBuf),
+    /// Discarded.
+    None,
+}
+
+impl std::str::FromStr for ConsoleConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdio" => Ok(Self::Stdio),
+            "none" => Ok(Self::None),
+            _ => match s.split_once(':') {
+                Some(("file", p)) if !p.is_empty() => Ok(Self::File(p.into())),
+                Some(("socket", p)) if !p.is_empty() => Ok(Self::Socket(p.into())),
+                _ => Err(format!(
+                    "invalid console {s:?}: expected stdio, none, file:PATH or socket:PATH"
+                )),
+            },
+        }
+    }
+}
+
+/// Raises the UART's interrupt through an irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Shared state of a socket console: the connected client and the replay buffer.
+#[derive(Default)]
+struct SocketShared {
+    client: Option<UnixStream>,
+    replay: VecDeque<u8>,
+}
+
+enum Sink {
+    Stdout(io::Stdout),
+    File(File),
+    Socket(Arc<Mutex<SocketShared>>),
+    Null,
+}
+
+/// Watches console output for a pattern and for the first byte.
+pub struct ConsoleWatch {
+    start: Instant,
+    first_byte_ns: AtomicU64,
+    match_ns: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl ConsoleWatch {
+    /// A watch whose clock starts at `start`.
+    pub fn new(start: Instant) -> Arc<Self> {
+        Arc::new(Self {
+            start,
+            first_byte_ns: AtomicU64::new(0),
+            match_ns: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        })
+    }
+    fn stamp(&self, slot: &AtomicU64) {
+        let ns = self.start.elapsed().as_nanos().max(1) as u64;
+        let _ = slot.compare_exchange(0, ns, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    fn get(slot: &AtomicU64) -> Option<Duration> {
+        match slot.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+    /// Time from VMM start to the first console byte.
+    pub fn first_byte(&self) -> Option<Duration> {
+        Self::get(&self.first_byte_ns)
+    }
+    /// Time from VMM start to the expected pattern.
+    pub fn matched(&self) -> Option<Duration> {
+        Self::get(&self.match_ns)
+    }
+    /// Console bytes written by the guest.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// The UART's output side: the sink plus the pattern watch.
+pub struct ConsoleOut {
+    sink: Sink,
+    watch: Arc<ConsoleWatch>,
+    pattern: Vec<u8>,
+    window: VecDeque<u8>,
+    exit: Option<ExitHandle>,
+}
+
+impl ConsoleOut {
+    fn observe(&mut self, buf: &[u8]) {
+        if buf.is_empty() {
+            return;
+        }
+        self.watch.stamp(&self.watch.first_byte_ns);
+        self.watch
+            .bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        if self.pattern.is_empty() || self.watch.matched().is_some() {
+            return;
+        }
+        for b in buf {
+            if self.window.len() == self.pattern.len() {
+                self.window.pop_front();
+            }
+            self.window.push_back(*b);
+            if self.window.len() == self.pattern.len() && self.window.iter().eq(&self.pattern) {
+                self.watch.stamp(&self.watch.match_ns);
+                if let Some(exit) = &self.exit {
+                    exit.request(ExitReason::PatternMatched);
+                }
+                break;
+            }
+        }
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.observe(buf);
+        match &mut self.sink {
+            Sink::Stdout(s) => s.write_all(buf)?,
+            Sink::File(f) => f.write_all(buf)?,
+            Sink::Socket(shared) => {
+                let mut s = lock(shared);
+                s.replay.extend(buf);
+                let excess = s.replay.len().saturating_sub(REPLAY_BYTES);
+                s.replay.drain(..excess);
+                if let Some(c) = s.client.as_mut() {
+                    if c.write_all(buf).is_err() {
+                        s.client = None;
+                    }
+                }
+            }
+            Sink::Null => {}
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.sink {
+            Sink::Stdout(s) => s.flush(),
+            Sink::File(f) => f.flush(),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The UART as the guest sees it.
+pub type Uart = Serial<IrqTrigger, NoEvents, ConsoleOut>;
+
+/// COM1 on the bus.
+pub struct SerialDevice(pub Arc<Mutex<Uart>>);
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Some(first), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *first = lock(&self.0).read(off);
+        }
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Some(v), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            if let Err(e) = lock(&self.0).write(off, *v) {
+                tracing::debug!("serial write failed: {e:?}");
+            }
+        }
+    }
+}
+
+/// Errors setting up the console.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    /// The log file cannot be opened.
+    #[error("cannot open console file {path}: {err}")]
+    File {
+        /// Path.
+        path: PathBuf,
+        /// Underlying error.
+        err: io::Error,
+    },
+    /// The socket cannot be bound.
+    #[error("cannot listen on console socket {path}: {err}")]
+    Socket {
+        /// Path.
+        path: PathBuf,
+        /// Underlying error.
+        err: io::Error,
+    },
+    /// The interrupt eventfd cannot be created.
+    #[error("cannot create the serial interrupt eventfd: {0}")]
+    EventFd(io::Error),
+}
+
+/// Feeds input bytes into the UART, waiting while its FIFO is full.
+fn feed(uart: &Mutex<Uart>, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        let n = lock(uart).enqueue_raw_bytes(bytes).unwrap_or(0);
+        bytes = &bytes[n..];
+        if n == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+fn spawn_reader<R: Read + Send + 'static>(uart: Arc<Mutex<Uart>>, mut input: R) {
+    let _ = std::thread::Builder::new()
+        .name("console-in".into())
+        .spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = input.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                feed(&uart, &buf[..n]);
+            }
+        });
+}
+
+fn accept_loop(listener: UnixListener, shared: Arc<Mutex<SocketShared>>, uart: Arc<Mutex<Uart>>) {
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let input = match conn.try_clone() {
+            Ok(c) => c,
+            Err(_) => continue,
+        };
+        {
+            let mut s = lock(&shared);
+            let (a, b) = s.replay.as_slices();
+            if conn.write_all(a).and_then(|_| conn.write_all(b)).is_err() {
+                continue;
+            }
+            s.client = Some(conn);
+        }
+        spawn_reader(uart.clone(), input);
+    }
+}
+
+/// Everything a built UART needs from its caller.
+pub struct ConsoleSetup<'a> {
+    /// Where output goes.
+    pub config: &'a ConsoleConfig,
+    /// Whether stdin feeds the UART (stdio console only).
+    pub stdin: bool,
+    /// Pattern that ends the VM when it appears, if any.
+    pub expect: Option<&'a str>,
+    /// Clock and counters.
+    pub watch: Arc<ConsoleWatch>,
+    /// How the pattern ends the VM.
+    pub exit: ExitHandle,
+}
+
+/// Builds COM1 and starts its input side. Returns the UART and the eventfd to register as irqfd.
+pub fn build(setup: ConsoleSetup<'_>) -> Result<(Arc<Mutex<Uart>>, EventFd), ConsoleError> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(ConsoleError::EventFd)?;
+    let irq_for_kvm = irq.try_clone().map_err(ConsoleError::EventFd)?;
+    let mut listener = None;
+    let sink = match setup.config {
+        ConsoleConfig::Stdio => Sink::Stdout(io::stdout()),
+        ConsoleConfig::None => Sink::Null,
+        ConsoleConfig::File(path) => Sink::File(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|err| ConsoleError::File {
+                    path: path.clone(),
+                    err,
+                })?,
+        ),
+        ConsoleConfig::Socket(path) => {
+            let l = bind_socket(path).map_err(|err| ConsoleError::Socket {
+                path: path.clone(),
+                err,
+            })?;
+            let shared = Arc::new(Mutex::new(SocketShared::default()));
+            listener = Some((l, shared.clone()));
+            Sink::Socket(shared)
+        }
+    };
+    let out = ConsoleOut {
+        sink,
+        watch: setup.watch,
+        pattern: setup.expect.unwrap_or("").as_bytes().to_vec(),
+        window: VecDeque::new(),
+        exit: Some(setup.exit),
+    };
+    let uart = Arc::new(Mutex::new(Serial::new(IrqTrigger(irq), out)));
+    if let Some((l, shared)) = listener {
+        let u = uart.clone();
+        let _ = std::thread::Builder::new()
+            .name("console-accept".into())
+            .spawn(move || accept_loop(l, shared, u));
+    }
+    if setup.stdin && *setup.config == ConsoleConfig::Stdio {
+        spawn_reader(uart.clone(), io::stdin());
+    }
+    Ok((uart, irq_for_kvm))
+}
+
+fn bind_socket(path: &Path) -> io::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_config_parses() {
+        assert_eq!("stdio".parse(), Ok(ConsoleConfig::Stdio));
+        assert_eq!(
+            "file:/tmp/x".parse(),
+            Ok(ConsoleConfig::File("/tmp/x".into()))
+        );
+        assert_eq!(
+            "socket:/run/c".parse(),
+            Ok(ConsoleConfig::Socket("/run/c".into()))
+        );
+        assert!("file:".parse::<ConsoleConfig>().is_err());
+        assert!("tcp:1".parse::<ConsoleConfig>().is_err());
+    }
+
+    #[test]
+    fn pattern_is_found_across_writes() {
+        let (exit, rx) = ExitHandle::new();
+        let watch = ConsoleWatch::new(Instant::now());
+        let mut out = ConsoleOut {
+            sink: Sink::Null,
+            watch: watch.clone(),
+            pattern: b"Run /init".to_vec(),
+            window: VecDeque::new(),
+            exit: Some(exit),
+        };
+        for b in b"xx Run /i" {
+            out.write_all(&[*b]).unwrap();
+        }
+        assert!(watch.matched().is_none());
+        out.write_all(b"nit as init").unwrap();
+        assert!(watch.matched().is_some());
+        assert!(watch.first_byte().is_some());
+        assert_eq!(rx.try_recv().unwrap(), ExitReason::PatternMatched);
+        assert_eq!(watch.bytes(), 20);
+    }
+
+    #[test]
+    fn uart_output_reaches_a_file() {
+        let path = std::env::temp_dir().join(format!("bexar-serial-{}", std::process::id()));
+        let (exit, _rx) = ExitHandle::new();
+        let (uart, _irq) = build(ConsoleSetup {
+            config: &ConsoleConfig::File(path.clone()),
+            stdin: false,
+            expect: None,
+            watch: ConsoleWatch::new(Instant::now()),
+            exit,
+        })
+        .unwrap();
+        let mut dev = SerialDevice(uart);
+        for b in b"hi\n" {
+            dev.write(0, &[*b]);
+        }
+        // Line status register: transmitter empty.
+        let mut lsr = [0u8];
+        dev.read(5, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0);
+        assert_eq!(std::fs::read(&path).unwrap(), b"hi\n");
+        std::fs::remove_file(path).ok();
+    }
+}

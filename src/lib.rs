@@ -1,0 +1,9 @@
+//! Bexar: one binary per hypervisor host that runs KVM microVMs itself.
+//!
+//! * [`vmm`] builds and runs one VM in this process: memory, boot, vCPUs.
+//! * [`devices`] holds the emulated devices and the buses they sit on.
+//! * [`cli`] is the command line: `bexar run`, `bexar boot-test`.
+
+pub mod cli;
+pub mod devices;
+pub mod vmm;

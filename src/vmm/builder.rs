@@ -1,0 +1,233 @@
+//! The boot recipe: KVM VM, memory, interrupt controllers, guest image, devices, vCPU threads;
+//! then wait for the first reason to stop.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_superio::I8042Device;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use super::boot::{self, mptable::MAX_VCPUS};
+use super::cpuid;
+use super::layout::KVM_TSS_ADDR;
+use super::memory::{create_guest_memory, GuestRam};
+use super::platform::{adjust_cmdline, Platform};
+use super::vcpu::{self, VcpuContext, VcpuStats};
+use super::{ExitHandle, ExitReason, VmConfig, VmOutcome, VmmError};
+use crate::devices::bus::Bus;
+use crate::devices::legacy::{
+    ExitPort, ResetLine, EXIT_PORT, EXIT_PORT_LEN, I8042, I8042_BASE, I8042_LEN,
+};
+use crate::devices::serial::{self, ConsoleSetup, ConsoleWatch, SerialDevice};
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), VmmError> {
+    for (slot, region) in ram.mem.iter().enumerate() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| VmmError::Setup(format!("guest region without host mapping: {e}")))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping of `memory_size` bytes owned by `ram`, which
+        // outlives the VM's use of it (the process exits or the VM is dropped first).
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+    }
+    Ok(())
+}
+
+/// Reads (VmRSS - RssShmem, RssShmem) in KiB from /proc/self/status: guest RAM is a memfd, so it
+/// is exactly the shared-memory part of our resident set.
+pub fn rss_split() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let rss = field("VmRSS:")?;
+    let shmem = field("RssShmem:")?;
+    Some((rss.saturating_sub(shmem), shmem))
+}
+
+/// Builds and runs one VM to its end.
+pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
+    let start = Instant::now();
+    if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+        return Err(boot::BootError::TooManyVcpus(config.vcpus).into());
+    }
+    let platform = Platform::detect();
+    let cmdline = if config.platform_params {
+        adjust_cmdline(platform, &config.cmdline)
+    } else {
+        config.cmdline.clone()
+    };
+    if cmdline != config.cmdline {
+        tracing::info!(
+            "{} host detected: CPUID masks have no effect here, so the guest kernel gets: {}",
+            platform.name(),
+            cmdline[config.cmdline.len()..].trim()
+        );
+    }
+
+    let ram = create_guest_memory(config.memory_mib)?;
+    let entry = boot::prepare(
+        &ram.mem,
+        &config.kernel,
+        config.initrd.as_deref(),
+        &cmdline,
+        config.vcpus,
+    )?;
+    tracing::debug!(?entry, "kernel loaded");
+
+    let kvm = Kvm::new().map_err(VmmError::Kvm0)?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?;
+    vm.set_tss_address(KVM_TSS_ADDR)
+        .map_err(|e| VmmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| VmmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(|e| VmmError::Kvm("KVM_CREATE_PIT2", e))?;
+    register_memory(&vm, &ram)?;
+
+    let (exit, exit_rx) = ExitHandle::new();
+    let watch = ConsoleWatch::new(start);
+    let (uart, uart_irq) = serial::build(ConsoleSetup {
+        config: &config.console,
+        stdin: config.stdin,
+        expect: config.expect.as_deref(),
+        watch: watch.clone(),
+        exit: exit.clone(),
+    })?;
+    vm.register_irqfd(&uart_irq, serial::COM1_IRQ)
+        .map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
+
+    let mut pio = Bus::new();
+    let bus_err = |e: crate::devices::bus::BusError| VmmError::Setup(e.to_string());
+    pio.insert(
+        Arc::new(Mutex::new(SerialDevice(uart.clone()))),
+        serial::COM1_BASE,
+        serial::COM1_LEN,
+    )
+    .map_err(bus_err)?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042(I8042Device::new(ResetLine(exit.clone()))))),
+        I8042_BASE,
+        I8042_LEN,
+    )
+    .map_err(bus_err)?;
+    pio.insert(
+        Arc::new(Mutex::new(ExitPort(exit.clone()))),
+        EXIT_PORT,
+        EXIT_PORT_LEN,
+    )
+    .map_err(bus_err)?;
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(Bus::new());
+
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    register_signal_handler(SIGRTMIN(), kick_handler)
+        .map_err(|e| VmmError::Setup(format!("cannot install the vCPU kick handler: {e}")))?;
+
+    let mut vcpus = Vec::new();
+    for id in 0..config.vcpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
+        let cpuid = cpuid::for_vcpu(&supported, config.cpu_template, id, config.vcpus);
+        vcpu::configure(
+            &fd,
+            &ram.mem,
+            &cpuid,
+            config.cpu_template.msrs(),
+            (id == 0).then_some(&entry),
+        )?;
+        vcpus.push(fd);
+    }
+
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    let mut stats = Vec::new();
+    for (id, fd) in vcpus.into_iter().enumerate() {
+        let s = Arc::new(VcpuStats::default());
+        stats.push(s.clone());
+        let ctx = VcpuContext {
+            id: id as u8,
+            mem: ram.mem.clone(),
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            stop: stop.clone(),
+            exit: exit.clone(),
+            stats: s,
+        };
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu::run(fd, ctx))
+            .map_err(|e| VmmError::Setup(format!("cannot start vCPU thread: {e}")))?;
+        threads.push(t);
+    }
+
+    let reason = match config.timeout {
+        Some(t) => exit_rx
+            .recv_timeout(t.saturating_sub(start.elapsed()))
+            .unwrap_or(ExitReason::Timeout),
+        None => exit_rx.recv().unwrap_or(ExitReason::Timeout),
+    };
+    let elapsed = start.elapsed();
+    stop_vcpus(&stop, &threads);
+    let rss = rss_split();
+    {
+        use std::io::Write;
+        let _ = crate::devices::bus::lock(&uart).writer_mut().flush();
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    Ok(VmOutcome {
+        reason,
+        elapsed_ms: ms(elapsed),
+        first_console_byte_ms: watch.first_byte().map(ms),
+        pattern_ms: watch.matched().map(ms),
+        console_bytes: watch.bytes(),
+        vcpu_exits: stats.iter().map(|s| s.exits.load(Ordering::Relaxed)).sum(),
+        unhandled_io: pio.unhandled() + mmio.unhandled(),
+        vmm_rss_kib: rss.map(|r| r.0),
+        guest_rss_kib: rss.map(|r| r.1),
+        platform: platform.name(),
+        entry: format!("{:?}/{:?}", entry.format, entry.mode),
+        cmdline,
+    })
+}
+
+/// Asks every vCPU thread to leave KVM_RUN and waits briefly for them. A vCPU blocked in the
+/// kernel that misses the kick is left behind: the caller is about to end the VM anyway.
+fn stop_vcpus(stop: &AtomicBool, threads: &[JoinHandle<()>]) {
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + Duration::from_millis(200);
+    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            let _ = t.kill(SIGRTMIN());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}

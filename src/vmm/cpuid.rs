@@ -1,0 +1,246 @@
+//! CPUID as each vCPU sees it: the host's supported set, filtered through a CPU template, then
+//! normalised per vCPU (APIC ids and topology: one socket, one thread per core, N cores).
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+
+/// A named set of CPUID masks and MSR values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuTemplate {
+    /// Everything KVM supports on this host.
+    Host,
+    /// A conservative x86-64-v2 baseline (SSE4.2, POPCNT, CX16; no AVX, no XSAVE, no TSX, no
+    /// AVX-512): a fleet of different CPU generations can live-migrate guests across it.
+    X86_64V2,
+}
+
+/// Error for an unknown template name.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown CPU template {0:?}: known templates are {known}", known = CpuTemplate::NAMES.join(", "))]
+pub struct UnknownTemplate(pub String);
+
+impl CpuTemplate {
+    /// Names accepted on the command line.
+    pub const NAMES: &'static [&'static str] = &["host", "x86-64-v2", "baseline"];
+
+    /// Parses a template name.
+    pub fn from_name(name: &str) -> Result<Self, UnknownTemplate> {
+        match name {
+            "host" => Ok(Self::Host),
+            "x86-64-v2" | "baseline" => Ok(Self::X86_64V2),
+            other => Err(UnknownTemplate(other.to_owned())),
+        }
+    }
+
+    /// Canonical name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Host => "host",
+            Self::X86_64V2 => "x86-64-v2",
+        }
+    }
+
+    /// MSRs (index, value) the template sets on every vCPU at boot.
+    pub fn msrs(self) -> &'static [(u32, u64)] {
+        match self {
+            Self::Host => &[],
+            // IA32_ARCH_CAPABILITIES reads as zero: no claims about the host's mitigations.
+            Self::X86_64V2 => &[(0x10a, 0)],
+        }
+    }
+
+    /// Applies the template's masks to one CPUID entry.
+    fn mask(self, e: &mut kvm_cpuid_entry2) {
+        if self == Self::Host {
+            return;
+        }
+        match (e.function, e.index) {
+            (1, _) => {
+                e.ecx &= bits(&[0, 1, 3, 9, 13, 17, 19, 20, 21, 22, 23, 24, 31]);
+                e.edx &= bits(&[
+                    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16, 17, 19, 23, 24, 25, 26,
+                    28,
+                ]);
+            }
+            (7, 0) => {
+                e.eax = 0;
+                e.ebx &= bits(&[7]); // SMEP only: no BMI, AVX2, AVX-512, TSX, SHA
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            (7, _) | (0xd, _) | (0x14, _) | (0x12, _) => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            (0x8000_0001, _) => {
+                e.ecx &= bits(&[0]);
+                e.edx &= bits(&[11, 20, 29]);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn bits(list: &[u32]) -> u32 {
+    list.iter().fold(0, |acc, b| acc | (1 << b))
+}
+
+fn set_leaf_topology(e: &mut kvm_cpuid_entry2, apic_id: u32, vcpus: u32) {
+    // Bits of the x2APIC id that select the core inside the package.
+    let core_bits = 32 - (vcpus.max(1) - 1).leading_zeros();
+    match e.index {
+        0 => {
+            // SMT level: one thread per core.
+            e.eax = 0;
+            e.ebx = 1;
+            e.ecx = (1 << 8) | e.index;
+        }
+        1 => {
+            // Core level: all vCPUs in one package.
+            e.eax = core_bits;
+            e.ebx = vcpus;
+            e.ecx = (2 << 8) | e.index;
+        }
+        _ => {
+            e.eax = 0;
+            e.ebx = 0;
+            e.ecx = e.index;
+        }
+    }
+    e.edx = apic_id;
+}
+
+/// Produces the CPUID a given vCPU sees.
+pub fn for_vcpu(supported: &CpuId, template: CpuTemplate, vcpu: u8, vcpus: u8) -> CpuId {
+    let mut cpuid = supported.clone();
+    let apic_id = u32::from(vcpu);
+    let n = u32::from(vcpus);
+    for e in cpuid.as_mut_slice() {
+        template.mask(e);
+        match e.function {
+            1 => {
+                e.ebx = (apic_id << 24) | (n.min(255) << 16) | (e.ebx & 0xffff);
+                e.ecx |= 1 << 31; // running under a hypervisor
+                e.ecx &= !(1 << 27); // OSXSAVE mirrors the guest's CR4; the guest sets it
+                if n > 1 {
+                    e.edx |= 1 << 28; // HTT: more than one logical processor per package
+                } else {
+                    e.edx &= !(1 << 28);
+                }
+            }
+            4 => {
+                // Deterministic cache parameters: cores per package and sharing.
+                let level = (e.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { n - 1 } else { 0 };
+                e.eax = (e.eax & 0x3ff) | (sharing << 14) | ((n - 1) << 26);
+            }
+            6 => {
+                e.ecx &= !(1 << 3); // no energy-performance bias MSR
+            }
+            0xb | 0x1f => set_leaf_topology(e, apic_id, n),
+            0x8000_0008 => {
+                e.ecx = (e.ecx & !0xff) | (n - 1);
+            }
+            _ => {}
+        }
+    }
+    cpuid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: 0xffff_ffff,
+            ebx: 0xffff_ffff,
+            ecx: 0xffff_ffff,
+            edx: 0xffff_ffff,
+            ..Default::default()
+        }
+    }
+
+    fn sample() -> CpuId {
+        CpuId::from_entries(&[
+            entry(0, 0),
+            entry(1, 0),
+            entry(4, 0),
+            entry(4, 3),
+            entry(7, 0),
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0xb, 2),
+            entry(0xd, 0),
+            entry(0x8000_0001, 0),
+            entry(0x8000_0008, 0),
+        ])
+        .unwrap()
+    }
+
+    fn find(c: &CpuId, f: u32, i: u32) -> kvm_cpuid_entry2 {
+        *c.as_slice()
+            .iter()
+            .find(|e| e.function == f && e.index == i)
+            .unwrap()
+    }
+
+    #[test]
+    fn apic_ids_and_topology_per_vcpu() {
+        let s = sample();
+        for id in 0..4u8 {
+            let c = for_vcpu(&s, CpuTemplate::Host, id, 4);
+            let l1 = find(&c, 1, 0);
+            assert_eq!(l1.ebx >> 24, u32::from(id));
+            assert_eq!((l1.ebx >> 16) & 0xff, 4);
+            assert_ne!(l1.ecx & (1 << 31), 0);
+            assert_eq!(l1.ecx & (1 << 27), 0);
+            assert_ne!(l1.edx & (1 << 28), 0);
+            let b0 = find(&c, 0xb, 0);
+            let b1 = find(&c, 0xb, 1);
+            let b2 = find(&c, 0xb, 2);
+            assert_eq!((b0.ebx, b0.ecx, b0.edx), (1, 0x100, u32::from(id)));
+            assert_eq!((b1.eax, b1.ebx, b1.ecx), (2, 4, 0x201));
+            assert_eq!((b2.ebx, b2.ecx & 0xff00), (0, 0));
+            assert_eq!(find(&c, 4, 0).eax >> 26, 3);
+            assert_eq!((find(&c, 4, 3).eax >> 14) & 0xfff, 0xfff & 3);
+            assert_eq!(find(&c, 0x8000_0008, 0).ecx & 0xff, 3);
+        }
+    }
+
+    #[test]
+    fn single_vcpu_has_no_htt() {
+        let c = for_vcpu(&sample(), CpuTemplate::Host, 0, 1);
+        assert_eq!(find(&c, 1, 0).edx & (1 << 28), 0);
+        assert_eq!(find(&c, 0xb, 1).eax, 0);
+    }
+
+    #[test]
+    fn baseline_template_hides_avx_xsave_and_avx512() {
+        let c = for_vcpu(&sample(), CpuTemplate::X86_64V2, 0, 1);
+        let l1 = find(&c, 1, 0);
+        assert_eq!(l1.ecx & (1 << 28), 0, "AVX");
+        assert_eq!(l1.ecx & (1 << 26), 0, "XSAVE");
+        assert_ne!(l1.ecx & (1 << 20), 0, "SSE4.2 stays");
+        assert_ne!(l1.ecx & (1 << 23), 0, "POPCNT stays");
+        let l7 = find(&c, 7, 0);
+        assert_eq!(l7.ebx & (1 << 16), 0, "AVX-512F");
+        assert_eq!(l7.ebx & (1 << 5), 0, "AVX2");
+        assert_eq!(find(&c, 0xd, 0).eax, 0);
+        assert_eq!(find(&c, 0x8000_0001, 0).edx, bits(&[11, 20, 29]));
+    }
+
+    #[test]
+    fn template_names() {
+        assert_eq!(CpuTemplate::from_name("host").unwrap(), CpuTemplate::Host);
+        assert_eq!(
+            CpuTemplate::from_name("baseline").unwrap(),
+            CpuTemplate::X86_64V2
+        );
+        let e = CpuTemplate::from_name("skylake").unwrap_err().to_string();
+        assert!(e.contains("skylake") && e.contains("x86-64-v2"), "{e}");
+    }
+}
