@@ -196,7 +196,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         None => exit_rx.recv().unwrap_or(ExitReason::Timeout),
     };
     let elapsed = start.elapsed();
-    stop_vcpus(&stop, &threads);
+    stop_vcpus(&stop, &threads, &stats);
     let rss = rss_split();
     {
         use std::io::Write;
@@ -221,13 +221,21 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
 
 /// Asks every vCPU thread to leave KVM_RUN and waits briefly for them. A vCPU blocked in the
 /// kernel that misses the kick is left behind: the caller is about to end the VM anyway.
-fn stop_vcpus(stop: &AtomicBool, threads: &[JoinHandle<()>]) {
+fn stop_vcpus(stop: &AtomicBool, threads: &[JoinHandle<()>], stats: &[Arc<VcpuStats>]) {
     stop.store(true, Ordering::Release);
     let deadline = Instant::now() + Duration::from_millis(200);
-    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
-        for t in threads.iter().filter(|t| !t.is_finished()) {
+    loop {
+        let running: Vec<_> = threads
+            .iter()
+            .zip(stats)
+            .filter(|(_, s)| !s.done.load(Ordering::Acquire))
+            .collect();
+        if running.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        for (t, _) in running {
             let _ = t.kill(SIGRTMIN());
         }
-        std::thread::sleep(Duration::from_micros(200));
+        std::thread::sleep(Duration::from_micros(100));
     }
 }

@@ -45,7 +45,7 @@ pub enum VmmError {
 
 /// Why a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
+#[serde(tag = "kind", content = "detail", rename_all = "kebab-case")]
 pub enum ExitReason {
     /// The guest powered off.
     PowerOff,

@@ -40,6 +40,8 @@ pub struct VcpuStats {
     pub pio: AtomicU64,
     /// MMIO exits.
     pub mmio: AtomicU64,
+    /// Set when the vCPU has left its run loop.
+    pub done: AtomicBool,
 }
 
 fn set_lvt_mode(lapic: &mut kvm_lapic_state, reg: usize, mode: u32) {
@@ -227,4 +229,5 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
         ctx.exit.request(reason);
         break;
     }
+    ctx.stats.done.store(true, Ordering::Release);
 }

@@ -1,0 +1,141 @@
+//! Start-up benchmark of `bexar run` with the ring-3 test guest, against an empty process start
+//! measured in the same run:
+//!
+//! * exec to the guest's first UART byte (read off the VMM's stdout pipe),
+//! * exec to the VMM's exit after the guest reported its status,
+//! * the VMM's own resident memory beyond guest memory (VmRSS - RssShmem at exit).
+//!
+//! `cargo bench --bench boot` (BEXAR_BENCH_ITERS=N to change the sample count). The test guest
+//! must be built (`cd firmware && cargo build --release`). Prints medians, p90s and the ratio to
+//! the baseline; it asserts nothing about time.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn time_true() -> Duration {
+    let t = Instant::now();
+    let s = Command::new("/bin/true").status().expect("run /bin/true");
+    assert!(s.success());
+    t.elapsed()
+}
+
+struct Sample {
+    first_byte: Duration,
+    exit: Duration,
+    vmm_rss_kib: f64,
+}
+
+fn time_bexar(bexar: &Path, guest: &Path, result: &Path) -> Sample {
+    let t = Instant::now();
+    let mut child = Command::new(bexar)
+        .args([
+            "run",
+            "--no-stdin",
+            "--memory",
+            "32",
+            "--cmdline",
+            "bexar.test=banner",
+        ])
+        .arg("--kernel")
+        .arg(guest)
+        .arg("--result-json")
+        .arg(result)
+        .env("BEXAR_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start bexar");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut b = [0u8; 1];
+    let first_byte = match out.read(&mut b) {
+        Ok(1) => t.elapsed(),
+        _ => panic!("the guest printed nothing"),
+    };
+    let mut rest = Vec::new();
+    let _ = out.read_to_end(&mut rest);
+    let status = child.wait().expect("wait bexar");
+    let exit = t.elapsed();
+    assert!(status.success(), "bexar run failed: {status}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(result).expect("result json")).expect("json");
+    Sample {
+        first_byte,
+        exit,
+        vmm_rss_kib: json["vmm_rss_kib"].as_f64().unwrap_or(f64::NAN),
+    }
+}
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let bexar = PathBuf::from(env!("CARGO_BIN_EXE_bexar"));
+    let guest = root.join("firmware/target/release/testguest");
+    if !guest.exists() {
+        eprintln!(
+            "{} is missing: build it with `cd firmware && cargo build --release`",
+            guest.display()
+        );
+        std::process::exit(1);
+    }
+    let iters: usize = std::env::var("BEXAR_BENCH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let result = std::env::temp_dir().join(format!("bexar-bench-{}.json", std::process::id()));
+
+    // Warm up the page cache for both.
+    for _ in 0..3 {
+        time_true();
+        time_bexar(&bexar, &guest, &result);
+    }
+    let mut base = Vec::new();
+    let mut first = Vec::new();
+    let mut exit = Vec::new();
+    let mut rss = Vec::new();
+    for _ in 0..iters {
+        // Interleave so both see the same machine load.
+        base.push(time_true().as_secs_f64() * 1e3);
+        let s = time_bexar(&bexar, &guest, &result);
+        first.push(s.first_byte.as_secs_f64() * 1e3);
+        exit.push(s.exit.as_secs_f64() * 1e3);
+        rss.push(s.vmm_rss_kib);
+    }
+    let _ = std::fs::remove_file(&result);
+    let b50 = percentile(&mut base, 0.5);
+    let b90 = percentile(&mut base, 0.9);
+    println!(
+        "bexar boot benchmark: {iters} runs, test guest `banner`, 1 vCPU, 32 MiB, {}",
+        bexar.display()
+    );
+    println!(
+        "{:<44} {:>10} {:>10} {:>8}",
+        "measure", "p50", "p90", "x base"
+    );
+    println!(
+        "{:<44} {:>7.3} ms {:>7.3} ms {:>8}",
+        "baseline: exec to exit of /bin/true", b50, b90, "1.0"
+    );
+    for (name, v) in [
+        ("bexar: exec to first guest UART byte", &mut first),
+        ("bexar: exec to VMM exit (guest status 0)", &mut exit),
+    ] {
+        let p50 = percentile(v, 0.5);
+        let p90 = percentile(v, 0.9);
+        println!("{name:<44} {p50:>7.3} ms {p90:>7.3} ms {:>8.1}", p50 / b50);
+    }
+    let r50 = percentile(&mut rss, 0.5);
+    println!(
+        "{:<44} {:>7.0} KiB {:>6.0} KiB",
+        "bexar: VMM RSS beyond guest memory",
+        r50,
+        percentile(&mut rss, 0.9)
+    );
+    println!("targets on this machine: exec to exit < 4 ms (p50), VMM memory < 2048 KiB");
+}

@@ -1,0 +1,153 @@
+//! Shared helpers for the integration tests: the bexar binary, the test guest (built on first
+//! use), the Linux guest image, and small ELF images made on the fly.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The bexar binary under test.
+pub fn bexar() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bexar"));
+    c.env("BEXAR_LOG", "info");
+    c
+}
+
+/// The test guest ELF, built once per test process (cargo's lock serialises concurrent builds;
+/// a built tree makes this a no-op).
+pub fn testguest() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = root().join("firmware");
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(&dir)
+            .args(["build", "--release", "--quiet"]);
+        for var in [
+            "RUSTFLAGS",
+            "CARGO_ENCODED_RUSTFLAGS",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_TARGET",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_NAME",
+        ] {
+            cmd.env_remove(var);
+        }
+        let st = cmd.status().expect("run cargo for the firmware");
+        assert!(st.success(), "building the test guest failed");
+        let p = dir.join("target/release/testguest");
+        assert!(p.is_file(), "{} missing after build", p.display());
+        p
+    })
+    .clone()
+}
+
+/// Runs `bexar run` on the test guest with `test` selected and extra args.
+pub fn run_testguest(test: &str, extra: &[&str]) -> Output {
+    let guest = testguest();
+    let mut c = bexar();
+    c.arg("run")
+        .arg("--kernel")
+        .arg(&guest)
+        .args(["--cmdline", &format!("console=ttyS0 bexar.test={test}")])
+        .args(["--timeout", "30", "--no-stdin", "--memory", "64"])
+        .args(extra)
+        .stdin(Stdio::null());
+    c.output().expect("run bexar")
+}
+
+/// Stdout and stderr as text.
+pub fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Asserts the process did not panic and exited with `code`, showing its output otherwise.
+pub fn assert_exit(o: &Output, code: i32) {
+    let (out, err) = text(o);
+    assert!(!err.contains("panicked"), "bexar panicked:\n{err}");
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "unexpected exit status\n--- stdout\n{out}\n--- stderr\n{err}"
+    );
+}
+
+/// A unique temporary path.
+pub fn tmp(name: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("bexar-it-{}-{n}-{name}", std::process::id()))
+}
+
+/// Writes a minimal x86_64 ELF: one PT_LOAD of `code` (plus `bss` zero bytes) at `paddr`.
+pub fn tiny_elf(name: &str, paddr: u64, code: &[u8], bss: u64) -> PathBuf {
+    let mut e = vec![0u8; 120];
+    e[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+    e[16..18].copy_from_slice(&2u16.to_le_bytes());
+    e[18..20].copy_from_slice(&62u16.to_le_bytes());
+    e[20..24].copy_from_slice(&1u32.to_le_bytes());
+    e[24..32].copy_from_slice(&paddr.to_le_bytes());
+    e[32..40].copy_from_slice(&64u64.to_le_bytes());
+    e[52..54].copy_from_slice(&64u16.to_le_bytes());
+    e[54..56].copy_from_slice(&56u16.to_le_bytes());
+    e[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = &mut e[64..120];
+    ph[0..4].copy_from_slice(&1u32.to_le_bytes());
+    ph[4..8].copy_from_slice(&7u32.to_le_bytes());
+    ph[8..16].copy_from_slice(&120u64.to_le_bytes());
+    ph[16..24].copy_from_slice(&paddr.to_le_bytes());
+    ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    ph[40..48].copy_from_slice(&(code.len() as u64 + bss).to_le_bytes());
+    ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
+    e.extend_from_slice(code);
+    let p = tmp(name);
+    std::fs::File::create(&p).unwrap().write_all(&e).unwrap();
+    p
+}
+
+/// The Linux guest image directory (kernel, initramfs), built by guest-images/linux/build.sh
+/// (which caches by content hash, so this is instant once built).
+pub fn linux_image() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Command::new(root().join("guest-images/linux/build.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run guest-images/linux/build.sh");
+        assert!(
+            out.status.success(),
+            "building the Linux guest image failed"
+        );
+        let s = String::from_utf8_lossy(&out.stdout);
+        let dir = PathBuf::from(
+            s.lines()
+                .last()
+                .expect("build.sh printed its directory")
+                .trim(),
+        );
+        assert!(
+            dir.join("vmlinux").is_file(),
+            "{} has no vmlinux",
+            dir.display()
+        );
+        dir
+    })
+    .clone()
+}
+
+/// Reads a file to text, empty if missing.
+pub fn read(p: &Path) -> String {
+    std::fs::read(p)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
