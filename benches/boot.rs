@@ -41,7 +41,7 @@ fn time_bexar(bexar: &Path, guest: &Path, result: &Path) -> Sample {
             "--memory",
             "32",
             "--cmdline",
-            "bexar.test=banner",
+            "bexar.test=minimal",
         ])
         .arg("--kernel")
         .arg(guest)
@@ -111,7 +111,7 @@ fn main() {
     let b50 = percentile(&mut base, 0.5);
     let b90 = percentile(&mut base, 0.9);
     println!(
-        "bexar boot benchmark: {iters} runs, test guest `banner`, 1 vCPU, 32 MiB, {}",
+        "bexar boot benchmark: {iters} runs, test guest `minimal`, 1 vCPU, 32 MiB, {}",
         bexar.display()
     );
     println!(

@@ -14,13 +14,19 @@ pub enum Platform {
 }
 
 /// Kernel parameters that keep a Linux guest on what PVM can run: no XSAVE (the emulator cannot
-/// run `xrstor`), none of the instructions it refuses (POPCNT, SMAP's clac/stac), no features
-/// whose absence it cannot hide (CPUID masks have no effect on PVM), no page-table isolation,
-/// no speculation mitigations, no KASLR, and the kvm-clock PTP driver disabled (it never returns).
-pub const PVM_LINUX_PARAMS: &str = "noxsave nopti mitigations=off nokaslr \
-clearcpuid=xsave,xsaveopt,xsavec,xsaves,avx,avx2,avx512f,avx512dq,avx512cd,avx512bw,avx512vl,\
-avx512ifma,avx512vbmi,popcnt,bmi1,bmi2,smap,smep,pcid,fsgsbase,rdrand,rdseed,fma,f16c,movbe,\
-aes,pclmulqdq,sha_ni,erms,fsrm,invpcid,umip,pku,ospke,la57,rtm,hle,mpx,adx";
+/// run `xrstor`), none of the instructions it refuses in ring 0 (POPCNT, CMPXCHG16B, SMAP's
+/// clac/stac) and no features whose absence it cannot hide (CPUID masks have no effect on PVM),
+/// no page-table isolation, no speculation mitigations, no KASLR.
+///
+/// `clearcpuid=` takes X86_FEATURE bit numbers (word * 32 + bit, from the kernel's
+/// cpufeatures.h): Linux 6.1 copies the option into a 128-byte buffer, so a list of names would be
+/// cut short. In order: CX16, POPCNT, SMAP, SMEP, PCID, INVPCID, FSGSBASE, RDRAND, RDSEED, BMI1,
+/// BMI2, AVX, AVX2, AVX512F, XSAVE, MOVBE, ERMS, FSRM, UMIP, PKU, LA57, RTM, HLE, ADX, F16C, FMA,
+/// AES, PCLMULQDQ, SHA_NI.
+pub const PVM_LINUX_PARAMS: &str = "noxsave nopti mitigations=off nokaslr clearcpuid=141,151,308,295,145,298,288,158,306,291,296,156,293,304,154,150,297,580,514,515,528,299,292,307,157,140,153,129,317";
+
+/// Longest value Linux reads for `clearcpuid=` (its buffer is 128 bytes with the NUL).
+pub const CLEARCPUID_MAX: usize = 127;
 
 impl Platform {
     /// Detects the platform from the loaded KVM modules.
@@ -91,5 +97,14 @@ mod tests {
         let a = adjust_cmdline(Platform::Pvm, "console=ttyS0");
         assert!(a.starts_with("console=ttyS0 noxsave"));
         assert_eq!(adjust_cmdline(Platform::Pvm, &a), a);
+    }
+
+    #[test]
+    fn clearcpuid_fits_the_kernel_buffer() {
+        let v = PVM_LINUX_PARAMS.split("clearcpuid=").nth(1).unwrap();
+        let v = v.split_whitespace().next().unwrap();
+        assert!(v.len() <= CLEARCPUID_MAX, "{} bytes", v.len());
+        // CMPXCHG16B (SLUB's cmpxchg_double) and POPCNT are refused by the PVM emulator.
+        assert!(v.split(',').any(|b| b == "141") && v.split(',').any(|b| b == "151"));
     }
 }

@@ -1,4 +1,9 @@
 //! The memory functions the compiler may call (no libc here). Ring 3 only.
+//!
+//! # Safety
+//! Same contracts as the C functions: the ranges must be valid for the
+//! accesses made (and, for `memcpy`, must not overlap).
+#![allow(clippy::missing_safety_doc)]
 use core::arch::asm;
 
 #[no_mangle]

@@ -89,7 +89,7 @@ fn scan(start: usize, len: usize) -> Option<usize> {
 /// memory (0x9fc00), then the BIOS ROM 0xf0000-0xfffff.
 pub fn find_floating() -> Option<usize> {
     let ebda = (rd16(0x40e) as usize) << 4;
-    if ebda >= 0x80000 && ebda < 0xa0000 {
+    if (0x80000..0xa0000).contains(&ebda) {
         if let Some(a) = scan(ebda, 1024) {
             return Some(a);
         }

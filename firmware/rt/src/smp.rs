@@ -75,19 +75,30 @@ pub fn start_ap(apic_id: u8) -> Result<(), IpiError> {
 
 /// Start every enabled AP of `mp` (every processor entry that is neither the
 /// BSP nor this CPU). Each AP runs `entry(cpu_index)` in ring 3 (indices
-/// 1, 2, ... in arrival order) and halts when it returns.
+/// 1, 2, ... in arrival order) and halts when it returns. The APs are
+/// started together: INIT to each, 10 ms, SIPI to each, 200 us, SIPI to each.
 /// Returns the number of APs sent INIT-SIPI-SIPI.
 pub fn start_aps(mp: &MpTable, entry: fn(usize)) -> Result<usize, IpiError> {
     AP_ENTRY.store(entry as usize, Ordering::Release);
     prepare();
     let me = lapic_id() as u8;
+    let aps = || mp.enabled_cpus().filter(move |c| !c.bsp && c.apic_id != me);
+    let vector = (TRAMPOLINE_ADDR >> 12) as u32;
     let mut n = 0;
-    for cpu in mp.enabled_cpus() {
-        if cpu.bsp || cpu.apic_id == me {
-            continue;
-        }
-        start_ap(cpu.apic_id)?;
+    for cpu in aps() {
+        send_ipi(cpu.apic_id, 0x0000_4500)?; // INIT, level assert
+        send_ipi(cpu.apic_id, 0x0000_8500)?; // INIT, level de-assert
         n += 1;
+    }
+    if n == 0 {
+        return Ok(0);
+    }
+    delay_us(10_000);
+    for _ in 0..2 {
+        for cpu in aps() {
+            send_ipi(cpu.apic_id, 0x0000_4600 | vector)?; // Start-up
+        }
+        delay_us(200);
     }
     Ok(n)
 }

@@ -1,11 +1,12 @@
 //! Polled 16550 UART on COM1 (0x3f8), used from ring 3 (IOPL=3).
 use crate::arch::{inb, outb};
 use core::fmt;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 pub const COM1: u16 = 0x3f8;
 const THR: u16 = 0; // transmit holding (write) / receive buffer (read)
 const IER: u16 = 1;
+const IIR_FCR: u16 = 2; // interrupt identification (read) / FIFO control (write)
 const LCR: u16 = 3;
 const MCR: u16 = 4;
 const LSR: u16 = 5;
@@ -13,23 +14,38 @@ const LSR_DATA_READY: u8 = 0x01;
 const LSR_THR_EMPTY: u8 = 0x20;
 
 static LOCK: AtomicBool = AtomicBool::new(false);
+/// Bytes that may be written after LSR.THRE reads 1 (16 with a 16550 FIFO).
+static TX_BURST: AtomicUsize = AtomicUsize::new(1);
+/// Bytes written since LSR.THRE was last seen set.
+static TX_PENDING: AtomicUsize = AtomicUsize::new(usize::MAX);
 
-/// No interrupts, 8N1, DTR|RTS (OUT2 off: no IRQ). The baud divisor is left
-/// alone (meaningless for a virtual UART).
+/// No interrupts, 8N1, DTR|RTS (OUT2 off: no IRQ), FIFOs on. The baud
+/// divisor is left alone (meaningless for a virtual UART). Port I/O may trap
+/// to ring 0 (see `boot`), so the transmitter uses the FIFO: one LSR read
+/// per 16 bytes when IIR reports the FIFOs enabled.
 pub fn init() {
     outb(COM1 + IER, 0);
     outb(COM1 + LCR, 0x03);
     outb(COM1 + MCR, 0x03);
+    outb(COM1 + IIR_FCR, 0x07); // enable + clear both FIFOs
+    let burst = if inb(COM1 + IIR_FCR) & 0xc0 == 0xc0 { 16 } else { 1 };
+    TX_BURST.store(burst, Ordering::Relaxed);
+    TX_PENDING.store(usize::MAX, Ordering::Relaxed);
 }
 
-/// Send one byte (waits a bounded time for THR empty).
+/// Send one byte (waits a bounded time for room in the transmitter).
 pub fn putb(b: u8) {
-    let mut n = 0u32;
-    while inb(COM1 + LSR) & LSR_THR_EMPTY == 0 && n < 1_000_000 {
-        core::hint::spin_loop();
-        n += 1;
+    let pending = TX_PENDING.load(Ordering::Relaxed);
+    if pending >= TX_BURST.load(Ordering::Relaxed) {
+        let mut n = 0u32;
+        while inb(COM1 + LSR) & LSR_THR_EMPTY == 0 && n < 1_000_000 {
+            core::hint::spin_loop();
+            n += 1;
+        }
+        TX_PENDING.store(0, Ordering::Relaxed);
     }
     outb(COM1 + THR, b);
+    TX_PENDING.store(TX_PENDING.load(Ordering::Relaxed).saturating_add(1), Ordering::Relaxed);
 }
 
 /// Is a received byte waiting?
