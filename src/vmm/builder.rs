@@ -47,22 +47,38 @@ fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), VmmError> {
     Ok(())
 }
 
-/// Reads (VmRSS - RssShmem, RssShmem) in KiB from /proc/self/status: guest RAM is a memfd, so it
-/// is exactly the shared-memory part of our resident set.
-pub fn rss_split() -> Option<(u64, u64)> {
+/// Memory of this process in KiB, split into the guest's part and the VMM's own.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryUse {
+    /// Resident set minus guest RAM (includes shared library and binary pages).
+    pub vmm_rss: u64,
+    /// Anonymous memory (heap, stacks, device state): what one more VM costs the host, since
+    /// binary and library pages are shared by every VMM process.
+    pub vmm_private: u64,
+    /// Resident guest RAM.
+    pub guest: u64,
+}
+
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(name))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Reads this process's memory use. Guest RAM is a memfd, so it is exactly the shared-memory
+/// (RssShmem) part of the resident set.
+pub fn memory_use() -> Option<MemoryUse> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let field = |name: &str| -> Option<u64> {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    let rss = field("VmRSS:")?;
-    let shmem = field("RssShmem:")?;
-    Some((rss.saturating_sub(shmem), shmem))
+    let rss = kib_field(&status, "VmRSS:")?;
+    let guest = kib_field(&status, "RssShmem:")?;
+    Some(MemoryUse {
+        vmm_rss: rss.saturating_sub(guest),
+        vmm_private: kib_field(&status, "RssAnon:")?,
+        guest,
+    })
 }
 
 /// Builds and runs one VM to its end.
@@ -197,7 +213,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     };
     let elapsed = start.elapsed();
     stop_vcpus(&stop, &threads, &stats);
-    let rss = rss_split();
+    let mem_use = memory_use();
     {
         use std::io::Write;
         let _ = crate::devices::bus::lock(&uart).writer_mut().flush();
@@ -211,8 +227,9 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         console_bytes: watch.bytes(),
         vcpu_exits: stats.iter().map(|s| s.exits.load(Ordering::Relaxed)).sum(),
         unhandled_io: pio.unhandled() + mmio.unhandled(),
-        vmm_rss_kib: rss.map(|r| r.0),
-        guest_rss_kib: rss.map(|r| r.1),
+        vmm_rss_kib: mem_use.map(|m| m.vmm_rss),
+        vmm_private_kib: mem_use.map(|m| m.vmm_private),
+        guest_rss_kib: mem_use.map(|m| m.guest),
         platform: platform.name(),
         entry: format!("{:?}/{:?}", entry.format, entry.mode),
         cmdline,

@@ -206,6 +206,8 @@ pub struct VmOutcome {
     pub unhandled_io: u64,
     /// Resident memory of the VMM itself (RSS minus guest memory), KiB.
     pub vmm_rss_kib: Option<u64>,
+    /// Anonymous memory of the VMM (heap, stacks, device state): the per-VM cost, KiB.
+    pub vmm_private_kib: Option<u64>,
     /// Resident guest memory, KiB.
     pub guest_rss_kib: Option<u64>,
     /// Platform detected.

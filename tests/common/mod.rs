@@ -56,9 +56,12 @@ pub fn run_testguest(test: &str, extra: &[&str]) -> Output {
         .arg("--kernel")
         .arg(&guest)
         .args(["--cmdline", &format!("console=ttyS0 bexar.test={test}")])
-        .args(["--timeout", "30", "--no-stdin", "--memory", "64"])
+        .args(["--no-stdin", "--memory", "64"])
         .args(extra)
         .stdin(Stdio::null());
+    if !extra.contains(&"--timeout") {
+        c.args(["--timeout", "30"]);
+    }
     c.output().expect("run bexar")
 }
 
