@@ -137,7 +137,7 @@ fn console_to_a_file() {
 fn console_on_a_unix_socket_with_input() {
     let sock = tmp("console.sock");
     let guest = testguest();
-    let mut child = bexar()
+    let child = bexar()
         .arg("run")
         .arg("--kernel")
         .arg(&guest)

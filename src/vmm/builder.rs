@@ -213,6 +213,18 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     };
     let elapsed = start.elapsed();
     stop_vcpus(&stop, &threads, &stats);
+    if reason == ExitReason::Timeout {
+        // Where each vCPU was is the first thing to know about a hung guest.
+        for (id, s) in stats.iter().enumerate() {
+            match (
+                s.done.load(Ordering::Acquire),
+                s.stopped_rip.load(Ordering::Relaxed),
+            ) {
+                (true, rip) => tracing::warn!("at the timeout vCPU {id} was at rip {rip:#x}"),
+                (false, _) => tracing::warn!("at the timeout vCPU {id} did not leave KVM_RUN"),
+            }
+        }
+    }
     let mem_use = memory_use();
     {
         use std::io::Write;

@@ -16,14 +16,17 @@ pub enum Platform {
 /// Kernel parameters that keep a Linux guest on what PVM can run: no XSAVE (the emulator cannot
 /// run `xrstor`), none of the instructions it refuses in ring 0 (POPCNT, CMPXCHG16B, SMAP's
 /// clac/stac) and no features whose absence it cannot hide (CPUID masks have no effect on PVM),
-/// no page-table isolation, no speculation mitigations, no KASLR.
+/// no page-table isolation, no speculation mitigations, no KASLR, and no KVM paravirt features
+/// (`nopv`): ring-0 CPUID on PVM advertises the host's KVM features, but PVM does not honour them
+/// all; with two or more vCPUs the guest's first paravirtual IPI (KVM_HC_SEND_IPI) never returns
+/// and SMP bring-up hangs.
 ///
 /// `clearcpuid=` takes X86_FEATURE bit numbers (word * 32 + bit, from the kernel's
 /// cpufeatures.h): Linux 6.1 copies the option into a 128-byte buffer, so a list of names would be
 /// cut short. In order: CX16, POPCNT, SMAP, SMEP, PCID, INVPCID, FSGSBASE, RDRAND, RDSEED, BMI1,
 /// BMI2, AVX, AVX2, AVX512F, XSAVE, MOVBE, ERMS, FSRM, UMIP, PKU, LA57, RTM, HLE, ADX, F16C, FMA,
 /// AES, PCLMULQDQ, SHA_NI.
-pub const PVM_LINUX_PARAMS: &str = "noxsave nopti mitigations=off nokaslr clearcpuid=141,151,308,295,145,298,288,158,306,291,296,156,293,304,154,150,297,580,514,515,528,299,292,307,157,140,153,129,317";
+pub const PVM_LINUX_PARAMS: &str = "noxsave nopti mitigations=off nokaslr nopv clearcpuid=141,151,308,295,145,298,288,158,306,291,296,156,293,304,154,150,297,580,514,515,528,299,292,307,157,140,153,129,317";
 
 /// Longest value Linux reads for `clearcpuid=` (its buffer is 128 bytes with the NUL).
 pub const CLEARCPUID_MAX: usize = 127;

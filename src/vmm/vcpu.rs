@@ -42,6 +42,8 @@ pub struct VcpuStats {
     pub mmio: AtomicU64,
     /// Set when the vCPU has left its run loop.
     pub done: AtomicBool,
+    /// Instruction pointer when the vCPU was stopped from outside (0 if unknown).
+    pub stopped_rip: AtomicU64,
 }
 
 fn set_lvt_mode(lapic: &mut kvm_lapic_state, reg: usize, mode: u32) {
@@ -228,6 +230,9 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
         };
         ctx.exit.request(reason);
         break;
+    }
+    if let Ok(r) = vcpu.get_regs() {
+        ctx.stats.stopped_rip.store(r.rip, Ordering::Relaxed);
     }
     ctx.stats.done.store(true, Ordering::Release);
 }
