@@ -161,9 +161,18 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     let pio = Arc::new(pio);
     let mmio = Arc::new(Bus::new());
 
-    let supported = kvm
+    let mut supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    let hidden = match platform {
+        Platform::Pvm => cpuid::PVM_HIDDEN_KVM_FEATURES,
+        Platform::Hardware => 0,
+    };
+    cpuid::adjust_supported(
+        &mut supported,
+        kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+        hidden,
+    );
     let stop = Arc::new(AtomicBool::new(false));
     register_signal_handler(SIGRTMIN(), kick_handler)
         .map_err(|e| VmmError::Setup(format!("cannot install the vCPU kick handler: {e}")))?;

@@ -82,6 +82,28 @@ impl CpuTemplate {
     }
 }
 
+/// KVM paravirtual features (CPUID 0x4000_0001 EAX) that PVM advertises but does not honour:
+/// PV_UNHALT (7), PV_SEND_IPI (11) and PV_SCHED_YIELD (13). Their hypercalls never return there,
+/// so a Linux guest with two or more vCPUs hung in its first paravirtual IPI.
+pub const PVM_HIDDEN_KVM_FEATURES: u32 = (1 << 7) | (1 << 11) | (1 << 13);
+
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+const TSC_DEADLINE_BIT: u32 = 24;
+
+/// Host-level corrections to what KVM reports as supported, applied once before templates and
+/// per-vCPU normalisation: advertise the TSC-deadline timer when KVM's LAPIC emulates it (KVM
+/// does not list it in KVM_GET_SUPPORTED_CPUID, and only accepts the mode when the vCPU's CPUID
+/// has it), and hide the KVM features in `hidden_kvm_features`.
+pub fn adjust_supported(cpuid: &mut CpuId, tsc_deadline: bool, hidden_kvm_features: u32) {
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 if tsc_deadline => e.ecx |= 1 << TSC_DEADLINE_BIT,
+            KVM_CPUID_FEATURES => e.eax &= !hidden_kvm_features,
+            _ => {}
+        }
+    }
+}
+
 fn bits(list: &[u32]) -> u32 {
     list.iter().fold(0, |acc, b| acc | (1 << b))
 }
@@ -231,6 +253,30 @@ mod tests {
         assert_eq!(l7.ebx & (1 << 5), 0, "AVX2");
         assert_eq!(find(&c, 0xd, 0).eax, 0);
         assert_eq!(find(&c, 0x8000_0001, 0).edx, bits(&[11, 20, 29]));
+    }
+
+    #[test]
+    fn tsc_deadline_and_hidden_kvm_features() {
+        let mut c = CpuId::from_entries(&[
+            kvm_cpuid_entry2 {
+                function: 1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: KVM_CPUID_FEATURES,
+                eax: 0xffff_ffff,
+                ..Default::default()
+            },
+        ])
+        .unwrap();
+        adjust_supported(&mut c, true, PVM_HIDDEN_KVM_FEATURES);
+        assert_ne!(find(&c, 1, 0).ecx & (1 << 24), 0);
+        let kvm = find(&c, KVM_CPUID_FEATURES, 0).eax;
+        assert_eq!(kvm & PVM_HIDDEN_KVM_FEATURES, 0);
+        assert_ne!(kvm & 1, 0, "kvm-clock stays");
+        // The per-vCPU step keeps both.
+        let v = for_vcpu(&c, CpuTemplate::X86_64V2, 1, 2);
+        assert_ne!(find(&v, 1, 0).ecx & (1 << 24), 0);
     }
 
     #[test]
