@@ -51,6 +51,9 @@ fn child_command(job: &Job) -> Command {
     if !c.platform_params {
         cmd.arg("--no-platform-params");
     }
+    if c.legacy_pit {
+        cmd.arg("--legacy-pit");
+    }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

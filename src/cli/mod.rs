@@ -77,6 +77,9 @@ pub struct VmArgs {
     /// Do not add the platform's kernel parameters (PVM hosts) to the command line.
     #[arg(long)]
     pub no_platform_params: bool,
+    /// Add a legacy i8254 PIT (guests without a LAPIC timer or kvm-clock need one).
+    #[arg(long)]
+    pub legacy_pit: bool,
 }
 
 /// Flags of `bexar run`.

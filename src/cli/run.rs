@@ -79,6 +79,7 @@ pub fn vm_config(
         timeout,
         expect: None,
         platform_params: !vm.no_platform_params,
+        legacy_pit: vm.legacy_pit,
     })
 }
 

@@ -185,6 +185,8 @@ pub struct VmConfig {
     pub expect: Option<String>,
     /// Add the platform's kernel parameters (PVM) to the command line.
     pub platform_params: bool,
+    /// Give the guest an i8254 PIT (old guests without a LAPIC timer or kvm-clock need one).
+    pub legacy_pit: bool,
 }
 
 /// What happened to a VM, for the CLI and machine-readable reports.
