@@ -54,6 +54,19 @@ fn child_command(job: &Job) -> Command {
     if c.legacy_pit {
         cmd.arg("--legacy-pit");
     }
+    for d in &c.disks {
+        let mut spec = d.path.display().to_string();
+        if d.read_only {
+            spec.push_str(",ro");
+        }
+        if let Some(s) = &d.serial {
+            spec.push_str(&format!(",serial={s}"));
+        }
+        cmd.arg("--disk").arg(spec);
+    }
+    if c.rng {
+        cmd.arg("--rng");
+    }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

@@ -80,6 +80,12 @@ pub struct VmArgs {
     /// Add a legacy i8254 PIT (guests without a LAPIC timer or kvm-clock need one).
     #[arg(long)]
     pub legacy_pit: bool,
+    /// A virtio-blk disk: PATH[,ro][,serial=ID] (repeatable; the first is /dev/vda).
+    #[arg(long, value_name = "PATH[,ro]")]
+    pub disk: Vec<crate::devices::virtio::block::DiskConfig>,
+    /// Attach a virtio-rng fed from the host's getrandom.
+    #[arg(long)]
+    pub rng: bool,
 }
 
 /// Flags of `bexar run`.

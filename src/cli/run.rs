@@ -58,6 +58,14 @@ pub fn vm_config(
             kernel.display()
         ));
     }
+    for d in &vm.disk {
+        if !d.path.is_file() {
+            return Err(format!(
+                "--disk: {} does not exist or is not a file",
+                d.path.display()
+            ));
+        }
+    }
     let initrd = pick(&initrds, "initrd")?.map(std::path::PathBuf::from);
     if let Some(p) = &initrd {
         if !p.is_file() {
@@ -80,6 +88,8 @@ pub fn vm_config(
         expect: None,
         platform_params: !vm.no_platform_params,
         legacy_pit: vm.legacy_pit,
+        disks: vm.disk.clone(),
+        rng: vm.rng,
     })
 }
 

@@ -14,16 +14,23 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::boot::{self, mptable::MAX_VCPUS};
 use super::cpuid;
-use super::layout::KVM_TSS_ADDR;
+use super::layout::{KVM_TSS_ADDR, VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE, VIRTIO_SLOTS};
 use super::memory::{create_guest_memory, GuestRam};
 use super::platform::{adjust_cmdline, Platform};
 use super::vcpu::{self, VcpuContext, VcpuStats};
 use super::{ExitHandle, ExitReason, VmConfig, VmOutcome, VmmError};
-use crate::devices::bus::Bus;
+use crate::devices::bus::{lock, Bus};
 use crate::devices::legacy::{
     ExitPort, ResetLine, EXIT_PORT, EXIT_PORT_LEN, I8042, I8042_BASE, I8042_LEN,
 };
 use crate::devices::serial::{self, ConsoleSetup, ConsoleWatch, SerialDevice};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::{Counters, DeviceReport, VirtioDevice};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::IoEventAddress;
+use vmm_sys_util::eventfd::EventFd;
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
@@ -107,6 +114,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         );
     }
 
+    let cmdline = with_virtio_devices(cmdline, config)?;
     let ram = create_guest_memory(config.memory_mib)?;
     let entry = boot::prepare(
         &ram.mem,
@@ -140,6 +148,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     register_memory(&vm, &ram)?;
     phase("memory registered");
 
+    let stop = Arc::new(AtomicBool::new(false));
     let (exit, exit_rx) = ExitHandle::new();
     let watch = ConsoleWatch::new(start);
     let (uart, uart_irq) = serial::build(ConsoleSetup {
@@ -173,7 +182,11 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     )
     .map_err(bus_err)?;
     let pio = Arc::new(pio);
-    let mmio = Arc::new(Bus::new());
+    let mut mmio = Bus::new();
+    let virtio = attach_virtio(&vm, &ram, &mut mmio, config)?;
+    let mmio = Arc::new(mmio);
+    let event_loop = spawn_event_loop(virtio.manager, stop.clone())?;
+    phase("virtio devices attached");
 
     let mut supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -187,7 +200,6 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
         hidden,
     );
-    let stop = Arc::new(AtomicBool::new(false));
     register_signal_handler(SIGRTMIN(), kick_handler)
         .map_err(|e| VmmError::Setup(format!("cannot install the vCPU kick handler: {e}")))?;
 
@@ -238,6 +250,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     };
     let elapsed = start.elapsed();
     stop_vcpus(&stop, &threads, &stats);
+    let _ = event_loop.join();
     if reason == ExitReason::Timeout {
         // Where each vCPU was is the first thing to know about a hung guest.
         for (id, s) in stats.iter().enumerate() {
@@ -270,7 +283,115 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         platform: platform.name(),
         entry: format!("{:?}/{:?}", entry.format, entry.mode),
         cmdline,
+        devices: virtio
+            .devices
+            .iter()
+            .map(|(kind, slot, c)| DeviceReport::new(kind, *slot, c))
+            .collect(),
     })
+}
+
+/// Appends what Linux needs to find the virtio-mmio devices to the command line.
+fn with_virtio_devices(mut cmdline: String, config: &VmConfig) -> Result<String, VmmError> {
+    let count = config.disks.len() as u32 + u32::from(config.rng);
+    if count > VIRTIO_SLOTS {
+        return Err(VmmError::Setup(format!(
+            "{count} virtio devices requested; at most {VIRTIO_SLOTS} fit"
+        )));
+    }
+    for slot in 0..count {
+        cmdline.push_str(&format!(
+            " virtio_mmio.device=4K@{:#x}:{}",
+            VIRTIO_MMIO_BASE + u64::from(slot) * MMIO_LEN,
+            VIRTIO_GSI_BASE + slot
+        ));
+    }
+    Ok(cmdline)
+}
+
+/// The virtio devices of a VM and the event loop that runs them.
+struct Virtio {
+    manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    devices: Vec<(&'static str, u32, Arc<Counters>)>,
+}
+
+/// Creates each virtio device in its slot: irqfd on its GSI, ioeventfd on QueueNotify (one per
+/// queue, matched on the queue index), the transport on the MMIO bus, the device on the loop.
+fn attach_virtio(
+    vm: &VmFd,
+    ram: &GuestRam,
+    mmio: &mut Bus,
+    config: &VmConfig,
+) -> Result<Virtio, VmmError> {
+    let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+        .map_err(|e| VmmError::Setup(format!("cannot create the virtio event loop: {e:?}")))?;
+    let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
+    let mut subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = Vec::new();
+    let new_irqfd = || {
+        EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmmError::Setup(format!("cannot create an eventfd: {e}")))
+    };
+    let clone_fd = |fd: &EventFd| {
+        fd.try_clone()
+            .map_err(|e| VmmError::Setup(format!("cannot clone an eventfd: {e}")))
+    };
+    for disk in &config.disks {
+        let irq = new_irqfd()?;
+        let dev = Arc::new(Mutex::new(Block::new(disk, clone_fd(&irq)?)?));
+        devices.push(dev.clone());
+        subscribers.push(dev);
+    }
+    if config.rng {
+        let irq = new_irqfd()?;
+        let dev =
+            Arc::new(Mutex::new(Rng::new(clone_fd(&irq)?).map_err(|e| {
+                VmmError::Setup(format!("cannot create virtio-rng: {e}"))
+            })?));
+        devices.push(dev.clone());
+        subscribers.push(dev);
+    }
+    let mut reports = Vec::new();
+    for (slot, (dev, sub)) in devices.into_iter().zip(subscribers).enumerate() {
+        let slot = slot as u32;
+        let base = VIRTIO_MMIO_BASE + u64::from(slot) * MMIO_LEN;
+        let gsi = VIRTIO_GSI_BASE + slot;
+        {
+            let d = lock(&dev);
+            vm.register_irqfd(d.interrupt().irqfd(), gsi)
+                .map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
+            for (q, evt) in d.queue_events().iter().enumerate() {
+                vm.register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
+                    .map_err(|e| VmmError::Kvm("KVM_IOEVENTFD", e))?;
+            }
+            reports.push((d.kind(), slot, d.counters().clone()));
+        }
+        let transport = MmioTransport::new(dev, ram.mem.clone());
+        mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)
+            .map_err(|e| VmmError::Setup(e.to_string()))?;
+        manager.add_subscriber(sub);
+    }
+    Ok(Virtio {
+        manager,
+        devices: reports,
+    })
+}
+
+/// Runs the virtio event loop until `stop`.
+fn spawn_event_loop(
+    mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<()>, VmmError> {
+    std::thread::Builder::new()
+        .name("virtio".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                if let Err(e) = manager.run_with_timeout(50) {
+                    tracing::error!("virtio event loop failed: {e:?}");
+                    break;
+                }
+            }
+        })
+        .map_err(|e| VmmError::Setup(format!("cannot start the virtio thread: {e}")))
 }
 
 /// Asks every vCPU thread to leave KVM_RUN and waits briefly for them. A vCPU blocked in the

@@ -11,7 +11,8 @@
 //! 0x0002_0000  kernel command line (up to CMDLINE_MAX_SIZE)
 //! 0x0009_fc00  MP table (last KiB of base memory); reserved up to 1 MiB
 //! 0x0010_0000  high memory: kernels load here or above
-//! 0xc000_0000  MMIO gap up to 4 GiB (IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000)
+//! 0xc000_0000  MMIO gap up to 4 GiB: virtio-mmio slots from 0xd000_0000 (4 KiB each),
+//!              IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
 //! ```
 
 /// GDT for the boot entries.
@@ -41,6 +42,12 @@ pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 pub const MPTABLE_START: u64 = 0x9fc00;
 /// Start of high memory (1 MiB).
 pub const HIMEM_START: u64 = 0x10_0000;
+/// First virtio-mmio slot; slot `i` is at `VIRTIO_MMIO_BASE + i * 0x1000` on GSI `VIRTIO_GSI_BASE + i`.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// GSI of the first virtio-mmio slot (0-4 are the PIT, keyboard, cascade, COM2 and COM1).
+pub const VIRTIO_GSI_BASE: u32 = 5;
+/// Number of virtio-mmio slots: GSIs 5 to 23 on the IOAPIC.
+pub const VIRTIO_SLOTS: u32 = 19;
 /// Start of the 32-bit MMIO gap.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO gap (4 GiB).

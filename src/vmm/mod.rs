@@ -35,6 +35,9 @@ pub enum VmmError {
     /// The guest could not be loaded.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    /// A disk could not be attached.
+    #[error(transparent)]
+    Disk(#[from] crate::devices::virtio::block::BlockError),
     /// The console could not be set up.
     #[error(transparent)]
     Console(#[from] crate::devices::serial::ConsoleError),
@@ -187,6 +190,10 @@ pub struct VmConfig {
     pub platform_params: bool,
     /// Give the guest an i8254 PIT (old guests without a LAPIC timer or kvm-clock need one).
     pub legacy_pit: bool,
+    /// virtio-blk disks, in slot order (the first is /dev/vda).
+    pub disks: Vec<crate::devices::virtio::block::DiskConfig>,
+    /// Attach a virtio-rng.
+    pub rng: bool,
 }
 
 /// What happened to a VM, for the CLI and machine-readable reports.
@@ -218,4 +225,6 @@ pub struct VmOutcome {
     pub entry: String,
     /// The command line the guest got.
     pub cmdline: String,
+    /// Per-device counters at the end.
+    pub devices: Vec<crate::devices::virtio::DeviceReport>,
 }

@@ -10,6 +10,8 @@ use super::BootError;
 /// Most vCPUs the table (and so the VM) supports: what fits in the last KiB of base memory.
 pub const MAX_VCPUS: u8 = 32;
 
+// 16 + 44 + 20 * 32 + 8 + 8 + 24 * 8 + 2 * 8 = 924 bytes: fits below 0xa0000 from 0x9fc00.
+
 const MPC_SPEC_REV: u8 = 4;
 const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
@@ -58,7 +60,8 @@ pub fn build(vcpus: u8, base: u64) -> Result<Vec<u8>, BootError> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     count += 1;
-    for irq in 0..16u8 {
+    // Every IOAPIC pin: ISA IRQs 0-15 and the virtio-mmio lines above them.
+    for irq in 0..24u8 {
         let kind = if irq == 0 {
             INT_TYPE_EXTINT
         } else {
@@ -133,7 +136,7 @@ mod tests {
             assert_eq!(len, cfg.len());
             assert_eq!(sum(cfg), 0, "config table checksum");
             let entries = u16::from_le_bytes([cfg[34], cfg[35]]);
-            assert_eq!(entries as usize, n as usize + 1 + 1 + 16 + 2);
+            assert_eq!(entries as usize, n as usize + 1 + 1 + 24 + 2);
             // The first processor is the BSP with APIC id 0, the last has id n-1.
             assert_eq!(cfg[44 + 1], 0);
             assert_eq!(cfg[44 + 3], CPU_ENABLED | CPU_BSP);

@@ -1,0 +1,506 @@
+//! virtio-blk over a raw image file: read, write, flush (fdatasync), GET_ID, DISCARD (punch
+//! hole) and WRITE_ZEROES (zero range), every request bounds-checked against the disk size.
+//! Requests run synchronously on the virtio event loop thread.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    read_config_bytes, ActivateError, Counters, Interrupt, VirtioDevice, INT_USED_RING, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1,
+};
+
+/// Sector size of the virtio-blk protocol.
+pub const SECTOR: u64 = 512;
+/// Queue size we offer.
+pub const QUEUE_SIZE: u16 = 256;
+/// Largest single data transfer we accept (bounce buffer limit).
+pub const MAX_TRANSFER: usize = 4 << 20;
+
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+const ID_BYTES: usize = 20;
+const WRITE_ZEROES_UNMAP: u32 = 1;
+
+/// How a disk is attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Image file.
+    pub path: PathBuf,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Serial reported by GET_ID (defaults to the file name).
+    pub serial: Option<String>,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = String;
+    /// Parses `PATH[,ro][,serial=ID]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or("empty disk path")?;
+        let mut cfg = DiskConfig {
+            path: path.into(),
+            read_only: false,
+            serial: None,
+        };
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "ro" => cfg.read_only = true,
+                None if opt == "rw" => cfg.read_only = false,
+                Some(("serial", v)) if !v.is_empty() && v.len() <= ID_BYTES => {
+                    cfg.serial = Some(v.to_owned())
+                }
+                _ => return Err(format!(
+                    "unknown disk option {opt:?}: expected ro, rw or serial=ID (at most 20 bytes)"
+                )),
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// Errors opening a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The image cannot be opened.
+    #[error("cannot open disk {path}: {err}")]
+    Open {
+        /// Path.
+        path: PathBuf,
+        /// Underlying error.
+        err: std::io::Error,
+    },
+    /// The image size is not a whole number of sectors.
+    #[error("disk {0} is not a multiple of 512 bytes long")]
+    Size(PathBuf),
+    /// The eventfd cannot be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    file: File,
+    read_only: bool,
+    size: u64,
+    serial: [u8; ID_BYTES],
+    config: Vec<u8>,
+    queue_evts: Vec<EventFd>,
+    interrupt: Arc<Interrupt>,
+    counters: Arc<Counters>,
+    active: Option<Active>,
+    buf: Vec<u8>,
+}
+
+fn build_config(sectors: u64) -> Vec<u8> {
+    let mut c = vec![0u8; 60];
+    c[0..8].copy_from_slice(&sectors.to_le_bytes()); // capacity
+    c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
+    c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes()); // blk_size
+    c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
+    c[36..40].copy_from_slice(&(u32::MAX >> 9).to_le_bytes()); // max_discard_sectors
+    c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
+    c[44..48].copy_from_slice(&8u32.to_le_bytes()); // discard_sector_alignment (4 KiB)
+    c[48..52].copy_from_slice(&(u32::MAX >> 9).to_le_bytes()); // max_write_zeroes_sectors
+    c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
+    c[56] = 1; // write_zeroes_may_unmap
+    c
+}
+
+impl Block {
+    /// Opens the image and builds the device around `irqfd`.
+    pub fn new(cfg: &DiskConfig, irqfd: EventFd) -> Result<Self, BlockError> {
+        let open_err = |err| BlockError::Open {
+            path: cfg.path.clone(),
+            err,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!cfg.read_only)
+            .open(&cfg.path)
+            .map_err(open_err)?;
+        let size = file.metadata().map_err(open_err)?.len();
+        if size % SECTOR != 0 {
+            return Err(BlockError::Size(cfg.path.clone()));
+        }
+        let mut serial = [0u8; ID_BYTES];
+        let id = cfg
+            .serial
+            .clone()
+            .unwrap_or_else(|| default_serial(&cfg.path));
+        let n = id.len().min(ID_BYTES);
+        serial[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Ok(Self {
+            file,
+            read_only: cfg.read_only,
+            size,
+            serial,
+            config: build_config(size / SECTOR),
+            queue_evts: vec![EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?],
+            interrupt: Arc::new(Interrupt::new(irqfd)),
+            counters: Arc::new(Counters::default()),
+            active: None,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Runs every available request; returns false if the ring itself is corrupt.
+    fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            Counters::inc(&self.counters.spurious_notifies);
+            return;
+        };
+        if self.interrupt.needs_reset() {
+            Counters::inc(&self.counters.spurious_notifies);
+            return;
+        }
+        let mem = active.mem.clone();
+        let chains: Vec<DescriptorChain<&GuestMemoryMmap>> = match active.queue.iter(&mem) {
+            Ok(it) => it.collect(),
+            Err(e) => {
+                tracing::warn!("virtio-blk: corrupt available ring ({e}): device needs a reset");
+                Counters::inc(&self.counters.needs_reset);
+                self.interrupt.set_needs_reset();
+                return;
+            }
+        };
+        if chains.is_empty() {
+            return;
+        }
+        let mut used = Vec::with_capacity(chains.len());
+        for chain in chains {
+            let head = chain.head_index();
+            let len = handle_request(
+                chain,
+                &mem,
+                &self.file,
+                self.read_only,
+                self.size,
+                &self.serial,
+                &self.counters,
+                &mut self.buf,
+            );
+            used.push((head, len));
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        for (head, len) in used {
+            if let Err(e) = active.queue.add_used(&mem, head, len) {
+                tracing::warn!(
+                    "virtio-blk: cannot return descriptor {head} ({e}): device needs a reset"
+                );
+                Counters::inc(&self.counters.needs_reset);
+                self.interrupt.set_needs_reset();
+                return;
+            }
+        }
+        match active.queue.needs_notification(&mem) {
+            Ok(false) => {}
+            _ => self.interrupt.trigger(INT_USED_RING),
+        }
+    }
+}
+
+fn default_serial(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().chars().take(ID_BYTES).collect())
+        .unwrap_or_default()
+}
+
+/// Checks `[sector * 512, + len)` lies inside the disk; returns the byte offset.
+fn in_bounds(sector: u64, len: u64, size: u64) -> Option<u64> {
+    let off = sector.checked_mul(SECTOR)?;
+    (off.checked_add(len)? <= size).then_some(off)
+}
+
+fn punch(file: &File, mode: libc::c_int, off: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on a file descriptor we own with plain integer arguments.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, off as i64, len as i64) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Handles one request chain; returns the number of bytes written into guest buffers.
+#[allow(clippy::too_many_arguments)]
+fn handle_request(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    file: &File,
+    read_only: bool,
+    size: u64,
+    serial: &[u8; ID_BYTES],
+    counters: &Counters,
+    buf: &mut Vec<u8>,
+) -> u32 {
+    let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.writer(mem)) {
+        (Ok(r), Ok(w)) => (r, w),
+        _ => {
+            // A descriptor outside guest memory, or a chain the queue library rejects.
+            Counters::inc(&counters.refused);
+            return 0;
+        }
+    };
+    let avail = writer.available_bytes();
+    if avail == 0 {
+        // No room for even the status byte: nothing we can tell the driver.
+        Counters::inc(&counters.refused);
+        return 0;
+    }
+    let mut status_w = match writer.split_at(avail - 1) {
+        Ok(s) => s,
+        Err(_) => {
+            Counters::inc(&counters.refused);
+            return 0;
+        }
+    };
+    let mut hdr = [0u8; 16];
+    let status = if reader.read_exact(&mut hdr).is_err() {
+        Counters::inc(&counters.refused);
+        S_IOERR
+    } else {
+        let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
+        let r = match kind {
+            T_IN => {
+                let len = writer.available_bytes();
+                match in_bounds(sector, len as u64, size) {
+                    Some(off) if (len as u64).is_multiple_of(SECTOR) && len <= MAX_TRANSFER => {
+                        buf.resize(len, 0);
+                        file.read_exact_at(&mut buf[..len], off)
+                            .and_then(|_| writer.write_all(&buf[..len]))
+                            .map(|_| {
+                                counters
+                                    .read_bytes
+                                    .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                            })
+                            .map_err(Some)
+                    }
+                    _ => Err(None),
+                }
+            }
+            T_OUT if read_only => Err(None),
+            T_OUT => {
+                let len = reader.available_bytes();
+                match in_bounds(sector, len as u64, size) {
+                    Some(off) if (len as u64).is_multiple_of(SECTOR) && len <= MAX_TRANSFER => {
+                        buf.resize(len, 0);
+                        reader
+                            .read_exact(&mut buf[..len])
+                            .and_then(|_| file.write_all_at(&buf[..len], off))
+                            .map(|_| {
+                                counters
+                                    .written_bytes
+                                    .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                            })
+                            .map_err(Some)
+                    }
+                    _ => Err(None),
+                }
+            }
+            T_FLUSH => file.sync_data().map_err(Some),
+            T_GET_ID => {
+                let n = writer.available_bytes().min(ID_BYTES);
+                writer.write_all(&serial[..n]).map_err(Some)
+            }
+            T_DISCARD | T_WRITE_ZEROES if read_only => Err(None),
+            T_DISCARD | T_WRITE_ZEROES => {
+                let mut result = Ok(());
+                if reader.available_bytes() < 16 || !reader.available_bytes().is_multiple_of(16) {
+                    result = Err(None);
+                }
+                while result.is_ok() && reader.available_bytes() >= 16 {
+                    let mut seg = [0u8; 16];
+                    if reader.read_exact(&mut seg).is_err() {
+                        result = Err(None);
+                        break;
+                    }
+                    let s = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
+                    let n = u64::from(u32::from_le_bytes(
+                        seg[8..12].try_into().unwrap_or_default(),
+                    ));
+                    let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
+                    let Some(off) = in_bounds(s, n * SECTOR, size) else {
+                        result = Err(None);
+                        break;
+                    };
+                    let mode = if kind == T_DISCARD || flags & WRITE_ZEROES_UNMAP != 0 {
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                    } else {
+                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                    };
+                    if let Err(e) = punch(file, mode, off, n * SECTOR) {
+                        result = Err(Some(e));
+                    }
+                }
+                result
+            }
+            _ => {
+                Counters::inc(&counters.refused);
+                let _ = status_w.write_all(&[S_UNSUPP]);
+                return (writer.bytes_written() + status_w.bytes_written()) as u32;
+            }
+        };
+        match r {
+            Ok(()) => {
+                Counters::inc(&counters.requests);
+                S_OK
+            }
+            Err(None) => {
+                Counters::inc(&counters.refused);
+                S_IOERR
+            }
+            Err(Some(e)) => {
+                tracing::warn!("virtio-blk: I/O error: {e}");
+                Counters::inc(&counters.io_errors);
+                S_IOERR
+            }
+        }
+    };
+    let _ = status_w.write_all(&[status]);
+    (writer.bytes_written() + status_w.bytes_written()) as u32
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+    fn kind(&self) -> &'static str {
+        "block"
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1 | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+        if self.read_only {
+            f |= F_RO;
+        } else {
+            f |= F_DISCARD | F_WRITE_ZEROES;
+        }
+        f
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        _acked: u64,
+        mut queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 1 || !queues[0].ready() {
+            return Err(ActivateError::BadQueue(0));
+        }
+        self.active = Some(Active {
+            mem,
+            queue: queues.remove(0),
+        });
+        // Requests the driver queued before DRIVER_OK.
+        self.process_queue();
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.active = None;
+    }
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+    fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+    fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.event_set().contains(EventSet::IN) {
+            let _ = self.queue_evts[0].read();
+            self.process_queue();
+        }
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
+            tracing::error!("virtio-blk: cannot watch the queue eventfd: {e:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_specs_parse() {
+        let d: DiskConfig = "/tmp/a.img,ro,serial=abc".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/tmp/a.img"));
+        assert!(d.read_only);
+        assert_eq!(d.serial.as_deref(), Some("abc"));
+        assert!("".parse::<DiskConfig>().is_err());
+        assert!("/a,rx".parse::<DiskConfig>().is_err());
+        assert!("/a,serial=123456789012345678901"
+            .parse::<DiskConfig>()
+            .is_err());
+    }
+
+    #[test]
+    fn bounds() {
+        assert_eq!(in_bounds(0, 512, 1024), Some(0));
+        assert_eq!(in_bounds(1, 512, 1024), Some(512));
+        assert_eq!(in_bounds(2, 512, 1024), None);
+        assert_eq!(in_bounds(u64::MAX, 512, 1024), None);
+        assert_eq!(in_bounds(1, u64::MAX, 1024), None);
+    }
+
+    #[test]
+    fn config_layout() {
+        let c = build_config(2048);
+        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2048);
+        assert_eq!(c.len(), 60);
+        let mut b = [0u8; 8];
+        read_config_bytes(&c, 0, &mut b);
+        assert_eq!(u64::from_le_bytes(b), 2048);
+        let mut tail = [0xffu8; 8];
+        read_config_bytes(&c, 58, &mut tail);
+        assert_eq!(tail, [0; 8]);
+    }
+}
