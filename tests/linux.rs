@@ -99,3 +99,91 @@ fn bzimage_on_two_vcpus_boots_and_ends_cleanly() {
     assert!(err.contains("guest reset"), "{err}");
     std::fs::remove_file(log).ok();
 }
+
+/// Builds a small ext4 root file system holding a static busybox as /sbin/init.
+fn ext4_root() -> std::path::PathBuf {
+    let dir = tmp("rootfs");
+    std::fs::create_dir_all(dir.join("sbin")).unwrap();
+    std::fs::copy("/bin/busybox", dir.join("sbin/init")).unwrap();
+    for d in ["dev", "proc", "sys", "tmp"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    let img = tmp("root.ext4");
+    let ok = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "bexar-root", "-d"])
+        .arg(&dir)
+        .arg(&img)
+        .arg("32M")
+        .status()
+        .expect("run mkfs.ext4 (e2fsprogs)")
+        .success();
+    assert!(ok, "mkfs.ext4 failed");
+    std::fs::remove_dir_all(dir).ok();
+    img
+}
+
+#[test]
+fn vmlinux_mounts_its_ext4_root_read_write_from_virtio_blk_and_uses_virtio_rng() {
+    let img = linux_image();
+    let root = ext4_root();
+    let scratch = tmp("scratch.img");
+    std::fs::File::create(&scratch)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let log = tmp("virtio-linux.log");
+    let result = tmp("virtio-linux.json");
+    let o = bexar()
+        .arg("run")
+        .arg("--kernel")
+        .arg(img.join("vmlinux"))
+        .args([
+            "--cmdline",
+            "console=ttyS0 reboot=k panic=1 root=/dev/vda rw",
+        ])
+        .arg("--disk")
+        .arg(format!("{},serial=bexar-root", root.display()))
+        .arg("--disk")
+        .arg(format!("{},ro", scratch.display()))
+        .args(["--rng", "--memory", "128", "--timeout", "300", "--no-stdin"])
+        .args(["--expect", "Run /sbin/init as init process"])
+        .arg("--console")
+        .arg(format!("file:{}", log.display()))
+        .arg("--result-json")
+        .arg(&result)
+        .output()
+        .unwrap();
+    let console = read(&log);
+    assert_exit(&o, 0);
+    for needle in [
+        "virtio-mmio: Registering device virtio-mmio.0 at 0xd0000000-0xd0000fff, IRQ 5",
+        "[vda] 65536 512-byte logical blocks",
+        "[vdb] 16384 512-byte logical blocks",
+        "EXT4-fs (vda): mounted filesystem",
+        "VFS: Mounted root (ext4 filesystem) on device 254:0",
+        "Run /sbin/init as init process",
+    ] {
+        assert!(
+            console.contains(needle),
+            "console lacks {needle:?}\n{console}"
+        );
+    }
+    // The root was mounted read-write (the kernel says "readonly" otherwise).
+    assert!(
+        !console.contains("Mounted root (ext4 filesystem) readonly"),
+        "{console}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&read(&result)).unwrap();
+    let devices = json["devices"].as_array().unwrap();
+    let rng = devices.iter().find(|d| d["kind"] == "rng").unwrap();
+    assert!(
+        rng["read_bytes"].as_u64().unwrap() > 0,
+        "the kernel took no entropy: {rng}"
+    );
+    let vda = &devices[0];
+    assert!(vda["read_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(vda["refused"], 0, "{vda}");
+    for p in [root, scratch, log, result] {
+        std::fs::remove_file(p).ok();
+    }
+}
