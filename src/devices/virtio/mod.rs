@@ -9,6 +9,8 @@
 
 pub mod block;
 pub mod mmio;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod ring;
 pub mod rng;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
