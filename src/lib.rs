@@ -2,8 +2,10 @@
 //!
 //! * [`vmm`] builds and runs one VM in this process: memory, boot, vCPUs.
 //! * [`devices`] holds the emulated devices and the buses they sit on.
+//! * [`net`] talks to the host's networking (TAP devices).
 //! * [`cli`] is the command line: `bexar run`, `bexar boot-test`.
 
 pub mod cli;
 pub mod devices;
+pub mod net;
 pub mod vmm;

@@ -122,9 +122,78 @@ fn ext4_root() -> std::path::PathBuf {
     img
 }
 
+/// A network namespace with a TAP (vnet headers) at 10.0.2.1/24 and a DHCP server on it,
+/// removed with everything in it when dropped.
+struct DhcpNetns {
+    name: String,
+    server: std::process::Child,
+    leases: std::path::PathBuf,
+    conf: std::path::PathBuf,
+}
+
+fn ip(args: &[&str]) {
+    let ok = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("run ip (iproute2)")
+        .success();
+    assert!(ok, "ip {args:?} failed");
+}
+
+impl DhcpNetns {
+    fn new() -> Self {
+        let name = format!("bexar-it-{}", std::process::id());
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n", &name, "tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr",
+        ]);
+        ip(&["-n", &name, "addr", "add", "10.0.2.1/24", "dev", "tap0"]);
+        ip(&["-n", &name, "link", "set", "tap0", "up"]);
+        let leases = tmp("udhcpd.leases");
+        let conf = tmp("udhcpd.conf");
+        std::fs::write(&leases, b"").unwrap();
+        std::fs::write(
+            &conf,
+            format!(
+                "start 10.0.2.15\nend 10.0.2.20\ninterface tap0\nlease_file {}\n\
+                 option subnet 255.255.255.0\noption router 10.0.2.1\n",
+                leases.display()
+            ),
+        )
+        .unwrap();
+        let server = std::process::Command::new("ip")
+            .args(["netns", "exec", &name, "busybox", "udhcpd", "-f"])
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start udhcpd");
+        Self {
+            name,
+            server,
+            leases,
+            conf,
+        }
+    }
+}
+
+impl Drop for DhcpNetns {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        std::fs::remove_file(&self.leases).ok();
+        std::fs::remove_file(&self.conf).ok();
+    }
+}
+
 #[test]
-fn vmlinux_mounts_its_ext4_root_read_write_from_virtio_blk_and_uses_virtio_rng() {
+fn vmlinux_on_virtio_ext4_root_rng_and_dhcp_networking() {
     let img = linux_image();
+    let netns = DhcpNetns::new();
     let root = ext4_root();
     let scratch = tmp("scratch.img");
     std::fs::File::create(&scratch)
@@ -133,13 +202,17 @@ fn vmlinux_mounts_its_ext4_root_read_write_from_virtio_blk_and_uses_virtio_rng()
         .unwrap();
     let log = tmp("virtio-linux.log");
     let result = tmp("virtio-linux.json");
-    let o = bexar()
+    // bexar runs inside the namespace, where the TAP lives.
+    let o = std::process::Command::new("ip")
+        .args(["netns", "exec", &netns.name, env!("CARGO_BIN_EXE_bexar")])
         .arg("run")
         .arg("--kernel")
         .arg(img.join("vmlinux"))
         .args([
             "--cmdline",
-            "console=ttyS0 reboot=k panic=1 root=/dev/vda rw",
+            "console=ttyS0 reboot=k panic=1 root=/dev/vda rw ip=dhcp",
+            "--net",
+            "tap=tap0,mac=02:00:00:00:00:2a",
         ])
         .arg("--disk")
         .arg(format!("{},serial=bexar-root", root.display()))
@@ -161,6 +234,9 @@ fn vmlinux_mounts_its_ext4_root_read_write_from_virtio_blk_and_uses_virtio_rng()
         "[vdb] 16384 512-byte logical blocks",
         "EXT4-fs (vda): mounted filesystem",
         "VFS: Mounted root (ext4 filesystem) on device 254:0",
+        // DHCP over virtio-net: the answer proves frames crossed the TAP both ways.
+        "IP-Config: Got DHCP answer from 10.0.2.1",
+        "hwaddr=02:00:00:00:00:2a",
         "Run /sbin/init as init process",
     ] {
         assert!(
@@ -179,6 +255,11 @@ fn vmlinux_mounts_its_ext4_root_read_write_from_virtio_blk_and_uses_virtio_rng()
     assert!(
         rng["read_bytes"].as_u64().unwrap() > 0,
         "the kernel took no entropy: {rng}"
+    );
+    let net = devices.iter().find(|d| d["kind"] == "net").unwrap();
+    assert!(
+        net["read_bytes"].as_u64().unwrap() > 0 && net["written_bytes"].as_u64().unwrap() > 0,
+        "{net}"
     );
     let vda = &devices[0];
     assert!(vda["read_bytes"].as_u64().unwrap() > 0);

@@ -64,6 +64,13 @@ fn child_command(job: &Job) -> Command {
         }
         cmd.arg("--disk").arg(spec);
     }
+    for n in &c.nics {
+        let m = n.mac;
+        cmd.arg("--net").arg(format!(
+            "tap={},mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            n.tap, m[0], m[1], m[2], m[3], m[4], m[5]
+        ));
+    }
     if c.rng {
         cmd.arg("--rng");
     }

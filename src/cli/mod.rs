@@ -83,6 +83,9 @@ pub struct VmArgs {
     /// A virtio-blk disk: PATH[,ro][,serial=ID] (repeatable; the first is /dev/vda).
     #[arg(long, value_name = "PATH[,ro]")]
     pub disk: Vec<crate::devices::virtio::block::DiskConfig>,
+    /// A virtio-net NIC on an existing TAP: tap=NAME[,mac=MAC] (repeatable).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    pub net: Vec<crate::devices::virtio::net::NicConfig>,
     /// Attach a virtio-rng fed from the host's getrandom.
     #[arg(long)]
     pub rng: bool,

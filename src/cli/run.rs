@@ -89,6 +89,7 @@ pub fn vm_config(
         platform_params: !vm.no_platform_params,
         legacy_pit: vm.legacy_pit,
         disks: vm.disk.clone(),
+        nics: vm.net.clone(),
         rng: vm.rng,
     })
 }

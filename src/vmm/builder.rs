@@ -26,6 +26,7 @@ use crate::devices::legacy::{
 use crate::devices::serial::{self, ConsoleSetup, ConsoleWatch, SerialDevice};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{Counters, DeviceReport, VirtioDevice};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -293,7 +294,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
 
 /// Appends what Linux needs to find the virtio-mmio devices to the command line.
 fn with_virtio_devices(mut cmdline: String, config: &VmConfig) -> Result<String, VmmError> {
-    let count = config.disks.len() as u32 + u32::from(config.rng);
+    let count = config.disks.len() as u32 + config.nics.len() as u32 + u32::from(config.rng);
     if count > VIRTIO_SLOTS {
         return Err(VmmError::Setup(format!(
             "{count} virtio devices requested; at most {VIRTIO_SLOTS} fit"
@@ -338,6 +339,12 @@ fn attach_virtio(
     for disk in &config.disks {
         let irq = new_irqfd()?;
         let dev = Arc::new(Mutex::new(Block::new(disk, clone_fd(&irq)?)?));
+        devices.push(dev.clone());
+        subscribers.push(dev);
+    }
+    for nic in &config.nics {
+        let irq = new_irqfd()?;
+        let dev = Arc::new(Mutex::new(Net::new(nic, clone_fd(&irq)?)?));
         devices.push(dev.clone());
         subscribers.push(dev);
     }

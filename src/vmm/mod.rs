@@ -35,6 +35,9 @@ pub enum VmmError {
     /// The guest could not be loaded.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    /// A NIC could not be attached.
+    #[error(transparent)]
+    Nic(#[from] crate::net::tap::TapError),
     /// A disk could not be attached.
     #[error(transparent)]
     Disk(#[from] crate::devices::virtio::block::BlockError),
@@ -192,6 +195,8 @@ pub struct VmConfig {
     pub legacy_pit: bool,
     /// virtio-blk disks, in slot order (the first is /dev/vda).
     pub disks: Vec<crate::devices::virtio::block::DiskConfig>,
+    /// virtio-net NICs on TAP devices.
+    pub nics: Vec<crate::devices::virtio::net::NicConfig>,
     /// Attach a virtio-rng.
     pub rng: bool,
 }

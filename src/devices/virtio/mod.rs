@@ -9,6 +9,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod ring;
 pub mod rng;

@@ -1,0 +1,124 @@
+//! A TAP device opened with virtio-net headers (IFF_VNET_HDR), so frames and their offload
+//! metadata pass between the guest and the host kernel without translation.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+
+/// TUN_F_* offload flags (what the host may hand the guest).
+pub mod offload {
+    /// Partial checksums.
+    pub const CSUM: u32 = 0x01;
+    /// TCPv4 segmentation offload.
+    pub const TSO4: u32 = 0x02;
+    /// TCPv6 segmentation offload.
+    pub const TSO6: u32 = 0x04;
+    /// TSO with ECN.
+    pub const TSO_ECN: u32 = 0x08;
+}
+
+/// Size of the virtio-net header for VIRTIO_F_VERSION_1 devices.
+pub const VNET_HDR_LEN: usize = 12;
+
+/// Errors opening a TAP.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    /// The name is not a valid interface name.
+    #[error("invalid TAP name {0:?}: 1-15 bytes, no '/' or whitespace")]
+    Name(String),
+    /// An ioctl or open failed.
+    #[error("cannot open TAP {name}: {what}: {err}")]
+    Open {
+        /// Interface name.
+        name: String,
+        /// Step that failed.
+        what: &'static str,
+        /// Underlying error.
+        err: io::Error,
+    },
+}
+
+/// An open TAP queue.
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+impl Tap {
+    /// Opens (or creates, when allowed) the TAP `name` with virtio-net headers.
+    pub fn open(name: &str) -> Result<Self, TapError> {
+        if name.is_empty()
+            || name.len() > 15
+            || name
+                .bytes()
+                .any(|b| b == b'/' || b.is_ascii_whitespace() || b == 0)
+        {
+            return Err(TapError::Name(name.to_owned()));
+        }
+        let err = |what, err| TapError::Open {
+            name: name.to_owned(),
+            what,
+            err,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(|e| err("open /dev/net/tun", e))?;
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes a struct ifreq, which IfReq lays out (40 bytes).
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+            return Err(err("TUNSETIFF", io::Error::last_os_error()));
+        }
+        let hdr = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr) } < 0 {
+            return Err(err("TUNSETVNETHDRSZ", io::Error::last_os_error()));
+        }
+        Ok(Self {
+            file,
+            name: name.to_owned(),
+        })
+    }
+
+    /// Tells the host kernel which offloads the guest accepts on receive.
+    pub fn set_offload(&self, flags: u32) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The TAP file (non-blocking; one frame per read or write, with its virtio-net header).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
