@@ -1,0 +1,67 @@
+//! Hostile virtqueues for virtio-blk: the fuzzer writes the descriptor table, the available
+//! ring and the request buffers; the device must answer or refuse, never panic or hang.
+#![no_main]
+
+use std::sync::OnceLock;
+
+use bexar::devices::virtio::block::{Block, DiskConfig};
+use bexar::devices::virtio::ring::DriverRing;
+use bexar::devices::virtio::VirtioDevice;
+use bexar::vmm::memory::{create_guest_memory, GuestRam};
+use libfuzzer_sys::fuzz_target;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+const RING: u64 = 0x10000;
+const QUEUE: u16 = 16;
+
+fn disk() -> &'static DiskConfig {
+    static D: OnceLock<DiskConfig> = OnceLock::new();
+    D.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("bexar-fuzz-blk-{}", std::process::id()));
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(64 * 1024)
+            .unwrap();
+        DiskConfig {
+            path,
+            read_only: false,
+            serial: None,
+        }
+    })
+}
+
+fn ram() -> &'static GuestRam {
+    static R: OnceLock<GuestRam> = OnceLock::new();
+    R.get_or_init(|| create_guest_memory(2).unwrap())
+}
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 4 {
+        return;
+    }
+    let ram = ram();
+    let mem = &ram.mem;
+    // Layout the fuzzer controls: descriptors (16 x 16 bytes) at RING, the available ring at
+    // RING + 0x2000, and everything else from 0x30000 as request buffers.
+    let (avail_idx, rest) = data.split_at(2);
+    let desc_len = rest.len().min(16 * 16);
+    mem.write_slice(&[0u8; 16 * 16], GuestAddress(RING))
+        .unwrap();
+    mem.write_slice(&rest[..desc_len], GuestAddress(RING))
+        .unwrap();
+    let rest = &rest[desc_len..];
+    let ring_len = rest.len().min(2 * QUEUE as usize);
+    mem.write_slice(&rest[..ring_len], GuestAddress(RING + 0x2000 + 4))
+        .unwrap();
+    let bufs = &rest[ring_len..];
+    mem.write_slice(&bufs[..bufs.len().min(0x10000)], GuestAddress(0x30000))
+        .unwrap();
+
+    let ring = DriverRing::new(mem, RING, QUEUE);
+    let mut dev = Block::new(disk(), EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap();
+    dev.activate(mem.clone(), 0, vec![ring.queue()]).unwrap();
+    ring.set_avail_idx(u16::from_le_bytes([avail_idx[0], avail_idx[1]]));
+    dev.process_queue();
+    dev.process_queue();
+});
