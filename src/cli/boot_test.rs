@@ -59,6 +59,9 @@ fn child_command(job: &Job) -> Command {
         if d.read_only {
             spec.push_str(",ro");
         }
+        if d.direct {
+            spec.push_str(",direct");
+        }
         if let Some(s) = &d.serial {
             spec.push_str(&format!(",serial={s}"));
         }
