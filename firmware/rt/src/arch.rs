@@ -75,30 +75,89 @@ pub fn iopl() -> u8 {
     ((rflags() >> 12) & 3) as u8
 }
 
-/// Estimated TSC frequency in Hz: CPUID 0x15 (crystal ratio), else the
-/// hypervisor leaf 0x40000010 (kHz), else CPUID 0x16 (MHz), else 3 GHz.
-pub fn tsc_hz() -> u64 {
+/// Where [`tsc_hz_info`] got the TSC frequency from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TscSource {
+    /// CPUID leaf 0x15 (crystal clock and TSC/crystal ratio).
+    Cpuid15,
+    /// The hypervisor leaf 0x40000010 (TSC kHz).
+    Hypervisor,
+    /// CPUID leaf 0x16 (base frequency in MHz).
+    Cpuid16,
+    /// Nothing reported it: 3 GHz assumed.
+    Guess,
+}
+
+impl TscSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TscSource::Cpuid15 => "cpuid-0x15",
+            TscSource::Hypervisor => "cpuid-0x40000010",
+            TscSource::Cpuid16 => "cpuid-0x16",
+            TscSource::Guess => "guess",
+        }
+    }
+}
+
+fn tsc_probe() -> (u64, TscSource) {
     let max = cpuid(0, 0).0;
     if max >= 0x15 {
         let (den, num, crystal, _) = cpuid(0x15, 0);
         if den != 0 && num != 0 && crystal != 0 {
-            return crystal as u64 * num as u64 / den as u64;
+            return (crystal as u64 * num as u64 / den as u64, TscSource::Cpuid15);
         }
     }
     let hv_max = cpuid(0x4000_0000, 0).0;
     if (0x4000_0010..0x4000_0100).contains(&hv_max) {
         let khz = cpuid(0x4000_0010, 0).0;
         if khz != 0 {
-            return khz as u64 * 1000;
+            return (khz as u64 * 1000, TscSource::Hypervisor);
         }
     }
     if max >= 0x16 {
         let mhz = cpuid(0x16, 0).0 & 0xffff;
         if mhz != 0 {
-            return mhz as u64 * 1_000_000;
+            return (mhz as u64 * 1_000_000, TscSource::Cpuid16);
         }
     }
-    3_000_000_000
+    (3_000_000_000, TscSource::Guess)
+}
+
+/// TSC frequency in Hz (bits 0-61) and its source (bits 62-63), 0 = not probed yet.
+static TSC_CACHE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Estimated TSC frequency in Hz and where it came from: CPUID 0x15
+/// (crystal ratio), else the hypervisor leaf 0x40000010 (kHz), else CPUID
+/// 0x16 (MHz), else 3 GHz. Probed once (CPUID exits to the VMM), then cached.
+pub fn tsc_hz_info() -> (u64, TscSource) {
+    use core::sync::atomic::Ordering;
+    const SOURCES: [TscSource; 4] = [TscSource::Cpuid15, TscSource::Hypervisor, TscSource::Cpuid16, TscSource::Guess];
+    let v = TSC_CACHE.load(Ordering::Relaxed);
+    if v != 0 {
+        return (v & ((1 << 62) - 1), SOURCES[(v >> 62) as usize]);
+    }
+    let (hz, src) = tsc_probe();
+    let hz = hz.clamp(1_000_000, (1 << 62) - 1);
+    let idx = SOURCES.iter().position(|s| *s == src).unwrap_or(3) as u64;
+    TSC_CACHE.store(hz | (idx << 62), Ordering::Relaxed);
+    (hz, src)
+}
+
+/// Estimated TSC frequency in Hz (see [`tsc_hz_info`]).
+pub fn tsc_hz() -> u64 {
+    tsc_hz_info().0
+}
+
+/// TSC cycles in `ms` milliseconds.
+pub fn ms_to_cycles(ms: u64) -> u64 {
+    tsc_hz() / 1000 * ms
+}
+
+/// Full memory barrier (`mfence`): orders ring writes before a doorbell and
+/// used-ring reads after it.
+#[inline(always)]
+pub fn mb() {
+    core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst)
 }
 
 /// Busy-wait for about `us` microseconds (TSC based, native in ring 3).

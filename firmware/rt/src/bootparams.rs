@@ -3,6 +3,8 @@ use core::ptr::read_unaligned;
 
 const OFF_EXT_CMD_LINE_PTR: usize = 0x0c8;
 const OFF_E820_ENTRIES: usize = 0x1e8;
+const OFF_RAMDISK_IMAGE: usize = 0x218;
+const OFF_RAMDISK_SIZE: usize = 0x21c;
 const OFF_CMD_LINE_PTR: usize = 0x228;
 const OFF_CMDLINE_SIZE: usize = 0x238;
 const OFF_E820_TABLE: usize = 0x2d0;
@@ -63,6 +65,13 @@ impl BootParams {
     /// The command line as text (`"<non-UTF-8 command line>"` if it is not).
     pub fn cmdline(&self) -> &'static str {
         core::str::from_utf8(self.cmdline_bytes()).unwrap_or("<non-UTF-8 command line>")
+    }
+
+    /// The initrd as (physical address, size), if the VMM loaded one.
+    pub fn ramdisk(&self) -> Option<(u64, u64)> {
+        let addr: u32 = self.read(OFF_RAMDISK_IMAGE);
+        let size: u32 = self.read(OFF_RAMDISK_SIZE);
+        (addr != 0 && size != 0).then_some((addr as u64, size as u64))
     }
 
     pub fn e820_count(&self) -> usize {

@@ -15,12 +15,14 @@
 pub mod arch;
 pub mod boot;
 pub mod bootparams;
+pub mod dma;
 pub mod exit;
 pub mod mem;
 pub mod mptable;
 pub mod panic;
 pub mod smp;
 pub mod uart;
+pub mod virtio;
 
 pub use boot::MAX_CPUS;
 
@@ -44,7 +46,9 @@ unsafe extern "C" {
 /// Ring-3 entry of the BSP (called from the assembly shim).
 pub(crate) extern "C" fn __rt_bsp_main(boot_params: usize) -> ! {
     uart::init();
-    unsafe { __rt_user_main(bootparams::BootParams::from_addr(boot_params)) }
+    let bp = bootparams::BootParams::from_addr(boot_params);
+    dma::init(&bp);
+    unsafe { __rt_user_main(bp) }
 }
 
 /// Ring-3 entry of an AP (called from the assembly shim), `index` >= 1.

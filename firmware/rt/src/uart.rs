@@ -76,10 +76,7 @@ pub struct Console;
 impl Console {
     pub fn lock() -> ConsoleGuard {
         let mut spins = 0u64;
-        while LOCK
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
+        while LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
             core::hint::spin_loop();
             spins += 1;
             if spins > 2_000_000_000 {

@@ -12,6 +12,8 @@ use rt::bootparams::{cmdline_param, BootParams};
 use rt::mptable::MpTable;
 use rt::{boot, exit, println, smp, uart, MAX_CPUS};
 
+mod vtests;
+
 rt::entry!(main);
 
 const P: &str = "bexar-testguest";
@@ -31,6 +33,20 @@ mod code {
     pub const TRIPLE_FAULT_RETURNED: u32 = 10;
     pub const RING0_CALL: u32 = 11;
     pub const NOT_RING3: u32 = 12;
+    // virtio tests (vtests.rs)
+    pub const VIRTIO_NO_DEVICE: u32 = 20;
+    pub const VIRTIO_INIT: u32 = 21;
+    pub const VIRTIO_IO: u32 = 22;
+    pub const VERIFY: u32 = 23;
+    pub const RO_WRITE_ACCEPTED: u32 = 24;
+    pub const RNG_BAD: u32 = 25;
+    pub const HOSTILE_GARBAGE: u32 = 26;
+    pub const HOSTILE_ROUND_TRIP: u32 = 27;
+    pub const BAD_PARAM: u32 = 28;
+    pub const VIRTIO_NO_MEMORY: u32 = 29;
+    pub const NOT_ZERO: u32 = 30;
+    pub const HOSTILE_NOT_REFUSED: u32 = 31;
+    pub const NET_NO_REPLY: u32 = 32;
 }
 
 type TestResult = Result<(), (u32, &'static str)>;
@@ -49,6 +65,14 @@ const TESTS: &[(&str, Test)] = &[
     ("ring0-call", test_ring0_call),
     ("exception", test_exception),
     ("panic", test_panic),
+    ("virtio-scan", vtests::test_virtio_scan),
+    ("blk-rw", vtests::test_blk_rw),
+    ("blk-verify", vtests::test_blk_verify),
+    ("blk-discard", vtests::test_blk_discard),
+    ("rng", vtests::test_rng),
+    ("hostile", vtests::test_hostile),
+    ("blk-bench", vtests::test_blk_bench),
+    ("net", vtests::test_net),
 ];
 
 fn main(bp: BootParams) -> ! {
@@ -91,20 +115,11 @@ fn main(bp: BootParams) -> ! {
 
 fn print_memory(bp: &BootParams) {
     for e in bp.e820_iter() {
-        println!(
-            "{P}: e820: [{:#012x}-{:#012x}) type {}",
-            e.addr,
-            e.addr.wrapping_add(e.size),
-            e.kind
-        );
+        println!("{P}: e820: [{:#012x}-{:#012x}) type {}", e.addr, e.addr.wrapping_add(e.size), e.kind);
     }
     let ram = bp.ram_bytes();
     let mib = (ram + (1 << 19)) >> 20;
-    println!(
-        "{P}: memory: {mib} MiB RAM ({ram} bytes in {} e820 entries, top {:#x})",
-        bp.e820_count(),
-        bp.ram_top()
-    );
+    println!("{P}: memory: {mib} MiB RAM ({ram} bytes in {} e820 entries, top {:#x})", bp.e820_count(), bp.ram_top());
 }
 
 fn test_banner(bp: &BootParams) -> TestResult {

@@ -285,6 +285,20 @@ fn punch(file: &File, mode: libc::c_int, off: u64, len: u64) -> std::io::Result<
     }
 }
 
+/// Writes IOERR into the last byte of the chain's last writable descriptor, if that byte is in
+/// guest memory; returns the bytes written (0 or 1).
+fn fail_status(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
+    use vm_memory::{Address, Bytes};
+    let last = chain.filter(|d| d.is_write_only() && d.len() > 0).last();
+    match last {
+        Some(d) => match d.addr().checked_add(u64::from(d.len()) - 1) {
+            Some(a) if mem.write_obj(S_IOERR, a).is_ok() => 1,
+            _ => 0,
+        },
+        None => 0,
+    }
+}
+
 /// Handles one request chain; returns the number of bytes written into guest buffers.
 #[allow(clippy::too_many_arguments)]
 fn handle_request(
@@ -297,12 +311,13 @@ fn handle_request(
     counters: &Counters,
     bounce: &mut Bounce,
 ) -> u32 {
-    let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.writer(mem)) {
+    let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.clone().writer(mem)) {
         (Ok(r), Ok(w)) => (r, w),
         _ => {
-            // A descriptor outside guest memory, or a chain the queue library rejects.
+            // A descriptor outside guest memory, or a chain the queue library rejects. If the
+            // last writable descriptor is usable, the driver still gets an IOERR status.
             Counters::inc(&counters.refused);
-            return 0;
+            return fail_status(chain, mem);
         }
     };
     let avail = writer.available_bytes();
@@ -329,7 +344,11 @@ fn handle_request(
             T_IN => {
                 let len = writer.available_bytes();
                 match in_bounds(sector, len as u64, size) {
-                    Some(off) if (len as u64).is_multiple_of(SECTOR) && len <= MAX_TRANSFER => {
+                    Some(off)
+                        if len > 0
+                            && (len as u64).is_multiple_of(SECTOR)
+                            && len <= MAX_TRANSFER =>
+                    {
                         let buf = bounce.get(len);
                         file.read_exact_at(buf, off)
                             .and_then(|_| writer.write_all(buf))
@@ -347,7 +366,11 @@ fn handle_request(
             T_OUT => {
                 let len = reader.available_bytes();
                 match in_bounds(sector, len as u64, size) {
-                    Some(off) if (len as u64).is_multiple_of(SECTOR) && len <= MAX_TRANSFER => {
+                    Some(off)
+                        if len > 0
+                            && (len as u64).is_multiple_of(SECTOR)
+                            && len <= MAX_TRANSFER =>
+                    {
                         let buf = bounce.get(len);
                         reader
                             .read_exact(buf)
@@ -723,7 +746,9 @@ mod tests {
             ],
         );
         r.dev.process_queue();
-        assert_eq!(ring.used_entry(2).1, 0);
+        // Refused, and the valid status descriptor says so.
+        assert_eq!(ring.used_entry(2).1, 1);
+        assert_eq!(r.status(), S_IOERR);
 
         // A descriptor that loops onto itself: the walk is bounded.
         ring.set_desc(

@@ -231,7 +231,12 @@ impl MmioTransport {
                 match offset {
                     0x038 => {
                         if v > u32::from(q.max_size()) || v == 0 || !v.is_power_of_two() {
-                            return self.refuse("a bad queue size");
+                            // QueueNum is write-only: the driver can only learn of the refusal
+                            // through DEVICE_NEEDS_RESET.
+                            self.refuse("a bad queue size");
+                            Counters::inc(&self.counters.needs_reset);
+                            self.interrupt.set_needs_reset();
+                            return;
                         }
                         q.set_size(v as u16);
                     }

@@ -1,0 +1,1276 @@
+//! Tests of the VMM's virtio-mmio devices, driven by the polling drivers of
+//! `rt::virtio` from ring 3: `virtio-scan`, `blk-rw`, `blk-verify`,
+//! `blk-discard`, `rng`, `hostile`, `blk-bench`.
+//!
+//! Parameters (command line): `bexar.disk=N` the N-th block device in slot
+//! order (default 0), `bexar.disk-slot=S` the block device in slot S instead,
+//! `bexar.seed=N` the pattern seed (default 1), `bexar.iters=N` random reads
+//! of `blk-bench` (default 20000), `bexar.mib=N` MiB written by `blk-bench`
+//! (default 64, at most the disk), `bexar.qd=N` queue depth of the random
+//! reads (default 32), `bexar.wqd=N` of the writes (default 4),
+//! `bexar.strict=1` makes `hostile` fail when a bad request is not refused.
+use crate::{code, TestResult, P};
+use rt::arch::{self, ms_to_cycles, rdtsc};
+use rt::bootparams::{cmdline_param, BootParams};
+use rt::dma;
+use rt::println;
+use rt::virtio::blk::{self, req, status as bst, Blk, SECTOR_SIZE};
+use rt::virtio::mmio::{self, reg, status as dst, Transport};
+use rt::virtio::queue::{Buf, Desc, DESC_F_NEXT, DESC_F_WRITE};
+use rt::virtio::rng::Rng;
+use rt::virtio::{device_id, Error};
+
+// ---------------------------------------------------------------- helpers
+
+/// A decimal or 0x-hex command-line number, `default` if absent.
+fn param(bp: &BootParams, key: &str, default: u64) -> Result<u64, (u32, &'static str)> {
+    match cmdline_param(bp.cmdline(), key) {
+        None => Ok(default),
+        Some(v) => {
+            let r = match v.strip_prefix("0x") {
+                Some(h) => u64::from_str_radix(h, 16),
+                None => v.parse::<u64>(),
+            };
+            r.map_err(|_| {
+                println!("{P}: bad value for {key}: {v}");
+                (code::BAD_PARAM, "bad command-line parameter")
+            })
+        }
+    }
+}
+
+/// Exit status for a driver error.
+fn err_code(e: Error) -> u32 {
+    match e {
+        Error::NoDevice => code::VIRTIO_NO_DEVICE,
+        Error::NoMemory => code::VIRTIO_NO_MEMORY,
+        Error::NotVirtio
+        | Error::ResetTimeout
+        | Error::NoVersion1
+        | Error::FeaturesRejected
+        | Error::QueueUnavailable
+        | Error::QueueInUse
+        | Error::QueueNotReady
+        | Error::DriverOkRejected => code::VIRTIO_INIT,
+        _ => code::VIRTIO_IO,
+    }
+}
+
+/// Print `what: <error>` and turn it into a test failure.
+fn fail(what: &'static str, e: Error) -> (u32, &'static str) {
+    println!("{P}: {what}: {e}");
+    (err_code(e), what)
+}
+
+fn features_str(f: u64) -> FeatureBits {
+    FeatureBits(f)
+}
+
+/// Prints a feature word as hex and the list of set bit numbers.
+struct FeatureBits(u64);
+
+impl core::fmt::Display for FeatureBits {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:#x} [", self.0)?;
+        let mut first = true;
+        for b in 0..64 {
+            if self.0 & (1 << b) != 0 {
+                write!(f, "{}{b}", if first { "" } else { "," })?;
+                first = false;
+            }
+        }
+        write!(f, "]")
+    }
+}
+
+struct Hex<'a>(&'a [u8]);
+
+impl core::fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+fn alloc(len: usize) -> Result<&'static mut [u8], (u32, &'static str)> {
+    dma::alloc_bytes(len, 4096).ok_or_else(|| {
+        println!("{P}: out of DMA memory ({len} bytes wanted, {} free)", dma::available());
+        (code::VIRTIO_NO_MEMORY, "out of DMA memory")
+    })
+}
+
+/// The block device picked by `bexar.disk-slot=S` or `bexar.disk=N`.
+fn find_disk(bp: &BootParams) -> Result<Transport, (u32, &'static str)> {
+    if cmdline_param(bp.cmdline(), "bexar.disk-slot").is_some() {
+        let slot = param(bp, "bexar.disk-slot", 0)? as usize;
+        return match mmio::scan().find(|t| t.slot == slot) {
+            Some(t) if t.device_id == device_id::BLOCK => Ok(t),
+            _ => {
+                println!("{P}: no block device in slot {slot}");
+                Err((code::VIRTIO_NO_DEVICE, "no block device"))
+            }
+        };
+    }
+    let n = param(bp, "bexar.disk", 0)? as usize;
+    mmio::find(device_id::BLOCK, n).ok_or_else(|| {
+        println!("{P}: no block device #{n} (bexar.disk={n})");
+        (code::VIRTIO_NO_DEVICE, "no block device")
+    })
+}
+
+fn open_disk(bp: &BootParams) -> Result<Blk, (u32, &'static str)> {
+    let t = find_disk(bp)?;
+    let d = Blk::open(t).map_err(|e| fail("blk: device init failed", e))?;
+    let c = &d.config;
+    println!(
+        "{P}: blk: slot {} at {:#x}: capacity {} sectors ({} MiB), queue size {}{}",
+        t.slot,
+        t.base,
+        c.capacity,
+        c.capacity >> 11,
+        d.q.size(),
+        if d.read_only() { ", read-only" } else { "" }
+    );
+    println!("{P}: blk: features offered {}", features_str(d.offered));
+    println!("{P}: blk: features accepted {}", features_str(d.features));
+    println!(
+        "{P}: blk: size_max {} seg_max {} blk_size {} discard max {} seg {} align {} write-zeroes max {} seg {} may-unmap {}",
+        c.size_max,
+        c.seg_max,
+        c.blk_size,
+        c.max_discard_sectors,
+        c.max_discard_seg,
+        c.discard_sector_alignment,
+        c.max_write_zeroes_sectors,
+        c.max_write_zeroes_seg,
+        c.write_zeroes_may_unmap
+    );
+    if c.capacity == 0 {
+        println!("{P}: blk: capacity is 0");
+        return Err((code::VIRTIO_IO, "disk has no sectors"));
+    }
+    Ok(d)
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The pattern word `w` (0..64) of `sector` for `seed`: depends only on
+/// (seed, sector, word), so overlapping writes agree.
+fn pattern_word(seed: u64, sector: u64, w: usize) -> u64 {
+    splitmix64(splitmix64(seed) ^ (sector << 6) ^ w as u64)
+}
+
+fn fill_pattern(buf: &mut [u8], seed: u64, first: u64) {
+    for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
+        let sector = first + (i / 64) as u64;
+        chunk.copy_from_slice(&pattern_word(seed, sector, i % 64).to_le_bytes());
+    }
+}
+
+/// Byte offset of the first difference from the pattern, if any.
+fn check_pattern(buf: &[u8], seed: u64, first: u64) -> Option<usize> {
+    for (i, chunk) in buf.chunks_exact(8).enumerate() {
+        let sector = first + (i / 64) as u64;
+        let want = pattern_word(seed, sector, i % 64).to_le_bytes();
+        if chunk != want {
+            let j = chunk.iter().zip(want.iter()).position(|(a, b)| a != b).unwrap_or(0);
+            return Some(i * 8 + j);
+        }
+    }
+    None
+}
+
+fn report_mismatch(what: &str, buf: &[u8], seed: u64, first: u64, off: usize) {
+    let sector = first + (off / SECTOR_SIZE) as u64;
+    let w = (off % SECTOR_SIZE) / 8;
+    let want = pattern_word(seed, sector, w).to_le_bytes()[off % 8];
+    println!(
+        "{P}: {what}: mismatch at sector {sector} byte {}: got {:#04x}, want {want:#04x}",
+        off % SECTOR_SIZE,
+        buf[off]
+    );
+}
+
+/// The regions `blk-rw` writes and `blk-verify` checks: (label, first
+/// sector, sectors): first, middle and last sector, and one 64 KiB request.
+fn rw_regions(cap: u64) -> [(&'static str, u64, u64); 4] {
+    let big = cap.min(128);
+    let big_at = ((cap / 4) & !7).min(cap - big);
+    [("first", 0, 1), ("middle", cap / 2, 1), ("last", cap - 1, 1), ("64k", big_at, big)]
+}
+
+// ---------------------------------------------------------------- virtio-scan
+
+pub fn test_virtio_scan(_: &BootParams) -> TestResult {
+    let mut n = 0;
+    for t in mmio::scan() {
+        let f = t.device_features();
+        println!(
+            "{P}: virtio-scan: slot {} at {:#x}: device id {} ({}), version {}, vendor {:#x}, features {}",
+            t.slot,
+            t.base,
+            t.device_id,
+            device_id::name(t.device_id),
+            t.version,
+            t.vendor_id,
+            features_str(f)
+        );
+        n += 1;
+    }
+    let (ps, pe) = dma::pool();
+    println!("{P}: virtio-scan: {n} device(s); dma pool [{ps:#x}-{pe:#x})");
+    Ok(())
+}
+
+// ---------------------------------------------------------------- blk-rw / blk-verify
+
+pub fn test_blk_rw(bp: &BootParams) -> TestResult {
+    let seed = param(bp, "bexar.seed", 1)?;
+    let mut d = open_disk(bp)?;
+    let cap = d.capacity();
+    let buf = alloc(128 * SECTOR_SIZE)?;
+    let rbuf = alloc(128 * SECTOR_SIZE)?;
+    if d.read_only() {
+        println!("{P}: blk: read-only");
+        return blk_read_only(&mut d, buf, rbuf);
+    }
+    for (label, first, n) in rw_regions(cap) {
+        let len = n as usize * SECTOR_SIZE;
+        fill_pattern(&mut buf[..len], seed, first);
+        d.write(first, &buf[..len]).map_err(|e| fail("blk: write failed", e))?;
+        rbuf[..len].fill(0xa5);
+        d.read(first, &mut rbuf[..len]).map_err(|e| fail("blk: read failed", e))?;
+        if let Some(off) = check_pattern(&rbuf[..len], seed, first) {
+            report_mismatch("blk-rw", &rbuf[..len], seed, first, off);
+            return Err((code::VERIFY, "read-back differs from what was written"));
+        }
+        println!("{P}: blk: {label}: wrote and read back {n} sector(s) at {first}: ok (seed {seed})");
+    }
+    if d.has(blk::feature::FLUSH) {
+        d.flush().map_err(|e| fail("blk: flush failed", e))?;
+        println!("{P}: blk: flush ok");
+    } else {
+        println!("{P}: blk: flush not offered");
+    }
+    print_id(&mut d)?;
+    Ok(())
+}
+
+fn print_id(d: &mut Blk) -> TestResult {
+    match d.get_id() {
+        Ok(id) => {
+            let n = id.iter().position(|&b| b == 0).unwrap_or(id.len());
+            let s = &id[..n];
+            if s.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+                println!("{P}: blk: serial \"{}\"", core::str::from_utf8(s).unwrap_or("?"));
+            } else {
+                println!("{P}: blk: serial (hex) {}", Hex(s));
+            }
+            Ok(())
+        }
+        Err(Error::Status(s)) => {
+            println!("{P}: blk: get-id: status {s} ({})", bst::name(s));
+            Ok(())
+        }
+        Err(e) => Err(fail("blk: get-id failed", e)),
+    }
+}
+
+/// On a read-only disk: reads work, a write is refused and changes nothing.
+fn blk_read_only(d: &mut Blk, buf: &mut [u8], rbuf: &mut [u8]) -> TestResult {
+    let cap = d.capacity();
+    for (label, first, n) in rw_regions(cap) {
+        let len = n as usize * SECTOR_SIZE;
+        d.read(first, &mut rbuf[..len]).map_err(|e| fail("blk: read failed", e))?;
+        println!("{P}: blk: {label}: read {n} sector(s) at {first}: ok");
+    }
+    d.read(0, &mut buf[..SECTOR_SIZE]).map_err(|e| fail("blk: read failed", e))?;
+    let mut w = [0u8; SECTOR_SIZE];
+    for (i, b) in w.iter_mut().enumerate() {
+        *b = !buf[i];
+    }
+    let outcome = d.request(req::OUT, 0, Some(Buf::out(w.as_ptr(), SECTOR_SIZE)));
+    match outcome {
+        Ok(c) if c.status == bst::IOERR || c.status == bst::UNSUPP => {
+            println!("{P}: blk: write refused with status {} ({})", c.status, bst::name(c.status))
+        }
+        Ok(c) => {
+            println!("{P}: blk: write to a read-only disk: status {} ({})", c.status, bst::name(c.status));
+            return Err((code::RO_WRITE_ACCEPTED, "read-only disk accepted a write"));
+        }
+        Err(e @ (Error::NeedsReset | Error::Timeout)) => {
+            println!("{P}: blk: write refused by the VMM ({e}); resetting the device");
+            d.reopen().map_err(|e| fail("blk: re-init failed", e))?;
+        }
+        Err(e) => return Err(fail("blk: write request failed", e)),
+    }
+    d.read(0, &mut rbuf[..SECTOR_SIZE]).map_err(|e| fail("blk: read failed", e))?;
+    if rbuf[..SECTOR_SIZE] != buf[..SECTOR_SIZE] {
+        println!("{P}: blk: sector 0 changed after the refused write");
+        return Err((code::RO_WRITE_ACCEPTED, "refused write changed the disk"));
+    }
+    println!("{P}: blk: sector 0 unchanged after the refused write");
+    print_id(d)
+}
+
+pub fn test_blk_verify(bp: &BootParams) -> TestResult {
+    let seed = param(bp, "bexar.seed", 1)?;
+    let mut d = open_disk(bp)?;
+    let cap = d.capacity();
+    let rbuf = alloc(128 * SECTOR_SIZE)?;
+    for (label, first, n) in rw_regions(cap) {
+        let len = n as usize * SECTOR_SIZE;
+        rbuf[..len].fill(0xa5);
+        d.read(first, &mut rbuf[..len]).map_err(|e| fail("blk: read failed", e))?;
+        if let Some(off) = check_pattern(&rbuf[..len], seed, first) {
+            report_mismatch("blk-verify", &rbuf[..len], seed, first, off);
+            return Err((code::VERIFY, "disk does not hold the pattern"));
+        }
+        println!("{P}: blk: {label}: {n} sector(s) at {first} hold the pattern (seed {seed})");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- blk-discard
+
+pub fn test_blk_discard(bp: &BootParams) -> TestResult {
+    let seed = param(bp, "bexar.seed", 1)?;
+    let mut d = open_disk(bp)?;
+    if d.read_only() {
+        println!("{P}: blk: read-only");
+        return Err((code::VIRTIO_IO, "disk is read-only"));
+    }
+    let cap = d.capacity();
+    let n = cap.min(64);
+    let base = ((cap / 8) & !7).min(cap - n);
+    let len = n as usize * SECTOR_SIZE;
+    let buf = alloc(len)?;
+    let rbuf = alloc(len)?;
+    let write_pattern = |d: &mut Blk, buf: &mut [u8]| -> TestResult {
+        fill_pattern(buf, seed, base);
+        d.write(base, buf).map_err(|e| fail("blk: write failed", e))
+    };
+    write_pattern(&mut d, buf)?;
+    println!("{P}: blk-discard: wrote the pattern to sectors {base}..{}", base + n);
+    let (wz, dc) = (d.has(blk::feature::WRITE_ZEROES), d.has(blk::feature::DISCARD));
+    if !wz && !dc {
+        println!("{P}: blk-discard: neither DISCARD nor WRITE_ZEROES offered: nothing to test");
+        return Ok(());
+    }
+    // The middle quarter of the region.
+    let (zs, zn) = (base + n / 4, (n / 4).max(1) as u32);
+    let in_range = |s: u64| s >= zs && s < zs + zn as u64;
+    for unmap in [false, true] {
+        if !wz {
+            println!("{P}: blk-discard: WRITE_ZEROES not offered");
+            break;
+        }
+        if unmap && d.config.write_zeroes_may_unmap == 0 {
+            break;
+        }
+        d.write_zeroes(zs, zn, unmap).map_err(|e| fail("blk: write-zeroes failed", e))?;
+        d.read(base, rbuf).map_err(|e| fail("blk: read failed", e))?;
+        for s in 0..n {
+            let sec = &rbuf[s as usize * SECTOR_SIZE..][..SECTOR_SIZE];
+            let abs = base + s;
+            if in_range(abs) {
+                if sec.iter().any(|&b| b != 0) {
+                    println!("{P}: blk-discard: sector {abs} not zero after WRITE_ZEROES");
+                    return Err((code::NOT_ZERO, "WRITE_ZEROES range does not read back as zeros"));
+                }
+            } else if let Some(off) = check_pattern(sec, seed, abs) {
+                report_mismatch("blk-discard (outside the write-zeroes range)", sec, seed, abs, off);
+                return Err((code::VERIFY, "WRITE_ZEROES changed sectors outside its range"));
+            }
+        }
+        println!("{P}: blk-discard: write-zeroes (unmap={unmap}) of {zn} sectors at {zs}: zeros read back, neighbours intact");
+        write_pattern(&mut d, buf)?;
+    }
+    if dc {
+        d.discard(zs, zn).map_err(|e| fail("blk: discard failed", e))?;
+        d.read(base, rbuf).map_err(|e| fail("blk: read failed", e))?;
+        let mut zeros = 0;
+        for s in 0..n {
+            let sec = &rbuf[s as usize * SECTOR_SIZE..][..SECTOR_SIZE];
+            let abs = base + s;
+            if in_range(abs) {
+                if sec.iter().all(|&b| b == 0) {
+                    zeros += 1;
+                } else if check_pattern(sec, seed, abs).is_some() {
+                    println!("{P}: blk-discard: sector {abs} neither zeros nor the old data after DISCARD");
+                    return Err((code::VERIFY, "DISCARD left garbage"));
+                }
+            } else if let Some(off) = check_pattern(sec, seed, abs) {
+                report_mismatch("blk-discard (outside the discard range)", sec, seed, abs, off);
+                return Err((code::VERIFY, "DISCARD changed sectors outside its range"));
+            }
+        }
+        println!("{P}: blk-discard: discard of {zn} sectors at {zs}: ok ({zeros}/{zn} read back as zeros), neighbours intact");
+    } else {
+        println!("{P}: blk-discard: DISCARD not offered");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- rng
+
+pub fn test_rng(_: &BootParams) -> TestResult {
+    let t = mmio::find(device_id::ENTROPY, 0).ok_or_else(|| {
+        println!("{P}: rng: no entropy device");
+        (code::VIRTIO_NO_DEVICE, "no entropy device")
+    })?;
+    let mut r = Rng::open(t).map_err(|e| fail("rng: device init failed", e))?;
+    println!("{P}: rng: slot {} at {:#x}, features {}", t.slot, t.base, features_str(r.features));
+    let a = alloc(64)?;
+    let b = alloc(64)?;
+    r.fill(a).map_err(|e| fail("rng: read failed", e))?;
+    r.fill(b).map_err(|e| fail("rng: read failed", e))?;
+    println!("{P}: rng: {}", Hex(a));
+    println!("{P}: rng: {}", Hex(b));
+    if a.iter().all(|&x| x == 0) || b.iter().all(|&x| x == 0) {
+        return Err((code::RNG_BAD, "entropy is all zeros"));
+    }
+    if a == b {
+        return Err((code::RNG_BAD, "two reads returned the same bytes"));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- hostile
+
+/// What the device did with a bad request.
+#[derive(Clone, Copy, Debug)]
+enum Outcome {
+    /// Used entry for the request: length and status byte.
+    Done { len: u32, status: u8 },
+    /// Used entry with an id that was not the request's head.
+    WrongId(u32),
+    /// Used length larger than the writable buffers.
+    BadLen(u32),
+    /// DEVICE_NEEDS_RESET set in Status.
+    NeedsReset,
+    /// Nothing in the used ring within the time limit.
+    Nothing,
+    /// The driver itself could not send it.
+    Driver(Error),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Refused,
+    NotRefused,
+    Garbage,
+}
+
+struct Hostile {
+    d: Blk,
+    hdr: *mut blk::ReqHeader,
+    status: *mut u8,
+    data: *mut u8,
+    wait: u64,
+    refused: u32,
+    not_refused: u32,
+    garbage: u32,
+    cases: u32,
+}
+
+impl Hostile {
+    /// A request through the normal driver path (tracked chain).
+    fn tracked(&mut self, type_: u32, sector: u64, data: Option<Buf>) -> Outcome {
+        if let Err(e) = self.d.submit(type_, sector, data) {
+            return Outcome::Driver(e);
+        }
+        self.d.kick();
+        match self.d.wait(self.wait) {
+            Ok(c) => Outcome::Done { len: c.used_len, status: c.status },
+            Err(Error::NeedsReset) => Outcome::NeedsReset,
+            Err(Error::Timeout) => Outcome::Nothing,
+            Err(Error::BadUsedId(id)) => Outcome::WrongId(id),
+            Err(Error::BadUsedLen(l)) => Outcome::BadLen(l),
+            Err(e) => Outcome::Driver(e),
+        }
+    }
+
+    /// Descriptors written by hand on an idle queue, `head` published.
+    /// `status_at`: where the chain's status byte is (its last writable byte).
+    fn raw(&mut self, descs: &[(u16, Desc)], head: u16, status_at: *mut u8) -> Outcome {
+        for &(i, d) in descs {
+            self.d.q.write_desc(i, d);
+        }
+        unsafe { core::ptr::write_bytes(self.data, 0xee, 1024) };
+        unsafe { status_at.write_volatile(bst::UNWRITTEN) };
+        let before = self.d.q.used_idx();
+        self.d.q.publish(head);
+        self.d.q.kick();
+        let t0 = rdtsc();
+        loop {
+            if self.d.q.used_idx() != before {
+                let u = self.d.q.used_entry(before);
+                if u.id != head {
+                    return Outcome::WrongId(u.id as u32);
+                }
+                return Outcome::Done { len: u.len, status: unsafe { status_at.read_volatile() } };
+            }
+            if rdtsc().wrapping_sub(t0) > self.wait {
+                return if self.d.t.needs_reset() { Outcome::NeedsReset } else { Outcome::Nothing };
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    fn hdr(&self, type_: u32, sector: u64) -> u64 {
+        unsafe { self.hdr.write_volatile(blk::ReqHeader { type_, reserved: 0, sector }) };
+        self.hdr as u64
+    }
+
+    /// Judge and print one case; reset the device when its queue may be in
+    /// an unknown state. `ok_is_garbage`: an OK status would be a lie.
+    fn judge(&mut self, name: &str, o: Outcome, ok_is_garbage: bool, raw: bool) -> Result<(), (u32, &'static str)> {
+        self.cases += 1;
+        let needs_reset = self.d.t.needs_reset();
+        let (v, what): (Verdict, &str) = match o {
+            Outcome::Done { status: s @ (bst::IOERR | bst::UNSUPP), .. } => {
+                (Verdict::Refused, if s == bst::IOERR { "status IOERR" } else { "status UNSUPP" })
+            }
+            Outcome::Done { status: bst::OK, .. } if ok_is_garbage => (Verdict::Garbage, "status OK"),
+            Outcome::Done { status: bst::OK, .. } => (Verdict::NotRefused, "status OK"),
+            Outcome::Done { status: bst::UNWRITTEN, .. } => (Verdict::Refused, "used, status byte not written"),
+            Outcome::Done { .. } => (Verdict::Garbage, "invalid status byte"),
+            Outcome::WrongId(_) => (Verdict::Garbage, "used entry with a wrong id"),
+            Outcome::BadLen(_) => (Verdict::Garbage, "used length beyond the buffers"),
+            Outcome::NeedsReset => (Verdict::Refused, "DEVICE_NEEDS_RESET"),
+            Outcome::Nothing => (Verdict::Refused, "nothing used"),
+            Outcome::Driver(_) => (Verdict::NotRefused, "driver could not send it"),
+        };
+        let detail = match o {
+            Outcome::Done { len, status } => Detail::Used(len, status),
+            Outcome::WrongId(id) => Detail::Id(id),
+            Outcome::BadLen(l) => Detail::Len(l),
+            Outcome::Driver(e) => Detail::Err(e),
+            _ => Detail::None,
+        };
+        let verdict = match v {
+            Verdict::Refused => "refused",
+            Verdict::NotRefused => "NOT refused",
+            Verdict::Garbage => "GARBAGE",
+        };
+        let nr = if needs_reset { ", status NEEDS_RESET" } else { "" };
+        // Raw cases poison 1 KiB of data buffer: did the device write into it?
+        let poisoned = unsafe { core::slice::from_raw_parts(self.data, 1024) };
+        let wrote_data = match poisoned.iter().enumerate().rposition(|(i, &b)| b != 0xee && !(i == 511 && b == 0xff)) {
+            Some(i) if raw => Detail::Data(i as u32, poisoned[i]),
+            _ => Detail::None,
+        };
+        let must_reset = raw || needs_reset || !matches!(o, Outcome::Done { .. });
+        println!(
+            "{P}: hostile: {name}: {what}{detail}{wrote_data}{nr} -> {verdict}{}",
+            if must_reset { " (device reset)" } else { "" }
+        );
+        match v {
+            Verdict::Refused => self.refused += 1,
+            Verdict::NotRefused => self.not_refused += 1,
+            Verdict::Garbage => self.garbage += 1,
+        }
+        if must_reset {
+            self.d.reopen().map_err(|e| fail("hostile: device re-init failed", e))?;
+        }
+        Ok(())
+    }
+}
+
+enum Detail {
+    None,
+    Used(u32, u8),
+    Id(u32),
+    Len(u32),
+    Err(Error),
+    Data(u32, u8),
+}
+
+impl core::fmt::Display for Detail {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Detail::None => Ok(()),
+            Detail::Used(len, st) => write!(f, " (used len {len}, status byte {st:#x})"),
+            Detail::Id(id) => write!(f, " ({id})"),
+            Detail::Len(l) => write!(f, " ({l})"),
+            Detail::Err(e) => write!(f, " ({e})"),
+            Detail::Data(off, b) => write!(f, " (data buffer written up to byte {off}: {b:#04x})"),
+        }
+    }
+}
+
+pub fn test_hostile(bp: &BootParams) -> TestResult {
+    let strict = param(bp, "bexar.strict", 0)? != 0;
+    let d = open_disk(bp)?;
+    let cap = d.capacity();
+    let page = alloc(4096)?;
+    let data = alloc(8192)?;
+    let mut h = Hostile {
+        d,
+        hdr: page.as_mut_ptr() as *mut blk::ReqHeader,
+        status: unsafe { page.as_mut_ptr().add(64) },
+        data: data.as_mut_ptr(),
+        wait: ms_to_cycles(param(bp, "bexar.hostile-ms", 300)?),
+        refused: 0,
+        not_refused: 0,
+        garbage: 0,
+        cases: 0,
+    };
+    let dptr = h.data;
+    let far = 0xffff_0000_0000u64;
+    let ram_top = bp.ram_top();
+    // In the looping chains the status byte would be the last byte of the data buffer.
+    let last_writable = unsafe { dptr.add(511) };
+
+    // 1. A descriptor chain with a loop: header -> data -> header -> ...
+    let hd = h.hdr(req::IN, 0);
+    let o = h.raw(
+        &[
+            (0, Desc { addr: hd, len: 16, flags: DESC_F_NEXT, next: 1 }),
+            (1, Desc { addr: dptr as u64, len: 512, flags: DESC_F_NEXT | DESC_F_WRITE, next: 0 }),
+        ],
+        0,
+        last_writable,
+    );
+    h.judge("descriptor loop (0 -> 1 -> 0)", o, false, true)?;
+
+    // 2. A chain longer than the queue: every descriptor points to the next, the last back to 0.
+    let qs = h.d.q.size();
+    let hd = h.hdr(req::IN, 0);
+    h.d.q.write_desc(0, Desc { addr: hd, len: 16, flags: DESC_F_NEXT, next: 1 });
+    for i in 1..qs {
+        h.d.q
+            .write_desc(i, Desc { addr: dptr as u64, len: 512, flags: DESC_F_NEXT | DESC_F_WRITE, next: (i + 1) % qs });
+    }
+    let o = h.raw(&[], 0, last_writable);
+    h.judge("chain through the whole table and back", o, false, true)?;
+
+    // 3. Data descriptor outside guest RAM (device writes it).
+    let o = h.tracked(req::IN, 0, Some(Buf { addr: far, len: 512, device_writes: true }));
+    h.judge("read into 0xffff00000000 (outside RAM)", o, true, false)?;
+
+    // 4. Data descriptor outside guest RAM (device reads it).
+    let o = h.tracked(req::OUT, cap - 1, Some(Buf { addr: far, len: 512, device_writes: false }));
+    h.judge("write from 0xffff00000000 (outside RAM)", o, true, false)?;
+
+    // 5. Data straddling the end of RAM.
+    if (4096..0xc000_0000).contains(&ram_top) {
+        let o = h.tracked(req::IN, 0, Some(Buf { addr: ram_top - 256, len: 512, device_writes: true }));
+        h.judge("read into a buffer straddling the end of RAM", o, true, false)?;
+    }
+
+    // 6. Header outside RAM.
+    let sp = h.status as u64;
+    let o = h.raw(
+        &[
+            (0, Desc { addr: far, len: 16, flags: DESC_F_NEXT, next: 1 }),
+            (1, Desc { addr: dptr as u64, len: 512, flags: DESC_F_NEXT | DESC_F_WRITE, next: 2 }),
+            (2, Desc { addr: sp, len: 1, flags: DESC_F_WRITE, next: 0 }),
+        ],
+        0,
+        h.status,
+    );
+    h.judge("request header at 0xffff00000000", o, true, true)?;
+
+    // 7. Read beyond the capacity, straddling the end, and a sector number whose byte offset overflows.
+    let o = h.tracked(req::IN, cap, Some(Buf::inp(dptr, 512)));
+    h.judge("read of sector = capacity", o, true, false)?;
+    let o = h.tracked(req::IN, cap - 1, Some(Buf::inp(dptr, 1024)));
+    h.judge("read of 2 sectors at capacity - 1", o, true, false)?;
+    let o = h.tracked(req::IN, 1 << 55, Some(Buf::inp(dptr, 512)));
+    h.judge("read of sector 2^55 (offset overflows u64)", o, true, false)?;
+    let o = h.tracked(req::OUT, cap, Some(Buf::out(dptr, 512)));
+    h.judge("write of sector = capacity", o, true, false)?;
+
+    // 8. Zero-length data descriptor.
+    let o = h.tracked(req::IN, 0, Some(Buf::inp(dptr, 0)));
+    h.judge("zero-length data descriptor", o, false, false)?;
+
+    // 9. Data length not a multiple of 512.
+    let o = h.tracked(req::IN, 0, Some(Buf::inp(dptr, 100)));
+    h.judge("read of 100 bytes (not a sector multiple)", o, false, false)?;
+
+    // 10. Bogus request type.
+    let o = h.tracked(0xdead_beef, 0, Some(Buf::inp(dptr, 512)));
+    h.judge("request type 0xdeadbeef", o, true, false)?;
+
+    // 11. Header shorter than 16 bytes.
+    let hd = h.hdr(req::IN, 0);
+    let o = h.raw(
+        &[
+            (0, Desc { addr: hd, len: 8, flags: DESC_F_NEXT, next: 1 }),
+            (1, Desc { addr: dptr as u64, len: 512, flags: DESC_F_NEXT | DESC_F_WRITE, next: 2 }),
+            (2, Desc { addr: sp, len: 1, flags: DESC_F_WRITE, next: 0 }),
+        ],
+        0,
+        h.status,
+    );
+    h.judge("8-byte request header", o, true, true)?;
+
+    // 12. Avail ring entry naming a descriptor beyond the table.
+    let o = h.raw(&[], qs + 7, h.status);
+    h.judge("avail entry = queue size + 7", o, true, true)?;
+
+    // 13. QueueNum larger than QueueNumMax.
+    queue_num_too_big(&mut h)?;
+
+    // 14. QueueNotify before DRIVER_OK.
+    notify_before_driver_ok(&mut h)?;
+
+    // The device must still work.
+    println!(
+        "{P}: hostile: {} cases: {} refused, {} not refused, {} garbage",
+        h.cases, h.refused, h.not_refused, h.garbage
+    );
+    final_round_trip(&mut h.d)?;
+    if h.garbage > 0 {
+        return Err((code::HOSTILE_GARBAGE, "device answered a bad request with garbage"));
+    }
+    if strict && h.not_refused > 0 {
+        return Err((code::HOSTILE_NOT_REFUSED, "a bad request was not refused (bexar.strict=1)"));
+    }
+    Ok(())
+}
+
+fn queue_num_too_big(h: &mut Hostile) -> TestResult {
+    let t = h.d.t;
+    let name = "QueueNum = QueueNumMax + 1";
+    t.negotiate(h.d.features).map_err(|e| fail("hostile: negotiate failed", e))?;
+    t.write(reg::QUEUE_SEL, 0);
+    let max = t.read(reg::QUEUE_NUM_MAX);
+    let num = max + 1;
+    let (dl, al, ul) = rt::virtio::queue::ring_sizes(num as usize);
+    let ring = alloc(dl + al + ul + 64)?;
+    let base = ring.as_mut_ptr() as u64;
+    let (da, aa, ua) = (base, base + dl as u64, (base + (dl + al) as u64 + 3) & !3);
+    t.write(reg::QUEUE_NUM, num);
+    t.write(reg::QUEUE_DESC_LOW, da as u32);
+    t.write(reg::QUEUE_DESC_HIGH, (da >> 32) as u32);
+    t.write(reg::QUEUE_DRIVER_LOW, aa as u32);
+    t.write(reg::QUEUE_DRIVER_HIGH, (aa >> 32) as u32);
+    t.write(reg::QUEUE_DEVICE_LOW, ua as u32);
+    t.write(reg::QUEUE_DEVICE_HIGH, (ua >> 32) as u32);
+    t.write(reg::QUEUE_READY, 1);
+    let ready = t.read(reg::QUEUE_READY);
+    let s0 = t.status();
+    t.add_status(dst::DRIVER_OK);
+    let s = t.status();
+    let driver_ok = s & dst::DRIVER_OK != 0 && s & (dst::DEVICE_NEEDS_RESET | dst::FAILED) == 0;
+    h.cases += 1;
+    let mut refused = ready == 0 || s0 & dst::DEVICE_NEEDS_RESET != 0 || !driver_ok;
+    let mut used = "not tried";
+    if !refused {
+        // The device took it: does it use the oversized ring? One read of sector 0.
+        let hd = h.hdr(req::IN, 0);
+        unsafe { h.status.write_volatile(bst::UNWRITTEN) };
+        let descs = da as *mut Desc;
+        let avail = aa as *mut u16;
+        unsafe {
+            descs.write_volatile(Desc { addr: hd, len: 16, flags: DESC_F_NEXT, next: 1 });
+            descs.add(1).write_volatile(Desc {
+                addr: h.data as u64,
+                len: 512,
+                flags: DESC_F_NEXT | DESC_F_WRITE,
+                next: 2,
+            });
+            descs.add(2).write_volatile(Desc { addr: h.status as u64, len: 1, flags: DESC_F_WRITE, next: 0 });
+            avail.add(2).write_volatile(0);
+            arch::mb();
+            avail.add(1).write_volatile(1);
+        }
+        arch::mb();
+        t.notify(0);
+        let t0 = rdtsc();
+        let used_idx = (ua + 2) as *const u16;
+        used = loop {
+            if unsafe { used_idx.read_volatile() } != 0 {
+                let st = unsafe { h.status.read_volatile() };
+                break if st == bst::OK {
+                    "a read on it completed OK (QueueNum is write-only: ignored or accepted, the driver cannot tell)"
+                } else {
+                    "a read on it was used with an error"
+                };
+            }
+            if t.needs_reset() {
+                refused = true;
+                break "a read on it set DEVICE_NEEDS_RESET";
+            }
+            if rdtsc().wrapping_sub(t0) > h.wait {
+                refused = true;
+                break "a read on it was never used";
+            }
+            core::hint::spin_loop();
+        };
+    }
+    println!(
+        "{P}: hostile: {name} ({num}): QueueReady reads {ready}, Status {s0:#x} before and {:#x} after DRIVER_OK, {used} -> {} (device reset)",
+        s,
+        if refused { "refused" } else { "NOT refused" }
+    );
+    if refused {
+        h.refused += 1;
+    } else {
+        h.not_refused += 1;
+    }
+    h.d.reopen().map_err(|e| fail("hostile: device re-init failed", e))
+}
+
+fn notify_before_driver_ok(h: &mut Hostile) -> TestResult {
+    let name = "QueueNotify before DRIVER_OK";
+    let mut d2 = Blk::open_stage(h.d.t, h.d.features, 16, false).map_err(|e| fail("hostile: init failed", e))?;
+    let o = match d2.submit_read(0, h.data, 512) {
+        Err(e) => Outcome::Driver(e),
+        Ok(_) => {
+            d2.kick();
+            match d2.wait(h.wait) {
+                Ok(c) => Outcome::Done { len: c.used_len, status: c.status },
+                Err(Error::NeedsReset) => Outcome::NeedsReset,
+                Err(Error::Timeout) => Outcome::Nothing,
+                Err(e) => Outcome::Driver(e),
+            }
+        }
+    };
+    h.cases += 1;
+    let (refused, what) = match o {
+        Outcome::Nothing => (true, "nothing used"),
+        Outcome::NeedsReset => (true, "DEVICE_NEEDS_RESET"),
+        Outcome::Done { status, .. } if status != bst::OK => (true, "used with an error status"),
+        Outcome::Done { .. } => (false, "processed (status OK)"),
+        _ => (false, "driver error"),
+    };
+    println!(
+        "{P}: hostile: {name}: {what}, Status {:#x} -> {} (device reset)",
+        d2.t.status(),
+        if refused { "refused" } else { "NOT refused" }
+    );
+    if refused {
+        h.refused += 1;
+    } else {
+        h.not_refused += 1;
+    }
+    h.d.reopen().map_err(|e| fail("hostile: device re-init failed", e))
+}
+
+/// Write and read back one sector (read only on a read-only disk).
+fn final_round_trip(d: &mut Blk) -> TestResult {
+    let cap = d.capacity();
+    let sector = (cap / 4) * 3;
+    let mut w = [0u8; SECTOR_SIZE];
+    let mut r = [0u8; SECTOR_SIZE];
+    let seed = rdtsc();
+    let rt_err = |e: Error| {
+        println!("{P}: hostile: final round trip: {e}");
+        (code::HOSTILE_ROUND_TRIP, "device does not work after the bad requests")
+    };
+    if d.read_only() {
+        d.read(sector, &mut r).map_err(rt_err)?;
+        println!("{P}: hostile: final read of sector {sector} (read-only disk): ok");
+        return Ok(());
+    }
+    fill_pattern(&mut w, seed, sector);
+    d.write(sector, &w).map_err(rt_err)?;
+    d.read(sector, &mut r).map_err(rt_err)?;
+    if r != w {
+        println!("{P}: hostile: final round trip: sector {sector} reads back different data");
+        return Err((code::HOSTILE_ROUND_TRIP, "device does not work after the bad requests"));
+    }
+    println!("{P}: hostile: final write + read of sector {sector}: ok");
+    Ok(())
+}
+
+// ---------------------------------------------------------------- blk-bench
+
+fn rate(count: u64, scale: u64, cycles: u64, hz: u64) -> u64 {
+    if cycles == 0 {
+        return 0;
+    }
+    ((count as u128 * hz as u128) / (cycles as u128 * scale as u128)) as u64
+}
+
+pub fn test_blk_bench(bp: &BootParams) -> TestResult {
+    let iters = param(bp, "bexar.iters", 20000)?;
+    let mib = param(bp, "bexar.mib", 64)?;
+    let qd = param(bp, "bexar.qd", 32)?.max(1);
+    let wqd = param(bp, "bexar.wqd", 4)?.max(1);
+    let seed = param(bp, "bexar.seed", 1)?;
+    let mut d = open_disk(bp)?;
+    let cap = d.capacity();
+    let (hz, src) = arch::tsc_hz_info();
+    println!("{P}: blk-bench: tsc {hz} Hz ({})", src.as_str());
+
+    // 4 KiB random reads.
+    let per = d.descs_per_request(4096) as u64;
+    let qd = qd.min(d.q.size() as u64 / per).max(1) as usize;
+    let blocks = cap / 8;
+    if blocks == 0 {
+        return Err((code::BAD_PARAM, "disk smaller than 4 KiB"));
+    }
+    let bufs = alloc(qd * 4096)?;
+    let base = bufs.as_mut_ptr();
+    let mut slot_of = [0u16; 256];
+    let mut x = splitmix64(seed) | 1;
+    let mut next_sector = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % blocks) * 8
+    };
+    let (mut sent, mut done) = (0u64, 0u64);
+    let stall = ms_to_cycles(2000);
+    let t0 = rdtsc();
+    for i in 0..qd.min(iters as usize) {
+        let h = d
+            .submit_read(next_sector(), unsafe { base.add(i * 4096) }, 4096)
+            .map_err(|e| fail("blk-bench: submit", e))?;
+        slot_of[h as usize] = i as u16;
+        sent += 1;
+    }
+    d.kick();
+    let mut last = rdtsc();
+    while done < iters {
+        let mut refill = false;
+        let mut progress = false;
+        while let Some(c) = d.poll().map_err(|e| fail("blk-bench: poll", e))? {
+            c.ok().map_err(|e| fail("blk-bench: read", e))?;
+            done += 1;
+            progress = true;
+            if sent < iters {
+                let i = slot_of[c.head as usize] as usize;
+                let h = d
+                    .submit_read(next_sector(), unsafe { base.add(i * 4096) }, 4096)
+                    .map_err(|e| fail("blk-bench: submit", e))?;
+                slot_of[h as usize] = i as u16;
+                sent += 1;
+                refill = true;
+            }
+        }
+        let now = rdtsc();
+        if refill {
+            d.kick();
+        }
+        if progress {
+            last = now;
+        } else if now.wrapping_sub(last) > stall {
+            println!("{P}: blk-bench: no completion for 2 s ({done}/{iters} done)");
+            return Err(fail("blk-bench: stalled", if d.t.needs_reset() { Error::NeedsReset } else { Error::Timeout }));
+        } else {
+            core::hint::spin_loop();
+        }
+    }
+    let cycles = rdtsc().wrapping_sub(t0);
+    println!(
+        "{P}: blk-bench: randread4k iops={} ; requests={done} bytes={} cycles={cycles} tsc_hz={hz} tsc_src={} qd={qd}",
+        rate(done, 1, cycles, hz),
+        done * 4096,
+        src.as_str()
+    );
+
+    // 128 KiB sequential writes.
+    if d.read_only() {
+        println!("{P}: blk-bench: seqwrite128k skipped: read-only disk");
+        return Ok(());
+    }
+    const WSZ: usize = 128 * 1024;
+    let wsec = (WSZ / SECTOR_SIZE) as u64;
+    let total = (mib << 20).min((cap / wsec) * WSZ as u64);
+    let nreq = total / WSZ as u64;
+    if nreq == 0 {
+        println!("{P}: blk-bench: seqwrite128k skipped: disk smaller than 128 KiB");
+        return Ok(());
+    }
+    let per = d.descs_per_request(WSZ) as u64;
+    let wqd = wqd.min(d.q.size() as u64 / per).max(1) as usize;
+    let wbufs = alloc(wqd * WSZ)?;
+    for (i, b) in wbufs.iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(31) ^ 0x5a;
+    }
+    let wbase = wbufs.as_ptr();
+    let (mut sent, mut done) = (0u64, 0u64);
+    let t0 = rdtsc();
+    for i in 0..wqd.min(nreq as usize) {
+        let h = d
+            .submit_write(sent * wsec, unsafe { wbase.add(i * WSZ) }, WSZ)
+            .map_err(|e| fail("blk-bench: submit", e))?;
+        slot_of[h as usize] = i as u16;
+        sent += 1;
+    }
+    d.kick();
+    let mut last = rdtsc();
+    while done < nreq {
+        let mut refill = false;
+        let mut progress = false;
+        while let Some(c) = d.poll().map_err(|e| fail("blk-bench: poll", e))? {
+            c.ok().map_err(|e| fail("blk-bench: write", e))?;
+            done += 1;
+            progress = true;
+            if sent < nreq {
+                let i = slot_of[c.head as usize] as usize;
+                let h = d
+                    .submit_write(sent * wsec, unsafe { wbase.add(i * WSZ) }, WSZ)
+                    .map_err(|e| fail("blk-bench: submit", e))?;
+                slot_of[h as usize] = i as u16;
+                sent += 1;
+                refill = true;
+            }
+        }
+        let now = rdtsc();
+        if refill {
+            d.kick();
+        }
+        if progress {
+            last = now;
+        } else if now.wrapping_sub(last) > stall {
+            println!("{P}: blk-bench: no completion for 2 s ({done}/{nreq} done)");
+            return Err(fail("blk-bench: stalled", if d.t.needs_reset() { Error::NeedsReset } else { Error::Timeout }));
+        } else {
+            core::hint::spin_loop();
+        }
+    }
+    let cycles = rdtsc().wrapping_sub(t0);
+    let bytes = done * WSZ as u64;
+    println!(
+        "{P}: blk-bench: seqwrite128k mbps={} ; requests={done} bytes={bytes} cycles={cycles} tsc_hz={hz} tsc_src={} qd={wqd}",
+        rate(bytes, 1_000_000, cycles, hz),
+        src.as_str()
+    );
+    if d.has(blk::feature::FLUSH) {
+        let t0 = rdtsc();
+        d.flush().map_err(|e| fail("blk-bench: flush", e))?;
+        println!("{P}: blk-bench: flush cycles={} tsc_hz={hz}", rdtsc().wrapping_sub(t0));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- net
+
+fn parse_ip(bp: &BootParams, key: &str, default: [u8; 4]) -> Result<[u8; 4], (u32, &'static str)> {
+    let Some(v) = cmdline_param(bp.cmdline(), key) else {
+        return Ok(default);
+    };
+    let mut ip = [0u8; 4];
+    let mut parts = v.split('.');
+    for b in &mut ip {
+        match parts.next().and_then(|p| p.parse::<u8>().ok()) {
+            Some(x) => *b = x,
+            None => {
+                println!("{P}: bad value for {key}: {v}");
+                return Err((code::BAD_PARAM, "bad command-line parameter"));
+            }
+        }
+    }
+    if parts.next().is_some() {
+        println!("{P}: bad value for {key}: {v}");
+        return Err((code::BAD_PARAM, "bad command-line parameter"));
+    }
+    Ok(ip)
+}
+
+struct Mac([u8; 6]);
+
+impl core::fmt::Display for Mac {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}
+
+struct Ip([u8; 4]);
+
+impl core::fmt::Display for Ip {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}.{}.{}.{}", self.0[0], self.0[1], self.0[2], self.0[3])
+    }
+}
+
+/// Internet checksum of `data`.
+fn inet_csum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+const ETH_ARP: [u8; 2] = [0x08, 0x06];
+const ETH_IP: [u8; 2] = [0x08, 0x00];
+
+/// An ARP packet (op 1 request, 2 reply), padded to 60 bytes.
+fn arp_frame(op: u16, mac: [u8; 6], ip: [u8; 4], dst_mac: [u8; 6], tha: [u8; 6], tpa: [u8; 4]) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].copy_from_slice(&dst_mac);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&ETH_ARP);
+    f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, op as u8]);
+    f[22..28].copy_from_slice(&mac);
+    f[28..32].copy_from_slice(&ip);
+    f[32..38].copy_from_slice(&tha);
+    f[38..42].copy_from_slice(&tpa);
+    f
+}
+
+const PING_PAYLOAD: usize = 56;
+const PING_ID: u16 = 0xbe2a;
+
+fn ping_payload(seq: u16, i: usize) -> u8 {
+    (i as u8).wrapping_mul(7) ^ seq as u8
+}
+
+/// An ICMP echo request from (mac, ip) to (dst_mac, dst).
+fn ping_frame(mac: [u8; 6], ip: [u8; 4], dst_mac: [u8; 6], dst: [u8; 4], seq: u16) -> [u8; 14 + 20 + 8 + PING_PAYLOAD] {
+    let mut f = [0u8; 14 + 20 + 8 + PING_PAYLOAD];
+    f[0..6].copy_from_slice(&dst_mac);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&ETH_IP);
+    let total = (20 + 8 + PING_PAYLOAD) as u16;
+    let ipid = seq.wrapping_add(0x1000);
+    let iph = &mut f[14..34];
+    iph[0] = 0x45;
+    iph[2..4].copy_from_slice(&total.to_be_bytes());
+    iph[4..6].copy_from_slice(&ipid.to_be_bytes());
+    iph[6] = 0x40; // DF
+    iph[8] = 64;
+    iph[9] = 1; // ICMP
+    iph[12..16].copy_from_slice(&ip);
+    iph[16..20].copy_from_slice(&dst);
+    let c = inet_csum(iph);
+    iph[10..12].copy_from_slice(&c.to_be_bytes());
+    let icmp = &mut f[34..];
+    icmp[0] = 8;
+    icmp[4..6].copy_from_slice(&PING_ID.to_be_bytes());
+    icmp[6..8].copy_from_slice(&seq.to_be_bytes());
+    for (i, b) in icmp[8..].iter_mut().enumerate() {
+        *b = ping_payload(seq, i);
+    }
+    let c = inet_csum(icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// What a received frame was, for the `net` test.
+enum Rx {
+    ArpReply([u8; 6]),
+    EchoReply(u16),
+    Other,
+}
+
+/// Classify a frame; answer ARP requests for `ip` on the way.
+fn net_handle(n: &mut rt::virtio::net::Net, f: &[u8], ip: [u8; 4], peer: [u8; 4]) -> Result<Rx, Error> {
+    if f.len() >= 42 && f[12..14] == ETH_ARP && f[14..20] == [0, 1, 8, 0, 6, 4] {
+        let op = u16::from_be_bytes([f[20], f[21]]);
+        let sha: [u8; 6] = f[22..28].try_into().unwrap_or([0; 6]);
+        let spa: [u8; 4] = f[28..32].try_into().unwrap_or([0; 4]);
+        let tpa: [u8; 4] = f[38..42].try_into().unwrap_or([0; 4]);
+        if op == 1 && tpa == ip {
+            n.send(&arp_frame(2, n.mac, ip, sha, sha, spa))?;
+            println!("{P}: net: answered an ARP request from {} ({})", Ip(spa), Mac(sha));
+        } else if op == 2 && spa == peer {
+            return Ok(Rx::ArpReply(sha));
+        }
+        return Ok(Rx::Other);
+    }
+    if f.len() >= 34 + 8 && f[12..14] == ETH_IP && f[14] == 0x45 && f[23] == 1 && f[26..30] == peer && f[30..34] == ip {
+        let icmp = &f[34..];
+        let id = u16::from_be_bytes([icmp[4], icmp[5]]);
+        let seq = u16::from_be_bytes([icmp[6], icmp[7]]);
+        let payload_ok = icmp.len() >= 8 + PING_PAYLOAD
+            && icmp[8..8 + PING_PAYLOAD].iter().enumerate().all(|(i, &b)| b == ping_payload(seq, i));
+        if icmp[0] == 0 && id == PING_ID && payload_ok {
+            return Ok(Rx::EchoReply(seq));
+        }
+    }
+    Ok(Rx::Other)
+}
+
+/// `net`: ARP for `bexar.peer` (default 10.0.2.2) from `bexar.ip` (default 10.0.2.15), then
+/// `bexar.count` (default 3) ICMP echo requests; every reply must come back with our payload.
+pub fn test_net(bp: &BootParams) -> TestResult {
+    let ip = parse_ip(bp, "bexar.ip", [10, 0, 2, 15])?;
+    let peer = parse_ip(bp, "bexar.peer", [10, 0, 2, 2])?;
+    let count = param(bp, "bexar.count", 3)?.clamp(1, 1000) as u16;
+    let idx = param(bp, "bexar.net", 0)? as usize;
+    let t = mmio::find(device_id::NET, idx).ok_or_else(|| {
+        println!("{P}: net: no network device #{idx}");
+        (code::VIRTIO_NO_DEVICE, "no network device")
+    })?;
+    let mut n = rt::virtio::net::Net::open(t, 64).map_err(|e| fail("net: device init failed", e))?;
+    let link = match n.link_up() {
+        Some(true) => "up",
+        Some(false) => "down",
+        None => "unknown",
+    };
+    println!(
+        "{P}: net: slot {} at {:#x}: mac {}, link {link}, queues {}/{}",
+        t.slot,
+        t.base,
+        Mac(n.mac),
+        n.rx.size(),
+        n.tx.size()
+    );
+    println!("{P}: net: features offered {}", features_str(n.offered));
+    println!("{P}: net: features accepted {}", features_str(n.features));
+    let hz = arch::tsc_hz();
+    let mut frame = [0u8; 1514];
+
+    // ARP: up to 10 tries, 300 ms apart.
+    let mut peer_mac = None;
+    'arp: for _ in 0..10 {
+        n.send(&arp_frame(1, n.mac, ip, [0xff; 6], [0; 6], peer)).map_err(|e| fail("net: send failed", e))?;
+        let t0 = rdtsc();
+        while rdtsc().wrapping_sub(t0) < ms_to_cycles(300) {
+            if let Some(len) = n.recv(&mut frame).map_err(|e| fail("net: receive failed", e))? {
+                if let Rx::ArpReply(m) = net_handle(&mut n, &frame[..len], ip, peer).map_err(|e| fail("net", e))? {
+                    peer_mac = Some(m);
+                    break 'arp;
+                }
+            }
+            core::hint::spin_loop();
+        }
+    }
+    let Some(peer_mac) = peer_mac else {
+        println!("{P}: net: no ARP reply from {} ({} bad rx frames)", Ip(peer), n.rx_bad);
+        return Err((code::NET_NO_REPLY, "no ARP reply"));
+    };
+    println!("{P}: net: {} is at {}", Ip(peer), Mac(peer_mac));
+
+    // Pings.
+    let mut ok = 0;
+    for seq in 1..=count {
+        n.send(&ping_frame(n.mac, ip, peer_mac, peer, seq)).map_err(|e| fail("net: send failed", e))?;
+        let t0 = rdtsc();
+        let mut got = false;
+        while rdtsc().wrapping_sub(t0) < ms_to_cycles(1000) {
+            if let Some(len) = n.recv(&mut frame).map_err(|e| fail("net: receive failed", e))? {
+                if let Rx::EchoReply(s) = net_handle(&mut n, &frame[..len], ip, peer).map_err(|e| fail("net", e))? {
+                    if s == seq {
+                        let us = rdtsc().wrapping_sub(t0) / (hz / 1_000_000).max(1);
+                        println!("{P}: net: echo reply from {} seq {seq}: {us} us", Ip(peer));
+                        got = true;
+                        break;
+                    }
+                }
+            }
+            core::hint::spin_loop();
+        }
+        if got {
+            ok += 1;
+        } else {
+            println!("{P}: net: no echo reply for seq {seq}");
+        }
+    }
+    println!("{P}: net: {ok}/{count} echo replies ({} bad rx frames)", n.rx_bad);
+    if ok != count {
+        return Err((code::NET_NO_REPLY, "missing echo replies"));
+    }
+    Ok(())
+}
