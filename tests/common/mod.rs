@@ -48,19 +48,22 @@ pub fn testguest() -> PathBuf {
     .clone()
 }
 
-/// Runs `bexar run` on the test guest with `test` selected and extra args.
+/// Runs `bexar run` on the test guest with `test` selected and extra args (which may carry
+/// their own `--cmdline` and `--timeout`).
 pub fn run_testguest(test: &str, extra: &[&str]) -> Output {
     let guest = testguest();
     let mut c = bexar();
     c.arg("run")
         .arg("--kernel")
         .arg(&guest)
-        .args(["--cmdline", &format!("console=ttyS0 bexar.test={test}")])
         .args(["--no-stdin", "--memory", "64"])
         .args(extra)
         .stdin(Stdio::null());
     if !extra.contains(&"--timeout") {
         c.args(["--timeout", "30"]);
+    }
+    if !extra.contains(&"--cmdline") {
+        c.args(["--cmdline", &format!("console=ttyS0 bexar.test={test}")]);
     }
     c.output().expect("run bexar")
 }

@@ -104,6 +104,13 @@ fn main(bp: BootParams) -> ! {
     match result {
         Ok(()) => {
             println!("{P}: PASS {name}");
+            if cmdline_param(cmdline, "bexar.after") == Some("hang") {
+                // For tests that kill the VMM at a known point (e.g. after a flushed write).
+                println!("{P}: hanging after {name} (bexar.after=hang)");
+                loop {
+                    core::hint::spin_loop();
+                }
+            }
             exit::exit(code::PASS)
         }
         Err((status, reason)) => {
