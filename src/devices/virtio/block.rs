@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    read_config_bytes, ActivateError, Counters, Interrupt, VirtioDevice, INT_USED_RING, TYPE_BLOCK,
+    read_config_bytes, serve_queue, ActivateError, Counters, Interrupt, VirtioDevice, TYPE_BLOCK,
     VIRTIO_F_VERSION_1,
 };
 
@@ -216,50 +216,22 @@ impl Block {
             return;
         }
         let mem = active.mem.clone();
-        let chains: Vec<DescriptorChain<&GuestMemoryMmap>> = match active.queue.iter(&mem) {
-            Ok(it) => it.collect(),
-            Err(e) => {
-                tracing::warn!("virtio-blk: corrupt available ring ({e}): device needs a reset");
-                Counters::inc(&self.counters.needs_reset);
-                self.interrupt.set_needs_reset();
-                return;
-            }
-        };
-        if chains.is_empty() {
-            return;
-        }
-        let mut used = Vec::with_capacity(chains.len());
-        for chain in chains {
-            let head = chain.head_index();
-            let len = handle_request(
-                chain,
-                &mem,
-                &self.file,
-                self.read_only,
-                self.size,
-                &self.serial,
-                &self.counters,
-                &mut self.buf,
-            );
-            used.push((head, len));
-        }
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        for (head, len) in used {
-            if let Err(e) = active.queue.add_used(&mem, head, len) {
-                tracing::warn!(
-                    "virtio-blk: cannot return descriptor {head} ({e}): device needs a reset"
-                );
-                Counters::inc(&self.counters.needs_reset);
-                self.interrupt.set_needs_reset();
-                return;
-            }
-        }
-        match active.queue.needs_notification(&mem) {
-            Ok(false) => {}
-            _ => self.interrupt.trigger(INT_USED_RING),
-        }
+        let (file, ro, size, serial, counters, buf) = (
+            &self.file,
+            self.read_only,
+            self.size,
+            &self.serial,
+            &self.counters,
+            &mut self.buf,
+        );
+        serve_queue(
+            "virtio-blk",
+            &mut active.queue,
+            &mem,
+            &self.interrupt,
+            counters,
+            |chain| handle_request(chain, &mem, file, ro, size, serial, counters, buf),
+        );
     }
 }
 

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use event_manager::MutEventSubscriber;
 use serde::Serialize;
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -231,4 +231,48 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
         let n = data.len().min(config.len() - off);
         data[..n].copy_from_slice(&config[off..off + n]);
     }
+}
+
+/// Serves every chain the driver has made available on `queue`: `handle` turns a chain into the
+/// number of bytes it wrote into guest buffers, the chains go back on the used ring, and the
+/// driver is interrupted if it wants to be. A corrupt ring (an available index running past the
+/// ring, a head outside it) marks the device DEVICE_NEEDS_RESET instead. Returns how many
+/// chains were served.
+pub fn serve_queue(
+    name: &str,
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &Interrupt,
+    counters: &Counters,
+    mut handle: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+) -> usize {
+    let chains: Vec<DescriptorChain<&GuestMemoryMmap>> = match queue.iter(mem) {
+        Ok(it) => it.collect(),
+        Err(e) => {
+            tracing::warn!("{name}: corrupt available ring ({e}): device needs a reset");
+            Counters::inc(&counters.needs_reset);
+            interrupt.set_needs_reset();
+            return 0;
+        }
+    };
+    if chains.is_empty() {
+        return 0;
+    }
+    let mut used = Vec::with_capacity(chains.len());
+    for chain in chains {
+        let head = chain.head_index();
+        used.push((head, handle(chain)));
+    }
+    for (head, len) in &used {
+        if let Err(e) = queue.add_used(mem, *head, *len) {
+            tracing::warn!("{name}: cannot return descriptor {head} ({e}): device needs a reset");
+            Counters::inc(&counters.needs_reset);
+            interrupt.set_needs_reset();
+            return used.len();
+        }
+    }
+    if !matches!(queue.needs_notification(mem), Ok(false)) {
+        interrupt.trigger(INT_USED_RING);
+    }
+    used.len()
 }

@@ -14,7 +14,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateError, Counters, Interrupt, VirtioDevice, INT_USED_RING, TYPE_NET, VIRTIO_F_VERSION_1,
+    serve_queue, ActivateError, Counters, Interrupt, VirtioDevice, INT_USED_RING, TYPE_NET,
+    VIRTIO_F_VERSION_1,
 };
 use crate::net::tap::{offload, Tap, VNET_HDR_LEN};
 
@@ -215,53 +216,18 @@ impl Net {
             return;
         };
         let mem = a.mem.clone();
-        let chains: Vec<_> = match a.queues[TX].iter(&mem) {
-            Ok(it) => it.collect(),
-            Err(_) => {
-                Counters::inc(&self.counters.needs_reset);
-                self.interrupt.set_needs_reset();
-                return;
-            }
-        };
-        let mut used = Vec::with_capacity(chains.len());
-        for chain in chains {
-            let head = chain.head_index();
-            match chain.reader(&mem) {
-                Ok(mut r)
-                    if r.available_bytes() <= MAX_FRAME && r.available_bytes() > VNET_HDR_LEN =>
-                {
-                    let n = r.available_bytes();
-                    if r.read_exact(&mut self.frame[..n]).is_ok() {
-                        // SAFETY: write(2) of our own buffer to the TAP descriptor.
-                        let w = unsafe {
-                            libc::write(self.tap.file().as_raw_fd(), self.frame.as_ptr().cast(), n)
-                        };
-                        if w == n as isize {
-                            Counters::inc(&self.counters.requests);
-                            self.counters
-                                .written_bytes
-                                .fetch_add(n as u64, Ordering::Relaxed);
-                        } else {
-                            Counters::inc(&self.counters.io_errors);
-                        }
-                    } else {
-                        Counters::inc(&self.counters.refused);
-                    }
-                }
-                _ => Counters::inc(&self.counters.refused),
-            }
-            used.push(head);
-        }
-        for head in &used {
-            if a.queues[TX].add_used(&mem, *head, 0).is_err() {
-                Counters::inc(&self.counters.needs_reset);
-                self.interrupt.set_needs_reset();
-                return;
-            }
-        }
-        if !used.is_empty() && !matches!(a.queues[TX].needs_notification(&mem), Ok(false)) {
-            self.interrupt.trigger(INT_USED_RING);
-        }
+        let (tap, frame, counters) = (&self.tap, &mut self.frame, &self.counters);
+        serve_queue(
+            "virtio-net tx",
+            &mut a.queues[TX],
+            &mem,
+            &self.interrupt,
+            counters,
+            |chain| {
+                transmit(chain, &mem, tap, frame, counters);
+                0
+            },
+        );
     }
 
     fn watch_tap(&mut self, ops: &mut EventOps, on: bool) {
@@ -276,6 +242,34 @@ impl Net {
         if r.is_ok() {
             a.tap_watched = on;
         }
+    }
+}
+
+/// Sends one tx chain (virtio-net header + frame) to the TAP.
+fn transmit(
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    tap: &Tap,
+    frame: &mut [u8],
+    counters: &Counters,
+) {
+    let mut r = match chain.reader(mem) {
+        Ok(r) if r.available_bytes() <= MAX_FRAME && r.available_bytes() > VNET_HDR_LEN => r,
+        _ => return Counters::inc(&counters.refused),
+    };
+    let n = r.available_bytes();
+    if r.read_exact(&mut frame[..n]).is_err() {
+        return Counters::inc(&counters.refused);
+    }
+    // SAFETY: write(2) of our own initialised buffer to the TAP descriptor.
+    let w = unsafe { libc::write(tap.file().as_raw_fd(), frame.as_ptr().cast(), n) };
+    if w == n as isize {
+        Counters::inc(&counters.requests);
+        counters
+            .written_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
+    } else {
+        Counters::inc(&counters.io_errors);
     }
 }
 

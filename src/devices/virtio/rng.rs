@@ -4,12 +4,12 @@ use std::io::Write;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateError, Counters, Interrupt, VirtioDevice, INT_USED_RING, TYPE_RNG, VIRTIO_F_VERSION_1,
+    serve_queue, ActivateError, Counters, Interrupt, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
 };
 
 /// Queue size we offer.
@@ -84,33 +84,15 @@ impl Rng {
             return;
         }
         let mem = mem.clone();
-        let chains: Vec<_> = match queue.iter(&mem) {
-            Ok(it) => it.collect(),
-            Err(e) => {
-                tracing::warn!("virtio-rng: corrupt available ring ({e}): device needs a reset");
-                Counters::inc(&self.counters.needs_reset);
-                self.interrupt.set_needs_reset();
-                return;
-            }
-        };
-        let mut used = Vec::with_capacity(chains.len());
-        for chain in chains {
-            let head = chain.head_index();
-            used.push((head, Self::fill(chain, &mem, &mut self.buf, &self.counters)));
-        }
-        let Some((_, queue)) = self.active.as_mut() else {
-            return;
-        };
-        for (head, len) in &used {
-            if queue.add_used(&mem, *head, *len).is_err() {
-                Counters::inc(&self.counters.needs_reset);
-                self.interrupt.set_needs_reset();
-                return;
-            }
-        }
-        if !used.is_empty() && !matches!(queue.needs_notification(&mem), Ok(false)) {
-            self.interrupt.trigger(INT_USED_RING);
-        }
+        let (buf, counters) = (&mut self.buf, &self.counters);
+        serve_queue(
+            "virtio-rng",
+            queue,
+            &mem,
+            &self.interrupt,
+            counters,
+            |chain| Self::fill(chain, &mem, buf, counters),
+        );
     }
 }
 
