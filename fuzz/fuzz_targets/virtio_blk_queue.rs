@@ -2,39 +2,19 @@
 //! ring and the request buffers; the device must answer or refuse, never panic or hang.
 #![no_main]
 
-use std::sync::OnceLock;
+#[path = "common.rs"]
+mod common;
 
-use bexar::devices::virtio::block::{Block, DiskConfig};
+use bexar::devices::virtio::block::Block;
 use bexar::devices::virtio::ring::DriverRing;
 use bexar::devices::virtio::VirtioDevice;
-use bexar::vmm::memory::{create_guest_memory, GuestRam};
+use common::{disk, ram};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 const RING: u64 = 0x10000;
 const QUEUE: u16 = 16;
-
-fn disk() -> &'static DiskConfig {
-    static D: OnceLock<DiskConfig> = OnceLock::new();
-    D.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("bexar-fuzz-blk-{}", std::process::id()));
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(64 * 1024)
-            .unwrap();
-        DiskConfig {
-            path,
-            read_only: false,
-            serial: None,
-        }
-    })
-}
-
-fn ram() -> &'static GuestRam {
-    static R: OnceLock<GuestRam> = OnceLock::new();
-    R.get_or_init(|| create_guest_memory(2).unwrap())
-}
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {

@@ -2,36 +2,18 @@
 //! negotiation, queue set-up, status changes and resets in any sequence must never panic.
 #![no_main]
 
-use std::sync::{Arc, Mutex, OnceLock};
+#[path = "common.rs"]
+mod common;
+
+use std::sync::{Arc, Mutex};
 
 use bexar::devices::bus::BusDevice;
-use bexar::devices::virtio::block::{Block, DiskConfig};
+use bexar::devices::virtio::block::Block;
 use bexar::devices::virtio::mmio::MmioTransport;
 use bexar::devices::virtio::VirtioDevice;
-use bexar::vmm::memory::{create_guest_memory, GuestRam};
+use common::{disk, ram};
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::EventFd;
-
-fn disk() -> &'static DiskConfig {
-    static D: OnceLock<DiskConfig> = OnceLock::new();
-    D.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("bexar-fuzz-mmio-{}", std::process::id()));
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(64 * 1024)
-            .unwrap();
-        DiskConfig {
-            path,
-            read_only: false,
-            serial: None,
-        }
-    })
-}
-
-fn ram() -> &'static GuestRam {
-    static R: OnceLock<GuestRam> = OnceLock::new();
-    R.get_or_init(|| create_guest_memory(2).unwrap())
-}
 
 fuzz_target!(|data: &[u8]| {
     let dev: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(

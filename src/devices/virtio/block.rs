@@ -48,7 +48,7 @@ const ID_BYTES: usize = 20;
 const WRITE_ZEROES_UNMAP: u32 = 1;
 
 /// How a disk is attached.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DiskConfig {
     /// Image file.
     pub path: PathBuf,
