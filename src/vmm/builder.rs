@@ -251,7 +251,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     };
     let elapsed = start.elapsed();
     stop_vcpus(&stop, &threads, &stats);
-    let _ = event_loop.join();
+    event_loop.stop();
     if reason == ExitReason::Timeout {
         // Where each vCPU was is the first thing to know about a hung guest.
         for (id, s) in stats.iter().enumerate() {
@@ -383,22 +383,60 @@ fn attach_virtio(
     })
 }
 
+/// Wakes the event loop when the VM ends, so it does not wait out its poll timeout.
+struct Waker(EventFd);
+
+impl MutEventSubscriber for Waker {
+    fn process(&mut self, _events: event_manager::Events, _ops: &mut event_manager::EventOps) {
+        let _ = self.0.read();
+    }
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        if let Err(e) = ops.add(event_manager::Events::new(
+            &self.0,
+            event_manager::EventSet::IN,
+        )) {
+            tracing::warn!("cannot watch the event loop's waker: {e:?}");
+        }
+    }
+}
+
+/// The virtio event loop thread and how to stop it.
+struct EventLoop {
+    thread: JoinHandle<()>,
+    waker: EventFd,
+}
+
+impl EventLoop {
+    /// Stops the loop (after `stop` was set) and waits for it.
+    fn stop(self) {
+        let _ = self.waker.write(1);
+        let _ = self.thread.join();
+    }
+}
+
 /// Runs the virtio event loop until `stop`.
 fn spawn_event_loop(
     mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     stop: Arc<AtomicBool>,
-) -> Result<JoinHandle<()>, VmmError> {
-    std::thread::Builder::new()
+) -> Result<EventLoop, VmmError> {
+    let waker = EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| VmmError::Setup(format!("cannot create an eventfd: {e}")))?;
+    let theirs = waker
+        .try_clone()
+        .map_err(|e| VmmError::Setup(format!("cannot clone an eventfd: {e}")))?;
+    manager.add_subscriber(Arc::new(Mutex::new(Waker(theirs))));
+    let thread = std::thread::Builder::new()
         .name("virtio".into())
         .spawn(move || {
             while !stop.load(Ordering::Acquire) {
-                if let Err(e) = manager.run_with_timeout(50) {
+                if let Err(e) = manager.run_with_timeout(1000) {
                     tracing::error!("virtio event loop failed: {e:?}");
                     break;
                 }
             }
         })
-        .map_err(|e| VmmError::Setup(format!("cannot start the virtio thread: {e}")))
+        .map_err(|e| VmmError::Setup(format!("cannot start the virtio thread: {e}")))?;
+    Ok(EventLoop { thread, waker })
 }
 
 /// Asks every vCPU thread to leave KVM_RUN and waits briefly for them. A vCPU blocked in the
