@@ -77,6 +77,15 @@ fn child_command(job: &Job) -> Command {
     if c.rng {
         cmd.arg("--rng");
     }
+    if let Some(v) = &c.vsock {
+        // Each image gets its own socket: the same path would collide between parallel VMs.
+        cmd.arg("--vsock").arg(format!(
+            "cid={},uds={}.{}",
+            v.cid,
+            v.uds.display(),
+            job.name
+        ));
+    }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

@@ -89,6 +89,10 @@ pub struct VmArgs {
     /// Attach a virtio-rng fed from the host's getrandom.
     #[arg(long)]
     pub rng: bool,
+    /// A virtio-vsock device: cid=N,uds=PATH (host connects to PATH and writes "CONNECT <port>";
+    /// guest connections to port P reach PATH_P).
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
 }
 
 /// Flags of `bexar run`.

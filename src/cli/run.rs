@@ -91,6 +91,7 @@ pub fn vm_config(
         disks: vm.disk.clone(),
         nics: vm.net.clone(),
         rng: vm.rng,
+        vsock: vm.vsock.clone(),
     })
 }
 

@@ -28,6 +28,7 @@ use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Counters, DeviceReport, VirtioDevice};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::IoEventAddress;
@@ -294,7 +295,10 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
 
 /// Appends what Linux needs to find the virtio-mmio devices to the command line.
 fn with_virtio_devices(mut cmdline: String, config: &VmConfig) -> Result<String, VmmError> {
-    let count = config.disks.len() as u32 + config.nics.len() as u32 + u32::from(config.rng);
+    let count = config.disks.len() as u32
+        + config.nics.len() as u32
+        + u32::from(config.rng)
+        + u32::from(config.vsock.is_some());
     if count > VIRTIO_SLOTS {
         return Err(VmmError::Setup(format!(
             "{count} virtio devices requested; at most {VIRTIO_SLOTS} fit"
@@ -354,6 +358,12 @@ fn attach_virtio(
             Arc::new(Mutex::new(Rng::new(clone_fd(&irq)?).map_err(|e| {
                 VmmError::Setup(format!("cannot create virtio-rng: {e}"))
             })?));
+        devices.push(dev.clone());
+        subscribers.push(dev);
+    }
+    if let Some(v) = &config.vsock {
+        let irq = new_irqfd()?;
+        let dev = Arc::new(Mutex::new(Vsock::new(v, clone_fd(&irq)?)?));
         devices.push(dev.clone());
         subscribers.push(dev);
     }

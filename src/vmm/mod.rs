@@ -38,6 +38,9 @@ pub enum VmmError {
     /// A NIC could not be attached.
     #[error(transparent)]
     Nic(#[from] crate::net::tap::TapError),
+    /// The vsock device could not be attached.
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     /// A disk could not be attached.
     #[error(transparent)]
     Disk(#[from] crate::devices::virtio::block::BlockError),
@@ -199,6 +202,8 @@ pub struct VmConfig {
     pub nics: Vec<crate::devices::virtio::net::NicConfig>,
     /// Attach a virtio-rng.
     pub rng: bool,
+    /// Attach a virtio-vsock bridged to Unix sockets.
+    pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
 }
 
 /// What happened to a VM, for the CLI and machine-readable reports.

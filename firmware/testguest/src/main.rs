@@ -47,6 +47,15 @@ mod code {
     pub const NOT_ZERO: u32 = 30;
     pub const HOSTILE_NOT_REFUSED: u32 = 31;
     pub const NET_NO_REPLY: u32 = 32;
+    // vsock (vtests.rs)
+    pub const VSOCK_NO_RESPONSE: u32 = 40;
+    pub const VSOCK_REFUSED: u32 = 41;
+    pub const VSOCK_DATA: u32 = 42;
+    pub const VSOCK_PROTOCOL: u32 = 43;
+    pub const VSOCK_STALL: u32 = 44;
+    pub const VSOCK_NO_REQUEST: u32 = 45;
+    // net-blast (vtests.rs)
+    pub const NET_BLAST_RX: u32 = 46;
 }
 
 type TestResult = Result<(), (u32, &'static str)>;
@@ -73,6 +82,8 @@ const TESTS: &[(&str, Test)] = &[
     ("hostile", vtests::test_hostile),
     ("blk-bench", vtests::test_blk_bench),
     ("net", vtests::test_net),
+    ("net-blast", vtests::test_net_blast),
+    ("vsock", vtests::test_vsock),
 ];
 
 fn main(bp: BootParams) -> ! {

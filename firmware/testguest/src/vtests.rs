@@ -1,6 +1,6 @@
 //! Tests of the VMM's virtio-mmio devices, driven by the polling drivers of
 //! `rt::virtio` from ring 3: `virtio-scan`, `blk-rw`, `blk-verify`,
-//! `blk-discard`, `rng`, `hostile`, `blk-bench`.
+//! `blk-discard`, `rng`, `hostile`, `blk-bench`, `net`, `net-blast`, `vsock`.
 //!
 //! Parameters (command line): `bexar.disk=N` the N-th block device in slot
 //! order (default 0), `bexar.disk-slot=S` the block device in slot S instead,
@@ -18,6 +18,7 @@ use rt::virtio::blk::{self, req, status as bst, Blk, SECTOR_SIZE};
 use rt::virtio::mmio::{self, reg, status as dst, Transport};
 use rt::virtio::queue::{Buf, Desc, DESC_F_NEXT, DESC_F_WRITE};
 use rt::virtio::rng::Rng;
+use rt::virtio::vsock::{self, op as vop, shutdown as vshut, Conn, Hdr, Vsock};
 use rt::virtio::{device_id, Error};
 
 // ---------------------------------------------------------------- helpers
@@ -1271,6 +1272,681 @@ pub fn test_net(bp: &BootParams) -> TestResult {
     println!("{P}: net: {ok}/{count} echo replies ({} bad rx frames)", n.rx_bad);
     if ok != count {
         return Err((code::NET_NO_REPLY, "missing echo replies"));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- net-blast
+
+/// `bexar.dst-mac=aa:bb:cc:dd:ee:ff`, broadcast if absent.
+fn parse_mac(bp: &BootParams, key: &str) -> Result<[u8; 6], (u32, &'static str)> {
+    let Some(v) = cmdline_param(bp.cmdline(), key) else {
+        return Ok([0xff; 6]);
+    };
+    let mut mac = [0u8; 6];
+    let mut parts = v.split([':', '-']);
+    for b in &mut mac {
+        match parts.next().and_then(|p| u8::from_str_radix(p, 16).ok()) {
+            Some(x) => *b = x,
+            None => {
+                println!("{P}: bad value for {key}: {v}");
+                return Err((code::BAD_PARAM, "bad command-line parameter"));
+            }
+        }
+    }
+    if parts.next().is_some() {
+        println!("{P}: bad value for {key}: {v}");
+        return Err((code::BAD_PARAM, "bad command-line parameter"));
+    }
+    Ok(mac)
+}
+
+/// EtherType of the blast frames (IEEE 802 local experimental 1).
+const ETH_BLAST: [u8; 2] = [0x88, 0xb5];
+
+/// `net-blast`: `bexar.frames` (default 200000) frames of `bexar.frame-size` bytes (60-1514,
+/// default 1514) to `bexar.dst-mac` (default broadcast), keeping the tx ring full; then, if
+/// `bexar.rx-frames` > 0, receives that many frames (waiting up to `bexar.rx-wait-ms`, default
+/// 30000, for the first). Prints raw counts and TSC cycles.
+pub fn test_net_blast(bp: &BootParams) -> TestResult {
+    let frames = param(bp, "bexar.frames", 200_000)?;
+    let size = param(bp, "bexar.frame-size", 1514)? as usize;
+    let rx_frames = param(bp, "bexar.rx-frames", 0)?;
+    let rx_wait_ms = param(bp, "bexar.rx-wait-ms", 30_000)?;
+    let dst = parse_mac(bp, "bexar.dst-mac")?;
+    let idx = param(bp, "bexar.net", 0)? as usize;
+    if !(60..=rt::virtio::net::MAX_FRAME).contains(&size) {
+        println!("{P}: net-blast: bexar.frame-size must be 60..=1514, not {size}");
+        return Err((code::BAD_PARAM, "bad frame size"));
+    }
+    let t = mmio::find(device_id::NET, idx).ok_or_else(|| {
+        println!("{P}: net-blast: no network device #{idx}");
+        (code::VIRTIO_NO_DEVICE, "no network device")
+    })?;
+    let mut n = rt::virtio::net::Net::open(t, 256).map_err(|e| fail("net-blast: device init failed", e))?;
+    let hz = arch::tsc_hz();
+    println!(
+        "{P}: net-blast: slot {} mac {} -> {}, queues {}/{}, {frames} frames of {size} bytes",
+        t.slot,
+        Mac(n.mac),
+        Mac(dst),
+        n.rx.size(),
+        n.tx.size()
+    );
+    let mut frame = [0u8; rt::virtio::net::MAX_FRAME];
+    frame[0..6].copy_from_slice(&dst);
+    frame[6..12].copy_from_slice(&n.mac);
+    frame[12..14].copy_from_slice(&ETH_BLAST);
+    frame[14..19].copy_from_slice(b"bexar");
+    for (i, b) in frame[19..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    n.prepare_tx(&frame[..size]).map_err(|e| fail("net-blast: prepare", e))?;
+
+    let (mut sent, mut done, mut kicks) = (0u64, 0u64, 0u64);
+    let stall = ms_to_cycles(2000);
+    let t0 = rdtsc();
+    let mut last = t0;
+    let mut last_kick = t0;
+    while done < frames {
+        let r = n.reclaim_tx_count().map_err(|e| fail("net-blast: tx used ring", e))?;
+        done += r;
+        let mut added = 0u64;
+        while sent < frames && n.submit_prepared(size).map_err(|e| fail("net-blast: submit", e))? {
+            sent += 1;
+            added += 1;
+        }
+        let now = rdtsc();
+        // Notify unless the device asked not to; after 1 ms without progress, notify anyway.
+        let quiet = now.wrapping_sub(last) > stall / 2000;
+        if (added > 0 && n.tx.device_wants_notify()) || (quiet && now.wrapping_sub(last_kick) > stall / 2000) {
+            n.tx.kick();
+            kicks += 1;
+            last_kick = now;
+        }
+        if r > 0 || added > 0 {
+            last = now;
+        } else if now.wrapping_sub(last) > stall {
+            println!("{P}: net-blast: no tx completion for 2 s ({done}/{frames} done, {sent} queued)");
+            return Err(fail(
+                "net-blast: tx stalled",
+                if n.t.needs_reset() { Error::NeedsReset } else { Error::Timeout },
+            ));
+        } else {
+            core::hint::spin_loop();
+        }
+    }
+    let cycles = rdtsc().wrapping_sub(t0);
+    println!("{P}: net-blast: tx frames={done} bytes={} cycles={cycles} tsc_hz={hz}", done * size as u64);
+    println!("{P}: net-blast: tx notifies={kicks}");
+
+    if rx_frames > 0 {
+        // Frames received during the blast (host chatter) do not count.
+        while n.recv_batch(|_| {}).map_err(|e| fail("net-blast: rx", e))? > 0 {}
+        println!("{P}: net-blast: rx ready: waiting for {rx_frames} frames");
+        let (mut got, mut bytes) = (0u64, 0u64);
+        let wait0 = rdtsc();
+        let mut t0 = 0u64;
+        let mut last = wait0;
+        while got < rx_frames {
+            let k = n.recv_batch(|f| bytes += f.len() as u64).map_err(|e| fail("net-blast: rx", e))? as u64;
+            let now = rdtsc();
+            if k > 0 {
+                if got == 0 {
+                    t0 = now;
+                }
+                got += k;
+                last = now;
+            } else if got == 0 && now.wrapping_sub(wait0) > ms_to_cycles(rx_wait_ms) {
+                println!("{P}: net-blast: no frame within {rx_wait_ms} ms");
+                return Err((code::NET_BLAST_RX, "no frames received"));
+            } else if got > 0 && now.wrapping_sub(last) > stall {
+                println!("{P}: net-blast: rx frames={got} bytes={bytes} cycles={} (incomplete)", last.wrapping_sub(t0));
+                println!("{P}: net-blast: only {got}/{rx_frames} frames, none for 2 s");
+                return Err((code::NET_BLAST_RX, "fewer frames received than expected"));
+            } else {
+                core::hint::spin_loop();
+            }
+        }
+        // Cycles from the first frame seen to the last.
+        println!("{P}: net-blast: rx frames={got} bytes={bytes} cycles={}", last.wrapping_sub(t0));
+        if n.rx_bad > 0 {
+            println!("{P}: net-blast: {} malformed rx buffers", n.rx_bad);
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- vsock
+
+/// Receive buffer space the guest advertises on every connection.
+const VSOCK_BUF_ALLOC: u32 = 64 * 1024;
+/// Local port of the guest-initiated connection.
+const VSOCK_LOCAL_PORT: u32 = 49152;
+
+/// The stream pattern of `vsock`: byte `o` of the stream is byte `o % 8` of
+/// `splitmix64(o / 8)` (little-endian). `buf` gets the bytes from offset `off`.
+fn vsock_pattern(off: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let o = off + i as u64;
+        *b = (splitmix64(o >> 3) >> ((o & 7) * 8)) as u8;
+    }
+}
+
+/// A vsock driver error as a test failure (malformed packets and credit
+/// violations are protocol errors).
+fn vfail(what: &'static str, e: Error) -> (u32, &'static str) {
+    println!("{P}: {what}: {e}");
+    let c = match e {
+        Error::BadPacket(_) | Error::NoCredit => code::VSOCK_PROTOCOL,
+        e => err_code(e),
+    };
+    (c, what)
+}
+
+fn vs_hdr_str(h: &Hdr) -> VsHdr<'_> {
+    VsHdr(h)
+}
+
+struct VsHdr<'a>(&'a Hdr);
+
+impl core::fmt::Display for VsHdr<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let h = self.0;
+        write!(
+            f,
+            "{}({}) {}:{} -> {}:{} type {} len {} flags {:#x} buf_alloc {} fwd_cnt {}",
+            vop::name(h.op),
+            h.op,
+            h.src_cid,
+            h.src_port,
+            h.dst_cid,
+            h.dst_port,
+            h.type_,
+            h.len,
+            h.flags,
+            h.buf_alloc,
+            h.fwd_cnt
+        )
+    }
+}
+
+struct VsockTest {
+    v: Vsock,
+    listen: u32,
+    /// A REQUEST for the listen port that arrived while the guest was busy (backlog of 1).
+    pending: Option<Hdr>,
+    /// Payload of the last received packet.
+    payload: &'static mut [u8],
+    /// Packets for no connection of ours (answered with RST).
+    stray: u64,
+}
+
+type VsResult<T> = Result<T, (u32, &'static str)>;
+
+impl VsockTest {
+    /// The next packet, if any; fails on a TRANSPORT_RESET event, a malformed
+    /// packet, a packet for another CID or of another type than STREAM.
+    fn next(&mut self) -> VsResult<Option<Hdr>> {
+        if let Some(id) = self.v.poll_event().map_err(|e| vfail("vsock: event queue", e))? {
+            println!("{P}: vsock: event id {id}");
+            if id == vsock::EVENT_TRANSPORT_RESET {
+                return Err((code::VSOCK_PROTOCOL, "transport reset event"));
+            }
+        }
+        let Some(h) = self.v.recv(self.payload).map_err(|e| vfail("vsock: receive", e))? else {
+            return Ok(None);
+        };
+        if h.dst_cid != self.v.guest_cid || h.type_ != vsock::TYPE_STREAM {
+            println!("{P}: vsock: bad packet (guest cid {}): {}", self.v.guest_cid, vs_hdr_str(&h));
+            return Err((code::VSOCK_PROTOCOL, "packet for another cid or not STREAM"));
+        }
+        Ok(Some(h))
+    }
+
+    /// A packet for no current connection: queue a REQUEST for the listen
+    /// port from the host, answer anything else but RST with RST.
+    fn stray(&mut self, h: &Hdr) -> VsResult<()> {
+        if h.op == vop::REQUEST && h.dst_port == self.listen && h.src_cid == vsock::CID_HOST && self.pending.is_none() {
+            self.pending = Some(*h);
+            return Ok(());
+        }
+        self.stray += 1;
+        println!("{P}: vsock: packet for no connection: {} (answered with RST)", vs_hdr_str(h));
+        if h.op != vop::RST {
+            self.v.send_rst_for(h).map_err(|e| vfail("vsock: send RST", e))?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, c: &mut Conn, op: u16, flags: u32, payload: &[u8]) -> VsResult<()> {
+        self.v.send_conn(c, op, flags, payload).map_err(|e| vfail("vsock: send", e))
+    }
+
+    /// Tell the peer our fwd_cnt once a quarter of the buffer was consumed
+    /// since it last heard it (or, with `force`, whenever anything was).
+    fn credit_update(&mut self, c: &mut Conn, force: bool) -> VsResult<bool> {
+        let owed = c.credit_owed();
+        if owed >= VSOCK_BUF_ALLOC / 4 || (force && owed > 0) {
+            self.send(c, vop::CREDIT_UPDATE, 0, &[])?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// RW payload of a packet of `c`: enforce our credit, count it.
+    fn take_rw(&mut self, c: &mut Conn, h: &Hdr) -> VsResult<usize> {
+        if c.overruns(h.len) {
+            println!(
+                "{P}: vsock: peer exceeded our credit: {} with {} bytes unconsumed",
+                vs_hdr_str(h),
+                c.unconsumed()
+            );
+            return Err((code::VSOCK_PROTOCOL, "peer exceeded our credit"));
+        }
+        c.rx_cnt = c.rx_cnt.wrapping_add(h.len);
+        Ok(h.len as usize)
+    }
+
+    /// SHUTDOWN (both directions), then wait up to 3 s for the peer's RST
+    /// (a SHUTDOWN from the peer is answered with RST); after that, RST.
+    fn close(&mut self, c: &mut Conn, what: &str) -> VsResult<()> {
+        self.send(c, vop::SHUTDOWN, vshut::BOTH, &[])?;
+        let t0 = rdtsc();
+        let mut late = 0u64;
+        while rdtsc().wrapping_sub(t0) < ms_to_cycles(3000) {
+            let Some(h) = self.next()? else {
+                core::hint::spin_loop();
+                continue;
+            };
+            if !c.matches(&h) {
+                self.stray(&h)?;
+                continue;
+            }
+            match h.op {
+                vop::RST => {
+                    println!("{P}: vsock: {what}: closed (RST from the peer{})", Late(late));
+                    return Ok(());
+                }
+                vop::SHUTDOWN => {
+                    self.send(c, vop::RST, 0, &[])?;
+                    println!(
+                        "{P}: vsock: {what}: closed (SHUTDOWN flags {} from the peer, RST sent{})",
+                        h.flags,
+                        Late(late)
+                    );
+                    return Ok(());
+                }
+                vop::RW => late += h.len as u64,
+                _ => {}
+            }
+        }
+        self.send(c, vop::RST, 0, &[])?;
+        println!("{P}: vsock: {what}: note: no RST within 3 s of our SHUTDOWN; sent RST{}", Late(late));
+        Ok(())
+    }
+
+    /// Guest-initiated half: connect to host port `port`, send `total`
+    /// pattern bytes, check the echo, close.
+    fn out(&mut self, port: u32, total: u64) -> TestResult {
+        let mut c = Conn::new(self.v.guest_cid, VSOCK_LOCAL_PORT, vsock::CID_HOST, port, VSOCK_BUF_ALLOC);
+        let what = "guest->host";
+        println!("{P}: vsock: {what}: connecting to {}:{port} from port {VSOCK_LOCAL_PORT}", vsock::CID_HOST);
+        self.send(&mut c, vop::REQUEST, 0, &[])?;
+        let t0 = rdtsc();
+        loop {
+            if rdtsc().wrapping_sub(t0) > ms_to_cycles(5000) {
+                println!("{P}: vsock: {what}: no RESPONSE to our REQUEST within 5 s");
+                return Err((code::VSOCK_NO_RESPONSE, "no RESPONSE to REQUEST"));
+            }
+            let Some(h) = self.next()? else {
+                core::hint::spin_loop();
+                continue;
+            };
+            if !c.matches(&h) {
+                self.stray(&h)?;
+                continue;
+            }
+            match h.op {
+                vop::RESPONSE => {
+                    c.update_credit(&h);
+                    break;
+                }
+                vop::RST => {
+                    println!("{P}: vsock: {what}: connection to port {port} refused (RST)");
+                    return Err((code::VSOCK_REFUSED, "connection refused"));
+                }
+                _ => {
+                    println!("{P}: vsock: {what}: unexpected answer to REQUEST: {}", vs_hdr_str(&h));
+                    return Err((code::VSOCK_PROTOCOL, "unexpected answer to REQUEST"));
+                }
+            }
+        }
+        let us = rdtsc().wrapping_sub(t0) / (arch::tsc_hz() / 1_000_000).max(1);
+        println!(
+            "{P}: vsock: {what}: connected in {us} us, peer buf_alloc {} fwd_cnt {}",
+            c.peer_buf_alloc, c.peer_fwd_cnt
+        );
+
+        let chunk = alloc(vsock::MAX_PAYLOAD)?;
+        let expect = alloc(vsock::MAX_PAYLOAD)?;
+        let (mut sent, mut got) = (0u64, 0u64);
+        let (mut pkts_out, mut pkts_in, mut credit_waits) = (0u64, 0u64, 0u64);
+        let t0 = rdtsc();
+        let mut last = t0;
+        let mut credit_requested = false;
+        while got < total {
+            let mut progress = false;
+            // At most 64 packets per pass, so a flooding peer cannot starve transmission.
+            for _ in 0..64 {
+                let Some(h) = self.next()? else { break };
+                if !c.matches(&h) {
+                    self.stray(&h)?;
+                    continue;
+                }
+                c.update_credit(&h);
+                progress = true;
+                match h.op {
+                    vop::RW => {
+                        let n = self.take_rw(&mut c, &h)?;
+                        if got + n as u64 > total {
+                            println!("{P}: vsock: {what}: {} bytes echoed, only {total} sent", got + n as u64);
+                            return Err((code::VSOCK_DATA, "more bytes echoed than sent"));
+                        }
+                        vsock_pattern(got, &mut expect[..n]);
+                        if let Some(i) = (0..n).find(|&i| self.payload[i] != expect[i]) {
+                            println!(
+                                "{P}: vsock: {what}: echo differs at stream offset {}: got {:#04x}, expected {:#04x}",
+                                got + i as u64,
+                                self.payload[i],
+                                expect[i]
+                            );
+                            return Err((code::VSOCK_DATA, "echoed data differs"));
+                        }
+                        got += n as u64;
+                        pkts_in += 1;
+                        c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
+                    }
+                    vop::CREDIT_UPDATE => {}
+                    vop::CREDIT_REQUEST => self.send(&mut c, vop::CREDIT_UPDATE, 0, &[])?,
+                    vop::SHUTDOWN => {
+                        c.peer_shutdown |= h.flags;
+                        println!("{P}: vsock: {what}: peer SHUTDOWN flags {} after {got}/{total} bytes", h.flags);
+                        if h.flags & vshut::SEND != 0 {
+                            return Err((code::VSOCK_PROTOCOL, "host shut down before echoing everything"));
+                        }
+                    }
+                    vop::RST => {
+                        println!("{P}: vsock: {what}: RST after {sent} bytes sent, {got} echoed");
+                        return Err((code::VSOCK_PROTOCOL, "connection reset during the transfer"));
+                    }
+                    _ => {
+                        println!("{P}: vsock: {what}: unexpected packet: {}", vs_hdr_str(&h));
+                        return Err((code::VSOCK_PROTOCOL, "unexpected packet"));
+                    }
+                }
+            }
+            while sent < total && c.peer_shutdown & vshut::RCV == 0 {
+                let n = (total - sent).min(vsock::MAX_PAYLOAD as u64).min(c.credit() as u64) as usize;
+                if n == 0 {
+                    credit_waits += 1;
+                    break;
+                }
+                if !self.v.tx_ready().map_err(|e| vfail("vsock: transmit", e))? {
+                    break;
+                }
+                vsock_pattern(sent, &mut chunk[..n]);
+                self.send(&mut c, vop::RW, 0, &chunk[..n])?;
+                sent += n as u64;
+                pkts_out += 1;
+                progress = true;
+            }
+            let now = rdtsc();
+            if progress {
+                last = now;
+                credit_requested = false;
+                self.credit_update(&mut c, false)?;
+            } else {
+                let idle = now.wrapping_sub(last);
+                if idle > ms_to_cycles(200) && self.credit_update(&mut c, true)? {
+                    continue;
+                }
+                if idle > ms_to_cycles(500) && !credit_requested && sent < total && c.credit() == 0 {
+                    println!("{P}: vsock: {what}: no credit for 500 ms (peer buf_alloc {} fwd_cnt {}, sent {sent}): CREDIT_REQUEST", c.peer_buf_alloc, c.peer_fwd_cnt);
+                    self.send(&mut c, vop::CREDIT_REQUEST, 0, &[])?;
+                    credit_requested = true;
+                }
+                if idle > ms_to_cycles(5000) {
+                    println!(
+                        "{P}: vsock: {what}: stalled: sent {sent}, echoed {got} of {total}; credit {} (peer buf_alloc {} fwd_cnt {}), our fwd_cnt {}",
+                        c.credit(),
+                        c.peer_buf_alloc,
+                        c.peer_fwd_cnt,
+                        c.fwd_cnt
+                    );
+                    return Err((code::VSOCK_STALL, "transfer stalled"));
+                }
+                core::hint::spin_loop();
+            }
+        }
+        let cycles = rdtsc().wrapping_sub(t0);
+        println!("{P}: vsock: guest->host port {port}: {total} bytes echoed ok");
+        println!(
+            "{P}: vsock: guest->host: bytes={total} cycles={cycles} tsc_hz={} packets out={pkts_out} in={pkts_in} credit-waits={credit_waits}",
+            arch::tsc_hz()
+        );
+        self.close(&mut c, what)
+    }
+
+    /// Host-initiated half: wait up to `wait_ms` for a REQUEST to the listen
+    /// port, accept it and echo everything until the host shuts down.
+    fn inbound(&mut self, wait_ms: u64) -> TestResult {
+        let what = "host->guest";
+        let listen = self.listen;
+        println!("{P}: vsock: {what}: listening on port {listen} (cid {})", self.v.guest_cid);
+        let t0 = rdtsc();
+        while self.pending.is_none() {
+            if rdtsc().wrapping_sub(t0) > ms_to_cycles(wait_ms) {
+                println!("{P}: vsock: {what}: no REQUEST to port {listen} within {wait_ms} ms");
+                return Err((code::VSOCK_NO_REQUEST, "no connection request"));
+            }
+            match self.next()? {
+                Some(h) => self.stray(&h)?,
+                None => core::hint::spin_loop(),
+            }
+        }
+        let req = self.pending.take().unwrap_or_default();
+        let mut c = Conn::new(self.v.guest_cid, listen, req.src_cid, req.src_port, VSOCK_BUF_ALLOC);
+        c.update_credit(&req);
+        self.send(&mut c, vop::RESPONSE, 0, &[])?;
+        println!(
+            "{P}: vsock: {what}: accepted {}:{} (peer buf_alloc {} fwd_cnt {})",
+            req.src_cid, req.src_port, c.peer_buf_alloc, c.peer_fwd_cnt
+        );
+        // Unconsumed data is ring[fwd_cnt .. rx_cnt) (mod VSOCK_BUF_ALLOC).
+        let ring = alloc(VSOCK_BUF_ALLOC as usize)?;
+        let size = VSOCK_BUF_ALLOC as usize;
+        let (mut echoed, mut received) = (0u64, 0u64);
+        let t0 = rdtsc();
+        let mut last = t0;
+        let mut credit_requested = false;
+        let mut repeats = 0u64;
+        let mut last_echo = t0;
+        let how = loop {
+            let mut progress = false;
+            let mut reset = false;
+            // At most 64 packets per pass, so a flooding peer cannot starve transmission.
+            for _ in 0..64 {
+                let Some(h) = self.next()? else { break };
+                if !c.matches(&h) {
+                    self.stray(&h)?;
+                    continue;
+                }
+                c.update_credit(&h);
+                progress = true;
+                match h.op {
+                    vop::RW => {
+                        let at = c.rx_cnt as usize % size;
+                        let n = self.take_rw(&mut c, &h)?;
+                        let first = n.min(size - at);
+                        ring[at..at + first].copy_from_slice(&self.payload[..first]);
+                        ring[..n - first].copy_from_slice(&self.payload[first..n]);
+                        received += n as u64;
+                    }
+                    vop::CREDIT_UPDATE => {}
+                    vop::CREDIT_REQUEST => self.send(&mut c, vop::CREDIT_UPDATE, 0, &[])?,
+                    vop::SHUTDOWN => {
+                        if c.peer_shutdown | h.flags != c.peer_shutdown || c.peer_shutdown == 0 {
+                            println!("{P}: vsock: {what}: peer SHUTDOWN flags {} after {received} bytes", h.flags);
+                        } else {
+                            repeats += 1;
+                        }
+                        c.peer_shutdown |= h.flags;
+                    }
+                    vop::RST => {
+                        reset = true;
+                        break;
+                    }
+                    _ => println!("{P}: vsock: {what}: unexpected packet ignored: {}", vs_hdr_str(&h)),
+                }
+            }
+            if reset {
+                break "RST from the peer";
+            }
+            if c.peer_shutdown & vshut::RCV != 0 {
+                // The peer takes no more data: what is left cannot be echoed.
+                self.send(&mut c, vop::RST, 0, &[])?;
+                break "peer stopped receiving; RST sent";
+            }
+            while c.unconsumed() > 0 {
+                let at = c.fwd_cnt as usize % size;
+                let n = (c.unconsumed() as usize).min(size - at).min(vsock::MAX_PAYLOAD).min(c.credit() as usize);
+                if n == 0 || !self.v.tx_ready().map_err(|e| vfail("vsock: transmit", e))? {
+                    break;
+                }
+                c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
+                self.send(&mut c, vop::RW, 0, &ring[at..at + n])?;
+                echoed += n as u64;
+                progress = true;
+                last_echo = rdtsc();
+            }
+            if c.peer_shutdown & vshut::SEND != 0 && c.unconsumed() == 0 {
+                self.close(&mut c, what)?;
+                break "peer shut down sending; echo complete";
+            }
+            let now = rdtsc();
+            if progress {
+                last = now;
+                credit_requested = false;
+                self.credit_update(&mut c, false)?;
+            } else {
+                let idle = now.wrapping_sub(last);
+                if idle > ms_to_cycles(200) && self.credit_update(&mut c, true)? {
+                    continue;
+                }
+                if idle > ms_to_cycles(500) && !credit_requested && c.unconsumed() > 0 && c.credit() == 0 {
+                    println!(
+                        "{P}: vsock: {what}: no credit for 500 ms with {} bytes to echo: CREDIT_REQUEST",
+                        c.unconsumed()
+                    );
+                    self.send(&mut c, vop::CREDIT_REQUEST, 0, &[])?;
+                    credit_requested = true;
+                }
+                if idle > ms_to_cycles(10_000) {
+                    println!(
+                        "{P}: vsock: {what}: nothing happened for 10 s: received {received}, echoed {echoed}; credit {} (peer buf_alloc {} fwd_cnt {})",
+                        c.credit(),
+                        c.peer_buf_alloc,
+                        c.peer_fwd_cnt
+                    );
+                    return Err((code::VSOCK_STALL, "connection idle (no SHUTDOWN/RST from the host)"));
+                }
+                core::hint::spin_loop();
+            }
+        };
+        let cycles = rdtsc().wrapping_sub(t0);
+        if repeats > 0 {
+            println!("{P}: vsock: {what}: note: the peer repeated its SHUTDOWN {repeats} time(s)");
+        }
+        if received != echoed {
+            println!(
+                "{P}: vsock: {what}: note: {} received bytes not echoed (the peer stopped receiving)",
+                received - echoed
+            );
+        }
+        println!("{P}: vsock: host->guest port {listen}: echoed {echoed} bytes");
+        println!(
+            "{P}: vsock: host->guest: received={received} echoed={echoed} cycles={cycles} data_cycles={} tsc_hz={} end: {how}",
+            last_echo.wrapping_sub(t0),
+            arch::tsc_hz()
+        );
+        Ok(())
+    }
+}
+
+/// ", N bytes after our SHUTDOWN" when N > 0.
+struct Late(u64);
+
+impl core::fmt::Display for Late {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.0 > 0 {
+            write!(f, "; {} data bytes after our SHUTDOWN ignored", self.0)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// `vsock`: guest-initiated echo through host port `bexar.vsock-port` (default 5000) with
+/// `bexar.vsock-bytes` (default 65536) bytes, then a host-initiated connection to
+/// `bexar.vsock-listen` (default 6000) that is echoed back; `bexar.vsock-only=out|in`
+/// runs one half, `bexar.vsock-wait-ms` (default 20000) bounds the wait for the host.
+pub fn test_vsock(bp: &BootParams) -> TestResult {
+    let port = param(bp, "bexar.vsock-port", 5000)?;
+    let listen = param(bp, "bexar.vsock-listen", 6000)?;
+    let total = param(bp, "bexar.vsock-bytes", 65536)?;
+    let wait_ms = param(bp, "bexar.vsock-wait-ms", 20000)?;
+    if port > u32::MAX as u64 || listen > u32::MAX as u64 {
+        return Err((code::BAD_PARAM, "port out of range"));
+    }
+    let (do_out, do_in) = match cmdline_param(bp.cmdline(), "bexar.vsock-only") {
+        None => (true, true),
+        Some("out") => (true, false),
+        Some("in") => (false, true),
+        Some(v) => {
+            println!("{P}: bad value for bexar.vsock-only: {v}");
+            return Err((code::BAD_PARAM, "bad command-line parameter"));
+        }
+    };
+    let t = mmio::find(device_id::VSOCK, 0).ok_or_else(|| {
+        println!("{P}: vsock: no vsock device");
+        (code::VIRTIO_NO_DEVICE, "no vsock device")
+    })?;
+    let v = Vsock::open(t, 64).map_err(|e| vfail("vsock: device init failed", e))?;
+    println!(
+        "{P}: vsock: slot {} at {:#x}: guest cid {}, queues rx {} tx {} event {}",
+        t.slot,
+        t.base,
+        v.guest_cid,
+        v.rx.size(),
+        v.tx.size(),
+        v.ev.size()
+    );
+    println!("{P}: vsock: features offered {}", features_str(v.offered));
+    println!("{P}: vsock: features accepted {}", features_str(v.features));
+    if v.guest_cid <= vsock::CID_HOST || v.guest_cid >= 0xffff_ffff {
+        return Err((code::VSOCK_PROTOCOL, "invalid guest cid in config space"));
+    }
+    let payload = alloc(vsock::MAX_PAYLOAD)?;
+    let mut s = VsockTest { v, listen: listen as u32, pending: None, payload, stray: 0 };
+    if do_out {
+        s.out(port as u32, total)?;
+    }
+    if do_in {
+        s.inbound(wait_ms)?;
+    }
+    if s.stray > 0 {
+        println!("{P}: vsock: {} packet(s) for no connection (answered with RST)", s.stray);
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ pub mod net;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod ring;
 pub mod rng;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 

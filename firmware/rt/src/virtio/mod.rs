@@ -12,12 +12,14 @@
 //! config space); [`queue`] a split virtqueue (descriptor chains,
 //! avail/used rings, polling); [`blk`] virtio-blk (read, write, flush,
 //! get-id, discard, write-zeroes); [`rng`] virtio-rng (entropy); [`net`]
-//! virtio-net (raw Ethernet frames, no offloads).
+//! virtio-net (raw Ethernet frames, no offloads); [`vsock`] virtio-vsock
+//! (stream packets and credit accounting).
 pub mod blk;
 pub mod mmio;
 pub mod net;
 pub mod queue;
 pub mod rng;
+pub mod vsock;
 
 pub use mmio::Transport;
 pub use queue::VirtQueue;
@@ -100,6 +102,11 @@ pub enum Error {
     Status(u8),
     /// The device did not write the status byte of a completed request.
     NoStatus,
+    /// vsock: the data exceeds the peer's credit.
+    NoCredit,
+    /// vsock: a received packet is malformed (used length shorter than the
+    /// header or than header + len, or len above the buffer); the value is the length.
+    BadPacket(u32),
 }
 
 impl Error {
@@ -126,6 +133,8 @@ impl Error {
             Error::Status(2) => "status UNSUPP",
             Error::Status(_) => "bad status byte",
             Error::NoStatus => "status byte not written",
+            Error::NoCredit => "no credit from the peer",
+            Error::BadPacket(_) => "malformed packet",
         }
     }
 }
@@ -133,7 +142,7 @@ impl Error {
 impl core::fmt::Display for Error {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Error::BadUsedId(v) | Error::BadUsedLen(v) => write!(f, "{} ({v})", self.as_str()),
+            Error::BadUsedId(v) | Error::BadUsedLen(v) | Error::BadPacket(v) => write!(f, "{} ({v})", self.as_str()),
             Error::Status(s) => write!(f, "{} ({s})", self.as_str()),
             _ => f.write_str(self.as_str()),
         }

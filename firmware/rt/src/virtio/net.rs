@@ -131,6 +131,70 @@ impl Net {
         Ok(())
     }
 
+    /// Write the virtio header + `frame` into every transmit buffer, for
+    /// [`Net::submit_prepared`] (a blast of identical frames without copies).
+    pub fn prepare_tx(&mut self, frame: &[u8]) -> Result<()> {
+        if frame.is_empty() || frame.len() > MAX_FRAME {
+            return Err(Error::BadArgument);
+        }
+        for i in 0..self.tx.size() as usize {
+            let p = unsafe { self.tx_bufs.add(i * BUF_LEN) };
+            unsafe {
+                core::ptr::write_bytes(p, 0, HDR_LEN);
+                core::ptr::copy_nonoverlapping(frame.as_ptr(), p.add(HDR_LEN), frame.len());
+            }
+        }
+        Ok(())
+    }
+
+    /// Queue the frame of `len` bytes that [`Net::prepare_tx`] left in the
+    /// next free transmit buffer, without notifying. False if the ring is full.
+    pub fn submit_prepared(&mut self, len: usize) -> Result<bool> {
+        if len == 0 || len > MAX_FRAME {
+            return Err(Error::BadArgument);
+        }
+        if self.tx.num_free() == 0 {
+            return Ok(false);
+        }
+        let i = self.tx.next_head() as usize;
+        let p = unsafe { self.tx_bufs.add(i * BUF_LEN) };
+        self.tx.add(&[Buf::out(p, HDR_LEN + len)])?;
+        Ok(true)
+    }
+
+    /// Count (and free) finished transmissions.
+    pub fn reclaim_tx_count(&mut self) -> Result<u64> {
+        let mut n = 0;
+        while self.tx.pop_used()?.is_some() {
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Hand every received frame waiting in the used ring to `f` (without
+    /// the virtio header), re-post the buffers and notify once. Returns the
+    /// number of frames passed to `f` (malformed ones are counted in `rx_bad`).
+    pub fn recv_batch(&mut self, mut f: impl FnMut(&[u8])) -> Result<usize> {
+        let mut n = 0;
+        let mut reposted = false;
+        while let Some(u) = self.rx.pop_used()? {
+            let len = u.len as usize;
+            let p = unsafe { self.rx_bufs.add(u.id as usize * BUF_LEN) };
+            if len > HDR_LEN && len <= BUF_LEN {
+                f(unsafe { core::slice::from_raw_parts(p.add(HDR_LEN), len - HDR_LEN) });
+                n += 1;
+            } else {
+                self.rx_bad += 1;
+            }
+            self.post_rx()?;
+            reposted = true;
+        }
+        if reposted {
+            self.rx.kick();
+        }
+        Ok(n)
+    }
+
     /// Copy the next received frame (without the virtio header) into `out`
     /// and give its buffer back to the device. Returns the frame length
     /// (truncated to `out.len()`), or None if nothing arrived.

@@ -16,6 +16,7 @@ pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
 pub const DESC_F_INDIRECT: u16 = 4;
 pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
+pub const USED_F_NO_NOTIFY: u16 = 1;
 /// Largest queue this driver sets up (shadow arrays are this long).
 pub const MAX_QUEUE_SIZE: usize = 256;
 
@@ -226,6 +227,13 @@ impl VirtQueue {
     /// The device's used.idx.
     pub fn used_idx(&self) -> u16 {
         unsafe { read_volatile(self.used.add(2) as *const u16) }
+    }
+
+    /// Does the device accept notifications (VIRTQ_USED_F_NO_NOTIFY clear)?
+    /// A hint only: the device may set the flag while it is busy.
+    pub fn device_wants_notify(&self) -> bool {
+        let flags = unsafe { read_volatile(self.used as *const u16) };
+        flags & USED_F_NO_NOTIFY == 0
     }
 
     /// The driver's count of used entries consumed so far.
