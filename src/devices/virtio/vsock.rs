@@ -341,7 +341,7 @@ impl Vsock {
     }
 
     /// Handles one packet from the guest.
-    fn from_guest(&mut self, h: Hdr, payload: Vec<u8>, ops: &mut EventOps) {
+    fn handle_guest_packet(&mut self, h: Hdr, payload: Vec<u8>, ops: &mut EventOps) {
         if h.src_cid != self.cid || h.dst_cid != HOST_CID || h.kind != TYPE_STREAM {
             Counters::inc(&self.counters.refused);
             if h.op != OP_RST {
@@ -663,7 +663,7 @@ impl Vsock {
             },
         );
         for (h, p) in packets {
-            self.from_guest(h, p, ops);
+            self.handle_guest_packet(h, p, ops);
         }
     }
 
@@ -687,22 +687,23 @@ impl Vsock {
                 break;
             };
             let head = chain.head_index();
-            let len = match chain.writer(&mem) {
-                Ok(mut w) if w.available_bytes() >= HDR + payload.len() => {
-                    if w.write_all(&h.bytes())
+            let written = chain
+                .writer(&mem)
+                .ok()
+                .filter(|w| w.available_bytes() >= HDR + payload.len())
+                .and_then(|mut w| {
+                    w.write_all(&h.bytes())
                         .and_then(|_| w.write_all(payload))
-                        .is_ok()
-                    {
-                        self.counters
-                            .read_bytes
-                            .fetch_add(payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                        (HDR + payload.len()) as u32
-                    } else {
-                        Counters::inc(&self.counters.refused);
-                        0
-                    }
+                        .ok()
+                });
+            let len = match written {
+                Some(()) => {
+                    self.counters
+                        .read_bytes
+                        .fetch_add(payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    (HDR + payload.len()) as u32
                 }
-                _ => {
+                None => {
                     Counters::inc(&self.counters.refused);
                     0
                 }
