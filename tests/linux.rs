@@ -191,7 +191,7 @@ impl Drop for DhcpNetns {
 }
 
 #[test]
-fn vmlinux_on_virtio_ext4_root_rng_and_dhcp_networking() {
+fn vmlinux_drives_all_four_virtio_devices_ext4_root_dhcp_rng_vsock() {
     let img = linux_image();
     let netns = DhcpNetns::new();
     let root = ext4_root();
@@ -201,6 +201,7 @@ fn vmlinux_on_virtio_ext4_root_rng_and_dhcp_networking() {
         .set_len(8 << 20)
         .unwrap();
     let log = tmp("virtio-linux.log");
+    let vsock = tmp("virtio-linux.vsock");
     let result = tmp("virtio-linux.json");
     // bexar runs inside the namespace, where the TAP lives.
     let o = std::process::Command::new("ip")
@@ -213,7 +214,9 @@ fn vmlinux_on_virtio_ext4_root_rng_and_dhcp_networking() {
             "console=ttyS0 reboot=k panic=1 root=/dev/vda rw ip=dhcp",
             "--net",
             "tap=tap0,mac=02:00:00:00:00:2a",
+            "--vsock",
         ])
+        .arg(format!("cid=3,uds={}", vsock.display()))
         .arg("--disk")
         .arg(format!("{},serial=bexar-root", root.display()))
         .arg("--disk")
@@ -256,6 +259,11 @@ fn vmlinux_on_virtio_ext4_root_rng_and_dhcp_networking() {
         rng["read_bytes"].as_u64().unwrap() > 0,
         "the kernel took no entropy: {rng}"
     );
+    // Linux's own drivers brought up every device: two disks, the NIC, the rng and vsock.
+    assert_eq!(devices.len(), 5, "{json}");
+    for d in devices {
+        assert_eq!(d["activations"], 1, "{d}");
+    }
     let net = devices.iter().find(|d| d["kind"] == "net").unwrap();
     assert!(
         net["read_bytes"].as_u64().unwrap() > 0 && net["written_bytes"].as_u64().unwrap() > 0,
@@ -264,7 +272,7 @@ fn vmlinux_on_virtio_ext4_root_rng_and_dhcp_networking() {
     let vda = &devices[0];
     assert!(vda["read_bytes"].as_u64().unwrap() > 0);
     assert_eq!(vda["refused"], 0, "{vda}");
-    for p in [root, scratch, log, result] {
+    for p in [root, scratch, log, result, vsock] {
         std::fs::remove_file(p).ok();
     }
 }

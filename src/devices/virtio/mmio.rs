@@ -165,7 +165,10 @@ impl MmioTransport {
             .collect();
         let mut dev = lock(&self.device);
         match dev.activate(self.mem.clone(), self.acked_features, queues) {
-            Ok(()) => self.active = true,
+            Ok(()) => {
+                self.active = true;
+                Counters::inc(&self.counters.activations);
+            }
             Err(e) => {
                 drop(dev);
                 tracing::warn!(

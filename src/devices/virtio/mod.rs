@@ -132,6 +132,8 @@ pub struct Counters {
     pub spurious_notifies: AtomicU64,
     /// Times the device marked itself DEVICE_NEEDS_RESET.
     pub needs_reset: AtomicU64,
+    /// Times a driver brought the device up (DRIVER_OK accepted).
+    pub activations: AtomicU64,
 }
 
 impl Counters {
@@ -162,6 +164,8 @@ pub struct DeviceReport {
     pub spurious_notifies: u64,
     /// Times the device needed a reset.
     pub needs_reset: u64,
+    /// Times a driver brought the device up.
+    pub activations: u64,
 }
 
 impl DeviceReport {
@@ -178,6 +182,7 @@ impl DeviceReport {
             written_bytes: g(&c.written_bytes),
             spurious_notifies: g(&c.spurious_notifies),
             needs_reset: g(&c.needs_reset),
+            activations: g(&c.activations),
         }
     }
 }
