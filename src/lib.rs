@@ -3,8 +3,10 @@
 //! * [`vmm`] builds and runs one VM in this process: memory, boot, vCPUs.
 //! * [`devices`] holds the emulated devices and the buses they sit on.
 //! * [`net`] talks to the host's networking (TAP devices).
+//! * [`block`] holds block I/O backends (io_uring).
 //! * [`cli`] is the command line: `bexar run`, `bexar boot-test`.
 
+pub mod block;
 pub mod cli;
 pub mod devices;
 pub mod net;

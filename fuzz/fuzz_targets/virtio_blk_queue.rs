@@ -44,4 +44,5 @@ fuzz_target!(|data: &[u8]| {
     ring.set_avail_idx(u16::from_le_bytes([avail_idx[0], avail_idx[1]]));
     dev.process_queue();
     dev.process_queue();
+    dev.settle();
 });
