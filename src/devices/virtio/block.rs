@@ -811,6 +811,36 @@ mod tests {
     }
 
     #[test]
+    fn canonical_requests_take_the_io_uring_path_when_the_host_has_it() {
+        let mut r = rig(64, false);
+        let Some(_) = r.dev.uring.as_ref() else {
+            // io_uring disabled on this host (e.g. kernel.io_uring_disabled): the synchronous
+            // path is what the other tests cover.
+            eprintln!("io_uring unavailable here; only the synchronous path is tested");
+            return;
+        };
+        let mem = r.ram.mem.clone();
+        let mut ring = DriverRing::new(&mem, RING, 16);
+        r.dev.activate(mem.clone(), 0, vec![ring.queue()]).unwrap();
+        r.header(T_IN, 2);
+        ring.push_chain(
+            0,
+            &[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)],
+        );
+        r.dev.process_queue();
+        assert_eq!(
+            r.dev.uring.as_ref().unwrap().in_flight(),
+            1,
+            "not submitted to io_uring"
+        );
+        assert_eq!(ring.used_idx(), 0, "returned before completion");
+        r.dev.settle();
+        assert_eq!(r.status(), S_OK);
+        assert_eq!(ring.used_entry(0), (0, 4097));
+        assert_eq!(counter(&r.dev.counters.read_bytes), 4096);
+    }
+
+    #[test]
     fn bounce_windows_are_aligned() {
         let mut b = Bounce::default();
         for len in [512, 4096, 65536, 1000] {
