@@ -83,21 +83,23 @@ impl Uring {
         let id = self.next;
         self.next = self.next.wrapping_add(1);
         let entry = entry.user_data(id);
+        // Recorded first so the iovecs the entry points at are in place when the kernel reads
+        // them, and removed again if the entry never reaches the queue.
         self.pending.insert(id, p);
         // SAFETY: the entry's buffers (iovec array, guest pages) stay valid until its
-        // completion is reaped: the iovecs live in `pending[id]`, guest memory lives with the VM.
-        let pushed = unsafe { self.ring.submission().push(&entry) };
-        if pushed.is_err() {
-            self.ring.submit()?;
+        // completion is reaped: the iovecs live in `pending[id]`, guest memory lives with the VM
+        // (Block drains the ring before it goes away).
+        let mut pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
+        if !pushed && self.ring.submit().is_ok() {
             // SAFETY: as above.
-            if unsafe { self.ring.submission().push(&entry) }.is_err() {
-                self.pending.remove(&id);
-                return Err(io::Error::other("io_uring submission queue full"));
-            }
+            pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
+        }
+        if !pushed {
+            self.pending.remove(&id);
+            return Err(io::Error::other("io_uring submission queue full"));
         }
         Ok(())
     }
-
     /// Queues a read (guest reads the disk) or write of `segments` (host addresses and lengths
     /// inside guest memory) at byte `offset`.
     #[allow(clippy::too_many_arguments)]
@@ -184,6 +186,15 @@ impl Uring {
             });
         }
         done
+    }
+
+    /// Drops finished requests without touching guest memory (the device was reset).
+    pub fn discard(&mut self) {
+        let _ = self.evt.read();
+        let ids: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
+        for id in ids {
+            self.pending.remove(&id);
+        }
     }
 
     /// Blocks until at least one request completes (tests, reset).

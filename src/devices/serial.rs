@@ -172,7 +172,10 @@ impl Write for ConsoleOut {
                 s.replay.drain(..excess);
                 if let Some(c) = s.client.as_mut() {
                     if c.write_all(buf).is_err() {
-                        s.client = None;
+                        // Gone, or too slow to keep up: drop it (the replay keeps the output).
+                        if let Some(old) = s.client.take() {
+                            let _ = old.shutdown(std::net::Shutdown::Both);
+                        }
                     }
                 }
             }
@@ -260,9 +263,24 @@ fn spawn_reader<R: Read + Send + 'static>(uart: Arc<Mutex<Uart>>, mut input: R) 
         });
 }
 
+/// How long a console write may wait for a slow client before the client is dropped (the
+/// vCPU thread writes the console: a client that stops reading must not stall the guest).
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_millis(20);
+
 fn accept_loop(listener: UnixListener, shared: Arc<Mutex<SocketShared>>, uart: Arc<Mutex<Uart>>) {
-    for conn in listener.incoming() {
-        let Ok(mut conn) = conn else { continue };
+    loop {
+        let mut conn = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(e) => {
+                // Out of descriptors or similar: back off instead of spinning.
+                tracing::debug!("console socket: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if conn.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT)).is_err() {
+            continue;
+        }
         let input = match conn.try_clone() {
             Ok(c) => c,
             Err(_) => continue,
@@ -273,7 +291,11 @@ fn accept_loop(listener: UnixListener, shared: Arc<Mutex<SocketShared>>, uart: A
             if conn.write_all(a).and_then(|_| conn.write_all(b)).is_err() {
                 continue;
             }
-            s.client = Some(conn);
+            // One client at a time: the previous one is disconnected, which also ends its
+            // reader thread.
+            if let Some(old) = s.client.replace(conn) {
+                let _ = old.shutdown(std::net::Shutdown::Both);
+            }
         }
         spawn_reader(uart.clone(), input);
     }

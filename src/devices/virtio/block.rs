@@ -1,6 +1,7 @@
 //! virtio-blk over a raw image file: read, write, flush (fdatasync), GET_ID, DISCARD (punch
 //! hole) and WRITE_ZEROES (zero range), every request bounds-checked against the disk size.
-//! Requests run synchronously on the virtio event loop thread.
+//! Reads, writes and flushes go through io_uring where the host has it (`crate::block::uring`);
+//! everything else, and every refusal, is answered synchronously on the event loop thread.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -233,10 +234,17 @@ impl Block {
             return;
         }
         let mem = active.mem.clone();
+        // Never more requests in flight than the ring has slots: the rest stay in the
+        // available ring until completions make room (complete() comes back here).
+        let budget =
+            usize::from(QUEUE_SIZE).saturating_sub(self.uring.as_ref().map_or(0, Uring::in_flight));
+        if budget == 0 {
+            return;
+        }
         let chains: Vec<DescriptorChain<&GuestMemoryMmap>> = match active.queue.iter(&mem) {
-            Ok(it) => it.collect(),
+            Ok(it) => it.take(budget).collect(),
             Err(e) => {
-                tracing::warn!("virtio-blk: corrupt available ring ({e}): device needs a reset");
+                tracing::debug!("virtio-blk: corrupt available ring ({e}): device needs a reset");
                 Counters::inc(&self.counters.needs_reset);
                 self.interrupt.set_needs_reset();
                 return;
@@ -266,7 +274,7 @@ impl Block {
         }
         if submitted {
             if let Some(Err(e)) = self.uring.as_mut().map(Uring::submit) {
-                tracing::warn!("virtio-blk: io_uring submit failed: {e}");
+                tracing::debug!("virtio-blk: io_uring submit failed: {e}");
             }
         }
         self.return_used(&mem, &used);
@@ -282,7 +290,7 @@ impl Block {
         }
         for (head, len) in used {
             if let Err(e) = active.queue.add_used(mem, *head, *len) {
-                tracing::warn!(
+                tracing::debug!(
                     "virtio-blk: cannot return descriptor {head} ({e}): device needs a reset"
                 );
                 Counters::inc(&self.counters.needs_reset);
@@ -297,7 +305,12 @@ impl Block {
 
     /// Returns the io_uring requests that finished.
     fn complete(&mut self) {
-        let (Some(u), Some(active)) = (self.uring.as_mut(), self.active.as_ref()) else {
+        let Some(u) = self.uring.as_mut() else {
+            return;
+        };
+        let Some(active) = self.active.as_ref() else {
+            // Reset meanwhile: nothing to return, but the eventfd must be drained.
+            u.discard();
             return;
         };
         let mem = active.mem.clone();
@@ -317,8 +330,18 @@ impl Block {
             used.push((d.head, d.used_len));
         }
         self.return_used(&mem, &used);
+        // Requests left in the available ring while the in-flight budget was used up.
+        if !used.is_empty() {
+            self.process_queue_quiet();
+        }
     }
 
+    /// process_queue without counting the call as a notification.
+    fn process_queue_quiet(&mut self) {
+        if self.active.is_some() && !self.interrupt.needs_reset() {
+            self.process_queue();
+        }
+    }
     /// Waits until no request is in flight (tests and fuzzing; the event loop never blocks).
     pub fn settle(&mut self) {
         while self.uring.as_ref().is_some_and(|u| u.in_flight() > 0) {
@@ -524,7 +547,8 @@ fn handle_request(
             T_DISCARD | T_WRITE_ZEROES if read_only => Err(None),
             T_DISCARD | T_WRITE_ZEROES => {
                 let mut result = Ok(());
-                if reader.available_bytes() < 16 || !reader.available_bytes().is_multiple_of(16) {
+                // We advertise one segment per request (max_discard_seg = 1).
+                if reader.available_bytes() != 16 {
                     result = Err(None);
                 }
                 while result.is_ok() && reader.available_bytes() >= 16 {
@@ -538,7 +562,7 @@ fn handle_request(
                         seg[8..12].try_into().unwrap_or_default(),
                     ));
                     let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
-                    let Some(off) = in_bounds(s, n * SECTOR, size) else {
+                    let Some(off) = in_bounds(s, n * SECTOR, size).filter(|_| n > 0) else {
                         result = Err(None);
                         break;
                     };
@@ -577,6 +601,15 @@ fn handle_request(
     };
     let _ = status_w.write_all(&[status]);
     (writer.bytes_written() + status_w.bytes_written()) as u32
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        // The kernel must not write into guest memory after the device (and the VM) is gone.
+        if let (Some(u), Some(active)) = (self.uring.as_mut(), self.active.as_ref()) {
+            u.drain(&active.mem);
+        }
+    }
 }
 
 impl VirtioDevice for Block {

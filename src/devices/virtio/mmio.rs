@@ -171,7 +171,7 @@ impl MmioTransport {
             }
             Err(e) => {
                 drop(dev);
-                tracing::warn!(
+                tracing::debug!(
                     device = self.device_type,
                     "virtio device did not start: {e}"
                 );

@@ -252,10 +252,13 @@ pub fn serve_queue(
     counters: &Counters,
     mut handle: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 ) -> usize {
+    if interrupt.needs_reset() {
+        return 0;
+    }
     let chains: Vec<DescriptorChain<&GuestMemoryMmap>> = match queue.iter(mem) {
         Ok(it) => it.collect(),
         Err(e) => {
-            tracing::warn!("{name}: corrupt available ring ({e}): device needs a reset");
+            tracing::debug!("{name}: corrupt available ring ({e}): device needs a reset");
             Counters::inc(&counters.needs_reset);
             interrupt.set_needs_reset();
             return 0;
@@ -271,7 +274,7 @@ pub fn serve_queue(
     }
     for (head, len) in &used {
         if let Err(e) = queue.add_used(mem, *head, *len) {
-            tracing::warn!("{name}: cannot return descriptor {head} ({e}): device needs a reset");
+            tracing::debug!("{name}: cannot return descriptor {head} ({e}): device needs a reset");
             Counters::inc(&counters.needs_reset);
             interrupt.set_needs_reset();
             return used.len();

@@ -99,7 +99,6 @@ impl std::str::FromStr for NicConfig {
 struct Active {
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
-    tap_watched: bool,
 }
 
 /// A virtio-net device.
@@ -111,6 +110,8 @@ pub struct Net {
     counters: Arc<Counters>,
     active: Option<Active>,
     frame: Vec<u8>,
+    /// Whether the TAP is in the event loop's interest set (kept across resets).
+    tap_watched: bool,
 }
 
 impl Net {
@@ -136,12 +137,16 @@ impl Net {
             counters: Arc::new(Counters::default()),
             active: None,
             frame: vec![0u8; MAX_FRAME],
+            tap_watched: false,
         })
     }
 
     /// Moves frames from the TAP into rx buffers while both exist. Returns whether the TAP
     /// should stay watched (false: the guest has no buffers; wait for an rx notification).
     fn process_rx(&mut self) -> bool {
+        if self.interrupt.needs_reset() {
+            return false;
+        }
         let Some(a) = self.active.as_mut() else {
             return false;
         };
@@ -166,10 +171,12 @@ impl Net {
                     a.queues[RX].go_to_previous_position();
                     break true;
                 }
-                _ => {
+                Err(e) => {
+                    // A TAP that fails persistently (detached) must not spin the loop.
                     a.queues[RX].go_to_previous_position();
                     Counters::inc(&self.counters.io_errors);
-                    break true;
+                    tracing::debug!("virtio-net: TAP read failed: {e}");
+                    break false;
                 }
             };
             let head = chain.head_index();
@@ -211,6 +218,9 @@ impl Net {
     }
 
     fn process_tx(&mut self) {
+        if self.interrupt.needs_reset() {
+            return;
+        }
         let Some(a) = self.active.as_mut() else {
             Counters::inc(&self.counters.spurious_notifies);
             return;
@@ -231,16 +241,14 @@ impl Net {
     }
 
     fn watch_tap(&mut self, ops: &mut EventOps, on: bool) {
-        let Some(a) = self.active.as_mut() else {
-            return;
-        };
-        if a.tap_watched == on {
+        let on = on && self.active.is_some() && !self.interrupt.needs_reset();
+        if self.tap_watched == on {
             return;
         }
         let ev = Events::new(self.tap.file(), EventSet::IN);
         let r = if on { ops.add(ev) } else { ops.remove(ev) };
         if r.is_ok() {
-            a.tap_watched = on;
+            self.tap_watched = on;
         }
     }
 }
@@ -327,11 +335,12 @@ impl VirtioDevice for Net {
                 self.tap.name()
             );
         }
-        self.active = Some(Active {
-            mem,
-            queues,
-            tap_watched: false,
-        });
+        if queues.iter().any(|q| !q.ready()) {
+            return Err(ActivateError::BadQueue(
+                queues.iter().position(|q| !q.ready()).unwrap_or(0),
+            ));
+        }
+        self.active = Some(Active { mem, queues });
         // The event loop starts watching the TAP at the next rx notification, which Linux
         // sends as soon as it has filled the rx ring.
         let _ = self.queue_evts[RX].write(1);
@@ -366,6 +375,7 @@ impl MutEventSubscriber for Net {
             let _ = self.queue_evts[TX].read();
             self.process_tx();
         } else if fd == self.tap.file().as_raw_fd() {
+            // Also the way a TAP still watched after a driver reset gets unwatched.
             let watch = self.process_rx();
             self.watch_tap(ops, watch);
         }

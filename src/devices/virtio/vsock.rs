@@ -50,6 +50,11 @@ const BUF_ALLOC: u32 = 256 * 1024;
 const MAX_PAYLOAD: usize = 4096;
 /// Stop reading host sockets while this many packets wait for rx buffers.
 const RX_BACKLOG: usize = 64;
+/// Stop taking guest tx packets (whose answers queue up) beyond this many waiting packets.
+const TO_GUEST_MAX: usize = 512;
+/// Most connections per device, and host connections still sending their CONNECT line.
+const MAX_CONNS: usize = 1024;
+const MAX_HANDSHAKES: usize = 64;
 const RX: usize = 0;
 const TX: usize = 1;
 const EVT: usize = 2;
@@ -184,6 +189,15 @@ impl Conn {
     }
 }
 
+/// Connects to a host service without blocking the event loop: a Unix socket whose backlog is
+/// full answers EAGAIN at once, which the guest sees as a refused connection.
+fn connect_nonblocking(path: &str) -> std::io::Result<UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let sock = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)?;
+    sock.connect(&SockAddr::unix(path)?)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(sock)))
+}
+
 /// The header of a packet from the host side of connection `c` to guest `cid`.
 fn conn_hdr(cid: u64, c: &Conn, op: u16, len: u32) -> Hdr {
     Hdr {
@@ -221,6 +235,11 @@ pub struct Vsock {
     to_guest: VecDeque<(Hdr, Vec<u8>)>,
     next_port: u32,
     config: [u8; 8],
+    /// Sockets of connections dropped by a driver reset, to unregister before closing.
+    closing: Vec<UnixStream>,
+    /// Connections to end with a reset (their packet did not fit the guest's buffer).
+    broken: Vec<(u32, u32)>,
+    listener_watched: bool,
 }
 
 /// Errors creating the device.
@@ -265,6 +284,9 @@ impl Vsock {
             to_guest: VecDeque::new(),
             next_port: 1 << 30,
             config: u64::from(cfg.cid).to_le_bytes(),
+            closing: Vec::new(),
+            broken: Vec::new(),
+            listener_watched: false,
         })
     }
 
@@ -357,7 +379,12 @@ impl Vsock {
                 return;
             }
             let path = format!("{}_{}", self.uds.display(), h.dst_port);
-            match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+            let connected = if self.conns.len() >= MAX_CONNS {
+                Err(std::io::Error::other("too many vsock connections"))
+            } else {
+                connect_nonblocking(&path)
+            };
+            match connected {
                 Ok(stream) => {
                     let c = Conn {
                         stream,
@@ -538,9 +565,23 @@ impl Vsock {
         self.rewatch(key, ops);
     }
 
-    /// Accepts host connections and reads their CONNECT lines.
+    /// Accepts host connections and reads their CONNECT lines. At the connection limit, or when
+    /// accept fails (out of descriptors), the listener is unwatched until a connection ends.
     fn accept(&mut self, ops: &mut EventOps) {
-        while let Ok((stream, _)) = self.listener.accept() {
+        loop {
+            if self.handshakes.len() >= MAX_HANDSHAKES || self.conns.len() >= MAX_CONNS {
+                self.watch_listener(ops, false);
+                return;
+            }
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::debug!("vsock: accept on {} failed: {e}", self.uds.display());
+                    self.watch_listener(ops, false);
+                    return;
+                }
+            };
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
@@ -556,6 +597,16 @@ impl Vsock {
         }
     }
 
+    fn watch_listener(&mut self, ops: &mut EventOps, on: bool) {
+        if self.listener_watched == on {
+            return;
+        }
+        let ev = Events::new(&self.listener, EventSet::IN);
+        let r = if on { ops.add(ev) } else { ops.remove(ev) };
+        if r.is_ok() {
+            self.listener_watched = on;
+        }
+    }
     fn handshake(&mut self, fd: RawFd, ops: &mut EventOps) {
         let Some(hs) = self.handshakes.get_mut(&fd) else {
             return;
@@ -627,6 +678,10 @@ impl Vsock {
 
     /// Takes every tx packet from the guest.
     fn process_tx(&mut self, ops: &mut EventOps) {
+        if self.to_guest.len() >= TO_GUEST_MAX {
+            // Answers would pile up: leave the guest's packets in its ring until rx drains.
+            return;
+        }
         let Some((mem, queues)) = self.active.as_mut() else {
             Counters::inc(&self.counters.spurious_notifies);
             return;
@@ -647,7 +702,9 @@ impl Vsock {
                         if r.read_exact(&mut hb).is_ok() {
                             let h = Hdr::parse(&hb);
                             let n = (h.len as usize).min(r.available_bytes());
-                            if n == h.len as usize && n <= BUF_ALLOC as usize {
+                            // Only data packets carry a payload.
+                            let allowed = if h.op == OP_RW { BUF_ALLOC as usize } else { 0 };
+                            if n == h.len as usize && n <= allowed {
                                 let mut p = vec![0u8; n];
                                 if r.read_exact(&mut p).is_ok() {
                                     packets.push((h, p));
@@ -704,7 +761,12 @@ impl Vsock {
                     (HDR + payload.len()) as u32
                 }
                 None => {
+                    // The packet does not fit: dropping it would corrupt the stream, so the
+                    // connection ends with a reset instead.
                     Counters::inc(&self.counters.refused);
+                    if h.op == OP_RW {
+                        self.broken.push((h.src_port, h.dst_port));
+                    }
                     0
                 }
             };
@@ -747,15 +809,24 @@ impl VirtioDevice for Vsock {
         if queues.len() != 3 {
             return Err(ActivateError::BadQueue(queues.len()));
         }
+        if let Some(i) = queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::BadQueue(i));
+        }
         self.active = Some((mem, queues));
         Ok(())
     }
     fn reset(&mut self) {
         // A driver reset drops every connection (the host sockets close).
+        // The sockets are still registered with the event loop: they are unregistered (and so
+        // closed) at the next event, where the loop's operations are at hand.
         self.active = None;
-        self.conns.clear();
+        self.closing
+            .extend(self.conns.drain().map(|(_, c)| c.stream));
+        self.closing
+            .extend(self.handshakes.drain().map(|(_, h)| h.stream));
         self.by_fd.clear();
         self.to_guest.clear();
+        self.broken.clear();
     }
     fn queue_events(&self) -> &[EventFd] {
         &self.queue_evts
@@ -770,6 +841,9 @@ impl VirtioDevice for Vsock {
 
 impl MutEventSubscriber for Vsock {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        for s in self.closing.drain(..) {
+            let _ = ops.remove(Events::new(&s, EventSet::IN | EventSet::OUT));
+        }
         let fd = events.fd();
         if fd == self.queue_evts[RX].as_raw_fd() {
             let _ = self.queue_evts[RX].read();
@@ -794,9 +868,20 @@ impl MutEventSubscriber for Vsock {
         }
         if self.active.is_some() {
             self.fill_rx();
+            for key in std::mem::take(&mut self.broken) {
+                self.close(key, ops, true);
+            }
+            if self.to_guest.len() < TO_GUEST_MAX / 2 {
+                // Guest packets left in the tx ring while answers were piling up.
+                self.process_tx(ops);
+                self.fill_rx();
+            }
             if self.to_guest.len() < RX_BACKLOG {
                 self.rewatch_all(ops);
             }
+        }
+        if self.handshakes.len() < MAX_HANDSHAKES && self.conns.len() < MAX_CONNS {
+            self.watch_listener(ops, true);
         }
     }
     fn init(&mut self, ops: &mut EventOps) {
@@ -805,8 +890,9 @@ impl MutEventSubscriber for Vsock {
                 tracing::error!("virtio-vsock: cannot watch a queue eventfd: {e:?}");
             }
         }
-        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
-            tracing::error!("virtio-vsock: cannot watch {}: {e:?}", self.uds.display());
+        self.watch_listener(ops, true);
+        if !self.listener_watched {
+            tracing::error!("virtio-vsock: cannot watch {}", self.uds.display());
         }
     }
 }
