@@ -187,7 +187,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     let mut mmio = Bus::new();
     let virtio = attach_virtio(&vm, &ram, &mut mmio, config)?;
     let mmio = Arc::new(mmio);
-    let event_loop = spawn_event_loop(virtio.manager, stop.clone())?;
+    let event_loop = spawn_event_loop(virtio.manager, stop.clone(), exit.clone())?;
     phase("virtio devices attached");
 
     let mut supported = kvm
@@ -238,7 +238,17 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         };
         let t = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu::run(fd, ctx))
+            .spawn(move || {
+                // A bug in the VMM must end the VM with a report, not leave it half-running.
+                let exit = ctx.exit.clone();
+                let done = ctx.stats.clone();
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu::run(fd, ctx)))
+                    .is_err()
+                {
+                    done.done.store(true, Ordering::Release);
+                    exit.request(ExitReason::VmmError(format!("vCPU {id} thread panicked")));
+                }
+            })
             .map_err(|e| VmmError::Setup(format!("cannot start vCPU thread: {e}")))?;
         threads.push(t);
     }
@@ -428,6 +438,7 @@ impl EventLoop {
 fn spawn_event_loop(
     mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     stop: Arc<AtomicBool>,
+    exit: ExitHandle,
 ) -> Result<EventLoop, VmmError> {
     let waker = EventFd::new(libc::EFD_NONBLOCK)
         .map_err(|e| VmmError::Setup(format!("cannot create an eventfd: {e}")))?;
@@ -438,11 +449,21 @@ fn spawn_event_loop(
     let thread = std::thread::Builder::new()
         .name("virtio".into())
         .spawn(move || {
-            while !stop.load(Ordering::Acquire) {
-                if let Err(e) = manager.run_with_timeout(1000) {
-                    tracing::error!("virtio event loop failed: {e:?}");
-                    break;
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                while !stop.load(Ordering::Acquire) {
+                    if let Err(e) = manager.run_with_timeout(1000) {
+                        return Err(format!("{e:?}"));
+                    }
                 }
+                Ok(())
+            }));
+            // Devices without their loop are dead: end the VM with the reason.
+            match run {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => exit.request(ExitReason::VmmError(format!(
+                    "virtio event loop failed: {e}"
+                ))),
+                Err(_) => exit.request(ExitReason::VmmError("virtio event loop panicked".into())),
             }
         })
         .map_err(|e| VmmError::Setup(format!("cannot start the virtio thread: {e}")))?;
