@@ -8,7 +8,6 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -16,8 +15,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    read_config_bytes, ActivateError, Counters, Interrupt, VirtioDevice, INT_USED_RING, TYPE_BLOCK,
-    VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, Counters, DeviceBase, VirtioDevice, INT_USED_RING,
+    TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 use crate::block::uring::Uring;
 
@@ -127,9 +126,7 @@ pub struct Block {
     size: u64,
     serial: [u8; ID_BYTES],
     config: Vec<u8>,
-    queue_evts: Vec<EventFd>,
-    interrupt: Arc<Interrupt>,
-    counters: Arc<Counters>,
+    base: DeviceBase,
     active: Option<Active>,
     buf: Bounce,
     /// The io_uring fast path, when the host has it and the image is not O_DIRECT.
@@ -200,9 +197,7 @@ impl Block {
             size,
             serial,
             config: build_config(size / SECTOR),
-            queue_evts: vec![EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?],
-            interrupt: Arc::new(Interrupt::new(irqfd)),
-            counters: Arc::new(Counters::default()),
+            base: DeviceBase::new(1, irqfd).map_err(BlockError::EventFd)?,
             active: None,
             buf: Bounce::default(),
             uring: if cfg.direct {
@@ -226,11 +221,11 @@ impl Block {
     /// the device DEVICE_NEEDS_RESET.
     pub fn process_queue(&mut self) {
         let Some(active) = self.active.as_mut() else {
-            Counters::inc(&self.counters.spurious_notifies);
+            Counters::inc(&self.base.counters.spurious_notifies);
             return;
         };
-        if self.interrupt.needs_reset() {
-            Counters::inc(&self.counters.spurious_notifies);
+        if self.base.interrupt.needs_reset() {
+            Counters::inc(&self.base.counters.spurious_notifies);
             return;
         }
         let mem = active.mem.clone();
@@ -245,8 +240,8 @@ impl Block {
             Ok(it) => it.take(budget).collect(),
             Err(e) => {
                 tracing::debug!("virtio-blk: corrupt available ring ({e}): device needs a reset");
-                Counters::inc(&self.counters.needs_reset);
-                self.interrupt.set_needs_reset();
+                Counters::inc(&self.base.counters.needs_reset);
+                self.base.interrupt.set_needs_reset();
                 return;
             }
         };
@@ -267,7 +262,7 @@ impl Block {
                 self.read_only,
                 self.size,
                 &self.serial,
-                &self.counters,
+                &self.base.counters,
                 &mut self.buf,
             );
             used.push((head, len));
@@ -293,13 +288,13 @@ impl Block {
                 tracing::debug!(
                     "virtio-blk: cannot return descriptor {head} ({e}): device needs a reset"
                 );
-                Counters::inc(&self.counters.needs_reset);
-                self.interrupt.set_needs_reset();
+                Counters::inc(&self.base.counters.needs_reset);
+                self.base.interrupt.set_needs_reset();
                 return;
             }
         }
         if !matches!(active.queue.needs_notification(mem), Ok(false)) {
-            self.interrupt.trigger(INT_USED_RING);
+            self.base.interrupt.trigger(INT_USED_RING);
         }
     }
 
@@ -317,15 +312,15 @@ impl Block {
         let mut used = Vec::new();
         for d in u.reap(&mem) {
             if d.ok {
-                Counters::inc(&self.counters.requests);
+                Counters::inc(&self.base.counters.requests);
                 let c = if d.read {
-                    &self.counters.read_bytes
+                    &self.base.counters.read_bytes
                 } else {
-                    &self.counters.written_bytes
+                    &self.base.counters.written_bytes
                 };
                 c.fetch_add(d.bytes as u64, std::sync::atomic::Ordering::Relaxed);
             } else {
-                Counters::inc(&self.counters.io_errors);
+                Counters::inc(&self.base.counters.io_errors);
             }
             used.push((d.head, d.used_len));
         }
@@ -338,7 +333,7 @@ impl Block {
 
     /// process_queue without counting the call as a notification.
     fn process_queue_quiet(&mut self) {
-        if self.active.is_some() && !self.interrupt.needs_reset() {
+        if self.active.is_some() && !self.base.interrupt.needs_reset() {
             self.process_queue();
         }
     }
@@ -658,14 +653,8 @@ impl VirtioDevice for Block {
         }
         self.active = None;
     }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-    fn interrupt(&self) -> &Arc<Interrupt> {
-        &self.interrupt
-    }
-    fn counters(&self) -> &Arc<Counters> {
-        &self.counters
+    fn base(&self) -> &DeviceBase {
+        &self.base
     }
 }
 
@@ -674,15 +663,15 @@ impl MutEventSubscriber for Block {
         if !events.event_set().contains(EventSet::IN) {
             return;
         }
-        if events.fd() == self.queue_evts[0].as_raw_fd() {
-            let _ = self.queue_evts[0].read();
+        if events.fd() == self.base.queue_evts[0].as_raw_fd() {
+            let _ = self.base.queue_evts[0].read();
             self.process_queue();
         } else {
             self.complete();
         }
     }
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(&self.base.queue_evts[0], EventSet::IN)) {
             tracing::error!("virtio-blk: cannot watch the queue eventfd: {e:?}");
         }
         if let Some(u) = &self.uring {
@@ -807,7 +796,7 @@ mod tests {
         let mut back = vec![0u8; 1024];
         r.ram.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
         assert_eq!(back, pattern);
-        assert_eq!(counter(&r.dev.counters.requests), 2);
+        assert_eq!(counter(&r.dev.base.counters.requests), 2);
     }
 
     #[test]
@@ -870,7 +859,7 @@ mod tests {
         r.dev.settle();
         assert_eq!(r.status(), S_OK);
         assert_eq!(ring.used_entry(0), (0, 4097));
-        assert_eq!(counter(&r.dev.counters.read_bytes), 4096);
+        assert_eq!(counter(&r.dev.base.counters.read_bytes), 4096);
     }
 
     #[test]
@@ -923,7 +912,7 @@ mod tests {
         r.dev.process_queue();
         r.dev.settle();
         assert_eq!(r.status(), S_UNSUPP);
-        assert_eq!(counter(&r.dev.counters.refused), 1);
+        assert_eq!(counter(&r.dev.base.counters.refused), 1);
     }
 
     #[test]
@@ -994,12 +983,12 @@ mod tests {
         ring.publish(200);
         r.dev.process_queue();
         r.dev.settle();
-        assert_eq!(counter(&r.dev.counters.refused), 6);
+        assert_eq!(counter(&r.dev.base.counters.refused), 6);
         assert!(
-            r.dev.interrupt.needs_reset(),
+            r.dev.base.interrupt.needs_reset(),
             "a bad head must fail the ring"
         );
-        assert_eq!(counter(&r.dev.counters.needs_reset), 1);
+        assert_eq!(counter(&r.dev.base.counters.needs_reset), 1);
     }
 
     #[test]
@@ -1011,9 +1000,9 @@ mod tests {
         ring.set_avail_idx(1000);
         r.dev.process_queue();
         r.dev.settle();
-        assert!(r.dev.interrupt.needs_reset());
+        assert!(r.dev.base.interrupt.needs_reset());
         r.dev.reset();
-        r.dev.interrupt.reset();
+        r.dev.base.interrupt.reset();
         let mut ring = DriverRing::new(&mem, 0x60000, 16);
         r.dev.activate(mem.clone(), 0, vec![ring.queue()]).unwrap();
         r.header(T_FLUSH, 0);
@@ -1051,7 +1040,7 @@ mod tests {
         let mut r = rig(16, false);
         r.dev.process_queue();
         r.dev.settle();
-        assert_eq!(counter(&r.dev.counters.spurious_notifies), 1);
+        assert_eq!(counter(&r.dev.base.counters.spurious_notifies), 1);
     }
 
     #[test]

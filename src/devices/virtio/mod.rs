@@ -195,6 +195,30 @@ pub enum ActivateError {
     BadQueue(usize),
 }
 
+/// What every device has: one eventfd per queue (the ioeventfds), its interrupt line, and its
+/// counters.
+pub struct DeviceBase {
+    /// The ioeventfd of each queue.
+    pub queue_evts: Vec<EventFd>,
+    /// The interrupt line.
+    pub interrupt: std::sync::Arc<Interrupt>,
+    /// The counters.
+    pub counters: std::sync::Arc<Counters>,
+}
+
+impl DeviceBase {
+    /// A base for `queues` queues raising `irqfd`.
+    pub fn new(queues: usize, irqfd: EventFd) -> std::io::Result<Self> {
+        Ok(Self {
+            queue_evts: (0..queues)
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+                .collect::<std::io::Result<_>>()?,
+            interrupt: std::sync::Arc::new(Interrupt::new(irqfd)),
+            counters: std::sync::Arc::new(Counters::default()),
+        })
+    }
+}
+
 /// What a virtio device implements; the transport does the rest.
 pub trait VirtioDevice: MutEventSubscriber + Send {
     /// virtio device type.
@@ -218,12 +242,20 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     ) -> Result<(), ActivateError>;
     /// Stops the device and forgets the queues (driver reset).
     fn reset(&mut self);
+    /// The parts every device has.
+    fn base(&self) -> &DeviceBase;
     /// The ioeventfd of each queue (registered with KVM by the builder).
-    fn queue_events(&self) -> &[EventFd];
+    fn queue_events(&self) -> &[EventFd] {
+        &self.base().queue_evts
+    }
     /// The device's interrupt line.
-    fn interrupt(&self) -> &std::sync::Arc<Interrupt>;
+    fn interrupt(&self) -> &std::sync::Arc<Interrupt> {
+        &self.base().interrupt
+    }
     /// The device's counters.
-    fn counters(&self) -> &std::sync::Arc<Counters>;
+    fn counters(&self) -> &std::sync::Arc<Counters> {
+        &self.base().counters
+    }
 }
 
 /// Reads `data.len()` bytes of a little-endian configuration structure at `offset`; bytes past

@@ -6,7 +6,6 @@
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -14,7 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    serve_queue, ActivateError, Counters, Interrupt, VirtioDevice, INT_USED_RING, TYPE_NET,
+    serve_queue, ActivateError, Counters, DeviceBase, VirtioDevice, INT_USED_RING, TYPE_NET,
     VIRTIO_F_VERSION_1,
 };
 use crate::net::tap::{offload, Tap, VNET_HDR_LEN};
@@ -105,9 +104,7 @@ struct Active {
 pub struct Net {
     tap: Tap,
     config: Vec<u8>,
-    queue_evts: Vec<EventFd>,
-    interrupt: Arc<Interrupt>,
-    counters: Arc<Counters>,
+    base: DeviceBase,
     active: Option<Active>,
     frame: Vec<u8>,
     /// Whether the TAP is in the event loop's interest set (kept across resets).
@@ -122,19 +119,14 @@ impl Net {
         config[..6].copy_from_slice(&cfg.mac);
         config[6..8].copy_from_slice(&1u16.to_le_bytes()); // VIRTIO_NET_S_LINK_UP
         config[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
-        let evt = || {
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|err| crate::net::tap::TapError::Open {
-                name: cfg.tap.clone(),
-                what: "eventfd",
-                err,
-            })
-        };
         Ok(Self {
             tap,
             config,
-            queue_evts: vec![evt()?, evt()?],
-            interrupt: Arc::new(Interrupt::new(irqfd)),
-            counters: Arc::new(Counters::default()),
+            base: DeviceBase::new(2, irqfd).map_err(|err| crate::net::tap::TapError::Open {
+                name: cfg.tap.clone(),
+                what: "eventfd",
+                err,
+            })?,
             active: None,
             frame: vec![0u8; MAX_FRAME],
             tap_watched: false,
@@ -144,7 +136,7 @@ impl Net {
     /// Moves frames from the TAP into rx buffers while both exist. Returns whether the TAP
     /// should stay watched (false: the guest has no buffers; wait for an rx notification).
     fn process_rx(&mut self) -> bool {
-        if self.interrupt.needs_reset() {
+        if self.base.interrupt.needs_reset() {
             return false;
         }
         let Some(a) = self.active.as_mut() else {
@@ -156,8 +148,8 @@ impl Net {
             let chain = match a.queues[RX].iter(&mem) {
                 Ok(mut it) => it.next(),
                 Err(_) => {
-                    Counters::inc(&self.counters.needs_reset);
-                    self.interrupt.set_needs_reset();
+                    Counters::inc(&self.base.counters.needs_reset);
+                    self.base.interrupt.set_needs_reset();
                     break false;
                 }
             };
@@ -174,7 +166,7 @@ impl Net {
                 Err(e) => {
                     // A TAP that fails persistently (detached) must not spin the loop.
                     a.queues[RX].go_to_previous_position();
-                    Counters::inc(&self.counters.io_errors);
+                    Counters::inc(&self.base.counters.io_errors);
                     tracing::debug!("virtio-net: TAP read failed: {e}");
                     break false;
                 }
@@ -186,52 +178,53 @@ impl Net {
                     self.frame[10..12].copy_from_slice(&1u16.to_le_bytes());
                     match w.write_all(&self.frame[..n]) {
                         Ok(()) => {
-                            Counters::inc(&self.counters.requests);
-                            self.counters
+                            Counters::inc(&self.base.counters.requests);
+                            self.base
+                                .counters
                                 .read_bytes
                                 .fetch_add(n as u64, Ordering::Relaxed);
                             n as u32
                         }
                         Err(_) => {
-                            Counters::inc(&self.counters.refused);
+                            Counters::inc(&self.base.counters.refused);
                             0
                         }
                     }
                 }
                 _ => {
                     // A buffer too small for the frame (or outside memory): the frame is lost.
-                    Counters::inc(&self.counters.refused);
+                    Counters::inc(&self.base.counters.refused);
                     0
                 }
             };
             if a.queues[RX].add_used(&mem, head, written).is_err() {
-                Counters::inc(&self.counters.needs_reset);
-                self.interrupt.set_needs_reset();
+                Counters::inc(&self.base.counters.needs_reset);
+                self.base.interrupt.set_needs_reset();
                 break false;
             }
             delivered = true;
         };
         if delivered && !matches!(a.queues[RX].needs_notification(&mem), Ok(false)) {
-            self.interrupt.trigger(INT_USED_RING);
+            self.base.interrupt.trigger(INT_USED_RING);
         }
         keep_watching
     }
 
     fn process_tx(&mut self) {
-        if self.interrupt.needs_reset() {
+        if self.base.interrupt.needs_reset() {
             return;
         }
         let Some(a) = self.active.as_mut() else {
-            Counters::inc(&self.counters.spurious_notifies);
+            Counters::inc(&self.base.counters.spurious_notifies);
             return;
         };
         let mem = a.mem.clone();
-        let (tap, frame, counters) = (&self.tap, &mut self.frame, &self.counters);
+        let (tap, frame, counters) = (&self.tap, &mut self.frame, &self.base.counters);
         serve_queue(
             "virtio-net tx",
             &mut a.queues[TX],
             &mem,
-            &self.interrupt,
+            &self.base.interrupt,
             counters,
             |chain| {
                 transmit(chain, &mem, tap, frame, counters);
@@ -241,7 +234,7 @@ impl Net {
     }
 
     fn watch_tap(&mut self, ops: &mut EventOps, on: bool) {
-        let on = on && self.active.is_some() && !self.interrupt.needs_reset();
+        let on = on && self.active.is_some() && !self.base.interrupt.needs_reset();
         if self.tap_watched == on {
             return;
         }
@@ -343,36 +336,30 @@ impl VirtioDevice for Net {
         self.active = Some(Active { mem, queues });
         // The event loop starts watching the TAP at the next rx notification, which Linux
         // sends as soon as it has filled the rx ring.
-        let _ = self.queue_evts[RX].write(1);
+        let _ = self.base.queue_evts[RX].write(1);
         Ok(())
     }
     fn reset(&mut self) {
         self.active = None;
     }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-    fn interrupt(&self) -> &Arc<Interrupt> {
-        &self.interrupt
-    }
-    fn counters(&self) -> &Arc<Counters> {
-        &self.counters
+    fn base(&self) -> &DeviceBase {
+        &self.base
     }
 }
 
 impl MutEventSubscriber for Net {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.queue_evts[RX].as_raw_fd() {
-            let _ = self.queue_evts[RX].read();
+        if fd == self.base.queue_evts[RX].as_raw_fd() {
+            let _ = self.base.queue_evts[RX].read();
             if self.active.is_none() {
-                Counters::inc(&self.counters.spurious_notifies);
+                Counters::inc(&self.base.counters.spurious_notifies);
                 return;
             }
             let watch = self.process_rx();
             self.watch_tap(ops, watch);
-        } else if fd == self.queue_evts[TX].as_raw_fd() {
-            let _ = self.queue_evts[TX].read();
+        } else if fd == self.base.queue_evts[TX].as_raw_fd() {
+            let _ = self.base.queue_evts[TX].read();
             self.process_tx();
         } else if fd == self.tap.file().as_raw_fd() {
             // Also the way a TAP still watched after a driver reset gets unwatched.
@@ -381,7 +368,7 @@ impl MutEventSubscriber for Net {
         }
     }
     fn init(&mut self, ops: &mut EventOps) {
-        for evt in &self.queue_evts {
+        for evt in &self.base.queue_evts {
             if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
                 tracing::error!("virtio-net: cannot watch a queue eventfd: {e:?}");
             }

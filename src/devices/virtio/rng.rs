@@ -1,7 +1,6 @@
 //! virtio-rng: one queue of device-writable buffers, filled from the host's getrandom.
 
 use std::io::Write;
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -9,7 +8,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    serve_queue, ActivateError, Counters, Interrupt, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
+    serve_queue, ActivateError, Counters, DeviceBase, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
 };
 
 /// Queue size we offer.
@@ -19,9 +18,7 @@ const MAX_REQUEST: usize = 64 * 1024;
 
 /// A virtio-rng device.
 pub struct Rng {
-    queue_evts: Vec<EventFd>,
-    interrupt: Arc<Interrupt>,
-    counters: Arc<Counters>,
+    base: DeviceBase,
     active: Option<(GuestMemoryMmap, Queue)>,
     buf: Vec<u8>,
 }
@@ -30,9 +27,7 @@ impl Rng {
     /// A new entropy device raising `irqfd`.
     pub fn new(irqfd: EventFd) -> std::io::Result<Self> {
         Ok(Self {
-            queue_evts: vec![EventFd::new(libc::EFD_NONBLOCK)?],
-            interrupt: Arc::new(Interrupt::new(irqfd)),
-            counters: Arc::new(Counters::default()),
+            base: DeviceBase::new(1, irqfd)?,
             active: None,
             buf: Vec::new(),
         })
@@ -77,19 +72,19 @@ impl Rng {
 
     fn process_queue(&mut self) {
         let Some((mem, queue)) = self.active.as_mut() else {
-            Counters::inc(&self.counters.spurious_notifies);
+            Counters::inc(&self.base.counters.spurious_notifies);
             return;
         };
-        if self.interrupt.needs_reset() {
+        if self.base.interrupt.needs_reset() {
             return;
         }
         let mem = mem.clone();
-        let (buf, counters) = (&mut self.buf, &self.counters);
+        let (buf, counters) = (&mut self.buf, &self.base.counters);
         serve_queue(
             "virtio-rng",
             queue,
             &mem,
-            &self.interrupt,
+            &self.base.interrupt,
             counters,
             |chain| Self::fill(chain, &mem, buf, counters),
         );
@@ -128,26 +123,20 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         self.active = None;
     }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-    fn interrupt(&self) -> &Arc<Interrupt> {
-        &self.interrupt
-    }
-    fn counters(&self) -> &Arc<Counters> {
-        &self.counters
+    fn base(&self) -> &DeviceBase {
+        &self.base
     }
 }
 
 impl MutEventSubscriber for Rng {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.event_set().contains(EventSet::IN) {
-            let _ = self.queue_evts[0].read();
+            let _ = self.base.queue_evts[0].read();
             self.process_queue();
         }
     }
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(&self.base.queue_evts[0], EventSet::IN)) {
             tracing::error!("virtio-rng: cannot watch the queue eventfd: {e:?}");
         }
     }

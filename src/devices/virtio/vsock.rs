@@ -15,7 +15,6 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -23,7 +22,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    serve_queue, ActivateError, Counters, Interrupt, VirtioDevice, INT_USED_RING, TYPE_VSOCK,
+    serve_queue, ActivateError, Counters, DeviceBase, VirtioDevice, INT_USED_RING, TYPE_VSOCK,
     VIRTIO_F_VERSION_1,
 };
 
@@ -183,6 +182,27 @@ struct Conn {
 }
 
 impl Conn {
+    fn new(stream: UnixStream, state: State, local_port: u32, peer_port: u32) -> Self {
+        Self {
+            stream,
+            state,
+            local_port,
+            peer_port,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            tx_cnt: 0,
+            fwd_cnt: 0,
+            fwd_cnt_sent: 0,
+            to_host: VecDeque::new(),
+            watching_in: false,
+            watching_out: false,
+            host_eof: false,
+            guest_no_send: false,
+            guest_no_recv: false,
+            write_shut: false,
+        }
+    }
+
     fn credit(&self) -> u32 {
         self.peer_buf_alloc
             .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
@@ -225,9 +245,7 @@ pub struct Vsock {
     cid: u64,
     uds: PathBuf,
     listener: UnixListener,
-    queue_evts: Vec<EventFd>,
-    interrupt: Arc<Interrupt>,
-    counters: Arc<Counters>,
+    base: DeviceBase,
     active: Option<(GuestMemoryMmap, Vec<Queue>)>,
     conns: HashMap<(u32, u32), Conn>,
     by_fd: HashMap<RawFd, (u32, u32)>,
@@ -269,14 +287,11 @@ impl Vsock {
         }
         let listener = UnixListener::bind(&cfg.uds).map_err(err)?;
         listener.set_nonblocking(true).map_err(err)?;
-        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(err);
         Ok(Self {
             cid: u64::from(cfg.cid),
             uds: cfg.uds.clone(),
             listener,
-            queue_evts: vec![evt()?, evt()?, evt()?],
-            interrupt: Arc::new(Interrupt::new(irqfd)),
-            counters: Arc::new(Counters::default()),
+            base: DeviceBase::new(3, irqfd).map_err(err)?,
             active: None,
             conns: HashMap::new(),
             by_fd: HashMap::new(),
@@ -365,7 +380,7 @@ impl Vsock {
     /// Handles one packet from the guest.
     fn handle_guest_packet(&mut self, h: Hdr, payload: Vec<u8>, ops: &mut EventOps) {
         if h.src_cid != self.cid || h.dst_cid != HOST_CID || h.kind != TYPE_STREAM {
-            Counters::inc(&self.counters.refused);
+            Counters::inc(&self.base.counters.refused);
             if h.op != OP_RST {
                 let r = self.reply(&h, OP_RST);
                 self.to_guest.push_back((r, Vec::new()));
@@ -375,7 +390,7 @@ impl Vsock {
         let key = (h.dst_port, h.src_port);
         if h.op == OP_REQUEST {
             if self.conns.contains_key(&key) {
-                Counters::inc(&self.counters.refused);
+                Counters::inc(&self.base.counters.refused);
                 return;
             }
             let path = format!("{}_{}", self.uds.display(), h.dst_port);
@@ -386,29 +401,14 @@ impl Vsock {
             };
             match connected {
                 Ok(stream) => {
-                    let c = Conn {
-                        stream,
-                        state: State::Established,
-                        local_port: h.dst_port,
-                        peer_port: h.src_port,
-                        peer_buf_alloc: h.buf_alloc,
-                        peer_fwd_cnt: h.fwd_cnt,
-                        tx_cnt: 0,
-                        fwd_cnt: 0,
-                        fwd_cnt_sent: 0,
-                        to_host: VecDeque::new(),
-                        watching_in: false,
-                        watching_out: false,
-                        host_eof: false,
-                        guest_no_send: false,
-                        guest_no_recv: false,
-                        write_shut: false,
-                    };
+                    let mut c = Conn::new(stream, State::Established, h.dst_port, h.src_port);
+                    c.peer_buf_alloc = h.buf_alloc;
+                    c.peer_fwd_cnt = h.fwd_cnt;
                     let r = self.conn_hdr(&c, OP_RESPONSE, 0);
                     self.by_fd.insert(c.stream.as_raw_fd(), key);
                     self.conns.insert(key, c);
                     self.to_guest.push_back((r, Vec::new()));
-                    Counters::inc(&self.counters.requests);
+                    Counters::inc(&self.base.counters.requests);
                     self.rewatch(key, ops);
                 }
                 Err(e) => {
@@ -436,16 +436,17 @@ impl Vsock {
                     self.close(key, ops, true);
                     return;
                 }
-                Counters::inc(&self.counters.requests);
+                Counters::inc(&self.base.counters.requests);
             }
             OP_RW if c.state == State::Established => {
                 if c.to_host.len() + payload.len() > BUF_ALLOC as usize {
                     // The guest ignored our credit.
-                    Counters::inc(&self.counters.refused);
+                    Counters::inc(&self.base.counters.refused);
                     self.close(key, ops, true);
                     return;
                 }
-                self.counters
+                self.base
+                    .counters
                     .written_bytes
                     .fetch_add(payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 c.to_host.extend(payload);
@@ -470,7 +471,7 @@ impl Vsock {
                 return;
             }
             _ => {
-                Counters::inc(&self.counters.refused);
+                Counters::inc(&self.base.counters.refused);
                 self.close(key, ops, true);
                 return;
             }
@@ -639,7 +640,7 @@ impl Vsock {
             Err(()) => {
                 if let Some(hs) = self.handshakes.remove(&fd) {
                     let _ = ops.remove(Events::new(&hs.stream, EventSet::IN));
-                    Counters::inc(&self.counters.refused);
+                    Counters::inc(&self.base.counters.refused);
                 }
             }
             Ok(Some(port)) => {
@@ -650,24 +651,7 @@ impl Vsock {
                 let local = self.next_port;
                 self.next_port = self.next_port.wrapping_add(1).max(1 << 30);
                 let key = (local, port);
-                let c = Conn {
-                    stream: hs.stream,
-                    state: State::Connecting,
-                    local_port: local,
-                    peer_port: port,
-                    peer_buf_alloc: 0,
-                    peer_fwd_cnt: 0,
-                    tx_cnt: 0,
-                    fwd_cnt: 0,
-                    fwd_cnt_sent: 0,
-                    to_host: VecDeque::new(),
-                    watching_in: false,
-                    watching_out: false,
-                    host_eof: false,
-                    guest_no_send: false,
-                    guest_no_recv: false,
-                    write_shut: false,
-                };
+                let c = Conn::new(hs.stream, State::Connecting, local, port);
                 let req = self.conn_hdr(&c, OP_REQUEST, 0);
                 self.by_fd.insert(c.stream.as_raw_fd(), key);
                 self.conns.insert(key, c);
@@ -683,17 +667,17 @@ impl Vsock {
             return;
         }
         let Some((mem, queues)) = self.active.as_mut() else {
-            Counters::inc(&self.counters.spurious_notifies);
+            Counters::inc(&self.base.counters.spurious_notifies);
             return;
         };
         let mem = mem.clone();
         let mut packets = Vec::new();
-        let counters = self.counters.clone();
+        let counters = self.base.counters.clone();
         serve_queue(
             "virtio-vsock tx",
             &mut queues[TX],
             &mem,
-            &self.interrupt,
+            &self.base.interrupt,
             &counters,
             |chain| {
                 match chain.reader(&mem) {
@@ -735,8 +719,8 @@ impl Vsock {
             let chain = match queues[RX].iter(&mem) {
                 Ok(mut it) => it.next(),
                 Err(_) => {
-                    Counters::inc(&self.counters.needs_reset);
-                    self.interrupt.set_needs_reset();
+                    Counters::inc(&self.base.counters.needs_reset);
+                    self.base.interrupt.set_needs_reset();
                     return;
                 }
             };
@@ -755,7 +739,8 @@ impl Vsock {
                 });
             let len = match written {
                 Some(()) => {
-                    self.counters
+                    self.base
+                        .counters
                         .read_bytes
                         .fetch_add(payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     (HDR + payload.len()) as u32
@@ -763,7 +748,7 @@ impl Vsock {
                 None => {
                     // The packet does not fit: dropping it would corrupt the stream, so the
                     // connection ends with a reset instead.
-                    Counters::inc(&self.counters.refused);
+                    Counters::inc(&self.base.counters.refused);
                     if h.op == OP_RW {
                         self.broken.push((h.src_port, h.dst_port));
                     }
@@ -771,15 +756,15 @@ impl Vsock {
                 }
             };
             if queues[RX].add_used(&mem, head, len).is_err() {
-                Counters::inc(&self.counters.needs_reset);
-                self.interrupt.set_needs_reset();
+                Counters::inc(&self.base.counters.needs_reset);
+                self.base.interrupt.set_needs_reset();
                 return;
             }
             self.to_guest.pop_front();
             delivered = true;
         }
         if delivered && !matches!(queues[RX].needs_notification(&mem), Ok(false)) {
-            self.interrupt.trigger(INT_USED_RING);
+            self.base.interrupt.trigger(INT_USED_RING);
         }
     }
 }
@@ -828,14 +813,8 @@ impl VirtioDevice for Vsock {
         self.to_guest.clear();
         self.broken.clear();
     }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-    fn interrupt(&self) -> &Arc<Interrupt> {
-        &self.interrupt
-    }
-    fn counters(&self) -> &Arc<Counters> {
-        &self.counters
+    fn base(&self) -> &DeviceBase {
+        &self.base
     }
 }
 
@@ -845,14 +824,14 @@ impl MutEventSubscriber for Vsock {
             let _ = ops.remove(Events::new(&s, EventSet::IN | EventSet::OUT));
         }
         let fd = events.fd();
-        if fd == self.queue_evts[RX].as_raw_fd() {
-            let _ = self.queue_evts[RX].read();
+        if fd == self.base.queue_evts[RX].as_raw_fd() {
+            let _ = self.base.queue_evts[RX].read();
             self.rewatch_all(ops);
-        } else if fd == self.queue_evts[TX].as_raw_fd() {
-            let _ = self.queue_evts[TX].read();
+        } else if fd == self.base.queue_evts[TX].as_raw_fd() {
+            let _ = self.base.queue_evts[TX].read();
             self.process_tx(ops);
-        } else if fd == self.queue_evts[EVT].as_raw_fd() {
-            let _ = self.queue_evts[EVT].read();
+        } else if fd == self.base.queue_evts[EVT].as_raw_fd() {
+            let _ = self.base.queue_evts[EVT].read();
         } else if fd == self.listener.as_raw_fd() {
             self.accept(ops);
         } else if self.handshakes.contains_key(&fd) {
@@ -885,7 +864,7 @@ impl MutEventSubscriber for Vsock {
         }
     }
     fn init(&mut self, ops: &mut EventOps) {
-        for evt in &self.queue_evts {
+        for evt in &self.base.queue_evts {
             if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
                 tracing::error!("virtio-vsock: cannot watch a queue eventfd: {e:?}");
             }
