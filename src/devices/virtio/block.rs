@@ -747,6 +747,13 @@ mod tests {
         }
     }
 
+    /// Makes a chain available and runs the device until it has answered.
+    fn submit(r: &mut Rig, ring: &mut DriverRing<'_>, first: u16, bufs: &[(u64, u32, bool)]) {
+        ring.push_chain(first, bufs);
+        r.dev.process_queue();
+        r.dev.settle();
+    }
+
     impl Drop for Rig {
         fn drop(&mut self) {
             std::fs::remove_file(&self.path).ok();
@@ -766,12 +773,12 @@ mod tests {
         let mem = r.ram.mem.clone();
         let mut ring = DriverRing::new(&mem, RING, 16);
         r.dev.activate(mem.clone(), 0, vec![ring.queue()]).unwrap();
-        ring.push_chain(
+        submit(
+            &mut r,
+            &mut ring,
             0,
             &[(HDR, 16, false), (DATA, 1024, false), (STATUS, 1, true)],
         );
-        r.dev.process_queue();
-        r.dev.settle();
         assert_eq!(r.status(), S_OK);
         assert_eq!(ring.used_idx(), 1);
         assert_eq!(ring.used_entry(0), (0, 1));
@@ -785,12 +792,12 @@ mod tests {
             .write_slice(&[0u8; 1024], GuestAddress(DATA))
             .unwrap();
         r.header(T_IN, 5);
-        ring.push_chain(
+        submit(
+            &mut r,
+            &mut ring,
             3,
             &[(HDR, 16, false), (DATA, 1024, true), (STATUS, 1, true)],
         );
-        r.dev.process_queue();
-        r.dev.settle();
         assert_eq!(r.status(), S_OK);
         assert_eq!(ring.used_entry(1), (3, 1025));
         let mut back = vec![0u8; 1024];
@@ -808,24 +815,24 @@ mod tests {
         let mut ring = DriverRing::new(&mem, RING, 16);
         r.dev.activate(mem.clone(), 0, vec![ring.queue()]).unwrap();
         r.header(T_OUT, 8);
-        ring.push_chain(
+        submit(
+            &mut r,
+            &mut ring,
             0,
             &[(HDR, 16, false), (DATA, 4096, false), (STATUS, 1, true)],
         );
-        r.dev.process_queue();
-        r.dev.settle();
         assert_eq!(r.status(), S_OK);
         r.ram
             .mem
             .write_slice(&[0u8; 4096], GuestAddress(DATA))
             .unwrap();
         r.header(T_IN, 8);
-        ring.push_chain(
+        submit(
+            &mut r,
+            &mut ring,
             3,
             &[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)],
         );
-        r.dev.process_queue();
-        r.dev.settle();
         assert_eq!(r.status(), S_OK);
         let mut back = vec![0u8; 4096];
         r.ram.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
@@ -878,15 +885,16 @@ mod tests {
         let mut ring = DriverRing::new(&mem, RING, 16);
         r.dev.activate(mem.clone(), 0, vec![ring.queue()]).unwrap();
         r.header(T_FLUSH, 0);
-        ring.push_chain(0, &[(HDR, 16, false), (STATUS, 1, true)]);
-        r.dev.process_queue();
-        r.dev.settle();
+        submit(&mut r, &mut ring, 0, &[(HDR, 16, false), (STATUS, 1, true)]);
         assert_eq!(r.status(), S_OK);
 
         r.header(T_GET_ID, 0);
-        ring.push_chain(2, &[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)]);
-        r.dev.process_queue();
-        r.dev.settle();
+        submit(
+            &mut r,
+            &mut ring,
+            2,
+            &[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)],
+        );
         assert_eq!(r.status(), S_OK);
         let mut id = [0u8; 13];
         r.ram.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
@@ -899,18 +907,19 @@ mod tests {
         seg[0..8].copy_from_slice(&8u64.to_le_bytes());
         seg[8..12].copy_from_slice(&8u32.to_le_bytes());
         r.ram.mem.write_slice(&seg, GuestAddress(DATA)).unwrap();
-        ring.push_chain(5, &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]);
-        r.dev.process_queue();
-        r.dev.settle();
+        submit(
+            &mut r,
+            &mut ring,
+            5,
+            &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)],
+        );
         assert_eq!(r.status(), S_OK);
         let mut back = [0xaau8; 4096];
         r.dev.file.read_exact_at(&mut back, 8 * SECTOR).unwrap();
         assert!(back.iter().all(|b| *b == 0));
 
         r.header(99, 0);
-        ring.push_chain(8, &[(HDR, 16, false), (STATUS, 1, true)]);
-        r.dev.process_queue();
-        r.dev.settle();
+        submit(&mut r, &mut ring, 8, &[(HDR, 16, false), (STATUS, 1, true)]);
         assert_eq!(r.status(), S_UNSUPP);
         assert_eq!(counter(&r.dev.base.counters.refused), 1);
     }
@@ -924,27 +933,29 @@ mod tests {
 
         // Beyond the end of the disk.
         r.header(T_IN, 15);
-        ring.push_chain(
+        submit(
+            &mut r,
+            &mut ring,
             0,
             &[(HDR, 16, false), (DATA, 1024, true), (STATUS, 1, true)],
         );
-        r.dev.process_queue();
-        r.dev.settle();
         assert_eq!(r.status(), S_IOERR);
 
         // Not a whole number of sectors.
         r.header(T_OUT, 0);
-        ring.push_chain(
+        submit(
+            &mut r,
+            &mut ring,
             3,
             &[(HDR, 16, false), (DATA, 100, false), (STATUS, 1, true)],
         );
-        r.dev.process_queue();
-        r.dev.settle();
         assert_eq!(r.status(), S_IOERR);
 
         // A data buffer outside guest memory.
         r.header(T_IN, 0);
-        ring.push_chain(
+        submit(
+            &mut r,
+            &mut ring,
             6,
             &[
                 (HDR, 16, false),
@@ -952,8 +963,6 @@ mod tests {
                 (STATUS, 1, true),
             ],
         );
-        r.dev.process_queue();
-        r.dev.settle();
         // Refused, and the valid status descriptor says so.
         assert_eq!(ring.used_entry(2).1, 1);
         assert_eq!(r.status(), S_IOERR);
@@ -974,9 +983,7 @@ mod tests {
 
         // No writable byte for the status.
         r.header(T_FLUSH, 0);
-        ring.push_chain(10, &[(HDR, 16, false)]);
-        r.dev.process_queue();
-        r.dev.settle();
+        submit(&mut r, &mut ring, 10, &[(HDR, 16, false)]);
 
         // A head index outside the ring: refused as a request, and the used ring cannot name
         // it, so the device fails the ring.
@@ -1006,9 +1013,7 @@ mod tests {
         let mut ring = DriverRing::new(&mem, 0x60000, 16);
         r.dev.activate(mem.clone(), 0, vec![ring.queue()]).unwrap();
         r.header(T_FLUSH, 0);
-        ring.push_chain(0, &[(HDR, 16, false), (STATUS, 1, true)]);
-        r.dev.process_queue();
-        r.dev.settle();
+        submit(&mut r, &mut ring, 0, &[(HDR, 16, false), (STATUS, 1, true)]);
         assert_eq!(r.status(), S_OK);
     }
 
@@ -1021,17 +1026,20 @@ mod tests {
         let mut ring = DriverRing::new(&mem, RING, 16);
         r.dev.activate(mem.clone(), 0, vec![ring.queue()]).unwrap();
         r.header(T_OUT, 0);
-        ring.push_chain(
+        submit(
+            &mut r,
+            &mut ring,
             0,
             &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
         );
-        r.dev.process_queue();
-        r.dev.settle();
         assert_eq!(r.status(), S_IOERR);
         r.header(T_IN, 0);
-        ring.push_chain(3, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
-        r.dev.process_queue();
-        r.dev.settle();
+        submit(
+            &mut r,
+            &mut ring,
+            3,
+            &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+        );
         assert_eq!(r.status(), S_OK);
     }
 
