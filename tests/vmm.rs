@@ -177,6 +177,80 @@ fn console_on_a_unix_socket_with_input() {
     assert!(got.contains("via the socket"), "{got}");
 }
 
+/// Host CPU time (user + system, clock ticks) the process `pid` has used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn idle_guest_sleeps_without_host_cpu_and_echoes_console_input() {
+    let sock = tmp("idle.sock");
+    let guest = testguest();
+    let child = bexar()
+        .arg("run")
+        .arg("--kernel")
+        .arg(&guest)
+        .args([
+            "--cmdline",
+            "bexar.test=idle",
+            "--timeout",
+            "30",
+            "--no-stdin",
+            "--expect",
+            "idle-echo-7f3a",
+        ])
+        .arg("--console")
+        .arg(format!("socket:{}", sock.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut conn = None;
+    for _ in 0..500 {
+        if let Ok(c) = std::os::unix::net::UnixStream::connect(&sock) {
+            conn = Some(c);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mut conn = conn.expect("console socket never appeared");
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("idle: ready") {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "console closed before ready: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    // Asleep in hlt: the VMM's threads use (almost) no CPU. A spinning vCPU would use a whole
+    // core: 2 s, 200 ticks at the usual 100 Hz.
+    let before = cpu_ticks(child.id());
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let used = cpu_ticks(child.id()) - before;
+    assert!(
+        used <= 10,
+        "idle guest used {used} clock ticks of host CPU in 2 s"
+    );
+    // The echo ends the VM through --expect (the pattern appears only in the echo).
+    conn.write_all(b"idle-echo-7f3a\n").unwrap();
+    let _ = conn.read_to_end(&mut got);
+    let o = child.wait_with_output().unwrap();
+    assert_exit(&o, 0);
+    let (_, err) = text(&o);
+    assert!(err.contains("expected console pattern seen"), "{err}");
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.contains("idle-echo-7f3a"), "{got}");
+}
+
 #[test]
 fn baseline_cpu_template_boots_and_hides_avx_from_cpuid() {
     let o = run_testguest("cpuid", &["--cpu-template", "x86-64-v2", "--vcpus", "2"]);

@@ -92,6 +92,7 @@ pub fn vm_config(
         nics: vm.net.clone(),
         rng: vm.rng,
         vsock: vm.vsock.clone(),
+        control: None,
     })
 }
 

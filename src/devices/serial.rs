@@ -35,6 +35,14 @@ pub enum ConsoleConfig {
     File(PathBuf),
     /// A Unix socket the VMM listens on; one client at a time reads and writes the console.
     Socket(PathBuf),
+    /// A socket as above, with every output byte also appended to a log file (the agent's
+    /// layout: the log serves `logs`, the socket serves interactive attach).
+    SocketWithLog {
+        /// The attach socket.
+        socket: PathBuf,
+        /// The log file.
+        log: PathBuf,
+    },
     /// Discarded.
     None,
 }
@@ -76,7 +84,7 @@ struct SocketShared {
 enum Sink {
     Stdout(io::Stdout),
     File(File),
-    Socket(Arc<Mutex<SocketShared>>),
+    Socket(Arc<Mutex<SocketShared>>, Option<File>),
     Null,
 }
 
@@ -165,7 +173,10 @@ impl Write for ConsoleOut {
         match &mut self.sink {
             Sink::Stdout(s) => s.write_all(buf)?,
             Sink::File(f) => f.write_all(buf)?,
-            Sink::Socket(shared) => {
+            Sink::Socket(shared, log) => {
+                if let Some(f) = log {
+                    f.write_all(buf)?;
+                }
                 let mut s = lock(shared);
                 s.replay.extend(buf);
                 let excess = s.replay.len().saturating_sub(REPLAY_BYTES);
@@ -340,7 +351,24 @@ pub fn build(setup: ConsoleSetup<'_>) -> Result<(Arc<Mutex<Uart>>, EventFd), Con
             })?;
             let shared = Arc::new(Mutex::new(SocketShared::default()));
             listener = Some((l, shared.clone()));
-            Sink::Socket(shared)
+            Sink::Socket(shared, None)
+        }
+        ConsoleConfig::SocketWithLog { socket, log } => {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .map_err(|err| ConsoleError::File {
+                    path: log.clone(),
+                    err,
+                })?;
+            let l = bind_socket(socket).map_err(|err| ConsoleError::Socket {
+                path: socket.clone(),
+                err,
+            })?;
+            let shared = Arc::new(Mutex::new(SocketShared::default()));
+            listener = Some((l, shared.clone()));
+            Sink::Socket(shared, Some(file))
         }
     };
     let out = ConsoleOut {

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
-use vm_superio::I8042Device;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::boot::{self, mptable::MAX_VCPUS};
+use super::control::{self, Controls, PauseGate, VcpuKicker};
 use super::cpuid;
 use super::layout::{KVM_TSS_ADDR, VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE, VIRTIO_SLOTS};
 use super::memory::{create_guest_memory, GuestRam};
@@ -21,7 +21,7 @@ use super::vcpu::{self, VcpuContext, VcpuStats};
 use super::{ExitHandle, ExitReason, VmConfig, VmOutcome, VmmError};
 use crate::devices::bus::{lock, Bus};
 use crate::devices::legacy::{
-    ExitPort, ResetLine, EXIT_PORT, EXIT_PORT_LEN, I8042, I8042_BASE, I8042_LEN,
+    ExitPort, EXIT_PORT, EXIT_PORT_LEN, I8042, I8042_BASE, I8042_KBD_IRQ, I8042_LEN,
 };
 use crate::devices::serial::{self, ConsoleSetup, ConsoleWatch, SerialDevice};
 use crate::devices::virtio::block::Block;
@@ -171,12 +171,13 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         serial::COM1_LEN,
     )
     .map_err(bus_err)?;
-    pio.insert(
-        Arc::new(Mutex::new(I8042(I8042Device::new(ResetLine(exit.clone()))))),
-        I8042_BASE,
-        I8042_LEN,
-    )
-    .map_err(bus_err)?;
+    let i8042_irq = EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| VmmError::Setup(format!("cannot create the i8042 interrupt eventfd: {e}")))?;
+    vm.register_irqfd(&i8042_irq, I8042_KBD_IRQ)
+        .map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), i8042_irq)));
+    pio.insert(i8042.clone(), I8042_BASE, I8042_LEN)
+        .map_err(bus_err)?;
     pio.insert(
         Arc::new(Mutex::new(ExitPort(exit.clone()))),
         EXIT_PORT,
@@ -223,10 +224,35 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
 
     phase("devices and vCPUs configured");
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
-    let mut stats = Vec::new();
+    let stats: Vec<Arc<VcpuStats>> = (0..config.vcpus)
+        .map(|_| Arc::new(VcpuStats::default()))
+        .collect();
+    let gate = Arc::new(PauseGate::default());
+    let kicker = Arc::new(VcpuKicker::default());
+    if let Some(cc) = &config.control {
+        let kbd = i8042.clone();
+        let shutdown: Box<dyn Fn() -> bool + Send + Sync> =
+            Box::new(move || lock(&kbd).send_ctrl_alt_del());
+        let controls = Controls {
+            config: cc.clone(),
+            gate: gate.clone(),
+            kicker: kicker.clone(),
+            stats: stats.clone(),
+            exit: exit.clone(),
+            shutdown,
+            watch: watch.clone(),
+            devices: virtio.devices.clone(),
+            start,
+        };
+        control::serve(Arc::new(controls)).map_err(|e| {
+            VmmError::Setup(format!(
+                "cannot serve the control socket {}: {e}",
+                cc.socket.display()
+            ))
+        })?;
+    }
     for (id, fd) in vcpus.into_iter().enumerate() {
-        let s = Arc::new(VcpuStats::default());
-        stats.push(s.clone());
+        let s = stats[id].clone();
         let ctx = VcpuContext {
             id: id as u8,
             mem: ram.mem.clone(),
@@ -235,6 +261,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
             stop: stop.clone(),
             exit: exit.clone(),
             stats: s,
+            pause: gate.clone(),
         };
         let t = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
@@ -250,6 +277,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
                 }
             })
             .map_err(|e| VmmError::Setup(format!("cannot start vCPU thread: {e}")))?;
+        kicker.add(std::os::unix::thread::JoinHandleExt::as_pthread_t(&t));
         threads.push(t);
     }
 
@@ -262,6 +290,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     };
     let elapsed = start.elapsed();
     stop_vcpus(&stop, &threads, &stats);
+    kicker.clear();
     event_loop.stop();
     if reason == ExitReason::Timeout {
         // Where each vCPU was is the first thing to know about a hung guest.

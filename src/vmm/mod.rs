@@ -4,6 +4,7 @@
 
 pub mod boot;
 pub mod builder;
+pub mod control;
 pub mod cpuid;
 pub mod layout;
 pub mod memory;
@@ -97,6 +98,8 @@ pub enum ExitReason {
     PatternMatched,
     /// The timeout expired.
     Timeout,
+    /// Stopped on request (control socket).
+    Stopped,
     /// The VMM itself failed while running.
     VmmError(String),
 }
@@ -111,6 +114,7 @@ impl ExitReason {
                 | Self::GuestStatus(0)
                 | Self::Halted
                 | Self::PatternMatched
+                | Self::Stopped
         )
     }
 }
@@ -147,6 +151,7 @@ impl std::fmt::Display for ExitReason {
             }
             Self::PatternMatched => write!(f, "expected console pattern seen"),
             Self::Timeout => write!(f, "timed out"),
+            Self::Stopped => write!(f, "stopped on request"),
             Self::VmmError(e) => write!(f, "VMM error: {e}"),
         }
     }
@@ -204,6 +209,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// Attach a virtio-vsock bridged to Unix sockets.
     pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
+    /// Serve a control socket (pause, resume, shutdown, info) while the VM runs.
+    pub control: Option<control::ControlConfig>,
 }
 
 /// What happened to a VM, for the CLI and machine-readable reports.

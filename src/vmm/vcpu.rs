@@ -157,12 +157,18 @@ pub struct VcpuContext {
     pub exit: ExitHandle,
     /// Counters.
     pub stats: Arc<VcpuStats>,
+    /// Parks the thread while the VM is paused.
+    pub pause: Arc<super::control::PauseGate>,
 }
 
 /// Runs a vCPU until the VM ends.
 pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
     let id = ctx.id;
     while !ctx.stop.load(Ordering::Acquire) {
+        if ctx.pause.requested() {
+            ctx.pause.park(&ctx.stop);
+            continue;
+        }
         let result = vcpu.run();
         ctx.stats.exits.fetch_add(1, Ordering::Relaxed);
         let reason = match result {

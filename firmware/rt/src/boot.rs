@@ -24,6 +24,12 @@
 //! instead of entering the DPL3 gate; the exception handler recognises the
 //! `cd 80` bytes and serves the request the same way (see `ring0_call`).
 //!
+//! Device interrupts (see [`crate::irq`]): ring 3 writes the IDT gates of
+//! the ISA IRQ stubs here itself (every page is user-writable), so they cost
+//! the boot nothing. A stub records its IRQ line in a pending mask and sends
+//! the LAPIC EOI (six emulated instructions); ring 3 serves the device. Ring 3
+//! sleeps through `ring0_call(SYS_WAIT_IRQ)`: `sti; hlt; cli` in ring 0.
+//!
 //! AP path: the trampoline (copied by ring-3 code to `TRAMPOLINE_ADDR`,
 //! SIPI vector 0x10) goes real mode -> 32-bit protected mode -> long mode
 //! with the same GDT and page tables, takes a CPU index with `lock xadd`,
@@ -53,6 +59,9 @@ pub const SYS_PING: u64 = 0;
 pub const SYS_HALT: u64 = 1;
 /// Load an empty IDT and fault: the CPU triple-faults. Does not return.
 pub const SYS_TRIPLE_FAULT: u64 = 2;
+/// Sleep until an interrupt arrives (`sti; hlt; cli` in ring 0), unless one was recorded in
+/// the pending mask already. Returns 0. See [`crate::irq::wait`].
+pub const SYS_WAIT_IRQ: u64 = 3;
 /// What `SYS_PING` returns.
 pub const SYS_PING_MAGIC: u64 = 0x6265_7861_7230; // "bexar0"
 
@@ -242,10 +251,27 @@ bexar_r0_syscall:
     je bexar_r0_halt
     cmp $2, %rax
     je bexar_r0_triple_fault
+    cmp $3, %rax
+    je 2f
     mov $-1, %rax
     iretq
 1:  mov ${ping_magic}, %rax
     iretq
+2:  call bexar_r0_wait_irq
+    iretq
+
+/* SYS_WAIT_IRQ, called with IF=0: unless an interrupt was recorded since ring 3 last took the
+   pending mask, sleep until one arrives. `sti; hlt`: the sti shadow covers the hlt, so an
+   interrupt already pending wakes it instead of being taken before it. The handler (below)
+   runs on this stack and returns after the hlt. Returns rax = 0. */
+bexar_r0_wait_irq:
+    xor %eax, %eax
+    cmpl $0, bexar_irq_pending(%rip)
+    jne 1f
+    sti
+    hlt
+    cli
+1:  ret
 
 bexar_r0_halt:
     cli
@@ -349,7 +375,11 @@ bexar_r0_exception:
     je bexar_r0_halt
     cmp $2, %rax
     je bexar_r0_triple_fault
-    test %rax, %rax
+    cmp $3, %rax
+    jne 4f
+    call bexar_r0_wait_irq
+    jmp 3f
+4:  test %rax, %rax
     mov $-1, %rax
     jnz 3f
     mov ${ping_magic}, %rax
@@ -392,6 +422,25 @@ bexar_r0_exception:
     mov $0xf4, %edx
     out %eax, %dx
     jmp bexar_r0_halt
+
+/* Device interrupts (gates installed from ring 3 by `irq::route_isa_irq`): one stub per ISA
+   IRQ line 0-15. Each records its line in bexar_irq_pending and signals EOI to the local APIC
+   (xAPIC MMIO at 0xfee00000); the device itself is served from ring 3. Six instructions, as
+   ring 0 is emulated on PVM. */
+    .irp p, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+bexar_irq_stub_\p:
+    lock orl $(1 << \p), bexar_irq_pending(%rip)
+    push %rax
+    mov $0xfee000b0, %eax
+    movl $0, (%rax)
+    pop %rax
+    iretq
+    .endr
+
+/* The local APIC's spurious vector: no EOI. */
+    .globl bexar_irq_spurious
+bexar_irq_spurious:
+    iretq
 
 /* Polled COM1 output from ring 0. al = byte. Clobbers rdx. */
 bexar_r0_putc:
@@ -550,6 +599,15 @@ bexar_ap_next:
     .globl bexar_int80_fallbacks
 bexar_int80_fallbacks:
     .long 0                             /* int 0x80 served by the #UD/#GP path */
+    .globl bexar_irq_pending
+bexar_irq_pending:
+    .long 0                             /* bit n: IRQ line n interrupted (set in ring 0) */
+    .balign 8
+    .globl bexar_irq_stubs
+bexar_irq_stubs:                        /* handler address per ISA IRQ line */
+    .irp p, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+    .quad bexar_irq_stub_\p
+    .endr
 
 /* Static page tables: identity map of 0-4 GiB with 2 MiB pages, all
    user-accessible (U/S=1) and writable; 0xd0000000-0xffffffff (MMIO:
@@ -611,6 +669,10 @@ unsafe extern "C" {
     static bexar_trampoline_end: u8;
     static bexar_ap_next: core::sync::atomic::AtomicU32;
     static bexar_int80_fallbacks: core::sync::atomic::AtomicU32;
+    pub(crate) static bexar_irq_pending: core::sync::atomic::AtomicU32;
+    pub(crate) static bexar_irq_stubs: [u64; 16];
+    pub(crate) static bexar_irq_spurious: u8;
+    pub(crate) static mut bexar_idt: [u64; 512];
 }
 
 /// The AP trampoline image (to be copied to [`TRAMPOLINE_ADDR`]).
@@ -637,9 +699,8 @@ pub fn int80_fallbacks() -> u32 {
 
 /// Ask ring 0 for a service through the DPL3 gate at [`SYSCALL_VECTOR`].
 /// If the platform does not deliver `int 0x80` from ring 3 and raises an
-/// exception instead, the ring-0 exception handler recognises the
-/// instruction and serves `SYS_HALT` / `SYS_TRIPLE_FAULT` anyway (other
-/// services then end the VM with the exception's failure code).
+/// exception instead (PVM), the ring-0 exception handler recognises the
+/// instruction and serves the same services.
 pub fn ring0_call(service: u64) -> u64 {
     let ret: u64;
     unsafe {

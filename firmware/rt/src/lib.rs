@@ -17,6 +17,7 @@ pub mod boot;
 pub mod bootparams;
 pub mod dma;
 pub mod exit;
+pub mod irq;
 pub mod mem;
 pub mod mptable;
 pub mod panic;

@@ -1,4 +1,5 @@
-//! Polled 16550 UART on COM1 (0x3f8), used from ring 3 (IOPL=3).
+//! Polled 16550 UART on COM1 (0x3f8), used from ring 3 (IOPL=3); it can
+//! also interrupt on received data (IRQ 4, see [`crate::irq`]).
 use crate::arch::{inb, outb};
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -11,6 +12,10 @@ const LCR: u16 = 3;
 const MCR: u16 = 4;
 const LSR: u16 = 5;
 const LSR_DATA_READY: u8 = 0x01;
+const IER_RX_DATA: u8 = 0x01;
+const MCR_DTR: u8 = 0x01;
+const MCR_RTS: u8 = 0x02;
+const MCR_OUT2: u8 = 0x08;
 const LSR_THR_EMPTY: u8 = 0x20;
 
 static LOCK: AtomicBool = AtomicBool::new(false);
@@ -26,7 +31,7 @@ static TX_PENDING: AtomicUsize = AtomicUsize::new(usize::MAX);
 pub fn init() {
     outb(COM1 + IER, 0);
     outb(COM1 + LCR, 0x03);
-    outb(COM1 + MCR, 0x03);
+    outb(COM1 + MCR, MCR_DTR | MCR_RTS);
     outb(COM1 + IIR_FCR, 0x07); // enable + clear both FIFOs
     let burst = if inb(COM1 + IIR_FCR) & 0xc0 == 0xc0 { 16 } else { 1 };
     TX_BURST.store(burst, Ordering::Relaxed);
@@ -51,6 +56,23 @@ pub fn putb(b: u8) {
 /// Is a received byte waiting?
 pub fn rx_ready() -> bool {
     inb(COM1 + LSR) & LSR_DATA_READY != 0
+}
+
+/// The next received byte, if one is waiting.
+pub fn try_getb() -> Option<u8> {
+    if rx_ready() {
+        Some(inb(COM1 + THR))
+    } else {
+        None
+    }
+}
+
+/// Interrupt on received data (IER bit 0) and open the IRQ line (MCR.OUT2,
+/// which gates it on a PC). The UART raises COM1's IRQ 4 whenever bytes
+/// arrive; reading RBR acknowledges. See [`crate::irq`] for the routing.
+pub fn enable_rx_interrupt() {
+    outb(COM1 + IER, IER_RX_DATA);
+    outb(COM1 + MCR, MCR_DTR | MCR_RTS | MCR_OUT2);
 }
 
 /// Wait for and return one received byte.

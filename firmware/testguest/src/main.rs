@@ -12,6 +12,7 @@ use rt::bootparams::{cmdline_param, BootParams};
 use rt::mptable::MpTable;
 use rt::{boot, exit, println, smp, uart, MAX_CPUS};
 
+mod idle;
 mod vtests;
 
 rt::entry!(main);
@@ -74,6 +75,7 @@ const TESTS: &[(&str, Test)] = &[
     ("ring0-call", test_ring0_call),
     ("exception", test_exception),
     ("panic", test_panic),
+    ("idle", idle::test_idle),
     ("virtio-scan", vtests::test_virtio_scan),
     ("blk-rw", vtests::test_blk_rw),
     ("blk-verify", vtests::test_blk_verify),

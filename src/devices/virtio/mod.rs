@@ -144,10 +144,10 @@ impl Counters {
 }
 
 /// A snapshot of a device's counters.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct DeviceReport {
     /// Device kind.
-    pub kind: &'static str,
+    pub kind: String,
     /// MMIO slot.
     pub slot: u32,
     /// Requests completed.
@@ -173,7 +173,7 @@ impl DeviceReport {
     pub fn new(kind: &'static str, slot: u32, c: &Counters) -> Self {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Self {
-            kind,
+            kind: kind.to_owned(),
             slot,
             requests: g(&c.requests),
             refused: g(&c.refused),
