@@ -4,8 +4,12 @@
 //! * [`devices`] holds the emulated devices and the buses they sit on.
 //! * [`net`] talks to the host's networking (TAP devices).
 //! * [`block`] holds block I/O backends (io_uring).
-//! * [`cli`] is the command line: `bexar run`, `bexar boot-test`.
+//! * [`agent`] is the host agent: VM records, lifecycle, VMM processes, events.
+//! * [`api`] is the agent's HTTP API on a Unix socket, and its client.
+//! * [`cli`] is the command line: `bexar run`, `bexar boot-test`, `bexar agent`, `bexar vm`...
 
+pub mod agent;
+pub mod api;
 pub mod block;
 pub mod cli;
 pub mod devices;

@@ -1,8 +1,11 @@
 //! The `bexar` command line.
 
+pub mod agent;
 pub mod boot_test;
+pub mod ctl;
 pub mod junit;
 pub mod run;
+pub mod vmm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,7 +38,8 @@ impl From<RunStatus> for ExitCode {
     }
 }
 
-/// One binary per host: an embedded KVM microVM monitor (and, later, the host agent).
+/// One binary per host: an embedded KVM microVM monitor and the host agent that runs VMs for a
+/// scheduler.
 #[derive(Debug, Parser)]
 #[command(name = "bexar", version, about)]
 pub struct Cli {
@@ -51,6 +55,45 @@ pub enum Command {
     Run(RunArgs),
     /// Boot one or more images in parallel, wait for a console pattern, write a JUnit report.
     BootTest(BootTestArgs),
+    /// Run the host agent: the API socket and every VM on this host.
+    Agent(agent::AgentArgs),
+    /// Show the host: facts, capacity, health (through the agent).
+    Host {
+        /// Client options.
+        #[command(flatten)]
+        opts: ctl::ClientOpts,
+    },
+    /// Manage VMs through the agent.
+    Vm {
+        /// Client options.
+        #[command(flatten)]
+        opts: ctl::ClientOpts,
+        /// What to do.
+        #[command(subcommand)]
+        cmd: ctl::VmCommand,
+    },
+    /// Print lifecycle events (and follow them with -f).
+    Events {
+        /// Client options.
+        #[command(flatten)]
+        opts: ctl::ClientOpts,
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Keep printing new events.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only events of this VM.
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Run one VM for the agent (internal: the agent starts these).
+    #[command(hide = true)]
+    Vmm {
+        /// The VM's directory (holds launch.json).
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 /// VM flags shared by `run` and `boot-test`.
@@ -149,6 +192,16 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run::main(&args).into(),
         Command::BootTest(args) => boot_test::main(&args),
+        Command::Agent(args) => agent::main(&args),
+        Command::Host { opts } => ctl::host(&opts),
+        Command::Vm { opts, cmd } => ctl::vm(&opts, &cmd),
+        Command::Events {
+            opts,
+            since,
+            follow,
+            vm,
+        } => ctl::events(&opts, since, follow, vm.as_deref()),
+        Command::Vmm { dir } => vmm::main(&dir),
     }
 }
 

@@ -1,0 +1,171 @@
+//! Lifecycle events: a numbered, append-only log the scheduler can follow and resume from a
+//! cursor (`since=SEQ`). Kept in memory (the last [`BACKLOG`]) and appended to
+//! `events.ndjson`, so sequence numbers keep growing across agent restarts.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::devices::bus::lock;
+
+/// Events kept for replay.
+pub const BACKLOG: usize = 10_000;
+
+/// One lifecycle change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Sequence number, strictly increasing (the resume cursor).
+    pub seq: u64,
+    /// Unix time in milliseconds.
+    pub time_ms: u64,
+    /// VM concerned (empty for agent events).
+    pub vm: String,
+    /// What happened: `created`, `started`, `stopped`, `paused`, `resumed`, `failed`,
+    /// `restarting`, `adopted`, `deleted`, `agent-started`.
+    pub kind: String,
+    /// The VM's state after the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Details for people.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+struct Inner {
+    backlog: VecDeque<Event>,
+    next: u64,
+    file: Option<File>,
+}
+
+/// The event log.
+pub struct Events {
+    inner: Mutex<Inner>,
+    tx: broadcast::Sender<Event>,
+    path: PathBuf,
+}
+
+impl Events {
+    /// Opens the log in `dir`, continuing its numbering. The file is compacted to the backlog.
+    pub fn open(dir: &Path) -> Self {
+        let path = dir.join("events.ndjson");
+        let mut backlog = VecDeque::new();
+        if let Ok(f) = File::open(&path) {
+            for line in BufReader::new(f).lines().map_while(Result::ok) {
+                // A torn last line (crash mid-append) is skipped.
+                if let Ok(e) = serde_json::from_str::<Event>(&line) {
+                    if backlog.len() == BACKLOG {
+                        backlog.pop_front();
+                    }
+                    backlog.push_back(e);
+                }
+            }
+        }
+        let next = backlog.back().map_or(1, |e: &Event| e.seq + 1);
+        let mut text = Vec::new();
+        for e in &backlog {
+            if let Ok(mut l) = serde_json::to_vec(e) {
+                l.push(b'\n');
+                text.extend(l);
+            }
+        }
+        if let Err(e) = super::store::write_atomic(&path, &text) {
+            tracing::warn!("cannot compact the event log: {e}");
+        }
+        let file = OpenOptions::new().append(true).open(&path).ok();
+        let (tx, _) = broadcast::channel(4096);
+        Self {
+            inner: Mutex::new(Inner {
+                backlog,
+                next,
+                file,
+            }),
+            tx,
+            path,
+        }
+    }
+
+    /// Records an event and tells the followers.
+    pub fn emit(&self, vm: &str, kind: &str, state: Option<&str>, message: impl Into<String>) {
+        let mut i = lock(&self.inner);
+        let e = Event {
+            seq: i.next,
+            time_ms: super::spec::now_ms(),
+            vm: vm.to_owned(),
+            kind: kind.to_owned(),
+            state: state.map(str::to_owned),
+            message: message.into(),
+        };
+        i.next += 1;
+        if let (Some(f), Ok(mut line)) = (i.file.as_mut(), serde_json::to_vec(&e)) {
+            line.push(b'\n');
+            if let Err(err) = f.write_all(&line) {
+                tracing::warn!("cannot append to {}: {err}", self.path.display());
+            }
+        }
+        if i.backlog.len() == BACKLOG {
+            i.backlog.pop_front();
+        }
+        i.backlog.push_back(e.clone());
+        tracing::info!(vm = %e.vm, kind = %e.kind, state = ?e.state, "{}", e.message);
+        // Sent under the lock, so followers see events in sequence order.
+        let _ = self.tx.send(e);
+    }
+
+    /// Events after `since`, and a receiver for the ones that follow (subscribed before the
+    /// backlog is read, so nothing falls between the two). The bool is false when events
+    /// after `since` were already dropped from the backlog.
+    pub fn since(&self, since: u64) -> (Vec<Event>, broadcast::Receiver<Event>, bool) {
+        let i = lock(&self.inner);
+        let rx = self.tx.subscribe();
+        let complete = i
+            .backlog
+            .front()
+            .is_none_or(|f| f.seq <= since.saturating_add(1));
+        let list = i
+            .backlog
+            .iter()
+            .filter(|e| e.seq > since)
+            .cloned()
+            .collect();
+        (list, rx, complete)
+    }
+
+    /// The last sequence number handed out.
+    pub fn last_seq(&self) -> u64 {
+        lock(&self.inner).next - 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbering_survives_a_restart_and_a_torn_line() {
+        let dir = std::env::temp_dir().join(format!("bexar-events-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let ev = Events::open(&dir);
+            ev.emit("a", "created", Some("stopped"), "");
+            ev.emit("a", "started", Some("running"), "");
+        }
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.join("events.ndjson"))
+            .unwrap();
+        f.write_all(b"{\"seq\":3,\"ti").unwrap();
+        let ev = Events::open(&dir);
+        assert_eq!(ev.last_seq(), 2);
+        ev.emit("a", "stopped", Some("stopped"), "");
+        let (list, _, complete) = ev.since(1);
+        assert!(complete);
+        assert_eq!(list.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

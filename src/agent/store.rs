@@ -1,0 +1,258 @@
+//! The agent's state directory: one directory per VM holding its record, its VMM's sockets and
+//! its logs. Records are replaced atomically (write a temporary file, fsync, rename, fsync the
+//! directory), so after a crash at any instant each record is either the old or the new one.
+//!
+//! ```text
+//! STATE/agent.lock            flock: one agent per state directory
+//! STATE/events.ndjson         lifecycle events (append-only, trimmed on start)
+//! STATE/vms/ID/vm.json        the record: spec, desired state, status, operation in flight
+//! STATE/vms/ID/launch.json    what the current VMM was started with (spec + token)
+//! STATE/vms/ID/vmm.lock       flock held by the VMM for its whole life
+//! STATE/vms/ID/control.sock   the VMM's control socket
+//! STATE/vms/ID/console.sock   interactive console
+//! STATE/vms/ID/console.log    everything the guest wrote to its console
+//! STATE/vms/ID/vmm.log        the VMM's own log
+//! STATE/vms/ID/result.json    how the last VMM run ended (written by the VMM)
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::spec::VmRecord;
+
+/// File names inside a VM's directory.
+pub mod layout {
+    /// The VM record.
+    pub const RECORD: &str = "vm.json";
+    /// The VMM launch file.
+    pub const LAUNCH: &str = "launch.json";
+    /// The VMM's lifetime lock.
+    pub const VMM_LOCK: &str = "vmm.lock";
+    /// The VMM's control socket.
+    pub const CONTROL_SOCKET: &str = "control.sock";
+    /// The console socket.
+    pub const CONSOLE_SOCKET: &str = "console.sock";
+    /// The console log.
+    pub const CONSOLE_LOG: &str = "console.log";
+    /// The VMM's log.
+    pub const VMM_LOG: &str = "vmm.log";
+    /// The VMM's outcome.
+    pub const RESULT: &str = "result.json";
+    /// The vsock host socket.
+    pub const VSOCK_SOCKET: &str = "vsock.sock";
+}
+
+/// Errors of the state directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file operation failed.
+    #[error("{what} {path}: {err}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why it failed.
+        err: io::Error,
+    },
+    /// Another agent owns this state directory.
+    #[error("another agent already uses the state directory {0}")]
+    Locked(PathBuf),
+    /// A record could not be encoded.
+    #[error("cannot encode a record: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |err| StoreError::Io {
+        what,
+        path: path.to_owned(),
+        err,
+    }
+}
+
+/// Writes `data` to `path` atomically and durably.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+    f.write_all(data).map_err(io_err("write", &tmp))?;
+    f.sync_all().map_err(io_err("fsync", &tmp))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(io_err("rename", path))?;
+    sync_dir(dir)
+}
+
+/// fsyncs a directory, making renames and unlinks in it durable.
+pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", dir))
+}
+
+/// Tries to take an exclusive flock on `path` (created if missing). `Ok(None)` if someone
+/// else holds it.
+pub fn try_lock(path: &Path) -> Result<Option<File>, StoreError> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io_err("open", path))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        Ok(Some(f))
+    } else {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Ok(None)
+        } else {
+            Err(StoreError::Io {
+                what: "flock",
+                path: path.to_owned(),
+                err,
+            })
+        }
+    }
+}
+
+/// The state directory.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    _lock: File,
+}
+
+impl Store {
+    /// Opens (creating it if needed, owner-only) and locks the state directory.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root.join("vms"))
+            .map_err(io_err("create", root))?;
+        let lock = try_lock(&root.join("agent.lock"))?
+            .ok_or_else(|| StoreError::Locked(root.to_owned()))?;
+        Ok(Self {
+            root: root.to_owned(),
+            _lock: lock,
+        })
+    }
+
+    /// The state directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of VM `id`.
+    pub fn vm_dir(&self, id: &str) -> PathBuf {
+        self.root.join("vms").join(id)
+    }
+
+    /// Writes a VM's record (creating its directory on first write).
+    pub fn save(&self, rec: &VmRecord) -> Result<(), StoreError> {
+        let dir = self.vm_dir(&rec.id);
+        if !dir.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .map_err(io_err("create", &dir))?;
+            sync_dir(&self.root.join("vms"))?;
+        }
+        write_atomic(&dir.join(layout::RECORD), &serde_json::to_vec_pretty(rec)?)
+    }
+
+    /// Removes a VM's directory and everything in it.
+    pub fn remove(&self, id: &str) -> Result<(), StoreError> {
+        let dir = self.vm_dir(id);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &dir)(e)),
+        }
+        sync_dir(&self.root.join("vms"))
+    }
+
+    /// Loads every record. Directories without a record (a create that crashed before its
+    /// first write) and leftover temporary files are removed; unreadable records are reported
+    /// and skipped, never deleted.
+    pub fn load_all(&self) -> Result<Vec<VmRecord>, StoreError> {
+        let vms = self.root.join("vms");
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&vms).map_err(io_err("read", &vms))? {
+            let Ok(entry) = entry else { continue };
+            let dir = entry.path();
+            let Some(id) = dir.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            if !super::spec::valid_id(&id) || !dir.is_dir() {
+                continue;
+            }
+            if let Ok(list) = fs::read_dir(&dir) {
+                for f in list.flatten() {
+                    if f.file_name().to_string_lossy().contains(".tmp.") {
+                        let _ = fs::remove_file(f.path());
+                    }
+                }
+            }
+            let path = dir.join(layout::RECORD);
+            match fs::read(&path) {
+                Ok(bytes) => match serde_json::from_slice::<VmRecord>(&bytes) {
+                    Ok(rec) if rec.id == id => out.push(rec),
+                    Ok(rec) => tracing::error!(
+                        "{}: record for {:?} in the directory of {id:?}; skipped",
+                        path.display(),
+                        rec.id
+                    ),
+                    Err(e) => {
+                        tracing::error!("{}: unreadable record: {e}; skipped", path.display())
+                    }
+                },
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    tracing::warn!(
+                        "{}: no record (interrupted create); removing",
+                        dir.display()
+                    );
+                    let _ = self.remove(&id);
+                }
+                Err(e) => tracing::error!("{}: {e}; skipped", path.display()),
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temporary() {
+        let dir = std::env::temp_dir().join(format!("bexar-store-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("x.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_state_directory_has_one_owner() {
+        let dir = std::env::temp_dir().join(format!("bexar-store-lock-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let a = Store::open(&dir).unwrap();
+        assert!(matches!(Store::open(&dir), Err(StoreError::Locked(_))));
+        drop(a);
+        Store::open(&dir).unwrap();
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,111 @@
+//! `bexar agent`: the host agent in the foreground (systemd runs it; see
+//! docs/contrib/bexar-agent.service).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::agent::host::CapacityConfig;
+use crate::agent::{Agent, AgentConfig, DEFAULT_SOCKET, DEFAULT_STATE_DIR};
+
+/// Flags of `bexar agent`.
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// API socket (owner-only; root and the agent's user may connect).
+    #[arg(long, env = "BEXAR_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// State directory: VM records, logs, VMM sockets.
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Host CPUs kept for the host.
+    #[arg(long, default_value_t = 0)]
+    pub reserved_vcpus: u32,
+    /// vCPUs per host CPU.
+    #[arg(long, default_value_t = 16.0)]
+    pub cpu_allocation_ratio: f64,
+    /// Host memory kept for the host, MiB.
+    #[arg(long, default_value_t = 512)]
+    pub reserved_memory_mib: u64,
+    /// Guest memory per MiB of host memory.
+    #[arg(long, default_value_t = 1.0)]
+    pub memory_allocation_ratio: f64,
+    /// Seconds a graceful stop waits before forcing.
+    #[arg(long, default_value_t = 10.0)]
+    pub stop_timeout: f64,
+    /// First restart delay of restart policies, seconds (doubles per restart, at most 60).
+    #[arg(long, default_value_t = 1.0)]
+    pub restart_backoff: f64,
+}
+
+fn seconds(flag: &str, v: f64) -> Result<Duration, String> {
+    if v.is_finite() && (0.0..=3600.0).contains(&v) {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(format!(
+            "--{flag}: {v} is not a number of seconds in 0-3600"
+        ))
+    }
+}
+
+fn ratio(flag: &str, v: f64) -> Result<f64, String> {
+    if v.is_finite() && v > 0.0 && v <= 1000.0 {
+        Ok(v)
+    } else {
+        Err(format!("--{flag}: {v} is not a ratio in (0, 1000]"))
+    }
+}
+
+fn config(a: &AgentArgs) -> Result<AgentConfig, String> {
+    Ok(AgentConfig {
+        state_dir: std::path::absolute(&a.state_dir).map_err(|e| format!("--state-dir: {e}"))?,
+        exe: std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?,
+        capacity: CapacityConfig {
+            reserved_vcpus: a.reserved_vcpus,
+            cpu_allocation_ratio: ratio("cpu-allocation-ratio", a.cpu_allocation_ratio)?,
+            reserved_memory_mib: a.reserved_memory_mib,
+            memory_allocation_ratio: ratio("memory-allocation-ratio", a.memory_allocation_ratio)?,
+        },
+        restart_backoff: seconds("restart-backoff", a.restart_backoff)?,
+        stop_timeout: seconds("stop-timeout", a.stop_timeout)?,
+    })
+}
+
+/// Runs `bexar agent` until SIGTERM or SIGINT.
+pub fn main(a: &AgentArgs) -> ExitCode {
+    let config = match config(a) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bexar agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bexar agent: cannot start the runtime: {e}");
+            return ExitCode::from(4);
+        }
+    };
+    rt.block_on(async {
+        let agent = match Agent::open(config).await {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("bexar agent: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        match crate::api::serve(agent, a.socket.clone()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bexar agent: {}: {e}", a.socket.display());
+                ExitCode::from(2)
+            }
+        }
+    })
+}

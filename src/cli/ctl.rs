@@ -1,0 +1,596 @@
+//! The client commands: `bexar host`, `bexar vm ...`, `bexar events`. Each is one or two API
+//! calls; tables for people by default, the API's JSON with `--json`.
+//!
+//! Exit status: 0 done, 1 refused by the agent (4xx), 2 bad usage, 3 agent unreachable,
+//! 4 agent or VMM error (5xx), 5 a wait timed out.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use crate::api::client::{Client, ClientError, Reply};
+
+/// Options every client command takes.
+#[derive(Debug, Clone, Args)]
+pub struct ClientOpts {
+    /// The agent's API socket.
+    #[arg(long, env = "BEXAR_SOCKET", default_value = crate::agent::DEFAULT_SOCKET, global = true)]
+    pub socket: PathBuf,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// `bexar vm` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum VmCommand {
+    /// Define a VM (and start it with --start).
+    Create(Box<CreateArgs>),
+    /// List VMs.
+    Ls {
+        /// Label selector: key=value[,key...].
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+        /// Only VMs in this state.
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Show one VM.
+    Get {
+        /// VM id.
+        id: String,
+    },
+    /// Start a VM.
+    Start {
+        /// VM id.
+        id: String,
+    },
+    /// Stop a VM: Ctrl-Alt-Del, then forced after the timeout.
+    Stop {
+        /// VM id.
+        id: String,
+        /// Seconds to wait for the guest to shut down.
+        #[arg(long)]
+        timeout: Option<f64>,
+        /// Do not ask the guest; stop at once.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Reboot a VM (graceful stop, then start).
+    Reboot {
+        /// VM id.
+        id: String,
+        /// Seconds to wait for the guest to shut down.
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    /// Pause a VM's vCPUs.
+    Pause {
+        /// VM id.
+        id: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// VM id.
+        id: String,
+    },
+    /// Delete a VM and everything it owns.
+    Rm {
+        /// VM id.
+        id: String,
+    },
+    /// Wait until a VM is in a state (or deleted).
+    Wait {
+        /// VM id.
+        id: String,
+        /// creating, stopped, running, paused, failed, deleting or deleted.
+        #[arg(long)]
+        state: String,
+        /// Seconds.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Attach to the VM's serial console (Ctrl-] detaches).
+    Console {
+        /// VM id.
+        id: String,
+    },
+    /// Print the VM's console log.
+    Logs {
+        /// VM id.
+        id: String,
+        /// Keep printing while the VM runs.
+        #[arg(short, long)]
+        follow: bool,
+        /// Start at this byte offset.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+    },
+}
+
+/// `bexar vm create`.
+#[derive(Debug, Clone, Args)]
+pub struct CreateArgs {
+    /// VM id.
+    pub id: Option<String>,
+    /// The whole spec as a JSON file (`-` for stdin); the other flags are then not used.
+    #[arg(long, short)]
+    pub file: Option<PathBuf>,
+    /// Kernel (absolute path).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Memory, MiB.
+    #[arg(long, default_value_t = 128)]
+    pub memory: u64,
+    /// CPU template.
+    #[arg(long)]
+    pub cpu_template: Option<String>,
+    /// A disk: PATH[,ro] (repeatable).
+    #[arg(long)]
+    pub disk: Vec<String>,
+    /// A NIC: tap=NAME[,mac=MAC] (repeatable).
+    #[arg(long)]
+    pub net: Vec<String>,
+    /// Attach a virtio-rng.
+    #[arg(long)]
+    pub rng: bool,
+    /// Attach a virtio-vsock with this guest CID.
+    #[arg(long)]
+    pub vsock_cid: Option<u32>,
+    /// A label key=value (repeatable).
+    #[arg(long = "label", short = 'L')]
+    pub labels: Vec<String>,
+    /// Restart policy: no, on-failure, always.
+    #[arg(long)]
+    pub restart: Option<String>,
+    /// Start it too.
+    #[arg(long)]
+    pub start: bool,
+}
+
+fn absolute(p: &std::path::Path) -> String {
+    std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_owned())
+        .display()
+        .to_string()
+}
+
+fn spec_from_flags(a: &CreateArgs) -> Result<Value, String> {
+    if let Some(f) = &a.file {
+        let text = if f.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin()).map_err(|e| format!("stdin: {e}"))?
+        } else {
+            std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?
+        };
+        let mut v: Value =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", f.display()))?;
+        if let (Some(id), Some(o)) = (&a.id, v.as_object_mut()) {
+            o.insert("id".into(), json!(id));
+        }
+        return Ok(v);
+    }
+    let id = a.id.clone().ok_or("a VM id is needed (or --file)")?;
+    let kernel = a.kernel.as_ref().ok_or("--kernel is needed (or --file)")?;
+    let mut boot = json!({ "kernel": absolute(kernel) });
+    if let Some(i) = &a.initrd {
+        boot["initrd"] = json!(absolute(i));
+    }
+    if let Some(c) = &a.cmdline {
+        boot["cmdline"] = json!(c);
+    }
+    let mut spec = json!({ "id": id, "vcpus": a.vcpus, "memory_mib": a.memory, "boot": boot });
+    if let Some(t) = &a.cpu_template {
+        spec["cpu_template"] = json!(t);
+    }
+    let mut disks = Vec::new();
+    for d in &a.disk {
+        let mut parts = d.split(',');
+        let path = parts.next().unwrap_or_default();
+        let mut disk = json!({ "path": absolute(std::path::Path::new(path)) });
+        for opt in parts {
+            match opt {
+                "ro" => disk["read_only"] = json!(true),
+                "direct" => disk["direct"] = json!(true),
+                o => return Err(format!("--disk: unknown option {o:?} (ro, direct)")),
+            }
+        }
+        disks.push(disk);
+    }
+    spec["disks"] = json!(disks);
+    let mut nics = Vec::new();
+    for n in &a.net {
+        let mut nic = json!({});
+        for opt in n.split(',') {
+            match opt.split_once('=') {
+                Some(("tap", v)) => nic["tap"] = json!(v),
+                Some(("mac", v)) => nic["mac"] = json!(v),
+                _ => return Err(format!("--net: unknown option {opt:?} (tap=NAME, mac=MAC)")),
+            }
+        }
+        nics.push(nic);
+    }
+    spec["nics"] = json!(nics);
+    if a.rng {
+        spec["rng"] = json!(true);
+    }
+    if let Some(c) = a.vsock_cid {
+        spec["vsock"] = json!({ "cid": c });
+    }
+    let mut labels = serde_json::Map::new();
+    for l in &a.labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or(format!("--label {l:?}: expected key=value"))?;
+        labels.insert(k.into(), json!(v));
+    }
+    spec["labels"] = Value::Object(labels);
+    if let Some(r) = &a.restart {
+        spec["restart_policy"] = json!(r);
+    }
+    Ok(spec)
+}
+
+/// Maps an API reply to an exit status, printing errors.
+fn check(reply: &Reply) -> Result<(), ExitCode> {
+    if reply.status.is_success() {
+        return Ok(());
+    }
+    let v = reply.json();
+    let msg = v["error"]["message"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| String::from_utf8_lossy(&reply.body).into_owned());
+    eprintln!("bexar: {msg} ({})", reply.status);
+    Err(ExitCode::from(match reply.status.as_u16() {
+        408 => 5,
+        s if s >= 500 => 4,
+        _ => 1,
+    }))
+}
+
+fn unreachable(e: ClientError) -> ExitCode {
+    eprintln!("bexar: {e}");
+    ExitCode::from(3)
+}
+
+fn age(ms: Option<u64>) -> String {
+    let Some(ms) = ms else { return "-".into() };
+    let s = crate::agent::spec::now_ms().saturating_sub(ms) / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+fn print_vms(items: &[Value]) {
+    println!(
+        "{:<24} {:<9} {:>5} {:>8} {:>8} {:>7}  {:<24} REASON",
+        "ID", "STATE", "VCPUS", "MEMORY", "PID", "UPTIME", "LABELS"
+    );
+    for v in items {
+        let labels: Vec<String> = v["spec"]["labels"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let running = matches!(v["state"].as_str(), Some("running" | "paused"));
+        println!(
+            "{:<24} {:<9} {:>5} {:>7}M {:>8} {:>7}  {:<24} {}",
+            v["id"].as_str().unwrap_or(""),
+            v["state"].as_str().unwrap_or(""),
+            v["spec"]["vcpus"].as_u64().unwrap_or(0),
+            v["spec"]["memory_mib"].as_u64().unwrap_or(0),
+            v["status"]["pid"]
+                .as_u64()
+                .map_or("-".into(), |p| p.to_string()),
+            if running {
+                age(v["status"]["started_ms"].as_u64())
+            } else {
+                "-".into()
+            },
+            labels.join(","),
+            if running {
+                ""
+            } else {
+                v["status"]["exit_reason"].as_str().unwrap_or("")
+            }
+        );
+    }
+}
+
+fn show(opts: &ClientOpts, reply: &Reply, table: impl FnOnce(&Value)) {
+    let v = reply.json();
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        table(&v);
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a single-threaded tokio runtime")
+}
+
+/// `bexar host`.
+pub fn host(opts: &ClientOpts) -> ExitCode {
+    runtime().block_on(async {
+        let c = Client::new(&opts.socket);
+        let r = match c.get("/v1/host").await {
+            Ok(r) => r,
+            Err(e) => return unreachable(e),
+        };
+        if let Err(code) = check(&r) {
+            return code;
+        }
+        show(opts, &r, |v| {
+            let i = &v["info"];
+            let inv = &v["inventory"];
+            println!("host      {} (bexar {}, kernel {})", i["hostname"].as_str().unwrap_or(""), i["version"].as_str().unwrap_or(""), i["kernel"].as_str().unwrap_or(""));
+            println!("cpu       {}", i["cpu_model"].as_str().unwrap_or(""));
+            println!("kvm       {} (API {})", i["kvm"]["flavour"].as_str().unwrap_or(""), i["kvm"]["api_version"]);
+            println!("health    {}", v["health"]["status"].as_str().unwrap_or(""));
+            for (name, key, unit) in [("vcpus", "vcpus", ""), ("memory", "memory_mib", " MiB")] {
+                let r = &inv[key];
+                println!(
+                    "{name:<9} {}{unit} allocated of {}{unit} (total {}, reserved {}, ratio {}), {}{unit} free",
+                    r["allocated"], r["capacity"], r["total"], r["reserved"], r["allocation_ratio"], r["free"]
+                );
+            }
+            println!(
+                "disk      {} MiB available of {} MiB, VM images {} MiB",
+                inv["disk"]["available_mib"], inv["disk"]["total_mib"], inv["disk"]["allocated_mib"]
+            );
+            println!("vms       {}", v["vms"]);
+        });
+        ExitCode::SUCCESS
+    })
+}
+
+/// `bexar events`.
+pub fn events(opts: &ClientOpts, since: u64, follow: bool, vm: Option<&str>) -> ExitCode {
+    runtime().block_on(async {
+        let c = Client::new(&opts.socket);
+        let mut path = format!("/v1/events?since={since}&follow={follow}");
+        if let Some(v) = vm {
+            path.push_str(&format!("&vm={v}"));
+        }
+        let mut pending = Vec::new();
+        let json = opts.json;
+        let r = c
+            .stream(&path, |chunk| {
+                pending.extend_from_slice(chunk);
+                while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=i).collect();
+                    let text = String::from_utf8_lossy(&line);
+                    if json {
+                        print!("{text}");
+                    } else if let Ok(e) = serde_json::from_str::<Value>(&text) {
+                        println!(
+                            "{:>6}  {:<20} {:<14} {:<9} {}",
+                            e["seq"],
+                            e["vm"].as_str().unwrap_or(""),
+                            e["kind"].as_str().unwrap_or(""),
+                            e["state"].as_str().unwrap_or(""),
+                            e["message"].as_str().unwrap_or("")
+                        );
+                    }
+                    let _ = std::io::stdout().flush();
+                }
+                true
+            })
+            .await;
+        match r {
+            Ok(r) => check(&r).err().unwrap_or(ExitCode::SUCCESS),
+            Err(e) => unreachable(e),
+        }
+    })
+}
+
+/// `bexar vm ...`.
+pub fn vm(opts: &ClientOpts, cmd: &VmCommand) -> ExitCode {
+    runtime().block_on(vm_async(opts, cmd))
+}
+
+async fn vm_async(opts: &ClientOpts, cmd: &VmCommand) -> ExitCode {
+    let c = Client::new(&opts.socket);
+    let one = |r: &Reply| {
+        show(opts, r, |v| print_vms(std::slice::from_ref(v)));
+    };
+    let reply = match cmd {
+        VmCommand::Create(a) => {
+            let spec = match spec_from_flags(a) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("bexar vm create: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            c.post(&format!("/v1/vms?start={}", a.start), &spec).await
+        }
+        VmCommand::Ls { selector, state } => {
+            let mut q = Vec::new();
+            if let Some(s) = selector {
+                q.push(("selector", s.as_str()));
+            }
+            if let Some(s) = state {
+                q.push(("state", s.as_str()));
+            }
+            let qs = serde_urlencoded::to_string(&q).unwrap_or_default();
+            match c.get(&format!("/v1/vms?{qs}")).await {
+                Ok(r) => {
+                    if let Err(code) = check(&r) {
+                        return code;
+                    }
+                    show(opts, &r, |v| {
+                        print_vms(v["items"].as_array().map_or(&[][..], |a| a.as_slice()))
+                    });
+                    return ExitCode::SUCCESS;
+                }
+                Err(e) => return unreachable(e),
+            }
+        }
+        VmCommand::Get { id } => c.get(&format!("/v1/vms/{id}")).await,
+        VmCommand::Start { id } => c.post(&format!("/v1/vms/{id}/start"), &Value::Null).await,
+        VmCommand::Stop { id, timeout, force } => {
+            let mut p = format!("/v1/vms/{id}/stop?force={force}");
+            if let Some(t) = timeout {
+                p.push_str(&format!("&timeout={t}"));
+            }
+            c.post(&p, &Value::Null).await
+        }
+        VmCommand::Reboot { id, timeout } => {
+            let mut p = format!("/v1/vms/{id}/reboot");
+            if let Some(t) = timeout {
+                p.push_str(&format!("?timeout={t}"));
+            }
+            c.post(&p, &Value::Null).await
+        }
+        VmCommand::Pause { id } => c.post(&format!("/v1/vms/{id}/pause"), &Value::Null).await,
+        VmCommand::Resume { id } => c.post(&format!("/v1/vms/{id}/resume"), &Value::Null).await,
+        VmCommand::Rm { id } => match c.delete(&format!("/v1/vms/{id}")).await {
+            Ok(r) => return check(&r).err().unwrap_or(ExitCode::SUCCESS),
+            Err(e) => return unreachable(e),
+        },
+        VmCommand::Wait { id, state, timeout } => {
+            c.get(&format!(
+                "/v1/vms/{id}/wait?state={state}&timeout={timeout}"
+            ))
+            .await
+        }
+        VmCommand::Logs { id, follow, offset } => {
+            let mut out = std::io::stdout();
+            let r = c
+                .stream(
+                    &format!("/v1/vms/{id}/console?offset={offset}&follow={follow}"),
+                    |chunk| out.write_all(chunk).and_then(|_| out.flush()).is_ok(),
+                )
+                .await;
+            return match r {
+                Ok(r) => check(&r).err().unwrap_or(ExitCode::SUCCESS),
+                Err(e) => unreachable(e),
+            };
+        }
+        VmCommand::Console { id } => return attach(&c, id).await,
+    };
+    match reply {
+        Ok(r) => {
+            if let Err(code) = check(&r) {
+                return code;
+            }
+            if matches!(cmd, VmCommand::Wait { state, .. } if state == "deleted") {
+                return ExitCode::SUCCESS;
+            }
+            one(&r);
+            ExitCode::SUCCESS
+        }
+        Err(e) => unreachable(e),
+    }
+}
+
+/// Puts a terminal in raw mode for the life of the guard.
+struct RawMode(Option<libc::termios>);
+
+impl RawMode {
+    fn new() -> Self {
+        // SAFETY: isatty/tcgetattr/tcsetattr on fd 0 with a termios we own.
+        unsafe {
+            if libc::isatty(0) != 1 {
+                return Self(None);
+            }
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return Self(None);
+            }
+            let saved = t;
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+            Self(Some(saved))
+        }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            // SAFETY: restores the settings saved from fd 0.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
+        }
+    }
+}
+
+/// Ctrl-] ends an interactive console session.
+const DETACH: u8 = 0x1d;
+
+async fn attach(c: &Client, id: &str) -> ExitCode {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let conn = match c
+        .upgrade(
+            &format!("/v1/vms/{id}/console/attach"),
+            crate::api::CONSOLE_PROTOCOL,
+        )
+        .await
+    {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(reply)) => return check(&reply).err().unwrap_or(ExitCode::from(4)),
+        Err(e) => return unreachable(e),
+    };
+    eprintln!("bexar: attached to {id}'s console; Ctrl-] detaches\r");
+    let _raw = RawMode::new();
+    let (mut rd, mut wr) = tokio::io::split(conn);
+    let to_guest = async {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if let Some(i) = buf[..n].iter().position(|b| *b == DETACH) {
+                let _ = wr.write_all(&buf[..i]).await;
+                return;
+            }
+            if wr.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let from_guest = async {
+        let mut out = tokio::io::stdout();
+        let mut buf = [0u8; 4096];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if out.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                    let _ = out.flush().await;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = to_guest => {}
+        _ = from_guest => {}
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,784 @@
+//! The host agent end to end: a real `bexar agent` on a Unix socket in a temporary directory,
+//! real VMM processes running the test guest (idle: it sleeps in HLT until Ctrl-Alt-Del or
+//! console input), driven through the HTTP API.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use bexar::api::client::{Client, Reply};
+use common::{bexar, testguest, tmp};
+use serde_json::{json, Value};
+
+const READY: &str = "idle: ready";
+
+/// A `bexar agent` under test. Dropping it kills the agent and every VMM it started.
+struct TestAgent {
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestAgent {
+    fn start(name: &str) -> Self {
+        let dir = tmp(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut a = Self { dir, child: None };
+        a.spawn();
+        a
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
+        let child = bexar()
+            .arg("agent")
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--state-dir")
+            .arg(self.state())
+            .args(["--restart-backoff", "0.2", "--stop-timeout", "10"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start bexar agent");
+        self.child = Some(child);
+        let t = Instant::now();
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "agent did not listen; log:\n{}",
+                common::read(&self.dir.join("agent.log"))
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.socket())
+    }
+
+    /// VMM processes running VMs of this agent, by VM directory name.
+    fn vmm_processes(&self) -> Vec<(u32, String)> {
+        vmm_processes(&self.state())
+    }
+}
+
+fn vmm_processes(state: &Path) -> Vec<(u32, String)> {
+    let vms = state.join("vms");
+    let mut out = Vec::new();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.len() >= 4 && args[1] == "vmm" && args[2] == "--dir" {
+            let d = PathBuf::from(&args[3]);
+            if d.parent() == Some(vms.as_path()) {
+                // A zombie has an empty cmdline, so this is a live process.
+                out.push((pid, d.file_name().unwrap().to_string_lossy().into_owned()));
+            }
+        }
+    }
+    out
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.kill9();
+        for (pid, _) in self.vmm_processes() {
+            // SAFETY: kill(2) on a pid we just found running a VMM of this test.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn spec(id: &str) -> Value {
+    json!({
+        "id": id,
+        "vcpus": 1,
+        "memory_mib": 32,
+        "boot": {
+            "kernel": testguest().display().to_string(),
+            "cmdline": "console=ttyS0 bexar.test=idle"
+        }
+    })
+}
+
+#[track_caller]
+fn expect_status(r: &Reply, status: u16) -> Value {
+    assert_eq!(
+        r.status.as_u16(),
+        status,
+        "unexpected status; body: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    r.json()
+}
+
+async fn console_text(c: &Client, id: &str) -> String {
+    let r = c.get(&format!("/v1/vms/{id}/console")).await.unwrap();
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+async fn wait_console(c: &Client, id: &str, pattern: &str, secs: u64) {
+    let t = Instant::now();
+    loop {
+        let text = console_text(c, id).await;
+        if text.contains(pattern) {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "{id}: {pattern:?} not on the console after {secs} s:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_state(c: &Client, id: &str, state: &str) -> Value {
+    let r = c
+        .get(&format!("/v1/vms/{id}/wait?state={state}&timeout=30"))
+        .await
+        .unwrap();
+    expect_status(&r, 200)
+}
+
+fn pid_alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}/cmdline")).exists()
+        && !std::fs::read(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .is_empty()
+}
+
+/// Attaches to the console, types a line, and returns what came back.
+async fn console_echo(c: &Client, id: &str, line: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = c
+        .upgrade(
+            &format!("/v1/vms/{id}/console/attach"),
+            bexar::api::CONSOLE_PROTOCOL,
+        )
+        .await
+        .unwrap()
+        .expect("attach upgrades the connection");
+    conn.write_all(line.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(line.trim()) && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(500), conn.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[test]
+fn twenty_vms_through_their_whole_lifecycle() {
+    let agent = TestAgent::start("twenty");
+    rt().block_on(async {
+        let c = agent.client();
+        let ids: Vec<String> = (0..20).map(|i| format!("vm-{i:02}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            let mut s = spec(id);
+            s["labels"] = json!({"team": if i % 2 == 0 { "even" } else { "odd" }});
+            let v = expect_status(&c.post("/v1/vms?start=true", &s).await.unwrap(), 201);
+            assert_eq!(v["state"], "running", "{v}");
+            assert_eq!(v["spec"]["id"], id.as_str());
+        }
+        for id in &ids {
+            wait_console(&c, id, READY, 60).await;
+        }
+        let list = expect_status(&c.get("/v1/vms").await.unwrap(), 200);
+        let items = list["items"].as_array().unwrap();
+        assert_eq!(items.len(), 20);
+        assert!(items.iter().all(|v| v["state"] == "running"));
+        let odd = expect_status(&c.get("/v1/vms?selector=team%3Dodd").await.unwrap(), 200);
+        assert_eq!(odd["items"].as_array().unwrap().len(), 10);
+        assert_eq!(agent.vmm_processes().len(), 20, "one VMM per VM");
+
+        // Retrying a create is idempotent; another spec under the same id is a conflict.
+        let first = expect_status(&c.get("/v1/vms/vm-00").await.unwrap(), 200);
+        let mut again = spec("vm-00");
+        again["labels"] = json!({"team": "even"});
+        let same = expect_status(&c.post("/v1/vms", &again).await.unwrap(), 200);
+        assert_eq!(same["status"]["pid"], first["status"]["pid"]);
+        let mut other = again.clone();
+        other["memory_mib"] = json!(48);
+        let e = expect_status(&c.post("/v1/vms", &other).await.unwrap(), 409);
+        assert_eq!(e["error"]["code"], "already_exists");
+
+        // Admission control: more memory than the host has is refused, and nothing is left.
+        let mut big = spec("too-big");
+        big["memory_mib"] = json!(1 << 20);
+        let e = expect_status(&c.post("/v1/vms", &big).await.unwrap(), 409);
+        assert_eq!(e["error"]["code"], "over_capacity");
+        assert!(e["error"]["message"].as_str().unwrap().contains("memory"));
+        expect_status(&c.get("/v1/vms/too-big").await.unwrap(), 404);
+
+        // Pause and resume every VM.
+        for id in &ids {
+            let v = expect_status(
+                &c.post(&format!("/v1/vms/{id}/pause"), &Value::Null)
+                    .await
+                    .unwrap(),
+                200,
+            );
+            assert_eq!(v["state"], "paused");
+        }
+        let paused = expect_status(&c.get("/v1/vms?state=paused").await.unwrap(), 200);
+        assert_eq!(paused["items"].as_array().unwrap().len(), 20);
+        for id in &ids {
+            let v = expect_status(
+                &c.post(&format!("/v1/vms/{id}/resume"), &Value::Null)
+                    .await
+                    .unwrap(),
+                200,
+            );
+            assert_eq!(v["state"], "running");
+        }
+
+        // The console is interactive: the idle guest echoes what is typed.
+        let echoed = console_echo(&c, "vm-03", "hello-bexar\r").await;
+        assert!(echoed.contains("hello-bexar"), "no echo: {echoed:?}");
+
+        // Half stop gracefully (the guest sees Ctrl-Alt-Del and powers off by itself), half
+        // are forced.
+        for (i, id) in ids.iter().enumerate() {
+            let path = if i % 2 == 0 {
+                format!("/v1/vms/{id}/stop?timeout=20")
+            } else {
+                format!("/v1/vms/{id}/stop?force=true")
+            };
+            let v = expect_status(&c.post(&path, &Value::Null).await.unwrap(), 200);
+            assert_eq!(v["state"], "stopped", "{v}");
+            let reason = v["status"]["exit_reason"].as_str().unwrap_or("");
+            if i % 2 == 0 {
+                assert!(
+                    reason.contains("status 0"),
+                    "{id} did not shut down gracefully: {reason}"
+                );
+                assert!(console_text(&c, id).await.contains("ctrl-alt-del"));
+            } else {
+                assert_eq!(reason, "stopped on request");
+            }
+        }
+        assert!(agent.vmm_processes().is_empty(), "stopped VMs keep no VMM");
+        // Stopping a stopped VM is a no-op.
+        expect_status(
+            &c.post("/v1/vms/vm-00/stop", &Value::Null).await.unwrap(),
+            200,
+        );
+
+        // Start them again, then reboot one.
+        for id in &ids {
+            let v = expect_status(
+                &c.post(&format!("/v1/vms/{id}/start"), &Value::Null)
+                    .await
+                    .unwrap(),
+                200,
+            );
+            assert_eq!(v["state"], "running");
+        }
+        let before = expect_status(&c.get("/v1/vms/vm-05").await.unwrap(), 200);
+        wait_console(&c, "vm-05", READY, 60).await;
+        let after = expect_status(
+            &c.post("/v1/vms/vm-05/reboot", &Value::Null).await.unwrap(),
+            200,
+        );
+        assert_eq!(after["state"], "running");
+        assert_ne!(after["status"]["pid"], before["status"]["pid"]);
+
+        // Metrics carry per-VM counters and the API's latencies.
+        let m = String::from_utf8_lossy(&c.get("/v1/metrics").await.unwrap().body).into_owned();
+        assert!(
+            m.contains("bexar_vm_vcpu_exits_total{vm=\"vm-00\",vcpu=\"0\"}"),
+            "{m}"
+        );
+        assert!(m.contains(
+            "bexar_api_request_duration_seconds_count{method=\"POST\",route=\"/v1/vms\""
+        ));
+        assert!(m.contains("bexar_vms{state=\"running\"} 20"));
+
+        // Delete everything; deleting twice is fine.
+        for id in &ids {
+            let r = c.delete(&format!("/v1/vms/{id}")).await.unwrap();
+            assert_eq!(r.status.as_u16(), 204);
+        }
+        assert_eq!(
+            c.delete("/v1/vms/vm-00").await.unwrap().status.as_u16(),
+            204
+        );
+        let list = expect_status(&c.get("/v1/vms").await.unwrap(), 200);
+        assert!(list["items"].as_array().unwrap().is_empty());
+        assert!(agent.vmm_processes().is_empty(), "no VMM left behind");
+        assert_eq!(
+            std::fs::read_dir(agent.state().join("vms"))
+                .unwrap()
+                .count(),
+            0
+        );
+
+        // The event log tells the story of each VM, in order.
+        let r = c.get("/v1/events?vm=vm-05").await.unwrap();
+        let kinds: Vec<String> = String::from_utf8_lossy(&r.body)
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["kind"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "created", "started", "paused", "resumed", "stopped", "started", "stopped",
+                "started", "deleted"
+            ],
+        );
+    });
+}
+
+#[test]
+fn the_agent_survives_kill_9_and_finds_every_vm_as_it_was() {
+    let mut agent = TestAgent::start("crash");
+    rt().block_on(async {
+        let c = agent.client();
+        for (id, policy) in [("keep", "no"), ("victim", "no"), ("phoenix", "on-failure")] {
+            let mut s = spec(id);
+            s["restart_policy"] = json!(policy);
+            expect_status(&c.post("/v1/vms?start=true", &s).await.unwrap(), 201);
+            wait_console(&c, id, READY, 60).await;
+        }
+        expect_status(
+            &c.post("/v1/vms", &spec("idle-stopped")).await.unwrap(),
+            201,
+        );
+        let get = |id: &'static str| {
+            let c = c.clone();
+            async move { expect_status(&c.get(&format!("/v1/vms/{id}")).await.unwrap(), 200) }
+        };
+        let keep_pid = get("keep").await["status"]["pid"].as_u64().unwrap();
+        let victim_pid = get("victim").await["status"]["pid"].as_u64().unwrap();
+        let phoenix_pid = get("phoenix").await["status"]["pid"].as_u64().unwrap();
+
+        // The agent dies; while it is down two VMMs die too.
+        agent.kill9();
+        assert!(pid_alive(keep_pid), "killing the agent killed a guest");
+        for pid in [victim_pid, phoenix_pid] {
+            // SAFETY: kill(2) on a VMM pid of this test.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        agent.spawn();
+
+        // Re-adopted: same process, console and stop still work.
+        let keep = get("keep").await;
+        assert_eq!(keep["state"], "running", "{keep}");
+        assert_eq!(keep["status"]["pid"].as_u64(), Some(keep_pid));
+        assert!(console_text(&c, "keep").await.contains(READY));
+        let echoed = console_echo(&c, "keep", "still-here\r").await;
+        assert!(echoed.contains("still-here"), "{echoed:?}");
+
+        // Died while the agent was down: reported failed, with the reason.
+        let victim = get("victim").await;
+        assert_eq!(victim["state"], "failed", "{victim}");
+        assert!(victim["status"]["exit_reason"]
+            .as_str()
+            .unwrap()
+            .contains("agent was not running"));
+        // ... and restarted if its policy says so.
+        let phoenix = wait_state(&c, "phoenix", "running").await;
+        assert_ne!(phoenix["status"]["pid"].as_u64(), Some(phoenix_pid));
+        assert_eq!(phoenix["status"]["restarts"], 1);
+        assert_eq!(get("idle-stopped").await["state"], "stopped");
+
+        let stopped = expect_status(
+            &c.post("/v1/vms/keep/stop?timeout=20", &Value::Null)
+                .await
+                .unwrap(),
+            200,
+        );
+        assert_eq!(stopped["state"], "stopped");
+        assert!(!pid_alive(keep_pid));
+
+        // A VMM killed under a running agent: failed, then restarted by policy.
+        let p = get("phoenix").await["status"]["pid"].as_u64().unwrap();
+        // SAFETY: kill(2) on a VMM pid of this test.
+        unsafe { libc::kill(p as i32, libc::SIGKILL) };
+        let t = Instant::now();
+        loop {
+            let v = get("phoenix").await;
+            if v["state"] == "running" && v["status"]["pid"].as_u64() != Some(p) {
+                assert_eq!(v["status"]["restarts"], 2);
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "phoenix not restarted: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+
+    // Operations in flight: concurrent creates+starts, starts, stops and deletes, and the agent
+    // is killed in the middle of them.
+    let flight: Vec<String> = (0..6).map(|i| format!("fly-{i}")).collect();
+    rt().block_on(async {
+        let c = agent.client();
+        for id in &flight[3..] {
+            expect_status(&c.post("/v1/vms?start=true", &spec(id)).await.unwrap(), 201);
+        }
+    });
+    let socket = agent.socket();
+    let mut threads = Vec::new();
+    for (i, id) in flight.iter().enumerate() {
+        let (socket, id) = (socket.clone(), id.clone());
+        threads.push(std::thread::spawn(move || {
+            rt().block_on(async {
+                let c = Client::new(&socket);
+                let _ = match i {
+                    0..=2 => c.post("/v1/vms?start=true", &spec(&id)).await,
+                    3 => {
+                        c.post(&format!("/v1/vms/{id}/stop?force=true"), &Value::Null)
+                            .await
+                    }
+                    4 => c.delete(&format!("/v1/vms/{id}")).await,
+                    _ => {
+                        c.post(&format!("/v1/vms/{id}/reboot?timeout=0"), &Value::Null)
+                            .await
+                    }
+                };
+            })
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(30));
+    agent.restart();
+    for t in threads {
+        let _ = t.join();
+    }
+    rt().block_on(async {
+        let c = agent.client();
+        // Let interrupted operations settle.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let list = expect_status(&c.get("/v1/vms").await.unwrap(), 200);
+        let procs = agent.vmm_processes();
+        for v in list["items"].as_array().unwrap() {
+            let id = v["id"].as_str().unwrap();
+            let n = procs.iter().filter(|(_, d)| d == id).count();
+            let running = matches!(v["state"].as_str(), Some("running" | "paused"));
+            assert_eq!(
+                n,
+                usize::from(running),
+                "{id}: {n} VMMs for a VM that is {}",
+                v["state"]
+            );
+            if running {
+                assert_eq!(
+                    procs
+                        .iter()
+                        .find(|(_, d)| d == id)
+                        .map(|(p, _)| u64::from(*p)),
+                    v["status"]["pid"].as_u64(),
+                    "{id}: the recorded pid is not the VMM's"
+                );
+            }
+            assert!(
+                v["operation"].is_null(),
+                "{id}: an operation is still recorded: {v}"
+            );
+        }
+        // Every VMM process belongs to a VM that says it is running.
+        for (pid, d) in &procs {
+            assert!(
+                list["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|v| v["id"] == d.as_str()),
+                "VMM {pid} runs {d}, which no VM owns"
+            );
+        }
+        for v in list["items"].as_array().unwrap() {
+            let id = v["id"].as_str().unwrap();
+            assert_eq!(
+                c.delete(&format!("/v1/vms/{id}"))
+                    .await
+                    .unwrap()
+                    .status
+                    .as_u16(),
+                204
+            );
+        }
+        assert!(agent.vmm_processes().is_empty());
+    });
+}
+
+#[test]
+fn bad_requests_get_a_4xx_naming_the_problem_and_change_nothing() {
+    let agent = TestAgent::start("bad");
+    rt().block_on(async {
+        let c = agent.client();
+        expect_status(&c.post("/v1/vms", &spec("s1")).await.unwrap(), 201);
+        let r1 = expect_status(&c.post("/v1/vms?start=true", &spec("r1")).await.unwrap(), 201);
+        let before = expect_status(&c.get("/v1/vms").await.unwrap(), 200);
+
+        let with = |f: &dyn Fn(&mut Value)| {
+            let mut s = spec("new-vm");
+            f(&mut s);
+            serde_json::to_vec(&s).unwrap()
+        };
+        let huge = vec![b' '; 100 * 1024];
+        #[rustfmt::skip]
+        #[allow(clippy::type_complexity)]
+        let cases: Vec<(&str, &str, Vec<u8>, u16, &str, Option<&str>)> = vec![
+            ("POST", "/v1/vms", b"{".to_vec(), 400, "invalid_json", Some("body")),
+            ("POST", "/v1/vms", b"[]".to_vec(), 400, "invalid_field", Some("body")),
+            ("POST", "/v1/vms", b"".to_vec(), 400, "invalid_json", Some("body")),
+            ("POST", "/v1/vms", with(&|s| s["vcpus"] = json!("two")), 400, "invalid_field", Some("vcpus")),
+            ("POST", "/v1/vms", with(&|s| s["vcpus"] = json!(300)), 400, "invalid_field", Some("vcpus")),
+            ("POST", "/v1/vms", with(&|s| s["vcpus"] = json!(0)), 400, "invalid_field", Some("vcpus")),
+            ("POST", "/v1/vms", with(&|s| s["memory_mib"] = json!(-1)), 400, "invalid_field", Some("memory_mib")),
+            ("POST", "/v1/vms", with(&|s| s["memory_mib"] = json!(8)), 400, "invalid_field", Some("memory_mib")),
+            ("POST", "/v1/vms", with(&|s| s["colour"] = json!("red")), 400, "invalid_field", Some("colour")),
+            ("POST", "/v1/vms", with(&|s| s["boot"]["x"] = json!(1)), 400, "invalid_field", Some("boot.x")),
+            ("POST", "/v1/vms", with(&|s| { s.as_object_mut().unwrap().remove("memory_mib"); }), 400, "invalid_field", Some("memory_mib")),
+            ("POST", "/v1/vms", with(&|s| s["id"] = json!("Bad/Id")), 400, "invalid_field", Some("id")),
+            ("POST", "/v1/vms", with(&|s| s["boot"]["kernel"] = json!("relative/vmlinux")), 400, "invalid_field", Some("boot.kernel")),
+            ("POST", "/v1/vms", with(&|s| s["boot"]["kernel"] = json!("/nonexistent/vmlinux")), 400, "invalid_field", Some("boot.kernel")),
+            ("POST", "/v1/vms", with(&|s| s["disks"] = json!([{"path": "/nonexistent.img"}])), 400, "invalid_field", Some("disks[0].path")),
+            ("POST", "/v1/vms", with(&|s| s["disks"] = json!([{"path": 3}])), 400, "invalid_field", Some("disks[0].path")),
+            ("POST", "/v1/vms", with(&|s| s["nics"] = json!([{"tap": "t0", "mac": "zz"}])), 400, "invalid_field", Some("nics[0].mac")),
+            ("POST", "/v1/vms", with(&|s| s["restart_policy"] = json!("sometimes")), 400, "invalid_field", Some("restart_policy")),
+            ("POST", "/v1/vms", with(&|s| s["labels"] = json!({"k": 1})), 400, "invalid_field", Some("labels.k")),
+            ("POST", "/v1/vms", with(&|s| s["cpu_template"] = json!("pentium")), 400, "invalid_field", Some("cpu_template")),
+            ("POST", "/v1/vms", with(&|s| s["memory_mib"] = json!(1 << 20)), 409, "over_capacity", None),
+            ("POST", "/v1/vms", with(&|s| { s["id"] = json!("s1"); s["vcpus"] = json!(2); }), 409, "already_exists", None),
+            ("POST", "/v1/vms", huge, 413, "body_too_large", None),
+            ("POST", "/v1/vms?start=perhaps", with(&|_| {}), 400, "invalid_parameter", Some("start")),
+            ("GET", "/v1/vms?colour=red", vec![], 400, "invalid_parameter", Some("colour")),
+            ("GET", "/v1/vms?state=dancing", vec![], 400, "invalid_parameter", Some("state")),
+            ("GET", "/v1/vms/nope", vec![], 404, "not_found", None),
+            ("GET", "/v1/vms/..%2Fetc", vec![], 404, "not_found", None),
+            ("POST", "/v1/vms/nope/start", vec![], 404, "not_found", None),
+            ("POST", "/v1/vms/s1/pause", vec![], 409, "illegal_transition", None),
+            ("POST", "/v1/vms/s1/resume", vec![], 409, "illegal_transition", None),
+            ("POST", "/v1/vms/s1/reboot", vec![], 409, "illegal_transition", None),
+            ("POST", "/v1/vms/s1/explode", vec![], 404, "no_route", None),
+            ("POST", "/v1/vms/r1/stop?timeout=soon", vec![], 400, "invalid_parameter", Some("timeout")),
+            ("POST", "/v1/vms/r1/stop?timeout=-1", vec![], 400, "invalid_parameter", Some("timeout")),
+            ("POST", "/v1/vms/r1/stop?force=maybe", vec![], 400, "invalid_parameter", Some("force")),
+            ("POST", "/v1/vms/r1/stop", b"{\"force\":true}".to_vec(), 400, "invalid_field", Some("body")),
+            ("GET", "/v1/vms/s1/start", vec![], 405, "method_not_allowed", None),
+            ("PUT", "/v1/vms", vec![], 405, "method_not_allowed", None),
+            ("GET", "/v2/vms", vec![], 404, "no_route", None),
+            ("GET", "/v1/vms/r1/wait", vec![], 400, "invalid_parameter", Some("state")),
+            ("GET", "/v1/vms/r1/wait?state=asleep", vec![], 400, "invalid_parameter", Some("state")),
+            ("GET", "/v1/vms/s1/wait?state=running&timeout=0.2", vec![], 408, "timeout", None),
+            ("GET", "/v1/vms/s1/console/attach", vec![], 409, "illegal_transition", None),
+            ("GET", "/v1/vms/r1/console/attach", vec![], 426, "upgrade_required", None),
+            ("GET", "/v1/vms/r1/console?offset=x", vec![], 400, "invalid_parameter", Some("offset")),
+            ("GET", "/v1/events?since=-1", vec![], 400, "invalid_parameter", Some("since")),
+        ];
+        for (method, path, body, status, code, field) in cases {
+            let m = axum::http::Method::from_bytes(method.as_bytes()).unwrap();
+            let r = c.request(m, path, body).await.unwrap();
+            let v = r.json();
+            let what = format!("{method} {path} -> {} {v}", r.status);
+            assert_eq!(r.status.as_u16(), status, "{what}");
+            assert_eq!(v["error"]["code"], code, "{what}");
+            assert!(!v["error"]["message"].as_str().unwrap_or("").is_empty(), "{what}");
+            if let Some(f) = field {
+                assert_eq!(v["error"]["field"], f, "{what}");
+                assert!(v["error"]["message"].as_str().unwrap().contains(f), "{what}");
+            }
+        }
+        // Nothing was half-applied: the same VMs, in the same states, the same VMM.
+        let after = expect_status(&c.get("/v1/vms").await.unwrap(), 200);
+        let summary = |v: &Value| -> Vec<(String, String, Value)> {
+            v["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| (x["id"].to_string(), x["state"].to_string(), x["status"]["pid"].clone()))
+                .collect()
+        };
+        assert_eq!(summary(&before), summary(&after));
+        assert_eq!(after["items"][0]["status"]["pid"], r1["status"]["pid"]);
+        let files: Vec<String> = std::fs::read_dir(agent.state().join("vms"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(files.len(), 2, "{files:?}");
+
+        // Every documented route exists (answers with something other than "no such route").
+        let doc: Value = serde_json::from_str(bexar::api::OPENAPI).unwrap();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                if !["get", "post", "put", "delete", "patch"].contains(&method.as_str()) {
+                    continue;
+                }
+                let m = axum::http::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+                let p = path.replace("{id}", "no-such-vm");
+                let r = c.request(m, &p, vec![]).await.unwrap();
+                let code = r.json()["error"]["code"].clone();
+                assert!(
+                    code != "no_route" && code != "method_not_allowed",
+                    "{method} {path} is documented but not served: {code}"
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn the_cli_drives_the_agent() {
+    let agent = TestAgent::start("cli");
+    let run = |args: &[&str]| {
+        let o = bexar()
+            .env("BEXAR_SOCKET", agent.socket())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            common::text(&o).0,
+            common::text(&o).1,
+        )
+    };
+    let kernel = testguest().display().to_string();
+    let (code, out, err) = run(&[
+        "vm",
+        "create",
+        "c1",
+        "--kernel",
+        &kernel,
+        "--cmdline",
+        "console=ttyS0 bexar.test=idle",
+        "--memory",
+        "32",
+        "-L",
+        "role=test",
+        "--start",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("c1") && out.contains("running"), "{out}");
+    let (code, out, _) = run(&["vm", "ls", "-l", "role=test", "--json"]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["items"][0]["id"], "c1");
+    let (code, out, _) = run(&["host"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("vcpus") && out.contains("1 allocated"),
+        "{out}"
+    );
+    let (code, _, err) = run(&["vm", "pause", "nope"]);
+    assert_eq!(code, 1, "refused requests exit 1");
+    assert!(err.contains("no VM with id"), "{err}");
+    let (code, _, _) = run(&["vm", "wait", "c1", "--state", "stopped", "--timeout", "0.2"]);
+    assert_eq!(code, 5, "a wait that times out exits 5");
+    let t = Instant::now();
+    loop {
+        let (_, out, _) = run(&["vm", "logs", "c1"]);
+        if out.contains(READY) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, out, _) = run(&["vm", "stop", "c1"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("stopped"), "{out}");
+    let (code, out, _) = run(&["events", "--vm", "c1"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("created") && out.contains("stopped"), "{out}");
+    let (code, _, _) = run(&["vm", "rm", "c1"]);
+    assert_eq!(code, 0);
+    let o = bexar()
+        .env("BEXAR_SOCKET", "/nonexistent/agent.sock")
+        .arg("host")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "an unreachable agent exits 3");
+}
+
+#[test]
+fn a_linux_guest_boots_under_the_agent() {
+    let image = common::linux_image();
+    let agent = TestAgent::start("linux");
+    rt().block_on(async {
+        let c = agent.client();
+        let s = json!({
+            "id": "linux",
+            "vcpus": 1,
+            "memory_mib": 128,
+            "boot": {
+                "kernel": image.join("vmlinux").display().to_string(),
+                "initrd": image.join("initramfs.cpio").display().to_string(),
+                "cmdline": "console=ttyS0 reboot=k panic=1"
+            },
+            "rng": true
+        });
+        let v = expect_status(&c.post("/v1/vms?start=true", &s).await.unwrap(), 201);
+        assert_eq!(v["state"], "running");
+        wait_console(&c, "linux", "Run /init as init process", 600).await;
+        let v = expect_status(
+            &c.post("/v1/vms/linux/stop?timeout=2", &Value::Null)
+                .await
+                .unwrap(),
+            200,
+        );
+        assert_eq!(v["state"], "stopped");
+        assert_eq!(
+            c.delete("/v1/vms/linux").await.unwrap().status.as_u16(),
+            204
+        );
+    });
+}
