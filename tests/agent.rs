@@ -509,6 +509,8 @@ fn the_agent_survives_kill_9_and_finds_every_vm_as_it_was() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let list = expect_status(&c.get("/v1/vms").await.unwrap(), 200);
         let procs = agent.vmm_processes();
+        let events = String::from_utf8_lossy(&c.get("/v1/events").await.unwrap().body).into_owned();
+        eprintln!("after the crash:\n{events}");
         for v in list["items"].as_array().unwrap() {
             let id = v["id"].as_str().unwrap();
             let n = procs.iter().filter(|(_, d)| d == id).count();

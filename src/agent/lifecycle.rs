@@ -574,7 +574,7 @@ impl Agent {
                     r.status.stopped_ms = Some(now_ms());
                     r.operation = None;
                 }) {
-                    Ok(rec) => {
+                    Ok(_) => {
                         self.events.emit(
                             &entry.id,
                             if state == Phase::Failed {
@@ -585,10 +585,12 @@ impl Agent {
                             Some(state.as_str()),
                             reason,
                         );
-                        if !expected {
+                        if interrupted_start && !expected {
+                            // A reboot (or start) was under way: finish it.
+                            relaunch.push(entry.clone());
+                        } else if !expected {
                             restart.push((entry.clone(), "policy"));
                         }
-                        let _ = rec;
                     }
                     Err(e) => tracing::error!(vm = %entry.id, "cannot record a vanished VMM: {e}"),
                 }
