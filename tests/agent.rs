@@ -784,3 +784,47 @@ fn a_linux_guest_boots_under_the_agent() {
         );
     });
 }
+
+#[test]
+fn the_vm_spec_carries_devices_to_the_guest() {
+    let agent = TestAgent::start("devices");
+    let disk = agent.dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    rt().block_on(async {
+        let c = agent.client();
+        // The test guest writes and verifies a pattern on vda, takes entropy, and reports status
+        // 0 on the exit port, which ends the VM cleanly.
+        for (id, test, extra) in [
+            (
+                "blk",
+                "blk-rw",
+                json!({"disks": [{"path": disk.display().to_string(), "serial": "data-1"}]}),
+            ),
+            ("rng", "rng", json!({"rng": true})),
+        ] {
+            let mut s = spec(id);
+            s["boot"]["cmdline"] = json!(format!("console=ttyS0 bexar.test={test} bexar.seed=3"));
+            for (k, v) in extra.as_object().unwrap() {
+                s[k] = v.clone();
+            }
+            expect_status(&c.post("/v1/vms?start=true", &s).await.unwrap(), 201);
+            let v = wait_state(&c, id, "stopped").await;
+            let console = console_text(&c, id).await;
+            assert!(
+                v["status"]["exit_reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("status 0"),
+                "{v}\n{console}"
+            );
+            assert!(console.contains(&format!("PASS {test}")), "{console}");
+        }
+        assert!(
+            std::fs::read(&disk).unwrap().iter().any(|b| *b != 0),
+            "nothing reached the disk"
+        );
+    });
+}
