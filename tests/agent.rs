@@ -828,3 +828,113 @@ fn the_vm_spec_carries_devices_to_the_guest() {
         );
     });
 }
+
+#[test]
+fn events_and_console_can_be_followed_and_resumed_from_a_cursor() {
+    let agent = TestAgent::start("follow");
+    rt().block_on(async {
+        let c = agent.client();
+        let last = |body: &[u8]| -> u64 {
+            String::from_utf8_lossy(body)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter_map(|e| e["seq"].as_u64())
+                .max()
+                .unwrap_or(0)
+        };
+        let cursor = last(&c.get("/v1/events").await.unwrap().body);
+        assert!(cursor >= 1, "the agent's start is an event");
+
+        // A follower from the cursor sees what happens next, live.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+        let follower = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let _ = c
+                    .stream(&format!("/v1/events?since={cursor}&follow=true"), |chunk| {
+                        pending.extend_from_slice(chunk);
+                        while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                            let line: Vec<u8> = pending.drain(..=i).collect();
+                            if let Ok(v) = serde_json::from_slice(&line) {
+                                if tx.send(v).is_err() {
+                                    return false;
+                                }
+                            }
+                        }
+                        true
+                    })
+                    .await;
+            })
+        };
+        expect_status(
+            &c.post("/v1/vms?start=true", &spec("f1")).await.unwrap(),
+            201,
+        );
+        let mut kinds = Vec::new();
+        while kinds.len() < 2 {
+            let e = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("a followed event within 10 s")
+                .unwrap();
+            assert!(e["seq"].as_u64().unwrap() > cursor);
+            kinds.push(e["kind"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(kinds, ["created", "started"]);
+        follower.abort();
+
+        // Resuming from a cursor replays exactly what came after it.
+        let r = c
+            .get(&format!("/v1/events?since={}", cursor + 1))
+            .await
+            .unwrap();
+        let replay: Vec<Value> = String::from_utf8_lossy(&r.body)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(replay.len(), 1, "{replay:?}");
+        assert_eq!(replay[0]["kind"], "started");
+
+        // The console log resumes from a byte offset, and a follower sees new output.
+        wait_console(&c, "f1", READY, 60).await;
+        let full = console_text(&c, "f1").await;
+        let offset = full.len() as u64;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let follower = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let _ = c
+                    .stream(
+                        &format!("/v1/vms/f1/console?offset={offset}&follow=true"),
+                        |chunk| tx.send(chunk.to_vec()).is_ok(),
+                    )
+                    .await;
+            })
+        };
+        let echoed = console_echo(&c, "f1", "after-offset\r").await;
+        assert!(echoed.contains("after-offset"));
+        let mut seen = Vec::new();
+        while !String::from_utf8_lossy(&seen).contains("after-offset") {
+            let chunk = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("followed console output within 10 s")
+                .unwrap();
+            seen.extend(chunk);
+        }
+        assert!(
+            !String::from_utf8_lossy(&seen).contains(READY),
+            "the offset was not honoured"
+        );
+        // The follow ends when the VM stops.
+        expect_status(
+            &c.post("/v1/vms/f1/stop?force=true", &Value::Null)
+                .await
+                .unwrap(),
+            200,
+        );
+        tokio::time::timeout(Duration::from_secs(10), follower)
+            .await
+            .expect("the console follow ends with the VM")
+            .unwrap();
+    });
+}
