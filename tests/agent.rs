@@ -50,6 +50,8 @@ impl TestAgent {
             .arg("--state-dir")
             .arg(self.state())
             .args(["--restart-backoff", "0.2", "--stop-timeout", "10"])
+            .arg("--debug-socket")
+            .arg(self.dir.join("debug.sock"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -936,5 +938,50 @@ fn events_and_console_can_be_followed_and_resumed_from_a_cursor() {
             .await
             .expect("the console follow ends with the VM")
             .unwrap();
+    });
+}
+
+#[test]
+fn the_debug_socket_is_read_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let agent = TestAgent::start("debug");
+    let debug = agent.dir.join("debug.sock");
+    assert_eq!(
+        std::fs::metadata(agent.socket())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(&debug).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
+    rt().block_on(async {
+        let c = agent.client();
+        expect_status(
+            &c.post("/v1/vms?start=true", &spec("d1")).await.unwrap(),
+            201,
+        );
+        let d = Client::new(&debug);
+        let v = expect_status(&d.get("/v1/vms/d1").await.unwrap(), 200);
+        assert_eq!(v["state"], "running");
+        expect_status(&d.get("/v1/host").await.unwrap(), 200);
+        for r in [
+            d.post("/v1/vms/d1/stop", &Value::Null).await.unwrap(),
+            d.delete("/v1/vms/d1").await.unwrap(),
+            d.post("/v1/vms", &spec("d2")).await.unwrap(),
+            d.get("/v1/vms/d1/console/attach").await.unwrap(),
+        ] {
+            assert_eq!(expect_status(&r, 403)["error"]["code"], "read_only");
+        }
+        let v = expect_status(&c.get("/v1/vms").await.unwrap(), 200);
+        assert_eq!(
+            v["items"].as_array().unwrap().len(),
+            1,
+            "the debug socket changed nothing"
+        );
+        assert_eq!(v["items"][0]["state"], "running");
     });
 }

@@ -66,6 +66,7 @@ pub const CODES: &[&str] = &[
     "start_failed",
     "vmm_error",
     "upgrade_required",
+    "read_only",
     "internal",
 ];
 

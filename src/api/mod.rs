@@ -572,8 +572,14 @@ async fn openapi(RawQuery(q): RawQuery) -> Result<Response, ApiError> {
     Ok(([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response())
 }
 
-/// Accepts connections on the API socket from root or the agent's own user only.
-pub struct PeerCheckedListener(pub tokio::net::UnixListener);
+/// Accepts connections on the API socket from root or the agent's own user only (or, on the
+/// debug socket, from anyone the socket's file permissions let in).
+pub struct PeerCheckedListener {
+    /// The socket.
+    pub listener: tokio::net::UnixListener,
+    /// Check the peer's uid (false for the read-only debug socket, guarded by its mode).
+    pub check_uid: bool,
+}
 
 impl axum::serve::Listener for PeerCheckedListener {
     type Io = tokio::net::UnixStream;
@@ -583,9 +589,9 @@ impl axum::serve::Listener for PeerCheckedListener {
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
         loop {
-            match self.0.accept().await {
+            match self.listener.accept().await {
                 Ok((s, a)) => match s.peer_cred() {
-                    Ok(c) if c.uid() == 0 || c.uid() == me => return (s, a),
+                    Ok(c) if !self.check_uid || c.uid() == 0 || c.uid() == me => return (s, a),
                     Ok(c) => {
                         tracing::warn!(uid = c.uid(), pid = ?c.pid(), "API connection refused: peer is neither root nor the agent's user")
                     }
@@ -600,13 +606,13 @@ impl axum::serve::Listener for PeerCheckedListener {
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.0.local_addr()
+        self.listener.local_addr()
     }
 }
 
-/// Binds the API socket owner-only. A stale socket file (no one listening) is replaced; a live
-/// one is an error (another agent).
-pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+/// Binds an API socket with `mode` (0600 for the API, 0660 for the debug socket). A stale socket
+/// file (no one listening) is replaced; a live one is an error (another agent).
+pub fn bind(path: &Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if let Some(dir) = path.parent() {
         if !dir.exists() {
@@ -626,19 +632,51 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
         std::fs::remove_file(path)?;
     }
     let l = tokio::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(l)
 }
 
-/// Serves the API on `socket` until SIGTERM or SIGINT. VMs keep running after the agent stops.
-pub async fn serve(agent: Arc<Agent>, socket: PathBuf) -> std::io::Result<()> {
-    let listener = bind(&socket)?;
+/// Refuses everything but inspection on the debug socket.
+async fn read_only(req: Request, next: Next) -> Response {
+    if req.method() != axum::http::Method::GET || req.uri().path().ends_with("/console/attach") {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "read_only",
+            "this is the read-only debug socket: GET requests only, no interactive console",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Serves the API on `socket` (and read-only on `debug_socket`) until SIGTERM or SIGINT. VMs
+/// keep running after the agent stops.
+pub async fn serve(
+    agent: Arc<Agent>,
+    socket: PathBuf,
+    debug_socket: Option<PathBuf>,
+) -> std::io::Result<()> {
+    let listener = bind(&socket, 0o600)?;
     let state = Arc::new(ApiState {
         agent,
         requests: metrics::RequestMetrics::default(),
     });
     tracing::info!(socket = %socket.display(), "agent API listening");
-    let app = router(state);
+    let app = router(state.clone());
+    if let Some(path) = &debug_socket {
+        let l = bind(path, 0o660)?;
+        tracing::info!(socket = %path.display(), "read-only debug API listening");
+        let ro = router(state).layer(axum::middleware::from_fn(read_only));
+        tokio::spawn(async move {
+            let listener = PeerCheckedListener {
+                listener: l,
+                check_uid: false,
+            };
+            if let Err(e) = axum::serve(listener, ro).await {
+                tracing::error!("debug socket failed: {e}");
+            }
+        });
+    }
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -651,10 +689,13 @@ pub async fn serve(agent: Arc<Agent>, socket: PathBuf) -> std::io::Result<()> {
     // No graceful drain: followers of /events or /console would hold it open forever, and
     // nothing an agent does in a request is lost by stopping (records are written first).
     tokio::select! {
-        r = axum::serve(PeerCheckedListener(listener), app).into_future() => r?,
+        r = axum::serve(PeerCheckedListener { listener, check_uid: true }, app).into_future() => r?,
         _ = shutdown => {}
     }
     let _ = std::fs::remove_file(&socket);
+    if let Some(p) = debug_socket {
+        let _ = std::fs::remove_file(p);
+    }
     Ok(())
 }
 

@@ -16,6 +16,10 @@ pub struct AgentArgs {
     /// API socket (owner-only; root and the agent's user may connect).
     #[arg(long, env = "BEXAR_SOCKET", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Also serve the API read-only (GET only, no interactive console) on this socket, mode
+    /// 0660: give its group to the people who may inspect the host.
+    #[arg(long, value_name = "PATH")]
+    pub debug_socket: Option<PathBuf>,
     /// State directory: VM records, logs, VMM sockets.
     #[arg(long, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
@@ -100,7 +104,7 @@ pub fn main(a: &AgentArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        match crate::api::serve(agent, a.socket.clone()).await {
+        match crate::api::serve(agent, a.socket.clone(), a.debug_socket.clone()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("bexar agent: {}: {e}", a.socket.display());
