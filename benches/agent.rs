@@ -26,12 +26,7 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
+        .and_then(|s| bexar::vmm::builder::kib_field(&s, "VmRSS:"))
         .unwrap_or(0)
 }
 

@@ -6,6 +6,7 @@
 //! record that says what was going on. The exit watcher never takes the operation lock: it only
 //! records what happened, so an action can wait for it.
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +50,23 @@ fn log_tail(dir: &std::path::Path) -> String {
         "the VMM exited without a message".into()
     } else {
         tail
+    }
+}
+
+/// Records in `r` that its VMM is gone: `state`, why, when.
+fn mark_ended(r: &mut VmRecord, state: Phase, reason: &str) {
+    r.state = state;
+    r.status.exit_reason = Some(reason.to_owned());
+    r.status.pid = None;
+    r.status.pid_start_ticks = None;
+    r.status.stopped_ms = Some(now_ms());
+}
+
+/// How the VMM run of `token` ended: its own result if it wrote one, else not clean, `missing`.
+fn run_end(dir: &std::path::Path, token: &str, missing: &str) -> (bool, String) {
+    match read_result(dir, token) {
+        Some(r) => (r.clean, r.reason),
+        None => (false, missing.to_owned()),
     }
 }
 
@@ -219,10 +237,7 @@ impl Agent {
             .into_iter()
             .filter(|(_, d)| *d == self.vm_dir(&entry.id))
         {
-            if let Ok(fd) = vp::pidfd_open(pid) {
-                let _ = vp::pidfd_kill(&fd, libc::SIGKILL);
-                vp::wait_exit(fd).await;
-            }
+            vp::kill_and_wait(pid).await;
         }
         self.store.remove(&entry.id)?;
         lock(&self.vms).remove(&entry.id);
@@ -306,10 +321,7 @@ impl Agent {
         };
         let fail = |reason: String| {
             let rec = self.update(entry, |r| {
-                r.state = Phase::Failed;
-                r.status.exit_reason = Some(reason.clone());
-                r.status.pid = None;
-                r.status.stopped_ms = Some(now_ms());
+                mark_ended(r, Phase::Failed, &reason);
                 r.operation = None;
             });
             self.events
@@ -372,12 +384,7 @@ impl Agent {
                 .unwrap_or_else(|| log_tail(&dir));
             return Err(fail(reason));
         }
-        let (done_tx, done_rx) = watch::channel(false);
-        *lock(&entry.vmm) = Some(VmmHandle {
-            token: token.clone(),
-            pidfd,
-            done: done_rx,
-        });
+        let done = Self::attach_vmm(entry, &token, pidfd);
         let rec = self.update(entry, |r| {
             r.state = Phase::Running;
             r.status.pid = Some(pid);
@@ -395,15 +402,41 @@ impl Agent {
             Some("running"),
             format!("VMM pid {pid}"),
         );
-        let agent = self.clone();
-        let e = entry.clone();
-        tokio::spawn(async move {
+        self.watch_exit(entry, token, pid, done, async move {
             let _ = exit.await;
-            vp::reap(pid);
-            agent.on_exit(&e, &token);
-            let _ = done_tx.send(true);
         });
         Ok(rec)
+    }
+
+    /// Records the VM's running VMM; the returned sender marks its exit as recorded.
+    fn attach_vmm(entry: &VmEntry, token: &str, pidfd: Arc<OwnedFd>) -> watch::Sender<bool> {
+        let (done_tx, done_rx) = watch::channel(false);
+        *lock(&entry.vmm) = Some(VmmHandle {
+            token: token.to_owned(),
+            pidfd,
+            done: done_rx,
+        });
+        done_tx
+    }
+
+    /// Once `exit` (the VMM's end) resolves: reap it, record the end, mark it done. Spawned
+    /// only after the record says the VMM runs, so the end is never recorded before the start.
+    fn watch_exit(
+        self: &Arc<Self>,
+        entry: &Arc<VmEntry>,
+        token: String,
+        pid: u32,
+        done: watch::Sender<bool>,
+        exit: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let agent = self.clone();
+        let entry = entry.clone();
+        tokio::spawn(async move {
+            exit.await;
+            vp::reap(pid);
+            agent.on_exit(&entry, &token);
+            let _ = done.send(true);
+        });
     }
 
     /// Records that the VMM of launch `token` ended, and applies the restart policy.
@@ -415,13 +448,11 @@ impl Agent {
             }
         }
         let dir = self.vm_dir(&entry.id);
-        let (clean, reason) = match read_result(&dir, token) {
-            Some(r) => (r.clean, r.reason),
-            None => (
-                false,
-                "the VMM process ended without reporting why (killed or crashed)".to_owned(),
-            ),
-        };
+        let (clean, reason) = run_end(
+            &dir,
+            token,
+            "the VMM process ended without reporting why (killed or crashed)",
+        );
         let mut expected = false;
         let updated = self.update(entry, |r| {
             if r.status.token != token || !r.state.has_vmm() {
@@ -431,15 +462,12 @@ impl Agent {
                 || r.operation
                     .as_ref()
                     .is_some_and(|o| matches!(o.kind.as_str(), "stop" | "reboot" | "delete"));
-            r.state = if expected || clean {
+            let state = if expected || clean {
                 Phase::Stopped
             } else {
                 Phase::Failed
             };
-            r.status.exit_reason = Some(reason.clone());
-            r.status.pid = None;
-            r.status.pid_start_ticks = None;
-            r.status.stopped_ms = Some(now_ms());
+            mark_ended(r, state, &reason);
         });
         let rec = match updated {
             Ok(r) if r.status.token == token && !r.state.has_vmm() => r,
@@ -552,14 +580,11 @@ impl Agent {
                 .is_some_and(|o| matches!(o.kind.as_str(), "start" | "reboot" | "restart"));
             if rec.state.has_vmm() {
                 vanished += 1;
-                let (clean, reason) = match read_result(&dir, &rec.status.token) {
-                    Some(r) => (r.clean, r.reason),
-                    None => (
-                        false,
-                        "the VMM process ended while the agent was not running, without reporting why"
-                            .to_owned(),
-                    ),
-                };
+                let (clean, reason) = run_end(
+                    &dir,
+                    &rec.status.token,
+                    "the VMM process ended while the agent was not running, without reporting why",
+                );
                 let expected = rec.desired == Desired::Stopped;
                 let state = if clean || expected {
                     Phase::Stopped
@@ -567,11 +592,7 @@ impl Agent {
                     Phase::Failed
                 };
                 match self.update(&entry, |r| {
-                    r.state = state;
-                    r.status.exit_reason = Some(reason.clone());
-                    r.status.pid = None;
-                    r.status.pid_start_ticks = None;
-                    r.status.stopped_ms = Some(now_ms());
+                    mark_ended(r, state, &reason);
                     r.operation = None;
                 }) {
                     Ok(_) => {
@@ -611,11 +632,7 @@ impl Agent {
         for (pid, dir) in vp::find_vmms(&self.store.root().join("vms")) {
             if !owned.contains(&dir) {
                 tracing::warn!(pid, dir = %dir.display(), "killing a VMM process no VM owns");
-                if let Ok(fd) = vp::pidfd_open(pid) {
-                    let _ = vp::pidfd_kill(&fd, libc::SIGKILL);
-                    vp::wait_exit(fd).await;
-                    vp::reap(pid);
-                }
+                vp::kill_and_wait(pid).await;
             }
         }
         self.events.emit(
@@ -667,10 +684,7 @@ impl Agent {
         let (info, peer) = vp::info(&dir).await.ok()?;
         if info.id != rec.id || info.token != rec.status.token || info.pid != peer {
             tracing::warn!(vm = %rec.id, pid = peer, "a VMM answers with another identity; killing it");
-            if let Ok(fd) = vp::pidfd_open(peer) {
-                let _ = vp::pidfd_kill(&fd, libc::SIGKILL);
-                vp::wait_exit(fd).await;
-            }
+            vp::kill_and_wait(peer).await;
             return None;
         }
         let pidfd = vp::pidfd_open(peer).ok()?;
@@ -689,13 +703,8 @@ impl Agent {
         } else {
             Phase::Running
         };
-        let (done_tx, done_rx) = watch::channel(false);
         let token = rec.status.token.clone();
-        *lock(&entry.vmm) = Some(VmmHandle {
-            token: token.clone(),
-            pidfd: Arc::new(pidfd),
-            done: done_rx,
-        });
+        let done = Self::attach_vmm(entry, &token, Arc::new(pidfd));
         let interrupted = rec.operation.clone();
         if let Err(e) = self.update(entry, |r| {
             r.state = state;
@@ -712,14 +721,7 @@ impl Agent {
         }) {
             tracing::error!(vm = %rec.id, "cannot record an adopted VMM: {e}");
         }
-        let agent = self.clone();
-        let e = entry.clone();
-        tokio::spawn(async move {
-            vp::wait_exit(watch_fd).await;
-            vp::reap(peer);
-            agent.on_exit(&e, &token);
-            let _ = done_tx.send(true);
-        });
+        self.watch_exit(entry, token, peer, done, vp::wait_exit(watch_fd));
         Some(state)
     }
 }

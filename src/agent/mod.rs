@@ -222,12 +222,18 @@ impl Agent {
 
     /// The host's inventory now.
     pub fn inventory(&self) -> Inventory {
-        let specs: Vec<VmSpec> = self
-            .entries()
-            .iter()
-            .map(|e| lock(&e.rec).spec.clone())
-            .collect();
+        self.inventory_of(&lock(&self.vms))
+    }
+
+    /// The inventory given the VM map (whose lock the caller holds).
+    fn inventory_of(&self, vms: &BTreeMap<String, Arc<VmEntry>>) -> Inventory {
+        let specs: Vec<VmSpec> = vms.values().map(|e| lock(&e.rec).spec.clone()).collect();
         host::inventory(&self.config.capacity, self.store.root(), specs.iter())
+    }
+
+    /// Whether the state directory takes an atomic write (health check).
+    pub fn state_writable(&self) -> bool {
+        self.store.writable()
     }
 
     /// The directory of a VM (console log, sockets).
@@ -255,9 +261,7 @@ impl Agent {
                 Err(AgentError::Exists(spec.id))
             };
         }
-        let specs: Vec<VmSpec> = vms.values().map(|e| lock(&e.rec).spec.clone()).collect();
-        let inv = host::inventory(&self.config.capacity, self.store.root(), specs.iter());
-        host::admit(&inv, &spec).map_err(AgentError::Capacity)?;
+        host::admit(&self.inventory_of(&vms), &spec).map_err(AgentError::Capacity)?;
         let now = now_ms();
         let rec = VmRecord {
             id: spec.id.clone(),

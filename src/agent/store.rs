@@ -148,6 +148,14 @@ impl Store {
         &self.root
     }
 
+    /// Whether an atomic write to the state directory works.
+    pub fn writable(&self) -> bool {
+        let probe = self.root.join(".probe");
+        let ok = write_atomic(&probe, b"{}").is_ok();
+        let _ = fs::remove_file(&probe);
+        ok
+    }
+
     /// The directory of VM `id`.
     pub fn vm_dir(&self, id: &str) -> PathBuf {
         self.root.join("vms").join(id)

@@ -176,6 +176,15 @@ pub async fn wait_exit(fd: OwnedFd) {
     }
 }
 
+/// SIGKILLs `pid` through a pidfd, waits for it to end and reaps it if it is our child.
+pub async fn kill_and_wait(pid: u32) {
+    if let Ok(fd) = pidfd_open(pid) {
+        let _ = pidfd_kill(&fd, libc::SIGKILL);
+        wait_exit(fd).await;
+        reap(pid);
+    }
+}
+
 /// The process start time (field 22 of /proc/PID/stat, clock ticks since boot).
 pub fn start_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -178,12 +178,6 @@ pub async fn render(agent: &Agent, requests: &RequestMetrics) -> String {
 
 /// The agent's resident memory in KiB.
 pub fn agent_rss_kib() -> Option<u64> {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    crate::vmm::builder::kib_field(&status, "VmRSS:")
 }

@@ -139,15 +139,20 @@ impl Params {
     }
 }
 
-/// Reads a JSON body: size-limited, unknown fields refused, errors naming the field.
-async fn json_body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
-    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+/// Reads a body of at most [`MAX_BODY`] bytes.
+async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
             format!("request bodies are limited to {MAX_BODY} bytes"),
         )
-    })?;
+    })
+}
+
+/// Reads a JSON body: size-limited, unknown fields refused, errors naming the field.
+async fn json_body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let bytes = read_body(body).await?;
     let mut de = serde_json::Deserializer::from_slice(&bytes);
     let v = serde_path_to_error::deserialize(&mut de).map_err(error::from_json)?;
     de.end()
@@ -157,13 +162,7 @@ async fn json_body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
 
 /// Refuses a body on routes that take none (anything but nothing, `{}` or whitespace).
 async fn no_body(body: Body) -> Result<(), ApiError> {
-    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request bodies are limited to {MAX_BODY} bytes"),
-        )
-    })?;
+    let bytes = read_body(body).await?;
     let text = String::from_utf8_lossy(&bytes);
     let t = text.trim();
     if t.is_empty() || t == "{}" {
@@ -243,10 +242,7 @@ async fn host(State(st): St, RawQuery(q): RawQuery) -> Result<Response, ApiError
         .write(true)
         .open("/dev/kvm")
         .is_ok();
-    let probe = agent.vm_dir(".health-probe");
-    let state_ok = crate::agent::store::write_atomic(&probe.with_extension("json"), b"{}")
-        .map(|_| std::fs::remove_file(probe.with_extension("json")))
-        .is_ok();
+    let state_ok = agent.state_writable();
     let failed = counts.get("failed").copied().unwrap_or(0);
     let healthy = kvm_ok && state_ok;
     Ok(Json(serde_json::json!({

@@ -265,6 +265,14 @@ fn unreachable(e: ClientError) -> ExitCode {
     ExitCode::from(3)
 }
 
+/// The exit status of a call whose reply body has nothing more to print.
+fn status_of(r: Result<Reply, ClientError>) -> ExitCode {
+    match r {
+        Ok(r) => check(&r).err().unwrap_or(ExitCode::SUCCESS),
+        Err(e) => unreachable(e),
+    }
+}
+
 fn age(ms: Option<u64>) -> String {
     let Some(ms) = ms else { return "-".into() };
     let s = crate::agent::spec::now_ms().saturating_sub(ms) / 1000;
@@ -398,10 +406,7 @@ pub fn events(opts: &ClientOpts, since: u64, follow: bool, vm: Option<&str>) -> 
                 true
             })
             .await;
-        match r {
-            Ok(r) => check(&r).err().unwrap_or(ExitCode::SUCCESS),
-            Err(e) => unreachable(e),
-        }
+        status_of(r)
     })
 }
 
@@ -466,10 +471,7 @@ async fn vm_async(opts: &ClientOpts, cmd: &VmCommand) -> ExitCode {
         }
         VmCommand::Pause { id } => c.post(&format!("/v1/vms/{id}/pause"), &Value::Null).await,
         VmCommand::Resume { id } => c.post(&format!("/v1/vms/{id}/resume"), &Value::Null).await,
-        VmCommand::Rm { id } => match c.delete(&format!("/v1/vms/{id}")).await {
-            Ok(r) => return check(&r).err().unwrap_or(ExitCode::SUCCESS),
-            Err(e) => return unreachable(e),
-        },
+        VmCommand::Rm { id } => return status_of(c.delete(&format!("/v1/vms/{id}")).await),
         VmCommand::Wait { id, state, timeout } => {
             c.get(&format!(
                 "/v1/vms/{id}/wait?state={state}&timeout={timeout}"
@@ -484,10 +486,7 @@ async fn vm_async(opts: &ClientOpts, cmd: &VmCommand) -> ExitCode {
                     |chunk| out.write_all(chunk).and_then(|_| out.flush()).is_ok(),
                 )
                 .await;
-            return match r {
-                Ok(r) => check(&r).err().unwrap_or(ExitCode::SUCCESS),
-                Err(e) => unreachable(e),
-            };
+            return status_of(r);
         }
         VmCommand::Console { id } => return attach(&c, id).await,
     };

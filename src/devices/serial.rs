@@ -391,7 +391,8 @@ pub fn build(setup: ConsoleSetup<'_>) -> Result<(Arc<Mutex<Uart>>, EventFd), Con
     Ok((uart, irq_for_kvm))
 }
 
-fn bind_socket(path: &Path) -> io::Result<UnixListener> {
+/// Binds an owner-only (0600) Unix socket at `path`, replacing a stale socket file.
+pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -68,7 +68,8 @@ pub struct MemoryUse {
     pub guest: u64,
 }
 
-fn kib_field(text: &str, name: &str) -> Option<u64> {
+/// The KiB value of field `name` (`VmRSS:`...) in a /proc/PID/status text.
+pub fn kib_field(text: &str, name: &str) -> Option<u64> {
     text.lines()
         .find(|l| l.starts_with(name))?
         .split_whitespace()

@@ -12,8 +12,8 @@
 //! The socket is created owner-only (0600) in the VM's private directory.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -252,7 +252,7 @@ impl Controls {
 /// Binds the control socket (owner-only) and serves it on a background thread for the life of
 /// the process.
 pub fn serve(controls: Arc<Controls>) -> std::io::Result<()> {
-    let listener = bind(&controls.config.socket)?;
+    let listener = crate::devices::serial::bind_socket(&controls.config.socket)?;
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -268,18 +268,6 @@ pub fn serve(controls: Arc<Controls>) -> std::io::Result<()> {
             }
         })?;
     Ok(())
-}
-
-fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
 }
 
 /// Longest request line accepted.
