@@ -13,5 +13,6 @@ pub mod api;
 pub mod block;
 pub mod cli;
 pub mod devices;
+pub mod imds;
 pub mod net;
 pub mod vmm;

@@ -240,8 +240,15 @@ impl Agent {
             vp::kill_and_wait(pid).await;
         }
         self.store.remove(&entry.id)?;
+        let wired = lock(&entry.rec).nics.iter().any(|n| n.segment.is_some());
         lock(&self.vms).remove(&entry.id);
         self.version.send_modify(|v| *v += 1);
+        if wired {
+            // Its TAPs and filters go with it.
+            if let Err(e) = self.sync_network().await {
+                tracing::error!(vm = %entry.id, "cannot remove the VM's NICs: {e}");
+            }
+        }
         self.events.emit(&entry.id, "deleted", None, "");
         Ok(())
     }
@@ -318,6 +325,8 @@ impl Agent {
             id: rec.id.clone(),
             token: token.clone(),
             spec: rec.spec.clone(),
+            nics: rec.nics.clone(),
+            cmdline_extra: self.kernel_ip_param(&rec),
         };
         let fail = |reason: String| {
             let rec = self.update(entry, |r| {
@@ -334,6 +343,12 @@ impl Agent {
                 Err(e) => e,
             }
         };
+        if launch.nics.iter().any(|n| n.segment.is_some()) {
+            // Repairs the TAPs and filters if someone removed them.
+            if let Err(e) = self.sync_network().await {
+                return Err(fail(format!("cannot wire the NICs: {e}")));
+            }
+        }
         let data = serde_json::to_vec_pretty(&launch).map_err(super::StoreError::from)?;
         write_atomic(&dir.join(layout::LAUNCH), &data)?;
         let _ = std::fs::remove_file(dir.join(layout::RESULT));

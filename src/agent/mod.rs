@@ -8,6 +8,8 @@
 pub mod events;
 pub mod host;
 mod lifecycle;
+pub mod network;
+pub mod segment;
 pub mod spec;
 pub mod store;
 pub mod vmm_process;
@@ -44,6 +46,8 @@ pub struct AgentConfig {
     pub restart_backoff: Duration,
     /// Default time a graceful stop waits before forcing.
     pub stop_timeout: Duration,
+    /// Bridge and uplink of the segments.
+    pub network: network::NetworkConfig,
 }
 
 /// Why an agent operation was refused or failed.
@@ -52,12 +56,25 @@ pub enum AgentError {
     /// No such VM.
     #[error("no VM with id {0:?}")]
     NotFound(String),
+    /// No such segment.
+    #[error("no segment with id {0:?}")]
+    SegmentNotFound(String),
     /// A field of the request is invalid.
     #[error("{0}")]
     Invalid(#[from] FieldError),
-    /// A VM with this id exists with a different spec.
-    #[error("VM {0:?} already exists with a different spec")]
+    /// A VM (or segment) with this id exists with a different spec.
+    #[error("{0:?} already exists with a different spec")]
     Exists(String),
+    /// A field clashes with what exists on the host (duplicate MAC, address or VLAN,
+    /// overlapping subnet, full segment).
+    #[error("{0}")]
+    Conflict(FieldError),
+    /// The object is still used (a segment with NICs on it).
+    #[error("{0}")]
+    InUse(String),
+    /// The kernel refused the network wiring.
+    #[error("network: {0}")]
+    Network(String),
     /// The action is not possible in the VM's current state.
     #[error("cannot {action} VM {id:?}: it is {state}")]
     IllegalTransition {
@@ -134,6 +151,8 @@ pub struct Agent {
     pub info: HostInfo,
     /// Bumped on every record change (waiters watch it).
     version: watch::Sender<u64>,
+    /// Segments and the host side of the NICs.
+    net: network::Network,
 }
 
 impl Agent {
@@ -143,6 +162,7 @@ impl Agent {
         let store = Store::open(&config.state_dir)?;
         let records = store.load_all()?;
         let events = Events::open(store.root());
+        let net = network::Network::open(store.root(), config.network.clone())?;
         let agent = Arc::new(Self {
             config,
             store,
@@ -150,6 +170,7 @@ impl Agent {
             events,
             info: host::host_info(),
             version: watch::channel(0).0,
+            net,
         });
         {
             let mut vms = lock(&agent.vms);
@@ -166,6 +187,11 @@ impl Agent {
             }
         }
         agent.recover().await;
+        // Re-adopt the network as it is (links and rules survive an agent restart), repair
+        // what is missing, remove what an interrupted operation left behind.
+        if let Err(e) = agent.sync_network().await {
+            tracing::error!("cannot set up the network: {e}");
+        }
         Ok(agent)
     }
 
@@ -241,9 +267,22 @@ impl Agent {
         self.store.vm_dir(id)
     }
 
-    /// Defines a VM. Returns the record and whether it was created now (false: an identical
-    /// VM already existed).
-    pub fn create(&self, mut spec: VmSpec) -> Result<(VmRecord, bool), AgentError> {
+    /// Defines a VM and wires its NICs (TAPs, filters) so it can start. Returns the record and
+    /// whether it was created now (false: an identical VM already existed). If the NICs cannot
+    /// be wired the VM is removed again.
+    pub async fn create(self: &Arc<Self>, spec: VmSpec) -> Result<(VmRecord, bool), AgentError> {
+        let (rec, created) = self.create_record(spec)?;
+        if created && rec.nics.iter().any(|n| n.segment.is_some()) {
+            if let Err(e) = self.sync_network().await {
+                tracing::error!(vm = %rec.id, "cannot wire the NICs: {e}; removing the VM");
+                let _ = self.delete(&rec.id).await;
+                return Err(e);
+            }
+        }
+        Ok((rec, created))
+    }
+
+    fn create_record(&self, mut spec: VmSpec) -> Result<(VmRecord, bool), AgentError> {
         spec.validate()?;
         // Aliases (`baseline`) are stored by their canonical name, so a retry with either
         // spelling is the same spec.
@@ -262,6 +301,11 @@ impl Agent {
             };
         }
         host::admit(&self.inventory_of(&vms), &spec).map_err(AgentError::Capacity)?;
+        let taken: Vec<_> = vms
+            .values()
+            .flat_map(|e| lock(&e.rec).nics.clone())
+            .collect();
+        let nics = self.resolve_nics(&spec, &taken)?;
         let now = now_ms();
         let rec = VmRecord {
             id: spec.id.clone(),
@@ -275,6 +319,8 @@ impl Agent {
                 ..Default::default()
             },
             operation: None,
+            nics,
+            metadata: Default::default(),
         };
         if let Err(e) = self.store.save(&rec) {
             let _ = self.store.remove(&rec.id);

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::segment::NicState;
 use super::store::layout;
 use crate::devices::virtio::block::DiskConfig;
-use crate::devices::virtio::net::{derived_mac, parse_mac, NicConfig};
+use crate::devices::virtio::net::{parse_mac, NicConfig};
 use crate::devices::virtio::vsock::VsockConfig;
 use crate::vmm::boot::mptable::MAX_VCPUS;
 use crate::vmm::control::ControlConfig;
@@ -66,15 +67,26 @@ pub struct DiskSpec {
     pub serial: Option<String>,
 }
 
-/// A virtio-net NIC on a TAP device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A virtio-net NIC: on a segment (the agent creates, wires and filters its TAP) or on an
+/// existing caller-managed TAP.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NicSpec {
-    /// Existing TAP interface to attach to.
-    pub tap: String,
-    /// MAC address (default: derived from the TAP name).
+    /// Segment to connect to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<String>,
+    /// Existing TAP interface to attach to instead of a segment (no filtering, no addresses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// MAC address (default: derived from the VM id, or from the TAP name for `tap`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// IPv4 address on the segment (default: allocated from its subnet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<std::net::Ipv4Addr>,
+    /// IPv6 address on the segment (default: the SLAAC address of the MAC in its prefix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<std::net::Ipv6Addr>,
 }
 
 /// A virtio-vsock device; its host side is the `vsock.sock` socket in the VM's directory.
@@ -231,11 +243,34 @@ impl VmSpec {
             ));
         }
         for (i, n) in self.nics.iter().enumerate() {
-            if n.tap.is_empty() || n.tap.len() > 15 || n.tap.contains(['/', ' ', '\0']) {
-                return Err(FieldError::new(
-                    format!("nics[{i}].tap"),
-                    "must be an interface name of 1-15 characters",
-                ));
+            match (&n.segment, &n.tap) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(FieldError::new(
+                        format!("nics[{i}].segment"),
+                        "give exactly one of segment and tap",
+                    ))
+                }
+                (Some(s), None) if !valid_id(s) => {
+                    return Err(FieldError::new(
+                        format!("nics[{i}].segment"),
+                        format!("{s:?} is not a valid segment id"),
+                    ))
+                }
+                (None, Some(t)) => {
+                    if t.is_empty() || t.len() > 15 || t.contains(['/', ' ', '\0']) {
+                        return Err(FieldError::new(
+                            format!("nics[{i}].tap"),
+                            "must be an interface name of 1-15 characters",
+                        ));
+                    }
+                    if n.ipv4.is_some() || n.ipv6.is_some() {
+                        return Err(FieldError::new(
+                            format!("nics[{i}].ipv4"),
+                            "addresses are managed only for NICs on a segment",
+                        ));
+                    }
+                }
+                _ => {}
             }
             if let Some(m) = &n.mac {
                 if parse_mac(m).is_none() {
@@ -289,18 +324,31 @@ impl VmSpec {
         Ok(())
     }
 
-    /// The VMM configuration for this spec, with the VM's files under `dir`.
-    pub fn vm_config(&self, dir: &Path, token: &str) -> Result<VmConfig, FieldError> {
+    /// The VMM configuration for this spec, with the VM's files under `dir`, its NICs as
+    /// resolved by the agent and `cmdline_extra` appended to the command line.
+    pub fn vm_config(
+        &self,
+        dir: &Path,
+        token: &str,
+        nics: &[NicState],
+        cmdline_extra: Option<&str>,
+    ) -> Result<VmConfig, FieldError> {
         let cpu_template = CpuTemplate::from_name(&self.cpu_template)
             .map_err(|e| FieldError::new("cpu_template", e.to_string()))?;
         Ok(VmConfig {
             kernel: self.boot.kernel.clone(),
             initrd: self.boot.initrd.clone(),
-            cmdline: self
-                .boot
-                .cmdline
-                .clone()
-                .unwrap_or_else(|| crate::cli::run::DEFAULT_CMDLINE.to_owned()),
+            cmdline: {
+                let base = self
+                    .boot
+                    .cmdline
+                    .clone()
+                    .unwrap_or_else(|| crate::cli::run::DEFAULT_CMDLINE.to_owned());
+                match cmdline_extra {
+                    Some(x) => format!("{base} {x}"),
+                    None => base,
+                }
+            },
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
             cpu_template,
@@ -323,16 +371,11 @@ impl VmSpec {
                     direct: d.direct,
                 })
                 .collect(),
-            nics: self
-                .nics
+            nics: nics
                 .iter()
                 .map(|n| NicConfig {
                     tap: n.tap.clone(),
-                    mac: n
-                        .mac
-                        .as_deref()
-                        .and_then(parse_mac)
-                        .unwrap_or_else(|| derived_mac(&n.tap)),
+                    mac: n.mac_bytes(),
                 })
                 .collect(),
             rng: self.rng,
@@ -484,6 +527,93 @@ pub struct VmRecord {
     /// Operation in flight, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation: Option<Operation>,
+    /// The NICs as wired: MACs, addresses and TAPs chosen at create time.
+    #[serde(default)]
+    pub nics: Vec<NicState>,
+    /// What the metadata service tells the guest (`PUT /v1/vms/{id}/metadata`).
+    #[serde(default)]
+    pub metadata: VmMetadata,
+}
+
+/// Metadata a guest reads from the instance metadata service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmMetadata {
+    /// Host name (default: the VM id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// User data (cloud-init's `#cloud-config`, a script...), at most 32 KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+    /// Vendor data for cloud-init, at most 32 KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vendor_data: Option<String>,
+    /// SSH public keys (OpenSSH one-line format).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub public_keys: Vec<String>,
+    /// Free-form key/value facts, served under `meta-data/tags/instance/`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Largest user or vendor data.
+pub const MAX_USER_DATA: usize = 32 << 10;
+
+impl VmMetadata {
+    /// Checks sizes and characters; names the field.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if let Some(h) = &self.hostname {
+            let ok = !h.is_empty()
+                && h.len() <= 63
+                && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !h.starts_with('-');
+            if !ok {
+                return Err(FieldError::new(
+                    "hostname",
+                    "must be 1-63 letters, digits or '-', not starting with '-'",
+                ));
+            }
+        }
+        for (f, v) in [
+            ("user_data", &self.user_data),
+            ("vendor_data", &self.vendor_data),
+        ] {
+            if v.as_ref().is_some_and(|d| d.len() > MAX_USER_DATA) {
+                return Err(FieldError::new(f, format!("at most {MAX_USER_DATA} bytes")));
+            }
+        }
+        if self.public_keys.len() > 64 {
+            return Err(FieldError::new("public_keys", "at most 64 keys"));
+        }
+        for (i, k) in self.public_keys.iter().enumerate() {
+            if k.is_empty() || k.len() > 16384 || k.contains(['\n', '\r', '\0']) {
+                return Err(FieldError::new(
+                    format!("public_keys[{i}]"),
+                    "must be one line of at most 16 KiB",
+                ));
+            }
+        }
+        if self.tags.len() > MAX_LABELS {
+            return Err(FieldError::new(
+                "tags",
+                format!("at most {MAX_LABELS} tags"),
+            ));
+        }
+        for (k, v) in &self.tags {
+            let ok = !k.is_empty()
+                && k.len() <= MAX_LABEL_LEN
+                && v.len() <= MAX_LABEL_LEN
+                && !k.contains(['/', '\n', '\0'])
+                && !v.contains(['\n', '\0']);
+            if !ok {
+                return Err(FieldError::new(
+                    format!("tags.{k}"),
+                    "keys are 1-253 bytes without '/', values at most 253 bytes, one line each",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -527,10 +657,18 @@ mod tests {
         assert_eq!(s.validate().unwrap_err().field, "boot.kernel");
         let mut s = spec();
         s.nics.push(NicSpec {
-            tap: "tap0".into(),
+            tap: Some("tap0".into()),
             mac: Some("zz".into()),
+            ..Default::default()
         });
         assert_eq!(s.validate().unwrap_err().field, "nics[0].mac");
+        let mut s = spec();
+        s.nics.push(NicSpec {
+            tap: Some("tap0".into()),
+            segment: Some("a".into()),
+            ..Default::default()
+        });
+        assert_eq!(s.validate().unwrap_err().field, "nics[0].segment");
         let mut s = spec();
         s.cpu_template = "pentium".into();
         assert_eq!(s.validate().unwrap_err().field, "cpu_template");

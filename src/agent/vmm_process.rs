@@ -28,6 +28,12 @@ pub struct Launch {
     pub token: String,
     /// The spec to run.
     pub spec: VmSpec,
+    /// Its NICs as the agent wired them.
+    #[serde(default)]
+    pub nics: Vec<crate::agent::segment::NicState>,
+    /// Appended to the kernel command line (the `ip=` of the first NIC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline_extra: Option<String>,
 }
 
 /// What a VMM writes when it ends (`result.json`).

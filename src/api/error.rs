@@ -60,6 +60,9 @@ pub const CODES: &[&str] = &[
     "no_route",
     "method_not_allowed",
     "already_exists",
+    "conflict",
+    "in_use",
+    "network_error",
     "illegal_transition",
     "over_capacity",
     "timeout",
@@ -81,9 +84,19 @@ impl From<AgentError> for ApiError {
     fn from(e: AgentError) -> Self {
         let msg = e.to_string();
         match e {
-            AgentError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", msg),
+            AgentError::NotFound(_) | AgentError::SegmentNotFound(_) => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", msg)
+            }
             AgentError::Invalid(f) => Self::field("invalid_field", f.field, f.message),
             AgentError::Exists(_) => Self::new(StatusCode::CONFLICT, "already_exists", msg),
+            AgentError::Conflict(f) => Self {
+                status: StatusCode::CONFLICT,
+                ..Self::field("conflict", f.field, f.message)
+            },
+            AgentError::InUse(_) => Self::new(StatusCode::CONFLICT, "in_use", msg),
+            AgentError::Network(_) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "network_error", msg)
+            }
             AgentError::IllegalTransition { .. } => {
                 Self::new(StatusCode::CONFLICT, "illegal_transition", msg)
             }

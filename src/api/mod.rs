@@ -49,6 +49,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/vms/{id}/wait"),
     ("GET", "/v1/vms/{id}/console"),
     ("GET", "/v1/vms/{id}/console/attach"),
+    ("GET", "/v1/vms/{id}/metadata"),
+    ("PUT", "/v1/vms/{id}/metadata"),
+    ("GET", "/v1/segments"),
+    ("POST", "/v1/segments"),
+    ("GET", "/v1/segments/{id}"),
+    ("DELETE", "/v1/segments/{id}"),
     ("GET", "/v1/events"),
     ("GET", "/v1/metrics"),
     ("GET", "/v1/openapi.json"),
@@ -198,6 +204,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/vms/{id}/wait", get(wait_vm))
         .route("/v1/vms/{id}/console", get(console))
         .route("/v1/vms/{id}/console/attach", get(attach))
+        .route("/v1/vms/{id}/metadata", get(get_metadata).put(put_metadata))
+        .route("/v1/segments", get(list_segments).post(create_segment))
+        .route("/v1/segments/{id}", get(get_segment).delete(delete_segment))
         .route("/v1/events", get(events))
         .route("/v1/metrics", get(metrics_text))
         .route("/metrics", get(metrics_text))
@@ -283,7 +292,7 @@ async fn create_vm(State(st): St, RawQuery(q): RawQuery, body: Body) -> Result<R
     let p = Params::parse(q, &["start"])?;
     let start = p.flag("start")?;
     let spec: VmSpec = json_body(body).await?;
-    let (rec, created) = st.agent.create(spec)?;
+    let (rec, created) = st.agent.create(spec).await?;
     let rec = if start {
         st.agent.start(&rec.id).await?
     } else {
@@ -299,6 +308,86 @@ async fn create_vm(State(st): St, RawQuery(q): RawQuery, body: Body) -> Result<R
         resp.headers_mut().insert(header::LOCATION, v);
     }
     Ok(resp)
+}
+
+async fn get_metadata(
+    State(st): St,
+    UrlPath(id): UrlPath<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
+    check_id(&id)?;
+    Ok(Json(st.agent.get(&id)?.metadata).into_response())
+}
+
+async fn put_metadata(
+    State(st): St,
+    UrlPath(id): UrlPath<String>,
+    RawQuery(q): RawQuery,
+    body: Body,
+) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
+    check_id(&id)?;
+    let md: crate::agent::spec::VmMetadata = json_body(body).await?;
+    Ok(Json(st.agent.set_metadata(&id, md)?.metadata).into_response())
+}
+
+fn check_segment_id(id: &str) -> Result<(), ApiError> {
+    if crate::agent::spec::valid_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no segment with id {id:?} (not a valid id)"),
+        ))
+    }
+}
+
+async fn list_segments(State(st): St, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
+    Ok(Json(serde_json::json!({ "items": st.agent.segments() })).into_response())
+}
+
+async fn create_segment(
+    State(st): St,
+    RawQuery(q): RawQuery,
+    body: Body,
+) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
+    let spec: crate::agent::segment::SegmentSpec = json_body(body).await?;
+    let (seg, created) = st.agent.create_segment(spec).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut resp = (status, Json(&seg)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/segments/{}", seg.id)) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+async fn get_segment(
+    State(st): St,
+    UrlPath(id): UrlPath<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
+    check_segment_id(&id)?;
+    Ok(Json(st.agent.segment(&id)?).into_response())
+}
+
+async fn delete_segment(
+    State(st): St,
+    UrlPath(id): UrlPath<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
+    check_segment_id(&id)?;
+    st.agent.delete_segment(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn get_vm(
@@ -750,14 +839,75 @@ mod tests {
                 serial: Some("s".into()),
             }],
             nics: vec![NicSpec {
-                tap: "t".into(),
+                segment: Some("s".into()),
+                tap: Some("t".into()),
                 mac: Some("02:00:00:00:00:01".into()),
+                ipv4: Some("10.0.0.2".parse().unwrap()),
+                ipv6: Some("2001:db8::2".parse().unwrap()),
             }],
             rng: true,
             vsock: Some(VsockSpec { cid: 3 }),
             labels: [("k".to_owned(), "v".to_owned())].into(),
             restart_policy: RestartPolicy::OnFailure,
         }
+    }
+
+    fn full_metadata() -> VmMetadata {
+        VmMetadata {
+            hostname: Some("h".into()),
+            user_data: Some("u".into()),
+            vendor_data: Some("v".into()),
+            public_keys: vec!["ssh-ed25519 AAAA k".into()],
+            tags: [("k".to_owned(), "v".to_owned())].into(),
+        }
+    }
+
+    fn full_segment() -> crate::agent::segment::SegmentSpec {
+        use crate::agent::segment::*;
+        SegmentSpec {
+            id: "s".into(),
+            vlan: 10,
+            mode: SegmentMode::Routed,
+            ipv4: Some(Ipv4Spec {
+                subnet: "10.0.0.0/24".parse().unwrap(),
+                gateway: Some("10.0.0.1".parse().unwrap()),
+            }),
+            ipv6: Some(Ipv6Spec {
+                prefix: "2001:db8::/64".parse().unwrap(),
+                gateway: Some("2001:db8::1".parse().unwrap()),
+            }),
+        }
+    }
+
+    #[test]
+    fn network_schemas_match_the_types() {
+        let doc = doc();
+        let seg = serde_json::to_value(full_segment()).unwrap();
+        assert_eq!(props(&doc, "Segment"), keys(&seg));
+        assert_eq!(props(&doc, "SegmentIpv4"), keys(&seg["ipv4"]));
+        assert_eq!(props(&doc, "SegmentIpv6"), keys(&seg["ipv6"]));
+        let md = serde_json::to_value(full_metadata()).unwrap();
+        assert_eq!(props(&doc, "VmMetadata"), keys(&md));
+        for name in ["Segment", "SegmentIpv4", "SegmentIpv6", "VmMetadata"] {
+            assert_eq!(
+                schema(&doc, name)["additionalProperties"],
+                Value::Bool(false),
+                "{name} must refuse unknown fields, as the code does"
+            );
+        }
+        let modes: BTreeSet<String> = schema(&doc, "Segment")["properties"]["mode"]["enum"]
+            .as_array()
+            .expect("mode enum")
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            modes,
+            ["bridged", "routed"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        );
     }
 
     #[test]
@@ -835,11 +985,20 @@ mod tests {
                 kind: "start".into(),
                 started_ms: 1,
             }),
+            nics: vec![crate::agent::segment::NicState {
+                segment: Some("s".into()),
+                tap: "t".into(),
+                mac: "02:00:00:00:00:01".into(),
+                ipv4: Some("10.0.0.2".parse().unwrap()),
+                ipv6: Some("2001:db8::2".parse().unwrap()),
+            }],
+            metadata: full_metadata(),
         };
         let v = serde_json::to_value(&rec).unwrap();
         assert_eq!(props(&doc, "Vm"), keys(&v));
         assert_eq!(props(&doc, "VmStatus"), keys(&v["status"]));
         assert_eq!(props(&doc, "Operation"), keys(&v["operation"]));
+        assert_eq!(props(&doc, "NicState"), keys(&v["nics"][0]));
         let states: BTreeSet<String> = schema(&doc, "VmState")["enum"]
             .as_array()
             .expect("VmState enum")

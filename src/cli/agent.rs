@@ -41,6 +41,20 @@ pub struct AgentArgs {
     /// First restart delay of restart policies, seconds (doubles per restart, at most 60).
     #[arg(long, default_value_t = 1.0)]
     pub restart_backoff: f64,
+    /// Interface that carries bridged segments off the host, each tagged with its VLAN id
+    /// (the agent adds an 802.1Q interface per segment on it).
+    #[arg(long, value_name = "IFACE")]
+    pub uplink: Option<String>,
+    /// Where the instance metadata service listens, or `off`.
+    #[arg(
+        long,
+        default_value = "169.254.169.254:80",
+        value_name = "ADDR:PORT|off"
+    )]
+    pub imds_listen: String,
+    /// Availability zone (and region) the metadata service reports.
+    #[arg(long, default_value = "bexar")]
+    pub zone: String,
 }
 
 fn seconds(flag: &str, v: f64) -> Result<Duration, String> {
@@ -61,6 +75,19 @@ fn ratio(flag: &str, v: f64) -> Result<f64, String> {
     }
 }
 
+fn iface(flag: &str, name: &str) -> Result<String, String> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(name.to_owned())
+    } else {
+        Err(format!("--{flag}: {name:?} is not an interface name"))
+    }
+}
+
 fn config(a: &AgentArgs) -> Result<AgentConfig, String> {
     Ok(AgentConfig {
         state_dir: std::path::absolute(&a.state_dir).map_err(|e| format!("--state-dir: {e}"))?,
@@ -73,6 +100,13 @@ fn config(a: &AgentArgs) -> Result<AgentConfig, String> {
         },
         restart_backoff: seconds("restart-backoff", a.restart_backoff)?,
         stop_timeout: seconds("stop-timeout", a.stop_timeout)?,
+        network: crate::agent::network::NetworkConfig {
+            uplink: a
+                .uplink
+                .as_deref()
+                .map(|u| iface("uplink", u))
+                .transpose()?,
+        },
     })
 }
 
@@ -104,6 +138,32 @@ pub fn main(a: &AgentArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        if a.imds_listen != "off" {
+            let addr: std::net::SocketAddr = match a.imds_listen.parse() {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("bexar agent: --imds-listen {}: {e}", a.imds_listen);
+                    return ExitCode::from(2);
+                }
+            };
+            match crate::imds::bind(addr) {
+                Ok(l) => {
+                    tracing::info!(%addr, "metadata service listening");
+                    tokio::spawn(crate::imds::serve(agent.clone(), l, a.zone.clone()));
+                }
+                Err(e) => tracing::error!("metadata service cannot listen on {addr}: {e}"),
+            }
+        }
+        // Repair: links or rules removed behind the agent's back come back.
+        let repair = agent.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                if let Err(e) = repair.sync_network().await {
+                    tracing::warn!("network repair: {e}");
+                }
+            }
+        });
         match crate::api::serve(agent, a.socket.clone(), a.debug_socket.clone()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

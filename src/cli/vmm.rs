@@ -57,7 +57,12 @@ pub fn main(dir: &Path) -> ExitCode {
         );
         status.into()
     };
-    let config = match launch.spec.vm_config(dir, &launch.token) {
+    let config = match launch.spec.vm_config(
+        dir,
+        &launch.token,
+        &launch.nics,
+        launch.cmdline_extra.as_deref(),
+    ) {
         Ok(c) => c,
         Err(e) => return fail(RunStatus::BadInput, e.to_string()),
     };

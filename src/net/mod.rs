@@ -1,3 +1,7 @@
-//! Host networking: TAP devices (and, with the networking issue, segments, bridges and filters).
+//! Host networking: TAP devices, the rtnetlink calls that build the segments' links, the
+//! nftables ruleset that filters and routes them, and router advertisements.
 
+pub mod netlink;
+pub mod nft;
+pub mod ra;
 pub mod tap;

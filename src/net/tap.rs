@@ -12,6 +12,7 @@ const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 
 /// TUN_F_* offload flags (what the host may hand the guest).
 pub mod offload {
@@ -60,6 +61,21 @@ struct IfReq {
 }
 
 impl Tap {
+    /// Creates the TAP `name` as a persistent device (it outlives this process and any VMM
+    /// that opens it, until it is deleted), or does nothing if it exists.
+    pub fn create_persistent(name: &str) -> Result<(), TapError> {
+        let tap = Self::open(name)?;
+        // SAFETY: TUNSETPERSIST takes its argument by value.
+        if unsafe { libc::ioctl(tap.file.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+            return Err(TapError::Open {
+                name: name.to_owned(),
+                what: "TUNSETPERSIST",
+                err: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
     /// Opens (or creates, when allowed) the TAP `name` with virtio-net headers.
     pub fn open(name: &str) -> Result<Self, TapError> {
         if name.is_empty()

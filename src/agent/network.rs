@@ -1,0 +1,542 @@
+//! The agent's network: segments (persisted one file each under `STATE/segments/`), the NICs
+//! of VMs on them, and the kernel state that carries both. The kernel side is level-driven:
+//! [`Agent::sync_network`] computes what should exist from the records and makes it so (links,
+//! VLANs, addresses, routes, the nftables ruleset, router advertisements), deleting whatever
+//! the agent once made that no record wants. It runs after every change, when the agent
+//! starts (re-adoption after a restart, clean-up after a crash) and periodically (repair).
+//!
+//! Layout on the host: one Linux bridge per segment (see docs/architecture.md for why not one
+//! VLAN-aware bridge):
+//!
+//! ```text
+//!   guest ── TAP bxt… ──┐
+//!   guest ── TAP bxt… ──┤ bridge bxg… (fixed MAC; the host's addresses on the segment:
+//!   uplink.VLAN bxu… ───┘  gateway of a routed segment, 169.254.169.254 for metadata)
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ipnet::{IpNet, Ipv4Net};
+
+use super::segment::{
+    link_local, segment_links, segment_mac, NicState, SegmentMode, SegmentSpec, GATEWAY_PREFIX,
+    IMDS_ADDR, TAP_PREFIX, UPLINK_PREFIX,
+};
+use super::spec::VmRecord;
+use super::store::{sync_dir, write_atomic, StoreError};
+use super::{Agent, AgentError};
+use crate::devices::bus::lock;
+use crate::net::netlink::{self, Link, Netlink};
+use crate::net::nft::{NicRule, Ruleset, SegmentRule, MARK_BASE};
+use crate::net::tap::Tap;
+
+/// Alias prefix of every link the agent owns.
+pub const ALIAS_PREFIX: &str = "bexar:";
+
+/// How the host side of the network is set up.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkConfig {
+    /// The interface that carries bridged segments to the rest of their L2 domain, each
+    /// tagged with its VLAN id (through an 802.1Q interface the agent makes on it).
+    pub uplink: Option<String>,
+}
+
+/// The NIC a metadata request came from.
+#[derive(Debug, Clone)]
+pub struct NicOwner {
+    /// The VM.
+    pub vm: String,
+    /// The NIC's index in the VM's spec.
+    pub nic: usize,
+}
+
+struct RaThread {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// The network part of the agent.
+pub(super) struct Network {
+    pub(super) config: NetworkConfig,
+    dir: PathBuf,
+    pub(super) segments: Mutex<BTreeMap<String, SegmentSpec>>,
+    nl: Mutex<Option<Netlink>>,
+    sync: tokio::sync::Mutex<()>,
+    /// Mark of metadata requests -> NIC (rebuilt by every sync).
+    marks: Mutex<HashMap<u32, NicOwner>>,
+    /// Router advertisement threads (stop flag, thread), per segment.
+    ra: Mutex<HashMap<String, RaThread>>,
+}
+
+impl Network {
+    /// Loads the segments from `STATE/segments`.
+    pub(super) fn open(root: &Path, config: NetworkConfig) -> Result<Self, StoreError> {
+        let dir = root.join("segments");
+        std::fs::create_dir_all(&dir).map_err(|err| StoreError::Io {
+            what: "create",
+            path: dir.clone(),
+            err,
+        })?;
+        let mut segments = BTreeMap::new();
+        for f in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = f.path();
+            let name = f.file_name().to_string_lossy().into_owned();
+            if name.contains(".tmp.") {
+                let _ = std::fs::remove_file(&p);
+                continue;
+            }
+            if !name.ends_with(".json") {
+                continue;
+            }
+            match std::fs::read(&p)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<SegmentSpec>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(s) => {
+                    segments.insert(s.id.clone(), s);
+                }
+                Err(e) => tracing::error!("{}: unreadable segment: {e}; skipped", p.display()),
+            }
+        }
+        Ok(Self {
+            config,
+            dir,
+            segments: Mutex::new(segments),
+            nl: Mutex::new(None),
+            sync: tokio::sync::Mutex::new(()),
+            marks: Mutex::new(HashMap::new()),
+            ra: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    fn netlink(&self) -> Result<Netlink, AgentError> {
+        let mut nl = lock(&self.nl);
+        if nl.is_none() {
+            *nl = Some(Netlink::open().map_err(|e| AgentError::Network(e.to_string()))?);
+        }
+        Ok(nl.clone().expect("just set"))
+    }
+
+    /// The NIC whose metadata requests carry `mark`.
+    pub(super) fn owner_of_mark(&self, mark: u32) -> Option<NicOwner> {
+        lock(&self.marks).get(&mark).cloned()
+    }
+}
+
+fn net_err(e: impl std::fmt::Display) -> AgentError {
+    AgentError::Network(e.to_string())
+}
+
+impl Agent {
+    /// Every segment, by id.
+    pub fn segments(&self) -> Vec<SegmentSpec> {
+        lock(&self.net.segments).values().cloned().collect()
+    }
+
+    /// One segment.
+    pub fn segment(&self, id: &str) -> Result<SegmentSpec, AgentError> {
+        lock(&self.net.segments)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::SegmentNotFound(id.to_owned()))
+    }
+
+    /// Defines a segment and wires it. Returns it (with defaults filled in) and whether it was
+    /// created now (false: an identical one existed). A segment the kernel refuses is removed
+    /// again: nothing is left half-made.
+    pub async fn create_segment(
+        &self,
+        mut spec: SegmentSpec,
+    ) -> Result<(SegmentSpec, bool), AgentError> {
+        spec.validate()?;
+        {
+            let mut segs = lock(&self.net.segments);
+            if let Some(s) = segs.get(&spec.id) {
+                return if *s == spec {
+                    Ok((s.clone(), false))
+                } else {
+                    Err(AgentError::Exists(format!("segment {}", spec.id)))
+                };
+            }
+            spec.check_against(segs.values())
+                .map_err(AgentError::Conflict)?;
+            write_atomic(
+                &self.net.path(&spec.id),
+                &serde_json::to_vec_pretty(&spec).map_err(StoreError::from)?,
+            )?;
+            segs.insert(spec.id.clone(), spec.clone());
+        }
+        if let Err(e) = self.sync_network().await {
+            tracing::error!(segment = %spec.id, "cannot wire the segment: {e}; removing it");
+            lock(&self.net.segments).remove(&spec.id);
+            let _ = std::fs::remove_file(self.net.path(&spec.id));
+            let _ = sync_dir(&self.net.dir);
+            let _ = self.sync_network().await;
+            return Err(e);
+        }
+        self.events.emit(&spec.id, "segment-created", None, "");
+        Ok((spec, true))
+    }
+
+    /// Deletes a segment no NIC uses. Deleting a segment that does not exist succeeds.
+    pub async fn delete_segment(&self, id: &str) -> Result<(), AgentError> {
+        {
+            let mut segs = lock(&self.net.segments);
+            if !segs.contains_key(id) {
+                return Ok(());
+            }
+            let users: Vec<String> = self
+                .entries()
+                .iter()
+                .filter(|e| {
+                    lock(&e.rec)
+                        .nics
+                        .iter()
+                        .any(|n| n.segment.as_deref() == Some(id))
+                })
+                .map(|e| e.id.clone())
+                .collect();
+            if !users.is_empty() {
+                return Err(AgentError::InUse(format!(
+                    "segment {id:?} has NICs of VMs {users:?}"
+                )));
+            }
+            match std::fs::remove_file(self.net.path(id)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(StoreError::Io {
+                        what: "remove",
+                        path: self.net.path(id),
+                        err,
+                    }
+                    .into())
+                }
+            }
+            sync_dir(&self.net.dir)?;
+            segs.remove(id);
+        }
+        self.sync_network().await?;
+        self.events.emit(id, "segment-deleted", None, "");
+        Ok(())
+    }
+
+    /// Resolves the NICs of a VM being created (the VM map lock is held by the caller, so
+    /// allocations cannot race).
+    pub(super) fn resolve_nics(
+        &self,
+        spec: &super::spec::VmSpec,
+        others: &[NicState],
+    ) -> Result<Vec<NicState>, AgentError> {
+        let segs = lock(&self.net.segments);
+        super::segment::resolve_nics(&spec.id, &spec.nics, |id| segs.get(id), others).map_err(|e| {
+            match e {
+                super::segment::NicError::Invalid(f) => AgentError::Invalid(f),
+                super::segment::NicError::Conflict(f) => AgentError::Conflict(f),
+            }
+        })
+    }
+
+    /// The `ip=` kernel parameter for a VM, unless its command line has one.
+    pub(super) fn kernel_ip_param(&self, rec: &VmRecord) -> Option<String> {
+        let cmdline = rec.spec.boot.cmdline.as_deref().unwrap_or("");
+        if cmdline.split_whitespace().any(|t| t.starts_with("ip=")) {
+            return None;
+        }
+        let segs = lock(&self.net.segments);
+        let host = rec.metadata.hostname.as_deref().unwrap_or(&rec.id);
+        super::segment::kernel_ip_param(&rec.nics, |id| segs.get(id), host)
+    }
+
+    /// The NIC whose metadata requests carry `mark`.
+    pub fn nic_of_mark(&self, mark: u32) -> Option<NicOwner> {
+        self.net.owner_of_mark(mark)
+    }
+
+    /// Makes the kernel match the records: bridge, segment ports with their addresses and
+    /// routes, one filtered TAP per segment NIC, the nftables ruleset, router advertisements;
+    /// and removes links the agent made that nothing wants any more.
+    pub async fn sync_network(&self) -> Result<(), AgentError> {
+        let segs: BTreeMap<String, SegmentSpec> = lock(&self.net.segments).clone();
+        let nics: Vec<(String, usize, NicState)> = self
+            .entries()
+            .iter()
+            .flat_map(|e| {
+                let r = lock(&e.rec);
+                r.nics
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| n.segment.is_some())
+                    .map(|(i, n)| (r.id.clone(), i, n.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if segs.is_empty() && nics.is_empty() && !self.net_touched() {
+            return Ok(());
+        }
+        let _guard = self.net.sync.lock().await;
+        let nl = self.net.netlink()?;
+        let uplink = self.net.config.uplink.as_deref();
+        let mut links = nl.links().await.map_err(net_err)?;
+        let mut wanted: BTreeSet<String> = BTreeSet::new();
+
+        // One bridge per segment; it carries the host's addresses on the segment.
+        for s in segs.values() {
+            let (br, vl) = segment_links(&s.id);
+            wanted.insert(br.clone());
+            if find(&links, &br).is_none() {
+                nl.add_bridge(
+                    &br,
+                    &format!("{ALIAS_PREFIX}segment {}", s.id),
+                    segment_mac(&s.id),
+                )
+                .await
+                .map_err(net_err)?;
+                links = nl.links().await.map_err(net_err)?;
+            }
+            let bl = find(&links, &br)
+                .cloned()
+                .ok_or_else(|| net_err(format!("{br} did not appear")))?;
+            let routed6 = s.mode == SegmentMode::Routed && s.ipv6.is_some();
+            let _ = netlink::sysctl(
+                &format!("net/ipv6/conf/{br}/disable_ipv6"),
+                if routed6 { "0" } else { "1" },
+            );
+            let _ = netlink::sysctl(&format!("net/ipv6/conf/{br}/accept_dad"), "0");
+            let _ = netlink::sysctl(&format!("net/ipv6/conf/{br}/accept_ra"), "0");
+            let _ = netlink::sysctl(&format!("net/ipv4/conf/{br}/arp_ignore"), "1");
+            nl.set_link(
+                bl.index,
+                &format!("{ALIAS_PREFIX}segment {}", s.id),
+                None,
+                true,
+            )
+            .await
+            .map_err(net_err)?;
+            let have = nl.addresses(bl.index).await.map_err(net_err)?;
+            let (v4, v6) = s.host_addresses();
+            let mut want: Vec<IpNet> =
+                vec![IpNet::V4(Ipv4Net::new(IMDS_ADDR, 32).expect("constant"))];
+            want.extend(v4.map(IpNet::V4));
+            want.extend(v6.map(IpNet::V6));
+            for a in want {
+                if !have.contains(&a) {
+                    nl.add_address(bl.index, a).await.map_err(net_err)?;
+                }
+            }
+            if s.mode == SegmentMode::Bridged {
+                // Metadata replies reach bridged guests through their bridge.
+                if let Some(v4) = &s.ipv4 {
+                    nl.add_link_route(bl.index, v4.subnet, IMDS_ADDR)
+                        .await
+                        .map_err(net_err)?;
+                }
+                // The uplink carries the segment tagged with its VLAN.
+                if let Some(u) = uplink {
+                    let base = find(&links, u)
+                        .ok_or_else(|| net_err(format!("uplink {u} does not exist")))?
+                        .index;
+                    wanted.insert(vl.clone());
+                    if find(&links, &vl).is_none() {
+                        nl.add_vlan(&vl, base, s.vlan).await.map_err(net_err)?;
+                        links = nl.links().await.map_err(net_err)?;
+                    }
+                    let ul = find(&links, &vl).ok_or_else(|| net_err(format!("{vl} missing")))?;
+                    let _ = netlink::sysctl(&format!("net/ipv6/conf/{vl}/disable_ipv6"), "1");
+                    nl.set_link(
+                        ul.index,
+                        &format!("{ALIAS_PREFIX}uplink {}", s.id),
+                        Some(bl.index),
+                        true,
+                    )
+                    .await
+                    .map_err(net_err)?;
+                }
+            }
+        }
+
+        // One TAP per segment NIC, a port of its segment's bridge.
+        for (vm, i, n) in &nics {
+            wanted.insert(n.tap.clone());
+            let Some(seg) = n.segment.as_deref() else {
+                continue;
+            };
+            let Some(bl) = find(&links, &segment_links(seg).0).cloned() else {
+                tracing::error!(vm = %vm, "NIC {i} is on unknown segment {seg:?}");
+                continue;
+            };
+            if find(&links, &n.tap).is_none() {
+                Tap::create_persistent(&n.tap).map_err(net_err)?;
+                links = nl.links().await.map_err(net_err)?;
+            }
+            let tl = find(&links, &n.tap).ok_or_else(|| net_err(format!("{} missing", n.tap)))?;
+            let _ = netlink::sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", n.tap), "1");
+            nl.set_link(
+                tl.index,
+                &format!("{ALIAS_PREFIX}nic {vm} {i}"),
+                Some(bl.index),
+                true,
+            )
+            .await
+            .map_err(net_err)?;
+        }
+
+        // Whatever the agent made that nothing wants any more.
+        for l in &links {
+            let ours = l
+                .alias
+                .as_deref()
+                .is_some_and(|a| a.starts_with(ALIAS_PREFIX))
+                && [TAP_PREFIX, GATEWAY_PREFIX, UPLINK_PREFIX]
+                    .iter()
+                    .any(|p| l.name.starts_with(p));
+            if ours && !wanted.contains(&l.name) {
+                tracing::info!("removing {} ({})", l.name, l.alias.as_deref().unwrap_or(""));
+                if let Err(e) = nl.del_link(l.index).await {
+                    tracing::warn!("cannot remove {}: {e}", l.name);
+                }
+            }
+        }
+
+        // Filters and routing policy, in one transaction.
+        let mut marks = HashMap::new();
+        let mut rules = Ruleset::default();
+        for (vm, i, n) in &nics {
+            let Some(tl) = find(&links, &n.tap) else {
+                continue;
+            };
+            let mark = MARK_BASE | tl.index;
+            marks.insert(
+                mark,
+                NicOwner {
+                    vm: vm.clone(),
+                    nic: *i,
+                },
+            );
+            let mut ipv6: Vec<_> = n.ipv6.into_iter().collect();
+            if !ipv6.is_empty() {
+                ipv6.push(link_local(n.mac_bytes()));
+            }
+            rules.nics.push(NicRule {
+                tap: n.tap.clone(),
+                mac: n.mac.clone(),
+                ipv4: n.ipv4,
+                ipv6,
+                mark,
+            });
+        }
+        for s in segs.values() {
+            rules.segments.push(SegmentRule {
+                port: segment_links(&s.id).0,
+                routed: s.mode == SegmentMode::Routed,
+                ipv4: s.ipv4.as_ref().map(|v| v.subnet),
+                ipv6: s.ipv6.as_ref().map(|v| v.prefix),
+            });
+        }
+        tokio::task::spawn_blocking(move || rules.apply())
+            .await
+            .map_err(net_err)?
+            .map_err(net_err)?;
+        *lock(&self.net.marks) = marks;
+
+        // Host-wide switches (this network namespace only).
+        let _ = netlink::sysctl("net/ipv4/tcp_fwmark_accept", "1");
+        if segs
+            .values()
+            .any(|s| s.mode == SegmentMode::Routed && s.ipv4.is_some())
+        {
+            netlink::sysctl("net/ipv4/ip_forward", "1").map_err(net_err)?;
+        }
+        if segs
+            .values()
+            .any(|s| s.mode == SegmentMode::Routed && s.ipv6.is_some())
+        {
+            netlink::sysctl("net/ipv6/conf/all/forwarding", "1").map_err(net_err)?;
+        }
+
+        // Router advertisements on routed IPv6 segments.
+        let mut ra = lock(&self.net.ra);
+        ra.retain(|id, t| {
+            let keep = segs
+                .get(id)
+                .is_some_and(|s| s.mode == SegmentMode::Routed && s.ipv6.is_some())
+                && !t.thread.is_finished();
+            if !keep {
+                t.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            keep
+        });
+        for s in segs.values() {
+            let (Some(v6), SegmentMode::Routed) = (&s.ipv6, s.mode) else {
+                continue;
+            };
+            if ra.contains_key(&s.id) {
+                continue;
+            }
+            let (g, _) = segment_links(&s.id);
+            if let Some(gl) = find(&links, &g) {
+                let adv = crate::net::ra::Advertiser {
+                    ifname: g.clone(),
+                    ifindex: gl.index,
+                    mac: gl.mac.unwrap_or([0; 6]),
+                    prefix: v6.prefix,
+                };
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let thread = adv.spawn(stop.clone());
+                ra.insert(s.id.clone(), RaThread { stop, thread });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the agent has network state to clean up even with no segments or NICs: links
+    /// it tagged, left by an earlier run.
+    fn net_touched(&self) -> bool {
+        let Ok(list) = std::fs::read_dir("/sys/class/net") else {
+            return false;
+        };
+        list.flatten().any(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            [TAP_PREFIX, GATEWAY_PREFIX, UPLINK_PREFIX]
+                .iter()
+                .any(|p| n.starts_with(p))
+                && std::fs::read_to_string(e.path().join("ifalias"))
+                    .is_ok_and(|a| a.starts_with(ALIAS_PREFIX))
+        })
+    }
+
+    /// Sets what the metadata service tells VM `id`'s guest.
+    pub fn set_metadata(
+        &self,
+        id: &str,
+        md: super::spec::VmMetadata,
+    ) -> Result<VmRecord, AgentError> {
+        md.validate()?;
+        let entry = self.entry(id)?;
+        self.update(&entry, |r| r.metadata = md)
+    }
+
+    /// The record of the VM owning `owner`'s NIC.
+    pub fn nic_record(&self, owner: &NicOwner) -> Option<(VmRecord, NicState)> {
+        let rec = self.get(&owner.vm).ok()?;
+        let nic = rec.nics.get(owner.nic)?.clone();
+        Some((rec, nic))
+    }
+
+    /// The segment of a NIC.
+    pub fn segment_of(&self, nic: &NicState) -> Option<SegmentSpec> {
+        nic.segment
+            .as_deref()
+            .and_then(|s| lock(&self.net.segments).get(s).cloned())
+    }
+}
+
+fn find<'a>(links: &'a [Link], name: &str) -> Option<&'a Link> {
+    links.iter().find(|l| l.name == name)
+}

@@ -1,0 +1,253 @@
+//! The few rtnetlink operations the agent's network wiring needs: list links, create bridges
+//! and VLAN interfaces, enslave ports, set addresses and routes, delete links. Thin and
+//! idempotent where the kernel allows (an existing link, address or route is not an error).
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures_util::TryStreamExt;
+use ipnet::{IpNet, Ipv4Net};
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVlan, RouteMessageBuilder};
+
+/// A netlink failure, with what was being done.
+#[derive(Debug, thiserror::Error)]
+#[error("netlink: {what}: {err}")]
+pub struct NetlinkError {
+    /// The operation.
+    pub what: String,
+    /// The kernel's (or the socket's) answer.
+    pub err: String,
+}
+
+fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    let what = what.into();
+    move |e| NetlinkError {
+        what,
+        err: e.to_string(),
+    }
+}
+
+/// Whether a netlink error is the kernel's EEXIST.
+fn is_exists(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EEXIST)
+}
+
+/// A link as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    /// Interface index.
+    pub index: u32,
+    /// Name.
+    pub name: String,
+    /// `ifalias` (the agent tags what it owns with `bexar:...`).
+    pub alias: Option<String>,
+    /// Index of the bridge (or other controller) it is a port of.
+    pub controller: Option<u32>,
+    /// Administratively up.
+    pub up: bool,
+    /// Link kind (`bridge`, `veth`, `tun`...).
+    pub kind: Option<String>,
+    /// MAC address.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl Link {
+    fn from_message(m: &LinkMessage) -> Self {
+        let mut l = Link {
+            index: m.header.index,
+            name: String::new(),
+            alias: None,
+            controller: None,
+            up: m.header.flags.contains(LinkFlags::Up),
+            kind: None,
+            mac: None,
+        };
+        for a in &m.attributes {
+            match a {
+                LinkAttribute::IfName(n) => l.name = n.clone(),
+                LinkAttribute::IfAlias(s) => l.alias = Some(s.clone()),
+                LinkAttribute::Controller(c) => l.controller = Some(*c),
+                LinkAttribute::Address(b) if b.len() == 6 => {
+                    l.mac = Some([b[0], b[1], b[2], b[3], b[4], b[5]])
+                }
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        if let LinkInfo::Kind(k) = i {
+                            l.kind = Some(match k {
+                                InfoKind::Other(s) => s.clone(),
+                                other => other.to_string(),
+                            });
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        l
+    }
+}
+
+/// A netlink connection (its reader task runs on the current tokio runtime).
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens a route netlink socket in the current network namespace.
+    pub fn open() -> Result<Self, NetlinkError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| NetlinkError {
+            what: "open socket".into(),
+            err: e.to_string(),
+        })?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// Every link.
+    pub async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("list links"))?;
+        Ok(msgs.iter().map(Link::from_message).collect())
+    }
+
+    /// The link called `name`, if any.
+    pub async fn link(&self, name: &str) -> Result<Option<Link>, NetlinkError> {
+        Ok(self.links().await?.into_iter().find(|l| l.name == name))
+    }
+
+    /// Creates the bridge `name` with a fixed MAC (a bridge otherwise takes the lowest MAC of
+    /// its ports, and guests' ARP caches would go stale as VMs come and go), tagged `alias`.
+    pub async fn add_bridge(
+        &self,
+        name: &str,
+        alias: &str,
+        mac: [u8; 6],
+    ) -> Result<(), NetlinkError> {
+        let msg = LinkBridge::new(name)
+            .address(mac.to_vec())
+            .alias(alias)
+            .up()
+            .build();
+        match self.handle.link().add(msg).execute().await {
+            Err(e) if !is_exists(&e) => Err(nl_err(format!("create bridge {name}"))(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Creates `name`, the 802.1Q interface of `vlan` on link `base`.
+    pub async fn add_vlan(&self, name: &str, base: u32, vlan: u16) -> Result<(), NetlinkError> {
+        let msg = LinkVlan::new(name, base, vlan).build();
+        match self.handle.link().add(msg).execute().await {
+            Err(e) if !is_exists(&e) => {
+                Err(nl_err(format!("create VLAN {vlan} interface {name}"))(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Sets a link's alias, bridge (`controller`) and state.
+    pub async fn set_link(
+        &self,
+        index: u32,
+        alias: &str,
+        controller: Option<u32>,
+        up: bool,
+    ) -> Result<(), NetlinkError> {
+        let mut b = LinkUnspec::new_with_index(index).alias(alias);
+        if let Some(c) = controller {
+            b = b.controller(c);
+        }
+        b = if up { b.up() } else { b.down() };
+        self.handle
+            .link()
+            .set(b.build())
+            .execute()
+            .await
+            .map_err(nl_err(format!("set link {index}")))
+    }
+
+    /// The addresses on link `index`.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>, NetlinkError> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err(format!("list addresses of {index}")))?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => IpNet::new(*ip, m.header.prefix_len).ok(),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// Adds `addr` to link `index` (no error if it is there).
+    pub async fn add_address(&self, index: u32, addr: IpNet) -> Result<(), NetlinkError> {
+        match self
+            .handle
+            .address()
+            .add(index, addr.addr(), addr.prefix_len())
+            .execute()
+            .await
+        {
+            Err(e) if !is_exists(&e) => Err(nl_err(format!("add {addr} to {index}"))(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Adds the on-link route `dest` via link `index` with source `src` (no error if there).
+    pub async fn add_link_route(
+        &self,
+        index: u32,
+        dest: Ipv4Net,
+        src: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dest.network(), dest.prefix_len())
+            .output_interface(index)
+            .pref_source(src)
+            .scope(RouteScope::Link)
+            .build();
+        match self.handle.route().add(msg).execute().await {
+            Err(e) if !is_exists(&e) => Err(nl_err(format!("add route {dest} via {index}"))(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Deletes link `index`.
+    pub async fn del_link(&self, index: u32) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(nl_err(format!("delete link {index}")))
+    }
+}
+
+/// Whether `ip` is an IPv6 link-local address (the kernel's own, left alone).
+pub fn is_link_local(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80)
+}
+
+/// Writes a sysctl under /proc/sys (`net/ipv4/ip_forward`...). Interface names are part of
+/// the path, so only names the agent made go through here.
+pub fn sysctl(path: &str, value: &str) -> std::io::Result<()> {
+    std::fs::write(format!("/proc/sys/{path}"), value)
+}
