@@ -29,7 +29,7 @@ use super::store::{sync_dir, write_atomic, StoreError};
 use super::{Agent, AgentError};
 use crate::devices::bus::lock;
 use crate::net::netlink::{self, Link, Netlink};
-use crate::net::nft::{NicRule, Ruleset, SegmentRule, MARK_BASE};
+use crate::net::nft::{self, NicRule, Ruleset, SegmentRule, MARK_BASE};
 use crate::net::tap::Tap;
 
 /// Alias prefix of every link the agent owns.
@@ -66,6 +66,8 @@ pub(super) struct Network {
     sync: tokio::sync::Mutex<()>,
     /// Mark of metadata requests -> NIC (rebuilt by every sync).
     marks: Mutex<HashMap<u32, NicOwner>>,
+    /// Whether the last sync left anything in the kernel (the first one always looks).
+    active: std::sync::atomic::AtomicBool,
     /// Router advertisement threads (stop flag, thread), per segment.
     ra: Mutex<HashMap<String, RaThread>>,
 }
@@ -107,6 +109,7 @@ impl Network {
             nl: Mutex::new(None),
             sync: tokio::sync::Mutex::new(()),
             marks: Mutex::new(HashMap::new()),
+            active: std::sync::atomic::AtomicBool::new(true),
             ra: Mutex::new(HashMap::new()),
         })
     }
@@ -277,7 +280,11 @@ impl Agent {
                     .collect::<Vec<_>>()
             })
             .collect();
-        if segs.is_empty() && nics.is_empty() && !self.net_touched() {
+        let empty = segs.is_empty() && nics.is_empty();
+        if empty
+            && !self.net.active.load(std::sync::atomic::Ordering::Relaxed)
+            && !self.net_touched()
+        {
             return Ok(());
         }
         let _guard = self.net.sync.lock().await;
@@ -439,10 +446,24 @@ impl Agent {
                 ipv6: s.ipv6.as_ref().map(|v| v.prefix),
             });
         }
-        tokio::task::spawn_blocking(move || rules.apply())
-            .await
-            .map_err(net_err)?
-            .map_err(net_err)?;
+        if empty {
+            // Nothing to filter: the agent's tables go too.
+            match tokio::task::spawn_blocking(nft::remove_tables)
+                .await
+                .map_err(net_err)?
+            {
+                Ok(()) | Err(nft::NftError::Spawn(_)) => {}
+                Err(e) => return Err(net_err(e)),
+            }
+        } else {
+            tokio::task::spawn_blocking(move || rules.apply())
+                .await
+                .map_err(net_err)?
+                .map_err(net_err)?;
+        }
+        self.net
+            .active
+            .store(!empty, std::sync::atomic::Ordering::Relaxed);
         *lock(&self.net.marks) = marks;
 
         // Host-wide switches (this network namespace only).

@@ -127,6 +127,12 @@ impl Client {
         self.request(Method::POST, path, bytes).await
     }
 
+    /// PUT with a JSON body.
+    pub async fn put(&self, path: &str, body: &serde_json::Value) -> Result<Reply, ClientError> {
+        let bytes = serde_json::to_vec(body).unwrap_or_default();
+        self.request(Method::PUT, path, bytes).await
+    }
+
     /// DELETE.
     pub async fn delete(&self, path: &str) -> Result<Reply, ClientError> {
         self.request(Method::DELETE, path, Vec::new()).await

@@ -25,7 +25,7 @@
 //! `cd 80` bytes and serves the request the same way (see `ring0_call`).
 //!
 //! Device interrupts (see [`crate::irq`]): ring 3 writes the IDT gates of
-//! the ISA IRQ stubs here itself (every page is user-writable), so they cost
+//! the IRQ stubs here itself (every page is user-writable), so they cost
 //! the boot nothing. A stub records its IRQ line in a pending mask and sends
 //! the LAPIC EOI (six emulated instructions); ring 3 serves the device. Ring 3
 //! sleeps through `ring0_call(SYS_WAIT_IRQ)`: `sti; hlt; cli` in ring 0.
@@ -423,11 +423,12 @@ bexar_r0_exception:
     out %eax, %dx
     jmp bexar_r0_halt
 
-/* Device interrupts (gates installed from ring 3 by `irq::route_isa_irq`): one stub per ISA
-   IRQ line 0-15. Each records its line in bexar_irq_pending and signals EOI to the local APIC
+/* Device interrupts (gates installed from ring 3 by `irq::route_isa_irq`): one stub per IOAPIC
+   pin 0-23 (the ISA IRQs 0-15, then the GSIs up to 23 that virtio-mmio devices use). Each records
+   its line in bexar_irq_pending and signals EOI to the local APIC
    (xAPIC MMIO at 0xfee00000); the device itself is served from ring 3. Six instructions, as
    ring 0 is emulated on PVM. */
-    .irp p, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+    .irp p, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23
 bexar_irq_stub_\p:
     lock orl $(1 << \p), bexar_irq_pending(%rip)
     push %rax
@@ -604,8 +605,8 @@ bexar_irq_pending:
     .long 0                             /* bit n: IRQ line n interrupted (set in ring 0) */
     .balign 8
     .globl bexar_irq_stubs
-bexar_irq_stubs:                        /* handler address per ISA IRQ line */
-    .irp p, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+bexar_irq_stubs:                        /* handler address per IOAPIC pin */
+    .irp p, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23
     .quad bexar_irq_stub_\p
     .endr
 
@@ -670,7 +671,7 @@ unsafe extern "C" {
     static bexar_ap_next: core::sync::atomic::AtomicU32;
     static bexar_int80_fallbacks: core::sync::atomic::AtomicU32;
     pub(crate) static bexar_irq_pending: core::sync::atomic::AtomicU32;
-    pub(crate) static bexar_irq_stubs: [u64; 16];
+    pub(crate) static bexar_irq_stubs: [u64; crate::irq::LINES];
     pub(crate) static bexar_irq_spurious: u8;
     pub(crate) static mut bexar_idt: [u64; 512];
 }

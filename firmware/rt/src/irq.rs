@@ -6,8 +6,9 @@
 //! IDT, like every page, is user-writable), the LAPIC and IOAPIC are MMIO
 //! (direct exits on PVM too). Ring 0 runs only the stubs in `boot` (record
 //! the IRQ line in a pending mask, EOI: six instructions) and the `sti; hlt`
-//! of [`wait`]. ISA IRQ line n goes to vector [`VECTOR_BASE`] + n,
-//! edge-triggered, fixed delivery to this CPU.
+//! of [`wait`]. IRQ line n (IOAPIC pin n: the ISA IRQs 0-15 and the GSIs
+//! 16-23, where virtio-mmio devices also sit) goes to vector
+//! [`VECTOR_BASE`] + n, edge-triggered, fixed delivery to this CPU.
 //!
 //! No wakeup is lost between draining a device and sleeping: ring 3 runs with
 //! IF=0, so an interrupt arriving meanwhile stays pending in the LAPIC and
@@ -19,8 +20,10 @@ use crate::boot::{self, SEL_KCODE};
 use crate::smp::{lapic_id, lapic_read, lapic_write};
 use core::sync::atomic::Ordering;
 
-/// Vector of ISA IRQ line 0; line n uses `VECTOR_BASE + n`.
+/// Vector of IRQ line 0; line n uses `VECTOR_BASE + n`.
 pub const VECTOR_BASE: u8 = 0x20;
+/// IRQ lines with a stub (the pins of one IOAPIC).
+pub const LINES: usize = 24;
 /// The local APIC's spurious-interrupt vector.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 /// Where the IOAPIC usually is (the MP table says for sure).
@@ -69,12 +72,12 @@ fn ioapic_write(ioapic: usize, reg: u32, v: u32) {
     mmio_write32(ioapic + IOAPIC_WIN, v);
 }
 
-/// Route ISA IRQ `line` (pin `line` of the IOAPIC at `ioapic`, the identity
-/// mapping of ISA IRQs to pins) to this CPU at vector [`VECTOR_BASE`] + `line`:
+/// Route IRQ `line` (pin `line` of the IOAPIC at `ioapic`: the identity
+/// mapping of ISA IRQs and GSIs to pins) to this CPU at vector [`VECTOR_BASE`] + `line`:
 /// edge-triggered, active high, fixed delivery, physical destination. The gate
-/// is installed before the pin is unmasked. Lines above 15 are ignored.
+/// is installed before the pin is unmasked. Lines from [`LINES`] on are ignored.
 pub fn route_isa_irq(ioapic: usize, line: u8) {
-    if line > 15 {
+    if line as usize >= LINES {
         return;
     }
     let stub = unsafe { (&raw const boot::bexar_irq_stubs).cast::<u64>().add(line as usize).read() };
@@ -86,20 +89,20 @@ pub fn route_isa_irq(ioapic: usize, line: u8) {
 
 /// Mask pin `line` of the IOAPIC at `ioapic` again.
 pub fn mask_isa_irq(ioapic: usize, line: u8) {
-    if line <= 15 {
+    if (line as usize) < LINES {
         ioapic_write(ioapic, IOAPIC_REDTBL + 2 * line as u32, LVT_MASKED);
     }
 }
 
 /// The IRQ lines that interrupted since the last call (bit n = line n), cleared.
-pub fn take_pending() -> u16 {
-    unsafe { boot::bexar_irq_pending.swap(0, Ordering::AcqRel) as u16 }
+pub fn take_pending() -> u32 {
+    unsafe { boot::bexar_irq_pending.swap(0, Ordering::AcqRel) }
 }
 
 /// Sleep (ring-0 `hlt`, no host CPU) until an interrupt arrives; at once if
 /// one arrived since the last [`take_pending`]. Returns the lines that
 /// interrupted (empty after a spurious wakeup).
-pub fn wait() -> u16 {
+pub fn wait() -> u32 {
     boot::ring0_call(boot::SYS_WAIT_IRQ);
     take_pending()
 }

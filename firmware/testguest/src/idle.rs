@@ -26,7 +26,7 @@ const SC_DEL: u8 = 0x53;
 
 /// Modifier state from the set-1 scancode stream (left and right keys alike).
 #[derive(Default)]
-struct Keys {
+pub(crate) struct Keys {
     extended: bool,
     ctrl: bool,
     alt: bool,
@@ -61,18 +61,41 @@ fn i8042_read() -> Option<u8> {
     None
 }
 
-pub fn test_idle(_: &BootParams) -> TestResult {
-    let ioapic = match MpTable::find() {
+/// The first IOAPIC of the MP table (the usual address without one).
+pub(crate) fn ioapic_addr() -> usize {
+    match MpTable::find() {
         Ok(mp) => mp.ioapics().first().map(|io| io.addr as usize).unwrap_or(irq::IOAPIC_DEFAULT),
         Err(_) => irq::IOAPIC_DEFAULT,
-    };
-    irq::lapic_enable();
-    // The keyboard interrupt on and the keyboard enabled in the controller's control byte. The
-    // answer to 0x20 may raise IRQ 1: done before the pin is routed, so that edge is not kept.
+    }
+}
+
+/// The keyboard interrupt on and the keyboard enabled in the i8042 control byte. The answer to
+/// 0x20 may raise IRQ 1: call this before the pin is routed, so that edge is not kept.
+pub(crate) fn keyboard_irq_on() {
     outb(I8042_CMD, 0x20);
     let ctl = i8042_read().unwrap_or(0);
     outb(I8042_CMD, 0x60);
     outb(I8042_DATA, (ctl | CTL_KBD_INT) & !CTL_KBD_DISABLE);
+}
+
+/// Read every waiting keyboard byte; true once Ctrl+Alt+Del went down.
+pub(crate) fn keyboard_ctrl_alt_del(keys: &mut Keys) -> bool {
+    loop {
+        let status = inb(I8042_STATUS);
+        if status & STS_OBF == 0 {
+            return false;
+        }
+        let sc = inb(I8042_DATA);
+        if status & STS_AUXDATA == 0 && keys.feed(sc) {
+            return true;
+        }
+    }
+}
+
+pub fn test_idle(_: &BootParams) -> TestResult {
+    let ioapic = ioapic_addr();
+    irq::lapic_enable();
+    keyboard_irq_on();
     irq::route_isa_irq(ioapic, irq::IRQ_KEYBOARD);
     irq::route_isa_irq(ioapic, irq::IRQ_COM1);
     uart::enable_rx_interrupt();
@@ -94,21 +117,12 @@ pub fn test_idle(_: &BootParams) -> TestResult {
                 echoed += 1;
             }
         }
-        if pending & (1 << irq::IRQ_KEYBOARD) != 0 {
-            loop {
-                let status = inb(I8042_STATUS);
-                if status & STS_OBF == 0 {
-                    break;
-                }
-                let sc = inb(I8042_DATA);
-                if status & STS_AUXDATA == 0 && keys.feed(sc) {
-                    println!("{P}: idle: {wakeups} wakeups, {echoed} bytes echoed");
-                    println!("{P}: idle: ctrl-alt-del, shutting down");
-                    irq::mask_isa_irq(ioapic, irq::IRQ_KEYBOARD);
-                    irq::mask_isa_irq(ioapic, irq::IRQ_COM1);
-                    return Ok(());
-                }
-            }
+        if pending & (1 << irq::IRQ_KEYBOARD) != 0 && keyboard_ctrl_alt_del(&mut keys) {
+            println!("{P}: idle: {wakeups} wakeups, {echoed} bytes echoed");
+            println!("{P}: idle: ctrl-alt-del, shutting down");
+            irq::mask_isa_irq(ioapic, irq::IRQ_KEYBOARD);
+            irq::mask_isa_irq(ioapic, irq::IRQ_COM1);
+            return Ok(());
         }
         pending = irq::wait();
         wakeups += 1;

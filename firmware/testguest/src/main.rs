@@ -13,6 +13,9 @@ use rt::mptable::MpTable;
 use rt::{boot, exit, println, smp, uart, MAX_CPUS};
 
 mod idle;
+mod imds;
+mod net;
+mod nettests;
 mod vtests;
 
 rt::entry!(main);
@@ -48,6 +51,14 @@ mod code {
     pub const NOT_ZERO: u32 = 30;
     pub const HOSTILE_NOT_REFUSED: u32 = 31;
     pub const NET_NO_REPLY: u32 = 32;
+    // network stack modes (nettests.rs, imds.rs)
+    pub const NET_NO_NDP: u32 = 33;
+    pub const NET_NO_ECHO6: u32 = 34;
+    pub const NET_REACHABLE: u32 = 35;
+    pub const NET_NO_ROUTE: u32 = 36;
+    pub const NET_UDP_V4: u32 = 37;
+    pub const NET_UDP_V6: u32 = 38;
+    pub const NET_UDP_BOTH: u32 = 39;
     // vsock (vtests.rs)
     pub const VSOCK_NO_RESPONSE: u32 = 40;
     pub const VSOCK_REFUSED: u32 = 41;
@@ -57,6 +68,10 @@ mod code {
     pub const VSOCK_NO_REQUEST: u32 = 45;
     // net-blast (vtests.rs)
     pub const NET_BLAST_RX: u32 = 46;
+    pub const NET_NO_ADDR6: u32 = 47;
+    pub const IMDS_NO_ARP: u32 = 48;
+    pub const IMDS_NO_CONNECTION: u32 = 49;
+    pub const IMDS_BAD_RESPONSE: u32 = 50;
 }
 
 type TestResult = Result<(), (u32, &'static str)>;
@@ -83,7 +98,11 @@ const TESTS: &[(&str, Test)] = &[
     ("rng", vtests::test_rng),
     ("hostile", vtests::test_hostile),
     ("blk-bench", vtests::test_blk_bench),
-    ("net", vtests::test_net),
+    ("net", nettests::test_net),
+    ("net-udp", nettests::test_net_udp),
+    ("net-peer", nettests::test_net_peer),
+    ("net-spoof", nettests::test_net_spoof),
+    ("imds", imds::test_imds),
     ("net-blast", vtests::test_net_blast),
     ("vsock", vtests::test_vsock),
 ];

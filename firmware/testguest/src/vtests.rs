@@ -1,6 +1,7 @@
 //! Tests of the VMM's virtio-mmio devices, driven by the polling drivers of
 //! `rt::virtio` from ring 3: `virtio-scan`, `blk-rw`, `blk-verify`,
-//! `blk-discard`, `rng`, `hostile`, `blk-bench`, `net`, `net-blast`, `vsock`.
+//! `blk-discard`, `rng`, `hostile`, `blk-bench`, `net-blast`, `vsock` (`net` and
+//! the other network modes are in `nettests.rs`).
 //!
 //! Parameters (command line): `bexar.disk=N` the N-th block device in slot
 //! order (default 0), `bexar.disk-slot=S` the block device in slot S instead,
@@ -9,6 +10,7 @@
 //! (default 64, at most the disk), `bexar.qd=N` queue depth of the random
 //! reads (default 32), `bexar.wqd=N` of the writes (default 4),
 //! `bexar.strict=1` makes `hostile` fail when a bad request is not refused.
+use crate::net::wire::Mac;
 use crate::{code, TestResult, P};
 use rt::arch::{self, ms_to_cycles, rdtsc};
 use rt::bootparams::{cmdline_param, BootParams};
@@ -41,7 +43,7 @@ fn param(bp: &BootParams, key: &str, default: u64) -> Result<u64, (u32, &'static
 }
 
 /// Exit status for a driver error.
-fn err_code(e: Error) -> u32 {
+pub(crate) fn err_code(e: Error) -> u32 {
     match e {
         Error::NoDevice => code::VIRTIO_NO_DEVICE,
         Error::NoMemory => code::VIRTIO_NO_MEMORY,
@@ -63,12 +65,12 @@ fn fail(what: &'static str, e: Error) -> (u32, &'static str) {
     (err_code(e), what)
 }
 
-fn features_str(f: u64) -> FeatureBits {
+pub(crate) fn features_str(f: u64) -> FeatureBits {
     FeatureBits(f)
 }
 
 /// Prints a feature word as hex and the list of set bit numbers.
-struct FeatureBits(u64);
+pub(crate) struct FeatureBits(u64);
 
 impl core::fmt::Display for FeatureBits {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -1050,232 +1052,6 @@ pub fn test_blk_bench(bp: &BootParams) -> TestResult {
     Ok(())
 }
 
-// ---------------------------------------------------------------- net
-
-fn parse_ip(bp: &BootParams, key: &str, default: [u8; 4]) -> Result<[u8; 4], (u32, &'static str)> {
-    let Some(v) = cmdline_param(bp.cmdline(), key) else {
-        return Ok(default);
-    };
-    let mut ip = [0u8; 4];
-    let mut parts = v.split('.');
-    for b in &mut ip {
-        match parts.next().and_then(|p| p.parse::<u8>().ok()) {
-            Some(x) => *b = x,
-            None => {
-                println!("{P}: bad value for {key}: {v}");
-                return Err((code::BAD_PARAM, "bad command-line parameter"));
-            }
-        }
-    }
-    if parts.next().is_some() {
-        println!("{P}: bad value for {key}: {v}");
-        return Err((code::BAD_PARAM, "bad command-line parameter"));
-    }
-    Ok(ip)
-}
-
-struct Mac([u8; 6]);
-
-impl core::fmt::Display for Mac {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
-    }
-}
-
-struct Ip([u8; 4]);
-
-impl core::fmt::Display for Ip {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "{}.{}.{}.{}", self.0[0], self.0[1], self.0[2], self.0[3])
-    }
-}
-
-/// Internet checksum of `data`.
-fn inet_csum(data: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for c in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-const ETH_ARP: [u8; 2] = [0x08, 0x06];
-const ETH_IP: [u8; 2] = [0x08, 0x00];
-
-/// An ARP packet (op 1 request, 2 reply), padded to 60 bytes.
-fn arp_frame(op: u16, mac: [u8; 6], ip: [u8; 4], dst_mac: [u8; 6], tha: [u8; 6], tpa: [u8; 4]) -> [u8; 60] {
-    let mut f = [0u8; 60];
-    f[0..6].copy_from_slice(&dst_mac);
-    f[6..12].copy_from_slice(&mac);
-    f[12..14].copy_from_slice(&ETH_ARP);
-    f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, op as u8]);
-    f[22..28].copy_from_slice(&mac);
-    f[28..32].copy_from_slice(&ip);
-    f[32..38].copy_from_slice(&tha);
-    f[38..42].copy_from_slice(&tpa);
-    f
-}
-
-const PING_PAYLOAD: usize = 56;
-const PING_ID: u16 = 0xbe2a;
-
-fn ping_payload(seq: u16, i: usize) -> u8 {
-    (i as u8).wrapping_mul(7) ^ seq as u8
-}
-
-/// An ICMP echo request from (mac, ip) to (dst_mac, dst).
-fn ping_frame(mac: [u8; 6], ip: [u8; 4], dst_mac: [u8; 6], dst: [u8; 4], seq: u16) -> [u8; 14 + 20 + 8 + PING_PAYLOAD] {
-    let mut f = [0u8; 14 + 20 + 8 + PING_PAYLOAD];
-    f[0..6].copy_from_slice(&dst_mac);
-    f[6..12].copy_from_slice(&mac);
-    f[12..14].copy_from_slice(&ETH_IP);
-    let total = (20 + 8 + PING_PAYLOAD) as u16;
-    let ipid = seq.wrapping_add(0x1000);
-    let iph = &mut f[14..34];
-    iph[0] = 0x45;
-    iph[2..4].copy_from_slice(&total.to_be_bytes());
-    iph[4..6].copy_from_slice(&ipid.to_be_bytes());
-    iph[6] = 0x40; // DF
-    iph[8] = 64;
-    iph[9] = 1; // ICMP
-    iph[12..16].copy_from_slice(&ip);
-    iph[16..20].copy_from_slice(&dst);
-    let c = inet_csum(iph);
-    iph[10..12].copy_from_slice(&c.to_be_bytes());
-    let icmp = &mut f[34..];
-    icmp[0] = 8;
-    icmp[4..6].copy_from_slice(&PING_ID.to_be_bytes());
-    icmp[6..8].copy_from_slice(&seq.to_be_bytes());
-    for (i, b) in icmp[8..].iter_mut().enumerate() {
-        *b = ping_payload(seq, i);
-    }
-    let c = inet_csum(icmp);
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    f
-}
-
-/// What a received frame was, for the `net` test.
-enum Rx {
-    ArpReply([u8; 6]),
-    EchoReply(u16),
-    Other,
-}
-
-/// Classify a frame; answer ARP requests for `ip` on the way.
-fn net_handle(n: &mut rt::virtio::net::Net, f: &[u8], ip: [u8; 4], peer: [u8; 4]) -> Result<Rx, Error> {
-    if f.len() >= 42 && f[12..14] == ETH_ARP && f[14..20] == [0, 1, 8, 0, 6, 4] {
-        let op = u16::from_be_bytes([f[20], f[21]]);
-        let sha: [u8; 6] = f[22..28].try_into().unwrap_or([0; 6]);
-        let spa: [u8; 4] = f[28..32].try_into().unwrap_or([0; 4]);
-        let tpa: [u8; 4] = f[38..42].try_into().unwrap_or([0; 4]);
-        if op == 1 && tpa == ip {
-            n.send(&arp_frame(2, n.mac, ip, sha, sha, spa))?;
-            println!("{P}: net: answered an ARP request from {} ({})", Ip(spa), Mac(sha));
-        } else if op == 2 && spa == peer {
-            return Ok(Rx::ArpReply(sha));
-        }
-        return Ok(Rx::Other);
-    }
-    if f.len() >= 34 + 8 && f[12..14] == ETH_IP && f[14] == 0x45 && f[23] == 1 && f[26..30] == peer && f[30..34] == ip {
-        let icmp = &f[34..];
-        let id = u16::from_be_bytes([icmp[4], icmp[5]]);
-        let seq = u16::from_be_bytes([icmp[6], icmp[7]]);
-        let payload_ok = icmp.len() >= 8 + PING_PAYLOAD
-            && icmp[8..8 + PING_PAYLOAD].iter().enumerate().all(|(i, &b)| b == ping_payload(seq, i));
-        if icmp[0] == 0 && id == PING_ID && payload_ok {
-            return Ok(Rx::EchoReply(seq));
-        }
-    }
-    Ok(Rx::Other)
-}
-
-/// `net`: ARP for `bexar.peer` (default 10.0.2.2) from `bexar.ip` (default 10.0.2.15), then
-/// `bexar.count` (default 3) ICMP echo requests; every reply must come back with our payload.
-pub fn test_net(bp: &BootParams) -> TestResult {
-    let ip = parse_ip(bp, "bexar.ip", [10, 0, 2, 15])?;
-    let peer = parse_ip(bp, "bexar.peer", [10, 0, 2, 2])?;
-    let count = param(bp, "bexar.count", 3)?.clamp(1, 1000) as u16;
-    let idx = param(bp, "bexar.net", 0)? as usize;
-    let t = mmio::find(device_id::NET, idx).ok_or_else(|| {
-        println!("{P}: net: no network device #{idx}");
-        (code::VIRTIO_NO_DEVICE, "no network device")
-    })?;
-    let mut n = rt::virtio::net::Net::open(t, 64).map_err(|e| fail("net: device init failed", e))?;
-    let link = match n.link_up() {
-        Some(true) => "up",
-        Some(false) => "down",
-        None => "unknown",
-    };
-    println!(
-        "{P}: net: slot {} at {:#x}: mac {}, link {link}, queues {}/{}",
-        t.slot,
-        t.base,
-        Mac(n.mac),
-        n.rx.size(),
-        n.tx.size()
-    );
-    println!("{P}: net: features offered {}", features_str(n.offered));
-    println!("{P}: net: features accepted {}", features_str(n.features));
-    let hz = arch::tsc_hz();
-    let mut frame = [0u8; 1514];
-
-    // ARP: up to 10 tries, 300 ms apart.
-    let mut peer_mac = None;
-    'arp: for _ in 0..10 {
-        n.send(&arp_frame(1, n.mac, ip, [0xff; 6], [0; 6], peer)).map_err(|e| fail("net: send failed", e))?;
-        let t0 = rdtsc();
-        while rdtsc().wrapping_sub(t0) < ms_to_cycles(300) {
-            if let Some(len) = n.recv(&mut frame).map_err(|e| fail("net: receive failed", e))? {
-                if let Rx::ArpReply(m) = net_handle(&mut n, &frame[..len], ip, peer).map_err(|e| fail("net", e))? {
-                    peer_mac = Some(m);
-                    break 'arp;
-                }
-            }
-            core::hint::spin_loop();
-        }
-    }
-    let Some(peer_mac) = peer_mac else {
-        println!("{P}: net: no ARP reply from {} ({} bad rx frames)", Ip(peer), n.rx_bad);
-        return Err((code::NET_NO_REPLY, "no ARP reply"));
-    };
-    println!("{P}: net: {} is at {}", Ip(peer), Mac(peer_mac));
-
-    // Pings.
-    let mut ok = 0;
-    for seq in 1..=count {
-        n.send(&ping_frame(n.mac, ip, peer_mac, peer, seq)).map_err(|e| fail("net: send failed", e))?;
-        let t0 = rdtsc();
-        let mut got = false;
-        while rdtsc().wrapping_sub(t0) < ms_to_cycles(1000) {
-            if let Some(len) = n.recv(&mut frame).map_err(|e| fail("net: receive failed", e))? {
-                if let Rx::EchoReply(s) = net_handle(&mut n, &frame[..len], ip, peer).map_err(|e| fail("net", e))? {
-                    if s == seq {
-                        let us = rdtsc().wrapping_sub(t0) / (hz / 1_000_000).max(1);
-                        println!("{P}: net: echo reply from {} seq {seq}: {us} us", Ip(peer));
-                        got = true;
-                        break;
-                    }
-                }
-            }
-            core::hint::spin_loop();
-        }
-        if got {
-            ok += 1;
-        } else {
-            println!("{P}: net: no echo reply for seq {seq}");
-        }
-    }
-    println!("{P}: net: {ok}/{count} echo replies ({} bad rx frames)", n.rx_bad);
-    if ok != count {
-        return Err((code::NET_NO_REPLY, "missing echo replies"));
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------- net-blast
 
 /// `bexar.dst-mac=aa:bb:cc:dd:ee:ff`, broadcast if absent.
@@ -1283,22 +1059,10 @@ fn parse_mac(bp: &BootParams, key: &str) -> Result<[u8; 6], (u32, &'static str)>
     let Some(v) = cmdline_param(bp.cmdline(), key) else {
         return Ok([0xff; 6]);
     };
-    let mut mac = [0u8; 6];
-    let mut parts = v.split([':', '-']);
-    for b in &mut mac {
-        match parts.next().and_then(|p| u8::from_str_radix(p, 16).ok()) {
-            Some(x) => *b = x,
-            None => {
-                println!("{P}: bad value for {key}: {v}");
-                return Err((code::BAD_PARAM, "bad command-line parameter"));
-            }
-        }
-    }
-    if parts.next().is_some() {
+    crate::net::wire::parse_mac(v).ok_or_else(|| {
         println!("{P}: bad value for {key}: {v}");
-        return Err((code::BAD_PARAM, "bad command-line parameter"));
-    }
-    Ok(mac)
+        (code::BAD_PARAM, "bad command-line parameter")
+    })
 }
 
 /// EtherType of the blast frames (IEEE 802 local experimental 1).

@@ -1,7 +1,9 @@
 //! Polling virtio 1.x drivers over the virtio-mmio (version 2) transport with
 //! split virtqueues, for ring-3 guests: MMIO register accesses exit to the
 //! VMM directly, and completions are found by polling the used ring (the
-//! drivers set `VIRTQ_AVAIL_F_NO_INTERRUPT` and never take interrupts).
+//! drivers set `VIRTQ_AVAIL_F_NO_INTERRUPT`; a program that sleeps instead of
+//! polling can ask for used-buffer interrupts, see
+//! [`queue::VirtQueue::set_interrupts`] and [`crate::irq`]).
 //!
 //! Contract with the VMM: devices sit in slots at `0xd000_0000 + i * 0x1000`
 //! (i = 0..31); a slot holds a device if MagicValue = "virt", Version = 2

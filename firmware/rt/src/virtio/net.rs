@@ -92,6 +92,13 @@ impl Net {
         Ok(n)
     }
 
+    /// Used-buffer interrupts on the receive queue (for a driver that sleeps
+    /// until frames arrive: route the device's IRQ, see [`crate::irq`], and
+    /// acknowledge with `t.ack_interrupt()`). Transmit stays silent.
+    pub fn enable_rx_interrupts(&mut self) {
+        self.rx.set_interrupts(true);
+    }
+
     /// Link state from config space (None without VIRTIO_NET_F_STATUS).
     pub fn link_up(&self) -> Option<bool> {
         (self.features & feature::STATUS != 0).then(|| self.t.config_read16(6) & 1 != 0)

@@ -218,6 +218,14 @@ impl VirtQueue {
         unsafe { write_volatile(self.avail.add(1), self.avail_idx) };
     }
 
+    /// Ask the device for used-buffer interrupts on this queue (clear
+    /// `VIRTQ_AVAIL_F_NO_INTERRUPT`), or to stop sending them (set it, the
+    /// default). Without EVENT_IDX the flag is the only suppression there is.
+    pub fn set_interrupts(&mut self, on: bool) {
+        unsafe { write_volatile(self.avail, if on { 0 } else { AVAIL_F_NO_INTERRUPT }) };
+        mb();
+    }
+
     /// Ring the doorbell (QueueNotify = queue index) after a full barrier.
     pub fn kick(&self) {
         mb();

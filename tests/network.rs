@@ -1,0 +1,572 @@
+//! Segments end to end: a real `bexar agent` inside a network namespace of its own (the
+//! simulated host), an "outside" namespace joined to it by a veth pair (the rest of the
+//! network, behind NAT), real TAPs, bridges and nftables rules made by the agent, and test
+//! guests that ping, send UDP, spoof frames and ask the metadata service. Nothing here touches
+//! the machine's own interfaces; every namespace is deleted afterwards.
+//!
+//! Needs root (network namespaces, TAPs) and the `nft` binary (scripts/deps installs it).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bexar::api::client::{Client, Reply};
+use common::{bexar, testguest, tmp};
+use serde_json::{json, Value};
+
+/// A network namespace, deleted (with whatever runs in it) on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("bxt-{}-{n}-{tag}", std::process::id());
+        sh(&["ip", "netns", "add", &name]);
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Self { name }
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        let mut a = vec!["ip", "-n", &self.name];
+        a.extend_from_slice(args);
+        sh(&a)
+    }
+
+    /// Link names in the namespace.
+    fn links(&self) -> BTreeSet<String> {
+        let v: Value = serde_json::from_str(&self.ip(&["-j", "link"])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["ifname"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// The agent's nftables rules, without handles (which change on every replace).
+    fn rules(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        for fam in ["bridge", "inet"] {
+            let o = Command::new("ip")
+                .args([
+                    "netns", "exec", &self.name, "nft", "-j", "list", "table", fam, "bexar",
+                ])
+                .output()
+                .unwrap();
+            if !o.status.success() {
+                continue;
+            }
+            let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+            for item in v["nftables"].as_array().unwrap() {
+                if let Some(r) = item.get("rule") {
+                    out.push(json!([r["family"], r["chain"], r["expr"]]));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Ok(o) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                if let Ok(p) = pid.parse::<i32>() {
+                    // SAFETY: kill(2) on a process inside this test's own namespace.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[track_caller]
+fn sh(args: &[&str]) -> String {
+    let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `bexar agent` running inside `ns`.
+struct NsAgent {
+    dir: PathBuf,
+    ns: String,
+    child: Option<Child>,
+}
+
+impl NsAgent {
+    fn start(ns: &Netns, name: &str) -> Self {
+        let dir = tmp(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut a = Self {
+            dir,
+            ns: ns.name.clone(),
+            child: None,
+        };
+        a.spawn();
+        a
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
+        let exe = bexar().get_program().to_owned();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(exe)
+            .arg("agent")
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .args(["--stop-timeout", "2"])
+            .env("BEXAR_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start bexar agent");
+        self.child = Some(child);
+        let t = Instant::now();
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "agent did not listen; log:\n{}",
+                common::read(&self.dir.join("agent.log"))
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.socket())
+    }
+}
+
+impl Drop for NsAgent {
+    fn drop(&mut self) {
+        self.kill9();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[track_caller]
+fn expect_status(r: &Reply, status: u16) -> Value {
+    assert_eq!(
+        r.status.as_u16(),
+        status,
+        "unexpected status; body: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    r.json()
+}
+
+fn segment(id: &str, vlan: u16, mode: &str, n: u8) -> Value {
+    json!({
+        "id": id, "vlan": vlan, "mode": mode,
+        "ipv4": {"subnet": format!("10.{n}.0.0/24")},
+        "ipv6": {"prefix": format!("2001:db8:{n}::/64")},
+    })
+}
+
+fn vm(id: &str, seg: &str, test: &str) -> Value {
+    json!({
+        "id": id, "vcpus": 1, "memory_mib": 32,
+        "boot": {
+            "kernel": testguest().display().to_string(),
+            "cmdline": format!("console=ttyS0 bexar.test={test}"),
+        },
+        "nics": [{"segment": seg}],
+    })
+}
+
+async fn console(c: &Client, id: &str) -> String {
+    let r = c.get(&format!("/v1/vms/{id}/console")).await.unwrap();
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+async fn wait_console(c: &Client, id: &str, pattern: &str) -> String {
+    let t = Instant::now();
+    loop {
+        let text = console(c, id).await;
+        if text.contains(pattern) {
+            return text;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{id}: {pattern:?} not on the console after 30 s:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Creates and starts a VM running `test`, waits until its guest ended, and returns its
+/// record and console. The guest must PASS.
+async fn run_guest(c: &Client, id: &str, seg: &str, test: &str) -> (Value, String) {
+    let r = c
+        .post("/v1/vms?start=true", &vm(id, seg, test))
+        .await
+        .unwrap();
+    let rec = expect_status(&r, 201);
+    let text = wait_console(c, id, "bexar-testguest: PASS").await;
+    let _ = c
+        .get(&format!("/v1/vms/{id}/wait?state=stopped&timeout=10"))
+        .await
+        .unwrap();
+    (rec, text)
+}
+
+fn nic(rec: &Value, f: &str) -> String {
+    rec["nics"][0][f].as_str().unwrap_or_default().to_owned()
+}
+
+/// A UDP echo server on port 7 (one dual-stack socket) inside `ns`, recording who sent what.
+fn udp_echo(ns: &Netns) -> Arc<Mutex<Vec<IpAddr>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    {
+        let addr = "[::]:7";
+        let path = format!("/var/run/netns/{}", ns.name);
+        let seen = seen.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&path).unwrap();
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this thread only, with a namespace file we opened.
+            let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns");
+            let s = UdpSocket::bind(addr).unwrap();
+            tx.send(()).unwrap();
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                seen.lock().unwrap().push(from.ip().to_canonical());
+                let _ = s.send_to(&buf[..n], from);
+            }
+        });
+        rx.recv().unwrap();
+    }
+    seen
+}
+
+/// The scenario of the networking issue on one simulated host: isolation between segments,
+/// NAT and IPv6 routing to the outside, anti-spoofing, the metadata service, an agent crash,
+/// and clean removal.
+#[test]
+fn segments_route_filter_and_serve_metadata() {
+    let host = Netns::new("host");
+    let out = Netns::new("out");
+    // The host's uplink to the outside.
+    sh(&[
+        "ip", "link", "add", "up0", "netns", &host.name, "type", "veth", "peer", "name", "out0",
+        "netns", &out.name,
+    ]);
+    host.ip(&["addr", "add", "192.0.2.1/24", "dev", "up0"]);
+    host.ip(&["addr", "add", "2001:db8:ff::1/64", "dev", "up0", "nodad"]);
+    host.ip(&["link", "set", "up0", "up"]);
+    out.ip(&["addr", "add", "192.0.2.2/24", "dev", "out0"]);
+    out.ip(&["addr", "add", "2001:db8:ff::2/64", "dev", "out0", "nodad"]);
+    out.ip(&["link", "set", "out0", "up"]);
+    // The upstream router's route to segment a's prefix.
+    out.ip(&[
+        "-6",
+        "route",
+        "add",
+        "2001:db8:10::/64",
+        "via",
+        "2001:db8:ff::1",
+    ]);
+    let udp = udp_echo(&out);
+
+    let mut agent = NsAgent::start(&host, "net");
+    let c = agent.client();
+    rt().block_on(async {
+        for (id, vlan, n) in [("seg-a", 10, 10), ("seg-b", 20, 20)] {
+            let r = c.post("/v1/segments", &segment(id, vlan, "routed", n)).await.unwrap();
+            let s = expect_status(&r, 201);
+            assert_eq!(s["ipv4"]["gateway"], format!("10.{n}.0.1"));
+        }
+        // Retrying an identical create is a no-op.
+        let r = c.post("/v1/segments", &segment("seg-a", 10, "routed", 10)).await.unwrap();
+        expect_status(&r, 200);
+
+        // Two VMs on one segment reach each other, over IPv4 and IPv6.
+        let r = c.post("/v1/vms?start=true", &vm("peer-a", "seg-a", "net-peer")).await.unwrap();
+        let peer = expect_status(&r, 201);
+        let (peer4, peer6) = (nic(&peer, "ipv4"), nic(&peer, "ipv6"));
+        assert_eq!(peer4, "10.10.0.2", "first free address after the gateway");
+        wait_console(&c, "peer-a", "net-peer: ready").await;
+        let (_, text) = run_guest(
+            &c,
+            "ping-a",
+            "seg-a",
+            &format!("net bexar.peer={peer4} bexar.peer6={peer6}"),
+        )
+        .await;
+        assert!(text.contains("3/3 echo replies"), "{text}");
+        assert!(text.contains(&format!("echo6 reply from {peer6}")), "{text}");
+
+        // A VM on another segment cannot reach them.
+        let (_, text) = run_guest(
+            &c,
+            "ping-b",
+            "seg-b",
+            &format!("net bexar.peer={peer4} bexar.peer6={peer6} bexar.expect=unreachable"),
+        )
+        .await;
+        assert!(text.contains("unreachable as expected"), "{text}");
+
+        // The outside: IPv4 through NAT (it sees the host's address), IPv6 routed as is (it
+        // sees the VM's own address).
+        let (rec, text) = run_guest(
+            &c,
+            "nat-a",
+            "seg-a",
+            "net-udp bexar.peer=192.0.2.2 bexar.peer6=2001:db8:ff::2",
+        )
+        .await;
+        assert!(text.contains("net-udp: v4 reply from 192.0.2.2:7"), "{text}");
+        assert!(text.contains("net-udp: v6 reply from [2001:db8:ff::2]:7"), "{text}");
+        let sources: Vec<String> = udp.lock().unwrap().iter().map(|a| a.to_string()).collect();
+        assert!(sources.contains(&"192.0.2.1".to_owned()), "{sources:?}");
+        assert!(!sources.iter().any(|s| s.starts_with("10.10.")), "IPv4 not NATed: {sources:?}");
+        assert!(sources.contains(&nic(&rec, "ipv6")), "{sources:?}");
+
+        // Anti-spoofing: the peer gets the honest frames only.
+        let (_, text) =
+            run_guest(&c, "spoof-a", "seg-a", &format!("net-spoof bexar.peer={peer4}")).await;
+        assert!(text.contains("net-spoof: sent spoof-ra"), "{text}");
+        let seen = wait_console(&c, "peer-a", "marker legit-end").await;
+        for legit in ["legit-v4", "legit-v6", "legit-arp", "legit-end"] {
+            assert!(seen.contains(&format!("marker {legit} ")), "{legit} lost:\n{seen}");
+        }
+        for spoof in [
+            "spoof-mac",
+            "spoof-ip",
+            "spoof-arp-reply",
+            "spoof-garp",
+            "spoof-arp-sha",
+            "spoof-ip6",
+            "spoof-ra",
+            "spoof-na",
+            "spoof-dhcp",
+            "spoof-vlan",
+        ] {
+            assert!(!seen.contains(&format!("marker {spoof} ")), "{spoof} got through:\n{seen}");
+        }
+
+        // Metadata: set through the API, served to the VM's own interface with a token.
+        let r = c
+            .put(
+                "/v1/vms/md-a/metadata",
+                &json!({"hostname": "md-host"}),
+            )
+            .await
+            .unwrap();
+        expect_status(&r, 404);
+        let r = c.post("/v1/vms", &vm("md-a", "seg-a", "imds")).await.unwrap();
+        let md = expect_status(&r, 201);
+        let r = c
+            .put(
+                "/v1/vms/md-a/metadata",
+                &json!({"hostname": "md-host", "user_data": "#cloud-config\n", "public_keys": ["ssh-ed25519 AAAAC3 k@x"]}),
+            )
+            .await
+            .unwrap();
+        expect_status(&r, 200);
+        let r = c.post("/v1/vms/md-a/start", &Value::Null).await.unwrap();
+        expect_status(&r, 200);
+        let text = wait_console(&c, "md-a", "bexar-testguest: PASS").await;
+        assert!(text.contains("imds: no-token GET /latest/meta-data/instance-id -> 401"), "{text}");
+        assert!(text.contains("imds: PUT /latest/api/token -> 200"), "{text}");
+        assert!(text.contains("imds: token response ttl 1"), "{text}");
+        assert!(text.contains("imds: GET /latest/meta-data/instance-id -> 200 md-a"), "{text}");
+        assert!(
+            text.contains(&format!("imds: GET /latest/meta-data/local-ipv4 -> 200 {}", nic(&md, "ipv4"))),
+            "{text}"
+        );
+        assert!(text.contains("imds: GET /latest/meta-data/hostname -> 200 md-host"), "{text}");
+        let token = text
+            .lines()
+            .find_map(|l| l.split("imds: token ").nth(1))
+            .expect("token printed")
+            .trim()
+            .to_owned();
+        // Another VM presenting md-a's token from its own interface is refused.
+        let (_, text) = run_guest(
+            &c,
+            "md-b",
+            "seg-b",
+            &format!("imds bexar.imds-token={token}"),
+        )
+        .await;
+        assert!(text.contains("imds: GET /latest/meta-data/instance-id -> 401"), "{text}");
+        assert!(!text.contains("md-a"), "md-b saw md-a's data:\n{text}");
+
+        // kill -9 of the agent: links and rules stay as they were, and so does connectivity.
+        let links = host.links();
+        let rules = host.rules();
+        assert!(links.iter().filter(|l| l.starts_with("bxt")).count() >= 7, "{links:?}");
+        agent.kill9();
+        agent.spawn();
+        let c = agent.client();
+        assert_eq!(host.links(), links, "links changed across an agent restart");
+        assert_eq!(host.rules(), rules, "rules changed across an agent restart");
+        let r = c.post("/v1/vms/ping-a/start", &Value::Null).await.unwrap();
+        expect_status(&r, 200);
+        let _ = c.get("/v1/vms/ping-a/wait?state=stopped&timeout=30").await.unwrap();
+        let text = console(&c, "ping-a").await;
+        assert_eq!(text.matches("3/3 echo replies").count(), 2, "{text}");
+        let before = udp.lock().unwrap().len();
+        let r = c.post("/v1/vms/nat-a/start", &Value::Null).await.unwrap();
+        expect_status(&r, 200);
+        let _ = c.get("/v1/vms/nat-a/wait?state=stopped&timeout=30").await.unwrap();
+        assert!(udp.lock().unwrap().len() > before, "NAT broken after the restart");
+
+        // Deleting VMs removes their TAPs and rules, and frees their addresses.
+        let r = c.get("/v1/vms").await.unwrap();
+        let ids: Vec<String> = expect_status(&r, 200)["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_owned())
+            .collect();
+        for id in &ids {
+            let r = c.delete(&format!("/v1/vms/{id}")).await.unwrap();
+            expect_status(&r, 204);
+        }
+        let left: Vec<String> = host.links().into_iter().filter(|l| l.starts_with("bxt")).collect();
+        assert!(left.is_empty(), "TAPs left: {left:?}");
+        let rules = host.rules();
+        assert!(
+            !serde_json::to_string(&rules).unwrap().contains("nic-bxt"),
+            "per-NIC rules left: {rules:?}"
+        );
+        let r = c.post("/v1/vms", &vm("again", "seg-a", "idle")).await.unwrap();
+        assert_eq!(nic(&expect_status(&r, 201), "ipv4"), "10.10.0.2", "address freed");
+        let r = c.delete("/v1/vms/again").await.unwrap();
+        expect_status(&r, 204);
+
+        // Deleting the segments removes their bridges, addresses and rules.
+        for id in ["seg-a", "seg-b"] {
+            let r = c.delete(&format!("/v1/segments/{id}")).await.unwrap();
+            expect_status(&r, 204);
+        }
+        let left: Vec<String> = host.links().into_iter().filter(|l| l.starts_with("bx")).collect();
+        assert!(left.is_empty(), "links left: {left:?}");
+        assert!(host.rules().is_empty(), "rules left: {:?}", host.rules());
+        let addrs = host.ip(&["-br", "addr"]);
+        assert!(!addrs.contains("10.10.0.1") && !addrs.contains("169.254.169.254"), "{addrs}");
+    });
+}
+
+/// Bad segment and NIC input gets a 4xx naming the problem and changes nothing.
+#[test]
+fn bad_network_input_is_refused_and_changes_nothing() {
+    let host = Netns::new("bad");
+    let agent = NsAgent::start(&host, "net-bad");
+    let c = agent.client();
+    rt().block_on(async {
+        let r = c.post("/v1/segments", &segment("a", 10, "routed", 30)).await.unwrap();
+        expect_status(&r, 201);
+        let r = c.post("/v1/vms", &vm("one", "a", "idle")).await.unwrap();
+        let one = expect_status(&r, 201);
+        let mac = nic(&one, "mac");
+        let before = (host.links(), host.rules());
+
+        let cases: Vec<(Value, u16, &str, &str)> = vec![
+            (segment("b", 11, "routed", 30), 409, "conflict", "ipv4.subnet"),
+            (json!({"id": "b", "vlan": 11, "mode": "routed", "ipv4": {"subnet": "10.30.0.128/25"}}), 409, "conflict", "ipv4.subnet"),
+            (segment("b", 10, "routed", 31), 409, "conflict", "vlan"),
+            (segment("b", 0, "routed", 31), 400, "invalid_field", "vlan"),
+            (segment("b", 4095, "routed", 31), 400, "invalid_field", "vlan"),
+            (json!({"id": "b", "vlan": 11, "mode": "nat"}), 400, "invalid_field", "mode"),
+            (json!({"id": "b", "vlan": 11, "mode": "routed", "ipv4": {"subnet": "10.31.0.0/33"}}), 400, "invalid_field", "ipv4.subnet"),
+            (json!({"id": "b", "vlan": 11, "mode": "routed", "ipv4": {"subnet": "10.31.0.0/24", "gateway": "10.32.0.1"}}), 400, "invalid_field", "ipv4.gateway"),
+            (json!({"id": "b", "vlan": 11, "mode": "routed", "ipv6": {"prefix": "2001:db8:31::/48"}}), 400, "invalid_field", "ipv6.prefix"),
+            (json!({"id": "b", "vlan": 11, "mode": "routed", "ipv4": {"subnet": "10.31.0.0/24"}, "x": 1}), 400, "invalid_field", "x"),
+            (json!({"id": "a", "vlan": 12, "mode": "bridged"}), 409, "already_exists", ""),
+        ];
+        for (body, status, code, field) in &cases {
+            let r = c.post("/v1/segments", body).await.unwrap();
+            let e = expect_status(&r, *status);
+            assert_eq!(e["error"]["code"], *code, "{body}: {e}");
+            if !field.is_empty() {
+                assert_eq!(e["error"]["field"], *field, "{body}: {e}");
+            }
+        }
+        let with_nic = |n: Value| {
+            let mut v = vm("two", "a", "idle");
+            v["nics"] = json!([n]);
+            v
+        };
+        let vm_cases: Vec<(Value, u16, &str, &str)> = vec![
+            (with_nic(json!({"segment": "nope"})), 400, "invalid_field", "nics[0].segment"),
+            (with_nic(json!({"segment": "a", "mac": mac})), 409, "conflict", "nics[0].mac"),
+            (with_nic(json!({"segment": "a", "ipv4": "10.30.0.2"})), 409, "conflict", "nics[0].ipv4"),
+            (with_nic(json!({"segment": "a", "ipv4": "10.99.0.2"})), 400, "invalid_field", "nics[0].ipv4"),
+            (with_nic(json!({"segment": "a", "ipv4": "10.30.0.1"})), 400, "invalid_field", "nics[0].ipv4"),
+            (with_nic(json!({"segment": "a", "ipv6": "2001:db8:99::5"})), 400, "invalid_field", "nics[0].ipv6"),
+            (with_nic(json!({"segment": "a", "tap": "t0"})), 400, "invalid_field", "nics[0].segment"),
+            (with_nic(json!({"segment": "a", "ipv4": "x"})), 400, "invalid_field", "nics[0].ipv4"),
+        ];
+        for (body, status, code, field) in &vm_cases {
+            let r = c.post("/v1/vms", body).await.unwrap();
+            let e = expect_status(&r, *status);
+            assert_eq!(e["error"]["code"], *code, "{}: {e}", body["nics"]);
+            assert_eq!(e["error"]["field"], *field, "{}: {e}", body["nics"]);
+        }
+        let r = c.put("/v1/vms/one/metadata", &json!({"hostname": "-bad"})).await.unwrap();
+        assert_eq!(expect_status(&r, 400)["error"]["field"], "hostname");
+        let r = c.delete("/v1/segments/a").await.unwrap();
+        assert_eq!(expect_status(&r, 409)["error"]["code"], "in_use");
+
+        // Nothing changed: one segment, one VM, the same links and rules.
+        let r = c.get("/v1/segments").await.unwrap();
+        assert_eq!(expect_status(&r, 200)["items"].as_array().unwrap().len(), 1);
+        let r = c.get("/v1/vms").await.unwrap();
+        assert_eq!(expect_status(&r, 200)["items"].as_array().unwrap().len(), 1);
+        assert_eq!((host.links(), host.rules()), before);
+        let r = c.get("/v1/vms/one").await.unwrap();
+        assert_eq!(expect_status(&r, 200)["nics"], one["nics"]);
+    });
+}
