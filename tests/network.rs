@@ -442,6 +442,41 @@ fn segments_route_filter_and_serve_metadata() {
         assert!(text.contains("imds: GET /latest/meta-data/instance-id -> 401"), "{text}");
         assert!(!text.contains("md-a"), "md-b saw md-a's data:\n{text}");
 
+        // A bridged segment (the host is not its router): its VMs share an L2 domain and still
+        // get metadata.
+        let r = c
+            .post(
+                "/v1/segments",
+                &json!({"id": "seg-c", "vlan": 30, "mode": "bridged",
+                        "ipv4": {"subnet": "10.30.0.0/24", "gateway": "10.30.0.254"}}),
+            )
+            .await
+            .unwrap();
+        expect_status(&r, 201);
+        let r = c.post("/v1/vms?start=true", &vm("peer-c", "seg-c", "net-peer bexar.slaac=0")).await.unwrap();
+        let peer_c = nic(&expect_status(&r, 201), "ipv4");
+        assert_eq!(peer_c, "10.30.0.1", "a bridged segment's gateway is not the host");
+        wait_console(&c, "peer-c", "net-peer: ready").await;
+        let (_, text) = run_guest(
+            &c,
+            "ping-c",
+            "seg-c",
+            &format!("net bexar.slaac=0 bexar.peer={peer_c}"),
+        )
+        .await;
+        assert!(text.contains("3/3 echo replies"), "{text}");
+        let (_, text) = run_guest(&c, "md-c", "seg-c", "imds bexar.slaac=0").await;
+        assert!(text.contains("imds: GET /latest/meta-data/instance-id -> 200 md-c"), "{text}");
+        // ... and reach nothing routed by the host.
+        let (_, text) = run_guest(
+            &c,
+            "ping-c2",
+            "seg-c",
+            &format!("net bexar.slaac=0 bexar.peer={peer4} bexar.expect=unreachable"),
+        )
+        .await;
+        assert!(text.contains("unreachable as expected"), "{text}");
+
         // kill -9 of the agent: links and rules stay as they were, and so does connectivity.
         let links = host.links();
         let rules = host.rules();
@@ -487,7 +522,7 @@ fn segments_route_filter_and_serve_metadata() {
         expect_status(&r, 204);
 
         // Deleting the segments removes their bridges, addresses and rules.
-        for id in ["seg-a", "seg-b"] {
+        for id in ["seg-a", "seg-b", "seg-c"] {
             let r = c.delete(&format!("/v1/segments/{id}")).await.unwrap();
             expect_status(&r, 204);
         }

@@ -284,19 +284,19 @@ impl Ruleset {
             Some(("nat", "postrouting", 100)),
         ));
         cmds.push(Self::chain(i, "input", Some(("filter", "input", 0))));
+        // Within a segment. Bridged frames pass these hooks too when br_netfilter is present
+        // with bridge-nf-call-iptables on (built into some kernels, loaded by Docker...).
         for s in &self.segments {
             let p = json!(s.port);
-            if s.routed {
-                cmds.push(Self::rule(
-                    i,
-                    "forward",
-                    vec![
-                        m("==", meta("iifname"), p.clone()),
-                        m("==", meta("oifname"), p.clone()),
-                        accept(),
-                    ],
-                ));
-            }
+            cmds.push(Self::rule(
+                i,
+                "forward",
+                vec![
+                    m("==", meta("iifname"), p.clone()),
+                    m("==", meta("oifname"), p.clone()),
+                    accept(),
+                ],
+            ));
         }
         cmds.push(Self::rule(
             i,
