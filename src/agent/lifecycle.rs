@@ -240,14 +240,12 @@ impl Agent {
             vp::kill_and_wait(pid).await;
         }
         self.store.remove(&entry.id)?;
-        let wired = lock(&entry.rec).nics.iter().any(|n| n.segment.is_some());
+        let nics = lock(&entry.rec).nics.clone();
         lock(&self.vms).remove(&entry.id);
         self.version.send_modify(|v| *v += 1);
-        if wired {
+        if nics.iter().any(|n| n.segment.is_some()) {
             // Its TAPs and filters go with it.
-            if let Err(e) = self.sync_network().await {
-                tracing::error!(vm = %entry.id, "cannot remove the VM's NICs: {e}");
-            }
+            self.unwire_nics(&entry.id, &nics).await;
         }
         self.events.emit(&entry.id, "deleted", None, "");
         Ok(())
@@ -343,9 +341,12 @@ impl Agent {
                 Err(e) => e,
             }
         };
-        if launch.nics.iter().any(|n| n.segment.is_some()) {
-            // Repairs the TAPs and filters if someone removed them.
-            if let Err(e) = self.sync_network().await {
+        let tap_missing = launch.nics.iter().any(|n| {
+            n.segment.is_some() && !std::path::Path::new("/sys/class/net").join(&n.tap).exists()
+        });
+        if tap_missing {
+            // Someone removed a TAP: wire the NICs again (and repair what else is missing).
+            if let Err(e) = self.wire_nics(&rec).await {
                 return Err(fail(format!("cannot wire the NICs: {e}")));
             }
         }

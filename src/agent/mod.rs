@@ -273,7 +273,7 @@ impl Agent {
     pub async fn create(self: &Arc<Self>, spec: VmSpec) -> Result<(VmRecord, bool), AgentError> {
         let (rec, created) = self.create_record(spec)?;
         if created && rec.nics.iter().any(|n| n.segment.is_some()) {
-            if let Err(e) = self.sync_network().await {
+            if let Err(e) = self.wire_nics(&rec).await {
                 tracing::error!(vm = %rec.id, "cannot wire the NICs: {e}; removing the VM");
                 let _ = self.delete(&rec.id).await;
                 return Err(e);

@@ -418,25 +418,15 @@ impl Agent {
             let Some(tl) = find(&links, &n.tap) else {
                 continue;
             };
-            let mark = MARK_BASE | tl.index;
+            let rule = nic_rule(n, tl.index);
             marks.insert(
-                mark,
+                rule.mark,
                 NicOwner {
                     vm: vm.clone(),
                     nic: *i,
                 },
             );
-            let mut ipv6: Vec<_> = n.ipv6.into_iter().collect();
-            if !ipv6.is_empty() {
-                ipv6.push(link_local(n.mac_bytes()));
-            }
-            rules.nics.push(NicRule {
-                tap: n.tap.clone(),
-                mac: n.mac.clone(),
-                ipv4: n.ipv4,
-                ipv6,
-                mark,
-            });
+            rules.nics.push(rule);
         }
         for s in segs.values() {
             rules.segments.push(SegmentRule {
@@ -516,6 +506,93 @@ impl Agent {
         Ok(())
     }
 
+    /// Wires the segment NICs of one VM (TAP, bridge port, filter) without touching anything
+    /// else, so the cost does not grow with the number of VMs. Falls back to a full sync if
+    /// the rest is not in place (the segment's bridge or the tables missing).
+    pub(super) async fn wire_nics(&self, rec: &VmRecord) -> Result<(), AgentError> {
+        if let Err(e) = self.try_wire_nics(rec).await {
+            tracing::info!(vm = %rec.id, "wiring the NICs alone failed ({e}); syncing everything");
+            return self.sync_network().await;
+        }
+        Ok(())
+    }
+
+    async fn try_wire_nics(&self, rec: &VmRecord) -> Result<(), AgentError> {
+        let _guard = self.net.sync.lock().await;
+        let nl = self.net.netlink()?;
+        for (i, n) in rec.nics.iter().enumerate() {
+            let Some(seg) = &n.segment else { continue };
+            let br = nl
+                .link(&segment_links(seg).0)
+                .await
+                .map_err(net_err)?
+                .ok_or_else(|| net_err(format!("segment {seg} has no bridge")))?;
+            let tl = match nl.link(&n.tap).await.map_err(net_err)? {
+                Some(l) => l,
+                None => {
+                    Tap::create_persistent(&n.tap).map_err(net_err)?;
+                    nl.link(&n.tap)
+                        .await
+                        .map_err(net_err)?
+                        .ok_or_else(|| net_err(format!("{} did not appear", n.tap)))?
+                }
+            };
+            let _ = netlink::sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", n.tap), "1");
+            nl.set_link(
+                tl.index,
+                &format!("{ALIAS_PREFIX}nic {} {i}", rec.id),
+                Some(br.index),
+                true,
+            )
+            .await
+            .map_err(net_err)?;
+            let rule = nic_rule(n, tl.index);
+            let mark = rule.mark;
+            tokio::task::spawn_blocking(move || nft::add_nic(&rule))
+                .await
+                .map_err(net_err)?
+                .map_err(net_err)?;
+            lock(&self.net.marks).insert(
+                mark,
+                NicOwner {
+                    vm: rec.id.clone(),
+                    nic: i,
+                },
+            );
+        }
+        self.net
+            .active
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Removes the TAPs and filters of a deleted VM's NICs (a full sync if that fails).
+    pub(super) async fn unwire_nics(&self, vm: &str, nics: &[NicState]) {
+        let r = async {
+            let _guard = self.net.sync.lock().await;
+            let nl = self.net.netlink()?;
+            for n in nics.iter().filter(|n| n.segment.is_some()) {
+                let tap = n.tap.clone();
+                tokio::task::spawn_blocking(move || nft::remove_nic(&tap))
+                    .await
+                    .map_err(net_err)?
+                    .map_err(net_err)?;
+                if let Some(l) = nl.link(&n.tap).await.map_err(net_err)? {
+                    lock(&self.net.marks).remove(&(MARK_BASE | l.index));
+                    nl.del_link(l.index).await.map_err(net_err)?;
+                }
+            }
+            Ok::<(), AgentError>(())
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::info!(vm = %vm, "removing the NICs alone failed ({e}); syncing everything");
+            if let Err(e) = self.sync_network().await {
+                tracing::error!(vm = %vm, "cannot remove the VM's NICs: {e}");
+            }
+        }
+    }
+
     /// Whether the agent has network state to clean up even with no segments or NICs: links
     /// it tagged, left by an earlier run.
     fn net_touched(&self) -> bool {
@@ -555,6 +632,21 @@ impl Agent {
         nic.segment
             .as_deref()
             .and_then(|s| lock(&self.net.segments).get(s).cloned())
+    }
+}
+
+/// The filter of a NIC whose TAP has interface index `ifindex`.
+fn nic_rule(n: &NicState, ifindex: u32) -> NicRule {
+    let mut ipv6: Vec<_> = n.ipv6.into_iter().collect();
+    if !ipv6.is_empty() {
+        ipv6.push(link_local(n.mac_bytes()));
+    }
+    NicRule {
+        tap: n.tap.clone(),
+        mac: n.mac.clone(),
+        ipv4: n.ipv4,
+        ipv6,
+        mark: MARK_BASE | ifindex,
     }
 }
 

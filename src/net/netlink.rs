@@ -119,9 +119,21 @@ impl Netlink {
         Ok(msgs.iter().map(Link::from_message).collect())
     }
 
-    /// The link called `name`, if any.
+    /// The link called `name`, if any (one request, not a dump).
     pub async fn link(&self, name: &str) -> Result<Option<Link>, NetlinkError> {
-        Ok(self.links().await?.into_iter().find(|l| l.name == name))
+        let r: Result<Vec<LinkMessage>, _> = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute()
+            .try_collect()
+            .await;
+        match r {
+            Ok(msgs) => Ok(msgs.first().map(Link::from_message)),
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(nl_err(format!("get link {name}"))(e)),
+        }
     }
 
     /// Creates the bridge `name` with a fixed MAC (a bridge otherwise takes the lowest MAC of
