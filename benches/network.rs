@@ -64,7 +64,7 @@ fn ruleset(n: u32) -> Ruleset {
                 mac: format!("02:00:00:00:{:02x}:{:02x}", i >> 8, i & 0xff),
                 ipv4: Some(std::net::Ipv4Addr::from(0x0a00_0002 + i)),
                 ipv6: vec![std::net::Ipv6Addr::from(
-                    0x2001_0db8_u128 << 96 | u128::from(i) + 2,
+                    (0x2001_0db8_u128 << 96) | (u128::from(i) + 2),
                 )],
                 mark: MARK_BASE | (i + 10),
             })
