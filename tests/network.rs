@@ -621,3 +621,82 @@ fn bad_network_input_is_refused_and_changes_nothing() {
         assert_eq!(expect_status(&r, 200)["nics"], one["nics"]);
     });
 }
+
+/// The DHCP server hands a segment NIC its allocated address, mask, gateway and host name,
+/// and nothing to a MAC that is not a NIC on the segment. The client is busybox udhcpc in a
+/// namespace of its own, plugged into the segment's bridge through a veth pair.
+#[test]
+fn dhcp_gives_a_nic_its_address() {
+    let host = Netns::new("dhcp");
+    let guest = Netns::new("dhcpc");
+    let agent = NsAgent::start(&host, "net-dhcp");
+    let c = agent.client();
+    let (mac, addr, bridge) = rt().block_on(async {
+        let r = c
+            .post("/v1/segments", &segment("d", 40, "routed", 40))
+            .await
+            .unwrap();
+        expect_status(&r, 201);
+        let r = c.post("/v1/vms", &vm("dh", "d", "idle")).await.unwrap();
+        let rec = expect_status(&r, 201);
+        let r = c
+            .put("/v1/vms/dh/metadata", &json!({"hostname": "dh-host"}))
+            .await
+            .unwrap();
+        expect_status(&r, 200);
+        // The segment's bridge is the master of the VM's TAP.
+        let tap = nic(&rec, "tap");
+        let v: Value =
+            serde_json::from_str(&host.ip(&["-j", "link", "show", "dev", &tap])).unwrap();
+        let bridge = v[0]["master"].as_str().unwrap().to_owned();
+        (nic(&rec, "mac"), nic(&rec, "ipv4"), bridge)
+    });
+    sh(&[
+        "ip",
+        "link",
+        "add",
+        "vh",
+        "netns",
+        &host.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "vg",
+        "netns",
+        &guest.name,
+    ]);
+    host.ip(&["link", "set", "vh", "master", &bridge, "up"]);
+    let udhcpc = |mac: &str| {
+        guest.ip(&["link", "set", "vg", "down"]);
+        guest.ip(&["link", "set", "vg", "address", mac, "up"]);
+        let o = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &guest.name,
+                "busybox",
+                "udhcpc",
+                "-i",
+                "vg",
+                "-f",
+                "-q",
+                "-n",
+            ])
+            .args(["-t", "4", "-T", "1", "-s", "/bin/true"])
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let out = udhcpc(&mac);
+    assert!(
+        out.contains(&format!("lease of {addr} obtained from 10.40.0.1")),
+        "{out}"
+    );
+    let out = udhcpc("02:99:99:99:99:99");
+    assert!(!out.contains("obtained"), "a stranger got a lease: {out}");
+}

@@ -28,6 +28,7 @@ use super::spec::VmRecord;
 use super::store::{sync_dir, write_atomic, StoreError};
 use super::{Agent, AgentError};
 use crate::devices::bus::lock;
+use crate::net::dhcp::{Binding, Bindings};
 use crate::net::netlink::{self, Link, Netlink};
 use crate::net::nft::{self, NicRule, Ruleset, SegmentRule, MARK_BASE};
 use crate::net::tap::Tap;
@@ -52,7 +53,8 @@ pub struct NicOwner {
     pub nic: usize,
 }
 
-struct RaThread {
+/// A per-segment service thread (router advertisements, DHCP) and its stop flag.
+struct Worker {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<()>,
 }
@@ -69,7 +71,9 @@ pub(super) struct Network {
     /// Whether the last sync left anything in the kernel (the first one always looks).
     active: std::sync::atomic::AtomicBool,
     /// Router advertisement threads (stop flag, thread), per segment.
-    ra: Mutex<HashMap<String, RaThread>>,
+    ra: Mutex<HashMap<String, Worker>>,
+    /// DHCP server threads and their bindings, per segment with IPv4.
+    dhcp: Mutex<HashMap<String, (Worker, Bindings)>>,
 }
 
 impl Network {
@@ -111,6 +115,7 @@ impl Network {
             marks: Mutex::new(HashMap::new()),
             active: std::sync::atomic::AtomicBool::new(true),
             ra: Mutex::new(HashMap::new()),
+            dhcp: Mutex::new(HashMap::new()),
         })
     }
 
@@ -500,10 +505,67 @@ impl Agent {
                 };
                 let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let thread = adv.spawn(stop.clone());
-                ra.insert(s.id.clone(), RaThread { stop, thread });
+                ra.insert(s.id.clone(), Worker { stop, thread });
             }
         }
+        drop(ra);
+
+        // DHCP on every segment with IPv4.
+        let mut dhcp = lock(&self.net.dhcp);
+        dhcp.retain(|id, (w, _)| {
+            let keep = segs.get(id).is_some_and(|s| s.ipv4.is_some()) && !w.thread.is_finished();
+            if !keep {
+                w.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            keep
+        });
+        for s in segs.values().filter(|s| s.ipv4.is_some()) {
+            if dhcp.contains_key(&s.id) {
+                continue;
+            }
+            let bindings = Bindings::default();
+            let server = crate::net::dhcp::Server {
+                ifname: segment_links(&s.id).0,
+                server_id: s.host_addresses().0.map_or(IMDS_ADDR, |a| a.addr()),
+                bindings: bindings.clone(),
+            };
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let thread = server.spawn(stop.clone());
+            dhcp.insert(s.id.clone(), (Worker { stop, thread }, bindings));
+        }
+        drop(dhcp);
+        self.refresh_bindings();
         Ok(())
+    }
+
+    /// Rewrites the DHCP bindings of every segment from the VM records.
+    pub(super) fn refresh_bindings(&self) {
+        let segs = lock(&self.net.segments).clone();
+        let mut per: HashMap<String, HashMap<[u8; 6], Binding>> = HashMap::new();
+        for e in self.entries() {
+            let r = lock(&e.rec);
+            let host = r.metadata.hostname.clone().unwrap_or_else(|| r.id.clone());
+            for n in &r.nics {
+                let (Some(seg), Some(addr)) = (&n.segment, n.ipv4) else {
+                    continue;
+                };
+                let Some(v4) = segs.get(seg).and_then(|s| s.ipv4.as_ref()) else {
+                    continue;
+                };
+                per.entry(seg.clone()).or_default().insert(
+                    n.mac_bytes(),
+                    Binding {
+                        addr,
+                        prefix_len: v4.subnet.prefix_len(),
+                        gateway: v4.gateway,
+                        hostname: host.clone(),
+                    },
+                );
+            }
+        }
+        for (id, (_, b)) in lock(&self.net.dhcp).iter() {
+            *lock(b) = per.remove(id).unwrap_or_default();
+        }
     }
 
     /// Wires the segment NICs of one VM (TAP, bridge port, filter) without touching anything
@@ -563,6 +625,8 @@ impl Agent {
         self.net
             .active
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(_guard);
+        self.refresh_bindings();
         Ok(())
     }
 
@@ -585,6 +649,7 @@ impl Agent {
             Ok::<(), AgentError>(())
         }
         .await;
+        self.refresh_bindings();
         if let Err(e) = r {
             tracing::info!(vm = %vm, "removing the NICs alone failed ({e}); syncing everything");
             if let Err(e) = self.sync_network().await {
@@ -617,7 +682,9 @@ impl Agent {
     ) -> Result<VmRecord, AgentError> {
         md.validate()?;
         let entry = self.entry(id)?;
-        self.update(&entry, |r| r.metadata = md)
+        let rec = self.update(&entry, |r| r.metadata = md)?;
+        self.refresh_bindings();
+        Ok(rec)
     }
 
     /// The record of the VM owning `owner`'s NIC.
