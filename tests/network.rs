@@ -631,12 +631,38 @@ fn dhcp_gives_a_nic_its_address() {
     let guest = Netns::new("dhcpc");
     let agent = NsAgent::start(&host, "net-dhcp");
     let c = agent.client();
-    let (mac, addr, bridge) = rt().block_on(async {
-        let r = c
-            .post("/v1/segments", &segment("d", 40, "routed", 40))
-            .await
+    // The segment through the CLI client.
+    let cli = |args: &[&str]| {
+        let o = bexar()
+            .arg("segment")
+            .args(args)
+            .arg("--socket")
+            .arg(agent.socket())
+            .output()
             .unwrap();
-        expect_status(&r, 201);
+        assert!(
+            o.status.success(),
+            "bexar segment {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    cli(&[
+        "create",
+        "d",
+        "--vlan",
+        "40",
+        "--ipv4",
+        "10.40.0.0/24",
+        "--ipv6",
+        "2001:db8:40::/64",
+    ]);
+    let table = cli(&["ls"]);
+    assert!(
+        table.contains("10.40.0.0/24") && table.contains("10.40.0.1"),
+        "{table}"
+    );
+    let (mac, addr, bridge) = rt().block_on(async {
         let r = c.post("/v1/vms", &vm("dh", "d", "idle")).await.unwrap();
         let rec = expect_status(&r, 201);
         let r = c

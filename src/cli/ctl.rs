@@ -140,7 +140,7 @@ pub struct CreateArgs {
     /// A disk: PATH[,ro] (repeatable).
     #[arg(long)]
     pub disk: Vec<String>,
-    /// A NIC: tap=NAME[,mac=MAC] (repeatable).
+    /// A NIC: segment=ID[,mac=MAC][,ip=A][,ip6=A] or tap=NAME[,mac=MAC] (repeatable).
     #[arg(long)]
     pub net: Vec<String>,
     /// Attach a virtio-rng.
@@ -214,9 +214,16 @@ fn spec_from_flags(a: &CreateArgs) -> Result<Value, String> {
         let mut nic = json!({});
         for opt in n.split(',') {
             match opt.split_once('=') {
+                Some(("segment", v)) => nic["segment"] = json!(v),
                 Some(("tap", v)) => nic["tap"] = json!(v),
                 Some(("mac", v)) => nic["mac"] = json!(v),
-                _ => return Err(format!("--net: unknown option {opt:?} (tap=NAME, mac=MAC)")),
+                Some(("ip", v)) => nic["ipv4"] = json!(v),
+                Some(("ip6", v)) => nic["ipv6"] = json!(v),
+                _ => {
+                    return Err(format!(
+                        "--net: unknown option {opt:?} (segment=ID, tap=NAME, mac=MAC, ip=A, ip6=A)"
+                    ))
+                }
             }
         }
         nics.push(nic);
@@ -407,6 +414,108 @@ pub fn events(opts: &ClientOpts, since: u64, follow: bool, vm: Option<&str>) -> 
             })
             .await;
         status_of(r)
+    })
+}
+
+/// `bexar segment` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum SegmentCommand {
+    /// Define a segment.
+    Create {
+        /// Segment id.
+        id: String,
+        /// VLAN id (1-4094).
+        #[arg(long)]
+        vlan: u16,
+        /// `routed` (the host is the gateway: IPv4 NAT, IPv6 routed) or `bridged`.
+        #[arg(long, default_value = "routed")]
+        mode: String,
+        /// IPv4 subnet, e.g. 10.1.0.0/24.
+        #[arg(long)]
+        ipv4: Option<String>,
+        /// IPv4 gateway (default for routed: the first address).
+        #[arg(long)]
+        gateway: Option<String>,
+        /// IPv6 /64 prefix, e.g. 2001:db8:1::/64.
+        #[arg(long)]
+        ipv6: Option<String>,
+    },
+    /// List segments.
+    Ls,
+    /// Show one segment.
+    Get {
+        /// Segment id.
+        id: String,
+    },
+    /// Delete a segment no NIC uses.
+    Rm {
+        /// Segment id.
+        id: String,
+    },
+}
+
+fn print_segments(items: &[Value]) {
+    println!(
+        "{:<24} {:>5} {:<8} {:<20} {:<16} IPV6",
+        "ID", "VLAN", "MODE", "IPV4", "GATEWAY"
+    );
+    for s in items {
+        println!(
+            "{:<24} {:>5} {:<8} {:<20} {:<16} {}",
+            s["id"].as_str().unwrap_or(""),
+            s["vlan"].as_u64().unwrap_or(0),
+            s["mode"].as_str().unwrap_or(""),
+            s["ipv4"]["subnet"].as_str().unwrap_or("-"),
+            s["ipv4"]["gateway"].as_str().unwrap_or("-"),
+            s["ipv6"]["prefix"].as_str().unwrap_or("-"),
+        );
+    }
+}
+
+/// `bexar segment ...`.
+pub fn segment(opts: &ClientOpts, cmd: &SegmentCommand) -> ExitCode {
+    runtime().block_on(async {
+        let c = Client::new(&opts.socket);
+        let r = match cmd {
+            SegmentCommand::Create {
+                id,
+                vlan,
+                mode,
+                ipv4,
+                gateway,
+                ipv6,
+            } => {
+                let mut body = json!({"id": id, "vlan": vlan, "mode": mode});
+                if let Some(n) = ipv4 {
+                    body["ipv4"] = json!({"subnet": n});
+                    if let Some(g) = gateway {
+                        body["ipv4"]["gateway"] = json!(g);
+                    }
+                }
+                if let Some(p) = ipv6 {
+                    body["ipv6"] = json!({"prefix": p});
+                }
+                c.post("/v1/segments", &body).await
+            }
+            SegmentCommand::Ls => c.get("/v1/segments").await,
+            SegmentCommand::Get { id } => c.get(&format!("/v1/segments/{id}")).await,
+            SegmentCommand::Rm { id } => {
+                return status_of(c.delete(&format!("/v1/segments/{id}")).await)
+            }
+        };
+        match r {
+            Ok(r) => {
+                if let Err(code) = check(&r) {
+                    return code;
+                }
+                show(opts, &r, |v| match v["items"].as_array() {
+                    Some(items) => print_segments(items),
+                    None => print_segments(std::slice::from_ref(v)),
+                });
+                ExitCode::SUCCESS
+            }
+            Err(e) => unreachable(e),
+        }
     })
 }
 

@@ -72,6 +72,15 @@ pub enum Command {
         #[command(subcommand)]
         cmd: ctl::VmCommand,
     },
+    /// Manage network segments through the agent.
+    Segment {
+        /// Client options.
+        #[command(flatten)]
+        opts: ctl::ClientOpts,
+        /// What to do.
+        #[command(subcommand)]
+        cmd: ctl::SegmentCommand,
+    },
     /// Print lifecycle events (and follow them with -f).
     Events {
         /// Client options.
@@ -195,6 +204,7 @@ pub fn main() -> ExitCode {
         Command::Agent(args) => agent::main(&args),
         Command::Host { opts } => ctl::host(&opts),
         Command::Vm { opts, cmd } => ctl::vm(&opts, &cmd),
+        Command::Segment { opts, cmd } => ctl::segment(&opts, &cmd),
         Command::Events {
             opts,
             since,
