@@ -31,7 +31,7 @@ use axum::response::{IntoResponse, Response};
 use axum::serve::IncomingStream;
 
 use crate::agent::network::NicOwner;
-use crate::agent::segment::{NicState, IMDS_ADDR};
+use crate::agent::segment::NicState;
 use crate::agent::spec::VmRecord;
 use crate::agent::Agent;
 use crate::devices::bus::lock;
@@ -431,11 +431,6 @@ fn nocloud(file: &str, rec: &VmRecord, agent: &Agent) -> Option<String> {
         }
         _ => None,
     }
-}
-
-/// The default listen address.
-pub fn default_addr() -> SocketAddr {
-    SocketAddr::from((IMDS_ADDR, 80))
 }
 
 #[cfg(test)]

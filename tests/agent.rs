@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use bexar::api::client::{Client, Reply};
@@ -38,35 +38,16 @@ impl TestAgent {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))
-            .unwrap();
-        let child = bexar()
-            .arg("agent")
+        let mut cmd = bexar();
+        cmd.arg("agent")
             .arg("--socket")
             .arg(self.socket())
             .arg("--state-dir")
             .arg(self.state())
             .args(["--restart-backoff", "0.2", "--stop-timeout", "10"])
             .arg("--debug-socket")
-            .arg(self.dir.join("debug.sock"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start bexar agent");
-        self.child = Some(child);
-        let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "agent did not listen; log:\n{}",
-                common::read(&self.dir.join("agent.log"))
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            .arg(self.dir.join("debug.sock"));
+        self.child = Some(common::spawn_agent(cmd, &self.dir, &self.socket()));
     }
 
     /// SIGKILL, as a crash would.

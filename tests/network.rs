@@ -11,7 +11,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, UdpSocket};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -140,37 +140,17 @@ impl NsAgent {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))
-            .unwrap();
-        let exe = bexar().get_program().to_owned();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns])
-            .arg(exe)
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns])
+            .arg(bexar().get_program())
             .arg("agent")
             .arg("--socket")
             .arg(self.socket())
             .arg("--state-dir")
             .arg(self.dir.join("state"))
             .args(["--stop-timeout", "2"])
-            .env("BEXAR_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start bexar agent");
-        self.child = Some(child);
-        let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "agent did not listen; log:\n{}",
-                common::read(&self.dir.join("agent.log"))
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            .env("BEXAR_LOG", "info");
+        self.child = Some(common::spawn_agent(cmd, &self.dir, &self.socket()));
     }
 
     fn kill9(&mut self) {

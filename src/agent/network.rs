@@ -31,6 +31,7 @@ use crate::devices::bus::lock;
 use crate::net::dhcp::{Binding, Bindings};
 use crate::net::netlink::{self, Link, Netlink};
 use crate::net::nft::{self, NicRule, Ruleset, SegmentRule, MARK_BASE};
+use crate::net::service::Service;
 use crate::net::tap::Tap;
 
 /// Alias prefix of every link the agent owns.
@@ -53,12 +54,6 @@ pub struct NicOwner {
     pub nic: usize,
 }
 
-/// A per-segment service thread (router advertisements, DHCP) and its stop flag.
-struct Worker {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<()>,
-}
-
 /// The network part of the agent.
 pub(super) struct Network {
     pub(super) config: NetworkConfig,
@@ -71,9 +66,9 @@ pub(super) struct Network {
     /// Whether the last sync left anything in the kernel (the first one always looks).
     active: std::sync::atomic::AtomicBool,
     /// Router advertisement threads (stop flag, thread), per segment.
-    ra: Mutex<HashMap<String, Worker>>,
+    ra: Mutex<HashMap<String, Service>>,
     /// DHCP server threads and their bindings, per segment with IPv4.
-    dhcp: Mutex<HashMap<String, (Worker, Bindings)>>,
+    dhcp: Mutex<HashMap<String, (Service, Bindings)>>,
 }
 
 impl Network {
@@ -374,29 +369,17 @@ impl Agent {
         }
 
         // One TAP per segment NIC, a port of its segment's bridge.
+        let mut tap_index = HashMap::new();
         for (vm, i, n) in &nics {
             wanted.insert(n.tap.clone());
             let Some(seg) = n.segment.as_deref() else {
                 continue;
             };
-            let Some(bl) = find(&links, &segment_links(seg).0).cloned() else {
+            let Some(bl) = find(&links, &segment_links(seg).0) else {
                 tracing::error!(vm = %vm, "NIC {i} is on unknown segment {seg:?}");
                 continue;
             };
-            if find(&links, &n.tap).is_none() {
-                Tap::create_persistent(&n.tap).map_err(net_err)?;
-                links = nl.links().await.map_err(net_err)?;
-            }
-            let tl = find(&links, &n.tap).ok_or_else(|| net_err(format!("{} missing", n.tap)))?;
-            let _ = netlink::sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", n.tap), "1");
-            nl.set_link(
-                tl.index,
-                &format!("{ALIAS_PREFIX}nic {vm} {i}"),
-                Some(bl.index),
-                true,
-            )
-            .await
-            .map_err(net_err)?;
+            tap_index.insert(n.tap.clone(), ensure_tap(&nl, vm, *i, n, bl.index).await?);
         }
 
         // Whatever the agent made that nothing wants any more.
@@ -420,10 +403,10 @@ impl Agent {
         let mut marks = HashMap::new();
         let mut rules = Ruleset::default();
         for (vm, i, n) in &nics {
-            let Some(tl) = find(&links, &n.tap) else {
+            let Some(index) = tap_index.get(&n.tap) else {
                 continue;
             };
-            let rule = nic_rule(n, tl.index);
+            let rule = nic_rule(n, *index);
             marks.insert(
                 rule.mark,
                 NicOwner {
@@ -477,16 +460,12 @@ impl Agent {
         }
 
         // Router advertisements on routed IPv6 segments.
+        // (A service dropped from its map stops.)
         let mut ra = lock(&self.net.ra);
         ra.retain(|id, t| {
-            let keep = segs
-                .get(id)
+            segs.get(id)
                 .is_some_and(|s| s.mode == SegmentMode::Routed && s.ipv6.is_some())
-                && !t.thread.is_finished();
-            if !keep {
-                t.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-            keep
+                && t.is_running()
         });
         for s in segs.values() {
             let (Some(v6), SegmentMode::Routed) = (&s.ipv6, s.mode) else {
@@ -503,22 +482,14 @@ impl Agent {
                     mac: gl.mac.unwrap_or([0; 6]),
                     prefix: v6.prefix,
                 };
-                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-                let thread = adv.spawn(stop.clone());
-                ra.insert(s.id.clone(), Worker { stop, thread });
+                ra.insert(s.id.clone(), adv.start());
             }
         }
         drop(ra);
 
         // DHCP on every segment with IPv4.
         let mut dhcp = lock(&self.net.dhcp);
-        dhcp.retain(|id, (w, _)| {
-            let keep = segs.get(id).is_some_and(|s| s.ipv4.is_some()) && !w.thread.is_finished();
-            if !keep {
-                w.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-            keep
-        });
+        dhcp.retain(|id, (w, _)| segs.get(id).is_some_and(|s| s.ipv4.is_some()) && w.is_running());
         for s in segs.values().filter(|s| s.ipv4.is_some()) {
             if dhcp.contains_key(&s.id) {
                 continue;
@@ -529,9 +500,7 @@ impl Agent {
                 server_id: s.host_addresses().0.map_or(IMDS_ADDR, |a| a.addr()),
                 bindings: bindings.clone(),
             };
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let thread = server.spawn(stop.clone());
-            dhcp.insert(s.id.clone(), (Worker { stop, thread }, bindings));
+            dhcp.insert(s.id.clone(), (server.start(), bindings));
         }
         drop(dhcp);
         self.refresh_bindings();
@@ -589,26 +558,8 @@ impl Agent {
                 .await
                 .map_err(net_err)?
                 .ok_or_else(|| net_err(format!("segment {seg} has no bridge")))?;
-            let tl = match nl.link(&n.tap).await.map_err(net_err)? {
-                Some(l) => l,
-                None => {
-                    Tap::create_persistent(&n.tap).map_err(net_err)?;
-                    nl.link(&n.tap)
-                        .await
-                        .map_err(net_err)?
-                        .ok_or_else(|| net_err(format!("{} did not appear", n.tap)))?
-                }
-            };
-            let _ = netlink::sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", n.tap), "1");
-            nl.set_link(
-                tl.index,
-                &format!("{ALIAS_PREFIX}nic {} {i}", rec.id),
-                Some(br.index),
-                true,
-            )
-            .await
-            .map_err(net_err)?;
-            let rule = nic_rule(n, tl.index);
+            let index = ensure_tap(&nl, &rec.id, i, n, br.index).await?;
+            let rule = nic_rule(n, index);
             let mark = rule.mark;
             tokio::task::spawn_blocking(move || nft::add_nic(&rule))
                 .await
@@ -700,6 +651,37 @@ impl Agent {
             .as_deref()
             .and_then(|s| lock(&self.net.segments).get(s).cloned())
     }
+}
+
+/// Makes NIC `i` of VM `vm` a TAP (created persistent if missing) that is an up port of
+/// bridge `bridge`, without IPv6 of the host's own; returns its interface index.
+async fn ensure_tap(
+    nl: &Netlink,
+    vm: &str,
+    i: usize,
+    n: &NicState,
+    bridge: u32,
+) -> Result<u32, AgentError> {
+    let tl = match nl.link(&n.tap).await.map_err(net_err)? {
+        Some(l) => l,
+        None => {
+            Tap::create_persistent(&n.tap).map_err(net_err)?;
+            nl.link(&n.tap)
+                .await
+                .map_err(net_err)?
+                .ok_or_else(|| net_err(format!("{} did not appear", n.tap)))?
+        }
+    };
+    let _ = netlink::sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", n.tap), "1");
+    nl.set_link(
+        tl.index,
+        &format!("{ALIAS_PREFIX}nic {vm} {i}"),
+        Some(bridge),
+        true,
+    )
+    .await
+    .map_err(net_err)?;
+    Ok(tl.index)
 }
 
 /// The filter of a NIC whose TAP has interface index `ifindex`.

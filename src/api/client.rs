@@ -102,14 +102,7 @@ impl Client {
         body: Vec<u8>,
     ) -> Result<Reply, ClientError> {
         let resp = self.send_raw(method, path, body, None).await?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
-            .to_bytes();
-        Ok(Reply { status, body })
+        read_reply(resp).await
     }
 
     /// GET.
@@ -180,18 +173,23 @@ impl Client {
             .send_raw(Method::GET, path, Vec::new(), Some(protocol))
             .await?;
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            let status = resp.status();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| ClientError::Http(e.to_string()))?
-                .to_bytes();
-            return Ok(Err(Reply { status, body }));
+            return Ok(Err(read_reply(resp).await?));
         }
         let up = hyper::upgrade::on(resp)
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
         Ok(Ok(TokioIo::new(up)))
     }
+}
+
+/// Reads a whole response into a [`Reply`].
+async fn read_reply(resp: hyper::Response<Incoming>) -> Result<Reply, ClientError> {
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?
+        .to_bytes();
+    Ok(Reply { status, body })
 }

@@ -183,13 +183,18 @@ async fn no_body(body: Body) -> Result<(), ApiError> {
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
+    check_id_of("VM", id)
+}
+
+/// A path id that cannot name anything (ids double as file names) is a 404 without a lookup.
+fn check_id_of(kind: &str, id: &str) -> Result<(), ApiError> {
     if crate::agent::spec::valid_id(id) {
         Ok(())
     } else {
         Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("no VM with id {id:?} (not a valid id)"),
+            format!("no {kind} with id {id:?} (not a valid id)"),
         ))
     }
 }
@@ -298,16 +303,25 @@ async fn create_vm(State(st): St, RawQuery(q): RawQuery, body: Body) -> Result<R
     } else {
         rec
     };
+    Ok(created_response(
+        created,
+        &rec,
+        &format!("/v1/vms/{}", rec.id),
+    ))
+}
+
+/// 201 with `Location` for a new object, 200 (and `Location`) for one that already existed.
+fn created_response(created: bool, body: &impl serde::Serialize, location: &str) -> Response {
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    let mut resp = (status, Json(&rec)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/v1/vms/{}", rec.id)) {
+    let mut resp = (status, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(location) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
-    Ok(resp)
+    resp
 }
 
 async fn get_metadata(
@@ -332,18 +346,6 @@ async fn put_metadata(
     Ok(Json(st.agent.set_metadata(&id, md)?.metadata).into_response())
 }
 
-fn check_segment_id(id: &str) -> Result<(), ApiError> {
-    if crate::agent::spec::valid_id(id) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no segment with id {id:?} (not a valid id)"),
-        ))
-    }
-}
-
 async fn list_segments(State(st): St, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
     Params::parse(q, &[])?;
     Ok(Json(serde_json::json!({ "items": st.agent.segments() })).into_response())
@@ -357,16 +359,11 @@ async fn create_segment(
     Params::parse(q, &[])?;
     let spec: crate::agent::segment::SegmentSpec = json_body(body).await?;
     let (seg, created) = st.agent.create_segment(spec).await?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    let mut resp = (status, Json(&seg)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/v1/segments/{}", seg.id)) {
-        resp.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(resp)
+    Ok(created_response(
+        created,
+        &seg,
+        &format!("/v1/segments/{}", seg.id),
+    ))
 }
 
 async fn get_segment(
@@ -375,7 +372,7 @@ async fn get_segment(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     Params::parse(q, &[])?;
-    check_segment_id(&id)?;
+    check_id_of("segment", &id)?;
     Ok(Json(st.agent.segment(&id)?).into_response())
 }
 
@@ -385,7 +382,7 @@ async fn delete_segment(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     Params::parse(q, &[])?;
-    check_segment_id(&id)?;
+    check_id_of("segment", &id)?;
     st.agent.delete_segment(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use super::service::{is_timeout, Service};
+
 /// Lease time announced (seconds).
 pub const LEASE_SECS: u32 = 86_400;
 const MAGIC: [u8; 4] = [99, 130, 83, 99];
@@ -171,19 +173,11 @@ impl Server {
         Ok(s)
     }
 
-    /// Serves on a thread of its own until `stop` is set.
-    pub fn spawn(self, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-        std::thread::Builder::new()
-            .name(format!("dhcp-{}", self.ifname))
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if let Err(e) = self.serve(&stop) {
-                        tracing::debug!(bridge = %self.ifname, "DHCP: {e}; retrying");
-                        std::thread::sleep(Duration::from_secs(1));
-                    }
-                }
-            })
-            .expect("spawn a thread")
+    /// Serves on a thread of its own until the service is dropped.
+    pub fn start(self) -> Service {
+        Service::spawn(format!("dhcp-{}", self.ifname), move |stop| {
+            self.serve(stop)
+        })
     }
 
     fn serve(&self, stop: &AtomicBool) -> io::Result<()> {
@@ -192,14 +186,7 @@ impl Server {
         while !stop.load(Ordering::Relaxed) {
             let n = match std::io::Read::read(&mut &s, &mut buf) {
                 Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue
-                }
+                Err(e) if is_timeout(&e) => continue,
                 Err(e) => return Err(e),
             };
             let Some(req) = parse(&buf[..n]) else {

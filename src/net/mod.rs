@@ -5,4 +5,5 @@ pub mod dhcp;
 pub mod netlink;
 pub mod nft;
 pub mod ra;
+pub mod service;
 pub mod tap;

@@ -2,7 +2,7 @@
 //! and VLAN interfaces, enslave ports, set addresses and routes, delete links. Thin and
 //! idempotent where the kernel allows (an existing link, address or route is not an error).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use futures_util::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net};
@@ -251,11 +251,6 @@ impl Netlink {
             .await
             .map_err(nl_err(format!("delete link {index}")))
     }
-}
-
-/// Whether `ip` is an IPv6 link-local address (the kernel's own, left alone).
-pub fn is_link_local(ip: &IpAddr) -> bool {
-    matches!(ip, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80)
 }
 
 /// Writes a sysctl under /proc/sys (`net/ipv4/ip_forward`...). Interface names are part of

@@ -440,25 +440,6 @@ pub fn remove_tables() -> Result<(), NftError> {
     run_nft(&json!({ "nftables": cmds }))
 }
 
-/// The agent's tables as nft lists them (JSON), for tests and diagnostics.
-pub fn list_tables() -> Result<Value, NftError> {
-    let mut all = Vec::new();
-    for f in ["bridge", "inet"] {
-        let out = Command::new("nft")
-            .args(["-j", "list", "table", f, TABLE])
-            .output()
-            .map_err(NftError::Spawn)?;
-        if out.status.success() {
-            let v: Value = serde_json::from_slice(&out.stdout)
-                .map_err(|e| NftError::Refused(format!("nft -j output: {e}")))?;
-            if let Some(items) = v["nftables"].as_array() {
-                all.extend(items.iter().cloned());
-            }
-        }
-    }
-    Ok(json!({ "nftables": all }))
-}
-
 fn run_nft(doc: &Value) -> Result<(), NftError> {
     let mut child = Command::new("nft")
         .args(["-j", "-f", "-"])

@@ -6,11 +6,12 @@
 use std::io::{self, Read};
 use std::net::{Ipv6Addr, SocketAddrV6};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv6Net;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use super::service::{is_timeout, Service};
 
 /// Seconds between unsolicited advertisements.
 pub const INTERVAL: Duration = Duration::from_secs(60);
@@ -69,20 +70,10 @@ impl Advertiser {
         s.send_to(&self.packet(), &to).map(|_| ())
     }
 
-    /// Advertises on a thread of its own until `stop` is set; socket errors (the port not yet
-    /// having its link-local address, say) are retried every second.
-    pub fn spawn(self, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-        std::thread::Builder::new()
-            .name(format!("ra-{}", self.ifname))
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if let Err(e) = self.serve(&stop) {
-                        tracing::debug!(port = %self.ifname, "router advertisements: {e}; retrying");
-                        std::thread::sleep(Duration::from_secs(1));
-                    }
-                }
-            })
-            .expect("spawn a thread")
+    /// Advertises on a thread of its own until the service is dropped; socket errors (the port
+    /// not yet having its link-local address, say) are retried.
+    pub fn start(self) -> Service {
+        Service::spawn(format!("ra-{}", self.ifname), move |stop| self.serve(stop))
     }
 
     fn serve(&self, stop: &AtomicBool) -> io::Result<()> {
@@ -94,11 +85,7 @@ impl Advertiser {
             match s.read(&mut buf) {
                 Ok(n) if n > 0 && buf[0] == ROUTER_SOLICIT => self.send(&s)?,
                 Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
+                Err(e) if is_timeout(&e) => {}
                 Err(e) => return Err(e),
             }
             if Instant::now() >= next {

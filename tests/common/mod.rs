@@ -157,3 +157,30 @@ pub fn read(p: &Path) -> String {
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
 }
+
+/// Starts `cmd` (a `bexar agent` command line, possibly wrapped) with its output appended to
+/// `dir/agent.log`, and waits until the agent listens on `socket`.
+pub fn spawn_agent(mut cmd: Command, dir: &Path, socket: &Path) -> std::process::Child {
+    let log_path = dir.join("agent.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .unwrap();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start bexar agent");
+    let t = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "agent did not listen; log:\n{}",
+            read(&log_path)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child
+}
