@@ -17,6 +17,7 @@ use super::cpuid;
 use super::layout::{KVM_TSS_ADDR, VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE, VIRTIO_SLOTS};
 use super::memory::{create_guest_memory, GuestRam};
 use super::platform::{adjust_cmdline, Platform};
+use super::teardown::Reaper;
 use super::vcpu::{self, VcpuContext, VcpuStats};
 use super::{ExitHandle, ExitReason, VmConfig, VmOutcome, VmmError};
 use crate::devices::bus::{lock, Bus};
@@ -133,6 +134,10 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     let vm = kvm
         .create_vm()
         .map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?;
+    // Memory first: registering a slot after KVM_CREATE_IRQCHIP waits for an expedited SRCU
+    // grace period behind the irqchip's own (measured 5-11 ms on PVM, ~0.03 ms this way round).
+    register_memory(&vm, &ram)?;
+    phase("memory registered");
     vm.set_tss_address(KVM_TSS_ADDR)
         .map_err(|e| VmmError::Kvm("KVM_SET_TSS_ADDR", e))?;
     vm.create_irq_chip()
@@ -148,8 +153,6 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         .map_err(|e| VmmError::Kvm("KVM_CREATE_PIT2", e))?;
     }
     phase("VM and interrupt controllers created");
-    register_memory(&vm, &ram)?;
-    phase("memory registered");
 
     let stop = Arc::new(AtomicBool::new(false));
     let (exit, exit_rx) = ExitHandle::new();
@@ -189,7 +192,16 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     let mut mmio = Bus::new();
     let virtio = attach_virtio(&vm, &ram, &mut mmio, config)?;
     let mmio = Arc::new(mmio);
-    let event_loop = spawn_event_loop(virtio.manager, stop.clone(), exit.clone())?;
+    // No devices, no loop: a thread to start and to join costs ~0.1 ms here.
+    let event_loop = if virtio.devices.is_empty() {
+        None
+    } else {
+        Some(spawn_event_loop(
+            virtio.manager,
+            stop.clone(),
+            exit.clone(),
+        )?)
+    };
     phase("virtio devices attached");
 
     let mut supported = kvm
@@ -292,7 +304,9 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     let elapsed = start.elapsed();
     stop_vcpus(&stop, &threads, &stats);
     kicker.clear();
-    event_loop.stop();
+    if let Some(l) = event_loop {
+        l.stop();
+    }
     if reason == ExitReason::Timeout {
         // Where each vCPU was is the first thing to know about a hung guest.
         for (id, s) in stats.iter().enumerate() {
@@ -306,6 +320,11 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         }
     }
     let mem_use = memory_use();
+    // The VM's last reference goes to a child, so this process can exit without waiting for
+    // KVM's teardown (teardown.rs).
+    if let Some(reaper) = Reaper::spawn(&vm) {
+        reaper.wait();
+    }
     {
         use std::io::Write;
         let _ = crate::devices::bus::lock(&uart).writer_mut().flush();
@@ -517,6 +536,6 @@ fn stop_vcpus(stop: &AtomicBool, threads: &[JoinHandle<()>], stats: &[Arc<VcpuSt
         for (t, _) in running {
             let _ = t.kill(SIGRTMIN());
         }
-        std::thread::sleep(Duration::from_micros(100));
+        std::thread::sleep(Duration::from_micros(20));
     }
 }

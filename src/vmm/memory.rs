@@ -85,6 +85,13 @@ pub fn create_guest_memory(size_mib: u64) -> Result<GuestRam, MemoryError> {
             .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
             .build()
             .map_err(MemoryError::Mmap)?;
+        // SAFETY: advising a mapping we own over its exact extent. DONTFORK keeps guest RAM out
+        // of any child of the VMM (see teardown.rs), so a child never pins or copies it.
+        if unsafe { libc::madvise(mapping.as_ptr().cast(), mapping.size(), libc::MADV_DONTFORK) }
+            != 0
+        {
+            tracing::debug!("MADV_DONTFORK: {}", std::io::Error::last_os_error());
+        }
         let region = GuestRegionMmap::new(mapping, base)
             .ok_or_else(|| MemoryError::Regions(format!("region at {:#x} overflows", base.0)))?;
         regions.push(region);

@@ -9,10 +9,12 @@ pub mod cpuid;
 pub mod layout;
 pub mod memory;
 pub mod platform;
+pub mod teardown;
 pub mod vcpu;
 
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -159,18 +161,24 @@ impl std::fmt::Display for ExitReason {
 
 /// Hands the reason a VM ended to the thread waiting for it. Cheap to clone; the first reason wins.
 #[derive(Clone, Debug)]
-pub struct ExitHandle(mpsc::Sender<ExitReason>);
+pub struct ExitHandle(mpsc::Sender<ExitReason>, Arc<AtomicBool>);
 
 impl ExitHandle {
     /// A handle and the receiver the VM's owner waits on.
     pub fn new() -> (Self, mpsc::Receiver<ExitReason>) {
         let (tx, rx) = mpsc::channel();
-        (Self(tx), rx)
+        (Self(tx, Arc::new(AtomicBool::new(false))), rx)
     }
 
     /// Asks for the VM to end with `reason`.
     pub fn request(&self, reason: ExitReason) {
+        self.1.store(true, Ordering::Release);
         let _ = self.0.send(reason);
+    }
+
+    /// Whether an end was asked for: a vCPU that sees it does not enter the guest again.
+    pub fn requested(&self) -> bool {
+        self.1.load(Ordering::Acquire)
     }
 }
 

@@ -164,7 +164,7 @@ pub struct VcpuContext {
 /// Runs a vCPU until the VM ends.
 pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
     let id = ctx.id;
-    while !ctx.stop.load(Ordering::Acquire) {
+    while !ctx.stop.load(Ordering::Acquire) && !ctx.exit.requested() {
         if ctx.pause.requested() {
             ctx.pause.park(&ctx.stop);
             continue;
