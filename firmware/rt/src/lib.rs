@@ -46,7 +46,6 @@ unsafe extern "C" {
 
 /// Ring-3 entry of the BSP (called from the assembly shim).
 pub(crate) extern "C" fn __rt_bsp_main(boot_params: usize) -> ! {
-    uart::init();
     let bp = bootparams::BootParams::from_addr(boot_params);
     dma::init(&bp);
     unsafe { __rt_user_main(bp) }
