@@ -3,7 +3,9 @@
 //!
 //! * exec to the guest's first UART byte (read off the VMM's stdout pipe),
 //! * exec to the VMM's exit after the guest reported its status,
-//! * the VMM's own resident memory beyond guest memory (VmRSS - RssShmem at exit).
+//! * the VMM's own resident memory beyond guest memory (VmRSS - RssShmem at exit), and, with
+//!   ten idle VMMs running together, each one's proportional share (PSS, so the binary's pages
+//!   shared by all count once) and the kernel memory each one adds (page tables, KVM state).
 //!
 //! `cargo bench --bench boot` (BEXAR_BENCH_ITERS=N to change the sample count). The test guest
 //! must be built (`cd firmware && cargo build --release`). Prints medians, p90s and the ratio to
@@ -72,6 +74,77 @@ fn time_bexar(bexar: &Path, guest: &Path, result: &Path) -> Sample {
         exit,
         vmm_rss_kib: json["vmm_rss_kib"].as_f64().unwrap_or(f64::NAN),
         vmm_private_kib: json["vmm_private_kib"].as_f64().unwrap_or(f64::NAN),
+    }
+}
+
+/// What `vms` idle VMMs running side by side cost, per VM, beyond guest RAM.
+struct Fleet {
+    vms: usize,
+    /// Proportional set size minus the guest's shared-memory pages: the binary's pages are
+    /// shared by every VMM and counted once in all.
+    pss_kib: f64,
+    /// Growth of the kernel's own memory per VM: page tables, KVM's secondary (shadow or EPT)
+    /// page tables, kernel stacks and unreclaimable slab (vCPU state, KVM structures).
+    kernel_kib: f64,
+}
+
+fn kernel_kib() -> f64 {
+    let text = std::fs::read_to_string("/proc/meminfo").expect("meminfo");
+    [
+        "PageTables:",
+        "SecPageTables:",
+        "KernelStack:",
+        "SUnreclaim:",
+    ]
+    .iter()
+    .filter_map(|f| bexar::vmm::builder::kib_field(&text, f))
+    .sum::<u64>() as f64
+}
+
+fn fleet_memory(bexar: &Path, guest: &Path, vms: usize) -> Fleet {
+    let before = kernel_kib();
+    let mut children = Vec::new();
+    for _ in 0..vms {
+        let mut child = Command::new(bexar)
+            .args(["run", "--no-stdin", "--memory", "32", "--timeout", "60"])
+            .args(["--cmdline", "bexar.test=idle"])
+            .arg("--kernel")
+            .arg(guest)
+            .env("BEXAR_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bexar");
+        // Wait for the guest's ready line, so its boot-time pages are all there.
+        let mut out = child.stdout.take().expect("stdout");
+        let mut seen = Vec::new();
+        let mut b = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains("idle: ready") {
+            match out.read(&mut b) {
+                Ok(0) | Err(_) => panic!("the idle guest ended before it was ready"),
+                Ok(n) => seen.extend_from_slice(&b[..n]),
+            }
+        }
+        children.push((child, out));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let after = kernel_kib();
+    let mut pss = 0.0;
+    for (child, _) in &children {
+        let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", child.id()))
+            .expect("smaps_rollup");
+        let field = |name| bexar::vmm::builder::kib_field(&rollup, name).unwrap_or(0) as f64;
+        pss += field("Pss:") - field("Pss_Shmem:");
+    }
+    for (mut child, _) in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    Fleet {
+        vms,
+        pss_kib: pss / vms as f64,
+        kernel_kib: (after - before) / vms as f64,
     }
 }
 
@@ -147,6 +220,15 @@ fn main() {
         "bexar: VMM anonymous memory (per-VM cost)",
         p50,
         percentile(&mut private, 0.9)
+    );
+    let fleet = fleet_memory(&bexar, &guest, 10);
+    println!(
+        "{:<44} {:>7.0} KiB   (Pss - Pss_Shmem, mean of {} idle VMMs running together)",
+        "bexar: VMM proportional memory beyond guest", fleet.pss_kib, fleet.vms
+    );
+    println!(
+        "{:<44} {:>7.0} KiB   (page tables, KVM page tables, kernel stacks, unreclaimable slab)",
+        "bexar: kernel memory per VM", fleet.kernel_kib
     );
     println!("targets on this machine: exec to exit < 4 ms (p50), VMM memory < 2048 KiB");
 }
