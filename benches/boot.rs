@@ -5,7 +5,7 @@
 //! * exec to the VMM's exit after the guest reported its status,
 //! * the VMM's own resident memory beyond guest memory (VmRSS - RssShmem at exit), and, with
 //!   ten idle VMMs running together, each one's proportional share (PSS, so the binary's pages
-//!   shared by all count once) and the kernel memory each one adds (page tables, KVM state).
+//!   shared by all count once), its unique pages (USS) and the kernel memory each one adds.
 //!
 //! `cargo bench --bench boot` (BEXAR_BENCH_ITERS=N to change the sample count). The test guest
 //! must be built (`cd firmware && cargo build --release`). Prints medians, p90s and the ratio to
@@ -83,6 +83,9 @@ struct Fleet {
     /// Proportional set size minus the guest's shared-memory pages: the binary's pages are
     /// shared by every VMM and counted once in all.
     pss_kib: f64,
+    /// Unique set size (pages mapped by this VMM alone) minus the guest's pages: what the
+    /// host gets back when this one VMM exits.
+    uss_kib: f64,
     /// Growth of the kernel's own memory per VM: page tables, KVM's secondary (shadow or EPT)
     /// page tables, kernel stacks and unreclaimable slab (vCPU state, KVM structures).
     kernel_kib: f64,
@@ -130,12 +133,14 @@ fn fleet_memory(bexar: &Path, guest: &Path, vms: usize) -> Fleet {
     }
     std::thread::sleep(Duration::from_millis(200));
     let after = kernel_kib();
-    let mut pss = 0.0;
+    let (mut pss, mut uss) = (0.0, 0.0);
     for (child, _) in &children {
         let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", child.id()))
             .expect("smaps_rollup");
         let field = |name| bexar::vmm::builder::kib_field(&rollup, name).unwrap_or(0) as f64;
         pss += field("Pss:") - field("Pss_Shmem:");
+        // The guest's memfd pages are mapped by this VMM alone, so its Pss_Shmem is all private.
+        uss += field("Private_Clean:") + field("Private_Dirty:") - field("Pss_Shmem:");
     }
     for (mut child, _) in children {
         let _ = child.kill();
@@ -144,6 +149,7 @@ fn fleet_memory(bexar: &Path, guest: &Path, vms: usize) -> Fleet {
     Fleet {
         vms,
         pss_kib: pss / vms as f64,
+        uss_kib: uss / vms as f64,
         kernel_kib: (after - before) / vms as f64,
     }
 }
@@ -225,6 +231,10 @@ fn main() {
     println!(
         "{:<44} {:>7.0} KiB   (Pss - Pss_Shmem, mean of {} idle VMMs running together)",
         "bexar: VMM proportional memory beyond guest", fleet.pss_kib, fleet.vms
+    );
+    println!(
+        "{:<44} {:>7.0} KiB   (private pages, freed when that one VMM exits)",
+        "bexar: VMM unique memory beyond guest (USS)", fleet.uss_kib
     );
     println!(
         "{:<44} {:>7.0} KiB   (page tables, KVM page tables, kernel stacks, unreclaimable slab)",

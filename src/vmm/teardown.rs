@@ -6,7 +6,7 @@
 //! kernel. In the VMM that wait would sit between the guest's end and the process's exit, which
 //! is what the caller (the agent, a CI job) waits for.
 //!
-//! [`Reaper::spawn`] forks a child that keeps a duplicate of the VM descriptor and nothing else:
+//! [`Reaper::spawn`] forks a child that keeps its copy of the VM descriptor and nothing else:
 //! it closes every other descriptor it inherited at once, waits until this process has exited,
 //! then drops the VM and exits, so the grace period is waited for there. Guest RAM is mapped
 //! `MADV_DONTFORK`, so the child never maps it and the memory goes back to the host when this
