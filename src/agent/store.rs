@@ -135,8 +135,18 @@ impl Store {
             .mode(0o700)
             .create(root.join("vms"))
             .map_err(io_err("create", root))?;
-        let lock = try_lock(&root.join("agent.lock"))?
-            .ok_or_else(|| StoreError::Locked(root.to_owned()))?;
+        // A crashed agent's children that were forked but had not yet exec'd (VMMs, nft) share
+        // its lock until their exec closes it: give them a moment before calling it taken.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let lock = loop {
+            match try_lock(&root.join("agent.lock"))? {
+                Some(lock) => break lock,
+                None if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                None => return Err(StoreError::Locked(root.to_owned())),
+            }
+        };
         Ok(Self {
             root: root.to_owned(),
             _lock: lock,

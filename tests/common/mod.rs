@@ -162,19 +162,36 @@ pub fn read(p: &Path) -> String {
 /// `dir/agent.log`, and waits until the agent listens on `socket`.
 pub fn spawn_agent(mut cmd: Command, dir: &Path, socket: &Path) -> std::process::Child {
     let log_path = dir.join("agent.log");
+    // The log is appended to across restarts: this agent is up once it has added a line.
+    const READY: &str = "agent API listening";
+    let ready_before = std::fs::read_to_string(&log_path)
+        .map(|l| l.matches(READY).count())
+        .unwrap_or(0);
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
         .unwrap();
-    let child = cmd
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
         .expect("start bexar agent");
     let t = std::time::Instant::now();
-    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+    // A socket left by a killed agent can still accept connections for a moment (through its
+    // children that have not exec'd yet), so connecting alone does not prove this agent is up.
+    while std::fs::read_to_string(&log_path)
+        .map(|l| l.matches(READY).count())
+        .unwrap_or(0)
+        <= ready_before
+        || std::os::unix::net::UnixStream::connect(socket).is_err()
+    {
+        assert!(
+            child.try_wait().map(|s| s.is_none()).unwrap_or(false),
+            "agent exited; log:\n{}",
+            read(&log_path)
+        );
         assert!(
             t.elapsed() < std::time::Duration::from_secs(20),
             "agent did not listen; log:\n{}",
