@@ -11,17 +11,15 @@
 //! `cargo bench --bench agent` (BEXAR_BENCH_VMS=N to change the VM count). The test guest must
 //! be built (`cd firmware && cargo build --release`). Prints figures; asserts nothing about time.
 
+mod common;
+use common::percentile;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bexar::api::client::Client;
 use serde_json::{json, Value};
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -85,20 +83,9 @@ impl Drop for Agent {
 }
 
 fn main() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let bexar = PathBuf::from(env!("CARGO_BIN_EXE_bexar"));
-    let guest = root.join("firmware/target/release/testguest");
-    if !guest.exists() {
-        eprintln!(
-            "{} is missing: build it with `cd firmware && cargo build --release`",
-            guest.display()
-        );
-        std::process::exit(1);
-    }
-    let n: usize = std::env::var("BEXAR_BENCH_VMS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let bexar = common::bexar();
+    let guest = common::testguest();
+    let n = common::env_count("BEXAR_BENCH_VMS", 100);
     let dir = std::env::temp_dir().join(format!("bexar-bench-agent-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("api.sock");

@@ -11,15 +11,13 @@
 //! must be built (`cd firmware && cargo build --release`). Prints medians, p90s and the ratio to
 //! the baseline; it asserts nothing about time.
 
+mod common;
+use common::percentile;
+
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
 
 fn time_true() -> Duration {
     let t = Instant::now();
@@ -35,25 +33,25 @@ struct Sample {
     vmm_private_kib: f64,
 }
 
-fn time_bexar(bexar: &Path, guest: &Path, result: &Path) -> Sample {
-    let t = Instant::now();
-    let mut child = Command::new(bexar)
-        .args([
-            "run",
-            "--no-stdin",
-            "--memory",
-            "32",
-            "--cmdline",
-            "bexar.test=minimal",
-        ])
+/// `bexar run` of the test guest in mode `test` with 32 MiB, its console on a pipe.
+fn bexar_run(bexar: &Path, guest: &Path, test: &str) -> Command {
+    let mut cmd = Command::new(bexar);
+    cmd.args(["run", "--no-stdin", "--memory", "32", "--cmdline"])
+        .arg(format!("bexar.test={test}"))
         .arg("--kernel")
         .arg(guest)
-        .arg("--result-json")
-        .arg(result)
         .env("BEXAR_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+fn time_bexar(bexar: &Path, guest: &Path, result: &Path) -> Sample {
+    let t = Instant::now();
+    let mut child = bexar_run(bexar, guest, "minimal")
+        .arg("--result-json")
+        .arg(result)
         .spawn()
         .expect("start bexar");
     let mut out = child.stdout.take().expect("stdout");
@@ -108,15 +106,8 @@ fn fleet_memory(bexar: &Path, guest: &Path, vms: usize) -> Fleet {
     let before = kernel_kib();
     let mut children = Vec::new();
     for _ in 0..vms {
-        let mut child = Command::new(bexar)
-            .args(["run", "--no-stdin", "--memory", "32", "--timeout", "60"])
-            .args(["--cmdline", "bexar.test=idle"])
-            .arg("--kernel")
-            .arg(guest)
-            .env("BEXAR_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+        let mut child = bexar_run(bexar, guest, "idle")
+            .args(["--timeout", "60"])
             .spawn()
             .expect("start bexar");
         // Wait for the guest's ready line, so its boot-time pages are all there.
@@ -155,20 +146,9 @@ fn fleet_memory(bexar: &Path, guest: &Path, vms: usize) -> Fleet {
 }
 
 fn main() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let bexar = PathBuf::from(env!("CARGO_BIN_EXE_bexar"));
-    let guest = root.join("firmware/target/release/testguest");
-    if !guest.exists() {
-        eprintln!(
-            "{} is missing: build it with `cd firmware && cargo build --release`",
-            guest.display()
-        );
-        std::process::exit(1);
-    }
-    let iters: usize = std::env::var("BEXAR_BENCH_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
+    let bexar = common::bexar();
+    let guest = common::testguest();
+    let iters = common::env_count("BEXAR_BENCH_ITERS", 50);
     let result = std::env::temp_dir().join(format!("bexar-bench-{}.json", std::process::id()));
 
     // Warm up the page cache for both.

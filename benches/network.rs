@@ -10,6 +10,9 @@
 //! `cargo bench --bench network` (BEXAR_BENCH_VMS=N per kind, default 30). The test guest must be
 //! built (`cd firmware && cargo build --release`). Prints figures; asserts nothing about time.
 
+mod common;
+use common::percentile;
+
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -18,11 +21,6 @@ use std::time::{Duration, Instant};
 use bexar::api::client::Client;
 use bexar::net::nft::{NicRule, Ruleset, SegmentRule, MARK_BASE};
 use serde_json::{json, Value};
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
 
 struct Cleanup {
     ns: String,
@@ -79,17 +77,9 @@ fn ruleset(n: u32) -> Ruleset {
 }
 
 fn main() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let bexar = PathBuf::from(env!("CARGO_BIN_EXE_bexar"));
-    let guest = root.join("firmware/target/release/testguest");
-    if !guest.exists() {
-        eprintln!("{} is missing: build the firmware first", guest.display());
-        std::process::exit(1);
-    }
-    let n: usize = std::env::var("BEXAR_BENCH_VMS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+    let bexar = common::bexar();
+    let guest = common::testguest();
+    let n = common::env_count("BEXAR_BENCH_VMS", 30);
     let ns = format!("bxbench-{}", std::process::id());
     let dir = std::env::temp_dir().join(format!("bexar-bench-net-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -10,19 +10,11 @@
 //! TSC cycles; the bench calibrates the TSC on the host (PVM hides its frequency from the guest).
 //! Prints IOPS, MB/s and the ratio guest/host; asserts nothing about speed.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+mod common;
+use common::tsc_hz;
 
-fn tsc_hz() -> f64 {
-    // SAFETY: rdtsc has no preconditions on x86_64.
-    let t0 = unsafe { core::arch::x86_64::_rdtsc() };
-    let w = Instant::now();
-    std::thread::sleep(Duration::from_millis(200));
-    // SAFETY: as above.
-    let t1 = unsafe { core::arch::x86_64::_rdtsc() };
-    (t1 - t0) as f64 / w.elapsed().as_secs_f64()
-}
+use std::path::Path;
+use std::process::Command;
 
 fn field(line: &str, key: &str) -> f64 {
     line.split_whitespace()
@@ -54,9 +46,8 @@ fn fio(file: &Path, engine: &str, args: &[&str]) -> serde_json::Value {
 }
 
 fn main() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let bexar = PathBuf::from(env!("CARGO_BIN_EXE_bexar"));
-    let guest = root.join("firmware/target/release/testguest");
+    let bexar = common::bexar();
+    let guest = common::testguest();
     let img = std::env::temp_dir().join(format!("bexar-bench-blk-{}.img", std::process::id()));
     let mib = 256usize;
     let mut data = vec![0u8; mib << 20];

@@ -6,21 +6,13 @@
 //! The guest counts TSC cycles; the bench calibrates the TSC (PVM hides its frequency from the
 //! guest). Needs root (netns, TAP). Asserts nothing about speed.
 
-use std::path::PathBuf;
+mod common;
+use common::tsc_hz;
+
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const FRAMES: u64 = 200_000;
-
-fn tsc_hz() -> f64 {
-    // SAFETY: rdtsc has no preconditions on x86_64.
-    let t0 = unsafe { core::arch::x86_64::_rdtsc() };
-    let w = Instant::now();
-    std::thread::sleep(Duration::from_millis(200));
-    // SAFETY: as above.
-    let t1 = unsafe { core::arch::x86_64::_rdtsc() };
-    (t1 - t0) as f64 / w.elapsed().as_secs_f64()
-}
 
 fn ip(args: &[&str]) {
     let ok = Command::new("ip").args(args).status().map(|s| s.success());
@@ -63,9 +55,8 @@ fn main() {
         host_blast(&args[2], args[3].parse().unwrap(), args[4].parse().unwrap());
         return;
     }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let bexar = env!("CARGO_BIN_EXE_bexar");
-    let guest = root.join("firmware/target/release/testguest");
+    let bexar = common::bexar();
+    let guest = common::testguest();
     let me = std::env::current_exe().unwrap();
     let ns = format!("bexar-bench-{}", std::process::id());
     ip(&["netns", "add", &ns]);
@@ -95,7 +86,7 @@ fn main() {
                 "netns",
                 "exec",
                 &ns,
-                bexar,
+                bexar.to_str().expect("a UTF-8 path"),
                 "run",
                 "--no-stdin",
                 "--timeout",

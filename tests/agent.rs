@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use bexar::api::client::{Client, Reply};
-use common::{bexar, testguest, tmp};
+use bexar::api::client::Client;
+use common::{bexar, expect_status, rt, testguest, tmp};
 use serde_json::{json, Value};
 
 const READY: &str = "idle: ready";
@@ -111,13 +111,6 @@ impl Drop for TestAgent {
     }
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn spec(id: &str) -> Value {
     json!({
         "id": id,
@@ -128,17 +121,6 @@ fn spec(id: &str) -> Value {
             "cmdline": "console=ttyS0 bexar.test=idle"
         }
     })
-}
-
-#[track_caller]
-fn expect_status(r: &Reply, status: u16) -> Value {
-    assert_eq!(
-        r.status.as_u16(),
-        status,
-        "unexpected status; body: {}",
-        String::from_utf8_lossy(&r.body)
-    );
-    r.json()
 }
 
 async fn console_text(c: &Client, id: &str) -> String {

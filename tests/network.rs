@@ -15,8 +15,8 @@ use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bexar::api::client::{Client, Reply};
-use common::{bexar, testguest, tmp};
+use bexar::api::client::Client;
+use common::{bexar, expect_status, rt, testguest, tmp};
 use serde_json::{json, Value};
 
 /// A network namespace, deleted (with whatever runs in it) on drop.
@@ -172,24 +172,6 @@ impl Drop for NsAgent {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-#[track_caller]
-fn expect_status(r: &Reply, status: u16) -> Value {
-    assert_eq!(
-        r.status.as_u16(),
-        status,
-        "unexpected status; body: {}",
-        String::from_utf8_lossy(&r.body)
-    );
-    r.json()
 }
 
 fn segment(id: &str, vlan: u16, mode: &str, n: u8) -> Value {

@@ -133,36 +133,40 @@ fn console_to_a_file() {
     std::fs::remove_file(log).ok();
 }
 
-#[test]
-fn console_on_a_unix_socket_with_input() {
-    let sock = tmp("console.sock");
-    let guest = testguest();
-    let child = bexar()
+/// `bexar run` of the test guest with `extra` flags and its console on a Unix socket, and a
+/// connection to that socket.
+fn spawn_with_console_socket(
+    name: &str,
+    extra: &[&str],
+) -> (std::process::Child, std::os::unix::net::UnixStream) {
+    let sock = tmp(name);
+    let mut child = bexar()
         .arg("run")
         .arg("--kernel")
-        .arg(&guest)
-        .args([
-            "--cmdline",
-            "bexar.test=echo",
-            "--timeout",
-            "30",
-            "--no-stdin",
-        ])
+        .arg(testguest())
+        .args(["--timeout", "30", "--no-stdin"])
+        .args(extra)
         .arg("--console")
         .arg(format!("socket:{}", sock.display()))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut conn = None;
     for _ in 0..500 {
         if let Ok(c) = std::os::unix::net::UnixStream::connect(&sock) {
-            conn = Some(c);
-            break;
+            return (child, c);
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let mut conn = conn.expect("console socket never appeared");
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("console socket never appeared");
+}
+
+#[test]
+fn console_on_a_unix_socket_with_input() {
+    let (child, mut conn) =
+        spawn_with_console_socket("console.sock", &["--cmdline", "bexar.test=echo"]);
     conn.write_all(b"via the socket\n").unwrap();
     let mut got = String::new();
     conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))
@@ -188,36 +192,10 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 #[test]
 fn idle_guest_sleeps_without_host_cpu_and_echoes_console_input() {
-    let sock = tmp("idle.sock");
-    let guest = testguest();
-    let child = bexar()
-        .arg("run")
-        .arg("--kernel")
-        .arg(&guest)
-        .args([
-            "--cmdline",
-            "bexar.test=idle",
-            "--timeout",
-            "30",
-            "--no-stdin",
-            "--expect",
-            "idle-echo-7f3a",
-        ])
-        .arg("--console")
-        .arg(format!("socket:{}", sock.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut conn = None;
-    for _ in 0..500 {
-        if let Ok(c) = std::os::unix::net::UnixStream::connect(&sock) {
-            conn = Some(c);
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let mut conn = conn.expect("console socket never appeared");
+    let (child, mut conn) = spawn_with_console_socket(
+        "idle.sock",
+        &["--cmdline", "bexar.test=idle", "--expect", "idle-echo-7f3a"],
+    );
     conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))
         .unwrap();
     let mut got = Vec::new();

@@ -201,3 +201,23 @@ pub fn spawn_agent(mut cmd: Command, dir: &Path, socket: &Path) -> std::process:
     }
     child
 }
+
+/// A single-threaded tokio runtime for the API client.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Asserts an API reply's status (showing the body if it differs) and returns its JSON.
+#[track_caller]
+pub fn expect_status(r: &bexar::api::client::Reply, status: u16) -> serde_json::Value {
+    assert_eq!(
+        r.status.as_u16(),
+        status,
+        "unexpected status; body: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    r.json()
+}

@@ -1,0 +1,50 @@
+//! Helpers the benchmarks share: where the binaries are, sample statistics, knobs.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The bexar binary under test.
+pub fn bexar() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_bexar"))
+}
+
+/// The ring-3 test guest; exits with a message if it has not been built.
+pub fn testguest() -> PathBuf {
+    let guest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("firmware/target/release/testguest");
+    if !guest.exists() {
+        eprintln!(
+            "{} is missing: build it with `cd firmware && cargo build --release`",
+            guest.display()
+        );
+        std::process::exit(1);
+    }
+    guest
+}
+
+/// A count from the environment variable `name`, or `default`.
+pub fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The `p` quantile (0..=1) of `v`, which it sorts.
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The TSC frequency, measured against the monotonic clock over 200 ms (the guests report
+/// cycle counts).
+pub fn tsc_hz() -> f64 {
+    // SAFETY: rdtsc has no preconditions on x86_64.
+    let t0 = unsafe { core::arch::x86_64::_rdtsc() };
+    let w = Instant::now();
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: as above.
+    let t1 = unsafe { core::arch::x86_64::_rdtsc() };
+    (t1 - t0) as f64 / w.elapsed().as_secs_f64()
+}
