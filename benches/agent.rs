@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| bexar::vmm::builder::kib_field(&s, "VmRSS:"))
+        .and_then(|s| bexar_util::procfs::kib_field(&s, "VmRSS:"))
         .unwrap_or(0)
 }
 

@@ -98,7 +98,7 @@ fn kernel_kib() -> f64 {
         "SUnreclaim:",
     ]
     .iter()
-    .filter_map(|f| bexar::vmm::builder::kib_field(&text, f))
+    .filter_map(|f| bexar_util::procfs::kib_field(&text, f))
     .sum::<u64>() as f64
 }
 
@@ -128,7 +128,7 @@ fn fleet_memory(bexar: &Path, guest: &Path, vms: usize) -> Fleet {
     for (child, _) in &children {
         let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", child.id()))
             .expect("smaps_rollup");
-        let field = |name| bexar::vmm::builder::kib_field(&rollup, name).unwrap_or(0) as f64;
+        let field = |name| bexar_util::procfs::kib_field(&rollup, name).unwrap_or(0) as f64;
         pss += field("Pss:") - field("Pss_Shmem:");
         // The guest's memfd pages are mapped by this VMM alone, so its Pss_Shmem is all private.
         uss += field("Private_Clean:") + field("Private_Dirty:") - field("Pss_Shmem:");

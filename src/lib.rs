@@ -2,7 +2,7 @@
 //!
 //! * [`vmm`] builds and runs one VM in this process: memory, boot, vCPUs.
 //! * [`devices`] holds the emulated devices and the buses they sit on.
-//! * [`net`] talks to the host's networking (TAP devices).
+//! * [`hostnet`] is the agent's host networking: links, nftables, router advertisements, DHCP.
 //! * [`block`] holds block I/O backends (io_uring).
 //! * [`agent`] is the host agent: VM records, lifecycle, VMM processes, events.
 //! * [`api`] is the agent's HTTP API on a Unix socket, and its client.
@@ -13,6 +13,5 @@ pub mod api;
 pub mod block;
 pub mod cli;
 pub mod devices;
-pub mod imds;
-pub mod net;
+pub mod hostnet;
 pub mod vmm;

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::devices::bus::lock;
+use bexar_util::sync::lock;
 
 /// Events kept for replay.
 pub const BACKLOG: usize = 10_000;

@@ -16,8 +16,8 @@ use super::spec::{now_ms, Desired, Operation, Phase, RestartPolicy, VmRecord};
 use super::store::{layout, write_atomic};
 use super::vmm_process::{self as vp, Launch, RunResult};
 use super::{Agent, AgentError, VmEntry, VmmHandle};
-use crate::devices::bus::lock;
 use crate::vmm::control::Request;
+use bexar_util::sync::lock;
 
 /// How long a VMM may take from exec to answering on its control socket.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(20);
@@ -351,7 +351,7 @@ impl Agent {
             }
         }
         let data = serde_json::to_vec_pretty(&launch).map_err(super::StoreError::from)?;
-        write_atomic(&dir.join(layout::LAUNCH), &data)?;
+        write_atomic(&dir.join(layout::LAUNCH), &data).map_err(super::StoreError::from)?;
         let _ = std::fs::remove_file(dir.join(layout::RESULT));
         let pid = match vp::spawn(&self.config.exe, &dir) {
             Ok(p) => p,
@@ -364,7 +364,7 @@ impl Agent {
                 return Err(fail(format!("cannot open a pidfd for the VMM: {e}")));
             }
         };
-        let ticks = vp::start_ticks(pid);
+        let ticks = bexar_util::procfs::start_ticks(pid);
         let watch_fd = match pidfd.try_clone() {
             Ok(fd) => fd,
             Err(e) => {
@@ -709,7 +709,7 @@ impl Agent {
         if again.token != rec.status.token {
             return None;
         }
-        let ticks = vp::start_ticks(peer);
+        let ticks = bexar_util::procfs::start_ticks(peer);
         if rec.status.pid_start_ticks.is_some() && rec.status.pid_start_ticks != ticks {
             tracing::warn!(vm = %rec.id, "VMM start time differs from the record; adopting by token");
         }

@@ -7,6 +7,7 @@
 
 pub mod events;
 pub mod host;
+pub mod imds;
 mod lifecycle;
 pub mod network;
 pub mod segment;
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::devices::bus::lock;
+use bexar_util::sync::lock;
 use events::Events;
 use host::{CapacityConfig, HostInfo, Inventory};
 use spec::{now_ms, Desired, FieldError, Phase, VmRecord, VmSpec, VmStatus};

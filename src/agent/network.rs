@@ -20,19 +20,17 @@ use std::sync::Mutex;
 
 use ipnet::{IpNet, Ipv4Net};
 
-use super::segment::{
-    link_local, segment_links, segment_mac, NicState, SegmentMode, SegmentSpec, GATEWAY_PREFIX,
-    IMDS_ADDR, TAP_PREFIX, UPLINK_PREFIX,
-};
+use super::segment::{link_local, segment_links, segment_mac, NicState, SegmentMode, SegmentSpec};
 use super::spec::VmRecord;
 use super::store::{sync_dir, write_atomic, StoreError};
 use super::{Agent, AgentError};
-use crate::devices::bus::lock;
-use crate::net::dhcp::{Binding, Bindings};
-use crate::net::netlink::{self, Link, Netlink};
-use crate::net::nft::{self, NicRule, Ruleset, SegmentRule, MARK_BASE};
-use crate::net::service::Service;
-use crate::net::tap::Tap;
+use crate::devices::tap::Tap;
+use crate::hostnet::dhcp::{Binding, Bindings};
+use crate::hostnet::netlink::{self, Link, Netlink};
+use crate::hostnet::nft::{self, NicRule, Ruleset, SegmentRule, MARK_BASE};
+use crate::hostnet::service::Service;
+use crate::hostnet::{GATEWAY_PREFIX, IMDS_ADDR, TAP_PREFIX, UPLINK_PREFIX};
+use bexar_util::sync::lock;
 
 /// Alias prefix of every link the agent owns.
 pub const ALIAS_PREFIX: &str = "bexar:";
@@ -75,11 +73,7 @@ impl Network {
     /// Loads the segments from `STATE/segments`.
     pub(super) fn open(root: &Path, config: NetworkConfig) -> Result<Self, StoreError> {
         let dir = root.join("segments");
-        std::fs::create_dir_all(&dir).map_err(|err| StoreError::Io {
-            what: "create",
-            path: dir.clone(),
-            err,
-        })?;
+        std::fs::create_dir_all(&dir).map_err(bexar_util::fs::io_err("create", &dir))?;
         let mut segments = BTreeMap::new();
         for f in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let p = f.path();
@@ -172,7 +166,8 @@ impl Agent {
             write_atomic(
                 &self.net.path(&spec.id),
                 &serde_json::to_vec_pretty(&spec).map_err(StoreError::from)?,
-            )?;
+            )
+            .map_err(StoreError::from)?;
             segs.insert(spec.id.clone(), spec.clone());
         }
         if let Err(e) = self.sync_network().await {
@@ -214,15 +209,14 @@ impl Agent {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(err) => {
-                    return Err(StoreError::Io {
-                        what: "remove",
-                        path: self.net.path(id),
-                        err,
-                    }
+                    return Err(StoreError::from(bexar_util::fs::io_err(
+                        "remove",
+                        &self.net.path(id),
+                    )(err))
                     .into())
                 }
             }
-            sync_dir(&self.net.dir)?;
+            sync_dir(&self.net.dir).map_err(StoreError::from)?;
             segs.remove(id);
         }
         self.sync_network().await?;
@@ -476,7 +470,7 @@ impl Agent {
             }
             let (g, _) = segment_links(&s.id);
             if let Some(gl) = find(&links, &g) {
-                let adv = crate::net::ra::Advertiser {
+                let adv = crate::hostnet::ra::Advertiser {
                     ifname: g.clone(),
                     ifindex: gl.index,
                     mac: gl.mac.unwrap_or([0; 6]),
@@ -495,7 +489,7 @@ impl Agent {
                 continue;
             }
             let bindings = Bindings::default();
-            let server = crate::net::dhcp::Server {
+            let server = crate::hostnet::dhcp::Server {
                 ifname: segment_links(&s.id).0,
                 server_id: s.host_addresses().0.map_or(IMDS_ADDR, |a| a.addr()),
                 bindings: bindings.clone(),

@@ -64,9 +64,6 @@ pub struct SegmentSpec {
     pub ipv6: Option<Ipv6Spec>,
 }
 
-/// The link-local address of the instance metadata service.
-pub const IMDS_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
-
 impl SegmentSpec {
     /// Checks the segment on its own and fills in defaults (gateways).
     pub fn validate(&mut self) -> Result<(), FieldError> {
@@ -295,13 +292,6 @@ pub fn segment_mac(segment: &str) -> [u8; 6] {
     let h = stable_hash(format!("bexar-segment-mac/{segment}").as_bytes()).to_be_bytes();
     [0x02, h[0], h[1], h[2], h[3], h[4]]
 }
-
-/// Prefix of every TAP name the agent creates.
-pub const TAP_PREFIX: &str = "bxt";
-/// Prefix of the segments' bridges.
-pub const GATEWAY_PREFIX: &str = "bxg";
-/// Prefix of the segments' uplink VLAN interfaces.
-pub const UPLINK_PREFIX: &str = "bxu";
 
 /// A NIC as the agent resolved it at create time: everything the host needs to wire it,
 /// persisted with the VM so that allocations survive restarts.

@@ -343,7 +343,7 @@ impl VmSpec {
                     .boot
                     .cmdline
                     .clone()
-                    .unwrap_or_else(|| crate::cli::run::DEFAULT_CMDLINE.to_owned());
+                    .unwrap_or_else(|| crate::vmm::DEFAULT_CMDLINE.to_owned());
                 match cmdline_extra {
                     Some(x) => format!("{base} {x}"),
                     None => base,
@@ -358,7 +358,6 @@ impl VmSpec {
             },
             stdin: false,
             timeout: None,
-            expect: None,
             platform_params: true,
             legacy_pit: false,
             disks: self

@@ -15,10 +15,12 @@
 //! STATE/vms/ID/result.json    how the last VMM run ended (written by the VMM)
 //! ```
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::fs::{self, File};
+use std::io;
 use std::path::{Path, PathBuf};
+
+use bexar_util::fs::{io_err, FsError};
+pub use bexar_util::fs::{sync_dir, try_lock, write_atomic};
 
 use super::spec::VmRecord;
 
@@ -48,75 +50,14 @@ pub mod layout {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A file operation failed.
-    #[error("{what} {path}: {err}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why it failed.
-        err: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FsError),
     /// Another agent owns this state directory.
     #[error("another agent already uses the state directory {0}")]
     Locked(PathBuf),
     /// A record could not be encoded.
     #[error("cannot encode a record: {0}")]
     Encode(#[from] serde_json::Error),
-}
-
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |err| StoreError::Io {
-        what,
-        path: path.to_owned(),
-        err,
-    }
-}
-
-/// Writes `data` to `path` atomically and durably.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
-    f.write_all(data).map_err(io_err("write", &tmp))?;
-    f.sync_all().map_err(io_err("fsync", &tmp))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io_err("rename", path))?;
-    sync_dir(dir)
-}
-
-/// fsyncs a directory, making renames and unlinks in it durable.
-pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync", dir))
-}
-
-/// Tries to take an exclusive flock on `path` (created if missing). `Ok(None)` if someone
-/// else holds it.
-pub fn try_lock(path: &Path) -> Result<Option<File>, StoreError> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(io_err("open", path))?;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r == 0 {
-        Ok(Some(f))
-    } else {
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            Ok(None)
-        } else {
-            Err(StoreError::Io {
-                what: "flock",
-                path: path.to_owned(),
-                err,
-            })
-        }
-    }
 }
 
 /// The state directory.
@@ -182,7 +123,10 @@ impl Store {
                 .map_err(io_err("create", &dir))?;
             sync_dir(&self.root.join("vms"))?;
         }
-        write_atomic(&dir.join(layout::RECORD), &serde_json::to_vec_pretty(rec)?)
+        Ok(write_atomic(
+            &dir.join(layout::RECORD),
+            &serde_json::to_vec_pretty(rec)?,
+        )?)
     }
 
     /// Removes a VM's directory and everything in it.
@@ -191,9 +135,9 @@ impl Store {
         match fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("remove", &dir)(e)),
+            Err(e) => return Err(io_err("remove", &dir)(e).into()),
         }
-        sync_dir(&self.root.join("vms"))
+        Ok(sync_dir(&self.root.join("vms"))?)
     }
 
     /// Loads every record. Directories without a record (a create that crashed before its
@@ -249,19 +193,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn atomic_write_replaces_and_leaves_no_temporary() {
-        let dir = std::env::temp_dir().join(format!("bexar-store-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("x.json");
-        write_atomic(&p, b"one").unwrap();
-        write_atomic(&p, b"two").unwrap();
-        assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
-        let _ = fs::remove_dir_all(&dir);
-    }
 
     #[test]
     fn a_state_directory_has_one_owner() {

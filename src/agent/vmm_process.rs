@@ -191,14 +191,6 @@ pub async fn kill_and_wait(pid: u32) {
     }
 }
 
-/// The process start time (field 22 of /proc/PID/stat, clock ticks since boot).
-pub fn start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
 /// Sends one request to a VMM's control socket and returns its reply, plus the peer's pid as
 /// the kernel reports it.
 pub async fn call(dir: &Path, req: &Request) -> Result<(serde_json::Value, u32), VmmProcessError> {
@@ -296,12 +288,5 @@ mod tests {
         assert_eq!(a.len(), 32);
         assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);
-    }
-
-    #[test]
-    fn start_time_of_this_process_is_stable() {
-        let me = std::process::id();
-        let t = start_ticks(me).expect("own start time");
-        assert_eq!(start_ticks(me), Some(t));
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::agent::Agent;
-use crate::devices::bus::lock;
+use bexar_util::sync::lock;
 
 /// Upper bounds of the latency buckets, seconds.
 const BUCKETS: [f64; 10] = [
@@ -178,6 +178,5 @@ pub async fn render(agent: &Agent, requests: &RequestMetrics) -> String {
 
 /// The agent's resident memory in KiB.
 pub fn agent_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    crate::vmm::builder::kib_field(&status, "VmRSS:")
+    bexar_util::procfs::self_status_kib("VmRSS:")
 }

@@ -146,10 +146,10 @@ pub fn main(a: &AgentArgs) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match crate::imds::bind(addr) {
+            match crate::agent::imds::bind(addr) {
                 Ok(l) => {
                     tracing::info!(%addr, "metadata service listening");
-                    tokio::spawn(crate::imds::serve(agent.clone(), l, a.zone.clone()));
+                    tokio::spawn(crate::agent::imds::serve(agent.clone(), l, a.zone.clone()));
                 }
                 Err(e) => tracing::error!("metadata service cannot listen on {addr}: {e}"),
             }

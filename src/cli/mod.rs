@@ -6,6 +6,7 @@ pub mod ctl;
 pub mod junit;
 pub mod run;
 pub mod vmm;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

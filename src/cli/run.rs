@@ -4,11 +4,7 @@ use std::time::Duration;
 
 use super::{RunArgs, RunStatus, VmArgs};
 use crate::vmm::cpuid::CpuTemplate;
-use crate::vmm::{self, ExitReason, VmConfig, VmmError};
-
-/// Command line used when none is given: serial console, i8042 reboot (our VM exit), and a
-/// panicking kernel reboots at once instead of hanging.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+use crate::vmm::{self, ExitReason, VmConfig, VmmError, DEFAULT_CMDLINE};
 
 /// Checks the VM flags and builds a config; the error names the offending flag.
 pub fn vm_config(
@@ -85,7 +81,6 @@ pub fn vm_config(
         console: crate::devices::serial::ConsoleConfig::Stdio,
         stdin: false,
         timeout,
-        expect: None,
         platform_params: !vm.no_platform_params,
         legacy_pit: vm.legacy_pit,
         disks: vm.disk.clone(),
@@ -118,9 +113,23 @@ pub fn main(args: &RunArgs) -> RunStatus {
     };
     config.console = args.console.clone();
     config.stdin = !args.no_stdin;
-    config.expect = args.expect.clone();
-    match vmm::run(&config) {
-        Ok(outcome) => {
+    let matched = std::sync::Mutex::new(None);
+    let hook = |exit: &vmm::ExitHandle, start: std::time::Instant| {
+        let pattern = args.expect.as_deref().unwrap_or("");
+        let (w, m) = super::watch::PatternWatch::new(pattern, exit.clone(), start);
+        *bexar_util::sync::lock(&matched) = Some(m);
+        Box::new(w) as Box<dyn crate::devices::serial::ConsoleObserver>
+    };
+    let hook = args
+        .expect
+        .is_some()
+        .then_some(&hook as vmm::builder::ConsoleHook<'_>);
+    match vmm::run(&config, hook) {
+        Ok(mut outcome) => {
+            outcome.pattern_ms = bexar_util::sync::lock(&matched)
+                .as_ref()
+                .and_then(|m| m.at())
+                .map(|d| d.as_secs_f64() * 1e3);
             let status = status_for(&outcome.reason);
             if status == RunStatus::Clean {
                 tracing::info!(

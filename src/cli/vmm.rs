@@ -73,7 +73,7 @@ pub fn main(dir: &Path) -> ExitCode {
         config.vcpus,
         config.memory_mib
     );
-    match crate::vmm::run(&config) {
+    match crate::vmm::run(&config, None) {
         Ok(outcome) => {
             let status = super::run::status_for(&outcome.reason);
             tracing::info!(vm = %launch.id, "VM ended: {}", outcome.reason);

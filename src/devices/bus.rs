@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bexar_util::sync::lock;
+
 /// A device that answers reads and writes at offsets inside its range.
 pub trait BusDevice: Send {
     /// A guest read of `data.len()` bytes at `offset` from the device base.
@@ -112,11 +114,6 @@ impl Bus {
     pub fn unhandled(&self) -> u64 {
         self.unhandled.load(Ordering::Relaxed)
     }
-}
-
-/// Locks a device, recovering from a poisoned lock (a panicking device must not take the VMM down).
-pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

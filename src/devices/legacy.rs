@@ -1,11 +1,12 @@
 //! The two small legacy port devices: the i8042 keyboard controller (its reset line ends the VM,
 //! its keyboard lets the host send Ctrl+Alt+Del) and the exit port a test guest writes its status
-//! code to.
+//! code to. Like vm-superio's devices they know nothing of the VMM: the i8042 raises its
+//! interrupt and its reset line through [`Trigger`]s, the exit port hands the status to a
+//! callback.
 
-use vmm_sys_util::eventfd::EventFd;
+use vm_superio::Trigger;
 
 use super::bus::BusDevice;
-use crate::vmm::{ExitHandle, ExitReason};
 
 /// Port of the i8042 data register; the command register is at +4.
 pub const I8042_BASE: u64 = 0x60;
@@ -72,9 +73,9 @@ const CTRL_ALT_DEL: [u8; 8] = [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
 /// 0xa8 leaves the aux port disabled and the aux interface test (0xa9) reports a stuck clock, so
 /// Linux decides there is no mouse without waiting for a timeout; 0xd3 (write the aux output
 /// buffer) still loops its byte back as aux data, as every PS/2 controller does, without an IRQ 12.
-pub struct I8042 {
-    exit: ExitHandle,
-    irq: EventFd,
+pub struct I8042<I: Trigger, R: Trigger> {
+    irq: I,
+    reset: R,
     control: u8,
     output_port: u8,
     /// Controller command waiting for its data byte on port 0x60.
@@ -92,13 +93,13 @@ pub struct I8042 {
     last_was_cmd: bool,
 }
 
-impl I8042 {
-    /// A controller that ends the VM through `exit` on reset and raises IRQ 1 by writing `irq`
-    /// (the caller registers it as an irqfd on GSI [`I8042_KBD_IRQ`]).
-    pub fn new(exit: ExitHandle, irq: EventFd) -> Self {
+impl<I: Trigger, R: Trigger> I8042<I, R> {
+    /// A controller that raises IRQ 1 through `irq` (for a VMM, an irqfd on GSI
+    /// [`I8042_KBD_IRQ`]) and pulls `reset` when the guest resets the CPU.
+    pub fn new(irq: I, reset: R) -> Self {
         Self {
-            exit,
             irq,
+            reset,
             control: CTL_DEFAULT,
             output_port: OUTP_RESET_OFF | OUTP_A20,
             pending_cmd: None,
@@ -161,7 +162,7 @@ impl I8042 {
         if self.len > 0 && !self.aux[self.head] && self.control & CTL_KBD_INT != 0 {
             // A full eventfd counter (2^64 - 2 pending writes) cannot happen for an irqfd that
             // KVM drains; nothing useful to do with an error here anyway.
-            let _ = self.irq.write(1);
+            let _ = self.irq.trigger();
         }
     }
 
@@ -187,7 +188,9 @@ impl I8042 {
     }
 
     fn pulse_reset(&self) {
-        self.exit.request(ExitReason::Reset);
+        if let Err(e) = self.reset.trigger() {
+            tracing::warn!("i8042: the reset line failed: {e:?}");
+        }
     }
 
     /// A controller command (port 0x64).
@@ -302,7 +305,7 @@ impl I8042 {
     }
 }
 
-impl BusDevice for I8042 {
+impl<I: Trigger + Send, R: Trigger + Send> BusDevice for I8042<I, R> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let v = match offset {
             DATA => self.read_data(),
@@ -333,10 +336,10 @@ impl BusDevice for I8042 {
     }
 }
 
-/// The exit port device.
-pub struct ExitPort(pub ExitHandle);
+/// The exit port device: a write of 1, 2 or 4 bytes at offset 0 hands the value to its callback.
+pub struct ExitPort<F: FnMut(u32)>(pub F);
 
-impl BusDevice for ExitPort {
+impl<F: FnMut(u32) + Send> BusDevice for ExitPort<F> {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
@@ -347,41 +350,61 @@ impl BusDevice for ExitPort {
         let mut v = [0u8; 4];
         let n = data.len().min(4);
         v[..n].copy_from_slice(&data[..n]);
-        self.0
-            .request(ExitReason::GuestStatus(u32::from_le_bytes(v)));
+        (self.0)(u32::from_le_bytes(v));
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::mpsc::Receiver;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
 
     use super::*;
 
-    fn device() -> (I8042, EventFd, Receiver<ExitReason>) {
-        let (exit, rx) = ExitHandle::new();
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let dev = I8042::new(exit, irq.try_clone().unwrap());
-        (dev, irq, rx)
+    /// A line that counts how often it was pulled.
+    #[derive(Clone, Default)]
+    struct Line(Arc<AtomicU64>);
+
+    impl Trigger for Line {
+        type E = std::convert::Infallible;
+        fn trigger(&self) -> Result<(), Self::E> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
     }
 
-    fn inb(d: &mut I8042, offset: u64) -> u8 {
+    impl Line {
+        /// Pulls since the last call.
+        fn take(&self) -> u64 {
+            self.0.swap(0, Ordering::Relaxed)
+        }
+    }
+
+    type Dev = I8042<Line, Line>;
+
+    /// A controller, its interrupt line and its reset line.
+    fn device() -> (Dev, Line, Line) {
+        let (irq, reset) = (Line::default(), Line::default());
+        (I8042::new(irq.clone(), reset.clone()), irq, reset)
+    }
+
+    fn inb(d: &mut Dev, offset: u64) -> u8 {
         let mut b = [0xa5u8];
         d.read(offset, &mut b);
         b[0]
     }
 
-    fn outb(d: &mut I8042, offset: u64, v: u8) {
+    fn outb(d: &mut Dev, offset: u64, v: u8) {
         d.write(offset, &[v]);
     }
 
     /// Interrupts signalled since the last call.
-    fn irqs(fd: &EventFd) -> u64 {
-        fd.read().unwrap_or(0)
+    fn irqs(line: &Line) -> u64 {
+        line.take()
     }
 
     /// Reads every byte the status register says is there.
-    fn drain(d: &mut I8042) -> Vec<u8> {
+    fn drain(d: &mut Dev) -> Vec<u8> {
         let mut v = Vec::new();
         while inb(d, COMMAND) & STS_OBF != 0 {
             v.push(inb(d, DATA));
@@ -392,24 +415,24 @@ mod tests {
 
     #[test]
     fn reset_command_ends_the_vm() {
-        let (mut d, _irq, rx) = device();
+        let (mut d, _irq, reset) = device();
         outb(&mut d, COMMAND, 0xfe);
-        assert_eq!(rx.try_recv(), Ok(ExitReason::Reset));
+        assert_eq!(reset.take(), 1);
         // Through the output port too (bit 0 low), but not when it keeps bit 0 high (A20 gate).
         outb(&mut d, COMMAND, 0xd1);
         outb(&mut d, DATA, 0xdf);
-        assert!(rx.try_recv().is_err());
+        assert_eq!(reset.take(), 0);
         outb(&mut d, COMMAND, 0xd1);
         outb(&mut d, DATA, 0xde);
-        assert_eq!(rx.try_recv(), Ok(ExitReason::Reset));
+        assert_eq!(reset.take(), 1);
         // 0xff pulses no line.
         outb(&mut d, COMMAND, 0xff);
-        assert!(rx.try_recv().is_err());
+        assert_eq!(reset.take(), 0);
     }
 
     #[test]
     fn ctrl_alt_del_comes_out_in_order_with_obf_and_irq() {
-        let (mut d, irq, _rx) = device();
+        let (mut d, irq, _reset) = device();
         assert_eq!(inb(&mut d, COMMAND) & STS_OBF, 0);
         assert_eq!(irqs(&irq), 0);
         assert!(d.send_ctrl_alt_del());
@@ -433,7 +456,7 @@ mod tests {
 
     #[test]
     fn no_interrupt_while_the_control_byte_masks_it() {
-        let (mut d, irq, _rx) = device();
+        let (mut d, irq, _reset) = device();
         outb(&mut d, COMMAND, 0x60);
         outb(&mut d, DATA, CTL_SYS | CTL_XLATE);
         assert!(d.send_ctrl_alt_del());
@@ -449,7 +472,7 @@ mod tests {
 
     #[test]
     fn the_buffer_is_bounded() {
-        let (mut d, _irq, _rx) = device();
+        let (mut d, _irq, _reset) = device();
         assert!(d.send_ctrl_alt_del());
         assert!(d.send_ctrl_alt_del());
         // 16 bytes queued: a third sequence does not fit and queues nothing.
@@ -469,8 +492,8 @@ mod tests {
 
     #[test]
     fn probe_commands_answer_like_linux_expects() {
-        let (mut d, _irq, _rx) = device();
-        let cmd = |d: &mut I8042, c: u8, arg: Option<u8>| {
+        let (mut d, _irq, _reset) = device();
+        let cmd = |d: &mut Dev, c: u8, arg: Option<u8>| {
             outb(d, COMMAND, c);
             if let Some(a) = arg {
                 outb(d, DATA, a);
@@ -506,7 +529,7 @@ mod tests {
         cmd(&mut d, 0xae, None);
         assert_eq!(cmd(&mut d, 0x20, None)[0] & CTL_KBD_DISABLE, 0);
         // Keyboard commands.
-        let kbd = |d: &mut I8042, bytes: &[u8]| {
+        let kbd = |d: &mut Dev, bytes: &[u8]| {
             for &b in bytes {
                 outb(d, DATA, b);
             }
@@ -526,7 +549,7 @@ mod tests {
 
     #[test]
     fn arbitrary_accesses_never_panic_and_stay_bounded() {
-        let (mut d, irq, _rx) = device();
+        let (mut d, irq, _reset) = device();
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = || {
             x ^= x << 13;
@@ -568,10 +591,12 @@ mod tests {
 
     #[test]
     fn exit_port_reports_the_status() {
-        let (exit, rx) = ExitHandle::new();
-        let mut p = ExitPort(exit);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut p = ExitPort(move |code| tx.send(code).unwrap());
         p.write(0, &[7, 0, 0, 0]);
-        assert_eq!(rx.try_recv(), Ok(ExitReason::GuestStatus(7)));
+        assert_eq!(rx.try_recv(), Ok(7));
+        p.write(0, &[9]);
+        assert_eq!(rx.try_recv(), Ok(9));
         p.write(1, &[7]);
         p.write(0, &[]);
         assert!(rx.try_recv().is_err());

@@ -5,17 +5,18 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_superio::serial::NoEvents;
-use vm_superio::{Serial, Trigger};
+use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::bus::{lock, BusDevice};
-use crate::vmm::{ExitHandle, ExitReason};
+use super::bus::BusDevice;
+use super::IrqTrigger;
+use bexar_util::sync::lock;
 
 /// COM1 base port.
 pub const COM1_BASE: u64 = 0x3f8;
@@ -64,16 +65,6 @@ impl std::str::FromStr for ConsoleConfig {
     }
 }
 
-/// Raises the UART's interrupt through an irqfd.
-pub struct IrqTrigger(pub EventFd);
-
-impl Trigger for IrqTrigger {
-    type E = io::Error;
-    fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
-    }
-}
-
 /// Shared state of a socket console: the connected client and the replay buffer.
 #[derive(Default)]
 struct SocketShared {
@@ -88,81 +79,69 @@ enum Sink {
     Null,
 }
 
-/// Watches console output for a pattern and for the first byte.
-pub struct ConsoleWatch {
+/// Counts console output and notes when its first byte came.
+pub struct ConsoleStats {
     start: Instant,
     first_byte_ns: AtomicU64,
-    match_ns: AtomicU64,
     bytes: AtomicU64,
 }
 
-impl ConsoleWatch {
-    /// A watch whose clock starts at `start`.
+impl ConsoleStats {
+    /// Stats whose clock starts at `start`.
     pub fn new(start: Instant) -> Arc<Self> {
         Arc::new(Self {
             start,
             first_byte_ns: AtomicU64::new(0),
-            match_ns: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
         })
     }
-    fn stamp(&self, slot: &AtomicU64) {
-        let ns = self.start.elapsed().as_nanos().max(1) as u64;
-        let _ = slot.compare_exchange(0, ns, Ordering::Relaxed, Ordering::Relaxed);
-    }
-    fn get(slot: &AtomicU64) -> Option<Duration> {
-        match slot.load(Ordering::Relaxed) {
+    /// Time from `start` to the first console byte.
+    pub fn first_byte(&self) -> Option<Duration> {
+        match self.first_byte_ns.load(Ordering::Relaxed) {
             0 => None,
             ns => Some(Duration::from_nanos(ns)),
         }
-    }
-    /// Time from VMM start to the first console byte.
-    pub fn first_byte(&self) -> Option<Duration> {
-        Self::get(&self.first_byte_ns)
-    }
-    /// Time from VMM start to the expected pattern.
-    pub fn matched(&self) -> Option<Duration> {
-        Self::get(&self.match_ns)
     }
     /// Console bytes written by the guest.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
     }
+    fn count(&self, n: usize) {
+        let ns = self.start.elapsed().as_nanos().max(1) as u64;
+        let _ = self
+            .first_byte_ns
+            .compare_exchange(0, ns, Ordering::Relaxed, Ordering::Relaxed);
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
-/// The UART's output side: the sink plus the pattern watch.
+/// Something that wants to see the guest's console output as it is written (the CLI's pattern
+/// watch, for instance). Called on the vCPU thread that wrote the bytes: it must not block.
+pub trait ConsoleObserver: Send {
+    /// The guest wrote `bytes`.
+    fn observe(&mut self, bytes: &[u8]);
+}
+
+/// The UART's output side: the sink, the counters and the observers.
 pub struct ConsoleOut {
     sink: Sink,
-    watch: Arc<ConsoleWatch>,
-    pattern: Vec<u8>,
-    window: VecDeque<u8>,
-    exit: Option<ExitHandle>,
+    stats: Arc<ConsoleStats>,
+    observers: Vec<Box<dyn ConsoleObserver>>,
 }
 
 impl ConsoleOut {
+    /// Adds an observer of everything written from now on.
+    pub fn add_observer(&mut self, o: Box<dyn ConsoleObserver>) {
+        self.observers.push(o);
+    }
+
     fn observe(&mut self, buf: &[u8]) {
         if buf.is_empty() {
             return;
         }
-        self.watch.stamp(&self.watch.first_byte_ns);
-        self.watch
-            .bytes
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        if self.pattern.is_empty() || self.watch.matched().is_some() {
-            return;
-        }
-        for b in buf {
-            if self.window.len() == self.pattern.len() {
-                self.window.pop_front();
-            }
-            self.window.push_back(*b);
-            if self.window.len() == self.pattern.len() && self.window.iter().eq(&self.pattern) {
-                self.watch.stamp(&self.watch.match_ns);
-                if let Some(exit) = &self.exit {
-                    exit.request(ExitReason::PatternMatched);
-                }
-                break;
-            }
+        self.stats.count(buf.len());
+        for o in &mut self.observers {
+            o.observe(buf);
         }
     }
 }
@@ -318,12 +297,8 @@ pub struct ConsoleSetup<'a> {
     pub config: &'a ConsoleConfig,
     /// Whether stdin feeds the UART (stdio console only).
     pub stdin: bool,
-    /// Pattern that ends the VM when it appears, if any.
-    pub expect: Option<&'a str>,
     /// Clock and counters.
-    pub watch: Arc<ConsoleWatch>,
-    /// How the pattern ends the VM.
-    pub exit: ExitHandle,
+    pub stats: Arc<ConsoleStats>,
 }
 
 /// Builds COM1 and starts its input side. Returns the UART and the eventfd to register as irqfd.
@@ -345,10 +320,11 @@ pub fn build(setup: ConsoleSetup<'_>) -> Result<(Arc<Mutex<Uart>>, EventFd), Con
                 })?,
         ),
         ConsoleConfig::Socket(path) => {
-            let l = bind_socket(path).map_err(|err| ConsoleError::Socket {
-                path: path.clone(),
-                err,
-            })?;
+            let l =
+                bexar_util::unix::bind_owner_only(path).map_err(|err| ConsoleError::Socket {
+                    path: path.clone(),
+                    err,
+                })?;
             let shared = Arc::new(Mutex::new(SocketShared::default()));
             listener = Some((l, shared.clone()));
             Sink::Socket(shared, None)
@@ -362,10 +338,11 @@ pub fn build(setup: ConsoleSetup<'_>) -> Result<(Arc<Mutex<Uart>>, EventFd), Con
                     path: log.clone(),
                     err,
                 })?;
-            let l = bind_socket(socket).map_err(|err| ConsoleError::Socket {
-                path: socket.clone(),
-                err,
-            })?;
+            let l =
+                bexar_util::unix::bind_owner_only(socket).map_err(|err| ConsoleError::Socket {
+                    path: socket.clone(),
+                    err,
+                })?;
             let shared = Arc::new(Mutex::new(SocketShared::default()));
             listener = Some((l, shared.clone()));
             Sink::Socket(shared, Some(file))
@@ -373,10 +350,8 @@ pub fn build(setup: ConsoleSetup<'_>) -> Result<(Arc<Mutex<Uart>>, EventFd), Con
     };
     let out = ConsoleOut {
         sink,
-        watch: setup.watch,
-        pattern: setup.expect.unwrap_or("").as_bytes().to_vec(),
-        window: VecDeque::new(),
-        exit: Some(setup.exit),
+        stats: setup.stats,
+        observers: Vec::new(),
     };
     let uart = Arc::new(Mutex::new(Serial::new(IrqTrigger(irq), out)));
     if let Some((l, shared)) = listener {
@@ -389,19 +364,6 @@ pub fn build(setup: ConsoleSetup<'_>) -> Result<(Arc<Mutex<Uart>>, EventFd), Con
         spawn_reader(uart.clone(), io::stdin());
     }
     Ok((uart, irq_for_kvm))
-}
-
-/// Binds an owner-only (0600) Unix socket at `path`, replacing a stale socket file.
-pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let l = UnixListener::bind(path)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
 }
 
 #[cfg(test)]
@@ -424,37 +386,37 @@ mod tests {
     }
 
     #[test]
-    fn pattern_is_found_across_writes() {
-        let (exit, rx) = ExitHandle::new();
-        let watch = ConsoleWatch::new(Instant::now());
+    fn observers_and_stats_see_every_byte() {
+        struct Collect(Arc<Mutex<Vec<u8>>>);
+        impl ConsoleObserver for Collect {
+            fn observe(&mut self, bytes: &[u8]) {
+                lock(&self.0).extend_from_slice(bytes);
+            }
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stats = ConsoleStats::new(Instant::now());
         let mut out = ConsoleOut {
             sink: Sink::Null,
-            watch: watch.clone(),
-            pattern: b"Run /init".to_vec(),
-            window: VecDeque::new(),
-            exit: Some(exit),
+            stats: stats.clone(),
+            observers: Vec::new(),
         };
-        for b in b"xx Run /i" {
-            out.write_all(&[*b]).unwrap();
-        }
-        assert!(watch.matched().is_none());
-        out.write_all(b"nit as init").unwrap();
-        assert!(watch.matched().is_some());
-        assert!(watch.first_byte().is_some());
-        assert_eq!(rx.try_recv().unwrap(), ExitReason::PatternMatched);
-        assert_eq!(watch.bytes(), 20);
+        assert!(stats.first_byte().is_none());
+        out.add_observer(Box::new(Collect(seen.clone())));
+        out.write_all(b"hello ").unwrap();
+        out.write_all(b"").unwrap();
+        out.write_all(b"world").unwrap();
+        assert_eq!(&*lock(&seen), b"hello world");
+        assert_eq!(stats.bytes(), 11);
+        assert!(stats.first_byte().is_some());
     }
 
     #[test]
     fn uart_output_reaches_a_file() {
         let path = std::env::temp_dir().join(format!("bexar-serial-{}", std::process::id()));
-        let (exit, _rx) = ExitHandle::new();
         let (uart, _irq) = build(ConsoleSetup {
             config: &ConsoleConfig::File(path.clone()),
             stdin: false,
-            expect: None,
-            watch: ConsoleWatch::new(Instant::now()),
-            exit,
+            stats: ConsoleStats::new(Instant::now()),
         })
         .unwrap();
         let mut dev = SerialDevice(uart);

@@ -19,18 +19,20 @@ use super::memory::{create_guest_memory, GuestRam};
 use super::platform::{adjust_cmdline, Platform};
 use super::teardown::Reaper;
 use super::vcpu::{self, VcpuContext, VcpuStats};
-use super::{ExitHandle, ExitReason, VmConfig, VmOutcome, VmmError};
-use crate::devices::bus::{lock, Bus};
+use super::{ExitHandle, ExitReason, ExitTrigger, VmConfig, VmOutcome, VmmError};
+use crate::devices::bus::Bus;
 use crate::devices::legacy::{
     ExitPort, EXIT_PORT, EXIT_PORT_LEN, I8042, I8042_BASE, I8042_KBD_IRQ, I8042_LEN,
 };
-use crate::devices::serial::{self, ConsoleSetup, ConsoleWatch, SerialDevice};
+use crate::devices::serial::{self, ConsoleObserver, ConsoleSetup, ConsoleStats, SerialDevice};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Counters, DeviceReport, VirtioDevice};
+use crate::devices::IrqTrigger;
+use bexar_util::sync::lock;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::IoEventAddress;
 use vmm_sys_util::eventfd::EventFd;
@@ -69,31 +71,24 @@ pub struct MemoryUse {
     pub guest: u64,
 }
 
-/// The KiB value of field `name` (`VmRSS:`...) in a /proc/PID/status text.
-pub fn kib_field(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find(|l| l.starts_with(name))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// Reads this process's memory use. Guest RAM is a memfd, so it is exactly the shared-memory
 /// (RssShmem) part of the resident set.
 pub fn memory_use() -> Option<MemoryUse> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let rss = kib_field(&status, "VmRSS:")?;
-    let guest = kib_field(&status, "RssShmem:")?;
+    let rss = bexar_util::procfs::kib_field(&status, "VmRSS:")?;
+    let guest = bexar_util::procfs::kib_field(&status, "RssShmem:")?;
     Some(MemoryUse {
         vmm_rss: rss.saturating_sub(guest),
-        vmm_private: kib_field(&status, "RssAnon:")?,
+        vmm_private: bexar_util::procfs::kib_field(&status, "RssAnon:")?,
         guest,
     })
 }
 
-/// Builds and runs one VM to its end.
-pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
+/// Makes a console observer for a VM, given how to end it and when its VMM started.
+pub type ConsoleHook<'a> = &'a dyn Fn(&ExitHandle, Instant) -> Box<dyn ConsoleObserver>;
+
+/// Builds and runs one VM to its end; `hook`, if given, watches its console.
+pub fn run(config: &VmConfig, hook: Option<ConsoleHook<'_>>) -> Result<VmOutcome, VmmError> {
     let start = Instant::now();
     let phase = |name: &str| {
         tracing::debug!(
@@ -156,14 +151,15 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let (exit, exit_rx) = ExitHandle::new();
-    let watch = ConsoleWatch::new(start);
+    let console = ConsoleStats::new(start);
     let (uart, uart_irq) = serial::build(ConsoleSetup {
         config: &config.console,
         stdin: config.stdin,
-        expect: config.expect.as_deref(),
-        watch: watch.clone(),
-        exit: exit.clone(),
+        stats: console.clone(),
     })?;
+    if let Some(hook) = hook {
+        lock(&uart).writer_mut().add_observer(hook(&exit, start));
+    }
     vm.register_irqfd(&uart_irq, serial::COM1_IRQ)
         .map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
 
@@ -179,11 +175,20 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         .map_err(|e| VmmError::Setup(format!("cannot create the i8042 interrupt eventfd: {e}")))?;
     vm.register_irqfd(&i8042_irq, I8042_KBD_IRQ)
         .map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), i8042_irq)));
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        IrqTrigger(i8042_irq),
+        ExitTrigger {
+            exit: exit.clone(),
+            reason: ExitReason::Reset,
+        },
+    )));
     pio.insert(i8042.clone(), I8042_BASE, I8042_LEN)
         .map_err(bus_err)?;
+    let status_exit = exit.clone();
     pio.insert(
-        Arc::new(Mutex::new(ExitPort(exit.clone()))),
+        Arc::new(Mutex::new(ExitPort(move |code| {
+            status_exit.request(ExitReason::GuestStatus(code))
+        }))),
         EXIT_PORT,
         EXIT_PORT_LEN,
     )
@@ -253,7 +258,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
             stats: stats.clone(),
             exit: exit.clone(),
             shutdown,
-            watch: watch.clone(),
+            watch: console.clone(),
             devices: virtio.devices.clone(),
             start,
         };
@@ -327,15 +332,15 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     }
     {
         use std::io::Write;
-        let _ = crate::devices::bus::lock(&uart).writer_mut().flush();
+        let _ = lock(&uart).writer_mut().flush();
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     Ok(VmOutcome {
         reason,
         elapsed_ms: ms(elapsed),
-        first_console_byte_ms: watch.first_byte().map(ms),
-        pattern_ms: watch.matched().map(ms),
-        console_bytes: watch.bytes(),
+        first_console_byte_ms: console.first_byte().map(ms),
+        pattern_ms: None,
+        console_bytes: console.bytes(),
         vcpu_exits: stats.iter().map(|s| s.exits.load(Ordering::Relaxed)).sum(),
         unhandled_io: pio.unhandled() + mmio.unhandled(),
         vmm_rss_kib: mem_use.map(|m| m.vmm_rss),

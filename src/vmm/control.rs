@@ -23,9 +23,9 @@ use vmm_sys_util::signal::SIGRTMIN;
 
 use super::vcpu::VcpuStats;
 use super::{ExitHandle, ExitReason};
-use crate::devices::bus::lock;
-use crate::devices::serial::ConsoleWatch;
+use crate::devices::serial::ConsoleStats;
 use crate::devices::virtio::{Counters, DeviceReport};
+use bexar_util::sync::lock;
 
 /// Where the control socket goes and what the VMM says about itself.
 #[derive(Debug, Clone)]
@@ -114,7 +114,7 @@ pub struct Controls {
     /// Asks the guest to shut down; false if the request could not be delivered.
     pub shutdown: Box<dyn Fn() -> bool + Send + Sync>,
     /// Console counters.
-    pub watch: Arc<ConsoleWatch>,
+    pub watch: Arc<ConsoleStats>,
     /// Virtio devices (kind, slot, counters).
     pub devices: Vec<(&'static str, u32, Arc<Counters>)>,
     /// When the VMM started.
@@ -252,7 +252,7 @@ impl Controls {
 /// Binds the control socket (owner-only) and serves it on a background thread for the life of
 /// the process.
 pub fn serve(controls: Arc<Controls>) -> std::io::Result<()> {
-    let listener = crate::devices::serial::bind_socket(&controls.config.socket)?;
+    let listener = bexar_util::unix::bind_owner_only(&controls.config.socket)?;
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {

@@ -23,6 +23,10 @@ use crate::devices::serial::ConsoleConfig;
 pub use builder::run;
 use cpuid::CpuTemplate;
 
+/// Command line used when none is given: serial console, i8042 reboot (our VM exit), and a
+/// panicking kernel reboots at once instead of hanging.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
 /// Errors that stop a VM from being built or run.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -40,7 +44,7 @@ pub enum VmmError {
     Boot(#[from] boot::BootError),
     /// A NIC could not be attached.
     #[error(transparent)]
-    Nic(#[from] crate::net::tap::TapError),
+    Nic(#[from] crate::devices::tap::TapError),
     /// The vsock device could not be attached.
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
@@ -182,6 +186,22 @@ impl ExitHandle {
     }
 }
 
+/// A line that ends the VM with a given reason when pulled (the i8042's reset line).
+pub struct ExitTrigger {
+    /// Where the reason goes.
+    pub exit: ExitHandle,
+    /// The reason.
+    pub reason: ExitReason,
+}
+
+impl vm_superio::Trigger for ExitTrigger {
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.exit.request(self.reason.clone());
+        Ok(())
+    }
+}
+
 /// Everything needed to run one VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -203,8 +223,6 @@ pub struct VmConfig {
     pub stdin: bool,
     /// End the VM after this long.
     pub timeout: Option<Duration>,
-    /// End the VM (successfully) when this appears on the console.
-    pub expect: Option<String>,
     /// Add the platform's kernel parameters (PVM) to the command line.
     pub platform_params: bool,
     /// Give the guest an i8254 PIT (old guests without a LAPIC timer or kvm-clock need one).
@@ -230,7 +248,7 @@ pub struct VmOutcome {
     pub elapsed_ms: f64,
     /// Time from VMM start to the first console byte.
     pub first_console_byte_ms: Option<f64>,
-    /// Time from VMM start to the expected pattern.
+    /// Time from VMM start to the expected pattern (set by the caller that watched for it).
     pub pattern_ms: Option<f64>,
     /// Console bytes the guest wrote.
     pub console_bytes: u64,

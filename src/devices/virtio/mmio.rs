@@ -7,7 +7,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{status, Counters, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::devices::bus::{lock, BusDevice};
+use crate::devices::bus::BusDevice;
+use bexar_util::sync::lock;
 
 /// Size of one device's register window.
 pub const MMIO_LEN: u64 = 0x1000;

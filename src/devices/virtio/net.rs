@@ -16,7 +16,7 @@ use super::{
     serve_queue, ActivateError, Counters, DeviceBase, VirtioDevice, INT_USED_RING, TYPE_NET,
     VIRTIO_F_VERSION_1,
 };
-use crate::net::tap::{offload, Tap, VNET_HDR_LEN};
+use crate::devices::tap::{offload, Tap, VNET_HDR_LEN};
 
 /// Queue size we offer.
 pub const QUEUE_SIZE: u16 = 256;
@@ -113,7 +113,7 @@ pub struct Net {
 
 impl Net {
     /// Opens the TAP and builds the device around `irqfd`.
-    pub fn new(cfg: &NicConfig, irqfd: EventFd) -> Result<Self, crate::net::tap::TapError> {
+    pub fn new(cfg: &NicConfig, irqfd: EventFd) -> Result<Self, crate::devices::tap::TapError> {
         let tap = Tap::open(&cfg.tap)?;
         let mut config = vec![0u8; 10];
         config[..6].copy_from_slice(&cfg.mac);
@@ -122,7 +122,7 @@ impl Net {
         Ok(Self {
             tap,
             config,
-            base: DeviceBase::new(2, irqfd).map_err(|err| crate::net::tap::TapError::Open {
+            base: DeviceBase::new(2, irqfd).map_err(|err| crate::devices::tap::TapError::Open {
                 name: cfg.tap.clone(),
                 what: "eventfd",
                 err,

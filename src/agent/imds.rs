@@ -3,7 +3,7 @@
 //!
 //! **Who is asking** is decided by the interface a request arrived on, never by its source
 //! address: the bridge filter marks every metadata packet with `MARK_BASE | ifindex` of the TAP
-//! it came from (`crate::net::nft`), and with `net.ipv4.tcp_fwmark_accept` the accepted socket
+//! it came from (`crate::hostnet::nft`), and with `net.ipv4.tcp_fwmark_accept` the accepted socket
 //! carries the mark of its SYN, which the service reads back (`SO_MARK`). A request without a
 //! known mark (from the host, another namespace, an unknown TAP) is refused.
 //!
@@ -34,7 +34,7 @@ use crate::agent::network::NicOwner;
 use crate::agent::segment::NicState;
 use crate::agent::spec::VmRecord;
 use crate::agent::Agent;
-use crate::devices::bus::lock;
+use bexar_util::sync::lock;
 
 /// The token request header.
 pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";

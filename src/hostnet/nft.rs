@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::{json, Value};
 
-use crate::agent::segment::{GATEWAY_PREFIX, IMDS_ADDR, TAP_PREFIX};
+use super::{GATEWAY_PREFIX, IMDS_ADDR, TAP_PREFIX};
 
 /// Name of both tables.
 pub const TABLE: &str = "bexar";

@@ -1,0 +1,109 @@
+//! Files that survive a crash at any instant: replaced atomically and durably, and advisory
+//! locks that say who owns a directory.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// A file operation that failed, with what was being done and to which file.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {path}: {err}")]
+pub struct FsError {
+    /// What was being done (`create`, `fsync`, `rename`...).
+    pub what: &'static str,
+    /// The file.
+    pub path: PathBuf,
+    /// Why it failed.
+    pub err: io::Error,
+}
+
+/// Turns an `io::Error` into an [`FsError`] about `path`.
+pub fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FsError + 'a {
+    move |err| FsError {
+        what,
+        path: path.to_owned(),
+        err,
+    }
+}
+
+/// Writes `data` to `path` atomically and durably: a temporary file in the same directory is
+/// written and fsynced, renamed over `path`, and the directory fsynced. After a crash at any
+/// instant, `path` holds the old contents or the new ones.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), FsError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+    f.write_all(data).map_err(io_err("write", &tmp))?;
+    f.sync_all().map_err(io_err("fsync", &tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io_err("rename", path))?;
+    sync_dir(dir)
+}
+
+/// fsyncs a directory, making renames and unlinks in it durable.
+pub fn sync_dir(dir: &Path) -> Result<(), FsError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", dir))
+}
+
+/// Tries to take an exclusive flock on `path` (created if missing). `Ok(None)` if someone
+/// else holds it. The lock lasts as long as the returned file is open.
+pub fn try_lock(path: &Path) -> Result<Option<File>, FsError> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io_err("open", path))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(Some(f));
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(None)
+    } else {
+        Err(FsError {
+            what: "flock",
+            path: path.to_owned(),
+            err,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("bexar-util-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temporary() {
+        let d = dir("atomic");
+        let p = d.join("x.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_lock_has_one_holder_at_a_time() {
+        let d = dir("lock");
+        let p = d.join("lock");
+        let a = try_lock(&p).unwrap().expect("free");
+        assert!(try_lock(&p).unwrap().is_none());
+        drop(a);
+        assert!(try_lock(&p).unwrap().is_some());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

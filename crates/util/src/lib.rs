@@ -1,0 +1,12 @@
+//! Helpers shared by every layer of Bexar. This crate sits at the bottom of the crate graph and
+//! knows nothing of VMs, devices or the agent.
+//!
+//! * [`sync`]: a mutex lock that survives a panicking holder.
+//! * [`unix`]: owner-only Unix sockets.
+//! * [`fs`]: atomic, durable file replacement and advisory locks.
+//! * [`procfs`]: fields of `/proc/PID/status` and `/proc/PID/stat`.
+
+pub mod fs;
+pub mod procfs;
+pub mod sync;
+pub mod unix;

@@ -1,0 +1,47 @@
+//! Reading what the kernel says about a process.
+
+/// The KiB value of field `name` (`VmRSS:`...) in a `/proc/PID/status` (or `smaps_rollup`)
+/// text.
+pub fn kib_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(name))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The KiB value of field `name` in this process's `/proc/self/status`.
+pub fn self_status_kib(name: &str) -> Option<u64> {
+    kib_field(&std::fs::read_to_string("/proc/self/status").ok()?, name)
+}
+
+/// The process start time (field 22 of /proc/PID/stat, clock ticks since boot): with the pid,
+/// it names one process, whatever pid reuse happens later.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_are_found_by_name() {
+        let text = "Name:\tbexar\nVmRSS:\t  4464 kB\nRssAnon:\t 360 kB\n";
+        assert_eq!(kib_field(text, "VmRSS:"), Some(4464));
+        assert_eq!(kib_field(text, "RssAnon:"), Some(360));
+        assert_eq!(kib_field(text, "RssShmem:"), None);
+        assert!(self_status_kib("VmRSS:").is_some_and(|k| k > 0));
+    }
+
+    #[test]
+    fn start_time_of_this_process_is_stable() {
+        let me = std::process::id();
+        let t = start_ticks(me).expect("own start time");
+        assert_eq!(start_ticks(me), Some(t));
+    }
+}
