@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bexar::api::client::Client;
+use bexar_agent::api::client::Client;
 use serde_json::{json, Value};
 
 fn rss_kib(pid: u32) -> u64 {

@@ -18,8 +18,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bexar::api::client::Client;
-use bexar::hostnet::nft::{NicRule, Ruleset, SegmentRule, MARK_BASE};
+use bexar_agent::api::client::Client;
+use bexar_hostnet::nft::{NicRule, Ruleset, SegmentRule, MARK_BASE};
 use serde_json::{json, Value};
 
 struct Cleanup {
@@ -188,6 +188,6 @@ fn main() {
         "network: nftables replace p50: 100 NICs {hundred:.1} ms, empty ruleset {empty:.1} ms (ratio {:.2})",
         hundred / empty
     );
-    let _ = bexar::hostnet::nft::remove_tables();
+    let _ = bexar_hostnet::nft::remove_tables();
     drop(clean);
 }

@@ -23,9 +23,9 @@ fn ip(args: &[&str]) {
 /// into TAP `name` as fast as possible; print the elapsed seconds.
 fn host_blast(name: &str, size: usize, count: u64) {
     use std::io::Write;
-    let tap = bexar::devices::tap::Tap::open(name).expect("open the TAP");
-    let mut frame = vec![0u8; bexar::devices::tap::VNET_HDR_LEN + size];
-    let eth = &mut frame[bexar::devices::tap::VNET_HDR_LEN..];
+    let tap = bexar_devices::tap::Tap::open(name).expect("open the TAP");
+    let mut frame = vec![0u8; bexar_devices::tap::VNET_HDR_LEN + size];
+    let eth = &mut frame[bexar_devices::tap::VNET_HDR_LEN..];
     eth[..6].fill(0xff);
     eth[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
     eth[12..14].copy_from_slice(&0x88b5u16.to_be_bytes()); // local experimental ethertype

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use bexar::api::client::Client;
+use bexar_agent::api::client::Client;
 use common::{bexar, expect_status, rt, testguest, tmp};
 use serde_json::{json, Value};
 
@@ -164,7 +164,7 @@ async fn console_echo(c: &Client, id: &str, line: &str) -> String {
     let mut conn = c
         .upgrade(
             &format!("/v1/vms/{id}/console/attach"),
-            bexar::api::CONSOLE_PROTOCOL,
+            bexar_agent::api::CONSOLE_PROTOCOL,
         )
         .await
         .unwrap()
@@ -625,7 +625,7 @@ fn bad_requests_get_a_4xx_naming_the_problem_and_change_nothing() {
         assert_eq!(files.len(), 2, "{files:?}");
 
         // Every documented route exists (answers with something other than "no such route").
-        let doc: Value = serde_json::from_str(bexar::api::OPENAPI).unwrap();
+        let doc: Value = serde_json::from_str(bexar_agent::api::OPENAPI).unwrap();
         for (path, item) in doc["paths"].as_object().unwrap() {
             for method in item.as_object().unwrap().keys() {
                 if !["get", "post", "put", "delete", "patch"].contains(&method.as_str()) {

@@ -15,7 +15,7 @@ use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bexar::api::client::Client;
+use bexar_agent::api::client::Client;
 use common::{bexar, expect_status, rt, testguest, tmp};
 use serde_json::{json, Value};
 

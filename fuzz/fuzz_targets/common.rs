@@ -2,8 +2,8 @@
 
 use std::sync::OnceLock;
 
-use bexar::devices::virtio::block::DiskConfig;
-use bexar::vmm::memory::{create_guest_memory, GuestRam};
+use bexar_devices::virtio::block::DiskConfig;
+use bexar_devices::memory::{test_memory, GuestMemoryMmap};
 
 /// A 64 KiB raw image in the temporary directory.
 pub fn disk() -> &'static DiskConfig {
@@ -22,7 +22,7 @@ pub fn disk() -> &'static DiskConfig {
 }
 
 /// 2 MiB of guest memory.
-pub fn ram() -> &'static GuestRam {
-    static R: OnceLock<GuestRam> = OnceLock::new();
-    R.get_or_init(|| create_guest_memory(2).unwrap())
+pub fn mem() -> &'static GuestMemoryMmap {
+    static M: OnceLock<GuestMemoryMmap> = OnceLock::new();
+    M.get_or_init(|| test_memory(2))
 }

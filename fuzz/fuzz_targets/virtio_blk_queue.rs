@@ -5,10 +5,10 @@
 #[path = "common.rs"]
 mod common;
 
-use bexar::devices::virtio::block::Block;
-use bexar::devices::virtio::ring::DriverRing;
-use bexar::devices::virtio::VirtioDevice;
-use common::{disk, ram};
+use bexar_devices::virtio::block::Block;
+use bexar_devices::virtio::ring::DriverRing;
+use bexar_devices::virtio::VirtioDevice;
+use common::{disk, mem};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -20,8 +20,7 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {
         return;
     }
-    let ram = ram();
-    let mem = &ram.mem;
+    let mem = mem();
     // Layout the fuzzer controls: descriptors (16 x 16 bytes) at RING, the available ring at
     // RING + 0x2000, and everything else from 0x30000 as request buffers.
     let (avail_idx, rest) = data.split_at(2);

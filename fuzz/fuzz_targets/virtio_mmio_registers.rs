@@ -7,11 +7,11 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use bexar::devices::bus::BusDevice;
-use bexar::devices::virtio::block::Block;
-use bexar::devices::virtio::mmio::MmioTransport;
-use bexar::devices::virtio::VirtioDevice;
-use common::{disk, ram};
+use bexar_devices::bus::BusDevice;
+use bexar_devices::virtio::block::Block;
+use bexar_devices::virtio::mmio::MmioTransport;
+use bexar_devices::virtio::VirtioDevice;
+use common::{disk, mem};
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let dev: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(
         Block::new(disk(), EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap(),
     ));
-    let mut t = MmioTransport::new(dev, ram().mem.clone());
+    let mut t = MmioTransport::new(dev, mem().clone());
     // Each 8-byte record: offset (u16), width selector, write flag, value (u32).
     for op in data.chunks_exact(8) {
         let offset = u64::from(u16::from_le_bytes([op[0], op[1]]) & 0x1ff);

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::agent::host::CapacityConfig;
-use crate::agent::{Agent, AgentConfig, DEFAULT_SOCKET, DEFAULT_STATE_DIR};
+use bexar_agent::host::CapacityConfig;
+use bexar_agent::{Agent, AgentConfig, DEFAULT_SOCKET, DEFAULT_STATE_DIR};
 
 /// Flags of `bexar agent`.
 #[derive(Debug, Clone, Args)]
@@ -100,7 +100,7 @@ fn config(a: &AgentArgs) -> Result<AgentConfig, String> {
         },
         restart_backoff: seconds("restart-backoff", a.restart_backoff)?,
         stop_timeout: seconds("stop-timeout", a.stop_timeout)?,
-        network: crate::agent::network::NetworkConfig {
+        network: bexar_agent::network::NetworkConfig {
             uplink: a
                 .uplink
                 .as_deref()
@@ -146,10 +146,10 @@ pub fn main(a: &AgentArgs) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match crate::agent::imds::bind(addr) {
+            match bexar_agent::imds::bind(addr) {
                 Ok(l) => {
                     tracing::info!(%addr, "metadata service listening");
-                    tokio::spawn(crate::agent::imds::serve(agent.clone(), l, a.zone.clone()));
+                    tokio::spawn(bexar_agent::imds::serve(agent.clone(), l, a.zone.clone()));
                 }
                 Err(e) => tracing::error!("metadata service cannot listen on {addr}: {e}"),
             }
@@ -164,7 +164,7 @@ pub fn main(a: &AgentArgs) -> ExitCode {
                 }
             }
         });
-        match crate::api::serve(agent, a.socket.clone(), a.debug_socket.clone()).await {
+        match bexar_agent::api::serve(agent, a.socket.clone(), a.debug_socket.clone()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("bexar agent: {}: {e}", a.socket.display());

@@ -9,7 +9,7 @@ use std::time::Instant;
 use super::junit::{self, Case};
 use super::run::vm_config;
 use super::BootTestArgs;
-use crate::vmm::VmConfig;
+use bexar_vmm::VmConfig;
 
 struct Job {
     name: String,

@@ -11,13 +11,13 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
-use crate::api::client::{Client, ClientError, Reply};
+use bexar_agent::api::client::{Client, ClientError, Reply};
 
 /// Options every client command takes.
 #[derive(Debug, Clone, Args)]
 pub struct ClientOpts {
     /// The agent's API socket.
-    #[arg(long, env = "BEXAR_SOCKET", default_value = crate::agent::DEFAULT_SOCKET, global = true)]
+    #[arg(long, env = "BEXAR_SOCKET", default_value = bexar_agent::DEFAULT_SOCKET, global = true)]
     pub socket: PathBuf,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
@@ -282,7 +282,7 @@ fn status_of(r: Result<Reply, ClientError>) -> ExitCode {
 
 fn age(ms: Option<u64>) -> String {
     let Some(ms) = ms else { return "-".into() };
-    let s = crate::agent::spec::now_ms().saturating_sub(ms) / 1000;
+    let s = bexar_agent::spec::now_ms().saturating_sub(ms) / 1000;
     match s {
         0..=119 => format!("{s}s"),
         120..=7199 => format!("{}m", s / 60),
@@ -653,7 +653,7 @@ async fn attach(c: &Client, id: &str) -> ExitCode {
     let conn = match c
         .upgrade(
             &format!("/v1/vms/{id}/console/attach"),
-            crate::api::CONSOLE_PROTOCOL,
+            bexar_agent::api::CONSOLE_PROTOCOL,
         )
         .await
     {

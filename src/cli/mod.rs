@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::devices::serial::ConsoleConfig;
+use bexar_devices::serial::ConsoleConfig;
 
 /// Exit status of `bexar run`, one per way a VM can end (documented in docs/operators-guide.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,17 +135,17 @@ pub struct VmArgs {
     pub legacy_pit: bool,
     /// A virtio-blk disk: PATH[,ro][,serial=ID] (repeatable; the first is /dev/vda).
     #[arg(long, value_name = "PATH[,ro]")]
-    pub disk: Vec<crate::devices::virtio::block::DiskConfig>,
+    pub disk: Vec<bexar_devices::virtio::block::DiskConfig>,
     /// A virtio-net NIC on an existing TAP: tap=NAME[,mac=MAC] (repeatable).
     #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
-    pub net: Vec<crate::devices::virtio::net::NicConfig>,
+    pub net: Vec<bexar_devices::virtio::net::NicConfig>,
     /// Attach a virtio-rng fed from the host's getrandom.
     #[arg(long)]
     pub rng: bool,
     /// A virtio-vsock device: cid=N,uds=PATH (host connects to PATH and writes "CONNECT <port>";
     /// guest connections to port P reach PATH_P).
     #[arg(long, value_name = "cid=N,uds=PATH")]
-    pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
+    pub vsock: Option<bexar_devices::virtio::vsock::VsockConfig>,
 }
 
 /// Flags of `bexar run`.

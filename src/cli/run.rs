@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use super::{RunArgs, RunStatus, VmArgs};
-use crate::vmm::cpuid::CpuTemplate;
-use crate::vmm::{self, ExitReason, VmConfig, VmmError, DEFAULT_CMDLINE};
+use bexar_vmm::cpuid::CpuTemplate;
+use bexar_vmm::{self as vmm, ExitReason, VmConfig, VmmError, DEFAULT_CMDLINE};
 
 /// Checks the VM flags and builds a config; the error names the offending flag.
 pub fn vm_config(
@@ -78,7 +78,7 @@ pub fn vm_config(
         vcpus: vm.vcpus,
         memory_mib: vm.memory,
         cpu_template,
-        console: crate::devices::serial::ConsoleConfig::Stdio,
+        console: bexar_devices::serial::ConsoleConfig::Stdio,
         stdin: false,
         timeout,
         platform_params: !vm.no_platform_params,
@@ -118,7 +118,7 @@ pub fn main(args: &RunArgs) -> RunStatus {
         let pattern = args.expect.as_deref().unwrap_or("");
         let (w, m) = super::watch::PatternWatch::new(pattern, exit.clone(), start);
         *bexar_util::sync::lock(&matched) = Some(m);
-        Box::new(w) as Box<dyn crate::devices::serial::ConsoleObserver>
+        Box::new(w) as Box<dyn bexar_devices::serial::ConsoleObserver>
     };
     let hook = args
         .expect

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use super::RunStatus;
-use crate::agent::store::{layout, try_lock, write_atomic};
-use crate::agent::vmm_process::{Launch, RunResult};
+use bexar_agent::store::{layout, try_lock, write_atomic};
+use bexar_agent::vmm_process::{Launch, RunResult};
 
 fn write_result(dir: &Path, result: &RunResult) {
     match serde_json::to_vec_pretty(result) {
@@ -73,7 +73,7 @@ pub fn main(dir: &Path) -> ExitCode {
         config.vcpus,
         config.memory_mib
     );
-    match crate::vmm::run(&config, None) {
+    match bexar_vmm::run(&config, None) {
         Ok(outcome) => {
             let status = super::run::status_for(&outcome.reason);
             tracing::info!(vm = %launch.id, "VM ended: {}", outcome.reason);

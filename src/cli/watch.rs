@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::devices::serial::ConsoleObserver;
-use crate::vmm::{ExitHandle, ExitReason};
+use bexar_devices::serial::ConsoleObserver;
+use bexar_vmm::{ExitHandle, ExitReason};
 
 /// Looks for `pattern` in the console output, across writes; the first match ends the VM with
 /// [`ExitReason::PatternMatched`].

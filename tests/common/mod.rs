@@ -212,7 +212,7 @@ pub fn rt() -> tokio::runtime::Runtime {
 
 /// Asserts an API reply's status (showing the body if it differs) and returns its JSON.
 #[track_caller]
-pub fn expect_status(r: &bexar::api::client::Reply, status: u16) -> serde_json::Value {
+pub fn expect_status(r: &bexar_agent::api::client::Reply, status: u16) -> serde_json::Value {
     assert_eq!(
         r.status.as_u16(),
         status,

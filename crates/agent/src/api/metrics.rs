@@ -1,0 +1,179 @@
+//! Prometheus text exposition: the agent's request latencies and VM counts, and per-VM counters
+//! read from each VMM's control socket at scrape time.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::Agent;
+use bexar_util::sync::lock;
+
+/// Upper bounds of the latency buckets, seconds.
+const BUCKETS: [f64; 10] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// Request latencies per (method, route, status class).
+#[derive(Debug, Default)]
+pub struct RequestMetrics(Mutex<BTreeMap<(String, String, u16), Histogram>>);
+
+impl RequestMetrics {
+    /// Records one request.
+    pub fn observe(&self, method: &str, route: &str, status: u16, took: Duration) {
+        let s = took.as_secs_f64();
+        let mut m = lock(&self.0);
+        let h = m
+            .entry((method.to_owned(), route.to_owned(), status))
+            .or_default();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                h.counts[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += s;
+    }
+
+    fn render(&self, out: &mut String) {
+        let m = lock(&self.0).clone();
+        let _ = writeln!(
+            out,
+            "# HELP bexar_api_request_duration_seconds API request latency.\n# TYPE bexar_api_request_duration_seconds histogram"
+        );
+        for ((method, route, status), h) in m {
+            let labels = format!("method=\"{method}\",route=\"{route}\",status=\"{status}\"");
+            for (i, b) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "bexar_api_request_duration_seconds_bucket{{{labels},le=\"{b}\"}} {}",
+                    h.counts[i]
+                );
+            }
+            let _ = writeln!(
+                out,
+                "bexar_api_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "bexar_api_request_duration_seconds_sum{{{labels}}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "bexar_api_request_duration_seconds_count{{{labels}}} {}",
+                h.count
+            );
+        }
+    }
+}
+
+/// Escapes a label value.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Renders every metric.
+pub async fn render(agent: &Agent, requests: &RequestMetrics) -> String {
+    let mut out = String::new();
+    requests.render(&mut out);
+    let _ = writeln!(
+        out,
+        "# HELP bexar_vms VMs by state.\n# TYPE bexar_vms gauge"
+    );
+    for (state, n) in agent.counts() {
+        let _ = writeln!(out, "bexar_vms{{state=\"{state}\"}} {n}");
+    }
+    let inv = agent.inventory();
+    let _ = writeln!(
+        out,
+        "# TYPE bexar_host_vcpus_allocated gauge\nbexar_host_vcpus_allocated {}\n# TYPE bexar_host_vcpus_capacity gauge\nbexar_host_vcpus_capacity {}\n# TYPE bexar_host_memory_allocated_mib gauge\nbexar_host_memory_allocated_mib {}\n# TYPE bexar_host_memory_capacity_mib gauge\nbexar_host_memory_capacity_mib {}",
+        inv.vcpus.allocated, inv.vcpus.capacity, inv.memory_mib.allocated, inv.memory_mib.capacity
+    );
+    if let Some(kib) = agent_rss_kib() {
+        let _ = writeln!(
+            out,
+            "# TYPE bexar_agent_resident_bytes gauge\nbexar_agent_resident_bytes {}",
+            kib * 1024
+        );
+    }
+    // Per-VM counters, asked of every VMM concurrently.
+    let running = agent.running();
+    let infos = futures_util::future::join_all(running.iter().map(|(id, dir)| async move {
+        (
+            id.clone(),
+            crate::vmm_process::info(dir).await.ok().map(|(i, _)| i),
+        )
+    }))
+    .await;
+    let _ = writeln!(
+        out,
+        "# HELP bexar_vm_vcpu_exits_total Exits to user space per vCPU.\n# TYPE bexar_vm_vcpu_exits_total counter"
+    );
+    for (id, info) in &infos {
+        if let Some(i) = info {
+            for (n, exits) in i.vcpu_exits.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "bexar_vm_vcpu_exits_total{{vm=\"{}\",vcpu=\"{n}\"}} {exits}",
+                    esc(id)
+                );
+            }
+        }
+    }
+    let _ = writeln!(out, "# TYPE bexar_vm_console_bytes_total counter");
+    for (id, i) in infos
+        .iter()
+        .filter_map(|(id, i)| i.as_ref().map(|i| (id, i)))
+    {
+        let _ = writeln!(
+            out,
+            "bexar_vm_console_bytes_total{{vm=\"{}\"}} {}",
+            esc(id),
+            i.console_bytes
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP bexar_vm_device_total Virtio device counters.\n# TYPE bexar_vm_device_total counter"
+    );
+    for (id, i) in infos
+        .iter()
+        .filter_map(|(id, i)| i.as_ref().map(|i| (id, i)))
+    {
+        for d in &i.devices {
+            for (name, v) in [
+                ("requests", d.requests),
+                ("refused", d.refused),
+                ("io_errors", d.io_errors),
+                ("read_bytes", d.read_bytes),
+                ("written_bytes", d.written_bytes),
+                ("activations", d.activations),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "bexar_vm_device_total{{vm=\"{}\",device=\"{}\",slot=\"{}\",counter=\"{name}\"}} {v}",
+                    esc(id),
+                    d.kind,
+                    d.slot
+                );
+            }
+        }
+    }
+    out
+}
+
+/// The agent's resident memory in KiB.
+pub fn agent_rss_kib() -> Option<u64> {
+    bexar_util::procfs::self_status_kib("VmRSS:")
+}

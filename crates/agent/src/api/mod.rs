@@ -1,0 +1,1054 @@
+//! The agent's HTTP/1.1 + JSON API on a Unix socket, versioned under `/v1` and described by
+//! docs/openapi.json (checked against [`ROUTES`] and the request types in tests).
+//!
+//! Handlers only translate: parse and check the request, call the [`Agent`], turn the result
+//! or the error into JSON.
+
+pub mod client;
+pub mod error;
+pub mod metrics;
+
+use std::collections::BTreeMap;
+use std::future::IntoFuture;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path as UrlPath, RawQuery, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::spec::{Phase, VmSpec};
+use crate::store::layout;
+use crate::Agent;
+pub use error::ApiError;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Longest wait a client may ask for.
+const MAX_WAIT: f64 = 3600.0;
+
+/// Every route, as (method, path template). docs/openapi.json lists exactly these.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/host"),
+    ("GET", "/v1/vms"),
+    ("POST", "/v1/vms"),
+    ("GET", "/v1/vms/{id}"),
+    ("DELETE", "/v1/vms/{id}"),
+    ("POST", "/v1/vms/{id}/start"),
+    ("POST", "/v1/vms/{id}/stop"),
+    ("POST", "/v1/vms/{id}/reboot"),
+    ("POST", "/v1/vms/{id}/pause"),
+    ("POST", "/v1/vms/{id}/resume"),
+    ("GET", "/v1/vms/{id}/wait"),
+    ("GET", "/v1/vms/{id}/console"),
+    ("GET", "/v1/vms/{id}/console/attach"),
+    ("GET", "/v1/vms/{id}/metadata"),
+    ("PUT", "/v1/vms/{id}/metadata"),
+    ("GET", "/v1/segments"),
+    ("POST", "/v1/segments"),
+    ("GET", "/v1/segments/{id}"),
+    ("DELETE", "/v1/segments/{id}"),
+    ("GET", "/v1/events"),
+    ("GET", "/v1/metrics"),
+    ("GET", "/v1/openapi.json"),
+];
+
+/// The OpenAPI document, served at /v1/openapi.json.
+pub const OPENAPI: &str = include_str!("../../../../docs/openapi.json");
+
+/// What every handler shares.
+pub struct ApiState {
+    /// The agent.
+    pub agent: Arc<Agent>,
+    /// Request latencies.
+    pub requests: metrics::RequestMetrics,
+}
+
+type St = State<Arc<ApiState>>;
+
+/// Query parameters, checked against the ones a route accepts.
+struct Params(BTreeMap<String, String>);
+
+impl Params {
+    fn parse(raw: Option<String>, allowed: &[&str]) -> Result<Self, ApiError> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+            .map_err(|e| ApiError::field("invalid_parameter", "query", e.to_string()))?;
+        let mut map = BTreeMap::new();
+        for (k, v) in pairs {
+            if !allowed.contains(&k.as_str()) {
+                return Err(ApiError::field(
+                    "invalid_parameter",
+                    k.clone(),
+                    format!(
+                        "unknown parameter; this route takes: {}",
+                        allowed.join(", ")
+                    ),
+                ));
+            }
+            map.insert(k, v);
+        }
+        Ok(Self(map))
+    }
+
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str)
+    }
+
+    fn flag(&self, k: &str) -> Result<bool, ApiError> {
+        match self.get(k) {
+            None => Ok(false),
+            Some("" | "1" | "true" | "yes") => Ok(true),
+            Some("0" | "false" | "no") => Ok(false),
+            Some(v) => Err(ApiError::field(
+                "invalid_parameter",
+                k,
+                format!("{v:?} is not a boolean"),
+            )),
+        }
+    }
+
+    fn seconds(&self, k: &str) -> Result<Option<Duration>, ApiError> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(v) => match v.parse::<f64>() {
+                Ok(s) if s.is_finite() && (0.0..=MAX_WAIT).contains(&s) => {
+                    Ok(Some(Duration::from_secs_f64(s)))
+                }
+                _ => Err(ApiError::field(
+                    "invalid_parameter",
+                    k,
+                    format!("{v:?} is not a number of seconds in 0-{MAX_WAIT}"),
+                )),
+            },
+        }
+    }
+
+    fn u64(&self, k: &str) -> Result<Option<u64>, ApiError> {
+        self.get(k)
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| {
+                    ApiError::field(
+                        "invalid_parameter",
+                        k,
+                        format!("{v:?} is not a non-negative integer"),
+                    )
+                })
+            })
+            .transpose()
+    }
+}
+
+/// Reads a body of at most [`MAX_BODY`] bytes.
+async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request bodies are limited to {MAX_BODY} bytes"),
+        )
+    })
+}
+
+/// Reads a JSON body: size-limited, unknown fields refused, errors naming the field.
+async fn json_body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let bytes = read_body(body).await?;
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    let v = serde_path_to_error::deserialize(&mut de).map_err(error::from_json)?;
+    de.end()
+        .map_err(|e| ApiError::field("invalid_json", "body", format!("trailing data: {e}")))?;
+    Ok(v)
+}
+
+/// Refuses a body on routes that take none (anything but nothing, `{}` or whitespace).
+async fn no_body(body: Body) -> Result<(), ApiError> {
+    let bytes = read_body(body).await?;
+    let text = String::from_utf8_lossy(&bytes);
+    let t = text.trim();
+    if t.is_empty() || t == "{}" {
+        Ok(())
+    } else {
+        Err(ApiError::field(
+            "invalid_field",
+            "body",
+            "this action takes its options as query parameters, not a body",
+        ))
+    }
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    check_id_of("VM", id)
+}
+
+/// A path id that cannot name anything (ids double as file names) is a 404 without a lookup.
+fn check_id_of(kind: &str, id: &str) -> Result<(), ApiError> {
+    if crate::spec::valid_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no {kind} with id {id:?} (not a valid id)"),
+        ))
+    }
+}
+
+/// The router.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/host", get(host))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
+        .route("/v1/vms/{id}/{action}", post(action))
+        .route("/v1/vms/{id}/wait", get(wait_vm))
+        .route("/v1/vms/{id}/console", get(console))
+        .route("/v1/vms/{id}/console/attach", get(attach))
+        .route("/v1/vms/{id}/metadata", get(get_metadata).put(put_metadata))
+        .route("/v1/segments", get(list_segments).post(create_segment))
+        .route("/v1/segments/{id}", get(get_segment).delete(delete_segment))
+        .route("/v1/events", get(events))
+        .route("/v1/metrics", get(metrics_text))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/openapi.json", get(openapi))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                "no such route; see /v1/openapi.json",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route; see /v1/openapi.json",
+            )
+        })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn observe(State(st): St, req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched".to_owned(), |p| p.as_str().to_owned());
+    let t = Instant::now();
+    let resp = next.run(req).await;
+    st.requests
+        .observe(method.as_str(), &route, resp.status().as_u16(), t.elapsed());
+    resp
+}
+
+async fn host(State(st): St, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
+    let agent = &st.agent;
+    let counts = agent.counts();
+    let kvm_ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let state_ok = agent.state_writable();
+    let failed = counts.get("failed").copied().unwrap_or(0);
+    let healthy = kvm_ok && state_ok;
+    Ok(Json(serde_json::json!({
+        "info": agent.info,
+        "inventory": agent.inventory(),
+        "health": {
+            "status": if !healthy { "unhealthy" } else if failed > 0 { "degraded" } else { "ok" },
+            "checks": [
+                {"name": "kvm", "ok": kvm_ok, "detail": "/dev/kvm opens read-write"},
+                {"name": "state_dir", "ok": state_ok, "detail": "the state directory takes an atomic write"},
+                {"name": "vms", "ok": failed == 0, "detail": format!("{counts:?}")},
+            ],
+        },
+        "vms": counts,
+        "last_event": agent.events.last_seq(),
+    }))
+    .into_response())
+}
+
+async fn list_vms(State(st): St, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    let p = Params::parse(q, &["selector", "state"])?;
+    let state = match p.get("state") {
+        None => None,
+        Some(s) => Some(Phase::parse(s).ok_or_else(|| {
+            ApiError::field("invalid_parameter", "state", format!("unknown state {s:?}"))
+        })?),
+    };
+    let vms: Vec<_> = st
+        .agent
+        .list(p.get("selector"))
+        .into_iter()
+        .filter(|r| state.is_none_or(|s| r.state == s))
+        .collect();
+    Ok(Json(serde_json::json!({ "items": vms })).into_response())
+}
+
+async fn create_vm(State(st): St, RawQuery(q): RawQuery, body: Body) -> Result<Response, ApiError> {
+    let p = Params::parse(q, &["start"])?;
+    let start = p.flag("start")?;
+    let spec: VmSpec = json_body(body).await?;
+    let (rec, created) = st.agent.create(spec).await?;
+    let rec = if start {
+        st.agent.start(&rec.id).await?
+    } else {
+        rec
+    };
+    Ok(created_response(
+        created,
+        &rec,
+        &format!("/v1/vms/{}", rec.id),
+    ))
+}
+
+/// 201 with `Location` for a new object, 200 (and `Location`) for one that already existed.
+fn created_response(created: bool, body: &impl serde::Serialize, location: &str) -> Response {
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut resp = (status, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+async fn get_metadata(
+    State(st): St,
+    UrlPath(id): UrlPath<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
+    check_id(&id)?;
+    Ok(Json(st.agent.get(&id)?.metadata).into_response())
+}
+
+async fn put_metadata(
+    State(st): St,
+    UrlPath(id): UrlPath<String>,
+    RawQuery(q): RawQuery,
+    body: Body,
+) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
+    check_id(&id)?;
+    let md: crate::spec::VmMetadata = json_body(body).await?;
+    Ok(Json(st.agent.set_metadata(&id, md)?.metadata).into_response())
+}
+
+async fn list_segments(State(st): St, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
+    Ok(Json(serde_json::json!({ "items": st.agent.segments() })).into_response())
+}
+
+async fn create_segment(
+    State(st): St,
+    RawQuery(q): RawQuery,
+    body: Body,
+) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
+    let spec: crate::segment::SegmentSpec = json_body(body).await?;
+    let (seg, created) = st.agent.create_segment(spec).await?;
+    Ok(created_response(
+        created,
+        &seg,
+        &format!("/v1/segments/{}", seg.id),
+    ))
+}
+
+async fn get_segment(
+    State(st): St,
+    UrlPath(id): UrlPath<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
+    check_id_of("segment", &id)?;
+    Ok(Json(st.agent.segment(&id)?).into_response())
+}
+
+async fn delete_segment(
+    State(st): St,
+    UrlPath(id): UrlPath<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
+    check_id_of("segment", &id)?;
+    st.agent.delete_segment(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn get_vm(
+    State(st): St,
+    UrlPath(id): UrlPath<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
+    check_id(&id)?;
+    Ok(Json(st.agent.get(&id)?).into_response())
+}
+
+async fn delete_vm(
+    State(st): St,
+    UrlPath(id): UrlPath<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
+    check_id(&id)?;
+    st.agent.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn action(
+    State(st): St,
+    UrlPath((id, action)): UrlPath<(String, String)>,
+    RawQuery(q): RawQuery,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let allowed: &[&str] = match action.as_str() {
+        "stop" => &["timeout", "force"],
+        "reboot" => &["timeout"],
+        "start" | "pause" | "resume" => &[],
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                format!("unknown action {action:?}: start, stop, reboot, pause or resume"),
+            ))
+        }
+    };
+    let p = Params::parse(q, allowed)?;
+    check_id(&id)?;
+    no_body(body).await?;
+    let agent = &st.agent;
+    let rec = match action.as_str() {
+        "start" => agent.start(&id).await?,
+        "stop" => {
+            agent
+                .stop(&id, p.seconds("timeout")?, p.flag("force")?)
+                .await?
+        }
+        "reboot" => agent.reboot(&id, p.seconds("timeout")?).await?,
+        "pause" => agent.pause(&id).await?,
+        _ => agent.resume(&id).await?,
+    };
+    Ok(Json(rec).into_response())
+}
+
+async fn wait_vm(
+    State(st): St,
+    UrlPath(id): UrlPath<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let p = Params::parse(q, &["state", "timeout"])?;
+    check_id(&id)?;
+    let want = match p.get("state") {
+        None => return Err(ApiError::field("invalid_parameter", "state", "required")),
+        Some("deleted") => None,
+        Some(s) => Some(Phase::parse(s).ok_or_else(|| {
+            ApiError::field("invalid_parameter", "state", format!("unknown state {s:?}"))
+        })?),
+    };
+    let timeout = p.seconds("timeout")?.unwrap_or(Duration::from_secs(30));
+    match st.agent.wait(&id, want, timeout).await? {
+        Some(rec) => Ok(Json(rec).into_response()),
+        None => Ok(Json(serde_json::json!({"id": id, "state": "deleted"})).into_response()),
+    }
+}
+
+/// A streaming body fed by a task through a channel.
+fn channel_body() -> (tokio::sync::mpsc::Sender<Vec<u8>>, Body) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, std::io::Error>(chunk), rx))
+    });
+    (tx, Body::from_stream(stream))
+}
+
+async fn console(
+    State(st): St,
+    UrlPath(id): UrlPath<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let p = Params::parse(q, &["offset", "follow"])?;
+    check_id(&id)?;
+    st.agent.get(&id)?;
+    let offset = p.u64("offset")?.unwrap_or(0);
+    let follow = p.flag("follow")?;
+    let path = st.agent.vm_dir(&id).join(layout::CONSOLE_LOG);
+    let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+    let (tx, body) = channel_body();
+    let agent = st.agent.clone();
+    tokio::spawn(async move {
+        let mut pos = offset;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if let Ok(mut f) = tokio::fs::File::open(&path).await {
+                if f.seek(std::io::SeekFrom::Start(pos)).await.is_ok() {
+                    loop {
+                        match f.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                pos += n as u64;
+                                if tx.send(buf[..n].to_vec()).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // Following ends when the VM has no VMM any more (its output is complete) or
+            // the client went away.
+            let live = agent.get(&id).is_ok_and(|r| r.state.has_vmm());
+            if !follow || !live || tx.is_closed() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&size.to_string()) {
+        resp.headers_mut().insert("x-console-size", v);
+    }
+    Ok(resp)
+}
+
+/// The Upgrade protocol name for an interactive console.
+pub const CONSOLE_PROTOCOL: &str = "bexar-console";
+
+async fn attach(
+    State(st): St,
+    UrlPath(id): UrlPath<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    Params::parse(req.uri().query().map(str::to_owned), &[])?;
+    check_id(&id)?;
+    let rec = st.agent.get(&id)?;
+    if !rec.state.has_vmm() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "illegal_transition",
+            format!("cannot attach to VM {id:?}: it is {}", rec.state.as_str()),
+        ));
+    }
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(CONSOLE_PROTOCOL));
+    if !wants {
+        return Err(ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            format!("attach needs `Connection: Upgrade` and `Upgrade: {CONSOLE_PROTOCOL}`; for the log use /console"),
+        ));
+    }
+    let sock_path = st.agent.vm_dir(&id).join(layout::CONSOLE_SOCKET);
+    let mut sock = tokio::net::UnixStream::connect(&sock_path)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "vmm_error",
+                format!("cannot reach the console of {id:?}: {e}"),
+            )
+        })?;
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(up) => {
+                let mut up = hyper_util::rt::TokioIo::new(up);
+                let _ = tokio::io::copy_bidirectional(&mut up, &mut sock).await;
+            }
+            Err(e) => tracing::debug!("console upgrade failed: {e}"),
+        }
+    });
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    resp.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static(CONSOLE_PROTOCOL));
+    Ok(resp)
+}
+
+async fn events(State(st): St, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    let p = Params::parse(q, &["since", "follow", "vm"])?;
+    let since = p.u64("since")?.unwrap_or(0);
+    let follow = p.flag("follow")?;
+    let vm = p.get("vm").map(str::to_owned);
+    let (backlog, mut rx, complete) = st.agent.events.since(since);
+    let (tx, body) = channel_body();
+    tokio::spawn(async move {
+        let keep = |e: &crate::events::Event| vm.as_ref().is_none_or(|v| *v == e.vm);
+        let line = |v: &serde_json::Value| {
+            let mut b = serde_json::to_vec(v).unwrap_or_default();
+            b.push(b'\n');
+            b
+        };
+        if !complete {
+            let gap = serde_json::json!({"kind": "gap", "message": "events after the cursor were dropped from the backlog; re-list VMs"});
+            if tx.send(line(&gap)).await.is_err() {
+                return;
+            }
+        }
+        let mut last = since;
+        for e in backlog {
+            last = e.seq;
+            if keep(&e) && tx.send(line(&serde_json::json!(e))).await.is_err() {
+                return;
+            }
+        }
+        if !follow {
+            return;
+        }
+        loop {
+            match rx.recv().await {
+                Ok(e) if e.seq > last => {
+                    last = e.seq;
+                    if keep(&e) && tx.send(line(&serde_json::json!(e))).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    let gap = serde_json::json!({"kind": "gap", "message": format!("follower too slow; resume with since={last}")});
+                    let _ = tx.send(line(&gap)).await;
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(resp)
+}
+
+async fn metrics_text(State(st): St, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
+    let text = metrics::render(&st.agent, &st.requests).await;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+async fn openapi(RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response())
+}
+
+/// Accepts connections on the API socket from root or the agent's own user only (or, on the
+/// debug socket, from anyone the socket's file permissions let in).
+pub struct PeerCheckedListener {
+    /// The socket.
+    pub listener: tokio::net::UnixListener,
+    /// Check the peer's uid (false for the read-only debug socket, guarded by its mode).
+    pub check_uid: bool,
+}
+
+impl axum::serve::Listener for PeerCheckedListener {
+    type Io = tokio::net::UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        loop {
+            match self.listener.accept().await {
+                Ok((s, a)) => match s.peer_cred() {
+                    Ok(c) if !self.check_uid || c.uid() == 0 || c.uid() == me => return (s, a),
+                    Ok(c) => {
+                        tracing::warn!(uid = c.uid(), pid = ?c.pid(), "API connection refused: peer is neither root nor the agent's user")
+                    }
+                    Err(e) => tracing::warn!("API connection refused: no peer credentials: {e}"),
+                },
+                Err(e) => {
+                    tracing::warn!("API accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
+}
+
+/// Binds an API socket with `mode` (0600 for the API, 0660 for the debug socket). A stale socket
+/// file (no one listening) is replaced; a live one is an error (another agent).
+pub fn bind(path: &Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by another agent", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(l)
+}
+
+/// Refuses everything but inspection on the debug socket.
+async fn read_only(req: Request, next: Next) -> Response {
+    if req.method() != axum::http::Method::GET || req.uri().path().ends_with("/console/attach") {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "read_only",
+            "this is the read-only debug socket: GET requests only, no interactive console",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Serves the API on `socket` (and read-only on `debug_socket`) until SIGTERM or SIGINT. VMs
+/// keep running after the agent stops.
+pub async fn serve(
+    agent: Arc<Agent>,
+    socket: PathBuf,
+    debug_socket: Option<PathBuf>,
+) -> std::io::Result<()> {
+    let listener = bind(&socket, 0o600)?;
+    let state = Arc::new(ApiState {
+        agent,
+        requests: metrics::RequestMetrics::default(),
+    });
+    tracing::info!(socket = %socket.display(), "agent API listening");
+    let app = router(state.clone());
+    if let Some(path) = &debug_socket {
+        let l = bind(path, 0o660)?;
+        tracing::info!(socket = %path.display(), "read-only debug API listening");
+        let ro = router(state).layer(axum::middleware::from_fn(read_only));
+        tokio::spawn(async move {
+            let listener = PeerCheckedListener {
+                listener: l,
+                check_uid: false,
+            };
+            if let Err(e) = axum::serve(listener, ro).await {
+                tracing::error!("debug socket failed: {e}");
+            }
+        });
+    }
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        tracing::info!("agent stopping; VMs keep running");
+    };
+    // No graceful drain: followers of /events or /console would hold it open forever, and
+    // nothing an agent does in a request is lost by stopping (records are written first).
+    tokio::select! {
+        r = axum::serve(PeerCheckedListener { listener, check_uid: true }, app).into_future() => r?,
+        _ = shutdown => {}
+    }
+    let _ = std::fs::remove_file(&socket);
+    if let Some(p) = debug_socket {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! docs/openapi.json is checked against the code: its paths and methods are exactly
+    //! [`ROUTES`], its schemas name exactly the fields the types serialise, and its error codes
+    //! are exactly [`error::CODES`].
+
+    use super::*;
+    use crate::spec::*;
+    use serde_json::Value;
+    use std::collections::BTreeSet;
+
+    fn doc() -> Value {
+        serde_json::from_str(OPENAPI).expect("docs/openapi.json is valid JSON")
+    }
+
+    fn schema<'a>(doc: &'a Value, name: &str) -> &'a Value {
+        let s = &doc["components"]["schemas"][name];
+        assert!(
+            s.is_object(),
+            "schema {name} missing from docs/openapi.json"
+        );
+        s
+    }
+
+    fn props(doc: &Value, name: &str) -> BTreeSet<String> {
+        schema(doc, name)["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("schema {name} has no properties"))
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn keys(v: &Value) -> BTreeSet<String> {
+        v.as_object().unwrap().keys().cloned().collect()
+    }
+
+    fn full_spec() -> VmSpec {
+        VmSpec {
+            id: "a".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            cpu_template: "host".into(),
+            boot: BootSpec {
+                kernel: "/k".into(),
+                initrd: Some("/i".into()),
+                cmdline: Some("c".into()),
+            },
+            disks: vec![DiskSpec {
+                path: "/d".into(),
+                read_only: true,
+                direct: false,
+                serial: Some("s".into()),
+            }],
+            nics: vec![NicSpec {
+                segment: Some("s".into()),
+                tap: Some("t".into()),
+                mac: Some("02:00:00:00:00:01".into()),
+                ipv4: Some("10.0.0.2".parse().unwrap()),
+                ipv6: Some("2001:db8::2".parse().unwrap()),
+            }],
+            rng: true,
+            vsock: Some(VsockSpec { cid: 3 }),
+            labels: [("k".to_owned(), "v".to_owned())].into(),
+            restart_policy: RestartPolicy::OnFailure,
+        }
+    }
+
+    fn full_metadata() -> VmMetadata {
+        VmMetadata {
+            hostname: Some("h".into()),
+            user_data: Some("u".into()),
+            vendor_data: Some("v".into()),
+            public_keys: vec!["ssh-ed25519 AAAA k".into()],
+            tags: [("k".to_owned(), "v".to_owned())].into(),
+        }
+    }
+
+    fn full_segment() -> crate::segment::SegmentSpec {
+        use crate::segment::*;
+        SegmentSpec {
+            id: "s".into(),
+            vlan: 10,
+            mode: SegmentMode::Routed,
+            ipv4: Some(Ipv4Spec {
+                subnet: "10.0.0.0/24".parse().unwrap(),
+                gateway: Some("10.0.0.1".parse().unwrap()),
+            }),
+            ipv6: Some(Ipv6Spec {
+                prefix: "2001:db8::/64".parse().unwrap(),
+                gateway: Some("2001:db8::1".parse().unwrap()),
+            }),
+        }
+    }
+
+    #[test]
+    fn network_schemas_match_the_types() {
+        let doc = doc();
+        let seg = serde_json::to_value(full_segment()).unwrap();
+        assert_eq!(props(&doc, "Segment"), keys(&seg));
+        assert_eq!(props(&doc, "SegmentIpv4"), keys(&seg["ipv4"]));
+        assert_eq!(props(&doc, "SegmentIpv6"), keys(&seg["ipv6"]));
+        let md = serde_json::to_value(full_metadata()).unwrap();
+        assert_eq!(props(&doc, "VmMetadata"), keys(&md));
+        for name in ["Segment", "SegmentIpv4", "SegmentIpv6", "VmMetadata"] {
+            assert_eq!(
+                schema(&doc, name)["additionalProperties"],
+                Value::Bool(false),
+                "{name} must refuse unknown fields, as the code does"
+            );
+        }
+        let modes: BTreeSet<String> = schema(&doc, "Segment")["properties"]["mode"]["enum"]
+            .as_array()
+            .expect("mode enum")
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            modes,
+            ["bridged", "routed"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        );
+    }
+
+    #[test]
+    fn paths_and_methods_match_the_routes() {
+        let doc = doc();
+        let mut documented = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for method in item.as_object().unwrap().keys() {
+                if ["get", "post", "put", "delete", "patch"].contains(&method.as_str()) {
+                    documented.insert((method.to_uppercase(), path.clone()));
+                }
+            }
+        }
+        let code: BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(
+            documented, code,
+            "docs/openapi.json paths differ from api::ROUTES"
+        );
+    }
+
+    #[test]
+    fn request_schemas_match_the_types() {
+        let doc = doc();
+        let spec = serde_json::to_value(full_spec()).unwrap();
+        assert_eq!(props(&doc, "VmSpec"), keys(&spec));
+        assert_eq!(props(&doc, "BootSpec"), keys(&spec["boot"]));
+        assert_eq!(props(&doc, "DiskSpec"), keys(&spec["disks"][0]));
+        assert_eq!(props(&doc, "NicSpec"), keys(&spec["nics"][0]));
+        assert_eq!(props(&doc, "VsockSpec"), keys(&spec["vsock"]));
+        for name in ["VmSpec", "BootSpec", "DiskSpec", "NicSpec", "VsockSpec"] {
+            assert_eq!(
+                schema(&doc, name)["additionalProperties"],
+                Value::Bool(false),
+                "{name} must refuse unknown fields, as the code does"
+            );
+        }
+        let policies: BTreeSet<String> = ["no", "on-failure", "always"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let documented: BTreeSet<String> = schema(&doc, "VmSpec")["properties"]["restart_policy"]
+            ["enum"]
+            .as_array()
+            .expect("restart_policy enum")
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(documented, policies);
+    }
+
+    #[test]
+    fn response_schemas_match_the_types() {
+        let doc = doc();
+        let rec = VmRecord {
+            id: "a".into(),
+            state: Phase::Running,
+            spec: full_spec(),
+            generation: 1,
+            desired: Desired::Running,
+            status: VmStatus {
+                pid: Some(1),
+                pid_start_ticks: Some(1),
+                token: "t".into(),
+                exit_reason: Some("r".into()),
+                restarts: 0,
+                created_ms: 1,
+                started_ms: Some(1),
+                stopped_ms: Some(1),
+                updated_ms: 1,
+            },
+            operation: Some(Operation {
+                kind: "start".into(),
+                started_ms: 1,
+            }),
+            nics: vec![crate::segment::NicState {
+                segment: Some("s".into()),
+                tap: "t".into(),
+                mac: "02:00:00:00:00:01".into(),
+                ipv4: Some("10.0.0.2".parse().unwrap()),
+                ipv6: Some("2001:db8::2".parse().unwrap()),
+            }],
+            metadata: full_metadata(),
+        };
+        let v = serde_json::to_value(&rec).unwrap();
+        assert_eq!(props(&doc, "Vm"), keys(&v));
+        assert_eq!(props(&doc, "VmStatus"), keys(&v["status"]));
+        assert_eq!(props(&doc, "Operation"), keys(&v["operation"]));
+        assert_eq!(props(&doc, "NicState"), keys(&v["nics"][0]));
+        let states: BTreeSet<String> = schema(&doc, "VmState")["enum"]
+            .as_array()
+            .expect("VmState enum")
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        let code: BTreeSet<String> = [
+            Phase::Creating,
+            Phase::Stopped,
+            Phase::Running,
+            Phase::Paused,
+            Phase::Failed,
+            Phase::Deleting,
+        ]
+        .iter()
+        .map(|p| p.as_str().to_owned())
+        .collect();
+        assert_eq!(states, code);
+        let event = crate::events::Event {
+            seq: 1,
+            time_ms: 1,
+            vm: "a".into(),
+            kind: "started".into(),
+            state: Some("running".into()),
+            message: "m".into(),
+        };
+        assert_eq!(
+            props(&doc, "Event"),
+            keys(&serde_json::to_value(event).unwrap())
+        );
+        let codes: BTreeSet<String> = schema(&doc, "Error")["properties"]["error"]["properties"]
+            ["code"]["enum"]
+            .as_array()
+            .expect("Error.error.code enum")
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        let code: BTreeSet<String> = error::CODES.iter().map(|s| s.to_string()).collect();
+        assert_eq!(codes, code);
+        let inv = crate::host::inventory(
+            &crate::host::CapacityConfig::default(),
+            std::path::Path::new("/"),
+            std::iter::empty(),
+        );
+        assert_eq!(
+            props(&doc, "Inventory"),
+            keys(&serde_json::to_value(inv).unwrap())
+        );
+        assert_eq!(
+            props(&doc, "Resource"),
+            keys(&serde_json::to_value(inv.vcpus).unwrap())
+        );
+        let info = serde_json::to_value(crate::host::host_info()).unwrap();
+        assert_eq!(props(&doc, "HostInfo"), keys(&info));
+    }
+}

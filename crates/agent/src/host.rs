@@ -1,0 +1,268 @@
+//! What the host is and what it can still take: the facts a scheduler places VMs from.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::spec::VmSpec;
+use bexar_vmm::platform::Platform;
+
+/// How much of the host the agent may hand out.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CapacityConfig {
+    /// Host CPUs kept for the host itself.
+    pub reserved_vcpus: u32,
+    /// vCPUs per host CPU.
+    pub cpu_allocation_ratio: f64,
+    /// Memory kept for the host itself (MiB).
+    pub reserved_memory_mib: u64,
+    /// Guest memory per MiB of host memory.
+    pub memory_allocation_ratio: f64,
+}
+
+impl Default for CapacityConfig {
+    fn default() -> Self {
+        Self {
+            reserved_vcpus: 0,
+            cpu_allocation_ratio: 16.0,
+            reserved_memory_mib: 512,
+            memory_allocation_ratio: 1.0,
+        }
+    }
+}
+
+/// Static facts about the host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// Host name.
+    pub hostname: String,
+    /// Bexar's version.
+    pub version: String,
+    /// Host kernel release.
+    pub kernel: String,
+    /// CPU model name.
+    pub cpu_model: String,
+    /// KVM: `hardware` (VT-x/AMD-V) or `pvm`, and its API version.
+    pub kvm: KvmInfo,
+    /// What this agent can do for a VM.
+    pub capabilities: Vec<String>,
+    /// CPU templates accepted in `cpu_template`.
+    pub cpu_templates: Vec<String>,
+}
+
+/// The KVM under /dev/kvm.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KvmInfo {
+    /// Whether /dev/kvm could be opened.
+    pub available: bool,
+    /// `hardware` or `pvm`.
+    pub flavour: String,
+    /// KVM_GET_API_VERSION.
+    pub api_version: Option<i32>,
+}
+
+/// One resource's accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Resource {
+    /// What the host has.
+    pub total: u64,
+    /// Kept for the host.
+    pub reserved: u64,
+    /// Over-commit ratio.
+    pub allocation_ratio: f64,
+    /// What may be allocated: (total - reserved) * ratio.
+    pub capacity: u64,
+    /// Allocated to defined VMs.
+    pub allocated: u64,
+    /// capacity - allocated.
+    pub free: u64,
+}
+
+impl Resource {
+    fn new(total: u64, reserved: u64, ratio: f64, allocated: u64) -> Self {
+        let capacity = (total.saturating_sub(reserved) as f64 * ratio).floor() as u64;
+        Self {
+            total,
+            reserved,
+            allocation_ratio: ratio,
+            capacity,
+            allocated,
+            free: capacity.saturating_sub(allocated),
+        }
+    }
+}
+
+/// Disk space of the state directory's file system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpace {
+    /// Size of the file system, MiB.
+    pub total_mib: u64,
+    /// Space available, MiB.
+    pub available_mib: u64,
+    /// Sum of the sizes of VM disk images, MiB.
+    pub allocated_mib: u64,
+}
+
+/// The host's inventory.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Inventory {
+    /// vCPUs.
+    pub vcpus: Resource,
+    /// Memory, MiB.
+    pub memory_mib: Resource,
+    /// Disk.
+    pub disk: DiskSpace,
+}
+
+/// Gathers the static facts once.
+pub fn host_info() -> HostInfo {
+    let kvm = kvm_ioctls::Kvm::new().ok();
+    HostInfo {
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default(),
+        cpu_model: std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_owned())
+            })
+            .unwrap_or_default(),
+        kvm: KvmInfo {
+            available: kvm.is_some(),
+            flavour: match Platform::detect() {
+                Platform::Pvm => "pvm",
+                Platform::Hardware => "hardware",
+            }
+            .into(),
+            api_version: kvm.as_ref().map(|k| k.get_api_version()),
+        },
+        capabilities: [
+            "virtio-blk",
+            "virtio-net",
+            "virtio-rng",
+            "virtio-vsock",
+            "pause",
+            "graceful-stop",
+            "console-log",
+            "console-attach",
+            "restart-policy",
+            "events",
+            "metrics",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        cpu_templates: vec!["host".into(), "x86-64-v2".into()],
+    }
+}
+
+/// Host CPUs online.
+pub fn host_cpus() -> u64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
+}
+
+/// Host memory in MiB (MemTotal).
+pub fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
+/// Space on the file system holding `dir`.
+pub fn fs_space(dir: &Path) -> (u64, u64) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return (0, 0);
+    };
+    // SAFETY: statvfs fills the zeroed struct we pass; the path is NUL-terminated.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return (0, 0);
+    }
+    let mib = |blocks: u64| blocks.saturating_mul(s.f_frsize) >> 20;
+    (mib(s.f_blocks), mib(s.f_bavail))
+}
+
+/// The inventory given the specs of every defined VM.
+pub fn inventory<'a>(
+    cap: &CapacityConfig,
+    state_dir: &Path,
+    specs: impl Iterator<Item = &'a VmSpec>,
+) -> Inventory {
+    let (mut vcpus, mut mem, mut disk) = (0u64, 0u64, 0u64);
+    for s in specs {
+        vcpus += u64::from(s.vcpus);
+        mem += s.memory_mib;
+        disk += s
+            .disks
+            .iter()
+            .filter_map(|d| std::fs::metadata(&d.path).ok())
+            .map(|m| m.len() >> 20)
+            .sum::<u64>();
+    }
+    let (total_mib, available_mib) = fs_space(state_dir);
+    Inventory {
+        vcpus: Resource::new(
+            host_cpus(),
+            u64::from(cap.reserved_vcpus),
+            cap.cpu_allocation_ratio,
+            vcpus,
+        ),
+        memory_mib: Resource::new(
+            host_memory_mib(),
+            cap.reserved_memory_mib,
+            cap.memory_allocation_ratio,
+            mem,
+        ),
+        disk: DiskSpace {
+            total_mib,
+            available_mib,
+            allocated_mib: disk,
+        },
+    }
+}
+
+/// Why `spec` does not fit, if it does not.
+pub fn admit(inv: &Inventory, spec: &VmSpec) -> Result<(), String> {
+    if u64::from(spec.vcpus) > inv.vcpus.free {
+        return Err(format!(
+            "not enough vCPUs: {} requested, {} free of {} (allocated {})",
+            spec.vcpus, inv.vcpus.free, inv.vcpus.capacity, inv.vcpus.allocated
+        ));
+    }
+    if spec.memory_mib > inv.memory_mib.free {
+        return Err(format!(
+            "not enough memory: {} MiB requested, {} MiB free of {} (allocated {})",
+            spec.memory_mib, inv.memory_mib.free, inv.memory_mib.capacity, inv.memory_mib.allocated
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_applies_reservation_then_ratio() {
+        let r = Resource::new(8, 2, 4.0, 20);
+        assert_eq!(r.capacity, 24);
+        assert_eq!(r.free, 4);
+        let r = Resource::new(1, 2, 4.0, 0);
+        assert_eq!(r.capacity, 0);
+    }
+}

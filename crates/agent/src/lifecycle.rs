@@ -1,0 +1,743 @@
+//! VM lifecycle: start, stop, pause, resume, reboot, delete; watching VMMs end; the restart
+//! policy; and recovery when the agent starts.
+//!
+//! Every action takes the VM's operation lock for its whole duration and writes the record
+//! (with the operation in flight) before touching the VMM, so a crash at any point leaves a
+//! record that says what was going on. The exit watcher never takes the operation lock: it only
+//! records what happened, so an action can wait for it.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::spec::{now_ms, Desired, Operation, Phase, RestartPolicy, VmRecord};
+use super::store::{layout, write_atomic};
+use super::vmm_process::{self as vp, Launch, RunResult};
+use super::{Agent, AgentError, VmEntry, VmmHandle};
+use bexar_util::sync::lock;
+use bexar_vmm::control::Request;
+
+/// How long a VMM may take from exec to answering on its control socket.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a forced stop waits at each step (stop request, then SIGKILL).
+const FORCE_STEP: Duration = Duration::from_secs(3);
+/// Longest restart back-off.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+fn op(kind: &str) -> Option<Operation> {
+    Some(Operation {
+        kind: kind.to_owned(),
+        started_ms: now_ms(),
+    })
+}
+
+fn illegal(rec: &VmRecord, action: &'static str) -> AgentError {
+    AgentError::IllegalTransition {
+        id: rec.id.clone(),
+        action,
+        state: rec.state.as_str(),
+    }
+}
+
+/// The last non-empty lines of a VMM's log, as the reason a start failed.
+fn log_tail(dir: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(dir.join(layout::VMM_LOG)).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(2)..].join(" / ");
+    if tail.is_empty() {
+        "the VMM exited without a message".into()
+    } else {
+        tail
+    }
+}
+
+/// Records in `r` that its VMM is gone: `state`, why, when.
+fn mark_ended(r: &mut VmRecord, state: Phase, reason: &str) {
+    r.state = state;
+    r.status.exit_reason = Some(reason.to_owned());
+    r.status.pid = None;
+    r.status.pid_start_ticks = None;
+    r.status.stopped_ms = Some(now_ms());
+}
+
+/// How the VMM run of `token` ended: its own result if it wrote one, else not clean, `missing`.
+fn run_end(dir: &std::path::Path, token: &str, missing: &str) -> (bool, String) {
+    match read_result(dir, token) {
+        Some(r) => (r.clean, r.reason),
+        None => (false, missing.to_owned()),
+    }
+}
+
+fn read_result(dir: &std::path::Path, token: &str) -> Option<RunResult> {
+    let bytes = std::fs::read(dir.join(layout::RESULT)).ok()?;
+    let r: RunResult = serde_json::from_slice(&bytes).ok()?;
+    (r.token == token).then_some(r)
+}
+
+impl Agent {
+    /// Starts a stopped or failed VM. Starting a running VM is a no-op.
+    pub async fn start(self: &Arc<Self>, id: &str) -> Result<VmRecord, AgentError> {
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        let rec = Self::snapshot(&entry);
+        match rec.state {
+            Phase::Running => return Ok(rec),
+            Phase::Stopped | Phase::Failed => {}
+            _ => return Err(illegal(&rec, "start")),
+        }
+        self.launch(&entry, "start").await
+    }
+
+    /// Stops a running or paused VM: Ctrl-Alt-Del, then (after `timeout`, or at once if
+    /// `force`) the VMM is told to stop, then killed. Stopping a stopped VM is a no-op; stopping
+    /// a failed VM acknowledges the failure (it becomes stopped and is not restarted).
+    pub async fn stop(
+        self: &Arc<Self>,
+        id: &str,
+        timeout: Option<Duration>,
+        force: bool,
+    ) -> Result<VmRecord, AgentError> {
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        let rec = Self::snapshot(&entry);
+        match rec.state {
+            Phase::Running | Phase::Paused => {}
+            Phase::Stopped | Phase::Failed => {
+                return self.update(&entry, |r| {
+                    r.state = Phase::Stopped;
+                    if r.desired != Desired::Stopped {
+                        r.desired = Desired::Stopped;
+                        r.generation += 1;
+                    }
+                });
+            }
+            _ => return Err(illegal(&rec, "stop")),
+        }
+        self.update(&entry, |r| {
+            r.desired = Desired::Stopped;
+            r.generation += 1;
+            r.operation = op("stop");
+        })?;
+        let result = self
+            .end_vmm(&entry, timeout.unwrap_or(self.config.stop_timeout), force)
+            .await;
+        let rec = self.update(&entry, |r| r.operation = None)?;
+        result.map(|_| rec)
+    }
+
+    /// Pauses a running VM (its vCPUs stop; memory and devices stay).
+    pub async fn pause(self: &Arc<Self>, id: &str) -> Result<VmRecord, AgentError> {
+        self.pause_resume(id, true).await
+    }
+
+    /// Resumes a paused VM.
+    pub async fn resume(self: &Arc<Self>, id: &str) -> Result<VmRecord, AgentError> {
+        self.pause_resume(id, false).await
+    }
+
+    async fn pause_resume(self: &Arc<Self>, id: &str, pause: bool) -> Result<VmRecord, AgentError> {
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        let rec = Self::snapshot(&entry);
+        let (from, to, action, req, kind) = if pause {
+            (
+                Phase::Running,
+                Phase::Paused,
+                "pause",
+                Request::Pause,
+                "paused",
+            )
+        } else {
+            (
+                Phase::Paused,
+                Phase::Running,
+                "resume",
+                Request::Resume,
+                "resumed",
+            )
+        };
+        if rec.state == to {
+            return Ok(rec);
+        }
+        if rec.state != from {
+            return Err(illegal(&rec, action));
+        }
+        self.update(&entry, |r| r.operation = op(action))?;
+        let dir = self.vm_dir(id);
+        let result = vp::call(&dir, &req).await;
+        let rec = self.update(&entry, |r| {
+            r.operation = None;
+            if result.is_ok() && r.state == from {
+                r.state = to;
+                r.desired = if pause {
+                    Desired::Paused
+                } else {
+                    Desired::Running
+                };
+                r.generation += 1;
+            }
+        })?;
+        match result {
+            Ok(_) => {
+                self.events.emit(id, kind, Some(rec.state.as_str()), "");
+                Ok(rec)
+            }
+            Err(e) => Err(AgentError::Vmm {
+                id: id.to_owned(),
+                err: e.to_string(),
+            }),
+        }
+    }
+
+    /// Reboots a running or paused VM: a graceful stop (forced after `timeout`), then a start
+    /// with a fresh VMM.
+    pub async fn reboot(
+        self: &Arc<Self>,
+        id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<VmRecord, AgentError> {
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        let rec = Self::snapshot(&entry);
+        if !rec.state.has_vmm() {
+            return Err(illegal(&rec, "reboot"));
+        }
+        self.update(&entry, |r| r.operation = op("reboot"))?;
+        self.end_vmm(&entry, timeout.unwrap_or(self.config.stop_timeout), false)
+            .await?;
+        self.launch(&entry, "reboot").await
+    }
+
+    /// Deletes a VM: its VMM is killed and its directory (record, logs, sockets) removed.
+    /// Deleting a VM that does not exist succeeds (the VM is gone either way).
+    pub async fn delete(self: &Arc<Self>, id: &str) -> Result<(), AgentError> {
+        let entry = match self.entry(id) {
+            Ok(e) => e,
+            Err(AgentError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let _op = entry.op.lock().await;
+        if !lock(&self.vms).contains_key(id) {
+            return Ok(());
+        }
+        self.update(&entry, |r| {
+            r.state = Phase::Deleting;
+            r.desired = Desired::Stopped;
+            r.operation = op("delete");
+        })?;
+        self.finish_delete(&entry).await
+    }
+
+    async fn finish_delete(&self, entry: &Arc<VmEntry>) -> Result<(), AgentError> {
+        self.end_vmm(entry, Duration::ZERO, true).await?;
+        // A VMM the agent lost track of (it was mid-start when an agent died) goes too.
+        for (pid, _) in vp::find_vmms(&self.store.root().join("vms"))
+            .into_iter()
+            .filter(|(_, d)| *d == self.vm_dir(&entry.id))
+        {
+            vp::kill_and_wait(pid).await;
+        }
+        self.store.remove(&entry.id)?;
+        let nics = lock(&entry.rec).nics.clone();
+        lock(&self.vms).remove(&entry.id);
+        self.version.send_modify(|v| *v += 1);
+        if nics.iter().any(|n| n.segment.is_some()) {
+            // Its TAPs and filters go with it.
+            self.unwire_nics(&entry.id, &nics).await;
+        }
+        self.events.emit(&entry.id, "deleted", None, "");
+        Ok(())
+    }
+
+    /// Ends the VM's VMM, if it has one, and waits until its exit is recorded: a graceful
+    /// shutdown first (unless `force`), then a stop request, then SIGKILL.
+    async fn end_vmm(
+        &self,
+        entry: &VmEntry,
+        timeout: Duration,
+        force: bool,
+    ) -> Result<(), AgentError> {
+        let Some(handle) = lock(&entry.vmm).clone() else {
+            return Ok(());
+        };
+        let dir = self.vm_dir(&entry.id);
+        let mut done = handle.done.clone();
+        let wait = |d: Duration| {
+            let mut done = done.clone();
+            async move { tokio::time::timeout(d, done.wait_for(|v| *v)).await.is_ok() }
+        };
+        if !force && !timeout.is_zero() {
+            match vp::call(&dir, &Request::Shutdown).await {
+                Ok(_) => {
+                    if wait(timeout).await {
+                        return Ok(());
+                    }
+                    tracing::info!(vm = %entry.id, "guest did not shut down within {timeout:?}; stopping it");
+                }
+                Err(e) => {
+                    tracing::info!(vm = %entry.id, "graceful shutdown not possible ({e}); stopping it")
+                }
+            }
+        }
+        if vp::call(&dir, &Request::Stop).await.is_ok() && wait(FORCE_STEP).await {
+            return Ok(());
+        }
+        tracing::warn!(vm = %entry.id, "VMM did not stop on request; killing it");
+        let _ = vp::pidfd_kill(&handle.pidfd, libc::SIGKILL);
+        if tokio::time::timeout(FORCE_STEP, done.wait_for(|v| *v))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        Err(AgentError::Vmm {
+            id: entry.id.clone(),
+            err: "the VMM process did not exit after SIGKILL".into(),
+        })
+    }
+
+    /// Starts a VMM for the VM (operation lock held): record the launch token, write the
+    /// launch file, exec, wait until the VMM proves who it is on its control socket.
+    pub(super) async fn launch(
+        self: &Arc<Self>,
+        entry: &Arc<VmEntry>,
+        kind: &str,
+    ) -> Result<VmRecord, AgentError> {
+        let token = vp::new_token();
+        let dir = self.vm_dir(&entry.id);
+        let by_request = kind != "restart";
+        let rec = self.update(entry, |r| {
+            r.status.token = token.clone();
+            r.operation = op(kind);
+            if r.desired != Desired::Running {
+                r.desired = Desired::Running;
+                r.generation += 1;
+            }
+            if by_request {
+                r.status.restarts = 0;
+            }
+        })?;
+        let launch = Launch {
+            id: rec.id.clone(),
+            token: token.clone(),
+            spec: rec.spec.clone(),
+            nics: rec.nics.clone(),
+            cmdline_extra: self.kernel_ip_param(&rec),
+        };
+        let fail = |reason: String| {
+            let rec = self.update(entry, |r| {
+                mark_ended(r, Phase::Failed, &reason);
+                r.operation = None;
+            });
+            self.events
+                .emit(&entry.id, "failed", Some("failed"), reason.clone());
+            match rec {
+                Ok(_) => AgentError::StartFailed {
+                    id: entry.id.clone(),
+                    reason,
+                },
+                Err(e) => e,
+            }
+        };
+        let tap_missing = launch.nics.iter().any(|n| {
+            n.segment.is_some() && !std::path::Path::new("/sys/class/net").join(&n.tap).exists()
+        });
+        if tap_missing {
+            // Someone removed a TAP: wire the NICs again (and repair what else is missing).
+            if let Err(e) = self.wire_nics(&rec).await {
+                return Err(fail(format!("cannot wire the NICs: {e}")));
+            }
+        }
+        let data = serde_json::to_vec_pretty(&launch).map_err(super::StoreError::from)?;
+        write_atomic(&dir.join(layout::LAUNCH), &data).map_err(super::StoreError::from)?;
+        let _ = std::fs::remove_file(dir.join(layout::RESULT));
+        let pid = match vp::spawn(&self.config.exe, &dir) {
+            Ok(p) => p,
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        let pidfd = match vp::pidfd_open(pid) {
+            Ok(fd) => Arc::new(fd),
+            Err(e) => {
+                vp::reap(pid);
+                return Err(fail(format!("cannot open a pidfd for the VMM: {e}")));
+            }
+        };
+        let ticks = bexar_util::procfs::start_ticks(pid);
+        let watch_fd = match pidfd.try_clone() {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = vp::pidfd_kill(&pidfd, libc::SIGKILL);
+                return Err(fail(format!("cannot duplicate a pidfd: {e}")));
+            }
+        };
+        // Until the VMM answers with our token, watch for it dying instead.
+        let exit = tokio::spawn(vp::wait_exit(watch_fd));
+        let deadline = tokio::time::Instant::now() + LAUNCH_TIMEOUT;
+        let mut delay = Duration::from_millis(2);
+        let answered = loop {
+            if exit.is_finished() {
+                break false;
+            }
+            if let Ok((info, peer)) = vp::info(&dir).await {
+                if info.token == token && peer == pid {
+                    break true;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = vp::pidfd_kill(&pidfd, libc::SIGKILL);
+                break false;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(50));
+        };
+        if !answered {
+            let _ = exit.await;
+            vp::reap(pid);
+            let reason = read_result(&dir, &token)
+                .map(|r| r.reason)
+                .unwrap_or_else(|| log_tail(&dir));
+            return Err(fail(reason));
+        }
+        let done = Self::attach_vmm(entry, &token, pidfd);
+        let rec = self.update(entry, |r| {
+            r.state = Phase::Running;
+            r.status.pid = Some(pid);
+            r.status.pid_start_ticks = ticks;
+            r.status.started_ms = Some(now_ms());
+            r.status.exit_reason = None;
+            r.operation = None;
+            if !by_request {
+                r.status.restarts += 1;
+            }
+        })?;
+        self.events.emit(
+            &entry.id,
+            if by_request { "started" } else { "restarted" },
+            Some("running"),
+            format!("VMM pid {pid}"),
+        );
+        self.watch_exit(entry, token, pid, done, async move {
+            let _ = exit.await;
+        });
+        Ok(rec)
+    }
+
+    /// Records the VM's running VMM; the returned sender marks its exit as recorded.
+    fn attach_vmm(entry: &VmEntry, token: &str, pidfd: Arc<OwnedFd>) -> watch::Sender<bool> {
+        let (done_tx, done_rx) = watch::channel(false);
+        *lock(&entry.vmm) = Some(VmmHandle {
+            token: token.to_owned(),
+            pidfd,
+            done: done_rx,
+        });
+        done_tx
+    }
+
+    /// Once `exit` (the VMM's end) resolves: reap it, record the end, mark it done. Spawned
+    /// only after the record says the VMM runs, so the end is never recorded before the start.
+    fn watch_exit(
+        self: &Arc<Self>,
+        entry: &Arc<VmEntry>,
+        token: String,
+        pid: u32,
+        done: watch::Sender<bool>,
+        exit: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let agent = self.clone();
+        let entry = entry.clone();
+        tokio::spawn(async move {
+            exit.await;
+            vp::reap(pid);
+            agent.on_exit(&entry, &token);
+            let _ = done.send(true);
+        });
+    }
+
+    /// Records that the VMM of launch `token` ended, and applies the restart policy.
+    fn on_exit(self: &Arc<Self>, entry: &Arc<VmEntry>, token: &str) {
+        {
+            let mut vmm = lock(&entry.vmm);
+            if vmm.as_ref().is_some_and(|h| h.token == token) {
+                *vmm = None;
+            }
+        }
+        let dir = self.vm_dir(&entry.id);
+        let (clean, reason) = run_end(
+            &dir,
+            token,
+            "the VMM process ended without reporting why (killed or crashed)",
+        );
+        let mut expected = false;
+        let updated = self.update(entry, |r| {
+            if r.status.token != token || !r.state.has_vmm() {
+                return;
+            }
+            expected = r.desired == Desired::Stopped
+                || r.operation
+                    .as_ref()
+                    .is_some_and(|o| matches!(o.kind.as_str(), "stop" | "reboot" | "delete"));
+            let state = if expected || clean {
+                Phase::Stopped
+            } else {
+                Phase::Failed
+            };
+            mark_ended(r, state, &reason);
+        });
+        let rec = match updated {
+            Ok(r) if r.status.token == token && !r.state.has_vmm() => r,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(vm = %entry.id, "cannot record the VMM's exit: {e}");
+                return;
+            }
+        };
+        if rec.state == Phase::Deleting {
+            return;
+        }
+        let kind = if rec.state == Phase::Failed {
+            "failed"
+        } else {
+            "stopped"
+        };
+        self.events
+            .emit(&entry.id, kind, Some(rec.state.as_str()), reason);
+        if !expected {
+            self.maybe_restart(entry, &rec);
+        }
+    }
+
+    /// Schedules a restart if the VM's policy asks for one.
+    fn maybe_restart(self: &Arc<Self>, entry: &Arc<VmEntry>, rec: &VmRecord) {
+        let wanted = match rec.spec.restart_policy {
+            RestartPolicy::No => false,
+            RestartPolicy::OnFailure => rec.state == Phase::Failed,
+            RestartPolicy::Always => true,
+        } && rec.desired != Desired::Stopped;
+        if !wanted {
+            return;
+        }
+        let delay = self
+            .config
+            .restart_backoff
+            .saturating_mul(1u32 << rec.status.restarts.min(16))
+            .min(MAX_BACKOFF);
+        let token = rec.status.token.clone();
+        self.events.emit(
+            &entry.id,
+            "restarting",
+            Some(rec.state.as_str()),
+            format!(
+                "restart policy {:?}: restart {} in {:.1} s",
+                rec.spec.restart_policy,
+                rec.status.restarts + 1,
+                delay.as_secs_f64()
+            ),
+        );
+        let agent = self.clone();
+        let entry = entry.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _op = entry.op.lock().await;
+            let r = Self::snapshot(&entry);
+            let still = lock(&agent.vms).contains_key(&entry.id)
+                && r.status.token == token
+                && matches!(r.state, Phase::Stopped | Phase::Failed)
+                && r.desired != Desired::Stopped;
+            if still {
+                if let Err(e) = agent.launch(&entry, "restart").await {
+                    tracing::warn!(vm = %entry.id, "restart failed: {e}");
+                    let r = Self::snapshot(&entry);
+                    agent.maybe_restart(&entry, &r);
+                }
+            }
+        });
+    }
+
+    /// Run once at start: re-adopt live VMMs, record the ones that died, finish interrupted
+    /// operations, and kill VMM processes nobody owns.
+    pub(super) async fn recover(self: &Arc<Self>) {
+        let mut relaunch = Vec::new();
+        let mut restart = Vec::new();
+        let (mut adopted, mut vanished) = (0, 0);
+        for entry in self.entries() {
+            let rec = Self::snapshot(&entry);
+            let dir = self.vm_dir(&entry.id);
+            match rec.state {
+                Phase::Deleting => {
+                    if let Err(e) = self.finish_delete(&entry).await {
+                        tracing::error!(vm = %entry.id, "cannot finish an interrupted delete: {e}");
+                    }
+                    continue;
+                }
+                Phase::Creating => {
+                    let _ = self.update(&entry, |r| r.state = Phase::Stopped);
+                }
+                _ => {}
+            }
+            if let Some(state) = self.adopt(&entry, &rec).await {
+                adopted += 1;
+                self.events.emit(
+                    &entry.id,
+                    "adopted",
+                    Some(state.as_str()),
+                    "VMM still running after an agent restart",
+                );
+                if rec.desired == Desired::Stopped {
+                    // The agent died while stopping it: finish.
+                    restart.push((entry.clone(), "stop"));
+                }
+                continue;
+            }
+            let interrupted_start = rec
+                .operation
+                .as_ref()
+                .is_some_and(|o| matches!(o.kind.as_str(), "start" | "reboot" | "restart"));
+            if rec.state.has_vmm() {
+                vanished += 1;
+                let (clean, reason) = run_end(
+                    &dir,
+                    &rec.status.token,
+                    "the VMM process ended while the agent was not running, without reporting why",
+                );
+                let expected = rec.desired == Desired::Stopped;
+                let state = if clean || expected {
+                    Phase::Stopped
+                } else {
+                    Phase::Failed
+                };
+                match self.update(&entry, |r| {
+                    mark_ended(r, state, &reason);
+                    r.operation = None;
+                }) {
+                    Ok(_) => {
+                        self.events.emit(
+                            &entry.id,
+                            if state == Phase::Failed {
+                                "failed"
+                            } else {
+                                "stopped"
+                            },
+                            Some(state.as_str()),
+                            reason,
+                        );
+                        if interrupted_start && !expected {
+                            // A reboot (or start) was under way: finish it.
+                            relaunch.push(entry.clone());
+                        } else if !expected {
+                            restart.push((entry.clone(), "policy"));
+                        }
+                    }
+                    Err(e) => tracing::error!(vm = %entry.id, "cannot record a vanished VMM: {e}"),
+                }
+            } else if interrupted_start {
+                relaunch.push(entry.clone());
+            } else if rec.operation.is_some() {
+                let _ = self.update(&entry, |r| r.operation = None);
+            }
+        }
+        // Every VMM process under our state directory that is not adopted now belongs to no
+        // one (a launch the previous agent never recorded, or a VM whose record is gone).
+        let owned: Vec<std::path::PathBuf> = self
+            .entries()
+            .iter()
+            .filter(|e| lock(&e.vmm).is_some())
+            .map(|e| self.vm_dir(&e.id))
+            .collect();
+        for (pid, dir) in vp::find_vmms(&self.store.root().join("vms")) {
+            if !owned.contains(&dir) {
+                tracing::warn!(pid, dir = %dir.display(), "killing a VMM process no VM owns");
+                vp::kill_and_wait(pid).await;
+            }
+        }
+        self.events.emit(
+            "",
+            "agent-started",
+            None,
+            format!(
+                "{} VMs: {adopted} re-adopted, {vanished} lost their VMM while the agent was down, {} interrupted starts to finish",
+                self.entries().len(),
+                relaunch.len()
+            ),
+        );
+        for entry in relaunch {
+            let agent = self.clone();
+            tokio::spawn(async move {
+                let _op = entry.op.lock().await;
+                if let Err(e) = agent.launch(&entry, "start").await {
+                    tracing::warn!(vm = %entry.id, "finishing an interrupted start failed: {e}");
+                }
+            });
+        }
+        for (entry, what) in restart {
+            if what == "stop" {
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    let id = entry.id.clone();
+                    let _op = entry.op.lock().await;
+                    let _ = agent.update(&entry, |r| r.operation = op("stop"));
+                    if let Err(e) = agent
+                        .end_vmm(&entry, agent.config.stop_timeout, false)
+                        .await
+                    {
+                        tracing::warn!(vm = %id, "finishing an interrupted stop failed: {e}");
+                    }
+                    let _ = agent.update(&entry, |r| r.operation = None);
+                });
+            } else {
+                let rec = Self::snapshot(&entry);
+                self.maybe_restart(&entry, &rec);
+            }
+        }
+    }
+
+    /// Re-adopts the VM's VMM if one is running and proves it is the one recorded (same VM id,
+    /// same launch token, the kernel's peer pid is the pid it reports, and a pidfd opened on
+    /// that pid still finds it answering). Returns the state it reports.
+    async fn adopt(self: &Arc<Self>, entry: &Arc<VmEntry>, rec: &VmRecord) -> Option<Phase> {
+        let dir = self.vm_dir(&entry.id);
+        let (info, peer) = vp::info(&dir).await.ok()?;
+        if info.id != rec.id || info.token != rec.status.token || info.pid != peer {
+            tracing::warn!(vm = %rec.id, pid = peer, "a VMM answers with another identity; killing it");
+            vp::kill_and_wait(peer).await;
+            return None;
+        }
+        let pidfd = vp::pidfd_open(peer).ok()?;
+        // The pidfd now pins this process: if it still answers, the pid was not recycled.
+        let (again, _) = vp::info(&dir).await.ok()?;
+        if again.token != rec.status.token {
+            return None;
+        }
+        let ticks = bexar_util::procfs::start_ticks(peer);
+        if rec.status.pid_start_ticks.is_some() && rec.status.pid_start_ticks != ticks {
+            tracing::warn!(vm = %rec.id, "VMM start time differs from the record; adopting by token");
+        }
+        let watch_fd = pidfd.try_clone().ok()?;
+        let state = if again.state == "paused" {
+            Phase::Paused
+        } else {
+            Phase::Running
+        };
+        let token = rec.status.token.clone();
+        let done = Self::attach_vmm(entry, &token, Arc::new(pidfd));
+        let interrupted = rec.operation.clone();
+        if let Err(e) = self.update(entry, |r| {
+            r.state = state;
+            r.status.pid = Some(peer);
+            r.status.pid_start_ticks = ticks;
+            if r.status.started_ms.is_none() {
+                r.status.started_ms = Some(now_ms());
+            }
+            // Pause, resume and start are settled by what the VMM reports; a stop is
+            // finished by the caller.
+            if interrupted.as_ref().is_some_and(|o| o.kind != "stop") {
+                r.operation = None;
+            }
+        }) {
+            tracing::error!(vm = %rec.id, "cannot record an adopted VMM: {e}");
+        }
+        self.watch_exit(entry, token, peer, done, vp::wait_exit(watch_fd));
+        Some(state)
+    }
+}

@@ -1,0 +1,698 @@
+//! The agent's network: segments (persisted one file each under `STATE/segments/`), the NICs
+//! of VMs on them, and the kernel state that carries both. The kernel side is level-driven:
+//! [`Agent::sync_network`] computes what should exist from the records and makes it so (links,
+//! VLANs, addresses, routes, the nftables ruleset, router advertisements), deleting whatever
+//! the agent once made that no record wants. It runs after every change, when the agent
+//! starts (re-adoption after a restart, clean-up after a crash) and periodically (repair).
+//!
+//! Layout on the host: one Linux bridge per segment (see docs/architecture.md for why not one
+//! VLAN-aware bridge):
+//!
+//! ```text
+//!   guest ── TAP bxt… ──┐
+//!   guest ── TAP bxt… ──┤ bridge bxg… (fixed MAC; the host's addresses on the segment:
+//!   uplink.VLAN bxu… ───┘  gateway of a routed segment, 169.254.169.254 for metadata)
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ipnet::{IpNet, Ipv4Net};
+
+use super::segment::{link_local, segment_links, segment_mac, NicState, SegmentMode, SegmentSpec};
+use super::spec::VmRecord;
+use super::store::{sync_dir, write_atomic, StoreError};
+use super::{Agent, AgentError};
+use bexar_devices::tap::Tap;
+use bexar_hostnet::dhcp::{Binding, Bindings};
+use bexar_hostnet::netlink::{self, Link, Netlink};
+use bexar_hostnet::nft::{self, NicRule, Ruleset, SegmentRule, MARK_BASE};
+use bexar_hostnet::service::Service;
+use bexar_hostnet::{GATEWAY_PREFIX, IMDS_ADDR, TAP_PREFIX, UPLINK_PREFIX};
+use bexar_util::sync::lock;
+
+/// Alias prefix of every link the agent owns.
+pub const ALIAS_PREFIX: &str = "bexar:";
+
+/// How the host side of the network is set up.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkConfig {
+    /// The interface that carries bridged segments to the rest of their L2 domain, each
+    /// tagged with its VLAN id (through an 802.1Q interface the agent makes on it).
+    pub uplink: Option<String>,
+}
+
+/// The NIC a metadata request came from.
+#[derive(Debug, Clone)]
+pub struct NicOwner {
+    /// The VM.
+    pub vm: String,
+    /// The NIC's index in the VM's spec.
+    pub nic: usize,
+}
+
+/// The network part of the agent.
+pub(super) struct Network {
+    pub(super) config: NetworkConfig,
+    dir: PathBuf,
+    pub(super) segments: Mutex<BTreeMap<String, SegmentSpec>>,
+    nl: Mutex<Option<Netlink>>,
+    sync: tokio::sync::Mutex<()>,
+    /// Mark of metadata requests -> NIC (rebuilt by every sync).
+    marks: Mutex<HashMap<u32, NicOwner>>,
+    /// Whether the last sync left anything in the kernel (the first one always looks).
+    active: std::sync::atomic::AtomicBool,
+    /// Router advertisement threads (stop flag, thread), per segment.
+    ra: Mutex<HashMap<String, Service>>,
+    /// DHCP server threads and their bindings, per segment with IPv4.
+    dhcp: Mutex<HashMap<String, (Service, Bindings)>>,
+}
+
+impl Network {
+    /// Loads the segments from `STATE/segments`.
+    pub(super) fn open(root: &Path, config: NetworkConfig) -> Result<Self, StoreError> {
+        let dir = root.join("segments");
+        std::fs::create_dir_all(&dir).map_err(bexar_util::fs::io_err("create", &dir))?;
+        let mut segments = BTreeMap::new();
+        for f in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = f.path();
+            let name = f.file_name().to_string_lossy().into_owned();
+            if name.contains(".tmp.") {
+                let _ = std::fs::remove_file(&p);
+                continue;
+            }
+            if !name.ends_with(".json") {
+                continue;
+            }
+            match std::fs::read(&p)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<SegmentSpec>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(s) => {
+                    segments.insert(s.id.clone(), s);
+                }
+                Err(e) => tracing::error!("{}: unreadable segment: {e}; skipped", p.display()),
+            }
+        }
+        Ok(Self {
+            config,
+            dir,
+            segments: Mutex::new(segments),
+            nl: Mutex::new(None),
+            sync: tokio::sync::Mutex::new(()),
+            marks: Mutex::new(HashMap::new()),
+            active: std::sync::atomic::AtomicBool::new(true),
+            ra: Mutex::new(HashMap::new()),
+            dhcp: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    fn netlink(&self) -> Result<Netlink, AgentError> {
+        let mut nl = lock(&self.nl);
+        if nl.is_none() {
+            *nl = Some(Netlink::open().map_err(|e| AgentError::Network(e.to_string()))?);
+        }
+        Ok(nl.clone().expect("just set"))
+    }
+
+    /// The NIC whose metadata requests carry `mark`.
+    pub(super) fn owner_of_mark(&self, mark: u32) -> Option<NicOwner> {
+        lock(&self.marks).get(&mark).cloned()
+    }
+}
+
+fn net_err(e: impl std::fmt::Display) -> AgentError {
+    AgentError::Network(e.to_string())
+}
+
+impl Agent {
+    /// Every segment, by id.
+    pub fn segments(&self) -> Vec<SegmentSpec> {
+        lock(&self.net.segments).values().cloned().collect()
+    }
+
+    /// One segment.
+    pub fn segment(&self, id: &str) -> Result<SegmentSpec, AgentError> {
+        lock(&self.net.segments)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::SegmentNotFound(id.to_owned()))
+    }
+
+    /// Defines a segment and wires it. Returns it (with defaults filled in) and whether it was
+    /// created now (false: an identical one existed). A segment the kernel refuses is removed
+    /// again: nothing is left half-made.
+    pub async fn create_segment(
+        &self,
+        mut spec: SegmentSpec,
+    ) -> Result<(SegmentSpec, bool), AgentError> {
+        spec.validate()?;
+        {
+            let mut segs = lock(&self.net.segments);
+            if let Some(s) = segs.get(&spec.id) {
+                return if *s == spec {
+                    Ok((s.clone(), false))
+                } else {
+                    Err(AgentError::Exists(format!("segment {}", spec.id)))
+                };
+            }
+            spec.check_against(segs.values())
+                .map_err(AgentError::Conflict)?;
+            write_atomic(
+                &self.net.path(&spec.id),
+                &serde_json::to_vec_pretty(&spec).map_err(StoreError::from)?,
+            )
+            .map_err(StoreError::from)?;
+            segs.insert(spec.id.clone(), spec.clone());
+        }
+        if let Err(e) = self.sync_network().await {
+            tracing::error!(segment = %spec.id, "cannot wire the segment: {e}; removing it");
+            lock(&self.net.segments).remove(&spec.id);
+            let _ = std::fs::remove_file(self.net.path(&spec.id));
+            let _ = sync_dir(&self.net.dir);
+            let _ = self.sync_network().await;
+            return Err(e);
+        }
+        self.events.emit(&spec.id, "segment-created", None, "");
+        Ok((spec, true))
+    }
+
+    /// Deletes a segment no NIC uses. Deleting a segment that does not exist succeeds.
+    pub async fn delete_segment(&self, id: &str) -> Result<(), AgentError> {
+        {
+            let mut segs = lock(&self.net.segments);
+            if !segs.contains_key(id) {
+                return Ok(());
+            }
+            let users: Vec<String> = self
+                .entries()
+                .iter()
+                .filter(|e| {
+                    lock(&e.rec)
+                        .nics
+                        .iter()
+                        .any(|n| n.segment.as_deref() == Some(id))
+                })
+                .map(|e| e.id.clone())
+                .collect();
+            if !users.is_empty() {
+                return Err(AgentError::InUse(format!(
+                    "segment {id:?} has NICs of VMs {users:?}"
+                )));
+            }
+            match std::fs::remove_file(self.net.path(id)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(StoreError::from(bexar_util::fs::io_err(
+                        "remove",
+                        &self.net.path(id),
+                    )(err))
+                    .into())
+                }
+            }
+            sync_dir(&self.net.dir).map_err(StoreError::from)?;
+            segs.remove(id);
+        }
+        self.sync_network().await?;
+        self.events.emit(id, "segment-deleted", None, "");
+        Ok(())
+    }
+
+    /// Resolves the NICs of a VM being created (the VM map lock is held by the caller, so
+    /// allocations cannot race).
+    pub(super) fn resolve_nics(
+        &self,
+        spec: &super::spec::VmSpec,
+        others: &[NicState],
+    ) -> Result<Vec<NicState>, AgentError> {
+        let segs = lock(&self.net.segments);
+        super::segment::resolve_nics(&spec.id, &spec.nics, |id| segs.get(id), others).map_err(|e| {
+            match e {
+                super::segment::NicError::Invalid(f) => AgentError::Invalid(f),
+                super::segment::NicError::Conflict(f) => AgentError::Conflict(f),
+            }
+        })
+    }
+
+    /// The `ip=` kernel parameter for a VM, unless its command line has one.
+    pub(super) fn kernel_ip_param(&self, rec: &VmRecord) -> Option<String> {
+        let cmdline = rec.spec.boot.cmdline.as_deref().unwrap_or("");
+        if cmdline.split_whitespace().any(|t| t.starts_with("ip=")) {
+            return None;
+        }
+        let segs = lock(&self.net.segments);
+        let host = rec.metadata.hostname.as_deref().unwrap_or(&rec.id);
+        super::segment::kernel_ip_param(&rec.nics, |id| segs.get(id), host)
+    }
+
+    /// The NIC whose metadata requests carry `mark`.
+    pub fn nic_of_mark(&self, mark: u32) -> Option<NicOwner> {
+        self.net.owner_of_mark(mark)
+    }
+
+    /// Makes the kernel match the records: bridge, segment ports with their addresses and
+    /// routes, one filtered TAP per segment NIC, the nftables ruleset, router advertisements;
+    /// and removes links the agent made that nothing wants any more.
+    pub async fn sync_network(&self) -> Result<(), AgentError> {
+        let segs: BTreeMap<String, SegmentSpec> = lock(&self.net.segments).clone();
+        let nics: Vec<(String, usize, NicState)> = self
+            .entries()
+            .iter()
+            .flat_map(|e| {
+                let r = lock(&e.rec);
+                r.nics
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| n.segment.is_some())
+                    .map(|(i, n)| (r.id.clone(), i, n.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let empty = segs.is_empty() && nics.is_empty();
+        if empty
+            && !self.net.active.load(std::sync::atomic::Ordering::Relaxed)
+            && !self.net_touched()
+        {
+            return Ok(());
+        }
+        let _guard = self.net.sync.lock().await;
+        let nl = self.net.netlink()?;
+        let uplink = self.net.config.uplink.as_deref();
+        let mut links = nl.links().await.map_err(net_err)?;
+        let mut wanted: BTreeSet<String> = BTreeSet::new();
+
+        // One bridge per segment; it carries the host's addresses on the segment.
+        for s in segs.values() {
+            let (br, vl) = segment_links(&s.id);
+            wanted.insert(br.clone());
+            if find(&links, &br).is_none() {
+                nl.add_bridge(
+                    &br,
+                    &format!("{ALIAS_PREFIX}segment {}", s.id),
+                    segment_mac(&s.id),
+                )
+                .await
+                .map_err(net_err)?;
+                links = nl.links().await.map_err(net_err)?;
+            }
+            let bl = find(&links, &br)
+                .cloned()
+                .ok_or_else(|| net_err(format!("{br} did not appear")))?;
+            let routed6 = s.mode == SegmentMode::Routed && s.ipv6.is_some();
+            let _ = netlink::sysctl(
+                &format!("net/ipv6/conf/{br}/disable_ipv6"),
+                if routed6 { "0" } else { "1" },
+            );
+            let _ = netlink::sysctl(&format!("net/ipv6/conf/{br}/accept_dad"), "0");
+            let _ = netlink::sysctl(&format!("net/ipv6/conf/{br}/accept_ra"), "0");
+            let _ = netlink::sysctl(&format!("net/ipv4/conf/{br}/arp_ignore"), "1");
+            nl.set_link(
+                bl.index,
+                &format!("{ALIAS_PREFIX}segment {}", s.id),
+                None,
+                true,
+            )
+            .await
+            .map_err(net_err)?;
+            let have = nl.addresses(bl.index).await.map_err(net_err)?;
+            let (v4, v6) = s.host_addresses();
+            let mut want: Vec<IpNet> =
+                vec![IpNet::V4(Ipv4Net::new(IMDS_ADDR, 32).expect("constant"))];
+            want.extend(v4.map(IpNet::V4));
+            want.extend(v6.map(IpNet::V6));
+            for a in want {
+                if !have.contains(&a) {
+                    nl.add_address(bl.index, a).await.map_err(net_err)?;
+                }
+            }
+            if s.mode == SegmentMode::Bridged {
+                // Metadata replies reach bridged guests through their bridge.
+                if let Some(v4) = &s.ipv4 {
+                    nl.add_link_route(bl.index, v4.subnet, IMDS_ADDR)
+                        .await
+                        .map_err(net_err)?;
+                }
+                // The uplink carries the segment tagged with its VLAN.
+                if let Some(u) = uplink {
+                    let base = find(&links, u)
+                        .ok_or_else(|| net_err(format!("uplink {u} does not exist")))?
+                        .index;
+                    wanted.insert(vl.clone());
+                    if find(&links, &vl).is_none() {
+                        nl.add_vlan(&vl, base, s.vlan).await.map_err(net_err)?;
+                        links = nl.links().await.map_err(net_err)?;
+                    }
+                    let ul = find(&links, &vl).ok_or_else(|| net_err(format!("{vl} missing")))?;
+                    let _ = netlink::sysctl(&format!("net/ipv6/conf/{vl}/disable_ipv6"), "1");
+                    nl.set_link(
+                        ul.index,
+                        &format!("{ALIAS_PREFIX}uplink {}", s.id),
+                        Some(bl.index),
+                        true,
+                    )
+                    .await
+                    .map_err(net_err)?;
+                }
+            }
+        }
+
+        // One TAP per segment NIC, a port of its segment's bridge.
+        let mut tap_index = HashMap::new();
+        for (vm, i, n) in &nics {
+            wanted.insert(n.tap.clone());
+            let Some(seg) = n.segment.as_deref() else {
+                continue;
+            };
+            let Some(bl) = find(&links, &segment_links(seg).0) else {
+                tracing::error!(vm = %vm, "NIC {i} is on unknown segment {seg:?}");
+                continue;
+            };
+            tap_index.insert(n.tap.clone(), ensure_tap(&nl, vm, *i, n, bl.index).await?);
+        }
+
+        // Whatever the agent made that nothing wants any more.
+        for l in &links {
+            let ours = l
+                .alias
+                .as_deref()
+                .is_some_and(|a| a.starts_with(ALIAS_PREFIX))
+                && [TAP_PREFIX, GATEWAY_PREFIX, UPLINK_PREFIX]
+                    .iter()
+                    .any(|p| l.name.starts_with(p));
+            if ours && !wanted.contains(&l.name) {
+                tracing::info!("removing {} ({})", l.name, l.alias.as_deref().unwrap_or(""));
+                if let Err(e) = nl.del_link(l.index).await {
+                    tracing::warn!("cannot remove {}: {e}", l.name);
+                }
+            }
+        }
+
+        // Filters and routing policy, in one transaction.
+        let mut marks = HashMap::new();
+        let mut rules = Ruleset::default();
+        for (vm, i, n) in &nics {
+            let Some(index) = tap_index.get(&n.tap) else {
+                continue;
+            };
+            let rule = nic_rule(n, *index);
+            marks.insert(
+                rule.mark,
+                NicOwner {
+                    vm: vm.clone(),
+                    nic: *i,
+                },
+            );
+            rules.nics.push(rule);
+        }
+        for s in segs.values() {
+            rules.segments.push(SegmentRule {
+                port: segment_links(&s.id).0,
+                routed: s.mode == SegmentMode::Routed,
+                ipv4: s.ipv4.as_ref().map(|v| v.subnet),
+                ipv6: s.ipv6.as_ref().map(|v| v.prefix),
+            });
+        }
+        if empty {
+            // Nothing to filter: the agent's tables go too.
+            match tokio::task::spawn_blocking(nft::remove_tables)
+                .await
+                .map_err(net_err)?
+            {
+                Ok(()) | Err(nft::NftError::Spawn(_)) => {}
+                Err(e) => return Err(net_err(e)),
+            }
+        } else {
+            tokio::task::spawn_blocking(move || rules.apply())
+                .await
+                .map_err(net_err)?
+                .map_err(net_err)?;
+        }
+        self.net
+            .active
+            .store(!empty, std::sync::atomic::Ordering::Relaxed);
+        *lock(&self.net.marks) = marks;
+
+        // Host-wide switches (this network namespace only).
+        let _ = netlink::sysctl("net/ipv4/tcp_fwmark_accept", "1");
+        if segs
+            .values()
+            .any(|s| s.mode == SegmentMode::Routed && s.ipv4.is_some())
+        {
+            netlink::sysctl("net/ipv4/ip_forward", "1").map_err(net_err)?;
+        }
+        if segs
+            .values()
+            .any(|s| s.mode == SegmentMode::Routed && s.ipv6.is_some())
+        {
+            netlink::sysctl("net/ipv6/conf/all/forwarding", "1").map_err(net_err)?;
+        }
+
+        // Router advertisements on routed IPv6 segments.
+        // (A service dropped from its map stops.)
+        let mut ra = lock(&self.net.ra);
+        ra.retain(|id, t| {
+            segs.get(id)
+                .is_some_and(|s| s.mode == SegmentMode::Routed && s.ipv6.is_some())
+                && t.is_running()
+        });
+        for s in segs.values() {
+            let (Some(v6), SegmentMode::Routed) = (&s.ipv6, s.mode) else {
+                continue;
+            };
+            if ra.contains_key(&s.id) {
+                continue;
+            }
+            let (g, _) = segment_links(&s.id);
+            if let Some(gl) = find(&links, &g) {
+                let adv = bexar_hostnet::ra::Advertiser {
+                    ifname: g.clone(),
+                    ifindex: gl.index,
+                    mac: gl.mac.unwrap_or([0; 6]),
+                    prefix: v6.prefix,
+                };
+                ra.insert(s.id.clone(), adv.start());
+            }
+        }
+        drop(ra);
+
+        // DHCP on every segment with IPv4.
+        let mut dhcp = lock(&self.net.dhcp);
+        dhcp.retain(|id, (w, _)| segs.get(id).is_some_and(|s| s.ipv4.is_some()) && w.is_running());
+        for s in segs.values().filter(|s| s.ipv4.is_some()) {
+            if dhcp.contains_key(&s.id) {
+                continue;
+            }
+            let bindings = Bindings::default();
+            let server = bexar_hostnet::dhcp::Server {
+                ifname: segment_links(&s.id).0,
+                server_id: s.host_addresses().0.map_or(IMDS_ADDR, |a| a.addr()),
+                bindings: bindings.clone(),
+            };
+            dhcp.insert(s.id.clone(), (server.start(), bindings));
+        }
+        drop(dhcp);
+        self.refresh_bindings();
+        Ok(())
+    }
+
+    /// Rewrites the DHCP bindings of every segment from the VM records.
+    pub(super) fn refresh_bindings(&self) {
+        let segs = lock(&self.net.segments).clone();
+        let mut per: HashMap<String, HashMap<[u8; 6], Binding>> = HashMap::new();
+        for e in self.entries() {
+            let r = lock(&e.rec);
+            let host = r.metadata.hostname.clone().unwrap_or_else(|| r.id.clone());
+            for n in &r.nics {
+                let (Some(seg), Some(addr)) = (&n.segment, n.ipv4) else {
+                    continue;
+                };
+                let Some(v4) = segs.get(seg).and_then(|s| s.ipv4.as_ref()) else {
+                    continue;
+                };
+                per.entry(seg.clone()).or_default().insert(
+                    n.mac_bytes(),
+                    Binding {
+                        addr,
+                        prefix_len: v4.subnet.prefix_len(),
+                        gateway: v4.gateway,
+                        hostname: host.clone(),
+                    },
+                );
+            }
+        }
+        for (id, (_, b)) in lock(&self.net.dhcp).iter() {
+            *lock(b) = per.remove(id).unwrap_or_default();
+        }
+    }
+
+    /// Wires the segment NICs of one VM (TAP, bridge port, filter) without touching anything
+    /// else, so the cost does not grow with the number of VMs. Falls back to a full sync if
+    /// the rest is not in place (the segment's bridge or the tables missing).
+    pub(super) async fn wire_nics(&self, rec: &VmRecord) -> Result<(), AgentError> {
+        if let Err(e) = self.try_wire_nics(rec).await {
+            tracing::info!(vm = %rec.id, "wiring the NICs alone failed ({e}); syncing everything");
+            return self.sync_network().await;
+        }
+        Ok(())
+    }
+
+    async fn try_wire_nics(&self, rec: &VmRecord) -> Result<(), AgentError> {
+        let _guard = self.net.sync.lock().await;
+        let nl = self.net.netlink()?;
+        for (i, n) in rec.nics.iter().enumerate() {
+            let Some(seg) = &n.segment else { continue };
+            let br = nl
+                .link(&segment_links(seg).0)
+                .await
+                .map_err(net_err)?
+                .ok_or_else(|| net_err(format!("segment {seg} has no bridge")))?;
+            let index = ensure_tap(&nl, &rec.id, i, n, br.index).await?;
+            let rule = nic_rule(n, index);
+            let mark = rule.mark;
+            tokio::task::spawn_blocking(move || nft::add_nic(&rule))
+                .await
+                .map_err(net_err)?
+                .map_err(net_err)?;
+            lock(&self.net.marks).insert(
+                mark,
+                NicOwner {
+                    vm: rec.id.clone(),
+                    nic: i,
+                },
+            );
+        }
+        self.net
+            .active
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(_guard);
+        self.refresh_bindings();
+        Ok(())
+    }
+
+    /// Removes the TAPs and filters of a deleted VM's NICs (a full sync if that fails).
+    pub(super) async fn unwire_nics(&self, vm: &str, nics: &[NicState]) {
+        let r = async {
+            let _guard = self.net.sync.lock().await;
+            let nl = self.net.netlink()?;
+            for n in nics.iter().filter(|n| n.segment.is_some()) {
+                let tap = n.tap.clone();
+                tokio::task::spawn_blocking(move || nft::remove_nic(&tap))
+                    .await
+                    .map_err(net_err)?
+                    .map_err(net_err)?;
+                if let Some(l) = nl.link(&n.tap).await.map_err(net_err)? {
+                    lock(&self.net.marks).remove(&(MARK_BASE | l.index));
+                    nl.del_link(l.index).await.map_err(net_err)?;
+                }
+            }
+            Ok::<(), AgentError>(())
+        }
+        .await;
+        self.refresh_bindings();
+        if let Err(e) = r {
+            tracing::info!(vm = %vm, "removing the NICs alone failed ({e}); syncing everything");
+            if let Err(e) = self.sync_network().await {
+                tracing::error!(vm = %vm, "cannot remove the VM's NICs: {e}");
+            }
+        }
+    }
+
+    /// Whether the agent has network state to clean up even with no segments or NICs: links
+    /// it tagged, left by an earlier run.
+    fn net_touched(&self) -> bool {
+        let Ok(list) = std::fs::read_dir("/sys/class/net") else {
+            return false;
+        };
+        list.flatten().any(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            [TAP_PREFIX, GATEWAY_PREFIX, UPLINK_PREFIX]
+                .iter()
+                .any(|p| n.starts_with(p))
+                && std::fs::read_to_string(e.path().join("ifalias"))
+                    .is_ok_and(|a| a.starts_with(ALIAS_PREFIX))
+        })
+    }
+
+    /// Sets what the metadata service tells VM `id`'s guest.
+    pub fn set_metadata(
+        &self,
+        id: &str,
+        md: super::spec::VmMetadata,
+    ) -> Result<VmRecord, AgentError> {
+        md.validate()?;
+        let entry = self.entry(id)?;
+        let rec = self.update(&entry, |r| r.metadata = md)?;
+        self.refresh_bindings();
+        Ok(rec)
+    }
+
+    /// The record of the VM owning `owner`'s NIC.
+    pub fn nic_record(&self, owner: &NicOwner) -> Option<(VmRecord, NicState)> {
+        let rec = self.get(&owner.vm).ok()?;
+        let nic = rec.nics.get(owner.nic)?.clone();
+        Some((rec, nic))
+    }
+
+    /// The segment of a NIC.
+    pub fn segment_of(&self, nic: &NicState) -> Option<SegmentSpec> {
+        nic.segment
+            .as_deref()
+            .and_then(|s| lock(&self.net.segments).get(s).cloned())
+    }
+}
+
+/// Makes NIC `i` of VM `vm` a TAP (created persistent if missing) that is an up port of
+/// bridge `bridge`, without IPv6 of the host's own; returns its interface index.
+async fn ensure_tap(
+    nl: &Netlink,
+    vm: &str,
+    i: usize,
+    n: &NicState,
+    bridge: u32,
+) -> Result<u32, AgentError> {
+    let tl = match nl.link(&n.tap).await.map_err(net_err)? {
+        Some(l) => l,
+        None => {
+            Tap::create_persistent(&n.tap).map_err(net_err)?;
+            nl.link(&n.tap)
+                .await
+                .map_err(net_err)?
+                .ok_or_else(|| net_err(format!("{} did not appear", n.tap)))?
+        }
+    };
+    let _ = netlink::sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", n.tap), "1");
+    nl.set_link(
+        tl.index,
+        &format!("{ALIAS_PREFIX}nic {vm} {i}"),
+        Some(bridge),
+        true,
+    )
+    .await
+    .map_err(net_err)?;
+    Ok(tl.index)
+}
+
+/// The filter of a NIC whose TAP has interface index `ifindex`.
+fn nic_rule(n: &NicState, ifindex: u32) -> NicRule {
+    let mut ipv6: Vec<_> = n.ipv6.into_iter().collect();
+    if !ipv6.is_empty() {
+        ipv6.push(link_local(n.mac_bytes()));
+    }
+    NicRule {
+        tap: n.tap.clone(),
+        mac: n.mac.clone(),
+        ipv4: n.ipv4,
+        ipv6,
+        mark: MARK_BASE | ifindex,
+    }
+}
+
+fn find<'a>(links: &'a [Link], name: &str) -> Option<&'a Link> {
+    links.iter().find(|l| l.name == name)
+}

@@ -1,0 +1,696 @@
+//! The VM spec (what the scheduler asks for) and the VM record (spec + observed status) the
+//! agent persists. Validation lives here too: every check names the field it refused.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::segment::NicState;
+use super::store::layout;
+use bexar_devices::virtio::block::DiskConfig;
+use bexar_devices::virtio::net::{parse_mac, NicConfig};
+use bexar_devices::virtio::vsock::VsockConfig;
+use bexar_vmm::boot::mptable::MAX_VCPUS;
+use bexar_vmm::control::ControlConfig;
+use bexar_vmm::cpuid::CpuTemplate;
+use bexar_vmm::VmConfig;
+
+/// A refused field: its path in the request body and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// Dotted path of the field (`disks[0].path`).
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl FieldError {
+    /// An error on `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// How the guest is booted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSpec {
+    /// Kernel image on the host (absolute path): ELF vmlinux or bzImage.
+    pub kernel: PathBuf,
+    /// Initramfs (absolute path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; the default is a serial console and reboot-on-panic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+}
+
+/// A virtio-blk disk backed by a host file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// Image file (absolute path).
+    pub path: PathBuf,
+    /// Attach read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Bypass the host page cache.
+    #[serde(default)]
+    pub direct: bool,
+    /// Serial the guest sees (at most 20 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+/// A virtio-net NIC: on a segment (the agent creates, wires and filters its TAP) or on an
+/// existing caller-managed TAP.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    /// Segment to connect to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<String>,
+    /// Existing TAP interface to attach to instead of a segment (no filtering, no addresses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// MAC address (default: derived from the VM id, or from the TAP name for `tap`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// IPv4 address on the segment (default: allocated from its subnet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<std::net::Ipv4Addr>,
+    /// IPv6 address on the segment (default: the SLAAC address of the MAC in its prefix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<std::net::Ipv6Addr>,
+}
+
+/// A virtio-vsock device; its host side is the `vsock.sock` socket in the VM's directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockSpec {
+    /// Guest context id (3 or more).
+    pub cid: u32,
+}
+
+/// What happens when a VM's guest or VMM ends without being asked to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Leave it stopped or failed.
+    #[default]
+    No,
+    /// Restart it if it failed (VMM died, guest crashed, triple fault...), with back-off.
+    OnFailure,
+    /// Restart it whenever it ends, with back-off.
+    Always,
+}
+
+/// Everything the scheduler says about a VM. Immutable once created: a create with the same id
+/// and an equal spec is a no-op, a different one is a conflict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// Caller-chosen id: 1-63 of `[a-z0-9_.-]`, starting with a letter or digit.
+    pub id: String,
+    /// vCPUs (1-32).
+    pub vcpus: u8,
+    /// Guest memory in MiB (16-1048576).
+    pub memory_mib: u64,
+    /// CPU template: `host` or `x86-64-v2` (alias `baseline`).
+    #[serde(default = "default_template")]
+    pub cpu_template: String,
+    /// Kernel, initramfs and command line.
+    pub boot: BootSpec,
+    /// Disks, in order (the first is /dev/vda).
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    /// NICs.
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+    /// Attach a virtio-rng.
+    #[serde(default)]
+    pub rng: bool,
+    /// Attach a virtio-vsock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockSpec>,
+    /// Free-form labels for selection (`bexar vm ls -l key=value`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Restart policy.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+}
+
+fn default_template() -> String {
+    "host".into()
+}
+
+/// Most labels per VM.
+pub const MAX_LABELS: usize = 64;
+/// Longest label key or value.
+pub const MAX_LABEL_LEN: usize = 253;
+/// Most disks or NICs per VM (the virtio slots hold 19 devices in all).
+pub const MAX_DEVICES: usize = 16;
+/// Longest command line accepted.
+pub const MAX_CMDLINE: usize = 2048;
+
+/// Whether `id` is a valid VM id (also used for path segments, so it must stay this strict).
+pub fn valid_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b.iter().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_' | b'.')
+        })
+}
+
+fn check_file(field: &str, p: &Path) -> Result<(), FieldError> {
+    if !p.is_absolute() {
+        return Err(FieldError::new(field, "must be an absolute path"));
+    }
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(FieldError::new(
+            field,
+            format!("{} is not a regular file", p.display()),
+        )),
+        Err(e) => Err(FieldError::new(field, format!("{}: {e}", p.display()))),
+    }
+}
+
+impl VmSpec {
+    /// Checks every field; the first problem found is returned, naming its field.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if !valid_id(&self.id) {
+            return Err(FieldError::new(
+                "id",
+                "must be 1-63 characters of a-z, 0-9, '-', '_' or '.', starting with a letter or digit",
+            ));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(FieldError::new(
+                "vcpus",
+                format!("{} is out of range 1-{MAX_VCPUS}", self.vcpus),
+            ));
+        }
+        if !(16..=1 << 20).contains(&self.memory_mib) {
+            return Err(FieldError::new(
+                "memory_mib",
+                format!("{} is out of range 16-1048576", self.memory_mib),
+            ));
+        }
+        CpuTemplate::from_name(&self.cpu_template)
+            .map_err(|e| FieldError::new("cpu_template", e.to_string()))?;
+        check_file("boot.kernel", &self.boot.kernel)?;
+        if let Some(p) = &self.boot.initrd {
+            check_file("boot.initrd", p)?;
+        }
+        if let Some(c) = &self.boot.cmdline {
+            if c.len() > MAX_CMDLINE || c.bytes().any(|b| b == 0 || b == b'\n') {
+                return Err(FieldError::new(
+                    "boot.cmdline",
+                    format!("must be one line of at most {MAX_CMDLINE} bytes"),
+                ));
+            }
+        }
+        if self.disks.len() > MAX_DEVICES {
+            return Err(FieldError::new(
+                "disks",
+                format!("at most {MAX_DEVICES} disks"),
+            ));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            check_file(&format!("disks[{i}].path"), &d.path)?;
+            if let Some(s) = &d.serial {
+                if s.is_empty() || s.len() > 20 {
+                    return Err(FieldError::new(
+                        format!("disks[{i}].serial"),
+                        "must be 1-20 bytes",
+                    ));
+                }
+            }
+        }
+        if self.nics.len() > MAX_DEVICES {
+            return Err(FieldError::new(
+                "nics",
+                format!("at most {MAX_DEVICES} NICs"),
+            ));
+        }
+        for (i, n) in self.nics.iter().enumerate() {
+            match (&n.segment, &n.tap) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(FieldError::new(
+                        format!("nics[{i}].segment"),
+                        "give exactly one of segment and tap",
+                    ))
+                }
+                (Some(s), None) if !valid_id(s) => {
+                    return Err(FieldError::new(
+                        format!("nics[{i}].segment"),
+                        format!("{s:?} is not a valid segment id"),
+                    ))
+                }
+                (None, Some(t)) => {
+                    if t.is_empty() || t.len() > 15 || t.contains(['/', ' ', '\0']) {
+                        return Err(FieldError::new(
+                            format!("nics[{i}].tap"),
+                            "must be an interface name of 1-15 characters",
+                        ));
+                    }
+                    if n.ipv4.is_some() || n.ipv6.is_some() {
+                        return Err(FieldError::new(
+                            format!("nics[{i}].ipv4"),
+                            "addresses are managed only for NICs on a segment",
+                        ));
+                    }
+                }
+                _ => {}
+            }
+            if let Some(m) = &n.mac {
+                if parse_mac(m).is_none() {
+                    return Err(FieldError::new(
+                        format!("nics[{i}].mac"),
+                        format!("{m:?} is not a unicast MAC address aa:bb:cc:dd:ee:ff"),
+                    ));
+                }
+            }
+        }
+        let slots = self.disks.len()
+            + self.nics.len()
+            + usize::from(self.rng)
+            + usize::from(self.vsock.is_some());
+        if slots > bexar_vmm::layout::VIRTIO_SLOTS as usize {
+            return Err(FieldError::new(
+                "disks",
+                format!(
+                    "{slots} virtio devices requested; at most {} fit",
+                    bexar_vmm::layout::VIRTIO_SLOTS
+                ),
+            ));
+        }
+        if let Some(v) = &self.vsock {
+            if v.cid < 3 || v.cid == u32::MAX {
+                return Err(FieldError::new("vsock.cid", "must be 3 or more"));
+            }
+        }
+        if self.labels.len() > MAX_LABELS {
+            return Err(FieldError::new(
+                "labels",
+                format!("at most {MAX_LABELS} labels"),
+            ));
+        }
+        for (k, v) in &self.labels {
+            if k.is_empty() || k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN {
+                return Err(FieldError::new(
+                    format!("labels.{k}"),
+                    format!(
+                        "keys must be 1-{MAX_LABEL_LEN} bytes and values at most {MAX_LABEL_LEN}"
+                    ),
+                ));
+            }
+            if k.contains(['=', ',']) {
+                return Err(FieldError::new(
+                    format!("labels.{k}"),
+                    "keys may not contain '=' or ','",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The VMM configuration for this spec, with the VM's files under `dir`, its NICs as
+    /// resolved by the agent and `cmdline_extra` appended to the command line.
+    pub fn vm_config(
+        &self,
+        dir: &Path,
+        token: &str,
+        nics: &[NicState],
+        cmdline_extra: Option<&str>,
+    ) -> Result<VmConfig, FieldError> {
+        let cpu_template = CpuTemplate::from_name(&self.cpu_template)
+            .map_err(|e| FieldError::new("cpu_template", e.to_string()))?;
+        Ok(VmConfig {
+            kernel: self.boot.kernel.clone(),
+            initrd: self.boot.initrd.clone(),
+            cmdline: {
+                let base = self
+                    .boot
+                    .cmdline
+                    .clone()
+                    .unwrap_or_else(|| bexar_vmm::DEFAULT_CMDLINE.to_owned());
+                match cmdline_extra {
+                    Some(x) => format!("{base} {x}"),
+                    None => base,
+                }
+            },
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            cpu_template,
+            console: bexar_devices::serial::ConsoleConfig::SocketWithLog {
+                socket: dir.join(layout::CONSOLE_SOCKET),
+                log: dir.join(layout::CONSOLE_LOG),
+            },
+            stdin: false,
+            timeout: None,
+            platform_params: true,
+            legacy_pit: false,
+            disks: self
+                .disks
+                .iter()
+                .map(|d| DiskConfig {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                    serial: d.serial.clone(),
+                    direct: d.direct,
+                })
+                .collect(),
+            nics: nics
+                .iter()
+                .map(|n| NicConfig {
+                    tap: n.tap.clone(),
+                    mac: n.mac_bytes(),
+                })
+                .collect(),
+            rng: self.rng,
+            vsock: self.vsock.as_ref().map(|v| VsockConfig {
+                cid: v.cid,
+                uds: dir.join(layout::VSOCK_SOCKET),
+            }),
+            control: Some(ControlConfig {
+                socket: dir.join(layout::CONTROL_SOCKET),
+                id: self.id.clone(),
+                token: token.to_owned(),
+            }),
+        })
+    }
+
+    /// Whether every `key=value` in `selector` (comma-separated; `key` alone tests presence)
+    /// matches this VM's labels.
+    pub fn matches(&self, selector: &str) -> bool {
+        selector
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .all(|term| match term.split_once('=') {
+                Some((k, v)) => self.labels.get(k).map(String::as_str) == Some(v),
+                None => self.labels.contains_key(term),
+            })
+    }
+}
+
+/// Lifecycle phase of a VM, as the agent observes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Being defined (only seen if the agent died mid-create).
+    Creating,
+    /// Defined, not running.
+    Stopped,
+    /// Its VMM runs the guest.
+    Running,
+    /// Its VMM runs, vCPUs parked.
+    Paused,
+    /// It ended unexpectedly (see `exit_reason`).
+    Failed,
+    /// Being deleted.
+    Deleting,
+}
+
+impl Phase {
+    /// Name as used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Creating => "creating",
+            Self::Stopped => "stopped",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Failed => "failed",
+            Self::Deleting => "deleting",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Creating,
+            Self::Stopped,
+            Self::Running,
+            Self::Paused,
+            Self::Failed,
+            Self::Deleting,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
+    }
+
+    /// Whether a VMM process is expected to exist.
+    pub fn has_vmm(self) -> bool {
+        matches!(self, Self::Running | Self::Paused)
+    }
+}
+
+/// What the agent has seen of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct VmStatus {
+    /// VMM process id while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The VMM's start time (clock ticks since boot, /proc/PID/stat field 22): with the pid,
+    /// identifies the process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_start_ticks: Option<u64>,
+    /// Token of the current (or last) VMM launch.
+    #[serde(default)]
+    pub token: String,
+    /// Why it last ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_reason: Option<String>,
+    /// Restarts done by the restart policy since the VM was last started by request.
+    #[serde(default)]
+    pub restarts: u32,
+    /// Unix time (ms) of creation, last start, last stop and last change.
+    pub created_ms: u64,
+    /// Last start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    /// Last end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_ms: Option<u64>,
+    /// Last change of any kind.
+    pub updated_ms: u64,
+}
+
+/// An operation the agent was carrying out on a VM when the record was written. After a crash,
+/// the agent finishes or rolls back what it finds here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operation {
+    /// `create`, `start`, `stop`, `reboot`, `pause`, `resume`, `delete` or `restart`.
+    pub kind: String,
+    /// Unix time (ms) it began.
+    pub started_ms: u64,
+}
+
+/// Desired power state, from the last action the caller asked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Desired {
+    /// Keep it stopped.
+    #[default]
+    Stopped,
+    /// Keep it running.
+    Running,
+    /// Keep it paused.
+    Paused,
+}
+
+/// A VM as persisted (one file per VM) and as returned by the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// The VM id (same as `spec.id`).
+    pub id: String,
+    /// Current phase (the API's `state`).
+    pub state: Phase,
+    /// The spec as created.
+    pub spec: VmSpec,
+    /// Bumped on every change of the desired state.
+    pub generation: u64,
+    /// Desired power state.
+    pub desired: Desired,
+    /// Observed status.
+    pub status: VmStatus,
+    /// Operation in flight, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<Operation>,
+    /// The NICs as wired: MACs, addresses and TAPs chosen at create time.
+    #[serde(default)]
+    pub nics: Vec<NicState>,
+    /// What the metadata service tells the guest (`PUT /v1/vms/{id}/metadata`).
+    #[serde(default)]
+    pub metadata: VmMetadata,
+}
+
+/// Metadata a guest reads from the instance metadata service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmMetadata {
+    /// Host name (default: the VM id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// User data (cloud-init's `#cloud-config`, a script...), at most 32 KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+    /// Vendor data for cloud-init, at most 32 KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vendor_data: Option<String>,
+    /// SSH public keys (OpenSSH one-line format).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub public_keys: Vec<String>,
+    /// Free-form key/value facts, served under `meta-data/tags/instance/`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Largest user or vendor data.
+pub const MAX_USER_DATA: usize = 32 << 10;
+
+impl VmMetadata {
+    /// Checks sizes and characters; names the field.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if let Some(h) = &self.hostname {
+            let ok = !h.is_empty()
+                && h.len() <= 63
+                && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !h.starts_with('-');
+            if !ok {
+                return Err(FieldError::new(
+                    "hostname",
+                    "must be 1-63 letters, digits or '-', not starting with '-'",
+                ));
+            }
+        }
+        for (f, v) in [
+            ("user_data", &self.user_data),
+            ("vendor_data", &self.vendor_data),
+        ] {
+            if v.as_ref().is_some_and(|d| d.len() > MAX_USER_DATA) {
+                return Err(FieldError::new(f, format!("at most {MAX_USER_DATA} bytes")));
+            }
+        }
+        if self.public_keys.len() > 64 {
+            return Err(FieldError::new("public_keys", "at most 64 keys"));
+        }
+        for (i, k) in self.public_keys.iter().enumerate() {
+            if k.is_empty() || k.len() > 16384 || k.contains(['\n', '\r', '\0']) {
+                return Err(FieldError::new(
+                    format!("public_keys[{i}]"),
+                    "must be one line of at most 16 KiB",
+                ));
+            }
+        }
+        if self.tags.len() > MAX_LABELS {
+            return Err(FieldError::new(
+                "tags",
+                format!("at most {MAX_LABELS} tags"),
+            ));
+        }
+        for (k, v) in &self.tags {
+            let ok = !k.is_empty()
+                && k.len() <= MAX_LABEL_LEN
+                && v.len() <= MAX_LABEL_LEN
+                && !k.contains(['/', '\n', '\0'])
+                && !v.contains(['\n', '\0']);
+            if !ok {
+                return Err(FieldError::new(
+                    format!("tags.{k}"),
+                    "keys are 1-253 bytes without '/', values at most 253 bytes, one line each",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        serde_json::from_value(serde_json::json!({
+            "id": "vm-1", "vcpus": 1, "memory_mib": 64,
+            "boot": {"kernel": "/proc/self/exe"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn ids_are_strict() {
+        for ok in ["a", "vm-1", "x.y_z", "0abc"] {
+            assert!(valid_id(ok), "{ok}");
+        }
+        let long = "a".repeat(64);
+        for bad in ["", "-a", "A", "a/b", "..", ".a", "a b", long.as_str()] {
+            assert!(!valid_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut s = spec();
+        s.vcpus = 0;
+        assert_eq!(s.validate().unwrap_err().field, "vcpus");
+        let mut s = spec();
+        s.boot.kernel = "relative".into();
+        assert_eq!(s.validate().unwrap_err().field, "boot.kernel");
+        let mut s = spec();
+        s.nics.push(NicSpec {
+            tap: Some("tap0".into()),
+            mac: Some("zz".into()),
+            ..Default::default()
+        });
+        assert_eq!(s.validate().unwrap_err().field, "nics[0].mac");
+        let mut s = spec();
+        s.nics.push(NicSpec {
+            tap: Some("tap0".into()),
+            segment: Some("a".into()),
+            ..Default::default()
+        });
+        assert_eq!(s.validate().unwrap_err().field, "nics[0].segment");
+        let mut s = spec();
+        s.cpu_template = "pentium".into();
+        assert_eq!(s.validate().unwrap_err().field, "cpu_template");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = serde_json::from_value::<VmSpec>(serde_json::json!({
+            "id": "a", "vcpus": 1, "memory_mib": 64, "boot": {"kernel": "/k"}, "colour": "red"
+        }))
+        .unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn label_selectors() {
+        let mut s = spec();
+        s.labels.insert("team".into(), "a".into());
+        s.labels.insert("tier".into(), "web".into());
+        assert!(s.matches("team=a"));
+        assert!(s.matches("team=a,tier"));
+        assert!(s.matches(""));
+        assert!(!s.matches("team=b"));
+        assert!(!s.matches("zone"));
+    }
+}

@@ -1,0 +1,292 @@
+//! VMM processes as the agent sees them: launching `bexar vmm --dir DIR` detached from the
+//! agent, proving a running process is the one we launched (control socket + launch token +
+//! the peer's pid from SO_PEERCRED + a pidfd + the process start time), waiting for it to end,
+//! and finding strays.
+
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use super::spec::VmSpec;
+use super::store::layout;
+use bexar_vmm::control::{Info, Request};
+
+/// What a VMM is started with (`launch.json` in the VM's directory).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Launch {
+    /// VM id.
+    pub id: String,
+    /// Token identifying this launch.
+    pub token: String,
+    /// The spec to run.
+    pub spec: VmSpec,
+    /// Its NICs as the agent wired them.
+    #[serde(default)]
+    pub nics: Vec<crate::segment::NicState>,
+    /// Appended to the kernel command line (the `ip=` of the first NIC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline_extra: Option<String>,
+}
+
+/// What a VMM writes when it ends (`result.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunResult {
+    /// Token of the launch that ended.
+    pub token: String,
+    /// Whether the guest ended in an orderly way (power-off, reset, stop on request).
+    pub clean: bool,
+    /// Why it ended, for people.
+    pub reason: String,
+    /// The VMM's full outcome, when it got as far as running the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<serde_json::Value>,
+}
+
+/// Errors talking to a VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmProcessError {
+    /// The process could not be started.
+    #[error("cannot start the VMM: {0}")]
+    Spawn(std::io::Error),
+    /// The control socket did not answer.
+    #[error("VMM control socket {path}: {err}")]
+    Control {
+        /// Socket path.
+        path: PathBuf,
+        /// Why.
+        err: String,
+    },
+    /// The VMM refused a request.
+    #[error("VMM refused {op}: {err}")]
+    Refused {
+        /// The operation.
+        op: String,
+        /// Its message.
+        err: String,
+    },
+}
+
+/// A fresh random launch token.
+pub fn new_token() -> String {
+    let mut b = [0u8; 16];
+    // SAFETY: getrandom writes at most 16 bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // getrandom cannot fail for 16 bytes once the pool is initialised; mix in the clock
+        // anyway rather than hand out a constant.
+        let t = super::spec::now_ms() ^ u64::from(std::process::id()) << 32;
+        b[..8].copy_from_slice(&t.to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Starts `exe vmm --dir dir` in its own session, with its output going to `vmm.log` and no
+/// tie to the agent: the agent can die or be upgraded while it runs. Returns its pid.
+pub fn spawn(exe: &Path, dir: &Path) -> Result<u32, VmmProcessError> {
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(layout::VMM_LOG))
+        .map_err(VmmProcessError::Spawn)?;
+    let log2 = log.try_clone().map_err(VmmProcessError::Spawn)?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("vmm")
+        .arg("--dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .env_remove("BEXAR_SOCKET");
+    // SAFETY: setsid is async-signal-safe and touches no memory; it detaches the VMM from the
+    // agent's session and process group, so signals meant for the agent do not reach it.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(VmmProcessError::Spawn)?;
+    // Not waited on here: the exit watcher reaps it (or init does, after an agent restart).
+    Ok(child.id())
+}
+
+/// Reaps `pid` if it is our child and has ended; harmless otherwise.
+pub fn reap(pid: u32) {
+    let mut status = 0;
+    // SAFETY: waitpid with WNOHANG on one pid; it only writes `status`.
+    unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+}
+
+/// Opens a pidfd for `pid`.
+pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: the pidfd_open syscall takes a pid and flags and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Sends `sig` through a pidfd (cannot hit a recycled pid).
+pub fn pidfd_kill(fd: &OwnedFd, sig: i32) -> std::io::Result<()> {
+    // SAFETY: pidfd_send_signal with a valid pidfd, no siginfo, no flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits until the process behind `fd` ends.
+pub async fn wait_exit(fd: OwnedFd) {
+    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for its
+    // whole life.
+    match unsafe { tokio::io::unix::AsyncFd::register(fd) } {
+        Ok(afd) => {
+            let _ = afd.readable().await;
+        }
+        Err(e) => {
+            // Registration with the reactor failed (should not happen): block a pool thread.
+            let (fd, err) = e.into_parts();
+            tracing::warn!("cannot watch a pidfd: {err}; waiting on a thread");
+            let _ = tokio::task::spawn_blocking(move || {
+                let mut p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: poll on one valid descriptor, infinite timeout.
+                while unsafe { libc::poll(&mut p, 1, -1) } < 0 {}
+            })
+            .await;
+        }
+    }
+}
+
+/// SIGKILLs `pid` through a pidfd, waits for it to end and reaps it if it is our child.
+pub async fn kill_and_wait(pid: u32) {
+    if let Ok(fd) = pidfd_open(pid) {
+        let _ = pidfd_kill(&fd, libc::SIGKILL);
+        wait_exit(fd).await;
+        reap(pid);
+    }
+}
+
+/// Sends one request to a VMM's control socket and returns its reply, plus the peer's pid as
+/// the kernel reports it.
+pub async fn call(dir: &Path, req: &Request) -> Result<(serde_json::Value, u32), VmmProcessError> {
+    let path = dir.join(layout::CONTROL_SOCKET);
+    let err = |e: String| VmmProcessError::Control {
+        path: path.clone(),
+        err: e,
+    };
+    let fut = async {
+        let mut s = UnixStream::connect(&path)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let pid = s
+            .peer_cred()
+            .map_err(|e| err(e.to_string()))?
+            .pid()
+            .unwrap_or(0) as u32;
+        let mut line = serde_json::to_string(req).map_err(|e| err(e.to_string()))?;
+        line.push('\n');
+        s.write_all(line.as_bytes())
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let mut reply = String::new();
+        BufReader::new(&mut s)
+            .read_line(&mut reply)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        if reply.is_empty() {
+            return Err(err("closed without a reply".into()));
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&reply).map_err(|e| err(format!("bad reply: {e}")))?;
+        Ok((v, pid))
+    };
+    let (v, pid) = tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .map_err(|_| err("no reply within 5 s".into()))??;
+    if v.get("ok") != Some(&serde_json::Value::Bool(true)) {
+        return Err(VmmProcessError::Refused {
+            op: serde_json::to_string(req).unwrap_or_default(),
+            err: v
+                .get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("unknown error")
+                .to_owned(),
+        });
+    }
+    Ok((v, pid))
+}
+
+/// Asks a VMM who it is.
+pub async fn info(dir: &Path) -> Result<(Info, u32), VmmProcessError> {
+    let (v, pid) = call(dir, &Request::Info).await?;
+    let info = serde_json::from_value(v.get("info").cloned().unwrap_or_default()).map_err(|e| {
+        VmmProcessError::Control {
+            path: dir.join(layout::CONTROL_SOCKET),
+            err: format!("bad info reply: {e}"),
+        }
+    })?;
+    Ok((info, pid))
+}
+
+/// Pids of every `bexar vmm --dir D` process whose D is under `vms_root`, with D.
+pub fn find_vmms(vms_root: &Path) -> Vec<(u32, PathBuf)> {
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.len() < 4 || args[1] != b"vmm" || args[2] != b"--dir" {
+            continue;
+        }
+        let dir = PathBuf::from(String::from_utf8_lossy(args[3]).into_owned());
+        if dir.parent() == Some(vms_root) {
+            out.push((pid, dir));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_hex() {
+        let (a, b) = (new_token(), new_token());
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}
