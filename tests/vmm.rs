@@ -343,7 +343,7 @@ fn boot_test_runs_images_in_parallel_and_writes_junit() {
             "--cmdline",
             "bexar.test=banner",
             "--cmdline",
-            "bexar.test=smp",
+            &format!("bexar.test=smp{}", guest_platform_params()),
             "--cmdline",
             "bexar.test=hang",
         ])

@@ -48,6 +48,21 @@ pub fn testguest() -> PathBuf {
     .clone()
 }
 
+/// Whether /dev/kvm is PVM (software-assisted nested KVM).
+pub fn is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// What the test guest must be told about this platform: on PVM, CPUID is the host's and not
+/// the VM's (see the guest's smp test), `bexar.cpuid=native`.
+pub fn guest_platform_params() -> &'static str {
+    if is_pvm() {
+        " bexar.cpuid=native"
+    } else {
+        ""
+    }
+}
+
 /// Runs `bexar run` on the test guest with `test` selected and extra args (which may carry
 /// their own `--cmdline` and `--timeout`).
 pub fn run_testguest(test: &str, extra: &[&str]) -> Output {
@@ -63,7 +78,10 @@ pub fn run_testguest(test: &str, extra: &[&str]) -> Output {
         c.args(["--timeout", "30"]);
     }
     if !extra.contains(&"--cmdline") {
-        c.args(["--cmdline", &format!("console=ttyS0 bexar.test={test}")]);
+        c.args([
+            "--cmdline",
+            &format!("console=ttyS0 bexar.test={test}{}", guest_platform_params()),
+        ]);
     }
     c.output().expect("run bexar")
 }
