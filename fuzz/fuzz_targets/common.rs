@@ -2,7 +2,7 @@
 
 use std::sync::OnceLock;
 
-use bexar_devices::virtio::block::DiskConfig;
+use bexar_devices::block::DiskConfig;
 use bexar_devices::memory::{test_memory, GuestMemoryMmap};
 
 /// A 64 KiB raw image in the temporary directory.

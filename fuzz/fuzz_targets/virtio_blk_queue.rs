@@ -7,11 +7,11 @@ mod common;
 
 use bexar_devices::virtio::block::Block;
 use bexar_devices::virtio::ring::DriverRing;
+use bexar_devices::virtio::test_utils::{context, TestInterrupt};
 use bexar_devices::virtio::VirtioDevice;
 use common::{disk, mem};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
 
 const RING: u64 = 0x10000;
 const QUEUE: u16 = 16;
@@ -38,8 +38,9 @@ fuzz_target!(|data: &[u8]| {
         .unwrap();
 
     let ring = DriverRing::new(mem, RING, QUEUE);
-    let mut dev = Block::new(disk(), EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap();
-    dev.activate(mem.clone(), 0, vec![ring.queue()]).unwrap();
+    let mut dev = Block::new(disk()).unwrap();
+    ring.configure(&mut dev.queues_mut()[0]);
+    dev.activate(context(mem, &TestInterrupt::new())).unwrap();
     ring.set_avail_idx(u16::from_le_bytes([avail_idx[0], avail_idx[1]]));
     dev.process_queue();
     dev.process_queue();

@@ -9,17 +9,16 @@ use std::sync::{Arc, Mutex};
 
 use bexar_devices::bus::BusDevice;
 use bexar_devices::virtio::block::Block;
-use bexar_devices::virtio::mmio::MmioTransport;
+use bexar_devices::virtio::transport::mmio::{MmioInterrupt, MmioTransport};
 use bexar_devices::virtio::VirtioDevice;
 use common::{disk, mem};
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::EventFd;
 
 fuzz_target!(|data: &[u8]| {
-    let dev: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(
-        Block::new(disk(), EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap(),
-    ));
-    let mut t = MmioTransport::new(dev, mem().clone());
+    let dev: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Block::new(disk()).unwrap()));
+    let irq = Arc::new(MmioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+    let mut t = MmioTransport::new(dev, mem().clone(), irq);
     // Each 8-byte record: offset (u16), width selector, write flag, value (u32).
     for op in data.chunks_exact(8) {
         let offset = u64::from(u16::from_le_bytes([op[0], op[1]]) & 0x1ff);

@@ -7,13 +7,12 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 
 use super::junit::{self, Case};
-use super::run::vm_config;
+use super::run::{plan, Plan};
 use super::BootTestArgs;
-use bexar_vmm::VmConfig;
 
 struct Job {
     name: String,
-    config: VmConfig,
+    plan: Plan,
     expect: Option<String>,
     log: PathBuf,
     result: PathBuf,
@@ -21,7 +20,7 @@ struct Job {
 
 fn child_command(job: &Job) -> Command {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("bexar"));
-    let c = &job.config;
+    let c = &job.plan.config;
     let mut cmd = Command::new(exe);
     cmd.arg("run")
         .arg("--kernel")
@@ -42,7 +41,7 @@ fn child_command(job: &Job) -> Command {
     if let Some(i) = &c.initrd {
         cmd.arg("--initrd").arg(i);
     }
-    if let Some(t) = c.timeout {
+    if let Some(t) = job.plan.timeout {
         cmd.arg("--timeout").arg(t.as_secs_f64().to_string());
     }
     if let Some(e) = &job.expect {
@@ -150,8 +149,8 @@ pub fn main(args: &BootTestArgs) -> ExitCode {
     }
     let mut jobs = Vec::new();
     for (i, kernel) in args.kernel.iter().enumerate() {
-        let config = match vm_config(kernel, &args.vm, i, count) {
-            Ok(c) => c,
+        let plan = match plan(kernel, &args.vm, i, count) {
+            Ok(p) => p,
             Err(e) => {
                 eprintln!("bexar boot-test: {e}");
                 return ExitCode::from(2);
@@ -171,7 +170,7 @@ pub fn main(args: &BootTestArgs) -> ExitCode {
             log: dir.join(format!("{name}.console.log")),
             result: dir.join(format!("{name}.result.json")),
             name,
-            config,
+            plan,
             expect,
         });
     }

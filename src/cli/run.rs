@@ -2,17 +2,45 @@
 
 use std::time::Duration;
 
+use super::watch::PatternWatch;
 use super::{RunArgs, RunStatus, VmArgs};
+use bexar_vmm::config::{ConfigError, ConsoleConfig, DEFAULT_CMDLINE};
 use bexar_vmm::cpuid::CpuTemplate;
-use bexar_vmm::{self as vmm, ExitReason, VmConfig, VmmError, DEFAULT_CMDLINE};
+use bexar_vmm::{build_for_boot, ExitReason, VmConfig, VmOutcome, VmmError};
 
-/// Checks the VM flags and builds a config; the error names the offending flag.
-pub fn vm_config(
+/// The flag a refused field of a [`VmConfig`] came from.
+fn flag_of(e: &ConfigError) -> &'static str {
+    let f = e.field.as_str();
+    match f.split(['[', '.']).next().unwrap_or(f) {
+        "vcpus" => "--vcpus",
+        "memory_mib" => "--memory",
+        "kernel" => "--kernel",
+        "initrd" => "--initrd",
+        "cmdline" => "--cmdline",
+        "disks" => "--disk",
+        "nics" => "--net",
+        "vsock" => "--vsock",
+        "console" => "--console",
+        _ => "flags",
+    }
+}
+
+/// A VM to run and how long it may run.
+pub struct Plan {
+    /// The VM.
+    pub config: VmConfig,
+    /// End it after this long (counted from the VMM's start).
+    pub timeout: Option<Duration>,
+}
+
+/// Checks the VM flags of image `index` out of `count` (flags given once count for every
+/// image) and builds its config; the error names the offending flag.
+pub fn plan(
     kernel: &std::path::Path,
     vm: &VmArgs,
     index: usize,
     count: usize,
-) -> Result<VmConfig, String> {
+) -> Result<Plan, String> {
     let pick = |list: &[String], what: &str| -> Result<Option<String>, String> {
         match list.len() {
             0 => Ok(None),
@@ -26,19 +54,6 @@ pub fn vm_config(
     let initrds: Vec<String> = vm.initrd.iter().map(|p| p.display().to_string()).collect();
     let cpu_template =
         CpuTemplate::from_name(&vm.cpu_template).map_err(|e| format!("--cpu-template: {e}"))?;
-    if !(1..=vmm::boot::mptable::MAX_VCPUS).contains(&vm.vcpus) {
-        return Err(format!(
-            "--vcpus: {} is out of range 1-{}",
-            vm.vcpus,
-            vmm::boot::mptable::MAX_VCPUS
-        ));
-    }
-    if vm.memory < 16 || vm.memory > 1 << 20 {
-        return Err(format!(
-            "--memory: {} MiB is out of range 16-1048576",
-            vm.memory
-        ));
-    }
     let timeout = match vm.timeout {
         None => None,
         Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
@@ -48,47 +63,25 @@ pub fn vm_config(
             ))
         }
     };
-    if !kernel.is_file() {
-        return Err(format!(
-            "--kernel: {} does not exist or is not a file",
-            kernel.display()
-        ));
-    }
-    for d in &vm.disk {
-        if !d.path.is_file() {
-            return Err(format!(
-                "--disk: {} does not exist or is not a file",
-                d.path.display()
-            ));
-        }
-    }
-    let initrd = pick(&initrds, "initrd")?.map(std::path::PathBuf::from);
-    if let Some(p) = &initrd {
-        if !p.is_file() {
-            return Err(format!(
-                "--initrd: {} does not exist or is not a file",
-                p.display()
-            ));
-        }
-    }
-    Ok(VmConfig {
-        kernel: kernel.to_owned(),
-        initrd,
+    let config = VmConfig {
+        initrd: pick(&initrds, "initrd")?.map(std::path::PathBuf::from),
         cmdline: pick(&vm.cmdline, "cmdline")?.unwrap_or_else(|| DEFAULT_CMDLINE.to_owned()),
         vcpus: vm.vcpus,
         memory_mib: vm.memory,
         cpu_template,
-        console: bexar_devices::serial::ConsoleConfig::Stdio,
-        stdin: false,
-        timeout,
+        console: ConsoleConfig::Stdio,
         platform_params: !vm.no_platform_params,
         legacy_pit: vm.legacy_pit,
         disks: vm.disk.clone(),
         nics: vm.net.clone(),
         rng: vm.rng,
         vsock: vm.vsock.clone(),
-        control: None,
-    })
+        ..VmConfig::new(kernel)
+    };
+    config
+        .validate()
+        .map_err(|e| format!("{}: {}", flag_of(&e), e.message))?;
+    Ok(Plan { config, timeout })
 }
 
 /// Maps how a VM ended to the exit status of `bexar run`.
@@ -102,34 +95,41 @@ pub fn status_for(reason: &ExitReason) -> RunStatus {
     }
 }
 
+/// The exit status for a VM that could not be built or run.
+pub fn status_for_error(e: &VmmError) -> RunStatus {
+    if e.is_bad_input() {
+        RunStatus::BadInput
+    } else {
+        RunStatus::KvmError
+    }
+}
+
+/// Builds and runs the VM; watches its console for `expect`, if given.
+fn run(plan: Plan, expect: Option<&str>) -> Result<VmOutcome, VmmError> {
+    let vmm = build_for_boot(&plan.config)?;
+    let matched = expect.map(|pattern| {
+        let (watch, matched) = PatternWatch::new(pattern, vmm.exit_handle(), vmm.start_time());
+        vmm.observe_console(Box::new(watch));
+        matched
+    });
+    let mut outcome = vmm.run_until_exit(plan.timeout)?;
+    outcome.pattern_ms = matched.and_then(|m| m.at()).map(|d| d.as_secs_f64() * 1e3);
+    Ok(outcome)
+}
+
 /// Runs `bexar run`.
 pub fn main(args: &RunArgs) -> RunStatus {
-    let mut config = match vm_config(&args.kernel, &args.vm, 0, 1) {
-        Ok(c) => c,
+    let mut plan = match plan(&args.kernel, &args.vm, 0, 1) {
+        Ok(p) => p,
         Err(e) => {
             eprintln!("bexar run: {e}");
             return RunStatus::BadInput;
         }
     };
-    config.console = args.console.clone();
-    config.stdin = !args.no_stdin;
-    let matched = std::sync::Mutex::new(None);
-    let hook = |exit: &vmm::ExitHandle, start: std::time::Instant| {
-        let pattern = args.expect.as_deref().unwrap_or("");
-        let (w, m) = super::watch::PatternWatch::new(pattern, exit.clone(), start);
-        *bexar_util::sync::lock(&matched) = Some(m);
-        Box::new(w) as Box<dyn bexar_devices::serial::ConsoleObserver>
-    };
-    let hook = args
-        .expect
-        .is_some()
-        .then_some(&hook as vmm::builder::ConsoleHook<'_>);
-    match vmm::run(&config, hook) {
-        Ok(mut outcome) => {
-            outcome.pattern_ms = bexar_util::sync::lock(&matched)
-                .as_ref()
-                .and_then(|m| m.at())
-                .map(|d| d.as_secs_f64() * 1e3);
+    plan.config.console = args.console.clone();
+    plan.config.stdin = !args.no_stdin;
+    match run(plan, args.expect.as_deref()) {
+        Ok(outcome) => {
             let status = status_for(&outcome.reason);
             if status == RunStatus::Clean {
                 tracing::info!(
@@ -154,10 +154,7 @@ pub fn main(args: &RunArgs) -> RunStatus {
         }
         Err(e) => {
             eprintln!("bexar run: {e}");
-            match e {
-                VmmError::Kvm0(_) | VmmError::Kvm(..) | VmmError::Setup(_) => RunStatus::KvmError,
-                _ => RunStatus::BadInput,
-            }
+            status_for_error(&e)
         }
     }
 }

@@ -1,19 +1,21 @@
 //! `bexar vmm --dir DIR`: the per-VM process the agent starts. It runs one VM from
 //! `DIR/launch.json`, serves its control and console sockets in DIR, holds `DIR/vmm.lock` for
 //! its whole life (so two VMMs can never run the same VM), and writes `DIR/result.json` when
-//! the VM ends.
+//! the VM ends (see `bexar_vmm::launch`).
 
 use std::path::Path;
 use std::process::ExitCode;
 
+use super::run::{status_for, status_for_error};
 use super::RunStatus;
-use bexar_agent::store::{layout, try_lock, write_atomic};
-use bexar_agent::vmm_process::{Launch, RunResult};
+use bexar_util::fs::{try_lock, write_atomic};
+use bexar_vmm::build_for_boot;
+use bexar_vmm::launch::{files, Launch, RunResult};
 
 fn write_result(dir: &Path, result: &RunResult) {
     match serde_json::to_vec_pretty(result) {
         Ok(data) => {
-            if let Err(e) = write_atomic(&dir.join(layout::RESULT), &data) {
+            if let Err(e) = write_atomic(&dir.join(files::RESULT), &data) {
                 tracing::error!("cannot write the result: {e}");
             }
         }
@@ -23,20 +25,17 @@ fn write_result(dir: &Path, result: &RunResult) {
 
 /// Runs `bexar vmm`.
 pub fn main(dir: &Path) -> ExitCode {
-    let launch: Launch = match std::fs::read(dir.join(layout::LAUNCH))
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-    {
+    let launch = match Launch::read(dir) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!("{}: {e}", dir.join(layout::LAUNCH).display());
+            tracing::error!("{e}");
             return RunStatus::BadInput.into();
         }
     };
-    let _lock = match try_lock(&dir.join(layout::VMM_LOCK)) {
+    let _lock = match try_lock(&dir.join(files::LOCK)) {
         Ok(Some(l)) => l,
         Ok(None) => {
-            tracing::error!("another VMM already runs VM {:?}", launch.id);
+            tracing::error!("another VMM already runs VM {:?}", launch.id());
             return RunStatus::BadInput.into();
         }
         Err(e) => {
@@ -44,50 +43,40 @@ pub fn main(dir: &Path) -> ExitCode {
             return RunStatus::BadInput.into();
         }
     };
-    let fail = |status: RunStatus, reason: String| -> ExitCode {
-        tracing::error!("{reason}");
-        write_result(
-            dir,
-            &RunResult {
-                token: launch.token.clone(),
-                clean: false,
-                reason,
-                outcome: None,
-            },
-        );
-        status.into()
-    };
-    let config = match launch.spec.vm_config(
-        dir,
-        &launch.token,
-        &launch.nics,
-        launch.cmdline_extra.as_deref(),
-    ) {
-        Ok(c) => c,
-        Err(e) => return fail(RunStatus::BadInput, e.to_string()),
-    };
+    let token = launch.token().to_owned();
     tracing::info!(
-        vm = %launch.id,
+        vm = %launch.id(),
         pid = std::process::id(),
         "VMM starting: {} vCPUs, {} MiB",
-        config.vcpus,
-        config.memory_mib
+        launch.config.vcpus,
+        launch.config.memory_mib
     );
-    match bexar_vmm::run(&config, None) {
+    match build_for_boot(&launch.config).and_then(|vmm| vmm.run_until_exit(None)) {
         Ok(outcome) => {
-            let status = super::run::status_for(&outcome.reason);
-            tracing::info!(vm = %launch.id, "VM ended: {}", outcome.reason);
+            tracing::info!(vm = %launch.id(), "VM ended: {}", outcome.reason);
             write_result(
                 dir,
                 &RunResult {
-                    token: launch.token.clone(),
+                    token,
                     clean: outcome.reason.is_clean(),
                     reason: outcome.reason.to_string(),
                     outcome: serde_json::to_value(&outcome).ok(),
                 },
             );
-            status.into()
+            status_for(&outcome.reason).into()
         }
-        Err(e) => fail(RunStatus::KvmError, e.to_string()),
+        Err(e) => {
+            tracing::error!("{e}");
+            write_result(
+                dir,
+                &RunResult {
+                    token,
+                    clean: false,
+                    reason: e.to_string(),
+                    outcome: None,
+                },
+            );
+            status_for_error(&e).into()
+        }
     }
 }

@@ -14,10 +14,11 @@ use tokio::sync::watch;
 
 use super::spec::{now_ms, Desired, Operation, Phase, RestartPolicy, VmRecord};
 use super::store::{layout, write_atomic};
-use super::vmm_process::{self as vp, Launch, RunResult};
+use super::vmm_process::{self as vp};
 use super::{Agent, AgentError, VmEntry, VmmHandle};
 use bexar_util::sync::lock;
-use bexar_vmm::control::Request;
+use bexar_vmm::control::{Request, RunState};
+use bexar_vmm::launch::{Launch, RunResult};
 
 /// How long a VMM may take from exec to answering on its control socket.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(20);
@@ -319,13 +320,12 @@ impl Agent {
                 r.status.restarts = 0;
             }
         })?;
-        let launch = Launch {
-            id: rec.id.clone(),
-            token: token.clone(),
-            spec: rec.spec.clone(),
-            nics: rec.nics.clone(),
-            cmdline_extra: self.kernel_ip_param(&rec),
-        };
+        let config = rec.spec.vm_config(
+            &dir,
+            &token,
+            &rec.nics,
+            self.kernel_ip_param(&rec).as_deref(),
+        );
         let fail = |reason: String| {
             let rec = self.update(entry, |r| {
                 mark_ended(r, Phase::Failed, &reason);
@@ -341,7 +341,11 @@ impl Agent {
                 Err(e) => e,
             }
         };
-        let tap_missing = launch.nics.iter().any(|n| {
+        let config = match config {
+            Ok(c) => c,
+            Err(e) => return Err(fail(format!("the VM cannot be configured: {e}"))),
+        };
+        let tap_missing = rec.nics.iter().any(|n| {
             n.segment.is_some() && !std::path::Path::new("/sys/class/net").join(&n.tap).exists()
         });
         if tap_missing {
@@ -350,7 +354,8 @@ impl Agent {
                 return Err(fail(format!("cannot wire the NICs: {e}")));
             }
         }
-        let data = serde_json::to_vec_pretty(&launch).map_err(super::StoreError::from)?;
+        let data =
+            serde_json::to_vec_pretty(&Launch::new(config)).map_err(super::StoreError::from)?;
         write_atomic(&dir.join(layout::LAUNCH), &data).map_err(super::StoreError::from)?;
         let _ = std::fs::remove_file(dir.join(layout::RESULT));
         let pid = match vp::spawn(&self.config.exe, &dir) {
@@ -714,7 +719,7 @@ impl Agent {
             tracing::warn!(vm = %rec.id, "VMM start time differs from the record; adopting by token");
         }
         let watch_fd = pidfd.try_clone().ok()?;
-        let state = if again.state == "paused" {
+        let state = if again.state == RunState::Paused {
             Phase::Paused
         } else {
             Phase::Running

@@ -8,13 +8,18 @@ use serde::{Deserialize, Serialize};
 
 use super::segment::NicState;
 use super::store::layout;
-use bexar_devices::virtio::block::DiskConfig;
 use bexar_devices::virtio::net::{parse_mac, NicConfig};
 use bexar_devices::virtio::vsock::VsockConfig;
-use bexar_vmm::boot::mptable::MAX_VCPUS;
-use bexar_vmm::control::ControlConfig;
+use bexar_vmm::config::{
+    ConfigError, ConsoleConfig, ControlConfig, MAX_MEMORY_MIB, MAX_VCPUS, MAX_VIRTIO_DEVICES,
+    MIN_MEMORY_MIB,
+};
 use bexar_vmm::cpuid::CpuTemplate;
 use bexar_vmm::VmConfig;
+
+/// A virtio-blk disk backed by a host file: the VMM's own disk description, so the API and
+/// `bexar run --disk` accept the same options.
+pub type DiskSpec = bexar_vmm::config::DiskConfig;
 
 /// A refused field: its path in the request body and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,23 +53,6 @@ pub struct BootSpec {
     /// Kernel command line; the default is a serial console and reboot-on-panic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
-}
-
-/// A virtio-blk disk backed by a host file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DiskSpec {
-    /// Image file (absolute path).
-    pub path: PathBuf,
-    /// Attach read-only.
-    #[serde(default)]
-    pub read_only: bool,
-    /// Bypass the host page cache.
-    #[serde(default)]
-    pub direct: bool,
-    /// Serial the guest sees (at most 20 bytes).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub serial: Option<String>,
 }
 
 /// A virtio-net NIC: on a segment (the agent creates, wires and filters its TAP) or on an
@@ -199,10 +187,13 @@ impl VmSpec {
                 format!("{} is out of range 1-{MAX_VCPUS}", self.vcpus),
             ));
         }
-        if !(16..=1 << 20).contains(&self.memory_mib) {
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(FieldError::new(
                 "memory_mib",
-                format!("{} is out of range 16-1048576", self.memory_mib),
+                format!(
+                    "{} is out of range {MIN_MEMORY_MIB}-{MAX_MEMORY_MIB}",
+                    self.memory_mib
+                ),
             ));
         }
         CpuTemplate::from_name(&self.cpu_template)
@@ -227,14 +218,8 @@ impl VmSpec {
         }
         for (i, d) in self.disks.iter().enumerate() {
             check_file(&format!("disks[{i}].path"), &d.path)?;
-            if let Some(s) = &d.serial {
-                if s.is_empty() || s.len() > 20 {
-                    return Err(FieldError::new(
-                        format!("disks[{i}].serial"),
-                        "must be 1-20 bytes",
-                    ));
-                }
-            }
+            d.check()
+                .map_err(|(f, m)| FieldError::new(format!("disks[{i}].{f}"), m))?;
         }
         if self.nics.len() > MAX_DEVICES {
             return Err(FieldError::new(
@@ -285,13 +270,10 @@ impl VmSpec {
             + self.nics.len()
             + usize::from(self.rng)
             + usize::from(self.vsock.is_some());
-        if slots > bexar_vmm::layout::VIRTIO_SLOTS as usize {
+        if slots > MAX_VIRTIO_DEVICES {
             return Err(FieldError::new(
                 "disks",
-                format!(
-                    "{slots} virtio devices requested; at most {} fit",
-                    bexar_vmm::layout::VIRTIO_SLOTS
-                ),
+                format!("{slots} virtio devices requested; at most {MAX_VIRTIO_DEVICES} fit"),
             ));
         }
         if let Some(v) = &self.vsock {
@@ -325,7 +307,8 @@ impl VmSpec {
     }
 
     /// The VMM configuration for this spec, with the VM's files under `dir`, its NICs as
-    /// resolved by the agent and `cmdline_extra` appended to the command line.
+    /// resolved by the agent and `cmdline_extra` appended to the command line. Checked by the
+    /// VMM's own rules; a refusal names the spec's field.
     pub fn vm_config(
         &self,
         dir: &Path,
@@ -335,41 +318,29 @@ impl VmSpec {
     ) -> Result<VmConfig, FieldError> {
         let cpu_template = CpuTemplate::from_name(&self.cpu_template)
             .map_err(|e| FieldError::new("cpu_template", e.to_string()))?;
-        Ok(VmConfig {
+        let base = self
+            .boot
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| bexar_vmm::DEFAULT_CMDLINE.to_owned());
+        let config = VmConfig {
             kernel: self.boot.kernel.clone(),
             initrd: self.boot.initrd.clone(),
-            cmdline: {
-                let base = self
-                    .boot
-                    .cmdline
-                    .clone()
-                    .unwrap_or_else(|| bexar_vmm::DEFAULT_CMDLINE.to_owned());
-                match cmdline_extra {
-                    Some(x) => format!("{base} {x}"),
-                    None => base,
-                }
+            cmdline: match cmdline_extra {
+                Some(x) => format!("{base} {x}"),
+                None => base,
             },
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
             cpu_template,
-            console: bexar_devices::serial::ConsoleConfig::SocketWithLog {
+            platform_params: true,
+            legacy_pit: false,
+            console: ConsoleConfig::SocketWithLog {
                 socket: dir.join(layout::CONSOLE_SOCKET),
                 log: dir.join(layout::CONSOLE_LOG),
             },
             stdin: false,
-            timeout: None,
-            platform_params: true,
-            legacy_pit: false,
-            disks: self
-                .disks
-                .iter()
-                .map(|d| DiskConfig {
-                    path: d.path.clone(),
-                    read_only: d.read_only,
-                    serial: d.serial.clone(),
-                    direct: d.direct,
-                })
-                .collect(),
+            disks: self.disks.clone(),
             nics: nics
                 .iter()
                 .map(|n| NicConfig {
@@ -387,7 +358,9 @@ impl VmSpec {
                 id: self.id.clone(),
                 token: token.to_owned(),
             }),
-        })
+        };
+        config.validate().map_err(spec_field)?;
+        Ok(config)
     }
 
     /// Whether every `key=value` in `selector` (comma-separated; `key` alone tests presence)
@@ -401,6 +374,17 @@ impl VmSpec {
                 None => self.labels.contains_key(term),
             })
     }
+}
+
+/// A refusal of the VMM's rules, named by the spec's field.
+fn spec_field(e: ConfigError) -> FieldError {
+    let field = match e.field.as_str() {
+        "kernel" => "boot.kernel".to_owned(),
+        "initrd" => "boot.initrd".to_owned(),
+        "cmdline" => "boot.cmdline".to_owned(),
+        f => f.to_owned(),
+    };
+    FieldError::new(field, e.message)
 }
 
 /// Lifecycle phase of a VM, as the agent observes it.

@@ -26,12 +26,9 @@ use super::spec::VmRecord;
 
 /// File names inside a VM's directory.
 pub mod layout {
+    pub use bexar_vmm::launch::files::{LAUNCH, LOCK as VMM_LOCK, RESULT};
     /// The VM record.
     pub const RECORD: &str = "vm.json";
-    /// The VMM launch file.
-    pub const LAUNCH: &str = "launch.json";
-    /// The VMM's lifetime lock.
-    pub const VMM_LOCK: &str = "vmm.lock";
     /// The VMM's control socket.
     pub const CONTROL_SOCKET: &str = "control.sock";
     /// The console socket.
@@ -40,8 +37,6 @@ pub mod layout {
     pub const CONSOLE_LOG: &str = "console.log";
     /// The VMM's log.
     pub const VMM_LOG: &str = "vmm.log";
-    /// The VMM's outcome.
-    pub const RESULT: &str = "result.json";
     /// The vsock host socket.
     pub const VSOCK_SOCKET: &str = "vsock.sock";
 }

@@ -10,45 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use super::spec::VmSpec;
 use super::store::layout;
-use bexar_vmm::control::{Info, Request};
-
-/// What a VMM is started with (`launch.json` in the VM's directory).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Launch {
-    /// VM id.
-    pub id: String,
-    /// Token identifying this launch.
-    pub token: String,
-    /// The spec to run.
-    pub spec: VmSpec,
-    /// Its NICs as the agent wired them.
-    #[serde(default)]
-    pub nics: Vec<crate::segment::NicState>,
-    /// Appended to the kernel command line (the `ip=` of the first NIC).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cmdline_extra: Option<String>,
-}
-
-/// What a VMM writes when it ends (`result.json`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunResult {
-    /// Token of the launch that ended.
-    pub token: String,
-    /// Whether the guest ended in an orderly way (power-off, reset, stop on request).
-    pub clean: bool,
-    /// Why it ended, for people.
-    pub reason: String,
-    /// The VMM's full outcome, when it got as far as running the guest.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outcome: Option<serde_json::Value>,
-}
+use bexar_vmm::control::{Info, Reply, Request};
 
 /// Errors talking to a VMM.
 #[derive(Debug, thiserror::Error)]
@@ -191,9 +157,9 @@ pub async fn kill_and_wait(pid: u32) {
     }
 }
 
-/// Sends one request to a VMM's control socket and returns its reply, plus the peer's pid as
-/// the kernel reports it.
-pub async fn call(dir: &Path, req: &Request) -> Result<(serde_json::Value, u32), VmmProcessError> {
+/// Sends one request to a VMM's control socket and returns its answer (the info, for `info`),
+/// plus the peer's pid as the kernel reports it.
+pub async fn call(dir: &Path, req: &Request) -> Result<(Option<Info>, u32), VmmProcessError> {
     let path = dir.join(layout::CONTROL_SOCKET);
     let err = |e: String| VmmProcessError::Control {
         path: path.clone(),
@@ -221,34 +187,25 @@ pub async fn call(dir: &Path, req: &Request) -> Result<(serde_json::Value, u32),
         if reply.is_empty() {
             return Err(err("closed without a reply".into()));
         }
-        let v: serde_json::Value =
-            serde_json::from_str(&reply).map_err(|e| err(format!("bad reply: {e}")))?;
-        Ok((v, pid))
+        let r: Reply = serde_json::from_str(&reply).map_err(|e| err(format!("bad reply: {e}")))?;
+        Ok((r, pid))
     };
-    let (v, pid) = tokio::time::timeout(Duration::from_secs(5), fut)
+    let (reply, pid) = tokio::time::timeout(Duration::from_secs(5), fut)
         .await
         .map_err(|_| err("no reply within 5 s".into()))??;
-    if v.get("ok") != Some(&serde_json::Value::Bool(true)) {
-        return Err(VmmProcessError::Refused {
-            op: serde_json::to_string(req).unwrap_or_default(),
-            err: v
-                .get("error")
-                .and_then(|e| e.as_str())
-                .unwrap_or("unknown error")
-                .to_owned(),
-        });
-    }
-    Ok((v, pid))
+    let info = reply.into_result().map_err(|e| VmmProcessError::Refused {
+        op: serde_json::to_string(req).unwrap_or_default(),
+        err: e,
+    })?;
+    Ok((info, pid))
 }
 
 /// Asks a VMM who it is.
 pub async fn info(dir: &Path) -> Result<(Info, u32), VmmProcessError> {
-    let (v, pid) = call(dir, &Request::Info).await?;
-    let info = serde_json::from_value(v.get("info").cloned().unwrap_or_default()).map_err(|e| {
-        VmmProcessError::Control {
-            path: dir.join(layout::CONTROL_SOCKET),
-            err: format!("bad info reply: {e}"),
-        }
+    let (info, pid) = call(dir, &Request::Info).await?;
+    let info = info.ok_or_else(|| VmmProcessError::Control {
+        path: dir.join(layout::CONTROL_SOCKET),
+        err: "an info reply without the info".into(),
     })?;
     Ok((info, pid))
 }

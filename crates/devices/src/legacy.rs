@@ -4,6 +4,7 @@
 //! interrupt and its reset line through [`Trigger`]s, the exit port hands the status to a
 //! callback.
 
+use serde::{Deserialize, Serialize};
 use vm_superio::Trigger;
 
 use super::bus::BusDevice;
@@ -93,7 +94,71 @@ pub struct I8042<I: Trigger, R: Trigger> {
     last_was_cmd: bool,
 }
 
+/// Everything an i8042 remembers, for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    /// The control byte.
+    pub control: u8,
+    /// The output port.
+    pub output_port: u8,
+    /// Controller command waiting for its data byte.
+    pub pending_cmd: Option<u8>,
+    /// Keyboard command waiting for its argument.
+    pub pending_kbd: Option<u8>,
+    /// Bytes waiting for the guest, oldest first, each with whether it is aux data.
+    pub output: Vec<(u8, bool)>,
+    /// What the data register reads when the buffer is empty.
+    pub last: u8,
+    /// Whether the last write went to the command port.
+    pub last_was_cmd: bool,
+}
+
+/// A saved i8042 state that cannot be applied.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid i8042 state: {0} bytes in a {I8042_BUFFER}-byte buffer")]
+pub struct I8042StateError(usize);
+
 impl<I: Trigger, R: Trigger> I8042<I, R> {
+    /// The controller's state.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            control: self.control,
+            output_port: self.output_port,
+            pending_cmd: self.pending_cmd,
+            pending_kbd: self.pending_kbd,
+            output: (0..self.len)
+                .map(|i| {
+                    let slot = (self.head + i) % I8042_BUFFER;
+                    (self.buf[slot], self.aux[slot])
+                })
+                .collect(),
+            last: self.last,
+            last_was_cmd: self.last_was_cmd,
+        }
+    }
+
+    /// Puts the controller in `state` (its lines stay). Refused, changing nothing, if the
+    /// state holds more bytes than the buffer does. No interrupt is raised: one that was
+    /// pending is part of the interrupt controller's state, not the i8042's.
+    pub fn restore(&mut self, state: &I8042State) -> Result<(), I8042StateError> {
+        if state.output.len() > I8042_BUFFER {
+            return Err(I8042StateError(state.output.len()));
+        }
+        self.control = state.control | CTL_AUX_DISABLE;
+        self.output_port = state.output_port;
+        self.pending_cmd = state.pending_cmd;
+        self.pending_kbd = state.pending_kbd;
+        self.head = 0;
+        self.len = state.output.len();
+        for (i, &(b, aux)) in state.output.iter().enumerate() {
+            self.buf[i] = b;
+            self.aux[i] = aux;
+        }
+        self.last = state.last;
+        self.last_was_cmd = state.last_was_cmd;
+        Ok(())
+    }
+
     /// A controller that raises IRQ 1 through `irq` (for a VMM, an irqfd on GSI
     /// [`I8042_KBD_IRQ`]) and pulls `reset` when the guest resets the CPU.
     pub fn new(irq: I, reset: R) -> Self {
@@ -587,6 +652,45 @@ mod tests {
         drain(&mut d);
         outb(&mut d, COMMAND, 0xaa);
         assert_eq!(drain(&mut d), [0x55]);
+    }
+
+    #[test]
+    fn state_round_trips_mid_conversation() {
+        let (mut d, irq, _reset) = device();
+        // Mid-way: a control-byte write waiting for its data byte, a keyboard command waiting
+        // for its argument, Ctrl+Alt+Del half read, an aux byte queued behind it.
+        assert!(d.send_ctrl_alt_del());
+        assert_eq!(inb(&mut d, DATA), 0x1d);
+        outb(&mut d, COMMAND, 0xd3);
+        outb(&mut d, DATA, 0x77);
+        outb(&mut d, DATA, 0xf0);
+        outb(&mut d, COMMAND, 0x60);
+        let saved = d.state();
+        assert_eq!(saved.pending_cmd, Some(0x60));
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: I8042State = serde_json::from_str(&json).unwrap();
+
+        let (mut d2, irq2, _) = device();
+        d2.restore(&back).unwrap();
+        assert_eq!(d2.state(), saved);
+        let _ = (irqs(&irq), irqs(&irq2));
+        // Both controllers now behave identically from here on.
+        for dev in [&mut d, &mut d2] {
+            outb(dev, DATA, 0x01); // the control byte: keyboard interrupt on, no translation
+            let rest = drain(dev);
+            assert_eq!(rest, [0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d, 0x77, 0xfa]);
+            assert_eq!(cmd_byte(dev), 0x01 | CTL_AUX_DISABLE);
+        }
+        // A state with too many bytes is refused and changes nothing.
+        let mut bad = saved.clone();
+        bad.output = vec![(0, false); I8042_BUFFER + 1];
+        assert!(d2.restore(&bad).is_err());
+        assert_eq!(cmd_byte(&mut d2), 0x01 | CTL_AUX_DISABLE);
+    }
+
+    fn cmd_byte(d: &mut Dev) -> u8 {
+        outb(d, COMMAND, 0x20);
+        inb(d, DATA)
     }
 
     #[test]

@@ -3,16 +3,21 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
+
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
+use vmm_sys_util::ioctl_iow_nr;
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+
+// The TUN ioctls of <linux/if_tun.h>: type 'T', each taking an int (or unsigned int).
+const TUNTAP: u32 = b'T' as u32;
+ioctl_iow_nr!(TUNSETIFF, TUNTAP, 202, libc::c_int);
+ioctl_iow_nr!(TUNSETPERSIST, TUNTAP, 203, libc::c_int);
+ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 208, libc::c_uint);
+ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, libc::c_int);
 
 /// TUN_F_* offload flags (what the host may hand the guest).
 pub mod offload {
@@ -66,7 +71,7 @@ impl Tap {
     pub fn create_persistent(name: &str) -> Result<(), TapError> {
         let tap = Self::open(name)?;
         // SAFETY: TUNSETPERSIST takes its argument by value.
-        if unsafe { libc::ioctl(tap.file.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+        if unsafe { ioctl_with_val(&tap.file, TUNSETPERSIST(), 1) } < 0 {
             return Err(TapError::Open {
                 name: name.to_owned(),
                 what: "TUNSETPERSIST",
@@ -104,12 +109,12 @@ impl Tap {
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: TUNSETIFF reads and writes a struct ifreq, which IfReq lays out (40 bytes).
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        if unsafe { ioctl_with_mut_ref(&file, TUNSETIFF(), &mut req) } < 0 {
             return Err(err("TUNSETIFF", io::Error::last_os_error()));
         }
         let hdr = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr) } < 0 {
+        if unsafe { ioctl_with_ref(&file, TUNSETVNETHDRSZ(), &hdr) } < 0 {
             return Err(err("TUNSETVNETHDRSZ", io::Error::last_os_error()));
         }
         Ok(Self {
@@ -121,8 +126,7 @@ impl Tap {
     /// Tells the host kernel which offloads the guest accepts on receive.
     pub fn set_offload(&self, flags: u32) -> io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
-        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0
-        {
+        if unsafe { ioctl_with_val(&self.file, TUNSETOFFLOAD(), flags.into()) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -136,5 +140,17 @@ impl Tap {
     /// The TAP file (non-blocking; one frame per read or write, with its virtio-net header).
     pub fn file(&self) -> &File {
         &self.file
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ioctl_numbers_are_the_kernels() {
+        // The values <linux/if_tun.h> gives on x86_64.
+        assert_eq!(super::TUNSETIFF(), 0x4004_54ca);
+        assert_eq!(super::TUNSETPERSIST(), 0x4004_54cb);
+        assert_eq!(super::TUNSETOFFLOAD(), 0x4004_54d0);
+        assert_eq!(super::TUNSETVNETHDRSZ(), 0x4004_54d8);
     }
 }

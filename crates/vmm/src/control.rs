@@ -1,125 +1,29 @@
 //! The VMM's private control socket: how the host agent (or an operator) pauses, resumes,
 //! shuts down and inspects a running VM.
 //!
-//! The protocol is one JSON object per line each way: a request `{"op": "..."}` and a reply
-//! `{"ok": true, ...}` or `{"ok": false, "error": "..."}`. Operations:
+//! The protocol is one JSON object per line each way: a [`Request`] `{"op": "..."}` and a
+//! [`Reply`] `{"ok": true, ...}` or `{"ok": false, "error": "..."}`. Operations:
 //!
 //! * `info`: identity (VM id, launch token, pid), state, uptime and counters;
 //! * `pause` / `resume`: park or release every vCPU (replies once all are parked);
 //! * `shutdown`: ask the guest to shut down (Ctrl-Alt-Del on the i8042);
 //! * `stop`: end the VM now (the VMM writes its outcome and exits).
 //!
-//! The socket is created owner-only (0600) in the VM's private directory.
+//! The socket is created owner-only (0600) in the VM's private directory. It is served by the
+//! VMM's main event loop ([`ControlServer`] is a subscriber of it): connections are read and
+//! parsed there, the requests handed to the [`crate::Vmm`], and the replies written back. No
+//! thread is made per connection; at most [`MAX_CONNECTIONS`] are open at once.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
-use vmm_sys_util::signal::SIGRTMIN;
 
-use super::vcpu::VcpuStats;
-use super::{ExitHandle, ExitReason};
-use bexar_devices::serial::ConsoleStats;
-use bexar_devices::virtio::{Counters, DeviceReport};
-use bexar_util::sync::lock;
-
-/// Where the control socket goes and what the VMM says about itself.
-#[derive(Debug, Clone)]
-pub struct ControlConfig {
-    /// Socket path.
-    pub socket: PathBuf,
-    /// VM id.
-    pub id: String,
-    /// Launch token: proves to the agent that this process is the VMM it started.
-    pub token: String,
-}
-
-/// Parks vCPU threads between KVM_RUN calls while the VM is paused.
-#[derive(Debug, Default)]
-pub struct PauseGate {
-    requested: AtomicBool,
-    parked: AtomicUsize,
-    lock: Mutex<()>,
-    wake: Condvar,
-}
-
-impl PauseGate {
-    /// Whether a pause is requested (checked by each vCPU before entering the guest).
-    pub fn requested(&self) -> bool {
-        self.requested.load(Ordering::Acquire)
-    }
-
-    /// Called by a vCPU thread: waits while paused, or until `stop` is set.
-    pub fn park(&self, stop: &AtomicBool) {
-        let mut guard = lock(&self.lock);
-        self.parked.fetch_add(1, Ordering::AcqRel);
-        while self.requested() && !stop.load(Ordering::Acquire) {
-            guard = match self.wake.wait_timeout(guard, Duration::from_millis(100)) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
-        }
-        self.parked.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    /// Releases parked vCPUs.
-    fn release(&self) {
-        let _guard = lock(&self.lock);
-        self.requested.store(false, Ordering::Release);
-        self.wake.notify_all();
-    }
-}
-
-/// The vCPU threads, as far as kicking them out of KVM_RUN is concerned. Emptied before the
-/// threads are joined, so a kick never targets a thread that no longer exists.
-#[derive(Debug, Default)]
-pub struct VcpuKicker(Mutex<Vec<libc::pthread_t>>);
-
-impl VcpuKicker {
-    /// Records a vCPU thread.
-    pub fn add(&self, thread: libc::pthread_t) {
-        lock(&self.0).push(thread);
-    }
-
-    /// Forgets every thread (call before joining them).
-    pub fn clear(&self) {
-        lock(&self.0).clear();
-    }
-
-    fn kick(&self) {
-        for t in lock(&self.0).iter() {
-            // SAFETY: the pthread_t values are live, unjoined threads: `clear` runs (under the
-            // same lock) before any of them is joined.
-            unsafe { libc::pthread_kill(*t, SIGRTMIN()) };
-        }
-    }
-}
-
-/// Everything the control socket acts on.
-pub struct Controls {
-    /// Identity and socket path.
-    pub config: ControlConfig,
-    /// vCPU pause gate.
-    pub gate: Arc<PauseGate>,
-    /// vCPU threads.
-    pub kicker: Arc<VcpuKicker>,
-    /// Per-vCPU counters.
-    pub stats: Vec<Arc<VcpuStats>>,
-    /// Ends the VM.
-    pub exit: ExitHandle,
-    /// Asks the guest to shut down; false if the request could not be delivered.
-    pub shutdown: Box<dyn Fn() -> bool + Send + Sync>,
-    /// Console counters.
-    pub watch: Arc<ConsoleStats>,
-    /// Virtio devices (kind, slot, counters).
-    pub devices: Vec<(&'static str, u32, Arc<Counters>)>,
-    /// When the VMM started.
-    pub start: Instant,
-}
+use bexar_devices::virtio::DeviceReport;
 
 /// A request on the control socket.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -137,6 +41,16 @@ pub enum Request {
     Stop,
 }
 
+/// Whether the guest runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    /// The vCPUs run the guest.
+    Running,
+    /// The vCPUs are parked.
+    Paused,
+}
+
 /// What `info` returns.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Info {
@@ -146,8 +60,8 @@ pub struct Info {
     pub token: String,
     /// Process id of the VMM.
     pub pid: u32,
-    /// `running` or `paused`.
-    pub state: String,
+    /// Running or paused.
+    pub state: RunState,
     /// Milliseconds since the VMM started.
     pub uptime_ms: u64,
     /// Exits to user space per vCPU.
@@ -158,140 +72,211 @@ pub struct Info {
     pub devices: Vec<DeviceReport>,
 }
 
-/// How long `pause` waits for every vCPU to park.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-impl Controls {
-    fn info(&self) -> Info {
-        let paused =
-            self.gate.requested() && self.gate.parked.load(Ordering::Acquire) >= self.stats.len();
-        Info {
-            id: self.config.id.clone(),
-            token: self.config.token.clone(),
-            pid: std::process::id(),
-            state: if paused { "paused" } else { "running" }.into(),
-            uptime_ms: self.start.elapsed().as_millis() as u64,
-            vcpu_exits: self
-                .stats
-                .iter()
-                .map(|s| s.exits.load(Ordering::Relaxed))
-                .collect(),
-            console_bytes: self.watch.bytes(),
-            devices: self
-                .devices
-                .iter()
-                .map(|(kind, slot, c)| DeviceReport::new(kind, *slot, c))
-                .collect(),
-        }
-    }
-
-    fn pause(&self) -> Result<(), String> {
-        self.gate.requested.store(true, Ordering::Release);
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        let all_parked = || {
-            self.stats.iter().all(|s| s.done.load(Ordering::Acquire))
-                || self.gate.parked.load(Ordering::Acquire) >= self.stats.len()
-        };
-        while !all_parked() {
-            if Instant::now() >= deadline {
-                self.gate.release();
-                return Err("vCPUs did not park within 2 s; VM left running".into());
-            }
-            // A kick that lands just before KVM_RUN is lost, so keep kicking until parked.
-            self.kicker.kick();
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        Ok(())
-    }
-
-    /// Handles one request.
-    pub fn handle(&self, req: &Request) -> serde_json::Value {
-        let ok = |extra: serde_json::Value| {
-            let mut v = serde_json::json!({"ok": true});
-            if let (Some(m), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
-                m.extend(e);
-            }
-            v
-        };
-        let err = |e: String| serde_json::json!({"ok": false, "error": e});
-        match req {
-            Request::Info => ok(serde_json::json!({ "info": self.info() })),
-            Request::Pause => match self.pause() {
-                Ok(()) => {
-                    tracing::info!("VM paused");
-                    ok(serde_json::json!({}))
-                }
-                Err(e) => err(e),
-            },
-            Request::Resume => {
-                self.gate.release();
-                tracing::info!("VM resumed");
-                ok(serde_json::json!({}))
-            }
-            Request::Shutdown => {
-                // A paused guest cannot react: let it run first.
-                self.gate.release();
-                let sent = (self.shutdown)();
-                tracing::info!(sent, "shutdown requested (Ctrl-Alt-Del)");
-                if sent {
-                    ok(serde_json::json!({}))
-                } else {
-                    err("the guest's keyboard controller buffer is full".into())
-                }
-            }
-            Request::Stop => {
-                tracing::info!("stop requested on the control socket");
-                self.gate.release();
-                self.exit.request(ExitReason::Stopped);
-                ok(serde_json::json!({}))
-            }
-        }
-    }
+/// A reply on the control socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    /// Whether the request was carried out.
+    pub ok: bool,
+    /// The answer to `info`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<Info>,
+    /// Why the request failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
-/// Binds the control socket (owner-only) and serves it on a background thread for the life of
-/// the process.
-pub fn serve(controls: Arc<Controls>) -> std::io::Result<()> {
-    let listener = bexar_util::unix::bind_owner_only(&controls.config.socket)?;
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else {
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue;
-                };
-                let c = controls.clone();
-                let _ = std::thread::Builder::new()
-                    .name("control-conn".into())
-                    .spawn(move || serve_conn(&c, conn));
-            }
-        })?;
-    Ok(())
+impl Reply {
+    /// Done.
+    pub fn ok() -> Self {
+        Self {
+            ok: true,
+            info: None,
+            error: None,
+        }
+    }
+
+    /// The answer to `info`.
+    pub fn info(info: Info) -> Self {
+        Self {
+            info: Some(info),
+            ..Self::ok()
+        }
+    }
+
+    /// Refused or failed.
+    pub fn error(e: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            info: None,
+            error: Some(e.into()),
+        }
+    }
+
+    /// The reply as a result: the info (if any) or the error.
+    pub fn into_result(self) -> Result<Option<Info>, String> {
+        if self.ok {
+            Ok(self.info)
+        } else {
+            Err(self.error.unwrap_or_else(|| "unknown error".into()))
+        }
+    }
 }
 
 /// Longest request line accepted.
-const MAX_LINE: u64 = 4096;
+pub const MAX_LINE: usize = 4096;
+/// Most connections open at once; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 32;
 
-fn serve_conn(controls: &Controls, conn: UnixStream) {
-    let Ok(mut out) = conn.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(conn);
-    loop {
-        let mut line = String::new();
-        match (&mut reader).take(MAX_LINE).read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let reply = match serde_json::from_str::<Request>(line.trim()) {
-            Ok(req) => controls.handle(&req),
-            Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
-        };
-        let mut text = reply.to_string();
-        text.push('\n');
-        if out.write_all(text.as_bytes()).is_err() {
+struct Conn {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    /// The client sent everything it will (half-close): it goes once its requests are
+    /// answered.
+    eof: bool,
+}
+
+/// The control socket on an event loop: accepts, reads lines, parses them, and queues the
+/// requests for the VMM, which answers with [`ControlServer::reply`].
+pub struct ControlServer {
+    listener: UnixListener,
+    conns: HashMap<RawFd, Conn>,
+    requests: Vec<(RawFd, Result<Request, String>)>,
+}
+
+impl ControlServer {
+    /// Binds the socket (owner-only), replacing a stale one.
+    pub fn bind(path: &Path) -> std::io::Result<Self> {
+        let listener = bexar_util::unix::bind_owner_only(path)?;
+        listener.set_nonblocking(true)?;
+        Ok(Self {
+            listener,
+            conns: HashMap::new(),
+            requests: Vec::new(),
+        })
+    }
+
+    /// The requests read so far, with the connection each came on (a line that is not a
+    /// request comes as the parse error).
+    pub fn take_requests(&mut self) -> Vec<(RawFd, Result<Request, String>)> {
+        std::mem::take(&mut self.requests)
+    }
+
+    /// Drops the connections whose clients have finished, now that their requests are
+    /// answered.
+    pub fn finish(&mut self) {
+        self.conns.retain(|_, c| !c.eof);
+    }
+
+    /// Writes `reply` on connection `conn`. A peer that cannot take it is dropped at its next
+    /// event (its socket reports the error).
+    pub fn reply(&mut self, conn: RawFd, reply: &Reply) {
+        let Some(c) = self.conns.get_mut(&conn) else {
             return;
+        };
+        let Ok(mut text) = serde_json::to_vec(reply) else {
+            return;
+        };
+        text.push(b'\n');
+        if let Err(e) = c.stream.write_all(&text) {
+            tracing::debug!("control socket: a client did not take its reply: {e}");
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn close(&mut self, fd: RawFd, ops: &mut EventOps) {
+        if let Some(c) = self.conns.remove(&fd) {
+            let _ = ops.remove(Events::new(&c.stream, EventSet::IN));
+        }
+    }
+
+    fn accept(&mut self, ops: &mut EventOps) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::debug!("control socket: accept failed: {e}");
+                    return;
+                }
+            };
+            if self.conns.len() >= MAX_CONNECTIONS {
+                tracing::warn!("control socket: {MAX_CONNECTIONS} clients already; refusing one");
+                continue;
+            }
+            if stream.set_nonblocking(true).is_err()
+                || ops.add(Events::new(&stream, EventSet::IN)).is_err()
+            {
+                continue;
+            }
+            self.conns.insert(
+                stream.as_raw_fd(),
+                Conn {
+                    stream,
+                    buf: Vec::new(),
+                    eof: false,
+                },
+            );
+        }
+    }
+
+    fn read(&mut self, fd: RawFd, ops: &mut EventOps) {
+        let Some(c) = self.conns.get_mut(&fd) else {
+            return;
+        };
+        let mut chunk = [0u8; 1024];
+        let mut open = true;
+        loop {
+            match c.stream.read(&mut chunk) {
+                Ok(0) => {
+                    // Half-closed: what it sent is answered, then it goes (`finish`).
+                    c.eof = true;
+                    let _ = ops.remove(Events::new(&c.stream, EventSet::IN));
+                    break;
+                }
+                Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    open = false;
+                    break;
+                }
+            }
+            if c.buf.len() > MAX_LINE {
+                break;
+            }
+        }
+        while let Some(end) = c.buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = c.buf.drain(..=end).collect();
+            let text = String::from_utf8_lossy(&line[..end]);
+            let req = serde_json::from_str::<Request>(text.trim()).map_err(|e| e.to_string());
+            self.requests.push((fd, req));
+        }
+        if c.buf.len() > MAX_LINE {
+            tracing::debug!("control socket: a line longer than {MAX_LINE} bytes; closing");
+            open = false;
+        }
+        if !open {
+            self.close(fd, ops);
+        }
+    }
+}
+
+impl MutEventSubscriber for ControlServer {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.listener.as_raw_fd() {
+            self.accept(ops);
+        } else if events
+            .event_set()
+            .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
+        {
+            self.read(fd, ops);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
+            tracing::error!("control socket: cannot watch the listener: {e:?}");
         }
     }
 }
@@ -301,7 +286,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requests_parse_from_their_wire_form() {
+    fn requests_and_replies_keep_their_wire_form() {
         let r: Request = serde_json::from_str(r#"{"op":"pause"}"#).unwrap();
         assert_eq!(r, Request::Pause);
         assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
@@ -309,26 +294,78 @@ mod tests {
             serde_json::to_string(&Request::Shutdown).unwrap(),
             r#"{"op":"shutdown"}"#
         );
+        assert_eq!(
+            serde_json::to_string(&Reply::ok()).unwrap(),
+            r#"{"ok":true}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Reply::error("no")).unwrap(),
+            r#"{"ok":false,"error":"no"}"#
+        );
+        let back: Reply = serde_json::from_str(r#"{"ok":false,"error":"busy"}"#).unwrap();
+        assert_eq!(back.into_result().unwrap_err(), "busy");
+        let info = Info {
+            id: "a".into(),
+            token: "t".into(),
+            pid: 1,
+            state: RunState::Paused,
+            uptime_ms: 5,
+            vcpu_exits: vec![1, 2],
+            console_bytes: 3,
+            devices: vec![],
+        };
+        let text = serde_json::to_string(&Reply::info(info)).unwrap();
+        assert!(text.contains(r#""state":"paused""#), "{text}");
+        let back: Reply = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.into_result().unwrap().unwrap().vcpu_exits, [1, 2]);
     }
 
     #[test]
-    fn a_parked_vcpu_leaves_the_gate_on_release_or_stop() {
-        let gate = Arc::new(PauseGate::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        gate.requested.store(true, Ordering::Release);
-        let (g, s) = (gate.clone(), stop.clone());
-        let t = std::thread::spawn(move || g.park(&s));
-        while gate.parked.load(Ordering::Acquire) == 0 {
-            std::thread::yield_now();
+    fn the_server_reads_lines_from_many_clients_on_one_loop() {
+        use event_manager::{EventManager, SubscriberOps};
+        use std::sync::{Arc, Mutex};
+        let path = std::env::temp_dir().join(format!("bexar-ctl-{}", std::process::id()));
+        let server = Arc::new(Mutex::new(ControlServer::bind(&path).unwrap()));
+        let mut ops = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        ops.add_subscriber(server.clone());
+        let mut a = UnixStream::connect(&path).unwrap();
+        let mut b = UnixStream::connect(&path).unwrap();
+        a.write_all(b"{\"op\":\"info\"}\n{\"op\":\"pa").unwrap();
+        b.write_all(b"nonsense\n").unwrap();
+        let mut got = Vec::new();
+        for _ in 0..20 {
+            ops.run_with_timeout(50).unwrap();
+            got.extend(bexar_util::sync::lock(&server).take_requests());
+            if got.len() >= 2 {
+                break;
+            }
         }
-        gate.release();
-        t.join().unwrap();
-        assert_eq!(gate.parked.load(Ordering::Acquire), 0);
-
-        gate.requested.store(true, Ordering::Release);
-        let (g, s) = (gate.clone(), stop.clone());
-        let t = std::thread::spawn(move || g.park(&s));
-        stop.store(true, Ordering::Release);
-        t.join().unwrap();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got.iter().any(|(_, r)| r == &Ok(Request::Info)));
+        assert!(got.iter().any(|(_, r)| r.is_err()));
+        // The rest of a split line arrives later; replies go back on the right connection.
+        a.write_all(b"use\"}\n").unwrap();
+        let mut more = Vec::new();
+        for _ in 0..20 {
+            ops.run_with_timeout(50).unwrap();
+            more.extend(bexar_util::sync::lock(&server).take_requests());
+            if !more.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(more[0].1, Ok(Request::Pause));
+        bexar_util::sync::lock(&server).reply(more[0].0, &Reply::error("not now"));
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(&mut a), &mut line).unwrap();
+        assert_eq!(line, "{\"ok\":false,\"error\":\"not now\"}\n");
+        // A line without end beyond the limit closes that connection only.
+        b.write_all(&vec![b'x'; MAX_LINE + 10]).unwrap();
+        for _ in 0..5 {
+            ops.run_with_timeout(50).unwrap();
+        }
+        let mut rest = Vec::new();
+        let _ = b.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "closed without a reply");
+        std::fs::remove_file(path).ok();
     }
 }

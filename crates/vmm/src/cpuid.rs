@@ -4,12 +4,15 @@
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 /// A named set of CPUID masks and MSR values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CpuTemplate {
     /// Everything KVM supports on this host.
+    #[default]
+    #[serde(rename = "host")]
     Host,
     /// A conservative x86-64-v2 baseline (SSE4.2, POPCNT, CX16; no AVX, no XSAVE, no TSX, no
     /// AVX-512): a fleet of different CPU generations can live-migrate guests across it.
+    #[serde(rename = "x86-64-v2", alias = "baseline")]
     X86_64V2,
 }
 

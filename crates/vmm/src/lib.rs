@@ -1,66 +1,108 @@
-//! The virtual machine monitor: guest memory, boot, vCPUs and devices of one VM in this process.
+//! The virtual machine monitor: one VM in this process.
 //!
-//! [`builder::run`] is the whole recipe; the rest are its parts.
+//! A [`Vmm`] is built from a [`VmConfig`] by [`builder::build_for_boot`] (a second path that
+//! builds from saved state will sit beside it) and driven by its methods: run until the guest
+//! ends, pause, resume, read state, shut down. It holds the VM, guest memory, one handle per
+//! vCPU (each with a request channel), the device manager, and the event loops.
+//!
+//! * [`config`]: the VM's description and the bounds on it; [`launch`]: how the agent hands it
+//!   to a `bexar vmm` process;
+//! * [`builder`]: the boot recipe; [`vmm`]: the VM while it runs; [`control`]: the control
+//!   socket that drives it from outside;
+//! * [`device_manager`] and [`resources`]: devices, buses, MMIO windows, ports and GSIs;
+//! * [`vcpu`], [`cpuid`], [`boot`], [`memory`], [`layout`], [`platform`]: the machine itself;
+//! * [`threads`]: the one place threads are made; [`teardown`]: releasing the VM after exit.
 
 pub mod boot;
 pub mod builder;
+pub mod config;
 pub mod control;
 pub mod cpuid;
+pub mod device_manager;
+pub mod launch;
 pub mod layout;
 pub mod memory;
 pub mod platform;
+pub mod resources;
 pub mod teardown;
+pub mod threads;
 pub mod vcpu;
+#[allow(clippy::module_inception)]
+pub mod vmm;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
 
-use bexar_devices::serial::ConsoleConfig;
-pub use builder::run;
-use cpuid::CpuTemplate;
-
-/// Command line used when none is given: serial console, i8042 reboot (our VM exit), and a
-/// panicking kernel reboots at once instead of hanging.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+pub use builder::build_for_boot;
+pub use config::{VmConfig, DEFAULT_CMDLINE};
+pub use vmm::{Vmm, VmmState};
 
 /// Errors that stop a VM from being built or run.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
+    /// The configuration is refused.
+    #[error("{0}")]
+    Config(#[from] config::ConfigError),
     /// /dev/kvm cannot be used.
     #[error("cannot open /dev/kvm: {0} (is KVM enabled and are you allowed to use it?)")]
-    Kvm0(kvm_ioctls::Error),
+    KvmOpen(kvm_ioctls::Error),
     /// A KVM ioctl failed.
     #[error("{0} failed: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),
-    /// Guest memory could not be created.
+    /// Guest memory could not be created or registered.
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
     /// The guest could not be loaded.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
-    /// A NIC could not be attached.
+    /// A device could not be attached.
     #[error(transparent)]
-    Nic(#[from] bexar_devices::tap::TapError),
-    /// The vsock device could not be attached.
+    Device(#[from] device_manager::DeviceError),
+    /// A vCPU could not be set up.
     #[error(transparent)]
-    Vsock(#[from] bexar_devices::virtio::vsock::VsockError),
-    /// A disk could not be attached.
-    #[error(transparent)]
-    Disk(#[from] bexar_devices::virtio::block::BlockError),
-    /// The console could not be set up.
-    #[error(transparent)]
-    Console(#[from] bexar_devices::serial::ConsoleError),
-    /// Any other setup failure.
-    #[error("VM setup failed: {0}")]
-    Setup(String),
+    Vcpu(#[from] vcpu::VcpuError),
+    /// A thread or event loop of the VMM could not be started.
+    #[error("cannot start the VMM's {what}: {err}")]
+    Start {
+        /// What.
+        what: &'static str,
+        /// Why.
+        err: std::io::Error,
+    },
+    /// The control socket cannot be served.
+    #[error("cannot serve the control socket {path}: {err}")]
+    Control {
+        /// The socket.
+        path: std::path::PathBuf,
+        /// Why.
+        err: std::io::Error,
+    },
+    /// The vCPUs did not all park within the pause timeout (the VM was left running).
+    #[error("vCPUs did not park within {0:?}; VM left running")]
+    PauseTimeout(std::time::Duration),
+    /// An operation needs the VM in another state.
+    #[error("the VM is {0}")]
+    State(&'static str),
+}
+
+impl VmmError {
+    /// Whether the caller's input is at fault (exit status 2 for `bexar run`) rather than KVM
+    /// or the host (status 4).
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            Self::Config(_) | Self::Boot(_) => true,
+            Self::Memory(e) => e.is_bad_input(),
+            Self::Device(e) => e.is_bad_input(),
+            _ => false,
+        }
+    }
 }
 
 /// Why a VM ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "detail", rename_all = "kebab-case")]
 pub enum ExitReason {
     /// The guest powered off.
@@ -163,26 +205,54 @@ impl std::fmt::Display for ExitReason {
     }
 }
 
-/// Hands the reason a VM ended to the thread waiting for it. Cheap to clone; the first reason wins.
+/// Hands the reason a VM ended to whoever waits for it. Cheap to clone; the first reason
+/// wins. The waiter watches [`ExitHandle::event`], an eventfd, in its event loop.
 #[derive(Clone, Debug)]
-pub struct ExitHandle(mpsc::Sender<ExitReason>, Arc<AtomicBool>);
+pub struct ExitHandle(Arc<ExitState>);
+
+#[derive(Debug)]
+struct ExitState {
+    reason: Mutex<Option<ExitReason>>,
+    requested: AtomicBool,
+    evt: EventFd,
+}
 
 impl ExitHandle {
-    /// A handle and the receiver the VM's owner waits on.
-    pub fn new() -> (Self, mpsc::Receiver<ExitReason>) {
-        let (tx, rx) = mpsc::channel();
-        (Self(tx, Arc::new(AtomicBool::new(false))), rx)
+    /// A handle nobody has pulled yet.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self(Arc::new(ExitState {
+            reason: Mutex::new(None),
+            requested: AtomicBool::new(false),
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })))
     }
 
-    /// Asks for the VM to end with `reason`.
+    /// Asks for the VM to end with `reason` (ignored if another reason came first).
     pub fn request(&self, reason: ExitReason) {
-        self.1.store(true, Ordering::Release);
-        let _ = self.0.send(reason);
+        {
+            let mut r = bexar_util::sync::lock(&self.0.reason);
+            if r.is_some() {
+                return;
+            }
+            *r = Some(reason);
+        }
+        self.0.requested.store(true, Ordering::Release);
+        let _ = self.0.evt.write(1);
     }
 
     /// Whether an end was asked for: a vCPU that sees it does not enter the guest again.
     pub fn requested(&self) -> bool {
-        self.1.load(Ordering::Acquire)
+        self.0.requested.load(Ordering::Acquire)
+    }
+
+    /// The reason, once one was given.
+    pub fn reason(&self) -> Option<ExitReason> {
+        bexar_util::sync::lock(&self.0.reason).clone()
+    }
+
+    /// Readable once an end was asked for.
+    pub fn event(&self) -> &EventFd {
+        &self.0.evt
     }
 }
 
@@ -200,43 +270,6 @@ impl vm_superio::Trigger for ExitTrigger {
         self.exit.request(self.reason.clone());
         Ok(())
     }
-}
-
-/// Everything needed to run one VM.
-#[derive(Debug, Clone)]
-pub struct VmConfig {
-    /// Kernel image (ELF or bzImage).
-    pub kernel: PathBuf,
-    /// Optional initramfs.
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line as given by the user.
-    pub cmdline: String,
-    /// Number of vCPUs.
-    pub vcpus: u8,
-    /// Guest memory in MiB.
-    pub memory_mib: u64,
-    /// CPU template.
-    pub cpu_template: CpuTemplate,
-    /// Console destination.
-    pub console: ConsoleConfig,
-    /// Whether stdin feeds the console.
-    pub stdin: bool,
-    /// End the VM after this long.
-    pub timeout: Option<Duration>,
-    /// Add the platform's kernel parameters (PVM) to the command line.
-    pub platform_params: bool,
-    /// Give the guest an i8254 PIT (old guests without a LAPIC timer or kvm-clock need one).
-    pub legacy_pit: bool,
-    /// virtio-blk disks, in slot order (the first is /dev/vda).
-    pub disks: Vec<bexar_devices::virtio::block::DiskConfig>,
-    /// virtio-net NICs on TAP devices.
-    pub nics: Vec<bexar_devices::virtio::net::NicConfig>,
-    /// Attach a virtio-rng.
-    pub rng: bool,
-    /// Attach a virtio-vsock bridged to Unix sockets.
-    pub vsock: Option<bexar_devices::virtio::vsock::VsockConfig>,
-    /// Serve a control socket (pause, resume, shutdown, info) while the VM runs.
-    pub control: Option<control::ControlConfig>,
 }
 
 /// What happened to a VM, for the CLI and machine-readable reports.

@@ -6,15 +6,18 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
+pub use bexar_devices::memory::GuestMemoryMmap;
+
+use super::config::MAX_MEMORY_MIB;
 use super::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// The requested size is unusable.
-    #[error("memory size {0} MiB is out of range (minimum 2 MiB)")]
+    #[error("memory size {0} MiB is out of range (1-{MAX_MEMORY_MIB} MiB)")]
     BadSize(u64),
     /// memfd_create failed.
     #[error("cannot create the guest memory file: {0}")]
@@ -33,6 +36,19 @@ pub enum MemoryError {
     /// The regions could not form a guest memory.
     #[error("cannot assemble guest memory regions: {0}")]
     Regions(String),
+    /// KVM refused a memory slot.
+    #[error("KVM_SET_USER_MEMORY_REGION failed: {0}")]
+    Register(kvm_ioctls::Error),
+    /// A region has no host mapping.
+    #[error("guest region at {0:#x} has no host mapping")]
+    Unmapped(u64),
+}
+
+impl MemoryError {
+    /// Whether the caller asked for something impossible (rather than the host running out).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, Self::BadSize(_))
+    }
 }
 
 /// Guest RAM ranges (guest address, size in bytes) for `size` bytes of RAM, skipping the MMIO gap.
@@ -59,7 +75,7 @@ pub struct GuestRam {
 
 /// Creates `size_mib` MiB of guest RAM backed by a fresh memfd.
 pub fn create_guest_memory(size_mib: u64) -> Result<GuestRam, MemoryError> {
-    if !(2..=(1 << 24)).contains(&size_mib) {
+    if size_mib == 0 || size_mib > MAX_MEMORY_MIB {
         return Err(MemoryError::BadSize(size_mib));
     }
     let size = size_mib << 20;
@@ -100,6 +116,53 @@ pub fn create_guest_memory(size_mib: u64) -> Result<GuestRam, MemoryError> {
     let mem =
         GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Regions(e.to_string()))?;
     Ok(GuestRam { mem, file, size })
+}
+
+/// Registers every region of `ram` with `vm` as a KVM memory slot.
+pub fn register(vm: &kvm_ioctls::VmFd, ram: &GuestRam) -> Result<(), MemoryError> {
+    use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+    for (slot, region) in ram.mem.iter().enumerate() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|_| MemoryError::Unmapped(region.start_addr().raw_value()))?;
+        let r = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping of `memory_size` bytes owned by `ram`, which
+        // outlives the VM's use of it (the process exits or the VM is dropped first).
+        unsafe { vm.set_user_memory_region(r) }.map_err(MemoryError::Register)?;
+    }
+    Ok(())
+}
+
+/// Memory of this process in KiB, split into the guest's part and the VMM's own.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryUse {
+    /// Resident set minus guest RAM (includes shared library and binary pages).
+    pub vmm_rss: u64,
+    /// Anonymous memory (heap, stacks, device state): what one more VM costs the host, since
+    /// binary and library pages are shared by every VMM process.
+    pub vmm_private: u64,
+    /// Resident guest RAM.
+    pub guest: u64,
+}
+
+/// Reads this process's memory use. Guest RAM is a memfd, so it is exactly the shared-memory
+/// (RssShmem) part of the resident set.
+pub fn memory_use() -> Option<MemoryUse> {
+    use bexar_util::procfs::kib_field;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let rss = kib_field(&status, "VmRSS:")?;
+    let guest = kib_field(&status, "RssShmem:")?;
+    Some(MemoryUse {
+        vmm_rss: rss.saturating_sub(guest),
+        vmm_private: kib_field(&status, "RssAnon:")?,
+        guest,
+    })
 }
 
 #[cfg(test)]

@@ -1,19 +1,70 @@
-//! vCPU setup and the run loop: one thread per vCPU, exits dispatched to the buses, and every way
-//! a guest can end turned into an [`ExitReason`].
+//! vCPUs: set-up, the run loop (exits dispatched to the buses, every way a guest can end turned
+//! into an [`ExitReason`]), and the [`VcpuHandle`] the rest of the VMM drives each one with.
+//!
+//! Each vCPU thread owns its `VcpuFd` and takes requests on a channel between `KVM_RUN` calls:
+//! run, pause, save its state, restore a state, resume, exit. A thread starts paused, so every
+//! thread exists before the first guest instruction runs; a request to a vCPU inside the guest
+//! is noticed after a signal kicks it out of `KVM_RUN`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_msr_entry, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::boot::{regs, BootEntry};
-use super::{ExitHandle, ExitReason, VmmError};
+use super::threads::{self, ThreadKind};
+use super::{ExitHandle, ExitReason};
 use bexar_devices::bus::Bus;
+use bexar_devices::memory::GuestMemoryMmap;
+
+/// Errors setting a vCPU up or moving its state.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM ioctl failed.
+    #[error("{0} failed: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    /// The boot registers could not be built.
+    #[error(transparent)]
+    Boot(#[from] super::boot::BootError),
+    /// More MSRs than KVM's list can carry.
+    #[error("too many MSRs ({0})")]
+    TooManyMsrs(usize),
+    /// KVM stopped at an MSR it would not set or get.
+    #[error("KVM took {done} of {of} MSRs (stopped at {index:#x})")]
+    Msrs {
+        /// How many it took.
+        done: usize,
+        /// How many there were.
+        of: usize,
+        /// The first one refused.
+        index: u32,
+    },
+    /// The thread cannot be started.
+    #[error("cannot start the vCPU thread: {0}")]
+    Thread(std::io::Error),
+    /// The vCPU thread did not answer (it ended, or did not leave the guest in time).
+    #[error("vCPU {0} did not answer")]
+    NoAnswer(u8),
+    /// The vCPU thread refused the request.
+    #[error("vCPU {id}: {why}")]
+    Refused {
+        /// Which vCPU.
+        id: u8,
+        /// Why.
+        why: String,
+    },
+}
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
@@ -30,21 +81,6 @@ const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
-
-/// Counters of one vCPU, readable while it runs.
-#[derive(Debug, Default)]
-pub struct VcpuStats {
-    /// Exits to user space.
-    pub exits: AtomicU64,
-    /// Port I/O exits.
-    pub pio: AtomicU64,
-    /// MMIO exits.
-    pub mmio: AtomicU64,
-    /// Set when the vCPU has left its run loop.
-    pub done: AtomicBool,
-    /// Instruction pointer when the vCPU was stopped from outside (0 if unknown).
-    pub stopped_rip: AtomicU64,
-}
 
 fn set_lvt_mode(lapic: &mut kvm_lapic_state, reg: usize, mode: u32) {
     let mut raw = [0u8; 4];
@@ -64,8 +100,8 @@ pub fn configure(
     cpuid: &CpuId,
     template_msrs: &[(u32, u64)],
     boot: Option<&BootEntry>,
-) -> Result<(), VmmError> {
-    let kvm = |what: &'static str| move |e: kvm_ioctls::Error| VmmError::Kvm(what, e);
+) -> Result<(), VcpuError> {
+    let kvm = |what: &'static str| move |e: kvm_ioctls::Error| VcpuError::Kvm(what, e);
     vcpu.set_cpuid2(cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
 
     let mut entries: Vec<kvm_msr_entry> = [
@@ -95,7 +131,7 @@ pub fn configure(
             ..Default::default()
         });
     }
-    let msrs = Msrs::from_entries(&entries).map_err(|_| VmmError::Setup("too many MSRs".into()))?;
+    let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::TooManyMsrs(entries.len()))?;
     let set = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
     if set != entries.len() {
         // KVM stops at the first MSR it refuses; the rest are optional on some hosts.
@@ -151,94 +187,531 @@ pub struct VcpuContext {
     pub pio: Arc<Bus>,
     /// MMIO bus.
     pub mmio: Arc<Bus>,
-    /// Set when the VM is ending; the thread leaves its loop at the next exit.
-    pub stop: Arc<AtomicBool>,
     /// Where the reason the VM ended goes.
     pub exit: ExitHandle,
-    /// Counters.
-    pub stats: Arc<VcpuStats>,
-    /// Parks the thread while the VM is paused.
-    pub pause: Arc<super::control::PauseGate>,
+    /// MSRs a state save reads (KVM's list, filtered to those it can get).
+    pub msr_list: Arc<Vec<u32>>,
 }
 
-/// Runs a vCPU until the VM ends.
-pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
-    let id = ctx.id;
-    while !ctx.stop.load(Ordering::Acquire) && !ctx.exit.requested() {
-        if ctx.pause.requested() {
-            ctx.pause.park(&ctx.stop);
-            continue;
+/// What a vCPU is asked to do.
+#[derive(Debug)]
+pub enum VcpuRequest {
+    /// Leave the guest and wait (answered with [`VcpuResponse::Paused`]).
+    Pause,
+    /// Enter the guest again (answered with [`VcpuResponse::Resumed`]).
+    Resume,
+    /// Read the vCPU's state (paused only).
+    SaveState,
+    /// Load a state into the vCPU (paused only).
+    RestoreState(Box<VcpuState>),
+    /// Leave the run loop for good.
+    Exit,
+}
+
+/// What a vCPU answers.
+#[derive(Debug)]
+pub enum VcpuResponse {
+    /// Out of the guest, waiting.
+    Paused,
+    /// Back in the guest.
+    Resumed,
+    /// Its state.
+    Saved(Box<VcpuState>),
+    /// The state is loaded.
+    Restored,
+    /// The request failed.
+    Failed(String),
+}
+
+/// The x87/SSE state (`struct kvm_fpu`), in a form serde can write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FpuState {
+    /// ST0-ST7, 16 bytes each.
+    pub fpr: Vec<[u8; 16]>,
+    /// Control word.
+    pub fcw: u16,
+    /// Status word.
+    pub fsw: u16,
+    /// Abridged tag word.
+    pub ftwx: u8,
+    /// Last opcode.
+    pub last_opcode: u16,
+    /// Last instruction pointer.
+    pub last_ip: u64,
+    /// Last data pointer.
+    pub last_dp: u64,
+    /// XMM0-XMM15.
+    pub xmm: Vec<[u8; 16]>,
+    /// MXCSR.
+    pub mxcsr: u32,
+}
+
+impl From<&kvm_fpu> for FpuState {
+    fn from(f: &kvm_fpu) -> Self {
+        Self {
+            fpr: f.fpr.to_vec(),
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm.to_vec(),
+            mxcsr: f.mxcsr,
         }
-        let result = vcpu.run();
-        ctx.stats.exits.fetch_add(1, Ordering::Relaxed);
-        let reason = match result {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                ctx.stats.pio.fetch_add(1, Ordering::Relaxed);
-                ctx.pio.write(u64::from(port), data);
-                continue;
+    }
+}
+
+impl FpuState {
+    fn to_kvm(&self) -> Option<kvm_fpu> {
+        Some(kvm_fpu {
+            fpr: self.fpr.clone().try_into().ok()?,
+            fcw: self.fcw,
+            fsw: self.fsw,
+            ftwx: self.ftwx,
+            last_opcode: self.last_opcode,
+            last_ip: self.last_ip,
+            last_dp: self.last_dp,
+            xmm: self.xmm.clone().try_into().ok()?,
+            mxcsr: self.mxcsr,
+            ..Default::default()
+        })
+    }
+}
+
+/// One vCPU's architectural state as KVM holds it: what a snapshot stores per vCPU.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers.
+    pub sregs: kvm_sregs,
+    /// x87 and SSE.
+    pub fpu: FpuState,
+    /// Extended control registers (XCR0).
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+    /// The local APIC's registers.
+    pub lapic: kvm_lapic_state,
+    /// Model-specific registers (index, value).
+    pub msrs: Vec<(u32, u64)>,
+    /// Running, halted, waiting for SIPI...
+    pub mp_state: kvm_mp_state,
+    /// Pending exceptions, interrupts and NMIs.
+    pub events: kvm_vcpu_events,
+}
+
+/// Most MSRs one KVM_GET_MSRS carries.
+const MSR_CHUNK: usize = 64;
+
+impl VcpuState {
+    /// Reads `vcpu`'s state, with the MSRs of `msr_list`.
+    pub fn save(vcpu: &VcpuFd, msr_list: &[u32]) -> Result<Self, VcpuError> {
+        let kvm = |what: &'static str| move |e: kvm_ioctls::Error| VcpuError::Kvm(what, e);
+        // KVM lists MSRs some hosts then refuse to read: KVM_GET_MSRS stops at the first it
+        // refuses, so that one is skipped and the rest read on.
+        let mut msrs = Vec::with_capacity(msr_list.len());
+        let mut rest = msr_list;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(MSR_CHUNK)];
+            let entries: Vec<kvm_msr_entry> = chunk
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut m =
+                Msrs::from_entries(&entries).map_err(|_| VcpuError::TooManyMsrs(entries.len()))?;
+            let n = vcpu.get_msrs(&mut m).map_err(kvm("KVM_GET_MSRS"))?;
+            msrs.extend(m.as_slice()[..n].iter().map(|e| (e.index, e.data)));
+            if n < chunk.len() {
+                tracing::debug!("MSR {:#x} is listed but not readable; not saved", chunk[n]);
+                rest = &rest[n + 1..];
+            } else {
+                rest = &rest[n..];
             }
-            Ok(VcpuExit::IoIn(port, data)) => {
-                ctx.stats.pio.fetch_add(1, Ordering::Relaxed);
-                ctx.pio.read(u64::from(port), data);
-                continue;
+        }
+        Ok(Self {
+            regs: vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?,
+            sregs: vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
+            fpu: FpuState::from(&vcpu.get_fpu().map_err(kvm("KVM_GET_FPU"))?),
+            xcrs: vcpu.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?,
+            debugregs: vcpu.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
+            lapic: vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?,
+            msrs,
+            mp_state: vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
+            events: vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
+        })
+    }
+
+    /// Loads the state into `vcpu`: system registers first, then the rest, pending events
+    /// last (KVM checks them against the state they interrupt).
+    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), VcpuError> {
+        let kvm = |what: &'static str| move |e: kvm_ioctls::Error| VcpuError::Kvm(what, e);
+        vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
+        let fpu = self.fpu.to_kvm().ok_or(VcpuError::Refused {
+            id: 0,
+            why: "an FPU state with the wrong number of registers".into(),
+        })?;
+        vcpu.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))?;
+        vcpu.set_xcrs(&self.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+        vcpu.set_debug_regs(&self.debugregs)
+            .map_err(kvm("KVM_SET_DEBUGREGS"))?;
+        vcpu.set_lapic(&self.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
+        for chunk in self.msrs.chunks(MSR_CHUNK) {
+            let entries: Vec<kvm_msr_entry> = chunk
+                .iter()
+                .map(|&(index, data)| kvm_msr_entry {
+                    index,
+                    data,
+                    ..Default::default()
+                })
+                .collect();
+            let m =
+                Msrs::from_entries(&entries).map_err(|_| VcpuError::TooManyMsrs(entries.len()))?;
+            let n = vcpu.set_msrs(&m).map_err(kvm("KVM_SET_MSRS"))?;
+            if n != entries.len() {
+                return Err(VcpuError::Msrs {
+                    done: n,
+                    of: entries.len(),
+                    index: entries[n].index,
+                });
             }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                ctx.stats.mmio.fetch_add(1, Ordering::Relaxed);
-                if !ctx.mmio.read(addr, data) {
-                    data.fill(0);
+        }
+        vcpu.set_mp_state(self.mp_state)
+            .map_err(kvm("KVM_SET_MP_STATE"))?;
+        vcpu.set_vcpu_events(&self.events)
+            .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler of the signal that kicks vCPU threads out of `KVM_RUN`: the
+/// signal must interrupt the ioctl, not kill the process.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    register_signal_handler(SIGRTMIN(), kick_handler).map_err(std::io::Error::from)
+}
+
+/// Counters of one vCPU, readable while it runs.
+#[derive(Debug, Default)]
+pub struct VcpuStats {
+    /// Exits to user space.
+    pub exits: AtomicU64,
+    /// Port I/O exits.
+    pub pio: AtomicU64,
+    /// MMIO exits.
+    pub mmio: AtomicU64,
+    /// Set when the vCPU has left its run loop.
+    pub done: AtomicBool,
+    /// Instruction pointer when the vCPU was stopped from outside (0 if unknown).
+    pub stopped_rip: AtomicU64,
+}
+
+/// The rest of the VMM's hold on one vCPU thread.
+pub struct VcpuHandle {
+    id: u8,
+    requests: Sender<VcpuRequest>,
+    responses: Receiver<VcpuResponse>,
+    /// Set when a request waits, so the thread checks its channel before re-entering the guest
+    /// (a flag is cheaper than a channel on every exit).
+    pending: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<VcpuStats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    /// Starts the thread of vCPU `ctx.id`, paused: it enters the guest at the first
+    /// [`VcpuRequest::Resume`].
+    pub fn spawn(vcpu: VcpuFd, ctx: VcpuContext) -> Result<Self, VcpuError> {
+        let (req_tx, req_rx) = mpsc::channel();
+        let (resp_tx, resp_rx) = mpsc::channel();
+        let pending = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(VcpuStats::default());
+        let id = ctx.id;
+        let thread = {
+            let (pending, stop, stats) = (pending.clone(), stop.clone(), stats.clone());
+            let exit = ctx.exit.clone();
+            threads::spawn(ThreadKind::Vcpu(id), exit, move || {
+                // Marks the vCPU done however the thread ends (a panic included).
+                struct Done(Arc<VcpuStats>);
+                impl Drop for Done {
+                    fn drop(&mut self) {
+                        self.0.done.store(true, Ordering::Release);
+                    }
+                }
+                let _done = Done(stats.clone());
+                let mut t = VcpuThread {
+                    vcpu,
+                    ctx,
+                    requests: req_rx,
+                    responses: resp_tx,
+                    pending,
+                    stop,
+                    stats,
+                };
+                t.main();
+            })
+            .map_err(VcpuError::Thread)?
+        };
+        Ok(Self {
+            id,
+            requests: req_tx,
+            responses: resp_rx,
+            pending,
+            stop,
+            stats,
+            thread: Some(thread),
+        })
+    }
+
+    /// The vCPU's counters.
+    pub fn stats(&self) -> &Arc<VcpuStats> {
+        &self.stats
+    }
+
+    /// Whether the thread has left its run loop.
+    pub fn done(&self) -> bool {
+        self.stats.done.load(Ordering::Acquire)
+    }
+
+    /// Queues `req` and kicks the vCPU out of the guest so it sees it.
+    pub fn send(&self, req: VcpuRequest) -> Result<(), VcpuError> {
+        // Answers to requests whose caller gave up waiting must not be taken for this one's.
+        while self.responses.try_recv().is_ok() {}
+        self.requests
+            .send(req)
+            .map_err(|_| VcpuError::NoAnswer(self.id))?;
+        self.pending.store(true, Ordering::Release);
+        self.kick();
+        Ok(())
+    }
+
+    /// Waits until `deadline` for the answer to the last request, kicking the vCPU again
+    /// while it waits (a kick that lands just before `KVM_RUN` is lost).
+    pub fn answer(&self, deadline: Instant) -> Result<VcpuResponse, VcpuError> {
+        loop {
+            match self.responses.recv_timeout(Duration::from_micros(200)) {
+                Ok(r) => return Ok(r),
+                Err(RecvTimeoutError::Disconnected) => return Err(VcpuError::NoAnswer(self.id)),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if self.done() || Instant::now() >= deadline {
+                return Err(VcpuError::NoAnswer(self.id));
+            }
+            self.kick();
+        }
+    }
+
+    /// Sends `req` and waits for its answer.
+    pub fn request(&self, req: VcpuRequest, timeout: Duration) -> Result<VcpuResponse, VcpuError> {
+        self.send(req)?;
+        self.answer(Instant::now() + timeout)
+    }
+
+    fn kick(&self) {
+        if let Some(t) = &self.thread {
+            let _ = t.kill(SIGRTMIN());
+        }
+    }
+
+    /// Tells the thread to leave (without waiting).
+    pub fn begin_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.requests.send(VcpuRequest::Exit);
+        self.pending.store(true, Ordering::Release);
+        self.kick();
+    }
+
+    /// Kicks the thread until it has left its loop, for at most until `deadline`. A vCPU that
+    /// misses every kick is left behind: the caller is about to end the VM anyway.
+    pub fn finish_stop(&mut self, deadline: Instant) {
+        while !self.done() && Instant::now() < deadline {
+            self.kick();
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        if self.done() {
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// The thread's side.
+struct VcpuThread {
+    vcpu: VcpuFd,
+    ctx: VcpuContext,
+    requests: Receiver<VcpuRequest>,
+    responses: Sender<VcpuResponse>,
+    pending: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<VcpuStats>,
+}
+
+/// What the thread does after a request.
+enum Next {
+    Run,
+    Exit,
+}
+
+impl VcpuThread {
+    fn main(&mut self) {
+        // Created paused: wait for the first Resume.
+        if let Next::Exit = self.paused() {
+            return;
+        }
+        self.run();
+        if let Ok(r) = self.vcpu.get_regs() {
+            self.stats.stopped_rip.store(r.rip, Ordering::Relaxed);
+        }
+    }
+
+    fn reply(&self, r: VcpuResponse) {
+        let _ = self.responses.send(r);
+    }
+
+    /// Serves requests while out of the guest, until told to run or to exit.
+    fn paused(&mut self) -> Next {
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Next::Exit;
+            }
+            let Ok(req) = self.requests.recv() else {
+                return Next::Exit;
+            };
+            match req {
+                VcpuRequest::Resume => {
+                    self.reply(VcpuResponse::Resumed);
+                    return Next::Run;
+                }
+                VcpuRequest::Pause => self.reply(VcpuResponse::Paused),
+                VcpuRequest::SaveState => {
+                    let r = VcpuState::save(&self.vcpu, &self.ctx.msr_list);
+                    self.reply(match r {
+                        Ok(s) => VcpuResponse::Saved(Box::new(s)),
+                        Err(e) => VcpuResponse::Failed(e.to_string()),
+                    });
+                }
+                VcpuRequest::RestoreState(s) => {
+                    self.reply(match s.restore(&self.vcpu) {
+                        Ok(()) => VcpuResponse::Restored,
+                        Err(e) => VcpuResponse::Failed(e.to_string()),
+                    });
+                }
+                VcpuRequest::Exit => return Next::Exit,
+            }
+        }
+    }
+
+    /// Takes the requests that arrived while in the guest.
+    fn requests_while_running(&mut self) -> Next {
+        self.pending.store(false, Ordering::Release);
+        while let Ok(req) = self.requests.try_recv() {
+            match req {
+                VcpuRequest::Pause => {
+                    self.reply(VcpuResponse::Paused);
+                    if let Next::Exit = self.paused() {
+                        return Next::Exit;
+                    }
+                }
+                VcpuRequest::Resume => self.reply(VcpuResponse::Resumed),
+                VcpuRequest::Exit => return Next::Exit,
+                VcpuRequest::SaveState | VcpuRequest::RestoreState(_) => self.reply(
+                    VcpuResponse::Failed("the vCPU is running: pause it first".into()),
+                ),
+            }
+        }
+        Next::Run
+    }
+
+    /// Runs the vCPU until the VM ends.
+    fn run(&mut self) {
+        let id = self.ctx.id;
+        loop {
+            if self.stop.load(Ordering::Acquire) || self.ctx.exit.requested() {
+                return;
+            }
+            if self.pending.load(Ordering::Acquire) {
+                if let Next::Exit = self.requests_while_running() {
+                    return;
                 }
                 continue;
             }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                ctx.stats.mmio.fetch_add(1, Ordering::Relaxed);
-                ctx.mmio.write(addr, data);
-                continue;
-            }
-            Ok(VcpuExit::Hlt) => ExitReason::Halted,
-            Ok(VcpuExit::Shutdown) => {
-                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                ExitReason::TripleFault { vcpu: id, rip }
-            }
-            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
-                KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
-                KVM_SYSTEM_EVENT_CRASH => ExitReason::Crash,
-                other => {
-                    tracing::warn!(vcpu = id, "unknown system event {other}");
+            let result = self.vcpu.run();
+            let (ctx, stats) = (&self.ctx, &self.stats);
+            stats.exits.fetch_add(1, Ordering::Relaxed);
+            let reason = match result {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    stats.pio.fetch_add(1, Ordering::Relaxed);
+                    ctx.pio.write(u64::from(port), data);
                     continue;
                 }
-            },
-            Ok(VcpuExit::InternalError) => {
-                let internal = {
-                    let run = vcpu.get_kvm_run();
-                    // SAFETY: KVM reported KVM_EXIT_INTERNAL_ERROR, so `internal` is the member
-                    // of the exit union that KVM filled in.
-                    unsafe { run.__bindgen_anon_1.internal }
-                };
-                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                let n = (internal.ndata as usize).min(internal.data.len());
-                ExitReason::InternalError {
-                    vcpu: id,
-                    suberror: internal.suberror,
-                    rip,
-                    insn: instruction_bytes(&vcpu, &ctx.mem, rip),
-                    data: internal.data[..n].to_vec(),
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    stats.pio.fetch_add(1, Ordering::Relaxed);
+                    ctx.pio.read(u64::from(port), data);
+                    continue;
                 }
-            }
-            Ok(VcpuExit::FailEntry(reason, _cpu)) => ExitReason::FailEntry { vcpu: id, reason },
-            Ok(VcpuExit::Intr) => continue,
-            Ok(other) => {
-                tracing::warn!(vcpu = id, "unhandled vCPU exit {other:?}");
-                continue;
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-            Err(e) => ExitReason::VmmError(format!("KVM_RUN on vCPU {id}: {e}")),
-        };
-        ctx.exit.request(reason);
-        break;
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    stats.mmio.fetch_add(1, Ordering::Relaxed);
+                    if !ctx.mmio.read(addr, data) {
+                        data.fill(0);
+                    }
+                    continue;
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    stats.mmio.fetch_add(1, Ordering::Relaxed);
+                    ctx.mmio.write(addr, data);
+                    continue;
+                }
+                Ok(VcpuExit::Hlt) => ExitReason::Halted,
+                Ok(VcpuExit::Shutdown) => {
+                    let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    ExitReason::TripleFault { vcpu: id, rip }
+                }
+                Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+                    KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
+                    KVM_SYSTEM_EVENT_CRASH => ExitReason::Crash,
+                    other => {
+                        tracing::warn!(vcpu = id, "unknown system event {other}");
+                        continue;
+                    }
+                },
+                Ok(VcpuExit::InternalError) => {
+                    let internal = {
+                        let run = self.vcpu.get_kvm_run();
+                        // SAFETY: KVM reported KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+                        // member of the exit union that KVM filled in.
+                        unsafe { run.__bindgen_anon_1.internal }
+                    };
+                    let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    let n = (internal.ndata as usize).min(internal.data.len());
+                    ExitReason::InternalError {
+                        vcpu: id,
+                        suberror: internal.suberror,
+                        rip,
+                        insn: instruction_bytes(&self.vcpu, &self.ctx.mem, rip),
+                        data: internal.data[..n].to_vec(),
+                    }
+                }
+                Ok(VcpuExit::FailEntry(reason, _cpu)) => ExitReason::FailEntry { vcpu: id, reason },
+                Ok(VcpuExit::Intr) => continue,
+                Ok(other) => {
+                    tracing::warn!(vcpu = id, "unhandled vCPU exit {other:?}");
+                    continue;
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => ExitReason::VmmError(format!("KVM_RUN on vCPU {id}: {e}")),
+            };
+            self.ctx.exit.request(reason);
+            return;
+        }
     }
-    if let Ok(r) = vcpu.get_regs() {
-        ctx.stats.stopped_rip.store(r.rip, Ordering::Relaxed);
-    }
-    ctx.stats.done.store(true, Ordering::Release);
 }

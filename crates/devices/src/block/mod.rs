@@ -1,7 +1,329 @@
-//! Block I/O backends used by virtio-blk.
+//! The block layer: disks behind one completion-based trait, [`DiskBackend`], opened by one
+//! factory, [`open_disk`]. It knows nothing of virtio: a device parses its requests, hands
+//! [`BlockRequest`]s to a backend with a tag of its own, and gets [`Completion`]s back with
+//! that tag; the backend never writes a status byte.
 //!
-//! The device probes once, when it opens its image: [`uring::Uring`] (io_uring, zero copy into
-//! guest memory, completions on an eventfd) when the host kernel has io_uring and the image is
-//! not opened with O_DIRECT; otherwise requests run synchronously through a bounce buffer.
+//! Backends complete asynchronously: a request submitted now may finish later, and the
+//! backend's [`DiskBackend::notifier`] eventfd becomes readable when completions wait (the
+//! device's event loop watches it). Two backends so far, both on a raw image file:
+//!
+//! * [`raw::RawUring`]: io_uring, reads and writes straight between the file and guest memory
+//!   (readv/writev on iovecs into the guest's pages), fdatasync as a flush;
+//! * [`raw::RawSync`]: the same operations done at submit time through a bounce buffer, for
+//!   hosts without io_uring and for O_DIRECT images (whose buffers must be aligned, which guest
+//!   buffers need not be).
+//!
+//! Copy-on-write images (qcow2) and network disks (NBD, iSCSI) are backends to come; so is a
+//! rate limiter, which sits in the device between a parsed request and [`DiskBackend::submit`].
 
-pub mod uring;
+pub mod raw;
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMemoryMmap;
+
+/// Sector size of the block protocols we speak.
+pub const SECTOR: u64 = 512;
+/// Largest serial number a disk reports (virtio-blk's GET_ID).
+pub const SERIAL_MAX: usize = 20;
+
+/// How a disk is attached.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Image file.
+    pub path: PathBuf,
+    /// Refuse writes.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Bypass the host page cache (O_DIRECT).
+    #[serde(default)]
+    pub direct: bool,
+    /// Serial reported to the guest (defaults to the file name), at most 20 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = String;
+    /// Parses the `--disk` flag: `PATH[,ro|rw][,direct][,serial=ID]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or("empty disk path")?;
+        let mut cfg = DiskConfig {
+            path: path.into(),
+            ..Default::default()
+        };
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "ro" => cfg.read_only = true,
+                None if opt == "rw" => cfg.read_only = false,
+                None if opt == "direct" => cfg.direct = true,
+                Some(("serial", v)) => cfg.serial = Some(v.to_owned()),
+                _ => {
+                    return Err(format!(
+                        "unknown disk option {opt:?}: expected ro, rw, direct or serial=ID"
+                    ))
+                }
+            }
+        }
+        cfg.check().map_err(|(_, m)| m)?;
+        Ok(cfg)
+    }
+}
+
+impl DiskConfig {
+    /// Checks what can be checked without opening the image; returns the field and the
+    /// problem.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.path.as_os_str().is_empty() {
+            return Err(("path", "empty disk path".into()));
+        }
+        if let Some(s) = &self.serial {
+            if s.is_empty() || s.len() > SERIAL_MAX || s.contains(',') {
+                return Err((
+                    "serial",
+                    format!("serial {s:?} must be 1-{SERIAL_MAX} bytes without ','"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The serial the guest sees: the configured one, else the file name (cut to 20 bytes).
+    pub fn serial_bytes(&self) -> [u8; SERIAL_MAX] {
+        let id = self.serial.clone().unwrap_or_else(|| {
+            self.path
+                .file_name()
+                .map(|n| n.to_string_lossy().chars().take(SERIAL_MAX).collect())
+                .unwrap_or_default()
+        });
+        let mut serial = [0u8; SERIAL_MAX];
+        let n = id.len().min(SERIAL_MAX);
+        serial[..n].copy_from_slice(&id.as_bytes()[..n]);
+        serial
+    }
+}
+
+/// What a backend can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Size in bytes (a whole number of sectors).
+    pub capacity: u64,
+    /// Writes, discards and write-zeroes are refused.
+    pub read_only: bool,
+    /// Discard (deallocate a range) is supported.
+    pub discard: bool,
+    /// Write-zeroes is supported.
+    pub write_zeroes: bool,
+}
+
+/// An operation on a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockOp {
+    /// Read into the request's guest buffers.
+    Read,
+    /// Write the request's guest buffers.
+    Write,
+    /// Make every completed write durable.
+    Flush,
+    /// Deallocate a range (it reads back as zeros).
+    Discard,
+    /// Zero a range; `unmap` allows deallocating it.
+    WriteZeroes {
+        /// Whether the range may be deallocated.
+        unmap: bool,
+    },
+}
+
+/// One request for a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRequest {
+    /// What to do.
+    pub op: BlockOp,
+    /// Byte offset on the disk (0 for a flush).
+    pub offset: u64,
+    /// Bytes concerned: the sum of `segments` for reads and writes, the range for discard
+    /// and write-zeroes, 0 for a flush.
+    pub len: u64,
+    /// Guest buffers (address, length) of a read or write, in order.
+    pub segments: Vec<(GuestAddress, u32)>,
+}
+
+/// A finished request: the submitter's tag and the bytes moved, or why it failed.
+#[derive(Debug)]
+pub struct Completion {
+    /// The tag given at submit.
+    pub user_data: u64,
+    /// Bytes transferred (reads and writes), 0 otherwise; or the error.
+    pub result: std::io::Result<u64>,
+}
+
+/// Errors of the block layer.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The image cannot be opened.
+    #[error("cannot open disk {path}: {err}")]
+    Open {
+        /// Path.
+        path: PathBuf,
+        /// Underlying error.
+        err: std::io::Error,
+    },
+    /// The image size is not a whole number of sectors.
+    #[error("disk {0} is not a multiple of 512 bytes long")]
+    Size(PathBuf),
+    /// An eventfd cannot be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    /// The request cannot be queued now (the backend is full); try again after completions.
+    #[error("the backend's queue is full")]
+    Busy,
+    /// A guest buffer of the request is not in guest memory.
+    #[error("a buffer at {0:#x} is outside guest memory")]
+    BadBuffer(u64),
+    /// The request does not fit the disk (the device checks this first; backends check too).
+    #[error("{op:?} of {len} bytes at {offset} is outside the disk")]
+    OutOfRange {
+        /// The operation.
+        op: BlockOp,
+        /// Its offset.
+        offset: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// The disk is read-only.
+    #[error("the disk is read-only")]
+    ReadOnly,
+}
+
+/// A disk, as a device sees it.
+pub trait DiskBackend: Send {
+    /// Which engine this is (`io_uring`, `sync`), for logs and reports.
+    fn engine(&self) -> &'static str;
+    /// Size and abilities.
+    fn info(&self) -> DiskInfo;
+    /// Queues `req`, tagged `user_data`. Its completion comes from [`Self::reap`], possibly
+    /// before this returns (synchronous backends), never twice.
+    fn submit(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        req: BlockRequest,
+        user_data: u64,
+    ) -> Result<(), BlockError>;
+    /// Hands queued requests to whatever executes them (called once per batch).
+    fn kick(&mut self) -> std::io::Result<()>;
+    /// Moves finished requests into `out`.
+    fn reap(&mut self, out: &mut Vec<Completion>);
+    /// Readable when completions wait.
+    fn notifier(&self) -> &EventFd;
+    /// Requests submitted and not yet reaped.
+    fn in_flight(&self) -> usize;
+    /// Waits until nothing is in flight, moving every completion into `out` (a device reset
+    /// or a snapshot: the kernel must be done with the guest's buffers).
+    fn drain(&mut self, out: &mut Vec<Completion>);
+}
+
+/// Whether io_uring works on this host, probed once per process.
+fn io_uring_available() -> bool {
+    static PROBE: OnceLock<bool> = OnceLock::new();
+    *PROBE.get_or_init(|| match io_uring::IoUring::new(2) {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::info!("io_uring unavailable ({e}): disks use synchronous I/O");
+            false
+        }
+    })
+}
+
+/// Opens the disk `cfg` describes with the most capable backend this host offers.
+pub fn open_disk(cfg: &DiskConfig) -> Result<Box<dyn DiskBackend>, BlockError> {
+    let open_err = |err| BlockError::Open {
+        path: cfg.path.clone(),
+        err,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!cfg.read_only)
+        .custom_flags(if cfg.direct { libc::O_DIRECT } else { 0 })
+        .open(&cfg.path)
+        .map_err(open_err)?;
+    let capacity = file.metadata().map_err(open_err)?.len();
+    if capacity % SECTOR != 0 {
+        return Err(BlockError::Size(cfg.path.clone()));
+    }
+    let info = DiskInfo {
+        capacity,
+        read_only: cfg.read_only,
+        discard: !cfg.read_only,
+        write_zeroes: !cfg.read_only,
+    };
+    if !cfg.direct && io_uring_available() {
+        match raw::RawUring::new(file.try_clone().map_err(open_err)?, info) {
+            Ok(b) => return Ok(Box::new(b)),
+            Err(e) => tracing::info!(
+                "io_uring ring for {} failed ({e}): synchronous I/O",
+                cfg.path.display()
+            ),
+        }
+    }
+    Ok(Box::new(raw::RawSync::new(file, info)?))
+}
+
+/// Checks `[offset, offset + len)` lies inside a disk of `capacity` bytes.
+pub fn in_bounds(offset: u64, len: u64, capacity: u64) -> bool {
+    offset.checked_add(len).is_some_and(|end| end <= capacity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_flags_parse_and_check() {
+        assert!("/tmp/b.img,direct".parse::<DiskConfig>().unwrap().direct);
+        let d: DiskConfig = "/tmp/a.img,ro,serial=abc".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/tmp/a.img"));
+        assert!(d.read_only);
+        assert_eq!(d.serial.as_deref(), Some("abc"));
+        assert!("".parse::<DiskConfig>().is_err());
+        assert!("/a,rx".parse::<DiskConfig>().is_err());
+        assert!("/a,serial=".parse::<DiskConfig>().is_err());
+        assert!("/a,serial=123456789012345678901"
+            .parse::<DiskConfig>()
+            .is_err());
+        // The API form is the same struct.
+        let j: DiskConfig =
+            serde_json::from_str(r#"{"path":"/tmp/a.img","read_only":true,"serial":"abc"}"#)
+                .unwrap();
+        assert_eq!(j, d);
+        assert!(serde_json::from_str::<DiskConfig>(r#"{"path":"/a","colour":1}"#).is_err());
+    }
+
+    #[test]
+    fn serials_default_to_the_file_name() {
+        let d: DiskConfig = "/images/a-very-long-root-image-name.ext4".parse().unwrap();
+        assert_eq!(&d.serial_bytes(), b"a-very-long-root-ima");
+        let s: DiskConfig = "/x,serial=disk1".parse().unwrap();
+        assert_eq!(&s.serial_bytes()[..6], b"disk1\0");
+    }
+
+    #[test]
+    fn bounds() {
+        assert!(in_bounds(0, 512, 1024));
+        assert!(in_bounds(512, 512, 1024));
+        assert!(!in_bounds(1024, 512, 1024));
+        assert!(!in_bounds(u64::MAX, 512, 1024));
+        assert!(!in_bounds(512, u64::MAX, 1024));
+    }
+}

@@ -1,121 +1,65 @@
-//! virtio 1.x devices over the MMIO transport.
+//! virtio 1.x devices, independent of the transport that carries them.
 //!
-//! A device is shared between two threads: the vCPU thread drives its registers through
-//! [`mmio::MmioTransport`] (feature negotiation, queue set-up, status, reset), and the virtio
-//! event loop thread runs its queues when the guest's notifications arrive on ioeventfds.
-//! Interrupts go back through an irqfd. Guest-controlled input never panics the VMM: bad
-//! requests are refused and counted, and a device whose rings are corrupt marks itself
-//! DEVICE_NEEDS_RESET and stops until the driver resets it.
+//! One contract for every device ([`VirtioDevice`]): each owns its queues and their
+//! notification eventfds from the moment it is made, keeps what every device keeps in one
+//! [`VirtioCommon`] (counters, the NEEDS_RESET flag, one [`DeviceState`]), and is activated
+//! with an [`ActivationContext`]: guest memory, the interrupt line of whatever transport
+//! carries it ([`transport::VirtioInterrupt`]) and the features the driver accepted. The
+//! transport ([`transport::mmio`] today, virtio-pci later) holds register state only.
+//!
+//! A device is shared between two threads: the vCPU thread drives its registers through the
+//! transport (feature negotiation, queue set-up, status, reset), and the virtio event loop
+//! thread runs its queues when the guest's notifications arrive on ioeventfds. Guest-controlled
+//! input never panics the VMM: bad requests are refused and counted, and a device whose rings
+//! are corrupt marks itself DEVICE_NEEDS_RESET and stops until the driver resets it.
+//!
+//! Every device and the transport save and restore their state ([`VirtioState`], built on
+//! virtio-queue's `QueueState`), so a snapshot can take a device out of one VMM and put it back
+//! in another.
 
 pub mod block;
-pub mod mmio;
 pub mod net;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod ring;
 pub mod rng;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod test_utils;
+pub mod transport;
 pub mod vsock;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
-use event_manager::MutEventSubscriber;
-use serde::Serialize;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1 as F_VERSION_1;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::memory::GuestMemoryMmap;
+use transport::{VirtioInterrupt, VirtioInterruptType};
+
 /// VIRTIO_F_VERSION_1: the only transport generation we speak.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// Device type: network card.
-pub const TYPE_NET: u32 = 1;
-/// Device type: block device.
-pub const TYPE_BLOCK: u32 = 2;
-/// Device type: entropy source.
-pub const TYPE_RNG: u32 = 4;
-/// Device type: vsock.
-pub const TYPE_VSOCK: u32 = 19;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << F_VERSION_1;
 
-/// Device status bits (virtio 1.2 §2.1).
+/// Device status bits (virtio 1.2 §2.1), from virtio-bindings.
 pub mod status {
+    use virtio_bindings::virtio_config as c;
     /// The guest found the device.
-    pub const ACKNOWLEDGE: u32 = 1;
+    pub const ACKNOWLEDGE: u32 = c::VIRTIO_CONFIG_S_ACKNOWLEDGE;
     /// The guest has a driver for it.
-    pub const DRIVER: u32 = 2;
+    pub const DRIVER: u32 = c::VIRTIO_CONFIG_S_DRIVER;
     /// The driver is ready.
-    pub const DRIVER_OK: u32 = 4;
+    pub const DRIVER_OK: u32 = c::VIRTIO_CONFIG_S_DRIVER_OK;
     /// Feature negotiation is complete.
-    pub const FEATURES_OK: u32 = 8;
+    pub const FEATURES_OK: u32 = c::VIRTIO_CONFIG_S_FEATURES_OK;
     /// The device hit an error it cannot recover from without a reset.
-    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    pub const DEVICE_NEEDS_RESET: u32 = c::VIRTIO_CONFIG_S_NEEDS_RESET;
     /// The driver gave up on the device.
-    pub const FAILED: u32 = 0x80;
+    pub const FAILED: u32 = c::VIRTIO_CONFIG_S_FAILED;
 }
 
-/// Interrupt status bit: a used buffer was added.
-pub const INT_USED_RING: u32 = 1;
-/// Interrupt status bit: the configuration changed (or the device needs a reset).
-pub const INT_CONFIG: u32 = 2;
-
-/// The device's line to the guest: interrupt status register plus an irqfd, and the
-/// NEEDS_RESET flag the transport reports in its status register.
-pub struct Interrupt {
-    status: AtomicU32,
-    irqfd: EventFd,
-    needs_reset: AtomicBool,
-}
-
-impl Interrupt {
-    /// An interrupt line raising `irqfd`.
-    pub fn new(irqfd: EventFd) -> Self {
-        Self {
-            status: AtomicU32::new(0),
-            irqfd,
-            needs_reset: AtomicBool::new(false),
-        }
-    }
-
-    /// Raises the interrupt with `bits` set in the interrupt status.
-    pub fn trigger(&self, bits: u32) {
-        self.status.fetch_or(bits, Ordering::AcqRel);
-        if let Err(e) = self.irqfd.write(1) {
-            tracing::warn!("cannot raise a virtio interrupt: {e}");
-        }
-    }
-
-    /// Current interrupt status.
-    pub fn status(&self) -> u32 {
-        self.status.load(Ordering::Acquire)
-    }
-
-    /// Acknowledges `bits`.
-    pub fn ack(&self, bits: u32) {
-        self.status.fetch_and(!bits, Ordering::AcqRel);
-    }
-
-    /// Marks the device broken until the driver resets it, and tells the driver.
-    pub fn set_needs_reset(&self) {
-        if !self.needs_reset.swap(true, Ordering::AcqRel) {
-            self.trigger(INT_CONFIG);
-        }
-    }
-
-    /// Whether the device needs a reset.
-    pub fn needs_reset(&self) -> bool {
-        self.needs_reset.load(Ordering::Acquire)
-    }
-
-    /// Clears everything (device reset).
-    pub fn reset(&self) {
-        self.status.store(0, Ordering::Release);
-        self.needs_reset.store(false, Ordering::Release);
-    }
-
-    /// The eventfd KVM injects from.
-    pub fn irqfd(&self) -> &EventFd {
-        &self.irqfd
-    }
-}
-
-/// Counters every device keeps; exported in the VM outcome and (later) as metrics.
+/// Counters every device keeps; exported in the VM outcome, on the control socket and as
+/// metrics.
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Requests completed successfully.
@@ -141,10 +85,15 @@ impl Counters {
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Adds `n` to a counter.
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// A snapshot of a device's counters.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceReport {
     /// Device kind.
     pub kind: String,
@@ -170,7 +119,7 @@ pub struct DeviceReport {
 
 impl DeviceReport {
     /// Snapshot of `c`.
-    pub fn new(kind: &'static str, slot: u32, c: &Counters) -> Self {
+    pub fn new(kind: &str, slot: u32, c: &Counters) -> Self {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Self {
             kind: kind.to_owned(),
@@ -190,76 +139,460 @@ impl DeviceReport {
 /// Why a device refused to start.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
-    /// The driver set up the wrong number of queues or an invalid one.
-    #[error("queue {0} is not usable")]
-    BadQueue(usize),
+    /// The driver did not make a queue ready.
+    #[error("queue {0} is not ready")]
+    QueueNotReady(usize),
+    /// The device's backend refused (a TAP that cannot take the offloads, ...).
+    #[error("{0}")]
+    Backend(String),
 }
 
-/// What every device has: one eventfd per queue (the ioeventfds), its interrupt line, and its
-/// counters.
-pub struct DeviceBase {
-    /// The ioeventfd of each queue.
+/// What a device needs to start serving its queues, handed over by the transport at DRIVER_OK
+/// (or at restore).
+#[derive(Clone)]
+pub struct ActivationContext {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The transport's interrupt line.
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+}
+
+/// Whether a device runs: one shape for every device.
+pub enum DeviceState {
+    /// Not activated (after creation, and after a driver reset).
+    Inactive,
+    /// Activated by the driver.
+    Active(ActivationContext),
+}
+
+/// What every virtio device has: its identity, its queues with their notification eventfds,
+/// its counters, the NEEDS_RESET flag the transport reports, and whether it runs.
+pub struct VirtioCommon {
+    device_type: u32,
+    kind: &'static str,
+    avail_features: u64,
+    /// The queues, owned by the device. The transport sets them up through the device while
+    /// the driver configures them; the device serves them once active.
+    pub queues: Vec<Queue>,
+    /// The notification eventfd of each queue (ioeventfds on a VMM).
     pub queue_evts: Vec<EventFd>,
-    /// The interrupt line.
-    pub interrupt: std::sync::Arc<Interrupt>,
-    /// The counters.
-    pub counters: std::sync::Arc<Counters>,
+    counters: Arc<Counters>,
+    needs_reset: Arc<AtomicBool>,
+    state: DeviceState,
 }
 
-impl DeviceBase {
-    /// A base for `queues` queues raising `irqfd`.
-    pub fn new(queues: usize, irqfd: EventFd) -> std::io::Result<Self> {
+impl VirtioCommon {
+    /// A device of `device_type` (virtio-bindings' `VIRTIO_ID_*`) offering `avail_features`
+    /// (VIRTIO_F_VERSION_1 is added), with one queue of each maximum size.
+    pub fn new(
+        device_type: u32,
+        kind: &'static str,
+        avail_features: u64,
+        queue_sizes: &[u16],
+    ) -> std::io::Result<Self> {
+        let queues = queue_sizes
+            .iter()
+            .map(|&max| Queue::new(max).map_err(|e| std::io::Error::other(e.to_string())))
+            .collect::<std::io::Result<_>>()?;
         Ok(Self {
-            queue_evts: (0..queues)
+            device_type,
+            kind,
+            avail_features: avail_features | VIRTIO_F_VERSION_1,
+            queues,
+            queue_evts: queue_sizes
+                .iter()
                 .map(|_| EventFd::new(libc::EFD_NONBLOCK))
                 .collect::<std::io::Result<_>>()?,
-            interrupt: std::sync::Arc::new(Interrupt::new(irqfd)),
-            counters: std::sync::Arc::new(Counters::default()),
+            counters: Arc::new(Counters::default()),
+            needs_reset: Arc::new(AtomicBool::new(false)),
+            state: DeviceState::Inactive,
         })
     }
+
+    /// Starts the device: every queue must be ready.
+    pub fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
+        if let Some(i) = self.queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::QueueNotReady(i));
+        }
+        self.state = DeviceState::Active(ctx);
+        Ok(())
+    }
+
+    /// Stops the device and forgets the driver's queue set-up (driver reset).
+    pub fn reset(&mut self) {
+        self.state = DeviceState::Inactive;
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.needs_reset.store(false, Ordering::Release);
+    }
+
+    /// Whether the driver activated the device.
+    pub fn is_active(&self) -> bool {
+        matches!(self.state, DeviceState::Active(_))
+    }
+
+    /// The activation context, while active.
+    pub fn context(&self) -> Option<&ActivationContext> {
+        match &self.state {
+            DeviceState::Active(ctx) => Some(ctx),
+            DeviceState::Inactive => None,
+        }
+    }
+
+    /// Whether the device stopped itself until the driver resets it.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// What a queue notification may work with: `None` (and the notification counted as
+    /// spurious) unless the device is active and not broken.
+    pub fn serving(&mut self) -> Option<Serving<'_>> {
+        if self.needs_reset() || !self.is_active() {
+            Counters::inc(&self.counters.spurious_notifies);
+            return None;
+        }
+        self.serving_quiet()
+    }
+
+    /// [`Self::serving`] without counting a missed call as a spurious notification (for work the
+    /// device starts itself: completions, retries).
+    pub fn serving_quiet(&mut self) -> Option<Serving<'_>> {
+        let Self {
+            queues,
+            counters,
+            needs_reset,
+            state: DeviceState::Active(ctx),
+            ..
+        } = self
+        else {
+            return None;
+        };
+        if needs_reset.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(Serving {
+            queues,
+            mem: &ctx.mem,
+            interrupt: &*ctx.interrupt,
+            counters,
+            needs_reset,
+        })
+    }
+
+    /// The device's state for a snapshot.
+    pub fn save(&self) -> VirtioState {
+        VirtioState {
+            device_type: self.device_type,
+            avail_features: self.avail_features,
+            acked_features: self.context().map_or(0, |c| c.acked_features),
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            activated: self.is_active(),
+            needs_reset: self.needs_reset(),
+        }
+    }
+
+    /// Puts the queues and flags of `state` back (the device stays inactive: the transport
+    /// activates it again with a context once it is restored itself). Nothing changes if the
+    /// state does not fit this device.
+    pub fn restore(&mut self, state: &VirtioState) -> Result<(), PersistError> {
+        if state.device_type != self.device_type {
+            return Err(PersistError::Mismatch(format!(
+                "a state of device type {} for a device of type {}",
+                state.device_type, self.device_type
+            )));
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(PersistError::Mismatch(format!(
+                "{} queues saved, the device has {}",
+                state.queues.len(),
+                self.queues.len()
+            )));
+        }
+        if state.acked_features & !self.avail_features != 0 {
+            return Err(PersistError::Mismatch(format!(
+                "acked features {:#x} beyond the offered {:#x}",
+                state.acked_features, self.avail_features
+            )));
+        }
+        let queues = state
+            .queues
+            .iter()
+            .zip(&self.queues)
+            .enumerate()
+            .map(|(i, (s, q))| {
+                if s.max_size != q.max_size() {
+                    return Err(PersistError::Mismatch(format!(
+                        "queue {i}: maximum size {} saved, the device offers {}",
+                        s.max_size,
+                        q.max_size()
+                    )));
+                }
+                // virtio-queue treats a saved state as untrusted and validates it here.
+                Queue::try_from(QueueState::from(s))
+                    .map_err(|e| PersistError::Mismatch(format!("queue {i}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.queues = queues;
+        self.state = DeviceState::Inactive;
+        self.needs_reset.store(state.needs_reset, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// An active device's queues with what serving them takes: memory, interrupt, counters.
+pub struct Serving<'a> {
+    /// The queues.
+    pub queues: &'a mut [Queue],
+    /// Guest memory.
+    pub mem: &'a GuestMemoryMmap,
+    interrupt: &'a dyn VirtioInterrupt,
+    /// The device's counters.
+    pub counters: &'a Counters,
+    needs_reset: &'a AtomicBool,
+}
+
+impl<'a> Serving<'a> {
+    /// Up to `budget` chains the driver made available on queue `q`. `None` if the ring is
+    /// corrupt (an available index running past the ring): the device then needs a reset.
+    pub fn chains(
+        &mut self,
+        q: usize,
+        budget: usize,
+    ) -> Option<Vec<DescriptorChain<&'a GuestMemoryMmap>>> {
+        let mem: &'a GuestMemoryMmap = self.mem;
+        match self.queues.get_mut(q)?.iter(mem) {
+            Ok(it) => Some(it.take(budget).collect()),
+            Err(e) => {
+                self.fail(&format!("corrupt available ring of queue {q} ({e})"));
+                None
+            }
+        }
+    }
+
+    /// Puts `used` (descriptor head, bytes written into the guest's buffers) on queue `q`'s
+    /// used ring and interrupts the driver if it wants to be. A head the ring cannot name
+    /// fails the device. Returns false if the device failed.
+    pub fn complete(&mut self, q: usize, used: &[(u16, u32)]) -> bool {
+        if used.is_empty() {
+            return true;
+        }
+        for (head, len) in used {
+            if !self.add_used(q, *head, *len) {
+                return false;
+            }
+        }
+        let mem = self.mem;
+        let Some(queue) = self.queues.get_mut(q) else {
+            return false;
+        };
+        if !matches!(queue.needs_notification(mem), Ok(false)) {
+            self.signal(VirtioInterruptType::Queue(q as u16));
+        }
+        true
+    }
+
+    /// Puts one chain on queue `q`'s used ring without interrupting the driver (the caller
+    /// signals once for a batch). Returns false if the device failed.
+    pub fn add_used(&mut self, q: usize, head: u16, len: u32) -> bool {
+        let mem = self.mem;
+        let Some(queue) = self.queues.get_mut(q) else {
+            return false;
+        };
+        if let Err(e) = queue.add_used(mem, head, len) {
+            self.fail(&format!(
+                "cannot return descriptor {head} on queue {q} ({e})"
+            ));
+            return false;
+        }
+        true
+    }
+
+    /// Serves every chain available on queue `q` with `handle`, which returns the bytes it
+    /// wrote into the chain's buffers; then completes them. Returns how many were served.
+    pub fn serve(
+        &mut self,
+        q: usize,
+        mut handle: impl FnMut(DescriptorChain<&'a GuestMemoryMmap>, &Counters) -> u32,
+    ) -> usize {
+        let Some(chains) = self.chains(q, usize::MAX) else {
+            return 0;
+        };
+        let counters = self.counters;
+        let used: Vec<(u16, u32)> = chains
+            .into_iter()
+            .map(|c| (c.head_index(), handle(c, counters)))
+            .collect();
+        self.complete(q, &used);
+        used.len()
+    }
+
+    /// Marks the device DEVICE_NEEDS_RESET (once) and tells the driver with a configuration
+    /// interrupt. The device serves nothing until the driver resets it.
+    pub fn fail(&self, why: &str) {
+        if !self.needs_reset.swap(true, Ordering::AcqRel) {
+            tracing::debug!("virtio device failed: {why}: it needs a reset");
+            Counters::inc(&self.counters.needs_reset);
+            self.signal(VirtioInterruptType::Config);
+        }
+    }
+
+    /// Raises an interrupt.
+    pub fn signal(&self, t: VirtioInterruptType) {
+        if let Err(e) = self.interrupt.trigger(t) {
+            tracing::warn!("cannot raise a virtio interrupt: {e}");
+        }
+    }
+}
+
+/// A queue as saved: virtio-queue's `QueueState`, in a form serde can write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// Largest size the device offers.
+    pub max_size: u16,
+    /// Next available-ring entry the device will take.
+    pub next_avail: u16,
+    /// Next used-ring entry the device will write.
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX negotiated.
+    pub event_idx_enabled: bool,
+    /// Size the driver chose.
+    pub size: u16,
+    /// Whether the driver made it ready.
+    pub ready: bool,
+    /// Guest address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest address of the available ring.
+    pub avail_ring: u64,
+    /// Guest address of the used ring.
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(s: QueueState) -> Self {
+        Self {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+}
+
+impl From<&QueueSnapshot> for QueueState {
+    fn from(s: &QueueSnapshot) -> Self {
+        Self {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+}
+
+/// What every device saves: identity, features, queues, and whether it ran or had failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioState {
+    /// virtio device type.
+    pub device_type: u32,
+    /// Features offered.
+    pub avail_features: u64,
+    /// Features the driver accepted (0 if never activated).
+    pub acked_features: u64,
+    /// Every queue.
+    pub queues: Vec<QueueSnapshot>,
+    /// Whether the driver had activated the device.
+    pub activated: bool,
+    /// Whether the device had failed (DEVICE_NEEDS_RESET).
+    pub needs_reset: bool,
+}
+
+/// A saved state that does not fit.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// The state belongs to another kind or shape of device.
+    #[error("state does not fit the device: {0}")]
+    Mismatch(String),
+    /// The device's backend cannot be brought back (a disk that changed size, ...).
+    #[error("cannot restore the backend: {0}")]
+    Backend(String),
 }
 
 /// What a virtio device implements; the transport does the rest.
-pub trait VirtioDevice: MutEventSubscriber + Send {
-    /// virtio device type.
-    fn device_type(&self) -> u32;
-    /// Short name for logs and reports.
-    fn kind(&self) -> &'static str;
-    /// Maximum size of each queue.
-    fn queue_max_sizes(&self) -> &[u16];
-    /// Features offered (including VIRTIO_F_VERSION_1).
-    fn features(&self) -> u64;
-    /// Reads the device configuration space.
+pub trait VirtioDevice: Send {
+    /// The parts every device has.
+    fn common(&self) -> &VirtioCommon;
+    /// The same, mutable.
+    fn common_mut(&mut self) -> &mut VirtioCommon;
+    /// Reads the device configuration space; bytes past its end read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device configuration space (most devices ignore it).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// Starts the device with the negotiated features and the driver's queues.
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        acked_features: u64,
-        queues: Vec<Queue>,
-    ) -> Result<(), ActivateError>;
+    /// Starts the device with the driver's queue set-up.
+    fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
+        self.common_mut().activate(ctx)
+    }
     /// Stops the device and forgets the queues (driver reset).
-    fn reset(&mut self);
-    /// The parts every device has.
-    fn base(&self) -> &DeviceBase;
-    /// The ioeventfd of each queue (registered with KVM by the builder).
+    fn reset(&mut self) {
+        self.common_mut().reset();
+    }
+    /// Finishes whatever is in flight (a snapshot is about to be taken; the vCPUs are
+    /// paused). Most devices have nothing in flight between events.
+    fn quiesce(&mut self) {}
+
+    /// virtio device type.
+    fn device_type(&self) -> u32 {
+        self.common().device_type
+    }
+    /// Short name for logs and reports.
+    fn kind(&self) -> &'static str {
+        self.common().kind
+    }
+    /// Features offered (including VIRTIO_F_VERSION_1).
+    fn avail_features(&self) -> u64 {
+        self.common().avail_features
+    }
+    /// The queues.
+    fn queues(&self) -> &[Queue] {
+        &self.common().queues
+    }
+    /// The queues, to set them up.
+    fn queues_mut(&mut self) -> &mut [Queue] {
+        &mut self.common_mut().queues
+    }
+    /// The notification eventfd of each queue (registered with KVM as ioeventfds).
     fn queue_events(&self) -> &[EventFd] {
-        &self.base().queue_evts
+        &self.common().queue_evts
     }
-    /// The device's interrupt line.
-    fn interrupt(&self) -> &std::sync::Arc<Interrupt> {
-        &self.base().interrupt
+    /// The counters.
+    fn counters(&self) -> &Arc<Counters> {
+        self.common().counters()
     }
-    /// The device's counters.
-    fn counters(&self) -> &std::sync::Arc<Counters> {
-        &self.base().counters
+    /// The NEEDS_RESET flag, which the transport shows in its status register.
+    fn needs_reset_flag(&self) -> Arc<AtomicBool> {
+        self.common().needs_reset.clone()
     }
 }
 
-/// Reads `data.len()` bytes of a little-endian configuration structure at `offset`; bytes past
-/// its end read as zero.
+/// Reads `data.len()` bytes of a configuration structure at `offset`; bytes past its end read
+/// as zero.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
     let Ok(off) = usize::try_from(offset) else {
@@ -271,49 +604,53 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
-/// Serves every chain the driver has made available on `queue`: `handle` turns a chain into the
-/// number of bytes it wrote into guest buffers, the chains go back on the used ring, and the
-/// driver is interrupted if it wants to be. A corrupt ring (an available index running past the
-/// ring, a head outside it) marks the device DEVICE_NEEDS_RESET instead. Returns how many
-/// chains were served.
-pub fn serve_queue(
-    name: &str,
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    interrupt: &Interrupt,
-    counters: &Counters,
-    mut handle: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
-) -> usize {
-    if interrupt.needs_reset() {
-        return 0;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_past_the_end_are_zero() {
+        let c = [1u8, 2, 3, 4];
+        let mut b = [0xffu8; 4];
+        read_config_bytes(&c, 2, &mut b);
+        assert_eq!(b, [3, 4, 0, 0]);
+        read_config_bytes(&c, u64::MAX, &mut b);
+        assert_eq!(b, [0; 4]);
     }
-    let chains: Vec<DescriptorChain<&GuestMemoryMmap>> = match queue.iter(mem) {
-        Ok(it) => it.collect(),
-        Err(e) => {
-            tracing::debug!("{name}: corrupt available ring ({e}): device needs a reset");
-            Counters::inc(&counters.needs_reset);
-            interrupt.set_needs_reset();
-            return 0;
-        }
-    };
-    if chains.is_empty() {
-        return 0;
+
+    #[test]
+    fn queue_snapshots_round_trip_and_bad_ones_are_refused() {
+        let mut common = VirtioCommon::new(4, "test", 0, &[16, 8]).unwrap();
+        common.queues[0].set_size(8);
+        common.queues[0].set_desc_table_address(Some(0x1000), Some(0));
+        common.queues[0].set_avail_ring_address(Some(0x2000), Some(0));
+        common.queues[0].set_used_ring_address(Some(0x3000), Some(0));
+        common.queues[0].set_ready(true);
+        common.queues[0].set_next_avail(5);
+        common.queues[0].set_next_used(4);
+        let saved = common.save();
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: VirtioState = serde_json::from_str(&json).unwrap();
+        let mut fresh = VirtioCommon::new(4, "test", 0, &[16, 8]).unwrap();
+        fresh.restore(&back).unwrap();
+        assert_eq!(fresh.save(), saved);
+        assert_eq!(fresh.queues[0].next_avail(), 5);
+
+        // Another device type, another shape, features never offered, a size the device does
+        // not offer: refused, and the device is left as it was.
+        let mut other = VirtioCommon::new(2, "test", 0, &[16, 8]).unwrap();
+        assert!(other.restore(&back).is_err());
+        let mut one = VirtioCommon::new(4, "test", 0, &[16]).unwrap();
+        assert!(one.restore(&back).is_err());
+        let mut greedy = back.clone();
+        greedy.acked_features = 1 << 60;
+        assert!(fresh.restore(&greedy).is_err());
+        let mut bad = back.clone();
+        bad.queues[0].size = 7; // not a power of two
+        assert!(fresh.restore(&bad).is_err());
+        let mut big = back;
+        big.queues[1].max_size = 32;
+        assert!(fresh.restore(&big).is_err());
+        assert_eq!(fresh.queues[0].next_avail(), 5);
     }
-    let mut used = Vec::with_capacity(chains.len());
-    for chain in chains {
-        let head = chain.head_index();
-        used.push((head, handle(chain)));
-    }
-    for (head, len) in &used {
-        if let Err(e) = queue.add_used(mem, *head, *len) {
-            tracing::debug!("{name}: cannot return descriptor {head} ({e}): device needs a reset");
-            Counters::inc(&counters.needs_reset);
-            interrupt.set_needs_reset();
-            return used.len();
-        }
-    }
-    if !matches!(queue.needs_notification(mem), Ok(false)) {
-        interrupt.trigger(INT_USED_RING);
-    }
-    used.len()
 }

@@ -3,7 +3,9 @@
 //! hostile) without a guest.
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemoryMmap;
 
 /// Descriptor flag: the chain continues at `next`.
 pub const F_NEXT: u16 = 1;
@@ -46,15 +48,13 @@ impl<'a> DriverRing<'a> {
         }
     }
 
-    /// The device-side queue configured the way a driver would through the transport.
-    pub fn queue(&self) -> Queue {
-        let mut q = Queue::new(self.size).expect("valid queue size");
+    /// Sets a device's queue up the way a driver would through the transport.
+    pub fn configure(&self, q: &mut Queue) {
         q.set_size(self.size);
         q.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
         q.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
         q.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
         q.set_ready(true);
-        q
     }
 
     /// Writes descriptor `index`.

@@ -1,0 +1,405 @@
+//! The virtio-blk device: requests parsed by [`super::request`], carried out by a
+//! [`DiskBackend`], answered on the used ring as their completions come back. The device owns
+//! the virtio side (status bytes, used lengths, counters); the backend only moves data.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_blk as vb;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use vm_memory::{ByteValued, Bytes, GuestAddress};
+
+use super::request::{Limits, Refused, Request, RequestType, Status};
+use crate::block::{
+    open_disk, BlockError, BlockOp, BlockRequest, Completion, DiskBackend, DiskConfig, DiskInfo,
+    SECTOR, SERIAL_MAX,
+};
+use crate::memory::GuestMemoryMmap;
+use crate::virtio::{
+    read_config_bytes, ActivateError, ActivationContext, Counters, PersistError, VirtioCommon,
+    VirtioDevice, VirtioState,
+};
+
+/// Queue size we offer.
+pub const QUEUE_SIZE: u16 = 256;
+
+const fn bit(b: u32) -> u64 {
+    1 << b
+}
+
+/// The configuration space we fill in (the start of `struct virtio_blk_config`, up to and
+/// including write_zeroes_may_unmap).
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default)]
+struct ConfigSpace {
+    capacity: u64,
+    size_max: u32,
+    seg_max: u32,
+    geometry: [u8; 4],
+    blk_size: u32,
+    topology: [u8; 8],
+    writeback: u8,
+    unused0: u8,
+    num_queues: u16,
+    max_discard_sectors: u32,
+    max_discard_seg: u32,
+    discard_sector_alignment: u32,
+    max_write_zeroes_sectors: u32,
+    max_write_zeroes_seg: u32,
+    write_zeroes_may_unmap: u8,
+    unused1: [u8; 3],
+}
+
+// SAFETY: a packed struct of plain integers and byte arrays: no padding, every byte pattern is
+// a valid value.
+unsafe impl ByteValued for ConfigSpace {}
+
+impl ConfigSpace {
+    fn new(sectors: u64) -> Self {
+        Self {
+            capacity: sectors.to_le(),
+            seg_max: u32::from(QUEUE_SIZE - 2).to_le(),
+            blk_size: (SECTOR as u32).to_le(),
+            num_queues: 1u16.to_le(),
+            max_discard_sectors: (u32::MAX >> 9).to_le(),
+            max_discard_seg: 1u32.to_le(),
+            // 4 KiB.
+            discard_sector_alignment: 8u32.to_le(),
+            max_write_zeroes_sectors: (u32::MAX >> 9).to_le(),
+            max_write_zeroes_seg: 1u32.to_le(),
+            write_zeroes_may_unmap: 1,
+            ..Default::default()
+        }
+    }
+}
+
+/// A request in the backend's hands.
+struct Pending {
+    head: u16,
+    status: GuestAddress,
+    /// Bytes to report on the used ring if it succeeds (data written into guest buffers + the
+    /// status byte).
+    used_ok: u32,
+    op: BlockOp,
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    pub(super) common: VirtioCommon,
+    disk: DiskConfig,
+    info: DiskInfo,
+    serial: [u8; SERIAL_MAX],
+    config: ConfigSpace,
+    pub(super) backend: Box<dyn DiskBackend>,
+    pending: HashMap<u64, Pending>,
+    next_tag: u64,
+    done: Vec<Completion>,
+}
+
+/// What a virtio-blk saves: its queue and the identity of its disk (the disk's contents are
+/// not part of a device's state).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    /// The virtio part.
+    pub virtio: VirtioState,
+    /// The disk as attached.
+    pub disk: DiskConfig,
+    /// Its size in bytes when saved (a restore onto a disk of another size is refused).
+    pub capacity: u64,
+}
+
+impl Block {
+    /// Opens the disk and builds the device around it.
+    pub fn new(cfg: &DiskConfig) -> Result<Self, BlockError> {
+        Self::with_backend(cfg, open_disk(cfg)?)
+    }
+
+    /// Builds the device around an opened backend.
+    pub fn with_backend(
+        cfg: &DiskConfig,
+        backend: Box<dyn DiskBackend>,
+    ) -> Result<Self, BlockError> {
+        let info = backend.info();
+        let mut features = bit(vb::VIRTIO_BLK_F_SEG_MAX)
+            | bit(vb::VIRTIO_BLK_F_BLK_SIZE)
+            | bit(vb::VIRTIO_BLK_F_FLUSH);
+        if info.read_only {
+            features |= bit(vb::VIRTIO_BLK_F_RO);
+        }
+        if info.discard {
+            features |= bit(vb::VIRTIO_BLK_F_DISCARD);
+        }
+        if info.write_zeroes {
+            features |= bit(vb::VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        Ok(Self {
+            common: VirtioCommon::new(VIRTIO_ID_BLOCK, "block", features, &[QUEUE_SIZE])
+                .map_err(BlockError::EventFd)?,
+            disk: cfg.clone(),
+            info,
+            serial: cfg.serial_bytes(),
+            config: ConfigSpace::new(info.capacity / SECTOR),
+            backend,
+            pending: HashMap::new(),
+            next_tag: 0,
+            done: Vec::new(),
+        })
+    }
+
+    /// The device's state. Nothing may be in flight: [`VirtioDevice::quiesce`] first.
+    pub fn save(&self) -> BlockState {
+        debug_assert!(self.pending.is_empty(), "saved with requests in flight");
+        BlockState {
+            virtio: self.common.save(),
+            disk: self.disk.clone(),
+            capacity: self.info.capacity,
+        }
+    }
+
+    /// A device in `state` on its disk, opened again (activated by its transport's restore).
+    pub fn restore(state: &BlockState) -> Result<Self, PersistError> {
+        let mut d = Self::new(&state.disk).map_err(|e| PersistError::Backend(e.to_string()))?;
+        if d.info.capacity != state.capacity {
+            return Err(PersistError::Backend(format!(
+                "{} is {} bytes, it was {} when saved",
+                state.disk.path.display(),
+                d.info.capacity,
+                state.capacity
+            )));
+        }
+        d.common.restore(&state.virtio)?;
+        Ok(d)
+    }
+
+    /// Takes every request the driver made available (within the in-flight budget) and
+    /// starts it. A corrupt ring marks the device DEVICE_NEEDS_RESET.
+    pub fn process_queue(&mut self) {
+        self.process(true);
+    }
+
+    fn process(&mut self, notified: bool) {
+        let Self {
+            common,
+            info,
+            serial,
+            backend,
+            pending,
+            next_tag,
+            ..
+        } = self;
+        let serving = if notified {
+            common.serving()
+        } else {
+            common.serving_quiet()
+        };
+        let Some(mut s) = serving else {
+            return;
+        };
+        // Never more requests in flight than the ring has slots: the rest stay in the
+        // available ring until completions make room (completions come back here).
+        let budget = usize::from(QUEUE_SIZE).saturating_sub(pending.len());
+        if budget == 0 {
+            return;
+        }
+        let Some(chains) = s.chains(0, budget) else {
+            return;
+        };
+        let mem = s.mem;
+        let limits = Limits {
+            capacity: info.capacity,
+            read_only: info.read_only,
+        };
+        let mut used = Vec::new();
+        let mut submitted = false;
+        for chain in chains {
+            let head = chain.head_index();
+            let req = match Request::parse(&chain, mem, limits) {
+                Ok(r) => r,
+                Err(Refused { error, status }) => {
+                    Counters::inc(&s.counters.refused);
+                    tracing::debug!("virtio-blk: refused a request: {error}");
+                    used.push((head, answer(mem, status, error.status(), 0)));
+                    continue;
+                }
+            };
+            let Some((op, offset, len)) = req.op else {
+                // GET_ID: answered here, the backend has no part in it.
+                debug_assert_eq!(req.kind, RequestType::GetId);
+                let mut n = 0;
+                for (addr, l) in &req.data {
+                    let l = *l as usize;
+                    if mem.write_slice(&serial[n..n + l], *addr).is_err() {
+                        break;
+                    }
+                    n += l;
+                }
+                Counters::inc(&s.counters.requests);
+                used.push((head, answer(mem, Some(req.status), Status::Ok, n as u32)));
+                continue;
+            };
+            // The place of a rate limiter: between a parsed request and the backend. A
+            // request it holds back goes back to the ring until its bucket refills.
+            let tag = *next_tag;
+            *next_tag = next_tag.wrapping_add(1);
+            let used_ok = if op == BlockOp::Read {
+                len as u32 + 1
+            } else {
+                1
+            };
+            let breq = BlockRequest {
+                op,
+                offset,
+                len,
+                segments: req.data,
+            };
+            match backend.submit(mem, breq, tag) {
+                Ok(()) => {
+                    pending.insert(
+                        tag,
+                        Pending {
+                            head,
+                            status: req.status,
+                            used_ok,
+                            op,
+                        },
+                    );
+                    submitted = true;
+                }
+                Err(e) => {
+                    tracing::warn!("virtio-blk: {e}");
+                    Counters::inc(&s.counters.io_errors);
+                    used.push((head, answer(mem, Some(req.status), Status::IoErr, 0)));
+                }
+            }
+        }
+        if submitted {
+            if let Err(e) = backend.kick() {
+                tracing::debug!("virtio-blk: the backend's submit failed: {e}");
+            }
+        }
+        s.complete(0, &used);
+        if submitted {
+            self.complete();
+        }
+    }
+
+    /// Answers the requests the backend finished.
+    pub fn complete(&mut self) {
+        self.backend.reap(&mut self.done);
+        if self.done.is_empty() {
+            return;
+        }
+        let done = std::mem::take(&mut self.done);
+        let Some(mut s) = self.common.serving_quiet() else {
+            // Reset meanwhile: nothing to return (the reset drained the backend).
+            for c in done {
+                self.pending.remove(&c.user_data);
+            }
+            return;
+        };
+        let mem = s.mem;
+        let mut used = Vec::with_capacity(done.len());
+        for c in &done {
+            let Some(p) = self.pending.remove(&c.user_data) else {
+                continue;
+            };
+            let (status, len) = match &c.result {
+                Ok(bytes) => {
+                    Counters::inc(&s.counters.requests);
+                    match p.op {
+                        BlockOp::Read => Counters::add(&s.counters.read_bytes, *bytes),
+                        BlockOp::Write => Counters::add(&s.counters.written_bytes, *bytes),
+                        _ => {}
+                    }
+                    (Status::Ok, p.used_ok - 1)
+                }
+                Err(e) => {
+                    tracing::warn!("virtio-blk: I/O error: {e}");
+                    Counters::inc(&s.counters.io_errors);
+                    (Status::IoErr, 0)
+                }
+            };
+            used.push((p.head, answer(mem, Some(p.status), status, len)));
+        }
+        s.complete(0, &used);
+        // Requests left in the available ring while the in-flight budget was used up.
+        if !used.is_empty() && self.pending.len() < usize::from(QUEUE_SIZE) {
+            self.process(false);
+        }
+    }
+
+    /// Waits until no request is in flight, answering each (a reset, a snapshot, tests).
+    pub fn settle(&mut self) {
+        while !self.pending.is_empty() {
+            self.backend.drain(&mut self.done);
+            let before = self.pending.len();
+            self.complete();
+            if self.pending.len() == before && self.done.is_empty() {
+                break;
+            }
+        }
+    }
+
+    /// The backend's completion eventfd (the event loop watches it).
+    pub fn completion_fd(&self) -> &vmm_sys_util::eventfd::EventFd {
+        self.backend.notifier()
+    }
+}
+
+/// Writes `status` to the driver's status byte (if it has one in memory); returns the bytes
+/// to report on the used ring: `data` plus the status byte, or 0 if it could not be written.
+fn answer(
+    mem: &GuestMemoryMmap,
+    status_at: Option<GuestAddress>,
+    status: Status,
+    data: u32,
+) -> u32 {
+    match status_at {
+        Some(a) if mem.write_obj(status.byte(), a).is_ok() => data + 1,
+        _ => 0,
+    }
+}
+
+impl VirtioDevice for Block {
+    fn common(&self) -> &VirtioCommon {
+        &self.common
+    }
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(self.config.as_slice(), offset, data);
+    }
+    fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
+        self.common.activate(ctx)?;
+        // Requests the driver queued before DRIVER_OK.
+        self.process(false);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        // The kernel must be done with the driver's buffers before the driver reuses them.
+        self.backend.drain(&mut self.done);
+        self.done.clear();
+        self.pending.clear();
+        self.common.reset();
+    }
+    fn quiesce(&mut self) {
+        self.settle();
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        // The kernel must not write into guest memory after the device (and the VM) is gone.
+        self.backend.drain(&mut self.done);
+    }
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("disk", &self.disk)
+            .field("in_flight", &self.pending.len())
+            .finish()
+    }
+}

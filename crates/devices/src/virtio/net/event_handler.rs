@@ -1,0 +1,54 @@
+//! virtio-net on the event loop: the rx and tx notifications, and the TAP while the guest has
+//! rx buffers for it.
+
+use std::os::fd::AsRawFd;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+
+use super::device::{RX, TX};
+use super::Net;
+use crate::virtio::Counters;
+
+impl Net {
+    fn watch_tap(&mut self, ops: &mut EventOps, on: bool) {
+        let on = on && self.common.is_active() && !self.common.needs_reset();
+        if self.tap_watched == on {
+            return;
+        }
+        let ev = Events::new(self.tap.file(), EventSet::IN);
+        let r = if on { ops.add(ev) } else { ops.remove(ev) };
+        if r.is_ok() {
+            self.tap_watched = on;
+        }
+    }
+}
+
+impl MutEventSubscriber for Net {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.common.queue_evts[RX].as_raw_fd() {
+            let _ = self.common.queue_evts[RX].read();
+            if !self.common.is_active() {
+                Counters::inc(&self.common.counters().spurious_notifies);
+                return;
+            }
+            let watch = self.process_rx();
+            self.watch_tap(ops, watch);
+        } else if fd == self.common.queue_evts[TX].as_raw_fd() {
+            let _ = self.common.queue_evts[TX].read();
+            self.process_tx();
+        } else if fd == self.tap.file().as_raw_fd() {
+            // Also the way a TAP still watched after a driver reset gets unwatched.
+            let watch = self.process_rx();
+            self.watch_tap(ops, watch);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for evt in &self.common.queue_evts {
+            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
+                tracing::error!("virtio-net: cannot watch a queue eventfd: {e:?}");
+            }
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! virtio-net on a TAP device:
+//!
+//! * this file: how a NIC is attached ([`NicConfig`], parsed from flags and from the API);
+//! * [`device`]: the device (rx and tx queues, offloads, back-pressure, save and restore);
+//! * [`event_handler`]: its place on the event loop.
+
+pub mod device;
+pub mod event_handler;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub use device::{Net, NetError, NetState, QUEUE_SIZE};
+
+/// How a NIC is attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicConfig {
+    /// TAP interface name.
+    pub tap: String,
+    /// MAC address.
+    #[serde(with = "mac_text")]
+    pub mac: [u8; 6],
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (a unicast address).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn mac_string(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+/// A MAC in its text form on the wire.
+mod mac_text {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(m: &[u8; 6], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&mac_string(m))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 6], D::Error> {
+        let text = String::deserialize(d)?;
+        parse_mac(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a unicast MAC address aa:bb:cc:dd:ee:ff"
+            ))
+        })
+    }
+}
+
+/// A stable, locally administered unicast MAC derived from `seed` (FNV-1a).
+pub fn derived_mac(seed: &str) -> [u8; 6] {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in seed.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_le_bytes();
+    [0x02, b[0], b[1], b[2], b[3], b[4]]
+}
+
+impl std::str::FromStr for NicConfig {
+    type Err = String;
+    /// Parses the `--net` flag: `tap=NAME[,mac=MAC]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut tap = None;
+        let mut mac = None;
+        for opt in s.split(',') {
+            match opt.split_once('=') {
+                Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_owned()),
+                Some(("mac", v)) => {
+                    mac = Some(parse_mac(v).ok_or_else(|| {
+                        format!("invalid mac {v:?}: expected a unicast aa:bb:cc:dd:ee:ff")
+                    })?)
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown NIC option {opt:?}: expected tap=NAME[,mac=MAC]"
+                    ))
+                }
+            }
+        }
+        let tap = tap.ok_or("a NIC needs tap=NAME")?;
+        Ok(NicConfig {
+            mac: mac.unwrap_or_else(|| derived_mac(&tap)),
+            tap,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nic_specs_parse_from_flags_and_json() {
+        let n: NicConfig = "tap=tap0,mac=02:00:00:00:00:01".parse().unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac, [2, 0, 0, 0, 0, 1]);
+        let d: NicConfig = "tap=tap1".parse().unwrap();
+        assert_eq!(d.mac, derived_mac("tap1"));
+        assert_eq!(d.mac[0], 0x02);
+        assert!("mac=02:00:00:00:00:01".parse::<NicConfig>().is_err());
+        assert!(
+            "tap=t,mac=01:00:00:00:00:01".parse::<NicConfig>().is_err(),
+            "multicast"
+        );
+        assert!("tap=t,mac=zz".parse::<NicConfig>().is_err());
+        let text = serde_json::to_string(&n).unwrap();
+        assert_eq!(text, r#"{"tap":"tap0","mac":"02:00:00:00:00:01"}"#);
+        assert_eq!(serde_json::from_str::<NicConfig>(&text).unwrap(), n);
+        assert!(
+            serde_json::from_str::<NicConfig>(r#"{"tap":"t","mac":"ff:00:00:00:00:01"}"#).is_err()
+        );
+    }
+}

@@ -1,0 +1,398 @@
+//! The device manager: every device of the VM with its id and resources, the buses they sit
+//! on, and the description of them the guest needs (today the kernel command line's
+//! `virtio_mmio.device=` entries; ACPI tables later).
+//!
+//! Devices are attached one kind at a time (`attach_*`). Each takes its port range, MMIO
+//! window and GSI from the [`ResourceAllocator`], has its interrupt and notification eventfds
+//! registered with KVM, and goes on its bus. virtio devices also go on the virtio event loop.
+//! The buses are frozen when the vCPUs start: after that no device can be added.
+
+use std::sync::{Arc, Mutex};
+
+use event_manager::MutEventSubscriber;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::resources::{ResourceAllocator, ResourceError, MMIO_WINDOW};
+use crate::{ExitHandle, ExitReason, ExitTrigger};
+use bexar_devices::bus::{Bus, BusDevice, BusError};
+use bexar_devices::legacy::{
+    ExitPort, EXIT_PORT, EXIT_PORT_LEN, I8042, I8042_BASE, I8042_KBD_IRQ, I8042_LEN,
+};
+use bexar_devices::memory::GuestMemoryMmap;
+use bexar_devices::serial::{self, ConsoleInput, ConsoleSetup, SerialDevice, Uart};
+use bexar_devices::virtio::transport::mmio::{MmioInterrupt, MmioTransport, QUEUE_NOTIFY};
+use bexar_devices::virtio::{Counters, DeviceReport, VirtioDevice};
+use bexar_devices::IrqTrigger;
+use bexar_util::sync::lock;
+
+/// A device could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// No room for it.
+    #[error(transparent)]
+    Resource(#[from] ResourceError),
+    /// The bus refused it (the buses are frozen once the vCPUs run).
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The buses are shared with running vCPUs: no device can be added now.
+    #[error("the buses are frozen: devices are added before the vCPUs start")]
+    Frozen,
+    /// A KVM ioctl failed.
+    #[error("{0} failed: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    /// An eventfd cannot be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    /// The console cannot be set up.
+    #[error(transparent)]
+    Console(#[from] bexar_devices::serial::ConsoleError),
+    /// A disk cannot be attached.
+    #[error(transparent)]
+    Block(#[from] bexar_devices::block::BlockError),
+    /// A NIC cannot be attached.
+    #[error(transparent)]
+    Net(#[from] bexar_devices::virtio::net::NetError),
+    /// The vsock device cannot be attached.
+    #[error(transparent)]
+    Vsock(#[from] bexar_devices::virtio::vsock::VsockError),
+    /// The entropy device cannot be made.
+    #[error("cannot create virtio-rng: {0}")]
+    Rng(std::io::Error),
+}
+
+impl DeviceError {
+    /// Whether the caller's input is at fault (a missing disk, a TAP that does not exist).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            Self::Console(_) | Self::Block(_) | Self::Net(_) | Self::Vsock(_) | Self::Resource(_)
+        )
+    }
+}
+
+/// Where a device sits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Its id (`com1`, `block0`, `net1`...), unique in the VM.
+    pub id: String,
+    /// I/O ports (base, length).
+    pub ports: Option<(u64, u64)>,
+    /// MMIO window (base, length).
+    pub mmio: Option<(u64, u64)>,
+    /// Interrupt line.
+    pub gsi: Option<u32>,
+}
+
+/// A virtio device as the manager keeps it.
+struct VirtioEntry {
+    info: DeviceInfo,
+    kind: &'static str,
+    counters: Arc<Counters>,
+    #[allow(dead_code)] // kept for snapshots, which save through the transport
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// The i8042 as the VMM builds it.
+pub type Keyboard = I8042<IrqTrigger, ExitTrigger>;
+
+/// Every device of a VM.
+pub struct DeviceManager {
+    resources: ResourceAllocator,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    devices: Vec<DeviceInfo>,
+    virtio: Vec<VirtioEntry>,
+    subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    uart: Option<Arc<Mutex<Uart>>>,
+    console_input: Option<Arc<Mutex<ConsoleInput>>>,
+    keyboard: Option<Arc<Mutex<Keyboard>>>,
+}
+
+impl Default for DeviceManager {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DeviceManager {
+    /// No devices yet.
+    pub fn new() -> Self {
+        Self {
+            resources: ResourceAllocator::new(),
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+            devices: Vec::new(),
+            virtio: Vec::new(),
+            subscribers: Vec::new(),
+            uart: None,
+            console_input: None,
+            keyboard: None,
+        }
+    }
+
+    fn pio_mut(&mut self) -> Result<&mut Bus, DeviceError> {
+        Arc::get_mut(&mut self.pio).ok_or(DeviceError::Frozen)
+    }
+
+    fn mmio_mut(&mut self) -> Result<&mut Bus, DeviceError> {
+        Arc::get_mut(&mut self.mmio).ok_or(DeviceError::Frozen)
+    }
+
+    /// Puts a device at the fixed ports `[base, base + len)`.
+    fn attach_ports(
+        &mut self,
+        id: &str,
+        dev: Arc<Mutex<dyn BusDevice>>,
+        base: u64,
+        len: u64,
+        gsi: Option<u32>,
+    ) -> Result<(), DeviceError> {
+        self.resources.ports(base, len)?;
+        self.pio_mut()?.insert(dev, base, len)?;
+        self.devices.push(DeviceInfo {
+            id: id.to_owned(),
+            ports: Some((base, len)),
+            mmio: None,
+            gsi,
+        });
+        Ok(())
+    }
+
+    fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, DeviceError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        vm.register_irqfd(&evt, gsi)
+            .map_err(|e| DeviceError::Kvm("KVM_IRQFD", e))?;
+        Ok(evt)
+    }
+
+    /// COM1 (ports 0x3f8-0x3ff, ISA IRQ 4) with its console.
+    pub fn attach_serial(&mut self, vm: &VmFd, setup: ConsoleSetup<'_>) -> Result<(), DeviceError> {
+        let console = serial::build(setup)?;
+        vm.register_irqfd(&console.irq, serial::COM1_IRQ)
+            .map_err(|e| DeviceError::Kvm("KVM_IRQFD", e))?;
+        self.attach_ports(
+            "com1",
+            Arc::new(Mutex::new(SerialDevice(console.uart.clone()))),
+            serial::COM1_BASE,
+            serial::COM1_LEN,
+            Some(serial::COM1_IRQ),
+        )?;
+        self.uart = Some(console.uart);
+        self.console_input = console.input.map(|i| Arc::new(Mutex::new(i)));
+        Ok(())
+    }
+
+    /// The i8042 (ports 0x60-0x64, keyboard on ISA IRQ 1): its reset line ends the VM.
+    pub fn attach_i8042(&mut self, vm: &VmFd, exit: &ExitHandle) -> Result<(), DeviceError> {
+        let irq = Self::irqfd(vm, I8042_KBD_IRQ)?;
+        let kbd = Arc::new(Mutex::new(I8042::new(
+            IrqTrigger(irq),
+            ExitTrigger {
+                exit: exit.clone(),
+                reason: ExitReason::Reset,
+            },
+        )));
+        self.attach_ports(
+            "i8042",
+            kbd.clone(),
+            I8042_BASE,
+            I8042_LEN,
+            Some(I8042_KBD_IRQ),
+        )?;
+        self.keyboard = Some(kbd);
+        Ok(())
+    }
+
+    /// The exit port (0xf4): a status written there ends the VM.
+    pub fn attach_exit_port(&mut self, exit: &ExitHandle) -> Result<(), DeviceError> {
+        let exit = exit.clone();
+        let port = ExitPort(move |code| exit.request(ExitReason::GuestStatus(code)));
+        self.attach_ports(
+            "exit-port",
+            Arc::new(Mutex::new(port)),
+            EXIT_PORT,
+            EXIT_PORT_LEN,
+            None,
+        )
+    }
+
+    /// A virtio device behind the MMIO transport, in the next free window with the next free
+    /// GSI: its irqfd on the GSI, one ioeventfd per queue on QueueNotify (matched on the queue
+    /// index), the transport on the MMIO bus, the device on the virtio event loop. Returns its
+    /// id (`KINDn`).
+    pub fn attach_virtio<D>(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        dev: D,
+    ) -> Result<String, DeviceError>
+    where
+        D: VirtioDevice + MutEventSubscriber + 'static,
+    {
+        let kind = dev.kind();
+        let n = self.virtio.iter().filter(|v| v.kind == kind).count();
+        let id = format!("{kind}{n}");
+        let base = self.resources.mmio_window()?;
+        let gsi = self.resources.gsi()?;
+        let interrupt = Arc::new(MmioInterrupt::new(Self::irqfd(vm, gsi)?));
+        for (q, evt) in dev.queue_events().iter().enumerate() {
+            vm.register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
+                .map_err(|e| DeviceError::Kvm("KVM_IOEVENTFD", e))?;
+        }
+        let counters = dev.counters().clone();
+        let dev = Arc::new(Mutex::new(dev));
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            dev.clone(),
+            mem.clone(),
+            interrupt,
+        )));
+        self.mmio_mut()?
+            .insert(transport.clone(), base, MMIO_WINDOW)?;
+        self.subscribers.push(dev);
+        let info = DeviceInfo {
+            id: id.clone(),
+            ports: None,
+            mmio: Some((base, MMIO_WINDOW)),
+            gsi: Some(gsi),
+        };
+        self.devices.push(info.clone());
+        self.virtio.push(VirtioEntry {
+            info,
+            kind,
+            counters,
+            transport,
+        });
+        Ok(id)
+    }
+
+    /// The guest's view of the virtio devices, for the kernel command line: one
+    /// `virtio_mmio.device=SIZE@BASE:GSI` per device, in the order they were attached.
+    pub fn kernel_cmdline(&self) -> String {
+        self.virtio
+            .iter()
+            .filter_map(|v| Some((v.info.mmio?, v.info.gsi?)))
+            .map(|((base, len), gsi)| format!(" virtio_mmio.device={}K@{base:#x}:{gsi}", len >> 10))
+            .collect()
+    }
+
+    /// Every device with where it sits.
+    pub fn devices(&self) -> &[DeviceInfo] {
+        &self.devices
+    }
+
+    /// The virtio devices' counters.
+    pub fn reports(&self) -> Vec<DeviceReport> {
+        self.virtio
+            .iter()
+            .map(|v| {
+                let slot = v.info.mmio.map_or(0, |(base, _)| {
+                    ((base - crate::layout::VIRTIO_MMIO_BASE) / MMIO_WINDOW) as u32
+                });
+                DeviceReport::new(v.kind, slot, &v.counters)
+            })
+            .collect()
+    }
+
+    /// Whether the VM has virtio devices (and so needs the virtio event loop).
+    pub fn has_virtio(&self) -> bool {
+        !self.virtio.is_empty()
+    }
+
+    /// The virtio devices' event-loop subscribers (taken once, by the loop that runs them).
+    pub fn take_virtio_subscribers(&mut self) -> Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> {
+        std::mem::take(&mut self.subscribers)
+    }
+
+    /// The console's input side, for the main event loop.
+    pub fn console_input(&self) -> Option<&Arc<Mutex<ConsoleInput>>> {
+        self.console_input.as_ref()
+    }
+
+    /// The UART (to add console observers, to flush at the end).
+    pub fn uart(&self) -> Option<&Arc<Mutex<Uart>>> {
+        self.uart.as_ref()
+    }
+
+    /// Queues Ctrl+Alt+Del on the i8042; false if it could not be delivered.
+    pub fn send_ctrl_alt_del(&self) -> bool {
+        self.keyboard
+            .as_ref()
+            .is_some_and(|k| lock(k).send_ctrl_alt_del())
+    }
+
+    /// The buses, shared with the vCPU threads: no device can be added afterwards.
+    pub fn freeze(&self) -> (Arc<Bus>, Arc<Bus>) {
+        (self.pio.clone(), self.mmio.clone())
+    }
+
+    /// Accesses to addresses no device claims, on both buses.
+    pub fn unhandled(&self) -> u64 {
+        self.pio.unhandled() + self.mmio.unhandled()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bexar_devices::serial::{ConsoleConfig, ConsoleStats};
+
+    fn vm() -> Option<VmFd> {
+        let kvm = kvm_ioctls::Kvm::new().ok()?;
+        let vm = kvm.create_vm().ok()?;
+        vm.create_irq_chip().ok()?;
+        Some(vm)
+    }
+
+    #[test]
+    fn devices_get_their_resources_and_the_guest_its_description() {
+        let Some(vm) = vm() else {
+            eprintln!("no /dev/kvm here: skipped");
+            return;
+        };
+        let mem = crate::memory::create_guest_memory(4).unwrap().mem;
+        let exit = ExitHandle::new().unwrap();
+        let mut dm = DeviceManager::new();
+        dm.attach_serial(
+            &vm,
+            ConsoleSetup {
+                config: &ConsoleConfig::None,
+                stdin: false,
+                stats: ConsoleStats::new(std::time::Instant::now()),
+            },
+        )
+        .unwrap();
+        dm.attach_i8042(&vm, &exit).unwrap();
+        dm.attach_exit_port(&exit).unwrap();
+        let rng = |dm: &mut DeviceManager| {
+            dm.attach_virtio(&vm, &mem, bexar_devices::virtio::rng::Rng::new().unwrap())
+        };
+        assert_eq!(rng(&mut dm).unwrap(), "rng0");
+        assert_eq!(rng(&mut dm).unwrap(), "rng1");
+        assert_eq!(
+            dm.kernel_cmdline(),
+            " virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+        let ids: Vec<_> = dm.devices().iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["com1", "i8042", "exit-port", "rng0", "rng1"]);
+        assert_eq!(dm.devices()[1].gsi, Some(1));
+        assert_eq!(
+            dm.reports().iter().map(|r| r.slot).collect::<Vec<_>>(),
+            [0, 1]
+        );
+        // The 20th virtio device finds no window.
+        for _ in 2..crate::layout::VIRTIO_SLOTS {
+            rng(&mut dm).unwrap();
+        }
+        assert!(matches!(rng(&mut dm), Err(DeviceError::Resource(_))));
+        // A second exit port is refused by the allocator.
+        assert!(dm.attach_exit_port(&exit).is_err());
+        // Once shared with vCPUs, the buses take no more devices.
+        let (_pio, _mmio) = dm.freeze();
+        assert!(matches!(
+            dm.attach_ports("x", Arc::new(Mutex::new(ExitPort(|_| {}))), 0x500, 1, None),
+            Err(DeviceError::Frozen)
+        ));
+        assert!(dm.send_ctrl_alt_del());
+    }
+}

@@ -1,0 +1,499 @@
+//! [`Vmm`]: one VM while it exists, driven by methods.
+//!
+//! A `Vmm` comes from [`crate::builder`] with every thread made and every vCPU paused. Its
+//! owner may watch the console ([`Vmm::observe_console`]), then [`Vmm::run_until_exit`]: the
+//! vCPUs start, and this thread serves the main event loop (the control socket, the console's
+//! input, the VM's end) until the guest ends or the time is up. Control requests become method
+//! calls: [`Vmm::pause`], [`Vmm::resume`], [`Vmm::info`], [`Vmm::shutdown`],
+//! [`Vmm::save_vcpus`]...
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_manager::SubscriberOps;
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberId};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::BootEntry;
+use crate::config::VmConfig;
+use crate::control::{ControlServer, Info, Reply, Request, RunState};
+use crate::device_manager::DeviceManager;
+use crate::memory::{memory_use, GuestRam};
+use crate::platform::Platform;
+use crate::teardown::Reaper;
+use crate::threads::{self, ThreadKind};
+use crate::vcpu::{VcpuHandle, VcpuRequest, VcpuResponse, VcpuState};
+use crate::{ExitHandle, ExitReason, VmOutcome, VmmError};
+use bexar_devices::serial::{ConsoleObserver, ConsoleStats};
+use bexar_util::sync::lock;
+
+/// How long `pause` waits for every vCPU to park.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a stopping VM waits for its vCPUs to leave the guest.
+const STOP_TIMEOUT: Duration = Duration::from_millis(200);
+/// How often console input waiting for FIFO room is retried (for a guest that left the UART
+/// in loopback mode and so never empties the FIFO).
+const CONSOLE_RETRY_MS: i32 = 50;
+
+/// Where the VM is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmmState {
+    /// Built; the vCPUs have not run yet.
+    Created,
+    /// The vCPUs run the guest.
+    Running,
+    /// The vCPUs are parked.
+    Paused,
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Wakes a loop when the VM ends, so it does not wait out its poll timeout.
+struct Waker(EventFd);
+
+impl MutEventSubscriber for Waker {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            tracing::warn!("cannot watch an event loop's waker: {e:?}");
+        }
+    }
+}
+
+/// The virtio event loop's thread and how to stop it.
+pub(crate) struct VirtioLoop {
+    thread: JoinHandle<()>,
+    waker: EventFd,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl VirtioLoop {
+    /// Runs the devices' subscribers on their own thread until stopped.
+    pub(crate) fn spawn(subscribers: Vec<Subscriber>, exit: &ExitHandle) -> Result<Self, VmmError> {
+        let start = |err| VmmError::Start {
+            what: "virtio event loop",
+            err,
+        };
+        let mut manager = EventManager::<Subscriber>::new()
+            .map_err(|e| start(std::io::Error::other(format!("{e:?}"))))?;
+        for s in subscribers {
+            manager.add_subscriber(s);
+        }
+        let waker = EventFd::new(libc::EFD_NONBLOCK).map_err(start)?;
+        manager.add_subscriber(Arc::new(Mutex::new(Waker(
+            waker.try_clone().map_err(start)?,
+        ))));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stop2, exit2) = (stop.clone(), exit.clone());
+        let thread = threads::spawn(ThreadKind::Virtio, exit.clone(), move || {
+            while !stop2.load(Ordering::Acquire) {
+                if let Err(e) = manager.run_with_timeout(1000) {
+                    // Devices without their loop are dead: end the VM with the reason.
+                    exit2.request(ExitReason::VmmError(format!(
+                        "virtio event loop failed: {e:?}"
+                    )));
+                    return;
+                }
+            }
+        })
+        .map_err(start)?;
+        Ok(Self {
+            thread,
+            waker,
+            stop,
+        })
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.waker.write(1);
+        let _ = self.thread.join();
+    }
+}
+
+/// One VM.
+pub struct Vmm {
+    pub(crate) config: VmConfig,
+    pub(crate) platform: Platform,
+    pub(crate) start: Instant,
+    pub(crate) entry: BootEntry,
+    pub(crate) cmdline: String,
+    pub(crate) vm: VmFd,
+    pub(crate) ram: GuestRam,
+    pub(crate) devices: DeviceManager,
+    pub(crate) vcpus: Vec<VcpuHandle>,
+    pub(crate) virtio_loop: Option<VirtioLoop>,
+    pub(crate) main_loop: EventManager<Subscriber>,
+    pub(crate) console_input: Option<SubscriberId>,
+    pub(crate) control: Option<Arc<Mutex<ControlServer>>>,
+    pub(crate) exit: ExitHandle,
+    pub(crate) console: Arc<ConsoleStats>,
+    pub(crate) state: VmmState,
+}
+
+impl Vmm {
+    /// Ends the VM (the owner's `run_until_exit` returns with this reason, if it is the first).
+    pub fn exit_handle(&self) -> ExitHandle {
+        self.exit.clone()
+    }
+
+    /// When the VMM started (the clock of every time in the outcome).
+    pub fn start_time(&self) -> Instant {
+        self.start
+    }
+
+    /// The configuration it was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Where the VM is.
+    pub fn state(&self) -> VmmState {
+        self.state
+    }
+
+    /// Guest memory (the memfd behind it lives as long as the VM).
+    pub fn memory(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The devices.
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
+    }
+
+    /// Adds an observer of the guest's console output (before the guest runs, to see all of
+    /// it).
+    pub fn observe_console(&self, o: Box<dyn ConsoleObserver>) {
+        if let Some(uart) = self.devices.uart() {
+            lock(uart).writer_mut().add_observer(o);
+        }
+    }
+
+    /// Sends `req` to every vCPU still running and waits for each answer; returns the answers
+    /// (`None` for a vCPU that has left its loop).
+    fn all_vcpus(
+        &self,
+        req: impl Fn() -> VcpuRequest,
+        timeout: Duration,
+    ) -> Result<Vec<Option<VcpuResponse>>, crate::vcpu::VcpuError> {
+        let live: Vec<bool> = self.vcpus.iter().map(|v| !v.done()).collect();
+        for (v, live) in self.vcpus.iter().zip(&live) {
+            if *live {
+                v.send(req())?;
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        self.vcpus
+            .iter()
+            .zip(live)
+            .map(|(v, live)| match live {
+                false => Ok(None),
+                true => match v.answer(deadline) {
+                    Ok(r) => Ok(Some(r)),
+                    // A vCPU that ended meanwhile has nothing to answer.
+                    Err(_) if v.done() => Ok(None),
+                    Err(e) => Err(e),
+                },
+            })
+            .collect()
+    }
+
+    /// Lets the vCPUs run the guest (the first time, or after a pause).
+    pub fn resume(&mut self) -> Result<(), VmmError> {
+        if self.state == VmmState::Running {
+            return Ok(());
+        }
+        self.all_vcpus(|| VcpuRequest::Resume, PAUSE_TIMEOUT)?;
+        self.state = VmmState::Running;
+        Ok(())
+    }
+
+    /// Parks every vCPU between two guest instructions; returns once all are parked. If one
+    /// does not park within [`PAUSE_TIMEOUT`], the others run on and the pause fails.
+    pub fn pause(&mut self) -> Result<(), VmmError> {
+        if self.state == VmmState::Paused {
+            return Ok(());
+        }
+        if self.state == VmmState::Created {
+            return Err(VmmError::State("not started"));
+        }
+        if self
+            .all_vcpus(|| VcpuRequest::Pause, PAUSE_TIMEOUT)
+            .is_err()
+        {
+            // Release whichever did park (and the late one, when it gets there).
+            let _ = self.all_vcpus(|| VcpuRequest::Resume, PAUSE_TIMEOUT);
+            return Err(VmmError::PauseTimeout(PAUSE_TIMEOUT));
+        }
+        self.state = VmmState::Paused;
+        Ok(())
+    }
+
+    /// Every vCPU's state (the VM must be paused).
+    pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, VmmError> {
+        if self.state != VmmState::Paused {
+            return Err(VmmError::State("not paused"));
+        }
+        let mut out = Vec::new();
+        for (id, v) in self.vcpus.iter().enumerate() {
+            match v.request(VcpuRequest::SaveState, PAUSE_TIMEOUT)? {
+                VcpuResponse::Saved(s) => out.push(*s),
+                other => {
+                    return Err(crate::vcpu::VcpuError::Refused {
+                        id: id as u8,
+                        why: format!("{other:?}"),
+                    }
+                    .into())
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Loads a state into each vCPU (the VM must be paused; one state per vCPU).
+    pub fn restore_vcpus(&self, states: Vec<VcpuState>) -> Result<(), VmmError> {
+        if self.state != VmmState::Paused {
+            return Err(VmmError::State("not paused"));
+        }
+        if states.len() != self.vcpus.len() {
+            return Err(VmmError::State("given a state for another number of vCPUs"));
+        }
+        for (id, (v, s)) in self.vcpus.iter().zip(states).enumerate() {
+            match v.request(VcpuRequest::RestoreState(Box::new(s)), PAUSE_TIMEOUT)? {
+                VcpuResponse::Restored => {}
+                other => {
+                    return Err(crate::vcpu::VcpuError::Refused {
+                        id: id as u8,
+                        why: format!("{other:?}"),
+                    }
+                    .into())
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the guest to shut down (Ctrl+Alt+Del on the i8042), running it first if it was
+    /// paused. False if the keyboard controller's buffer had no room.
+    pub fn shutdown(&mut self) -> Result<bool, VmmError> {
+        self.resume()?;
+        Ok(self.devices.send_ctrl_alt_del())
+    }
+
+    /// Identity, state and counters.
+    pub fn info(&self) -> Info {
+        let (id, token) = self
+            .config
+            .control
+            .as_ref()
+            .map_or((String::new(), String::new()), |c| {
+                (c.id.clone(), c.token.clone())
+            });
+        Info {
+            id,
+            token,
+            pid: std::process::id(),
+            state: if self.state == VmmState::Paused {
+                RunState::Paused
+            } else {
+                RunState::Running
+            },
+            uptime_ms: self.start.elapsed().as_millis() as u64,
+            vcpu_exits: self
+                .vcpus
+                .iter()
+                .map(|v| v.stats().exits.load(Ordering::Relaxed))
+                .collect(),
+            console_bytes: self.console.bytes(),
+            devices: self.devices.reports(),
+        }
+    }
+
+    /// Carries out one control request.
+    pub fn handle(&mut self, req: &Request) -> Reply {
+        match req {
+            Request::Info => Reply::info(self.info()),
+            Request::Pause => match self.pause() {
+                Ok(()) => {
+                    tracing::info!("VM paused");
+                    Reply::ok()
+                }
+                Err(e) => Reply::error(e.to_string()),
+            },
+            Request::Resume => match self.resume() {
+                Ok(()) => {
+                    tracing::info!("VM resumed");
+                    Reply::ok()
+                }
+                Err(e) => Reply::error(e.to_string()),
+            },
+            Request::Shutdown => match self.shutdown() {
+                Ok(true) => {
+                    tracing::info!("shutdown requested (Ctrl-Alt-Del)");
+                    Reply::ok()
+                }
+                Ok(false) => Reply::error("the guest's keyboard controller buffer is full"),
+                Err(e) => Reply::error(e.to_string()),
+            },
+            Request::Stop => {
+                tracing::info!("stop requested on the control socket");
+                self.exit.request(ExitReason::Stopped);
+                Reply::ok()
+            }
+        }
+    }
+
+    fn serve_control(&mut self) {
+        let Some(ctl) = self.control.clone() else {
+            return;
+        };
+        let requests = lock(&ctl).take_requests();
+        for (conn, req) in requests {
+            let reply = match req {
+                Ok(r) => self.handle(&r),
+                Err(e) => Reply::error(format!("bad request: {e}")),
+            };
+            lock(&ctl).reply(conn, &reply);
+        }
+        lock(&ctl).finish();
+    }
+
+    fn console_pending(&self) -> bool {
+        self.devices
+            .console_input()
+            .is_some_and(|c| lock(c).has_pending())
+    }
+
+    fn retry_console(&mut self) {
+        let (Some(id), Some(input)) = (self.console_input, self.devices.console_input()) else {
+            return;
+        };
+        if let Ok(mut ops) = self.main_loop.event_ops(id) {
+            lock(input).retry(&mut ops);
+        }
+    }
+
+    /// Runs the VM until the guest ends, a control request stops it, or `timeout` (counted
+    /// from the VMM's start) passes; then stops every thread and reports.
+    pub fn run_until_exit(mut self, timeout: Option<Duration>) -> Result<VmOutcome, VmmError> {
+        if self.state == VmmState::Created {
+            self.resume()?;
+        }
+        let deadline = timeout.map(|t| self.start + t);
+        while !self.exit.requested() {
+            let mut wait = match deadline {
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        self.exit.request(ExitReason::Timeout);
+                        break;
+                    }
+                    i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX)
+                }
+            };
+            let pending = self.console_pending();
+            if pending && !(0..=CONSOLE_RETRY_MS).contains(&wait) {
+                wait = CONSOLE_RETRY_MS;
+            }
+            if let Err(e) = self.main_loop.run_with_timeout(wait) {
+                self.exit.request(ExitReason::VmmError(format!(
+                    "the VMM's event loop failed: {e:?}"
+                )));
+                break;
+            }
+            self.serve_control();
+            if pending {
+                self.retry_console();
+            }
+        }
+        Ok(self.finish())
+    }
+
+    /// Stops the vCPUs and the virtio loop, hands the VM to the reaper, and reports.
+    fn finish(mut self) -> VmOutcome {
+        let reason = self.exit.reason().unwrap_or(ExitReason::Timeout);
+        let elapsed = self.start.elapsed();
+        for v in &self.vcpus {
+            v.begin_stop();
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        for v in &mut self.vcpus {
+            v.finish_stop(deadline);
+        }
+        if let Some(l) = self.virtio_loop.take() {
+            l.stop();
+        }
+        if reason == ExitReason::Timeout {
+            // Where each vCPU was is the first thing to know about a hung guest.
+            for (id, v) in self.vcpus.iter().enumerate() {
+                let s = v.stats();
+                match (v.done(), s.stopped_rip.load(Ordering::Relaxed)) {
+                    (true, rip) => tracing::warn!("at the timeout vCPU {id} was at rip {rip:#x}"),
+                    (false, _) => tracing::warn!("at the timeout vCPU {id} did not leave KVM_RUN"),
+                }
+            }
+        }
+        let mem_use = memory_use();
+        // The VM's last reference goes to a child, so this process can exit without waiting
+        // for KVM's teardown (teardown.rs).
+        if let Some(reaper) = Reaper::spawn(&self.vm) {
+            reaper.wait();
+        }
+        if let Some(uart) = self.devices.uart() {
+            use std::io::Write;
+            let _ = lock(uart).writer_mut().flush();
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        VmOutcome {
+            reason,
+            elapsed_ms: ms(elapsed),
+            first_console_byte_ms: self.console.first_byte().map(ms),
+            pattern_ms: None,
+            console_bytes: self.console.bytes(),
+            vcpu_exits: self
+                .vcpus
+                .iter()
+                .map(|v| v.stats().exits.load(Ordering::Relaxed))
+                .sum(),
+            unhandled_io: self.devices.unhandled(),
+            vmm_rss_kib: mem_use.map(|m| m.vmm_rss),
+            vmm_private_kib: mem_use.map(|m| m.vmm_private),
+            guest_rss_kib: mem_use.map(|m| m.guest),
+            platform: self.platform.name(),
+            entry: format!("{:?}/{:?}", self.entry.format, self.entry.mode),
+            cmdline: std::mem::take(&mut self.cmdline),
+            devices: self.devices.reports(),
+        }
+    }
+}
+
+/// Builds the main event loop: the VM's end, the console's input side, the control socket.
+pub(crate) fn main_loop(
+    exit: &ExitHandle,
+    devices: &DeviceManager,
+    control: Option<&Arc<Mutex<ControlServer>>>,
+) -> Result<(EventManager<Subscriber>, Option<SubscriberId>), VmmError> {
+    let start = |err| VmmError::Start {
+        what: "main event loop",
+        err,
+    };
+    let mut m = EventManager::<Subscriber>::new()
+        .map_err(|e| start(std::io::Error::other(format!("{e:?}"))))?;
+    m.add_subscriber(Arc::new(Mutex::new(Waker(
+        exit.event().try_clone().map_err(start)?,
+    ))));
+    let console = devices
+        .console_input()
+        .map(|c| m.add_subscriber(c.clone() as Subscriber));
+    if let Some(c) = control {
+        m.add_subscriber(c.clone() as Subscriber);
+    }
+    Ok((m, console))
+}
