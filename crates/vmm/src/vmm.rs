@@ -386,14 +386,22 @@ impl Vmm {
             self.resume()?;
         }
         let deadline = timeout.map(|t| self.start + t);
+        if !self.serve_until(deadline) {
+            self.exit.request(ExitReason::Timeout);
+        }
+        Ok(self.finish())
+    }
+
+    /// Serves the main event loop (control requests, console input) until the VM's end is
+    /// asked for, or until `until` passes. Returns whether the VM is ending.
+    pub fn serve_until(&mut self, until: Option<Instant>) -> bool {
         while !self.exit.requested() {
-            let mut wait = match deadline {
+            let mut wait = match until {
                 None => -1,
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        self.exit.request(ExitReason::Timeout);
-                        break;
+                        return false;
                     }
                     i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX)
                 }
@@ -413,12 +421,14 @@ impl Vmm {
                 self.retry_console();
             }
         }
-        Ok(self.finish())
+        true
     }
 
-    /// Stops the vCPUs and the virtio loop, hands the VM to the reaper, and reports.
-    fn finish(mut self) -> VmOutcome {
-        let reason = self.exit.reason().unwrap_or(ExitReason::Timeout);
+    /// Ends the VM (with [`ExitReason::Stopped`] unless another reason came first), stops
+    /// the vCPUs and the virtio loop, hands the VM to the reaper, and reports.
+    pub fn finish(mut self) -> VmOutcome {
+        self.exit.request(ExitReason::Stopped);
+        let reason = self.exit.reason().unwrap_or(ExitReason::Stopped);
         let elapsed = self.start.elapsed();
         for v in &self.vcpus {
             v.begin_stop();
