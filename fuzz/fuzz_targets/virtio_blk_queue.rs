@@ -11,7 +11,7 @@ use bexar_devices::virtio::test_utils::{context, TestInterrupt};
 use bexar_devices::virtio::VirtioDevice;
 use common::{disk, mem};
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 const RING: u64 = 0x10000;
 const QUEUE: u16 = 16;
@@ -21,23 +21,24 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let mem = mem();
-    // Layout the fuzzer controls: descriptors (16 x 16 bytes) at RING, the available ring at
-    // RING + 0x2000, and everything else from 0x30000 as request buffers.
+    let ring = DriverRing::new(mem, RING, QUEUE);
+    // Layout the fuzzer controls: the descriptor table (16 x 16 bytes) and the available ring
+    // entries where the driver model put them, and everything else from 0x30000 as request
+    // buffers.
     let (avail_idx, rest) = data.split_at(2);
     let desc_len = rest.len().min(16 * 16);
-    mem.write_slice(&[0u8; 16 * 16], GuestAddress(RING))
+    mem.write_slice(&[0u8; 16 * 16], ring.desc_table_addr())
         .unwrap();
-    mem.write_slice(&rest[..desc_len], GuestAddress(RING))
+    mem.write_slice(&rest[..desc_len], ring.desc_table_addr())
         .unwrap();
     let rest = &rest[desc_len..];
     let ring_len = rest.len().min(2 * QUEUE as usize);
-    mem.write_slice(&rest[..ring_len], GuestAddress(RING + 0x2000 + 4))
+    mem.write_slice(&rest[..ring_len], ring.avail_addr().unchecked_add(4))
         .unwrap();
     let bufs = &rest[ring_len..];
     mem.write_slice(&bufs[..bufs.len().min(0x10000)], GuestAddress(0x30000))
         .unwrap();
 
-    let ring = DriverRing::new(mem, RING, QUEUE);
     let mut dev = Block::new(disk()).unwrap();
     ring.configure(&mut dev.queues_mut()[0]);
     dev.activate(context(mem, &TestInterrupt::new())).unwrap();

@@ -1,24 +1,24 @@
-//! The driver's side of a split virtqueue, written straight into guest memory: what the unit
-//! tests and the fuzz targets use to hand a device real descriptor chains (well-formed or
-//! hostile) without a guest.
+//! The driver's side of a split virtqueue, for unit tests and fuzz targets that hand a device
+//! real descriptor chains (well-formed or hostile) without a guest: a thin layer over
+//! virtio-queue's own driver model (`mock::MockSplitQueue`) that adds what the tests use most
+//! (a chain from a list of buffers, a raw available index, the used ring's entries).
 
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestAddress;
 
 use crate::memory::GuestMemoryMmap;
 
 /// Descriptor flag: the chain continues at `next`.
-pub const F_NEXT: u16 = 1;
+pub const F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
 /// Descriptor flag: the device writes this buffer.
-pub const F_WRITE: u16 = 2;
+pub const F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 
-/// A split queue laid out at fixed guest addresses.
+/// A split queue laid out by virtio-queue's mock driver from a base address.
 pub struct DriverRing<'a> {
-    mem: &'a GuestMemoryMmap,
+    q: MockSplitQueue<'a, GuestMemoryMmap>,
     size: u16,
-    desc: u64,
-    avail: u64,
-    used: u64,
     next_avail: u16,
 }
 
@@ -36,35 +36,46 @@ pub struct Desc {
 }
 
 impl<'a> DriverRing<'a> {
-    /// A ring of `size` entries with its tables at `base` (needs 16 KiB).
+    /// A ring of `size` entries with its tables from `base` (descriptor table, available ring,
+    /// used ring, back to back: under 8 KiB for 256 entries).
     pub fn new(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
         Self {
-            mem,
+            q: MockSplitQueue::create(mem, GuestAddress(base), size),
             size,
-            desc: base,
-            avail: base + 0x1000 * 2,
-            used: base + 0x1000 * 3,
             next_avail: 0,
         }
     }
 
     /// Sets a device's queue up the way a driver would through the transport.
     pub fn configure(&self, q: &mut Queue) {
+        let split = |a: GuestAddress| (Some(a.0 as u32), Some((a.0 >> 32) as u32));
         q.set_size(self.size);
-        q.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
-        q.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
-        q.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
+        let (lo, hi) = split(self.q.desc_table_addr());
+        q.set_desc_table_address(lo, hi);
+        let (lo, hi) = split(self.q.avail_addr());
+        q.set_avail_ring_address(lo, hi);
+        let (lo, hi) = split(self.q.used_addr());
+        q.set_used_ring_address(lo, hi);
         q.set_ready(true);
+    }
+
+    /// Where the available ring starts.
+    pub fn avail_addr(&self) -> GuestAddress {
+        self.q.avail_addr()
+    }
+
+    /// Where the descriptor table starts.
+    pub fn desc_table_addr(&self) -> GuestAddress {
+        self.q.desc_table_addr()
     }
 
     /// Writes descriptor `index`.
     pub fn set_desc(&self, index: u16, d: Desc) {
-        let a = self.desc + u64::from(index) * 16;
-        let m = self.mem;
-        m.write_obj(d.addr, GuestAddress(a)).unwrap();
-        m.write_obj(d.len, GuestAddress(a + 8)).unwrap();
-        m.write_obj(d.flags, GuestAddress(a + 12)).unwrap();
-        m.write_obj(d.next, GuestAddress(a + 14)).unwrap();
+        let raw = RawDescriptor::from(SplitDescriptor::new(d.addr, d.len, d.flags, d.next));
+        self.q
+            .desc_table()
+            .store(index, raw)
+            .expect("descriptor index inside the table");
     }
 
     /// Writes a chain into descriptors `first..` (linking them) and makes it available.
@@ -91,30 +102,36 @@ impl<'a> DriverRing<'a> {
 
     /// Puts `head` in the available ring and bumps its index.
     pub fn publish(&mut self, head: u16) {
-        let slot = self.avail + 4 + u64::from(self.next_avail % self.size) * 2;
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+        let slot = usize::from(self.next_avail % self.size);
+        self.q
+            .avail()
+            .ring()
+            .ref_at(slot)
+            .expect("slot inside the ring")
+            .store(head.to_le());
         self.next_avail = self.next_avail.wrapping_add(1);
         self.set_avail_idx(self.next_avail);
     }
 
     /// Writes the available index directly (hostile drivers do this).
     pub fn set_avail_idx(&self, idx: u16) {
-        self.mem
-            .write_obj(idx, GuestAddress(self.avail + 2))
-            .unwrap();
+        self.q.avail().idx().store(idx.to_le());
     }
 
     /// The used ring's index.
     pub fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+        u16::from_le(self.q.used().idx().load())
     }
 
     /// Used ring entry `i`: (descriptor head, bytes written).
     pub fn used_entry(&self, i: u16) -> (u32, u32) {
-        let a = self.used + 4 + u64::from(i % self.size) * 8;
-        (
-            self.mem.read_obj(GuestAddress(a)).unwrap(),
-            self.mem.read_obj(GuestAddress(a + 4)).unwrap(),
-        )
+        let e = self
+            .q
+            .used()
+            .ring()
+            .ref_at(usize::from(i % self.size))
+            .expect("slot inside the ring")
+            .load();
+        (e.id(), e.len())
     }
 }
