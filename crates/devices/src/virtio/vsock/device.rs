@@ -712,3 +712,207 @@ impl VirtioDevice for Vsock {
         self.reset_event_pending = false;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::sync::{Arc, Mutex};
+
+    use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::memory::{test_memory, GuestMemoryMmap};
+    use crate::virtio::ring::DriverRing;
+    use crate::virtio::test_utils::{activate_all, context, TestInterrupt};
+
+    const GUEST_CID: u64 = 3;
+
+    struct Rig {
+        mem: GuestMemoryMmap,
+        dev: Arc<Mutex<Vsock>>,
+        loop_: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+        uds: PathBuf,
+        irq: Arc<TestInterrupt>,
+    }
+
+    fn rig(name: &str) -> Rig {
+        let uds = std::env::temp_dir().join(format!("bexar-vsock-{}-{name}", std::process::id()));
+        let dev = Arc::new(Mutex::new(
+            Vsock::new(&VsockConfig {
+                cid: GUEST_CID as u32,
+                uds: uds.clone(),
+            })
+            .unwrap(),
+        ));
+        let mut loop_ = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        loop_.add_subscriber(dev.clone());
+        Rig {
+            mem: test_memory(2),
+            dev,
+            loop_,
+            uds,
+            irq: TestInterrupt::new(),
+        }
+    }
+
+    impl Rig {
+        fn spin(&mut self) {
+            for _ in 0..5 {
+                self.loop_.run_with_timeout(10).unwrap();
+            }
+        }
+        /// The guest sends `h` (with `payload`) on the tx ring.
+        fn send(&mut self, tx: &mut DriverRing<'_>, slot: u16, h: Hdr, payload: &[u8]) {
+            let at = 0x10_0000 + u64::from(slot) * 0x1000;
+            self.mem.write_slice(&h.bytes(), GuestAddress(at)).unwrap();
+            self.mem
+                .write_slice(payload, GuestAddress(at + HDR_LEN as u64))
+                .unwrap();
+            tx.push_chain(slot, &[(at, (HDR_LEN + payload.len()) as u32, false)]);
+            let _ = bexar_util::sync::lock(&self.dev).common.queue_evts[TX].write(1);
+            self.spin();
+        }
+        /// The header the device put in rx buffer `slot`.
+        fn received(&self, slot: u16) -> Hdr {
+            let mut b = [0u8; HDR_LEN];
+            self.mem
+                .read_slice(&mut b, GuestAddress(0x18_0000 + u64::from(slot) * 0x1000))
+                .unwrap();
+            Hdr::parse(&b)
+        }
+    }
+
+    fn guest_hdr(op: Op, src_port: u32, dst_port: u32, len: u32) -> Hdr {
+        Hdr {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            len,
+            kind: TYPE_STREAM,
+            op,
+            buf_alloc: 4096,
+            ..Default::default()
+        }
+    }
+
+    /// Gives the device `n` rx buffers of 4 KiB.
+    fn rx_buffers(rx: &mut DriverRing<'_>, n: u16) {
+        for i in 0..n {
+            rx.push_chain(i, &[(0x18_0000 + u64::from(i) * 0x1000, 0x1000, true)]);
+        }
+    }
+
+    #[test]
+    fn credit_overrun_and_unknown_connections_get_a_reset() {
+        let mut r = rig("credit");
+        let mem = r.mem.clone();
+        let mut rx = DriverRing::new(&mem, 0x1_0000, 16);
+        let mut tx = DriverRing::new(&mem, 0x2_0000, 16);
+        let ev = DriverRing::new(&mem, 0x3_0000, 16);
+        activate_all(
+            &mut *bexar_util::sync::lock(&r.dev),
+            &[&rx, &tx, &ev],
+            &mem,
+            &r.irq,
+        );
+        rx_buffers(&mut rx, 8);
+        // A host service on port 5000.
+        let service = UnixListener::bind(format!("{}_5000", r.uds.display())).unwrap();
+        r.send(&mut tx, 0, guest_hdr(Op::Request, 1234, 5000, 0), &[]);
+        let (mut host, _) = service.accept().unwrap();
+        assert_eq!(r.received(0).op, Op::Response);
+        // Data within credit reaches the host socket.
+        r.send(&mut tx, 1, guest_hdr(Op::Rw, 1234, 5000, 5), b"hello");
+        let mut got = [0u8; 5];
+        host.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        // A packet to a connection that does not exist is answered with a reset.
+        r.send(&mut tx, 2, guest_hdr(Op::Rw, 999, 5000, 1), b"x");
+        let rst = r.received(1);
+        assert_eq!((rst.op, rst.dst_port), (Op::Rst, 999));
+        // The host stops reading; the guest ignores our credit and sends on. Once more than
+        // the buffer we advertised waits for the host, the connection is reset and the host
+        // socket closed; the refusal is counted.
+        let chunk = vec![7u8; 60 * 1024];
+        let mut reset = false;
+        for slot in 3..15 {
+            r.send(
+                &mut tx,
+                slot,
+                guest_hdr(Op::Rw, 1234, 5000, chunk.len() as u32),
+                &chunk,
+            );
+            if (2..8).any(|i| {
+                let h = r.received(i);
+                h.op == Op::Rst && h.dst_port == 1234
+            }) {
+                reset = true;
+                break;
+            }
+        }
+        assert!(reset, "an overrun connection is reset");
+        let c = bexar_util::sync::lock(&r.dev).counters().clone();
+        assert!(c.refused.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+        let mut rest = Vec::new();
+        host.set_nonblocking(false).unwrap();
+        let _ = host.read_to_end(&mut rest);
+        assert!(
+            rest.len() <= BUF_ALLOC as usize + 256 * 1024,
+            "the host sees its end"
+        );
+        std::fs::remove_file(format!("{}_5000", r.uds.display())).ok();
+        std::fs::remove_file(&r.uds).ok();
+    }
+
+    #[test]
+    fn state_round_trips_and_the_guest_hears_its_connections_are_gone() {
+        let mut r = rig("state");
+        let mem = r.mem.clone();
+        let rx = DriverRing::new(&mem, 0x1_0000, 16);
+        let tx = DriverRing::new(&mem, 0x2_0000, 16);
+        let mut ev = DriverRing::new(&mem, 0x3_0000, 16);
+        activate_all(
+            &mut *bexar_util::sync::lock(&r.dev),
+            &[&rx, &tx, &ev],
+            &mem,
+            &r.irq,
+        );
+        // A running device never uses the event buffers.
+        ev.push_chain(0, &[(0x4_0000, 8, true)]);
+        r.spin();
+        assert_eq!(ev.used_idx(), 0);
+        let saved = bexar_util::sync::lock(&r.dev).save();
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: VsockState = serde_json::from_str(&json).unwrap();
+        drop(r);
+
+        let mut dev2 = Vsock::restore(&back).unwrap();
+        mem.write_slice(&[0xffu8; 8], GuestAddress(0x4_0000))
+            .unwrap();
+        let irq = TestInterrupt::new();
+        dev2.activate(context(&mem, &irq)).unwrap();
+        let now = dev2.save();
+        assert_eq!(now.config, saved.config);
+        assert_eq!(now.virtio.queues[..2], saved.virtio.queues[..2]);
+        assert_eq!(
+            now.virtio.queues[EVT].next_used,
+            saved.virtio.queues[EVT].next_used + 1
+        );
+        // The buffer the guest left in the event ring now carries TRANSPORT_RESET (id 0).
+        assert_eq!(ev.used_idx(), 1);
+        assert_eq!(ev.used_entry(0), (0, 4));
+        let id: u32 = mem.read_obj(GuestAddress(0x4_0000)).unwrap();
+        assert_eq!(id, 0);
+        assert_eq!(irq.queue_interrupts(), 1);
+        // Once.
+        ev.push_chain(1, &[(0x4_1000, 8, true)]);
+        dev2.send_events();
+        assert_eq!(ev.used_idx(), 1);
+        // And its socket listens again.
+        UnixStream::connect(&back.config.uds).unwrap();
+        std::fs::remove_file(&back.config.uds).ok();
+    }
+}
