@@ -11,10 +11,69 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::spec::Phase;
 use bexar_util::sync::lock;
 
 /// Events kept for replay.
 pub const BACKLOG: usize = 10_000;
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// A VM was defined.
+    Created,
+    /// A VM was started on request.
+    Started,
+    /// A VM was started again by its restart policy.
+    Restarted,
+    /// A VM's VMM ended in an orderly way or as asked.
+    Stopped,
+    /// A VM was paused.
+    Paused,
+    /// A VM was resumed.
+    Resumed,
+    /// A VM's guest or VMM ended unexpectedly, or it failed to start.
+    Failed,
+    /// A restart by the restart policy is scheduled.
+    Restarting,
+    /// A running VMM was re-adopted after an agent restart.
+    Adopted,
+    /// A VM was deleted.
+    Deleted,
+    /// The agent started (and recovered its VMs).
+    AgentStarted,
+    /// A segment was defined.
+    SegmentCreated,
+    /// A segment was deleted.
+    SegmentDeleted,
+}
+
+impl EventKind {
+    /// Every kind (the OpenAPI document lists exactly these).
+    pub const ALL: &'static [Self] = &[
+        Self::Created,
+        Self::Started,
+        Self::Restarted,
+        Self::Stopped,
+        Self::Paused,
+        Self::Resumed,
+        Self::Failed,
+        Self::Restarting,
+        Self::Adopted,
+        Self::Deleted,
+        Self::AgentStarted,
+        Self::SegmentCreated,
+        Self::SegmentDeleted,
+    ];
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(v.as_str().unwrap_or_default())
+    }
+}
 
 /// One lifecycle change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,12 +84,11 @@ pub struct Event {
     pub time_ms: u64,
     /// VM concerned (empty for agent events).
     pub vm: String,
-    /// What happened: `created`, `started`, `stopped`, `paused`, `resumed`, `failed`,
-    /// `restarting`, `adopted`, `deleted`, `agent-started`.
-    pub kind: String,
+    /// What happened.
+    pub kind: EventKind,
     /// The VM's state after the change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<String>,
+    pub state: Option<Phase>,
     /// Details for people.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
@@ -90,14 +148,20 @@ impl Events {
     }
 
     /// Records an event and tells the followers.
-    pub fn emit(&self, vm: &str, kind: &str, state: Option<&str>, message: impl Into<String>) {
+    pub fn emit(
+        &self,
+        vm: &str,
+        kind: EventKind,
+        state: Option<Phase>,
+        message: impl Into<String>,
+    ) {
         let mut i = lock(&self.inner);
         let e = Event {
             seq: i.next,
             time_ms: super::spec::now_ms(),
             vm: vm.to_owned(),
-            kind: kind.to_owned(),
-            state: state.map(str::to_owned),
+            kind,
+            state,
             message: message.into(),
         };
         i.next += 1;
@@ -152,8 +216,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         {
             let ev = Events::open(&dir);
-            ev.emit("a", "created", Some("stopped"), "");
-            ev.emit("a", "started", Some("running"), "");
+            ev.emit("a", EventKind::Created, Some(Phase::Stopped), "");
+            ev.emit("a", EventKind::Started, Some(Phase::Running), "");
         }
         let mut f = OpenOptions::new()
             .append(true)
@@ -162,7 +226,7 @@ mod tests {
         f.write_all(b"{\"seq\":3,\"ti").unwrap();
         let ev = Events::open(&dir);
         assert_eq!(ev.last_seq(), 2);
-        ev.emit("a", "stopped", Some("stopped"), "");
+        ev.emit("a", EventKind::Stopped, Some(Phase::Stopped), "");
         let (list, _, complete) = ev.since(1);
         assert!(complete);
         assert_eq!(list.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3]);

@@ -77,7 +77,7 @@ pub enum AgentError {
     InUse(String),
     /// The kernel refused the network wiring.
     #[error("network: {0}")]
-    Network(String),
+    Network(#[from] network::NetError),
     /// The action is not possible in the VM's current state.
     #[error("cannot {action} VM {id:?}: it is {state}")]
     IllegalTransition {
@@ -117,7 +117,7 @@ pub enum AgentError {
         /// VM id.
         id: String,
         /// What went wrong.
-        err: String,
+        err: vmm_process::VmmProcessError,
     },
     /// The state directory failed.
     #[error(transparent)]
@@ -341,7 +341,7 @@ impl Agent {
         drop(vms);
         self.version.send_modify(|v| *v += 1);
         self.events
-            .emit(&rec.id, "created", Some(rec.state.as_str()), "");
+            .emit(&rec.id, events::EventKind::Created, Some(rec.state), "");
         Ok((rec, true))
     }
 

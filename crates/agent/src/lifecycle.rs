@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::spec::{now_ms, Desired, Operation, Phase, RestartPolicy, VmRecord};
+use super::events::EventKind;
+use super::spec::{
+    now_ms, Desired, Operation, OperationKind as Op, Phase, RestartPolicy, VmRecord,
+};
 use super::store::{layout, write_atomic};
 use super::vmm_process::{self as vp};
 use super::{Agent, AgentError, VmEntry, VmmHandle};
@@ -27,9 +30,9 @@ const FORCE_STEP: Duration = Duration::from_secs(3);
 /// Longest restart back-off.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-fn op(kind: &str) -> Option<Operation> {
+fn op(kind: Op) -> Option<Operation> {
     Some(Operation {
-        kind: kind.to_owned(),
+        kind,
         started_ms: now_ms(),
     })
 }
@@ -88,7 +91,7 @@ impl Agent {
             Phase::Stopped | Phase::Failed => {}
             _ => return Err(illegal(&rec, "start")),
         }
-        self.launch(&entry, "start").await
+        self.launch(&entry, Op::Start).await
     }
 
     /// Stops a running or paused VM: Ctrl-Alt-Del, then (after `timeout`, or at once if
@@ -119,7 +122,7 @@ impl Agent {
         self.update(&entry, |r| {
             r.desired = Desired::Stopped;
             r.generation += 1;
-            r.operation = op("stop");
+            r.operation = op(Op::Stop);
         })?;
         let result = self
             .end_vmm(&entry, timeout.unwrap_or(self.config.stop_timeout), force)
@@ -146,24 +149,24 @@ impl Agent {
             (
                 Phase::Running,
                 Phase::Paused,
-                "pause",
+                Op::Pause,
                 Request::Pause,
-                "paused",
+                EventKind::Paused,
             )
         } else {
             (
                 Phase::Paused,
                 Phase::Running,
-                "resume",
+                Op::Resume,
                 Request::Resume,
-                "resumed",
+                EventKind::Resumed,
             )
         };
         if rec.state == to {
             return Ok(rec);
         }
         if rec.state != from {
-            return Err(illegal(&rec, action));
+            return Err(illegal(&rec, action.as_str()));
         }
         self.update(&entry, |r| r.operation = op(action))?;
         let dir = self.vm_dir(id);
@@ -182,12 +185,12 @@ impl Agent {
         })?;
         match result {
             Ok(_) => {
-                self.events.emit(id, kind, Some(rec.state.as_str()), "");
+                self.events.emit(id, kind, Some(rec.state), "");
                 Ok(rec)
             }
-            Err(e) => Err(AgentError::Vmm {
+            Err(err) => Err(AgentError::Vmm {
                 id: id.to_owned(),
-                err: e.to_string(),
+                err,
             }),
         }
     }
@@ -205,10 +208,10 @@ impl Agent {
         if !rec.state.has_vmm() {
             return Err(illegal(&rec, "reboot"));
         }
-        self.update(&entry, |r| r.operation = op("reboot"))?;
+        self.update(&entry, |r| r.operation = op(Op::Reboot))?;
         self.end_vmm(&entry, timeout.unwrap_or(self.config.stop_timeout), false)
             .await?;
-        self.launch(&entry, "reboot").await
+        self.launch(&entry, Op::Reboot).await
     }
 
     /// Deletes a VM: its VMM is killed and its directory (record, logs, sockets) removed.
@@ -226,7 +229,7 @@ impl Agent {
         self.update(&entry, |r| {
             r.state = Phase::Deleting;
             r.desired = Desired::Stopped;
-            r.operation = op("delete");
+            r.operation = op(Op::Delete);
         })?;
         self.finish_delete(&entry).await
     }
@@ -248,7 +251,7 @@ impl Agent {
             // Its TAPs and filters go with it.
             self.unwire_nics(&entry.id, &nics).await;
         }
-        self.events.emit(&entry.id, "deleted", None, "");
+        self.events.emit(&entry.id, EventKind::Deleted, None, "");
         Ok(())
     }
 
@@ -295,7 +298,7 @@ impl Agent {
         }
         Err(AgentError::Vmm {
             id: entry.id.clone(),
-            err: "the VMM process did not exit after SIGKILL".into(),
+            err: vp::VmmProcessError::Unkillable,
         })
     }
 
@@ -304,11 +307,11 @@ impl Agent {
     pub(super) async fn launch(
         self: &Arc<Self>,
         entry: &Arc<VmEntry>,
-        kind: &str,
+        kind: Op,
     ) -> Result<VmRecord, AgentError> {
         let token = vp::new_token();
         let dir = self.vm_dir(&entry.id);
-        let by_request = kind != "restart";
+        let by_request = kind != Op::Restart;
         let rec = self.update(entry, |r| {
             r.status.token = token.clone();
             r.operation = op(kind);
@@ -331,8 +334,12 @@ impl Agent {
                 mark_ended(r, Phase::Failed, &reason);
                 r.operation = None;
             });
-            self.events
-                .emit(&entry.id, "failed", Some("failed"), reason.clone());
+            self.events.emit(
+                &entry.id,
+                EventKind::Failed,
+                Some(Phase::Failed),
+                reason.clone(),
+            );
             match rec {
                 Ok(_) => AgentError::StartFailed {
                     id: entry.id.clone(),
@@ -419,8 +426,12 @@ impl Agent {
         })?;
         self.events.emit(
             &entry.id,
-            if by_request { "started" } else { "restarted" },
-            Some("running"),
+            if by_request {
+                EventKind::Started
+            } else {
+                EventKind::Restarted
+            },
+            Some(Phase::Running),
             format!("VMM pid {pid}"),
         );
         self.watch_exit(entry, token, pid, done, async move {
@@ -482,7 +493,7 @@ impl Agent {
             expected = r.desired == Desired::Stopped
                 || r.operation
                     .as_ref()
-                    .is_some_and(|o| matches!(o.kind.as_str(), "stop" | "reboot" | "delete"));
+                    .is_some_and(|o| matches!(o.kind, Op::Stop | Op::Reboot | Op::Delete));
             let state = if expected || clean {
                 Phase::Stopped
             } else {
@@ -502,12 +513,11 @@ impl Agent {
             return;
         }
         let kind = if rec.state == Phase::Failed {
-            "failed"
+            EventKind::Failed
         } else {
-            "stopped"
+            EventKind::Stopped
         };
-        self.events
-            .emit(&entry.id, kind, Some(rec.state.as_str()), reason);
+        self.events.emit(&entry.id, kind, Some(rec.state), reason);
         if !expected {
             self.maybe_restart(entry, &rec);
         }
@@ -531,8 +541,8 @@ impl Agent {
         let token = rec.status.token.clone();
         self.events.emit(
             &entry.id,
-            "restarting",
-            Some(rec.state.as_str()),
+            EventKind::Restarting,
+            Some(rec.state),
             format!(
                 "restart policy {:?}: restart {} in {:.1} s",
                 rec.spec.restart_policy,
@@ -551,7 +561,7 @@ impl Agent {
                 && matches!(r.state, Phase::Stopped | Phase::Failed)
                 && r.desired != Desired::Stopped;
             if still {
-                if let Err(e) = agent.launch(&entry, "restart").await {
+                if let Err(e) = agent.launch(&entry, Op::Restart).await {
                     tracing::warn!(vm = %entry.id, "restart failed: {e}");
                     let r = Self::snapshot(&entry);
                     agent.maybe_restart(&entry, &r);
@@ -585,8 +595,8 @@ impl Agent {
                 adopted += 1;
                 self.events.emit(
                     &entry.id,
-                    "adopted",
-                    Some(state.as_str()),
+                    EventKind::Adopted,
+                    Some(state),
                     "VMM still running after an agent restart",
                 );
                 if rec.desired == Desired::Stopped {
@@ -598,7 +608,7 @@ impl Agent {
             let interrupted_start = rec
                 .operation
                 .as_ref()
-                .is_some_and(|o| matches!(o.kind.as_str(), "start" | "reboot" | "restart"));
+                .is_some_and(|o| matches!(o.kind, Op::Start | Op::Reboot | Op::Restart));
             if rec.state.has_vmm() {
                 vanished += 1;
                 let (clean, reason) = run_end(
@@ -620,11 +630,11 @@ impl Agent {
                         self.events.emit(
                             &entry.id,
                             if state == Phase::Failed {
-                                "failed"
+                                EventKind::Failed
                             } else {
-                                "stopped"
+                                EventKind::Stopped
                             },
-                            Some(state.as_str()),
+                            Some(state),
                             reason,
                         );
                         if interrupted_start && !expected {
@@ -658,7 +668,7 @@ impl Agent {
         }
         self.events.emit(
             "",
-            "agent-started",
+            EventKind::AgentStarted,
             None,
             format!(
                 "{} VMs: {adopted} re-adopted, {vanished} lost their VMM while the agent was down, {} interrupted starts to finish",
@@ -670,7 +680,7 @@ impl Agent {
             let agent = self.clone();
             tokio::spawn(async move {
                 let _op = entry.op.lock().await;
-                if let Err(e) = agent.launch(&entry, "start").await {
+                if let Err(e) = agent.launch(&entry, Op::Start).await {
                     tracing::warn!(vm = %entry.id, "finishing an interrupted start failed: {e}");
                 }
             });
@@ -681,7 +691,7 @@ impl Agent {
                 tokio::spawn(async move {
                     let id = entry.id.clone();
                     let _op = entry.op.lock().await;
-                    let _ = agent.update(&entry, |r| r.operation = op("stop"));
+                    let _ = agent.update(&entry, |r| r.operation = op(Op::Stop));
                     if let Err(e) = agent
                         .end_vmm(&entry, agent.config.stop_timeout, false)
                         .await
@@ -736,7 +746,7 @@ impl Agent {
             }
             // Pause, resume and start are settled by what the VMM reports; a stop is
             // finished by the caller.
-            if interrupted.as_ref().is_some_and(|o| o.kind != "stop") {
+            if interrupted.as_ref().is_some_and(|o| o.kind != Op::Stop) {
                 r.operation = None;
             }
         }) {

@@ -115,7 +115,7 @@ impl Network {
     fn netlink(&self) -> Result<Netlink, AgentError> {
         let mut nl = lock(&self.nl);
         if nl.is_none() {
-            *nl = Some(Netlink::open().map_err(|e| AgentError::Network(e.to_string()))?);
+            *nl = Some(Netlink::open().map_err(net_err)?);
         }
         Ok(nl.clone().expect("just set"))
     }
@@ -126,8 +126,37 @@ impl Network {
     }
 }
 
-fn net_err(e: impl std::fmt::Display) -> AgentError {
-    AgentError::Network(e.to_string())
+/// Why the kernel's side of the network could not be made to match the records.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// An rtnetlink request failed.
+    #[error(transparent)]
+    Netlink(#[from] bexar_hostnet::netlink::NetlinkError),
+    /// nft refused the ruleset.
+    #[error(transparent)]
+    Nft(#[from] nft::NftError),
+    /// A TAP could not be made.
+    #[error(transparent)]
+    Tap(#[from] bexar_devices::tap::TapError),
+    /// A sysctl could not be set.
+    #[error("sysctl: {0}")]
+    Sysctl(#[from] std::io::Error),
+    /// A blocking task (nft) did not finish.
+    #[error("a network task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// A link the agent made or needs is not there.
+    #[error("{0}")]
+    Missing(String),
+}
+
+impl From<String> for NetError {
+    fn from(s: String) -> Self {
+        Self::Missing(s)
+    }
+}
+
+fn net_err(e: impl Into<NetError>) -> AgentError {
+    AgentError::Network(e.into())
 }
 
 impl Agent {
@@ -178,7 +207,8 @@ impl Agent {
             let _ = self.sync_network().await;
             return Err(e);
         }
-        self.events.emit(&spec.id, "segment-created", None, "");
+        self.events
+            .emit(&spec.id, super::events::EventKind::SegmentCreated, None, "");
         Ok((spec, true))
     }
 
@@ -220,7 +250,8 @@ impl Agent {
             segs.remove(id);
         }
         self.sync_network().await?;
-        self.events.emit(id, "segment-deleted", None, "");
+        self.events
+            .emit(id, super::events::EventKind::SegmentDeleted, None, "");
         Ok(())
     }
 

@@ -469,12 +469,58 @@ pub struct VmStatus {
     pub updated_ms: u64,
 }
 
+/// What an operation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OperationKind {
+    /// Start on request.
+    Start,
+    /// Stop.
+    Stop,
+    /// Stop, then start.
+    Reboot,
+    /// Pause.
+    Pause,
+    /// Resume.
+    Resume,
+    /// Delete.
+    Delete,
+    /// Start again by the restart policy.
+    Restart,
+}
+
+impl OperationKind {
+    /// Its name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Stop => "stop",
+            Self::Reboot => "reboot",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Delete => "delete",
+            Self::Restart => "restart",
+        }
+    }
+
+    /// Every kind (the OpenAPI document lists exactly these).
+    pub const ALL: &'static [Self] = &[
+        Self::Start,
+        Self::Stop,
+        Self::Reboot,
+        Self::Pause,
+        Self::Resume,
+        Self::Delete,
+        Self::Restart,
+    ];
+}
+
 /// An operation the agent was carrying out on a VM when the record was written. After a crash,
 /// the agent finishes or rolls back what it finds here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Operation {
-    /// `create`, `start`, `stop`, `reboot`, `pause`, `resume`, `delete` or `restart`.
-    pub kind: String,
+    /// What it does.
+    pub kind: OperationKind,
     /// Unix time (ms) it began.
     pub started_ms: u64,
 }

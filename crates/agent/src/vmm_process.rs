@@ -28,8 +28,11 @@ pub enum VmmProcessError {
         /// Socket path.
         path: PathBuf,
         /// Why.
-        err: String,
+        err: ControlFailure,
     },
+    /// The process did not exit after SIGKILL.
+    #[error("the VMM process did not exit after SIGKILL")]
+    Unkillable,
     /// The VMM refused a request.
     #[error("VMM refused {op}: {err}")]
     Refused {
@@ -39,6 +42,29 @@ pub enum VmmProcessError {
         err: String,
     },
 }
+
+/// How a control-socket exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlFailure {
+    /// Connecting, writing or reading failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The VMM closed the connection without a reply.
+    #[error("closed without a reply")]
+    Closed,
+    /// No reply within the time allowed.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The reply is not a control reply.
+    #[error("bad reply: {0}")]
+    BadReply(#[from] serde_json::Error),
+    /// An `info` reply without the info.
+    #[error("an info reply without the info")]
+    NoInfo,
+}
+
+/// How long a VMM may take to answer on its control socket.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A fresh random launch token.
 pub fn new_token() -> String {
@@ -161,38 +187,31 @@ pub async fn kill_and_wait(pid: u32) {
 /// plus the peer's pid as the kernel reports it.
 pub async fn call(dir: &Path, req: &Request) -> Result<(Option<Info>, u32), VmmProcessError> {
     let path = dir.join(layout::CONTROL_SOCKET);
-    let err = |e: String| VmmProcessError::Control {
+    let err = |e: ControlFailure| VmmProcessError::Control {
         path: path.clone(),
         err: e,
     };
     let fut = async {
-        let mut s = UnixStream::connect(&path)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let pid = s
-            .peer_cred()
-            .map_err(|e| err(e.to_string()))?
-            .pid()
-            .unwrap_or(0) as u32;
-        let mut line = serde_json::to_string(req).map_err(|e| err(e.to_string()))?;
+        let io = |e: std::io::Error| err(e.into());
+        let mut s = UnixStream::connect(&path).await.map_err(io)?;
+        let pid = s.peer_cred().map_err(io)?.pid().unwrap_or(0) as u32;
+        let mut line = serde_json::to_string(req).map_err(|e| err(e.into()))?;
         line.push('\n');
-        s.write_all(line.as_bytes())
-            .await
-            .map_err(|e| err(e.to_string()))?;
+        s.write_all(line.as_bytes()).await.map_err(io)?;
         let mut reply = String::new();
         BufReader::new(&mut s)
             .read_line(&mut reply)
             .await
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(io)?;
         if reply.is_empty() {
-            return Err(err("closed without a reply".into()));
+            return Err(err(ControlFailure::Closed));
         }
-        let r: Reply = serde_json::from_str(&reply).map_err(|e| err(format!("bad reply: {e}")))?;
+        let r: Reply = serde_json::from_str(&reply).map_err(|e| err(e.into()))?;
         Ok((r, pid))
     };
-    let (reply, pid) = tokio::time::timeout(Duration::from_secs(5), fut)
+    let (reply, pid) = tokio::time::timeout(CONTROL_TIMEOUT, fut)
         .await
-        .map_err(|_| err("no reply within 5 s".into()))??;
+        .map_err(|_| err(ControlFailure::Timeout(CONTROL_TIMEOUT)))??;
     let info = reply.into_result().map_err(|e| VmmProcessError::Refused {
         op: serde_json::to_string(req).unwrap_or_default(),
         err: e,
@@ -205,7 +224,7 @@ pub async fn info(dir: &Path) -> Result<(Info, u32), VmmProcessError> {
     let (info, pid) = call(dir, &Request::Info).await?;
     let info = info.ok_or_else(|| VmmProcessError::Control {
         path: dir.join(layout::CONTROL_SOCKET),
-        err: "an info reply without the info".into(),
+        err: ControlFailure::NoInfo,
     })?;
     Ok((info, pid))
 }

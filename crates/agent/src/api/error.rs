@@ -14,7 +14,7 @@ pub struct ApiError {
     #[serde(skip)]
     pub status: StatusCode,
     /// Stable machine-readable code (see docs/openapi.json, `Error.code`).
-    pub code: &'static str,
+    pub code: ErrorCode,
     /// For people.
     pub message: String,
     /// The offending field or parameter, when there is one.
@@ -24,7 +24,7 @@ pub struct ApiError {
 
 impl ApiError {
     /// An error without a field.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -34,7 +34,7 @@ impl ApiError {
     }
 
     /// A bad value of field or parameter `field`.
-    pub fn field(code: &'static str, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn field(code: ErrorCode, field: impl Into<String>, message: impl Into<String>) -> Self {
         let field = field.into();
         let message = message.into();
         Self {
@@ -50,28 +50,99 @@ impl ApiError {
     }
 }
 
-/// Every code the API returns, for the OpenAPI check.
-pub const CODES: &[&str] = &[
-    "invalid_json",
-    "invalid_field",
-    "invalid_parameter",
-    "body_too_large",
-    "not_found",
-    "no_route",
-    "method_not_allowed",
-    "already_exists",
-    "conflict",
-    "in_use",
-    "network_error",
-    "illegal_transition",
-    "over_capacity",
-    "timeout",
-    "start_failed",
-    "vmm_error",
-    "upgrade_required",
-    "read_only",
-    "internal",
-];
+/// Every code the API returns (`Error.code` in docs/openapi.json, checked by a test).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The body is not JSON of the expected shape.
+    InvalidJson,
+    /// A field of the body is refused.
+    InvalidField,
+    /// A query parameter is refused.
+    InvalidParameter,
+    /// The body is larger than the API takes.
+    BodyTooLarge,
+    /// No such VM or segment.
+    NotFound,
+    /// No such path.
+    NoRoute,
+    /// The path does not take this method.
+    MethodNotAllowed,
+    /// An object with this id exists with a different spec.
+    AlreadyExists,
+    /// A field clashes with what exists on the host.
+    Conflict,
+    /// The object is still in use.
+    InUse,
+    /// The kernel refused the network wiring.
+    NetworkError,
+    /// The action is not possible in the VM's state.
+    IllegalTransition,
+    /// Admission control refused the VM.
+    OverCapacity,
+    /// A wait timed out.
+    Timeout,
+    /// The VMM could not start the VM.
+    StartFailed,
+    /// The VMM did not do what it was asked.
+    VmmError,
+    /// The console attach needs an upgrade to the console protocol.
+    UpgradeRequired,
+    /// The socket is read-only (the debug socket).
+    ReadOnly,
+    /// The agent failed (its state directory).
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every code.
+    pub const ALL: &'static [Self] = &[
+        Self::InvalidJson,
+        Self::InvalidField,
+        Self::InvalidParameter,
+        Self::BodyTooLarge,
+        Self::NotFound,
+        Self::NoRoute,
+        Self::MethodNotAllowed,
+        Self::AlreadyExists,
+        Self::Conflict,
+        Self::InUse,
+        Self::NetworkError,
+        Self::IllegalTransition,
+        Self::OverCapacity,
+        Self::Timeout,
+        Self::StartFailed,
+        Self::VmmError,
+        Self::UpgradeRequired,
+        Self::ReadOnly,
+        Self::Internal,
+    ];
+
+    /// Its name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::InvalidField => "invalid_field",
+            Self::InvalidParameter => "invalid_parameter",
+            Self::BodyTooLarge => "body_too_large",
+            Self::NotFound => "not_found",
+            Self::NoRoute => "no_route",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::AlreadyExists => "already_exists",
+            Self::Conflict => "conflict",
+            Self::InUse => "in_use",
+            Self::NetworkError => "network_error",
+            Self::IllegalTransition => "illegal_transition",
+            Self::OverCapacity => "over_capacity",
+            Self::Timeout => "timeout",
+            Self::StartFailed => "start_failed",
+            Self::VmmError => "vmm_error",
+            Self::UpgradeRequired => "upgrade_required",
+            Self::ReadOnly => "read_only",
+            Self::Internal => "internal",
+        }
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -85,28 +156,38 @@ impl From<AgentError> for ApiError {
         let msg = e.to_string();
         match e {
             AgentError::NotFound(_) | AgentError::SegmentNotFound(_) => {
-                Self::new(StatusCode::NOT_FOUND, "not_found", msg)
+                Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, msg)
             }
-            AgentError::Invalid(f) => Self::field("invalid_field", f.field, f.message),
-            AgentError::Exists(_) => Self::new(StatusCode::CONFLICT, "already_exists", msg),
+            AgentError::Invalid(f) => Self::field(ErrorCode::InvalidField, f.field, f.message),
+            AgentError::Exists(_) => Self::new(StatusCode::CONFLICT, ErrorCode::AlreadyExists, msg),
             AgentError::Conflict(f) => Self {
                 status: StatusCode::CONFLICT,
-                ..Self::field("conflict", f.field, f.message)
+                ..Self::field(ErrorCode::Conflict, f.field, f.message)
             },
-            AgentError::InUse(_) => Self::new(StatusCode::CONFLICT, "in_use", msg),
-            AgentError::Network(_) => {
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "network_error", msg)
-            }
+            AgentError::InUse(_) => Self::new(StatusCode::CONFLICT, ErrorCode::InUse, msg),
+            AgentError::Network(_) => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::NetworkError,
+                msg,
+            ),
             AgentError::IllegalTransition { .. } => {
-                Self::new(StatusCode::CONFLICT, "illegal_transition", msg)
+                Self::new(StatusCode::CONFLICT, ErrorCode::IllegalTransition, msg)
             }
-            AgentError::Capacity(_) => Self::new(StatusCode::CONFLICT, "over_capacity", msg),
-            AgentError::Timeout { .. } => Self::new(StatusCode::REQUEST_TIMEOUT, "timeout", msg),
-            AgentError::StartFailed { .. } => {
-                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "start_failed", msg)
+            AgentError::Capacity(_) => {
+                Self::new(StatusCode::CONFLICT, ErrorCode::OverCapacity, msg)
             }
-            AgentError::Vmm { .. } => Self::new(StatusCode::BAD_GATEWAY, "vmm_error", msg),
-            AgentError::Store(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
+            AgentError::Timeout { .. } => {
+                Self::new(StatusCode::REQUEST_TIMEOUT, ErrorCode::Timeout, msg)
+            }
+            AgentError::StartFailed { .. } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::StartFailed,
+                msg,
+            ),
+            AgentError::Vmm { .. } => Self::new(StatusCode::BAD_GATEWAY, ErrorCode::VmmError, msg),
+            AgentError::Store(_) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, msg)
+            }
         }
     }
 }
@@ -117,7 +198,11 @@ pub fn from_json(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     let inner = e.into_inner();
     let msg = inner.to_string();
     if inner.is_syntax() || inner.is_eof() {
-        return ApiError::field("invalid_json", "body", format!("malformed JSON: {msg}"));
+        return ApiError::field(
+            ErrorCode::InvalidJson,
+            "body",
+            format!("malformed JSON: {msg}"),
+        );
     }
     // serde names unknown and missing fields in backquotes.
     let named = msg
@@ -133,7 +218,7 @@ pub fn from_json(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
         (None, p) => p.to_owned(),
     };
     let msg = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
-    ApiError::field("invalid_field", field, msg)
+    ApiError::field(ErrorCode::InvalidField, field, msg)
 }
 
 #[cfg(test)]
@@ -148,7 +233,7 @@ mod tests {
 
     #[test]
     fn json_errors_name_the_field() {
-        assert_eq!(decode("{").code, "invalid_json");
+        assert_eq!(decode("{").code, ErrorCode::InvalidJson);
         let e = decode(r#"{"id":"a","vcpus":"two","memory_mib":1,"boot":{"kernel":"/k"}}"#);
         assert_eq!(e.field.as_deref(), Some("vcpus"));
         let e = decode(r#"{"id":"a","vcpus":1,"memory_mib":1,"boot":{"kernel":"/k","x":1}}"#);

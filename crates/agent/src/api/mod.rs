@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use crate::spec::{Phase, VmSpec};
 use crate::store::layout;
 use crate::Agent;
-pub use error::ApiError;
+pub use error::{ApiError, ErrorCode};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -79,12 +79,12 @@ struct Params(BTreeMap<String, String>);
 impl Params {
     fn parse(raw: Option<String>, allowed: &[&str]) -> Result<Self, ApiError> {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
-            .map_err(|e| ApiError::field("invalid_parameter", "query", e.to_string()))?;
+            .map_err(|e| ApiError::field(ErrorCode::InvalidParameter, "query", e.to_string()))?;
         let mut map = BTreeMap::new();
         for (k, v) in pairs {
             if !allowed.contains(&k.as_str()) {
                 return Err(ApiError::field(
-                    "invalid_parameter",
+                    ErrorCode::InvalidParameter,
                     k.clone(),
                     format!(
                         "unknown parameter; this route takes: {}",
@@ -107,7 +107,7 @@ impl Params {
             Some("" | "1" | "true" | "yes") => Ok(true),
             Some("0" | "false" | "no") => Ok(false),
             Some(v) => Err(ApiError::field(
-                "invalid_parameter",
+                ErrorCode::InvalidParameter,
                 k,
                 format!("{v:?} is not a boolean"),
             )),
@@ -122,7 +122,7 @@ impl Params {
                     Ok(Some(Duration::from_secs_f64(s)))
                 }
                 _ => Err(ApiError::field(
-                    "invalid_parameter",
+                    ErrorCode::InvalidParameter,
                     k,
                     format!("{v:?} is not a number of seconds in 0-{MAX_WAIT}"),
                 )),
@@ -135,7 +135,7 @@ impl Params {
             .map(|v| {
                 v.parse::<u64>().map_err(|_| {
                     ApiError::field(
-                        "invalid_parameter",
+                        ErrorCode::InvalidParameter,
                         k,
                         format!("{v:?} is not a non-negative integer"),
                     )
@@ -150,7 +150,7 @@ async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
     axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
+            ErrorCode::BodyTooLarge,
             format!("request bodies are limited to {MAX_BODY} bytes"),
         )
     })
@@ -161,8 +161,13 @@ async fn json_body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
     let bytes = read_body(body).await?;
     let mut de = serde_json::Deserializer::from_slice(&bytes);
     let v = serde_path_to_error::deserialize(&mut de).map_err(error::from_json)?;
-    de.end()
-        .map_err(|e| ApiError::field("invalid_json", "body", format!("trailing data: {e}")))?;
+    de.end().map_err(|e| {
+        ApiError::field(
+            ErrorCode::InvalidJson,
+            "body",
+            format!("trailing data: {e}"),
+        )
+    })?;
     Ok(v)
 }
 
@@ -175,7 +180,7 @@ async fn no_body(body: Body) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::field(
-            "invalid_field",
+            ErrorCode::InvalidField,
             "body",
             "this action takes its options as query parameters, not a body",
         ))
@@ -193,7 +198,7 @@ fn check_id_of(kind: &str, id: &str) -> Result<(), ApiError> {
     } else {
         Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            "not_found",
+            ErrorCode::NotFound,
             format!("no {kind} with id {id:?} (not a valid id)"),
         ))
     }
@@ -219,14 +224,14 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
-                "no_route",
+                ErrorCode::NoRoute,
                 "no such route; see /v1/openapi.json",
             )
         })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                ErrorCode::MethodNotAllowed,
                 "method not allowed on this route; see /v1/openapi.json",
             )
         })
@@ -281,7 +286,11 @@ async fn list_vms(State(st): St, RawQuery(q): RawQuery) -> Result<Response, ApiE
     let state = match p.get("state") {
         None => None,
         Some(s) => Some(Phase::parse(s).ok_or_else(|| {
-            ApiError::field("invalid_parameter", "state", format!("unknown state {s:?}"))
+            ApiError::field(
+                ErrorCode::InvalidParameter,
+                "state",
+                format!("unknown state {s:?}"),
+            )
         })?),
     };
     let vms: Vec<_> = st
@@ -421,7 +430,7 @@ async fn action(
         _ => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
-                "no_route",
+                ErrorCode::NoRoute,
                 format!("unknown action {action:?}: start, stop, reboot, pause or resume"),
             ))
         }
@@ -452,10 +461,20 @@ async fn wait_vm(
     let p = Params::parse(q, &["state", "timeout"])?;
     check_id(&id)?;
     let want = match p.get("state") {
-        None => return Err(ApiError::field("invalid_parameter", "state", "required")),
+        None => {
+            return Err(ApiError::field(
+                ErrorCode::InvalidParameter,
+                "state",
+                "required",
+            ))
+        }
         Some("deleted") => None,
         Some(s) => Some(Phase::parse(s).ok_or_else(|| {
-            ApiError::field("invalid_parameter", "state", format!("unknown state {s:?}"))
+            ApiError::field(
+                ErrorCode::InvalidParameter,
+                "state",
+                format!("unknown state {s:?}"),
+            )
         })?),
     };
     let timeout = p.seconds("timeout")?.unwrap_or(Duration::from_secs(30));
@@ -543,7 +562,7 @@ async fn attach(
     if !rec.state.has_vmm() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
-            "illegal_transition",
+            ErrorCode::IllegalTransition,
             format!("cannot attach to VM {id:?}: it is {}", rec.state.as_str()),
         ));
     }
@@ -555,7 +574,7 @@ async fn attach(
     if !wants {
         return Err(ApiError::new(
             StatusCode::UPGRADE_REQUIRED,
-            "upgrade_required",
+            ErrorCode::UpgradeRequired,
             format!("attach needs `Connection: Upgrade` and `Upgrade: {CONSOLE_PROTOCOL}`; for the log use /console"),
         ));
     }
@@ -565,7 +584,7 @@ async fn attach(
         .map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_GATEWAY,
-                "vmm_error",
+                ErrorCode::VmmError,
                 format!("cannot reach the console of {id:?}: {e}"),
             )
         })?;
@@ -723,7 +742,7 @@ async fn read_only(req: Request, next: Next) -> Response {
     if req.method() != axum::http::Method::GET || req.uri().path().ends_with("/console/attach") {
         return ApiError::new(
             StatusCode::FORBIDDEN,
-            "read_only",
+            ErrorCode::ReadOnly,
             "this is the read-only debug socket: GET requests only, no interactive console",
         )
         .into_response();
@@ -979,7 +998,7 @@ mod tests {
                 updated_ms: 1,
             },
             operation: Some(Operation {
-                kind: "start".into(),
+                kind: crate::spec::OperationKind::Start,
                 started_ms: 1,
             }),
             nics: vec![crate::segment::NicState {
@@ -1018,8 +1037,8 @@ mod tests {
             seq: 1,
             time_ms: 1,
             vm: "a".into(),
-            kind: "started".into(),
-            state: Some("running".into()),
+            kind: crate::events::EventKind::Started,
+            state: Some(Phase::Running),
             message: "m".into(),
         };
         assert_eq!(
@@ -1033,8 +1052,38 @@ mod tests {
             .iter()
             .map(|v| v.as_str().unwrap().to_owned())
             .collect();
-        let code: BTreeSet<String> = error::CODES.iter().map(|s| s.to_string()).collect();
+        let code: BTreeSet<String> = ErrorCode::ALL
+            .iter()
+            .map(|c| {
+                let wire = serde_json::to_value(c).unwrap();
+                assert_eq!(wire, c.as_str(), "as_str agrees with serde");
+                c.as_str().to_owned()
+            })
+            .collect();
         assert_eq!(codes, code);
+        // The lifecycle enums: what the code can write is what the document lists.
+        let listed = |schema_name: &str, prop: &str| -> BTreeSet<String> {
+            schema(&doc, schema_name)["properties"][prop]["enum"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{schema_name}.{prop} enum"))
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect()
+        };
+        let wire = |v: serde_json::Value| v.as_str().unwrap().to_owned();
+        let kinds: BTreeSet<String> = crate::events::EventKind::ALL
+            .iter()
+            .map(|k| wire(serde_json::to_value(k).unwrap()))
+            .collect();
+        assert_eq!(listed("Event", "kind"), kinds, "Event.kind");
+        let ops: BTreeSet<String> = crate::spec::OperationKind::ALL
+            .iter()
+            .map(|k| {
+                assert_eq!(wire(serde_json::to_value(k).unwrap()), k.as_str());
+                k.as_str().to_owned()
+            })
+            .collect();
+        assert_eq!(listed("Operation", "kind"), ops, "Operation.kind");
         let inv = crate::host::inventory(
             &crate::host::CapacityConfig::default(),
             std::path::Path::new("/"),
