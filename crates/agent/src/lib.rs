@@ -11,6 +11,7 @@ pub mod events;
 pub mod host;
 pub mod imds;
 mod lifecycle;
+pub mod netplan;
 pub mod network;
 pub mod segment;
 pub mod spec;

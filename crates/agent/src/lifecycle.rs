@@ -80,6 +80,102 @@ fn read_result(dir: &std::path::Path, token: &str) -> Option<RunResult> {
     (r.token == token).then_some(r)
 }
 
+/// What recovery found for a VM.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Found {
+    /// Its VMM runs and was re-adopted; the state it reports.
+    adopted: Option<Phase>,
+    /// Its last VMM's own account of its end (clean, reason), if it wrote one.
+    result: Option<(bool, String)>,
+}
+
+/// What follows a VMM found gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AfterEnd {
+    /// A start, reboot or restart was under way: finish it.
+    Relaunch,
+    /// The VM ended on its own: its restart policy decides.
+    RestartPolicy,
+    /// It was being stopped anyway.
+    Nothing,
+}
+
+/// What recovery does with a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Recovery {
+    /// A delete was interrupted: finish it.
+    FinishDelete,
+    /// Its VMM runs and proved who it is; `finish`: a stop was under way, finish it.
+    Adopted {
+        /// The state the VMM reports.
+        state: Phase,
+        /// Whether to finish a stop.
+        finish: bool,
+    },
+    /// Its VMM is gone: record the end, then `then`.
+    Ended {
+        /// Stopped (it ended cleanly, or was being stopped) or failed.
+        state: Phase,
+        /// Why, for the record and the event.
+        reason: String,
+        /// What follows.
+        then: AfterEnd,
+    },
+    /// No VMM, and a start was under way: start it.
+    Relaunch,
+    /// A finished operation is still recorded: clear it.
+    ClearOperation,
+    /// Nothing to do.
+    Nothing,
+}
+
+/// The recovery decision for one VM: a table of its record and what was found.
+fn decide(rec: &VmRecord, found: &Found) -> Recovery {
+    if rec.state == Phase::Deleting {
+        return Recovery::FinishDelete;
+    }
+    if let Some(state) = found.adopted {
+        return Recovery::Adopted {
+            state,
+            finish: rec.desired == Desired::Stopped,
+        };
+    }
+    let starting = rec
+        .operation
+        .as_ref()
+        .is_some_and(|o| matches!(o.kind, Op::Start | Op::Reboot | Op::Restart));
+    if rec.state.has_vmm() {
+        let expected = rec.desired == Desired::Stopped;
+        let (clean, reason) = found.result.clone().unwrap_or_else(|| {
+            (
+                false,
+                "the VMM process ended while the agent was not running, without reporting why"
+                    .into(),
+            )
+        });
+        return Recovery::Ended {
+            state: if clean || expected {
+                Phase::Stopped
+            } else {
+                Phase::Failed
+            },
+            reason,
+            then: match (starting, expected) {
+                (_, true) => AfterEnd::Nothing,
+                (true, false) => AfterEnd::Relaunch,
+                (false, false) => AfterEnd::RestartPolicy,
+            },
+        };
+    }
+    if starting {
+        Recovery::Relaunch
+    } else if rec.operation.is_some() {
+        Recovery::ClearOperation
+    } else {
+        Recovery::Nothing
+    }
+}
+
 impl Agent {
     /// Starts a stopped or failed VM. Starting a running VM is a no-op.
     pub async fn start(self: &Arc<Self>, id: &str) -> Result<VmRecord, AgentError> {
@@ -571,85 +667,71 @@ impl Agent {
     }
 
     /// Run once at start: re-adopt live VMMs, record the ones that died, finish interrupted
-    /// operations, and kill VMM processes nobody owns.
+    /// operations, and kill VMM processes nobody owns. For each VM: look (`probe`), decide
+    /// (`decide`, a pure table), act.
     pub(super) async fn recover(self: &Arc<Self>) {
         let mut relaunch = Vec::new();
         let mut restart = Vec::new();
+        let mut finish_stop = Vec::new();
         let (mut adopted, mut vanished) = (0, 0);
         for entry in self.entries() {
-            let rec = Self::snapshot(&entry);
-            let dir = self.vm_dir(&entry.id);
-            match rec.state {
-                Phase::Deleting => {
+            let mut rec = Self::snapshot(&entry);
+            if rec.state == Phase::Creating {
+                // A create that crashed after its first write: the VM exists, stopped.
+                if let Ok(r) = self.update(&entry, |r| r.state = Phase::Stopped) {
+                    rec = r;
+                }
+            }
+            let found = self.probe(&entry, &rec).await;
+            match decide(&rec, &found) {
+                Recovery::FinishDelete => {
                     if let Err(e) = self.finish_delete(&entry).await {
                         tracing::error!(vm = %entry.id, "cannot finish an interrupted delete: {e}");
                     }
-                    continue;
                 }
-                Phase::Creating => {
-                    let _ = self.update(&entry, |r| r.state = Phase::Stopped);
-                }
-                _ => {}
-            }
-            if let Some(state) = self.adopt(&entry, &rec).await {
-                adopted += 1;
-                self.events.emit(
-                    &entry.id,
-                    EventKind::Adopted,
-                    Some(state),
-                    "VMM still running after an agent restart",
-                );
-                if rec.desired == Desired::Stopped {
-                    // The agent died while stopping it: finish.
-                    restart.push((entry.clone(), "stop"));
-                }
-                continue;
-            }
-            let interrupted_start = rec
-                .operation
-                .as_ref()
-                .is_some_and(|o| matches!(o.kind, Op::Start | Op::Reboot | Op::Restart));
-            if rec.state.has_vmm() {
-                vanished += 1;
-                let (clean, reason) = run_end(
-                    &dir,
-                    &rec.status.token,
-                    "the VMM process ended while the agent was not running, without reporting why",
-                );
-                let expected = rec.desired == Desired::Stopped;
-                let state = if clean || expected {
-                    Phase::Stopped
-                } else {
-                    Phase::Failed
-                };
-                match self.update(&entry, |r| {
-                    mark_ended(r, state, &reason);
-                    r.operation = None;
-                }) {
-                    Ok(_) => {
-                        self.events.emit(
-                            &entry.id,
-                            if state == Phase::Failed {
-                                EventKind::Failed
-                            } else {
-                                EventKind::Stopped
-                            },
-                            Some(state),
-                            reason,
-                        );
-                        if interrupted_start && !expected {
-                            // A reboot (or start) was under way: finish it.
-                            relaunch.push(entry.clone());
-                        } else if !expected {
-                            restart.push((entry.clone(), "policy"));
-                        }
+                Recovery::Adopted { state, finish } => {
+                    adopted += 1;
+                    self.events.emit(
+                        &entry.id,
+                        EventKind::Adopted,
+                        Some(state),
+                        "VMM still running after an agent restart",
+                    );
+                    if finish {
+                        finish_stop.push(entry.clone());
                     }
-                    Err(e) => tracing::error!(vm = %entry.id, "cannot record a vanished VMM: {e}"),
                 }
-            } else if interrupted_start {
-                relaunch.push(entry.clone());
-            } else if rec.operation.is_some() {
-                let _ = self.update(&entry, |r| r.operation = None);
+                Recovery::Ended {
+                    state,
+                    reason,
+                    then,
+                } => {
+                    vanished += 1;
+                    let recorded = self.update(&entry, |r| {
+                        mark_ended(r, state, &reason);
+                        r.operation = None;
+                    });
+                    if let Err(e) = recorded {
+                        tracing::error!(vm = %entry.id, "cannot record a vanished VMM: {e}");
+                        continue;
+                    }
+                    let kind = if state == Phase::Failed {
+                        EventKind::Failed
+                    } else {
+                        EventKind::Stopped
+                    };
+                    self.events.emit(&entry.id, kind, Some(state), reason);
+                    match then {
+                        AfterEnd::Relaunch => relaunch.push(entry.clone()),
+                        AfterEnd::RestartPolicy => restart.push(entry.clone()),
+                        AfterEnd::Nothing => {}
+                    }
+                }
+                Recovery::Relaunch => relaunch.push(entry.clone()),
+                Recovery::ClearOperation => {
+                    let _ = self.update(&entry, |r| r.operation = None);
+                }
+                Recovery::Nothing => {}
             }
         }
         // Every VMM process under our state directory that is not adopted now belongs to no
@@ -685,26 +767,41 @@ impl Agent {
                 }
             });
         }
-        for (entry, what) in restart {
-            if what == "stop" {
-                let agent = self.clone();
-                tokio::spawn(async move {
-                    let id = entry.id.clone();
-                    let _op = entry.op.lock().await;
-                    let _ = agent.update(&entry, |r| r.operation = op(Op::Stop));
-                    if let Err(e) = agent
-                        .end_vmm(&entry, agent.config.stop_timeout, false)
-                        .await
-                    {
-                        tracing::warn!(vm = %id, "finishing an interrupted stop failed: {e}");
-                    }
-                    let _ = agent.update(&entry, |r| r.operation = None);
-                });
-            } else {
-                let rec = Self::snapshot(&entry);
-                self.maybe_restart(&entry, &rec);
-            }
+        for entry in finish_stop {
+            let agent = self.clone();
+            tokio::spawn(async move {
+                let id = entry.id.clone();
+                let _op = entry.op.lock().await;
+                let _ = agent.update(&entry, |r| r.operation = op(Op::Stop));
+                if let Err(e) = agent
+                    .end_vmm(&entry, agent.config.stop_timeout, false)
+                    .await
+                {
+                    tracing::warn!(vm = %id, "finishing an interrupted stop failed: {e}");
+                }
+                let _ = agent.update(&entry, |r| r.operation = None);
+            });
         }
+        for entry in restart {
+            let rec = Self::snapshot(&entry);
+            self.maybe_restart(&entry, &rec);
+        }
+    }
+
+    /// What recovery needs to know about a VM beyond its record: whether its VMM still runs
+    /// (re-adopted, with the state it reports) and, if not, what its last VMM said when it
+    /// ended.
+    async fn probe(self: &Arc<Self>, entry: &Arc<VmEntry>, rec: &VmRecord) -> Found {
+        if rec.state == Phase::Deleting {
+            return Found::default();
+        }
+        let adopted = self.adopt(entry, rec).await;
+        let result = adopted
+            .is_none()
+            .then(|| read_result(&self.vm_dir(&entry.id), &rec.status.token))
+            .flatten()
+            .map(|r| (r.clean, r.reason));
+        Found { adopted, result }
     }
 
     /// Re-adopts the VM's VMM if one is running and proves it is the one recorded (same VM id,
@@ -754,5 +851,128 @@ impl Agent {
         }
         self.watch_exit(entry, token, peer, done, vp::wait_exit(watch_fd));
         Some(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{VmSpec, VmStatus};
+
+    fn rec(state: Phase, desired: Desired, op_kind: Option<Op>) -> VmRecord {
+        let spec: VmSpec = serde_json::from_value(serde_json::json!({
+            "id": "a", "vcpus": 1, "memory_mib": 64, "boot": {"kernel": "/k"}
+        }))
+        .unwrap();
+        VmRecord {
+            id: "a".into(),
+            state,
+            spec,
+            generation: 1,
+            desired,
+            status: VmStatus::default(),
+            operation: op_kind.and_then(op),
+            nics: vec![],
+            metadata: Default::default(),
+        }
+    }
+
+    fn found(adopted: Option<Phase>, result: Option<(bool, &str)>) -> Found {
+        Found {
+            adopted,
+            result: result.map(|(c, r)| (c, r.to_owned())),
+        }
+    }
+
+    #[test]
+    fn recovery_decisions_row_by_row() {
+        use Desired as D;
+        use Phase as P;
+        let nothing = found(None, None);
+        // An interrupted delete is finished whatever else is true.
+        assert_eq!(
+            decide(
+                &rec(P::Deleting, D::Stopped, Some(Op::Delete)),
+                &found(Some(P::Running), None)
+            ),
+            Recovery::FinishDelete
+        );
+        // A live VMM is kept; a stop it was in the middle of is finished.
+        assert_eq!(
+            decide(
+                &rec(P::Running, D::Running, None),
+                &found(Some(P::Running), None)
+            ),
+            Recovery::Adopted {
+                state: P::Running,
+                finish: false
+            }
+        );
+        assert_eq!(
+            decide(
+                &rec(P::Paused, D::Stopped, Some(Op::Stop)),
+                &found(Some(P::Paused), None)
+            ),
+            Recovery::Adopted {
+                state: P::Paused,
+                finish: true
+            }
+        );
+        // A VMM that ended cleanly on its own: stopped, the restart policy decides.
+        assert_eq!(
+            decide(
+                &rec(P::Running, D::Running, None),
+                &found(None, Some((true, "guest powered off")))
+            ),
+            Recovery::Ended {
+                state: P::Stopped,
+                reason: "guest powered off".into(),
+                then: AfterEnd::RestartPolicy
+            }
+        );
+        // One that vanished without a word: failed.
+        let r = decide(&rec(P::Running, D::Running, None), &nothing);
+        assert!(matches!(
+            r,
+            Recovery::Ended {
+                state: P::Failed,
+                then: AfterEnd::RestartPolicy,
+                ..
+            }
+        ));
+        // One that was being stopped: stopped, nothing follows.
+        assert!(matches!(
+            decide(&rec(P::Running, D::Stopped, Some(Op::Stop)), &nothing),
+            Recovery::Ended {
+                state: P::Stopped,
+                then: AfterEnd::Nothing,
+                ..
+            }
+        ));
+        // One that was mid-reboot: its end is recorded and the reboot finished.
+        assert!(matches!(
+            decide(&rec(P::Running, D::Running, Some(Op::Reboot)), &nothing),
+            Recovery::Ended {
+                then: AfterEnd::Relaunch,
+                ..
+            }
+        ));
+        // No VMM, a start under way: start it. A pause left over: cleared. Else nothing.
+        assert_eq!(
+            decide(&rec(P::Stopped, D::Running, Some(Op::Start)), &nothing),
+            Recovery::Relaunch
+        );
+        assert_eq!(
+            decide(&rec(P::Failed, D::Running, Some(Op::Restart)), &nothing),
+            Recovery::Relaunch
+        );
+        assert_eq!(
+            decide(&rec(P::Stopped, D::Stopped, Some(Op::Pause)), &nothing),
+            Recovery::ClearOperation
+        );
+        assert_eq!(
+            decide(&rec(P::Stopped, D::Stopped, None), &nothing),
+            Recovery::Nothing
+        );
     }
 }

@@ -14,26 +14,22 @@
 //!   uplink.VLAN bxu… ───┘  gateway of a routed segment, 169.254.169.254 for metadata)
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use ipnet::{IpNet, Ipv4Net};
-
-use super::segment::{link_local, segment_links, segment_mac, NicState, SegmentMode, SegmentSpec};
+use super::netplan::{self, nic_rule, LinkOp, ALIAS_PREFIX};
+use super::segment::{segment_links, NicState, SegmentSpec};
 use super::spec::VmRecord;
 use super::store::{sync_dir, write_atomic, StoreError};
 use super::{Agent, AgentError};
 use bexar_devices::tap::Tap;
 use bexar_hostnet::dhcp::{Binding, Bindings};
 use bexar_hostnet::netlink::{self, Link, Netlink};
-use bexar_hostnet::nft::{self, NicRule, Ruleset, SegmentRule, MARK_BASE};
+use bexar_hostnet::nft::{self, MARK_BASE};
 use bexar_hostnet::service::Service;
 use bexar_hostnet::{GATEWAY_PREFIX, IMDS_ADDR, TAP_PREFIX, UPLINK_PREFIX};
 use bexar_util::sync::lock;
-
-/// Alias prefix of every link the agent owns.
-pub const ALIAS_PREFIX: &str = "bexar:";
 
 /// How the host side of the network is set up.
 #[derive(Debug, Clone, Default)]
@@ -192,11 +188,9 @@ impl Agent {
             }
             spec.check_against(segs.values())
                 .map_err(AgentError::Conflict)?;
-            write_atomic(
-                &self.net.path(&spec.id),
-                &serde_json::to_vec_pretty(&spec).map_err(StoreError::from)?,
-            )
-            .map_err(StoreError::from)?;
+            let data = serde_json::to_vec_pretty(&spec).map_err(StoreError::from)?;
+            super::store::blocking(|| write_atomic(&self.net.path(&spec.id), &data))
+                .map_err(StoreError::from)?;
             segs.insert(spec.id.clone(), spec.clone());
         }
         if let Err(e) = self.sync_network().await {
@@ -287,9 +281,10 @@ impl Agent {
         self.net.owner_of_mark(mark)
     }
 
-    /// Makes the kernel match the records: bridge, segment ports with their addresses and
-    /// routes, one filtered TAP per segment NIC, the nftables ruleset, router advertisements;
-    /// and removes links the agent made that nothing wants any more.
+    /// Makes the kernel match the records: bridges with their addresses and routes, uplink
+    /// VLAN interfaces, one filtered TAP per segment NIC, the nftables ruleset, forwarding,
+    /// router advertisements and DHCP; and removes links the agent made that nothing wants any
+    /// more. Observe, plan (`netplan`, pure), apply the difference.
     pub async fn sync_network(&self) -> Result<(), AgentError> {
         let segs: BTreeMap<String, SegmentSpec> = lock(&self.net.segments).clone();
         let nics: Vec<(String, usize, NicState)> = self
@@ -305,151 +300,100 @@ impl Agent {
                     .collect::<Vec<_>>()
             })
             .collect();
-        let empty = segs.is_empty() && nics.is_empty();
-        if empty
+        let plan = netplan::plan(&segs, &nics, self.net.config.uplink.as_deref());
+        if plan.is_empty()
             && !self.net.active.load(std::sync::atomic::Ordering::Relaxed)
             && !self.net_touched()
         {
+            // A host without segments is not touched at all.
             return Ok(());
         }
         let _guard = self.net.sync.lock().await;
         let nl = self.net.netlink()?;
-        let uplink = self.net.config.uplink.as_deref();
-        let mut links = nl.links().await.map_err(net_err)?;
-        let mut wanted: BTreeSet<String> = BTreeSet::new();
+        let observed = nl.links().await.map_err(net_err)?;
+        let ops = netplan::link_ops(&plan, &observed);
 
-        // One bridge per segment; it carries the host's addresses on the segment.
-        for s in segs.values() {
-            let (br, vl) = segment_links(&s.id);
-            wanted.insert(br.clone());
-            if find(&links, &br).is_none() {
-                nl.add_bridge(
-                    &br,
-                    &format!("{ALIAS_PREFIX}segment {}", s.id),
-                    segment_mac(&s.id),
-                )
-                .await
-                .map_err(net_err)?;
-                links = nl.links().await.map_err(net_err)?;
+        // Links to make: bridges, then the uplink VLAN interfaces on them.
+        let mut deletes = Vec::new();
+        for op in ops {
+            match op {
+                LinkOp::AddBridge { name, alias, mac } => {
+                    nl.add_bridge(&name, &alias, mac).await.map_err(net_err)?
+                }
+                LinkOp::AddVlan { name, on, vlan } => {
+                    let base = find(&observed, &on)
+                        .ok_or_else(|| net_err(format!("uplink {on} does not exist")))?
+                        .index;
+                    nl.add_vlan(&name, base, vlan).await.map_err(net_err)?;
+                }
+                LinkOp::Delete { index, name } => deletes.push((index, name)),
             }
-            let bl = find(&links, &br)
+        }
+        let links = nl.links().await.map_err(net_err)?;
+
+        // Every bridge's settings, addresses and route (idempotent, so applied every time).
+        for b in &plan.bridges {
+            let bl = find(&links, &b.name)
                 .cloned()
-                .ok_or_else(|| net_err(format!("{br} did not appear")))?;
-            let routed6 = s.mode == SegmentMode::Routed && s.ipv6.is_some();
+                .ok_or_else(|| net_err(format!("{} did not appear", b.name)))?;
+            let br = &b.name;
             let _ = netlink::sysctl(
                 &format!("net/ipv6/conf/{br}/disable_ipv6"),
-                if routed6 { "0" } else { "1" },
+                if b.ipv6 { "0" } else { "1" },
             );
             let _ = netlink::sysctl(&format!("net/ipv6/conf/{br}/accept_dad"), "0");
             let _ = netlink::sysctl(&format!("net/ipv6/conf/{br}/accept_ra"), "0");
             let _ = netlink::sysctl(&format!("net/ipv4/conf/{br}/arp_ignore"), "1");
-            nl.set_link(
-                bl.index,
-                &format!("{ALIAS_PREFIX}segment {}", s.id),
-                None,
-                true,
-            )
-            .await
-            .map_err(net_err)?;
+            nl.set_link(bl.index, &b.alias, None, true)
+                .await
+                .map_err(net_err)?;
             let have = nl.addresses(bl.index).await.map_err(net_err)?;
-            let (v4, v6) = s.host_addresses();
-            let mut want: Vec<IpNet> =
-                vec![IpNet::V4(Ipv4Net::new(IMDS_ADDR, 32).expect("constant"))];
-            want.extend(v4.map(IpNet::V4));
-            want.extend(v6.map(IpNet::V6));
-            for a in want {
-                if !have.contains(&a) {
-                    nl.add_address(bl.index, a).await.map_err(net_err)?;
-                }
+            for a in b.addresses.iter().filter(|a| !have.contains(a)) {
+                nl.add_address(bl.index, *a).await.map_err(net_err)?;
             }
-            if s.mode == SegmentMode::Bridged {
+            if let Some(subnet) = b.metadata_route {
                 // Metadata replies reach bridged guests through their bridge.
-                if let Some(v4) = &s.ipv4 {
-                    nl.add_link_route(bl.index, v4.subnet, IMDS_ADDR)
-                        .await
-                        .map_err(net_err)?;
-                }
-                // The uplink carries the segment tagged with its VLAN.
-                if let Some(u) = uplink {
-                    let base = find(&links, u)
-                        .ok_or_else(|| net_err(format!("uplink {u} does not exist")))?
-                        .index;
-                    wanted.insert(vl.clone());
-                    if find(&links, &vl).is_none() {
-                        nl.add_vlan(&vl, base, s.vlan).await.map_err(net_err)?;
-                        links = nl.links().await.map_err(net_err)?;
-                    }
-                    let ul = find(&links, &vl).ok_or_else(|| net_err(format!("{vl} missing")))?;
-                    let _ = netlink::sysctl(&format!("net/ipv6/conf/{vl}/disable_ipv6"), "1");
-                    nl.set_link(
-                        ul.index,
-                        &format!("{ALIAS_PREFIX}uplink {}", s.id),
-                        Some(bl.index),
-                        true,
-                    )
+                nl.add_link_route(bl.index, subnet, IMDS_ADDR)
                     .await
                     .map_err(net_err)?;
-                }
+            }
+            if let Some(u) = &b.uplink {
+                // The uplink carries the segment tagged with its VLAN.
+                let ul =
+                    find(&links, &u.name).ok_or_else(|| net_err(format!("{} missing", u.name)))?;
+                let _ = netlink::sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", u.name), "1");
+                nl.set_link(ul.index, &u.alias, Some(bl.index), true)
+                    .await
+                    .map_err(net_err)?;
             }
         }
 
         // One TAP per segment NIC, a port of its segment's bridge.
         let mut tap_index = HashMap::new();
-        for (vm, i, n) in &nics {
-            wanted.insert(n.tap.clone());
-            let Some(seg) = n.segment.as_deref() else {
+        for t in &plan.taps {
+            let Some(bl) = find(&links, &t.bridge) else {
                 continue;
             };
-            let Some(bl) = find(&links, &segment_links(seg).0) else {
-                tracing::error!(vm = %vm, "NIC {i} is on unknown segment {seg:?}");
-                continue;
-            };
-            tap_index.insert(n.tap.clone(), ensure_tap(&nl, vm, *i, n, bl.index).await?);
+            tap_index.insert(
+                t.nic.tap.clone(),
+                ensure_tap(&nl, &t.vm, t.index, &t.nic, bl.index).await?,
+            );
+        }
+        for (vm, i, tap) in &plan.orphans {
+            tracing::error!(vm = %vm, "NIC {i} ({tap}) is on a segment that does not exist");
         }
 
         // Whatever the agent made that nothing wants any more.
-        for l in &links {
-            let ours = l
-                .alias
-                .as_deref()
-                .is_some_and(|a| a.starts_with(ALIAS_PREFIX))
-                && [TAP_PREFIX, GATEWAY_PREFIX, UPLINK_PREFIX]
-                    .iter()
-                    .any(|p| l.name.starts_with(p));
-            if ours && !wanted.contains(&l.name) {
-                tracing::info!("removing {} ({})", l.name, l.alias.as_deref().unwrap_or(""));
-                if let Err(e) = nl.del_link(l.index).await {
-                    tracing::warn!("cannot remove {}: {e}", l.name);
-                }
+        for (index, name) in deletes {
+            tracing::info!("removing {name}");
+            if let Err(e) = nl.del_link(index).await {
+                tracing::warn!("cannot remove {name}: {e}");
             }
         }
 
         // Filters and routing policy, in one transaction.
-        let mut marks = HashMap::new();
-        let mut rules = Ruleset::default();
-        for (vm, i, n) in &nics {
-            let Some(index) = tap_index.get(&n.tap) else {
-                continue;
-            };
-            let rule = nic_rule(n, *index);
-            marks.insert(
-                rule.mark,
-                NicOwner {
-                    vm: vm.clone(),
-                    nic: *i,
-                },
-            );
-            rules.nics.push(rule);
-        }
-        for s in segs.values() {
-            rules.segments.push(SegmentRule {
-                port: segment_links(&s.id).0,
-                routed: s.mode == SegmentMode::Routed,
-                ipv4: s.ipv4.as_ref().map(|v| v.subnet),
-                ipv6: s.ipv6.as_ref().map(|v| v.prefix),
-            });
-        }
-        if empty {
+        let (rules, marks) = netplan::ruleset(&plan, &segs, &tap_index);
+        if plan.is_empty() {
             // Nothing to filter: the agent's tables go too.
             match tokio::task::spawn_blocking(nft::remove_tables)
                 .await
@@ -466,66 +410,53 @@ impl Agent {
         }
         self.net
             .active
-            .store(!empty, std::sync::atomic::Ordering::Relaxed);
-        *lock(&self.net.marks) = marks;
+            .store(!plan.is_empty(), std::sync::atomic::Ordering::Relaxed);
+        *lock(&self.net.marks) = marks
+            .into_iter()
+            .map(|(mark, (vm, nic))| (mark, NicOwner { vm, nic }))
+            .collect();
 
         // Host-wide switches (this network namespace only).
         let _ = netlink::sysctl("net/ipv4/tcp_fwmark_accept", "1");
-        if segs
-            .values()
-            .any(|s| s.mode == SegmentMode::Routed && s.ipv4.is_some())
-        {
+        if plan.forward_v4 {
             netlink::sysctl("net/ipv4/ip_forward", "1").map_err(net_err)?;
         }
-        if segs
-            .values()
-            .any(|s| s.mode == SegmentMode::Routed && s.ipv6.is_some())
-        {
+        if plan.forward_v6 {
             netlink::sysctl("net/ipv6/conf/all/forwarding", "1").map_err(net_err)?;
         }
 
-        // Router advertisements on routed IPv6 segments.
-        // (A service dropped from its map stops.)
+        // Router advertisements and DHCP servers: keep the running ones the plan still has,
+        // start the missing ones. (A service dropped from its map stops.)
         let mut ra = lock(&self.net.ra);
-        ra.retain(|id, t| {
-            segs.get(id)
-                .is_some_and(|s| s.mode == SegmentMode::Routed && s.ipv6.is_some())
-                && t.is_running()
-        });
-        for s in segs.values() {
-            let (Some(v6), SegmentMode::Routed) = (&s.ipv6, s.mode) else {
-                continue;
-            };
-            if ra.contains_key(&s.id) {
+        ra.retain(|id, t| plan.ra.iter().any(|r| &r.segment == id) && t.is_running());
+        for r in &plan.ra {
+            if ra.contains_key(&r.segment) {
                 continue;
             }
-            let (g, _) = segment_links(&s.id);
-            if let Some(gl) = find(&links, &g) {
+            if let Some(gl) = find(&links, &r.bridge) {
                 let adv = bexar_hostnet::ra::Advertiser {
-                    ifname: g.clone(),
+                    ifname: r.bridge.clone(),
                     ifindex: gl.index,
                     mac: gl.mac.unwrap_or([0; 6]),
-                    prefix: v6.prefix,
+                    prefix: r.prefix,
                 };
-                ra.insert(s.id.clone(), adv.start());
+                ra.insert(r.segment.clone(), adv.start());
             }
         }
         drop(ra);
-
-        // DHCP on every segment with IPv4.
         let mut dhcp = lock(&self.net.dhcp);
-        dhcp.retain(|id, (w, _)| segs.get(id).is_some_and(|s| s.ipv4.is_some()) && w.is_running());
-        for s in segs.values().filter(|s| s.ipv4.is_some()) {
-            if dhcp.contains_key(&s.id) {
+        dhcp.retain(|id, (w, _)| plan.dhcp.iter().any(|d| &d.segment == id) && w.is_running());
+        for d in &plan.dhcp {
+            if dhcp.contains_key(&d.segment) {
                 continue;
             }
             let bindings = Bindings::default();
             let server = bexar_hostnet::dhcp::Server {
-                ifname: segment_links(&s.id).0,
-                server_id: s.host_addresses().0.map_or(IMDS_ADDR, |a| a.addr()),
+                ifname: d.bridge.clone(),
+                server_id: d.server_id,
                 bindings: bindings.clone(),
             };
-            dhcp.insert(s.id.clone(), (server.start(), bindings));
+            dhcp.insert(d.segment.clone(), (server.start(), bindings));
         }
         drop(dhcp);
         self.refresh_bindings();
@@ -698,30 +629,10 @@ async fn ensure_tap(
         }
     };
     let _ = netlink::sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", n.tap), "1");
-    nl.set_link(
-        tl.index,
-        &format!("{ALIAS_PREFIX}nic {vm} {i}"),
-        Some(bridge),
-        true,
-    )
-    .await
-    .map_err(net_err)?;
+    nl.set_link(tl.index, &netplan::tap_alias(vm, i), Some(bridge), true)
+        .await
+        .map_err(net_err)?;
     Ok(tl.index)
-}
-
-/// The filter of a NIC whose TAP has interface index `ifindex`.
-fn nic_rule(n: &NicState, ifindex: u32) -> NicRule {
-    let mut ipv6: Vec<_> = n.ipv6.into_iter().collect();
-    if !ipv6.is_empty() {
-        ipv6.push(link_local(n.mac_bytes()));
-    }
-    NicRule {
-        tap: n.tap.clone(),
-        mac: n.mac.clone(),
-        ipv4: n.ipv4,
-        ipv6,
-        mark: MARK_BASE | ifindex,
-    }
 }
 
 fn find<'a>(links: &'a [Link], name: &str) -> Option<&'a Link> {

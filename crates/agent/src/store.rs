@@ -41,6 +41,17 @@ pub mod layout {
     pub const VSOCK_SOCKET: &str = "vsock.sock";
 }
 
+/// Runs `f`, file I/O that waits for the disk (an fsync), without holding up the other tasks
+/// of the async worker it runs on: on the agent's multi-threaded runtime the worker hands its
+/// queue to the others for the duration.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Errors of the state directory.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -107,8 +118,12 @@ impl Store {
         self.root.join("vms").join(id)
     }
 
-    /// Writes a VM's record (creating its directory on first write).
+    /// Writes a VM's record (creating its directory on first write), off the async worker.
     pub fn save(&self, rec: &VmRecord) -> Result<(), StoreError> {
+        blocking(|| self.save_now(rec))
+    }
+
+    fn save_now(&self, rec: &VmRecord) -> Result<(), StoreError> {
         let dir = self.vm_dir(&rec.id);
         if !dir.exists() {
             use std::os::unix::fs::DirBuilderExt;
