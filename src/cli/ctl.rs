@@ -12,6 +12,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use bexar_agent::api::client::{Client, ClientError, Reply};
+use bexar_agent::spec::{BootSpec, DiskSpec, NicSpec, RestartPolicy, VmSpec, VsockSpec};
 
 /// Options every client command takes.
 #[derive(Debug, Clone, Args)]
@@ -137,7 +138,7 @@ pub struct CreateArgs {
     /// CPU template.
     #[arg(long)]
     pub cpu_template: Option<String>,
-    /// A disk: PATH[,ro] (repeatable).
+    /// A disk: PATH[,ro][,direct][,serial=ID] (repeatable).
     #[arg(long)]
     pub disk: Vec<String>,
     /// A NIC: segment=ID[,mac=MAC][,ip=A][,ip6=A] or tap=NAME[,mac=MAC] (repeatable).
@@ -160,13 +161,33 @@ pub struct CreateArgs {
     pub start: bool,
 }
 
-fn absolute(p: &std::path::Path) -> String {
-    std::path::absolute(p)
-        .unwrap_or_else(|_| p.to_owned())
-        .display()
-        .to_string()
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
 }
 
+/// A NIC from `--net`: `segment=ID[,mac=MAC][,ip=A][,ip6=A]` or `tap=NAME[,mac=MAC]`.
+fn nic_from_flag(n: &str) -> Result<NicSpec, String> {
+    let mut nic = NicSpec::default();
+    for opt in n.split(',') {
+        let bad = |what: &str, v: &str| format!("--net: {what} {v:?} is not an address");
+        match opt.split_once('=') {
+            Some(("segment", v)) => nic.segment = Some(v.to_owned()),
+            Some(("tap", v)) => nic.tap = Some(v.to_owned()),
+            Some(("mac", v)) => nic.mac = Some(v.to_owned()),
+            Some(("ip", v)) => nic.ipv4 = Some(v.parse().map_err(|_| bad("ip", v))?),
+            Some(("ip6", v)) => nic.ipv6 = Some(v.parse().map_err(|_| bad("ip6", v))?),
+            _ => {
+                return Err(format!(
+                    "--net: unknown option {opt:?} (segment=ID, tap=NAME, mac=MAC, ip=A, ip6=A)"
+                ))
+            }
+        }
+    }
+    Ok(nic)
+}
+
+/// The VM spec to send: the file as given (the agent checks it and names what it refuses),
+/// or one built from the flags.
 fn spec_from_flags(a: &CreateArgs) -> Result<Value, String> {
     if let Some(f) = &a.file {
         let text = if f.as_os_str() == "-" {
@@ -183,70 +204,51 @@ fn spec_from_flags(a: &CreateArgs) -> Result<Value, String> {
     }
     let id = a.id.clone().ok_or("a VM id is needed (or --file)")?;
     let kernel = a.kernel.as_ref().ok_or("--kernel is needed (or --file)")?;
-    let mut boot = json!({ "kernel": absolute(kernel) });
-    if let Some(i) = &a.initrd {
-        boot["initrd"] = json!(absolute(i));
-    }
-    if let Some(c) = &a.cmdline {
-        boot["cmdline"] = json!(c);
-    }
-    let mut spec = json!({ "id": id, "vcpus": a.vcpus, "memory_mib": a.memory, "boot": boot });
-    if let Some(t) = &a.cpu_template {
-        spec["cpu_template"] = json!(t);
-    }
-    let mut disks = Vec::new();
-    for d in &a.disk {
-        let mut parts = d.split(',');
-        let path = parts.next().unwrap_or_default();
-        let mut disk = json!({ "path": absolute(std::path::Path::new(path)) });
-        for opt in parts {
-            match opt {
-                "ro" => disk["read_only"] = json!(true),
-                "direct" => disk["direct"] = json!(true),
-                o => return Err(format!("--disk: unknown option {o:?} (ro, direct)")),
-            }
-        }
-        disks.push(disk);
-    }
-    spec["disks"] = json!(disks);
-    let mut nics = Vec::new();
-    for n in &a.net {
-        let mut nic = json!({});
-        for opt in n.split(',') {
-            match opt.split_once('=') {
-                Some(("segment", v)) => nic["segment"] = json!(v),
-                Some(("tap", v)) => nic["tap"] = json!(v),
-                Some(("mac", v)) => nic["mac"] = json!(v),
-                Some(("ip", v)) => nic["ipv4"] = json!(v),
-                Some(("ip6", v)) => nic["ipv6"] = json!(v),
-                _ => {
-                    return Err(format!(
-                        "--net: unknown option {opt:?} (segment=ID, tap=NAME, mac=MAC, ip=A, ip6=A)"
-                    ))
-                }
-            }
-        }
-        nics.push(nic);
-    }
-    spec["nics"] = json!(nics);
-    if a.rng {
-        spec["rng"] = json!(true);
-    }
-    if let Some(c) = a.vsock_cid {
-        spec["vsock"] = json!({ "cid": c });
-    }
-    let mut labels = serde_json::Map::new();
-    for l in &a.labels {
-        let (k, v) = l
-            .split_once('=')
-            .ok_or(format!("--label {l:?}: expected key=value"))?;
-        labels.insert(k.into(), json!(v));
-    }
-    spec["labels"] = Value::Object(labels);
-    if let Some(r) = &a.restart {
-        spec["restart_policy"] = json!(r);
-    }
-    Ok(spec)
+    let disks = a
+        .disk
+        .iter()
+        .map(|d| {
+            let mut disk: DiskSpec = d.parse().map_err(|e| format!("--disk: {e}"))?;
+            disk.path = absolute(&disk.path);
+            Ok(disk)
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let labels = a
+        .labels
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or(format!("--label {l:?}: expected key=value"))
+        })
+        .collect::<Result<_, String>>()?;
+    let restart_policy = match &a.restart {
+        None => RestartPolicy::default(),
+        Some(r) => serde_json::from_value(json!(r))
+            .map_err(|_| format!("--restart {r:?}: expected no, on-failure or always"))?,
+    };
+    let spec = VmSpec {
+        id,
+        vcpus: a.vcpus,
+        memory_mib: a.memory,
+        cpu_template: a.cpu_template.clone().unwrap_or_else(|| "host".into()),
+        boot: BootSpec {
+            kernel: absolute(kernel),
+            initrd: a.initrd.as_deref().map(absolute),
+            cmdline: a.cmdline.clone(),
+        },
+        disks,
+        nics: a
+            .net
+            .iter()
+            .map(|n| nic_from_flag(n))
+            .collect::<Result<_, _>>()?,
+        rng: a.rng,
+        vsock: a.vsock_cid.map(|cid| VsockSpec { cid }),
+        labels,
+        restart_policy,
+    };
+    serde_json::to_value(spec).map_err(|e| e.to_string())
 }
 
 /// Maps an API reply to an exit status, printing errors.
@@ -701,4 +703,64 @@ async fn attach(c: &Client, id: &str) -> ExitCode {
         _ = from_guest => {}
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        create: CreateArgs,
+    }
+
+    fn spec(args: &[&str]) -> Result<Value, String> {
+        let c = Cmd::try_parse_from(std::iter::once("create").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        spec_from_flags(&c.create)
+    }
+
+    #[test]
+    fn flags_make_the_same_spec_the_api_takes() {
+        let v = spec(&[
+            "web-1",
+            "--kernel",
+            "/boot/vmlinux",
+            "--disk",
+            "/img/root.ext4,ro,serial=root",
+            "--net",
+            "segment=web,ip=10.0.0.5",
+            "--net",
+            "tap=tap7,mac=02:00:00:00:00:07",
+            "-L",
+            "tier=web",
+            "--restart",
+            "on-failure",
+            "--vsock-cid",
+            "5",
+        ])
+        .unwrap();
+        let typed: VmSpec = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(typed.disks[0].serial.as_deref(), Some("root"));
+        assert!(typed.disks[0].read_only);
+        assert_eq!(typed.nics[0].ipv4, Some("10.0.0.5".parse().unwrap()));
+        assert_eq!(typed.nics[1].tap.as_deref(), Some("tap7"));
+        assert_eq!(typed.restart_policy, RestartPolicy::OnFailure);
+        assert_eq!(v["vsock"]["cid"], 5);
+        assert_eq!(v["cpu_template"], "host");
+        // Refusals name the flag.
+        assert!(spec(&["a", "--kernel", "/k", "--disk", "/d,rx"])
+            .unwrap_err()
+            .contains("--disk"));
+        assert!(
+            spec(&["a", "--kernel", "/k", "--net", "segment=s,ip=1.2.3"])
+                .unwrap_err()
+                .contains("--net")
+        );
+        assert!(spec(&["a", "--kernel", "/k", "--restart", "sometimes"])
+            .unwrap_err()
+            .contains("--restart"));
+    }
 }
