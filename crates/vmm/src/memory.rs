@@ -6,9 +6,9 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress};
 
-pub use bexar_devices::memory::GuestMemoryMmap;
+pub use bexar_devices::memory::{GuestMemoryMmap, GuestRegionMmap};
 
 use super::config::MAX_MEMORY_MIB;
 use super::layout::{MMIO_GAP_END, MMIO_GAP_START};

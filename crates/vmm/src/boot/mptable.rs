@@ -1,7 +1,8 @@
 //! Intel MultiProcessor Specification 1.4 table: how a guest without ACPI finds its CPUs, its
 //! IOAPIC and how ISA interrupts are wired.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use bexar_devices::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{APIC_ADDR, IOAPIC_ADDR, MPTABLE_START};
 

@@ -1,5 +1,6 @@
 //! Boot information handed to the guest: the e820 map, the Linux zero page and the PVH start info.
 
+use bexar_devices::memory::GuestMemoryMmap;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -7,7 +8,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::{
     CMDLINE_START, HIMEM_START, MPTABLE_START, PVH_INFO_START, PVH_MEMMAP_START, ZERO_PAGE_START,

@@ -1,7 +1,8 @@
 //! Entry state for the boot protocols: GDT, identity page tables, special and general registers.
 
+use bexar_devices::memory::GuestMemoryMmap;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START,
@@ -178,7 +179,6 @@ pub fn boot_regs(mode: EntryMode, entry: u64, params: u64) -> kvm_regs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
 
     #[test]
     fn gdt_entries_round_trip() {
@@ -198,7 +198,7 @@ mod tests {
 
     #[test]
     fn long_mode_sregs_and_identity_map() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = crate::memory::create_guest_memory(1).unwrap().mem;
         let s = setup_sregs(&mem, EntryMode::Linux64, kvm_sregs::default()).unwrap();
         assert_eq!(s.cr3, PML4_START);
         assert_ne!(s.cr0 & X86_CR0_PG, 0);
@@ -216,7 +216,7 @@ mod tests {
 
     #[test]
     fn pvh_sregs_leave_paging_off() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = crate::memory::create_guest_memory(1).unwrap().mem;
         let s = setup_sregs(&mem, EntryMode::Pvh, kvm_sregs::default()).unwrap();
         assert_eq!(s.cr0, X86_CR0_PE | X86_CR0_ET);
         assert_eq!(s.efer, 0);

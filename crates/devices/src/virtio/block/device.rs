@@ -14,7 +14,7 @@ use crate::block::{
     open_disk, BlockError, BlockOp, BlockRequest, Completion, DiskBackend, DiskConfig, DiskInfo,
     SECTOR, SERIAL_MAX,
 };
-use crate::memory::GuestMemoryMmap;
+use crate::memory::{mark_dirty, GuestMemoryMmap};
 use crate::virtio::{
     read_config_bytes, ActivateError, ActivationContext, Counters, PersistError, VirtioCommon,
     VirtioDevice, VirtioState,
@@ -81,6 +81,9 @@ struct Pending {
     /// status byte).
     used_ok: u32,
     op: BlockOp,
+    /// The guest buffers a read fills: marked dirty when it completes, because a backend may
+    /// have written them without going through vm-memory (io_uring does).
+    filled: Vec<(GuestAddress, u32)>,
 }
 
 /// A virtio-blk device.
@@ -241,10 +244,10 @@ impl Block {
             // request it holds back goes back to the ring until its bucket refills.
             let tag = *next_tag;
             *next_tag = next_tag.wrapping_add(1);
-            let used_ok = if op == BlockOp::Read {
-                len as u32 + 1
+            let (used_ok, filled) = if op == BlockOp::Read {
+                (len as u32 + 1, req.data.clone())
             } else {
-                1
+                (1, Vec::new())
             };
             let breq = BlockRequest {
                 op,
@@ -261,6 +264,7 @@ impl Block {
                             status: req.status,
                             used_ok,
                             op,
+                            filled,
                         },
                     );
                     submitted = true;
@@ -305,6 +309,9 @@ impl Block {
             };
             let (status, len) = match &c.result {
                 Ok(bytes) => {
+                    for (addr, len) in &p.filled {
+                        mark_dirty(mem, *addr, *len as usize);
+                    }
                     Counters::inc(&s.counters.requests);
                     match p.op {
                         BlockOp::Read => Counters::add(&s.counters.read_bytes, *bytes),

@@ -207,6 +207,31 @@ fn reads_and_writes_take_io_uring_when_the_host_has_it() {
 }
 
 #[test]
+fn pages_a_read_fills_are_marked_dirty_whatever_the_backend() {
+    let mut r = rig(64, false);
+    r.mem = crate::memory::tracked_test_memory(4);
+    let mem = r.mem.clone();
+    let mut ring = DriverRing::new(&mem, RING, 16);
+    activate(&mut r.dev, &ring, &mem, &r.irq);
+    r.header(T_IN, 0);
+    assert!(!crate::memory::is_dirty(&mem, DATA + 0x1000));
+    submit(
+        &mut r,
+        &mut ring,
+        0,
+        &[(HDR, 16, false), (DATA, 8192, true), (STATUS, 1, true)],
+    );
+    assert_eq!(r.status(), S_OK);
+    assert!(crate::memory::is_dirty(&mem, DATA));
+    assert!(
+        crate::memory::is_dirty(&mem, DATA + 0x1000),
+        "{} filled it",
+        r.dev.backend.engine()
+    );
+    assert!(!crate::memory::is_dirty(&mem, DATA + 0x2000));
+}
+
+#[test]
 fn flush_get_id_discard_and_unknown_types() {
     let mut r = rig(64, false);
     let mem = r.mem.clone();
