@@ -7,6 +7,10 @@
 //!   ten idle VMMs running together, each one's proportional share (PSS, so the binary's pages
 //!   shared by all count once), its unique pages (USS) and the kernel memory each one adds.
 //!
+//! With `BEXAR_BENCH_BASELINE_BIN=PATH` (another bexar, `scripts/baseline` builds one of an
+//! earlier commit), that binary is measured the same way in the same run, its samples
+//! interleaved with this one's, and both are printed with their ratio.
+//!
 //! `cargo bench --bench boot` (BEXAR_BENCH_ITERS=N to change the sample count). The test guest
 //! must be built (`cd firmware && cargo build --release`). Prints medians, p90s and the ratio to
 //! the baseline; it asserts nothing about time.
@@ -145,30 +149,52 @@ fn fleet_memory(bexar: &Path, guest: &Path, vms: usize) -> Fleet {
     }
 }
 
+/// One binary's samples.
+#[derive(Default)]
+struct Series {
+    first: Vec<f64>,
+    exit: Vec<f64>,
+    rss: Vec<f64>,
+    private: Vec<f64>,
+}
+
+impl Series {
+    fn push(&mut self, s: Sample) {
+        self.first.push(s.first_byte.as_secs_f64() * 1e3);
+        self.exit.push(s.exit.as_secs_f64() * 1e3);
+        self.rss.push(s.vmm_rss_kib);
+        self.private.push(s.vmm_private_kib);
+    }
+}
+
 fn main() {
     let bexar = common::bexar();
     let guest = common::testguest();
     let iters = common::env_count("BEXAR_BENCH_ITERS", 50);
     let result = std::env::temp_dir().join(format!("bexar-bench-{}.json", std::process::id()));
+    let previous = std::env::var_os("BEXAR_BENCH_BASELINE_BIN")
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_file());
 
-    // Warm up the page cache for both.
+    // Warm up the page cache for all.
     for _ in 0..3 {
         time_true();
         time_bexar(&bexar, &guest, &result);
+        if let Some(p) = &previous {
+            time_bexar(p, &guest, &result);
+        }
     }
     let mut base = Vec::new();
-    let mut first = Vec::new();
-    let mut exit = Vec::new();
-    let mut rss = Vec::new();
-    let mut private = Vec::new();
+    let mut now = Series::default();
+    let mut before = Series::default();
     for _ in 0..iters {
-        // Interleave so both see the same machine load.
+        // Interleave so all see the same machine load.
         base.push(time_true().as_secs_f64() * 1e3);
-        let s = time_bexar(&bexar, &guest, &result);
-        first.push(s.first_byte.as_secs_f64() * 1e3);
-        exit.push(s.exit.as_secs_f64() * 1e3);
-        rss.push(s.vmm_rss_kib);
-        private.push(s.vmm_private_kib);
+        now.push(time_bexar(&bexar, &guest, &result));
+        if let Some(p) = &previous {
+            before.push(time_bexar(p, &guest, &result));
+        }
     }
     let _ = std::fs::remove_file(&result);
     let b50 = percentile(&mut base, 0.5);
@@ -186,26 +212,26 @@ fn main() {
         "baseline: exec to exit of /bin/true", b50, b90, "1.0"
     );
     for (name, v) in [
-        ("bexar: exec to first guest UART byte", &mut first),
-        ("bexar: exec to VMM exit (guest status 0)", &mut exit),
+        ("bexar: exec to first guest UART byte", &mut now.first),
+        ("bexar: exec to VMM exit (guest status 0)", &mut now.exit),
     ] {
         let p50 = percentile(v, 0.5);
         let p90 = percentile(v, 0.9);
         println!("{name:<44} {p50:>7.3} ms {p90:>7.3} ms {:>8.1}", p50 / b50);
     }
-    let r50 = percentile(&mut rss, 0.5);
+    let r50 = percentile(&mut now.rss, 0.5);
     println!(
         "{:<44} {:>7.0} KiB {:>6.0} KiB",
         "bexar: VMM RSS beyond guest memory (all pages)",
         r50,
-        percentile(&mut rss, 0.9)
+        percentile(&mut now.rss, 0.9)
     );
-    let p50 = percentile(&mut private, 0.5);
+    let p50 = percentile(&mut now.private, 0.5);
     println!(
         "{:<44} {:>7.0} KiB {:>6.0} KiB",
         "bexar: VMM anonymous memory (per-VM cost)",
         p50,
-        percentile(&mut private, 0.9)
+        percentile(&mut now.private, 0.9)
     );
     let fleet = fleet_memory(&bexar, &guest, 10);
     println!(
@@ -221,4 +247,58 @@ fn main() {
         "bexar: kernel memory per VM", fleet.kernel_kib
     );
     println!("targets on this machine: exec to exit < 4 ms (p50), VMM memory < 2048 KiB");
+    let Some(prev) = previous else {
+        return;
+    };
+    let old_fleet = fleet_memory(&prev, &guest, 10);
+    println!(
+        "against the previous binary {} (same run, interleaved):",
+        prev.display()
+    );
+    println!(
+        "{:<44} {:>11} {:>11} {:>8}",
+        "measure (p50)", "this", "previous", "ratio"
+    );
+    let row = |name: &str, this: f64, prev: f64, unit: &str| {
+        println!(
+            "{name:<44} {this:>8.3} {unit:<2} {prev:>8.3} {unit:<2} {:>8.3}",
+            this / prev
+        );
+    };
+    row(
+        "exec to first guest UART byte",
+        percentile(&mut now.first, 0.5),
+        percentile(&mut before.first, 0.5),
+        "ms",
+    );
+    row(
+        "exec to VMM exit",
+        percentile(&mut now.exit, 0.5),
+        percentile(&mut before.exit, 0.5),
+        "ms",
+    );
+    row(
+        "exec to VMM exit, p90",
+        percentile(&mut now.exit, 0.9),
+        percentile(&mut before.exit, 0.9),
+        "ms",
+    );
+    row(
+        "VMM anonymous memory",
+        percentile(&mut now.private, 0.5),
+        percentile(&mut before.private, 0.5),
+        "KiB",
+    );
+    row(
+        "VMM unique memory (USS, 10 idle VMMs)",
+        fleet.uss_kib,
+        old_fleet.uss_kib,
+        "KiB",
+    );
+    row(
+        "VMM proportional memory (PSS, 10 idle VMMs)",
+        fleet.pss_kib,
+        old_fleet.pss_kib,
+        "KiB",
+    );
 }

@@ -198,7 +198,9 @@ pub struct VcpuContext {
 pub enum VcpuRequest {
     /// Leave the guest and wait (answered with [`VcpuResponse::Paused`]).
     Pause,
-    /// Enter the guest again (answered with [`VcpuResponse::Resumed`]).
+    /// Enter the guest (again). Not answered: nothing waits for a vCPU to run, and a thread
+    /// that never answers never allocates (its first allocation would cost the VMM a malloc
+    /// arena, ~16 KiB).
     Resume,
     /// Read the vCPU's state (paused only).
     SaveState,
@@ -213,8 +215,6 @@ pub enum VcpuRequest {
 pub enum VcpuResponse {
     /// Out of the guest, waiting.
     Paused,
-    /// Back in the guest.
-    Resumed,
     /// Its state.
     Saved(Box<VcpuState>),
     /// The state is loaded.
@@ -481,15 +481,19 @@ impl VcpuHandle {
         self.stats.done.load(Ordering::Acquire)
     }
 
-    /// Queues `req` and kicks the vCPU out of the guest so it sees it.
+    /// Queues `req` and, unless it is a resume (which only a parked vCPU waits for), kicks the
+    /// vCPU out of the guest so it sees it.
     pub fn send(&self, req: VcpuRequest) -> Result<(), VcpuError> {
         // Answers to requests whose caller gave up waiting must not be taken for this one's.
         while self.responses.try_recv().is_ok() {}
+        let kick = !matches!(req, VcpuRequest::Resume);
         self.requests
             .send(req)
             .map_err(|_| VcpuError::NoAnswer(self.id))?;
         self.pending.store(true, Ordering::Release);
-        self.kick();
+        if kick {
+            self.kick();
+        }
         Ok(())
     }
 
@@ -521,25 +525,26 @@ impl VcpuHandle {
         }
     }
 
-    /// Tells the thread to leave (without waiting).
+    /// Tells the thread to leave (without waiting). The vCPU that saw the VM's end has left
+    /// already and is not disturbed.
     pub fn begin_stop(&self) {
         self.stop.store(true, Ordering::Release);
+        if self.done() {
+            return;
+        }
         let _ = self.requests.send(VcpuRequest::Exit);
         self.pending.store(true, Ordering::Release);
         self.kick();
     }
 
     /// Kicks the thread until it has left its loop, for at most until `deadline`. A vCPU that
-    /// misses every kick is left behind: the caller is about to end the VM anyway.
-    pub fn finish_stop(&mut self, deadline: Instant) {
+    /// misses every kick is left behind: the caller is about to end the VM anyway. (Threads are
+    /// not joined: the process is about to exit, and a join would wait for the thread's own
+    /// teardown.)
+    pub fn finish_stop(&self, deadline: Instant) {
         while !self.done() && Instant::now() < deadline {
             self.kick();
             std::thread::sleep(Duration::from_micros(20));
-        }
-        if self.done() {
-            if let Some(t) = self.thread.take() {
-                let _ = t.join();
-            }
         }
     }
 }
@@ -571,6 +576,8 @@ impl VcpuThread {
         if let Ok(r) = self.vcpu.get_regs() {
             self.stats.stopped_rip.store(r.rip, Ordering::Relaxed);
         }
+        // Done now, not when the vCPU's descriptor is closed after this returns.
+        self.stats.done.store(true, Ordering::Release);
     }
 
     fn reply(&self, r: VcpuResponse) {
@@ -587,10 +594,7 @@ impl VcpuThread {
                 return Next::Exit;
             };
             match req {
-                VcpuRequest::Resume => {
-                    self.reply(VcpuResponse::Resumed);
-                    return Next::Run;
-                }
+                VcpuRequest::Resume => return Next::Run,
                 VcpuRequest::Pause => self.reply(VcpuResponse::Paused),
                 VcpuRequest::SaveState => {
                     let r = VcpuState::save(&self.vcpu, &self.ctx.msr_list);
@@ -621,7 +625,7 @@ impl VcpuThread {
                         return Next::Exit;
                     }
                 }
-                VcpuRequest::Resume => self.reply(VcpuResponse::Resumed),
+                VcpuRequest::Resume => {}
                 VcpuRequest::Exit => return Next::Exit,
                 VcpuRequest::SaveState | VcpuRequest::RestoreState(_) => self.reply(
                     VcpuResponse::Failed("the vCPU is running: pause it first".into()),

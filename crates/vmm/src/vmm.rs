@@ -204,12 +204,15 @@ impl Vmm {
             .collect()
     }
 
-    /// Lets the vCPUs run the guest (the first time, or after a pause).
+    /// Lets the vCPUs run the guest (the first time, or after a pause). Nothing waits for
+    /// them to get there.
     pub fn resume(&mut self) -> Result<(), VmmError> {
         if self.state == VmmState::Running {
             return Ok(());
         }
-        self.all_vcpus(|| VcpuRequest::Resume, PAUSE_TIMEOUT)?;
+        for v in self.vcpus.iter().filter(|v| !v.done()) {
+            v.send(VcpuRequest::Resume)?;
+        }
         self.state = VmmState::Running;
         Ok(())
     }
@@ -228,7 +231,9 @@ impl Vmm {
             .is_err()
         {
             // Release whichever did park (and the late one, when it gets there).
-            let _ = self.all_vcpus(|| VcpuRequest::Resume, PAUSE_TIMEOUT);
+            for v in &self.vcpus {
+                let _ = v.send(VcpuRequest::Resume);
+            }
             return Err(VmmError::PauseTimeout(PAUSE_TIMEOUT));
         }
         self.state = VmmState::Paused;
@@ -434,7 +439,7 @@ impl Vmm {
             v.begin_stop();
         }
         let deadline = Instant::now() + STOP_TIMEOUT;
-        for v in &mut self.vcpus {
+        for v in &self.vcpus {
             v.finish_stop(deadline);
         }
         if let Some(l) = self.virtio_loop.take() {
