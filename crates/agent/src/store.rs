@@ -6,7 +6,7 @@
 //! STATE/agent.lock            flock: one agent per state directory
 //! STATE/events.ndjson         lifecycle events (append-only, trimmed on start)
 //! STATE/vms/ID/vm.json        the record: spec, desired state, status, operation in flight
-//! STATE/vms/ID/launch.json    what the current VMM was started with (spec + token)
+//! STATE/vms/ID/launch.json    what the current VMM was started with (a versioned VmConfig)
 //! STATE/vms/ID/vmm.lock       flock held by the VMM for its whole life
 //! STATE/vms/ID/control.sock   the VMM's control socket
 //! STATE/vms/ID/console.sock   interactive console
