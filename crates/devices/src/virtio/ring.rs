@@ -4,9 +4,9 @@
 //! (a chain from a list of buffers, a raw available index, the used ring's entries).
 
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::mock::{MockSplitQueue, UsedRing};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{Address, GuestAddress};
 
 use crate::memory::GuestMemoryMmap;
 
@@ -18,6 +18,12 @@ pub const F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16
 /// A split queue laid out by virtio-queue's mock driver from a base address.
 pub struct DriverRing<'a> {
     q: MockSplitQueue<'a, GuestMemoryMmap>,
+    /// The used ring, laid out here: virtio-queue 0.18's mock puts its own `size` bytes after
+    /// the available ring's entries begin (it counts entries, not bytes), on top of available
+    /// entries 8 and up, so a driver with more than 8 requests outstanding saw its ring
+    /// overwritten by the device's answers.
+    used: UsedRing<'a, GuestMemoryMmap>,
+    used_addr: GuestAddress,
     size: u16,
     next_avail: u16,
 }
@@ -39,8 +45,18 @@ impl<'a> DriverRing<'a> {
     /// A ring of `size` entries with its tables from `base` (descriptor table, available ring,
     /// used ring, back to back: under 8 KiB for 256 entries).
     pub fn new(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
+        let q = MockSplitQueue::create(mem, GuestAddress(base), size);
+        // flags, idx, `size` entries, used_event; the used ring is 4-aligned.
+        let avail_len = 4 + 2 * u64::from(size) + 2;
+        let used_addr = q
+            .avail_addr()
+            .unchecked_add(avail_len)
+            .unchecked_align_up(4);
+        let used = UsedRing::new(mem, used_addr, size);
         Self {
-            q: MockSplitQueue::create(mem, GuestAddress(base), size),
+            q,
+            used,
+            used_addr,
             size,
             next_avail: 0,
         }
@@ -54,7 +70,7 @@ impl<'a> DriverRing<'a> {
         q.set_desc_table_address(lo, hi);
         let (lo, hi) = split(self.q.avail_addr());
         q.set_avail_ring_address(lo, hi);
-        let (lo, hi) = split(self.q.used_addr());
+        let (lo, hi) = split(self.used_addr);
         q.set_used_ring_address(lo, hi);
         q.set_ready(true);
     }
@@ -120,14 +136,13 @@ impl<'a> DriverRing<'a> {
 
     /// The used ring's index.
     pub fn used_idx(&self) -> u16 {
-        u16::from_le(self.q.used().idx().load())
+        u16::from_le(self.used.idx().load())
     }
 
     /// Used ring entry `i`: (descriptor head, bytes written).
     pub fn used_entry(&self, i: u16) -> (u32, u32) {
         let e = self
-            .q
-            .used()
+            .used
             .ring()
             .ref_at(usize::from(i % self.size))
             .expect("slot inside the ring")
