@@ -715,7 +715,7 @@ impl VirtioDevice for Vsock {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::os::unix::net::{UnixListener, UnixStream};
     use std::sync::{Arc, Mutex};
 
@@ -914,5 +914,119 @@ mod tests {
         // And its socket listens again.
         UnixStream::connect(&back.config.uds).unwrap();
         std::fs::remove_file(&back.config.uds).ok();
+    }
+
+    /// The payload the device put in rx buffer `slot`.
+    fn received_payload(r: &Rig, slot: u16, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        r.mem
+            .read_slice(
+                &mut b,
+                GuestAddress(0x18_0000 + u64::from(slot) * 0x1000 + HDR_LEN as u64),
+            )
+            .unwrap();
+        b
+    }
+
+    #[test]
+    fn half_closes_go_through_in_both_directions() {
+        let mut r = rig("halfclose");
+        let mem = r.mem.clone();
+        let mut rx = DriverRing::new(&mem, 0x1_0000, 16);
+        let mut tx = DriverRing::new(&mem, 0x2_0000, 16);
+        let ev = DriverRing::new(&mem, 0x3_0000, 16);
+        activate_all(
+            &mut *bexar_util::sync::lock(&r.dev),
+            &[&rx, &tx, &ev],
+            &mem,
+            &r.irq,
+        );
+        rx_buffers(&mut rx, 8);
+        let service = UnixListener::bind(format!("{}_5000", r.uds.display())).unwrap();
+        r.send(&mut tx, 0, guest_hdr(Op::Request, 1234, 5000, 0), &[]);
+        let (mut host, _) = service.accept().unwrap();
+        host.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(r.received(0).op, Op::Response);
+
+        // The guest sends, then shuts its sending side: the host reads the data, then EOF.
+        r.send(&mut tx, 1, guest_hdr(Op::Rw, 1234, 5000, 3), b"abc");
+        let mut shut = guest_hdr(Op::Shutdown, 1234, 5000, 0);
+        shut.flags = SHUT_SEND;
+        r.send(&mut tx, 2, shut, &[]);
+        let mut got = Vec::new();
+        host.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"abc");
+
+        // The other direction still carries data to the guest.
+        host.write_all(b"xyz").unwrap();
+        r.spin();
+        let h = r.received(1);
+        assert_eq!((h.op, h.len, h.dst_port), (Op::Rw, 3, 1234));
+        assert_eq!(received_payload(&r, 1, 3), b"xyz");
+
+        // The host shuts its side too: the guest hears SHUTDOWN(SEND), and with neither side
+        // sending the connection ends with a reset.
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        r.spin();
+        let h = r.received(2);
+        assert_eq!((h.op, h.flags & SHUT_SEND), (Op::Shutdown, SHUT_SEND));
+        assert_eq!(r.received(3).op, Op::Rst);
+        assert_eq!(bexar_util::sync::lock(&r.dev).conns_len(), 0);
+        std::fs::remove_file(format!("{}_5000", r.uds.display())).ok();
+        std::fs::remove_file(&r.uds).ok();
+    }
+
+    #[test]
+    fn host_handshakes_are_bounded_and_checked() {
+        let mut r = rig("handshake");
+        let mem = r.mem.clone();
+        let mut rx = DriverRing::new(&mem, 0x1_0000, 16);
+        let tx = DriverRing::new(&mem, 0x2_0000, 16);
+        let ev = DriverRing::new(&mem, 0x3_0000, 16);
+        activate_all(
+            &mut *bexar_util::sync::lock(&r.dev),
+            &[&rx, &tx, &ev],
+            &mem,
+            &r.irq,
+        );
+        rx_buffers(&mut rx, 8);
+        let dev = r.dev.clone();
+        let refused = || {
+            bexar_util::sync::lock(&dev)
+                .counters()
+                .refused
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let dropped = |s: &mut UnixStream| {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let mut b = [0u8; 8];
+            matches!(s.read(&mut b), Ok(0))
+        };
+        // A line that never ends: dropped past 64 bytes.
+        let mut long = UnixStream::connect(&r.uds).unwrap();
+        long.write_all(&[b'a'; 70]).unwrap();
+        r.spin();
+        assert!(dropped(&mut long), "an endless handshake is dropped");
+        assert_eq!(refused(), 1);
+        // A line that is not CONNECT: dropped.
+        let mut bad = UnixStream::connect(&r.uds).unwrap();
+        bad.write_all(b"HELLO 5000\n").unwrap();
+        r.spin();
+        assert!(dropped(&mut bad), "a bad handshake is dropped");
+        assert_eq!(refused(), 2);
+        assert_eq!(bexar_util::sync::lock(&r.dev).handshakes_len(), 0);
+        // A good one becomes a connection request to the guest.
+        let mut good = UnixStream::connect(&r.uds).unwrap();
+        good.write_all(b"CONNECT 5000\n").unwrap();
+        r.spin();
+        let h = r.received(0);
+        assert_eq!(
+            (h.op, h.dst_port, h.dst_cid),
+            (Op::Request, 5000, GUEST_CID)
+        );
+        assert_eq!(bexar_util::sync::lock(&r.dev).conns_len(), 1);
+        std::fs::remove_file(&r.uds).ok();
     }
 }
