@@ -52,17 +52,14 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vmm, VmmError> {
     })?;
     let console = ConsoleStats::new(start);
     let mut devices = attach_devices(&vm, &ram, config, &exit, &console)?;
-    // The platform description: where the virtio devices are.
-    cmdline.push_str(&devices.kernel_cmdline());
+    // The platform description: the MP table, and where the virtio devices are.
+    let described = devices
+        .describe(&ram.mem, config.vcpus)
+        .map_err(VmmError::Device)?;
+    cmdline.push_str(&described);
     phase("devices attached");
 
-    let entry = boot::prepare(
-        &ram.mem,
-        &config.kernel,
-        config.initrd.as_deref(),
-        &cmdline,
-        config.vcpus,
-    )?;
+    let entry = boot::prepare(&ram.mem, &config.kernel, config.initrd.as_deref(), &cmdline)?;
     tracing::debug!(?entry, "kernel loaded");
     phase("kernel loaded");
 

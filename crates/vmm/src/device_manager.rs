@@ -59,6 +59,9 @@ pub enum DeviceError {
     /// The entropy device cannot be made.
     #[error("cannot create virtio-rng: {0}")]
     Rng(std::io::Error),
+    /// The platform description cannot be written into guest memory.
+    #[error("cannot write the platform description: {0}")]
+    Describe(#[from] crate::boot::BootError),
 }
 
 impl DeviceError {
@@ -266,6 +269,16 @@ impl DeviceManager {
         Ok(id)
     }
 
+    /// Describes the platform to the guest, the way a guest without ACPI learns it: writes the
+    /// MP table (the `vcpus` CPUs, the IOAPIC and the routing of its interrupt lines, which
+    /// the legacy devices and the GSIs handed out here use) into `mem`, and returns the kernel
+    /// command line's entries for the virtio devices ([`Self::kernel_cmdline`]). ACPI tables
+    /// will be generated here from the same device list.
+    pub fn describe(&self, mem: &GuestMemoryMmap, vcpus: u8) -> Result<String, DeviceError> {
+        crate::boot::mptable::setup(mem, vcpus)?;
+        Ok(self.kernel_cmdline())
+    }
+
     /// The guest's view of the virtio devices, for the kernel command line: one
     /// `virtio_mmio.device=SIZE@BASE:GSI` per device, in the order they were attached.
     pub fn kernel_cmdline(&self) -> String {
@@ -370,9 +383,18 @@ mod tests {
         assert_eq!(rng(&mut dm).unwrap(), "rng0");
         assert_eq!(rng(&mut dm).unwrap(), "rng1");
         assert_eq!(
-            dm.kernel_cmdline(),
+            dm.describe(&mem, 2).unwrap(),
             " virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
         );
+        // ...and the MP table, where a guest looks for it.
+        let mut sig = [0u8; 4];
+        vm_memory::Bytes::read_slice(
+            &mem,
+            &mut sig,
+            vm_memory::GuestAddress(crate::layout::MPTABLE_START),
+        )
+        .unwrap();
+        assert_eq!(&sig, b"_MP_");
         let ids: Vec<_> = dm.devices().iter().map(|d| d.id.as_str()).collect();
         assert_eq!(ids, ["com1", "i8042", "exit-port", "rng0", "rng1"]);
         assert_eq!(dm.devices()[1].gsi, Some(1));

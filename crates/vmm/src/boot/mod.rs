@@ -326,7 +326,6 @@ pub fn prepare(
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
-    vcpus: u8,
 ) -> Result<BootEntry, BootError> {
     let k = load_kernel(mem, kernel)?;
     let initrd = match initrd {
@@ -337,7 +336,6 @@ pub fn prepare(
         cmdline_len: write_cmdline(mem, cmdline)?,
         initrd,
     };
-    mptable::setup(mem, vcpus)?;
     if let Some(entry) = k.pvh_entry {
         params::write_pvh_info(mem, info)?;
         return Ok(BootEntry {
@@ -403,7 +401,7 @@ mod tests {
     fn loads_a_minimal_elf_with_the_64_bit_entry() {
         let ram = create_guest_memory(8).unwrap();
         let p = tmp("ok.elf", &elf(0x10_0000, &[0xf4], 1));
-        let e = prepare(&ram.mem, &p, None, "console=ttyS0", 1).unwrap();
+        let e = prepare(&ram.mem, &p, None, "console=ttyS0").unwrap();
         assert_eq!(e.mode, EntryMode::Linux64);
         assert_eq!(e.entry, 0x10_0000);
         let b: u8 = ram.mem.read_obj(GuestAddress(0x10_0000)).unwrap();
