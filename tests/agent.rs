@@ -592,6 +592,11 @@ fn bad_requests_get_a_4xx_naming_the_problem_and_change_nothing() {
             ("GET", "/v1/vms/r1/console/attach", vec![], 426, "upgrade_required", None),
             ("GET", "/v1/vms/r1/console?offset=x", vec![], 400, "invalid_parameter", Some("offset")),
             ("GET", "/v1/events?since=-1", vec![], 400, "invalid_parameter", Some("since")),
+            // Parameters are checked before the path's id, on every route.
+            ("GET", "/v1/vms/..%2Fetc/metadata?x=1", vec![], 400, "invalid_parameter", Some("x")),
+            ("GET", "/v1/segments/..%2Fetc", vec![], 404, "not_found", None),
+            ("DELETE", "/v1/segments/nope?force=1", vec![], 400, "invalid_parameter", Some("force")),
+            ("GET", "/v1/openapi.json?v=2", vec![], 400, "invalid_parameter", Some("v")),
         ];
         for (method, path, body, status, code, field) in cases {
             let m = axum::http::Method::from_bytes(method.as_bytes()).unwrap();

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Path as UrlPath, RawQuery, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Path as UrlPath, RawQuery, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -204,6 +205,83 @@ fn check_id_of(kind: &str, id: &str) -> Result<(), ApiError> {
     }
 }
 
+/// The path's VM id, checked: one that cannot name a VM (ids double as file names) is a 404
+/// without a lookup.
+struct VmId(String);
+
+/// The path's segment id, checked like [`VmId`].
+struct SegmentId(String);
+
+async fn path_id<S: Send + Sync>(
+    parts: &mut Parts,
+    state: &S,
+    kind: &str,
+) -> Result<String, ApiError> {
+    let UrlPath(id) = UrlPath::<String>::from_request_parts(parts, state)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NotFound,
+                format!("no {kind} at this path ({e})"),
+            )
+        })?;
+    check_id_of(kind, &id)?;
+    Ok(id)
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for VmId {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        path_id(parts, state, "VM").await.map(Self)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for SegmentId {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        path_id(parts, state, "segment").await.map(Self)
+    }
+}
+
+/// The parameters a route accepts, as a type, so that [`Query`] can check them before any
+/// other extractor runs (a bad parameter is named before the path's id is looked at).
+trait Accepts {
+    const NAMES: &'static [&'static str];
+}
+
+macro_rules! accepts {
+    ($($name:ident: [$($p:literal),*];)*) => {$(
+        struct $name;
+        impl Accepts for $name {
+            const NAMES: &'static [&'static str] = &[$($p),*];
+        }
+    )*};
+}
+
+accepts! {
+    Nothing: [];
+    ListVmsParams: ["selector", "state"];
+    CreateVmParams: ["start"];
+    WaitParams: ["state", "timeout"];
+    ConsoleParams: ["offset", "follow"];
+    EventsParams: ["since", "follow", "vm"];
+}
+
+/// A route's query parameters: any the route does not accept is refused by name.
+struct Query<A>(Params, std::marker::PhantomData<A>);
+
+/// The query of a route that takes no parameters.
+type NoParams = Query<Nothing>;
+
+impl<S: Send + Sync, A: Accepts> FromRequestParts<S> for Query<A> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let p = Params::parse(parts.uri.query().map(str::to_owned), A::NAMES)?;
+        Ok(Self(p, std::marker::PhantomData))
+    }
+}
+
 /// The router.
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
@@ -252,8 +330,7 @@ async fn observe(State(st): St, req: Request, next: Next) -> Response {
     resp
 }
 
-async fn host(State(st): St, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
-    Params::parse(q, &[])?;
+async fn host(State(st): St, _: NoParams) -> Result<Response, ApiError> {
     let agent = &st.agent;
     let counts = agent.counts();
     let kvm_ok = std::fs::OpenOptions::new()
@@ -281,8 +358,7 @@ async fn host(State(st): St, RawQuery(q): RawQuery) -> Result<Response, ApiError
     .into_response())
 }
 
-async fn list_vms(State(st): St, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
-    let p = Params::parse(q, &["selector", "state"])?;
+async fn list_vms(State(st): St, Query(p, _): Query<ListVmsParams>) -> Result<Response, ApiError> {
     let state = match p.get("state") {
         None => None,
         Some(s) => Some(Phase::parse(s).ok_or_else(|| {
@@ -302,8 +378,11 @@ async fn list_vms(State(st): St, RawQuery(q): RawQuery) -> Result<Response, ApiE
     Ok(Json(serde_json::json!({ "items": vms })).into_response())
 }
 
-async fn create_vm(State(st): St, RawQuery(q): RawQuery, body: Body) -> Result<Response, ApiError> {
-    let p = Params::parse(q, &["start"])?;
+async fn create_vm(
+    State(st): St,
+    Query(p, _): Query<CreateVmParams>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let start = p.flag("start")?;
     let spec: VmSpec = json_body(body).await?;
     let (rec, created) = st.agent.create(spec).await?;
@@ -333,39 +412,25 @@ fn created_response(created: bool, body: &impl serde::Serialize, location: &str)
     resp
 }
 
-async fn get_metadata(
-    State(st): St,
-    UrlPath(id): UrlPath<String>,
-    RawQuery(q): RawQuery,
-) -> Result<Response, ApiError> {
-    Params::parse(q, &[])?;
-    check_id(&id)?;
+async fn get_metadata(State(st): St, _: NoParams, VmId(id): VmId) -> Result<Response, ApiError> {
     Ok(Json(st.agent.get(&id)?.metadata).into_response())
 }
 
 async fn put_metadata(
     State(st): St,
-    UrlPath(id): UrlPath<String>,
-    RawQuery(q): RawQuery,
+    _: NoParams,
+    VmId(id): VmId,
     body: Body,
 ) -> Result<Response, ApiError> {
-    Params::parse(q, &[])?;
-    check_id(&id)?;
     let md: crate::spec::VmMetadata = json_body(body).await?;
     Ok(Json(st.agent.set_metadata(&id, md)?.metadata).into_response())
 }
 
-async fn list_segments(State(st): St, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
-    Params::parse(q, &[])?;
+async fn list_segments(State(st): St, _: NoParams) -> Result<Response, ApiError> {
     Ok(Json(serde_json::json!({ "items": st.agent.segments() })).into_response())
 }
 
-async fn create_segment(
-    State(st): St,
-    RawQuery(q): RawQuery,
-    body: Body,
-) -> Result<Response, ApiError> {
-    Params::parse(q, &[])?;
+async fn create_segment(State(st): St, _: NoParams, body: Body) -> Result<Response, ApiError> {
     let spec: crate::segment::SegmentSpec = json_body(body).await?;
     let (seg, created) = st.agent.create_segment(spec).await?;
     Ok(created_response(
@@ -377,42 +442,26 @@ async fn create_segment(
 
 async fn get_segment(
     State(st): St,
-    UrlPath(id): UrlPath<String>,
-    RawQuery(q): RawQuery,
+    _: NoParams,
+    SegmentId(id): SegmentId,
 ) -> Result<Response, ApiError> {
-    Params::parse(q, &[])?;
-    check_id_of("segment", &id)?;
     Ok(Json(st.agent.segment(&id)?).into_response())
 }
 
 async fn delete_segment(
     State(st): St,
-    UrlPath(id): UrlPath<String>,
-    RawQuery(q): RawQuery,
+    _: NoParams,
+    SegmentId(id): SegmentId,
 ) -> Result<Response, ApiError> {
-    Params::parse(q, &[])?;
-    check_id_of("segment", &id)?;
     st.agent.delete_segment(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn get_vm(
-    State(st): St,
-    UrlPath(id): UrlPath<String>,
-    RawQuery(q): RawQuery,
-) -> Result<Response, ApiError> {
-    Params::parse(q, &[])?;
-    check_id(&id)?;
+async fn get_vm(State(st): St, _: NoParams, VmId(id): VmId) -> Result<Response, ApiError> {
     Ok(Json(st.agent.get(&id)?).into_response())
 }
 
-async fn delete_vm(
-    State(st): St,
-    UrlPath(id): UrlPath<String>,
-    RawQuery(q): RawQuery,
-) -> Result<Response, ApiError> {
-    Params::parse(q, &[])?;
-    check_id(&id)?;
+async fn delete_vm(State(st): St, _: NoParams, VmId(id): VmId) -> Result<Response, ApiError> {
     st.agent.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -455,11 +504,9 @@ async fn action(
 
 async fn wait_vm(
     State(st): St,
-    UrlPath(id): UrlPath<String>,
-    RawQuery(q): RawQuery,
+    Query(p, _): Query<WaitParams>,
+    VmId(id): VmId,
 ) -> Result<Response, ApiError> {
-    let p = Params::parse(q, &["state", "timeout"])?;
-    check_id(&id)?;
     let want = match p.get("state") {
         None => {
             return Err(ApiError::field(
@@ -497,11 +544,9 @@ fn channel_body() -> (tokio::sync::mpsc::Sender<Vec<u8>>, Body) {
 
 async fn console(
     State(st): St,
-    UrlPath(id): UrlPath<String>,
-    RawQuery(q): RawQuery,
+    Query(p, _): Query<ConsoleParams>,
+    VmId(id): VmId,
 ) -> Result<Response, ApiError> {
-    let p = Params::parse(q, &["offset", "follow"])?;
-    check_id(&id)?;
     st.agent.get(&id)?;
     let offset = p.u64("offset")?.unwrap_or(0);
     let follow = p.flag("follow")?;
@@ -553,11 +598,10 @@ pub const CONSOLE_PROTOCOL: &str = "bexar-console";
 
 async fn attach(
     State(st): St,
-    UrlPath(id): UrlPath<String>,
+    _: NoParams,
+    VmId(id): VmId,
     req: Request,
 ) -> Result<Response, ApiError> {
-    Params::parse(req.uri().query().map(str::to_owned), &[])?;
-    check_id(&id)?;
     let rec = st.agent.get(&id)?;
     if !rec.state.has_vmm() {
         return Err(ApiError::new(
@@ -606,8 +650,7 @@ async fn attach(
     Ok(resp)
 }
 
-async fn events(State(st): St, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
-    let p = Params::parse(q, &["since", "follow", "vm"])?;
+async fn events(State(st): St, Query(p, _): Query<EventsParams>) -> Result<Response, ApiError> {
     let since = p.u64("since")?.unwrap_or(0);
     let follow = p.flag("follow")?;
     let vm = p.get("vm").map(str::to_owned);
@@ -662,14 +705,12 @@ async fn events(State(st): St, RawQuery(q): RawQuery) -> Result<Response, ApiErr
     Ok(resp)
 }
 
-async fn metrics_text(State(st): St, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
-    Params::parse(q, &[])?;
+async fn metrics_text(State(st): St, _: NoParams) -> Result<Response, ApiError> {
     let text = metrics::render(&st.agent, &st.requests).await;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
-async fn openapi(RawQuery(q): RawQuery) -> Result<Response, ApiError> {
-    Params::parse(q, &[])?;
+async fn openapi(_: NoParams) -> Result<Response, ApiError> {
     Ok(([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response())
 }
 
