@@ -131,6 +131,20 @@ impl Params {
         }
     }
 
+    fn phase(&self, k: &str) -> Result<Option<Phase>, ApiError> {
+        self.get(k)
+            .map(|v| {
+                Phase::parse(v).ok_or_else(|| {
+                    ApiError::field(
+                        ErrorCode::InvalidParameter,
+                        k,
+                        format!("unknown state {v:?}"),
+                    )
+                })
+            })
+            .transpose()
+    }
+
     fn u64(&self, k: &str) -> Result<Option<u64>, ApiError> {
         self.get(k)
             .map(|v| {
@@ -359,16 +373,7 @@ async fn host(State(st): St, _: NoParams) -> Result<Response, ApiError> {
 }
 
 async fn list_vms(State(st): St, Query(p, _): Query<ListVmsParams>) -> Result<Response, ApiError> {
-    let state = match p.get("state") {
-        None => None,
-        Some(s) => Some(Phase::parse(s).ok_or_else(|| {
-            ApiError::field(
-                ErrorCode::InvalidParameter,
-                "state",
-                format!("unknown state {s:?}"),
-            )
-        })?),
-    };
+    let state = p.phase("state")?;
     let vms: Vec<_> = st
         .agent
         .list(p.get("selector"))
@@ -516,13 +521,7 @@ async fn wait_vm(
             ))
         }
         Some("deleted") => None,
-        Some(s) => Some(Phase::parse(s).ok_or_else(|| {
-            ApiError::field(
-                ErrorCode::InvalidParameter,
-                "state",
-                format!("unknown state {s:?}"),
-            )
-        })?),
+        Some(_) => p.phase("state")?,
     };
     let timeout = p.seconds("timeout")?.unwrap_or(Duration::from_secs(30));
     match st.agent.wait(&id, want, timeout).await? {

@@ -758,6 +758,23 @@ mod tests {
     }
 
     impl Rig {
+        /// The rx, tx and event rings in `mem` (the rig's memory), and the device activated
+        /// on them.
+        fn activate<'m>(
+            &self,
+            mem: &'m GuestMemoryMmap,
+        ) -> (DriverRing<'m>, DriverRing<'m>, DriverRing<'m>) {
+            let rx = DriverRing::new(mem, 0x1_0000, 16);
+            let tx = DriverRing::new(mem, 0x2_0000, 16);
+            let ev = DriverRing::new(mem, 0x3_0000, 16);
+            activate_all(
+                &mut *bexar_util::sync::lock(&self.dev),
+                &[&rx, &tx, &ev],
+                mem,
+                &self.irq,
+            );
+            (rx, tx, ev)
+        }
         fn spin(&mut self) {
             for _ in 0..5 {
                 self.loop_.run_with_timeout(10).unwrap();
@@ -809,15 +826,7 @@ mod tests {
     fn credit_overrun_and_unknown_connections_get_a_reset() {
         let mut r = rig("credit");
         let mem = r.mem.clone();
-        let mut rx = DriverRing::new(&mem, 0x1_0000, 16);
-        let mut tx = DriverRing::new(&mem, 0x2_0000, 16);
-        let ev = DriverRing::new(&mem, 0x3_0000, 16);
-        activate_all(
-            &mut *bexar_util::sync::lock(&r.dev),
-            &[&rx, &tx, &ev],
-            &mem,
-            &r.irq,
-        );
+        let (mut rx, mut tx, _ev) = r.activate(&mem);
         rx_buffers(&mut rx, 8);
         // A host service on port 5000.
         let service = UnixListener::bind(format!("{}_5000", r.uds.display())).unwrap();
@@ -871,15 +880,7 @@ mod tests {
     fn state_round_trips_and_the_guest_hears_its_connections_are_gone() {
         let mut r = rig("state");
         let mem = r.mem.clone();
-        let rx = DriverRing::new(&mem, 0x1_0000, 16);
-        let tx = DriverRing::new(&mem, 0x2_0000, 16);
-        let mut ev = DriverRing::new(&mem, 0x3_0000, 16);
-        activate_all(
-            &mut *bexar_util::sync::lock(&r.dev),
-            &[&rx, &tx, &ev],
-            &mem,
-            &r.irq,
-        );
+        let (_rx, _tx, mut ev) = r.activate(&mem);
         // A running device never uses the event buffers.
         ev.push_chain(0, &[(0x4_0000, 8, true)]);
         r.spin();
@@ -932,15 +933,7 @@ mod tests {
     fn half_closes_go_through_in_both_directions() {
         let mut r = rig("halfclose");
         let mem = r.mem.clone();
-        let mut rx = DriverRing::new(&mem, 0x1_0000, 16);
-        let mut tx = DriverRing::new(&mem, 0x2_0000, 16);
-        let ev = DriverRing::new(&mem, 0x3_0000, 16);
-        activate_all(
-            &mut *bexar_util::sync::lock(&r.dev),
-            &[&rx, &tx, &ev],
-            &mem,
-            &r.irq,
-        );
+        let (mut rx, mut tx, _ev) = r.activate(&mem);
         rx_buffers(&mut rx, 8);
         let service = UnixListener::bind(format!("{}_5000", r.uds.display())).unwrap();
         r.send(&mut tx, 0, guest_hdr(Op::Request, 1234, 5000, 0), &[]);
@@ -981,15 +974,7 @@ mod tests {
     fn host_handshakes_are_bounded_and_checked() {
         let mut r = rig("handshake");
         let mem = r.mem.clone();
-        let mut rx = DriverRing::new(&mem, 0x1_0000, 16);
-        let tx = DriverRing::new(&mem, 0x2_0000, 16);
-        let ev = DriverRing::new(&mem, 0x3_0000, 16);
-        activate_all(
-            &mut *bexar_util::sync::lock(&r.dev),
-            &[&rx, &tx, &ev],
-            &mem,
-            &r.irq,
-        );
+        let (mut rx, _tx, _ev) = r.activate(&mem);
         rx_buffers(&mut rx, 8);
         let dev = r.dev.clone();
         let refused = || {
