@@ -12,6 +12,10 @@
 //! [`spawn`] names each thread after its kind and is where the kind's seccomp filter will be
 //! installed (the sandbox work), before the thread runs any of its code. It also turns a panic
 //! into the VM's end with a reason, so a bug never leaves a VM half-running.
+//!
+//! One process, not a thread, comes after the guest: the reaper ([`crate::teardown`]), forked by
+//! the `Vmm` thread once the guest has ended. That thread's filter must allow `fork` and
+//! `pidfd_open`, or the reaper goes and the VMM's exit waits for KVM's teardown again.
 
 use std::thread::JoinHandle;
 
