@@ -119,6 +119,7 @@ fn platform_cmdline(platform: Platform, config: &VmConfig) -> String {
 }
 
 /// The VM with its memory and in-kernel interrupt controllers.
+#[inline(never)]
 fn create_vm(kvm: &Kvm, ram: &GuestRam, legacy_pit: bool) -> Result<VmFd, VmmError> {
     let vm = kvm
         .create_vm()
@@ -145,6 +146,7 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam, legacy_pit: bool) -> Result<VmFd, VmmErr
 
 /// The legacy devices, then every virtio device in slot order: disks (the first is
 /// /dev/vda), NICs, the entropy device, vsock.
+#[inline(never)]
 fn attach_devices(
     vm: &VmFd,
     ram: &GuestRam,
@@ -189,6 +191,7 @@ fn open_block(disk: &DiskConfig) -> Result<Block, DeviceError> {
 /// boot vCPU gets the entry registers, the others wait for INIT-SIPI like real APs) and
 /// paused.
 #[allow(clippy::too_many_arguments)]
+#[inline(never)]
 fn create_vcpus(
     kvm: &Kvm,
     vm: &VmFd,

@@ -584,6 +584,25 @@ impl VcpuThread {
         let _ = self.responses.send(r);
     }
 
+    // Saving and restoring are apart from the loops that wait for requests, and never inlined
+    // into them: a `VcpuState` is 2 KiB and its save 3.6 KiB of stack, which every vCPU thread
+    // would otherwise touch (and keep, ~4 KiB each) whether a snapshot is ever taken or not.
+    #[inline(never)]
+    fn save(&self) -> VcpuResponse {
+        match VcpuState::save(&self.vcpu, &self.ctx.msr_list) {
+            Ok(s) => VcpuResponse::Saved(Box::new(s)),
+            Err(e) => VcpuResponse::Failed(e.to_string()),
+        }
+    }
+
+    #[inline(never)]
+    fn restore(&self, s: &VcpuState) -> VcpuResponse {
+        match s.restore(&self.vcpu) {
+            Ok(()) => VcpuResponse::Restored,
+            Err(e) => VcpuResponse::Failed(e.to_string()),
+        }
+    }
+
     /// Serves requests while out of the guest, until told to run or to exit.
     fn paused(&mut self) -> Next {
         loop {
@@ -596,19 +615,8 @@ impl VcpuThread {
             match req {
                 VcpuRequest::Resume => return Next::Run,
                 VcpuRequest::Pause => self.reply(VcpuResponse::Paused),
-                VcpuRequest::SaveState => {
-                    let r = VcpuState::save(&self.vcpu, &self.ctx.msr_list);
-                    self.reply(match r {
-                        Ok(s) => VcpuResponse::Saved(Box::new(s)),
-                        Err(e) => VcpuResponse::Failed(e.to_string()),
-                    });
-                }
-                VcpuRequest::RestoreState(s) => {
-                    self.reply(match s.restore(&self.vcpu) {
-                        Ok(()) => VcpuResponse::Restored,
-                        Err(e) => VcpuResponse::Failed(e.to_string()),
-                    });
-                }
+                VcpuRequest::SaveState => self.reply(self.save()),
+                VcpuRequest::RestoreState(s) => self.reply(self.restore(&s)),
                 VcpuRequest::Exit => return Next::Exit,
             }
         }
