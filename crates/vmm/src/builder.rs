@@ -73,16 +73,19 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vmm, VmmError> {
         None => None,
     };
     let (main_loop, console_input) = main_loop(&exit, &devices, control.as_ref())?;
+    // The vCPUs first: their threads end by themselves if a later step fails (they are
+    // parked, and their channels close), the virtio loop's would not.
+    let vcpus = create_vcpus(&kvm, &vm, &ram, config, platform, &entry, &exit, &devices)?;
+    phase("vCPUs created");
     let virtio_loop = if devices.has_virtio() {
         Some(VirtioLoop::spawn(devices.take_virtio_subscribers(), &exit)?)
     } else {
         // No devices, no loop: a thread to start and to join costs ~0.1 ms here.
         None
     };
-    let vcpus = create_vcpus(&kvm, &vm, &ram, config, platform, &entry, &exit, &devices)?;
-    phase("vCPUs created");
 
     Ok(Vmm {
+        kvm,
         config: config.clone(),
         platform,
         start,
@@ -219,12 +222,6 @@ fn create_vcpus(
         err,
     })?;
     let (pio, mmio) = devices.freeze();
-    // What a state save reads (one ioctl; reading them waits for a save).
-    let msr_list = Arc::new(
-        kvm.get_msr_index_list()
-            .map(|l| l.as_slice().to_vec())
-            .unwrap_or_default(),
-    );
     let mut handles = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
         let fd = vm
@@ -244,7 +241,6 @@ fn create_vcpus(
             pio: pio.clone(),
             mmio: mmio.clone(),
             exit: exit.clone(),
-            msr_list: msr_list.clone(),
         };
         handles.push(VcpuHandle::spawn(fd, ctx)?);
     }

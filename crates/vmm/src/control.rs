@@ -127,7 +127,16 @@ pub const MAX_LINE: usize = 4096;
 /// Most connections open at once; more are closed at once.
 pub const MAX_CONNECTIONS: usize = 32;
 
+/// Which connection a request came on: its descriptor and the number of its accept, so that an
+/// answer never reaches a later connection that was given the same descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnId {
+    fd: RawFd,
+    serial: u64,
+}
+
 struct Conn {
+    serial: u64,
     stream: UnixStream,
     buf: Vec<u8>,
     /// The client sent everything it will (half-close): it goes once its requests are
@@ -140,7 +149,8 @@ struct Conn {
 pub struct ControlServer {
     listener: UnixListener,
     conns: HashMap<RawFd, Conn>,
-    requests: Vec<(RawFd, Result<Request, String>)>,
+    accepted: u64,
+    requests: Vec<(ConnId, Result<Request, String>)>,
 }
 
 impl ControlServer {
@@ -151,13 +161,14 @@ impl ControlServer {
         Ok(Self {
             listener,
             conns: HashMap::new(),
+            accepted: 0,
             requests: Vec::new(),
         })
     }
 
     /// The requests read so far, with the connection each came on (a line that is not a
     /// request comes as the parse error).
-    pub fn take_requests(&mut self) -> Vec<(RawFd, Result<Request, String>)> {
+    pub fn take_requests(&mut self) -> Vec<(ConnId, Result<Request, String>)> {
         std::mem::take(&mut self.requests)
     }
 
@@ -169,8 +180,12 @@ impl ControlServer {
 
     /// Writes `reply` on connection `conn`. A peer that cannot take it is dropped at its next
     /// event (its socket reports the error).
-    pub fn reply(&mut self, conn: RawFd, reply: &Reply) {
-        let Some(c) = self.conns.get_mut(&conn) else {
+    pub fn reply(&mut self, conn: ConnId, reply: &Reply) {
+        let Some(c) = self
+            .conns
+            .get_mut(&conn.fd)
+            .filter(|c| c.serial == conn.serial)
+        else {
             return;
         };
         let Ok(mut text) = serde_json::to_vec(reply) else {
@@ -208,9 +223,11 @@ impl ControlServer {
             {
                 continue;
             }
+            self.accepted += 1;
             self.conns.insert(
                 stream.as_raw_fd(),
                 Conn {
+                    serial: self.accepted,
                     stream,
                     buf: Vec::new(),
                     eof: false,
@@ -249,7 +266,11 @@ impl ControlServer {
             let line: Vec<u8> = c.buf.drain(..=end).collect();
             let text = String::from_utf8_lossy(&line[..end]);
             let req = serde_json::from_str::<Request>(text.trim()).map_err(|e| e.to_string());
-            self.requests.push((fd, req));
+            let conn = ConnId {
+                fd,
+                serial: c.serial,
+            };
+            self.requests.push((conn, req));
         }
         if c.buf.len() > MAX_LINE {
             tracing::debug!("control socket: a line longer than {MAX_LINE} bytes; closing");
@@ -366,6 +387,23 @@ mod tests {
         let mut rest = Vec::new();
         let _ = b.read_to_end(&mut rest);
         assert!(rest.is_empty(), "closed without a reply");
+        // A late reply for that connection never reaches the next one, which the kernel gives
+        // the lowest free descriptor: the one just closed (held while the client's end of the
+        // new connection is made, so that the server's end gets it).
+        let stale = got.iter().find(|(_, r)| r.is_err()).unwrap().0;
+        let hold = std::fs::File::open("/dev/null").unwrap();
+        let mut c = UnixStream::connect(&path).unwrap();
+        drop(hold);
+        for _ in 0..5 {
+            ops.run_with_timeout(50).unwrap();
+        }
+        bexar_util::sync::lock(&server).reply(stale, &Reply::error("for b"));
+        c.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        assert!(
+            matches!(c.read(&mut buf), Err(e) if e.kind() == ErrorKind::WouldBlock),
+            "an answer meant for a closed connection"
+        );
         std::fs::remove_file(path).ok();
     }
 }

@@ -256,6 +256,12 @@ impl ExitHandle {
     }
 }
 
+impl AsRef<EventFd> for ExitHandle {
+    fn as_ref(&self) -> &EventFd {
+        self.event()
+    }
+}
+
 /// A line that ends the VM with a given reason when pulled (the i8042's reset line).
 pub struct ExitTrigger {
     /// Where the reason goes.

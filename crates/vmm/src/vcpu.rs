@@ -189,8 +189,6 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     /// Where the reason the VM ended goes.
     pub exit: ExitHandle,
-    /// MSRs a state save reads (KVM's list, filtered to those it can get).
-    pub msr_list: Arc<Vec<u32>>,
 }
 
 /// What a vCPU is asked to do.
@@ -202,8 +200,8 @@ pub enum VcpuRequest {
     /// that never answers never allocates (its first allocation would cost the VMM a malloc
     /// arena, ~16 KiB).
     Resume,
-    /// Read the vCPU's state (paused only).
-    SaveState,
+    /// Read the vCPU's state with these MSRs (paused only).
+    SaveState(Arc<[u32]>),
     /// Load a state into the vCPU (paused only).
     RestoreState(Box<VcpuState>),
     /// Leave the run loop for good.
@@ -420,7 +418,6 @@ pub struct VcpuHandle {
     /// Set when a request waits, so the thread checks its channel before re-entering the guest
     /// (a flag is cheaper than a channel on every exit).
     pending: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
     stats: Arc<VcpuStats>,
     thread: Option<JoinHandle<()>>,
 }
@@ -432,11 +429,10 @@ impl VcpuHandle {
         let (req_tx, req_rx) = mpsc::channel();
         let (resp_tx, resp_rx) = mpsc::channel();
         let pending = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(VcpuStats::default());
         let id = ctx.id;
         let thread = {
-            let (pending, stop, stats) = (pending.clone(), stop.clone(), stats.clone());
+            let (pending, stats) = (pending.clone(), stats.clone());
             let exit = ctx.exit.clone();
             threads::spawn(ThreadKind::Vcpu(id), exit, move || {
                 // Marks the vCPU done however the thread ends (a panic included).
@@ -453,7 +449,6 @@ impl VcpuHandle {
                     requests: req_rx,
                     responses: resp_tx,
                     pending,
-                    stop,
                     stats,
                 };
                 t.main();
@@ -465,7 +460,6 @@ impl VcpuHandle {
             requests: req_tx,
             responses: resp_rx,
             pending,
-            stop,
             stats,
             thread: Some(thread),
         })
@@ -528,13 +522,9 @@ impl VcpuHandle {
     /// Tells the thread to leave (without waiting). The vCPU that saw the VM's end has left
     /// already and is not disturbed.
     pub fn begin_stop(&self) {
-        self.stop.store(true, Ordering::Release);
-        if self.done() {
-            return;
+        if !self.done() {
+            let _ = self.send(VcpuRequest::Exit);
         }
-        let _ = self.requests.send(VcpuRequest::Exit);
-        self.pending.store(true, Ordering::Release);
-        self.kick();
     }
 
     /// Kicks the thread until it has left its loop, for at most until `deadline`. A vCPU that
@@ -556,7 +546,6 @@ struct VcpuThread {
     requests: Receiver<VcpuRequest>,
     responses: Sender<VcpuResponse>,
     pending: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
     stats: Arc<VcpuStats>,
 }
 
@@ -588,8 +577,8 @@ impl VcpuThread {
     // into them: a `VcpuState` is 2 KiB and its save 3.6 KiB of stack, which every vCPU thread
     // would otherwise touch (and keep, ~4 KiB each) whether a snapshot is ever taken or not.
     #[inline(never)]
-    fn save(&self) -> VcpuResponse {
-        match VcpuState::save(&self.vcpu, &self.ctx.msr_list) {
+    fn save(&self, msrs: &[u32]) -> VcpuResponse {
+        match VcpuState::save(&self.vcpu, msrs) {
             Ok(s) => VcpuResponse::Saved(Box::new(s)),
             Err(e) => VcpuResponse::Failed(e.to_string()),
         }
@@ -606,16 +595,13 @@ impl VcpuThread {
     /// Serves requests while out of the guest, until told to run or to exit.
     fn paused(&mut self) -> Next {
         loop {
-            if self.stop.load(Ordering::Acquire) {
-                return Next::Exit;
-            }
             let Ok(req) = self.requests.recv() else {
                 return Next::Exit;
             };
             match req {
                 VcpuRequest::Resume => return Next::Run,
                 VcpuRequest::Pause => self.reply(VcpuResponse::Paused),
-                VcpuRequest::SaveState => self.reply(self.save()),
+                VcpuRequest::SaveState(msrs) => self.reply(self.save(&msrs)),
                 VcpuRequest::RestoreState(s) => self.reply(self.restore(&s)),
                 VcpuRequest::Exit => return Next::Exit,
             }
@@ -635,7 +621,7 @@ impl VcpuThread {
                 }
                 VcpuRequest::Resume => {}
                 VcpuRequest::Exit => return Next::Exit,
-                VcpuRequest::SaveState | VcpuRequest::RestoreState(_) => self.reply(
+                VcpuRequest::SaveState(_) | VcpuRequest::RestoreState(_) => self.reply(
                     VcpuResponse::Failed("the vCPU is running: pause it first".into()),
                 ),
             }
@@ -647,7 +633,7 @@ impl VcpuThread {
     fn run(&mut self) {
         let id = self.ctx.id;
         loop {
-            if self.stop.load(Ordering::Acquire) || self.ctx.exit.requested() {
+            if self.ctx.exit.requested() {
                 return;
             }
             if self.pending.load(Ordering::Acquire) {

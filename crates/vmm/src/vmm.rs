@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::SubscriberOps;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberId};
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::BootEntry;
@@ -51,29 +51,30 @@ pub enum VmmState {
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// Wakes a loop when the VM ends, so it does not wait out its poll timeout.
-struct Waker(EventFd);
+/// Wakes a loop when its eventfd is written (the VM's end, or a stop), so it does not wait out
+/// its poll timeout. The eventfd is shared, not duplicated.
+struct Waker<E>(E);
 
-impl MutEventSubscriber for Waker {
+impl<E: AsRef<EventFd> + Send> MutEventSubscriber for Waker<E> {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.0.read();
+        let _ = self.0.as_ref().read();
     }
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(self.0.as_ref(), EventSet::IN)) {
             tracing::warn!("cannot watch an event loop's waker: {e:?}");
         }
     }
 }
 
-/// The virtio event loop's thread and how to stop it.
+/// The virtio event loop's thread. It runs until the VM's end has been asked for and it is
+/// woken ([`VirtioLoop::stop`]).
 pub(crate) struct VirtioLoop {
     thread: JoinHandle<()>,
-    waker: EventFd,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    waker: Arc<EventFd>,
 }
 
 impl VirtioLoop {
-    /// Runs the devices' subscribers on their own thread until stopped.
+    /// Runs the devices' subscribers on their own thread until the VM ends.
     pub(crate) fn spawn(subscribers: Vec<Subscriber>, exit: &ExitHandle) -> Result<Self, VmmError> {
         let start = |err| VmmError::Start {
             what: "virtio event loop",
@@ -84,14 +85,11 @@ impl VirtioLoop {
         for s in subscribers {
             manager.add_subscriber(s);
         }
-        let waker = EventFd::new(libc::EFD_NONBLOCK).map_err(start)?;
-        manager.add_subscriber(Arc::new(Mutex::new(Waker(
-            waker.try_clone().map_err(start)?,
-        ))));
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (stop2, exit2) = (stop.clone(), exit.clone());
+        let waker = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(start)?);
+        manager.add_subscriber(Arc::new(Mutex::new(Waker(waker.clone()))));
+        let exit2 = exit.clone();
         let thread = threads::spawn(ThreadKind::Virtio, exit.clone(), move || {
-            while !stop2.load(Ordering::Acquire) {
+            while !exit2.requested() {
                 if let Err(e) = manager.run_with_timeout(1000) {
                     // Devices without their loop are dead: end the VM with the reason.
                     exit2.request(ExitReason::VmmError(format!(
@@ -102,15 +100,11 @@ impl VirtioLoop {
             }
         })
         .map_err(start)?;
-        Ok(Self {
-            thread,
-            waker,
-            stop,
-        })
+        Ok(Self { thread, waker })
     }
 
+    /// Wakes the loop and waits for its thread; the VM's end must have been asked for.
     fn stop(self) {
-        self.stop.store(true, Ordering::Release);
         let _ = self.waker.write(1);
         let _ = self.thread.join();
     }
@@ -118,6 +112,7 @@ impl VirtioLoop {
 
 /// One VM.
 pub struct Vmm {
+    pub(crate) kvm: Kvm,
     pub(crate) config: VmConfig,
     pub(crate) platform: Platform,
     pub(crate) start: Instant,
@@ -175,17 +170,17 @@ impl Vmm {
         }
     }
 
-    /// Sends `req` to every vCPU still running and waits for each answer; returns the answers
-    /// (`None` for a vCPU that has left its loop).
+    /// Sends each vCPU still running its request (the n-th of `reqs` to vCPU n) and waits for
+    /// each answer; returns the answers (`None` for a vCPU that has left its loop).
     fn all_vcpus(
         &self,
-        req: impl Fn() -> VcpuRequest,
+        reqs: impl IntoIterator<Item = VcpuRequest>,
         timeout: Duration,
     ) -> Result<Vec<Option<VcpuResponse>>, crate::vcpu::VcpuError> {
         let live: Vec<bool> = self.vcpus.iter().map(|v| !v.done()).collect();
-        for (v, live) in self.vcpus.iter().zip(&live) {
+        for ((v, live), req) in self.vcpus.iter().zip(&live).zip(reqs) {
             if *live {
-                v.send(req())?;
+                v.send(req)?;
             }
         }
         let deadline = Instant::now() + timeout;
@@ -227,7 +222,7 @@ impl Vmm {
             return Err(VmmError::State("not started"));
         }
         if self
-            .all_vcpus(|| VcpuRequest::Pause, PAUSE_TIMEOUT)
+            .all_vcpus(std::iter::repeat_with(|| VcpuRequest::Pause), PAUSE_TIMEOUT)
             .is_err()
         {
             // Release whichever did park (and the late one, when it gets there).
@@ -242,46 +237,60 @@ impl Vmm {
 
     /// Every vCPU's state (the VM must be paused).
     pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, VmmError> {
-        if self.state != VmmState::Paused {
-            return Err(VmmError::State("not paused"));
-        }
-        let mut out = Vec::new();
-        for (id, v) in self.vcpus.iter().enumerate() {
-            match v.request(VcpuRequest::SaveState, PAUSE_TIMEOUT)? {
-                VcpuResponse::Saved(s) => out.push(*s),
-                other => {
-                    return Err(crate::vcpu::VcpuError::Refused {
-                        id: id as u8,
-                        why: format!("{other:?}"),
-                    }
-                    .into())
-                }
-            }
-        }
-        Ok(out)
+        // Read here, not at boot: one ioctl a snapshot needs and a boot does not.
+        let msrs: Arc<[u32]> = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(|e| VmmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?
+            .as_slice()
+            .into();
+        self.ask_paused(
+            std::iter::repeat_with(|| VcpuRequest::SaveState(msrs.clone())),
+            |r| match r {
+                VcpuResponse::Saved(s) => Ok(*s),
+                other => Err(other),
+            },
+        )
     }
 
     /// Loads a state into each vCPU (the VM must be paused; one state per vCPU).
     pub fn restore_vcpus(&self, states: Vec<VcpuState>) -> Result<(), VmmError> {
-        if self.state != VmmState::Paused {
-            return Err(VmmError::State("not paused"));
-        }
         if states.len() != self.vcpus.len() {
             return Err(VmmError::State("given a state for another number of vCPUs"));
         }
-        for (id, (v, s)) in self.vcpus.iter().zip(states).enumerate() {
-            match v.request(VcpuRequest::RestoreState(Box::new(s)), PAUSE_TIMEOUT)? {
-                VcpuResponse::Restored => {}
-                other => {
-                    return Err(crate::vcpu::VcpuError::Refused {
-                        id: id as u8,
-                        why: format!("{other:?}"),
-                    }
-                    .into())
-                }
-            }
+        self.ask_paused(
+            states
+                .into_iter()
+                .map(|s| VcpuRequest::RestoreState(Box::new(s))),
+            |r| match r {
+                VcpuResponse::Restored => Ok(()),
+                other => Err(other),
+            },
+        )
+        .map(drop)
+    }
+
+    /// Sends every vCPU of the paused VM its request (the n-th of `reqs` to vCPU n) and takes
+    /// each answer with `take`; a vCPU that has left, or answers otherwise, fails the whole.
+    fn ask_paused<T>(
+        &self,
+        reqs: impl IntoIterator<Item = VcpuRequest>,
+        take: impl Fn(VcpuResponse) -> Result<T, VcpuResponse>,
+    ) -> Result<Vec<T>, VmmError> {
+        if self.state != VmmState::Paused {
+            return Err(VmmError::State("not paused"));
         }
-        Ok(())
+        self.all_vcpus(reqs, PAUSE_TIMEOUT)?
+            .into_iter()
+            .enumerate()
+            .map(|(id, r)| {
+                let refused = |why: String| crate::vcpu::VcpuError::Refused { id: id as u8, why };
+                match r {
+                    None => Err(refused("the vCPU has left".into()).into()),
+                    Some(r) => take(r).map_err(|other| refused(format!("{other:?}")).into()),
+                }
+            })
+            .collect()
     }
 
     /// Asks the guest to shut down (Ctrl+Alt+Del on the i8042), running it first if it was
@@ -432,19 +441,9 @@ impl Vmm {
     /// Ends the VM (with [`ExitReason::Stopped`] unless another reason came first), stops
     /// the vCPUs and the virtio loop, hands the VM to the reaper, and reports.
     pub fn finish(mut self) -> VmOutcome {
-        self.exit.request(ExitReason::Stopped);
-        let reason = self.exit.reason().unwrap_or(ExitReason::Stopped);
         let elapsed = self.start.elapsed();
-        for v in &self.vcpus {
-            v.begin_stop();
-        }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        for v in &self.vcpus {
-            v.finish_stop(deadline);
-        }
-        if let Some(l) = self.virtio_loop.take() {
-            l.stop();
-        }
+        self.stop_threads();
+        let reason = self.exit.reason().unwrap_or(ExitReason::Stopped);
         if reason == ExitReason::Timeout {
             // Where each vCPU was is the first thing to know about a hung guest.
             for (id, v) in self.vcpus.iter().enumerate() {
@@ -489,6 +488,32 @@ impl Vmm {
     }
 }
 
+impl Vmm {
+    /// Ends the VM (with [`ExitReason::Stopped`] unless another reason came first) and stops
+    /// the vCPUs and the virtio loop. Idempotent: [`Vmm::finish`] and `drop` both call it.
+    fn stop_threads(&mut self) {
+        self.exit.request(ExitReason::Stopped);
+        for v in &self.vcpus {
+            v.begin_stop();
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        for v in &self.vcpus {
+            v.finish_stop(deadline);
+        }
+        if let Some(l) = self.virtio_loop.take() {
+            l.stop();
+        }
+    }
+}
+
+impl Drop for Vmm {
+    /// A `Vmm` dropped without [`Vmm::finish`] (an error on the way, an owner that gave up)
+    /// takes its threads with it: running vCPUs do not notice a dropped channel.
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
 /// Builds the main event loop: the VM's end, the console's input side, the control socket.
 pub(crate) fn main_loop(
     exit: &ExitHandle,
@@ -501,9 +526,7 @@ pub(crate) fn main_loop(
     };
     let mut m = EventManager::<Subscriber>::new()
         .map_err(|e| start(std::io::Error::other(format!("{e:?}"))))?;
-    m.add_subscriber(Arc::new(Mutex::new(Waker(
-        exit.event().try_clone().map_err(start)?,
-    ))));
+    m.add_subscriber(Arc::new(Mutex::new(Waker(exit.clone()))));
     let console = devices
         .console_input()
         .map(|c| m.add_subscriber(c.clone() as Subscriber));
