@@ -16,6 +16,11 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<DirtyBitmap>;
 /// One region of guest memory.
 pub type GuestRegionMmap = vm_memory::GuestRegionMmap<DirtyBitmap>;
 
+/// Whether any region of `mem` logs dirty pages (has a bitmap).
+pub fn logs_dirty(mem: &GuestMemoryMmap) -> bool {
+    mem.iter().any(|r| r.bitmap().is_some())
+}
+
 /// Marks `[addr, addr + len)` written, in whichever regions it spans.
 pub fn mark_dirty(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) {
     let mut addr = addr;

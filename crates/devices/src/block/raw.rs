@@ -7,11 +7,11 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use io_uring::{opcode, types, IoUring};
-use vm_memory::{Bytes, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{in_bounds, BlockError, BlockOp, BlockRequest, Completion, DiskBackend, DiskInfo};
-use crate::memory::GuestMemoryMmap;
+use crate::memory::{mark_dirty, GuestMemoryMmap};
 
 /// Alignment of the bounce buffer: what O_DIRECT needs on any device we expect.
 const BOUNCE_ALIGN: usize = 4096;
@@ -162,6 +162,9 @@ struct InFlight {
     expect: u64,
     /// The iovec array the entry points at: kept alive until the completion is reaped.
     _iovecs: Vec<libc::iovec>,
+    /// The guest buffers a read fills. The kernel writes them behind vm-memory's back, so
+    /// they are marked dirty here when it is done (none for writes and flushes).
+    fills: Vec<(GuestAddress, u32)>,
 }
 
 /// A raw image served by io_uring: reads and writes go straight between the file and the
@@ -175,6 +178,9 @@ pub struct RawUring {
     in_flight: HashMap<u64, InFlight>,
     /// Finished without the kernel's ring (fallocate, refused iovecs).
     done: Vec<Completion>,
+    /// The guest memory reads fill, if it logs dirty pages (decided at the first read): only
+    /// then is there anything to mark.
+    dirty_log: Option<Option<GuestMemoryMmap>>,
 }
 
 // SAFETY: the iovecs in `in_flight` point into guest memory, which is shared, lives as long as
@@ -195,6 +201,7 @@ impl RawUring {
             evt,
             in_flight: HashMap::new(),
             done: Vec::new(),
+            dirty_log: None,
         })
     }
 
@@ -251,27 +258,24 @@ impl DiskBackend for RawUring {
         let fd = types::Fd(self.file.as_raw_fd());
         let (entry, f) = match req.op {
             BlockOp::Read | BlockOp::Write => {
-                if !req
-                    .segments
-                    .iter()
-                    .all(|(a, l)| GuestMemoryBackend::check_range(mem, *a, *l as usize))
-                {
-                    return Err(BlockError::BadBuffer(
-                        req.segments.first().map_or(0, |(a, _)| a.0),
-                    ));
-                }
+                // Every buffer must lie in one region of guest memory (get_slice checks).
                 let iovecs = Self::iovecs(mem, &req)?;
                 let (ptr, n) = (iovecs.as_ptr(), iovecs.len() as u32);
-                let entry = if req.op == BlockOp::Read {
-                    opcode::Readv::new(fd, ptr, n).offset(req.offset).build()
+                let (entry, fills) = if req.op == BlockOp::Read {
+                    self.dirty_log
+                        .get_or_insert_with(|| crate::memory::logs_dirty(mem).then(|| mem.clone()));
+                    let e = opcode::Readv::new(fd, ptr, n).offset(req.offset).build();
+                    (e, req.segments)
                 } else {
-                    opcode::Writev::new(fd, ptr, n).offset(req.offset).build()
+                    let e = opcode::Writev::new(fd, ptr, n).offset(req.offset).build();
+                    (e, Vec::new())
                 };
                 (
                     entry,
                     InFlight {
                         expect: req.len,
                         _iovecs: iovecs,
+                        fills,
                     },
                 )
             }
@@ -282,6 +286,7 @@ impl DiskBackend for RawUring {
                 InFlight {
                     expect: 0,
                     _iovecs: Vec::new(),
+                    fills: Vec::new(),
                 },
             ),
             op => {
@@ -304,15 +309,27 @@ impl DiskBackend for RawUring {
     fn reap(&mut self, out: &mut Vec<Completion>) {
         let _ = self.evt.read();
         out.append(&mut self.done);
-        let results: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (user_data, res) in results {
-            let Some(f) = self.in_flight.remove(&user_data) else {
+        let Self {
+            ring,
+            in_flight,
+            dirty_log,
+            ..
+        } = self;
+        for c in ring.completion() {
+            let (user_data, res) = (c.user_data(), c.result());
+            let Some(f) = in_flight.remove(&user_data) else {
                 continue;
             };
+            // The kernel has written (some of) the pages: mark them even if it failed midway.
+            if let Some(mem) = dirty_log
+                .as_ref()
+                .and_then(Option::as_ref)
+                .filter(|_| res > 0)
+            {
+                for (addr, len) in &f.fills {
+                    mark_dirty(mem, *addr, *len as usize);
+                }
+            }
             let result = if res < 0 {
                 Err(io::Error::from_raw_os_error(-res))
             } else if res as u64 != f.expect {

@@ -262,6 +262,16 @@ impl VirtioCommon {
         self.serving_quiet()
     }
 
+    /// [`Self::serving`] if the guest `notified` the device, [`Self::serving_quiet`] if the
+    /// device started the work itself.
+    pub fn serving_for(&mut self, notified: bool) -> Option<Serving<'_>> {
+        if notified {
+            self.serving()
+        } else {
+            self.serving_quiet()
+        }
+    }
+
     /// [`Self::serving`] without counting a missed call as a spurious notification (for work the
     /// device starts itself: completions, retries).
     pub fn serving_quiet(&mut self) -> Option<Serving<'_>> {
@@ -347,6 +357,27 @@ impl VirtioCommon {
     }
 }
 
+/// Marks a device DEVICE_NEEDS_RESET (once: counted, logged and told to the driver with a
+/// configuration interrupt). The device and its transport both fail a device this one way.
+pub(crate) fn needs_reset(
+    flag: &AtomicBool,
+    counters: &Counters,
+    interrupt: &dyn VirtioInterrupt,
+    why: &str,
+) {
+    if !flag.swap(true, Ordering::AcqRel) {
+        tracing::debug!("virtio device failed: {why}: it needs a reset");
+        Counters::inc(&counters.needs_reset);
+        if let Err(e) = interrupt.trigger(VirtioInterruptType::Config) {
+            tracing::warn!("cannot raise a virtio interrupt: {e}");
+        }
+    }
+}
+
+/// A queue's ring is corrupt, and the device has been marked DEVICE_NEEDS_RESET.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failed;
+
 /// An active device's queues with what serving them takes: memory, interrupt, counters.
 pub struct Serving<'a> {
     /// The queues.
@@ -389,14 +420,38 @@ impl<'a> Serving<'a> {
                 return false;
             }
         }
+        self.notify(q);
+        true
+    }
+
+    /// The next chain the driver made available on queue `q`, if any. `Err` if the ring is
+    /// corrupt: the device has then been failed.
+    pub fn next_chain(
+        &mut self,
+        q: usize,
+    ) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, Failed> {
+        let mem: &'a GuestMemoryMmap = self.mem;
+        let Some(queue) = self.queues.get_mut(q) else {
+            return Ok(None);
+        };
+        match queue.iter(mem) {
+            Ok(mut it) => Ok(it.next()),
+            Err(e) => {
+                self.fail(&format!("corrupt available ring of queue {q} ({e})"));
+                Err(Failed)
+            }
+        }
+    }
+
+    /// Interrupts the driver for queue `q`, unless it asked not to be (event index).
+    pub fn notify(&mut self, q: usize) {
         let mem = self.mem;
         let Some(queue) = self.queues.get_mut(q) else {
-            return false;
+            return;
         };
         if !matches!(queue.needs_notification(mem), Ok(false)) {
             self.signal(VirtioInterruptType::Queue(q as u16));
         }
-        true
     }
 
     /// Puts one chain on queue `q`'s used ring without interrupting the driver (the caller
@@ -437,11 +492,7 @@ impl<'a> Serving<'a> {
     /// Marks the device DEVICE_NEEDS_RESET (once) and tells the driver with a configuration
     /// interrupt. The device serves nothing until the driver resets it.
     pub fn fail(&self, why: &str) {
-        if !self.needs_reset.swap(true, Ordering::AcqRel) {
-            tracing::debug!("virtio device failed: {why}: it needs a reset");
-            Counters::inc(&self.counters.needs_reset);
-            self.signal(VirtioInterruptType::Config);
-        }
+        needs_reset(self.needs_reset, self.counters, self.interrupt, why);
     }
 
     /// Raises an interrupt.

@@ -14,7 +14,7 @@ use crate::block::{
     open_disk, BlockError, BlockOp, BlockRequest, Completion, DiskBackend, DiskConfig, DiskInfo,
     SECTOR, SERIAL_MAX,
 };
-use crate::memory::{mark_dirty, GuestMemoryMmap};
+use crate::memory::GuestMemoryMmap;
 use crate::virtio::{
     read_config_bytes, ActivateError, ActivationContext, Counters, PersistError, VirtioCommon,
     VirtioDevice, VirtioState,
@@ -77,13 +77,7 @@ impl ConfigSpace {
 struct Pending {
     head: u16,
     status: GuestAddress,
-    /// Bytes to report on the used ring if it succeeds (data written into guest buffers + the
-    /// status byte).
-    used_ok: u32,
     op: BlockOp,
-    /// The guest buffers a read fills: marked dirty when it completes, because a backend may
-    /// have written them without going through vm-memory (io_uring does).
-    filled: Vec<(GuestAddress, u32)>,
 }
 
 /// A virtio-blk device.
@@ -204,12 +198,7 @@ impl Block {
             next_tag,
             ..
         } = self;
-        let serving = if notified {
-            common.serving()
-        } else {
-            common.serving_quiet()
-        };
-        let Some(mut s) = serving else {
+        let Some(mut s) = common.serving_for(notified) else {
             return false;
         };
         // Never more requests in flight than the ring has slots: the rest stay in the
@@ -258,11 +247,6 @@ impl Block {
             // request it holds back goes back to the ring until its bucket refills.
             let tag = *next_tag;
             *next_tag = next_tag.wrapping_add(1);
-            let (used_ok, filled) = if op == BlockOp::Read {
-                (len as u32 + 1, req.data.clone())
-            } else {
-                (1, Vec::new())
-            };
             let breq = BlockRequest {
                 op,
                 offset,
@@ -276,9 +260,7 @@ impl Block {
                         Pending {
                             head,
                             status: req.status,
-                            used_ok,
                             op,
-                            filled,
                         },
                     );
                     submitted = true;
@@ -330,16 +312,20 @@ impl Block {
             };
             let (status, len) = match &c.result {
                 Ok(bytes) => {
-                    for (addr, len) in &p.filled {
-                        mark_dirty(mem, *addr, *len as usize);
-                    }
                     Counters::inc(&s.counters.requests);
                     match p.op {
-                        BlockOp::Read => Counters::add(&s.counters.read_bytes, *bytes),
-                        BlockOp::Write => Counters::add(&s.counters.written_bytes, *bytes),
-                        _ => {}
+                        // What the guest's buffers received (the backend filled them; one that
+                        // bypasses vm-memory marks them dirty itself).
+                        BlockOp::Read => {
+                            Counters::add(&s.counters.read_bytes, *bytes);
+                            (Status::Ok, *bytes as u32)
+                        }
+                        BlockOp::Write => {
+                            Counters::add(&s.counters.written_bytes, *bytes);
+                            (Status::Ok, 0)
+                        }
+                        _ => (Status::Ok, 0),
                     }
-                    (Status::Ok, p.used_ok - 1)
                 }
                 Err(e) => {
                     tracing::warn!("virtio-blk: I/O error: {e}");

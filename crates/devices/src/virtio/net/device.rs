@@ -9,13 +9,12 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net as vn;
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT};
 use vm_memory::ByteValued;
 
 use super::NicConfig;
 use crate::memory::GuestMemoryMmap;
 use crate::tap::{offload, Tap, TapError, VNET_HDR_LEN};
-use crate::virtio::transport::VirtioInterruptType;
 use crate::virtio::{
     read_config_bytes, ActivateError, ActivationContext, Counters, PersistError, VirtioCommon,
     VirtioDevice, VirtioState,
@@ -123,24 +122,21 @@ impl Net {
         Ok(d)
     }
 
-    /// Moves frames from the TAP into rx buffers while both exist. Returns whether the TAP
-    /// should stay watched (false: the guest has no buffers; wait for an rx notification).
-    pub(super) fn process_rx(&mut self) -> bool {
+    /// Moves frames from the TAP into rx buffers while both exist (`notified`: because the
+    /// guest gave buffers). Returns whether the TAP should stay watched (false: the guest has
+    /// no buffers; wait for an rx notification).
+    pub(super) fn process_rx(&mut self, notified: bool) -> bool {
         let Self {
             common, tap, frame, ..
         } = self;
-        let Some(mut s) = common.serving_quiet() else {
+        let Some(mut s) = common.serving_for(notified) else {
             return false;
         };
         let mem: &GuestMemoryMmap = s.mem;
         let mut delivered = false;
         let keep_watching = loop {
-            let chain = match s.queues[RX].iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    s.fail(&format!("corrupt rx ring ({e})"));
-                    break false;
-                }
+            let Ok(chain) = s.next_chain(RX) else {
+                break false;
             };
             let Some(chain) = chain else {
                 break false; // no buffer: leave frames in the TAP queue
@@ -166,8 +162,8 @@ impl Net {
             }
             delivered = true;
         };
-        if delivered && !matches!(s.queues[RX].needs_notification(mem), Ok(false)) {
-            s.signal(VirtioInterruptType::Queue(RX as u16));
+        if delivered {
+            s.notify(RX);
         }
         keep_watching
     }

@@ -7,7 +7,6 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use super::device::{RX, TX};
 use super::Net;
-use crate::virtio::Counters;
 
 impl Net {
     fn watch_tap(&mut self, ops: &mut EventOps, on: bool) {
@@ -28,18 +27,14 @@ impl MutEventSubscriber for Net {
         let fd = events.fd();
         if fd == self.common.queue_evts[RX].as_raw_fd() {
             let _ = self.common.queue_evts[RX].read();
-            if !self.common.is_active() {
-                Counters::inc(&self.common.counters().spurious_notifies);
-                return;
-            }
-            let watch = self.process_rx();
+            let watch = self.process_rx(true);
             self.watch_tap(ops, watch);
         } else if fd == self.common.queue_evts[TX].as_raw_fd() {
             let _ = self.common.queue_evts[TX].read();
             self.process_tx();
         } else if fd == self.tap.file().as_raw_fd() {
             // Also the way a TAP still watched after a driver reset gets unwatched.
-            let watch = self.process_rx();
+            let watch = self.process_rx(false);
             self.watch_tap(ops, watch);
         }
     }

@@ -253,16 +253,13 @@ impl MmioTransport {
     }
 
     /// Marks the device broken until the driver resets it (a queue set-up it cannot use).
-    fn fail(&self) {
-        if !self.needs_reset.swap(true, Ordering::AcqRel) {
-            Counters::inc(&self.counters.needs_reset);
-            let _ = self.interrupt.trigger(VirtioInterruptType::Config);
-        }
+    fn fail(&self, why: &str) {
+        crate::virtio::needs_reset(&self.needs_reset, &self.counters, &*self.interrupt, why);
     }
 
     fn reset(&mut self) {
+        // The device's reset clears its NEEDS_RESET flag with its queues.
         lock(&self.device).reset();
-        self.needs_reset.store(false, Ordering::Release);
         self.interrupt.reset();
         self.status = 0;
         self.acked_features = 0;
@@ -312,7 +309,7 @@ impl MmioTransport {
         {
             drop(dev);
             self.refuse("an invalid queue at DRIVER_OK");
-            self.fail();
+            self.fail("an invalid queue at DRIVER_OK");
             return;
         }
         match dev.activate(ctx) {
@@ -322,11 +319,7 @@ impl MmioTransport {
             }
             Err(e) => {
                 drop(dev);
-                tracing::debug!(
-                    device = self.device_type,
-                    "virtio device did not start: {e}"
-                );
-                self.fail();
+                self.fail(&format!("it did not start ({e})"));
             }
         }
     }
@@ -371,15 +364,14 @@ impl MmioTransport {
         };
         match offset {
             reg::VIRTIO_MMIO_QUEUE_NUM => {
-                if v > u32::from(q.max_size()) || v == 0 || !v.is_power_of_two() {
+                // virtio-queue's own check: a power of two, 1 to the maximum.
+                if u16::try_from(v).map_or(true, |n| q.try_set_size(n).is_err()) {
                     drop(dev);
                     // QueueNum is write-only: the driver can only learn of the refusal
                     // through DEVICE_NEEDS_RESET.
                     self.refuse("a bad queue size");
-                    self.fail();
-                    return;
+                    self.fail("a bad queue size");
                 }
-                q.set_size(v as u16);
             }
             reg::VIRTIO_MMIO_QUEUE_READY => q.set_ready(v == 1),
             reg::VIRTIO_MMIO_QUEUE_DESC_LOW => q.set_desc_table_address(Some(v), None),

@@ -10,12 +10,10 @@ use std::path::PathBuf;
 use event_manager::{EventOps, EventSet, Events};
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::connection::{Conn, State};
 use super::packet::{Hdr, Op, HDR_LEN, SHUT_RCV, SHUT_SEND, TYPE_STREAM};
 use super::VsockConfig;
-use crate::virtio::transport::VirtioInterruptType;
 use crate::virtio::{
     read_config_bytes, ActivateError, ActivationContext, Counters, PersistError, VirtioCommon,
     VirtioDevice, VirtioState,
@@ -125,12 +123,7 @@ impl Vsock {
             path: cfg.uds.clone(),
             err,
         };
-        match std::fs::remove_file(&cfg.uds) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(err(e)),
-        }
-        let listener = UnixListener::bind(&cfg.uds).map_err(err)?;
+        let listener = bexar_util::unix::bind_owner_only(&cfg.uds).map_err(err)?;
         listener.set_nonblocking(true).map_err(err)?;
         Ok(Self {
             cid: u64::from(cfg.cid),
@@ -208,7 +201,7 @@ impl Vsock {
         let Some(mut s) = self.common.serving_quiet() else {
             return;
         };
-        let Some(chain) = s.chains(EVT, 1).and_then(|c| c.into_iter().next()) else {
+        let Ok(Some(chain)) = s.next_chain(EVT) else {
             return;
         };
         let head = chain.head_index();
@@ -585,12 +578,7 @@ impl Vsock {
             // Answers would pile up: leave the guest's packets in its ring until rx drains.
             return;
         }
-        let serving = if notified {
-            self.common.serving()
-        } else {
-            self.common.serving_quiet()
-        };
-        let Some(mut s) = serving else {
+        let Some(mut s) = self.common.serving_for(notified) else {
             return;
         };
         let mut packets = Vec::new();
@@ -635,12 +623,8 @@ impl Vsock {
         let mem = s.mem;
         let mut delivered = false;
         while let Some((h, payload)) = self.to_guest.front() {
-            let chain = match s.queues[RX].iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    s.fail(&format!("corrupt rx ring ({e})"));
-                    return;
-                }
+            let Ok(chain) = s.next_chain(RX) else {
+                return;
             };
             let Some(chain) = chain else {
                 break;
@@ -676,8 +660,8 @@ impl Vsock {
             self.to_guest.pop_front();
             delivered = true;
         }
-        if delivered && !matches!(s.queues[RX].needs_notification(mem), Ok(false)) {
-            s.signal(VirtioInterruptType::Queue(RX as u16));
+        if delivered {
+            s.notify(RX);
         }
     }
 }
@@ -775,6 +759,14 @@ mod tests {
             );
             (rx, tx, ev)
         }
+        /// The guest (port 1234) connects to a host service on port 5000 with the first tx
+        /// buffer: returns the service and the host's end of the connection.
+        fn open_connection(&mut self, tx: &mut DriverRing<'_>) -> (UnixListener, UnixStream) {
+            let service = UnixListener::bind(format!("{}_5000", self.uds.display())).unwrap();
+            self.send(tx, 0, guest_hdr(Op::Request, 1234, 5000, 0), &[]);
+            let (host, _) = service.accept().unwrap();
+            (service, host)
+        }
         fn spin(&mut self) {
             for _ in 0..5 {
                 self.loop_.run_with_timeout(10).unwrap();
@@ -828,10 +820,7 @@ mod tests {
         let mem = r.mem.clone();
         let (mut rx, mut tx, _ev) = r.activate(&mem);
         rx_buffers(&mut rx, 8);
-        // A host service on port 5000.
-        let service = UnixListener::bind(format!("{}_5000", r.uds.display())).unwrap();
-        r.send(&mut tx, 0, guest_hdr(Op::Request, 1234, 5000, 0), &[]);
-        let (mut host, _) = service.accept().unwrap();
+        let (_service, mut host) = r.open_connection(&mut tx);
         assert_eq!(r.received(0).op, Op::Response);
         // Data within credit reaches the host socket.
         r.send(&mut tx, 1, guest_hdr(Op::Rw, 1234, 5000, 5), b"hello");
@@ -935,9 +924,7 @@ mod tests {
         let mem = r.mem.clone();
         let (mut rx, mut tx, _ev) = r.activate(&mem);
         rx_buffers(&mut rx, 8);
-        let service = UnixListener::bind(format!("{}_5000", r.uds.display())).unwrap();
-        r.send(&mut tx, 0, guest_hdr(Op::Request, 1234, 5000, 0), &[]);
-        let (mut host, _) = service.accept().unwrap();
+        let (_service, mut host) = r.open_connection(&mut tx);
         host.set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
         assert_eq!(r.received(0).op, Op::Response);
