@@ -12,7 +12,9 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use bexar_agent::api::client::{Client, ClientError, Reply};
-use bexar_agent::spec::{BootSpec, DiskSpec, NicSpec, RestartPolicy, VmSpec, VsockSpec};
+use bexar_agent::spec::{
+    default_template, BootSpec, DiskSpec, NicSpec, RestartPolicy, VmSpec, VsockSpec,
+};
 
 /// Options every client command takes.
 #[derive(Debug, Clone, Args)]
@@ -224,14 +226,14 @@ fn spec_from_flags(a: &CreateArgs) -> Result<Value, String> {
         .collect::<Result<_, String>>()?;
     let restart_policy = match &a.restart {
         None => RestartPolicy::default(),
-        Some(r) => serde_json::from_value(json!(r))
-            .map_err(|_| format!("--restart {r:?}: expected no, on-failure or always"))?,
+        Some(r) => RestartPolicy::parse(r)
+            .ok_or_else(|| format!("--restart {r:?}: expected no, on-failure or always"))?,
     };
     let spec = VmSpec {
         id,
         vcpus: a.vcpus,
         memory_mib: a.memory,
-        cpu_template: a.cpu_template.clone().unwrap_or_else(|| "host".into()),
+        cpu_template: a.cpu_template.clone().unwrap_or_else(default_template),
         boot: BootSpec {
             kernel: absolute(kernel),
             initrd: a.initrd.as_deref().map(absolute),

@@ -12,66 +12,41 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::spec::Phase;
+use crate::wire::wire_enum;
 use bexar_util::sync::lock;
 
 /// Events kept for replay.
 pub const BACKLOG: usize = 10_000;
 
-/// What happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum EventKind {
-    /// A VM was defined.
-    Created,
-    /// A VM was started on request.
-    Started,
-    /// A VM was started again by its restart policy.
-    Restarted,
-    /// A VM's VMM ended in an orderly way or as asked.
-    Stopped,
-    /// A VM was paused.
-    Paused,
-    /// A VM was resumed.
-    Resumed,
-    /// A VM's guest or VMM ended unexpectedly, or it failed to start.
-    Failed,
-    /// A restart by the restart policy is scheduled.
-    Restarting,
-    /// A running VMM was re-adopted after an agent restart.
-    Adopted,
-    /// A VM was deleted.
-    Deleted,
-    /// The agent started (and recovered its VMs).
-    AgentStarted,
-    /// A segment was defined.
-    SegmentCreated,
-    /// A segment was deleted.
-    SegmentDeleted,
-}
-
-impl EventKind {
-    /// Every kind (the OpenAPI document lists exactly these).
-    pub const ALL: &'static [Self] = &[
-        Self::Created,
-        Self::Started,
-        Self::Restarted,
-        Self::Stopped,
-        Self::Paused,
-        Self::Resumed,
-        Self::Failed,
-        Self::Restarting,
-        Self::Adopted,
-        Self::Deleted,
-        Self::AgentStarted,
-        Self::SegmentCreated,
-        Self::SegmentDeleted,
-    ];
-}
-
-impl std::fmt::Display for EventKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let v = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
-        f.write_str(v.as_str().unwrap_or_default())
+wire_enum! {
+    /// What happened.
+    pub enum EventKind {
+        /// A VM was defined.
+        Created = "created",
+        /// A VM was started on request.
+        Started = "started",
+        /// A VM was started again by its restart policy.
+        Restarted = "restarted",
+        /// A VM's VMM ended in an orderly way or as asked.
+        Stopped = "stopped",
+        /// A VM was paused.
+        Paused = "paused",
+        /// A VM was resumed.
+        Resumed = "resumed",
+        /// A VM's guest or VMM ended unexpectedly, or it failed to start.
+        Failed = "failed",
+        /// A restart by the restart policy is scheduled.
+        Restarting = "restarting",
+        /// A running VMM was re-adopted after an agent restart.
+        Adopted = "adopted",
+        /// A VM was deleted.
+        Deleted = "deleted",
+        /// The agent started (and recovered its VMs).
+        AgentStarted = "agent-started",
+        /// A segment was defined.
+        SegmentCreated = "segment-created",
+        /// A segment was deleted.
+        SegmentDeleted = "segment-deleted",
     }
 }
 
@@ -112,8 +87,18 @@ impl Events {
     pub fn open(dir: &Path) -> Self {
         let path = dir.join("events.ndjson");
         let mut backlog = VecDeque::new();
+        // The numbering goes on from the highest number in the file, also one on a line this
+        // version cannot read (a kind a newer agent wrote): numbers are never given twice.
+        let mut last = 0;
         if let Ok(f) = File::open(&path) {
             for line in BufReader::new(f).lines().map_while(Result::ok) {
+                #[derive(Deserialize)]
+                struct Numbered {
+                    seq: u64,
+                }
+                if let Ok(n) = serde_json::from_str::<Numbered>(&line) {
+                    last = last.max(n.seq);
+                }
                 // A torn last line (crash mid-append) is skipped.
                 if let Ok(e) = serde_json::from_str::<Event>(&line) {
                     if backlog.len() == BACKLOG {
@@ -123,7 +108,7 @@ impl Events {
                 }
             }
         }
-        let next = backlog.back().map_or(1, |e: &Event| e.seq + 1);
+        let next = last + 1;
         let mut text = Vec::new();
         for e in &backlog {
             if let Ok(mut l) = serde_json::to_vec(e) {
@@ -230,6 +215,23 @@ mod tests {
         let (list, _, complete) = ev.since(1);
         assert!(complete);
         assert_eq!(list.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_line_of_a_newer_kind_still_counts_for_the_numbering() {
+        let dir = std::env::temp_dir().join(format!("bexar-events-new-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("events.ndjson"),
+            b"{\"seq\":7,\"time_ms\":1,\"vm\":\"a\",\"kind\":\"teleported\",\"message\":\"\"}\n",
+        )
+        .unwrap();
+        let ev = Events::open(&dir);
+        ev.emit("a", EventKind::Stopped, Some(Phase::Stopped), "");
+        let (list, _, _) = ev.since(0);
+        assert_eq!(list.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![8]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -17,6 +17,7 @@ pub mod segment;
 pub mod spec;
 pub mod store;
 pub mod vmm_process;
+mod wire;
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;

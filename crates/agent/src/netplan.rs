@@ -205,12 +205,19 @@ pub fn tap_alias(vm: &str, index: usize) -> String {
 /// Whether the agent made `l`: a bexar name and a `bexar:` alias. Links without both are
 /// never touched.
 pub fn is_ours(l: &Link) -> bool {
-    l.alias
-        .as_deref()
-        .is_some_and(|a| a.starts_with(ALIAS_PREFIX))
-        && [TAP_PREFIX, GATEWAY_PREFIX, UPLINK_PREFIX]
-            .iter()
-            .any(|p| l.name.starts_with(p))
+    has_our_name(&l.name) && has_our_alias(l.alias.as_deref())
+}
+
+/// Whether a link's name carries one of the agent's prefixes.
+pub fn has_our_name(name: &str) -> bool {
+    [TAP_PREFIX, GATEWAY_PREFIX, UPLINK_PREFIX]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+/// Whether a link's ifalias is one the agent wrote.
+pub fn has_our_alias(alias: Option<&str>) -> bool {
+    alias.is_some_and(|a| a.starts_with(ALIAS_PREFIX))
 }
 
 /// A change to the host's links.

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::netplan::{self, nic_rule, LinkOp, ALIAS_PREFIX};
+use super::netplan::{self, nic_rule, LinkOp};
 use super::segment::{segment_links, NicState, SegmentSpec};
 use super::spec::VmRecord;
 use super::store::{sync_dir, write_atomic, StoreError};
@@ -28,7 +28,7 @@ use bexar_hostnet::dhcp::{Binding, Bindings};
 use bexar_hostnet::netlink::{self, Link, Netlink};
 use bexar_hostnet::nft::{self, MARK_BASE};
 use bexar_hostnet::service::Service;
-use bexar_hostnet::{GATEWAY_PREFIX, IMDS_ADDR, TAP_PREFIX, UPLINK_PREFIX};
+use bexar_hostnet::IMDS_ADDR;
 use bexar_util::sync::lock;
 
 /// How the host side of the network is set up.
@@ -315,7 +315,9 @@ impl Agent {
 
         // Links to make: bridges, then the uplink VLAN interfaces on them.
         let mut deletes = Vec::new();
+        let mut made = false;
         for op in ops {
+            made |= !matches!(op, LinkOp::Delete { .. });
             match op {
                 LinkOp::AddBridge { name, alias, mac } => {
                     nl.add_bridge(&name, &alias, mac).await.map_err(net_err)?
@@ -329,7 +331,12 @@ impl Agent {
                 LinkOp::Delete { index, name } => deletes.push((index, name)),
             }
         }
-        let links = nl.links().await.map_err(net_err)?;
+        // Links made just now have indexes only the kernel knows: list them again then.
+        let links = if made {
+            nl.links().await.map_err(net_err)?
+        } else {
+            observed
+        };
 
         // Every bridge's settings, addresses and route (idempotent, so applied every time).
         for b in &plan.bridges {
@@ -572,12 +579,13 @@ impl Agent {
             return false;
         };
         list.flatten().any(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            [TAP_PREFIX, GATEWAY_PREFIX, UPLINK_PREFIX]
-                .iter()
-                .any(|p| n.starts_with(p))
-                && std::fs::read_to_string(e.path().join("ifalias"))
-                    .is_ok_and(|a| a.starts_with(ALIAS_PREFIX))
+            // The alias is read only for a name that could be ours.
+            netplan::has_our_name(&e.file_name().to_string_lossy())
+                && netplan::has_our_alias(
+                    std::fs::read_to_string(e.path().join("ifalias"))
+                        .ok()
+                        .as_deref(),
+                )
         })
     }
 

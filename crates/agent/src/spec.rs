@@ -8,12 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use super::segment::NicState;
 use super::store::layout;
+use crate::wire::wire_enum;
 use bexar_devices::virtio::net::{parse_mac, NicConfig};
 use bexar_devices::virtio::vsock::VsockConfig;
-use bexar_vmm::config::{
-    ConfigError, ConsoleConfig, ControlConfig, MAX_MEMORY_MIB, MAX_VCPUS, MAX_VIRTIO_DEVICES,
-    MIN_MEMORY_MIB,
-};
+use bexar_vmm::config::{ConfigError, ConsoleConfig, ControlConfig};
 use bexar_vmm::cpuid::CpuTemplate;
 use bexar_vmm::VmConfig;
 
@@ -85,17 +83,18 @@ pub struct VsockSpec {
     pub cid: u32,
 }
 
-/// What happens when a VM's guest or VMM ends without being asked to.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RestartPolicy {
-    /// Leave it stopped or failed.
-    #[default]
-    No,
-    /// Restart it if it failed (VMM died, guest crashed, triple fault...), with back-off.
-    OnFailure,
-    /// Restart it whenever it ends, with back-off.
-    Always,
+wire_enum! {
+    /// What happens when a VM's guest or VMM ends without being asked to.
+    #[derive(Default)]
+    pub enum RestartPolicy {
+        /// Leave it stopped or failed.
+        #[default]
+        No = "no",
+        /// Restart it if it failed (VMM died, guest crashed, triple fault...), with back-off.
+        OnFailure = "on-failure",
+        /// Restart it whenever it ends, with back-off.
+        Always = "always",
+    }
 }
 
 /// Everything the scheduler says about a VM. Immutable once created: a create with the same id
@@ -134,7 +133,8 @@ pub struct VmSpec {
     pub restart_policy: RestartPolicy,
 }
 
-fn default_template() -> String {
+/// The CPU template a spec gets when it names none.
+pub fn default_template() -> String {
     "host".into()
 }
 
@@ -158,17 +158,12 @@ pub fn valid_id(id: &str) -> bool {
         })
 }
 
-fn check_file(field: &str, p: &Path) -> Result<(), FieldError> {
-    if !p.is_absolute() {
-        return Err(FieldError::new(field, "must be an absolute path"));
-    }
-    match std::fs::metadata(p) {
-        Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(FieldError::new(
-            field,
-            format!("{} is not a regular file", p.display()),
-        )),
-        Err(e) => Err(FieldError::new(field, format!("{}: {e}", p.display()))),
+/// The agent launches VMMs from their own directory: a relative path would mean nothing.
+fn absolute(field: &str, p: &Path) -> Result<(), FieldError> {
+    if p.is_absolute() {
+        Ok(())
+    } else {
+        Err(FieldError::new(field, "must be an absolute path"))
     }
 }
 
@@ -181,26 +176,11 @@ impl VmSpec {
                 "must be 1-63 characters of a-z, 0-9, '-', '_' or '.', starting with a letter or digit",
             ));
         }
-        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(FieldError::new(
-                "vcpus",
-                format!("{} is out of range 1-{MAX_VCPUS}", self.vcpus),
-            ));
-        }
-        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
-            return Err(FieldError::new(
-                "memory_mib",
-                format!(
-                    "{} is out of range {MIN_MEMORY_MIB}-{MAX_MEMORY_MIB}",
-                    self.memory_mib
-                ),
-            ));
-        }
         CpuTemplate::from_name(&self.cpu_template)
             .map_err(|e| FieldError::new("cpu_template", e.to_string()))?;
-        check_file("boot.kernel", &self.boot.kernel)?;
+        absolute("boot.kernel", &self.boot.kernel)?;
         if let Some(p) = &self.boot.initrd {
-            check_file("boot.initrd", p)?;
+            absolute("boot.initrd", p)?;
         }
         if let Some(c) = &self.boot.cmdline {
             if c.len() > MAX_CMDLINE || c.bytes().any(|b| b == 0 || b == b'\n') {
@@ -217,9 +197,7 @@ impl VmSpec {
             ));
         }
         for (i, d) in self.disks.iter().enumerate() {
-            check_file(&format!("disks[{i}].path"), &d.path)?;
-            d.check()
-                .map_err(|(f, m)| FieldError::new(format!("disks[{i}].{f}"), m))?;
+            absolute(&format!("disks[{i}].path"), &d.path)?;
         }
         if self.nics.len() > MAX_DEVICES {
             return Err(FieldError::new(
@@ -241,19 +219,11 @@ impl VmSpec {
                         format!("{s:?} is not a valid segment id"),
                     ))
                 }
-                (None, Some(t)) => {
-                    if t.is_empty() || t.len() > 15 || t.contains(['/', ' ', '\0']) {
-                        return Err(FieldError::new(
-                            format!("nics[{i}].tap"),
-                            "must be an interface name of 1-15 characters",
-                        ));
-                    }
-                    if n.ipv4.is_some() || n.ipv6.is_some() {
-                        return Err(FieldError::new(
-                            format!("nics[{i}].ipv4"),
-                            "addresses are managed only for NICs on a segment",
-                        ));
-                    }
+                (None, Some(_)) if n.ipv4.is_some() || n.ipv6.is_some() => {
+                    return Err(FieldError::new(
+                        format!("nics[{i}].ipv4"),
+                        "addresses are managed only for NICs on a segment",
+                    ))
                 }
                 _ => {}
             }
@@ -264,21 +234,6 @@ impl VmSpec {
                         format!("{m:?} is not a unicast MAC address aa:bb:cc:dd:ee:ff"),
                     ));
                 }
-            }
-        }
-        let slots = self.disks.len()
-            + self.nics.len()
-            + usize::from(self.rng)
-            + usize::from(self.vsock.is_some());
-        if slots > MAX_VIRTIO_DEVICES {
-            return Err(FieldError::new(
-                "disks",
-                format!("{slots} virtio devices requested; at most {MAX_VIRTIO_DEVICES} fit"),
-            ));
-        }
-        if let Some(v) = &self.vsock {
-            if v.cid < 3 || v.cid == u32::MAX {
-                return Err(FieldError::new("vsock.cid", "must be 3 or more"));
             }
         }
         if self.labels.len() > MAX_LABELS {
@@ -303,7 +258,23 @@ impl VmSpec {
                 ));
             }
         }
-        Ok(())
+        // Everything the VMM bounds (vCPUs, memory, files, disks, device slots, tap names,
+        // vsock CID), by the VMM's own rules: NICs on segments stand in with a placeholder
+        // until the agent resolves them.
+        let nics = self
+            .nics
+            .iter()
+            .map(|n| NicConfig {
+                tap: n.tap.clone().unwrap_or_else(|| "bxt-unresolved".into()),
+                mac: n
+                    .mac
+                    .as_deref()
+                    .and_then(parse_mac)
+                    .unwrap_or([2, 0, 0, 0, 0, 1]),
+            })
+            .collect();
+        self.config_with(Path::new("/"), "unlaunched", nics, None)
+            .map(drop)
     }
 
     /// The VMM configuration for this spec, with the VM's files under `dir`, its NICs as
@@ -314,6 +285,23 @@ impl VmSpec {
         dir: &Path,
         token: &str,
         nics: &[NicState],
+        cmdline_extra: Option<&str>,
+    ) -> Result<VmConfig, FieldError> {
+        let nics = nics
+            .iter()
+            .map(|n| NicConfig {
+                tap: n.tap.clone(),
+                mac: n.mac_bytes(),
+            })
+            .collect();
+        self.config_with(dir, token, nics, cmdline_extra)
+    }
+
+    fn config_with(
+        &self,
+        dir: &Path,
+        token: &str,
+        nics: Vec<NicConfig>,
         cmdline_extra: Option<&str>,
     ) -> Result<VmConfig, FieldError> {
         let cpu_template = CpuTemplate::from_name(&self.cpu_template)
@@ -341,13 +329,7 @@ impl VmSpec {
             },
             stdin: false,
             disks: self.disks.clone(),
-            nics: nics
-                .iter()
-                .map(|n| NicConfig {
-                    tap: n.tap.clone(),
-                    mac: n.mac_bytes(),
-                })
-                .collect(),
+            nics,
             rng: self.rng,
             vsock: self.vsock.as_ref().map(|v| VsockConfig {
                 cid: v.cid,
@@ -387,51 +369,25 @@ fn spec_field(e: ConfigError) -> FieldError {
     FieldError::new(field, e.message)
 }
 
-/// Lifecycle phase of a VM, as the agent observes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Phase {
-    /// Being defined (only seen if the agent died mid-create).
-    Creating,
-    /// Defined, not running.
-    Stopped,
-    /// Its VMM runs the guest.
-    Running,
-    /// Its VMM runs, vCPUs parked.
-    Paused,
-    /// It ended unexpectedly (see `exit_reason`).
-    Failed,
-    /// Being deleted.
-    Deleting,
+wire_enum! {
+    /// Lifecycle phase of a VM, as the agent observes it.
+    pub enum Phase {
+        /// Being defined (only seen if the agent died mid-create).
+        Creating = "creating",
+        /// Defined, not running.
+        Stopped = "stopped",
+        /// Its VMM runs the guest.
+        Running = "running",
+        /// Its VMM runs, vCPUs parked.
+        Paused = "paused",
+        /// It ended unexpectedly (see `exit_reason`).
+        Failed = "failed",
+        /// Being deleted.
+        Deleting = "deleting",
+    }
 }
 
 impl Phase {
-    /// Name as used on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Creating => "creating",
-            Self::Stopped => "stopped",
-            Self::Running => "running",
-            Self::Paused => "paused",
-            Self::Failed => "failed",
-            Self::Deleting => "deleting",
-        }
-    }
-
-    /// Parses a wire name.
-    pub fn parse(s: &str) -> Option<Self> {
-        [
-            Self::Creating,
-            Self::Stopped,
-            Self::Running,
-            Self::Paused,
-            Self::Failed,
-            Self::Deleting,
-        ]
-        .into_iter()
-        .find(|p| p.as_str() == s)
-    }
-
     /// Whether a VMM process is expected to exist.
     pub fn has_vmm(self) -> bool {
         matches!(self, Self::Running | Self::Paused)
@@ -469,50 +425,24 @@ pub struct VmStatus {
     pub updated_ms: u64,
 }
 
-/// What an operation does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OperationKind {
-    /// Start on request.
-    Start,
-    /// Stop.
-    Stop,
-    /// Stop, then start.
-    Reboot,
-    /// Pause.
-    Pause,
-    /// Resume.
-    Resume,
-    /// Delete.
-    Delete,
-    /// Start again by the restart policy.
-    Restart,
-}
-
-impl OperationKind {
-    /// Its name on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Start => "start",
-            Self::Stop => "stop",
-            Self::Reboot => "reboot",
-            Self::Pause => "pause",
-            Self::Resume => "resume",
-            Self::Delete => "delete",
-            Self::Restart => "restart",
-        }
+wire_enum! {
+    /// What an operation does.
+    pub enum OperationKind {
+        /// Start on request.
+        Start = "start",
+        /// Stop.
+        Stop = "stop",
+        /// Stop, then start.
+        Reboot = "reboot",
+        /// Pause.
+        Pause = "pause",
+        /// Resume.
+        Resume = "resume",
+        /// Delete.
+        Delete = "delete",
+        /// Start again by the restart policy.
+        Restart = "restart",
     }
-
-    /// Every kind (the OpenAPI document lists exactly these).
-    pub const ALL: &'static [Self] = &[
-        Self::Start,
-        Self::Stop,
-        Self::Reboot,
-        Self::Pause,
-        Self::Resume,
-        Self::Delete,
-        Self::Restart,
-    ];
 }
 
 /// An operation the agent was carrying out on a VM when the record was written. After a crash,

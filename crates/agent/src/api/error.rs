@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::wire::wire_enum;
 use crate::AgentError;
 
 /// An error response.
@@ -50,97 +51,47 @@ impl ApiError {
     }
 }
 
-/// Every code the API returns (`Error.code` in docs/openapi.json, checked by a test).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    /// The body is not JSON of the expected shape.
-    InvalidJson,
-    /// A field of the body is refused.
-    InvalidField,
-    /// A query parameter is refused.
-    InvalidParameter,
-    /// The body is larger than the API takes.
-    BodyTooLarge,
-    /// No such VM or segment.
-    NotFound,
-    /// No such path.
-    NoRoute,
-    /// The path does not take this method.
-    MethodNotAllowed,
-    /// An object with this id exists with a different spec.
-    AlreadyExists,
-    /// A field clashes with what exists on the host.
-    Conflict,
-    /// The object is still in use.
-    InUse,
-    /// The kernel refused the network wiring.
-    NetworkError,
-    /// The action is not possible in the VM's state.
-    IllegalTransition,
-    /// Admission control refused the VM.
-    OverCapacity,
-    /// A wait timed out.
-    Timeout,
-    /// The VMM could not start the VM.
-    StartFailed,
-    /// The VMM did not do what it was asked.
-    VmmError,
-    /// The console attach needs an upgrade to the console protocol.
-    UpgradeRequired,
-    /// The socket is read-only (the debug socket).
-    ReadOnly,
-    /// The agent failed (its state directory).
-    Internal,
-}
-
-impl ErrorCode {
-    /// Every code.
-    pub const ALL: &'static [Self] = &[
-        Self::InvalidJson,
-        Self::InvalidField,
-        Self::InvalidParameter,
-        Self::BodyTooLarge,
-        Self::NotFound,
-        Self::NoRoute,
-        Self::MethodNotAllowed,
-        Self::AlreadyExists,
-        Self::Conflict,
-        Self::InUse,
-        Self::NetworkError,
-        Self::IllegalTransition,
-        Self::OverCapacity,
-        Self::Timeout,
-        Self::StartFailed,
-        Self::VmmError,
-        Self::UpgradeRequired,
-        Self::ReadOnly,
-        Self::Internal,
-    ];
-
-    /// Its name on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::InvalidJson => "invalid_json",
-            Self::InvalidField => "invalid_field",
-            Self::InvalidParameter => "invalid_parameter",
-            Self::BodyTooLarge => "body_too_large",
-            Self::NotFound => "not_found",
-            Self::NoRoute => "no_route",
-            Self::MethodNotAllowed => "method_not_allowed",
-            Self::AlreadyExists => "already_exists",
-            Self::Conflict => "conflict",
-            Self::InUse => "in_use",
-            Self::NetworkError => "network_error",
-            Self::IllegalTransition => "illegal_transition",
-            Self::OverCapacity => "over_capacity",
-            Self::Timeout => "timeout",
-            Self::StartFailed => "start_failed",
-            Self::VmmError => "vmm_error",
-            Self::UpgradeRequired => "upgrade_required",
-            Self::ReadOnly => "read_only",
-            Self::Internal => "internal",
-        }
+wire_enum! {
+    /// Every code the API returns (`Error.code` in docs/openapi.json, checked by a test).
+    pub enum ErrorCode {
+        /// The body is not JSON of the expected shape.
+        InvalidJson = "invalid_json",
+        /// A field of the body is refused.
+        InvalidField = "invalid_field",
+        /// A query parameter is refused.
+        InvalidParameter = "invalid_parameter",
+        /// The body is larger than the API takes.
+        BodyTooLarge = "body_too_large",
+        /// No such VM or segment.
+        NotFound = "not_found",
+        /// No such path.
+        NoRoute = "no_route",
+        /// The path does not take this method.
+        MethodNotAllowed = "method_not_allowed",
+        /// An object with this id exists with a different spec.
+        AlreadyExists = "already_exists",
+        /// A field clashes with what exists on the host.
+        Conflict = "conflict",
+        /// The object is still in use.
+        InUse = "in_use",
+        /// The kernel refused the network wiring.
+        NetworkError = "network_error",
+        /// The action is not possible in the VM's state.
+        IllegalTransition = "illegal_transition",
+        /// Admission control refused the VM.
+        OverCapacity = "over_capacity",
+        /// A wait timed out.
+        Timeout = "timeout",
+        /// The VMM could not start the VM.
+        StartFailed = "start_failed",
+        /// The VMM did not do what it was asked.
+        VmmError = "vmm_error",
+        /// The console attach needs an upgrade to the console protocol.
+        UpgradeRequired = "upgrade_required",
+        /// The socket is read-only (the debug socket).
+        ReadOnly = "read_only",
+        /// The agent failed (its state directory).
+        Internal = "internal",
     }
 }
 

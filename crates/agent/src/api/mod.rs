@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{FromRequestParts, MatchedPath, Path as UrlPath, RawQuery, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path as UrlPath, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -186,24 +186,25 @@ async fn json_body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
     Ok(v)
 }
 
-/// Refuses a body on routes that take none (anything but nothing, `{}` or whitespace).
-async fn no_body(body: Body) -> Result<(), ApiError> {
-    let bytes = read_body(body).await?;
-    let text = String::from_utf8_lossy(&bytes);
-    let t = text.trim();
-    if t.is_empty() || t == "{}" {
-        Ok(())
-    } else {
-        Err(ApiError::field(
-            ErrorCode::InvalidField,
-            "body",
-            "this action takes its options as query parameters, not a body",
-        ))
-    }
-}
+/// The body of a route that takes none: anything but nothing, `{}` or whitespace is refused.
+struct NoBody;
 
-fn check_id(id: &str) -> Result<(), ApiError> {
-    check_id_of("VM", id)
+impl<S: Send + Sync> FromRequest<S> for NoBody {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
+        let bytes = read_body(req.into_body()).await?;
+        let text = String::from_utf8_lossy(&bytes);
+        let t = text.trim();
+        if t.is_empty() || t == "{}" {
+            Ok(Self)
+        } else {
+            Err(ApiError::field(
+                ErrorCode::InvalidField,
+                "body",
+                "this action takes its options as query parameters, not a body",
+            ))
+        }
+    }
 }
 
 /// A path id that cannot name anything (ids double as file names) is a 404 without a lookup.
@@ -277,6 +278,8 @@ accepts! {
     Nothing: [];
     ListVmsParams: ["selector", "state"];
     CreateVmParams: ["start"];
+    StopParams: ["timeout", "force"];
+    RebootParams: ["timeout"];
     WaitParams: ["state", "timeout"];
     ConsoleParams: ["offset", "follow"];
     EventsParams: ["since", "follow", "vm"];
@@ -302,7 +305,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/host", get(host))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
-        .route("/v1/vms/{id}/{action}", post(action))
+        .route("/v1/vms/{id}/start", post(start_vm))
+        .route("/v1/vms/{id}/stop", post(stop_vm))
+        .route("/v1/vms/{id}/reboot", post(reboot_vm))
+        .route("/v1/vms/{id}/pause", post(pause_vm))
+        .route("/v1/vms/{id}/resume", post(resume_vm))
         .route("/v1/vms/{id}/wait", get(wait_vm))
         .route("/v1/vms/{id}/console", get(console))
         .route("/v1/vms/{id}/console/attach", get(attach))
@@ -471,40 +478,51 @@ async fn delete_vm(State(st): St, _: NoParams, VmId(id): VmId) -> Result<Respons
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn action(
+async fn start_vm(
     State(st): St,
-    UrlPath((id, action)): UrlPath<(String, String)>,
-    RawQuery(q): RawQuery,
-    body: Body,
+    _: NoParams,
+    VmId(id): VmId,
+    _: NoBody,
 ) -> Result<Response, ApiError> {
-    let allowed: &[&str] = match action.as_str() {
-        "stop" => &["timeout", "force"],
-        "reboot" => &["timeout"],
-        "start" | "pause" | "resume" => &[],
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                ErrorCode::NoRoute,
-                format!("unknown action {action:?}: start, stop, reboot, pause or resume"),
-            ))
-        }
-    };
-    let p = Params::parse(q, allowed)?;
-    check_id(&id)?;
-    no_body(body).await?;
-    let agent = &st.agent;
-    let rec = match action.as_str() {
-        "start" => agent.start(&id).await?,
-        "stop" => {
-            agent
-                .stop(&id, p.seconds("timeout")?, p.flag("force")?)
-                .await?
-        }
-        "reboot" => agent.reboot(&id, p.seconds("timeout")?).await?,
-        "pause" => agent.pause(&id).await?,
-        _ => agent.resume(&id).await?,
-    };
-    Ok(Json(rec).into_response())
+    Ok(Json(st.agent.start(&id).await?).into_response())
+}
+
+async fn stop_vm(
+    State(st): St,
+    Query(p, _): Query<StopParams>,
+    VmId(id): VmId,
+    _: NoBody,
+) -> Result<Response, ApiError> {
+    let (timeout, force) = (p.seconds("timeout")?, p.flag("force")?);
+    Ok(Json(st.agent.stop(&id, timeout, force).await?).into_response())
+}
+
+async fn reboot_vm(
+    State(st): St,
+    Query(p, _): Query<RebootParams>,
+    VmId(id): VmId,
+    _: NoBody,
+) -> Result<Response, ApiError> {
+    let timeout = p.seconds("timeout")?;
+    Ok(Json(st.agent.reboot(&id, timeout).await?).into_response())
+}
+
+async fn pause_vm(
+    State(st): St,
+    _: NoParams,
+    VmId(id): VmId,
+    _: NoBody,
+) -> Result<Response, ApiError> {
+    Ok(Json(st.agent.pause(&id).await?).into_response())
+}
+
+async fn resume_vm(
+    State(st): St,
+    _: NoParams,
+    VmId(id): VmId,
+    _: NoBody,
+) -> Result<Response, ApiError> {
+    Ok(Json(st.agent.resume(&id).await?).into_response())
 }
 
 async fn wait_vm(
