@@ -149,6 +149,9 @@ fn fleet_memory(bexar: &Path, guest: &Path, vms: usize) -> Fleet {
     }
 }
 
+/// How many idle VMMs the memory measures run together.
+const FLEET_VMS: usize = 10;
+
 /// One binary's samples.
 #[derive(Default)]
 struct Series {
@@ -173,9 +176,17 @@ fn main() {
     let iters = common::env_count("BEXAR_BENCH_ITERS", 50);
     let result = std::env::temp_dir().join(format!("bexar-bench-{}.json", std::process::id()));
     let previous = std::env::var_os("BEXAR_BENCH_BASELINE_BIN")
-        .filter(|p| !p.is_empty())
         .map(std::path::PathBuf::from)
-        .filter(|p| p.is_file());
+        .filter(|p| {
+            let ok = p.is_file();
+            if !ok && !p.as_os_str().is_empty() {
+                eprintln!(
+                    "BEXAR_BENCH_BASELINE_BIN {} is not a file: ignored",
+                    p.display()
+                );
+            }
+            ok
+        });
 
     // Warm up the page cache for all.
     for _ in 0..3 {
@@ -233,7 +244,7 @@ fn main() {
         p50,
         percentile(&mut now.private, 0.9)
     );
-    let fleet = fleet_memory(&bexar, &guest, 10);
+    let fleet = fleet_memory(&bexar, &guest, FLEET_VMS);
     println!(
         "{:<44} {:>7.0} KiB   (Pss - Pss_Shmem, mean of {} idle VMMs running together)",
         "bexar: VMM proportional memory beyond guest", fleet.pss_kib, fleet.vms
@@ -250,9 +261,9 @@ fn main() {
     let Some(prev) = previous else {
         return;
     };
-    let old_fleet = fleet_memory(&prev, &guest, 10);
+    let old_fleet = fleet_memory(&prev, &guest, FLEET_VMS);
     println!(
-        "against the previous binary {} (same run, interleaved):",
+        "against the previous binary {} (same run; timings interleaved, fleets one after the other):",
         prev.display()
     );
     println!(
@@ -265,40 +276,22 @@ fn main() {
             this / prev
         );
     };
-    row(
-        "exec to first guest UART byte",
-        percentile(&mut now.first, 0.5),
-        percentile(&mut before.first, 0.5),
-        "ms",
-    );
-    row(
-        "exec to VMM exit",
-        percentile(&mut now.exit, 0.5),
-        percentile(&mut before.exit, 0.5),
-        "ms",
-    );
-    row(
-        "exec to VMM exit, p90",
-        percentile(&mut now.exit, 0.9),
-        percentile(&mut before.exit, 0.9),
-        "ms",
-    );
-    row(
-        "VMM anonymous memory",
-        percentile(&mut now.private, 0.5),
-        percentile(&mut before.private, 0.5),
-        "KiB",
-    );
-    row(
-        "VMM unique memory (USS, 10 idle VMMs)",
-        fleet.uss_kib,
-        old_fleet.uss_kib,
-        "KiB",
-    );
-    row(
-        "VMM proportional memory (PSS, 10 idle VMMs)",
-        fleet.pss_kib,
-        old_fleet.pss_kib,
-        "KiB",
-    );
+    type Pick = fn(&mut Series) -> &mut Vec<f64>;
+    let timed: [(&str, Pick, f64, &str); 4] = [
+        ("exec to first guest UART byte", |s| &mut s.first, 0.5, "ms"),
+        ("exec to VMM exit", |s| &mut s.exit, 0.5, "ms"),
+        ("exec to VMM exit, p90", |s| &mut s.exit, 0.9, "ms"),
+        ("VMM anonymous memory", |s| &mut s.private, 0.5, "KiB"),
+    ];
+    for (name, pick, q, unit) in timed {
+        let (this, prev) = (
+            percentile(pick(&mut now), q),
+            percentile(pick(&mut before), q),
+        );
+        row(name, this, prev, unit);
+    }
+    let uss = format!("VMM unique memory (USS, {FLEET_VMS} idle VMMs)");
+    row(&uss, fleet.uss_kib, old_fleet.uss_kib, "KiB");
+    let pss = format!("VMM proportional memory (PSS, {FLEET_VMS} idle VMMs)");
+    row(&pss, fleet.pss_kib, old_fleet.pss_kib, "KiB");
 }

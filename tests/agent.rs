@@ -573,6 +573,7 @@ fn bad_requests_get_a_4xx_naming_the_problem_and_change_nothing() {
             ("GET", "/v1/vms?state=dancing", vec![], 400, "invalid_parameter", Some("state")),
             ("GET", "/v1/vms/nope", vec![], 404, "not_found", None),
             ("GET", "/v1/vms/..%2Fetc", vec![], 404, "not_found", None),
+            ("GET", "/v1/segments/..%2Fetc", vec![], 404, "not_found", None),
             ("POST", "/v1/vms/nope/start", vec![], 404, "not_found", None),
             ("POST", "/v1/vms/s1/pause", vec![], 409, "illegal_transition", None),
             ("POST", "/v1/vms/s1/resume", vec![], 409, "illegal_transition", None),
@@ -594,7 +595,6 @@ fn bad_requests_get_a_4xx_naming_the_problem_and_change_nothing() {
             ("GET", "/v1/events?since=-1", vec![], 400, "invalid_parameter", Some("since")),
             // Parameters are checked before the path's id, on every route.
             ("GET", "/v1/vms/..%2Fetc/metadata?x=1", vec![], 400, "invalid_parameter", Some("x")),
-            ("GET", "/v1/segments/..%2Fetc", vec![], 404, "not_found", None),
             ("DELETE", "/v1/segments/nope?force=1", vec![], 400, "invalid_parameter", Some("force")),
             ("GET", "/v1/openapi.json?v=2", vec![], 400, "invalid_parameter", Some("v")),
         ];

@@ -10,10 +10,6 @@ use common::*;
 
 const INIT: &str = "Run /init as init process";
 
-fn on_pvm() -> bool {
-    std::path::Path::new("/sys/module/kvm_pvm").exists()
-}
-
 #[test]
 fn vmlinux_reaches_init_under_boot_test() {
     let img = linux_image();
@@ -48,7 +44,7 @@ fn vmlinux_reaches_init_under_boot_test() {
     ] {
         assert!(xml.contains(needle), "console lacks {needle:?}");
     }
-    if on_pvm() {
+    if is_pvm() {
         assert!(
             xml.contains("Clearing CPUID bits: popcnt cx16 smap"),
             "PVM parameters missing"
@@ -88,7 +84,7 @@ fn bzimage_on_two_vcpus_boots_and_ends_cleanly() {
         "{console}"
     );
     assert!(console.contains(INIT), "{console}");
-    if on_pvm() {
+    if is_pvm() {
         // User space cannot make system calls here: init dies, the kernel panics and, with
         // panic=1 reboot=k, resets through the i8042, which the VMM reports as an orderly exit.
         assert!(console.contains("Attempted to kill init"), "{console}");

@@ -86,7 +86,7 @@ fn kvm_internal_error_reports_rip_and_instruction_bytes() {
         .output()
         .unwrap();
     let (_, err) = text(&o);
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+    if is_pvm() {
         assert_exit(&o, 4);
         assert!(err.contains("KVM internal error"), "{err}");
         assert!(err.contains("at rip 0x100001"), "{err}");

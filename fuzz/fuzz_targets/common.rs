@@ -1,4 +1,5 @@
-//! What both fuzz targets share: one small disk image and one guest memory per process.
+//! What the fuzz targets share: one small disk image and one guest memory per process.
+#![allow(dead_code)] // not every target uses every piece
 
 use std::sync::OnceLock;
 

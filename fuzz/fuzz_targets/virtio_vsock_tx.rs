@@ -9,20 +9,24 @@
 //! credit rather than on finding the CIDs; bits 1-2 choose the descriptor layout.
 #![no_main]
 
+#[path = "common.rs"]
+mod common;
+
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use bexar_devices::memory::{test_memory, GuestMemoryMmap};
 use bexar_devices::virtio::ring::DriverRing;
 use bexar_devices::virtio::test_utils::{activate_all, TestInterrupt};
+use bexar_devices::virtio::vsock::device::HOST_CID;
+use bexar_devices::virtio::vsock::packet::{Hdr, HDR_LEN, TYPE_STREAM};
 use bexar_devices::virtio::vsock::{Vsock, VsockConfig};
 use bexar_devices::virtio::VirtioDevice;
+use common::mem;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
 
-const HDR: usize = 44;
 const PACKETS: usize = 8;
 const TX: usize = 1;
 
@@ -37,11 +41,6 @@ fn host() -> &'static (PathBuf, UnixListener) {
         l.set_nonblocking(true).unwrap();
         (uds, l)
     })
-}
-
-fn mem() -> &'static GuestMemoryMmap {
-    static M: OnceLock<GuestMemoryMmap> = OnceLock::new();
-    M.get_or_init(|| test_memory(2))
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -61,31 +60,31 @@ fuzz_target!(|data: &[u8]| {
     activate_all(&mut *dev.lock().unwrap(), &[&rx, &tx, &ev], mem, &irq);
     for i in 0..8u16 {
         let at = 0x10_0000 + u64::from(i) * 0x1000;
-        rx.push_chain(i * 2, &[(at, 0x1000, true)]);
+        rx.push_chain(i, &[(at, 0x1000, true)]);
     }
     let mut loop_ = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
     loop_.add_subscriber(dev.clone());
 
     let mut rest = data;
     for i in 0..PACKETS {
-        if rest.len() < 1 + HDR {
+        if rest.len() < 1 + HDR_LEN {
             break;
         }
         let ctl = rest[0];
-        let mut h = [0u8; HDR];
-        h.copy_from_slice(&rest[1..=HDR]);
-        rest = &rest[1 + HDR..];
+        let mut raw = [0u8; HDR_LEN];
+        raw.copy_from_slice(&rest[1..=HDR_LEN]);
+        rest = &rest[1 + HDR_LEN..];
+        let mut hdr = Hdr::parse(&raw);
         if ctl & 1 != 0 {
-            h[0..8].copy_from_slice(&3u64.to_le_bytes());
-            h[8..16].copy_from_slice(&2u64.to_le_bytes());
-            let src = 1024 + u32::from(h[16] & 3);
-            h[16..20].copy_from_slice(&src.to_le_bytes());
-            let dst = 5000 + u32::from(h[20] & 1);
-            h[20..24].copy_from_slice(&dst.to_le_bytes());
-            h[28..30].copy_from_slice(&1u16.to_le_bytes());
+            hdr.src_cid = 3;
+            hdr.dst_cid = HOST_CID;
+            hdr.src_port = 1024 + (hdr.src_port & 3);
+            hdr.dst_port = 5000 + (hdr.dst_port & 1);
+            hdr.kind = TYPE_STREAM;
         }
-        let claimed = u32::from_le_bytes([h[24], h[25], h[26], h[27]]) as usize;
-        let n = claimed.min(rest.len()).min(0x1000 - HDR);
+        let h = hdr.bytes();
+        let claimed = hdr.len as usize;
+        let n = claimed.min(rest.len()).min(0x1000 - HDR_LEN);
         let (payload, tail) = rest.split_at(n);
         rest = tail;
         let at = 0x3_0000 + i as u64 * 0x2000;
@@ -94,38 +93,38 @@ fuzz_target!(|data: &[u8]| {
         match (ctl >> 1) & 3 {
             // Header and payload in one buffer.
             0 => {
-                mem.write_slice(payload, GuestAddress(at + HDR as u64))
+                mem.write_slice(payload, GuestAddress(at + HDR_LEN as u64))
                     .unwrap();
-                tx.push_chain(d, &[(at, (HDR + n) as u32, false)]);
+                tx.push_chain(d, &[(at, (HDR_LEN + n) as u32, false)]);
             }
             // Header, then payload in a second buffer.
             1 => {
                 mem.write_slice(payload, GuestAddress(at + 0x1000)).unwrap();
                 tx.push_chain(
                     d,
-                    &[(at, HDR as u32, false), (at + 0x1000, n as u32, false)],
+                    &[(at, HDR_LEN as u32, false), (at + 0x1000, n as u32, false)],
                 );
             }
             // The header cut in two.
             2 => {
-                let cut = (ctl >> 3) as usize % HDR;
+                let cut = (ctl >> 3) as usize % HDR_LEN;
                 mem.write_slice(&h[cut..], GuestAddress(at + 0x1000))
                     .unwrap();
-                mem.write_slice(payload, GuestAddress(at + 0x1000 + (HDR - cut) as u64))
+                mem.write_slice(payload, GuestAddress(at + 0x1000 + (HDR_LEN - cut) as u64))
                     .unwrap();
                 tx.push_chain(
                     d,
                     &[
                         (at, cut as u32, false),
-                        (at + 0x1000, (HDR - cut + n) as u32, false),
+                        (at + 0x1000, (HDR_LEN - cut + n) as u32, false),
                     ],
                 );
             }
             // A buffer the device may write (a driver bug), and a length past the payload.
             _ => {
-                mem.write_slice(payload, GuestAddress(at + HDR as u64))
+                mem.write_slice(payload, GuestAddress(at + HDR_LEN as u64))
                     .unwrap();
-                tx.push_chain(d, &[(at, (HDR + n) as u32 + u32::from(ctl >> 3), true)]);
+                tx.push_chain(d, &[(at, (HDR_LEN + n) as u32 + u32::from(ctl >> 3), true)]);
             }
         }
     }

@@ -48,9 +48,9 @@ pub fn testguest() -> PathBuf {
     .clone()
 }
 
-/// Whether /dev/kvm is PVM (software-assisted nested KVM).
+/// Whether /dev/kvm is PVM (software-assisted nested KVM), as the VMM detects it.
 pub fn is_pvm() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
+    bexar_vmm::platform::Platform::detect() == bexar_vmm::platform::Platform::Pvm
 }
 
 /// What the test guest must be told about this platform: on PVM, CPUID is the host's and not

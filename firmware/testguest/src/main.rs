@@ -198,9 +198,19 @@ static CHECKED_IN: AtomicUsize = AtomicUsize::new(0);
 /// Whether CPUID is the host's (PVM), so the LAPIC ID register stands in for it.
 static CPUID_NATIVE: AtomicBool = AtomicBool::new(false);
 
+/// This CPU's APIC id as the test trusts it: CPUID's, or the LAPIC ID register's where CPUID
+/// is the host's.
+fn apic_id() -> u32 {
+    if CPUID_NATIVE.load(Ordering::Relaxed) {
+        smp::lapic_id()
+    } else {
+        arch::cpuid_apic_id()
+    }
+}
+
 fn check_in(index: usize) {
     let lapic = smp::lapic_id();
-    let id = if CPUID_NATIVE.load(Ordering::Relaxed) { lapic } else { arch::cpuid_apic_id() };
+    let id = apic_id();
     if index < MAX_CPUS {
         LAPIC_IDS[index].store(lapic + 1, Ordering::Relaxed);
         CHECKIN[index].store(id + 1, Ordering::Release);
@@ -218,6 +228,7 @@ fn test_smp(bp: &BootParams) -> TestResult {
     // 2-core host). There, `bexar.cpuid=native` says so, and identities are checked with the
     // LAPIC ID register (which KVM does virtualise) against the MP table instead.
     let cpuid_native = cmdline_param(bp.cmdline(), "bexar.cpuid") == Some("native");
+    CPUID_NATIVE.store(cpuid_native, Ordering::Relaxed);
     let mp = match MpTable::find() {
         Ok(mp) => mp,
         Err(e) => {
@@ -226,7 +237,7 @@ fn test_smp(bp: &BootParams) -> TestResult {
         }
     };
     let expected = mp.enabled_cpus().count();
-    let bsp_id = if cpuid_native { smp::lapic_id() } else { arch::cpuid_apic_id() };
+    let bsp_id = apic_id();
     println!("{P}: smp: MP table lists {expected} cpus; bsp apic id {bsp_id}");
     if cpuid_native {
         println!("{P}: smp: CPUID is the host's here: apic ids come from the LAPIC ID register");
@@ -243,7 +254,6 @@ fn test_smp(bp: &BootParams) -> TestResult {
         }
         None => return Err((code::SMP_ID_MISMATCH, "no bsp in the MP table")),
     }
-    CPUID_NATIVE.store(cpuid_native, Ordering::Relaxed);
     check_in(0);
 
     let t0 = rdtsc();
