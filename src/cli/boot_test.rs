@@ -9,6 +9,7 @@ use std::time::Instant;
 use super::junit::{self, Case};
 use super::run::{plan, Plan};
 use super::BootTestArgs;
+use bexar_devices::virtio::net::mac_string;
 
 struct Job {
     name: String,
@@ -67,11 +68,8 @@ fn child_command(job: &Job) -> Command {
         cmd.arg("--disk").arg(spec);
     }
     for n in &c.nics {
-        let m = n.mac;
-        cmd.arg("--net").arg(format!(
-            "tap={},mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            n.tap, m[0], m[1], m[2], m[3], m[4], m[5]
-        ));
+        cmd.arg("--net")
+            .arg(format!("tap={},mac={}", n.tap, mac_string(&n.mac)));
     }
     if c.rng {
         cmd.arg("--rng");

@@ -127,10 +127,13 @@ impl ConsoleStats {
         self.bytes.load(Ordering::Relaxed)
     }
     fn count(&self, n: usize) {
-        let ns = self.start.elapsed().as_nanos().max(1) as u64;
-        let _ = self
-            .first_byte_ns
-            .compare_exchange(0, ns, Ordering::Relaxed, Ordering::Relaxed);
+        // The clock is read for the first byte only, not for every byte the guest writes.
+        if self.first_byte_ns.load(Ordering::Relaxed) == 0 {
+            let ns = self.start.elapsed().as_nanos().max(1) as u64;
+            let _ =
+                self.first_byte_ns
+                    .compare_exchange(0, ns, Ordering::Relaxed, Ordering::Relaxed);
+        }
         self.bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
