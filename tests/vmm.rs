@@ -96,6 +96,68 @@ fn kvm_internal_error_reports_rip_and_instruction_bytes() {
     }
 }
 
+/// `mov al, 42; out 0xf4, al`: the exit port ends the VM with status 42.
+const EXIT_42: [u8; 4] = [0xb0, 0x2a, 0xe6, 0xf4];
+
+#[test]
+fn fwait_refused_by_the_platform_is_completed_by_the_vmm() {
+    // nop; fwait; fwait; exit 42, all in ring 0. On PVM the emulator refuses each fwait (as in
+    // Linux's fpu__drop) and the VMM steps over it; on hardware it runs natively.
+    let mut code = vec![0x90, 0x9b, 0x9b];
+    code.extend_from_slice(&EXIT_42);
+    let elf = tiny_elf("fwait.elf", 0x10_0000, &code, 0);
+    let json = tmp("fwait.json");
+    let o = bexar()
+        .args(["run", "--no-stdin", "--timeout", "10", "--kernel"])
+        .arg(&elf)
+        .arg("--result-json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert_exit(&o, 1);
+    let (_, err) = text(&o);
+    assert!(err.contains("guest reported status 42"), "{err}");
+    let r: serde_json::Value = serde_json::from_str(&read(&json)).unwrap();
+    let completed = r["completed_instructions"].as_u64().unwrap();
+    if is_pvm() {
+        assert_eq!(completed, 2, "{r}");
+        // Logged once per VM, not once per instruction.
+        assert_eq!(err.matches("refused fwait").count(), 1, "{err}");
+    } else {
+        assert_eq!(completed, 0, "{r}");
+    }
+    std::fs::remove_file(json).ok();
+}
+
+#[test]
+fn fwait_that_would_fault_is_not_completed() {
+    // CR0.TS and CR0.MP set: fwait must raise #NM, so the VMM must not step over it. On PVM
+    // the VM ends with the emulator's report at the fwait; on hardware the #NM finds no IDT
+    // and the guest triple-faults.
+    let mut code = vec![
+        0x0f, 0x20, 0xc0, // mov rax, cr0
+        0x48, 0x83, 0xc8, 0x0a, // or rax, CR0_TS | CR0_MP
+        0x0f, 0x22, 0xc0, // mov cr0, rax
+        0x9b, // fwait
+    ];
+    code.extend_from_slice(&EXIT_42);
+    let elf = tiny_elf("fwait-ts.elf", 0x10_0000, &code, 0);
+    let o = bexar()
+        .args(["run", "--no-stdin", "--timeout", "10", "--kernel"])
+        .arg(&elf)
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert!(!err.contains("status 42"), "{err}");
+    if is_pvm() {
+        assert_exit(&o, 4);
+        assert!(err.contains("at rip 0x10000a"), "{err}");
+        assert!(err.contains("instruction bytes [9b b0 2a"), "{err}");
+    } else {
+        assert_exit(&o, 3);
+    }
+}
+
 #[test]
 fn console_input_reaches_the_guest() {
     let guest = testguest();

@@ -4,6 +4,7 @@
 //! (Restoring from a snapshot will be a second recipe here, reusing the same steps with saved
 //! state in place of the kernel's entry.)
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -75,7 +76,10 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vmm, VmmError> {
     let (main_loop, console_input) = main_loop(&exit, &devices, control.as_ref())?;
     // The vCPUs first: their threads end by themselves if a later step fails (they are
     // parked, and their channels close), the virtio loop's would not.
-    let vcpus = create_vcpus(&kvm, &vm, &ram, config, platform, &entry, &exit, &devices)?;
+    let completed = Arc::new(AtomicU64::new(0));
+    let vcpus = create_vcpus(
+        &kvm, &vm, &ram, config, platform, &entry, &exit, &completed, &devices,
+    )?;
     phase("vCPUs created");
     let virtio_loop = if devices.has_virtio() {
         Some(VirtioLoop::spawn(devices.take_virtio_subscribers(), &exit)?)
@@ -95,6 +99,7 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vmm, VmmError> {
         ram,
         devices,
         vcpus,
+        completed,
         virtio_loop,
         main_loop,
         console_input,
@@ -203,6 +208,7 @@ fn create_vcpus(
     platform: Platform,
     entry: &BootEntry,
     exit: &ExitHandle,
+    completed: &Arc<AtomicU64>,
     devices: &DeviceManager,
 ) -> Result<Vec<VcpuHandle>, VmmError> {
     let mut supported = kvm
@@ -241,6 +247,7 @@ fn create_vcpus(
             pio: pio.clone(),
             mmio: mmio.clone(),
             exit: exit.clone(),
+            completed: completed.clone(),
         };
         handles.push(VcpuHandle::spawn(fd, ctx)?);
     }

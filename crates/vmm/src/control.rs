@@ -66,6 +66,9 @@ pub struct Info {
     pub uptime_ms: u64,
     /// Exits to user space per vCPU.
     pub vcpu_exits: Vec<u64>,
+    /// Instructions the platform's emulator refused that the VMM completed (`fwait` on PVM).
+    #[serde(default)]
+    pub completed_instructions: u64,
     /// Console bytes written by the guest.
     pub console_bytes: u64,
     /// Virtio device counters.
@@ -332,6 +335,7 @@ mod tests {
             state: RunState::Paused,
             uptime_ms: 5,
             vcpu_exits: vec![1, 2],
+            completed_instructions: 0,
             console_bytes: 3,
             devices: vec![],
         };

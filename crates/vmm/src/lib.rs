@@ -293,6 +293,8 @@ pub struct VmOutcome {
     pub console_bytes: u64,
     /// Exits to user space, summed over vCPUs.
     pub vcpu_exits: u64,
+    /// Instructions the platform's emulator refused that the VMM completed (`fwait` on PVM).
+    pub completed_instructions: u64,
     /// Port and MMIO accesses that hit no device.
     pub unhandled_io: u64,
     /// Resident memory of the VMM itself (RSS minus guest memory), KiB.

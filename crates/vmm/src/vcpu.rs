@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_vcpu_events, kvm_xcrs, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -189,6 +189,9 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     /// Where the reason the VM ended goes.
     pub exit: ExitHandle,
+    /// Instructions the platform's emulator refused that the VMM completed itself, for the
+    /// whole VM (every vCPU shares one counter, so the first is logged once per VM).
+    pub completed: Arc<AtomicU64>,
 }
 
 /// What a vCPU is asked to do.
@@ -592,6 +595,51 @@ impl VcpuThread {
         }
     }
 
+    /// Completes an instruction the platform's emulator refused, when doing so is exactly what
+    /// the CPU would have done; true if the guest may go on.
+    ///
+    /// Only `fwait` (0x9b) qualifies. On a PVM host guest ring 0 is emulated and the emulator
+    /// has no `fwait`, yet Linux runs one in `fpu__drop` each time a task exits (the first one
+    /// is a kernel thread early in boot or a failed exec of init), so without this every Linux
+    /// guest would die there. `fwait` only checks for pending x87 exceptions: with no unmasked
+    /// exception pending (FSW.ES clear) and no lazy-FPU trap armed (CR0.TS with CR0.MP, which
+    /// would raise #NM) it does nothing, so the VMM steps over its one byte. In any other state
+    /// the VM ends with the usual report rather than the VMM guessing at an exception. A
+    /// hardware-virtualised host never gets here: `fwait` runs natively.
+    #[inline(never)]
+    fn complete_refused(&self, insn: &[u8]) -> bool {
+        const FWAIT: u8 = 0x9b;
+        const FSW_ES: u16 = 1 << 7;
+        const CR0_MP: u64 = 1 << 1;
+        const CR0_TS: u64 = 1 << 3;
+        if insn.first() != Some(&FWAIT) {
+            return false;
+        }
+        let (Ok(mut regs), Ok(sregs), Ok(fpu)) = (
+            self.vcpu.get_regs(),
+            self.vcpu.get_sregs(),
+            self.vcpu.get_fpu(),
+        ) else {
+            return false;
+        };
+        if fpu.fsw & FSW_ES != 0 || sregs.cr0 & (CR0_MP | CR0_TS) == CR0_MP | CR0_TS {
+            return false;
+        }
+        regs.rip = regs.rip.wrapping_add(1);
+        if self.vcpu.set_regs(&regs).is_err() {
+            return false;
+        }
+        if self.ctx.completed.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::info!(
+                vcpu = self.ctx.id,
+                rip = format_args!("{:#x}", regs.rip - 1),
+                "the platform's emulator refused fwait; the VMM completed it (a no-op with no \
+                 x87 exception pending) and counts every later one without logging"
+            );
+        }
+        true
+    }
+
     /// Serves requests while out of the guest, until told to run or to exit.
     fn paused(&mut self) -> Next {
         loop {
@@ -690,12 +738,18 @@ impl VcpuThread {
                         unsafe { run.__bindgen_anon_1.internal }
                     };
                     let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    let insn = instruction_bytes(&self.vcpu, &self.ctx.mem, rip);
+                    if internal.suberror == KVM_INTERNAL_ERROR_EMULATION
+                        && self.complete_refused(&insn)
+                    {
+                        continue;
+                    }
                     let n = (internal.ndata as usize).min(internal.data.len());
                     ExitReason::InternalError {
                         vcpu: id,
                         suberror: internal.suberror,
                         rip,
-                        insn: instruction_bytes(&self.vcpu, &self.ctx.mem, rip),
+                        insn,
                         data: internal.data[..n].to_vec(),
                     }
                 }

@@ -7,7 +7,7 @@
 //! calls: [`Vmm::pause`], [`Vmm::resume`], [`Vmm::info`], [`Vmm::shutdown`],
 //! [`Vmm::save_vcpus`]...
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -122,6 +122,8 @@ pub struct Vmm {
     pub(crate) ram: GuestRam,
     pub(crate) devices: DeviceManager,
     pub(crate) vcpus: Vec<VcpuHandle>,
+    /// Refused instructions the VMM completed for the guest ([`crate::vcpu`]), all vCPUs.
+    pub(crate) completed: Arc<AtomicU64>,
     pub(crate) virtio_loop: Option<VirtioLoop>,
     pub(crate) main_loop: EventManager<Subscriber>,
     pub(crate) console_input: Option<SubscriberId>,
@@ -324,6 +326,7 @@ impl Vmm {
                 .iter()
                 .map(|v| v.stats().exits.load(Ordering::Relaxed))
                 .collect(),
+            completed_instructions: self.completed.load(Ordering::Relaxed),
             console_bytes: self.console.bytes(),
             devices: self.devices.reports(),
         }
@@ -476,6 +479,7 @@ impl Vmm {
                 .iter()
                 .map(|v| v.stats().exits.load(Ordering::Relaxed))
                 .sum(),
+            completed_instructions: self.completed.load(Ordering::Relaxed),
             unhandled_io: self.devices.unhandled(),
             vmm_rss_kib: mem_use.map(|m| m.vmm_rss),
             vmm_private_kib: mem_use.map(|m| m.vmm_private),

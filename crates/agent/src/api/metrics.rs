@@ -145,6 +145,21 @@ pub async fn render(agent: &Agent, requests: &RequestMetrics) -> String {
     }
     let _ = writeln!(
         out,
+        "# HELP bexar_vm_completed_instructions_total Instructions the platform's emulator refused that the VMM completed (fwait on PVM hosts).\n# TYPE bexar_vm_completed_instructions_total counter"
+    );
+    for (id, i) in infos
+        .iter()
+        .filter_map(|(id, i)| i.as_ref().map(|i| (id, i)))
+    {
+        let _ = writeln!(
+            out,
+            "bexar_vm_completed_instructions_total{{vm=\"{}\"}} {}",
+            esc(id),
+            i.completed_instructions
+        );
+    }
+    let _ = writeln!(
+        out,
         "# HELP bexar_vm_device_total Virtio device counters.\n# TYPE bexar_vm_device_total counter"
     );
     for (id, i) in infos
