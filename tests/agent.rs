@@ -563,6 +563,8 @@ fn bad_requests_get_a_4xx_naming_the_problem_and_change_nothing() {
             ("POST", "/v1/vms", with(&|s| s["disks"] = json!([{"path": 3}])), 400, "invalid_field", Some("disks[0].path")),
             ("POST", "/v1/vms", with(&|s| s["nics"] = json!([{"tap": "t0", "mac": "zz"}])), 400, "invalid_field", Some("nics[0].mac")),
             ("POST", "/v1/vms", with(&|s| s["restart_policy"] = json!("sometimes")), 400, "invalid_field", Some("restart_policy")),
+            ("POST", "/v1/vms", with(&|s| s["uuid"] = json!("not-a-uuid")), 400, "invalid_field", Some("uuid")),
+            ("PUT", "/v1/vms/s1/metadata", b"{\"http_tokens\":\"sometimes\"}".to_vec(), 400, "invalid_field", Some("http_tokens")),
             ("POST", "/v1/vms", with(&|s| s["labels"] = json!({"k": 1})), 400, "invalid_field", Some("labels.k")),
             ("POST", "/v1/vms", with(&|s| s["cpu_template"] = json!("pentium")), 400, "invalid_field", Some("cpu_template")),
             ("POST", "/v1/vms", with(&|s| s["memory_mib"] = json!(1 << 20)), 409, "over_capacity", None),

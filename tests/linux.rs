@@ -33,10 +33,13 @@ fn vmlinux_reaches_init_under_boot_test() {
     assert!(out.contains("1 passed, 0 failed"), "{out}");
     let xml = read(&junit);
     assert!(xml.contains("failures=\"0\""), "{xml}");
-    // The kernel found the machine we described: our MP table, the e820 map, the serial port,
-    // the initramfs, and on PVM the parameters the VMM added by itself.
+    // The kernel found the machine we described: our MP table, our SMBIOS tables (the kernel's
+    // own decoder prints the system's maker and product), the e820 map, the serial port, the
+    // initramfs, and on PVM the parameters the VMM added by itself.
     for needle in [
         "MPTABLE: OEM ID: BEXAR",
+        "SMBIOS 3.0.0 present.",
+        "DMI: Bexar Bexar microVM, BIOS",
         "BIOS-e820: [mem 0x0000000000100000-0x0000000007ffffff] usable",
         "ttyS0 at I/O 0x3f8 (irq = 4",
         "Unpacking initramfs",

@@ -101,6 +101,7 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
     }
 }
 
@@ -380,7 +381,8 @@ fn segments_route_filter_and_serve_metadata() {
         let r = c
             .put(
                 "/v1/vms/md-a/metadata",
-                &json!({"hostname": "md-host", "user_data": "#cloud-config\n", "public_keys": ["ssh-ed25519 AAAAC3 k@x"]}),
+                &json!({"hostname": "md-host", "user_data": "#cloud-config\n", "public_keys": ["ssh-ed25519 AAAAC3 k@x"],
+                        "http_tokens": "required"}),
             )
             .await
             .unwrap();
@@ -403,7 +405,8 @@ fn segments_route_filter_and_serve_metadata() {
             .expect("token printed")
             .trim()
             .to_owned();
-        // Another VM presenting md-a's token from its own interface is refused.
+        // Another VM presenting md-a's token from its own interface is refused, even under the
+        // default `optional` policy, which answers it without a token.
         let (_, text) = run_guest(
             &c,
             "md-b",
@@ -412,6 +415,10 @@ fn segments_route_filter_and_serve_metadata() {
         )
         .await;
         assert!(text.contains("imds: GET /latest/meta-data/instance-id -> 401"), "{text}");
+        assert!(
+            text.contains("imds: no-token GET /latest/meta-data/instance-id -> 200"),
+            "{text}"
+        );
         assert!(!text.contains("md-a"), "md-b saw md-a's data:\n{text}");
 
         // A bridged segment (the host is not its router): its VMs share an L2 domain and still
@@ -687,4 +694,240 @@ fn dhcp_gives_a_nic_its_address() {
     );
     let out = udhcpc("02:99:99:99:99:99");
     assert!(!out.contains("obtained"), "a stranger got a lease: {out}");
+}
+
+/// Opens the TAP `name` in namespace `ns` (creating it there if it does not exist: then it
+/// lives as long as the returned file).
+fn tap_in(ns: &Netns, name: &str) -> bexar_devices::tap::Tap {
+    let (path, name) = (format!("/var/run/netns/{}", ns.name), name.to_owned());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on this short-lived thread only, with a namespace file we opened.
+        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns");
+        bexar_devices::tap::Tap::open(&name).unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Passes frames both ways between two TAPs (both with virtio-net headers, no offloads, so
+/// the headers pass through unchanged) until dropped: it stands where a VMM would, so a
+/// Linux network stack behind the second TAP is the VM's guest.
+struct Relay {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn new(a: bexar_devices::tap::Tap, b: bexar_devices::tap::Tap) -> Self {
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 70_000];
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut fds = [a.file(), b.file()].map(|f| libc::pollfd {
+                    fd: f.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                // SAFETY: poll(2) on two descriptors this thread owns, with their array's length.
+                unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+                for (i, (from, to)) in [(&a, &b), (&b, &a)].into_iter().enumerate() {
+                    if fds[i].revents & libc::POLLIN == 0 {
+                        continue;
+                    }
+                    while let Ok(n) = from.file().read(&mut buf) {
+                        let _ = to.file().write(&buf[..n]);
+                    }
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The guest's SMBIOS tables as the test guest read them from its own memory (`smbios`
+/// test), in dmidecode's `--dump-bin` layout: the entry point at 0 naming the table at 32.
+fn smbios_dump(console: &str) -> Vec<u8> {
+    let bytes = |tag: &str| -> Vec<u8> {
+        console
+            .lines()
+            .filter_map(|l| l.split(&format!("bexar-testguest: {tag}:")).nth(1))
+            .flat_map(|l| {
+                l.split_whitespace()
+                    .map(|b| u8::from_str_radix(b, 16).unwrap())
+            })
+            .collect()
+    };
+    let (mut entry, table) = (bytes("smbios-entry"), bytes("smbios-table"));
+    assert_eq!(entry.len(), 24, "{console}");
+    assert!(!table.is_empty(), "{console}");
+    entry[16..24].copy_from_slice(&32u64.to_le_bytes());
+    entry[5] = 0;
+    entry[5] = entry.iter().fold(0u8, |a, b| a.wrapping_sub(*b));
+    let mut dump = entry;
+    dump.resize(32, 0);
+    dump.extend_from_slice(&table);
+    dump
+}
+
+/// Runs cloud-init's own datasource code (tests/cloudinit/datasource.py) in the guest
+/// namespace, with DMI read by dmidecode from `dump`; returns what it obtained.
+fn cloud_init(guest: &Netns, mode: &str, dump: &std::path::Path) -> Value {
+    let work = tmp(&format!("cloud-init-{mode}"));
+    let bin = work.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let wrapper = bin.join("dmidecode");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec /usr/sbin/dmidecode --from-dump {} \"$@\"\n",
+            dump.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = Command::new("ip")
+        .args(["netns", "exec", &guest.name, "/usr/bin/python3"])
+        .arg(common::root().join("tests/cloudinit/datasource.py"))
+        .arg(mode)
+        .arg(&work)
+        .env(
+            "PATH",
+            format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bin.display()),
+        )
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success(),
+        "cloud-init {mode} failed:\n{out}\n{err}"
+    );
+    let v: Value = serde_json::from_str(out.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("cloud-init {mode}: {e}\n{out}\n{err}"));
+    assert_eq!(
+        v["ok"], true,
+        "cloud-init {mode} found no data:\n{v}\n{err}"
+    );
+    std::fs::remove_dir_all(work).ok();
+    v
+}
+
+/// cloud-init's own datasources (Debian's package) against the real metadata service, from
+/// behind a VM's TAP: the EC2 datasource (IMDSv1 on an unknown platform, IMDSv2 with a token
+/// on "AWS" under the `required` policy) and NoCloud-net seeded from the SMBIOS serial number
+/// the VMM wrote, read out of the guest's memory by the test guest and decoded by dmidecode.
+/// One VM has user data and an ordinary hostname; the other has none, an id that reads as a
+/// YAML number (`017`) and a hostname that reads as a YAML boolean (`on`).
+#[test]
+fn cloud_init_datasources_configure_the_guest() {
+    let host = Netns::new("ci");
+    let guest = Netns::new("ciguest");
+    // The guest's resolver: nothing answers, at once (`ip netns exec` mounts this file over
+    // /etc/resolv.conf). cloud-init resolves two names that must not exist before it trusts
+    // the metadata URL, which would otherwise wait for this machine's resolver to time out.
+    let etc = format!("/etc/netns/{}", guest.name);
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(format!("{etc}/resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &guest.name,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.default.disable_ipv6=1",
+    ]);
+    let agent = NsAgent::start(&host, "cloud-init");
+    let c = agent.client();
+    rt().block_on(async {
+        let r = c.post("/v1/segments", &segment("seg-ci", 40, "routed", 40)).await.unwrap();
+        let gateway = expect_status(&r, 201)["ipv4"]["gateway"].as_str().unwrap().to_owned();
+        let cases = [
+            ("ci-a", json!({"hostname": "ci-host", "user_data": "#cloud-config\nbexar: ci-a\n",
+                            "public_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA ci@a"]})),
+            ("017", json!({"hostname": "on", "public_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB ci@b"]})),
+        ];
+        for (id, md) in cases {
+            // First the guest reads its SMBIOS tables out of its own memory...
+            let r = c.put(&format!("/v1/vms/{id}/metadata"), &md).await.unwrap();
+            expect_status(&r, 404);
+            let r = c.post("/v1/vms", &vm(id, "seg-ci", "smbios")).await.unwrap();
+            let rec = expect_status(&r, 201);
+            let r = c.put(&format!("/v1/vms/{id}/metadata"), &md).await.unwrap();
+            expect_status(&r, 200);
+            let r = c.post(&format!("/v1/vms/{id}/start"), &Value::Null).await.unwrap();
+            expect_status(&r, 200);
+            let text = wait_console(&c, id, "bexar-testguest: PASS").await;
+            let r = c
+                .get(&format!("/v1/vms/{id}/wait?state=stopped&timeout=10"))
+                .await
+                .unwrap();
+            expect_status(&r, 200);
+            let dump = tmp(&format!("smbios-{id}.bin"));
+            std::fs::write(&dump, smbios_dump(&text)).unwrap();
+
+            // ...then a Linux network stack takes the VM's place behind its TAP.
+            let (tap, mac, ipv4) = (nic(&rec, "tap"), nic(&rec, "mac"), nic(&rec, "ipv4"));
+            let _relay = Relay::new(tap_in(&host, &tap), tap_in(&guest, "eth0"));
+            guest.ip(&["link", "set", "eth0", "address", &mac]);
+            guest.ip(&["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"]);
+            guest.ip(&["link", "set", "eth0", "up"]);
+            guest.ip(&["route", "replace", "default", "via", &gateway]);
+
+            let uuid = rec["uuid"].as_str().unwrap();
+            let expect_host = md["hostname"].as_str().unwrap();
+            let key = md["public_keys"][0].as_str().unwrap();
+            let user_data = md["user_data"].as_str().unwrap_or_default();
+            let nocloud = cloud_init(&guest, "nocloud", &dump);
+            assert_eq!(nocloud["dmi_serial"], bexar_agent::imds::NOCLOUD_SEED, "{nocloud}");
+            assert_eq!(nocloud["dmi_uuid"], uuid, "{nocloud}");
+            assert_eq!(nocloud["dmi_manufacturer"], "Bexar", "{nocloud}");
+            assert_eq!(nocloud["dmi_asset_tag"], id, "{nocloud}");
+            for (mode, v) in [("nocloud", nocloud), ("ec2", cloud_init(&guest, "ec2", &dump))] {
+                assert_eq!(v["instance_id"], id, "{mode}: {v}");
+                assert_eq!(v["hostname"], expect_host, "{mode}: {v}");
+                assert_eq!(v["keys"], json!([key]), "{mode}: {v}");
+                assert_eq!(v["user_data"], user_data, "{mode}: {v}");
+            }
+
+            // IMDSv2 only: without a token the EC2 tree refuses; cloud-init on "AWS" asks for
+            // a token and gets everything.
+            let r = c
+                .put(&format!("/v1/vms/{id}/metadata"), &json!({"hostname": expect_host, "public_keys": [key],
+                      "user_data": user_data, "http_tokens": "required"}))
+                .await
+                .unwrap();
+            expect_status(&r, 200);
+            let o = Command::new("ip")
+                .args(["netns", "exec", &guest.name, "/usr/bin/python3", "-c"])
+                .arg("import urllib.request as u, urllib.error as e\ntry: u.urlopen('http://169.254.169.254/2009-04-04/meta-data/instance-id', timeout=5); print(200)\nexcept e.HTTPError as x: print(x.code)")
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "401", "{o:?}");
+            let v = cloud_init(&guest, "ec2-aws", &dump);
+            assert_eq!(v["token_used"], true, "{v}");
+            assert_eq!(v["instance_id"], id, "{v}");
+            assert_eq!(v["hostname"], expect_host, "{v}");
+            std::fs::remove_file(dump).ok();
+        }
+    });
 }

@@ -158,6 +158,9 @@ pub struct CreateArgs {
     /// Restart policy: no, on-failure, always.
     #[arg(long)]
     pub restart: Option<String>,
+    /// The VM's UUID (its SMBIOS system UUID); default: a random one.
+    #[arg(long)]
+    pub uuid: Option<String>,
     /// Start it too.
     #[arg(long)]
     pub start: bool,
@@ -249,6 +252,11 @@ fn spec_from_flags(a: &CreateArgs) -> Result<Value, String> {
         vsock: a.vsock_cid.map(|cid| VsockSpec { cid }),
         labels,
         restart_policy,
+        uuid: a
+            .uuid
+            .as_deref()
+            .map(|u| u.parse().map_err(|e| format!("--uuid {u:?}: {e}")))
+            .transpose()?,
     };
     serde_json::to_value(spec).map_err(|e| e.to_string())
 }

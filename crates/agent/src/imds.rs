@@ -32,9 +32,33 @@ use axum::serve::IncomingStream;
 
 use crate::network::NicOwner;
 use crate::segment::NicState;
-use crate::spec::VmRecord;
+use crate::spec::{TokenPolicy, VmRecord};
 use crate::Agent;
 use bexar_util::sync::lock;
+use bexar_vmm::boot::smbios::SmbiosIdentity;
+
+/// The system serial number of a VM on a segment: cloud-init's NoCloud datasource reads it
+/// from SMBIOS and fetches `meta-data`, `user-data` and `vendor-data` from the URL, so a stock
+/// image finds this service with no kernel parameter. `nocloud-net`, not `nocloud`: before
+/// cloud-init 23.2 (Debian 12 has 22.4) `ds=nocloud` means a local seed and an `http` seed URL
+/// is ignored; `nocloud-net` works on every version.
+pub const NOCLOUD_SEED: &str = "ds=nocloud-net;s=http://169.254.169.254/nocloud/";
+
+/// What a VM's SMBIOS tables say: its UUID, the VM id as chassis asset tag, and as serial
+/// number the NoCloud seed when the VM can reach this service (a NIC on a segment), its UUID
+/// otherwise.
+pub fn smbios_identity(rec: &VmRecord) -> SmbiosIdentity {
+    let reachable = rec.nics.iter().any(|n| n.segment.is_some());
+    SmbiosIdentity {
+        serial: Some(if reachable {
+            NOCLOUD_SEED.to_owned()
+        } else {
+            rec.uuid.to_string()
+        }),
+        uuid: Some(rec.uuid),
+        asset_tag: Some(rec.id.clone()),
+    }
+}
 
 /// The token request header.
 pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
@@ -42,6 +66,55 @@ pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 /// Longest token lifetime (6 hours, as EC2).
 pub const MAX_TTL: u64 = 21_600;
+/// The dated versions of the EC2 tree that EC2 lists at `/`, each served as `/latest/` is.
+/// Clients read dated paths, not `latest`: cloud-init asks for `2009-04-04` on a platform it
+/// does not know as AWS and for `2021-03-23`, `2018-09-24` or `2016-09-02` on AWS.
+pub const EC2_VERSIONS: &[&str] = &[
+    "1.0",
+    "2007-01-19",
+    "2007-03-01",
+    "2007-08-29",
+    "2007-10-10",
+    "2007-12-15",
+    "2008-02-01",
+    "2008-09-01",
+    "2009-04-04",
+    "2011-01-01",
+    "2011-05-01",
+    "2012-01-12",
+    "2014-02-25",
+    "2014-11-05",
+    "2015-10-20",
+    "2016-04-19",
+    "2016-06-30",
+    "2016-09-02",
+    "2018-03-28",
+    "2018-08-17",
+    "2018-09-24",
+    "2019-10-01",
+    "2020-10-27",
+    "2021-01-03",
+    "2021-03-23",
+    "2021-07-15",
+    "2022-09-24",
+];
+
+/// The path in the `/latest/` tree that `path` names: dated versions are aliases of it.
+fn canonical(path: &str) -> Option<String> {
+    let rest = path.strip_prefix('/')?;
+    let (version, tail) = match rest.split_once('/') {
+        Some((v, t)) => (v, Some(t)),
+        None => (rest, None),
+    };
+    if version != "latest" && !EC2_VERSIONS.contains(&version) {
+        return None;
+    }
+    Some(match tail {
+        Some(t) => format!("/latest/{t}"),
+        None => "/latest".to_owned(),
+    })
+}
+
 /// Live tokens kept per NIC; the oldest goes first.
 const MAX_TOKENS_PER_NIC: usize = 32;
 
@@ -180,14 +253,26 @@ async fn handle(
             None => text(StatusCode::NOT_FOUND, "not found\n"),
         };
     }
-    if !st.token_ok(&headers, caller.mark, &owner) {
+    // EC2's rules: a token, when sent, must be valid whatever the policy; with `required`
+    // one must be sent.
+    let token = headers.get(TOKEN_HEADER);
+    let authorised = match token {
+        Some(_) => st.token_ok(&headers, caller.mark, &owner),
+        None => rec.metadata.http_tokens == TokenPolicy::Optional,
+    };
+    if !authorised {
         return text(
             StatusCode::UNAUTHORIZED,
             "a valid session token is required (PUT /latest/api/token)\n",
         );
     }
+    if path == "/" {
+        let mut versions: Vec<&str> = EC2_VERSIONS.to_vec();
+        versions.push("latest");
+        return text(StatusCode::OK, versions.join("\n"));
+    }
     let tree = ec2_tree(&rec, &nic, &st);
-    match lookup(&tree, path) {
+    match canonical(path).and_then(|p| lookup(&tree, &p)) {
         Some(body) => text(StatusCode::OK, body),
         None => text(StatusCode::NOT_FOUND, "not found\n"),
     }
@@ -378,59 +463,70 @@ fn ec2_tree(rec: &VmRecord, nic: &NicState, st: &Imds) -> BTreeMap<String, Strin
         "/latest/dynamic/instance-identity/document".into(),
         serde_json::to_string_pretty(&doc).unwrap_or_default(),
     );
-    t.insert("/".into(), "latest".into());
     t
 }
 
-/// A NoCloud file (YAML), or None.
+/// A NoCloud file, or None.
+///
+/// `meta-data` and `network-config` are YAML documents, written as JSON: JSON is YAML, and in
+/// it every string is double-quoted, so no reader's implicit typing can change a value. That
+/// matters because cloud-init reads them with PyYAML, a YAML 1.1 reader, where a bare `on`,
+/// `no` or `Yes` is a boolean, `017` is 15, `12:30` is 750 and `2024-01-01` a date. The YAML
+/// serialisers on crates.io (serde_yaml, serde_yaml_ng, serde_norway) write YAML 1.2, which
+/// leaves exactly those bare (measured: `on`, `no`, `Yes`, `OFF`, `1_000`, `12:30` and
+/// `2024-01-01` came back from PyYAML changed), so serde_json is the serialiser here.
+/// `user-data` and `vendor-data` are the caller's bytes; when absent they are empty (200),
+/// because before 23.2 cloud-init treats a missing `user-data` as a failed seed and drops the
+/// meta-data with it.
 fn nocloud(file: &str, rec: &VmRecord, agent: &Agent) -> Option<String> {
+    use serde_json::{json, Map, Value};
     let md = &rec.metadata;
     let host = md.hostname.clone().unwrap_or_else(|| rec.id.clone());
-    match file {
+    let doc = match file {
         "meta-data" => {
-            let mut s = format!("instance-id: {}\nlocal-hostname: {host}\n", rec.id);
+            let mut m = Map::new();
+            m.insert("instance-id".into(), json!(rec.id));
+            m.insert("local-hostname".into(), json!(host));
             if !md.public_keys.is_empty() {
-                s.push_str("public-keys:\n");
-                for k in &md.public_keys {
-                    s.push_str(&format!("  - {}\n", serde_json::to_string(k).ok()?));
-                }
+                m.insert("public-keys".into(), json!(md.public_keys));
             }
-            Some(s)
+            Value::Object(m)
         }
-        "user-data" => md.user_data.clone(),
-        "vendor-data" => Some(md.vendor_data.clone().unwrap_or_default()),
+        "user-data" => return Some(md.user_data.clone().unwrap_or_default()),
+        "vendor-data" => return Some(md.vendor_data.clone().unwrap_or_default()),
         "network-config" => {
-            let mut s = String::from("version: 2\nethernets:\n");
+            let mut ethernets = Map::new();
             for (i, n) in rec.nics.iter().enumerate() {
-                s.push_str(&format!(
-                    "  nic{i}:\n    match:\n      macaddress: \"{}\"\n    set-name: eth{i}\n",
-                    n.mac
-                ));
                 let seg = agent.segment_of(n);
                 let mut addrs = Vec::new();
                 let mut routes = Vec::new();
                 if let (Some(a), Some(v4)) = (n.ipv4, seg.as_ref().and_then(|s| s.ipv4.as_ref())) {
                     addrs.push(format!("{a}/{}", v4.subnet.prefix_len()));
                     if let Some(g) = v4.gateway {
-                        routes.push(format!("{{to: 0.0.0.0/0, via: {g}}}"));
+                        routes.push(json!({"to": "0.0.0.0/0", "via": g.to_string()}));
                     }
                 }
                 if let Some(a) = n.ipv6 {
-                    addrs.push(format!("\"{a}/64\""));
+                    addrs.push(format!("{a}/64"));
                 }
+                let mut e = Map::new();
+                e.insert("match".into(), json!({"macaddress": n.mac}));
+                e.insert("set-name".into(), json!(format!("eth{i}")));
                 if addrs.is_empty() {
-                    s.push_str("    dhcp4: false\n");
+                    e.insert("dhcp4".into(), json!(false));
                 } else {
-                    s.push_str(&format!("    addresses: [{}]\n", addrs.join(", ")));
+                    e.insert("addresses".into(), json!(addrs));
                 }
                 if !routes.is_empty() {
-                    s.push_str(&format!("    routes: [{}]\n", routes.join(", ")));
+                    e.insert("routes".into(), json!(routes));
                 }
+                ethernets.insert(format!("nic{i}"), Value::Object(e));
             }
-            Some(s)
+            json!({"version": 2, "ethernets": ethernets})
         }
-        _ => None,
-    }
+        _ => return None,
+    };
+    serde_json::to_string_pretty(&doc).ok().map(|s| s + "\n")
 }
 
 #[cfg(test)]

@@ -311,6 +311,7 @@ impl Agent {
             .flat_map(|e| lock(&e.rec).nics.clone())
             .collect();
         let nics = self.resolve_nics(&spec, &taken)?;
+        let rec_uuid = spec.uuid.unwrap_or_else(uuid::Uuid::new_v4);
         let now = now_ms();
         let rec = VmRecord {
             id: spec.id.clone(),
@@ -326,6 +327,7 @@ impl Agent {
             operation: None,
             nics,
             metadata: Default::default(),
+            uuid: rec_uuid,
         };
         if let Err(e) = self.store.save(&rec) {
             let _ = self.store.remove(&rec.id);

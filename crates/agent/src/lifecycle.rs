@@ -424,6 +424,7 @@ impl Agent {
             &token,
             &rec.nics,
             self.kernel_ip_param(&rec).as_deref(),
+            crate::imds::smbios_identity(&rec),
         );
         let fail = |reason: String| {
             let rec = self.update(entry, |r| {
@@ -874,6 +875,7 @@ mod tests {
             operation: op_kind.and_then(op),
             nics: vec![],
             metadata: Default::default(),
+            uuid: uuid::Uuid::nil(),
         }
     }
 

@@ -11,6 +11,7 @@ use super::store::layout;
 use crate::wire::wire_enum;
 use bexar_devices::virtio::net::{parse_mac, NicConfig};
 use bexar_devices::virtio::vsock::VsockConfig;
+use bexar_vmm::boot::smbios::SmbiosIdentity;
 use bexar_vmm::config::{ConfigError, ConsoleConfig, ControlConfig};
 use bexar_vmm::cpuid::CpuTemplate;
 use bexar_vmm::VmConfig;
@@ -84,6 +85,21 @@ pub struct VsockSpec {
 }
 
 wire_enum! {
+    /// Whether the metadata service's EC2 tree needs an IMDSv2 session token (EC2's
+    /// `HttpTokens`).
+    #[derive(Default)]
+    pub enum TokenPolicy {
+        /// Requests with a valid token and requests with none are answered (IMDSv1 and v2);
+        /// a request with an invalid or expired token is refused. The default: cloud-init
+        /// asks for a token only on guests it identifies as AWS, so stock images need this.
+        #[default]
+        Optional = "optional",
+        /// Every EC2 request needs a valid token (IMDSv2 only).
+        Required = "required",
+    }
+}
+
+wire_enum! {
     /// What happens when a VM's guest or VMM ends without being asked to.
     #[derive(Default)]
     pub enum RestartPolicy {
@@ -131,6 +147,10 @@ pub struct VmSpec {
     /// Restart policy.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// The VM's UUID, as the guest reads it from SMBIOS (a scheduler passes its own instance
+    /// UUID here). Default: a random one chosen at create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<uuid::Uuid>,
 }
 
 /// The CPU template a spec gets when it names none.
@@ -286,6 +306,7 @@ impl VmSpec {
         token: &str,
         nics: &[NicState],
         cmdline_extra: Option<&str>,
+        smbios: SmbiosIdentity,
     ) -> Result<VmConfig, FieldError> {
         let nics = nics
             .iter()
@@ -294,7 +315,10 @@ impl VmSpec {
                 mac: n.mac_bytes(),
             })
             .collect();
-        self.config_with(dir, token, nics, cmdline_extra)
+        let mut config = self.config_with(dir, token, nics, cmdline_extra)?;
+        config.smbios = smbios;
+        config.validate().map_err(spec_field)?;
+        Ok(config)
     }
 
     fn config_with(
@@ -340,6 +364,7 @@ impl VmSpec {
                 id: self.id.clone(),
                 token: token.to_owned(),
             }),
+            smbios: SmbiosIdentity::default(),
         };
         config.validate().map_err(spec_field)?;
         Ok(config)
@@ -492,6 +517,10 @@ pub struct VmRecord {
     /// What the metadata service tells the guest (`PUT /v1/vms/{id}/metadata`).
     #[serde(default)]
     pub metadata: VmMetadata,
+    /// The VM's UUID (`spec.uuid`, or chosen at create): its SMBIOS system UUID. Records
+    /// from before it existed get one when loaded.
+    #[serde(default = "uuid::Uuid::new_v4")]
+    pub uuid: uuid::Uuid,
 }
 
 /// Metadata a guest reads from the instance metadata service.
@@ -513,6 +542,13 @@ pub struct VmMetadata {
     /// Free-form key/value facts, served under `meta-data/tags/instance/`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
+    /// Whether the EC2 tree needs a session token.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub http_tokens: TokenPolicy,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// Largest user or vendor data.

@@ -175,7 +175,16 @@ impl Store {
             let path = dir.join(layout::RECORD);
             match fs::read(&path) {
                 Ok(bytes) => match serde_json::from_slice::<VmRecord>(&bytes) {
-                    Ok(rec) if rec.id == id => out.push(rec),
+                    Ok(rec) if rec.id == id => {
+                        // A record from before VMs had a UUID was given a random one: keep
+                        // it, so the guest's SMBIOS UUID does not change at every load.
+                        if !bytes.windows(6).any(|w| w == b"\"uuid\"") {
+                            if let Err(e) = self.save(&rec) {
+                                tracing::warn!("{}: cannot save its new UUID: {e}", path.display());
+                            }
+                        }
+                        out.push(rec)
+                    }
                     Ok(rec) => tracing::error!(
                         "{}: record for {:?} in the directory of {id:?}; skipped",
                         path.display(),

@@ -53,9 +53,9 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vmm, VmmError> {
     })?;
     let console = ConsoleStats::new(start);
     let mut devices = attach_devices(&vm, &ram, config, &exit, &console)?;
-    // The platform description: the MP table, and where the virtio devices are.
+    // The platform description: the MP table, SMBIOS, and where the virtio devices are.
     let described = devices
-        .describe(&ram.mem, config.vcpus)
+        .describe(&ram.mem, config.vcpus, &config.smbios)
         .map_err(VmmError::Device)?;
     cmdline.push_str(&described);
     phase("devices attached");

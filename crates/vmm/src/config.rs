@@ -14,6 +14,7 @@ pub use bexar_devices::serial::ConsoleConfig;
 pub use bexar_devices::virtio::net::NicConfig;
 pub use bexar_devices::virtio::vsock::VsockConfig;
 
+use crate::boot::smbios::{self, SmbiosIdentity};
 use crate::cpuid::CpuTemplate;
 use crate::layout::{CMDLINE_MAX_SIZE, VIRTIO_SLOTS};
 
@@ -46,6 +47,10 @@ pub struct ControlConfig {
 
 fn yes() -> bool {
     true
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 fn is_false(b: &bool) -> bool {
@@ -96,6 +101,9 @@ pub struct VmConfig {
     /// Serve a control socket (pause, resume, shutdown, info) while the VM runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<ControlConfig>,
+    /// What the SMBIOS tables say of the VM (serial number, UUID, asset tag).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub smbios: SmbiosIdentity,
 }
 
 /// A refused field of a [`VmConfig`]: its path (`disks[0].path`) and why.
@@ -148,6 +156,7 @@ impl VmConfig {
             rng: false,
             vsock: None,
             control: None,
+            smbios: SmbiosIdentity::default(),
         }
     }
 
@@ -214,6 +223,20 @@ impl VmConfig {
             }
             if v.uds.as_os_str().is_empty() {
                 return Err(ConfigError::new("vsock.uds", "must be a socket path"));
+            }
+        }
+        for (field, s) in [
+            ("smbios.serial", &self.smbios.serial),
+            ("smbios.asset_tag", &self.smbios.asset_tag),
+        ] {
+            if s.as_deref().is_some_and(|s| !smbios::valid_string(s)) {
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "must be 1-{} printable ASCII characters",
+                        smbios::MAX_STRING
+                    ),
+                ));
             }
         }
         if let Some(c) = &self.control {

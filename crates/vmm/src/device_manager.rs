@@ -13,6 +13,7 @@ use event_manager::MutEventSubscriber;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::boot::smbios::SmbiosIdentity;
 use crate::resources::{ResourceAllocator, ResourceError, MMIO_WINDOW};
 use crate::{ExitHandle, ExitReason, ExitTrigger};
 use bexar_devices::bus::{Bus, BusDevice, BusError};
@@ -274,8 +275,14 @@ impl DeviceManager {
     /// the legacy devices and the GSIs handed out here use) into `mem`, and returns the kernel
     /// command line's entries for the virtio devices ([`Self::kernel_cmdline`]). ACPI tables
     /// will be generated here from the same device list.
-    pub fn describe(&self, mem: &GuestMemoryMmap, vcpus: u8) -> Result<String, DeviceError> {
+    pub fn describe(
+        &self,
+        mem: &GuestMemoryMmap,
+        vcpus: u8,
+        identity: &SmbiosIdentity,
+    ) -> Result<String, DeviceError> {
         crate::boot::mptable::setup(mem, vcpus)?;
+        crate::boot::smbios::setup(mem, identity)?;
         Ok(self.kernel_cmdline())
     }
 
@@ -383,7 +390,7 @@ mod tests {
         assert_eq!(rng(&mut dm).unwrap(), "rng0");
         assert_eq!(rng(&mut dm).unwrap(), "rng1");
         assert_eq!(
-            dm.describe(&mem, 2).unwrap(),
+            dm.describe(&mem, 2, &SmbiosIdentity::default()).unwrap(),
             " virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
         );
         // ...and the MP table, where a guest looks for it.

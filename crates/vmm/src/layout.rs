@@ -10,6 +10,7 @@
 //! 0x0001_0000  left free for the guest (the test guest's AP trampoline lives here)
 //! 0x0002_0000  kernel command line (up to CMDLINE_MAX_SIZE)
 //! 0x0009_fc00  MP table (last KiB of base memory); reserved up to 1 MiB
+//! 0x000f_0000  SMBIOS 3.0 entry point, its table 32 bytes on (the BIOS area a guest scans)
 //! 0x0010_0000  high memory: kernels load here or above
 //! 0xc000_0000  MMIO gap up to 4 GiB: virtio-mmio slots from 0xd000_0000 (4 KiB each),
 //!              IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
@@ -40,6 +41,10 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 /// Where the MP table goes (the last KiB of conventional memory, the EBDA).
 pub const MPTABLE_START: u64 = 0x9fc00;
+/// SMBIOS entry point (the start of the area guests scan for it).
+pub const SMBIOS_START: u64 = 0xf_0000;
+/// End of that area.
+pub const SMBIOS_END: u64 = 0x10_0000;
 /// Start of high memory (1 MiB).
 pub const HIMEM_START: u64 = 0x10_0000;
 /// First virtio-mmio slot; slot `i` is at `VIRTIO_MMIO_BASE + i * 0x1000` on GSI `VIRTIO_GSI_BASE + i`.

@@ -10,7 +10,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use rt::arch::{self, cpuid, rdtsc};
 use rt::bootparams::{cmdline_param, BootParams};
 use rt::mptable::MpTable;
-use rt::{boot, exit, println, smp, uart, MAX_CPUS};
+use rt::{boot, exit, print, println, smp, uart, MAX_CPUS};
 
 mod idle;
 mod imds;
@@ -72,6 +72,9 @@ mod code {
     pub const IMDS_NO_ARP: u32 = 48;
     pub const IMDS_NO_CONNECTION: u32 = 49;
     pub const IMDS_BAD_RESPONSE: u32 = 50;
+    // smbios
+    pub const SMBIOS_NOT_FOUND: u32 = 51;
+    pub const SMBIOS_BAD_ENTRY: u32 = 52;
 }
 
 type TestResult = Result<(), (u32, &'static str)>;
@@ -105,6 +108,7 @@ const TESTS: &[(&str, Test)] = &[
     ("imds", imds::test_imds),
     ("net-blast", vtests::test_net_blast),
     ("vsock", vtests::test_vsock),
+    ("smbios", test_smbios),
 ];
 
 fn main(bp: BootParams) -> ! {
@@ -366,6 +370,50 @@ fn test_echo(_: &BootParams) -> TestResult {
     }
     let line = core::str::from_utf8(&buf[..n]).unwrap_or("<non-UTF-8 input>");
     println!("{P}: echo: {line}");
+    Ok(())
+}
+
+/// Finds the SMBIOS 3.0 entry point where a guest without EFI looks for it (a 16-byte boundary
+/// in 0xf0000-0xfffff), checks it, and prints it and the structure table in hex, 32 bytes a
+/// line (`smbios-entry: ...`, `smbios-table: ...`), so the host can hand the guest's own view
+/// of its tables to a real decoder.
+fn test_smbios(_: &BootParams) -> TestResult {
+    fn rd8(a: usize) -> u8 {
+        // SAFETY: the BIOS area below 1 MiB is guest RAM, identity-mapped and user-readable.
+        unsafe { (a as *const u8).read_volatile() }
+    }
+    fn hex(tag: &str, start: usize, len: usize) {
+        let mut a = start;
+        while a < start + len {
+            print!("{P}: {tag}:");
+            for i in a..(a + 32).min(start + len) {
+                print!(" {:02x}", rd8(i));
+            }
+            println!();
+            a += 32;
+        }
+    }
+    let ep = (0xf_0000..0x10_0000)
+        .step_by(16)
+        .find(|&a| (0..5).all(|i| rd8(a + i) == b"_SM3_"[i]))
+        .ok_or((code::SMBIOS_NOT_FOUND, "no _SM3_ entry point in 0xf0000-0xfffff"))?;
+    let ep_len = usize::from(rd8(ep + 6));
+    if !(24..=32).contains(&ep_len) || (0..ep_len).fold(0u8, |s, i| s.wrapping_add(rd8(ep + i))) != 0 {
+        return Err((code::SMBIOS_BAD_ENTRY, "entry point length or checksum wrong"));
+    }
+    let le = |a: usize, n: usize| (0..n).fold(0u64, |v, i| v | u64::from(rd8(a + i)) << (8 * i));
+    let (len, addr) = (le(ep + 12, 4) as usize, le(ep + 16, 8) as usize);
+    if len == 0 || addr < 0x1000 || addr + len > 0x10_0000 {
+        return Err((code::SMBIOS_BAD_ENTRY, "table outside the BIOS area"));
+    }
+    println!(
+        "{P}: smbios: {}.{}.{} entry point at {ep:#x}, table of {len} bytes at {addr:#x}",
+        rd8(ep + 7),
+        rd8(ep + 8),
+        rd8(ep + 9)
+    );
+    hex("smbios-entry", ep, ep_len);
+    hex("smbios-table", addr, len);
     Ok(())
 }
 

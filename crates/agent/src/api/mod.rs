@@ -923,6 +923,7 @@ mod tests {
             vsock: Some(VsockSpec { cid: 3 }),
             labels: [("k".to_owned(), "v".to_owned())].into(),
             restart_policy: RestartPolicy::OnFailure,
+            uuid: Some(uuid::Uuid::nil()),
         }
     }
 
@@ -933,6 +934,7 @@ mod tests {
             vendor_data: Some("v".into()),
             public_keys: vec!["ssh-ed25519 AAAA k".into()],
             tags: [("k".to_owned(), "v".to_owned())].into(),
+            http_tokens: crate::spec::TokenPolicy::Required,
         }
     }
 
@@ -1067,6 +1069,7 @@ mod tests {
                 ipv6: Some("2001:db8::2".parse().unwrap()),
             }],
             metadata: full_metadata(),
+            uuid: uuid::Uuid::nil(),
         };
         let v = serde_json::to_value(&rec).unwrap();
         assert_eq!(props(&doc, "Vm"), keys(&v));
@@ -1142,6 +1145,15 @@ mod tests {
             })
             .collect();
         assert_eq!(listed("Operation", "kind"), ops, "Operation.kind");
+        let policies: BTreeSet<String> = crate::spec::TokenPolicy::ALL
+            .iter()
+            .map(|k| k.as_str().to_owned())
+            .collect();
+        assert_eq!(
+            listed("VmMetadata", "http_tokens"),
+            policies,
+            "VmMetadata.http_tokens"
+        );
         let inv = crate::host::inventory(
             &crate::host::CapacityConfig::default(),
             std::path::Path::new("/"),

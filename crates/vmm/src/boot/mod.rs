@@ -5,6 +5,7 @@
 pub mod mptable;
 pub mod params;
 pub mod regs;
+pub mod smbios;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
