@@ -547,6 +547,22 @@ fn bad_requests_get_a_4xx_naming_the_problem_and_change_nothing() {
         let cases: Vec<(&str, &str, Vec<u8>, u16, &str, Option<&str>)> = vec![
             ("POST", "/v1/vms", b"{".to_vec(), 400, "invalid_json", Some("body")),
             ("POST", "/v1/vms", b"[]".to_vec(), 400, "invalid_field", Some("body")),
+            // serde reads a struct from an array of its fields: not here.
+            ("PUT", "/v1/vms/s1/metadata", b"[]".to_vec(), 400, "invalid_field", Some("body")),
+            ("POST", "/v1/vms", with(&|s| s["boot"] = json!(["/k"])), 400, "invalid_field", Some("boot")),
+            ("POST", "/v1/vms", with(&|s| s["disks"] = json!([["/d"]])), 400, "invalid_field", Some("disks[0]")),
+            // null is leaving the field out: refused for a required field, naming it...
+            ("POST", "/v1/vms", with(&|s| s["vcpus"] = json!(null)), 400, "invalid_field", Some("vcpus")),
+            ("POST", "/v1/vms", with(&|s| s["boot"]["kernel"] = json!(null)), 400, "invalid_field", Some("boot.kernel")),
+            // ...and integers are JSON Schema's: 1.0 is 1, 1.5 is not an integer.
+            ("POST", "/v1/vms", with(&|s| s["vcpus"] = json!(1.5)), 400, "invalid_field", Some("vcpus")),
+            // What the VM could never start with is refused at create.
+            ("POST", "/v1/vms", with(&|s| s["boot"]["cmdline"] = json!("console=ttyS0\tquiet")), 400, "invalid_field", Some("boot.cmdline")),
+            ("POST", "/v1/vms", with(&|s| s["boot"]["cmdline"] = json!("console=ttyS0 é")), 400, "invalid_field", Some("boot.cmdline")),
+            ("POST", "/v1/vms", with(&|s| s["nics"] = json!([{"tap": ".."}])), 400, "invalid_field", Some("nics[0].tap")),
+            ("POST", "/v1/vms", with(&|s| s["nics"] = json!([{"tap": "tapé12345678"}])), 400, "invalid_field", Some("nics[0].tap")),
+            ("POST", "/v1/vms/r1/stop?force=maybe&force=1", vec![], 400, "invalid_parameter", Some("force")),
+            ("POST", "/v1/vms/r1/stop?force=1&force=maybe", vec![], 400, "invalid_parameter", Some("force")),
             ("POST", "/v1/vms", b"".to_vec(), 400, "invalid_json", Some("body")),
             ("POST", "/v1/vms", with(&|s| s["vcpus"] = json!("two")), 400, "invalid_field", Some("vcpus")),
             ("POST", "/v1/vms", with(&|s| s["vcpus"] = json!(300)), 400, "invalid_field", Some("vcpus")),
@@ -613,6 +629,16 @@ fn bad_requests_get_a_4xx_naming_the_problem_and_change_nothing() {
                 assert!(v["error"]["message"].as_str().unwrap().contains(f), "{what}");
             }
         }
+        // Rust's names never reach the caller.
+        let r = c.post("/v1/vms", &serde_json::from_slice(&with(&|s| s["vcpus"] = json!(300))).unwrap()).await.unwrap();
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(!msg.contains("u8"), "{msg}");
+        // An upgrade without `Connection: upgrade` is not an upgrade (RFC 9110 7.8).
+        let reply = raw_request(
+            &agent.socket(),
+            "GET /v1/vms/r1/console/attach HTTP/1.1\r\nHost: b\r\nUpgrade: bexar-console\r\n\r\n",
+        );
+        assert!(reply.starts_with("HTTP/1.1 426"), "{reply}");
         // Nothing was half-applied: the same VMs, in the same states, the same VMM.
         let after = expect_status(&c.get("/v1/vms").await.unwrap(), 200);
         let summary = |v: &Value| -> Vec<(String, String, Value)> {
@@ -648,6 +674,17 @@ fn bad_requests_get_a_4xx_naming_the_problem_and_change_nothing() {
                 );
             }
         }
+
+        // What the document allows is taken: an integer written 1.0, null for optional fields.
+        let mut s = spec("lenient");
+        s["vcpus"] = json!(1.0);
+        s["rng"] = Value::Null;
+        s["labels"] = Value::Null;
+        s["boot"]["initrd"] = Value::Null;
+        let v = expect_status(&c.post("/v1/vms", &s).await.unwrap(), 201);
+        assert_eq!(v["spec"]["vcpus"], 1);
+        assert_eq!(v["spec"]["rng"], false);
+        expect_status(&c.delete("/v1/vms/lenient").await.unwrap(), 204);
     });
 }
 
@@ -953,5 +990,191 @@ fn the_debug_socket_is_read_only() {
             "the debug socket changed nothing"
         );
         assert_eq!(v["items"][0]["state"], "running");
+    });
+}
+
+/// Sends a raw request and returns the start of the reply.
+fn raw_request(socket: &Path, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Sends `method path` on a raw connection and hangs up after `delay`, without reading the
+/// answer: a scheduler's request timeout, a Ctrl-C.
+fn hang_up(socket: &Path, method: &str, path: &str, body: &str, delay: Duration) {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: bexar\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(delay);
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+/// Waits until the VM has no operation in flight, and returns its record.
+async fn settled(c: &Client, id: &str) -> Option<Value> {
+    let t = Instant::now();
+    loop {
+        let r = c.get(&format!("/v1/vms/{id}")).await.unwrap();
+        if r.status == 404 {
+            return None;
+        }
+        let v = expect_status(&r, 200);
+        if v.get("operation").is_none() {
+            return Some(v);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{id}: an operation never ended: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Every action, asked by a client that hangs up at a random moment (from before the agent
+/// has read the request to after it answered), runs to its end: once it settles, the VM is in
+/// the state the action leads to, with exactly one VMM when it runs (the one its record
+/// names) and none when it does not, and the next action is accepted.
+#[test]
+fn clients_that_hang_up_mid_action_leave_nothing_half_done() {
+    let agent = TestAgent::start("hangup");
+    let c = agent.client();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("hang-up test seed {seed}");
+    let mut rng = seed | 1;
+    let mut next = move |n: u64| {
+        // xorshift64: enough to spread the actions and delays, reproducible from the seed.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let id = "hup";
+    rt().block_on(async {
+        let mut exists = false;
+        for round in 0..60 {
+            let delay = Duration::from_micros(next(40_000));
+            let rec = if exists { settled(&c, id).await } else { None };
+            let state = rec
+                .as_ref()
+                .map(|r| r["state"].as_str().unwrap().to_owned());
+            let (method, path, body, expect) = match state.as_deref() {
+                None => {
+                    let body = spec(id).to_string();
+                    ("POST", "/v1/vms?start=true".to_owned(), body, "running")
+                }
+                Some("stopped") | Some("failed") => match next(2) {
+                    0 => (
+                        "POST",
+                        format!("/v1/vms/{id}/start"),
+                        String::new(),
+                        "running",
+                    ),
+                    _ => ("DELETE", format!("/v1/vms/{id}"), String::new(), "deleted"),
+                },
+                Some("running") => match next(3) {
+                    0 => (
+                        "POST",
+                        format!("/v1/vms/{id}/stop?timeout=1"),
+                        String::new(),
+                        "stopped",
+                    ),
+                    1 => (
+                        "POST",
+                        format!("/v1/vms/{id}/reboot?timeout=1"),
+                        String::new(),
+                        "running",
+                    ),
+                    _ => (
+                        "POST",
+                        format!("/v1/vms/{id}/pause"),
+                        String::new(),
+                        "paused",
+                    ),
+                },
+                Some("paused") => match next(2) {
+                    0 => (
+                        "POST",
+                        format!("/v1/vms/{id}/resume"),
+                        String::new(),
+                        "running",
+                    ),
+                    _ => (
+                        "POST",
+                        format!("/v1/vms/{id}/stop?force=true"),
+                        String::new(),
+                        "stopped",
+                    ),
+                },
+                Some(other) => panic!("round {round}: unexpected settled state {other}"),
+            };
+            let socket = agent.socket();
+            let b = body.clone();
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || hang_up(&socket, method, &p, &b, delay))
+                .await
+                .unwrap();
+            let what = format!("round {round} (seed {seed}): {method} {path} cut after {delay:?}");
+            // The request may have been cut before the agent read it all: then nothing
+            // happened, which is fine too. Otherwise the action's end state is reached.
+            let after = settled(&c, id).await;
+            exists = after.is_some();
+            let vmms = agent.vmm_processes();
+            match &after {
+                None => {
+                    assert!(vmms.is_empty(), "{what}: VMMs of a deleted VM: {vmms:?}");
+                    continue;
+                }
+                Some(v) => {
+                    let now = v["state"].as_str().unwrap();
+                    assert!(
+                        now == expect || Some(now) == state.as_deref() || (expect == "deleted"),
+                        "{what}: settled in {now}: {v}"
+                    );
+                    if expect == "deleted" {
+                        assert_eq!(Some(now), state.as_deref(), "{what}: {v}");
+                    }
+                    // The desired state agrees with the observed one.
+                    let desired = v["desired"].as_str().unwrap();
+                    let ok = matches!(
+                        (now, desired),
+                        ("running", "running") | ("paused", "paused") | ("stopped", "stopped")
+                    );
+                    assert!(ok, "{what}: state {now} but desired {desired}: {v}");
+                    let pid = v["status"]["pid"].as_u64();
+                    if matches!(now, "running" | "paused") {
+                        let pid = pid.unwrap_or_else(|| panic!("{what}: no pid: {v}"));
+                        assert_eq!(vmms, [(pid as u32, id.to_owned())], "{what}: {v}");
+                    } else {
+                        assert!(
+                            vmms.is_empty(),
+                            "{what}: a VMM outlived its VM's stop: {vmms:?} {v}"
+                        );
+                    }
+                }
+            }
+        }
+        // Whatever state it ended in, the VM still obeys.
+        if exists {
+            let r = c
+                .post(&format!("/v1/vms/{id}/stop?force=true"), &Value::Null)
+                .await
+                .unwrap();
+            assert!(r.status == 200 || r.status == 409, "{r:?}");
+            let r = c.delete(&format!("/v1/vms/{id}")).await.unwrap();
+            expect_status(&r, 204);
+        }
+        assert!(agent.vmm_processes().is_empty());
     });
 }

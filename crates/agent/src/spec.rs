@@ -203,10 +203,12 @@ impl VmSpec {
             absolute("boot.initrd", p)?;
         }
         if let Some(c) = &self.boot.cmdline {
-            if c.len() > MAX_CMDLINE || c.bytes().any(|b| b == 0 || b == b'\n') {
+            if c.len() > MAX_CMDLINE || !bexar_vmm::config::cmdline_chars_ok(c) {
                 return Err(FieldError::new(
                     "boot.cmdline",
-                    format!("must be one line of at most {MAX_CMDLINE} bytes"),
+                    format!(
+                        "must be at most {MAX_CMDLINE} printable ASCII characters (space to '~')"
+                    ),
                 ));
             }
         }

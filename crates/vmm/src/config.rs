@@ -49,6 +49,24 @@ fn yes() -> bool {
     true
 }
 
+/// Whether `s` can name a network interface: the kernel's rules (at most IFNAMSIZ - 1 = 15
+/// bytes, no '/', ':' or whitespace, not `.` or `..`), narrowed to printable ASCII so a name
+/// means the same to every tool.
+pub fn tap_name_ok(s: &str) -> bool {
+    (1..=15).contains(&s.len())
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+}
+
+/// Whether a kernel command line has only the characters the boot code writes: printable
+/// ASCII, space to `~` (linux-loader refuses anything else, tabs and newlines included). The
+/// agent checks a spec with this at create, so a VM that could never start is never made.
+pub fn cmdline_chars_ok(s: &str) -> bool {
+    s.bytes().all(|b| (b' '..=b'~').contains(&b))
+}
+
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
@@ -178,10 +196,10 @@ impl VmConfig {
                 ),
             ));
         }
-        if self.cmdline.len() > MAX_CMDLINE || self.cmdline.contains('\0') {
+        if self.cmdline.len() > MAX_CMDLINE || !cmdline_chars_ok(&self.cmdline) {
             return Err(ConfigError::new(
                 "cmdline",
-                format!("must be at most {MAX_CMDLINE} bytes without NUL"),
+                format!("must be at most {MAX_CMDLINE} printable ASCII characters (space to '~')"),
             ));
         }
         check_file("kernel", &self.kernel)?;
@@ -204,10 +222,10 @@ impl VmConfig {
             check_file(&format!("disks[{i}].path"), &d.path)?;
         }
         for (i, n) in self.nics.iter().enumerate() {
-            if n.tap.is_empty() || n.tap.len() > 15 || n.tap.contains(['/', ' ', '\0']) {
+            if !tap_name_ok(&n.tap) {
                 return Err(ConfigError::new(
                     format!("nics[{i}].tap"),
-                    "must be an interface name of 1-15 characters",
+                    "must be an interface name: 1-15 bytes of printable ASCII without space, '/' or ':', not '.' or '..'",
                 ));
             }
             if n.mac[0] & 1 != 0 {

@@ -168,8 +168,41 @@ pub fn from_json(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
         (None, ".") => "body".to_owned(),
         (None, p) => p.to_owned(),
     };
-    let msg = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
-    ApiError::field(ErrorCode::InvalidField, field, msg)
+    let msg = msg.split(" at line ").next().unwrap_or(&msg);
+    ApiError::field(ErrorCode::InvalidField, field, json_words(msg))
+}
+
+/// serde's message in the API's words: JSON types and ranges, not Rust type names
+/// (`expected u8` becomes `expected an integer from 0 to 255`).
+fn json_words(msg: &str) -> String {
+    const TYPES: &[(&str, &str)] = &[
+        ("u8", "an integer from 0 to 255"),
+        ("u16", "an integer from 0 to 65535"),
+        ("u32", "an integer from 0 to 4294967295"),
+        ("u64", "an integer from 0 to 18446744073709551615"),
+        ("usize", "an integer from 0 to 18446744073709551615"),
+        ("i32", "an integer from -2147483648 to 2147483647"),
+        ("i64", "an integer"),
+        ("f64", "a number"),
+        ("a map", "an object"),
+        ("a sequence", "an array"),
+        ("unit", "null"),
+    ];
+    let mut out = msg.to_owned();
+    for (rust, json) in TYPES {
+        for (before, after) in [
+            (format!("expected {rust}"), format!("expected {json}")),
+            (
+                format!("invalid type: {rust},"),
+                format!("invalid type: {json},"),
+            ),
+        ] {
+            if out.ends_with(&before) || out.contains(&format!("{before} ")) {
+                out = out.replace(&before, &after);
+            }
+        }
+    }
+    out.replace("floating point", "number")
 }
 
 #[cfg(test)]
@@ -195,5 +228,12 @@ mod tests {
             r#"{"id":"a","vcpus":1,"memory_mib":1,"boot":{"kernel":"/k"},"disks":[{"path":3}]}"#,
         );
         assert_eq!(e.field.as_deref(), Some("disks[0].path"));
+        let e = decode(r#"{"id":"a","vcpus":300,"memory_mib":1,"boot":{"kernel":"/k"}}"#);
+        assert_eq!(e.field.as_deref(), Some("vcpus"));
+        assert!(
+            e.message.ends_with("expected an integer from 0 to 255"),
+            "{}",
+            e.message
+        );
     }
 }

@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::spec::{Phase, VmSpec};
 use crate::store::layout;
-use crate::Agent;
+use crate::{Agent, AgentError};
 pub use error::{ApiError, ErrorCode};
 
 /// Largest request body accepted.
@@ -91,6 +91,15 @@ impl Params {
                         "unknown parameter; this route takes: {}",
                         allowed.join(", ")
                     ),
+                ));
+            }
+            if map.contains_key(&k) {
+                // Which one would count? Checking only the last would let `?force=maybe&force=1`
+                // through, so neither does.
+                return Err(ApiError::field(
+                    ErrorCode::InvalidParameter,
+                    k,
+                    "given more than once",
                 ));
             }
             map.insert(k, v);
@@ -171,19 +180,108 @@ async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
     })
 }
 
-/// Reads a JSON body: size-limited, unknown fields refused, errors naming the field.
+/// Reads a JSON body: size-limited, an object, unknown fields refused, the rules of
+/// [`normalise`] applied, errors naming the field.
 async fn json_body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
     let bytes = read_body(body).await?;
-    let mut de = serde_json::Deserializer::from_slice(&bytes);
-    let v = serde_path_to_error::deserialize(&mut de).map_err(error::from_json)?;
-    de.end().map_err(|e| {
-        ApiError::field(
-            ErrorCode::InvalidJson,
-            "body",
-            format!("trailing data: {e}"),
-        )
+    let mut value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        let what = if e.is_syntax() || e.is_eof() {
+            "malformed JSON"
+        } else {
+            "trailing data"
+        };
+        ApiError::field(ErrorCode::InvalidJson, "body", format!("{what}: {e}"))
     })?;
-    Ok(v)
+    if !value.is_object() {
+        return Err(ApiError::field(
+            ErrorCode::InvalidField,
+            "body",
+            "must be a JSON object",
+        ));
+    }
+    let mut nulls = Vec::new();
+    normalise(&mut value, "", &mut nulls)?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut err = error::from_json(e);
+        // A required field sent as null reads as missing once nulls are dropped: say so.
+        if let Some(f) = err.field.as_ref().filter(|f| nulls.contains(f)) {
+            err.message = format!("{f}: must not be null");
+        }
+        err
+    })
+}
+
+/// Body fields that hold lists (`type: array` in docs/openapi.json's request schemas; a test
+/// holds the two together). An array anywhere else is refused: serde would otherwise read a
+/// struct from an array of its fields in order, so `PUT .../metadata` with `[]` would clear
+/// the metadata.
+const LIST_FIELDS: &[&str] = &["disks", "nics", "public_keys"];
+
+/// The body rules serde alone does not give, applied to the parsed JSON before it is decoded:
+/// * a `null` value is the same as leaving the field out (every optional field is nullable in
+///   the document; a required one sent as null is refused as null);
+/// * a number with no fractional part is an integer (`1.0` is `1`, as JSON Schema's
+///   `integer` has it);
+/// * arrays only where the API has lists ([`LIST_FIELDS`]).
+fn normalise(
+    v: &mut serde_json::Value,
+    path: &str,
+    nulls: &mut Vec<String>,
+) -> Result<(), ApiError> {
+    use serde_json::Value;
+    let child = |k: &str| {
+        if path.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match v {
+        Value::Object(m) => {
+            m.retain(|k, v| {
+                if v.is_null() {
+                    nulls.push(child(k));
+                }
+                !v.is_null()
+            });
+            for (k, v) in m.iter_mut() {
+                if v.is_array() && !LIST_FIELDS.contains(&k.as_str()) {
+                    return Err(ApiError::field(
+                        ErrorCode::InvalidField,
+                        child(k),
+                        "an array is not accepted here",
+                    ));
+                }
+                normalise(v, &child(k), nulls)?;
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter_mut().enumerate() {
+                let p = format!("{path}[{i}]");
+                if v.is_array() || v.is_null() {
+                    return Err(ApiError::field(
+                        ErrorCode::InvalidField,
+                        p,
+                        "a list item must not be an array or null",
+                    ));
+                }
+                normalise(v, &p, nulls)?;
+            }
+        }
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|_| n.is_f64()) {
+                if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                    *v = if f < 0.0 {
+                        Value::from(f as i64)
+                    } else {
+                        Value::from(f as u64)
+                    };
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// The body of a route that takes none: anything but nothing, `{}` or whitespace is refused.
@@ -390,6 +488,26 @@ async fn list_vms(State(st): St, Query(p, _): Query<ListVmsParams>) -> Result<Re
     Ok(Json(serde_json::json!({ "items": vms })).into_response())
 }
 
+/// Runs an operation on its own task, to its end or its recorded failure, whatever the caller
+/// does meanwhile. A handler's future is dropped when its client hangs up (a scheduler's
+/// request timeout, a Ctrl-C), and an operation run inside it would stop at whatever `.await`
+/// it had reached: a VMM spawned but not recorded, a reboot's stop without its start. The
+/// caller that went away can come back and `wait` for the state it asked for.
+async fn run_to_end<T, F>(op: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, AgentError>> + Send + 'static,
+{
+    match tokio::spawn(op).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            format!("the operation failed inside the agent: {e}"),
+        )),
+    }
+}
+
 async fn create_vm(
     State(st): St,
     Query(p, _): Query<CreateVmParams>,
@@ -397,12 +515,16 @@ async fn create_vm(
 ) -> Result<Response, ApiError> {
     let start = p.flag("start")?;
     let spec: VmSpec = json_body(body).await?;
-    let (rec, created) = st.agent.create(spec).await?;
-    let rec = if start {
-        st.agent.start(&rec.id).await?
-    } else {
-        rec
-    };
+    let agent = st.agent.clone();
+    let (rec, created) = run_to_end(async move {
+        let (rec, created) = agent.create(spec).await?;
+        if start {
+            Ok((agent.start(&rec.id).await?, created))
+        } else {
+            Ok((rec, created))
+        }
+    })
+    .await?;
     Ok(created_response(
         created,
         &rec,
@@ -444,7 +566,8 @@ async fn list_segments(State(st): St, _: NoParams) -> Result<Response, ApiError>
 
 async fn create_segment(State(st): St, _: NoParams, body: Body) -> Result<Response, ApiError> {
     let spec: crate::segment::SegmentSpec = json_body(body).await?;
-    let (seg, created) = st.agent.create_segment(spec).await?;
+    let agent = st.agent.clone();
+    let (seg, created) = run_to_end(async move { agent.create_segment(spec).await }).await?;
     Ok(created_response(
         created,
         &seg,
@@ -465,7 +588,8 @@ async fn delete_segment(
     _: NoParams,
     SegmentId(id): SegmentId,
 ) -> Result<Response, ApiError> {
-    st.agent.delete_segment(&id).await?;
+    let agent = st.agent.clone();
+    run_to_end(async move { agent.delete_segment(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -474,7 +598,8 @@ async fn get_vm(State(st): St, _: NoParams, VmId(id): VmId) -> Result<Response, 
 }
 
 async fn delete_vm(State(st): St, _: NoParams, VmId(id): VmId) -> Result<Response, ApiError> {
-    st.agent.delete(&id).await?;
+    let agent = st.agent.clone();
+    run_to_end(async move { agent.delete(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -484,7 +609,8 @@ async fn start_vm(
     VmId(id): VmId,
     _: NoBody,
 ) -> Result<Response, ApiError> {
-    Ok(Json(st.agent.start(&id).await?).into_response())
+    let agent = st.agent.clone();
+    Ok(Json(run_to_end(async move { agent.start(&id).await }).await?).into_response())
 }
 
 async fn stop_vm(
@@ -494,7 +620,9 @@ async fn stop_vm(
     _: NoBody,
 ) -> Result<Response, ApiError> {
     let (timeout, force) = (p.seconds("timeout")?, p.flag("force")?);
-    Ok(Json(st.agent.stop(&id, timeout, force).await?).into_response())
+    let agent = st.agent.clone();
+    let rec = run_to_end(async move { agent.stop(&id, timeout, force).await }).await?;
+    Ok(Json(rec).into_response())
 }
 
 async fn reboot_vm(
@@ -504,7 +632,8 @@ async fn reboot_vm(
     _: NoBody,
 ) -> Result<Response, ApiError> {
     let timeout = p.seconds("timeout")?;
-    Ok(Json(st.agent.reboot(&id, timeout).await?).into_response())
+    let agent = st.agent.clone();
+    Ok(Json(run_to_end(async move { agent.reboot(&id, timeout).await }).await?).into_response())
 }
 
 async fn pause_vm(
@@ -513,7 +642,8 @@ async fn pause_vm(
     VmId(id): VmId,
     _: NoBody,
 ) -> Result<Response, ApiError> {
-    Ok(Json(st.agent.pause(&id).await?).into_response())
+    let agent = st.agent.clone();
+    Ok(Json(run_to_end(async move { agent.pause(&id).await }).await?).into_response())
 }
 
 async fn resume_vm(
@@ -522,7 +652,8 @@ async fn resume_vm(
     VmId(id): VmId,
     _: NoBody,
 ) -> Result<Response, ApiError> {
-    Ok(Json(st.agent.resume(&id).await?).into_response())
+    let agent = st.agent.clone();
+    Ok(Json(run_to_end(async move { agent.resume(&id).await }).await?).into_response())
 }
 
 async fn wait_vm(
@@ -632,7 +763,15 @@ async fn attach(
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case(CONSOLE_PROTOCOL));
-    if !wants {
+    // RFC 9110 7.8: an Upgrade header counts only when `Connection` lists `upgrade`.
+    let connection_upgrade = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !wants || !connection_upgrade {
         return Err(ApiError::new(
             StatusCode::UPGRADE_REQUIRED,
             ErrorCode::UpgradeRequired,
@@ -1005,6 +1144,43 @@ mod tests {
             documented, code,
             "docs/openapi.json paths differ from api::ROUTES"
         );
+    }
+
+    #[test]
+    fn list_fields_are_the_documented_arrays_and_optional_fields_are_nullable() {
+        let doc = doc();
+        let mut arrays = BTreeSet::new();
+        for name in [
+            "VmSpec",
+            "BootSpec",
+            "DiskSpec",
+            "NicSpec",
+            "VsockSpec",
+            "VmMetadata",
+            "Segment",
+            "SegmentIpv4",
+            "SegmentIpv6",
+        ] {
+            let s = schema(&doc, name);
+            let required: BTreeSet<&str> = s["required"]
+                .as_array()
+                .map(|r| r.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            for (k, p) in s["properties"].as_object().unwrap() {
+                let types = p["type"].to_string() + &p["anyOf"].to_string();
+                if types.contains("array") {
+                    arrays.insert(k.clone());
+                }
+                if !required.contains(k.as_str()) {
+                    assert!(
+                        types.contains("null"),
+                        "{name}.{k} is optional, so nullable"
+                    );
+                }
+            }
+        }
+        let listed: BTreeSet<String> = LIST_FIELDS.iter().map(|s| s.to_string()).collect();
+        assert_eq!(arrays, listed);
     }
 
     #[test]
