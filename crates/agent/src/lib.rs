@@ -30,7 +30,9 @@ use tokio::sync::watch;
 use bexar_util::sync::lock;
 use events::Events;
 use host::{CapacityConfig, HostInfo, Inventory};
-use spec::{now_ms, Desired, FieldError, Phase, VmRecord, VmSpec, VmStatus};
+use spec::{
+    now_ms, Desired, FieldError, Operation, OperationKind, Phase, VmRecord, VmSpec, VmStatus,
+};
 use store::{Store, StoreError};
 
 /// Default API socket.
@@ -274,9 +276,15 @@ impl Agent {
 
     /// Defines a VM and wires its NICs (TAPs, filters) so it can start. Returns the record and
     /// whether it was created now (false: an identical VM already existed). If the NICs cannot
-    /// be wired the VM is removed again.
-    pub async fn create(self: &Arc<Self>, spec: VmSpec) -> Result<(VmRecord, bool), AgentError> {
-        let (rec, created) = self.create_record(spec)?;
+    /// be wired the VM is removed again. With `start`, the first record already says a start
+    /// is under way (desired running), so an agent that dies before the start finishes it when
+    /// it comes back; the caller then calls [`Agent::start`].
+    pub async fn create(
+        self: &Arc<Self>,
+        spec: VmSpec,
+        start: bool,
+    ) -> Result<(VmRecord, bool), AgentError> {
+        let (rec, created) = self.create_record(spec, start)?;
         if created && rec.nics.iter().any(|n| n.segment.is_some()) {
             if let Err(e) = self.wire_nics(&rec).await {
                 tracing::error!(vm = %rec.id, "cannot wire the NICs: {e}; removing the VM");
@@ -287,7 +295,7 @@ impl Agent {
         Ok((rec, created))
     }
 
-    fn create_record(&self, mut spec: VmSpec) -> Result<(VmRecord, bool), AgentError> {
+    fn create_record(&self, mut spec: VmSpec, start: bool) -> Result<(VmRecord, bool), AgentError> {
         spec.validate()?;
         // Aliases (`baseline`) are stored by their canonical name, so a retry with either
         // spelling is the same spec.
@@ -318,13 +326,20 @@ impl Agent {
             state: Phase::Stopped,
             spec,
             generation: 1,
-            desired: Desired::Stopped,
+            desired: if start {
+                Desired::Running
+            } else {
+                Desired::Stopped
+            },
             status: VmStatus {
                 created_ms: now,
                 updated_ms: now,
                 ..Default::default()
             },
-            operation: None,
+            operation: start.then(|| Operation {
+                kind: OperationKind::Start,
+                started_ms: now,
+            }),
             nics,
             metadata: Default::default(),
             uuid: rec_uuid,

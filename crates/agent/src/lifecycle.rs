@@ -25,6 +25,11 @@ use bexar_vmm::launch::{Launch, RunResult};
 
 /// How long a VMM may take from exec to answering on its control socket.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long recovery waits for an adopted VMM's first answer before going on without it (it
+/// is asked again in the background; a slow VMM is never killed for being slow).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest pause between two attempts to reach an adopted VMM that has not answered yet.
+const RECONCILE_MAX_DELAY: Duration = Duration::from_secs(2);
 /// How long a forced stop waits at each step (stop request, then SIGKILL).
 const FORCE_STEP: Duration = Duration::from_secs(3);
 /// Longest restart back-off.
@@ -83,7 +88,8 @@ fn read_result(dir: &std::path::Path, token: &str) -> Option<RunResult> {
 /// What recovery found for a VM.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Found {
-    /// Its VMM runs and was re-adopted; the state it reports.
+    /// Its VMM runs and was re-adopted; the state recorded for it (the one it reported, or
+    /// the recorded one until it answers).
     adopted: Option<Phase>,
     /// Its last VMM's own account of its end (clean, reason), if it wrote one.
     result: Option<(bool, String)>,
@@ -100,17 +106,30 @@ enum AfterEnd {
     Nothing,
 }
 
+/// What follows the adoption of a live VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AfterAdopt {
+    /// Settle its state with it once it answers: finish a pause or resume that was asked, and
+    /// make it run or stay paused as the caller last wanted.
+    Reconcile,
+    /// A stop (or a delete's stop) was under way: finish it.
+    FinishStop,
+    /// A reboot was under way (its guest may already be shutting down): finish it, so the VM
+    /// comes back up rather than being recorded as having stopped on its own.
+    FinishReboot,
+}
+
 /// What recovery does with a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Recovery {
     /// A delete was interrupted: finish it.
     FinishDelete,
-    /// Its VMM runs and proved who it is; `finish`: a stop was under way, finish it.
+    /// Its VMM runs and proved who it is.
     Adopted {
-        /// The state the VMM reports.
+        /// The state recorded for it.
         state: Phase,
-        /// Whether to finish a stop.
-        finish: bool,
+        /// What follows.
+        then: AfterAdopt,
     },
     /// Its VMM is gone: record the end, then `then`.
     Ended {
@@ -123,10 +142,14 @@ enum Recovery {
     },
     /// No VMM, and a start was under way: start it.
     Relaunch,
-    /// A finished operation is still recorded: clear it.
-    ClearOperation,
-    /// Nothing to do.
-    Nothing,
+    /// No VMM and nothing under way.
+    Idle {
+        /// An operation that cannot matter any more is still recorded: clear it.
+        clear_operation: bool,
+        /// The caller wants it up: its restart policy decides (a restart that was waiting out
+        /// its back-off when the agent died is scheduled again).
+        restart_policy: bool,
+    },
 }
 
 /// The recovery decision for one VM: a table of its record and what was found.
@@ -135,10 +158,14 @@ fn decide(rec: &VmRecord, found: &Found) -> Recovery {
         return Recovery::FinishDelete;
     }
     if let Some(state) = found.adopted {
-        return Recovery::Adopted {
-            state,
-            finish: rec.desired == Desired::Stopped,
+        let then = if rec.desired == Desired::Stopped {
+            AfterAdopt::FinishStop
+        } else if rec.operation.as_ref().is_some_and(|o| o.kind == Op::Reboot) {
+            AfterAdopt::FinishReboot
+        } else {
+            AfterAdopt::Reconcile
         };
+        return Recovery::Adopted { state, then };
     }
     let starting = rec
         .operation
@@ -169,10 +196,11 @@ fn decide(rec: &VmRecord, found: &Found) -> Recovery {
     }
     if starting {
         Recovery::Relaunch
-    } else if rec.operation.is_some() {
-        Recovery::ClearOperation
     } else {
-        Recovery::Nothing
+        Recovery::Idle {
+            clear_operation: rec.operation.is_some(),
+            restart_policy: rec.desired != Desired::Stopped,
+        }
     }
 }
 
@@ -668,13 +696,15 @@ impl Agent {
     }
 
     /// Run once at start: re-adopt live VMMs, record the ones that died, finish interrupted
-    /// operations, and kill VMM processes nobody owns. For each VM: look (`probe`), decide
-    /// (`decide`, a pure table), act.
+    /// operations, and kill VMM processes nobody owns. For each VM: look (`probe`, for every
+    /// VM at once, so a slow VMM delays nobody), decide (`decide`, a pure table), act.
     pub(super) async fn recover(self: &Arc<Self>) {
         let mut relaunch = Vec::new();
         let mut restart = Vec::new();
         let mut finish_stop = Vec::new();
+        let mut finish_reboot = Vec::new();
         let (mut adopted, mut vanished) = (0, 0);
+        let mut looked = Vec::new();
         for entry in self.entries() {
             let mut rec = Self::snapshot(&entry);
             if rec.state == Phase::Creating {
@@ -683,14 +713,20 @@ impl Agent {
                     rec = r;
                 }
             }
-            let found = self.probe(&entry, &rec).await;
+            looked.push((entry, rec));
+        }
+        let found = futures_util::future::join_all(
+            looked.iter().map(|(entry, rec)| self.probe(entry, rec)),
+        )
+        .await;
+        for ((entry, rec), found) in looked.into_iter().zip(found) {
             match decide(&rec, &found) {
                 Recovery::FinishDelete => {
                     if let Err(e) = self.finish_delete(&entry).await {
                         tracing::error!(vm = %entry.id, "cannot finish an interrupted delete: {e}");
                     }
                 }
-                Recovery::Adopted { state, finish } => {
+                Recovery::Adopted { state, then } => {
                     adopted += 1;
                     self.events.emit(
                         &entry.id,
@@ -698,8 +734,10 @@ impl Agent {
                         Some(state),
                         "VMM still running after an agent restart",
                     );
-                    if finish {
-                        finish_stop.push(entry.clone());
+                    match then {
+                        AfterAdopt::Reconcile => self.reconcile(&entry),
+                        AfterAdopt::FinishStop => finish_stop.push(entry.clone()),
+                        AfterAdopt::FinishReboot => finish_reboot.push(entry.clone()),
                     }
                 }
                 Recovery::Ended {
@@ -729,10 +767,17 @@ impl Agent {
                     }
                 }
                 Recovery::Relaunch => relaunch.push(entry.clone()),
-                Recovery::ClearOperation => {
-                    let _ = self.update(&entry, |r| r.operation = None);
+                Recovery::Idle {
+                    clear_operation,
+                    restart_policy,
+                } => {
+                    if clear_operation {
+                        let _ = self.update(&entry, |r| r.operation = None);
+                    }
+                    if restart_policy {
+                        restart.push(entry.clone());
+                    }
                 }
-                Recovery::Nothing => {}
             }
         }
         // Every VMM process under our state directory that is not adopted now belongs to no
@@ -754,9 +799,10 @@ impl Agent {
             EventKind::AgentStarted,
             None,
             format!(
-                "{} VMs: {adopted} re-adopted, {vanished} lost their VMM while the agent was down, {} interrupted starts to finish",
+                "{} VMs: {adopted} re-adopted, {vanished} lost their VMM while the agent was down, {} interrupted starts and {} reboots to finish",
                 self.entries().len(),
-                relaunch.len()
+                relaunch.len(),
+                finish_reboot.len()
             ),
         );
         for entry in relaunch {
@@ -783,6 +829,22 @@ impl Agent {
                 let _ = agent.update(&entry, |r| r.operation = None);
             });
         }
+        for entry in finish_reboot {
+            let agent = self.clone();
+            tokio::spawn(async move {
+                let _op = entry.op.lock().await;
+                let r = match agent
+                    .end_vmm(&entry, agent.config.stop_timeout, false)
+                    .await
+                {
+                    Ok(()) => agent.launch(&entry, Op::Reboot).await.map(drop),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = r {
+                    tracing::warn!(vm = %entry.id, "finishing an interrupted reboot failed: {e}");
+                }
+            });
+        }
         for entry in restart {
             let rec = Self::snapshot(&entry);
             self.maybe_restart(&entry, &rec);
@@ -790,8 +852,7 @@ impl Agent {
     }
 
     /// What recovery needs to know about a VM beyond its record: whether its VMM still runs
-    /// (re-adopted, with the state it reports) and, if not, what its last VMM said when it
-    /// ended.
+    /// (re-adopted) and, if not, what its last VMM said when it ended.
     async fn probe(self: &Arc<Self>, entry: &Arc<VmEntry>, rec: &VmRecord) -> Found {
         if rec.state == Phase::Deleting {
             return Found::default();
@@ -805,53 +866,184 @@ impl Agent {
         Found { adopted, result }
     }
 
-    /// Re-adopts the VM's VMM if one is running and proves it is the one recorded (same VM id,
-    /// same launch token, the kernel's peer pid is the pid it reports, and a pidfd opened on
-    /// that pid still finds it answering). Returns the state it reports.
+    /// Re-adopts the VM's VMM if one is running. Who it is is proven without its help: it
+    /// holds the VM directory's lock (which only a VMM started on the directory's current
+    /// launch file takes), its command line is `bexar vmm --dir` of that directory, and a
+    /// pidfd opened on it pins the process while that is checked again. If it also answers
+    /// within [`PROBE_TIMEOUT`], its launch token must be the recorded one (a VMM with another
+    /// identity is killed) and the state it reports is recorded; if it does not (stopped,
+    /// starved of CPU), it is adopted all the same, with the operation `recover` recorded until
+    /// [`Agent::reconcile`] reaches it. Returns the state recorded.
     async fn adopt(self: &Arc<Self>, entry: &Arc<VmEntry>, rec: &VmRecord) -> Option<Phase> {
         let dir = self.vm_dir(&entry.id);
-        let (info, peer) = vp::info(&dir).await.ok()?;
-        if info.id != rec.id || info.token != rec.status.token || info.pid != peer {
-            tracing::warn!(vm = %rec.id, pid = peer, "a VMM answers with another identity; killing it");
-            vp::kill_and_wait(peer).await;
+        match bexar_util::fs::try_lock(&dir.join(layout::VMM_LOCK)) {
+            // Nobody holds it: no VMM runs for this VM (ours is dropped at once).
+            Ok(Some(_)) | Err(_) => return None,
+            Ok(None) => {}
+        }
+        let root = self.store.root().join("vms");
+        let pids: Vec<u32> = vp::find_vmms(&root)
+            .into_iter()
+            .filter(|(_, d)| *d == dir)
+            .map(|(p, _)| p)
+            .collect();
+        let pid = match rec.status.pid.filter(|p| pids.contains(p)) {
+            Some(p) => p,
+            None if pids.len() == 1 => pids[0],
+            None => {
+                tracing::warn!(vm = %rec.id, ?pids, "the VM's lock is held but its VMM cannot be told apart");
+                return None;
+            }
+        };
+        let pidfd = vp::pidfd_open(pid).ok()?;
+        // The pidfd pins the process: if it is still this VM's VMM now, the pid was not
+        // recycled between the scan and the open.
+        if !vp::find_vmms(&root)
+            .iter()
+            .any(|(p, d)| *p == pid && *d == dir)
+        {
             return None;
         }
-        let pidfd = vp::pidfd_open(peer).ok()?;
-        // The pidfd now pins this process: if it still answers, the pid was not recycled.
-        let (again, _) = vp::info(&dir).await.ok()?;
-        if again.token != rec.status.token {
-            return None;
-        }
-        let ticks = bexar_util::procfs::start_ticks(peer);
-        if rec.status.pid_start_ticks.is_some() && rec.status.pid_start_ticks != ticks {
-            tracing::warn!(vm = %rec.id, "VMM start time differs from the record; adopting by token");
-        }
-        let watch_fd = pidfd.try_clone().ok()?;
-        let state = if again.state == RunState::Paused {
-            Phase::Paused
+        let ticks = bexar_util::procfs::start_ticks(pid);
+        let reported = match tokio::time::timeout(PROBE_TIMEOUT, vp::info(&dir)).await {
+            Ok(Ok((info, peer))) => {
+                if info.id != rec.id
+                    || info.token != rec.status.token
+                    || info.pid != peer
+                    || peer != pid
+                {
+                    tracing::warn!(vm = %rec.id, pid = peer, "a VMM answers with another identity; killing it");
+                    vp::kill_and_wait(peer).await;
+                    return None;
+                }
+                Some(if info.state == RunState::Paused {
+                    Phase::Paused
+                } else {
+                    Phase::Running
+                })
+            }
+            _ => {
+                tracing::warn!(vm = %rec.id, pid, "its VMM holds the VM's lock but does not answer yet; adopted, and asked again later");
+                None
+            }
+        };
+        let state = reported.unwrap_or(if rec.state.has_vmm() {
+            rec.state
         } else {
             Phase::Running
-        };
+        });
+        let watch_fd = pidfd.try_clone().ok()?;
         let token = rec.status.token.clone();
         let done = Self::attach_vmm(entry, &token, Arc::new(pidfd));
-        let interrupted = rec.operation.clone();
         if let Err(e) = self.update(entry, |r| {
             r.state = state;
-            r.status.pid = Some(peer);
+            r.status.pid = Some(pid);
             r.status.pid_start_ticks = ticks;
             if r.status.started_ms.is_none() {
                 r.status.started_ms = Some(now_ms());
             }
-            // Pause, resume and start are settled by what the VMM reports; a stop is
-            // finished by the caller.
-            if interrupted.as_ref().is_some_and(|o| o.kind != Op::Stop) {
-                r.operation = None;
+            // A stop, reboot, pause or resume stays recorded until it is finished; anything
+            // else is settled by the VMM's word, `recover` until then.
+            let keep = r
+                .operation
+                .as_ref()
+                .is_some_and(|o| matches!(o.kind, Op::Stop | Op::Reboot | Op::Pause | Op::Resume));
+            if !keep {
+                r.operation = op(Op::Recover);
             }
         }) {
             tracing::error!(vm = %rec.id, "cannot record an adopted VMM: {e}");
         }
-        self.watch_exit(entry, token, peer, done, vp::wait_exit(watch_fd));
+        self.watch_exit(entry, token, pid, done, vp::wait_exit(watch_fd));
         Some(state)
+    }
+
+    /// Settles an adopted VM with its VMM, in the background: asks it (again and again, never
+    /// killing it for being slow) until it answers, then finishes the pause or resume that was
+    /// under way, makes it run or stay paused as the caller last wanted, and records the state
+    /// it is in, so the API's view comes from the VMM. Gives up when the VMM ends or is stopped
+    /// by a caller meanwhile.
+    fn reconcile(self: &Arc<Self>, entry: &Arc<VmEntry>) {
+        let Some(token) = lock(&entry.vmm).as_ref().map(|h| h.token.clone()) else {
+            return;
+        };
+        let agent = self.clone();
+        let entry = entry.clone();
+        tokio::spawn(async move {
+            let dir = agent.vm_dir(&entry.id);
+            let ours =
+                |entry: &VmEntry| lock(&entry.vmm).as_ref().is_some_and(|h| h.token == token);
+            let mut delay = Duration::from_millis(50);
+            let reported = loop {
+                if !ours(&entry) {
+                    return;
+                }
+                if let Ok((info, _)) = vp::info(&dir).await {
+                    if info.token == token {
+                        break info.state;
+                    }
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RECONCILE_MAX_DELAY);
+            };
+            let _op = entry.op.lock().await;
+            if !ours(&entry) {
+                return;
+            }
+            let rec = Self::snapshot(&entry);
+            if rec.desired == Desired::Stopped {
+                // A caller stopped it meanwhile; that stop owns the VM now.
+                return;
+            }
+            let want_paused = match rec.operation.as_ref().map(|o| o.kind) {
+                Some(Op::Pause) => true,
+                Some(Op::Resume) => false,
+                _ => rec.desired == Desired::Paused,
+            };
+            let mut paused = reported == RunState::Paused;
+            if paused != want_paused {
+                let req = if want_paused {
+                    Request::Pause
+                } else {
+                    Request::Resume
+                };
+                match vp::call(&dir, &req).await {
+                    Ok(_) => paused = want_paused,
+                    Err(e) => {
+                        tracing::warn!(vm = %entry.id, "cannot finish settling the adopted VM: {e}")
+                    }
+                }
+            }
+            let (state, desired) = if paused {
+                (Phase::Paused, Desired::Paused)
+            } else {
+                (Phase::Running, Desired::Running)
+            };
+            let updated = agent.update(&entry, |r| {
+                if r.status.token != token || !r.state.has_vmm() {
+                    return;
+                }
+                r.state = state;
+                if r.desired != desired {
+                    r.desired = desired;
+                    r.generation += 1;
+                }
+                r.operation = None;
+            });
+            if updated.is_ok() && state != rec.state {
+                let kind = if paused {
+                    EventKind::Paused
+                } else {
+                    EventKind::Resumed
+                };
+                agent.events.emit(
+                    &entry.id,
+                    kind,
+                    Some(state),
+                    "settled after an agent restart",
+                );
+            }
+        });
     }
 }
 
@@ -899,7 +1091,8 @@ mod tests {
             ),
             Recovery::FinishDelete
         );
-        // A live VMM is kept; a stop it was in the middle of is finished.
+        // A live VMM is kept and settled with; a stop or a reboot it was in the middle of is
+        // finished (a reboot's guest may be shutting down already: it must come back up).
         assert_eq!(
             decide(
                 &rec(P::Running, D::Running, None),
@@ -907,7 +1100,17 @@ mod tests {
             ),
             Recovery::Adopted {
                 state: P::Running,
-                finish: false
+                then: AfterAdopt::Reconcile
+            }
+        );
+        assert_eq!(
+            decide(
+                &rec(P::Running, D::Running, Some(Op::Pause)),
+                &found(Some(P::Running), None)
+            ),
+            Recovery::Adopted {
+                state: P::Running,
+                then: AfterAdopt::Reconcile
             }
         );
         assert_eq!(
@@ -917,7 +1120,17 @@ mod tests {
             ),
             Recovery::Adopted {
                 state: P::Paused,
-                finish: true
+                then: AfterAdopt::FinishStop
+            }
+        );
+        assert_eq!(
+            decide(
+                &rec(P::Running, D::Running, Some(Op::Reboot)),
+                &found(Some(P::Running), None)
+            ),
+            Recovery::Adopted {
+                state: P::Running,
+                then: AfterAdopt::FinishReboot
             }
         );
         // A VMM that ended cleanly on its own: stopped, the restart policy decides.
@@ -959,7 +1172,7 @@ mod tests {
                 ..
             }
         ));
-        // No VMM, a start under way: start it. A pause left over: cleared. Else nothing.
+        // No VMM, a start under way (a create with start included): start it.
         assert_eq!(
             decide(&rec(P::Stopped, D::Running, Some(Op::Start)), &nothing),
             Recovery::Relaunch
@@ -968,13 +1181,29 @@ mod tests {
             decide(&rec(P::Failed, D::Running, Some(Op::Restart)), &nothing),
             Recovery::Relaunch
         );
+        // A pause left over: cleared.
         assert_eq!(
             decide(&rec(P::Stopped, D::Stopped, Some(Op::Pause)), &nothing),
-            Recovery::ClearOperation
+            Recovery::Idle {
+                clear_operation: true,
+                restart_policy: false
+            }
+        );
+        // Failed and wanted up (a restart was waiting out its back-off): the policy decides
+        // again. Stopped and wanted stopped: nothing.
+        assert_eq!(
+            decide(&rec(P::Failed, D::Running, None), &nothing),
+            Recovery::Idle {
+                clear_operation: false,
+                restart_policy: true
+            }
         );
         assert_eq!(
             decide(&rec(P::Stopped, D::Stopped, None), &nothing),
-            Recovery::Nothing
+            Recovery::Idle {
+                clear_operation: false,
+                restart_policy: false
+            }
         );
     }
 }

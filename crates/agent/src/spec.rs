@@ -469,6 +469,9 @@ wire_enum! {
         Delete = "delete",
         /// Start again by the restart policy.
         Restart = "restart",
+        /// A new agent adopted the VM's VMM and is settling its state with it (the VMM has not
+        /// answered yet, or what was asked of it before the agent restarted is being finished).
+        Recover = "recover",
     }
 }
 

@@ -517,7 +517,7 @@ async fn create_vm(
     let spec: VmSpec = json_body(body).await?;
     let agent = st.agent.clone();
     let (rec, created) = run_to_end(async move {
-        let (rec, created) = agent.create(spec).await?;
+        let (rec, created) = agent.create(spec, start).await?;
         if start {
             Ok((agent.start(&rec.id).await?, created))
         } else {
