@@ -336,7 +336,7 @@ impl Agent {
                 updated_ms: now,
                 ..Default::default()
             },
-            operation: start.then(|| Operation {
+            operation: start.then_some(Operation {
                 kind: OperationKind::Start,
                 started_ms: now,
             }),
