@@ -18,13 +18,22 @@ const READY: &str = "idle: ready";
 struct TestAgent {
     dir: PathBuf,
     child: Option<Child>,
+    stop_timeout: &'static str,
 }
 
 impl TestAgent {
     fn start(name: &str) -> Self {
+        Self::start_with_stop_timeout(name, "10")
+    }
+
+    fn start_with_stop_timeout(name: &str, stop_timeout: &'static str) -> Self {
         let dir = tmp(name);
         std::fs::create_dir_all(&dir).unwrap();
-        let mut a = Self { dir, child: None };
+        let mut a = Self {
+            dir,
+            child: None,
+            stop_timeout,
+        };
         a.spawn();
         a
     }
@@ -44,7 +53,12 @@ impl TestAgent {
             .arg(self.socket())
             .arg("--state-dir")
             .arg(self.state())
-            .args(["--restart-backoff", "0.2", "--stop-timeout", "10"])
+            .args([
+                "--restart-backoff",
+                "0.2",
+                "--stop-timeout",
+                self.stop_timeout,
+            ])
             .arg("--debug-socket")
             .arg(self.dir.join("debug.sock"));
         self.child = Some(common::spawn_agent(cmd, &self.dir, &self.socket()));
@@ -1177,4 +1191,213 @@ fn clients_that_hang_up_mid_action_leave_nothing_half_done() {
         }
         assert!(agent.vmm_processes().is_empty());
     });
+}
+
+/// Sends `sig` to `pid`.
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a VMM process of this test's own agent.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// Whether every VM has settled: nothing in flight and in the state it is wanted in.
+async fn all_settled(c: &Client) -> Result<Vec<Value>, String> {
+    let v = expect_status(&c.get("/v1/vms").await.unwrap(), 200);
+    let items = v["items"].as_array().unwrap().clone();
+    for vm in &items {
+        let (state, desired) = (
+            vm["state"].as_str().unwrap(),
+            vm["desired"].as_str().unwrap(),
+        );
+        if vm.get("operation").is_some() || state != desired {
+            return Err(format!("{} is {state} (desired {desired}): {vm}", vm["id"]));
+        }
+    }
+    Ok(items)
+}
+
+/// The agent killed (-9) at random instants during random actions, hundreds of times, with
+/// VMMs killed (their restart waiting out its back-off), and VMMs stopped (SIGSTOP) across the
+/// agent's restart, as a starved or stuck process would be, and let go later. After every
+/// restart, once settled: every VM is in its desired state, nothing is in flight, every VM
+/// that runs has exactly the one VMM its record names, no VMM runs that no VM owns, and a VM
+/// that no action touched (stopped VMMs included) kept its VMM.
+#[test]
+fn agent_killed_at_random_keeps_every_promise() {
+    let mut agent = TestAgent::start_with_stop_timeout("chaos", "1");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("chaos test seed {seed}");
+    let mut rng = seed | 1;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    const VMS: usize = 6;
+    const CYCLES: usize = 200;
+    let ids: Vec<String> = (0..VMS).map(|i| format!("chaos-{i}")).collect();
+    let rt = rt();
+    rt.block_on(async {
+        let c = agent.client();
+        for (i, id) in ids.iter().enumerate() {
+            let mut s = spec(id);
+            s["restart_policy"] = json!(if i % 2 == 0 { "on-failure" } else { "always" });
+            expect_status(&c.post("/v1/vms?start=true", &s).await.unwrap(), 201);
+        }
+    });
+    let (mut reboots, mut pauses, mut killed, mut stopped_vmms, mut creates) = (0, 0, 0, 0, 0);
+    for cycle in 0..CYCLES {
+        let c = agent.client();
+        let before = rt.block_on(async {
+            let t = Instant::now();
+            loop {
+                match all_settled(&c).await {
+                    Ok(items) => break items,
+                    Err(e) => assert!(
+                        t.elapsed() < Duration::from_secs(60),
+                        "cycle {cycle} (seed {seed}): not settled after 60 s: {e}"
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let what = format!("cycle {cycle} (seed {seed})");
+        // What runs now, by VM.
+        let pids: std::collections::BTreeMap<String, u64> = before
+            .iter()
+            .filter_map(|v| Some((v["id"].as_str()?.to_owned(), v["status"]["pid"].as_u64()?)))
+            .collect();
+        let mut vmms: Vec<(u32, String)> = agent.vmm_processes();
+        vmms.sort();
+        let mut expected: Vec<(u32, String)> =
+            pids.iter().map(|(k, v)| (*v as u32, k.clone())).collect();
+        expected.sort();
+        assert_eq!(
+            vmms, expected,
+            "{what}: VMM processes do not match the records"
+        );
+
+        // One action on one VM, cut by the agent's death at a random instant.
+        let target = &before[next(VMS as u64) as usize];
+        let id = target["id"].as_str().unwrap().to_owned();
+        let state = target["state"].as_str().unwrap();
+        // Restarts by the policy back off (0.2 s doubled per restart); a VMM is killed only
+        // while that stays short, and a reboot (which resets the count) is asked instead.
+        let may_kill = target["status"]["restarts"].as_u64().unwrap_or(0) < 3;
+        let fresh = format!("chaos-new-{cycle}");
+        let action = match (state, next(8)) {
+            _ if next(10) == 0 => "create-start",
+            ("running", 0 | 1) => "stop?timeout=1",
+            ("running", 2 | 3) => "reboot?timeout=1",
+            ("running", 4 | 5) => "pause",
+            ("running", _) if may_kill => "kill-vmm",
+            ("running", _) => "reboot?timeout=1",
+            ("paused", 0..=3) => "resume",
+            ("paused", 4 | 5) => "stop?force=true",
+            ("paused", _) if may_kill => "kill-vmm",
+            ("paused", _) => "resume",
+            _ => "start",
+        };
+        match action {
+            "reboot?timeout=1" => reboots += 1,
+            "pause" => pauses += 1,
+            _ => {}
+        }
+        let delay = Duration::from_micros(next(30_000));
+        let socket = agent.socket();
+        let request = if action == "kill-vmm" {
+            killed += 1;
+            signal(pids[&id] as u32, libc::SIGKILL);
+            None
+        } else {
+            let (path, body) = if action == "create-start" {
+                creates += 1;
+                ("/v1/vms?start=true".to_owned(), spec(&fresh).to_string())
+            } else {
+                (format!("/v1/vms/{id}/{action}"), String::new())
+            };
+            Some(std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                // The agent may die at any moment of this exchange: whatever fails, fails.
+                let mut s = std::os::unix::net::UnixStream::connect(&socket).ok()?;
+                s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+                let req = format!(
+                    "POST {path} HTTP/1.1\r\nHost: b\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                s.write_all(req.as_bytes()).ok()?;
+                let mut buf = [0u8; 512];
+                let n = s.read(&mut buf).ok()?;
+                Some((path, String::from_utf8_lossy(&buf[..n]).into_owned()))
+            }))
+        };
+        std::thread::sleep(delay);
+        // Sometimes a VMM is stopped across the restart: slow, not dead.
+        let frozen = (next(4) == 0).then(|| {
+            let (vm, pid) = pids.iter().nth(next(pids.len().max(1) as u64) as usize)?;
+            stopped_vmms += 1;
+            signal(*pid as u32, libc::SIGSTOP);
+            Some((vm.clone(), *pid))
+        });
+        let frozen = frozen.flatten();
+        agent.restart();
+        if let Some((_, pid)) = &frozen {
+            std::thread::sleep(Duration::from_millis(next(1500)));
+            signal(*pid as u32, libc::SIGCONT);
+        }
+        if let Some((path, reply)) = request.and_then(|r| r.join().unwrap()) {
+            // A reply that came before the agent died is never a server error.
+            assert!(!reply.starts_with("HTTP/1.1 5"), "{what}: {path}: {reply}");
+        }
+        let c = agent.client();
+        let after = rt.block_on(async {
+            let t = Instant::now();
+            loop {
+                match all_settled(&c).await {
+                    Ok(items) => break items,
+                    Err(e) => assert!(
+                        t.elapsed() < Duration::from_secs(60),
+                        "{what}: {action} on {id}, frozen {frozen:?}: not settled after 60 s: {e}"
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        // Every VM no action touched kept its VMM, a frozen one included. A create with start
+        // that got as far as a record is finished: the VM runs.
+        for v in &after {
+            let vm = v["id"].as_str().unwrap();
+            if vm == fresh {
+                assert_eq!(v["state"], "running", "{what}: {v}");
+                continue;
+            }
+            if vm == id {
+                continue;
+            }
+            assert_eq!(
+                v["status"]["pid"].as_u64(),
+                pids.get(vm).copied(),
+                "{what}: {action} on {id}, frozen {frozen:?}: {vm} lost its VMM: {v}"
+            );
+        }
+        if after.iter().any(|v| v["id"] == fresh.as_str()) {
+            let c = agent.client();
+            rt.block_on(async {
+                expect_status(&c.delete(&format!("/v1/vms/{fresh}")).await.unwrap(), 204);
+            });
+        }
+    }
+    eprintln!(
+        "chaos: {CYCLES} agent kills, {reboots} reboots, {pauses} pauses and {creates} creates with start cut, {killed} VMMs killed, {stopped_vmms} VMMs stopped across a restart"
+    );
+    rt.block_on(async {
+        let c = agent.client();
+        for id in &ids {
+            expect_status(&c.delete(&format!("/v1/vms/{id}")).await.unwrap(), 204);
+        }
+    });
+    assert!(agent.vmm_processes().is_empty());
 }
