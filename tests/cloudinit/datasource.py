@@ -4,6 +4,9 @@ does at boot, and prints what it obtained as one JSON line.
 
     datasource.py ec2|ec2-aws|nocloud WORKDIR
 
+Any cloud-init from 22.4 on: Debian 12's package, or a newer one put first on PYTHONPATH (the
+test takes Debian unstable's, which follows upstream releases).
+
 Run inside the network namespace that plays the guest (its eth0 is the VM's NIC). DMI data
 comes from `dmidecode` on PATH: the test puts a wrapper first that decodes the guest's own
 SMBIOS tables (dumped by the test guest) instead of this machine's. `ec2-aws` makes the EC2
@@ -18,9 +21,14 @@ from cloudinit import distros, dmi, helpers
 from cloudinit.sources import DataSourceEc2, DataSourceNoCloud
 
 mode, work = sys.argv[1], sys.argv[2]
-from cloudinit import log as ci_log  # noqa: E402
+try:  # cloud-init 23.4 and later
+    from cloudinit.log import loggers
 
-ci_log.setupBasicLogging(logging.DEBUG)
+    loggers.setup_basic_logging(logging.DEBUG)
+except ImportError:  # 22.4 (Debian 12)
+    from cloudinit import log as ci_log
+
+    ci_log.setupBasicLogging(logging.DEBUG)
 # Never this machine's own /sys/class/dmi: only what dmidecode reads from the guest's tables.
 dmi.DMI_SYS_PATH = os.path.join(work, "no-sysfs-dmi")
 # cloud-init ignores DMI inside a container (it would describe the host). The machine running
@@ -44,7 +52,14 @@ else:
     sys.exit("unknown mode " + mode)
 
 ok = ds.get_data()
-out = {"ok": bool(ok), "cloud_name": ds.cloud_name, "platform": ds.platform_type}
+from cloudinit import version  # noqa: E402
+
+out = {
+    "ok": bool(ok),
+    "version": version.version_string(),
+    "cloud_name": ds.cloud_name,
+    "platform": ds.platform_type,
+}
 if ok:
     host = ds.get_hostname()
     ud = ds.get_userdata_raw()
