@@ -60,14 +60,39 @@ fn paused_vcpus_save_and_restore_their_state_and_the_guest_runs_on() {
     // loop is `pause; jmp`): reading it back shows the state was loaded. (The TSC is not
     // rewound by this: KVM takes a host's IA32_TSC write within a second of the current value
     // as a synchronisation of vCPUs and keeps its offset.)
+    // The XSAVE area (x87, SSE, AVX...) travels too, where the host has XSAVE: a mark in XMM7
+    // (bytes 272-287 of the legacy area; the guest's loop uses no vector register) comes back.
+    // The header's XSTATE_BV (byte 512) says which components the area holds: with the SSE
+    // bit clear, a load would take SSE as its initial (all zero) state.
     let mut marked = first.clone();
     for (i, s) in marked.iter_mut().enumerate() {
         s.regs.rbx = 0xb0a7_0000 + i as u64;
+        if let Some(x) = s.xsave.as_mut() {
+            x[68..72].copy_from_slice(&[0x5eed_0000 + i as u32, 1, 2, 3]);
+            x[128] |= 1 << 1;
+        }
     }
+    // A state that cannot be loaded is refused before any vCPU loads anything.
+    let mut bad = marked.clone();
+    match bad[1].xsave.as_mut() {
+        Some(x) => x.truncate(10),
+        None => bad[1].fpu.xmm.truncate(3),
+    }
+    assert!(vmm.restore_vcpus(bad).is_err());
+    assert_eq!(vmm.save_vcpus().unwrap()[0].regs.rbx, first[0].regs.rbx);
     vmm.restore_vcpus(marked).unwrap();
     let again = vmm.save_vcpus().unwrap();
     for (i, (a, f)) in again.iter().zip(&first).enumerate() {
         assert_eq!(a.regs.rbx, 0xb0a7_0000 + i as u64);
+        assert_eq!(a.xsave.is_some(), f.xsave.is_some());
+        if let Some(x) = &a.xsave {
+            assert_eq!(
+                x[68..72],
+                [0x5eed_0000 + i as u32, 1, 2, 3],
+                "XMM7 of vCPU {i}"
+            );
+            assert_eq!(a.fpu.xmm[7][..4], (0x5eed_0000 + i as u32).to_le_bytes());
+        }
         assert_eq!(
             (a.regs.rip, a.regs.rsp, a.regs.rflags),
             (f.regs.rip, f.regs.rsp, f.regs.rflags)

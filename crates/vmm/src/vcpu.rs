@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_vcpu_events, kvm_xcrs, CpuId, Msrs, Xsave, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -56,6 +56,9 @@ pub enum VcpuError {
     /// The vCPU thread did not answer (it ended, or did not leave the guest in time).
     #[error("vCPU {0} did not answer")]
     NoAnswer(u8),
+    /// A saved state that cannot be loaded as it is.
+    #[error("a vCPU state that cannot be loaded: {0}")]
+    BadState(String),
     /// The vCPU thread refused the request.
     #[error("vCPU {id}: {why}")]
     Refused {
@@ -203,13 +206,48 @@ pub enum VcpuRequest {
     /// that never answers never allocates (its first allocation would cost the VMM a malloc
     /// arena, ~16 KiB).
     Resume,
-    /// Read the vCPU's state with these MSRs (paused only).
-    SaveState(Arc<[u32]>),
-    /// Load a state into the vCPU (paused only).
-    RestoreState(Box<VcpuState>),
+    /// Read the vCPU's state (paused only).
+    SaveState(Arc<SaveSpec>),
+    /// Load a state into the vCPU (paused only), the host's XSAVE size with it.
+    RestoreState(Box<VcpuState>, XsaveSize),
     /// Leave the run loop for good.
     Exit,
 }
+
+/// What to read besides the registers every vCPU has.
+#[derive(Debug, Clone)]
+pub struct SaveSpec {
+    /// The MSRs (KVM's index list).
+    pub msrs: Vec<u32>,
+    /// How this host reads the XSAVE area.
+    pub xsave: XsaveSize,
+}
+
+/// How KVM on this host hands out a vCPU's XSAVE area (x87, SSE, AVX and every other state
+/// component the guest may use; `KVM_GET_FPU` has only x87 and SSE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XsaveSize {
+    /// No XSAVE: x87 and SSE through `KVM_GET_FPU` only.
+    None,
+    /// `KVM_GET_XSAVE`: the 4 KiB `struct kvm_xsave`.
+    Legacy,
+    /// `KVM_GET_XSAVE2`: this many bytes (`KVM_CAP_XSAVE2`; more than 4 KiB with AMX).
+    Sized(usize),
+}
+
+impl XsaveSize {
+    /// What `vm` offers.
+    pub fn of(kvm: &kvm_ioctls::Kvm, vm: &kvm_ioctls::VmFd) -> Self {
+        match vm.check_extension_int(kvm_ioctls::Cap::Xsave2) {
+            n if n > 0 => Self::Sized(n as usize),
+            _ if kvm.check_extension(kvm_ioctls::Cap::Xsave) => Self::Legacy,
+            _ => Self::None,
+        }
+    }
+}
+
+/// Bytes of the fixed part of `struct kvm_xsave`.
+const XSAVE_LEGACY_WORDS: usize = 1024;
 
 /// What a vCPU answers.
 #[derive(Debug)]
@@ -301,15 +339,21 @@ pub struct VcpuState {
     pub mp_state: kvm_mp_state,
     /// Pending exceptions, interrupts and NMIs.
     pub events: kvm_vcpu_events,
+    /// The XSAVE area, as 32-bit words (at least the 4 KiB of `struct kvm_xsave`), when the
+    /// host has XSAVE: it holds the AVX and later state `fpu` lacks, and is loaded instead of
+    /// `fpu` when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xsave: Option<Vec<u32>>,
 }
 
 /// Most MSRs one KVM_GET_MSRS carries.
 const MSR_CHUNK: usize = 64;
 
 impl VcpuState {
-    /// Reads `vcpu`'s state, with the MSRs of `msr_list`.
-    pub fn save(vcpu: &VcpuFd, msr_list: &[u32]) -> Result<Self, VcpuError> {
+    /// Reads `vcpu`'s state, with the MSRs and the XSAVE area `spec` names.
+    pub fn save(vcpu: &VcpuFd, spec: &SaveSpec) -> Result<Self, VcpuError> {
         let kvm = |what: &'static str| move |e: kvm_ioctls::Error| VcpuError::Kvm(what, e);
+        let msr_list = &spec.msrs[..];
         // KVM lists MSRs some hosts then refuse to read: KVM_GET_MSRS stops at the first it
         // refuses, so that one is skipped and the rest read on.
         let mut msrs = Vec::with_capacity(msr_list.len());
@@ -344,20 +388,35 @@ impl VcpuState {
             msrs,
             mp_state: vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
             events: vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
+            xsave: save_xsave(vcpu, spec.xsave)?,
         })
     }
 
-    /// Loads the state into `vcpu`: system registers first, then the rest, pending events
-    /// last (KVM checks them against the state they interrupt).
-    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), VcpuError> {
+    /// Whether this state can be loaded on a host that takes XSAVE areas as `host` says, as far
+    /// as can be told without KVM (what KVM refuses is found when loading).
+    pub fn check(&self, host: XsaveSize) -> Result<(), VcpuError> {
+        match &self.xsave {
+            Some(words) => xsave_buffer(words, host).map(drop),
+            None => self.fpu.to_kvm().map(drop).ok_or_else(|| {
+                VcpuError::BadState("an FPU state with the wrong number of registers".into())
+            }),
+        }
+    }
+
+    /// Loads the state into `vcpu` (`host` says how this host takes an XSAVE area): system
+    /// registers first, then the rest, pending events last (KVM checks them against the state
+    /// they interrupt).
+    pub fn restore(&self, vcpu: &VcpuFd, host: XsaveSize) -> Result<(), VcpuError> {
         let kvm = |what: &'static str| move |e: kvm_ioctls::Error| VcpuError::Kvm(what, e);
+        // What can be refused without KVM is refused before anything is loaded.
+        self.check(host)?;
         vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
         vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
-        let fpu = self.fpu.to_kvm().ok_or(VcpuError::Refused {
-            id: 0,
-            why: "an FPU state with the wrong number of registers".into(),
-        })?;
-        vcpu.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))?;
+        match (&self.xsave, self.fpu.to_kvm()) {
+            (Some(words), _) => restore_xsave(vcpu, words, host)?,
+            (None, Some(fpu)) => vcpu.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))?,
+            (None, None) => {}
+        }
         vcpu.set_xcrs(&self.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
         vcpu.set_debug_regs(&self.debugregs)
             .map_err(kvm("KVM_SET_DEBUGREGS"))?;
@@ -390,6 +449,76 @@ impl VcpuState {
     }
 }
 
+/// Reads the XSAVE area the way this host offers it.
+fn save_xsave(vcpu: &VcpuFd, how: XsaveSize) -> Result<Option<Vec<u32>>, VcpuError> {
+    match how {
+        XsaveSize::None => Ok(None),
+        XsaveSize::Legacy => {
+            let x = vcpu
+                .get_xsave()
+                .map_err(|e| VcpuError::Kvm("KVM_GET_XSAVE", e))?;
+            Ok(Some(x.region.to_vec()))
+        }
+        XsaveSize::Sized(bytes) => {
+            let extra = bytes
+                .saturating_sub(XSAVE_LEGACY_WORDS * 4)
+                .div_ceil(std::mem::size_of::<u32>());
+            let mut x = Xsave::new(extra).map_err(|e| VcpuError::BadState(e.to_string()))?;
+            // SAFETY: `x` holds 4 KiB plus `extra` words, at least the `bytes` that
+            // KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) gave for this VM, which is all KVM_GET_XSAVE2
+            // writes (the VMM enables no XSTATE feature dynamically after asking).
+            unsafe { vcpu.get_xsave2(&mut x) }.map_err(|e| VcpuError::Kvm("KVM_GET_XSAVE2", e))?;
+            let mut words = x.as_fam_struct_ref().xsave.region.to_vec();
+            words.extend_from_slice(x.as_slice());
+            Ok(Some(words))
+        }
+    }
+}
+
+/// Loads an XSAVE area saved here or on another host. The buffer handed to KVM is at least as
+/// large as what KVM reads on this host, zero-filled past the saved words, so a state from a
+/// host with a smaller area cannot make KVM read beyond it; a state larger than this host's
+/// area keeps components this host cannot hold, and KVM refuses it.
+fn restore_xsave(vcpu: &VcpuFd, words: &[u32], host: XsaveSize) -> Result<(), VcpuError> {
+    let x = xsave_buffer(words, host)?;
+    // SAFETY: `x` holds at least this host's XSAVE size (KVM_CAP_XSAVE2, or the 4 KiB of
+    // `struct kvm_xsave` without it), which is what KVM_SET_XSAVE reads.
+    unsafe { vcpu.set_xsave2(&x) }.map_err(|e| VcpuError::Kvm("KVM_SET_XSAVE", e))
+}
+
+/// The buffer [`restore_xsave`] hands to KVM, or why `words` cannot be loaded here.
+fn xsave_buffer(words: &[u32], host: XsaveSize) -> Result<Xsave, VcpuError> {
+    if words.len() < XSAVE_LEGACY_WORDS {
+        return Err(VcpuError::BadState(format!(
+            "an XSAVE area of {} words (at least {XSAVE_LEGACY_WORDS})",
+            words.len()
+        )));
+    }
+    let host_bytes = match host {
+        XsaveSize::None => {
+            return Err(VcpuError::BadState(
+                "an XSAVE area, and this host has no XSAVE".into(),
+            ))
+        }
+        XsaveSize::Legacy => XSAVE_LEGACY_WORDS * 4,
+        XsaveSize::Sized(b) => b,
+    };
+    let extra = (words.len() - XSAVE_LEGACY_WORDS).max(
+        host_bytes
+            .saturating_sub(XSAVE_LEGACY_WORDS * 4)
+            .div_ceil(4),
+    );
+    let mut x = Xsave::new(extra).map_err(|e| VcpuError::BadState(e.to_string()))?;
+    let region: [u32; XSAVE_LEGACY_WORDS] = words[..XSAVE_LEGACY_WORDS]
+        .try_into()
+        .map_err(|_| VcpuError::BadState("XSAVE region".into()))?;
+    // SAFETY: only the fixed `xsave.region` is written, never the `len` the wrapper relies on.
+    unsafe { x.as_mut_fam_struct() }.xsave.region = region;
+    x.as_mut_slice()[..words.len() - XSAVE_LEGACY_WORDS]
+        .copy_from_slice(&words[XSAVE_LEGACY_WORDS..]);
+    Ok(x)
+}
+
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// Installs the (empty) handler of the signal that kicks vCPU threads out of `KVM_RUN`: the
@@ -416,8 +545,10 @@ pub struct VcpuStats {
 /// The rest of the VMM's hold on one vCPU thread.
 pub struct VcpuHandle {
     id: u8,
-    requests: Sender<VcpuRequest>,
-    responses: Receiver<VcpuResponse>,
+    requests: Sender<(u64, VcpuRequest)>,
+    responses: Receiver<(u64, VcpuResponse)>,
+    /// Number of the last request sent; only its answer is taken (see [`VcpuHandle::answer`]).
+    last_sent: AtomicU64,
     /// Set when a request waits, so the thread checks its channel before re-entering the guest
     /// (a flag is cheaper than a channel on every exit).
     pending: Arc<AtomicBool>,
@@ -462,6 +593,7 @@ impl VcpuHandle {
             id,
             requests: req_tx,
             responses: resp_rx,
+            last_sent: AtomicU64::new(0),
             pending,
             stats,
             thread: Some(thread),
@@ -481,11 +613,10 @@ impl VcpuHandle {
     /// Queues `req` and, unless it is a resume (which only a parked vCPU waits for), kicks the
     /// vCPU out of the guest so it sees it.
     pub fn send(&self, req: VcpuRequest) -> Result<(), VcpuError> {
-        // Answers to requests whose caller gave up waiting must not be taken for this one's.
-        while self.responses.try_recv().is_ok() {}
         let kick = !matches!(req, VcpuRequest::Resume);
+        let seq = self.last_sent.fetch_add(1, Ordering::Relaxed) + 1;
         self.requests
-            .send(req)
+            .send((seq, req))
             .map_err(|_| VcpuError::NoAnswer(self.id))?;
         self.pending.store(true, Ordering::Release);
         if kick {
@@ -495,11 +626,18 @@ impl VcpuHandle {
     }
 
     /// Waits until `deadline` for the answer to the last request, kicking the vCPU again
-    /// while it waits (a kick that lands just before `KVM_RUN` is lost).
+    /// while it waits (a kick that lands just before `KVM_RUN` is lost). Answers carry the
+    /// number of their request: a late answer to an earlier one (a pause the caller stopped
+    /// waiting for, answered once the vCPU got there) is dropped, never taken for this one's.
     pub fn answer(&self, deadline: Instant) -> Result<VcpuResponse, VcpuError> {
+        let wanted = self.last_sent.load(Ordering::Relaxed);
         loop {
             match self.responses.recv_timeout(Duration::from_micros(200)) {
-                Ok(r) => return Ok(r),
+                Ok((seq, r)) if seq == wanted => return Ok(r),
+                Ok((seq, r)) => {
+                    tracing::debug!(vcpu = self.id, seq, wanted, "late answer dropped: {r:?}");
+                    continue;
+                }
                 Err(RecvTimeoutError::Disconnected) => return Err(VcpuError::NoAnswer(self.id)),
                 Err(RecvTimeoutError::Timeout) => {}
             }
@@ -546,8 +684,8 @@ impl VcpuHandle {
 struct VcpuThread {
     vcpu: VcpuFd,
     ctx: VcpuContext,
-    requests: Receiver<VcpuRequest>,
-    responses: Sender<VcpuResponse>,
+    requests: Receiver<(u64, VcpuRequest)>,
+    responses: Sender<(u64, VcpuResponse)>,
     pending: Arc<AtomicBool>,
     stats: Arc<VcpuStats>,
 }
@@ -572,24 +710,25 @@ impl VcpuThread {
         self.stats.done.store(true, Ordering::Release);
     }
 
-    fn reply(&self, r: VcpuResponse) {
-        let _ = self.responses.send(r);
+    /// Answers request number `seq`.
+    fn reply(&self, seq: u64, r: VcpuResponse) {
+        let _ = self.responses.send((seq, r));
     }
 
     // Saving and restoring are apart from the loops that wait for requests, and never inlined
     // into them: a `VcpuState` is 2 KiB and its save 3.6 KiB of stack, which every vCPU thread
     // would otherwise touch (and keep, ~4 KiB each) whether a snapshot is ever taken or not.
     #[inline(never)]
-    fn save(&self, msrs: &[u32]) -> VcpuResponse {
-        match VcpuState::save(&self.vcpu, msrs) {
+    fn save(&self, spec: &SaveSpec) -> VcpuResponse {
+        match VcpuState::save(&self.vcpu, spec) {
             Ok(s) => VcpuResponse::Saved(Box::new(s)),
             Err(e) => VcpuResponse::Failed(e.to_string()),
         }
     }
 
     #[inline(never)]
-    fn restore(&self, s: &VcpuState) -> VcpuResponse {
-        match s.restore(&self.vcpu) {
+    fn restore(&self, s: &VcpuState, host: XsaveSize) -> VcpuResponse {
+        match s.restore(&self.vcpu, host) {
             Ok(()) => VcpuResponse::Restored,
             Err(e) => VcpuResponse::Failed(e.to_string()),
         }
@@ -643,14 +782,14 @@ impl VcpuThread {
     /// Serves requests while out of the guest, until told to run or to exit.
     fn paused(&mut self) -> Next {
         loop {
-            let Ok(req) = self.requests.recv() else {
+            let Ok((seq, req)) = self.requests.recv() else {
                 return Next::Exit;
             };
             match req {
                 VcpuRequest::Resume => return Next::Run,
-                VcpuRequest::Pause => self.reply(VcpuResponse::Paused),
-                VcpuRequest::SaveState(msrs) => self.reply(self.save(&msrs)),
-                VcpuRequest::RestoreState(s) => self.reply(self.restore(&s)),
+                VcpuRequest::Pause => self.reply(seq, VcpuResponse::Paused),
+                VcpuRequest::SaveState(spec) => self.reply(seq, self.save(&spec)),
+                VcpuRequest::RestoreState(s, host) => self.reply(seq, self.restore(&s, host)),
                 VcpuRequest::Exit => return Next::Exit,
             }
         }
@@ -659,17 +798,18 @@ impl VcpuThread {
     /// Takes the requests that arrived while in the guest.
     fn requests_while_running(&mut self) -> Next {
         self.pending.store(false, Ordering::Release);
-        while let Ok(req) = self.requests.try_recv() {
+        while let Ok((seq, req)) = self.requests.try_recv() {
             match req {
                 VcpuRequest::Pause => {
-                    self.reply(VcpuResponse::Paused);
+                    self.reply(seq, VcpuResponse::Paused);
                     if let Next::Exit = self.paused() {
                         return Next::Exit;
                     }
                 }
                 VcpuRequest::Resume => {}
                 VcpuRequest::Exit => return Next::Exit,
-                VcpuRequest::SaveState(_) | VcpuRequest::RestoreState(_) => self.reply(
+                VcpuRequest::SaveState(_) | VcpuRequest::RestoreState(..) => self.reply(
+                    seq,
                     VcpuResponse::Failed("the vCPU is running: pause it first".into()),
                 ),
             }

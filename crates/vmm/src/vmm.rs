@@ -25,7 +25,7 @@ use crate::memory::{memory_use, GuestRam};
 use crate::platform::Platform;
 use crate::teardown::Reaper;
 use crate::threads::{self, ThreadKind};
-use crate::vcpu::{VcpuHandle, VcpuRequest, VcpuResponse, VcpuState};
+use crate::vcpu::{SaveSpec, VcpuHandle, VcpuRequest, VcpuResponse, VcpuState, XsaveSize};
 use crate::{ExitHandle, ExitReason, VmOutcome, VmmError};
 use bexar_devices::serial::{ConsoleObserver, ConsoleStats};
 use bexar_util::sync::lock;
@@ -239,15 +239,18 @@ impl Vmm {
 
     /// Every vCPU's state (the VM must be paused).
     pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, VmmError> {
-        // Read here, not at boot: one ioctl a snapshot needs and a boot does not.
-        let msrs: Arc<[u32]> = self
-            .kvm
-            .get_msr_index_list()
-            .map_err(|e| VmmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?
-            .as_slice()
-            .into();
+        // Read here, not at boot: ioctls a snapshot needs and a boot does not.
+        let spec = Arc::new(SaveSpec {
+            msrs: self
+                .kvm
+                .get_msr_index_list()
+                .map_err(|e| VmmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?
+                .as_slice()
+                .to_vec(),
+            xsave: XsaveSize::of(&self.kvm, &self.vm),
+        });
         self.ask_paused(
-            std::iter::repeat_with(|| VcpuRequest::SaveState(msrs.clone())),
+            std::iter::repeat_with(|| VcpuRequest::SaveState(spec.clone())),
             |r| match r {
                 VcpuResponse::Saved(s) => Ok(*s),
                 other => Err(other),
@@ -260,10 +263,15 @@ impl Vmm {
         if states.len() != self.vcpus.len() {
             return Err(VmmError::State("given a state for another number of vCPUs"));
         }
+        let host = XsaveSize::of(&self.kvm, &self.vm);
+        // Every state is checked before any vCPU loads one, so a bad one loads none.
+        for s in &states {
+            s.check(host).map_err(VmmError::Vcpu)?;
+        }
         self.ask_paused(
             states
                 .into_iter()
-                .map(|s| VcpuRequest::RestoreState(Box::new(s))),
+                .map(|s| VcpuRequest::RestoreState(Box::new(s), host)),
             |r| match r {
                 VcpuResponse::Restored => Ok(()),
                 other => Err(other),
