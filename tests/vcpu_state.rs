@@ -117,3 +117,57 @@ fn paused_vcpus_save_and_restore_their_state_and_the_guest_runs_on() {
     assert_eq!(outcome.reason, ExitReason::Stopped);
     assert!(outcome.vcpu_exits > 0);
 }
+
+#[test]
+fn the_vm_wide_state_is_saved_and_loaded() {
+    let config = VmConfig {
+        cmdline: format!("console=ttyS0 bexar.test=hang{}", guest_platform_params()),
+        memory_mib: 64,
+        legacy_pit: true,
+        console: ConsoleConfig::None,
+        ..VmConfig::new(testguest())
+    };
+    let mut vmm = build_for_boot(&config).expect("build the VM");
+    vmm.resume().unwrap();
+    assert!(vmm.save_vm_state().is_err(), "only a paused VM is saved");
+    assert!(!vmm.serve_until(Some(Instant::now() + Duration::from_millis(100))));
+    vmm.pause().unwrap();
+    let first = vmm.save_vm_state().unwrap();
+    assert_eq!(first.irqchips.len(), 3);
+    assert!(first.pit.is_some());
+    assert!(first.clock.clock > 0);
+    let json = serde_json::to_string(&first).unwrap();
+    let back: bexar_vmm::vm_state::VmState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.clock.clock, first.clock.clock);
+
+    // A state that does not fit is refused before anything is loaded.
+    let mut marked = first.clone();
+    let pit = marked.pit.as_mut().unwrap();
+    pit.channels[1].count = 0x1234;
+    marked.clock.clock = first.clock.clock + 10_000_000_000;
+    let mut bad = marked.clone();
+    bad.irqchips.pop();
+    assert!(vmm.restore_vm_state(&bad).is_err());
+    let mut no_pit = marked.clone();
+    no_pit.pit = None;
+    assert!(vmm.restore_vm_state(&no_pit).is_err());
+    let now = vmm.save_vm_state().unwrap();
+    assert_ne!(now.pit.unwrap().channels[1].count, 0x1234);
+    assert!(now.clock.clock < marked.clock.clock);
+
+    // Loaded: the PIT's reload value is back, and guest time jumped 10 s ahead with the clock.
+    vmm.restore_vm_state(&marked).unwrap();
+    let again = vmm.save_vm_state().unwrap();
+    assert_eq!(again.pit.unwrap().channels[1].count, 0x1234);
+    assert!(
+        again.clock.clock >= marked.clock.clock,
+        "{} < {}",
+        again.clock.clock,
+        marked.clock.clock
+    );
+    assert!(again.clock.clock < marked.clock.clock + 5_000_000_000);
+
+    vmm.resume().unwrap();
+    assert!(!vmm.serve_until(Some(Instant::now() + Duration::from_millis(100))));
+    assert_eq!(vmm.finish().reason, ExitReason::Stopped);
+}

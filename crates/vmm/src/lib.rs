@@ -27,6 +27,7 @@ pub mod resources;
 pub mod teardown;
 pub mod threads;
 pub mod vcpu;
+pub mod vm_state;
 #[allow(clippy::module_inception)]
 pub mod vmm;
 
@@ -64,6 +65,9 @@ pub enum VmmError {
     /// A vCPU could not be set up.
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
+    /// The VM-wide state could not be read or loaded.
+    #[error(transparent)]
+    VmState(#[from] vm_state::VmStateError),
     /// A thread or event loop of the VMM could not be started.
     #[error("cannot start the VMM's {what}: {err}")]
     Start {

@@ -26,6 +26,7 @@ use crate::platform::Platform;
 use crate::teardown::Reaper;
 use crate::threads::{self, ThreadKind};
 use crate::vcpu::{SaveSpec, VcpuHandle, VcpuRequest, VcpuResponse, VcpuState, XsaveSize};
+use crate::vm_state::VmState;
 use crate::{ExitHandle, ExitReason, VmOutcome, VmmError};
 use bexar_devices::serial::{ConsoleObserver, ConsoleStats};
 use bexar_util::sync::lock;
@@ -256,6 +257,22 @@ impl Vmm {
                 other => Err(other),
             },
         )
+    }
+
+    /// The VM-wide state: clock, interrupt controllers, PIT (the VM must be paused).
+    pub fn save_vm_state(&self) -> Result<VmState, VmmError> {
+        if self.state != VmmState::Paused {
+            return Err(VmmError::State("not paused"));
+        }
+        Ok(VmState::save(&self.vm, self.config.legacy_pit)?)
+    }
+
+    /// Loads a VM-wide state (the VM must be paused).
+    pub fn restore_vm_state(&self, state: &VmState) -> Result<(), VmmError> {
+        if self.state != VmmState::Paused {
+            return Err(VmmError::State("not paused"));
+        }
+        Ok(state.restore(&self.vm, self.config.legacy_pit)?)
     }
 
     /// Loads a state into each vCPU (the VM must be paused; one state per vCPU).
