@@ -658,11 +658,17 @@ impl Agent {
         if !wanted {
             return;
         }
+        // Counted from the VMM's end, so a restart rescheduled by a new agent (the old one died
+        // during the back-off) waits only what was left of it.
+        let since_end = rec.status.stopped_ms.map_or(Duration::ZERO, |t| {
+            Duration::from_millis(now_ms().saturating_sub(t))
+        });
         let delay = self
             .config
             .restart_backoff
             .saturating_mul(1u32 << rec.status.restarts.min(16))
-            .min(MAX_BACKOFF);
+            .min(MAX_BACKOFF)
+            .saturating_sub(since_end);
         let token = rec.status.token.clone();
         self.events.emit(
             &entry.id,
