@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bexar_agent::api::client::Client;
-use common::{bexar, expect_status, rt, testguest, tmp};
+use common::{bexar, expect_status, rt, smbios_dump, testguest, tmp};
 use serde_json::{json, Value};
 
 /// A network namespace, deleted (with whatever runs in it) on drop.
@@ -760,31 +760,6 @@ impl Drop for Relay {
             let _ = t.join();
         }
     }
-}
-
-/// The guest's SMBIOS tables as the test guest read them from its own memory (`smbios`
-/// test), in dmidecode's `--dump-bin` layout: the entry point at 0 naming the table at 32.
-fn smbios_dump(console: &str) -> Vec<u8> {
-    let bytes = |tag: &str| -> Vec<u8> {
-        console
-            .lines()
-            .filter_map(|l| l.split(&format!("bexar-testguest: {tag}:")).nth(1))
-            .flat_map(|l| {
-                l.split_whitespace()
-                    .map(|b| u8::from_str_radix(b, 16).unwrap())
-            })
-            .collect()
-    };
-    let (mut entry, table) = (bytes("smbios-entry"), bytes("smbios-table"));
-    assert_eq!(entry.len(), 24, "{console}");
-    assert!(!table.is_empty(), "{console}");
-    entry[16..24].copy_from_slice(&32u64.to_le_bytes());
-    entry[5] = 0;
-    entry[5] = entry.iter().fold(0u8, |a, b| a.wrapping_sub(*b));
-    let mut dump = entry;
-    dump.resize(32, 0);
-    dump.extend_from_slice(&table);
-    dump
 }
 
 /// The cloud-inits the metadata tests run: Debian 12's package (22.4) and the newest Debian

@@ -453,3 +453,42 @@ fn boot_test_passes_when_all_images_pass() {
     let (out, _) = text(&o);
     assert!(out.contains("1 passed, 0 failed"), "{out}");
 }
+
+#[test]
+fn smbios_tables_carry_the_identity_given_and_a_real_decoder_reads_them() {
+    // The test guest finds the tables in its own memory and prints them; dmidecode decodes
+    // that copy.
+    let seed = "ds=nocloud-net;s=http://10.0.0.1/seed/";
+    let uuid = "5f0e1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b";
+    let o = run_testguest(
+        "smbios",
+        &[
+            "--smbios",
+            &format!("serial={seed},uuid={uuid},asset-tag=ci-42"),
+        ],
+    );
+    assert_exit(&o, 0);
+    let (out, _) = text(&o);
+    let dump = tmp("smbios.bin");
+    std::fs::write(&dump, smbios_dump(&out)).unwrap();
+    let decode = |key: &str| {
+        let o = std::process::Command::new("dmidecode")
+            .arg("--from-dump")
+            .arg(&dump)
+            .args(["-s", key])
+            .output()
+            .expect("run dmidecode (scripts/deps installs it)");
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    };
+    assert_eq!(decode("system-serial-number"), seed);
+    assert_eq!(decode("system-uuid"), uuid);
+    assert_eq!(decode("chassis-asset-tag"), "ci-42");
+    assert_eq!(decode("system-manufacturer"), "Bexar");
+    assert_eq!(decode("system-product-name"), "Bexar microVM");
+    std::fs::remove_file(dump).ok();
+    // What the tables cannot hold is refused as bad input (exit status 2), naming the key.
+    let o = run_testguest("smbios", &["--smbios", "serial=tab\there"]);
+    assert_exit(&o, 2);
+    assert!(text(&o).1.contains("serial"), "{}", text(&o).1);
+}

@@ -146,6 +146,9 @@ pub struct VmArgs {
     /// guest connections to port P reach PATH_P).
     #[arg(long, value_name = "cid=N,uds=PATH")]
     pub vsock: Option<bexar_devices::virtio::vsock::VsockConfig>,
+    /// What the guest's SMBIOS tables say of it: serial=S,uuid=U,asset-tag=T (each optional).
+    #[arg(long, value_name = "serial=S,uuid=U,asset-tag=T")]
+    pub smbios: Option<bexar_vmm::boot::smbios::SmbiosIdentity>,
 }
 
 /// Flags of `bexar run`.

@@ -76,6 +76,7 @@ pub fn plan(
         nics: vm.net.clone(),
         rng: vm.rng,
         vsock: vm.vsock.clone(),
+        smbios: vm.smbios.clone().unwrap_or_default(),
         ..VmConfig::new(kernel)
     };
     config

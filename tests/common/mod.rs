@@ -239,3 +239,28 @@ pub fn expect_status(r: &bexar_agent::api::client::Reply, status: u16) -> serde_
     );
     r.json()
 }
+
+/// The guest's SMBIOS tables as the test guest read them from its own memory (`smbios`
+/// test), in dmidecode's `--dump-bin` layout: the entry point at 0 naming the table at 32.
+pub fn smbios_dump(console: &str) -> Vec<u8> {
+    let bytes = |tag: &str| -> Vec<u8> {
+        console
+            .lines()
+            .filter_map(|l| l.split(&format!("bexar-testguest: {tag}:")).nth(1))
+            .flat_map(|l| {
+                l.split_whitespace()
+                    .map(|b| u8::from_str_radix(b, 16).unwrap())
+            })
+            .collect()
+    };
+    let (mut entry, table) = (bytes("smbios-entry"), bytes("smbios-table"));
+    assert_eq!(entry.len(), 24, "{console}");
+    assert!(!table.is_empty(), "{console}");
+    entry[16..24].copy_from_slice(&32u64.to_le_bytes());
+    entry[5] = 0;
+    entry[5] = entry.iter().fold(0u8, |a, b| a.wrapping_sub(*b));
+    let mut dump = entry;
+    dump.resize(32, 0);
+    dump.extend_from_slice(&table);
+    dump
+}

@@ -36,6 +36,37 @@ pub struct SmbiosIdentity {
     pub asset_tag: Option<String>,
 }
 
+impl std::str::FromStr for SmbiosIdentity {
+    type Err = String;
+
+    /// `serial=S,uuid=U,asset-tag=T`, each optional (a value may hold `=` and `;`, as a
+    /// NoCloud seed does, but not `,`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut id = Self::default();
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?}: expected KEY=VALUE"))?;
+            let checked = |v: &str| {
+                if valid_string(v) {
+                    Ok(v.to_owned())
+                } else {
+                    Err(format!(
+                        "{k}: must be 1-{MAX_STRING} printable ASCII characters"
+                    ))
+                }
+            };
+            match k {
+                "serial" => id.serial = Some(checked(v)?),
+                "asset-tag" => id.asset_tag = Some(checked(v)?),
+                "uuid" => id.uuid = Some(v.parse().map_err(|e| format!("uuid: {e}"))?),
+                _ => return Err(format!("unknown key {k:?} (serial, uuid, asset-tag)")),
+            }
+        }
+        Ok(id)
+    }
+}
+
 /// Longest string the tables accept (SMBIOS sets no limit; 64 keeps every table small and is
 /// longer than any serial or tag a cloud writes).
 pub const MAX_STRING: usize = 64;
@@ -335,6 +366,19 @@ mod tests {
         );
         assert_eq!(run(&["-s", "chassis-asset-tag"]).trim(), "vm-017");
         std::fs::remove_file(path).ok();
+    }
+
+    #[test]
+    fn the_flag_form_parses_and_refuses_what_it_cannot_hold() {
+        let id: SmbiosIdentity =
+            "serial=ds=nocloud-net;s=http://169.254.169.254/nocloud/,uuid=0e3f4b6c-2b1a-4c5d-9e8f-102132435465,asset-tag=vm-017"
+                .parse()
+                .unwrap();
+        assert_eq!(id, identity());
+        assert!("serial=".parse::<SmbiosIdentity>().is_err());
+        assert!("uuid=nope".parse::<SmbiosIdentity>().is_err());
+        assert!("colour=red".parse::<SmbiosIdentity>().is_err());
+        assert!("serial".parse::<SmbiosIdentity>().is_err());
     }
 
     #[test]
