@@ -1401,3 +1401,118 @@ fn agent_killed_at_random_keeps_every_promise() {
     });
     assert!(agent.vmm_processes().is_empty());
 }
+
+/// Values that break assumptions: types, sizes, YAML look-alikes, nulls, floats for integers.
+fn weird(n: u64) -> Value {
+    let all = [
+        Value::Null,
+        json!(true),
+        json!(0),
+        json!(-1),
+        json!(1.0),
+        json!(1.5),
+        json!(u64::MAX),
+        json!(i64::MIN),
+        json!(1e308),
+        json!(""),
+        json!("x".repeat(300)),
+        json!("é\t\n\u{0}"),
+        json!("on"),
+        json!("017"),
+        json!([]),
+        json!([null]),
+        json!([[1]]),
+        json!({}),
+        json!({"x": 1}),
+    ];
+    all[(n % all.len() as u64) as usize].clone()
+}
+
+/// Replaces one value somewhere in `v` (or drops a field, or adds one) by the random source.
+fn mutate(v: &Value, next: &mut dyn FnMut(u64) -> u64) -> Value {
+    match v {
+        Value::Object(m) if !m.is_empty() && next(5) > 0 => {
+            let mut m = m.clone();
+            let keys: Vec<String> = m.keys().cloned().collect();
+            match next(10) {
+                0 => {
+                    m.remove(&keys[next(keys.len() as u64) as usize]);
+                }
+                1 => {
+                    m.insert("extra".into(), weird(next(100)));
+                }
+                _ => {
+                    let k = &keys[next(keys.len() as u64) as usize];
+                    let inner = mutate(&m[k], next);
+                    m.insert(k.clone(), inner);
+                }
+            }
+            Value::Object(m)
+        }
+        Value::Array(a) if !a.is_empty() && next(2) == 0 => {
+            let mut a = a.clone();
+            let i = next(a.len() as u64) as usize;
+            a[i] = mutate(&a[i], next);
+            Value::Array(a)
+        }
+        _ => weird(next(100)),
+    }
+}
+
+/// Thousands of randomly broken bodies for the routes that take one: every answer is a 2xx or
+/// a 4xx with an error code, never a server error, and what was created is cleaned up.
+#[test]
+fn random_bodies_never_get_a_server_error() {
+    let agent = TestAgent::start("randbody");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("random body test seed {seed}");
+    let mut rng = seed | 1;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n.max(1)
+    };
+    rt().block_on(async {
+        let c = agent.client();
+        expect_status(&c.post("/v1/vms", &spec("target")).await.unwrap(), 201);
+        let mut vm = spec("x");
+        vm["labels"] = json!({"a": "b"});
+        vm["disks"] = json!([{"path": testguest().display().to_string(), "read_only": true}]);
+        vm["restart_policy"] = json!("no");
+        let md = json!({"hostname": "h", "user_data": "u", "public_keys": ["k"],
+                        "tags": {"a": "b"}, "http_tokens": "optional"});
+        let mut seen = std::collections::BTreeMap::new();
+        for i in 0..2000 {
+            let (method, path, mut body) = if next(2) == 0 {
+                ("POST", "/v1/vms", mutate(&vm, &mut next))
+            } else {
+                ("PUT", "/v1/vms/target/metadata", mutate(&md, &mut next))
+            };
+            if method == "POST" && body.is_object() && next(4) > 0 {
+                body["id"] = json!(format!("r{i}"));
+            }
+            let m = axum::http::Method::from_bytes(method.as_bytes()).unwrap();
+            let r = c
+                .request(m, path, serde_json::to_vec(&body).unwrap())
+                .await
+                .unwrap();
+            let status = r.status.as_u16();
+            *seen.entry(status).or_insert(0) += 1;
+            let what = format!("seed {seed}, request {i}: {method} {path} {body} -> {status}");
+            assert!(status < 500, "{what}: {:?}", r.json());
+            if status >= 400 {
+                assert!(r.json()["error"]["code"].is_string(), "{what}");
+            }
+            if method == "POST" && status == 201 {
+                let id = r.json()["id"].as_str().unwrap().to_owned();
+                expect_status(&c.delete(&format!("/v1/vms/{id}")).await.unwrap(), 204);
+            }
+        }
+        eprintln!("random bodies: {seen:?}");
+        assert!(seen.keys().any(|s| *s == 400), "{seen:?}");
+    });
+}
