@@ -9,7 +9,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use bexar_agent::api::client::Client;
-use common::{bexar, expect_status, rt, testguest, tmp};
+use common::{bexar, expect_status, rt, seeded_rng, testguest, tmp};
 use serde_json::{json, Value};
 
 const READY: &str = "idle: ready";
@@ -651,7 +651,9 @@ fn bad_requests_get_a_4xx_naming_the_problem_and_change_nothing() {
         let reply = raw_request(
             &agent.socket(),
             "GET /v1/vms/r1/console/attach HTTP/1.1\r\nHost: b\r\nUpgrade: bexar-console\r\n\r\n",
-        );
+            Duration::from_secs(5),
+        )
+        .expect("a reply");
         assert!(reply.starts_with("HTTP/1.1 426"), "{reply}");
         // Nothing was half-applied: the same VMs, in the same states, the same VMM.
         let after = expect_status(&c.get("/v1/vms").await.unwrap(), 200);
@@ -1007,15 +1009,16 @@ fn the_debug_socket_is_read_only() {
     });
 }
 
-/// Sends a raw request and returns the start of the reply.
-fn raw_request(socket: &Path, request: &str) -> String {
+/// Sends a raw request and returns the start of the reply (None if any step fails, the agent
+/// being killed meanwhile for one).
+fn raw_request(socket: &Path, request: &str, timeout: Duration) -> Option<String> {
     use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
+    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.write_all(request.as_bytes()).ok()?;
     let mut buf = [0u8; 512];
-    let n = s.read(&mut buf).unwrap_or(0);
-    String::from_utf8_lossy(&buf[..n]).into_owned()
+    let n = s.read(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 /// Sends `method path` on a raw connection and hangs up after `delay`, without reading the
@@ -1061,19 +1064,7 @@ async fn settled(c: &Client, id: &str) -> Option<Value> {
 fn clients_that_hang_up_mid_action_leave_nothing_half_done() {
     let agent = TestAgent::start("hangup");
     let c = agent.client();
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("hang-up test seed {seed}");
-    let mut rng = seed | 1;
-    let mut next = move |n: u64| {
-        // xorshift64: enough to spread the actions and delays, reproducible from the seed.
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n
-    };
+    let (seed, mut next) = seeded_rng("hang-up test");
     let id = "hup";
     rt().block_on(async {
         let mut exists = false;
@@ -1199,20 +1190,28 @@ fn signal(pid: u32, sig: i32) {
     unsafe { libc::kill(pid as i32, sig) };
 }
 
-/// Whether every VM has settled: nothing in flight and in the state it is wanted in.
-async fn all_settled(c: &Client) -> Result<Vec<Value>, String> {
-    let v = expect_status(&c.get("/v1/vms").await.unwrap(), 200);
-    let items = v["items"].as_array().unwrap().clone();
-    for vm in &items {
-        let (state, desired) = (
-            vm["state"].as_str().unwrap(),
-            vm["desired"].as_str().unwrap(),
-        );
-        if vm.get("operation").is_some() || state != desired {
-            return Err(format!("{} is {state} (desired {desired}): {vm}", vm["id"]));
+/// Waits (up to 60 s) until every VM has settled: nothing in flight and in the state it is
+/// wanted in; returns them. `what` says where, if they never do.
+async fn all_settled(c: &Client, what: &str) -> Vec<Value> {
+    let t = Instant::now();
+    loop {
+        let v = expect_status(&c.get("/v1/vms").await.unwrap(), 200);
+        let items = v["items"].as_array().unwrap().clone();
+        let unsettled = items
+            .iter()
+            .find(|vm| vm.get("operation").is_some() || vm["state"] != vm["desired"]);
+        match unsettled {
+            None => return items,
+            Some(vm) => assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{what}: not settled after 60 s: {} is {} (desired {}): {vm}",
+                vm["id"],
+                vm["state"],
+                vm["desired"]
+            ),
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(items)
 }
 
 /// The agent killed (-9) at random instants during random actions, hundreds of times, with
@@ -1224,18 +1223,7 @@ async fn all_settled(c: &Client) -> Result<Vec<Value>, String> {
 #[test]
 fn agent_killed_at_random_keeps_every_promise() {
     let mut agent = TestAgent::start_with_stop_timeout("chaos", "1");
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("chaos test seed {seed}");
-    let mut rng = seed | 1;
-    let mut next = move |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n
-    };
+    let (seed, mut next) = seeded_rng("chaos test");
     const VMS: usize = 6;
     const CYCLES: usize = 200;
     let ids: Vec<String> = (0..VMS).map(|i| format!("chaos-{i}")).collect();
@@ -1251,19 +1239,7 @@ fn agent_killed_at_random_keeps_every_promise() {
     let (mut reboots, mut pauses, mut killed, mut stopped_vmms, mut creates) = (0, 0, 0, 0, 0);
     for cycle in 0..CYCLES {
         let c = agent.client();
-        let before = rt.block_on(async {
-            let t = Instant::now();
-            loop {
-                match all_settled(&c).await {
-                    Ok(items) => break items,
-                    Err(e) => assert!(
-                        t.elapsed() < Duration::from_secs(60),
-                        "cycle {cycle} (seed {seed}): not settled after 60 s: {e}"
-                    ),
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
+        let before = rt.block_on(all_settled(&c, &format!("cycle {cycle} (seed {seed})")));
         let what = format!("cycle {cycle} (seed {seed})");
         // What runs now, by VM.
         let pids: std::collections::BTreeMap<String, u64> = before
@@ -1320,18 +1296,13 @@ fn agent_killed_at_random_keeps_every_promise() {
                 (format!("/v1/vms/{id}/{action}"), String::new())
             };
             Some(std::thread::spawn(move || {
-                use std::io::{Read, Write};
                 // The agent may die at any moment of this exchange: whatever fails, fails.
-                let mut s = std::os::unix::net::UnixStream::connect(&socket).ok()?;
-                s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
                 let req = format!(
                     "POST {path} HTTP/1.1\r\nHost: b\r\nContent-Length: {}\r\n\r\n{body}",
                     body.len()
                 );
-                s.write_all(req.as_bytes()).ok()?;
-                let mut buf = [0u8; 512];
-                let n = s.read(&mut buf).ok()?;
-                Some((path, String::from_utf8_lossy(&buf[..n]).into_owned()))
+                let reply = raw_request(&socket, &req, Duration::from_secs(30))?;
+                Some((path, reply))
             }))
         };
         std::thread::sleep(delay);
@@ -1353,19 +1324,10 @@ fn agent_killed_at_random_keeps_every_promise() {
             assert!(!reply.starts_with("HTTP/1.1 5"), "{what}: {path}: {reply}");
         }
         let c = agent.client();
-        let after = rt.block_on(async {
-            let t = Instant::now();
-            loop {
-                match all_settled(&c).await {
-                    Ok(items) => break items,
-                    Err(e) => assert!(
-                        t.elapsed() < Duration::from_secs(60),
-                        "{what}: {action} on {id}, frozen {frozen:?}: not settled after 60 s: {e}"
-                    ),
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
+        let after = rt.block_on(all_settled(
+            &c,
+            &format!("{what}: {action} on {id}, frozen {frozen:?}"),
+        ));
         // Every VM no action touched kept its VMM, a frozen one included. A create with start
         // that got as far as a record is finished: the VM runs.
         for v in &after {
@@ -1464,18 +1426,7 @@ fn mutate(v: &Value, next: &mut dyn FnMut(u64) -> u64) -> Value {
 #[test]
 fn random_bodies_never_get_a_server_error() {
     let agent = TestAgent::start("randbody");
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("random body test seed {seed}");
-    let mut rng = seed | 1;
-    let mut next = move |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n.max(1)
-    };
+    let (seed, mut next) = seeded_rng("random body test");
     rt().block_on(async {
         let c = agent.client();
         expect_status(&c.post("/v1/vms", &spec("target")).await.unwrap(), 201);

@@ -264,3 +264,21 @@ pub fn smbios_dump(console: &str) -> Vec<u8> {
     dump.extend_from_slice(&table);
     dump
 }
+
+/// A reproducible random source for a randomised test: xorshift64 from a seed taken from the
+/// clock and printed (with `what`) so a failing run can be told apart. `next(n)` is in 0..n.
+pub fn seeded_rng(what: &str) -> (u64, impl FnMut(u64) -> u64) {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("{what} seed {seed}");
+    let mut state = seed | 1;
+    let next = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n.max(1)
+    };
+    (seed, next)
+}

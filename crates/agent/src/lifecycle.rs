@@ -721,8 +721,12 @@ impl Agent {
             }
             looked.push((entry, rec));
         }
+        // One look at the process table serves every VM's probe.
+        let running = vp::find_vmms(&self.store.root().join("vms"));
         let found = futures_util::future::join_all(
-            looked.iter().map(|(entry, rec)| self.probe(entry, rec)),
+            looked
+                .iter()
+                .map(|(entry, rec)| self.probe(entry, rec, &running)),
         )
         .await;
         for ((entry, rec), found) in looked.into_iter().zip(found) {
@@ -858,12 +862,18 @@ impl Agent {
     }
 
     /// What recovery needs to know about a VM beyond its record: whether its VMM still runs
-    /// (re-adopted) and, if not, what its last VMM said when it ended.
-    async fn probe(self: &Arc<Self>, entry: &Arc<VmEntry>, rec: &VmRecord) -> Found {
+    /// (re-adopted; `running` is every VMM process found, with its directory) and, if not,
+    /// what its last VMM said when it ended.
+    async fn probe(
+        self: &Arc<Self>,
+        entry: &Arc<VmEntry>,
+        rec: &VmRecord,
+        running: &[(u32, std::path::PathBuf)],
+    ) -> Found {
         if rec.state == Phase::Deleting {
             return Found::default();
         }
-        let adopted = self.adopt(entry, rec).await;
+        let adopted = self.adopt(entry, rec, running).await;
         let result = adopted
             .is_none()
             .then(|| read_result(&self.vm_dir(&entry.id), &rec.status.token))
@@ -880,18 +890,22 @@ impl Agent {
     /// identity is killed) and the state it reports is recorded; if it does not (stopped,
     /// starved of CPU), it is adopted all the same, with the operation `recover` recorded until
     /// [`Agent::reconcile`] reaches it. Returns the state recorded.
-    async fn adopt(self: &Arc<Self>, entry: &Arc<VmEntry>, rec: &VmRecord) -> Option<Phase> {
+    async fn adopt(
+        self: &Arc<Self>,
+        entry: &Arc<VmEntry>,
+        rec: &VmRecord,
+        running: &[(u32, std::path::PathBuf)],
+    ) -> Option<Phase> {
         let dir = self.vm_dir(&entry.id);
         match bexar_util::fs::try_lock(&dir.join(layout::VMM_LOCK)) {
             // Nobody holds it: no VMM runs for this VM (ours is dropped at once).
             Ok(Some(_)) | Err(_) => return None,
             Ok(None) => {}
         }
-        let root = self.store.root().join("vms");
-        let pids: Vec<u32> = vp::find_vmms(&root)
-            .into_iter()
+        let pids: Vec<u32> = running
+            .iter()
             .filter(|(_, d)| *d == dir)
-            .map(|(p, _)| p)
+            .map(|(p, _)| *p)
             .collect();
         let pid = match rec.status.pid.filter(|p| pids.contains(p)) {
             Some(p) => p,
@@ -904,10 +918,7 @@ impl Agent {
         let pidfd = vp::pidfd_open(pid).ok()?;
         // The pidfd pins the process: if it is still this VM's VMM now, the pid was not
         // recycled between the scan and the open.
-        if !vp::find_vmms(&root)
-            .iter()
-            .any(|(p, d)| *p == pid && *d == dir)
-        {
+        if vp::vmm_dir_of(pid).as_ref() != Some(&dir) {
             return None;
         }
         let ticks = bexar_util::procfs::start_ticks(pid);

@@ -295,8 +295,14 @@ impl VmSpec {
                     .unwrap_or([2, 0, 0, 0, 0, 1]),
             })
             .collect();
-        self.config_with(Path::new("/"), "unlaunched", nics, None)
-            .map(drop)
+        self.config_with(
+            Path::new("/"),
+            "unlaunched",
+            nics,
+            None,
+            SmbiosIdentity::default(),
+        )
+        .map(drop)
     }
 
     /// The VMM configuration for this spec, with the VM's files under `dir`, its NICs as
@@ -317,10 +323,7 @@ impl VmSpec {
                 mac: n.mac_bytes(),
             })
             .collect();
-        let mut config = self.config_with(dir, token, nics, cmdline_extra)?;
-        config.smbios = smbios;
-        config.validate().map_err(spec_field)?;
-        Ok(config)
+        self.config_with(dir, token, nics, cmdline_extra, smbios)
     }
 
     fn config_with(
@@ -329,6 +332,7 @@ impl VmSpec {
         token: &str,
         nics: Vec<NicConfig>,
         cmdline_extra: Option<&str>,
+        smbios: SmbiosIdentity,
     ) -> Result<VmConfig, FieldError> {
         let cpu_template = CpuTemplate::from_name(&self.cpu_template)
             .map_err(|e| FieldError::new("cpu_template", e.to_string()))?;
@@ -366,7 +370,7 @@ impl VmSpec {
                 id: self.id.clone(),
                 token: token.to_owned(),
             }),
-            smbios: SmbiosIdentity::default(),
+            smbios,
         };
         config.validate().map_err(spec_field)?;
         Ok(config)

@@ -231,27 +231,26 @@ pub async fn info(dir: &Path) -> Result<(Info, u32), VmmProcessError> {
 
 /// Pids of every `bexar vmm --dir D` process whose D is under `vms_root`, with D.
 pub fn find_vmms(vms_root: &Path) -> Vec<(u32, PathBuf)> {
-    let mut out = Vec::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
+        return Vec::new();
     };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if args.len() < 4 || args[1] != b"vmm" || args[2] != b"--dir" {
-            continue;
-        }
-        let dir = PathBuf::from(String::from_utf8_lossy(args[3]).into_owned());
-        if dir.parent() == Some(vms_root) {
-            out.push((pid, dir));
-        }
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| Some((pid, vmm_dir_of(pid)?)))
+        .filter(|(_, dir)| dir.parent() == Some(vms_root))
+        .collect()
+}
+
+/// The directory D if `pid` is a live `bexar vmm --dir D` process (a zombie's command line is
+/// empty).
+pub fn vmm_dir_of(pid: u32) -> Option<PathBuf> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    if args.len() < 4 || args[1] != b"vmm" || args[2] != b"--dir" {
+        return None;
     }
-    out
+    Some(PathBuf::from(String::from_utf8_lossy(args[3]).into_owned()))
 }
 
 #[cfg(test)]

@@ -395,11 +395,21 @@ impl VcpuState {
     /// Whether this state can be loaded on a host that takes XSAVE areas as `host` says, as far
     /// as can be told without KVM (what KVM refuses is found when loading).
     pub fn check(&self, host: XsaveSize) -> Result<(), VcpuError> {
+        self.float_state(host).map(drop)
+    }
+
+    /// The x87/SSE/AVX state in the form KVM takes on this host: the XSAVE area when saved,
+    /// else the FPU state.
+    fn float_state(&self, host: XsaveSize) -> Result<FloatState, VcpuError> {
         match &self.xsave {
-            Some(words) => xsave_buffer(words, host).map(drop),
-            None => self.fpu.to_kvm().map(drop).ok_or_else(|| {
-                VcpuError::BadState("an FPU state with the wrong number of registers".into())
-            }),
+            Some(words) => xsave_buffer(words, host).map(FloatState::Xsave),
+            None => self
+                .fpu
+                .to_kvm()
+                .map(|f| FloatState::Fpu(Box::new(f)))
+                .ok_or_else(|| {
+                    VcpuError::BadState("an FPU state with the wrong number of registers".into())
+                }),
         }
     }
 
@@ -409,13 +419,15 @@ impl VcpuState {
     pub fn restore(&self, vcpu: &VcpuFd, host: XsaveSize) -> Result<(), VcpuError> {
         let kvm = |what: &'static str| move |e: kvm_ioctls::Error| VcpuError::Kvm(what, e);
         // What can be refused without KVM is refused before anything is loaded.
-        self.check(host)?;
+        let float = self.float_state(host)?;
         vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
         vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
-        match (&self.xsave, self.fpu.to_kvm()) {
-            (Some(words), _) => restore_xsave(vcpu, words, host)?,
-            (None, Some(fpu)) => vcpu.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))?,
-            (None, None) => {}
+        match float {
+            // SAFETY: the buffer holds at least this host's XSAVE size (KVM_CAP_XSAVE2, or the
+            // 4 KiB of `struct kvm_xsave` without it; see `xsave_buffer`), which is what
+            // KVM_SET_XSAVE reads.
+            FloatState::Xsave(x) => unsafe { vcpu.set_xsave2(&x) }.map_err(kvm("KVM_SET_XSAVE"))?,
+            FloatState::Fpu(fpu) => vcpu.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))?,
         }
         vcpu.set_xcrs(&self.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
         vcpu.set_debug_regs(&self.debugregs)
@@ -475,18 +487,17 @@ fn save_xsave(vcpu: &VcpuFd, how: XsaveSize) -> Result<Option<Vec<u32>>, VcpuErr
     }
 }
 
-/// Loads an XSAVE area saved here or on another host. The buffer handed to KVM is at least as
-/// large as what KVM reads on this host, zero-filled past the saved words, so a state from a
-/// host with a smaller area cannot make KVM read beyond it; a state larger than this host's
-/// area keeps components this host cannot hold, and KVM refuses it.
-fn restore_xsave(vcpu: &VcpuFd, words: &[u32], host: XsaveSize) -> Result<(), VcpuError> {
-    let x = xsave_buffer(words, host)?;
-    // SAFETY: `x` holds at least this host's XSAVE size (KVM_CAP_XSAVE2, or the 4 KiB of
-    // `struct kvm_xsave` without it), which is what KVM_SET_XSAVE reads.
-    unsafe { vcpu.set_xsave2(&x) }.map_err(|e| VcpuError::Kvm("KVM_SET_XSAVE", e))
+/// The x87/SSE/AVX state as one of the two ioctls that load it takes it.
+enum FloatState {
+    Xsave(Xsave),
+    Fpu(Box<kvm_fpu>),
 }
 
-/// The buffer [`restore_xsave`] hands to KVM, or why `words` cannot be loaded here.
+/// The buffer KVM_SET_XSAVE is given for `words` (an area saved here or on another host), or
+/// why they cannot be loaded here. It is at least as large as what KVM reads on this host,
+/// zero-filled past the saved words, so a state from a host with a smaller area cannot make
+/// KVM read beyond it; a state larger than this host's area keeps components this host cannot
+/// hold, and KVM refuses it.
 fn xsave_buffer(words: &[u32], host: XsaveSize) -> Result<Xsave, VcpuError> {
     if words.len() < XSAVE_LEGACY_WORDS {
         return Err(VcpuError::BadState(format!(

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::Agent;
 use bexar_util::sync::lock;
+use bexar_vmm::control::Info;
 
 /// Upper bounds of the latency buckets, seconds.
 const BUCKETS: [f64; 10] = [
@@ -131,32 +132,27 @@ pub async fn render(agent: &Agent, requests: &RequestMetrics) -> String {
             }
         }
     }
-    let _ = writeln!(out, "# TYPE bexar_vm_console_bytes_total counter");
-    for (id, i) in infos
-        .iter()
-        .filter_map(|(id, i)| i.as_ref().map(|i| (id, i)))
-    {
-        let _ = writeln!(
-            out,
-            "bexar_vm_console_bytes_total{{vm=\"{}\"}} {}",
-            esc(id),
-            i.console_bytes
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP bexar_vm_completed_instructions_total Instructions the platform's emulator refused that the VMM completed (fwait on PVM hosts).\n# TYPE bexar_vm_completed_instructions_total counter"
-    );
-    for (id, i) in infos
-        .iter()
-        .filter_map(|(id, i)| i.as_ref().map(|i| (id, i)))
-    {
-        let _ = writeln!(
-            out,
-            "bexar_vm_completed_instructions_total{{vm=\"{}\"}} {}",
-            esc(id),
-            i.completed_instructions
-        );
+    // One value per VM: (name, help line, value).
+    type PerVm = (&'static str, Option<&'static str>, fn(&Info) -> u64);
+    let per_vm: [PerVm; 2] = [
+        ("bexar_vm_console_bytes_total", None, |i| i.console_bytes),
+        (
+            "bexar_vm_completed_instructions_total",
+            Some("Instructions the platform's emulator refused that the VMM completed (fwait on PVM hosts)."),
+            |i| i.completed_instructions,
+        ),
+    ];
+    for (name, help, value) in per_vm {
+        if let Some(h) = help {
+            let _ = writeln!(out, "# HELP {name} {h}");
+        }
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (id, i) in infos
+            .iter()
+            .filter_map(|(id, i)| i.as_ref().map(|i| (id, i)))
+        {
+            let _ = writeln!(out, "{name}{{vm=\"{}\"}} {}", esc(id), value(i));
+        }
     }
     let _ = writeln!(
         out,

@@ -493,12 +493,13 @@ async fn list_vms(State(st): St, Query(p, _): Query<ListVmsParams>) -> Result<Re
 /// request timeout, a Ctrl-C), and an operation run inside it would stop at whatever `.await`
 /// it had reached: a VMM spawned but not recorded, a reboot's stop without its start. The
 /// caller that went away can come back and `wait` for the state it asked for.
-async fn run_to_end<T, F>(op: F) -> Result<T, ApiError>
+async fn run_to_end<T, F, Fut>(agent: &Arc<Agent>, op: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
-    F: std::future::Future<Output = Result<T, AgentError>> + Send + 'static,
+    F: FnOnce(Arc<Agent>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, AgentError>> + Send + 'static,
 {
-    match tokio::spawn(op).await {
+    match tokio::spawn(op(agent.clone())).await {
         Ok(r) => r.map_err(ApiError::from),
         Err(e) => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -515,8 +516,7 @@ async fn create_vm(
 ) -> Result<Response, ApiError> {
     let start = p.flag("start")?;
     let spec: VmSpec = json_body(body).await?;
-    let agent = st.agent.clone();
-    let (rec, created) = run_to_end(async move {
+    let (rec, created) = run_to_end(&st.agent, |agent| async move {
         let (rec, created) = agent.create(spec, start).await?;
         if start {
             Ok((agent.start(&rec.id).await?, created))
@@ -566,8 +566,8 @@ async fn list_segments(State(st): St, _: NoParams) -> Result<Response, ApiError>
 
 async fn create_segment(State(st): St, _: NoParams, body: Body) -> Result<Response, ApiError> {
     let spec: crate::segment::SegmentSpec = json_body(body).await?;
-    let agent = st.agent.clone();
-    let (seg, created) = run_to_end(async move { agent.create_segment(spec).await }).await?;
+    let (seg, created) =
+        run_to_end(&st.agent, |a| async move { a.create_segment(spec).await }).await?;
     Ok(created_response(
         created,
         &seg,
@@ -588,8 +588,7 @@ async fn delete_segment(
     _: NoParams,
     SegmentId(id): SegmentId,
 ) -> Result<Response, ApiError> {
-    let agent = st.agent.clone();
-    run_to_end(async move { agent.delete_segment(&id).await }).await?;
+    run_to_end(&st.agent, |a| async move { a.delete_segment(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -598,8 +597,7 @@ async fn get_vm(State(st): St, _: NoParams, VmId(id): VmId) -> Result<Response, 
 }
 
 async fn delete_vm(State(st): St, _: NoParams, VmId(id): VmId) -> Result<Response, ApiError> {
-    let agent = st.agent.clone();
-    run_to_end(async move { agent.delete(&id).await }).await?;
+    run_to_end(&st.agent, |a| async move { a.delete(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -609,8 +607,7 @@ async fn start_vm(
     VmId(id): VmId,
     _: NoBody,
 ) -> Result<Response, ApiError> {
-    let agent = st.agent.clone();
-    Ok(Json(run_to_end(async move { agent.start(&id).await }).await?).into_response())
+    Ok(Json(run_to_end(&st.agent, |a| async move { a.start(&id).await }).await?).into_response())
 }
 
 async fn stop_vm(
@@ -620,8 +617,11 @@ async fn stop_vm(
     _: NoBody,
 ) -> Result<Response, ApiError> {
     let (timeout, force) = (p.seconds("timeout")?, p.flag("force")?);
-    let agent = st.agent.clone();
-    let rec = run_to_end(async move { agent.stop(&id, timeout, force).await }).await?;
+    let rec = run_to_end(
+        &st.agent,
+        |a| async move { a.stop(&id, timeout, force).await },
+    )
+    .await?;
     Ok(Json(rec).into_response())
 }
 
@@ -632,8 +632,10 @@ async fn reboot_vm(
     _: NoBody,
 ) -> Result<Response, ApiError> {
     let timeout = p.seconds("timeout")?;
-    let agent = st.agent.clone();
-    Ok(Json(run_to_end(async move { agent.reboot(&id, timeout).await }).await?).into_response())
+    Ok(
+        Json(run_to_end(&st.agent, |a| async move { a.reboot(&id, timeout).await }).await?)
+            .into_response(),
+    )
 }
 
 async fn pause_vm(
@@ -642,8 +644,7 @@ async fn pause_vm(
     VmId(id): VmId,
     _: NoBody,
 ) -> Result<Response, ApiError> {
-    let agent = st.agent.clone();
-    Ok(Json(run_to_end(async move { agent.pause(&id).await }).await?).into_response())
+    Ok(Json(run_to_end(&st.agent, |a| async move { a.pause(&id).await }).await?).into_response())
 }
 
 async fn resume_vm(
@@ -652,8 +653,7 @@ async fn resume_vm(
     VmId(id): VmId,
     _: NoBody,
 ) -> Result<Response, ApiError> {
-    let agent = st.agent.clone();
-    Ok(Json(run_to_end(async move { agent.resume(&id).await }).await?).into_response())
+    Ok(Json(run_to_end(&st.agent, |a| async move { a.resume(&id).await }).await?).into_response())
 }
 
 async fn wait_vm(
