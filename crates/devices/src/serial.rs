@@ -409,6 +409,17 @@ impl ConsoleInput {
         !self.pending.is_empty()
     }
 
+    /// Input read from the source that waits for FIFO room, oldest first (a snapshot keeps it:
+    /// the source gave it up and will not give it again).
+    pub fn pending_bytes(&self) -> Vec<u8> {
+        self.pending.iter().copied().collect()
+    }
+
+    /// Puts input back in line for the FIFO (a restore, before the event loop runs).
+    pub fn push_pending(&mut self, bytes: &[u8]) {
+        self.pending.extend(bytes);
+    }
+
     /// Moves waiting input into the FIFO, as far as it fits.
     pub fn retry(&mut self, ops: &mut EventOps) {
         self.feed_pending();

@@ -180,6 +180,9 @@ pub struct VirtioCommon {
     pub queue_evts: Vec<EventFd>,
     counters: Arc<Counters>,
     needs_reset: Arc<AtomicBool>,
+    /// Set when the VM's state has been saved to go on elsewhere: the device touches neither
+    /// guest memory nor its backend again (what the guest queued is the restored VM's to do).
+    frozen: Arc<AtomicBool>,
     state: DeviceState,
 }
 
@@ -207,6 +210,7 @@ impl VirtioCommon {
                 .collect::<std::io::Result<_>>()?,
             counters: Arc::new(Counters::default()),
             needs_reset: Arc::new(AtomicBool::new(false)),
+            frozen: Arc::new(AtomicBool::new(false)),
             state: DeviceState::Inactive,
         })
     }
@@ -279,13 +283,14 @@ impl VirtioCommon {
             queues,
             counters,
             needs_reset,
+            frozen,
             state: DeviceState::Active(ctx),
             ..
         } = self
         else {
             return None;
         };
-        if needs_reset.load(Ordering::Acquire) {
+        if needs_reset.load(Ordering::Acquire) || frozen.load(Ordering::Acquire) {
             return None;
         }
         Some(Serving {
@@ -575,6 +580,33 @@ pub struct VirtioState {
     pub needs_reset: bool,
 }
 
+/// A virtio device's saved state, by kind: what a snapshot holds for each device, and what the
+/// VMM builds the device again from ([`block::Block::restore`], ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum DeviceSnapshot {
+    /// virtio-blk.
+    Block(block::BlockState),
+    /// virtio-net.
+    Net(net::NetState),
+    /// virtio-rng.
+    Rng(rng::RngState),
+    /// virtio-vsock.
+    Vsock(vsock::VsockState),
+}
+
+impl DeviceSnapshot {
+    /// The virtio part every device saves.
+    pub fn virtio(&self) -> &VirtioState {
+        match self {
+            Self::Block(s) => &s.virtio,
+            Self::Net(s) => &s.virtio,
+            Self::Rng(s) => &s.virtio,
+            Self::Vsock(s) => &s.virtio,
+        }
+    }
+}
+
 /// A saved state that does not fit.
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
@@ -607,6 +639,11 @@ pub trait VirtioDevice: Send {
     /// Finishes whatever is in flight (a snapshot is about to be taken; the vCPUs are
     /// paused). Most devices have nothing in flight between events.
     fn quiesce(&mut self) {}
+    /// The device's whole state, for a snapshot ([`Self::quiesce`] first); `None` for a device
+    /// that cannot be saved (a snapshot of its VM is then refused).
+    fn save_state(&self) -> Option<DeviceSnapshot> {
+        None
+    }
 
     /// virtio device type.
     fn device_type(&self) -> u32 {
@@ -639,6 +676,11 @@ pub trait VirtioDevice: Send {
     /// The NEEDS_RESET flag, which the transport shows in its status register.
     fn needs_reset_flag(&self) -> Arc<AtomicBool> {
         self.common().needs_reset.clone()
+    }
+    /// The flag that freezes the device once its VM's state has gone elsewhere (set by the VMM
+    /// without the device's lock, while it holds that lock for the save).
+    fn frozen_flag(&self) -> Arc<AtomicBool> {
+        self.common().frozen.clone()
     }
 }
 

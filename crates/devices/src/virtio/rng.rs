@@ -103,6 +103,9 @@ impl VirtioDevice for Rng {
     fn common_mut(&mut self) -> &mut VirtioCommon {
         &mut self.common
     }
+    fn save_state(&self) -> Option<crate::virtio::DeviceSnapshot> {
+        Some(crate::virtio::DeviceSnapshot::Rng(self.save()))
+    }
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }

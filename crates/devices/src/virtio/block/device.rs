@@ -398,6 +398,9 @@ impl VirtioDevice for Block {
     fn quiesce(&mut self) {
         self.settle();
     }
+    fn save_state(&self) -> Option<crate::virtio::DeviceSnapshot> {
+        Some(crate::virtio::DeviceSnapshot::Block(self.save()))
+    }
 }
 
 impl Drop for Block {

@@ -248,6 +248,9 @@ impl VirtioDevice for Net {
     fn common_mut(&mut self) -> &mut VirtioCommon {
         &mut self.common
     }
+    fn save_state(&self) -> Option<crate::virtio::DeviceSnapshot> {
+        Some(crate::virtio::DeviceSnapshot::Net(self.save()))
+    }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(self.config.as_slice(), offset, data);
     }

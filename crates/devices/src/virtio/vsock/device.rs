@@ -673,6 +673,9 @@ impl VirtioDevice for Vsock {
     fn common_mut(&mut self) -> &mut VirtioCommon {
         &mut self.common
     }
+    fn save_state(&self) -> Option<crate::virtio::DeviceSnapshot> {
+        Some(crate::virtio::DeviceSnapshot::Vsock(self.save()))
+    }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
     }
