@@ -155,8 +155,16 @@ pub struct VmArgs {
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Kernel: an ELF vmlinux (PVH or 64-bit entry) or a bzImage.
+    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
+    /// Restore the VM saved in this snapshot directory instead of booting a kernel (the VM
+    /// flags come from the snapshot; the console, stdin, control and timeout flags apply).
+    #[arg(long, value_name = "DIR", conflicts_with = "kernel")]
+    pub restore: Option<PathBuf>,
+    /// Serve a control socket here: JSON lines such as {"op":"pause"} or
+    /// {"op":"snapshot","dir":"DIR","then":"stop"} (docs/operators-guide.md).
     #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    pub control: Option<PathBuf>,
     /// VM flags.
     #[command(flatten)]
     pub vm: VmArgs,

@@ -4,9 +4,12 @@ use std::time::Duration;
 
 use super::watch::PatternWatch;
 use super::{RunArgs, RunStatus, VmArgs};
-use bexar_vmm::config::{ConfigError, ConsoleConfig, DEFAULT_CMDLINE};
+use bexar_vmm::config::{ConfigError, ConsoleConfig, ControlConfig, DEFAULT_CMDLINE};
 use bexar_vmm::cpuid::CpuTemplate;
-use bexar_vmm::{build_for_boot, ExitReason, VmConfig, VmOutcome, VmmError};
+use bexar_vmm::{
+    build_for_boot, build_from_snapshot, ExitReason, RestoreConfig, VmConfig, VmOutcome, Vmm,
+    VmmError,
+};
 
 /// The flag a refused field of a [`VmConfig`] came from.
 fn flag_of(e: &ConfigError) -> &'static str {
@@ -105,31 +108,84 @@ pub fn status_for_error(e: &VmmError) -> RunStatus {
     }
 }
 
-/// Builds and runs the VM; watches its console for `expect`, if given.
-fn run(plan: Plan, expect: Option<&str>) -> Result<VmOutcome, VmmError> {
-    let vmm = build_for_boot(&plan.config)?;
+/// How `bexar run` gets its VM.
+enum Source<'a> {
+    /// Boots a kernel.
+    Boot(&'a VmConfig),
+    /// Restores a snapshot directory.
+    Restore(&'a std::path::Path, RestoreConfig),
+}
+
+/// Builds (or restores) and runs the VM; watches its console for `expect`, if given.
+fn run(
+    source: Source<'_>,
+    timeout: Option<Duration>,
+    expect: Option<&str>,
+) -> Result<VmOutcome, VmmError> {
+    let vmm: Vmm = match source {
+        Source::Boot(config) => build_for_boot(config)?,
+        Source::Restore(dir, restore) => build_from_snapshot(dir, &restore)?,
+    };
     let matched = expect.map(|pattern| {
         let (watch, matched) = PatternWatch::new(pattern, vmm.exit_handle(), vmm.start_time());
         vmm.observe_console(Box::new(watch));
         matched
     });
-    let mut outcome = vmm.run_until_exit(plan.timeout)?;
+    let mut outcome = vmm.run_until_exit(timeout)?;
     outcome.pattern_ms = matched.and_then(|m| m.at()).map(|d| d.as_secs_f64() * 1e3);
     Ok(outcome)
 }
 
+/// The control section for `--control PATH` (`bexar run` has no agent to prove itself to).
+fn control_of(path: Option<&std::path::Path>) -> Option<ControlConfig> {
+    path.map(|p| ControlConfig {
+        socket: p.to_owned(),
+        id: "run".into(),
+        token: "run".into(),
+    })
+}
+
 /// Runs `bexar run`.
 pub fn main(args: &RunArgs) -> RunStatus {
-    let mut plan = match plan(&args.kernel, &args.vm, 0, 1) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("bexar run: {e}");
-            return RunStatus::BadInput;
-        }
+    let control = control_of(args.control.as_deref());
+    let ran = if let Some(dir) = &args.restore {
+        let timeout = match args.vm.timeout {
+            Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+            Some(t) => {
+                eprintln!("bexar run: --timeout: {t} is not a positive number of seconds");
+                return RunStatus::BadInput;
+            }
+            None => None,
+        };
+        let restore = RestoreConfig {
+            console: args.console.clone(),
+            stdin: !args.no_stdin,
+            control,
+        };
+        run(
+            Source::Restore(dir, restore),
+            timeout,
+            args.expect.as_deref(),
+        )
+    } else {
+        let kernel = args.kernel.clone().unwrap_or_default();
+        let mut plan = match plan(&kernel, &args.vm, 0, 1) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("bexar run: {e}");
+                return RunStatus::BadInput;
+            }
+        };
+        plan.config.console = args.console.clone();
+        plan.config.stdin = !args.no_stdin;
+        plan.config.control = control;
+        run(
+            Source::Boot(&plan.config),
+            plan.timeout,
+            args.expect.as_deref(),
+        )
     };
-    plan.config.console = args.console.clone();
-    plan.config.stdin = !args.no_stdin;
-    match run(plan, args.expect.as_deref()) {
+    match ran {
         Ok(outcome) => {
             let status = status_for(&outcome.reason);
             if status == RunStatus::Clean {

@@ -1,9 +1,11 @@
 //! The boot recipe: a [`Vmm`] from a [`VmConfig`], top to bottom. Each step is a named
 //! function; the order matters where a comment says why.
 //!
-//! (Restoring from a snapshot will be a second recipe here, reusing the same steps with saved
-//! state in place of the kernel's entry.)
+//! Two recipes: [`build_for_boot`] loads a kernel; [`build_from_snapshot`] maps a snapshot's
+//! memory file and puts the saved vCPU, VM-wide and device state back. Both use the same steps
+//! for the VM, the devices, the event loops and the vCPU threads.
 
+use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -12,18 +14,19 @@ use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::boot::{self, BootEntry};
-use crate::config::VmConfig;
+use crate::config::{ControlConfig, VmConfig};
 use crate::control::ControlServer;
 use crate::cpuid;
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::layout::KVM_TSS_ADDR;
 use crate::memory::{self, create_guest_memory, GuestRam};
 use crate::platform::{adjust_cmdline, Platform};
+use crate::snapshot::{self, SnapshotError};
 use crate::vcpu::{self, VcpuContext, VcpuError, VcpuHandle};
 use crate::vmm::{main_loop, VirtioLoop, Vmm, VmmState};
 use crate::{ExitHandle, VmmError};
 use bexar_devices::block::DiskConfig;
-use bexar_devices::serial::{ConsoleSetup, ConsoleStats};
+use bexar_devices::serial::{ConsoleConfig, ConsoleSetup, ConsoleStats};
 use bexar_devices::virtio::block::Block;
 use bexar_devices::virtio::net::Net;
 use bexar_devices::virtio::rng::Rng;
@@ -52,7 +55,7 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vmm, VmmError> {
         err,
     })?;
     let console = ConsoleStats::new(start);
-    let mut devices = attach_devices(&vm, &ram, config, &exit, &console)?;
+    let devices = attach_devices(&vm, &ram, config, &exit, &console)?;
     // The platform description: the MP table, SMBIOS, and where the virtio devices are.
     let described = devices
         .describe(&ram.mem, config.vcpus, &config.smbios)
@@ -64,6 +67,125 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vmm, VmmError> {
     tracing::debug!(?entry, "kernel loaded");
     phase("kernel loaded");
 
+    let parts = Parts {
+        kvm,
+        vm,
+        ram,
+        devices,
+        exit,
+        console,
+        platform,
+        start,
+    };
+    let vmm = assemble(parts, config.clone(), entry, true, cmdline)?;
+    phase("vCPUs created");
+    Ok(vmm)
+}
+
+/// What a restored VM takes from its new process rather than from the snapshot.
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    /// Where its console goes.
+    pub console: ConsoleConfig,
+    /// Whether stdin feeds the console.
+    pub stdin: bool,
+    /// Its control socket.
+    pub control: Option<ControlConfig>,
+}
+
+/// Builds a VM from snapshot directory `dir` ([`crate::snapshot`]): guest memory is the memory
+/// file mapped privately (nothing is read until the guest touches a page), every device is
+/// built again on its reopened backend at the slot it had, and the vCPUs and the VM-wide state
+/// are loaded. The VM is returned paused; [`Vmm::run_until_exit`] resumes it where it was.
+/// Nothing is half-restored: an error leaves no VM (and the snapshot files unchanged).
+pub fn build_from_snapshot(dir: &Path, restore: &RestoreConfig) -> Result<Vmm, VmmError> {
+    let start = Instant::now();
+    let saved = snapshot::read_state(dir)?;
+    let config = VmConfig {
+        console: restore.console.clone(),
+        stdin: restore.stdin,
+        control: restore.control.clone(),
+        ..saved.config.clone()
+    };
+    config.validate_restored()?;
+    if saved.vcpus.len() != usize::from(config.vcpus) {
+        return Err(VmmError::Restore(format!(
+            "{} vCPU states for a VM of {} vCPUs",
+            saved.vcpus.len(),
+            config.vcpus
+        )));
+    }
+    if saved.memory.size != config.memory_mib << 20 {
+        return Err(VmmError::Restore(format!(
+            "{} bytes of memory saved for a VM of {} MiB",
+            saved.memory.size, config.memory_mib
+        )));
+    }
+    let path = snapshot::memory_path(dir);
+    let file = std::fs::File::open(&path).map_err(|err| SnapshotError::Io { path, err })?;
+    let ram = memory::map_ram_file(file, config.memory_mib)?;
+    let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
+    let vm = create_vm(&kvm, &ram, config.legacy_pit)?;
+    let exit = ExitHandle::new().map_err(|err| VmmError::Start {
+        what: "exit eventfd",
+        err,
+    })?;
+    let console = ConsoleStats::new(start);
+    let devices = restore_devices(&vm, &ram, &config, &exit, &console, &saved.devices)?;
+    let parts = Parts {
+        kvm,
+        vm,
+        ram,
+        devices,
+        exit,
+        console,
+        platform: Platform::detect(),
+        start,
+    };
+    let mut vmm = assemble(parts, config, saved.entry, false, saved.cmdline)?;
+    vmm.state = VmmState::Paused;
+    vmm.restore_vm_state(&saved.vm)?;
+    vmm.restore_vcpus(saved.vcpus)?;
+    vmm.devices.notify_restored();
+    tracing::debug!(
+        "restored from {} in {:.3} ms",
+        dir.display(),
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(vmm)
+}
+
+/// What both recipes make before the vCPUs: the VM, its memory, its devices.
+struct Parts {
+    kvm: Kvm,
+    vm: VmFd,
+    ram: GuestRam,
+    devices: DeviceManager,
+    exit: ExitHandle,
+    console: Arc<ConsoleStats>,
+    platform: Platform,
+    start: Instant,
+}
+
+/// The control socket, the event loops and the vCPU threads around `parts`: the boot vCPU set
+/// at `entry` if `at_entry`, else every vCPU waits for its saved state.
+fn assemble(
+    parts: Parts,
+    config: VmConfig,
+    entry: BootEntry,
+    at_entry: bool,
+    cmdline: String,
+) -> Result<Vmm, VmmError> {
+    let Parts {
+        kvm,
+        vm,
+        ram,
+        mut devices,
+        exit,
+        console,
+        platform,
+        start,
+    } = parts;
     let control = match &config.control {
         Some(c) => Some(Arc::new(Mutex::new(
             ControlServer::bind(&c.socket).map_err(|err| VmmError::Control {
@@ -78,19 +200,25 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vmm, VmmError> {
     // parked, and their channels close), the virtio loop's would not.
     let completed = Arc::new(AtomicU64::new(0));
     let vcpus = create_vcpus(
-        &kvm, &vm, &ram, config, platform, &entry, &exit, &completed, &devices,
+        &kvm,
+        &vm,
+        &ram,
+        &config,
+        platform,
+        at_entry.then_some(&entry),
+        &exit,
+        &completed,
+        &devices,
     )?;
-    phase("vCPUs created");
     let virtio_loop = if devices.has_virtio() {
         Some(VirtioLoop::spawn(devices.take_virtio_subscribers(), &exit)?)
     } else {
         // No devices, no loop: a thread to start and to join costs ~0.1 ms here.
         None
     };
-
     Ok(Vmm {
         kvm,
-        config: config.clone(),
+        config,
         platform,
         start,
         entry,
@@ -162,17 +290,7 @@ fn attach_devices(
     exit: &ExitHandle,
     console: &Arc<ConsoleStats>,
 ) -> Result<DeviceManager, VmmError> {
-    let mut dm = DeviceManager::new();
-    dm.attach_serial(
-        vm,
-        ConsoleSetup {
-            config: &config.console,
-            stdin: config.stdin,
-            stats: console.clone(),
-        },
-    )?;
-    dm.attach_i8042(vm, exit)?;
-    dm.attach_exit_port(exit)?;
+    let mut dm = attach_legacy(vm, config, exit, console)?;
     let mem = &ram.mem;
     for disk in &config.disks {
         dm.attach_virtio(vm, mem, open_block(disk)?)?;
@@ -185,6 +303,45 @@ fn attach_devices(
     }
     if let Some(v) = &config.vsock {
         dm.attach_virtio(vm, mem, Vsock::new(v).map_err(DeviceError::from)?)?;
+    }
+    Ok(dm)
+}
+
+/// COM1, the i8042 and the exit port: the same for a boot and a restore.
+fn attach_legacy(
+    vm: &VmFd,
+    config: &VmConfig,
+    exit: &ExitHandle,
+    console: &Arc<ConsoleStats>,
+) -> Result<DeviceManager, VmmError> {
+    let mut dm = DeviceManager::new();
+    dm.attach_serial(
+        vm,
+        ConsoleSetup {
+            config: &config.console,
+            stdin: config.stdin,
+            stats: console.clone(),
+        },
+    )?;
+    dm.attach_i8042(vm, exit)?;
+    dm.attach_exit_port(exit)?;
+    Ok(dm)
+}
+
+/// The devices of a snapshot: the legacy ones as at boot with their saved state, then every
+/// virtio device built again from its state, in slot order.
+fn restore_devices(
+    vm: &VmFd,
+    ram: &GuestRam,
+    config: &VmConfig,
+    exit: &ExitHandle,
+    console: &Arc<ConsoleStats>,
+    saved: &crate::device_manager::DevicesState,
+) -> Result<DeviceManager, VmmError> {
+    let mut dm = attach_legacy(vm, config, exit, console)?;
+    dm.restore_legacy(saved)?;
+    for slot in &saved.virtio {
+        dm.restore_virtio(vm, &ram.mem, slot)?;
     }
     Ok(dm)
 }
@@ -206,7 +363,7 @@ fn create_vcpus(
     ram: &GuestRam,
     config: &VmConfig,
     platform: Platform,
-    entry: &BootEntry,
+    entry: Option<&BootEntry>,
     exit: &ExitHandle,
     completed: &Arc<AtomicU64>,
     devices: &DeviceManager,
@@ -239,7 +396,7 @@ fn create_vcpus(
             &ram.mem,
             &cpuid,
             config.cpu_template.msrs(),
-            (id == 0).then_some(entry),
+            entry.filter(|_| id == 0),
         )?;
         let ctx = VcpuContext {
             id,

@@ -181,6 +181,15 @@ impl VmConfig {
     /// Checks every bound and that the files exist; the first problem found is returned,
     /// naming its field.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check(true)
+    }
+
+    /// [`Self::validate`] for a VM restored from a snapshot, which reads no kernel or initrd.
+    pub fn validate_restored(&self) -> Result<(), ConfigError> {
+        self.check(false)
+    }
+
+    fn check(&self, boot: bool) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::new(
                 "vcpus",
@@ -202,9 +211,11 @@ impl VmConfig {
                 format!("must be at most {MAX_CMDLINE} printable ASCII characters (space to '~')"),
             ));
         }
-        check_file("kernel", &self.kernel)?;
-        if let Some(p) = &self.initrd {
-            check_file("initrd", p)?;
+        if boot {
+            check_file("kernel", &self.kernel)?;
+            if let Some(p) = &self.initrd {
+                check_file("initrd", p)?;
+            }
         }
         let devices = self.disks.len()
             + self.nics.len()

@@ -39,6 +39,14 @@ pub enum Request {
     Shutdown,
     /// End the VM now.
     Stop,
+    /// Save the VM into a snapshot directory, then resume, pause or stop it.
+    Snapshot {
+        /// The snapshot directory (made if missing).
+        dir: std::path::PathBuf,
+        /// What then.
+        #[serde(default)]
+        then: crate::snapshot::AfterSnapshot,
+    },
 }
 
 /// Whether the guest runs.
@@ -83,6 +91,9 @@ pub struct Reply {
     /// The answer to `info`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info: Option<Info>,
+    /// The answer to `snapshot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<crate::snapshot::SnapshotReport>,
     /// Why the request failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -94,6 +105,7 @@ impl Reply {
         Self {
             ok: true,
             info: None,
+            snapshot: None,
             error: None,
         }
     }
@@ -106,11 +118,20 @@ impl Reply {
         }
     }
 
+    /// The answer to `snapshot`.
+    pub fn snapshot(report: crate::snapshot::SnapshotReport) -> Self {
+        Self {
+            snapshot: Some(report),
+            ..Self::ok()
+        }
+    }
+
     /// Refused or failed.
     pub fn error(e: impl Into<String>) -> Self {
         Self {
             ok: false,
             info: None,
+            snapshot: None,
             error: Some(e.into()),
         }
     }

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::{IoEventAddress, VmFd};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::smbios::SmbiosIdentity;
@@ -18,12 +19,18 @@ use crate::resources::{ResourceAllocator, ResourceError, MMIO_WINDOW};
 use crate::{ExitHandle, ExitReason, ExitTrigger};
 use bexar_devices::bus::{Bus, BusDevice, BusError};
 use bexar_devices::legacy::{
-    ExitPort, EXIT_PORT, EXIT_PORT_LEN, I8042, I8042_BASE, I8042_KBD_IRQ, I8042_LEN,
+    ExitPort, I8042State, EXIT_PORT, EXIT_PORT_LEN, I8042, I8042_BASE, I8042_KBD_IRQ, I8042_LEN,
 };
 use bexar_devices::memory::GuestMemoryMmap;
-use bexar_devices::serial::{self, ConsoleInput, ConsoleSetup, SerialDevice, Uart};
-use bexar_devices::virtio::transport::mmio::{MmioInterrupt, MmioTransport, QUEUE_NOTIFY};
-use bexar_devices::virtio::{Counters, DeviceReport, VirtioDevice};
+use bexar_devices::serial::{self, ConsoleInput, ConsoleSetup, SerialDevice, Uart, UartState};
+use bexar_devices::virtio::block::Block;
+use bexar_devices::virtio::net::Net;
+use bexar_devices::virtio::rng::Rng;
+use bexar_devices::virtio::transport::mmio::{
+    MmioInterrupt, MmioState, MmioTransport, QUEUE_NOTIFY,
+};
+use bexar_devices::virtio::vsock::Vsock;
+use bexar_devices::virtio::{Counters, DeviceReport, DeviceSnapshot, PersistError, VirtioDevice};
 use bexar_devices::IrqTrigger;
 use bexar_util::sync::lock;
 
@@ -63,6 +70,20 @@ pub enum DeviceError {
     /// The platform description cannot be written into guest memory.
     #[error("cannot write the platform description: {0}")]
     Describe(#[from] crate::boot::BootError),
+    /// A device cannot be saved for a snapshot.
+    #[error("device {0} cannot be saved in a snapshot")]
+    Unsaveable(String),
+    /// A saved device state cannot be brought back.
+    #[error("device {id}: {err}")]
+    Persist {
+        /// The device.
+        id: String,
+        /// Why.
+        err: PersistError,
+    },
+    /// The saved devices do not fit the VM being restored.
+    #[error("the saved devices do not fit: {0}")]
+    Layout(String),
 }
 
 impl DeviceError {
@@ -70,7 +91,13 @@ impl DeviceError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            Self::Console(_) | Self::Block(_) | Self::Net(_) | Self::Vsock(_) | Self::Resource(_)
+            Self::Console(_)
+                | Self::Block(_)
+                | Self::Net(_)
+                | Self::Vsock(_)
+                | Self::Resource(_)
+                | Self::Persist { .. }
+                | Self::Layout(_)
         )
     }
 }
@@ -93,8 +120,37 @@ struct VirtioEntry {
     info: DeviceInfo,
     kind: &'static str,
     counters: Arc<Counters>,
-    #[allow(dead_code)] // kept for snapshots, which save through the transport
+    frozen: Arc<std::sync::atomic::AtomicBool>,
     transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// Every device's state, for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicesState {
+    /// COM1: registers, receive FIFO, interrupt state.
+    pub uart: Option<UartState>,
+    /// Console input read from its source that waited for FIFO room.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub console_pending: Vec<u8>,
+    /// The i8042.
+    pub i8042: Option<I8042State>,
+    /// The virtio devices in slot order.
+    pub virtio: Vec<VirtioSlotState>,
+}
+
+/// One virtio device as saved: where it sat, its transport's registers and its own state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioSlotState {
+    /// Its id (`block0`...).
+    pub id: String,
+    /// Base of its MMIO window.
+    pub mmio_base: u64,
+    /// Its interrupt line.
+    pub gsi: u32,
+    /// The virtio-mmio registers.
+    pub transport: MmioState,
+    /// The device.
+    pub device: DeviceSnapshot,
 }
 
 /// The i8042 as the VMM builds it.
@@ -245,6 +301,7 @@ impl DeviceManager {
                 .map_err(|e| DeviceError::Kvm("KVM_IOEVENTFD", e))?;
         }
         let counters = dev.counters().clone();
+        let frozen = dev.frozen_flag();
         let dev = Arc::new(Mutex::new(dev));
         let transport = Arc::new(Mutex::new(MmioTransport::new(
             dev.clone(),
@@ -265,6 +322,7 @@ impl DeviceManager {
             info,
             kind,
             counters,
+            frozen,
             transport,
         });
         Ok(id)
@@ -344,6 +402,133 @@ impl DeviceManager {
     /// The buses, shared with the vCPU threads: no device can be added afterwards.
     pub fn freeze(&self) -> (Arc<Bus>, Arc<Bus>) {
         (self.pio.clone(), self.mmio.clone())
+    }
+
+    /// Quiesces every device and holds them all still while `then` runs with their state: the
+    /// virtio event loop waits for the devices' locks, so neither a device nor its backend
+    /// writes guest memory or answers a queue meanwhile (the vCPUs must be paused). In-flight
+    /// disk requests are completed first, so the saved rings hold none.
+    pub fn save_with<T>(&self, then: impl FnOnce(DevicesState) -> T) -> Result<T, DeviceError> {
+        let devs: Vec<_> = self
+            .virtio
+            .iter()
+            .map(|v| lock(&v.transport).device().clone())
+            .collect();
+        // Transport before device: the order a vCPU's register access takes them in.
+        let transports: Vec<_> = self.virtio.iter().map(|v| lock(&v.transport)).collect();
+        let mut held: Vec<_> = devs.iter().map(|d| lock(d)).collect();
+        let mut virtio = Vec::with_capacity(held.len());
+        for ((v, t), d) in self.virtio.iter().zip(&transports).zip(held.iter_mut()) {
+            d.quiesce();
+            let device = d
+                .save_state()
+                .ok_or_else(|| DeviceError::Unsaveable(v.info.id.clone()))?;
+            virtio.push(VirtioSlotState {
+                id: v.info.id.clone(),
+                mmio_base: v.info.mmio.map_or(0, |(base, _)| base),
+                gsi: v.info.gsi.unwrap_or(0),
+                transport: t.save(),
+                device,
+            });
+        }
+        let state = DevicesState {
+            uart: self.uart.as_ref().map(|u| SerialDevice(u.clone()).state()),
+            console_pending: self
+                .console_input
+                .as_ref()
+                .map(|c| lock(c).pending_bytes())
+                .unwrap_or_default(),
+            i8042: self.keyboard.as_ref().map(|k| lock(k).state()),
+            virtio,
+        };
+        Ok(then(state))
+    }
+
+    /// Freezes (`true`) or thaws every virtio device: a frozen device touches neither guest
+    /// memory nor its backend, so a VM whose state went to a snapshot to go on elsewhere does
+    /// nothing twice (a frame the guest queued is sent by the restored VM only). Takes no
+    /// device lock: it is called inside [`Self::save_with`]. Thawing notifies every queue, for
+    /// notifications that arrived while frozen.
+    pub fn set_frozen(&self, frozen: bool) {
+        for v in &self.virtio {
+            v.frozen.store(frozen, std::sync::atomic::Ordering::Release);
+        }
+        if !frozen {
+            self.notify_restored();
+        }
+    }
+
+    /// Puts the legacy devices' saved state back (they are attached as at boot first).
+    pub fn restore_legacy(&self, state: &DevicesState) -> Result<(), DeviceError> {
+        if let (Some(u), Some(s)) = (&self.uart, &state.uart) {
+            SerialDevice(u.clone()).restore(s)?;
+        }
+        if let (Some(k), Some(s)) = (&self.keyboard, &state.i8042) {
+            lock(k)
+                .restore(s)
+                .map_err(|e| DeviceError::Layout(e.to_string()))?;
+        }
+        if let Some(c) = &self.console_input {
+            lock(c).push_pending(&state.console_pending);
+        }
+        Ok(())
+    }
+
+    /// Builds a saved virtio device again (its backend reopened), attaches it where it sat, and
+    /// restores its transport (which activates it again if the driver had). Refused if it would
+    /// not land at the same id, window and GSI: the guest's drivers know it there.
+    pub fn restore_virtio(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        slot: &VirtioSlotState,
+    ) -> Result<(), DeviceError> {
+        let persist = |err| DeviceError::Persist {
+            id: slot.id.clone(),
+            err,
+        };
+        let id = match &slot.device {
+            DeviceSnapshot::Block(s) => {
+                self.attach_virtio(vm, mem, Block::restore(s).map_err(persist)?)
+            }
+            DeviceSnapshot::Net(s) => {
+                self.attach_virtio(vm, mem, Net::restore(s).map_err(persist)?)
+            }
+            DeviceSnapshot::Rng(s) => {
+                self.attach_virtio(vm, mem, Rng::restore(s).map_err(persist)?)
+            }
+            DeviceSnapshot::Vsock(s) => {
+                self.attach_virtio(vm, mem, Vsock::restore(s).map_err(persist)?)
+            }
+        }?;
+        let Some(entry) = self.virtio.last() else {
+            return Err(DeviceError::Layout(format!("{} was not attached", slot.id)));
+        };
+        let at = (entry.info.mmio.map(|(b, _)| b), entry.info.gsi);
+        if id != slot.id || at != (Some(slot.mmio_base), Some(slot.gsi)) {
+            return Err(DeviceError::Layout(format!(
+                "{} at {:#x} GSI {} was saved; it came back as {id} at {:?}",
+                slot.id, slot.mmio_base, slot.gsi, at
+            )));
+        }
+        lock(&entry.transport)
+            .restore(&slot.transport)
+            .map_err(persist)
+    }
+
+    /// Notifies every active virtio device once on each queue, as the guest would: a restored
+    /// device looks at the rings the guest filled before the snapshot (frames to send, buffers
+    /// to receive into), which the guest will not announce again.
+    pub fn notify_restored(&self) {
+        for v in &self.virtio {
+            let dev = lock(&v.transport).device().clone();
+            let d = lock(&dev);
+            if d.common().is_active() {
+                for evt in d.queue_events() {
+                    let _ = evt.write(1);
+                }
+            }
+        }
     }
 
     /// Accesses to addresses no device claims, on both buses.

@@ -24,6 +24,7 @@ pub mod layout;
 pub mod memory;
 pub mod platform;
 pub mod resources;
+pub mod snapshot;
 pub mod teardown;
 pub mod threads;
 pub mod vcpu;
@@ -37,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use builder::build_for_boot;
+pub use builder::{build_for_boot, build_from_snapshot, RestoreConfig};
 pub use config::{VmConfig, DEFAULT_CMDLINE};
 pub use vmm::{Vmm, VmmState};
 
@@ -90,6 +91,12 @@ pub enum VmmError {
     /// An operation needs the VM in another state.
     #[error("the VM is {0}")]
     State(&'static str),
+    /// Snapshot files cannot be read or written.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    /// A snapshot does not fit what it is restored into.
+    #[error("the snapshot cannot be restored: {0}")]
+    Restore(String),
 }
 
 impl VmmError {
@@ -97,7 +104,8 @@ impl VmmError {
     /// or the host (status 4).
     pub fn is_bad_input(&self) -> bool {
         match self {
-            Self::Config(_) | Self::Boot(_) => true,
+            Self::Config(_) | Self::Boot(_) | Self::Restore(_) => true,
+            Self::Snapshot(e) => !matches!(e, snapshot::SnapshotError::Encode(_)),
             Self::Memory(e) => e.is_bad_input(),
             Self::Device(e) => e.is_bad_input(),
             _ => false,

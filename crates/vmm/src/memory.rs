@@ -59,7 +59,7 @@ pub enum MemoryError {
 impl MemoryError {
     /// Whether the caller asked for something impossible (rather than the host running out).
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, Self::BadSize(_))
+        matches!(self, Self::BadSize(_) | Self::FileSize { .. })
     }
 }
 
@@ -83,6 +83,9 @@ pub struct GuestRam {
     pub file: File,
     /// Total RAM in bytes.
     pub size: u64,
+    /// Whether `file` is mapped privately (a restored snapshot's memory file: the guest's
+    /// writes are private copies the file does not have).
+    pub private: bool,
 }
 
 /// Creates `size_mib` MiB of guest RAM backed by a fresh memfd.
@@ -103,7 +106,12 @@ pub fn create_guest_memory(size_mib: u64) -> Result<GuestRam, MemoryError> {
     file.set_len(size)
         .map_err(|err| MemoryError::Truncate { size, err })?;
     let mem = map_ram(&file, size, libc::MAP_SHARED)?;
-    Ok(GuestRam { mem, file, size })
+    Ok(GuestRam {
+        mem,
+        file,
+        size,
+        private: false,
+    })
 }
 
 /// Maps `size` bytes of guest RAM from `file` (guest-address order, the MMIO gap removed) with
@@ -134,21 +142,76 @@ fn map_ram(file: &File, size: u64, flags: libc::c_int) -> Result<GuestMemoryMmap
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Regions(e.to_string()))
 }
 
-/// Copies guest RAM into `out` as a sparse file of the same size: only the ranges of the memfd
-/// that hold pages (`SEEK_DATA`; pages the guest never touched are holes in it) are written, so
-/// the file takes the space of the pages the guest touched, and reading a hole gives the zeros
-/// the guest would have read. The VM must be paused. Returns the bytes written.
+/// Bytes per page: the unit the memory file is saved in.
+const PAGE: u64 = 4096;
+
+/// Copies guest RAM into `out` as a sparse file of the same size, holding only the pages the
+/// guest may have written: the ranges of the backing file that hold data (`SEEK_DATA`: on the
+/// VM's memfd, every page the guest touched; on a restored VM's memory file, what the earlier
+/// snapshot held) and, for a restored VM, the pages it has written since ([`private_pages`]).
+/// Pages are read through the mapping, so they are what the guest sees; all-zero pages are
+/// left as holes.
+/// The VM must be paused. The file is not synced (the caller does, once the VM runs again).
+/// Returns the bytes written.
 pub fn save_ram(ram: &GuestRam, out: &File) -> std::io::Result<u64> {
-    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
     out.set_len(ram.size)?;
-    let fd = ram.file.as_raw_fd();
+    let mut wanted = data_pages(&ram.file, ram.size)?;
+    let in_file = wanted.iter().filter(|&&w| w).count();
     let mut buf = vec![0u8; 1 << 20];
-    let (mut pos, mut written) = (0u64, 0u64);
-    while pos < ram.size {
-        // SAFETY: lseek on a descriptor `ram` owns; it moves only that descriptor's offset,
-        // which nothing else uses (guest RAM is read through the mapping, and below by
-        // positioned reads).
+    let mut written = 0u64;
+    let mut file_off = 0u64;
+    for region in ram.mem.iter() {
+        let len = region.len();
+        let first = (file_off / PAGE) as usize;
+        if ram.private {
+            private_pages(region, &mut wanted[first..first + (len / PAGE) as usize])?;
+        }
+        let mut page = 0u64;
+        while page < len / PAGE {
+            if !wanted[first + page as usize] {
+                page += 1;
+                continue;
+            }
+            // A run of wanted pages, at most one buffer long.
+            let start = page;
+            while page < len / PAGE
+                && wanted[first + page as usize]
+                && (page - start + 1) * PAGE <= buf.len() as u64
+            {
+                page += 1;
+            }
+            let n = ((page - start) * PAGE) as usize;
+            region
+                .read_slice(&mut buf[..n], MemoryRegionAddress(start * PAGE))
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            for (i, chunk) in buf[..n].chunks(PAGE as usize).enumerate() {
+                if chunk.iter().any(|&b| b != 0) {
+                    out.write_all_at(chunk, file_off + (start + i as u64) * PAGE)?;
+                    written += PAGE;
+                }
+            }
+        }
+        file_off += len;
+    }
+    tracing::debug!(
+        "memory: {in_file} pages with data in the file, {} wanted, {} written",
+        wanted.iter().filter(|&&w| w).count(),
+        written / PAGE
+    );
+    Ok(written)
+}
+
+/// One flag per page of `file` (`size` bytes): whether the file holds data there.
+fn data_pages(file: &File, size: u64) -> std::io::Result<Vec<bool>> {
+    use std::os::fd::AsRawFd;
+    let mut pages = vec![false; (size / PAGE) as usize];
+    let fd = file.as_raw_fd();
+    let mut pos = 0u64;
+    while pos < size {
+        // SAFETY: lseek on a descriptor `file` owns; it moves only that descriptor's offset,
+        // which nothing else uses (guest RAM is read through the mapping).
         let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
         if data < 0 {
             let err = std::io::Error::last_os_error();
@@ -162,18 +225,40 @@ pub fn save_ram(ram: &GuestRam, out: &File) -> std::io::Result<u64> {
         if hole < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let (mut at, end) = (data as u64, (hole as u64).min(ram.size));
-        while at < end {
-            let n = ((end - at) as usize).min(buf.len());
-            ram.file.read_exact_at(&mut buf[..n], at)?;
-            out.write_all_at(&buf[..n], at)?;
-            at += n as u64;
-            written += n as u64;
+        let end = (hole as u64).min(size);
+        for p in &mut pages[(data as u64 / PAGE) as usize..end.div_ceil(PAGE) as usize] {
+            *p = true;
         }
         pos = end;
     }
-    out.sync_data()?;
-    Ok(written)
+    Ok(pages)
+}
+
+/// Sets the flag of every page of `region` that is a private copy in this process's mapping
+/// (present or swapped, and not a page of the file: `/proc/self/pagemap` bits 63, 62, 61), the
+/// pages a restored guest wrote since its memory file was mapped. A page the guest only read
+/// is the file's own page: data the file holds, or a hole's zeros.
+fn private_pages(region: &GuestRegionMmap, pages: &mut [bool]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{GuestMemoryRegion, MemoryRegionAddress};
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE: u64 = 1 << 61;
+    let host = region
+        .get_host_address(MemoryRegionAddress(0))
+        .map_err(|e| std::io::Error::other(e.to_string()))? as u64;
+    let pagemap = File::open("/proc/self/pagemap")?;
+    let mut entries = vec![0u8; 8 * 4096];
+    for (chunk_no, chunk) in pages.chunks_mut(4096).enumerate() {
+        let bytes = &mut entries[..chunk.len() * 8];
+        let first = host / PAGE + (chunk_no * 4096) as u64;
+        pagemap.read_exact_at(bytes, first * 8)?;
+        for (p, e) in chunk.iter_mut().zip(bytes.chunks_exact(8)) {
+            let e = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            *p |= e & (PRESENT | SWAPPED) != 0 && e & FILE == 0;
+        }
+    }
+    Ok(())
 }
 
 /// Guest RAM for a restore: `file` (a memory file [`save_ram`] wrote, of exactly `size_mib`
@@ -189,7 +274,12 @@ pub fn map_ram_file(file: File, size_mib: u64) -> Result<GuestRam, MemoryError> 
         return Err(MemoryError::FileSize { len, size });
     }
     let mem = map_ram(&file, size, libc::MAP_PRIVATE)?;
-    Ok(GuestRam { mem, file, size })
+    Ok(GuestRam {
+        mem,
+        file,
+        size,
+        private: true,
+    })
 }
 
 /// Registers every region of `ram` with `vm` as a KVM memory slot.

@@ -21,8 +21,9 @@ use crate::boot::BootEntry;
 use crate::config::VmConfig;
 use crate::control::{ControlServer, Info, Reply, Request, RunState};
 use crate::device_manager::DeviceManager;
-use crate::memory::{memory_use, GuestRam};
+use crate::memory::{memory_use, save_ram, GuestRam};
 use crate::platform::Platform;
+use crate::snapshot::{self, AfterSnapshot, MemoryInfo, SnapshotError, SnapshotReport};
 use crate::teardown::Reaper;
 use crate::threads::{self, ThreadKind};
 use crate::vcpu::{SaveSpec, VcpuHandle, VcpuRequest, VcpuResponse, VcpuState, XsaveSize};
@@ -109,6 +110,13 @@ impl VirtioLoop {
         let _ = self.waker.write(1);
         let _ = self.thread.join();
     }
+}
+
+/// A snapshot read from a paused VM, not yet durable.
+struct Captured {
+    memory_tmp: std::path::PathBuf,
+    memory_file: std::fs::File,
+    state: snapshot::SnapshotState,
 }
 
 /// One VM.
@@ -320,6 +328,150 @@ impl Vmm {
             .collect()
     }
 
+    /// Saves the VM into snapshot directory `dir` ([`crate::snapshot`]), then resumes it, keeps
+    /// it paused or ends it as `then` says. The vCPUs are paused only while the state is read
+    /// and guest memory copied into the page cache; making the files durable (fsync, rename)
+    /// happens after a resumed VM runs again. A VM to be stopped is stopped only once its
+    /// snapshot is durable. If the save fails the VM goes on as it was (running if it ran) and
+    /// the error is returned.
+    pub fn snapshot(
+        &mut self,
+        dir: &std::path::Path,
+        then: AfterSnapshot,
+    ) -> Result<SnapshotReport, VmmError> {
+        if self.state == VmmState::Created {
+            return Err(VmmError::State("not started"));
+        }
+        let t0 = Instant::now();
+        let was_running = self.state == VmmState::Running;
+        self.pause()?;
+        tracing::debug!(
+            "snapshot: paused in {:.2} ms",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+        let stop = then == AfterSnapshot::Stop;
+        let captured = self.capture(dir, stop);
+        let paused_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let resume = match &captured {
+            Err(_) => was_running,
+            Ok(_) => then == AfterSnapshot::Resume,
+        };
+        if resume {
+            self.resume()?;
+        }
+        let mut report = captured.and_then(|c| self.make_durable(dir, c));
+        if stop {
+            match &report {
+                Ok(_) => self.exit.request(ExitReason::Stopped),
+                Err(_) => {
+                    self.devices.set_frozen(false);
+                    if was_running {
+                        self.resume()?;
+                    }
+                }
+            }
+        }
+        if let Ok(r) = &mut report {
+            r.paused_ms = paused_ms;
+            tracing::info!(
+                dir = %dir.display(),
+                "snapshot written: {} bytes of state, {} of {} bytes of memory, paused {:.1} ms, \
+                 {:.1} ms in all",
+                r.state_bytes,
+                r.memory_saved_bytes,
+                r.memory_bytes,
+                r.paused_ms,
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        report
+    }
+
+    /// Reads the paused VM's state and copies its memory into a temporary file in `dir`;
+    /// with `freeze`, the devices do nothing more once saved (the VM goes on elsewhere).
+    fn capture(&self, dir: &std::path::Path, freeze: bool) -> Result<Captured, VmmError> {
+        let io = |path: &std::path::Path| {
+            let path = path.to_owned();
+            move |err| SnapshotError::Io { path, err }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let memory_tmp =
+            snapshot::memory_path(dir).with_extension(format!("tmp.{}", std::process::id()));
+        // Devices first, held still while the rest is read: completing a disk request raises
+        // an interrupt, which must be in the interrupt controllers and LAPICs saved after it.
+        let t0 = Instant::now();
+        let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+        let captured = self.devices.save_with(|devices| {
+            tracing::debug!("snapshot: devices saved in {:.2} ms", ms(t0));
+            let vm = self.save_vm_state()?;
+            let vcpus = self.save_vcpus()?;
+            tracing::debug!("snapshot: vCPUs saved at {:.2} ms", ms(t0));
+            let file = std::fs::File::create(&memory_tmp).map_err(io(&memory_tmp))?;
+            let saved = save_ram(&self.ram, &file).map_err(io(&memory_tmp))?;
+            tracing::debug!("snapshot: memory copied at {:.2} ms", ms(t0));
+            if freeze {
+                self.devices.set_frozen(true);
+            }
+            Ok::<_, VmmError>(Captured {
+                memory_tmp: memory_tmp.clone(),
+                memory_file: file,
+                state: snapshot::SnapshotState {
+                    config: self.config.clone(),
+                    entry: self.entry,
+                    cmdline: self.cmdline.clone(),
+                    memory: MemoryInfo {
+                        size: self.ram.size,
+                        saved,
+                    },
+                    vm,
+                    vcpus,
+                    devices,
+                },
+            })
+        });
+        let captured = captured.map_err(VmmError::from).and_then(|c| c);
+        if captured.is_err() {
+            let _ = std::fs::remove_file(&memory_tmp);
+        }
+        captured
+    }
+
+    /// Makes a captured snapshot the one in `dir`: no state file while the memory file is
+    /// replaced (a crash leaves no snapshot rather than this memory under an earlier state),
+    /// the memory file synced and renamed into place, then the state file written atomically.
+    fn make_durable(&self, dir: &std::path::Path, c: Captured) -> Result<SnapshotReport, VmmError> {
+        let io = |path: &std::path::Path| {
+            let path = path.to_owned();
+            move |err| SnapshotError::Io { path, err }
+        };
+        let done = (|| {
+            c.memory_file.sync_data().map_err(io(&c.memory_tmp))?;
+            let state = snapshot::state_path(dir);
+            match std::fs::remove_file(&state) {
+                Ok(()) => bexar_util::fs::sync_dir(dir)
+                    .map_err(|e| io(dir)(std::io::Error::other(e.to_string())))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&state)(e).into()),
+            }
+            let memory = snapshot::memory_path(dir);
+            std::fs::rename(&c.memory_tmp, &memory).map_err(io(&memory))?;
+            Ok::<_, VmmError>(snapshot::write_state(dir, &c.state)?)
+        })();
+        let state_bytes = match done {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = std::fs::remove_file(&c.memory_tmp);
+                return Err(e);
+            }
+        };
+        Ok(SnapshotReport {
+            state_bytes,
+            memory_bytes: c.state.memory.size,
+            memory_saved_bytes: c.state.memory.saved,
+            paused_ms: 0.0,
+        })
+    }
+
     /// Asks the guest to shut down (Ctrl+Alt+Del on the i8042), running it first if it was
     /// paused. False if the keyboard controller's buffer had no room.
     pub fn shutdown(&mut self) -> Result<bool, VmmError> {
@@ -388,6 +540,10 @@ impl Vmm {
                 self.exit.request(ExitReason::Stopped);
                 Reply::ok()
             }
+            Request::Snapshot { dir, then } => match self.snapshot(dir, *then) {
+                Ok(r) => Reply::snapshot(r),
+                Err(e) => Reply::error(e.to_string()),
+            },
         }
     }
 
@@ -424,7 +580,8 @@ impl Vmm {
     /// Runs the VM until the guest ends, a control request stops it, or `timeout` (counted
     /// from the VMM's start) passes; then stops every thread and reports.
     pub fn run_until_exit(mut self, timeout: Option<Duration>) -> Result<VmOutcome, VmmError> {
-        if self.state == VmmState::Created {
+        // A built VM (or a restored one, which comes paused) starts running here.
+        if self.state != VmmState::Running {
             self.resume()?;
         }
         let deadline = timeout.map(|t| self.start + t);

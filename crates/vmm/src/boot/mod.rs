@@ -102,7 +102,7 @@ pub enum BootError {
 }
 
 /// Kernel image formats we boot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KernelFormat {
     /// An ELF vmlinux (or any ELF following the Linux boot protocol).
     Elf,
@@ -111,7 +111,7 @@ pub enum KernelFormat {
 }
 
 /// How the loaded guest is entered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BootEntry {
     /// Entry protocol.
     pub mode: EntryMode,

@@ -25,7 +25,7 @@ pub const BOOT_DS: u16 = 0x18;
 pub const BOOT_TSS: u16 = 0x20;
 
 /// Which entry the guest is started through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum EntryMode {
     /// 64-bit Linux boot protocol: long mode, paging on, RSI = boot_params.
     Linux64,
