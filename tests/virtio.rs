@@ -192,41 +192,6 @@ fn a_hostile_driver_is_refused_and_counted_and_the_vmm_survives() {
     std::fs::remove_file(result).ok();
 }
 
-/// A network namespace holding a TAP at 10.0.2.1/24; removed when dropped.
-struct TapNetns {
-    name: String,
-}
-
-impl TapNetns {
-    fn new(tag: &str) -> Self {
-        let name = format!("bexar-{tag}-{}", std::process::id());
-        let ip = |args: &[&str]| {
-            let ok = std::process::Command::new("ip")
-                .args(args)
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "ip {args:?}");
-        };
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n", &name, "tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr",
-        ]);
-        ip(&["-n", &name, "addr", "add", "10.0.2.1/24", "dev", "tap0"]);
-        ip(&["-n", &name, "link", "set", "tap0", "up"]);
-        Self { name }
-    }
-}
-
-impl Drop for TapNetns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
 #[test]
 fn frames_cross_a_tap_both_ways() {
     let ns = TapNetns::new("net");

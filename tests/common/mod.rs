@@ -282,3 +282,49 @@ pub fn seeded_rng(what: &str) -> (u64, impl FnMut(u64) -> u64) {
     };
     (seed, next)
 }
+
+/// A network namespace holding a TAP at 10.0.2.1/24; removed when dropped.
+pub struct TapNetns {
+    /// The namespace.
+    pub name: String,
+}
+
+impl TapNetns {
+    /// Makes it (`tag` names it, with this process id).
+    pub fn new(tag: &str) -> Self {
+        let name = format!("bexar-{tag}-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let ok = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "ip {args:?}");
+        };
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n", &name, "tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr",
+        ]);
+        ip(&["-n", &name, "addr", "add", "10.0.2.1/24", "dev", "tap0"]);
+        ip(&["-n", &name, "link", "set", "tap0", "up"]);
+        Self { name }
+    }
+}
+
+/// Moves the calling thread into network namespace `name` (for a thread that serves a TAP in
+/// it).
+pub fn enter_netns(name: &str) {
+    let f = std::fs::File::open(format!("/var/run/netns/{name}")).unwrap();
+    // SAFETY: setns on a descriptor we hold open; it changes only this thread's namespace.
+    let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+impl Drop for TapNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}

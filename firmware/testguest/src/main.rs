@@ -16,6 +16,7 @@ mod idle;
 mod imds;
 mod net;
 mod nettests;
+mod snaptest;
 mod vtests;
 
 rt::entry!(main);
@@ -109,6 +110,7 @@ const TESTS: &[(&str, Test)] = &[
     ("net-blast", vtests::test_net_blast),
     ("vsock", vtests::test_vsock),
     ("smbios", test_smbios),
+    ("snapshot", snaptest::test_snapshot),
 ];
 
 fn main(bp: BootParams) -> ! {

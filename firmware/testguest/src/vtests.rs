@@ -26,7 +26,7 @@ use rt::virtio::{device_id, Error};
 // ---------------------------------------------------------------- helpers
 
 /// A decimal or 0x-hex command-line number, `default` if absent.
-fn param(bp: &BootParams, key: &str, default: u64) -> Result<u64, (u32, &'static str)> {
+pub(crate) fn param(bp: &BootParams, key: &str, default: u64) -> Result<u64, (u32, &'static str)> {
     match cmdline_param(bp.cmdline(), key) {
         None => Ok(default),
         Some(v) => {
@@ -60,7 +60,7 @@ pub(crate) fn err_code(e: Error) -> u32 {
 }
 
 /// Print `what: <error>` and turn it into a test failure.
-fn fail(what: &'static str, e: Error) -> (u32, &'static str) {
+pub(crate) fn fail(what: &'static str, e: Error) -> (u32, &'static str) {
     println!("{P}: {what}: {e}");
     (err_code(e), what)
 }
@@ -97,7 +97,7 @@ impl core::fmt::Display for Hex<'_> {
     }
 }
 
-fn alloc(len: usize) -> Result<&'static mut [u8], (u32, &'static str)> {
+pub(crate) fn alloc(len: usize) -> Result<&'static mut [u8], (u32, &'static str)> {
     dma::alloc_bytes(len, 4096).ok_or_else(|| {
         println!("{P}: out of DMA memory ({len} bytes wanted, {} free)", dma::available());
         (code::VIRTIO_NO_MEMORY, "out of DMA memory")
@@ -123,7 +123,7 @@ fn find_disk(bp: &BootParams) -> Result<Transport, (u32, &'static str)> {
     })
 }
 
-fn open_disk(bp: &BootParams) -> Result<Blk, (u32, &'static str)> {
+pub(crate) fn open_disk(bp: &BootParams) -> Result<Blk, (u32, &'static str)> {
     let t = find_disk(bp)?;
     let d = Blk::open(t).map_err(|e| fail("blk: device init failed", e))?;
     let c = &d.config;
@@ -170,7 +170,7 @@ fn pattern_word(seed: u64, sector: u64, w: usize) -> u64 {
     splitmix64(splitmix64(seed) ^ (sector << 6) ^ w as u64)
 }
 
-fn fill_pattern(buf: &mut [u8], seed: u64, first: u64) {
+pub(crate) fn fill_pattern(buf: &mut [u8], seed: u64, first: u64) {
     for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
         let sector = first + (i / 64) as u64;
         chunk.copy_from_slice(&pattern_word(seed, sector, i % 64).to_le_bytes());
@@ -178,7 +178,7 @@ fn fill_pattern(buf: &mut [u8], seed: u64, first: u64) {
 }
 
 /// Byte offset of the first difference from the pattern, if any.
-fn check_pattern(buf: &[u8], seed: u64, first: u64) -> Option<usize> {
+pub(crate) fn check_pattern(buf: &[u8], seed: u64, first: u64) -> Option<usize> {
     for (i, chunk) in buf.chunks_exact(8).enumerate() {
         let sector = first + (i / 64) as u64;
         let want = pattern_word(seed, sector, i % 64).to_le_bytes();
@@ -1055,7 +1055,7 @@ pub fn test_blk_bench(bp: &BootParams) -> TestResult {
 // ---------------------------------------------------------------- net-blast
 
 /// `bexar.dst-mac=aa:bb:cc:dd:ee:ff`, broadcast if absent.
-fn parse_mac(bp: &BootParams, key: &str) -> Result<[u8; 6], (u32, &'static str)> {
+pub(crate) fn parse_mac(bp: &BootParams, key: &str) -> Result<[u8; 6], (u32, &'static str)> {
     let Some(v) = cmdline_param(bp.cmdline(), key) else {
         return Ok([0xff; 6]);
     };

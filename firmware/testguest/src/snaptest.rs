@@ -1,0 +1,157 @@
+//! `snapshot`: a guest that keeps changing every kind of state a VMM must carry through a
+//! snapshot and restore, and checks after each step that nothing was lost or repeated.
+//!
+//! The boot CPU sleeps between ticks of its local APIC timer (periodic, `bexar.tick-ms`,
+//! default 10 ms). On each tick it takes one step `n`:
+//!
+//! * the step counter in memory goes to `n`;
+//! * every AP's spin counter must have moved since the last step (the APs run);
+//! * disk sector `(n - 1) % S` must still hold step `n - 1`'s pattern, then sector `n % S` gets
+//!   step `n`'s pattern and is read back (S = `bexar.sectors`, default 256);
+//! * a frame carrying `n` goes out on the first NIC to `bexar.dst-mac` (EtherType 0x88b6);
+//!   frames that came in (the host echoes them) must carry strictly increasing step numbers no
+//!   larger than `n`;
+//! * every 10 steps, console input is drained: it must be `a`, `b`, ... `z`, `a`... with no byte
+//!   lost or repeated; `Q` asks the guest to finish;
+//! * `bexar-testguest: snap: step n ...` goes to the console.
+//!
+//! On `Q` it checks the last S sectors once more and passes. The host checks that the step
+//! lines and the frames it received count up by one with no gap or repeat across every
+//! restore.
+use crate::net::wire::Mac;
+use crate::vtests::{alloc, check_pattern, fail, fill_pattern, open_disk, param, parse_mac};
+use crate::{code, TestResult, P};
+use core::sync::atomic::{AtomicU64, Ordering};
+use rt::bootparams::BootParams;
+use rt::mptable::MpTable;
+use rt::virtio::blk::SECTOR_SIZE;
+use rt::virtio::{device_id, mmio};
+use rt::{irq, println, smp, uart, MAX_CPUS};
+
+const ETH_SNAP: [u8; 2] = [0x88, 0xb6];
+/// The IRQ line whose vector the LAPIC timer uses (no IOAPIC pin routed to it).
+const TIMER_LINE: u8 = 23;
+/// Steps between two drains of the console input, so that input waits in the UART's FIFO
+/// (and behind it, in the VMM) most of the time: a snapshot carries it there.
+const INPUT_EVERY: u64 = 10;
+
+static AP_SPINS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+fn ap_spin(index: usize) {
+    loop {
+        if let Some(c) = AP_SPINS.get(index) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        core::hint::spin_loop();
+    }
+}
+
+fn frame_step(f: &[u8]) -> Option<u64> {
+    if f.len() < 14 + 18 || f[12..14] != ETH_SNAP || &f[14..24] != b"bexar-snap" {
+        return None;
+    }
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&f[24..32]);
+    Some(u64::from_le_bytes(b))
+}
+
+pub fn test_snapshot(bp: &BootParams) -> TestResult {
+    let tick_ms = param(bp, "bexar.tick-ms", 10)?.clamp(1, 1000);
+    let sectors = param(bp, "bexar.sectors", 256)?;
+    let dst = parse_mac(bp, "bexar.dst-mac")?;
+
+    let aps = match MpTable::find() {
+        Ok(mp) => smp::start_aps(&mp, ap_spin).unwrap_or(0),
+        Err(_) => 0,
+    };
+    let mut d = open_disk(bp)?;
+    let sectors = sectors.min(d.capacity()).max(1);
+    let buf = alloc(SECTOR_SIZE)?;
+    let t = mmio::find(device_id::NET, 0).ok_or((code::VIRTIO_NO_DEVICE, "no network device"))?;
+    let mut n = rt::virtio::net::Net::open(t, 64).map_err(|e| fail("snap: net init failed", e))?;
+
+    irq::lapic_enable();
+    irq::lapic_timer_periodic(TIMER_LINE, (tick_ms * 62_500) as u32);
+    println!("{P}: snap: ready: {aps} APs, {sectors} sectors, mac {} -> {}, tick {tick_ms} ms", Mac(n.mac), Mac(dst));
+
+    let mut frame = [0u8; 64];
+    frame[0..6].copy_from_slice(&dst);
+    frame[6..12].copy_from_slice(&n.mac);
+    frame[12..14].copy_from_slice(&ETH_SNAP);
+    frame[14..24].copy_from_slice(b"bexar-snap");
+
+    let mut last_spins = [0u64; MAX_CPUS];
+    let (mut step, mut input, mut echoes, mut last_echo) = (0u64, 0u64, 0u64, 0u64);
+    let mut quit = false;
+    while !quit {
+        if irq::wait() & (1 << TIMER_LINE) == 0 {
+            continue;
+        }
+        step += 1;
+        for (i, last) in last_spins.iter_mut().enumerate().take(aps + 1).skip(1) {
+            let now = AP_SPINS[i].load(Ordering::Relaxed);
+            if now == *last {
+                println!("{P}: snap: step {step}: AP {i} did not move ({now} spins)");
+                return Err((code::FAIL_TEST, "an AP stopped"));
+            }
+            *last = now;
+        }
+        if step > 1 {
+            let prev = step - 1;
+            d.read(prev % sectors, buf).map_err(|e| fail("snap: read failed", e))?;
+            if check_pattern(buf, prev, prev % sectors).is_some() {
+                println!("{P}: snap: step {step}: sector {} lost step {prev}'s write", prev % sectors);
+                return Err((code::VERIFY, "a disk write was lost"));
+            }
+        }
+        fill_pattern(buf, step, step % sectors);
+        d.write(step % sectors, buf).map_err(|e| fail("snap: write failed", e))?;
+        buf.fill(0);
+        d.read(step % sectors, buf).map_err(|e| fail("snap: read failed", e))?;
+        if check_pattern(buf, step, step % sectors).is_some() {
+            return Err((code::VERIFY, "a disk write did not read back"));
+        }
+        frame[24..32].copy_from_slice(&step.to_le_bytes());
+        n.send(&frame).map_err(|e| fail("snap: send failed", e))?;
+        let mut bad = None;
+        n.recv_batch(|f| match frame_step(f) {
+            Some(s) if s > last_echo && s <= step => {
+                last_echo = s;
+                echoes += 1;
+            }
+            Some(s) => bad = Some(s),
+            None => {}
+        })
+        .map_err(|e| fail("snap: receive failed", e))?;
+        if let Some(s) = bad {
+            println!("{P}: snap: step {step}: echo of step {s} after step {last_echo}'s");
+            return Err((code::FAIL_TEST, "a frame came in twice or out of order"));
+        }
+        if step % INPUT_EVERY == 0 {
+            while let Some(b) = uart::try_getb() {
+                if b == b'Q' {
+                    quit = true;
+                    continue;
+                }
+                let want = b'a' + (input % 26) as u8;
+                if b != want {
+                    println!("{P}: snap: console input byte {input} is {b:#x}, not {want:#x}");
+                    return Err((code::FAIL_TEST, "console input lost or repeated"));
+                }
+                input += 1;
+            }
+        }
+        let spins = AP_SPINS.get(1).map_or(0, |c| c.load(Ordering::Relaxed));
+        println!("{P}: snap: step {step} input {input} echoes {echoes} ap {spins}");
+    }
+    irq::lapic_timer_stop();
+    for s in step.saturating_sub(sectors - 1).max(1)..=step {
+        d.read(s % sectors, buf).map_err(|e| fail("snap: read failed", e))?;
+        if check_pattern(buf, s, s % sectors).is_some() {
+            println!("{P}: snap: sector {} does not hold step {s}'s write", s % sectors);
+            return Err((code::VERIFY, "a disk write was lost"));
+        }
+    }
+    println!("{P}: snap: done: {step} steps, {input} input bytes, {echoes} echoes");
+    Ok(())
+}
