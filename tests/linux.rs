@@ -1,8 +1,9 @@
-//! A real Linux kernel (guest-images/linux) on real KVM: the client nobody here wrote. Two boots
+//! A real Linux kernel (guest-images/linux) on real KVM: the client nobody here wrote. Few boots
 //! per run, because on a PVM host each takes tens of seconds (PLATFORM.md, docs/platform.md):
-//! the ELF vmlinux through its PVH entry under `bexar boot-test` (uncompressed initramfs), and
-//! the bzImage through the 64-bit Linux boot protocol on two vCPUs under `bexar run` (gzip
-//! initramfs), to its orderly end.
+//! the ELF vmlinux through its PVH entry under `bexar boot-test` (uncompressed initramfs); the
+//! bzImage through the 64-bit Linux boot protocol on two vCPUs under `bexar run` (gzip
+//! initramfs), snapshotted mid-boot and restored in a new process that takes it to its orderly
+//! end; and the virtio witness.
 
 mod common;
 
@@ -57,11 +58,17 @@ fn vmlinux_reaches_init_under_boot_test() {
     std::fs::remove_dir_all(logs).ok();
 }
 
+/// The bzImage on two vCPUs, snapshotted in the middle of its boot (once both CPUs are up)
+/// and restored in a new process, which must carry the kernel on to init and its orderly end:
+/// the kernel is the witness of every vCPU, interrupt controller, timer and device state.
 #[test]
-fn bzimage_on_two_vcpus_boots_and_ends_cleanly() {
+fn bzimage_on_two_vcpus_snapshotted_mid_boot_continues_in_a_new_process() {
     let img = linux_image();
-    let log = tmp("bzimage.log");
-    let o = bexar()
+    let before = tmp("bzimage-before.log");
+    let after = tmp("bzimage-after.log");
+    let socket = tmp("bzimage.sock");
+    let dir = tmp("bzimage-snapshot");
+    let mut first = bexar()
         .arg("run")
         .arg("--kernel")
         .arg(img.join("bzImage"))
@@ -76,16 +83,42 @@ fn bzimage_on_two_vcpus_boots_and_ends_cleanly() {
             "600",
             "--no-stdin",
         ])
+        .arg("--control")
+        .arg(&socket)
         .arg("--console")
-        .arg(format!("file:{}", log.display()))
+        .arg(format!("file:{}", before.display()))
+        .spawn()
+        .unwrap();
+    const MID_BOOT: &str = "smp: Brought up 1 node, 2 CPUs";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    while !std::fs::read_to_string(&before)
+        .unwrap_or_default()
+        .contains(MID_BOOT)
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", read(&before));
+        assert!(first.try_wait().unwrap().is_none(), "{}", read(&before));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let reply = vmm_control(
+        &socket,
+        &serde_json::json!({"op": "snapshot", "dir": dir, "then": "stop"}),
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert!(first.wait().unwrap().success());
+    let early = read(&before);
+    assert!(!early.contains(INIT), "the snapshot came too late: {early}");
+
+    let o = bexar()
+        .arg("run")
+        .arg("--restore")
+        .arg(&dir)
+        .args(["--timeout", "600", "--no-stdin"])
+        .arg("--console")
+        .arg(format!("file:{}", after.display()))
         .output()
         .unwrap();
-    let console = read(&log);
+    let console = read(&after);
     let (_, err) = text(&o);
-    assert!(
-        console.contains("smp: Brought up 1 node, 2 CPUs"),
-        "{console}"
-    );
     assert!(console.contains(INIT), "{console}");
     if is_pvm() {
         // User space cannot make system calls here: init dies, the kernel panics and, with
@@ -96,7 +129,9 @@ fn bzimage_on_two_vcpus_boots_and_ends_cleanly() {
     }
     assert_exit(&o, 0);
     assert!(err.contains("guest reset"), "{err}");
-    std::fs::remove_file(log).ok();
+    std::fs::remove_file(before).ok();
+    std::fs::remove_file(after).ok();
+    std::fs::remove_dir_all(dir).ok();
 }
 
 /// Builds a small ext4 root file system with no init on it, so the kernel's own end is the

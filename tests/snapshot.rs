@@ -5,37 +5,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Sends one control request and returns the reply.
-fn control(socket: &Path, req: &serde_json::Value) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut s = loop {
-        match UnixStream::connect(socket) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("connect {}: {e}", socket.display()),
-        }
-    };
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut line = serde_json::to_vec(req).unwrap();
-    line.push(b'\n');
-    s.write_all(&line).unwrap();
-    let mut reply = String::new();
-    BufReader::new(&s).read_line(&mut reply).unwrap();
-    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{e}: {reply:?}"))
-}
 
 /// Bytes written into a pipe that its reader has not taken yet.
 fn unread(stdin: &ChildStdin) -> i32 {
@@ -246,7 +223,7 @@ fn a_running_guest_snapshotted_at_random_moments_carries_on_in_new_processes() {
         feed(vm.child.stdin.as_mut().unwrap(), &input_bytes(sent, n));
         sent += n;
         std::thread::sleep(Duration::from_millis(30 + rand(250)));
-        let reply = control(
+        let reply = vmm_control(
             &socket,
             &serde_json::json!({"op": "snapshot", "dir": dir, "then": "stop"}),
         );
@@ -319,13 +296,15 @@ fn a_running_guest_snapshotted_at_random_moments_carries_on_in_new_processes() {
     std::fs::remove_file(&disk).ok();
 }
 
-/// Runs `bexar run --restore DIR` for half a second; its exit status and stderr.
-fn restore(dir: &Path) -> (i32, String) {
+/// Runs `bexar run --restore DIR` (with `extra` flags) for half a second; its exit status and
+/// stderr.
+fn restore(dir: &Path, extra: &[&str]) -> (i32, String) {
     let o = bexar()
         .arg("run")
         .arg("--restore")
         .arg(dir)
         .args(["--timeout", "0.5", "--no-stdin", "--console", "none"])
+        .args(extra)
         .output()
         .unwrap();
     (o.status.code().unwrap_or(-1), text(&o).1)
@@ -360,7 +339,7 @@ fn damaged_snapshots_are_refused_with_a_clear_error() {
             .arg(format!("bexar.test=hang{}", guest_platform_params()));
         c
     });
-    let reply = control(
+    let reply = vmm_control(
         &socket,
         &serde_json::json!({"op": "snapshot", "dir": dir, "then": "stop"}),
     );
@@ -368,8 +347,25 @@ fn damaged_snapshots_are_refused_with_a_clear_error() {
     let report = &reply["snapshot"];
     assert_eq!(report["memory_bytes"], 32 << 20);
     assert!(vm.wait(10).0.success());
-    // The pristine snapshot restores (and runs until the timeout: status 5).
-    assert_eq!(restore(&dir).0, 5, "{}", restore(&dir).1);
+    // The pristine snapshot restores (and runs until the timeout: status 5)...
+    let (code, err) = restore(&dir, &[]);
+    assert_eq!(code, 5, "{err}");
+    // ...and so does a clone of it on a copy of its disk; another number of disks than it was
+    // saved with is refused, naming the flag's field.
+    let copy = disk.with_extension("copy");
+    std::fs::copy(&disk, &copy).unwrap();
+    let (code, err) = restore(&dir, &["--disk", copy.to_str().unwrap()]);
+    assert_eq!(code, 5, "{err}");
+    let two = [
+        "--disk",
+        copy.to_str().unwrap(),
+        "--disk",
+        copy.to_str().unwrap(),
+    ];
+    let (code, err) = restore(&dir, &two);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("disks: 2 given; the snapshot has 1"), "{err}");
+    std::fs::remove_file(&copy).ok();
 
     let state = std::fs::read(dir.join("vm.state")).unwrap();
     let header_end = state.iter().position(|&b| b == b'\n').unwrap();
@@ -377,7 +373,7 @@ fn damaged_snapshots_are_refused_with_a_clear_error() {
         let bad = tmp(&format!("snapbad-{}", what.replace(' ', "-")));
         copy_dir(&dir, &bad);
         damage(&bad);
-        let (code, err) = restore(&bad);
+        let (code, err) = restore(&bad, &[]);
         assert_eq!(code, 2, "{what}: {err}");
         assert!(err.contains(expect), "{what}: {err:?} lacks {expect:?}");
         std::fs::remove_dir_all(&bad).ok();

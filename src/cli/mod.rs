@@ -157,8 +157,9 @@ pub struct RunArgs {
     /// Kernel: an ELF vmlinux (PVH or 64-bit entry) or a bzImage.
     #[arg(long, value_name = "PATH", required_unless_present = "restore")]
     pub kernel: Option<PathBuf>,
-    /// Restore the VM saved in this snapshot directory instead of booting a kernel (the VM
-    /// flags come from the snapshot; the console, stdin, control and timeout flags apply).
+    /// Restore the VM saved in this snapshot directory instead of booting a kernel. The VM
+    /// comes as saved; the console, stdin, control and timeout flags apply, and --disk, --net
+    /// and --vsock, if given, replace the saved backends of their kind (one per saved device).
     #[arg(long, value_name = "DIR", conflicts_with = "kernel")]
     pub restore: Option<PathBuf>,
     /// Serve a control socket here: JSON lines such as {"op":"pause"} or

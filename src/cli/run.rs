@@ -113,7 +113,7 @@ enum Source<'a> {
     /// Boots a kernel.
     Boot(&'a VmConfig),
     /// Restores a snapshot directory.
-    Restore(&'a std::path::Path, RestoreConfig),
+    Restore(&'a std::path::Path, Box<RestoreConfig>),
 }
 
 /// Builds (or restores) and runs the VM; watches its console for `expect`, if given.
@@ -157,13 +157,19 @@ pub fn main(args: &RunArgs) -> RunStatus {
             }
             None => None,
         };
+        let v = &args.vm;
         let restore = RestoreConfig {
-            console: args.console.clone(),
             stdin: !args.no_stdin,
             control,
+            backends: Some(bexar_vmm::builder::Backends {
+                disks: (!v.disk.is_empty()).then(|| v.disk.clone()),
+                nics: (!v.net.is_empty()).then(|| v.net.clone()),
+                vsock: v.vsock.clone(),
+            }),
+            ..RestoreConfig::new(args.console.clone())
         };
         run(
-            Source::Restore(dir, restore),
+            Source::Restore(dir, Box::new(restore)),
             timeout,
             args.expect.as_deref(),
         )

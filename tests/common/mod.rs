@@ -328,3 +328,26 @@ impl Drop for TapNetns {
             .status();
     }
 }
+
+/// Sends one request on a VMM's control socket (waiting up to 10 s for it to appear) and
+/// returns the reply.
+pub fn vmm_control(socket: &Path, req: &serde_json::Value) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(s) => break s,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => panic!("connect {}: {e}", socket.display()),
+        }
+    };
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut line = serde_json::to_vec(req).unwrap();
+    line.push(b'\n');
+    s.write_all(&line).unwrap();
+    let mut reply = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&s), &mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{e}: {reply:?}"))
+}

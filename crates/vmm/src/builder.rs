@@ -91,6 +91,88 @@ pub struct RestoreConfig {
     pub stdin: bool,
     /// Its control socket.
     pub control: Option<ControlConfig>,
+    /// Backends in place of the saved ones, for a clone or a VM brought to another host:
+    /// `None` keeps what the snapshot names. Given, each list must have one entry per saved
+    /// device of its kind, in slot order.
+    pub backends: Option<Backends>,
+}
+
+impl RestoreConfig {
+    /// A restore with the saved backends, its console on `console`.
+    pub fn new(console: ConsoleConfig) -> Self {
+        Self {
+            console,
+            stdin: false,
+            control: None,
+            backends: None,
+        }
+    }
+}
+
+/// The host-side ends of a restored VM's devices, each kind `None` to keep the saved ones:
+/// disk files, TAPs with the MAC each NIC shows, the vsock device's CID and socket. A guest
+/// that already read a MAC keeps using it until its driver probes again; the vsock CID it reads
+/// again when told its connections are gone, which a restored vsock device does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Backends {
+    /// One per saved disk, in slot order.
+    pub disks: Option<Vec<DiskConfig>>,
+    /// One per saved NIC, in slot order.
+    pub nics: Option<Vec<bexar_devices::virtio::net::NicConfig>>,
+    /// For the saved vsock device.
+    pub vsock: Option<bexar_devices::virtio::vsock::VsockConfig>,
+}
+
+/// Puts `backends` in place of the saved ones, in the saved devices and in the configuration.
+fn rebind(saved: &mut snapshot::SnapshotState, backends: &Backends) -> Result<(), VmmError> {
+    use bexar_devices::virtio::DeviceSnapshot;
+    let mismatch = |what: &str, given: usize, had: usize| {
+        VmmError::Config(crate::config::ConfigError::new(
+            what,
+            format!("{given} given; the snapshot has {had}"),
+        ))
+    };
+    let config = &mut saved.config;
+    if let Some(d) = &backends.disks {
+        if d.len() != config.disks.len() {
+            return Err(mismatch("disks", d.len(), config.disks.len()));
+        }
+        config.disks = d.clone();
+    }
+    if let Some(n) = &backends.nics {
+        if n.len() != config.nics.len() {
+            return Err(mismatch("nics", n.len(), config.nics.len()));
+        }
+        config.nics = n.clone();
+    }
+    if let Some(v) = &backends.vsock {
+        if config.vsock.is_none() {
+            return Err(mismatch("vsock", 1, 0));
+        }
+        config.vsock = Some(v.clone());
+    }
+    let (mut disks, mut nics) = (config.disks.iter(), config.nics.iter());
+    for slot in &mut saved.devices.virtio {
+        match &mut slot.device {
+            DeviceSnapshot::Block(b) => {
+                if let Some(d) = disks.next() {
+                    b.disk = d.clone();
+                }
+            }
+            DeviceSnapshot::Net(n) => {
+                if let Some(c) = nics.next() {
+                    n.nic = c.clone();
+                }
+            }
+            DeviceSnapshot::Vsock(v) => {
+                if let Some(c) = &config.vsock {
+                    v.config = c.clone();
+                }
+            }
+            DeviceSnapshot::Rng(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Builds a VM from snapshot directory `dir` ([`crate::snapshot`]): guest memory is the memory
@@ -100,7 +182,10 @@ pub struct RestoreConfig {
 /// Nothing is half-restored: an error leaves no VM (and the snapshot files unchanged).
 pub fn build_from_snapshot(dir: &Path, restore: &RestoreConfig) -> Result<Vmm, VmmError> {
     let start = Instant::now();
-    let saved = snapshot::read_state(dir)?;
+    let mut saved = snapshot::read_state(dir)?;
+    if let Some(b) = &restore.backends {
+        rebind(&mut saved, b)?;
+    }
     let config = VmConfig {
         console: restore.console.clone(),
         stdin: restore.stdin,
@@ -235,6 +320,7 @@ fn assemble(
         exit,
         console,
         state: VmmState::Created,
+        running: None,
     })
 }
 

@@ -297,6 +297,10 @@ pub struct VmOutcome {
     pub reason: ExitReason,
     /// Time from VMM start to the end.
     pub elapsed_ms: f64,
+    /// Time from VMM start (the build or restore) to the vCPUs first let run: how long a boot
+    /// or a restore took to reach the guest's first instruction.
+    #[serde(default)]
+    pub running_ms: Option<f64>,
     /// Time from VMM start to the first console byte.
     pub first_console_byte_ms: Option<f64>,
     /// Time from VMM start to the expected pattern (set by the caller that watched for it).

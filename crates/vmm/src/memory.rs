@@ -186,11 +186,22 @@ pub fn save_ram(ram: &GuestRam, out: &File) -> std::io::Result<u64> {
             region
                 .read_slice(&mut buf[..n], MemoryRegionAddress(start * PAGE))
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
-            for (i, chunk) in buf[..n].chunks(PAGE as usize).enumerate() {
-                if chunk.iter().any(|&b| b != 0) {
-                    out.write_all_at(chunk, file_off + (start + i as u64) * PAGE)?;
-                    written += PAGE;
+            // Runs of non-zero pages, one write each.
+            let zero: Vec<bool> = buf[..n]
+                .chunks(PAGE as usize)
+                .map(|c| c.iter().all(|&b| b == 0))
+                .collect();
+            let mut i = 0;
+            while i < zero.len() {
+                let j = (i..zero.len())
+                    .find(|&j| zero[j] != zero[i])
+                    .unwrap_or(zero.len());
+                if !zero[i] {
+                    let (a, b) = (i * PAGE as usize, j * PAGE as usize);
+                    out.write_all_at(&buf[a..b], file_off + start * PAGE + a as u64)?;
+                    written += (b - a) as u64;
                 }
+                i = j;
             }
         }
         file_off += len;

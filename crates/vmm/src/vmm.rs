@@ -140,6 +140,8 @@ pub struct Vmm {
     pub(crate) exit: ExitHandle,
     pub(crate) console: Arc<ConsoleStats>,
     pub(crate) state: VmmState,
+    /// When the vCPUs were first let run.
+    pub(crate) running: Option<Instant>,
 }
 
 impl Vmm {
@@ -219,6 +221,7 @@ impl Vmm {
         for v in self.vcpus.iter().filter(|v| !v.done()) {
             v.send(VcpuRequest::Resume)?;
         }
+        self.running.get_or_insert_with(Instant::now);
         self.state = VmmState::Running;
         Ok(())
     }
@@ -653,6 +656,7 @@ impl Vmm {
         VmOutcome {
             reason,
             elapsed_ms: ms(elapsed),
+            running_ms: self.running.map(|t| ms(t.duration_since(self.start))),
             first_console_byte_ms: self.console.first_byte().map(ms),
             pattern_ms: None,
             console_bytes: self.console.bytes(),

@@ -111,6 +111,7 @@ const TESTS: &[(&str, Test)] = &[
     ("vsock", vtests::test_vsock),
     ("smbios", test_smbios),
     ("snapshot", snaptest::test_snapshot),
+    ("touch", test_touch),
 ];
 
 fn main(bp: BootParams) -> ! {
@@ -348,6 +349,20 @@ fn test_reset(_: &BootParams) -> TestResult {
 
 fn test_hang(_: &BootParams) -> TestResult {
     println!("{P}: hang: spinning forever in ring 3");
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// `touch`: writes a distinct non-zero word into every page of `bexar.touch-mib` MiB (default
+/// 16) of free memory, says so, and spins: a guest whose touched memory a snapshot must hold.
+fn test_touch(bp: &BootParams) -> TestResult {
+    let mib = vtests::param(bp, "bexar.touch-mib", 16)? as usize;
+    let region = vtests::alloc(mib << 20)?;
+    for (i, page) in region.chunks_exact_mut(4096).enumerate() {
+        page[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    }
+    println!("{P}: touch: {} pages written", region.len() / 4096);
     loop {
         core::hint::spin_loop();
     }
