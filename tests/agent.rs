@@ -1467,3 +1467,212 @@ fn random_bodies_never_get_a_server_error() {
         assert!(seen.keys().any(|s| *s == 400), "{seen:?}");
     });
 }
+
+/// The error a 4xx reply names: (code, field).
+fn error_of(v: &Value) -> (String, String) {
+    (
+        v["error"]["code"].as_str().unwrap_or_default().to_owned(),
+        v["error"]["field"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+#[test]
+fn snapshots_through_the_api_and_vms_created_from_them() {
+    let agent = TestAgent::start("snapshots");
+    rt().block_on(async {
+        let c = agent.client();
+        let r = c.post("/v1/vms?start=true", &spec("src")).await.unwrap();
+        expect_status(&r, 201);
+        wait_console(&c, "src", "idle: ready", 30).await;
+
+        // Bad requests: named, nothing made.
+        for (body, status, code, field) in [
+            (json!({"name": "Bad Name"}), 400, "invalid_field", "name"),
+            (
+                json!({"name": "s", "then": "later"}),
+                400,
+                "invalid_field",
+                "then",
+            ),
+            (json!({"then": "stop"}), 400, "invalid_field", "name"),
+            (
+                json!({"name": "s", "extra": 1}),
+                400,
+                "invalid_field",
+                "extra",
+            ),
+        ] {
+            let r = c.post("/v1/vms/src/snapshot", &body).await.unwrap();
+            let v = expect_status(&r, status);
+            assert_eq!(
+                error_of(&v),
+                (code.to_owned(), field.to_owned()),
+                "{body}: {v}"
+            );
+        }
+        let r = c
+            .post("/v1/vms/nope/snapshot", &json!({"name": "s"}))
+            .await
+            .unwrap();
+        expect_status(&r, 404);
+
+        // A snapshot that leaves the VM paused.
+        let r = c
+            .post(
+                "/v1/vms/src/snapshot",
+                &json!({"name": "s1", "then": "pause"}),
+            )
+            .await
+            .unwrap();
+        let snap = expect_status(&r, 201);
+        assert_eq!(snap["memory_bytes"], 32 << 20, "{snap}");
+        let saved = snap["memory_saved_bytes"].as_u64().unwrap();
+        assert!(saved > 0 && saved < 32 << 20, "{snap}");
+        let v = expect_status(&c.get("/v1/vms/src").await.unwrap(), 200);
+        assert_eq!(v["state"], "paused", "{v}");
+        let r = c
+            .post("/v1/vms/src/snapshot", &json!({"name": "s1"}))
+            .await
+            .unwrap();
+        assert_eq!(error_of(&expect_status(&r, 409)).0, "already_exists");
+        let list = expect_status(&c.get("/v1/vms/src/snapshots").await.unwrap(), 200);
+        assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
+        assert_eq!(list["items"][0]["name"], "s1");
+        let events =
+            String::from_utf8_lossy(&c.get("/v1/events?vm=src").await.unwrap().body).into_owned();
+        assert!(events.contains("\"snapshotted\""), "{events}");
+
+        // VMs from it: a spec that is not the snapshot's machine, a snapshot that does not
+        // exist, a restore named two ways: refused, nothing made.
+        let from = |id: &str, restore: Value, memory: u64| {
+            let mut s = spec(id);
+            s["memory_mib"] = json!(memory);
+            s["restore"] = restore;
+            s
+        };
+        for (body, field, needle) in [
+            (
+                from("x1", json!({"vm": "src", "snapshot": "s1"}), 64),
+                "restore.snapshot",
+                "the snapshot has 32 MiB of memory, the spec 64",
+            ),
+            (
+                from("x2", json!({"vm": "src", "snapshot": "s9"}), 32),
+                "restore.snapshot",
+                "has no snapshot",
+            ),
+            (
+                from("x3", json!({"path": "relative"}), 32),
+                "restore.path",
+                "absolute",
+            ),
+            (
+                from(
+                    "x4",
+                    json!({"vm": "src", "snapshot": "s1", "path": "/x"}),
+                    32,
+                ),
+                "restore",
+                "either",
+            ),
+            (
+                from("x5", json!({"path": "/nonexistent"}), 32),
+                "restore.path",
+                "vm.state",
+            ),
+        ] {
+            let r = c.post("/v1/vms", &body).await.unwrap();
+            let v = expect_status(&r, 400);
+            assert_eq!(
+                error_of(&v),
+                ("invalid_field".to_owned(), field.to_owned()),
+                "{v}"
+            );
+            assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{v}");
+            expect_status(
+                &c.get(&format!("/v1/vms/{}", body["id"].as_str().unwrap()))
+                    .await
+                    .unwrap(),
+                404,
+            );
+        }
+
+        // A clone on this host: it does not boot (no ready line), it runs on from the
+        // snapshot, and its guest answers Ctrl-Alt-Del with its orderly end.
+        let r = c
+            .post(
+                "/v1/vms?start=true",
+                &from("clone", json!({"vm": "src", "snapshot": "s1"}), 32),
+            )
+            .await
+            .unwrap();
+        let v = expect_status(&r, 201);
+        assert_eq!(v["state"], "running", "{v}");
+        assert!(v.get("restore_pending").is_none(), "{v}");
+        // The source stays paused and untouched; the snapshot can go (the clone has its own
+        // links to the files).
+        let r = c.delete("/v1/vms/src/snapshots/s1").await.unwrap();
+        expect_status(&r, 204);
+        let r = c.delete("/v1/vms/src/snapshots/s1").await.unwrap();
+        expect_status(&r, 404);
+        let r = c.post("/v1/vms/clone/stop", &Value::Null).await.unwrap();
+        expect_status(&r, 200);
+        let text = console_text(&c, "clone").await;
+        assert!(!text.contains("idle: ready"), "the clone booted: {text}");
+        assert!(text.contains("ctrl-alt-del, shutting down"), "{text}");
+        let v = wait_state(&c, "clone", "stopped").await;
+        assert_eq!(v["state"], "stopped", "{v}");
+        // Its next start boots the kernel.
+        expect_status(
+            &c.post("/v1/vms/clone/start", &Value::Null).await.unwrap(),
+            200,
+        );
+        wait_console(&c, "clone", "idle: ready", 30).await;
+
+        // A snapshot that stops the VM, copied elsewhere and brought back from its path.
+        expect_status(
+            &c.post("/v1/vms/src/resume", &Value::Null).await.unwrap(),
+            200,
+        );
+        let r = c
+            .post(
+                "/v1/vms/src/snapshot",
+                &json!({"name": "last", "then": "stop"}),
+            )
+            .await
+            .unwrap();
+        let snap = expect_status(&r, 201);
+        let v = wait_state(&c, "src", "stopped").await;
+        assert_eq!(v["desired"], "stopped", "{v}");
+        let copy = agent.dir.join("copied-snapshot");
+        std::fs::create_dir_all(&copy).unwrap();
+        for f in ["vm.state", "memory"] {
+            std::fs::copy(
+                Path::new(snap["path"].as_str().unwrap()).join(f),
+                copy.join(f),
+            )
+            .unwrap();
+        }
+        let r = c
+            .post(
+                "/v1/vms?start=true",
+                &from("moved", json!({"path": copy}), 32),
+            )
+            .await
+            .unwrap();
+        assert_eq!(expect_status(&r, 201)["state"], "running");
+        expect_status(
+            &c.post("/v1/vms/moved/stop", &Value::Null).await.unwrap(),
+            200,
+        );
+        assert!(console_text(&c, "moved")
+            .await
+            .contains("ctrl-alt-del, shutting down"));
+        // A stopped VM is not snapshotted.
+        let r = c
+            .post("/v1/vms/src/snapshot", &json!({"name": "late"}))
+            .await
+            .unwrap();
+        assert_eq!(error_of(&expect_status(&r, 409)).0, "illegal_transition");
+    });
+}

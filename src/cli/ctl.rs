@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use bexar_agent::api::client::{Client, ClientError, Reply};
 use bexar_agent::spec::{
-    default_template, BootSpec, DiskSpec, NicSpec, RestartPolicy, VmSpec, VsockSpec,
+    default_template, BootSpec, DiskSpec, NicSpec, RestartPolicy, RestoreSpec, VmSpec, VsockSpec,
 };
 
 /// Options every client command takes.
@@ -79,6 +79,28 @@ pub enum VmCommand {
     Resume {
         /// VM id.
         id: String,
+    },
+    /// Snapshot a running or paused VM into NAME (listed under the VM).
+    Snapshot {
+        /// VM id.
+        id: String,
+        /// Snapshot name.
+        name: String,
+        /// Afterwards: resume, pause or stop.
+        #[arg(long, default_value = "resume")]
+        then: String,
+    },
+    /// List a VM's snapshots.
+    Snapshots {
+        /// VM id.
+        id: String,
+    },
+    /// Delete a VM's snapshot.
+    RmSnapshot {
+        /// VM id.
+        id: String,
+        /// Snapshot name.
+        name: String,
     },
     /// Delete a VM and everything it owns.
     Rm {
@@ -161,6 +183,10 @@ pub struct CreateArgs {
     /// The VM's UUID (its SMBIOS system UUID); default: a random one.
     #[arg(long)]
     pub uuid: Option<String>,
+    /// Start from a snapshot: VM/NAME (a snapshot of a VM on this host) or a snapshot
+    /// directory. The spec must describe the snapshot's machine.
+    #[arg(long, value_name = "VM/NAME|DIR")]
+    pub from_snapshot: Option<String>,
     /// Start it too.
     #[arg(long)]
     pub start: bool,
@@ -257,6 +283,18 @@ fn spec_from_flags(a: &CreateArgs) -> Result<Value, String> {
             .as_deref()
             .map(|u| u.parse().map_err(|e| format!("--uuid {u:?}: {e}")))
             .transpose()?,
+        restore: a.from_snapshot.as_deref().map(|s| match s.split_once('/') {
+            Some((vm, name)) if !vm.is_empty() && !name.contains('/') => RestoreSpec {
+                vm: Some(vm.to_owned()),
+                snapshot: Some(name.to_owned()),
+                path: None,
+            },
+            _ => RestoreSpec {
+                vm: None,
+                snapshot: None,
+                path: Some(absolute(std::path::Path::new(s))),
+            },
+        }),
     };
     serde_json::to_value(spec).map_err(|e| e.to_string())
 }
@@ -338,6 +376,23 @@ fn print_vms(items: &[Value]) {
                 v["status"]["exit_reason"].as_str().unwrap_or("")
             }
         );
+    }
+}
+
+/// Prints a reply's JSON (an answer with no table form), or the error.
+fn print_json(r: Result<Reply, ClientError>) -> ExitCode {
+    match r {
+        Ok(r) => {
+            if let Err(code) = check(&r) {
+                return code;
+            }
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&r.json()).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => unreachable(e),
     }
 }
 
@@ -593,6 +648,16 @@ async fn vm_async(opts: &ClientOpts, cmd: &VmCommand) -> ExitCode {
         VmCommand::Pause { id } => c.post(&format!("/v1/vms/{id}/pause"), &Value::Null).await,
         VmCommand::Resume { id } => c.post(&format!("/v1/vms/{id}/resume"), &Value::Null).await,
         VmCommand::Rm { id } => return status_of(c.delete(&format!("/v1/vms/{id}")).await),
+        VmCommand::Snapshot { id, name, then } => {
+            let body = serde_json::json!({ "name": name, "then": then });
+            return print_json(c.post(&format!("/v1/vms/{id}/snapshot"), &body).await);
+        }
+        VmCommand::Snapshots { id } => {
+            return print_json(c.get(&format!("/v1/vms/{id}/snapshots")).await)
+        }
+        VmCommand::RmSnapshot { id, name } => {
+            return status_of(c.delete(&format!("/v1/vms/{id}/snapshots/{name}")).await)
+        }
         VmCommand::Wait { id, state, timeout } => {
             c.get(&format!(
                 "/v1/vms/{id}/wait?state={state}&timeout={timeout}"

@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use super::run::{status_for, status_for_error};
 use super::RunStatus;
 use bexar_util::fs::{try_lock, write_atomic};
-use bexar_vmm::build_for_boot;
 use bexar_vmm::launch::{files, Launch, RunResult};
+use bexar_vmm::{build_for_boot, build_from_snapshot};
 
 fn write_result(dir: &Path, result: &RunResult) {
     match serde_json::to_vec_pretty(result) {
@@ -51,7 +51,14 @@ pub fn main(dir: &Path) -> ExitCode {
         launch.config.vcpus,
         launch.config.memory_mib
     );
-    match build_for_boot(&launch.config).and_then(|vmm| vmm.run_until_exit(None)) {
+    let built = match &launch.restore {
+        Some(snapshot) => {
+            tracing::info!(vm = %launch.id(), "restoring {}", snapshot.display());
+            build_from_snapshot(snapshot, &launch.restore_config())
+        }
+        None => build_for_boot(&launch.config),
+    };
+    match built.and_then(|vmm| vmm.run_until_exit(None)) {
         Ok(outcome) => {
             tracing::info!(vm = %launch.id(), "VM ended: {}", outcome.reason);
             write_result(

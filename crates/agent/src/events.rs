@@ -41,6 +41,8 @@ wire_enum! {
         Adopted = "adopted",
         /// A VM was deleted.
         Deleted = "deleted",
+        /// A snapshot of a VM was taken.
+        Snapshotted = "snapshotted",
         /// The agent started (and recovered its VMs).
         AgentStarted = "agent-started",
         /// A segment was defined.

@@ -14,6 +14,7 @@ mod lifecycle;
 pub mod netplan;
 pub mod network;
 pub mod segment;
+pub mod snapshots;
 pub mod spec;
 pub mod store;
 pub mod vmm_process;
@@ -82,6 +83,22 @@ pub enum AgentError {
     /// The kernel refused the network wiring.
     #[error("network: {0}")]
     Network(#[from] network::NetError),
+    /// No such snapshot.
+    #[error("VM {vm:?} has no snapshot {name:?}")]
+    SnapshotNotFound {
+        /// VM id.
+        vm: String,
+        /// Snapshot name.
+        name: String,
+    },
+    /// A snapshot of this name exists.
+    #[error("VM {vm:?} already has a snapshot {name:?}")]
+    SnapshotExists {
+        /// VM id.
+        vm: String,
+        /// Snapshot name.
+        name: String,
+    },
     /// The action is not possible in the VM's current state.
     #[error("cannot {action} VM {id:?}: it is {state}")]
     IllegalTransition {
@@ -297,6 +314,7 @@ impl Agent {
 
     fn create_record(&self, mut spec: VmSpec, start: bool) -> Result<(VmRecord, bool), AgentError> {
         spec.validate()?;
+        let restore_from = self.restore_source(&spec)?;
         // Aliases (`baseline`) are stored by their canonical name, so a retry with either
         // spelling is the same spec.
         if let Ok(t) = bexar_vmm::cpuid::CpuTemplate::from_name(&spec.cpu_template) {
@@ -343,10 +361,20 @@ impl Agent {
             nics,
             metadata: Default::default(),
             uuid: rec_uuid,
+            restore_pending: restore_from.is_some(),
         };
         if let Err(e) = self.store.save(&rec) {
             let _ = self.store.remove(&rec.id);
             return Err(e.into());
+        }
+        if let Some(from) = &restore_from {
+            if let Err(e) = snapshots::link_restore(from, &self.vm_dir(&rec.id)) {
+                let _ = self.store.remove(&rec.id);
+                return Err(AgentError::Invalid(spec::FieldError::new(
+                    "restore",
+                    format!("cannot take the snapshot's files: {e}"),
+                )));
+            }
         }
         vms.insert(
             rec.id.clone(),

@@ -486,8 +486,11 @@ impl Agent {
                 return Err(fail(format!("cannot wire the NICs: {e}")));
             }
         }
-        let data =
-            serde_json::to_vec_pretty(&Launch::new(config)).map_err(super::StoreError::from)?;
+        let mut launch = Launch::new(config);
+        if rec.restore_pending {
+            launch.restore = Some(dir.join(super::snapshots::RESTORE_DIR));
+        }
+        let data = serde_json::to_vec_pretty(&launch).map_err(super::StoreError::from)?;
         write_atomic(&dir.join(layout::LAUNCH), &data).map_err(super::StoreError::from)?;
         let _ = std::fs::remove_file(dir.join(layout::RESULT));
         let pid = match vp::spawn(&self.config.exe, &dir) {
@@ -545,6 +548,8 @@ impl Agent {
             r.status.started_ms = Some(now_ms());
             r.status.exit_reason = None;
             r.operation = None;
+            // Restored once: later starts boot.
+            r.restore_pending = false;
             if !by_request {
                 r.status.restarts += 1;
             }
@@ -1085,6 +1090,7 @@ mod tests {
             nics: vec![],
             metadata: Default::default(),
             uuid: uuid::Uuid::nil(),
+            restore_pending: false,
         }
     }
 

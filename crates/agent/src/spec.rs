@@ -151,6 +151,57 @@ pub struct VmSpec {
     /// UUID here). Default: a random one chosen at create.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<uuid::Uuid>,
+    /// Start from a snapshot instead of booting: the first start restores it (later starts
+    /// boot the kernel). The snapshot's vCPUs, memory and devices must match this spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreSpec>,
+}
+
+/// Where a VM's snapshot comes from: a snapshot of a VM on this host (`vm` and `snapshot`), or
+/// a snapshot directory copied from elsewhere (`path`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreSpec {
+    /// The VM whose snapshot it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// The snapshot's name under that VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// An absolute path to a snapshot directory (`vm.state` and `memory`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+}
+
+impl RestoreSpec {
+    /// Checks that it names a snapshot one way: `vm` with `snapshot`, or `path`.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        match (&self.vm, &self.snapshot, &self.path) {
+            (Some(vm), Some(name), None) => {
+                if !valid_id(vm) {
+                    return Err(FieldError::new("restore.vm", "is not a valid VM id"));
+                }
+                if !valid_id(name) {
+                    return Err(FieldError::new(
+                        "restore.snapshot",
+                        "is not a valid snapshot name",
+                    ));
+                }
+                Ok(())
+            }
+            (None, None, Some(p)) => {
+                if p.is_absolute() {
+                    Ok(())
+                } else {
+                    Err(FieldError::new("restore.path", "must be an absolute path"))
+                }
+            }
+            _ => Err(FieldError::new(
+                "restore",
+                "give either vm and snapshot, or path",
+            )),
+        }
+    }
 }
 
 /// The CPU template a spec gets when it names none.
@@ -198,6 +249,9 @@ impl VmSpec {
         }
         CpuTemplate::from_name(&self.cpu_template)
             .map_err(|e| FieldError::new("cpu_template", e.to_string()))?;
+        if let Some(r) = &self.restore {
+            r.validate()?;
+        }
         absolute("boot.kernel", &self.boot.kernel)?;
         if let Some(p) = &self.boot.initrd {
             absolute("boot.initrd", p)?;
@@ -476,6 +530,8 @@ wire_enum! {
         /// A new agent adopted the VM's VMM and is settling its state with it (the VMM has not
         /// answered yet, or what was asked of it before the agent restarted is being finished).
         Recover = "recover",
+        /// Snapshot.
+        Snapshot = "snapshot",
     }
 }
 
@@ -530,6 +586,10 @@ pub struct VmRecord {
     /// from before it existed get one when loaded.
     #[serde(default = "uuid::Uuid::new_v4")]
     pub uuid: uuid::Uuid,
+    /// The VM was created from a snapshot that its next start restores (cleared once a
+    /// restore has run).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restore_pending: bool,
 }
 
 /// Metadata a guest reads from the instance metadata service.

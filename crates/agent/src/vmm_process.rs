@@ -186,6 +186,18 @@ pub async fn kill_and_wait(pid: u32) {
 /// Sends one request to a VMM's control socket and returns its answer (the info, for `info`),
 /// plus the peer's pid as the kernel reports it.
 pub async fn call(dir: &Path, req: &Request) -> Result<(Option<Info>, u32), VmmProcessError> {
+    let (reply, pid) = exchange(dir, req, CONTROL_TIMEOUT).await?;
+    Ok((reply.info, pid))
+}
+
+/// Sends one request to a VMM's control socket and waits up to `timeout` for its reply, which
+/// must say the request was carried out; returns it with the peer's pid as the kernel reports
+/// it.
+pub async fn exchange(
+    dir: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<(Reply, u32), VmmProcessError> {
     let path = dir.join(layout::CONTROL_SOCKET);
     let err = |e: ControlFailure| VmmProcessError::Control {
         path: path.clone(),
@@ -209,14 +221,16 @@ pub async fn call(dir: &Path, req: &Request) -> Result<(Option<Info>, u32), VmmP
         let r: Reply = serde_json::from_str(&reply).map_err(|e| err(e.into()))?;
         Ok((r, pid))
     };
-    let (reply, pid) = tokio::time::timeout(CONTROL_TIMEOUT, fut)
+    let (reply, pid) = tokio::time::timeout(timeout, fut)
         .await
-        .map_err(|_| err(ControlFailure::Timeout(CONTROL_TIMEOUT)))??;
-    let info = reply.into_result().map_err(|e| VmmProcessError::Refused {
-        op: serde_json::to_string(req).unwrap_or_default(),
-        err: e,
-    })?;
-    Ok((info, pid))
+        .map_err(|_| err(ControlFailure::Timeout(timeout)))??;
+    if !reply.ok {
+        return Err(VmmProcessError::Refused {
+            op: serde_json::to_string(req).unwrap_or_default(),
+            err: reply.error.unwrap_or_else(|| "unknown error".into()),
+        });
+    }
+    Ok((reply, pid))
 }
 
 /// Asks a VMM who it is.

@@ -33,6 +33,10 @@ pub struct Launch {
     pub version: u32,
     /// The VM.
     pub config: VmConfig,
+    /// Restore this snapshot directory instead of booting `config`'s kernel (the config's
+    /// disks, NICs and vsock device are the restored VM's backends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<std::path::PathBuf>,
 }
 
 /// `launch.json` cannot be used.
@@ -73,6 +77,7 @@ impl Launch {
         Self {
             version: LAUNCH_VERSION,
             config,
+            restore: None,
         }
     }
 
@@ -107,6 +112,22 @@ impl Launch {
             return Err(LaunchError::NoControl(path));
         }
         Ok(launch)
+    }
+
+    /// The restore of [`Self::restore`]: the console, control socket and backends are this
+    /// launch's own.
+    pub fn restore_config(&self) -> crate::builder::RestoreConfig {
+        let c = &self.config;
+        crate::builder::RestoreConfig {
+            stdin: false,
+            control: c.control.clone(),
+            backends: Some(crate::builder::Backends {
+                disks: Some(c.disks.clone()),
+                nics: Some(c.nics.clone()),
+                vsock: c.vsock.clone(),
+            }),
+            ..crate::builder::RestoreConfig::new(c.console.clone())
+        }
     }
 
     /// The VM id.

@@ -106,11 +106,15 @@ impl From<AgentError> for ApiError {
     fn from(e: AgentError) -> Self {
         let msg = e.to_string();
         match e {
-            AgentError::NotFound(_) | AgentError::SegmentNotFound(_) => {
+            AgentError::NotFound(_)
+            | AgentError::SegmentNotFound(_)
+            | AgentError::SnapshotNotFound { .. } => {
                 Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, msg)
             }
             AgentError::Invalid(f) => Self::field(ErrorCode::InvalidField, f.field, f.message),
-            AgentError::Exists(_) => Self::new(StatusCode::CONFLICT, ErrorCode::AlreadyExists, msg),
+            AgentError::Exists(_) | AgentError::SnapshotExists { .. } => {
+                Self::new(StatusCode::CONFLICT, ErrorCode::AlreadyExists, msg)
+            }
             AgentError::Conflict(f) => Self {
                 status: StatusCode::CONFLICT,
                 ..Self::field(ErrorCode::Conflict, f.field, f.message)

@@ -52,6 +52,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/vms/{id}/console/attach"),
     ("GET", "/v1/vms/{id}/metadata"),
     ("PUT", "/v1/vms/{id}/metadata"),
+    ("POST", "/v1/vms/{id}/snapshot"),
+    ("GET", "/v1/vms/{id}/snapshots"),
+    ("DELETE", "/v1/vms/{id}/snapshots/{name}"),
     ("GET", "/v1/segments"),
     ("POST", "/v1/segments"),
     ("GET", "/v1/segments/{id}"),
@@ -350,6 +353,27 @@ impl<S: Send + Sync> FromRequestParts<S> for VmId {
     }
 }
 
+/// The path's VM id and snapshot name, each checked like [`VmId`].
+struct SnapshotPath(String, String);
+
+impl<S: Send + Sync> FromRequestParts<S> for SnapshotPath {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let UrlPath((id, name)) = UrlPath::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    ErrorCode::NotFound,
+                    format!("no snapshot at this path ({e})"),
+                )
+            })?;
+        check_id_of("VM", &id)?;
+        check_id_of("snapshot", &name)?;
+        Ok(Self(id, name))
+    }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for SegmentId {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
@@ -412,6 +436,12 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/vms/{id}/console", get(console))
         .route("/v1/vms/{id}/console/attach", get(attach))
         .route("/v1/vms/{id}/metadata", get(get_metadata).put(put_metadata))
+        .route("/v1/vms/{id}/snapshot", post(snapshot_vm))
+        .route("/v1/vms/{id}/snapshots", get(list_snapshots))
+        .route(
+            "/v1/vms/{id}/snapshots/{name}",
+            axum::routing::delete(delete_snapshot),
+        )
         .route("/v1/segments", get(list_segments).post(create_segment))
         .route("/v1/segments/{id}", get(get_segment).delete(delete_segment))
         .route("/v1/events", get(events))
@@ -558,6 +588,34 @@ async fn put_metadata(
 ) -> Result<Response, ApiError> {
     let md: crate::spec::VmMetadata = json_body(body).await?;
     Ok(Json(st.agent.set_metadata(&id, md)?.metadata).into_response())
+}
+
+async fn snapshot_vm(
+    State(st): St,
+    _: NoParams,
+    VmId(id): VmId,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: crate::snapshots::SnapshotRequest = json_body(body).await?;
+    let info = run_to_end(
+        &st.agent,
+        |a| async move { a.take_snapshot(&id, req).await },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn list_snapshots(State(st): St, _: NoParams, VmId(id): VmId) -> Result<Response, ApiError> {
+    Ok(Json(serde_json::json!({ "items": st.agent.snapshots(&id)? })).into_response())
+}
+
+async fn delete_snapshot(
+    State(st): St,
+    _: NoParams,
+    SnapshotPath(id, name): SnapshotPath,
+) -> Result<Response, ApiError> {
+    st.agent.delete_snapshot(&id, &name)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn list_segments(State(st): St, _: NoParams) -> Result<Response, ApiError> {
@@ -1063,6 +1121,11 @@ mod tests {
             labels: [("k".to_owned(), "v".to_owned())].into(),
             restart_policy: RestartPolicy::OnFailure,
             uuid: Some(uuid::Uuid::nil()),
+            restore: Some(RestoreSpec {
+                vm: Some("v".into()),
+                snapshot: Some("s".into()),
+                path: Some("/p".into()),
+            }),
         }
     }
 
@@ -1246,6 +1309,7 @@ mod tests {
             }],
             metadata: full_metadata(),
             uuid: uuid::Uuid::nil(),
+            restore_pending: true,
         };
         let v = serde_json::to_value(&rec).unwrap();
         assert_eq!(props(&doc, "Vm"), keys(&v));

@@ -1,0 +1,345 @@
+//! Snapshots of VMs: taken through the VMM's control socket into the VM's directory, listed and
+//! deleted under the VM, and used by new VMs (`restore` in a spec) on this host or, copied, on
+//! another.
+//!
+//! A snapshot lives in `vms/ID/snapshots/NAME/`: the VMM's `vm.state` and `memory`
+//! ([`bexar_vmm::snapshot`]) and the agent's `snapshot.json` ([`SnapshotInfo`]), written last:
+//! a directory without it is a snapshot that did not finish, never listed and removed when its
+//! name is used again. A VM created from a snapshot gets its own hard links to the two files
+//! (a copy across file systems) in `vms/NEW/restore/`, so deleting the snapshot, or its VM,
+//! never takes the files from under a VM that will restore them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::events::EventKind;
+use super::spec::FieldError;
+use super::spec::{now_ms, valid_id, Desired, Operation, OperationKind, Phase, VmSpec};
+use super::store::write_atomic;
+use super::vmm_process as vp;
+use super::{Agent, AgentError};
+use bexar_vmm::control::Request;
+use bexar_vmm::snapshot::{self, AfterSnapshot, SnapshotState};
+
+/// The agent's description of a snapshot, beside its files.
+const INFO: &str = "snapshot.json";
+/// Where a VM created from a snapshot keeps its links to the files.
+pub const RESTORE_DIR: &str = "restore";
+/// How long a VMM may take to write a snapshot (memory is copied at disk speed).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `POST /v1/vms/{id}/snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The snapshot's name, unique under the VM (a VM id's characters).
+    pub name: String,
+    /// What the VM does afterwards: `resume` (the default), `pause` or `stop`.
+    #[serde(default)]
+    pub then: AfterSnapshot,
+}
+
+/// A snapshot as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Its name.
+    pub name: String,
+    /// The VM it was taken of.
+    pub vm: String,
+    /// Unix time (ms) it was taken.
+    pub created_ms: u64,
+    /// Its directory (`vm.state` and `memory`), to copy to another host.
+    pub path: PathBuf,
+    /// The state file's size in bytes.
+    pub state_bytes: u64,
+    /// Guest memory in bytes.
+    pub memory_bytes: u64,
+    /// Bytes of it the memory file holds (the rest are holes).
+    pub memory_saved_bytes: u64,
+    /// How long the VM was paused for it, in milliseconds.
+    pub paused_ms: f64,
+}
+
+fn invalid(field: &str, msg: impl Into<String>) -> AgentError {
+    AgentError::Invalid(FieldError::new(field, msg))
+}
+
+impl Agent {
+    fn snapshots_dir(&self, id: &str) -> PathBuf {
+        self.vm_dir(id).join("snapshots")
+    }
+
+    /// Takes a snapshot of a running or paused VM, then resumes, pauses or stops it.
+    pub async fn take_snapshot(
+        self: &Arc<Self>,
+        id: &str,
+        req: SnapshotRequest,
+    ) -> Result<SnapshotInfo, AgentError> {
+        if !valid_id(&req.name) {
+            return Err(invalid(
+                "name",
+                "must be 1-63 characters of a-z, 0-9, '-', '_' or '.', starting with a letter or digit",
+            ));
+        }
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        let rec = Self::snapshot(&entry);
+        if !matches!(rec.state, Phase::Running | Phase::Paused) {
+            return Err(AgentError::IllegalTransition {
+                id: id.to_owned(),
+                action: "snapshot",
+                state: rec.state.as_str(),
+            });
+        }
+        let dir = self.snapshots_dir(id).join(&req.name);
+        if dir.join(INFO).exists() {
+            return Err(AgentError::SnapshotExists {
+                vm: id.to_owned(),
+                name: req.name,
+            });
+        }
+        // What an earlier attempt that never finished left.
+        let _ = std::fs::remove_dir_all(&dir);
+        let before = rec.desired;
+        self.update(&entry, |r| {
+            r.operation = Some(Operation {
+                kind: OperationKind::Snapshot,
+                started_ms: now_ms(),
+            });
+            if req.then == AfterSnapshot::Stop {
+                // The VMM ends once the snapshot is durable: not a failure to restart from.
+                r.desired = Desired::Stopped;
+                r.generation += 1;
+            }
+        })?;
+        let created_ms = now_ms();
+        let result = vp::exchange(
+            &self.vm_dir(id),
+            &Request::Snapshot {
+                dir: dir.clone(),
+                then: req.then,
+            },
+            SNAPSHOT_TIMEOUT,
+        )
+        .await
+        .and_then(|(reply, _)| {
+            reply.snapshot.ok_or_else(|| vp::VmmProcessError::Refused {
+                op: "snapshot".into(),
+                err: "the VMM answered without a report".into(),
+            })
+        });
+        let report = match result {
+            Ok(r) => r,
+            Err(err) => {
+                let _ = self.update(&entry, |r| {
+                    r.operation = None;
+                    if r.desired != before {
+                        r.desired = before;
+                        r.generation += 1;
+                    }
+                });
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(AgentError::Vmm {
+                    id: id.to_owned(),
+                    err,
+                });
+            }
+        };
+        let info = SnapshotInfo {
+            name: req.name.clone(),
+            vm: id.to_owned(),
+            created_ms,
+            path: dir.clone(),
+            state_bytes: report.state_bytes,
+            memory_bytes: report.memory_bytes,
+            memory_saved_bytes: report.memory_saved_bytes,
+            paused_ms: report.paused_ms,
+        };
+        let data = serde_json::to_vec_pretty(&info).map_err(super::StoreError::from)?;
+        write_atomic(&dir.join(INFO), &data).map_err(super::StoreError::from)?;
+        let rec = self.update(&entry, |r| {
+            r.operation = None;
+            if req.then == AfterSnapshot::Pause && r.state == Phase::Running {
+                r.state = Phase::Paused;
+                r.desired = Desired::Paused;
+                r.generation += 1;
+            } else if req.then == AfterSnapshot::Resume && r.state == Phase::Paused {
+                r.state = Phase::Running;
+                r.desired = Desired::Running;
+                r.generation += 1;
+            }
+        })?;
+        self.events.emit(
+            id,
+            EventKind::Snapshotted,
+            Some(rec.state),
+            format!(
+                "snapshot {}: {} of {} bytes of memory, paused {:.1} ms, then {}",
+                info.name,
+                info.memory_saved_bytes,
+                info.memory_bytes,
+                info.paused_ms,
+                serde_json::to_value(req.then)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            ),
+        );
+        Ok(info)
+    }
+
+    /// The finished snapshots of a VM, oldest first.
+    pub fn snapshots(&self, id: &str) -> Result<Vec<SnapshotInfo>, AgentError> {
+        self.entry(id)?;
+        let mut list: Vec<SnapshotInfo> = std::fs::read_dir(self.snapshots_dir(id))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let data = std::fs::read(e.path().join(INFO)).ok()?;
+                serde_json::from_slice(&data).ok()
+            })
+            .collect();
+        list.sort_by_key(|s| (s.created_ms, s.name.clone()));
+        Ok(list)
+    }
+
+    /// Deletes a snapshot of a VM (VMs created from it keep their own links to its files).
+    pub fn delete_snapshot(&self, id: &str, name: &str) -> Result<(), AgentError> {
+        self.entry(id)?;
+        let not_found = || AgentError::SnapshotNotFound {
+            vm: id.to_owned(),
+            name: name.to_owned(),
+        };
+        if !valid_id(name) {
+            return Err(not_found());
+        }
+        let dir = self.snapshots_dir(id).join(name);
+        // The description goes first: a crash half-way leaves an unfinished snapshot, which is
+        // never listed and is removed when the name is used again.
+        match std::fs::remove_file(dir.join(INFO)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_found()),
+            Err(e) => {
+                let path = dir.join(INFO);
+                return Err(
+                    super::StoreError::from(bexar_util::fs::io_err("remove", &path)(e)).into(),
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    /// The snapshot directory a spec's `restore` names, checked against the spec: it must be a
+    /// snapshot this VMM reads, with the spec's vCPUs, memory and devices.
+    pub(super) fn restore_source(&self, spec: &VmSpec) -> Result<Option<PathBuf>, AgentError> {
+        let Some(r) = &spec.restore else {
+            return Ok(None);
+        };
+        let dir = match (&r.vm, &r.snapshot, &r.path) {
+            (Some(vm), Some(name), _) => {
+                let dir = self.snapshots_dir(vm).join(name);
+                if !dir.join(INFO).exists() {
+                    return Err(invalid(
+                        "restore.snapshot",
+                        format!("VM {vm:?} has no snapshot {name:?}"),
+                    ));
+                }
+                dir
+            }
+            (_, _, Some(p)) => p.clone(),
+            _ => return Err(invalid("restore", "give either vm and snapshot, or path")),
+        };
+        let field = if r.path.is_some() {
+            "restore.path"
+        } else {
+            "restore.snapshot"
+        };
+        let state = snapshot::read_state(&dir).map_err(|e| invalid(field, e.to_string()))?;
+        check_fits(spec, &state).map_err(|m| invalid(field, m))?;
+        let memory = snapshot::memory_path(&dir);
+        match std::fs::metadata(&memory) {
+            Ok(m) if m.len() == state.memory.size => {}
+            Ok(m) => {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{} has {} bytes; the snapshot's memory is {}",
+                        memory.display(),
+                        m.len(),
+                        state.memory.size
+                    ),
+                ))
+            }
+            Err(e) => return Err(invalid(field, format!("{}: {e}", memory.display()))),
+        }
+        Ok(Some(dir))
+    }
+}
+
+/// Whether a snapshot's machine is the one `spec` describes.
+fn check_fits(spec: &VmSpec, s: &SnapshotState) -> Result<(), String> {
+    let c = &s.config;
+    let differ = |what: &str, snap: String, spec: String| {
+        Err(format!("the snapshot has {snap} {what}, the spec {spec}"))
+    };
+    if c.vcpus != spec.vcpus {
+        return differ("vCPUs", c.vcpus.to_string(), spec.vcpus.to_string());
+    }
+    if c.memory_mib != spec.memory_mib {
+        return differ(
+            "MiB of memory",
+            c.memory_mib.to_string(),
+            spec.memory_mib.to_string(),
+        );
+    }
+    if c.disks.len() != spec.disks.len() {
+        return differ(
+            "disks",
+            c.disks.len().to_string(),
+            spec.disks.len().to_string(),
+        );
+    }
+    if c.nics.len() != spec.nics.len() {
+        return differ(
+            "NICs",
+            c.nics.len().to_string(),
+            spec.nics.len().to_string(),
+        );
+    }
+    if c.rng != spec.rng {
+        return differ(
+            "entropy devices",
+            u8::from(c.rng).to_string(),
+            u8::from(spec.rng).to_string(),
+        );
+    }
+    if c.vsock.is_some() != spec.vsock.is_some() {
+        return differ(
+            "vsock devices",
+            u8::from(c.vsock.is_some()).to_string(),
+            u8::from(spec.vsock.is_some()).to_string(),
+        );
+    }
+    Ok(())
+}
+
+/// Gives VM directory `vm_dir` its own links to the snapshot files in `from` (copies where a
+/// link cannot cross file systems).
+pub(super) fn link_restore(from: &Path, vm_dir: &Path) -> std::io::Result<()> {
+    let to = vm_dir.join(RESTORE_DIR);
+    let _ = std::fs::remove_dir_all(&to);
+    std::fs::create_dir_all(&to)?;
+    for name in [snapshot::files::STATE, snapshot::files::MEMORY] {
+        let (a, b) = (from.join(name), to.join(name));
+        if std::fs::hard_link(&a, &b).is_err() {
+            std::fs::copy(&a, &b)?;
+        }
+    }
+    bexar_util::fs::sync_dir(&to).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(())
+}
