@@ -1588,7 +1588,10 @@ fn snapshots_through_the_api_and_vms_created_from_them() {
                 ("invalid_field".to_owned(), field.to_owned()),
                 "{v}"
             );
-            assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{v}");
+            assert!(
+                v["error"]["message"].as_str().unwrap().contains(needle),
+                "{v}"
+            );
             expect_status(
                 &c.get(&format!("/v1/vms/{}", body["id"].as_str().unwrap()))
                     .await
@@ -1673,6 +1676,67 @@ fn snapshots_through_the_api_and_vms_created_from_them() {
             .post("/v1/vms/src/snapshot", &json!({"name": "late"}))
             .await
             .unwrap();
+        assert_eq!(error_of(&expect_status(&r, 409)).0, "illegal_transition");
+    });
+}
+
+#[test]
+fn a_running_vm_is_handed_to_a_new_vmm_process() {
+    let agent = TestAgent::start("upgrade");
+    rt().block_on(async {
+        let c = agent.client();
+        let mut s = spec("up");
+        s["vcpus"] = json!(2);
+        let r = c.post("/v1/vms?start=true", &s).await.unwrap();
+        let before = expect_status(&r, 201);
+        wait_console(&c, "up", "idle: ready", 30).await;
+        let old_pid = before["status"]["pid"].as_u64().unwrap();
+
+        let mut pauses = Vec::new();
+        let mut pid = old_pid;
+        for round in 0..3 {
+            let r = c.post("/v1/vms/up/upgrade", &Value::Null).await.unwrap();
+            let v = expect_status(&r, 200);
+            assert_eq!(v["state"], "running", "round {round}: {v}");
+            let new_pid = v["status"]["pid"].as_u64().unwrap();
+            assert_ne!(new_pid, pid, "a new VMM process");
+            let t = Instant::now();
+            while pid_alive(pid) && t.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(!pid_alive(pid), "the old VMM ended");
+            pid = new_pid;
+            let events = String::from_utf8_lossy(&c.get("/v1/events?vm=up").await.unwrap().body)
+                .into_owned();
+            let line = events
+                .lines()
+                .filter(|l| l.contains("\"upgraded\""))
+                .nth(round)
+                .unwrap_or_else(|| panic!("no upgraded event: {events}"))
+                .to_owned();
+            let ms: f64 = line
+                .split("paused ")
+                .nth(1)
+                .and_then(|s| s.split(' ').next()?.parse().ok())
+                .unwrap_or_else(|| panic!("{line}"));
+            pauses.push(ms);
+        }
+        eprintln!("live upgrade: the guest was paused {pauses:?} ms");
+        // The guest never rebooted, and it still answers: Ctrl-Alt-Del ends it in order.
+        expect_status(&c.post("/v1/vms/up/stop", &Value::Null).await.unwrap(), 200);
+        let text = console_text(&c, "up").await;
+        assert_eq!(text.matches("idle: ready").count(), 1, "{text}");
+        assert!(text.contains("ctrl-alt-del, shutting down"), "{text}");
+        let v = wait_state(&c, "up", "stopped").await;
+        assert_eq!(
+            v["status"]["exit_reason"]
+                .as_str()
+                .map(|r| r.contains("status 0")),
+            Some(true),
+            "{v}"
+        );
+        // Only a running VM is handed over.
+        let r = c.post("/v1/vms/up/upgrade", &Value::Null).await.unwrap();
         assert_eq!(error_of(&expect_status(&r, 409)).0, "illegal_transition");
     });
 }

@@ -10,7 +10,7 @@ use super::run::{status_for, status_for_error};
 use super::RunStatus;
 use bexar_util::fs::{try_lock, write_atomic};
 use bexar_vmm::launch::{files, Launch, RunResult};
-use bexar_vmm::{build_for_boot, build_from_snapshot};
+use bexar_vmm::{build_for_boot, build_from_handoff, build_from_snapshot};
 
 fn write_result(dir: &Path, result: &RunResult) {
     match serde_json::to_vec_pretty(result) {
@@ -23,6 +23,21 @@ fn write_result(dir: &Path, result: &RunResult) {
     }
 }
 
+/// Waits up to 10 s for the VMM lock of `dir` (the VMM that handed its VM over is ending).
+fn wait_lock(dir: &Path) -> Result<std::fs::File, String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match try_lock(&dir.join(files::LOCK)) {
+            Ok(Some(l)) => return Ok(l),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_micros(200))
+            }
+            Ok(None) => return Err("the VMM that handed the VM over did not end".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
 /// Runs `bexar vmm`.
 pub fn main(dir: &Path) -> ExitCode {
     let launch = match Launch::read(dir) {
@@ -32,32 +47,72 @@ pub fn main(dir: &Path) -> ExitCode {
             return RunStatus::BadInput.into();
         }
     };
-    let _lock = match try_lock(&dir.join(files::LOCK)) {
-        Ok(Some(l)) => l,
-        Ok(None) => {
-            tracing::error!("another VMM already runs VM {:?}", launch.id());
-            return RunStatus::BadInput.into();
-        }
-        Err(e) => {
-            tracing::error!("{e}");
-            return RunStatus::BadInput.into();
-        }
-    };
     let token = launch.token().to_owned();
-    tracing::info!(
-        vm = %launch.id(),
-        pid = std::process::id(),
-        "VMM starting: {} vCPUs, {} MiB",
-        launch.config.vcpus,
-        launch.config.memory_mib
-    );
-    let built = match &launch.restore {
-        Some(snapshot) => {
-            tracing::info!(vm = %launch.id(), "restoring {}", snapshot.display());
-            build_from_snapshot(snapshot, &launch.restore_config())
+    let (lock, built) = if launch.handoff {
+        // The running VMM pauses the guest and hands over its memory; this one restores it as
+        // soon as that one has ended (and released the TAPs, sockets and lock).
+        let socket = launch
+            .config
+            .control
+            .as_ref()
+            .map(|c| c.socket.clone())
+            .unwrap_or_default();
+        let state = dir.join(files::HANDOFF);
+        match bexar_vmm::control::take_over(&socket, &state)
+            .and_then(|(memory, report)| Ok((memory, report, wait_lock(dir)?)))
+        {
+            Ok((memory, report, lock)) => (
+                lock,
+                build_from_handoff(
+                    &state,
+                    &launch.restore_config(),
+                    memory,
+                    report.paused_at_ns,
+                ),
+            ),
+            Err(e) => {
+                tracing::error!(vm = %launch.id(), "cannot take the VM over: {e}");
+                write_result(
+                    dir,
+                    &RunResult {
+                        token,
+                        clean: false,
+                        reason: format!("cannot take the VM over: {e}"),
+                        outcome: None,
+                    },
+                );
+                return RunStatus::KvmError.into();
+            }
         }
-        None => build_for_boot(&launch.config),
+    } else {
+        let lock = match try_lock(&dir.join(files::LOCK)) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                tracing::error!("another VMM already runs VM {:?}", launch.id());
+                return RunStatus::BadInput.into();
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                return RunStatus::BadInput.into();
+            }
+        };
+        tracing::info!(
+            vm = %launch.id(),
+            pid = std::process::id(),
+            "VMM starting: {} vCPUs, {} MiB",
+            launch.config.vcpus,
+            launch.config.memory_mib
+        );
+        let built = match &launch.restore {
+            Some(snapshot) => {
+                tracing::info!(vm = %launch.id(), "restoring {}", snapshot.display());
+                build_from_snapshot(snapshot, &launch.restore_config())
+            }
+            None => build_for_boot(&launch.config),
+        };
+        (lock, built)
     };
+    let _lock = lock;
     match built.and_then(|vmm| vmm.run_until_exit(None)) {
         Ok(outcome) => {
             tracing::info!(vm = %launch.id(), "VM ended: {}", outcome.reason);

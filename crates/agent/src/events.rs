@@ -43,6 +43,8 @@ wire_enum! {
         Deleted = "deleted",
         /// A snapshot of a VM was taken.
         Snapshotted = "snapshotted",
+        /// A VM was handed to a new VMM process (live upgrade).
+        Upgraded = "upgraded",
         /// The agent started (and recovered its VMs).
         AgentStarted = "agent-started",
         /// A segment was defined.

@@ -319,6 +319,44 @@ impl Agent {
         }
     }
 
+    /// Hands a running VM to a new VMM process of the agent's binary (live upgrade): the new
+    /// process starts, takes the guest's state and memory (its descriptor, nothing copied) from
+    /// the running one, which then ends; the guest sees a pause. If the new VMM cannot take
+    /// over, the VM goes on in the old one (or, if it was already handed over, is failed).
+    pub async fn upgrade(self: &Arc<Self>, id: &str) -> Result<VmRecord, AgentError> {
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        let rec = Self::snapshot(&entry);
+        if rec.state != Phase::Running {
+            return Err(illegal(&rec, "upgrade"));
+        }
+        let old = rec.status.clone();
+        let err = match self.launch(&entry, Op::Upgrade).await {
+            Ok(rec) => return Ok(rec),
+            Err(e) => e,
+        };
+        // The old VMM's exit watcher clears its handle when it ends.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let old_runs = lock(&entry.vmm)
+            .as_ref()
+            .is_some_and(|h| h.token == old.token);
+        let reason = err.to_string();
+        let rec = self.update(&entry, |r| {
+            r.operation = None;
+            if old_runs {
+                r.status = old.clone();
+                r.state = Phase::Running;
+            } else {
+                mark_ended(r, Phase::Failed, &reason);
+            }
+        })?;
+        if !old_runs {
+            self.events
+                .emit(id, EventKind::Failed, Some(rec.state), reason);
+        }
+        Err(err)
+    }
+
     /// Reboots a running or paused VM: a graceful stop (forced after `timeout`), then a start
     /// with a fresh VMM.
     pub async fn reboot(
@@ -443,7 +481,7 @@ impl Agent {
                 r.desired = Desired::Running;
                 r.generation += 1;
             }
-            if by_request {
+            if by_request && kind != Op::Upgrade {
                 r.status.restarts = 0;
             }
         })?;
@@ -455,6 +493,13 @@ impl Agent {
             crate::imds::smbios_identity(&rec),
         );
         let fail = |reason: String| {
+            if kind == Op::Upgrade {
+                // The VMM that ran the VM may still run it: the caller settles the record.
+                return AgentError::StartFailed {
+                    id: entry.id.clone(),
+                    reason,
+                };
+            }
             let rec = self.update(entry, |r| {
                 mark_ended(r, Phase::Failed, &reason);
                 r.operation = None;
@@ -487,7 +532,9 @@ impl Agent {
             }
         }
         let mut launch = Launch::new(config);
-        if rec.restore_pending {
+        if kind == Op::Upgrade {
+            launch.handoff = true;
+        } else if rec.restore_pending {
             launch.restore = Some(dir.join(super::snapshots::RESTORE_DIR));
         }
         let data = serde_json::to_vec_pretty(&launch).map_err(super::StoreError::from)?;
@@ -516,12 +563,14 @@ impl Agent {
         let exit = tokio::spawn(vp::wait_exit(watch_fd));
         let deadline = tokio::time::Instant::now() + LAUNCH_TIMEOUT;
         let mut delay = Duration::from_millis(2);
+        let mut handoff_pause_ms = None;
         let answered = loop {
             if exit.is_finished() {
                 break false;
             }
             if let Ok((info, peer)) = vp::info(&dir).await {
                 if info.token == token && peer == pid {
+                    handoff_pause_ms = info.handoff_pause_ms;
                     break true;
                 }
             }
@@ -554,16 +603,19 @@ impl Agent {
                 r.status.restarts += 1;
             }
         })?;
-        self.events.emit(
-            &entry.id,
-            if by_request {
-                EventKind::Started
-            } else {
-                EventKind::Restarted
-            },
-            Some(Phase::Running),
-            format!("VMM pid {pid}"),
-        );
+        let (event, message) = match kind {
+            Op::Upgrade => (
+                EventKind::Upgraded,
+                format!(
+                    "VMM pid {pid}; the guest was paused {:.2} ms",
+                    handoff_pause_ms.unwrap_or(f64::NAN)
+                ),
+            ),
+            Op::Restart => (EventKind::Restarted, format!("VMM pid {pid}")),
+            _ => (EventKind::Started, format!("VMM pid {pid}")),
+        };
+        self.events
+            .emit(&entry.id, event, Some(Phase::Running), message);
         self.watch_exit(entry, token, pid, done, async move {
             let _ = exit.await;
         });

@@ -532,6 +532,8 @@ wire_enum! {
         Recover = "recover",
         /// Snapshot.
         Snapshot = "snapshot",
+        /// Hand the VM to a new VMM process (live upgrade).
+        Upgrade = "upgrade",
     }
 }
 

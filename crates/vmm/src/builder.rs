@@ -181,6 +181,28 @@ fn rebind(saved: &mut snapshot::SnapshotState, backends: &Backends) -> Result<()
 /// are loaded. The VM is returned paused; [`Vmm::run_until_exit`] resumes it where it was.
 /// Nothing is half-restored: an error leaves no VM (and the snapshot files unchanged).
 pub fn build_from_snapshot(dir: &Path, restore: &RestoreConfig) -> Result<Vmm, VmmError> {
+    restore_from(dir, restore, None)
+}
+
+/// Builds the VM another VMM handed over (live upgrade): its state from `dir`, its memory the
+/// descriptor that VMM sent (mapped shared: the same pages, nothing copied), paused by it at
+/// `paused_at_ns` (`CLOCK_MONOTONIC`). Returned paused, like [`build_from_snapshot`].
+pub fn build_from_handoff(
+    dir: &Path,
+    restore: &RestoreConfig,
+    memory: std::fs::File,
+    paused_at_ns: u64,
+) -> Result<Vmm, VmmError> {
+    let mut vmm = restore_from(dir, restore, Some(memory))?;
+    vmm.handed_over = Some((paused_at_ns, None));
+    Ok(vmm)
+}
+
+fn restore_from(
+    dir: &Path,
+    restore: &RestoreConfig,
+    memory: Option<std::fs::File>,
+) -> Result<Vmm, VmmError> {
     let start = Instant::now();
     let mut saved = snapshot::read_state(dir)?;
     if let Some(b) = &restore.backends {
@@ -206,9 +228,14 @@ pub fn build_from_snapshot(dir: &Path, restore: &RestoreConfig) -> Result<Vmm, V
             saved.memory.size, config.memory_mib
         )));
     }
-    let path = snapshot::memory_path(dir);
-    let file = std::fs::File::open(&path).map_err(|err| SnapshotError::Io { path, err })?;
-    let ram = memory::map_ram_file(file, config.memory_mib)?;
+    let ram = match memory {
+        Some(memfd) => memory::map_ram_memfd(memfd, config.memory_mib)?,
+        None => {
+            let path = snapshot::memory_path(dir);
+            let file = std::fs::File::open(&path).map_err(|err| SnapshotError::Io { path, err })?;
+            memory::map_ram_file(file, config.memory_mib)?
+        }
+    };
     let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
     let vm = create_vm(&kvm, &ram, config.legacy_pit)?;
     let exit = ExitHandle::new().map_err(|err| VmmError::Start {
@@ -321,6 +348,8 @@ fn assemble(
         console,
         state: VmmState::Created,
         running: None,
+        handoff_memory: None,
+        handed_over: None,
     })
 }
 

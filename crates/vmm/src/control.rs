@@ -39,6 +39,12 @@ pub enum Request {
     Shutdown,
     /// End the VM now.
     Stop,
+    /// Hand the VM to a new VMM process (live upgrade): pause it, write its state (not its
+    /// memory) into `dir`, answer with guest memory's descriptor, then end.
+    Handoff {
+        /// Where the state goes.
+        dir: std::path::PathBuf,
+    },
     /// Save the VM into a snapshot directory, then resume, pause or stop it.
     Snapshot {
         /// The snapshot directory (made if missing).
@@ -79,6 +85,10 @@ pub struct Info {
     pub completed_instructions: u64,
     /// Console bytes written by the guest.
     pub console_bytes: u64,
+    /// For a VM handed over from another VMM: how long its guest was paused across the
+    /// handover, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff_pause_ms: Option<f64>,
     /// Virtio device counters.
     pub devices: Vec<DeviceReport>,
 }
@@ -94,6 +104,9 @@ pub struct Reply {
     /// The answer to `snapshot`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<crate::snapshot::SnapshotReport>,
+    /// The answer to `handoff` (guest memory's descriptor comes with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<HandoffReport>,
     /// Why the request failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -106,6 +119,7 @@ impl Reply {
             ok: true,
             info: None,
             snapshot: None,
+            handoff: None,
             error: None,
         }
     }
@@ -126,12 +140,21 @@ impl Reply {
         }
     }
 
+    /// The answer to `handoff`.
+    pub fn handoff(report: HandoffReport) -> Self {
+        Self {
+            handoff: Some(report),
+            ..Self::ok()
+        }
+    }
+
     /// Refused or failed.
     pub fn error(e: impl Into<String>) -> Self {
         Self {
             ok: false,
             info: None,
             snapshot: None,
+            handoff: None,
             error: Some(e.into()),
         }
     }
@@ -143,6 +166,72 @@ impl Reply {
         } else {
             Err(self.error.unwrap_or_else(|| "unknown error".into()))
         }
+    }
+}
+
+/// What a VMM handing its VM over says with guest memory's descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffReport {
+    /// When its vCPUs were paused (`CLOCK_MONOTONIC`, ns): the new VMM measures the pause the
+    /// guest saw from here.
+    pub paused_at_ns: u64,
+    /// Guest memory in bytes (the descriptor's size).
+    pub memory_bytes: u64,
+}
+
+/// Now on `CLOCK_MONOTONIC`, in ns (one clock for every process of the host).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Takes the VM over from the VMM serving control socket `socket`: asks it for a handover,
+/// which it answers with guest memory's descriptor and this report once the VM's state is in
+/// `state_dir`.
+pub fn take_over(
+    socket: &Path,
+    state_dir: &Path,
+) -> Result<(std::fs::File, HandoffReport), String> {
+    use std::io::{Read, Write};
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    let req = Request::Handoff {
+        dir: state_dir.to_owned(),
+    };
+    let mut line = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    s.write_all(&line).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 4096];
+    let (n, memory) = s
+        .recv_with_fd(&mut buf)
+        .map_err(|e| format!("no answer to the handover: {e}"))?;
+    let mut text = buf[..n].to_vec();
+    while !text.contains(&b'\n') {
+        let m = s.read(&mut buf).map_err(|e| e.to_string())?;
+        if m == 0 {
+            break;
+        }
+        text.extend_from_slice(&buf[..m]);
+    }
+    let reply: Reply = serde_json::from_slice(text.trim_ascii_end())
+        .map_err(|e| format!("a handover reply that does not parse: {e}"))?;
+    if !reply.ok {
+        return Err(format!(
+            "the running VMM refused the handover: {}",
+            reply.error.unwrap_or_default()
+        ));
+    }
+    match (memory, reply.handoff) {
+        (Some(m), Some(r)) => Ok((m, r)),
+        _ => Err("the handover reply came without guest memory".into()),
     }
 }
 
@@ -220,6 +309,26 @@ impl ControlServer {
             tracing::debug!("control socket: a client did not take its reply: {e}");
             let _ = c.stream.shutdown(std::net::Shutdown::Both);
         }
+    }
+
+    /// [`Self::reply`] with a descriptor passed along (`SCM_RIGHTS`), in one message.
+    pub fn reply_with_fd(&mut self, conn: ConnId, reply: &Reply, fd: RawFd) -> std::io::Result<()> {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let c = self
+            .conns
+            .get_mut(&conn.fd)
+            .filter(|c| c.serial == conn.serial)
+            .ok_or_else(|| std::io::Error::other("the client has gone"))?;
+        let mut text = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
+        text.push(b'\n');
+        let n = c
+            .stream
+            .send_with_fd(&text[..], fd)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        if n != text.len() {
+            return Err(std::io::Error::other("the reply was cut short"));
+        }
+        Ok(())
     }
 
     fn close(&mut self, fd: RawFd, ops: &mut EventOps) {
@@ -358,6 +467,7 @@ mod tests {
             vcpu_exits: vec![1, 2],
             completed_instructions: 0,
             console_bytes: 3,
+            handoff_pause_ms: None,
             devices: vec![],
         };
         let text = serde_json::to_string(&Reply::info(info)).unwrap();

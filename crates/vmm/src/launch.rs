@@ -19,6 +19,8 @@ pub mod files {
     pub const LOCK: &str = "vmm.lock";
     /// How it ended.
     pub const RESULT: &str = "result.json";
+    /// Where a VMM handing its VM over writes the VM's state for the new one.
+    pub const HANDOFF: &str = "handoff";
 }
 
 /// The launch format this VMM writes and reads. A newer one is refused with a clear error;
@@ -37,6 +39,10 @@ pub struct Launch {
     /// disks, NICs and vsock device are the restored VM's backends).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<std::path::PathBuf>,
+    /// Take the VM over from the VMM running it in this directory (live upgrade): its state and
+    /// guest memory's descriptor through its control socket, then its lock once it has ended.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handoff: bool,
 }
 
 /// `launch.json` cannot be used.
@@ -78,6 +84,7 @@ impl Launch {
             version: LAUNCH_VERSION,
             config,
             restore: None,
+            handoff: false,
         }
     }
 

@@ -293,6 +293,26 @@ pub fn map_ram_file(file: File, size_mib: u64) -> Result<GuestRam, MemoryError> 
     })
 }
 
+/// Guest RAM handed over by another VMM: its memfd of exactly `size_mib` MiB, mapped shared
+/// (the same pages; nothing is copied or read).
+pub fn map_ram_memfd(file: File, size_mib: u64) -> Result<GuestRam, MemoryError> {
+    if size_mib == 0 || size_mib > MAX_MEMORY_MIB {
+        return Err(MemoryError::BadSize(size_mib));
+    }
+    let size = size_mib << 20;
+    let len = file.metadata().map_err(MemoryError::File)?.len();
+    if len != size {
+        return Err(MemoryError::FileSize { len, size });
+    }
+    let mem = map_ram(&file, size, libc::MAP_SHARED)?;
+    Ok(GuestRam {
+        mem,
+        file,
+        size,
+        private: false,
+    })
+}
+
 /// Registers every region of `ram` with `vm` as a KVM memory slot.
 pub fn register(vm: &kvm_ioctls::VmFd, ram: &GuestRam) -> Result<(), MemoryError> {
     use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};

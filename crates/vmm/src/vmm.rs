@@ -7,6 +7,7 @@
 //! calls: [`Vmm::pause`], [`Vmm::resume`], [`Vmm::info`], [`Vmm::shutdown`],
 //! [`Vmm::save_vcpus`]...
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -142,6 +143,11 @@ pub struct Vmm {
     pub(crate) state: VmmState,
     /// When the vCPUs were first let run.
     pub(crate) running: Option<Instant>,
+    /// Guest memory to send with the reply being made (a handover).
+    pub(crate) handoff_memory: Option<std::fs::File>,
+    /// For a VM handed over by another VMM: when that one paused it (`CLOCK_MONOTONIC`, ns),
+    /// then, once this one let it run, the pause the guest saw.
+    pub(crate) handed_over: Option<(u64, Option<f64>)>,
 }
 
 impl Vmm {
@@ -221,7 +227,14 @@ impl Vmm {
         for v in self.vcpus.iter().filter(|v| !v.done()) {
             v.send(VcpuRequest::Resume)?;
         }
-        self.running.get_or_insert_with(Instant::now);
+        if self.running.is_none() {
+            self.running = Some(Instant::now());
+            if let Some((at, pause)) = &mut self.handed_over {
+                let ms = crate::control::monotonic_ns().saturating_sub(*at) as f64 / 1e6;
+                tracing::info!("running again after a handover: the guest was paused {ms:.2} ms");
+                *pause = Some(ms);
+            }
+        }
         self.state = VmmState::Running;
         Ok(())
     }
@@ -390,6 +403,72 @@ impl Vmm {
         report
     }
 
+    /// Readies the VM for a new VMM process (live upgrade): pauses it, writes its state into
+    /// `dir` (without memory), freezes its devices, and returns guest memory's descriptor for
+    /// the new VMM to map: the VM's own memfd, or, for a VM restored from a memory file (mapped
+    /// privately), a new memfd holding a copy. The caller sends it, then ends this VMM. On an
+    /// error the VM goes on here as it was.
+    pub fn handoff(
+        &mut self,
+        dir: &std::path::Path,
+    ) -> Result<(crate::control::HandoffReport, std::fs::File), VmmError> {
+        if self.state == VmmState::Created {
+            return Err(VmmError::State("not started"));
+        }
+        let was_running = self.state == VmmState::Running;
+        let paused_at_ns = crate::control::monotonic_ns();
+        self.pause()?;
+        let done = self.write_handoff(dir);
+        if done.is_err() {
+            self.devices.set_frozen(false);
+            if was_running {
+                self.resume()?;
+            }
+        }
+        let memory = done?;
+        Ok((
+            crate::control::HandoffReport {
+                paused_at_ns,
+                memory_bytes: self.ram.size,
+            },
+            memory,
+        ))
+    }
+
+    fn write_handoff(&self, dir: &std::path::Path) -> Result<std::fs::File, VmmError> {
+        let io = |path: &std::path::Path| {
+            let path = path.to_owned();
+            move |err| SnapshotError::Io { path, err }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let state = self.devices.save_with(|devices| {
+            let vm = self.save_vm_state()?;
+            let vcpus = self.save_vcpus()?;
+            self.devices.set_frozen(true);
+            Ok::<_, VmmError>(snapshot::SnapshotState {
+                config: self.config.clone(),
+                entry: self.entry,
+                cmdline: self.cmdline.clone(),
+                memory: MemoryInfo {
+                    size: self.ram.size,
+                    saved: 0,
+                },
+                vm,
+                vcpus,
+                devices,
+            })
+        })??;
+        let memory = if self.ram.private {
+            let copy = crate::memory::create_guest_memory(self.ram.size >> 20)?;
+            save_ram(&self.ram, &copy.file).map_err(io(dir))?;
+            copy.file
+        } else {
+            self.ram.file.try_clone().map_err(io(dir))?
+        };
+        snapshot::write_state(dir, &state)?;
+        Ok(memory)
+    }
+
     /// Reads the paused VM's state and copies its memory into a temporary file in `dir`;
     /// with `freeze`, the devices do nothing more once saved (the VM goes on elsewhere).
     fn capture(&self, dir: &std::path::Path, freeze: bool) -> Result<Captured, VmmError> {
@@ -508,6 +587,7 @@ impl Vmm {
                 .collect(),
             completed_instructions: self.completed.load(Ordering::Relaxed),
             console_bytes: self.console.bytes(),
+            handoff_pause_ms: self.handed_over.and_then(|(_, p)| p),
             devices: self.devices.reports(),
         }
     }
@@ -543,6 +623,13 @@ impl Vmm {
                 self.exit.request(ExitReason::Stopped);
                 Reply::ok()
             }
+            Request::Handoff { dir } => match self.handoff(dir) {
+                Ok((report, memory)) => {
+                    self.handoff_memory = Some(memory);
+                    Reply::handoff(report)
+                }
+                Err(e) => Reply::error(e.to_string()),
+            },
             Request::Snapshot { dir, then } => match self.snapshot(dir, *then) {
                 Ok(r) => Reply::snapshot(r),
                 Err(e) => Reply::error(e.to_string()),
@@ -560,7 +647,24 @@ impl Vmm {
                 Ok(r) => self.handle(&r),
                 Err(e) => Reply::error(format!("bad request: {e}")),
             };
-            lock(&ctl).reply(conn, &reply);
+            match self.handoff_memory.take() {
+                None => lock(&ctl).reply(conn, &reply),
+                Some(memory) => {
+                    // The VM is the new VMM's once it holds the memory: this one ends. If the
+                    // descriptor did not get there, the VM goes on here.
+                    match lock(&ctl).reply_with_fd(conn, &reply, memory.as_raw_fd()) {
+                        Ok(()) => {
+                            tracing::info!("VM handed over to a new VMM");
+                            self.exit.request(ExitReason::Stopped);
+                        }
+                        Err(e) => {
+                            tracing::error!("the handover failed ({e}); the VM goes on here");
+                            self.devices.set_frozen(false);
+                            let _ = self.resume();
+                        }
+                    }
+                }
+            }
         }
         lock(&ctl).finish();
     }

@@ -52,6 +52,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/vms/{id}/console/attach"),
     ("GET", "/v1/vms/{id}/metadata"),
     ("PUT", "/v1/vms/{id}/metadata"),
+    ("POST", "/v1/vms/{id}/upgrade"),
     ("POST", "/v1/vms/{id}/snapshot"),
     ("GET", "/v1/vms/{id}/snapshots"),
     ("DELETE", "/v1/vms/{id}/snapshots/{name}"),
@@ -436,6 +437,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/vms/{id}/console", get(console))
         .route("/v1/vms/{id}/console/attach", get(attach))
         .route("/v1/vms/{id}/metadata", get(get_metadata).put(put_metadata))
+        .route("/v1/vms/{id}/upgrade", post(upgrade_vm))
         .route("/v1/vms/{id}/snapshot", post(snapshot_vm))
         .route("/v1/vms/{id}/snapshots", get(list_snapshots))
         .route(
@@ -588,6 +590,15 @@ async fn put_metadata(
 ) -> Result<Response, ApiError> {
     let md: crate::spec::VmMetadata = json_body(body).await?;
     Ok(Json(st.agent.set_metadata(&id, md)?.metadata).into_response())
+}
+
+async fn upgrade_vm(
+    State(st): St,
+    _: NoParams,
+    VmId(id): VmId,
+    _: NoBody,
+) -> Result<Response, ApiError> {
+    Ok(Json(run_to_end(&st.agent, |a| async move { a.upgrade(&id).await }).await?).into_response())
 }
 
 async fn snapshot_vm(
