@@ -1237,6 +1237,7 @@ fn agent_killed_at_random_keeps_every_promise() {
         }
     });
     let (mut reboots, mut pauses, mut killed, mut stopped_vmms, mut creates) = (0, 0, 0, 0, 0);
+    let (mut upgrades, mut snapshots) = (0, 0);
     for cycle in 0..CYCLES {
         let c = agent.client();
         let before = rt.block_on(all_settled(&c, &format!("cycle {cycle} (seed {seed})")));
@@ -1264,11 +1265,13 @@ fn agent_killed_at_random_keeps_every_promise() {
         // while that stays short, and a reboot (which resets the count) is asked instead.
         let may_kill = target["status"]["restarts"].as_u64().unwrap_or(0) < 3;
         let fresh = format!("chaos-new-{cycle}");
-        let action = match (state, next(8)) {
+        let action = match (state, next(10)) {
             _ if next(10) == 0 => "create-start",
             ("running", 0 | 1) => "stop?timeout=1",
             ("running", 2 | 3) => "reboot?timeout=1",
             ("running", 4 | 5) => "pause",
+            ("running", 6) => "upgrade",
+            ("running", 7) => "snapshot",
             ("running", _) if may_kill => "kill-vmm",
             ("running", _) => "reboot?timeout=1",
             ("paused", 0..=3) => "resume",
@@ -1280,6 +1283,8 @@ fn agent_killed_at_random_keeps_every_promise() {
         match action {
             "reboot?timeout=1" => reboots += 1,
             "pause" => pauses += 1,
+            "upgrade" => upgrades += 1,
+            "snapshot" => snapshots += 1,
             _ => {}
         }
         let delay = Duration::from_micros(next(30_000));
@@ -1292,6 +1297,11 @@ fn agent_killed_at_random_keeps_every_promise() {
             let (path, body) = if action == "create-start" {
                 creates += 1;
                 ("/v1/vms?start=true".to_owned(), spec(&fresh).to_string())
+            } else if action == "snapshot" {
+                (
+                    format!("/v1/vms/{id}/snapshot"),
+                    json!({ "name": format!("c{cycle}") }).to_string(),
+                )
             } else {
                 (format!("/v1/vms/{id}/{action}"), String::new())
             };
@@ -1353,7 +1363,7 @@ fn agent_killed_at_random_keeps_every_promise() {
         }
     }
     eprintln!(
-        "chaos: {CYCLES} agent kills, {reboots} reboots, {pauses} pauses and {creates} creates with start cut, {killed} VMMs killed, {stopped_vmms} VMMs stopped across a restart"
+        "chaos: {CYCLES} agent kills, {reboots} reboots, {pauses} pauses, {upgrades} live upgrades, {snapshots} snapshots and {creates} creates with start cut, {killed} VMMs killed, {stopped_vmms} VMMs stopped across a restart"
     );
     rt.block_on(async {
         let c = agent.client();

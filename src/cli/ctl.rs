@@ -90,6 +90,11 @@ pub enum VmCommand {
         #[arg(long, default_value = "resume")]
         then: String,
     },
+    /// Hand a running VM to a new VMM process of the agent's binary (live upgrade).
+    Upgrade {
+        /// VM id.
+        id: String,
+    },
     /// List a VM's snapshots.
     Snapshots {
         /// VM id.
@@ -652,6 +657,7 @@ async fn vm_async(opts: &ClientOpts, cmd: &VmCommand) -> ExitCode {
             let body = serde_json::json!({ "name": name, "then": then });
             return print_json(c.post(&format!("/v1/vms/{id}/snapshot"), &body).await);
         }
+        VmCommand::Upgrade { id } => c.post(&format!("/v1/vms/{id}/upgrade"), &Value::Null).await,
         VmCommand::Snapshots { id } => {
             return print_json(c.get(&format!("/v1/vms/{id}/snapshots")).await)
         }

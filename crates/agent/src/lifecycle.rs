@@ -32,6 +32,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const RECONCILE_MAX_DELAY: Duration = Duration::from_secs(2);
 /// How long a forced stop waits at each step (stop request, then SIGKILL).
 const FORCE_STEP: Duration = Duration::from_secs(3);
+/// How long recovery waits for a live upgrade it finds under way to leave one VMM (the new one
+/// waits as long for the old one to hand the VM over).
+const HANDOVER_SETTLE: Duration = Duration::from_secs(10);
 /// Longest restart back-off.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -347,6 +350,7 @@ impl Agent {
                 r.status = old.clone();
                 r.state = Phase::Running;
             } else {
+                r.status.previous_token = None;
                 mark_ended(r, Phase::Failed, &reason);
             }
         })?;
@@ -475,6 +479,8 @@ impl Agent {
         let dir = self.vm_dir(&entry.id);
         let by_request = kind != Op::Restart;
         let rec = self.update(entry, |r| {
+            r.status.previous_token =
+                (kind == Op::Upgrade).then(|| std::mem::take(&mut r.status.token));
             r.status.token = token.clone();
             r.operation = op(kind);
             if r.desired != Desired::Running {
@@ -599,6 +605,7 @@ impl Agent {
             r.operation = None;
             // Restored once: later starts boot.
             r.restore_pending = false;
+            r.status.previous_token = None;
             if !by_request {
                 r.status.restarts += 1;
             }
@@ -930,6 +937,16 @@ impl Agent {
         if rec.state == Phase::Deleting {
             return Found::default();
         }
+        let settled;
+        let running = if rec.status.previous_token.is_some() {
+            // A live upgrade the agent died in: two VMMs may hold the VM for a moment. Once
+            // one has handed the VM over (and ended) or the other has given up (and ended),
+            // the one left is adopted, whichever token it has.
+            settled = self.handover_settled(&entry.id).await;
+            &settled[..]
+        } else {
+            running
+        };
         let adopted = self.adopt(entry, rec, running).await;
         let result = adopted
             .is_none()
@@ -937,6 +954,22 @@ impl Agent {
             .flatten()
             .map(|r| (r.clean, r.reason));
         Found { adopted, result }
+    }
+
+    /// Waits (up to [`HANDOVER_SETTLE`]) until at most one VMM process runs for VM `id`, and
+    /// returns every VMM process found then.
+    async fn handover_settled(&self, id: &str) -> Vec<(u32, std::path::PathBuf)> {
+        let root = self.store.root().join("vms");
+        let dir = self.vm_dir(id);
+        let deadline = tokio::time::Instant::now() + HANDOVER_SETTLE;
+        loop {
+            let found = vp::find_vmms(&root);
+            let here = found.iter().filter(|(_, d)| *d == dir).count();
+            if here <= 1 || tokio::time::Instant::now() >= deadline {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Re-adopts the VM's VMM if one is running. Who it is is proven without its help: it
@@ -979,13 +1012,16 @@ impl Agent {
             return None;
         }
         let ticks = bexar_util::procfs::start_ticks(pid);
+        // A live upgrade the agent died in, whose old VMM (the recorded pid) still holds the
+        // VM: it is adopted with its own token. (The new VMM, had it taken over, would be
+        // another process.)
+        let token = match &rec.status.previous_token {
+            Some(previous) if rec.status.pid == Some(pid) => previous.clone(),
+            _ => rec.status.token.clone(),
+        };
         let reported = match tokio::time::timeout(PROBE_TIMEOUT, vp::info(&dir)).await {
             Ok(Ok((info, peer))) => {
-                if info.id != rec.id
-                    || info.token != rec.status.token
-                    || info.pid != peer
-                    || peer != pid
-                {
+                if info.id != rec.id || info.token != token || info.pid != peer || peer != pid {
                     tracing::warn!(vm = %rec.id, pid = peer, "a VMM answers with another identity; killing it");
                     vp::kill_and_wait(peer).await;
                     return None;
@@ -1007,9 +1043,10 @@ impl Agent {
             Phase::Running
         });
         let watch_fd = pidfd.try_clone().ok()?;
-        let token = rec.status.token.clone();
         let done = Self::attach_vmm(entry, &token, Arc::new(pidfd));
         if let Err(e) = self.update(entry, |r| {
+            r.status.token = token.clone();
+            r.status.previous_token = None;
             r.state = state;
             r.status.pid = Some(pid);
             r.status.pid_start_ticks = ticks;

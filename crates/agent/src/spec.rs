@@ -492,6 +492,10 @@ pub struct VmStatus {
     /// Token of the current (or last) VMM launch.
     #[serde(default)]
     pub token: String,
+    /// While a live upgrade is under way: the token of the VMM handing the VM over (after an
+    /// agent crash, whichever of the two VMMs holds the VM is adopted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_token: Option<String>,
     /// Why it last ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_reason: Option<String>,

@@ -201,7 +201,8 @@ pub fn take_over(
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     let mut s = std::os::unix::net::UnixStream::connect(socket)
         .map_err(|e| format!("{}: {e}", socket.display()))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+    // As long as an agent recovering from a crash waits for the handover to settle.
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
     let req = Request::Handoff {
         dir: state_dir.to_owned(),

@@ -1300,6 +1300,7 @@ mod tests {
                 pid: Some(1),
                 pid_start_ticks: Some(1),
                 token: "t".into(),
+                previous_token: Some("p".into()),
                 exit_reason: Some("r".into()),
                 restarts: 0,
                 created_ms: 1,
