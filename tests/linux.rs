@@ -159,31 +159,15 @@ fn ext4_root() -> std::path::PathBuf {
 /// A network namespace with a TAP (vnet headers) at 10.0.2.1/24 and a DHCP server on it,
 /// removed with everything in it when dropped.
 struct DhcpNetns {
-    name: String,
+    ns: TapNetns,
     server: std::process::Child,
     leases: std::path::PathBuf,
     conf: std::path::PathBuf,
 }
 
-fn ip(args: &[&str]) {
-    let ok = std::process::Command::new("ip")
-        .args(args)
-        .status()
-        .expect("run ip (iproute2)")
-        .success();
-    assert!(ok, "ip {args:?} failed");
-}
-
 impl DhcpNetns {
     fn new() -> Self {
-        let name = format!("bexar-it-{}", std::process::id());
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n", &name, "tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr",
-        ]);
-        ip(&["-n", &name, "addr", "add", "10.0.2.1/24", "dev", "tap0"]);
-        ip(&["-n", &name, "link", "set", "tap0", "up"]);
+        let ns = TapNetns::new("it");
         let leases = tmp("udhcpd.leases");
         let conf = tmp("udhcpd.conf");
         std::fs::write(&leases, b"").unwrap();
@@ -197,14 +181,14 @@ impl DhcpNetns {
         )
         .unwrap();
         let server = std::process::Command::new("ip")
-            .args(["netns", "exec", &name, "busybox", "udhcpd", "-f"])
+            .args(["netns", "exec", &ns.name, "busybox", "udhcpd", "-f"])
             .arg(&conf)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start udhcpd");
         Self {
-            name,
+            ns,
             server,
             leases,
             conf,
@@ -214,11 +198,9 @@ impl DhcpNetns {
 
 impl Drop for DhcpNetns {
     fn drop(&mut self) {
+        // The server first; the namespace goes with `ns`.
         let _ = self.server.kill();
         let _ = self.server.wait();
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
         std::fs::remove_file(&self.leases).ok();
         std::fs::remove_file(&self.conf).ok();
     }
@@ -239,7 +221,7 @@ fn vmlinux_drives_all_four_virtio_devices_ext4_root_dhcp_rng_vsock() {
     let result = tmp("virtio-linux.json");
     // bexar runs inside the namespace, where the TAP lives.
     let o = std::process::Command::new("ip")
-        .args(["netns", "exec", &netns.name, env!("CARGO_BIN_EXE_bexar")])
+        .args(["netns", "exec", &netns.ns.name, env!("CARGO_BIN_EXE_bexar")])
         .arg("run")
         .arg("--kernel")
         .arg(img.join("vmlinux"))

@@ -223,6 +223,11 @@ fn a_running_guest_snapshotted_at_random_moments_carries_on_in_new_processes() {
         feed(vm.child.stdin.as_mut().unwrap(), &input_bytes(sent, n));
         sent += n;
         std::thread::sleep(Duration::from_millis(30 + rand(250)));
+        assert!(
+            vm.child.try_wait().unwrap().is_none(),
+            "round {round}: the VMM ended early:\n{}",
+            vm.text()
+        );
         let reply = vmm_control(
             &socket,
             &serde_json::json!({"op": "snapshot", "dir": dir, "then": "stop"}),

@@ -46,37 +46,26 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vmm, VmmError> {
     let platform = Platform::detect();
     let mut cmdline = platform_cmdline(platform, config);
     let ram = create_guest_memory(config.memory_mib)?;
-    let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
-    let vm = create_vm(&kvm, &ram, config.legacy_pit)?;
-    phase("VM, memory and interrupt controllers created");
-
-    let exit = ExitHandle::new().map_err(|err| VmmError::Start {
-        what: "exit eventfd",
-        err,
+    let parts = machine(ram, config, platform, start, |vm, ram, exit, console| {
+        phase("VM, memory and interrupt controllers created");
+        attach_devices(vm, ram, config, exit, console)
     })?;
-    let console = ConsoleStats::new(start);
-    let devices = attach_devices(&vm, &ram, config, &exit, &console)?;
     // The platform description: the MP table, SMBIOS, and where the virtio devices are.
-    let described = devices
-        .describe(&ram.mem, config.vcpus, &config.smbios)
+    let described = parts
+        .devices
+        .describe(&parts.ram.mem, config.vcpus, &config.smbios)
         .map_err(VmmError::Device)?;
     cmdline.push_str(&described);
     phase("devices attached");
 
-    let entry = boot::prepare(&ram.mem, &config.kernel, config.initrd.as_deref(), &cmdline)?;
+    let entry = boot::prepare(
+        &parts.ram.mem,
+        &config.kernel,
+        config.initrd.as_deref(),
+        &cmdline,
+    )?;
     tracing::debug!(?entry, "kernel loaded");
     phase("kernel loaded");
-
-    let parts = Parts {
-        kvm,
-        vm,
-        ram,
-        devices,
-        exit,
-        console,
-        platform,
-        start,
-    };
     let vmm = assemble(parts, config.clone(), entry, true, cmdline)?;
     phase("vCPUs created");
     Ok(vmm)
@@ -236,24 +225,13 @@ fn restore_from(
             memory::map_ram_file(file, config.memory_mib)?
         }
     };
-    let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
-    let vm = create_vm(&kvm, &ram, config.legacy_pit)?;
-    let exit = ExitHandle::new().map_err(|err| VmmError::Start {
-        what: "exit eventfd",
-        err,
-    })?;
-    let console = ConsoleStats::new(start);
-    let devices = restore_devices(&vm, &ram, &config, &exit, &console, &saved.devices)?;
-    let parts = Parts {
-        kvm,
-        vm,
+    let parts = machine(
         ram,
-        devices,
-        exit,
-        console,
-        platform: Platform::detect(),
+        &config,
+        Platform::detect(),
         start,
-    };
+        |vm, ram, exit, console| restore_devices(vm, ram, &config, exit, console, &saved.devices),
+    )?;
     let mut vmm = assemble(parts, config, saved.entry, false, saved.cmdline)?;
     vmm.state = VmmState::Paused;
     vmm.restore_vm_state(&saved.vm)?;
@@ -277,6 +255,40 @@ struct Parts {
     console: Arc<ConsoleStats>,
     platform: Platform,
     start: Instant,
+}
+
+/// The VM on `ram` with its interrupt controllers, the VM's end and console clock, and the
+/// devices `attach` makes: what both recipes build before the vCPUs.
+fn machine(
+    ram: GuestRam,
+    config: &VmConfig,
+    platform: Platform,
+    start: Instant,
+    attach: impl FnOnce(
+        &VmFd,
+        &GuestRam,
+        &ExitHandle,
+        &Arc<ConsoleStats>,
+    ) -> Result<DeviceManager, VmmError>,
+) -> Result<Parts, VmmError> {
+    let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
+    let vm = create_vm(&kvm, &ram, config.legacy_pit)?;
+    let exit = ExitHandle::new().map_err(|err| VmmError::Start {
+        what: "exit eventfd",
+        err,
+    })?;
+    let console = ConsoleStats::new(start);
+    let devices = attach(&vm, &ram, &exit, &console)?;
+    Ok(Parts {
+        kvm,
+        vm,
+        ram,
+        devices,
+        exit,
+        console,
+        platform,
+        start,
+    })
 }
 
 /// The control socket, the event loops and the vCPU threads around `parts`: the boot vCPU set

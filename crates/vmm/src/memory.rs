@@ -276,26 +276,17 @@ fn private_pages(region: &GuestRegionMmap, pages: &mut [bool]) -> std::io::Resul
 /// MiB) mapped `MAP_PRIVATE`, so nothing is read until the guest touches a page, and the
 /// guest's writes stay in this process (the file is never changed and can be restored again).
 pub fn map_ram_file(file: File, size_mib: u64) -> Result<GuestRam, MemoryError> {
-    if size_mib == 0 || size_mib > MAX_MEMORY_MIB {
-        return Err(MemoryError::BadSize(size_mib));
-    }
-    let size = size_mib << 20;
-    let len = file.metadata().map_err(MemoryError::File)?.len();
-    if len != size {
-        return Err(MemoryError::FileSize { len, size });
-    }
-    let mem = map_ram(&file, size, libc::MAP_PRIVATE)?;
-    Ok(GuestRam {
-        mem,
-        file,
-        size,
-        private: true,
-    })
+    map_existing(file, size_mib, true)
 }
 
 /// Guest RAM handed over by another VMM: its memfd of exactly `size_mib` MiB, mapped shared
 /// (the same pages; nothing is copied or read).
 pub fn map_ram_memfd(file: File, size_mib: u64) -> Result<GuestRam, MemoryError> {
+    map_existing(file, size_mib, false)
+}
+
+/// Guest RAM from an existing file of exactly `size_mib` MiB, mapped privately or shared.
+fn map_existing(file: File, size_mib: u64, private: bool) -> Result<GuestRam, MemoryError> {
     if size_mib == 0 || size_mib > MAX_MEMORY_MIB {
         return Err(MemoryError::BadSize(size_mib));
     }
@@ -304,12 +295,17 @@ pub fn map_ram_memfd(file: File, size_mib: u64) -> Result<GuestRam, MemoryError>
     if len != size {
         return Err(MemoryError::FileSize { len, size });
     }
-    let mem = map_ram(&file, size, libc::MAP_SHARED)?;
+    let flags = if private {
+        libc::MAP_PRIVATE
+    } else {
+        libc::MAP_SHARED
+    };
+    let mem = map_ram(&file, size, flags)?;
     Ok(GuestRam {
         mem,
         file,
         size,
-        private: false,
+        private,
     })
 }
 

@@ -595,6 +595,7 @@ impl VcpuHandle {
                     responses: resp_tx,
                     pending,
                     stats,
+                    io_pending: false,
                 };
                 t.main();
             })
@@ -699,6 +700,9 @@ struct VcpuThread {
     responses: Sender<(u64, VcpuResponse)>,
     pending: Arc<AtomicBool>,
     stats: Arc<VcpuStats>,
+    /// The last exit was a port or MMIO access, which KVM completes (a read's value into the
+    /// guest's register, RIP past the instruction) only at the next KVM_RUN.
+    io_pending: bool,
 }
 
 /// What the thread does after a request.
@@ -836,23 +840,36 @@ impl VcpuThread {
                 return;
             }
             if self.pending.load(Ordering::Acquire) {
-                if let Next::Exit = self.requests_while_running() {
-                    return;
+                if self.io_pending {
+                    // Requests are taken with the guest's last instruction complete: paused
+                    // (and saved) between the exit and the next KVM_RUN, a port read would run
+                    // again after a restore and take a second UART byte, a write be done twice.
+                    // KVM_RUN with immediate_exit completes it and returns at once (EINTR), or
+                    // with the next exit of a string instruction, handled as any other.
+                    self.vcpu.set_kvm_immediate_exit(1);
+                } else {
+                    self.vcpu.set_kvm_immediate_exit(0);
+                    if let Next::Exit = self.requests_while_running() {
+                        return;
+                    }
+                    continue;
                 }
-                continue;
             }
             let result = self.vcpu.run();
             let (ctx, stats) = (&self.ctx, &self.stats);
             stats.exits.fetch_add(1, Ordering::Relaxed);
+            self.io_pending = false;
             let reason = match result {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     stats.pio.fetch_add(1, Ordering::Relaxed);
                     ctx.pio.write(u64::from(port), data);
+                    self.io_pending = true;
                     continue;
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
                     stats.pio.fetch_add(1, Ordering::Relaxed);
                     ctx.pio.read(u64::from(port), data);
+                    self.io_pending = true;
                     continue;
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -860,11 +877,13 @@ impl VcpuThread {
                     if !ctx.mmio.read(addr, data) {
                         data.fill(0);
                     }
+                    self.io_pending = true;
                     continue;
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     stats.mmio.fetch_add(1, Ordering::Relaxed);
                     ctx.mmio.write(addr, data);
+                    self.io_pending = true;
                     continue;
                 }
                 Ok(VcpuExit::Hlt) => ExitReason::Halted,

@@ -22,6 +22,7 @@ use crate::net::wire::Mac;
 use crate::vtests::{alloc, check_pattern, fail, fill_pattern, open_disk, param, parse_mac};
 use crate::{code, TestResult, P};
 use core::sync::atomic::{AtomicU64, Ordering};
+use rt::arch::{ms_to_cycles, rdtsc};
 use rt::bootparams::BootParams;
 use rt::mptable::MpTable;
 use rt::virtio::blk::SECTOR_SIZE;
@@ -64,6 +65,14 @@ pub fn test_snapshot(bp: &BootParams) -> TestResult {
         Ok(mp) => smp::start_aps(&mp, ap_spin).unwrap_or(0),
         Err(_) => 0,
     };
+    // Every AP spinning before the first step (an AP's way to long mode is slow on PVM).
+    let t0 = rdtsc();
+    while (1..=aps).any(|i| AP_SPINS.get(i).is_some_and(|c| c.load(Ordering::Relaxed) == 0)) {
+        if rdtsc().wrapping_sub(t0) > ms_to_cycles(5000) {
+            return Err((code::SMP_TIMEOUT, "an AP did not start"));
+        }
+        core::hint::spin_loop();
+    }
     let mut d = open_disk(bp)?;
     let sectors = sectors.min(d.capacity()).max(1);
     let buf = alloc(SECTOR_SIZE)?;
