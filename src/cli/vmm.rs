@@ -112,10 +112,15 @@ pub fn main(dir: &Path) -> ExitCode {
         };
         (lock, built)
     };
-    let _lock = lock;
+    let mut lock = Some(lock);
     match built.and_then(|vmm| vmm.run_until_exit(None)) {
         Ok(outcome) => {
             tracing::info!(vm = %launch.id(), "VM ended: {}", outcome.reason);
+            if outcome.handed_off {
+                // The new VMM waits for the lock with the guest paused: it goes before the
+                // result is written (which the agent ignores for this launch anyway).
+                drop(lock.take());
+            }
             write_result(
                 dir,
                 &RunResult {

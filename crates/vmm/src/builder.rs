@@ -361,6 +361,7 @@ fn assemble(
         state: VmmState::Created,
         running: None,
         handoff_memory: None,
+        handed_off: false,
         handed_over: None,
     })
 }

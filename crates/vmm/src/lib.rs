@@ -301,6 +301,9 @@ pub struct VmOutcome {
     /// or a restore took to reach the guest's first instruction.
     #[serde(default)]
     pub running_ms: Option<f64>,
+    /// The VM was handed to a new VMM process (a live upgrade): it goes on there.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handed_off: bool,
     /// Time from VMM start to the first console byte.
     pub first_console_byte_ms: Option<f64>,
     /// Time from VMM start to the expected pattern (set by the caller that watched for it).

@@ -145,6 +145,8 @@ pub struct Vmm {
     pub(crate) running: Option<Instant>,
     /// Guest memory to send with the reply being made (a handover).
     pub(crate) handoff_memory: Option<std::fs::File>,
+    /// The VM was handed to a new VMM: this one only ends.
+    pub(crate) handed_off: bool,
     /// For a VM handed over by another VMM: when that one paused it (`CLOCK_MONOTONIC`, ns),
     /// then, once this one let it run, the pause the guest saw.
     pub(crate) handed_over: Option<(u64, Option<f64>)>,
@@ -465,7 +467,7 @@ impl Vmm {
         } else {
             self.ram.file.try_clone().map_err(io(dir))?
         };
-        snapshot::write_state(dir, &state)?;
+        snapshot::write_state_now(dir, &state)?;
         Ok(memory)
     }
 
@@ -655,6 +657,7 @@ impl Vmm {
                     match lock(&ctl).reply_with_fd(conn, &reply, memory.as_raw_fd()) {
                         Ok(()) => {
                             tracing::info!("VM handed over to a new VMM");
+                            self.handed_off = true;
                             self.exit.request(ExitReason::Stopped);
                         }
                         Err(e) => {
@@ -761,6 +764,7 @@ impl Vmm {
             reason,
             elapsed_ms: ms(elapsed),
             running_ms: self.running.map(|t| ms(t.duration_since(self.start))),
+            handed_off: self.handed_off,
             first_console_byte_ms: self.console.first_byte().map(ms),
             pattern_ms: None,
             console_bytes: self.console.bytes(),
