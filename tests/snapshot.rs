@@ -151,6 +151,63 @@ fn echo_frames(
     })
 }
 
+/// The host's end of the guest's vsock counter stream: every connection is first told the value
+/// expected next, then must carry the values from there, in order. Returns every value taken.
+fn counter_service(
+    listen: &Path,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Result<u64, String>> {
+    let _ = std::fs::remove_file(listen);
+    let l = std::os::unix::net::UnixListener::bind(listen).unwrap();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let mut expected = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            let mut c = match l.accept() {
+                Ok((c, _)) => c,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+            };
+            c.set_nonblocking(false).unwrap();
+            c.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            if c.write_all(&expected.to_le_bytes()).is_err() {
+                continue;
+            }
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 256];
+            loop {
+                match c.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.kind() == std::io::ErrorKind::TimedOut =>
+                    {
+                        if stop.load(std::sync::atomic::Ordering::Acquire) {
+                            break;
+                        }
+                        continue;
+                    }
+                    Err(_) => break,
+                }
+                while buf.len() >= 8 {
+                    let v = u64::from_le_bytes(buf[..8].try_into().unwrap());
+                    buf.drain(..8);
+                    if v != expected {
+                        return Err(format!("value {v} came when {expected} was expected"));
+                    }
+                    expected += 1;
+                }
+            }
+            // A connection that ends mid-value lost nothing: the guest sends it again.
+        }
+        Ok(expected)
+    })
+}
+
 /// Console input of the guest: `a`..`z` over and over.
 fn input_bytes(from: u64, n: u64) -> Vec<u8> {
     (from..from + n).map(|i| b'a' + (i % 26) as u8).collect()
@@ -182,6 +239,11 @@ fn a_running_guest_snapshotted_at_random_moments_carries_on_in_new_processes() {
     let dir = tmp("snap-dir");
     let _ = std::fs::remove_dir_all(&dir);
     let socket = tmp("snap.sock");
+    let vsock_uds = tmp("snap-vsock.sock");
+    let counter = counter_service(
+        &Path::new(&format!("{}_5000", vsock_uds.display())),
+        stop.clone(),
+    );
     let (_, mut rand) = seeded_rng("snapshot rounds");
     const ROUNDS: usize = 20;
 
@@ -208,12 +270,20 @@ fn a_running_guest_snapshotted_at_random_moments_carries_on_in_new_processes() {
         .arg(&disk)
         .args(["--net", "tap=tap0,mac=02:00:00:00:51:01", "--control"])
         .arg(&socket)
+        .arg("--vsock")
+        .arg(format!("cid=7,uds={}", vsock_uds.display()))
         .arg("--cmdline")
         .arg(format!(
-            "console=ttyS0 bexar.test=snapshot bexar.dst-mac=ff:ff:ff:ff:ff:ff{}",
+            "console=ttyS0 bexar.test=snapshot bexar.dst-mac=ff:ff:ff:ff:ff:ff bexar.vsock-port=5000{}",
             guest_platform_params()
         ));
     let mut vm = Vm::spawn(first);
+    // Every device set up (the vsock device among them) before the first snapshot.
+    let t = Instant::now();
+    while !vm.text().contains("snap: ready") {
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", vm.text());
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let mut console = Vec::new();
     let mut sent = 0u64;
     let mut paused_ms = Vec::new();
@@ -253,6 +323,7 @@ fn a_running_guest_snapshotted_at_random_moments_carries_on_in_new_processes() {
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, std::sync::atomic::Ordering::Release);
     let frames = echo.join().unwrap();
+    let values = counter.join().unwrap();
     let text = String::from_utf8_lossy(&console).into_owned();
     assert!(
         status.success(),
@@ -291,9 +362,29 @@ fn a_running_guest_snapshotted_at_random_moments_carries_on_in_new_processes() {
         echoes + 3 * ROUNDS as u64 >= last,
         "{echoes} echoes of {last} frames: {done}"
     );
+    // The vsock counter stream, resumed after every restore's reset, reached the host whole:
+    // every value once, in order, up to the last one the guest sent.
+    let values = values.unwrap_or_else(|e| panic!("vsock stream: {e}\n{text}"));
+    let sent = text
+        .lines()
+        .find_map(|l| l.split("snap: vsock: ").nth(1))
+        .and_then(|l| l.split(' ').next()?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no vsock summary: {text}"));
+    assert_eq!(
+        values, sent,
+        "the host has {values} values, the guest sent {sent}"
+    );
+    // Each restore told the guest its connections were gone, once.
+    assert!(
+        text.contains(&format!("values sent, {ROUNDS} resets")),
+        "{ROUNDS} restores: {}",
+        text.lines()
+            .find(|l| l.contains("snap: vsock: "))
+            .unwrap_or_default()
+    );
     paused_ms.sort_by(f64::total_cmp);
     eprintln!(
-        "{ROUNDS} snapshots over {last} steps; paused p50 {:.1} ms, max {:.1} ms; {done}",
+        "{ROUNDS} snapshots over {last} steps, {values} vsock values; paused p50 {:.1} ms, max {:.1} ms; {done}",
         paused_ms[ROUNDS / 2],
         paused_ms[ROUNDS - 1]
     );

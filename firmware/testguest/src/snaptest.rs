@@ -11,6 +11,10 @@
 //! * a frame carrying `n` goes out on the first NIC to `bexar.dst-mac` (EtherType 0x88b6);
 //!   frames that came in (the host echoes them) must carry strictly increasing step numbers no
 //!   larger than `n`;
+//! * with a vsock device and `bexar.vsock-port=P`, the next value of a counter goes to the host's
+//!   port P as 8 bytes: the host answers each new connection with the value it expects next,
+//!   and the guest goes on from there, so after a restore (which resets every connection) the
+//!   stream resumes with nothing lost or repeated, as an application on vsock would;
 //! * every 10 steps, console input is drained: it must be `a`, `b`, ... `z`, `a`... with no byte
 //!   lost or repeated; `Q` asks the guest to finish;
 //! * `bexar-testguest: snap: step n ...` goes to the console.
@@ -26,10 +30,13 @@ use rt::arch::{ms_to_cycles, rdtsc};
 use rt::bootparams::BootParams;
 use rt::mptable::MpTable;
 use rt::virtio::blk::SECTOR_SIZE;
-use rt::virtio::{device_id, mmio};
+use rt::virtio::vsock::{self, op as vop, Conn, Vsock};
+use rt::virtio::{device_id, mmio, Error};
 use rt::{irq, println, smp, uart, MAX_CPUS};
 
 const ETH_SNAP: [u8; 2] = [0x88, 0xb6];
+/// Receive buffer space the guest advertises on its vsock connections.
+const VSOCK_BUF: u32 = 64 * 1024;
 /// The IRQ line whose vector the LAPIC timer uses (no IOAPIC pin routed to it).
 const TIMER_LINE: u8 = 23;
 /// Steps between two drains of the console input, so that input waits in the UART's FIFO
@@ -56,6 +63,99 @@ fn frame_step(f: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(b))
 }
 
+#[derive(PartialEq, Eq)]
+enum Phase {
+    Idle,
+    Connecting,
+    /// Connected; waiting for the host's word on where to go on from.
+    Resuming,
+    Streaming,
+}
+
+/// The counter stream to the host over vsock, resumed after every reset.
+struct Stream {
+    v: Vsock,
+    port: u32,
+    conn: Conn,
+    phase: Phase,
+    local_port: u32,
+    /// The next value to send.
+    next: u64,
+    resets: u64,
+    payload: &'static mut [u8],
+}
+
+fn vs(what: &'static str) -> impl Fn(Error) -> (u32, &'static str) {
+    move |e| fail(what, e)
+}
+
+impl Stream {
+    fn step(&mut self) -> TestResult {
+        while self.v.poll_event().map_err(vs("snap: vsock event"))?.is_some() {
+            // TRANSPORT_RESET: every connection is gone (a restore).
+            self.phase = Phase::Idle;
+            self.resets += 1;
+        }
+        while let Some(h) = self.v.recv(self.payload).map_err(vs("snap: vsock receive"))? {
+            if self.phase == Phase::Idle || !self.conn.matches(&h) {
+                if h.op != vop::RST {
+                    self.v.send_rst_for(&h).map_err(vs("snap: vsock rst"))?;
+                }
+                continue;
+            }
+            self.conn.update_credit(&h);
+            match h.op {
+                vop::RESPONSE if self.phase == Phase::Connecting => self.phase = Phase::Resuming,
+                vop::RW => {
+                    let n = h.len;
+                    self.conn.rx_cnt = self.conn.rx_cnt.wrapping_add(n);
+                    self.conn.fwd_cnt = self.conn.fwd_cnt.wrapping_add(n);
+                    if self.phase == Phase::Resuming && n >= 8 {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(&self.payload[..8]);
+                        let from = u64::from_le_bytes(b);
+                        if from > self.next {
+                            println!("{P}: snap: the host expects value {from}; only {} were sent", self.next);
+                            return Err((code::VSOCK_DATA, "the host has more than the guest sent"));
+                        }
+                        self.next = from;
+                        self.phase = Phase::Streaming;
+                    }
+                }
+                vop::RST | vop::SHUTDOWN => self.phase = Phase::Idle,
+                vop::CREDIT_REQUEST => {
+                    self.v.send_conn(&mut self.conn, vop::CREDIT_UPDATE, 0, &[]).map_err(vs("snap: vsock credit"))?
+                }
+                _ => {}
+            }
+        }
+        match self.phase {
+            Phase::Idle => {
+                self.local_port += 1;
+                self.conn = Conn::new(self.v.guest_cid, self.local_port, vsock::CID_HOST, self.port, VSOCK_BUF);
+                self.v.send_conn(&mut self.conn, vop::REQUEST, 0, &[]).map_err(vs("snap: vsock connect"))?;
+                self.phase = Phase::Connecting;
+            }
+            Phase::Streaming if self.conn.credit() >= 8 => {
+                let value = self.next.to_le_bytes();
+                self.v.send_conn(&mut self.conn, vop::RW, 0, &value).map_err(vs("snap: vsock send"))?;
+                self.next += 1;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Waits (up to 1 s) until the device has taken every packet queued.
+    fn drain(&mut self) {
+        let t0 = rdtsc();
+        while self.v.tx.num_free() < self.v.tx.size() && rdtsc().wrapping_sub(t0) < ms_to_cycles(1000) {
+            let _ = self.v.reclaim_tx();
+            core::hint::spin_loop();
+        }
+    }
+}
+
 pub fn test_snapshot(bp: &BootParams) -> TestResult {
     let tick_ms = param(bp, "bexar.tick-ms", 10)?.clamp(1, 1000);
     let sectors = param(bp, "bexar.sectors", 256)?;
@@ -78,6 +178,21 @@ pub fn test_snapshot(bp: &BootParams) -> TestResult {
     let buf = alloc(SECTOR_SIZE)?;
     let t = mmio::find(device_id::NET, 0).ok_or((code::VIRTIO_NO_DEVICE, "no network device"))?;
     let mut n = rt::virtio::net::Net::open(t, 64).map_err(|e| fail("snap: net init failed", e))?;
+
+    let vsock_port = param(bp, "bexar.vsock-port", 0)? as u32;
+    let mut stream = match mmio::find(device_id::VSOCK, 0) {
+        Some(t) if vsock_port != 0 => Some(Stream {
+            v: Vsock::open(t, 64).map_err(vs("snap: vsock init failed"))?,
+            port: vsock_port,
+            conn: Conn::default(),
+            phase: Phase::Idle,
+            local_port: 1 << 20,
+            next: 0,
+            resets: 0,
+            payload: alloc(vsock::MAX_PAYLOAD)?,
+        }),
+        _ => None,
+    };
 
     irq::lapic_enable();
     irq::lapic_timer_periodic(TIMER_LINE, (tick_ms * 62_500) as u32);
@@ -136,6 +251,9 @@ pub fn test_snapshot(bp: &BootParams) -> TestResult {
             println!("{P}: snap: step {step}: echo of step {s} after step {last_echo}'s");
             return Err((code::FAIL_TEST, "a frame came in twice or out of order"));
         }
+        if let Some(s) = &mut stream {
+            s.step()?;
+        }
         if step % INPUT_EVERY == 0 {
             while let Some(b) = uart::try_getb() {
                 if b == b'Q' {
@@ -154,6 +272,17 @@ pub fn test_snapshot(bp: &BootParams) -> TestResult {
         println!("{P}: snap: step {step} input {input} echoes {echoes} ap {spins}");
     }
     irq::lapic_timer_stop();
+    if let Some(s) = &mut stream {
+        // Connected again if a restore had just reset the stream, so that the host has every
+        // value counted as sent.
+        let t0 = rdtsc();
+        while s.phase != Phase::Streaming && rdtsc().wrapping_sub(t0) < ms_to_cycles(2000) {
+            s.step()?;
+            rt::arch::delay_us(1000);
+        }
+        s.drain();
+        println!("{P}: snap: vsock: {} values sent, {} resets", s.next, s.resets);
+    }
     for s in step.saturating_sub(sectors - 1).max(1)..=step {
         d.read(s % sectors, buf).map_err(|e| fail("snap: read failed", e))?;
         if check_pattern(buf, s, s % sectors).is_some() {
