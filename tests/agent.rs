@@ -1545,9 +1545,23 @@ fn snapshots_through_the_api_and_vms_created_from_them() {
             .await
             .unwrap();
         assert_eq!(error_of(&expect_status(&r, 409)).0, "already_exists");
+        // An agent that died between the VMM's last write and its own finds the snapshot whole
+        // from its files: listed, its name taken.
+        let info = Path::new(snap["path"].as_str().unwrap()).join("snapshot.json");
+        std::fs::remove_file(&info).unwrap();
         let list = expect_status(&c.get("/v1/vms/src/snapshots").await.unwrap(), 200);
         assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
         assert_eq!(list["items"][0]["name"], "s1");
+        assert_eq!(list["items"][0]["memory_saved_bytes"], saved, "{list}");
+        assert!(info.exists(), "recorded again");
+        // A directory with no whole snapshot in it is none.
+        let partial = info.parent().unwrap().with_file_name("half");
+        std::fs::create_dir_all(&partial).unwrap();
+        std::fs::write(partial.join("memory"), b"").unwrap();
+        let list = expect_status(&c.get("/v1/vms/src/snapshots").await.unwrap(), 200);
+        assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
+        let r = c.delete("/v1/vms/src/snapshots/half").await.unwrap();
+        expect_status(&r, 404);
         let events =
             String::from_utf8_lossy(&c.get("/v1/events?vm=src").await.unwrap().body).into_owned();
         assert!(events.contains("\"snapshotted\""), "{events}");

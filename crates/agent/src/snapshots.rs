@@ -3,9 +3,11 @@
 //! another.
 //!
 //! A snapshot lives in `vms/ID/snapshots/NAME/`: the VMM's `vm.state` and `memory`
-//! ([`bexar_vmm::snapshot`]) and the agent's `snapshot.json` ([`SnapshotInfo`]), written last:
-//! a directory without it is a snapshot that did not finish, never listed and removed when its
-//! name is used again. A VM created from a snapshot gets its own hard links to the two files
+//! ([`bexar_vmm::snapshot`]) and the agent's `snapshot.json` ([`SnapshotInfo`]), written last.
+//! The VMM writes its state file last and atomically, so a directory with a state file that reads
+//! holds a whole snapshot even without `snapshot.json` (the agent died before writing it): its
+//! description is then made from the files ([`finished`]). Anything less is a snapshot that did
+//! not finish, never listed and removed when its name is used again. A VM created from a snapshot gets its own hard links to the two files
 //! (a copy across file systems) in `vms/NEW/restore/`, so deleting the snapshot, or its VM,
 //! never takes the files from under a VM that will restore them.
 
@@ -95,7 +97,7 @@ impl Agent {
             });
         }
         let dir = self.snapshots_dir(id).join(&req.name);
-        if dir.join(INFO).exists() {
+        if finished(&dir, id).is_some() {
             return Err(AgentError::SnapshotExists {
                 vm: id.to_owned(),
                 name: req.name,
@@ -198,10 +200,7 @@ impl Agent {
             .into_iter()
             .flatten()
             .flatten()
-            .filter_map(|e| {
-                let data = std::fs::read(e.path().join(INFO)).ok()?;
-                serde_json::from_slice(&data).ok()
-            })
+            .filter_map(|e| finished(&e.path(), id))
             .collect();
         list.sort_by_key(|s| (s.created_ms, s.name.clone()));
         Ok(list)
@@ -218,8 +217,12 @@ impl Agent {
             return Err(not_found());
         }
         let dir = self.snapshots_dir(id).join(name);
-        // The description goes first: a crash half-way leaves an unfinished snapshot, which is
-        // never listed and is removed when the name is used again.
+        if finished(&dir, id).is_none() {
+            return Err(not_found());
+        }
+        // The state file goes first (then the description): a crash half-way leaves an
+        // unfinished snapshot, which is never listed and is removed when the name is used again.
+        let _ = std::fs::remove_file(snapshot::state_path(&dir));
         match std::fs::remove_file(dir.join(INFO)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_found()),
@@ -243,7 +246,7 @@ impl Agent {
         let dir = match (&r.vm, &r.snapshot, &r.path) {
             (Some(vm), Some(name), _) => {
                 let dir = self.snapshots_dir(vm).join(name);
-                if !dir.join(INFO).exists() {
+                if finished(&dir, vm).is_none() {
                     return Err(invalid(
                         "restore.snapshot",
                         format!("VM {vm:?} has no snapshot {name:?}"),
@@ -279,6 +282,41 @@ impl Agent {
         }
         Ok(Some(dir))
     }
+}
+
+/// The description of the finished snapshot in `dir` (of VM `vm`): its `snapshot.json`, or, if
+/// the agent died between the VMM's last write and its own, one made from the files (and
+/// written, so that it is made once). `None` for a directory that holds no whole snapshot.
+fn finished(dir: &Path, vm: &str) -> Option<SnapshotInfo> {
+    if let Ok(data) = std::fs::read(dir.join(INFO)) {
+        return serde_json::from_slice(&data).ok();
+    }
+    let state = snapshot::read_state(dir).ok()?;
+    let meta = std::fs::metadata(snapshot::state_path(dir)).ok()?;
+    let memory = std::fs::metadata(snapshot::memory_path(dir)).ok()?;
+    if memory.len() != state.memory.size {
+        return None;
+    }
+    let created_ms = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64);
+    let info = SnapshotInfo {
+        name: dir.file_name()?.to_string_lossy().into_owned(),
+        vm: vm.to_owned(),
+        created_ms,
+        path: dir.to_owned(),
+        state_bytes: meta.len(),
+        memory_bytes: state.memory.size,
+        memory_saved_bytes: state.memory.saved,
+        paused_ms: 0.0,
+    };
+    tracing::info!(vm, snapshot = %info.name, "a snapshot the agent had not recorded: recorded now");
+    if let Ok(data) = serde_json::to_vec_pretty(&info) {
+        let _ = write_atomic(&dir.join(INFO), &data);
+    }
+    Some(info)
 }
 
 /// Whether a snapshot's machine is the one `spec` describes.
