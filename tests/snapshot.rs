@@ -241,7 +241,7 @@ fn a_running_guest_snapshotted_at_random_moments_carries_on_in_new_processes() {
     let socket = tmp("snap.sock");
     let vsock_uds = tmp("snap-vsock.sock");
     let counter = counter_service(
-        &Path::new(&format!("{}_5000", vsock_uds.display())),
+        Path::new(&format!("{}_5000", vsock_uds.display())),
         stop.clone(),
     );
     let (_, mut rand) = seeded_rng("snapshot rounds");
