@@ -528,3 +528,61 @@ fn damaged_snapshots_are_refused_with_a_clear_error() {
     std::fs::remove_dir_all(&dir).ok();
     std::fs::remove_file(&disk).ok();
 }
+
+/// The generation IDs a `generation` guest printed.
+fn generations(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.split("generation: ").nth(1))
+        .map(|g| g.trim().to_owned())
+        .collect()
+}
+
+#[test]
+fn every_restore_gives_the_guest_a_new_generation_id() {
+    let socket = tmp("gen.sock");
+    let dir = tmp("gen-snapshot");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut boot = bexar();
+    boot.arg("run")
+        .arg("--kernel")
+        .arg(testguest())
+        .args(["--memory", "32", "--control"])
+        .arg(&socket)
+        .arg("--cmdline")
+        .arg(format!("bexar.test=generation{}", guest_platform_params()));
+    let vm = Vm::spawn(boot);
+    let t = Instant::now();
+    while generations(&vm.text()).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", vm.text());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let reply = vmm_control(
+        &socket,
+        &serde_json::json!({"op": "snapshot", "dir": dir, "then": "stop"}),
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
+    let (_, out) = vm.wait(10);
+    let booted = generations(&String::from_utf8_lossy(&out));
+    assert_eq!(booted.len(), 1, "{booted:?}");
+    // Two restores of the one snapshot (a VM and its clone): each guest reads a new ID, which
+    // stays while it runs.
+    let mut seen = booted.clone();
+    for _ in 0..2 {
+        let mut c = bexar();
+        c.arg("run").arg("--restore").arg(&dir);
+        let mut vm = Vm::spawn(c);
+        vm.child.stdin.as_mut().unwrap().write_all(b"xxq").unwrap();
+        let (status, out) = vm.wait(10);
+        assert!(status.success(), "{status}");
+        let g = generations(&String::from_utf8_lossy(&out));
+        assert_eq!(g.len(), 2, "{g:?}");
+        assert_eq!(g[0], g[1], "the ID stays while the guest runs");
+        assert!(
+            g[0].len() == 32 && g[0].chars().all(|c| c.is_ascii_hexdigit()),
+            "{g:?}"
+        );
+        assert!(!seen.contains(&g[0]), "{g:?} was seen before: {seen:?}");
+        seen.push(g[0].clone());
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

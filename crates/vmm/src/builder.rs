@@ -217,6 +217,7 @@ fn restore_from(
             saved.memory.size, config.memory_mib
         )));
     }
+    let restored_from_file = memory.is_none();
     let ram = match memory {
         Some(memfd) => memory::map_ram_memfd(memfd, config.memory_mib)?,
         None => {
@@ -233,6 +234,13 @@ fn restore_from(
         |vm, ram, exit, console| restore_devices(vm, ram, &config, exit, console, &saved.devices),
     )?;
     let mut vmm = assemble(parts, config, saved.entry, false, saved.cmdline)?;
+    if restored_from_file {
+        // A VM that may now exist twice (a clone, or the same snapshot restored again) gets a
+        // new generation ID; a handover is the same VM going on.
+        if let Some(g) = boot::smbios::new_generation(&vmm.ram.mem)? {
+            tracing::debug!("VM generation ID {g:032x}");
+        }
+    }
     vmm.state = VmmState::Paused;
     vmm.restore_vm_state(&saved.vm)?;
     vmm.restore_vcpus(saved.vcpus)?;

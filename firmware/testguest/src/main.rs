@@ -112,6 +112,7 @@ const TESTS: &[(&str, Test)] = &[
     ("smbios", test_smbios),
     ("snapshot", snaptest::test_snapshot),
     ("touch", test_touch),
+    ("generation", test_generation),
 ];
 
 fn main(bp: BootParams) -> ! {
@@ -365,6 +366,28 @@ fn test_touch(bp: &BootParams) -> TestResult {
     println!("{P}: touch: {} pages written", region.len() / 4096);
     loop {
         core::hint::spin_loop();
+    }
+}
+
+/// The VM generation ID in the SMBIOS tables (the OEM string after its mark), read from memory.
+fn read_generation() -> Option<[u8; 32]> {
+    const MARK: &[u8] = b"bexar-vm-generation=";
+    let region = unsafe { core::slice::from_raw_parts(0xf0000 as *const u8, 0x10000) };
+    let at = region.windows(MARK.len()).position(|w| w == MARK)? + MARK.len();
+    let mut g = [0u8; 32];
+    g.copy_from_slice(region.get(at..at + 32)?);
+    Some(g)
+}
+
+/// `generation`: prints the VM generation ID, and again after each console byte until `q`: a
+/// guest restored from a snapshot reads a new one.
+fn test_generation(_: &BootParams) -> TestResult {
+    loop {
+        let g = read_generation().ok_or((code::SMBIOS_NOT_FOUND, "no VM generation ID"))?;
+        println!("{P}: generation: {}", core::str::from_utf8(&g).unwrap_or("?"));
+        if uart::getb() == b'q' {
+            return Ok(());
+        }
     }
 }
 

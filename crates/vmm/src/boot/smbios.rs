@@ -8,9 +8,17 @@
 //! entry point by scanning 0xF0000-0xFFFFF for the `_SM3_` anchor on a 16-byte boundary, which
 //! is where it goes.
 //!
-//! Four structures: BIOS information (type 0, with the "this is a virtual machine" bit), system
+//! Five structures: BIOS information (type 0, with the "this is a virtual machine" bit), system
 //! information (type 1: manufacturer, product, version, serial number, UUID, family), chassis
-//! (type 3: manufacturer, asset tag) and the end-of-table marker (type 127). ~300 bytes.
+//! (type 3: manufacturer, asset tag), OEM strings (type 11: the VM generation ID) and the
+//! end-of-table marker (type 127). ~350 bytes.
+//!
+//! **The VM generation ID** is what a guest without ACPI (so without a vmgenid device) can read
+//! to learn that it was restored from a snapshot, possibly twice (a clone): the OEM string
+//! `bexar-vm-generation=` followed by 32 hex digits, random at boot and new at every restore
+//! ([`new_generation`] writes it in place in guest memory). Linux serves the raw table from
+//! memory at each read of `/sys/firmware/dmi/tables/DMI`, so `dmidecode -t 11` shows the
+//! current one; software that keys secrets or identities on the VM instance can compare it.
 
 use bexar_devices::memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
@@ -85,7 +93,10 @@ const BIOS_DATE: &str = "12/05/2026";
 const TYPE_BIOS: u8 = 0;
 const TYPE_SYSTEM: u8 = 1;
 const TYPE_CHASSIS: u8 = 3;
+const TYPE_OEM_STRINGS: u8 = 11;
 const TYPE_END: u8 = 127;
+/// The OEM string that carries the VM generation ID, before its 32 hex digits.
+pub const GENERATION_MARK: &str = "bexar-vm-generation=";
 /// BIOS characteristics bit 3: "BIOS characteristics are not supported" (there is no BIOS).
 const BIOS_CHARACTERISTICS_NOT_SUPPORTED: u64 = 1 << 3;
 /// BIOS characteristics extension byte 2, bit 4: the table describes a virtual machine.
@@ -147,6 +158,14 @@ impl Structure {
             }
             None => self.u8(0),
         }
+    }
+
+    /// A string the structure counts in a field of its own (type 11), with no number field.
+    fn counted_string(&mut self, s: &str) -> &mut Self {
+        self.count += 1;
+        self.strings.extend_from_slice(s.as_bytes());
+        self.strings.push(0);
+        self
     }
 
     fn finish(mut self, out: &mut Vec<u8>) {
@@ -214,8 +233,46 @@ pub fn table(id: &SmbiosIdentity) -> Vec<u8> {
         .string(None); // SKU
     chassis.finish(&mut out);
 
+    let mut oem = Structure::new(TYPE_OEM_STRINGS, 11);
+    let generation = format!("{GENERATION_MARK}{}", "0".repeat(32));
+    oem.u8(1).counted_string(&generation);
+    oem.finish(&mut out);
+
     Structure::new(TYPE_END, 0x7f).finish(&mut out);
     out
+}
+
+/// Writes a new random VM generation ID into the SMBIOS table in `mem` (in place: the same
+/// number of characters) and returns it, or `None` if the table has no generation string.
+pub fn new_generation(mem: &GuestMemoryMmap) -> Result<Option<u128>, BootError> {
+    let len = (SMBIOS_END - SMBIOS_START) as usize;
+    let mut region = vec![0u8; len];
+    mem.read_slice(&mut region, GuestAddress(SMBIOS_START))
+        .map_err(|_| BootError::LowMemory(SMBIOS_START))?;
+    let mark = GENERATION_MARK.as_bytes();
+    let Some(at) = region.windows(mark.len()).position(|w| w == mark) else {
+        return Ok(None);
+    };
+    let digits = at + mark.len();
+    if digits + 32 > len {
+        return Ok(None);
+    }
+    let mut bytes = [0u8; 16];
+    // SAFETY: getrandom writes at most 16 bytes into `bytes`.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        return Err(BootError::Params(format!(
+            "getrandom for the VM generation ID: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let generation = u128::from_le_bytes(bytes);
+    mem.write_slice(
+        format!("{generation:032x}").as_bytes(),
+        GuestAddress(SMBIOS_START + digits as u64),
+    )
+    .map_err(|_| BootError::LowMemory(SMBIOS_START))?;
+    Ok(Some(generation))
 }
 
 /// The 24-byte SMBIOS 3.0 entry point for a table of `len` bytes at `table_addr`.
@@ -247,6 +304,7 @@ pub fn setup(mem: &GuestMemoryMmap, id: &SmbiosIdentity) -> Result<(), BootError
     .map_err(|_| BootError::LowMemory(SMBIOS_START))?;
     mem.write_slice(&table, GuestAddress(table_addr))
         .map_err(|_| BootError::LowMemory(table_addr))?;
+    new_generation(mem)?;
     Ok(())
 }
 
@@ -297,7 +355,7 @@ mod tests {
         let t = table(&identity());
         let s = walk(&t);
         let kinds: Vec<(u8, u8)> = s.iter().map(|(k, l, _)| (*k, *l)).collect();
-        assert_eq!(kinds, [(0, 0x18), (1, 0x1b), (3, 0x16), (127, 4)]);
+        assert_eq!(kinds, [(0, 0x18), (1, 0x1b), (3, 0x16), (11, 5), (127, 4)]);
         assert_eq!(
             s[1].2,
             [
@@ -359,6 +417,27 @@ mod tests {
             assert!(full.contains(needle), "dmidecode lacks {needle:?}:\n{full}");
         }
         assert!(!full.contains("Invalid"), "{full}");
+        // The generation ID: 32 hex digits, new at each restore, in place.
+        let generation = |text: &str| {
+            text.split(GENERATION_MARK)
+                .nth(1)
+                .map(|s| s[..32].to_owned())
+                .unwrap_or_default()
+        };
+        let first = generation(&full);
+        assert!(
+            first.len() == 32 && first.chars().all(|c| c.is_ascii_hexdigit()),
+            "{full}"
+        );
+        assert_ne!(first, "0".repeat(32));
+        let again = new_generation(&mem).unwrap().unwrap();
+        let mut dump2 = dump.clone();
+        mem.read_slice(&mut dump2[32..], GuestAddress(addr))
+            .unwrap();
+        std::fs::write(&path, &dump2).unwrap();
+        let after = run(&["-t", "11"]);
+        assert_eq!(generation(&after), format!("{again:032x}"), "{after}");
+        assert_ne!(generation(&after), first);
         // The keywords cloud-init asks for.
         assert_eq!(
             run(&["-s", "system-uuid"]).trim(),
