@@ -435,6 +435,21 @@ fn damaged_snapshots_are_refused_with_a_clear_error() {
             .arg(format!("bexar.test=hang{}", guest_platform_params()));
         c
     });
+    // A snapshot that cannot be written fails, naming the path, and the VM goes on as it was.
+    let reply = vmm_control(
+        &socket,
+        &serde_json::json!({"op": "snapshot", "dir": "/proc/bexar-no-such-dir", "then": "stop"}),
+    );
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("/proc/bexar-no-such-dir"),
+        "{reply}"
+    );
+    let info = vmm_control(&socket, &serde_json::json!({"op": "info"}));
+    assert_eq!(info["info"]["state"], "running", "{info}");
     let reply = vmm_control(
         &socket,
         &serde_json::json!({"op": "snapshot", "dir": dir, "then": "stop"}),

@@ -245,16 +245,27 @@ pub fn table(id: &SmbiosIdentity) -> Vec<u8> {
 /// Writes a new random VM generation ID into the SMBIOS table in `mem` (in place: the same
 /// number of characters) and returns it, or `None` if the table has no generation string.
 pub fn new_generation(mem: &GuestMemoryMmap) -> Result<Option<u128>, BootError> {
-    let len = (SMBIOS_END - SMBIOS_START) as usize;
-    let mut region = vec![0u8; len];
-    mem.read_slice(&mut region, GuestAddress(SMBIOS_START))
+    // The table as the entry point places it (read from guest memory, so bounded here: a
+    // guest may have written anything there).
+    let mut ep = [0u8; 24];
+    mem.read_slice(&mut ep, GuestAddress(SMBIOS_START))
         .map_err(|_| BootError::LowMemory(SMBIOS_START))?;
+    let len = u32::from_le_bytes([ep[12], ep[13], ep[14], ep[15]]) as u64;
+    let addr = u64::from_le_bytes([
+        ep[16], ep[17], ep[18], ep[19], ep[20], ep[21], ep[22], ep[23],
+    ]);
+    if &ep[..5] != b"_SM3_" || addr < SMBIOS_START || len > 4096 || addr + len > SMBIOS_END {
+        return Ok(None);
+    }
+    let mut table = vec![0u8; len as usize];
+    mem.read_slice(&mut table, GuestAddress(addr))
+        .map_err(|_| BootError::LowMemory(addr))?;
     let mark = GENERATION_MARK.as_bytes();
-    let Some(at) = region.windows(mark.len()).position(|w| w == mark) else {
+    let Some(at) = table.windows(mark.len()).position(|w| w == mark) else {
         return Ok(None);
     };
     let digits = at + mark.len();
-    if digits + 32 > len {
+    if digits + 32 > table.len() {
         return Ok(None);
     }
     let mut bytes = [0u8; 16];
@@ -269,9 +280,9 @@ pub fn new_generation(mem: &GuestMemoryMmap) -> Result<Option<u128>, BootError> 
     let generation = u128::from_le_bytes(bytes);
     mem.write_slice(
         format!("{generation:032x}").as_bytes(),
-        GuestAddress(SMBIOS_START + digits as u64),
+        GuestAddress(addr + digits as u64),
     )
-    .map_err(|_| BootError::LowMemory(SMBIOS_START))?;
+    .map_err(|_| BootError::LowMemory(addr))?;
     Ok(Some(generation))
 }
 
