@@ -35,35 +35,6 @@ fn spec(id: &str, guest: &Path) -> Value {
     })
 }
 
-/// `bexar run` of the idle guest until it prints its ready line: the baseline for one start.
-fn direct_start(bexar: &Path, guest: &Path) -> f64 {
-    let t = Instant::now();
-    let s = Command::new(bexar)
-        .args([
-            "run",
-            "--no-stdin",
-            "--memory",
-            "32",
-            "--expect",
-            "idle: ready",
-        ])
-        .args([
-            "--cmdline",
-            "console=ttyS0 bexar.test=idle",
-            "--console",
-            "none",
-        ])
-        .arg("--kernel")
-        .arg(guest)
-        .env("BEXAR_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .status()
-        .expect("run bexar");
-    assert!(s.success());
-    t.elapsed().as_secs_f64() * 1e3
-}
-
 struct Agent {
     dir: PathBuf,
     child: Child,
@@ -115,9 +86,11 @@ fn main() {
 
     // Baseline: the same guest started directly, a few times.
     for _ in 0..2 {
-        direct_start(&bexar, &guest);
+        common::cold_start(&bexar, &guest, 1, 32);
     }
-    let mut direct: Vec<f64> = (0..10).map(|_| direct_start(&bexar, &guest)).collect();
+    let mut direct: Vec<f64> = (0..10)
+        .map(|_| common::cold_start(&bexar, &guest, 1, 32))
+        .collect();
     let direct_p50 = percentile(&mut direct, 0.5);
 
     rt.block_on(async {

@@ -242,23 +242,6 @@ fn snapshot_against_touched(bexar: &Path, guest: &Path) {
     }
 }
 
-/// `bexar run` of the idle guest to its ready line (exec to the line).
-fn cold_start(bexar: &Path, guest: &Path) -> f64 {
-    let t = Instant::now();
-    let s = Command::new(bexar)
-        .args(["run", "--no-stdin", "--memory", "128", "--vcpus", "2"])
-        .args(["--expect", "idle: ready", "--console", "none"])
-        .args(["--cmdline", "console=ttyS0 bexar.test=idle", "--kernel"])
-        .arg(guest)
-        .env("BEXAR_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .status()
-        .expect("run bexar");
-    assert!(s.success());
-    t.elapsed().as_secs_f64() * 1e3
-}
-
 fn live_upgrade_against_cold_start(bexar: &Path, guest: &Path) {
     use bexar_agent::api::client::Client;
     let dir = tmp("agent");
@@ -327,9 +310,11 @@ fn live_upgrade_against_cold_start(bexar: &Path, guest: &Path) {
     std::fs::remove_dir_all(&dir).ok();
     assert_eq!(pauses.len(), UPGRADES, "every upgrade reported its pause");
     for _ in 0..2 {
-        cold_start(bexar, guest);
+        common::cold_start(bexar, guest, 2, 128);
     }
-    let mut cold: Vec<f64> = (0..10).map(|_| cold_start(bexar, guest)).collect();
+    let mut cold: Vec<f64> = (0..10)
+        .map(|_| common::cold_start(bexar, guest, 2, 128))
+        .collect();
     let (p50, cold50) = (percentile(&mut pauses, 0.5), percentile(&mut cold, 0.5));
     println!(
         "live upgrade of a running 128 MiB, 2-vCPU test guest ({UPGRADES} handovers): guest paused p50 {p50:.2} ms (p90 {:.2}); a cold start to ready p50 {cold50:.2} ms; ratio {:.3}",

@@ -2,7 +2,8 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The bexar binary under test.
@@ -47,4 +48,34 @@ pub fn tsc_hz() -> f64 {
     // SAFETY: as above.
     let t1 = unsafe { core::arch::x86_64::_rdtsc() };
     (t1 - t0) as f64 / w.elapsed().as_secs_f64()
+}
+
+/// `bexar run` of the idle test guest (`vcpus`, `memory_mib`) until it prints its ready line, in
+/// milliseconds from exec: the baseline for one cold start.
+pub fn cold_start(bexar: &Path, guest: &Path, vcpus: u8, memory_mib: u64) -> f64 {
+    let t = Instant::now();
+    let s = Command::new(bexar)
+        .args([
+            "run",
+            "--no-stdin",
+            "--expect",
+            "idle: ready",
+            "--console",
+            "none",
+        ])
+        .args([
+            "--vcpus",
+            &vcpus.to_string(),
+            "--memory",
+            &memory_mib.to_string(),
+        ])
+        .args(["--cmdline", "console=ttyS0 bexar.test=idle", "--kernel"])
+        .arg(guest)
+        .env("BEXAR_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .expect("run bexar");
+    assert!(s.success());
+    t.elapsed().as_secs_f64() * 1e3
 }
