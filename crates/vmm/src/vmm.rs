@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::BootEntry;
 use crate::config::VmConfig;
 use crate::control::{ControlServer, Info, Reply, Request, RunState};
-use crate::device_manager::DeviceManager;
+use crate::device_manager::{DeviceManager, DevicesState};
 use crate::memory::{memory_use, save_ram, GuestRam};
 use crate::platform::Platform;
 use crate::snapshot::{self, AfterSnapshot, MemoryInfo, SnapshotError, SnapshotReport};
@@ -111,6 +111,12 @@ impl VirtioLoop {
         let _ = self.waker.write(1);
         let _ = self.thread.join();
     }
+}
+
+/// An I/O error about `path`, as a snapshot error.
+fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let path = path.to_owned();
+    move |err| SnapshotError::Io { path, err }
 }
 
 /// A snapshot read from a paused VM, not yet durable.
@@ -438,27 +444,11 @@ impl Vmm {
     }
 
     fn write_handoff(&self, dir: &std::path::Path) -> Result<std::fs::File, VmmError> {
-        let io = |path: &std::path::Path| {
-            let path = path.to_owned();
-            move |err| SnapshotError::Io { path, err }
-        };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let state = self.devices.save_with(|devices| {
-            let vm = self.save_vm_state()?;
-            let vcpus = self.save_vcpus()?;
+            let state = self.state_with(devices, 0)?;
             self.devices.set_frozen(true);
-            Ok::<_, VmmError>(snapshot::SnapshotState {
-                config: self.config.clone(),
-                entry: self.entry,
-                cmdline: self.cmdline.clone(),
-                memory: MemoryInfo {
-                    size: self.ram.size,
-                    saved: 0,
-                },
-                vm,
-                vcpus,
-                devices,
-            })
+            Ok::<_, VmmError>(state)
         })??;
         let memory = if self.ram.private {
             let copy = crate::memory::create_guest_memory(self.ram.size >> 20)?;
@@ -474,10 +464,6 @@ impl Vmm {
     /// Reads the paused VM's state and copies its memory into a temporary file in `dir`;
     /// with `freeze`, the devices do nothing more once saved (the VM goes on elsewhere).
     fn capture(&self, dir: &std::path::Path, freeze: bool) -> Result<Captured, VmmError> {
-        let io = |path: &std::path::Path| {
-            let path = path.to_owned();
-            move |err| SnapshotError::Io { path, err }
-        };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let memory_tmp =
             snapshot::memory_path(dir).with_extension(format!("tmp.{}", std::process::id()));
@@ -487,11 +473,10 @@ impl Vmm {
         let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
         let captured = self.devices.save_with(|devices| {
             tracing::debug!("snapshot: devices saved in {:.2} ms", ms(t0));
-            let vm = self.save_vm_state()?;
-            let vcpus = self.save_vcpus()?;
+            let mut state = self.state_with(devices, 0)?;
             tracing::debug!("snapshot: vCPUs saved at {:.2} ms", ms(t0));
             let file = std::fs::File::create(&memory_tmp).map_err(io(&memory_tmp))?;
-            let saved = save_ram(&self.ram, &file).map_err(io(&memory_tmp))?;
+            state.memory.saved = save_ram(&self.ram, &file).map_err(io(&memory_tmp))?;
             tracing::debug!("snapshot: memory copied at {:.2} ms", ms(t0));
             if freeze {
                 self.devices.set_frozen(true);
@@ -499,18 +484,7 @@ impl Vmm {
             Ok::<_, VmmError>(Captured {
                 memory_tmp: memory_tmp.clone(),
                 memory_file: file,
-                state: snapshot::SnapshotState {
-                    config: self.config.clone(),
-                    entry: self.entry,
-                    cmdline: self.cmdline.clone(),
-                    memory: MemoryInfo {
-                        size: self.ram.size,
-                        saved,
-                    },
-                    vm,
-                    vcpus,
-                    devices,
-                },
+                state,
             })
         });
         let captured = captured.map_err(VmmError::from).and_then(|c| c);
@@ -524,10 +498,6 @@ impl Vmm {
     /// replaced (a crash leaves no snapshot rather than this memory under an earlier state),
     /// the memory file synced and renamed into place, then the state file written atomically.
     fn make_durable(&self, dir: &std::path::Path, c: Captured) -> Result<SnapshotReport, VmmError> {
-        let io = |path: &std::path::Path| {
-            let path = path.to_owned();
-            move |err| SnapshotError::Io { path, err }
-        };
         let done = (|| {
             c.memory_file.sync_data().map_err(io(&c.memory_tmp))?;
             let state = snapshot::state_path(dir);
@@ -553,6 +523,27 @@ impl Vmm {
             memory_bytes: c.state.memory.size,
             memory_saved_bytes: c.state.memory.saved,
             paused_ms: 0.0,
+        })
+    }
+
+    /// The paused VM's whole state around the devices' (`saved` bytes of memory in its file):
+    /// its vCPUs and VM-wide state read now, its configuration and boot entry.
+    fn state_with(
+        &self,
+        devices: DevicesState,
+        saved: u64,
+    ) -> Result<snapshot::SnapshotState, VmmError> {
+        Ok(snapshot::SnapshotState {
+            config: self.config.clone(),
+            entry: self.entry,
+            cmdline: self.cmdline.clone(),
+            memory: MemoryInfo {
+                size: self.ram.size,
+                saved,
+            },
+            vm: self.save_vm_state()?,
+            vcpus: self.save_vcpus()?,
+            devices,
         })
     }
 
