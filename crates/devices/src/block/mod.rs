@@ -5,17 +5,23 @@
 //!
 //! Backends complete asynchronously: a request submitted now may finish later, and the
 //! backend's [`DiskBackend::notifier`] eventfd becomes readable when completions wait (the
-//! device's event loop watches it). Two backends so far, both on a raw image file:
+//! device's event loop watches it). The backends:
 //!
-//! * [`raw::RawUring`]: io_uring, reads and writes straight between the file and guest memory
-//!   (readv/writev on iovecs into the guest's pages), fdatasync as a flush;
+//! * [`raw::RawUring`]: a raw file through io_uring, reads and writes straight between the
+//!   file and guest memory (readv/writev on iovecs into the guest's pages), fdatasync as a
+//!   flush;
 //! * [`raw::RawSync`]: the same operations done at submit time through a bounce buffer, for
 //!   hosts without io_uring and for O_DIRECT images (whose buffers must be aligned, which guest
-//!   buffers need not be).
+//!   buffers need not be);
+//! * [`qcow2::Qcow2Backend`]: a qcow2 image and its backing chain, at submit time, straight
+//!   between the file and guest memory.
 //!
-//! Copy-on-write images (qcow2) and network disks (NBD, iSCSI) are backends to come; so is a
-//! rate limiter, which sits in the device between a parsed request and [`DiskBackend::submit`].
+//! [`open_disk`] probes the format once (or takes the one the caller recorded) and picks the
+//! backend; the device never knows which it got. [`dirty::DirtyMap`] records which blocks a
+//! guest wrote, for copying a disk while it runs.
 
+pub mod dirty;
+pub mod qcow2;
 pub mod raw;
 
 use std::fs::OpenOptions;
@@ -34,12 +40,47 @@ pub const SECTOR: u64 = 512;
 /// Largest serial number a disk reports (virtio-blk's GET_ID).
 pub const SERIAL_MAX: usize = 20;
 
+/// The format of an image file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// Every byte of the disk at the same offset in the file.
+    Raw,
+    /// qcow2 (version 2 or 3), possibly over a chain of backing images.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// The name qemu-img and the API use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl std::str::FromStr for DiskFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" => Ok(DiskFormat::Raw),
+            "qcow2" => Ok(DiskFormat::Qcow2),
+            _ => Err(format!("unknown disk format {s:?}: expected raw or qcow2")),
+        }
+    }
+}
+
 /// How a disk is attached.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// Image file.
     pub path: PathBuf,
+    /// Its format; probed from the file's first bytes when absent. Give it for any image a
+    /// guest wrote raw: a guest can write a qcow2 header into its raw disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
     /// Refuse writes.
     #[serde(default)]
     pub read_only: bool,
@@ -53,7 +94,7 @@ pub struct DiskConfig {
 
 impl std::str::FromStr for DiskConfig {
     type Err = String;
-    /// Parses the `--disk` flag: `PATH[,ro|rw][,direct][,serial=ID]`.
+    /// Parses the `--disk` flag: `PATH[,ro|rw][,direct][,serial=ID][,format=raw|qcow2]`.
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
         let path = parts
@@ -70,9 +111,10 @@ impl std::str::FromStr for DiskConfig {
                 None if opt == "rw" => cfg.read_only = false,
                 None if opt == "direct" => cfg.direct = true,
                 Some(("serial", v)) => cfg.serial = Some(v.to_owned()),
+                Some(("format", v)) => cfg.format = Some(v.parse()?),
                 _ => {
                     return Err(format!(
-                        "unknown disk option {opt:?}: expected ro, rw, direct or serial=ID"
+                        "unknown disk option {opt:?}: expected ro, rw, direct, serial=ID or format=raw|qcow2"
                     ))
                 }
             }
@@ -180,6 +222,14 @@ pub enum BlockError {
         /// Underlying error.
         err: std::io::Error,
     },
+    /// An image, or an image of its backing chain, cannot be used.
+    #[error("disk image {path}: {reason}")]
+    Image {
+        /// The image concerned.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The image size is not a whole number of sectors.
     #[error("disk {0} is not a multiple of 512 bytes long")]
     Size(PathBuf),
@@ -246,8 +296,42 @@ fn io_uring_available() -> bool {
     })
 }
 
-/// Opens the disk `cfg` describes with the most capable backend this host offers.
+/// Checks a request against the disk before any backend touches the image.
+pub(crate) fn check(info: &DiskInfo, req: &BlockRequest) -> Result<(), BlockError> {
+    let writes = !matches!(req.op, BlockOp::Read | BlockOp::Flush);
+    if writes && info.read_only {
+        return Err(BlockError::ReadOnly);
+    }
+    if req.op != BlockOp::Flush && !in_bounds(req.offset, req.len, info.capacity) {
+        return Err(BlockError::OutOfRange {
+            op: req.op,
+            offset: req.offset,
+            len: req.len,
+        });
+    }
+    Ok(())
+}
+
+/// Opens the disk `cfg` describes with the most capable backend this host offers, probing
+/// the format when `cfg` does not name one.
 pub fn open_disk(cfg: &DiskConfig) -> Result<Box<dyn DiskBackend>, BlockError> {
+    let format = match cfg.format {
+        Some(f) => f,
+        None => qcow2::probe(&cfg.path)?,
+    };
+    if format == DiskFormat::Qcow2 {
+        let image = qcow2::open_chain(
+            &cfg.path,
+            DiskFormat::Qcow2,
+            !cfg.read_only,
+            cfg.direct,
+            &mut Vec::new(),
+        )?;
+        if image.size() % SECTOR != 0 {
+            return Err(BlockError::Size(cfg.path.clone()));
+        }
+        return Ok(Box::new(qcow2::Qcow2Backend::new(image, cfg.read_only)?));
+    }
     let open_err = |err| BlockError::Open {
         path: cfg.path.clone(),
         err,

@@ -10,29 +10,13 @@ use io_uring::{opcode, types, IoUring};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{in_bounds, BlockError, BlockOp, BlockRequest, Completion, DiskBackend, DiskInfo};
+use super::{check, BlockError, BlockOp, BlockRequest, Completion, DiskBackend, DiskInfo};
 use crate::memory::{mark_dirty, GuestMemoryMmap};
 
 /// Alignment of the bounce buffer: what O_DIRECT needs on any device we expect.
 const BOUNCE_ALIGN: usize = 4096;
 /// io_uring submission queue entries: one per virtio-blk queue slot is enough.
 const RING_ENTRIES: u32 = 256;
-
-/// Checks a request against the disk before any backend touches the file.
-fn check(info: &DiskInfo, req: &BlockRequest) -> Result<(), BlockError> {
-    let writes = !matches!(req.op, BlockOp::Read | BlockOp::Flush);
-    if writes && info.read_only {
-        return Err(BlockError::ReadOnly);
-    }
-    if req.op != BlockOp::Flush && !in_bounds(req.offset, req.len, info.capacity) {
-        return Err(BlockError::OutOfRange {
-            op: req.op,
-            offset: req.offset,
-            len: req.len,
-        });
-    }
-    Ok(())
-}
 
 /// Deallocates or zeroes a range of the file.
 fn punch(file: &File, op: BlockOp, off: u64, len: u64) -> io::Result<()> {

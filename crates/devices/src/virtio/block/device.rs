@@ -11,8 +11,8 @@ use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use super::request::{Limits, Refused, Request, RequestType, Status};
 use crate::block::{
-    open_disk, BlockError, BlockOp, BlockRequest, Completion, DiskBackend, DiskConfig, DiskInfo,
-    SECTOR, SERIAL_MAX,
+    dirty::DirtyMap, open_disk, BlockError, BlockOp, BlockRequest, Completion, DiskBackend,
+    DiskConfig, DiskInfo, SECTOR, SERIAL_MAX,
 };
 use crate::memory::GuestMemoryMmap;
 use crate::virtio::{
@@ -91,6 +91,7 @@ pub struct Block {
     pending: HashMap<u64, Pending>,
     next_tag: u64,
     done: Vec<Completion>,
+    dirty: Option<std::sync::Arc<DirtyMap>>,
 }
 
 /// What a virtio-blk saves: its queue and the identity of its disk (the disk's contents are
@@ -140,6 +141,7 @@ impl Block {
             pending: HashMap::new(),
             next_tag: 0,
             done: Vec::new(),
+            dirty: None,
         })
     }
 
@@ -166,6 +168,12 @@ impl Block {
         }
         d.common.restore(&state.virtio)?;
         Ok(d)
+    }
+
+    /// Records, from now on, every block a guest request changes in `map` (a disk copy while
+    /// the guest runs); `None` stops recording.
+    pub fn track_writes(&mut self, map: Option<std::sync::Arc<DirtyMap>>) {
+        self.dirty = map;
     }
 
     /// Takes every request the driver made available (within the in-flight budget) and
@@ -196,6 +204,7 @@ impl Block {
             backend,
             pending,
             next_tag,
+            dirty,
             ..
         } = self;
         let Some(mut s) = common.serving_for(notified) else {
@@ -247,6 +256,11 @@ impl Block {
             // request it holds back goes back to the ring until its bucket refills.
             let tag = *next_tag;
             *next_tag = next_tag.wrapping_add(1);
+            if let (Some(map), false) =
+                (dirty.as_ref(), matches!(op, BlockOp::Read | BlockOp::Flush))
+            {
+                map.mark(offset, len);
+            }
             let breq = BlockRequest {
                 op,
                 offset,

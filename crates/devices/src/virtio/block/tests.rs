@@ -54,6 +54,7 @@ fn rig_with(sectors: u64, read_only: bool, direct: bool) -> Rig {
         read_only,
         serial: Some("disk-serial-1".into()),
         direct,
+        format: None,
     };
     Rig {
         mem: test_memory(4),
