@@ -99,6 +99,7 @@ const TESTS: &[(&str, Test)] = &[
     ("blk-rw", vtests::test_blk_rw),
     ("blk-verify", vtests::test_blk_verify),
     ("blk-discard", vtests::test_blk_discard),
+    ("blk-scatter", vtests::test_blk_scatter),
     ("rng", vtests::test_rng),
     ("hostile", vtests::test_hostile),
     ("blk-bench", vtests::test_blk_bench),

@@ -1,6 +1,6 @@
 //! Tests of the VMM's virtio-mmio devices, driven by the polling drivers of
 //! `rt::virtio` from ring 3: `virtio-scan`, `blk-rw`, `blk-verify`,
-//! `blk-discard`, `rng`, `hostile`, `blk-bench`, `net-blast`, `vsock` (`net` and
+//! `blk-discard`, `blk-scatter`, `rng`, `hostile`, `blk-bench`, `net-blast`, `vsock` (`net` and
 //! the other network modes are in `nettests.rs`).
 //!
 //! Parameters (command line): `bexar.disk=N` the N-th block device in slot
@@ -338,6 +338,58 @@ pub fn test_blk_verify(bp: &BootParams) -> TestResult {
         }
         println!("{P}: blk: {label}: {n} sector(s) at {first} hold the pattern (seed {seed})");
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- blk-scatter
+
+/// The `i`-th write of `blk-scatter` on a disk of `cap` sectors: (first sector,
+/// sectors), from an xorshift stream seeded by the seed; the host's tests
+/// compute the same list to build the image they expect.
+fn scatter_next(x: &mut u64, cap: u64) -> (u64, u64) {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    let n = 1 + (*x >> 40) % 128;
+    let n = n.min(cap);
+    let first = (*x & 0xff_ffff_ffff) % (cap - n + 1);
+    (first, n)
+}
+
+/// `blk-scatter`: `bexar.rounds` rounds (default 4) of `bexar.writes` writes
+/// (default 64) of 1-128 sectors at places drawn from `bexar.seed`, each holding
+/// the seed's pattern and read back; a flush ends each round and is reported,
+/// so a test that kills the VMM knows what must be on the disk.
+pub fn test_blk_scatter(bp: &BootParams) -> TestResult {
+    let seed = param(bp, "bexar.seed", 1)?;
+    let rounds = param(bp, "bexar.rounds", 4)?;
+    let writes = param(bp, "bexar.writes", 64)?;
+    let mut d = open_disk(bp)?;
+    if d.read_only() || !d.has(blk::feature::FLUSH) {
+        return Err((code::BAD_PARAM, "blk-scatter needs a writable disk with flush"));
+    }
+    let cap = d.capacity();
+    let buf = alloc(128 * SECTOR_SIZE)?;
+    let rbuf = alloc(128 * SECTOR_SIZE)?;
+    let mut x = splitmix64(seed) | 1;
+    let mut bytes = 0u64;
+    for r in 0..rounds {
+        for _ in 0..writes {
+            let (first, n) = scatter_next(&mut x, cap);
+            let len = n as usize * SECTOR_SIZE;
+            fill_pattern(&mut buf[..len], seed, first);
+            d.write(first, &buf[..len]).map_err(|e| fail("blk-scatter: write failed", e))?;
+            d.read(first, &mut rbuf[..len]).map_err(|e| fail("blk-scatter: read failed", e))?;
+            if let Some(off) = check_pattern(&rbuf[..len], seed, first) {
+                report_mismatch("blk-scatter", &rbuf[..len], seed, first, off);
+                return Err((code::VERIFY, "read-back differs from what was written"));
+            }
+            bytes += len as u64;
+        }
+        d.flush().map_err(|e| fail("blk-scatter: flush failed", e))?;
+        println!("{P}: blk-scatter: round {r} flushed ({bytes} bytes so far)");
+    }
+    println!("{P}: blk-scatter: {rounds} rounds of {writes} writes, {bytes} bytes, seed {seed}");
     Ok(())
 }
 
