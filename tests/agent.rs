@@ -1764,3 +1764,189 @@ fn a_running_vm_is_handed_to_a_new_vmm_process() {
         assert_eq!(error_of(&expect_status(&r, 409)).0, "illegal_transition");
     });
 }
+
+#[test]
+fn images_give_each_vm_its_own_overlay_and_bad_disks_are_refused_by_field() {
+    let agent = TestAgent::start("images");
+    let src = tmp("images-src");
+    std::fs::create_dir_all(&src).unwrap();
+    const SIZE: u64 = 16 << 20;
+    let raw = src.join("base.raw");
+    common::random_file(&raw, SIZE, 0xba5e);
+    let q = src.join("base.qcow2");
+    common::qemu_img_ok(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        q.to_str().unwrap(),
+    ]);
+    // Images that must be refused.
+    let chained = src.join("chained.qcow2");
+    common::qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        chained.to_str().unwrap(),
+    ]);
+    let junk = src.join("junk.qcow2");
+    let mut j = b"QFI\xfb".to_vec();
+    j.extend(std::iter::repeat_n(0xee, 4092));
+    std::fs::write(&junk, j).unwrap();
+    let orphan = src.join("orphan.qcow2");
+    common::qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "gone.raw",
+        "-F",
+        "raw",
+        orphan.to_str().unwrap(),
+        "1M",
+    ]);
+    let s = |p: &Path| p.display().to_string();
+
+    rt().block_on(async {
+        let c = agent.client();
+        let host0 = expect_status(&c.get("/v1/host").await.unwrap(), 200);
+        let img = expect_status(&c.post("/v1/images", &json!({"id": "base", "path": s(&raw)})).await.unwrap(), 201);
+        assert_eq!(img["format"], "raw");
+        assert_eq!(img["virtual_size"], SIZE);
+        assert_eq!(img["sha256"].as_str().unwrap().len(), 64);
+        // The same again is a no-op; the same id from another file is a conflict.
+        let again = expect_status(&c.post("/v1/images", &json!({"id": "base", "path": s(&raw)})).await.unwrap(), 200);
+        assert_eq!(again, img);
+        let img_q = expect_status(&c.post("/v1/images", &json!({"id": "base-q", "path": s(&q)})).await.unwrap(), 201);
+        assert_eq!(img_q["format"], "qcow2");
+        assert_eq!(img_q["virtual_size"], SIZE);
+        let list = expect_status(&c.get("/v1/images").await.unwrap(), 200);
+        assert_eq!(list["items"].as_array().unwrap().len(), 2);
+        let blobs = agent.state().join("images/blobs");
+        let blob_count = || std::fs::read_dir(&blobs).unwrap().count();
+        assert_eq!(blob_count(), 2);
+
+        // Bad registrations and bad disks: each a 4xx naming the field, nothing left behind.
+        let with_disk = |d: Value| {
+            let mut v = spec("bad-disk");
+            v["disks"] = json!([d]);
+            serde_json::to_vec(&v).unwrap()
+        };
+        let body = |v: Value| serde_json::to_vec(&v).unwrap();
+        #[rustfmt::skip]
+        #[allow(clippy::type_complexity)]
+        let cases: Vec<(&str, &str, Vec<u8>, u16, &str, Option<&str>)> = vec![
+            ("POST", "/v1/images", body(json!({"id": "base", "path": s(&q)})), 409, "already_exists", None),
+            ("POST", "/v1/images", body(json!({"id": "x", "path": "rel/base.raw"})), 400, "invalid_field", Some("path")),
+            ("POST", "/v1/images", body(json!({"id": "x", "path": "/nonexistent/base.raw"})), 400, "invalid_field", Some("path")),
+            ("POST", "/v1/images", body(json!({"id": "x", "path": s(&src)})), 400, "invalid_field", Some("path")),
+            ("POST", "/v1/images", body(json!({"id": "x", "path": s(&chained)})), 400, "invalid_field", Some("path")),
+            ("POST", "/v1/images", body(json!({"id": "x", "path": s(&junk)})), 400, "invalid_field", Some("path")),
+            ("POST", "/v1/images", body(json!({"id": "x", "path": s(&raw), "format": "vmdk"})), 400, "invalid_field", Some("format")),
+            ("POST", "/v1/images", body(json!({"id": "Bad/Id", "path": s(&raw)})), 400, "invalid_field", Some("id")),
+            ("POST", "/v1/images", body(json!({"id": "x", "path": s(&raw), "colour": 1})), 400, "invalid_field", Some("colour")),
+            ("GET", "/v1/images/nope", vec![], 404, "not_found", None),
+            ("GET", "/v1/images/..%2Fetc", vec![], 404, "not_found", None),
+            ("POST", "/v1/vms", with_disk(json!({"image": "nope"})), 400, "invalid_field", Some("disks[0].image")),
+            ("POST", "/v1/vms", with_disk(json!({"image": "Bad/Id"})), 400, "invalid_field", Some("disks[0].image")),
+            ("POST", "/v1/vms", with_disk(json!({"image": "base", "path": s(&raw)})), 400, "invalid_field", Some("disks[0].path")),
+            ("POST", "/v1/vms", with_disk(json!({})), 400, "invalid_field", Some("disks[0].path")),
+            ("POST", "/v1/vms", with_disk(json!({"image": "base", "format": "raw"})), 400, "invalid_field", Some("disks[0].format")),
+            ("POST", "/v1/vms", with_disk(json!({"image": "base", "size_mib": 0})), 400, "invalid_field", Some("disks[0].size_mib")),
+            ("POST", "/v1/vms", with_disk(json!({"image": "base", "size_mib": 8})), 400, "invalid_field", Some("disks[0].size_mib")),
+            ("POST", "/v1/vms", with_disk(json!({"path": s(&raw), "size_mib": 64})), 400, "invalid_field", Some("disks[0].size_mib")),
+            ("POST", "/v1/vms", with_disk(json!({"path": s(&junk)})), 400, "invalid_field", Some("disks[0].path")),
+            ("POST", "/v1/vms", with_disk(json!({"path": s(&orphan)})), 400, "invalid_field", Some("disks[0].path")),
+            ("POST", "/v1/vms", with_disk(json!({"path": s(&raw), "format": "vmdk"})), 400, "invalid_field", Some("disks[0].format")),
+            ("POST", "/v1/vms", with_disk(json!({"image": "base", "size_mib": 1u64 << 26})), 409, "over_capacity", None),
+        ];
+        for (method, path, body, status, code, field) in cases {
+            let m = axum::http::Method::from_bytes(method.as_bytes()).unwrap();
+            let r = c.request(m, path, body).await.unwrap();
+            let v = r.json();
+            let what = format!("{method} {path} -> {} {v}", r.status);
+            assert_eq!(r.status.as_u16(), status, "{what}");
+            assert_eq!(v["error"]["code"], code, "{what}");
+            if let Some(f) = field {
+                assert_eq!(v["error"]["field"], f, "{what}");
+            }
+        }
+        assert_eq!(blob_count(), 2, "a refused registration left a file");
+        assert_eq!(std::fs::read_dir(agent.state().join("vms")).unwrap().count(), 0, "a refused VM left a directory");
+        assert_eq!(expect_status(&c.get("/v1/images").await.unwrap(), 200)["items"].as_array().unwrap().len(), 2);
+
+        // 20 VMs on the two bases, each writing its own pattern through its own overlay.
+        let n = 20u64;
+        for i in 0..n {
+            let mut v = spec(&format!("img{i}"));
+            v["boot"]["cmdline"] = json!(format!(
+                "console=ttyS0 bexar.test=blk-scatter bexar.seed={} bexar.rounds=1 bexar.writes=16{}",
+                100 + i,
+                common::guest_platform_params()
+            ));
+            v["disks"] = json!([{"image": if i % 2 == 0 { "base" } else { "base-q" }}]);
+            let vm = expect_status(&c.post("/v1/vms?start=true", &v).await.unwrap(), 201);
+            assert_eq!(vm["disks"][0]["format"], "qcow2");
+            assert_eq!(vm["disks"][0]["size"], SIZE);
+        }
+        let host = expect_status(&c.get("/v1/host").await.unwrap(), 200);
+        let alloc = |h: &Value| h["inventory"]["disk"]["allocated_mib"].as_u64().unwrap();
+        let images_mib = host["inventory"]["disk"]["images_mib"].as_u64().unwrap();
+        // The raw base is 16 MiB; the qcow2 one a little more (its tables).
+        assert!((32..=34).contains(&images_mib), "{host}");
+        assert_eq!(alloc(&host), alloc(&host0) + images_mib + n * 16, "{host}");
+        // An image in use cannot go.
+        let r = c.delete("/v1/images/base").await.unwrap();
+        assert_eq!(r.status.as_u16(), 409, "{}", r.json());
+        assert_eq!(r.json()["error"]["code"], "in_use");
+        for i in 0..n {
+            let id = format!("img{i}");
+            let vm = wait_state(&c, &id, "stopped").await;
+            let text = console_text(&c, &id).await;
+            assert!(
+                vm["status"]["exit_reason"].as_str().unwrap_or("").contains("status 0"),
+                "{vm}\n{text}"
+            );
+            assert!(text.contains("blk-scatter: round 0 flushed"), "{id}: {text}");
+            let overlay = PathBuf::from(vm["disks"][0]["path"].as_str().unwrap());
+            assert!(overlay.starts_with(agent.state().join("vms").join(&id)), "{overlay:?}");
+            common::qemu_img_ok(&["check", overlay.to_str().unwrap()]);
+            // What the guest wrote is in its overlay, over its base.
+            let want = src.join(format!("want{i}.raw"));
+            std::fs::copy(&raw, &want).unwrap();
+            for round in common::scatter_writes(100 + i, 1, 16, SIZE / common::SECTOR) {
+                common::apply(&want, 100 + i, &round);
+            }
+            let same = common::qemu_img_ok(&["compare", "-F", "raw", overlay.to_str().unwrap(), want.to_str().unwrap()]);
+            assert!(same.contains("identical"), "{id}: {same}");
+            std::fs::remove_file(&want).unwrap();
+        }
+        // The bases are as registered.
+        let blob = blobs.join(format!("{}.raw", img["sha256"].as_str().unwrap()));
+        assert_eq!(std::fs::read(&blob).unwrap(), std::fs::read(&raw).unwrap());
+
+        // Deleting the VMs leaves only the bases; then the bases go too.
+        for i in 0..n {
+            expect_status(&c.delete(&format!("/v1/vms/img{i}")).await.unwrap(), 204);
+        }
+        assert_eq!(std::fs::read_dir(agent.state().join("vms")).unwrap().count(), 0);
+        assert_eq!(blob_count(), 2);
+        expect_status(&c.delete("/v1/images/base").await.unwrap(), 204);
+        expect_status(&c.delete("/v1/images/base").await.unwrap(), 204);
+        assert_eq!(blob_count(), 1);
+        expect_status(&c.delete("/v1/images/base-q").await.unwrap(), 204);
+        assert_eq!(blob_count(), 0);
+        let host = expect_status(&c.get("/v1/host").await.unwrap(), 200);
+        assert_eq!(alloc(&host), alloc(&host0));
+    });
+    let _ = std::fs::remove_dir_all(&src);
+}

@@ -35,6 +35,13 @@ pub struct AgentArgs {
     /// Guest memory per MiB of host memory.
     #[arg(long, default_value_t = 1.0)]
     pub memory_allocation_ratio: f64,
+    /// Disk space of the state directory's file system kept for the host, MiB.
+    #[arg(long, default_value_t = 0)]
+    pub reserved_disk_mib: u64,
+    /// Disk MiB that overlays may be provisioned per MiB of that file system (they are
+    /// thin: they grow as guests write).
+    #[arg(long, default_value_t = 1.0)]
+    pub disk_allocation_ratio: f64,
     /// Seconds a graceful stop waits before forcing.
     #[arg(long, default_value_t = 10.0)]
     pub stop_timeout: f64,
@@ -97,6 +104,8 @@ fn config(a: &AgentArgs) -> Result<AgentConfig, String> {
             cpu_allocation_ratio: ratio("cpu-allocation-ratio", a.cpu_allocation_ratio)?,
             reserved_memory_mib: a.reserved_memory_mib,
             memory_allocation_ratio: ratio("memory-allocation-ratio", a.memory_allocation_ratio)?,
+            reserved_disk_mib: a.reserved_disk_mib,
+            disk_allocation_ratio: ratio("disk-allocation-ratio", a.disk_allocation_ratio)?,
         },
         restart_backoff: seconds("restart-backoff", a.restart_backoff)?,
         stop_timeout: seconds("stop-timeout", a.stop_timeout)?,

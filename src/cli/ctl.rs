@@ -167,7 +167,8 @@ pub struct CreateArgs {
     /// CPU template.
     #[arg(long)]
     pub cpu_template: Option<String>,
-    /// A disk: PATH[,ro][,direct][,serial=ID] (repeatable).
+    /// A disk: PATH[,ro][,direct][,serial=ID][,format=raw|qcow2], or a copy-on-write
+    /// overlay on a registered image: image=ID[,size=MIB][,ro][,serial=ID] (repeatable).
     #[arg(long)]
     pub disk: Vec<String>,
     /// A NIC: segment=ID[,mac=MAC][,ip=A][,ip6=A] or tap=NAME[,mac=MAC] (repeatable).
@@ -245,7 +246,7 @@ fn spec_from_flags(a: &CreateArgs) -> Result<Value, String> {
         .iter()
         .map(|d| {
             let mut disk: DiskSpec = d.parse().map_err(|e| format!("--disk: {e}"))?;
-            disk.path = absolute(&disk.path);
+            disk.path = disk.path.as_deref().map(absolute);
             Ok(disk)
         })
         .collect::<Result<Vec<_>, String>>()?;
@@ -583,6 +584,85 @@ pub fn segment(opts: &ClientOpts, cmd: &SegmentCommand) -> ExitCode {
                 show(opts, &r, |v| match v["items"].as_array() {
                     Some(items) => print_segments(items),
                     None => print_segments(std::slice::from_ref(v)),
+                });
+                ExitCode::SUCCESS
+            }
+            Err(e) => unreachable(e),
+        }
+    })
+}
+
+/// `bexar image` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ImageCommand {
+    /// Register a base image (the agent copies and hashes the file).
+    Add {
+        /// Image id.
+        id: String,
+        /// The file (raw or qcow2, self-contained).
+        path: PathBuf,
+        /// `raw` or `qcow2` (default: probed).
+        #[arg(long)]
+        format: Option<String>,
+    },
+    /// List images.
+    Ls,
+    /// Show one image.
+    Get {
+        /// Image id.
+        id: String,
+    },
+    /// Delete an image no VM uses.
+    Rm {
+        /// Image id.
+        id: String,
+    },
+}
+
+fn print_images(items: &[Value]) {
+    println!(
+        "{:<24} {:<6} {:>10} {:>10} SHA256",
+        "ID", "FORMAT", "SIZE_MIB", "FILE_MIB"
+    );
+    for i in items {
+        let mib = |k: &str| i[k].as_u64().unwrap_or(0).div_ceil(1 << 20);
+        println!(
+            "{:<24} {:<6} {:>10} {:>10} {}",
+            i["id"].as_str().unwrap_or(""),
+            i["format"].as_str().unwrap_or(""),
+            mib("virtual_size"),
+            mib("file_size"),
+            i["sha256"].as_str().unwrap_or(""),
+        );
+    }
+}
+
+/// `bexar image ...`.
+pub fn image(opts: &ClientOpts, cmd: &ImageCommand) -> ExitCode {
+    runtime().block_on(async {
+        let c = Client::new(&opts.socket);
+        let r = match cmd {
+            ImageCommand::Add { id, path, format } => {
+                let mut body = json!({"id": id, "path": absolute(path)});
+                if let Some(f) = format {
+                    body["format"] = json!(f);
+                }
+                c.post("/v1/images", &body).await
+            }
+            ImageCommand::Ls => c.get("/v1/images").await,
+            ImageCommand::Get { id } => c.get(&format!("/v1/images/{id}")).await,
+            ImageCommand::Rm { id } => {
+                return status_of(c.delete(&format!("/v1/images/{id}")).await)
+            }
+        };
+        match r {
+            Ok(r) => {
+                if let Err(code) = check(&r) {
+                    return code;
+                }
+                show(opts, &r, |v| match v["items"].as_array() {
+                    Some(items) => print_images(items),
+                    None => print_images(std::slice::from_ref(v)),
                 });
                 ExitCode::SUCCESS
             }

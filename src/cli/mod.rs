@@ -82,6 +82,15 @@ pub enum Command {
         #[command(subcommand)]
         cmd: ctl::SegmentCommand,
     },
+    /// Manage base images through the agent.
+    Image {
+        /// Client options.
+        #[command(flatten)]
+        opts: ctl::ClientOpts,
+        /// What to do.
+        #[command(subcommand)]
+        cmd: ctl::ImageCommand,
+    },
     /// Print lifecycle events (and follow them with -f).
     Events {
         /// Client options.
@@ -261,6 +270,7 @@ pub fn main() -> ExitCode {
         Command::Host { opts } => ctl::host(&opts),
         Command::Vm { opts, cmd } => ctl::vm(&opts, &cmd),
         Command::Segment { opts, cmd } => ctl::segment(&opts, &cmd),
+        Command::Image { opts, cmd } => ctl::image(&opts, &cmd),
         Command::Events {
             opts,
             since,

@@ -351,3 +351,91 @@ pub fn vmm_control(socket: &Path, req: &serde_json::Value) -> serde_json::Value 
     std::io::BufRead::read_line(&mut std::io::BufReader::new(&s), &mut reply).unwrap();
     serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{e}: {reply:?}"))
 }
+
+// ---------------------------------------------------------------- disks
+
+/// Sector size of virtio-blk.
+pub const SECTOR: u64 = 512;
+
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The test guest's pattern (firmware/testguest/src/vtests.rs): word `w` of `sector`.
+pub fn pattern(seed: u64, first: u64, sectors: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity((sectors * SECTOR) as usize);
+    for s in first..first + sectors {
+        for w in 0..64u64 {
+            let word = splitmix64(splitmix64(seed) ^ (s << 6) ^ w);
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// The writes `blk-scatter` makes, round by round: (first sector, sectors).
+pub fn scatter_writes(seed: u64, rounds: u64, writes: u64, cap: u64) -> Vec<Vec<(u64, u64)>> {
+    let mut x = splitmix64(seed) | 1;
+    (0..rounds)
+        .map(|_| {
+            (0..writes)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let n = (1 + (x >> 40) % 128).min(cap);
+                    ((x & 0xff_ffff_ffff) % (cap - n + 1), n)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+pub fn qemu_img(args: &[&str]) -> (i32, String) {
+    let o = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (scripts/deps installs qemu-utils)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.code().unwrap_or(-1), text)
+}
+
+pub fn qemu_img_ok(args: &[&str]) -> String {
+    let (code, text) = qemu_img(args);
+    assert_eq!(code, 0, "qemu-img {args:?}: {text}");
+    text
+}
+
+/// A file of `len` bytes of xorshift output from `seed`.
+pub fn random_file(path: &Path, len: u64, seed: u64) {
+    let mut x = seed | 1;
+    let mut data = vec![0u8; len as usize];
+    for chunk in data.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(path, data).unwrap();
+}
+
+/// Writes the pattern of each `(first sector, sectors)` of `writes` into the raw file
+/// `expected`, as the guest wrote it into its disk.
+pub fn apply(expected: &Path, seed: u64, writes: &[(u64, u64)]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(expected)
+        .unwrap();
+    for &(first, n) in writes {
+        f.write_all_at(&pattern(seed, first, n), first * SECTOR)
+            .unwrap();
+    }
+}

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::spec::VmSpec;
+use super::spec::{DiskState, VmSpec};
 use bexar_vmm::platform::Platform;
 
 /// How much of the host the agent may hand out.
@@ -18,6 +18,17 @@ pub struct CapacityConfig {
     pub reserved_memory_mib: u64,
     /// Guest memory per MiB of host memory.
     pub memory_allocation_ratio: f64,
+    /// Disk space of the state directory's file system kept for the host (MiB).
+    #[serde(default)]
+    pub reserved_disk_mib: u64,
+    /// Disk MiB that may be provisioned per MiB of that file system (overlays are thin: they
+    /// grow as guests write, up to their size).
+    #[serde(default = "one")]
+    pub disk_allocation_ratio: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Default for CapacityConfig {
@@ -27,6 +38,8 @@ impl Default for CapacityConfig {
             cpu_allocation_ratio: 16.0,
             reserved_memory_mib: 512,
             memory_allocation_ratio: 1.0,
+            reserved_disk_mib: 0,
+            disk_allocation_ratio: 1.0,
         }
     }
 }
@@ -92,15 +105,28 @@ impl Resource {
     }
 }
 
-/// Disk space of the state directory's file system.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Disk space of the state directory's file system, where images and overlays live.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct DiskSpace {
     /// Size of the file system, MiB.
     pub total_mib: u64,
-    /// Space available, MiB.
+    /// Space available now, MiB.
     pub available_mib: u64,
-    /// Sum of the sizes of VM disk images, MiB.
+    /// Kept for the host, MiB.
+    pub reserved_mib: u64,
+    /// Over-commit ratio.
+    pub allocation_ratio: f64,
+    /// What may be provisioned: (total - reserved) * ratio.
+    pub capacity_mib: u64,
+    /// Provisioned: registered images, the full size of every overlay, and the files of disks
+    /// given by path, MiB.
     pub allocated_mib: u64,
+    /// capacity - allocated.
+    pub free_mib: u64,
+    /// Registered images, MiB (part of allocated).
+    pub images_mib: u64,
+    /// What the overlays hold now, MiB (they grow up to their size).
+    pub overlays_used_mib: u64,
 }
 
 /// The host's inventory.
@@ -155,6 +181,8 @@ pub fn host_info() -> HostInfo {
             "restart-policy",
             "events",
             "metrics",
+            "qcow2",
+            "images",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -197,24 +225,44 @@ pub fn fs_space(dir: &Path) -> (u64, u64) {
     (mib(s.f_blocks), mib(s.f_bavail))
 }
 
-/// The inventory given the specs of every defined VM.
+/// MiB, rounded up.
+fn mib_up(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
+}
+
+/// The inventory given every defined VM (its spec and its disks as resolved) and the bytes of
+/// the registered images.
 pub fn inventory<'a>(
     cap: &CapacityConfig,
     state_dir: &Path,
-    specs: impl Iterator<Item = &'a VmSpec>,
+    vms: impl Iterator<Item = (&'a VmSpec, &'a [DiskState])>,
+    images_bytes: u64,
 ) -> Inventory {
-    let (mut vcpus, mut mem, mut disk) = (0u64, 0u64, 0u64);
-    for s in specs {
+    let (mut vcpus, mut mem, mut disk, mut used) = (0u64, 0u64, mib_up(images_bytes), 0u64);
+    for (s, disks) in vms {
         vcpus += u64::from(s.vcpus);
         mem += s.memory_mib;
-        disk += s
-            .disks
-            .iter()
-            .filter_map(|d| std::fs::metadata(&d.path).ok())
-            .map(|m| m.len() >> 20)
-            .sum::<u64>();
+        for (i, d) in s.disks.iter().enumerate() {
+            match (&d.image, disks.get(i)) {
+                // An overlay may grow to its full size.
+                (Some(_), Some(st)) => {
+                    disk += mib_up(st.size);
+                    used += std::fs::metadata(&st.path).map_or(0, |m| mib_up(m.len()));
+                }
+                _ => {
+                    disk += d
+                        .path
+                        .as_ref()
+                        .and_then(|p| std::fs::metadata(p).ok())
+                        .map_or(0, |m| mib_up(m.len()))
+                }
+            }
+        }
     }
     let (total_mib, available_mib) = fs_space(state_dir);
+    let capacity_mib = (total_mib.saturating_sub(cap.reserved_disk_mib) as f64
+        * cap.disk_allocation_ratio)
+        .floor() as u64;
     Inventory {
         vcpus: Resource::new(
             host_cpus(),
@@ -231,13 +279,25 @@ pub fn inventory<'a>(
         disk: DiskSpace {
             total_mib,
             available_mib,
+            reserved_mib: cap.reserved_disk_mib,
+            allocation_ratio: cap.disk_allocation_ratio,
+            capacity_mib,
             allocated_mib: disk,
+            free_mib: capacity_mib.saturating_sub(disk),
+            images_mib: mib_up(images_bytes),
+            overlays_used_mib: used,
         },
     }
 }
 
-/// Why `spec` does not fit, if it does not.
-pub fn admit(inv: &Inventory, spec: &VmSpec) -> Result<(), String> {
+/// Why `spec` does not fit, if it does not; `new_disk_mib` is what its overlays may grow to.
+pub fn admit(inv: &Inventory, spec: &VmSpec, new_disk_mib: u64) -> Result<(), String> {
+    if new_disk_mib > inv.disk.free_mib {
+        return Err(format!(
+            "not enough disk: {new_disk_mib} MiB of overlays requested, {} MiB free of {} (allocated {})",
+            inv.disk.free_mib, inv.disk.capacity_mib, inv.disk.allocated_mib
+        ));
+    }
     if u64::from(spec.vcpus) > inv.vcpus.free {
         return Err(format!(
             "not enough vCPUs: {} requested, {} free of {} (allocated {})",

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod events;
 pub mod host;
+pub mod images;
 pub mod imds;
 mod lifecycle;
 pub mod netplan;
@@ -67,6 +68,9 @@ pub enum AgentError {
     /// No such segment.
     #[error("no segment with id {0:?}")]
     SegmentNotFound(String),
+    /// No such image.
+    #[error("no image with id {0:?}")]
+    ImageNotFound(String),
     /// A field of the request is invalid.
     #[error("{0}")]
     Invalid(#[from] FieldError),
@@ -145,6 +149,17 @@ pub enum AgentError {
     Store(#[from] StoreError),
 }
 
+impl From<images::ImageError> for AgentError {
+    fn from(e: images::ImageError) -> Self {
+        match e {
+            images::ImageError::Invalid(f) => AgentError::Invalid(f),
+            images::ImageError::NotFound(id) => AgentError::ImageNotFound(id),
+            images::ImageError::Exists(id) => AgentError::Exists(id),
+            images::ImageError::Store(e) => AgentError::Store(e),
+        }
+    }
+}
+
 /// A running VMM the agent watches.
 #[derive(Debug, Clone)]
 struct VmmHandle {
@@ -177,6 +192,8 @@ pub struct Agent {
     version: watch::Sender<u64>,
     /// Segments and the host side of the NICs.
     net: network::Network,
+    /// Registered base images.
+    pub images: images::Images,
 }
 
 impl Agent {
@@ -187,6 +204,7 @@ impl Agent {
         let records = store.load_all()?;
         let events = Events::open(store.root());
         let net = network::Network::open(store.root(), config.network.clone())?;
+        let images = images::Images::open(store.root())?;
         let agent = Arc::new(Self {
             config,
             store,
@@ -195,6 +213,7 @@ impl Agent {
             info: host::host_info(),
             version: watch::channel(0).0,
             net,
+            images,
         });
         {
             let mut vms = lock(&agent.vms);
@@ -277,8 +296,143 @@ impl Agent {
 
     /// The inventory given the VM map (whose lock the caller holds).
     fn inventory_of(&self, vms: &BTreeMap<String, Arc<VmEntry>>) -> Inventory {
-        let specs: Vec<VmSpec> = vms.values().map(|e| lock(&e.rec).spec.clone()).collect();
-        host::inventory(&self.config.capacity, self.store.root(), specs.iter())
+        let recs: Vec<(VmSpec, Vec<spec::DiskState>)> = vms
+            .values()
+            .map(|e| {
+                let r = lock(&e.rec);
+                (r.spec.clone(), r.disks.clone())
+            })
+            .collect();
+        host::inventory(
+            &self.config.capacity,
+            self.store.root(),
+            recs.iter().map(|(s, d)| (s, d.as_slice())),
+            self.images.bytes(),
+        )
+    }
+
+    /// Registers a base image (copies and hashes it: blocking, run off the async workers).
+    pub fn register_image(
+        &self,
+        spec: &images::ImageSpec,
+    ) -> Result<(images::Image, bool), AgentError> {
+        Ok(self.images.register(spec)?)
+    }
+
+    /// Removes a base image, refused while a VM's disk is made from it; one that does not
+    /// exist is gone already.
+    pub fn delete_image(&self, id: &str) -> Result<(), AgentError> {
+        // The map lock keeps a create from taking the image meanwhile.
+        let vms = lock(&self.vms);
+        if self.images.get(id).is_err() {
+            return Ok(());
+        }
+        let users: Vec<String> = vms
+            .values()
+            .filter(|e| {
+                lock(&e.rec)
+                    .spec
+                    .disks
+                    .iter()
+                    .any(|d| d.image.as_deref() == Some(id))
+            })
+            .map(|e| e.id.clone())
+            .collect();
+        if !users.is_empty() {
+            return Err(AgentError::InUse(format!(
+                "image {id:?} is used by VM(s) {}",
+                users.join(", ")
+            )));
+        }
+        self.images.remove(id)?;
+        Ok(())
+    }
+
+    /// Resolves the disks of a new VM: opens each path disk (its format probed once, here) and
+    /// makes an overlay for each disk made from an image, in the VM's directory. Nothing is
+    /// left behind on failure (the directory is removed; one without a record would be
+    /// removed at the next start anyway).
+    fn make_disks(&self, spec: &VmSpec) -> Result<Vec<spec::DiskState>, AgentError> {
+        use bexar_devices::block::{qcow2, DiskFormat};
+        let dir = self.vm_dir(&spec.id);
+        let mut out = Vec::with_capacity(spec.disks.len());
+        let made = (|| -> Result<(), AgentError> {
+            for (i, d) in spec.disks.iter().enumerate() {
+                let bad = |field: &str, e: bexar_devices::block::BlockError| {
+                    AgentError::Invalid(FieldError::new(
+                        format!("disks[{i}].{field}"),
+                        e.to_string(),
+                    ))
+                };
+                match (&d.path, &d.image) {
+                    (Some(p), _) => {
+                        let format = match d.format {
+                            Some(f) => f,
+                            None => qcow2::probe(p).map_err(|e| bad("path", e))?,
+                        };
+                        let image = qcow2::open_chain(p, format, false, false, &mut Vec::new())
+                            .map_err(|e| bad("path", e))?;
+                        out.push(spec::DiskState {
+                            path: p.clone(),
+                            format,
+                            size: image.size(),
+                        });
+                    }
+                    (None, Some(id)) => {
+                        let img = self.images.get(id).map_err(|_| {
+                            AgentError::Invalid(FieldError::new(
+                                format!("disks[{i}].image"),
+                                format!("no image with id {id:?} (see /v1/images)"),
+                            ))
+                        })?;
+                        let size = d.size_mib.map(|m| m << 20);
+                        if size.is_some_and(|s| s < img.virtual_size) {
+                            return Err(AgentError::Invalid(FieldError::new(
+                                format!("disks[{i}].size_mib"),
+                                format!(
+                                    "smaller than image {id:?} ({} MiB)",
+                                    img.virtual_size.div_ceil(1 << 20)
+                                ),
+                            )));
+                        }
+                        if !dir.exists() {
+                            use std::os::unix::fs::DirBuilderExt;
+                            std::fs::DirBuilder::new()
+                                .mode(0o700)
+                                .create(&dir)
+                                .map_err(|e| {
+                                    StoreError::Io(bexar_util::fs::io_err("create", &dir)(e))
+                                })?;
+                        }
+                        let path = dir.join(spec::overlay_name(i));
+                        let size =
+                            qcow2::create_overlay(&path, &self.images.blob(&img), img.format, size)
+                                .map_err(|e| bad("image", e))?;
+                        out.push(spec::DiskState {
+                            path,
+                            format: DiskFormat::Qcow2,
+                            size,
+                        });
+                    }
+                    (None, None) => {
+                        return Err(AgentError::Invalid(FieldError::new(
+                            format!("disks[{i}].path"),
+                            "give exactly one of path and image",
+                        )))
+                    }
+                }
+            }
+            Ok(())
+        })();
+        match made {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                if dir.exists() {
+                    let _ = self.store.remove(&spec.id);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Whether the state directory takes an atomic write (health check).
@@ -331,12 +485,26 @@ impl Agent {
                 Err(AgentError::Exists(spec.id))
             };
         }
-        host::admit(&self.inventory_of(&vms), &spec).map_err(AgentError::Capacity)?;
+        let new_disk_mib: u64 = spec
+            .disks
+            .iter()
+            .filter(|d| d.image.is_some())
+            .map(|d| {
+                d.size_mib.unwrap_or(0).max(
+                    d.image
+                        .as_deref()
+                        .and_then(|id| self.images.get(id).ok())
+                        .map_or(0, |i| i.virtual_size.div_ceil(1 << 20)),
+                )
+            })
+            .sum();
+        host::admit(&self.inventory_of(&vms), &spec, new_disk_mib).map_err(AgentError::Capacity)?;
         let taken: Vec<_> = vms
             .values()
             .flat_map(|e| lock(&e.rec).nics.clone())
             .collect();
         let nics = self.resolve_nics(&spec, &taken)?;
+        let disks = store::blocking(|| self.make_disks(&spec))?;
         let rec_uuid = spec.uuid.unwrap_or_else(uuid::Uuid::new_v4);
         let now = now_ms();
         let rec = VmRecord {
@@ -359,6 +527,7 @@ impl Agent {
                 started_ms: now,
             }),
             nics,
+            disks,
             metadata: Default::default(),
             uuid: rec_uuid,
             restore_pending: restore_from.is_some(),

@@ -494,6 +494,7 @@ impl Agent {
         let config = rec.spec.vm_config(
             &dir,
             &token,
+            &rec.disks,
             &rec.nics,
             self.kernel_ip_param(&rec).as_deref(),
             crate::imds::smbios_identity(&rec),
@@ -1177,6 +1178,7 @@ mod tests {
             status: VmStatus::default(),
             operation: op_kind.and_then(op),
             nics: vec![],
+            disks: vec![],
             metadata: Default::default(),
             uuid: uuid::Uuid::nil(),
             restore_pending: false,

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::segment::NicState;
 use super::store::layout;
 use crate::wire::wire_enum;
+use bexar_devices::block::{DiskConfig, DiskFormat};
 use bexar_devices::virtio::net::{parse_mac, NicConfig};
 use bexar_devices::virtio::vsock::VsockConfig;
 use bexar_vmm::boot::smbios::SmbiosIdentity;
@@ -16,9 +17,120 @@ use bexar_vmm::config::{ConfigError, ConsoleConfig, ControlConfig};
 use bexar_vmm::cpuid::CpuTemplate;
 use bexar_vmm::VmConfig;
 
-/// A virtio-blk disk backed by a host file: the VMM's own disk description, so the API and
-/// `bexar run --disk` accept the same options.
-pub type DiskSpec = bexar_vmm::config::DiskConfig;
+/// A virtio-blk disk: a host file (`path`, raw or qcow2, probed unless `format` says), or a
+/// copy-on-write overlay the agent makes for this VM on a registered image (`image`). The
+/// options are the VMM's own (`bexar run --disk` takes the same).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// Image file (absolute path). Exactly one of `path` and `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// A registered image (`/v1/images`): the VM gets its own qcow2 overlay on it, made at
+    /// create and removed at delete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Size of the overlay in MiB (default: the image's size; never smaller). Only with
+    /// `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_mib: Option<u64>,
+    /// Format of the file at `path`: `raw` or `qcow2` (default: probed once, at create).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
+    /// Refuse writes.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Bypass the host page cache (O_DIRECT).
+    #[serde(default)]
+    pub direct: bool,
+    /// Serial reported to the guest, at most 20 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+impl std::str::FromStr for DiskSpec {
+    type Err = String;
+    /// `PATH[,OPTIONS]` as `bexar run --disk` takes it, or `image=ID[,size=MIB][,OPTIONS]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix("image=") {
+            let mut parts = rest.split(',');
+            let image = parts
+                .next()
+                .filter(|i| !i.is_empty())
+                .ok_or("empty image id")?;
+            let mut spec = DiskSpec {
+                image: Some(image.to_owned()),
+                ..Default::default()
+            };
+            let mut vmm_opts = Vec::new();
+            for opt in parts {
+                match opt.split_once('=') {
+                    Some(("size", v)) => {
+                        spec.size_mib = Some(
+                            v.parse()
+                                .map_err(|_| format!("size={v}: not a number of MiB"))?,
+                        )
+                    }
+                    Some(("format", _)) => {
+                        return Err(
+                            "format is the image's own; give it when registering the image".into(),
+                        )
+                    }
+                    _ => vmm_opts.push(opt),
+                }
+            }
+            // The other options are the VMM's; parse them on a stand-in path.
+            let c: DiskConfig = std::iter::once("/")
+                .chain(vmm_opts)
+                .collect::<Vec<_>>()
+                .join(",")
+                .parse()?;
+            spec.read_only = c.read_only;
+            spec.direct = c.direct;
+            spec.serial = c.serial;
+            return Ok(spec);
+        }
+        let c: DiskConfig = s.parse()?;
+        Ok(DiskSpec {
+            path: Some(c.path),
+            format: c.format,
+            read_only: c.read_only,
+            direct: c.direct,
+            serial: c.serial,
+            ..Default::default()
+        })
+    }
+}
+
+impl DiskSpec {
+    /// The VMM's description of this disk, on the file `path` in `format`.
+    pub fn config(&self, path: PathBuf, format: Option<DiskFormat>) -> DiskConfig {
+        DiskConfig {
+            path,
+            format,
+            read_only: self.read_only,
+            direct: self.direct,
+            serial: self.serial.clone(),
+        }
+    }
+}
+
+/// A disk as the agent resolved it at create: the file the VMM opens and its format (probed
+/// once, so that a guest writing a qcow2 header into its raw disk changes nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskState {
+    /// The file: the spec's `path`, or the VM's overlay.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: DiskFormat,
+    /// Its size in bytes, as the guest sees it.
+    pub size: u64,
+}
+
+/// The overlay file of disk `index` of a VM, in the VM's directory.
+pub fn overlay_name(index: usize) -> String {
+    format!("disk{index}.qcow2")
+}
 
 /// A refused field: its path in the request body and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -215,6 +327,9 @@ pub const MAX_LABELS: usize = 64;
 pub const MAX_LABEL_LEN: usize = 253;
 /// Most disks or NICs per VM (the virtio slots hold 19 devices in all).
 pub const MAX_DEVICES: usize = 16;
+/// Largest overlay a disk spec may ask for (64 TiB, qcow2's practical limit with 64 KiB
+/// clusters is far beyond; this bounds a typo).
+pub const MAX_DISK_MIB: u64 = 64 << 20;
 /// Longest command line accepted.
 pub const MAX_CMDLINE: usize = 2048;
 
@@ -273,7 +388,43 @@ impl VmSpec {
             ));
         }
         for (i, d) in self.disks.iter().enumerate() {
-            absolute(&format!("disks[{i}].path"), &d.path)?;
+            match (&d.path, &d.image) {
+                (Some(p), None) => {
+                    absolute(&format!("disks[{i}].path"), p)?;
+                    if d.size_mib.is_some() {
+                        return Err(FieldError::new(
+                            format!("disks[{i}].size_mib"),
+                            "only a disk made from an image has a size to choose",
+                        ));
+                    }
+                }
+                (None, Some(img)) => {
+                    if !valid_id(img) {
+                        return Err(FieldError::new(
+                            format!("disks[{i}].image"),
+                            format!("{img:?} is not a valid image id"),
+                        ));
+                    }
+                    if d.format.is_some() {
+                        return Err(FieldError::new(
+                            format!("disks[{i}].format"),
+                            "a disk made from an image is a qcow2 overlay; the format is not chosen",
+                        ));
+                    }
+                    if d.size_mib == Some(0) || d.size_mib.is_some_and(|m| m > MAX_DISK_MIB) {
+                        return Err(FieldError::new(
+                            format!("disks[{i}].size_mib"),
+                            format!("must be 1-{MAX_DISK_MIB}"),
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(FieldError::new(
+                        format!("disks[{i}].path"),
+                        "give exactly one of path and image",
+                    ))
+                }
+            }
         }
         if self.nics.len() > MAX_DEVICES {
             return Err(FieldError::new(
@@ -349,9 +500,22 @@ impl VmSpec {
                     .unwrap_or([2, 0, 0, 0, 0, 1]),
             })
             .collect();
+        // Disks made from images have no file until the agent makes their overlays: this
+        // program's own file (always a regular file) stands in, so that the VMM's rules check
+        // the rest of the disk (serial, slot count) now.
+        let stand_in = std::env::current_exe().unwrap_or_else(|_| self.boot.kernel.clone());
+        let disks = self
+            .disks
+            .iter()
+            .map(|d| match &d.path {
+                Some(p) => d.config(p.clone(), d.format),
+                None => d.config(stand_in.clone(), Some(DiskFormat::Raw)),
+            })
+            .collect();
         self.config_with(
             Path::new("/"),
             "unlaunched",
+            disks,
             nics,
             None,
             SmbiosIdentity::default(),
@@ -366,10 +530,24 @@ impl VmSpec {
         &self,
         dir: &Path,
         token: &str,
+        disks: &[DiskState],
         nics: &[NicState],
         cmdline_extra: Option<&str>,
         smbios: SmbiosIdentity,
     ) -> Result<VmConfig, FieldError> {
+        // Records from before disks were resolved at create have none: their paths, probed.
+        let disks = self
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| match disks.get(i) {
+                Some(s) => d.config(s.path.clone(), Some(s.format)),
+                None => d.config(
+                    d.path.clone().unwrap_or_else(|| dir.join(overlay_name(i))),
+                    d.format,
+                ),
+            })
+            .collect();
         let nics = nics
             .iter()
             .map(|n| NicConfig {
@@ -377,13 +555,14 @@ impl VmSpec {
                 mac: n.mac_bytes(),
             })
             .collect();
-        self.config_with(dir, token, nics, cmdline_extra, smbios)
+        self.config_with(dir, token, disks, nics, cmdline_extra, smbios)
     }
 
     fn config_with(
         &self,
         dir: &Path,
         token: &str,
+        disks: Vec<DiskConfig>,
         nics: Vec<NicConfig>,
         cmdline_extra: Option<&str>,
         smbios: SmbiosIdentity,
@@ -412,7 +591,7 @@ impl VmSpec {
                 log: dir.join(layout::CONSOLE_LOG),
             },
             stdin: false,
-            disks: self.disks.clone(),
+            disks,
             nics,
             rng: self.rng,
             vsock: self.vsock.as_ref().map(|v| VsockConfig {
@@ -585,6 +764,9 @@ pub struct VmRecord {
     /// The NICs as wired: MACs, addresses and TAPs chosen at create time.
     #[serde(default)]
     pub nics: Vec<NicState>,
+    /// The disks as resolved at create (files and formats), in spec order.
+    #[serde(default)]
+    pub disks: Vec<DiskState>,
     /// What the metadata service tells the guest (`PUT /v1/vms/{id}/metadata`).
     #[serde(default)]
     pub metadata: VmMetadata,

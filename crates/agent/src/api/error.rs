@@ -108,6 +108,7 @@ impl From<AgentError> for ApiError {
         match e {
             AgentError::NotFound(_)
             | AgentError::SegmentNotFound(_)
+            | AgentError::ImageNotFound(_)
             | AgentError::SnapshotNotFound { .. } => {
                 Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, msg)
             }

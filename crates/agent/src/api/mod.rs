@@ -60,6 +60,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/segments"),
     ("GET", "/v1/segments/{id}"),
     ("DELETE", "/v1/segments/{id}"),
+    ("GET", "/v1/images"),
+    ("POST", "/v1/images"),
+    ("GET", "/v1/images/{id}"),
+    ("DELETE", "/v1/images/{id}"),
     ("GET", "/v1/events"),
     ("GET", "/v1/metrics"),
     ("GET", "/v1/openapi.json"),
@@ -329,6 +333,16 @@ struct VmId(String);
 /// The path's segment id, checked like [`VmId`].
 struct SegmentId(String);
 
+/// The path's image id, checked like [`VmId`].
+struct ImageId(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ImageId {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        path_id(parts, state, "image").await.map(Self)
+    }
+}
+
 async fn path_id<S: Send + Sync>(
     parts: &mut Parts,
     state: &S,
@@ -446,6 +460,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/segments", get(list_segments).post(create_segment))
         .route("/v1/segments/{id}", get(get_segment).delete(delete_segment))
+        .route("/v1/images", get(list_images).post(register_image))
+        .route("/v1/images/{id}", get(get_image).delete(delete_image))
         .route("/v1/events", get(events))
         .route("/v1/metrics", get(metrics_text))
         .route("/metrics", get(metrics_text))
@@ -658,6 +674,52 @@ async fn delete_segment(
     SegmentId(id): SegmentId,
 ) -> Result<Response, ApiError> {
     run_to_end(&st.agent, |a| async move { a.delete_segment(&id).await }).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list_images(State(st): St, _: NoParams) -> Result<Response, ApiError> {
+    Ok(Json(serde_json::json!({ "items": st.agent.images.list() })).into_response())
+}
+
+async fn register_image(State(st): St, _: NoParams, body: Body) -> Result<Response, ApiError> {
+    let spec: crate::images::ImageSpec = json_body(body).await?;
+    // Copying and hashing a large image takes seconds: off the async workers.
+    let agent = st.agent.clone();
+    let (img, created) = tokio::task::spawn_blocking(move || agent.register_image(&spec))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                format!("the registration failed inside the agent: {e}"),
+            )
+        })??;
+    Ok(created_response(
+        created,
+        &img,
+        &format!("/v1/images/{}", img.id),
+    ))
+}
+
+async fn get_image(State(st): St, _: NoParams, ImageId(id): ImageId) -> Result<Response, ApiError> {
+    Ok(Json(st.agent.images.get(&id).map_err(AgentError::from)?).into_response())
+}
+
+async fn delete_image(
+    State(st): St,
+    _: NoParams,
+    ImageId(id): ImageId,
+) -> Result<Response, ApiError> {
+    let agent = st.agent.clone();
+    tokio::task::spawn_blocking(move || agent.delete_image(&id))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                format!("the delete failed inside the agent: {e}"),
+            )
+        })??;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -1115,7 +1177,10 @@ mod tests {
                 cmdline: Some("c".into()),
             },
             disks: vec![DiskSpec {
-                path: "/d".into(),
+                path: Some("/d".into()),
+                image: Some("i".into()),
+                size_mib: Some(1),
+                format: Some(bexar_devices::block::DiskFormat::Qcow2),
                 read_only: true,
                 direct: false,
                 serial: Some("s".into()),
@@ -1319,12 +1384,40 @@ mod tests {
                 ipv4: Some("10.0.0.2".parse().unwrap()),
                 ipv6: Some("2001:db8::2".parse().unwrap()),
             }],
+            disks: vec![crate::spec::DiskState {
+                path: "/d".into(),
+                format: bexar_devices::block::DiskFormat::Raw,
+                size: 1,
+            }],
             metadata: full_metadata(),
             uuid: uuid::Uuid::nil(),
             restore_pending: true,
         };
         let v = serde_json::to_value(&rec).unwrap();
         assert_eq!(props(&doc, "Vm"), keys(&v));
+        assert_eq!(props(&doc, "DiskState"), keys(&v["disks"][0]));
+        let img = crate::images::Image {
+            id: "i".into(),
+            format: bexar_devices::block::DiskFormat::Qcow2,
+            sha256: "0".repeat(64),
+            virtual_size: 1,
+            file_size: 1,
+            source: "/s".into(),
+            created_ms: 1,
+        };
+        assert_eq!(
+            props(&doc, "Image"),
+            keys(&serde_json::to_value(img).unwrap())
+        );
+        let ispec = crate::images::ImageSpec {
+            id: "i".into(),
+            path: "/p".into(),
+            format: Some(bexar_devices::block::DiskFormat::Raw),
+        };
+        assert_eq!(
+            props(&doc, "ImageSpec"),
+            keys(&serde_json::to_value(ispec).unwrap())
+        );
         assert_eq!(props(&doc, "VmStatus"), keys(&v["status"]));
         assert_eq!(props(&doc, "Operation"), keys(&v["operation"]));
         assert_eq!(props(&doc, "NicState"), keys(&v["nics"][0]));
@@ -1410,6 +1503,11 @@ mod tests {
             &crate::host::CapacityConfig::default(),
             std::path::Path::new("/"),
             std::iter::empty(),
+            0,
+        );
+        assert_eq!(
+            props(&doc, "DiskSpace"),
+            keys(&serde_json::to_value(inv.disk).unwrap())
         );
         assert_eq!(
             props(&doc, "Inventory"),
