@@ -3,7 +3,7 @@
 //! the ELF vmlinux through its PVH entry under `bexar boot-test` (uncompressed initramfs); the
 //! bzImage through the 64-bit Linux boot protocol on two vCPUs under `bexar run` (gzip
 //! initramfs), snapshotted mid-boot and restored in a new process that takes it to its orderly
-//! end; and the virtio witness.
+//! end; and the virtio witness, whose ext4 root is a qcow2 overlay on a raw base.
 
 mod common;
 
@@ -207,10 +207,25 @@ impl Drop for DhcpNetns {
 }
 
 #[test]
-fn vmlinux_drives_all_four_virtio_devices_ext4_root_dhcp_rng_vsock() {
+fn vmlinux_drives_all_four_virtio_devices_ext4_root_on_qcow2_dhcp_rng_vsock() {
     let img = linux_image();
     let netns = DhcpNetns::new();
-    let root = ext4_root();
+    // The root file system is a qcow2 overlay on the raw ext4 image: the kernel mounts it
+    // read-write through the qcow2 backend, and its writes land in the overlay only.
+    let base = ext4_root();
+    let base_bytes = std::fs::read(&base).unwrap();
+    let root = tmp("root.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "raw",
+        root.to_str().unwrap(),
+    ]);
     let scratch = tmp("scratch.img");
     std::fs::File::create(&scratch)
         .unwrap()
@@ -298,8 +313,25 @@ fn vmlinux_drives_all_four_virtio_devices_ext4_root_dhcp_rng_vsock() {
     );
     let vda = &devices[0];
     assert!(vda["read_bytes"].as_u64().unwrap() > 0);
+    assert!(vda["written_bytes"].as_u64().unwrap() > 0, "{vda}");
     assert_eq!(vda["refused"], 0, "{vda}");
-    for p in [root, scratch, log, result, vsock] {
+    // The overlay checks clean, holds the kernel's writes (the superblock's mount count at
+    // least), and the base is untouched.
+    qemu_img_ok(&["check", root.to_str().unwrap()]);
+    let map = qemu_img_ok(&["map", "--output=json", root.to_str().unwrap()]);
+    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+    assert!(
+        map.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["depth"] == 0 && e["data"] == true),
+        "nothing was written to the overlay: {map}"
+    );
+    assert!(
+        std::fs::read(&base).unwrap() == base_bytes,
+        "the base changed"
+    );
+    for p in [base, root, scratch, log, result, vsock] {
         std::fs::remove_file(p).ok();
     }
 }
