@@ -1868,6 +1868,8 @@ fn images_give_each_vm_its_own_overlay_and_bad_disks_are_refused_by_field() {
             ("POST", "/v1/vms", with_disk(json!({"path": s(&orphan)})), 400, "invalid_field", Some("disks[0].path")),
             ("POST", "/v1/vms", with_disk(json!({"path": s(&raw), "format": "vmdk"})), 400, "invalid_field", Some("disks[0].format")),
             ("POST", "/v1/vms", with_disk(json!({"image": "base", "size_mib": 1u64 << 26})), 409, "over_capacity", None),
+            ("POST", "/v1/vms", with_disk(json!({"image": "base", "rate_limit": {"ops": {"size": 0, "refill_time_ms": 10}}})), 400, "invalid_field", Some("disks[0].rate_limit.ops.size")),
+            ("POST", "/v1/vms", with_disk(json!({"image": "base", "rate_limit": {"bandwidth": {"size": 10}}})), 400, "invalid_field", Some("disks[0].rate_limit.bandwidth.refill_time_ms")),
         ];
         for (method, path, body, status, code, field) in cases {
             let m = axum::http::Method::from_bytes(method.as_bytes()).unwrap();
@@ -1949,4 +1951,82 @@ fn images_give_each_vm_its_own_overlay_and_bad_disks_are_refused_by_field() {
         assert_eq!(alloc(&host), alloc(&host0));
     });
     let _ = std::fs::remove_dir_all(&src);
+}
+
+#[test]
+fn rate_limits_change_on_a_running_vm_through_the_api() {
+    let agent = TestAgent::start("ratelimit");
+    let img = tmp("rl-disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    rt().block_on(async {
+        let c = agent.client();
+        // 2000 reads at 10 a second would take over three minutes.
+        let mut v = spec("rl");
+        v["boot"]["cmdline"] = json!(format!(
+            "console=ttyS0 bexar.test=blk-bench bexar.iters=2000 bexar.mib=0{}",
+            common::guest_platform_params()
+        ));
+        v["disks"] = json!([{
+            "path": img.display().to_string(),
+            "read_only": true,
+            "rate_limit": {"ops": {"size": 10, "refill_time_ms": 1000}}
+        }]);
+        let vm = expect_status(&c.post("/v1/vms?start=true", &v).await.unwrap(), 201);
+        assert_eq!(vm["disks"][0]["rate_limit"]["ops"]["size"], 10);
+        wait_console(&c, "rl", "blk-bench: tsc", 30).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(expect_status(&c.get("/v1/vms/rl").await.unwrap(), 200)["state"], "running");
+
+        // Bad changes: refused by field, nothing changed.
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Value, u16, &str, Option<&str>)> = vec![
+            ("/v1/vms/rl/disks/0/rate-limit", json!({"ops": {"size": 0, "refill_time_ms": 1}}), 400, "invalid_field", Some("ops.size")),
+            ("/v1/vms/rl/disks/0/rate-limit", json!({"ops": {"size": 1, "refill_time_ms": 0}}), 400, "invalid_field", Some("ops.refill_time_ms")),
+            ("/v1/vms/rl/disks/0/rate-limit", json!({"iops": 5}), 400, "invalid_field", Some("iops")),
+            ("/v1/vms/rl/disks/1/rate-limit", json!({}), 404, "not_found", None),
+            ("/v1/vms/rl/disks/x/rate-limit", json!({}), 404, "not_found", None),
+            ("/v1/vms/rl/nics/0/rate-limit", json!({}), 404, "not_found", None),
+            ("/v1/vms/nope/disks/0/rate-limit", json!({}), 404, "not_found", None),
+        ];
+        for (path, body, status, code, field) in cases {
+            let r = c.request(axum::http::Method::PUT, path, serde_json::to_vec(&body).unwrap()).await.unwrap();
+            let e = r.json();
+            assert_eq!(r.status.as_u16(), status, "{path} {body}: {e}");
+            assert_eq!(e["error"]["code"], code, "{path} {body}: {e}");
+            if let Some(f) = field {
+                assert_eq!(e["error"]["field"], f, "{path} {body}: {e}");
+            }
+        }
+        assert_eq!(expect_status(&c.get("/v1/vms/rl").await.unwrap(), 200)["disks"][0]["rate_limit"]["ops"]["size"], 10);
+
+        // Lifting the limit on the running VM lets the guest finish in moments.
+        let t = Instant::now();
+        let r = c
+            .request(axum::http::Method::PUT, "/v1/vms/rl/disks/0/rate-limit", b"{}".to_vec())
+            .await
+            .unwrap();
+        let vm = expect_status(&r, 200);
+        assert!(vm["disks"][0].get("rate_limit").is_none(), "{vm}");
+        let vm = wait_state(&c, "rl", "stopped").await;
+        let console = console_text(&c, "rl").await;
+        assert!(console.contains("PASS blk-bench"), "{console}");
+        assert!(vm["status"]["exit_reason"].as_str().unwrap().contains("status 0"), "{vm}");
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+        // The record keeps the change for the next start.
+        assert!(vm["disks"][0].get("rate_limit").is_none(), "{vm}");
+        // A stopped VM's limit changes in its record only.
+        let r = c
+            .request(
+                axum::http::Method::PUT,
+                "/v1/vms/rl/disks/0/rate-limit",
+                serde_json::to_vec(&json!({"bandwidth": {"size": 1048576, "refill_time_ms": 1000}})).unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(expect_status(&r, 200)["disks"][0]["rate_limit"]["bandwidth"]["size"], 1048576);
+    });
+    std::fs::remove_file(img).ok();
 }

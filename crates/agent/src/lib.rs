@@ -37,6 +37,27 @@ use spec::{
 };
 use store::{Store, StoreError};
 
+/// Which rate limit to change ([`Agent::set_rate_limit`]).
+#[derive(Debug, Clone)]
+pub enum RateTarget {
+    /// Disk `index`'s one limit.
+    Disk {
+        /// The disk, in spec order.
+        index: usize,
+        /// Its limit (empty: none).
+        limit: bexar_devices::rate_limiter::RateLimitConfig,
+    },
+    /// NIC `index`'s limits.
+    Nic {
+        /// The NIC, in spec order.
+        index: usize,
+        /// Frames to the guest.
+        rx: bexar_devices::rate_limiter::RateLimitConfig,
+        /// Frames from the guest.
+        tx: bexar_devices::rate_limiter::RateLimitConfig,
+    },
+}
+
 /// Default API socket.
 pub const DEFAULT_SOCKET: &str = "/run/bexar/agent.sock";
 /// Default state directory.
@@ -71,6 +92,14 @@ pub enum AgentError {
     /// No such image.
     #[error("no image with id {0:?}")]
     ImageNotFound(String),
+    /// The VM has no such disk or NIC.
+    #[error("VM {id:?} has no {what}")]
+    NoDevice {
+        /// VM id.
+        id: String,
+        /// What was asked for.
+        what: String,
+    },
     /// A field of the request is invalid.
     #[error("{0}")]
     Invalid(#[from] FieldError),
@@ -376,6 +405,7 @@ impl Agent {
                             path: p.clone(),
                             format,
                             size: image.size(),
+                            rate_limit: d.rate_limit,
                         });
                     }
                     (None, Some(id)) => {
@@ -412,6 +442,7 @@ impl Agent {
                             path,
                             format: DiskFormat::Qcow2,
                             size,
+                            rate_limit: d.rate_limit,
                         });
                     }
                     (None, None) => {

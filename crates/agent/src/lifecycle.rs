@@ -18,7 +18,7 @@ use super::spec::{
 };
 use super::store::{layout, write_atomic};
 use super::vmm_process::{self as vp};
-use super::{Agent, AgentError, VmEntry, VmmHandle};
+use super::{Agent, AgentError, RateTarget, VmEntry, VmmHandle};
 use bexar_util::sync::lock;
 use bexar_vmm::control::{Request, RunState};
 use bexar_vmm::launch::{Launch, RunResult};
@@ -320,6 +320,81 @@ impl Agent {
                 err,
             }),
         }
+    }
+
+    /// Changes a disk's or NIC's rate limits, on the running VMM first (if there is one) and
+    /// then in the record, which later starts use. `index` counts disks or NICs in spec
+    /// order.
+    pub async fn set_rate_limit(
+        self: &Arc<Self>,
+        id: &str,
+        target: RateTarget,
+    ) -> Result<VmRecord, AgentError> {
+        use bexar_devices::rate_limiter::LimitedPath;
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        let rec = Self::snapshot(&entry);
+        let (device, changes) = match &target {
+            RateTarget::Disk { index, limit } => {
+                if *index >= rec.disks.len() {
+                    return Err(AgentError::NoDevice {
+                        id: id.to_owned(),
+                        what: format!("disk {index} (it has {})", rec.disks.len()),
+                    });
+                }
+                (format!("block{index}"), vec![(LimitedPath::Disk, *limit)])
+            }
+            RateTarget::Nic { index, rx, tx } => {
+                if *index >= rec.nics.len() {
+                    return Err(AgentError::NoDevice {
+                        id: id.to_owned(),
+                        what: format!("NIC {index} (it has {})", rec.nics.len()),
+                    });
+                }
+                (
+                    format!("net{index}"),
+                    vec![(LimitedPath::Rx, *rx), (LimitedPath::Tx, *tx)],
+                )
+            }
+        };
+        for (path, limit) in &changes {
+            let prefix = match path {
+                LimitedPath::Disk => "",
+                LimitedPath::Rx => "rx.",
+                LimitedPath::Tx => "tx.",
+            };
+            limit.check().map_err(|(f, m)| {
+                AgentError::Invalid(super::FieldError::new(format!("{prefix}{f}"), m))
+            })?;
+        }
+        if rec.state.has_vmm() {
+            let dir = self.vm_dir(id);
+            for (path, limit) in &changes {
+                let req = Request::SetRateLimit {
+                    device: device.clone(),
+                    path: *path,
+                    limit: *limit,
+                };
+                vp::call(&dir, &req).await.map_err(|err| AgentError::Vmm {
+                    id: id.to_owned(),
+                    err,
+                })?;
+            }
+        }
+        let some = |l: &bexar_devices::rate_limiter::RateLimitConfig| (!l.is_empty()).then_some(*l);
+        self.update(&entry, |r| match &target {
+            RateTarget::Disk { index, limit } => {
+                if let Some(d) = r.disks.get_mut(*index) {
+                    d.rate_limit = some(limit);
+                }
+            }
+            RateTarget::Nic { index, rx, tx } => {
+                if let Some(n) = r.nics.get_mut(*index) {
+                    n.rx_rate_limit = some(rx);
+                    n.tx_rate_limit = some(tx);
+                }
+            }
+        })
     }
 
     /// Hands a running VM to a new VMM process of the agent's binary (live upgrade): the new

@@ -11,6 +11,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use super::spec::{valid_id, FieldError, NicSpec};
+use bexar_devices::rate_limiter::RateLimitConfig;
 
 /// How guests on a segment reach the rest of the world.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -310,6 +311,12 @@ pub struct NicState {
     /// IPv6 address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<Ipv6Addr>,
+    /// Rate limit on frames to the guest now (the spec's, or as changed since).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limit: Option<RateLimitConfig>,
+    /// Rate limit on frames from the guest now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limit: Option<RateLimitConfig>,
 }
 
 impl NicState {
@@ -362,6 +369,8 @@ pub fn resolve_nics<'a>(
                 mac: m,
                 ipv4: None,
                 ipv6: None,
+                rx_rate_limit: n.rx_rate_limit,
+                tx_rate_limit: n.tx_rate_limit,
             });
             continue;
         };
@@ -469,6 +478,8 @@ pub fn resolve_nics<'a>(
             mac: format_mac(mac),
             ipv4,
             ipv6,
+            rx_rate_limit: n.rx_rate_limit,
+            tx_rate_limit: n.tx_rate_limit,
         });
     }
     Ok(out)

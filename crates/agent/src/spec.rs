@@ -10,6 +10,7 @@ use super::segment::NicState;
 use super::store::layout;
 use crate::wire::wire_enum;
 use bexar_devices::block::{DiskConfig, DiskFormat};
+use bexar_devices::rate_limiter::RateLimitConfig;
 use bexar_devices::virtio::net::{parse_mac, NicConfig};
 use bexar_devices::virtio::vsock::VsockConfig;
 use bexar_vmm::boot::smbios::SmbiosIdentity;
@@ -46,6 +47,9 @@ pub struct DiskSpec {
     /// Serial reported to the guest, at most 20 bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// Rate limit (bytes and requests); changeable while the VM runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 impl std::str::FromStr for DiskSpec {
@@ -88,6 +92,7 @@ impl std::str::FromStr for DiskSpec {
             spec.read_only = c.read_only;
             spec.direct = c.direct;
             spec.serial = c.serial;
+            spec.rate_limit = c.rate_limit;
             return Ok(spec);
         }
         let c: DiskConfig = s.parse()?;
@@ -97,20 +102,28 @@ impl std::str::FromStr for DiskSpec {
             read_only: c.read_only,
             direct: c.direct,
             serial: c.serial,
+            rate_limit: c.rate_limit,
             ..Default::default()
         })
     }
 }
 
 impl DiskSpec {
-    /// The VMM's description of this disk, on the file `path` in `format`.
-    pub fn config(&self, path: PathBuf, format: Option<DiskFormat>) -> DiskConfig {
+    /// The VMM's description of this disk, on the file `path` in `format`, limited by
+    /// `rate_limit`.
+    pub fn config(
+        &self,
+        path: PathBuf,
+        format: Option<DiskFormat>,
+        rate_limit: Option<RateLimitConfig>,
+    ) -> DiskConfig {
         DiskConfig {
             path,
             format,
             read_only: self.read_only,
             direct: self.direct,
             serial: self.serial.clone(),
+            rate_limit,
         }
     }
 }
@@ -125,6 +138,9 @@ pub struct DiskState {
     pub format: DiskFormat,
     /// Its size in bytes, as the guest sees it.
     pub size: u64,
+    /// Its rate limit now (the spec's, or as changed since).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 /// The overlay file of disk `index` of a VM, in the VM's directory.
@@ -186,6 +202,12 @@ pub struct NicSpec {
     /// IPv6 address on the segment (default: the SLAAC address of the MAC in its prefix).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<std::net::Ipv6Addr>,
+    /// Rate limit on frames to the guest (bytes and frames); changeable while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limit: Option<RateLimitConfig>,
+    /// Rate limit on frames from the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limit: Option<RateLimitConfig>,
 }
 
 /// A virtio-vsock device; its host side is the `vsock.sock` socket in the VM's directory.
@@ -498,6 +520,8 @@ impl VmSpec {
                     .as_deref()
                     .and_then(parse_mac)
                     .unwrap_or([2, 0, 0, 0, 0, 1]),
+                rx_rate_limit: n.rx_rate_limit,
+                tx_rate_limit: n.tx_rate_limit,
             })
             .collect();
         // Disks made from images have no file until the agent makes their overlays: this
@@ -508,8 +532,8 @@ impl VmSpec {
             .disks
             .iter()
             .map(|d| match &d.path {
-                Some(p) => d.config(p.clone(), d.format),
-                None => d.config(stand_in.clone(), Some(DiskFormat::Raw)),
+                Some(p) => d.config(p.clone(), d.format, d.rate_limit),
+                None => d.config(stand_in.clone(), Some(DiskFormat::Raw), d.rate_limit),
             })
             .collect();
         self.config_with(
@@ -541,10 +565,11 @@ impl VmSpec {
             .iter()
             .enumerate()
             .map(|(i, d)| match disks.get(i) {
-                Some(s) => d.config(s.path.clone(), Some(s.format)),
+                Some(s) => d.config(s.path.clone(), Some(s.format), s.rate_limit),
                 None => d.config(
                     d.path.clone().unwrap_or_else(|| dir.join(overlay_name(i))),
                     d.format,
+                    d.rate_limit,
                 ),
             })
             .collect();
@@ -553,6 +578,8 @@ impl VmSpec {
             .map(|n| NicConfig {
                 tap: n.tap.clone(),
                 mac: n.mac_bytes(),
+                rx_rate_limit: n.rx_rate_limit,
+                tx_rate_limit: n.tx_rate_limit,
             })
             .collect();
         self.config_with(dir, token, disks, nics, cmdline_extra, smbios)

@@ -6,6 +6,7 @@ pub mod block;
 pub mod bus;
 pub mod legacy;
 pub mod memory;
+pub mod rate_limiter;
 pub mod serial;
 pub mod tap;
 pub mod virtio;

@@ -245,6 +245,15 @@ impl VmConfig {
                     "must be a unicast address",
                 ));
             }
+            for (name, l) in [
+                ("rx_rate_limit", &n.rx_rate_limit),
+                ("tx_rate_limit", &n.tx_rate_limit),
+            ] {
+                if let Some(l) = l {
+                    l.check()
+                        .map_err(|(f, m)| ConfigError::new(format!("nics[{i}].{name}.{f}"), m))?;
+                }
+            }
         }
         if let Some(v) = &self.vsock {
             if v.cid < 3 || v.cid == u32::MAX {

@@ -45,6 +45,15 @@ pub enum Request {
         /// Where the state goes.
         dir: std::path::PathBuf,
     },
+    /// Replace a device's rate limit (`device`: its id, `block0`, `net1`...).
+    SetRateLimit {
+        /// The device's id.
+        device: String,
+        /// Which of its limits.
+        path: bexar_devices::rate_limiter::LimitedPath,
+        /// The new limit (an empty one limits nothing).
+        limit: bexar_devices::rate_limiter::RateLimitConfig,
+    },
     /// Save the VM into a snapshot directory, then resume, pause or stop it.
     Snapshot {
         /// The snapshot directory (made if missing).

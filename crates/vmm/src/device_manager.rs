@@ -328,6 +328,23 @@ impl DeviceManager {
         Ok(id)
     }
 
+    /// Replaces a rate limit of the virtio device `id` (a running VM's disk or NIC).
+    pub fn set_rate_limit(
+        &self,
+        id: &str,
+        path: bexar_devices::rate_limiter::LimitedPath,
+        limit: bexar_devices::rate_limiter::RateLimitConfig,
+    ) -> Result<(), String> {
+        let entry = self
+            .virtio
+            .iter()
+            .find(|v| v.info.id == id)
+            .ok_or_else(|| format!("no device {id:?}"))?;
+        let dev = lock(&entry.transport).device().clone();
+        let r = lock(&dev).set_rate_limit(path, limit);
+        r
+    }
+
     /// Describes the platform to the guest, the way a guest without ACPI learns it: writes the
     /// MP table (the `vcpus` CPUs, the IOAPIC and the routing of its interrupt lines, which
     /// the legacy devices and the GSIs handed out here use) into `mem`, and returns the kernel

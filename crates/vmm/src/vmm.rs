@@ -627,6 +627,17 @@ impl Vmm {
                 Ok(r) => Reply::snapshot(r),
                 Err(e) => Reply::error(e.to_string()),
             },
+            Request::SetRateLimit {
+                device,
+                path,
+                limit,
+            } => match self.devices.set_rate_limit(device, *path, *limit) {
+                Ok(()) => {
+                    tracing::info!("rate limit of {device} ({path:?}) set to {limit:?}");
+                    Reply::ok()
+                }
+                Err(e) => Reply::error(e),
+            },
         }
     }
 

@@ -109,6 +109,7 @@ impl From<AgentError> for ApiError {
             AgentError::NotFound(_)
             | AgentError::SegmentNotFound(_)
             | AgentError::ImageNotFound(_)
+            | AgentError::NoDevice { .. }
             | AgentError::SnapshotNotFound { .. } => {
                 Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, msg)
             }

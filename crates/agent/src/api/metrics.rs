@@ -170,6 +170,7 @@ pub async fn render(agent: &Agent, requests: &RequestMetrics) -> String {
                 ("read_bytes", d.read_bytes),
                 ("written_bytes", d.written_bytes),
                 ("activations", d.activations),
+                ("throttled", d.throttled),
             ] {
                 let _ = writeln!(
                     out,

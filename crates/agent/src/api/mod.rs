@@ -20,7 +20,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -56,6 +56,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/vms/{id}/snapshot"),
     ("GET", "/v1/vms/{id}/snapshots"),
     ("DELETE", "/v1/vms/{id}/snapshots/{name}"),
+    ("PUT", "/v1/vms/{id}/disks/{index}/rate-limit"),
+    ("PUT", "/v1/vms/{id}/nics/{index}/rate-limit"),
     ("GET", "/v1/segments"),
     ("POST", "/v1/segments"),
     ("GET", "/v1/segments/{id}"),
@@ -333,6 +335,47 @@ struct VmId(String);
 /// The path's segment id, checked like [`VmId`].
 struct SegmentId(String);
 
+/// The path's VM id and device index.
+struct DevicePath(String, usize);
+
+impl<S: Send + Sync> FromRequestParts<S> for DevicePath {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let UrlPath((id, index)) = UrlPath::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    ErrorCode::NotFound,
+                    format!("no device at this path ({e})"),
+                )
+            })?;
+        check_id_of("VM", &id)?;
+        let index = index
+            .parse::<usize>()
+            .ok()
+            .filter(|i| *i < 64)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    ErrorCode::NotFound,
+                    format!("{index:?} is not a device index (0, 1, ...)"),
+                )
+            })?;
+        Ok(Self(id, index))
+    }
+}
+
+/// The body of a NIC's rate-limit change.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NicRateLimits {
+    #[serde(default)]
+    rx: Option<bexar_devices::rate_limiter::RateLimitConfig>,
+    #[serde(default)]
+    tx: Option<bexar_devices::rate_limiter::RateLimitConfig>,
+}
+
 /// The path's image id, checked like [`VmId`].
 struct ImageId(String);
 
@@ -454,6 +497,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/vms/{id}/upgrade", post(upgrade_vm))
         .route("/v1/vms/{id}/snapshot", post(snapshot_vm))
         .route("/v1/vms/{id}/snapshots", get(list_snapshots))
+        .route(
+            "/v1/vms/{id}/disks/{index}/rate-limit",
+            put(disk_rate_limit),
+        )
+        .route("/v1/vms/{id}/nics/{index}/rate-limit", put(nic_rate_limit))
         .route(
             "/v1/vms/{id}/snapshots/{name}",
             axum::routing::delete(delete_snapshot),
@@ -675,6 +723,46 @@ async fn delete_segment(
 ) -> Result<Response, ApiError> {
     run_to_end(&st.agent, |a| async move { a.delete_segment(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn disk_rate_limit(
+    State(st): St,
+    _: NoParams,
+    DevicePath(id, index): DevicePath,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let limit: bexar_devices::rate_limiter::RateLimitConfig = json_body(body).await?;
+    let target = crate::RateTarget::Disk { index, limit };
+    Ok(Json(
+        run_to_end(
+            &st.agent,
+            |a| async move { a.set_rate_limit(&id, target).await },
+        )
+        .await?,
+    )
+    .into_response())
+}
+
+async fn nic_rate_limit(
+    State(st): St,
+    _: NoParams,
+    DevicePath(id, index): DevicePath,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let l: NicRateLimits = json_body(body).await?;
+    let target = crate::RateTarget::Nic {
+        index,
+        rx: l.rx.unwrap_or_default(),
+        tx: l.tx.unwrap_or_default(),
+    };
+    Ok(Json(
+        run_to_end(
+            &st.agent,
+            |a| async move { a.set_rate_limit(&id, target).await },
+        )
+        .await?,
+    )
+    .into_response())
 }
 
 async fn list_images(State(st): St, _: NoParams) -> Result<Response, ApiError> {
@@ -1165,6 +1253,18 @@ mod tests {
         v.as_object().unwrap().keys().cloned().collect()
     }
 
+    fn full_limit() -> bexar_devices::rate_limiter::RateLimitConfig {
+        let b = bexar_devices::rate_limiter::TokenBucketConfig {
+            size: 1,
+            one_time_burst: 1,
+            refill_time_ms: 1,
+        };
+        bexar_devices::rate_limiter::RateLimitConfig {
+            bandwidth: Some(b),
+            ops: Some(b),
+        }
+    }
+
     fn full_spec() -> VmSpec {
         VmSpec {
             id: "a".into(),
@@ -1184,6 +1284,7 @@ mod tests {
                 read_only: true,
                 direct: false,
                 serial: Some("s".into()),
+                rate_limit: Some(full_limit()),
             }],
             nics: vec![NicSpec {
                 segment: Some("s".into()),
@@ -1191,6 +1292,8 @@ mod tests {
                 mac: Some("02:00:00:00:00:01".into()),
                 ipv4: Some("10.0.0.2".parse().unwrap()),
                 ipv6: Some("2001:db8::2".parse().unwrap()),
+                rx_rate_limit: Some(full_limit()),
+                tx_rate_limit: Some(full_limit()),
             }],
             rng: true,
             vsock: Some(VsockSpec { cid: 3 }),
@@ -1299,6 +1402,10 @@ mod tests {
             "Segment",
             "SegmentIpv4",
             "SegmentIpv6",
+            "RateLimit",
+            "TokenBucket",
+            "NicRateLimits",
+            "ImageSpec",
         ] {
             let s = schema(&doc, name);
             let required: BTreeSet<&str> = s["required"]
@@ -1331,6 +1438,18 @@ mod tests {
         assert_eq!(props(&doc, "DiskSpec"), keys(&spec["disks"][0]));
         assert_eq!(props(&doc, "NicSpec"), keys(&spec["nics"][0]));
         assert_eq!(props(&doc, "VsockSpec"), keys(&spec["vsock"]));
+        assert_eq!(
+            props(&doc, "RateLimit"),
+            keys(&spec["disks"][0]["rate_limit"])
+        );
+        assert_eq!(
+            props(&doc, "TokenBucket"),
+            keys(&spec["disks"][0]["rate_limit"]["ops"])
+        );
+        assert_eq!(
+            props(&doc, "NicRateLimits"),
+            ["rx", "tx"].iter().map(|s| s.to_string()).collect()
+        );
         for name in ["VmSpec", "BootSpec", "DiskSpec", "NicSpec", "VsockSpec"] {
             assert_eq!(
                 schema(&doc, name)["additionalProperties"],
@@ -1383,11 +1502,14 @@ mod tests {
                 mac: "02:00:00:00:00:01".into(),
                 ipv4: Some("10.0.0.2".parse().unwrap()),
                 ipv6: Some("2001:db8::2".parse().unwrap()),
+                rx_rate_limit: Some(full_limit()),
+                tx_rate_limit: Some(full_limit()),
             }],
             disks: vec![crate::spec::DiskState {
                 path: "/d".into(),
                 format: bexar_devices::block::DiskFormat::Raw,
                 size: 1,
+                rate_limit: Some(full_limit()),
             }],
             metadata: full_metadata(),
             uuid: uuid::Uuid::nil(),

@@ -34,6 +34,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemoryMmap;
+use crate::rate_limiter::RateLimitConfig;
 
 /// Sector size of the block protocols we speak.
 pub const SECTOR: u64 = 512;
@@ -90,11 +91,17 @@ pub struct DiskConfig {
     /// Serial reported to the guest (defaults to the file name), at most 20 bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// Rate limits (bytes and requests per refill time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 impl std::str::FromStr for DiskConfig {
     type Err = String;
-    /// Parses the `--disk` flag: `PATH[,ro|rw][,direct][,serial=ID][,format=raw|qcow2]`.
+    /// Parses the `--disk` flag:
+    /// `PATH[,ro|rw][,direct][,serial=ID][,format=raw|qcow2][,bps=N][,iops=N][,bps-burst=N][,iops-burst=N]`
+    /// (`bps` and `iops`: a limit per second, as a bucket of N refilled every second; the
+    /// bursts are one-time extras).
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
         let path = parts
@@ -112,9 +119,10 @@ impl std::str::FromStr for DiskConfig {
                 None if opt == "direct" => cfg.direct = true,
                 Some(("serial", v)) => cfg.serial = Some(v.to_owned()),
                 Some(("format", v)) => cfg.format = Some(v.parse()?),
+                Some((k, v)) if RateLimitConfig::apply_flag(&mut cfg.rate_limit, k, v)? => {}
                 _ => {
                     return Err(format!(
-                        "unknown disk option {opt:?}: expected ro, rw, direct, serial=ID or format=raw|qcow2"
+                        "unknown disk option {opt:?}: expected ro, rw, direct, serial=ID, format=raw|qcow2, bps=N, iops=N, bps-burst=N or iops-burst=N"
                     ))
                 }
             }
@@ -127,17 +135,21 @@ impl std::str::FromStr for DiskConfig {
 impl DiskConfig {
     /// Checks what can be checked without opening the image; returns the field and the
     /// problem.
-    pub fn check(&self) -> Result<(), (&'static str, String)> {
+    pub fn check(&self) -> Result<(), (String, String)> {
         if self.path.as_os_str().is_empty() {
-            return Err(("path", "empty disk path".into()));
+            return Err(("path".into(), "empty disk path".into()));
         }
         if let Some(s) = &self.serial {
             if s.is_empty() || s.len() > SERIAL_MAX || s.contains(',') {
                 return Err((
-                    "serial",
+                    "serial".into(),
                     format!("serial {s:?} must be 1-{SERIAL_MAX} bytes without ','"),
                 ));
             }
+        }
+        if let Some(rl) = &self.rate_limit {
+            rl.check()
+                .map_err(|(f, m)| (format!("rate_limit.{f}"), m))?;
         }
         Ok(())
     }
@@ -392,6 +404,25 @@ mod tests {
                 .unwrap();
         assert_eq!(j, d);
         assert!(serde_json::from_str::<DiskConfig>(r#"{"path":"/a","colour":1}"#).is_err());
+    }
+
+    #[test]
+    fn disk_limits_parse_from_flags() {
+        let d: DiskConfig = "/a,iops=500,iops-burst=100,bps=1048576".parse().unwrap();
+        let rl = d.rate_limit.unwrap();
+        assert_eq!(rl.ops.unwrap().size, 500);
+        assert_eq!(rl.ops.unwrap().one_time_burst, 100);
+        assert_eq!(rl.bandwidth.unwrap().size, 1 << 20);
+        assert!("/a,iops=x".parse::<DiskConfig>().is_err());
+        assert!(
+            "/a,bps-burst=10".parse::<DiskConfig>().is_err(),
+            "a burst without a rate"
+        );
+        let j: DiskConfig = serde_json::from_str(
+            r#"{"path":"/a","rate_limit":{"ops":{"size":0,"refill_time_ms":1}}}"#,
+        )
+        .unwrap();
+        assert_eq!(j.check().unwrap_err().0, "rate_limit.ops.size");
     }
 
     #[test]

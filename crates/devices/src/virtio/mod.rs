@@ -78,6 +78,8 @@ pub struct Counters {
     pub needs_reset: AtomicU64,
     /// Times a driver brought the device up (DRIVER_OK accepted).
     pub activations: AtomicU64,
+    /// Times a rate limiter held the device back (it then waited on its timer).
+    pub throttled: AtomicU64,
 }
 
 impl Counters {
@@ -115,6 +117,9 @@ pub struct DeviceReport {
     pub needs_reset: u64,
     /// Times a driver brought the device up.
     pub activations: u64,
+    /// Times a rate limiter held the device back.
+    #[serde(default)]
+    pub throttled: u64,
 }
 
 impl DeviceReport {
@@ -132,6 +137,7 @@ impl DeviceReport {
             spurious_notifies: g(&c.spurious_notifies),
             needs_reset: g(&c.needs_reset),
             activations: g(&c.activations),
+            throttled: g(&c.throttled),
         }
     }
 }
@@ -494,6 +500,35 @@ impl<'a> Serving<'a> {
         used.len()
     }
 
+    /// Serves chains available on queue `q` one at a time while `limiter` allows, then
+    /// completes them. `handle` returns the bytes it wrote into the chain's buffers and the
+    /// bytes the limiter charges. Returns how many were served.
+    pub fn serve_limited(
+        &mut self,
+        q: usize,
+        limiter: &mut crate::rate_limiter::RateLimiter,
+        mut handle: impl FnMut(DescriptorChain<&'a GuestMemoryMmap>, &Counters) -> (u32, u64),
+    ) -> usize {
+        let counters = self.counters;
+        let mut used = Vec::new();
+        loop {
+            if limiter.blocked_counting(&counters.throttled) {
+                break;
+            }
+            match self.next_chain(q) {
+                Ok(Some(c)) => {
+                    let head = c.head_index();
+                    let (len, cost) = handle(c, counters);
+                    limiter.consume(cost);
+                    used.push((head, len));
+                }
+                _ => break,
+            }
+        }
+        self.complete(q, &used);
+        used.len()
+    }
+
     /// Marks the device DEVICE_NEEDS_RESET (once) and tells the driver with a configuration
     /// interrupt. The device serves nothing until the driver resets it.
     pub fn fail(&self, why: &str) {
@@ -643,6 +678,17 @@ pub trait VirtioDevice: Send {
     /// that cannot be saved (a snapshot of its VM is then refused).
     fn save_state(&self) -> Option<DeviceSnapshot> {
         None
+    }
+    /// Replaces one of the device's rate limits (a running VM's disk, or a NIC's rx or tx).
+    fn set_rate_limit(
+        &mut self,
+        path: crate::rate_limiter::LimitedPath,
+        _limit: crate::rate_limiter::RateLimitConfig,
+    ) -> Result<(), String> {
+        Err(format!(
+            "a {} device has no {path:?} rate limit",
+            self.kind()
+        ))
     }
 
     /// virtio device type.

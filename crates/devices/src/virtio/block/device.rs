@@ -15,6 +15,7 @@ use crate::block::{
     DiskConfig, DiskInfo, SECTOR, SERIAL_MAX,
 };
 use crate::memory::GuestMemoryMmap;
+use crate::rate_limiter::{LimitedPath, RateLimitConfig, RateLimiter};
 use crate::virtio::{
     read_config_bytes, ActivateError, ActivationContext, Counters, PersistError, VirtioCommon,
     VirtioDevice, VirtioState,
@@ -92,6 +93,7 @@ pub struct Block {
     next_tag: u64,
     done: Vec<Completion>,
     dirty: Option<std::sync::Arc<DirtyMap>>,
+    pub(super) limiter: RateLimiter,
 }
 
 /// What a virtio-blk saves: its queue and the identity of its disk (the disk's contents are
@@ -142,6 +144,8 @@ impl Block {
             next_tag: 0,
             done: Vec::new(),
             dirty: None,
+            limiter: RateLimiter::new(cfg.rate_limit.unwrap_or_default())
+                .map_err(BlockError::EventFd)?,
         })
     }
 
@@ -205,6 +209,7 @@ impl Block {
             pending,
             next_tag,
             dirty,
+            limiter,
             ..
         } = self;
         let Some(mut s) = common.serving_for(notified) else {
@@ -216,9 +221,6 @@ impl Block {
         if budget == 0 {
             return false;
         }
-        let Some(chains) = s.chains(0, budget) else {
-            return false;
-        };
         let mem = s.mem;
         let limits = Limits {
             capacity: info.capacity,
@@ -226,63 +228,81 @@ impl Block {
         };
         let mut used = Vec::new();
         let mut submitted = false;
-        for chain in chains {
-            let head = chain.head_index();
-            let req = match Request::parse(&chain, mem, limits) {
-                Ok(r) => r,
-                Err(Refused { error, status }) => {
-                    Counters::inc(&s.counters.refused);
-                    tracing::debug!("virtio-blk: refused a request: {error}");
-                    used.push((head, answer(mem, status, error.status(), 0)));
-                    continue;
-                }
+        // Under a rate limit, chains are taken one at a time and the limiter asked before
+        // each: a request it holds back stays in the ring (the full ring back-pressures the
+        // driver) until its timer says the budget allows more. Unlimited, they come in one
+        // batch.
+        let batch = if limiter.limits() { 1 } else { budget };
+        let mut left = budget;
+        while left > 0 && !limiter.blocked_counting(&s.counters.throttled) {
+            let Some(chains) = s.chains(0, batch.min(left)) else {
+                break;
             };
-            let Some((op, offset, len)) = req.op else {
-                // GET_ID: answered here, the backend has no part in it.
-                debug_assert_eq!(req.kind, RequestType::GetId);
-                let mut n = 0;
-                for (addr, l) in &req.data {
-                    let l = *l as usize;
-                    if mem.write_slice(&serial[n..n + l], *addr).is_err() {
-                        break;
-                    }
-                    n += l;
-                }
-                Counters::inc(&s.counters.requests);
-                used.push((head, answer(mem, Some(req.status), Status::Ok, n as u32)));
-                continue;
-            };
-            // The place of a rate limiter: between a parsed request and the backend. A
-            // request it holds back goes back to the ring until its bucket refills.
-            let tag = *next_tag;
-            *next_tag = next_tag.wrapping_add(1);
-            if let (Some(map), false) =
-                (dirty.as_ref(), matches!(op, BlockOp::Read | BlockOp::Flush))
-            {
-                map.mark(offset, len);
+            if chains.is_empty() {
+                break;
             }
-            let breq = BlockRequest {
-                op,
-                offset,
-                len,
-                segments: req.data,
-            };
-            match backend.submit(mem, breq, tag) {
-                Ok(()) => {
-                    pending.insert(
-                        tag,
-                        Pending {
-                            head,
-                            status: req.status,
-                            op,
-                        },
-                    );
-                    submitted = true;
+            left -= chains.len();
+            for chain in chains {
+                let head = chain.head_index();
+                let req = match Request::parse(&chain, mem, limits) {
+                    Ok(r) => r,
+                    Err(Refused { error, status }) => {
+                        Counters::inc(&s.counters.refused);
+                        tracing::debug!("virtio-blk: refused a request: {error}");
+                        used.push((head, answer(mem, status, error.status(), 0)));
+                        continue;
+                    }
+                };
+                let Some((op, offset, len)) = req.op else {
+                    // GET_ID: answered here, the backend has no part in it.
+                    debug_assert_eq!(req.kind, RequestType::GetId);
+                    let mut n = 0;
+                    for (addr, l) in &req.data {
+                        let l = *l as usize;
+                        if mem.write_slice(&serial[n..n + l], *addr).is_err() {
+                            break;
+                        }
+                        n += l;
+                    }
+                    Counters::inc(&s.counters.requests);
+                    used.push((head, answer(mem, Some(req.status), Status::Ok, n as u32)));
+                    continue;
+                };
+                limiter.consume(if matches!(op, BlockOp::Read | BlockOp::Write) {
+                    len
+                } else {
+                    0
+                });
+                let tag = *next_tag;
+                *next_tag = next_tag.wrapping_add(1);
+                if let (Some(map), false) =
+                    (dirty.as_ref(), matches!(op, BlockOp::Read | BlockOp::Flush))
+                {
+                    map.mark(offset, len);
                 }
-                Err(e) => {
-                    tracing::warn!("virtio-blk: {e}");
-                    Counters::inc(&s.counters.io_errors);
-                    used.push((head, answer(mem, Some(req.status), Status::IoErr, 0)));
+                let breq = BlockRequest {
+                    op,
+                    offset,
+                    len,
+                    segments: req.data,
+                };
+                match backend.submit(mem, breq, tag) {
+                    Ok(()) => {
+                        pending.insert(
+                            tag,
+                            Pending {
+                                head,
+                                status: req.status,
+                                op,
+                            },
+                        );
+                        submitted = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!("virtio-blk: {e}");
+                        Counters::inc(&s.counters.io_errors);
+                        used.push((head, answer(mem, Some(req.status), Status::IoErr, 0)));
+                    }
                 }
             }
         }
@@ -293,6 +313,12 @@ impl Block {
         }
         s.complete(0, &used);
         submitted
+    }
+
+    /// The rate limiter's timer fired: take requests again.
+    pub fn on_rate_limit_timer(&mut self) {
+        self.limiter.on_timer();
+        self.process(false);
     }
 
     /// Answers the requests the backend finished, then starts requests that were waiting in
@@ -414,6 +440,17 @@ impl VirtioDevice for Block {
     }
     fn save_state(&self) -> Option<crate::virtio::DeviceSnapshot> {
         Some(crate::virtio::DeviceSnapshot::Block(self.save()))
+    }
+    fn set_rate_limit(&mut self, path: LimitedPath, limit: RateLimitConfig) -> Result<(), String> {
+        if path != LimitedPath::Disk {
+            return Err(format!("a disk has no {path:?} rate limit"));
+        }
+        limit
+            .check()
+            .map_err(|(f, m)| format!("rate_limit.{f}: {m}"))?;
+        self.limiter.update(limit);
+        self.disk.rate_limit = (!limit.is_empty()).then_some(limit);
+        Ok(())
     }
 }
 

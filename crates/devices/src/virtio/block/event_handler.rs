@@ -1,5 +1,6 @@
-//! virtio-blk on the event loop. Registered at creation; it then hears about two things: the
-//! driver's notifications on the queue's ioeventfd, and the backend's completions.
+//! virtio-blk on the event loop. Registered at creation; it then hears about three things: the
+//! driver's notifications on the queue's ioeventfd, the backend's completions, and its rate
+//! limiter's timer.
 
 use std::os::fd::AsRawFd;
 
@@ -15,6 +16,8 @@ impl MutEventSubscriber for Block {
         if events.fd() == self.common.queue_evts[0].as_raw_fd() {
             let _ = self.common.queue_evts[0].read();
             self.process_queue();
+        } else if events.fd() == self.limiter.as_raw_fd() {
+            self.on_rate_limit_timer();
         } else {
             self.complete();
         }
@@ -26,6 +29,9 @@ impl MutEventSubscriber for Block {
         }
         if let Err(e) = ops.add(Events::new(self.completion_fd(), EventSet::IN)) {
             tracing::error!("virtio-blk: cannot watch the backend's completions: {e:?}");
+        }
+        if let Err(e) = ops.add(Events::new(&self.limiter, EventSet::IN)) {
+            tracing::error!("virtio-blk: cannot watch the rate limiter's timer: {e:?}");
         }
     }
 }

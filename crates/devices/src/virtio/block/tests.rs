@@ -55,6 +55,7 @@ fn rig_with(sectors: u64, read_only: bool, direct: bool) -> Rig {
         serial: Some("disk-serial-1".into()),
         direct,
         format: None,
+        rate_limit: None,
     };
     Rig {
         mem: test_memory(4),
@@ -590,4 +591,45 @@ fn a_driver_as_fast_as_the_disk_is_served_in_rounds_not_by_recursion() {
         .unwrap();
     assert_eq!(served, REQUESTS + 1);
     std::fs::remove_file(&path).ok();
+}
+
+#[test]
+fn a_rate_limit_holds_requests_in_the_ring_until_it_allows_them() {
+    use crate::rate_limiter::{LimitedPath, RateLimitConfig, TokenBucketConfig};
+    let mut r = rig(64, false);
+    let mem = r.mem.clone();
+    let mut ring = DriverRing::new(&mem, RING, 16);
+    activate(&mut r.dev, &ring, &mem, &r.irq);
+    // Two requests per hour.
+    let slow = RateLimitConfig {
+        bandwidth: None,
+        ops: Some(TokenBucketConfig {
+            size: 2,
+            one_time_burst: 0,
+            refill_time_ms: 3_600_000,
+        }),
+    };
+    r.dev.set_rate_limit(LimitedPath::Disk, slow).unwrap();
+    assert!(r.dev.set_rate_limit(LimitedPath::Rx, slow).is_err());
+    r.header(T_FLUSH, 0);
+    for i in 0..6u16 {
+        ring.push_chain(i * 2, &[(HDR, 16, false), (STATUS, 1, true)]);
+    }
+    r.dev.process_queue();
+    r.dev.settle();
+    // The bucket's two, and one more into debt; the rest wait in the available ring.
+    assert_eq!(ring.used_idx(), 3);
+    assert_eq!(r.counter(|c| &c.throttled), 1);
+    // Notifications while blocked serve nothing and do not spin.
+    r.dev.process_queue();
+    assert_eq!(ring.used_idx(), 3);
+    // Lifting the limit wakes the device through its timer; the rest are served in order.
+    r.dev
+        .set_rate_limit(LimitedPath::Disk, RateLimitConfig::default())
+        .unwrap();
+    r.dev.on_rate_limit_timer();
+    r.dev.settle();
+    assert_eq!(ring.used_idx(), 6);
+    assert_eq!(r.counter(|c| &c.requests), 6);
+    assert_eq!(r.dev.save().disk.rate_limit, None);
 }

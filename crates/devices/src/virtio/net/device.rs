@@ -14,6 +14,7 @@ use vm_memory::ByteValued;
 
 use super::NicConfig;
 use crate::memory::GuestMemoryMmap;
+use crate::rate_limiter::{LimitedPath, RateLimitConfig, RateLimiter};
 use crate::tap::{offload, Tap, TapError, VNET_HDR_LEN};
 use crate::virtio::{
     read_config_bytes, ActivateError, ActivationContext, Counters, PersistError, VirtioCommon,
@@ -86,6 +87,10 @@ pub struct Net {
     frame: Vec<u8>,
     /// Whether the TAP is in the event loop's interest set (kept across resets).
     pub(super) tap_watched: bool,
+    /// Limits on frames to the guest.
+    pub(super) rx_limiter: RateLimiter,
+    /// Limits on frames from the guest.
+    pub(super) tx_limiter: RateLimiter,
 }
 
 impl Net {
@@ -104,6 +109,10 @@ impl Net {
             },
             frame: vec![0u8; MAX_FRAME],
             tap_watched: false,
+            rx_limiter: RateLimiter::new(cfg.rx_rate_limit.unwrap_or_default())
+                .map_err(NetError::EventFd)?,
+            tx_limiter: RateLimiter::new(cfg.tx_rate_limit.unwrap_or_default())
+                .map_err(NetError::EventFd)?,
         })
     }
 
@@ -127,7 +136,11 @@ impl Net {
     /// no buffers; wait for an rx notification).
     pub(super) fn process_rx(&mut self, notified: bool) -> bool {
         let Self {
-            common, tap, frame, ..
+            common,
+            tap,
+            frame,
+            rx_limiter,
+            ..
         } = self;
         let Some(mut s) = common.serving_for(notified) else {
             return false;
@@ -135,6 +148,10 @@ impl Net {
         let mem: &GuestMemoryMmap = s.mem;
         let mut delivered = false;
         let keep_watching = loop {
+            // Held back: frames wait in the TAP's queue (unwatched) until the timer fires.
+            if rx_limiter.blocked_counting(&s.counters.throttled) {
+                break false;
+            }
             let Ok(chain) = s.next_chain(RX) else {
                 break false;
             };
@@ -156,6 +173,7 @@ impl Net {
                 }
             };
             let head = chain.head_index();
+            rx_limiter.consume(n.saturating_sub(VNET_HDR_LEN) as u64);
             let written = receive(chain, mem, &mut frame[..n], s.counters);
             if !s.add_used(RX, head, written) {
                 break false;
@@ -168,17 +186,21 @@ impl Net {
         keep_watching
     }
 
-    /// Sends every frame the guest queued for transmission.
+    /// Sends every frame the guest queued for transmission (as far as the limiter allows;
+    /// the rest wait in the ring for its timer).
     pub(super) fn process_tx(&mut self) {
         let Self {
-            common, tap, frame, ..
+            common,
+            tap,
+            frame,
+            tx_limiter,
+            ..
         } = self;
         let Some(mut s) = common.serving() else {
             return;
         };
-        s.serve(TX, |chain, counters| {
-            transmit(chain, tap, frame, counters);
-            0
+        s.serve_limited(TX, tx_limiter, |chain, counters| {
+            (0, transmit(chain, tap, frame, counters))
         });
     }
 }
@@ -215,21 +237,26 @@ fn receive(
     }
 }
 
-/// Sends one tx chain (virtio-net header + frame) to the TAP.
+/// Sends one tx chain (virtio-net header + frame) to the TAP; returns the frame's bytes
+/// (without the header) for the rate limiter.
 fn transmit(
     chain: DescriptorChain<&GuestMemoryMmap>,
     tap: &Tap,
     frame: &mut [u8],
     counters: &Counters,
-) {
+) -> u64 {
     let mem = chain.memory();
     let mut r = match chain.clone().reader(mem) {
         Ok(r) if r.available_bytes() <= MAX_FRAME && r.available_bytes() > VNET_HDR_LEN => r,
-        _ => return Counters::inc(&counters.refused),
+        _ => {
+            Counters::inc(&counters.refused);
+            return 0;
+        }
     };
     let n = r.available_bytes();
     if r.read_exact(&mut frame[..n]).is_err() {
-        return Counters::inc(&counters.refused);
+        Counters::inc(&counters.refused);
+        return 0;
     }
     // One frame per write(2) on a TAP.
     match tap.file().write(&frame[..n]) {
@@ -239,6 +266,7 @@ fn transmit(
         }
         _ => Counters::inc(&counters.io_errors),
     }
+    (n - VNET_HDR_LEN) as u64
 }
 
 impl VirtioDevice for Net {
@@ -247,6 +275,22 @@ impl VirtioDevice for Net {
     }
     fn common_mut(&mut self) -> &mut VirtioCommon {
         &mut self.common
+    }
+    fn set_rate_limit(&mut self, path: LimitedPath, limit: RateLimitConfig) -> Result<(), String> {
+        limit.check().map_err(|(f, m)| format!("{f}: {m}"))?;
+        let set = (!limit.is_empty()).then_some(limit);
+        match path {
+            LimitedPath::Rx => {
+                self.rx_limiter.update(limit);
+                self.nic.rx_rate_limit = set;
+            }
+            LimitedPath::Tx => {
+                self.tx_limiter.update(limit);
+                self.nic.tx_rate_limit = set;
+            }
+            LimitedPath::Disk => return Err("a NIC's limits are rx and tx".into()),
+        }
+        Ok(())
     }
     fn save_state(&self) -> Option<crate::virtio::DeviceSnapshot> {
         Some(crate::virtio::DeviceSnapshot::Net(self.save()))

@@ -1,5 +1,5 @@
-//! virtio-net on the event loop: the rx and tx notifications, and the TAP while the guest has
-//! rx buffers for it.
+//! virtio-net on the event loop: the rx and tx notifications, the TAP while the guest has
+//! rx buffers for it (and the rx limiter allows), and the two rate limiters' timers.
 
 use std::os::fd::AsRawFd;
 
@@ -36,6 +36,13 @@ impl MutEventSubscriber for Net {
             // Also the way a TAP still watched after a driver reset gets unwatched.
             let watch = self.process_rx(false);
             self.watch_tap(ops, watch);
+        } else if fd == self.rx_limiter.as_raw_fd() {
+            self.rx_limiter.on_timer();
+            let watch = self.process_rx(false);
+            self.watch_tap(ops, watch);
+        } else if fd == self.tx_limiter.as_raw_fd() {
+            self.tx_limiter.on_timer();
+            self.process_tx();
         }
     }
 
@@ -43,6 +50,11 @@ impl MutEventSubscriber for Net {
         for evt in &self.common.queue_evts {
             if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
                 tracing::error!("virtio-net: cannot watch a queue eventfd: {e:?}");
+            }
+        }
+        for timer in [&self.rx_limiter, &self.tx_limiter] {
+            if let Err(e) = ops.add(Events::new(timer, EventSet::IN)) {
+                tracing::error!("virtio-net: cannot watch a rate limiter's timer: {e:?}");
             }
         }
     }

@@ -20,6 +20,12 @@ pub struct NicConfig {
     /// MAC address.
     #[serde(with = "mac_text")]
     pub mac: [u8; 6],
+    /// Rate limits on frames to the guest (bytes and frames per refill time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limit: Option<crate::rate_limiter::RateLimitConfig>,
+    /// Rate limits on frames from the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limit: Option<crate::rate_limiter::RateLimitConfig>,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` (a unicast address).
@@ -70,10 +76,12 @@ pub fn derived_mac(seed: &str) -> [u8; 6] {
 
 impl std::str::FromStr for NicConfig {
     type Err = String;
-    /// Parses the `--net` flag: `tap=NAME[,mac=MAC]`.
+    /// Parses the `--net` flag: `tap=NAME[,mac=MAC]` and limits per second, to the guest
+    /// (`rx-bps=N`, `rx-pps=N`, `rx-bps-burst=N`, `rx-pps-burst=N`) and from it (`tx-...`).
     fn from_str(s: &str) -> Result<Self, String> {
         let mut tap = None;
         let mut mac = None;
+        let (mut rx, mut tx) = (None, None);
         for opt in s.split(',') {
             match opt.split_once('=') {
                 Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_owned()),
@@ -82,17 +90,30 @@ impl std::str::FromStr for NicConfig {
                         format!("invalid mac {v:?}: expected a unicast aa:bb:cc:dd:ee:ff")
                     })?)
                 }
+                Some((k, v))
+                    if match k.split_once('-') {
+                        Some(("rx", rest)) => crate::rate_limiter::RateLimitConfig::apply_flag(&mut rx, rest, v)?,
+                        Some(("tx", rest)) => crate::rate_limiter::RateLimitConfig::apply_flag(&mut tx, rest, v)?,
+                        _ => false,
+                    } => {}
                 _ => {
                     return Err(format!(
-                        "unknown NIC option {opt:?}: expected tap=NAME[,mac=MAC]"
+                        "unknown NIC option {opt:?}: expected tap=NAME[,mac=MAC][,rx-|tx-bps|pps[-burst]=N]"
                     ))
                 }
             }
         }
         let tap = tap.ok_or("a NIC needs tap=NAME")?;
+        for (dir, l) in [("rx", &rx), ("tx", &tx)] {
+            if let Some(l) = l {
+                l.check().map_err(|(f, m)| format!("{dir} {f}: {m}"))?;
+            }
+        }
         Ok(NicConfig {
             mac: mac.unwrap_or_else(|| derived_mac(&tap)),
             tap,
+            rx_rate_limit: rx,
+            tx_rate_limit: tx,
         })
     }
 }
@@ -100,6 +121,26 @@ impl std::str::FromStr for NicConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nic_limits_parse_from_flags() {
+        let n: NicConfig = "tap=t,tx-pps=1000,tx-pps-burst=50,rx-bps=1000000"
+            .parse()
+            .unwrap();
+        let tx = n.tx_rate_limit.unwrap().ops.unwrap();
+        assert_eq!(
+            (tx.size, tx.one_time_burst, tx.refill_time_ms),
+            (1000, 50, 1000)
+        );
+        assert_eq!(n.rx_rate_limit.unwrap().bandwidth.unwrap().size, 1_000_000);
+        assert!(n.rx_rate_limit.unwrap().ops.is_none());
+        assert!("tap=t,tx-pps=0".parse::<NicConfig>().is_err());
+        assert!(
+            "tap=t,tx-pps-burst=5".parse::<NicConfig>().is_err(),
+            "a burst without a rate"
+        );
+        assert!("tap=t,up-pps=5".parse::<NicConfig>().is_err());
+    }
 
     #[test]
     fn nic_specs_parse_from_flags_and_json() {
