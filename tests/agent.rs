@@ -1869,6 +1869,9 @@ fn images_give_each_vm_its_own_overlay_and_bad_disks_are_refused_by_field() {
             ("POST", "/v1/vms", with_disk(json!({"path": s(&raw), "format": "vmdk"})), 400, "invalid_field", Some("disks[0].format")),
             ("POST", "/v1/vms", with_disk(json!({"image": "base", "size_mib": 1u64 << 26})), 409, "over_capacity", None),
             ("POST", "/v1/vms", with_disk(json!({"image": "base", "rate_limit": {"ops": {"size": 0, "refill_time_ms": 10}}})), 400, "invalid_field", Some("disks[0].rate_limit.ops.size")),
+            ("POST", "/v1/vms", with_disk(json!({"nbd": {"host": "127.0.0.1", "port": 1, "export": "x"}})), 400, "invalid_field", Some("disks[0].nbd")),
+            ("POST", "/v1/vms", with_disk(json!({"nbd": {"host": "127.0.0.1", "port": 0}})), 400, "invalid_field", Some("disks[0].nbd.port")),
+            ("POST", "/v1/vms", with_disk(json!({"nbd": {"host": "127.0.0.1"}, "image": "base"})), 400, "invalid_field", Some("disks[0].path")),
             ("POST", "/v1/vms", with_disk(json!({"image": "base", "rate_limit": {"bandwidth": {"size": 10}}})), 400, "invalid_field", Some("disks[0].rate_limit.bandwidth.refill_time_ms")),
         ];
         for (method, path, body, status, code, field) in cases {

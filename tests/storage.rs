@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -247,4 +247,250 @@ fn what_was_flushed_survives_a_kill_9_in_the_middle_of_writes() {
         code == 0 || code == 3,
         "qemu-img check after reuse: {report}"
     );
+}
+
+/// A free TCP port on loopback (bound and released; a test's servers take it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An NBD server in a process group of its own: Debian's `nbd-server` (simple replies) or
+/// `qemu-nbd` (structured replies), serving `file` as export `name` on a loopback port.
+struct NbdServer {
+    kind: &'static str,
+    file: PathBuf,
+    port: u16,
+    conf: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl NbdServer {
+    fn start(kind: &'static str, file: &Path, img: &Images) -> Self {
+        let mut s = Self {
+            kind,
+            file: file.to_owned(),
+            port: free_port(),
+            conf: img.path(&format!("{kind}.conf")),
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = if self.kind == "nbd-server" {
+            std::fs::write(
+                &self.conf,
+                format!(
+                    "[generic]\n    port = {}\n    listenaddr = 127.0.0.1\n[disk0]\n    exportname = {}\n    flush = true\n    trim = true\n",
+                    self.port,
+                    self.file.display()
+                ),
+            )
+            .unwrap();
+            // It daemonizes and forks a child per connection; all carry the config's path.
+            let mut c = Command::new("nbd-server");
+            c.arg("-C").arg(&self.conf);
+            c
+        } else {
+            let mut c = Command::new("qemu-nbd");
+            c.args(["-f", "raw", "-x", "disk0", "-b", "127.0.0.1", "-t", "-p"])
+                .arg(self.port.to_string())
+                .arg(&self.file);
+            c
+        };
+        let child = cmd
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} (scripts/deps installs it): {e}", self.kind));
+        self.child = Some(child);
+        // Ready when it accepts.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} did not listen",
+                self.kind
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL to the server and everything it forked.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on the process group of a child we started in its own group.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+            let _ = c.wait();
+        }
+        if self.kind == "nbd-server" {
+            // The daemon and its connection children, which left our process group.
+            let _ = Command::new("pkill")
+                .args(["-9", "-f"])
+                .arg(self.conf.as_os_str())
+                .status();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while Command::new("pgrep")
+                .args(["-f"])
+                .arg(self.conf.as_os_str())
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "nbd-server survived SIGKILL"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+
+    fn url(&self, opts: &str) -> String {
+        format!("nbd://127.0.0.1:{}/disk0{opts}", self.port)
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `bexar run` of `blk-scatter` on `disk`, its stdout piped.
+fn scatter_on(disk: &str, seed: u64, rounds: u64) -> std::process::Child {
+    bexar()
+        .arg("run")
+        .arg("--kernel")
+        .arg(testguest())
+        .args(["--no-stdin", "--memory", "64", "--timeout", "120", "--disk", disk])
+        .args([
+            "--cmdline",
+            &format!(
+                "console=ttyS0 bexar.test=blk-scatter bexar.seed={seed} bexar.rounds={rounds} bexar.writes=32{}",
+                guest_platform_params()
+            ),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn nbd_servers_serve_a_disk_byte_for_byte_across_a_restart_during_io() {
+    for kind in ["nbd-server", "qemu-nbd"] {
+        let img = Images::new(&format!("nbd-{kind}"));
+        let export = img.path("export.raw");
+        random_file(&export, SIZE, 0xabc);
+        let want = img.path("want.raw");
+        std::fs::copy(&export, &want).unwrap();
+        let mut server = NbdServer::start(kind, &export, &img);
+        let (seed, rounds) = (0x3000 + kind.len() as u64, 10);
+        let mut child = scatter_on(&server.url(""), seed, rounds);
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // Kill the server while the guest writes its second round, bring it back a second
+        // later on the same port: the VMM resends what was outstanding.
+        loop {
+            let line = lines.next().expect("the guest stopped talking").unwrap();
+            assert!(!line.contains("FAIL"), "{kind}: {line}");
+            if line.contains("round 0 flushed") {
+                break;
+            }
+        }
+        server.kill();
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        server.spawn();
+        let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(status.success(), "{kind}: {}\n{err}", rest.join("\n"));
+        assert!(
+            rest.iter().any(|l| l.contains("PASS blk-scatter")),
+            "{kind}: {rest:?}"
+        );
+        assert!(
+            err.contains("connected again"),
+            "{kind}: no reconnection in:\n{err}"
+        );
+        let replies = if kind == "qemu-nbd" {
+            "structured replies"
+        } else {
+            "simple replies"
+        };
+        assert!(err.contains(replies), "{kind}: {err}");
+        for round in scatter_writes(seed, rounds, 32, SIZE / SECTOR) {
+            apply(&want, seed, &round);
+        }
+        server.kill();
+        assert!(
+            std::fs::read(&export).unwrap() == std::fs::read(&want).unwrap(),
+            "{kind}: the export differs from what the guest wrote"
+        );
+    }
+}
+
+#[test]
+fn remote_disks_that_fail_are_refused_or_fail_the_guest_not_the_vmm() {
+    let img = Images::new("nbd-fail");
+    let export = img.path("export.raw");
+    random_file(&export, SIZE, 1);
+    let mut server = NbdServer::start("nbd-server", &export, &img);
+    // An export the server does not have, and a port nobody listens on: refused at start,
+    // naming the disk.
+    for (disk, words) in [
+        (
+            format!("nbd://127.0.0.1:{}/nope", server.port),
+            "refused export \"nope\"",
+        ),
+        (
+            format!("nbd://127.0.0.1:{}/disk0", free_port()),
+            "Connection refused",
+        ),
+    ] {
+        let o = run_testguest("blk-rw", &["--disk", &disk]);
+        let (_, err) = text(&o);
+        assert_ne!(o.status.code(), Some(0), "{disk}: {err}");
+        assert!(
+            err.contains(&disk.replace(",ro", "")) && err.contains(words),
+            "{disk}: {err}"
+        );
+    }
+    // A server that goes away for longer than the disk's retry time: the guest's requests
+    // fail with I/O errors, the VMM goes on and ends the way the guest says.
+    let mut child = scatter_on(&server.url(",retry=1"), 9, 10_000);
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("the guest stopped talking").unwrap();
+        if line.contains("round 0 flushed") {
+            break;
+        }
+    }
+    server.kill();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{rest:?}\n{err}");
+    assert!(rest.iter().any(|l| l.contains("FAIL")), "{rest:?}");
+    assert!(err.contains("unreachable"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }

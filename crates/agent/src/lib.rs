@@ -377,11 +377,35 @@ impl Agent {
         Ok(())
     }
 
+    /// Connects to each remote disk of `spec` once; returns each disk's size (`None` for local
+    /// disks).
+    fn probe_remote(spec: &VmSpec) -> Result<Vec<Option<u64>>, AgentError> {
+        spec.disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| match &d.nbd {
+                None => Ok(None),
+                Some(t) => bexar_devices::block::nbd::NbdBackend::open(t, d.read_only)
+                    .map(|b| Some(bexar_devices::block::DiskBackend::info(&b).capacity))
+                    .map_err(|e| {
+                        AgentError::Invalid(FieldError::new(
+                            format!("disks[{i}].nbd"),
+                            e.to_string(),
+                        ))
+                    }),
+            })
+            .collect()
+    }
+
     /// Resolves the disks of a new VM: opens each path disk (its format probed once, here) and
     /// makes an overlay for each disk made from an image, in the VM's directory. Nothing is
     /// left behind on failure (the directory is removed; one without a record would be
     /// removed at the next start anyway).
-    fn make_disks(&self, spec: &VmSpec) -> Result<Vec<spec::DiskState>, AgentError> {
+    fn make_disks(
+        &self,
+        spec: &VmSpec,
+        remote: &[Option<u64>],
+    ) -> Result<Vec<spec::DiskState>, AgentError> {
         use bexar_devices::block::{qcow2, DiskFormat};
         let dir = self.vm_dir(&spec.id);
         let mut out = Vec::with_capacity(spec.disks.len());
@@ -393,6 +417,15 @@ impl Agent {
                         e.to_string(),
                     ))
                 };
+                if d.nbd.is_some() {
+                    out.push(spec::DiskState {
+                        path: Default::default(),
+                        format: DiskFormat::Raw,
+                        size: remote.get(i).copied().flatten().unwrap_or(0),
+                        rate_limit: d.rate_limit,
+                    });
+                    continue;
+                }
                 match (&d.path, &d.image) {
                     (Some(p), _) => {
                         let format = match d.format {
@@ -500,6 +533,10 @@ impl Agent {
     fn create_record(&self, mut spec: VmSpec, start: bool) -> Result<(VmRecord, bool), AgentError> {
         spec.validate()?;
         let restore_from = self.restore_source(&spec)?;
+        // Remote disks are reached now, before any lock (a server may take seconds to
+        // answer), so that an unreachable server or an unknown export is refused at create,
+        // naming the disk.
+        let remote = store::blocking(|| Self::probe_remote(&spec))?;
         // Aliases (`baseline`) are stored by their canonical name, so a retry with either
         // spelling is the same spec.
         if let Ok(t) = bexar_vmm::cpuid::CpuTemplate::from_name(&spec.cpu_template) {
@@ -535,7 +572,7 @@ impl Agent {
             .flat_map(|e| lock(&e.rec).nics.clone())
             .collect();
         let nics = self.resolve_nics(&spec, &taken)?;
-        let disks = store::blocking(|| self.make_disks(&spec))?;
+        let disks = store::blocking(|| self.make_disks(&spec, &remote))?;
         let rec_uuid = spec.uuid.unwrap_or_else(uuid::Uuid::new_v4);
         let now = now_ms();
         let rec = VmRecord {

@@ -31,6 +31,9 @@ pub struct DiskSpec {
     /// create and removed at delete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// A disk on an NBD server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<bexar_devices::block::nbd::NbdTarget>,
     /// Size of the overlay in MiB (default: the image's size; never smaller). Only with
     /// `image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -119,6 +122,7 @@ impl DiskSpec {
     ) -> DiskConfig {
         DiskConfig {
             path,
+            nbd: self.nbd.clone(),
             format,
             read_only: self.read_only,
             direct: self.direct,
@@ -132,7 +136,8 @@ impl DiskSpec {
 /// once, so that a guest writing a qcow2 header into its raw disk changes nothing).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskState {
-    /// The file: the spec's `path`, or the VM's overlay.
+    /// The file: the spec's `path`, or the VM's overlay (empty for a remote disk).
+    #[serde(default)]
     pub path: PathBuf,
     /// Its format.
     pub format: DiskFormat,
@@ -410,41 +415,40 @@ impl VmSpec {
             ));
         }
         for (i, d) in self.disks.iter().enumerate() {
-            match (&d.path, &d.image) {
-                (Some(p), None) => {
-                    absolute(&format!("disks[{i}].path"), p)?;
-                    if d.size_mib.is_some() {
-                        return Err(FieldError::new(
-                            format!("disks[{i}].size_mib"),
-                            "only a disk made from an image has a size to choose",
-                        ));
-                    }
-                }
-                (None, Some(img)) => {
-                    if !valid_id(img) {
-                        return Err(FieldError::new(
-                            format!("disks[{i}].image"),
-                            format!("{img:?} is not a valid image id"),
-                        ));
-                    }
-                    if d.format.is_some() {
-                        return Err(FieldError::new(
-                            format!("disks[{i}].format"),
-                            "a disk made from an image is a qcow2 overlay; the format is not chosen",
-                        ));
-                    }
-                    if d.size_mib == Some(0) || d.size_mib.is_some_and(|m| m > MAX_DISK_MIB) {
-                        return Err(FieldError::new(
-                            format!("disks[{i}].size_mib"),
-                            format!("must be 1-{MAX_DISK_MIB}"),
-                        ));
-                    }
-                }
-                _ => {
+            let given = [d.path.is_some(), d.image.is_some(), d.nbd.is_some()];
+            if given.iter().filter(|g| **g).count() != 1 {
+                return Err(FieldError::new(
+                    format!("disks[{i}].path"),
+                    "give exactly one of path, image and nbd",
+                ));
+            }
+            if d.size_mib.is_some() && d.image.is_none() {
+                return Err(FieldError::new(
+                    format!("disks[{i}].size_mib"),
+                    "only a disk made from an image has a size to choose",
+                ));
+            }
+            if let Some(p) = &d.path {
+                absolute(&format!("disks[{i}].path"), p)?;
+            }
+            if let Some(img) = &d.image {
+                if !valid_id(img) {
                     return Err(FieldError::new(
-                        format!("disks[{i}].path"),
-                        "give exactly one of path and image",
-                    ))
+                        format!("disks[{i}].image"),
+                        format!("{img:?} is not a valid image id"),
+                    ));
+                }
+                if d.format.is_some() {
+                    return Err(FieldError::new(
+                        format!("disks[{i}].format"),
+                        "a disk made from an image is a qcow2 overlay; the format is not chosen",
+                    ));
+                }
+                if d.size_mib == Some(0) || d.size_mib.is_some_and(|m| m > MAX_DISK_MIB) {
+                    return Err(FieldError::new(
+                        format!("disks[{i}].size_mib"),
+                        format!("must be 1-{MAX_DISK_MIB}"),
+                    ));
                 }
             }
         }
@@ -531,9 +535,10 @@ impl VmSpec {
         let disks = self
             .disks
             .iter()
-            .map(|d| match &d.path {
-                Some(p) => d.config(p.clone(), d.format, d.rate_limit),
-                None => d.config(stand_in.clone(), Some(DiskFormat::Raw), d.rate_limit),
+            .map(|d| match (&d.path, &d.nbd) {
+                (Some(p), _) => d.config(p.clone(), d.format, d.rate_limit),
+                (None, Some(_)) => d.config(PathBuf::new(), d.format, d.rate_limit),
+                (None, None) => d.config(stand_in.clone(), Some(DiskFormat::Raw), d.rate_limit),
             })
             .collect();
         self.config_with(
@@ -565,7 +570,9 @@ impl VmSpec {
             .iter()
             .enumerate()
             .map(|(i, d)| match disks.get(i) {
+                Some(s) if d.nbd.is_some() => d.config(PathBuf::new(), None, s.rate_limit),
                 Some(s) => d.config(s.path.clone(), Some(s.format), s.rate_limit),
+                None if d.nbd.is_some() => d.config(PathBuf::new(), None, d.rate_limit),
                 None => d.config(
                     d.path.clone().unwrap_or_else(|| dir.join(overlay_name(i))),
                     d.format,

@@ -230,7 +230,9 @@ impl VmConfig {
         for (i, d) in self.disks.iter().enumerate() {
             d.check()
                 .map_err(|(f, m)| ConfigError::new(format!("disks[{i}].{f}"), m))?;
-            check_file(&format!("disks[{i}].path"), &d.path)?;
+            if d.nbd.is_none() {
+                check_file(&format!("disks[{i}].path"), &d.path)?;
+            }
         }
         for (i, n) in self.nics.iter().enumerate() {
             if !tap_name_ok(&n.tap) {

@@ -1279,6 +1279,13 @@ mod tests {
             disks: vec![DiskSpec {
                 path: Some("/d".into()),
                 image: Some("i".into()),
+                nbd: Some(bexar_devices::block::nbd::NbdTarget {
+                    host: "h".into(),
+                    port: 1,
+                    export: "e".into(),
+                    retry_s: 1,
+                    timeout_s: 1,
+                }),
                 size_mib: Some(1),
                 format: Some(bexar_devices::block::DiskFormat::Qcow2),
                 read_only: true,
@@ -1406,6 +1413,7 @@ mod tests {
             "TokenBucket",
             "NicRateLimits",
             "ImageSpec",
+            "NbdTarget",
         ] {
             let s = schema(&doc, name);
             let required: BTreeSet<&str> = s["required"]

@@ -14,19 +14,22 @@
 //!   hosts without io_uring and for O_DIRECT images (whose buffers must be aligned, which guest
 //!   buffers need not be);
 //! * [`qcow2::Qcow2Backend`]: a qcow2 image and its backing chain, at submit time, straight
-//!   between the file and guest memory.
+//!   between the file and guest memory;
+//! * [`nbd::NbdBackend`]: a disk on an NBD server, on a thread of its own that reconnects and
+//!   resends.
 //!
 //! [`open_disk`] probes the format once (or takes the one the caller recorded) and picks the
 //! backend; the device never knows which it got. [`dirty::DirtyMap`] records which blocks a
 //! guest wrote, for copying a disk while it runs.
 
 pub mod dirty;
+pub mod nbd;
 pub mod qcow2;
 pub mod raw;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
@@ -40,6 +43,10 @@ use crate::rate_limiter::RateLimitConfig;
 pub const SECTOR: u64 = 512;
 /// Largest serial number a disk reports (virtio-blk's GET_ID).
 pub const SERIAL_MAX: usize = 20;
+
+fn path_is_empty(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
 
 /// The format of an image file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -76,8 +83,12 @@ impl std::str::FromStr for DiskFormat {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
-    /// Image file.
+    /// Image file (empty for a remote disk).
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub path: PathBuf,
+    /// A disk on an NBD server instead of a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<nbd::NbdTarget>,
     /// Its format; probed from the file's first bytes when absent. Give it for any image a
     /// guest wrote raw: a guest can write a qcow2 header into its raw disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -98,7 +109,8 @@ pub struct DiskConfig {
 
 impl std::str::FromStr for DiskConfig {
     type Err = String;
-    /// Parses the `--disk` flag:
+    /// Parses the `--disk` flag (`nbd://HOST[:PORT]/EXPORT[,retry=S][,timeout=S]` for a disk
+    /// on an NBD server, then the same options):
     /// `PATH[,ro|rw][,direct][,serial=ID][,format=raw|qcow2][,bps=N][,iops=N][,bps-burst=N][,iops-burst=N]`
     /// (`bps` and `iops`: a limit per second, as a bucket of N refilled every second; the
     /// bursts are one-time extras).
@@ -108,12 +120,28 @@ impl std::str::FromStr for DiskConfig {
             .next()
             .filter(|p| !p.is_empty())
             .ok_or("empty disk path")?;
-        let mut cfg = DiskConfig {
-            path: path.into(),
-            ..Default::default()
+        let mut cfg = match path.strip_prefix("nbd://") {
+            Some(rest) => DiskConfig {
+                nbd: Some(nbd::NbdTarget::from_url(rest)?),
+                ..Default::default()
+            },
+            None => DiskConfig {
+                path: path.into(),
+                ..Default::default()
+            },
         };
         for opt in parts {
             match opt.split_once('=') {
+                Some(("retry", v)) if cfg.nbd.is_some() => {
+                    if let Some(t) = cfg.nbd.as_mut() {
+                        t.retry_s = v.parse().map_err(|_| format!("retry={v}: not seconds"))?;
+                    }
+                }
+                Some(("timeout", v)) if cfg.nbd.is_some() => {
+                    if let Some(t) = cfg.nbd.as_mut() {
+                        t.timeout_s = v.parse().map_err(|_| format!("timeout={v}: not seconds"))?;
+                    }
+                }
                 None if opt == "ro" => cfg.read_only = true,
                 None if opt == "rw" => cfg.read_only = false,
                 None if opt == "direct" => cfg.direct = true,
@@ -136,8 +164,21 @@ impl DiskConfig {
     /// Checks what can be checked without opening the image; returns the field and the
     /// problem.
     pub fn check(&self) -> Result<(), (String, String)> {
-        if self.path.as_os_str().is_empty() {
-            return Err(("path".into(), "empty disk path".into()));
+        match (&self.nbd, self.path.as_os_str().is_empty()) {
+            (None, true) => return Err(("path".into(), "empty disk path".into())),
+            (Some(_), false) => {
+                return Err((
+                    "path".into(),
+                    "give either a path or a remote target".into(),
+                ))
+            }
+            (Some(t), true) => {
+                t.check().map_err(|(f, m)| (format!("nbd.{f}"), m))?;
+                if self.format.is_some() {
+                    return Err(("format".into(), "a remote disk is raw".into()));
+                }
+            }
+            (None, false) => {}
         }
         if let Some(s) = &self.serial {
             if s.is_empty() || s.len() > SERIAL_MAX || s.contains(',') {
@@ -154,13 +195,16 @@ impl DiskConfig {
         Ok(())
     }
 
-    /// The serial the guest sees: the configured one, else the file name (cut to 20 bytes).
+    /// The serial the guest sees: the configured one, else the file name or the export's
+    /// name (cut to 20 bytes).
     pub fn serial_bytes(&self) -> [u8; SERIAL_MAX] {
-        let id = self.serial.clone().unwrap_or_else(|| {
-            self.path
+        let id = self.serial.clone().unwrap_or_else(|| match &self.nbd {
+            Some(t) => t.export.chars().take(SERIAL_MAX).collect(),
+            None => self
+                .path
                 .file_name()
                 .map(|n| n.to_string_lossy().chars().take(SERIAL_MAX).collect())
-                .unwrap_or_default()
+                .unwrap_or_default(),
         });
         let mut serial = [0u8; SERIAL_MAX];
         let n = id.len().min(SERIAL_MAX);
@@ -233,6 +277,14 @@ pub enum BlockError {
         path: PathBuf,
         /// Underlying error.
         err: std::io::Error,
+    },
+    /// A remote disk cannot be reached or refused us.
+    #[error("remote disk {url}: {reason}")]
+    Remote {
+        /// The target.
+        url: String,
+        /// What went wrong.
+        reason: String,
     },
     /// An image, or an image of its backing chain, cannot be used.
     #[error("disk image {path}: {reason}")]
@@ -327,6 +379,9 @@ pub(crate) fn check(info: &DiskInfo, req: &BlockRequest) -> Result<(), BlockErro
 /// Opens the disk `cfg` describes with the most capable backend this host offers, probing
 /// the format when `cfg` does not name one.
 pub fn open_disk(cfg: &DiskConfig) -> Result<Box<dyn DiskBackend>, BlockError> {
+    if let Some(t) = &cfg.nbd {
+        return Ok(Box::new(nbd::NbdBackend::open(t, cfg.read_only)?));
+    }
     let format = match cfg.format {
         Some(f) => f,
         None => qcow2::probe(&cfg.path)?,

@@ -56,6 +56,7 @@ fn rig_with(sectors: u64, read_only: bool, direct: bool) -> Rig {
         direct,
         format: None,
         rate_limit: None,
+        nbd: None,
     };
     Rig {
         mem: test_memory(4),
