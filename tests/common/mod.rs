@@ -439,3 +439,121 @@ pub fn apply(expected: &Path, seed: u64, writes: &[(u64, u64)]) {
             .unwrap();
     }
 }
+
+/// A free TCP port on loopback (bound and released; a test's servers take it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An NBD server in a process group of its own: Debian's `nbd-server` (simple replies) or
+/// `qemu-nbd` (structured replies), serving `file` as export `name` on a loopback port.
+pub struct NbdServer {
+    kind: &'static str,
+    file: PathBuf,
+    /// The port it listens on.
+    pub port: u16,
+    conf: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl NbdServer {
+    pub fn start(kind: &'static str, file: &Path, conf_dir: &Path) -> Self {
+        let mut s = Self {
+            kind,
+            file: file.to_owned(),
+            port: free_port(),
+            conf: conf_dir.join(format!("{kind}-{}.conf", std::process::id())),
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// Starts it (again).
+    pub fn spawn(&mut self) {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = if self.kind == "nbd-server" {
+            std::fs::write(
+                &self.conf,
+                format!(
+                    "[generic]\n    port = {}\n    listenaddr = 127.0.0.1\n[disk0]\n    exportname = {}\n    flush = true\n    trim = true\n",
+                    self.port,
+                    self.file.display()
+                ),
+            )
+            .unwrap();
+            // It daemonizes and forks a child per connection; all carry the config's path.
+            let mut c = Command::new("nbd-server");
+            c.arg("-C").arg(&self.conf);
+            c
+        } else {
+            let mut c = Command::new("qemu-nbd");
+            c.args(["-f", "raw", "-x", "disk0", "-b", "127.0.0.1", "-t", "-p"])
+                .arg(self.port.to_string())
+                .arg(&self.file);
+            c
+        };
+        let child = cmd
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} (scripts/deps installs it): {e}", self.kind));
+        self.child = Some(child);
+        // Ready when it accepts.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} did not listen",
+                self.kind
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL to the server and everything it forked.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on the process group of a child we started in its own group.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+            let _ = c.wait();
+        }
+        if self.kind == "nbd-server" {
+            // The daemon and its connection children, which left our process group.
+            let _ = Command::new("pkill")
+                .args(["-9", "-f"])
+                .arg(self.conf.as_os_str())
+                .status();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while Command::new("pgrep")
+                .args(["-f"])
+                .arg(self.conf.as_os_str())
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "nbd-server survived SIGKILL"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// `nbd://127.0.0.1:PORT/disk0` and `opts`.
+    pub fn url(&self, opts: &str) -> String {
+        format!("nbd://127.0.0.1:{}/disk0{opts}", self.port)
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -945,7 +945,10 @@ mod tests {
     #[test]
     fn urls_parse_and_bad_targets_are_named() {
         let t = NbdTarget::from_url("10.0.0.1:10900/disk0").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.export.as_str()), ("10.0.0.1", 10900, "disk0"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.export.as_str()),
+            ("10.0.0.1", 10900, "disk0")
+        );
         let t = NbdTarget::from_url("storage.example/").unwrap();
         assert_eq!((t.port, t.export.as_str()), (10809, ""));
         let t = NbdTarget::from_url("[fd00::1]:1234/x").unwrap();
@@ -977,7 +980,12 @@ mod tests {
         for greeting in [
             b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec(),
             [NBDMAGIC.to_be_bytes(), IHAVEOPT.to_be_bytes()].concat(), // no flags, then EOF
-            [&NBDMAGIC.to_be_bytes()[..], &IHAVEOPT.to_be_bytes(), &[0, 0]].concat(), // oldstyle
+            [
+                &NBDMAGIC.to_be_bytes()[..],
+                &IHAVEOPT.to_be_bytes(),
+                &[0, 0],
+            ]
+            .concat(), // oldstyle
             vec![],
         ] {
             let t = fake_server(greeting.clone());
