@@ -8,7 +8,8 @@
 //! `bexar.seed=N` the pattern seed (default 1), `bexar.iters=N` random reads
 //! of `blk-bench` (default 20000), `bexar.mib=N` MiB written by `blk-bench`
 //! (default 64, at most the disk), `bexar.qd=N` queue depth of the random
-//! reads (default 32), `bexar.wqd=N` of the writes (default 4),
+//! reads (default 32), `bexar.wqd=N` of the writes (default 4), `bexar.w4k=N`
+//! random 4 KiB writes of `blk-bench` at the reads' queue depth (default 0),
 //! `bexar.strict=1` makes `hostile` fail when a bad request is not refused.
 use crate::net::wire::Mac;
 use crate::{code, TestResult, P};
@@ -950,6 +951,73 @@ fn rate(count: u64, scale: u64, cycles: u64, hz: u64) -> u64 {
     ((count as u128 * hz as u128) / (cycles as u128 * scale as u128)) as u64
 }
 
+/// `n` 4 KiB writes at random 4 KiB-aligned places of a disk of `blocks` 4 KiB blocks, `qd`
+/// in flight, from the buffers in `bufs`; returns (completed, TSC cycles).
+fn rand_write_4k(
+    d: &mut Blk,
+    bufs: &mut [u8],
+    qd: usize,
+    n: u64,
+    blocks: u64,
+    seed: u64,
+) -> Result<(u64, u64), (u32, &'static str)> {
+    for (i, b) in bufs.iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(13) ^ 0xa7;
+    }
+    let base = bufs.as_ptr();
+    let mut slot_of = [0u16; 256];
+    let mut x = splitmix64(seed) | 1;
+    let mut next_sector = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % blocks) * 8
+    };
+    let (mut sent, mut done) = (0u64, 0u64);
+    let stall = ms_to_cycles(2000);
+    let t0 = rdtsc();
+    for i in 0..qd.min(n as usize) {
+        let h = d
+            .submit_write(next_sector(), unsafe { base.add(i * 4096) }, 4096)
+            .map_err(|e| fail("blk-bench: submit", e))?;
+        slot_of[h as usize] = i as u16;
+        sent += 1;
+    }
+    d.kick();
+    let mut last = rdtsc();
+    while done < n {
+        let mut refill = false;
+        let mut progress = false;
+        while let Some(c) = d.poll().map_err(|e| fail("blk-bench: poll", e))? {
+            c.ok().map_err(|e| fail("blk-bench: write", e))?;
+            done += 1;
+            progress = true;
+            if sent < n {
+                let i = slot_of[c.head as usize] as usize;
+                let h = d
+                    .submit_write(next_sector(), unsafe { base.add(i * 4096) }, 4096)
+                    .map_err(|e| fail("blk-bench: submit", e))?;
+                slot_of[h as usize] = i as u16;
+                sent += 1;
+                refill = true;
+            }
+        }
+        let now = rdtsc();
+        if refill {
+            d.kick();
+        }
+        if progress {
+            last = now;
+        } else if now.wrapping_sub(last) > stall {
+            println!("{P}: blk-bench: no write completion for 2 s ({done}/{n} done)");
+            return Err(fail("blk-bench: stalled", if d.t.needs_reset() { Error::NeedsReset } else { Error::Timeout }));
+        } else {
+            core::hint::spin_loop();
+        }
+    }
+    Ok((done, rdtsc().wrapping_sub(t0)))
+}
+
 pub fn test_blk_bench(bp: &BootParams) -> TestResult {
     let iters = param(bp, "bexar.iters", 20000)?;
     let mib = param(bp, "bexar.mib", 64)?;
@@ -1027,6 +1095,18 @@ pub fn test_blk_bench(bp: &BootParams) -> TestResult {
         done * 4096,
         src.as_str()
     );
+
+    // 4 KiB random writes (bexar.w4k of them, at the reads' queue depth).
+    let w4k = param(bp, "bexar.w4k", 0)?;
+    if w4k > 0 && !d.read_only() {
+        let (done, cycles) = rand_write_4k(&mut d, bufs, qd, w4k, blocks, seed ^ 0x5555)?;
+        println!(
+            "{P}: blk-bench: randwrite4k iops={} ; requests={done} bytes={} cycles={cycles} tsc_hz={hz} tsc_src={} qd={qd}",
+            rate(done, 1, cycles, hz),
+            done * 4096,
+            src.as_str()
+        );
+    }
 
     // 128 KiB sequential writes.
     if d.read_only() {

@@ -1,0 +1,150 @@
+//! Storage benchmark: the test guest's polling virtio-blk driver against each backend, with a
+//! baseline measured in the same run, printed as ratios (asserts nothing about speed).
+//!
+//! * qcow2 against raw on the same file system, all images in the host page cache: 4 KiB random
+//!   reads at QD 32 and 4 KiB random writes at QD 32, on a raw file, on a fully allocated qcow2
+//!   (the writes overwrite), and on a fresh overlay over the raw file (the reads fall through to
+//!   the base, the writes allocate clusters and copy the rest of each from the base);
+//! * NBD: the same random reads through the VMM's NBD client against fio's own NBD engine
+//!   (libnbd) on the same `nbd-server` export.
+//!
+//! `cargo bench --bench storage`. The guest counts TSC cycles; the bench calibrates the TSC on
+//! the host.
+
+mod common;
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod tc;
+
+use std::process::Command;
+
+const MIB: u64 = 256;
+const READS: u64 = 50_000;
+const WRITES: u64 = 20_000;
+
+fn field(line: &str, key: &str) -> f64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Random 4 KiB reads then writes on `disk`; (read IOPS, write IOPS; NaN where not run).
+fn guest(disk: &str, reads: u64, writes: u64, hz: f64) -> (f64, f64) {
+    let out = Command::new(common::bexar())
+        .args(["run", "--no-stdin", "--timeout", "600", "--memory", "256"])
+        .arg("--kernel")
+        .arg(common::testguest())
+        .args(["--disk", disk])
+        .args([
+            "--cmdline",
+            &format!("bexar.test=blk-bench bexar.iters={reads} bexar.w4k={writes} bexar.mib=0"),
+        ])
+        .env("BEXAR_LOG", "warn")
+        .output()
+        .expect("run bexar");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "guest benchmark on {disk} failed:\n{text}"
+    );
+    let rate = |tag: &str| {
+        text.lines()
+            .find(|l| l.contains(tag))
+            .map(|l| field(l, "requests") / (field(l, "cycles") / hz))
+            .unwrap_or(f64::NAN)
+    };
+    (rate("randread4k"), rate("randwrite4k"))
+}
+
+fn fio_nbd_iops(url: &str) -> f64 {
+    let out = Command::new("fio")
+        .args([
+            "--output-format=json",
+            "--name=host",
+            "--ioengine=nbd",
+            "--rw=randread",
+            "--bs=4k",
+            "--iodepth=32",
+            "--size=256M",
+        ])
+        .arg(format!("--uri={url}"))
+        .arg(format!("--number_ios={READS}"))
+        .output()
+        .expect("run fio");
+    assert!(
+        out.status.success(),
+        "fio's nbd engine failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The engine prints a line of its own before the JSON.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json = &text[text.find('{').unwrap_or(0)..];
+    let v: serde_json::Value = serde_json::from_str(json).expect("fio json");
+    v["jobs"][0]["read"]["iops"].as_f64().unwrap_or(f64::NAN)
+}
+
+fn qemu_img(args: &[&str]) {
+    let (code, text) = tc::qemu_img(args);
+    assert_eq!(code, 0, "qemu-img {args:?}: {text}");
+}
+
+fn main() {
+    let dir = std::env::temp_dir().join(format!("bexar-bench-storage-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |f: &str| dir.join(f).display().to_string();
+    let hz = common::tsc_hz();
+
+    // The same bytes three ways; each run gets its own copy, so one run's writes do not
+    // change the next one's reads.
+    tc::random_file(&dir.join("base.raw"), MIB << 20, 0x5eed);
+    std::fs::copy(dir.join("base.raw"), dir.join("raw.raw")).unwrap();
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        &p("base.raw"),
+        &p("full.qcow2"),
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        &p("overlay.qcow2"),
+    ]);
+
+    let (raw_r, raw_w) = guest(&p("raw.raw"), READS, WRITES, hz);
+    let (full_r, full_w) = guest(&p("full.qcow2"), READS, WRITES, hz);
+    let (ovl_r, ovl_w) = guest(&p("overlay.qcow2"), READS, WRITES, hz);
+
+    // NBD: the guest through the VMM's client, fio through libnbd, one export.
+    let mut server = tc::NbdServer::start("nbd-server", &dir.join("base.raw"), &dir);
+    let (nbd_r, _) = guest(&format!("{},ro", server.url("")), READS, 0, hz);
+    let fio_r = fio_nbd_iops(&server.url(""));
+    server.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!(
+        "storage benchmark: {MIB} MiB images in the host page cache, 4 KiB requests at QD 32, TSC {:.0} MHz",
+        hz / 1e6
+    );
+    println!(
+        "{:<44} {:>12} {:>12} {:>7}",
+        "pattern", "IOPS", "baseline", "ratio"
+    );
+    let row = |what: &str, v: f64, base: f64| {
+        println!("{what:<44} {v:>12.0} {base:>12.0} {:>7.2}", v / base);
+    };
+    row("qcow2 reads (allocated) vs raw", full_r, raw_r);
+    row("qcow2 overlay reads (from a raw base) vs raw", ovl_r, raw_r);
+    row("qcow2 overwrites vs raw writes", full_w, raw_w);
+    row("qcow2 allocating writes vs raw writes", ovl_w, raw_w);
+    row("NBD reads (VMM client) vs fio nbd engine", nbd_r, fio_r);
+}
