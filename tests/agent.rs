@@ -2033,3 +2033,66 @@ fn rate_limits_change_on_a_running_vm_through_the_api() {
     });
     std::fs::remove_file(img).ok();
 }
+
+#[test]
+fn a_remote_disk_that_goes_away_shows_in_the_vm_and_its_events() {
+    let agent = TestAgent::start("nbd");
+    let dir = tmp("agent-nbd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let export = dir.join("export.raw");
+    std::fs::File::create(&export)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let mut server = common::NbdServer::start("nbd-server", &export, &dir);
+    rt().block_on(async {
+        let c = agent.client();
+        let mut v = spec("remote");
+        v["boot"]["cmdline"] = json!(format!(
+            "console=ttyS0 bexar.test=blk-scatter bexar.rounds=100000 bexar.writes=8{}",
+            common::guest_platform_params()
+        ));
+        v["disks"] = json!([{"nbd": {"host": "127.0.0.1", "port": server.port, "export": "disk0", "retry_s": 60}}]);
+        let vm = expect_status(&c.post("/v1/vms?start=true", &v).await.unwrap(), 201);
+        assert_eq!(vm["disks"][0]["size"], 16 << 20);
+        wait_console(&c, "remote", "round 1 flushed", 30).await;
+        let link = |v: &Value| v["disks"][0]["link"].as_str().unwrap_or("").to_owned();
+        let wait_link = |want: &'static str| {
+            let c = &c;
+            async move {
+                let t = Instant::now();
+                loop {
+                    let v = expect_status(&c.get("/v1/vms/remote").await.unwrap(), 200);
+                    if link(&v) == want {
+                        return v;
+                    }
+                    assert!(t.elapsed() < Duration::from_secs(15), "link not {want}: {v}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        wait_link("up").await;
+        server.kill();
+        let v = wait_link("reconnecting").await;
+        assert_eq!(v["state"], "running");
+        server.spawn();
+        wait_link("up").await;
+        let r = c.get("/v1/events?vm=remote").await.unwrap();
+        let events: Vec<Value> = String::from_utf8_lossy(&r.body)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        let down = kinds.iter().position(|k| *k == "disk-down").expect("a disk-down event");
+        let up = kinds.iter().position(|k| *k == "disk-up").expect("a disk-up event");
+        assert!(down < up, "{kinds:?}");
+        // The guest went on writing after the server came back.
+        let before = console_text(&c, "remote").await.matches("flushed").count();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = console_text(&c, "remote").await.matches("flushed").count();
+        assert!(after > before, "the guest made no progress after the reconnection");
+        expect_status(&c.delete("/v1/vms/remote").await.unwrap(), 204);
+    });
+    server.kill();
+    std::fs::remove_dir_all(dir).ok();
+}

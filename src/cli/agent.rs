@@ -173,6 +173,14 @@ pub fn main(a: &AgentArgs) -> ExitCode {
                 }
             }
         });
+        // Remote disks: their connections, as the VMMs see them, into records and events.
+        let watch = agent.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                watch.watch_remote_disks().await;
+            }
+        });
         match bexar_agent::api::serve(agent, a.socket.clone(), a.debug_socket.clone()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -51,6 +51,11 @@ wire_enum! {
         SegmentCreated = "segment-created",
         /// A segment was deleted.
         SegmentDeleted = "segment-deleted",
+        /// A remote disk's connection broke (the VMM is making it again), or its retry time
+        /// ran out (the guest's requests fail).
+        DiskDown = "disk-down",
+        /// A remote disk's connection is back.
+        DiskUp = "disk-up",
     }
 }
 

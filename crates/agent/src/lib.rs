@@ -423,6 +423,7 @@ impl Agent {
                         format: DiskFormat::Raw,
                         size: remote.get(i).copied().flatten().unwrap_or(0),
                         rate_limit: d.rate_limit,
+                        link: None,
                     });
                     continue;
                 }
@@ -439,6 +440,7 @@ impl Agent {
                             format,
                             size: image.size(),
                             rate_limit: d.rate_limit,
+                            link: None,
                         });
                     }
                     (None, Some(id)) => {
@@ -476,6 +478,7 @@ impl Agent {
                             format: DiskFormat::Qcow2,
                             size,
                             rate_limit: d.rate_limit,
+                            link: None,
                         });
                     }
                     (None, None) => {
@@ -671,6 +674,68 @@ impl Agent {
             *m.entry(lock(&e.rec).state.as_str()).or_insert(0) += 1;
         }
         m
+    }
+
+    /// Asks each running VM with remote disks how their connections are, records changes in
+    /// the VM's `disks[].link`, and emits `disk-down` / `disk-up` events (run periodically).
+    pub async fn watch_remote_disks(self: &Arc<Self>) {
+        for e in self.entries() {
+            let rec = Self::snapshot(&e);
+            if !rec.state.has_vmm() || !rec.spec.disks.iter().any(|d| d.nbd.is_some()) {
+                continue;
+            }
+            let Ok((Some(info), _)) =
+                vmm_process::call(&self.vm_dir(&rec.id), &bexar_vmm::control::Request::Info).await
+            else {
+                continue;
+            };
+            // Disks take the first virtio slots, in spec order.
+            let links: Vec<Option<String>> = info
+                .devices
+                .iter()
+                .filter(|d| d.kind == "block")
+                .map(|d| d.link.clone())
+                .collect();
+            let mut changes = Vec::new();
+            for (i, d) in rec.spec.disks.iter().enumerate() {
+                let (Some(t), Some(now)) = (&d.nbd, links.get(i).cloned().flatten()) else {
+                    continue;
+                };
+                let before = rec.disks.get(i).and_then(|s| s.link.clone());
+                if before.as_deref() != Some(now.as_str()) {
+                    changes.push((i, t.url(), before, now));
+                }
+            }
+            if changes.is_empty() {
+                continue;
+            }
+            let _op = e.op.lock().await;
+            let r = self.update(&e, |r| {
+                for (i, _, _, now) in &changes {
+                    if let Some(s) = r.disks.get_mut(*i) {
+                        s.link = Some(now.clone());
+                    }
+                }
+            });
+            if let Ok(r) = r {
+                for (i, url, before, now) in changes {
+                    let kind = if now == "up" {
+                        if before.is_none() {
+                            continue; // first look: nothing happened
+                        }
+                        events::EventKind::DiskUp
+                    } else {
+                        events::EventKind::DiskDown
+                    };
+                    self.events.emit(
+                        &r.id,
+                        kind,
+                        Some(r.state),
+                        &format!("disk {i} ({url}): {now}"),
+                    );
+                }
+            }
+        }
     }
 
     /// The control sockets of VMs with a running VMM, for metrics.

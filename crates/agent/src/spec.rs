@@ -146,6 +146,10 @@ pub struct DiskState {
     /// Its rate limit now (the spec's, or as changed since).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitConfig>,
+    /// For a remote disk of a running VM: its connection as last seen, `up`, `reconnecting`
+    /// or `failing` (the guest's requests fail with I/O errors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
 }
 
 /// The overlay file of disk `index` of a VM, in the VM's directory.

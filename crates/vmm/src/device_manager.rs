@@ -122,6 +122,7 @@ struct VirtioEntry {
     counters: Arc<Counters>,
     frozen: Arc<std::sync::atomic::AtomicBool>,
     transport: Arc<Mutex<MmioTransport>>,
+    link: Option<Arc<bexar_devices::block::LinkState>>,
 }
 
 /// Every device's state, for a snapshot.
@@ -302,6 +303,7 @@ impl DeviceManager {
         }
         let counters = dev.counters().clone();
         let frozen = dev.frozen_flag();
+        let link = dev.link();
         let dev = Arc::new(Mutex::new(dev));
         let transport = Arc::new(Mutex::new(MmioTransport::new(
             dev.clone(),
@@ -324,6 +326,7 @@ impl DeviceManager {
             counters,
             frozen,
             transport,
+            link,
         });
         Ok(id)
     }
@@ -384,7 +387,9 @@ impl DeviceManager {
                 let slot = v.info.mmio.map_or(0, |(base, _)| {
                     ((base - crate::layout::VIRTIO_MMIO_BASE) / MMIO_WINDOW) as u32
                 });
-                DeviceReport::new(v.kind, slot, &v.counters)
+                let mut r = DeviceReport::new(v.kind, slot, &v.counters);
+                r.link = v.link.as_ref().map(|l| l.state().to_owned());
+                r
             })
             .collect()
     }

@@ -1518,6 +1518,7 @@ mod tests {
                 format: bexar_devices::block::DiskFormat::Raw,
                 size: 1,
                 rate_limit: Some(full_limit()),
+                link: Some("up".into()),
             }],
             metadata: full_metadata(),
             uuid: uuid::Uuid::nil(),

@@ -321,6 +321,31 @@ pub enum BlockError {
     ReadOnly,
 }
 
+/// The connection of a remote disk, shared between its backend and the VMM's reports.
+#[derive(Debug, Default)]
+pub struct LinkState {
+    /// The connection is broken (being made again).
+    pub down: std::sync::atomic::AtomicBool,
+    /// Broken for longer than the disk's retry time: requests fail with EIO.
+    pub failing: std::sync::atomic::AtomicBool,
+    /// Connections made again after a break.
+    pub reconnects: std::sync::atomic::AtomicU64,
+}
+
+impl LinkState {
+    /// `up`, `reconnecting` or `failing`.
+    pub fn state(&self) -> &'static str {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.failing.load(Relaxed) {
+            "failing"
+        } else if self.down.load(Relaxed) {
+            "reconnecting"
+        } else {
+            "up"
+        }
+    }
+}
+
 /// A disk, as a device sees it.
 pub trait DiskBackend: Send {
     /// Which engine this is (`io_uring`, `sync`), for logs and reports.
@@ -346,6 +371,10 @@ pub trait DiskBackend: Send {
     /// Waits until nothing is in flight, moving every completion into `out` (a device reset
     /// or a snapshot: the kernel must be done with the guest's buffers).
     fn drain(&mut self, out: &mut Vec<Completion>);
+    /// The connection of a remote disk (`None` for a local one).
+    fn link(&self) -> Option<std::sync::Arc<LinkState>> {
+        None
+    }
 }
 
 /// Whether io_uring works on this host, probed once per process.

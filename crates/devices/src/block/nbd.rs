@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{check, BlockError, BlockOp, BlockRequest, Completion, DiskBackend, DiskInfo, SECTOR};
+use super::{
+    check, BlockError, BlockOp, BlockRequest, Completion, DiskBackend, DiskInfo, LinkState, SECTOR,
+};
 use crate::memory::{mark_dirty, GuestMemoryMmap};
 use bexar_util::sync::lock;
 
@@ -282,8 +284,7 @@ struct Shared {
     done: Mutex<Vec<Completion>>,
     cv: Condvar,
     notifier: EventFd,
-    connected: AtomicBool,
-    reconnects: AtomicU64,
+    link: Arc<LinkState>,
 }
 
 enum Cmd {
@@ -342,8 +343,7 @@ impl NbdBackend {
             done: Mutex::new(Vec::new()),
             cv: Condvar::new(),
             notifier: EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?,
-            connected: AtomicBool::new(true),
-            reconnects: AtomicU64::new(0),
+            link: Arc::new(LinkState::default()),
         });
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?);
         let (tx, rx) = mpsc::channel();
@@ -373,16 +373,6 @@ impl NbdBackend {
             in_flight: Arc::new(AtomicUsize::new(0)),
             thread: Some(thread),
         })
-    }
-
-    /// Whether the connection is up now.
-    pub fn connected(&self) -> bool {
-        self.shared.connected.load(Ordering::Relaxed)
-    }
-
-    /// Connections made again after a break.
-    pub fn reconnects(&self) -> u64 {
-        self.shared.reconnects.load(Ordering::Relaxed)
     }
 }
 
@@ -430,6 +420,9 @@ impl DiskBackend for NbdBackend {
     }
     fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
+    }
+    fn link(&self) -> Option<Arc<LinkState>> {
+        Some(self.shared.link.clone())
     }
     fn drain(&mut self, out: &mut Vec<Completion>) {
         let _ = self.kick();
@@ -655,7 +648,7 @@ impl Worker {
                 "{}: connection lost ({why}); reconnecting",
                 self.target.url()
             );
-            self.shared.connected.store(false, Ordering::Relaxed);
+            self.shared.link.down.store(true, Ordering::Relaxed);
             self.down_since.get_or_insert_with(Instant::now);
             self.next_try = Instant::now();
             for p in self.table.values_mut() {
@@ -676,6 +669,7 @@ impl Worker {
                 self.target.retry_s
             );
             self.failing = true;
+            self.shared.link.failing.store(true, Ordering::Relaxed);
             let handles: Vec<u64> = self.table.keys().copied().collect();
             for h in handles {
                 self.complete(
@@ -699,8 +693,9 @@ impl Worker {
                 );
                 self.export = export;
                 self.conn = Some(Conn::new(sock));
-                self.shared.connected.store(true, Ordering::Relaxed);
-                self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                self.shared.link.reconnects.fetch_add(1, Ordering::Relaxed);
+                self.shared.link.failing.store(false, Ordering::Relaxed);
+                self.shared.link.down.store(false, Ordering::Relaxed);
                 self.down_since = None;
                 self.failing = false;
                 let handles: Vec<u64> = self.table.keys().copied().collect();

@@ -120,6 +120,9 @@ pub struct DeviceReport {
     /// Times a rate limiter held the device back.
     #[serde(default)]
     pub throttled: u64,
+    /// For a remote disk: its connection, `up`, `reconnecting` or `failing`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
 }
 
 impl DeviceReport {
@@ -138,6 +141,7 @@ impl DeviceReport {
             needs_reset: g(&c.needs_reset),
             activations: g(&c.activations),
             throttled: g(&c.throttled),
+            link: None,
         }
     }
 }
@@ -677,6 +681,10 @@ pub trait VirtioDevice: Send {
     /// The device's whole state, for a snapshot ([`Self::quiesce`] first); `None` for a device
     /// that cannot be saved (a snapshot of its VM is then refused).
     fn save_state(&self) -> Option<DeviceSnapshot> {
+        None
+    }
+    /// The connection of a remote backend (`None` for local ones).
+    fn link(&self) -> Option<Arc<crate::block::LinkState>> {
         None
     }
     /// Replaces one of the device's rate limits (a running VM's disk, or a NIC's rx or tx).

@@ -441,6 +441,9 @@ impl VirtioDevice for Block {
     fn save_state(&self) -> Option<crate::virtio::DeviceSnapshot> {
         Some(crate::virtio::DeviceSnapshot::Block(self.save()))
     }
+    fn link(&self) -> Option<std::sync::Arc<crate::block::LinkState>> {
+        self.backend.link()
+    }
     fn set_rate_limit(&mut self, path: LimitedPath, limit: RateLimitConfig) -> Result<(), String> {
         if path != LimitedPath::Disk {
             return Err(format!("a disk has no {path:?} rate limit"));
