@@ -731,7 +731,7 @@ impl Agent {
                         &r.id,
                         kind,
                         Some(r.state),
-                        &format!("disk {i} ({url}): {now}"),
+                        format!("disk {i} ({url}): {now}"),
                     );
                 }
             }
