@@ -13,7 +13,7 @@
 
 mod common;
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod tc;
 
 use std::process::Command;
