@@ -6,7 +6,9 @@
 //!   (the writes overwrite), and on a fresh overlay over the raw file (the reads fall through to
 //!   the base, the writes allocate clusters and copy the rest of each from the base);
 //! * NBD: the same random reads through the VMM's NBD client against fio's own NBD engine
-//!   (libnbd) on the same `nbd-server` export.
+//!   (libnbd) on the same `nbd-server` export;
+//! * images through the agent: 20 VMs created and started (to the idle guest's ready line),
+//!   each with its own qcow2 overlay on one registered base image, against 20 VMs with no disk.
 //!
 //! `cargo bench --bench storage`. The guest counts TSC cycles; the bench calibrates the TSC on
 //! the host.
@@ -129,6 +131,7 @@ fn main() {
     let (nbd_r, _) = guest(&format!("{},ro", server.url("")), READS, 0, hz);
     let fio_r = fio_nbd_iops(&server.url(""));
     server.kill();
+    let (with_image, without) = images_through_the_agent(&dir);
     let _ = std::fs::remove_dir_all(&dir);
 
     println!(
@@ -147,4 +150,68 @@ fn main() {
     row("qcow2 overwrites vs raw writes", full_w, raw_w);
     row("qcow2 allocating writes vs raw writes", ovl_w, raw_w);
     row("NBD reads (VMM client) vs fio nbd engine", nbd_r, fio_r);
+    println!(
+        "20 VMs created+started through the agent: {with_image:.2} s with an overlay each on one image, {without:.2} s with no disk (ratio {:.2})",
+        with_image / without
+    );
+}
+
+/// Seconds to create and start 20 VMs (until each guest is ready) with a disk made from a
+/// registered image, and without a disk.
+fn images_through_the_agent(dir: &std::path::Path) -> (f64, f64) {
+    use serde_json::json;
+    let socket = dir.join("api.sock");
+    let mut cmd = tc::bexar();
+    cmd.arg("agent")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(["--cpu-allocation-ratio", "200"]);
+    let mut agent = tc::spawn_agent(cmd, dir, &socket);
+    let c = bexar_agent::api::client::Client::new(&socket);
+    let guest = common::testguest();
+    let times = tc::rt().block_on(async {
+        let r = c
+            .post(
+                "/v1/images",
+                &json!({"id": "base", "path": dir.join("base.raw").display().to_string()}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status.as_u16(), 201, "{}", String::from_utf8_lossy(&r.body));
+        let mut times = Vec::new();
+        for with_disk in [true, false] {
+            let t = std::time::Instant::now();
+            for i in 0..20 {
+                let id = format!("{}-{i}", if with_disk { "img" } else { "bare" });
+                let mut spec = json!({
+                    "id": id, "vcpus": 1, "memory_mib": 32,
+                    "boot": {"kernel": guest.display().to_string(), "cmdline": "console=ttyS0 bexar.test=idle"}
+                });
+                if with_disk {
+                    spec["disks"] = json!([{"image": "base"}]);
+                }
+                let r = c.post("/v1/vms?start=true", &spec).await.unwrap();
+                assert_eq!(r.status.as_u16(), 201, "{}", String::from_utf8_lossy(&r.body));
+                let console = format!("/v1/vms/{id}/console");
+                while !String::from_utf8_lossy(&c.get(&console).await.unwrap().body).contains("idle: ready") {
+                    tokio::time::sleep(std::time::Duration::from_micros(500)).await;
+                }
+            }
+            times.push(t.elapsed().as_secs_f64());
+            for i in 0..20 {
+                let id = format!("{}-{i}", if with_disk { "img" } else { "bare" });
+                let _ = c.delete(&format!("/v1/vms/{id}")).await;
+            }
+        }
+        times
+    });
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let _ = Command::new("pkill")
+        .args(["-9", "-f"])
+        .arg(dir.join("state").as_os_str())
+        .status();
+    (times[0], times[1])
 }
