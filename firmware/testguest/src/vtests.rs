@@ -951,20 +951,30 @@ fn rate(count: u64, scale: u64, cycles: u64, hz: u64) -> u64 {
     ((count as u128 * hz as u128) / (cycles as u128 * scale as u128)) as u64
 }
 
-/// `n` 4 KiB writes at random 4 KiB-aligned places of a disk of `blocks` 4 KiB blocks, `qd`
-/// in flight, from the buffers in `bufs`; returns (completed, TSC cycles).
-fn rand_write_4k(
+/// `n` 4 KiB reads or writes at random 4 KiB-aligned places of a disk of `blocks` 4 KiB
+/// blocks, `qd` in flight, into or from the buffers in `bufs`; returns (completed, TSC
+/// cycles).
+fn rand_4k(
     d: &mut Blk,
+    write: bool,
     bufs: &mut [u8],
     qd: usize,
     n: u64,
     blocks: u64,
     seed: u64,
 ) -> Result<(u64, u64), (u32, &'static str)> {
-    for (i, b) in bufs.iter_mut().enumerate() {
-        *b = (i as u8).wrapping_mul(13) ^ 0xa7;
+    if write {
+        for (i, b) in bufs.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(13) ^ 0xa7;
+        }
     }
-    let base = bufs.as_ptr();
+    let base = bufs.as_mut_ptr();
+    let submit = |d: &mut Blk, sector: u64, i: usize| {
+        let at = unsafe { base.add(i * 4096) };
+        if write { d.submit_write(sector, at, 4096) } else { d.submit_read(sector, at, 4096) }
+            .map_err(|e| fail("blk-bench: submit", e))
+    };
+    let what = if write { "blk-bench: write" } else { "blk-bench: read" };
     let mut slot_of = [0u16; 256];
     let mut x = splitmix64(seed) | 1;
     let mut next_sector = || {
@@ -977,9 +987,7 @@ fn rand_write_4k(
     let stall = ms_to_cycles(2000);
     let t0 = rdtsc();
     for i in 0..qd.min(n as usize) {
-        let h = d
-            .submit_write(next_sector(), unsafe { base.add(i * 4096) }, 4096)
-            .map_err(|e| fail("blk-bench: submit", e))?;
+        let h = submit(d, next_sector(), i)?;
         slot_of[h as usize] = i as u16;
         sent += 1;
     }
@@ -989,14 +997,12 @@ fn rand_write_4k(
         let mut refill = false;
         let mut progress = false;
         while let Some(c) = d.poll().map_err(|e| fail("blk-bench: poll", e))? {
-            c.ok().map_err(|e| fail("blk-bench: write", e))?;
+            c.ok().map_err(|e| fail(what, e))?;
             done += 1;
             progress = true;
             if sent < n {
                 let i = slot_of[c.head as usize] as usize;
-                let h = d
-                    .submit_write(next_sector(), unsafe { base.add(i * 4096) }, 4096)
-                    .map_err(|e| fail("blk-bench: submit", e))?;
+                let h = submit(d, next_sector(), i)?;
                 slot_of[h as usize] = i as u16;
                 sent += 1;
                 refill = true;
@@ -1009,7 +1015,7 @@ fn rand_write_4k(
         if progress {
             last = now;
         } else if now.wrapping_sub(last) > stall {
-            println!("{P}: blk-bench: no write completion for 2 s ({done}/{n} done)");
+            println!("{P}: blk-bench: no completion for 2 s ({done}/{n} done)");
             return Err(fail("blk-bench: stalled", if d.t.needs_reset() { Error::NeedsReset } else { Error::Timeout }));
         } else {
             core::hint::spin_loop();
@@ -1037,58 +1043,7 @@ pub fn test_blk_bench(bp: &BootParams) -> TestResult {
         return Err((code::BAD_PARAM, "disk smaller than 4 KiB"));
     }
     let bufs = alloc(qd * 4096)?;
-    let base = bufs.as_mut_ptr();
-    let mut slot_of = [0u16; 256];
-    let mut x = splitmix64(seed) | 1;
-    let mut next_sector = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x % blocks) * 8
-    };
-    let (mut sent, mut done) = (0u64, 0u64);
-    let stall = ms_to_cycles(2000);
-    let t0 = rdtsc();
-    for i in 0..qd.min(iters as usize) {
-        let h = d
-            .submit_read(next_sector(), unsafe { base.add(i * 4096) }, 4096)
-            .map_err(|e| fail("blk-bench: submit", e))?;
-        slot_of[h as usize] = i as u16;
-        sent += 1;
-    }
-    d.kick();
-    let mut last = rdtsc();
-    while done < iters {
-        let mut refill = false;
-        let mut progress = false;
-        while let Some(c) = d.poll().map_err(|e| fail("blk-bench: poll", e))? {
-            c.ok().map_err(|e| fail("blk-bench: read", e))?;
-            done += 1;
-            progress = true;
-            if sent < iters {
-                let i = slot_of[c.head as usize] as usize;
-                let h = d
-                    .submit_read(next_sector(), unsafe { base.add(i * 4096) }, 4096)
-                    .map_err(|e| fail("blk-bench: submit", e))?;
-                slot_of[h as usize] = i as u16;
-                sent += 1;
-                refill = true;
-            }
-        }
-        let now = rdtsc();
-        if refill {
-            d.kick();
-        }
-        if progress {
-            last = now;
-        } else if now.wrapping_sub(last) > stall {
-            println!("{P}: blk-bench: no completion for 2 s ({done}/{iters} done)");
-            return Err(fail("blk-bench: stalled", if d.t.needs_reset() { Error::NeedsReset } else { Error::Timeout }));
-        } else {
-            core::hint::spin_loop();
-        }
-    }
-    let cycles = rdtsc().wrapping_sub(t0);
+    let (done, cycles) = rand_4k(&mut d, false, bufs, qd, iters, blocks, seed)?;
     println!(
         "{P}: blk-bench: randread4k iops={} ; requests={done} bytes={} cycles={cycles} tsc_hz={hz} tsc_src={} qd={qd}",
         rate(done, 1, cycles, hz),
@@ -1099,7 +1054,7 @@ pub fn test_blk_bench(bp: &BootParams) -> TestResult {
     // 4 KiB random writes (bexar.w4k of them, at the reads' queue depth).
     let w4k = param(bp, "bexar.w4k", 0)?;
     if w4k > 0 && !d.read_only() {
-        let (done, cycles) = rand_write_4k(&mut d, bufs, qd, w4k, blocks, seed ^ 0x5555)?;
+        let (done, cycles) = rand_4k(&mut d, true, bufs, qd, w4k, blocks, seed ^ 0x5555)?;
         println!(
             "{P}: blk-bench: randwrite4k iops={} ; requests={done} bytes={} cycles={cycles} tsc_hz={hz} tsc_src={} qd={qd}",
             rate(done, 1, cycles, hz),
@@ -1128,6 +1083,8 @@ pub fn test_blk_bench(bp: &BootParams) -> TestResult {
         *b = (i as u8).wrapping_mul(31) ^ 0x5a;
     }
     let wbase = wbufs.as_ptr();
+    let mut slot_of = [0u16; 256];
+    let stall = ms_to_cycles(2000);
     let (mut sent, mut done) = (0u64, 0u64);
     let t0 = rdtsc();
     for i in 0..wqd.min(nreq as usize) {

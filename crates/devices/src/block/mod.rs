@@ -10,10 +10,11 @@
 //! * [`raw::RawUring`]: a raw file through io_uring, reads and writes straight between the
 //!   file and guest memory (readv/writev on iovecs into the guest's pages), fdatasync as a
 //!   flush;
-//! * [`raw::RawSync`]: the same operations done at submit time through a bounce buffer, for
+//! * [`raw::RawFile`]: the same operations done at submit time through a bounce buffer, for
 //!   hosts without io_uring and for O_DIRECT images (whose buffers must be aligned, which guest
-//!   buffers need not be);
-//! * [`qcow2::Qcow2Backend`]: a qcow2 image and its backing chain, at submit time, straight
+//!   buffers need not be) ([`SyncDisk`]s like this one and the next become backends through
+//!   [`Immediate`]);
+//! * [`qcow2::Qcow2Image`]: a qcow2 image and its backing chain, at submit time, straight
 //!   between the file and guest memory;
 //! * [`nbd::NbdBackend`]: a disk on an NBD server, on a thread of its own that reconnects and
 //!   resends.
@@ -377,6 +378,79 @@ pub trait DiskBackend: Send {
     }
 }
 
+/// A disk whose requests are done at submit time, on the caller's thread.
+pub trait SyncDisk: Send {
+    /// Which engine this is, for logs and reports.
+    fn engine(&self) -> &'static str;
+    /// Size and abilities.
+    fn info(&self) -> DiskInfo;
+    /// Does one (checked) request; the bytes moved, or why it failed.
+    fn run(&mut self, mem: &GuestMemoryMmap, req: &BlockRequest) -> std::io::Result<u64>;
+}
+
+/// A [`SyncDisk`] as a [`DiskBackend`]: each completion is ready when its submit returns (the
+/// device reaps right after submitting), so the notifier is never written.
+pub struct Immediate<T> {
+    disk: T,
+    done: Vec<Completion>,
+    notifier: EventFd,
+}
+
+impl<T: SyncDisk> Immediate<T> {
+    /// `disk` as a backend.
+    pub fn wrap(disk: T) -> Result<Self, BlockError> {
+        Ok(Self {
+            disk,
+            done: Vec::new(),
+            notifier: EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?,
+        })
+    }
+}
+
+impl<T: SyncDisk> DiskBackend for Immediate<T> {
+    fn engine(&self) -> &'static str {
+        self.disk.engine()
+    }
+    fn info(&self) -> DiskInfo {
+        self.disk.info()
+    }
+    fn submit(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        req: BlockRequest,
+        user_data: u64,
+    ) -> Result<(), BlockError> {
+        check(&self.disk.info(), &req)?;
+        let result = self.disk.run(mem, &req);
+        if let Err(e) = &result {
+            tracing::warn!(
+                "{} disk: {:?} of {} bytes at {}: {e}",
+                self.disk.engine(),
+                req.op,
+                req.len,
+                req.offset
+            );
+        }
+        self.done.push(Completion { user_data, result });
+        Ok(())
+    }
+    fn kick(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.done);
+    }
+    fn notifier(&self) -> &EventFd {
+        &self.notifier
+    }
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+    fn drain(&mut self, out: &mut Vec<Completion>) {
+        self.reap(out);
+    }
+}
+
 /// Whether io_uring works on this host, probed once per process.
 fn io_uring_available() -> bool {
     static PROBE: OnceLock<bool> = OnceLock::new();
@@ -426,7 +500,10 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Box<dyn DiskBackend>, BlockError> {
         if image.size() % SECTOR != 0 {
             return Err(BlockError::Size(cfg.path.clone()));
         }
-        return Ok(Box::new(qcow2::Qcow2Backend::new(image, cfg.read_only)?));
+        return Ok(Box::new(Immediate::wrap(qcow2::Qcow2Image::new(
+            image,
+            cfg.read_only,
+        ))?));
     }
     let open_err = |err| BlockError::Open {
         path: cfg.path.clone(),
@@ -457,7 +534,7 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Box<dyn DiskBackend>, BlockError> {
             ),
         }
     }
-    Ok(Box::new(raw::RawSync::new(file, info)?))
+    Ok(Box::new(Immediate::wrap(raw::RawFile::new(file, info))?))
 }
 
 /// Checks `[offset, offset + len)` lies inside a disk of `capacity` bytes.

@@ -24,11 +24,8 @@ use imago::qcow2::Qcow2;
 use imago::raw::Raw;
 use imago::{FormatAccess, FormatCreateBuilder, StorageOpenOptions};
 use vm_memory::GuestMemoryBackend;
-use vmm_sys_util::eventfd::EventFd;
 
-use super::{
-    check, BlockError, BlockOp, BlockRequest, Completion, DiskBackend, DiskFormat, DiskInfo,
-};
+use super::{BlockError, BlockOp, BlockRequest, DiskFormat, DiskInfo, SyncDisk};
 use crate::memory::{mark_dirty, GuestMemoryMmap};
 
 /// Deepest backing chain we open (the top image included). qemu has no fixed limit; a chain
@@ -250,18 +247,16 @@ pub fn create_overlay(
 }
 
 /// A qcow2 image (with its chain) served synchronously.
-pub struct Qcow2Backend {
+pub struct Qcow2Image {
     image: Image,
     info: DiskInfo,
-    done: Vec<Completion>,
-    notifier: EventFd,
 }
 
-impl Qcow2Backend {
-    /// A backend on an opened chain.
-    pub fn new(image: Image, read_only: bool) -> Result<Self, BlockError> {
+impl Qcow2Image {
+    /// A disk on an opened chain.
+    pub fn new(image: Image, read_only: bool) -> Self {
         let capacity = image.size();
-        Ok(Self {
+        Self {
             image,
             info: DiskInfo {
                 capacity,
@@ -269,11 +264,17 @@ impl Qcow2Backend {
                 discard: !read_only,
                 write_zeroes: !read_only,
             },
-            done: Vec::new(),
-            notifier: EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?,
-        })
+        }
     }
+}
 
+impl SyncDisk for Qcow2Image {
+    fn engine(&self) -> &'static str {
+        "qcow2-sync"
+    }
+    fn info(&self) -> DiskInfo {
+        self.info
+    }
     fn run(&mut self, mem: &GuestMemoryMmap, req: &BlockRequest) -> io::Result<u64> {
         let slices = || {
             req.segments
@@ -320,51 +321,7 @@ impl Qcow2Backend {
     }
 }
 
-impl DiskBackend for Qcow2Backend {
-    fn engine(&self) -> &'static str {
-        "qcow2-sync"
-    }
-    fn info(&self) -> DiskInfo {
-        self.info
-    }
-    fn submit(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        req: BlockRequest,
-        user_data: u64,
-    ) -> Result<(), BlockError> {
-        check(&self.info, &req)?;
-        let result = self.run(mem, &req);
-        if let Err(e) = &result {
-            tracing::warn!(
-                "qcow2 {:?} of {} bytes at {}: {e}",
-                req.op,
-                req.len,
-                req.offset
-            );
-        }
-        self.done.push(Completion { user_data, result });
-        Ok(())
-    }
-    fn kick(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-    fn reap(&mut self, out: &mut Vec<Completion>) {
-        out.append(&mut self.done);
-    }
-    fn notifier(&self) -> &EventFd {
-        // Never written: completions are reaped right after the submissions that made them.
-        &self.notifier
-    }
-    fn in_flight(&self) -> usize {
-        self.done.len()
-    }
-    fn drain(&mut self, out: &mut Vec<Completion>) {
-        self.reap(out);
-    }
-}
-
-impl Drop for Qcow2Backend {
+impl Drop for Qcow2Image {
     fn drop(&mut self) {
         // imago flushes its caches when the image is dropped too; doing it here reports it.
         if !self.info.read_only {
@@ -380,7 +337,7 @@ mod tests {
     //! qemu-img and qemu-io are the outside witnesses: they make images Bexar must open, and
     //! check and compare what Bexar wrote.
     use super::*;
-    use crate::block::{open_disk, DiskConfig};
+    use crate::block::{open_disk, DiskBackend, DiskConfig};
     use std::process::Command;
     use vm_memory::{Bytes, GuestAddress};
 

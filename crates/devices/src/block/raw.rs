@@ -10,7 +10,9 @@ use io_uring::{opcode, types, IoUring};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{check, BlockError, BlockOp, BlockRequest, Completion, DiskBackend, DiskInfo};
+use super::{
+    check, BlockError, BlockOp, BlockRequest, Completion, DiskBackend, DiskInfo, SyncDisk,
+};
 use crate::memory::{mark_dirty, GuestMemoryMmap};
 
 /// Alignment of the bounce buffer: what O_DIRECT needs on any device we expect.
@@ -51,27 +53,31 @@ impl Bounce {
 }
 
 /// A raw image served synchronously: each request runs when it is submitted, through a
-/// bounce buffer, and is reaped at once.
-pub struct RawSync {
+/// bounce buffer.
+pub struct RawFile {
     file: File,
     info: DiskInfo,
     bounce: Bounce,
-    done: Vec<Completion>,
-    notifier: EventFd,
 }
 
-impl RawSync {
-    /// A backend on `file`.
-    pub fn new(file: File, info: DiskInfo) -> Result<Self, BlockError> {
-        Ok(Self {
+impl RawFile {
+    /// A disk on `file`.
+    pub fn new(file: File, info: DiskInfo) -> Self {
+        Self {
             file,
             info,
             bounce: Bounce::default(),
-            done: Vec::new(),
-            notifier: EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?,
-        })
+        }
     }
+}
 
+impl SyncDisk for RawFile {
+    fn engine(&self) -> &'static str {
+        "sync"
+    }
+    fn info(&self) -> DiskInfo {
+        self.info
+    }
     fn run(&mut self, mem: &GuestMemoryMmap, req: &BlockRequest) -> io::Result<u64> {
         match req.op {
             BlockOp::Read => {
@@ -101,42 +107,6 @@ impl RawSync {
             BlockOp::Flush => self.file.sync_data().map(|_| 0),
             op => punch(&self.file, op, req.offset, req.len).map(|_| 0),
         }
-    }
-}
-
-impl DiskBackend for RawSync {
-    fn engine(&self) -> &'static str {
-        "sync"
-    }
-    fn info(&self) -> DiskInfo {
-        self.info
-    }
-    fn submit(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        req: BlockRequest,
-        user_data: u64,
-    ) -> Result<(), BlockError> {
-        check(&self.info, &req)?;
-        let result = self.run(mem, &req);
-        self.done.push(Completion { user_data, result });
-        Ok(())
-    }
-    fn kick(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-    fn reap(&mut self, out: &mut Vec<Completion>) {
-        out.append(&mut self.done);
-    }
-    fn notifier(&self) -> &EventFd {
-        // Never written: completions are reaped right after the submissions that made them.
-        &self.notifier
-    }
-    fn in_flight(&self) -> usize {
-        self.done.len()
-    }
-    fn drain(&mut self, out: &mut Vec<Completion>) {
-        self.reap(out);
     }
 }
 
@@ -428,7 +398,7 @@ mod tests {
         let info = open_disk(&cfg).unwrap().info();
         vec![
             open_disk(&cfg).unwrap(),
-            Box::new(RawSync::new(file, info).unwrap()),
+            Box::new(crate::block::Immediate::wrap(RawFile::new(file, info)).unwrap()),
         ]
     }
 

@@ -487,7 +487,7 @@ fn state_round_trips_and_the_restored_device_continues_the_ring() {
 /// A backend that completes at once and, as it hands each completion back, plays a driver
 /// that queues the next request straight away (re-publishing the same chain), `left` times.
 struct EagerGuest {
-    inner: crate::block::raw::RawSync,
+    inner: crate::block::Immediate<crate::block::raw::RawFile>,
     mem: GuestMemoryMmap,
     avail: GuestAddress,
     size: u16,
@@ -570,7 +570,8 @@ fn a_driver_as_fast_as_the_disk_is_served_in_rounds_not_by_recursion() {
                 write_zeroes: false,
             };
             let backend = EagerGuest {
-                inner: crate::block::raw::RawSync::new(file, info).unwrap(),
+                inner: crate::block::Immediate::wrap(crate::block::raw::RawFile::new(file, info))
+                    .unwrap(),
                 mem: ring_mem.clone(),
                 avail: ring.avail_addr(),
                 size: 16,
