@@ -360,12 +360,16 @@ fn scatter_next(x: &mut u64, cap: u64) -> (u64, u64) {
 /// `blk-scatter`: `bexar.rounds` rounds (default 4) of `bexar.writes` writes
 /// (default 64) of 1-128 sectors at places drawn from `bexar.seed`, each holding
 /// the seed's pattern and read back; a flush ends each round and is reported,
-/// so a test that kills the VMM knows what must be on the disk.
+/// so a test that kills the VMM knows what must be on the disk. A request may
+/// take `bexar.io-timeout-ms` (default 30000, as long as Linux waits: a remote
+/// disk whose server restarts pauses the guest's I/O).
 pub fn test_blk_scatter(bp: &BootParams) -> TestResult {
     let seed = param(bp, "bexar.seed", 1)?;
     let rounds = param(bp, "bexar.rounds", 4)?;
     let writes = param(bp, "bexar.writes", 64)?;
+    let io_timeout = param(bp, "bexar.io-timeout-ms", 30_000)?;
     let mut d = open_disk(bp)?;
+    d.timeout_cycles = ms_to_cycles(io_timeout);
     if d.read_only() || !d.has(blk::feature::FLUSH) {
         return Err((code::BAD_PARAM, "blk-scatter needs a writable disk with flush"));
     }
