@@ -1872,6 +1872,7 @@ fn images_give_each_vm_its_own_overlay_and_bad_disks_are_refused_by_field() {
             ("POST", "/v1/vms", with_disk(json!({"nbd": {"host": "127.0.0.1", "port": 1, "export": "x"}})), 400, "invalid_field", Some("disks[0].nbd")),
             ("POST", "/v1/vms", with_disk(json!({"nbd": {"host": "127.0.0.1", "port": 0}})), 400, "invalid_field", Some("disks[0].nbd.port")),
             ("POST", "/v1/vms", with_disk(json!({"nbd": {"host": "127.0.0.1"}, "image": "base"})), 400, "invalid_field", Some("disks[0].path")),
+            ("POST", "/v1/vms", { let mut v: Value = serde_json::from_slice(&with_disk(json!({"image": "base"}))).unwrap(); v["restore"] = json!({"path": "/snap"}); body(v) }, 400, "invalid_field", Some("restore")),
             ("POST", "/v1/vms", with_disk(json!({"image": "base", "rate_limit": {"bandwidth": {"size": 10}}})), 400, "invalid_field", Some("disks[0].rate_limit.bandwidth.refill_time_ms")),
         ];
         for (method, path, body, status, code, field) in cases {

@@ -397,6 +397,14 @@ impl VmSpec {
             .map_err(|e| FieldError::new("cpu_template", e.to_string()))?;
         if let Some(r) = &self.restore {
             r.validate()?;
+            // The snapshot's memory remembers its disks as they were; an overlay made now on
+            // the image would not be that disk (snapshots do not copy overlays yet).
+            if self.disks.iter().any(|d| d.image.is_some()) {
+                return Err(FieldError::new(
+                    "restore",
+                    "a VM whose disks are made from images cannot start from a snapshot yet: snapshots do not copy the overlays, and a new overlay would not be the disk the snapshot's memory remembers",
+                ));
+            }
         }
         absolute("boot.kernel", &self.boot.kernel)?;
         if let Some(p) = &self.boot.initrd {
