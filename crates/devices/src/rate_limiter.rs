@@ -190,7 +190,6 @@ fn bucket(c: &Option<TokenBucketConfig>, now: Instant) -> Option<Bucket> {
 /// A device's rate limiter.
 #[derive(Debug)]
 pub struct RateLimiter {
-    config: RateLimitConfig,
     bytes: Option<Bucket>,
     ops: Option<Bucket>,
     timer: TimerFd,
@@ -204,7 +203,6 @@ impl RateLimiter {
         Ok(Self {
             bytes: bucket(&config.bandwidth, now),
             ops: bucket(&config.ops, now),
-            config,
             timer: TimerFd::new()?,
             armed: false,
         })
@@ -216,7 +214,6 @@ impl RateLimiter {
         let now = Instant::now();
         self.bytes = bucket(&config.bandwidth, now);
         self.ops = bucket(&config.ops, now);
-        self.config = config;
         if self.armed && self.timer.reset(Duration::from_nanos(1), None).is_err() {
             self.armed = false;
         }
@@ -225,11 +222,6 @@ impl RateLimiter {
     /// Whether it limits anything.
     pub fn limits(&self) -> bool {
         self.bytes.is_some() || self.ops.is_some()
-    }
-
-    /// The limits.
-    pub fn config(&self) -> RateLimitConfig {
-        self.config
     }
 
     /// Charges one operation of `bytes` bytes.
@@ -287,11 +279,6 @@ impl RateLimiter {
     pub fn on_timer(&mut self) {
         let _ = self.timer.wait();
         self.armed = false;
-    }
-
-    /// The timer's fd (the event loop watches it).
-    pub fn timer_fd(&self) -> RawFd {
-        self.timer.as_raw_fd()
     }
 }
 

@@ -341,15 +341,7 @@ struct DevicePath(String, usize);
 impl<S: Send + Sync> FromRequestParts<S> for DevicePath {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let UrlPath((id, index)) = UrlPath::<(String, String)>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    ErrorCode::NotFound,
-                    format!("no device at this path ({e})"),
-                )
-            })?;
+        let (id, index): (String, String) = path_params(parts, state, "device").await?;
         check_id_of("VM", &id)?;
         let index = index
             .parse::<usize>()
@@ -386,20 +378,30 @@ impl<S: Send + Sync> FromRequestParts<S> for ImageId {
     }
 }
 
-async fn path_id<S: Send + Sync>(
-    parts: &mut Parts,
-    state: &S,
-    kind: &str,
-) -> Result<String, ApiError> {
-    let UrlPath(id) = UrlPath::<String>::from_request_parts(parts, state)
+/// The path's parameters as `T`; a path they do not fit names no `kind`: 404.
+async fn path_params<T, S>(parts: &mut Parts, state: &S, kind: &str) -> Result<T, ApiError>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    UrlPath::<T>::from_request_parts(parts, state)
         .await
+        .map(|UrlPath(t)| t)
         .map_err(|e| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 ErrorCode::NotFound,
                 format!("no {kind} at this path ({e})"),
             )
-        })?;
+        })
+}
+
+async fn path_id<S: Send + Sync>(
+    parts: &mut Parts,
+    state: &S,
+    kind: &str,
+) -> Result<String, ApiError> {
+    let id: String = path_params(parts, state, kind).await?;
     check_id_of(kind, &id)?;
     Ok(id)
 }
@@ -417,15 +419,7 @@ struct SnapshotPath(String, String);
 impl<S: Send + Sync> FromRequestParts<S> for SnapshotPath {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let UrlPath((id, name)) = UrlPath::<(String, String)>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    ErrorCode::NotFound,
-                    format!("no snapshot at this path ({e})"),
-                )
-            })?;
+        let (id, name): (String, String) = path_params(parts, state, "snapshot").await?;
         check_id_of("VM", &id)?;
         check_id_of("snapshot", &name)?;
         Ok(Self(id, name))

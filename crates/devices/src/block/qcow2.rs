@@ -85,8 +85,6 @@ pub struct ChainLevel {
     pub path: PathBuf,
     /// Its format.
     pub format: DiskFormat,
-    /// Its virtual size.
-    pub size: u64,
 }
 
 /// Opens `path` as `format` with its whole backing chain; `levels` receives each level, top
@@ -134,11 +132,9 @@ pub fn open_chain(
         .write(writable)
         .direct(direct);
     let storage = imago::file::File::from_open_file(file, opts).map_err(|e| image_err(path, e))?;
-    let at = levels.len();
     levels.push(ChainLevel {
         path: path.to_owned(),
         format,
-        size: 0,
     });
     let image = match format {
         DiskFormat::Raw => {
@@ -182,7 +178,6 @@ pub fn open_chain(
             FormatAccess::new(q)
         }
     };
-    levels[at].size = image.size();
     Ok(image)
 }
 

@@ -249,10 +249,14 @@ impl DiskBackend for RawUring {
             BlockOp::Read | BlockOp::Write => {
                 // Every buffer must lie in one region of guest memory (get_slice checks).
                 let iovecs = Self::iovecs(mem, &req)?;
+                if req.op == BlockOp::Read {
+                    self.dirty_log
+                        .get_or_insert_with(|| crate::memory::logs_dirty(mem).then(|| mem.clone()));
+                }
                 if self.try_now(&iovecs, &req) {
-                    if req.op == BlockOp::Read && crate::memory::logs_dirty(mem) {
+                    if let (BlockOp::Read, Some(Some(log))) = (req.op, &self.dirty_log) {
                         for (addr, len) in &req.segments {
-                            mark_dirty(mem, *addr, *len as usize);
+                            mark_dirty(log, *addr, *len as usize);
                         }
                     }
                     self.done.push(Completion {
@@ -263,8 +267,6 @@ impl DiskBackend for RawUring {
                 }
                 let (ptr, n) = (iovecs.as_ptr(), iovecs.len() as u32);
                 let (entry, fills) = if req.op == BlockOp::Read {
-                    self.dirty_log
-                        .get_or_insert_with(|| crate::memory::logs_dirty(mem).then(|| mem.clone()));
                     let e = opcode::Readv::new(fd, ptr, n).offset(req.offset).build();
                     (e, req.segments)
                 } else {
