@@ -269,6 +269,58 @@ fn scatter_on(disk: &str, seed: u64, rounds: u64) -> std::process::Child {
         .unwrap()
 }
 
+/// Runs `blk-scatter` (`rounds` rounds from `seed`) on the remote disk `url`, calls `restart`
+/// once the guest has flushed its first round, and checks that the guest passed and the VMM
+/// connected again; returns the VMM's log.
+fn scatter_across_restart(
+    label: &str,
+    url: &str,
+    seed: u64,
+    rounds: u64,
+    restart: impl FnOnce(),
+) -> String {
+    let mut child = scatter_on(url, seed, rounds);
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("the guest stopped talking").unwrap();
+        assert!(!line.contains("FAIL"), "{label}: {line}");
+        if line.contains("round 0 flushed") {
+            break;
+        }
+    }
+    restart();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{label}: {}\n{err}", rest.join("\n"));
+    assert!(
+        rest.iter().any(|l| l.contains("PASS blk-scatter")),
+        "{label}: {rest:?}"
+    );
+    assert!(
+        err.contains("connected again"),
+        "{label}: no reconnection in:\n{err}"
+    );
+    err
+}
+
+/// Checks that `export` holds `want` with the guest's scatter writes applied.
+fn assert_scattered(label: &str, export: &Path, want: &Path, seed: u64, rounds: u64) {
+    for round in scatter_writes(seed, rounds, 32, SIZE / SECTOR) {
+        apply(want, seed, &round);
+    }
+    assert!(
+        std::fs::read(export).unwrap() == std::fs::read(want).unwrap(),
+        "{label}: the export differs from what the guest wrote"
+    );
+}
+
 #[test]
 fn nbd_servers_serve_a_disk_byte_for_byte_across_a_restart_during_io() {
     for kind in ["nbd-server", "qemu-nbd"] {
@@ -279,51 +331,98 @@ fn nbd_servers_serve_a_disk_byte_for_byte_across_a_restart_during_io() {
         std::fs::copy(&export, &want).unwrap();
         let mut server = NbdServer::start(kind, &export, &img.dir);
         let (seed, rounds) = (0x3000 + kind.len() as u64, 10);
-        let mut child = scatter_on(&server.url(""), seed, rounds);
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         // Kill the server while the guest writes its second round, bring it back a second
         // later on the same port: the VMM resends what was outstanding.
-        loop {
-            let line = lines.next().expect("the guest stopped talking").unwrap();
-            assert!(!line.contains("FAIL"), "{kind}: {line}");
-            if line.contains("round 0 flushed") {
-                break;
-            }
-        }
-        server.kill();
-        std::thread::sleep(std::time::Duration::from_secs(1));
-        server.spawn();
-        let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
-        let status = child.wait().unwrap();
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        assert!(status.success(), "{kind}: {}\n{err}", rest.join("\n"));
-        assert!(
-            rest.iter().any(|l| l.contains("PASS blk-scatter")),
-            "{kind}: {rest:?}"
-        );
-        assert!(
-            err.contains("connected again"),
-            "{kind}: no reconnection in:\n{err}"
-        );
+        let err = scatter_across_restart(kind, &server.url(""), seed, rounds, || {
+            server.kill();
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            server.spawn();
+        });
         let replies = if kind == "qemu-nbd" {
             "structured replies"
         } else {
             "simple replies"
         };
         assert!(err.contains(replies), "{kind}: {err}");
-        for round in scatter_writes(seed, rounds, 32, SIZE / SECTOR) {
-            apply(&want, seed, &round);
-        }
         server.kill();
+        assert_scattered(kind, &export, &want, seed, rounds);
+    }
+}
+
+#[test]
+fn tgt_serves_an_iscsi_disk_with_chap_byte_for_byte_across_a_restart_during_io() {
+    let img = Images::new("iscsi");
+    let export = img.path("lun1.raw");
+    random_file(&export, SIZE, 0x15c5);
+    let mut tgt = Tgt::start(&export, Some(("bexar", "secret-of-16-bytes")), true);
+    // UNMAP on a thin LUN: the guest's discard reads back as zeros and tgt punches a hole.
+    let blocks = |p: &Path| std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap());
+    let before = blocks(&export);
+    let o = run_testguest("blk-discard", &["--disk", &tgt.url("")]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("read back as zeros"), "{out}");
+    assert!(err.contains("thin (UNMAP)"), "{err}");
+    assert!(blocks(&export) < before, "UNMAP freed nothing");
+    // Kill tgtd during the second round, bring it back a second later: the initiator logs
+    // in again (CHAP again) and resends what was outstanding.
+    let want = img.path("want.raw");
+    std::fs::copy(&export, &want).unwrap();
+    let (seed, rounds) = (0x15c5, 10);
+    let url = tgt.url("");
+    scatter_across_restart("tgt", &url, seed, rounds, || {
+        tgt.kill();
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        tgt.spawn();
+    });
+    tgt.kill();
+    assert_scattered("tgt", &export, &want, seed, rounds);
+}
+
+#[test]
+fn iscsi_targets_that_refuse_us_are_named() {
+    let img = Images::new("iscsi-bad");
+    let export = img.path("lun1.raw");
+    random_file(&export, SIZE, 2);
+    let tgt = Tgt::start(&export, Some(("bexar", "secret-of-16-bytes")), false);
+    let p = tgt.port;
+    let iqn = Tgt::IQN;
+    for (disk, words) in [
+        (
+            format!("iscsi://127.0.0.1:{p}/{iqn}/1"),
+            "authentication failed",
+        ),
+        (
+            format!("iscsi://bexar%wrong-secret-16@127.0.0.1:{p}/{iqn}/1"),
+            "authentication failed",
+        ),
+        (
+            format!("iscsi://bexar%secret-of-16-bytes@127.0.0.1:{p}/{iqn}:nope/1"),
+            "has no target",
+        ),
+        (
+            format!("iscsi://bexar%secret-of-16-bytes@127.0.0.1:{p}/{iqn}/0"),
+            "is not a disk",
+        ),
+        (
+            format!("iscsi://bexar%secret-of-16-bytes@127.0.0.1:{p}/{iqn}/7"),
+            "has no LUN 7",
+        ),
+        (
+            format!("iscsi://127.0.0.1:{}/{iqn}/1", free_port()),
+            "Connection refused",
+        ),
+    ] {
+        let o = run_testguest("blk-rw", &["--disk", &disk]);
+        let (_, err) = text(&o);
+        assert_ne!(o.status.code(), Some(0), "{disk}: {err}");
+        let shown = disk
+            .split_once('@')
+            .map_or(disk.clone(), |(_, r)| format!("iscsi://{r}"));
+        assert!(err.contains(&shown) && err.contains(words), "{disk}: {err}");
         assert!(
-            std::fs::read(&export).unwrap() == std::fs::read(&want).unwrap(),
-            "{kind}: the export differs from what the guest wrote"
+            !err.contains("secret-of-16"),
+            "the secret was logged: {err}"
         );
     }
 }

@@ -557,3 +557,157 @@ impl Drop for NbdServer {
         self.kill();
     }
 }
+
+/// Debian's tgtd (a userspace iSCSI target) serving one file as LUN 1 of one target, on
+/// 127.0.0.1 and a port of its own, with its own control socket (`-C`), so tests run side by
+/// side. It keeps no state across a restart: `spawn` configures it again.
+pub struct Tgt {
+    file: PathBuf,
+    /// The port of its portal.
+    pub port: u16,
+    /// CHAP user and secret the target demands, if any.
+    pub chap: Option<(String, String)>,
+    /// Whether the LUN offers UNMAP (tgt's thin provisioning).
+    pub thin: bool,
+    child: Option<std::process::Child>,
+}
+
+impl Tgt {
+    /// The target's name.
+    pub const IQN: &'static str = "iqn.2026-12.dev.bexar:test";
+
+    pub fn start(file: &Path, chap: Option<(&str, &str)>, thin: bool) -> Self {
+        let mut t = Self {
+            file: file.to_owned(),
+            port: free_port(),
+            chap: chap.map(|(u, s)| (u.to_owned(), s.to_owned())),
+            thin,
+            child: None,
+        };
+        t.spawn();
+        t
+    }
+
+    /// Its control socket's number: tgtd takes at most 32767, ports go to 65535.
+    fn ctl(&self) -> String {
+        (self.port % 32768).to_string()
+    }
+
+    fn adm(&self, args: &[&str]) {
+        let o = Command::new("tgtadm")
+            .args(["-C", &self.ctl(), "--lld", "iscsi"])
+            .args(args)
+            .output()
+            .expect("tgtadm (scripts/deps installs tgt)");
+        assert!(o.status.success(), "tgtadm {args:?}: {}", text(&o).1);
+    }
+
+    /// Starts it (again) and configures the target, its LUN and its ACL.
+    pub fn spawn(&mut self) {
+        use std::os::unix::process::CommandExt;
+        let child = Command::new("tgtd")
+            .args(["-f", "-C", &self.ctl(), "--iscsi"])
+            .arg(format!("portal=127.0.0.1:{}", self.port))
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tgtd (scripts/deps installs tgt)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !Command::new("tgtadm")
+            .args(["-C", &self.ctl(), "--op", "show", "--mode", "sys"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            assert!(std::time::Instant::now() < deadline, "tgtd did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        self.adm(&[
+            "--op",
+            "new",
+            "--mode",
+            "target",
+            "--tid",
+            "1",
+            "-T",
+            Self::IQN,
+        ]);
+        let file = self.file.to_str().unwrap().to_owned();
+        self.adm(&[
+            "--op",
+            "new",
+            "--mode",
+            "logicalunit",
+            "--tid",
+            "1",
+            "--lun",
+            "1",
+            "-b",
+            &file,
+        ]);
+        if self.thin {
+            self.adm(&[
+                "--op",
+                "update",
+                "--mode",
+                "logicalunit",
+                "--tid",
+                "1",
+                "--lun",
+                "1",
+                "--params",
+                "thin_provisioning=1",
+            ]);
+        }
+        if let Some((user, secret)) = self.chap.clone() {
+            self.adm(&[
+                "--op",
+                "new",
+                "--mode",
+                "account",
+                "--user",
+                &user,
+                "--password",
+                &secret,
+            ]);
+            self.adm(&[
+                "--op", "bind", "--mode", "account", "--tid", "1", "--user", &user,
+            ]);
+        }
+        self.adm(&[
+            "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL",
+        ]);
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on the process group of a child we started in its own group.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+
+    /// `iscsi://[USER%SECRET@]127.0.0.1:PORT/IQN/1` and `opts`.
+    pub fn url(&self, opts: &str) -> String {
+        let cred = self
+            .chap
+            .as_ref()
+            .map(|(u, s)| format!("{u}%{s}@"))
+            .unwrap_or_default();
+        format!(
+            "iscsi://{cred}127.0.0.1:{}/{}/1{opts}",
+            self.port,
+            Self::IQN
+        )
+    }
+}
+
+impl Drop for Tgt {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -383,16 +383,23 @@ impl Agent {
         spec.disks
             .iter()
             .enumerate()
-            .map(|(i, d)| match &d.nbd {
-                None => Ok(None),
-                Some(t) => bexar_devices::block::nbd::NbdBackend::open(t, d.read_only)
-                    .map(|b| Some(bexar_devices::block::DiskBackend::info(&b).capacity))
-                    .map_err(|e| {
-                        AgentError::Invalid(FieldError::new(
-                            format!("disks[{i}].nbd"),
-                            e.to_string(),
-                        ))
-                    }),
+            .map(|(i, d)| {
+                use bexar_devices::block::{iscsi, nbd, DiskBackend};
+                let bad = |field: &str, e: bexar_devices::block::BlockError| {
+                    AgentError::Invalid(FieldError::new(
+                        format!("disks[{i}].{field}"),
+                        e.to_string(),
+                    ))
+                };
+                match (&d.nbd, &d.iscsi) {
+                    (Some(t), _) => nbd::open(t, d.read_only)
+                        .map(|b| Some(b.info().capacity))
+                        .map_err(|e| bad("nbd", e)),
+                    (_, Some(t)) => iscsi::open(t, d.read_only)
+                        .map(|b| Some(b.info().capacity))
+                        .map_err(|e| bad("iscsi", e)),
+                    _ => Ok(None),
+                }
             })
             .collect()
     }
@@ -417,7 +424,7 @@ impl Agent {
                         e.to_string(),
                     ))
                 };
-                if d.nbd.is_some() {
+                if d.is_remote() {
                     out.push(spec::DiskState {
                         path: Default::default(),
                         format: DiskFormat::Raw,
@@ -681,7 +688,7 @@ impl Agent {
     pub async fn watch_remote_disks(self: &Arc<Self>) {
         for e in self.entries() {
             let rec = Self::snapshot(&e);
-            if !rec.state.has_vmm() || !rec.spec.disks.iter().any(|d| d.nbd.is_some()) {
+            if !rec.state.has_vmm() || !rec.spec.disks.iter().any(|d| d.is_remote()) {
                 continue;
             }
             let Ok((Some(info), _)) =
@@ -698,12 +705,13 @@ impl Agent {
                 .collect();
             let mut changes = Vec::new();
             for (i, d) in rec.spec.disks.iter().enumerate() {
-                let (Some(t), Some(now)) = (&d.nbd, links.get(i).cloned().flatten()) else {
+                let (Some(url), Some(now)) = (d.remote_url(), links.get(i).cloned().flatten())
+                else {
                     continue;
                 };
                 let before = rec.disks.get(i).and_then(|s| s.link.clone());
                 if before.as_deref() != Some(now.as_str()) {
-                    changes.push((i, t.url(), before, now));
+                    changes.push((i, url, before, now));
                 }
             }
             if changes.is_empty() {

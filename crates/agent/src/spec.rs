@@ -24,7 +24,7 @@ use bexar_vmm::VmConfig;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
-    /// Image file (absolute path). Exactly one of `path` and `image`.
+    /// Image file (absolute path). Exactly one of `path`, `image`, `nbd` and `iscsi`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
     /// A registered image (`/v1/images`): the VM gets its own qcow2 overlay on it, made at
@@ -34,6 +34,9 @@ pub struct DiskSpec {
     /// A disk on an NBD server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd: Option<bexar_devices::block::nbd::NbdTarget>,
+    /// A disk on an iSCSI target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iscsi: Option<bexar_devices::block::iscsi::IscsiTarget>,
     /// Size of the overlay in MiB (default: the image's size; never smaller). Only with
     /// `image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -100,7 +103,9 @@ impl std::str::FromStr for DiskSpec {
         }
         let c: DiskConfig = s.parse()?;
         Ok(DiskSpec {
-            path: Some(c.path),
+            path: (!c.is_remote()).then_some(c.path),
+            nbd: c.nbd,
+            iscsi: c.iscsi,
             format: c.format,
             read_only: c.read_only,
             direct: c.direct,
@@ -112,6 +117,20 @@ impl std::str::FromStr for DiskSpec {
 }
 
 impl DiskSpec {
+    /// Whether the disk is on a network server (NBD or iSCSI).
+    pub fn is_remote(&self) -> bool {
+        self.nbd.is_some() || self.iscsi.is_some()
+    }
+
+    /// The remote target's URL (no credentials), or `None` for a local disk.
+    pub fn remote_url(&self) -> Option<String> {
+        match (&self.nbd, &self.iscsi) {
+            (Some(t), _) => Some(t.url()),
+            (_, Some(t)) => Some(t.url()),
+            _ => None,
+        }
+    }
+
     /// The VMM's description of this disk, on the file `path` in `format`, limited by
     /// `rate_limit`.
     pub fn config(
@@ -123,6 +142,7 @@ impl DiskSpec {
         DiskConfig {
             path,
             nbd: self.nbd.clone(),
+            iscsi: self.iscsi.clone(),
             format,
             read_only: self.read_only,
             direct: self.direct,
@@ -427,11 +447,16 @@ impl VmSpec {
             ));
         }
         for (i, d) in self.disks.iter().enumerate() {
-            let given = [d.path.is_some(), d.image.is_some(), d.nbd.is_some()];
+            let given = [
+                d.path.is_some(),
+                d.image.is_some(),
+                d.nbd.is_some(),
+                d.iscsi.is_some(),
+            ];
             if given.iter().filter(|g| **g).count() != 1 {
                 return Err(FieldError::new(
                     format!("disks[{i}].path"),
-                    "give exactly one of path, image and nbd",
+                    "give exactly one of path, image, nbd and iscsi",
                 ));
             }
             if d.size_mib.is_some() && d.image.is_none() {
@@ -547,10 +572,10 @@ impl VmSpec {
         let disks = self
             .disks
             .iter()
-            .map(|d| match (&d.path, &d.nbd) {
-                (Some(p), _) => d.config(p.clone(), d.format, d.rate_limit),
-                (None, Some(_)) => d.config(PathBuf::new(), d.format, d.rate_limit),
-                (None, None) => d.config(stand_in.clone(), Some(DiskFormat::Raw), d.rate_limit),
+            .map(|d| match &d.path {
+                Some(p) => d.config(p.clone(), d.format, d.rate_limit),
+                None if d.is_remote() => d.config(PathBuf::new(), d.format, d.rate_limit),
+                None => d.config(stand_in.clone(), Some(DiskFormat::Raw), d.rate_limit),
             })
             .collect();
         self.config_with(
@@ -582,9 +607,9 @@ impl VmSpec {
             .iter()
             .enumerate()
             .map(|(i, d)| match disks.get(i) {
-                Some(s) if d.nbd.is_some() => d.config(PathBuf::new(), None, s.rate_limit),
+                Some(s) if d.is_remote() => d.config(PathBuf::new(), None, s.rate_limit),
                 Some(s) => d.config(s.path.clone(), Some(s.format), s.rate_limit),
-                None if d.nbd.is_some() => d.config(PathBuf::new(), None, d.rate_limit),
+                None if d.is_remote() => d.config(PathBuf::new(), None, d.rate_limit),
                 None => d.config(
                     d.path.clone().unwrap_or_else(|| dir.join(overlay_name(i))),
                     d.format,

@@ -230,7 +230,7 @@ impl VmConfig {
         for (i, d) in self.disks.iter().enumerate() {
             d.check()
                 .map_err(|(f, m)| ConfigError::new(format!("disks[{i}].{f}"), m))?;
-            if d.nbd.is_none() {
+            if !d.is_remote() {
                 check_file(&format!("disks[{i}].path"), &d.path)?;
             }
         }

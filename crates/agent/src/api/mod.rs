@@ -522,8 +522,61 @@ pub fn router(state: Arc<ApiState>) -> Router {
                 "method not allowed on this route; see /v1/openapi.json",
             )
         })
+        .layer(axum::middleware::from_fn(hide_secrets))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+/// Shows every CHAP secret of a VM response as `(hidden)`: the record keeps it (the VMM
+/// needs it to log in again), the API never gives it back.
+async fn hide_secrets(req: Request, next: Next) -> Response {
+    let vms = req.uri().path().starts_with("/v1/vms");
+    let resp = next.run(req).await;
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"application/json");
+    if !vms || !json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            "the response could not be read",
+        )
+        .into_response();
+    };
+    if !bytes.windows(7).any(|w| w == b"\"chap\":") {
+        return Response::from_parts(parts, Body::from(bytes));
+    }
+    fn hide(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m.iter_mut() {
+                    match v {
+                        serde_json::Value::Object(c) if k == "chap" && c.contains_key("secret") => {
+                            c.insert("secret".into(), serde_json::Value::from("(hidden)"));
+                        }
+                        _ => hide(v),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(hide),
+            _ => {}
+        }
+    }
+    let body = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(mut v) => {
+            hide(&mut v);
+            serde_json::to_vec(&v).unwrap_or_default()
+        }
+        Err(_) => bytes.to_vec(),
+    };
+    let mut parts = parts;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body))
 }
 
 async fn observe(State(st): St, req: Request, next: Next) -> Response {
@@ -1280,6 +1333,18 @@ mod tests {
                     retry_s: 1,
                     timeout_s: 1,
                 }),
+                iscsi: Some(bexar_devices::block::iscsi::IscsiTarget {
+                    portal: "h:1".into(),
+                    target: "iqn.2026-12.x:y".into(),
+                    lun: 1,
+                    chap: Some(bexar_devices::block::iscsi::Chap {
+                        user: "u".into(),
+                        secret: "s".into(),
+                    }),
+                    initiator: Some("iqn.2026-12.x:i".into()),
+                    retry_s: 1,
+                    timeout_s: 1,
+                }),
                 size_mib: Some(1),
                 format: Some(bexar_devices::block::DiskFormat::Qcow2),
                 read_only: true,
@@ -1408,6 +1473,8 @@ mod tests {
             "NicRateLimits",
             "ImageSpec",
             "NbdTarget",
+            "IscsiTarget",
+            "Chap",
         ] {
             let s = schema(&doc, name);
             let required: BTreeSet<&str> = s["required"]

@@ -16,17 +16,19 @@
 //!   [`Immediate`]);
 //! * [`qcow2::Qcow2Image`]: a qcow2 image and its backing chain, at submit time, straight
 //!   between the file and guest memory;
-//! * [`nbd::NbdBackend`]: a disk on an NBD server, on a thread of its own that reconnects and
-//!   resends.
+//! * [`remote::RemoteDisk`]: a disk on a network server, on a thread of its own that
+//!   reconnects and resends, speaking NBD ([`nbd`]) or iSCSI ([`iscsi`]).
 //!
 //! [`open_disk`] probes the format once (or takes the one the caller recorded) and picks the
 //! backend; the device never knows which it got. [`dirty::DirtyMap`] records which blocks a
 //! guest wrote, for copying a disk while it runs.
 
 pub mod dirty;
+pub mod iscsi;
 pub mod nbd;
 pub mod qcow2;
 pub mod raw;
+pub mod remote;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -90,6 +92,9 @@ pub struct DiskConfig {
     /// A disk on an NBD server instead of a file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd: Option<nbd::NbdTarget>,
+    /// A disk on an iSCSI target instead of a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iscsi: Option<iscsi::IscsiTarget>,
     /// Its format; probed from the file's first bytes when absent. Give it for any image a
     /// guest wrote raw: a guest can write a qcow2 header into its raw disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -111,7 +116,8 @@ pub struct DiskConfig {
 impl std::str::FromStr for DiskConfig {
     type Err = String;
     /// Parses the `--disk` flag (`nbd://HOST[:PORT]/EXPORT[,retry=S][,timeout=S]` for a disk
-    /// on an NBD server, then the same options):
+    /// on an NBD server, `iscsi://[USER%SECRET@]HOST[:PORT]/IQN/LUN[,retry=S][,timeout=S]`
+    /// for one on an iSCSI target, then the same options):
     /// `PATH[,ro|rw][,direct][,serial=ID][,format=raw|qcow2][,bps=N][,iops=N][,bps-burst=N][,iops-burst=N]`
     /// (`bps` and `iops`: a limit per second, as a bucket of N refilled every second; the
     /// bursts are one-time extras).
@@ -121,27 +127,32 @@ impl std::str::FromStr for DiskConfig {
             .next()
             .filter(|p| !p.is_empty())
             .ok_or("empty disk path")?;
-        let mut cfg = match path.strip_prefix("nbd://") {
-            Some(rest) => DiskConfig {
+        let mut cfg = if let Some(rest) = path.strip_prefix("nbd://") {
+            DiskConfig {
                 nbd: Some(nbd::NbdTarget::from_url(rest)?),
                 ..Default::default()
-            },
-            None => DiskConfig {
+            }
+        } else if let Some(rest) = path.strip_prefix("iscsi://") {
+            DiskConfig {
+                iscsi: Some(iscsi::IscsiTarget::from_url(rest)?),
+                ..Default::default()
+            }
+        } else {
+            DiskConfig {
                 path: path.into(),
                 ..Default::default()
-            },
+            }
         };
         for opt in parts {
             match opt.split_once('=') {
-                Some(("retry", v)) if cfg.nbd.is_some() => {
-                    if let Some(t) = cfg.nbd.as_mut() {
-                        t.retry_s = v.parse().map_err(|_| format!("retry={v}: not seconds"))?;
-                    }
-                }
-                Some(("timeout", v)) if cfg.nbd.is_some() => {
-                    if let Some(t) = cfg.nbd.as_mut() {
-                        t.timeout_s = v.parse().map_err(|_| format!("timeout={v}: not seconds"))?;
-                    }
+                Some((k @ ("retry" | "timeout"), v)) if cfg.is_remote() => {
+                    let s: u32 = v.parse().map_err(|_| format!("{k}={v}: not seconds"))?;
+                    let (retry, timeout) = match (cfg.nbd.as_mut(), cfg.iscsi.as_mut()) {
+                        (Some(t), _) => (&mut t.retry_s, &mut t.timeout_s),
+                        (_, Some(t)) => (&mut t.retry_s, &mut t.timeout_s),
+                        _ => continue,
+                    };
+                    *if k == "retry" { retry } else { timeout } = s;
                 }
                 None if opt == "ro" => cfg.read_only = true,
                 None if opt == "rw" => cfg.read_only = false,
@@ -165,21 +176,27 @@ impl DiskConfig {
     /// Checks what can be checked without opening the image; returns the field and the
     /// problem.
     pub fn check(&self) -> Result<(), (String, String)> {
-        match (&self.nbd, self.path.as_os_str().is_empty()) {
-            (None, true) => return Err(("path".into(), "empty disk path".into())),
-            (Some(_), false) => {
-                return Err((
-                    "path".into(),
-                    "give either a path or a remote target".into(),
-                ))
-            }
-            (Some(t), true) => {
-                t.check().map_err(|(f, m)| (format!("nbd.{f}"), m))?;
+        let targets = usize::from(self.nbd.is_some()) + usize::from(self.iscsi.is_some());
+        match (targets, self.path.as_os_str().is_empty()) {
+            (0, true) => return Err(("path".into(), "empty disk path".into())),
+            (1, true) => {
+                if let Some(t) = &self.nbd {
+                    t.check().map_err(|(f, m)| (format!("nbd.{f}"), m))?;
+                }
+                if let Some(t) = &self.iscsi {
+                    t.check().map_err(|(f, m)| (format!("iscsi.{f}"), m))?;
+                }
                 if self.format.is_some() {
                     return Err(("format".into(), "a remote disk is raw".into()));
                 }
             }
-            (None, false) => {}
+            (0, false) => {}
+            _ => {
+                return Err((
+                    "path".into(),
+                    "give one of a path, an nbd target and an iscsi target".into(),
+                ))
+            }
         }
         if let Some(s) = &self.serial {
             if s.is_empty() || s.len() > SERIAL_MAX || s.contains(',') {
@@ -196,17 +213,33 @@ impl DiskConfig {
         Ok(())
     }
 
+    /// Whether the disk is on a network server (NBD or iSCSI).
+    pub fn is_remote(&self) -> bool {
+        self.nbd.is_some() || self.iscsi.is_some()
+    }
+
     /// The serial the guest sees: the configured one, else the file name or the export's
     /// name (cut to 20 bytes).
     pub fn serial_bytes(&self) -> [u8; SERIAL_MAX] {
-        let id = self.serial.clone().unwrap_or_else(|| match &self.nbd {
-            Some(t) => t.export.chars().take(SERIAL_MAX).collect(),
-            None => self
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().chars().take(SERIAL_MAX).collect())
-                .unwrap_or_default(),
-        });
+        let id = self
+            .serial
+            .clone()
+            .unwrap_or_else(|| match (&self.nbd, &self.iscsi) {
+                (Some(t), _) => t.export.chars().take(SERIAL_MAX).collect(),
+                // The end of the IQN is the part that tells targets apart.
+                (_, Some(t)) => {
+                    let n = t.target.chars().count();
+                    t.target
+                        .chars()
+                        .skip(n.saturating_sub(SERIAL_MAX))
+                        .collect()
+                }
+                _ => self
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().chars().take(SERIAL_MAX).collect())
+                    .unwrap_or_default(),
+            });
         let mut serial = [0u8; SERIAL_MAX];
         let n = id.len().min(SERIAL_MAX);
         serial[..n].copy_from_slice(&id.as_bytes()[..n]);
@@ -483,7 +516,10 @@ pub(crate) fn check(info: &DiskInfo, req: &BlockRequest) -> Result<(), BlockErro
 /// the format when `cfg` does not name one.
 pub fn open_disk(cfg: &DiskConfig) -> Result<Box<dyn DiskBackend>, BlockError> {
     if let Some(t) = &cfg.nbd {
-        return Ok(Box::new(nbd::NbdBackend::open(t, cfg.read_only)?));
+        return Ok(Box::new(nbd::open(t, cfg.read_only)?));
+    }
+    if let Some(t) = &cfg.iscsi {
+        return Ok(Box::new(iscsi::open(t, cfg.read_only)?));
     }
     let format = match cfg.format {
         Some(f) => f,

@@ -6,32 +6,18 @@
 //! them (data and holes in chunks, errors with messages) and simple replies otherwise. Requests
 //! are pipelined on one connection, tagged by a handle.
 //!
-//! One thread per disk (`nbd`) owns the connection and polls it with the device's requests;
-//! the device's event loop never waits on the network. A request stays in the worker's table
-//! until its reply is complete, so when the connection breaks (the server restarts, a reply
-//! is overdue, a reply makes no sense) every outstanding request is sent again on a new
-//! connection. If no connection comes back within the disk's `retry_s`, the outstanding
-//! requests and any new ones fail with EIO until it does (the guest sees I/O errors, the VMM
-//! keeps running).
+//! The connection, the table of outstanding requests, reconnection and the retry policy
+//! are [`super::remote`]'s, on one thread per disk (`nbd`); this module speaks the protocol.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::net::TcpStream;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestMemoryBackend};
-use vmm_sys_util::eventfd::EventFd;
 
-use super::{
-    check, BlockError, BlockOp, BlockRequest, Completion, DiskBackend, DiskInfo, LinkState, SECTOR,
-};
-use crate::memory::{mark_dirty, GuestMemoryMmap};
-use bexar_util::sync::lock;
+use super::remote::{dial, gather, put, unblock, Outcome, Pending, Protocol, RemoteDisk};
+use super::{BlockError, BlockOp, DiskInfo, SECTOR};
 
 /// Where an NBD disk is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,22 +185,7 @@ fn read_opt_reply(s: &mut TcpStream, opt: u32) -> io::Result<(u32, Vec<u8>)> {
 
 /// Connects and negotiates; a refusal of the export is `NotFound` with the server's words.
 fn connect(t: &NbdTarget, deadline: Duration) -> io::Result<(TcpStream, Export)> {
-    let addrs: Vec<_> = (t.host.as_str(), t.port).to_socket_addrs()?.collect();
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-    let mut sock = None;
-    for a in addrs {
-        match TcpStream::connect_timeout(&a, deadline) {
-            Ok(s) => {
-                sock = Some(s);
-                break;
-            }
-            Err(e) => last = e,
-        }
-    }
-    let mut s = sock.ok_or(last)?;
-    s.set_read_timeout(Some(deadline))?;
-    s.set_write_timeout(Some(deadline))?;
-    s.set_nodelay(true)?;
+    let mut s = dial(&t.host, t.port, deadline)?;
     let mut h = [0u8; 18];
     s.read_exact(&mut h)?;
     if be64(&h) != NBDMAGIC || be64(&h[8..]) != IHAVEOPT {
@@ -266,9 +237,7 @@ fn connect(t: &NbdTarget, deadline: Duration) -> io::Result<(TcpStream, Export)>
         }
     }
     let (size, flags) = export.ok_or_else(|| proto("the server sent no export information"))?;
-    s.set_read_timeout(None)?;
-    s.set_write_timeout(None)?;
-    s.set_nonblocking(true)?;
+    unblock(&s)?;
     Ok((
         s,
         Export {
@@ -279,315 +248,92 @@ fn connect(t: &NbdTarget, deadline: Duration) -> io::Result<(TcpStream, Export)>
     ))
 }
 
-/// What the device and the worker share.
-struct Shared {
-    done: Mutex<Vec<Completion>>,
-    cv: Condvar,
-    notifier: EventFd,
-    link: Arc<LinkState>,
-}
-
-enum Cmd {
-    Req(u64, BlockRequest, GuestMemoryMmap),
-}
-
-/// An NBD disk.
-pub struct NbdBackend {
-    info: DiskInfo,
-    structured: bool,
-    tx: Option<mpsc::Sender<Cmd>>,
-    wake: Arc<EventFd>,
-    shared: Arc<Shared>,
-    in_flight: Arc<AtomicUsize>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl NbdBackend {
-    /// Connects to `target` (an unreachable server or an unknown export is an error now) and
-    /// starts the disk's thread.
-    pub fn open(target: &NbdTarget, read_only: bool) -> Result<Self, BlockError> {
-        let err = |e: io::Error| BlockError::Remote {
-            url: target.url(),
-            reason: e.to_string(),
-        };
-        let (sock, export) = connect(target, Duration::from_secs(5)).map_err(err)?;
-        if export.size % SECTOR != 0 {
-            return Err(BlockError::Remote {
-                url: target.url(),
-                reason: format!("the export is {} bytes, not whole sectors", export.size),
-            });
-        }
-        let ro = read_only || export.flags & TF_READ_ONLY != 0;
-        tracing::info!(
-            "{}: connected, {} bytes, {}{}",
-            target.url(),
-            export.size,
-            if export.structured {
-                "structured replies"
-            } else {
-                "simple replies"
-            },
-            if export.flags & TF_READ_ONLY != 0 {
-                ", read-only export"
-            } else {
-                ""
-            }
-        );
-        let info = DiskInfo {
-            capacity: export.size,
-            read_only: ro,
-            discard: !ro && export.flags & TF_SEND_TRIM != 0,
-            write_zeroes: !ro && export.flags & TF_SEND_WRITE_ZEROES != 0,
-        };
-        let shared = Arc::new(Shared {
-            done: Mutex::new(Vec::new()),
-            cv: Condvar::new(),
-            notifier: EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?,
-            link: Arc::new(LinkState::default()),
-        });
-        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?);
-        let (tx, rx) = mpsc::channel();
-        let mut w = Worker {
-            target: target.clone(),
-            export,
-            rx,
-            wake: wake.clone(),
-            shared: shared.clone(),
-            conn: Some(Conn::new(sock)),
-            table: BTreeMap::new(),
-            next_handle: 1,
-            down_since: None,
-            next_try: Instant::now(),
-            failing: false,
-        };
-        let thread = std::thread::Builder::new()
-            .name("nbd".into())
-            .spawn(move || w.run())
-            .map_err(BlockError::EventFd)?;
-        Ok(Self {
-            info,
-            structured: export.structured,
-            tx: Some(tx),
-            wake,
-            shared,
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl DiskBackend for NbdBackend {
-    fn engine(&self) -> &'static str {
-        if self.structured {
-            "nbd-structured"
-        } else {
-            "nbd"
-        }
-    }
-    fn info(&self) -> DiskInfo {
-        self.info
-    }
-    fn submit(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        req: BlockRequest,
-        user_data: u64,
-    ) -> Result<(), BlockError> {
-        check(&self.info, &req)?;
-        for (addr, len) in &req.segments {
-            mem.get_slice(*addr, *len as usize)
-                .map_err(|_| BlockError::BadBuffer(addr.0))?;
-        }
-        let tx = self.tx.as_ref().ok_or(BlockError::Busy)?;
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        if tx.send(Cmd::Req(user_data, req, mem.clone())).is_err() {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return Err(BlockError::Busy);
-        }
-        Ok(())
-    }
-    fn kick(&mut self) -> io::Result<()> {
-        self.wake.write(1)
-    }
-    fn reap(&mut self, out: &mut Vec<Completion>) {
-        let _ = self.shared.notifier.read();
-        let mut done = lock(&self.shared.done);
-        self.in_flight.fetch_sub(done.len(), Ordering::AcqRel);
-        out.append(&mut done);
-    }
-    fn notifier(&self) -> &EventFd {
-        &self.shared.notifier
-    }
-    fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
-    }
-    fn link(&self) -> Option<Arc<LinkState>> {
-        Some(self.shared.link.clone())
-    }
-    fn drain(&mut self, out: &mut Vec<Completion>) {
-        let _ = self.kick();
-        loop {
-            self.reap(out);
-            if self.in_flight() == 0 {
-                return;
-            }
-            let done = lock(&self.shared.done);
-            if done.is_empty() {
-                let _ = self
-                    .shared
-                    .cv
-                    .wait_timeout(done, Duration::from_millis(100));
-            }
-        }
-    }
-}
-
-impl Drop for NbdBackend {
-    fn drop(&mut self) {
-        // Closing the channel ends the worker (after it sends NBD_CMD_DISC).
-        self.tx = None;
-        let _ = self.wake.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// A request the server has not fully answered.
-struct Pending {
-    user_data: u64,
-    req: BlockRequest,
-    mem: GuestMemoryMmap,
-    sent: Option<Instant>,
-    error: Option<String>,
-}
-
-/// One connection: bytes waiting to go out, bytes received and not yet parsed.
-struct Conn {
-    sock: TcpStream,
-    out: Vec<u8>,
-    sent: usize,
-    inb: Vec<u8>,
-}
-
-impl Conn {
-    fn new(sock: TcpStream) -> Self {
-        Self {
-            sock,
-            out: Vec::new(),
-            sent: 0,
-            inb: Vec::new(),
-        }
-    }
-}
-
-struct Worker {
+/// The NBD side of a [`RemoteDisk`].
+struct Nbd {
     target: NbdTarget,
     export: Export,
-    rx: mpsc::Receiver<Cmd>,
-    wake: Arc<EventFd>,
-    shared: Arc<Shared>,
-    conn: Option<Conn>,
-    table: BTreeMap<u64, Pending>,
-    next_handle: u64,
-    down_since: Option<Instant>,
-    next_try: Instant,
-    /// The retry time ran out: requests fail at once until a connection is back.
-    failing: bool,
 }
 
-impl Worker {
-    fn run(&mut self) {
-        loop {
-            // New requests.
-            let _ = self.wake.read();
-            loop {
-                match self.rx.try_recv() {
-                    Ok(Cmd::Req(user_data, req, mem)) => self.add(user_data, req, mem),
-                    Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => {
-                        self.finish();
-                        return;
-                    }
-                }
+/// Connects to `target` (an unreachable server or an unknown export is an error now) and
+/// starts the disk's thread.
+pub fn open(target: &NbdTarget, read_only: bool) -> Result<RemoteDisk, BlockError> {
+    let err = |reason: String| BlockError::Remote {
+        url: target.url(),
+        reason,
+    };
+    let (sock, export) = connect(target, Duration::from_secs(5)).map_err(|e| err(e.to_string()))?;
+    if export.size % SECTOR != 0 {
+        return Err(err(format!(
+            "the export is {} bytes, not whole sectors",
+            export.size
+        )));
+    }
+    let ro = read_only || export.flags & TF_READ_ONLY != 0;
+    tracing::info!(
+        "{}: connected, {} bytes, {}{}",
+        target.url(),
+        export.size,
+        if export.structured {
+            "structured replies"
+        } else {
+            "simple replies"
+        },
+        if export.flags & TF_READ_ONLY != 0 {
+            ", read-only export"
+        } else {
+            ""
+        }
+    );
+    let info = DiskInfo {
+        capacity: export.size,
+        read_only: ro,
+        discard: !ro && export.flags & TF_SEND_TRIM != 0,
+        write_zeroes: !ro && export.flags & TF_SEND_WRITE_ZEROES != 0,
+    };
+    let engine = if export.structured {
+        "nbd-structured"
+    } else {
+        "nbd"
+    };
+    let proto = Nbd {
+        target: target.clone(),
+        export,
+    };
+    RemoteDisk::start(proto, sock, info, engine, "nbd")
+}
+
+impl Protocol for Nbd {
+    fn url(&self) -> String {
+        self.target.url()
+    }
+    fn policy(&self) -> (u32, u32) {
+        (self.target.retry_s, self.target.timeout_s)
+    }
+    fn connect(&mut self, timeout: Duration) -> io::Result<TcpStream> {
+        let (sock, export) = connect(&self.target, timeout)?;
+        if export.size != self.export.size {
+            return Err(io::Error::other(format!(
+                "the export is {} bytes now, it was {}: not using it",
+                export.size, self.export.size
+            )));
+        }
+        self.export = export;
+        Ok(sock)
+    }
+    fn local(&self, op: BlockOp) -> Option<io::Result<u64>> {
+        // A server without flush writes through; a discard it cannot do is a no-op (virtio
+        // allows it); write-zeroes is not offered to the guest then.
+        let f = self.export.flags;
+        match op {
+            BlockOp::Flush if f & TF_SEND_FLUSH == 0 => Some(Ok(0)),
+            BlockOp::Discard if f & TF_SEND_TRIM == 0 => Some(Ok(0)),
+            BlockOp::WriteZeroes { .. } if f & TF_SEND_WRITE_ZEROES == 0 => {
+                Some(Err(io::Error::other("the server cannot write zeroes")))
             }
-            if self.conn.is_none() {
-                self.reconnect();
-            }
-            self.check_timeouts();
-            self.poll_once();
+            _ => None,
         }
     }
-
-    fn complete(&mut self, handle: u64, result: io::Result<u64>) {
-        if let Some(p) = self.table.remove(&handle) {
-            if let (Ok(_), BlockOp::Read) = (&result, p.req.op) {
-                for (addr, len) in &p.req.segments {
-                    mark_dirty(&p.mem, *addr, *len as usize);
-                }
-            }
-            lock(&self.shared.done).push(Completion {
-                user_data: p.user_data,
-                result,
-            });
-            self.shared.cv.notify_all();
-            let _ = self.shared.notifier.write(1);
-        }
-    }
-
-    fn add(&mut self, user_data: u64, req: BlockRequest, mem: GuestMemoryMmap) {
-        let handle = self.next_handle;
-        self.next_handle += 1;
-        let unsupported = match req.op {
-            BlockOp::Flush => self.export.flags & TF_SEND_FLUSH == 0,
-            BlockOp::Discard => self.export.flags & TF_SEND_TRIM == 0,
-            BlockOp::WriteZeroes { .. } => self.export.flags & TF_SEND_WRITE_ZEROES == 0,
-            _ => false,
-        };
-        self.table.insert(
-            handle,
-            Pending {
-                user_data,
-                req,
-                mem,
-                sent: None,
-                error: None,
-            },
-        );
-        if unsupported {
-            // A server without flush writes through; a discard it cannot do is a no-op
-            // (virtio allows it); write-zeroes is not offered to the guest then.
-            let op = self.table[&handle].req.op;
-            let r = if matches!(op, BlockOp::WriteZeroes { .. }) {
-                Err(io::Error::other("the server cannot write zeroes"))
-            } else {
-                Ok(0)
-            };
-            self.complete(handle, r);
-            return;
-        }
-        if self.failing {
-            self.complete(
-                handle,
-                Err(io::Error::other(format!(
-                    "{} is unreachable (for more than {} s)",
-                    self.target.url(),
-                    self.target.retry_s
-                ))),
-            );
-            return;
-        }
-        self.send(handle);
-    }
-
-    /// Puts request `handle` in the connection's output, if there is a connection.
-    fn send(&mut self, handle: u64) {
-        let Some(conn) = self.conn.as_mut() else {
-            return;
-        };
-        let Some(p) = self.table.get_mut(&handle) else {
-            return;
-        };
+    fn send(&mut self, tag: u64, p: &mut Pending, o: &mut Vec<u8>) -> bool {
         let (cmd, flags, len) = match p.req.op {
             BlockOp::Read => (CMD_READ, 0, p.req.len),
             BlockOp::Write => (CMD_WRITE, 0, p.req.len),
@@ -599,340 +345,132 @@ impl Worker {
                 p.req.len,
             ),
         };
-        p.error = None;
-        let o = &mut conn.out;
         o.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
         o.extend_from_slice(&flags.to_be_bytes());
         o.extend_from_slice(&cmd.to_be_bytes());
-        o.extend_from_slice(&handle.to_be_bytes());
+        o.extend_from_slice(&tag.to_be_bytes());
         o.extend_from_slice(&p.req.offset.to_be_bytes());
         o.extend_from_slice(&(len as u32).to_be_bytes());
-        if cmd == CMD_WRITE {
-            let at = o.len();
-            o.resize(at + p.req.len as usize, 0);
-            let mut off = at;
-            for (addr, l) in &p.req.segments {
-                let l = *l as usize;
-                if p.mem.read_slice(&mut o[off..off + l], *addr).is_err() {
-                    // Checked at submit; memory does not shrink.
-                    p.error = Some("a buffer left guest memory".into());
+        if cmd == CMD_WRITE && !gather(p, 0, p.req.len as usize, o) {
+            p.error = Some("a buffer left guest memory".into());
+        }
+        true
+    }
+    fn goodbye(&mut self, m: &mut Vec<u8>) {
+        m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        m.extend_from_slice(&0u16.to_be_bytes());
+        m.extend_from_slice(&CMD_DISC.to_be_bytes());
+        m.extend_from_slice(&[0u8; 16]);
+        m.extend_from_slice(&0u32.to_be_bytes());
+    }
+
+    fn parse(
+        &mut self,
+        inb: &mut Vec<u8>,
+        table: &mut BTreeMap<u64, Pending>,
+        _out: &mut Vec<u8>,
+        done: &mut Vec<(u64, Outcome)>,
+    ) -> Result<(), String> {
+        let mut at = 0;
+        let r = parse_replies(&inb[..], &mut at, table, done);
+        inb.drain(..at);
+        r
+    }
+}
+
+/// Parses whole replies from `b[*at..]`, moving `at` past each.
+fn parse_replies(
+    b: &[u8],
+    at: &mut usize,
+    table: &mut BTreeMap<u64, Pending>,
+    done: &mut Vec<(u64, Outcome)>,
+) -> Result<(), String> {
+    loop {
+        let b = &b[*at..];
+        if b.len() < 4 {
+            return Ok(());
+        }
+        match be32(b) {
+            SIMPLE_REPLY_MAGIC => {
+                if b.len() < 16 {
+                    return Ok(());
                 }
-                off += l;
-            }
-        }
-        p.sent = Some(Instant::now());
-    }
-
-    fn finish(&mut self) {
-        if let Some(mut c) = self.conn.take() {
-            let mut m = Vec::new();
-            m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-            m.extend_from_slice(&0u16.to_be_bytes());
-            m.extend_from_slice(&CMD_DISC.to_be_bytes());
-            m.extend_from_slice(&[0u8; 16]);
-            m.extend_from_slice(&0u32.to_be_bytes());
-            let _ = c.sock.set_nonblocking(false);
-            let _ = c.sock.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = c.sock.write_all(&c.out[c.sent..]);
-            let _ = c.sock.write_all(&m);
-        }
-        let handles: Vec<u64> = self.table.keys().copied().collect();
-        for h in handles {
-            self.complete(h, Err(io::Error::other("the disk was closed")));
-        }
-    }
-
-    fn drop_conn(&mut self, why: &str) {
-        if self.conn.take().is_some() {
-            tracing::warn!(
-                "{}: connection lost ({why}); reconnecting",
-                self.target.url()
-            );
-            self.shared.link.down.store(true, Ordering::Relaxed);
-            self.down_since.get_or_insert_with(Instant::now);
-            self.next_try = Instant::now();
-            for p in self.table.values_mut() {
-                p.sent = None;
-            }
-        }
-    }
-
-    fn reconnect(&mut self) {
-        let now = Instant::now();
-        let down = *self.down_since.get_or_insert(now);
-        if !self.failing
-            && now.duration_since(down) > Duration::from_secs(self.target.retry_s.into())
-        {
-            tracing::error!(
-                "{}: unreachable for {} s; failing its requests until it is back",
-                self.target.url(),
-                self.target.retry_s
-            );
-            self.failing = true;
-            self.shared.link.failing.store(true, Ordering::Relaxed);
-            let handles: Vec<u64> = self.table.keys().copied().collect();
-            for h in handles {
-                self.complete(
-                    h,
-                    Err(io::Error::other(format!(
-                        "{} is unreachable",
-                        self.target.url()
-                    ))),
-                );
-            }
-        }
-        if now < self.next_try {
-            return;
-        }
-        match connect(&self.target, Duration::from_secs(2)) {
-            Ok((sock, export)) if export.size == self.export.size => {
-                tracing::info!(
-                    "{}: connected again; resending {} request(s)",
-                    self.target.url(),
-                    self.table.len()
-                );
-                self.export = export;
-                self.conn = Some(Conn::new(sock));
-                self.shared.link.reconnects.fetch_add(1, Ordering::Relaxed);
-                self.shared.link.failing.store(false, Ordering::Relaxed);
-                self.shared.link.down.store(false, Ordering::Relaxed);
-                self.down_since = None;
-                self.failing = false;
-                let handles: Vec<u64> = self.table.keys().copied().collect();
-                for h in handles {
-                    self.send(h);
-                }
-            }
-            Ok((_, export)) => {
-                tracing::error!(
-                    "{}: the export is {} bytes now, it was {}: not using it",
-                    self.target.url(),
-                    export.size,
-                    self.export.size
-                );
-                self.next_try = now + Duration::from_secs(1);
-            }
-            Err(e) => {
-                tracing::debug!("{}: reconnect failed: {e}", self.target.url());
-                self.next_try = now + Duration::from_millis(250);
-            }
-        }
-    }
-
-    fn check_timeouts(&mut self) {
-        if self.conn.is_none() {
-            return;
-        }
-        let limit = Duration::from_secs(self.target.timeout_s.into());
-        if self
-            .table
-            .values()
-            .any(|p| p.sent.is_some_and(|t| t.elapsed() > limit))
-        {
-            self.drop_conn("a reply is overdue");
-        }
-    }
-
-    fn poll_once(&mut self) {
-        let mut fds = [
-            libc::pollfd {
-                fd: self.wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: -1,
-                events: 0,
-                revents: 0,
-            },
-        ];
-        if let Some(c) = &self.conn {
-            fds[1].fd = c.sock.as_raw_fd();
-            fds[1].events = libc::POLLIN
-                | if c.sent < c.out.len() {
-                    libc::POLLOUT
+                let err = be32(&b[4..]);
+                let tag = be64(&b[8..]);
+                let p = table
+                    .get(&tag)
+                    .ok_or_else(|| format!("a reply for unknown handle {tag}"))?;
+                let data = if err == 0 && p.req.op == BlockOp::Read {
+                    p.req.len as usize
                 } else {
                     0
                 };
-        }
-        // Short while a connection is missing (to retry it), else long enough to idle.
-        let timeout = if self.conn.is_none() { 100 } else { 1000 };
-        // SAFETY: poll on two pollfds we own, for `timeout` ms.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
-        if n <= 0 || fds[1].fd < 0 {
-            return;
-        }
-        let re = fds[1].revents;
-        if re & libc::POLLOUT != 0 {
-            self.write_out();
-        }
-        if re & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-            self.read_in();
-        }
-    }
-
-    fn write_out(&mut self) {
-        let Some(c) = self.conn.as_mut() else { return };
-        while c.sent < c.out.len() {
-            match c.sock.write(&c.out[c.sent..]) {
-                Ok(0) => return self.drop_conn("the server closed the connection"),
-                Ok(n) => c.sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return self.drop_conn(&e.to_string()),
-            }
-        }
-        if c.sent == c.out.len() {
-            c.out.clear();
-            c.sent = 0;
-        }
-    }
-
-    fn read_in(&mut self) {
-        let mut buf = [0u8; 64 * 1024];
-        loop {
-            let Some(c) = self.conn.as_mut() else { return };
-            match c.sock.read(&mut buf) {
-                Ok(0) => return self.drop_conn("the server closed the connection"),
-                Ok(n) => c.inb.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return self.drop_conn(&e.to_string()),
-            }
-        }
-        if let Err(why) = self.parse() {
-            self.drop_conn(&why);
-        }
-    }
-
-    /// Takes every whole reply out of the input buffer.
-    fn parse(&mut self) -> Result<(), String> {
-        loop {
-            let Some(c) = self.conn.as_mut() else {
-                return Ok(());
-            };
-            let b = &c.inb;
-            if b.len() < 4 {
-                return Ok(());
-            }
-            match be32(b) {
-                SIMPLE_REPLY_MAGIC => {
-                    if b.len() < 16 {
-                        return Ok(());
-                    }
-                    let err = be32(&b[4..]);
-                    let handle = be64(&b[8..]);
-                    let p = self
-                        .table
-                        .get(&handle)
-                        .ok_or_else(|| format!("a reply for unknown handle {handle}"))?;
-                    let data = if err == 0 && p.req.op == BlockOp::Read {
-                        p.req.len as usize
-                    } else {
-                        0
-                    };
-                    if b.len() < 16 + data {
-                        return Ok(());
-                    }
-                    let body: Vec<u8> = b[16..16 + data].to_vec();
-                    c.inb.drain(..16 + data);
-                    let result = if err != 0 {
-                        Err(io::Error::from_raw_os_error(err as i32))
-                    } else {
-                        if data > 0 {
-                            put(p, 0, &body)?;
-                        }
-                        Ok(p.req.len)
-                    };
-                    self.complete(handle, result);
+                if b.len() < 16 + data {
+                    return Ok(());
                 }
-                STRUCTURED_REPLY_MAGIC => {
-                    if b.len() < 20 {
-                        return Ok(());
-                    }
-                    let flags = be16(&b[4..]);
-                    let kind = be16(&b[6..]);
-                    let handle = be64(&b[8..]);
-                    let len = be32(&b[16..]);
-                    if len > MAX_PAYLOAD {
-                        return Err(format!("a reply chunk of {len} bytes"));
-                    }
-                    if b.len() < 20 + len as usize {
-                        return Ok(());
-                    }
-                    let body: Vec<u8> = b[20..20 + len as usize].to_vec();
-                    c.inb.drain(..20 + len as usize);
-                    let p = self
-                        .table
-                        .get_mut(&handle)
-                        .ok_or_else(|| format!("a reply for unknown handle {handle}"))?;
-                    match kind {
-                        CHUNK_NONE => {}
-                        CHUNK_OFFSET_DATA if body.len() >= 8 => {
-                            let at = be64(&body).wrapping_sub(p.req.offset);
-                            put(p, at, &body[8..])?;
-                        }
-                        CHUNK_OFFSET_HOLE if body.len() >= 12 => {
-                            let at = be64(&body).wrapping_sub(p.req.offset);
-                            let n = be32(&body[8..]) as usize;
-                            put(p, at, &vec![0u8; n.min(p.req.len as usize)])?;
-                        }
-                        CHUNK_ERROR | CHUNK_ERROR_OFFSET if body.len() >= 6 => {
-                            let code = be32(&body);
-                            let mlen = (be16(&body[4..]) as usize).min(body.len() - 6);
-                            let msg = String::from_utf8_lossy(&body[6..6 + mlen]);
-                            p.error = Some(format!(
-                                "the server failed it: {} {msg}",
-                                io::Error::from_raw_os_error(code as i32)
-                            ));
-                        }
-                        other => return Err(format!("an unknown reply chunk type {other}")),
-                    }
-                    if flags & CHUNK_DONE != 0 {
-                        let p = &self.table[&handle];
-                        let result = match &p.error {
-                            Some(e) => Err(io::Error::other(e.clone())),
-                            None if p.req.op == BlockOp::Read => Ok(p.req.len),
-                            None => Ok(0),
-                        };
-                        self.complete(handle, result);
-                    }
-                }
-                m => return Err(format!("a reply with magic {m:#x}")),
+                *at += 16 + data;
+                let result = if err != 0 {
+                    Err(io::Error::from_raw_os_error(err as i32))
+                } else {
+                    put(p, 0, &b[16..16 + data])?;
+                    Ok(p.req.len)
+                };
+                done.push((tag, Outcome::Done(result)));
             }
+            STRUCTURED_REPLY_MAGIC => {
+                if b.len() < 20 {
+                    return Ok(());
+                }
+                let flags = be16(&b[4..]);
+                let kind = be16(&b[6..]);
+                let tag = be64(&b[8..]);
+                let len = be32(&b[16..]);
+                if len > MAX_PAYLOAD {
+                    return Err(format!("a reply chunk of {len} bytes"));
+                }
+                if b.len() < 20 + len as usize {
+                    return Ok(());
+                }
+                *at += 20 + len as usize;
+                let body = &b[20..20 + len as usize];
+                let p = table
+                    .get_mut(&tag)
+                    .ok_or_else(|| format!("a reply for unknown handle {tag}"))?;
+                match kind {
+                    CHUNK_NONE => {}
+                    CHUNK_OFFSET_DATA if body.len() >= 8 => {
+                        let at = be64(body).wrapping_sub(p.req.offset);
+                        put(p, at, &body[8..])?;
+                    }
+                    CHUNK_OFFSET_HOLE if body.len() >= 12 => {
+                        let at = be64(body).wrapping_sub(p.req.offset);
+                        let n = be32(&body[8..]) as usize;
+                        put(p, at, &vec![0u8; n.min(p.req.len as usize)])?;
+                    }
+                    CHUNK_ERROR | CHUNK_ERROR_OFFSET if body.len() >= 6 => {
+                        let code = be32(body);
+                        let mlen = (be16(&body[4..]) as usize).min(body.len() - 6);
+                        let msg = String::from_utf8_lossy(&body[6..6 + mlen]);
+                        p.error = Some(format!(
+                            "the server failed it: {} {msg}",
+                            io::Error::from_raw_os_error(code as i32)
+                        ));
+                    }
+                    other => return Err(format!("an unknown reply chunk type {other}")),
+                }
+                if flags & CHUNK_DONE != 0 {
+                    let result = match &p.error {
+                        Some(e) => Err(io::Error::other(e.clone())),
+                        None if p.req.op == BlockOp::Read => Ok(p.req.len),
+                        None => Ok(0),
+                    };
+                    done.push((tag, Outcome::Done(result)));
+                }
+            }
+            m => return Err(format!("a reply with magic {m:#x}")),
         }
     }
 }
-
-/// Copies `data` into the guest buffers of a read, starting `at` bytes into the request.
-fn put(p: &Pending, at: u64, data: &[u8]) -> Result<(), String> {
-    if at
-        .checked_add(data.len() as u64)
-        .is_none_or(|end| end > p.req.len)
-    {
-        return Err("a reply chunk outside its request".into());
-    }
-    let mut skip = at as usize;
-    let mut src = data;
-    for (addr, len) in &p.req.segments {
-        let len = *len as usize;
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let n = (len - skip).min(src.len());
-        p.mem
-            .write_slice(&src[..n], vm_memory::GuestAddress(addr.0 + skip as u64))
-            .map_err(|e| e.to_string())?;
-        src = &src[n..];
-        skip = 0;
-        if src.is_empty() {
-            break;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -984,7 +522,7 @@ mod tests {
             vec![],
         ] {
             let t = fake_server(greeting.clone());
-            let e = NbdBackend::open(&t, false).err().expect("opened");
+            let e = open(&t, false).err().expect("opened");
             assert!(e.to_string().contains(&t.url()), "{e}");
         }
     }

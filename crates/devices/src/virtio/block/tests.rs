@@ -57,6 +57,7 @@ fn rig_with(sectors: u64, read_only: bool, direct: bool) -> Rig {
         format: None,
         rate_limit: None,
         nbd: None,
+        iscsi: None,
     };
     Rig {
         mem: test_memory(4),

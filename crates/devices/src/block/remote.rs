@@ -1,0 +1,607 @@
+//! What every disk on a network server needs, whatever the protocol: a thread that owns the
+//! connection, a table of the requests the server has not answered, reconnection with the
+//! outstanding requests sent again, a retry policy, and completions handed back to the
+//! device's event loop. A protocol ([`Protocol`]: NBD in [`super::nbd`], iSCSI in
+//! [`super::iscsi`]) only logs in, encodes a request and parses what the server sends.
+//!
+//! One thread per disk polls the connection and the device's wake-up eventfd; the device's
+//! event loop never waits on the network. A request stays in the table until its answer is
+//! complete, so when the connection breaks (the server restarts, an answer is overdue, an
+//! answer makes no sense) every outstanding request is sent again on a new connection. A
+//! write sent twice writes the same bytes twice, so resending is safe for every operation
+//! a disk has. If no connection comes back within the disk's retry time, the outstanding
+//! requests and any new ones fail with EIO until it does (the guest sees I/O errors, the VMM
+//! keeps running).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    check, BlockError, BlockOp, BlockRequest, Completion, DiskBackend, DiskInfo, LinkState,
+};
+use crate::memory::{mark_dirty, GuestMemoryMmap};
+use bexar_util::sync::lock;
+
+/// A request the server has not fully answered.
+pub(super) struct Pending {
+    pub user_data: u64,
+    pub req: BlockRequest,
+    pub mem: GuestMemoryMmap,
+    /// When it went out on the current connection (`None`: not sent on it yet).
+    pub sent: Option<Instant>,
+    /// What the server said went wrong, reported when the answer is complete.
+    pub error: Option<String>,
+    /// Times the protocol asked to send it again on the same connection.
+    pub retries: u8,
+}
+
+/// What parsing the server's bytes produced for one request.
+pub(super) enum Outcome {
+    /// Finished: bytes moved, or the error.
+    Done(io::Result<u64>),
+    /// Send it again (the server asked for a retry).
+    Resend,
+}
+
+/// The part of a remote disk that speaks its protocol.
+pub(super) trait Protocol: Send + 'static {
+    /// The target, for logs (`nbd://...`, `iscsi://...`).
+    fn url(&self) -> String;
+    /// Seconds a broken connection is retried, and seconds an answer may be late.
+    fn policy(&self) -> (u32, u32);
+    /// Makes a new connection and logs in; the socket comes back non-blocking.
+    fn connect(&mut self, timeout: Duration) -> io::Result<TcpStream>;
+    /// The result of `op` when it needs no server (something the server cannot do).
+    fn local(&self, op: BlockOp) -> Option<io::Result<u64>>;
+    /// Encodes request `tag` onto `out`; false when it must wait (the server's command
+    /// window is shut).
+    fn send(&mut self, tag: u64, p: &mut Pending, out: &mut Vec<u8>) -> bool;
+    /// Takes every whole message out of `inb`, writing read data into guest memory and
+    /// anything the server asked for (data it wants, pings) onto `out`; an `Err` is a
+    /// broken conversation, and the connection is dropped.
+    fn parse(
+        &mut self,
+        inb: &mut Vec<u8>,
+        table: &mut BTreeMap<u64, Pending>,
+        out: &mut Vec<u8>,
+        done: &mut Vec<(u64, Outcome)>,
+    ) -> Result<(), String>;
+    /// The farewell message of a clean close.
+    fn goodbye(&mut self, out: &mut Vec<u8>);
+}
+
+/// Opens a TCP connection to the first address of `host:port` that answers, with
+/// `timeout` on the connect and on blocking reads and writes (the handshake).
+pub(super) fn dial(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+    for a in (host, port).to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => {
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))?;
+                s.set_nodelay(true)?;
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Ends the handshake: the worker polls a non-blocking socket.
+pub(super) fn unblock(s: &TcpStream) -> io::Result<()> {
+    s.set_read_timeout(None)?;
+    s.set_write_timeout(None)?;
+    s.set_nonblocking(true)
+}
+
+/// Copies `data` into the guest buffers of a read, starting `at` bytes into the request.
+pub(super) fn put(p: &Pending, at: u64, data: &[u8]) -> Result<(), String> {
+    if at
+        .checked_add(data.len() as u64)
+        .is_none_or(|end| end > p.req.len)
+    {
+        return Err("data outside its request".into());
+    }
+    let mut skip = at as usize;
+    let mut src = data;
+    for (addr, len) in &p.req.segments {
+        let len = *len as usize;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = (len - skip).min(src.len());
+        p.mem
+            .write_slice(&src[..n], GuestAddress(addr.0 + skip as u64))
+            .map_err(|e| e.to_string())?;
+        src = &src[n..];
+        skip = 0;
+        if src.is_empty() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Appends `len` bytes of a write's guest buffers, from `at` bytes into the request, to
+/// `out`; false if a buffer left guest memory (checked at submit, so never in practice).
+pub(super) fn gather(p: &Pending, at: u64, len: usize, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    out.resize(start + len, 0);
+    let mut skip = at as usize;
+    let mut off = start;
+    let end = start + len;
+    for (addr, l) in &p.req.segments {
+        let l = *l as usize;
+        if skip >= l {
+            skip -= l;
+            continue;
+        }
+        let n = (l - skip).min(end - off);
+        if p.mem
+            .read_slice(&mut out[off..off + n], GuestAddress(addr.0 + skip as u64))
+            .is_err()
+        {
+            return false;
+        }
+        off += n;
+        skip = 0;
+        if off == end {
+            break;
+        }
+    }
+    off == end
+}
+
+/// What the device and the worker share.
+struct Shared {
+    done: Mutex<Vec<Completion>>,
+    cv: Condvar,
+    notifier: EventFd,
+    link: Arc<LinkState>,
+}
+
+struct Cmd(u64, BlockRequest, GuestMemoryMmap);
+
+/// A disk on a network server, whatever its protocol.
+pub struct RemoteDisk {
+    info: DiskInfo,
+    engine: &'static str,
+    tx: Option<mpsc::Sender<Cmd>>,
+    wake: Arc<EventFd>,
+    shared: Arc<Shared>,
+    in_flight: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RemoteDisk {
+    /// Starts the disk's thread (named `thread`) on a connection `proto` already made.
+    pub(super) fn start<P: Protocol>(
+        proto: P,
+        sock: TcpStream,
+        info: DiskInfo,
+        engine: &'static str,
+        thread: &str,
+    ) -> Result<Self, BlockError> {
+        let shared = Arc::new(Shared {
+            done: Mutex::new(Vec::new()),
+            cv: Condvar::new(),
+            notifier: EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?,
+            link: Arc::new(LinkState::default()),
+        });
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?);
+        let (tx, rx) = mpsc::channel();
+        let mut w = Worker {
+            proto,
+            rx,
+            wake: wake.clone(),
+            shared: shared.clone(),
+            conn: Some(Conn::new(sock)),
+            table: BTreeMap::new(),
+            waiting: VecDeque::new(),
+            next_tag: 1,
+            down_since: None,
+            next_try: Instant::now(),
+            failing: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name(thread.into())
+            .spawn(move || w.run())
+            .map_err(BlockError::EventFd)?;
+        Ok(Self {
+            info,
+            engine,
+            tx: Some(tx),
+            wake,
+            shared,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl DiskBackend for RemoteDisk {
+    fn engine(&self) -> &'static str {
+        self.engine
+    }
+    fn info(&self) -> DiskInfo {
+        self.info
+    }
+    fn submit(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        req: BlockRequest,
+        user_data: u64,
+    ) -> Result<(), BlockError> {
+        check(&self.info, &req)?;
+        for (addr, len) in &req.segments {
+            mem.get_slice(*addr, *len as usize)
+                .map_err(|_| BlockError::BadBuffer(addr.0))?;
+        }
+        let tx = self.tx.as_ref().ok_or(BlockError::Busy)?;
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if tx.send(Cmd(user_data, req, mem.clone())).is_err() {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(BlockError::Busy);
+        }
+        Ok(())
+    }
+    fn kick(&mut self) -> io::Result<()> {
+        self.wake.write(1)
+    }
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        let _ = self.shared.notifier.read();
+        let mut done = lock(&self.shared.done);
+        self.in_flight.fetch_sub(done.len(), Ordering::AcqRel);
+        out.append(&mut done);
+    }
+    fn notifier(&self) -> &EventFd {
+        &self.shared.notifier
+    }
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+    fn link(&self) -> Option<Arc<LinkState>> {
+        Some(self.shared.link.clone())
+    }
+    fn drain(&mut self, out: &mut Vec<Completion>) {
+        let _ = self.kick();
+        loop {
+            self.reap(out);
+            if self.in_flight() == 0 {
+                return;
+            }
+            let done = lock(&self.shared.done);
+            if done.is_empty() {
+                let _ = self
+                    .shared
+                    .cv
+                    .wait_timeout(done, Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+impl Drop for RemoteDisk {
+    fn drop(&mut self) {
+        // Closing the channel ends the worker (after it says goodbye to the server).
+        self.tx = None;
+        let _ = self.wake.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One connection: bytes waiting to go out, bytes received and not yet parsed.
+struct Conn {
+    sock: TcpStream,
+    out: Vec<u8>,
+    sent: usize,
+    inb: Vec<u8>,
+}
+
+impl Conn {
+    fn new(sock: TcpStream) -> Self {
+        Self {
+            sock,
+            out: Vec::new(),
+            sent: 0,
+            inb: Vec::new(),
+        }
+    }
+}
+
+struct Worker<P> {
+    proto: P,
+    rx: mpsc::Receiver<Cmd>,
+    wake: Arc<EventFd>,
+    shared: Arc<Shared>,
+    conn: Option<Conn>,
+    table: BTreeMap<u64, Pending>,
+    /// Requests the protocol could not send yet (its window was shut), oldest first.
+    waiting: VecDeque<u64>,
+    next_tag: u64,
+    down_since: Option<Instant>,
+    next_try: Instant,
+    /// The retry time ran out: requests fail at once until a connection is back.
+    failing: bool,
+}
+
+impl<P: Protocol> Worker<P> {
+    fn run(&mut self) {
+        loop {
+            let _ = self.wake.read();
+            loop {
+                match self.rx.try_recv() {
+                    Ok(Cmd(user_data, req, mem)) => self.add(user_data, req, mem),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        self.finish();
+                        return;
+                    }
+                }
+            }
+            if self.conn.is_none() {
+                self.reconnect();
+            }
+            self.check_timeouts();
+            self.poll_once();
+        }
+    }
+
+    fn complete(&mut self, tag: u64, result: io::Result<u64>) {
+        if let Some(p) = self.table.remove(&tag) {
+            if let (Ok(_), BlockOp::Read) = (&result, p.req.op) {
+                for (addr, len) in &p.req.segments {
+                    mark_dirty(&p.mem, *addr, *len as usize);
+                }
+            }
+            lock(&self.shared.done).push(Completion {
+                user_data: p.user_data,
+                result,
+            });
+            self.shared.cv.notify_all();
+            let _ = self.shared.notifier.write(1);
+        }
+    }
+
+    fn add(&mut self, user_data: u64, req: BlockRequest, mem: GuestMemoryMmap) {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let local = self.proto.local(req.op);
+        self.table.insert(
+            tag,
+            Pending {
+                user_data,
+                req,
+                mem,
+                sent: None,
+                error: None,
+                retries: 0,
+            },
+        );
+        if let Some(r) = local {
+            return self.complete(tag, r);
+        }
+        if self.failing {
+            let (retry, _) = self.proto.policy();
+            let msg = format!(
+                "{} is unreachable (for more than {retry} s)",
+                self.proto.url()
+            );
+            return self.complete(tag, Err(io::Error::other(msg)));
+        }
+        self.waiting.push_back(tag);
+        self.send_waiting();
+    }
+
+    /// Sends the waiting requests, oldest first, while the protocol takes them.
+    fn send_waiting(&mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        while let Some(&tag) = self.waiting.front() {
+            let Some(p) = self.table.get_mut(&tag) else {
+                self.waiting.pop_front();
+                continue;
+            };
+            p.error = None;
+            if !self.proto.send(tag, p, &mut conn.out) {
+                break;
+            }
+            p.sent = Some(Instant::now());
+            self.waiting.pop_front();
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(mut c) = self.conn.take() {
+            let mut bye = Vec::new();
+            self.proto.goodbye(&mut bye);
+            let _ = c.sock.set_nonblocking(false);
+            let _ = c.sock.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = c.sock.write_all(&c.out[c.sent..]);
+            let _ = c.sock.write_all(&bye);
+        }
+        let tags: Vec<u64> = self.table.keys().copied().collect();
+        for t in tags {
+            self.complete(t, Err(io::Error::other("the disk was closed")));
+        }
+    }
+
+    fn drop_conn(&mut self, why: &str) {
+        if self.conn.take().is_some() {
+            tracing::warn!(
+                "{}: connection lost ({why}); reconnecting",
+                self.proto.url()
+            );
+            self.shared.link.down.store(true, Ordering::Relaxed);
+            self.down_since.get_or_insert_with(Instant::now);
+            self.next_try = Instant::now();
+            for p in self.table.values_mut() {
+                p.sent = None;
+            }
+        }
+    }
+
+    fn reconnect(&mut self) {
+        let now = Instant::now();
+        let down = *self.down_since.get_or_insert(now);
+        let (retry, _) = self.proto.policy();
+        if !self.failing && now.duration_since(down) > Duration::from_secs(retry.into()) {
+            tracing::error!(
+                "{}: unreachable for {retry} s; failing its requests until it is back",
+                self.proto.url()
+            );
+            self.failing = true;
+            self.shared.link.failing.store(true, Ordering::Relaxed);
+            self.waiting.clear();
+            let tags: Vec<u64> = self.table.keys().copied().collect();
+            let msg = format!("{} is unreachable", self.proto.url());
+            for t in tags {
+                self.complete(t, Err(io::Error::other(msg.clone())));
+            }
+        }
+        if now < self.next_try {
+            return;
+        }
+        match self.proto.connect(Duration::from_secs(2)) {
+            Ok(sock) => {
+                tracing::info!(
+                    "{}: connected again; resending {} request(s)",
+                    self.proto.url(),
+                    self.table.len()
+                );
+                self.conn = Some(Conn::new(sock));
+                self.shared.link.reconnects.fetch_add(1, Ordering::Relaxed);
+                self.shared.link.failing.store(false, Ordering::Relaxed);
+                self.shared.link.down.store(false, Ordering::Relaxed);
+                self.down_since = None;
+                self.failing = false;
+                // Everything outstanding goes again, in the order it first came.
+                self.waiting = self.table.keys().copied().collect();
+                self.send_waiting();
+            }
+            Err(e) => {
+                tracing::debug!("{}: reconnect failed: {e}", self.proto.url());
+                self.next_try = now + Duration::from_millis(250);
+            }
+        }
+    }
+
+    fn check_timeouts(&mut self) {
+        if self.conn.is_none() {
+            return;
+        }
+        let (_, timeout) = self.proto.policy();
+        let limit = Duration::from_secs(timeout.into());
+        if self
+            .table
+            .values()
+            .any(|p| p.sent.is_some_and(|t| t.elapsed() > limit))
+        {
+            self.drop_conn("an answer is overdue");
+        }
+    }
+
+    fn poll_once(&mut self) {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: -1,
+                events: 0,
+                revents: 0,
+            },
+        ];
+        if let Some(c) = &self.conn {
+            fds[1].fd = c.sock.as_raw_fd();
+            fds[1].events = libc::POLLIN
+                | if c.sent < c.out.len() {
+                    libc::POLLOUT
+                } else {
+                    0
+                };
+        }
+        // Short while a connection is missing (to retry it), else long enough to idle.
+        let timeout = if self.conn.is_none() { 100 } else { 1000 };
+        // SAFETY: poll on two pollfds we own, for `timeout` ms.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+        if n <= 0 || fds[1].fd < 0 {
+            return;
+        }
+        let re = fds[1].revents;
+        if re & libc::POLLOUT != 0 {
+            self.write_out();
+        }
+        if re & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            self.read_in();
+        }
+    }
+
+    fn write_out(&mut self) {
+        let Some(c) = self.conn.as_mut() else { return };
+        while c.sent < c.out.len() {
+            match c.sock.write(&c.out[c.sent..]) {
+                Ok(0) => return self.drop_conn("the server closed the connection"),
+                Ok(n) => c.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.drop_conn(&e.to_string()),
+            }
+        }
+        if c.sent == c.out.len() {
+            c.out.clear();
+            c.sent = 0;
+        }
+    }
+
+    fn read_in(&mut self) {
+        let mut buf = [0u8; 64 * 1024];
+        loop {
+            let Some(c) = self.conn.as_mut() else { return };
+            match c.sock.read(&mut buf) {
+                Ok(0) => return self.drop_conn("the server closed the connection"),
+                Ok(n) => c.inb.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.drop_conn(&e.to_string()),
+            }
+        }
+        let Some(c) = self.conn.as_mut() else { return };
+        let mut done = Vec::new();
+        let r = self
+            .proto
+            .parse(&mut c.inb, &mut self.table, &mut c.out, &mut done);
+        for (tag, outcome) in done {
+            match outcome {
+                Outcome::Done(result) => self.complete(tag, result),
+                Outcome::Resend => {
+                    if let Some(p) = self.table.get_mut(&tag) {
+                        p.sent = None;
+                    }
+                    self.waiting.push_back(tag);
+                }
+            }
+        }
+        match r {
+            Err(why) => self.drop_conn(&why),
+            // Answers may have opened the server's window.
+            Ok(()) => self.send_waiting(),
+        }
+    }
+}
