@@ -7,6 +7,8 @@
 //!   the base, the writes allocate clusters and copy the rest of each from the base);
 //! * NBD: the same random reads through the VMM's NBD client against fio's own NBD engine
 //!   (libnbd) on the same `nbd-server` export;
+//! * iSCSI: the same random reads through the VMM's initiator against libiscsi's `iscsi-perf`
+//!   (random 4 KiB reads, 32 in flight) on the same tgt LUN;
 //! * images through the agent: 20 VMs created and started (to the idle guest's ready line),
 //!   each with its own qcow2 overlay on one registered base image, against 20 VMs with no disk.
 //!
@@ -86,6 +88,21 @@ fn fio_nbd_iops(url: &str) -> f64 {
     v["jobs"][0]["read"]["iops"].as_f64().unwrap_or(f64::NAN)
 }
 
+/// libiscsi's own benchmark: random 4 KiB reads, 32 in flight, for 5 s; its average IOPS.
+fn iscsi_perf_iops(url: &str) -> f64 {
+    let out = Command::new("iscsi-perf")
+        .args(["-m", "32", "-b", "8", "-r", "-t", "5", url])
+        .output()
+        .expect("run iscsi-perf (scripts/deps installs libiscsi-bin)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "iscsi-perf failed: {text}");
+    text.rsplit("iops average ")
+        .next()
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 fn qemu_img(args: &[&str]) {
     let (code, text) = tc::qemu_img(args);
     assert_eq!(code, 0, "qemu-img {args:?}: {text}");
@@ -131,6 +148,11 @@ fn main() {
     let (nbd_r, _) = guest(&format!("{},ro", server.url("")), READS, 0, hz);
     let fio_r = fio_nbd_iops(&server.url(""));
     server.kill();
+    // iSCSI: the guest through the VMM's initiator, iscsi-perf through libiscsi, one LUN.
+    let mut tgt = tc::Tgt::start(&dir.join("base.raw"), None, false);
+    let (iscsi_r, _) = guest(&tgt.url(",ro"), READS, 0, hz);
+    let perf_r = iscsi_perf_iops(&tgt.url(""));
+    tgt.kill();
     let (with_image, without) = images_through_the_agent(&dir);
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -150,6 +172,7 @@ fn main() {
     row("qcow2 overwrites vs raw writes", full_w, raw_w);
     row("qcow2 allocating writes vs raw writes", ovl_w, raw_w);
     row("NBD reads (VMM client) vs fio nbd engine", nbd_r, fio_r);
+    row("iSCSI reads (VMM initiator) vs iscsi-perf", iscsi_r, perf_r);
     println!(
         "20 VMs created+started through the agent: {with_image:.2} s with an overlay each on one image, {without:.2} s with no disk (ratio {:.2})",
         with_image / without

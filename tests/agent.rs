@@ -1872,6 +1872,13 @@ fn images_give_each_vm_its_own_overlay_and_bad_disks_are_refused_by_field() {
             ("POST", "/v1/vms", with_disk(json!({"nbd": {"host": "127.0.0.1", "port": 1, "export": "x"}})), 400, "invalid_field", Some("disks[0].nbd")),
             ("POST", "/v1/vms", with_disk(json!({"nbd": {"host": "127.0.0.1", "port": 0}})), 400, "invalid_field", Some("disks[0].nbd.port")),
             ("POST", "/v1/vms", with_disk(json!({"nbd": {"host": "127.0.0.1"}, "image": "base"})), 400, "invalid_field", Some("disks[0].path")),
+            ("POST", "/v1/vms", with_disk(json!({"iscsi": {"portal": "127.0.0.1:1", "target": "iqn.2026-12.dev.bexar:x", "lun": 1}})), 400, "invalid_field", Some("disks[0].iscsi")),
+            ("POST", "/v1/vms", with_disk(json!({"iscsi": {"portal": "127.0.0.1", "target": "not an iqn"}})), 400, "invalid_field", Some("disks[0].iscsi.target")),
+            ("POST", "/v1/vms", with_disk(json!({"iscsi": {"portal": "127.0.0.1:0", "target": "iqn.2026-12.dev.bexar:x"}})), 400, "invalid_field", Some("disks[0].iscsi.portal")),
+            ("POST", "/v1/vms", with_disk(json!({"iscsi": {"portal": "h", "target": "iqn.2026-12.dev.bexar:x", "lun": 16384}})), 400, "invalid_field", Some("disks[0].iscsi.lun")),
+            ("POST", "/v1/vms", with_disk(json!({"iscsi": {"portal": "h", "target": "iqn.2026-12.dev.bexar:x", "chap": {"user": "u", "secret": "short"}}})), 400, "invalid_field", Some("disks[0].iscsi.chap.secret")),
+            ("POST", "/v1/vms", with_disk(json!({"iscsi": {"portal": "h", "target": "iqn.2026-12.dev.bexar:x"}, "nbd": {"host": "h"}})), 400, "invalid_field", Some("disks[0].path")),
+            ("POST", "/v1/vms", with_disk(json!({"iscsi": {"portal": "h", "target": "iqn.2026-12.dev.bexar:x"}, "format": "qcow2"})), 400, "invalid_field", Some("disks[0].format")),
             ("POST", "/v1/vms", { let mut v: Value = serde_json::from_slice(&with_disk(json!({"image": "base"}))).unwrap(); v["restore"] = json!({"path": "/snap"}); body(v) }, 400, "invalid_field", Some("restore")),
             ("POST", "/v1/vms", with_disk(json!({"image": "base", "rate_limit": {"bandwidth": {"size": 10}}})), 400, "invalid_field", Some("disks[0].rate_limit.bandwidth.refill_time_ms")),
         ];
@@ -2035,17 +2042,69 @@ fn rate_limits_change_on_a_running_vm_through_the_api() {
     std::fs::remove_file(img).ok();
 }
 
+/// The server of a remote disk, NBD or iSCSI.
+enum Remote {
+    Nbd(common::NbdServer),
+    Iscsi(common::Tgt),
+}
+
+impl Remote {
+    fn kill(&mut self) {
+        match self {
+            Remote::Nbd(s) => s.kill(),
+            Remote::Iscsi(s) => s.kill(),
+        }
+    }
+    fn spawn(&mut self) {
+        match self {
+            Remote::Nbd(s) => s.spawn(),
+            Remote::Iscsi(s) => s.spawn(),
+        }
+    }
+    /// The disk's body in a VM spec.
+    fn disk(&self) -> Value {
+        match self {
+            Remote::Nbd(s) => {
+                json!({"nbd": {"host": "127.0.0.1", "port": s.port, "export": "disk0", "retry_s": 60}})
+            }
+            Remote::Iscsi(s) => json!({"iscsi": {
+                "portal": format!("127.0.0.1:{}", s.port),
+                "target": common::Tgt::IQN,
+                "lun": 1,
+                "chap": {"user": "bexar", "secret": "secret-of-16-bytes"},
+                "retry_s": 60,
+            }}),
+        }
+    }
+}
+
 #[test]
 fn a_remote_disk_that_goes_away_shows_in_the_vm_and_its_events() {
-    let agent = TestAgent::start("nbd");
-    let dir = tmp("agent-nbd");
-    std::fs::create_dir_all(&dir).unwrap();
-    let export = dir.join("export.raw");
-    std::fs::File::create(&export)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    let mut server = common::NbdServer::start("nbd-server", &export, &dir);
+    let agent = TestAgent::start("remote");
+    for kind in ["nbd", "iscsi"] {
+        let dir = tmp(&format!("agent-{kind}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let export = dir.join("export.raw");
+        std::fs::File::create(&export)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        let mut server = if kind == "nbd" {
+            Remote::Nbd(common::NbdServer::start("nbd-server", &export, &dir))
+        } else {
+            Remote::Iscsi(common::Tgt::start(
+                &export,
+                Some(("bexar", "secret-of-16-bytes")),
+                false,
+            ))
+        };
+        remote_disk_goes_away(&agent, &mut server);
+        server.kill();
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
+
+fn remote_disk_goes_away(agent: &TestAgent, server: &mut Remote) {
     rt().block_on(async {
         let c = agent.client();
         let mut v = spec("remote");
@@ -2053,9 +2112,26 @@ fn a_remote_disk_that_goes_away_shows_in_the_vm_and_its_events() {
             "console=ttyS0 bexar.test=blk-scatter bexar.rounds=100000 bexar.writes=8{}",
             common::guest_platform_params()
         ));
-        v["disks"] = json!([{"nbd": {"host": "127.0.0.1", "port": server.port, "export": "disk0", "retry_s": 60}}]);
+        v["disks"] = json!([server.disk()]);
         let vm = expect_status(&c.post("/v1/vms?start=true", &v).await.unwrap(), 201);
         assert_eq!(vm["disks"][0]["size"], 16 << 20);
+        if let Remote::Iscsi(_) = server {
+            // The record keeps the CHAP secret (the VMM logs in again with it); the API
+            // never shows it.
+            assert_eq!(
+                vm["spec"]["disks"][0]["iscsi"]["chap"]["secret"], "(hidden)",
+                "{vm}"
+            );
+            let got = c.get("/v1/vms/remote").await.unwrap();
+            let listed = c.get("/v1/vms").await.unwrap();
+            for body in [&got.body, &listed.body] {
+                let text = String::from_utf8_lossy(body);
+                assert!(!text.contains("secret-of-16"), "{text}");
+                assert!(text.contains("(hidden)"), "{text}");
+            }
+            let rec = std::fs::read_to_string(agent.state().join("vms/remote/vm.json")).unwrap();
+            assert!(rec.contains("secret-of-16-bytes"));
+        }
         wait_console(&c, "remote", "round 1 flushed", 30).await;
         let link = |v: &Value| v["disks"][0]["link"].as_str().unwrap_or("").to_owned();
         let wait_link = |want: &'static str| {
@@ -2067,7 +2143,10 @@ fn a_remote_disk_that_goes_away_shows_in_the_vm_and_its_events() {
                     if link(&v) == want {
                         return v;
                     }
-                    assert!(t.elapsed() < Duration::from_secs(15), "link not {want}: {v}");
+                    assert!(
+                        t.elapsed() < Duration::from_secs(15),
+                        "link not {want}: {v}"
+                    );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
@@ -2084,16 +2163,23 @@ fn a_remote_disk_that_goes_away_shows_in_the_vm_and_its_events() {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-        let down = kinds.iter().position(|k| *k == "disk-down").expect("a disk-down event");
-        let up = kinds.iter().position(|k| *k == "disk-up").expect("a disk-up event");
+        let down = kinds
+            .iter()
+            .position(|k| *k == "disk-down")
+            .expect("a disk-down event");
+        let up = kinds
+            .iter()
+            .position(|k| *k == "disk-up")
+            .expect("a disk-up event");
         assert!(down < up, "{kinds:?}");
         // The guest went on writing after the server came back.
         let before = console_text(&c, "remote").await.matches("flushed").count();
         tokio::time::sleep(Duration::from_millis(500)).await;
         let after = console_text(&c, "remote").await.matches("flushed").count();
-        assert!(after > before, "the guest made no progress after the reconnection");
+        assert!(
+            after > before,
+            "the guest made no progress after the reconnection"
+        );
         expect_status(&c.delete("/v1/vms/remote").await.unwrap(), 204);
     });
-    server.kill();
-    std::fs::remove_dir_all(dir).ok();
 }

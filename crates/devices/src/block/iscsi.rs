@@ -1005,15 +1005,13 @@ impl Protocol for Iscsi {
 
     fn parse(
         &mut self,
-        inb: &mut Vec<u8>,
+        inb: &[u8],
+        at: &mut usize,
         table: &mut BTreeMap<u64, Pending>,
         out: &mut Vec<u8>,
         done: &mut Vec<(u64, Outcome)>,
     ) -> Result<(), String> {
-        let mut at = 0;
-        let r = self.parse_pdus(inb, &mut at, table, out, done);
-        inb.drain(..at);
-        r
+        self.parse_pdus(inb, at, table, out, done)
     }
 }
 

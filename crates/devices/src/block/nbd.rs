@@ -366,15 +366,13 @@ impl Protocol for Nbd {
 
     fn parse(
         &mut self,
-        inb: &mut Vec<u8>,
+        inb: &[u8],
+        at: &mut usize,
         table: &mut BTreeMap<u64, Pending>,
         _out: &mut Vec<u8>,
         done: &mut Vec<(u64, Outcome)>,
     ) -> Result<(), String> {
-        let mut at = 0;
-        let r = parse_replies(&inb[..], &mut at, table, done);
-        inb.drain(..at);
-        r
+        parse_replies(inb, at, table, done)
     }
 }
 

@@ -65,12 +65,13 @@ pub(super) trait Protocol: Send + 'static {
     /// Encodes request `tag` onto `out`; false when it must wait (the server's command
     /// window is shut).
     fn send(&mut self, tag: u64, p: &mut Pending, out: &mut Vec<u8>) -> bool;
-    /// Takes every whole message out of `inb`, writing read data into guest memory and
-    /// anything the server asked for (data it wants, pings) onto `out`; an `Err` is a
-    /// broken conversation, and the connection is dropped.
+    /// Takes every whole message from `inb[*at..]`, moving `at` past each, writing read data
+    /// into guest memory and anything the server asked for (data it wants, pings) onto
+    /// `out`; an `Err` is a broken conversation, and the connection is dropped.
     fn parse(
         &mut self,
-        inb: &mut Vec<u8>,
+        inb: &[u8],
+        at: &mut usize,
         table: &mut BTreeMap<u64, Pending>,
         out: &mut Vec<u8>,
         done: &mut Vec<(u64, Outcome)>,
@@ -213,6 +214,7 @@ impl RemoteDisk {
             down_since: None,
             next_try: Instant::now(),
             failing: false,
+            finished: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name(thread.into())
@@ -303,12 +305,18 @@ impl Drop for RemoteDisk {
     }
 }
 
-/// One connection: bytes waiting to go out, bytes received and not yet parsed.
+/// Bytes read from the server at a time (the buffer grows for a larger message).
+const READ_CHUNK: usize = 256 * 1024;
+
+/// One connection: bytes waiting to go out, and bytes received (`inb[start..end]` not yet
+/// parsed; the buffer is zeroed once and reused, not cleared per read).
 struct Conn {
     sock: TcpStream,
     out: Vec<u8>,
     sent: usize,
     inb: Vec<u8>,
+    start: usize,
+    end: usize,
 }
 
 impl Conn {
@@ -317,7 +325,22 @@ impl Conn {
             sock,
             out: Vec::new(),
             sent: 0,
-            inb: Vec::new(),
+            inb: vec![0; READ_CHUNK],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Room for at least `READ_CHUNK` more bytes after `end`.
+    fn make_room(&mut self) {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        } else if self.start > 0 && self.inb.len() - self.end < READ_CHUNK {
+            self.inb.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        if self.inb.len() - self.end < READ_CHUNK {
+            self.inb.resize(self.end + READ_CHUNK, 0);
         }
     }
 }
@@ -336,6 +359,8 @@ struct Worker<P> {
     next_try: Instant,
     /// The retry time ran out: requests fail at once until a connection is back.
     failing: bool,
+    /// Completions not yet handed to the device.
+    finished: Vec<Completion>,
 }
 
 impl<P: Protocol> Worker<P> {
@@ -356,8 +381,25 @@ impl<P: Protocol> Worker<P> {
                 self.reconnect();
             }
             self.check_timeouts();
+            // Send what is queued now: the socket is nearly always writable, and waiting for
+            // poll to say so costs a system call per batch.
+            if self.conn.as_ref().is_some_and(|c| c.sent < c.out.len()) {
+                self.write_out();
+            }
+            self.publish();
             self.poll_once();
         }
+    }
+
+    /// Hands the finished requests to the device: one lock and one eventfd write per batch,
+    /// not per request.
+    fn publish(&mut self) {
+        if self.finished.is_empty() {
+            return;
+        }
+        lock(&self.shared.done).append(&mut self.finished);
+        self.shared.cv.notify_all();
+        let _ = self.shared.notifier.write(1);
     }
 
     fn complete(&mut self, tag: u64, result: io::Result<u64>) {
@@ -367,12 +409,10 @@ impl<P: Protocol> Worker<P> {
                     mark_dirty(&p.mem, *addr, *len as usize);
                 }
             }
-            lock(&self.shared.done).push(Completion {
+            self.finished.push(Completion {
                 user_data: p.user_data,
                 result,
             });
-            self.shared.cv.notify_all();
-            let _ = self.shared.notifier.write(1);
         }
     }
 
@@ -438,6 +478,7 @@ impl<P: Protocol> Worker<P> {
         for t in tags {
             self.complete(t, Err(io::Error::other("the disk was closed")));
         }
+        self.publish();
     }
 
     fn drop_conn(&mut self, why: &str) {
@@ -571,12 +612,17 @@ impl<P: Protocol> Worker<P> {
     }
 
     fn read_in(&mut self) {
-        let mut buf = [0u8; 64 * 1024];
         loop {
             let Some(c) = self.conn.as_mut() else { return };
-            match c.sock.read(&mut buf) {
+            c.make_room();
+            match c.sock.read(&mut c.inb[c.end..]) {
                 Ok(0) => return self.drop_conn("the server closed the connection"),
-                Ok(n) => c.inb.extend_from_slice(&buf[..n]),
+                Ok(n) => {
+                    c.end += n;
+                    if c.end < c.inb.len() {
+                        break; // the socket had no more for now
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return self.drop_conn(&e.to_string()),
@@ -584,9 +630,15 @@ impl<P: Protocol> Worker<P> {
         }
         let Some(c) = self.conn.as_mut() else { return };
         let mut done = Vec::new();
-        let r = self
-            .proto
-            .parse(&mut c.inb, &mut self.table, &mut c.out, &mut done);
+        let mut at = c.start;
+        let r = self.proto.parse(
+            &c.inb[..c.end],
+            &mut at,
+            &mut self.table,
+            &mut c.out,
+            &mut done,
+        );
+        c.start = at;
         for (tag, outcome) in done {
             match outcome {
                 Outcome::Done(result) => self.complete(tag, result),
