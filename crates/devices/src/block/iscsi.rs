@@ -894,6 +894,35 @@ fn unmap_list(offset: u64, len: u64) -> Vec<u8> {
     l
 }
 
+/// An iSCSI session as tgt negotiates it (8 KiB PDUs, 64 KiB first burst, immediate data,
+/// InitialR2T), on a 1 MiB thin LUN, for the fuzzer.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(super) fn for_fuzzing() -> impl Protocol {
+    Iscsi {
+        target: IscsiTarget::from_url("127.0.0.1/iqn.2026-12.dev.bexar:fuzz/1")
+            .expect("a valid target"),
+        isid: [0x80, 0, 0, 0, 0, 1],
+        lun: Lun {
+            capacity: 1 << 20,
+            thin: true,
+            write_protected: false,
+        },
+        params: Params {
+            target_max_recv: 8192,
+            first_burst: 65536,
+            immediate_data: true,
+            initial_r2t: true,
+        },
+        seq: Seq {
+            cmd_sn: 1,
+            exp_stat_sn: 1,
+            max_cmd_sn: 64,
+        },
+        itts: HashMap::new(),
+        next_itt: 1,
+    }
+}
+
 impl Protocol for Iscsi {
     fn url(&self) -> String {
         self.target.url()
@@ -1238,6 +1267,95 @@ mod tests {
         h[32..36].copy_from_slice(&40u32.to_be_bytes());
         s.window(&h);
         assert_eq!(s.max_cmd_sn, 40);
+    }
+
+    /// A target PDU: opcode, flags, the status byte, ITT, and fields at their offsets.
+    fn pdu(
+        op: u8,
+        flags: u8,
+        status: u8,
+        itt: u32,
+        fields: &[(usize, u32)],
+        data: &[u8],
+    ) -> Vec<u8> {
+        let mut h = [0u8; BHS];
+        h[0] = op;
+        h[1] = flags;
+        h[3] = status;
+        h[16..20].copy_from_slice(&itt.to_be_bytes());
+        h[28..32].copy_from_slice(&2u32.to_be_bytes()); // ExpCmdSN
+        h[32..36].copy_from_slice(&64u32.to_be_bytes()); // MaxCmdSN
+        for &(at, v) in fields {
+            h[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        }
+        let mut out = Vec::new();
+        push_pdu(&mut out, h, data);
+        out
+    }
+
+    #[test]
+    fn target_answers_complete_the_right_requests() {
+        use crate::block::remote::fuzz::{server_bytes, Kind};
+        // Tags 1-6 got task tags 1-6 (the discard is sent too: the LUN is thin).
+        let mut bytes = pdu(OP_DATA_IN, 0x81, GOOD, 1, &[(40, 0)], &[0xab; 4096]);
+        // The write of 16 KiB sent 8 KiB as immediate data; the target asks for the rest.
+        bytes.extend(pdu(
+            OP_R2T,
+            0x80,
+            0,
+            3,
+            &[(20, 77), (40, 8192), (44, 8192)],
+            &[],
+        ));
+        bytes.extend(pdu(OP_SCSI_RSP, 0x80, GOOD, 3, &[], &[]));
+        let mut medium_error = vec![0, 18, 0x70, 0, 0x03];
+        medium_error.extend_from_slice(&[0; 7]);
+        medium_error.extend_from_slice(&[0, 0, 0x11, 0x00, 0, 0, 0, 0]);
+        bytes.extend(pdu(
+            OP_SCSI_RSP,
+            0x80,
+            CHECK_CONDITION,
+            4,
+            &[],
+            &medium_error,
+        ));
+        // Data-In outside its request ends the conversation.
+        bytes.extend(pdu(OP_DATA_IN, 0x81, GOOD, 2, &[(40, 4000)], &[0; 512]));
+        bytes.extend(pdu(OP_SCSI_RSP, 0x80, GOOD, 6, &[], &[]));
+        let got = server_bytes(Kind::Iscsi, &bytes);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0], (1, Ok(4096)));
+        assert_eq!(got[1], (3, Ok(16384)));
+        assert_eq!(got[2].0, 4);
+        assert!(
+            got[2].1.as_ref().unwrap_err().contains("sense key 0x3"),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn a_hostile_target_never_panics_the_initiator() {
+        use crate::block::remote::fuzz::{server_bytes, Kind};
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..3000 {
+            let n = (next() % 600) as usize;
+            let mut data: Vec<u8> = (0..n).map(|_| next() as u8).collect();
+            // Half the time, start with a plausible header so the parser goes deeper.
+            if next() % 2 == 0 && data.len() >= BHS {
+                data[0] = [OP_DATA_IN, OP_SCSI_RSP, OP_R2T, OP_NOP_IN][(next() % 4) as usize];
+                data[4] = 0;
+                data[5] = 0;
+                data[16..20].copy_from_slice(&((next() % 7) as u32).to_be_bytes());
+            }
+            server_bytes(Kind::Iscsi, &data);
+            server_bytes(Kind::Nbd, &data);
+        }
     }
 
     #[test]

@@ -302,6 +302,20 @@ pub fn open(target: &NbdTarget, read_only: bool) -> Result<RemoteDisk, BlockErro
     RemoteDisk::start(proto, sock, info, engine, "nbd")
 }
 
+/// An NBD session as if `qemu-nbd` had just answered the handshake (structured replies, every
+/// command), for the fuzzer.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(super) fn for_fuzzing() -> impl Protocol {
+    Nbd {
+        target: NbdTarget::from_url("127.0.0.1/x").expect("a valid target"),
+        export: Export {
+            size: 1 << 20,
+            flags: TF_SEND_FLUSH | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES,
+            structured: true,
+        },
+    }
+}
+
 impl Protocol for Nbd {
     fn url(&self) -> String {
         self.target.url()
