@@ -430,6 +430,11 @@ pub struct Immediate<T> {
 }
 
 impl<T: SyncDisk> Immediate<T> {
+    /// The disk it runs.
+    pub fn disk(&self) -> &T {
+        &self.disk
+    }
+
     /// `disk` as a backend.
     pub fn wrap(disk: T) -> Result<Self, BlockError> {
         Ok(Self {
@@ -536,10 +541,20 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Box<dyn DiskBackend>, BlockError> {
         if image.size() % SECTOR != 0 {
             return Err(BlockError::Size(cfg.path.clone()));
         }
-        return Ok(Box::new(Immediate::wrap(qcow2::Qcow2Image::new(
-            image,
-            cfg.read_only,
-        ))?));
+        let disk = Immediate::wrap(qcow2::Qcow2Image::new(image, cfg.read_only))?;
+        if !cfg.direct && io_uring_available() {
+            match qcow2::Qcow2Uring::new(disk, &cfg.path) {
+                Ok(b) => return Ok(Box::new(b)),
+                Err((disk, e)) => {
+                    tracing::info!(
+                        "io_uring ring for {} failed ({e}): synchronous I/O",
+                        cfg.path.display()
+                    );
+                    return Ok(Box::new(disk));
+                }
+            }
+        }
+        return Ok(Box::new(disk));
     }
     let open_err = |err| BlockError::Open {
         path: cfg.path.clone(),
