@@ -269,16 +269,16 @@ fn scatter_on(disk: &str, seed: u64, rounds: u64) -> std::process::Child {
         .unwrap()
 }
 
-/// Runs `blk-scatter` (`rounds` rounds from `seed`) on the remote disk `url`, calls `restart`
-/// once the guest has flushed its first round, and checks that the guest passed and the VMM
-/// connected again; returns the VMM's log.
-fn scatter_across_restart(
+/// Runs `blk-scatter` (`rounds` rounds from `seed`) on the disk `url`, calls `meanwhile`
+/// once the guest has flushed its first round; returns how the run ended, the guest's lines
+/// after that point, and the VMM's log.
+fn scatter_with(
     label: &str,
     url: &str,
     seed: u64,
     rounds: u64,
-    restart: impl FnOnce(),
-) -> String {
+    meanwhile: impl FnOnce(),
+) -> (std::process::ExitStatus, Vec<String>, String) {
     let mut child = scatter_on(url, seed, rounds);
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     loop {
@@ -288,7 +288,7 @@ fn scatter_across_restart(
             break;
         }
     }
-    restart();
+    meanwhile();
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let status = child.wait().unwrap();
     let mut err = String::new();
@@ -298,6 +298,19 @@ fn scatter_across_restart(
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
+    (status, rest, err)
+}
+
+/// [`scatter_with`] a restart of the server: checks that the guest passed and the VMM
+/// connected again; returns the VMM's log.
+fn scatter_across_restart(
+    label: &str,
+    url: &str,
+    seed: u64,
+    rounds: u64,
+    restart: impl FnOnce(),
+) -> String {
+    let (status, rest, err) = scatter_with(label, url, seed, rounds, restart);
     assert!(status.success(), "{label}: {}\n{err}", rest.join("\n"));
     assert!(
         rest.iter().any(|l| l.contains("PASS blk-scatter")),
@@ -413,18 +426,26 @@ fn iscsi_targets_that_refuse_us_are_named() {
             "Connection refused",
         ),
     ] {
-        let o = run_testguest("blk-rw", &["--disk", &disk]);
-        let (_, err) = text(&o);
-        assert_ne!(o.status.code(), Some(0), "{disk}: {err}");
+        // Named without the credentials, which appear nowhere.
         let shown = disk
             .split_once('@')
             .map_or(disk.clone(), |(_, r)| format!("iscsi://{r}"));
-        assert!(err.contains(&shown) && err.contains(words), "{disk}: {err}");
+        let err = refused(&disk, &shown, words);
         assert!(
             !err.contains("secret-of-16"),
             "the secret was logged: {err}"
         );
     }
+}
+
+/// Runs the test guest on `disk`, which must be refused before the guest starts, with an
+/// error naming `shown` and saying `words`; returns the error.
+fn refused(disk: &str, shown: &str, words: &str) -> String {
+    let o = run_testguest("blk-rw", &["--disk", disk]);
+    let (_, err) = text(&o);
+    assert_ne!(o.status.code(), Some(0), "{disk}: {err}");
+    assert!(err.contains(shown) && err.contains(words), "{disk}: {err}");
+    err
 }
 
 #[test]
@@ -445,34 +466,12 @@ fn remote_disks_that_fail_are_refused_or_fail_the_guest_not_the_vmm() {
             "Connection refused",
         ),
     ] {
-        let o = run_testguest("blk-rw", &["--disk", &disk]);
-        let (_, err) = text(&o);
-        assert_ne!(o.status.code(), Some(0), "{disk}: {err}");
-        assert!(
-            err.contains(&disk.replace(",ro", "")) && err.contains(words),
-            "{disk}: {err}"
-        );
+        refused(&disk, &disk, words);
     }
     // A server that goes away for longer than the disk's retry time: the guest's requests
     // fail with I/O errors, the VMM goes on and ends the way the guest says.
-    let mut child = scatter_on(&server.url(",retry=1"), 9, 10_000);
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    loop {
-        let line = lines.next().expect("the guest stopped talking").unwrap();
-        if line.contains("round 0 flushed") {
-            break;
-        }
-    }
-    server.kill();
-    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, rest, err) =
+        scatter_with("nbd", &server.url(",retry=1"), 9, 10_000, || server.kill());
     assert_eq!(status.code(), Some(1), "{rest:?}\n{err}");
     assert!(rest.iter().any(|l| l.contains("FAIL")), "{rest:?}");
     assert!(err.contains("unreachable"), "{err}");

@@ -22,7 +22,10 @@ use std::time::Duration;
 use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 
-use super::remote::{dial, gather, put, unblock, Outcome, Pending, Protocol, RemoteDisk};
+use super::remote::{
+    check_policy, default_retry, default_timeout, dial, gather, put, split_host_port, unblock,
+    Outcome, Pending, Protocol, RemoteDisk,
+};
 use super::{BlockError, BlockOp, DiskInfo, SECTOR};
 
 /// CHAP credentials the target checks (one-way: the initiator proves itself).
@@ -69,13 +72,6 @@ pub struct IscsiTarget {
     pub timeout_s: u32,
 }
 
-fn default_retry() -> u32 {
-    30
-}
-fn default_timeout() -> u32 {
-    15
-}
-
 /// The initiator name used when a target gives none.
 pub const DEFAULT_INITIATOR: &str = "iqn.2026-12.dev.bexar:initiator";
 const DEFAULT_PORT: u16 = 3260;
@@ -91,8 +87,7 @@ fn name_ok(n: &str) -> bool {
 impl IscsiTarget {
     /// Checks it; returns the field and the problem.
     pub fn check(&self) -> Result<(), (String, String)> {
-        let (host, _) =
-            split_portal(&self.portal).map_err(|m| ("portal".to_string(), m.to_string()))?;
+        let (host, _) = split_portal(&self.portal).map_err(|m| ("portal".to_string(), m))?;
         if host.is_empty() || host.len() > 255 {
             return Err(("portal".into(), "must be HOST[:PORT]".into()));
         }
@@ -119,13 +114,7 @@ impl IscsiTarget {
                 return Err(("chap.secret".into(), "must be 12-255 bytes".into()));
             }
         }
-        if self.retry_s > 86_400 {
-            return Err(("retry_s".into(), "must be at most 86400".into()));
-        }
-        if !(1..=3600).contains(&self.timeout_s) {
-            return Err(("timeout_s".into(), "must be 1-3600".into()));
-        }
-        Ok(())
+        check_policy(self.retry_s, self.timeout_s)
     }
 
     /// Parses `[USER%SECRET@]HOST[:PORT]/TARGET/LUN` (what follows `iscsi://`, libiscsi's
@@ -172,18 +161,8 @@ impl IscsiTarget {
     }
 }
 
-fn split_portal(p: &str) -> Result<(&str, u16), &'static str> {
-    let (host, port) = match p.rsplit_once(':') {
-        Some((h, port)) if !h.contains(':') || h.ends_with(']') => (
-            h,
-            port.parse::<u16>().map_err(|_| "the port is not 1-65535")?,
-        ),
-        _ => (p, DEFAULT_PORT),
-    };
-    if port == 0 {
-        return Err("the port is not 1-65535");
-    }
-    Ok((host.trim_start_matches('[').trim_end_matches(']'), port))
+fn split_portal(p: &str) -> Result<(&str, u16), String> {
+    split_host_port(p, DEFAULT_PORT)
 }
 
 // Opcodes (RFC 7143 section 11).

@@ -16,7 +16,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::remote::{dial, gather, put, unblock, Outcome, Pending, Protocol, RemoteDisk};
+use super::remote::{
+    check_policy, default_retry, default_timeout, dial, gather, put, split_host_port, unblock,
+    Outcome, Pending, Protocol, RemoteDisk,
+};
 use super::{BlockError, BlockOp, DiskInfo, SECTOR};
 
 /// Where an NBD disk is.
@@ -42,12 +45,6 @@ pub struct NbdTarget {
 fn default_port() -> u16 {
     10809
 }
-fn default_retry() -> u32 {
-    30
-}
-fn default_timeout() -> u32 {
-    15
-}
 
 impl NbdTarget {
     /// Checks it; returns the field and the problem.
@@ -61,26 +58,13 @@ impl NbdTarget {
         if self.export.len() > 4096 {
             return Err(("export".into(), "must be at most 4096 bytes".into()));
         }
-        if self.retry_s > 86_400 {
-            return Err(("retry_s".into(), "must be at most 86400".into()));
-        }
-        if !(1..=3600).contains(&self.timeout_s) {
-            return Err(("timeout_s".into(), "must be 1-3600".into()));
-        }
-        Ok(())
+        check_policy(self.retry_s, self.timeout_s)
     }
 
     /// Parses `HOST[:PORT]/EXPORT` (what follows `nbd://`; `[V6]:PORT` for an IPv6 address).
     pub fn from_url(rest: &str) -> Result<Self, String> {
         let (hostport, export) = rest.split_once('/').unwrap_or((rest, ""));
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(':') => (
-                h.trim_start_matches('[').trim_end_matches(']'),
-                p.parse::<u16>()
-                    .map_err(|_| format!("{p:?} is not a port"))?,
-            ),
-            _ => (hostport, default_port()),
-        };
+        let (host, port) = split_host_port(hostport, default_port())?;
         let t = Self {
             host: host.to_owned(),
             port,

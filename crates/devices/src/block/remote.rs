@@ -80,6 +80,44 @@ pub(super) trait Protocol: Send + 'static {
     fn goodbye(&mut self, out: &mut Vec<u8>);
 }
 
+/// Default of a remote disk's `retry_s`: seconds a broken connection is retried before the
+/// guest's requests fail.
+pub(super) fn default_retry() -> u32 {
+    30
+}
+
+/// Default of a remote disk's `timeout_s`: seconds an answer may be late.
+pub(super) fn default_timeout() -> u32 {
+    15
+}
+
+/// Checks a remote disk's retry and timeout; returns the field and the problem.
+pub(super) fn check_policy(retry_s: u32, timeout_s: u32) -> Result<(), (String, String)> {
+    if retry_s > 86_400 {
+        return Err(("retry_s".into(), "must be at most 86400".into()));
+    }
+    if !(1..=3600).contains(&timeout_s) {
+        return Err(("timeout_s".into(), "must be 1-3600".into()));
+    }
+    Ok(())
+}
+
+/// Splits `HOST[:PORT]` (`[V6]:PORT` for an IPv6 address with a port; a bare IPv6 address
+/// has none), `port` when none is given.
+pub(super) fn split_host_port(s: &str, port: u16) -> Result<(&str, u16), String> {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') || h.ends_with(']') => (
+            h,
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))?,
+        ),
+        _ => (s, port),
+    };
+    Ok((host.trim_start_matches('[').trim_end_matches(']'), port))
+}
+
 /// Opens a TCP connection to the first address of `host:port` that answers, with
 /// `timeout` on the connect and on blocking reads and writes (the handshake).
 pub(super) fn dial(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
