@@ -187,6 +187,9 @@ const BHS: usize = 48;
 const OUR_MAX_RECV: u32 = 256 * 1024;
 /// Larger data segments are a broken target.
 const MAX_SEGMENT: usize = 4 << 20;
+/// Most bytes queued for the target before it must have read some: bounds what R2Ts can make
+/// us queue.
+const MAX_QUEUED_OUT: usize = 64 << 20;
 /// Times a command the target bounced is sent again before it fails.
 const MAX_RETRIES: u8 = 20;
 
@@ -299,7 +302,8 @@ fn key<'a>(keys: &'a [(String, String)], k: &str) -> Option<&'a str> {
 
 fn hex_decode(s: &str) -> Option<Vec<u8>> {
     let s = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X"))?;
-    if s.len() % 2 != 0 {
+    // Byte-indexed below: a target's non-ASCII text must not split a character.
+    if s.len() % 2 != 0 || !s.is_ascii() {
         return None;
     }
     (0..s.len())
@@ -382,6 +386,8 @@ fn login(t: &IscsiTarget, isid: [u8; 6], timeout: Duration) -> io::Result<Sessio
         ),
     ];
     let mut transit = t.chap.is_none();
+    // The target's last answer had the C bit: its text continues.
+    let mut more = false;
     let mut chap_state = 0; // 0: not asked, 1: CHAP_A sent, 2: response sent
     let mut tsih = [0u8; 2];
     let mut got: Vec<(String, String)> = Vec::new();
@@ -389,7 +395,13 @@ fn login(t: &IscsiTarget, isid: [u8; 6], timeout: Duration) -> io::Result<Sessio
         let nsg = if stage == 0 { 1 } else { 3 };
         let mut h = [0u8; BHS];
         h[0] = IMMEDIATE | OP_LOGIN;
-        h[1] = if transit { 0x80 } else { 0 } | (stage << 2) | nsg;
+        // NSG means something only with the T bit; while the target's text continues, we
+        // ask for the rest without transiting.
+        h[1] = if transit && !more {
+            0x80 | (stage << 2) | nsg
+        } else {
+            stage << 2
+        };
         h[8..14].copy_from_slice(&isid);
         h[14..16].copy_from_slice(&tsih);
         h[16..20].copy_from_slice(&1u32.to_be_bytes());
@@ -430,9 +442,8 @@ fn login(t: &IscsiTarget, isid: [u8; 6], timeout: Duration) -> io::Result<Sessio
         seq.cmd_sn = be32(&r[28..]);
         tsih.copy_from_slice(&r[14..16]);
         got.extend(parse_keys(&rdata));
-        if r[1] & 0x40 != 0 {
-            // More text follows: ask for it.
-            transit = false;
+        more = r[1] & 0x40 != 0;
+        if more {
             continue;
         }
         let t_bit = r[1] & 0x80 != 0;
@@ -478,8 +489,12 @@ fn login(t: &IscsiTarget, isid: [u8; 6], timeout: Duration) -> io::Result<Sessio
                     if key(&got, "CHAP_A") != Some("5") {
                         return Err(proto("the target wants a CHAP digest other than MD5"));
                     }
+                    // Decimal or 0x-hex (RFC 7143 6.1).
                     let id: u8 = key(&got, "CHAP_I")
-                        .and_then(|v| v.parse().ok())
+                        .and_then(|v| match hex_decode(v) {
+                            Some(b) if b.len() == 1 => Some(b[0]),
+                            _ => v.parse().ok(),
+                        })
                         .ok_or_else(|| proto("the target's CHAP_I is missing"))?;
                     let challenge = key(&got, "CHAP_C")
                         .and_then(hex_decode)
@@ -511,7 +526,8 @@ fn settle(got: &[(String, String)]) -> Params {
             .unwrap_or(dflt)
             .min(ours)
     };
-    let first_burst = num("FirstBurstLength", 262_144, 65_536);
+    let max_burst = num("MaxBurstLength", 16_776_192, 262_144);
+    let first_burst = num("FirstBurstLength", 262_144, 65_536).min(max_burst);
     Params {
         // Declarative: the target's own limit, 8192 when it says nothing.
         target_max_recv: key(got, "MaxRecvDataSegmentLength")
@@ -552,6 +568,14 @@ fn sense(data: &[u8]) -> Option<(u8, u8, u8)> {
 /// What a finished command means: done, or to be sent again.
 fn verdict(status: u8, data: &[u8], p: &Pending) -> Outcome {
     match status {
+        // A read is whole only if Data-In covered it (a target that sends less would leave
+        // stale guest memory reported as disk data).
+        GOOD if p.req.op == BlockOp::Read && p.received != p.req.len => {
+            Outcome::Done(Err(io::Error::other(format!(
+                "the target sent {} of {} bytes",
+                p.received, p.req.len
+            ))))
+        }
         GOOD => Outcome::Done(Ok(match p.req.op {
             BlockOp::Read | BlockOp::Write => p.req.len,
             _ => 0,
@@ -714,7 +738,10 @@ fn inspect(sess: &mut Session, lun: u16) -> io::Result<Lun> {
             "LUN {lun} has {block}-byte blocks; only 512-byte blocks are supported"
         )));
     }
-    let capacity = (be64(&c) + 1) * SECTOR;
+    let capacity = be64(&c)
+        .checked_add(1)
+        .and_then(|b| b.checked_mul(SECTOR))
+        .ok_or_else(|| proto("READ CAPACITY gave an impossible size"))?;
     let mut cdb = cdb6(MODE_SENSE_6, 192);
     cdb[1] = 0x08; // no block descriptors
     cdb[2] = 0x3f; // all pages
@@ -1049,15 +1076,12 @@ impl Iscsi {
                         return Err("Data-In for a command that reads nothing".into());
                     }
                     put(p, u64::from(be32(&h[40..])), data)?;
+                    p.received += data.len() as u64;
                     if h[1] & 1 != 0 {
-                        // Status with the last data: underflow is a short read.
+                        // Status with the last data.
                         self.seq.status(h);
                         self.itts.remove(&itt);
-                        let outcome = if h[3] == GOOD && h[1] & 0x02 != 0 {
-                            Outcome::Done(Err(io::Error::other("the target read less")))
-                        } else {
-                            verdict(h[3], &[], p)
-                        };
+                        let outcome = verdict(h[3], &[], p);
                         if matches!(outcome, Outcome::Resend) {
                             p.retries += 1;
                         }
@@ -1080,8 +1104,6 @@ impl Iscsi {
                         ))))
                     } else if let Some(e) = p.error.take() {
                         Outcome::Done(Err(io::Error::other(e)))
-                    } else if h[3] == GOOD && p.req.op == BlockOp::Read && h[1] & 0x02 != 0 {
-                        Outcome::Done(Err(io::Error::other("the target read less")))
                     } else {
                         verdict(h[3], data, p)
                     };
@@ -1094,9 +1116,20 @@ impl Iscsi {
                     self.seq.window(h);
                     let tag = task.ok_or_else(|| format!("R2T for unknown task {itt:#x}"))?;
                     let p = table.get(&tag).ok_or("R2T for a finished task")?;
+                    if !matches!(p.req.op, BlockOp::Write | BlockOp::Discard) {
+                        // Data-Out would send the guest's read buffers.
+                        return Err("R2T for a command that writes nothing".into());
+                    }
                     let ttt = be32(&h[20..]);
                     let off = u64::from(be32(&h[40..]));
                     let len = be32(&h[44..]) as usize;
+                    if len == 0 || ttt == NO_TAG {
+                        return Err("an R2T for nothing (RFC 7143 11.8)".into());
+                    }
+                    if out.len() > MAX_QUEUED_OUT {
+                        // A target that asks again and again without reading.
+                        return Err("the target asks for more data than it takes".into());
+                    }
                     let edtl = match p.req.op {
                         BlockOp::Discard => unmap_list(p.req.offset, p.req.len).len() as u64,
                         _ => p.req.len,
@@ -1140,7 +1173,21 @@ impl Iscsi {
                 OP_REJECT => {
                     self.seq.status(h);
                     self.seq.window(h);
-                    return Err(format!("the target rejected a PDU (reason {:#x})", h[2]));
+                    // The data is the rejected PDU's header: fail that command alone (sending
+                    // it again would only be rejected again).
+                    let rejected = (data.len() >= BHS)
+                        .then(|| be32(&data[16..20]))
+                        .and_then(|i| self.itts.remove(&i).map(|t| (i, t)));
+                    match rejected {
+                        Some((_, tag)) if table.contains_key(&tag) => done.push((
+                            tag,
+                            Outcome::Done(Err(io::Error::other(format!(
+                                "the target rejected the command (reason {:#x})",
+                                h[2]
+                            )))),
+                        )),
+                        _ => return Err(format!("the target rejected a PDU (reason {:#x})", h[2])),
+                    }
                 }
                 OP_LOGOUT_RSP => {}
                 other => return Err(format!("an unexpected PDU {other:#x}")),
@@ -1191,6 +1238,8 @@ mod tests {
         assert_eq!(hex_decode("0x0a0B"), Some(vec![10, 11]));
         assert_eq!(hex_decode("0a0b"), None);
         assert_eq!(hex_decode("0xabc"), None);
+        // A target's text is not ASCII-checked before it gets here.
+        assert_eq!(hex_decode("0xa\u{fffd}bc"), None);
     }
 
     #[test]
@@ -1303,6 +1352,16 @@ mod tests {
         bytes.extend(pdu(OP_SCSI_RSP, 0x80, GOOD, 6, &[], &[]));
         let got = server_bytes(Kind::Iscsi, &bytes);
         assert_eq!(got.len(), 3, "{got:?}");
+        // An R2T for a read would make us send the guest's read buffers: the conversation
+        // ends instead. A read answered with less data than asked fails.
+        let r2t_for_read = pdu(OP_R2T, 0x80, 0, 1, &[(20, 5), (40, 0), (44, 4096)], &[]);
+        assert!(server_bytes(Kind::Iscsi, &r2t_for_read).is_empty());
+        let short = pdu(OP_DATA_IN, 0x81, GOOD, 1, &[(40, 0)], &[0xab; 512]);
+        let cut = server_bytes(Kind::Iscsi, &short);
+        assert!(
+            cut[0].1.as_ref().unwrap_err().contains("512 of 4096"),
+            "{cut:?}"
+        );
         assert_eq!(got[0], (1, Ok(4096)));
         assert_eq!(got[1], (3, Ok(16384)));
         assert_eq!(got[2].0, 4);

@@ -374,6 +374,20 @@ impl Protocol for Nbd {
     }
 }
 
+/// The request a reply is for: one in flight and not already answered in this batch.
+fn answerable<'a>(
+    table: &'a BTreeMap<u64, Pending>,
+    done: &[(u64, Outcome)],
+    tag: u64,
+) -> Result<&'a Pending, String> {
+    if done.iter().any(|(t, _)| *t == tag) {
+        return Err(format!("a second reply for handle {tag}"));
+    }
+    table
+        .get(&tag)
+        .ok_or_else(|| format!("a reply for unknown handle {tag}"))
+}
+
 /// Parses whole replies from `b[*at..]`, moving `at` past each.
 fn parse_replies(
     b: &[u8],
@@ -393,9 +407,7 @@ fn parse_replies(
                 }
                 let err = be32(&b[4..]);
                 let tag = be64(&b[8..]);
-                let p = table
-                    .get(&tag)
-                    .ok_or_else(|| format!("a reply for unknown handle {tag}"))?;
+                let p = answerable(table, done, tag)?;
                 let data = if err == 0 && p.req.op == BlockOp::Read {
                     p.req.len as usize
                 } else {
@@ -429,19 +441,31 @@ fn parse_replies(
                 }
                 *at += 20 + len as usize;
                 let body = &b[20..20 + len as usize];
+                answerable(table, done, tag)?;
                 let p = table
                     .get_mut(&tag)
                     .ok_or_else(|| format!("a reply for unknown handle {tag}"))?;
+                let read = p.req.op == BlockOp::Read;
                 match kind {
                     CHUNK_NONE => {}
+                    // Data and holes answer reads only: for anything else they would write
+                    // into the guest's pages behind the dirty log's back.
+                    CHUNK_OFFSET_DATA | CHUNK_OFFSET_HOLE if !read => {
+                        return Err(format!("data in the reply to a {:?}", p.req.op));
+                    }
                     CHUNK_OFFSET_DATA if body.len() >= 8 => {
                         let at = be64(body).wrapping_sub(p.req.offset);
                         put(p, at, &body[8..])?;
+                        p.received += body.len() as u64 - 8;
                     }
                     CHUNK_OFFSET_HOLE if body.len() >= 12 => {
                         let at = be64(body).wrapping_sub(p.req.offset);
                         let n = be32(&body[8..]) as usize;
-                        put(p, at, &vec![0u8; n.min(p.req.len as usize)])?;
+                        if n as u64 > p.req.len {
+                            return Err("a hole larger than its request".into());
+                        }
+                        put(p, at, &vec![0u8; n])?;
+                        p.received += n as u64;
                     }
                     CHUNK_ERROR | CHUNK_ERROR_OFFSET if body.len() >= 6 => {
                         let code = be32(body);
@@ -457,7 +481,12 @@ fn parse_replies(
                 if flags & CHUNK_DONE != 0 {
                     let result = match &p.error {
                         Some(e) => Err(io::Error::other(e.clone())),
-                        None if p.req.op == BlockOp::Read => Ok(p.req.len),
+                        // Chunks may not overlap, so whole coverage is their sum.
+                        None if read && p.received != p.req.len => Err(io::Error::other(format!(
+                            "the server sent {} of {} bytes",
+                            p.received, p.req.len
+                        ))),
+                        None if read => Ok(p.req.len),
                         None => Ok(0),
                     };
                     done.push((tag, Outcome::Done(result)));
@@ -487,6 +516,55 @@ mod tests {
         let mut t = NbdTarget::from_url("h/x").unwrap();
         t.timeout_s = 0;
         assert_eq!(t.check().unwrap_err().0, "timeout_s");
+    }
+
+    #[test]
+    fn replies_answer_only_what_was_asked_once() {
+        use crate::block::remote::fuzz::{server_bytes, Kind};
+        let simple = |err: u32, tag: u64| {
+            let mut r = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+            r.extend_from_slice(&err.to_be_bytes());
+            r.extend_from_slice(&tag.to_be_bytes());
+            r
+        };
+        let chunk = |flags: u16, kind: u16, tag: u64, body: &[u8]| {
+            let mut r = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+            r.extend_from_slice(&flags.to_be_bytes());
+            r.extend_from_slice(&kind.to_be_bytes());
+            r.extend_from_slice(&tag.to_be_bytes());
+            r.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            r.extend_from_slice(body);
+            r
+        };
+        // A flush (tag 4) answered twice in one batch (the harness cuts its input in pieces
+        // of 7 * first byte + 1: 722 here, so both arrive at once): the second is a broken
+        // server.
+        let twice = [simple(0, 4), simple(0, 4)].concat();
+        assert_eq!(server_bytes(Kind::Nbd, &twice).len(), 1);
+        // Data in the reply to a write would land in the guest's source pages.
+        let mut data = 4096u64.to_be_bytes().to_vec();
+        data.extend_from_slice(&[1; 512]);
+        assert!(
+            server_bytes(Kind::Nbd, &chunk(CHUNK_DONE, CHUNK_OFFSET_DATA, 3, &data)).is_empty()
+        );
+        // A read (tag 1, 4 KiB at 0) covered by data and a hole completes; one covered in
+        // part fails.
+        let mut first = 0u64.to_be_bytes().to_vec();
+        first.extend_from_slice(&[7; 1024]);
+        let mut hole = 1024u64.to_be_bytes().to_vec();
+        hole.extend_from_slice(&3072u32.to_be_bytes());
+        let whole = [
+            chunk(0, CHUNK_OFFSET_DATA, 1, &first),
+            chunk(CHUNK_DONE, CHUNK_OFFSET_HOLE, 1, &hole),
+        ]
+        .concat();
+        assert_eq!(server_bytes(Kind::Nbd, &whole), vec![(1, Ok(4096))]);
+        let part = chunk(CHUNK_DONE, CHUNK_OFFSET_DATA, 1, &first);
+        let got = server_bytes(Kind::Nbd, &part);
+        assert!(
+            got[0].1.as_ref().unwrap_err().contains("1024 of 4096"),
+            "{got:?}"
+        );
     }
 
     /// A "server" that answers the greeting with `greeting`, then hangs up.

@@ -406,7 +406,18 @@ impl DiskBackend for Qcow2Uring {
                     return self.ring.submit(mem, req, user_data);
                 }
             }
-            BlockOp::Discard | BlockOp::WriteZeroes { .. } => self.ring.drain(&mut self.held),
+            BlockOp::Discard | BlockOp::WriteZeroes { .. } => {
+                self.ring.drain(&mut self.held);
+                if self.ring.in_flight() > 0 {
+                    // The ring could not be waited for: freeing clusters now could hand one
+                    // a write is still landing in to another range.
+                    self.held.push(Completion {
+                        user_data,
+                        result: Err(io::Error::other("writes still in flight")),
+                    });
+                    return Ok(());
+                }
+            }
             BlockOp::Flush => {}
         }
         self.sync.submit(mem, req, user_data)

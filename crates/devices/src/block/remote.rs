@@ -42,7 +42,18 @@ pub(super) struct Pending {
     pub error: Option<String>,
     /// Times the protocol asked to send it again on the same connection.
     pub retries: u8,
+    /// Bytes of read data the server sent for it on the current connection.
+    pub received: u64,
+    /// Connections that broke while it was out on them.
+    pub drops: u8,
+    /// Since when it waits to be sent (the server's window is shut, or a retry's delay).
+    pub waiting_since: Option<Instant>,
 }
+
+/// Connections that may break under one request before it fails: a request that kills every
+/// connection it goes out on (a server that chokes on it, an answer later than the timeout
+/// each time) must not be sent again forever.
+const MAX_DROPS: u8 = 5;
 
 /// What parsing the server's bytes produced for one request.
 pub(super) enum Outcome {
@@ -253,6 +264,7 @@ impl RemoteDisk {
             next_try: Instant::now(),
             failing: false,
             finished: Vec::new(),
+            delayed: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name(thread.into())
@@ -399,6 +411,8 @@ struct Worker<P> {
     failing: bool,
     /// Completions not yet handed to the device.
     finished: Vec<Completion>,
+    /// Requests to send again once their time comes (the server asked for a retry).
+    delayed: Vec<(Instant, u64)>,
 }
 
 impl<P: Protocol> Worker<P> {
@@ -418,6 +432,7 @@ impl<P: Protocol> Worker<P> {
             if self.conn.is_none() {
                 self.reconnect();
             }
+            self.due();
             self.check_timeouts();
             // Send what is queued now: the socket is nearly always writable, and waiting for
             // poll to say so costs a system call per batch.
@@ -426,6 +441,25 @@ impl<P: Protocol> Worker<P> {
             }
             self.publish();
             self.poll_once();
+        }
+    }
+
+    /// Moves the delayed requests whose time has come to the queue.
+    fn due(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.delayed.len() {
+            if self.delayed[i].0 <= now {
+                let (_, tag) = self.delayed.swap_remove(i);
+                if self.table.contains_key(&tag) {
+                    self.waiting.push_back(tag);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        if !self.waiting.is_empty() {
+            self.send_waiting();
         }
     }
 
@@ -467,6 +501,9 @@ impl<P: Protocol> Worker<P> {
                 sent: None,
                 error: None,
                 retries: 0,
+                received: 0,
+                drops: 0,
+                waiting_since: Some(Instant::now()),
             },
         );
         if let Some(r) = local {
@@ -495,10 +532,12 @@ impl<P: Protocol> Worker<P> {
                 continue;
             };
             p.error = None;
+            p.received = 0;
             if !self.proto.send(tag, p, &mut conn.out) {
                 break;
             }
             p.sent = Some(Instant::now());
+            p.waiting_since = None;
             self.waiting.pop_front();
         }
     }
@@ -528,8 +567,22 @@ impl<P: Protocol> Worker<P> {
             self.shared.link.down.store(true, Ordering::Relaxed);
             self.down_since.get_or_insert_with(Instant::now);
             self.next_try = Instant::now();
-            for p in self.table.values_mut() {
-                p.sent = None;
+            let mut doomed = Vec::new();
+            for (tag, p) in self.table.iter_mut() {
+                if p.sent.take().is_some() {
+                    p.drops += 1;
+                    if p.drops >= MAX_DROPS {
+                        doomed.push(*tag);
+                    }
+                }
+            }
+            for tag in doomed {
+                let msg = format!(
+                    "{}: {MAX_DROPS} connections broke while this request was out",
+                    self.proto.url()
+                );
+                tracing::error!("{msg}; failing it");
+                self.complete(tag, Err(io::Error::other(msg)));
             }
         }
     }
@@ -546,6 +599,7 @@ impl<P: Protocol> Worker<P> {
             self.failing = true;
             self.shared.link.failing.store(true, Ordering::Relaxed);
             self.waiting.clear();
+            self.delayed.clear();
             let tags: Vec<u64> = self.table.keys().copied().collect();
             let msg = format!("{} is unreachable", self.proto.url());
             for t in tags {
@@ -569,7 +623,12 @@ impl<P: Protocol> Worker<P> {
                 self.down_since = None;
                 self.failing = false;
                 // Everything outstanding goes again, in the order it first came.
+                self.delayed.clear();
                 self.waiting = self.table.keys().copied().collect();
+                let now = Instant::now();
+                for p in self.table.values_mut() {
+                    p.waiting_since = Some(now);
+                }
                 self.send_waiting();
             }
             Err(e) => {
@@ -591,6 +650,13 @@ impl<P: Protocol> Worker<P> {
             .any(|p| p.sent.is_some_and(|t| t.elapsed() > limit))
         {
             self.drop_conn("an answer is overdue");
+        } else if self
+            .table
+            .values()
+            .any(|p| p.waiting_since.is_some_and(|t| t.elapsed() > limit))
+        {
+            // The server's command window stayed shut: a new login opens a new one.
+            self.drop_conn("the server took no command for too long");
         }
     }
 
@@ -617,7 +683,13 @@ impl<P: Protocol> Worker<P> {
                 };
         }
         // Short while a connection is missing (to retry it), else long enough to idle.
-        let timeout = if self.conn.is_none() { 100 } else { 1000 };
+        let now = Instant::now();
+        let next = self.delayed.iter().map(|d| d.0).min();
+        let timeout = match (self.conn.is_none(), next) {
+            (true, _) => 100,
+            (false, Some(t)) => t.saturating_duration_since(now).as_millis().min(1000) as i32,
+            (false, None) => 1000,
+        };
         // SAFETY: poll on two pollfds we own, for `timeout` ms.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
         if n <= 0 || fds[1].fd < 0 {
@@ -683,8 +755,11 @@ impl<P: Protocol> Worker<P> {
                 Outcome::Resend => {
                     if let Some(p) = self.table.get_mut(&tag) {
                         p.sent = None;
+                        p.waiting_since = Some(Instant::now());
+                        // The server was busy: give it 2 ms, doubling per retry up to 256 ms.
+                        let wait = Duration::from_millis(2 << p.retries.min(7));
+                        self.delayed.push((Instant::now() + wait, tag));
                     }
-                    self.waiting.push_back(tag);
                 }
             }
         }
@@ -755,6 +830,9 @@ pub mod fuzz {
                 sent: None,
                 error: None,
                 retries: 0,
+                received: 0,
+                drops: 0,
+                waiting_since: None,
             };
             if proto.local(p.req.op).is_none() {
                 proto.send(tag, &mut p, &mut out);
