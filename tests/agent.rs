@@ -19,6 +19,8 @@ struct TestAgent {
     dir: PathBuf,
     child: Option<Child>,
     stop_timeout: &'static str,
+    /// Soft and hard open-file limits to start it with (the test's own otherwise).
+    nofile: Option<(u64, u64)>,
 }
 
 impl TestAgent {
@@ -33,6 +35,7 @@ impl TestAgent {
             dir,
             child: None,
             stop_timeout,
+            nofile: None,
         };
         a.spawn();
         a
@@ -61,6 +64,22 @@ impl TestAgent {
             ])
             .arg("--debug-socket")
             .arg(self.dir.join("debug.sock"));
+        if let Some((soft, hard)) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and touches only the child's limits.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let l = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         self.child = Some(common::spawn_agent(cmd, &self.dir, &self.socket()));
     }
 
@@ -2181,5 +2200,70 @@ fn remote_disk_goes_away(agent: &TestAgent, server: &mut Remote) {
             "the guest made no progress after the reconnection"
         );
         expect_status(&c.delete("/v1/vms/remote").await.unwrap(), 204);
+    });
+}
+
+#[test]
+fn a_low_open_file_limit_is_raised_then_refuses_cleanly() {
+    // Started as from a shell with a low soft limit and a hard limit that fits a few VMs.
+    let mut agent = TestAgent::start("nofile");
+    agent.kill9();
+    agent.nofile = Some((40, 110));
+    agent.spawn();
+    rt().block_on(async {
+        let c = agent.client();
+        let files = |h: &Value| h["inventory"]["files"].clone();
+        let h = expect_status(&c.get("/v1/host").await.unwrap(), 200);
+        let f0 = files(&h);
+        assert_eq!(f0["limit"], 110, "the soft limit was not raised: {f0}");
+        assert_eq!(f0["per_vm"], 2);
+        let room = f0["vms_more"].as_u64().unwrap();
+        assert!((2..30).contains(&room), "{f0}");
+        // Create and start VMs until the agent says no.
+        let mut made = 0u64;
+        let refusal = loop {
+            let r = c
+                .post("/v1/vms?start=true", &spec(&format!("f{made}")))
+                .await
+                .unwrap();
+            if r.status == 409 {
+                break serde_json::from_slice::<Value>(&r.body).unwrap();
+            }
+            expect_status(&r, 201);
+            made += 1;
+            assert!(made <= 2 * room, "never refused");
+        };
+        assert_eq!(refusal["error"]["code"], "over_capacity", "{refusal}");
+        assert!(
+            refusal["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("open files"),
+            "{refusal}"
+        );
+        // It refused no earlier than it promised (give or take a descriptor the agent opens
+        // once, on its first VM), and a VM costs what it says.
+        let f1 = files(&expect_status(&c.get("/v1/host").await.unwrap(), 200));
+        assert!(
+            made + 1 >= room,
+            "{made} VMs, {room} promised: {f0} -> {f1}"
+        );
+        let grew = f1["open"].as_u64().unwrap() - f0["open"].as_u64().unwrap();
+        assert!(
+            grew <= 2 * made + 2,
+            "{grew} descriptors for {made} VMs: {f0} -> {f1}"
+        );
+        // Nothing of the refused VM, and every VM made runs.
+        assert!(!agent.state().join(format!("vms/f{made}")).exists());
+        for i in 0..made {
+            let v = expect_status(&c.get(&format!("/v1/vms/f{i}")).await.unwrap(), 200);
+            assert_eq!(v["state"], "running", "{v}");
+        }
+        for i in 0..made {
+            expect_status(&c.delete(&format!("/v1/vms/f{i}")).await.unwrap(), 204);
+        }
+        // Room again.
+        let f2 = files(&expect_status(&c.get("/v1/host").await.unwrap(), 200));
+        assert!(f2["vms_more"].as_u64().unwrap() >= room, "{f2}");
     });
 }

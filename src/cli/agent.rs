@@ -128,6 +128,15 @@ pub fn main(a: &AgentArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Two descriptors per running VM: a shell's default soft limit of 1024 would stop the
+    // agent near 500 VMs however high the hard limit is.
+    match bexar_agent::host::raise_open_files() {
+        Ok((before, after)) if before < after => {
+            tracing::info!("open-file limit raised from {before} to {after}")
+        }
+        Ok((_, limit)) => tracing::info!("open-file limit {limit}"),
+        Err(e) => tracing::warn!("cannot read or raise the open-file limit: {e}"),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -447,6 +447,11 @@ pub fn host(opts: &ClientOpts) -> ExitCode {
                 "disk      {} MiB available of {} MiB, VM images {} MiB",
                 inv["disk"]["available_mib"], inv["disk"]["total_mib"], inv["disk"]["allocated_mib"]
             );
+            let f = &inv["files"];
+            println!(
+                "files     {} open of {} ({} per VM, {} kept free): room for {} more VMs",
+                f["open"], f["limit"], f["per_vm"], f["reserved"], f["vms_more"]
+            );
             println!("vms       {}", v["vms"]);
         });
         ExitCode::SUCCESS

@@ -129,6 +129,55 @@ pub struct DiskSpace {
     pub overlays_used_mib: u64,
 }
 
+/// Descriptors the agent holds for each running VM: the VMM process's pidfd, and a copy of it
+/// that waits for the process's exit. Checked by tests/agent.rs
+/// (`a_low_open_file_limit_is_raised_then_refuses_cleanly`).
+pub const FDS_PER_VM: u64 = 2;
+/// Descriptors kept free for what comes and goes: API and VMM control connections, event
+/// streams, the files a create writes.
+pub const FDS_RESERVED: u64 = 64;
+
+/// The agent's open files against its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenFiles {
+    /// The agent's open-file limit (its soft `RLIMIT_NOFILE`, raised to the hard limit at
+    /// start).
+    pub limit: u64,
+    /// Open now.
+    pub open: u64,
+    /// Held per running VM.
+    pub per_vm: u64,
+    /// Kept free for connections and creates.
+    pub reserved: u64,
+    /// VMs that can still be created and run: (limit - open - reserved) / per_vm.
+    pub vms_more: u64,
+}
+
+/// The agent's open files now.
+pub fn open_files() -> OpenFiles {
+    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    OpenFiles {
+        limit,
+        open,
+        per_vm: FDS_PER_VM,
+        reserved: FDS_RESERVED,
+        vms_more: limit.saturating_sub(open + FDS_RESERVED) / FDS_PER_VM,
+    }
+}
+
+/// Raises the soft open-file limit to the hard one (a unit file's `LimitNOFILE`, or what the
+/// shell that started the agent allows); returns the limit before and after.
+pub fn raise_open_files() -> std::io::Result<(u64, u64)> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(std::io::Error::from)?;
+    }
+    Ok((soft, hard.max(soft)))
+}
+
 /// The host's inventory.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Inventory {
@@ -138,6 +187,8 @@ pub struct Inventory {
     pub memory_mib: Resource,
     /// Disk.
     pub disk: DiskSpace,
+    /// The agent's open files.
+    pub files: OpenFiles,
 }
 
 /// Gathers the static facts once.
@@ -287,11 +338,19 @@ pub fn inventory<'a>(
             images_mib: mib_up(images_bytes),
             overlays_used_mib: used,
         },
+        files: open_files(),
     }
 }
 
 /// Why `spec` does not fit, if it does not; `new_disk_mib` is what its overlays may grow to.
 pub fn admit(inv: &Inventory, spec: &VmSpec, new_disk_mib: u64) -> Result<(), String> {
+    let f = &inv.files;
+    if f.vms_more == 0 {
+        return Err(format!(
+            "not enough open files: the agent has {} of {} open, keeps {} free and needs {} per VM (raise LimitNOFILE)",
+            f.open, f.limit, f.reserved, f.per_vm
+        ));
+    }
     if new_disk_mib > inv.disk.free_mib {
         return Err(format!(
             "not enough disk: {new_disk_mib} MiB of overlays requested, {} MiB free of {} (allocated {})",

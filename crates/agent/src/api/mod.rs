@@ -1709,6 +1709,10 @@ mod tests {
             props(&doc, "Resource"),
             keys(&serde_json::to_value(inv.vcpus).unwrap())
         );
+        assert_eq!(
+            props(&doc, "OpenFiles"),
+            keys(&serde_json::to_value(inv.files).unwrap())
+        );
         let info = serde_json::to_value(crate::host::host_info()).unwrap();
         assert_eq!(props(&doc, "HostInfo"), keys(&info));
     }
