@@ -518,11 +518,7 @@ impl NbdServer {
 
     /// SIGKILL to the server and everything it forked.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on the process group of a child we started in its own group.
-            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
-            let _ = c.wait();
-        }
+        kill_group(&mut self.child);
         if self.kind == "nbd-server" {
             // The daemon and its connection children, which left our process group.
             let _ = Command::new("pkill")
@@ -549,6 +545,15 @@ impl NbdServer {
     /// `nbd://127.0.0.1:PORT/disk0` and `opts`.
     pub fn url(&self, opts: &str) -> String {
         format!("nbd://127.0.0.1:{}/disk0{opts}", self.port)
+    }
+}
+
+/// SIGKILL to a server started in its own process group, and everything in that group.
+fn kill_group(child: &mut Option<std::process::Child>) {
+    if let Some(mut c) = child.take() {
+        // SAFETY: kill(2) on the process group of a child we started in its own group.
+        unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+        let _ = c.wait();
     }
 }
 
@@ -593,13 +598,14 @@ impl Tgt {
         (self.port % 32768).to_string()
     }
 
-    fn adm(&self, args: &[&str]) {
+    /// `tgtadm` on this daemon with `args` (split at spaces: no value here has one).
+    fn adm(&self, args: &str) {
         let o = Command::new("tgtadm")
             .args(["-C", &self.ctl(), "--lld", "iscsi"])
-            .args(args)
+            .args(args.split_whitespace())
             .output()
             .expect("tgtadm (scripts/deps installs tgt)");
-        assert!(o.status.success(), "tgtadm {args:?}: {}", text(&o).1);
+        assert!(o.status.success(), "tgtadm {args}: {}", text(&o).1);
     }
 
     /// Starts it (again) and configures the target, its LUN and its ACL.
@@ -625,70 +631,28 @@ impl Tgt {
             assert!(std::time::Instant::now() < deadline, "tgtd did not start");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        self.adm(&[
-            "--op",
-            "new",
-            "--mode",
-            "target",
-            "--tid",
-            "1",
-            "-T",
-            Self::IQN,
-        ]);
-        let file = self.file.to_str().unwrap().to_owned();
-        self.adm(&[
-            "--op",
-            "new",
-            "--mode",
-            "logicalunit",
-            "--tid",
-            "1",
-            "--lun",
-            "1",
-            "-b",
-            &file,
-        ]);
+        let iqn = Self::IQN;
+        self.adm(&format!("--op new --mode target --tid 1 -T {iqn}"));
+        let file = self.file.display();
+        self.adm(&format!(
+            "--op new --mode logicalunit --tid 1 --lun 1 -b {file}"
+        ));
         if self.thin {
-            self.adm(&[
-                "--op",
-                "update",
-                "--mode",
-                "logicalunit",
-                "--tid",
-                "1",
-                "--lun",
-                "1",
-                "--params",
-                "thin_provisioning=1",
-            ]);
+            let lun = "--mode logicalunit --tid 1 --lun 1";
+            self.adm(&format!("--op update {lun} --params thin_provisioning=1"));
         }
-        if let Some((user, secret)) = self.chap.clone() {
-            self.adm(&[
-                "--op",
-                "new",
-                "--mode",
-                "account",
-                "--user",
-                &user,
-                "--password",
-                &secret,
-            ]);
-            self.adm(&[
-                "--op", "bind", "--mode", "account", "--tid", "1", "--user", &user,
-            ]);
+        if let Some((user, secret)) = &self.chap {
+            self.adm(&format!(
+                "--op new --mode account --user {user} --password {secret}"
+            ));
+            self.adm(&format!("--op bind --mode account --tid 1 --user {user}"));
         }
-        self.adm(&[
-            "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL",
-        ]);
+        self.adm("--op bind --mode target --tid 1 -I ALL");
     }
 
     /// SIGKILL.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on the process group of a child we started in its own group.
-            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
-            let _ = c.wait();
-        }
+        kill_group(&mut self.child);
     }
 
     /// `iscsi://[USER%SECRET@]127.0.0.1:PORT/IQN/1` and `opts`.

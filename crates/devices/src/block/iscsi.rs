@@ -23,8 +23,8 @@ use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 
 use super::remote::{
-    check_policy, default_retry, default_timeout, dial, gather, put, split_host_port, unblock,
-    Outcome, Pending, Protocol, RemoteDisk,
+    be32, be64, check_policy, default_retry, default_timeout, dial, gather, proto, put,
+    split_host_port, unblock, Outcome, Pending, Protocol, RemoteDisk,
 };
 use super::{BlockError, BlockOp, DiskInfo, SECTOR};
 
@@ -87,7 +87,8 @@ fn name_ok(n: &str) -> bool {
 impl IscsiTarget {
     /// Checks it; returns the field and the problem.
     pub fn check(&self) -> Result<(), (String, String)> {
-        let (host, _) = split_portal(&self.portal).map_err(|m| ("portal".to_string(), m))?;
+        let (host, _) =
+            split_host_port(&self.portal, DEFAULT_PORT).map_err(|m| ("portal".to_string(), m))?;
         if host.is_empty() || host.len() > 255 {
             return Err(("portal".into(), "must be HOST[:PORT]".into()));
         }
@@ -161,10 +162,6 @@ impl IscsiTarget {
     }
 }
 
-fn split_portal(p: &str) -> Result<(&str, u16), String> {
-    split_host_port(p, DEFAULT_PORT)
-}
-
 // Opcodes (RFC 7143 section 11).
 const OP_NOP_OUT: u8 = 0x00;
 const OP_SCSI_CMD: u8 = 0x01;
@@ -209,19 +206,8 @@ const BUSY: u8 = 0x08;
 const TASK_SET_FULL: u8 = 0x28;
 const UNIT_ATTENTION: u8 = 0x06;
 
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
-}
 fn be24(b: &[u8]) -> usize {
     (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2])
-}
-fn proto(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 /// `a <= b` in the serial arithmetic of sequence numbers (RFC 1982).
 fn sn_le(a: u32, b: u32) -> bool {
@@ -241,12 +227,29 @@ fn lun_field(lun: u16) -> [u8; 8] {
 }
 
 /// Appends a PDU: the 48-byte header, then `data` padded to a multiple of 4.
-fn push_pdu(out: &mut Vec<u8>, mut bhs: [u8; BHS], data: &[u8]) {
-    let n = data.len();
-    bhs[5..8].copy_from_slice(&(n as u32).to_be_bytes()[1..]);
+fn push_pdu(out: &mut Vec<u8>, bhs: [u8; BHS], data: &[u8]) {
+    push_pdu_with(out, bhs, data.len(), |o| {
+        o.extend_from_slice(data);
+        true
+    });
+}
+
+/// Appends a PDU whose `len` bytes of data `fill` appends straight to `out` (no copy in
+/// between); returns what `fill` returned. The PDU stays well-formed if `fill` fails (its
+/// data is then zeros).
+fn push_pdu_with(
+    out: &mut Vec<u8>,
+    mut bhs: [u8; BHS],
+    len: usize,
+    fill: impl FnOnce(&mut Vec<u8>) -> bool,
+) -> bool {
+    bhs[5..8].copy_from_slice(&(len as u32).to_be_bytes()[1..]);
     out.extend_from_slice(&bhs);
-    out.extend_from_slice(data);
-    out.resize(out.len() + (4 - n % 4) % 4, 0);
+    let start = out.len();
+    let ok = fill(out);
+    out.resize(start + len, 0);
+    out.resize(start + len + (4 - len % 4) % 4, 0);
+    ok
 }
 
 /// The length of the whole PDU at the start of `b` and where its data is, once `b` holds it
@@ -363,7 +366,7 @@ struct Session {
 
 /// Logs in to `t` with `isid`, up to the full-feature phase.
 fn login(t: &IscsiTarget, isid: [u8; 6], timeout: Duration) -> io::Result<Session> {
-    let (host, port) = split_portal(&t.portal).map_err(proto)?;
+    let (host, port) = split_host_port(&t.portal, DEFAULT_PORT).map_err(proto)?;
     let mut s = dial(host, port, timeout)?;
     let initiator = t.initiator.as_deref().unwrap_or(DEFAULT_INITIATOR);
     let mut seq = Seq {
@@ -855,7 +858,6 @@ impl Iscsi {
         let mut sent = 0;
         let mut sn = 0u32;
         let max = self.params.target_max_recv;
-        let mut buf = Vec::with_capacity(max.min(len));
         while sent < len {
             let n = (len - sent).min(max);
             let mut h = [0u8; BHS];
@@ -867,11 +869,9 @@ impl Iscsi {
             h[28..32].copy_from_slice(&self.seq.exp_stat_sn.to_be_bytes());
             h[36..40].copy_from_slice(&sn.to_be_bytes());
             h[40..44].copy_from_slice(&((at as usize + sent) as u32).to_be_bytes());
-            buf.clear();
-            if !self.payload(p, at + sent as u64, n, &mut buf) {
+            if !push_pdu_with(o, h, n, |o| self.payload(p, at + sent as u64, n, o)) {
                 return false;
             }
-            push_pdu(o, h, &buf);
             sent += n;
             sn += 1;
         }
@@ -1018,11 +1018,9 @@ impl Protocol for Iscsi {
         if unsolicited > 0 {
             h[1] &= !FINAL;
         }
-        let mut data = Vec::with_capacity(imm);
-        if imm > 0 && !self.payload(p, 0, imm, &mut data) {
+        if !push_pdu_with(o, h, imm, |o| imm == 0 || self.payload(p, 0, imm, o)) {
             p.error = Some("a buffer left guest memory".into());
         }
-        push_pdu(o, h, &data);
         if unsolicited > 0 && !self.data_out(p, itt, NO_TAG, imm as u64, unsolicited, o) {
             p.error = Some("a buffer left guest memory".into());
         }
@@ -1208,9 +1206,15 @@ mod tests {
             (t.portal.as_str(), t.target.as_str(), t.lun),
             ("10.0.0.1:3261", "iqn.2026-12.dev.bexar:t1", 1)
         );
-        assert_eq!(split_portal(&t.portal).unwrap(), ("10.0.0.1", 3261));
-        assert_eq!(split_portal("h").unwrap(), ("h", 3260));
-        assert_eq!(split_portal("[fd00::1]:99").unwrap(), ("fd00::1", 99));
+        assert_eq!(
+            split_host_port(&t.portal, DEFAULT_PORT).unwrap(),
+            ("10.0.0.1", 3261)
+        );
+        assert_eq!(split_host_port("h", DEFAULT_PORT).unwrap(), ("h", 3260));
+        assert_eq!(
+            split_host_port("[fd00::1]:99", DEFAULT_PORT).unwrap(),
+            ("fd00::1", 99)
+        );
         let t = IscsiTarget::from_url("alice%secretsecret1@h/iqn.2000-01.x:y/0").unwrap();
         assert_eq!(t.chap.as_ref().unwrap().user, "alice");
         assert!(!format!("{t:?}").contains("secretsecret1"));

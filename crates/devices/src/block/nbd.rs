@@ -17,8 +17,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::remote::{
-    check_policy, default_retry, default_timeout, dial, gather, put, split_host_port, unblock,
-    Outcome, Pending, Protocol, RemoteDisk,
+    be16, be32, be64, check_policy, default_retry, default_timeout, dial, gather, proto, put,
+    split_host_port, unblock, Outcome, Pending, Protocol, RemoteDisk,
 };
 use super::{BlockError, BlockOp, DiskInfo, SECTOR};
 
@@ -124,22 +124,6 @@ struct Export {
     size: u64,
     flags: u16,
     structured: bool,
-}
-
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
-}
-
-fn proto(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
 fn send_opt(s: &mut TcpStream, opt: u32, data: &[u8]) -> io::Result<()> {

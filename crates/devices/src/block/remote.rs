@@ -129,6 +129,24 @@ pub(super) fn split_host_port(s: &str, port: u16) -> Result<(&str, u16), String>
     Ok((host.trim_start_matches('[').trim_end_matches(']'), port))
 }
 
+/// Big-endian fields of the protocols' headers (the caller has checked the length).
+pub(super) fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+pub(super) fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+pub(super) fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+/// A server that broke the protocol, as an I/O error.
+pub(super) fn proto(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
 /// Opens a TCP connection to the first address of `host:port` that answers, with
 /// `timeout` on the connect and on blocking reads and writes (the handshake).
 pub(super) fn dial(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
@@ -644,19 +662,21 @@ impl<P: Protocol> Worker<P> {
         }
         let (_, timeout) = self.proto.policy();
         let limit = Duration::from_secs(timeout.into());
-        if self
-            .table
-            .values()
-            .any(|p| p.sent.is_some_and(|t| t.elapsed() > limit))
-        {
-            self.drop_conn("an answer is overdue");
-        } else if self
-            .table
-            .values()
-            .any(|p| p.waiting_since.is_some_and(|t| t.elapsed() > limit))
-        {
-            // The server's command window stayed shut: a new login opens a new one.
-            self.drop_conn("the server took no command for too long");
+        // One pass and one clock read per turn of the loop (this runs at every wake-up).
+        let now = Instant::now();
+        let late = |t: Option<Instant>| t.is_some_and(|t| now.duration_since(t) > limit);
+        let why = self.table.values().find_map(|p| {
+            if late(p.sent) {
+                Some("an answer is overdue")
+            } else if late(p.waiting_since) {
+                // The server's command window stayed shut: a new login opens a new one.
+                Some("the server took no command for too long")
+            } else {
+                None
+            }
+        });
+        if let Some(why) = why {
+            self.drop_conn(why);
         }
     }
 
