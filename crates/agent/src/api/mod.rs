@@ -1225,7 +1225,6 @@ pub async fn serve(
         agent,
         requests: metrics::RequestMetrics::default(),
     });
-    tracing::info!(socket = %socket.display(), "agent API listening");
     let app = router(state.clone());
     if let Some(path) = &debug_socket {
         let l = bind(path, 0o660)?;
@@ -1241,6 +1240,8 @@ pub async fn serve(
             }
         });
     }
+    // Logged once every socket is bound: callers (and the tests) take this line as "up".
+    tracing::info!(socket = %socket.display(), "agent API listening");
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
