@@ -4,7 +4,7 @@
 //! * create+start through the API (`POST /v1/vms?start=true`, until the VMM runs the guest) of
 //!   VMs with a NIC on a routed segment (a TAP made, bridged and filtered, the nftables ruleset
 //!   replaced) against the same VMs without a NIC;
-//! * the nftables ruleset replace alone (`nft -j -f -`, one transaction) with 100 NICs against
+//! * the nftables ruleset written whole (both tables, one transaction each) with 100 NICs against
 //!   an empty ruleset (the cost of running nft at all).
 //!
 //! `cargo bench --bench network` (BEXAR_BENCH_VMS=N per kind, default 30). The test guest must be

@@ -45,6 +45,11 @@ pub struct AgentArgs {
     /// Seconds a graceful stop waits before forcing.
     #[arg(long, default_value_t = 10.0)]
     pub stop_timeout: f64,
+    /// Seconds between network repair passes: the kernel's links and nftables tables are
+    /// compared with the records and what differs is put back. A pass on a host where nothing
+    /// changed costs one netlink round trip for the filter and one link listing.
+    #[arg(long, default_value_t = 30.0)]
+    pub network_repair: f64,
     /// First restart delay of restart policies, seconds (doubles per restart, at most 60).
     #[arg(long, default_value_t = 1.0)]
     pub restart_backoff: f64,
@@ -128,6 +133,17 @@ pub fn main(a: &AgentArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let repair_every = match seconds("network-repair", a.network_repair) {
+        Ok(d) if d >= Duration::from_millis(100) => d,
+        Ok(_) => {
+            eprintln!("bexar agent: --network-repair: at least 0.1 seconds");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("bexar agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
     // Two descriptors per running VM: a shell's default soft limit of 1024 would stop the
     // agent near 500 VMs however high the hard limit is.
     match bexar_agent::host::raise_open_files() {
@@ -174,9 +190,10 @@ pub fn main(a: &AgentArgs) -> ExitCode {
         }
         // Repair: links or rules removed behind the agent's back come back.
         let repair = agent.clone();
+
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(30)).await;
+                tokio::time::sleep(repair_every).await;
                 if let Err(e) = repair.sync_network().await {
                     tracing::warn!("network repair: {e}");
                 }
