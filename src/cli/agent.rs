@@ -165,7 +165,9 @@ pub fn main(a: &AgentArgs) -> ExitCode {
         }
     };
     rt.block_on(async {
-        let agent = match Agent::open(config).await {
+        // Reads are answered as soon as the records are loaded; re-adoption and the network
+        // run beside the API (changes wait for re-adoption).
+        let agent = match Agent::load(config) {
             Ok(a) => a,
             Err(e) => {
                 eprintln!("bexar agent: {e}");
@@ -188,10 +190,12 @@ pub fn main(a: &AgentArgs) -> ExitCode {
                 Err(e) => tracing::error!("metadata service cannot listen on {addr}: {e}"),
             }
         }
+        let recovering = agent.clone();
+        tokio::spawn(async move { recovering.recover_and_wire().await });
         // Repair: links or rules removed behind the agent's back come back.
         let repair = agent.clone();
-
         tokio::spawn(async move {
+            repair.recovered().await;
             loop {
                 tokio::time::sleep(repair_every).await;
                 if let Err(e) = repair.sync_network().await {
@@ -202,6 +206,7 @@ pub fn main(a: &AgentArgs) -> ExitCode {
         // Remote disks: their connections, as the VMMs see them, into records and events.
         let watch = agent.clone();
         tokio::spawn(async move {
+            watch.recovered().await;
             loop {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 watch.watch_remote_disks().await;

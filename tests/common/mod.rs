@@ -180,11 +180,16 @@ pub fn read(p: &Path) -> String {
 /// `dir/agent.log`, and waits until the agent listens on `socket`.
 pub fn spawn_agent(mut cmd: Command, dir: &Path, socket: &Path) -> std::process::Child {
     let log_path = dir.join("agent.log");
-    // The log is appended to across restarts: this agent is up once it has added a line.
+    // The log is appended to across restarts: this agent is up once it has added both lines
+    // (it answers reads before it has re-adopted its VMs; the tests want it settled).
     const READY: &str = "agent API listening";
-    let ready_before = std::fs::read_to_string(&log_path)
-        .map(|l| l.matches(READY).count())
-        .unwrap_or(0);
+    const RECOVERED: &str = "agent recovered";
+    let count = |what: &str| {
+        std::fs::read_to_string(&log_path)
+            .map(|l| l.matches(what).count())
+            .unwrap_or(0)
+    };
+    let (ready_before, recovered_before) = (count(READY), count(RECOVERED));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -199,10 +204,8 @@ pub fn spawn_agent(mut cmd: Command, dir: &Path, socket: &Path) -> std::process:
     let t = std::time::Instant::now();
     // A socket left by a killed agent can still accept connections for a moment (through its
     // children that have not exec'd yet), so connecting alone does not prove this agent is up.
-    while std::fs::read_to_string(&log_path)
-        .map(|l| l.matches(READY).count())
-        .unwrap_or(0)
-        <= ready_before
+    while count(READY) <= ready_before
+        || count(RECOVERED) <= recovered_before
         || std::os::unix::net::UnixStream::connect(socket).is_err()
     {
         assert!(

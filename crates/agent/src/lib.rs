@@ -223,12 +223,23 @@ pub struct Agent {
     net: network::Network,
     /// Registered base images.
     pub images: images::Images,
+    /// Whether recovery after the agent started has finished (changes wait for it).
+    recovered: watch::Sender<bool>,
 }
 
 impl Agent {
-    /// Opens the state directory, loads every VM, re-adopts running VMMs and resolves whatever
-    /// a previous agent left half-done.
+    /// Opens the state directory, loads every VM, re-adopts running VMMs, resolves whatever
+    /// a previous agent left half-done and brings the network in line: [`Agent::load`], then
+    /// [`Agent::recover_and_wire`].
     pub async fn open(config: AgentConfig) -> Result<Arc<Self>, AgentError> {
+        let agent = Self::load(config)?;
+        agent.recover_and_wire().await;
+        Ok(agent)
+    }
+
+    /// Opens the state directory and loads every record: enough to answer reads. Nothing is
+    /// re-adopted and no change is taken until [`Agent::recover_and_wire`] has recovered.
+    pub fn load(config: AgentConfig) -> Result<Arc<Self>, AgentError> {
         let store = Store::open(&config.state_dir)?;
         let records = store.load_all()?;
         let events = Events::open(store.root());
@@ -243,6 +254,7 @@ impl Agent {
             version: watch::channel(0).0,
             net,
             images,
+            recovered: watch::channel(false).0,
         });
         {
             let mut vms = lock(&agent.vms);
@@ -258,13 +270,42 @@ impl Agent {
                 );
             }
         }
-        agent.recover().await;
+        Ok(agent)
+    }
+
+    /// Re-adopts running VMMs and finishes what a previous agent left half-done (then changes
+    /// are taken), and brings the network in line with the records. The API may serve reads
+    /// meanwhile: they show the records as last written.
+    pub async fn recover_and_wire(self: &Arc<Self>) {
+        let t = std::time::Instant::now();
+        self.recover().await;
+        self.recovered.send_replace(true);
+        tracing::info!(
+            vms = self.entries().len(),
+            ms = t.elapsed().as_millis() as u64,
+            "agent recovered"
+        );
         // Re-adopt the network as it is (links and rules survive an agent restart), repair
         // what is missing, remove what an interrupted operation left behind.
-        if let Err(e) = agent.sync_network().await {
-            tracing::error!("cannot set up the network: {e}");
+        let t = std::time::Instant::now();
+        match self.sync_network().await {
+            Ok(()) => tracing::info!(
+                ms = t.elapsed().as_millis() as u64,
+                "network in line with the records"
+            ),
+            Err(e) => tracing::error!("cannot set up the network: {e}"),
         }
-        Ok(agent)
+    }
+
+    /// Waits until recovery after start has finished.
+    pub async fn recovered(&self) {
+        let mut rx = self.recovered.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    /// Whether recovery after start is still running.
+    pub fn recovering(&self) -> bool {
+        !*self.recovered.borrow()
     }
 
     fn entry(&self, id: &str) -> Result<Arc<VmEntry>, AgentError> {

@@ -523,8 +523,22 @@ pub fn router(state: Arc<ApiState>) -> Router {
             )
         })
         .layer(axum::middleware::from_fn(hide_secrets))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            after_recovery,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+/// Holds a change (anything but GET, and the interactive console) until the agent has
+/// recovered after its start: reads are served from the records at once, but a change must
+/// not race the re-adoption of the VMMs (nor the clean-up of processes no VM owns).
+async fn after_recovery(State(st): St, req: Request, next: Next) -> Response {
+    if req.method() != axum::http::Method::GET || req.uri().path().ends_with("/console/attach") {
+        st.agent.recovered().await;
+    }
+    next.run(req).await
 }
 
 /// Shows every CHAP secret of a VM response as `(hidden)`: the record keeps it (the VMM
@@ -602,16 +616,22 @@ async fn host(State(st): St, _: NoParams) -> Result<Response, ApiError> {
         .is_ok();
     let state_ok = agent.state_writable();
     let failed = counts.get("failed").copied().unwrap_or(0);
+    let recovering = agent.recovering();
     let healthy = kvm_ok && state_ok;
     Ok(Json(serde_json::json!({
         "info": agent.info,
         "inventory": agent.inventory(),
         "health": {
-            "status": if !healthy { "unhealthy" } else if failed > 0 { "degraded" } else { "ok" },
+            "status": if !healthy { "unhealthy" } else if failed > 0 || recovering { "degraded" } else { "ok" },
             "checks": [
                 {"name": "kvm", "ok": kvm_ok, "detail": "/dev/kvm opens read-write"},
                 {"name": "state_dir", "ok": state_ok, "detail": "the state directory takes an atomic write"},
                 {"name": "vms", "ok": failed == 0, "detail": format!("{counts:?}")},
+                {"name": "recovered", "ok": !recovering, "detail": if recovering {
+                    "re-adopting VMs after the agent started: reads show the records as last written, changes wait"
+                } else {
+                    "every VM re-adopted after the agent started"
+                }},
             ],
         },
         "vms": counts,
