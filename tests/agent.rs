@@ -238,6 +238,47 @@ fn twenty_vms_through_their_whole_lifecycle() {
         assert!(items.iter().all(|v| v["state"] == "running"));
         let odd = expect_status(&c.get("/v1/vms?selector=team%3Dodd").await.unwrap(), 200);
         assert_eq!(odd["items"].as_array().unwrap().len(), 10);
+        // Pages of 7 by id, each continuing after the last, while VMs are made between pages
+        // (one sorting among those already seen, one after): no VM twice, none of the twenty
+        // missed, and fields cut each VM down to what was asked.
+        let all: Vec<String> = items
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_owned())
+            .collect();
+        let mut seen: Vec<String> = Vec::new();
+        let mut after = String::new();
+        for page in 0.. {
+            let q = if after.is_empty() {
+                "/v1/vms?limit=7&fields=id,state".to_owned()
+            } else {
+                format!("/v1/vms?limit=7&fields=id,state&after={after}")
+            };
+            let p = expect_status(&c.get(&q).await.unwrap(), 200);
+            for v in p["items"].as_array().unwrap() {
+                assert_eq!(v.as_object().unwrap().len(), 2, "{v}");
+                seen.push(v["id"].as_str().unwrap().to_owned());
+            }
+            if page == 0 {
+                for id in [format!("{}-0", all[0]), "zz-late".to_owned()] {
+                    expect_status(&c.post("/v1/vms", &spec(&id)).await.unwrap(), 201);
+                }
+            }
+            match p["next"].as_str() {
+                Some(n) => after = n.to_owned(),
+                None => break,
+            }
+        }
+        let mut unique = seen.clone();
+        unique.dedup();
+        assert_eq!(unique, seen, "a VM seen twice");
+        assert!(all.iter().all(|id| seen.contains(id)), "{seen:?}");
+        assert!(
+            seen.contains(&"zz-late".to_owned()),
+            "a VM made after the cursor is missing"
+        );
+        for id in [format!("{}-0", all[0]), "zz-late".to_owned()] {
+            expect_status(&c.delete(&format!("/v1/vms/{id}")).await.unwrap(), 204);
+        }
         assert_eq!(agent.vmm_processes().len(), 20, "one VMM per VM");
 
         // Retrying a create is idempotent; another spec under the same id is a conflict.
@@ -622,6 +663,11 @@ fn bad_requests_get_a_4xx_naming_the_problem_and_change_nothing() {
             ("POST", "/v1/vms?start=perhaps", with(&|_| {}), 400, "invalid_parameter", Some("start")),
             ("GET", "/v1/vms?colour=red", vec![], 400, "invalid_parameter", Some("colour")),
             ("GET", "/v1/vms?state=dancing", vec![], 400, "invalid_parameter", Some("state")),
+            ("GET", "/v1/vms?limit=0", vec![], 400, "invalid_parameter", Some("limit")),
+            ("GET", "/v1/vms?limit=1001", vec![], 400, "invalid_parameter", Some("limit")),
+            ("GET", "/v1/vms?limit=ten", vec![], 400, "invalid_parameter", Some("limit")),
+            ("GET", "/v1/vms?fields=id,colour", vec![], 400, "invalid_parameter", Some("fields")),
+            ("GET", "/v1/vms?fields=", vec![], 400, "invalid_parameter", Some("fields")),
             ("GET", "/v1/vms/nope", vec![], 404, "not_found", None),
             ("GET", "/v1/vms/..%2Fetc", vec![], 404, "not_found", None),
             ("GET", "/v1/segments/..%2Fetc", vec![], 404, "not_found", None),
@@ -759,6 +805,23 @@ fn the_cli_drives_the_agent() {
     assert_eq!(code, 0);
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["items"][0]["id"], "c1");
+    // Pages: one at a time says where to go on; without a limit every page is shown.
+    let (code, out, err) = run(&["vm", "create", "c2", "--kernel", &kernel, "--memory", "32"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = run(&["vm", "ls", "--limit", "1"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("c1") && !out.contains("c2") && out.contains("--after c1"),
+        "{out}"
+    );
+    let (code, out, _) = run(&["vm", "ls", "--after", "c1"]);
+    assert_eq!(code, 0);
+    assert!(!out.contains("c1") && out.contains("c2"), "{out}");
+    let (code, _, err) = run(&["vm", "ls", "--limit", "0"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("limit"), "{err}");
+    let (code, _, _) = run(&["vm", "rm", "c2"]);
+    assert_eq!(code, 0);
     let (code, out, _) = run(&["host"]);
     assert_eq!(code, 0);
     assert!(

@@ -40,6 +40,12 @@ pub enum VmCommand {
         /// Only VMs in this state.
         #[arg(long)]
         state: Option<String>,
+        /// One page of at most N VMs (1-1000); without it every page is fetched and shown.
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Only VMs whose id sorts after this one (the `next` a page printed).
+        #[arg(long)]
+        after: Option<String>,
     },
     /// Show one VM.
     Get {
@@ -403,11 +409,14 @@ fn print_json(r: Result<Reply, ClientError>) -> ExitCode {
 }
 
 fn show(opts: &ClientOpts, reply: &Reply, table: impl FnOnce(&Value)) {
-    let v = reply.json();
+    show_value(opts, &reply.json(), table)
+}
+
+fn show_value(opts: &ClientOpts, v: &Value, table: impl FnOnce(&Value)) {
     if opts.json {
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     } else {
-        table(&v);
+        table(v);
     }
 }
 
@@ -697,26 +706,54 @@ async fn vm_async(opts: &ClientOpts, cmd: &VmCommand) -> ExitCode {
             };
             c.post(&format!("/v1/vms?start={}", a.start), &spec).await
         }
-        VmCommand::Ls { selector, state } => {
-            let mut q = Vec::new();
-            if let Some(s) = selector {
-                q.push(("selector", s.as_str()));
-            }
-            if let Some(s) = state {
-                q.push(("state", s.as_str()));
-            }
-            let qs = serde_urlencoded::to_string(&q).unwrap_or_default();
-            match c.get(&format!("/v1/vms?{qs}")).await {
-                Ok(r) => {
-                    if let Err(code) = check(&r) {
-                        return code;
+        VmCommand::Ls {
+            selector,
+            state,
+            limit,
+            after,
+        } => {
+            // Pages are fetched one after another (following `next`) unless one was asked for.
+            let mut after = after.clone();
+            let mut items: Vec<Value> = Vec::new();
+            loop {
+                let mut q: Vec<(&str, String)> = Vec::new();
+                if let Some(s) = selector {
+                    q.push(("selector", s.clone()));
+                }
+                if let Some(s) = state {
+                    q.push(("state", s.clone()));
+                }
+                if let Some(n) = limit {
+                    q.push(("limit", n.to_string()));
+                }
+                if let Some(a) = &after {
+                    q.push(("after", a.clone()));
+                }
+                let qs = serde_urlencoded::to_string(&q).unwrap_or_default();
+                let r = match c.get(&format!("/v1/vms?{qs}")).await {
+                    Ok(r) => r,
+                    Err(e) => return unreachable(e),
+                };
+                if let Err(code) = check(&r) {
+                    return code;
+                }
+                let page: Value = r.json();
+                items.extend(page["items"].as_array().cloned().unwrap_or_default());
+                let next = page["next"].as_str().map(str::to_owned);
+                if limit.is_some() || next.is_none() {
+                    let mut all = serde_json::json!({ "items": items });
+                    if let (Some(n), Some(_)) = (&next, limit) {
+                        all["next"] = n.clone().into();
                     }
-                    show(opts, &r, |v| {
-                        print_vms(v["items"].as_array().map_or(&[][..], |a| a.as_slice()))
+                    show_value(opts, &all, |v| {
+                        print_vms(v["items"].as_array().map_or(&[][..], |a| a.as_slice()));
+                        if let Some(n) = v["next"].as_str() {
+                            println!("(more: --after {n})");
+                        }
                     });
                     return ExitCode::SUCCESS;
                 }
-                Err(e) => return unreachable(e),
+                after = next;
             }
         }
         VmCommand::Get { id } => c.get(&format!("/v1/vms/{id}")).await,

@@ -359,6 +359,38 @@ impl Agent {
             .collect()
     }
 
+    /// One page of VMs by id: those after `after` whose labels match `selector` and whose
+    /// state is `state`, at most `limit`, and the id to continue after if more may follow.
+    /// Ids order the pages, so a VM made meanwhile shows on a later page or not at all, and
+    /// none is seen twice or skipped. Costs the page, not the host (without a filter).
+    pub fn list_page(
+        &self,
+        selector: Option<&str>,
+        state: Option<spec::Phase>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<VmRecord>, Option<String>) {
+        use std::ops::Bound;
+        let vms = lock(&self.vms);
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut page = Vec::new();
+        let mut next = None;
+        for (_, e) in vms.range::<str, _>((from, Bound::Unbounded)) {
+            let rec = lock(&e.rec);
+            if !selector.is_none_or(|s| rec.spec.matches(s))
+                || !state.is_none_or(|s| rec.state == s)
+            {
+                continue;
+            }
+            if page.len() == limit {
+                next = page.last().map(|r: &VmRecord| r.id.clone());
+                break;
+            }
+            page.push(rec.clone());
+        }
+        (page, next)
+    }
+
     /// The host's inventory now.
     pub fn inventory(&self) -> Inventory {
         self.inventory_of(&lock(&self.vms))

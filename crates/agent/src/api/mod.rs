@@ -450,7 +450,7 @@ macro_rules! accepts {
 
 accepts! {
     Nothing: [];
-    ListVmsParams: ["selector", "state"];
+    ListVmsParams: ["selector", "state", "limit", "after", "fields"];
     CreateVmParams: ["start"];
     StopParams: ["timeout", "force"];
     RebootParams: ["timeout"];
@@ -640,15 +640,73 @@ async fn host(State(st): St, _: NoParams) -> Result<Response, ApiError> {
     .into_response())
 }
 
+/// The most VMs one list response holds (and its default size).
+pub const MAX_PAGE: usize = 1000;
+
+/// The top-level fields of a VM, which `fields=` may name.
+pub const VM_FIELDS: [&str; 12] = [
+    "id",
+    "state",
+    "spec",
+    "generation",
+    "desired",
+    "status",
+    "operation",
+    "nics",
+    "disks",
+    "metadata",
+    "uuid",
+    "restore_pending",
+];
+
 async fn list_vms(State(st): St, Query(p, _): Query<ListVmsParams>) -> Result<Response, ApiError> {
     let state = p.phase("state")?;
-    let vms: Vec<_> = st
+    let limit = match p.u64("limit")? {
+        None => MAX_PAGE,
+        Some(n) if (1..=MAX_PAGE as u64).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(ApiError::field(
+                ErrorCode::InvalidParameter,
+                "limit",
+                format!("{n} is not in 1-{MAX_PAGE}"),
+            ))
+        }
+    };
+    let fields: Option<Vec<&str>> = match p.get("fields") {
+        None => None,
+        Some(f) => {
+            let names: Vec<&str> = f.split(',').collect();
+            if let Some(bad) = names.iter().find(|n| !VM_FIELDS.contains(n)) {
+                return Err(ApiError::field(
+                    ErrorCode::InvalidParameter,
+                    "fields",
+                    format!(
+                        "{bad:?} is not a field of a VM; they are {}",
+                        VM_FIELDS.join(", ")
+                    ),
+                ));
+            }
+            Some(names)
+        }
+    };
+    let (vms, next) = st
         .agent
-        .list(p.get("selector"))
-        .into_iter()
-        .filter(|r| state.is_none_or(|s| r.state == s))
+        .list_page(p.get("selector"), state, p.get("after"), limit);
+    let items: Vec<serde_json::Value> = vms
+        .iter()
+        .map(|r| {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            if let (Some(f), Some(o)) = (&fields, v.as_object_mut()) {
+                o.retain(|k, _| f.contains(&k.as_str()));
+            }
+            v
+        })
         .collect();
-    Ok(Json(serde_json::json!({ "items": vms })).into_response())
+    let mut body = serde_json::json!({ "items": items });
+    if let Some(n) = next {
+        body["next"] = n.into();
+    }
+    Ok(Json(body).into_response())
 }
 
 /// Runs an operation on its own task, to its end or its recorded failure, whatever the caller
@@ -1608,6 +1666,21 @@ mod tests {
         };
         let v = serde_json::to_value(&rec).unwrap();
         assert_eq!(props(&doc, "Vm"), keys(&v));
+        // `fields=` takes exactly a VM's fields, and the list documents exactly its parameters.
+        assert_eq!(
+            VM_FIELDS
+                .iter()
+                .map(|f| f.to_string())
+                .collect::<BTreeSet<_>>(),
+            keys(&v)
+        );
+        let documented: BTreeSet<&str> = doc["paths"]["/v1/vms"]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(documented, ListVmsParams::NAMES.iter().copied().collect());
         assert_eq!(props(&doc, "DiskState"), keys(&v["disks"][0]));
         let img = crate::images::Image {
             id: "i".into(),
