@@ -383,6 +383,17 @@ fn twenty_vms_through_their_whole_lifecycle() {
             "bexar_api_request_duration_seconds_count{method=\"POST\",route=\"/v1/vms\""
         ));
         assert!(m.contains("bexar_vms{state=\"running\"} 20"));
+        // A second scrape renders what the agent holds: the same VMs, as old as the first.
+        let m2 = String::from_utf8_lossy(&c.get("/v1/metrics").await.unwrap().body).into_owned();
+        let age = |m: &str| -> f64 {
+            m.lines()
+                .find_map(|l| l.strip_prefix("bexar_vm_counters_age_seconds "))
+                .expect("the counters' age")
+                .parse()
+                .unwrap()
+        };
+        assert!(age(&m2) >= age(&m) && age(&m2) < 60.0, "{m2}");
+        assert!(m2.contains("bexar_vm_vcpu_exits_total{vm=\"vm-19\",vcpu=\"0\"}"));
 
         // Delete everything; deleting twice is fine.
         for id in &ids {

@@ -1,10 +1,20 @@
 //! Prometheus text exposition: the agent's request latencies and VM counts, and per-VM counters
-//! read from each VMM's control socket at scrape time.
+//! the agent keeps from each VMM's control socket ([`VmCounters`]).
+//!
+//! A scrape renders what the agent holds and never waits for the VMMs (asking each one costs
+//! about 0.1 ms: 100 ms a scrape at 1,000 VMs). When what it holds is older than
+//! [`COUNTERS_FRESH`], the scrape starts one refresh in the background, so the counters are at
+//! most one scrape interval old and a host nobody scrapes asks no VMM at all. Only the first
+//! scrape after the agent starts waits for the VMMs. `bexar_vm_counters_age_seconds` says how
+//! old the per-VM counters are.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
 
 use crate::Agent;
 use bexar_util::sync::lock;
@@ -84,8 +94,68 @@ fn esc(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Per-VM counters older than this are refreshed (in the background) by the next scrape.
+pub const COUNTERS_FRESH: Duration = Duration::from_secs(5);
+
+/// VMMs asked at once by a refresh: each question holds a socket.
+const ASK_AT_ONCE: usize = 32;
+
+/// The VMMs' counters as last asked, by VM.
+#[derive(Debug, Default)]
+pub struct VmCounters {
+    held: Mutex<Option<(Instant, Arc<Vec<(String, Info)>>)>>,
+    refreshing: AtomicBool,
+}
+
+impl VmCounters {
+    /// Asks every running VMM (a few at a time) and keeps the answers.
+    pub async fn refresh(&self, agent: &Agent) {
+        let running = agent.running();
+        let mut infos: Vec<(String, Info)> =
+            futures_util::stream::iter(running.into_iter().map(|(id, dir)| async move {
+                crate::vmm_process::info(&dir)
+                    .await
+                    .ok()
+                    .map(|(i, _)| (id, i))
+            }))
+            .buffer_unordered(ASK_AT_ONCE)
+            .filter_map(|x| async move { x })
+            .collect()
+            .await;
+        infos.sort_by(|a, b| a.0.cmp(&b.0));
+        *lock(&self.held) = Some((Instant::now(), Arc::new(infos)));
+    }
+
+    /// What is held and its age; starts a background refresh if it is stale (only the first
+    /// call, with nothing held, waits for one).
+    pub async fn get(self: &Arc<Self>, agent: &Arc<Agent>) -> (Arc<Vec<(String, Info)>>, Duration) {
+        let held = lock(&self.held).clone();
+        match held {
+            None => {
+                self.refresh(agent).await;
+                let held = lock(&self.held).clone().expect("just refreshed");
+                (held.1, held.0.elapsed())
+            }
+            Some((at, infos)) => {
+                if at.elapsed() > COUNTERS_FRESH && !self.refreshing.swap(true, Ordering::AcqRel) {
+                    let (me, agent) = (self.clone(), agent.clone());
+                    tokio::spawn(async move {
+                        me.refresh(&agent).await;
+                        me.refreshing.store(false, Ordering::Release);
+                    });
+                }
+                (infos, at.elapsed())
+            }
+        }
+    }
+}
+
 /// Renders every metric.
-pub async fn render(agent: &Agent, requests: &RequestMetrics) -> String {
+pub async fn render(
+    agent: &Arc<Agent>,
+    requests: &RequestMetrics,
+    counters: &Arc<VmCounters>,
+) -> String {
     let mut out = String::new();
     requests.render(&mut out);
     let _ = writeln!(
@@ -108,15 +178,14 @@ pub async fn render(agent: &Agent, requests: &RequestMetrics) -> String {
             kib * 1024
         );
     }
-    // Per-VM counters, asked of every VMM concurrently.
-    let running = agent.running();
-    let infos = futures_util::future::join_all(running.iter().map(|(id, dir)| async move {
-        (
-            id.clone(),
-            crate::vmm_process::info(dir).await.ok().map(|(i, _)| i),
-        )
-    }))
-    .await;
+    // Per-VM counters, as held.
+    let (held, age) = counters.get(agent).await;
+    let _ = writeln!(
+        out,
+        "# HELP bexar_vm_counters_age_seconds How old the per-VM counters below are.\n# TYPE bexar_vm_counters_age_seconds gauge\nbexar_vm_counters_age_seconds {:.3}",
+        age.as_secs_f64()
+    );
+    let infos: Vec<(&String, Option<&Info>)> = held.iter().map(|(id, i)| (id, Some(i))).collect();
     let _ = writeln!(
         out,
         "# HELP bexar_vm_vcpu_exits_total Exits to user space per vCPU.\n# TYPE bexar_vm_vcpu_exits_total counter"

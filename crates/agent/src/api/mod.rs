@@ -80,6 +80,8 @@ pub struct ApiState {
     pub agent: Arc<Agent>,
     /// Request latencies.
     pub requests: metrics::RequestMetrics,
+    /// The VMMs' counters as last asked.
+    pub vm_counters: Arc<metrics::VmCounters>,
 }
 
 type St = State<Arc<ApiState>>;
@@ -1206,7 +1208,7 @@ async fn events(State(st): St, Query(p, _): Query<EventsParams>) -> Result<Respo
 }
 
 async fn metrics_text(State(st): St, _: NoParams) -> Result<Response, ApiError> {
-    let text = metrics::render(&st.agent, &st.requests).await;
+    let text = metrics::render(&st.agent, &st.requests, &st.vm_counters).await;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
@@ -1302,6 +1304,7 @@ pub async fn serve(
     let state = Arc::new(ApiState {
         agent,
         requests: metrics::RequestMetrics::default(),
+        vm_counters: Arc::default(),
     });
     let app = router(state.clone());
     if let Some(path) = &debug_socket {
