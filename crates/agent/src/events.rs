@@ -92,43 +92,73 @@ pub struct Events {
 }
 
 impl Events {
-    /// Opens the log in `dir`, continuing its numbering. The file is compacted to the backlog.
+    /// Opens the log in `dir`, continuing its numbering. The file is compacted to the backlog
+    /// when it holds twice that, or ends in a torn line.
     pub fn open(dir: &Path) -> Self {
         let path = dir.join("events.ndjson");
         let mut backlog = VecDeque::new();
         // The numbering goes on from the highest number in the file, also one on a line this
         // version cannot read (a kind a newer agent wrote): numbers are never given twice.
         let mut last = 0;
+        let mut lines = 0;
         if let Ok(f) = File::open(&path) {
             for line in BufReader::new(f).lines().map_while(Result::ok) {
+                lines += 1;
                 #[derive(Deserialize)]
                 struct Numbered {
                     seq: u64,
                 }
-                if let Ok(n) = serde_json::from_str::<Numbered>(&line) {
-                    last = last.max(n.seq);
-                }
-                // A torn last line (crash mid-append) is skipped.
-                if let Ok(e) = serde_json::from_str::<Event>(&line) {
-                    if backlog.len() == BACKLOG {
-                        backlog.pop_front();
+                match serde_json::from_str::<Event>(&line) {
+                    Ok(e) => {
+                        last = last.max(e.seq);
+                        if backlog.len() == BACKLOG {
+                            backlog.pop_front();
+                        }
+                        backlog.push_back(e);
                     }
-                    backlog.push_back(e);
+                    // A torn last line (crash mid-append) is skipped.
+                    Err(_) => {
+                        if let Ok(n) = serde_json::from_str::<Numbered>(&line) {
+                            last = last.max(n.seq);
+                        }
+                    }
                 }
             }
         }
         let next = last + 1;
-        let mut text = Vec::new();
-        for e in &backlog {
-            if let Ok(mut l) = serde_json::to_vec(e) {
-                l.push(b'\n');
-                text.extend(l);
+        // Compacted to the backlog once it holds twice that: rewriting (and syncing) 10,000
+        // lines at every start would delay the API for nothing.
+        // A torn last line (no newline) is dropped by a compaction too, or the next event
+        // would be appended to it.
+        let torn = (|| -> std::io::Result<bool> {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut f = File::open(&path)?;
+            if f.seek(SeekFrom::End(0))? == 0 {
+                return Ok(false);
+            }
+            f.seek(SeekFrom::End(-1))?;
+            let mut b = [0u8; 1];
+            f.read_exact(&mut b)?;
+            Ok(b[0] != b'\n')
+        })()
+        .unwrap_or(false);
+        if lines > 2 * BACKLOG || torn {
+            let mut text = Vec::new();
+            for e in &backlog {
+                if let Ok(mut l) = serde_json::to_vec(e) {
+                    l.push(b'\n');
+                    text.extend(l);
+                }
+            }
+            if let Err(e) = super::store::write_atomic(&path, &text) {
+                tracing::warn!("cannot compact the event log: {e}");
             }
         }
-        if let Err(e) = super::store::write_atomic(&path, &text) {
-            tracing::warn!("cannot compact the event log: {e}");
-        }
-        let file = OpenOptions::new().append(true).open(&path).ok();
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .ok();
         let (tx, _) = broadcast::channel(4096);
         Self {
             inner: Mutex::new(Inner {

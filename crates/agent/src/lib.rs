@@ -240,8 +240,10 @@ impl Agent {
     /// Opens the state directory and loads every record: enough to answer reads. Nothing is
     /// re-adopted and no change is taken until [`Agent::recover_and_wire`] has recovered.
     pub fn load(config: AgentConfig) -> Result<Arc<Self>, AgentError> {
+        let t = std::time::Instant::now();
         let store = Store::open(&config.state_dir)?;
         let records = store.load_all()?;
+        let n = records.len();
         let events = Events::open(store.root());
         let net = network::Network::open(store.root(), config.network.clone())?;
         let images = images::Images::open(store.root())?;
@@ -256,6 +258,11 @@ impl Agent {
             images,
             recovered: watch::channel(false).0,
         });
+        tracing::info!(
+            vms = n,
+            ms = t.elapsed().as_millis() as u64,
+            "records loaded"
+        );
         {
             let mut vms = lock(&agent.vms);
             for rec in records {
@@ -278,6 +285,7 @@ impl Agent {
     /// meanwhile: they show the records as last written.
     pub async fn recover_and_wire(self: &Arc<Self>) {
         let t = std::time::Instant::now();
+        self.store.sweep_temp();
         self.recover().await;
         self.recovered.send_replace(true);
         tracing::info!(
@@ -760,10 +768,15 @@ impl Agent {
     /// the VM's `disks[].link`, and emits `disk-down` / `disk-up` events (run periodically).
     pub async fn watch_remote_disks(self: &Arc<Self>) {
         for e in self.entries() {
-            let rec = Self::snapshot(&e);
-            if !rec.state.has_vmm() || !rec.spec.disks.iter().any(|d| d.is_remote()) {
-                continue;
-            }
+            // Looked at under the lock; only a VM with a remote disk is copied (this runs every
+            // 2 s over every VM).
+            let rec = {
+                let r = lock(&e.rec);
+                if !r.state.has_vmm() || !r.spec.disks.iter().any(|d| d.is_remote()) {
+                    continue;
+                }
+                r.clone()
+            };
             let Ok((Some(info), _)) =
                 vmm_process::call(&self.vm_dir(&rec.id), &bexar_vmm::control::Request::Info).await
             else {

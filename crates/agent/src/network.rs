@@ -61,6 +61,12 @@ pub(super) struct Network {
     active: std::sync::atomic::AtomicBool,
     /// The nftables tables, and what was last seen in them.
     filter: std::sync::Arc<nft::Filter>,
+    /// Link and address changes since the last sync looked.
+    watch: Mutex<Option<netlink::LinkWatch>>,
+    /// What the last full sync found (taken while a sync runs, kept only if it succeeds).
+    last: Mutex<Option<LastSync>>,
+    /// The record version the DHCP bindings were last built from.
+    bindings_at: Mutex<Option<u64>>,
     /// Router advertisement threads (stop flag, thread), per segment.
     ra: Mutex<HashMap<String, Service>>,
     /// DHCP server threads and their bindings, per segment with IPv4.
@@ -102,6 +108,9 @@ impl Network {
             marks: Mutex::new(HashMap::new()),
             active: std::sync::atomic::AtomicBool::new(true),
             filter: Default::default(),
+            watch: Mutex::new(None),
+            last: Mutex::new(None),
+            bindings_at: Mutex::new(None),
             ra: Mutex::new(HashMap::new()),
             dhcp: Mutex::new(HashMap::new()),
         })
@@ -123,6 +132,13 @@ impl Network {
     pub(super) fn owner_of_mark(&self, mark: u32) -> Option<NicOwner> {
         lock(&self.marks).get(&mark).cloned()
     }
+}
+
+/// What a sync found, for the next one to reuse while nothing changes.
+struct LastSync {
+    plan: netplan::NetPlan,
+    links: Vec<Link>,
+    tap_index: HashMap<String, u32>,
 }
 
 /// Why the kernel's side of the network could not be made to match the records.
@@ -289,6 +305,7 @@ impl Agent {
     /// router advertisements and DHCP; and removes links the agent made that nothing wants any
     /// more. Observe, plan (`netplan`, pure), apply the difference.
     pub async fn sync_network(&self) -> Result<(), AgentError> {
+        let began = std::time::Instant::now();
         let segs: BTreeMap<String, SegmentSpec> = lock(&self.net.segments).clone();
         let nics: Vec<(String, usize, NicState)> = self
             .entries()
@@ -312,108 +329,134 @@ impl Agent {
             return Ok(());
         }
         let _guard = self.net.sync.lock().await;
-        let nl = self.net.netlink()?;
-        let observed = nl.links().await.map_err(net_err)?;
-        let ops = netplan::link_ops(&plan, &observed);
-
-        // Links to make: bridges, then the uplink VLAN interfaces on them.
-        let mut deletes = Vec::new();
-        let mut made = false;
-        for op in ops {
-            made |= !matches!(op, LinkOp::Delete { .. });
-            match op {
-                LinkOp::AddBridge { name, alias, mac } => {
-                    nl.add_bridge(&name, &alias, mac).await.map_err(net_err)?
-                }
-                LinkOp::AddVlan { name, on, vlan } => {
-                    let base = find(&observed, &on)
-                        .ok_or_else(|| net_err(format!("uplink {on} does not exist")))?
-                        .index;
-                    nl.add_vlan(&name, base, vlan).await.map_err(net_err)?;
-                }
-                LinkOp::Delete { index, name } => deletes.push((index, name)),
+        // Quiet: no link or address changed since the last pass, which made this same plan;
+        // then what it found stands, and only the filter (which has its own check) is looked at.
+        let changed = {
+            let mut w = lock(&self.net.watch);
+            if w.is_none() {
+                *w = netlink::LinkWatch::open().ok();
             }
-        }
-        // Links made just now have indexes only the kernel knows: list them again then.
-        let links = if made {
-            nl.links().await.map_err(net_err)?
-        } else {
-            observed
+            w.as_mut().is_none_or(|w| w.changed())
         };
+        let last = lock(&self.net.last).take();
+        let (links, tap_index, taps_fixed) = match last {
+            Some(l) if !changed && l.plan == plan => (l.links, l.tap_index, 0),
+            _ => {
+                let nl = self.net.netlink()?;
+                let observed = nl.links().await.map_err(net_err)?;
+                let ops = netplan::link_ops(&plan, &observed);
 
-        // Every bridge's settings, addresses and route (idempotent, so applied every time).
-        for b in &plan.bridges {
-            let bl = find(&links, &b.name)
-                .cloned()
-                .ok_or_else(|| net_err(format!("{} did not appear", b.name)))?;
-            let br = &b.name;
-            let _ = netlink::sysctl(
-                &format!("net/ipv6/conf/{br}/disable_ipv6"),
-                if b.ipv6 { "0" } else { "1" },
-            );
-            let _ = netlink::sysctl(&format!("net/ipv6/conf/{br}/accept_dad"), "0");
-            let _ = netlink::sysctl(&format!("net/ipv6/conf/{br}/accept_ra"), "0");
-            let _ = netlink::sysctl(&format!("net/ipv4/conf/{br}/arp_ignore"), "1");
-            nl.set_link(bl.index, &b.alias, None, true)
-                .await
-                .map_err(net_err)?;
-            let have = nl.addresses(bl.index).await.map_err(net_err)?;
-            for a in b.addresses.iter().filter(|a| !have.contains(a)) {
-                nl.add_address(bl.index, *a).await.map_err(net_err)?;
-            }
-            if let Some(subnet) = b.metadata_route {
-                // Metadata replies reach bridged guests through their bridge.
-                nl.add_link_route(bl.index, subnet, IMDS_ADDR)
-                    .await
-                    .map_err(net_err)?;
-            }
-            if let Some(u) = &b.uplink {
-                // The uplink carries the segment tagged with its VLAN.
-                let ul =
-                    find(&links, &u.name).ok_or_else(|| net_err(format!("{} missing", u.name)))?;
-                let _ = netlink::sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", u.name), "1");
-                nl.set_link(ul.index, &u.alias, Some(bl.index), true)
-                    .await
-                    .map_err(net_err)?;
-            }
-        }
-
-        // One TAP per segment NIC, a port of its segment's bridge. One listing says which are
-        // as wanted already; only the others are made or set (at 500 NICs, three calls per
-        // TAP on every repair pass were most of its time).
-        let mut tap_index = HashMap::new();
-        let mut taps_fixed = 0usize;
-        for t in &plan.taps {
-            let Some(bl) = find(&links, &t.bridge) else {
-                continue;
-            };
-            let alias = netplan::tap_alias(&t.vm, t.index);
-            let index = match find(&links, &t.nic.tap) {
-                Some(l)
-                    if l.up
-                        && l.controller == Some(bl.index)
-                        && l.alias.as_deref() == Some(&alias) =>
-                {
-                    l.index
+                // Links to make: bridges, then the uplink VLAN interfaces on them.
+                let mut deletes = Vec::new();
+                let mut made = false;
+                for op in ops {
+                    made |= !matches!(op, LinkOp::Delete { .. });
+                    match op {
+                        LinkOp::AddBridge { name, alias, mac } => {
+                            nl.add_bridge(&name, &alias, mac).await.map_err(net_err)?
+                        }
+                        LinkOp::AddVlan { name, on, vlan } => {
+                            let base = find(&observed, &on)
+                                .ok_or_else(|| net_err(format!("uplink {on} does not exist")))?
+                                .index;
+                            nl.add_vlan(&name, base, vlan).await.map_err(net_err)?;
+                        }
+                        LinkOp::Delete { index, name } => deletes.push((index, name)),
+                    }
                 }
-                _ => {
-                    taps_fixed += 1;
-                    ensure_tap(&nl, &t.vm, t.index, &t.nic, bl.index).await?
-                }
-            };
-            tap_index.insert(t.nic.tap.clone(), index);
-        }
-        for (vm, i, tap) in &plan.orphans {
-            tracing::error!(vm = %vm, "NIC {i} ({tap}) is on a segment that does not exist");
-        }
+                // Links made just now have indexes only the kernel knows: list them again then.
+                let links = if made {
+                    nl.links().await.map_err(net_err)?
+                } else {
+                    observed
+                };
 
-        // Whatever the agent made that nothing wants any more.
-        for (index, name) in deletes {
-            tracing::info!("removing {name}");
-            if let Err(e) = nl.del_link(index).await {
-                tracing::warn!("cannot remove {name}: {e}");
+                // Every bridge's settings, addresses and route (idempotent, so applied every time).
+                for b in &plan.bridges {
+                    let bl = find(&links, &b.name)
+                        .cloned()
+                        .ok_or_else(|| net_err(format!("{} did not appear", b.name)))?;
+                    let br = &b.name;
+                    let _ = netlink::sysctl(
+                        &format!("net/ipv6/conf/{br}/disable_ipv6"),
+                        if b.ipv6 { "0" } else { "1" },
+                    );
+                    let _ = netlink::sysctl(&format!("net/ipv6/conf/{br}/accept_dad"), "0");
+                    let _ = netlink::sysctl(&format!("net/ipv6/conf/{br}/accept_ra"), "0");
+                    let _ = netlink::sysctl(&format!("net/ipv4/conf/{br}/arp_ignore"), "1");
+                    // Only when it differs: a link set is announced to every listener (our own
+                    // link watch included) even when it changes nothing.
+                    if bl.alias.as_deref() != Some(b.alias.as_str()) || !bl.up {
+                        nl.set_link(bl.index, &b.alias, None, true)
+                            .await
+                            .map_err(net_err)?;
+                    }
+                    let have = nl.addresses(bl.index).await.map_err(net_err)?;
+                    for a in b.addresses.iter().filter(|a| !have.contains(a)) {
+                        nl.add_address(bl.index, *a).await.map_err(net_err)?;
+                    }
+                    if let Some(subnet) = b.metadata_route {
+                        // Metadata replies reach bridged guests through their bridge.
+                        nl.add_link_route(bl.index, subnet, IMDS_ADDR)
+                            .await
+                            .map_err(net_err)?;
+                    }
+                    if let Some(u) = &b.uplink {
+                        // The uplink carries the segment tagged with its VLAN.
+                        let ul = find(&links, &u.name)
+                            .ok_or_else(|| net_err(format!("{} missing", u.name)))?;
+                        let _ =
+                            netlink::sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", u.name), "1");
+                        if ul.alias.as_deref() != Some(u.alias.as_str())
+                            || !ul.up
+                            || ul.controller != Some(bl.index)
+                        {
+                            nl.set_link(ul.index, &u.alias, Some(bl.index), true)
+                                .await
+                                .map_err(net_err)?;
+                        }
+                    }
+                }
+
+                // One TAP per segment NIC, a port of its segment's bridge. One listing says which are
+                // as wanted already; only the others are made or set (at 500 NICs, three calls per
+                // TAP on every repair pass were most of its time).
+                let mut tap_index = HashMap::new();
+                let mut taps_fixed = 0usize;
+                for t in &plan.taps {
+                    let Some(bl) = find(&links, &t.bridge) else {
+                        continue;
+                    };
+                    let alias = netplan::tap_alias(&t.vm, t.index);
+                    let index = match find(&links, &t.nic.tap) {
+                        Some(l)
+                            if l.up
+                                && l.controller == Some(bl.index)
+                                && l.alias.as_deref() == Some(&alias) =>
+                        {
+                            l.index
+                        }
+                        _ => {
+                            taps_fixed += 1;
+                            ensure_tap(&nl, &t.vm, t.index, &t.nic, bl.index).await?
+                        }
+                    };
+                    tap_index.insert(t.nic.tap.clone(), index);
+                }
+                for (vm, i, tap) in &plan.orphans {
+                    tracing::error!(vm = %vm, "NIC {i} ({tap}) is on a segment that does not exist");
+                }
+
+                // Whatever the agent made that nothing wants any more.
+                for (index, name) in deletes {
+                    tracing::info!("removing {name}");
+                    if let Err(e) = nl.del_link(index).await {
+                        tracing::warn!("cannot remove {name}: {e}");
+                    }
+                }
+                (links, tap_index, taps_fixed)
             }
-        }
+        };
 
         // Filters and routing policy: only what differs from the kernel's tables.
         let (rules, marks) = netplan::ruleset(&plan, &segs, &tap_index);
@@ -438,6 +481,7 @@ impl Agent {
                     added = report.added,
                     removed = report.removed,
                     taps_fixed,
+                    ms = began.elapsed().as_millis() as u64,
                     "network brought in line with the records"
                 );
             }
@@ -480,10 +524,12 @@ impl Agent {
         drop(ra);
         let mut dhcp = lock(&self.net.dhcp);
         dhcp.retain(|id, (w, _)| plan.dhcp.iter().any(|d| &d.segment == id) && w.is_running());
+        let mut started_dhcp = false;
         for d in &plan.dhcp {
             if dhcp.contains_key(&d.segment) {
                 continue;
             }
+            started_dhcp = true;
             let bindings = Bindings::default();
             let server = bexar_hostnet::dhcp::Server {
                 ifname: d.bridge.clone(),
@@ -493,12 +539,20 @@ impl Agent {
             dhcp.insert(d.segment.clone(), (server.start(), bindings));
         }
         drop(dhcp);
-        self.refresh_bindings();
+        if started_dhcp || *lock(&self.net.bindings_at) != Some(*self.version.borrow()) {
+            self.refresh_bindings();
+        }
+        *lock(&self.net.last) = Some(LastSync {
+            plan,
+            links,
+            tap_index,
+        });
         Ok(())
     }
 
     /// Rewrites the DHCP bindings of every segment from the VM records.
     pub(super) fn refresh_bindings(&self) {
+        *lock(&self.net.bindings_at) = Some(*self.version.borrow());
         let segs = lock(&self.net.segments).clone();
         let mut per: HashMap<String, HashMap<[u8; 6], Binding>> = HashMap::new();
         for e in self.entries() {

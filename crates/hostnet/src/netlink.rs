@@ -258,3 +258,41 @@ impl Netlink {
 pub fn sysctl(path: &str, value: &str) -> std::io::Result<()> {
     std::fs::write(format!("/proc/sys/{path}"), value)
 }
+
+/// Tells whether any link or address changed in this network namespace since it last looked:
+/// a route netlink socket subscribed to the link and address groups, drained without waiting.
+/// The kernel tells every listener of every change, whoever makes it, so a repair pass that
+/// finds nothing here has nothing to compare.
+pub struct LinkWatch {
+    sock: netlink_sys::Socket,
+}
+
+impl LinkWatch {
+    /// Subscribes (RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR).
+    pub fn open() -> std::io::Result<Self> {
+        use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+        const GROUPS: u32 = 0x1 | 0x10 | 0x100;
+        let mut sock = Socket::new(NETLINK_ROUTE)?;
+        sock.bind(&SocketAddr::new(0, GROUPS))?;
+        sock.set_non_blocking(true)?;
+        Ok(Self { sock })
+    }
+
+    /// Whether anything changed since the last call (or the socket overflowed, or failed:
+    /// then it cannot say, which counts as changed).
+    pub fn changed(&mut self) -> bool {
+        let mut changed = false;
+        let mut buf = Vec::with_capacity(64 * 1024);
+        loop {
+            buf.clear();
+            match self.sock.recv(&mut buf, 0) {
+                Ok(0) => return changed,
+                Ok(_) => changed = true,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return changed,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // ENOBUFS: messages were lost.
+                Err(_) => return true,
+            }
+        }
+    }
+}

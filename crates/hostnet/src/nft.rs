@@ -562,12 +562,19 @@ impl SyncReport {
     }
 }
 
-/// What the kernel was last seen to hold, and the ruleset generation then.
+/// What the kernel was last seen to hold (the ruleset, its NICs by TAP), and the ruleset
+/// generation then.
 #[derive(Debug, Clone, PartialEq)]
 struct Seen {
     generation: u32,
-    elements: BTreeSet<Element>,
-    inet: Value,
+    rules: Ruleset,
+}
+
+/// The ruleset with its NICs in TAP order, as [`Seen`] keeps it.
+fn canonical(rules: &Ruleset) -> Ruleset {
+    let mut r = rules.clone();
+    r.nics.sort_by(|a, b| a.tap.cmp(&b.tap));
+    r
 }
 
 /// The agent's filter: applies the desired ruleset as a difference from what the kernel
@@ -582,16 +589,17 @@ impl Filter {
     /// changed since the last sync), rewrites a table whose shape is not the wanted one, and
     /// otherwise adds and removes only the set elements that differ, in one transaction.
     pub fn sync(&self, rules: &Ruleset) -> Result<SyncReport, NftError> {
-        let elements = rules.elements();
-        let inet = rules.inet_doc();
+        let rules = canonical(rules);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let before = generation().ok();
         if let (Some(g), Some(s)) = (before, seen.as_ref()) {
-            if s.generation == g && s.elements == elements && s.inet == inet {
+            if s.generation == g && s.rules == rules {
                 return Ok(SyncReport::default());
             }
         }
         *seen = None;
+        let elements = rules.elements();
+        let inet = rules.inet_doc();
         let mut report = SyncReport {
             listed: true,
             ..SyncReport::default()
@@ -631,8 +639,7 @@ impl Filter {
             if a == b.wrapping_add(transactions) {
                 *seen = Some(Seen {
                     generation: a,
-                    elements,
-                    inet,
+                    rules,
                 });
             }
         }
@@ -655,16 +662,14 @@ impl Filter {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let before = generation().ok();
         let mut script = String::new();
-        // The TAP's old mark goes first: a map will not take a second value for a key.
+        // The TAP's old elements go first (a map will not take a second value for a key).
         let old: BTreeSet<Element> = seen
             .as_ref()
-            .map(|s| {
-                s.elements
-                    .iter()
-                    .filter(|e| {
-                        matches!(e, Element::Mark(t, _) if *t == n.tap) && !mine.contains(e)
-                    })
-                    .cloned()
+            .and_then(|s| s.rules.nics.iter().find(|o| o.tap == n.tap))
+            .map(|o| {
+                nic_elements(o)
+                    .into_iter()
+                    .filter(|e| !mine.contains(e))
                     .collect()
             })
             .unwrap_or_default();
@@ -679,11 +684,10 @@ impl Filter {
                 if r.is_ok() && s.generation == b && a == b.wrapping_add(1) =>
             {
                 s.generation = a;
+                s.rules.nics.retain(|o| o.tap != n.tap);
                 if add {
-                    s.elements.retain(|e| !old.contains(e));
-                    s.elements.extend(mine);
-                } else {
-                    s.elements.retain(|e| !mine.contains(e));
+                    let at = s.rules.nics.partition_point(|o| o.tap < n.tap);
+                    s.rules.nics.insert(at, n.clone());
                 }
             }
             _ => *seen = None,
