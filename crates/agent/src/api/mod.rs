@@ -694,21 +694,27 @@ async fn list_vms(State(st): St, Query(p, _): Query<ListVmsParams>) -> Result<Re
     let (vms, next) = st
         .agent
         .list_page(p.get("selector"), state, p.get("after"), limit);
+    /// One page, serialised straight from the records.
+    #[derive(serde::Serialize)]
+    struct Page<T> {
+        items: Vec<T>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
+    }
+    let Some(fields) = fields else {
+        return Ok(Json(Page { items: vms, next }).into_response());
+    };
     let items: Vec<serde_json::Value> = vms
         .iter()
         .map(|r| {
             let mut v = serde_json::to_value(r).unwrap_or_default();
-            if let (Some(f), Some(o)) = (&fields, v.as_object_mut()) {
-                o.retain(|k, _| f.contains(&k.as_str()));
+            if let Some(o) = v.as_object_mut() {
+                o.retain(|k, _| fields.contains(&k.as_str()));
             }
             v
         })
         .collect();
-    let mut body = serde_json::json!({ "items": items });
-    if let Some(n) = next {
-        body["next"] = n.into();
-    }
-    Ok(Json(body).into_response())
+    Ok(Json(Page { items, next }).into_response())
 }
 
 /// Runs an operation on its own task, to its end or its recorded failure, whatever the caller
