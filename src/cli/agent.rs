@@ -190,7 +190,13 @@ pub fn main(a: &AgentArgs) -> ExitCode {
             match bexar_agent::imds::bind(addr) {
                 Ok(l) => {
                     tracing::info!(%addr, "metadata service listening");
-                    tokio::spawn(bexar_agent::imds::serve(agent.clone(), l, a.zone.clone()));
+                    // Connections wait in the backlog until the first network pass has told the
+                    // service which NIC is which: before that it could only refuse every guest.
+                    let (imds, zone) = (agent.clone(), a.zone.clone());
+                    tokio::spawn(async move {
+                        imds.wired().await;
+                        bexar_agent::imds::serve(imds, l, zone).await
+                    });
                 }
                 Err(e) => tracing::error!("metadata service cannot listen on {addr}: {e}"),
             }

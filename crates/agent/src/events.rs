@@ -152,6 +152,12 @@ impl Events {
             }
             if let Err(e) = super::store::write_atomic(&path, &text) {
                 tracing::warn!("cannot compact the event log: {e}");
+                if torn {
+                    // At least end the torn line, so the next event is a line of its own.
+                    if let Ok(mut f) = OpenOptions::new().append(true).open(&path) {
+                        let _ = f.write_all(b"\n");
+                    }
+                }
             }
         }
         let file = OpenOptions::new()

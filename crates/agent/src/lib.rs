@@ -225,6 +225,8 @@ pub struct Agent {
     pub images: images::Images,
     /// Whether recovery after the agent started has finished (changes wait for it).
     recovered: watch::Sender<bool>,
+    /// Whether the first network pass after start has run.
+    wired: watch::Sender<bool>,
 }
 
 impl Agent {
@@ -257,6 +259,7 @@ impl Agent {
             net,
             images,
             recovered: watch::channel(false).0,
+            wired: watch::channel(false).0,
         });
         tracing::info!(
             vms = n,
@@ -284,6 +287,16 @@ impl Agent {
     /// are taken), and brings the network in line with the records. The API may serve reads
     /// meanwhile: they show the records as last written.
     pub async fn recover_and_wire(self: &Arc<Self>) {
+        /// Says "recovered" and "wired" whatever happens, a panic included: changes would
+        /// otherwise wait for ever behind a failure that reads do not show.
+        struct Done<'a>(&'a Agent);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.recovered.send_replace(true);
+                self.0.wired.send_replace(true);
+            }
+        }
+        let done = Done(self);
         let t = std::time::Instant::now();
         self.store.sweep_temp();
         self.recover().await;
@@ -303,6 +316,14 @@ impl Agent {
             ),
             Err(e) => tracing::error!("cannot set up the network: {e}"),
         }
+        drop(done);
+    }
+
+    /// Waits until the first network pass after start has run (the metadata service knows
+    /// its NICs from then on).
+    pub async fn wired(&self) {
+        let mut rx = self.wired.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
     }
 
     /// Waits until recovery after start has finished.

@@ -67,6 +67,8 @@ pub(super) struct Network {
     last: Mutex<Option<LastSync>>,
     /// The record version the DHCP bindings were last built from.
     bindings_at: Mutex<Option<u64>>,
+    /// Sync passes so far (every tenth is a full one).
+    quiet_passes: std::sync::atomic::AtomicU32,
     /// Router advertisement threads (stop flag, thread), per segment.
     ra: Mutex<HashMap<String, Service>>,
     /// DHCP server threads and their bindings, per segment with IPv4.
@@ -111,6 +113,7 @@ impl Network {
             watch: Mutex::new(None),
             last: Mutex::new(None),
             bindings_at: Mutex::new(None),
+            quiet_passes: Default::default(),
             ra: Mutex::new(HashMap::new()),
             dhcp: Mutex::new(HashMap::new()),
         })
@@ -339,8 +342,15 @@ impl Agent {
             w.as_mut().is_none_or(|w| w.changed())
         };
         let last = lock(&self.net.last).take();
+        let same_plan = last.as_ref().is_some_and(|l| l.plan == plan);
+        // Every tenth pass looks anyway: for what no event announces (a sysctl set by hand).
+        let passes = self
+            .net
+            .quiet_passes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let quiet = !changed && same_plan && passes % 10 != 9;
         let (links, tap_index, taps_fixed) = match last {
-            Some(l) if !changed && l.plan == plan => (l.links, l.tap_index, 0),
+            Some(l) if quiet => (l.links, l.tap_index, 0),
             _ => {
                 let nl = self.net.netlink()?;
                 let observed = nl.links().await.map_err(net_err)?;
@@ -458,6 +468,7 @@ impl Agent {
             }
         };
 
+        let links_ms = began.elapsed().as_secs_f64() * 1e3;
         // Filters and routing policy: only what differs from the kernel's tables.
         let (rules, marks) = netplan::ruleset(&plan, &segs, &tap_index);
         let filter = self.net.filter.clone();
@@ -541,6 +552,21 @@ impl Agent {
         drop(dhcp);
         if started_dhcp || *lock(&self.net.bindings_at) != Some(*self.version.borrow()) {
             self.refresh_bindings();
+        }
+        tracing::debug!(
+            quiet,
+            changed,
+            same_plan,
+            links_ms,
+            ms = began.elapsed().as_secs_f64() * 1e3,
+            "network pass"
+        );
+        if !quiet {
+            // What this pass changed itself was announced too; it is in line now. (A change
+            // someone else made meanwhile waits for the next pass that looks anyway.)
+            if let Some(w) = lock(&self.net.watch).as_mut() {
+                w.changed();
+            }
         }
         *lock(&self.net.last) = Some(LastSync {
             plan,

@@ -174,7 +174,10 @@ impl Store {
                 continue;
             };
             // The type comes with the directory listing: no stat per VM.
-            if super::spec::valid_id(&id) && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            let dir = entry
+                .file_type()
+                .is_ok_and(|t| t.is_dir() || (t.is_symlink() && entry.path().is_dir()));
+            if super::spec::valid_id(&id) && dir {
                 dirs.push((id, entry.path()));
             }
         }
@@ -193,9 +196,11 @@ impl Store {
                     })
                 })
                 .collect();
+            // A loader that panicked must not make its VMs look absent (recovery would then
+            // kill their VMMs as owned by no one): the panic goes on.
             workers
                 .into_iter()
-                .flat_map(|w| w.join().unwrap_or_default())
+                .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
                 .collect()
         });
         out.sort_by(|a, b| a.id.cmp(&b.id));

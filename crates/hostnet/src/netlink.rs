@@ -268,10 +268,11 @@ pub struct LinkWatch {
 }
 
 impl LinkWatch {
-    /// Subscribes (RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR).
+    /// Subscribes (RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR: the
+    /// metadata route is an IPv4 route).
     pub fn open() -> std::io::Result<Self> {
         use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
-        const GROUPS: u32 = 0x1 | 0x10 | 0x100;
+        const GROUPS: u32 = 0x1 | 0x10 | 0x40 | 0x100;
         let mut sock = Socket::new(NETLINK_ROUTE)?;
         sock.bind(&SocketAddr::new(0, GROUPS))?;
         sock.set_non_blocking(true)?;

@@ -661,6 +661,16 @@ impl Filter {
         let mine: BTreeSet<Element> = nic_elements(n).into_iter().collect();
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let before = generation().ok();
+        // Nothing to do if the kernel holds what was seen and that is already so (a VM that
+        // starts again: a full sync made its elements when it was created). Running nft then
+        // would commit nothing, leave the generation where it was, and lose the cache.
+        if let (Some(s), Some(b)) = (seen.as_ref(), before) {
+            let has = s.rules.nics.iter().any(|o| o == n);
+            let knows_tap = s.rules.nics.iter().any(|o| o.tap == n.tap);
+            if s.generation == b && ((add && has) || (!add && !knows_tap)) {
+                return Ok(());
+            }
+        }
         let mut script = String::new();
         // The TAP's old elements go first (a map will not take a second value for a key).
         let old: BTreeSet<Element> = seen

@@ -100,10 +100,13 @@ pub const COUNTERS_FRESH: Duration = Duration::from_secs(5);
 /// VMMs asked at once by a refresh: each question holds a socket.
 const ASK_AT_ONCE: usize = 32;
 
+/// Each running VM's counters, by id.
+type Counters = Arc<Vec<(String, Info)>>;
+
 /// The VMMs' counters as last asked, by VM.
 #[derive(Debug, Default)]
 pub struct VmCounters {
-    held: Mutex<Option<(Instant, Arc<Vec<(String, Info)>>)>>,
+    held: Mutex<Option<(Instant, Counters)>>,
     refreshing: AtomicBool,
 }
 
@@ -128,7 +131,7 @@ impl VmCounters {
 
     /// What is held and its age; starts a background refresh if it is stale (only the first
     /// call, with nothing held, waits for one).
-    pub async fn get(self: &Arc<Self>, agent: &Arc<Agent>) -> (Arc<Vec<(String, Info)>>, Duration) {
+    pub async fn get(self: &Arc<Self>, agent: &Arc<Agent>) -> (Counters, Duration) {
         let held = lock(&self.held).clone();
         match held {
             None => {
@@ -140,8 +143,15 @@ impl VmCounters {
                 if at.elapsed() > COUNTERS_FRESH && !self.refreshing.swap(true, Ordering::AcqRel) {
                     let (me, agent) = (self.clone(), agent.clone());
                     tokio::spawn(async move {
+                        /// Lowers the flag however the refresh ends.
+                        struct Lower<'a>(&'a AtomicBool);
+                        impl Drop for Lower<'_> {
+                            fn drop(&mut self) {
+                                self.0.store(false, Ordering::Release);
+                            }
+                        }
+                        let _lower = Lower(&me.refreshing);
                         me.refresh(&agent).await;
-                        me.refreshing.store(false, Ordering::Release);
                     });
                 }
                 (infos, at.elapsed())
