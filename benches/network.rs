@@ -80,14 +80,7 @@ fn main() {
     let bexar = common::bexar();
     let guest = common::testguest();
     let n = common::env_count("BEXAR_BENCH_VMS", 30);
-    let ns = format!("bxbench-{}", std::process::id());
-    let dir = std::env::temp_dir().join(format!("bexar-bench-net-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    assert!(Command::new("ip")
-        .args(["netns", "add", &ns])
-        .status()
-        .unwrap()
-        .success());
+    let (ns, dir) = common::netns_and_dir("bxbench");
     let mut clean = Cleanup {
         ns: ns.clone(),
         dir: dir.clone(),

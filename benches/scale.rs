@@ -166,6 +166,27 @@ fn logged_ms(host: &Host, what: &str, before: usize, within: Duration) -> Option
 
 type Row = BTreeMap<&'static str, f64>;
 
+/// Asserts a reply's status, showing its body if it differs.
+fn expect(r: &bexar_agent::api::client::Reply, status: u16) {
+    assert_eq!(
+        r.status.as_u16(),
+        status,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+}
+
+/// Each GET's time, ms (each must answer 200).
+async fn timed_gets(c: &Client, paths: impl Iterator<Item = String>) -> Vec<f64> {
+    let mut out = Vec::new();
+    for p in paths {
+        let t = Instant::now();
+        expect(&c.get(&p).await.unwrap(), 200);
+        out.push(ms(t));
+    }
+    out
+}
+
 fn main() {
     let guest = common::testguest();
     let levels: Vec<usize> = std::env::var("BEXAR_SCALE_LEVELS")
@@ -174,14 +195,7 @@ fn main() {
         .filter_map(|x| x.trim().parse().ok())
         .collect();
     let idle = Duration::from_secs(common::env_count("BEXAR_SCALE_IDLE_S", 10) as u64);
-    let ns = format!("bxscale-{}", std::process::id());
-    let dir = std::env::temp_dir().join(format!("bexar-bench-scale-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    assert!(Command::new("ip")
-        .args(["netns", "add", &ns])
-        .status()
-        .unwrap()
-        .success());
+    let (ns, dir) = common::netns_and_dir("bxscale");
     let mut host = Host {
         ns,
         dir,
@@ -205,12 +219,7 @@ fn main() {
             )
             .await
             .unwrap();
-        assert_eq!(
-            r.status.as_u16(),
-            201,
-            "{}",
-            String::from_utf8_lossy(&r.body)
-        );
+        expect(&r, 201);
     });
 
     let mut rows: Vec<(usize, Row)> = Vec::new();
@@ -231,12 +240,7 @@ fn main() {
                     .post("/v1/vms?start=true", &spec(i, &guest))
                     .await
                     .unwrap();
-                assert_eq!(
-                    r.status.as_u16(),
-                    201,
-                    "{}",
-                    String::from_utf8_lossy(&r.body)
-                );
+                expect(&r, 201);
                 lat.push(ms(t));
                 made[i] = true;
             }
@@ -262,45 +266,19 @@ fn main() {
 
         // Reads.
         rt.block_on(async {
-            let mut list = Vec::new();
-            for _ in 0..50 {
-                let t = Instant::now();
-                let r = c.get("/v1/vms").await.unwrap();
-                assert_eq!(r.status.as_u16(), 200);
-                list.push(ms(t));
-            }
+            // VMs picked across the host (7,919 is prime, so k * 7919 % n walks all of them).
+            let some = |k: usize| format!("vm-{:05}", (k * 7919) % n);
+            let mut list = timed_gets(&c, (0..50).map(|_| "/v1/vms".to_owned())).await;
             row.insert("list p50 ms", percentile(&mut list, 0.5));
             row.insert("list p99 ms", percentile(&mut list, 0.99));
-            let mut page = Vec::new();
-            for k in 0..50 {
-                let t = Instant::now();
-                let r = c
-                    .get(&format!("/v1/vms?limit=100&after=vm-{:05}", (k * 7919) % n))
-                    .await
-                    .unwrap();
-                assert_eq!(r.status.as_u16(), 200);
-                page.push(ms(t));
-            }
+            let pages = (0..50).map(|k| format!("/v1/vms?limit=100&after={}", some(k)));
+            let mut page = timed_gets(&c, pages).await;
             row.insert("list page of 100 p99 ms", percentile(&mut page, 0.99));
-            let mut get = Vec::new();
-            for k in 0..100 {
-                let t = Instant::now();
-                let r = c
-                    .get(&format!("/v1/vms/vm-{:05}", (k * 7919) % n))
-                    .await
-                    .unwrap();
-                assert_eq!(r.status.as_u16(), 200);
-                get.push(ms(t));
-            }
+            let gets = (0..100).map(|k| format!("/v1/vms/{}", some(k)));
+            let mut get = timed_gets(&c, gets).await;
             row.insert("get p99 ms", percentile(&mut get, 0.99));
             let _ = c.get("/v1/metrics").await.unwrap();
-            let mut scrape = Vec::new();
-            for _ in 0..10 {
-                let t = Instant::now();
-                let r = c.get("/v1/metrics").await.unwrap();
-                assert_eq!(r.status.as_u16(), 200);
-                scrape.push(ms(t));
-            }
+            let mut scrape = timed_gets(&c, (0..10).map(|_| "/v1/metrics".to_owned())).await;
             row.insert("metrics scrape p50 ms", percentile(&mut scrape, 0.5));
         });
 

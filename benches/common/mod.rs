@@ -79,3 +79,17 @@ pub fn cold_start(bexar: &Path, guest: &Path, vcpus: u8, memory_mib: u64) -> f64
     assert!(s.success());
     t.elapsed().as_secs_f64() * 1e3
 }
+
+/// A network namespace of its own (`PREFIX-PID`) and a scratch directory for a benchmark that
+/// runs an agent inside it; the caller removes both.
+pub fn netns_and_dir(prefix: &str) -> (String, PathBuf) {
+    let ns = format!("{prefix}-{}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("bexar-{ns}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    assert!(Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .unwrap()
+        .success());
+    (ns, dir)
+}
