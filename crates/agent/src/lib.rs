@@ -229,6 +229,11 @@ pub struct Agent {
     wired: watch::Sender<bool>,
 }
 
+/// Waits until `flag` is true (it is never lowered again).
+async fn raised(flag: &watch::Sender<bool>) {
+    let _ = flag.subscribe().wait_for(|r| *r).await;
+}
+
 impl Agent {
     /// Opens the state directory, loads every VM, re-adopts running VMMs, resolves whatever
     /// a previous agent left half-done and brings the network in line: [`Agent::load`], then
@@ -322,14 +327,12 @@ impl Agent {
     /// Waits until the first network pass after start has run (the metadata service knows
     /// its NICs from then on).
     pub async fn wired(&self) {
-        let mut rx = self.wired.subscribe();
-        let _ = rx.wait_for(|r| *r).await;
+        raised(&self.wired).await
     }
 
     /// Waits until recovery after start has finished.
     pub async fn recovered(&self) {
-        let mut rx = self.recovered.subscribe();
-        let _ = rx.wait_for(|r| *r).await;
+        raised(&self.recovered).await
     }
 
     /// Whether recovery after start is still running.
@@ -377,15 +380,6 @@ impl Agent {
     pub fn get(&self, id: &str) -> Result<VmRecord, AgentError> {
         let e = self.entry(id)?;
         Ok(Self::snapshot(&e))
-    }
-
-    /// Every VM whose labels match `selector` (see [`VmSpec::matches`]), by id.
-    pub fn list(&self, selector: Option<&str>) -> Vec<VmRecord> {
-        self.entries()
-            .iter()
-            .map(|e| Self::snapshot(e))
-            .filter(|r| selector.is_none_or(|s| r.spec.matches(s)))
-            .collect()
     }
 
     /// One page of VMs by id: those after `after` whose labels match `selector` and whose

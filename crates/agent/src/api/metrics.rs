@@ -195,20 +195,17 @@ pub async fn render(
         "# HELP bexar_vm_counters_age_seconds How old the per-VM counters below are.\n# TYPE bexar_vm_counters_age_seconds gauge\nbexar_vm_counters_age_seconds {:.3}",
         age.as_secs_f64()
     );
-    let infos: Vec<(&String, Option<&Info>)> = held.iter().map(|(id, i)| (id, Some(i))).collect();
     let _ = writeln!(
         out,
         "# HELP bexar_vm_vcpu_exits_total Exits to user space per vCPU.\n# TYPE bexar_vm_vcpu_exits_total counter"
     );
-    for (id, info) in &infos {
-        if let Some(i) = info {
-            for (n, exits) in i.vcpu_exits.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "bexar_vm_vcpu_exits_total{{vm=\"{}\",vcpu=\"{n}\"}} {exits}",
-                    esc(id)
-                );
-            }
+    for (id, i) in held.iter() {
+        for (n, exits) in i.vcpu_exits.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "bexar_vm_vcpu_exits_total{{vm=\"{}\",vcpu=\"{n}\"}} {exits}",
+                esc(id)
+            );
         }
     }
     // One value per VM: (name, help line, value).
@@ -226,10 +223,7 @@ pub async fn render(
             let _ = writeln!(out, "# HELP {name} {h}");
         }
         let _ = writeln!(out, "# TYPE {name} counter");
-        for (id, i) in infos
-            .iter()
-            .filter_map(|(id, i)| i.as_ref().map(|i| (id, i)))
-        {
+        for (id, i) in held.iter() {
             let _ = writeln!(out, "{name}{{vm=\"{}\"}} {}", esc(id), value(i));
         }
     }
@@ -237,10 +231,7 @@ pub async fn render(
         out,
         "# HELP bexar_vm_device_total Virtio device counters.\n# TYPE bexar_vm_device_total counter"
     );
-    for (id, i) in infos
-        .iter()
-        .filter_map(|(id, i)| i.as_ref().map(|i| (id, i)))
-    {
+    for (id, i) in held.iter() {
         for d in &i.devices {
             for (name, v) in [
                 ("requests", d.requests),
