@@ -255,6 +255,8 @@ fn a_running_guest_snapshotted_at_random_moments_carries_on_in_new_processes() {
             &ns.name,
             env!("CARGO_BIN_EXE_bexar"),
             "run",
+            // Snapshots to a path the test chooses: a jailed run sees only its empty root.
+            "--no-jail",
         ])
         .env(
             "BEXAR_LOG",
@@ -431,7 +433,8 @@ fn damaged_snapshots_are_refused_with_a_clear_error() {
     let _ = std::fs::remove_dir_all(&dir);
     let vm = Vm::spawn({
         let mut c = bexar();
-        c.arg("run")
+        // Snapshots to a path the test chooses: a jailed run sees only its empty root.
+        c.args(["run", "--no-jail"])
             .arg("--kernel")
             .arg(testguest())
             .args(["--memory", "32", "--disk"])
@@ -565,7 +568,8 @@ fn every_restore_gives_the_guest_a_new_generation_id() {
     let dir = tmp("gen-snapshot");
     let _ = std::fs::remove_dir_all(&dir);
     let mut boot = bexar();
-    boot.arg("run")
+    // Snapshots to a path the test chooses: a jailed run sees only its empty root.
+    boot.args(["run", "--no-jail"])
         .arg("--kernel")
         .arg(testguest())
         .args(["--memory", "32", "--control"])

@@ -190,6 +190,14 @@ pub struct RunArgs {
     /// Do not feed stdin to the guest's console.
     #[arg(long)]
     pub no_stdin: bool,
+    /// Run without the jail (namespaces, empty root, own uid, no capabilities) and without
+    /// seccomp. For debugging only: a guest that escapes through a device bug then owns the
+    /// host.
+    #[arg(long)]
+    pub no_jail: bool,
+    /// First uid of the jail's range: the VMM runs as this plus its pid.
+    #[arg(long, value_name = "UID", default_value_t = bexar_vmm::jail::DEFAULT_UID_BASE)]
+    pub jail_uid_base: u32,
 }
 
 /// Flags of `bexar boot-test`.

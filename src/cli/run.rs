@@ -145,8 +145,58 @@ fn control_of(path: Option<&std::path::Path>) -> Option<ControlConfig> {
     })
 }
 
+/// The root every jailed `bexar run` shares: empty, owned by root, read-only to the VMM.
+const RUN_JAIL_ROOT: &str = "/run/bexar/empty";
+
+/// Arms the jail and the seccomp filters for this run, as `bexar vmm` does for the agent. As
+/// another user than root only seccomp (which needs no privilege) is armed.
+fn arm_jail(args: &RunArgs) -> Result<(), String> {
+    if args.no_jail {
+        tracing::warn!(
+            "--no-jail: this VMM keeps root, the host's namespaces and every system call; a \
+             guest that escapes through a device bug owns the host"
+        );
+        return Ok(());
+    }
+    bexar_vmm::seccomp::arm(None).map_err(|e| e.to_string())?;
+    if nix::unistd::geteuid().as_raw() != 0 {
+        tracing::warn!(
+            "not root: no jail (namespaces, empty root, own uid) for this VMM, only its seccomp \
+             filters"
+        );
+        return Ok(());
+    }
+    let root = std::path::Path::new(RUN_JAIL_ROOT);
+    std::fs::create_dir_all(root).map_err(|e| format!("{RUN_JAIL_ROOT}: {e}"))?;
+    std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o555))
+        .map_err(|e| format!("{RUN_JAIL_ROOT}: {e}"))?;
+    let mut j = bexar_vmm::jail::JailConfig::new(args.jail_uid_base, root.to_owned());
+    // Remote disks keep the host's network, to reconnect to their servers.
+    j.network = !args
+        .vm
+        .disk
+        .iter()
+        .any(|d| d.nbd.is_some() || d.iscsi.is_some());
+    bexar_vmm::jail::arm(j).map_err(|e| e.to_string())
+}
+
 /// Runs `bexar run`.
 pub fn main(args: &RunArgs) -> RunStatus {
+    if let Err(e) = arm_jail(args) {
+        eprintln!("bexar run: {e}");
+        return RunStatus::BadInput;
+    }
+    // Opened now: a jailed run cannot open it by its path once the VM is built.
+    let mut result_file = match &args.result_json {
+        None => None,
+        Some(path) => match std::fs::File::create(path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("bexar run: cannot write {}: {e}", path.display());
+                return RunStatus::BadInput;
+            }
+        },
+    };
     let control = control_of(args.control.as_deref());
     let ran = if let Some(dir) = &args.restore {
         let timeout = match args.vm.timeout {
@@ -207,9 +257,10 @@ pub fn main(args: &RunArgs) -> RunStatus {
                     outcome.elapsed_ms
                 );
             }
-            if let Some(path) = &args.result_json {
+            if let (Some(path), Some(f)) = (&args.result_json, result_file.as_mut()) {
+                use std::io::Write;
                 let json = serde_json::to_vec_pretty(&outcome).unwrap_or_default();
-                if let Err(e) = std::fs::write(path, json) {
+                if let Err(e) = f.write_all(&json) {
                     eprintln!("bexar run: cannot write {}: {e}", path.display());
                 }
             }

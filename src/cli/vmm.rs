@@ -3,7 +3,7 @@
 //! its whole life (so two VMMs can never run the same VM), and writes `DIR/result.json` when
 //! the VM ends (see `bexar_vmm::launch`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use super::run::{status_for, status_for_error};
@@ -38,6 +38,39 @@ fn wait_lock(dir: &Path) -> Result<std::fs::File, String> {
     }
 }
 
+/// Arms the launch's jail, if it has one: the seccomp filters (with `DIR/vmm.fault` for a
+/// violation's record), the jail itself (entered by the builder), and the jail's root as the
+/// working directory, so the relative paths of the launch (the vsock socket) mean the same
+/// file before and after `pivot_root`.
+fn arm_jail(dir: &Path, launch: &Launch) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(j) = &launch.jail else {
+        return Ok(());
+    };
+    if j.seccomp {
+        let fault = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(dir.join(files::FAULT))
+            .map_err(|e| format!("{}: {e}", dir.join(files::FAULT).display()))?;
+        bexar_vmm::seccomp::arm(Some(fault.into())).map_err(|e| e.to_string())?;
+    }
+    bexar_vmm::jail::arm(j.clone()).map_err(|e| e.to_string())?;
+    std::env::set_current_dir(&j.root).map_err(|e| format!("{}: {e}", j.root.display()))?;
+    Ok(())
+}
+
+/// Where the result goes: `DIR`, or the jail's root once the VMM lives in it.
+fn out_dir(dir: &Path) -> PathBuf {
+    if bexar_vmm::jail::entered().is_some() {
+        PathBuf::from("/")
+    } else {
+        dir.to_owned()
+    }
+}
+
 /// Runs `bexar vmm`.
 pub fn main(dir: &Path) -> ExitCode {
     let launch = match Launch::read(dir) {
@@ -48,6 +81,21 @@ pub fn main(dir: &Path) -> ExitCode {
         }
     };
     let token = launch.token().to_owned();
+    if let Err(e) = arm_jail(dir, &launch) {
+        {
+            tracing::error!(vm = %launch.id(), "{e}");
+            write_result(
+                dir,
+                &RunResult {
+                    token,
+                    clean: false,
+                    reason: e,
+                    outcome: None,
+                },
+            );
+            return RunStatus::BadInput.into();
+        }
+    }
     let (lock, built) = if launch.handoff {
         // The running VMM pauses the guest and hands over its memory; this one restores it as
         // soon as that one has ended (and released the TAPs, sockets and lock).
@@ -59,9 +107,9 @@ pub fn main(dir: &Path) -> ExitCode {
             .unwrap_or_default();
         let state = dir.join(files::HANDOFF);
         match bexar_vmm::control::take_over(&socket, &state)
-            .and_then(|(memory, report)| Ok((memory, report, wait_lock(dir)?)))
+            .and_then(|(memory, report, state)| Ok((memory, report, state, wait_lock(dir)?)))
         {
-            Ok((memory, report, lock)) => (
+            Ok((memory, report, state, lock)) => (
                 lock,
                 build_from_handoff(
                     &state,
@@ -122,7 +170,7 @@ pub fn main(dir: &Path) -> ExitCode {
                 drop(lock.take());
             }
             write_result(
-                dir,
+                &out_dir(dir),
                 &RunResult {
                     token,
                     clean: outcome.reason.is_clean(),
@@ -135,7 +183,7 @@ pub fn main(dir: &Path) -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             write_result(
-                dir,
+                &out_dir(dir),
                 &RunResult {
                     token,
                     clean: false,

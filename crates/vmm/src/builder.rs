@@ -328,6 +328,9 @@ fn assemble(
         None => None,
     };
     let (main_loop, console_input) = main_loop(&exit, &devices, control.as_ref())?;
+    // Everything the VM needs is open: the process gives up the host before its first thread
+    // (jail.rs), and each thread below installs its seccomp filter as it starts.
+    crate::jail::enter_armed(file_size_limit(&config))?;
     // The vCPUs first: their threads end by themselves if a later step fails (they are
     // parked, and their channels close), the virtio loop's would not.
     let completed = Arc::new(AtomicU64::new(0));
@@ -348,6 +351,9 @@ fn assemble(
         // No devices, no loop: a thread to start and to join costs ~0.1 ms here.
         None
     };
+    // Last, now that no other thread is to be made from here: the main thread's own filter
+    // (it would be inherited by, and stacked on, any thread made after it).
+    crate::seccomp::install(crate::threads::ThreadKind::Vmm)?;
     Ok(Vmm {
         kvm,
         config,
@@ -372,6 +378,30 @@ fn assemble(
         handed_off: false,
         handed_over: None,
     })
+}
+
+/// RLIMIT_FSIZE for a jailed VMM: no file it writes (a disk image growing, a snapshot's
+/// memory) needs more than twice the larger of guest memory and its largest disk, plus 1 GiB
+/// for qcow2 metadata and snapshot state.
+fn file_size_limit(config: &VmConfig) -> u64 {
+    let mut largest = config.memory_mib << 20;
+    for d in &config.disks {
+        if d.path.as_os_str().is_empty() {
+            continue;
+        }
+        let Ok(mut f) = std::fs::File::open(&d.path) else {
+            continue;
+        };
+        let mut size = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut head = [0u8; 32];
+        if std::io::Read::read_exact(&mut f, &mut head).is_ok() && head[..4] == *b"QFI\xfb" {
+            // A qcow2 file grows towards its virtual size (bytes 24..32, big-endian).
+            let virt = u64::from_be_bytes(head[24..32].try_into().unwrap_or([0; 8]));
+            size = size.max(virt);
+        }
+        largest = largest.max(size);
+    }
+    largest.saturating_mul(2).saturating_add(1 << 30)
 }
 
 /// The caller's command line with the parameters this platform needs (PVM), logged when added.

@@ -200,16 +200,26 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Takes the VM over from the VMM serving control socket `socket`: asks it for a handover,
-/// which it answers with guest memory's descriptor and this report once the VM's state is in
-/// `state_dir`.
+/// which it answers with guest memory's descriptor and this report once the VM's state is
+/// written. Returns where the state is: `state_dir` for a VMM that sees the host's root, the
+/// same name beneath its root for a jailed one (which writes `/handoff` there).
 pub fn take_over(
     socket: &Path,
     state_dir: &Path,
-) -> Result<(std::fs::File, HandoffReport), String> {
-    use std::io::{Read, Write};
+) -> Result<(std::fs::File, HandoffReport, std::path::PathBuf), String> {
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-    let mut s = std::os::unix::net::UnixStream::connect(socket)
-        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    // The peer's root as the kernel shows it: "/" unless it is jailed.
+    let peer = peer_pid(&s).map_err(|e| format!("{}: {e}", socket.display()))?;
+    let root = std::fs::read_link(format!("/proc/{peer}/root"))
+        .map_err(|e| format!("the running VMM's root: {e}"))?;
+    let (asked, found) = if root == Path::new("/") {
+        (state_dir.to_owned(), state_dir.to_owned())
+    } else {
+        let name = state_dir.file_name().unwrap_or_default();
+        (Path::new("/").join(name), root.join(name))
+    };
+    let state_dir = &asked;
     // As long as an agent recovering from a crash waits for the handover to settle.
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
@@ -240,9 +250,33 @@ pub fn take_over(
         ));
     }
     match (memory, reply.handoff) {
-        (Some(m), Some(r)) => Ok((m, r)),
+        (Some(m), Some(r)) => Ok((m, r, found)),
         _ => Err("the handover reply came without guest memory".into()),
     }
+}
+
+/// The pid of the process at the other end of `s` (SO_PEERCRED).
+fn peer_pid(s: &UnixStream) -> std::io::Result<i32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred on this stack.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.pid)
 }
 
 /// Longest request line accepted.

@@ -21,6 +21,11 @@ pub mod files {
     pub const RESULT: &str = "result.json";
     /// Where a VMM handing its VM over writes the VM's state for the new one.
     pub const HANDOFF: &str = "handoff";
+    /// The jail's root directory (empty when the VMM starts; its result, snapshot staging and
+    /// handover state are written there by the jailed VMM).
+    pub const JAIL_ROOT: &str = "root";
+    /// Where the VMM's seccomp handler records a forbidden system call.
+    pub const FAULT: &str = "vmm.fault";
 }
 
 /// The launch format this VMM writes and reads. A newer one is refused with a clear error;
@@ -43,6 +48,9 @@ pub struct Launch {
     /// guest memory's descriptor through its control socket, then its lock once it has ended.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub handoff: bool,
+    /// Jail the VMM (`DIR/root` its root) before the guest runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<crate::jail::JailConfig>,
 }
 
 /// `launch.json` cannot be used.
@@ -85,6 +93,7 @@ impl Launch {
             config,
             restore: None,
             handoff: false,
+            jail: None,
         }
     }
 

@@ -11,7 +11,8 @@
 //!   socket that drives it from outside;
 //! * [`device_manager`] and [`resources`]: devices, buses, MMIO windows, ports and GSIs;
 //! * [`vcpu`], [`cpuid`], [`boot`], [`memory`], [`layout`], [`platform`]: the machine itself;
-//! * [`threads`]: the one place threads are made; [`teardown`]: releasing the VM after exit.
+//! * [`threads`]: the one place threads are made; [`teardown`]: releasing the VM after exit;
+//! * [`jail`] and [`seccomp`]: the sandbox the process enters before its guest runs.
 
 pub mod boot;
 pub mod builder;
@@ -19,11 +20,13 @@ pub mod config;
 pub mod control;
 pub mod cpuid;
 pub mod device_manager;
+pub mod jail;
 pub mod launch;
 pub mod layout;
 pub mod memory;
 pub mod platform;
 pub mod resources;
+pub mod seccomp;
 pub mod snapshot;
 pub mod teardown;
 pub mod threads;
@@ -51,6 +54,12 @@ pub enum VmmError {
     /// /dev/kvm cannot be used.
     #[error("cannot open /dev/kvm: {0} (is KVM enabled and are you allowed to use it?)")]
     KvmOpen(kvm_ioctls::Error),
+    /// The sandbox could not be entered.
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
+    /// A seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     /// A KVM ioctl failed.
     #[error("{0} failed: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),

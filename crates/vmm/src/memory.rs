@@ -258,7 +258,7 @@ fn private_pages(region: &GuestRegionMmap, pages: &mut [bool]) -> std::io::Resul
     let host = region
         .get_host_address(MemoryRegionAddress(0))
         .map_err(|e| std::io::Error::other(e.to_string()))? as u64;
-    let pagemap = File::open("/proc/self/pagemap")?;
+    let pagemap = crate::jail::proc_self_pagemap()?;
     let mut entries = vec![0u8; 8 * 4096];
     for (chunk_no, chunk) in pages.chunks_mut(4096).enumerate() {
         let bytes = &mut entries[..chunk.len() * 8];
@@ -346,7 +346,7 @@ pub struct MemoryUse {
 /// (RssShmem) part of the resident set.
 pub fn memory_use() -> Option<MemoryUse> {
     use bexar_util::procfs::kib_field;
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let status = crate::jail::proc_self_status().ok()?;
     let rss = kib_field(&status, "VmRSS:")?;
     let guest = kib_field(&status, "RssShmem:")?;
     Some(MemoryUse {

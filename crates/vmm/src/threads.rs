@@ -9,8 +9,8 @@
 //! * [`ThreadKind::Virtio`]: the virtio event loop (queue notifications, backend completions,
 //!   TAP and vsock sockets), only when the VM has virtio devices.
 //!
-//! [`spawn`] names each thread after its kind and is where the kind's seccomp filter will be
-//! installed (the sandbox work), before the thread runs any of its code. It also turns a panic
+//! [`spawn`] names each thread after its kind and installs the kind's seccomp filter
+//! ([`crate::seccomp`]) before the thread runs any of its code. It also turns a panic
 //! into the VM's end with a reason, so a bug never leaves a VM half-running.
 //!
 //! One process, not a thread, comes after the guest: the reaper ([`crate::teardown`]), forked by
@@ -59,7 +59,12 @@ where
     std::thread::Builder::new()
         .name(kind.name())
         .spawn(move || {
-            // The kind's seccomp filter goes here, before the thread touches guest input.
+            // The kind's seccomp filter, before the thread touches guest input. A thread that
+            // cannot be filtered must not run: it ends the VM instead.
+            if let Err(e) = crate::seccomp::install(kind) {
+                exit.request(ExitReason::VmmError(e.to_string()));
+                return;
+            }
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).is_err() {
                 exit.request(ExitReason::VmmError(format!("the {kind} thread panicked")));
             }

@@ -249,6 +249,9 @@ pub struct RemoteDisk {
     wake: Arc<EventFd>,
     shared: Arc<Shared>,
     in_flight: Arc<AtomicUsize>,
+    /// The worker, until its thread is started by the first request: a VMM that enters its
+    /// jail after building the VM must still be one thread then (see `bexar_vmm::jail`).
+    pending: Option<(String, Box<dyn FnOnce() + Send>)>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -284,10 +287,6 @@ impl RemoteDisk {
             finished: Vec::new(),
             delayed: Vec::new(),
         };
-        let thread = std::thread::Builder::new()
-            .name(thread.into())
-            .spawn(move || w.run())
-            .map_err(BlockError::EventFd)?;
         Ok(Self {
             info,
             engine,
@@ -295,8 +294,21 @@ impl RemoteDisk {
             wake,
             shared,
             in_flight: Arc::new(AtomicUsize::new(0)),
-            thread: Some(thread),
+            pending: Some((thread.into(), Box::new(move || w.run()))),
+            thread: None,
         })
+    }
+
+    /// Starts the worker's thread if it is not running yet.
+    fn ensure_started(&mut self) -> Result<(), BlockError> {
+        if let Some((name, run)) = self.pending.take() {
+            let t = std::thread::Builder::new()
+                .name(name)
+                .spawn(run)
+                .map_err(BlockError::EventFd)?;
+            self.thread = Some(t);
+        }
+        Ok(())
     }
 }
 
@@ -318,6 +330,7 @@ impl DiskBackend for RemoteDisk {
             mem.get_slice(*addr, *len as usize)
                 .map_err(|_| BlockError::BadBuffer(addr.0))?;
         }
+        self.ensure_started()?;
         let tx = self.tx.as_ref().ok_or(BlockError::Busy)?;
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         if tx.send(Cmd(user_data, req, mem.clone())).is_err() {
@@ -367,6 +380,10 @@ impl Drop for RemoteDisk {
         // Closing the channel ends the worker (after it says goodbye to the server).
         self.tx = None;
         let _ = self.wake.write(1);
+        // A worker never started still says goodbye to the server (on this thread).
+        if let Some((_, run)) = self.pending.take() {
+            run();
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -1,0 +1,366 @@
+//! The VMM's sandbox: what a process gives up before its guest runs.
+//!
+//! The agent (or `bexar run`) arms a [`JailConfig`] with [`arm`]; the builder enters it in
+//! [`enter_armed`] once every file, TAP, socket and the VM itself are open and before the first
+//! thread exists (new namespaces and a changed uid are per-thread in the kernel, so a second
+//! thread would keep the host's). From then on the process:
+//!
+//! * lives in new mount, IPC, UTS and network namespaces: its network namespace holds only a
+//!   down `lo` (its TAPs came in as descriptors, which keep working across the move);
+//! * has the empty per-VM jail directory as its root (`pivot_root`, the old root detached), and
+//!   the same directory as its working directory, so the relative paths it was given (the vsock
+//!   socket, snapshot staging, its result) mean the same file before and after;
+//! * runs as the VM's own unprivileged uid and gid with no supplementary groups, no capability in
+//!   any set (the bounding and ambient sets cleared too), `no_new_privs`, and resource limits
+//!   (open files, file size, no core dumps);
+//! * has Landlock (where the kernel has it) restricting every path lookup to beneath the jail,
+//!   a second fence should the first have a hole;
+//! * then installs a seccomp filter per thread ([`crate::seccomp`]) as each thread starts.
+//!
+//! What the VMM needs of `/proc` afterwards (its own status and pagemap, for memory reports) is
+//! opened here, before the root goes.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+/// How a VMM process is jailed. Written by the agent into `launch.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailConfig {
+    /// The VMM runs as uid and gid `uid_base + its pid`: unique among live processes without
+    /// any allocation to keep, so two VMMs never share an identity. The range
+    /// `[uid_base, uid_base + pid_max)` must belong to no one else on the host.
+    pub uid_base: u32,
+    /// The empty directory that becomes the root.
+    pub root: PathBuf,
+    /// The root is this VM's alone: the VMM makes it its own (owner uid, mode 0700) so it can
+    /// write its result and snapshots there. A shared root (`bexar run`) stays read-only.
+    #[serde(default)]
+    pub own_root: bool,
+    /// RLIMIT_NOFILE.
+    pub max_open_files: u64,
+    /// RLIMIT_FSIZE in bytes: the largest file the VMM may write or grow (disk images and
+    /// snapshot memory included). 0 means the builder sets it from the VM's memory and disks.
+    #[serde(default)]
+    pub max_file_bytes: u64,
+    /// A new, empty network namespace. Off only for a VM whose remote disks (NBD, iSCSI) must
+    /// be able to reconnect to their servers.
+    #[serde(default = "yes")]
+    pub network: bool,
+    /// Install the per-thread seccomp filters.
+    #[serde(default = "yes")]
+    pub seccomp: bool,
+    /// Add Landlock where the kernel has it.
+    #[serde(default = "yes")]
+    pub landlock: bool,
+}
+
+impl JailConfig {
+    /// A jail in `root` with the defaults: seccomp, Landlock, a new network namespace, 4096
+    /// open files.
+    pub fn new(uid_base: u32, root: PathBuf) -> Self {
+        Self {
+            uid_base,
+            root,
+            own_root: false,
+            max_open_files: 4096,
+            max_file_bytes: 0,
+            network: true,
+            seccomp: true,
+            landlock: true,
+        }
+    }
+
+    /// The uid (and gid) this process gets.
+    pub fn uid(&self) -> u32 {
+        self.uid_base.saturating_add(std::process::id())
+    }
+}
+
+/// The default first uid of the VMMs' range (2^30: far above any host's users and the
+/// subordinate ranges container tools hand out by default).
+pub const DEFAULT_UID_BASE: u32 = 1 << 30;
+
+fn yes() -> bool {
+    true
+}
+
+/// The jail could not be set up. The VM does not start: running it unjailed by surprise is
+/// worse than not running it.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// A step failed.
+    #[error("jail: {step}: {err}")]
+    Step {
+        /// Which step.
+        step: &'static str,
+        /// Why.
+        err: std::io::Error,
+    },
+    /// Other threads exist already (they would stay outside the namespaces and keep root).
+    #[error("jail: the process has {0} threads; it must be entered with one")]
+    Threaded(u64),
+    /// The configuration is refused.
+    #[error("jail: {0}")]
+    Config(String),
+}
+
+fn step(step: &'static str) -> impl FnOnce(std::io::Error) -> JailError {
+    move |err| JailError::Step { step, err }
+}
+
+fn nix_step(step: &'static str) -> impl FnOnce(nix::Error) -> JailError {
+    move |e| JailError::Step {
+        step,
+        err: std::io::Error::from_raw_os_error(e as i32),
+    }
+}
+
+/// What entering the jail cost, by layer (µs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct JailTimes {
+    /// unshare of the mount, IPC, UTS and network namespaces.
+    pub namespaces_us: u64,
+    /// The private mount tree, bind and pivot_root.
+    pub pivot_root_us: u64,
+    /// Resource limits, uid/gid, capabilities and no_new_privs.
+    pub drop_us: u64,
+    /// Landlock (0 when off or not offered).
+    pub landlock_us: u64,
+    /// Whether Landlock is in force.
+    pub landlock: bool,
+}
+
+static ARMED: OnceLock<JailConfig> = OnceLock::new();
+static ENTERED: OnceLock<JailTimes> = OnceLock::new();
+
+/// Arms the jail the builder enters before the first thread. Once per process.
+pub fn arm(config: JailConfig) -> Result<(), JailError> {
+    let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 22);
+    if config.uid_base == 0 || u64::from(config.uid_base) + pid_max >= u64::from(u32::MAX) {
+        return Err(JailError::Config(format!(
+            "uid_base {} leaves no room for pid_max {pid_max} uids below 2^32-1 (or is 0)",
+            config.uid_base
+        )));
+    }
+    if !config.root.is_absolute() {
+        return Err(JailError::Config(format!(
+            "root {} is not an absolute path",
+            config.root.display()
+        )));
+    }
+    ARMED
+        .set(config)
+        .map_err(|_| JailError::Config("armed twice".into()))
+}
+
+/// The armed jail, if any.
+pub fn armed() -> Option<&'static JailConfig> {
+    ARMED.get()
+}
+
+/// What entering the jail cost, once entered.
+pub fn entered() -> Option<JailTimes> {
+    ENTERED.get().copied()
+}
+
+/// Enters the armed jail (if armed and not yet entered). `file_bytes` is the RLIMIT_FSIZE to
+/// use when the configuration leaves it to the builder.
+pub fn enter_armed(file_bytes: u64) -> Result<Option<JailTimes>, JailError> {
+    let Some(c) = ARMED.get() else {
+        return Ok(None);
+    };
+    if let Some(t) = ENTERED.get() {
+        return Ok(Some(*t));
+    }
+    let t = enter(c, file_bytes)?;
+    let _ = ENTERED.set(t);
+    tracing::info!(
+        uid = c.uid(),
+        "jailed in {}: namespaces {} µs, pivot_root {} µs, drop {} µs, landlock {} µs ({})",
+        c.root.display(),
+        t.namespaces_us,
+        t.pivot_root_us,
+        t.drop_us,
+        t.landlock_us,
+        if t.landlock { "on" } else { "not offered" }
+    );
+    Ok(Some(t))
+}
+
+/// Files of `/proc/self` opened before the root went.
+struct ProcSelf {
+    status: File,
+    pagemap: File,
+}
+
+static PROC_SELF: OnceLock<ProcSelf> = OnceLock::new();
+
+/// `/proc/self/status` as text, read through the descriptor kept from before the jail.
+pub fn proc_self_status() -> std::io::Result<String> {
+    match PROC_SELF.get() {
+        None => std::fs::read_to_string("/proc/self/status"),
+        Some(p) => {
+            // A seq file regenerates from offset 0; positioned reads leave no shared offset.
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            loop {
+                if len == buf.len() {
+                    buf.resize(buf.len() * 2, 0);
+                }
+                let n = p.status.read_at(&mut buf[len..], len as u64)?;
+                if n == 0 {
+                    break;
+                }
+                len += n;
+            }
+            buf.truncate(len);
+            String::from_utf8(buf).map_err(std::io::Error::other)
+        }
+    }
+}
+
+/// `/proc/self/pagemap` (for positioned reads).
+pub fn proc_self_pagemap() -> std::io::Result<File> {
+    match PROC_SELF.get() {
+        None => File::open("/proc/self/pagemap"),
+        Some(p) => p.pagemap.try_clone(),
+    }
+}
+
+/// How many threads this process has.
+fn threads() -> u64 {
+    bexar_util::procfs::self_status_kib("Threads:").unwrap_or(0)
+}
+
+fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    use nix::sched::{unshare, CloneFlags};
+    use nix::sys::resource::{setrlimit, Resource};
+    use nix::unistd::{chdir, pivot_root, setgroups, setresgid, setresuid, Gid, Uid};
+
+    let n = threads();
+    if n != 1 {
+        return Err(JailError::Threaded(n));
+    }
+    let _ = PROC_SELF.set(ProcSelf {
+        status: File::open("/proc/self/status").map_err(step("open /proc/self/status"))?,
+        pagemap: File::open("/proc/self/pagemap").map_err(step("open /proc/self/pagemap"))?,
+    });
+    let mut t = JailTimes::default();
+    let us = |since: Instant| since.elapsed().as_micros() as u64;
+
+    let uid = c.uid();
+    if c.own_root {
+        std::os::unix::fs::chown(&c.root, Some(uid), Some(uid)).map_err(step("chown the root"))?;
+        std::fs::set_permissions(&c.root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(step("chmod the root"))?;
+    }
+    let t0 = Instant::now();
+    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+    if c.network {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    unshare(flags).map_err(nix_step("unshare"))?;
+    t.namespaces_us = us(t0);
+
+    let t0 = Instant::now();
+    // Nothing done to mounts from here on may reach the host's namespace.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(nix_step("make / private"))?;
+    let root: &Path = &c.root;
+    mount(
+        Some(root),
+        root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(nix_step("bind the jail root"))?;
+    // A bind mount takes the flags only on a remount.
+    mount(
+        None::<&str>,
+        root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(nix_step("remount the jail root nosuid,nodev"))?;
+    chdir(root).map_err(nix_step("chdir to the jail root"))?;
+    // pivot_root(".", ".") stacks the old root on top of the new one; detaching "." then
+    // leaves the new root alone, with no directory needed for the old one.
+    pivot_root(".", ".").map_err(nix_step("pivot_root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(nix_step("detach the old root"))?;
+    chdir("/").map_err(nix_step("chdir /"))?;
+    t.pivot_root_us = us(t0);
+
+    let t0 = Instant::now();
+    let _ = nix::unistd::sethostname("bexar-vmm");
+    setrlimit(Resource::RLIMIT_NOFILE, c.max_open_files, c.max_open_files)
+        .map_err(nix_step("RLIMIT_NOFILE"))?;
+    let fsize = if c.max_file_bytes > 0 {
+        c.max_file_bytes
+    } else {
+        file_bytes
+    };
+    setrlimit(Resource::RLIMIT_FSIZE, fsize, fsize).map_err(nix_step("RLIMIT_FSIZE"))?;
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(nix_step("RLIMIT_CORE"))?;
+    // The bounding set needs CAP_SETPCAP to shrink: before the uid changes.
+    caps::clear(None, caps::CapSet::Bounding)
+        .map_err(|e| step("clear the bounding set")(std::io::Error::other(e.to_string())))?;
+    setgroups(&[]).map_err(nix_step("setgroups"))?;
+    let (g, u) = (Gid::from_raw(uid), Uid::from_raw(uid));
+    setresgid(g, g, g).map_err(nix_step("setresgid"))?;
+    // From uid 0 to another uid everywhere: the kernel clears the permitted and effective sets.
+    setresuid(u, u, u).map_err(nix_step("setresuid"))?;
+    for set in [
+        caps::CapSet::Ambient,
+        caps::CapSet::Inheritable,
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+    ] {
+        caps::clear(None, set)
+            .map_err(|e| step("clear capabilities")(std::io::Error::other(e.to_string())))?;
+    }
+    nix::sys::prctl::set_no_new_privs().map_err(nix_step("no_new_privs"))?;
+    t.drop_us = us(t0);
+
+    if c.landlock {
+        let t0 = Instant::now();
+        t.landlock = landlock_beneath_root().map_err(step("landlock"))?;
+        t.landlock_us = us(t0);
+    }
+    Ok(t)
+}
+
+/// Restricts every path this process opens from now on to beneath its (new) root. Returns
+/// whether the kernel enforces it (false on a kernel without Landlock).
+fn landlock_beneath_root() -> std::io::Result<bool> {
+    use landlock::{
+        path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr,
+        RulesetStatus, ABI,
+    };
+    let abi = ABI::V3;
+    let all = AccessFs::from_all(abi);
+    let status = Ruleset::default()
+        .handle_access(all)
+        .and_then(|r| r.create())
+        .and_then(|r| r.add_rules(path_beneath_rules(["/"], all)))
+        .and_then(|r| r.restrict_self())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(status.ruleset != RulesetStatus::NotEnforced)
+}

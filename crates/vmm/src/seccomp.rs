@@ -1,0 +1,417 @@
+//! seccomp filters, one per thread kind, built with rust-vmm's `seccompiler`.
+//!
+//! Each thread installs its kind's filter itself ([`install`]): a vCPU or the virtio loop as the
+//! first thing its body does ([`crate::threads::spawn`]), the main thread once the VM is built
+//! and every other thread exists (a filter is inherited by threads made later, and filters
+//! stack, so the main thread's would otherwise narrow the others'). No guest instruction runs
+//! before all of them are in place: the vCPUs only run once the main thread resumes them.
+//!
+//! A call outside the list traps (`SIGSYS`); [`sigsys_handler`] writes the call's number and
+//! name to standard error (the VMM's log) and to the fault file the VMM opened before its jail
+//! (`DIR/vmm.fault`, read by the agent), then lets the signal kill the process. `clone3` is
+//! answered with ENOSYS instead, so the C library falls back to `clone`, whose flags a filter
+//! can read: only the main thread may make a process (the reaper, [`crate::teardown`]); the
+//! others may make threads only.
+//!
+//! The lists were taken from `strace -f` of the test guest's device, snapshot, network, vsock
+//! and hostile runs, thread by thread, and are kept by the whole test suite running jailed.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::OnceLock;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
+};
+
+use crate::threads::ThreadKind;
+
+/// A filter could not be built or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// Building the BPF program failed (a bug in the lists).
+    #[error("seccomp filter for {kind}: {err}")]
+    Build {
+        /// The thread kind.
+        kind: String,
+        /// Why.
+        err: String,
+    },
+    /// The kernel refused it.
+    #[error("cannot install the seccomp filter for {kind}: {err}")]
+    Install {
+        /// The thread kind.
+        kind: String,
+        /// Why.
+        err: String,
+    },
+}
+
+/// The filters, built once the jail is armed with seccomp on.
+static FILTERS: OnceLock<Filters> = OnceLock::new();
+
+struct Filters {
+    vmm: [BpfProgram; 2],
+    vcpu: [BpfProgram; 2],
+    virtio: [BpfProgram; 2],
+}
+
+/// Where the SIGSYS handler records a violation (-1: nowhere but standard error).
+static FAULT_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// Builds every kind's filter and installs the SIGSYS handler; later [`install`] calls apply
+/// them. `fault` is the file a violation is recorded in.
+pub fn arm(fault: Option<OwnedFd>) -> Result<(), SeccompError> {
+    let f = Filters {
+        vmm: build(ThreadKind::Vmm)?,
+        vcpu: build(ThreadKind::Vcpu(0))?,
+        virtio: build(ThreadKind::Virtio)?,
+    };
+    if let Some(fd) = fault {
+        // Kept open for the process's life: the handler may need it at any moment.
+        FAULT_FD.store(fd.as_raw_fd(), Ordering::Relaxed);
+        std::mem::forget(fd);
+    }
+    install_handler();
+    let _ = FILTERS.set(f);
+    Ok(())
+}
+
+/// Whether filters are armed (and so installed by each thread).
+pub fn armed() -> bool {
+    FILTERS.get().is_some()
+}
+
+/// Installs `kind`'s filter on the calling thread, if filters are armed.
+pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
+    let Some(f) = FILTERS.get() else {
+        return Ok(());
+    };
+    let prog = match kind {
+        ThreadKind::Vmm => &f.vmm,
+        ThreadKind::Vcpu(_) => &f.vcpu,
+        ThreadKind::Virtio => &f.virtio,
+    };
+    for p in prog {
+        seccompiler::apply_filter(p).map_err(|e| SeccompError::Install {
+            kind: kind.to_string(),
+            err: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+/// Allowed for every thread: memory, futexes, signals, time, descriptors it already has.
+const COMMON: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_lseek,
+    libc::SYS_close,
+    libc::SYS_dup,
+    libc::SYS_fcntl,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_futex,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mprotect,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigaction,
+    libc::SYS_sigaltstack,
+    libc::SYS_tgkill,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sched_yield,
+    libc::SYS_rseq,
+    libc::SYS_set_robust_list,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_getrandom,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_create1,
+    libc::SYS_eventfd2,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_io_uring_enter,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
+    libc::SYS_restart_syscall,
+    // Only ever narrows: a thread installs its second filter (clone3) after its first.
+    libc::SYS_seccomp,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// A vCPU's: the serial console's output to a console socket.
+const VCPU: &[i64] = &[libc::SYS_sendto, libc::SYS_sendmsg];
+
+/// The virtio loop's and remote disks' sockets (TAPs, vsock, NBD and iSCSI connections), and
+/// the disk backends' file calls.
+const IO: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_socket,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_fallocate,
+    libc::SYS_ftruncate,
+    libc::SYS_sync_file_range,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_register,
+];
+
+/// The main thread's own: the control socket (with descriptors passed), snapshots and
+/// handovers written beneath the jail, the reaper.
+const MAIN: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_mkdirat,
+    libc::SYS_mkdir,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_rename,
+    libc::SYS_unlinkat,
+    libc::SYS_unlink,
+    libc::SYS_getdents64,
+    libc::SYS_memfd_create,
+    libc::SYS_pipe2,
+    libc::SYS_pidfd_open,
+    libc::SYS_close_range,
+    libc::SYS_prlimit64,
+    libc::SYS_readlink,
+    libc::SYS_wait4,
+    libc::SYS_sched_setaffinity,
+];
+
+fn add(rules: &mut BTreeMap<i64, Vec<SeccompRule>>, calls: &[i64]) {
+    for c in calls {
+        rules.insert(*c, Vec::new());
+    }
+}
+
+fn cond(arg: u8, len: Len, op: Op, val: u64) -> SeccompCondition {
+    // The conditions here are constants of this file: a failure is a bug caught by the tests.
+    SeccompCondition::new(arg, len, op, val).expect("a valid seccomp condition")
+}
+
+fn rule(conds: Vec<SeccompCondition>) -> SeccompRule {
+    SeccompRule::new(conds).expect("a non-empty seccomp rule")
+}
+
+/// `ioctl`: KVM's requests (type 0xAE) on every thread; the two TUN requests a NIC makes when
+/// the guest activates it (from a vCPU's MMIO write, or the main thread's restore); and, for
+/// the main thread, the terminal requests of a stdio console.
+fn ioctl_rules(kind: ThreadKind) -> Vec<SeccompRule> {
+    use bexar_devices::tap::{TUNSETOFFLOAD, TUNSETVNETHDRSZ};
+    let req = |op: Op, v: u64| rule(vec![cond(1, Len::Dword, op, v)]);
+    let mut rules = vec![
+        req(Op::MaskedEq(0xff00), 0xAE << 8),
+        req(Op::Eq, TUNSETOFFLOAD()),
+        req(Op::Eq, TUNSETVNETHDRSZ()),
+    ];
+    if kind == ThreadKind::Vmm {
+        for r in [
+            libc::TCGETS,
+            libc::TCSETS,
+            libc::TCSETSW,
+            libc::TIOCGWINSZ,
+            libc::FIONBIO,
+            libc::FIOCLEX,
+        ] {
+            rules.push(req(Op::Eq, r));
+        }
+    }
+    rules
+}
+
+/// `clone` with CLONE_THREAD (a thread), or anything for the main thread (the reaper).
+fn clone_rules(kind: ThreadKind) -> Vec<SeccompRule> {
+    match kind {
+        ThreadKind::Vmm => Vec::new(),
+        _ => vec![rule(vec![cond(
+            0,
+            Len::Qword,
+            Op::MaskedEq(libc::CLONE_THREAD as u64),
+            libc::CLONE_THREAD as u64,
+        )])],
+    }
+}
+
+/// `prctl` for thread names (the C library and std set them) and for no_new_privs, which
+/// `seccompiler` sets before each filter it installs (a thread installs two).
+fn prctl_rules() -> Vec<SeccompRule> {
+    [
+        libc::PR_SET_NAME,
+        libc::PR_GET_NAME,
+        libc::PR_SET_NO_NEW_PRIVS,
+    ]
+    .into_iter()
+    .map(|op| rule(vec![cond(0, Len::Dword, Op::Eq, op as u64)]))
+    .collect()
+}
+
+/// The allow-list of `kind`.
+fn rules_of(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
+    let mut rules = BTreeMap::new();
+    add(&mut rules, COMMON);
+    match kind {
+        ThreadKind::Vcpu(_) => add(&mut rules, VCPU),
+        ThreadKind::Virtio => add(&mut rules, IO),
+        ThreadKind::Vmm => {
+            add(&mut rules, IO);
+            add(&mut rules, MAIN);
+        }
+    }
+    rules.insert(libc::SYS_ioctl, ioctl_rules(kind));
+    rules.insert(libc::SYS_clone, clone_rules(kind));
+    rules.insert(libc::SYS_prctl, prctl_rules());
+    rules
+}
+
+fn build(kind: ThreadKind) -> Result<[BpfProgram; 2], SeccompError> {
+    let err = |e: &dyn std::fmt::Display| SeccompError::Build {
+        kind: kind.to_string(),
+        err: e.to_string(),
+    };
+    let program = |rules, mismatch, on_match| -> Result<BpfProgram, SeccompError> {
+        SeccompFilter::new(rules, mismatch, on_match, TargetArch::x86_64)
+            .map_err(|e| err(&e))?
+            .try_into()
+            .map_err(|e: seccompiler::BackendError| err(&e))
+    };
+    let mut rules = rules_of(kind);
+    // clone3's flags sit behind a pointer, so no filter can tell a thread from a process.
+    // It is allowed by the list and answered ENOSYS by a second filter (the kernel takes the
+    // stricter answer of stacked filters), and the C library falls back to clone.
+    rules.insert(libc::SYS_clone3, Vec::new());
+    let list = program(rules, SeccompAction::Trap, SeccompAction::Allow)?;
+    let clone3 = program(
+        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+    )?;
+    Ok([list, clone3])
+}
+
+/// SIGSYS: record the call, then die of the signal.
+extern "C" fn sigsys_handler(
+    _sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
+    // The kernel fills `si_syscall` (an int at offset 24 of siginfo_t on x86_64, after
+    // si_signo, si_errno, si_code, the padding and si_call_addr) for SIGSYS from seccomp.
+    // SAFETY: `info` is the siginfo the kernel passed to this SA_SIGINFO handler.
+    let nr = unsafe { *(info as *const u8).add(24).cast::<libc::c_int>() };
+    let name = syscalls::Sysno::new(nr as usize).map_or("unknown", |s| s.name());
+    let mut buf = [0u8; 160];
+    let mut w = Writer {
+        buf: &mut buf,
+        len: 0,
+    };
+    w.put(b"bexar vmm: seccomp: forbidden system call ");
+    w.num(nr as u64);
+    w.put(b" (");
+    w.put(name.as_bytes());
+    w.put(b") on thread ");
+    let mut comm = [0u8; 16];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes into `comm`.
+    unsafe { libc::prctl(libc::PR_GET_NAME, comm.as_mut_ptr()) };
+    let clen = comm.iter().position(|b| *b == 0).unwrap_or(16);
+    w.put(&comm[..clen]);
+    w.put(b"\n");
+    let len = w.len;
+    let fault = FAULT_FD.load(Ordering::Relaxed);
+    // SAFETY: write, sigaction, sigprocmask and tgkill are async-signal-safe; the buffers are
+    // on this stack and the descriptors ours.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), len);
+        if fault >= 0 {
+            libc::pwrite(fault, buf.as_ptr().cast(), len, 0);
+        }
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(libc::SIGSYS, &dfl, std::ptr::null_mut());
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGSYS);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::getpid(),
+            libc::gettid(),
+            libc::SIGSYS,
+        );
+    }
+}
+
+/// A fixed buffer filled without allocating (inside a signal handler).
+struct Writer<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl Writer<'_> {
+    fn put(&mut self, b: &[u8]) {
+        let n = b.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&b[..n]);
+        self.len += n;
+    }
+    fn num(&mut self, mut v: u64) {
+        let mut d = [0u8; 20];
+        let mut i = d.len();
+        loop {
+            i -= 1;
+            d[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        self.put(&d[i..]);
+    }
+}
+
+fn install_handler() {
+    // SAFETY: a zeroed sigaction with our handler and SA_SIGINFO; the handler only makes
+    // async-signal-safe calls.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = sigsys_handler as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut());
+    }
+}
+
+/// The name of system call `nr` (x86_64), for reports.
+pub fn syscall_name(nr: u64) -> &'static str {
+    syscalls::Sysno::new(nr as usize).map_or("unknown", |s| s.name())
+}
