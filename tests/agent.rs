@@ -138,6 +138,13 @@ impl Drop for TestAgent {
             // SAFETY: kill(2) on a pid we just found running a VMM of this test.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
+        let t = std::time::Instant::now();
+        while !self.vmm_processes().is_empty() && t.elapsed().as_secs() < 3 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // The reapers that wait for KVM's teardown leave a few ms later.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        common::remove_agent_cgroups(&self.dir);
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

@@ -169,6 +169,8 @@ impl NsAgent {
 impl Drop for NsAgent {
     fn drop(&mut self) {
         self.kill9();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        common::remove_agent_cgroups(&self.dir);
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

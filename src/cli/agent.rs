@@ -71,6 +71,22 @@ pub struct AgentArgs {
     /// Availability zone (and region) the metadata service reports.
     #[arg(long, default_value = "bexar")]
     pub zone: String,
+    /// Run VMMs without their jail and seccomp filters. For hosts where the jail cannot be set
+    /// up, and for debugging: a guest that escapes through a device bug then owns the host.
+    #[arg(long)]
+    pub no_jail: bool,
+    /// First uid of the VMMs' range: each VMM runs as this plus its pid, so the range
+    /// [UID, UID + pid_max) must belong to no one else.
+    #[arg(long, value_name = "UID", default_value_t = bexar_vmm::jail::DEFAULT_UID_BASE)]
+    pub jail_uid_base: u32,
+    /// cgroup (relative to each hierarchy's root) the VMs' cgroups are made in, or `off`.
+    /// Under systemd, the unit's delegated subtree (Delegate=yes; docs/operators-guide.md).
+    #[arg(long, default_value = "bexar", value_name = "PATH|off")]
+    pub cgroup_parent: String,
+    /// Memory a VM's cgroup allows beyond its guest memory (its VMM, page cache of its
+    /// disks), MiB.
+    #[arg(long, default_value_t = bexar_agent::sandbox::DEFAULT_MEMORY_HEADROOM_MIB)]
+    pub vm_memory_headroom_mib: u64,
 }
 
 fn seconds(flag: &str, v: f64) -> Result<Duration, String> {
@@ -125,6 +141,12 @@ fn config(a: &AgentArgs) -> Result<AgentConfig, String> {
                 .as_deref()
                 .map(|u| iface("uplink", u))
                 .transpose()?,
+        },
+        sandbox: bexar_agent::sandbox::SandboxConfig {
+            jail: !a.no_jail,
+            uid_base: a.jail_uid_base,
+            cgroup_parent: (a.cgroup_parent != "off").then(|| PathBuf::from(&a.cgroup_parent)),
+            memory_headroom_mib: a.vm_memory_headroom_mib,
         },
     })
 }

@@ -62,9 +62,26 @@ fn arm_jail(dir: &Path, launch: &Launch) -> Result<(), String> {
     Ok(())
 }
 
+/// The handover state a jailed VMM left in the jail's root, moved out of it (while this VMM
+/// is still root), so the root is empty again and the next VMM there can write its own.
+fn out_of_jail_root(dir: &Path, state: PathBuf) -> PathBuf {
+    let dest = dir.join(files::HANDOFF);
+    if state == dest {
+        return state;
+    }
+    let _ = std::fs::remove_dir_all(&dest);
+    match std::fs::rename(&state, &dest) {
+        Ok(()) => dest,
+        Err(e) => {
+            tracing::warn!("cannot move {} out of the jail: {e}", state.display());
+            state
+        }
+    }
+}
+
 /// Where the result goes: `DIR`, or the jail's root once the VMM lives in it.
 fn out_dir(dir: &Path) -> PathBuf {
-    if bexar_vmm::jail::entered().is_some() {
+    if bexar_vmm::jail::in_jail_root() {
         PathBuf::from("/")
     } else {
         dir.to_owned()
@@ -106,13 +123,14 @@ pub fn main(dir: &Path) -> ExitCode {
             .map(|c| c.socket.clone())
             .unwrap_or_default();
         let state = dir.join(files::HANDOFF);
-        match bexar_vmm::control::take_over(&socket, &state)
+        let root = dir.join(files::JAIL_ROOT);
+        match bexar_vmm::control::take_over(&socket, &state, &root)
             .and_then(|(memory, report, state)| Ok((memory, report, state, wait_lock(dir)?)))
         {
             Ok((memory, report, state, lock)) => (
                 lock,
                 build_from_handoff(
-                    &state,
+                    &out_of_jail_root(dir, state),
                     &launch.restore_config(),
                     memory,
                     report.paused_at_ns,

@@ -176,9 +176,40 @@ pub fn read(p: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The cgroup parent of the test agent whose directory is `dir`.
+pub fn agent_cgroup_parent(dir: &Path) -> String {
+    format!(
+        "bexar-test/{}",
+        dir.file_name().unwrap_or_default().to_string_lossy()
+    )
+}
+
+/// Removes the cgroups of the test agent whose directory is `dir` (each hierarchy, leaves
+/// first); cgroups still holding a process stay.
+pub fn remove_agent_cgroups(dir: &Path) {
+    fn rm(d: &Path) {
+        if let Ok(entries) = std::fs::read_dir(d) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    rm(&e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(d);
+    }
+    let parent = agent_cgroup_parent(dir);
+    for h in ["cpu", "cpuacct", "memory", "pids", "blkio", "unified", ""] {
+        rm(&Path::new("/sys/fs/cgroup").join(h).join(&parent));
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(h).join("bexar-test"));
+    }
+}
+
 /// Starts `cmd` (a `bexar agent` command line, possibly wrapped) with its output appended to
 /// `dir/agent.log`, and waits until the agent listens on `socket`.
 pub fn spawn_agent(mut cmd: Command, dir: &Path, socket: &Path) -> std::process::Child {
+    // Its VMs' cgroups under a parent of its own (agents of tests running at once may use the
+    // same VM ids); removed by remove_agent_cgroups.
+    cmd.arg("--cgroup-parent").arg(agent_cgroup_parent(dir));
     let log_path = dir.join("agent.log");
     // The log is appended to across restarts: this agent is up once it has added both lines
     // (it answers reads before it has re-adopted its VMs; the tests want it settled).

@@ -14,6 +14,7 @@ pub mod imds;
 mod lifecycle;
 pub mod netplan;
 pub mod network;
+pub mod sandbox;
 pub mod segment;
 pub mod snapshots;
 pub mod spec;
@@ -78,6 +79,8 @@ pub struct AgentConfig {
     pub stop_timeout: Duration,
     /// Bridge and uplink of the segments.
     pub network: network::NetworkConfig,
+    /// The VMMs' jail and cgroups.
+    pub sandbox: sandbox::SandboxConfig,
 }
 
 /// Why an agent operation was refused or failed.
@@ -227,6 +230,21 @@ pub struct Agent {
     recovered: watch::Sender<bool>,
     /// Whether the first network pass after start has run.
     wired: watch::Sender<bool>,
+    /// The VMs' cgroups, where the host has them.
+    pub(crate) cgroups: Option<sandbox::Cgroups>,
+    /// Out-of-memory kills each VM's cgroup had when its VMM started.
+    pub(crate) oom_base: Mutex<std::collections::HashMap<String, u64>>,
+    /// VMMs killed by their seccomp filter, and by their cgroup's memory limit.
+    pub(crate) sandbox_kills: SandboxKills,
+}
+
+/// Counts of VMMs the sandbox stopped.
+#[derive(Debug, Default)]
+pub struct SandboxKills {
+    /// By their seccomp filter.
+    pub seccomp: std::sync::atomic::AtomicU64,
+    /// By their cgroup's memory limit.
+    pub oom: std::sync::atomic::AtomicU64,
 }
 
 /// Waits until `flag` is true (it is never lowered again).
@@ -244,6 +262,29 @@ impl Agent {
         Ok(agent)
     }
 
+    /// The VMs' cgroups under the configured parent, or none (with a warning) where the host
+    /// has no usable hierarchy.
+    fn open_cgroups(cfg: &sandbox::SandboxConfig) -> Option<sandbox::Cgroups> {
+        let parent = cfg.cgroup_parent.as_ref()?;
+        let Some(h) = sandbox::Hierarchy::detect() else {
+            tracing::warn!(
+                "no cgroup hierarchy with the cpu or memory controller: VMs run unlimited"
+            );
+            return None;
+        };
+        let name = h.name();
+        match sandbox::Cgroups::new(h, parent) {
+            Ok(c) => {
+                tracing::info!("VM cgroups: {name}, under {}", parent.display());
+                Some(c)
+            }
+            Err(e) => {
+                tracing::warn!("cannot set up the VMs' cgroups ({e}): VMs run unlimited");
+                None
+            }
+        }
+    }
+
     /// Opens the state directory and loads every record: enough to answer reads. Nothing is
     /// re-adopted and no change is taken until [`Agent::recover_and_wire`] has recovered.
     pub fn load(config: AgentConfig) -> Result<Arc<Self>, AgentError> {
@@ -254,6 +295,13 @@ impl Agent {
         let events = Events::open(store.root());
         let net = network::Network::open(store.root(), config.network.clone())?;
         let images = images::Images::open(store.root())?;
+        let cgroups = Self::open_cgroups(&config.sandbox);
+        if !config.sandbox.jail {
+            tracing::warn!(
+                "VMMs run WITHOUT their jail (--no-jail): as root, in the host's namespaces, \
+                 with every system call; a guest that escapes through a device bug owns the host"
+            );
+        }
         let agent = Arc::new(Self {
             config,
             store,
@@ -265,6 +313,9 @@ impl Agent {
             images,
             recovered: watch::channel(false).0,
             wired: watch::channel(false).0,
+            cgroups,
+            oom_base: Mutex::new(std::collections::HashMap::new()),
+            sandbox_kills: SandboxKills::default(),
         });
         tracing::info!(
             vms = n,

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::events::EventKind;
+use super::sandbox;
 use super::spec::{
     now_ms, Desired, Operation, OperationKind as Op, Phase, RestartPolicy, VmRecord,
 };
@@ -82,10 +83,22 @@ fn run_end(dir: &std::path::Path, token: &str, missing: &str) -> (bool, String) 
     }
 }
 
+/// The result of launch `token`: in the jail's root (a jailed VMM writes it there), else in
+/// the VM's directory (an unjailed VMM, or a jailed one that failed before it entered).
 fn read_result(dir: &std::path::Path, token: &str) -> Option<RunResult> {
-    let bytes = std::fs::read(dir.join(layout::RESULT)).ok()?;
-    let r: RunResult = serde_json::from_slice(&bytes).ok()?;
-    (r.token == token).then_some(r)
+    let jailed = dir
+        .join(bexar_vmm::launch::files::JAIL_ROOT)
+        .join(layout::RESULT);
+    [jailed, dir.join(layout::RESULT)]
+        .into_iter()
+        .find_map(|p| {
+            // Not followed if a symlink: the jailed VMM owns the directory it is in.
+            if !std::fs::symlink_metadata(&p).ok()?.is_file() {
+                return None;
+            }
+            let r: RunResult = serde_json::from_slice(&std::fs::read(&p).ok()?).ok()?;
+            (r.token == token).then_some(r)
+        })
 }
 
 /// What recovery found for a VM.
@@ -492,6 +505,10 @@ impl Agent {
             // Its TAPs and filters go with it.
             self.unwire_nics(&entry.id, &nics).await;
         }
+        if let Some(c) = &self.cgroups {
+            c.remove(&entry.id).await;
+        }
+        lock(&self.oom_base).remove(&entry.id);
         self.events.emit(&entry.id, EventKind::Deleted, None, "");
         Ok(())
     }
@@ -600,9 +617,50 @@ impl Agent {
                 Err(e) => e,
             }
         };
-        let config = match config {
+        let mut config = match config {
             Ok(c) => c,
             Err(e) => return Err(fail(format!("the VM cannot be configured: {e}"))),
+        };
+        let remote = config
+            .disks
+            .iter()
+            .any(|d| d.nbd.is_some() || d.iscsi.is_some());
+        let jail = sandbox::jail_for(&self.config.sandbox, &dir, remote);
+        if jail.is_some() {
+            // The VMM binds and connects its vsock sockets relative to its working directory,
+            // the jail's root before and after pivot_root; VMM_DIR/vsock.sock points there.
+            if let Some(v) = &mut config.vsock {
+                v.uds = std::path::PathBuf::from(layout::VSOCK_SOCKET);
+                let link = dir.join(layout::VSOCK_SOCKET);
+                let target = std::path::Path::new(bexar_vmm::launch::files::JAIL_ROOT)
+                    .join(layout::VSOCK_SOCKET);
+                if std::fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+                    let _ = std::fs::remove_file(&link);
+                    if let Err(e) = std::os::unix::fs::symlink(&target, &link) {
+                        return Err(fail(format!("{}: {e}", link.display())));
+                    }
+                }
+            }
+        }
+        if let Err(e) = sandbox::prepare_root(&dir) {
+            return Err(fail(format!("cannot prepare the jail's root: {e}")));
+        }
+        let cgroup = match &self.cgroups {
+            None => None,
+            Some(c) => {
+                let limits = sandbox::Limits::of(
+                    config.vcpus,
+                    config.memory_mib,
+                    self.config.sandbox.memory_headroom_mib,
+                );
+                match c.prepare(&entry.id, limits) {
+                    Ok(g) => {
+                        lock(&self.oom_base).insert(entry.id.clone(), c.oom_kills(&entry.id));
+                        Some(g)
+                    }
+                    Err(e) => return Err(fail(format!("cannot make the VM's cgroup: {e}"))),
+                }
+            }
         };
         let tap_missing = rec.nics.iter().any(|n| {
             n.segment.is_some() && !std::path::Path::new("/sys/class/net").join(&n.tap).exists()
@@ -614,6 +672,7 @@ impl Agent {
             }
         }
         let mut launch = Launch::new(config);
+        launch.jail = jail;
         if kind == Op::Upgrade {
             launch.handoff = true;
         } else if rec.restore_pending {
@@ -622,7 +681,10 @@ impl Agent {
         let data = serde_json::to_vec_pretty(&launch).map_err(super::StoreError::from)?;
         write_atomic(&dir.join(layout::LAUNCH), &data).map_err(super::StoreError::from)?;
         let _ = std::fs::remove_file(dir.join(layout::RESULT));
-        let pid = match vp::spawn(&self.config.exe, &dir) {
+        let procs = cgroup.as_ref().map(|g| g.raw()).unwrap_or_default();
+        let spawned = vp::spawn(&self.config.exe, &dir, &procs);
+        drop(cgroup);
+        let pid = match spawned {
             Ok(p) => p,
             Err(e) => return Err(fail(e.to_string())),
         };
@@ -736,6 +798,33 @@ impl Agent {
         });
     }
 
+    /// Why the sandbox ended a VMM that did not end cleanly, if it did: its seccomp filter, or
+    /// its cgroup's memory limit. Counted for the metrics.
+    fn sandbox_end(&self, id: &str, dir: &std::path::Path) -> Option<String> {
+        use std::sync::atomic::Ordering;
+        if let Some(why) = sandbox::seccomp_fault(dir) {
+            self.sandbox_kills.seccomp.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(vm = id, "VMM {why}");
+            return Some(format!("the VMM was {why}"));
+        }
+        let c = self.cgroups.as_ref()?;
+        let base = lock(&self.oom_base).get(id).copied().unwrap_or(0);
+        if c.oom_kills(id) > base {
+            self.sandbox_kills.oom.fetch_add(1, Ordering::Relaxed);
+            let limit = c
+                .memory_limit(id)
+                .map_or("?".into(), |b| (b >> 20).to_string());
+            let why = format!(
+                "the VMM was killed by the out-of-memory killer at its cgroup's memory limit \
+                 ({limit} MiB: guest memory plus {} MiB)",
+                self.config.sandbox.memory_headroom_mib
+            );
+            tracing::error!(vm = id, "{why}");
+            return Some(why);
+        }
+        None
+    }
+
     /// Records that the VMM of launch `token` ended, and applies the restart policy.
     fn on_exit(self: &Arc<Self>, entry: &Arc<VmEntry>, token: &str) {
         {
@@ -745,11 +834,16 @@ impl Agent {
             }
         }
         let dir = self.vm_dir(&entry.id);
-        let (clean, reason) = run_end(
+        let (clean, mut reason) = run_end(
             &dir,
             token,
             "the VMM process ended without reporting why (killed or crashed)",
         );
+        if !clean {
+            if let Some(why) = self.sandbox_end(&entry.id, &dir) {
+                reason = why;
+            }
+        }
         let mut expected = false;
         let updated = self.update(entry, |r| {
             if r.status.token != token || !r.state.has_vmm() {

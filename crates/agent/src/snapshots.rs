@@ -118,15 +118,49 @@ impl Agent {
             }
         })?;
         let created_ms = now_ms();
+        // A jailed VMM sees only its root: it writes the snapshot there (`/snapshot-NAME`), and
+        // the agent moves it into place once it is durable.
+        let vm_dir = self.vm_dir(id);
+        let staged = rec
+            .status
+            .pid
+            .and_then(|pid| super::sandbox::jail_root_of(pid, &vm_dir))
+            .map(|root| {
+                let name = format!("snapshot-{}", req.name);
+                (std::path::Path::new("/").join(&name), root.join(name))
+            });
+        if let Some((_, host)) = &staged {
+            let _ = std::fs::remove_dir_all(host);
+        }
+        let asked = staged
+            .as_ref()
+            .map_or(dir.clone(), |(inside, _)| inside.clone());
         let result = vp::exchange(
             &self.vm_dir(id),
             &Request::Snapshot {
-                dir: dir.clone(),
+                dir: asked,
                 then: req.then,
             },
             SNAPSHOT_TIMEOUT,
         )
         .await
+        .and_then(|r| {
+            let Some((_, host)) = &staged else {
+                return Ok(r);
+            };
+            if let Some(parent) = dir.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            super::sandbox::adopt_staged(host, &dir)
+                .map(|()| r)
+                .map_err(|e| {
+                    let _ = std::fs::remove_dir_all(host);
+                    vp::VmmProcessError::Refused {
+                        op: "snapshot".into(),
+                        err: format!("the snapshot the jailed VMM wrote cannot be taken in: {e}"),
+                    }
+                })
+        })
         .and_then(|(reply, _)| {
             reply.snapshot.ok_or_else(|| vp::VmmProcessError::Refused {
                 op: "snapshot".into(),

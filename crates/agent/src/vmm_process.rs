@@ -81,8 +81,10 @@ pub fn new_token() -> String {
 }
 
 /// Starts `exe vmm --dir dir` in its own session, with its output going to `vmm.log` and no
-/// tie to the agent: the agent can die or be upgraded while it runs. Returns its pid.
-pub fn spawn(exe: &Path, dir: &Path) -> Result<u32, VmmProcessError> {
+/// tie to the agent: the agent can die or be upgraded while it runs. The child joins the
+/// cgroups whose `cgroup.procs` are open as `cgroup_procs` before it execs, so the VMM never
+/// runs a line outside them. Returns its pid.
+pub fn spawn(exe: &Path, dir: &Path, cgroup_procs: &[i32]) -> Result<u32, VmmProcessError> {
     let log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -97,14 +99,16 @@ pub fn spawn(exe: &Path, dir: &Path) -> Result<u32, VmmProcessError> {
         .stdout(log)
         .stderr(log2)
         .env_remove("BEXAR_SOCKET");
-    // SAFETY: setsid is async-signal-safe and touches no memory; it detaches the VMM from the
-    // agent's session and process group, so signals meant for the agent do not reach it.
+    let procs = cgroup_procs.to_vec();
+    // SAFETY: setsid and write are async-signal-safe and allocate nothing (`procs` was made
+    // before the fork); setsid detaches the VMM from the agent's session and process group, so
+    // signals meant for the agent do not reach it.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(())
+            super::sandbox::join_in_child(&procs)
         });
     }
     let child = cmd.spawn().map_err(VmmProcessError::Spawn)?;

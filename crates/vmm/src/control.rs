@@ -202,22 +202,20 @@ pub fn monotonic_ns() -> u64 {
 /// Takes the VM over from the VMM serving control socket `socket`: asks it for a handover,
 /// which it answers with guest memory's descriptor and this report once the VM's state is
 /// written. Returns where the state is: `state_dir` for a VMM that sees the host's root, the
-/// same name beneath its root for a jailed one (which writes `/handoff` there).
+/// same name beneath `jail_root` for one jailed there (which writes `/handoff` in its root).
 pub fn take_over(
     socket: &Path,
     state_dir: &Path,
+    jail_root: &Path,
 ) -> Result<(std::fs::File, HandoffReport, std::path::PathBuf), String> {
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
-    // The peer's root as the kernel shows it: "/" unless it is jailed.
     let peer = peer_pid(&s).map_err(|e| format!("{}: {e}", socket.display()))?;
-    let root = std::fs::read_link(format!("/proc/{peer}/root"))
-        .map_err(|e| format!("the running VMM's root: {e}"))?;
-    let (asked, found) = if root == Path::new("/") {
-        (state_dir.to_owned(), state_dir.to_owned())
-    } else {
+    let (asked, found) = if crate::jail::is_root_of(peer as u32, jail_root) {
         let name = state_dir.file_name().unwrap_or_default();
-        (Path::new("/").join(name), root.join(name))
+        (Path::new("/").join(name), jail_root.join(name))
+    } else {
+        (state_dir.to_owned(), state_dir.to_owned())
     };
     let state_dir = &asked;
     // As long as an agent recovering from a crash waits for the handover to settle.

@@ -137,6 +137,26 @@ pub struct JailTimes {
 }
 
 static ARMED: OnceLock<JailConfig> = OnceLock::new();
+static PIVOTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process's root is its jail's (from `pivot_root` on, even if a later step of
+/// the jail failed): paths of the host mean nothing here any more.
+pub fn in_jail_root() -> bool {
+    PIVOTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether the process `pid` has `root` as its root directory (compared by device and inode:
+/// a jailed process's `/proc/PID/root` link reads "/", its own view after `pivot_root`).
+pub fn is_root_of(pid: u32, root: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(a), Ok(b)) = (
+        std::fs::metadata(format!("/proc/{pid}/root")),
+        std::fs::metadata(root),
+    ) else {
+        return false;
+    };
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
 static ENTERED: OnceLock<JailTimes> = OnceLock::new();
 
 /// Arms the jail the builder enters before the first thread. Once per process.
@@ -306,12 +326,16 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
     pivot_root(".", ".").map_err(nix_step("pivot_root"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(nix_step("detach the old root"))?;
     chdir("/").map_err(nix_step("chdir /"))?;
+    PIVOTED.store(true, std::sync::atomic::Ordering::Relaxed);
     t.pivot_root_us = us(t0);
 
     let t0 = Instant::now();
     let _ = nix::unistd::sethostname("bexar-vmm");
-    setrlimit(Resource::RLIMIT_NOFILE, c.max_open_files, c.max_open_files)
+    // Never above the limit the VMM was started with (the agent's, which may be lower).
+    let (_, hard) = nix::sys::resource::getrlimit(Resource::RLIMIT_NOFILE)
         .map_err(nix_step("RLIMIT_NOFILE"))?;
+    let files = c.max_open_files.min(hard);
+    setrlimit(Resource::RLIMIT_NOFILE, files, files).map_err(nix_step("RLIMIT_NOFILE"))?;
     let fsize = if c.max_file_bytes > 0 {
         c.max_file_bytes
     } else {

@@ -53,9 +53,9 @@ pub enum SeccompError {
 static FILTERS: OnceLock<Filters> = OnceLock::new();
 
 struct Filters {
-    vmm: [BpfProgram; 2],
-    vcpu: [BpfProgram; 2],
-    virtio: [BpfProgram; 2],
+    vmm: Vec<BpfProgram>,
+    vcpu: Vec<BpfProgram>,
+    virtio: Vec<BpfProgram>,
 }
 
 /// Where the SIGSYS handler records a violation (-1: nowhere but standard error).
@@ -95,7 +95,7 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
         ThreadKind::Virtio => &f.virtio,
     };
     for p in prog {
-        seccompiler::apply_filter(p).map_err(|e| SeccompError::Install {
+        seccompiler::apply_filter(p.as_slice()).map_err(|e| SeccompError::Install {
             kind: kind.to_string(),
             err: e.to_string(),
         })?;
@@ -236,16 +236,12 @@ fn ioctl_rules(kind: ThreadKind) -> Vec<SeccompRule> {
         req(Op::MaskedEq(0xff00), 0xAE << 8),
         req(Op::Eq, TUNSETOFFLOAD()),
         req(Op::Eq, TUNSETVNETHDRSZ()),
+        // Sockets made non-blocking (a remote disk's reconnection) and close-on-exec.
+        req(Op::Eq, libc::FIONBIO),
+        req(Op::Eq, libc::FIOCLEX),
     ];
     if kind == ThreadKind::Vmm {
-        for r in [
-            libc::TCGETS,
-            libc::TCSETS,
-            libc::TCSETSW,
-            libc::TIOCGWINSZ,
-            libc::FIONBIO,
-            libc::FIOCLEX,
-        ] {
+        for r in [libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TIOCGWINSZ] {
             rules.push(req(Op::Eq, r));
         }
     }
@@ -296,7 +292,7 @@ fn rules_of(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
     rules
 }
 
-fn build(kind: ThreadKind) -> Result<[BpfProgram; 2], SeccompError> {
+fn build(kind: ThreadKind) -> Result<Vec<BpfProgram>, SeccompError> {
     let err = |e: &dyn std::fmt::Display| SeccompError::Build {
         kind: kind.to_string(),
         err: e.to_string(),
@@ -308,17 +304,30 @@ fn build(kind: ThreadKind) -> Result<[BpfProgram; 2], SeccompError> {
             .map_err(|e: seccompiler::BackendError| err(&e))
     };
     let mut rules = rules_of(kind);
-    // clone3's flags sit behind a pointer, so no filter can tell a thread from a process.
-    // It is allowed by the list and answered ENOSYS by a second filter (the kernel takes the
-    // stricter answer of stacked filters), and the C library falls back to clone.
-    rules.insert(libc::SYS_clone3, Vec::new());
-    let list = program(rules, SeccompAction::Trap, SeccompAction::Allow)?;
-    let clone3 = program(
-        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-    )?;
-    Ok([list, clone3])
+    // Answered with an error rather than a kill, by a second filter (the kernel takes the
+    // stricter answer of stacked filters, and an errno is stricter than allow):
+    // * clone3: its flags sit behind a pointer, so no filter can tell a thread from a process;
+    //   ENOSYS makes the C library fall back to clone, whose flags the list checks;
+    // * openat outside the main thread: the C library's malloc opens
+    //   /proc/sys/vm/overcommit_memory the first time a thread's arena shrinks, and copes with
+    //   a failure; nothing else on those threads opens files.
+    let mut errors = vec![(libc::SYS_clone3, libc::ENOSYS)];
+    if kind != ThreadKind::Vmm {
+        errors.push((libc::SYS_openat, libc::EACCES));
+    }
+    let mut programs = Vec::new();
+    for (call, _) in &errors {
+        rules.insert(*call, Vec::new());
+    }
+    programs.push(program(rules, SeccompAction::Trap, SeccompAction::Allow)?);
+    for (call, errno) in errors {
+        programs.push(program(
+            BTreeMap::from([(call, Vec::new())]),
+            SeccompAction::Allow,
+            SeccompAction::Errno(errno as u32),
+        )?);
+    }
+    Ok(programs)
 }
 
 /// SIGSYS: record the call, then die of the signal.

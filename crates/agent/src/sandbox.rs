@@ -1,0 +1,551 @@
+//! What the agent does for each VMM's sandbox: the jail the VMM enters (written into its
+//! launch, see `bexar_vmm::jail`), its cgroups (made, limited and joined before the VMM runs
+//! any code of its own, read for metrics, checked for an out-of-memory kill), the record a
+//! seccomp violation leaves, and snapshot directories staged in the jail's root.
+//!
+//! cgroups: v2 where the host has it (a `cgroup2` mount with the controllers), else the v1
+//! hierarchies (this machine: cpu, cpuacct, memory, pids and blkio on v1, the v2 mount empty).
+//! Each VM gets `PARENT/vm-ID` in every hierarchy used; the VMM joins them between fork and
+//! exec, so it never runs unlimited.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use bexar_vmm::jail::JailConfig;
+use bexar_vmm::launch::files;
+
+/// How the agent sandboxes its VMMs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxConfig {
+    /// Jail every VMM (off only for debugging, with a loud warning).
+    pub jail: bool,
+    /// First uid of the VMMs' range (each runs as this plus its pid).
+    pub uid_base: u32,
+    /// cgroup directory (relative to each hierarchy's root) the VMs' cgroups are made in;
+    /// `None`: no cgroups.
+    pub cgroup_parent: Option<PathBuf>,
+    /// Memory allowed to a VM's cgroup beyond its guest memory (the VMM's own, page cache of
+    /// its disks), MiB.
+    pub memory_headroom_mib: u64,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            jail: true,
+            uid_base: bexar_vmm::jail::DEFAULT_UID_BASE,
+            cgroup_parent: Some(PathBuf::from("bexar")),
+            memory_headroom_mib: DEFAULT_MEMORY_HEADROOM_MIB,
+        }
+    }
+}
+
+/// Default memory a VM's cgroup allows beyond guest memory, MiB.
+pub const DEFAULT_MEMORY_HEADROOM_MIB: u64 = 64;
+
+/// Threads a VMM may have beyond one per vCPU (main, virtio loop, remote-disk workers, the
+/// reaper, io_uring's workers).
+const PIDS_HEADROOM: u64 = 256;
+
+/// The jail for a VMM of the VM in `dir`; `remote_disks`: it has NBD or iSCSI disks, which keep
+/// the host's network to reconnect.
+pub fn jail_for(cfg: &SandboxConfig, dir: &Path, remote_disks: bool) -> Option<JailConfig> {
+    if !cfg.jail {
+        return None;
+    }
+    let mut j = JailConfig::new(cfg.uid_base, dir.join(files::JAIL_ROOT));
+    j.own_root = true;
+    j.network = !remote_disks;
+    Some(j)
+}
+
+/// Prepares the jail's root for a launch: made if missing, the last run's result gone.
+/// (Everything else in it belongs to a VMM that may still run: a live upgrade's old one.)
+pub fn prepare_root(dir: &Path) -> std::io::Result<()> {
+    let root = dir.join(files::JAIL_ROOT);
+    std::fs::create_dir_all(&root)?;
+    match std::fs::remove_file(root.join(files::RESULT)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let _ = std::fs::remove_file(dir.join(files::FAULT));
+    Ok(())
+}
+
+/// What a seccomp violation recorded for the VMM of `dir`: "forbidden system call N (name) on
+/// thread T".
+pub fn seccomp_fault(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(files::FAULT)).ok()?;
+    let line = text.lines().next()?.trim();
+    let what = line.strip_prefix("bexar vmm: seccomp: ").unwrap_or(line);
+    (!what.is_empty()).then(|| format!("killed by its seccomp filter: {what}"))
+}
+
+/// The jail's root (as the host sees it) if the VMM `pid` of the VM in `dir` is jailed there.
+pub fn jail_root_of(pid: u32, dir: &Path) -> Option<PathBuf> {
+    let root = dir.join(files::JAIL_ROOT);
+    bexar_vmm::jail::is_root_of(pid, &root).then_some(root)
+}
+
+/// Moves a snapshot a jailed VMM wrote into its root (`staged`) to `dest`, then makes it the
+/// agent's: it must be a directory of regular files only (a VMM could leave a symlink to make
+/// the agent write elsewhere), and it is handed to root, out of the VMM's reach.
+pub fn adopt_staged(staged: &Path, dest: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(staged)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory",
+            staged.display()
+        )));
+    }
+    std::fs::rename(staged, dest)?;
+    // Looked at again once moved: it could have been swapped for a symlink meanwhile.
+    if !std::fs::symlink_metadata(dest)?.is_dir() {
+        let _ = std::fs::remove_file(dest);
+        return Err(std::io::Error::other(format!(
+            "{} was replaced while it was moved",
+            staged.display()
+        )));
+    }
+    std::os::unix::fs::lchown(dest, Some(0), Some(0))?;
+    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o700))?;
+    for e in std::fs::read_dir(dest)? {
+        let e = e?;
+        let m = std::fs::symlink_metadata(e.path())?;
+        if !m.file_type().is_file() {
+            let _ = std::fs::remove_dir_all(dest);
+            return Err(std::io::Error::other(format!(
+                "{} is not a regular file",
+                e.path().display()
+            )));
+        }
+        std::os::unix::fs::lchown(e.path(), Some(0), Some(0))?;
+    }
+    Ok(())
+}
+
+/// Which cgroup version the host offers for VMs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hierarchy {
+    /// cgroup v2 at this mount, with these controllers.
+    V2(PathBuf),
+    /// cgroup v1: the mount of each controller used.
+    V1 {
+        /// `cpu` (quota).
+        cpu: Option<PathBuf>,
+        /// `cpuacct` (usage).
+        cpuacct: Option<PathBuf>,
+        /// `memory`.
+        memory: Option<PathBuf>,
+        /// `pids`.
+        pids: Option<PathBuf>,
+        /// `blkio`.
+        blkio: Option<PathBuf>,
+    },
+}
+
+impl Hierarchy {
+    /// What this host has: v2 when its mount offers cpu and memory, else the v1 mounts.
+    pub fn detect() -> Option<Self> {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+        let v1 = |name: &str| -> Option<PathBuf> {
+            mounts.lines().find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() >= 4 && f[2] == "cgroup" && f[3].split(',').any(|o| o == name))
+                    .then(|| PathBuf::from(f[1]))
+            })
+        };
+        for l in mounts.lines() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() >= 3 && f[2] == "cgroup2" {
+                let ctl = std::fs::read_to_string(Path::new(f[1]).join("cgroup.controllers"))
+                    .unwrap_or_default();
+                let has = |c: &str| ctl.split_whitespace().any(|x| x == c);
+                if has("cpu") && has("memory") {
+                    return Some(Self::V2(PathBuf::from(f[1])));
+                }
+            }
+        }
+        let h = Self::V1 {
+            cpu: v1("cpu"),
+            cpuacct: v1("cpuacct"),
+            memory: v1("memory"),
+            pids: v1("pids"),
+            blkio: v1("blkio"),
+        };
+        match &h {
+            Self::V1 {
+                cpu: None,
+                memory: None,
+                ..
+            } => None,
+            _ => Some(h),
+        }
+    }
+
+    /// The directories of the VM's cgroup, one per hierarchy (deduplicated for co-mounted v1
+    /// controllers).
+    fn dirs(&self, rel: &Path) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = match self {
+            Self::V2(root) => vec![root.join(rel)],
+            Self::V1 {
+                cpu,
+                cpuacct,
+                memory,
+                pids,
+                blkio,
+            } => [cpu, cpuacct, memory, pids, blkio]
+                .into_iter()
+                .flatten()
+                .map(|m| m.join(rel))
+                .collect(),
+        };
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Short name for logs and docs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::V2(_) => "v2",
+            Self::V1 { .. } => "v1",
+        }
+    }
+}
+
+/// A VM's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// CPU time per 100 ms period, µs.
+    pub cpu_quota_us: u64,
+    /// Memory, bytes.
+    pub memory_bytes: u64,
+    /// Tasks (threads).
+    pub pids: u64,
+}
+
+/// CFS period used for the quota, µs.
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+impl Limits {
+    /// The limits of a VM of `vcpus` and `memory_mib`: its vCPUs' worth of CPU plus a quarter
+    /// of a CPU for its event loops; guest memory plus `headroom_mib`; a thread per vCPU plus
+    /// room for the VMM's own.
+    pub fn of(vcpus: u8, memory_mib: u64, headroom_mib: u64) -> Self {
+        Self {
+            cpu_quota_us: u64::from(vcpus) * CPU_PERIOD_US + CPU_PERIOD_US / 4,
+            memory_bytes: (memory_mib + headroom_mib) << 20,
+            pids: u64::from(vcpus) + PIDS_HEADROOM,
+        }
+    }
+}
+
+/// A cgroup error, naming the file.
+#[derive(Debug, thiserror::Error)]
+#[error("cgroup {path}: {err}")]
+pub struct CgroupError {
+    /// The file or directory.
+    pub path: PathBuf,
+    /// Why.
+    pub err: std::io::Error,
+}
+
+fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(value.as_bytes()))
+        .map_err(|err| CgroupError {
+            path: path.to_owned(),
+            err,
+        })
+}
+
+/// The cgroups of the agent's VMs.
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    hierarchy: Hierarchy,
+    parent: PathBuf,
+}
+
+/// A VM's cgroup, made and limited, with its `cgroup.procs` files open for the VMM to join.
+#[derive(Debug)]
+pub struct VmCgroup {
+    /// Open `cgroup.procs` of each hierarchy: the child writes "0" to each before exec.
+    pub procs: Vec<OwnedFd>,
+}
+
+impl VmCgroup {
+    /// The raw descriptors, for the child between fork and exec.
+    pub fn raw(&self) -> Vec<i32> {
+        self.procs.iter().map(|f| f.as_raw_fd()).collect()
+    }
+}
+
+impl Cgroups {
+    /// The agent's VM cgroups under `parent` in `hierarchy`: makes the parent (and, on v2,
+    /// enables the controllers down to it).
+    pub fn new(hierarchy: Hierarchy, parent: &Path) -> Result<Self, CgroupError> {
+        let parent = parent.strip_prefix("/").unwrap_or(parent).to_path_buf();
+        for d in hierarchy.dirs(&parent) {
+            std::fs::create_dir_all(&d).map_err(|err| CgroupError {
+                path: d.clone(),
+                err,
+            })?;
+        }
+        if let Hierarchy::V2(root) = &hierarchy {
+            // Controllers are enabled top-down: every ancestor's subtree_control, the parent's
+            // included (the VM cgroups below it get them).
+            let mut at = root.clone();
+            let mut chain = vec![at.clone()];
+            for c in parent.components() {
+                at = at.join(c);
+                chain.push(at.clone());
+            }
+            let offered =
+                std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+            let want: Vec<String> = ["cpu", "memory", "pids", "io"]
+                .into_iter()
+                .filter(|c| offered.split_whitespace().any(|x| x == *c))
+                .map(|c| format!("+{c}"))
+                .collect();
+            for d in chain {
+                write_file(&d.join("cgroup.subtree_control"), &want.join(" "))?;
+            }
+        }
+        Ok(Self { hierarchy, parent })
+    }
+
+    /// The hierarchy in use.
+    pub fn hierarchy(&self) -> &Hierarchy {
+        &self.hierarchy
+    }
+
+    fn rel(&self, id: &str) -> PathBuf {
+        self.parent.join(format!("vm-{id}"))
+    }
+
+    /// Makes (or reuses) VM `id`'s cgroup with `limits`, and opens its `cgroup.procs` files.
+    pub fn prepare(&self, id: &str, limits: Limits) -> Result<VmCgroup, CgroupError> {
+        let rel = self.rel(id);
+        for d in self.hierarchy.dirs(&rel) {
+            std::fs::create_dir_all(&d).map_err(|err| CgroupError {
+                path: d.clone(),
+                err,
+            })?;
+        }
+        match &self.hierarchy {
+            Hierarchy::V2(root) => {
+                let d = root.join(&rel);
+                write_file(
+                    &d.join("cpu.max"),
+                    &format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us),
+                )?;
+                write_file(&d.join("memory.max"), &limits.memory_bytes.to_string())?;
+                // Guest memory must not be swapped behind the guest's back, and an OOM kill
+                // takes the whole VM, not one of its threads.
+                let _ = write_file(&d.join("memory.swap.max"), "0");
+                let _ = write_file(&d.join("memory.oom.group"), "1");
+                write_file(&d.join("pids.max"), &limits.pids.to_string())?;
+            }
+            Hierarchy::V1 {
+                cpu, memory, pids, ..
+            } => {
+                if let Some(m) = cpu {
+                    let d = m.join(&rel);
+                    write_file(&d.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                    write_file(
+                        &d.join("cpu.cfs_quota_us"),
+                        &limits.cpu_quota_us.to_string(),
+                    )?;
+                }
+                if let Some(m) = memory {
+                    let d = m.join(&rel);
+                    write_file(
+                        &d.join("memory.limit_in_bytes"),
+                        &limits.memory_bytes.to_string(),
+                    )?;
+                    let _ = write_file(&d.join("memory.swappiness"), "0");
+                }
+                if let Some(m) = pids {
+                    write_file(&m.join(&rel).join("pids.max"), &limits.pids.to_string())?;
+                }
+            }
+        }
+        let mut procs = Vec::new();
+        for d in self.hierarchy.dirs(&rel) {
+            let p = d.join("cgroup.procs");
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .map_err(|err| CgroupError { path: p, err })?;
+            procs.push(OwnedFd::from(f));
+        }
+        Ok(VmCgroup { procs })
+    }
+
+    /// Removes VM `id`'s cgroups; those still holding a process (the reaper that waits for
+    /// KVM's teardown for a few ms) are retried for up to two seconds.
+    pub async fn remove(&self, id: &str) {
+        let dirs = self.hierarchy.dirs(&self.rel(id));
+        for _ in 0..40 {
+            let left: Vec<&PathBuf> = dirs
+                .iter()
+                .filter(|d| match std::fs::remove_dir(d) {
+                    Ok(()) => false,
+                    Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+                })
+                .collect();
+            if left.is_empty() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        tracing::warn!(
+            vm = id,
+            "a cgroup of the VM could not be removed (still in use)"
+        );
+    }
+
+    /// Out-of-memory kills in VM `id`'s cgroup so far.
+    pub fn oom_kills(&self, id: &str) -> u64 {
+        let rel = self.rel(id);
+        let (file, key) = match &self.hierarchy {
+            Hierarchy::V2(root) => (root.join(&rel).join("memory.events"), "oom_kill"),
+            Hierarchy::V1 {
+                memory: Some(m), ..
+            } => (m.join(&rel).join("memory.oom_control"), "oom_kill"),
+            Hierarchy::V1 { .. } => return 0,
+        };
+        keyed(&std::fs::read_to_string(file).unwrap_or_default(), key).unwrap_or(0)
+    }
+
+    /// The memory limit of VM `id`'s cgroup, bytes.
+    pub fn memory_limit(&self, id: &str) -> Option<u64> {
+        let rel = self.rel(id);
+        let file = match &self.hierarchy {
+            Hierarchy::V2(root) => root.join(&rel).join("memory.max"),
+            Hierarchy::V1 {
+                memory: Some(m), ..
+            } => m.join(&rel).join("memory.limit_in_bytes"),
+            Hierarchy::V1 { .. } => return None,
+        };
+        std::fs::read_to_string(file).ok()?.trim().parse().ok()
+    }
+
+    /// What VM `id`'s cgroup has used.
+    pub fn usage(&self, id: &str) -> Usage {
+        let rel = self.rel(id);
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        let num = |p: PathBuf| read(p).trim().parse::<u64>().ok();
+        match &self.hierarchy {
+            Hierarchy::V2(root) => {
+                let d = root.join(&rel);
+                let cpu = read(d.join("cpu.stat"));
+                Usage {
+                    cpu_ns: keyed(&cpu, "usage_usec").map(|u| u * 1000),
+                    memory_bytes: num(d.join("memory.current")),
+                    pids: num(d.join("pids.current")),
+                    throttled_ns: keyed(&cpu, "throttled_usec").map(|u| u * 1000),
+                }
+            }
+            Hierarchy::V1 {
+                cpu,
+                cpuacct,
+                memory,
+                pids,
+                ..
+            } => Usage {
+                cpu_ns: cpuacct
+                    .as_ref()
+                    .and_then(|m| num(m.join(&rel).join("cpuacct.usage"))),
+                memory_bytes: memory
+                    .as_ref()
+                    .and_then(|m| num(m.join(&rel).join("memory.usage_in_bytes"))),
+                pids: pids
+                    .as_ref()
+                    .and_then(|m| num(m.join(&rel).join("pids.current"))),
+                throttled_ns: cpu
+                    .as_ref()
+                    .and_then(|m| keyed(&read(m.join(&rel).join("cpu.stat")), "throttled_time")),
+            },
+        }
+    }
+}
+
+/// What a VM's cgroup has used (each `None` where the host lacks the controller).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time, ns.
+    pub cpu_ns: Option<u64>,
+    /// Memory charged now, bytes.
+    pub memory_bytes: Option<u64>,
+    /// Tasks now.
+    pub pids: Option<u64>,
+    /// Time throttled by the CPU quota, ns.
+    pub throttled_ns: Option<u64>,
+}
+
+/// The value of `key` in a "key value" per line file.
+fn keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        (it.next() == Some(key)).then(|| it.next()?.parse().ok())?
+    })
+}
+
+/// Joins the cgroups whose `cgroup.procs` descriptors are `fds`: run in the child between fork
+/// and exec, so only async-signal-safe calls.
+pub fn join_in_child(fds: &[i32]) -> std::io::Result<()> {
+    for fd in fds {
+        // SAFETY: write(2) of a two-byte static buffer to a descriptor the parent opened.
+        let n = unsafe { libc::write(*fd, b"0\n".as_ptr().cast(), 2) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_follow_the_vm() {
+        let l = Limits::of(2, 256, 64);
+        assert_eq!(l.cpu_quota_us, 225_000);
+        assert_eq!(l.memory_bytes, 320 << 20);
+        assert_eq!(l.pids, 258);
+    }
+
+    #[test]
+    fn keyed_values_are_found() {
+        let t = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        assert_eq!(keyed(t, "oom_kill"), Some(3));
+        assert_eq!(keyed(t, "missing"), None);
+    }
+
+    #[test]
+    fn a_staged_snapshot_with_a_symlink_is_refused() {
+        let base = std::env::temp_dir().join(format!("bexar-stage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let staged = base.join("staged");
+        std::fs::create_dir_all(&staged).unwrap();
+        std::fs::write(staged.join("state.json"), b"{}").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", staged.join("memory")).unwrap();
+        let dest = base.join("dest");
+        assert!(adopt_staged(&staged, &dest).is_err());
+        assert!(!dest.exists(), "a refused snapshot is not kept");
+        let staged = base.join("staged2");
+        std::fs::create_dir_all(&staged).unwrap();
+        std::fs::write(staged.join("state.json"), b"{}").unwrap();
+        adopt_staged(&staged, &dest).unwrap();
+        assert!(dest.join("state.json").is_file());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+}
