@@ -2362,3 +2362,255 @@ fn a_low_open_file_limit_is_raised_then_refuses_cleanly() {
         assert!(f2["vms_more"].as_u64().unwrap() + 1 >= room, "{f2}");
     });
 }
+
+/// `Key:\tvalue` of `/proc/PID/status` (or a thread's).
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+}
+
+/// The file of `controller`'s cgroup of process `pid` (v1 here, v2 on a pure-v2 host).
+fn cgroup_file(pid: u64, controller: &str, file: &str) -> String {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let v1 = cgroups.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctl, path) = (f.next()?, f.next()?, f.next()?);
+        ctl.split(',').any(|c| c == controller).then(|| {
+            Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join(path.trim_start_matches('/'))
+        })
+    });
+    let dir = v1.unwrap_or_else(|| {
+        let path = cgroups.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+        Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'))
+    });
+    std::fs::read_to_string(dir.join(file))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.join(file).display()))
+        .trim()
+        .to_owned()
+}
+
+/// Asserts that VMM `pid` of VM `id` is in its jail and its cgroups: for every thread, not
+/// root, no capability, seccomp filtering, no_new_privs; its root the VM's empty jail; its
+/// network namespace empty but for lo; its cgroup limits those of a VM of `vcpus` and
+/// `memory_mib`.
+fn assert_jailed(
+    state: &Path,
+    id: &str,
+    pid: u64,
+    root_holds: &[&str],
+    vcpus: u64,
+    memory_mib: u64,
+) {
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(
+        tasks.len() >= 3,
+        "{id}: main, vCPU and virtio threads: {}",
+        tasks.len()
+    );
+    for t in tasks {
+        let s = std::fs::read_to_string(t.path().join("status")).unwrap();
+        let name = status_field(&s, "Name:");
+        let uid = status_field(&s, "Uid:");
+        assert!(
+            uid.split_whitespace().all(|u| u != "0"),
+            "{id}/{name}: uid {uid}"
+        );
+        assert_eq!(
+            status_field(&s, "CapEff:"),
+            "0000000000000000",
+            "{id}/{name}"
+        );
+        assert_eq!(
+            status_field(&s, "CapPrm:"),
+            "0000000000000000",
+            "{id}/{name}"
+        );
+        assert_eq!(
+            status_field(&s, "CapBnd:"),
+            "0000000000000000",
+            "{id}/{name}"
+        );
+        assert_eq!(status_field(&s, "Seccomp:"), "2", "{id}/{name}");
+        assert_eq!(status_field(&s, "NoNewPrivs:"), "1", "{id}/{name}");
+    }
+    // Its root is the VM's jail directory, holding only what the VMM put there.
+    use std::os::unix::fs::MetadataExt;
+    let jail = state.join("vms").join(id).join("root");
+    let (a, b) = (
+        std::fs::metadata(format!("/proc/{pid}/root")).unwrap(),
+        std::fs::metadata(&jail).unwrap(),
+    );
+    assert_eq!(
+        (a.dev(), a.ino()),
+        (b.dev(), b.ino()),
+        "{id}: its root is not {jail:?}"
+    );
+    let mut seen: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, root_holds, "{id}: its root holds more than expected");
+    assert_eq!(
+        b.mode() & 0o777,
+        0o700,
+        "{id}: the jail is not the VMM's alone"
+    );
+    // Its network namespace has lo and nothing else.
+    let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
+    let ifaces: Vec<&str> = dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    assert_eq!(ifaces, ["lo"], "{id}: interfaces in the VMM's namespace");
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
+        std::fs::read_link("/proc/self/ns/net").unwrap(),
+        "{id}: the VMM shares the host's network namespace"
+    );
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap(),
+        std::fs::read_link("/proc/self/ns/mnt").unwrap()
+    );
+    // Its cgroups hold it, with the VM's limits (64 MiB headroom, a quarter CPU for the VMM).
+    let memory = (memory_mib + 64) << 20;
+    let quota = vcpus * 100_000 + 25_000;
+    if Path::new("/sys/fs/cgroup/memory/cgroup.procs").exists() {
+        assert_eq!(
+            cgroup_file(pid, "memory", "memory.limit_in_bytes"),
+            memory.to_string()
+        );
+        assert_eq!(
+            cgroup_file(pid, "cpu", "cpu.cfs_quota_us"),
+            quota.to_string()
+        );
+        assert_eq!(
+            cgroup_file(pid, "pids", "pids.max"),
+            (vcpus + 256).to_string()
+        );
+        assert!(cgroup_file(pid, "memory", "cgroup.procs")
+            .lines()
+            .any(|p| p == pid.to_string()));
+    } else {
+        assert_eq!(cgroup_file(pid, "memory", "memory.max"), memory.to_string());
+        assert_eq!(
+            cgroup_file(pid, "cpu", "cpu.max"),
+            format!("{quota} 100000")
+        );
+        assert_eq!(
+            cgroup_file(pid, "pids", "pids.max"),
+            (vcpus + 256).to_string()
+        );
+    }
+}
+
+#[test]
+fn every_vmm_is_jailed_and_a_vmm_that_breaks_out_is_stopped_and_named() {
+    let agent = TestAgent::start("sandbox");
+    rt().block_on(async {
+        let c = agent.client();
+        let mut a = spec("plain");
+        a["vcpus"] = json!(2);
+        expect_status(&c.post("/v1/vms", &a).await.unwrap(), 201);
+        let mut v = spec("vsock");
+        v["vsock"] = json!({"cid": 7});
+        expect_status(&c.post("/v1/vms", &v).await.unwrap(), 201);
+        let mut o = spec("oom");
+        o["restart_policy"] = json!("on-failure");
+        expect_status(&c.post("/v1/vms", &o).await.unwrap(), 201);
+        for id in ["plain", "vsock", "oom"] {
+            expect_status(
+                &c.post(&format!("/v1/vms/{id}/start"), &json!({}))
+                    .await
+                    .unwrap(),
+                200,
+            );
+            wait_console(&c, id, "idle: ready", 30).await;
+        }
+        let pid = |v: &Value| v["status"]["pid"].as_u64().unwrap();
+        let plain = expect_status(&c.get("/v1/vms/plain").await.unwrap(), 200);
+        let vsock = expect_status(&c.get("/v1/vms/vsock").await.unwrap(), 200);
+        assert_jailed(&agent.state(), "plain", pid(&plain), &[], 2, 32);
+        assert_jailed(&agent.state(), "vsock", pid(&vsock), &["vsock.sock"], 1, 32);
+        // The vsock socket is where the API says, through the link to the jail.
+        assert!(agent.state().join("vms/vsock/vsock.sock").exists());
+        let m = c.get("/v1/metrics").await.unwrap();
+        let text = String::from_utf8_lossy(&m.body).into_owned();
+        assert!(
+            text.contains("bexar_vm_cgroup_memory_bytes{vm=\"plain\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bexar_vm_cgroup_cpu_seconds_total{vm=\"plain\"}"),
+            "{text}"
+        );
+
+        // A compromised VMM (the test build's fault requests) cannot open a host file, and
+        // dies of the first system call its filter forbids; the agent names the call.
+        let socket = agent.state().join("vms/plain/control.sock");
+        let r = common::vmm_control(&socket, &json!({"op": "fault", "fault": "open-host-file"}));
+        let err = r["error"].as_str().unwrap_or_default().to_owned();
+        assert!(err.starts_with("cannot open /etc/passwd"), "{r}");
+        let _ = std::thread::spawn(move || {
+            let _ = std::panic::catch_unwind(|| {
+                common::vmm_control(&socket, &json!({"op": "fault", "fault": "syscall"}))
+            });
+        });
+        let failed = wait_state(&c, "plain", "failed").await;
+        let reason = failed["status"]["exit_reason"].as_str().unwrap().to_owned();
+        assert!(
+            reason.contains("seccomp") && reason.contains("system call 165 (mount)"),
+            "{reason}"
+        );
+        // The other VMs did not notice.
+        let again = expect_status(&c.get("/v1/vms/vsock").await.unwrap(), 200);
+        assert_eq!(
+            (again["state"].clone(), pid(&again)),
+            (json!("running"), pid(&vsock))
+        );
+
+        // A VMM that leaks is stopped by its cgroup's memory limit, reported as such, and its
+        // restart policy brings the VM back.
+        let oom = expect_status(&c.get("/v1/vms/oom").await.unwrap(), 200);
+        let socket = agent.state().join("vms/oom/control.sock");
+        let _ = std::thread::spawn(move || {
+            let _ = std::panic::catch_unwind(|| {
+                common::vmm_control(&socket, &json!({"op": "fault", "fault": "leak"}))
+            });
+        });
+        let t = Instant::now();
+        let restarted = loop {
+            let v = expect_status(&c.get("/v1/vms/oom").await.unwrap(), 200);
+            if v["status"]["restarts"].as_u64() == Some(1) && v["state"] == "running" {
+                break v;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "not restarted: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_ne!(pid(&restarted), pid(&oom));
+        let events = c.get("/v1/events?vm=oom").await.unwrap();
+        let events = String::from_utf8_lossy(&events.body).into_owned();
+        assert!(events.contains("out-of-memory killer"), "{events}");
+        let m = c.get("/v1/metrics").await.unwrap();
+        let text = String::from_utf8_lossy(&m.body).into_owned();
+        assert!(
+            text.contains("bexar_vmm_sandbox_kills_total{by=\"seccomp\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bexar_vmm_sandbox_kills_total{by=\"oom\"} 1"),
+            "{text}"
+        );
+    });
+}

@@ -492,3 +492,71 @@ fn smbios_tables_carry_the_identity_given_and_a_real_decoder_reads_them() {
     assert_exit(&o, 2);
     assert!(text(&o).1.contains("serial"), "{}", text(&o).1);
 }
+
+/// `Key:\tvalue` of a `/proc/PID/status`.
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+}
+
+#[test]
+fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
+    use std::os::unix::fs::MetadataExt;
+    for jailed in [true, false] {
+        let extra: &[&str] = if jailed {
+            &["--cmdline", "bexar.test=idle"]
+        } else {
+            &["--cmdline", "bexar.test=idle", "--no-jail"]
+        };
+        let (mut child, mut conn) =
+            spawn_with_console_socket(if jailed { "jail.sock" } else { "nojail.sock" }, extra);
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("idle: ready") {
+            let n = conn.read(&mut buf).unwrap();
+            assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        let pid = child.id();
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let s = std::fs::read_to_string(t.path().join("status")).unwrap();
+            let name = status_field(&s, "Name:");
+            let uid = status_field(&s, "Uid:");
+            if jailed {
+                assert!(uid.split_whitespace().all(|u| u != "0"), "{name}: {uid}");
+                assert_eq!(status_field(&s, "CapEff:"), "0000000000000000", "{name}");
+                assert_eq!(status_field(&s, "Seccomp:"), "2", "{name}");
+                assert_eq!(status_field(&s, "NoNewPrivs:"), "1", "{name}");
+            } else {
+                assert_eq!(status_field(&s, "Seccomp:"), "0", "{name}");
+            }
+        }
+        let root = std::fs::metadata(format!("/proc/{pid}/root")).unwrap();
+        let empty = std::fs::metadata("/run/bexar/empty");
+        let host = std::fs::metadata("/").unwrap();
+        if jailed {
+            let empty = empty.unwrap();
+            assert_eq!((root.dev(), root.ino()), (empty.dev(), empty.ino()));
+            assert_eq!(
+                std::fs::read_dir(format!("/proc/{pid}/root"))
+                    .unwrap()
+                    .count(),
+                0
+            );
+            let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
+            assert_eq!(dev.lines().count(), 3, "only lo: {dev}");
+        } else {
+            assert_eq!((root.dev(), root.ino()), (host.dev(), host.ino()));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

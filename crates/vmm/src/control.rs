@@ -62,6 +62,26 @@ pub enum Request {
         #[serde(default)]
         then: crate::snapshot::AfterSnapshot,
     },
+    /// Test builds only (absent from release builds): make the VMM misbehave as a compromised
+    /// one would, to prove the sandbox holds.
+    #[cfg(debug_assertions)]
+    Fault {
+        /// What to try.
+        fault: Fault,
+    },
+}
+
+/// What a test makes a VMM try ([`Request::Fault`]).
+#[cfg(debug_assertions)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fault {
+    /// A system call no thread's filter allows (`mount`).
+    Syscall,
+    /// Open a file of the host (`/etc/passwd`); the reply says what happened.
+    OpenHostFile,
+    /// Allocate and touch memory without end, as a leak would.
+    Leak,
 }
 
 /// Whether the guest runs.

@@ -627,6 +627,8 @@ impl Vmm {
                 Ok(r) => Reply::snapshot(r),
                 Err(e) => Reply::error(e.to_string()),
             },
+            #[cfg(debug_assertions)]
+            Request::Fault { fault } => fault_for_tests(*fault),
             Request::SetRateLimit {
                 device,
                 path,
@@ -811,6 +813,45 @@ impl Drop for Vmm {
     /// takes its threads with it: running vCPUs do not notice a dropped channel.
     fn drop(&mut self) {
         self.stop_threads();
+    }
+}
+
+/// Carries out a test's [`crate::control::Fault`] on the main thread.
+#[cfg(debug_assertions)]
+fn fault_for_tests(fault: crate::control::Fault) -> Reply {
+    use crate::control::Fault;
+    match fault {
+        Fault::Syscall => {
+            tracing::warn!("test fault: calling mount(2)");
+            // SAFETY: mount with null arguments only fails (EFAULT) where it is allowed at all.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_mount,
+                    std::ptr::null::<u8>(),
+                    std::ptr::null::<u8>(),
+                    std::ptr::null::<u8>(),
+                    0,
+                    std::ptr::null::<u8>(),
+                )
+            };
+            Reply::error(format!(
+                "mount returned {r}: {}",
+                std::io::Error::last_os_error()
+            ))
+        }
+        Fault::OpenHostFile => match std::fs::read("/etc/passwd") {
+            Ok(b) => Reply::error(format!("opened /etc/passwd: {} bytes", b.len())),
+            Err(e) => Reply::error(format!("cannot open /etc/passwd: {e}")),
+        },
+        Fault::Leak => {
+            tracing::warn!("test fault: leaking memory until stopped");
+            let mut kept: Vec<Vec<u8>> = Vec::new();
+            loop {
+                // Touched, so the pages are really charged.
+                kept.push(vec![0x5a; 1 << 20]);
+                std::hint::black_box(&kept);
+            }
+        }
     }
 }
 

@@ -100,8 +100,8 @@ pub const COUNTERS_FRESH: Duration = Duration::from_secs(5);
 /// VMMs asked at once by a refresh: each question holds a socket.
 const ASK_AT_ONCE: usize = 32;
 
-/// Each running VM's counters, by id.
-type Counters = Arc<Vec<(String, Info)>>;
+/// Each running VM's counters, by id, with what its cgroup has used.
+type Counters = Arc<Vec<(String, Info, Option<crate::sandbox::Usage>)>>;
 
 /// The VMMs' counters as last asked, by VM.
 #[derive(Debug, Default)]
@@ -114,12 +114,12 @@ impl VmCounters {
     /// Asks every running VMM (a few at a time) and keeps the answers.
     pub async fn refresh(&self, agent: &Agent) {
         let running = agent.running();
-        let mut infos: Vec<(String, Info)> =
+        let cgroups = agent.cgroups.as_ref();
+        let mut infos: Vec<(String, Info, Option<crate::sandbox::Usage>)> =
             futures_util::stream::iter(running.into_iter().map(|(id, dir)| async move {
-                crate::vmm_process::info(&dir)
-                    .await
-                    .ok()
-                    .map(|(i, _)| (id, i))
+                let (info, _) = crate::vmm_process::info(&dir).await.ok()?;
+                let usage = cgroups.map(|c| c.usage(&id));
+                Some((id, info, usage))
             }))
             .buffer_unordered(ASK_AT_ONCE)
             .filter_map(|x| async move { x })
@@ -199,7 +199,7 @@ pub async fn render(
         out,
         "# HELP bexar_vm_vcpu_exits_total Exits to user space per vCPU.\n# TYPE bexar_vm_vcpu_exits_total counter"
     );
-    for (id, i) in held.iter() {
+    for (id, i, _) in held.iter() {
         for (n, exits) in i.vcpu_exits.iter().enumerate() {
             let _ = writeln!(
                 out,
@@ -223,15 +223,63 @@ pub async fn render(
             let _ = writeln!(out, "# HELP {name} {h}");
         }
         let _ = writeln!(out, "# TYPE {name} counter");
-        for (id, i) in held.iter() {
+        for (id, i, _) in held.iter() {
             let _ = writeln!(out, "{name}{{vm=\"{}\"}} {}", esc(id), value(i));
         }
     }
+    // What each VM's cgroup has used (absent where the host lacks the controller).
+    type PerCgroup = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&crate::sandbox::Usage) -> Option<f64>,
+    );
+    let per_cgroup: [PerCgroup; 4] = [
+        (
+            "bexar_vm_cgroup_cpu_seconds_total",
+            "counter",
+            "CPU time of the VM's cgroup (VMM and vCPUs).",
+            |u| u.cpu_ns.map(|n| n as f64 / 1e9),
+        ),
+        (
+            "bexar_vm_cgroup_cpu_throttled_seconds_total",
+            "counter",
+            "Time the VM's cgroup was held back by its CPU quota.",
+            |u| u.throttled_ns.map(|n| n as f64 / 1e9),
+        ),
+        (
+            "bexar_vm_cgroup_memory_bytes",
+            "gauge",
+            "Memory charged to the VM's cgroup (guest memory it touched, the VMM, page cache).",
+            |u| u.memory_bytes.map(|b| b as f64),
+        ),
+        (
+            "bexar_vm_cgroup_tasks",
+            "gauge",
+            "Threads in the VM's cgroup.",
+            |u| u.pids.map(|p| p as f64),
+        ),
+    ];
+    for (name, kind, help, value) in per_cgroup {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (id, _, u) in held.iter() {
+            if let Some(v) = u.as_ref().and_then(value) {
+                let _ = writeln!(out, "{name}{{vm=\"{}\"}} {v}", esc(id));
+            }
+        }
+    }
+    let kills = &agent.sandbox_kills;
+    let _ = writeln!(
+        out,
+        "# HELP bexar_vmm_sandbox_kills_total VMMs ended by their sandbox since the agent started: a system call their seccomp filter forbids, or their cgroup's memory limit.\n# TYPE bexar_vmm_sandbox_kills_total counter\nbexar_vmm_sandbox_kills_total{{by=\"seccomp\"}} {}\nbexar_vmm_sandbox_kills_total{{by=\"oom\"}} {}",
+        kills.seccomp.load(Ordering::Relaxed),
+        kills.oom.load(Ordering::Relaxed)
+    );
     let _ = writeln!(
         out,
         "# HELP bexar_vm_device_total Virtio device counters.\n# TYPE bexar_vm_device_total counter"
     );
-    for (id, i) in held.iter() {
+    for (id, i, _) in held.iter() {
         for d in &i.devices {
             for (name, v) in [
                 ("requests", d.requests),
