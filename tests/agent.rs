@@ -2543,6 +2543,9 @@ fn every_vmm_is_jailed_and_a_vmm_that_breaks_out_is_stopped_and_named() {
         let vsock = expect_status(&c.get("/v1/vms/vsock").await.unwrap(), 200);
         assert_jailed(&agent.state(), "plain", pid(&plain), &[], 2, 32);
         assert_jailed(&agent.state(), "vsock", pid(&vsock), &["vsock.sock"], 1, 32);
+        // Each in a network namespace of its own (made ahead of time, never shared).
+        let netns = |v: &Value| std::fs::read_link(format!("/proc/{}/ns/net", pid(v))).unwrap();
+        assert_ne!(netns(&plain), netns(&vsock));
         // The vsock socket is where the API says, through the link to the jail.
         assert!(agent.state().join("vms/vsock/vsock.sock").exists());
         let m = c.get("/v1/metrics").await.unwrap();

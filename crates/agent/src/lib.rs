@@ -232,6 +232,8 @@ pub struct Agent {
     wired: watch::Sender<bool>,
     /// The VMs' cgroups, where the host has them.
     pub(crate) cgroups: Option<sandbox::Cgroups>,
+    /// Network namespaces made ahead for jailed VMMs.
+    pub(crate) netns: Arc<sandbox::NetnsPool>,
     /// Out-of-memory kills each VM's cgroup had when its VMM started.
     pub(crate) oom_base: Mutex<std::collections::HashMap<String, u64>>,
     /// VMMs killed by their seccomp filter, and by their cgroup's memory limit.
@@ -314,6 +316,7 @@ impl Agent {
             recovered: watch::channel(false).0,
             wired: watch::channel(false).0,
             cgroups,
+            netns: Arc::new(sandbox::NetnsPool::default()),
             oom_base: Mutex::new(std::collections::HashMap::new()),
             sandbox_kills: SandboxKills::default(),
         });
@@ -343,6 +346,10 @@ impl Agent {
     /// are taken), and brings the network in line with the records. The API may serve reads
     /// meanwhile: they show the records as last written.
     pub async fn recover_and_wire(self: &Arc<Self>) {
+        if self.config.sandbox.jail {
+            // Network namespaces for the jails, made before the first start needs one.
+            self.netns.refill();
+        }
         /// Says "recovered" and "wired" whatever happens, a panic included: changes would
         /// otherwise wait for ever behind a failure that reads do not show.
         struct Done<'a>(&'a Agent);

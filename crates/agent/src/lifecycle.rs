@@ -671,6 +671,21 @@ impl Agent {
                 return Err(fail(format!("cannot wire the NICs: {e}")));
             }
         }
+        let mut jail = jail;
+        let netns = match &mut jail {
+            Some(j) if j.network => match self.netns.take() {
+                Ok(fd) => {
+                    j.netns_fd = Some(sandbox::NETNS_FD);
+                    Some(fd)
+                }
+                // The VMM makes its own.
+                Err(e) => {
+                    tracing::warn!(vm = %entry.id, "no network namespace made ahead: {e}");
+                    None
+                }
+            },
+            _ => None,
+        };
         let mut launch = Launch::new(config);
         launch.jail = jail;
         if kind == Op::Upgrade {
@@ -682,8 +697,8 @@ impl Agent {
         write_atomic(&dir.join(layout::LAUNCH), &data).map_err(super::StoreError::from)?;
         let _ = std::fs::remove_file(dir.join(layout::RESULT));
         let procs = cgroup.as_ref().map(|g| g.raw()).unwrap_or_default();
-        let spawned = vp::spawn(&self.config.exe, &dir, &procs);
-        drop(cgroup);
+        let spawned = vp::spawn(&self.config.exe, &dir, &procs, netns.as_ref());
+        drop((cgroup, netns));
         let pid = match spawned {
             Ok(p) => p,
             Err(e) => return Err(fail(e.to_string())),

@@ -61,6 +61,66 @@ pub fn jail_for(cfg: &SandboxConfig, dir: &Path, remote_disks: bool) -> Option<J
     Some(j)
 }
 
+/// The descriptor number a VMM finds its ready-made network namespace at (set between fork
+/// and exec).
+pub const NETNS_FD: i32 = 100;
+
+/// Empty network namespaces made ahead of time, one per VMM start: making one costs about
+/// 0.5 ms of kernel time here, the dearest part of the jail, and is done off the start path.
+/// None is ever used twice, so no two VMMs share one.
+#[derive(Debug, Default)]
+pub struct NetnsPool {
+    ready: std::sync::Mutex<Vec<OwnedFd>>,
+    filling: std::sync::atomic::AtomicBool,
+}
+
+/// Namespaces kept ready.
+const NETNS_READY: usize = 4;
+
+/// A new empty network namespace, made on a thread of its own (which leaves it at once).
+fn new_netns() -> std::io::Result<OwnedFd> {
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
+        std::fs::File::open("/proc/thread-self/ns/net").map(OwnedFd::from)
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
+}
+
+impl NetnsPool {
+    /// One ready namespace (a fresh one if none is ready), and a refill in the background.
+    pub fn take(self: &std::sync::Arc<Self>) -> std::io::Result<OwnedFd> {
+        let ready = bexar_util::sync::lock(&self.ready).pop();
+        self.refill();
+        match ready {
+            Some(fd) => Ok(fd),
+            None => new_netns(),
+        }
+    }
+
+    /// Tops the pool up on a blocking thread, one refill at a time.
+    pub fn refill(self: &std::sync::Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.filling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            while bexar_util::sync::lock(&me.ready).len() < NETNS_READY {
+                match new_netns() {
+                    Ok(fd) => bexar_util::sync::lock(&me.ready).push(fd),
+                    Err(e) => {
+                        tracing::warn!("cannot make a network namespace ahead of time: {e}");
+                        break;
+                    }
+                }
+            }
+            me.filling.store(false, Ordering::Release);
+        });
+    }
+}
+
 /// Prepares the jail's root for a launch: made if missing, the last run's result gone.
 /// (Everything else in it belongs to a VMM that may still run: a live upgrade's old one.)
 pub fn prepare_root(dir: &Path) -> std::io::Result<()> {
@@ -496,6 +556,21 @@ fn keyed(text: &str, key: &str) -> Option<u64> {
         let mut it = l.split_whitespace();
         (it.next() == Some(key)).then(|| it.next()?.parse().ok())?
     })
+}
+
+/// Puts the ready-made network namespace `fd` at [`NETNS_FD`], inherited across exec: run in
+/// the child between fork and exec (after [`join_in_child`], whose descriptors it may cover).
+pub fn pass_netns_in_child(fd: i32) -> std::io::Result<()> {
+    // SAFETY: dup2 and fcntl on descriptors of this process, async-signal-safe.
+    unsafe {
+        if fd != NETNS_FD && libc::dup2(fd, NETNS_FD) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::fcntl(NETNS_FD, libc::F_SETFD, 0) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Joins the cgroups whose `cgroup.procs` descriptors are `fds`: run in the child between fork

@@ -83,8 +83,14 @@ pub fn new_token() -> String {
 /// Starts `exe vmm --dir dir` in its own session, with its output going to `vmm.log` and no
 /// tie to the agent: the agent can die or be upgraded while it runs. The child joins the
 /// cgroups whose `cgroup.procs` are open as `cgroup_procs` before it execs, so the VMM never
-/// runs a line outside them. Returns its pid.
-pub fn spawn(exe: &Path, dir: &Path, cgroup_procs: &[i32]) -> Result<u32, VmmProcessError> {
+/// runs a line outside them, and finds `netns` (a ready-made network namespace) at
+/// [`super::sandbox::NETNS_FD`]. Returns its pid.
+pub fn spawn(
+    exe: &Path,
+    dir: &Path,
+    cgroup_procs: &[i32],
+    netns: Option<&OwnedFd>,
+) -> Result<u32, VmmProcessError> {
     let log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -100,6 +106,7 @@ pub fn spawn(exe: &Path, dir: &Path, cgroup_procs: &[i32]) -> Result<u32, VmmPro
         .stderr(log2)
         .env_remove("BEXAR_SOCKET");
     let procs = cgroup_procs.to_vec();
+    let netns = netns.map(|f| f.as_raw_fd());
     // SAFETY: setsid and write are async-signal-safe and allocate nothing (`procs` was made
     // before the fork); setsid detaches the VMM from the agent's session and process group, so
     // signals meant for the agent do not reach it.
@@ -108,7 +115,11 @@ pub fn spawn(exe: &Path, dir: &Path, cgroup_procs: &[i32]) -> Result<u32, VmmPro
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            super::sandbox::join_in_child(&procs)
+            super::sandbox::join_in_child(&procs)?;
+            match netns {
+                Some(fd) => super::sandbox::pass_netns_in_child(fd),
+                None => Ok(()),
+            }
         });
     }
     let child = cmd.spawn().map_err(VmmProcessError::Spawn)?;

@@ -339,4 +339,7 @@ pub struct VmOutcome {
     pub cmdline: String,
     /// Per-device counters at the end.
     pub devices: Vec<bexar_devices::virtio::DeviceReport>,
+    /// What the sandbox cost this VMM's start, by layer (absent when not jailed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jail: Option<jail::JailTimes>,
 }

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use seccompiler::{
@@ -64,6 +64,7 @@ static FAULT_FD: AtomicI32 = AtomicI32::new(-1);
 /// Builds every kind's filter and installs the SIGSYS handler; later [`install`] calls apply
 /// them. `fault` is the file a violation is recorded in.
 pub fn arm(fault: Option<OwnedFd>) -> Result<(), SeccompError> {
+    let t = std::time::Instant::now();
     let f = Filters {
         vmm: build(ThreadKind::Vmm)?,
         vcpu: build(ThreadKind::Vcpu(0))?,
@@ -76,7 +77,19 @@ pub fn arm(fault: Option<OwnedFd>) -> Result<(), SeccompError> {
     }
     install_handler();
     let _ = FILTERS.set(f);
+    BUILD_US.store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
     Ok(())
+}
+
+static BUILD_US: AtomicU64 = AtomicU64::new(0);
+static MAIN_INSTALL_US: AtomicU64 = AtomicU64::new(0);
+
+/// What building the filters and installing the main thread's took, µs.
+pub fn times_us() -> (u64, u64) {
+    (
+        BUILD_US.load(Ordering::Relaxed),
+        MAIN_INSTALL_US.load(Ordering::Relaxed),
+    )
 }
 
 /// Whether filters are armed (and so installed by each thread).
@@ -94,11 +107,15 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
         ThreadKind::Vcpu(_) => &f.vcpu,
         ThreadKind::Virtio => &f.virtio,
     };
+    let t = std::time::Instant::now();
     for p in prog {
         seccompiler::apply_filter(p.as_slice()).map_err(|e| SeccompError::Install {
             kind: kind.to_string(),
             err: e.to_string(),
         })?;
+    }
+    if kind == ThreadKind::Vmm {
+        MAIN_INSTALL_US.store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
     }
     Ok(())
 }

@@ -786,6 +786,7 @@ impl Vmm {
             entry: format!("{:?}/{:?}", self.entry.format, self.entry.mode),
             cmdline: std::mem::take(&mut self.cmdline),
             devices: self.devices.reports(),
+            jail: crate::jail::times(),
         }
     }
 }

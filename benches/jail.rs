@@ -1,0 +1,310 @@
+//! What the VMM's sandbox costs, measured against the same work without it in the same run:
+//!
+//! * `bexar run` of the test guest (`minimal`: the guest reports and ends at once), exec to
+//!   exit, jailed (the default) against `--no-jail`, samples interleaved; with the cost of each
+//!   layer as the VMM measured it (its `--result-json`): namespaces, pivot_root, the drop of
+//!   uid and capabilities, Landlock, building the seccomp filters, installing the main
+//!   thread's;
+//! * the kernel's part of the namespaces, alone: `unshare` of a new network namespace against
+//!   the mount, IPC and UTS ones (the network namespace is the dear one);
+//! * cgroup placement: a VM's cgroups made and limited, and a child joining them between fork
+//!   and exec, against the same fork and exec without;
+//! * the agent's start rate (create and start through the API until the guest's ready line)
+//!   with the jail and cgroups on, against `--no-jail --cgroup-parent off`.
+//!
+//! `cargo bench --bench jail` (BEXAR_BENCH_ITERS=N samples, default 40). Needs root and the
+//! test guest. Prints medians and ratios; asserts nothing about time.
+
+mod common;
+use common::percentile;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// One `bexar run` of the minimal guest: wall time, and the jail's layers (µs) if jailed.
+fn run_once(bexar: &Path, guest: &Path, jailed: bool, result: &Path) -> (f64, Option<Value>) {
+    let mut cmd = Command::new(bexar);
+    cmd.args(["run", "--no-stdin", "--memory", "32", "--console", "none"])
+        .args(["--cmdline", "bexar.test=minimal"])
+        .arg("--kernel")
+        .arg(guest)
+        .arg("--result-json")
+        .arg(result)
+        .env("BEXAR_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if !jailed {
+        cmd.arg("--no-jail");
+    }
+    let t = Instant::now();
+    let s = cmd.status().expect("run bexar");
+    let took = t.elapsed().as_secs_f64() * 1e3;
+    assert!(s.success(), "bexar run failed: {s}");
+    let out: Value = serde_json::from_slice(&std::fs::read(result).unwrap()).unwrap();
+    (took, out.get("jail").cloned())
+}
+
+/// Median µs of `unshare(flags)` on a fresh thread each time.
+fn unshare_us(flags: libc::c_int, n: usize) -> f64 {
+    let mut v: Vec<f64> = (0..n)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                // SAFETY: unshare with namespace flags only; this short-lived thread alone
+                // moves (CLONE_FS with CLONE_NEWNS: its own filesystem context).
+                let r = unsafe { libc::unshare(flags) };
+                assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
+                t.elapsed().as_secs_f64() * 1e6
+            })
+            .join()
+            .unwrap()
+        })
+        .collect();
+    percentile(&mut v, 0.5)
+}
+
+/// fork+exec of /bin/true, joining the cgroups open as `procs` in between.
+fn spawn_true(procs: &[i32]) -> f64 {
+    use std::os::unix::process::CommandExt;
+    let procs = procs.to_vec();
+    let mut cmd = Command::new("/bin/true");
+    // SAFETY: join_in_child only writes to descriptors opened before the fork.
+    unsafe {
+        cmd.pre_exec(move || bexar_agent::sandbox::join_in_child(&procs));
+    }
+    let t = Instant::now();
+    assert!(cmd.status().unwrap().success());
+    t.elapsed().as_secs_f64() * 1e6
+}
+
+struct AgentProc {
+    dir: PathBuf,
+    child: std::process::Child,
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("pkill")
+            .arg("-9")
+            .arg("-f")
+            .arg(self.dir.join("state").display().to_string())
+            .status();
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Milliseconds per VM to create and start `n` VMs through an agent started with `flags`,
+/// each until its guest's ready line, and the network namespace's part of each VMM's jail as
+/// its log says (µs); the medians.
+fn agent_starts(bexar: &Path, guest: &Path, flags: &[&str], n: usize, tag: &str) -> (f64, f64) {
+    let dir = std::env::temp_dir().join(format!("bexar-bench-jail-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("api.sock");
+    let child = Command::new(bexar)
+        .arg("agent")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(["--cpu-allocation-ratio", "200", "--imds-listen", "off"])
+        .args(flags)
+        .env("BEXAR_LOG", "info")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the agent");
+    let agent = AgentProc { dir, child };
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let c = bexar_agent::api::client::Client::new(&socket);
+    let mut per_vm = rt.block_on(async {
+        let mut v = Vec::new();
+        for i in 0..n {
+            let id = format!("j-{i:03}");
+            let spec = json!({
+                "id": id, "vcpus": 1, "memory_mib": 32,
+                "boot": {"kernel": guest.display().to_string(), "cmdline": "console=ttyS0 bexar.test=idle"}
+            });
+            let t = Instant::now();
+            let r = c.post("/v1/vms?start=true", &spec).await.unwrap();
+            assert_eq!(r.status.as_u16(), 201, "{}", String::from_utf8_lossy(&r.body));
+            let console = format!("/v1/vms/{id}/console");
+            while !String::from_utf8_lossy(&c.get(&console).await.unwrap().body).contains("idle: ready") {
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+            v.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        v
+    });
+    // "jailed in DIR: namespaces N µs, ..." in each VMM's log.
+    let mut ns: Vec<f64> = (0..n)
+        .filter_map(|i| {
+            let log =
+                std::fs::read_to_string(agent.dir.join(format!("state/vms/j-{i:03}/vmm.log")))
+                    .ok()?;
+            let at = log.find("namespaces ")? + "namespaces ".len();
+            log[at..].split_whitespace().next()?.parse().ok()
+        })
+        .collect();
+    rt.block_on(async {
+        for i in 0..n {
+            let _ = c.delete(&format!("/v1/vms/j-{i:03}?force=true")).await;
+        }
+    });
+    drop(agent);
+    let ns = if ns.is_empty() {
+        f64::NAN
+    } else {
+        percentile(&mut ns, 0.5)
+    };
+    (percentile(&mut per_vm, 0.5), ns)
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("jail benchmark: needs root (namespaces, cgroups); skipped");
+        return;
+    }
+    let bexar = common::bexar();
+    let guest = common::testguest();
+    let n = common::env_count("BEXAR_BENCH_ITERS", 40);
+    let result = std::env::temp_dir().join(format!("bexar-bench-jail-{}.json", std::process::id()));
+
+    // 1. exec to exit, jailed against not, interleaved.
+    for _ in 0..3 {
+        run_once(&bexar, &guest, true, &result);
+        run_once(&bexar, &guest, false, &result);
+    }
+    let (mut jailed, mut free) = (Vec::new(), Vec::new());
+    let mut layers: Vec<Vec<f64>> = vec![Vec::new(); 7];
+    const LAYERS: [&str; 6] = [
+        "namespaces_us",
+        "pivot_root_us",
+        "drop_us",
+        "landlock_us",
+        "seccomp_build_us",
+        "seccomp_install_us",
+    ];
+    for _ in 0..n {
+        let (ms, times) = run_once(&bexar, &guest, true, &result);
+        jailed.push(ms);
+        let times = times.expect("a jailed run reports its jail");
+        let mut total = 0.0;
+        for (i, k) in LAYERS.iter().enumerate() {
+            let v = times[k].as_f64().unwrap_or(0.0);
+            total += v;
+            layers[i].push(v);
+        }
+        layers[6].push(total);
+        free.push(run_once(&bexar, &guest, false, &result).0);
+    }
+    let _ = std::fs::remove_file(&result);
+    let (j, f) = (percentile(&mut jailed, 0.5), percentile(&mut free, 0.5));
+    println!("bexar run, exec to exit of the minimal guest ({n} runs each, interleaved):");
+    println!(
+        "  jailed {j:.2} ms, --no-jail {f:.2} ms: ratio {:.3} ({:+.2} ms)",
+        j / f,
+        j - f
+    );
+    println!("  the jail's layers as the VMM measured them (median µs):");
+    for (i, k) in LAYERS.iter().enumerate() {
+        println!(
+            "    {:<20} {:>7.0}",
+            k.trim_end_matches("_us"),
+            percentile(&mut layers[i], 0.5)
+        );
+    }
+    println!(
+        "    {:<20} {:>7.0}",
+        "total",
+        percentile(&mut layers[6], 0.5)
+    );
+
+    // 2. The namespaces alone, in the kernel.
+    let net = unshare_us(libc::CLONE_NEWNET, n);
+    let rest = unshare_us(
+        libc::CLONE_NEWNS | libc::CLONE_FS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
+        n,
+    );
+    println!("unshare, median of {n}: network namespace {net:.0} µs; mount+IPC+UTS {rest:.0} µs: ratio {:.1}", net / rest);
+
+    // 3. cgroup placement.
+    match bexar_agent::sandbox::Hierarchy::detect() {
+        None => println!("cgroups: no usable hierarchy here; skipped"),
+        Some(h) => {
+            let kind = h.name();
+            let parent = PathBuf::from(format!("bexar-bench-{}", std::process::id()));
+            let cg =
+                bexar_agent::sandbox::Cgroups::new(h, &parent).expect("make the parent cgroup");
+            let limits = bexar_agent::sandbox::Limits::of(1, 32, 64);
+            let (mut make, mut with, mut without) = (Vec::new(), Vec::new(), Vec::new());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            for i in 0..n {
+                let id = format!("b{i}");
+                let t = Instant::now();
+                let g = cg.prepare(&id, limits).unwrap();
+                make.push(t.elapsed().as_secs_f64() * 1e6);
+                with.push(spawn_true(&g.raw()));
+                without.push(spawn_true(&[]));
+                drop(g);
+                rt.block_on(cg.remove(&id));
+            }
+            let (w, wo) = (percentile(&mut with, 0.5), percentile(&mut without, 0.5));
+            println!(
+                "cgroups ({kind}): make and limit a VM's {:.0} µs; fork+exec joining them {w:.0} µs, without {wo:.0} µs: ratio {:.2} ({:+.0} µs)",
+                percentile(&mut make, 0.5),
+                w / wo,
+                w - wo
+            );
+            for d in ["cpu", "cpuacct", "memory", "pids", "blkio", ""] {
+                let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(d).join(&parent));
+            }
+        }
+    }
+
+    // 4. The agent's start rate, jail and cgroups on against off.
+    let vms = (n / 2).max(5);
+    let (on, ns_pool) = agent_starts(&bexar, &guest, &[], vms, "on");
+    let (jail_only, _) = agent_starts(&bexar, &guest, &["--cgroup-parent", "off"], vms, "jail");
+    let (cgroups_only, _) = agent_starts(&bexar, &guest, &["--no-jail"], vms, "cgroups");
+    let (off, _) = agent_starts(
+        &bexar,
+        &guest,
+        &["--no-jail", "--cgroup-parent", "off"],
+        vms,
+        "off",
+    );
+    println!(
+        "agent VMMs' namespaces step (joining a network namespace the agent made ahead), median: {ns_pool:.0} µs"
+    );
+    println!("agent create+start to the guest's ready line, median of {vms} (ratio to neither):");
+    for (what, ms) in [
+        ("jail and cgroups", on),
+        ("jail only", jail_only),
+        ("cgroups only", cgroups_only),
+        ("neither", off),
+    ] {
+        println!(
+            "  {what:<17} {ms:>7.2} ms  ratio {:.3} ({:+.2} ms), {:.0} starts/s",
+            ms / off,
+            ms - off,
+            1e3 / ms
+        );
+    }
+}
