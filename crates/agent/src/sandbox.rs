@@ -358,6 +358,25 @@ impl Cgroups {
             })?;
         }
         if let Hierarchy::V2(root) = &hierarchy {
+            // A delegated subtree (systemd's Delegate=yes): a v2 cgroup with processes cannot
+            // hand controllers down, so the agent moves itself into a leaf of its own cgroup.
+            let own = std::fs::read_to_string("/proc/self/cgroup")
+                .ok()
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+                });
+            if let Some(own) = own {
+                let own = root.join(own.trim_start_matches('/'));
+                if own != *root && root.join(&parent).starts_with(&own) {
+                    let leaf = own.join("agent");
+                    std::fs::create_dir_all(&leaf).map_err(|err| CgroupError {
+                        path: leaf.clone(),
+                        err,
+                    })?;
+                    write_file(&leaf.join("cgroup.procs"), "0")?;
+                }
+            }
             // Controllers are enabled top-down: every ancestor's subtree_control, the parent's
             // included (the VM cgroups below it get them).
             let mut at = root.clone();
