@@ -2460,10 +2460,25 @@ fn assert_jailed(
         .collect();
     seen.sort();
     assert_eq!(seen, root_holds, "{id}: its root holds more than expected");
+    // The root is root's (nothing in it can be replaced from inside); `out` is the VMM's, and
+    // empty while it runs.
     assert_eq!(
-        b.mode() & 0o777,
-        0o700,
-        "{id}: the jail is not the VMM's alone"
+        (b.uid(), b.mode() & 0o777),
+        (0, 0o711),
+        "{id}: the jail's root"
+    );
+    let out = std::fs::metadata(jail.join("out")).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let vmm_uid = status_field(&status, "Uid:");
+    assert_eq!(
+        Some(out.uid().to_string().as_str()),
+        vmm_uid.split_whitespace().next()
+    );
+    assert_eq!(out.mode() & 0o777, 0o700);
+    assert_eq!(
+        std::fs::read_dir(jail.join("out")).unwrap().count(),
+        0,
+        "{id}: out"
     );
     // Its network namespace has lo and nothing else.
     let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
@@ -2541,8 +2556,15 @@ fn every_vmm_is_jailed_and_a_vmm_that_breaks_out_is_stopped_and_named() {
         let pid = |v: &Value| v["status"]["pid"].as_u64().unwrap();
         let plain = expect_status(&c.get("/v1/vms/plain").await.unwrap(), 200);
         let vsock = expect_status(&c.get("/v1/vms/vsock").await.unwrap(), 200);
-        assert_jailed(&agent.state(), "plain", pid(&plain), &[], 2, 32);
-        assert_jailed(&agent.state(), "vsock", pid(&vsock), &["vsock.sock"], 1, 32);
+        assert_jailed(&agent.state(), "plain", pid(&plain), &["out"], 2, 32);
+        assert_jailed(
+            &agent.state(),
+            "vsock",
+            pid(&vsock),
+            &["out", "vsock.sock"],
+            1,
+            32,
+        );
         // Each in a network namespace of its own (made ahead of time, never shared).
         let netns = |v: &Value| std::fs::read_link(format!("/proc/{}/ns/net", pid(v))).unwrap();
         assert_ne!(netns(&plain), netns(&vsock));

@@ -158,7 +158,12 @@ fn arm_jail(args: &RunArgs) -> Result<(), String> {
         );
         return Ok(());
     }
-    bexar_vmm::seccomp::arm(None).map_err(|e| e.to_string())?;
+    let remote = args
+        .vm
+        .disk
+        .iter()
+        .any(|d| d.nbd.is_some() || d.iscsi.is_some());
+    bexar_vmm::seccomp::arm(None, remote).map_err(|e| e.to_string())?;
     if nix::unistd::geteuid().as_raw() != 0 {
         tracing::warn!(
             "not root: no jail (namespaces, empty root, own uid) for this VMM, only its seccomp \
@@ -172,11 +177,7 @@ fn arm_jail(args: &RunArgs) -> Result<(), String> {
         .map_err(|e| format!("{RUN_JAIL_ROOT}: {e}"))?;
     let mut j = bexar_vmm::jail::JailConfig::new(args.jail_uid_base, root.to_owned());
     // Remote disks keep the host's network, to reconnect to their servers.
-    j.network = !args
-        .vm
-        .disk
-        .iter()
-        .any(|d| d.nbd.is_some() || d.iscsi.is_some());
+    j.network = !remote;
     bexar_vmm::jail::arm(j).map_err(|e| e.to_string())
 }
 

@@ -55,7 +55,12 @@ fn arm_jail(dir: &Path, launch: &Launch) -> Result<(), String> {
             .mode(0o600)
             .open(dir.join(files::FAULT))
             .map_err(|e| format!("{}: {e}", dir.join(files::FAULT).display()))?;
-        bexar_vmm::seccomp::arm(Some(fault.into())).map_err(|e| e.to_string())?;
+        let inet = launch
+            .config
+            .disks
+            .iter()
+            .any(|d| d.nbd.is_some() || d.iscsi.is_some());
+        bexar_vmm::seccomp::arm(Some(fault.into()), inet).map_err(|e| e.to_string())?;
     }
     bexar_vmm::jail::arm(j.clone()).map_err(|e| e.to_string())?;
     std::env::set_current_dir(&j.root).map_err(|e| format!("{}: {e}", j.root.display()))?;
@@ -70,19 +75,20 @@ fn out_of_jail_root(dir: &Path, state: PathBuf) -> PathBuf {
         return state;
     }
     let _ = std::fs::remove_dir_all(&dest);
-    match std::fs::rename(&state, &dest) {
-        Ok(()) => dest,
-        Err(e) => {
-            tracing::warn!("cannot move {} out of the jail: {e}", state.display());
-            state
-        }
+    // The old VMM made it: a directory, not a link to somewhere else, before and after.
+    let is_dir = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+    if !is_dir(&state) || std::fs::rename(&state, &dest).is_err() || !is_dir(&dest) {
+        tracing::warn!("the handover state {} is not a directory", state.display());
+        let _ = std::fs::remove_file(&dest);
+        return dest;
     }
+    dest
 }
 
 /// Where the result goes: `DIR`, or the jail's root once the VMM lives in it.
 fn out_dir(dir: &Path) -> PathBuf {
     if bexar_vmm::jail::in_jail_root() {
-        PathBuf::from("/")
+        Path::new("/").join(files::JAIL_OUT)
     } else {
         dir.to_owned()
     }

@@ -86,17 +86,14 @@ fn run_end(dir: &std::path::Path, token: &str, missing: &str) -> (bool, String) 
 /// The result of launch `token`: in the jail's root (a jailed VMM writes it there), else in
 /// the VM's directory (an unjailed VMM, or a jailed one that failed before it entered).
 fn read_result(dir: &std::path::Path, token: &str) -> Option<RunResult> {
-    let jailed = dir
-        .join(bexar_vmm::launch::files::JAIL_ROOT)
-        .join(layout::RESULT);
+    use bexar_vmm::launch::files::{JAIL_OUT, JAIL_ROOT};
+    let jailed = dir.join(JAIL_ROOT).join(JAIL_OUT).join(layout::RESULT);
     [jailed, dir.join(layout::RESULT)]
         .into_iter()
         .find_map(|p| {
-            // Not followed if a symlink: the jailed VMM owns the directory it is in.
-            if !std::fs::symlink_metadata(&p).ok()?.is_file() {
-                return None;
-            }
-            let r: RunResult = serde_json::from_slice(&std::fs::read(&p).ok()?).ok()?;
+            // The jailed VMM owns the directory: read as it could have left it, bounded.
+            let bytes = sandbox::read_untrusted(&p, sandbox::MAX_RESULT_BYTES)?;
+            let r: RunResult = serde_json::from_slice(&bytes).ok()?;
             (r.token == token).then_some(r)
         })
 }
@@ -497,6 +494,12 @@ impl Agent {
         {
             vp::kill_and_wait(pid).await;
         }
+        // Its cgroups go while the VM still holds its id: a VM made again with the same id
+        // must not find them going away under its VMM.
+        if let Some(c) = &self.cgroups {
+            c.remove(&entry.id).await;
+        }
+        lock(&self.oom_base).remove(&entry.id);
         self.store.remove(&entry.id)?;
         let nics = lock(&entry.rec).nics.clone();
         lock(&self.vms).remove(&entry.id);
@@ -505,10 +508,6 @@ impl Agent {
             // Its TAPs and filters go with it.
             self.unwire_nics(&entry.id, &nics).await;
         }
-        if let Some(c) = &self.cgroups {
-            c.remove(&entry.id).await;
-        }
-        lock(&self.oom_base).remove(&entry.id);
         self.events.emit(&entry.id, EventKind::Deleted, None, "");
         Ok(())
     }

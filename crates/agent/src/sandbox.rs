@@ -122,11 +122,12 @@ impl NetnsPool {
 }
 
 /// Prepares the jail's root for a launch: made if missing, the last run's result gone.
-/// (Everything else in it belongs to a VMM that may still run: a live upgrade's old one.)
+/// (Everything else in it belongs to a VMM that may still run: a live upgrade's old one. The
+/// VMM makes the root root's and its `out` its own as it enters the jail.)
 pub fn prepare_root(dir: &Path) -> std::io::Result<()> {
     let root = dir.join(files::JAIL_ROOT);
     std::fs::create_dir_all(&root)?;
-    match std::fs::remove_file(root.join(files::RESULT)) {
+    match std::fs::remove_file(root.join(files::JAIL_OUT).join(files::RESULT)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
@@ -134,10 +135,33 @@ pub fn prepare_root(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Most bytes of a result file read.
+pub const MAX_RESULT_BYTES: u64 = 1 << 20;
+
+/// Reads at most `max` bytes of `path`, a file a jailed VMM could have written or replaced: a
+/// link is not followed, a FIFO or device not waited on (non-blocking), anything but a regular
+/// file not read.
+pub fn read_untrusted(path: &Path, max: u64) -> Option<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut out = Vec::new();
+    f.take(max).read_to_end(&mut out).ok()?;
+    Some(out)
+}
+
 /// What a seccomp violation recorded for the VMM of `dir`: "forbidden system call N (name) on
 /// thread T".
 pub fn seccomp_fault(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join(files::FAULT)).ok()?;
+    let bytes = read_untrusted(&dir.join(files::FAULT), 4096)?;
+    let text = String::from_utf8_lossy(&bytes);
     let line = text.lines().next()?.trim();
     let what = line.strip_prefix("bexar vmm: seccomp: ").unwrap_or(line);
     (!what.is_empty()).then(|| format!("killed by its seccomp filter: {what}"))

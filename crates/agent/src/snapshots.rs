@@ -118,7 +118,7 @@ impl Agent {
             }
         })?;
         let created_ms = now_ms();
-        // A jailed VMM sees only its root: it writes the snapshot there (`/snapshot-NAME`), and
+        // A jailed VMM sees only its root: it writes the snapshot there (`/out/snapshot-NAME`), and
         // the agent moves it into place once it is durable.
         let vm_dir = self.vm_dir(id);
         let staged = rec
@@ -126,7 +126,8 @@ impl Agent {
             .pid
             .and_then(|pid| super::sandbox::jail_root_of(pid, &vm_dir))
             .map(|root| {
-                let name = format!("snapshot-{}", req.name);
+                let name = std::path::Path::new(bexar_vmm::launch::files::JAIL_OUT)
+                    .join(format!("snapshot-{}", req.name));
                 (std::path::Path::new("/").join(&name), root.join(name))
             });
         if let Some((_, host)) = &staged {

@@ -139,27 +139,35 @@ fn rebind(saved: &mut snapshot::SnapshotState, backends: &Backends) -> Result<()
             return Err(mismatch("vsock", 1, 0));
         }
         config.vsock = Some(v.clone());
+    } else if backends.disks.is_some() && backends.nics.is_some() && config.vsock.is_some() {
+        // A launch that names every backend (the agent's) and no vsock device.
+        return Err(mismatch("vsock", 0, 1));
     }
+    // Every saved device gets its backend from the configuration just checked, and none is
+    // left over: the state file's own device entries (written by a VMM, perhaps a compromised
+    // one) never name a file, TAP or socket this VMM opens.
     let (mut disks, mut nics) = (config.disks.iter(), config.nics.iter());
+    let extra = |what: &str| {
+        VmmError::Restore(format!(
+            "the snapshot's devices hold more {what} than its configuration"
+        ))
+    };
     for slot in &mut saved.devices.virtio {
         match &mut slot.device {
             DeviceSnapshot::Block(b) => {
-                if let Some(d) = disks.next() {
-                    b.disk = d.clone();
-                }
+                b.disk = disks.next().ok_or_else(|| extra("disks"))?.clone()
             }
-            DeviceSnapshot::Net(n) => {
-                if let Some(c) = nics.next() {
-                    n.nic = c.clone();
-                }
-            }
+            DeviceSnapshot::Net(n) => n.nic = nics.next().ok_or_else(|| extra("NICs"))?.clone(),
             DeviceSnapshot::Vsock(v) => {
-                if let Some(c) = &config.vsock {
-                    v.config = c.clone();
-                }
+                v.config = config.vsock.clone().ok_or_else(|| extra("vsock devices"))?
             }
             DeviceSnapshot::Rng(_) => {}
         }
+    }
+    if disks.next().is_some() || nics.next().is_some() {
+        return Err(VmmError::Restore(
+            "the snapshot's configuration holds devices its device list does not".into(),
+        ));
     }
     Ok(())
 }
@@ -194,9 +202,10 @@ fn restore_from(
 ) -> Result<Vmm, VmmError> {
     let start = Instant::now();
     let mut saved = snapshot::read_state(dir)?;
-    if let Some(b) = &restore.backends {
-        rebind(&mut saved, b)?;
-    }
+    rebind(
+        &mut saved,
+        restore.backends.as_ref().unwrap_or(&Backends::default()),
+    )?;
     let config = VmConfig {
         console: restore.console.clone(),
         stdin: restore.stdin,

@@ -222,7 +222,7 @@ pub fn monotonic_ns() -> u64 {
 /// Takes the VM over from the VMM serving control socket `socket`: asks it for a handover,
 /// which it answers with guest memory's descriptor and this report once the VM's state is
 /// written. Returns where the state is: `state_dir` for a VMM that sees the host's root, the
-/// same name beneath `jail_root` for one jailed there (which writes `/handoff` in its root).
+/// same name in `jail_root`'s `out` for one jailed there (which writes `/out/handoff`).
 pub fn take_over(
     socket: &Path,
     state_dir: &Path,
@@ -232,8 +232,9 @@ pub fn take_over(
     let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
     let peer = peer_pid(&s).map_err(|e| format!("{}: {e}", socket.display()))?;
     let (asked, found) = if crate::jail::is_root_of(peer as u32, jail_root) {
-        let name = state_dir.file_name().unwrap_or_default();
-        (Path::new("/").join(name), jail_root.join(name))
+        let name = Path::new(crate::launch::files::JAIL_OUT)
+            .join(state_dir.file_name().unwrap_or_default());
+        (Path::new("/").join(&name), jail_root.join(name))
     } else {
         (state_dir.to_owned(), state_dir.to_owned())
     };

@@ -39,8 +39,9 @@ pub struct JailConfig {
     pub uid_base: u32,
     /// The empty directory that becomes the root.
     pub root: PathBuf,
-    /// The root is this VM's alone: the VMM makes it its own (owner uid, mode 0700) so it can
-    /// write its result and snapshots there. A shared root (`bexar run`) stays read-only.
+    /// The root is this VM's alone: the VMM makes its `out` directory its own (owner uid, mode
+    /// 0700) to write its result and snapshots there; the root itself stays root's (mode 0711).
+    /// A shared root (`bexar run`) stays read-only.
     #[serde(default)]
     pub own_root: bool,
     /// RLIMIT_NOFILE.
@@ -88,6 +89,9 @@ impl JailConfig {
         self.uid_base.saturating_add(std::process::id())
     }
 }
+
+/// The lowest first uid accepted: below it live the host's own users and groups.
+pub const MIN_UID_BASE: u32 = 65_536;
 
 /// The default first uid of the VMMs' range (2^30: far above any host's users and the
 /// subordinate ranges container tools hand out by default).
@@ -178,9 +182,10 @@ pub fn arm(config: JailConfig) -> Result<(), JailError> {
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or(1 << 22);
-    if config.uid_base == 0 || u64::from(config.uid_base) + pid_max >= u64::from(u32::MAX) {
+    if config.uid_base < MIN_UID_BASE || u64::from(config.uid_base) + pid_max >= u64::from(u32::MAX)
+    {
         return Err(JailError::Config(format!(
-            "uid_base {} leaves no room for pid_max {pid_max} uids below 2^32-1 (or is 0)",
+            "uid_base {} must be at least {MIN_UID_BASE} and leave room for pid_max {pid_max} uids below 2^32-1",
             config.uid_base
         )));
     }
@@ -307,9 +312,22 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
 
     let uid = c.uid();
     if c.own_root {
-        std::os::unix::fs::chown(&c.root, Some(uid), Some(uid)).map_err(step("chown the root"))?;
-        std::fs::set_permissions(&c.root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        use std::os::unix::fs::PermissionsExt;
+        let out = c.root.join(crate::launch::files::JAIL_OUT);
+        std::os::unix::fs::lchown(&c.root, Some(0), Some(0)).map_err(step("chown the root"))?;
+        std::fs::set_permissions(&c.root, std::fs::Permissions::from_mode(0o711))
             .map_err(step("chmod the root"))?;
+        match std::fs::create_dir(&out) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(step("make the root's out directory")(e))
+            }
+            _ => {}
+        }
+        // Only root can make or replace entries of the root, so `out` is the directory made
+        // here or by an earlier VMM of this VM, never a link.
+        std::os::unix::fs::lchown(&out, Some(uid), Some(uid)).map_err(step("chown out"))?;
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o700))
+            .map_err(step("chmod out"))?;
     }
     let t0 = Instant::now();
     let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
@@ -322,7 +340,10 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
                 .map_err(nix_step("join the network namespace"))?;
         }
         (true, None) => flags |= CloneFlags::CLONE_NEWNET,
-        (false, _) => {}
+        (false, fd) => {
+            // SAFETY: as above; not needed, so closed.
+            drop(fd.map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }));
+        }
     }
     unshare(flags).map_err(nix_step("unshare"))?;
     t.namespaces_us = us(t0);
@@ -377,6 +398,15 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
         file_bytes
     };
     setrlimit(Resource::RLIMIT_FSIZE, fsize, fsize).map_err(nix_step("RLIMIT_FSIZE"))?;
+    // A write past the limit (a disk, the log) fails with EFBIG rather than killing the VMM.
+    // SAFETY: SIG_IGN installs no handler code.
+    unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGXFSZ,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    }
+    .map_err(nix_step("ignore SIGXFSZ"))?;
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(nix_step("RLIMIT_CORE"))?;
     // The bounding set needs CAP_SETPCAP to shrink: before the uid changes.
     caps::clear(None, caps::CapSet::Bounding)

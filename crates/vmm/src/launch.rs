@@ -26,6 +26,10 @@ pub mod files {
     pub const JAIL_ROOT: &str = "root";
     /// Where the VMM's seccomp handler records a forbidden system call.
     pub const FAULT: &str = "vmm.fault";
+    /// The one directory of the jail's root the jailed VMM may write (its result, snapshot
+    /// staging, handover state); the root itself stays root's, so what else is there (the
+    /// vsock socket) cannot be replaced from inside.
+    pub const JAIL_OUT: &str = "out";
 }
 
 /// The launch format this VMM writes and reads. A newer one is refused with a clear error;

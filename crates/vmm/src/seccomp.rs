@@ -62,13 +62,14 @@ struct Filters {
 static FAULT_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// Builds every kind's filter and installs the SIGSYS handler; later [`install`] calls apply
-/// them. `fault` is the file a violation is recorded in.
-pub fn arm(fault: Option<OwnedFd>) -> Result<(), SeccompError> {
+/// them. `fault` is the file a violation is recorded in; `inet`: the VMM has remote disks
+/// (TCP sockets allowed, for their reconnection).
+pub fn arm(fault: Option<OwnedFd>, inet: bool) -> Result<(), SeccompError> {
     let t = std::time::Instant::now();
     let f = Filters {
-        vmm: build(ThreadKind::Vmm)?,
-        vcpu: build(ThreadKind::Vcpu(0))?,
-        virtio: build(ThreadKind::Virtio)?,
+        vmm: build(ThreadKind::Vmm, inet)?,
+        vcpu: build(ThreadKind::Vcpu(0), inet)?,
+        virtio: build(ThreadKind::Virtio, inet)?,
     };
     if let Some(fd) = fault {
         // Kept open for the process's life: the handler may need it at any moment.
@@ -189,7 +190,6 @@ const VCPU: &[i64] = &[libc::SYS_sendto, libc::SYS_sendmsg];
 const IO: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_connect,
-    libc::SYS_socket,
     libc::SYS_recvfrom,
     libc::SYS_recvmsg,
     libc::SYS_sendto,
@@ -202,8 +202,6 @@ const IO: &[i64] = &[
     libc::SYS_fallocate,
     libc::SYS_ftruncate,
     libc::SYS_sync_file_range,
-    libc::SYS_io_uring_setup,
-    libc::SYS_io_uring_register,
 ];
 
 /// The main thread's own: the control socket (with descriptors passed), snapshots and
@@ -265,17 +263,46 @@ fn ioctl_rules(kind: ThreadKind) -> Vec<SeccompRule> {
     rules
 }
 
-/// `clone` with CLONE_THREAD (a thread), or anything for the main thread (the reaper).
+/// Every `CLONE_NEW*` flag: an unprivileged process may still make a user namespace, and with
+/// it the capabilities of that namespace (netlink, nftables: a wide kernel surface).
+const CLONE_NEW_ANY: u64 = (libc::CLONE_NEWNS
+    | libc::CLONE_NEWCGROUP
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET) as u64
+    | 0x80; // CLONE_NEWTIME
+
+/// `clone` with no new namespace: a thread (CLONE_THREAD) anywhere, a process (the reaper)
+/// only from the main thread.
 fn clone_rules(kind: ThreadKind) -> Vec<SeccompRule> {
+    let no_new_ns = cond(0, Len::Qword, Op::MaskedEq(CLONE_NEW_ANY), 0);
     match kind {
-        ThreadKind::Vmm => Vec::new(),
-        _ => vec![rule(vec![cond(
-            0,
-            Len::Qword,
-            Op::MaskedEq(libc::CLONE_THREAD as u64),
-            libc::CLONE_THREAD as u64,
-        )])],
+        ThreadKind::Vmm => vec![rule(vec![no_new_ns])],
+        _ => vec![rule(vec![
+            no_new_ns,
+            cond(
+                0,
+                Len::Qword,
+                Op::MaskedEq(libc::CLONE_THREAD as u64),
+                libc::CLONE_THREAD as u64,
+            ),
+        ])],
     }
+}
+
+/// `socket` for Unix sockets (vsock's host side), and for TCP only in a VMM with remote disks
+/// (their reconnection); no other family (netlink, packet, AF_VSOCK, AF_ALG...).
+fn socket_rules(inet: bool) -> Vec<SeccompRule> {
+    let mut families = vec![libc::AF_UNIX];
+    if inet {
+        families.extend([libc::AF_INET, libc::AF_INET6]);
+    }
+    families
+        .into_iter()
+        .map(|f| rule(vec![cond(0, Len::Dword, Op::Eq, f as u64)]))
+        .collect()
 }
 
 /// `prctl` for thread names (the C library and std set them) and for no_new_privs, which
@@ -291,16 +318,20 @@ fn prctl_rules() -> Vec<SeccompRule> {
     .collect()
 }
 
-/// The allow-list of `kind`.
-fn rules_of(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
+/// The allow-list of `kind`; `inet`: the VMM has remote disks.
+fn rules_of(kind: ThreadKind, inet: bool) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut rules = BTreeMap::new();
     add(&mut rules, COMMON);
     match kind {
         ThreadKind::Vcpu(_) => add(&mut rules, VCPU),
-        ThreadKind::Virtio => add(&mut rules, IO),
+        ThreadKind::Virtio => {
+            add(&mut rules, IO);
+            rules.insert(libc::SYS_socket, socket_rules(inet));
+        }
         ThreadKind::Vmm => {
             add(&mut rules, IO);
             add(&mut rules, MAIN);
+            rules.insert(libc::SYS_socket, socket_rules(inet));
         }
     }
     rules.insert(libc::SYS_ioctl, ioctl_rules(kind));
@@ -309,7 +340,7 @@ fn rules_of(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
     rules
 }
 
-fn build(kind: ThreadKind) -> Result<Vec<BpfProgram>, SeccompError> {
+fn build(kind: ThreadKind, inet: bool) -> Result<Vec<BpfProgram>, SeccompError> {
     let err = |e: &dyn std::fmt::Display| SeccompError::Build {
         kind: kind.to_string(),
         err: e.to_string(),
@@ -320,7 +351,7 @@ fn build(kind: ThreadKind) -> Result<Vec<BpfProgram>, SeccompError> {
             .try_into()
             .map_err(|e: seccompiler::BackendError| err(&e))
     };
-    let mut rules = rules_of(kind);
+    let mut rules = rules_of(kind, inet);
     // Answered with an error rather than a kill, by a second filter (the kernel takes the
     // stricter answer of stacked filters, and an errno is stricter than allow):
     // * clone3: its flags sit behind a pointer, so no filter can tell a thread from a process;
