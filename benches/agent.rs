@@ -15,7 +15,7 @@ mod common;
 use common::percentile;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use bexar_agent::api::client::Client;
@@ -59,23 +59,14 @@ fn main() {
     let n = common::env_count("BEXAR_BENCH_VMS", 100);
     let dir = std::env::temp_dir().join(format!("bexar-bench-agent-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("api.sock");
-    let child = Command::new(&bexar)
-        .arg("agent")
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .args(["--cpu-allocation-ratio", "200"])
-        .env("BEXAR_LOG", "warn")
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the agent");
+    let (child, socket) = common::start_agent(
+        &bexar,
+        &dir,
+        &[],
+        &["--cpu-allocation-ratio", "200"],
+        "warn",
+    );
     let agent = Agent { dir, child };
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        std::thread::sleep(Duration::from_millis(5));
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

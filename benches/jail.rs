@@ -106,24 +106,10 @@ impl Drop for AgentProc {
 fn agent_starts(bexar: &Path, guest: &Path, flags: &[&str], n: usize, tag: &str) -> (f64, f64) {
     let dir = std::env::temp_dir().join(format!("bexar-bench-jail-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("api.sock");
-    let child = Command::new(bexar)
-        .arg("agent")
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .args(["--cpu-allocation-ratio", "200", "--imds-listen", "off"])
-        .args(flags)
-        .env("BEXAR_LOG", "info")
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the agent");
+    let mut all = vec!["--cpu-allocation-ratio", "200", "--imds-listen", "off"];
+    all.extend_from_slice(flags);
+    let (child, socket) = common::start_agent(bexar, &dir, &[], &all, "info");
     let agent = AgentProc { dir, child };
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        std::thread::sleep(Duration::from_millis(5));
-    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

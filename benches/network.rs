@@ -15,7 +15,7 @@ use common::percentile;
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use bexar_agent::api::client::Client;
@@ -86,26 +86,14 @@ fn main() {
         dir: dir.clone(),
         agent: None,
     };
-    let socket = dir.join("api.sock");
-    clean.agent = Some(
-        Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(&bexar)
-            .arg("agent")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .args(["--cpu-allocation-ratio", "200", "--stop-timeout", "0"])
-            .env("BEXAR_LOG", "warn")
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the agent"),
+    let (child, socket) = common::start_agent(
+        &bexar,
+        &dir,
+        &["ip", "netns", "exec", &ns],
+        &["--cpu-allocation-ratio", "200", "--stop-timeout", "0"],
+        "warn",
     );
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    clean.agent = Some(child);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

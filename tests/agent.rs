@@ -2363,15 +2363,6 @@ fn a_low_open_file_limit_is_raised_then_refuses_cleanly() {
     });
 }
 
-/// `Key:\tvalue` of `/proc/PID/status` (or a thread's).
-fn status_field(status: &str, key: &str) -> String {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .map(|v| v.trim().to_owned())
-        .unwrap_or_else(|| panic!("no {key} in {status}"))
-}
-
 /// The file of `controller`'s cgroup of process `pid` (v1 here, v2 on a pure-v2 host).
 fn cgroup_file(pid: u64, controller: &str, file: &str) -> String {
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -2417,29 +2408,29 @@ fn assert_jailed(
     );
     for t in tasks {
         let s = std::fs::read_to_string(t.path().join("status")).unwrap();
-        let name = status_field(&s, "Name:");
-        let uid = status_field(&s, "Uid:");
+        let name = common::status_field(&s, "Name:");
+        let uid = common::status_field(&s, "Uid:");
         assert!(
             uid.split_whitespace().all(|u| u != "0"),
             "{id}/{name}: uid {uid}"
         );
         assert_eq!(
-            status_field(&s, "CapEff:"),
+            common::status_field(&s, "CapEff:"),
             "0000000000000000",
             "{id}/{name}"
         );
         assert_eq!(
-            status_field(&s, "CapPrm:"),
+            common::status_field(&s, "CapPrm:"),
             "0000000000000000",
             "{id}/{name}"
         );
         assert_eq!(
-            status_field(&s, "CapBnd:"),
+            common::status_field(&s, "CapBnd:"),
             "0000000000000000",
             "{id}/{name}"
         );
-        assert_eq!(status_field(&s, "Seccomp:"), "2", "{id}/{name}");
-        assert_eq!(status_field(&s, "NoNewPrivs:"), "1", "{id}/{name}");
+        assert_eq!(common::status_field(&s, "Seccomp:"), "2", "{id}/{name}");
+        assert_eq!(common::status_field(&s, "NoNewPrivs:"), "1", "{id}/{name}");
     }
     // Its root is the VM's jail directory, holding only what the VMM put there.
     use std::os::unix::fs::MetadataExt;
@@ -2469,7 +2460,7 @@ fn assert_jailed(
     );
     let out = std::fs::metadata(jail.join("out")).unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let vmm_uid = status_field(&status, "Uid:");
+    let vmm_uid = common::status_field(&status, "Uid:");
     assert_eq!(
         Some(out.uid().to_string().as_str()),
         vmm_uid.split_whitespace().next()

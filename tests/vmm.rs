@@ -493,15 +493,6 @@ fn smbios_tables_carry_the_identity_given_and_a_real_decoder_reads_them() {
     assert!(text(&o).1.contains("serial"), "{}", text(&o).1);
 }
 
-/// `Key:\tvalue` of a `/proc/PID/status`.
-fn status_field(status: &str, key: &str) -> String {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .map(|v| v.trim().to_owned())
-        .unwrap_or_else(|| panic!("no {key} in {status}"))
-}
-
 #[test]
 fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
     use std::os::unix::fs::MetadataExt;
@@ -528,15 +519,19 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
             .flatten()
         {
             let s = std::fs::read_to_string(t.path().join("status")).unwrap();
-            let name = status_field(&s, "Name:");
-            let uid = status_field(&s, "Uid:");
+            let name = common::status_field(&s, "Name:");
+            let uid = common::status_field(&s, "Uid:");
             if jailed {
                 assert!(uid.split_whitespace().all(|u| u != "0"), "{name}: {uid}");
-                assert_eq!(status_field(&s, "CapEff:"), "0000000000000000", "{name}");
-                assert_eq!(status_field(&s, "Seccomp:"), "2", "{name}");
-                assert_eq!(status_field(&s, "NoNewPrivs:"), "1", "{name}");
+                assert_eq!(
+                    common::status_field(&s, "CapEff:"),
+                    "0000000000000000",
+                    "{name}"
+                );
+                assert_eq!(common::status_field(&s, "Seccomp:"), "2", "{name}");
+                assert_eq!(common::status_field(&s, "NoNewPrivs:"), "1", "{name}");
             } else {
-                assert_eq!(status_field(&s, "Seccomp:"), "0", "{name}");
+                assert_eq!(common::status_field(&s, "Seccomp:"), "0", "{name}");
             }
         }
         let root = std::fs::metadata(format!("/proc/{pid}/root")).unwrap();

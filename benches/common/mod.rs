@@ -93,3 +93,40 @@ pub fn netns_and_dir(prefix: &str) -> (String, PathBuf) {
         .success());
     (ns, dir)
 }
+
+/// Starts `bexar agent` with its API socket and state in `dir` (run through `wrap`, such as
+/// `ip netns exec NS`, when given), with `flags` after its own, and waits until it listens.
+/// Returns the process and the socket.
+pub fn start_agent(
+    bexar: &Path,
+    dir: &Path,
+    wrap: &[&str],
+    flags: &[&str],
+    log: &str,
+) -> (std::process::Child, PathBuf) {
+    let socket = dir.join("api.sock");
+    let mut cmd = match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bexar);
+            c
+        }
+        None => Command::new(bexar),
+    };
+    let child = cmd
+        .arg("agent")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(flags)
+        .env("BEXAR_LOG", log)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the agent");
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    (child, socket)
+}

@@ -709,3 +709,12 @@ impl Drop for Tgt {
         self.kill();
     }
 }
+
+/// The value of `Key:` in a `/proc/PID/status` (or a thread's) text.
+pub fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+}
