@@ -61,6 +61,8 @@ fn boot_until(
     let mut child = Command::new(bexar)
         .args([
             "run",
+            // Snapshots to a path of the benchmark's: a jailed run sees only its empty root.
+            "--no-jail",
             "--no-stdin",
             "--memory",
             &mib.to_string(),
