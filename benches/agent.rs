@@ -14,8 +14,7 @@
 mod common;
 use common::percentile;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bexar_agent::api::client::Client;
@@ -35,24 +34,6 @@ fn spec(id: &str, guest: &Path) -> Value {
     })
 }
 
-struct Agent {
-    dir: PathBuf,
-    child: Child,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("pkill")
-            .arg("-9")
-            .arg("-f")
-            .arg(self.dir.join("state").display().to_string())
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn main() {
     let bexar = common::bexar();
     let guest = common::testguest();
@@ -66,7 +47,7 @@ fn main() {
         &["--cpu-allocation-ratio", "200"],
         "warn",
     );
-    let agent = Agent { dir, child };
+    let agent = common::BenchAgent { dir, child };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -81,25 +81,6 @@ fn spawn_true(procs: &[i32]) -> f64 {
     t.elapsed().as_secs_f64() * 1e6
 }
 
-struct AgentProc {
-    dir: PathBuf,
-    child: std::process::Child,
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("pkill")
-            .arg("-9")
-            .arg("-f")
-            .arg(self.dir.join("state").display().to_string())
-            .status();
-        std::thread::sleep(Duration::from_millis(200));
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Milliseconds per VM to create and start `n` VMs through an agent started with `flags`,
 /// each until its guest's ready line, and the network namespace's part of each VMM's jail as
 /// its log says (µs); the medians.
@@ -109,7 +90,7 @@ fn agent_starts(bexar: &Path, guest: &Path, flags: &[&str], n: usize, tag: &str)
     let mut all = vec!["--cpu-allocation-ratio", "200", "--imds-listen", "off"];
     all.extend_from_slice(flags);
     let (child, socket) = common::start_agent(bexar, &dir, &[], &all, "info");
-    let agent = AgentProc { dir, child };
+    let agent = common::BenchAgent { dir, child };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -252,12 +252,9 @@ fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
-#[test]
-fn idle_guest_sleeps_without_host_cpu_and_echoes_console_input() {
-    let (child, mut conn) = spawn_with_console_socket(
-        "idle.sock",
-        &["--cmdline", "bexar.test=idle", "--expect", "idle-echo-7f3a"],
-    );
+/// Reads the console socket until the idle guest says it is ready (30 s at most); returns what
+/// was read.
+fn wait_idle_ready(conn: &mut std::os::unix::net::UnixStream) -> Vec<u8> {
     conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))
         .unwrap();
     let mut got = Vec::new();
@@ -271,6 +268,16 @@ fn idle_guest_sleeps_without_host_cpu_and_echoes_console_input() {
         );
         got.extend_from_slice(&buf[..n]);
     }
+    got
+}
+
+#[test]
+fn idle_guest_sleeps_without_host_cpu_and_echoes_console_input() {
+    let (child, mut conn) = spawn_with_console_socket(
+        "idle.sock",
+        &["--cmdline", "bexar.test=idle", "--expect", "idle-echo-7f3a"],
+    );
+    let mut got = wait_idle_ready(&mut conn);
     // Asleep in hlt: the VMM's threads use (almost) no CPU. A spinning vCPU would use a whole
     // core: 2 s, 200 ticks at the usual 100 Hz.
     let before = cpu_ticks(child.id());
@@ -504,15 +511,7 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
         };
         let (mut child, mut conn) =
             spawn_with_console_socket(if jailed { "jail.sock" } else { "nojail.sock" }, extra);
-        conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))
-            .unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !String::from_utf8_lossy(&got).contains("idle: ready") {
-            let n = conn.read(&mut buf).unwrap();
-            assert!(n > 0, "{}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
+        wait_idle_ready(&mut conn);
         let pid = child.id();
         for t in std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()

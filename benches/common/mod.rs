@@ -130,3 +130,27 @@ pub fn start_agent(
     }
     (child, socket)
 }
+
+/// A benchmark's agent: on drop it is killed with every VMM it started (found by their state
+/// directory on the command line), and its scratch directory goes.
+pub struct BenchAgent {
+    /// Its scratch directory (socket, state).
+    pub dir: PathBuf,
+    /// The agent process.
+    pub child: std::process::Child,
+}
+
+impl Drop for BenchAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("pkill")
+            .arg("-9")
+            .arg("-f")
+            .arg(self.dir.join("state").display().to_string())
+            .status();
+        // The reapers that release the killed VMs end a few ms later.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
