@@ -1,0 +1,752 @@
+"""A nova virt driver that runs instances as Bexar microVMs.
+
+The driver keeps no state of its own: the local Bexar agent is the source of truth. A nova
+instance is the agent VM whose id is the instance's UUID; its labels say it is nova's
+(``nova``) and carry the instance's name (``nova.name``), so ``list_instances`` and a restarted
+nova-compute find every instance again from the agent alone.
+
+What maps to what (docs/nova.md has the operator's view):
+
+- flavor vCPUs and memory -> ``vcpus``, ``memory_mib``; instance UUID -> the VM's id and its
+  SMBIOS UUID (what cloud-init reads as the machine's identity);
+- the image: a kernel image (``aki``) is booted directly; a disk image (``raw``, ``ami``,
+  ``qcow2``) is registered with the agent's image store once (``glance-<image id>``) and the VM
+  gets its own copy-on-write overlay on it, sized to the flavor's root disk; its kernel is the
+  image's ``kernel_id`` (downloaded from glance once) or ``[bexar] kernel``;
+- each VIF of ``network_info`` -> a NIC on the Bexar segment of its neutron network
+  (``n-<network id>``, made on first use and removed with its last NIC), with the port's MAC and
+  fixed addresses; the agent then filters spoofed frames and serves DHCP-less addressing;
+- user data, the key pair, the host name and the instance's metadata -> the agent's instance
+  metadata service (``PUT /v1/vms/{id}/metadata``), which cloud-init reads unmodified.
+"""
+
+import base64
+import os
+import re
+import tempfile
+import time
+
+import netaddr
+from oslo_concurrency import lockutils
+from oslo_log import log as logging
+from oslo_utils import versionutils
+
+from nova.compute import power_state
+from nova import exception
+from nova.image import glance
+from nova.objects import fields as obj_fields
+from nova.virt import driver
+from nova.virt import event as virtevent
+from nova.virt import hardware
+
+import nova.conf
+
+from nova_bexar import agent as bexar_agent
+from nova_bexar import conf as bexar_conf
+
+LOG = logging.getLogger(__name__)
+CONF = nova.conf.CONF
+bexar_conf.register_opts(CONF)
+
+# The label every nova-made VM carries, and the one holding the instance's name.
+LABEL = "nova"
+NAME_LABEL = "nova.name"
+# Segments the driver makes for neutron networks: "n-" and the network's UUID.
+SEGMENT_PREFIX = "n-"
+# Images the driver registers with the agent: "glance-" and the glance image's UUID.
+IMAGE_PREFIX = "glance-"
+# nova's own limit for console output (what libvirt returns at most).
+MAX_CONSOLE_BYTES = 100 * 1024
+
+POWER_STATES = {
+    "running": power_state.RUNNING,
+    "paused": power_state.PAUSED,
+    "stopped": power_state.SHUTDOWN,
+    "failed": power_state.CRASHED,
+    "creating": power_state.NOSTATE,
+    "deleting": power_state.NOSTATE,
+}
+
+# Agent events that change a VM's power state, and the lifecycle transition nova is told of.
+# Each is emitted only if the VM is still in the matching state when the event is read, so a
+# stale "stopped" of a reboot that has already started the VM again is not passed on.
+EVENT_TRANSITIONS = {
+    "started": ("running", virtevent.EVENT_LIFECYCLE_STARTED),
+    "restarted": ("running", virtevent.EVENT_LIFECYCLE_STARTED),
+    "adopted": ("running", virtevent.EVENT_LIFECYCLE_STARTED),
+    "resumed": ("running", virtevent.EVENT_LIFECYCLE_RESUMED),
+    "paused": ("paused", virtevent.EVENT_LIFECYCLE_PAUSED),
+    "stopped": ("stopped", virtevent.EVENT_LIFECYCLE_STOPPED),
+    "failed": ("failed", virtevent.EVENT_LIFECYCLE_STOPPED),
+}
+
+_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_HOSTNAME_BAD = re.compile(r"[^A-Za-z0-9-]")
+_TAG_KEY_BAD = re.compile(r"[/\n\x00]")
+
+
+class BexarDriver(driver.ComputeDriver):
+    """nova-compute's driver for a Bexar host."""
+
+    capabilities = {
+        "has_imagecache": False,
+        "supports_evacuate": False,
+        "supports_migrate_to_same_host": False,
+        "supports_attach_interface": False,
+        "supports_device_tagging": False,
+        "supports_tagged_attach_interface": False,
+        "supports_tagged_attach_volume": False,
+        "supports_extend_volume": False,
+        "supports_multiattach": False,
+        "supports_trusted_certs": False,
+        "supports_pcpus": False,
+        "supports_accelerators": False,
+        "supports_bfv_rescue": False,
+        "supports_vtpm": False,
+        "supports_socket_pci_numa_affinity": False,
+        "supports_remote_managed_ports": False,
+        "supports_address_space_passthrough": False,
+        "supports_address_space_emulated": False,
+        "supports_image_type_aki": True,
+        "supports_image_type_ami": True,
+        "supports_image_type_raw": True,
+        "supports_image_type_qcow2": True,
+        "supports_image_type_ari": False,
+        "supports_image_type_iso": False,
+        "supports_image_type_vdi": False,
+        "supports_image_type_vhd": False,
+        "supports_image_type_vhdx": False,
+        "supports_image_type_vmdk": False,
+        "supports_image_type_ploop": False,
+    }
+
+    def __init__(self, virtapi, read_only=False):
+        super().__init__(virtapi)
+        self._host = None
+        self._client = None
+        self._events = None
+        self._events_stop = False
+        # nova's contract and live-migration code look here for migrations in flight.
+        self.active_migrations = {}
+
+    # ---- the agent ------------------------------------------------------------------------
+
+    @property
+    def agent(self):
+        if self._client is None:
+            self._client = self._make_client(self._host or CONF.host)
+        return self._client
+
+    @staticmethod
+    def _make_client(host):
+        path = CONF.bexar.agent_socket.replace("%(host)s", host or "")
+        return bexar_agent.Client(path, timeout=CONF.bexar.request_timeout)
+
+    def _call(self, fn, *args, instance=None, **kwargs):
+        """Runs one agent call, turning its failures into nova's exceptions.
+
+        404 on a VM is InstanceNotFound; an agent that cannot be reached, or does not answer
+        within ``[bexar] request_timeout``, is HypervisorUnavailable; other refusals are left
+        as AgentError for the caller to map where nova expects something specific.
+        """
+        try:
+            return fn(*args, **kwargs)
+        except bexar_agent.AgentUnavailable as e:
+            LOG.error("Bexar agent unavailable: %s", e.reason, instance=instance)
+            raise exception.HypervisorUnavailable(host=self._host or CONF.host) from e
+        except bexar_agent.AgentError as e:
+            if e.status == 404 and e.code == "not_found" and instance is not None:
+                raise exception.InstanceNotFound(instance_id=instance.uuid) from e
+            raise
+
+    # ---- host ----------------------------------------------------------------------------
+
+    def init_host(self, host):
+        self._host = host
+        self._client = self._make_client(host)
+        try:
+            info = self.agent.host()
+        except bexar_agent.AgentUnavailable as e:
+            # nova-compute still starts; the resource tracker reports the node as failing
+            # until the agent answers.
+            LOG.error("Bexar agent not reachable at start: %s", e.reason)
+            info = None
+        self._start_event_watch(info["last_event"] if info else None)
+
+    def cleanup_host(self, host):
+        self._events_stop = True
+        if self._events is not None:
+            self._events.kill()
+            self._events = None
+
+    def _host_info(self):
+        return self._call(self.agent.host)
+
+    def get_available_nodes(self, refresh=False):
+        return [self._host or CONF.host]
+
+    def node_is_available(self, nodename):
+        return nodename in self.get_available_nodes()
+
+    def get_available_resource(self, nodename):
+        host = self._host_info()
+        inv = host["inventory"]
+        mib_per_gib = 1024
+        disk = inv["disk"]
+        cpu_info = {
+            "arch": obj_fields.Architecture.X86_64,
+            "model": host["info"].get("cpu_model", ""),
+            "vendor": "",
+            "features": [],
+            "topology": {"cores": inv["vcpus"]["total"], "threads": 1, "sockets": 1},
+        }
+        return {
+            "vcpus": inv["vcpus"]["total"],
+            "memory_mb": inv["memory_mib"]["total"],
+            "local_gb": disk["total_mib"] // mib_per_gib,
+            "vcpus_used": inv["vcpus"]["allocated"],
+            "memory_mb_used": inv["memory_mib"]["allocated"],
+            "local_gb_used": disk["allocated_mib"] // mib_per_gib,
+            "hypervisor_type": "bexar",
+            "hypervisor_version": _version_int(host["info"].get("version", "0")),
+            "hypervisor_hostname": nodename,
+            "cpu_info": _json(cpu_info),
+            "disk_available_least": disk["available_mib"] // mib_per_gib,
+            "supported_instances": [(obj_fields.Architecture.X86_64,
+                                     obj_fields.HVType.KVM,
+                                     obj_fields.VMMode.HVM)],
+            "numa_topology": None,
+        }
+
+    def update_provider_tree(self, provider_tree, nodename, allocations=None):
+        """The agent's inventory, as it counts it: totals, reserves and allocation ratios.
+
+        nova's own ``*_allocation_ratio`` and ``reserved_host_*`` options are not used: the
+        agent's admission control applies its own (``bexar agent --cpu-allocation-ratio``...),
+        and placement must not promise what the agent would refuse.
+        """
+        inv = self._host_info()["inventory"]
+        vcpus, mem, disk = inv["vcpus"], inv["memory_mib"], inv["disk"]
+        disk_total = disk["total_mib"] // 1024
+        inventory = {
+            "VCPU": {
+                "total": vcpus["total"],
+                "reserved": vcpus["reserved"],
+                "min_unit": 1,
+                "max_unit": max(1, min(vcpus["total"], 32)),
+                "step_size": 1,
+                "allocation_ratio": vcpus["allocation_ratio"],
+            },
+            "MEMORY_MB": {
+                "total": mem["total"],
+                # The agent counts a few MiB per VM for its VMM on top of the flavor's memory
+                # (per_vm); placement cannot, so that much is kept back per vCPU of headroom.
+                "reserved": mem["reserved"],
+                "min_unit": 16,
+                "max_unit": max(16, min(mem["total"], 1048576)),
+                "step_size": 1,
+                "allocation_ratio": mem["allocation_ratio"],
+            },
+        }
+        if disk_total > 0:
+            inventory["DISK_GB"] = {
+                "total": disk_total,
+                "reserved": min(disk_total, -(-disk["reserved_mib"] // 1024)),
+                "min_unit": 1,
+                "max_unit": disk_total,
+                "step_size": 1,
+                "allocation_ratio": disk["allocation_ratio"],
+            }
+        provider_tree.update_inventory(nodename, inventory)
+
+    def get_host_ip_addr(self):
+        return CONF.my_ip
+
+    def get_host_uptime(self):
+        with open("/proc/uptime") as f:
+            seconds = float(f.read().split()[0])
+        load = os.getloadavg()
+        return "up %d days %02d:%02d, load average: %.2f, %.2f, %.2f" % (
+            seconds // 86400, seconds % 86400 // 3600, seconds % 3600 // 60, *load)
+
+    def get_host_cpu_stats(self):
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+        ticks = os.sysconf("SC_CLK_TCK")
+        ns = [int(v) * 1_000_000_000 // ticks for v in fields]
+        mhz = 0
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("cpu MHz"):
+                        mhz = int(float(line.split(":")[1]))
+                        break
+        except OSError:
+            pass
+        return {"kernel": ns[2], "idle": ns[3], "user": ns[0] + ns[1], "iowait": ns[4],
+                "frequency": mhz}
+
+    # ---- listing --------------------------------------------------------------------------
+
+    def _nova_vms(self):
+        return self._call(self.agent.list_vms, selector=LABEL)
+
+    def list_instances(self):
+        return [vm["spec"].get("labels", {}).get(NAME_LABEL, vm["id"])
+                for vm in self._nova_vms()]
+
+    def list_instance_uuids(self):
+        return [vm["id"] for vm in self._nova_vms()]
+
+    def get_num_instances(self):
+        return len(self._nova_vms())
+
+    def instance_exists(self, instance):
+        try:
+            self._vm(instance)
+            return True
+        except exception.InstanceNotFound:
+            return False
+
+    def _vm(self, instance):
+        return self._call(self.agent.get_vm, instance.uuid, instance=instance)
+
+    def get_info(self, instance, use_cache=True):
+        vm = self._vm(instance)
+        return hardware.InstanceInfo(state=POWER_STATES.get(vm["state"], power_state.NOSTATE),
+                                     internal_id=vm["status"].get("pid"))
+
+    # ---- spawn and destroy ----------------------------------------------------------------
+
+    def spawn(self, context, instance, image_meta, injected_files, admin_password,
+              allocations, network_info=None, block_device_info=None, power_on=True,
+              accel_info=None):
+        if block_device_info and driver.block_device_info_get_mapping(block_device_info):
+            raise exception.InvalidInput(
+                reason="Bexar does not attach cinder volumes yet")
+        spec = self._vm_spec(context, instance, image_meta, network_info)
+        try:
+            self._call(self.agent.create_vm, spec, False, instance=instance)
+        except bexar_agent.AgentError as e:
+            self._cleanup_segments(spec)
+            raise _build_error(instance, e) from e
+        self._put_metadata(instance, admin_password)
+        if power_on:
+            try:
+                self._call(self.agent.action, instance.uuid, "start", instance=instance)
+            except bexar_agent.AgentError as e:
+                raise exception.InstanceDeployFailure(reason=str(e)) from e
+        LOG.info("Bexar VM created%s", " and started" if power_on else "", instance=instance)
+
+    def _vm_spec(self, context, instance, image_meta, network_info):
+        if not _ID_RE.match(instance.uuid):
+            raise exception.InvalidInput(reason="instance UUID %s is not a Bexar VM id"
+                                         % instance.uuid)
+        flavor = instance.flavor
+        boot, disks = self._boot_and_disks(context, instance, image_meta)
+        spec = {
+            "id": instance.uuid,
+            "uuid": instance.uuid,
+            "vcpus": flavor.vcpus,
+            "memory_mib": flavor.memory_mb,
+            "cpu_template": CONF.bexar.cpu_template,
+            "boot": boot,
+            "disks": disks,
+            "nics": self._nics(instance, network_info or []),
+            "rng": True,
+            "labels": {LABEL: "1", NAME_LABEL: instance.name},
+        }
+        if flavor.ephemeral_gb or flavor.swap:
+            LOG.warning("Flavor %s asks for ephemeral (%s GB) or swap (%s MB) disks; Bexar "
+                        "gives only the root disk", flavor.name, flavor.ephemeral_gb,
+                        flavor.swap, instance=instance)
+        return spec
+
+    def _boot_and_disks(self, context, instance, image_meta):
+        props = image_meta.properties
+        fmt = image_meta.disk_format if "disk_format" in image_meta else None
+        image_id = image_meta.id if "id" in image_meta else instance.image_ref
+        cmdline = (props.os_command_line if "os_command_line" in props else None) \
+            or CONF.bexar.cmdline
+        disks = []
+        if fmt == "aki":
+            kernel = self._cached_image(context, image_id)
+            initrd = None
+        else:
+            if fmt not in ("raw", "ami", "qcow2", None):
+                raise exception.ImageUnacceptable(
+                    image_id=image_id,
+                    reason="disk format %s: Bexar takes raw, ami, qcow2 or aki images" % fmt)
+            disks.append(self._root_disk(context, instance, image_id, fmt))
+            # The compute API copies the image's kernel_id/ramdisk_id properties here.
+            kernel_id, ramdisk_id = instance.kernel_id, instance.ramdisk_id
+            if kernel_id and kernel_id != CONF.null_kernel:
+                kernel = self._cached_image(context, kernel_id)
+                initrd = (self._cached_image(context, ramdisk_id)
+                          if ramdisk_id and ramdisk_id != CONF.null_kernel else None)
+            elif CONF.bexar.kernel:
+                kernel, initrd = CONF.bexar.kernel, CONF.bexar.initrd
+            else:
+                raise exception.ImageUnacceptable(
+                    image_id=image_id,
+                    reason="the image has no kernel_id and [bexar] kernel is not set")
+            if "root=" not in cmdline:
+                cmdline += " root=/dev/vda rw"
+        boot = {"kernel": kernel, "cmdline": cmdline}
+        if initrd:
+            boot["initrd"] = initrd
+        return boot, disks
+
+    def _root_disk(self, context, instance, image_id, fmt):
+        agent_image = IMAGE_PREFIX + image_id
+        if not _ID_RE.match(agent_image):
+            raise exception.ImageUnacceptable(image_id=image_id, reason="id is not usable")
+        with lockutils.lock("bexar-image-" + image_id):
+            try:
+                image = self._call(self.agent.get_image, agent_image)
+            except bexar_agent.AgentError as e:
+                if e.status != 404:
+                    raise
+                image = self._register_image(context, image_id, agent_image, fmt)
+        disk = {"image": agent_image}
+        root_mib = instance.flavor.root_gb * 1024
+        if root_mib:
+            if root_mib * 1024 * 1024 < image["virtual_size"]:
+                raise exception.FlavorDiskSmallerThanImage(
+                    flavor_size=root_mib * 1024 * 1024, image_size=image["virtual_size"])
+            disk["size_mib"] = root_mib
+        return disk
+
+    def _register_image(self, context, image_id, agent_image, fmt):
+        os.makedirs(CONF.bexar.image_cache_path, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".download-", dir=CONF.bexar.image_cache_path)
+        os.close(fd)
+        try:
+            glance.API().download(context, image_id, dest_path=tmp)
+            agent_fmt = {"raw": "raw", "ami": "raw", "qcow2": "qcow2"}.get(fmt)
+            try:
+                return self._call(self.agent.register_image, agent_image, tmp, agent_fmt)
+            except bexar_agent.AgentError as e:
+                if e.status == 400:
+                    raise exception.ImageUnacceptable(image_id=image_id, reason=e.message)
+                if e.code == "already_exists":
+                    return self._call(self.agent.get_image, agent_image)
+                raise
+        finally:
+            os.unlink(tmp)
+
+    def _cached_image(self, context, image_id):
+        """A kernel or initramfs from glance, downloaded once into ``[bexar] image_cache_path``."""
+        if not re.match(r"^[A-Za-z0-9._-]+$", image_id or ""):
+            raise exception.ImageUnacceptable(image_id=image_id, reason="bad image id")
+        cache = os.path.abspath(CONF.bexar.image_cache_path)
+        path = os.path.join(cache, image_id)
+        with lockutils.lock("bexar-image-" + image_id):
+            if not os.path.exists(path):
+                os.makedirs(cache, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".download-", dir=cache)
+                os.close(fd)
+                try:
+                    glance.API().download(context, image_id, dest_path=tmp)
+                    with open(tmp, "rb") as f:
+                        os.fsync(f.fileno())
+                    os.rename(tmp, path)
+                except BaseException:
+                    os.unlink(tmp)
+                    raise
+        return path
+
+    def _nics(self, instance, network_info):
+        nics = []
+        for vif in network_info:
+            network = vif.get("network") or {}
+            segment = self._segment_for(network)
+            nic = {"segment": segment}
+            if vif.get("address"):
+                nic["mac"] = vif["address"]
+            for subnet in network.get("subnets", []):
+                ips = subnet.get("ips") or []
+                if not ips:
+                    continue
+                key = "ipv6" if _ip_version(subnet) == 6 else "ipv4"
+                nic.setdefault(key, ips[0]["address"])
+            nics.append(nic)
+        return nics
+
+    def _segment_for(self, network):
+        seg_id = SEGMENT_PREFIX + str(network.get("id", ""))
+        if not _ID_RE.match(seg_id):
+            raise exception.InvalidInput(reason="network id %r is not usable" % network.get("id"))
+        body = {"id": seg_id, "mode": CONF.bexar.segment_mode}
+        for subnet in network.get("subnets", []):
+            gateway = subnet.get("gateway") or {}
+            gw = gateway.get("address") if gateway else None
+            if _ip_version(subnet) == 4 and "ipv4" not in body:
+                body["ipv4"] = {"subnet": str(subnet["cidr"])}
+                if gw:
+                    body["ipv4"]["gateway"] = gw
+            elif _ip_version(subnet) == 6 and "ipv6" not in body:
+                body["ipv6"] = {"prefix": str(subnet["cidr"])}
+                if gw:
+                    body["ipv6"]["gateway"] = gw
+        if body["mode"] == "routed" and "ipv4" not in body and "ipv6" not in body:
+            body["mode"] = "bridged"
+        with lockutils.lock("bexar-segments"):
+            segments = self._call(self.agent.segments)
+            for seg in segments:
+                if seg["id"] == seg_id:
+                    return seg_id
+            used = {seg["vlan"] for seg in segments}
+            vlan = network.get_meta("vlan") if hasattr(network, "get_meta") else None
+            if not vlan or vlan in used:
+                vlan = next(v for v in range(1, 4095) if v not in used)
+            body["vlan"] = int(vlan)
+            try:
+                self._call(self.agent.create_segment, body)
+            except bexar_agent.AgentError as e:
+                raise exception.InvalidInput(
+                    reason="network %s cannot be a Bexar segment: %s" % (network.get("id"), e)
+                ) from e
+        return seg_id
+
+    def _cleanup_segments(self, spec):
+        """Removes the segments of these NICs that no other VM uses (409 in_use: kept)."""
+        for seg in {nic["segment"] for nic in spec.get("nics", []) if nic.get("segment")}:
+            if not seg.startswith(SEGMENT_PREFIX):
+                continue
+            with lockutils.lock("bexar-segments"):
+                try:
+                    self._call(self.agent.delete_segment, seg)
+                except bexar_agent.AgentError as e:
+                    if e.code not in ("in_use", "not_found"):
+                        LOG.warning("Could not remove segment %s: %s", seg, e)
+
+    def _put_metadata(self, instance, admin_password):
+        md = {"hostname": _hostname(instance)}
+        if instance.user_data:
+            try:
+                md["user_data"] = base64.b64decode(instance.user_data).decode("utf-8")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise exception.InvalidInput(
+                    reason="user data must be UTF-8 text for Bexar's metadata service") from e
+        if instance.key_data:
+            md["public_keys"] = [line for line in instance.key_data.splitlines() if line]
+        tags = {}
+        for k, v in (instance.metadata or {}).items():
+            if k and not _TAG_KEY_BAD.search(k) and len(k) <= 253 and len(v or "") <= 253 \
+                    and "\n" not in (v or ""):
+                tags[k] = v or ""
+        if tags:
+            md["tags"] = dict(list(tags.items())[:64])
+        try:
+            self._call(self.agent.put_metadata, instance.uuid, md, instance=instance)
+        except bexar_agent.AgentError as e:
+            raise exception.InvalidInput(reason="metadata refused: %s" % e) from e
+
+    def destroy(self, context, instance, network_info, block_device_info=None,
+                destroy_disks=True, destroy_secrets=True):
+        """Deletes the VM, its overlay disks and the segments it alone used. Idempotent."""
+        try:
+            vm = self._vm(instance)
+        except exception.InstanceNotFound:
+            LOG.debug("Bexar VM already gone", instance=instance)
+            return
+        self._call(self.agent.delete_vm, instance.uuid, instance=instance)
+        self._cleanup_segments(vm.get("spec", {}))
+
+    def cleanup(self, context, instance, network_info, block_device_info=None,
+                destroy_disks=True, migrate_data=None, destroy_vifs=True,
+                destroy_secrets=True):
+        self.destroy(context, instance, network_info, block_device_info, destroy_disks)
+
+    # ---- power ----------------------------------------------------------------------------
+
+    def _action(self, instance, verb, query=None, timeout=None, failure=None):
+        try:
+            return self._call(self.agent.action, instance.uuid, verb, query=query,
+                              timeout=timeout, instance=instance)
+        except bexar_agent.AgentError as e:
+            if e.code == "illegal_transition":
+                raise exception.InstanceInvalidState(
+                    attr="state", instance_uuid=instance.uuid, state=e.message,
+                    method=verb) from e
+            if failure is not None:
+                raise failure(reason=str(e)) from e
+            raise
+
+    def power_off(self, instance, timeout=0, retry_interval=0):
+        """Stops the guest: Ctrl-Alt-Del and up to ``timeout`` s to shut down, then it is ended."""
+        if timeout:
+            self._action(instance, "stop", query={"timeout": timeout},
+                         timeout=timeout + CONF.bexar.stop_timeout_margin +
+                         CONF.bexar.request_timeout,
+                         failure=exception.InstancePowerOffFailure)
+        else:
+            self._action(instance, "stop", query={"force": True},
+                         failure=exception.InstancePowerOffFailure)
+
+    def power_on(self, context, instance, network_info, block_device_info=None,
+                 accel_info=None):
+        vm = self._vm(instance)
+        if vm["state"] == "running":
+            return
+        if vm["state"] == "paused":
+            self._action(instance, "resume", failure=exception.InstancePowerOnFailure)
+            return
+        if vm["state"] == "failed":
+            self._action(instance, "stop", query={"force": True})
+        self._action(instance, "start", failure=exception.InstancePowerOnFailure)
+
+    def reboot(self, context, instance, network_info, reboot_type, block_device_info=None,
+               bad_volumes_callback=None, accel_info=None):
+        """SOFT: the guest is asked to shut down (``reboot_timeout``), then it is ended and
+        started again. HARD: ended at once and started again; also brings back a stopped or
+        failed VM, and re-creates it if the agent has lost it, as nova expects of a hard reboot.
+        """
+        if reboot_type == "SOFT":
+            timeout = CONF.bexar.soft_reboot_timeout
+            self._action(instance, "reboot", query={"timeout": timeout},
+                         timeout=timeout + CONF.bexar.stop_timeout_margin +
+                         CONF.bexar.request_timeout,
+                         failure=exception.InstanceRebootFailure)
+            return
+        try:
+            self._vm(instance)
+        except exception.InstanceNotFound:
+            LOG.warning("Hard reboot of a VM the agent does not have: creating it again",
+                        instance=instance)
+            from nova import context as nova_context
+            ctx = context or nova_context.get_admin_context()
+            self.spawn(ctx, instance, instance.image_meta, [], None, {},
+                       network_info=network_info, block_device_info=block_device_info)
+            return
+        self._action(instance, "stop", query={"force": True},
+                     failure=exception.InstanceRebootFailure)
+        self._action(instance, "start", failure=exception.InstanceRebootFailure)
+
+    def pause(self, instance):
+        self._action(instance, "pause")
+
+    def unpause(self, instance):
+        self._action(instance, "resume")
+
+    def resume_state_on_host_boot(self, context, instance, network_info,
+                                  block_device_info=None):
+        """After the host rebooted: the VM runs again if nova says it should."""
+        vm = self._vm(instance)
+        if vm["state"] in ("stopped", "failed"):
+            self.power_on(context, instance, network_info, block_device_info)
+
+    def poll_rebooting_instances(self, timeout, instances):
+        # A reboot is one agent request that ends with the VM running or failed; nothing to poll.
+        pass
+
+    def get_instance_disk_info(self, instance, block_device_info=None):
+        """The VM's disks as nova's block migration describes them (JSON list)."""
+        disks = []
+        for disk in self._vm(instance).get("disks", []):
+            path = disk.get("path")
+            if not path:
+                continue
+            try:
+                used = os.stat(path).st_blocks * 512
+            except OSError:
+                used = 0
+            size = int(disk.get("size") or 0)
+            disks.append({"type": disk.get("format", "raw"), "path": path,
+                          "virt_disk_size": size, "backing_file": "",
+                          "disk_size": used,
+                          "over_committed_disk_size": max(0, size - used)})
+        return _json(disks)
+
+    # ---- console --------------------------------------------------------------------------
+
+    def get_console_output(self, context, instance):
+        _, data = self._call(self.agent.console, instance.uuid, instance=instance)
+        return data[-MAX_CONSOLE_BYTES:].decode("utf-8", "replace")
+
+    # ---- events ---------------------------------------------------------------------------
+
+    def _start_event_watch(self, since):
+        try:
+            import eventlet
+        except ImportError:  # pragma: no cover - nova always has eventlet
+            return
+        self._events_stop = False
+        self._events = eventlet.spawn(self._watch_events, since)
+
+    def _watch_events(self, since):
+        """Follows the agent's event stream and tells nova of power-state changes it did not
+        cause itself (a guest that shut down or crashed). Reconnects with backoff."""
+        backoff = 1.0
+        while not self._events_stop:
+            try:
+                if since is None:
+                    since = self.agent.host()["last_event"]
+                conn, resp = self.agent.events(since, timeout=None)
+                backoff = 1.0
+                try:
+                    for line in resp:
+                        since = self._handle_event_line(line, since)
+                        if self._events_stop:
+                            return
+                finally:
+                    conn.close()
+            except Exception as e:  # noqa: BLE001 - the watch must survive anything
+                if self._events_stop:
+                    return
+                LOG.debug("Bexar event stream: %s; again in %.0f s", e, backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    def _handle_event_line(self, line, since):
+        try:
+            ev = __import__("json").loads(line)
+        except ValueError:
+            return since
+        since = max(since or 0, int(ev.get("seq", 0)))
+        mapping = EVENT_TRANSITIONS.get(ev.get("kind"))
+        if mapping is None or not ev.get("vm"):
+            return since
+        state, transition = mapping
+        try:
+            vm = self.agent.get_vm(ev["vm"])
+        except (bexar_agent.AgentError, bexar_agent.AgentUnavailable):
+            return since
+        if LABEL not in vm.get("spec", {}).get("labels", {}) or vm.get("state") != state:
+            return since
+        self.emit_event(virtevent.LifecycleEvent(vm["id"], transition))
+        return since
+
+
+def _build_error(instance, e):
+    """An agent refusal at create, as the nova exception that makes nova do the right thing:
+    reschedule to another host when this one is full, abort when the request cannot work."""
+    if e.code == "over_capacity":
+        return exception.ComputeResourcesUnavailable(reason=e.message)
+    if e.status == 400 or e.code == "conflict":
+        return exception.InvalidInput(reason=str(e))
+    if e.code == "already_exists":
+        return exception.InstanceExists(name=instance.name)
+    return exception.InstanceDeployFailure(reason=str(e))
+
+
+def _ip_version(subnet):
+    return netaddr.IPNetwork(str(subnet["cidr"])).version
+
+
+def _hostname(instance):
+    name = _HOSTNAME_BAD.sub("-", instance.hostname or instance.uuid)[:63].lstrip("-")
+    return name or instance.uuid[:63]
+
+
+def _version_int(version):
+    try:
+        return versionutils.convert_version_to_int(version.split("-")[0].split("+")[0])
+    except Exception:  # noqa: BLE001 - a version nova cannot parse counts as 0
+        return 0
+
+
+def _json(value):
+    from oslo_serialization import jsonutils
+    return jsonutils.dumps(value)
