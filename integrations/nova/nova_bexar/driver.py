@@ -62,7 +62,9 @@ POWER_STATES = {
     "running": power_state.RUNNING,
     "paused": power_state.PAUSED,
     "stopped": power_state.SHUTDOWN,
-    "failed": power_state.CRASHED,
+    # No VMM runs a failed VM: it is off. (CRASHED would not match the STOPPED lifecycle event
+    # nova is sent, and nova drops an event whose state the driver does not confirm.)
+    "failed": power_state.SHUTDOWN,
     "creating": power_state.NOSTATE,
     "deleting": power_state.NOSTATE,
 }
@@ -380,10 +382,10 @@ class BexarDriver(driver.ComputeDriver):
             disks.append(self._root_disk(context, instance, image_id, fmt))
             # The compute API copies the image's kernel_id/ramdisk_id properties here.
             kernel_id, ramdisk_id = instance.kernel_id, instance.ramdisk_id
-            if kernel_id and kernel_id != CONF.null_kernel:
+            if kernel_id and kernel_id != "nokernel":
                 kernel = self._cached_image(context, kernel_id)
                 initrd = (self._cached_image(context, ramdisk_id)
-                          if ramdisk_id and ramdisk_id != CONF.null_kernel else None)
+                          if ramdisk_id and ramdisk_id != "nokernel" else None)
             elif CONF.bexar.kernel:
                 kernel, initrd = CONF.bexar.kernel, CONF.bexar.initrd
             else:
@@ -482,11 +484,11 @@ class BexarDriver(driver.ComputeDriver):
             gateway = subnet.get("gateway") or {}
             gw = gateway.get("address") if gateway else None
             if _ip_version(subnet) == 4 and "ipv4" not in body:
-                body["ipv4"] = {"subnet": str(subnet["cidr"])}
+                body["ipv4"] = {"subnet": _network(subnet)}
                 if gw:
                     body["ipv4"]["gateway"] = gw
             elif _ip_version(subnet) == 6 and "ipv6" not in body:
-                body["ipv6"] = {"prefix": str(subnet["cidr"])}
+                body["ipv6"] = {"prefix": _network(subnet)}
                 if gw:
                     body["ipv6"]["gateway"] = gw
         if body["mode"] == "routed" and "ipv4" not in body and "ipv6" not in body:
@@ -695,7 +697,7 @@ class BexarDriver(driver.ComputeDriver):
             except Exception as e:  # noqa: BLE001 - the watch must survive anything
                 if self._events_stop:
                     return
-                LOG.debug("Bexar event stream: %s; again in %.0f s", e, backoff)
+                LOG.warning("Bexar event stream: %s; again in %.0f s", e, backoff)
             time.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
 
@@ -715,6 +717,7 @@ class BexarDriver(driver.ComputeDriver):
             return since
         if LABEL not in vm.get("spec", {}).get("labels", {}) or vm.get("state") != state:
             return since
+        LOG.info("Bexar VM %s is %s (%s)", vm["id"], state, ev.get("message", ev["kind"]))
         self.emit_event(virtevent.LifecycleEvent(vm["id"], transition))
         return since
 
@@ -733,6 +736,12 @@ def _build_error(instance, e):
 
 def _ip_version(subnet):
     return netaddr.IPNetwork(str(subnet["cidr"])).version
+
+
+def _network(subnet):
+    """The subnet in CIDR notation with its host bits cleared (neutron keeps what it was given,
+    "192.168.1.1/24" included; the agent wants the network)."""
+    return str(netaddr.IPNetwork(str(subnet["cidr"])).cidr)
 
 
 def _hostname(instance):
