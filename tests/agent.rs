@@ -1586,6 +1586,109 @@ fn error_of(v: &Value) -> (String, String) {
     )
 }
 
+/// A suspend (`then: suspend`, what nova's suspend maps to): the VMM ends, the VM is `stopped`
+/// with a restore pending, and its next start brings the guest back where it was (no boot) on
+/// its own copy-on-write overlay; `start?fresh=true` drops the saved state and boots.
+#[test]
+fn a_suspended_vm_resumes_where_it_was_and_a_fresh_start_boots() {
+    let agent = TestAgent::start("suspend");
+    let raw = agent.dir.join("base.raw");
+    std::fs::write(&raw, vec![0x5au8; 1 << 20]).unwrap();
+    rt().block_on(async {
+        let c = agent.client();
+        let r = c
+            .post(
+                "/v1/images",
+                &json!({"id": "base", "path": raw.display().to_string()}),
+            )
+            .await
+            .unwrap();
+        expect_status(&r, 201);
+        let mut s = spec("sus");
+        s["disks"] = json!([{"image": "base", "size_mib": 4}]);
+        expect_status(&c.post("/v1/vms?start=true", &s).await.unwrap(), 201);
+        wait_console(&c, "sus", "idle: ready", 30).await;
+        let boots = |t: &str| t.matches("idle: ready").count();
+
+        let r = c
+            .post(
+                "/v1/vms/sus/snapshot",
+                &json!({"name": "z", "then": "suspend"}),
+            )
+            .await
+            .unwrap();
+        expect_status(&r, 201);
+        let v = wait_state(&c, "sus", "stopped").await;
+        assert_eq!(v["restore_pending"], true, "{v}");
+        assert_eq!(v["desired"], "stopped", "{v}");
+        // The overlay was closed cleanly when the VMM ended: qemu-img finds it consistent.
+        let overlay = v["disks"][0]["path"].as_str().unwrap().to_owned();
+        common::qemu_img_ok(&["check", "-q", &overlay]);
+
+        // Resume: restored, not booted; the guest is alive (it answers Ctrl-Alt-Del).
+        let v = expect_status(
+            &c.post("/v1/vms/sus/start", &Value::Null).await.unwrap(),
+            200,
+        );
+        assert_eq!(v["state"], "running", "{v}");
+        assert!(v.get("restore_pending").is_none(), "{v}");
+        assert_eq!(boots(&console_text(&c, "sus").await), 1);
+        expect_status(
+            &c.post("/v1/vms/sus/stop", &Value::Null).await.unwrap(),
+            200,
+        );
+        let text = console_text(&c, "sus").await;
+        assert_eq!(boots(&text), 1, "{text}");
+        assert!(text.contains("ctrl-alt-del, shutting down"), "{text}");
+        // Later starts boot.
+        expect_status(
+            &c.post("/v1/vms/sus/start", &Value::Null).await.unwrap(),
+            200,
+        );
+        let t = Instant::now();
+        while boots(&console_text(&c, "sus").await) < 2 {
+            assert!(t.elapsed() < Duration::from_secs(30), "no second boot");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // Suspended again, then started fresh: the saved state is dropped and the kernel boots.
+        let r = c
+            .post(
+                "/v1/vms/sus/snapshot",
+                &json!({"name": "z2", "then": "suspend"}),
+            )
+            .await
+            .unwrap();
+        expect_status(&r, 201);
+        assert_eq!(
+            wait_state(&c, "sus", "stopped").await["restore_pending"],
+            true
+        );
+        let r = c
+            .post("/v1/vms/sus/start?fresh=maybe", &Value::Null)
+            .await
+            .unwrap();
+        assert_eq!(
+            error_of(&expect_status(&r, 400)),
+            ("invalid_parameter".to_owned(), "fresh".to_owned())
+        );
+        let v = expect_status(
+            &c.post("/v1/vms/sus/start?fresh=true", &Value::Null)
+                .await
+                .unwrap(),
+            200,
+        );
+        assert!(v.get("restore_pending").is_none(), "{v}");
+        let t = Instant::now();
+        while boots(&console_text(&c, "sus").await) < 3 {
+            assert!(t.elapsed() < Duration::from_secs(30), "no fresh boot");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!agent.dir.join("state/vms/sus/restore").exists());
+        expect_status(&c.delete("/v1/vms/sus").await.unwrap(), 204);
+    });
+}
+
 #[test]
 fn snapshots_through_the_api_and_vms_created_from_them() {
     let agent = TestAgent::start("snapshots");

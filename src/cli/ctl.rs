@@ -52,10 +52,13 @@ pub enum VmCommand {
         /// VM id.
         id: String,
     },
-    /// Start a VM.
+    /// Start a VM (a suspended one resumes where it was).
     Start {
         /// VM id.
         id: String,
+        /// Boot even if a restore is pending (drops a suspended VM's saved state).
+        #[arg(long)]
+        fresh: bool,
     },
     /// Stop a VM: Ctrl-Alt-Del, then forced after the timeout.
     Stop {
@@ -92,7 +95,7 @@ pub enum VmCommand {
         id: String,
         /// Snapshot name.
         name: String,
-        /// Afterwards: resume, pause or stop.
+        /// Afterwards: resume, pause, stop, or suspend (stop; the next start restores it).
         #[arg(long, default_value = "resume")]
         then: String,
     },
@@ -757,7 +760,13 @@ async fn vm_async(opts: &ClientOpts, cmd: &VmCommand) -> ExitCode {
             }
         }
         VmCommand::Get { id } => c.get(&format!("/v1/vms/{id}")).await,
-        VmCommand::Start { id } => c.post(&format!("/v1/vms/{id}/start"), &Value::Null).await,
+        VmCommand::Start { id, fresh } => {
+            let p = format!(
+                "/v1/vms/{id}/start{}",
+                if *fresh { "?fresh=true" } else { "" }
+            );
+            c.post(&p, &Value::Null).await
+        }
         VmCommand::Stop { id, timeout, force } => {
             let mut p = format!("/v1/vms/{id}/stop?force={force}");
             if let Some(t) = timeout {

@@ -218,8 +218,10 @@ fn decide(rec: &VmRecord, found: &Found) -> Recovery {
 }
 
 impl Agent {
-    /// Starts a stopped or failed VM. Starting a running VM is a no-op.
-    pub async fn start(self: &Arc<Self>, id: &str) -> Result<VmRecord, AgentError> {
+    /// Starts a stopped or failed VM. Starting a running VM is a no-op. A VM with a restore
+    /// pending (created from a snapshot, or suspended) restores it, unless `fresh`: then the
+    /// saved state is dropped and the kernel boots.
+    pub async fn start(self: &Arc<Self>, id: &str, fresh: bool) -> Result<VmRecord, AgentError> {
         let entry = self.entry(id)?;
         let _op = entry.op.lock().await;
         let rec = Self::snapshot(&entry);
@@ -227,6 +229,10 @@ impl Agent {
             Phase::Running => return Ok(rec),
             Phase::Stopped | Phase::Failed => {}
             _ => return Err(illegal(&rec, "start")),
+        }
+        if fresh && rec.restore_pending {
+            self.update(&entry, |r| r.restore_pending = false)?;
+            let _ = std::fs::remove_dir_all(self.vm_dir(id).join(super::snapshots::RESTORE_DIR));
         }
         self.launch(&entry, Op::Start).await
     }

@@ -39,7 +39,8 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 pub struct SnapshotRequest {
     /// The snapshot's name, unique under the VM (a VM id's characters).
     pub name: String,
-    /// What the VM does afterwards: `resume` (the default), `pause` or `stop`.
+    /// What the VM does afterwards: `resume` (the default), `pause`, `stop`, or `suspend` (stop,
+    /// and restore this snapshot at the VM's next start).
     #[serde(default)]
     pub then: AfterSnapshot,
 }
@@ -74,7 +75,7 @@ impl Agent {
         self.vm_dir(id).join("snapshots")
     }
 
-    /// Takes a snapshot of a running or paused VM, then resumes, pauses or stops it.
+    /// Takes a snapshot of a running or paused VM, then resumes, pauses, stops or suspends it.
     pub async fn take_snapshot(
         self: &Arc<Self>,
         id: &str,
@@ -111,7 +112,7 @@ impl Agent {
                 kind: OperationKind::Snapshot,
                 started_ms: now_ms(),
             });
-            if req.then == AfterSnapshot::Stop {
+            if req.then.ends_vmm() {
                 // The VMM ends once the snapshot is durable: not a failure to restart from.
                 r.desired = Desired::Stopped;
                 r.generation += 1;
@@ -197,8 +198,23 @@ impl Agent {
         };
         let data = serde_json::to_vec_pretty(&info).map_err(super::StoreError::from)?;
         write_atomic(&dir.join(INFO), &data).map_err(super::StoreError::from)?;
+        // A suspend: the VM's own links to the files, then the record that says the next start
+        // restores them. An agent that dies between the two leaves a VM that boots afresh at
+        // its next start (its disks were flushed when the VMM ended), never one that restores
+        // files it does not have.
+        let suspend = req.then == AfterSnapshot::Suspend
+            && match link_restore(&dir, &vm_dir) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(vm = %id, "suspend: cannot link the snapshot to restore: {e}");
+                    false
+                }
+            };
         let rec = self.update(&entry, |r| {
             r.operation = None;
+            if suspend {
+                r.restore_pending = true;
+            }
             if req.then == AfterSnapshot::Pause && r.state == Phase::Running {
                 r.state = Phase::Paused;
                 r.desired = Desired::Paused;

@@ -160,6 +160,16 @@ pub enum AfterSnapshot {
     Pause,
     /// End it (the snapshot is where it goes on).
     Stop,
+    /// End it, as `Stop`; the agent then restores the snapshot at the VM's next start (a
+    /// suspend). The VMM does exactly what `Stop` does.
+    Suspend,
+}
+
+impl AfterSnapshot {
+    /// Whether the VMM ends once the snapshot is durable.
+    pub fn ends_vmm(self) -> bool {
+        matches!(self, AfterSnapshot::Stop | AfterSnapshot::Suspend)
+    }
 }
 
 /// What a snapshot took.

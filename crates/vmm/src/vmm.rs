@@ -373,7 +373,7 @@ impl Vmm {
             "snapshot: paused in {:.2} ms",
             t0.elapsed().as_secs_f64() * 1e3
         );
-        let stop = then == AfterSnapshot::Stop;
+        let stop = then.ends_vmm();
         let captured = self.capture(dir, stop);
         let paused_ms = t0.elapsed().as_secs_f64() * 1e3;
         let resume = match &captured {

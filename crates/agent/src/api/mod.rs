@@ -454,6 +454,7 @@ accepts! {
     Nothing: [];
     ListVmsParams: ["selector", "state", "limit", "after", "fields"];
     CreateVmParams: ["start"];
+    StartParams: ["fresh"];
     StopParams: ["timeout", "force"];
     RebootParams: ["timeout"];
     WaitParams: ["state", "timeout"];
@@ -748,7 +749,7 @@ async fn create_vm(
     let (rec, created) = run_to_end(&st.agent, |agent| async move {
         let (rec, created) = agent.create(spec, start).await?;
         if start {
-            Ok((agent.start(&rec.id).await?, created))
+            Ok((agent.start(&rec.id, false).await?, created))
         } else {
             Ok((rec, created))
         }
@@ -955,11 +956,15 @@ async fn delete_vm(State(st): St, _: NoParams, VmId(id): VmId) -> Result<Respons
 
 async fn start_vm(
     State(st): St,
-    _: NoParams,
+    Query(p, _): Query<StartParams>,
     VmId(id): VmId,
     _: NoBody,
 ) -> Result<Response, ApiError> {
-    Ok(Json(run_to_end(&st.agent, |a| async move { a.start(&id).await }).await?).into_response())
+    let fresh = p.flag("fresh")?;
+    Ok(
+        Json(run_to_end(&st.agent, |a| async move { a.start(&id, fresh).await }).await?)
+            .into_response(),
+    )
 }
 
 async fn stop_vm(
