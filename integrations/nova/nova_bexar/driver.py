@@ -28,10 +28,12 @@ import time
 
 import netaddr
 from oslo_concurrency import lockutils
+from oslo_concurrency import processutils
 from oslo_log import log as logging
 from oslo_utils import versionutils
 
 from nova.compute import power_state
+from nova.compute import task_states
 from nova import exception
 from nova.image import glance
 from nova.objects import fields as obj_fields
@@ -55,6 +57,10 @@ NAME_LABEL = "nova.name"
 SEGMENT_PREFIX = "n-"
 # Images the driver registers with the agent: "glance-" and the glance image's UUID.
 IMAGE_PREFIX = "glance-"
+# The snapshot a suspend saves the guest into (one per VM, deleted once it has resumed).
+SUSPEND_SNAPSHOT = "nova-suspend"
+# Time allowed per GiB of guest memory to write a suspend, on top of the request timeout.
+SNAPSHOT_SECONDS_PER_GIB = 30
 # nova's own limit for console output (what libvirt returns at most).
 MAX_CONSOLE_BYTES = 100 * 1024
 
@@ -315,8 +321,7 @@ class BexarDriver(driver.ComputeDriver):
 
     def get_info(self, instance, use_cache=True):
         vm = self._vm(instance)
-        return hardware.InstanceInfo(state=POWER_STATES.get(vm["state"], power_state.NOSTATE),
-                                     internal_id=vm["status"].get("pid"))
+        return hardware.InstanceInfo(state=_power_state(vm), internal_id=vm["status"].get("pid"))
 
     # ---- spawn and destroy ----------------------------------------------------------------
 
@@ -624,13 +629,114 @@ class BexarDriver(driver.ComputeDriver):
             return
         self._action(instance, "stop", query={"force": True},
                      failure=exception.InstanceRebootFailure)
-        self._action(instance, "start", failure=exception.InstanceRebootFailure)
+        # Fresh: a suspended VM's saved state is dropped, as libvirt drops a managed save.
+        self._action(instance, "start", query={"fresh": True},
+                     failure=exception.InstanceRebootFailure)
+        self._forget_suspend(instance)
 
     def pause(self, instance):
         self._action(instance, "pause")
 
     def unpause(self, instance):
         self._action(instance, "resume")
+
+    def suspend(self, context, instance):
+        """Saves the guest's state (memory, vCPUs, devices) under the VM and ends its VMM: it
+        holds no CPU or memory until ``resume`` restores it, where it was."""
+        self._forget_suspend(instance)
+        try:
+            self._call(self.agent.json, "POST", "/v1/vms/%s/snapshot" % instance.uuid,
+                       body={"name": SUSPEND_SNAPSHOT, "then": "suspend"}, instance=instance,
+                       timeout=CONF.bexar.request_timeout + SNAPSHOT_SECONDS_PER_GIB *
+                       max(1, instance.flavor.memory_mb // 1024))
+            # The agent answers once the snapshot is durable; the VMM's end is recorded a
+            # moment later. nova reads the power state right after this returns.
+            self._call(self.agent.json, "GET", "/v1/vms/%s/wait" % instance.uuid,
+                       query={"state": "stopped", "timeout": CONF.bexar.request_timeout},
+                       instance=instance, timeout=CONF.bexar.request_timeout + 5)
+        except bexar_agent.AgentError as e:
+            if e.code == "illegal_transition":
+                raise exception.InstanceInvalidState(
+                    attr="state", instance_uuid=instance.uuid, state=e.message,
+                    method="suspend") from e
+            raise exception.NovaException("suspend failed: %s" % e) from e
+
+    def resume(self, context, instance, network_info, block_device_info=None):
+        """Restores a suspended VM; brings back a stopped one; a running one is left alone."""
+        vm = self._vm(instance)
+        if vm["state"] in ("stopped", "failed"):
+            self._action(instance, "start", failure=exception.InstanceResumeFailure)
+        elif vm["state"] == "paused":
+            self._action(instance, "resume", failure=exception.InstanceResumeFailure)
+        self._forget_suspend(instance)
+
+    def _forget_suspend(self, instance):
+        """Deletes the suspend snapshot once it is no longer needed (the VM keeps its own links
+        while a restore is pending, so this never takes a resume's state away)."""
+        try:
+            self._call(self.agent.request, "DELETE",
+                       "/v1/vms/%s/snapshots/%s" % (instance.uuid, SUSPEND_SNAPSHOT),
+                       instance=instance)
+        except (bexar_agent.AgentError, exception.InstanceNotFound):
+            pass
+
+    def snapshot(self, context, instance, image_id, update_task_state):
+        """A glance image of the VM's root disk: its overlay flattened onto its base image.
+
+        A running or paused VM is suspended for the moment its overlay is copied (its VMM
+        flushes the overlay as it ends) and restored at once, so the guest sees one pause of
+        about a suspend, a copy of what it wrote and a restore; the slow part, flattening and
+        uploading, runs while it runs on. A stopped VM's overlay is read as it is.
+        """
+        try:
+            vm = self._vm(instance)
+        except exception.InstanceNotFound as e:
+            raise exception.InstanceNotRunning(instance_id=instance.uuid) from e
+        disks = vm.get("disks") or []
+        if not disks or not disks[0].get("path"):
+            raise exception.InvalidInput(reason="the VM has no root disk to snapshot")
+        update_task_state(task_state=task_states.IMAGE_PENDING_UPLOAD)
+        was = vm["state"]
+        with tempfile.TemporaryDirectory(prefix="bexar-snapshot-",
+                                         dir=CONF.bexar.image_cache_path
+                                         if os.path.isdir(CONF.bexar.image_cache_path)
+                                         else None) as tmp:
+            copy = os.path.join(tmp, "root.copy")
+            if was in ("running", "paused"):
+                t0 = time.monotonic()
+                self.suspend(context, instance)
+                try:
+                    _copy_disk(disks[0]["path"], copy)
+                finally:
+                    self._action(instance, "start")
+                    if was == "paused":
+                        self._action(instance, "pause")
+                    LOG.info("Snapshot: the guest was stopped for %.0f ms (suspend, copy of "
+                             "its overlay, restore)", (time.monotonic() - t0) * 1000,
+                             instance=instance)
+                    self._forget_suspend(instance)
+            else:
+                _copy_disk(disks[0]["path"], copy)
+            out = os.path.join(tmp, "root.qcow2")
+            processutils.execute("qemu-img", "convert", "-q", "-O", "qcow2", copy, out)
+            update_task_state(task_state=task_states.IMAGE_UPLOADING,
+                              expected_state=task_states.IMAGE_PENDING_UPLOAD)
+            image_api = glance.API()
+            snapshot = image_api.get(context, image_id)
+            props = {"image_location": "snapshot", "image_state": "available",
+                     "owner_id": instance.project_id}
+            for key in ("kernel_id", "ramdisk_id"):
+                if instance.get(key):
+                    props[key] = instance[key]
+            cmdline = vm["spec"]["boot"].get("cmdline")
+            if cmdline:
+                props["os_command_line"] = cmdline
+            metadata = {"name": snapshot["name"], "status": "active",
+                        "disk_format": "qcow2", "container_format": "bare",
+                        "properties": props}
+            with open(out, "rb") as f:
+                image_api.update(context, image_id, metadata, f, purge_props=False)
+        LOG.info("Snapshot image upload complete", instance=instance)
 
     def resume_state_on_host_boot(self, context, instance, network_info,
                                   block_device_info=None):
@@ -720,6 +826,27 @@ class BexarDriver(driver.ComputeDriver):
         LOG.info("Bexar VM %s is %s (%s)", vm["id"], state, ev.get("message", ev["kind"]))
         self.emit_event(virtevent.LifecycleEvent(vm["id"], transition))
         return since
+
+
+def _copy_disk(overlay, dest):
+    """Copies a qcow2 overlay (sparse, reflinked where the file system can) and points the copy
+    at its base by absolute path, so it reads the same from anywhere."""
+    processutils.execute("cp", "--reflink=auto", "--sparse=always", overlay, dest)
+    out, _ = processutils.execute("qemu-img", "info", "--output=json", "-U", dest)
+    info = __import__("json").loads(out)
+    backing = info.get("full-backing-filename")
+    if backing and not os.path.isabs(info.get("backing-filename", "")):
+        if not os.path.isabs(backing):
+            backing = os.path.join(os.path.dirname(os.path.abspath(overlay)), backing)
+        processutils.execute("qemu-img", "rebase", "-u", "-b", backing, "-F",
+                             info.get("backing-filename-format", "raw"), dest)
+
+
+def _power_state(vm):
+    # A suspended VM is stopped with its saved state waiting for the next start.
+    if vm["state"] == "stopped" and vm.get("restore_pending"):
+        return power_state.SUSPENDED
+    return POWER_STATES.get(vm["state"], power_state.NOSTATE)
 
 
 def _build_error(instance, e):

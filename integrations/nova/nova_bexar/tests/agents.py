@@ -45,10 +45,11 @@ def _run(*cmd, check=True):
 class RealAgent(fixtures.Fixture):
     """``bexar agent`` in its own network namespace, socket at ``self.socket``."""
 
-    def __init__(self, name="agent", extra_args=()):
+    def __init__(self, name="agent", extra_args=(), socket_path=None):
         super().__init__()
         self.name = name
         self.extra_args = list(extra_args)
+        self.socket_path = socket_path
         self.proc = None
 
     def _setUp(self):
@@ -59,7 +60,7 @@ class RealAgent(fixtures.Fixture):
         _run("ip", "netns", "add", self.netns)
         self.addCleanup(self._remove_netns)
         _run("ip", "-n", self.netns, "link", "set", "lo", "up")
-        self.socket = os.path.join(self.dir, "agent.sock")
+        self.socket = self.socket_path or os.path.join(self.dir, "agent.sock")
         self.log_path = os.path.join(self.dir, "agent.log")
         self.start()
         self.addCleanup(self._teardown)
@@ -135,7 +136,17 @@ class RealAgent(fixtures.Fixture):
         self.stop()
 
     def _remove_netns(self):
+        # The VMMs run in network namespaces of their own (the jail), so they are found by
+        # their state directory, which is this fixture's.
         pids = _run("ip", "netns", "pids", self.netns, check=False).stdout.split()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open("/proc/%s/cmdline" % entry, "rb") as f:
+                        if self.dir.encode() in f.read():
+                            pids.append(entry)
+                except OSError:
+                    pass
         for pid in pids:
             try:
                 os.kill(int(pid), signal.SIGKILL)

@@ -16,8 +16,6 @@ from nova_bexar.tests import agents
 
 # test name -> the driver method that is deliberately not implemented (docs/nova.md).
 EXPECTED_NOT_IMPLEMENTED = {
-    "test_snapshot_not_running": "snapshot",
-    "test_snapshot_running": "snapshot",
     "test_set_admin_password": "set_admin_password",
     "test_rescue": "rescue",
     "test_unrescue_unrescued_instance": "unrescue",
@@ -27,9 +25,6 @@ EXPECTED_NOT_IMPLEMENTED = {
     "test_soft_delete": "soft_delete",
     "test_restore_running": "restore",
     "test_restore_soft_deleted": "soft_delete",
-    "test_suspend": "suspend",
-    "test_resume_unsuspended_instance": "resume",
-    "test_resume_suspended_instance": "suspend",
     "test_get_volume_connector": "get_volume_connector",
     "test_get_volume_connector_storage_ip": "get_volume_connector",
     "test_attach_detach_volume": "attach_volume",

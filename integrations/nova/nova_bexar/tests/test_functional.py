@@ -9,6 +9,8 @@ down is real: the driver, the agent, the VMM, KVM and the guest.
 import io
 import os
 import signal
+import subprocess
+import tempfile
 import time
 
 from nova.tests.fixtures import neutron as neutron_fixture
@@ -199,5 +201,73 @@ class BexarServerTest(integrated_helpers._IntegratedTestBase):
         server = self._wait_status(server, "SHUTOFF")
         self.assertEqual("stopped", self._agent_vm(server)["state"])
         self._start_server(server)
+        self._delete_server(server)
+        self._assert_host_clean()
+
+    def test_suspend_resume_and_an_image_snapshot(self):
+        """nova's suspend saves the guest and ends its VMM; resume brings it back where it was
+        (no boot). createImage uploads the root disk flattened onto its base, and a server
+        booted from that image runs."""
+        uploads = {}
+        real_update = self.glance.update
+
+        def update(context, image_id, metadata, data=None, purge_props=False):
+            # GlanceFixture drops uploaded bytes and keeps min_disk/min_ram as the strings
+            # nova's snapshot passed; glance keeps the bytes and stores integers.
+            if data is not None:
+                uploads[image_id] = self.glance._imagedata[image_id] = data.read()
+            image = real_update(context, image_id, metadata, purge_props=purge_props)
+            for key in ("min_disk", "min_ram"):
+                if isinstance(image.get(key), str):
+                    image[key] = int(image[key])
+            return image
+
+        self.glance.update = update
+        server = self._create_server(image_uuid=self.disk_image, flavor_id=self.flavor_id,
+                                     networks="none", host=HOST)
+        self._wait_console(server, "idle: ready")
+
+        self.api.post_server_action(server["id"], {"suspend": None})
+        server = self._wait_for_state_change(server, "SUSPENDED")
+        self.assertEqual(7, server["OS-EXT-STS:power_state"])  # SUSPENDED
+        vm = self._agent_vm(server)
+        self.assertEqual(("stopped", True), (vm["state"], vm.get("restore_pending")))
+        self.assertNotIn("pid", vm["status"])
+        self.api.post_server_action(server["id"], {"resume": None})
+        server = self._wait_for_state_change(server, "ACTIVE")
+        self.assertEqual("running", self._agent_vm(server)["state"])
+        self.assertEqual(1, self._console(server).count("idle: ready"))
+        self.assertEqual([], self.agent.api(
+            "GET", "/v1/vms/%s/snapshots" % server["id"])["items"])
+
+        # An image of the running server: one short suspend, then it runs on (not rebooted).
+        image_id = self.api.post_server_action(
+            server["id"], {"createImage": {"name": "snap"}})["image_id"]
+        deadline = time.monotonic() + 60
+        while self.glance.show(None, image_id)["status"] != "active" or image_id not in uploads:
+            self.assertLess(time.monotonic(), deadline, "no upload")
+            time.sleep(0.1)
+        server = self._wait_for_state_change(server, "ACTIVE")
+        self.assertEqual(1, self._console(server).count("idle: ready"))
+        image = self.glance.show(None, image_id)
+        self.assertEqual("qcow2", image["disk_format"])
+        self.assertEqual(self.kernel_image, image["properties"]["kernel_id"])
+        with tempfile.TemporaryDirectory() as tmp:
+            snap = os.path.join(tmp, "snap.qcow2")
+            with open(snap, "wb") as f:
+                f.write(uploads[image_id])
+            raw = os.path.join(tmp, "snap.raw")
+            subprocess.run(["qemu-img", "convert", "-O", "raw", snap, raw], check=True)
+            self.assertEqual(1024 << 20, os.path.getsize(raw))
+            with open(raw, "rb") as f:
+                self.assertEqual(b"\x5a" * (1 << 20), f.read(1 << 20))
+                self.assertEqual(b"\0" * 4096, f.read(4096))
+
+        # A server from the snapshot boots on its own overlay of it.
+        clone = self._create_server(image_uuid=image_id, flavor_id=self.flavor_id,
+                                    networks="none", host=HOST)
+        self.assertEqual("glance-" + image_id, self._agent_vm(clone)["spec"]["disks"][0]["image"])
+        self._wait_console(clone, "idle: ready")
+        self._delete_server(clone)
         self._delete_server(server)
         self._assert_host_clean()
