@@ -25,10 +25,10 @@ import urllib.parse
 import fixtures
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", ".."))
-BEXAR_BIN = os.environ.get(
-    "BEXAR_BIN", os.path.join(REPO, "target/x86_64-unknown-linux-gnu/release/bexar"))
-TESTGUEST = os.environ.get(
-    "BEXAR_TESTGUEST", os.path.join(REPO, "firmware/target/release/testguest"))
+BEXAR_BIN = os.path.abspath(os.environ.get(
+    "BEXAR_BIN", os.path.join(REPO, "target/x86_64-unknown-linux-gnu/release/bexar")))
+TESTGUEST = os.path.abspath(os.environ.get(
+    "BEXAR_TESTGUEST", os.path.join(REPO, "firmware/target/release/testguest")))
 # The test guest's idle mode: prints its banner and "idle: ready", then sleeps in hlt until
 # Ctrl-Alt-Del, which it answers with an orderly power-off (a graceful stop works).
 TESTGUEST_CMDLINE = "console=ttyS0 bexar.test=idle"

@@ -119,8 +119,9 @@ class _TwoAgents(integrated_helpers._IntegratedTestBase):
         self.useFixture(self.tight)
         self.useFixture(self.roomy)
         self.flags(compute_driver="bexar.BexarDriver")
-        self.flags(agent_socket=os.path.join(self.sockets, "%(host)s.sock"), kernel=agents.TESTGUEST,
-                   cmdline=agents.TESTGUEST_CMDLINE, request_timeout=5, group="bexar")
+        self.flags(agent_socket=os.path.join(self.sockets, "%(host)s.sock"),
+                   kernel=agents.TESTGUEST, cmdline=agents.TESTGUEST_CMDLINE,
+                   request_timeout=5, group="bexar")
         self.flags(shutdown_timeout=5)
         super()._setup_services()
 

@@ -140,8 +140,7 @@ class BexarServerTest(integrated_helpers._IntegratedTestBase):
         # nova-compute restarts with a new driver; the VM runs on, the same VMM.
         pid = self._agent_vm(server)["status"]["pid"]
         self.compute = self.restart_compute_service(self.compute, keep_hypervisor_state=False)
-        driver = self.compute.manager.driver
-        self.assertEqual([server["id"]], driver.list_instance_uuids())
+        self.assertEqual([server["id"]], self.compute.manager.driver.list_instance_uuids())
         self._run_periodics()
         server = self.api.get_server(server["id"])
         self.assertEqual("ACTIVE", server["status"])
