@@ -120,16 +120,22 @@ fn sh(args: &[&str]) -> String {
 struct NsAgent {
     dir: PathBuf,
     ns: String,
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl NsAgent {
     fn start(ns: &Netns, name: &str) -> Self {
+        Self::start_with(ns, name, &[])
+    }
+
+    fn start_with(ns: &Netns, name: &str, args: &[&str]) -> Self {
         let dir = tmp(name);
         std::fs::create_dir_all(&dir).unwrap();
         let mut a = Self {
             dir,
             ns: ns.name.clone(),
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         a.spawn();
@@ -150,6 +156,7 @@ impl NsAgent {
             .arg("--state-dir")
             .arg(self.dir.join("state"))
             .args(["--stop-timeout", "2", "--network-repair", "1"])
+            .args(&self.args)
             .env("BEXAR_LOG", "info");
         self.child = Some(common::spawn_agent(cmd, &self.dir, &self.socket()));
     }
@@ -546,6 +553,164 @@ fn segments_route_filter_and_serve_metadata() {
 }
 
 /// Bad segment and NIC input gets a 4xx naming the problem and changes nothing.
+/// One segment on two hosts (network namespaces joined by a veth underlay) with `overlay:
+/// vxlan`: VMs on either host reach each other at their addresses over IPv4 and IPv6, each host
+/// is the gateway of its own guests with the same addresses and MAC (nothing the hosts send
+/// crosses the tunnel), and an agent without an underlay refuses such a segment.
+#[test]
+fn a_segment_spans_two_hosts_over_vxlan() {
+    let a = Netns::new("ova");
+    let b = Netns::new("ovb");
+    sh(&[
+        "ip", "link", "add", "ul0", "netns", &a.name, "type", "veth", "peer", "name", "ul0",
+        "netns", &b.name,
+    ]);
+    for (ns, addr) in [(&a, "10.99.0.1/24"), (&b, "10.99.0.2/24")] {
+        ns.ip(&["addr", "add", addr, "dev", "ul0"]);
+        // VXLAN adds 50 bytes: an underlay that carries the guests' 1500-byte frames whole.
+        ns.ip(&["link", "set", "ul0", "mtu", "1600", "up"]);
+    }
+    let agent_a = NsAgent::start_with(
+        &a,
+        "ova",
+        &[
+            "--overlay-local",
+            "10.99.0.1",
+            "--overlay-peer",
+            "10.99.0.2",
+        ],
+    );
+    let agent_b = NsAgent::start_with(
+        &b,
+        "ovb",
+        &[
+            "--overlay-local",
+            "10.99.0.2",
+            "--overlay-peer",
+            "10.99.0.1",
+        ],
+    );
+    let lonely_ns = Netns::new("ovc");
+    let lonely = NsAgent::start(&lonely_ns, "ovc");
+    let (ca, cb) = (agent_a.client(), agent_b.client());
+    rt().block_on(async {
+        let mut span = segment("span", 30, "routed", 30);
+        span["overlay"] = json!("vxlan");
+        let r = lonely.client().post("/v1/segments", &span).await.unwrap();
+        let v = expect_status(&r, 400);
+        assert_eq!(v["error"]["field"], "overlay", "{v}");
+        for c in [&ca, &cb] {
+            let r = c.post("/v1/segments", &span).await.unwrap();
+            let v = expect_status(&r, 201);
+            assert_eq!(v["overlay"], "vxlan", "{v}");
+            assert_eq!(v["ipv4"]["gateway"], "10.30.0.1", "{v}");
+        }
+        // The same gateway MAC on both hosts, the bridge's; the tunnel is a port of it.
+        let links = |ns: &Netns| -> Value {
+            serde_json::from_str(&sh(&["ip", "-n", &ns.name, "-j", "-d", "link", "show"])).unwrap()
+        };
+        let (la, lb) = (links(&a), links(&b));
+        let find = |l: &Value, p: &str| -> Value {
+            l.as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["ifname"].as_str().unwrap().starts_with(p))
+                .cloned()
+                .unwrap_or_else(|| panic!("no {p} link in {l}"))
+        };
+        assert_eq!(find(&la, "bxg")["address"], find(&lb, "bxg")["address"]);
+        let vx = find(&la, "bxo");
+        assert_eq!(vx["linkinfo"]["info_kind"], "vxlan", "{vx}");
+        assert_eq!(vx["linkinfo"]["info_data"]["id"], 30, "{vx}");
+        assert_eq!(vx["master"], find(&la, "bxg")["ifname"], "{vx}");
+        let fdb = sh(&[
+            "bridge",
+            "-n",
+            &a.name,
+            "fdb",
+            "show",
+            "dev",
+            vx["ifname"].as_str().unwrap(),
+        ]);
+        assert!(fdb.contains("00:00:00:00:00:00 dst 10.99.0.2"), "{fdb}");
+
+        // A VM on host A; one on host B pings it. Addresses across hosts are the caller's.
+        let mut peer = vm("peer-a", "span", "net-peer");
+        peer["nics"][0]["ipv4"] = json!("10.30.0.10");
+        let r = ca.post("/v1/vms?start=true", &peer).await.unwrap();
+        let peer = expect_status(&r, 201);
+        let peer6 = nic(&peer, "ipv6");
+        wait_console(&ca, "peer-a", "net-peer: ready").await;
+        let mut ping = vm(
+            "ping-b",
+            "span",
+            &format!("net bexar.peer=10.30.0.10 bexar.peer6={peer6}"),
+        );
+        ping["nics"][0]["ipv4"] = json!("10.30.0.20");
+        let r = cb.post("/v1/vms?start=true", &ping).await.unwrap();
+        expect_status(&r, 201);
+        let text = wait_console(&cb, "ping-b", "bexar-testguest: PASS").await;
+        assert!(text.contains("3/3 echo replies"), "{text}");
+        assert!(
+            text.contains(&format!("echo6 reply from {peer6}")),
+            "{text}"
+        );
+        // Host B's bridge learned where host A's guest is: behind the tunnel.
+        let fdb = sh(&[
+            "bridge",
+            "-n",
+            &b.name,
+            "fdb",
+            "show",
+            "br",
+            find(&lb, "bxg")["ifname"].as_str().unwrap(),
+        ]);
+        let peer_mac = peer["nics"][0]["mac"].as_str().unwrap();
+        assert!(
+            fdb.contains(&format!(
+                "{peer_mac} dev {}",
+                find(&lb, "bxo")["ifname"].as_str().unwrap()
+            )),
+            "{fdb}"
+        );
+        // A host talks to its own guests only: host A (the gateway of its guest) reaches it,
+        // host B, with the same gateway address, does not: what it sends stays off the tunnel.
+        let ping_from = |ns: &Netns| {
+            std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &ns.name,
+                    "ping",
+                    "-c",
+                    "1",
+                    "-W",
+                    "1",
+                    "10.30.0.10",
+                ])
+                .output()
+                .unwrap()
+                .status
+                .success()
+        };
+        assert!(ping_from(&a), "host A reaches its own guest");
+        assert!(!ping_from(&b), "host B's own frames crossed the tunnel");
+
+        // Deleting the segment on one host takes its tunnel away there only.
+        expect_status(&cb.delete("/v1/vms/ping-b").await.unwrap(), 204);
+        expect_status(&cb.delete("/v1/segments/span").await.unwrap(), 204);
+        let lb = links(&b);
+        assert!(
+            lb.as_array()
+                .unwrap()
+                .iter()
+                .all(|l| !l["ifname"].as_str().unwrap().starts_with("bxo")),
+            "{lb}"
+        );
+        expect_status(&ca.delete("/v1/vms/peer-a").await.unwrap(), 204);
+    });
+}
+
 #[test]
 fn bad_network_input_is_refused_and_changes_nothing() {
     let host = Netns::new("bad");

@@ -61,6 +61,16 @@ pub struct AgentArgs {
     /// (the agent adds an 802.1Q interface per segment on it).
     #[arg(long, value_name = "IFACE")]
     pub uplink: Option<String>,
+    /// This host's IPv4 address on the network between hosts (the underlay): segments created
+    /// with `overlay: vxlan` reach the other hosts through VXLAN sent from it.
+    #[arg(long, value_name = "ADDR")]
+    pub overlay_local: Option<std::net::Ipv4Addr>,
+    /// Another host's underlay address, for segments that span hosts (repeat for each host).
+    #[arg(long = "overlay-peer", value_name = "ADDR", requires = "overlay_local")]
+    pub overlay_peers: Vec<std::net::Ipv4Addr>,
+    /// UDP port of the overlay's VXLAN (the same on every host).
+    #[arg(long, default_value_t = 4789, value_name = "PORT")]
+    pub overlay_port: u16,
     /// Where the instance metadata service listens, or `off`.
     #[arg(
         long,
@@ -140,6 +150,25 @@ fn config(a: &AgentArgs) -> Result<AgentConfig, String> {
                 .uplink
                 .as_deref()
                 .map(|u| iface("uplink", u))
+                .transpose()?,
+            overlay: a
+                .overlay_local
+                .map(|local| {
+                    if a.overlay_peers.contains(&local) {
+                        return Err("--overlay-peer: this host's own --overlay-local".to_owned());
+                    }
+                    if a.overlay_port == 0 {
+                        return Err("--overlay-port: 0 is not a port".to_owned());
+                    }
+                    let mut peers = a.overlay_peers.clone();
+                    peers.sort();
+                    peers.dedup();
+                    Ok(bexar_agent::netplan::OverlayConfig {
+                        local,
+                        peers,
+                        port: a.overlay_port,
+                    })
+                })
                 .transpose()?,
         },
         sandbox: bexar_agent::sandbox::SandboxConfig {

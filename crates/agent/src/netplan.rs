@@ -8,10 +8,12 @@ use std::net::Ipv4Addr;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::segment::{link_local, segment_links, segment_mac, NicState, SegmentMode, SegmentSpec};
+use super::segment::{
+    link_local, overlay_link, segment_links, segment_mac, NicState, SegmentMode, SegmentSpec,
+};
 use bexar_hostnet::netlink::Link;
 use bexar_hostnet::nft::{NicRule, Ruleset, SegmentRule, MARK_BASE};
-use bexar_hostnet::{GATEWAY_PREFIX, IMDS_ADDR, TAP_PREFIX, UPLINK_PREFIX};
+use bexar_hostnet::{GATEWAY_PREFIX, IMDS_ADDR, OVERLAY_PREFIX, TAP_PREFIX, UPLINK_PREFIX};
 
 /// Alias prefix of every link the agent owns.
 pub const ALIAS_PREFIX: &str = "bexar:";
@@ -27,6 +29,30 @@ pub struct UplinkPlan {
     pub vlan: u16,
     /// The interface it sits on.
     pub on: String,
+}
+
+/// Where segments with an overlay reach the other hosts (the agent's `--overlay-*` flags).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayConfig {
+    /// This host's address on the underlay network: VXLAN packets are sent from it.
+    pub local: Ipv4Addr,
+    /// The other hosts' underlay addresses.
+    pub peers: Vec<Ipv4Addr>,
+    /// The UDP port (4789, IANA's for VXLAN, unless told).
+    pub port: u16,
+}
+
+/// A segment's VXLAN interface, a port of its bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayPlan {
+    /// Its name (`bxo…`).
+    pub name: String,
+    /// Its alias; it names the underlay settings, so a change of peers or port remakes it.
+    pub alias: String,
+    /// The VXLAN network identifier: the segment's VLAN id.
+    pub vni: u32,
+    /// The underlay.
+    pub config: OverlayConfig,
 }
 
 /// A segment's bridge.
@@ -50,6 +76,8 @@ pub struct BridgePlan {
     pub metadata_route: Option<Ipv4Net>,
     /// Where a bridged segment leaves the host (with `--uplink`).
     pub uplink: Option<UplinkPlan>,
+    /// The tunnel of a segment that spans hosts.
+    pub overlay: Option<OverlayPlan>,
 }
 
 /// A NIC's TAP.
@@ -120,6 +148,9 @@ impl NetPlan {
             if let Some(u) = &b.uplink {
                 w.insert(&u.name);
             }
+            if let Some(o) = &b.overlay {
+                w.insert(&o.name);
+            }
         }
         for t in &self.taps {
             w.insert(&t.nic.tap);
@@ -137,6 +168,7 @@ pub fn plan(
     segments: &BTreeMap<String, SegmentSpec>,
     nics: &[(String, usize, NicState)],
     uplink: Option<&str>,
+    overlay: Option<&OverlayConfig>,
 ) -> NetPlan {
     let mut p = NetPlan::default();
     for s in segments.values() {
@@ -161,6 +193,25 @@ pub fn plan(
                 vlan: s.vlan,
                 on: u.to_owned(),
             }),
+            overlay: overlay
+                .filter(|_| s.overlay.is_some())
+                .map(|o| OverlayPlan {
+                    name: overlay_link(&s.id),
+                    alias: format!(
+                        "{ALIAS_PREFIX}overlay {} vni {} from {}:{} to {}",
+                        s.id,
+                        s.vlan,
+                        o.local,
+                        o.port,
+                        o.peers
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
+                    vni: u32::from(s.vlan),
+                    config: o.clone(),
+                }),
         });
         p.forward_v4 |= s.mode == SegmentMode::Routed && s.ipv4.is_some();
         p.forward_v6 |= routed6;
@@ -210,7 +261,7 @@ pub fn is_ours(l: &Link) -> bool {
 
 /// Whether a link's name carries one of the agent's prefixes.
 pub fn has_our_name(name: &str) -> bool {
-    [TAP_PREFIX, GATEWAY_PREFIX, UPLINK_PREFIX]
+    [TAP_PREFIX, GATEWAY_PREFIX, UPLINK_PREFIX, OVERLAY_PREFIX]
         .iter()
         .any(|p| name.starts_with(p))
 }
@@ -241,7 +292,17 @@ pub enum LinkOp {
         /// The VLAN id.
         vlan: u16,
     },
-    /// Remove a link the agent made that nothing wants any more.
+    /// Make (or remake) a segment's VXLAN interface.
+    AddVxlan {
+        /// Name.
+        name: String,
+        /// The VXLAN network identifier.
+        vni: u32,
+        /// The underlay.
+        config: OverlayConfig,
+    },
+    /// Remove a link the agent made that nothing wants any more, or (when the plan still
+    /// wants it) one about to be made again.
     Delete {
         /// Its index.
         index: u32,
@@ -270,6 +331,26 @@ pub fn link_ops(plan: &NetPlan, observed: &[Link]) -> Vec<LinkOp> {
                     name: u.name.clone(),
                     on: u.on.clone(),
                     vlan: u.vlan,
+                });
+            }
+        }
+        if let Some(o) = &b.overlay {
+            // A VXLAN interface made with other underlay settings (its alias says which) is
+            // remade: the kernel does not change a VXLAN interface's local address or port.
+            let stale = observed
+                .iter()
+                .find(|l| l.name == o.name && l.alias.as_deref() != Some(o.alias.as_str()));
+            if let Some(l) = stale {
+                ops.push(LinkOp::Delete {
+                    index: l.index,
+                    name: l.name.clone(),
+                });
+            }
+            if !have.contains(o.name.as_str()) || stale.is_some() {
+                ops.push(LinkOp::AddVxlan {
+                    name: o.name.clone(),
+                    vni: o.vni,
+                    config: o.config.clone(),
                 });
             }
         }
@@ -379,7 +460,7 @@ mod tests {
             ("vm1".to_owned(), 0, nic("web", "bxt0001", "10.10.0.2")),
             ("vm2".to_owned(), 1, nic("gone", "bxt0002", "10.99.0.2")),
         ];
-        let p = plan(&segs, &nics, Some("eth9"));
+        let p = plan(&segs, &nics, Some("eth9"), None);
         assert_eq!(p.bridges.len(), 2);
         let lab = p.bridges.iter().find(|b| b.segment == "lab").unwrap();
         let web = p.bridges.iter().find(|b| b.segment == "web").unwrap();
@@ -415,14 +496,14 @@ mod tests {
         assert_eq!(p.orphans, vec![("vm2".to_owned(), 1, "bxt0002".to_owned())]);
         assert!(p.wanted().contains("bxt0002"));
         // Without segments or NICs the plan is empty.
-        assert!(plan(&BTreeMap::new(), &[], None).is_empty());
+        assert!(plan(&BTreeMap::new(), &[], None, None).is_empty());
     }
 
     #[test]
     fn link_changes_touch_only_what_differs_and_only_what_is_ours() {
         let segs = fixture();
         let nics = vec![("vm1".to_owned(), 0, nic("web", "bxt0001", "10.10.0.2"))];
-        let p = plan(&segs, &nics, Some("eth9"));
+        let p = plan(&segs, &nics, Some("eth9"), None);
         let web = p
             .bridges
             .iter()
@@ -483,7 +564,7 @@ mod tests {
             ("vm1".to_owned(), 0, nic("web", "bxt0001", "10.10.0.2")),
             ("vm1".to_owned(), 1, nic("lab", "bxt0002", "10.20.0.7")),
         ];
-        let p = plan(&segs, &nics, None);
+        let p = plan(&segs, &nics, None, None);
         let idx: HashMap<String, u32> = [("bxt0001".to_owned(), 41)].into_iter().collect();
         let (rules, marks) = ruleset(&p, &segs, &idx);
         assert_eq!(rules.nics.len(), 1, "a TAP not made yet gets no rule");
@@ -491,5 +572,84 @@ mod tests {
         assert_eq!(marks[&(MARK_BASE | 41)], ("vm1".to_owned(), 0));
         assert_eq!(rules.segments.len(), 2);
         assert!(rules.segments.iter().any(|s| s.routed));
+    }
+
+    #[test]
+    fn a_segment_with_an_overlay_gets_a_vxlan_port_remade_when_the_underlay_changes() {
+        let mut segs = fixture();
+        segs.get_mut("web").unwrap().overlay = Some(super::super::segment::Overlay::Vxlan);
+        let config = OverlayConfig {
+            local: "10.99.0.1".parse().unwrap(),
+            peers: vec!["10.99.0.2".parse().unwrap(), "10.99.0.3".parse().unwrap()],
+            port: 4789,
+        };
+        // No overlay configured: no VXLAN port (the API refuses such a segment anyway).
+        assert!(plan(&segs, &[], None, None)
+            .bridges
+            .iter()
+            .all(|b| b.overlay.is_none()));
+        let p = plan(&segs, &[], None, Some(&config));
+        let web = p.bridges.iter().find(|b| b.segment == "web").unwrap();
+        let o = web.overlay.as_ref().unwrap();
+        assert_eq!(o.vni, 10);
+        assert!(o.name.starts_with("bxo"), "{}", o.name);
+        assert!(o.alias.contains("10.99.0.2,10.99.0.3"), "{}", o.alias);
+        assert!(p
+            .bridges
+            .iter()
+            .find(|b| b.segment == "lab")
+            .unwrap()
+            .overlay
+            .is_none());
+        assert!(p.wanted().contains(o.name.as_str()));
+        // Absent: made. Present as wanted: left alone. Present with other peers: remade.
+        let bridges: Vec<Link> = p
+            .bridges
+            .iter()
+            .map(|b| link(1, &b.name, Some(&b.alias)))
+            .collect();
+        let ops = link_ops(&p, &bridges);
+        assert_eq!(
+            ops,
+            vec![LinkOp::AddVxlan {
+                name: o.name.clone(),
+                vni: 10,
+                config: config.clone()
+            }]
+        );
+        let mut have = bridges.clone();
+        have.push(link(7, &o.name, Some(&o.alias)));
+        assert!(link_ops(&p, &have).is_empty());
+        have.pop();
+        have.push(link(
+            7,
+            &o.name,
+            Some("bexar:overlay web vni 10 from 10.99.0.1:4789 to 10.99.0.2"),
+        ));
+        assert_eq!(
+            link_ops(&p, &have),
+            vec![
+                LinkOp::Delete {
+                    index: 7,
+                    name: o.name.clone()
+                },
+                LinkOp::AddVxlan {
+                    name: o.name.clone(),
+                    vni: 10,
+                    config
+                }
+            ]
+        );
+        // The segment gone: its VXLAN port goes with it.
+        let none = plan(&BTreeMap::new(), &[], None, None);
+        let mut have = vec![link(7, &o.name, Some(&o.alias))];
+        have[0].alias = Some(o.alias.clone());
+        assert_eq!(
+            link_ops(&none, &have),
+            vec![LinkOp::Delete {
+                index: 7,
+                name: o.name.clone()
+            }]
+        );
     }
 }

@@ -11,7 +11,8 @@
 //! ```text
 //!   guest ── TAP bxt… ──┐
 //!   guest ── TAP bxt… ──┤ bridge bxg… (fixed MAC; the host's addresses on the segment:
-//!   uplink.VLAN bxu… ───┘  gateway of a routed segment, 169.254.169.254 for metadata)
+//!   uplink.VLAN bxu… ───┤  gateway of a routed segment, 169.254.169.254 for metadata)
+//!   VXLAN bxo… ─────────┘  (a segment that spans hosts: to the other hosts' bridges)
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -37,6 +38,9 @@ pub struct NetworkConfig {
     /// The interface that carries bridged segments to the rest of their L2 domain, each
     /// tagged with its VLAN id (through an 802.1Q interface the agent makes on it).
     pub uplink: Option<String>,
+    /// Where segments with an overlay meet the other hosts (`--overlay-local`,
+    /// `--overlay-peer`); none: no segment may have one.
+    pub overlay: Option<netplan::OverlayConfig>,
 }
 
 /// The NIC a metadata request came from.
@@ -202,6 +206,13 @@ impl Agent {
         mut spec: SegmentSpec,
     ) -> Result<(SegmentSpec, bool), AgentError> {
         spec.validate()?;
+        if spec.overlay.is_some() && self.net.config.overlay.is_none() {
+            return Err(AgentError::Invalid(super::spec::FieldError::new(
+                "overlay",
+                "this agent has no overlay network: start it with --overlay-local (and \
+                 --overlay-peer for each other host)",
+            )));
+        }
         {
             let mut segs = lock(&self.net.segments);
             if let Some(s) = segs.get(&spec.id) {
@@ -326,7 +337,12 @@ impl Agent {
                     .collect::<Vec<_>>()
             })
             .collect();
-        let plan = netplan::plan(&segs, &nics, self.net.config.uplink.as_deref());
+        let plan = netplan::plan(
+            &segs,
+            &nics,
+            self.net.config.uplink.as_deref(),
+            self.net.config.overlay.as_ref(),
+        );
         if plan.is_empty()
             && !self.net.active.load(std::sync::atomic::Ordering::Relaxed)
             && !self.net_touched()
@@ -360,6 +376,7 @@ impl Agent {
                 // Links to make: bridges, then the uplink VLAN interfaces on them.
                 let mut deletes = Vec::new();
                 let mut made = false;
+                let wanted = plan.wanted();
                 for op in ops {
                     made |= !matches!(op, LinkOp::Delete { .. });
                     match op {
@@ -371,6 +388,16 @@ impl Agent {
                                 .ok_or_else(|| net_err(format!("uplink {on} does not exist")))?
                                 .index;
                             nl.add_vlan(&name, base, vlan).await.map_err(net_err)?;
+                        }
+                        LinkOp::AddVxlan { name, vni, config } => {
+                            nl.add_vxlan(&name, vni, config.local, config.port)
+                                .await
+                                .map_err(net_err)?;
+                        }
+                        // Still wanted: deleted now, to be made again by the next op.
+                        LinkOp::Delete { index, name } if wanted.contains(name.as_str()) => {
+                            tracing::info!("remaking {name}");
+                            nl.del_link(index).await.map_err(net_err)?;
                         }
                         LinkOp::Delete { index, name } => deletes.push((index, name)),
                     }
@@ -411,6 +438,25 @@ impl Agent {
                         nl.add_link_route(bl.index, subnet, IMDS_ADDR)
                             .await
                             .map_err(net_err)?;
+                    }
+                    if let Some(o) = &b.overlay {
+                        // The tunnel to the other hosts: a port of the bridge, flooding to every
+                        // peer what it has not learned a place for.
+                        let ol = find(&links, &o.name)
+                            .ok_or_else(|| net_err(format!("{} missing", o.name)))?;
+                        let _ =
+                            netlink::sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", o.name), "1");
+                        if ol.alias.as_deref() != Some(o.alias.as_str())
+                            || !ol.up
+                            || ol.controller != Some(bl.index)
+                        {
+                            nl.set_link(ol.index, &o.alias, Some(bl.index), true)
+                                .await
+                                .map_err(net_err)?;
+                        }
+                        for peer in &o.config.peers {
+                            nl.add_flood_peer(ol.index, *peer).await.map_err(net_err)?;
+                        }
                     }
                     if let Some(u) = &b.uplink {
                         // The uplink carries the segment tagged with its VLAN.

@@ -23,6 +23,15 @@ pub enum SegmentMode {
     Routed,
 }
 
+/// How a segment reaches other hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overlay {
+    /// A VXLAN tunnel to the agent's overlay peers (`--overlay-peer`), VNI = the segment's
+    /// VLAN id: one layer-2 domain across those hosts.
+    Vxlan,
+}
+
 /// IPv4 of a segment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +72,9 @@ pub struct SegmentSpec {
     /// IPv6 prefix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<Ipv6Spec>,
+    /// Spans hosts through this overlay (none: this host only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<Overlay>,
 }
 
 impl SegmentSpec {
@@ -288,7 +300,15 @@ pub fn segment_links(segment: &str) -> (String, String) {
     (format!("bxg{h:08x}"), format!("bxu{h:08x}"))
 }
 
-/// The fixed MAC of a segment's bridge.
+/// Name of a segment's VXLAN interface (`bxo…`, segments with an overlay only).
+pub fn overlay_link(segment: &str) -> String {
+    let h = stable_hash(format!("bexar-segment/{segment}").as_bytes()) as u32;
+    format!("bxo{h:08x}")
+}
+
+/// The fixed MAC of a segment's bridge (the same on every host: derived from the id alone, so
+/// a segment that spans hosts has one gateway MAC everywhere and a guest that moves keeps its
+/// next hop).
 pub fn segment_mac(segment: &str) -> [u8; 6] {
     let h = stable_hash(format!("bexar-segment-mac/{segment}").as_bytes()).to_be_bytes();
     [0x02, h[0], h[1], h[2], h[3], h[4]]
@@ -520,6 +540,7 @@ mod tests {
                 prefix: v6.parse().unwrap(),
                 gateway: None,
             }),
+            overlay: None,
         };
         s.validate().unwrap();
         s

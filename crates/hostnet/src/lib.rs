@@ -18,3 +18,5 @@ pub const TAP_PREFIX: &str = "bxt";
 pub const GATEWAY_PREFIX: &str = "bxg";
 /// Prefix of the segments' uplink VLAN interfaces.
 pub const UPLINK_PREFIX: &str = "bxu";
+/// Prefix of the segments' VXLAN interfaces (segments that span hosts).
+pub const OVERLAY_PREFIX: &str = "bxo";

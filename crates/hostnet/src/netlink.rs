@@ -9,7 +9,7 @@ use ipnet::{IpNet, Ipv4Net};
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::route::RouteScope;
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVlan, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVlan, LinkVxlan, RouteMessageBuilder};
 
 /// A netlink failure, with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +164,69 @@ impl Netlink {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Creates `name`, a VXLAN interface for network identifier `vni` that sends from `local`
+    /// on UDP `port` and learns where remote MACs live from what it receives. Where unknown,
+    /// broadcast and multicast frames go is set by [`Netlink::add_flood_peer`].
+    pub async fn add_vxlan(
+        &self,
+        name: &str,
+        vni: u32,
+        local: Ipv4Addr,
+        port: u16,
+    ) -> Result<(), NetlinkError> {
+        let msg = LinkVxlan::new(name, vni)
+            .local(local)
+            .port(port)
+            .learning(true)
+            .build();
+        match self.handle.link().add(msg).execute().await {
+            Err(e) if !is_exists(&e) => {
+                Err(nl_err(format!("create VXLAN {vni} interface {name}"))(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Adds `peer` to the hosts a VXLAN interface floods broadcast and unknown frames to (the
+    /// `00:00:00:00:00:00 dst PEER` forwarding entry of head-end replication). No error if it
+    /// is there.
+    pub async fn add_flood_peer(&self, index: u32, peer: Ipv4Addr) -> Result<(), NetlinkError> {
+        use rtnetlink::packet_core::{
+            NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST,
+        };
+        use rtnetlink::packet_route::neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+        };
+        use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Bridge;
+        m.header.ifindex = index;
+        m.header.state = NeighbourState::Permanent;
+        // The entry belongs to the VXLAN device itself (`self`), not to a bridge's table.
+        m.header.flags = NeighbourFlags::Own;
+        m.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(vec![0; 6]));
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                peer,
+            )));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(m));
+        // Append: one all-zero entry per peer (create-exclusive would refuse the second).
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND;
+        let what = format!("add flood peer {peer} to {index}");
+        let mut handle = self.handle.clone();
+        let mut resp = handle.request(req).map_err(nl_err(what.clone()))?;
+        while let Some(msg) = futures_util::StreamExt::next(&mut resp).await {
+            if let NetlinkPayload::Error(e) = msg.payload {
+                let e = rtnetlink::Error::NetlinkError(e);
+                if !is_exists(&e) {
+                    return Err(nl_err(what)(e));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sets a link's alias, bridge (`controller`) and state.

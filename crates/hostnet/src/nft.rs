@@ -37,7 +37,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::{GATEWAY_PREFIX, IMDS_ADDR, TAP_PREFIX};
+use super::{GATEWAY_PREFIX, IMDS_ADDR, OVERLAY_PREFIX, TAP_PREFIX};
 
 /// Name of both tables.
 pub const TABLE: &str = "bexar";
@@ -157,6 +157,23 @@ fn bridge_rules() -> Vec<String> {
         "icmpv6 type nd-neighbor-advert iifname . @th,64,128 != @targets drop".into(),
         // DHCP and DHCPv6 server replies.
         "udp sport { 67, 547 } drop".into(),
+    ]
+}
+
+/// The bridge table's other chains, for the VXLAN ports of segments that span hosts (`bxo…`):
+/// each host is the gateway of its own guests (the same addresses and MAC on every host), so
+/// nothing the host itself sends on a segment (ARP and neighbour answers for the gateway,
+/// router advertisements, DHCP and metadata replies) may leave through the overlay, and guests'
+/// DHCP requests stay on their own host. Guests' frames to each other cross as they are.
+fn bridge_overlay_chains() -> [(&'static str, &'static str, Vec<String>); 2] {
+    let o = format!("\"{OVERLAY_PREFIX}*\"");
+    [
+        ("output", "output", vec![format!("oifname {o} drop")]),
+        (
+            "forward",
+            "forward",
+            vec![format!("oifname {o} udp dport {{ 67, 547 }} drop")],
+        ),
     ]
 }
 
@@ -331,6 +348,12 @@ fn bridge_shape() -> Shape {
         "prerouting".to_owned(),
         bridge_rules().iter().map(|r| Some(tag(r))).collect(),
     );
+    for (name, _, rules) in bridge_overlay_chains() {
+        chains.insert(
+            name.to_owned(),
+            rules.iter().map(|r| Some(tag(r))).collect(),
+        );
+    }
     let sets = BRIDGE_SETS
         .iter()
         .map(|(kind, name, ty)| {
@@ -365,6 +388,19 @@ fn bridge_script(elements: &BTreeSet<Element>) -> String {
             "add rule bridge {TABLE} prerouting {r} comment \"{}\"",
             tag(&r)
         );
+    }
+    for (name, hook, rules) in bridge_overlay_chains() {
+        let _ = writeln!(
+            s,
+            "add chain bridge {TABLE} {name} {{ type filter hook {hook} priority -200; policy accept; }}"
+        );
+        for r in rules {
+            let _ = writeln!(
+                s,
+                "add rule bridge {TABLE} {name} {r} comment \"{}\"",
+                tag(&r)
+            );
+        }
     }
     element_commands(&mut s, "add", elements);
     s
@@ -871,7 +907,12 @@ mod tests {
         assert_eq!(
             script.matches("comment \"bx:").count(),
             5 + bridge_rules().len()
+                + bridge_overlay_chains()
+                    .iter()
+                    .map(|(_, _, r)| r.len())
+                    .sum::<usize>()
         );
+        assert!(script.contains("hook output"), "{script}");
         assert_eq!(script, bridge_script(&r.elements()));
         let inet = r.inet_doc().to_string();
         assert!(inet.contains("masquerade"));

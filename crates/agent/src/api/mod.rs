@@ -1492,6 +1492,7 @@ mod tests {
                 prefix: "2001:db8::/64".parse().unwrap(),
                 gateway: Some("2001:db8::1".parse().unwrap()),
             }),
+            overlay: Some(Overlay::Vxlan),
         }
     }
 
