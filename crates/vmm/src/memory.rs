@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress};
 
@@ -46,6 +47,14 @@ pub enum MemoryError {
     /// A memory file cannot be read.
     #[error("cannot read the memory file: {0}")]
     File(std::io::Error),
+    /// KVM could not hand over a slot's dirty log.
+    #[error("KVM_GET_DIRTY_LOG on slot {slot} failed: {err}")]
+    DirtyLog {
+        /// The slot.
+        slot: u32,
+        /// KVM's error.
+        err: kvm_ioctls::Error,
+    },
     /// A memory file is not the size of the VM's memory.
     #[error("the memory file has {len} bytes; the VM's memory is {size}")]
     FileSize {
@@ -121,12 +130,22 @@ fn map_ram(file: &File, size: u64, flags: libc::c_int) -> Result<GuestMemoryMmap
     let mut offset = 0u64;
     for (base, len) in ram_ranges(size) {
         let clone = file.try_clone().map_err(MemoryError::Memfd)?;
-        let mapping = MmapRegionBuilder::new(len as usize)
-            .with_file_offset(FileOffset::new(clone, offset))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(flags | libc::MAP_NORESERVE)
-            .build()
-            .map_err(MemoryError::Mmap)?;
+        // Every region carries a dirty bitmap (one bit per 4 KiB page: 32 KiB per GiB), so
+        // that the VMM's own writes into guest memory (used rings, disk reads, received frames)
+        // are known to a live migration, which KVM's dirty log cannot see. It costs an atomic OR
+        // per page a device writes, next to the copy of the page itself.
+        let mapping = MmapRegionBuilder::new_with_bitmap(
+            len as usize,
+            Some(AtomicBitmap::new(
+                len as usize,
+                std::num::NonZeroUsize::new(PAGE as usize).expect("a page is not empty"),
+            )),
+        )
+        .with_file_offset(FileOffset::new(clone, offset))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(flags | libc::MAP_NORESERVE)
+        .build()
+        .map_err(MemoryError::Mmap)?;
         // SAFETY: advising a mapping we own over its exact extent. DONTFORK keeps guest RAM out
         // of any child of the VMM (see teardown.rs), so a child never pins or copies it.
         if unsafe { libc::madvise(mapping.as_ptr().cast(), mapping.size(), libc::MADV_DONTFORK) }
@@ -311,6 +330,125 @@ fn map_existing(file: File, size_mib: u64, private: bool) -> Result<GuestRam, Me
 
 /// Registers every region of `ram` with `vm` as a KVM memory slot.
 pub fn register(vm: &kvm_ioctls::VmFd, ram: &GuestRam) -> Result<(), MemoryError> {
+    set_slots(vm, ram, 0)
+}
+
+/// Starts (or stops) KVM's log of the pages the vCPUs write, on every slot. Started, the log
+/// holds every page written since; [`take_dirty`] reads and clears it.
+pub fn set_dirty_logging(
+    vm: &kvm_ioctls::VmFd,
+    ram: &GuestRam,
+    on: bool,
+) -> Result<(), MemoryError> {
+    set_slots(
+        vm,
+        ram,
+        if on {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
+    )
+}
+
+/// Pages of guest RAM, by their index in the memfd (guest-address order, the MMIO gap removed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageSet {
+    bits: Vec<u64>,
+    pages: u64,
+}
+
+impl PageSet {
+    /// No page of `pages`.
+    pub fn empty(pages: u64) -> Self {
+        Self {
+            bits: vec![0; pages.div_ceil(64) as usize],
+            pages,
+        }
+    }
+
+    /// Whether page `page` is in the set.
+    pub fn contains(&self, page: u64) -> bool {
+        page < self.pages
+            && self
+                .bits
+                .get((page / 64) as usize)
+                .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    /// How many pages are in the set.
+    pub fn count(&self) -> u64 {
+        self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// The pages in the set, in order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bits.iter().enumerate().flat_map(|(i, &w)| {
+            (0..64)
+                .filter(move |b| w & (1 << b) != 0)
+                .map(move |b| i as u64 * 64 + b)
+        })
+    }
+
+    /// Adds the pages set in `words` (bit `i` = page `first + i`).
+    fn or_at(&mut self, first: u64, words: &[u64], len: u64) {
+        if first.is_multiple_of(64) {
+            // Regions start on 64-page boundaries (the MMIO gap's edges do): whole words.
+            let at = (first / 64) as usize;
+            let n = (len.div_ceil(64) as usize).min(words.len());
+            for (i, &w) in words[..n].iter().enumerate() {
+                let keep = if (i as u64 + 1) * 64 > len {
+                    (1u64 << (len % 64)) - 1
+                } else {
+                    u64::MAX
+                };
+                self.bits[at + i] |= w & keep;
+            }
+            return;
+        }
+        for (i, &w) in words.iter().enumerate() {
+            for b in 0..64 {
+                let rel = i as u64 * 64 + b;
+                if rel >= len {
+                    return;
+                }
+                if w & (1 << b) != 0 {
+                    let p = first + rel;
+                    self.bits[(p / 64) as usize] |= 1 << (p % 64);
+                }
+            }
+        }
+    }
+}
+
+/// The pages of guest RAM written since the last call (or since [`set_dirty_logging`] started
+/// KVM's log): the vCPUs' writes (KVM's log, which this reads and clears) together with the
+/// VMM's own writes through guest memory (the regions' bitmaps, also cleared). A page written
+/// while this runs is in this set or the next, never in neither.
+pub fn take_dirty(vm: &kvm_ioctls::VmFd, ram: &GuestRam) -> Result<PageSet, MemoryError> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mut set = PageSet::empty(ram.size / PAGE);
+    let mut first = 0u64;
+    for (slot, region) in ram.mem.iter().enumerate() {
+        let len = region.len() / PAGE;
+        let kvm = vm
+            .get_dirty_log(slot as u32, region.len() as usize)
+            .map_err(|err| MemoryError::DirtyLog {
+                slot: slot as u32,
+                err,
+            })?;
+        set.or_at(first, &kvm, len);
+        // The region's whole bitmap (the trait's `bitmap()` is a view without get-and-reset).
+        let mapping: &vm_memory::mmap::MmapRegion<_> = region;
+        if let Some(b) = mapping.bitmap() {
+            set.or_at(first, &b.get_and_reset(), len);
+        }
+        first += len;
+    }
+    Ok(set)
+}
+
+fn set_slots(vm: &kvm_ioctls::VmFd, ram: &GuestRam, flags: u32) -> Result<(), MemoryError> {
     use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
     for (slot, region) in ram.mem.iter().enumerate() {
         let host = region
@@ -318,7 +456,7 @@ pub fn register(vm: &kvm_ioctls::VmFd, ram: &GuestRam) -> Result<(), MemoryError
             .map_err(|_| MemoryError::Unmapped(region.start_addr().raw_value()))?;
         let r = kvm_bindings::kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags,
             guest_phys_addr: region.start_addr().raw_value(),
             memory_size: region.len(),
             userspace_addr: host as u64,

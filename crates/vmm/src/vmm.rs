@@ -411,6 +411,27 @@ impl Vmm {
         report
     }
 
+    /// Starts logging which pages of guest memory are written, by the vCPUs (KVM's dirty log)
+    /// and by the VMM's devices (guest memory's bitmaps), from a clean slate: the pre-copy of a
+    /// live migration sends what [`Vmm::take_dirty`] says changed, round after round.
+    pub fn start_dirty_log(&self) -> Result<(), VmmError> {
+        crate::memory::set_dirty_logging(&self.vm, &self.ram, true)?;
+        crate::memory::take_dirty(&self.vm, &self.ram)?;
+        Ok(())
+    }
+
+    /// The pages written since the log started or was last taken; clears them.
+    pub fn take_dirty(&self) -> Result<crate::memory::PageSet, VmmError> {
+        Ok(crate::memory::take_dirty(&self.vm, &self.ram)?)
+    }
+
+    /// Stops the dirty log (KVM then stops write-protecting guest pages).
+    pub fn stop_dirty_log(&self) -> Result<(), VmmError> {
+        Ok(crate::memory::set_dirty_logging(
+            &self.vm, &self.ram, false,
+        )?)
+    }
+
     /// Readies the VM for a new VMM process (live upgrade): pauses it, writes its state into
     /// `dir` (without memory), freezes its devices, and returns guest memory's descriptor for
     /// the new VMM to map: the VM's own memfd, or, for a VM restored from a memory file (mapped

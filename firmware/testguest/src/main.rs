@@ -12,6 +12,7 @@ use rt::bootparams::{cmdline_param, BootParams};
 use rt::mptable::MpTable;
 use rt::{boot, exit, print, println, smp, uart, MAX_CPUS};
 
+mod dirty;
 mod idle;
 mod imds;
 mod net;
@@ -76,6 +77,8 @@ mod code {
     // smbios
     pub const SMBIOS_NOT_FOUND: u32 = 51;
     pub const SMBIOS_BAD_ENTRY: u32 = 52;
+    // dirty
+    pub const MISMATCH: u32 = 53;
 }
 
 type TestResult = Result<(), (u32, &'static str)>;
@@ -113,6 +116,7 @@ const TESTS: &[(&str, Test)] = &[
     ("smbios", test_smbios),
     ("snapshot", snaptest::test_snapshot),
     ("touch", test_touch),
+    ("dirty", dirty::test_dirty),
     ("generation", test_generation),
 ];
 
