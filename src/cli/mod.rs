@@ -164,15 +164,22 @@ pub struct VmArgs {
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Kernel: an ELF vmlinux (PVH or 64-bit entry) or a bzImage.
-    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["restore", "incoming"])]
     pub kernel: Option<PathBuf>,
     /// Restore the VM saved in this snapshot directory instead of booting a kernel. The VM
     /// comes as saved; the console, stdin, control and timeout flags apply, and --disk, --net
     /// and --vsock, if given, replace the saved backends of their kind (one per saved device).
     #[arg(long, value_name = "DIR", conflicts_with = "kernel")]
     pub restore: Option<PathBuf>,
-    /// Serve a control socket here: JSON lines such as {"op":"pause"} or
-    /// {"op":"snapshot","dir":"DIR","then":"stop"} (docs/operators-guide.md).
+    /// Receive a VM another VMM migrates here (its control request
+    /// {"op":"migrate","to":"PATH"}): listen on this Unix socket, take the guest's memory while
+    /// it still runs there, then its state, and run it here. As with --restore, the console,
+    /// stdin, control and timeout flags apply.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "restore"])]
+    pub incoming: Option<PathBuf>,
+    /// Serve a control socket here: JSON lines such as {"op":"pause"},
+    /// {"op":"snapshot","dir":"DIR","then":"stop"} or {"op":"migrate","to":"PATH"}
+    /// (docs/operators-guide.md).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
     /// VM flags.

@@ -7,8 +7,8 @@ use super::{RunArgs, RunStatus, VmArgs};
 use bexar_vmm::config::{ConfigError, ConsoleConfig, ControlConfig, DEFAULT_CMDLINE};
 use bexar_vmm::cpuid::CpuTemplate;
 use bexar_vmm::{
-    build_for_boot, build_from_snapshot, ExitReason, RestoreConfig, VmConfig, VmOutcome, Vmm,
-    VmmError,
+    build_for_boot, build_from_handoff, build_from_snapshot, ExitReason, RestoreConfig, VmConfig,
+    VmOutcome, Vmm, VmmError,
 };
 
 /// The flag a refused field of a [`VmConfig`] came from.
@@ -114,6 +114,42 @@ enum Source<'a> {
     Boot(&'a VmConfig),
     /// Restores a snapshot directory.
     Restore(&'a std::path::Path, Box<RestoreConfig>),
+    /// Receives a migrating VM on this socket.
+    Incoming(&'a std::path::Path, Box<RestoreConfig>),
+}
+
+/// Receives a VM migrated to `socket` and builds it: the sender's guest is ours once this
+/// answers it, which happens only after the VM is restored here.
+fn receive_migration(socket: &std::path::Path, restore: &RestoreConfig) -> Result<Vmm, VmmError> {
+    use bexar_vmm::migration::{answer, receive};
+    let control_err = |err: std::io::Error| VmmError::Control {
+        path: socket.to_owned(),
+        err,
+    };
+    let listener = std::os::unix::net::UnixListener::bind(socket).map_err(control_err)?;
+    let (mut stream, _) = listener.accept().map_err(control_err)?;
+    drop(listener);
+    let _ = std::fs::remove_file(socket);
+    let dir = std::env::temp_dir().join(format!("bexar-incoming-{}", std::process::id()));
+    let got = receive(&mut stream, &dir);
+    let built = got.map_err(VmmError::from).and_then(|rx| {
+        tracing::info!(
+            "received {} pages of a {} MiB guest in {:.1} ms",
+            rx.pages,
+            rx.memory_mib,
+            rx.elapsed.as_secs_f64() * 1e3
+        );
+        build_from_handoff(&dir, restore, rx.memory, rx.paused_at_ns)
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    let said = answer(
+        &mut stream,
+        built.as_ref().map(|_| ()).map_err(|e| e.to_string()),
+    );
+    let vmm = built?;
+    // Without the answer the sender resumes its guest: this copy must not run too.
+    said.map_err(control_err)?;
+    Ok(vmm)
 }
 
 /// Builds (or restores) and runs the VM; watches its console for `expect`, if given.
@@ -125,6 +161,7 @@ fn run(
     let vmm: Vmm = match source {
         Source::Boot(config) => build_for_boot(config)?,
         Source::Restore(dir, restore) => build_from_snapshot(dir, &restore)?,
+        Source::Incoming(socket, restore) => receive_migration(socket, &restore)?,
     };
     let matched = expect.map(|pattern| {
         let (watch, matched) = PatternWatch::new(pattern, vmm.exit_handle(), vmm.start_time());
@@ -199,7 +236,7 @@ pub fn main(args: &RunArgs) -> RunStatus {
         },
     };
     let control = control_of(args.control.as_deref());
-    let ran = if let Some(dir) = &args.restore {
+    let ran = if let Some(dir) = args.restore.as_ref().or(args.incoming.as_ref()) {
         let timeout = match args.vm.timeout {
             Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
             Some(t) => {
@@ -219,11 +256,12 @@ pub fn main(args: &RunArgs) -> RunStatus {
             }),
             ..RestoreConfig::new(args.console.clone())
         };
-        run(
-            Source::Restore(dir, Box::new(restore)),
-            timeout,
-            args.expect.as_deref(),
-        )
+        let source = if args.incoming.is_some() {
+            Source::Incoming(dir, Box::new(restore))
+        } else {
+            Source::Restore(dir, Box::new(restore))
+        };
+        run(source, timeout, args.expect.as_deref())
     } else {
         let kernel = args.kernel.clone().unwrap_or_default();
         let mut plan = match plan(&kernel, &args.vm, 0, 1) {

@@ -54,6 +54,19 @@ pub enum Request {
         /// The new limit (an empty one limits nothing).
         limit: bexar_devices::rate_limiter::RateLimitConfig,
     },
+    /// Move the VM to another VMM process listening on the Unix socket `to` (live migration:
+    /// [`crate::migration`]); this VMM ends once the other holds it.
+    Migrate {
+        /// The receiving VMM's socket.
+        to: std::path::PathBuf,
+        /// The largest blackout wanted, milliseconds (default 100).
+        #[serde(default)]
+        downtime_ms: Option<u32>,
+        /// The most pre-copy rounds (default 30; 0: none, all memory is sent while the guest is
+        /// paused, a stop-and-copy).
+        #[serde(default)]
+        max_rounds: Option<u32>,
+    },
     /// Save the VM into a snapshot directory, then resume, pause or stop it.
     Snapshot {
         /// The snapshot directory (made if missing).
@@ -136,6 +149,9 @@ pub struct Reply {
     /// The answer to `handoff` (guest memory's descriptor comes with it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<HandoffReport>,
+    /// The answer to `migrate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::migration::MigrationReport>,
     /// Why the request failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -149,6 +165,7 @@ impl Reply {
             info: None,
             snapshot: None,
             handoff: None,
+            migration: None,
             error: None,
         }
     }
@@ -177,6 +194,14 @@ impl Reply {
         }
     }
 
+    /// The answer to `migrate`.
+    pub fn migration(report: crate::migration::MigrationReport) -> Self {
+        Self {
+            migration: Some(report),
+            ..Self::ok()
+        }
+    }
+
     /// Refused or failed.
     pub fn error(e: impl Into<String>) -> Self {
         Self {
@@ -184,6 +209,7 @@ impl Reply {
             info: None,
             snapshot: None,
             handoff: None,
+            migration: None,
             error: Some(e.into()),
         }
     }

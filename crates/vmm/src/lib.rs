@@ -24,6 +24,7 @@ pub mod jail;
 pub mod launch;
 pub mod layout;
 pub mod memory;
+pub mod migration;
 pub mod platform;
 pub mod resources;
 pub mod seccomp;
@@ -66,6 +67,9 @@ pub enum VmmError {
     /// Guest memory could not be created or registered.
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
+    /// A live migration failed (the VM goes on where it was, if it was sending).
+    #[error(transparent)]
+    Migration(#[from] migration::MigrationError),
     /// The guest could not be loaded.
     #[error(transparent)]
     Boot(#[from] boot::BootError),

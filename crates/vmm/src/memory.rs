@@ -103,6 +103,18 @@ pub fn create_guest_memory(size_mib: u64) -> Result<GuestRam, MemoryError> {
         return Err(MemoryError::BadSize(size_mib));
     }
     let size = size_mib << 20;
+    let file = new_memfd(size)?;
+    let mem = map_ram(&file, size, libc::MAP_SHARED)?;
+    Ok(GuestRam {
+        mem,
+        file,
+        size,
+        private: false,
+    })
+}
+
+/// A new, empty memfd of `size` bytes (all holes), for guest RAM.
+pub fn new_memfd(size: u64) -> Result<File, MemoryError> {
     // SAFETY: memfd_create takes a NUL-terminated name and flags; the returned descriptor, if
     // valid, is owned by nobody else, so handing it to File is sound.
     let file = unsafe {
@@ -114,13 +126,7 @@ pub fn create_guest_memory(size_mib: u64) -> Result<GuestRam, MemoryError> {
     };
     file.set_len(size)
         .map_err(|err| MemoryError::Truncate { size, err })?;
-    let mem = map_ram(&file, size, libc::MAP_SHARED)?;
-    Ok(GuestRam {
-        mem,
-        file,
-        size,
-        private: false,
-    })
+    Ok(file)
 }
 
 /// Maps `size` bytes of guest RAM from `file` (guest-address order, the MMIO gap removed) with
@@ -176,17 +182,17 @@ pub fn save_ram(ram: &GuestRam, out: &File) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
     out.set_len(ram.size)?;
-    let mut wanted = data_pages(&ram.file, ram.size)?;
-    let in_file = wanted.iter().filter(|&&w| w).count();
+    let in_file = data_pages(&ram.file, ram.size)?
+        .iter()
+        .filter(|&&w| w)
+        .count();
+    let wanted = touched_pages(ram)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut written = 0u64;
     let mut file_off = 0u64;
     for region in ram.mem.iter() {
         let len = region.len();
         let first = (file_off / PAGE) as usize;
-        if ram.private {
-            private_pages(region, &mut wanted[first..first + (len / PAGE) as usize])?;
-        }
         let mut page = 0u64;
         while page < len / PAGE {
             if !wanted[first + page as usize] {
@@ -233,8 +239,40 @@ pub fn save_ram(ram: &GuestRam, out: &File) -> std::io::Result<u64> {
     Ok(written)
 }
 
+/// One flag per page of guest RAM (memfd order): whether it may hold anything but zeros. The
+/// backing file's data ranges and, for a privately mapped (restored) VM, the pages it has
+/// written since.
+pub(crate) fn touched_pages(ram: &GuestRam) -> std::io::Result<Vec<bool>> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mut wanted = data_pages(&ram.file, ram.size)?;
+    if ram.private {
+        let mut first = 0usize;
+        for region in ram.mem.iter() {
+            let n = (region.len() / PAGE) as usize;
+            private_pages(region, &mut wanted[first..first + n])?;
+            first += n;
+        }
+    }
+    Ok(wanted)
+}
+
+/// Reads page `page` of guest RAM (memfd order) as the guest sees it, through the mapping (a
+/// restored VM's own writes are not in its file).
+pub(crate) fn read_page(ram: &GuestRam, page: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    use vm_memory::Bytes;
+    let off = page * PAGE;
+    let gpa = if off < MMIO_GAP_START || ram.size <= MMIO_GAP_START {
+        off
+    } else {
+        MMIO_GAP_END + (off - MMIO_GAP_START)
+    };
+    ram.mem
+        .read_slice(&mut buf[..PAGE as usize], GuestAddress(gpa))
+        .map_err(|e| std::io::Error::other(e.to_string()))
+}
+
 /// One flag per page of `file` (`size` bytes): whether the file holds data there.
-fn data_pages(file: &File, size: u64) -> std::io::Result<Vec<bool>> {
+pub(crate) fn data_pages(file: &File, size: u64) -> std::io::Result<Vec<bool>> {
     use std::os::fd::AsRawFd;
     let mut pages = vec![false; (size / PAGE) as usize];
     let fd = file.as_raw_fd();
@@ -374,6 +412,20 @@ impl PageSet {
                 .bits
                 .get((page / 64) as usize)
                 .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    /// Adds page `page` (ignored past the end).
+    pub fn insert(&mut self, page: u64) {
+        if page < self.pages {
+            self.bits[(page / 64) as usize] |= 1 << (page % 64);
+        }
+    }
+
+    /// Adds every page of `other` (a set over as many pages).
+    pub fn union(&mut self, other: &PageSet) {
+        for (a, b) in self.bits.iter_mut().zip(&other.bits) {
+            *a |= b;
+        }
     }
 
     /// How many pages are in the set.

@@ -432,6 +432,130 @@ impl Vmm {
         )?)
     }
 
+    /// Moves the VM to another VMM process through `stream` (a connected socket to
+    /// [`crate::migration::receive`]): guest memory while the guest runs, then round after
+    /// round what it wrote meanwhile, until what is left would take less than
+    /// `convergence.downtime` at the rate measured (or `max_rounds` passed); then the guest is
+    /// paused, its devices saved and frozen, and the last pages and the state go. Once the
+    /// receiver answers that it holds the VM, this VMM ends (`Stopped`). If anything fails
+    /// before that answer, the guest goes on here as it was.
+    pub fn migrate(
+        &mut self,
+        stream: std::os::unix::net::UnixStream,
+        convergence: crate::migration::Convergence,
+    ) -> Result<crate::migration::MigrationReport, VmmError> {
+        use crate::migration::{read_answer, MigrationReport, Sender};
+        if self.state == VmmState::Created {
+            return Err(VmmError::State("not started"));
+        }
+        let t0 = Instant::now();
+        let was_running = self.state == VmmState::Running;
+        let mut report = MigrationReport::default();
+        self.start_dirty_log()?;
+        let ram = &self.ram;
+        let read = |p: u64, b: &mut [u8]| crate::memory::read_page(ram, p, b);
+        let precopy = (|| {
+            let mut tx = Sender::new(std::io::BufWriter::new(&stream), ram.size)?;
+            // Round 0: every page that may hold anything.
+            let touched =
+                crate::memory::touched_pages(ram).map_err(crate::migration::MigrationError::Io)?;
+            if convergence.max_rounds == 0 {
+                // No pre-copy (stop-and-copy): everything goes while the guest is paused.
+                let mut all = crate::memory::PageSet::empty(ram.size / crate::migration::PAGE);
+                for (i, _) in touched.iter().enumerate().filter(|(_, &t)| t) {
+                    all.insert(i as u64);
+                }
+                return Ok::<_, VmmError>((tx, all));
+            }
+            let r0 = Instant::now();
+            let sent = tx.pages(
+                read,
+                touched
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &t)| t)
+                    .map(|(i, _)| i as u64),
+            )?;
+            report.rounds = 1;
+            // Bytes per second, from the last round (at least a page's worth of time).
+            let mut rate =
+                (sent * crate::migration::PAGE) as f64 / r0.elapsed().as_secs_f64().max(1e-4);
+            loop {
+                let dirty = self.take_dirty()?;
+                let left = dirty.count() * crate::migration::PAGE;
+                let eta = Duration::from_secs_f64(left as f64 / rate.max(1.0));
+                tracing::debug!(
+                    "migration round {}: {} pages dirty, {:.1} MB/s, {:.1} ms to send",
+                    report.rounds,
+                    dirty.count(),
+                    rate / 1e6,
+                    eta.as_secs_f64() * 1e3
+                );
+                if eta <= convergence.downtime || report.rounds >= convergence.max_rounds {
+                    // Not sent now: the switch-over sends them with whatever comes after.
+                    return Ok::<_, VmmError>((tx, dirty));
+                }
+                let r = Instant::now();
+                let n = tx.pages(read, dirty.iter())?;
+                rate = (n * crate::migration::PAGE) as f64 / r.elapsed().as_secs_f64().max(1e-4);
+                report.rounds += 1;
+            }
+        })();
+        let (mut tx, pending) = match precopy {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = self.stop_dirty_log();
+                return Err(e);
+            }
+        };
+        // The switch-over: the guest stops here, and goes on here unless the receiver answers.
+        let paused_at_ns = crate::control::monotonic_ns();
+        let paused = Instant::now();
+        self.pause()?;
+        let ram = &self.ram;
+        let read = |p: u64, b: &mut [u8]| crate::memory::read_page(ram, p, b);
+        let sent = (|| {
+            let state = self.devices.save_with(|devices| {
+                let state = self.state_with(devices, 0)?;
+                self.devices.set_frozen(true);
+                Ok::<_, VmmError>(state)
+            })??;
+            // What the guest and the devices wrote since the last look, up to the freeze.
+            let mut last = self.take_dirty()?;
+            last.union(&pending);
+            report.final_pages = tx.pages(read, last.iter())?;
+            tx.state(&crate::snapshot::encode(&state)?)?;
+            tx.done(paused_at_ns)?;
+            report.pages_sent = tx.pages;
+            report.bytes_sent = tx.bytes;
+            drop(tx.into_inner());
+            read_answer(&mut &stream)?;
+            Ok::<_, VmmError>(())
+        })();
+        let _ = self.stop_dirty_log();
+        if let Err(e) = sent {
+            tracing::warn!("migration failed before the receiver took the VM: {e}; going on here");
+            self.devices.set_frozen(false);
+            if was_running {
+                self.resume()?;
+            }
+            return Err(e);
+        }
+        report.paused_ms = paused.elapsed().as_secs_f64() * 1e3;
+        report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(
+            "migrated: {} rounds, {} pages ({} while paused), {} bytes, paused {:.2} ms, {:.1} ms in all",
+            report.rounds,
+            report.pages_sent,
+            report.final_pages,
+            report.bytes_sent,
+            report.paused_ms,
+            report.total_ms
+        );
+        self.exit.request(ExitReason::Stopped);
+        Ok(report)
+    }
+
     /// Readies the VM for a new VMM process (live upgrade): pauses it, writes its state into
     /// `dir` (without memory), freezes its devices, and returns guest memory's descriptor for
     /// the new VMM to map: the VM's own memfd, or, for a VM restored from a memory file (mapped
@@ -644,6 +768,26 @@ impl Vmm {
                 }
                 Err(e) => Reply::error(e.to_string()),
             },
+            Request::Migrate {
+                to,
+                downtime_ms,
+                max_rounds,
+            } => {
+                let mut c = crate::migration::Convergence::default();
+                if let Some(ms) = downtime_ms {
+                    c.downtime = Duration::from_millis(u64::from(*ms));
+                }
+                if let Some(n) = max_rounds {
+                    c.max_rounds = *n;
+                }
+                match std::os::unix::net::UnixStream::connect(to) {
+                    Err(e) => Reply::error(format!("cannot reach {}: {e}", to.display())),
+                    Ok(stream) => match self.migrate(stream, c) {
+                        Ok(r) => Reply::migration(r),
+                        Err(e) => Reply::error(e.to_string()),
+                    },
+                }
+            }
             Request::Snapshot { dir, then } => match self.snapshot(dir, *then) {
                 Ok(r) => Reply::snapshot(r),
                 Err(e) => Reply::error(e.to_string()),

@@ -1,0 +1,198 @@
+//! Live migration between two VMM processes on this host (`bexar run --incoming`), against a
+//! stop-and-copy of the same guest measured in the same run (`max_rounds: 0`: every page sent
+//! while the guest is paused), at several dirty rates of the test guest's `dirty` mode:
+//!
+//! * the blackout: the pause the guest saw, measured by the receiving VMM from the sender's
+//!   pause to its own resume (both on this host's monotonic clock), p50 over the runs, and its
+//!   ratio to stop-and-copy's;
+//! * the whole migration's time;
+//! * bytes sent against the guest's memory touched (what stop-and-copy sends, every touched
+//!   page once): the pre-copy's price.
+//!
+//! `cargo bench --bench migration` (BEXAR_BENCH_ITERS=N runs per case, default 5). Prints
+//! medians and ratios; it asserts nothing about time. Both processes run unjailed (`--no-jail`):
+//! the agent's migration, which will hand a jailed VMM its connection, is not built yet.
+
+mod common;
+use common::{bexar, env_count, percentile, testguest};
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MEMORY_MIB: u64 = 128;
+const DIRTY_MIB: u64 = 64;
+
+fn control(socket: &Path, req: serde_json::Value) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) => panic!("connect {}: {e}", socket.display()),
+        }
+    };
+    let mut line = serde_json::to_vec(&req).unwrap();
+    line.push(b'\n');
+    s.write_all(&line).unwrap();
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap()
+}
+
+fn wait_for(file: &Path, pattern: &str) {
+    let t = Instant::now();
+    while !std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .contains(pattern)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{pattern} not in {}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+struct Run {
+    paused_ms: f64,
+    total_ms: f64,
+    bytes: f64,
+    rounds: f64,
+}
+
+fn kill(mut c: Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// One migration of a fresh guest dirtying `rate` pages a second (0: flat out).
+fn migrate_once(dir: &Path, rate: u64, precopy: bool) -> Run {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let (incoming, ctl) = (dir.join("in.sock"), dir.join("ctl.sock"));
+    let out = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
+    let dest = Command::new(bexar())
+        .args([
+            "run",
+            "--no-jail",
+            "--no-stdin",
+            "--timeout",
+            "120",
+            "--incoming",
+        ])
+        .arg(&incoming)
+        .stdin(Stdio::null())
+        .stdout(out("dest.out"))
+        .stderr(out("dest.err"))
+        .spawn()
+        .unwrap();
+    let src = Command::new(bexar())
+        .args([
+            "run",
+            "--no-jail",
+            "--no-stdin",
+            "--timeout",
+            "120",
+            "--kernel",
+        ])
+        .arg(testguest())
+        .args(["--memory", &MEMORY_MIB.to_string(), "--control"])
+        .arg(&ctl)
+        .args([
+            "--cmdline",
+            &format!(
+                "console=ttyS0 bexar.test=dirty bexar.dirty-mib={DIRTY_MIB} bexar.dirty-rate={rate}"
+            ),
+        ])
+        .stdin(Stdio::null())
+        .stdout(out("src.out"))
+        .stderr(out("src.err"))
+        .spawn()
+        .unwrap();
+    // A second of writes: every page of its region touched at least once at 10,000/s and up.
+    wait_for(&dir.join("src.out"), "pages written");
+    while !incoming.exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut req = serde_json::json!({"op": "migrate", "to": incoming});
+    if !precopy {
+        req["max_rounds"] = 0.into();
+    }
+    let reply = control(&ctl, req);
+    assert_eq!(reply["ok"], true, "{reply}");
+    let m = &reply["migration"];
+    // The receiver's measure of the pause (the same clock as the sender's pause time).
+    wait_for(&dir.join("dest.err"), "the guest was paused");
+    let err = std::fs::read_to_string(dir.join("dest.err")).unwrap();
+    let paused_ms: f64 = err
+        .split("the guest was paused ")
+        .nth(1)
+        .and_then(|s| s.split(" ms").next())
+        .and_then(|s| s.trim().parse().ok())
+        .expect("the receiver's pause");
+    kill(dest);
+    kill(src);
+    Run {
+        paused_ms,
+        total_ms: m["total_ms"].as_f64().unwrap(),
+        bytes: m["bytes_sent"].as_f64().unwrap(),
+        rounds: m["rounds"].as_f64().unwrap(),
+    }
+}
+
+fn median(runs: &[Run], f: impl Fn(&Run) -> f64) -> f64 {
+    let mut v: Vec<f64> = runs.iter().map(f).collect();
+    percentile(&mut v, 50.0)
+}
+
+fn main() {
+    let iters = env_count("BEXAR_BENCH_ITERS", 5);
+    let dir: PathBuf = std::env::temp_dir().join(format!("bexar-bench-mig-{}", std::process::id()));
+    println!(
+        "live migration between two VMM processes, {MEMORY_MIB} MiB guest dirtying a {DIRTY_MIB} MiB \
+         region, {iters} runs per case (p50)"
+    );
+    println!(
+        "{:>14} {:>12} {:>12} {:>8} {:>10} {:>10} {:>12} {:>10}",
+        "dirty pages/s",
+        "pause pre",
+        "pause stop",
+        "ratio",
+        "total pre",
+        "total stop",
+        "bytes/touch",
+        "rounds"
+    );
+    for rate in [100u64, 10_000, 0] {
+        let pre: Vec<Run> = (0..iters).map(|_| migrate_once(&dir, rate, true)).collect();
+        let stop: Vec<Run> = (0..iters)
+            .map(|_| migrate_once(&dir, rate, false))
+            .collect();
+        let (pp, sp) = (
+            median(&pre, |r| r.paused_ms),
+            median(&stop, |r| r.paused_ms),
+        );
+        // Stop-and-copy sends every touched page once: the guest's memory touched.
+        let touched = median(&stop, |r| r.bytes);
+        println!(
+            "{:>14} {:>9.2} ms {:>9.2} ms {:>8.3} {:>7.1} ms {:>7.1} ms {:>12.3} {:>10.1}",
+            if rate == 0 {
+                "flat out".to_owned()
+            } else {
+                rate.to_string()
+            },
+            pp,
+            sp,
+            pp / sp,
+            median(&pre, |r| r.total_ms),
+            median(&stop, |r| r.total_ms),
+            median(&pre, |r| r.bytes) / touched,
+            median(&pre, |r| r.rounds)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

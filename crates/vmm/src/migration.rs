@@ -1,0 +1,386 @@
+//! Live migration between two VMM processes: the pre-copy of guest memory while the guest runs,
+//! then the switch-over (the last dirty pages and the VM's state while it is paused), over one
+//! stream. The sender is [`crate::Vmm::migrate`]; the receiver is [`receive`], whose result a
+//! new VMM builds from as after a live upgrade ([`crate::build_from_handoff`]).
+//!
+//! The stream, after an 8-byte magic and the memory size, is records:
+//! `PAGES first count` + `count` pages (a run of pages, by their index in the memfd),
+//! `STATE len` + a state file's bytes ([`crate::snapshot::encode`]), `DONE paused_at_ns`.
+//! The receiver answers one byte once it holds the VM (`R`), or `F` and a reason: the answer is
+//! the commit point, before it the sender can resume the guest, after it the guest is the
+//! receiver's. Everything read is checked (sizes, ranges, the state's checksum): a malformed
+//! stream is an error, never a panic.
+//!
+//! Not yet: disks (the receiver reopens the sender's disk files, so both must be on one host
+//! or shared), a TCP transport between hosts, throttling of guests that dirty memory faster
+//! than the stream carries it.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// The stream's first bytes.
+pub const MAGIC: &[u8; 8] = b"BXMIG01\n";
+/// Bytes per page.
+pub const PAGE: u64 = 4096;
+const PAGES: u8 = 1;
+const STATE: u8 = 2;
+const DONE: u8 = 3;
+/// The most pages one record carries (1 MiB).
+const MAX_RUN: u64 = 256;
+/// The largest state the receiver takes.
+const MAX_STATE: u64 = 64 << 20;
+
+/// Migration failures.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The stream broke or could not be written or read.
+    #[error("migration stream: {0}")]
+    Io(#[from] std::io::Error),
+    /// The other end sent something that is not a migration stream, or not a sound one.
+    #[error("migration stream: {0}")]
+    Protocol(String),
+    /// The receiver could not take the VM.
+    #[error("the receiving VMM refused the VM: {0}")]
+    Refused(String),
+}
+
+fn bad(why: impl Into<String>) -> MigrationError {
+    MigrationError::Protocol(why.into())
+}
+
+/// How a migration went.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// Pre-copy rounds (the first sends every page that holds data).
+    pub rounds: u32,
+    /// Pages sent in all.
+    pub pages_sent: u64,
+    /// Bytes sent in all (pages, state and framing).
+    pub bytes_sent: u64,
+    /// Pages sent while the guest was paused.
+    pub final_pages: u64,
+    /// From the pause to the receiver's answer, milliseconds (the blackout as the sender saw
+    /// it; the receiver resumes the guest right after answering).
+    pub paused_ms: f64,
+    /// The whole migration, milliseconds.
+    pub total_ms: f64,
+}
+
+/// When pre-copy stops and the switch-over begins.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Convergence {
+    /// The largest blackout wanted: pre-copy goes on while the pages left would take longer
+    /// to send at the rate measured so far.
+    pub downtime: Duration,
+    /// The most pre-copy rounds, whatever is left (0: no pre-copy, a stop-and-copy).
+    pub max_rounds: u32,
+}
+
+impl Default for Convergence {
+    fn default() -> Self {
+        Self {
+            downtime: Duration::from_millis(100),
+            max_rounds: 30,
+        }
+    }
+}
+
+/// The sending end: counts what it writes.
+pub(crate) struct Sender<W: Write> {
+    out: W,
+    pub(crate) bytes: u64,
+    pub(crate) pages: u64,
+}
+
+impl<W: Write> Sender<W> {
+    pub(crate) fn new(mut out: W, memory_bytes: u64) -> Result<Self, MigrationError> {
+        out.write_all(MAGIC)?;
+        out.write_all(&memory_bytes.to_le_bytes())?;
+        Ok(Self {
+            out,
+            bytes: 16,
+            pages: 0,
+        })
+    }
+
+    /// Sends the pages whose indexes `pages` yields (in increasing order), in runs, each read
+    /// by `read(page, buf)`.
+    pub(crate) fn pages(
+        &mut self,
+        read: impl Fn(u64, &mut [u8]) -> std::io::Result<()>,
+        pages: impl Iterator<Item = u64>,
+    ) -> Result<u64, MigrationError> {
+        let mut sent = 0;
+        let mut run: Option<(u64, u64)> = None;
+        let mut buf = vec![0u8; (MAX_RUN * PAGE) as usize];
+        let mut flush = |s: &mut Self, (first, n): (u64, u64)| -> Result<(), MigrationError> {
+            let data = &mut buf[..(n * PAGE) as usize];
+            for (i, page) in data.chunks_mut(PAGE as usize).enumerate() {
+                read(first + i as u64, page)?;
+            }
+            s.out.write_all(&[PAGES])?;
+            s.out.write_all(&first.to_le_bytes())?;
+            s.out.write_all(&(n as u32).to_le_bytes())?;
+            s.out.write_all(data)?;
+            s.bytes += 13 + n * PAGE;
+            s.pages += n;
+            Ok(())
+        };
+        for p in pages {
+            sent += 1;
+            run = match run {
+                Some((first, n)) if first + n == p && n < MAX_RUN => Some((first, n + 1)),
+                Some(r) => {
+                    flush(self, r)?;
+                    Some((p, 1))
+                }
+                None => Some((p, 1)),
+            };
+        }
+        if let Some(r) = run {
+            flush(self, r)?;
+        }
+        Ok(sent)
+    }
+
+    pub(crate) fn state(&mut self, data: &[u8]) -> Result<(), MigrationError> {
+        self.out.write_all(&[STATE])?;
+        self.out.write_all(&(data.len() as u32).to_le_bytes())?;
+        self.out.write_all(data)?;
+        self.bytes += 5 + data.len() as u64;
+        Ok(())
+    }
+
+    pub(crate) fn done(&mut self, paused_at_ns: u64) -> Result<(), MigrationError> {
+        self.out.write_all(&[DONE])?;
+        self.out.write_all(&paused_at_ns.to_le_bytes())?;
+        self.out.flush()?;
+        self.bytes += 9;
+        Ok(())
+    }
+
+    pub(crate) fn into_inner(self) -> W {
+        self.out
+    }
+}
+
+/// Reads the receiver's answer: Ok once it holds the VM.
+pub(crate) fn read_answer(r: &mut impl Read) -> Result<(), MigrationError> {
+    let mut b = [0u8; 1];
+    r.read_exact(&mut b)?;
+    match b[0] {
+        b'R' => Ok(()),
+        b'F' => {
+            let mut why = Vec::new();
+            r.take(4096).read_to_end(&mut why)?;
+            Err(MigrationError::Refused(
+                String::from_utf8_lossy(&why).into_owned(),
+            ))
+        }
+        other => Err(bad(format!("answer byte {other:#04x}"))),
+    }
+}
+
+/// What [`receive`] took in.
+pub struct Received {
+    /// Guest memory: a new memfd holding every page sent.
+    pub memory: File,
+    /// The guest's memory size, MiB.
+    pub memory_mib: u64,
+    /// When the sender paused the guest (its `CLOCK_MONOTONIC`, ns).
+    pub paused_at_ns: u64,
+    /// Pages received (a page sent twice counts twice).
+    pub pages: u64,
+    /// How long the stream took, from its first byte.
+    pub elapsed: Duration,
+}
+
+/// Receives a migration stream from `input` (see the module's description): guest memory into a
+/// new memfd, the VM's state into `dir`'s state file. Returns once `DONE` arrived; the caller
+/// builds the VM and then answers with [`answer`].
+pub fn receive(input: &mut impl Read, dir: &Path) -> Result<Received, MigrationError> {
+    let t0 = Instant::now();
+    let mut head = [0u8; 16];
+    input.read_exact(&mut head)?;
+    if &head[..8] != MAGIC {
+        return Err(bad("not a migration stream (magic)"));
+    }
+    let size = u64::from_le_bytes(head[8..].try_into().expect("8 bytes"));
+    if size == 0 || size % (1 << 20) != 0 || size > crate::config::MAX_MEMORY_MIB << 20 {
+        return Err(bad(format!("memory size {size} bytes")));
+    }
+    let memory = crate::memory::new_memfd(size).map_err(|e| bad(e.to_string()))?;
+    let total_pages = size / PAGE;
+    let mut buf = vec![0u8; (MAX_RUN * PAGE) as usize];
+    let mut pages = 0u64;
+    let mut state = false;
+    loop {
+        let mut tag = [0u8; 1];
+        input.read_exact(&mut tag)?;
+        match tag[0] {
+            PAGES => {
+                let mut h = [0u8; 12];
+                input.read_exact(&mut h)?;
+                let first = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
+                let n = u64::from(u32::from_le_bytes(h[8..].try_into().expect("4 bytes")));
+                if n == 0 || n > MAX_RUN || first.checked_add(n).is_none_or(|e| e > total_pages) {
+                    return Err(bad(format!(
+                        "pages {first}+{n} outside the guest's {total_pages}"
+                    )));
+                }
+                let data = &mut buf[..(n * PAGE) as usize];
+                input.read_exact(data)?;
+                memory.write_all_at(data, first * PAGE)?;
+                pages += n;
+            }
+            STATE => {
+                let mut h = [0u8; 4];
+                input.read_exact(&mut h)?;
+                let len = u64::from(u32::from_le_bytes(h));
+                if len > MAX_STATE {
+                    return Err(bad(format!("a state of {len} bytes")));
+                }
+                let mut data = vec![0u8; len as usize];
+                input.read_exact(&mut data)?;
+                let path = crate::snapshot::state_path(dir);
+                // Checked now (header, length, CRC), so a bad state is the stream's fault.
+                crate::snapshot::decode(&path, &data).map_err(|e| bad(e.to_string()))?;
+                std::fs::create_dir_all(dir)?;
+                bexar_util::fs::write_atomic(&path, &data)
+                    .map_err(|e| MigrationError::Io(std::io::Error::other(e.to_string())))?;
+                state = true;
+            }
+            DONE => {
+                let mut h = [0u8; 8];
+                input.read_exact(&mut h)?;
+                if !state {
+                    return Err(bad("DONE before the state"));
+                }
+                return Ok(Received {
+                    memory,
+                    memory_mib: size >> 20,
+                    paused_at_ns: u64::from_le_bytes(h),
+                    pages,
+                    elapsed: t0.elapsed(),
+                });
+            }
+            other => return Err(bad(format!("record type {other:#04x}"))),
+        }
+    }
+}
+
+/// Tells the sender whether this side holds the VM now (`Ok`) or not.
+pub fn answer(out: &mut impl Write, result: Result<(), String>) -> std::io::Result<()> {
+    match result {
+        Ok(()) => out.write_all(b"R")?,
+        Err(why) => {
+            out.write_all(b"F")?;
+            out.write_all(why.as_bytes())?;
+        }
+    }
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memfd_with(pages: &[(u64, u8)], size: u64) -> File {
+        let f = crate::memory::new_memfd(size).unwrap();
+        for (p, b) in pages {
+            f.write_all_at(&[*b; PAGE as usize], p * PAGE).unwrap();
+        }
+        f
+    }
+
+    #[test]
+    fn pages_go_across_in_runs_and_land_where_they_were() {
+        let size = 4 << 20;
+        let src = memfd_with(&[(0, 1), (1, 2), (2, 3), (700, 9), (1023, 7)], size);
+        let mut s = Sender::new(Vec::new(), size).unwrap();
+        let read = |p: u64, b: &mut [u8]| src.read_exact_at(b, p * PAGE);
+        assert_eq!(s.pages(read, [0, 1, 2, 700, 1023].into_iter()).unwrap(), 5);
+        let bytes = s.into_inner();
+        // Three runs: 0-2, 700, 1023.
+        assert_eq!(bytes.len() as u64, 16 + 3 * 13 + 5 * PAGE);
+        // No state yet: the receiver refuses to finish.
+        let mut stream = bytes.clone();
+        stream.push(DONE);
+        stream.extend_from_slice(&0u64.to_le_bytes());
+        let dir = std::env::temp_dir().join(format!("bexar-mig-unit-{}", std::process::id()));
+        let e = receive(&mut stream.as_slice(), &dir).err().unwrap();
+        assert!(e.to_string().contains("DONE before the state"), "{e}");
+        // The pages themselves, on a stream cut after them: they arrived where they were.
+        let e = receive(&mut bytes.as_slice(), &dir).err().unwrap();
+        assert!(matches!(e, MigrationError::Io(_)), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_malformed_stream_is_an_error_not_a_panic() {
+        let dir = std::env::temp_dir().join(format!("bexar-mig-bad-{}", std::process::id()));
+        let mut good = MAGIC.to_vec();
+        good.extend_from_slice(&(4u64 << 20).to_le_bytes());
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"NOTMAGIC\0\0\0\0\0\0\0\0".to_vec(), "magic"),
+            (
+                [MAGIC.as_slice(), &3u64.to_le_bytes()].concat(),
+                "memory size",
+            ),
+            (
+                [
+                    good.as_slice(),
+                    &[PAGES],
+                    &1023u64.to_le_bytes(),
+                    &2u32.to_le_bytes(),
+                ]
+                .concat(),
+                "outside",
+            ),
+            (
+                [
+                    good.as_slice(),
+                    &[PAGES],
+                    &0u64.to_le_bytes(),
+                    &0u32.to_le_bytes(),
+                ]
+                .concat(),
+                "outside",
+            ),
+            (
+                [
+                    good.as_slice(),
+                    &[PAGES],
+                    &u64::MAX.to_le_bytes(),
+                    &1u32.to_le_bytes(),
+                ]
+                .concat(),
+                "outside",
+            ),
+            (
+                [good.as_slice(), &[STATE], &u32::MAX.to_le_bytes()].concat(),
+                "a state of",
+            ),
+            (
+                [good.as_slice(), &[STATE], &5u32.to_le_bytes(), b"hello"].concat(),
+                "header",
+            ),
+            ([good.as_slice(), &[9]].concat(), "record type"),
+            // Cut short: an I/O error (unexpected end), also no panic.
+            (
+                [good.as_slice(), &[PAGES], &0u64.to_le_bytes()].concat(),
+                "stream",
+            ),
+        ];
+        for (stream, want) in cases {
+            let e = receive(&mut stream.as_slice(), &dir).err().unwrap();
+            assert!(e.to_string().contains(want), "{want}: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

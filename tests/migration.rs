@@ -1,0 +1,232 @@
+//! Live migration between two VMM processes on this host: `bexar run --incoming` receives what
+//! a running VMM sends on `{"op":"migrate"}`. The guest is the test guest's `dirty` mode, which
+//! writes pages at a steady rate and checks every page still holds its last write: it must go
+//! on in the new process with none lost, and a migration that fails must leave it running in
+//! the old one.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const GUEST: &str = "console=ttyS0 bexar.test=dirty bexar.dirty-mib=8 bexar.dirty-rate=20000";
+
+fn dir(name: &str) -> PathBuf {
+    let d = tmp(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A `bexar run` with its console in `out` (appended as it runs).
+fn spawn(args: &[&str], out: &Path, stdin: bool) -> Child {
+    let mut c = bexar();
+    c.arg("run")
+        .args(["--no-jail", "--timeout", "60"])
+        .args(args)
+        .stdout(std::fs::File::create(out).unwrap())
+        .stderr(std::fs::File::create(out.with_extension("err")).unwrap());
+    if stdin {
+        c.stdin(Stdio::piped());
+    } else {
+        c.arg("--no-stdin").stdin(Stdio::null());
+    }
+    c.spawn().unwrap()
+}
+
+fn source(d: &Path) -> Child {
+    let guest = testguest();
+    let cmdline = format!("{GUEST}{}", guest_platform_params());
+    let ctl = d.join("ctl.sock");
+    spawn(
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--memory",
+            "64",
+            "--cmdline",
+            &cmdline,
+            "--control",
+            ctl.to_str().unwrap(),
+        ],
+        &d.join("src.out"),
+        false,
+    )
+}
+
+/// Waits until `file` holds `n` lines with `pattern`; returns its text.
+fn wait_for(file: &Path, pattern: &str, n: usize) -> String {
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        if text.matches(pattern).count() >= n {
+            return text;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{pattern:?} x{n} not in {}:\n{text}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The page count of the last `dirty: N pages written` line.
+fn last_count(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| {
+            l.split("dirty: ")
+                .nth(1)?
+                .split(" pages written")
+                .next()?
+                .parse()
+                .ok()
+        })
+        .next_back()
+        .unwrap_or(0)
+}
+
+fn wait_exit(c: &mut Child) -> i32 {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s.code().unwrap_or(-1);
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = c.kill();
+            panic!("bexar run did not end");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_running_guest_moves_to_a_new_process_with_every_write_and_goes_on_there() {
+    let d = dir("migrate");
+    let incoming = d.join("in.sock");
+    let mut dest = spawn(
+        &["--incoming", incoming.to_str().unwrap()],
+        &d.join("dest.out"),
+        true,
+    );
+    let mut src = source(&d);
+    // Running and writing for a while (two reports: a second of writes at least).
+    let before = wait_for(&d.join("src.out"), "pages written", 2);
+    while !incoming.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let reply = vmm_control(
+        &d.join("ctl.sock"),
+        &serde_json::json!({"op": "migrate", "to": incoming, "downtime_ms": 50}),
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
+    let m = &reply["migration"];
+    assert!(m["rounds"].as_u64().unwrap() >= 1, "{m}");
+    // At least the pages the guest's region and its program hold, all in one stream.
+    assert!(m["pages_sent"].as_u64().unwrap() >= 2048, "{m}");
+    assert!(m["bytes_sent"].as_u64().unwrap() >= m["pages_sent"].as_u64().unwrap() * 4096);
+    // The sender ends: the VM is the receiver's.
+    assert_eq!(
+        wait_exit(&mut src),
+        0,
+        "source: {}",
+        read(&d.join("src.err"))
+    );
+    let src_text = read(&d.join("src.out"));
+    assert!(src_text.len() >= before.len());
+    let at_move = last_count(&src_text);
+
+    // The guest goes on in the new process: its counts carry on from where they were (no
+    // boot), with every page's last write there (it checks each before writing it again).
+    let after = wait_for(&d.join("dest.out"), "pages written", 2);
+    assert!(
+        !after.contains("test: dirty"),
+        "the guest booted again:\n{after}"
+    );
+    let first_here = after
+        .lines()
+        .find_map(|l| {
+            l.split("dirty: ")
+                .nth(1)?
+                .split(" pages written")
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap();
+    assert!(first_here > at_move, "{first_here} pages after {at_move}");
+    dest.stdin.as_mut().unwrap().write_all(b"q").unwrap();
+    assert_eq!(wait_exit(&mut dest), 0, "{}", read(&d.join("dest.err")));
+    let text = read(&d.join("dest.out"));
+    assert!(text.contains("PASS dirty"), "{text}");
+    assert!(!text.contains(" holds "), "a write was lost:\n{text}");
+    let err = read(&d.join("dest.err"));
+    assert!(err.contains("running again after a handover"), "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_migration_that_fails_leaves_the_guest_running_where_it_was() {
+    let d = dir("migrate-fail");
+    let mut src = source(&d);
+    wait_for(&d.join("src.out"), "pages written", 1);
+    let ctl = d.join("ctl.sock");
+
+    // Nobody listens there.
+    let reply = vmm_control(
+        &ctl,
+        &serde_json::json!({"op": "migrate", "to": d.join("nobody.sock")}),
+    );
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("cannot reach"),
+        "{reply}"
+    );
+
+    // A receiver that takes part of the stream and goes away; then one that takes it all
+    // and refuses the VM.
+    for refuse in [false, true] {
+        let sock = d.join(format!("rx-{refuse}.sock"));
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            if refuse {
+                let tmp =
+                    std::env::temp_dir().join(format!("bexar-mig-refuse-{}", std::process::id()));
+                let got = bexar_vmm::migration::receive(&mut s, &tmp);
+                assert!(got.is_ok(), "the stream is sound: {:?}", got.err());
+                bexar_vmm::migration::answer(&mut s, Err("no room here".into())).unwrap();
+                let _ = std::fs::remove_dir_all(&tmp);
+            } else {
+                let mut head = [0u8; 4096];
+                s.read_exact(&mut head).unwrap();
+            }
+        });
+        let n = std::fs::read_to_string(d.join("src.out"))
+            .unwrap()
+            .matches("pages written")
+            .count();
+        let reply = vmm_control(&ctl, &serde_json::json!({"op": "migrate", "to": sock}));
+        peer.join().unwrap();
+        assert_eq!(reply["ok"], false, "{reply}");
+        if refuse {
+            assert!(
+                reply["error"].as_str().unwrap().contains("no room here"),
+                "{reply}"
+            );
+        }
+        // The guest runs on here, its writes all where they were.
+        wait_for(&d.join("src.out"), "pages written", n + 2);
+        let info = vmm_control(&ctl, &serde_json::json!({"op": "info"}));
+        assert_eq!(info["info"]["state"], "running", "{info}");
+    }
+    let text = read(&d.join("src.out"));
+    assert!(!text.contains(" holds "), "a write was lost:\n{text}");
+    vmm_control(&ctl, &serde_json::json!({"op": "stop"}));
+    wait_exit(&mut src);
+    let _ = std::fs::remove_dir_all(&d);
+}
