@@ -16,31 +16,12 @@
 mod common;
 use common::{bexar, env_count, percentile, testguest};
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const MEMORY_MIB: u64 = 128;
 const DIRTY_MIB: u64 = 64;
-
-fn control(socket: &Path, req: serde_json::Value) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut s = loop {
-        match UnixStream::connect(socket) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-            Err(e) => panic!("connect {}: {e}", socket.display()),
-        }
-    };
-    let mut line = serde_json::to_vec(&req).unwrap();
-    line.push(b'\n');
-    s.write_all(&line).unwrap();
-    let mut reply = String::new();
-    BufReader::new(&s).read_line(&mut reply).unwrap();
-    serde_json::from_str(&reply).unwrap()
-}
 
 fn wait_for(file: &Path, pattern: &str) {
     let t = Instant::now();
@@ -74,45 +55,34 @@ fn migrate_once(dir: &Path, rate: u64, precopy: bool) -> Run {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
     let (incoming, ctl) = (dir.join("in.sock"), dir.join("ctl.sock"));
-    let out = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
-    let dest = Command::new(bexar())
-        .args([
-            "run",
-            "--no-jail",
-            "--no-stdin",
-            "--timeout",
-            "120",
-            "--incoming",
-        ])
-        .arg(&incoming)
-        .stdin(Stdio::null())
-        .stdout(out("dest.out"))
-        .stderr(out("dest.err"))
-        .spawn()
-        .unwrap();
-    let src = Command::new(bexar())
-        .args([
-            "run",
-            "--no-jail",
-            "--no-stdin",
-            "--timeout",
-            "120",
+    let run = |name: &str, args: &[&str]| {
+        let out = |ext: &str| std::fs::File::create(dir.join(format!("{name}.{ext}"))).unwrap();
+        Command::new(bexar())
+            .args(["run", "--no-jail", "--no-stdin", "--timeout", "120"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out("out"))
+            .stderr(out("err"))
+            .spawn()
+            .unwrap()
+    };
+    let dest = run("dest", &["--incoming", incoming.to_str().unwrap()]);
+    let cmdline = format!(
+        "console=ttyS0 bexar.test=dirty bexar.dirty-mib={DIRTY_MIB} bexar.dirty-rate={rate}"
+    );
+    let src = run(
+        "src",
+        &[
             "--kernel",
-        ])
-        .arg(testguest())
-        .args(["--memory", &MEMORY_MIB.to_string(), "--control"])
-        .arg(&ctl)
-        .args([
+            testguest().to_str().unwrap(),
+            "--memory",
+            &MEMORY_MIB.to_string(),
+            "--control",
+            ctl.to_str().unwrap(),
             "--cmdline",
-            &format!(
-                "console=ttyS0 bexar.test=dirty bexar.dirty-mib={DIRTY_MIB} bexar.dirty-rate={rate}"
-            ),
-        ])
-        .stdin(Stdio::null())
-        .stdout(out("src.out"))
-        .stderr(out("src.err"))
-        .spawn()
-        .unwrap();
+            &cmdline,
+        ],
+    );
     // A second of writes: every page of its region touched at least once at 10,000/s and up.
     wait_for(&dir.join("src.out"), "pages written");
     while !incoming.exists() {
@@ -122,7 +92,7 @@ fn migrate_once(dir: &Path, rate: u64, precopy: bool) -> Run {
     if !precopy {
         req["max_rounds"] = 0.into();
     }
-    let reply = control(&ctl, req);
+    let reply = common::vmm_control(&ctl, &req);
     assert_eq!(reply["ok"], true, "{reply}");
     let m = &reply["migration"];
     // The receiver's measure of the pause (the same clock as the sender's pause time).

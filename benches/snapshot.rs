@@ -19,7 +19,7 @@
 mod common;
 use common::percentile;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,20 +30,7 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn control(socket: &Path, req: serde_json::Value) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut s = loop {
-        match UnixStream::connect(socket) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-            Err(e) => panic!("connect {}: {e}", socket.display()),
-        }
-    };
-    let mut line = serde_json::to_vec(&req).unwrap();
-    line.push(b'\n');
-    s.write_all(&line).unwrap();
-    let mut reply = String::new();
-    BufReader::new(&s).read_line(&mut reply).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    let v = common::vmm_control(socket, &req);
     assert_eq!(v["ok"], true, "{v}");
     v
 }

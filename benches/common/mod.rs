@@ -24,6 +24,26 @@ pub fn testguest() -> PathBuf {
     guest
 }
 
+/// Sends one request on a VMM's control socket (waiting up to 10 s for it to appear) and
+/// returns the reply.
+pub fn vmm_control(socket: &Path, req: &serde_json::Value) -> serde_json::Value {
+    use std::io::{BufRead, BufReader, Write};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) => panic!("connect {}: {e}", socket.display()),
+        }
+    };
+    let mut line = serde_json::to_vec(req).unwrap();
+    line.push(b'\n');
+    s.write_all(&line).unwrap();
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap()
+}
+
 /// A count from the environment variable `name`, or `default`.
 pub fn env_count(name: &str, default: usize) -> usize {
     std::env::var(name)
