@@ -116,7 +116,7 @@ fn migrate_once(dir: &Path, rate: u64, precopy: bool) -> Run {
 
 fn median(runs: &[Run], f: impl Fn(&Run) -> f64) -> f64 {
     let mut v: Vec<f64> = runs.iter().map(f).collect();
-    percentile(&mut v, 50.0)
+    percentile(&mut v, 0.5)
 }
 
 fn main() {
