@@ -7,7 +7,7 @@ use super::{RunArgs, RunStatus, VmArgs};
 use bexar_vmm::config::{ConfigError, ConsoleConfig, ControlConfig, DEFAULT_CMDLINE};
 use bexar_vmm::cpuid::CpuTemplate;
 use bexar_vmm::{
-    build_for_boot, build_from_handoff, build_from_snapshot, ExitReason, RestoreConfig, VmConfig,
+    build_for_boot, build_from_migration, build_from_snapshot, ExitReason, RestoreConfig, VmConfig,
     VmOutcome, Vmm, VmmError,
 };
 
@@ -130,18 +130,15 @@ fn receive_migration(socket: &std::path::Path, restore: &RestoreConfig) -> Resul
     let (mut stream, _) = listener.accept().map_err(control_err)?;
     drop(listener);
     let _ = std::fs::remove_file(socket);
-    let dir = std::env::temp_dir().join(format!("bexar-incoming-{}", std::process::id()));
-    let got = receive(&mut stream, &dir);
-    let built = got.map_err(VmmError::from).and_then(|rx| {
+    let built = receive(&mut stream).map_err(VmmError::from).and_then(|rx| {
         tracing::info!(
             "received {} pages of a {} MiB guest in {:.1} ms",
             rx.pages,
             rx.memory_mib,
             rx.elapsed.as_secs_f64() * 1e3
         );
-        build_from_handoff(&dir, restore, rx.memory, rx.paused_at_ns)
+        build_from_migration(rx, restore)
     });
-    let _ = std::fs::remove_dir_all(&dir);
     let said = answer(
         &mut stream,
         built.as_ref().map(|_| ()).map_err(|e| e.to_string()),

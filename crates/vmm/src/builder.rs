@@ -178,7 +178,11 @@ fn rebind(saved: &mut snapshot::SnapshotState, backends: &Backends) -> Result<()
 /// are loaded. The VM is returned paused; [`Vmm::run_until_exit`] resumes it where it was.
 /// Nothing is half-restored: an error leaves no VM (and the snapshot files unchanged).
 pub fn build_from_snapshot(dir: &Path, restore: &RestoreConfig) -> Result<Vmm, VmmError> {
-    restore_from(dir, restore, None)
+    restore_from(
+        snapshot::read_state(dir)?,
+        restore,
+        Memory::File(snapshot::memory_path(dir)),
+    )
 }
 
 /// Builds the VM another VMM handed over (live upgrade): its state from `dir`, its memory the
@@ -190,18 +194,37 @@ pub fn build_from_handoff(
     memory: std::fs::File,
     paused_at_ns: u64,
 ) -> Result<Vmm, VmmError> {
-    let mut vmm = restore_from(dir, restore, Some(memory))?;
+    let mut vmm = restore_from(snapshot::read_state(dir)?, restore, Memory::Memfd(memory))?;
     vmm.handed_over = Some((paused_at_ns, None));
     Ok(vmm)
 }
 
-fn restore_from(
-    dir: &Path,
+/// Builds the VM a live migration brought ([`crate::migration::receive`]): its state, its
+/// memory in a memfd the stream filled, paused by the sender at `paused_at_ns` (its
+/// `CLOCK_MONOTONIC`: the pause measured is the guest's only on one host). Returned paused.
+pub fn build_from_migration(
+    received: crate::migration::Received,
     restore: &RestoreConfig,
-    memory: Option<std::fs::File>,
+) -> Result<Vmm, VmmError> {
+    let mut vmm = restore_from(received.state, restore, Memory::Memfd(received.memory))?;
+    vmm.handed_over = Some((received.paused_at_ns, None));
+    Ok(vmm)
+}
+
+/// Where a restored VM's memory comes from.
+enum Memory {
+    /// A snapshot's memory file, mapped privately (read as the guest touches it).
+    File(std::path::PathBuf),
+    /// Another VMM's memfd, or one a migration filled, mapped shared.
+    Memfd(std::fs::File),
+}
+
+fn restore_from(
+    mut saved: snapshot::SnapshotState,
+    restore: &RestoreConfig,
+    memory: Memory,
 ) -> Result<Vmm, VmmError> {
     let start = Instant::now();
-    let mut saved = snapshot::read_state(dir)?;
     rebind(
         &mut saved,
         restore.backends.as_ref().unwrap_or(&Backends::default()),
@@ -226,11 +249,10 @@ fn restore_from(
             saved.memory.size, config.memory_mib
         )));
     }
-    let restored_from_file = memory.is_none();
+    let restored_from_file = matches!(memory, Memory::File(_));
     let ram = match memory {
-        Some(memfd) => memory::map_ram_memfd(memfd, config.memory_mib)?,
-        None => {
-            let path = snapshot::memory_path(dir);
+        Memory::Memfd(memfd) => memory::map_ram_memfd(memfd, config.memory_mib)?,
+        Memory::File(path) => {
             let file = std::fs::File::open(&path).map_err(|err| SnapshotError::Io { path, err })?;
             memory::map_ram_file(file, config.memory_mib)?
         }
@@ -254,11 +276,7 @@ fn restore_from(
     vmm.restore_vm_state(&saved.vm)?;
     vmm.restore_vcpus(saved.vcpus)?;
     vmm.devices.notify_restored();
-    tracing::debug!(
-        "restored from {} in {:.3} ms",
-        dir.display(),
-        start.elapsed().as_secs_f64() * 1e3
-    );
+    tracing::debug!("restored in {:.3} ms", start.elapsed().as_secs_f64() * 1e3);
     Ok(vmm)
 }
 

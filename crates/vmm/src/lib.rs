@@ -42,7 +42,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use builder::{build_for_boot, build_from_handoff, build_from_snapshot, RestoreConfig};
+pub use builder::{
+    build_for_boot, build_from_handoff, build_from_migration, build_from_snapshot, RestoreConfig,
+};
 pub use config::{VmConfig, DEFAULT_CMDLINE};
 pub use vmm::{Vmm, VmmState};
 

@@ -190,6 +190,8 @@ pub(crate) fn read_answer(r: &mut impl Read) -> Result<(), MigrationError> {
 pub struct Received {
     /// Guest memory: a new memfd holding every page sent.
     pub memory: File,
+    /// The VM's state.
+    pub state: crate::snapshot::SnapshotState,
     /// The guest's memory size, MiB.
     pub memory_mib: u64,
     /// When the sender paused the guest (its `CLOCK_MONOTONIC`, ns).
@@ -201,9 +203,9 @@ pub struct Received {
 }
 
 /// Receives a migration stream from `input` (see the module's description): guest memory into a
-/// new memfd, the VM's state into `dir`'s state file. Returns once `DONE` arrived; the caller
-/// builds the VM and then answers with [`answer`].
-pub fn receive(input: &mut impl Read, dir: &Path) -> Result<Received, MigrationError> {
+/// new memfd, and the VM's state. Returns once `DONE` arrived; the caller builds the VM
+/// ([`crate::build_from_migration`]) and then answers with [`answer`].
+pub fn receive(input: &mut impl Read) -> Result<Received, MigrationError> {
     let t0 = Instant::now();
     let mut head = [0u8; 16];
     input.read_exact(&mut head)?;
@@ -218,7 +220,7 @@ pub fn receive(input: &mut impl Read, dir: &Path) -> Result<Received, MigrationE
     let total_pages = size / PAGE;
     let mut buf = vec![0u8; (MAX_RUN * PAGE) as usize];
     let mut pages = 0u64;
-    let mut state = false;
+    let mut state = None;
     loop {
         let mut tag = [0u8; 1];
         input.read_exact(&mut tag)?;
@@ -247,22 +249,20 @@ pub fn receive(input: &mut impl Read, dir: &Path) -> Result<Received, MigrationE
                 }
                 let mut data = vec![0u8; len as usize];
                 input.read_exact(&mut data)?;
-                let path = crate::snapshot::state_path(dir);
-                // Checked now (header, length, CRC), so a bad state is the stream's fault.
-                crate::snapshot::decode(&path, &data).map_err(|e| bad(e.to_string()))?;
-                std::fs::create_dir_all(dir)?;
-                bexar_util::fs::write_atomic(&path, &data)
-                    .map_err(|e| MigrationError::Io(std::io::Error::other(e.to_string())))?;
-                state = true;
+                // Checked (header, length, CRC) and parsed: a bad state is the stream's fault.
+                let decoded = crate::snapshot::decode(Path::new("the migration stream"), &data)
+                    .map_err(|e| bad(e.to_string()))?;
+                state = Some(decoded);
             }
             DONE => {
                 let mut h = [0u8; 8];
                 input.read_exact(&mut h)?;
-                if !state {
+                let Some(state) = state else {
                     return Err(bad("DONE before the state"));
-                }
+                };
                 return Ok(Received {
                     memory,
+                    state,
                     memory_mib: size >> 20,
                     paused_at_ns: u64::from_le_bytes(h),
                     pages,
@@ -312,18 +312,15 @@ mod tests {
         let mut stream = bytes.clone();
         stream.push(DONE);
         stream.extend_from_slice(&0u64.to_le_bytes());
-        let dir = std::env::temp_dir().join(format!("bexar-mig-unit-{}", std::process::id()));
-        let e = receive(&mut stream.as_slice(), &dir).err().unwrap();
+        let e = receive(&mut stream.as_slice()).err().unwrap();
         assert!(e.to_string().contains("DONE before the state"), "{e}");
         // The pages themselves, on a stream cut after them: they arrived where they were.
-        let e = receive(&mut bytes.as_slice(), &dir).err().unwrap();
+        let e = receive(&mut bytes.as_slice()).err().unwrap();
         assert!(matches!(e, MigrationError::Io(_)), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_malformed_stream_is_an_error_not_a_panic() {
-        let dir = std::env::temp_dir().join(format!("bexar-mig-bad-{}", std::process::id()));
         let mut good = MAGIC.to_vec();
         good.extend_from_slice(&(4u64 << 20).to_le_bytes());
         let cases: Vec<(Vec<u8>, &str)> = vec![
@@ -378,9 +375,8 @@ mod tests {
             ),
         ];
         for (stream, want) in cases {
-            let e = receive(&mut stream.as_slice(), &dir).err().unwrap();
+            let e = receive(&mut stream.as_slice()).err().unwrap();
             assert!(e.to_string().contains(want), "{want}: {e}");
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
