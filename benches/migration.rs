@@ -4,7 +4,11 @@
 //!
 //! * the blackout: the pause the guest saw, measured by the receiving VMM from the sender's
 //!   pause to its own resume (both on this host's monotonic clock), p50 over the runs, and its
-//!   ratio to stop-and-copy's;
+//!   ratio to stop-and-copy's; and the longest gap the guest's own TSC loop saw with pre-copy.
+//!   That one does not hold the blackout: the receiver loads the guest's TSC as it was saved,
+//!   so guest time does not advance across the pause (as after a snapshot's restore); it shows
+//!   the stalls the guest did see, and will show the blackout once the TSC and kvmclock are
+//!   carried forward by the time the migration took;
 //! * the whole migration's time;
 //! * bytes sent against the guest's memory touched (what stop-and-copy sends, every touched
 //!   page once): the pre-copy's price.
@@ -39,6 +43,7 @@ fn wait_for(file: &Path, pattern: &str) {
 }
 
 struct Run {
+    guest_gap_ms: f64,
     paused_ms: f64,
     total_ms: f64,
     bytes: f64,
@@ -104,9 +109,27 @@ fn migrate_once(dir: &Path, rate: u64, precopy: bool) -> Run {
         .and_then(|s| s.split(" ms").next())
         .and_then(|s| s.trim().parse().ok())
         .expect("the receiver's pause");
+    // The guest's own measure: the longest gap in its TSC loop since it started, from its
+    // first whole report here.
+    wait_for(&dir.join("dest.out"), "us (last second");
+    let out = std::fs::read_to_string(dir.join("dest.out")).unwrap();
+    let guest_gap_ms = out
+        .lines()
+        .filter_map(|l| {
+            l.split("longest gap ")
+                .nth(1)?
+                .split(" us")
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .next()
+        .expect("the guest's report")
+        / 1e3;
     kill(dest);
     kill(src);
     Run {
+        guest_gap_ms,
         paused_ms,
         total_ms: m["total_ms"].as_f64().unwrap(),
         bytes: m["bytes_sent"].as_f64().unwrap(),
@@ -127,11 +150,12 @@ fn main() {
          region, {iters} runs per case (p50)"
     );
     println!(
-        "{:>14} {:>12} {:>12} {:>8} {:>10} {:>10} {:>12} {:>10}",
+        "{:>14} {:>12} {:>12} {:>8} {:>14} {:>10} {:>10} {:>12} {:>7}",
         "dirty pages/s",
         "pause pre",
         "pause stop",
         "ratio",
+        "guest TSC gap",
         "total pre",
         "total stop",
         "bytes/touch",
@@ -149,15 +173,12 @@ fn main() {
         // Stop-and-copy sends every touched page once: the guest's memory touched.
         let touched = median(&stop, |r| r.bytes);
         println!(
-            "{:>14} {:>9.2} ms {:>9.2} ms {:>8.3} {:>7.1} ms {:>7.1} ms {:>12.3} {:>10.1}",
-            if rate == 0 {
-                "flat out".to_owned()
-            } else {
-                rate.to_string()
-            },
+            "{:>14} {:>9.2} ms {:>9.2} ms {:>8.3} {:>11.2} ms {:>7.1} ms {:>7.1} ms {:>12.3} {:>7.1}",
+            if rate == 0 { "flat out".to_owned() } else { rate.to_string() },
             pp,
             sp,
             pp / sp,
+            median(&pre, |r| r.guest_gap_ms),
             median(&pre, |r| r.total_ms),
             median(&stop, |r| r.total_ms),
             median(&pre, |r| r.bytes) / touched,
