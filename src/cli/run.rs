@@ -120,16 +120,50 @@ enum Source<'a> {
 
 /// Receives a VM migrated to `socket` and builds it: the sender's guest is ours once this
 /// answers it, which happens only after the VM is restored here.
-fn receive_migration(socket: &std::path::Path, restore: &RestoreConfig) -> Result<Vmm, VmmError> {
+fn receive_migration(
+    socket: &std::path::Path,
+    restore: &RestoreConfig,
+    timeout: Option<Duration>,
+) -> Result<Vmm, VmmError> {
     use bexar_vmm::migration::{answer, receive};
     let control_err = |err: std::io::Error| VmmError::Control {
         path: socket.to_owned(),
         err,
     };
-    let listener = std::os::unix::net::UnixListener::bind(socket).map_err(control_err)?;
-    let (mut stream, _) = listener.accept().map_err(control_err)?;
+    // Only this user's processes may connect (the stream names the disk files this VMM will
+    // open), and only a connection from this user or root is taken.
+    let listener = bexar_util::unix::bind_owner_only(socket).map_err(control_err)?;
+    listener.set_nonblocking(true).map_err(control_err)?;
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    let mut stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                let me = nix::unistd::geteuid().as_raw();
+                match nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials) {
+                    Ok(c) if c.uid() == me || c.uid() == 0 => break s,
+                    Ok(c) => tracing::warn!("migration from uid {} refused", c.uid()),
+                    Err(e) => tracing::warn!("migration peer unknown ({e}): refused"),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    let _ = std::fs::remove_file(socket);
+                    return Err(control_err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no migration arrived before the timeout",
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(control_err(e)),
+        }
+    };
     drop(listener);
     let _ = std::fs::remove_file(socket);
+    stream.set_nonblocking(false).map_err(control_err)?;
+    stream
+        .set_read_timeout(Some(bexar_vmm::migration::IO_TIMEOUT))
+        .map_err(control_err)?;
     let built = receive(&mut stream).map_err(VmmError::from).and_then(|rx| {
         tracing::info!(
             "received {} pages of a {} MiB guest in {:.1} ms",
@@ -158,7 +192,7 @@ fn run(
     let vmm: Vmm = match source {
         Source::Boot(config) => build_for_boot(config)?,
         Source::Restore(dir, restore) => build_from_snapshot(dir, &restore)?,
-        Source::Incoming(socket, restore) => receive_migration(socket, &restore)?,
+        Source::Incoming(socket, restore) => receive_migration(socket, &restore, timeout)?,
     };
     let matched = expect.map(|pattern| {
         let (watch, matched) = PatternWatch::new(pattern, vmm.exit_handle(), vmm.start_time());

@@ -9,7 +9,8 @@ use std::net::Ipv4Addr;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::segment::{
-    link_local, overlay_link, segment_links, segment_mac, NicState, SegmentMode, SegmentSpec,
+    link_local, overlay_link, segment_links, segment_mac, stable_hash, NicState, SegmentMode,
+    SegmentSpec,
 };
 use bexar_hostnet::netlink::Link;
 use bexar_hostnet::nft::{NicRule, Ruleset, SegmentRule, MARK_BASE};
@@ -197,17 +198,25 @@ pub fn plan(
                 .filter(|_| s.overlay.is_some())
                 .map(|o| OverlayPlan {
                     name: overlay_link(&s.id),
+                    // A hash of the underlay settings, not the settings: an alias has at most
+                    // 255 bytes, and a list of peers can be longer.
                     alias: format!(
-                        "{ALIAS_PREFIX}overlay {} vni {} from {}:{} to {}",
+                        "{ALIAS_PREFIX}overlay {} vni {} underlay {:016x}",
                         s.id,
                         s.vlan,
-                        o.local,
-                        o.port,
-                        o.peers
-                            .iter()
-                            .map(|p| p.to_string())
-                            .collect::<Vec<_>>()
-                            .join(",")
+                        stable_hash(
+                            format!(
+                                "{}:{} {}",
+                                o.local,
+                                o.port,
+                                o.peers
+                                    .iter()
+                                    .map(|p| p.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            )
+                            .as_bytes()
+                        )
                     ),
                     vni: u32::from(s.vlan),
                     config: o.clone(),
@@ -593,7 +602,18 @@ mod tests {
         let o = web.overlay.as_ref().unwrap();
         assert_eq!(o.vni, 10);
         assert!(o.name.starts_with("bxo"), "{}", o.name);
-        assert!(o.alias.contains("10.99.0.2,10.99.0.3"), "{}", o.alias);
+        assert!(
+            o.alias.starts_with("bexar:overlay web vni 10 underlay "),
+            "{}",
+            o.alias
+        );
+        assert!(o.alias.len() < 256);
+        // Another peer list is another alias.
+        let mut more = config.clone();
+        more.peers.push("10.99.0.4".parse().unwrap());
+        let p2 = plan(&segs, &[], None, Some(&more));
+        let o2 = p2.bridges.iter().find_map(|b| b.overlay.as_ref()).unwrap();
+        assert_ne!(o2.alias, o.alias);
         assert!(p
             .bridges
             .iter()
@@ -624,7 +644,7 @@ mod tests {
         have.push(link(
             7,
             &o.name,
-            Some("bexar:overlay web vni 10 from 10.99.0.1:4789 to 10.99.0.2"),
+            Some("bexar:overlay web vni 10 underlay 0123456789abcdef"),
         ));
         assert_eq!(
             link_ops(&p, &have),

@@ -202,14 +202,26 @@ impl Agent {
         // restores them. An agent that dies between the two leaves a VM that boots afresh at
         // its next start (its disks were flushed when the VMM ended), never one that restores
         // files it does not have.
-        let suspend = req.then == AfterSnapshot::Suspend
-            && match link_restore(&dir, &vm_dir) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::error!(vm = %id, "suspend: cannot link the snapshot to restore: {e}");
-                    false
-                }
-            };
+        let suspend = req.then == AfterSnapshot::Suspend;
+        if suspend {
+            if let Err(e) = link_restore(&dir, &vm_dir) {
+                // The VMM has ended: the VM is stopped, its state in the snapshot only. Said so,
+                // rather than a suspend that would boot afresh at the next start.
+                let _ = self.update(&entry, |r| r.operation = None);
+                tracing::error!(vm = %id, "suspend: cannot take the snapshot in to restore: {e}");
+                return Err(AgentError::Vmm {
+                    id: id.to_owned(),
+                    err: vp::VmmProcessError::Refused {
+                        op: "suspend".into(),
+                        err: format!(
+                            "the VM stopped and its state is in snapshot {}, but it cannot be \
+                             linked for its next start ({e}): create a VM from the snapshot",
+                            req.name
+                        ),
+                    },
+                });
+            }
+        }
         let rec = self.update(&entry, |r| {
             r.operation = None;
             if suspend {
@@ -427,8 +439,12 @@ pub(super) fn link_restore(from: &Path, vm_dir: &Path) -> std::io::Result<()> {
         let (a, b) = (from.join(name), to.join(name));
         if std::fs::hard_link(&a, &b).is_err() {
             std::fs::copy(&a, &b)?;
+            std::fs::File::open(&b)?.sync_all()?;
         }
     }
-    bexar_util::fs::sync_dir(&to).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let sync =
+        |d: &Path| bexar_util::fs::sync_dir(d).map_err(|e| std::io::Error::other(e.to_string()));
+    sync(&to)?;
+    sync(vm_dir)?;
     Ok(())
 }

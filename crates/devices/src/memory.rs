@@ -2,9 +2,9 @@
 //!
 //! Writes through vm-memory (`write_slice`, virtio-queue's `Writer`, ...) mark the pages they
 //! touch in the bitmap when a region has one; writes that bypass it (io_uring reading a disk
-//! straight into guest pages) call [`mark_dirty`] when they complete. Regions are made without
-//! a bitmap (`None`) until dirty tracking is wanted (live migration): then it is a matter of
-//! making them with one, not of changing every signature.
+//! straight into guest pages) call [`mark_dirty`] when they complete. The VMM makes every region
+//! with one (the dirty-page log of a live migration reads and clears them); regions without one
+//! (`None`, the device tests' memory) cost nothing.
 
 use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};

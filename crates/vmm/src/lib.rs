@@ -316,7 +316,8 @@ pub struct VmOutcome {
     /// or a restore took to reach the guest's first instruction.
     #[serde(default)]
     pub running_ms: Option<f64>,
-    /// The VM was handed to a new VMM process (a live upgrade): it goes on there.
+    /// The VM was handed to a new VMM process (a live upgrade or a live migration): it goes on
+    /// there.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub handed_off: bool,
     /// Time from VMM start to the first console byte.

@@ -1,7 +1,7 @@
 //! Live migration between two VMM processes: the pre-copy of guest memory while the guest runs,
 //! then the switch-over (the last dirty pages and the VM's state while it is paused), over one
 //! stream. The sender is [`crate::Vmm::migrate`]; the receiver is [`receive`], whose result a
-//! new VMM builds from as after a live upgrade ([`crate::build_from_handoff`]).
+//! new VMM builds from as after a live upgrade ([`crate::build_from_migration`]).
 //!
 //! The stream, after an 8-byte magic and the memory size, is records:
 //! `PAGES first count` + `count` pages (a run of pages, by their index in the memfd),
@@ -11,9 +11,10 @@
 //! receiver's. Everything read is checked (sizes, ranges, the state's checksum): a malformed
 //! stream is an error, never a panic.
 //!
-//! Not yet: disks (the receiver reopens the sender's disk files, so both must be on one host
-//! or shared), a TCP transport between hosts, throttling of guests that dirty memory faster
-//! than the stream carries it.
+//! Not yet: disks (the receiver reopens the sender's disk files by path, so both must be on one
+//! host; writable qcow2 images are refused), a TCP transport between hosts, throttling of
+//! guests that dirty memory faster than the stream carries it, advancing the guest's clocks by
+//! the pause.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -44,10 +45,20 @@ pub enum MigrationError {
     /// The other end sent something that is not a migration stream, or not a sound one.
     #[error("migration stream: {0}")]
     Protocol(String),
-    /// The receiver could not take the VM.
+    /// The receiver could not take the VM (or this VMM would not send it).
     #[error("the receiving VMM refused the VM: {0}")]
     Refused(String),
+    /// Everything was sent and no answer came: the receiver may hold the VM. The guest stays
+    /// paused here.
+    #[error("no answer from the receiving VMM after the whole VM was sent: the migration is in doubt and the guest stays paused here")]
+    InDoubt,
 }
+
+/// How long one write to the stream may block before the migration fails (the guest goes on
+/// where it was).
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the sender waits for the receiver's answer once everything is sent.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn bad(why: impl Into<String>) -> MigrationError {
     MigrationError::Protocol(why.into())

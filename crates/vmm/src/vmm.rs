@@ -444,10 +444,27 @@ impl Vmm {
         stream: std::os::unix::net::UnixStream,
         convergence: crate::migration::Convergence,
     ) -> Result<crate::migration::MigrationReport, VmmError> {
-        use crate::migration::{read_answer, MigrationReport, Sender};
+        use crate::migration::{read_answer, MigrationError, MigrationReport, Sender};
         if self.state == VmmState::Created {
             return Err(VmmError::State("not started"));
         }
+        if let Some(disk) = self.writable_qcow2() {
+            // The receiver reopens the disk files; a qcow2 image's metadata cached here (and
+            // written back when this VMM closes it) would be stale there and clobber it later.
+            return Err(MigrationError::Refused(format!(
+                "{} is a writable qcow2 disk: live migration does not move or hand over qcow2 \
+                 images yet",
+                disk.display()
+            ))
+            .into());
+        }
+        // A receiver that stops reading must not hold the guest (or this VMM) forever: before
+        // the state is sent, a stalled stream is a failed migration and the guest goes on here.
+        let io_timeout = Some(crate::migration::IO_TIMEOUT);
+        stream
+            .set_write_timeout(io_timeout)
+            .and_then(|()| stream.set_read_timeout(Some(crate::migration::ANSWER_TIMEOUT)))
+            .map_err(MigrationError::Io)?;
         let t0 = Instant::now();
         let was_running = self.state == VmmState::Running;
         let mut report = MigrationReport::default();
@@ -511,7 +528,10 @@ impl Vmm {
         // The switch-over: the guest stops here, and goes on here unless the receiver answers.
         let paused_at_ns = crate::control::monotonic_ns();
         let paused = Instant::now();
-        self.pause()?;
+        if let Err(e) = self.pause() {
+            let _ = self.stop_dirty_log();
+            return Err(e);
+        }
         let ram = &self.ram;
         let read = |p: u64, b: &mut [u8]| crate::memory::read_page(ram, p, b);
         let sent = (|| {
@@ -529,11 +549,33 @@ impl Vmm {
             report.pages_sent = tx.pages;
             report.bytes_sent = tx.bytes;
             drop(tx.into_inner());
-            read_answer(&mut &stream)?;
             Ok::<_, VmmError>(())
         })();
+        // Everything is sent: from here only the receiver's answer says who holds the VM.
+        let answered = sent.and_then(|()| match read_answer(&mut &stream) {
+            Err(MigrationError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                // No answer in time, no closed stream: the receiver may be running the guest.
+                // Resuming here could make two; the guest stays paused and frozen until someone
+                // who can ask the receiver decides (stop this VMM, or see the receiver gone).
+                tracing::error!(
+                    "migration in doubt: no answer from the receiver within {:?}; the guest \
+                     stays paused here",
+                    crate::migration::ANSWER_TIMEOUT
+                );
+                Err(VmmError::Migration(MigrationError::InDoubt))
+            }
+            other => other.map_err(VmmError::from),
+        });
         let _ = self.stop_dirty_log();
-        if let Err(e) = sent {
+        if let Err(VmmError::Migration(MigrationError::InDoubt)) = answered {
+            return Err(VmmError::Migration(MigrationError::InDoubt));
+        }
+        if let Err(e) = answered {
             tracing::warn!("migration failed before the receiver took the VM: {e}; going on here");
             self.devices.set_frozen(false);
             if was_running {
@@ -552,8 +594,29 @@ impl Vmm {
             report.paused_ms,
             report.total_ms
         );
+        // Like a handover: the VM goes on in the receiver.
+        self.handed_off = true;
         self.exit.request(ExitReason::Stopped);
         Ok(report)
+    }
+
+    /// The first writable qcow2 disk of this VM, if any (by its format, or its first bytes).
+    fn writable_qcow2(&self) -> Option<std::path::PathBuf> {
+        use bexar_devices::block::DiskFormat;
+        self.config
+            .disks
+            .iter()
+            .filter(|d| !d.read_only && d.nbd.is_none() && d.iscsi.is_none())
+            .find(|d| match d.format {
+                Some(f) => f == DiskFormat::Qcow2,
+                None => {
+                    let mut magic = [0u8; 4];
+                    std::fs::File::open(&d.path)
+                        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut magic, 0))
+                        .is_ok_and(|()| &magic == b"QFI\xfb")
+                }
+            })
+            .map(|d| d.path.clone())
     }
 
     /// Readies the VM for a new VMM process (live upgrade): pauses it, writes its state into

@@ -172,9 +172,6 @@ class Client:
     def get_image(self, image_id):
         return self.json("GET", "/v1/images/%s" % _seg(image_id))
 
-    def register_image(self, image_id, path, fmt=None):
-        return self.json("POST", "/v1/images", body={"id": image_id, "path": path, "format": fmt})
-
     def events(self, since, timeout):
         """Opens the event stream (``follow``) after ``since``; returns the live response.
 

@@ -247,8 +247,9 @@ class BexarDriver(driver.ComputeDriver):
             },
             "MEMORY_MB": {
                 "total": mem["total"],
-                # The agent counts a few MiB per VM for its VMM on top of the flavor's memory
-                # (per_vm); placement cannot, so that much is kept back per vCPU of headroom.
+                # The agent also counts a few MiB per VM for its VMM (per_vm), which placement
+                # cannot express; a VM that placement lets through and the agent then refuses is
+                # rescheduled (over_capacity -> ComputeResourcesUnavailable).
                 "reserved": mem["reserved"],
                 "min_unit": 16,
                 "max_unit": max(16, min(mem["total"], 1048576)),
@@ -331,7 +332,10 @@ class BexarDriver(driver.ComputeDriver):
         if block_device_info and driver.block_device_info_get_mapping(block_device_info):
             raise exception.InvalidInput(
                 reason="Bexar does not attach cinder volumes yet")
-        spec = self._vm_spec(context, instance, image_meta, network_info)
+        try:
+            spec = self._vm_spec(context, instance, image_meta, network_info)
+        except bexar_agent.AgentError as e:
+            raise _build_error(instance, e) from e
         try:
             self._call(self.agent.create_vm, spec, False, instance=instance)
         except bexar_agent.AgentError as e:
@@ -431,8 +435,13 @@ class BexarDriver(driver.ComputeDriver):
         try:
             glance.API().download(context, image_id, dest_path=tmp)
             agent_fmt = {"raw": "raw", "ami": "raw", "qcow2": "qcow2"}.get(fmt)
+            # The agent copies and hashes the whole image inside the request: allow for
+            # 50 MB/s on top of the usual timeout.
+            size_mb = os.path.getsize(tmp) / 1e6
             try:
-                return self._call(self.agent.register_image, agent_image, tmp, agent_fmt)
+                return self._call(self.agent.json, "POST", "/v1/images",
+                                  body={"id": agent_image, "path": tmp, "format": agent_fmt},
+                                  timeout=CONF.bexar.request_timeout + size_mb / 50)
             except bexar_agent.AgentError as e:
                 if e.status == 400:
                     raise exception.ImageUnacceptable(image_id=image_id, reason=e.message)
@@ -558,7 +567,12 @@ class BexarDriver(driver.ComputeDriver):
         except exception.InstanceNotFound:
             LOG.debug("Bexar VM already gone", instance=instance)
             return
-        self._call(self.agent.delete_vm, instance.uuid, instance=instance)
+        try:
+            self._call(self.agent.delete_vm, instance.uuid, instance=instance)
+        except exception.InstanceNotFound:
+            pass  # deleted meanwhile: gone either way
+        except bexar_agent.AgentError as e:
+            raise exception.InstanceTerminationFailure(reason=str(e)) from e
         self._cleanup_segments(vm.get("spec", {}))
 
     def cleanup(self, context, instance, network_info, block_device_info=None,
@@ -635,10 +649,10 @@ class BexarDriver(driver.ComputeDriver):
         self._forget_suspend(instance)
 
     def pause(self, instance):
-        self._action(instance, "pause")
+        self._action(instance, "pause", failure=_failure("pause"))
 
     def unpause(self, instance):
-        self._action(instance, "resume")
+        self._action(instance, "resume", failure=_failure("unpause"))
 
     def suspend(self, context, instance):
         """Saves the guest's state (memory, vCPUs, devices) under the VM and ends its VMM: it
@@ -704,17 +718,14 @@ class BexarDriver(driver.ComputeDriver):
             copy = os.path.join(tmp, "root.copy")
             if was in ("running", "paused"):
                 t0 = time.monotonic()
-                self.suspend(context, instance)
                 try:
+                    self.suspend(context, instance)
                     _copy_disk(disks[0]["path"], copy)
                 finally:
-                    self._action(instance, "start")
-                    if was == "paused":
-                        self._action(instance, "pause")
+                    self._bring_back(instance, was)
                     LOG.info("Snapshot: the guest was stopped for %.0f ms (suspend, copy of "
                              "its overlay, restore)", (time.monotonic() - t0) * 1000,
                              instance=instance)
-                    self._forget_suspend(instance)
             else:
                 _copy_disk(disks[0]["path"], copy)
             out = os.path.join(tmp, "root.qcow2")
@@ -737,6 +748,20 @@ class BexarDriver(driver.ComputeDriver):
             with open(out, "rb") as f:
                 image_api.update(context, image_id, metadata, f, purge_props=False)
         LOG.info("Snapshot image upload complete", instance=instance)
+
+    def _bring_back(self, instance, was):
+        """After a snapshot's suspend: restores the VM if (and only if) it is suspended, as it
+        was (running or paused). Logs what fails rather than hiding the snapshot's own error."""
+        try:
+            vm = self._vm(instance)
+            if vm["state"] == "stopped" and vm.get("restore_pending"):
+                self._action(instance, "start")
+                if was == "paused":
+                    self._action(instance, "pause")
+            self._forget_suspend(instance)
+        except Exception as e:  # noqa: BLE001 - reported, the caller's error wins
+            LOG.error("Snapshot: could not bring the VM back as it was (%s): %s", was, e,
+                      instance=instance)
 
     def resume_state_on_host_boot(self, context, instance, network_info,
                                   block_device_info=None):
@@ -847,6 +872,13 @@ def _power_state(vm):
     if vm["state"] == "stopped" and vm.get("restore_pending"):
         return power_state.SUSPENDED
     return POWER_STATES.get(vm["state"], power_state.NOSTATE)
+
+
+def _failure(verb):
+    """A nova exception class for an agent refusal of `verb` (nova has none of its own)."""
+    def make(reason):
+        return exception.NovaException("%s failed: %s" % (verb, reason))
+    return make
 
 
 def _build_error(instance, e):

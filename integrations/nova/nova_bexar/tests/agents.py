@@ -181,7 +181,7 @@ class FaultyAgent(fixtures.Fixture):
         self.addCleanup(self._stop)
 
     def _serve(self):
-        held = []
+        held = self.held = []
         while not self.stopping:
             try:
                 conn, _ = self.sock.accept()
@@ -208,4 +208,12 @@ class FaultyAgent(fixtures.Fixture):
 
     def _stop(self):
         self.stopping = True
+        for c in getattr(self, "held", []):
+            c.close()
+        # Wakes the accept (closing alone does not), then lets the thread end.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
+        self.thread.join(5)
