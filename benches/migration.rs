@@ -110,22 +110,31 @@ fn migrate_once(dir: &Path, rate: u64, precopy: bool) -> Run {
         .and_then(|s| s.trim().parse().ok())
         .expect("the receiver's pause");
     // The guest's own measure: the longest gap in its TSC loop since it started, from its
-    // first whole report here.
-    wait_for(&dir.join("dest.out"), "us (last second");
-    let out = std::fs::read_to_string(dir.join("dest.out")).unwrap();
-    let guest_gap_ms = out
-        .lines()
-        .filter_map(|l| {
-            l.split("longest gap ")
-                .nth(1)?
-                .split(" us")
-                .next()?
-                .parse::<f64>()
-                .ok()
-        })
-        .next()
-        .expect("the guest's report")
-        / 1e3;
+    // first whole report here (the first line may be the end of one the sender began).
+    let report = |text: &str| {
+        text.lines()
+            .filter_map(|l| {
+                l.split("longest gap ")
+                    .nth(1)?
+                    .split(" us")
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .next()
+    };
+    let t = Instant::now();
+    let guest_gap_ms = loop {
+        let out = std::fs::read_to_string(dir.join("dest.out")).unwrap_or_default();
+        if let Some(us) = report(&out) {
+            break us / 1e3;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no report from the guest:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
     kill(dest);
     kill(src);
     Run {
