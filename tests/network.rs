@@ -176,6 +176,19 @@ impl NsAgent {
 impl Drop for NsAgent {
     fn drop(&mut self) {
         self.kill9();
+        // VMMs outlive their agent by design (and run in network namespaces of their own): a
+        // test that failed before deleting its VMs leaves them, found by their state directory.
+        let dir = self.dir.to_string_lossy().into_owned();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&dir) {
+                if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
+                    // SAFETY: kill(2) on a process id read from /proc; a process that already
+                    // ended makes it fail harmlessly.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
         std::thread::sleep(std::time::Duration::from_millis(100));
         common::remove_agent_cgroups(&self.dir);
         if !std::thread::panicking() {
