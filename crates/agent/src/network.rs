@@ -442,36 +442,14 @@ impl Agent {
                     if let Some(o) = &b.overlay {
                         // The tunnel to the other hosts: a port of the bridge, flooding to every
                         // peer what it has not learned a place for.
-                        let ol = find(&links, &o.name)
-                            .ok_or_else(|| net_err(format!("{} missing", o.name)))?;
-                        let _ =
-                            netlink::sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", o.name), "1");
-                        if ol.alias.as_deref() != Some(o.alias.as_str())
-                            || !ol.up
-                            || ol.controller != Some(bl.index)
-                        {
-                            nl.set_link(ol.index, &o.alias, Some(bl.index), true)
-                                .await
-                                .map_err(net_err)?;
-                        }
+                        let index = ensure_port(&nl, &links, &o.name, &o.alias, bl.index).await?;
                         for peer in &o.config.peers {
-                            nl.add_flood_peer(ol.index, *peer).await.map_err(net_err)?;
+                            nl.add_flood_peer(index, *peer).await.map_err(net_err)?;
                         }
                     }
                     if let Some(u) = &b.uplink {
                         // The uplink carries the segment tagged with its VLAN.
-                        let ul = find(&links, &u.name)
-                            .ok_or_else(|| net_err(format!("{} missing", u.name)))?;
-                        let _ =
-                            netlink::sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", u.name), "1");
-                        if ul.alias.as_deref() != Some(u.alias.as_str())
-                            || !ul.up
-                            || ul.controller != Some(bl.index)
-                        {
-                            nl.set_link(ul.index, &u.alias, Some(bl.index), true)
-                                .await
-                                .map_err(net_err)?;
-                        }
+                        ensure_port(&nl, &links, &u.name, &u.alias, bl.index).await?;
                     }
                 }
 
@@ -801,6 +779,26 @@ async fn ensure_tap(
         .await
         .map_err(net_err)?;
     Ok(tl.index)
+}
+
+/// Makes link `name` (one the agent made: an uplink VLAN or a VXLAN interface) an up port of
+/// bridge `bridge`, tagged `alias`, without IPv6 of its own; returns its index. Sets it only
+/// when it differs (a link set is announced to every listener even when it changes nothing).
+async fn ensure_port(
+    nl: &Netlink,
+    links: &[Link],
+    name: &str,
+    alias: &str,
+    bridge: u32,
+) -> Result<u32, AgentError> {
+    let l = find(links, name).ok_or_else(|| net_err(format!("{name} missing")))?;
+    let _ = netlink::sysctl(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1");
+    if l.alias.as_deref() != Some(alias) || !l.up || l.controller != Some(bridge) {
+        nl.set_link(l.index, alias, Some(bridge), true)
+            .await
+            .map_err(net_err)?;
+    }
+    Ok(l.index)
 }
 
 fn find<'a>(links: &'a [Link], name: &str) -> Option<&'a Link> {

@@ -435,42 +435,31 @@ impl PageSet {
 
     /// The pages in the set, in order.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        self.bits.iter().enumerate().flat_map(|(i, &w)| {
-            (0..64)
-                .filter(move |b| w & (1 << b) != 0)
-                .map(move |b| i as u64 * 64 + b)
-        })
+        set_bits(&self.bits, self.pages)
     }
 
-    /// Adds the pages set in `words` (bit `i` = page `first + i`).
+    /// Adds the pages set in `words` (bit `i` = page `first + i`, for `i < len`).
     fn or_at(&mut self, first: u64, words: &[u64], len: u64) {
-        if first.is_multiple_of(64) {
-            // Regions start on 64-page boundaries (the MMIO gap's edges do): whole words.
-            let at = (first / 64) as usize;
-            let n = (len.div_ceil(64) as usize).min(words.len());
-            for (i, &w) in words[..n].iter().enumerate() {
-                let keep = if (i as u64 + 1) * 64 > len {
-                    (1u64 << (len % 64)) - 1
-                } else {
-                    u64::MAX
-                };
-                self.bits[at + i] |= w & keep;
-            }
-            return;
-        }
-        for (i, &w) in words.iter().enumerate() {
-            for b in 0..64 {
-                let rel = i as u64 * 64 + b;
-                if rel >= len {
-                    return;
-                }
-                if w & (1 << b) != 0 {
-                    let p = first + rel;
-                    self.bits[(p / 64) as usize] |= 1 << (p % 64);
-                }
-            }
+        for rel in set_bits(words, len) {
+            self.insert(first + rel);
         }
     }
+}
+
+/// The indexes below `len` of the bits set in `words`, in order (word by word, set bits only:
+/// a log of a few dirty pages among millions costs a scan of its words).
+fn set_bits(words: &[u64], len: u64) -> impl Iterator<Item = u64> + '_ {
+    words.iter().enumerate().flat_map(move |(i, &w)| {
+        let mut w = w;
+        std::iter::from_fn(move || {
+            (w != 0).then(|| {
+                let b = u64::from(w.trailing_zeros());
+                w &= w - 1;
+                i as u64 * 64 + b
+            })
+        })
+        .take_while(move |&p| p < len)
+    })
 }
 
 /// The pages of guest RAM written since the last call (or since [`set_dirty_logging`] started

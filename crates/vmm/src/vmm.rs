@@ -607,14 +607,10 @@ impl Vmm {
             .disks
             .iter()
             .filter(|d| !d.read_only && d.nbd.is_none() && d.iscsi.is_none())
-            .find(|d| match d.format {
-                Some(f) => f == DiskFormat::Qcow2,
-                None => {
-                    let mut magic = [0u8; 4];
-                    std::fs::File::open(&d.path)
-                        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut magic, 0))
-                        .is_ok_and(|()| &magic == b"QFI\xfb")
-                }
+            .find(|d| {
+                d.format
+                    .or_else(|| bexar_devices::block::qcow2::probe(&d.path).ok())
+                    == Some(DiskFormat::Qcow2)
             })
             .map(|d| d.path.clone())
     }

@@ -429,11 +429,8 @@ class BexarDriver(driver.ComputeDriver):
         return disk
 
     def _register_image(self, context, image_id, agent_image, fmt):
-        os.makedirs(CONF.bexar.image_cache_path, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".download-", dir=CONF.bexar.image_cache_path)
-        os.close(fd)
+        tmp = _download(context, image_id)
         try:
-            glance.API().download(context, image_id, dest_path=tmp)
             agent_fmt = {"raw": "raw", "ami": "raw", "qcow2": "qcow2"}.get(fmt)
             # The agent copies and hashes the whole image inside the request: allow for
             # 50 MB/s on top of the usual timeout.
@@ -455,15 +452,11 @@ class BexarDriver(driver.ComputeDriver):
         """A kernel or initramfs from glance, downloaded once into ``[bexar] image_cache_path``."""
         if not re.match(r"^[A-Za-z0-9._-]+$", image_id or ""):
             raise exception.ImageUnacceptable(image_id=image_id, reason="bad image id")
-        cache = os.path.abspath(CONF.bexar.image_cache_path)
-        path = os.path.join(cache, image_id)
+        path = os.path.join(os.path.abspath(CONF.bexar.image_cache_path), image_id)
         with lockutils.lock("bexar-image-" + image_id):
             if not os.path.exists(path):
-                os.makedirs(cache, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".download-", dir=cache)
-                os.close(fd)
+                tmp = _download(context, image_id)
                 try:
-                    glance.API().download(context, image_id, dest_path=tmp)
                     with open(tmp, "rb") as f:
                         os.fsync(f.fileno())
                     os.rename(tmp, path)
@@ -851,6 +844,21 @@ class BexarDriver(driver.ComputeDriver):
         LOG.info("Bexar VM %s is %s (%s)", vm["id"], state, ev.get("message", ev["kind"]))
         self.emit_event(virtevent.LifecycleEvent(vm["id"], transition))
         return since
+
+
+def _download(context, image_id):
+    """Downloads glance image `image_id` into a new file in ``[bexar] image_cache_path``;
+    returns its path (the caller renames or removes it)."""
+    cache = os.path.abspath(CONF.bexar.image_cache_path)
+    os.makedirs(cache, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".download-", dir=cache)
+    os.close(fd)
+    try:
+        glance.API().download(context, image_id, dest_path=tmp)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
 
 
 def _copy_disk(overlay, dest):
