@@ -214,15 +214,22 @@ fn spawn_with_console_socket(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    for _ in 0..500 {
+    // Generous: on a loaded 2-core host a debug build beside other VMs can take seconds.
+    for _ in 0..3000 {
         if let Ok(c) = std::os::unix::net::UnixStream::connect(&sock) {
             return (child, c);
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let _ = child.kill();
-    let _ = child.wait();
-    panic!("console socket never appeared");
+    let o = child.wait_with_output().unwrap();
+    panic!(
+        "console socket never appeared: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]
@@ -511,46 +518,58 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
         };
         let (mut child, mut conn) =
             spawn_with_console_socket(if jailed { "jail.sock" } else { "nojail.sock" }, extra);
-        wait_idle_ready(&mut conn);
         let pid = child.id();
-        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .flatten()
-        {
-            let s = std::fs::read_to_string(t.path().join("status")).unwrap();
-            let name = common::status_field(&s, "Name:");
-            let uid = common::status_field(&s, "Uid:");
-            if jailed {
-                assert!(uid.split_whitespace().all(|u| u != "0"), "{name}: {uid}");
-                assert_eq!(
-                    common::status_field(&s, "CapEff:"),
-                    "0000000000000000",
-                    "{name}"
-                );
-                assert_eq!(common::status_field(&s, "Seccomp:"), "2", "{name}");
-                assert_eq!(common::status_field(&s, "NoNewPrivs:"), "1", "{name}");
-            } else {
-                assert_eq!(common::status_field(&s, "Seccomp:"), "0", "{name}");
+        // Checked in a closure so that a failure shows what the VMM said.
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_idle_ready(&mut conn);
+            let mut seen = 0;
+            for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .flatten()
+            {
+                // A task that ended since the listing is not one to check.
+                let Ok(s) = std::fs::read_to_string(t.path().join("status")) else {
+                    continue;
+                };
+                seen += 1;
+                let uid = common::status_field(&s, "Uid:");
+                if jailed {
+                    assert!(uid.split_whitespace().all(|u| u != "0"), "{s}");
+                    assert_eq!(
+                        common::status_field(&s, "CapEff:"),
+                        "0000000000000000",
+                        "{s}"
+                    );
+                    assert_eq!(common::status_field(&s, "Seccomp:"), "2", "{s}");
+                    assert_eq!(common::status_field(&s, "NoNewPrivs:"), "1", "{s}");
+                } else {
+                    assert_eq!(common::status_field(&s, "Seccomp:"), "0", "{s}");
+                }
             }
-        }
-        let root = std::fs::metadata(format!("/proc/{pid}/root")).unwrap();
-        let empty = std::fs::metadata("/run/bexar/empty");
-        let host = std::fs::metadata("/").unwrap();
-        if jailed {
-            let empty = empty.unwrap();
-            assert_eq!((root.dev(), root.ino()), (empty.dev(), empty.ino()));
-            assert_eq!(
-                std::fs::read_dir(format!("/proc/{pid}/root"))
-                    .unwrap()
-                    .count(),
-                0
-            );
-            let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
-            assert_eq!(dev.lines().count(), 3, "only lo: {dev}");
-        } else {
-            assert_eq!((root.dev(), root.ino()), (host.dev(), host.ino()));
-        }
+            assert!(seen >= 2, "the VMM and its vCPU thread: {seen} tasks");
+            let root = std::fs::metadata(format!("/proc/{pid}/root")).unwrap();
+            let empty = std::fs::metadata("/run/bexar/empty");
+            let host = std::fs::metadata("/").unwrap();
+            if jailed {
+                let empty = empty.unwrap();
+                assert_eq!((root.dev(), root.ino()), (empty.dev(), empty.ino()));
+                assert_eq!(
+                    std::fs::read_dir(format!("/proc/{pid}/root"))
+                        .unwrap()
+                        .count(),
+                    0
+                );
+                let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
+                assert_eq!(dev.lines().count(), 3, "only lo: {dev}");
+            } else {
+                assert_eq!((root.dev(), root.ino()), (host.dev(), host.ino()));
+            }
+        }));
         let _ = child.kill();
-        let _ = child.wait();
+        let o = child.wait_with_output().unwrap();
+        if let Err(p) = checked {
+            eprintln!("the VMM said: {}", String::from_utf8_lossy(&o.stderr));
+            std::panic::resume_unwind(p);
+        }
     }
 }

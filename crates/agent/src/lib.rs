@@ -416,6 +416,18 @@ impl Agent {
         entry: &VmEntry,
         f: impl FnOnce(&mut VmRecord),
     ) -> Result<VmRecord, AgentError> {
+        self.update_then(entry, f, |_| {})
+    }
+
+    /// [`Self::update`], then `then` with the new record while readers still see the old one:
+    /// events emitted there are in the log before any reader can see the change they report.
+    /// Not called when nothing changed.
+    fn update_then(
+        &self,
+        entry: &VmEntry,
+        f: impl FnOnce(&mut VmRecord),
+        then: impl FnOnce(&VmRecord),
+    ) -> Result<VmRecord, AgentError> {
         let mut rec = lock(&entry.rec);
         let mut next = rec.clone();
         f(&mut next);
@@ -424,6 +436,7 @@ impl Agent {
         }
         next.status.updated_ms = now_ms();
         self.store.save(&next)?;
+        then(&next);
         *rec = next.clone();
         drop(rec);
         self.version.send_modify(|v| *v += 1);
@@ -877,30 +890,36 @@ impl Agent {
                 continue;
             }
             let _op = e.op.lock().await;
-            let r = self.update(&e, |r| {
-                for (i, _, _, now) in &changes {
-                    if let Some(s) = r.disks.get_mut(*i) {
-                        s.link = Some(now.clone());
-                    }
-                }
-            });
-            if let Ok(r) = r {
-                for (i, url, before, now) in changes {
-                    let kind = if now == "up" {
-                        if before.is_none() {
-                            continue; // first look: nothing happened
+            let saved = self.update_then(
+                &e,
+                |r| {
+                    for (i, _, _, now) in &changes {
+                        if let Some(s) = r.disks.get_mut(*i) {
+                            s.link = Some(now.clone());
                         }
-                        events::EventKind::DiskUp
-                    } else {
-                        events::EventKind::DiskDown
-                    };
-                    self.events.emit(
-                        &r.id,
-                        kind,
-                        Some(r.state),
-                        format!("disk {i} ({url}): {now}"),
-                    );
-                }
+                    }
+                },
+                |r| {
+                    for (i, url, before, now) in &changes {
+                        let kind = if now == "up" {
+                            if before.is_none() {
+                                continue; // first look: nothing happened
+                            }
+                            events::EventKind::DiskUp
+                        } else {
+                            events::EventKind::DiskDown
+                        };
+                        self.events.emit(
+                            &r.id,
+                            kind,
+                            Some(r.state),
+                            format!("disk {i} ({url}): {now}"),
+                        );
+                    }
+                },
+            );
+            if let Err(err) = saved {
+                tracing::warn!(vm = %rec.id, "cannot record a remote disk's link: {err}");
             }
         }
     }
