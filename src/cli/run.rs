@@ -125,7 +125,7 @@ fn receive_migration(
     restore: &RestoreConfig,
     timeout: Option<Duration>,
 ) -> Result<Vmm, VmmError> {
-    use bexar_vmm::migration::{answer, receive};
+    use bexar_vmm::migration::{answer, open_disks, receive};
     let control_err = |err: std::io::Error| VmmError::Control {
         path: socket.to_owned(),
         err,
@@ -164,15 +164,24 @@ fn receive_migration(
     stream
         .set_read_timeout(Some(bexar_vmm::migration::IO_TIMEOUT))
         .map_err(control_err)?;
-    let built = receive(&mut stream).map_err(VmmError::from).and_then(|rx| {
-        tracing::info!(
-            "received {} pages of a {} MiB guest in {:.1} ms",
-            rx.pages,
-            rx.memory_mib,
-            rx.elapsed.as_secs_f64() * 1e3
-        );
-        build_from_migration(rx, restore)
-    });
+    let disks = restore
+        .backends
+        .as_ref()
+        .and_then(|b| b.disks.as_deref())
+        .unwrap_or_default();
+    let built = open_disks(disks)
+        .and_then(|files| receive(&mut stream, &files))
+        .map_err(VmmError::from)
+        .and_then(|rx| {
+            tracing::info!(
+                "received {} pages of a {} MiB guest and {} disk bytes in {:.1} ms",
+                rx.pages,
+                rx.memory_mib,
+                rx.disk_bytes,
+                rx.elapsed.as_secs_f64() * 1e3
+            );
+            build_from_migration(rx, restore)
+        });
     let said = answer(
         &mut stream,
         built.as_ref().map(|_| ()).map_err(|e| e.to_string()),

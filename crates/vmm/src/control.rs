@@ -66,6 +66,10 @@ pub enum Request {
         /// paused, a stop-and-copy).
         #[serde(default)]
         max_rounds: Option<u32>,
+        /// Copy the VM's writable local raw disks in the stream too (the receiver writes them
+        /// into its own disk files); without it the receiver reopens these disks' files.
+        #[serde(default)]
+        disks: bool,
     },
     /// Save the VM into a snapshot directory, then resume, pause or stop it.
     Snapshot {

@@ -30,7 +30,9 @@ use bexar_devices::virtio::transport::mmio::{
     MmioInterrupt, MmioState, MmioTransport, QUEUE_NOTIFY,
 };
 use bexar_devices::virtio::vsock::Vsock;
-use bexar_devices::virtio::{Counters, DeviceReport, DeviceSnapshot, PersistError, VirtioDevice};
+use bexar_devices::virtio::{
+    Counters, DeviceReport, DeviceSnapshot, DiskCopy, PersistError, VirtioDevice,
+};
 use bexar_devices::IrqTrigger;
 use bexar_util::sync::lock;
 
@@ -346,6 +348,34 @@ impl DeviceManager {
         let dev = lock(&entry.transport).device().clone();
         let r = lock(&dev).set_rate_limit(path, limit);
         r
+    }
+
+    /// Starts copying every writable local raw disk (see [`VirtioDevice::start_disk_copy`]):
+    /// each with its index among the VM's disks (the order of the configuration's `disks`).
+    /// On an error nothing stays started.
+    pub fn start_disk_copies(&self) -> std::io::Result<Vec<(u32, DiskCopy)>> {
+        let mut copies = Vec::new();
+        for (i, v) in self.virtio.iter().filter(|v| v.kind == "block").enumerate() {
+            let dev = lock(&v.transport).device().clone();
+            let started = lock(&dev).start_disk_copy();
+            match started {
+                None => {}
+                Some(Ok(c)) => copies.push((i as u32, c)),
+                Some(Err(e)) => {
+                    self.stop_disk_copies();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(copies)
+    }
+
+    /// Stops every disk copy (no more write tracking).
+    pub fn stop_disk_copies(&self) {
+        for v in self.virtio.iter().filter(|v| v.kind == "block") {
+            let dev = lock(&v.transport).device().clone();
+            lock(&dev).stop_disk_copy();
+        }
     }
 
     /// Describes the platform to the guest, the way a guest without ACPI learns it: writes the

@@ -5,16 +5,22 @@
 //!
 //! The stream, after an 8-byte magic and the memory size, is records:
 //! `PAGES first count` + `count` pages (a run of pages, by their index in the memfd),
+//! `DISK index offset len` + `len` bytes of the VM's disk `index` (when disks are copied),
 //! `STATE len` + a state file's bytes ([`crate::snapshot::encode`]), `DONE paused_at_ns`.
 //! The receiver answers one byte once it holds the VM (`R`), or `F` and a reason: the answer is
 //! the commit point, before it the sender can resume the guest, after it the guest is the
 //! receiver's. Everything read is checked (sizes, ranges, the state's checksum): a malformed
 //! stream is an error, never a panic.
 //!
-//! Not yet: disks (the receiver reopens the sender's disk files by path, so both must be on one
-//! host; writable qcow2 images are refused), a TCP transport between hosts, throttling of
-//! guests that dirty memory faster than the stream carries it, advancing the guest's clocks by
-//! the pause.
+//! Disks: with `disks` on, every writable local raw disk is copied like memory: its data
+//! first (holes and zero blocks skipped: the receiver's disk files start empty), then, round by
+//! round, the 64 KiB blocks the guest wrote meanwhile (the device records them as it submits
+//! them, [`bexar_devices::block::dirty`]), the last ones while the guest is paused. Without it
+//! the receiver reopens the sender's disk files by path (both on one host). Writable qcow2
+//! images are refused either way (their metadata is cached in the sending process).
+//!
+//! Not yet: a TCP transport between hosts, throttling of guests that dirty memory faster than
+//! the stream carries it, advancing the guest's clocks by the pause.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -31,6 +37,8 @@ pub const PAGE: u64 = 4096;
 const PAGES: u8 = 1;
 const STATE: u8 = 2;
 const DONE: u8 = 3;
+const DISK: u8 = 4;
+const ZERO: u8 = 5;
 /// The most pages one record carries (1 MiB).
 const MAX_RUN: u64 = 256;
 /// The largest state the receiver takes.
@@ -75,6 +83,12 @@ pub struct MigrationReport {
     pub bytes_sent: u64,
     /// Pages sent while the guest was paused.
     pub final_pages: u64,
+    /// Disk bytes sent in all (0 when disks are not copied).
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// Disk bytes sent while the guest was paused.
+    #[serde(default)]
+    pub final_disk_bytes: u64,
     /// From the pause to the receiver's answer, milliseconds (the blackout as the sender saw
     /// it; the receiver resumes the guest right after answering).
     pub paused_ms: f64,
@@ -159,6 +173,109 @@ impl<W: Write> Sender<W> {
         Ok(sent)
     }
 
+    /// Sends all of disk `index`: its data, and `ZERO` records for its holes and for 64 KiB
+    /// blocks that read as zeros (so the receiver's disk need not start empty, and zeros cost
+    /// no bandwidth). Returns the data bytes sent.
+    pub(crate) fn disk_all(
+        &mut self,
+        index: u32,
+        copy: &bexar_devices::virtio::DiskCopy,
+        buf: &mut DiskBuf,
+    ) -> Result<u64, MigrationError> {
+        const BLOCK: usize = 64 << 10;
+        let extents = crate::memory::data_extents(&copy.image, copy.capacity)?;
+        let mut sent = 0;
+        let mut at = 0u64;
+        // (start, len) of zeros not yet announced, joined while they are adjacent.
+        let mut zeros: Option<(u64, u64)> = None;
+        let zero = |s: &mut Self, z: &mut Option<(u64, u64)>, off: u64, len: u64| {
+            match z {
+                Some((o, l)) if *o + *l == off => *l += len,
+                _ => {
+                    if let Some((o, l)) = z.take() {
+                        s.zero(index, o, l)?;
+                    }
+                    *z = Some((off, len));
+                }
+            }
+            Ok::<_, MigrationError>(())
+        };
+        for (data, len) in extents.into_iter().chain([(copy.capacity, 0)]) {
+            if data > at {
+                zero(self, &mut zeros, at, data - at)?;
+            }
+            let end = data + len;
+            let mut pos = data;
+            while pos < end {
+                let n = (end - pos).min(MAX_RUN * PAGE);
+                let bytes = buf.get(n as usize);
+                copy.image.read_exact_at(bytes, pos)?;
+                for (i, block) in bytes.chunks(BLOCK).enumerate() {
+                    let off = pos + (i * BLOCK) as u64;
+                    if block.iter().all(|b| *b == 0) {
+                        zero(self, &mut zeros, off, block.len() as u64)?;
+                    } else {
+                        if let Some((o, l)) = zeros.take() {
+                            self.zero(index, o, l)?;
+                        }
+                        self.disk_record(index, off, block)?;
+                        sent += block.len() as u64;
+                    }
+                }
+                pos += n;
+            }
+            at = end;
+        }
+        if let Some((o, l)) = zeros {
+            self.zero(index, o, l)?;
+        }
+        Ok(sent)
+    }
+
+    /// Sends disk `index`'s bytes in `ranges` (offset, length; cut at the disk's end), read
+    /// from its image in runs of at most 1 MiB. Returns the bytes sent.
+    pub(crate) fn disk_ranges(
+        &mut self,
+        index: u32,
+        copy: &bexar_devices::virtio::DiskCopy,
+        ranges: impl Iterator<Item = (u64, u64)>,
+        buf: &mut DiskBuf,
+    ) -> Result<u64, MigrationError> {
+        let mut sent = 0;
+        for (offset, len) in ranges {
+            let end = offset.saturating_add(len).min(copy.capacity);
+            let mut at = offset;
+            while at < end {
+                let n = (end - at).min(MAX_RUN * PAGE);
+                let data = buf.get(n as usize);
+                copy.image.read_exact_at(data, at)?;
+                self.disk_record(index, at, data)?;
+                sent += n;
+                at += n;
+            }
+        }
+        Ok(sent)
+    }
+
+    fn disk_record(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), MigrationError> {
+        self.out.write_all(&[DISK])?;
+        self.out.write_all(&index.to_le_bytes())?;
+        self.out.write_all(&offset.to_le_bytes())?;
+        self.out.write_all(&(data.len() as u32).to_le_bytes())?;
+        self.out.write_all(data)?;
+        self.bytes += 17 + data.len() as u64;
+        Ok(())
+    }
+
+    fn zero(&mut self, index: u32, offset: u64, len: u64) -> Result<(), MigrationError> {
+        self.out.write_all(&[ZERO])?;
+        self.out.write_all(&index.to_le_bytes())?;
+        self.out.write_all(&offset.to_le_bytes())?;
+        self.out.write_all(&len.to_le_bytes())?;
+        self.bytes += 21;
+        Ok(())
+    }
+
     pub(crate) fn state(&mut self, data: &[u8]) -> Result<(), MigrationError> {
         self.out.write_all(&[STATE])?;
         self.out.write_all(&(data.len() as u32).to_le_bytes())?;
@@ -177,6 +294,22 @@ impl<W: Write> Sender<W> {
 
     pub(crate) fn into_inner(self) -> W {
         self.out
+    }
+}
+
+/// A read buffer whose usable part starts on a 4 KiB boundary (an O_DIRECT image's reads need
+/// it); over-allocating keeps this free of `unsafe`.
+#[derive(Default)]
+pub(crate) struct DiskBuf(Vec<u8>);
+
+impl DiskBuf {
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        const ALIGN: usize = 4096;
+        if self.0.len() < len + ALIGN {
+            self.0.resize(len + ALIGN, 0);
+        }
+        let off = self.0.as_ptr().align_offset(ALIGN);
+        &mut self.0[off..off + len]
     }
 }
 
@@ -209,14 +342,28 @@ pub struct Received {
     pub paused_at_ns: u64,
     /// Pages received (a page sent twice counts twice).
     pub pages: u64,
+    /// Disk bytes received and written.
+    pub disk_bytes: u64,
     /// How long the stream took, from its first byte.
     pub elapsed: Duration,
 }
 
 /// Receives a migration stream from `input` (see the module's description): guest memory into a
-/// new memfd, and the VM's state. Returns once `DONE` arrived; the caller builds the VM
-/// ([`crate::build_from_migration`]) and then answers with [`answer`].
-pub fn receive(input: &mut impl Read) -> Result<Received, MigrationError> {
+/// new memfd, disk blocks into `disks` (the VM's disks in order, `None` for one that is not
+/// copied; each must start empty, as a new sparse file), and the VM's state. Returns once
+/// `DONE` arrived; the caller builds the VM ([`crate::build_from_migration`]) and then answers
+/// with [`answer`].
+pub fn receive(input: &mut impl Read, disks: &[Option<File>]) -> Result<Received, MigrationError> {
+    let sizes = disks
+        .iter()
+        .map(|d| {
+            d.as_ref()
+                .map(|f| f.metadata().map(|m| m.len()))
+                .transpose()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut disk_bytes = 0u64;
+    let mut disks_unsynced = false;
     let t0 = Instant::now();
     let mut head = [0u8; 16];
     input.read_exact(&mut head)?;
@@ -237,6 +384,9 @@ pub fn receive(input: &mut impl Read) -> Result<Received, MigrationError> {
         input.read_exact(&mut tag)?;
         match tag[0] {
             PAGES => {
+                // A round's disk blocks are in: on stable storage now, while the guest still
+                // runs on the sender, so the switch-over syncs only its own few.
+                sync_disks(disks, &mut disks_unsynced)?;
                 let mut h = [0u8; 12];
                 input.read_exact(&mut h)?;
                 let first = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
@@ -250,6 +400,48 @@ pub fn receive(input: &mut impl Read) -> Result<Received, MigrationError> {
                 input.read_exact(data)?;
                 memory.write_all_at(data, first * PAGE)?;
                 pages += n;
+            }
+            DISK => {
+                let mut h = [0u8; 16];
+                input.read_exact(&mut h)?;
+                let index = u32::from_le_bytes(h[..4].try_into().expect("4 bytes")) as usize;
+                let offset = u64::from_le_bytes(h[4..12].try_into().expect("8 bytes"));
+                let len = u64::from(u32::from_le_bytes(h[12..].try_into().expect("4 bytes")));
+                let (Some(Some(file)), Some(Some(size))) = (disks.get(index), sizes.get(index))
+                else {
+                    return Err(bad(format!("blocks of disk {index}, which is not copied")));
+                };
+                if len == 0
+                    || len > MAX_RUN * PAGE
+                    || offset.checked_add(len).is_none_or(|e| e > *size)
+                {
+                    return Err(bad(format!(
+                        "disk {index} bytes {offset}+{len} outside its {size}"
+                    )));
+                }
+                let data = &mut buf[..len as usize];
+                input.read_exact(data)?;
+                file.write_all_at(data, offset)?;
+                disk_bytes += len;
+                disks_unsynced = true;
+            }
+            ZERO => {
+                let mut h = [0u8; 20];
+                input.read_exact(&mut h)?;
+                let index = u32::from_le_bytes(h[..4].try_into().expect("4 bytes")) as usize;
+                let offset = u64::from_le_bytes(h[4..12].try_into().expect("8 bytes"));
+                let len = u64::from_le_bytes(h[12..].try_into().expect("8 bytes"));
+                let (Some(Some(file)), Some(Some(size))) = (disks.get(index), sizes.get(index))
+                else {
+                    return Err(bad(format!("zeros for disk {index}, which is not copied")));
+                };
+                if len == 0 || offset.checked_add(len).is_none_or(|e| e > *size) {
+                    return Err(bad(format!(
+                        "disk {index} zeros {offset}+{len} outside its {size}"
+                    )));
+                }
+                zero_range(file, offset, len, &mut buf)?;
+                disks_unsynced = true;
             }
             STATE => {
                 let mut h = [0u8; 4];
@@ -271,18 +463,83 @@ pub fn receive(input: &mut impl Read) -> Result<Received, MigrationError> {
                 let Some(state) = state else {
                     return Err(bad("DONE before the state"));
                 };
+                // The guest runs on these next: what it was told is on disk must be.
+                sync_disks(disks, &mut disks_unsynced)?;
                 return Ok(Received {
                     memory,
                     state,
                     memory_mib: size >> 20,
                     paused_at_ns: u64::from_le_bytes(h),
                     pages,
+                    disk_bytes,
                     elapsed: t0.elapsed(),
                 });
             }
             other => return Err(bad(format!("record type {other:#04x}"))),
         }
     }
+}
+
+/// Syncs the receiver's disks if anything was written to them since the last time.
+fn sync_disks(disks: &[Option<File>], unsynced: &mut bool) -> std::io::Result<()> {
+    if std::mem::take(unsynced) {
+        for f in disks.iter().flatten() {
+            f.sync_data()?;
+        }
+    }
+    Ok(())
+}
+
+/// The receiving side's files for [`receive`]: each writable local raw disk of `disks` opened
+/// for writing, `None` for the others (read-only, remote or qcow2 disks are not copied).
+pub fn open_disks(
+    disks: &[bexar_devices::block::DiskConfig],
+) -> Result<Vec<Option<File>>, MigrationError> {
+    use bexar_devices::block::DiskFormat;
+    disks
+        .iter()
+        .map(|d| {
+            if d.read_only || d.nbd.is_some() || d.iscsi.is_some() {
+                return Ok(None);
+            }
+            let format = match d.format {
+                Some(f) => f,
+                None => bexar_devices::block::qcow2::probe(&d.path)
+                    .map_err(|e| bad(format!("{}: {e}", d.path.display())))?,
+            };
+            if format != DiskFormat::Raw {
+                return Ok(None);
+            }
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&d.path)
+                .map(Some)
+                .map_err(|e| {
+                    MigrationError::Io(std::io::Error::new(
+                        e.kind(),
+                        format!("{}: {e}", d.path.display()),
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// Makes `[offset, offset + len)` of `file` read as zeros: a hole punched (free on a new
+/// sparse file), or zeros written where the file system cannot punch.
+fn zero_range(file: &File, offset: u64, len: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    if fallocate(file, punch, offset as i64, len as i64).is_ok() {
+        return Ok(());
+    }
+    buf.fill(0);
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(buf.len() as u64) as usize;
+        file.write_all_at(&buf[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// Tells the sender whether this side holds the VM now (`Ok`) or not.
@@ -323,11 +580,51 @@ mod tests {
         let mut stream = bytes.clone();
         stream.push(DONE);
         stream.extend_from_slice(&0u64.to_le_bytes());
-        let e = receive(&mut stream.as_slice()).err().unwrap();
+        let e = receive(&mut stream.as_slice(), &[]).err().unwrap();
         assert!(e.to_string().contains("DONE before the state"), "{e}");
         // The pages themselves, on a stream cut after them: they arrived where they were.
-        let e = receive(&mut bytes.as_slice()).err().unwrap();
+        let e = receive(&mut bytes.as_slice(), &[]).err().unwrap();
         assert!(matches!(e, MigrationError::Io(_)), "{e}");
+    }
+
+    #[test]
+    fn a_disk_goes_across_with_its_zeros_and_blocks_outside_it_are_refused() {
+        let dir = std::env::temp_dir().join(format!("bexar-mig-disk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (src, dst) = (dir.join("src"), dir.join("dst"));
+        let size = 4u64 << 20;
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(size).unwrap();
+        f.write_all_at(&[7u8; 5000], 65536 * 3 + 100).unwrap();
+        f.write_all_at(&[0u8; 65536], 0).unwrap(); // data, but zeros
+        let g = std::fs::File::create(&dst).unwrap();
+        g.write_all_at(&vec![0xa5u8; size as usize], 0).unwrap();
+        let copy = bexar_devices::virtio::DiskCopy {
+            image: File::open(&src).unwrap(),
+            capacity: size,
+            dirty: std::sync::Arc::new(bexar_devices::block::dirty::DirtyMap::new(size, 65536)),
+        };
+        let mut s = Sender::new(Vec::new(), 1 << 20).unwrap();
+        let mut buf = DiskBuf::default();
+        // Only the file system blocks the 5000 bytes touch carry data (the zeros written at
+        // the start are data to the file system, not to the copy).
+        let sent = s.disk_all(0, &copy, &mut buf).unwrap();
+        assert!((5000..=16384).contains(&sent), "{sent} bytes sent");
+        s.state(&[]).unwrap();
+        let mut stream = s.into_inner();
+        stream.push(DONE);
+        stream.extend_from_slice(&0u64.to_le_bytes());
+        let disks = [Some(std::fs::OpenOptions::new().write(true).open(&dst).unwrap())];
+        // The empty state is refused at the end, after the disk records were taken.
+        let e = receive(&mut stream.as_slice(), &disks).err().unwrap();
+        assert!(e.to_string().contains("header"), "{e}");
+        assert_eq!(std::fs::read(&dst).unwrap(), std::fs::read(&src).unwrap());
+        // A block past the disk's end.
+        let mut s = Sender::new(Vec::new(), 1 << 20).unwrap();
+        s.disk_record(0, size - 512, &[1u8; 1024]).unwrap();
+        let e = receive(&mut s.into_inner().as_slice(), &disks).err().unwrap();
+        assert!(e.to_string().contains("outside"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -379,6 +676,29 @@ mod tests {
                 "header",
             ),
             ([good.as_slice(), &[9]].concat(), "record type"),
+            // Disk records for a disk this side does not copy.
+            (
+                [
+                    good.as_slice(),
+                    &[DISK],
+                    &0u32.to_le_bytes(),
+                    &0u64.to_le_bytes(),
+                    &512u32.to_le_bytes(),
+                ]
+                .concat(),
+                "not copied",
+            ),
+            (
+                [
+                    good.as_slice(),
+                    &[ZERO],
+                    &3u32.to_le_bytes(),
+                    &0u64.to_le_bytes(),
+                    &512u64.to_le_bytes(),
+                ]
+                .concat(),
+                "not copied",
+            ),
             // Cut short: an I/O error (unexpected end), also no panic.
             (
                 [good.as_slice(), &[PAGES], &0u64.to_le_bytes()].concat(),
@@ -386,7 +706,7 @@ mod tests {
             ),
         ];
         for (stream, want) in cases {
-            let e = receive(&mut stream.as_slice()).err().unwrap();
+            let e = receive(&mut stream.as_slice(), &[]).err().unwrap();
             assert!(e.to_string().contains(want), "{want}: {e}");
         }
     }

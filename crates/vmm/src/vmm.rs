@@ -443,8 +443,9 @@ impl Vmm {
         &mut self,
         stream: std::os::unix::net::UnixStream,
         convergence: crate::migration::Convergence,
+        copy_disks: bool,
     ) -> Result<crate::migration::MigrationReport, VmmError> {
-        use crate::migration::{read_answer, MigrationError, MigrationReport, Sender};
+        use crate::migration::{read_answer, DiskBuf, MigrationError, MigrationReport, Sender};
         if self.state == VmmState::Created {
             return Err(VmmError::State("not started"));
         }
@@ -468,16 +469,36 @@ impl Vmm {
         let t0 = Instant::now();
         let was_running = self.state == VmmState::Running;
         let mut report = MigrationReport::default();
-        self.start_dirty_log()?;
+        // Disks first: a write the guest makes from here on is recorded before it reaches the
+        // image, so no copy below can miss it.
+        let disks = if copy_disks {
+            self.devices
+                .start_disk_copies()
+                .map_err(|e| MigrationError::Refused(format!("cannot copy the disks: {e}")))?
+        } else {
+            Vec::new()
+        };
+        if let Err(e) = self.start_dirty_log() {
+            self.devices.stop_disk_copies();
+            return Err(e);
+        }
+        let mut disk_buf = DiskBuf::default();
         let ram = &self.ram;
         let read = |p: u64, b: &mut [u8]| crate::memory::read_page(ram, p, b);
         let precopy = (|| {
             let mut tx = Sender::new(std::io::BufWriter::new(&stream), ram.size)?;
+            if convergence.max_rounds > 0 {
+                // Round 0 of each disk: what its image holds (holes and zeros stay behind).
+                for (i, copy) in &disks {
+                    report.disk_bytes += tx.disk_all(*i, copy, &mut disk_buf)?;
+                }
+            }
             // Round 0: every page that may hold anything.
             let touched =
                 crate::memory::touched_pages(ram).map_err(crate::migration::MigrationError::Io)?;
             if convergence.max_rounds == 0 {
-                // No pre-copy (stop-and-copy): everything goes while the guest is paused.
+                // No pre-copy (stop-and-copy): everything goes while the guest is paused (the
+                // disks' data too, below).
                 let mut all = crate::memory::PageSet::empty(ram.size / crate::migration::PAGE);
                 for (i, _) in touched.iter().enumerate().filter(|(_, &t)| t) {
                     all.insert(i as u64);
@@ -498,8 +519,21 @@ impl Vmm {
             let mut rate =
                 (sent * crate::migration::PAGE) as f64 / r0.elapsed().as_secs_f64().max(1e-4);
             loop {
+                // The disks' blocks written since the last round go now; what the guest writes
+                // while they go is the next round's.
+                let r = Instant::now();
+                let mut disk_sent = 0;
+                for (i, copy) in &disks {
+                    let ranges = copy.dirty.take();
+                    disk_sent += tx.disk_ranges(*i, copy, ranges.into_iter(), &mut disk_buf)?;
+                }
+                report.disk_bytes += disk_sent;
                 let dirty = self.take_dirty()?;
-                let left = dirty.count() * crate::migration::PAGE;
+                let disk_left: u64 = disks
+                    .iter()
+                    .map(|(_, c)| c.dirty.count() * c.dirty.block_size())
+                    .sum();
+                let left = dirty.count() * crate::migration::PAGE + disk_left;
                 let eta = Duration::from_secs_f64(left as f64 / rate.max(1.0));
                 tracing::debug!(
                     "migration round {}: {} pages dirty, {:.1} MB/s, {:.1} ms to send",
@@ -512,9 +546,9 @@ impl Vmm {
                     // Not sent now: the switch-over sends them with whatever comes after.
                     return Ok::<_, VmmError>((tx, dirty));
                 }
-                let r = Instant::now();
                 let n = tx.pages(read, dirty.iter())?;
-                rate = (n * crate::migration::PAGE) as f64 / r.elapsed().as_secs_f64().max(1e-4);
+                rate = (n * crate::migration::PAGE + disk_sent) as f64
+                    / r.elapsed().as_secs_f64().max(1e-4);
                 report.rounds += 1;
             }
         })();
@@ -522,6 +556,7 @@ impl Vmm {
             Ok(x) => x,
             Err(e) => {
                 let _ = self.stop_dirty_log();
+                self.devices.stop_disk_copies();
                 return Err(e);
             }
         };
@@ -530,6 +565,7 @@ impl Vmm {
         let paused = Instant::now();
         if let Err(e) = self.pause() {
             let _ = self.stop_dirty_log();
+            self.devices.stop_disk_copies();
             return Err(e);
         }
         let ram = &self.ram;
@@ -544,6 +580,17 @@ impl Vmm {
             let mut last = self.take_dirty()?;
             last.union(&pending);
             report.final_pages = tx.pages(read, last.iter())?;
+            // The devices are quiesced: every write the guest was told is done is in the
+            // images, and recorded.
+            for (i, copy) in &disks {
+                let sent = if convergence.max_rounds == 0 {
+                    tx.disk_all(*i, copy, &mut disk_buf)?
+                } else {
+                    tx.disk_ranges(*i, copy, copy.dirty.take().into_iter(), &mut disk_buf)?
+                };
+                report.final_disk_bytes += sent;
+                report.disk_bytes += sent;
+            }
             tx.state(&crate::snapshot::encode(&state)?)?;
             tx.done(paused_at_ns)?;
             report.pages_sent = tx.pages;
@@ -572,6 +619,7 @@ impl Vmm {
             other => other.map_err(VmmError::from),
         });
         let _ = self.stop_dirty_log();
+        self.devices.stop_disk_copies();
         if let Err(VmmError::Migration(MigrationError::InDoubt)) = answered {
             return Err(VmmError::Migration(MigrationError::InDoubt));
         }
@@ -831,6 +879,7 @@ impl Vmm {
                 to,
                 downtime_ms,
                 max_rounds,
+                disks,
             } => {
                 let mut c = crate::migration::Convergence::default();
                 if let Some(ms) = downtime_ms {
@@ -841,7 +890,7 @@ impl Vmm {
                 }
                 match std::os::unix::net::UnixStream::connect(to) {
                     Err(e) => Reply::error(format!("cannot reach {}: {e}", to.display())),
-                    Ok(stream) => match self.migrate(stream, c) {
+                    Ok(stream) => match self.migrate(stream, c, *disks) {
                         Ok(r) => Reply::migration(r),
                         Err(e) => Reply::error(e.to_string()),
                     },

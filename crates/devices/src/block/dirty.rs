@@ -1,8 +1,9 @@
 //! Which blocks of a disk a guest changed since a point in time: the map a disk copy made
 //! while the guest runs (live migration without shared storage) iterates on. The device marks
-//! a write, a discard or a write-zeroes when it submits it, before the backend starts it, so
-//! a copier that takes the map and then reads the disk can miss no change: a request in flight
-//! during the read is marked already and is copied again in the next round.
+//! a write, a discard or a write-zeroes when it submits it, before the backend starts it, and
+//! again when it completes, so a copier that takes the map and then reads the disk can miss no
+//! change: a request in flight during the read is marked again once its bytes are in the image,
+//! and copied again in the next round.
 //!
 //! Lock-free: one bit per block in a vector of atomic words, so the device's event loop marks
 //! while a copier thread takes, without a lock between them.

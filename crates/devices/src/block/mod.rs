@@ -409,6 +409,11 @@ pub trait DiskBackend: Send {
     fn link(&self) -> Option<std::sync::Arc<LinkState>> {
         None
     }
+    /// The image file whose bytes are the disk's bytes, one for one (a raw image; `None` for
+    /// formats with metadata and for remote disks): what a disk copy reads.
+    fn raw_image(&self) -> Option<&std::fs::File> {
+        None
+    }
 }
 
 /// A disk whose requests are done at submit time, on the caller's thread.
@@ -419,6 +424,10 @@ pub trait SyncDisk: Send {
     fn info(&self) -> DiskInfo;
     /// Does one (checked) request; the bytes moved, or why it failed.
     fn run(&mut self, mem: &GuestMemoryMmap, req: &BlockRequest) -> std::io::Result<u64>;
+    /// As [`DiskBackend::raw_image`].
+    fn raw_image(&self) -> Option<&std::fs::File> {
+        None
+    }
 }
 
 /// A [`SyncDisk`] as a [`DiskBackend`]: each completion is ready when its submit returns (the
@@ -483,6 +492,9 @@ impl<T: SyncDisk> DiskBackend for Immediate<T> {
     }
     fn in_flight(&self) -> usize {
         self.done.len()
+    }
+    fn raw_image(&self) -> Option<&std::fs::File> {
+        self.disk.raw_image()
     }
     fn drain(&mut self, out: &mut Vec<Completion>) {
         self.reap(out);

@@ -76,6 +76,9 @@ impl SyncDisk for RawFile {
     fn engine(&self) -> &'static str {
         "sync"
     }
+    fn raw_image(&self) -> Option<&File> {
+        Some(&self.file)
+    }
     fn info(&self) -> DiskInfo {
         self.info
     }
@@ -249,6 +252,9 @@ impl RawUring {
 impl DiskBackend for RawUring {
     fn engine(&self) -> &'static str {
         "io_uring"
+    }
+    fn raw_image(&self) -> Option<&File> {
+        Some(&self.file)
     }
     fn info(&self) -> DiskInfo {
         self.info

@@ -657,6 +657,18 @@ pub enum PersistError {
     Backend(String),
 }
 
+/// A disk being copied: see [`VirtioDevice::start_disk_copy`].
+#[derive(Debug)]
+pub struct DiskCopy {
+    /// Reads the image (shares the device's open file, so O_DIRECT images need aligned
+    /// buffers).
+    pub image: std::fs::File,
+    /// The disk's size in bytes.
+    pub capacity: u64,
+    /// Blocks written since the copy started.
+    pub dirty: Arc<crate::block::dirty::DirtyMap>,
+}
+
 /// What a virtio device implements; the transport does the rest.
 pub trait VirtioDevice: Send {
     /// The parts every device has.
@@ -687,6 +699,15 @@ pub trait VirtioDevice: Send {
     fn link(&self) -> Option<Arc<crate::block::LinkState>> {
         None
     }
+    /// A disk to copy while the guest runs (live migration without shared storage): a second
+    /// descriptor of the device's raw image and its size, with every block the guest writes
+    /// from now on recorded in `map`, which the call makes. `None` for devices that are not
+    /// writable local raw disks (nothing to copy, or nothing this can copy).
+    fn start_disk_copy(&mut self) -> Option<std::io::Result<DiskCopy>> {
+        None
+    }
+    /// Stops what [`Self::start_disk_copy`] started.
+    fn stop_disk_copy(&mut self) {}
     /// Replaces one of the device's rate limits (a running VM's disk, or a NIC's rx or tx).
     fn set_rate_limit(
         &mut self,

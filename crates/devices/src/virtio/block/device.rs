@@ -79,7 +79,14 @@ struct Pending {
     head: u16,
     status: GuestAddress,
     op: BlockOp,
+    /// The bytes it covers (marked dirty again when it completes).
+    offset: u64,
+    len: u64,
 }
+
+/// The unit a disk copy tracks and re-sends: 64 KiB, qcow2's default cluster; a guest's 4 KiB
+/// write costs 64 KiB again, a 16 MiB disk's map is 32 words.
+const COPY_BLOCK: u64 = 64 << 10;
 
 /// A virtio-blk device.
 pub struct Block {
@@ -294,6 +301,8 @@ impl Block {
                                 head,
                                 status: req.status,
                                 op,
+                                offset,
+                                len,
                             },
                         );
                         submitted = true;
@@ -337,6 +346,15 @@ impl Block {
             return false;
         }
         let done = std::mem::take(&mut self.done);
+        // Marked again now that they are in the image: a copier that took a mark and read the
+        // block while the request was in flight may have read the old bytes.
+        if let Some(map) = &self.dirty {
+            for p in done.iter().filter_map(|c| self.pending.get(&c.user_data)) {
+                if !matches!(p.op, BlockOp::Read | BlockOp::Flush) {
+                    map.mark(p.offset, p.len);
+                }
+            }
+        }
         let Some(mut s) = self.common.serving_quiet() else {
             // Reset meanwhile: nothing to return (the reset drained the backend).
             for c in done {
@@ -443,6 +461,25 @@ impl VirtioDevice for Block {
     }
     fn link(&self) -> Option<std::sync::Arc<crate::block::LinkState>> {
         self.backend.link()
+    }
+    fn start_disk_copy(&mut self) -> Option<std::io::Result<crate::virtio::DiskCopy>> {
+        if self.info.read_only {
+            return None;
+        }
+        let image = match self.backend.raw_image()?.try_clone() {
+            Ok(f) => f,
+            Err(e) => return Some(Err(e)),
+        };
+        let dirty = std::sync::Arc::new(DirtyMap::new(self.info.capacity, COPY_BLOCK));
+        self.track_writes(Some(dirty.clone()));
+        Some(Ok(crate::virtio::DiskCopy {
+            image,
+            capacity: self.info.capacity,
+            dirty,
+        }))
+    }
+    fn stop_disk_copy(&mut self) {
+        self.track_writes(None);
     }
     fn set_rate_limit(&mut self, path: LimitedPath, limit: RateLimitConfig) -> Result<(), String> {
         if path != LimitedPath::Disk {
