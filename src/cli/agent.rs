@@ -97,6 +97,20 @@ pub struct AgentArgs {
     /// disks), MiB.
     #[arg(long, default_value_t = bexar_agent::sandbox::DEFAULT_MEMORY_HEADROOM_MIB)]
     pub vm_memory_headroom_mib: u64,
+    /// Take live migrations from other hosts on this TCP address (HOST:PORT); needs the three
+    /// --migration-* certificate flags. Off by default.
+    #[arg(long, value_name = "ADDR", requires = "migration_cert")]
+    pub migration_listen: Option<std::net::SocketAddr>,
+    /// This host's certificate chain (PEM), signed by the migration CA: shown to the hosts it
+    /// sends VMs to and takes them from.
+    #[arg(long, value_name = "PEM", requires_all = ["migration_key", "migration_ca"])]
+    pub migration_cert: Option<PathBuf>,
+    /// The private key of --migration-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "migration_cert")]
+    pub migration_key: Option<PathBuf>,
+    /// The migration CA (PEM): only hosts whose certificates it signed may send or take VMs.
+    #[arg(long, value_name = "PEM", requires = "migration_cert")]
+    pub migration_ca: Option<PathBuf>,
 }
 
 fn seconds(flag: &str, v: f64) -> Result<Duration, String> {
@@ -177,6 +191,15 @@ fn config(a: &AgentArgs) -> Result<AgentConfig, String> {
             cgroup_parent: (a.cgroup_parent != "off").then(|| PathBuf::from(&a.cgroup_parent)),
             memory_headroom_mib: a.vm_memory_headroom_mib,
         },
+        migration: match (&a.migration_cert, &a.migration_key, &a.migration_ca) {
+            (Some(cert), Some(key), Some(ca)) => Some(bexar_agent::migrate::MigrationConfig {
+                listen: a.migration_listen,
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            }),
+            _ => None,
+        },
     })
 }
 
@@ -250,6 +273,18 @@ pub fn main(a: &AgentArgs) -> ExitCode {
                     });
                 }
                 Err(e) => tracing::error!("metadata service cannot listen on {addr}: {e}"),
+            }
+        }
+        if let Some(addr) = a.migration_listen {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    tracing::info!(%addr, "taking live migrations");
+                    tokio::spawn(agent.clone().serve_migrations(l));
+                }
+                Err(e) => {
+                    eprintln!("bexar agent: --migration-listen {addr}: {e}");
+                    return ExitCode::from(2);
+                }
             }
         }
         let recovering = agent.clone();

@@ -120,7 +120,7 @@ enum Source<'a> {
 
 /// Receives a VM migrated to `socket` and builds it: the sender's guest is ours once this
 /// answers it, which happens only after the VM is restored here.
-fn receive_migration(
+pub(super) fn receive_migration(
     socket: &std::path::Path,
     restore: &RestoreConfig,
     timeout: Option<Duration>,

@@ -12,6 +12,10 @@ use bexar_util::fs::{try_lock, write_atomic};
 use bexar_vmm::launch::{files, Launch, RunResult};
 use bexar_vmm::{build_for_boot, build_from_handoff, build_from_snapshot};
 
+/// How long a VMM launched to receive a migration waits for the stream to arrive (the agent
+/// that launched it connects at once; a stream that stalls later fails on its own timeouts).
+const INCOMING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn write_result(dir: &Path, result: &RunResult) {
     match serde_json::to_vec_pretty(result) {
         Ok(data) => {
@@ -175,12 +179,20 @@ pub fn main(dir: &Path) -> ExitCode {
             launch.config.vcpus,
             launch.config.memory_mib
         );
-        let built = match &launch.restore {
-            Some(snapshot) => {
+        let built = match (&launch.incoming, &launch.restore) {
+            (Some(socket), _) => {
+                tracing::info!(vm = %launch.id(), "receiving a migration on {}", socket.display());
+                super::run::receive_migration(
+                    socket,
+                    &launch.restore_config(),
+                    Some(INCOMING_TIMEOUT),
+                )
+            }
+            (None, Some(snapshot)) => {
                 tracing::info!(vm = %launch.id(), "restoring {}", snapshot.display());
                 build_from_snapshot(snapshot, &launch.restore_config())
             }
-            None => build_for_boot(&launch.config),
+            (None, None) => build_for_boot(&launch.config),
         };
         (lock, built)
     };

@@ -56,6 +56,10 @@ wire_enum! {
         DiskDown = "disk-down",
         /// A remote disk's connection is back.
         DiskUp = "disk-up",
+        /// A VM moved to another host (on the sender: the message names the host, the pause
+        /// and the bytes sent; the VM is deleted here next) or arrived from one (on the
+        /// receiver).
+        Migrated = "migrated",
     }
 }
 

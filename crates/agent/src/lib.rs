@@ -12,6 +12,7 @@ pub mod host;
 pub mod images;
 pub mod imds;
 mod lifecycle;
+pub mod migrate;
 pub mod netplan;
 pub mod network;
 pub mod sandbox;
@@ -81,6 +82,8 @@ pub struct AgentConfig {
     pub network: network::NetworkConfig,
     /// The VMMs' jail and cgroups.
     pub sandbox: sandbox::SandboxConfig,
+    /// Live migration between hosts (`None`: off).
+    pub migration: Option<migrate::MigrationConfig>,
 }
 
 /// Why an agent operation was refused or failed.
@@ -176,6 +179,10 @@ pub enum AgentError {
         /// What went wrong.
         err: vmm_process::VmmProcessError,
     },
+    /// A live migration failed after the destination took the VM's record: the VM goes on
+    /// here.
+    #[error("migration failed: {0}")]
+    MigrationFailed(String),
     /// The state directory failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -238,6 +245,8 @@ pub struct Agent {
     pub(crate) oom_base: Mutex<std::collections::HashMap<String, u64>>,
     /// VMMs killed by their seccomp filter, and by their cgroup's memory limit.
     pub(crate) sandbox_kills: SandboxKills,
+    /// Live migration's TLS, if configured.
+    pub(crate) migration: Option<Arc<migrate::MigrationTls>>,
 }
 
 /// Counts of VMMs the sandbox stopped.
@@ -298,6 +307,14 @@ impl Agent {
         let net = network::Network::open(store.root(), config.network.clone())?;
         let images = images::Images::open(store.root())?;
         let cgroups = Self::open_cgroups(&config.sandbox);
+        let migration = match &config.migration {
+            None => None,
+            Some(m) => {
+                Some(Arc::new(migrate::MigrationTls::load(m).map_err(|e| {
+                    AgentError::Invalid(FieldError::new("migration", e))
+                })?))
+            }
+        };
         if !config.sandbox.jail {
             tracing::warn!(
                 "VMMs run WITHOUT their jail (--no-jail): as root, in the host's namespaces, \
@@ -319,6 +336,7 @@ impl Agent {
             netns: Arc::new(sandbox::NetnsPool::default()),
             oom_base: Mutex::new(std::collections::HashMap::new()),
             sandbox_kills: SandboxKills::default(),
+            migration,
         });
         tracing::info!(
             vms = n,

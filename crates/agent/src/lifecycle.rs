@@ -26,6 +26,9 @@ use bexar_vmm::launch::{Launch, RunResult};
 
 /// How long a VMM may take from exec to answering on its control socket.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(20);
+/// The longest a live migration into this host may take, from its VMM's launch to the VM
+/// running here.
+pub(crate) const INCOMING_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// How long recovery waits for an adopted VMM's first answer before going on without it (it
 /// is asked again in the background; a slow VMM is never killed for being slow).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -39,14 +42,14 @@ const HANDOVER_SETTLE: Duration = Duration::from_secs(10);
 /// Longest restart back-off.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-fn op(kind: Op) -> Option<Operation> {
+pub(crate) fn op(kind: Op) -> Option<Operation> {
     Some(Operation {
         kind,
         started_ms: now_ms(),
     })
 }
 
-fn illegal(rec: &VmRecord, action: &'static str) -> AgentError {
+pub(crate) fn illegal(rec: &VmRecord, action: &'static str) -> AgentError {
     AgentError::IllegalTransition {
         id: rec.id.clone(),
         action,
@@ -491,7 +494,7 @@ impl Agent {
         self.finish_delete(&entry).await
     }
 
-    async fn finish_delete(&self, entry: &Arc<VmEntry>) -> Result<(), AgentError> {
+    pub(crate) async fn finish_delete(&self, entry: &Arc<VmEntry>) -> Result<(), AgentError> {
         self.end_vmm(entry, Duration::ZERO, true).await?;
         // A VMM the agent lost track of (it was mid-start when an agent died) goes too.
         for (pid, _) in vp::find_vmms(&self.store.root().join("vms"))
@@ -695,6 +698,10 @@ impl Agent {
         launch.jail = jail;
         if kind == Op::Upgrade {
             launch.handoff = true;
+        } else if kind == Op::Incoming {
+            let socket = dir.join(layout::INCOMING_SOCKET);
+            let _ = std::fs::remove_file(&socket);
+            launch.incoming = Some(socket);
         } else if rec.restore_pending {
             launch.restore = Some(dir.join(super::snapshots::RESTORE_DIR));
         }
@@ -725,7 +732,14 @@ impl Agent {
         };
         // Until the VMM answers with our token, watch for it dying instead.
         let exit = tokio::spawn(vp::wait_exit(watch_fd));
-        let deadline = tokio::time::Instant::now() + LAUNCH_TIMEOUT;
+        // A VMM receiving a migration answers once the whole VM has arrived; the stream's
+        // own timeouts end it if the sender stalls.
+        let deadline = tokio::time::Instant::now()
+            + if kind == Op::Incoming {
+                INCOMING_TIMEOUT
+            } else {
+                LAUNCH_TIMEOUT
+            };
         let mut delay = Duration::from_millis(2);
         let mut handoff_pause_ms = None;
         let answered = loop {
@@ -777,6 +791,10 @@ impl Agent {
                 ),
             ),
             Op::Restart => (EventKind::Restarted, format!("VMM pid {pid}")),
+            Op::Incoming => (
+                EventKind::Migrated,
+                format!("arrived from another host; VMM pid {pid}"),
+            ),
             _ => (EventKind::Started, format!("VMM pid {pid}")),
         };
         self.events
@@ -870,9 +888,9 @@ impl Agent {
                 return;
             }
             expected = r.desired == Desired::Stopped
-                || r.operation
-                    .as_ref()
-                    .is_some_and(|o| matches!(o.kind, Op::Stop | Op::Reboot | Op::Delete));
+                || r.operation.as_ref().is_some_and(|o| {
+                    matches!(o.kind, Op::Stop | Op::Reboot | Op::Delete | Op::Migrate)
+                });
             let state = if expected || clean {
                 Phase::Stopped
             } else {

@@ -788,6 +788,10 @@ wire_enum! {
         Snapshot = "snapshot",
         /// Hand the VM to a new VMM process (live upgrade).
         Upgrade = "upgrade",
+        /// Move the VM to another host (live migration; this host sends it).
+        Migrate = "migrate",
+        /// Take a VM another host is migrating here (this host receives it).
+        Incoming = "incoming",
     }
 }
 

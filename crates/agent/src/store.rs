@@ -39,6 +39,11 @@ pub mod layout {
     pub const VMM_LOG: &str = "vmm.log";
     /// The vsock host socket.
     pub const VSOCK_SOCKET: &str = "vsock.sock";
+    /// Where a VMM launched to receive a live migration listens for its stream.
+    pub const INCOMING_SOCKET: &str = "incoming.sock";
+    /// Where the agent listens for the stream of a VMM it is migrating away (in the jail's
+    /// writable directory, so a jailed VMM can reach it).
+    pub const MIGRATE_SOCKET: &str = "migrate.sock";
 }
 
 /// Runs `f`, file I/O that waits for the disk (an fsync), without holding up the other tasks

@@ -52,6 +52,11 @@ pub struct Launch {
     /// guest memory's descriptor through its control socket, then its lock once it has ended.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub handoff: bool,
+    /// Receive the VM from a live migration on this Unix socket (bound by the VMM, before its
+    /// jail) instead of booting `config`'s kernel (whose disks, NICs and vsock device are the
+    /// received VM's backends; its writable raw disks are written from the stream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incoming: Option<std::path::PathBuf>,
     /// Jail the VMM (`DIR/root` its root) before the guest runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jail: Option<crate::jail::JailConfig>,
@@ -97,6 +102,7 @@ impl Launch {
             config,
             restore: None,
             handoff: false,
+            incoming: None,
             jail: None,
         }
     }

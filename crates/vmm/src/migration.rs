@@ -614,7 +614,9 @@ mod tests {
         let mut stream = s.into_inner();
         stream.push(DONE);
         stream.extend_from_slice(&0u64.to_le_bytes());
-        let disks = [Some(std::fs::OpenOptions::new().write(true).open(&dst).unwrap())];
+        let disks = [Some(
+            std::fs::OpenOptions::new().write(true).open(&dst).unwrap(),
+        )];
         // The empty state is refused at the end, after the disk records were taken.
         let e = receive(&mut stream.as_slice(), &disks).err().unwrap();
         assert!(e.to_string().contains("header"), "{e}");
@@ -622,7 +624,9 @@ mod tests {
         // A block past the disk's end.
         let mut s = Sender::new(Vec::new(), 1 << 20).unwrap();
         s.disk_record(0, size - 512, &[1u8; 1024]).unwrap();
-        let e = receive(&mut s.into_inner().as_slice(), &disks).err().unwrap();
+        let e = receive(&mut s.into_inner().as_slice(), &disks)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("outside"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

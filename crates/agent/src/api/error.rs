@@ -86,6 +86,8 @@ wire_enum! {
         StartFailed = "start_failed",
         /// The VMM did not do what it was asked.
         VmmError = "vmm_error",
+        /// A live migration failed once under way (the VM goes on where it was).
+        MigrationFailed = "migration_failed",
         /// The console attach needs an upgrade to the console protocol.
         UpgradeRequired = "upgrade_required",
         /// The socket is read-only (the debug socket).
@@ -142,6 +144,9 @@ impl From<AgentError> for ApiError {
                 msg,
             ),
             AgentError::Vmm { .. } => Self::new(StatusCode::BAD_GATEWAY, ErrorCode::VmmError, msg),
+            AgentError::MigrationFailed(_) => {
+                Self::new(StatusCode::BAD_GATEWAY, ErrorCode::MigrationFailed, msg)
+            }
             AgentError::Store(_) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, msg)
             }

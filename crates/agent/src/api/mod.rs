@@ -53,6 +53,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/vms/{id}/metadata"),
     ("PUT", "/v1/vms/{id}/metadata"),
     ("POST", "/v1/vms/{id}/upgrade"),
+    ("POST", "/v1/vms/{id}/migrate"),
     ("POST", "/v1/vms/{id}/snapshot"),
     ("GET", "/v1/vms/{id}/snapshots"),
     ("DELETE", "/v1/vms/{id}/snapshots/{name}"),
@@ -492,6 +493,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/vms/{id}/console/attach", get(attach))
         .route("/v1/vms/{id}/metadata", get(get_metadata).put(put_metadata))
         .route("/v1/vms/{id}/upgrade", post(upgrade_vm))
+        .route("/v1/vms/{id}/migrate", post(migrate_vm))
         .route("/v1/vms/{id}/snapshot", post(snapshot_vm))
         .route("/v1/vms/{id}/snapshots", get(list_snapshots))
         .route(
@@ -797,6 +799,17 @@ async fn upgrade_vm(
     _: NoBody,
 ) -> Result<Response, ApiError> {
     Ok(Json(run_to_end(&st.agent, |a| async move { a.upgrade(&id).await }).await?).into_response())
+}
+
+async fn migrate_vm(
+    State(st): St,
+    _: NoParams,
+    VmId(id): VmId,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: crate::migrate::MigrateRequest = json_body(body).await?;
+    let done = run_to_end(&st.agent, |a| async move { a.migrate(&id, req).await }).await?;
+    Ok(Json(done).into_response())
 }
 
 async fn snapshot_vm(

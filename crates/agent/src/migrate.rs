@@ -1,0 +1,601 @@
+//! Live migration between hosts: this agent moves a running VM to another host's agent, or
+//! takes one another host's agent moves here.
+//!
+//! The agents talk over TCP with mutual TLS (TLS 1.3, rustls): each side shows a certificate
+//! signed by the operator's migration CA and accepts only a peer whose certificate that CA
+//! signed, so a host that is not the operator's cannot send or receive a VM. The sender checks
+//! that the certificate names the destination it dialled (its IP address or DNS name).
+//!
+//! On one connection, driven by the sender:
+//! 1. the sender sends a [`Prepare`] line: the VM's record and its disks' sizes;
+//! 2. the receiver makes the VM as a create would (the same validation and admission; the same
+//!    id, SMBIOS UUID, MACs, addresses and metadata; its own empty files for the disks the
+//!    stream copies), marks it `incoming`, wires its NICs and launches a VMM that waits for
+//!    the stream; then it answers a [`Prepared`] line (or a refusal naming the problem, and
+//!    nothing is left behind);
+//! 3. the connection then carries the VMMs' migration stream (`bexar_vmm::migration`): the
+//!    sender's VMM writes into a socket this agent listens on, each agent relays between its
+//!    VMM and the TLS connection;
+//! 4. when the receiving VMM holds the VM it answers the sending VMM, which ends; the sender's
+//!    agent then deletes the VM here (VMM, TAPs, filters, files) and the receiver's records it
+//!    running. If anything fails before that answer the VM goes on here and the receiver
+//!    deletes what it made.
+//!
+//! Not yet: settling a migration that one agent's crash interrupted (the records say which
+//! side was doing what), qcow2 overlays (refused, see `bexar_vmm::migration`), bandwidth
+//! limits, progress reports and cancelling.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+use super::events::EventKind;
+use super::spec::{Desired, FieldError, Operation, OperationKind as Op, Phase, VmRecord};
+use super::store::layout;
+use super::{now_ms, Agent, AgentError, VmEntry};
+
+/// The migration listener and the certificates both directions use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationConfig {
+    /// Where to take migrations from other hosts (`None`: this host only sends).
+    pub listen: Option<SocketAddr>,
+    /// This host's certificate chain (PEM), signed by the migration CA.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The migration CA's certificate(s) (PEM): the hosts it signed are the known hosts.
+    pub ca: PathBuf,
+}
+
+/// The TLS configurations made from a [`MigrationConfig`].
+pub struct MigrationTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for MigrationTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MigrationTls")
+    }
+}
+
+impl MigrationTls {
+    /// Reads the certificates and key; an error names the file and what is wrong with it.
+    pub fn load(c: &MigrationConfig) -> Result<Self, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = |path: &PathBuf| {
+            CertificateDer::pem_file_iter(path)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("{}: {e}", path.display()))
+                .and_then(|v| {
+                    if v.is_empty() {
+                        Err(format!("{}: no certificate", path.display()))
+                    } else {
+                        Ok(v)
+                    }
+                })
+        };
+        let chain = certs(&c.cert)?;
+        let key = PrivateKeyDer::from_pem_file(&c.key)
+            .map_err(|e| format!("{}: {e}", c.key.display()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in certs(&c.ca)? {
+            roots
+                .add(ca)
+                .map_err(|e| format!("{}: {e}", c.ca.display()))?;
+        }
+        let roots = Arc::new(roots);
+        // ring rather than rustls's default aws-lc-rs (a large C build); ring offers no
+        // post-quantum key exchange, which rustls 0.23.48 marks by deprecating it
+        // (docs/architecture.md).
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| format!("{}: {e}", c.ca.display()))?;
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(tls13)
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| format!("{}: {e}", c.cert.display()))?;
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(tls13)
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| format!("{}: {e}", c.cert.display()))?;
+        Ok(Self {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+        })
+    }
+}
+
+/// `POST /v1/vms/{id}/migrate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The destination agent's migration listener, `HOST:PORT` (an IP address or a DNS name
+    /// its certificate carries).
+    pub destination: String,
+    /// The largest pause wanted, milliseconds (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u32>,
+    /// The most pre-copy rounds (default 30; 0: a stop-and-copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rounds: Option<u32>,
+}
+
+/// What a migration did (the answer to `POST /v1/vms/{id}/migrate`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationOutcome {
+    /// The VM.
+    pub id: String,
+    /// Where it runs now.
+    pub destination: String,
+    /// The VMM's report: rounds, pages and disk bytes sent, the pause, the time in all.
+    pub migration: bexar_vmm::migration::MigrationReport,
+}
+
+/// The sender's first line.
+#[derive(Debug, Serialize, Deserialize)]
+struct Prepare {
+    /// The VM as the sender records it.
+    record: VmRecord,
+    /// Each disk's size in bytes, for those the stream copies.
+    disk_sizes: Vec<Option<u64>>,
+}
+
+/// The receiver's answer to [`Prepare`].
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Prepared {
+    ok: bool,
+    /// The API error code the receiver's own API would give (`over_capacity`, ...).
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// The longest line either side reads before the stream.
+const MAX_LINE: u64 = 4 << 20;
+/// Connecting, the TLS handshake, and each line before the stream.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The sending VMM's whole migration, from the request to its answer.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+fn field(name: &str, message: impl Into<String>) -> AgentError {
+    AgentError::Invalid(FieldError::new(name, message.into()))
+}
+
+/// The API code of an error, as a refusal sent to the other agent.
+fn refusal(e: &AgentError) -> Prepared {
+    let code = match e {
+        AgentError::Capacity(_) => "over_capacity",
+        AgentError::Exists(_) => "already_exists",
+        AgentError::Invalid(_) => "invalid_field",
+        AgentError::SegmentNotFound(_) | AgentError::ImageNotFound(_) => "not_found",
+        _ => "conflict",
+    };
+    Prepared {
+        ok: false,
+        code: code.into(),
+        message: e.to_string(),
+    }
+}
+
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<String> {
+    let mut line = String::new();
+    let n = tokio::time::timeout(STEP_TIMEOUT, r.take(MAX_LINE).read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))??;
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(line)
+}
+
+async fn write_line<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    value: &impl Serialize,
+) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    w.flush().await
+}
+
+impl Agent {
+    fn migration_tls(&self) -> Result<&MigrationTls, AgentError> {
+        self.migration.as_deref().ok_or_else(|| {
+            field(
+                "destination",
+                "this agent has no migration certificates (--migration-cert, --migration-key, \
+                 --migration-ca)",
+            )
+        })
+    }
+
+    /// Moves running VM `id` to the agent at `req.destination` (see the module's description).
+    pub async fn migrate(
+        self: &Arc<Self>,
+        id: &str,
+        req: MigrateRequest,
+    ) -> Result<MigrationOutcome, AgentError> {
+        let tls = self.migration_tls()?;
+        let (host, port) = req
+            .destination
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+            .filter(|(h, p)| !h.is_empty() && *p != 0)
+            .ok_or_else(|| field("destination", "not HOST:PORT"))?;
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| field("destination", format!("{host}: {e}")))?;
+        self.recovered().await;
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        let rec = Self::snapshot(&entry);
+        if rec.state != Phase::Running {
+            return Err(super::lifecycle::illegal(&rec, "migrate"));
+        }
+        let dir = self.vm_dir(id);
+        // Which disks the stream copies, and the ones it cannot move.
+        let mut disk_sizes = Vec::new();
+        for (i, d) in rec.spec.disks.iter().enumerate() {
+            if d.image.is_some() {
+                return Err(AgentError::Conflict(FieldError::new(
+                    format!("spec.disks[{i}]"),
+                    "a disk made from an image (a qcow2 overlay) cannot be migrated yet",
+                )));
+            }
+            let size = match (&d.path, d.read_only) {
+                (Some(_), false) => Some(rec.disks.get(i).map_or(0, |s| s.size)),
+                _ => None,
+            };
+            disk_sizes.push(size);
+        }
+        // The destination, proven by its certificate, and its answer.
+        let tcp = tokio::time::timeout(STEP_TIMEOUT, TcpStream::connect((host, port)))
+            .await
+            .map_err(|_| field("destination", format!("{}: no answer", req.destination)))?
+            .map_err(|e| field("destination", format!("{}: {e}", req.destination)))?;
+        let _ = tcp.set_nodelay(true);
+        let conn = tokio::time::timeout(STEP_TIMEOUT, tls.connector.connect(name, tcp))
+            .await
+            .map_err(|_| field("destination", "the TLS handshake did not finish"))?
+            .map_err(|e| {
+                field(
+                    "destination",
+                    format!("{} is not a known host: {e}", req.destination),
+                )
+            })?;
+        let mut conn = BufReader::new(conn);
+        let prepare = Prepare {
+            record: rec.clone(),
+            disk_sizes,
+        };
+        let lost = |e: std::io::Error| {
+            AgentError::MigrationFailed(format!("the destination went away: {e}"))
+        };
+        write_line(conn.get_mut(), &prepare).await.map_err(lost)?;
+        let answer: Prepared = serde_json::from_str(&read_line(&mut conn).await.map_err(lost)?)
+            .map_err(|e| AgentError::MigrationFailed(format!("the destination's answer: {e}")))?;
+        if !answer.ok {
+            let why = format!("the destination refused the VM: {}", answer.message);
+            return Err(match answer.code.as_str() {
+                "over_capacity" => AgentError::Capacity(why),
+                _ => AgentError::Conflict(FieldError::new("destination", why)),
+            });
+        }
+        // The destination holds an `incoming` copy waiting for the stream.
+        self.update(&entry, |r| r.operation = super::lifecycle::op(Op::Migrate))?;
+        let ended = self.send_vm(&entry, &rec, conn, &req).await;
+        match ended {
+            Ok(report) => {
+                let message = format!(
+                    "moved to {}: paused {:.1} ms, {} bytes sent ({} of disk), {:.0} ms in all",
+                    req.destination,
+                    report.paused_ms,
+                    report.bytes_sent,
+                    report.disk_bytes,
+                    report.total_ms
+                );
+                self.events
+                    .emit(id, EventKind::Migrated, Some(Phase::Running), message);
+                // The VM is the destination's: nothing of it stays here.
+                self.update(&entry, |r| {
+                    r.state = Phase::Deleting;
+                    r.desired = Desired::Stopped;
+                })?;
+                self.finish_delete(&entry).await?;
+                Ok(MigrationOutcome {
+                    id: id.to_owned(),
+                    destination: req.destination,
+                    migration: report,
+                })
+            }
+            Err(e) => {
+                let _ = self.update(&entry, |r| r.operation = None);
+                let _ = std::fs::remove_file(dir.join(layout::MIGRATE_SOCKET));
+                Err(e)
+            }
+        }
+    }
+
+    /// Asks the VM's VMM to migrate into a socket of ours, relays that to `conn`, and returns
+    /// the VMM's report once the receiver holds the VM.
+    async fn send_vm(
+        self: &Arc<Self>,
+        entry: &Arc<VmEntry>,
+        rec: &VmRecord,
+        conn: BufReader<tokio_rustls::client::TlsStream<TcpStream>>,
+        req: &MigrateRequest,
+    ) -> Result<bexar_vmm::migration::MigrationReport, AgentError> {
+        let dir = self.vm_dir(&entry.id);
+        // A jailed VMM reaches the socket in its root's writable directory.
+        let jail = rec
+            .status
+            .pid
+            .and_then(|pid| super::sandbox::jail_root_of(pid, &dir));
+        let (host_path, vmm_path) = match jail {
+            Some(root) => (
+                root.join(bexar_vmm::launch::files::JAIL_OUT)
+                    .join(layout::MIGRATE_SOCKET),
+                std::path::Path::new("/")
+                    .join(bexar_vmm::launch::files::JAIL_OUT)
+                    .join(layout::MIGRATE_SOCKET),
+            ),
+            None => (
+                dir.join(layout::MIGRATE_SOCKET),
+                dir.join(layout::MIGRATE_SOCKET),
+            ),
+        };
+        let failed = |what: &str, e: std::io::Error| {
+            AgentError::MigrationFailed(format!("{what} {}: {e}", host_path.display()))
+        };
+        let _ = std::fs::remove_file(&host_path);
+        let listener = UnixListener::bind(&host_path).map_err(|e| failed("cannot listen on", e))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // The VMM runs as its own uid; only it and root reach this directory.
+            std::fs::set_permissions(&host_path, std::fs::Permissions::from_mode(0o666))
+                .map_err(|e| failed("cannot open", e))?;
+        }
+        let relay = tokio::spawn(async move {
+            let (mut vmm, _) = tokio::time::timeout(STEP_TIMEOUT, listener.accept())
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no VMM"))??;
+            let conn = conn;
+            // Whatever the destination sent after its answer is the receiving VMM's.
+            let early = conn.buffer().to_vec();
+            vmm.write_all(&early).await?;
+            let mut conn = conn.into_inner();
+            tokio::io::copy_bidirectional(&mut vmm, &mut conn).await
+        });
+        let request = bexar_vmm::control::Request::Migrate {
+            to: vmm_path,
+            downtime_ms: req.downtime_ms,
+            max_rounds: req.max_rounds,
+            disks: true,
+        };
+        let answered = super::vmm_process::exchange(&dir, &request, MIGRATE_TIMEOUT).await;
+        let _ = std::fs::remove_file(&host_path);
+        match answered {
+            Ok((reply, _)) => {
+                // The receiver answered the VMM; the relay ends as both sides close.
+                let _ = tokio::time::timeout(STEP_TIMEOUT, relay).await;
+                reply.migration.ok_or_else(|| {
+                    AgentError::MigrationFailed("the VMM sent no migration report".into())
+                })
+            }
+            Err(e) => {
+                relay.abort();
+                Err(AgentError::MigrationFailed(format!(
+                    "the VM stays here: {e}"
+                )))
+            }
+        }
+    }
+
+    /// Takes migrations from other hosts' agents on `listener` until the agent ends.
+    pub async fn serve_migrations(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("migration listener: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let agent = self.clone();
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let Some(tls) = agent.migration.clone() else {
+                    return;
+                };
+                let conn = match tokio::time::timeout(STEP_TIMEOUT, tls.acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, "migration refused: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%peer, "migration refused: the TLS handshake did not finish");
+                        return;
+                    }
+                };
+                agent.receive_vm(conn, peer).await;
+            });
+        }
+    }
+
+    /// One incoming migration from an authenticated peer.
+    async fn receive_vm(
+        self: &Arc<Self>,
+        conn: tokio_rustls::server::TlsStream<TcpStream>,
+        peer: SocketAddr,
+    ) {
+        let mut conn = BufReader::new(conn);
+        let prepare = match read_line(&mut conn).await {
+            Ok(line) => serde_json::from_str::<Prepare>(&line),
+            Err(e) => {
+                tracing::warn!(%peer, "migration: {e}");
+                return;
+            }
+        };
+        let entry = match prepare {
+            Err(e) => Err(field("body", e.to_string())),
+            Ok(p) => {
+                self.recovered().await;
+                self.prepare_incoming(p).await
+            }
+        };
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::info!(%peer, "migration refused: {e}");
+                let _ = write_line(conn.get_mut(), &refusal(&e)).await;
+                return;
+            }
+        };
+        let id = entry.id.clone();
+        let _op = entry.op.lock().await;
+        let socket = self.vm_dir(&id).join(layout::INCOMING_SOCKET);
+        let relay = async {
+            // The VMM binds its socket before anything else it does.
+            let t = tokio::time::Instant::now();
+            let mut vmm = loop {
+                match UnixStream::connect(&socket).await {
+                    Ok(s) => break s,
+                    Err(_) if t.elapsed() < STEP_TIMEOUT => {
+                        tokio::time::sleep(Duration::from_millis(2)).await
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            write_line(
+                conn.get_mut(),
+                &Prepared {
+                    ok: true,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            let mut conn = conn.into_inner();
+            tokio::io::copy_bidirectional(&mut conn, &mut vmm).await
+        };
+        let (launched, relayed) = tokio::join!(self.launch(&entry, Op::Incoming), relay);
+        match launched {
+            Ok(_) => tracing::info!(vm = %id, %peer, "migrated here"),
+            Err(e) => {
+                tracing::warn!(vm = %id, %peer, "migration did not arrive: {e} ({relayed:?})");
+                let _ = self.update(&entry, |r| {
+                    r.state = Phase::Deleting;
+                    r.desired = Desired::Stopped;
+                });
+                if let Err(e) = self.finish_delete(&entry).await {
+                    tracing::error!(vm = %id, "cannot remove a failed incoming VM: {e}");
+                }
+            }
+        }
+    }
+
+    /// Makes the VM of `p` here, stopped and `incoming`, as the sender has it (see the module's
+    /// description). On an error nothing is left.
+    async fn prepare_incoming(self: &Arc<Self>, p: Prepare) -> Result<Arc<VmEntry>, AgentError> {
+        let src = p.record;
+        let id = src.id.clone();
+        if self.entry(&id).is_ok() {
+            return Err(AgentError::Exists(id));
+        }
+        let mut spec = src.spec.clone();
+        spec.uuid = Some(src.uuid);
+        for (n, was) in spec.nics.iter_mut().zip(&src.nics) {
+            if n.segment.is_some() {
+                n.mac = Some(was.mac.clone());
+                n.ipv4 = was.ipv4;
+                n.ipv6 = was.ipv6;
+            }
+        }
+        let dir = self.vm_dir(&id);
+        let made_dir = !dir.exists();
+        let cleanup = |dir: &std::path::Path| {
+            if made_dir && self.entry(&id).is_err() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        };
+        // The copied disks land in files of the VM's directory, which go with it.
+        for (i, d) in spec.disks.iter_mut().enumerate() {
+            if d.image.is_some() {
+                return Err(AgentError::Conflict(FieldError::new(
+                    format!("spec.disks[{i}]"),
+                    "a disk made from an image (a qcow2 overlay) cannot be migrated yet",
+                )));
+            }
+            let Some(Some(size)) = p.disk_sizes.get(i) else {
+                continue;
+            };
+            let path = dir.join(format!("disk{i}.raw"));
+            let made = std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::File::create(&path))
+                .and_then(|f| f.set_len(*size));
+            if let Err(e) = made {
+                cleanup(&dir);
+                return Err(AgentError::Store(super::StoreError::Io(
+                    bexar_util::fs::FsError {
+                        what: "create",
+                        path,
+                        err: e,
+                    },
+                )));
+            }
+            d.path = Some(path);
+            d.format = Some(bexar_devices::block::DiskFormat::Raw);
+        }
+        let created = self.create_record(spec, false);
+        match created {
+            Ok((_, true)) => {}
+            Ok((_, false)) => return Err(AgentError::Exists(id)),
+            Err(e) => {
+                cleanup(&dir);
+                return Err(e);
+            }
+        }
+        let entry = self.entry(&id)?;
+        let rec = self.update(&entry, |r| {
+            r.metadata = src.metadata.clone();
+            r.desired = Desired::Running;
+            r.operation = Some(Operation {
+                kind: Op::Incoming,
+                started_ms: now_ms(),
+            });
+        });
+        let rec = match rec {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.delete(&id).await;
+                return Err(e);
+            }
+        };
+        if rec.nics.iter().any(|n| n.segment.is_some()) {
+            if let Err(e) = self.wire_nics(&rec).await {
+                let _ = self.delete(&id).await;
+                return Err(e);
+            }
+        }
+        Ok(entry)
+    }
+}
