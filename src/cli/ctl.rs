@@ -104,6 +104,21 @@ pub enum VmCommand {
         /// VM id.
         id: String,
     },
+    /// Move a running VM to another host's agent (live migration; both agents need
+    /// --migration-* certificates from one CA, the destination --migration-listen).
+    Migrate {
+        /// VM id.
+        id: String,
+        /// The destination agent's migration listener, HOST:PORT.
+        #[arg(long)]
+        to: String,
+        /// The largest pause wanted, milliseconds.
+        #[arg(long)]
+        downtime_ms: Option<u32>,
+        /// The most pre-copy rounds (0: stop-and-copy).
+        #[arg(long)]
+        max_rounds: Option<u32>,
+    },
     /// List a VM's snapshots.
     Snapshots {
         /// VM id.
@@ -789,6 +804,21 @@ async fn vm_async(opts: &ClientOpts, cmd: &VmCommand) -> ExitCode {
             return print_json(c.post(&format!("/v1/vms/{id}/snapshot"), &body).await);
         }
         VmCommand::Upgrade { id } => c.post(&format!("/v1/vms/{id}/upgrade"), &Value::Null).await,
+        VmCommand::Migrate {
+            id,
+            to,
+            downtime_ms,
+            max_rounds,
+        } => {
+            let mut body = serde_json::json!({ "destination": to });
+            if let Some(ms) = downtime_ms {
+                body["downtime_ms"] = (*ms).into();
+            }
+            if let Some(n) = max_rounds {
+                body["max_rounds"] = (*n).into();
+            }
+            return print_json(c.post(&format!("/v1/vms/{id}/migrate"), &body).await);
+        }
         VmCommand::Snapshots { id } => {
             return print_json(c.get(&format!("/v1/vms/{id}/snapshots")).await)
         }

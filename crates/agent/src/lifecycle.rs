@@ -109,6 +109,8 @@ struct Found {
     adopted: Option<Phase>,
     /// Its last VMM's own account of its end (clean, reason), if it wrote one.
     result: Option<(bool, String)>,
+    /// That account says the VMM handed the VM to another VMM (a live migration's sender).
+    handed_off: bool,
 }
 
 /// What follows a VMM found gone.
@@ -172,6 +174,33 @@ enum Recovery {
 fn decide(rec: &VmRecord, found: &Found) -> Recovery {
     if rec.state == Phase::Deleting {
         return Recovery::FinishDelete;
+    }
+    let migration = rec.operation.as_ref().map(|o| o.kind);
+    if found.adopted.is_none() {
+        match migration {
+            // A VM that was arriving with no VMM left here runs on the sender still (the
+            // sender's VMM resumes when its stream breaks): this copy goes.
+            Some(Op::Incoming) => return Recovery::FinishDelete,
+            // The VM was leaving. Its VMM said it handed the VM over: it is the
+            // destination's, and goes here. Without that word it may or may not have: it is
+            // recorded failed and never restarted here, so that it cannot run twice; the
+            // operator looks at the destination.
+            Some(Op::Migrate) if found.handed_off => return Recovery::FinishDelete,
+            Some(Op::Migrate) => {
+                return Recovery::Ended {
+                    state: Phase::Failed,
+                    reason: format!(
+                        "the VMM ended during a live migration, without saying it handed the                          VM over ({}): the VM may run on the destination; not restarted here",
+                        found
+                            .result
+                            .as_ref()
+                            .map_or("no result", |(_, r)| r.as_str())
+                    ),
+                    then: AfterEnd::Nothing,
+                }
+            }
+            _ => {}
+        }
     }
     if let Some(state) = found.adopted {
         let then = if rec.desired == Desired::Stopped {
@@ -1156,12 +1185,23 @@ impl Agent {
             running
         };
         let adopted = self.adopt(entry, rec, running).await;
-        let result = adopted
+        let ended = adopted
             .is_none()
             .then(|| read_result(&self.vm_dir(&entry.id), &rec.status.token))
-            .flatten()
-            .map(|r| (r.clean, r.reason));
-        Found { adopted, result }
+            .flatten();
+        let handed_off = ended.as_ref().is_some_and(|r| {
+            r.outcome
+                .as_ref()
+                .and_then(|o| o.get("handed_off"))
+                .and_then(|h| h.as_bool())
+                == Some(true)
+        });
+        let result = ended.map(|r| (r.clean, r.reason));
+        Found {
+            adopted,
+            result,
+            handed_off,
+        }
     }
 
     /// Waits (up to [`HANDOVER_SETTLE`]) until at most one VMM process runs for VM `id`, and
@@ -1396,6 +1436,42 @@ mod tests {
         Found {
             adopted,
             result: result.map(|(c, r)| (c, r.to_owned())),
+            handed_off: false,
+        }
+    }
+
+    #[test]
+    fn a_migration_the_agent_died_in_never_leaves_two_copies() {
+        // The receiver without its VMM: the VM runs on the sender; this copy goes.
+        let r = rec(Phase::Stopped, Desired::Running, Some(Op::Incoming));
+        assert_eq!(decide(&r, &found(None, None)), Recovery::FinishDelete);
+        // The sender whose VMM handed the VM over: it is the destination's.
+        let r = rec(Phase::Running, Desired::Running, Some(Op::Migrate));
+        let handed = Found {
+            handed_off: true,
+            ..found(None, Some((true, "stopped on request")))
+        };
+        assert_eq!(decide(&r, &handed), Recovery::FinishDelete);
+        // The sender whose VMM ended without saying so: failed, never restarted here.
+        let d = decide(&r, &found(None, None));
+        assert!(
+            matches!(
+                d,
+                Recovery::Ended {
+                    state: Phase::Failed,
+                    then: AfterEnd::Nothing,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
+        // A VMM still running is adopted on either side.
+        for op in [Op::Migrate, Op::Incoming] {
+            let r = rec(Phase::Running, Desired::Running, Some(op));
+            assert!(matches!(
+                decide(&r, &found(Some(Phase::Running), None)),
+                Recovery::Adopted { .. }
+            ));
         }
     }
 
