@@ -13,9 +13,13 @@
 //! * bytes sent against the guest's memory touched (what stop-and-copy sends, every touched
 //!   page once): the pre-copy's price.
 //!
+//! Then the same with a disk copied in the stream (`"disks": true`): a guest idle and one writing
+//! its disk continuously, pre-copy against stop-and-copy, and the pause while writing against
+//! the pause idle (the disk's write rate must not lengthen the pause).
+//!
 //! `cargo bench --bench migration` (BEXAR_BENCH_ITERS=N runs per case, default 5). Prints
-//! medians and ratios; it asserts nothing about time. Both processes run unjailed (`--no-jail`):
-//! the agent's migration, which will hand a jailed VMM its connection, is not built yet.
+//! medians and ratios; it asserts nothing about time. Both processes run unjailed (`--no-jail`);
+//! the agents' migration between hosts is measured in `tests/network.rs` (it prints its figures).
 
 mod common;
 use common::{bexar, env_count, percentile, testguest};
@@ -146,9 +150,168 @@ fn migrate_once(dir: &Path, rate: u64, precopy: bool) -> Run {
     }
 }
 
-fn median(runs: &[Run], f: impl Fn(&Run) -> f64) -> f64 {
+fn median<T>(runs: &[T], f: impl Fn(&T) -> f64) -> f64 {
     let mut v: Vec<f64> = runs.iter().map(f).collect();
     percentile(&mut v, 0.5)
+}
+
+/// The disk of the disk cases, and the data on it before the guest starts.
+const DISK_MIB: u64 = 256;
+const DISK_DATA_MIB: u64 = 64;
+
+struct DiskRun {
+    paused_ms: f64,
+    total_ms: f64,
+    bytes: f64,
+    disk_bytes: f64,
+}
+
+/// One migration with the disk copied: a guest idle, or writing its disk as fast as it can
+/// (`blk-scatter`: 8 scattered writes of up to 64 KiB and a flush, over and over), on a
+/// 256 MiB raw disk holding 64 MiB of data.
+fn migrate_disk_once(dir: &Path, writing: bool, precopy: bool) -> DiskRun {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let (incoming, ctl) = (dir.join("in.sock"), dir.join("ctl.sock"));
+    let (a, b) = (dir.join("a.raw"), dir.join("b.raw"));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&a).unwrap();
+        f.set_len(DISK_MIB << 20).unwrap();
+        let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+        for i in 0..DISK_DATA_MIB {
+            f.write_all_at(&chunk, i * 4 * (1 << 20)).unwrap();
+        }
+        std::fs::File::create(&b)
+            .unwrap()
+            .set_len(DISK_MIB << 20)
+            .unwrap();
+    }
+    let run = |name: &str, args: &[&str]| {
+        let out = |ext: &str| std::fs::File::create(dir.join(format!("{name}.{ext}"))).unwrap();
+        Command::new(bexar())
+            .args(["run", "--no-jail", "--no-stdin", "--timeout", "120"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out("out"))
+            .stderr(out("err"))
+            .spawn()
+            .unwrap()
+    };
+    let dest = run(
+        "dest",
+        &[
+            "--incoming",
+            incoming.to_str().unwrap(),
+            "--disk",
+            b.to_str().unwrap(),
+        ],
+    );
+    let cmdline = if writing {
+        "console=ttyS0 bexar.test=blk-scatter bexar.rounds=100000000 bexar.writes=8"
+    } else {
+        "console=ttyS0 bexar.test=idle"
+    };
+    let src = run(
+        "src",
+        &[
+            "--kernel",
+            testguest().to_str().unwrap(),
+            "--memory",
+            &MEMORY_MIB.to_string(),
+            "--disk",
+            a.to_str().unwrap(),
+            "--control",
+            ctl.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+        ],
+    );
+    wait_for(
+        &dir.join("src.out"),
+        if writing {
+            "round 20 flushed"
+        } else {
+            "idle: ready"
+        },
+    );
+    while !incoming.exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut req = serde_json::json!({"op": "migrate", "to": incoming, "disks": true});
+    if !precopy {
+        req["max_rounds"] = 0.into();
+    }
+    let reply = common::vmm_control(&ctl, &req);
+    assert_eq!(reply["ok"], true, "{reply}");
+    let m = &reply["migration"];
+    wait_for(&dir.join("dest.err"), "the guest was paused");
+    let err = std::fs::read_to_string(dir.join("dest.err")).unwrap();
+    let paused_ms: f64 = err
+        .split("the guest was paused ")
+        .nth(1)
+        .and_then(|s| s.split(" ms").next())
+        .and_then(|s| s.trim().parse().ok())
+        .expect("the receiver's pause");
+    kill(dest);
+    kill(src);
+    DiskRun {
+        paused_ms,
+        total_ms: m["total_ms"].as_f64().unwrap(),
+        bytes: m["bytes_sent"].as_f64().unwrap(),
+        disk_bytes: m["disk_bytes"].as_f64().unwrap(),
+    }
+}
+
+fn disk_cases(dir: &Path, iters: usize) {
+    println!(
+        "\nwith a {DISK_MIB} MiB raw disk holding {DISK_DATA_MIB} MiB copied too ({MEMORY_MIB} MiB \
+         guest), {iters} runs per case (p50)"
+    );
+    println!(
+        "{:>16} {:>12} {:>12} {:>8} {:>10} {:>10} {:>12} {:>12}",
+        "guest",
+        "pause pre",
+        "pause stop",
+        "ratio",
+        "total pre",
+        "total stop",
+        "disk MB pre",
+        "bytes/stop"
+    );
+    let mut idle_pause = 0.0;
+    for writing in [false, true] {
+        let pre: Vec<DiskRun> = (0..iters)
+            .map(|_| migrate_disk_once(dir, writing, true))
+            .collect();
+        let stop: Vec<DiskRun> = (0..iters)
+            .map(|_| migrate_disk_once(dir, writing, false))
+            .collect();
+        let (pp, sp) = (
+            median(&pre, |r| r.paused_ms),
+            median(&stop, |r| r.paused_ms),
+        );
+        if !writing {
+            idle_pause = pp;
+        }
+        println!(
+            "{:>16} {:>9.2} ms {:>9.2} ms {:>8.3} {:>7.1} ms {:>7.1} ms {:>12.1} {:>12.3}",
+            if writing { "writing its disk" } else { "idle" },
+            pp,
+            sp,
+            pp / sp,
+            median(&pre, |r| r.total_ms),
+            median(&stop, |r| r.total_ms),
+            median(&pre, |r| r.disk_bytes) / 1e6,
+            median(&pre, |r| r.bytes) / median(&stop, |r| r.bytes)
+        );
+        if writing {
+            println!(
+                "pause with the disk written continuously / idle: {:.2}",
+                pp / idle_pause.max(1e-3)
+            );
+        }
+    }
 }
 
 fn main() {
@@ -194,5 +357,6 @@ fn main() {
             median(&pre, |r| r.rounds)
         );
     }
+    disk_cases(&dir, iters);
     let _ = std::fs::remove_dir_all(&dir);
 }

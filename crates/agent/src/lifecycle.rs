@@ -257,6 +257,14 @@ impl Agent {
         let entry = self.entry(id)?;
         let _op = entry.op.lock().await;
         let rec = Self::snapshot(&entry);
+        if rec
+            .operation
+            .as_ref()
+            .is_some_and(|o| o.kind == Op::Incoming)
+        {
+            // Its memory and disks are still on their way from another host.
+            return Err(illegal(&rec, "start"));
+        }
         match rec.state {
             Phase::Running => return Ok(rec),
             Phase::Stopped | Phase::Failed => {}
@@ -901,6 +909,16 @@ impl Agent {
             }
         }
         let dir = self.vm_dir(&entry.id);
+        let migrating = lock(&entry.rec)
+            .operation
+            .as_ref()
+            .is_some_and(|o| matches!(o.kind, Op::Migrate | Op::Incoming));
+        if migrating {
+            // The migration's own code (which holds the operation lock) records this end; if
+            // an agent restart took that code away, `settle_migration` does, after it.
+            self.settle_migration(entry, token);
+            return;
+        }
         let (clean, mut reason) = run_end(
             &dir,
             token,
@@ -947,6 +965,68 @@ impl Agent {
         if !expected {
             self.maybe_restart(entry, &rec);
         }
+    }
+
+    /// Records the end of a VMM that ended while its VM was migrating, once whoever holds the
+    /// VM's operation lock is done: a VM that was arriving goes (it runs on the sender); a VM
+    /// that was leaving goes if its VMM said it handed the VM over, and is otherwise recorded
+    /// failed, never restarted here (it may run on the destination).
+    fn settle_migration(self: &Arc<Self>, entry: &Arc<VmEntry>, token: &str) {
+        let agent = self.clone();
+        let entry = entry.clone();
+        let token = token.to_owned();
+        tokio::spawn(async move {
+            let _op = entry.op.lock().await;
+            if !lock(&agent.vms).contains_key(&entry.id) || lock(&entry.vmm).is_some() {
+                return;
+            }
+            let rec = Self::snapshot(&entry);
+            let kind = rec.operation.as_ref().map(|o| o.kind);
+            if rec.status.token != token || !matches!(kind, Some(Op::Migrate | Op::Incoming)) {
+                return;
+            }
+            let dir = agent.vm_dir(&entry.id);
+            let result = read_result(&dir, &token);
+            let handed_off = result.as_ref().is_some_and(|r| {
+                r.outcome
+                    .as_ref()
+                    .and_then(|o| o.get("handed_off"))
+                    .and_then(|h| h.as_bool())
+                    == Some(true)
+            });
+            if kind == Some(Op::Incoming) || handed_off {
+                if handed_off {
+                    agent.events.emit(
+                        &entry.id,
+                        EventKind::Migrated,
+                        None,
+                        "its VMM handed the VM over while the agent was away",
+                    );
+                }
+                let _ = agent.update(&entry, |r| {
+                    r.state = Phase::Deleting;
+                    r.desired = Desired::Stopped;
+                });
+                if let Err(e) = agent.finish_delete(&entry).await {
+                    tracing::error!(vm = %entry.id, "cannot remove a migrated VM: {e}");
+                }
+                return;
+            }
+            let reason = format!(
+                "the VMM ended during a live migration without saying it handed the VM over \
+                 ({}): the VM may run on the destination; not restarted here",
+                result.map_or_else(|| "no result".to_owned(), |r| r.reason)
+            );
+            let updated = agent.update(&entry, |r| {
+                mark_ended(r, Phase::Failed, &reason);
+                r.operation = None;
+            });
+            if updated.is_ok() {
+                agent
+                    .events
+                    .emit(&entry.id, EventKind::Failed, Some(Phase::Failed), reason);
+            }
+        });
     }
 
     /// Schedules a restart if the VM's policy asks for one.
@@ -1303,10 +1383,12 @@ impl Agent {
             }
             // A stop, reboot, pause or resume stays recorded until it is finished; anything
             // else is settled by the VMM's word, `recover` until then.
-            let keep = r
-                .operation
-                .as_ref()
-                .is_some_and(|o| matches!(o.kind, Op::Stop | Op::Reboot | Op::Pause | Op::Resume));
+            let keep = r.operation.as_ref().is_some_and(|o| {
+                matches!(
+                    o.kind,
+                    Op::Stop | Op::Reboot | Op::Pause | Op::Resume | Op::Migrate | Op::Incoming
+                )
+            });
             if !keep {
                 r.operation = op(Op::Recover);
             }
@@ -1357,6 +1439,9 @@ impl Agent {
             let want_paused = match rec.operation.as_ref().map(|o| o.kind) {
                 Some(Op::Pause) => true,
                 Some(Op::Resume) => false,
+                // A VMM paused by a migration in doubt may have handed the VM over: never
+                // resumed from here (that could make two); recorded as it is.
+                Some(Op::Migrate | Op::Incoming) => reported == RunState::Paused,
                 _ => rec.desired == Desired::Paused,
             };
             let mut paused = reported == RunState::Paused;

@@ -249,7 +249,6 @@ impl Agent {
         if rec.state != Phase::Running {
             return Err(super::lifecycle::illegal(&rec, "migrate"));
         }
-        let dir = self.vm_dir(id);
         // Which disks the stream copies, and the ones it cannot move.
         let mut disk_sizes = Vec::new();
         for (i, d) in rec.spec.disks.iter().enumerate() {
@@ -260,7 +259,16 @@ impl Agent {
                 )));
             }
             let size = match (&d.path, d.read_only) {
-                (Some(_), false) => Some(rec.disks.get(i).map_or(0, |s| s.size)),
+                (Some(path), false) => Some(
+                    std::fs::metadata(path)
+                        .map_err(|e| {
+                            AgentError::Conflict(FieldError::new(
+                                format!("spec.disks[{i}].path"),
+                                format!("{}: {e}", path.display()),
+                            ))
+                        })?
+                        .len(),
+                ),
                 _ => None,
             };
             disk_sizes.push(size);
@@ -325,9 +333,26 @@ impl Agent {
                     migration: report,
                 })
             }
+            Err(AgentError::MigrationFailed(why)) if why.contains("in doubt") => {
+                // Everything went and no answer came back: the destination may run the VM.
+                // Its VMM here keeps the guest paused; the record says so, and nothing here
+                // resumes it (an operator who finds it running there deletes it here).
+                let message = format!(
+                    "live migration to {} in doubt: the guest is paused here and may run there; \
+                     delete it here if it runs there, resume it here if not",
+                    req.destination
+                );
+                let _ = self.update(&entry, |r| {
+                    r.state = Phase::Paused;
+                    r.desired = Desired::Paused;
+                    r.operation = None;
+                });
+                self.events
+                    .emit(id, EventKind::Paused, Some(Phase::Paused), message.clone());
+                Err(AgentError::MigrationFailed(message))
+            }
             Err(e) => {
                 let _ = self.update(&entry, |r| r.operation = None);
-                let _ = std::fs::remove_file(dir.join(layout::MIGRATE_SOCKET));
                 Err(e)
             }
         }
@@ -394,16 +419,22 @@ impl Agent {
         match answered {
             Ok((reply, _)) => {
                 // The receiver answered the VMM; the relay ends as both sides close.
-                let _ = tokio::time::timeout(STEP_TIMEOUT, relay).await;
+                let abort = relay.abort_handle();
+                if tokio::time::timeout(STEP_TIMEOUT, relay).await.is_err() {
+                    abort.abort();
+                }
                 reply.migration.ok_or_else(|| {
                     AgentError::MigrationFailed("the VMM sent no migration report".into())
                 })
             }
             Err(e) => {
                 relay.abort();
-                Err(AgentError::MigrationFailed(format!(
-                    "the VM stays here: {e}"
-                )))
+                let e = e.to_string();
+                Err(AgentError::MigrationFailed(if e.contains("in doubt") {
+                    e
+                } else {
+                    format!("the VM stays here: {e}")
+                }))
             }
         }
     }
@@ -472,9 +503,9 @@ impl Agent {
             }
         };
         let id = entry.id.clone();
-        let _op = entry.op.lock().await;
+        let op = entry.op.lock().await;
         let socket = self.vm_dir(&id).join(layout::INCOMING_SOCKET);
-        let relay = async {
+        let relay = tokio::spawn(async move {
             // The VMM binds its socket before anything else it does.
             let t = tokio::time::Instant::now();
             let mut vmm = loop {
@@ -494,14 +525,28 @@ impl Agent {
                 },
             )
             .await?;
+            // Nothing comes before our answer; anything buffered is the stream's all the same.
+            let early = conn.buffer().to_vec();
+            vmm.write_all(&early).await?;
             let mut conn = conn.into_inner();
             tokio::io::copy_bidirectional(&mut conn, &mut vmm).await
+        });
+        let abort = relay.abort_handle();
+        let launched = self.launch(&entry, Op::Incoming).await;
+        // The VM runs here (or never will): the relay only carries the VMMs' last bytes.
+        drop(op);
+        let relayed = match tokio::time::timeout(STEP_TIMEOUT, relay).await {
+            Ok(r) => format!("{r:?}"),
+            Err(_) => {
+                abort.abort();
+                "the relay did not end".to_owned()
+            }
         };
-        let (launched, relayed) = tokio::join!(self.launch(&entry, Op::Incoming), relay);
         match launched {
             Ok(_) => tracing::info!(vm = %id, %peer, "migrated here"),
             Err(e) => {
-                tracing::warn!(vm = %id, %peer, "migration did not arrive: {e} ({relayed:?})");
+                let _op = entry.op.lock().await;
+                tracing::warn!(vm = %id, %peer, "migration did not arrive: {e} ({relayed})");
                 let _ = self.update(&entry, |r| {
                     r.state = Phase::Deleting;
                     r.desired = Desired::Stopped;
@@ -518,6 +563,8 @@ impl Agent {
     async fn prepare_incoming(self: &Arc<Self>, p: Prepare) -> Result<Arc<VmEntry>, AgentError> {
         let src = p.record;
         let id = src.id.clone();
+        // Checked before anything is made from it: the id names the directory written below.
+        src.spec.validate()?;
         if self.entry(&id).is_ok() {
             return Err(AgentError::Exists(id));
         }
@@ -549,8 +596,14 @@ impl Agent {
                 continue;
             };
             let path = dir.join(format!("disk{i}.raw"));
+            // A file already there (a directory left by a VM of this id) is never reused.
             let made = std::fs::create_dir_all(&dir)
-                .and_then(|()| std::fs::File::create(&path))
+                .and_then(|()| {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&path)
+                })
                 .and_then(|f| f.set_len(*size));
             if let Err(e) = made {
                 cleanup(&dir);

@@ -188,9 +188,12 @@ impl<W: Write> Sender<W> {
         let mut at = 0u64;
         // (start, len) of zeros not yet announced, joined while they are adjacent.
         let mut zeros: Option<(u64, u64)> = None;
+        // A run is sent once it reaches 64 MiB, so that a long stretch of zeros to read still
+        // shows the receiver the stream is alive (it times out after 30 s of silence).
+        const ZERO_FLUSH: u64 = 64 << 20;
         let zero = |s: &mut Self, z: &mut Option<(u64, u64)>, off: u64, len: u64| {
             match z {
-                Some((o, l)) if *o + *l == off => *l += len,
+                Some((o, l)) if *o + *l == off && *l < ZERO_FLUSH => *l += len,
                 _ => {
                     if let Some((o, l)) = z.take() {
                         s.zero(index, o, l)?;

@@ -600,18 +600,14 @@ impl Vmm {
         })();
         // Everything is sent: from here only the receiver's answer says who holds the VM.
         let answered = sent.and_then(|()| match read_answer(&mut &stream) {
-            Err(MigrationError::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                // No answer in time, no closed stream: the receiver may be running the guest.
-                // Resuming here could make two; the guest stays paused and frozen until someone
-                // who can ask the receiver decides (stop this VMM, or see the receiver gone).
+            Err(MigrationError::Io(e)) => {
+                // No answer (in time, or at all: a relay between hosts may break after the
+                // receiver took the VM): the receiver may be running the guest. Resuming here
+                // could make two; the guest stays paused and frozen until someone who can ask
+                // the receiver decides. Only an explicit refusal resumes it here.
                 tracing::error!(
-                    "migration in doubt: no answer from the receiver within {:?}; the guest \
-                     stays paused here",
+                    "migration in doubt: no answer from the receiver ({e}, waited at most \
+                     {:?}); the guest stays paused here",
                     crate::migration::ANSWER_TIMEOUT
                 );
                 Err(VmmError::Migration(MigrationError::InDoubt))

@@ -450,6 +450,14 @@ impl VirtioDevice for Block {
         // The kernel must be done with the driver's buffers before the driver reuses them.
         self.backend.drain(&mut self.done);
         self.done.clear();
+        // What was in flight is in the image now: a disk copy sends it again.
+        if let Some(map) = &self.dirty {
+            for p in self.pending.values() {
+                if !matches!(p.op, BlockOp::Read | BlockOp::Flush) {
+                    map.mark(p.offset, p.len);
+                }
+            }
+        }
         self.pending.clear();
         self.common.reset();
     }
