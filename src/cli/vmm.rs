@@ -12,9 +12,11 @@ use bexar_util::fs::{try_lock, write_atomic};
 use bexar_vmm::launch::{files, Launch, RunResult};
 use bexar_vmm::{build_for_boot, build_from_handoff, build_from_snapshot};
 
-/// How long a VMM launched to receive a migration waits for the stream to arrive (the agent
-/// that launched it connects at once; a stream that stalls later fails on its own timeouts).
-const INCOMING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a VMM launched to receive a migration waits for the stream to arrive: the agent
+/// that launched it connects within milliseconds, and an agent that died meanwhile never will
+/// (its VM, then, runs on the sender; this VMM ends and the restarted agent deletes the copy).
+/// A stream that stalls later fails on its own timeouts.
+const INCOMING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn write_result(dir: &Path, result: &RunResult) {
     match serde_json::to_vec_pretty(result) {

@@ -912,11 +912,12 @@ impl Agent {
         let migrating = lock(&entry.rec)
             .operation
             .as_ref()
-            .is_some_and(|o| matches!(o.kind, Op::Migrate | Op::Incoming));
-        if migrating {
-            // The migration's own code (which holds the operation lock) records this end; if
-            // an agent restart took that code away, `settle_migration` does, after it.
-            self.settle_migration(entry, token);
+            .map(|o| o.kind)
+            .filter(|k| matches!(k, Op::Migrate | Op::Incoming));
+        if let Some(kind) = migrating {
+            // Recorded once the migration's own code (which holds the operation lock) is done
+            // with the VM, by what the VM was doing when its VMM ended.
+            self.settle_migration(entry, token, kind);
             return;
         }
         let (clean, mut reason) = run_end(
@@ -971,7 +972,7 @@ impl Agent {
     /// VM's operation lock is done: a VM that was arriving goes (it runs on the sender); a VM
     /// that was leaving goes if its VMM said it handed the VM over, and is otherwise recorded
     /// failed, never restarted here (it may run on the destination).
-    fn settle_migration(self: &Arc<Self>, entry: &Arc<VmEntry>, token: &str) {
+    fn settle_migration(self: &Arc<Self>, entry: &Arc<VmEntry>, token: &str, kind: Op) {
         let agent = self.clone();
         let entry = entry.clone();
         let token = token.to_owned();
@@ -980,11 +981,13 @@ impl Agent {
             if !lock(&agent.vms).contains_key(&entry.id) || lock(&entry.vmm).is_some() {
                 return;
             }
+            // Nobody recorded this end meanwhile (the migration's code deletes the VM when it
+            // moved; when it failed it leaves the end to this).
             let rec = Self::snapshot(&entry);
-            let kind = rec.operation.as_ref().map(|o| o.kind);
-            if rec.status.token != token || !matches!(kind, Some(Op::Migrate | Op::Incoming)) {
+            if rec.status.token != token || !rec.state.has_vmm() {
                 return;
             }
+            let kind = Some(kind);
             let dir = agent.vm_dir(&entry.id);
             let result = read_result(&dir, &token);
             let handed_off = result.as_ref().is_some_and(|r| {
