@@ -1414,6 +1414,23 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
             assert!(events.contains("\"migrated\""), "{events}");
             if i == 0 {
                 assert!(!a.links().contains(&tap_a), "host A kept the TAP {tap_a}");
+                // The mover announced itself from host B (it sent nothing of its own): host
+                // A's bridge has its MAC behind the tunnel already.
+                let t = Instant::now();
+                loop {
+                    let fdb = sh(&["bridge", "-n", &a.name, "fdb", "show"]);
+                    if fdb
+                        .lines()
+                        .any(|l| l.starts_with(&format!("{mac} dev bxo")))
+                    {
+                        break;
+                    }
+                    assert!(
+                        t.elapsed() < Duration::from_secs(2),
+                        "host A did not learn where {mac} went:\n{fdb}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
             let there = expect_status(&to.get("/v1/vms/mover").await.unwrap(), 200);
             assert_eq!(there["state"], "running", "{there}");

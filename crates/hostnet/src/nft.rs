@@ -4,8 +4,9 @@
 //!
 //! - `bridge bexar`: anti-spoofing per TAP, before the bridge forwards or delivers a frame: the
 //!   source MAC, IPv4 and IPv6 addresses must be the NIC's; ARP must tell the truth; neighbour
-//!   advertisements may only announce the NIC's own addresses; router advertisements,
-//!   redirects, DHCP/DHCPv6 server replies, VLAN tags and other EtherTypes are dropped. Frames
+//!   advertisements may only announce the NIC's own addresses; RARP (a migrated NIC's
+//!   announcement) passes from the NIC's own MAC; router advertisements, redirects,
+//!   DHCP/DHCPv6 server replies, VLAN tags and other EtherTypes are dropped. Frames
 //!   to the metadata service get the NIC's mark, which is how the service knows who asks.
 //!   A TAP of the agent's that has no NIC is dropped.
 //!
@@ -141,6 +142,9 @@ fn bridge_rules() -> Vec<String> {
         format!("iifname != \"{TAP_PREFIX}*\" accept"),
         // The MAC, for every frame: a TAP with no NIC has no element and loses everything.
         "iifname . ether saddr != @macs drop".into(),
+        // RARP, from the NIC's own MAC (checked above): what a VMM sends after a live
+        // migration so bridges learn where the MAC went; it carries no address to spoof.
+        "ether type 0x8035 accept".into(),
         // VLAN tags (the kernel shows a tag it took off), and EtherTypes other than these.
         "ether type != { ip, ip6, arp } drop".into(),
         "iifname . arp saddr ether != @macs drop".into(),

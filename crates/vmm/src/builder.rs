@@ -208,6 +208,11 @@ pub fn build_from_migration(
 ) -> Result<Vmm, VmmError> {
     let mut vmm = restore_from(received.state, restore, Memory::Memfd(received.memory))?;
     vmm.handed_over = Some((received.paused_at_ns, None));
+    // The NICs are on another host's bridges now: they say so before the guest runs (three
+    // times, as a frame can be lost while a tunnel's neighbour entries settle).
+    for _ in 0..3 {
+        vmm.devices.announce();
+    }
     Ok(vmm)
 }
 

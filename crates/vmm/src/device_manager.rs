@@ -370,6 +370,19 @@ impl DeviceManager {
         Ok(copies)
     }
 
+    /// Has every NIC announce itself to the network (after a live migration); how many did.
+    pub fn announce(&self) -> usize {
+        self.virtio
+            .iter()
+            .filter(|v| v.kind == "net")
+            .filter(|v| {
+                let dev = lock(&v.transport).device().clone();
+                let sent = lock(&dev).announce();
+                sent
+            })
+            .count()
+    }
+
     /// Stops every disk copy (no more write tracking).
     pub fn stop_disk_copies(&self) {
         for v in self.virtio.iter().filter(|v| v.kind == "block") {

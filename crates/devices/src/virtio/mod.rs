@@ -708,6 +708,11 @@ pub trait VirtioDevice: Send {
     }
     /// Stops what [`Self::start_disk_copy`] started.
     fn stop_disk_copy(&mut self) {}
+    /// Tells the network the device is here now (a NIC after a live migration: see
+    /// [`net::announcement`]); whether it sent anything.
+    fn announce(&mut self) -> bool {
+        false
+    }
     /// Replaces one of the device's rate limits (a running VM's disk, or a NIC's rx or tx).
     fn set_rate_limit(
         &mut self,

@@ -269,9 +269,45 @@ fn transmit(
     (n - VNET_HDR_LEN) as u64
 }
 
+/// The frame a NIC announces itself with after it moved (the RARP request QEMU and switches
+/// use for it): from the NIC's MAC to everyone, so every bridge on the way learns the port the
+/// MAC is behind now. No IP address is needed (the MAC, and so every neighbour cache, is
+/// unchanged). 60 bytes, the shortest Ethernet frame, after the virtio-net header.
+pub fn announcement(mac: [u8; 6]) -> [u8; VNET_HDR_LEN + 60] {
+    let mut f = [0u8; VNET_HDR_LEN + 60];
+    let e = &mut f[VNET_HDR_LEN..];
+    e[..6].copy_from_slice(&[0xff; 6]);
+    e[6..12].copy_from_slice(&mac);
+    e[12..14].copy_from_slice(&0x8035u16.to_be_bytes()); // RARP
+    e[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    e[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    e[18] = 6;
+    e[19] = 4;
+    e[20..22].copy_from_slice(&3u16.to_be_bytes()); // reverse request
+    e[22..28].copy_from_slice(&mac);
+    e[32..38].copy_from_slice(&mac);
+    f
+}
+
 impl VirtioDevice for Net {
     fn common(&self) -> &VirtioCommon {
         &self.common
+    }
+    fn announce(&mut self) -> bool {
+        use std::io::Write;
+        let frame = announcement(self.nic.mac);
+        // A TAP takes a frame in one write, whole or not at all.
+        match self.tap.file().write(&frame) {
+            Ok(n) if n == frame.len() => true,
+            Ok(n) => {
+                tracing::debug!("{}: the announcement went short ({n} bytes)", self.tap.name());
+                false
+            }
+            Err(e) => {
+                tracing::debug!("{}: cannot announce the NIC: {e}", self.tap.name());
+                false
+            }
+        }
     }
     fn common_mut(&mut self) -> &mut VirtioCommon {
         &mut self.common
@@ -334,6 +370,23 @@ mod tests {
     use super::*;
     use crate::memory::test_memory;
     use crate::virtio::ring::DriverRing;
+
+    #[test]
+    fn the_announcement_is_a_broadcast_rarp_request_from_the_nic() {
+        let mac = [2, 0xaa, 0, 0, 0, 7];
+        let f = announcement(mac);
+        assert!(
+            f[..VNET_HDR_LEN].iter().all(|b| *b == 0),
+            "no offloads asked"
+        );
+        let e = &f[VNET_HDR_LEN..];
+        assert_eq!(e.len(), 60);
+        assert_eq!(&e[..6], &[0xff; 6]);
+        assert_eq!(&e[6..12], &mac);
+        assert_eq!(&e[12..14], &[0x80, 0x35]);
+        assert_eq!(&e[20..22], &[0, 3], "reverse request");
+        assert_eq!((&e[22..28], &e[32..38]), (&mac[..], &mac[..]));
+    }
     use crate::virtio::test_utils::{activate_all, context, TestInterrupt};
     use vm_memory::{Bytes, GuestAddress};
 
