@@ -355,3 +355,41 @@ fn a_guest_writing_its_disk_moves_with_a_copy_of_it_and_no_write_is_lost() {
     );
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn a_bandwidth_limit_holds_the_copy_to_its_rate() {
+    let d = dir("migrate-limit");
+    let incoming = d.join("in.sock");
+    let mut dest = spawn(
+        &["--incoming", incoming.to_str().unwrap()],
+        &d.join("dest.out"),
+        false,
+    );
+    let mut src = source(&d);
+    wait_for(&d.join("src.out"), "pages written", 1);
+    while !incoming.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    const MIB_S: u64 = 16;
+    let reply = vmm_control(
+        &d.join("ctl.sock"),
+        &serde_json::json!({"op": "migrate", "to": incoming, "max_bandwidth_mib": MIB_S, "max_rounds": 2}),
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
+    let m = &reply["migration"];
+    // What went while the guest ran went no faster than the limit (the switch-over is not
+    // limited, so its pages are left out).
+    let precopy = m["bytes_sent"].as_u64().unwrap() - m["final_pages"].as_u64().unwrap() * 4096;
+    let at_limit_ms = precopy as f64 / (MIB_S << 20) as f64 * 1e3;
+    assert!(precopy >= 8 << 20, "{m}");
+    assert!(
+        m["total_ms"].as_f64().unwrap() >= at_limit_ms * 0.95,
+        "{precopy} bytes in {} ms: faster than {MIB_S} MiB/s",
+        m["total_ms"]
+    );
+    assert_eq!(wait_exit(&mut src), 0, "{}", read(&d.join("src.err")));
+    wait_for(&d.join("dest.out"), "pages written", 1);
+    let _ = dest.kill();
+    let _ = dest.wait();
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -118,6 +118,9 @@ pub enum VmCommand {
         /// The most pre-copy rounds (0: stop-and-copy).
         #[arg(long)]
         max_rounds: Option<u32>,
+        /// The most MiB a second the copy sends while the guest runs.
+        #[arg(long)]
+        max_bandwidth_mib: Option<u32>,
     },
     /// List a VM's snapshots.
     Snapshots {
@@ -809,8 +812,12 @@ async fn vm_async(opts: &ClientOpts, cmd: &VmCommand) -> ExitCode {
             to,
             downtime_ms,
             max_rounds,
+            max_bandwidth_mib,
         } => {
             let mut body = serde_json::json!({ "destination": to });
+            if let Some(m) = max_bandwidth_mib {
+                body["max_bandwidth_mib"] = (*m).into();
+            }
             if let Some(ms) = downtime_ms {
                 body["downtime_ms"] = (*ms).into();
             }

@@ -135,6 +135,10 @@ pub struct MigrateRequest {
     /// The most pre-copy rounds (default 30; 0: a stop-and-copy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rounds: Option<u32>,
+    /// The most MiB a second the copy sends while the guest runs (default: no limit; the
+    /// switch-over is never limited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth_mib: Option<u32>,
 }
 
 /// What a migration did (the answer to `POST /v1/vms/{id}/migrate`).
@@ -413,6 +417,7 @@ impl Agent {
             downtime_ms: req.downtime_ms,
             max_rounds: req.max_rounds,
             disks: true,
+            max_bandwidth_mib: req.max_bandwidth_mib,
         };
         let answered = super::vmm_process::exchange(&dir, &request, MIGRATE_TIMEOUT).await;
         let _ = std::fs::remove_file(&host_path);

@@ -70,6 +70,10 @@ pub enum Request {
         /// into its own disk files); without it the receiver reopens these disks' files.
         #[serde(default)]
         disks: bool,
+        /// The most MiB a second the pre-copy sends (default: no limit; the switch-over is
+        /// never limited).
+        #[serde(default)]
+        max_bandwidth_mib: Option<u32>,
     },
     /// Save the VM into a snapshot directory, then resume, pause or stop it.
     Snapshot {

@@ -104,6 +104,9 @@ pub struct Convergence {
     pub downtime: Duration,
     /// The most pre-copy rounds, whatever is left (0: no pre-copy, a stop-and-copy).
     pub max_rounds: u32,
+    /// The most bytes a second the pre-copy sends (`None`: no limit); the switch-over is not
+    /// limited.
+    pub bandwidth: Option<u64>,
 }
 
 impl Default for Convergence {
@@ -111,6 +114,7 @@ impl Default for Convergence {
         Self {
             downtime: Duration::from_millis(100),
             max_rounds: 30,
+            bandwidth: None,
         }
     }
 }
@@ -120,6 +124,10 @@ pub(crate) struct Sender<W: Write> {
     out: W,
     pub(crate) bytes: u64,
     pub(crate) pages: u64,
+    /// At most this many bytes a second, counted from `since` and `since_bytes`.
+    limit: Option<u64>,
+    since: Instant,
+    since_bytes: u64,
 }
 
 impl<W: Write> Sender<W> {
@@ -130,7 +138,32 @@ impl<W: Write> Sender<W> {
             out,
             bytes: 16,
             pages: 0,
+            limit: None,
+            since: Instant::now(),
+            since_bytes: 16,
         })
+    }
+
+    /// Sends at most `bytes_per_sec` from now on (`None`: as fast as the stream takes it).
+    /// The switch-over is sent unlimited: a limit there would only lengthen the pause.
+    pub(crate) fn limit(&mut self, bytes_per_sec: Option<u64>) {
+        self.limit = bytes_per_sec.filter(|b| *b > 0);
+        self.since = Instant::now();
+        self.since_bytes = self.bytes;
+    }
+
+    /// Waits until what was sent is within the limit.
+    fn pace(&mut self) -> Result<(), MigrationError> {
+        if let Some(rate) = self.limit {
+            let due = Duration::from_secs_f64((self.bytes - self.since_bytes) as f64 / rate as f64);
+            let spent = self.since.elapsed();
+            if due > spent {
+                // What is buffered goes first, so the wait is the link's, not the buffer's.
+                self.out.flush()?;
+                std::thread::sleep(due - spent);
+            }
+        }
+        Ok(())
     }
 
     /// Sends the pages whose indexes `pages` yields (in increasing order), in runs, each read
@@ -154,7 +187,7 @@ impl<W: Write> Sender<W> {
             s.out.write_all(data)?;
             s.bytes += 13 + n * PAGE;
             s.pages += n;
-            Ok(())
+            s.pace()
         };
         for p in pages {
             sent += 1;
@@ -267,7 +300,7 @@ impl<W: Write> Sender<W> {
         self.out.write_all(&(data.len() as u32).to_le_bytes())?;
         self.out.write_all(data)?;
         self.bytes += 17 + data.len() as u64;
-        Ok(())
+        self.pace()
     }
 
     fn zero(&mut self, index: u32, offset: u64, len: u64) -> Result<(), MigrationError> {

@@ -487,6 +487,7 @@ impl Vmm {
         let read = |p: u64, b: &mut [u8]| crate::memory::read_page(ram, p, b);
         let precopy = (|| {
             let mut tx = Sender::new(std::io::BufWriter::new(&stream), ram.size)?;
+            tx.limit(convergence.bandwidth);
             if convergence.max_rounds > 0 {
                 // Round 0 of each disk: what its image holds (holes and zeros stay behind).
                 for (i, copy) in &disks {
@@ -561,6 +562,8 @@ impl Vmm {
             }
         };
         // The switch-over: the guest stops here, and goes on here unless the receiver answers.
+        // Sent as fast as the stream goes: a limit would only lengthen the pause.
+        tx.limit(None);
         let paused_at_ns = crate::control::monotonic_ns();
         let paused = Instant::now();
         if let Err(e) = self.pause() {
@@ -876,8 +879,12 @@ impl Vmm {
                 downtime_ms,
                 max_rounds,
                 disks,
+                max_bandwidth_mib,
             } => {
-                let mut c = crate::migration::Convergence::default();
+                let mut c = crate::migration::Convergence {
+                    bandwidth: max_bandwidth_mib.map(|m| u64::from(m) << 20),
+                    ..Default::default()
+                };
                 if let Some(ms) = downtime_ms {
                     c.downtime = Duration::from_millis(u64::from(*ms));
                 }

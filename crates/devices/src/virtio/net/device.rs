@@ -300,7 +300,10 @@ impl VirtioDevice for Net {
         match self.tap.file().write(&frame) {
             Ok(n) if n == frame.len() => true,
             Ok(n) => {
-                tracing::debug!("{}: the announcement went short ({n} bytes)", self.tap.name());
+                tracing::debug!(
+                    "{}: the announcement went short ({n} bytes)",
+                    self.tap.name()
+                );
                 false
             }
             Err(e) => {
