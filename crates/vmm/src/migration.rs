@@ -19,8 +19,10 @@
 //! the receiver reopens the sender's disk files by path (both on one host). Writable qcow2
 //! images are refused either way (their metadata is cached in the sending process).
 //!
-//! Not yet: a TCP transport between hosts, throttling of guests that dirty memory faster than
-//! the stream carries it, advancing the guest's clocks by the pause.
+//! A guest that dirties memory about as fast as the stream carries it is throttled (its vCPUs
+//! parked for a growing share of each round, `Vmm::send_throttled`). Between hosts the agents
+//! relay the stream over TLS (`bexar_agent::migrate`). Not yet: post-copy, advancing the
+//! guest's clocks by the pause.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -89,6 +91,10 @@ pub struct MigrationReport {
     /// Disk bytes sent while the guest was paused.
     #[serde(default)]
     pub final_disk_bytes: u64,
+    /// The largest share of a round (percent) the guest's vCPUs were parked for, because it
+    /// wrote memory about as fast as the stream carried it (0: never throttled).
+    #[serde(default)]
+    pub throttle_pct: u32,
     /// From the pause to the receiver's answer, milliseconds (the blackout as the sender saw
     /// it; the receiver resumes the guest right after answering).
     pub paused_ms: f64,

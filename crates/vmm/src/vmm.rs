@@ -35,6 +35,11 @@ use bexar_util::sync::lock;
 
 /// How long `pause` waits for every vCPU to park.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A migration's throttle: pages per slice (1 MiB), and how the share of slices sent with the
+/// guest's vCPUs parked grows, round by round, while the pre-copy does not converge.
+const THROTTLE_SLICE: usize = 256;
+const THROTTLE_STEP: u32 = 20;
+const THROTTLE_MAX: u32 = 95;
 /// How long a stopping VM waits for its vCPUs to leave the guest.
 const STOP_TIMEOUT: Duration = Duration::from_millis(200);
 /// How often console input waiting for FIFO room is retried (for a guest that left the UART
@@ -516,6 +521,7 @@ impl Vmm {
                     .map(|(i, _)| i as u64),
             )?;
             report.rounds = 1;
+            let (mut throttle, mut last_left) = (0u32, u64::MAX);
             // Bytes per second, from the last round (at least a page's worth of time).
             let mut rate =
                 (sent * crate::migration::PAGE) as f64 / r0.elapsed().as_secs_f64().max(1e-4);
@@ -547,7 +553,14 @@ impl Vmm {
                     // Not sent now: the switch-over sends them with whatever comes after.
                     return Ok::<_, VmmError>((tx, dirty));
                 }
-                let n = tx.pages(read, dirty.iter())?;
+                // The guest writes about as fast as the stream carries (what is left did not
+                // shrink by a tenth): its vCPUs are parked for a growing share of the sending.
+                if report.rounds >= 2 && left.saturating_mul(10) >= last_left.saturating_mul(9) {
+                    throttle = (throttle + THROTTLE_STEP).min(THROTTLE_MAX);
+                    report.throttle_pct = throttle;
+                }
+                last_left = left;
+                let n = self.send_throttled(&mut tx, &read, &dirty, throttle)?;
                 rate = (n * crate::migration::PAGE + disk_sent) as f64
                     / r.elapsed().as_secs_f64().max(1e-4);
                 report.rounds += 1;
@@ -645,6 +658,59 @@ impl Vmm {
         self.handed_off = true;
         self.exit.request(ExitReason::Stopped);
         Ok(report)
+    }
+
+    /// Sends `pages` in slices of [`THROTTLE_SLICE`] pages with the vCPUs parked during
+    /// `throttle` percent of them, spread evenly (a guest that dirties memory faster than the
+    /// stream carries it: the longest stall it sees is a few slices). Returns the pages sent.
+    fn send_throttled<W: std::io::Write>(
+        &self,
+        tx: &mut crate::migration::Sender<W>,
+        read: &impl Fn(u64, &mut [u8]) -> std::io::Result<()>,
+        pages: &crate::memory::PageSet,
+        throttle: u32,
+    ) -> Result<u64, VmmError> {
+        if throttle == 0 {
+            return Ok(tx.pages(read, pages.iter())?);
+        }
+        let all: Vec<u64> = pages.iter().collect();
+        let (mut sent, mut share, mut parked) = (0, 0u32, false);
+        let unpark = |parked: &mut bool| {
+            if std::mem::take(parked) {
+                for v in &self.vcpus {
+                    let _ = v.send(VcpuRequest::Resume);
+                }
+            }
+        };
+        for slice in all.chunks(THROTTLE_SLICE) {
+            share += throttle;
+            let park = share >= 100;
+            if park {
+                share -= 100;
+            }
+            if park && !parked {
+                parked = self
+                    .all_vcpus(std::iter::repeat_with(|| VcpuRequest::Pause), PAUSE_TIMEOUT)
+                    .is_ok();
+                if !parked {
+                    // The ones that parked go on; the throttle is only a help.
+                    for v in &self.vcpus {
+                        let _ = v.send(VcpuRequest::Resume);
+                    }
+                }
+            } else if !park {
+                unpark(&mut parked);
+            }
+            match tx.pages(read, slice.iter().copied()) {
+                Ok(n) => sent += n,
+                Err(e) => {
+                    unpark(&mut parked);
+                    return Err(e.into());
+                }
+            }
+        }
+        unpark(&mut parked);
+        Ok(sent)
     }
 
     /// The first writable qcow2 disk of this VM, if any (by its format, or its first bytes).
