@@ -1496,9 +1496,12 @@ fn migrations_with_a_process_killed_at_random_never_make_two_copies() {
         rng ^= rng << 17;
         rng
     };
+    // Restarted by the agent whenever it stops: a restart of a copy that moved away would be
+    // the second copy this test looks for.
     let mover = || {
         let mut v = vm("mover", "span", "idle");
         v["nics"][0]["ipv4"] = json!("10.50.0.10");
+        v["restart_policy"] = json!("always");
         v
     };
     let (mut lost, mut in_doubt, mut moved) = (0, 0, 0);

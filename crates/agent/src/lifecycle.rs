@@ -978,7 +978,11 @@ impl Agent {
         let token = token.to_owned();
         tokio::spawn(async move {
             let _op = entry.op.lock().await;
-            if !lock(&agent.vms).contains_key(&entry.id) || lock(&entry.vmm).is_some() {
+            // The same VM (not one made again with its id meanwhile), its end not recorded.
+            let same = lock(&agent.vms)
+                .get(&entry.id)
+                .is_some_and(|e| Arc::ptr_eq(e, &entry));
+            if !same || lock(&entry.vmm).is_some() {
                 return;
             }
             // Nobody recorded this end meanwhile (the migration's code deletes the VM when it

@@ -38,6 +38,7 @@ use super::events::EventKind;
 use super::spec::{Desired, FieldError, Operation, OperationKind as Op, Phase, VmRecord};
 use super::store::layout;
 use super::{now_ms, Agent, AgentError, VmEntry};
+use bexar_util::sync::lock;
 
 /// The migration listener and the certificates both directions use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -310,8 +311,18 @@ impl Agent {
                 _ => AgentError::Conflict(FieldError::new("destination", why)),
             });
         }
-        // The destination holds an `incoming` copy waiting for the stream.
-        self.update(&entry, |r| r.operation = super::lifecycle::op(Op::Migrate))?;
+        // The destination holds an `incoming` copy waiting for the stream. The VMM may have
+        // ended while the destination prepared (then the VM is not sent: the destination sees
+        // the connection close and removes its copy).
+        let alive = lock(&entry.vmm).is_some();
+        let rec = self.update(&entry, |r| {
+            if alive && r.state == Phase::Running {
+                r.operation = super::lifecycle::op(Op::Migrate);
+            }
+        })?;
+        if !alive || rec.operation.as_ref().map(|o| o.kind) != Some(Op::Migrate) {
+            return Err(super::lifecycle::illegal(&rec, "migrate"));
+        }
         let ended = self.send_vm(&entry, &rec, conn, &req).await;
         match ended {
             Ok(report) => {
@@ -354,6 +365,15 @@ impl Agent {
                 self.events
                     .emit(id, EventKind::Paused, Some(Phase::Paused), message.clone());
                 Err(AgentError::MigrationFailed(message))
+            }
+            Err(AgentError::MigrationFailed(why)) if why.contains("did not answer") => {
+                // The operation stays `migrate`: the VMM's end, when it comes, is settled by
+                // what the VMM says of it, never by a restart here. An end recorded already
+                // (before the operation was) needs no more.
+                if lock(&entry.vmm).is_none() && !Self::snapshot(&entry).state.has_vmm() {
+                    let _ = self.update(&entry, |r| r.operation = None);
+                }
+                Err(AgentError::MigrationFailed(why))
             }
             Err(e) => {
                 let _ = self.update(&entry, |r| r.operation = None);
@@ -432,7 +452,9 @@ impl Agent {
                     AgentError::MigrationFailed("the VMM sent no migration report".into())
                 })
             }
-            Err(e) => {
+            // The VMM answered that the migration failed: the guest goes on here, unless the
+            // VMM says it is in doubt.
+            Err(e @ super::vmm_process::VmmProcessError::Refused { .. }) => {
                 relay.abort();
                 let e = e.to_string();
                 Err(AgentError::MigrationFailed(if e.contains("in doubt") {
@@ -440,6 +462,14 @@ impl Agent {
                 } else {
                     format!("the VM stays here: {e}")
                 }))
+            }
+            // No answer at all (the VMM died, or is still at it): whether it handed the VM
+            // over is for its end to say (`settle_migration`, under the operation lock).
+            Err(e) => {
+                relay.abort();
+                Err(AgentError::MigrationFailed(format!(
+                    "the VMM did not answer ({e}): the VM is where its VMM's end says"
+                )))
             }
         }
     }
@@ -538,8 +568,14 @@ impl Agent {
         });
         let abort = relay.abort_handle();
         let launched = self.launch(&entry, Op::Incoming).await;
-        // The VM runs here (or never will): the relay only carries the VMMs' last bytes.
-        drop(op);
+        // The VM runs here: the relay only carries the VMMs' last bytes, and the VM is free
+        // for other operations. If it does not, the lock is kept until its copy is gone.
+        let op = if launched.is_ok() {
+            drop(op);
+            None
+        } else {
+            Some(op)
+        };
         let relayed = match tokio::time::timeout(STEP_TIMEOUT, relay).await {
             Ok(r) => format!("{r:?}"),
             Err(_) => {
@@ -550,7 +586,7 @@ impl Agent {
         match launched {
             Ok(_) => tracing::info!(vm = %id, %peer, "migrated here"),
             Err(e) => {
-                let _op = entry.op.lock().await;
+                let _op = op;
                 tracing::warn!(vm = %id, %peer, "migration did not arrive: {e} ({relayed})");
                 let _ = self.update(&entry, |r| {
                     r.state = Phase::Deleting;

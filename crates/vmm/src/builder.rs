@@ -208,11 +208,10 @@ pub fn build_from_migration(
 ) -> Result<Vmm, VmmError> {
     let mut vmm = restore_from(received.state, restore, Memory::Memfd(received.memory))?;
     vmm.handed_over = Some((received.paused_at_ns, None));
-    // The NICs are on another host's bridges now: they say so before the guest runs (three
-    // times, as a frame can be lost while a tunnel's neighbour entries settle).
-    for _ in 0..3 {
-        vmm.devices.announce();
-    }
+    // The NICs are on another host's bridges now: they say so before the guest runs. (Once:
+    // repeats spaced over the first few hundred milliseconds, as QEMU sends them, are not
+    // done yet.)
+    vmm.devices.announce();
     Ok(vmm)
 }
 

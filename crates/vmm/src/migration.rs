@@ -43,6 +43,8 @@ const DISK: u8 = 4;
 const ZERO: u8 = 5;
 /// The most pages one record carries (1 MiB).
 const MAX_RUN: u64 = 256;
+/// The most time a bandwidth-limited sender may be behind its limit and catch up at once.
+const PACE_WINDOW: Duration = Duration::from_millis(100);
 /// The largest state the receiver takes.
 const MAX_STATE: u64 = 64 << 20;
 
@@ -158,12 +160,17 @@ impl<W: Write> Sender<W> {
         self.since_bytes = self.bytes;
     }
 
-    /// Waits until what was sent is within the limit.
+    /// Waits until what was sent is within the limit. Time spent not sending (reading a
+    /// disk's zeros, taking the dirty log) earns at most [`PACE_WINDOW`] of credit, so no
+    /// burst beyond the limit follows it.
     fn pace(&mut self) -> Result<(), MigrationError> {
         if let Some(rate) = self.limit {
             let due = Duration::from_secs_f64((self.bytes - self.since_bytes) as f64 / rate as f64);
             let spent = self.since.elapsed();
-            if due > spent {
+            if spent > due + PACE_WINDOW {
+                self.since = Instant::now() - PACE_WINDOW;
+                self.since_bytes = self.bytes;
+            } else if due > spent {
                 // What is buffered goes first, so the wait is the link's, not the buffer's.
                 self.out.flush()?;
                 std::thread::sleep(due - spent);
@@ -315,6 +322,9 @@ impl<W: Write> Sender<W> {
         self.out.write_all(&offset.to_le_bytes())?;
         self.out.write_all(&len.to_le_bytes())?;
         self.bytes += 21;
+        // Sent now, not when a buffer fills: between long runs of zeros this is all the
+        // receiver hears, and it gives up after 30 s of silence.
+        self.out.flush()?;
         Ok(())
     }
 

@@ -670,7 +670,8 @@ impl Vmm {
         pages: &crate::memory::PageSet,
         throttle: u32,
     ) -> Result<u64, VmmError> {
-        if throttle == 0 {
+        // A paused VM stays paused: parking and releasing its vCPUs would run it.
+        if throttle == 0 || self.state != VmmState::Running {
             return Ok(tx.pages(read, pages.iter())?);
         }
         let all: Vec<u64> = pages.iter().collect();
