@@ -46,6 +46,30 @@ fn wait_for(file: &Path, pattern: &str) {
     }
 }
 
+/// A `bexar run` (unjailed, no stdin) with its console and log in `dir/NAME.out`, `.err`.
+fn run_in(dir: &Path, name: &str, args: &[&str]) -> Child {
+    let out = |ext: &str| std::fs::File::create(dir.join(format!("{name}.{ext}"))).unwrap();
+    Command::new(bexar())
+        .args(["run", "--no-jail", "--no-stdin", "--timeout", "120"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out("out"))
+        .stderr(out("err"))
+        .spawn()
+        .unwrap()
+}
+
+/// The receiver's measure of the pause (the same clock as the sender's pause time).
+fn receiver_pause_ms(dir: &Path) -> f64 {
+    wait_for(&dir.join("dest.err"), "the guest was paused");
+    let err = std::fs::read_to_string(dir.join("dest.err")).unwrap();
+    err.split("the guest was paused ")
+        .nth(1)
+        .and_then(|s| s.split(" ms").next())
+        .and_then(|s| s.trim().parse().ok())
+        .expect("the receiver's pause")
+}
+
 struct Run {
     guest_gap_ms: f64,
     paused_ms: f64,
@@ -64,17 +88,7 @@ fn migrate_once(dir: &Path, rate: u64, precopy: bool) -> Run {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
     let (incoming, ctl) = (dir.join("in.sock"), dir.join("ctl.sock"));
-    let run = |name: &str, args: &[&str]| {
-        let out = |ext: &str| std::fs::File::create(dir.join(format!("{name}.{ext}"))).unwrap();
-        Command::new(bexar())
-            .args(["run", "--no-jail", "--no-stdin", "--timeout", "120"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out("out"))
-            .stderr(out("err"))
-            .spawn()
-            .unwrap()
-    };
+    let run = |name: &str, args: &[&str]| run_in(dir, name, args);
     let dest = run("dest", &["--incoming", incoming.to_str().unwrap()]);
     let cmdline = format!(
         "console=ttyS0 bexar.test=dirty bexar.dirty-mib={DIRTY_MIB} bexar.dirty-rate={rate}"
@@ -104,15 +118,7 @@ fn migrate_once(dir: &Path, rate: u64, precopy: bool) -> Run {
     let reply = common::vmm_control(&ctl, &req);
     assert_eq!(reply["ok"], true, "{reply}");
     let m = &reply["migration"];
-    // The receiver's measure of the pause (the same clock as the sender's pause time).
-    wait_for(&dir.join("dest.err"), "the guest was paused");
-    let err = std::fs::read_to_string(dir.join("dest.err")).unwrap();
-    let paused_ms: f64 = err
-        .split("the guest was paused ")
-        .nth(1)
-        .and_then(|s| s.split(" ms").next())
-        .and_then(|s| s.trim().parse().ok())
-        .expect("the receiver's pause");
+    let paused_ms = receiver_pause_ms(dir);
     // The guest's own measure: the longest gap in its TSC loop since it started, from its
     // first whole report here (the first line may be the end of one the sender began).
     let report = |text: &str| {
@@ -187,17 +193,7 @@ fn migrate_disk_once(dir: &Path, writing: bool, precopy: bool) -> DiskRun {
             .set_len(DISK_MIB << 20)
             .unwrap();
     }
-    let run = |name: &str, args: &[&str]| {
-        let out = |ext: &str| std::fs::File::create(dir.join(format!("{name}.{ext}"))).unwrap();
-        Command::new(bexar())
-            .args(["run", "--no-jail", "--no-stdin", "--timeout", "120"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out("out"))
-            .stderr(out("err"))
-            .spawn()
-            .unwrap()
-    };
+    let run = |name: &str, args: &[&str]| run_in(dir, name, args);
     let dest = run(
         "dest",
         &[
@@ -245,14 +241,7 @@ fn migrate_disk_once(dir: &Path, writing: bool, precopy: bool) -> DiskRun {
     let reply = common::vmm_control(&ctl, &req);
     assert_eq!(reply["ok"], true, "{reply}");
     let m = &reply["migration"];
-    wait_for(&dir.join("dest.err"), "the guest was paused");
-    let err = std::fs::read_to_string(dir.join("dest.err")).unwrap();
-    let paused_ms: f64 = err
-        .split("the guest was paused ")
-        .nth(1)
-        .and_then(|s| s.split(" ms").next())
-        .and_then(|s| s.trim().parse().ok())
-        .expect("the receiver's pause");
+    let paused_ms = receiver_pause_ms(dir);
     kill(dest);
     kill(src);
     DiskRun {

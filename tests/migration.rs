@@ -38,6 +38,17 @@ fn spawn(args: &[&str], out: &Path, stdin: bool) -> Child {
     c.spawn().unwrap()
 }
 
+/// A `bexar run --incoming DIR/in.sock` with its console in `DIR/dest.out`.
+fn receiver(d: &Path, stdin: bool) -> (Child, PathBuf) {
+    let incoming = d.join("in.sock");
+    let child = spawn(
+        &["--incoming", incoming.to_str().unwrap()],
+        &d.join("dest.out"),
+        stdin,
+    );
+    (child, incoming)
+}
+
 fn source(d: &Path) -> Child {
     let guest = testguest();
     let cmdline = format!("{GUEST}{}", guest_platform_params());
@@ -90,6 +101,21 @@ fn last_count(text: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Once the receiver listens, asks the sender's VMM (control socket `ctl`) to migrate to
+/// it with the extra fields of `opts`; returns the migration's report.
+fn migrate(ctl: &Path, incoming: &Path, opts: serde_json::Value) -> serde_json::Value {
+    while !incoming.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut req = serde_json::json!({"op": "migrate", "to": incoming});
+    for (k, v) in opts.as_object().unwrap() {
+        req[k] = v.clone();
+    }
+    let reply = vmm_control(ctl, &req);
+    assert_eq!(reply["ok"], true, "{reply}");
+    reply["migration"].clone()
+}
+
 fn wait_exit(c: &mut Child) -> i32 {
     let t = Instant::now();
     loop {
@@ -107,24 +133,15 @@ fn wait_exit(c: &mut Child) -> i32 {
 #[test]
 fn a_running_guest_moves_to_a_new_process_with_every_write_and_goes_on_there() {
     let d = dir("migrate");
-    let incoming = d.join("in.sock");
-    let mut dest = spawn(
-        &["--incoming", incoming.to_str().unwrap()],
-        &d.join("dest.out"),
-        true,
-    );
+    let (mut dest, incoming) = receiver(&d, true);
     let mut src = source(&d);
     // Running and writing for a while (two reports: a second of writes at least).
     let before = wait_for(&d.join("src.out"), "pages written", 2);
-    while !incoming.exists() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let reply = vmm_control(
+    let m = &migrate(
         &d.join("ctl.sock"),
-        &serde_json::json!({"op": "migrate", "to": incoming, "downtime_ms": 50}),
+        &incoming,
+        serde_json::json!({"downtime_ms": 50}),
     );
-    assert_eq!(reply["ok"], true, "{reply}");
-    let m = &reply["migration"];
     assert!(m["rounds"].as_u64().unwrap() >= 1, "{m}");
     // At least the pages the guest's region and its program hold, all in one stream.
     assert!(m["pages_sent"].as_u64().unwrap() >= 2048, "{m}");
@@ -308,15 +325,11 @@ fn a_guest_writing_its_disk_moves_with_a_copy_of_it_and_no_write_is_lost() {
         false,
     );
     wait_for(&d.join("src.out"), "flushed", 20);
-    while !incoming.exists() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let reply = vmm_control(
+    let m = &migrate(
         &ctl,
-        &serde_json::json!({"op": "migrate", "to": incoming, "downtime_ms": 20, "disks": true}),
+        &incoming,
+        serde_json::json!({"downtime_ms": 20, "disks": true}),
     );
-    assert_eq!(reply["ok"], true, "{reply}");
-    let m = &reply["migration"];
     eprintln!("migration with the disk: {m}");
     assert_eq!(wait_exit(&mut src), 0, "{}", read(&d.join("src.err")));
     let at_move = read(&d.join("src.out")).matches("flushed").count() as u32;
@@ -359,24 +372,15 @@ fn a_guest_writing_its_disk_moves_with_a_copy_of_it_and_no_write_is_lost() {
 #[test]
 fn a_bandwidth_limit_holds_the_copy_to_its_rate() {
     let d = dir("migrate-limit");
-    let incoming = d.join("in.sock");
-    let mut dest = spawn(
-        &["--incoming", incoming.to_str().unwrap()],
-        &d.join("dest.out"),
-        false,
-    );
+    let (mut dest, incoming) = receiver(&d, false);
     let mut src = source(&d);
     wait_for(&d.join("src.out"), "pages written", 1);
-    while !incoming.exists() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
     const MIB_S: u64 = 16;
-    let reply = vmm_control(
+    let m = &migrate(
         &d.join("ctl.sock"),
-        &serde_json::json!({"op": "migrate", "to": incoming, "max_bandwidth_mib": MIB_S, "max_rounds": 2}),
+        &incoming,
+        serde_json::json!({"max_bandwidth_mib": MIB_S, "max_rounds": 2}),
     );
-    assert_eq!(reply["ok"], true, "{reply}");
-    let m = &reply["migration"];
     // What went while the guest ran went no faster than the limit (the switch-over is not
     // limited, so its pages are left out).
     let precopy = m["bytes_sent"].as_u64().unwrap() - m["final_pages"].as_u64().unwrap() * 4096;
@@ -397,12 +401,7 @@ fn a_bandwidth_limit_holds_the_copy_to_its_rate() {
 #[test]
 fn a_guest_that_writes_faster_than_the_stream_is_throttled_until_it_converges() {
     let d = dir("migrate-throttle");
-    let incoming = d.join("in.sock");
-    let mut dest = spawn(
-        &["--incoming", incoming.to_str().unwrap()],
-        &d.join("dest.out"),
-        true,
-    );
+    let (mut dest, incoming) = receiver(&d, true);
     // Flat out over 32 MiB (hundreds of MB/s here), sent at 64 MiB/s: unthrottled, every round
     // finds the whole region written again. (A guest writing at a steady rate would not do:
     // it catches up on the writes it owes after each stall, whatever the throttle.)
@@ -427,15 +426,11 @@ fn a_guest_that_writes_faster_than_the_stream_is_throttled_until_it_converges() 
         false,
     );
     wait_for(&d.join("src.out"), "pages written", 1);
-    while !incoming.exists() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let reply = vmm_control(
+    let m = &migrate(
         &ctl,
-        &serde_json::json!({"op": "migrate", "to": incoming, "max_bandwidth_mib": 64, "downtime_ms": 50}),
+        &incoming,
+        serde_json::json!({"max_bandwidth_mib": 64, "downtime_ms": 50}),
     );
-    assert_eq!(reply["ok"], true, "{reply}");
-    let m = &reply["migration"];
     eprintln!("throttled migration: {m}");
     assert!(
         m["throttle_pct"].as_u64().unwrap() > 0,
