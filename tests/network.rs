@@ -1393,6 +1393,27 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
         let v = expect_status(&r, 409);
         assert_eq!(v["error"]["field"], "destination", "{v}");
         expect_status(&cb.delete("/v1/vms/mover").await.unwrap(), 204);
+        // A writable qcow2 disk does not move yet: refused, naming the disk.
+        let qcow2 = agent_a.dir.join("q.qcow2");
+        let o = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&qcow2)
+            .arg("16M")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let mut q = vm("q", "span", "idle");
+        q["nics"] = json!([]);
+        q["disks"] = json!([{"path": qcow2}]);
+        expect_status(&ca.post("/v1/vms?start=true", &q).await.unwrap(), 201);
+        let r = ca
+            .post("/v1/vms/q/migrate", &go("10.98.0.2:7400"))
+            .await
+            .unwrap();
+        let v = expect_status(&r, 409);
+        assert_eq!(v["error"]["field"], "spec.disks[0]", "{v}");
+        expect_status(&cb.get("/v1/vms/q").await.unwrap(), 404);
+        expect_status(&ca.delete("/v1/vms/q").await.unwrap(), 204);
         let v = expect_status(&ca.get("/v1/vms/mover").await.unwrap(), 200);
         assert_eq!(v["state"], "running", "{v}");
 

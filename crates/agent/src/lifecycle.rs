@@ -920,11 +920,25 @@ impl Agent {
             self.settle_migration(entry, token, kind);
             return;
         }
-        let (clean, mut reason) = run_end(
+        let (mut clean, mut reason) = run_end(
             &dir,
             token,
             "the VMM process ended without reporting why (killed or crashed)",
         );
+        // A VMM that handed its VM to another (a live upgrade an agent restart cut) ends
+        // cleanly; if no VMM holds the VM now, the one it handed to is gone too and the VM
+        // was lost: a failure (its restart policy applies), not a stop.
+        let handed_off = read_result(&dir, token)
+            .and_then(|r| r.outcome)
+            .and_then(|o| o.get("handed_off").and_then(|h| h.as_bool()))
+            == Some(true);
+        if clean && handed_off {
+            let root = self.store.root().join("vms");
+            if vp::find_vmms(&root).iter().all(|(_, d)| *d != dir) {
+                clean = false;
+                reason = format!("{reason}, handing the VM to a VMM that is gone");
+            }
+        }
         if !clean {
             if let Some(why) = self.sandbox_end(&entry.id, &dir) {
                 reason = why;
@@ -945,6 +959,10 @@ impl Agent {
                 Phase::Failed
             };
             mark_ended(r, state, &reason);
+            // Settling with a VMM that is gone is over.
+            if r.operation.as_ref().is_some_and(|o| o.kind == Op::Recover) {
+                r.operation = None;
+            }
         });
         let rec = match updated {
             Ok(r) if r.status.token == token && !r.state.has_vmm() => r,

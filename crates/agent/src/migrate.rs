@@ -263,6 +263,14 @@ impl Agent {
                     "a disk made from an image (a qcow2 overlay) cannot be migrated yet",
                 )));
             }
+            let qcow2 =
+                rec.disks.get(i).map(|s| s.format) == Some(bexar_devices::block::DiskFormat::Qcow2);
+            if d.path.is_some() && !d.read_only && qcow2 {
+                return Err(AgentError::Conflict(FieldError::new(
+                    format!("spec.disks[{i}]"),
+                    "a writable qcow2 disk cannot be migrated yet (only raw files are copied)",
+                )));
+            }
             let size = match (&d.path, d.read_only) {
                 (Some(path), false) => Some(
                     std::fs::metadata(path)
