@@ -78,14 +78,6 @@ fn mark_ended(r: &mut VmRecord, state: Phase, reason: &str) {
     r.status.stopped_ms = Some(now_ms());
 }
 
-/// How the VMM run of `token` ended: its own result if it wrote one, else not clean, `missing`.
-fn run_end(dir: &std::path::Path, token: &str, missing: &str) -> (bool, String) {
-    match read_result(dir, token) {
-        Some(r) => (r.clean, r.reason),
-        None => (false, missing.to_owned()),
-    }
-}
-
 /// The result of launch `token`: in the jail's root (a jailed VMM writes it there), else in
 /// the VM's directory (an unjailed VMM, or a jailed one that failed before it entered).
 fn read_result(dir: &std::path::Path, token: &str) -> Option<RunResult> {
@@ -920,18 +912,20 @@ impl Agent {
             self.settle_migration(entry, token, kind);
             return;
         }
-        let (mut clean, mut reason) = run_end(
-            &dir,
-            token,
-            "the VMM process ended without reporting why (killed or crashed)",
+        let result = read_result(&dir, token);
+        let handed_off = result.as_ref().is_some_and(RunResult::handed_off);
+        let (mut clean, mut reason) = result.map_or_else(
+            || {
+                (
+                    false,
+                    "the VMM process ended without reporting why (killed or crashed)".to_owned(),
+                )
+            },
+            |r| (r.clean, r.reason),
         );
         // A VMM that handed its VM to another (a live upgrade an agent restart cut) ends
         // cleanly; if no VMM holds the VM now, the one it handed to is gone too and the VM
         // was lost: a failure (its restart policy applies), not a stop.
-        let handed_off = read_result(&dir, token)
-            .and_then(|r| r.outcome)
-            .and_then(|o| o.get("handed_off").and_then(|h| h.as_bool()))
-            == Some(true);
         if clean && handed_off {
             let root = self.store.root().join("vms");
             if vp::find_vmms(&root).iter().all(|(_, d)| *d != dir) {
@@ -1012,13 +1006,7 @@ impl Agent {
             let kind = Some(kind);
             let dir = agent.vm_dir(&entry.id);
             let result = read_result(&dir, &token);
-            let handed_off = result.as_ref().is_some_and(|r| {
-                r.outcome
-                    .as_ref()
-                    .and_then(|o| o.get("handed_off"))
-                    .and_then(|h| h.as_bool())
-                    == Some(true)
-            });
+            let handed_off = result.as_ref().is_some_and(RunResult::handed_off);
             if kind == Some(Op::Incoming) || handed_off {
                 if handed_off {
                     agent.events.emit(
@@ -1294,13 +1282,7 @@ impl Agent {
             .is_none()
             .then(|| read_result(&self.vm_dir(&entry.id), &rec.status.token))
             .flatten();
-        let handed_off = ended.as_ref().is_some_and(|r| {
-            r.outcome
-                .as_ref()
-                .and_then(|o| o.get("handed_off"))
-                .and_then(|h| h.as_bool())
-                == Some(true)
-        });
+        let handed_off = ended.as_ref().is_some_and(RunResult::handed_off);
         let result = ended.map(|r| (r.clean, r.reason));
         Found {
             adopted,

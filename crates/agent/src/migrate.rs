@@ -173,6 +173,22 @@ struct Prepared {
     message: String,
 }
 
+/// How sending the VM failed, which says where it is.
+#[derive(Debug)]
+enum SendFailed {
+    /// Not sent, or refused: the VM goes on here.
+    Refused(String),
+    /// All sent, no answer from the receiver: the VM is paused here and may run there.
+    InDoubt,
+    /// The VMM did not answer: its end says whether it handed the VM over.
+    NoAnswer(String),
+}
+
+/// What the VMM's error says when a migration is in doubt
+/// ([`bexar_vmm::migration::MigrationError::InDoubt`]); only its text crosses the control
+/// socket.
+const IN_DOUBT: &str = "in doubt";
+
 /// The longest line either side reads before the stream.
 const MAX_LINE: u64 = 4 << 20;
 /// Connecting, the TLS handshake, and each line before the stream.
@@ -356,7 +372,7 @@ impl Agent {
                     migration: report,
                 })
             }
-            Err(AgentError::MigrationFailed(why)) if why.contains("in doubt") => {
+            Err(SendFailed::InDoubt) => {
                 // Everything went and no answer came back: the destination may run the VM.
                 // Its VMM here keeps the guest paused; the record says so, and nothing here
                 // resumes it (an operator who finds it running there deletes it here).
@@ -374,7 +390,7 @@ impl Agent {
                     .emit(id, EventKind::Paused, Some(Phase::Paused), message.clone());
                 Err(AgentError::MigrationFailed(message))
             }
-            Err(AgentError::MigrationFailed(why)) if why.contains("did not answer") => {
+            Err(SendFailed::NoAnswer(why)) => {
                 // The operation stays `migrate`: the VMM's end, when it comes, is settled by
                 // what the VMM says of it, never by a restart here. An end recorded already
                 // (before the operation was) needs no more.
@@ -383,9 +399,9 @@ impl Agent {
                 }
                 Err(AgentError::MigrationFailed(why))
             }
-            Err(e) => {
+            Err(SendFailed::Refused(why)) => {
                 let _ = self.update(&entry, |r| r.operation = None);
-                Err(e)
+                Err(AgentError::MigrationFailed(why))
             }
         }
     }
@@ -398,7 +414,7 @@ impl Agent {
         rec: &VmRecord,
         conn: BufReader<tokio_rustls::client::TlsStream<TcpStream>>,
         req: &MigrateRequest,
-    ) -> Result<bexar_vmm::migration::MigrationReport, AgentError> {
+    ) -> Result<bexar_vmm::migration::MigrationReport, SendFailed> {
         let dir = self.vm_dir(&entry.id);
         // A jailed VMM reaches the socket in its root's writable directory.
         let jail = rec
@@ -419,7 +435,7 @@ impl Agent {
             ),
         };
         let failed = |what: &str, e: std::io::Error| {
-            AgentError::MigrationFailed(format!("{what} {}: {e}", host_path.display()))
+            SendFailed::Refused(format!("{what} {}: {e}", host_path.display()))
         };
         let _ = std::fs::remove_file(&host_path);
         let listener = UnixListener::bind(&host_path).map_err(|e| failed("cannot listen on", e))?;
@@ -456,26 +472,26 @@ impl Agent {
                 if tokio::time::timeout(STEP_TIMEOUT, relay).await.is_err() {
                     abort.abort();
                 }
-                reply.migration.ok_or_else(|| {
-                    AgentError::MigrationFailed("the VMM sent no migration report".into())
-                })
+                reply
+                    .migration
+                    .ok_or_else(|| SendFailed::Refused("the VMM sent no migration report".into()))
             }
             // The VMM answered that the migration failed: the guest goes on here, unless the
-            // VMM says it is in doubt.
+            // VMM says it is in doubt (its own error names it so).
             Err(e @ super::vmm_process::VmmProcessError::Refused { .. }) => {
                 relay.abort();
                 let e = e.to_string();
-                Err(AgentError::MigrationFailed(if e.contains("in doubt") {
-                    e
+                Err(if e.contains(IN_DOUBT) {
+                    SendFailed::InDoubt
                 } else {
-                    format!("the VM stays here: {e}")
-                }))
+                    SendFailed::Refused(format!("the VM stays here: {e}"))
+                })
             }
             // No answer at all (the VMM died, or is still at it): whether it handed the VM
             // over is for its end to say (`settle_migration`, under the operation lock).
             Err(e) => {
                 relay.abort();
-                Err(AgentError::MigrationFailed(format!(
+                Err(SendFailed::NoAnswer(format!(
                     "the VMM did not answer ({e}): the VM is where its VMM's end says"
                 )))
             }

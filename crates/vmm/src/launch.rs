@@ -184,6 +184,18 @@ pub struct RunResult {
     pub outcome: Option<serde_json::Value>,
 }
 
+impl RunResult {
+    /// Whether the VMM handed its VM to another VMM before it ended (a live upgrade's old
+    /// VMM, a live migration's sender).
+    pub fn handed_off(&self) -> bool {
+        self.outcome
+            .as_ref()
+            .and_then(|o| o.get("handed_off"))
+            .and_then(|h| h.as_bool())
+            == Some(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

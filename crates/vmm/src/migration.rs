@@ -30,6 +30,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use bexar_devices::block::raw::Bounce;
 use serde::{Deserialize, Serialize};
 
 /// The stream's first bytes.
@@ -226,7 +227,7 @@ impl<W: Write> Sender<W> {
         &mut self,
         index: u32,
         copy: &bexar_devices::virtio::DiskCopy,
-        buf: &mut DiskBuf,
+        buf: &mut Bounce,
     ) -> Result<u64, MigrationError> {
         const BLOCK: usize = 64 << 10;
         let extents = crate::memory::data_extents(&copy.image, copy.capacity)?;
@@ -288,7 +289,7 @@ impl<W: Write> Sender<W> {
         index: u32,
         copy: &bexar_devices::virtio::DiskCopy,
         ranges: impl Iterator<Item = (u64, u64)>,
-        buf: &mut DiskBuf,
+        buf: &mut Bounce,
     ) -> Result<u64, MigrationError> {
         let mut sent = 0;
         for (offset, len) in ranges {
@@ -346,22 +347,6 @@ impl<W: Write> Sender<W> {
 
     pub(crate) fn into_inner(self) -> W {
         self.out
-    }
-}
-
-/// A read buffer whose usable part starts on a 4 KiB boundary (an O_DIRECT image's reads need
-/// it); over-allocating keeps this free of `unsafe`.
-#[derive(Default)]
-pub(crate) struct DiskBuf(Vec<u8>);
-
-impl DiskBuf {
-    fn get(&mut self, len: usize) -> &mut [u8] {
-        const ALIGN: usize = 4096;
-        if self.0.len() < len + ALIGN {
-            self.0.resize(len + ALIGN, 0);
-        }
-        let off = self.0.as_ptr().align_offset(ALIGN);
-        &mut self.0[off..off + len]
     }
 }
 
@@ -657,7 +642,7 @@ mod tests {
             dirty: std::sync::Arc::new(bexar_devices::block::dirty::DirtyMap::new(size, 65536)),
         };
         let mut s = Sender::new(Vec::new(), 1 << 20).unwrap();
-        let mut buf = DiskBuf::default();
+        let mut buf = Bounce::default();
         // Only the file system blocks the 5000 bytes touch carry data (the zeros written at
         // the start are data to the file system, not to the copy).
         let sent = s.disk_all(0, &copy, &mut buf).unwrap();

@@ -450,7 +450,7 @@ impl Vmm {
         convergence: crate::migration::Convergence,
         copy_disks: bool,
     ) -> Result<crate::migration::MigrationReport, VmmError> {
-        use crate::migration::{read_answer, DiskBuf, MigrationError, MigrationReport, Sender};
+        use crate::migration::{read_answer, MigrationError, MigrationReport, Sender};
         if self.state == VmmState::Created {
             return Err(VmmError::State("not started"));
         }
@@ -487,7 +487,7 @@ impl Vmm {
             self.devices.stop_disk_copies();
             return Err(e);
         }
-        let mut disk_buf = DiskBuf::default();
+        let mut disk_buf = bexar_devices::block::raw::Bounce::default();
         let ram = &self.ram;
         let read = |p: u64, b: &mut [u8]| crate::memory::read_page(ram, p, b);
         let precopy = (|| {

@@ -39,12 +39,14 @@ fn punch(file: &File, op: BlockOp, off: u64, len: u64) -> io::Result<()> {
 }
 
 /// A bounce buffer whose usable window starts on a 4 KiB boundary (O_DIRECT needs aligned
-/// memory); over-allocating keeps this free of `unsafe`.
+/// memory); over-allocating keeps this free of `unsafe`. Also what a disk copy reads a raw
+/// image through (it shares the device's open file, O_DIRECT included).
 #[derive(Default)]
-struct Bounce(Vec<u8>);
+pub struct Bounce(Vec<u8>);
 
 impl Bounce {
-    fn get(&mut self, len: usize) -> &mut [u8] {
+    /// An aligned window of `len` bytes (contents unspecified).
+    pub fn get(&mut self, len: usize) -> &mut [u8] {
         if self.0.len() < len + BOUNCE_ALIGN {
             self.0.resize(len + BOUNCE_ALIGN, 0);
         }
