@@ -8,7 +8,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -261,19 +261,20 @@ fn disk_file(path: &Path, fill: Option<u8>) {
     }
 }
 
-#[test]
-fn a_guest_writing_its_disk_moves_with_a_copy_of_it_and_no_write_is_lost() {
-    // blk-scatter writes and reads back a fixed sequence (by its seed) of scattered runs, so
-    // a run to the end without migration gives the disk every migrated run must end with.
-    const ROUNDS: u32 = 400;
-    let d = dir("migrate-disk");
+/// The guest of the disk tests: blk-scatter writes and reads back a fixed sequence (by its
+/// seed) of scattered runs, so a run to the end without migration gives the disk every
+/// migrated run must end with.
+const SCATTER_ROUNDS: u32 = 400;
+
+/// Runs the disk guest on `reference` to its end; then on `a` in one VMM, moved with its disk
+/// mid-run to a second VMM on `b`, where it must finish its rounds reading back every write.
+/// Returns the migration's report.
+fn guest_moves_with_its_disk(d: &Path, reference: &Path, a: &Path, b: &Path) -> serde_json::Value {
     let guest = testguest();
     let cmdline = format!(
-        "console=ttyS0 bexar.test=blk-scatter bexar.rounds={ROUNDS} bexar.writes=8 bexar.seed=7{}",
+        "console=ttyS0 bexar.test=blk-scatter bexar.rounds={SCATTER_ROUNDS} bexar.writes=8 bexar.seed=7{}",
         guest_platform_params()
     );
-    let reference = d.join("reference.raw");
-    disk_file(&reference, None);
     let mut whole = spawn(
         &[
             "--kernel",
@@ -292,12 +293,6 @@ fn a_guest_writing_its_disk_moves_with_a_copy_of_it_and_no_write_is_lost() {
         "{}",
         read(&d.join("reference.err"))
     );
-
-    // The receiver's disk starts full of junk: the copy must leave zeros where the guest's
-    // disk has them (holes included).
-    let (a, b) = (d.join("a.raw"), d.join("b.raw"));
-    disk_file(&a, None);
-    disk_file(&b, Some(0xa5));
     let incoming = d.join("in.sock");
     let mut dest = spawn(
         &[
@@ -325,7 +320,7 @@ fn a_guest_writing_its_disk_moves_with_a_copy_of_it_and_no_write_is_lost() {
         false,
     );
     wait_for(&d.join("src.out"), "flushed", 20);
-    let m = &migrate(
+    let m = migrate(
         &ctl,
         &incoming,
         serde_json::json!({"downtime_ms": 20, "disks": true}),
@@ -333,29 +328,34 @@ fn a_guest_writing_its_disk_moves_with_a_copy_of_it_and_no_write_is_lost() {
     eprintln!("migration with the disk: {m}");
     assert_eq!(wait_exit(&mut src), 0, "{}", read(&d.join("src.err")));
     let at_move = read(&d.join("src.out")).matches("flushed").count() as u32;
-    assert!(at_move < ROUNDS, "the guest ended before it moved");
-    // What the guest wrote before the move went at least once (holes and zeros did not).
-    let written = read(&d.join("src.out"))
-        .lines()
-        .filter_map(|l| l.split("flushed (").nth(1)?.split(' ').next()?.parse().ok())
-        .next_back()
-        .unwrap_or(0u64);
-    let disk_bytes = m["disk_bytes"].as_u64().unwrap();
-    assert!(disk_bytes > 0, "{m}");
-    assert!(
-        disk_bytes < DISK_BYTES / 4,
-        "the whole disk went, holes and all: {m}"
-    );
-    assert!(written > 0);
-
-    // The guest finishes its rounds on the receiver, reading back every write there.
+    assert!(at_move < SCATTER_ROUNDS, "the guest ended before it moved");
+    assert!(m["disk_bytes"].as_u64().unwrap() > 0, "{m}");
     assert_eq!(wait_exit(&mut dest), 0, "{}", read(&d.join("dest.err")));
     let text = read(&d.join("dest.out"));
     assert!(
-        text.contains(&format!("{ROUNDS} rounds of 8 writes")),
+        text.contains(&format!("{SCATTER_ROUNDS} rounds of 8 writes")),
         "{text}"
     );
     assert!(!text.contains("test: blk-scatter"), "booted again: {text}");
+    m
+}
+
+#[test]
+fn a_guest_writing_its_disk_moves_with_a_copy_of_it_and_no_write_is_lost() {
+    let d = dir("migrate-disk");
+    let reference = d.join("reference.raw");
+    disk_file(&reference, None);
+    // The receiver's disk starts full of junk: the copy must leave zeros where the guest's
+    // disk has them (holes included).
+    let (a, b) = (d.join("a.raw"), d.join("b.raw"));
+    disk_file(&a, None);
+    disk_file(&b, Some(0xa5));
+    let m = guest_moves_with_its_disk(&d, &reference, &a, &b);
+    // What the guest wrote went (holes and zeros did not).
+    assert!(
+        m["disk_bytes"].as_u64().unwrap() < DISK_BYTES / 4,
+        "the whole disk went, holes and all: {m}"
+    );
     // Byte for byte the disk of the run that never moved.
     let (want, got) = (
         std::fs::read(&reference).unwrap(),
@@ -365,6 +365,49 @@ fn a_guest_writing_its_disk_moves_with_a_copy_of_it_and_no_write_is_lost() {
     assert_eq!(
         first_diff, None,
         "the receiver's disk differs from the reference at byte {first_diff:?} ({m})"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_qcow2_overlay_moves_without_its_base_image_and_reads_the_same_there() {
+    // Three overlays on one base image full of data: the run that never moves, the source,
+    // and the receiver's, new and empty. Before the guest starts, the source's and the
+    // reference's overlays get the same data and zero clusters of their own (qemu-io), which
+    // the copy must carry: the zero clusters hide base data the receiver's overlay would
+    // otherwise show.
+    let d = dir("migrate-qcow2");
+    let base = d.join("base.raw");
+    random_file(&base, DISK_BYTES, 11);
+    let overlay = |name: &str, own: bool| {
+        let p = d.join(name);
+        let (b, p_s) = (base.to_str().unwrap(), p.to_str().unwrap());
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", "-b", b, "-F", "raw", p_s]);
+        if own {
+            let io = Command::new("qemu-io")
+                .args(["-c", "write -P 0x33 1M 3M", "-c", "write -z 16M 8M", p_s])
+                .output()
+                .unwrap();
+            assert!(io.status.success(), "qemu-io: {io:?}");
+        }
+        p
+    };
+    let reference = overlay("reference.qcow2", true);
+    let (a, b) = (overlay("a.qcow2", true), overlay("b.qcow2", false));
+    let m = guest_moves_with_its_disk(&d, &reference, &a, &b);
+    // Only the overlay went: never the base image's 256 MiB under it.
+    assert!(
+        m["disk_bytes"].as_u64().unwrap() < DISK_BYTES / 2,
+        "the base image went too: {m}"
+    );
+    // The disk as qemu sees it is the reference's, and the receiver's overlay is sound.
+    let (r, b_s) = (reference.to_str().unwrap(), b.to_str().unwrap());
+    qemu_img_ok(&["compare", "-q", r, b_s]);
+    qemu_img_ok(&["check", "-q", b_s]);
+    let map = qemu_img_ok(&["map", "--output=json", b_s]);
+    assert!(
+        map.contains("\"zero\": true, \"data\": false"),
+        "the zero clusters did not come across: {map}"
     );
     let _ = std::fs::remove_dir_all(&d);
 }

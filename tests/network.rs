@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bexar_agent::api::client::Client;
-use common::{bexar, expect_status, rt, smbios_dump, testguest, tmp};
+use common::{bexar, expect_status, qemu_img_ok, random_file, rt, smbios_dump, testguest, tmp};
 use serde_json::{json, Value};
 
 /// A network namespace, deleted (with whatever runs in it) on drop.
@@ -1305,11 +1305,12 @@ fn two_hosts(tag: &str, net: u8) -> (Netns, Netns, PathBuf, NsAgent, NsAgent) {
 }
 
 /// Live migration between two hosts' agents (network namespaces joined by a veth underlay,
-/// a VXLAN segment across them): a VM answering pings, with a raw disk and metadata, moves
-/// A -> B -> A. A peer VM that stays on host A reaches it at the same address wherever it is;
-/// its disk arrives byte for byte; the host it left keeps nothing of it. Refusals (a VM that
-/// is not running, a destination that is not a known host, an id the destination has) change
-/// nothing.
+/// a VXLAN segment across them): a VM answering pings, with a raw disk, a qcow2 overlay on a
+/// registered image and metadata, moves A -> B -> A. A peer VM that stays on host A reaches
+/// it at the same address wherever it is; its disks arrive as they were (the overlay without
+/// its base image, which each host has); the host it left keeps nothing of it. Refusals (a VM
+/// that is not running, a destination that is not a known host, an id the destination has, a
+/// destination without the overlay's base image, a writable qcow2 path disk) change nothing.
 #[test]
 fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
     let (a, b, certs, agent_a, agent_b) = two_hosts("mg", 98);
@@ -1337,11 +1338,33 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
         for c in [&ca, &cb] {
             expect_status(&c.post("/v1/segments", &span).await.unwrap(), 201);
         }
+        // The base image of its second disk, registered on host A only for now.
+        let base = agent_a.dir.join("base.raw");
+        random_file(&base, 4 << 20, 5);
+        let image = json!({"id": "base", "path": base});
+        expect_status(&ca.post("/v1/images", &image).await.unwrap(), 201);
         let mut mover = vm("mover", "span", "net-peer");
         mover["nics"][0]["ipv4"] = json!("10.40.0.10");
-        mover["disks"] = json!([{"path": disk}]);
+        mover["disks"] = json!([{"path": disk}, {"image": "base"}]);
         let r = ca.post("/v1/vms", &mover).await.unwrap();
         let made = expect_status(&r, 201);
+        // The overlay holds data and zero clusters of its own (written before the VM starts);
+        // `expected` is the disk the guest must see on every host.
+        let overlay = agent_a.dir.join("state/vms/mover/disk1.qcow2");
+        let io = Command::new("qemu-io")
+            .arg("-c")
+            .arg("write -P 0x44 512K 1M")
+            .arg("-c")
+            .arg("write -z 2M 1M")
+            .arg(&overlay)
+            .output()
+            .unwrap();
+        assert!(io.status.success(), "qemu-io: {io:?}");
+        let expected = agent_a.dir.join("expected.raw");
+        let mut want = std::fs::read(&base).unwrap();
+        want[512 << 10..(512 + 1024) << 10].fill(0x44);
+        want[2 << 20..3 << 20].fill(0);
+        std::fs::write(&expected, &want).unwrap();
         let mac = nic(&made, "mac");
         let md = json!({"user_data": "#cloud-config\nhostname: mover\n", "hostname": "mover"});
         expect_status(&ca.put("/v1/vms/mover/metadata", &md).await.unwrap(), 200);
@@ -1393,7 +1416,24 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
         let v = expect_status(&r, 409);
         assert_eq!(v["error"]["field"], "destination", "{v}");
         expect_status(&cb.delete("/v1/vms/mover").await.unwrap(), 204);
-        // A writable qcow2 disk does not move yet: refused, naming the disk.
+        // The destination has no image with the content of the overlay's base.
+        let r = ca
+            .post("/v1/vms/mover/migrate", &go("10.98.0.2:7400"))
+            .await
+            .unwrap();
+        let v = expect_status(&r, 409);
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("no image with the content of \"base\""),
+            "{v}"
+        );
+        expect_status(&cb.get("/v1/vms/mover").await.unwrap(), 404);
+        // Now it has, under another id: the overlay goes onto that one.
+        let image_b = json!({"id": "base-b", "path": base});
+        expect_status(&cb.post("/v1/images", &image_b).await.unwrap(), 201);
+        // A writable qcow2 path disk does not move: refused, naming the disk.
         let qcow2 = agent_a.dir.join("q.qcow2");
         let o = Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
@@ -1466,6 +1506,16 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
                 "{} differs from the disk the VM had",
                 copy.display()
             );
+            // Its overlay reads as it did (qemu-img's view), and only the overlay went: the
+            // raw disk's 8 MiB and less than the base image's 4 MiB.
+            let overlay = to_agent.dir.join("state/vms/mover/disk1.qcow2");
+            let (o, e) = (overlay.to_str().unwrap(), expected.to_str().unwrap());
+            qemu_img_ok(&["compare", "-q", o, e]);
+            qemu_img_ok(&["check", "-q", o]);
+            assert!(
+                m["disk_bytes"].as_u64().unwrap() < (8 << 20) + (3 << 20),
+                "{m}"
+            );
             // A VM on host A reaches it at its address, wherever it is now.
             let id = format!("peer{i}");
             let mut peer = vm(&id, "span", "net bexar.peer=10.40.0.10");
@@ -1519,18 +1569,25 @@ fn migrations_with_a_process_killed_at_random_never_make_two_copies() {
     };
     // Restarted by the agent whenever it stops: a restart of a copy that moved away would be
     // the second copy this test looks for.
+    // Its disk is an overlay on an image both hosts have: an overlay left behind on a host
+    // would be a leak this test sees (the VM's directory stays).
     let mover = || {
         let mut v = vm("mover", "span", "idle");
         v["nics"][0]["ipv4"] = json!("10.50.0.10");
         v["restart_policy"] = json!("always");
+        v["disks"] = json!([{"image": "base"}]);
         v
     };
+    let base = agents[0].dir.join("base.raw");
+    random_file(&base, 1 << 20, 3);
     let (mut lost, mut in_doubt, mut moved) = (0, 0, 0);
     rt().block_on(async {
         let mut span = segment("span", 50, "routed", 50);
         span["overlay"] = json!("vxlan");
         for ag in &agents {
             expect_status(&ag.client().post("/v1/segments", &span).await.unwrap(), 201);
+            let image = json!({"id": "base", "path": base});
+            expect_status(&ag.client().post("/v1/images", &image).await.unwrap(), 201);
         }
         let r = agents[0]
             .client()
@@ -1608,6 +1665,12 @@ fn migrations_with_a_process_killed_at_random_never_make_two_copies() {
             );
             assert!(running.len() <= 1, "round {round}: running on both hosts");
             for i in 0..2 {
+                let dir = agents[i].dir.join("state/vms/mover");
+                assert!(
+                    states[i].is_some() || !dir.exists(),
+                    "round {round}: host {i} has no record of the VM but keeps {}",
+                    dir.display()
+                );
                 let pids = vmm_pids(&agents[i], "mover");
                 if live(&states[i]) {
                     assert_eq!(pids.len(), 1, "round {round}: host {i} {states:?} {pids:?}");

@@ -21,9 +21,13 @@
 //!    running. If anything fails before that answer the VM goes on here and the receiver
 //!    deletes what it made.
 //!
-//! Not yet: settling a migration that one agent's crash interrupted (the records say which
-//! side was doing what), qcow2 overlays (refused, see `bexar_vmm::migration`), bandwidth
-//! limits, progress reports and cancelling.
+//! A disk made from an image (a qcow2 overlay on a registered base image) moves without its
+//! base: the destination must hold an image with the same content hash, makes its own empty
+//! overlay on it, and the stream carries only what the sender's overlay holds. A writable
+//! qcow2 `path` disk is refused (its backing chain is the operator's files, which the
+//! destination has no way to match).
+//!
+//! Not yet: progress reports and cancelling.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -160,6 +164,10 @@ struct Prepare {
     record: VmRecord,
     /// Each disk's size in bytes, for those the stream copies.
     disk_sizes: Vec<Option<u64>>,
+    /// For each disk made from an image, the image's content hash (SHA-256, hex): the
+    /// destination needs an image with the same content for its overlay.
+    #[serde(default)]
+    image_sha256: Vec<Option<String>>,
 }
 
 /// The receiver's answer to [`Prepare`].
@@ -272,19 +280,32 @@ impl Agent {
         }
         // Which disks the stream copies, and the ones it cannot move.
         let mut disk_sizes = Vec::new();
+        let mut image_sha256 = Vec::new();
         for (i, d) in rec.spec.disks.iter().enumerate() {
-            if d.image.is_some() {
-                return Err(AgentError::Conflict(FieldError::new(
-                    format!("spec.disks[{i}]"),
-                    "a disk made from an image (a qcow2 overlay) cannot be migrated yet",
-                )));
-            }
+            // An overlay moves alone: the destination makes its own on the same base image
+            // (the same content), and the stream fills it with what this one holds.
+            image_sha256.push(match &d.image {
+                Some(id) => Some(
+                    self.images
+                        .get(id)
+                        .map_err(|e| {
+                            AgentError::Conflict(FieldError::new(
+                                format!("spec.disks[{i}].image"),
+                                e.to_string(),
+                            ))
+                        })?
+                        .sha256,
+                ),
+                None => None,
+            });
             let qcow2 =
                 rec.disks.get(i).map(|s| s.format) == Some(bexar_devices::block::DiskFormat::Qcow2);
             if d.path.is_some() && !d.read_only && qcow2 {
                 return Err(AgentError::Conflict(FieldError::new(
                     format!("spec.disks[{i}]"),
-                    "a writable qcow2 disk cannot be migrated yet (only raw files are copied)",
+                    "a writable qcow2 path disk cannot be migrated (its backing chain is the \
+                     operator's, not known to the destination): give the VM a disk made from \
+                     a registered image instead",
                 )));
             }
             let size = match (&d.path, d.read_only) {
@@ -298,6 +319,7 @@ impl Agent {
                         })?
                         .len(),
                 ),
+                _ if d.image.is_some() => rec.disks.get(i).map(|s| s.size),
                 _ => None,
             };
             disk_sizes.push(size);
@@ -321,6 +343,7 @@ impl Agent {
         let prepare = Prepare {
             record: rec.clone(),
             disk_sizes,
+            image_sha256,
         };
         let lost = |e: std::io::Error| {
             AgentError::MigrationFailed(format!("the destination went away: {e}"))
@@ -642,6 +665,29 @@ impl Agent {
                 n.ipv6 = was.ipv6;
             }
         }
+        // Overlays are made below as a create makes them, each on this host's image with the
+        // sender's base content (by id if it matches, else any with that hash); checked before
+        // any file is made.
+        for (i, d) in spec.disks.iter_mut().enumerate() {
+            let Some(image) = &d.image else {
+                continue;
+            };
+            let want = p.image_sha256.get(i).cloned().flatten().unwrap_or_default();
+            let mine = match self.images.get(image) {
+                Ok(img) if img.sha256 == want => Some(img),
+                _ => self.images.list().into_iter().find(|m| m.sha256 == want),
+            };
+            let Some(mine) = mine else {
+                return Err(AgentError::Conflict(FieldError::new(
+                    format!("spec.disks[{i}].image"),
+                    format!(
+                        "this host has no image with the content of {image:?} (sha256 {want}): \
+                         register the same base image here first"
+                    ),
+                )));
+            };
+            d.image = Some(mine.id);
+        }
         let dir = self.vm_dir(&id);
         let made_dir = !dir.exists();
         let cleanup = |dir: &std::path::Path| {
@@ -652,10 +698,7 @@ impl Agent {
         // The copied disks land in files of the VM's directory, which go with it.
         for (i, d) in spec.disks.iter_mut().enumerate() {
             if d.image.is_some() {
-                return Err(AgentError::Conflict(FieldError::new(
-                    format!("spec.disks[{i}]"),
-                    "a disk made from an image (a qcow2 overlay) cannot be migrated yet",
-                )));
+                continue;
             }
             let Some(Some(size)) = p.disk_sizes.get(i) else {
                 continue;
@@ -693,6 +736,22 @@ impl Agent {
             }
         }
         let entry = self.entry(&id)?;
+        // An overlay made here is as big as the image under it or the spec's size, as the
+        // sender's was; a disk that is not could not take the sender's blocks.
+        let made = Self::snapshot(&entry);
+        for (i, (want, have)) in p.disk_sizes.iter().zip(&made.disks).enumerate() {
+            if want.is_some_and(|w| w != have.size) {
+                let _ = self.delete(&id).await;
+                return Err(AgentError::Conflict(FieldError::new(
+                    format!("spec.disks[{i}]"),
+                    format!(
+                        "{} bytes here, {} on the sending host",
+                        have.size,
+                        want.unwrap_or_default()
+                    ),
+                )));
+            }
+        }
         let rec = self.update(&entry, |r| {
             r.metadata = src.metadata.clone();
             r.desired = Desired::Running;

@@ -274,46 +274,13 @@ pub(crate) fn read_page(ram: &GuestRam, page: u64, buf: &mut [u8]) -> std::io::R
 /// One flag per page of `file` (`size` bytes): whether the file holds data there.
 pub(crate) fn data_pages(file: &File, size: u64) -> std::io::Result<Vec<bool>> {
     let mut pages = vec![false; (size / PAGE) as usize];
-    for (data, len) in data_extents(file, size)? {
+    for (data, len) in bexar_util::fs::data_extents(file, size)? {
         let end = (data + len).div_ceil(PAGE).min(pages.len() as u64);
         for p in &mut pages[(data / PAGE) as usize..end as usize] {
             *p = true;
         }
     }
     Ok(pages)
-}
-
-/// The ranges `(offset, len)` of `file`'s first `size` bytes that hold data (holes read as
-/// zeros and need no copy). Moves the descriptor's offset, which no user of these files
-/// relies on: guest RAM is read through its mapping, disk images with positioned I/O.
-pub(crate) fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
-    let mut out = Vec::new();
-    let fd = file.as_raw_fd();
-    let mut pos = 0u64;
-    while pos < size {
-        // SAFETY: lseek on a descriptor `file` owns, with integer arguments.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data after `pos`
-            }
-            return Err(err);
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let (data, end) = (data as u64, (hole as u64).min(size));
-        if data >= size {
-            break;
-        }
-        out.push((data, end - data));
-        pos = end;
-    }
-    Ok(out)
 }
 
 /// Sets the flag of every page of `region` that is a private copy in this process's mapping

@@ -12,12 +12,15 @@
 //! receiver's. Everything read is checked (sizes, ranges, the state's checksum): a malformed
 //! stream is an error, never a panic.
 //!
-//! Disks: with `disks` on, every writable local raw disk is copied like memory: its data
-//! first (holes and zero blocks skipped: the receiver's disk files start empty), then, round by
+//! Disks: with `disks` on, every writable local disk is copied like memory: first what it holds
+//! (all of a raw disk, its holes and zero blocks as `ZERO` records; only what a qcow2 overlay
+//! itself holds, since the receiver's overlay sits on the same base image), then, round by
 //! round, the 64 KiB blocks the guest wrote meanwhile (the device records them as it submits
-//! them, [`bexar_devices::block::dirty`]), the last ones while the guest is paused. Without it
-//! the receiver reopens the sender's disk files by path (both on one host). Writable qcow2
-//! images are refused either way (their metadata is cached in the sending process).
+//! them, [`bexar_devices::block::dirty`]), the last ones while the guest is paused. Both ends
+//! go through the disk as the guest sees it ([`bexar_devices::block::copy`]): a qcow2 image is
+//! read through the device's own open chain, whose cached metadata a second reader of the file
+//! would miss. Without `disks` the receiver reopens the sender's disk files by path (both on
+//! one host), which a writable qcow2 image cannot share (refused).
 //!
 //! A guest that dirties memory about as fast as the stream carries it is throttled (its vCPUs
 //! parked for a growing share of each round, `Vmm::send_throttled`). Between hosts the agents
@@ -30,6 +33,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use bexar_devices::block::copy::{CopyTarget, Extent};
 use bexar_devices::block::raw::Bounce;
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +62,9 @@ pub enum MigrationError {
     /// The other end sent something that is not a migration stream, or not a sound one.
     #[error("migration stream: {0}")]
     Protocol(String),
+    /// A disk to copy into could not be opened.
+    #[error("a disk to receive into: {0}")]
+    Disk(#[from] bexar_devices::block::BlockError),
     /// The receiver could not take the VM (or this VMM would not send it).
     #[error("the receiving VMM refused the VM: {0}")]
     Refused(String),
@@ -220,9 +227,10 @@ impl<W: Write> Sender<W> {
         Ok(sent)
     }
 
-    /// Sends all of disk `index`: its data, and `ZERO` records for its holes and for 64 KiB
-    /// blocks that read as zeros (so the receiver's disk need not start empty, and zeros cost
-    /// no bandwidth). Returns the data bytes sent.
+    /// Sends all of disk `index` the first pass covers ([`bexar_devices::block::copy::CopySource::extents`]): its data,
+    /// and `ZERO` records for the zeros it records and for 64 KiB blocks of data that read as
+    /// zeros (so the receiver's disk need not start empty, and zeros cost no bandwidth).
+    /// Returns the data bytes sent.
     pub(crate) fn disk_all(
         &mut self,
         index: u32,
@@ -230,9 +238,8 @@ impl<W: Write> Sender<W> {
         buf: &mut Bounce,
     ) -> Result<u64, MigrationError> {
         const BLOCK: usize = 64 << 10;
-        let extents = crate::memory::data_extents(&copy.image, copy.capacity)?;
+        let extents = copy.source.extents(copy.capacity)?;
         let mut sent = 0;
-        let mut at = 0u64;
         // (start, len) of zeros not yet announced, joined while they are adjacent.
         let mut zeros: Option<(u64, u64)> = None;
         // A run is sent once it reaches 64 MiB, so that a long stretch of zeros to read still
@@ -250,16 +257,17 @@ impl<W: Write> Sender<W> {
             }
             Ok::<_, MigrationError>(())
         };
-        for (data, len) in extents.into_iter().chain([(copy.capacity, 0)]) {
-            if data > at {
-                zero(self, &mut zeros, at, data - at)?;
+        for (start, len, what) in extents {
+            let end = (start + len).min(copy.capacity);
+            if what == Extent::Zero {
+                zero(self, &mut zeros, start, end.saturating_sub(start))?;
+                continue;
             }
-            let end = data + len;
-            let mut pos = data;
+            let mut pos = start;
             while pos < end {
                 let n = (end - pos).min(MAX_RUN * PAGE);
                 let bytes = buf.get(n as usize);
-                copy.image.read_exact_at(bytes, pos)?;
+                copy.source.read_at(bytes, pos)?;
                 for (i, block) in bytes.chunks(BLOCK).enumerate() {
                     let off = pos + (i * BLOCK) as u64;
                     if block.iter().all(|b| *b == 0) {
@@ -274,7 +282,6 @@ impl<W: Write> Sender<W> {
                 }
                 pos += n;
             }
-            at = end;
         }
         if let Some((o, l)) = zeros {
             self.zero(index, o, l)?;
@@ -298,7 +305,7 @@ impl<W: Write> Sender<W> {
             while at < end {
                 let n = (end - at).min(MAX_RUN * PAGE);
                 let data = buf.get(n as usize);
-                copy.image.read_exact_at(data, at)?;
+                copy.source.read_at(data, at)?;
                 self.disk_record(index, at, data)?;
                 sent += n;
                 at += n;
@@ -387,17 +394,17 @@ pub struct Received {
 
 /// Receives a migration stream from `input` (see the module's description): guest memory into a
 /// new memfd, disk blocks into `disks` (the VM's disks in order, `None` for one that is not
-/// copied; each must start empty, as a new sparse file), and the VM's state. Returns once
+/// copied: a raw file may hold anything beforehand, a qcow2 overlay must sit on the sender's
+/// base image and hold nothing of its own), and the VM's state. Returns once
 /// `DONE` arrived; the caller builds the VM ([`crate::build_from_migration`]) and then answers
 /// with [`answer`].
-pub fn receive(input: &mut impl Read, disks: &[Option<File>]) -> Result<Received, MigrationError> {
+pub fn receive(
+    input: &mut impl Read,
+    disks: &[Option<CopyTarget>],
+) -> Result<Received, MigrationError> {
     let sizes = disks
         .iter()
-        .map(|d| {
-            d.as_ref()
-                .map(|f| f.metadata().map(|m| m.len()))
-                .transpose()
-        })
+        .map(|d| d.as_ref().map(CopyTarget::size).transpose())
         .collect::<Result<Vec<_>, _>>()?;
     let mut disk_bytes = 0u64;
     let mut disks_unsynced = false;
@@ -458,7 +465,7 @@ pub fn receive(input: &mut impl Read, disks: &[Option<File>]) -> Result<Received
                 }
                 let data = &mut buf[..len as usize];
                 input.read_exact(data)?;
-                file.write_all_at(data, offset)?;
+                file.write_at(data, offset)?;
                 disk_bytes += len;
                 disks_unsynced = true;
             }
@@ -477,7 +484,7 @@ pub fn receive(input: &mut impl Read, disks: &[Option<File>]) -> Result<Received
                         "disk {index} zeros {offset}+{len} outside its {size}"
                     )));
                 }
-                zero_range(file, offset, len, &mut buf)?;
+                file.zero(offset, len, &mut buf)?;
                 disks_unsynced = true;
             }
             STATE => {
@@ -518,65 +525,25 @@ pub fn receive(input: &mut impl Read, disks: &[Option<File>]) -> Result<Received
 }
 
 /// Syncs the receiver's disks if anything was written to them since the last time.
-fn sync_disks(disks: &[Option<File>], unsynced: &mut bool) -> std::io::Result<()> {
+fn sync_disks(disks: &[Option<CopyTarget>], unsynced: &mut bool) -> std::io::Result<()> {
     if std::mem::take(unsynced) {
-        for f in disks.iter().flatten() {
-            f.sync_data()?;
+        for d in disks.iter().flatten() {
+            d.sync()?;
         }
     }
     Ok(())
 }
 
-/// The receiving side's files for [`receive`]: each writable local raw disk of `disks` opened
-/// for writing, `None` for the others (read-only, remote or qcow2 disks are not copied).
+/// The receiving side's disks for [`receive`]: each writable local disk of `disks` opened for
+/// writing (raw, or qcow2 through its chain), `None` for the others (read-only or remote disks
+/// are not copied).
 pub fn open_disks(
     disks: &[bexar_devices::block::DiskConfig],
-) -> Result<Vec<Option<File>>, MigrationError> {
-    use bexar_devices::block::DiskFormat;
+) -> Result<Vec<Option<CopyTarget>>, MigrationError> {
     disks
         .iter()
-        .map(|d| {
-            if d.read_only || d.nbd.is_some() || d.iscsi.is_some() {
-                return Ok(None);
-            }
-            let format = match d.format {
-                Some(f) => f,
-                None => bexar_devices::block::qcow2::probe(&d.path)
-                    .map_err(|e| bad(format!("{}: {e}", d.path.display())))?,
-            };
-            if format != DiskFormat::Raw {
-                return Ok(None);
-            }
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&d.path)
-                .map(Some)
-                .map_err(|e| {
-                    MigrationError::Io(std::io::Error::new(
-                        e.kind(),
-                        format!("{}: {e}", d.path.display()),
-                    ))
-                })
-        })
+        .map(|d| CopyTarget::open(d).map_err(MigrationError::from))
         .collect()
-}
-
-/// Makes `[offset, offset + len)` of `file` read as zeros: a hole punched (free on a new
-/// sparse file), or zeros written where the file system cannot punch.
-fn zero_range(file: &File, offset: u64, len: u64, buf: &mut [u8]) -> std::io::Result<()> {
-    use nix::fcntl::{fallocate, FallocateFlags};
-    let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-    if fallocate(file, punch, offset as i64, len as i64).is_ok() {
-        return Ok(());
-    }
-    buf.fill(0);
-    let mut at = offset;
-    while at < offset + len {
-        let n = (offset + len - at).min(buf.len() as u64) as usize;
-        file.write_all_at(&buf[..n], at)?;
-        at += n as u64;
-    }
-    Ok(())
 }
 
 /// Tells the sender whether this side holds the VM now (`Ok`) or not.
@@ -594,6 +561,7 @@ pub fn answer(out: &mut impl Write, result: Result<(), String>) -> std::io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bexar_devices::block::copy::CopySource;
 
     fn memfd_with(pages: &[(u64, u8)], size: u64) -> File {
         let f = crate::memory::new_memfd(size).unwrap();
@@ -637,7 +605,7 @@ mod tests {
         let g = std::fs::File::create(&dst).unwrap();
         g.write_all_at(&vec![0xa5u8; size as usize], 0).unwrap();
         let copy = bexar_devices::virtio::DiskCopy {
-            image: File::open(&src).unwrap(),
+            source: CopySource::Raw(File::open(&src).unwrap()),
             capacity: size,
             dirty: std::sync::Arc::new(bexar_devices::block::dirty::DirtyMap::new(size, 65536)),
         };
@@ -651,9 +619,9 @@ mod tests {
         let mut stream = s.into_inner();
         stream.push(DONE);
         stream.extend_from_slice(&0u64.to_le_bytes());
-        let disks = [Some(
+        let disks = [Some(CopyTarget::Raw(
             std::fs::OpenOptions::new().write(true).open(&dst).unwrap(),
-        )];
+        ))];
         // The empty state is refused at the end, after the disk records were taken.
         let e = receive(&mut stream.as_slice(), &disks).err().unwrap();
         assert!(e.to_string().contains("header"), "{e}");

@@ -454,12 +454,12 @@ impl Vmm {
         if self.state == VmmState::Created {
             return Err(VmmError::State("not started"));
         }
-        if let Some(disk) = self.writable_qcow2() {
-            // The receiver reopens the disk files; a qcow2 image's metadata cached here (and
-            // written back when this VMM closes it) would be stale there and clobber it later.
+        if let Some(disk) = self.writable_qcow2().filter(|_| !copy_disks) {
+            // Without a copy the receiver reopens the disk files; a qcow2 image's metadata
+            // cached here (and written back when this VMM closes it) would be stale there and
+            // clobber it later. With one, the receiver writes its own overlay.
             return Err(MigrationError::Refused(format!(
-                "{} is a writable qcow2 disk: live migration does not move or hand over qcow2 \
-                 images yet",
+                "{} is a writable qcow2 disk: it moves only with its blocks copied (`disks`)",
                 disk.display()
             ))
             .into());

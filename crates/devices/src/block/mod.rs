@@ -23,6 +23,7 @@
 //! backend; the device never knows which it got. [`dirty::DirtyMap`] records which blocks a
 //! guest wrote, for copying a disk while it runs.
 
+pub mod copy;
 pub mod dirty;
 pub mod iscsi;
 pub mod nbd;
@@ -409,9 +410,9 @@ pub trait DiskBackend: Send {
     fn link(&self) -> Option<std::sync::Arc<LinkState>> {
         None
     }
-    /// The image file whose bytes are the disk's bytes, one for one (a raw image; `None` for
-    /// formats with metadata and for remote disks): what a disk copy reads.
-    fn raw_image(&self) -> Option<&std::fs::File> {
+    /// What a disk copy reads the disk through while the guest runs (a local image; `None`
+    /// for a remote disk).
+    fn copy_source(&self) -> Option<std::io::Result<copy::CopySource>> {
         None
     }
 }
@@ -424,8 +425,8 @@ pub trait SyncDisk: Send {
     fn info(&self) -> DiskInfo;
     /// Does one (checked) request; the bytes moved, or why it failed.
     fn run(&mut self, mem: &GuestMemoryMmap, req: &BlockRequest) -> std::io::Result<u64>;
-    /// As [`DiskBackend::raw_image`].
-    fn raw_image(&self) -> Option<&std::fs::File> {
+    /// As [`DiskBackend::copy_source`].
+    fn copy_source(&self) -> Option<std::io::Result<copy::CopySource>> {
         None
     }
 }
@@ -493,8 +494,8 @@ impl<T: SyncDisk> DiskBackend for Immediate<T> {
     fn in_flight(&self) -> usize {
         self.done.len()
     }
-    fn raw_image(&self) -> Option<&std::fs::File> {
-        self.disk.raw_image()
+    fn copy_source(&self) -> Option<std::io::Result<copy::CopySource>> {
+        self.disk.copy_source()
     }
     fn drain(&mut self, out: &mut Vec<Completion>) {
         self.reap(out);

@@ -254,7 +254,8 @@ pub fn create_overlay(
 
 /// A qcow2 image (with its chain) served synchronously.
 pub struct Qcow2Image {
-    image: Image,
+    /// Shared only with a disk copy while one runs ([`super::copy::CopySource`]).
+    image: std::sync::Arc<Image>,
     info: DiskInfo,
 }
 
@@ -263,7 +264,7 @@ impl Qcow2Image {
     pub fn new(image: Image, read_only: bool) -> Self {
         let capacity = image.size();
         Self {
-            image,
+            image: std::sync::Arc::new(image),
             info: DiskInfo {
                 capacity,
                 read_only,
@@ -277,6 +278,9 @@ impl Qcow2Image {
 impl SyncDisk for Qcow2Image {
     fn engine(&self) -> &'static str {
         "qcow2-sync"
+    }
+    fn copy_source(&self) -> Option<io::Result<super::copy::CopySource>> {
+        Some(Ok(super::copy::CopySource::Qcow2(self.image.clone())))
     }
     fn info(&self) -> DiskInfo {
         self.info
@@ -320,7 +324,14 @@ impl SyncDisk for Qcow2Image {
                 Ok(0)
             }
             BlockOp::Discard | BlockOp::WriteZeroes { unmap: true } => {
-                self.image.discard_to_zero(req.offset, req.len)?;
+                match std::sync::Arc::get_mut(&mut self.image) {
+                    Some(image) => image.discard_to_zero(req.offset, req.len)?,
+                    // A disk copy reads the image meanwhile: freeing clusters could hand one
+                    // it is reading to another range, so the range becomes zero clusters
+                    // (the guest reads the same zeros; the space comes back at its next
+                    // discard).
+                    None => self.image.write_zeroes(req.offset, req.len)?,
+                }
                 Ok(0)
             }
         }
@@ -385,6 +396,9 @@ impl Qcow2Uring {
 impl DiskBackend for Qcow2Uring {
     fn engine(&self) -> &'static str {
         "qcow2-io_uring"
+    }
+    fn copy_source(&self) -> Option<io::Result<super::copy::CopySource>> {
+        self.sync.copy_source()
     }
     fn info(&self) -> DiskInfo {
         self.sync.info()

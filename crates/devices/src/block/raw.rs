@@ -78,8 +78,8 @@ impl SyncDisk for RawFile {
     fn engine(&self) -> &'static str {
         "sync"
     }
-    fn raw_image(&self) -> Option<&File> {
-        Some(&self.file)
+    fn copy_source(&self) -> Option<io::Result<super::copy::CopySource>> {
+        Some(self.file.try_clone().map(super::copy::CopySource::Raw))
     }
     fn info(&self) -> DiskInfo {
         self.info
@@ -255,8 +255,8 @@ impl DiskBackend for RawUring {
     fn engine(&self) -> &'static str {
         "io_uring"
     }
-    fn raw_image(&self) -> Option<&File> {
-        Some(&self.file)
+    fn copy_source(&self) -> Option<io::Result<super::copy::CopySource>> {
+        Some(self.file.try_clone().map(super::copy::CopySource::Raw))
     }
     fn info(&self) -> DiskInfo {
         self.info

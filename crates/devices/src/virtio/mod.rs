@@ -660,9 +660,9 @@ pub enum PersistError {
 /// A disk being copied: see [`VirtioDevice::start_disk_copy`].
 #[derive(Debug)]
 pub struct DiskCopy {
-    /// Reads the image (shares the device's open file, so O_DIRECT images need aligned
-    /// buffers).
-    pub image: std::fs::File,
+    /// Reads the disk as the guest sees it (through the device's open image, so O_DIRECT
+    /// images need aligned buffers).
+    pub source: crate::block::copy::CopySource,
     /// The disk's size in bytes.
     pub capacity: u64,
     /// Blocks written since the copy started.
@@ -699,10 +699,10 @@ pub trait VirtioDevice: Send {
     fn link(&self) -> Option<Arc<crate::block::LinkState>> {
         None
     }
-    /// A disk to copy while the guest runs (live migration without shared storage): a second
-    /// descriptor of the device's raw image and its size, with every block the guest writes
-    /// from now on recorded in `map`, which the call makes. `None` for devices that are not
-    /// writable local raw disks (nothing to copy, or nothing this can copy).
+    /// A disk to copy while the guest runs (live migration without shared storage): a reader
+    /// of the device's image and its size, with every block the guest writes from now on
+    /// recorded in `map`, which the call makes. `None` for devices that are not writable
+    /// local disks (nothing to copy, or nothing this can copy).
     fn start_disk_copy(&mut self) -> Option<std::io::Result<DiskCopy>> {
         None
     }

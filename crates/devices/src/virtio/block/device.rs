@@ -474,14 +474,14 @@ impl VirtioDevice for Block {
         if self.info.read_only {
             return None;
         }
-        let image = match self.backend.raw_image()?.try_clone() {
-            Ok(f) => f,
+        let source = match self.backend.copy_source()? {
+            Ok(s) => s,
             Err(e) => return Some(Err(e)),
         };
         let dirty = std::sync::Arc::new(DirtyMap::new(self.info.capacity, COPY_BLOCK));
         self.track_writes(Some(dirty.clone()));
         Some(Ok(crate::virtio::DiskCopy {
-            image,
+            source,
             capacity: self.info.capacity,
             dirty,
         }))
