@@ -1310,7 +1310,8 @@ fn two_hosts(tag: &str, net: u8) -> (Netns, Netns, PathBuf, NsAgent, NsAgent) {
 /// it at the same address wherever it is; its disks arrive as they were (the overlay without
 /// its base image, which each host has); the host it left keeps nothing of it. Refusals (a VM
 /// that is not running, a destination that is not a known host, an id the destination has, a
-/// destination without the overlay's base image, a writable qcow2 path disk) change nothing.
+/// destination without the overlay's base image, a writable qcow2 path disk) change nothing;
+/// a migration held to a low bandwidth reports its progress and is cancelled midway.
 #[test]
 fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
     let (a, b, certs, agent_a, agent_b) = two_hosts("mg", 98);
@@ -1457,6 +1458,58 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
         let v = expect_status(&ca.get("/v1/vms/mover").await.unwrap(), 200);
         assert_eq!(v["state"], "running", "{v}");
 
+        // Progress, and a cancel before the switch-over: a copy held to 1 MiB/s takes seconds.
+        let r = ca
+            .post("/v1/vms/mover/migrate/cancel", &json!({}))
+            .await
+            .unwrap();
+        let v = expect_status(&r, 409);
+        assert_eq!(v["error"]["code"], "illegal_transition", "{v}");
+        let slow = json!({"destination": "10.98.0.2:7400", "max_bandwidth_mib": 1});
+        let client = ca.clone();
+        let asked = tokio::spawn(async move { client.post("/v1/vms/mover/migrate", &slow).await });
+        let t = Instant::now();
+        let progress = loop {
+            let v = expect_status(&ca.get("/v1/vms/mover").await.unwrap(), 200);
+            let p = &v["operation"]["progress"];
+            if p["phase"] == "copying" && p["round"] == 1 {
+                break p.clone();
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "no progress: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // Round 1 sends the disks' capacity (12 MiB) and the memory the guest holds.
+        assert!(
+            progress["left_bytes"].as_u64().unwrap() > 12 << 20,
+            "{progress}"
+        );
+        let r = ca
+            .post("/v1/vms/mover/migrate/cancel", &json!({}))
+            .await
+            .unwrap();
+        expect_status(&r, 202);
+        let r = asked.await.unwrap().unwrap();
+        let v = expect_status(&r, 409);
+        assert_eq!(v["error"]["code"], "migration_cancelled", "{v}");
+        let v = expect_status(&ca.get("/v1/vms/mover").await.unwrap(), 200);
+        assert_eq!(v["state"], "running", "{v}");
+        assert!(v["operation"].is_null(), "{v}");
+        let t = Instant::now();
+        while cb.get("/v1/vms/mover").await.unwrap().status != 404 {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "host B kept its copy"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let events = ca.get("/v1/events?vm=mover").await.unwrap();
+        let events = String::from_utf8_lossy(&events.body).into_owned();
+        assert!(events.contains("round 1 begins"), "{events}");
+        assert!(
+            events.contains("cancelled before the switch-over"),
+            "{events}"
+        );
+
         let tap_a = nic(&made, "tap");
         let hosts = [
             (&ca, &cb, &agent_b, "10.98.0.2:7400"),
@@ -1467,6 +1520,10 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
             let v = expect_status(&r, 200);
             let m = &v["migration"];
             eprintln!("migrated to {dest}: {m}");
+            // The sender reported the switch-over before the VM went.
+            let events = from.get("/v1/events?vm=mover").await.unwrap();
+            let events = String::from_utf8_lossy(&events.body).into_owned();
+            assert!(events.contains("switch-over after"), "{events}");
             assert!(m["disk_bytes"].as_u64().unwrap() >= 8 << 20, "{m}");
             // Gone from the host it left: its record and events say so, its TAP is gone.
             expect_status(&from.get("/v1/vms/mover").await.unwrap(), 404);

@@ -60,6 +60,9 @@ wire_enum! {
         /// and the bytes sent; the VM is deleted here next) or arrived from one (on the
         /// receiver).
         Migrated = "migrated",
+        /// A live migration's progress on the sender: a round of the copy began (what is
+        /// left, the rates, the pause expected), the switch-over began, or it was cancelled.
+        Migrating = "migrating",
     }
 }
 

@@ -183,6 +183,9 @@ pub enum AgentError {
     /// here.
     #[error("migration failed: {0}")]
     MigrationFailed(String),
+    /// A live migration was cancelled before its switch-over: the VM goes on here.
+    #[error("migration cancelled: {0}")]
+    MigrationCancelled(String),
     /// The state directory failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -215,6 +218,8 @@ struct VmEntry {
     op: tokio::sync::Mutex<()>,
     rec: Mutex<VmRecord>,
     vmm: Mutex<Option<VmmHandle>>,
+    /// The live migration of this VM under way, if any (to cancel it).
+    migration: Mutex<Option<Arc<migrate::Cancel>>>,
 }
 
 /// The agent.
@@ -353,6 +358,7 @@ impl Agent {
                         op: tokio::sync::Mutex::new(()),
                         rec: Mutex::new(rec),
                         vmm: Mutex::new(None),
+                        migration: Mutex::new(None),
                     }),
                 );
             }
@@ -788,6 +794,7 @@ impl Agent {
             operation: start.then_some(Operation {
                 kind: OperationKind::Start,
                 started_ms: now,
+                progress: None,
             }),
             nics,
             disks,
@@ -815,6 +822,7 @@ impl Agent {
                 op: tokio::sync::Mutex::new(()),
                 rec: Mutex::new(rec.clone()),
                 vmm: Mutex::new(None),
+                migration: Mutex::new(None),
             }),
         );
         drop(vms);

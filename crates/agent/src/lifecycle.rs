@@ -46,6 +46,7 @@ pub(crate) fn op(kind: Op) -> Option<Operation> {
     Some(Operation {
         kind,
         started_ms: now_ms(),
+        progress: None,
     })
 }
 

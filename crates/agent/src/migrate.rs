@@ -27,7 +27,12 @@
 //! qcow2 `path` disk is refused (its backing chain is the operator's files, which the
 //! destination has no way to match).
 //!
-//! Not yet: progress reports and cancelling.
+//! While the VMMs work, the sender's relay follows the stream (`StreamWatch`): the sending
+//! VMM's progress reports (each round's start: what is left, the rates, the pause expected;
+//! the switch-over's start) go into the VM's `operation.progress` and `migrating` events, and
+//! `POST /v1/vms/{id}/migrate/cancel` has the relay send the VMM a cancel byte, which it honours
+//! until the switch-over begins (the VM goes on here; the migration's request ends with 409
+//! `migration_cancelled`). Once the relay has seen the switch-over begin, a cancel is refused.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -181,11 +186,24 @@ struct Prepared {
     message: String,
 }
 
+/// A migration under way, as `POST /v1/vms/{id}/migrate/cancel` reaches it.
+#[derive(Debug, Default)]
+pub(crate) struct Cancel {
+    /// Wakes the relay, which sends the VMM [`bexar_vmm::migration::CANCEL`].
+    notify: tokio::sync::Notify,
+    /// The cancel was asked for.
+    asked: std::sync::atomic::AtomicBool,
+    /// The switch-over has begun (as far as the stream relayed says): too late to cancel.
+    switching: std::sync::atomic::AtomicBool,
+}
+
 /// How sending the VM failed, which says where it is.
 #[derive(Debug)]
 enum SendFailed {
     /// Not sent, or refused: the VM goes on here.
     Refused(String),
+    /// Cancelled before the switch-over: the VM goes on here.
+    Cancelled,
     /// All sent, no answer from the receiver: the VM is paused here and may run there.
     InDoubt,
     /// The VMM did not answer: its end says whether it handed the VM over.
@@ -197,6 +215,10 @@ enum SendFailed {
 /// socket.
 const IN_DOUBT: &str = "in doubt";
 
+/// What the VMM's error says when the migration was cancelled
+/// ([`bexar_vmm::migration::MigrationError::Cancelled`]).
+const CANCELLED: &str = "cancelled before the switch-over";
+
 /// The longest line either side reads before the stream.
 const MAX_LINE: u64 = 4 << 20;
 /// Connecting, the TLS handshake, and each line before the stream.
@@ -206,6 +228,72 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 fn field(name: &str, message: impl Into<String>) -> AgentError {
     AgentError::Invalid(FieldError::new(name, message.into()))
+}
+
+/// The sender's relay: takes the VMM's connection on `listener`, then carries the stream to
+/// the destination, following it to report the VMM's progress (and to see the switch-over
+/// begin, after which a cancel is too late), and the destination's answer back, with a
+/// [`bexar_vmm::migration::CANCEL`] sent to the VMM when `cancel` is asked for.
+async fn relay_out(
+    listener: UnixListener,
+    conn: BufReader<tokio_rustls::client::TlsStream<TcpStream>>,
+    progress: tokio::sync::watch::Sender<Option<bexar_vmm::migration::MigrationProgress>>,
+    cancel: Arc<Cancel>,
+) -> std::io::Result<()> {
+    use bexar_vmm::migration::{MigrationPhase, StreamWatch, CANCEL};
+    let (vmm, _) = tokio::time::timeout(STEP_TIMEOUT, listener.accept())
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no VMM"))??;
+    let (mut vmm_r, mut vmm_w) = vmm.into_split();
+    // Whatever the destination sent after its answer is the receiving VMM's.
+    let early = conn.buffer().to_vec();
+    vmm_w.write_all(&early).await?;
+    let (mut conn_r, mut conn_w) = tokio::io::split(conn.into_inner());
+    let out = async {
+        let mut watch = StreamWatch::default();
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = vmm_r.read(&mut buf).await?;
+            if n == 0 {
+                return conn_w.shutdown().await;
+            }
+            watch.feed(&buf[..n]);
+            if let Some(p) = &watch.progress {
+                if p.phase == MigrationPhase::SwitchOver {
+                    cancel
+                        .switching
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                if progress.borrow().as_ref() != Some(p) {
+                    progress.send_replace(Some(p.clone()));
+                }
+            }
+            // Sent now: a TLS writer may keep the tail of what it took until a flush, and the
+            // switch-over's last bytes are the pause.
+            conn_w.write_all(&buf[..n]).await?;
+            conn_w.flush().await?;
+        }
+    };
+    let back = async {
+        let mut buf = vec![0u8; 4096];
+        let mut cancelled = false;
+        loop {
+            tokio::select! {
+                r = conn_r.read(&mut buf) => {
+                    let n = r?;
+                    if n == 0 {
+                        return vmm_w.shutdown().await;
+                    }
+                    vmm_w.write_all(&buf[..n]).await?;
+                }
+                () = cancel.notify.notified(), if !cancelled => {
+                    cancelled = true;
+                    vmm_w.write_all(&[CANCEL]).await?;
+                }
+            }
+        }
+    };
+    tokio::try_join!(out, back).map(|_| ())
 }
 
 /// The API code of an error, as a refusal sent to the other agent.
@@ -370,7 +458,10 @@ impl Agent {
         if !alive || rec.operation.as_ref().map(|o| o.kind) != Some(Op::Migrate) {
             return Err(super::lifecycle::illegal(&rec, "migrate"));
         }
-        let ended = self.send_vm(&entry, &rec, conn, &req).await;
+        let cancel = Arc::new(Cancel::default());
+        *lock(&entry.migration) = Some(cancel.clone());
+        let ended = self.send_vm(&entry, &rec, conn, &req, &cancel).await;
+        *lock(&entry.migration) = None;
         match ended {
             Ok(report) => {
                 let message = format!(
@@ -426,6 +517,20 @@ impl Agent {
                 let _ = self.update(&entry, |r| r.operation = None);
                 Err(AgentError::MigrationFailed(why))
             }
+            Err(SendFailed::Cancelled) => {
+                let _ = self.update(&entry, |r| r.operation = None);
+                let message = format!(
+                    "live migration to {} cancelled before the switch-over: the VM goes on here",
+                    req.destination
+                );
+                self.events.emit(
+                    id,
+                    EventKind::Migrating,
+                    Some(Phase::Running),
+                    message.clone(),
+                );
+                Err(AgentError::MigrationCancelled(message))
+            }
         }
     }
 
@@ -437,6 +542,7 @@ impl Agent {
         rec: &VmRecord,
         conn: BufReader<tokio_rustls::client::TlsStream<TcpStream>>,
         req: &MigrateRequest,
+        cancel: &Arc<Cancel>,
     ) -> Result<bexar_vmm::migration::MigrationReport, SendFailed> {
         let dir = self.vm_dir(&entry.id);
         // A jailed VMM reaches the socket in its root's writable directory.
@@ -468,17 +574,8 @@ impl Agent {
             std::fs::set_permissions(&host_path, std::fs::Permissions::from_mode(0o666))
                 .map_err(|e| failed("cannot open", e))?;
         }
-        let relay = tokio::spawn(async move {
-            let (mut vmm, _) = tokio::time::timeout(STEP_TIMEOUT, listener.accept())
-                .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no VMM"))??;
-            let conn = conn;
-            // Whatever the destination sent after its answer is the receiving VMM's.
-            let early = conn.buffer().to_vec();
-            vmm.write_all(&early).await?;
-            let mut conn = conn.into_inner();
-            tokio::io::copy_bidirectional(&mut vmm, &mut conn).await
-        });
+        let (progress_tx, mut progress_rx) = tokio::sync::watch::channel(None);
+        let relay = tokio::spawn(relay_out(listener, conn, progress_tx, cancel.clone()));
         let request = bexar_vmm::control::Request::Migrate {
             to: vmm_path,
             downtime_ms: req.downtime_ms,
@@ -486,7 +583,25 @@ impl Agent {
             disks: true,
             max_bandwidth_mib: req.max_bandwidth_mib,
         };
-        let answered = super::vmm_process::exchange(&dir, &request, MIGRATE_TIMEOUT).await;
+        let exchange = super::vmm_process::exchange(&dir, &request, MIGRATE_TIMEOUT);
+        tokio::pin!(exchange);
+        // The VMM's progress, as the relay reads it from the stream, goes into the record and
+        // the events while the VMM works.
+        let mut watching = true;
+        let answered = loop {
+            tokio::select! {
+                r = &mut exchange => break r,
+                changed = progress_rx.changed(), if watching => match changed {
+                    Ok(()) => {
+                        let p = progress_rx.borrow_and_update().clone();
+                        if let Some(p) = p {
+                            self.report_progress(entry, &req.destination, p);
+                        }
+                    }
+                    Err(_) => watching = false,
+                },
+            }
+        };
         let _ = std::fs::remove_file(&host_path);
         match answered {
             Ok((reply, _)) => {
@@ -506,6 +621,10 @@ impl Agent {
                 let e = e.to_string();
                 Err(if e.contains(IN_DOUBT) {
                     SendFailed::InDoubt
+                } else if cancel.asked.load(std::sync::atomic::Ordering::SeqCst)
+                    && e.contains(CANCELLED)
+                {
+                    SendFailed::Cancelled
                 } else {
                     SendFailed::Refused(format!("the VM stays here: {e}"))
                 })
@@ -519,6 +638,71 @@ impl Agent {
                 )))
             }
         }
+    }
+
+    /// Records a progress report of the sending VMM in the VM's operation, and emits it as an
+    /// event when a round or the switch-over begins.
+    fn report_progress(
+        &self,
+        entry: &Arc<VmEntry>,
+        destination: &str,
+        p: bexar_vmm::migration::MigrationProgress,
+    ) {
+        use bexar_vmm::migration::MigrationPhase;
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        let message = match p.phase {
+            MigrationPhase::Copying => format!(
+                "migrating to {destination}: round {} begins, {:.1} MiB to send ({:.1} MiB sent), \
+                 {:.0} MiB/s, the guest dirtying {} pages/s, pause expected {:.1} ms{}",
+                p.round,
+                mib(p.left_bytes),
+                mib(p.bytes_sent),
+                mib(p.rate_bytes_per_sec),
+                p.dirty_pages_per_sec,
+                p.expected_blackout_us as f64 / 1e3,
+                if p.throttle_pct > 0 {
+                    format!(", vCPUs throttled {}%", p.throttle_pct)
+                } else {
+                    String::new()
+                }
+            ),
+            MigrationPhase::SwitchOver => format!(
+                "migrating to {destination}: switch-over after {} rounds, the guest is paused, \
+                 {:.1} MiB left",
+                p.round,
+                mib(p.left_bytes)
+            ),
+        };
+        let updated = self.update(entry, |r| {
+            if let Some(op) = r.operation.as_mut().filter(|o| o.kind == Op::Migrate) {
+                op.progress = Some(p);
+            }
+        });
+        if updated.is_ok() {
+            self.events
+                .emit(&entry.id, EventKind::Migrating, None, message);
+        }
+    }
+
+    /// Cancels the live migration of VM `id` if its switch-over has not begun: the VM goes
+    /// on here, and the migration's own request ends with `migration_cancelled`.
+    pub async fn cancel_migration(&self, id: &str) -> Result<VmRecord, AgentError> {
+        use std::sync::atomic::Ordering;
+        let entry = self.entry(id)?;
+        let cancel = lock(&entry.migration).clone();
+        let rec = Self::snapshot(&entry);
+        let Some(cancel) = cancel else {
+            return Err(super::lifecycle::illegal(&rec, "cancel the migration of"));
+        };
+        if cancel.switching.load(Ordering::SeqCst) {
+            return Err(AgentError::Conflict(FieldError::new(
+                "id",
+                "the switch-over has begun: too late to cancel",
+            )));
+        }
+        cancel.asked.store(true, Ordering::SeqCst);
+        cancel.notify.notify_one();
+        Ok(rec)
     }
 
     /// Takes migrations from other hosts' agents on `listener` until the agent ends.
@@ -758,6 +942,7 @@ impl Agent {
             r.operation = Some(Operation {
                 kind: Op::Incoming,
                 started_ms: now_ms(),
+                progress: None,
             });
         });
         let rec = match rec {

@@ -111,6 +111,7 @@ impl Agent {
             r.operation = Some(Operation {
                 kind: OperationKind::Snapshot,
                 started_ms: now_ms(),
+                progress: None,
             });
             if req.then.ends_vmm() {
                 // The VMM ends once the snapshot is durable: not a failure to restart from.

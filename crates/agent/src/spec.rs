@@ -803,6 +803,9 @@ pub struct Operation {
     pub kind: OperationKind,
     /// Unix time (ms) it began.
     pub started_ms: u64,
+    /// A `migrate` operation's last progress report (round, bytes, rates, expected pause).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<bexar_vmm::migration::MigrationProgress>,
 }
 
 /// Desired power state, from the last action the caller asked for.

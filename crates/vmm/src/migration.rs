@@ -6,10 +6,15 @@
 //! The stream, after an 8-byte magic and the memory size, is records:
 //! `PAGES first count` + `count` pages (a run of pages, by their index in the memfd),
 //! `DISK index offset len` + `len` bytes of the VM's disk `index` (when disks are copied),
-//! `STATE len` + a state file's bytes ([`crate::snapshot::encode`]), `DONE paused_at_ns`.
+//! `ZERO index offset len` (a range of a disk that reads as zeros), `PROGRESS` + the sender's
+//! [`MigrationProgress`] (at each round's start and the switch-over's: what a relaying agent
+//! reports, [`StreamWatch`]), `STATE len` + a state file's bytes ([`crate::snapshot::encode`]),
+//! `DONE paused_at_ns`.
 //! The receiver answers one byte once it holds the VM (`R`), or `F` and a reason: the answer is
 //! the commit point, before it the sender can resume the guest, after it the guest is the
-//! receiver's. Everything read is checked (sizes, ranges, the state's checksum): a malformed
+//! receiver's. While the pre-copy runs the sender also listens on that direction: a relaying
+//! agent cancels the migration with one [`CANCEL`] byte (the guest goes on at the sender; once
+//! the switch-over has begun the byte is ignored). Everything read is checked (sizes, ranges, the state's checksum): a malformed
 //! stream is an error, never a panic.
 //!
 //! Disks: with `disks` on, every writable local disk is copied like memory: first what it holds
@@ -46,6 +51,13 @@ const STATE: u8 = 2;
 const DONE: u8 = 3;
 const DISK: u8 = 4;
 const ZERO: u8 = 5;
+const PROGRESS: u8 = 6;
+/// A [`PROGRESS`] record's bytes after its tag.
+const PROGRESS_LEN: usize = 49;
+/// The byte an agent relaying the stream sends the sender to cancel the pre-copy.
+pub const CANCEL: u8 = b'C';
+/// How often the sender looks for a word from the other end while it sends.
+const LISTEN_EVERY: Duration = Duration::from_millis(10);
 /// The most pages one record carries (1 MiB).
 const MAX_RUN: u64 = 256;
 /// The most time a bandwidth-limited sender may be behind its limit and catch up at once.
@@ -68,6 +80,10 @@ pub enum MigrationError {
     /// The receiver could not take the VM (or this VMM would not send it).
     #[error("the receiving VMM refused the VM: {0}")]
     Refused(String),
+    /// Cancelled (a [`CANCEL`] from the relaying agent) before the switch-over: the guest goes
+    /// on here.
+    #[error("cancelled before the switch-over: the guest goes on here")]
+    Cancelled,
     /// Everything was sent and no answer came: the receiver may hold the VM. The guest stays
     /// paused here.
     #[error("no answer from the receiving VMM after the whole VM was sent: the migration is in doubt and the guest stays paused here")]
@@ -112,6 +128,177 @@ pub struct MigrationReport {
     pub total_ms: f64,
 }
 
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPhase {
+    /// Copying memory and disks while the guest runs (pre-copy); can be cancelled.
+    #[default]
+    Copying,
+    /// The guest is paused and the rest goes; no longer cancellable.
+    SwitchOver,
+}
+
+/// A migration's progress as the sender reports it in the stream, at the start of each round
+/// and of the switch-over (a relaying agent reads it with [`StreamWatch`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    /// Copying or switching over.
+    pub phase: MigrationPhase,
+    /// The round that begins (1: the first copy of everything the guest holds).
+    pub round: u32,
+    /// Bytes sent so far (pages, disk blocks, framing).
+    pub bytes_sent: u64,
+    /// Bytes the round (or the switch-over) has to send: memory and disk blocks.
+    pub left_bytes: u64,
+    /// The rate the last round was sent at, bytes a second (0 before the first).
+    pub rate_bytes_per_sec: u64,
+    /// The rate the guest dirtied memory at during the last round, pages a second.
+    pub dirty_pages_per_sec: u64,
+    /// The pause if the switch-over began now: what is left, at the rate measured,
+    /// microseconds.
+    pub expected_blackout_us: u64,
+    /// The share of the round the guest's vCPUs are parked for (percent).
+    pub throttle_pct: u32,
+}
+
+impl MigrationProgress {
+    fn encode(&self) -> [u8; PROGRESS_LEN] {
+        let mut b = [0u8; PROGRESS_LEN];
+        b[0] = match self.phase {
+            MigrationPhase::Copying => 0,
+            MigrationPhase::SwitchOver => 1,
+        };
+        b[1..5].copy_from_slice(&self.round.to_le_bytes());
+        b[5..9].copy_from_slice(&self.throttle_pct.to_le_bytes());
+        for (i, v) in [
+            self.bytes_sent,
+            self.left_bytes,
+            self.rate_bytes_per_sec,
+            self.dirty_pages_per_sec,
+            self.expected_blackout_us,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            b[9 + 8 * i..17 + 8 * i].copy_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
+    fn decode(b: &[u8; PROGRESS_LEN]) -> Result<Self, MigrationError> {
+        let phase = match b[0] {
+            0 => MigrationPhase::Copying,
+            1 => MigrationPhase::SwitchOver,
+            other => return Err(bad(format!("progress phase {other}"))),
+        };
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        Ok(Self {
+            phase,
+            round: u32_at(1),
+            throttle_pct: u32_at(5),
+            bytes_sent: u64_at(9),
+            left_bytes: u64_at(17),
+            rate_bytes_per_sec: u64_at(25),
+            dirty_pages_per_sec: u64_at(33),
+            expected_blackout_us: u64_at(41),
+        })
+    }
+}
+
+/// Follows a migration stream as it passes (an agent relaying it between hosts): the sender's
+/// last [`MigrationProgress`], the bytes seen, and whether the whole VM went (`DONE`). Only
+/// the records' framing is read; the receiver checks everything else. A stream it cannot
+/// follow sets `lost` and is passed on untouched all the same.
+#[derive(Debug, Default)]
+pub struct StreamWatch {
+    /// The last progress the sender reported.
+    pub progress: Option<MigrationProgress>,
+    /// Bytes seen.
+    pub bytes: u64,
+    /// The whole VM went past (the receiver may hold it from here on).
+    pub done: bool,
+    /// The stream was not one this can follow.
+    pub lost: bool,
+    /// The header being gathered: its tag (0 for the stream's own 16 bytes) and bytes.
+    head: Option<(u8, Vec<u8>)>,
+    /// Payload bytes to pass over.
+    skip: u64,
+    started: bool,
+}
+
+impl StreamWatch {
+    /// Takes the next bytes of the stream.
+    pub fn feed(&mut self, mut data: &[u8]) {
+        self.bytes += data.len() as u64;
+        while !data.is_empty() && !self.done && !self.lost {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len() as u64);
+                self.skip -= n;
+                data = &data[n as usize..];
+                continue;
+            }
+            let (tag, mut head) = match self.head.take() {
+                Some(h) => h,
+                None if !self.started => (0, Vec::new()),
+                None => {
+                    let tag = data[0];
+                    data = &data[1..];
+                    (tag, Vec::new())
+                }
+            };
+            let need = match tag {
+                0 => 16,
+                PAGES => 12,
+                DISK => 16,
+                ZERO => 20,
+                STATE => 4,
+                DONE => 8,
+                PROGRESS => PROGRESS_LEN,
+                _ => {
+                    self.lost = true;
+                    return;
+                }
+            };
+            let n = (need - head.len()).min(data.len());
+            head.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if head.len() < need {
+                self.head = Some((tag, head));
+                continue;
+            }
+            match tag {
+                0 => {
+                    self.started = true;
+                    self.lost = &head[..8] != MAGIC;
+                }
+                PAGES => {
+                    let n = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+                    self.skip = u64::from(n) * PAGE;
+                }
+                DISK => {
+                    self.skip = u64::from(u32::from_le_bytes(
+                        head[12..16].try_into().expect("4 bytes"),
+                    ));
+                }
+                STATE => {
+                    self.skip = u64::from(u32::from_le_bytes(head[..4].try_into().expect("4")));
+                }
+                DONE => self.done = true,
+                PROGRESS => {
+                    let b: &[u8; PROGRESS_LEN] = head[..].try_into().expect("its length");
+                    match MigrationProgress::decode(b) {
+                        Ok(p) => self.progress = Some(p),
+                        Err(_) => self.lost = true,
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 /// When pre-copy stops and the switch-over begins.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Convergence {
@@ -144,6 +331,10 @@ pub(crate) struct Sender<W: Write> {
     limit: Option<u64>,
     since: Instant,
     since_bytes: u64,
+    /// The stream's other direction, listened to while the pre-copy runs: a relaying agent's
+    /// [`CANCEL`], or an early refusal from the receiver.
+    listen: Option<std::os::unix::net::UnixStream>,
+    listened: Instant,
 }
 
 impl<W: Write> Sender<W> {
@@ -157,6 +348,8 @@ impl<W: Write> Sender<W> {
             limit: None,
             since: Instant::now(),
             since_bytes: 16,
+            listen: None,
+            listened: Instant::now(),
         })
     }
 
@@ -168,10 +361,65 @@ impl<W: Write> Sender<W> {
         self.since_bytes = self.bytes;
     }
 
+    /// Listens to `back` (the stream's other direction) while sending, until
+    /// [`Self::stop_listening`]: a [`CANCEL`] there ends the send with
+    /// [`MigrationError::Cancelled`], an early refusal from the receiver with
+    /// [`MigrationError::Refused`].
+    pub(crate) fn listen(&mut self, back: std::os::unix::net::UnixStream) {
+        self.listen = Some(back);
+    }
+
+    /// Stops listening (the switch-over begins: a cancel is too late, and the receiver's
+    /// answer is read after the end).
+    pub(crate) fn stop_listening(&mut self) {
+        self.listen = None;
+    }
+
+    /// Looks, without waiting, for a word from the other end.
+    fn heard(&mut self) -> Result<(), MigrationError> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        if self.listened.elapsed() < LISTEN_EVERY {
+            return Ok(());
+        }
+        self.listened = Instant::now();
+        let Some(back) = &self.listen else {
+            return Ok(());
+        };
+        let mut fds = [PollFd::new(back.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, PollTimeout::ZERO).map_err(std::io::Error::from)? == 0 {
+            return Ok(());
+        }
+        let mut back = back;
+        let mut b = [0u8; 1];
+        match back.read(&mut b)? {
+            0 => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+            _ if b[0] == CANCEL => Err(MigrationError::Cancelled),
+            _ if b[0] == b'F' => {
+                let mut why = Vec::new();
+                back.take(4096).read_to_end(&mut why)?;
+                Err(MigrationError::Refused(
+                    String::from_utf8_lossy(&why).into_owned(),
+                ))
+            }
+            _ => Err(bad(format!("answer byte {:#04x} before the end", b[0]))),
+        }
+    }
+
+    /// Reports where the migration is, in the stream.
+    pub(crate) fn progress(&mut self, p: &MigrationProgress) -> Result<(), MigrationError> {
+        self.out.write_all(&[PROGRESS])?;
+        self.out.write_all(&p.encode())?;
+        self.out.flush()?;
+        self.bytes += 1 + PROGRESS_LEN as u64;
+        self.heard()
+    }
+
     /// Waits until what was sent is within the limit. Time spent not sending (reading a
     /// disk's zeros, taking the dirty log) earns at most [`PACE_WINDOW`] of credit, so no
     /// burst beyond the limit follows it.
     fn pace(&mut self) -> Result<(), MigrationError> {
+        self.heard()?;
         if let Some(rate) = self.limit {
             let due = Duration::from_secs_f64((self.bytes - self.since_bytes) as f64 / rate as f64);
             let spent = self.since.elapsed();
@@ -361,6 +609,10 @@ impl<W: Write> Sender<W> {
 pub(crate) fn read_answer(r: &mut impl Read) -> Result<(), MigrationError> {
     let mut b = [0u8; 1];
     r.read_exact(&mut b)?;
+    // A cancel that came after the switch-over began is too late: not the receiver's word.
+    while b[0] == CANCEL {
+        r.read_exact(&mut b)?;
+    }
     match b[0] {
         b'R' => Ok(()),
         b'F' => {
@@ -486,6 +738,11 @@ pub fn receive(
                 }
                 file.zero(offset, len, &mut buf)?;
                 disks_unsynced = true;
+            }
+            PROGRESS => {
+                let mut h = [0u8; PROGRESS_LEN];
+                input.read_exact(&mut h)?;
+                MigrationProgress::decode(&h)?;
             }
             STATE => {
                 let mut h = [0u8; 4];
@@ -634,6 +891,99 @@ mod tests {
             .unwrap();
         assert!(e.to_string().contains("outside"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_relay_follows_the_stream_in_any_cut_and_the_receiver_takes_its_progress() {
+        let size = 4 << 20;
+        let src = memfd_with(&[(3, 1), (4, 2), (900, 3)], size);
+        let mut s = Sender::new(Vec::new(), size).unwrap();
+        let p1 = MigrationProgress {
+            round: 2,
+            bytes_sent: 12345,
+            left_bytes: 8192,
+            rate_bytes_per_sec: 1 << 30,
+            dirty_pages_per_sec: 777,
+            expected_blackout_us: 1500,
+            throttle_pct: 20,
+            ..Default::default()
+        };
+        s.progress(&p1).unwrap();
+        let read = |p: u64, b: &mut [u8]| src.read_exact_at(b, p * PAGE);
+        s.pages(read, [3, 4, 900].into_iter()).unwrap();
+        s.zero(0, 0, 4096).unwrap();
+        let p2 = MigrationProgress {
+            phase: MigrationPhase::SwitchOver,
+            round: 2,
+            left_bytes: 4096,
+            ..Default::default()
+        };
+        s.progress(&p2).unwrap();
+        s.state(&[9u8; 100]).unwrap();
+        s.done(42).unwrap();
+        let stream = s.into_inner();
+        for cut in [1, 7, 13, 4096, stream.len()] {
+            let mut w = StreamWatch::default();
+            let mut seen = Vec::new();
+            for chunk in stream.chunks(cut) {
+                w.feed(chunk);
+                if let Some(p) = &w.progress {
+                    if seen.last() != Some(p) {
+                        seen.push(p.clone());
+                    }
+                }
+            }
+            assert!(!w.lost, "cut {cut}");
+            assert!(w.done, "cut {cut}");
+            assert_eq!(w.bytes, stream.len() as u64);
+            // Fed at once, only the last is left to see.
+            let want = if cut == stream.len() {
+                vec![p2.clone()]
+            } else {
+                vec![p1.clone(), p2.clone()]
+            };
+            assert_eq!(seen, want, "cut {cut}");
+        }
+        // Not a stream: followed no further, never a panic.
+        let mut w = StreamWatch::default();
+        w.feed(b"NOTMAGIC\0\0\0\0\0\0\0\0\x01");
+        assert!(w.lost);
+        // The receiver reads the progress records and goes on (to the bad state here).
+        let disk = crate::memory::new_memfd(1 << 20).unwrap();
+        let e = receive(&mut stream.as_slice(), &[Some(CopyTarget::Raw(disk))])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("header"), "{e}");
+    }
+
+    #[test]
+    fn a_cancel_on_the_way_back_stops_the_pre_copy_and_a_late_one_is_ignored() {
+        use std::os::unix::net::UnixStream;
+        let size = 4 << 20;
+        let src = memfd_with(&[(1, 1)], size);
+        let read = |p: u64, b: &mut [u8]| src.read_exact_at(b, p * PAGE);
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut s = Sender::new(std::io::BufWriter::new(&a), size).unwrap();
+        s.listen(a.try_clone().unwrap());
+        b.write_all(&[CANCEL]).unwrap();
+        std::thread::sleep(LISTEN_EVERY * 2);
+        let e = s.pages(read, [1].into_iter()).err().unwrap();
+        assert!(matches!(&e, MigrationError::Cancelled), "{e}");
+        // After the switch-over began, a cancel is not the receiver's answer.
+        let mut answer: &[u8] = &[CANCEL, CANCEL, b'R'];
+        read_answer(&mut answer).unwrap();
+        // An early refusal from the receiver ends the pre-copy with its reason.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut s = Sender::new(std::io::BufWriter::new(&a), size).unwrap();
+        s.listen(a.try_clone().unwrap());
+        b.write_all(b"Fno room").unwrap();
+        drop(b);
+        std::thread::sleep(LISTEN_EVERY * 2);
+        let e = s.pages(read, [1].into_iter()).err().unwrap();
+        assert!(
+            matches!(&e, MigrationError::Refused(w) if w == "no room"),
+            "{e}"
+        );
     }
 
     #[test]

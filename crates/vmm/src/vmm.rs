@@ -450,7 +450,9 @@ impl Vmm {
         convergence: crate::migration::Convergence,
         copy_disks: bool,
     ) -> Result<crate::migration::MigrationReport, VmmError> {
-        use crate::migration::{read_answer, MigrationError, MigrationReport, Sender};
+        use crate::migration::{
+            read_answer, MigrationError, MigrationPhase, MigrationProgress, MigrationReport, Sender,
+        };
         if self.state == VmmState::Created {
             return Err(VmmError::State("not started"));
         }
@@ -493,15 +495,23 @@ impl Vmm {
         let precopy = (|| {
             let mut tx = Sender::new(std::io::BufWriter::new(&stream), ram.size)?;
             tx.limit(convergence.bandwidth);
+            tx.listen(stream.try_clone().map_err(MigrationError::Io)?);
+            // Every page that may hold anything (the log covers what the guest writes after).
+            let touched = crate::memory::touched_pages(ram).map_err(MigrationError::Io)?;
             if convergence.max_rounds > 0 {
+                let pages = touched.iter().filter(|t| **t).count() as u64;
+                let disk_bytes: u64 = disks.iter().map(|(_, c)| c.capacity).sum();
+                tx.progress(&MigrationProgress {
+                    round: 1,
+                    left_bytes: pages * crate::migration::PAGE + disk_bytes,
+                    ..Default::default()
+                })?;
                 // Round 0 of each disk: what its image holds (holes and zeros stay behind).
                 for (i, copy) in &disks {
                     report.disk_bytes += tx.disk_all(*i, copy, &mut disk_buf)?;
                 }
             }
             // Round 0: every page that may hold anything.
-            let touched =
-                crate::memory::touched_pages(ram).map_err(crate::migration::MigrationError::Io)?;
             if convergence.max_rounds == 0 {
                 // No pre-copy (stop-and-copy): everything goes while the guest is paused (the
                 // disks' data too, below).
@@ -512,6 +522,7 @@ impl Vmm {
                 return Ok::<_, VmmError>((tx, all));
             }
             let r0 = Instant::now();
+            let mut round_start = r0;
             let sent = tx.pages(
                 read,
                 touched
@@ -542,6 +553,8 @@ impl Vmm {
                     .sum();
                 let left = dirty.count() * crate::migration::PAGE + disk_left;
                 let eta = Duration::from_secs_f64(left as f64 / rate.max(1.0));
+                let round_time = round_start.elapsed().as_secs_f64().max(1e-4);
+                round_start = Instant::now();
                 tracing::debug!(
                     "migration round {}: {} pages dirty, {:.1} MB/s, {:.1} ms to send",
                     report.rounds,
@@ -553,6 +566,16 @@ impl Vmm {
                     // Not sent now: the switch-over sends them with whatever comes after.
                     return Ok::<_, VmmError>((tx, dirty));
                 }
+                tx.progress(&MigrationProgress {
+                    phase: MigrationPhase::Copying,
+                    round: report.rounds + 1,
+                    bytes_sent: tx.bytes,
+                    left_bytes: left,
+                    rate_bytes_per_sec: rate as u64,
+                    dirty_pages_per_sec: (dirty.count() as f64 / round_time) as u64,
+                    expected_blackout_us: eta.as_micros() as u64,
+                    throttle_pct: throttle,
+                })?;
                 // The guest writes about as fast as the stream carries (what is left did not
                 // shrink by a tenth): its vCPUs are parked for a growing share of the sending.
                 if report.rounds >= 2 && left.saturating_mul(10) >= last_left.saturating_mul(9) {
@@ -575,8 +598,10 @@ impl Vmm {
             }
         };
         // The switch-over: the guest stops here, and goes on here unless the receiver answers.
-        // Sent as fast as the stream goes: a limit would only lengthen the pause.
+        // Sent as fast as the stream goes: a limit would only lengthen the pause. A cancel from
+        // here on is too late.
         tx.limit(None);
+        tx.stop_listening();
         let paused_at_ns = crate::control::monotonic_ns();
         let paused = Instant::now();
         if let Err(e) = self.pause() {
@@ -584,6 +609,8 @@ impl Vmm {
             self.devices.stop_disk_copies();
             return Err(e);
         }
+        // Where the pause goes, for the log: (step, ms since the pause).
+        let mut steps: Vec<(&str, f64)> = vec![("paused", ms_since(paused))];
         let ram = &self.ram;
         let read = |p: u64, b: &mut [u8]| crate::memory::read_page(ram, p, b);
         let sent = (|| {
@@ -592,10 +619,24 @@ impl Vmm {
                 self.devices.set_frozen(true);
                 Ok::<_, VmmError>(state)
             })??;
+            steps.push(("saved", ms_since(paused)));
             // What the guest and the devices wrote since the last look, up to the freeze.
             let mut last = self.take_dirty()?;
             last.union(&pending);
+            let disk_left: u64 = disks
+                .iter()
+                .map(|(_, c)| c.dirty.count() * c.dirty.block_size())
+                .sum();
+            tx.progress(&MigrationProgress {
+                phase: MigrationPhase::SwitchOver,
+                round: report.rounds,
+                bytes_sent: tx.bytes,
+                left_bytes: last.count() * crate::migration::PAGE + disk_left,
+                throttle_pct: report.throttle_pct,
+                ..Default::default()
+            })?;
             report.final_pages = tx.pages(read, last.iter())?;
+            steps.push(("pages", ms_since(paused)));
             // The devices are quiesced: every write the guest was told is done is in the
             // images, and recorded.
             for (i, copy) in &disks {
@@ -607,8 +648,10 @@ impl Vmm {
                 report.final_disk_bytes += sent;
                 report.disk_bytes += sent;
             }
+            steps.push(("disks", ms_since(paused)));
             tx.state(&crate::snapshot::encode(&state)?)?;
             tx.done(paused_at_ns)?;
+            steps.push(("sent", ms_since(paused)));
             report.pages_sent = tx.pages;
             report.bytes_sent = tx.bytes;
             drop(tx.into_inner());
@@ -644,14 +687,20 @@ impl Vmm {
             return Err(e);
         }
         report.paused_ms = paused.elapsed().as_secs_f64() * 1e3;
+        steps.push(("answered", report.paused_ms));
         report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
         tracing::info!(
-            "migrated: {} rounds, {} pages ({} while paused), {} bytes, paused {:.2} ms, {:.1} ms in all",
+            "migrated: {} rounds, {} pages ({} while paused), {} bytes, paused {:.2} ms ({}), {:.1} ms in all",
             report.rounds,
             report.pages_sent,
             report.final_pages,
             report.bytes_sent,
             report.paused_ms,
+            steps
+                .iter()
+                .map(|(what, ms)| format!("{what} at {ms:.2}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             report.total_ms
         );
         // Like a handover: the VM goes on in the receiver.
@@ -1219,4 +1268,9 @@ pub(crate) fn main_loop(
         m.add_subscriber(c.clone() as Subscriber);
     }
     Ok((m, console))
+}
+
+/// Milliseconds since `t`.
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }

@@ -88,6 +88,9 @@ wire_enum! {
         VmmError = "vmm_error",
         /// A live migration failed once under way (the VM goes on where it was).
         MigrationFailed = "migration_failed",
+        /// A live migration was cancelled before its switch-over (the VM goes on where it
+        /// was).
+        MigrationCancelled = "migration_cancelled",
         /// The console attach needs an upgrade to the console protocol.
         UpgradeRequired = "upgrade_required",
         /// The socket is read-only (the debug socket).
@@ -146,6 +149,9 @@ impl From<AgentError> for ApiError {
             AgentError::Vmm { .. } => Self::new(StatusCode::BAD_GATEWAY, ErrorCode::VmmError, msg),
             AgentError::MigrationFailed(_) => {
                 Self::new(StatusCode::BAD_GATEWAY, ErrorCode::MigrationFailed, msg)
+            }
+            AgentError::MigrationCancelled(_) => {
+                Self::new(StatusCode::CONFLICT, ErrorCode::MigrationCancelled, msg)
             }
             AgentError::Store(_) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, msg)

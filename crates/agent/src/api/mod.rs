@@ -54,6 +54,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/vms/{id}/metadata"),
     ("POST", "/v1/vms/{id}/upgrade"),
     ("POST", "/v1/vms/{id}/migrate"),
+    ("POST", "/v1/vms/{id}/migrate/cancel"),
     ("POST", "/v1/vms/{id}/snapshot"),
     ("GET", "/v1/vms/{id}/snapshots"),
     ("DELETE", "/v1/vms/{id}/snapshots/{name}"),
@@ -494,6 +495,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/vms/{id}/metadata", get(get_metadata).put(put_metadata))
         .route("/v1/vms/{id}/upgrade", post(upgrade_vm))
         .route("/v1/vms/{id}/migrate", post(migrate_vm))
+        .route("/v1/vms/{id}/migrate/cancel", post(cancel_migration))
         .route("/v1/vms/{id}/snapshot", post(snapshot_vm))
         .route("/v1/vms/{id}/snapshots", get(list_snapshots))
         .route(
@@ -810,6 +812,16 @@ async fn migrate_vm(
     let req: crate::migrate::MigrateRequest = json_body(body).await?;
     let done = run_to_end(&st.agent, |a| async move { a.migrate(&id, req).await }).await?;
     Ok(Json(done).into_response())
+}
+
+async fn cancel_migration(
+    State(st): St,
+    _: NoParams,
+    VmId(id): VmId,
+    _: NoBody,
+) -> Result<Response, ApiError> {
+    let rec = st.agent.cancel_migration(&id).await?;
+    Ok((StatusCode::ACCEPTED, Json(rec)).into_response())
 }
 
 async fn snapshot_vm(
@@ -1671,6 +1683,7 @@ mod tests {
             operation: Some(Operation {
                 kind: crate::spec::OperationKind::Start,
                 started_ms: 1,
+                progress: Some(Default::default()),
             }),
             nics: vec![crate::segment::NicState {
                 segment: Some("s".into()),
@@ -1734,6 +1747,10 @@ mod tests {
         );
         assert_eq!(props(&doc, "VmStatus"), keys(&v["status"]));
         assert_eq!(props(&doc, "Operation"), keys(&v["operation"]));
+        assert_eq!(
+            props(&doc, "MigrationProgress"),
+            keys(&v["operation"]["progress"])
+        );
         assert_eq!(props(&doc, "NicState"), keys(&v["nics"][0]));
         let states: BTreeSet<String> = schema(&doc, "VmState")["enum"]
             .as_array()
