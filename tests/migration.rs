@@ -212,7 +212,7 @@ fn a_migration_that_fails_leaves_the_guest_running_where_it_was() {
         let peer = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
             if refuse {
-                let got = bexar_vmm::migration::receive(&mut s, &[]);
+                let got = bexar_vmm::migration::receive(&mut &s, &mut &s, &[]);
                 assert!(got.is_ok(), "the stream is sound: {:?}", got.err());
                 bexar_vmm::migration::answer(&mut s, Err("no room here".into())).unwrap();
             } else {

@@ -40,6 +40,13 @@ impl Netns {
         sh(&a)
     }
 
+    /// Frames the host side of link `dev` received (a TAP: what its VMM wrote into it).
+    fn rx_packets(&self, dev: &str) -> u64 {
+        let v: Value =
+            serde_json::from_str(&self.ip(&["-j", "-s", "link", "show", "dev", dev])).unwrap();
+        v[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
+    }
+
     /// Link names in the namespace.
     fn links(&self) -> BTreeSet<String> {
         let v: Value = serde_json::from_str(&self.ip(&["-j", "link"])).unwrap();
@@ -1552,6 +1559,19 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
             }
             let there = expect_status(&to.get("/v1/vms/mover").await.unwrap(), 200);
             assert_eq!(there["state"], "running", "{there}");
+            // It announced itself when it arrived, and four times more over 800 ms (the idle
+            // guest sends nothing of its own).
+            let ns = [&a, &b][1 - i];
+            let tap = nic(&there, "tap");
+            let t = Instant::now();
+            while ns.rx_packets(&tap) < 5 {
+                assert!(
+                    t.elapsed() < Duration::from_secs(3),
+                    "{} announcements from {tap}",
+                    ns.rx_packets(&tap)
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             assert_eq!(nic(&there, "mac"), mac, "{there}");
             assert_eq!(nic(&there, "ipv4"), "10.40.0.10", "{there}");
             let got = expect_status(&to.get("/v1/vms/mover/metadata").await.unwrap(), 200);

@@ -170,7 +170,7 @@ pub(super) fn receive_migration(
         .and_then(|b| b.disks.as_deref())
         .unwrap_or_default();
     let built = open_disks(disks)
-        .and_then(|files| receive(&mut stream, &files))
+        .and_then(|files| receive(&mut &stream, &mut &stream, &files))
         .map_err(VmmError::from)
         .and_then(|rx| {
             tracing::info!(

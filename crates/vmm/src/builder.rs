@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -208,10 +208,17 @@ pub fn build_from_migration(
 ) -> Result<Vmm, VmmError> {
     let mut vmm = restore_from(received.state, restore, Memory::Memfd(received.memory))?;
     vmm.handed_over = Some((received.paused_at_ns, None));
-    // The NICs are on another host's bridges now: they say so before the guest runs. (Once:
-    // repeats spaced over the first few hundred milliseconds, as QEMU sends them, are not
-    // done yet.)
-    vmm.devices.announce();
+    // The NICs are on another host's bridges now: they say so before the guest runs, and four
+    // times more at growing intervals (50, 150, 250 and 350 ms, as QEMU spaces its
+    // announcements), in case a frame was lost or a bridge on the way was not ready.
+    if vmm.devices.announce() > 0 {
+        let now = std::time::Instant::now();
+        let mut at = Duration::ZERO;
+        for gap in [50, 150, 250, 350] {
+            at += Duration::from_millis(gap);
+            vmm.announce_at.push_back(now + at);
+        }
+    }
     Ok(vmm)
 }
 
@@ -408,6 +415,7 @@ fn assemble(
         handoff_memory: None,
         handed_off: false,
         handed_over: None,
+        announce_at: Default::default(),
     })
 }
 

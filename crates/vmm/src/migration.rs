@@ -6,7 +6,9 @@
 //! The stream, after an 8-byte magic and the memory size, is records:
 //! `PAGES first count` + `count` pages (a run of pages, by their index in the memfd),
 //! `DISK index offset len` + `len` bytes of the VM's disk `index` (when disks are copied),
-//! `ZERO index offset len` (a range of a disk that reads as zeros), `PROGRESS` + the sender's
+//! `ZERO index offset len` (a range of a disk that reads as zeros), `SYNC` (the receiver puts
+//! the disk blocks so far on stable storage and answers [`SYNCED`]: the sender waits for it
+//! before it pauses the guest, so the pause holds no pre-copy writeback), `PROGRESS` + the sender's
 //! [`MigrationProgress`] (at each round's start and the switch-over's: what a relaying agent
 //! reports, [`StreamWatch`]), `STATE len` + a state file's bytes ([`crate::snapshot::encode`]),
 //! `DONE paused_at_ns`.
@@ -52,6 +54,10 @@ const DONE: u8 = 3;
 const DISK: u8 = 4;
 const ZERO: u8 = 5;
 const PROGRESS: u8 = 6;
+const SYNC: u8 = 7;
+/// The receiver's answer to a `SYNC` record: every disk block sent so far is on its stable
+/// storage.
+pub const SYNCED: u8 = b'S';
 /// A [`PROGRESS`] record's bytes after its tag.
 const PROGRESS_LEN: usize = 49;
 /// The byte an agent relaying the stream sends the sender to cancel the pre-copy.
@@ -256,6 +262,7 @@ impl StreamWatch {
                 STATE => 4,
                 DONE => 8,
                 PROGRESS => PROGRESS_LEN,
+                SYNC => 0,
                 _ => {
                     self.lost = true;
                     return;
@@ -403,6 +410,33 @@ impl<W: Write> Sender<W> {
                 ))
             }
             _ => Err(bad(format!("answer byte {:#04x} before the end", b[0]))),
+        }
+    }
+
+    /// Asks the receiver to put every disk block sent so far on stable storage, and waits for
+    /// its [`SYNCED`] (the guest still runs here): so that the switch-over's pause syncs only
+    /// its own last blocks, not a pre-copy's worth. A [`CANCEL`] meanwhile cancels.
+    pub(crate) fn sync_barrier(&mut self) -> Result<(), MigrationError> {
+        self.out.write_all(&[SYNC])?;
+        self.out.flush()?;
+        self.bytes += 1;
+        let Some(back) = &self.listen else {
+            return Ok(());
+        };
+        let mut back = back;
+        let mut b = [0u8; 1];
+        back.read_exact(&mut b)?;
+        match b[0] {
+            SYNCED => Ok(()),
+            CANCEL => Err(MigrationError::Cancelled),
+            b'F' => {
+                let mut why = Vec::new();
+                back.take(4096).read_to_end(&mut why)?;
+                Err(MigrationError::Refused(
+                    String::from_utf8_lossy(&why).into_owned(),
+                ))
+            }
+            other => Err(bad(format!("answer byte {other:#04x} to a sync"))),
         }
     }
 
@@ -610,7 +644,7 @@ pub(crate) fn read_answer(r: &mut impl Read) -> Result<(), MigrationError> {
     let mut b = [0u8; 1];
     r.read_exact(&mut b)?;
     // A cancel that came after the switch-over began is too late: not the receiver's word.
-    while b[0] == CANCEL {
+    while b[0] == CANCEL || b[0] == SYNCED {
         r.read_exact(&mut b)?;
     }
     match b[0] {
@@ -652,6 +686,7 @@ pub struct Received {
 /// with [`answer`].
 pub fn receive(
     input: &mut impl Read,
+    acks: &mut impl Write,
     disks: &[Option<CopyTarget>],
 ) -> Result<Received, MigrationError> {
     let sizes = disks
@@ -743,6 +778,12 @@ pub fn receive(
                 let mut h = [0u8; PROGRESS_LEN];
                 input.read_exact(&mut h)?;
                 MigrationProgress::decode(&h)?;
+            }
+            SYNC => {
+                let mut any = true;
+                sync_disks(disks, &mut any)?;
+                acks.write_all(&[SYNCED])?;
+                acks.flush()?;
             }
             STATE => {
                 let mut h = [0u8; 4];
@@ -842,10 +883,14 @@ mod tests {
         let mut stream = bytes.clone();
         stream.push(DONE);
         stream.extend_from_slice(&0u64.to_le_bytes());
-        let e = receive(&mut stream.as_slice(), &[]).err().unwrap();
+        let e = receive(&mut stream.as_slice(), &mut std::io::sink(), &[])
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("DONE before the state"), "{e}");
         // The pages themselves, on a stream cut after them: they arrived where they were.
-        let e = receive(&mut bytes.as_slice(), &[]).err().unwrap();
+        let e = receive(&mut bytes.as_slice(), &mut std::io::sink(), &[])
+            .err()
+            .unwrap();
         assert!(matches!(e, MigrationError::Io(_)), "{e}");
     }
 
@@ -880,13 +925,15 @@ mod tests {
             std::fs::OpenOptions::new().write(true).open(&dst).unwrap(),
         ))];
         // The empty state is refused at the end, after the disk records were taken.
-        let e = receive(&mut stream.as_slice(), &disks).err().unwrap();
+        let e = receive(&mut stream.as_slice(), &mut std::io::sink(), &disks)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("header"), "{e}");
         assert_eq!(std::fs::read(&dst).unwrap(), std::fs::read(&src).unwrap());
         // A block past the disk's end.
         let mut s = Sender::new(Vec::new(), 1 << 20).unwrap();
         s.disk_record(0, size - 512, &[1u8; 1024]).unwrap();
-        let e = receive(&mut s.into_inner().as_slice(), &disks)
+        let e = receive(&mut s.into_inner().as_slice(), &mut std::io::sink(), &disks)
             .err()
             .unwrap();
         assert!(e.to_string().contains("outside"), "{e}");
@@ -912,6 +959,8 @@ mod tests {
         let read = |p: u64, b: &mut [u8]| src.read_exact_at(b, p * PAGE);
         s.pages(read, [3, 4, 900].into_iter()).unwrap();
         s.zero(0, 0, 4096).unwrap();
+        // Nothing listens on the way back here: the barrier only writes its record.
+        s.sync_barrier().unwrap();
         let p2 = MigrationProgress {
             phase: MigrationPhase::SwitchOver,
             round: 2,
@@ -948,11 +997,18 @@ mod tests {
         let mut w = StreamWatch::default();
         w.feed(b"NOTMAGIC\0\0\0\0\0\0\0\0\x01");
         assert!(w.lost);
-        // The receiver reads the progress records and goes on (to the bad state here).
+        // The receiver reads the progress records, answers the sync once its disks are synced,
+        // and goes on (to the bad state here).
         let disk = crate::memory::new_memfd(1 << 20).unwrap();
-        let e = receive(&mut stream.as_slice(), &[Some(CopyTarget::Raw(disk))])
-            .err()
-            .unwrap();
+        let mut acks = Vec::new();
+        let e = receive(
+            &mut stream.as_slice(),
+            &mut acks,
+            &[Some(CopyTarget::Raw(disk))],
+        )
+        .err()
+        .unwrap();
+        assert_eq!(acks, [SYNCED]);
         assert!(e.to_string().contains("header"), "{e}");
     }
 
@@ -1065,7 +1121,9 @@ mod tests {
             ),
         ];
         for (stream, want) in cases {
-            let e = receive(&mut stream.as_slice(), &[]).err().unwrap();
+            let e = receive(&mut stream.as_slice(), &mut std::io::sink(), &[])
+                .err()
+                .unwrap();
             assert!(e.to_string().contains(want), "{want}: {e}");
         }
     }
