@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, UdpSocket};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -1438,6 +1438,22 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
             "{v}"
         );
         expect_status(&cb.get("/v1/vms/mover").await.unwrap(), 404);
+        // A known host (openssl s_client with host A's certificate) offers the VM with a CPU
+        // showing a feature this host lacks: refused, naming the template, nothing made.
+        let rec = expect_status(&ca.get("/v1/vms/mover").await.unwrap(), 200);
+        let prepare = json!({
+            "record": rec,
+            "disk_sizes": [8 << 20, null],
+            "image_sha256": [null, null],
+            "cpu": {"vendor": "GenuineIntel", "regs": [[7, 0, "ebx", 0xffff_ffffu32]]},
+        });
+        let answer = prepare_by_hand(&a, &certs, "10.98.0.2:7400", &prepare);
+        assert!(
+            answer.contains("spec.cpu_template") && answer.contains("lacks"),
+            "{answer}"
+        );
+        expect_status(&cb.get("/v1/vms/mover").await.unwrap(), 404);
+        assert!(!agent_b.dir.join("state/vms/mover").exists());
         // Now it has, under another id: the overlay goes onto that one.
         let image_b = json!({"id": "base-b", "path": base});
         expect_status(&cb.post("/v1/images", &image_b).await.unwrap(), 201);
@@ -1607,6 +1623,37 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
     let _ = rogue.kill();
     let _ = rogue.wait();
     let _ = std::fs::remove_dir_all(&certs);
+}
+
+/// Sends `prepare` as the first line of a migration to `dest` from namespace `ns`, as host A
+/// (openssl's own TLS client with host A's certificate), and returns the destination's answer.
+fn prepare_by_hand(ns: &Netns, certs: &Path, dest: &str, prepare: &Value) -> String {
+    use std::io::Write as _;
+    let mut c = Command::new("ip")
+        .args([
+            "netns", "exec", &ns.name, "openssl", "s_client", "-quiet", "-connect",
+        ])
+        .arg(dest)
+        .arg("-cert")
+        .arg(certs.join("host-a.pem"))
+        .arg("-key")
+        .arg(certs.join("host-a.key"))
+        .arg("-CAfile")
+        .arg(certs.join("ca.pem"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = serde_json::to_vec(prepare).unwrap();
+    line.push(b'\n');
+    c.stdin.as_mut().unwrap().write_all(&line).unwrap();
+    let mut out = std::io::BufReader::new(c.stdout.take().unwrap());
+    let mut answer = String::new();
+    std::io::BufRead::read_line(&mut out, &mut answer).unwrap();
+    let _ = c.kill();
+    let _ = c.wait();
+    answer
 }
 
 /// The processes running a VMM of VM `id` under agent `agent`'s state directory.

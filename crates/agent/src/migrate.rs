@@ -173,6 +173,22 @@ struct Prepare {
     /// destination needs an image with the same content for its overlay.
     #[serde(default)]
     image_sha256: Vec<Option<String>>,
+    /// The CPU the guest sees here (its template on this host's KVM): the destination must
+    /// offer every feature of it.
+    #[serde(default)]
+    cpu: Option<bexar_vmm::cpuid::CpuFeatures>,
+}
+
+/// The CPU a guest of `spec` sees on this host (`None` without KVM or with an unknown
+/// template, which the spec's validation reports).
+fn guest_cpu(spec: &super::spec::VmSpec) -> Option<bexar_vmm::cpuid::CpuFeatures> {
+    let template = bexar_vmm::cpuid::CpuTemplate::from_name(&spec.cpu_template).ok()?;
+    let kvm = kvm_ioctls::Kvm::new().ok()?;
+    let supported =
+        bexar_vmm::cpuid::supported(&kvm, bexar_vmm::platform::Platform::detect()).ok()?;
+    Some(bexar_vmm::cpuid::CpuFeatures::of(
+        &supported, template, spec.vcpus,
+    ))
 }
 
 /// The receiver's answer to [`Prepare`].
@@ -432,6 +448,7 @@ impl Agent {
             record: rec.clone(),
             disk_sizes,
             image_sha256,
+            cpu: guest_cpu(&rec.spec),
         };
         let lost = |e: std::io::Error| {
             AgentError::MigrationFailed(format!("the destination went away: {e}"))
@@ -839,6 +856,23 @@ impl Agent {
         src.spec.validate()?;
         if self.entry(&id).is_ok() {
             return Err(AgentError::Exists(id));
+        }
+        // The guest keeps using what its CPU showed it: this host must have all of it.
+        if let (Some(there), Some(here)) = (&p.cpu, guest_cpu(&src.spec)) {
+            let missing = there.missing_in(&here);
+            if !missing.is_empty() {
+                let n = missing.len();
+                return Err(AgentError::Conflict(FieldError::new(
+                    "spec.cpu_template",
+                    format!(
+                        "this host's CPU lacks {n} feature(s) the guest was shown ({}{}): \
+                         VMs that move between these hosts need a template both offer, such \
+                         as x86-64-v2",
+                        missing[..n.min(6)].join(", "),
+                        if n > 6 { ", ..." } else { "" }
+                    ),
+                )));
+            }
         }
         let mut spec = src.spec.clone();
         spec.uuid = Some(src.uuid);

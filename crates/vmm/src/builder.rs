@@ -573,18 +573,8 @@ fn create_vcpus(
     completed: &Arc<AtomicU64>,
     devices: &DeviceManager,
 ) -> Result<Vec<VcpuHandle>, VmmError> {
-    let mut supported = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
-    let hidden = match platform {
-        Platform::Pvm => cpuid::PVM_HIDDEN_KVM_FEATURES,
-        Platform::Hardware => 0,
-    };
-    cpuid::adjust_supported(
-        &mut supported,
-        kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
-        hidden,
-    );
+    let supported =
+        cpuid::supported(kvm, platform).map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
     vcpu::install_kick_handler().map_err(|err| VmmError::Start {
         what: "vCPU kick handler",
         err,

@@ -136,6 +136,102 @@ fn set_leaf_topology(e: &mut kvm_cpuid_entry2, apic_id: u32, vcpus: u32) {
     e.edx = apic_id;
 }
 
+/// What KVM on this host supports, with this host's corrections ([`adjust_supported`]): the
+/// CPUID every vCPU's is made from ([`for_vcpu`]).
+pub fn supported(
+    kvm: &kvm_ioctls::Kvm,
+    platform: crate::platform::Platform,
+) -> Result<CpuId, kvm_ioctls::Error> {
+    let mut supported = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)?;
+    let hidden = match platform {
+        crate::platform::Platform::Pvm => PVM_HIDDEN_KVM_FEATURES,
+        crate::platform::Platform::Hardware => 0,
+    };
+    adjust_supported(
+        &mut supported,
+        kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+        hidden,
+    );
+    Ok(supported)
+}
+
+/// The leaves (function, index) and registers that list CPU features a guest may use once it
+/// saw them: what a live migration's destination must offer too.
+const FEATURE_REGS: &[(u32, u32, &str, usize)] = &[
+    (1, 0, "ecx", 2),
+    (1, 0, "edx", 3),
+    (7, 0, "ebx", 1),
+    (7, 0, "ecx", 2),
+    (7, 0, "edx", 3),
+    (7, 1, "eax", 0),
+    (0xd, 1, "eax", 0),
+    (0x8000_0001, 0, "ecx", 2),
+    (0x8000_0001, 0, "edx", 3),
+    (KVM_CPUID_FEATURES, 0, "eax", 0),
+];
+
+/// The CPU a guest sees, as far as a move to another host is concerned: the vendor and the
+/// feature registers ([`FEATURE_REGS`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CpuFeatures {
+    /// The vendor string (leaf 0).
+    pub vendor: String,
+    /// (function, index, register name, value) of each feature register.
+    pub regs: Vec<(u32, u32, String, u32)>,
+}
+
+impl CpuFeatures {
+    /// What vCPU 0 of a VM with `template` and `vcpus` sees on a host supporting `supported`.
+    pub fn of(supported: &CpuId, template: CpuTemplate, vcpus: u8) -> Self {
+        let c = for_vcpu(supported, template, 0, vcpus);
+        let find = |f: u32, i: u32| {
+            c.as_slice()
+                .iter()
+                .find(|e| e.function == f && (e.index == i || (i == 0 && e.flags == 0)))
+                .map(|e| [e.eax, e.ebx, e.ecx, e.edx])
+        };
+        let vendor = find(0, 0)
+            .map(|r| {
+                let b: Vec<u8> = [r[1], r[3], r[2]]
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect();
+                String::from_utf8_lossy(&b).into_owned()
+            })
+            .unwrap_or_default();
+        let regs = FEATURE_REGS
+            .iter()
+            .map(|&(f, i, name, r)| (f, i, name.to_owned(), find(f, i).map_or(0, |v| v[r])))
+            .collect();
+        Self { vendor, regs }
+    }
+
+    /// What a guest that saw `self` would lose on a host offering `there`: each missing
+    /// feature bit, named by its leaf, register and bit (empty: it loses nothing).
+    pub fn missing_in(&self, there: &CpuFeatures) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.vendor != there.vendor {
+            out.push(format!(
+                "vendor {:?} (there: {:?})",
+                self.vendor, there.vendor
+            ));
+        }
+        for (f, i, name, v) in &self.regs {
+            let have = there
+                .regs
+                .iter()
+                .find(|(g, j, n, _)| g == f && j == i && n == name)
+                .map_or(0, |r| r.3);
+            for bit in 0..32 {
+                if v & (1 << bit) != 0 && have & (1 << bit) == 0 {
+                    out.push(format!("CPUID {f:#x}.{i} {name} bit {bit}"));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Produces the CPUID a given vCPU sees.
 pub fn for_vcpu(supported: &CpuId, template: CpuTemplate, vcpu: u8, vcpus: u8) -> CpuId {
     let mut cpuid = supported.clone();
@@ -176,6 +272,37 @@ pub fn for_vcpu(supported: &CpuId, template: CpuTemplate, vcpu: u8, vcpus: u8) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_destination_must_offer_every_feature_the_guest_saw() {
+        // On the host itself: nothing is missing from itself, and the baseline template shows
+        // a subset of what the host template does.
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let sup = supported(&kvm, crate::platform::Platform::detect()).unwrap();
+        let host = CpuFeatures::of(&sup, CpuTemplate::Host, 2);
+        let base = CpuFeatures::of(&sup, CpuTemplate::X86_64V2, 2);
+        assert!(host.vendor.len() == 12, "{host:?}");
+        assert!(host.missing_in(&host).is_empty());
+        assert!(base.missing_in(&host).is_empty());
+        // A host without one of the guest's features, or of another vendor, is named.
+        let mut less = host.clone();
+        let (f, i, name, v) = less
+            .regs
+            .iter_mut()
+            .find(|r| r.0 == 1 && r.2 == "ecx")
+            .unwrap();
+        assert!(*v != 0, "no feature in CPUID 1 ecx: {host:?}");
+        let bit = v.trailing_zeros();
+        *v &= !(1 << bit);
+        let (f, i, name) = (*f, *i, name.clone());
+        assert_eq!(
+            host.missing_in(&less),
+            vec![format!("CPUID {f:#x}.{i} {name} bit {bit}")]
+        );
+        assert!(less.missing_in(&host).is_empty());
+        less.vendor = "AuthenticAMD".into();
+        assert_eq!(host.missing_in(&less).len(), 2);
+    }
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
