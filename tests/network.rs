@@ -1506,11 +1506,13 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
             progress["left_bytes"].as_u64().unwrap() > 12 << 20,
             "{progress}"
         );
-        let r = ca
-            .post("/v1/vms/mover/migrate/cancel", &json!({}))
-            .await
+        // Through the command-line client.
+        let o = bexar()
+            .args(["vm", "migrate-cancel", "mover", "--socket"])
+            .arg(agent_a.socket())
+            .output()
             .unwrap();
-        expect_status(&r, 202);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let r = asked.await.unwrap().unwrap();
         let v = expect_status(&r, 409);
         assert_eq!(v["error"]["code"], "migration_cancelled", "{v}");

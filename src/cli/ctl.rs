@@ -122,6 +122,11 @@ pub enum VmCommand {
         #[arg(long)]
         max_bandwidth_mib: Option<u32>,
     },
+    /// Cancel a VM's live migration before its switch-over (the VM goes on here).
+    MigrateCancel {
+        /// VM id.
+        id: String,
+    },
     /// List a VM's snapshots.
     Snapshots {
         /// VM id.
@@ -825,6 +830,10 @@ async fn vm_async(opts: &ClientOpts, cmd: &VmCommand) -> ExitCode {
                 body["max_rounds"] = (*n).into();
             }
             return print_json(c.post(&format!("/v1/vms/{id}/migrate"), &body).await);
+        }
+        VmCommand::MigrateCancel { id } => {
+            c.post(&format!("/v1/vms/{id}/migrate/cancel"), &Value::Null)
+                .await
         }
         VmCommand::Snapshots { id } => {
             return print_json(c.get(&format!("/v1/vms/{id}/snapshots")).await)
