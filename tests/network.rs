@@ -1577,6 +1577,17 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
             }
             let there = expect_status(&to.get("/v1/vms/mover").await.unwrap(), 200);
             assert_eq!(there["state"], "running", "{there}");
+            // The host it arrived on records the pause its guest saw.
+            let events = to.get("/v1/events?vm=mover").await.unwrap();
+            let events = String::from_utf8_lossy(&events.body).into_owned();
+            let seen: f64 = events
+                .rsplit("arrived from another host")
+                .next()
+                .and_then(|t| t.split("the guest was paused ").nth(1))
+                .and_then(|t| t.split(' ').next())
+                .and_then(|t| t.parse().ok())
+                .unwrap_or_else(|| panic!("no pause in the arrival event: {events}"));
+            assert!(seen > 0.0 && seen < 1000.0, "{seen} ms: {events}");
             // It announced itself when it arrived, and four times more over 800 ms (the idle
             // guest sends nothing of its own).
             let ns = [&a, &b][1 - i];

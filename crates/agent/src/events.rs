@@ -58,7 +58,7 @@ wire_enum! {
         DiskUp = "disk-up",
         /// A VM moved to another host (on the sender: the message names the host, the pause
         /// and the bytes sent; the VM is deleted here next) or arrived from one (on the
-        /// receiver).
+        /// receiver: the message gives the pause the guest saw).
         Migrated = "migrated",
         /// A live migration's progress on the sender: a round of the copy began (what is
         /// left, the rates, the pause expected), the switch-over began, or it was cancelled.

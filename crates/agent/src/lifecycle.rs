@@ -823,7 +823,10 @@ impl Agent {
             Op::Restart => (EventKind::Restarted, format!("VMM pid {pid}")),
             Op::Incoming => (
                 EventKind::Migrated,
-                format!("arrived from another host; VMM pid {pid}"),
+                format!(
+                    "arrived from another host; VMM pid {pid}; the guest was paused {:.2} ms",
+                    handoff_pause_ms.unwrap_or(f64::NAN)
+                ),
             ),
             _ => (EventKind::Started, format!("VMM pid {pid}")),
         };
