@@ -229,6 +229,10 @@ async fn console(c: &Client, id: &str) -> String {
 }
 
 async fn wait_console(c: &Client, id: &str, pattern: &str) -> String {
+    wait_console_for(c, id, pattern, Duration::from_secs(30)).await
+}
+
+async fn wait_console_for(c: &Client, id: &str, pattern: &str, limit: Duration) -> String {
     let t = Instant::now();
     loop {
         let text = console(c, id).await;
@@ -236,8 +240,8 @@ async fn wait_console(c: &Client, id: &str, pattern: &str) -> String {
             return text;
         }
         assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "{id}: {pattern:?} not on the console after 30 s:\n{text}"
+            t.elapsed() < limit,
+            "{id}: {pattern:?} not on the console after {limit:?}:\n{text}"
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -1635,6 +1639,60 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
     });
     let _ = rogue.kill();
     let _ = rogue.wait();
+    let _ = std::fs::remove_dir_all(&certs);
+}
+
+/// A Linux kernel (the agent's Linux witness: vmlinux and initramfs, one vCPU) moved from host
+/// A to host B in the middle of its boot, once its CPUs are up: it continues on B to init, with
+/// no second boot, and host A keeps nothing of it. Then stopped and deleted on B as any VM.
+#[test]
+fn a_linux_kernel_moved_mid_boot_reaches_init_on_the_other_host() {
+    const INIT: &str = "Run /init as init process";
+    const MID_BOOT: &str = "smp: Brought up";
+    let image = common::linux_image();
+    let (_a, _b, certs, agent_a, agent_b) = two_hosts("ml", 96);
+    let (ca, cb) = (agent_a.client(), agent_b.client());
+    rt().block_on(async {
+        let s = json!({
+            "id": "linux",
+            "vcpus": 1,
+            "memory_mib": 128,
+            "boot": {
+                "kernel": image.join("vmlinux").display().to_string(),
+                "initrd": image.join("initramfs.cpio").display().to_string(),
+                "cmdline": "console=ttyS0 reboot=k panic=1"
+            },
+            "rng": true
+        });
+        let v = expect_status(&ca.post("/v1/vms?start=true", &s).await.unwrap(), 201);
+        assert_eq!(v["state"], "running");
+        let before = wait_console_for(&ca, "linux", MID_BOOT, Duration::from_secs(600)).await;
+        let r = ca
+            .post(
+                "/v1/vms/linux/migrate",
+                &json!({"destination": "10.96.0.2:7400", "downtime_ms": 50}),
+            )
+            .await
+            .unwrap();
+        let v = expect_status(&r, 200);
+        eprintln!("Linux moved mid-boot: {}", v["migration"]);
+        assert!(!before.contains(INIT), "moved too late: {before}");
+        expect_status(&ca.get("/v1/vms/linux").await.unwrap(), 404);
+        assert!(!agent_a.dir.join("state/vms/linux").exists());
+        let after = wait_console_for(&cb, "linux", INIT, Duration::from_secs(600)).await;
+        assert!(
+            !after.contains("Linux version"),
+            "booted again on host B:\n{after}"
+        );
+        let v = expect_status(
+            &cb.post("/v1/vms/linux/stop?timeout=2", &Value::Null)
+                .await
+                .unwrap(),
+            200,
+        );
+        assert_eq!(v["state"], "stopped");
+        expect_status(&cb.delete("/v1/vms/linux").await.unwrap(), 204);
+    });
     let _ = std::fs::remove_dir_all(&certs);
 }
 
