@@ -245,6 +245,66 @@ fn a_migration_that_fails_leaves_the_guest_running_where_it_was() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// A receiver that takes the whole VM and goes away without a word: the sender cannot know
+/// whether it runs the guest, so it keeps it paused (in doubt); a resume then (whoever asks
+/// has found the receiver does not run it) gives it back its devices too: the guest goes on
+/// reading and writing its disk to the end.
+#[test]
+fn a_migration_in_doubt_keeps_the_guest_paused_until_a_resume_gives_it_back_whole() {
+    let d = dir("migrate-doubt");
+    let disk = d.join("disk.raw");
+    disk_file(&disk, None);
+    let guest = testguest();
+    let cmdline = format!(
+        "console=ttyS0 bexar.test=blk-scatter bexar.rounds=150 bexar.writes=8 bexar.seed=9{}",
+        guest_platform_params()
+    );
+    let ctl = d.join("ctl.sock");
+    let mut src = spawn(
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+            "--disk",
+            disk.to_str().unwrap(),
+            "--control",
+            ctl.to_str().unwrap(),
+        ],
+        &d.join("src.out"),
+        false,
+    );
+    wait_for(&d.join("src.out"), "flushed", 5);
+    let sock = d.join("rx.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let peer = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let got = bexar_vmm::migration::receive(&mut &s, &mut &s, &[]);
+        assert!(got.is_ok(), "the stream is sound: {:?}", got.err());
+        // Gone without an answer.
+    });
+    let reply = vmm_control(&ctl, &serde_json::json!({"op": "migrate", "to": sock}));
+    peer.join().unwrap();
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("in doubt"),
+        "{reply}"
+    );
+    // Paused: nothing more from the guest.
+    let info = vmm_control(&ctl, &serde_json::json!({"op": "info"}));
+    assert_eq!(info["info"]["state"], "paused", "{info}");
+    let n = read(&d.join("src.out")).matches("flushed").count();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(read(&d.join("src.out")).matches("flushed").count(), n);
+    // Given back: it runs, and its disk answers again.
+    let reply = vmm_control(&ctl, &serde_json::json!({"op": "resume"}));
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(wait_exit(&mut src), 0, "{}", read(&d.join("src.err")));
+    let text = read(&d.join("src.out"));
+    assert!(text.contains("150 rounds of 8 writes"), "{text}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// The disk of the migration test: large beside what the guest writes (about 100 MiB in
 /// all), so that a write lost on the way is seldom written again by a later one.
 const DISK_BYTES: u64 = 256 << 20;

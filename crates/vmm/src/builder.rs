@@ -416,6 +416,7 @@ fn assemble(
         handed_off: false,
         handed_over: None,
         announce_at: Default::default(),
+        in_doubt: false,
     })
 }
 

@@ -165,6 +165,9 @@ pub struct Vmm {
     /// the guest ran): a frame lost, or sent before a bridge on the way was ready, is made up
     /// for.
     pub(crate) announce_at: std::collections::VecDeque<Instant>,
+    /// A migration ended in doubt: the guest is paused and its devices frozen until a resume
+    /// says the VM is this VMM's after all.
+    pub(crate) in_doubt: bool,
 }
 
 impl Vmm {
@@ -716,6 +719,7 @@ impl Vmm {
         let _ = self.stop_dirty_log();
         self.devices.stop_disk_copies();
         if let Err(VmmError::Migration(MigrationError::InDoubt)) = answered {
+            self.in_doubt = true;
             return Err(VmmError::Migration(MigrationError::InDoubt));
         }
         if let Err(e) = answered {
@@ -1003,13 +1007,21 @@ impl Vmm {
                 }
                 Err(e) => Reply::error(e.to_string()),
             },
-            Request::Resume => match self.resume() {
-                Ok(()) => {
-                    tracing::info!("VM resumed");
-                    Reply::ok()
+            Request::Resume => {
+                if std::mem::take(&mut self.in_doubt) {
+                    // Whoever asks has found the receiver does not run the VM: it is this
+                    // VMM's again, devices and all.
+                    tracing::warn!("resumed after a migration in doubt: the VM goes on here");
+                    self.devices.set_frozen(false);
                 }
-                Err(e) => Reply::error(e.to_string()),
-            },
+                match self.resume() {
+                    Ok(()) => {
+                        tracing::info!("VM resumed");
+                        Reply::ok()
+                    }
+                    Err(e) => Reply::error(e.to_string()),
+                }
+            }
             Request::Shutdown => match self.shutdown() {
                 Ok(true) => {
                     tracing::info!("shutdown requested (Ctrl-Alt-Del)");
