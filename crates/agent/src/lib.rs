@@ -795,6 +795,7 @@ impl Agent {
                 kind: OperationKind::Start,
                 started_ms: now,
                 progress: None,
+                destination: None,
             }),
             nics,
             disks,

@@ -47,6 +47,7 @@ pub(crate) fn op(kind: Op) -> Option<Operation> {
         kind,
         started_ms: now_ms(),
         progress: None,
+        destination: None,
     })
 }
 
@@ -104,6 +105,9 @@ struct Found {
     result: Option<(bool, String)>,
     /// That account says the VMM handed the VM to another VMM (a live migration's sender).
     handed_off: bool,
+    /// A VMM receiving the VM by live migration told the sender it holds it
+    /// (`layout::INCOMING_COMMITTED`): the VM is this host's, whatever became of that VMM.
+    committed: bool,
 }
 
 /// What follows a VMM found gone.
@@ -172,7 +176,15 @@ fn decide(rec: &VmRecord, found: &Found) -> Recovery {
     if found.adopted.is_none() {
         match migration {
             // A VM that was arriving with no VMM left here runs on the sender still (the
-            // sender's VMM resumes when its stream breaks): this copy goes.
+            // sender's VMM resumes when its stream breaks): this copy goes. Unless its VMM had
+            // told the sender it holds the VM: then the sender let it go, and it ended here.
+            Some(Op::Incoming) if found.committed => {
+                return Recovery::Ended {
+                    state: Phase::Failed,
+                    reason: "its VMM ended after it took the VM over from another host".into(),
+                    then: AfterEnd::RestartPolicy,
+                }
+            }
             Some(Op::Incoming) => return Recovery::FinishDelete,
             // The VM was leaving. Its VMM said it handed the VM over: it is the
             // destination's, and goes here. Without that word it may or may not have: it is
@@ -1288,10 +1300,15 @@ impl Agent {
             .flatten();
         let handed_off = ended.as_ref().is_some_and(RunResult::handed_off);
         let result = ended.map(|r| (r.clean, r.reason));
+        let committed = self
+            .vm_dir(&entry.id)
+            .join(layout::INCOMING_COMMITTED)
+            .exists();
         Found {
             adopted,
             result,
             handed_off,
+            committed,
         }
     }
 
@@ -1447,11 +1464,21 @@ impl Agent {
                 // A caller stopped it meanwhile; that stop owns the VM now.
                 return;
             }
+            // A VMM paused by a migration in doubt may have handed the VM over: never resumed
+            // from here (that could make two); the destination is asked instead.
+            if let Some(dest) = rec
+                .operation
+                .as_ref()
+                .filter(|o| o.kind == Op::Migrate && reported == RunState::Paused)
+                .and_then(|o| o.destination.clone())
+            {
+                drop(_op);
+                agent.settle_in_doubt_later(&entry, dest);
+                return;
+            }
             let want_paused = match rec.operation.as_ref().map(|o| o.kind) {
                 Some(Op::Pause) => true,
                 Some(Op::Resume) => false,
-                // A VMM paused by a migration in doubt may have handed the VM over: never
-                // resumed from here (that could make two); recorded as it is.
                 Some(Op::Migrate | Op::Incoming) => reported == RunState::Paused,
                 _ => rec.desired == Desired::Paused,
             };
@@ -1533,6 +1560,7 @@ mod tests {
             adopted,
             result: result.map(|(c, r)| (c, r.to_owned())),
             handed_off: false,
+            committed: false,
         }
     }
 
@@ -1541,6 +1569,18 @@ mod tests {
         // The receiver without its VMM: the VM runs on the sender; this copy goes.
         let r = rec(Phase::Stopped, Desired::Running, Some(Op::Incoming));
         assert_eq!(decide(&r, &found(None, None)), Recovery::FinishDelete);
+        // ... unless that VMM had told the sender it holds the VM: it is this host's.
+        let committed = Found {
+            committed: true,
+            ..found(None, None)
+        };
+        assert!(matches!(
+            decide(&r, &committed),
+            Recovery::Ended {
+                state: Phase::Failed,
+                ..
+            }
+        ));
         // The sender whose VMM handed the VM over: it is the destination's.
         let r = rec(Phase::Running, Desired::Running, Some(Op::Migrate));
         let handed = Found {

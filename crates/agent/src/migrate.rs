@@ -160,6 +160,11 @@ pub struct MigrationOutcome {
     pub destination: String,
     /// The VMM's report: rounds, pages and disk bytes sent, the pause, the time in all.
     pub migration: bexar_vmm::migration::MigrationReport,
+    /// Set when the destination's answer never reached the VMM here (the migration was in
+    /// doubt) and the destination, asked, said it holds the VM: how it was settled. The
+    /// report is then empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled: Option<String>,
 }
 
 /// The sender's first line.
@@ -202,6 +207,48 @@ struct Prepared {
     message: String,
 }
 
+/// `HOST:PORT` of a migration listener: the host, the port and the name its certificate
+/// must carry.
+fn parse_destination(
+    destination: &str,
+) -> Result<(String, u16, rustls::pki_types::ServerName<'static>), AgentError> {
+    let (host, port) = destination
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+        .filter(|(h, p)| !h.is_empty() && *p != 0)
+        .ok_or_else(|| field("destination", "not HOST:PORT"))?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| field("destination", format!("{host}: {e}")))?;
+    Ok((host.to_owned(), port, name))
+}
+
+/// A sender's question after a migration in doubt: does this host hold the VM?
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Query {
+    /// The VM's id.
+    query: String,
+    /// Its SMBIOS UUID (a VM made here since under the same id is another VM).
+    uuid: uuid::Uuid,
+}
+
+/// The answer to a [`Query`].
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Holds {
+    /// This host has the VM (running, or ended here after it arrived).
+    held: bool,
+    /// It is still arriving (its VMM has not answered yet): ask again.
+    arriving: bool,
+}
+
+/// The first line a migration listener reads.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Hello {
+    Query(Query),
+    Prepare(Box<Prepare>),
+}
+
 /// A migration under way, as `POST /v1/vms/{id}/migrate/cancel` reaches it.
 #[derive(Debug, Default)]
 pub(crate) struct Cancel {
@@ -234,6 +281,10 @@ const IN_DOUBT: &str = "in doubt";
 /// What the VMM's error says when the migration was cancelled
 /// ([`bexar_vmm::migration::MigrationError::Cancelled`]).
 const CANCELLED: &str = "cancelled before the switch-over";
+
+/// How long a migration in doubt asks the destination before its request returns (the asking
+/// goes on in the background).
+const IN_DOUBT_ASKING: Duration = Duration::from_secs(30);
 
 /// The longest line either side reads before the stream.
 const MAX_LINE: u64 = 4 << 20;
@@ -360,21 +411,150 @@ impl Agent {
         })
     }
 
+    /// A TLS connection to the migration listener at `destination`, whose certificate the CA
+    /// signed for that name.
+    async fn connect(
+        &self,
+        destination: &str,
+    ) -> Result<BufReader<tokio_rustls::client::TlsStream<TcpStream>>, AgentError> {
+        let tls = self.migration_tls()?;
+        let (host, port, name) = parse_destination(destination)?;
+        let tcp = tokio::time::timeout(STEP_TIMEOUT, TcpStream::connect((host.as_str(), port)))
+            .await
+            .map_err(|_| field("destination", format!("{destination}: no answer")))?
+            .map_err(|e| field("destination", format!("{destination}: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let conn = tokio::time::timeout(STEP_TIMEOUT, tls.connector.connect(name, tcp))
+            .await
+            .map_err(|_| field("destination", "the TLS handshake did not finish"))?
+            .map_err(|e| {
+                field(
+                    "destination",
+                    format!("{destination} is not a known host: {e}"),
+                )
+            })?;
+        Ok(BufReader::new(conn))
+    }
+
+    /// Asks the agent at `destination` whether it holds VM `id` (the same VM: `uuid`).
+    async fn ask(&self, destination: &str, id: &str, uuid: uuid::Uuid) -> Result<Holds, String> {
+        let mut conn = self.connect(destination).await.map_err(|e| e.to_string())?;
+        let q = Query {
+            query: id.to_owned(),
+            uuid,
+        };
+        write_line(conn.get_mut(), &q)
+            .await
+            .map_err(|e| e.to_string())?;
+        let line = read_line(&mut conn).await.map_err(|e| e.to_string())?;
+        serde_json::from_str(&line).map_err(|e| e.to_string())
+    }
+
+    /// Settles a migration in doubt (the whole VM went to `destination` and no answer came
+    /// back; the VMM here keeps the guest paused): asks the destination, again and again
+    /// until it answers or `until` passes, whether it holds the VM. If it does (running,
+    /// or ended there), the VM is the destination's and goes here; if it has no such VM, the
+    /// VM never ran there (a receiving VMM runs the guest only once its answer went, and its
+    /// agent keeps a VM whose VMM answered: `layout::INCOMING_COMMITTED`) and it resumes
+    /// here. While the destination is still receiving it, this waits. Returns which (`true`:
+    /// there) or `None` if undecided by `until`. The caller holds the operation lock.
+    pub(crate) async fn settle_in_doubt(
+        self: &Arc<Self>,
+        entry: &Arc<VmEntry>,
+        destination: &str,
+        until: Option<tokio::time::Instant>,
+    ) -> Option<bool> {
+        let rec = Self::snapshot(entry);
+        let mut delay = Duration::from_millis(50);
+        let there = loop {
+            match self.ask(destination, &entry.id, rec.uuid).await {
+                Ok(h) if h.held && !h.arriving => break true,
+                Ok(h) if !h.held => break false,
+                Ok(_) => {}
+                Err(e) => tracing::info!(vm = %entry.id, "asking {destination} about the VM: {e}"),
+            }
+            if until.is_some_and(|u| tokio::time::Instant::now() + delay > u) {
+                return None;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        };
+        if there {
+            let message = format!(
+                "the migration in doubt is settled: the VM runs on {destination}; deleted here"
+            );
+            self.events.emit(
+                &entry.id,
+                EventKind::Migrated,
+                Some(Phase::Running),
+                message,
+            );
+            let _ = self.update(entry, |r| {
+                r.state = Phase::Deleting;
+                r.desired = Desired::Stopped;
+            });
+            if let Err(e) = self.finish_delete(entry).await {
+                tracing::error!(vm = %entry.id, "cannot remove a VM that moved: {e}");
+            }
+            return Some(true);
+        }
+        let dir = self.vm_dir(&entry.id);
+        let resumed = lock(&entry.vmm).is_some()
+            && super::vmm_process::call(&dir, &bexar_vmm::control::Request::Resume)
+                .await
+                .is_ok();
+        let message = format!(
+            "the migration in doubt is settled: {destination} does not hold the VM; {}",
+            if resumed {
+                "it goes on here"
+            } else {
+                "its VMM here is gone too"
+            }
+        );
+        let _ = self.update(entry, |r| {
+            r.operation = None;
+            if resumed {
+                r.state = Phase::Running;
+                r.desired = Desired::Running;
+            }
+        });
+        self.events.emit(
+            &entry.id,
+            EventKind::Resumed,
+            resumed.then_some(Phase::Running),
+            message,
+        );
+        Some(false)
+    }
+
+    /// Settles a migration in doubt in the background (an agent restart found the VM's VMM
+    /// paused by it), under the operation lock.
+    pub(crate) fn settle_in_doubt_later(
+        self: &Arc<Self>,
+        entry: &Arc<VmEntry>,
+        destination: String,
+    ) {
+        let agent = self.clone();
+        let entry = entry.clone();
+        tokio::spawn(async move {
+            let _op = entry.op.lock().await;
+            let migrating = Self::snapshot(&entry)
+                .operation
+                .is_some_and(|o| o.kind == Op::Migrate);
+            if migrating {
+                agent.settle_in_doubt(&entry, &destination, None).await;
+            }
+        });
+    }
+
     /// Moves running VM `id` to the agent at `req.destination` (see the module's description).
     pub async fn migrate(
         self: &Arc<Self>,
         id: &str,
         req: MigrateRequest,
     ) -> Result<MigrationOutcome, AgentError> {
-        let tls = self.migration_tls()?;
-        let (host, port) = req
-            .destination
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
-            .filter(|(h, p)| !h.is_empty() && *p != 0)
-            .ok_or_else(|| field("destination", "not HOST:PORT"))?;
-        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-            .map_err(|e| field("destination", format!("{host}: {e}")))?;
+        parse_destination(&req.destination)?;
+        self.migration_tls()?;
         self.recovered().await;
         let entry = self.entry(id)?;
         let _op = entry.op.lock().await;
@@ -429,21 +609,7 @@ impl Agent {
             disk_sizes.push(size);
         }
         // The destination, proven by its certificate, and its answer.
-        let tcp = tokio::time::timeout(STEP_TIMEOUT, TcpStream::connect((host, port)))
-            .await
-            .map_err(|_| field("destination", format!("{}: no answer", req.destination)))?
-            .map_err(|e| field("destination", format!("{}: {e}", req.destination)))?;
-        let _ = tcp.set_nodelay(true);
-        let conn = tokio::time::timeout(STEP_TIMEOUT, tls.connector.connect(name, tcp))
-            .await
-            .map_err(|_| field("destination", "the TLS handshake did not finish"))?
-            .map_err(|e| {
-                field(
-                    "destination",
-                    format!("{} is not a known host: {e}", req.destination),
-                )
-            })?;
-        let mut conn = BufReader::new(conn);
+        let mut conn = self.connect(&req.destination).await?;
         let prepare = Prepare {
             record: rec.clone(),
             disk_sizes,
@@ -470,6 +636,9 @@ impl Agent {
         let rec = self.update(&entry, |r| {
             if alive && r.state == Phase::Running {
                 r.operation = super::lifecycle::op(Op::Migrate);
+                if let Some(o) = r.operation.as_mut() {
+                    o.destination = Some(req.destination.clone());
+                }
             }
         })?;
         if !alive || rec.operation.as_ref().map(|o| o.kind) != Some(Op::Migrate) {
@@ -501,25 +670,49 @@ impl Agent {
                     id: id.to_owned(),
                     destination: req.destination,
                     migration: report,
+                    settled: None,
                 })
             }
             Err(SendFailed::InDoubt) => {
                 // Everything went and no answer came back: the destination may run the VM.
-                // Its VMM here keeps the guest paused; the record says so, and nothing here
-                // resumes it (an operator who finds it running there deletes it here).
+                // Its VMM here keeps the guest paused, the operation stays `migrate`, and the
+                // destination is asked whether it holds the VM (for a while here, then in the
+                // background: an agent restart there takes seconds).
                 let message = format!(
                     "live migration to {} in doubt: the guest is paused here and may run there; \
-                     delete it here if it runs there, resume it here if not",
-                    req.destination
+                     asking {}",
+                    req.destination, req.destination
                 );
                 let _ = self.update(&entry, |r| {
                     r.state = Phase::Paused;
                     r.desired = Desired::Paused;
-                    r.operation = None;
                 });
                 self.events
                     .emit(id, EventKind::Paused, Some(Phase::Paused), message.clone());
-                Err(AgentError::MigrationFailed(message))
+                let until = tokio::time::Instant::now() + IN_DOUBT_ASKING;
+                match self
+                    .settle_in_doubt(&entry, &req.destination, Some(until))
+                    .await
+                {
+                    Some(true) => Ok(MigrationOutcome {
+                        id: id.to_owned(),
+                        destination: req.destination.clone(),
+                        migration: Default::default(),
+                        settled: Some(format!(
+                            "no answer came from the destination's VMM; {} said it holds the VM",
+                            req.destination
+                        )),
+                    }),
+                    Some(false) => Err(AgentError::MigrationFailed(format!(
+                        "no answer came from the destination's VMM, and {} does not hold the \
+                         VM: it goes on here",
+                        req.destination
+                    ))),
+                    None => {
+                        self.settle_in_doubt_later(&entry, req.destination.clone());
+                        Err(AgentError::MigrationFailed(message))
+                    }
+                }
             }
             Err(SendFailed::NoAnswer(why)) => {
                 // The operation stays `migrate`: the VMM's end, when it comes, is settled by
@@ -722,6 +915,29 @@ impl Agent {
         Ok(rec)
     }
 
+    /// Whether this host holds the VM a [`Query`] names.
+    fn holds(&self, q: &Query) -> Holds {
+        let Ok(entry) = self.entry(&q.query) else {
+            return Holds::default();
+        };
+        let rec = Self::snapshot(&entry);
+        if rec.uuid != q.uuid || rec.state == Phase::Deleting {
+            return Holds::default();
+        }
+        let arriving = rec
+            .operation
+            .as_ref()
+            .is_some_and(|o| o.kind == Op::Incoming);
+        let committed = self
+            .vm_dir(&q.query)
+            .join(layout::INCOMING_COMMITTED)
+            .exists();
+        Holds {
+            held: !arriving || committed,
+            arriving: arriving && !committed,
+        }
+    }
+
     /// Takes migrations from other hosts' agents on `listener` until the agent ends.
     pub async fn serve_migrations(self: Arc<Self>, listener: TcpListener) {
         loop {
@@ -763,18 +979,25 @@ impl Agent {
         peer: SocketAddr,
     ) {
         let mut conn = BufReader::new(conn);
-        let prepare = match read_line(&mut conn).await {
-            Ok(line) => serde_json::from_str::<Prepare>(&line),
+        let hello = match read_line(&mut conn).await {
+            Ok(line) => serde_json::from_str::<Hello>(&line),
             Err(e) => {
                 tracing::warn!(%peer, "migration: {e}");
                 return;
             }
         };
-        let entry = match prepare {
+        let entry = match hello {
             Err(e) => Err(field("body", e.to_string())),
-            Ok(p) => {
+            Ok(Hello::Query(q)) => {
                 self.recovered().await;
-                self.prepare_incoming(p).await
+                let holds = self.holds(&q);
+                tracing::info!(%peer, vm = %q.query, "asked whether it is here: {holds:?}");
+                let _ = write_line(conn.get_mut(), &holds).await;
+                return;
+            }
+            Ok(Hello::Prepare(p)) => {
+                self.recovered().await;
+                self.prepare_incoming(*p).await
             }
         };
         let entry = match entry {
@@ -788,7 +1011,9 @@ impl Agent {
         let id = entry.id.clone();
         let op = entry.op.lock().await;
         let socket = self.vm_dir(&id).join(layout::INCOMING_SOCKET);
+        let committed = self.vm_dir(&id).join(layout::INCOMING_COMMITTED);
         let relay = tokio::spawn(async move {
+            use bexar_vmm::migration::SYNCED;
             // The VMM binds its socket before anything else it does.
             let t = tokio::time::Instant::now();
             let mut vmm = loop {
@@ -811,8 +1036,36 @@ impl Agent {
             // Nothing comes before our answer; anything buffered is the stream's all the same.
             let early = conn.buffer().to_vec();
             vmm.write_all(&early).await?;
-            let mut conn = conn.into_inner();
-            tokio::io::copy_bidirectional(&mut conn, &mut vmm).await
+            let (mut conn_r, mut conn_w) = tokio::io::split(conn.into_inner());
+            let (mut vmm_r, mut vmm_w) = vmm.into_split();
+            let stream = async {
+                tokio::io::copy(&mut conn_r, &mut vmm_w).await?;
+                vmm_w.shutdown().await
+            };
+            // The VMM's answer: once it says it holds the VM, the VM is this host's (the
+            // sender lets its copy go on that byte), which is on record before it passes.
+            let answer = async {
+                let mut buf = [0u8; 4096];
+                let mut answered = false;
+                loop {
+                    let n = vmm_r.read(&mut buf).await?;
+                    if n == 0 {
+                        return conn_w.shutdown().await;
+                    }
+                    // Its answer is the first byte that is not a sync's.
+                    if !answered {
+                        if let Some(b) = buf[..n].iter().find(|b| **b != SYNCED) {
+                            answered = true;
+                            if *b == b'R' {
+                                std::fs::File::create(&committed)?;
+                            }
+                        }
+                    }
+                    conn_w.write_all(&buf[..n]).await?;
+                    conn_w.flush().await?;
+                }
+            };
+            tokio::try_join!(stream, answer).map(|_| ())
         });
         let abort = relay.abort_handle();
         let launched = self.launch(&entry, Op::Incoming).await;
@@ -831,8 +1084,26 @@ impl Agent {
                 "the relay did not end".to_owned()
             }
         };
+        let committed = self.vm_dir(&id).join(layout::INCOMING_COMMITTED);
         match launched {
-            Ok(_) => tracing::info!(vm = %id, %peer, "migrated here"),
+            Ok(_) => {
+                let _ = std::fs::remove_file(&committed);
+                tracing::info!(vm = %id, %peer, "migrated here");
+            }
+            Err(e) if committed.exists() => {
+                // Its VMM told the sender it holds the VM, then ended: the VM is this host's
+                // (the sender let its copy go), and its guest died here.
+                let _op = op;
+                tracing::warn!(vm = %id, %peer, "the VM arrived and its VMM ended: {e}");
+                let reason = format!("its VMM ended after it took the VM over: {e}");
+                let _ = self.update(&entry, |r| {
+                    r.state = Phase::Failed;
+                    r.operation = None;
+                    r.status.exit_reason = Some(reason.clone());
+                });
+                self.events
+                    .emit(&id, EventKind::Failed, Some(Phase::Failed), reason);
+            }
             Err(e) => {
                 let _op = op;
                 tracing::warn!(vm = %id, %peer, "migration did not arrive: {e} ({relayed})");
@@ -977,6 +1248,7 @@ impl Agent {
                 kind: Op::Incoming,
                 started_ms: now_ms(),
                 progress: None,
+                destination: None,
             });
         });
         let rec = match rec {

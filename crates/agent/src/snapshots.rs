@@ -112,6 +112,7 @@ impl Agent {
                 kind: OperationKind::Snapshot,
                 started_ms: now_ms(),
                 progress: None,
+                destination: None,
             });
             if req.then.ends_vmm() {
                 // The VMM ends once the snapshot is durable: not a failure to restart from.

@@ -806,6 +806,10 @@ pub struct Operation {
     /// A `migrate` operation's last progress report (round, bytes, rates, expected pause).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<bexar_vmm::migration::MigrationProgress>,
+    /// A `migrate` operation's destination (`HOST:PORT`): who to ask, after a crash or an
+    /// answer that never came, whether the VM runs there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
 }
 
 /// Desired power state, from the last action the caller asked for.

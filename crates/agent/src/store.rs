@@ -44,6 +44,9 @@ pub mod layout {
     /// Where the agent listens for the stream of a VMM it is migrating away (in the jail's
     /// writable directory, so a jailed VMM can reach it).
     pub const MIGRATE_SOCKET: &str = "migrate.sock";
+    /// Made when a VMM receiving a live migration has told the sender it holds the VM: from
+    /// then on the VM is this host's, even if that VMM dies before the launch is recorded.
+    pub const INCOMING_COMMITTED: &str = "incoming.committed";
 }
 
 /// Runs `f`, file I/O that waits for the disk (an fsync), without holding up the other tasks

@@ -1684,6 +1684,7 @@ mod tests {
                 kind: crate::spec::OperationKind::Start,
                 started_ms: 1,
                 progress: Some(Default::default()),
+                destination: Some("h:1".into()),
             }),
             nics: vec![crate::segment::NicState {
                 segment: Some("s".into()),
