@@ -878,21 +878,10 @@ fn the_cli_drives_the_agent() {
 
 #[test]
 fn a_linux_guest_boots_under_the_agent() {
-    let image = common::linux_image();
     let agent = TestAgent::start("linux");
     rt().block_on(async {
         let c = agent.client();
-        let s = json!({
-            "id": "linux",
-            "vcpus": 1,
-            "memory_mib": 128,
-            "boot": {
-                "kernel": image.join("vmlinux").display().to_string(),
-                "initrd": image.join("initramfs.cpio").display().to_string(),
-                "cmdline": "console=ttyS0 reboot=k panic=1"
-            },
-            "rng": true
-        });
+        let s = common::linux_vm_spec("linux");
         let v = expect_status(&c.post("/v1/vms?start=true", &s).await.unwrap(), 201);
         assert_eq!(v["state"], "running");
         wait_console(&c, "linux", "Run /init as init process", 600).await;

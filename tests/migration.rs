@@ -245,6 +245,28 @@ fn a_migration_that_fails_leaves_the_guest_running_where_it_was() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// The blk-scatter guest on `disk`: `rounds` rounds of 8 scattered writes (the sequence of
+/// `seed`), each read back; its console in `out`, controlled on `ctl` if given.
+fn scatter_guest(disk: &Path, rounds: u32, seed: u32, ctl: Option<&Path>, out: &Path) -> Child {
+    let guest = testguest();
+    let cmdline = format!(
+        "console=ttyS0 bexar.test=blk-scatter bexar.rounds={rounds} bexar.writes=8 bexar.seed={seed}{}",
+        guest_platform_params()
+    );
+    let mut args = vec![
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+        "--disk",
+        disk.to_str().unwrap(),
+    ];
+    if let Some(c) = ctl {
+        args.extend(["--control", c.to_str().unwrap()]);
+    }
+    spawn(&args, out, false)
+}
+
 /// A receiver that takes the whole VM and goes away without a word: the sender cannot know
 /// whether it runs the guest, so it keeps it paused (in doubt); a resume then (whoever asks
 /// has found the receiver does not run it) gives it back its devices too: the guest goes on
@@ -254,26 +276,8 @@ fn a_migration_in_doubt_keeps_the_guest_paused_until_a_resume_gives_it_back_whol
     let d = dir("migrate-doubt");
     let disk = d.join("disk.raw");
     disk_file(&disk, None);
-    let guest = testguest();
-    let cmdline = format!(
-        "console=ttyS0 bexar.test=blk-scatter bexar.rounds=150 bexar.writes=8 bexar.seed=9{}",
-        guest_platform_params()
-    );
     let ctl = d.join("ctl.sock");
-    let mut src = spawn(
-        &[
-            "--kernel",
-            guest.to_str().unwrap(),
-            "--cmdline",
-            &cmdline,
-            "--disk",
-            disk.to_str().unwrap(),
-            "--control",
-            ctl.to_str().unwrap(),
-        ],
-        &d.join("src.out"),
-        false,
-    );
+    let mut src = scatter_guest(&disk, 150, 9, Some(&ctl), &d.join("src.out"));
     wait_for(&d.join("src.out"), "flushed", 5);
     let sock = d.join("rx.sock");
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
@@ -330,23 +334,7 @@ const SCATTER_ROUNDS: u32 = 400;
 /// mid-run to a second VMM on `b`, where it must finish its rounds reading back every write.
 /// Returns the migration's report.
 fn guest_moves_with_its_disk(d: &Path, reference: &Path, a: &Path, b: &Path) -> serde_json::Value {
-    let guest = testguest();
-    let cmdline = format!(
-        "console=ttyS0 bexar.test=blk-scatter bexar.rounds={SCATTER_ROUNDS} bexar.writes=8 bexar.seed=7{}",
-        guest_platform_params()
-    );
-    let mut whole = spawn(
-        &[
-            "--kernel",
-            guest.to_str().unwrap(),
-            "--cmdline",
-            &cmdline,
-            "--disk",
-            reference.to_str().unwrap(),
-        ],
-        &d.join("reference.out"),
-        false,
-    );
+    let mut whole = scatter_guest(reference, SCATTER_ROUNDS, 7, None, &d.join("reference.out"));
     assert_eq!(
         wait_exit(&mut whole),
         0,
@@ -365,20 +353,7 @@ fn guest_moves_with_its_disk(d: &Path, reference: &Path, a: &Path, b: &Path) -> 
         false,
     );
     let ctl = d.join("ctl.sock");
-    let mut src = spawn(
-        &[
-            "--kernel",
-            guest.to_str().unwrap(),
-            "--cmdline",
-            &cmdline,
-            "--disk",
-            a.to_str().unwrap(),
-            "--control",
-            ctl.to_str().unwrap(),
-        ],
-        &d.join("src.out"),
-        false,
-    );
+    let mut src = scatter_guest(a, SCATTER_ROUNDS, 7, Some(&ctl), &d.join("src.out"));
     wait_for(&d.join("src.out"), "flushed", 20);
     let m = migrate(
         &ctl,

@@ -1649,21 +1649,10 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
 fn a_linux_kernel_moved_mid_boot_reaches_init_on_the_other_host() {
     const INIT: &str = "Run /init as init process";
     const MID_BOOT: &str = "smp: Brought up";
-    let image = common::linux_image();
+    let s = common::linux_vm_spec("linux");
     let (_a, _b, certs, agent_a, agent_b) = two_hosts("ml", 96);
     let (ca, cb) = (agent_a.client(), agent_b.client());
     rt().block_on(async {
-        let s = json!({
-            "id": "linux",
-            "vcpus": 1,
-            "memory_mib": 128,
-            "boot": {
-                "kernel": image.join("vmlinux").display().to_string(),
-                "initrd": image.join("initramfs.cpio").display().to_string(),
-                "cmdline": "console=ttyS0 reboot=k panic=1"
-            },
-            "rng": true
-        });
         let v = expect_status(&ca.post("/v1/vms?start=true", &s).await.unwrap(), 201);
         assert_eq!(v["state"], "running");
         let before = wait_console_for(&ca, "linux", MID_BOOT, Duration::from_secs(600)).await;

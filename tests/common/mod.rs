@@ -428,6 +428,23 @@ pub fn scatter_writes(seed: u64, rounds: u64, writes: u64, cap: u64) -> Vec<Vec<
         .collect()
 }
 
+/// The agent's spec of the Linux witness (vmlinux and its initramfs, one vCPU, 128 MiB), as VM
+/// `id`.
+pub fn linux_vm_spec(id: &str) -> serde_json::Value {
+    let image = linux_image();
+    serde_json::json!({
+        "id": id,
+        "vcpus": 1,
+        "memory_mib": 128,
+        "boot": {
+            "kernel": image.join("vmlinux").display().to_string(),
+            "initrd": image.join("initramfs.cpio").display().to_string(),
+            "cmdline": "console=ttyS0 reboot=k panic=1"
+        },
+        "rng": true
+    })
+}
+
 pub fn qemu_img(args: &[&str]) -> (i32, String) {
     let o = Command::new("qemu-img")
         .args(args)

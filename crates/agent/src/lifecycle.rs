@@ -1023,7 +1023,10 @@ impl Agent {
             let dir = agent.vm_dir(&entry.id);
             let result = read_result(&dir, &token);
             let handed_off = result.as_ref().is_some_and(RunResult::handed_off);
-            if kind == Some(Op::Incoming) || handed_off {
+            // An arriving VM whose VMM told the sender it holds it is this host's: its end is
+            // a failure here, like any VM's (the sender let its copy go).
+            let committed = dir.join(layout::INCOMING_COMMITTED).exists();
+            if kind == Some(Op::Incoming) && !committed || handed_off {
                 if handed_off {
                     agent.events.emit(
                         &entry.id,
@@ -1041,11 +1044,18 @@ impl Agent {
                 }
                 return;
             }
-            let reason = format!(
-                "the VMM ended during a live migration without saying it handed the VM over \
-                 ({}): the VM may run on the destination; not restarted here",
-                result.map_or_else(|| "no result".to_owned(), |r| r.reason)
-            );
+            let reason = if kind == Some(Op::Incoming) {
+                format!(
+                    "its VMM ended after it took the VM over from another host ({})",
+                    result.map_or_else(|| "no result".to_owned(), |r| r.reason)
+                )
+            } else {
+                format!(
+                    "the VMM ended during a live migration without saying it handed the VM \
+                     over ({}): the VM may run on the destination; not restarted here",
+                    result.map_or_else(|| "no result".to_owned(), |r| r.reason)
+                )
+            };
             let updated = agent.update(&entry, |r| {
                 mark_ended(r, Phase::Failed, &reason);
                 r.operation = None;

@@ -285,6 +285,8 @@ const CANCELLED: &str = "cancelled before the switch-over";
 /// How long a migration in doubt asks the destination before its request returns (the asking
 /// goes on in the background).
 const IN_DOUBT_ASKING: Duration = Duration::from_secs(30);
+/// The longest wait between two questions to the destination of a migration in doubt.
+const IN_DOUBT_MAX_DELAY: Duration = Duration::from_secs(5);
 
 /// The longest line either side reads before the stream.
 const MAX_LINE: u64 = 4 << 20;
@@ -361,6 +363,18 @@ async fn relay_out(
         }
     };
     tokio::try_join!(out, back).map(|_| ())
+}
+
+/// Records, durably (the file and its directory synced), that a VMM receiving a VM told the
+/// sender it holds it.
+async fn mark_committed(path: PathBuf) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        std::fs::File::create(&path)?.sync_all()?;
+        bexar_util::fs::sync_dir(path.parent().unwrap_or(std::path::Path::new(".")))
+            .map_err(std::io::Error::other)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// The API code of an error, as a refusal sent to the other agent.
@@ -450,35 +464,43 @@ impl Agent {
         serde_json::from_str(&line).map_err(|e| e.to_string())
     }
 
-    /// Settles a migration in doubt (the whole VM went to `destination` and no answer came
-    /// back; the VMM here keeps the guest paused): asks the destination, again and again
-    /// until it answers or `until` passes, whether it holds the VM. If it does (running,
-    /// or ended there), the VM is the destination's and goes here; if it has no such VM, the
-    /// VM never ran there (a receiving VMM runs the guest only once its answer went, and its
-    /// agent keeps a VM whose VMM answered: `layout::INCOMING_COMMITTED`) and it resumes
-    /// here. While the destination is still receiving it, this waits. Returns which (`true`:
-    /// there) or `None` if undecided by `until`. The caller holds the operation lock.
-    pub(crate) async fn settle_in_doubt(
-        self: &Arc<Self>,
+    /// Asks the agent at `destination`, again and again until it answers or `until` passes,
+    /// whether it holds the VM of a migration in doubt (the whole VM went and no answer came
+    /// back; the VMM here keeps the guest paused): `Some(true)` if it does (its VMM told the
+    /// sender it holds the VM, or runs it), `Some(false)` if it has no such VM (the guest
+    /// never ran there: a receiving VMM runs it only after its answer, which its agent
+    /// records before passing it on), `None` if undecided by `until`. While the VM is still
+    /// arriving there, it asks again.
+    async fn ask_until(
+        &self,
         entry: &Arc<VmEntry>,
         destination: &str,
         until: Option<tokio::time::Instant>,
     ) -> Option<bool> {
-        let rec = Self::snapshot(entry);
+        let uuid = Self::snapshot(entry).uuid;
         let mut delay = Duration::from_millis(50);
-        let there = loop {
-            match self.ask(destination, &entry.id, rec.uuid).await {
-                Ok(h) if h.held && !h.arriving => break true,
-                Ok(h) if !h.held => break false,
-                Ok(_) => {}
+        loop {
+            match self.ask(destination, &entry.id, uuid).await {
+                Ok(h) if h.arriving => {}
+                Ok(h) => return Some(h.held),
                 Err(e) => tracing::info!(vm = %entry.id, "asking {destination} about the VM: {e}"),
             }
             if until.is_some_and(|u| tokio::time::Instant::now() + delay > u) {
                 return None;
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
-        };
+            delay = (delay * 2).min(IN_DOUBT_MAX_DELAY);
+        }
+    }
+
+    /// Acts on the answer to a migration in doubt: the VM is deleted here if `there`, else
+    /// resumed here (its VMM thaws its devices). The caller holds the operation lock.
+    async fn settle_in_doubt(
+        self: &Arc<Self>,
+        entry: &Arc<VmEntry>,
+        destination: &str,
+        there: bool,
+    ) {
         if there {
             let message = format!(
                 "the migration in doubt is settled: the VM runs on {destination}; deleted here"
@@ -496,7 +518,7 @@ impl Agent {
             if let Err(e) = self.finish_delete(entry).await {
                 tracing::error!(vm = %entry.id, "cannot remove a VM that moved: {e}");
             }
-            return Some(true);
+            return;
         }
         let dir = self.vm_dir(&entry.id);
         let resumed = lock(&entry.vmm).is_some()
@@ -524,11 +546,12 @@ impl Agent {
             resumed.then_some(Phase::Running),
             message,
         );
-        Some(false)
     }
 
-    /// Settles a migration in doubt in the background (an agent restart found the VM's VMM
-    /// paused by it), under the operation lock.
+    /// Settles a migration in doubt in the background (after the request's own asking ran out,
+    /// or when an agent restart adopts a VMM paused by one): asks the destination without
+    /// holding the VM's operation lock (the VM stays paused, and a caller may still delete or
+    /// resume it by hand meanwhile), then acts under the lock if the VM is still in doubt.
     pub(crate) fn settle_in_doubt_later(
         self: &Arc<Self>,
         entry: &Arc<VmEntry>,
@@ -537,12 +560,26 @@ impl Agent {
         let agent = self.clone();
         let entry = entry.clone();
         tokio::spawn(async move {
-            let _op = entry.op.lock().await;
-            let migrating = Self::snapshot(&entry)
-                .operation
-                .is_some_and(|o| o.kind == Op::Migrate);
-            if migrating {
-                agent.settle_in_doubt(&entry, &destination, None).await;
+            let in_doubt = |entry: &VmEntry| {
+                let rec = Self::snapshot(entry);
+                rec.state == Phase::Paused && rec.operation.is_some_and(|o| o.kind == Op::Migrate)
+            };
+            loop {
+                let until = tokio::time::Instant::now() + IN_DOUBT_ASKING;
+                let Some(there) = agent.ask_until(&entry, &destination, Some(until)).await else {
+                    if !in_doubt(&entry) {
+                        return;
+                    }
+                    continue;
+                };
+                let _op = entry.op.lock().await;
+                let same = lock(&agent.vms)
+                    .get(&entry.id)
+                    .is_some_and(|e| Arc::ptr_eq(e, &entry));
+                if same && in_doubt(&entry) {
+                    agent.settle_in_doubt(&entry, &destination, there).await;
+                }
+                return;
             }
         });
     }
@@ -690,10 +727,11 @@ impl Agent {
                 self.events
                     .emit(id, EventKind::Paused, Some(Phase::Paused), message.clone());
                 let until = tokio::time::Instant::now() + IN_DOUBT_ASKING;
-                match self
-                    .settle_in_doubt(&entry, &req.destination, Some(until))
-                    .await
-                {
+                let verdict = self.ask_until(&entry, &req.destination, Some(until)).await;
+                if let Some(there) = verdict {
+                    self.settle_in_doubt(&entry, &req.destination, there).await;
+                }
+                match verdict {
                     Some(true) => Ok(MigrationOutcome {
                         id: id.to_owned(),
                         destination: req.destination.clone(),
@@ -797,7 +835,10 @@ impl Agent {
         tokio::pin!(exchange);
         // The VMM's progress, as the relay reads it from the stream, goes into the record and
         // the events while the VMM works.
+        // A VMM (its guest's, if compromised) could report without end: recorded at most
+        // every 100 ms, but every phase change.
         let mut watching = true;
+        let mut last: Option<(tokio::time::Instant, bexar_vmm::migration::MigrationPhase)> = None;
         let answered = loop {
             tokio::select! {
                 r = &mut exchange => break r,
@@ -805,7 +846,13 @@ impl Agent {
                     Ok(()) => {
                         let p = progress_rx.borrow_and_update().clone();
                         if let Some(p) = p {
-                            self.report_progress(entry, &req.destination, p);
+                            let due = last.is_none_or(|(at, phase)| {
+                                phase != p.phase || at.elapsed() >= Duration::from_millis(100)
+                            });
+                            if due {
+                                last = Some((tokio::time::Instant::now(), p.phase));
+                                self.report_progress(entry, &req.destination, p);
+                            }
                         }
                     }
                     Err(_) => watching = false,
@@ -924,16 +971,19 @@ impl Agent {
         if rec.uuid != q.uuid || rec.state == Phase::Deleting {
             return Holds::default();
         }
-        let arriving = rec
-            .operation
-            .as_ref()
-            .is_some_and(|o| o.kind == Op::Incoming);
+        // Held on evidence only: its VMM told the sender it holds the VM (recorded before
+        // the word went on), or a VMM of it runs here. Still arriving: ask again. Anything
+        // else (an arrival that failed and is being removed) is not held.
         let committed = self
             .vm_dir(&q.query)
             .join(layout::INCOMING_COMMITTED)
             .exists();
+        let arriving = rec
+            .operation
+            .as_ref()
+            .is_some_and(|o| o.kind == Op::Incoming);
         Holds {
-            held: !arriving || committed,
+            held: committed || (!arriving && rec.state.has_vmm()),
             arriving: arriving && !committed,
         }
     }
@@ -1057,7 +1107,7 @@ impl Agent {
                         if let Some(b) = buf[..n].iter().find(|b| **b != SYNCED) {
                             answered = true;
                             if *b == b'R' {
-                                std::fs::File::create(&committed)?;
+                                mark_committed(committed.clone()).await?;
                             }
                         }
                     }
@@ -1065,7 +1115,10 @@ impl Agent {
                     conn_w.flush().await?;
                 }
             };
-            tokio::try_join!(stream, answer).map(|_| ())
+            // Both to their end: the answer is read (and its commit recorded) even when the
+            // other direction broke first.
+            let (s, a) = tokio::join!(stream, answer);
+            s.and(a)
         });
         let abort = relay.abort_handle();
         let launched = self.launch(&entry, Op::Incoming).await;
@@ -1087,7 +1140,10 @@ impl Agent {
         let committed = self.vm_dir(&id).join(layout::INCOMING_COMMITTED);
         match launched {
             Ok(_) => {
-                let _ = std::fs::remove_file(&committed);
+                // Kept with the VM (a question about it after this is answered "held").
+                if !committed.exists() {
+                    let _ = mark_committed(committed).await;
+                }
                 tracing::info!(vm = %id, %peer, "migrated here");
             }
             Err(e) if committed.exists() => {
@@ -1099,10 +1155,8 @@ impl Agent {
                 let _ = self.update(&entry, |r| {
                     r.state = Phase::Failed;
                     r.operation = None;
-                    r.status.exit_reason = Some(reason.clone());
+                    r.status.exit_reason = Some(reason);
                 });
-                self.events
-                    .emit(&id, EventKind::Failed, Some(Phase::Failed), reason);
             }
             Err(e) => {
                 let _op = op;

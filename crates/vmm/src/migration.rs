@@ -377,9 +377,14 @@ impl<W: Write> Sender<W> {
     }
 
     /// Stops listening (the switch-over begins: a cancel is too late, and the receiver's
-    /// answer is read after the end).
-    pub(crate) fn stop_listening(&mut self) {
+    /// answer is read after the end), after a last look: a cancel already there is honoured.
+    pub(crate) fn stop_listening(&mut self) -> Result<(), MigrationError> {
+        self.listened = Instant::now()
+            .checked_sub(LISTEN_EVERY)
+            .unwrap_or(self.listened);
+        let last = self.heard();
         self.listen = None;
+        last
     }
 
     /// Looks, without waiting, for a word from the other end.
@@ -780,8 +785,8 @@ pub fn receive(
                 MigrationProgress::decode(&h)?;
             }
             SYNC => {
-                let mut any = true;
-                sync_disks(disks, &mut any)?;
+                disks_unsynced = true;
+                sync_disks(disks, &mut disks_unsynced)?;
                 acks.write_all(&[SYNCED])?;
                 acks.flush()?;
             }

@@ -644,7 +644,11 @@ impl Vmm {
         // Sent as fast as the stream goes: a limit would only lengthen the pause. A cancel from
         // here on is too late.
         tx.limit(None);
-        tx.stop_listening();
+        if let Err(e) = tx.stop_listening() {
+            let _ = self.stop_dirty_log();
+            self.devices.stop_disk_copies();
+            return Err(e.into());
+        }
         let paused_at_ns = crate::control::monotonic_ns();
         let paused = Instant::now();
         if let Err(e) = self.pause() {
