@@ -1088,9 +1088,13 @@ impl Agent {
             vmm.write_all(&early).await?;
             let (mut conn_r, mut conn_w) = tokio::io::split(conn.into_inner());
             let (mut vmm_r, mut vmm_w) = vmm.into_split();
+            // However the sender's side ends (a clean end, or a broken connection), the VMM
+            // sees its stream end at once: else it would wait out its read timeout while this
+            // waits for its answer.
             let stream = async {
-                tokio::io::copy(&mut conn_r, &mut vmm_w).await?;
-                vmm_w.shutdown().await
+                let copied = tokio::io::copy(&mut conn_r, &mut vmm_w).await;
+                let _ = vmm_w.shutdown().await;
+                copied.map(|_| ())
             };
             // The VMM's answer: once it says it holds the VM, the VM is this host's (the
             // sender lets its copy go on that byte), which is on record before it passes.
