@@ -7,7 +7,8 @@
 //! that the certificate names the destination it dialled (its IP address or DNS name).
 //!
 //! On one connection, driven by the sender:
-//! 1. the sender sends a [`Prepare`] line: the VM's record and its disks' sizes;
+//! 1. the sender sends a [`Prepare`] line: the VM's record, its disks' sizes and images' hashes,
+//!    and the CPU its guest was shown (the receiver refuses a VM whose CPU features it lacks);
 //! 2. the receiver makes the VM as a create would (the same validation and admission; the same
 //!    id, SMBIOS UUID, MACs, addresses and metadata; its own empty files for the disks the
 //!    stream copies), marks it `incoming`, wires its NICs and launches a VMM that waits for
@@ -33,6 +34,11 @@
 //! `POST /v1/vms/{id}/migrate/cancel` has the relay send the VMM a cancel byte, which it honours
 //! until the switch-over begins (the VM goes on here; the migration's request ends with 409
 //! `migration_cancelled`). Once the relay has seen the switch-over begin, a cancel is refused.
+//!
+//! A migration in doubt (the whole VM went, no answer came back) is settled between the agents:
+//! the sender asks the destination with a [`Query`] line on a new connection whether it holds
+//! the VM, and deletes its paused copy or resumes it by the answer. The receiving relay records
+//! its VMM's commit (`layout::INCOMING_COMMITTED`) before passing it on, so "held" is known.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
