@@ -407,13 +407,7 @@ impl<W: Write> Sender<W> {
         match back.read(&mut b)? {
             0 => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
             _ if b[0] == CANCEL => Err(MigrationError::Cancelled),
-            _ if b[0] == b'F' => {
-                let mut why = Vec::new();
-                back.take(4096).read_to_end(&mut why)?;
-                Err(MigrationError::Refused(
-                    String::from_utf8_lossy(&why).into_owned(),
-                ))
-            }
+            _ if b[0] == b'F' => Err(refusal(&mut back)?),
             _ => Err(bad(format!("answer byte {:#04x} before the end", b[0]))),
         }
     }
@@ -434,13 +428,7 @@ impl<W: Write> Sender<W> {
         match b[0] {
             SYNCED => Ok(()),
             CANCEL => Err(MigrationError::Cancelled),
-            b'F' => {
-                let mut why = Vec::new();
-                back.take(4096).read_to_end(&mut why)?;
-                Err(MigrationError::Refused(
-                    String::from_utf8_lossy(&why).into_owned(),
-                ))
-            }
+            b'F' => Err(refusal(&mut back)?),
             other => Err(bad(format!("answer byte {other:#04x} to a sync"))),
         }
     }
@@ -601,6 +589,20 @@ impl<W: Write> Sender<W> {
         Ok(sent)
     }
 
+    /// Sends the blocks each of `disks` recorded as written since it was last asked (and
+    /// forgets them). Returns the bytes sent.
+    pub(crate) fn disks_written(
+        &mut self,
+        disks: &[(u32, bexar_devices::virtio::DiskCopy)],
+        buf: &mut Bounce,
+    ) -> Result<u64, MigrationError> {
+        let mut sent = 0;
+        for (i, copy) in disks {
+            sent += self.disk_ranges(*i, copy, copy.dirty.take().into_iter(), buf)?;
+        }
+        Ok(sent)
+    }
+
     fn disk_record(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), MigrationError> {
         self.out.write_all(&[DISK])?;
         self.out.write_all(&index.to_le_bytes())?;
@@ -654,15 +656,18 @@ pub(crate) fn read_answer(r: &mut impl Read) -> Result<(), MigrationError> {
     }
     match b[0] {
         b'R' => Ok(()),
-        b'F' => {
-            let mut why = Vec::new();
-            r.take(4096).read_to_end(&mut why)?;
-            Err(MigrationError::Refused(
-                String::from_utf8_lossy(&why).into_owned(),
-            ))
-        }
+        b'F' => Err(refusal(r)?),
         other => Err(bad(format!("answer byte {other:#04x}"))),
     }
+}
+
+/// The receiver's reason after its `F` (at most 4 KiB, to the end of the stream).
+fn refusal(r: &mut impl Read) -> Result<MigrationError, std::io::Error> {
+    let mut why = Vec::new();
+    r.take(4096).read_to_end(&mut why)?;
+    Ok(MigrationError::Refused(
+        String::from_utf8_lossy(&why).into_owned(),
+    ))
 }
 
 /// What [`receive`] took in.

@@ -550,19 +550,12 @@ impl Vmm {
                 // The disks' blocks written since the last round go now; what the guest writes
                 // while they go is the next round's.
                 let r = Instant::now();
-                let mut disk_sent = 0;
-                for (i, copy) in &disks {
-                    let ranges = copy.dirty.take();
-                    disk_sent += tx.disk_ranges(*i, copy, ranges.into_iter(), &mut disk_buf)?;
-                }
+                let disk_sent = tx.disks_written(&disks, &mut disk_buf)?;
                 report.disk_bytes += disk_sent;
                 unsynced |= disk_sent > 0;
                 let mut dirty = self.take_dirty()?;
                 let estimate = |dirty: &crate::memory::PageSet| {
-                    let disk_left: u64 = disks
-                        .iter()
-                        .map(|(_, c)| c.dirty.count() * c.dirty.block_size())
-                        .sum();
+                    let disk_left = dirty_disk_bytes(&disks);
                     let left = dirty.count() * crate::migration::PAGE + disk_left;
                     (left, Duration::from_secs_f64(left as f64 / rate.max(1.0)))
                 };
@@ -579,18 +572,11 @@ impl Vmm {
                     // the guest's write rate. What it wrote to memory joins this round.
                     for tries in 1.. {
                         tx.sync_barrier()?;
-                        let disk_dirty: u64 = disks
-                            .iter()
-                            .map(|(_, c)| c.dirty.count() * c.dirty.block_size())
-                            .sum();
+                        let disk_dirty = dirty_disk_bytes(&disks);
                         if disk_dirty <= SYNCED_REMAINDER || tries == SYNC_TRIES {
                             break;
                         }
-                        for (i, copy) in &disks {
-                            let ranges = copy.dirty.take();
-                            report.disk_bytes +=
-                                tx.disk_ranges(*i, copy, ranges.into_iter(), &mut disk_buf)?;
-                        }
+                        report.disk_bytes += tx.disks_written(&disks, &mut disk_buf)?;
                     }
                     unsynced = false;
                     dirty.union(&self.take_dirty()?);
@@ -670,10 +656,7 @@ impl Vmm {
             // What the guest and the devices wrote since the last look, up to the freeze.
             let mut last = self.take_dirty()?;
             last.union(&pending);
-            let disk_left: u64 = disks
-                .iter()
-                .map(|(_, c)| c.dirty.count() * c.dirty.block_size())
-                .sum();
+            let disk_left = dirty_disk_bytes(&disks);
             tx.progress(&MigrationProgress {
                 phase: MigrationPhase::SwitchOver,
                 round: report.rounds,
@@ -1351,4 +1334,12 @@ const SYNC_TRIES: u32 = 3;
 /// Milliseconds since `t`.
 fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Disk bytes written since the copies' last look, in all of `disks`.
+fn dirty_disk_bytes(disks: &[(u32, bexar_devices::virtio::DiskCopy)]) -> u64 {
+    disks
+        .iter()
+        .map(|(_, c)| c.dirty.count() * c.dirty.block_size())
+        .sum()
 }
