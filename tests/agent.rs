@@ -223,6 +223,46 @@ async fn console_echo(c: &Client, id: &str, line: &str) -> String {
     String::from_utf8_lossy(&seen).into_owned()
 }
 
+/// A console client that leaves (or stops reading) is dropped by the vCPU that next writes the
+/// console; the guest goes on. (The vCPU's seccomp filter once lacked `shutdown`, so the
+/// guest's first line after a detach killed its VMM.)
+#[test]
+fn a_guest_goes_on_printing_after_its_console_client_left() {
+    let agent = TestAgent::start("detach");
+    rt().block_on(async {
+        let c = agent.client();
+        let mut s = spec("talker");
+        s["boot"]["cmdline"] =
+            json!("console=ttyS0 bexar.test=dirty bexar.dirty-mib=1 bexar.dirty-rate=100");
+        expect_status(&c.post("/v1/vms?start=true", &s).await.unwrap(), 201);
+        wait_console(&c, "talker", "pages written", 30).await;
+        let conn = c
+            .upgrade(
+                "/v1/vms/talker/console/attach",
+                bexar_agent::api::CONSOLE_PROTOCOL,
+            )
+            .await
+            .unwrap()
+            .expect("attach upgrades the connection");
+        drop(conn);
+        let lines = |t: &str| t.matches("pages written").count();
+        let left = lines(&console_text(&c, "talker").await);
+        let t = Instant::now();
+        while lines(&console_text(&c, "talker").await) < left + 3 {
+            let v = expect_status(&c.get("/v1/vms/talker").await.unwrap(), 200);
+            assert_eq!(v["state"], "running", "{v}");
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the guest went quiet"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let v = expect_status(&c.get("/v1/vms/talker").await.unwrap(), 200);
+        assert_eq!(v["state"], "running", "{v}");
+        expect_status(&c.delete("/v1/vms/talker").await.unwrap(), 204);
+    });
+}
+
 #[test]
 fn twenty_vms_through_their_whole_lifecycle() {
     let agent = TestAgent::start("twenty");

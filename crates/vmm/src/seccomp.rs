@@ -182,8 +182,10 @@ const COMMON: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-/// A vCPU's: the serial console's output to a console socket.
-const VCPU: &[i64] = &[libc::SYS_sendto, libc::SYS_sendmsg];
+/// A vCPU's: the serial console's output to a console socket, and the shut-down of a client
+/// that went away or fell behind (found by the vCPU's own write: a detached `bexar vm
+/// attach` killed the VMM at the guest's next console line before `shutdown` was here).
+const VCPU: &[i64] = &[libc::SYS_sendto, libc::SYS_sendmsg, libc::SYS_shutdown];
 
 /// The virtio loop's and remote disks' sockets (TAPs, vsock, NBD and iSCSI connections), and
 /// the disk backends' file calls.
