@@ -1642,6 +1642,225 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
     let _ = std::fs::remove_dir_all(&certs);
 }
 
+/// Types `key` on the VM's console (attached through the agent) and waits until `pattern`
+/// shows once more than before; returns the console log.
+async fn console_key(c: &Client, id: &str, key: u8, pattern: &str) -> String {
+    use tokio::io::AsyncWriteExt;
+    let before = console(c, id).await.matches(pattern).count();
+    let mut conn = c
+        .upgrade(
+            &format!("/v1/vms/{id}/console/attach"),
+            bexar_agent::api::CONSOLE_PROTOCOL,
+        )
+        .await
+        .unwrap()
+        .expect("attach upgrades the connection");
+    conn.write_all(&[key]).await.unwrap();
+    conn.flush().await.unwrap();
+    let t = Instant::now();
+    loop {
+        let text = console(c, id).await;
+        if text.matches(pattern).count() > before {
+            return text;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{id}: no new {pattern:?} after {:?}:\n{text}",
+            key as char
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The last `pings S sent R replied` of the `migrant` guest's console.
+fn pings(console: &str) -> (u64, u64) {
+    let Some(l) = console
+        .lines()
+        .rev()
+        .find(|l| l.contains(" replied, longest gap"))
+    else {
+        return (0, 0);
+    };
+    let n = |after: &str| -> u64 {
+        l.split(after)
+            .nth(1)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|t| t.parse().ok())
+            .unwrap()
+    };
+    (n("pings "), n(" sent "))
+}
+
+/// The acceptance's busy guest. `migrant` (firmware/testguest/src/migrant.rs) dirties 8 MiB at
+/// 10,000 pages/s and checks every page, writes both its disks (a raw file, a qcow2 overlay
+/// on a registered image) and reads each write back, pings a peer VM that stays on host A, and
+/// reports every pause it sees. It moves A -> B -> A three times over. After every move: it runs on
+/// exactly the host it went to, its pings reach the peer again from the same addresses, the
+/// metadata service of that host answers its own request with its data, and while it is on B
+/// host A keeps nothing of it (no record, no state, no TAP, its nftables rules as they were
+/// before it existed). At the end its disks hold exactly what it wrote: the raw file compared
+/// byte for byte with the original plus every write, the overlay through qemu-img.
+#[test]
+fn a_busy_guest_moves_back_and_forth_with_its_memory_disks_peer_and_metadata() {
+    const SEED: u64 = 11;
+    const MOVES: usize = 6;
+    const RAW_SECTORS: u64 = 16 << 11;
+    const IMAGE_SECTORS: u64 = 4 << 11;
+    let (a, b, certs, agent_a, agent_b) = two_hosts("mb", 95);
+    let (ca, cb) = (agent_a.client(), agent_b.client());
+    let disk = agent_a.dir.join("busy.raw");
+    random_file(&disk, RAW_SECTORS * 512, 7);
+    let original = std::fs::read(&disk).unwrap();
+    let base = agent_a.dir.join("base.raw");
+    random_file(&base, IMAGE_SECTORS * 512, 5);
+    rt().block_on(async {
+        let mut span = segment("span", 41, "routed", 41);
+        span["overlay"] = json!("vxlan");
+        for c in [&ca, &cb] {
+            expect_status(&c.post("/v1/segments", &span).await.unwrap(), 201);
+            let image = json!({"id": "base", "path": base});
+            expect_status(&c.post("/v1/images", &image).await.unwrap(), 201);
+        }
+        let mut peer = vm("peer", "span", "net-peer");
+        peer["nics"][0]["ipv4"] = json!("10.41.0.20");
+        expect_status(&ca.post("/v1/vms?start=true", &peer).await.unwrap(), 201);
+        wait_console(&ca, "peer", "net-peer: ready").await;
+        let (rules_a, links_a) = (a.rules(), a.links());
+
+        let test = format!("migrant bexar.seed={SEED} bexar.peer=10.41.0.20");
+        let mut busy = vm("busy", "span", &test);
+        busy["nics"][0]["ipv4"] = json!("10.41.0.10");
+        busy["disks"] = json!([{"path": disk}, {"image": "base"}]);
+        expect_status(&ca.post("/v1/vms", &busy).await.unwrap(), 201);
+        let md = json!({"hostname": "busy-bee"});
+        expect_status(&ca.put("/v1/vms/busy/metadata", &md).await.unwrap(), 200);
+        expect_status(
+            &ca.post("/v1/vms/busy/start", &json!({})).await.unwrap(),
+            200,
+        );
+        wait_console(&ca, "busy", "migrant: ready").await;
+        let text = console_key(&ca, "busy", b'm', "imds hostname -> 200 busy-bee").await;
+        assert!(pings(&text).1 > 0 || text.contains("imds"), "{text}");
+
+        let hosts = [(&ca, &cb, "10.95.0.2:7400"), (&cb, &ca, "10.95.0.1:7400")];
+        let go = |to: &str| json!({"destination": to});
+        let (mut pauses, mut seen) = (Vec::new(), Vec::new());
+        for round in 0..MOVES {
+            let (from, to, dest) = hosts[round % 2];
+            // It is busy on this host: pings answered since it came.
+            let t = Instant::now();
+            let before = loop {
+                let text = console(from, "busy").await;
+                let p = pings(&text);
+                if p.1 > 0 {
+                    break p;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(20),
+                    "no ping replies:\n{text}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            let r = from.post("/v1/vms/busy/migrate", &go(dest)).await.unwrap();
+            let v = expect_status(&r, 200);
+            eprintln!("move {round} to {dest}: {}", v["migration"]);
+            pauses.push(v["migration"]["paused_ms"].clone());
+            expect_status(&from.get("/v1/vms/busy").await.unwrap(), 404);
+            let there = expect_status(&to.get("/v1/vms/busy").await.unwrap(), 200);
+            assert_eq!(there["state"], "running", "{there}");
+            assert_eq!(nic(&there, "ipv4"), "10.41.0.10", "{there}");
+            // Its pings reach the peer on host A again.
+            let t = Instant::now();
+            loop {
+                let p = pings(&console(to, "busy").await);
+                if p.1 > before.1 + 2 {
+                    eprintln!("move {round}: pings {before:?} before, {p:?} after");
+                    break;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(20),
+                    "move {round}: no ping replies after the move ({before:?} before, {p:?} now)"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // The metadata service of the host it is on answers it with its data.
+            let text = console_key(to, "busy", b'm', "imds hostname -> 200 busy-bee").await;
+            // The first pause it saw here (the console log starts at its arrival) is the
+            // blackout, as its own TSC loop measured it.
+            seen.push(
+                text.lines()
+                    .find_map(|l| l.split("migrant: paused ").nth(1))
+                    .unwrap_or("none")
+                    .to_owned(),
+            );
+            if round % 2 == 0 {
+                // On B: host A keeps nothing of it.
+                assert!(!agent_a.dir.join("state/vms/busy").exists());
+                expect_status(&ca.get("/v1/vms/busy/metadata").await.unwrap(), 404);
+                assert_eq!(a.links(), links_a, "host A's links");
+                assert_eq!(a.rules(), rules_a, "host A's nftables rules");
+                assert!(!b.links().is_empty());
+            }
+        }
+        // Back on A: it ends, and says what it wrote.
+        let text = console_key(&ca, "busy", b'q', "bexar-testguest: PASS").await;
+        let _ = ca
+            .get("/v1/vms/busy/wait?state=stopped&timeout=10")
+            .await
+            .unwrap();
+        eprintln!("the agents' pauses (ms) {pauses:?}; the guest's longest gap after each arrival {seen:?}");
+        let done = text
+            .lines()
+            .find(|l| l.contains("migrant: done"))
+            .unwrap_or_else(|| panic!("no summary: {text}"));
+        eprintln!("{done}");
+        // Pings are 100 ms apart, one in flight: a move may cost the one in flight, not more.
+        let count = |after: &str| -> u64 {
+            done.split(after).nth(1).and_then(|t| t.split(' ').next()).and_then(|t| t.parse().ok()).unwrap()
+        };
+        let sent: u64 = done
+            .split(" pings ")
+            .next()
+            .and_then(|t| t.rsplit(' ').next())
+            .and_then(|t| t.parse().ok())
+            .unwrap();
+        let replied = count(" pings ");
+        assert!(sent - replied <= 2 * MOVES as u64 + 1, "{done}");
+        let writes = |i: u32| -> u64 {
+            let tag = format!("migrant: disk {i}: seed {}, ", SEED + i as u64);
+            text.lines()
+                .find_map(|l| l.split(&tag).nth(1))
+                .and_then(|t| t.split(' ').next())
+                .and_then(|t| t.parse().ok())
+                .unwrap_or_else(|| panic!("no {tag:?}: {text}"))
+        };
+        let (w0, w1) = (writes(0), writes(1));
+        assert!(w0 > 20 && w1 > 20, "{w0} and {w1} writes");
+        // The raw disk: the original content and every write, byte for byte.
+        let expected = agent_a.dir.join("expected0.raw");
+        std::fs::write(&expected, &original).unwrap();
+        let list = &common::scatter_writes(SEED, 1, w0, RAW_SECTORS)[0];
+        common::apply(&expected, SEED, list);
+        let got = std::fs::read(agent_a.dir.join("state/vms/busy/disk0.raw")).unwrap();
+        assert!(
+            got == std::fs::read(&expected).unwrap(),
+            "the raw disk differs from what the guest wrote"
+        );
+        // The overlay: the base image and every write, as qemu-img reads it.
+        let expected = agent_a.dir.join("expected1.raw");
+        std::fs::copy(&base, &expected).unwrap();
+        let list = &common::scatter_writes(SEED + 1, 1, w1, IMAGE_SECTORS)[0];
+        common::apply(&expected, SEED + 1, list);
+        let overlay = agent_a.dir.join("state/vms/busy/disk1.qcow2");
+        let (o, e) = (overlay.to_str().unwrap(), expected.to_str().unwrap());
+        qemu_img_ok(&["compare", "-q", o, e]);
+        qemu_img_ok(&["check", "-q", o]);
+        expect_status(&ca.delete("/v1/vms/busy").await.unwrap(), 204);
+        expect_status(&ca.delete("/v1/vms/peer").await.unwrap(), 204);
+    });
+    let _ = std::fs::remove_dir_all(&certs);
+}
+
 /// A Linux kernel (the agent's Linux witness: vmlinux and initramfs, one vCPU) moved from host
 /// A to host B in the middle of its boot, once its CPUs are up: it continues on B to init, with
 /// no second boot, and host A keeps nothing of it. Then stopped and deleted on B as any VM.

@@ -10,6 +10,8 @@
 //!
 //! It prints `dirty: region GPA+LEN` first, then every second `dirty: N pages written, round R,
 //! longest gap X us (last second Y us)`. `q` on the console ends it with PASS.
+//!
+//! [`Dirtier`] and [`Gaps`] are the two halves, shared with `migrant` (migrant.rs).
 
 use crate::vtests::{alloc, param};
 use crate::{code, TestResult, P};
@@ -19,74 +21,154 @@ use rt::{println, uart};
 
 const PAGE: usize = 4096;
 
-pub fn test_dirty(bp: &BootParams) -> TestResult {
-    let mib = param(bp, "bexar.dirty-mib", 8)? as usize;
-    let rate = param(bp, "bexar.dirty-rate", 10_000)?;
-    if mib == 0 {
-        return Err((code::BAD_PARAM, "bexar.dirty-mib must be at least 1"));
+/// Pages written at a steady rate, each checked before it is written again.
+pub(crate) struct Dirtier {
+    base: *mut u8,
+    pages: usize,
+    rate: u64,
+    hz: u64,
+    start: u64,
+    /// Page writes so far.
+    pub written: u64,
+    next: usize,
+}
+
+impl Dirtier {
+    /// `bexar.dirty-mib` MiB written `bexar.dirty-rate` pages a second from now; prints
+    /// `<tag>: region GPA+LEN, N pages at R pages/s`.
+    pub fn new(bp: &BootParams, tag: &str) -> Result<Dirtier, (u32, &'static str)> {
+        let mib = param(bp, "bexar.dirty-mib", 8)? as usize;
+        let rate = param(bp, "bexar.dirty-rate", 10_000)?;
+        if mib == 0 {
+            return Err((code::BAD_PARAM, "bexar.dirty-mib must be at least 1"));
+        }
+        let region = alloc(mib << 20)?;
+        let pages = region.len() / PAGE;
+        println!(
+            "{P}: {tag}: region {:#x}+{:#x}, {pages} pages at {rate} pages/s",
+            region.as_ptr() as usize,
+            region.len()
+        );
+        let mut d =
+            Dirtier { base: region.as_mut_ptr(), pages, rate, hz: tsc_hz(), start: rdtsc(), written: 0, next: 0 };
+        for p in 0..pages {
+            // SAFETY: the region is ours alone (allocated above, never freed); every access
+            // is a whole aligned u64 at one of its pages' start.
+            unsafe { core::ptr::write_volatile(d.word(p), 0) };
+        }
+        d.start = rdtsc();
+        Ok(d)
     }
-    let region = alloc(mib << 20)?;
-    let pages = region.len() / PAGE;
-    println!("{P}: dirty: region {:#x}+{:#x}, {pages} pages at {rate} pages/s", region.as_ptr() as usize, region.len());
-    // SAFETY: the region is ours alone (allocated above, never freed); every access is a
-    // whole aligned u64 at a page's start.
-    let base = region.as_mut_ptr();
-    let word = |p: usize| unsafe { base.add(p * PAGE).cast::<u64>() };
-    for p in 0..pages {
-        // SAFETY: see above.
-        unsafe { core::ptr::write_volatile(word(p), 0) };
+
+    fn word(&self, p: usize) -> *mut u64 {
+        // SAFETY: p < pages: inside the region (see `new`).
+        unsafe { self.base.add(p * PAGE).cast::<u64>() }
     }
-    let hz = tsc_hz();
-    let us = |cycles: u64| cycles / (hz / 1_000_000).max(1);
-    let start = rdtsc();
-    let (mut written, mut next) = (0u64, 0usize);
-    let (mut last, mut longest, mut longest_now) = (start, 0u64, 0u64);
-    let mut report = start + hz;
-    let mut console_at = start;
-    loop {
-        let now = rdtsc();
-        let gap = now.wrapping_sub(last);
-        last = now;
-        longest = longest.max(gap);
-        longest_now = longest_now.max(gap);
-        // Writes due by now at the steady rate (all of one round at most per turn).
-        let due =
-            if rate == 0 { written + pages as u64 } else { ((now - start) as u128 * rate as u128 / hz as u128) as u64 };
+
+    /// Rounds over the whole region so far.
+    pub fn round(&self) -> u64 {
+        self.written / self.pages as u64
+    }
+
+    /// The writes due by `now` at the steady rate (one round at most per call).
+    pub fn step(&mut self, now: u64) -> TestResult {
+        let due = if self.rate == 0 {
+            self.written + self.pages as u64
+        } else {
+            (now.wrapping_sub(self.start) as u128 * self.rate as u128 / self.hz as u128) as u64
+        };
         let mut n = 0;
-        while written < due && n < pages {
-            let round = written / pages as u64;
-            // SAFETY: see above.
-            let held = unsafe { core::ptr::read_volatile(word(next)) };
+        while self.written < due && n < self.pages {
+            let round = self.round();
+            let w = self.word(self.next);
+            // SAFETY: see `new`.
+            let held = unsafe { core::ptr::read_volatile(w) };
             if held != round {
-                println!("{P}: dirty: page {next} ({:#x}) holds {held}, expected {round}", word(next) as usize);
+                println!("{P}: dirty: page {} ({:#x}) holds {held}, expected {round}", self.next, w as usize);
                 return Err((code::MISMATCH, "a page lost a write"));
             }
-            // SAFETY: see above.
-            unsafe { core::ptr::write_volatile(word(next), round + 1) };
-            written += 1;
+            // SAFETY: see `new`.
+            unsafe { core::ptr::write_volatile(w, round + 1) };
+            self.written += 1;
             n += 1;
-            next = (next + 1) % pages;
+            self.next = (self.next + 1) % self.pages;
         }
+        Ok(())
+    }
+}
+
+/// The longest time between two turns of a spinning loop: the pauses the guest saw.
+pub(crate) struct Gaps {
+    hz: u64,
+    last: u64,
+    /// Longest gap since the start, in TSC cycles.
+    pub longest: u64,
+    /// Longest gap since the last [`Gaps::take_recent`].
+    recent: u64,
+}
+
+impl Gaps {
+    pub fn new() -> Gaps {
+        let now = rdtsc();
+        Gaps { hz: tsc_hz(), last: now, longest: 0, recent: 0 }
+    }
+
+    /// One turn of the loop at `now`; returns the gap since the last turn, in cycles.
+    pub fn turn(&mut self, now: u64) -> u64 {
+        let gap = now.wrapping_sub(self.last);
+        self.last = now;
+        self.longest = self.longest.max(gap);
+        self.recent = self.recent.max(gap);
+        gap
+    }
+
+    /// Forget the time since the last turn: the loop did something slow of its own (a
+    /// print through port I/O, a blocking exchange), not a pause of the VM's making.
+    pub fn skip(&mut self) {
+        self.last = rdtsc();
+    }
+
+    /// The longest gap since the last call, in cycles.
+    pub fn take_recent(&mut self) -> u64 {
+        core::mem::take(&mut self.recent)
+    }
+
+    /// `cycles` in microseconds.
+    pub fn us(&self, cycles: u64) -> u64 {
+        cycles / (self.hz / 1_000_000).max(1)
+    }
+}
+
+pub fn test_dirty(bp: &BootParams) -> TestResult {
+    let mut d = Dirtier::new(bp, "dirty")?;
+    let hz = tsc_hz();
+    let mut gaps = Gaps::new();
+    let mut report = rdtsc() + hz;
+    let mut console_at = rdtsc();
+    loop {
+        let now = rdtsc();
+        gaps.turn(now);
+        d.step(now)?;
         if now >= report {
+            let recent = gaps.take_recent();
             println!(
-                "{P}: dirty: {written} pages written, round {}, longest gap {} us (last second {} us)",
-                written / pages as u64,
-                us(longest),
-                us(longest_now)
+                "{P}: dirty: {} pages written, round {}, longest gap {} us (last second {} us)",
+                d.written,
+                d.round(),
+                gaps.us(gaps.longest),
+                gaps.us(recent)
             );
-            longest_now = 0;
             report = now + hz;
-            // The print itself is slow (port I/O): not a pause of the VM's making.
-            last = rdtsc();
+            gaps.skip();
         }
         // Port I/O is slow on some hosts: the console is looked at ten times a second.
         if now.wrapping_sub(console_at) > hz / 10 {
             console_at = now;
             if uart::try_getb() == Some(b'q') {
-                println!("{P}: dirty: done, {written} pages written, longest gap {} us", us(longest));
+                println!("{P}: dirty: done, {} pages written, longest gap {} us", d.written, gaps.us(gaps.longest));
                 return Ok(());
             }
-            last = rdtsc();
+            gaps.skip();
         }
     }
 }

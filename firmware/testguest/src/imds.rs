@@ -23,7 +23,7 @@ const BODY_SHOWN: usize = 512;
 struct Imds<'a> {
     st: &'a mut Stack,
     addr: [u8; 4],
-    buf: &'static mut [u8],
+    buf: &'a mut [u8],
 }
 
 /// A parsed response: status and the body's range in the buffer.
@@ -159,6 +159,34 @@ impl Imds<'_> {
         &self.buf[r.body.0..r.body.1]
     }
 }
+
+/// One metadata GET of `path` the way IMDSv2 clients ask (a token PUT first), for modes that
+/// ask now and then on a configured stack (`migrant`). `addr` must be resolvable (on-link).
+/// Returns the status, and copies the body's start into `body_out` (its length).
+pub(crate) fn get_with_token(
+    st: &mut Stack,
+    addr: [u8; 4],
+    buf: &mut [u8],
+    path: &str,
+    body_out: &mut [u8],
+) -> Result<(u16, usize), Fail> {
+    let mut m = Imds { st, addr, buf };
+    let r = m.request("PUT token", "PUT", TOKEN_PATH, Some(("X-aws-ec2-metadata-token-ttl-seconds", "60")))?;
+    let mut token = [0u8; 256];
+    let t = m.body(&r).trim_ascii();
+    let n = t.len().min(token.len());
+    token[..n].copy_from_slice(&t[..n]);
+    let token = core::str::from_utf8(&token[..n]).unwrap_or("");
+    let header = (r.status == 200 && !token.is_empty()).then_some(("X-aws-ec2-metadata-token", token));
+    let r = m.request("GET", "GET", path, header)?;
+    let body = m.body(&r);
+    let n = body.len().min(body_out.len());
+    body_out[..n].copy_from_slice(&body[..n]);
+    Ok((r.status, n))
+}
+
+/// Bytes a metadata response may take (the rest is acknowledged and dropped).
+pub(crate) const IMDS_RESPONSE_MAX: usize = RESPONSE_MAX;
 
 pub fn test_imds(bp: &BootParams) -> TestResult {
     let addr = param_ip4(bp, "bexar.imds")?.unwrap_or([169, 254, 169, 254]);

@@ -15,6 +15,7 @@ use rt::{boot, exit, print, println, smp, uart, MAX_CPUS};
 mod dirty;
 mod idle;
 mod imds;
+mod migrant;
 mod net;
 mod nettests;
 mod snaptest;
@@ -117,6 +118,7 @@ const TESTS: &[(&str, Test)] = &[
     ("snapshot", snaptest::test_snapshot),
     ("touch", test_touch),
     ("dirty", dirty::test_dirty),
+    ("migrant", migrant::test_migrant),
     ("generation", test_generation),
 ];
 

@@ -31,7 +31,7 @@ fn family(a: Addr) -> &'static str {
 }
 
 /// An echo request (ICMP 8 / ICMPv6 128) segment.
-fn echo_request(v6: bool, seq: u16) -> [u8; 8 + PING_PAYLOAD] {
+pub(crate) fn echo_request(v6: bool, seq: u16) -> [u8; 8 + PING_PAYLOAD] {
     let mut s = [0u8; 8 + PING_PAYLOAD];
     let mut body = [0u8; PING_PAYLOAD];
     for (i, b) in body.iter_mut().enumerate() {
@@ -46,7 +46,7 @@ fn echo_request(v6: bool, seq: u16) -> [u8; 8 + PING_PAYLOAD] {
 }
 
 /// Is `f` the echo reply to our request `seq` from `peer`?
-fn is_echo_reply(st: &Stack, f: &[u8], peer: Addr, seq: u16) -> bool {
+pub(crate) fn is_echo_reply(st: &Stack, f: &[u8], peer: Addr, seq: u16) -> bool {
     let Some(e) = wire::parse_eth(f) else { return false };
     let Some(p) = wire::parse_ip(&e) else { return false };
     let (proto, ty) = if peer.is_v6() {

@@ -158,7 +158,7 @@ pub(crate) fn open_disk(bp: &BootParams) -> Result<Blk, (u32, &'static str)> {
     Ok(d)
 }
 
-fn splitmix64(mut z: u64) -> u64 {
+pub(crate) fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -191,7 +191,7 @@ pub(crate) fn check_pattern(buf: &[u8], seed: u64, first: u64) -> Option<usize> 
     None
 }
 
-fn report_mismatch(what: &str, buf: &[u8], seed: u64, first: u64, off: usize) {
+pub(crate) fn report_mismatch(what: &str, buf: &[u8], seed: u64, first: u64, off: usize) {
     let sector = first + (off / SECTOR_SIZE) as u64;
     let w = (off % SECTOR_SIZE) / 8;
     let want = pattern_word(seed, sector, w).to_le_bytes()[off % 8];
@@ -347,7 +347,7 @@ pub fn test_blk_verify(bp: &BootParams) -> TestResult {
 /// The `i`-th write of `blk-scatter` on a disk of `cap` sectors: (first sector,
 /// sectors), from an xorshift stream seeded by the seed; the host's tests
 /// compute the same list to build the image they expect.
-fn scatter_next(x: &mut u64, cap: u64) -> (u64, u64) {
+pub(crate) fn scatter_next(x: &mut u64, cap: u64) -> (u64, u64) {
     *x ^= *x << 13;
     *x ^= *x >> 7;
     *x ^= *x << 17;
