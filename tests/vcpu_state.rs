@@ -38,6 +38,7 @@ fn paused_vcpus_save_and_restore_their_state_and_the_guest_runs_on() {
     vmm.pause().unwrap();
     assert_eq!(vmm.state(), VmmState::Paused);
     let first = vmm.save_vcpus().unwrap();
+    let first_at = Instant::now();
     assert_eq!(first.len(), 2);
     // The boot vCPU spins in ring 3 (CS.DPL 3, long mode).
     assert_eq!(first[0].sregs.cs.dpl, 3, "{:?}", first[0].sregs.cs);
@@ -55,6 +56,8 @@ fn paused_vcpus_save_and_restore_their_state_and_the_guest_runs_on() {
         tsc(&later[0]) > tsc(&first[0]),
         "the TSC moved on while the guest ran"
     );
+    // Its rate, roughly (it ran only part of the time: a lower bound).
+    let per_sec = (tsc(&later[0]) - tsc(&first[0])) as f64 / first_at.elapsed().as_secs_f64();
 
     // ...and the first state goes back in, with a mark the spinning guest never touches (its
     // loop is `pause; jmp`): reading it back shows the state was loaded. (The TSC is not
@@ -78,9 +81,9 @@ fn paused_vcpus_save_and_restore_their_state_and_the_guest_runs_on() {
         Some(x) => x.truncate(10),
         None => bad[1].fpu.xmm.truncate(3),
     }
-    assert!(vmm.restore_vcpus(bad).is_err());
+    assert!(vmm.restore_vcpus(bad, 0).is_err());
     assert_eq!(vmm.save_vcpus().unwrap()[0].regs.rbx, first[0].regs.rbx);
-    vmm.restore_vcpus(marked).unwrap();
+    vmm.restore_vcpus(marked, 0).unwrap();
     let again = vmm.save_vcpus().unwrap();
     for (i, (a, f)) in again.iter().zip(&first).enumerate() {
         assert_eq!(a.regs.rbx, 0xb0a7_0000 + i as u64);
@@ -106,9 +109,35 @@ fn paused_vcpus_save_and_restore_their_state_and_the_guest_runs_on() {
         );
     }
     assert!(
-        vmm.restore_vcpus(first[..1].to_vec()).is_err(),
+        vmm.restore_vcpus(first[..1].to_vec(), 0).is_err(),
         "one state per vCPU"
     );
+    // Loaded with 3 s of pause to count (as after a migration), the TSCs move on by that much
+    // of this host's TSC time (the rate above is a lower bound: at least 1.5 s of it). Not on
+    // PVM: there the guest's ring 3 reads the host's own TSC (no offset, no scaling), so a
+    // loaded IA32_TSC changes nothing and the TSC counts every pause by itself.
+    let before = vmm.save_vcpus().unwrap();
+    vmm.restore_vcpus(before.clone(), 3_000_000_000).unwrap();
+    let after = vmm.save_vcpus().unwrap();
+    for (b, a) in before.iter().zip(&after) {
+        let moved = tsc(a).wrapping_sub(tsc(b)) as f64 / per_sec;
+        if is_pvm() {
+            assert!(moved < 1.0, "PVM took a TSC write: {moved:.2} s");
+        } else {
+            assert!(moved > 1.5, "the TSC moved on {moved:.2} s of 3");
+        }
+    }
+    // The kvmclock likewise, by the wall-clock time since its state was saved: here a state
+    // saved "2 s ago" comes back at least 2 s later.
+    let mut vm = vmm.save_vm_state().unwrap();
+    let clock = vm.clock.clock;
+    vm.saved_at_unix_ns = vm.saved_at_unix_ns.map(|t| t - 2_000_000_000);
+    let advanced = vm.advance();
+    assert!(advanced >= 2_000_000_000, "{advanced}");
+    vmm.restore_vm_state(&vm).unwrap();
+    let now = vmm.save_vm_state().unwrap().clock.clock;
+    assert!(now >= clock + 2_000_000_000, "{clock} -> {now}");
+    assert!(now < clock + 3_000_000_000, "{clock} -> {now}");
 
     // The guest runs on from there, and ends only when stopped.
     vmm.resume().unwrap();

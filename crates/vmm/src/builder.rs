@@ -182,6 +182,7 @@ pub fn build_from_snapshot(dir: &Path, restore: &RestoreConfig) -> Result<Vmm, V
         snapshot::read_state(dir)?,
         restore,
         Memory::File(snapshot::memory_path(dir)),
+        false,
     )
 }
 
@@ -194,7 +195,12 @@ pub fn build_from_handoff(
     memory: std::fs::File,
     paused_at_ns: u64,
 ) -> Result<Vmm, VmmError> {
-    let mut vmm = restore_from(snapshot::read_state(dir)?, restore, Memory::Memfd(memory))?;
+    let mut vmm = restore_from(
+        snapshot::read_state(dir)?,
+        restore,
+        Memory::Memfd(memory),
+        true,
+    )?;
     vmm.handed_over = Some((paused_at_ns, None));
     Ok(vmm)
 }
@@ -206,7 +212,12 @@ pub fn build_from_migration(
     received: crate::migration::Received,
     restore: &RestoreConfig,
 ) -> Result<Vmm, VmmError> {
-    let mut vmm = restore_from(received.state, restore, Memory::Memfd(received.memory))?;
+    let mut vmm = restore_from(
+        received.state,
+        restore,
+        Memory::Memfd(received.memory),
+        true,
+    )?;
     vmm.handed_over = Some((received.paused_at_ns, None));
     // The NICs are on another host's bridges now: they say so before the guest runs, and four
     // times more at growing intervals (50, 150, 250 and 350 ms, as QEMU spaces its
@@ -230,10 +241,13 @@ enum Memory {
     Memfd(std::fs::File),
 }
 
+/// `advance_clock`: the guest lived through the time since its state was saved (a handover, a
+/// migration), see [`crate::vm_state::VmState::advance`].
 fn restore_from(
     mut saved: snapshot::SnapshotState,
     restore: &RestoreConfig,
     memory: Memory,
+    advance_clock: bool,
 ) -> Result<Vmm, VmmError> {
     let start = Instant::now();
     rebind(
@@ -284,8 +298,16 @@ fn restore_from(
         }
     }
     vmm.state = VmmState::Paused;
+    // Last before loading: the time since the state was saved is measured as late as it can be.
+    let advance_ns = if advance_clock { saved.vm.advance() } else { 0 };
+    if advance_ns > 0 {
+        tracing::debug!(
+            "guest clocks advanced {:.3} ms (the pause)",
+            advance_ns as f64 / 1e6
+        );
+    }
     vmm.restore_vm_state(&saved.vm)?;
-    vmm.restore_vcpus(saved.vcpus)?;
+    vmm.restore_vcpus(saved.vcpus, advance_ns)?;
     vmm.devices.notify_restored();
     tracing::debug!("restored in {:.3} ms", start.elapsed().as_secs_f64() * 1e3);
     Ok(vmm)

@@ -208,8 +208,10 @@ pub enum VcpuRequest {
     Resume,
     /// Read the vCPU's state (paused only).
     SaveState(Arc<SaveSpec>),
-    /// Load a state into the vCPU (paused only), the host's XSAVE size with it.
-    RestoreState(Box<VcpuState>, XsaveSize),
+    /// Load a state into the vCPU (paused only), the host's XSAVE size with it, and the time
+    /// in ns its TSC moves on from the saved value (a handover's or a migration's pause: the
+    /// guest's clocks count it, as they would have on the host it left).
+    RestoreState(Box<VcpuState>, XsaveSize, u64),
     /// Leave the run loop for good.
     Exit,
 }
@@ -390,6 +392,15 @@ impl VcpuState {
             events: vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
             xsave: save_xsave(vcpu, spec.xsave)?,
         })
+    }
+
+    /// Moves the saved TSC on by `cycles` (the `IA32_TSC` value KVM_SET_MSRS loads).
+    pub fn advance_tsc(&mut self, cycles: u64) {
+        for (index, value) in &mut self.msrs {
+            if *index == MSR_IA32_TSC {
+                *value = value.wrapping_add(cycles);
+            }
+        }
     }
 
     /// Whether this state can be loaded on a host that takes XSAVE areas as `host` says, as far
@@ -742,7 +753,16 @@ impl VcpuThread {
     }
 
     #[inline(never)]
-    fn restore(&self, s: &VcpuState, host: XsaveSize) -> VcpuResponse {
+    fn restore(&self, s: &mut VcpuState, host: XsaveSize, advance_ns: u64) -> VcpuResponse {
+        if advance_ns > 0 {
+            // The TSC runs at this host's rate (PVM cannot scale it; see PLATFORM.md).
+            match self.vcpu.get_tsc_khz() {
+                Ok(khz) => {
+                    s.advance_tsc((u128::from(advance_ns) * u128::from(khz) / 1_000_000) as u64)
+                }
+                Err(e) => tracing::warn!("KVM_GET_TSC_KHZ failed ({e}): the TSC is not advanced"),
+            }
+        }
         match s.restore(&self.vcpu, host) {
             Ok(()) => VcpuResponse::Restored,
             Err(e) => VcpuResponse::Failed(e.to_string()),
@@ -804,7 +824,10 @@ impl VcpuThread {
                 VcpuRequest::Resume => return Next::Run,
                 VcpuRequest::Pause => self.reply(seq, VcpuResponse::Paused),
                 VcpuRequest::SaveState(spec) => self.reply(seq, self.save(&spec)),
-                VcpuRequest::RestoreState(s, host) => self.reply(seq, self.restore(&s, host)),
+                VcpuRequest::RestoreState(mut s, host, advance_ns) => {
+                    let r = self.restore(&mut s, host, advance_ns);
+                    self.reply(seq, r)
+                }
                 VcpuRequest::Exit => return Next::Exit,
             }
         }

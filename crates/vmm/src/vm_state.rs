@@ -37,6 +37,22 @@ pub struct VmState {
     /// The i8254 PIT, for a VM that has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pit: Option<kvm_pit_state2>,
+    /// The host's wall clock (`CLOCK_REALTIME`, ns since the epoch) when the kvmclock was read:
+    /// what [`VmState::advance`] measures the pause against on the host that restores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_at_unix_ns: Option<u64>,
+}
+
+/// The longest pause [`VmState::advance`] adds to a guest's clocks: a longer one says more
+/// about two hosts' wall clocks disagreeing than about the pause (a migration's is milliseconds,
+/// a handover's less).
+pub const MAX_ADVANCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn unix_ns() -> Option<u64> {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    u64::try_from(d.as_nanos()).ok()
 }
 
 impl std::fmt::Debug for VmState {
@@ -72,7 +88,32 @@ impl VmState {
             irqchips,
             // Last: the clock is what moves while the others are read.
             clock: vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?,
+            saved_at_unix_ns: unix_ns(),
         })
+    }
+
+    /// For a VM that goes on after a pause on another host's (or process's) clock, a handover
+    /// or a live migration: moves the kvmclock on by the wall-clock time since the state was
+    /// saved, and returns that time in ns for the vCPUs' TSCs ([`crate::vcpu::VcpuState::advance_tsc`]).
+    /// The guest then sees the pause as the time it took, as on real hardware that stalled: its
+    /// clocks stay right and its own measure of the pause is true; without this, its time would
+    /// fall behind by every pause. A snapshot restored later is not advanced (its guest did not
+    /// live through the time in between). Nothing is added without a saved time, for a time in
+    /// the future (clocks that disagree), or past [`MAX_ADVANCE`] (then with a warning).
+    pub fn advance(&mut self) -> u64 {
+        let (Some(then), Some(now)) = (self.saved_at_unix_ns, unix_ns()) else {
+            return 0;
+        };
+        let elapsed = now.saturating_sub(then);
+        if elapsed > MAX_ADVANCE.as_nanos() as u64 {
+            tracing::warn!(
+                "the VM state was saved {:.1} s ago by the wall clock: the hosts' clocks disagree? the guest's clock is not advanced",
+                elapsed as f64 / 1e9
+            );
+            return 0;
+        }
+        self.clock.clock = self.clock.clock.wrapping_add(elapsed);
+        elapsed
     }
 
     /// Loads the state into `vm`. Everything that can be refused without KVM (a chip list or a
@@ -104,5 +145,42 @@ impl VmState {
         };
         vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(saved_at_unix_ns: Option<u64>) -> VmState {
+        VmState {
+            clock: kvm_clock_data {
+                clock: 5_000_000_000,
+                ..Default::default()
+            },
+            irqchips: Vec::new(),
+            pit: None,
+            saved_at_unix_ns,
+        }
+    }
+
+    #[test]
+    fn the_clock_advances_by_the_pause_and_only_a_believable_one() {
+        let now = unix_ns().unwrap();
+        let mut s = state(Some(now - 40_000_000));
+        let n = s.advance();
+        assert!((40_000_000..1_040_000_000).contains(&n), "{n}");
+        assert_eq!(s.clock.clock, 5_000_000_000 + n);
+        // Saved in the future (clocks that disagree), long ago, or at no known time: as saved.
+        for at in [Some(now + 60_000_000_000), Some(now - 60_000_000_000), None] {
+            let mut s = state(at);
+            assert_eq!(s.advance(), 0);
+            assert_eq!(s.clock.clock, 5_000_000_000);
+        }
+        // A state written before the field existed still reads.
+        let json = serde_json::to_value(state(None)).unwrap();
+        assert!(json.get("saved_at_unix_ns").is_none());
+        let back: VmState = serde_json::from_value(json).unwrap();
+        assert_eq!(back.saved_at_unix_ns, None);
     }
 }

@@ -323,8 +323,9 @@ impl Vmm {
         Ok(state.restore(&self.vm, self.config.legacy_pit)?)
     }
 
-    /// Loads a state into each vCPU (the VM must be paused; one state per vCPU).
-    pub fn restore_vcpus(&self, states: Vec<VcpuState>) -> Result<(), VmmError> {
+    /// Loads a state into each vCPU (the VM must be paused; one state per vCPU), their TSCs
+    /// moved on by `advance_ns` of guest time (see [`VmState::advance`]).
+    pub fn restore_vcpus(&self, states: Vec<VcpuState>, advance_ns: u64) -> Result<(), VmmError> {
         if states.len() != self.vcpus.len() {
             return Err(VmmError::State("given a state for another number of vCPUs"));
         }
@@ -336,7 +337,7 @@ impl Vmm {
         self.ask_paused(
             states
                 .into_iter()
-                .map(|s| VcpuRequest::RestoreState(Box::new(s), host)),
+                .map(|s| VcpuRequest::RestoreState(Box::new(s), host, advance_ns)),
             |r| match r {
                 VcpuResponse::Restored => Ok(()),
                 other => Err(other),
