@@ -1761,6 +1761,14 @@ fn a_busy_guest_moves_back_and_forth_with_its_memory_disks_peer_and_metadata() {
                 );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             };
+            // The last second it reported here.
+            let last_second = |text: &str| -> u64 {
+                text.lines()
+                    .filter_map(|l| l.split("migrant: ").nth(1)?.split(" s: ").next()?.parse().ok())
+                    .last()
+                    .unwrap_or(0)
+            };
+            let here = last_second(&console(from, "busy").await);
             let r = from.post("/v1/vms/busy/migrate", &go(dest)).await.unwrap();
             let v = expect_status(&r, 200);
             eprintln!("move {round} to {dest}: {}", v["migration"]);
@@ -1785,14 +1793,19 @@ fn a_busy_guest_moves_back_and_forth_with_its_memory_disks_peer_and_metadata() {
             }
             // The metadata service of the host it is on answers it with its data.
             let text = console_key(to, "busy", b'm', "imds hostname -> 200 busy-bee").await;
-            // The first pause it saw here (the console log starts at its arrival) is the
-            // blackout, as its own TSC loop measured it.
-            seen.push(
-                text.lines()
-                    .find_map(|l| l.split("migrant: paused ").nth(1))
-                    .unwrap_or("none")
-                    .to_owned(),
-            );
+            // Its console went with it: the log here begins with what it wrote on the host
+            // it left (its first lines, from host A, included).
+            assert!(text.contains("migrant: ready"), "{text}");
+            // The longest pause it saw in the two seconds after its last report before the
+            // move: the blackout, as its own TSC loop measured it.
+            let after = text
+                .lines()
+                .skip_while(|l| !l.contains(&format!("migrant: {here} s: ")))
+                .take_while(|l| !l.contains(&format!("migrant: {} s: ", here + 3)));
+            let gap = after
+                .filter_map(|l| l.split("migrant: paused ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
+                .max();
+            seen.push(gap);
             if round % 2 == 0 {
                 // On B: host A keeps nothing of it.
                 assert!(!agent_a.dir.join("state/vms/busy").exists());
@@ -1808,7 +1821,7 @@ fn a_busy_guest_moves_back_and_forth_with_its_memory_disks_peer_and_metadata() {
             .get("/v1/vms/busy/wait?state=stopped&timeout=10")
             .await
             .unwrap();
-        eprintln!("the agents' pauses (ms) {pauses:?}; the guest's longest gap after each arrival {seen:?}");
+        eprintln!("the agents' pauses (ms) {pauses:?}; the guest's longest gap (us) around each move {seen:?}");
         let done = text
             .lines()
             .find(|l| l.contains("migrant: done"))

@@ -90,7 +90,23 @@ impl std::str::FromStr for ConsoleConfig {
 struct SocketShared {
     client: Option<UnixStream>,
     replay: VecDeque<u8>,
+    /// Bytes that went through the replay buffer in all (the marks of
+    /// [`ConsoleOut::output_since`]).
+    written: u64,
 }
+
+impl SocketShared {
+    /// Keeps `buf` in the replay buffer (its last [`REPLAY_BYTES`]).
+    fn keep(&mut self, buf: &[u8]) {
+        self.replay.extend(buf);
+        let excess = self.replay.len().saturating_sub(REPLAY_BYTES);
+        self.replay.drain(..excess);
+        self.written += buf.len() as u64;
+    }
+}
+
+/// The most console output [`ConsoleOut::output_since`] hands out at once.
+pub const RECENT_MAX: usize = REPLAY_BYTES;
 
 enum Sink {
     Stdout(io::Stdout),
@@ -153,6 +169,39 @@ pub struct ConsoleOut {
 }
 
 impl ConsoleOut {
+    /// The console output since `mark` (a mark this returned before; 0: everything still kept,
+    /// at most [`RECENT_MAX`] bytes), and the mark to ask from next time: what a live
+    /// migration carries to the VMM that takes the guest over, so its console log and attach
+    /// replay go on where they were. `None` for a sink that keeps nothing (stdout, a file,
+    /// none).
+    pub fn output_since(&self, mark: u64) -> Option<(Vec<u8>, u64)> {
+        let Sink::Socket(shared, _) = &self.sink else {
+            return None;
+        };
+        let s = lock(shared);
+        let new = usize::try_from(s.written.saturating_sub(mark)).unwrap_or(usize::MAX);
+        let skip = s.replay.len().saturating_sub(new);
+        Some((s.replay.iter().skip(skip).copied().collect(), s.written))
+    }
+
+    /// Writes output the guest wrote before this VMM had it (a migration's [`Self::output_since`]
+    /// from the sender) to the sink, as if just written, without counting it as this VMM's
+    /// console output or showing it to observers.
+    pub fn replay_earlier(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match &mut self.sink {
+            Sink::Stdout(s) => s.write_all(bytes)?,
+            Sink::File(f) => f.write_all(bytes)?,
+            Sink::Socket(shared, log) => {
+                if let Some(f) = log {
+                    f.write_all(bytes)?;
+                }
+                lock(shared).keep(bytes);
+            }
+            Sink::Null => {}
+        }
+        Ok(())
+    }
+
     /// Adds an observer of everything written from now on.
     pub fn add_observer(&mut self, o: Box<dyn ConsoleObserver>) {
         self.observers.push(o);
@@ -180,9 +229,7 @@ impl Write for ConsoleOut {
                     f.write_all(buf)?;
                 }
                 let mut s = lock(shared);
-                s.replay.extend(buf);
-                let excess = s.replay.len().saturating_sub(REPLAY_BYTES);
-                s.replay.drain(..excess);
+                s.keep(buf);
                 if let Some(c) = s.client.as_mut() {
                     if c.write_all(buf).is_err() {
                         // Gone, or too slow to keep up: drop it (the replay keeps the output).
@@ -706,6 +753,52 @@ mod tests {
         assert_eq!(&*lock(&seen), b"hello world");
         assert_eq!(stats.bytes(), 11);
         assert!(stats.first_byte().is_some());
+    }
+
+    #[test]
+    fn recent_output_is_handed_out_from_a_mark_and_replayed_into_another_sink() {
+        let log = std::env::temp_dir().join(format!("bexar-serial-log-{}", std::process::id()));
+        let shared = Arc::new(Mutex::new(SocketShared::default()));
+        let mut out = ConsoleOut {
+            sink: Sink::Socket(shared, None),
+            stats: ConsoleStats::new(Instant::now()),
+            observers: Vec::new(),
+        };
+        let (all, mark) = out.output_since(0).unwrap();
+        assert!(all.is_empty());
+        out.write_all(b"boot log\n").unwrap();
+        let (all, mark) = out.output_since(mark).unwrap();
+        assert_eq!(all, b"boot log\n");
+        out.write_all(b"more").unwrap();
+        assert_eq!(out.output_since(mark).unwrap().0, b"more");
+        // Past what is kept: the last RECENT_MAX bytes.
+        out.write_all(&vec![b'x'; RECENT_MAX + 10]).unwrap();
+        let (tail, _) = out.output_since(mark).unwrap();
+        assert_eq!(tail.len(), RECENT_MAX);
+        assert!(tail.iter().all(|&b| b == b'x'));
+        // The VMM that takes over writes it first, into its log and replay, uncounted.
+        let stats = ConsoleStats::new(Instant::now());
+        let mut next = ConsoleOut {
+            sink: Sink::Socket(
+                Arc::new(Mutex::new(SocketShared::default())),
+                Some(File::create(&log).unwrap()),
+            ),
+            stats: stats.clone(),
+            observers: Vec::new(),
+        };
+        next.replay_earlier(b"earlier ").unwrap();
+        next.write_all(b"now").unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"earlier now");
+        assert_eq!(next.output_since(0).unwrap().0, b"earlier now");
+        assert_eq!(stats.bytes(), 3);
+        // A sink that keeps nothing hands nothing out.
+        let null = ConsoleOut {
+            sink: Sink::Null,
+            stats,
+            observers: Vec::new(),
+        };
+        assert!(null.output_since(0).is_none());
+        std::fs::remove_file(log).ok();
     }
 
     #[test]

@@ -31,6 +31,7 @@ use bexar_devices::virtio::block::Block;
 use bexar_devices::virtio::net::Net;
 use bexar_devices::virtio::rng::Rng;
 use bexar_devices::virtio::vsock::Vsock;
+use bexar_util::sync::lock;
 
 /// Builds a VM that boots `config`'s kernel: every device attached, every thread made, every
 /// vCPU paused at its entry state. [`Vmm::run_until_exit`] starts it.
@@ -219,6 +220,13 @@ pub fn build_from_migration(
         true,
     )?;
     vmm.handed_over = Some((received.paused_at_ns, None));
+    // The console goes on where it was: its log and attach replay begin with the output the
+    // guest wrote on the sender (a console that cannot take it loses only the history).
+    if let Some(uart) = vmm.devices.uart() {
+        if let Err(e) = lock(uart).writer_mut().replay_earlier(&received.console) {
+            tracing::warn!("the guest's earlier console output is not in this console: {e}");
+        }
+    }
     // The NICs are on another host's bridges now: they say so before the guest runs, and four
     // times more at growing intervals (50, 150, 250 and 350 ms, as QEMU spaces its
     // announcements), in case a frame was lost or a bridge on the way was not ready.

@@ -31,8 +31,11 @@
 //!
 //! A guest that dirties memory about as fast as the stream carries it is throttled (its vCPUs
 //! parked for a growing share of each round, `Vmm::send_throttled`). Between hosts the agents
-//! relay the stream over TLS (`bexar_agent::migrate`). Not yet: post-copy, advancing the
-//! guest's clocks by the pause.
+//! relay the stream over TLS (`bexar_agent::migrate`). The guest's recent console output goes
+//! too (`CONSOLE` records: what the console kept when the copy began, then what came after,
+//! at the switch-over), so the receiver's console log and attach replay go on where they were;
+//! the receiver moves the guest's clocks on by the pause
+//! ([`crate::vm_state::VmState::advance`]). Not yet: post-copy.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -55,6 +58,7 @@ const DISK: u8 = 4;
 const ZERO: u8 = 5;
 const PROGRESS: u8 = 6;
 const SYNC: u8 = 7;
+const CONSOLE: u8 = 8;
 /// The receiver's answer to a `SYNC` record: every disk block sent so far is on its stable
 /// storage.
 pub const SYNCED: u8 = b'S';
@@ -259,7 +263,7 @@ impl StreamWatch {
                 PAGES => 12,
                 DISK => 16,
                 ZERO => 20,
-                STATE => 4,
+                STATE | CONSOLE => 4,
                 DONE => 8,
                 PROGRESS => PROGRESS_LEN,
                 SYNC => 0,
@@ -289,7 +293,7 @@ impl StreamWatch {
                         head[12..16].try_into().expect("4 bytes"),
                     ));
                 }
-                STATE => {
+                STATE | CONSOLE => {
                     self.skip = u64::from(u32::from_le_bytes(head[..4].try_into().expect("4")));
                 }
                 DONE => self.done = true,
@@ -633,6 +637,20 @@ impl<W: Write> Sender<W> {
         Ok(())
     }
 
+    /// The guest's console output (oldest first, at most [`bexar_devices::serial::RECENT_MAX`]
+    /// bytes a record), for the receiver's console log and attach replay.
+    pub(crate) fn console(&mut self, data: &[u8]) -> Result<(), MigrationError> {
+        let data = &data[data.len().saturating_sub(bexar_devices::serial::RECENT_MAX)..];
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.out.write_all(&[CONSOLE])?;
+        self.out.write_all(&(data.len() as u32).to_le_bytes())?;
+        self.out.write_all(data)?;
+        self.bytes += 5 + data.len() as u64;
+        Ok(())
+    }
+
     pub(crate) fn done(&mut self, paused_at_ns: u64) -> Result<(), MigrationError> {
         self.out.write_all(&[DONE])?;
         self.out.write_all(&paused_at_ns.to_le_bytes())?;
@@ -686,6 +704,9 @@ pub struct Received {
     pub disk_bytes: u64,
     /// How long the stream took, from its first byte.
     pub elapsed: Duration,
+    /// The guest's recent console output on the sender (at most twice
+    /// [`bexar_devices::serial::RECENT_MAX`] bytes), for this side's console to begin with.
+    pub console: Vec<u8>,
 }
 
 /// Receives a migration stream from `input` (see the module's description): guest memory into a
@@ -720,6 +741,7 @@ pub fn receive(
     let mut buf = vec![0u8; (MAX_RUN * PAGE) as usize];
     let mut pages = 0u64;
     let mut state = None;
+    let mut console = Vec::new();
     loop {
         let mut tag = [0u8; 1];
         input.read_exact(&mut tag)?;
@@ -795,6 +817,21 @@ pub fn receive(
                 acks.write_all(&[SYNCED])?;
                 acks.flush()?;
             }
+            CONSOLE => {
+                let mut h = [0u8; 4];
+                input.read_exact(&mut h)?;
+                let len = u32::from_le_bytes(h) as usize;
+                if len == 0 || len > bexar_devices::serial::RECENT_MAX {
+                    return Err(bad(format!("{len} bytes of console output")));
+                }
+                let from = console.len();
+                console.resize(from + len, 0);
+                input.read_exact(&mut console[from..])?;
+                let excess = console
+                    .len()
+                    .saturating_sub(2 * bexar_devices::serial::RECENT_MAX);
+                console.drain(..excess);
+            }
             STATE => {
                 let mut h = [0u8; 4];
                 input.read_exact(&mut h)?;
@@ -825,6 +862,7 @@ pub fn receive(
                     pages,
                     disk_bytes,
                     elapsed: t0.elapsed(),
+                    console,
                 });
             }
             other => return Err(bad(format!("record type {other:#04x}"))),
@@ -1101,6 +1139,19 @@ mod tests {
                 "header",
             ),
             ([good.as_slice(), &[9]].concat(), "record type"),
+            (
+                [good.as_slice(), &[CONSOLE], &0u32.to_le_bytes()].concat(),
+                "console output",
+            ),
+            (
+                [
+                    good.as_slice(),
+                    &[CONSOLE],
+                    &(bexar_devices::serial::RECENT_MAX as u32 + 1).to_le_bytes(),
+                ]
+                .concat(),
+                "console output",
+            ),
             // Disk records for a disk this side does not copy.
             (
                 [

@@ -506,10 +506,17 @@ impl Vmm {
         let read = |p: u64, b: &mut [u8]| crate::memory::read_page(ram, p, b);
         // Disk blocks sent that the receiver may not have on stable storage yet.
         let mut unsynced = false;
+        // How far the console output went across (what it kept at the start; the rest at the
+        // switch-over).
+        let mut console_mark = 0u64;
         let precopy = (|| {
             let mut tx = Sender::new(std::io::BufWriter::new(&stream), ram.size)?;
             tx.limit(convergence.bandwidth);
             tx.listen(stream.try_clone().map_err(MigrationError::Io)?);
+            if let Some((recent, mark)) = self.console_since(0) {
+                tx.console(&recent)?;
+                console_mark = mark;
+            }
             // Every page that may hold anything (the log covers what the guest writes after).
             let touched = crate::memory::touched_pages(ram).map_err(MigrationError::Io)?;
             if convergence.max_rounds > 0 {
@@ -679,6 +686,9 @@ impl Vmm {
                 ..Default::default()
             })?;
             report.final_pages = tx.pages(read, last.iter())?;
+            if let Some((recent, _)) = self.console_since(console_mark) {
+                tx.console(&recent)?;
+            }
             steps.push(("pages", ms_since(paused)));
             // The devices are quiesced: every write the guest was told is done is in the
             // images, and recorded.
@@ -751,6 +761,15 @@ impl Vmm {
         self.handed_off = true;
         self.exit.request(ExitReason::Stopped);
         Ok(report)
+    }
+
+    /// The guest's console output since `mark` and the next mark
+    /// ([`bexar_devices::serial::ConsoleOut::output_since`]); `None` for a console that keeps
+    /// none.
+    fn console_since(&self, mark: u64) -> Option<(Vec<u8>, u64)> {
+        let uart = self.devices.uart()?;
+        let out = lock(uart).writer().output_since(mark);
+        out
     }
 
     /// Sends `pages` in slices of [`THROTTLE_SLICE`] pages with the vCPUs parked during
