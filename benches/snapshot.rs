@@ -172,6 +172,7 @@ fn restore_against_boot(bexar: &Path, guest: &Path, iters: usize) {
     );
     std::fs::remove_dir_all(&dir).ok();
     std::fs::remove_file(&result).ok();
+    std::fs::remove_file(&socket).ok();
 }
 
 /// Resident guest memory (the memfd's pages) of process `pid`, in bytes.
@@ -220,6 +221,7 @@ fn snapshot_against_touched(bexar: &Path, guest: &Path) {
             paused.push(r["snapshot"]["paused_ms"].as_f64().unwrap());
             host.push(host_write(&dir, saved));
             std::fs::remove_dir_all(&dir).ok();
+            std::fs::remove_file(&socket).ok();
         }
         let (t50, h50) = (percentile(&mut time, 0.5), percentile(&mut host, 0.5));
         println!(

@@ -267,5 +267,8 @@ fn images_through_the_agent(dir: &std::path::Path) -> (f64, f64) {
         .args(["-9", "-f"])
         .arg(dir.join("state").as_os_str())
         .status();
+    // The VMs' cgroups, once their processes are gone.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    tc::remove_agent_cgroups(dir);
     (times[0], times[1])
 }

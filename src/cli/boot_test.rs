@@ -210,6 +210,14 @@ pub fn main(args: &BootTestArgs) -> ExitCode {
     }
     let failed = cases.iter().filter(|c| c.failure.is_some()).count();
     println!("{} passed, {} failed", cases.len() - failed, failed);
+    if args.log_dir.is_none() {
+        // Its own directory: kept only when there is a failure to look into.
+        if failed == 0 {
+            let _ = std::fs::remove_dir_all(&dir);
+        } else {
+            println!("console logs: {}", dir.display());
+        }
+    }
     if let Some(path) = &args.junit {
         if let Err(e) = std::fs::write(path, junit::render("bexar boot-test", &cases)) {
             eprintln!(

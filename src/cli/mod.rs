@@ -223,7 +223,8 @@ pub struct BootTestArgs {
     /// Write a JUnit XML report here.
     #[arg(long, value_name = "FILE")]
     pub junit: Option<PathBuf>,
-    /// Directory for console logs (default: a temporary directory).
+    /// Directory for console logs and results (default: a temporary directory, removed when
+    /// every image passed and kept, with its path printed, when one failed).
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
     /// Images booted at the same time (default: all).
