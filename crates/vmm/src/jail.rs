@@ -25,7 +25,7 @@ use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -114,8 +114,8 @@ pub enum JailError {
         err: std::io::Error,
     },
     /// Other threads exist already (they would stay outside the namespaces and keep root).
-    #[error("jail: the process has {0} threads; it must be entered with one")]
-    Threaded(u64),
+    #[error("jail: the process has {0} threads ({1}); it must be entered with one")]
+    Threaded(u64, String),
     /// The configuration is refused.
     #[error("jail: {0}")]
     Config(String),
@@ -293,15 +293,49 @@ fn threads() -> u64 {
     bexar_util::procfs::self_status_kib("Threads:").unwrap_or(0)
 }
 
+/// How long the jail waits for threads on their way out (a disk library's helper that ended,
+/// the kernel's io_uring workers of a ring just closed: a migration's receiver has both).
+const THREADS_SETTLE: Duration = Duration::from_millis(500);
+
+/// The names of this process's threads other than the caller's, for the error.
+fn other_threads() -> String {
+    let me = nix::unistd::gettid().as_raw().to_string();
+    let mut names: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy() != me)
+                .map(|e| {
+                    let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+                    format!("{} {}", e.file_name().to_string_lossy(), comm.trim())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names.join(", ")
+}
+
 fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
     use nix::mount::{mount, umount2, MntFlags, MsFlags};
     use nix::sched::{unshare, CloneFlags};
     use nix::sys::resource::{setrlimit, Resource};
     use nix::unistd::{chdir, pivot_root, setgroups, setresgid, setresuid, Gid, Uid};
 
-    let n = threads();
+    // Threads that are ending are waited for; one that stays is refused.
+    let settle = Instant::now();
+    let mut n = threads();
+    while n != 1 && settle.elapsed() < THREADS_SETTLE {
+        std::thread::sleep(Duration::from_millis(1));
+        n = threads();
+    }
     if n != 1 {
-        return Err(JailError::Threaded(n));
+        return Err(JailError::Threaded(n, other_threads()));
+    }
+    if settle.elapsed() > Duration::from_millis(1) {
+        tracing::debug!(
+            "jail: waited {:.1} ms for threads to end",
+            settle.elapsed().as_secs_f64() * 1e3
+        );
     }
     let _ = PROC_SELF.set(ProcSelf {
         status: File::open("/proc/self/status").map_err(step("open /proc/self/status"))?,
