@@ -267,6 +267,71 @@ fn nic(rec: &Value, f: &str) -> String {
     rec["nics"][0][f].as_str().unwrap_or_default().to_owned()
 }
 
+/// Frames arriving on link `dev` of namespace `ns` (an AF_PACKET socket on a thread of its own
+/// in that namespace), from now until `stop` is set; the thread returns them.
+fn capture(
+    ns: &Netns,
+    dev: &str,
+) -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<Vec<Vec<u8>>>,
+) {
+    use std::os::fd::AsRawFd;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (path, dev, done) = (
+        format!("/var/run/netns/{}", ns.name),
+        std::ffi::CString::new(dev).unwrap(),
+        stop.clone(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).unwrap();
+        // SAFETY: setns on this thread only, with a namespace file we opened; the socket calls
+        // take buffers and structures of the sizes given.
+        unsafe {
+            assert_eq!(libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET), 0, "setns");
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
+            assert!(fd >= 0, "AF_PACKET socket");
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = libc::if_nametoindex(dev.as_ptr()) as i32;
+            assert!(sll.sll_ifindex > 0, "no link {dev:?}");
+            let r = libc::bind(
+                fd,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(r, 0, "bind");
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 100_000,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            tx.send(()).unwrap();
+            let mut frames = Vec::new();
+            let mut buf = [0u8; 2048];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                if n > 0 {
+                    frames.push(buf[..n as usize].to_vec());
+                }
+            }
+            libc::close(fd);
+            frames
+        }
+    });
+    rx.recv().unwrap();
+    (stop, t)
+}
+
 /// A UDP echo server on port 7 (one dual-stack socket) inside `ns`, recording who sent what.
 fn udp_echo(ns: &Netns) -> Arc<Mutex<Vec<IpAddr>>> {
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -1544,7 +1609,14 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
             (&ca, &cb, &agent_b, "10.98.0.2:7400"),
             (&cb, &ca, &agent_a, "10.98.0.1:7400"),
         ];
+        let bridge_a = a
+            .links()
+            .into_iter()
+            .find(|l| l.starts_with("bxg"))
+            .expect("host A's segment bridge");
         for (i, (from, to, to_agent, dest)) in hosts.into_iter().enumerate() {
+            // What host A's bridge hears while the VM moves to B.
+            let heard = (i == 0).then(|| capture(&a, &bridge_a));
             let r = from.post("/v1/vms/mover/migrate", &go(dest)).await.unwrap();
             let v = expect_status(&r, 200);
             let m = &v["migration"];
@@ -1596,8 +1668,12 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
             // guest sends nothing of its own).
             let ns = [&a, &b][1 - i];
             let tap = nic(&there, "tap");
+            // Each time: its MAC (RARP), and each of its addresses (a gratuitous ARP, an
+            // unsolicited neighbour advertisement).
+            let v6 = nic(&there, "ipv6");
+            let per = 2 + u64::from(!v6.is_empty());
             let t = Instant::now();
-            while ns.rx_packets(&tap) < 5 {
+            while ns.rx_packets(&tap) < 5 * per {
                 assert!(
                     t.elapsed() < Duration::from_secs(3),
                     "{} announcements from {tap}",
@@ -1607,6 +1683,41 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
             }
             assert_eq!(nic(&there, "mac"), mac, "{there}");
             assert_eq!(nic(&there, "ipv4"), "10.40.0.10", "{there}");
+            if let Some((stop, t)) = heard {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let frames = t.join().unwrap();
+                let mac_b: Vec<u8> = mac
+                    .split(':')
+                    .map(|h| u8::from_str_radix(h, 16).unwrap())
+                    .collect();
+                // A gratuitous ARP over the tunnel: a request from its MAC for its own address.
+                let garp = frames.iter().any(|f| {
+                    f.len() >= 42
+                        && f[12..14] == [0x08, 0x06]
+                        && f[20..22] == [0, 1]
+                        && f[22..28] == mac_b[..]
+                        && f[28..32] == [10, 40, 0, 10]
+                        && f[38..42] == [10, 40, 0, 10]
+                });
+                assert!(garp, "no gratuitous ARP among {} frames", frames.len());
+                if !v6.is_empty() {
+                    let addr: std::net::Ipv6Addr = v6.parse().unwrap();
+                    // An unsolicited neighbour advertisement (ICMPv6 136, override set) of it.
+                    let na = frames.iter().any(|f| {
+                        f.len() >= 78
+                            && f[12..14] == [0x86, 0xdd]
+                            && f[20] == 58
+                            && f[54] == 136
+                            && f[58] & 0x20 != 0
+                            && f[62..78] == addr.octets()
+                    });
+                    assert!(
+                        na,
+                        "no neighbour advertisement of {v6} among {} frames",
+                        frames.len()
+                    );
+                }
+            }
             let got = expect_status(&to.get("/v1/vms/mover/metadata").await.unwrap(), 200);
             assert_eq!(got["user_data"], md["user_data"], "{got}");
             let copy = to_agent.dir.join("state/vms/mover/disk0.raw");
@@ -1777,25 +1888,40 @@ fn a_busy_guest_moves_back_and_forth_with_its_memory_disks_peer_and_metadata() {
             let there = expect_status(&to.get("/v1/vms/busy").await.unwrap(), 200);
             assert_eq!(there["state"], "running", "{there}");
             assert_eq!(nic(&there, "ipv4"), "10.41.0.10", "{there}");
-            // Its pings reach the peer on host A again.
+            // Its pings reach the peer on host A again: two reports written here, after the
+            // log it brought along (and whatever it wrote before this look), a second apart
+            // with replies in between.
+            let mark = console(to, "busy").await.len();
             let t = Instant::now();
             loop {
-                let p = pings(&console(to, "busy").await);
-                if p.1 > before.1 + 2 {
-                    eprintln!("move {round}: pings {before:?} before, {p:?} after");
-                    break;
+                let text = console(to, "busy").await;
+                let fresh: Vec<(u64, u64)> = text
+                    .get(mark..)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains(" replied, longest gap"))
+                    .map(pings)
+                    .collect();
+                if let (Some(first), Some(last)) = (fresh.first(), fresh.last()) {
+                    if last.1 >= first.1 + 2 {
+                        eprintln!("move {round}: pings {before:?} before, {last:?} after");
+                        break;
+                    }
                 }
                 assert!(
                     t.elapsed() < Duration::from_secs(20),
-                    "move {round}: no ping replies after the move ({before:?} before, {p:?} now)"
+                    "move {round}: no ping replies after the move ({before:?} before): {fresh:?}"
                 );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             // The metadata service of the host it is on answers it with its data.
             let text = console_key(to, "busy", b'm', "imds hostname -> 200 busy-bee").await;
-            // Its console went with it: the log here begins with what it wrote on the host
-            // it left (its first lines, from host A, included).
-            assert!(text.contains("migrant: ready"), "{text}");
+            // Its console went with it: the log here holds its last report on the host it
+            // left.
+            assert!(
+                text.contains(&format!("migrant: {here} s: ")),
+                "no \"migrant: {here} s:\" here: {text}"
+            );
             // The longest pause it saw in the two seconds after its last report before the
             // move: the blackout, as its own TSC loop measured it.
             let after = text

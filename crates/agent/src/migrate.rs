@@ -145,7 +145,8 @@ pub struct MigrateRequest {
     /// The destination agent's migration listener, `HOST:PORT` (an IP address or a DNS name
     /// its certificate carries).
     pub destination: String,
-    /// The largest pause wanted, milliseconds (default 100).
+    /// The largest pause wanted, milliseconds (default 100); within it, pre-copy goes on a few
+    /// rounds more while each still halves what is left.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<u32>,
     /// The most pre-copy rounds (default 30; 0: a stop-and-copy).

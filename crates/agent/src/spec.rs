@@ -563,6 +563,7 @@ impl VmSpec {
                     .unwrap_or([2, 0, 0, 0, 0, 1]),
                 rx_rate_limit: n.rx_rate_limit,
                 tx_rate_limit: n.tx_rate_limit,
+                addresses: Vec::new(),
             })
             .collect();
         // Disks made from images have no file until the agent makes their overlays: this
@@ -624,6 +625,13 @@ impl VmSpec {
                 mac: n.mac_bytes(),
                 rx_rate_limit: n.rx_rate_limit,
                 tx_rate_limit: n.tx_rate_limit,
+                // Announced after a migration (the VMM's state carries them along).
+                addresses: n
+                    .ipv4
+                    .map(std::net::IpAddr::V4)
+                    .into_iter()
+                    .chain(n.ipv6.map(std::net::IpAddr::V6))
+                    .collect(),
             })
             .collect();
         self.config_with(dir, token, disks, nics, cmdline_extra, smbios)

@@ -183,7 +183,7 @@ pub fn build_from_snapshot(dir: &Path, restore: &RestoreConfig) -> Result<Vmm, V
         snapshot::read_state(dir)?,
         restore,
         Memory::File(snapshot::memory_path(dir)),
-        false,
+        None,
     )
 }
 
@@ -196,19 +196,17 @@ pub fn build_from_handoff(
     memory: std::fs::File,
     paused_at_ns: u64,
 ) -> Result<Vmm, VmmError> {
-    let mut vmm = restore_from(
-        snapshot::read_state(dir)?,
-        restore,
-        Memory::Memfd(memory),
-        true,
-    )?;
+    let state = snapshot::read_state(dir)?;
+    // Saved by the VMM that handed over, on this host's clock.
+    let saved_at = state.vm.saved_at_ns;
+    let mut vmm = restore_from(state, restore, Memory::Memfd(memory), saved_at)?;
     vmm.handed_over = Some((paused_at_ns, None));
     Ok(vmm)
 }
 
 /// Builds the VM a live migration brought ([`crate::migration::receive`]): its state, its
-/// memory in a memfd the stream filled, paused by the sender at `paused_at_ns` (its
-/// `CLOCK_MONOTONIC`: the pause measured is the guest's only on one host). Returned paused.
+/// memory in a memfd the stream filled, paused by the sender at `paused_at_ns` (carried over
+/// to this host's `CLOCK_MONOTONIC`, see [`crate::migration::Received`]). Returned paused.
 pub fn build_from_migration(
     received: crate::migration::Received,
     restore: &RestoreConfig,
@@ -217,7 +215,7 @@ pub fn build_from_migration(
         received.state,
         restore,
         Memory::Memfd(received.memory),
-        true,
+        received.saved_at_ns,
     )?;
     vmm.handed_over = Some((received.paused_at_ns, None));
     // The console goes on where it was: its log and attach replay begin with the output the
@@ -249,13 +247,14 @@ enum Memory {
     Memfd(std::fs::File),
 }
 
-/// `advance_clock`: the guest lived through the time since its state was saved (a handover, a
-/// migration), see [`crate::vm_state::VmState::advance`].
+/// `saved_at_ns`: for a guest that lived through the time since its state was saved (a
+/// handover, a migration), when that was on this host's `CLOCK_MONOTONIC`: its clocks are moved
+/// on by the time since ([`crate::vm_state::VmState::advance`]). `None` for a snapshot.
 fn restore_from(
     mut saved: snapshot::SnapshotState,
     restore: &RestoreConfig,
     memory: Memory,
-    advance_clock: bool,
+    saved_at_ns: Option<u64>,
 ) -> Result<Vmm, VmmError> {
     let start = Instant::now();
     rebind(
@@ -307,7 +306,11 @@ fn restore_from(
     }
     vmm.state = VmmState::Paused;
     // Last before loading: the time since the state was saved is measured as late as it can be.
-    let advance_ns = if advance_clock { saved.vm.advance() } else { 0 };
+    let advance_ns = saved_at_ns.map_or(0, |at| {
+        saved
+            .vm
+            .advance(crate::control::monotonic_ns().saturating_sub(at))
+    });
     if advance_ns > 0 {
         tracing::debug!(
             "guest clocks advanced {:.3} ms (the pause)",

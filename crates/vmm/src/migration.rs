@@ -11,7 +11,9 @@
 //! before it pauses the guest, so the pause holds no pre-copy writeback), `PROGRESS` + the sender's
 //! [`MigrationProgress`] (at each round's start and the switch-over's: what a relaying agent
 //! reports, [`StreamWatch`]), `STATE len` + a state file's bytes ([`crate::snapshot::encode`]),
-//! `DONE paused_at_ns`.
+//! `DONE paused_at_ns sent_at_ns` (the sender's `CLOCK_MONOTONIC` when it paused the guest
+//! and when it wrote this record: the receiver carries the pause and the state's age over to
+//! its own clock with them, so the two hosts' clocks need not agree).
 //! The receiver answers one byte once it holds the VM (`R`), or `F` and a reason: the answer is
 //! the commit point, before it the sender can resume the guest, after it the guest is the
 //! receiver's. While the pre-copy runs the sender also listens on that direction: a relaying
@@ -48,7 +50,9 @@ use bexar_devices::block::raw::Bounce;
 use serde::{Deserialize, Serialize};
 
 /// The stream's first bytes.
-pub const MAGIC: &[u8; 8] = b"BXMIG01\n";
+pub const MAGIC: &[u8; 8] = b"BXMIG02\n";
+/// Every version's magic begins so: another version is refused as such, not as noise.
+const MAGIC_FAMILY: &[u8; 5] = b"BXMIG";
 /// Bytes per page.
 pub const PAGE: u64 = 4096;
 const PAGES: u8 = 1;
@@ -264,7 +268,7 @@ impl StreamWatch {
                 DISK => 16,
                 ZERO => 20,
                 STATE | CONSOLE => 4,
-                DONE => 8,
+                DONE => 16,
                 PROGRESS => PROGRESS_LEN,
                 SYNC => 0,
                 _ => {
@@ -314,7 +318,8 @@ impl StreamWatch {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Convergence {
     /// The largest blackout wanted: pre-copy goes on while the pages left would take longer
-    /// to send at the rate measured so far.
+    /// to send at the rate measured so far, and, once they would not, up to a few rounds more
+    /// while each still halves them (the budget is the longest pause allowed, not the target).
     pub downtime: Duration,
     /// The most pre-copy rounds, whatever is left (0: no pre-copy, a stop-and-copy).
     pub max_rounds: u32,
@@ -654,8 +659,10 @@ impl<W: Write> Sender<W> {
     pub(crate) fn done(&mut self, paused_at_ns: u64) -> Result<(), MigrationError> {
         self.out.write_all(&[DONE])?;
         self.out.write_all(&paused_at_ns.to_le_bytes())?;
+        self.out
+            .write_all(&crate::control::monotonic_ns().to_le_bytes())?;
         self.out.flush()?;
-        self.bytes += 9;
+        self.bytes += 17;
         Ok(())
     }
 
@@ -696,8 +703,13 @@ pub struct Received {
     pub state: crate::snapshot::SnapshotState,
     /// The guest's memory size, MiB.
     pub memory_mib: u64,
-    /// When the sender paused the guest (its `CLOCK_MONOTONIC`, ns).
+    /// When the sender paused the guest, on this host's `CLOCK_MONOTONIC` (ns; carried over
+    /// from the sender's clock through its readings in `DONE`).
     pub paused_at_ns: u64,
+    /// When the sender saved the VM's state (its kvmclock), on this host's `CLOCK_MONOTONIC`
+    /// likewise: what the guest's clocks are moved on from. `None` for a state that does not
+    /// say.
+    pub saved_at_ns: Option<u64>,
     /// Pages received (a page sent twice counts twice).
     pub pages: u64,
     /// Disk bytes received and written.
@@ -730,6 +742,13 @@ pub fn receive(
     let mut head = [0u8; 16];
     input.read_exact(&mut head)?;
     if &head[..8] != MAGIC {
+        if head.starts_with(MAGIC_FAMILY) {
+            return Err(bad(format!(
+                "stream version {:?}; this VMM reads {:?} (both hosts need the same Bexar)",
+                String::from_utf8_lossy(&head[5..7]),
+                String::from_utf8_lossy(&MAGIC[5..7])
+            )));
+        }
         return Err(bad("not a migration stream (magic)"));
     }
     let size = u64::from_le_bytes(head[8..].try_into().expect("8 bytes"));
@@ -847,18 +866,26 @@ pub fn receive(
                 state = Some(decoded);
             }
             DONE => {
-                let mut h = [0u8; 8];
+                let mut h = [0u8; 16];
                 input.read_exact(&mut h)?;
+                let here = crate::control::monotonic_ns();
                 let Some(state) = state else {
                     return Err(bad("DONE before the state"));
                 };
+                // The sender's times, as ages at the moment it wrote this record, put on this
+                // host's clock (the record's own way here is not counted: well under 1 ms).
+                let paused_at = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
+                let sent_at = u64::from_le_bytes(h[8..].try_into().expect("8 bytes"));
+                let local = |then: u64| here.saturating_sub(sent_at.saturating_sub(then));
+                let saved_at_ns = state.vm.saved_at_ns.map(local);
                 // The guest runs on these next: what it was told is on disk must be.
                 sync_disks(disks, &mut disks_unsynced)?;
                 return Ok(Received {
                     memory,
                     state,
                     memory_mib: size >> 20,
-                    paused_at_ns: u64::from_le_bytes(h),
+                    saved_at_ns,
+                    paused_at_ns: local(paused_at),
                     pages,
                     disk_bytes,
                     elapsed: t0.elapsed(),
@@ -930,7 +957,7 @@ mod tests {
         // No state yet: the receiver refuses to finish.
         let mut stream = bytes.clone();
         stream.push(DONE);
-        stream.extend_from_slice(&0u64.to_le_bytes());
+        stream.extend_from_slice(&[0u8; 16]);
         let e = receive(&mut stream.as_slice(), &mut std::io::sink(), &[])
             .err()
             .unwrap();
@@ -1096,6 +1123,11 @@ mod tests {
         good.extend_from_slice(&(4u64 << 20).to_le_bytes());
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (b"NOTMAGIC\0\0\0\0\0\0\0\0".to_vec(), "magic"),
+            // Another version of the stream (this one's first, before the console records).
+            (
+                [b"BXMIG01\n".as_slice(), &(4u64 << 20).to_le_bytes()].concat(),
+                "stream version \"01\"",
+            ),
             (
                 [MAGIC.as_slice(), &3u64.to_le_bytes()].concat(),
                 "memory size",

@@ -37,22 +37,12 @@ pub struct VmState {
     /// The i8254 PIT, for a VM that has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pit: Option<kvm_pit_state2>,
-    /// The host's wall clock (`CLOCK_REALTIME`, ns since the epoch) when the kvmclock was read:
-    /// what [`VmState::advance`] measures the pause against on the host that restores it.
+    /// The saving host's `CLOCK_MONOTONIC` (ns) when the kvmclock was read: what the pause a
+    /// handover or migration adds to the guest's clocks is measured from
+    /// ([`VmState::advance`]; a migration carries it to the receiver's clock through the
+    /// sender's readings in its `DONE` record, so the two hosts' clocks need not agree).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub saved_at_unix_ns: Option<u64>,
-}
-
-/// The longest pause [`VmState::advance`] adds to a guest's clocks: a longer one says more
-/// about two hosts' wall clocks disagreeing than about the pause (a migration's is milliseconds,
-/// a handover's less).
-pub const MAX_ADVANCE: std::time::Duration = std::time::Duration::from_secs(10);
-
-fn unix_ns() -> Option<u64> {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?;
-    u64::try_from(d.as_nanos()).ok()
+    pub saved_at_ns: Option<u64>,
 }
 
 impl std::fmt::Debug for VmState {
@@ -88,30 +78,17 @@ impl VmState {
             irqchips,
             // Last: the clock is what moves while the others are read.
             clock: vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?,
-            saved_at_unix_ns: unix_ns(),
+            saved_at_ns: Some(crate::control::monotonic_ns()),
         })
     }
 
-    /// For a VM that goes on after a pause on another host's (or process's) clock, a handover
-    /// or a live migration: moves the kvmclock on by the wall-clock time since the state was
-    /// saved, and returns that time in ns for the vCPUs' TSCs ([`crate::vcpu::VcpuState::advance_tsc`]).
-    /// The guest then sees the pause as the time it took, as on real hardware that stalled: its
-    /// clocks stay right and its own measure of the pause is true; without this, its time would
-    /// fall behind by every pause. A snapshot restored later is not advanced (its guest did not
-    /// live through the time in between). Nothing is added without a saved time, for a time in
-    /// the future (clocks that disagree), or past [`MAX_ADVANCE`] (then with a warning).
-    pub fn advance(&mut self) -> u64 {
-        let (Some(then), Some(now)) = (self.saved_at_unix_ns, unix_ns()) else {
-            return 0;
-        };
-        let elapsed = now.saturating_sub(then);
-        if elapsed > MAX_ADVANCE.as_nanos() as u64 {
-            tracing::warn!(
-                "the VM state was saved {:.1} s ago by the wall clock: the hosts' clocks disagree? the guest's clock is not advanced",
-                elapsed as f64 / 1e9
-            );
-            return 0;
-        }
+    /// For a VM that goes on after a pause (a handover, a live migration): moves the kvmclock
+    /// on by `elapsed` ns, the time since the state was saved, and returns it for the vCPUs'
+    /// TSCs ([`crate::vcpu::VcpuState::advance_tsc`]). The guest then sees the pause as the time
+    /// it took, as on real hardware that stalled: its clocks stay right and its own measure of
+    /// the pause is true; without this, its time would fall behind by every pause. A snapshot
+    /// restored later is not advanced (its guest did not live through the time in between).
+    pub fn advance(&mut self, elapsed: u64) -> u64 {
         self.clock.clock = self.clock.clock.wrapping_add(elapsed);
         elapsed
     }
@@ -152,7 +129,7 @@ impl VmState {
 mod tests {
     use super::*;
 
-    fn state(saved_at_unix_ns: Option<u64>) -> VmState {
+    fn state() -> VmState {
         VmState {
             clock: kvm_clock_data {
                 clock: 5_000_000_000,
@@ -160,27 +137,19 @@ mod tests {
             },
             irqchips: Vec::new(),
             pit: None,
-            saved_at_unix_ns,
+            saved_at_ns: None,
         }
     }
 
     #[test]
-    fn the_clock_advances_by_the_pause_and_only_a_believable_one() {
-        let now = unix_ns().unwrap();
-        let mut s = state(Some(now - 40_000_000));
-        let n = s.advance();
-        assert!((40_000_000..1_040_000_000).contains(&n), "{n}");
-        assert_eq!(s.clock.clock, 5_000_000_000 + n);
-        // Saved in the future (clocks that disagree), long ago, or at no known time: as saved.
-        for at in [Some(now + 60_000_000_000), Some(now - 60_000_000_000), None] {
-            let mut s = state(at);
-            assert_eq!(s.advance(), 0);
-            assert_eq!(s.clock.clock, 5_000_000_000);
-        }
+    fn the_clock_advances_by_the_pause_and_old_states_still_read() {
+        let mut s = state();
+        assert_eq!(s.advance(40_000_000), 40_000_000);
+        assert_eq!(s.clock.clock, 5_040_000_000);
         // A state written before the field existed still reads.
-        let json = serde_json::to_value(state(None)).unwrap();
-        assert!(json.get("saved_at_unix_ns").is_none());
+        let json = serde_json::to_value(state()).unwrap();
+        assert!(json.get("saved_at_ns").is_none());
         let back: VmState = serde_json::from_value(json).unwrap();
-        assert_eq!(back.saved_at_unix_ns, None);
+        assert_eq!(back.saved_at_ns, None);
     }
 }

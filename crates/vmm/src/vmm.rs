@@ -44,6 +44,8 @@ const THROTTLE_MAX: u32 = 95;
 /// shorten the pause by less than the switch-over's own fixed cost (parking the vCPUs, saving
 /// and restoring the devices: 2-3 ms here).
 const WORTHLESS_ROUND: Duration = Duration::from_millis(1);
+/// Pre-copy rounds at most after the first whose rest fitted the downtime budget.
+const ROUNDS_AFTER_FIT: u32 = 3;
 /// How long a stopping VM waits for its vCPUs to leave the guest.
 const STOP_TIMEOUT: Duration = Duration::from_millis(200);
 /// How often console input waiting for FIFO room is retried (for a guest that left the UART
@@ -555,6 +557,8 @@ impl Vmm {
             )?;
             report.rounds = 1;
             let (mut throttle, mut last_left) = (0u32, u64::MAX);
+            // The first round whose rest fitted the budget.
+            let mut fitted: Option<u32> = None;
             // Bytes per second, from the last round (at least a page's worth of time).
             let mut rate =
                 (sent * crate::migration::PAGE) as f64 / r0.elapsed().as_secs_f64().max(1e-4);
@@ -578,12 +582,20 @@ impl Vmm {
                 // under a 100 ms budget after one round; 2-4 rounds more bring it to the fixed
                 // cost). A guest that writes about as fast as the link carries stops halving:
                 // then the budget decides, and the throttle below.
-                let converged = |eta: Duration, left: u64, last_left: u64, rounds: u32| {
-                    rounds >= convergence.max_rounds
-                        || (eta <= convergence.downtime
-                            && (eta <= WORTHLESS_ROUND || left.saturating_mul(2) > last_left))
-                };
-                if converged(eta, left, last_left, report.rounds) && unsynced {
+                // A few rounds at most after the first that fitted: a guest whose writes come in
+                // bursts could otherwise halve its way past a fit into one that does not.
+                let converged =
+                    |eta: Duration, left: u64, last_left: u64, rounds: u32, fitted: Option<u32>| {
+                        rounds >= convergence.max_rounds
+                            || (eta <= convergence.downtime
+                                && (eta <= WORTHLESS_ROUND
+                                    || left.saturating_mul(2) > last_left
+                                    || fitted.is_some_and(|f| rounds >= f + ROUNDS_AFTER_FIT)))
+                    };
+                if eta <= convergence.downtime {
+                    fitted.get_or_insert(report.rounds);
+                }
+                if converged(eta, left, last_left, report.rounds, fitted) && unsynced {
                     // Before the pause, the receiver puts the disks' blocks so far on stable
                     // storage (the guest runs meanwhile): else the switch-over would wait for
                     // a pre-copy's worth of its writeback (20-30 ms for 9 MiB here). A guest
@@ -611,7 +623,7 @@ impl Vmm {
                     rate / 1e6,
                     eta.as_secs_f64() * 1e3
                 );
-                if converged(eta, left, last_left, report.rounds) {
+                if converged(eta, left, last_left, report.rounds, fitted) {
                     // Not sent now: the switch-over sends them with whatever comes after.
                     return Ok::<_, VmmError>((tx, dirty));
                 }

@@ -28,9 +28,9 @@ use crate::net::{Escaped, Fail, Stack};
 use crate::nettests::{echo_request, is_echo_reply};
 use crate::vtests::{alloc, check_pattern, fail, fill_pattern, param, report_mismatch, scatter_next, splitmix64};
 use crate::{code, TestResult, P};
-use rt::arch::{rdtsc, tsc_hz};
+use rt::arch::{ms_to_cycles, rdtsc, tsc_hz};
 use rt::bootparams::BootParams;
-use rt::virtio::blk::{Blk, SECTOR_SIZE};
+use rt::virtio::blk::{self, Blk, SECTOR_SIZE};
 use rt::virtio::{device_id, mmio};
 use rt::{dma, println, uart};
 
@@ -38,11 +38,15 @@ const MAX_DISKS: usize = 4;
 /// The longest write `scatter_next` draws.
 const MAX_SECTORS: usize = 128;
 
+/// The request in flight: (first sector, sectors, its tag, when it was submitted).
 enum Io {
     Idle,
-    Writing(u64, u64),
-    Reading(u64, u64),
+    Writing(u64, u64, u16, u64),
+    Reading(u64, u64, u16, u64),
 }
+
+/// How long one request may take (a migration's pause included) before it counts as lost.
+const IO_TIMEOUT_MS: u64 = 30_000;
 
 /// One disk written at a steady rate, one request in flight.
 struct Disk {
@@ -63,8 +67,8 @@ impl Disk {
     fn open(index: usize, seed: u64) -> Result<Option<Disk>, Fail> {
         let Some(t) = mmio::find(device_id::BLOCK, index) else { return Ok(None) };
         let d = Blk::open(t).map_err(|e| fail("migrant: disk init failed", e))?;
-        if d.read_only() || d.capacity() == 0 {
-            println!("{P}: migrant: disk {index} is read-only or empty: not written");
+        if d.read_only() || d.capacity() == 0 || !d.has(blk::feature::FLUSH) {
+            println!("{P}: migrant: disk {index} is read-only, empty or without flush: not written");
             return Ok(None);
         }
         let cap = d.capacity();
@@ -82,6 +86,27 @@ impl Disk {
         }))
     }
 
+    /// The request in flight, if it finished (its tag checked, and that the device wrote at
+    /// least `min_used` bytes: a read's data and the status byte); a request that takes
+    /// longer than [`IO_TIMEOUT_MS`] is lost.
+    fn finished(&mut self, tag: u16, min_used: usize, since: u64, what: &'static str) -> Result<bool, Fail> {
+        match self.d.poll().map_err(|e| fail(what, e))? {
+            Some(c) => {
+                c.ok().map_err(|e| fail(what, e))?;
+                if c.head != tag || (c.used_len as usize) < min_used {
+                    println!("{P}: migrant: {what}: completion of {} ({} bytes), expected {tag}", c.head, c.used_len);
+                    return Err((code::VIRTIO_IO, "a completion that is not the request's"));
+                }
+                Ok(true)
+            }
+            None if rdtsc().wrapping_sub(since) > ms_to_cycles(IO_TIMEOUT_MS) => {
+                println!("{P}: migrant: {what}: no completion in {IO_TIMEOUT_MS} ms");
+                Err((code::VIRTIO_IO, "a request was lost"))
+            }
+            None => Ok(false),
+        }
+    }
+
     /// Move the request in flight along; start the next write if `due`.
     fn step(&mut self, due: bool) -> TestResult {
         match self.io {
@@ -89,25 +114,26 @@ impl Disk {
                 let (first, n) = scatter_next(&mut self.x, self.cap);
                 let len = n as usize * SECTOR_SIZE;
                 fill_pattern(&mut self.buf[..len], self.seed, first);
-                self.d.submit_write(first, self.buf.as_ptr(), len).map_err(|e| fail("migrant: write", e))?;
+                let tag = self.d.submit_write(first, self.buf.as_ptr(), len).map_err(|e| fail("migrant: write", e))?;
                 self.d.kick();
                 self.started += 1;
-                self.io = Io::Writing(first, n);
+                self.io = Io::Writing(first, n, tag, rdtsc());
             }
             Io::Idle => {}
-            Io::Writing(first, n) => {
-                if let Some(c) = self.d.poll().map_err(|e| fail("migrant: write", e))? {
-                    c.ok().map_err(|e| fail("migrant: write failed", e))?;
-                    let len = n as usize * SECTOR_SIZE;
-                    self.d.submit_read(first, self.rbuf.as_mut_ptr(), len).map_err(|e| fail("migrant: read", e))?;
+            Io::Writing(first, n, tag, since) => {
+                let len = n as usize * SECTOR_SIZE;
+                if self.finished(tag, 1, since, "migrant: write")? {
+                    // Junk first: a read that brings no data cannot pass for one that did.
+                    self.rbuf[..len].fill(0xa5);
+                    let tag =
+                        self.d.submit_read(first, self.rbuf.as_mut_ptr(), len).map_err(|e| fail("migrant: read", e))?;
                     self.d.kick();
-                    self.io = Io::Reading(first, n);
+                    self.io = Io::Reading(first, n, tag, rdtsc());
                 }
             }
-            Io::Reading(first, n) => {
-                if let Some(c) = self.d.poll().map_err(|e| fail("migrant: read", e))? {
-                    c.ok().map_err(|e| fail("migrant: read failed", e))?;
-                    let len = n as usize * SECTOR_SIZE;
+            Io::Reading(first, n, tag, since) => {
+                let len = n as usize * SECTOR_SIZE;
+                if self.finished(tag, len + 1, since, "migrant: read")? {
                     if let Some(off) = check_pattern(&self.rbuf[..len], self.seed, first) {
                         report_mismatch("migrant", &self.rbuf[..len], self.seed, first, off);
                         return Err((code::VERIFY, "read-back differs from what was written"));
@@ -260,7 +286,9 @@ pub fn test_migrant(bp: &BootParams) -> TestResult {
                         let path = "/latest/meta-data/hostname";
                         let (status, len) = imds::get_with_token(&mut n.st, n.imds, http, path, &mut body)?;
                         println!("{P}: migrant: imds hostname -> {status} {}", Escaped(&body[..len]));
-                        // The exchange read every frame meanwhile: a reply it took is not a loss.
+                        // The exchange read every frame meanwhile: the ping in flight is not
+                        // counted either way (its reply may have gone to the exchange; a ping
+                        // really lost then is forgiven too).
                         if n.awaiting.take().is_some() {
                             n.sent -= 1;
                         }

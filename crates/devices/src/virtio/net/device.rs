@@ -289,28 +289,87 @@ pub fn announcement(mac: [u8; 6]) -> [u8; VNET_HDR_LEN + 60] {
     f
 }
 
+/// The frames that announce a guest's addresses after it moved, each after a virtio-net
+/// header: a gratuitous ARP (a broadcast request for its own IPv4 address, as Linux sends one)
+/// for each IPv4 address, and an unsolicited neighbour advertisement to all nodes (override
+/// set, with its MAC as the target link-layer address, RFC 4861 7.2.6) for each IPv6 one.
+/// Every frame is padded to Ethernet's 60 bytes.
+pub fn address_announcements(mac: [u8; 6], addresses: &[std::net::IpAddr]) -> Vec<Vec<u8>> {
+    use etherparse::{
+        icmpv6::NeighborAdvertisementHeader, ArpEthIpv4Packet, ArpOperation, Icmpv6Type,
+        PacketBuilder,
+    };
+    let mut frames = Vec::new();
+    for a in addresses {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        let written = match a {
+            std::net::IpAddr::V4(ip) => {
+                let arp = ArpEthIpv4Packet {
+                    operation: ArpOperation::REQUEST,
+                    sender_mac: mac,
+                    sender_ipv4: ip.octets(),
+                    target_mac: [0; 6],
+                    target_ipv4: ip.octets(),
+                };
+                PacketBuilder::ethernet2(mac, [0xff; 6])
+                    .arp(arp.into())
+                    .write(&mut f)
+            }
+            std::net::IpAddr::V6(ip) => {
+                // Target address, then the target link-layer address option (type 2, 8 bytes).
+                let mut body = ip.octets().to_vec();
+                body.extend_from_slice(&[2, 1]);
+                body.extend_from_slice(&mac);
+                let na = NeighborAdvertisementHeader {
+                    router: false,
+                    solicited: false,
+                    r#override: true,
+                };
+                let all_nodes = std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+                PacketBuilder::ethernet2(mac, [0x33, 0x33, 0, 0, 0, 1])
+                    .ipv6(ip.octets(), all_nodes.octets(), 255)
+                    .icmpv6(Icmpv6Type::NeighborAdvertisement(na))
+                    .write(&mut f, &body)
+            }
+        };
+        match written {
+            Ok(()) => {
+                f.resize(f.len().max(VNET_HDR_LEN + 60), 0);
+                frames.push(f);
+            }
+            Err(e) => tracing::warn!("cannot build the announcement of {a}: {e}"),
+        }
+    }
+    frames
+}
+
 impl VirtioDevice for Net {
     fn common(&self) -> &VirtioCommon {
         &self.common
     }
     fn announce(&mut self) -> bool {
         use std::io::Write;
-        let frame = announcement(self.nic.mac);
-        // A TAP takes a frame in one write, whole or not at all.
-        match self.tap.file().write(&frame) {
-            Ok(n) if n == frame.len() => true,
-            Ok(n) => {
-                tracing::debug!(
-                    "{}: the announcement went short ({n} bytes)",
-                    self.tap.name()
-                );
-                false
-            }
-            Err(e) => {
-                tracing::debug!("{}: cannot announce the NIC: {e}", self.tap.name());
-                false
+        let mut frames = vec![announcement(self.nic.mac).to_vec()];
+        frames.extend(address_announcements(self.nic.mac, &self.nic.addresses));
+        let mut all = true;
+        for frame in &frames {
+            // A TAP takes a frame in one write, whole or not at all.
+            match self.tap.file().write(frame) {
+                Ok(n) if n == frame.len() => {}
+                Ok(n) => {
+                    tracing::debug!(
+                        "{}: an announcement went short ({n} bytes)",
+                        self.tap.name()
+                    );
+                    all = false;
+                }
+                Err(e) => {
+                    tracing::debug!("{}: cannot announce the NIC: {e}", self.tap.name());
+                    all = false;
+                }
             }
         }
+        all
     }
     fn common_mut(&mut self) -> &mut VirtioCommon {
         &mut self.common
@@ -373,6 +432,63 @@ mod tests {
     use super::*;
     use crate::memory::test_memory;
     use crate::virtio::ring::DriverRing;
+
+    #[test]
+    fn addresses_are_announced_by_gratuitous_arp_and_unsolicited_advertisement() {
+        use etherparse::{ArpOperation, Icmpv6Type, NetSlice, SlicedPacket, TransportSlice};
+        let mac = [2, 0xaa, 0, 0, 0, 7];
+        let v4: std::net::IpAddr = "10.40.0.10".parse().unwrap();
+        let v6: std::net::IpAddr = "2001:db8:40::10".parse().unwrap();
+        let frames = address_announcements(mac, &[v4, v6]);
+        assert_eq!(frames.len(), 2);
+        for f in &frames {
+            assert!(f[..VNET_HDR_LEN].iter().all(|b| *b == 0));
+            assert!(f.len() >= VNET_HDR_LEN + 60);
+        }
+        // The ARP: a broadcast request from the MAC for its own address.
+        let p = SlicedPacket::from_ethernet(&frames[0][VNET_HDR_LEN..]).unwrap();
+        let eth = p.link.as_ref().unwrap().to_header().unwrap();
+        assert_eq!(eth.ethernet2().unwrap().destination, [0xff; 6]);
+        let Some(NetSlice::Arp(arp)) = &p.net else {
+            panic!("not ARP: {:?}", p.net)
+        };
+        assert_eq!(arp.operation(), ArpOperation::REQUEST);
+        assert_eq!(arp.sender_hw_addr(), &mac);
+        assert_eq!(arp.sender_protocol_addr(), &[10, 40, 0, 10]);
+        assert_eq!(arp.target_protocol_addr(), &[10, 40, 0, 10]);
+        // The advertisement: to all nodes, override set, the MAC as the link-layer address,
+        // a checksum that holds.
+        let p = SlicedPacket::from_ethernet(&frames[1][VNET_HDR_LEN..]).unwrap();
+        let Some(NetSlice::Ipv6(ip)) = &p.net else {
+            panic!("not IPv6: {:?}", p.net)
+        };
+        assert_eq!(ip.header().hop_limit(), 255);
+        assert_eq!(ip.header().destination()[..2], [0xff, 0x02]);
+        let Some(TransportSlice::Icmpv6(icmp)) = &p.transport else {
+            panic!("not ICMPv6: {:?}", p.transport)
+        };
+        let Icmpv6Type::NeighborAdvertisement(na) = icmp.icmp_type() else {
+            panic!("not an NA: {:?}", icmp.icmp_type())
+        };
+        assert!(na.r#override && !na.solicited && !na.router);
+        let body = icmp.payload();
+        assert_eq!(
+            &body[..16],
+            &"2001:db8:40::10"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
+        assert_eq!(&body[16..24], &[2, 1, 2, 0xaa, 0, 0, 0, 7]);
+        let (src, dst) = (ip.header().source(), ip.header().destination());
+        assert_eq!(
+            icmp.header()
+                .icmp_type
+                .calc_checksum(src, dst, body)
+                .unwrap(),
+            icmp.checksum()
+        );
+    }
 
     #[test]
     fn the_announcement_is_a_broadcast_rarp_request_from_the_nic() {

@@ -26,6 +26,11 @@ pub struct NicConfig {
     /// Rate limits on frames from the guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limit: Option<crate::rate_limiter::RateLimitConfig>,
+    /// The guest's addresses on this NIC, announced after a move along with the MAC (a
+    /// gratuitous ARP for each IPv4 address, an unsolicited neighbour advertisement for each
+    /// IPv6 one), so neighbours' caches are refreshed, not only bridges' tables.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` (a unicast address).
@@ -76,11 +81,13 @@ pub fn derived_mac(seed: &str) -> [u8; 6] {
 
 impl std::str::FromStr for NicConfig {
     type Err = String;
-    /// Parses the `--net` flag: `tap=NAME[,mac=MAC]` and limits per second, to the guest
+    /// Parses the `--net` flag: `tap=NAME[,mac=MAC]`, the guest's addresses to announce after
+    /// a migration (`ip=ADDR`, IPv4 or IPv6, repeatable), and limits per second, to the guest
     /// (`rx-bps=N`, `rx-pps=N`, `rx-bps-burst=N`, `rx-pps-burst=N`) and from it (`tx-...`).
     fn from_str(s: &str) -> Result<Self, String> {
         let mut tap = None;
         let mut mac = None;
+        let mut addresses = Vec::new();
         let (mut rx, mut tx) = (None, None);
         for opt in s.split(',') {
             match opt.split_once('=') {
@@ -90,6 +97,10 @@ impl std::str::FromStr for NicConfig {
                         format!("invalid mac {v:?}: expected a unicast aa:bb:cc:dd:ee:ff")
                     })?)
                 }
+                Some(("ip", v)) => addresses.push(
+                    v.parse()
+                        .map_err(|_| format!("invalid ip {v:?}: expected an IPv4 or IPv6 address"))?,
+                ),
                 Some((k, v))
                     if match k.split_once('-') {
                         Some(("rx", rest)) => crate::rate_limiter::RateLimitConfig::apply_flag(&mut rx, rest, v)?,
@@ -98,7 +109,7 @@ impl std::str::FromStr for NicConfig {
                     } => {}
                 _ => {
                     return Err(format!(
-                        "unknown NIC option {opt:?}: expected tap=NAME[,mac=MAC][,rx-|tx-bps|pps[-burst]=N]"
+                        "unknown NIC option {opt:?}: expected tap=NAME[,mac=MAC][,ip=ADDR][,rx-|tx-bps|pps[-burst]=N]"
                     ))
                 }
             }
@@ -114,6 +125,7 @@ impl std::str::FromStr for NicConfig {
             tap,
             rx_rate_limit: rx,
             tx_rate_limit: tx,
+            addresses,
         })
     }
 }
