@@ -16,7 +16,8 @@
 //!
 //! Then the same with a disk copied in the stream (`"disks": true`): a guest idle and one writing
 //! its disk continuously, pre-copy against stop-and-copy, and the pause while writing against
-//! the pause idle (the disk's write rate must not lengthen the pause).
+//! the pause idle; and last the pause against the rate the guest writes that disk (0 to 5,000
+//! writes a second): the disk's write rate must not lengthen the pause.
 //!
 //! `cargo bench --bench migration` (BEXAR_BENCH_ITERS=N runs per case, default 5). Prints
 //! medians and ratios; it asserts nothing about time. Both processes run unjailed (`--no-jail`);
@@ -226,12 +227,26 @@ struct DiskRun {
     total_ms: f64,
     bytes: f64,
     disk_bytes: f64,
+    final_disk_bytes: f64,
 }
 
-/// One migration with the disk copied: a guest idle, or writing its disk as fast as it can
-/// (`blk-scatter`: 8 scattered writes of up to 64 KiB and a flush, over and over), on a
-/// 256 MiB raw disk holding 64 MiB of data.
-fn migrate_disk_once(dir: &Path, writing: bool, precopy: bool) -> DiskRun {
+/// The disk cases' guests: idle, or writing its disk as fast as it can (`blk-scatter`: 8
+/// scattered writes of up to 64 KiB and a flush, over and over): its command line and the
+/// console line that says it is under way.
+fn disk_guest(writing: bool) -> (String, &'static str) {
+    if writing {
+        (
+            "console=ttyS0 bexar.test=blk-scatter bexar.rounds=100000000 bexar.writes=8".into(),
+            "round 20 flushed",
+        )
+    } else {
+        ("console=ttyS0 bexar.test=idle".into(), "idle: ready")
+    }
+}
+
+/// One migration with the disk copied, of the guest booted with `cmdline` once its console
+/// showed `under_way`, on a 256 MiB raw disk holding 64 MiB of data.
+fn migrate_disk_once(dir: &Path, cmdline: &str, under_way: &str, precopy: bool) -> DiskRun {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
     let (incoming, ctl) = (dir.join("in.sock"), dir.join("ctl.sock"));
@@ -259,11 +274,6 @@ fn migrate_disk_once(dir: &Path, writing: bool, precopy: bool) -> DiskRun {
             b.to_str().unwrap(),
         ],
     );
-    let cmdline = if writing {
-        "console=ttyS0 bexar.test=blk-scatter bexar.rounds=100000000 bexar.writes=8"
-    } else {
-        "console=ttyS0 bexar.test=idle"
-    };
     let src = run(
         "src",
         &[
@@ -279,14 +289,7 @@ fn migrate_disk_once(dir: &Path, writing: bool, precopy: bool) -> DiskRun {
             cmdline,
         ],
     );
-    wait_for(
-        &dir.join("src.out"),
-        if writing {
-            "round 20 flushed"
-        } else {
-            "idle: ready"
-        },
-    );
+    wait_for(&dir.join("src.out"), under_way);
     while !incoming.exists() {
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -305,6 +308,43 @@ fn migrate_disk_once(dir: &Path, writing: bool, precopy: bool) -> DiskRun {
         total_ms: m["total_ms"].as_f64().unwrap(),
         bytes: m["bytes_sent"].as_f64().unwrap(),
         disk_bytes: m["disk_bytes"].as_f64().unwrap(),
+        final_disk_bytes: m["final_disk_bytes"].as_f64().unwrap(),
+    }
+}
+
+/// The pause against the rate the guest writes its disk (`migrant`: writes of up to 64 KiB,
+/// each read back, one in flight, at 0 to 5,000 a second, memory written at 100 pages a
+/// second): it should not grow with the rate, since the disk's blocks go before the pause and
+/// are synced there, and only what the guest writes during the last round's few milliseconds
+/// is left for the pause.
+fn write_rate_cases(dir: &Path, iters: usize) {
+    println!(
+        "\nthe pause against the disk's write rate ({MEMORY_MIB} MiB guest, {DISK_MIB} MiB raw disk), \
+         {iters} runs per case (p50)"
+    );
+    println!(
+        "{:>16} {:>12} {:>10} {:>12} {:>14} {:>12}",
+        "writes/s", "pause pre", "total pre", "disk MB pre", "disk KB paused", "pause/idle"
+    );
+    let mut idle = None;
+    for rate in [0u64, 50, 500, 5000] {
+        let cmdline = format!(
+            "console=ttyS0 bexar.test=migrant bexar.dirty-mib=8 bexar.dirty-rate=100 bexar.disk-rate={rate}"
+        );
+        let runs: Vec<DiskRun> = (0..iters)
+            .map(|_| migrate_disk_once(dir, &cmdline, "migrant: 1 s:", true))
+            .collect();
+        let pp = median(&runs, |r| r.paused_ms);
+        let first = *idle.get_or_insert(pp);
+        println!(
+            "{:>16} {:>9.2} ms {:>7.1} ms {:>12.1} {:>14.1} {:>12.2}",
+            rate,
+            pp,
+            median(&runs, |r| r.total_ms),
+            median(&runs, |r| r.disk_bytes) / 1e6,
+            median(&runs, |r| r.final_disk_bytes) / 1e3,
+            pp / first.max(1e-3)
+        );
     }
 }
 
@@ -326,11 +366,12 @@ fn disk_cases(dir: &Path, iters: usize) {
     );
     let mut idle_pause = 0.0;
     for writing in [false, true] {
+        let (cmdline, under_way) = disk_guest(writing);
         let pre: Vec<DiskRun> = (0..iters)
-            .map(|_| migrate_disk_once(dir, writing, true))
+            .map(|_| migrate_disk_once(dir, &cmdline, under_way, true))
             .collect();
         let stop: Vec<DiskRun> = (0..iters)
-            .map(|_| migrate_disk_once(dir, writing, false))
+            .map(|_| migrate_disk_once(dir, &cmdline, under_way, false))
             .collect();
         let (pp, sp) = (
             median(&pre, |r| r.paused_ms),
@@ -404,5 +445,6 @@ fn main() {
     }
     size_cases(&dir, iters);
     disk_cases(&dir, iters);
+    write_rate_cases(&dir, iters);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -146,7 +146,7 @@ pub struct MigrateRequest {
     /// its certificate carries).
     pub destination: String,
     /// The largest pause wanted, milliseconds (default 100); within it, pre-copy goes on a few
-    /// rounds more while each still halves what is left.
+    /// rounds more while each still halves what is left or it would take over 10 ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<u32>,
     /// The most pre-copy rounds (default 30; 0: a stop-and-copy).

@@ -319,7 +319,8 @@ impl StreamWatch {
 pub struct Convergence {
     /// The largest blackout wanted: pre-copy goes on while the pages left would take longer
     /// to send at the rate measured so far, and, once they would not, up to a few rounds more
-    /// while each still halves them (the budget is the longest pause allowed, not the target).
+    /// while each still halves them or they would take over 10 ms (the budget is the longest
+    /// pause allowed, not the target).
     pub downtime: Duration,
     /// The most pre-copy rounds, whatever is left (0: no pre-copy, a stop-and-copy).
     pub max_rounds: u32,
