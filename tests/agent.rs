@@ -201,14 +201,7 @@ fn pid_alive(pid: u64) -> bool {
 /// Attaches to the console, types a line, and returns what came back.
 async fn console_echo(c: &Client, id: &str, line: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = c
-        .upgrade(
-            &format!("/v1/vms/{id}/console/attach"),
-            bexar_agent::api::CONSOLE_PROTOCOL,
-        )
-        .await
-        .unwrap()
-        .expect("attach upgrades the connection");
+    let mut conn = common::console_attach(c, id).await;
     conn.write_all(line.as_bytes()).await.unwrap();
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -236,15 +229,7 @@ fn a_guest_goes_on_printing_after_its_console_client_left() {
             json!("console=ttyS0 bexar.test=dirty bexar.dirty-mib=1 bexar.dirty-rate=100");
         expect_status(&c.post("/v1/vms?start=true", &s).await.unwrap(), 201);
         wait_console(&c, "talker", "pages written", 30).await;
-        let conn = c
-            .upgrade(
-                "/v1/vms/talker/console/attach",
-                bexar_agent::api::CONSOLE_PROTOCOL,
-            )
-            .await
-            .unwrap()
-            .expect("attach upgrades the connection");
-        drop(conn);
+        drop(common::console_attach(&c, "talker").await);
         let lines = |t: &str| t.matches("pages written").count();
         let left = lines(&console_text(&c, "talker").await);
         let t = Instant::now();

@@ -1758,14 +1758,7 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
 async fn console_key(c: &Client, id: &str, key: u8, pattern: &str) -> String {
     use tokio::io::AsyncWriteExt;
     let before = console(c, id).await.matches(pattern).count();
-    let mut conn = c
-        .upgrade(
-            &format!("/v1/vms/{id}/console/attach"),
-            bexar_agent::api::CONSOLE_PROTOCOL,
-        )
-        .await
-        .unwrap()
-        .expect("attach upgrades the connection");
+    let mut conn = common::console_attach(c, id).await;
     conn.write_all(&[key]).await.unwrap();
     conn.flush().await.unwrap();
     let t = Instant::now();

@@ -254,6 +254,20 @@ pub fn spawn_agent(mut cmd: Command, dir: &Path, socket: &Path) -> std::process:
     child
 }
 
+/// The VM's interactive console, attached through the agent (the upgraded connection).
+pub async fn console_attach(
+    c: &bexar_agent::api::client::Client,
+    id: &str,
+) -> impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {
+    c.upgrade(
+        &format!("/v1/vms/{id}/console/attach"),
+        bexar_agent::api::CONSOLE_PROTOCOL,
+    )
+    .await
+    .unwrap()
+    .expect("attach upgrades the connection")
+}
+
 /// A single-threaded tokio runtime for the API client.
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
