@@ -322,6 +322,12 @@ fn capture(
                 let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
                 if n > 0 {
                     frames.push(buf[..n as usize].to_vec());
+                } else if n < 0 {
+                    let e = std::io::Error::last_os_error().raw_os_error();
+                    if e != Some(libc::EAGAIN) && e != Some(libc::EINTR) {
+                        // The link went away: nothing more will come.
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                 }
             }
             libc::close(fd);
@@ -1888,9 +1894,11 @@ fn a_busy_guest_moves_back_and_forth_with_its_memory_disks_peer_and_metadata() {
             let t = Instant::now();
             loop {
                 let text = console(to, "busy").await;
-                let fresh: Vec<(u64, u64)> = text
-                    .get(mark..)
-                    .unwrap_or_default()
+                // Whole lines only: the first may have begun before the mark.
+                let after = text.get(mark..).unwrap_or_default();
+                let fresh: Vec<(u64, u64)> = after
+                    .split_once('\n')
+                    .map_or("", |(_, rest)| rest)
                     .lines()
                     .filter(|l| l.contains(" replied, longest gap"))
                     .map(pings)

@@ -145,8 +145,9 @@ pub struct VmArgs {
     /// A virtio-blk disk: PATH[,ro][,serial=ID] (repeatable; the first is /dev/vda).
     #[arg(long, value_name = "PATH[,ro]")]
     pub disk: Vec<bexar_devices::virtio::block::DiskConfig>,
-    /// A virtio-net NIC on an existing TAP: tap=NAME[,mac=MAC] (repeatable).
-    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    /// A virtio-net NIC on an existing TAP: tap=NAME[,mac=MAC][,ip=ADDR...] (repeatable; the
+    /// guest's addresses, announced after a migration).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC][,ip=ADDR]")]
     pub net: Vec<bexar_devices::virtio::net::NicConfig>,
     /// Attach a virtio-rng fed from the host's getrandom.
     #[arg(long)]

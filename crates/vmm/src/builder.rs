@@ -197,8 +197,9 @@ pub fn build_from_handoff(
     paused_at_ns: u64,
 ) -> Result<Vmm, VmmError> {
     let state = snapshot::read_state(dir)?;
-    // Saved by the VMM that handed over, on this host's clock.
-    let saved_at = state.vm.saved_at_ns;
+    // Saved by the VMM that handed over, on this host's clock (one older than these readings
+    // paused the guest just before it saved it).
+    let saved_at = state.vm.saved_at_ns.or(Some(paused_at_ns));
     let mut vmm = restore_from(state, restore, Memory::Memfd(memory), saved_at)?;
     vmm.handed_over = Some((paused_at_ns, None));
     Ok(vmm)

@@ -331,8 +331,9 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
     if n != 1 {
         return Err(JailError::Threaded(n, other_threads()));
     }
-    if settle.elapsed() > Duration::from_millis(1) {
-        tracing::debug!(
+    if settle.elapsed() > Duration::from_millis(5) {
+        // Inside a migration's or handover's pause when the receiver is jailed: worth seeing.
+        tracing::info!(
             "jail: waited {:.1} ms for threads to end",
             settle.elapsed().as_secs_f64() * 1e3
         );

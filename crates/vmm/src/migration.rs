@@ -740,6 +740,8 @@ pub fn receive(
     let mut disk_bytes = 0u64;
     let mut disks_unsynced = false;
     let t0 = Instant::now();
+    // The stream began before the sender paused or saved anything: its times are not earlier.
+    let began = crate::control::monotonic_ns();
     let mut head = [0u8; 16];
     input.read_exact(&mut head)?;
     if &head[..8] != MAGIC {
@@ -877,7 +879,8 @@ pub fn receive(
                 // host's clock (the record's own way here is not counted: well under 1 ms).
                 let paused_at = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
                 let sent_at = u64::from_le_bytes(h[8..].try_into().expect("8 bytes"));
-                let local = |then: u64| here.saturating_sub(sent_at.saturating_sub(then));
+                let local =
+                    |then: u64| here.saturating_sub(sent_at.saturating_sub(then)).max(began);
                 let saved_at_ns = state.vm.saved_at_ns.map(local);
                 // The guest runs on these next: what it was told is on disk must be.
                 sync_disks(disks, &mut disks_unsynced)?;

@@ -560,8 +560,8 @@ impl Vmm {
             )?;
             report.rounds = 1;
             let (mut throttle, mut last_left) = (0u32, u64::MAX);
-            // The first round whose rest fitted the budget.
-            let mut fitted: Option<u32> = None;
+            // The first round whose rest fitted the budget, and whether one after it did not.
+            let (mut fitted, mut overshot): (Option<u32>, bool) = (None, false);
             // Bytes per second, from the last round (at least a page's worth of time).
             let mut rate =
                 (sent * crate::migration::PAGE) as f64 / r0.elapsed().as_secs_f64().max(1e-4);
@@ -589,21 +589,29 @@ impl Vmm {
                 // A rest that stopped halving is taken as it is if its pause is short; a longer
                 // one (within the budget) gets a few rounds more, throttled, first: a guest
                 // writing its disk 160 MB/s here paused 26-45 ms under the 100 ms budget after
-                // two rounds. A few rounds at most after the first that fitted, in any case: a
-                // guest whose writes come in bursts could otherwise halve its way past a fit.
-                let converged =
-                    |eta: Duration, left: u64, last_left: u64, rounds: u32, fitted: Option<u32>| {
-                        let halving = left.saturating_mul(2) <= last_left;
-                        rounds >= convergence.max_rounds
-                            || (eta <= convergence.downtime
-                                && (eta <= WORTHLESS_ROUND
-                                    || (!halving && eta <= SHORT_PAUSE)
-                                    || fitted.is_some_and(|f| rounds >= f + ROUNDS_AFTER_FIT)))
-                    };
+                // two rounds. A few rounds at most after the first that fitted, in any case; and
+                // a rest that went over the budget after one fitted (a burst of writes) is
+                // taken at the first that fits again, halving or not.
+                let converged = |eta: Duration,
+                                 left: u64,
+                                 last_left: u64,
+                                 rounds: u32,
+                                 fitted: Option<u32>,
+                                 overshot: bool| {
+                    let halving = left.saturating_mul(2) <= last_left;
+                    rounds >= convergence.max_rounds
+                        || (eta <= convergence.downtime
+                            && (eta <= WORTHLESS_ROUND
+                                || overshot
+                                || (!halving && eta <= SHORT_PAUSE)
+                                || fitted.is_some_and(|f| rounds >= f + ROUNDS_AFTER_FIT)))
+                };
                 if eta <= convergence.downtime {
                     fitted.get_or_insert(report.rounds);
+                } else if fitted.is_some() {
+                    overshot = true;
                 }
-                if converged(eta, left, last_left, report.rounds, fitted) && unsynced {
+                if converged(eta, left, last_left, report.rounds, fitted, overshot) && unsynced {
                     // Before the pause, the receiver puts the disks' blocks so far on stable
                     // storage (the guest runs meanwhile): else the switch-over would wait for
                     // a pre-copy's worth of its writeback (20-30 ms for 9 MiB here). A guest
@@ -631,7 +639,15 @@ impl Vmm {
                     rate / 1e6,
                     eta.as_secs_f64() * 1e3
                 );
-                if converged(eta, left, last_left, report.rounds, fitted) {
+                if converged(eta, left, last_left, report.rounds, fitted, overshot) {
+                    if eta > convergence.downtime {
+                        tracing::warn!(
+                            "migration: {} rounds and the rest still needs {:.1} ms, over the {} ms budget: switching over anyway",
+                            report.rounds,
+                            eta.as_secs_f64() * 1e3,
+                            convergence.downtime.as_millis()
+                        );
+                    }
                     // Not sent now: the switch-over sends them with whatever comes after.
                     return Ok::<_, VmmError>((tx, dirty));
                 }
@@ -836,15 +852,20 @@ impl Vmm {
         }
         let piece = THROTTLE_SLICE as u64 * crate::migration::PAGE;
         let mut gate = Parking::new(self, throttle);
-        let mut sent = 0;
+        // Bytes since the gate last decided: once per piece, however scattered the blocks.
+        let (mut sent, mut since_gate) = (0, piece);
         for (i, copy) in disks {
             for (offset, len) in copy.dirty.take() {
                 let end = offset.saturating_add(len);
                 let mut at = offset;
                 while at < end {
-                    let n = (end - at).min(piece);
-                    gate.slice();
+                    if since_gate >= piece {
+                        gate.slice();
+                        since_gate = 0;
+                    }
+                    let n = (end - at).min(piece - since_gate);
                     sent += tx.disk_ranges(*i, copy, std::iter::once((at, n)), buf)?;
+                    since_gate += n;
                     at += n;
                 }
             }
