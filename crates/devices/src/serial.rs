@@ -105,6 +105,34 @@ impl SocketShared {
     }
 }
 
+impl Sink {
+    /// Writes `bytes` where this sink sends console output: the stream or file, or a socket
+    /// console's log, replay buffer and client (a client that is gone or too slow is dropped).
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Sink::Stdout(s) => s.write_all(bytes)?,
+            Sink::File(f) => f.write_all(bytes)?,
+            Sink::Socket(shared, log) => {
+                if let Some(f) = log {
+                    f.write_all(bytes)?;
+                }
+                let mut s = lock(shared);
+                s.keep(bytes);
+                if let Some(c) = s.client.as_mut() {
+                    if c.write_all(bytes).is_err() {
+                        // Gone, or too slow to keep up: drop it (the replay keeps the output).
+                        if let Some(old) = s.client.take() {
+                            let _ = old.shutdown(std::net::Shutdown::Both);
+                        }
+                    }
+                }
+            }
+            Sink::Null => {}
+        }
+        Ok(())
+    }
+}
+
 /// The most console output [`ConsoleOut::output_since`] hands out at once.
 pub const RECENT_MAX: usize = REPLAY_BYTES;
 
@@ -188,18 +216,7 @@ impl ConsoleOut {
     /// from the sender) to the sink, as if just written, without counting it as this VMM's
     /// console output or showing it to observers.
     pub fn replay_earlier(&mut self, bytes: &[u8]) -> io::Result<()> {
-        match &mut self.sink {
-            Sink::Stdout(s) => s.write_all(bytes)?,
-            Sink::File(f) => f.write_all(bytes)?,
-            Sink::Socket(shared, log) => {
-                if let Some(f) = log {
-                    f.write_all(bytes)?;
-                }
-                lock(shared).keep(bytes);
-            }
-            Sink::Null => {}
-        }
-        Ok(())
+        self.sink.put(bytes)
     }
 
     /// Adds an observer of everything written from now on.
@@ -221,26 +238,7 @@ impl ConsoleOut {
 impl Write for ConsoleOut {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.observe(buf);
-        match &mut self.sink {
-            Sink::Stdout(s) => s.write_all(buf)?,
-            Sink::File(f) => f.write_all(buf)?,
-            Sink::Socket(shared, log) => {
-                if let Some(f) = log {
-                    f.write_all(buf)?;
-                }
-                let mut s = lock(shared);
-                s.keep(buf);
-                if let Some(c) = s.client.as_mut() {
-                    if c.write_all(buf).is_err() {
-                        // Gone, or too slow to keep up: drop it (the replay keeps the output).
-                        if let Some(old) = s.client.take() {
-                            let _ = old.shutdown(std::net::Shutdown::Both);
-                        }
-                    }
-                }
-            }
-            Sink::Null => {}
-        }
+        self.sink.put(buf)?;
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -21,6 +21,33 @@ use rt::{println, uart};
 
 const PAGE: usize = 4096;
 
+/// How many events are due by `now` at `rate` a second from `start` (TSC cycles at `hz`).
+pub(crate) fn due(start: u64, now: u64, rate: u64, hz: u64) -> u64 {
+    (now.wrapping_sub(start) as u128 * rate as u128 / hz.max(1) as u128) as u64
+}
+
+/// Something a spinning loop does every `every` TSC cycles (a report, a look at the console).
+pub(crate) struct Every {
+    next: u64,
+    every: u64,
+}
+
+impl Every {
+    /// First due at `first`.
+    pub fn new(first: u64, every: u64) -> Every {
+        Every { next: first, every }
+    }
+
+    /// Whether it is due at `now` (then it is next due `every` cycles later).
+    pub fn due(&mut self, now: u64) -> bool {
+        if now < self.next {
+            return false;
+        }
+        self.next = now + self.every;
+        true
+    }
+}
+
 /// Pages written at a steady rate, each checked before it is written again.
 pub(crate) struct Dirtier {
     base: *mut u8,
@@ -72,11 +99,8 @@ impl Dirtier {
 
     /// The writes due by `now` at the steady rate (one round at most per call).
     pub fn step(&mut self, now: u64) -> TestResult {
-        let due = if self.rate == 0 {
-            self.written + self.pages as u64
-        } else {
-            (now.wrapping_sub(self.start) as u128 * self.rate as u128 / self.hz as u128) as u64
-        };
+        let due =
+            if self.rate == 0 { self.written + self.pages as u64 } else { due(self.start, now, self.rate, self.hz) };
         let mut n = 0;
         while self.written < due && n < self.pages {
             let round = self.round();
@@ -143,13 +167,13 @@ pub fn test_dirty(bp: &BootParams) -> TestResult {
     let mut d = Dirtier::new(bp, "dirty")?;
     let hz = tsc_hz();
     let mut gaps = Gaps::new();
-    let mut report = rdtsc() + hz;
-    let mut console_at = rdtsc();
+    let start = rdtsc();
+    let (mut report, mut console) = (Every::new(start + hz, hz), Every::new(start + hz / 10, hz / 10));
     loop {
         let now = rdtsc();
         gaps.turn(now);
         d.step(now)?;
-        if now >= report {
+        if report.due(now) {
             let recent = gaps.take_recent();
             println!(
                 "{P}: dirty: {} pages written, round {}, longest gap {} us (last second {} us)",
@@ -158,12 +182,10 @@ pub fn test_dirty(bp: &BootParams) -> TestResult {
                 gaps.us(gaps.longest),
                 gaps.us(recent)
             );
-            report = now + hz;
             gaps.skip();
         }
         // Port I/O is slow on some hosts: the console is looked at ten times a second.
-        if now.wrapping_sub(console_at) > hz / 10 {
-            console_at = now;
+        if console.due(now) {
             if uart::try_getb() == Some(b'q') {
                 println!("{P}: dirty: done, {} pages written, longest gap {} us", d.written, gaps.us(gaps.longest));
                 return Ok(());

@@ -20,7 +20,7 @@
 //! STATUS BODY`; `q` lets the requests in flight finish, flushes every disk, prints one
 //! `migrant: disk I: seed S, W writes, capacity C sectors` line per disk and ends with PASS.
 
-use crate::dirty::{Dirtier, Gaps};
+use crate::dirty::{due, Dirtier, Every, Gaps};
 use crate::imds;
 use crate::net::stack::{self, param_ip4};
 use crate::net::wire::{self, Addr};
@@ -214,7 +214,8 @@ pub fn test_migrant(bp: &BootParams) -> TestResult {
 
     let start = rdtsc();
     let mut gaps = Gaps::new();
-    let (mut report, mut console_at, mut ping_at) = (start + hz, start, start);
+    let every = |cycles: u64| Every::new(start + cycles, cycles);
+    let (mut report, mut console, mut ping) = (every(hz), every(hz / 10), every(hz / 1000 * ping_ms));
     let mut paused = 0u64;
     let mut quitting = false;
     loop {
@@ -226,14 +227,13 @@ pub fn test_migrant(bp: &BootParams) -> TestResult {
             gaps.skip();
         }
         dirt.step(now)?;
-        let due = (now.wrapping_sub(start) as u128 * disk_rate as u128 / hz as u128) as u64;
+        let writes_due = due(start, now, disk_rate, hz);
         for d in disks.iter_mut().flatten() {
-            d.step(!quitting && d.started < due)?;
+            d.step(!quitting && d.started < writes_due)?;
         }
         if let Some(n) = net.as_mut() {
             n.receive(&mut frame)?;
-            if now.wrapping_sub(ping_at) >= hz / 1000 * ping_ms && !quitting {
-                ping_at = now;
+            if ping.due(now) && !quitting {
                 n.ping()?;
             }
         }
@@ -254,7 +254,7 @@ pub fn test_migrant(bp: &BootParams) -> TestResult {
             );
             return Ok(());
         }
-        if now >= report {
+        if report.due(now) {
             let recent = gaps.take_recent();
             let mut writes = [0u64; MAX_DISKS];
             for (w, d) in writes.iter_mut().zip(disks.iter()) {
@@ -272,12 +272,10 @@ pub fn test_migrant(bp: &BootParams) -> TestResult {
                 gaps.us(gaps.longest),
                 gaps.us(recent)
             );
-            report = now + hz;
             gaps.skip();
         }
         // Port I/O is slow on some hosts: the console is looked at ten times a second.
-        if now.wrapping_sub(console_at) > hz / 10 {
-            console_at = now;
+        if console.due(now) {
             match uart::try_getb() {
                 Some(b'q') => quitting = true,
                 Some(b'm') => match net.as_mut() {
