@@ -1416,6 +1416,11 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
     let content: Vec<u8> = (0..8u64 << 20).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(&disk, &content).unwrap();
     rt().block_on(async {
+        // Each host says where it takes migrations (what a scheduler hands the sender).
+        for (c, ip) in [(&ca, "10.98.0.1"), (&cb, "10.98.0.2")] {
+            let host = expect_status(&c.get("/v1/host").await.unwrap(), 200);
+            assert_eq!(host["info"]["migration_listen"], format!("{ip}:7400"));
+        }
         let mut span = segment("span", 40, "routed", 40);
         span["overlay"] = json!("vxlan");
         for c in [&ca, &cb] {

@@ -75,6 +75,11 @@ pub struct HostInfo {
     pub capabilities: Vec<String>,
     /// CPU templates accepted in `cpu_template`.
     pub cpu_templates: Vec<String>,
+    /// Where this agent takes live migrations from other hosts (`--migration-listen`), as
+    /// `HOST:PORT`; `None` when it takes none. A scheduler hands it to the source host's
+    /// agent as the migration's `destination` (with a wildcard address replaced by one the
+    /// host's certificate names).
+    pub migration_listen: Option<String>,
 }
 
 /// The KVM under /dev/kvm.
@@ -256,6 +261,7 @@ pub fn host_info() -> HostInfo {
         .map(|s| s.to_string())
         .collect(),
         cpu_templates: vec!["host".into(), "x86-64-v2".into()],
+        migration_listen: None,
     }
 }
 

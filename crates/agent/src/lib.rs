@@ -320,6 +320,7 @@ impl Agent {
                 })?))
             }
         };
+        let migration_listen = config.migration.as_ref().and_then(|m| m.listen);
         if !config.sandbox.jail {
             tracing::warn!(
                 "VMMs run WITHOUT their jail (--no-jail): as root, in the host's namespaces, \
@@ -331,7 +332,10 @@ impl Agent {
             store,
             vms: Mutex::new(BTreeMap::new()),
             events,
-            info: host::host_info(),
+            info: host::HostInfo {
+                migration_listen: migration_listen.map(|a| a.to_string()),
+                ..host::host_info()
+            },
             version: watch::channel(0).0,
             net,
             images,

@@ -59,6 +59,29 @@ bexar_opts = [
                  help="Seconds added to a graceful stop's timeout for the agent's own "
                       "escalation (stop request, then SIGKILL, 3 s each) before the request "
                       "is given up on."),
+    cfg.StrOpt("migration_address",
+               help="Where other hosts' agents send live migrations to this host: "
+                    "``HOST:PORT`` (``[v6]:PORT``), an address this host's migration "
+                    "certificate names. Unset: the agent's own ``--migration-listen``, with a "
+                    "wildcard address replaced by ``my_ip``. A destination whose agent takes "
+                    "no migrations fails nova's pre-check."),
+    cfg.IntOpt("live_migration_downtime",
+               default=100,
+               min=1,
+               help="Milliseconds: the longest pause of the guest at the switch-over of a "
+                    "live migration (the agent's ``downtime_ms``). Pre-copy goes on while "
+                    "the rest would take longer."),
+    cfg.IntOpt("live_migration_bandwidth",
+               default=0,
+               min=0,
+               help="MiB a second a live migration may send while the guest runs (0: no "
+                    "limit). The switch-over itself is never limited."),
+    cfg.IntOpt("live_migration_completion_timeout",
+               default=800,
+               min=0,
+               help="Seconds per GiB of guest memory and local disk a live migration may "
+                    "take before it is cancelled and the guest goes on where it was (as "
+                    "libvirt's option of the same name, whose default this is). 0: no limit."),
 ]
 
 

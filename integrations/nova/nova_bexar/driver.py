@@ -37,6 +37,7 @@ from nova.compute import task_states
 from nova import exception
 from nova.image import glance
 from nova.objects import fields as obj_fields
+from nova.objects import migrate_data as migrate_data_obj
 from nova.virt import driver
 from nova.virt import event as virtevent
 from nova.virt import hardware
@@ -63,6 +64,11 @@ SUSPEND_SNAPSHOT = "nova-suspend"
 SNAPSHOT_SECONDS_PER_GIB = 30
 # nova's own limit for console output (what libvirt returns at most).
 MAX_CONSOLE_BYTES = 100 * 1024
+# How long a live migration whose answer was lost is followed, until the agents have settled
+# where the VM runs (the agent asks the destination for 30 s itself, then in the background).
+IN_DOUBT_SECONDS = 120
+# How often a live migration's progress is copied into nova's migration record.
+MIGRATION_POLL_SECONDS = 2
 
 POWER_STATES = {
     "running": power_state.RUNNING,
@@ -785,6 +791,272 @@ class BexarDriver(driver.ComputeDriver):
                           "over_committed_disk_size": max(0, size - used)})
         return _json(disks)
 
+    # ---- live migration -------------------------------------------------------------------
+
+    def _migration_address(self):
+        """Where other hosts' agents send this host VMs: ``[bexar] migration_address``, else
+        the agent's own listener (a wildcard address replaced by ``my_ip``); None if the agent
+        takes no migrations."""
+        if CONF.bexar.migration_address:
+            return CONF.bexar.migration_address
+        listen = self._host_info()["info"].get("migration_listen")
+        if not listen:
+            return None
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]")
+        if netaddr.IPAddress(host).format() in ("0.0.0.0", "::"):
+            host = CONF.my_ip
+        return "[%s]:%s" % (host, port) if ":" in host else "%s:%s" % (host, port)
+
+    def check_can_live_migrate_destination(self, context, instance, src_compute_info,
+                                           dst_compute_info, block_migration=False,
+                                           disk_over_commit=False):
+        """On the destination: this host's agent must take migrations. Bexar hosts share no
+        storage, so the answer is always a block migration ("auto" becomes one); capacity,
+        CPU features and base images are checked by the agent itself when the VM is offered.
+
+        nova's LibvirtLiveMigrateData carries the answer (a driver's own type could not cross
+        nova-conductor, which loads no virt driver); ``target_connect_addr`` is the agent's
+        migration address."""
+        address = self._migration_address()
+        if not address:
+            raise exception.MigrationPreCheckError(
+                reason="the Bexar agent on %s takes no live migrations (bexar agent "
+                       "--migration-listen, with its certificates)" % (self._host or CONF.host))
+        data = migrate_data_obj.LibvirtLiveMigrateData()
+        data.block_migration = block_migration is not False
+        data.disk_over_commit = bool(disk_over_commit)
+        data.is_shared_block_storage = False
+        data.is_shared_instance_path = False
+        data.target_connect_addr = address
+        data.graphics_listen_addr_vnc = None
+        data.graphics_listen_addr_spice = None
+        data.serial_listen_addr = None
+        return data
+
+    def cleanup_live_migration_destination_check(self, context, dest_check_data):
+        pass
+
+    def check_can_live_migrate_source(self, context, instance, dest_check_data,
+                                      block_device_info=None):
+        """On the source: the VM must be running here (the agent moves running VMs), and its
+        local disks can only move as a block migration."""
+        vm = self._vm(instance)
+        if vm["state"] != "running" or vm.get("operation"):
+            raise exception.MigrationPreCheckError(
+                reason="Bexar moves running VMs only; this one is %s%s" % (
+                    vm["state"], " (%s under way)" % vm["operation"]["kind"]
+                    if vm.get("operation") else ""))
+        if block_device_info and driver.block_device_info_get_mapping(block_device_info):
+            raise exception.MigrationPreCheckError(reason="Bexar VMs have no cinder volumes")
+        local = [d.get("path") for d in vm.get("disks", []) if d.get("path")]
+        if local and not dest_check_data.block_migration:
+            raise exception.InvalidLocalStorage(
+                path=local[0],
+                reason="Bexar hosts share no storage: the VM's disks move only with block "
+                       "migration")
+        return dest_check_data
+
+    def pre_live_migration(self, context, instance, block_device_info, network_info,
+                           disk_info, migrate_data):
+        """On the destination, before the VM is sent: what its agent checks the VM against is
+        made ready here, as a spawn would make it: the base image of its root disk registered
+        with the agent, its kernel and initramfs in the image cache, and the segments of its
+        networks."""
+        if block_device_info and driver.block_device_info_get_mapping(block_device_info):
+            raise exception.MigrationError(reason="Bexar does not attach cinder volumes")
+        try:
+            self._boot_and_disks(context, instance, instance.image_meta)
+            for vif in network_info or []:
+                self._segment_for(vif.get("network") or {})
+        except bexar_agent.AgentError as e:
+            raise exception.MigrationError(reason=str(e)) from e
+        return migrate_data
+
+    def live_migration(self, context, instance, dest, post_method, recover_method,
+                       block_migration=False, migrate_data=None):
+        """On the source: the agent sends the running VM, with its memory, local disks, NICs,
+        metadata and console log, to the destination's agent and answers when it runs there
+        (``post_method``) or goes on here (``recover_method``).
+
+        While it runs, its progress goes into nova's migration record, and one that takes
+        longer than ``[bexar] live_migration_completion_timeout`` is cancelled. A migration
+        in doubt (the answer lost: the agents settle it between them, the guest held paused
+        meanwhile) is followed until the VM runs on one host or the other."""
+        address = None
+        if migrate_data is not None and "target_connect_addr" in migrate_data:
+            address = migrate_data.target_connect_addr
+        if not address:
+            LOG.error("Live migration to %s: no Bexar migration address from the destination; "
+                      "the VM goes on here", dest, instance=instance)
+            recover_method(context, instance, dest, migrate_data)
+            return
+        body = {"destination": address, "downtime_ms": CONF.bexar.live_migration_downtime}
+        if CONF.bexar.live_migration_bandwidth:
+            body["max_bandwidth_mib"] = CONF.bexar.live_migration_bandwidth
+        vm = self._vm(instance)
+        gib = max(1.0, (instance.flavor.memory_mb * (1 << 20) +
+                        sum(int(d.get("size") or 0) for d in vm.get("disks", []))) / (1 << 30))
+        limit = CONF.bexar.live_migration_completion_timeout * gib
+        migration = migrate_data.migration if migrate_data.obj_attr_is_set("migration") \
+            else None
+        self.active_migrations[instance.uuid] = migrate_data
+        monitor = _spawn(self._watch_migration, instance, migration, limit)
+        outcome, failure = None, None
+        try:
+            outcome = self._call(
+                self.agent.json, "POST", "/v1/vms/%s/migrate" % instance.uuid, body=body,
+                instance=instance,
+                # The agent ends the request itself (the stream's own timeouts, a cancel);
+                # this only keeps a lost agent from holding the migration for ever.
+                timeout=CONF.bexar.request_timeout + (limit or 3600) + IN_DOUBT_SECONDS)
+        except bexar_agent.AgentError as e:
+            LOG.warning("Live migration to %s (%s) ended: %s", dest, address, e,
+                        instance=instance)
+            failure = e
+        except exception.HypervisorUnavailable as e:
+            failure = e
+        finally:
+            if monitor is not None:
+                monitor.kill()
+            self.active_migrations.pop(instance.uuid, None)
+        if outcome is not None:
+            LOG.info("Live migration to %s done: %s", dest, outcome.get("migration"),
+                     instance=instance)
+            self._migration_done(migration, outcome)
+            post_method(context, instance, dest, block_migration, migrate_data)
+            return
+        # A refusal (4xx: the VM, the destination or a cancel) left the VM as it was here; a
+        # failure on the way (502) or an agent lost may have left it in doubt.
+        definite = isinstance(failure, bexar_agent.AgentError) and failure.status < 500
+        where = "here" if definite else self._where_is(instance)
+        if where == "here":
+            status = "cancelled" if getattr(failure, "code", None) == "migration_cancelled" \
+                else "failed"
+            recover_method(context, instance, dest, migrate_data, migration_status=status)
+        elif where == "gone":
+            LOG.warning("Live migration to %s: the answer was lost, but the VM left this host",
+                        dest, instance=instance)
+            post_method(context, instance, dest, block_migration, migrate_data)
+        else:
+            raise exception.MigrationError(
+                reason="live migration to %s in doubt and not settled within %d s: the guest "
+                       "is held paused here until the agents agree where it runs (%s)"
+                       % (dest, IN_DOUBT_SECONDS, failure))
+
+    def _where_is(self, instance):
+        """After a migration request that did not answer "moved": "here" once the VM runs on
+        here with no migration under way, "gone" once this agent no longer has it, None if
+        that is not settled within ``IN_DOUBT_SECONDS``."""
+        deadline = time.monotonic() + IN_DOUBT_SECONDS
+        while True:
+            try:
+                vm = self._vm(instance)
+                if vm["state"] == "running" and not vm.get("operation"):
+                    return "here"
+            except exception.InstanceNotFound:
+                return "gone"
+            except exception.HypervisorUnavailable:
+                pass
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(1)
+
+    def _watch_migration(self, instance, migration, limit):
+        """Copies the agent's progress into nova's migration record (``memory_*`` count the
+        memory and disk bytes together: the agent reports them as one stream) and cancels a
+        migration that outlasts ``limit`` seconds."""
+        start = time.monotonic()
+        cancelled = False
+        while True:
+            time.sleep(MIGRATION_POLL_SECONDS)
+            try:
+                vm = self.agent.get_vm(instance.uuid)
+            except (bexar_agent.AgentError, bexar_agent.AgentUnavailable):
+                continue
+            progress = (vm.get("operation") or {}).get("progress")
+            if progress and migration is not None:
+                migration.memory_processed = progress["bytes_sent"]
+                migration.memory_remaining = progress["left_bytes"]
+                migration.memory_total = progress["bytes_sent"] + progress["left_bytes"]
+                try:
+                    migration.save()
+                except Exception as e:  # noqa: BLE001 - progress only
+                    LOG.debug("migration progress not saved: %s", e)
+            if limit and not cancelled and time.monotonic() - start > limit:
+                LOG.warning("Live migration has taken over %d s "
+                            "([bexar] live_migration_completion_timeout): cancelling it",
+                            limit, instance=instance)
+                cancelled = True
+                try:
+                    self.agent.action(instance.uuid, "migrate/cancel")
+                except (bexar_agent.AgentError, bexar_agent.AgentUnavailable) as e:
+                    LOG.warning("cancel refused: %s", e, instance=instance)
+
+    @staticmethod
+    def _migration_done(migration, outcome):
+        report = outcome.get("migration") or {}
+        if migration is None or "bytes_sent" not in report:
+            return
+        migration.memory_total = migration.memory_processed = report["bytes_sent"]
+        migration.memory_remaining = 0
+        try:
+            migration.save()
+        except Exception as e:  # noqa: BLE001 - progress only
+            LOG.debug("migration progress not saved: %s", e)
+
+    def live_migration_abort(self, instance):
+        """Cancels the migration before its switch-over: the guest goes on here, untouched, and
+        the agent's migration request ends "cancelled" (nova rolls back)."""
+        try:
+            self._call(self.agent.action, instance.uuid, "migrate/cancel", instance=instance)
+        except bexar_agent.AgentError as e:
+            if e.code == "illegal_transition":
+                # No migration under way (it has just ended): nothing to abort.
+                LOG.warning("No live migration to abort: %s", e.message, instance=instance)
+                return
+            # Its switch-over has begun: it completes.
+            raise exception.MigrationError(
+                reason="the live migration cannot be aborted: %s" % e.message) from e
+
+    def post_live_migration(self, context, instance, block_device_info, migrate_data=None):
+        # The source agent deleted the VM (and its disks) itself once it ran there.
+        pass
+
+    def post_live_migration_at_source(self, context, instance, network_info):
+        """The VM left: the segments of its networks go if no other VM here uses them."""
+        self._cleanup_segments({"nics": self._nic_segments(network_info)})
+
+    def post_live_migration_at_destination(self, context, instance, network_info,
+                                           block_migration=False, block_device_info=None):
+        vm = self._vm(instance)
+        LOG.info("Live migration arrived: the VM is %s here", vm["state"], instance=instance)
+
+    def rollback_live_migration_at_source(self, context, instance, migrate_data):
+        # The agent let the guest go on here untouched; nothing to undo.
+        pass
+
+    def rollback_live_migration_at_destination(self, context, instance, network_info,
+                                               block_device_info, destroy_disks=True,
+                                               migrate_data=None):
+        """The VM stayed on the source. The agent here already removed any copy it was
+        receiving; what pre_live_migration made for it (segments) goes if unused. A VM that
+        runs here is never touched: that would be the agents' in-doubt case, theirs to settle."""
+        try:
+            vm = self._vm(instance)
+            if vm["state"] in ("running", "paused"):
+                LOG.error("Rollback of a live migration, but the VM runs here: left alone",
+                          instance=instance)
+                return
+            self._call(self.agent.delete_vm, instance.uuid, instance=instance)
+        except exception.InstanceNotFound:
+            pass
+        self._cleanup_segments({"nics": self._nic_segments(network_info)})
+
+    def _nic_segments(self, network_info):
+        return [{"segment": SEGMENT_PREFIX + str((vif.get("network") or {}).get("id", ""))}
+                for vif in network_info or []]
+
     # ---- console --------------------------------------------------------------------------
 
     def get_console_output(self, context, instance):
@@ -844,6 +1116,15 @@ class BexarDriver(driver.ComputeDriver):
         LOG.info("Bexar VM %s is %s (%s)", vm["id"], state, ev.get("message", ev["kind"]))
         self.emit_event(virtevent.LifecycleEvent(vm["id"], transition))
         return since
+
+
+def _spawn(fn, *args):
+    """Runs `fn` in a greenthread (nova-compute's), or not at all without eventlet."""
+    try:
+        import eventlet
+    except ImportError:  # pragma: no cover - nova always has eventlet
+        return None
+    return eventlet.spawn(fn, *args)
 
 
 def _download(context, image_id):

@@ -37,24 +37,27 @@ BANNER = "bexar-testguest: test: idle"
 _counter = [0]
 
 
-def _run(*cmd, check=True):
+def _run(*cmd, check=True, cwd=None):
     return subprocess.run(cmd, check=check, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+                          text=True, cwd=cwd)
 
 
 class RealAgent(fixtures.Fixture):
     """``bexar agent`` in its own network namespace, socket at ``self.socket``."""
 
-    def __init__(self, name="agent", extra_args=(), socket_path=None):
+    def __init__(self, name="agent", extra_args=(), socket_path=None, start=True):
         super().__init__()
         self.name = name
         self.extra_args = list(extra_args)
         self.socket_path = socket_path
+        self.start_at_setup = start
         self.proc = None
 
     def _setUp(self):
         _counter[0] += 1
-        self.dir = tempfile.mkdtemp(prefix="bexar-nova-%s-" % self.name)
+        # Directly under /tmp, not nova's per-test TMPDIR: a VMM's sockets live under the
+        # state directory, and a Unix socket's path has at most 107 bytes.
+        self.dir = tempfile.mkdtemp(prefix="bexar-nova-%s-" % self.name, dir="/tmp")
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.netns = "bexar-nova-%d-%d" % (os.getpid(), _counter[0])
         _run("ip", "netns", "add", self.netns)
@@ -62,8 +65,9 @@ class RealAgent(fixtures.Fixture):
         _run("ip", "-n", self.netns, "link", "set", "lo", "up")
         self.socket = self.socket_path or os.path.join(self.dir, "agent.sock")
         self.log_path = os.path.join(self.dir, "agent.log")
-        self.start()
         self.addCleanup(self._teardown)
+        if self.start_at_setup:
+            self.start()
 
     def start(self):
         log = open(self.log_path, "ab")
@@ -121,6 +125,29 @@ class RealAgent(fixtures.Fixture):
         client = agent.Client(self.socket, timeout=30)
         return client.json(method, path, body=body)
 
+    def console_send(self, vm_id, data):
+        """Types `data` on the VM's console (``console/attach``, an HTTP upgrade)."""
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        try:
+            s.connect(self.socket)
+            s.sendall(b"GET /v1/vms/%s/console/attach HTTP/1.1\r\nHost: bexar\r\n"
+                      b"Connection: Upgrade\r\nUpgrade: bexar-console\r\n\r\n"
+                      % urllib.parse.quote(vm_id).encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+            if not head.startswith(b"HTTP/1.1 101"):
+                raise RuntimeError("console attach refused: %r" % head[:300])
+            s.sendall(data)
+            # Held a moment: the agent passes what it read on before it sees the close.
+            time.sleep(0.5)
+        finally:
+            s.close()
+
     def vms(self):
         return self.api("GET", "/v1/vms")["items"]
 
@@ -157,6 +184,67 @@ class RealAgent(fixtures.Fixture):
     def interfaces(self):
         out = _run("ip", "-n", self.netns, "-j", "link", "show").stdout
         return [link["ifname"] for link in json.loads(out)]
+
+
+class MigratingAgents(fixtures.Fixture):
+    """Two real agents that take live migrations from each other, as two hosts would: each
+    in its own network namespace, the two joined by a veth pair (10.77.0.1 and 10.77.0.2, the
+    hosts' underlay), each with a certificate naming its address, signed by one test CA
+    (made with the openssl tool, as an operator would), taking migrations on port 7400.
+
+    ``hosts`` names them (nova's compute hosts); the agent of host H listens on
+    ``<dir>/H.sock``, so ``[bexar] agent_socket = <dir>/%(host)s.sock`` reaches each.
+    """
+
+    PORT = 7400
+
+    def __init__(self, hosts, net=77):
+        super().__init__()
+        self.hosts = list(hosts)
+        self.net = net
+
+    def _setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="bexar-nova-mig-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.socket_pattern = os.path.join(self.dir, "%(host)s.sock")
+        addrs = ["10.%d.0.%d" % (self.net, i + 1) for i in range(len(self.hosts))]
+        self._certs(addrs)
+        self.agents = {}
+        for host, addr in zip(self.hosts, addrs):
+            agent = RealAgent(
+                host, socket_path=os.path.join(self.dir, host + ".sock"), start=False,
+                extra_args=["--migration-listen", "%s:%d" % (addr, self.PORT),
+                            "--migration-cert", os.path.join(self.dir, host + ".pem"),
+                            "--migration-key", os.path.join(self.dir, host + ".key"),
+                            "--migration-ca", os.path.join(self.dir, "ca.pem")])
+            self.useFixture(agent)
+            agent.address = addr
+            self.agents[host] = agent
+        a, b = (self.agents[h] for h in self.hosts[:2])
+        _run("ip", "link", "add", "ul0", "netns", a.netns, "type", "veth", "peer", "name",
+             "ul0", "netns", b.netns)
+        for agent in (a, b):
+            _run("ip", "-n", agent.netns, "addr", "add", agent.address + "/24", "dev", "ul0")
+            _run("ip", "-n", agent.netns, "link", "set", "ul0", "up")
+        for agent in self.agents.values():
+            agent.start()
+
+    def _certs(self, addrs):
+        def openssl(*args):
+            _run("openssl", *args, cwd=self.dir)
+
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+                "-subj", "/CN=bexar nova test CA")
+        for host, addr in zip(self.hosts, addrs):
+            with open(os.path.join(self.dir, host + ".ext"), "w") as f:
+                f.write("subjectAltName=IP:%s\nextendedKeyUsage=serverAuth,clientAuth\n"
+                        % addr)
+            openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", host + ".key", "-out", host + ".csr", "-subj", "/CN=" + host)
+            openssl("x509", "-req", "-in", host + ".csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                    "-CAcreateserial", "-out", host + ".pem", "-days", "2",
+                    "-extfile", host + ".ext")
 
 
 class FaultyAgent(fixtures.Fixture):
