@@ -1757,7 +1757,48 @@ fn a_running_vm_moves_between_hosts_with_its_disk_addresses_and_metadata() {
             assert!(text.contains("3/3 echo replies"), "{text}");
             expect_status(&ca.delete(&format!("/v1/vms/{id}")).await.unwrap(), 204);
         }
-        expect_status(&ca.delete("/v1/vms/mover").await.unwrap(), 204);
+        // Completing now: a copy held to 1 MiB/s (14 s for its first round alone) is told,
+        // once it has begun, to switch over after the round under way; the rest of that
+        // round goes unlimited and the VM arrives on B after one round, the disks intact.
+        let slow = json!({"destination": "10.98.0.2:7400", "max_bandwidth_mib": 1});
+        let client = ca.clone();
+        let asked = tokio::spawn(async move { client.post("/v1/vms/mover/migrate", &slow).await });
+        let t = Instant::now();
+        loop {
+            let v = expect_status(&ca.get("/v1/vms/mover").await.unwrap(), 200);
+            if v["operation"]["progress"]["round"] == 1 {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "no progress: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let o = bexar()
+            .args(["vm", "migrate-complete", "mover", "--socket"])
+            .arg(agent_a.socket())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r = asked.await.unwrap().unwrap();
+        let v = expect_status(&r, 200);
+        assert_eq!(v["migration"]["rounds"], 1, "{v}");
+        let there = expect_status(&cb.get("/v1/vms/mover").await.unwrap(), 200);
+        assert_eq!(there["state"], "running", "{there}");
+        let copy = agent_b.dir.join("state/vms/mover/disk0.raw");
+        assert!(
+            std::fs::read(&copy).unwrap() == content,
+            "the raw disk differs"
+        );
+        let overlay = agent_b.dir.join("state/vms/mover/disk1.qcow2");
+        let (o, e) = (overlay.to_str().unwrap(), expected.to_str().unwrap());
+        qemu_img_ok(&["compare", "-q", o, e]);
+        // Nothing to complete any more.
+        let r = cb
+            .post("/v1/vms/mover/migrate/complete", &json!({}))
+            .await
+            .unwrap();
+        let v = expect_status(&r, 409);
+        assert_eq!(v["error"]["code"], "illegal_transition", "{v}");
+        expect_status(&cb.delete("/v1/vms/mover").await.unwrap(), 204);
     });
     let _ = rogue.kill();
     let _ = rogue.wait();

@@ -127,6 +127,12 @@ pub enum VmCommand {
         /// VM id.
         id: String,
     },
+    /// Have a VM's live migration switch over after the round under way, whatever its
+    /// downtime budget (the rest of the round goes without the bandwidth limit).
+    MigrateComplete {
+        /// VM id.
+        id: String,
+    },
     /// List a VM's snapshots.
     Snapshots {
         /// VM id.
@@ -833,6 +839,10 @@ async fn vm_async(opts: &ClientOpts, cmd: &VmCommand) -> ExitCode {
         }
         VmCommand::MigrateCancel { id } => {
             c.post(&format!("/v1/vms/{id}/migrate/cancel"), &Value::Null)
+                .await
+        }
+        VmCommand::MigrateComplete { id } => {
+            c.post(&format!("/v1/vms/{id}/migrate/complete"), &Value::Null)
                 .await
         }
         VmCommand::Snapshots { id } => {

@@ -34,6 +34,8 @@
 //! `POST /v1/vms/{id}/migrate/cancel` has the relay send the VMM a cancel byte, which it honours
 //! until the switch-over begins (the VM goes on here; the migration's request ends with 409
 //! `migration_cancelled`). Once the relay has seen the switch-over begin, a cancel is refused.
+//! `POST /v1/vms/{id}/migrate/complete` sends a complete byte instead: the VMM finishes the
+//! round under way without its bandwidth limit and switches over, whatever the budget.
 //!
 //! A migration in doubt (the whole VM went, no answer came back) is settled between the agents:
 //! the sender asks the destination with a [`Query`] line on a new connection whether it holds
@@ -256,13 +258,17 @@ enum Hello {
     Prepare(Box<Prepare>),
 }
 
-/// A migration under way, as `POST /v1/vms/{id}/migrate/cancel` reaches it.
+/// A migration under way, as `POST /v1/vms/{id}/migrate/cancel` and `.../migrate/complete`
+/// reach it.
 #[derive(Debug, Default)]
 pub(crate) struct Cancel {
-    /// Wakes the relay, which sends the VMM [`bexar_vmm::migration::CANCEL`].
+    /// Wakes the relay, which sends the VMM [`bexar_vmm::migration::CANCEL`] or
+    /// [`bexar_vmm::migration::COMPLETE`].
     notify: tokio::sync::Notify,
     /// The cancel was asked for.
     asked: std::sync::atomic::AtomicBool,
+    /// Completing now (the switch-over after the round under way) was asked for.
+    complete: std::sync::atomic::AtomicBool,
     /// The switch-over has begun (as far as the stream relayed says): too late to cancel.
     switching: std::sync::atomic::AtomicBool,
 }
@@ -316,7 +322,7 @@ async fn relay_out(
     progress: tokio::sync::watch::Sender<Option<bexar_vmm::migration::MigrationProgress>>,
     cancel: Arc<Cancel>,
 ) -> std::io::Result<()> {
-    use bexar_vmm::migration::{MigrationPhase, StreamWatch, CANCEL};
+    use bexar_vmm::migration::{MigrationPhase, StreamWatch, CANCEL, COMPLETE};
     let (vmm, _) = tokio::time::timeout(STEP_TIMEOUT, listener.accept())
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no VMM"))??;
@@ -351,8 +357,9 @@ async fn relay_out(
         }
     };
     let back = async {
+        use std::sync::atomic::Ordering::SeqCst;
         let mut buf = vec![0u8; 4096];
-        let mut cancelled = false;
+        let (mut cancelled, mut completing) = (false, false);
         loop {
             tokio::select! {
                 r = conn_r.read(&mut buf) => {
@@ -363,8 +370,13 @@ async fn relay_out(
                     vmm_w.write_all(&buf[..n]).await?;
                 }
                 () = cancel.notify.notified(), if !cancelled => {
-                    cancelled = true;
-                    vmm_w.write_all(&[CANCEL]).await?;
+                    if cancel.asked.load(SeqCst) {
+                        cancelled = true;
+                        vmm_w.write_all(&[CANCEL]).await?;
+                    } else if cancel.complete.load(SeqCst) && !completing {
+                        completing = true;
+                        vmm_w.write_all(&[COMPLETE]).await?;
+                    }
                 }
             }
         }
@@ -966,6 +978,24 @@ impl Agent {
         }
         cancel.asked.store(true, Ordering::SeqCst);
         cancel.notify.notify_one();
+        Ok(rec)
+    }
+
+    /// Has the live migration of VM `id` switch over after the round under way, whatever its
+    /// downtime budget (nova's "force complete"): the rest of the round goes without the
+    /// bandwidth limit, then the guest pauses for what is left. Asked again, or once the
+    /// switch-over has begun, it changes nothing.
+    pub async fn complete_migration(&self, id: &str) -> Result<VmRecord, AgentError> {
+        use std::sync::atomic::Ordering;
+        let entry = self.entry(id)?;
+        let steer = lock(&entry.migration).clone();
+        let rec = Self::snapshot(&entry);
+        let Some(steer) = steer else {
+            return Err(super::lifecycle::illegal(&rec, "complete the migration of"));
+        };
+        if !steer.complete.swap(true, Ordering::SeqCst) {
+            steer.notify.notify_one();
+        }
         Ok(rec)
     }
 

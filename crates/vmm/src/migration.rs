@@ -70,6 +70,10 @@ pub const SYNCED: u8 = b'S';
 const PROGRESS_LEN: usize = 49;
 /// The byte an agent relaying the stream sends the sender to cancel the pre-copy.
 pub const CANCEL: u8 = b'C';
+/// The byte an agent relaying the stream sends the sender to end the pre-copy now (nova's
+/// "force complete"): the round under way goes on without the bandwidth limit, and the
+/// switch-over follows it, whatever the downtime budget says.
+pub const COMPLETE: u8 = b'N';
 /// How often the sender looks for a word from the other end while it sends.
 const LISTEN_EVERY: Duration = Duration::from_millis(10);
 /// The most pages one record carries (1 MiB).
@@ -352,6 +356,8 @@ pub(crate) struct Sender<W: Write> {
     /// [`CANCEL`], or an early refusal from the receiver.
     listen: Option<std::os::unix::net::UnixStream>,
     listened: Instant,
+    /// A [`COMPLETE`] was heard: switch over after this round.
+    pub(crate) forced: bool,
 }
 
 impl<W: Write> Sender<W> {
@@ -367,7 +373,17 @@ impl<W: Write> Sender<W> {
             since_bytes: 16,
             listen: None,
             listened: Instant::now(),
+            forced: false,
         })
+    }
+
+    /// A [`COMPLETE`] came: no limit from now on, and the switch-over after this round.
+    fn force(&mut self) {
+        if !self.forced {
+            tracing::info!("migration: asked to complete now: the pre-copy ends after this round");
+        }
+        self.forced = true;
+        self.limit = None;
     }
 
     /// Sends at most `bytes_per_sec` from now on (`None`: as fast as the stream takes it).
@@ -414,32 +430,51 @@ impl<W: Write> Sender<W> {
         }
         let mut back = back;
         let mut b = [0u8; 1];
-        match back.read(&mut b)? {
-            0 => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
-            _ if b[0] == CANCEL => Err(MigrationError::Cancelled),
-            _ if b[0] == b'F' => Err(refusal(&mut back)?),
-            _ => Err(bad(format!("answer byte {:#04x} before the end", b[0]))),
+        if back.read(&mut b)? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        self.word(b[0], "before the end")
+    }
+
+    /// What a byte from the other end does while the pre-copy runs: a [`CANCEL`] ends it, a
+    /// [`COMPLETE`] hurries it, an `F` is the receiver's refusal (its reason follows).
+    fn word(&mut self, b: u8, when: &str) -> Result<(), MigrationError> {
+        match b {
+            CANCEL => Err(MigrationError::Cancelled),
+            COMPLETE => {
+                self.force();
+                Ok(())
+            }
+            b'F' => match &self.listen {
+                Some(back) => {
+                    let mut back = back;
+                    Err(refusal(&mut back)?)
+                }
+                None => Err(bad("a refusal with no way back")),
+            },
+            other => Err(bad(format!("answer byte {other:#04x} {when}"))),
         }
     }
 
     /// Asks the receiver to put every disk block sent so far on stable storage, and waits for
     /// its [`SYNCED`] (the guest still runs here): so that the switch-over's pause syncs only
-    /// its own last blocks, not a pre-copy's worth. A [`CANCEL`] meanwhile cancels.
+    /// its own last blocks, not a pre-copy's worth. A [`CANCEL`] meanwhile cancels; a
+    /// [`COMPLETE`] is taken note of.
     pub(crate) fn sync_barrier(&mut self) -> Result<(), MigrationError> {
         self.out.write_all(&[SYNC])?;
         self.out.flush()?;
         self.bytes += 1;
-        let Some(back) = &self.listen else {
-            return Ok(());
-        };
-        let mut back = back;
-        let mut b = [0u8; 1];
-        back.read_exact(&mut b)?;
-        match b[0] {
-            SYNCED => Ok(()),
-            CANCEL => Err(MigrationError::Cancelled),
-            b'F' => Err(refusal(&mut back)?),
-            other => Err(bad(format!("answer byte {other:#04x} to a sync"))),
+        loop {
+            let Some(back) = &self.listen else {
+                return Ok(());
+            };
+            let mut back = back;
+            let mut b = [0u8; 1];
+            back.read_exact(&mut b)?;
+            if b[0] == SYNCED {
+                return Ok(());
+            }
+            self.word(b[0], "to a sync")?;
         }
     }
 
@@ -676,8 +711,9 @@ impl<W: Write> Sender<W> {
 pub(crate) fn read_answer(r: &mut impl Read) -> Result<(), MigrationError> {
     let mut b = [0u8; 1];
     r.read_exact(&mut b)?;
-    // A cancel that came after the switch-over began is too late: not the receiver's word.
-    while b[0] == CANCEL || b[0] == SYNCED {
+    // A cancel (or a completion asked for) that came after the switch-over began is too late:
+    // not the receiver's word.
+    while b[0] == CANCEL || b[0] == COMPLETE || b[0] == SYNCED {
         r.read_exact(&mut b)?;
     }
     match b[0] {
@@ -1089,6 +1125,32 @@ mod tests {
         .unwrap();
         assert_eq!(acks, [SYNCED]);
         assert!(e.to_string().contains("header"), "{e}");
+    }
+
+    #[test]
+    fn a_complete_on_the_way_back_lifts_the_limit_and_marks_the_last_round() {
+        use std::os::unix::net::UnixStream;
+        let size = 4 << 20;
+        let src = memfd_with(&[(1, 1), (2, 2)], size);
+        let read = |p: u64, b: &mut [u8]| src.read_exact_at(b, p * PAGE);
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut s = Sender::new(std::io::BufWriter::new(&a), size).unwrap();
+        s.listen(a.try_clone().unwrap());
+        s.limit(Some(4096));
+        b.write_all(&[COMPLETE]).unwrap();
+        std::thread::sleep(LISTEN_EVERY * 2);
+        s.pages(read, [1, 2].into_iter()).unwrap();
+        assert!(s.forced);
+        assert_eq!(s.limit, None, "the rest of the round goes unlimited");
+        // Heard in the middle of a sync barrier too, which still waits for its SYNCED.
+        let mut s2 = Sender::new(std::io::BufWriter::new(&a), size).unwrap();
+        s2.listen(a.try_clone().unwrap());
+        b.write_all(&[COMPLETE, SYNCED]).unwrap();
+        s2.sync_barrier().unwrap();
+        assert!(s2.forced);
+        // After the switch-over began, it is not the receiver's answer.
+        let mut answer: &[u8] = &[COMPLETE, b'R'];
+        read_answer(&mut answer).unwrap();
     }
 
     #[test]

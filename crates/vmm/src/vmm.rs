@@ -611,7 +611,14 @@ impl Vmm {
                 } else if fitted.is_some() {
                     overshot = true;
                 }
-                if converged(eta, left, last_left, report.rounds, fitted, overshot) && unsynced {
+                // Asked to complete now (the relaying agent's COMPLETE): this is the last round.
+                let switch_now =
+                    |eta, left, last_left, rounds, fitted, overshot, tx: &Sender<_>| {
+                        tx.forced || converged(eta, left, last_left, rounds, fitted, overshot)
+                    };
+                if switch_now(eta, left, last_left, report.rounds, fitted, overshot, &tx)
+                    && unsynced
+                {
                     // Before the pause, the receiver puts the disks' blocks so far on stable
                     // storage (the guest runs meanwhile): else the switch-over would wait for
                     // a pre-copy's worth of its writeback (20-30 ms for 9 MiB here). A guest
@@ -639,8 +646,14 @@ impl Vmm {
                     rate / 1e6,
                     eta.as_secs_f64() * 1e3
                 );
-                if converged(eta, left, last_left, report.rounds, fitted, overshot) {
-                    if eta > convergence.downtime {
+                if switch_now(eta, left, last_left, report.rounds, fitted, overshot, &tx) {
+                    if tx.forced {
+                        tracing::info!(
+                            "migration: completing as asked after {} rounds: the rest needs {:.1} ms",
+                            report.rounds,
+                            eta.as_secs_f64() * 1e3
+                        );
+                    } else if eta > convergence.downtime {
                         tracing::warn!(
                             "migration: {} rounds and the rest still needs {:.1} ms, over the {} ms budget: switching over anyway",
                             report.rounds,

@@ -1019,6 +1019,20 @@ class BexarDriver(driver.ComputeDriver):
             raise exception.MigrationError(
                 reason="the live migration cannot be aborted: %s" % e.message) from e
 
+    def live_migration_force_complete(self, instance):
+        """Has the migration switch over after the round it is copying, whatever its downtime
+        budget (the rest of that round without the bandwidth limit): the guest's pause may be
+        longer than ``live_migration_downtime``, as with libvirt's forced completion."""
+        try:
+            self._call(self.agent.action, instance.uuid, "migrate/complete", instance=instance)
+        except bexar_agent.AgentError as e:
+            if e.code == "illegal_transition":
+                # No migration under way (it has just ended): nothing to hurry.
+                LOG.warning("No live migration to complete: %s", e.message, instance=instance)
+                return
+            raise exception.MigrationError(
+                reason="the live migration cannot be completed now: %s" % e.message) from e
+
     def post_live_migration(self, context, instance, block_device_info, migrate_data=None):
         # The source agent deleted the VM (and its disks) itself once it ran there.
         pass

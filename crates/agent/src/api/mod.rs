@@ -55,6 +55,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/vms/{id}/upgrade"),
     ("POST", "/v1/vms/{id}/migrate"),
     ("POST", "/v1/vms/{id}/migrate/cancel"),
+    ("POST", "/v1/vms/{id}/migrate/complete"),
     ("POST", "/v1/vms/{id}/snapshot"),
     ("GET", "/v1/vms/{id}/snapshots"),
     ("DELETE", "/v1/vms/{id}/snapshots/{name}"),
@@ -496,6 +497,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/vms/{id}/upgrade", post(upgrade_vm))
         .route("/v1/vms/{id}/migrate", post(migrate_vm))
         .route("/v1/vms/{id}/migrate/cancel", post(cancel_migration))
+        .route("/v1/vms/{id}/migrate/complete", post(complete_migration))
         .route("/v1/vms/{id}/snapshot", post(snapshot_vm))
         .route("/v1/vms/{id}/snapshots", get(list_snapshots))
         .route(
@@ -821,6 +823,16 @@ async fn cancel_migration(
     _: NoBody,
 ) -> Result<Response, ApiError> {
     let rec = st.agent.cancel_migration(&id).await?;
+    Ok((StatusCode::ACCEPTED, Json(rec)).into_response())
+}
+
+async fn complete_migration(
+    State(st): St,
+    _: NoParams,
+    VmId(id): VmId,
+    _: NoBody,
+) -> Result<Response, ApiError> {
+    let rec = st.agent.complete_migration(&id).await?;
     Ok((StatusCode::ACCEPTED, Json(rec)).into_response())
 }
 

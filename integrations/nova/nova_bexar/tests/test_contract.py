@@ -38,7 +38,6 @@ EXPECTED_NOT_IMPLEMENTED = {
     "test_get_rdp_console": "get_rdp_console",
     "test_get_serial_console": "get_serial_console",
     "test_get_mks_console": "get_mks_console",
-    "test_live_migration_force_complete": "live_migration_force_complete",
     "test_set_host_enabled": "set_host_enabled",
     "test_host_power_action_reboot": "host_power_action",
     "test_host_power_action_shutdown": "host_power_action",

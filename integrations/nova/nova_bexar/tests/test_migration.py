@@ -146,6 +146,31 @@ class BexarLiveMigrationTest(_TwoAgents, integrated_helpers.ProviderUsageBaseTes
         migration = self._wait_for_migration_status(server, ["completed"])
         return server, migration
 
+    def _boot_dirty_guest(self):
+        """A guest rewriting 16 MiB at 2,000 pages a second (8 MB/s): at 1 MiB/s its first
+        copy alone takes 16 s, and it never converges."""
+        with open(agents.TESTGUEST, "rb") as f:
+            kernel = f.read()
+        busy = self.glance.create(None, {
+            "name": "bexar-dirty", "disk_format": "aki", "container_format": "aki",
+            "size": len(kernel), "properties": {"os_command_line": DIRTY_CMDLINE},
+        }, data=io.BytesIO(kernel))["id"]
+        server = self._create_server(image_uuid=busy, flavor_id=self.flavor_id,
+                                     networks="none", host="bexar-a")
+        self._wait_console(server, " pages written, round ")
+        return server
+
+    def _wait_copying(self, server, host):
+        """Until the agent on `host` copies the server (its first round: what it has to send)."""
+        deadline = time.monotonic() + 30
+        while True:
+            vm = self._agent(host).api("GET", "/v1/vms/%s" % server["id"])
+            progress = (vm.get("operation") or {}).get("progress")
+            if progress and progress["left_bytes"] > 0:
+                return progress
+            self.assertLess(time.monotonic(), deadline, vm)
+            time.sleep(0.1)
+
     def _writes_so_far(self, server):
         """The disk writes the guest's last per-second report counts."""
         lines = [line for line in self._console(server).splitlines()
@@ -222,30 +247,12 @@ class BexarLiveMigrationTest(_TwoAgents, integrated_helpers.ProviderUsageBaseTes
         boot), the destination keeps nothing, and placement holds it on the source only.
         nova's migration record shows the progress the agent reported before the abort."""
         self.flags(live_migration_bandwidth=1, group="bexar")
-        # A guest rewriting 16 MiB at 2,000 pages a second: at 1 MiB/s its first copy alone
-        # takes 16 s, and it never converges.
-        with open(agents.TESTGUEST, "rb") as f:
-            kernel = f.read()
-        busy = self.glance.create(None, {
-            "name": "bexar-dirty", "disk_format": "aki", "container_format": "aki",
-            "size": len(kernel), "properties": {"os_command_line": DIRTY_CMDLINE},
-        }, data=io.BytesIO(kernel))["id"]
-        server = self._create_server(image_uuid=busy, flavor_id=self.flavor_id,
-                                     networks="none", host="bexar-a")
-        self._wait_console(server, " pages written, round ")
+        server = self._boot_dirty_guest()
         pid = self._agent("bexar-a").api("GET", "/v1/vms/%s" % server["id"])["status"]["pid"]
         self.api.post_server_action(server["id"], {
             "os-migrateLive": {"host": "bexar-b", "block_migration": "auto"}})
         migration = self._wait_for_migration_status(server, ["running"])
-        # The agent has begun copying (its first round: what it has to send) before the abort.
-        deadline = time.monotonic() + 30
-        while True:
-            vm = self._agent("bexar-a").api("GET", "/v1/vms/%s" % server["id"])
-            progress = (vm.get("operation") or {}).get("progress")
-            if progress and progress["left_bytes"] > 0:
-                break
-            self.assertLess(time.monotonic(), deadline, vm)
-            time.sleep(0.1)
+        self._wait_copying(server, "bexar-a")
         # The driver copies the agent's progress into nova's migration record.
         deadline = time.monotonic() + 30
         while not self.api.get_active_migrations(server["id"])[0]["memory_total_bytes"]:
@@ -270,6 +277,32 @@ class BexarLiveMigrationTest(_TwoAgents, integrated_helpers.ProviderUsageBaseTes
             {"VCPU": 0, "MEMORY_MB": 0, "DISK_GB": 0}, self._get_provider_uuid_by_host("bexar-b"))
         self._delete_server(server)
         self._assert_agent_clean("bexar-a")
+
+    def test_force_complete_ends_a_migration_that_would_not(self):
+        """A guest rewriting 16 MiB at 2,000 pages a second, sent at 1 MiB/s, would never
+        converge: nova's force-complete has it switch over after the round under way (the
+        rest of it unlimited), and it runs on the destination, the same boot."""
+        self.flags(live_migration_bandwidth=1, group="bexar")
+        server = self._boot_dirty_guest()
+        self.api.post_server_action(server["id"], {
+            "os-migrateLive": {"host": "bexar-b", "block_migration": "auto"}})
+        migration = self._wait_for_migration_status(server, ["running"])
+        self._wait_copying(server, "bexar-a")
+        self.api.force_complete_migration(server["id"], migration["id"])
+        server = self._wait_for_server_parameter(
+            server, {"OS-EXT-SRV-ATTR:host": "bexar-b", "status": "ACTIVE",
+                     "OS-EXT-STS:task_state": None})
+        self._wait_for_migration_status(server, ["completed"])
+        vm = self._agent("bexar-b").api("GET", "/v1/vms/%s" % server["id"])
+        self.assertEqual("running", vm["state"])
+        out = self._console(server)
+        self.assertEqual(1, out.count("test: dirty"))
+        self.assertNotIn("FAIL", out)
+        reports = out.count(" pages written, round ")
+        self._wait_console(server, " pages written, round ", count=reports + 2)
+        self._assert_agent_clean("bexar-a")
+        self._delete_server(server)
+        self._assert_agent_clean("bexar-b")
 
     def test_refusals_leave_the_guest_where_it_was(self):
         """A paused guest, and a destination whose agent takes no migrations: nova's
