@@ -104,7 +104,7 @@ class BexarDriver(driver.ComputeDriver):
 
     capabilities = {
         "has_imagecache": False,
-        "supports_evacuate": False,
+        "supports_evacuate": True,
         "supports_migrate_to_same_host": False,
         "supports_attach_interface": False,
         "supports_device_tagging": False,

@@ -7,6 +7,8 @@ tests do: otherwise greenthreads get their own in-memory databases and lose writ
 import nova.monkey_patch  # noqa: F401  (first, see above)
 
 import os
+import shutil
+import tempfile
 
 import nova.virt
 from nova.tests.fixtures import conf as conf_fixture
@@ -28,6 +30,31 @@ _conf_setup = conf_fixture.ConfFixture.setUp
 def _setup_with_api_paste(self):
     _conf_setup(self)
     self.conf.set_default("api_paste_config", API_PASTE, group="wsgi")
+    # nova's default instances_path is under its own package directory; the driver caches
+    # kernels there. Each test gets its own, removed afterwards.
+    instances = tempfile.mkdtemp(prefix="bexar-nova-instances-")
+    self.addCleanup(shutil.rmtree, instances, True)
+    self.conf.set_default("instances_path", instances)
 
 
 conf_fixture.ConfFixture.setUp = _setup_with_api_paste
+
+
+def keep_glance_uploads(glance):
+    """Makes nova's GlanceFixture keep what is uploaded to an image, as glance does (the
+    fixture drops the bytes, and keeps ``min_disk``/``min_ram`` as the strings nova's snapshot
+    passed where glance stores integers). Returns {image id: bytes uploaded}."""
+    uploads = {}
+    real_update = glance.update
+
+    def update(context, image_id, metadata, data=None, purge_props=False):
+        if data is not None:
+            uploads[image_id] = glance._imagedata[image_id] = data.read()
+        image = real_update(context, image_id, metadata, purge_props=purge_props)
+        for key in ("min_disk", "min_ram"):
+            if isinstance(image.get(key), str):
+                image[key] = int(image[key])
+        return image
+
+    glance.update = update
+    return uploads

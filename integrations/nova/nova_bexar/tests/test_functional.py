@@ -17,6 +17,7 @@ from nova.tests.fixtures import neutron as neutron_fixture
 from nova.tests.functional import integrated_helpers
 
 from nova_bexar import driver  # noqa: F401  (registers the [bexar] options)
+from nova_bexar import tests
 from nova_bexar.tests import agents
 
 HOST = "bexar1"
@@ -207,21 +208,7 @@ class BexarServerTest(integrated_helpers._IntegratedTestBase):
         """nova's suspend saves the guest and ends its VMM; resume brings it back where it was
         (no boot). createImage uploads the root disk flattened onto its base, and a server
         booted from that image runs."""
-        uploads = {}
-        real_update = self.glance.update
-
-        def update(context, image_id, metadata, data=None, purge_props=False):
-            # GlanceFixture drops uploaded bytes and keeps min_disk/min_ram as the strings
-            # nova's snapshot passed; glance keeps the bytes and stores integers.
-            if data is not None:
-                uploads[image_id] = self.glance._imagedata[image_id] = data.read()
-            image = real_update(context, image_id, metadata, purge_props=purge_props)
-            for key in ("min_disk", "min_ram"):
-                if isinstance(image.get(key), str):
-                    image[key] = int(image[key])
-            return image
-
-        self.glance.update = update
+        uploads = tests.keep_glance_uploads(self.glance)
         server = self._create_server(image_uuid=self.disk_image, flavor_id=self.flavor_id,
                                      networks="none", host=HOST)
         self._wait_console(server, "idle: ready")

@@ -24,6 +24,7 @@ from nova.tests.functional import integrated_helpers
 from nova.tests.functional import test_servers
 
 from nova_bexar import driver  # noqa: F401  (registers the [bexar] options)
+from nova_bexar import tests
 from nova_bexar.tests import agents
 
 # The migrant test guest (firmware/README.md): writes its disk 10 times a second, each write
@@ -70,7 +71,26 @@ class _TwoAgents:
 NOVA_TESTS = {
     "test_live_migrate",
     "test_live_migrate_force",
+    "test_live_migrate_forced_v268",
     "test_live_migration_after_server_created_with_host",
+    "test_evacuate_with_no_compute",
+    "test_evacuate_instance_kept_on_the_hypervisor",
+    "test_evacuate_clean_hypervisor",
+    "test_evacuate_forced_host_instance_kept_on_the_hypervisor",
+    "test_evacuate_forced_host_clean_hypervisor",
+    "test_evacuate_forced_host_v268",
+    "test_evacuate_host_specified_but_not_forced",
+    "test_evacuate_claim_on_dest_fails_instance_kept_on_the_hypervisor",
+    "test_evacuate_claim_on_dest_fails_clean_hypervisor",
+    "test_evacuate_rebuild_on_dest_fails_instance_kept_on_the_hypervisor",
+    "test_evacuate_rebuild_on_dest_fails_clean_hypervisor",
+    "test_evacuate_after_server_created_with_host",
+    "test_shelve_unshelve",
+    "test_shelve_unshelve_to_host",
+    "test_shelve_unshelve_to_host_instance_not_offloaded",
+    "test_shelve_offload_unshelve_diff_host",
+    "test_shelve_offload_unshelve_same_host",
+    "test_shelve_unshelve_after_server_created_with_host",
 }
 
 
@@ -85,6 +105,8 @@ class NovaServerMovingTests(_TwoAgents, test_servers.ServerMovingTests):
         # GlanceFixture's image1 (what these tests boot) has no bytes: give it a small raw
         # disk, so that each server has a root disk made from it that must move.
         self.glance._imagedata[self.glance.image1["id"]] = b"\x5a" * BASE_BYTES
+        # Shelving uploads a snapshot that unshelving boots.
+        tests.keep_glance_uploads(self.glance)
 
     def _delete_and_check_allocations(self, server):
         super()._delete_and_check_allocations(server)
