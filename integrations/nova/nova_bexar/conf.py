@@ -47,6 +47,13 @@ bexar_opts = [
                     "holds the subnet's gateway address, NATs IPv4 out and routes IPv6) or "
                     "``bridged`` (a layer-2 segment on the agent's uplink; the network's own "
                     "router is the gateway)."),
+    cfg.StrOpt("segment_overlay",
+               choices=["vxlan"],
+               help="Make each neutron network one layer-2 domain across the Bexar hosts "
+                    "that have VMs on it: ``vxlan`` tunnels its segments to the other hosts "
+                    "(``bexar agent --overlay-local/--overlay-peer``), with the network's "
+                    "``provider:segmentation_id`` (1-4094) as the tunnel id on every host. "
+                    "Unset: each host's segment is its own."),
     cfg.IntOpt("soft_reboot_timeout",
                default=120,
                min=0,

@@ -21,6 +21,7 @@ What maps to what (docs/nova.md has the operator's view):
 """
 
 import base64
+import hashlib
 import os
 import re
 import tempfile
@@ -369,7 +370,7 @@ class BexarDriver(driver.ComputeDriver):
             "cpu_template": CONF.bexar.cpu_template,
             "boot": boot,
             "disks": disks,
-            "nics": self._nics(instance, network_info or []),
+            "nics": self._nics(context, instance, network_info or []),
             "rng": True,
             "labels": {LABEL: "1", NAME_LABEL: instance.name},
         }
@@ -471,11 +472,11 @@ class BexarDriver(driver.ComputeDriver):
                     raise
         return path
 
-    def _nics(self, instance, network_info):
+    def _nics(self, context, instance, network_info):
         nics = []
         for vif in network_info:
             network = vif.get("network") or {}
-            segment = self._segment_for(network)
+            segment = self._segment_for(context, network)
             nic = {"segment": segment}
             if vif.get("address"):
                 nic["mac"] = vif["address"]
@@ -488,11 +489,12 @@ class BexarDriver(driver.ComputeDriver):
             nics.append(nic)
         return nics
 
-    def _segment_for(self, network):
+    def _segment_for(self, context, network):
         seg_id = SEGMENT_PREFIX + str(network.get("id", ""))
         if not _ID_RE.match(seg_id):
             raise exception.InvalidInput(reason="network id %r is not usable" % network.get("id"))
         body = {"id": seg_id, "mode": CONF.bexar.segment_mode}
+        overlay = CONF.bexar.segment_overlay
         for subnet in network.get("subnets", []):
             gateway = subnet.get("gateway") or {}
             gw = gateway.get("address") if gateway else None
@@ -506,16 +508,28 @@ class BexarDriver(driver.ComputeDriver):
                     body["ipv6"]["gateway"] = gw
         if body["mode"] == "routed" and "ipv4" not in body and "ipv6" not in body:
             body["mode"] = "bridged"
+        if overlay:
+            # One layer-2 domain across hosts: the tunnel's id (the segment's VLAN) must be
+            # the same on every host, so it is the network's, never the first one free here.
+            body["overlay"] = overlay
+            body["vlan"] = self._network_vni(context, network)
         with lockutils.lock("bexar-segments"):
             segments = self._call(self.agent.segments)
             for seg in segments:
                 if seg["id"] == seg_id:
                     return seg_id
-            used = {seg["vlan"] for seg in segments}
-            vlan = network.get_meta("vlan") if hasattr(network, "get_meta") else None
-            if not vlan or vlan in used:
-                vlan = next(v for v in range(1, 4095) if v not in used)
-            body["vlan"] = int(vlan)
+            used = {seg["vlan"]: seg["id"] for seg in segments}
+            if overlay and body["vlan"] in used:
+                clash = (network.get("id"), used[body["vlan"]], body["vlan"])
+                raise exception.InvalidInput(
+                    reason="network %s and segment %s would share VXLAN id %d on this host; "
+                           "give the network a provider:segmentation_id of 1-4094 that no "
+                           "other network here has" % clash)
+            if not overlay:
+                vlan = network.get_meta("vlan") if hasattr(network, "get_meta") else None
+                if not vlan or vlan in used:
+                    vlan = next(v for v in range(1, 4095) if v not in used)
+                body["vlan"] = int(vlan)
             try:
                 self._call(self.agent.create_segment, body)
             except bexar_agent.AgentError as e:
@@ -523,6 +537,29 @@ class BexarDriver(driver.ComputeDriver):
                     reason="network %s cannot be a Bexar segment: %s" % (network.get("id"), e)
                 ) from e
         return seg_id
+
+    @staticmethod
+    def _network_vni(context, network):
+        """The VXLAN id of a neutron network on every host: its ``provider:segmentation_id``
+        when that is 1-4094 (the agent's range: a segment's VXLAN id is its VLAN), else one
+        drawn from its UUID (the same everywhere; a clash with another network on a host is
+        refused there)."""
+        from nova import context as nova_context
+        from nova.network import neutron
+        net_id = str(network.get("id", ""))
+        try:
+            client = neutron.get_client(context or nova_context.get_admin_context(),
+                                        admin=True)
+            net = client.show_network(net_id).get("network", {})
+            ids = [net.get("provider:segmentation_id")] + [
+                seg.get("provider:segmentation_id") for seg in net.get("segments") or []]
+            for vni in ids:
+                if isinstance(vni, int) and 1 <= vni <= 4094:
+                    return vni
+        except Exception as e:  # noqa: BLE001 - the UUID's id is as stable
+            LOG.warning("Network %s: no segmentation id from neutron (%s); one is drawn from "
+                        "its UUID", net_id, e)
+        return 1 + int(hashlib.sha256(net_id.encode()).hexdigest(), 16) % 4094
 
     def _cleanup_segments(self, spec):
         """Removes the segments of these NICs that no other VM uses (409 in_use: kept)."""
@@ -868,7 +905,7 @@ class BexarDriver(driver.ComputeDriver):
         try:
             self._boot_and_disks(context, instance, instance.image_meta)
             for vif in network_info or []:
-                self._segment_for(vif.get("network") or {})
+                self._segment_for(context, vif.get("network") or {})
         except bexar_agent.AgentError as e:
             raise exception.MigrationError(reason=str(e)) from e
         return migrate_data

@@ -189,8 +189,9 @@ class RealAgent(fixtures.Fixture):
 class MigratingAgents(fixtures.Fixture):
     """Two real agents that take live migrations from each other, as two hosts would: each
     in its own network namespace, the two joined by a veth pair (10.77.0.1 and 10.77.0.2, the
-    hosts' underlay), each with a certificate naming its address, signed by one test CA
-    (made with the openssl tool, as an operator would), taking migrations on port 7400.
+    hosts' underlay, which also carries their segments' VXLAN overlay), each with a
+    certificate naming its address, signed by one test CA (made with the openssl tool, as an
+    operator would), taking migrations on port 7400.
 
     ``hosts`` names them (nova's compute hosts); the agent of host H listens on
     ``<dir>/H.sock``, so ``[bexar] agent_socket = <dir>/%(host)s.sock`` reaches each.
@@ -211,9 +212,11 @@ class MigratingAgents(fixtures.Fixture):
         self._certs(addrs)
         self.agents = {}
         for host, addr in zip(self.hosts, addrs):
+            peers = [arg for a in addrs if a != addr for arg in ("--overlay-peer", a)]
             agent = RealAgent(
                 host, socket_path=os.path.join(self.dir, host + ".sock"), start=False,
-                extra_args=["--migration-listen", "%s:%d" % (addr, self.PORT),
+                extra_args=["--overlay-local", addr] + peers + [
+                            "--migration-listen", "%s:%d" % (addr, self.PORT),
                             "--migration-cert", os.path.join(self.dir, host + ".pem"),
                             "--migration-key", os.path.join(self.dir, host + ".key"),
                             "--migration-ca", os.path.join(self.dir, "ca.pem")])
@@ -225,7 +228,8 @@ class MigratingAgents(fixtures.Fixture):
              "ul0", "netns", b.netns)
         for agent in (a, b):
             _run("ip", "-n", agent.netns, "addr", "add", agent.address + "/24", "dev", "ul0")
-            _run("ip", "-n", agent.netns, "link", "set", "ul0", "up")
+            # Room for the VXLAN header on the underlay.
+            _run("ip", "-n", agent.netns, "link", "set", "ul0", "mtu", "1600", "up")
         for agent in self.agents.values():
             agent.start()
 

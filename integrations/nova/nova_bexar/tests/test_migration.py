@@ -263,6 +263,62 @@ class BexarLiveMigrationTest(_TwoAgents, integrated_helpers.ProviderUsageBaseTes
         for host in self.AGENT_HOSTS:
             self._assert_agent_clean(host)
 
+    def test_one_network_across_hosts_before_and_after_moves(self):
+        """With ``segment_overlay = vxlan``, a neutron network is one layer-2 domain across
+        the hosts: its segment has the network's segmentation id as its VXLAN id on both. A
+        guest on host a pings one on host b at its neutron address; the pinging guest moves
+        to b (both on one host), then the answering one moves to a (apart again, the other
+        way round): the pings are answered all along but for a few around each switch-over."""
+        self.flags(segment_overlay="vxlan", group="bexar")
+        port_1, port_2 = (neutron_fixture.NeutronFixture.port_1,
+                          neutron_fixture.NeutronFixture.port_2)
+        self.neutron.create_port({"port": port_2})
+        peer_image = self._kernel_image("bexar-net-peer", "console=ttyS0 bexar.test=net-peer")
+        pinger_image = self._kernel_image(
+            "bexar-pinger", "console=ttyS0 bexar.test=migrant bexar.dirty-mib=1 "
+            "bexar.dirty-rate=100 bexar.gap-report-us=1000000 bexar.peer=%s"
+            % port_2["fixed_ips"][0]["ip_address"])
+        peer = self._create_server(image_uuid=peer_image, flavor_id=self.flavor_id,
+                                   networks=[{"port": port_2["id"]}], host="bexar-b")
+        self._wait_console(peer, "net-peer: ready")
+        pinger = self._create_server(image_uuid=pinger_image, flavor_id=self.flavor_id,
+                                     networks=[{"port": port_1["id"]}], host="bexar-a")
+        self._wait_console(pinger, "migrant: ready")
+        segs = [self._agent(h).api("GET", "/v1/segments")["items"] for h in self.AGENT_HOSTS]
+        self.assertEqual([["vxlan"], ["vxlan"]], [[s["overlay"] for s in h] for h in segs])
+        # NeutronFixture's network_1 is a VXLAN network with segmentation id 24.
+        self.assertEqual([[24], [24]], [[s["vlan"] for s in h] for h in segs])
+        replied = self._pings_answered(pinger, 0)
+        for server, there in ((pinger, "bexar-b"), (peer, "bexar-a")):
+            self._live_migrate_to(server, there)
+            replied = self._pings_answered(pinger, replied)
+        self._delete_server(pinger)
+        self._delete_server(peer)
+        for host in self.AGENT_HOSTS:
+            self._assert_agent_clean(host)
+
+    def _kernel_image(self, name, cmdline):
+        with open(agents.TESTGUEST, "rb") as f:
+            kernel = f.read()
+        return self.glance.create(None, {
+            "name": name, "disk_format": "aki", "container_format": "aki",
+            "size": len(kernel), "properties": {"os_command_line": cmdline},
+        }, data=io.BytesIO(kernel))["id"]
+
+    def _pings_answered(self, pinger, before, more=10, timeout=60):
+        """Waits until the migrant guest's reports count `more` answered pings than `before`;
+        returns the count."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in self._console(pinger).splitlines()
+                     if " pings " in line and " replied" in line]
+            replied = int(lines[-1].split(" sent ")[1].split(" ")[0]) if lines else 0
+            if replied >= before + more:
+                return replied
+            self.assertLess(time.monotonic(), deadline,
+                            "%d pings answered:\n%s" % (replied, "\n".join(lines[-5:])))
+            time.sleep(0.3)
+
     def test_an_aborted_migration_leaves_the_guest_where_it_was(self):
         """A migration held to 1 MiB/s is aborted through nova's API while it copies: the
         migration ends ``cancelled``, the guest runs on at the source, untouched (no second
