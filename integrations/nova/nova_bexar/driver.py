@@ -96,6 +96,9 @@ EVENT_TRANSITIONS = {
 }
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+# One sample of Prometheus' text format with labels, and one label in it.
+_METRIC_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{(.*)\} (\S+)$")
+_LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 _HOSTNAME_BAD = re.compile(r"[^A-Za-z0-9-]")
 _TAG_KEY_BAD = re.compile(r"[/\n\x00]")
 
@@ -1107,6 +1110,75 @@ class BexarDriver(driver.ComputeDriver):
     def _nic_segments(self, network_info):
         return [{"segment": SEGMENT_PREFIX + str((vif.get("network") or {}).get("id", ""))}
                 for vif in network_info or []]
+
+    # ---- diagnostics ----------------------------------------------------------------------
+
+    def _vm_figures(self, instance):
+        """The VM's figures from the agent's ``/v1/metrics`` (what its VMM and cgroup count):
+        ``{"cpu_ns", "memory_bytes", "disks": [...], "nics": [...]}``, devices in the VM's
+        order (each a dict of the device's counters)."""
+        vm = self._vm(instance)
+        _, _, data = self._call(self.agent.request, "GET", "/v1/metrics", instance=instance)
+        figures = {"vm": vm, "cpu_ns": None, "memory_bytes": None, "devices": {}}
+        for line in data.decode("utf-8", "replace").splitlines():
+            m = _METRIC_RE.match(line)
+            if not m:
+                continue
+            name, labels, value = m.group(1), dict(_LABEL_RE.findall(m.group(2))), m.group(3)
+            if labels.get("vm") != instance.uuid:
+                continue
+            if name == "bexar_vm_cgroup_cpu_seconds_total":
+                figures["cpu_ns"] = int(float(value) * 1e9)
+            elif name == "bexar_vm_cgroup_memory_bytes":
+                figures["memory_bytes"] = int(float(value))
+            elif name == "bexar_vm_device_total" and labels.get("device") in ("block", "net"):
+                key = (labels["device"], int(labels.get("slot", 0)))
+                figures["devices"].setdefault(key, {})[labels.get("counter")] = \
+                    int(float(value))
+        for kind, name in (("block", "disks"), ("net", "nics")):
+            figures[name] = [c for (k, _), c in sorted(figures["devices"].items()) if k == kind]
+        return figures
+
+    def get_diagnostics(self, instance):
+        """nova's legacy diagnostics (``GET /servers/{id}/diagnostics`` before microversion
+        2.48): the VM's CPU time and memory from its cgroup (absent without one), and each
+        disk's (``vda``...) and NIC's (its TAP's name) byte and request counts from its VMM.
+        Requests are counted per device, not per direction: ``_requests`` is their sum."""
+        f = self._vm_figures(instance)
+        vm = f["vm"]
+        out = {"memory": vm["spec"]["memory_mib"] * 1024}
+        if f["cpu_ns"] is not None:
+            out["cpu_time"] = f["cpu_ns"]
+        if f["memory_bytes"] is not None:
+            out["memory_used"] = f["memory_bytes"] // 1024
+        started = vm["status"].get("started_ms")
+        if vm["state"] in ("running", "paused") and started:
+            out["uptime"] = max(0, int(time.time() - started / 1000))
+        for i, c in enumerate(f["disks"]):
+            name = "vd" + chr(ord("a") + i) if i < 26 else "vd%d" % i
+            out.update({name + "_read": c.get("read_bytes", 0),
+                        name + "_write": c.get("written_bytes", 0),
+                        name + "_requests": c.get("requests", 0),
+                        name + "_errors": c.get("io_errors", 0) + c.get("refused", 0)})
+        for nic, c in zip(vm.get("nics") or [], f["nics"]):
+            name = nic.get("tap") or nic.get("mac")
+            # The guest reads what the host received for it, and writes what it sends.
+            out.update({name + "_rx": c.get("read_bytes", 0),
+                        name + "_tx": c.get("written_bytes", 0),
+                        name + "_requests": c.get("requests", 0),
+                        name + "_errors": c.get("io_errors", 0) + c.get("refused", 0)})
+        return out
+
+    def block_stats(self, instance, disk_id):
+        """``[rd_req, rd_bytes, wr_req, wr_bytes, errors]`` of disk ``vda``, ``vdb``...: the
+        VMM counts requests per device, not per direction, so the request counts are None."""
+        f = self._vm_figures(instance)
+        index = ord(disk_id[-1]) - ord("a") if disk_id and disk_id[-1].isalpha() else 0
+        if not 0 <= index < len(f["disks"]):
+            return [None, None, None, None, None]
+        c = f["disks"][index]
+        return [None, c.get("read_bytes", 0), None, c.get("written_bytes", 0),
+                c.get("io_errors", 0) + c.get("refused", 0)]
 
     # ---- console --------------------------------------------------------------------------
 

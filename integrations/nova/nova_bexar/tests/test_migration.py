@@ -20,6 +20,7 @@ import time
 
 import numpy
 from nova.tests.fixtures import neutron as neutron_fixture
+from nova import utils
 from nova.tests.functional import integrated_helpers
 from nova.tests.functional import test_servers
 
@@ -242,6 +243,18 @@ class BexarLiveMigrationTest(_TwoAgents, integrated_helpers.ProviderUsageBaseTes
             while self._writes_so_far(server) < before + 20:
                 self.assertLess(time.monotonic(), deadline, self._console(server)[-2000:])
                 time.sleep(0.5)
+
+        # nova's diagnostics (the legacy form; the new one names the driver from a closed
+        # list): the VMM it runs in now counts the disk it writes and reads back, the NIC its
+        # pings go out on, and the memory it was given.
+        with utils.temporary_mutation(self.api, microversion="2.47"):
+            diags = self.api.get_server_diagnostics(server["id"])
+        self.assertEqual(64 * 1024, diags["memory"])
+        self.assertGreater(diags["vda_write"], 0, diags)
+        self.assertGreater(diags["vda_read"], 0, diags)
+        tap = vm["nics"][0]["tap"]
+        self.assertIn(tap + "_tx", diags)
+        self.assertGreater(diags["uptime"], 0, diags)
 
         # The guest finishes its writes, flushes and says how many it made.
         agent = self._agent(self._host_of(server))
