@@ -1047,31 +1047,28 @@ class BexarDriver(driver.ComputeDriver):
 
     def live_migration_abort(self, instance):
         """Cancels the migration before its switch-over: the guest goes on here, untouched, and
-        the agent's migration request ends "cancelled" (nova rolls back)."""
-        try:
-            self._call(self.agent.action, instance.uuid, "migrate/cancel", instance=instance)
-        except bexar_agent.AgentError as e:
-            if e.code == "illegal_transition":
-                # No migration under way (it has just ended): nothing to abort.
-                LOG.warning("No live migration to abort: %s", e.message, instance=instance)
-                return
-            # Its switch-over has begun: it completes.
-            raise exception.MigrationError(
-                reason="the live migration cannot be aborted: %s" % e.message) from e
+        the agent's migration request ends "cancelled" (nova rolls back). Once the switch-over
+        has begun it completes (MigrationError)."""
+        self._steer_migration(instance, "cancel", "aborted")
 
     def live_migration_force_complete(self, instance):
         """Has the migration switch over after the round it is copying, whatever its downtime
         budget (the rest of that round without the bandwidth limit): the guest's pause may be
         longer than ``live_migration_downtime``, as with libvirt's forced completion."""
+        self._steer_migration(instance, "complete", "completed now")
+
+    def _steer_migration(self, instance, verb, done):
+        """``POST /v1/vms/{id}/migrate/<verb>``. No migration under way (it has just ended) is
+        nothing to do; another refusal is nova's MigrationError."""
         try:
-            self._call(self.agent.action, instance.uuid, "migrate/complete", instance=instance)
+            self._call(self.agent.action, instance.uuid, "migrate/" + verb, instance=instance)
         except bexar_agent.AgentError as e:
             if e.code == "illegal_transition":
-                # No migration under way (it has just ended): nothing to hurry.
-                LOG.warning("No live migration to complete: %s", e.message, instance=instance)
+                LOG.warning("No live migration to be %s: %s", done, e.message,
+                            instance=instance)
                 return
             raise exception.MigrationError(
-                reason="the live migration cannot be completed now: %s" % e.message) from e
+                reason="the live migration cannot be %s: %s" % (done, e.message)) from e
 
     def post_live_migration(self, context, instance, block_device_info, migrate_data=None):
         # The source agent deleted the VM (and its disks) itself once it ran there.

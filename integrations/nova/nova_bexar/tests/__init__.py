@@ -9,6 +9,7 @@ import nova.monkey_patch  # noqa: F401  (first, see above)
 import os
 import shutil
 import tempfile
+import time
 
 import nova.virt
 from nova.tests.fixtures import conf as conf_fixture
@@ -58,3 +59,23 @@ def keep_glance_uploads(glance):
 
     glance.update = update
     return uploads
+
+
+class ConsoleHelpers:
+    """A server's console output through nova's API (``os-getConsoleOutput``), for tests on
+    nova's harness (``self.api``)."""
+
+    def _console(self, server):
+        return self.api.post_server_action(
+            server["id"], {"os-getConsoleOutput": {}})["output"]
+
+    def _wait_console(self, server, text, count=1, timeout=60):
+        """Until `text` shows `count` times; returns the output."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self._console(server)
+            if out.count(text) >= count:
+                return out
+            self.assertLess(time.monotonic(), deadline,
+                            "%r (x%d) not in the console:\n%s" % (text, count, out[-3000:]))
+            time.sleep(0.2)

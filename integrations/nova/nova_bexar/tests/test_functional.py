@@ -23,7 +23,7 @@ from nova_bexar.tests import agents
 HOST = "bexar1"
 
 
-class BexarServerTest(integrated_helpers._IntegratedTestBase):
+class BexarServerTest(tests.ConsoleHelpers, integrated_helpers._IntegratedTestBase):
     microversion = "latest"
     ADMIN_API = True
 
@@ -63,20 +63,6 @@ class BexarServerTest(integrated_helpers._IntegratedTestBase):
 
     def _agent_vm(self, server):
         return self.agent.api("GET", "/v1/vms/%s" % server["id"])
-
-    def _console(self, server):
-        return self.api.post_server_action(
-            server["id"], {"os-getConsoleOutput": {}})["output"]
-
-    def _wait_console(self, server, text, count=1, timeout=30):
-        deadline = time.monotonic() + timeout
-        while True:
-            out = self._console(server)
-            if out.count(text) >= count:
-                return out
-            self.assertLess(time.monotonic(), deadline,
-                            "%r (x%d) not in the console:\n%s" % (text, count, out[-2000:]))
-            time.sleep(0.1)
 
     def _wait_status(self, server, status, timeout=30):
         deadline = time.monotonic() + timeout

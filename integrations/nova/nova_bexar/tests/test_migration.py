@@ -120,7 +120,8 @@ for _name in dir(test_servers.ServerMovingTests):
         setattr(NovaServerMovingTests, _name, None)
 
 
-class BexarLiveMigrationTest(_TwoAgents, integrated_helpers.ProviderUsageBaseTestCase):
+class BexarLiveMigrationTest(_TwoAgents, tests.ConsoleHelpers,
+                             integrated_helpers.ProviderUsageBaseTestCase):
     compute_driver = "bexar.BexarDriver"
     AGENT_HOSTS = ("bexar-a", "bexar-b")
 
@@ -142,20 +143,6 @@ class BexarLiveMigrationTest(_TwoAgents, integrated_helpers.ProviderUsageBaseTes
         }, data=io.BytesIO(self.base))["id"]
 
     # -- helpers ---------------------------------------------------------------------------
-
-    def _console(self, server):
-        return self.api.post_server_action(
-            server["id"], {"os-getConsoleOutput": {}})["output"]
-
-    def _wait_console(self, server, text, count=1, timeout=60):
-        deadline = time.monotonic() + timeout
-        while True:
-            out = self._console(server)
-            if out.count(text) >= count:
-                return out
-            self.assertLess(time.monotonic(), deadline,
-                            "%r (x%d) not in the console:\n%s" % (text, count, out[-3000:]))
-            time.sleep(0.2)
 
     def _host_of(self, server):
         return self.api.get_server(server["id"])["OS-EXT-SRV-ATTR:host"]
@@ -182,6 +169,15 @@ class BexarLiveMigrationTest(_TwoAgents, integrated_helpers.ProviderUsageBaseTes
                                      networks="none", host="bexar-a")
         self._wait_console(server, " pages written, round ")
         return server
+
+    def _assert_same_boot_goes_on(self, server):
+        """The dirty guest was started once (no second boot) and goes on writing and checking
+        its memory."""
+        out = self._console(server)
+        self.assertEqual(1, out.count("test: dirty"))
+        self.assertNotIn("FAIL", out)
+        reports = out.count(" pages written, round ")
+        self._wait_console(server, " pages written, round ", count=reports + 2)
 
     def _wait_copying(self, server, host):
         """Until the agent on `host` copies the server (its first round: what it has to send)."""
@@ -356,12 +352,7 @@ class BexarLiveMigrationTest(_TwoAgents, integrated_helpers.ProviderUsageBaseTes
                      "OS-EXT-STS:task_state": None})
         vm = self._agent("bexar-a").api("GET", "/v1/vms/%s" % server["id"])
         self.assertEqual(("running", pid), (vm["state"], vm["status"]["pid"]))
-        # The same boot goes on (one start), writing and checking its memory.
-        out = self._console(server)
-        self.assertEqual(1, out.count("test: dirty"))
-        self.assertNotIn("FAIL", out)
-        reports = out.count(" pages written, round ")
-        self._wait_console(server, " pages written, round ", count=reports + 2)
+        self._assert_same_boot_goes_on(server)
         self._assert_agent_clean("bexar-b")
         self._run_periodics()
         self.assertRequestMatchesUsage(
@@ -386,11 +377,7 @@ class BexarLiveMigrationTest(_TwoAgents, integrated_helpers.ProviderUsageBaseTes
         self._wait_for_migration_status(server, ["completed"])
         vm = self._agent("bexar-b").api("GET", "/v1/vms/%s" % server["id"])
         self.assertEqual("running", vm["state"])
-        out = self._console(server)
-        self.assertEqual(1, out.count("test: dirty"))
-        self.assertNotIn("FAIL", out)
-        reports = out.count(" pages written, round ")
-        self._wait_console(server, " pages written, round ", count=reports + 2)
+        self._assert_same_boot_goes_on(server)
         self._assert_agent_clean("bexar-a")
         self._delete_server(server)
         self._assert_agent_clean("bexar-b")
