@@ -2130,7 +2130,11 @@ fn images_give_each_vm_its_own_overlay_and_bad_disks_are_refused_by_field() {
         }
         let host = expect_status(&c.get("/v1/host").await.unwrap(), 200);
         // This agent takes no live migrations (no --migration-listen).
-        assert!(host["info"]["migration_listen"].is_null(), "{host}");
+        assert_eq!(
+            host["info"].get("migration_listen"),
+            Some(&Value::Null),
+            "{host}"
+        );
         let alloc = |h: &Value| h["inventory"]["disk"]["allocated_mib"].as_u64().unwrap();
         let images_mib = host["inventory"]["disk"]["images_mib"].as_u64().unwrap();
         // The raw base is 16 MiB; the qcow2 one a little more (its tables).

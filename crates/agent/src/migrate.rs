@@ -273,6 +273,22 @@ pub(crate) struct Cancel {
     switching: std::sync::atomic::AtomicBool,
 }
 
+/// Makes a migration reachable by `migrate/cancel` and `migrate/complete` while it lives.
+struct Reachable<'a>(&'a super::VmEntry);
+
+impl<'a> Reachable<'a> {
+    fn new(entry: &'a super::VmEntry, cancel: Arc<Cancel>) -> Self {
+        *lock(&entry.migration) = Some(cancel);
+        Self(entry)
+    }
+}
+
+impl Drop for Reachable<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.migration) = None;
+    }
+}
+
 /// How sending the VM failed, which says where it is.
 #[derive(Debug)]
 enum SendFailed {
@@ -618,6 +634,11 @@ impl Agent {
         if rec.state != Phase::Running {
             return Err(super::lifecycle::illegal(&rec, "migrate"));
         }
+        // A cancel or a complete reaches the migration from here on, before the destination
+        // has answered: a scheduler calls the migration under way (and may abort it) from the
+        // moment it asked for it.
+        let cancel = Arc::new(Cancel::default());
+        let reachable = Reachable::new(&entry, cancel.clone());
         // Which disks the stream copies, and the ones it cannot move.
         let mut disk_sizes = Vec::new();
         let mut image_sha256 = Vec::new();
@@ -685,9 +706,15 @@ impl Agent {
                 _ => AgentError::Conflict(FieldError::new("destination", why)),
             });
         }
-        // The destination holds an `incoming` copy waiting for the stream. The VMM may have
-        // ended while the destination prepared (then the VM is not sent: the destination sees
-        // the connection close and removes its copy).
+        // The destination holds an `incoming` copy waiting for the stream. A cancel that came
+        // meanwhile ends it here (the destination sees the connection close and removes its
+        // copy), as does the end of the VMM while the destination prepared.
+        if cancel.asked.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(AgentError::MigrationCancelled(format!(
+                "live migration to {} cancelled before the copy began: the VM goes on here",
+                req.destination
+            )));
+        }
         let alive = lock(&entry.vmm).is_some();
         let rec = self.update(&entry, |r| {
             if alive && r.state == Phase::Running {
@@ -700,10 +727,8 @@ impl Agent {
         if !alive || rec.operation.as_ref().map(|o| o.kind) != Some(Op::Migrate) {
             return Err(super::lifecycle::illegal(&rec, "migrate"));
         }
-        let cancel = Arc::new(Cancel::default());
-        *lock(&entry.migration) = Some(cancel.clone());
         let ended = self.send_vm(&entry, &rec, conn, &req, &cancel).await;
-        *lock(&entry.migration) = None;
+        drop(reachable);
         match ended {
             Ok(report) => {
                 let message = format!(

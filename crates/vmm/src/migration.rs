@@ -428,12 +428,33 @@ impl<W: Write> Sender<W> {
         if poll(&mut fds, PollTimeout::ZERO).map_err(std::io::Error::from)? == 0 {
             return Ok(());
         }
-        let mut back = back;
-        let mut b = [0u8; 1];
-        if back.read(&mut b)? == 0 {
+        // Everything waiting is read at once: a cancel behind a complete is not left for a
+        // later look (the last one, before the pause, would then miss it).
+        let mut b = [0u8; 64];
+        let n = (&mut &*back).read(&mut b)?;
+        if n == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
         }
-        self.word(b[0], "before the end")
+        if b[..n].contains(&CANCEL) {
+            return Err(MigrationError::Cancelled);
+        }
+        for (i, &w) in b[..n].iter().enumerate() {
+            if w == b'F' {
+                // The receiver's refusal: its reason is what follows, here and on the stream.
+                let mut why = b[i + 1..n].to_vec();
+                if let Some(back) = &self.listen {
+                    let mut back = back;
+                    if let MigrationError::Refused(more) = refusal(&mut back)? {
+                        why.extend_from_slice(more.as_bytes());
+                    }
+                }
+                return Err(MigrationError::Refused(
+                    String::from_utf8_lossy(&why).into_owned(),
+                ));
+            }
+            self.word(w, "before the end")?;
+        }
+        Ok(())
     }
 
     /// What a byte from the other end does while the pre-copy runs: a [`CANCEL`] ends it, a
@@ -1151,6 +1172,14 @@ mod tests {
         // After the switch-over began, it is not the receiver's answer.
         let mut answer: &[u8] = &[COMPLETE, b'R'];
         read_answer(&mut answer).unwrap();
+        // A cancel that came behind a complete wins, both read in one look (the last one
+        // before the pause).
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut s3 = Sender::new(std::io::BufWriter::new(&a), size).unwrap();
+        s3.listen(a.try_clone().unwrap());
+        b.write_all(&[COMPLETE, CANCEL]).unwrap();
+        let e = s3.stop_listening().err().unwrap();
+        assert!(matches!(&e, MigrationError::Cancelled), "{e}");
     }
 
     #[test]

@@ -66,8 +66,14 @@ SNAPSHOT_SECONDS_PER_GIB = 30
 # nova's own limit for console output (what libvirt returns at most).
 MAX_CONSOLE_BYTES = 100 * 1024
 # How long a live migration whose answer was lost is followed, until the agents have settled
-# where the VM runs (the agent asks the destination for 30 s itself, then in the background).
-IN_DOUBT_SECONDS = 120
+# where the VM runs (the agent asks the destination for 30 s itself, then in the background,
+# the guest held paused): nova's record must not point at one host while the VM ends up on the
+# other, so this waits about as long as a destination agent's restart could take.
+IN_DOUBT_SECONDS = 1800
+# The agent's own limit on one migration request (MIGRATE_TIMEOUT in crates/agent/src/
+# migrate.rs); the completion timeout is kept under it, so that a slow copy is cancelled (the
+# guest goes on here) rather than cut off.
+AGENT_MIGRATE_SECONDS = 30 * 60
 # How often a live migration's progress is copied into nova's migration record.
 MIGRATION_POLL_SECONDS = 2
 
@@ -520,6 +526,14 @@ class BexarDriver(driver.ComputeDriver):
             segments = self._call(self.agent.segments)
             for seg in segments:
                 if seg["id"] == seg_id:
+                    # Made earlier here: it must be what this network is now everywhere.
+                    if overlay and (seg.get("overlay") != overlay
+                                    or seg.get("vlan") != body["vlan"]):
+                        raise exception.InvalidInput(
+                            reason="segment %s exists here as VLAN %s, overlay %s, not as "
+                                   "this network's VXLAN id %d: remove it (with its VMs) "
+                                   "first" % (seg_id, seg.get("vlan"), seg.get("overlay"),
+                                              body["vlan"]))
                     return seg_id
             used = {seg["vlan"]: seg["id"] for seg in segments}
             if overlay and body["vlan"] in used:
@@ -554,14 +568,19 @@ class BexarDriver(driver.ComputeDriver):
             client = neutron.get_client(context or nova_context.get_admin_context(),
                                         admin=True)
             net = client.show_network(net_id).get("network", {})
-            ids = [net.get("provider:segmentation_id")] + [
-                seg.get("provider:segmentation_id") for seg in net.get("segments") or []]
-            for vni in ids:
-                if isinstance(vni, int) and 1 <= vni <= 4094:
-                    return vni
-        except Exception as e:  # noqa: BLE001 - the UUID's id is as stable
-            LOG.warning("Network %s: no segmentation id from neutron (%s); one is drawn from "
-                        "its UUID", net_id, e)
+        except Exception as e:
+            # Never a guess: another host that reached neutron would use the network's own
+            # id, and the network would be split in two. The spawn or move fails instead.
+            raise exception.InvalidInput(
+                reason="network %s: its segmentation id could not be read from neutron: %s"
+                       % (net_id, e)) from e
+        ids = [net.get("provider:segmentation_id")] + [
+            seg.get("provider:segmentation_id") for seg in net.get("segments") or []]
+        for vni in ids:
+            if isinstance(vni, int) and 1 <= vni <= 4094:
+                return vni
+        LOG.info("Network %s has no segmentation id of 1-4094; one is drawn from its UUID",
+                 net_id)
         return 1 + int(hashlib.sha256(net_id.encode()).hexdigest(), 16) % 4094
 
     def _cleanup_segments(self, spec):
@@ -938,6 +957,9 @@ class BexarDriver(driver.ComputeDriver):
         gib = max(1.0, (instance.flavor.memory_mb * (1 << 20) +
                         sum(int(d.get("size") or 0) for d in vm.get("disks", []))) / (1 << 30))
         limit = CONF.bexar.live_migration_completion_timeout * gib
+        cap = AGENT_MIGRATE_SECONDS - 60
+        if not limit or limit > cap:
+            limit = cap
         migration = migrate_data.migration if migrate_data.obj_attr_is_set("migration") \
             else None
         self.active_migrations[instance.uuid] = migrate_data
@@ -949,7 +971,7 @@ class BexarDriver(driver.ComputeDriver):
                 instance=instance,
                 # The agent ends the request itself (the stream's own timeouts, a cancel);
                 # this only keeps a lost agent from holding the migration for ever.
-                timeout=CONF.bexar.request_timeout + (limit or 3600) + IN_DOUBT_SECONDS)
+                timeout=CONF.bexar.request_timeout + AGENT_MIGRATE_SECONDS + 120)
         except bexar_agent.AgentError as e:
             LOG.warning("Live migration to %s (%s) ended: %s", dest, address, e,
                         instance=instance)
@@ -992,7 +1014,9 @@ class BexarDriver(driver.ComputeDriver):
         while True:
             try:
                 vm = self._vm(instance)
-                if vm["state"] == "running" and not vm.get("operation"):
+                # No migration under way any more: it runs here, or its VMM ended here
+                # before it went (a failed or stopped VM is still this host's).
+                if vm["state"] in ("running", "failed", "stopped") and not vm.get("operation"):
                     return "here"
             except exception.InstanceNotFound:
                 return "gone"
@@ -1012,26 +1036,24 @@ class BexarDriver(driver.ComputeDriver):
             time.sleep(MIGRATION_POLL_SECONDS)
             try:
                 vm = self.agent.get_vm(instance.uuid)
-            except (bexar_agent.AgentError, bexar_agent.AgentUnavailable):
-                continue
-            progress = (vm.get("operation") or {}).get("progress")
-            if progress and migration is not None:
-                migration.memory_processed = progress["bytes_sent"]
-                migration.memory_remaining = progress["left_bytes"]
-                migration.memory_total = progress["bytes_sent"] + progress["left_bytes"]
-                try:
+                progress = (vm.get("operation") or {}).get("progress")
+                if progress and migration is not None:
+                    migration.memory_processed = progress["bytes_sent"]
+                    migration.memory_remaining = progress["left_bytes"]
+                    migration.memory_total = progress["bytes_sent"] + progress["left_bytes"]
                     migration.save()
-                except Exception as e:  # noqa: BLE001 - progress only
-                    LOG.debug("migration progress not saved: %s", e)
-            if limit and not cancelled and time.monotonic() - start > limit:
-                LOG.warning("Live migration has taken over %d s "
-                            "([bexar] live_migration_completion_timeout): cancelling it",
-                            limit, instance=instance)
-                cancelled = True
+            except Exception as e:  # noqa: BLE001 - progress only; the watch goes on
+                LOG.debug("migration progress not read or saved: %s", e)
+            if not cancelled and time.monotonic() - start > limit:
                 try:
                     self.agent.action(instance.uuid, "migrate/cancel")
-                except (bexar_agent.AgentError, bexar_agent.AgentUnavailable) as e:
-                    LOG.warning("cancel refused: %s", e, instance=instance)
+                    cancelled = True
+                    LOG.warning("Live migration took over %d s "
+                                "([bexar] live_migration_completion_timeout): cancelled",
+                                limit, instance=instance)
+                except Exception as e:  # noqa: BLE001 - asked again at the next look
+                    LOG.warning("Live migration over its time: cancel refused: %s", e,
+                                instance=instance)
 
     @staticmethod
     def _migration_done(migration, outcome):
@@ -1099,9 +1121,14 @@ class BexarDriver(driver.ComputeDriver):
                 LOG.error("Rollback of a live migration, but the VM runs here: left alone",
                           instance=instance)
                 return
-            self._call(self.agent.delete_vm, instance.uuid, instance=instance)
+            # A copy still arriving, or being removed, is the agent's to remove.
+            if vm["state"] != "deleting" and not vm.get("operation"):
+                self._call(self.agent.delete_vm, instance.uuid, instance=instance)
         except exception.InstanceNotFound:
             pass
+        except (bexar_agent.AgentError, exception.HypervisorUnavailable) as e:
+            LOG.warning("Rollback of a live migration: the copy here not removed: %s", e,
+                        instance=instance)
         self._cleanup_segments({"nics": self._nic_segments(network_info)})
 
     def _nic_segments(self, network_info):

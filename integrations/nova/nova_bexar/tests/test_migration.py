@@ -67,8 +67,8 @@ class _TwoAgents:
         self.assertEqual([], os.listdir(vms_dir) if os.path.isdir(vms_dir) else [])
 
 
-# nova's server-moving tests that apply to a driver with live migration and no resize, cold
-# migration or evacuation: each boots on host1 and live-migrates with block_migration.
+# nova's server-moving tests that apply to a driver with live migration, evacuation and shelve
+# but no resize or cold migration: each boots on host1 and moves the server to host2.
 NOVA_TESTS = {
     "test_live_migrate",
     "test_live_migrate_force",
