@@ -710,10 +710,17 @@ impl Agent {
         // meanwhile ends it here (the destination sees the connection close and removes its
         // copy), as does the end of the VMM while the destination prepared.
         if cancel.asked.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(AgentError::MigrationCancelled(format!(
+            let message = format!(
                 "live migration to {} cancelled before the copy began: the VM goes on here",
                 req.destination
-            )));
+            );
+            self.events.emit(
+                id,
+                EventKind::Migrating,
+                Some(Phase::Running),
+                message.clone(),
+            );
+            return Err(AgentError::MigrationCancelled(message));
         }
         let alive = lock(&entry.vmm).is_some();
         let rec = self.update(&entry, |r| {

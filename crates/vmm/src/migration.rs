@@ -435,10 +435,12 @@ impl<W: Write> Sender<W> {
         if n == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
         }
-        if b[..n].contains(&CANCEL) {
+        // What comes after a refusal's `F` is its reason, not words of the agent's.
+        let words = b[..n].iter().position(|&w| w == b'F').map_or(n, |f| f + 1);
+        if b[..words].contains(&CANCEL) {
             return Err(MigrationError::Cancelled);
         }
-        for (i, &w) in b[..n].iter().enumerate() {
+        for (i, &w) in b[..words].iter().enumerate() {
             if w == b'F' {
                 // The receiver's refusal: its reason is what follows, here and on the stream.
                 let mut why = b[i + 1..n].to_vec();
@@ -1202,12 +1204,15 @@ mod tests {
         let (a, mut b) = UnixStream::pair().unwrap();
         let mut s = Sender::new(std::io::BufWriter::new(&a), size).unwrap();
         s.listen(a.try_clone().unwrap());
-        b.write_all(b"Fno room").unwrap();
+        // A reason longer than one look's read, with a capital C in it (not a cancel).
+        b.write_all(b"FCannot take it: no room for 64 MiB of guest memory and two disks here")
+            .unwrap();
         drop(b);
         std::thread::sleep(LISTEN_EVERY * 2);
         let e = s.pages(read, [1].into_iter()).err().unwrap();
         assert!(
-            matches!(&e, MigrationError::Refused(w) if w == "no room"),
+            matches!(&e, MigrationError::Refused(w)
+                if w == "Cannot take it: no room for 64 MiB of guest memory and two disks here"),
             "{e}"
         );
     }

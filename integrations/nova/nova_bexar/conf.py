@@ -88,7 +88,8 @@ bexar_opts = [
                min=0,
                help="Seconds per GiB of guest memory and local disk a live migration may "
                     "take before it is cancelled and the guest goes on where it was (as "
-                    "libvirt's option of the same name, whose default this is). 0: no limit."),
+                    "libvirt's option of the same name, whose default this is). At most 29 "
+                    "minutes, which 0 also means: the agent ends any one migration after 30."),
 ]
 
 

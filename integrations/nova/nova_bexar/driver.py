@@ -76,6 +76,8 @@ IN_DOUBT_SECONDS = 1800
 AGENT_MIGRATE_SECONDS = 30 * 60
 # How often a live migration's progress is copied into nova's migration record.
 MIGRATION_POLL_SECONDS = 2
+# How soon an abort or force-complete asked before the agent took the migration is passed on.
+STEER_POLL_SECONDS = 0.25
 
 POWER_STATES = {
     "running": power_state.RUNNING,
@@ -152,6 +154,8 @@ class BexarDriver(driver.ComputeDriver):
         self._events_stop = False
         # nova's contract and live-migration code look here for migrations in flight.
         self.active_migrations = {}
+        # Aborts and force-completes asked of a migration the agent has not taken yet.
+        self._pending_steer = {}
 
     # ---- the agent ------------------------------------------------------------------------
 
@@ -950,10 +954,19 @@ class BexarDriver(driver.ComputeDriver):
                       "the VM goes on here", dest, instance=instance)
             recover_method(context, instance, dest, migrate_data)
             return
+        # From here on an abort or force-complete is this migration's, even before the agent
+        # has taken it (the driver passes it on then: _watch_migration).
+        self.active_migrations[instance.uuid] = migrate_data
+        self._pending_steer[instance.uuid] = set()
         body = {"destination": address, "downtime_ms": CONF.bexar.live_migration_downtime}
         if CONF.bexar.live_migration_bandwidth:
             body["max_bandwidth_mib"] = CONF.bexar.live_migration_bandwidth
-        vm = self._vm(instance)
+        try:
+            vm = self._vm(instance)
+        except Exception:
+            self.active_migrations.pop(instance.uuid, None)
+            self._pending_steer.pop(instance.uuid, None)
+            raise
         gib = max(1.0, (instance.flavor.memory_mb * (1 << 20) +
                         sum(int(d.get("size") or 0) for d in vm.get("disks", []))) / (1 << 30))
         limit = CONF.bexar.live_migration_completion_timeout * gib
@@ -962,7 +975,6 @@ class BexarDriver(driver.ComputeDriver):
             limit = cap
         migration = migrate_data.migration if migrate_data.obj_attr_is_set("migration") \
             else None
-        self.active_migrations[instance.uuid] = migrate_data
         monitor = _spawn(self._watch_migration, instance, migration, limit)
         outcome, failure = None, None
         try:
@@ -982,6 +994,7 @@ class BexarDriver(driver.ComputeDriver):
             if monitor is not None:
                 monitor.kill()
             self.active_migrations.pop(instance.uuid, None)
+            self._pending_steer.pop(instance.uuid, None)
         if outcome is not None:
             LOG.info("Live migration to %s done: %s", dest, outcome.get("migration"),
                      instance=instance)
@@ -1002,25 +1015,31 @@ class BexarDriver(driver.ComputeDriver):
             post_method(context, instance, dest, block_migration, migrate_data)
         else:
             raise exception.MigrationError(
-                reason="live migration to %s in doubt and not settled within %d s: the guest "
-                       "is held paused here until the agents agree where it runs (%s)"
-                       % (dest, IN_DOUBT_SECONDS, failure))
+                reason="live migration to %s not settled (%s): the VM may run there or be "
+                       "held paused here; see both hosts' agents (GET /v1/vms/%s) before "
+                       "acting on it" % (dest, failure, instance.uuid))
 
     def _where_is(self, instance):
-        """After a migration request that did not answer "moved": "here" once the VM runs on
-        here with no migration under way, "gone" once this agent no longer has it, None if
-        that is not settled within ``IN_DOUBT_SECONDS``."""
+        """After a migration request that did not answer "moved": "here" once the VM runs (or
+        is paused) here with no migration under way, "gone" once this agent no longer has it,
+        None if its VMM ended mid-move (it may run there) or nothing is settled within
+        ``IN_DOUBT_SECONDS``."""
         deadline = time.monotonic() + IN_DOUBT_SECONDS
         while True:
             try:
                 vm = self._vm(instance)
-                # No migration under way any more: it runs here, or its VMM ended here
-                # before it went (a failed or stopped VM is still this host's).
-                if vm["state"] in ("running", "failed", "stopped") and not vm.get("operation"):
-                    return "here"
+                if not vm.get("operation"):
+                    # No migration under way any more: the guest goes on here (paused if it
+                    # could not be resumed after the agents settled it).
+                    if vm["state"] in ("running", "paused"):
+                        return "here"
+                    # Its VMM ended mid-move without saying it handed the VM over: it may
+                    # run on the destination. Neither rollback nor post-migration is safe.
+                    if vm["state"] == "failed":
+                        return None
             except exception.InstanceNotFound:
                 return "gone"
-            except exception.HypervisorUnavailable:
+            except (exception.HypervisorUnavailable, bexar_agent.AgentError):
                 pass
             if time.monotonic() > deadline:
                 return None
@@ -1031,9 +1050,31 @@ class BexarDriver(driver.ComputeDriver):
         memory and disk bytes together: the agent reports them as one stream) and cancels a
         migration that outlasts ``limit`` seconds."""
         start = time.monotonic()
-        cancelled = False
+        progress_at = start
+        timed_out = False
         while True:
-            time.sleep(MIGRATION_POLL_SECONDS)
+            time.sleep(STEER_POLL_SECONDS)
+            pending = self._pending_steer.get(instance.uuid, set())
+            if not timed_out and time.monotonic() - start > limit:
+                timed_out = True
+                LOG.warning("Live migration took over %d s "
+                            "([bexar] live_migration_completion_timeout): cancelling it",
+                            limit, instance=instance)
+                pending.add("cancel")
+            for verb in sorted(pending):
+                try:
+                    self.agent.action(instance.uuid, "migrate/" + verb)
+                    pending.discard(verb)
+                except bexar_agent.AgentError as e:
+                    if e.code != "illegal_transition":
+                        # Too late (the switch-over has begun): it completes.
+                        LOG.warning("migrate/%s refused: %s", verb, e, instance=instance)
+                        pending.discard(verb)
+                except Exception as e:  # noqa: BLE001 - asked again at the next look
+                    LOG.debug("migrate/%s not passed on yet: %s", verb, e)
+            if time.monotonic() - progress_at < MIGRATION_POLL_SECONDS:
+                continue
+            progress_at = time.monotonic()
             try:
                 vm = self.agent.get_vm(instance.uuid)
                 progress = (vm.get("operation") or {}).get("progress")
@@ -1044,16 +1085,6 @@ class BexarDriver(driver.ComputeDriver):
                     migration.save()
             except Exception as e:  # noqa: BLE001 - progress only; the watch goes on
                 LOG.debug("migration progress not read or saved: %s", e)
-            if not cancelled and time.monotonic() - start > limit:
-                try:
-                    self.agent.action(instance.uuid, "migrate/cancel")
-                    cancelled = True
-                    LOG.warning("Live migration took over %d s "
-                                "([bexar] live_migration_completion_timeout): cancelled",
-                                limit, instance=instance)
-                except Exception as e:  # noqa: BLE001 - asked again at the next look
-                    LOG.warning("Live migration over its time: cancel refused: %s", e,
-                                instance=instance)
 
     @staticmethod
     def _migration_done(migration, outcome):
@@ -1086,6 +1117,14 @@ class BexarDriver(driver.ComputeDriver):
             self._call(self.agent.action, instance.uuid, "migrate/" + verb, instance=instance)
         except bexar_agent.AgentError as e:
             if e.code == "illegal_transition":
+                pending = self._pending_steer.get(instance.uuid)
+                if pending is not None:
+                    # This driver is migrating it, and the agent has not taken it yet: passed
+                    # on as soon as it has.
+                    pending.add(verb)
+                    LOG.info("Live migration to be %s once the agent has taken it", done,
+                             instance=instance)
+                    return
                 LOG.warning("No live migration to be %s: %s", done, e.message,
                             instance=instance)
                 return
@@ -1121,7 +1160,13 @@ class BexarDriver(driver.ComputeDriver):
                 LOG.error("Rollback of a live migration, but the VM runs here: left alone",
                           instance=instance)
                 return
-            # A copy still arriving, or being removed, is the agent's to remove.
+            # A copy still arriving, or being removed, is the agent's to remove: waited for
+            # (its segments can go only after it).
+            deadline = time.monotonic() + CONF.bexar.request_timeout
+            while (vm["state"] == "deleting" or vm.get("operation")) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.5)
+                vm = self._vm(instance)
             if vm["state"] != "deleting" and not vm.get("operation"):
                 self._call(self.agent.delete_vm, instance.uuid, instance=instance)
         except exception.InstanceNotFound:
@@ -1196,8 +1241,9 @@ class BexarDriver(driver.ComputeDriver):
     def block_stats(self, instance, disk_id):
         """``[rd_req, rd_bytes, wr_req, wr_bytes, errors]`` of disk ``vda``, ``vdb``...: the
         VMM counts requests per device, not per direction, so the request counts are None."""
+        m = re.match(r"^(?:/dev/)?vd([a-z])$", disk_id or "")
         f = self._vm_figures(instance)
-        index = ord(disk_id[-1]) - ord("a") if disk_id and disk_id[-1].isalpha() else 0
+        index = ord(m.group(1)) - ord("a") if m else -1
         if not 0 <= index < len(f["disks"]):
             return [None, None, None, None, None]
         c = f["disks"][index]

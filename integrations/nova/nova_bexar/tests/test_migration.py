@@ -19,6 +19,8 @@ import tempfile
 import time
 
 import numpy
+from nova import context as nova_context
+from nova import objects
 from nova.tests.fixtures import neutron as neutron_fixture
 from nova import utils
 from nova.tests.functional import integrated_helpers
@@ -148,13 +150,22 @@ class BexarLiveMigrationTest(_TwoAgents, tests.ConsoleHelpers,
         return self.api.get_server(server["id"])["OS-EXT-SRV-ATTR:host"]
 
     def _live_migrate_to(self, server, host):
+        """Live-migrates `server` to `host`; returns it and its (completed) migration record
+        (this move's: nova's own helper returns the first of the server's that matches)."""
+        before = {m["id"] for m in self.api.get_migrations()}
         self.api.post_server_action(server["id"], {
             "os-migrateLive": {"host": host, "block_migration": True}})
         server = self._wait_for_server_parameter(
             server, {"OS-EXT-SRV-ATTR:host": host, "status": "ACTIVE",
                      "OS-EXT-STS:task_state": None})
-        migration = self._wait_for_migration_status(server, ["completed"])
-        return server, migration
+        deadline = time.monotonic() + 30
+        while True:
+            new = [m for m in self.api.get_migrations()
+                   if m["instance_uuid"] == server["id"] and m["id"] not in before]
+            if new and new[0]["status"] == "completed":
+                return server, new[0]
+            self.assertLess(time.monotonic(), deadline, new)
+            time.sleep(0.2)
 
     def _boot_dirty_guest(self):
         """A guest rewriting 16 MiB at 2,000 pages a second (8 MB/s): at 1 MiB/s its first
@@ -240,20 +251,34 @@ class BexarLiveMigrationTest(_TwoAgents, tests.ConsoleHelpers,
                 self.assertLess(time.monotonic(), deadline, self._console(server)[-2000:])
                 time.sleep(0.5)
 
+        # The metadata service of the host it is on now answers the guest (a token, then its
+        # host name: the guest's own TCP to 169.254.169.254 through its NIC).
+        agent = self._agent(self._host_of(server))
+        agent.console_send(server["id"], b"m")
+        out = self._wait_console(server, "migrant: imds hostname -> ")
+        self.assertIn("migrant: imds hostname -> 200 " + server["name"].lower(), out)
         # nova's diagnostics (the legacy form; the new one names the driver from a closed
-        # list): the VMM it runs in now counts the disk it writes and reads back, the NIC its
-        # pings go out on, and the memory it was given.
+        # list): the VMM it runs in now counts the disk it writes and reads back, the NIC that
+        # carried the metadata request and its answer, and the memory it was given.
         with utils.temporary_mutation(self.api, microversion="2.47"):
             diags = self.api.get_server_diagnostics(server["id"])
         self.assertEqual(64 * 1024, diags["memory"])
         self.assertGreater(diags["vda_write"], 0, diags)
         self.assertGreater(diags["vda_read"], 0, diags)
         tap = vm["nics"][0]["tap"]
-        self.assertIn(tap + "_tx", diags)
+        self.assertGreater(diags[tap + "_tx"], 0, diags)
+        self.assertGreater(diags[tap + "_rx"], 0, diags)
         self.assertGreater(diags["uptime"], 0, diags)
+        # block_stats, which nova's volume usage polling calls: the same disk's bytes.
+        instance = objects.Instance.get_by_uuid(nova_context.get_admin_context(), server["id"])
+        stats = self.computes[self._host_of(server)].manager.driver.block_stats(instance, "vda")
+        self.assertEqual(5, len(stats))
+        self.assertGreaterEqual(stats[1], diags["vda_read"])
+        self.assertGreaterEqual(stats[3], diags["vda_write"])
+        self.assertEqual([None] * 5,
+                         self.computes["bexar-a"].manager.driver.block_stats(instance, "vdz"))
 
         # The guest finishes its writes, flushes and says how many it made.
-        agent = self._agent(self._host_of(server))
         agent.console_send(server["id"], b"q")
         out = self._wait_console(server, "migrant: done")
         tag = "migrant: disk 0: seed %d, " % SEED

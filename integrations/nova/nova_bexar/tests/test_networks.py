@@ -55,11 +55,10 @@ class SegmentOverlayTestCase(test.NoDBTestCase):
         net = dict(NETWORK, id="0bd3a7d8-2f1e-4d5c-9e6e-1a2b3c4d5e6f")
         del net["provider:segmentation_id"]
         self.neutron._networks[net["id"]] = net
-        first = driver.BexarDriver._network_vni(self.ctxt, _network(net["id"]))
-        # What another host computes: a fresh driver, the same answer.
-        again = driver.BexarDriver(None)._network_vni(self.ctxt, _network(net["id"]))
-        self.assertEqual(first, again)
-        self.assertTrue(1 <= first <= 4094)
+        # Pinned: every host (every version of this driver) must draw the same id, 1 plus
+        # the network id's SHA-256 modulo 4094.
+        seg = self.driver._segment_for(self.ctxt, _network(net["id"]))
+        self.assertEqual({seg: (3284, "vxlan")}, self._segments())
 
     def test_a_segment_made_before_the_overlay_is_not_reused(self):
         self.agent.api("POST", "/v1/segments", {
