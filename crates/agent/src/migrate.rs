@@ -710,17 +710,7 @@ impl Agent {
         // meanwhile ends it here (the destination sees the connection close and removes its
         // copy), as does the end of the VMM while the destination prepared.
         if cancel.asked.load(std::sync::atomic::Ordering::SeqCst) {
-            let message = format!(
-                "live migration to {} cancelled before the copy began: the VM goes on here",
-                req.destination
-            );
-            self.events.emit(
-                id,
-                EventKind::Migrating,
-                Some(Phase::Running),
-                message.clone(),
-            );
-            return Err(AgentError::MigrationCancelled(message));
+            return Err(self.cancelled(id, &req.destination, "the copy began"));
         }
         let alive = lock(&entry.vmm).is_some();
         let rec = self.update(&entry, |r| {
@@ -818,19 +808,23 @@ impl Agent {
             }
             Err(SendFailed::Cancelled) => {
                 let _ = self.update(&entry, |r| r.operation = None);
-                let message = format!(
-                    "live migration to {} cancelled before the switch-over: the VM goes on here",
-                    req.destination
-                );
-                self.events.emit(
-                    id,
-                    EventKind::Migrating,
-                    Some(Phase::Running),
-                    message.clone(),
-                );
-                Err(AgentError::MigrationCancelled(message))
+                Err(self.cancelled(id, &req.destination, "the switch-over"))
             }
         }
+    }
+
+    /// A migration of VM `id` to `destination` cancelled before `when`: said in a `migrating`
+    /// event, and the migration request's answer.
+    fn cancelled(&self, id: &str, destination: &str, when: &str) -> AgentError {
+        let message =
+            format!("live migration to {destination} cancelled before {when}: the VM goes on here");
+        self.events.emit(
+            id,
+            EventKind::Migrating,
+            Some(Phase::Running),
+            message.clone(),
+        );
+        AgentError::MigrationCancelled(message)
     }
 
     /// Asks the VM's VMM to migrate into a socket of ours, relays that to `conn`, and returns
