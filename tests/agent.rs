@@ -2445,14 +2445,22 @@ fn a_low_open_file_limit_is_raised_then_refuses_cleanly() {
                 .contains("open files"),
             "{refusal}"
         );
-        // It refused no earlier than it promised (give or take a descriptor the agent opens
-        // once, on its first VM), and a VM costs what it says.
-        let f1 = files(&expect_status(&c.get("/v1/host").await.unwrap(), 200));
-        assert!(
-            made + 1 >= room,
-            "{made} VMs, {room} promised: {f0} -> {f1}"
-        );
-        let grew = f1["open"].as_u64().unwrap() - f0["open"].as_u64().unwrap();
+        // It refused no earlier than it promised, give or take a descriptor the agent opens
+        // once (on its first VM) and the few that work in flight holds at the moment of a
+        // create (the network-namespace pool's refill, a VMM's control connection): under a
+        // loaded CI those cost up to two VMs' worth (10 made of 12 promised, once). And a VM
+        // costs what it says.
+        assert!(made + 3 >= room, "{made} VMs, {room} promised: {f0}");
+        // Once what was in flight has let go (within 10 s), a VM holds its two.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (grew, f1) = loop {
+            let f1 = files(&expect_status(&c.get("/v1/host").await.unwrap(), 200));
+            let grew = f1["open"].as_u64().unwrap() - f0["open"].as_u64().unwrap();
+            if grew <= 2 * made + 2 || Instant::now() > deadline {
+                break (grew, f1);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         assert!(
             grew <= 2 * made + 2,
             "{grew} descriptors for {made} VMs: {f0} -> {f1}"

@@ -1030,8 +1030,9 @@ class BexarDriver(driver.ComputeDriver):
                 vm = self._vm(instance)
                 if not vm.get("operation"):
                     # No migration under way any more: the guest goes on here (paused if it
-                    # could not be resumed after the agents settled it).
-                    if vm["state"] in ("running", "paused"):
+                    # could not be resumed after the agents settled it; stopped if it shut
+                    # itself down meanwhile).
+                    if vm["state"] in ("running", "paused", "stopped"):
                         return "here"
                     # Its VMM ended mid-move without saying it handed the VM over: it may
                     # run on the destination. Neither rollback nor post-migration is safe.

@@ -4,12 +4,13 @@ joined by a veth underlay and taking migrations from each other over mutual TLS 
 No shared storage: the VM's root disk (a copy-on-write overlay on a glance image) is copied by
 the agents while the guest runs.
 
-``NovaServerMovingTests`` runs a subset of nova's own server-moving tests
+``NovaServerMovingTests`` runs 22 of nova's own server-moving tests
 (``nova/tests/functional/test_servers.py``, ``ServerMovingTests``) unchanged on the Bexar
-driver: they boot on one host, live-migrate with ``block_migration`` and check placement's
-allocations and usages on both hosts. ``BexarLiveMigrationTest`` moves a guest that is busy
-writing its disk there and back and checks the disk byte for byte, and covers the refusals and
-the abort.
+driver: they boot on one host, live-migrate with ``block_migration``, evacuate or shelve and
+unshelve, and check placement's allocations and usages on both hosts.
+``BexarLiveMigrationTest`` moves a guest that is busy writing its disk there and back and
+checks the disk byte for byte, keeps two guests of one network talking across hosts while they
+move, and covers the refusals, the abort and the force-complete.
 """
 
 import io
