@@ -442,8 +442,14 @@ impl VirtioDevice for Block {
     }
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
         self.common.activate(ctx)?;
-        // Requests the driver queued before DRIVER_OK.
-        self.process(false);
+        // Requests the driver queued before DRIVER_OK (or a restored VM's guest had queued
+        // when it was saved) are left to the device's event loop, as if notified: a restore
+        // activates its devices before the VMM enters its jail, and a request submitted then
+        // ran as root and could start an io_uring worker thread that keeps the jail from
+        // being entered (seen in a migration whose guest had a write queued).
+        for evt in &self.common.queue_evts {
+            let _ = evt.write(1);
+        }
         Ok(())
     }
     fn reset(&mut self) {
