@@ -2666,9 +2666,39 @@ fn assert_jailed(
     }
 }
 
+/// The host's cgroup2 mount: its per-mount flags and its super-block options.
+fn cgroup2_mount() -> Option<(String, String)> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let (head, tail) = l.split_once(" - ")?;
+            let h: Vec<&str> = head.split(' ').collect();
+            let t: Vec<&str> = tail.split(' ').collect();
+            (t[0] == "cgroup2").then(|| (h[5].to_owned(), t[2].to_owned()))
+        })
+}
+
 #[test]
 fn every_vmm_is_jailed_and_a_vmm_that_breaks_out_is_stopped_and_named() {
+    let cgroup2_before = cgroup2_mount();
     let agent = TestAgent::start("sandbox");
+    // The agent turns on cgroup2's favordynmods where the kernel has it, and keeps the
+    // mount's own flags and options.
+    let kernel_has = std::fs::read_to_string("/sys/kernel/cgroup/features")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l == "favordynmods");
+    if let (Some((flags, opts)), true) = (&cgroup2_before, kernel_has) {
+        let (flags_now, opts_now) = cgroup2_mount().unwrap();
+        assert_eq!(&flags_now, flags, "the cgroup2 mount's flags changed");
+        for o in opts.split(',').chain(["favordynmods"]) {
+            assert!(
+                opts_now.split(',').any(|x| x == o),
+                "cgroup2 mount options {opts} -> {opts_now}: {o} missing"
+            );
+        }
+    }
     rt().block_on(async {
         let c = agent.client();
         let mut a = spec("plain");

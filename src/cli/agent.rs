@@ -97,6 +97,12 @@ pub struct AgentArgs {
     /// disks), MiB.
     #[arg(long, default_value_t = bexar_agent::sandbox::DEFAULT_MEMORY_HEADROOM_MIB)]
     pub vm_memory_headroom_mib: u64,
+    /// Leave the host's cgroup2 mount as it is. By default the agent remounts it with
+    /// `favordynmods` (Linux 6.0+), which makes moving a VMM into its cgroups cost microseconds
+    /// instead of an RCU grace period (3-20 ms per VM start), at a small cost to every fork
+    /// and exit on the host (docs/operators-guide.md).
+    #[arg(long)]
+    pub no_cgroup_favordynmods: bool,
     /// Take live migrations from other hosts on this TCP address (HOST:PORT); needs the three
     /// --migration-* certificate flags. Off by default.
     #[arg(long, value_name = "ADDR", requires = "migration_cert")]
@@ -190,6 +196,7 @@ fn config(a: &AgentArgs) -> Result<AgentConfig, String> {
             uid_base: a.jail_uid_base,
             cgroup_parent: (a.cgroup_parent != "off").then(|| PathBuf::from(&a.cgroup_parent)),
             memory_headroom_mib: a.vm_memory_headroom_mib,
+            favor_dynmods: !a.no_cgroup_favordynmods,
         },
         migration: match (&a.migration_cert, &a.migration_key, &a.migration_ca) {
             (Some(cert), Some(key), Some(ca)) => Some(bexar_agent::migrate::MigrationConfig {
