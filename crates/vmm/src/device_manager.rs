@@ -583,10 +583,16 @@ impl DeviceManager {
 
     /// Notifies every active virtio device once on each queue, as the guest would: a restored
     /// device looks at the rings the guest filled before the snapshot (frames to send, buffers
-    /// to receive into), which the guest will not announce again.
+    /// to receive into), which the guest will not announce again; and raises again the
+    /// interrupts the drivers had not acknowledged. A restore calls it last, once the VMM is
+    /// in its jail and the VM's interrupt controllers hold their saved state: a restored
+    /// device serves and raises nothing before (`ActivationContext::restored`).
     pub fn notify_restored(&self) {
         for v in &self.virtio {
-            let dev = lock(&v.transport).device().clone();
+            let transport = lock(&v.transport);
+            transport.raise_restored();
+            let dev = transport.device().clone();
+            drop(transport);
             let d = lock(&dev);
             if d.common().is_active() {
                 for evt in d.queue_events() {

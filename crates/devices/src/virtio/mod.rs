@@ -167,6 +167,13 @@ pub struct ActivationContext {
     pub interrupt: Arc<dyn VirtioInterrupt>,
     /// Features the driver accepted.
     pub acked_features: u64,
+    /// Activated by a restore (snapshot, live upgrade, migration), not by the driver: the
+    /// device serves nothing and raises no interrupt at activation. A restore activates
+    /// devices before the VMM enters its jail and before the VM's interrupt controllers hold
+    /// their saved state, so a request served then would run as root and an interrupt raised
+    /// then could be overwritten; the VMM notifies every queue once both are done
+    /// (`notify_restored`).
+    pub restored: bool,
 }
 
 /// Whether a device runs: one shape for every device.
@@ -232,6 +239,15 @@ impl VirtioCommon {
         }
         self.state = DeviceState::Active(ctx);
         Ok(())
+    }
+
+    /// Notifies every queue, as the guest's kick would: activation leaves requests the driver
+    /// queued before DRIVER_OK to the device's event loop rather than serving them on the
+    /// vCPU thread that wrote the status.
+    pub fn notify_queues(&self) {
+        for evt in &self.queue_evts {
+            let _ = evt.write(1);
+        }
     }
 
     /// Stops the device and forgets the driver's queue set-up (driver reset).

@@ -110,9 +110,13 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
+        let restored = ctx.restored;
         self.common.activate(ctx)?;
-        // Requests the driver queued before DRIVER_OK.
-        self.process_queue();
+        // Requests the driver queued before DRIVER_OK go to the event loop, as if notified; a
+        // restored device waits for the VMM's notification (`ActivationContext::restored`).
+        if !restored {
+            self.common.notify_queues();
+        }
         Ok(())
     }
 }

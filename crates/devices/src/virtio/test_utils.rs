@@ -47,6 +47,15 @@ pub fn context(mem: &GuestMemoryMmap, irq: &Arc<TestInterrupt>) -> ActivationCon
         mem: mem.clone(),
         interrupt: irq.clone(),
         acked_features: VIRTIO_F_VERSION_1,
+        restored: false,
+    }
+}
+
+/// [`context`] for a device a restore activates.
+pub fn restored_context(mem: &GuestMemoryMmap, irq: &Arc<TestInterrupt>) -> ActivationContext {
+    ActivationContext {
+        restored: true,
+        ..context(mem, irq)
     }
 }
 

@@ -441,14 +441,15 @@ impl VirtioDevice for Block {
         read_config_bytes(self.config.as_slice(), offset, data);
     }
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
+        let restored = ctx.restored;
         self.common.activate(ctx)?;
-        // Requests the driver queued before DRIVER_OK (or a restored VM's guest had queued
-        // when it was saved) are left to the device's event loop, as if notified: a restore
-        // activates its devices before the VMM enters its jail, and a request submitted then
-        // ran as root and could start an io_uring worker thread that keeps the jail from
-        // being entered (seen in a migration whose guest had a write queued).
-        for evt in &self.common.queue_evts {
-            let _ = evt.write(1);
+        // Requests the driver queued before DRIVER_OK are left to the device's event loop, as
+        // if notified. A restored device serves nothing until the VMM notifies it (see
+        // `ActivationContext::restored`): a write a migrated guest had queued once ran here
+        // as root, and started an io_uring worker thread that kept the jail from being
+        // entered.
+        if !restored {
+            self.common.notify_queues();
         }
         Ok(())
     }

@@ -417,10 +417,14 @@ impl VirtioDevice for Net {
                 self.tap.name()
             );
         }
+        let restored = ctx.restored;
         self.common.activate(ctx)?;
         // The event loop starts watching the TAP at the next rx notification, which Linux
-        // sends as soon as it has filled the rx ring.
-        let _ = self.common.queue_evts[RX].write(1);
+        // sends as soon as it has filled the rx ring. A restored device waits for the VMM's
+        // notification of every queue (`ActivationContext::restored`).
+        if !restored {
+            let _ = self.common.queue_evts[RX].write(1);
+        }
         Ok(())
     }
 }
@@ -506,7 +510,7 @@ mod tests {
         assert_eq!(&e[20..22], &[0, 3], "reverse request");
         assert_eq!((&e[22..28], &e[32..38]), (&mac[..], &mac[..]));
     }
-    use crate::virtio::test_utils::{activate_all, context, TestInterrupt};
+    use crate::virtio::test_utils::{activate_all, restored_context, TestInterrupt};
     use vm_memory::{Bytes, GuestAddress};
 
     /// Runs `body` on a thread of its own in a new network namespace (TAPs made there vanish
@@ -565,8 +569,12 @@ mod tests {
             let mut cfg = [0u8; 6];
             dev2.read_config(0, &mut cfg);
             assert_eq!(cfg, [2, 0, 0, 0, 0, 1], "the MAC comes back");
-            dev2.activate(context(&mem, &irq)).unwrap();
+            dev2.activate(restored_context(&mem, &irq)).unwrap();
             assert_eq!(dev2.save(), saved);
+            assert!(
+                dev2.queue_events()[RX].read().is_err(),
+                "notified at a restore's activation"
+            );
             tx.push_chain(2, &[(0x8_0000, (60 + VNET_HDR_LEN) as u32, false)]);
             dev2.process_tx();
             assert_eq!(

@@ -203,7 +203,7 @@ impl MmioTransport {
             return bad("an active device without FEATURES_OK and DRIVER_OK");
         }
         if state.active {
-            let ctx = self.context(state.acked_features);
+            let ctx = self.context(state.acked_features, true);
             if let Err(e) = lock(&self.device).activate(ctx) {
                 return Err(crate::virtio::PersistError::Mismatch(format!(
                     "the device does not start again: {e}"
@@ -217,22 +217,30 @@ impl MmioTransport {
         self.status = state.status;
         self.config_generation = state.config_generation;
         self.interrupt.ack(!0);
-        if state.interrupt_status != 0 {
-            // Whatever the driver had not acknowledged is raised again.
-            self.interrupt
-                .status
-                .store(state.interrupt_status, Ordering::Release);
-            let _ = self.interrupt.irqfd.write(1);
-        }
+        // Whatever the driver had not acknowledged is raised again by `raise_restored`, once
+        // the VM's interrupt controllers hold their saved state (raised now, it could be
+        // overwritten by that state).
+        self.interrupt
+            .status
+            .store(state.interrupt_status, Ordering::Release);
         self.active = state.active;
         Ok(())
     }
 
-    fn context(&self, acked_features: u64) -> ActivationContext {
+    /// Raises the interrupt a restored device's driver had not acknowledged when the VM was
+    /// saved: called once the VM's interrupt controllers hold their saved state.
+    pub fn raise_restored(&self) {
+        if self.interrupt.status.load(Ordering::Acquire) != 0 {
+            let _ = self.interrupt.irqfd.write(1);
+        }
+    }
+
+    fn context(&self, acked_features: u64, restored: bool) -> ActivationContext {
         ActivationContext {
             mem: self.mem.clone(),
             interrupt: self.interrupt.clone(),
             acked_features,
+            restored,
         }
     }
 
@@ -300,7 +308,7 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let ctx = self.context(self.acked_features);
+        let ctx = self.context(self.acked_features, false);
         let mut dev = lock(&self.device);
         if dev
             .queues()
@@ -789,6 +797,12 @@ mod tests {
             "queue 1 selected and ready"
         );
         assert_eq!(r2.r(reg::VIRTIO_MMIO_INTERRUPT_STATUS), INT_USED_RING);
+        // Raised again only when the VMM says the interrupt controllers are restored.
+        assert!(
+            r2.irq.read().is_err(),
+            "raised before the VM's interrupt controllers had their state"
+        );
+        r2.t.raise_restored();
         assert_eq!(
             r2.irq.read().unwrap(),
             1,

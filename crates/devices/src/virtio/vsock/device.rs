@@ -680,8 +680,13 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.config, offset, data);
     }
     fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
+        let restored = ctx.restored;
         self.common.activate(ctx)?;
-        self.send_events();
+        // A restored device owes the guest a transport reset; it is sent when the VMM notifies
+        // the event queue (`ActivationContext::restored`), on the event loop, never here.
+        if !restored {
+            self.common.notify_queues();
+        }
         Ok(())
     }
     fn reset(&mut self) {
@@ -712,7 +717,7 @@ mod tests {
     use super::*;
     use crate::memory::{test_memory, GuestMemoryMmap};
     use crate::virtio::ring::DriverRing;
-    use crate::virtio::test_utils::{activate_all, context, TestInterrupt};
+    use crate::virtio::test_utils::{activate_all, restored_context, TestInterrupt};
 
     const GUEST_CID: u64 = 3;
 
@@ -886,7 +891,12 @@ mod tests {
         mem.write_slice(&[0xffu8; 8], GuestAddress(0x4_0000))
             .unwrap();
         let irq = TestInterrupt::new();
-        dev2.activate(context(&mem, &irq)).unwrap();
+        dev2.activate(restored_context(&mem, &irq)).unwrap();
+        // Nothing goes to the guest at a restore's activation; the reset goes when the VMM
+        // notifies the event queue (after its jail and the interrupt controllers' state).
+        assert_eq!(ev.used_idx(), 0, "sent at a restore's activation");
+        assert_eq!(irq.queue_interrupts(), 0);
+        dev2.send_events();
         let now = dev2.save();
         assert_eq!(now.config, saved.config);
         assert_eq!(now.virtio.queues[..2], saved.virtio.queues[..2]);
