@@ -1,5 +1,7 @@
 //! Arbitrary register accesses on the virtio-mmio transport (any offset, width, order): feature
-//! negotiation, queue set-up, status changes and resets in any sequence must never panic.
+//! negotiation, queue set-up, status changes and resets in any sequence must never panic. The
+//! accesses run on a thread confined as a VMM's vCPU thread (its seccomp filter, no file by
+//! path), where a VMM takes them.
 #![no_main]
 
 #[path = "common.rs"]
@@ -11,7 +13,8 @@ use bexar_devices::bus::BusDevice;
 use bexar_devices::virtio::block::Block;
 use bexar_devices::virtio::transport::mmio::{MmioInterrupt, MmioTransport};
 use bexar_devices::virtio::VirtioDevice;
-use common::{disk, mem};
+use bexar_vmm::threads::ThreadKind;
+use common::{confined, disk, mem};
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -19,7 +22,12 @@ fuzz_target!(|data: &[u8]| {
     let dev: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Block::new(disk()).unwrap()));
     let irq = Arc::new(MmioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
     let mut t = MmioTransport::new(dev, mem().clone(), irq);
-    // Each 8-byte record: offset (u16), width selector, write flag, value (u32).
+    let data = data.to_vec();
+    confined(ThreadKind::Vcpu(0), false, move || accesses(&mut t, &data));
+});
+
+/// Each 8-byte record: offset (u16), width selector, write flag, value (u32).
+fn accesses(t: &mut MmioTransport, data: &[u8]) {
     for op in data.chunks_exact(8) {
         let offset = u64::from(u16::from_le_bytes([op[0], op[1]]) & 0x1ff);
         let width = [1usize, 2, 4, 8][usize::from(op[2] & 3)];
@@ -32,4 +40,4 @@ fuzz_target!(|data: &[u8]| {
             t.read(offset, &mut buf[..width]);
         }
     }
-});
+}
