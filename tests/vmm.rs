@@ -201,8 +201,18 @@ fn spawn_with_console_socket(
     name: &str,
     extra: &[&str],
 ) -> (std::process::Child, std::os::unix::net::UnixStream) {
+    spawn_with_console_socket_logging(name, extra, "info")
+}
+
+/// [`spawn_with_console_socket`] with the VMM logging at `level` (BEXAR_LOG).
+fn spawn_with_console_socket_logging(
+    name: &str,
+    extra: &[&str],
+    level: &str,
+) -> (std::process::Child, std::os::unix::net::UnixStream) {
     let sock = tmp(name);
     let mut child = bexar()
+        .env("BEXAR_LOG", level)
         .arg("run")
         .arg("--kernel")
         .arg(testguest())
@@ -516,8 +526,11 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
         } else {
             &["--cmdline", "bexar.test=idle", "--no-jail"]
         };
-        let (mut child, mut conn) =
-            spawn_with_console_socket(if jailed { "jail.sock" } else { "nojail.sock" }, extra);
+        let (mut child, mut conn) = spawn_with_console_socket_logging(
+            if jailed { "jail.sock" } else { "nojail.sock" },
+            extra,
+            "debug",
+        );
         let pid = child.id();
         // Checked in a closure so that a failure shows what the VMM said.
         let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -570,6 +583,18 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
         if let Err(p) = checked {
             eprintln!("the VMM said: {}", String::from_utf8_lossy(&o.stderr));
             std::panic::resume_unwind(p);
+        }
+        // The kernel (which may be a tenant's) is read and parsed only once the VMM is jailed.
+        let log = String::from_utf8_lossy(&o.stderr);
+        let loaded = log
+            .find("kernel loaded, in the jail")
+            .expect("no kernel-loaded line");
+        if jailed {
+            let entered = log.find("jailed in").expect("no jail line");
+            assert!(
+                entered < loaded,
+                "the kernel was read before the jail: {log}"
+            );
         }
     }
 }

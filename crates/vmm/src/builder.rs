@@ -44,6 +44,8 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vmm, VmmError> {
         )
     };
     config.validate()?;
+    // Opened now, read after the jail (assemble): a kernel image may be a tenant's.
+    let files = boot::BootFiles::open(&config.kernel, config.initrd.as_deref())?;
     let platform = Platform::detect();
     let mut cmdline = platform_cmdline(platform, config);
     let ram = create_guest_memory(config.memory_mib)?;
@@ -59,15 +61,19 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vmm, VmmError> {
     cmdline.push_str(&described);
     phase("devices attached");
 
-    let entry = boot::prepare(
-        &parts.ram.mem,
-        &config.kernel,
-        config.initrd.as_deref(),
-        &cmdline,
+    let line = cmdline.clone();
+    let vmm = assemble(
+        parts,
+        config.clone(),
+        move |ram| {
+            let entry = boot::prepare(&ram.mem, files, &line)?;
+            tracing::debug!(?entry, "kernel loaded, in the jail");
+            phase("kernel loaded");
+            Ok(entry)
+        },
+        true,
+        cmdline,
     )?;
-    tracing::debug!(?entry, "kernel loaded");
-    phase("kernel loaded");
-    let vmm = assemble(parts, config.clone(), entry, true, cmdline)?;
     phase("vCPUs created");
     Ok(vmm)
 }
@@ -297,7 +303,8 @@ fn restore_from(
         start,
         |vm, ram, exit, console| restore_devices(vm, ram, &config, exit, console, &saved.devices),
     )?;
-    let mut vmm = assemble(parts, config, saved.entry, false, saved.cmdline)?;
+    let entry = saved.entry;
+    let mut vmm = assemble(parts, config, move |_| Ok(entry), false, saved.cmdline)?;
     if restored_from_file {
         // A VM that may now exist twice (a clone, or the same snapshot restored again) gets a
         // new generation ID; a handover is the same VM going on.
@@ -372,11 +379,12 @@ fn machine(
 }
 
 /// The control socket, the event loops and the vCPU threads around `parts`: the boot vCPU set
-/// at `entry` if `at_entry`, else every vCPU waits for its saved state.
+/// at the entry `load` gives (run in the jail: it reads the kernel) if `at_entry`, else every
+/// vCPU waits for its saved state.
 fn assemble(
     parts: Parts,
     config: VmConfig,
-    entry: BootEntry,
+    load: impl FnOnce(&GuestRam) -> Result<BootEntry, VmmError>,
     at_entry: bool,
     cmdline: String,
 ) -> Result<Vmm, VmmError> {
@@ -403,6 +411,7 @@ fn assemble(
     // Everything the VM needs is open: the process gives up the host before its first thread
     // (jail.rs), and each thread below installs its seccomp filter as it starts.
     crate::jail::enter_armed(file_size_limit(&config))?;
+    let entry = load(&ram)?;
     // The vCPUs first: their threads end by themselves if a later step fails (they are
     // parked, and their channels close), the virtio loop's would not.
     let completed = Arc::new(AtomicU64::new(0));

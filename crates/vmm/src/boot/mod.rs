@@ -210,12 +210,21 @@ pub struct LoadedKernel {
     pub header: Option<setup_header>,
 }
 
-/// Loads the kernel image into guest memory.
+/// Loads the kernel image at `path` into guest memory.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let mut file = File::open(path).map_err(|err| BootError::KernelFile {
+    let file = File::open(path).map_err(|err| BootError::KernelFile {
         path: path.to_owned(),
         err,
     })?;
+    load_kernel_file(mem, path, file)
+}
+
+/// Loads the kernel image open as `file` (named `path` in errors) into guest memory.
+pub fn load_kernel_file(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    mut file: File,
+) -> Result<LoadedKernel, BootError> {
     let format = probe_format(path, &mut file)?;
     let mem_end = mem.last_addr().0 + 1;
     let have_mib = mem.iter().map(|r| r.len()).sum::<u64>() >> 20;
@@ -285,17 +294,31 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     }
 }
 
-/// Loads the initrd at the top of low memory, above the kernel; returns (address, size).
+/// Loads the initrd at `path` at the top of low memory, above the kernel; returns (address,
+/// size).
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     path: &Path,
+    kernel_end: u64,
+) -> Result<(u64, u64), BootError> {
+    let file = File::open(path).map_err(|err| BootError::InitrdFile {
+        path: path.to_owned(),
+        err,
+    })?;
+    load_initrd_file(mem, path, file, kernel_end)
+}
+
+/// [`load_initrd`] of the initrd open as `file` (named `path` in errors).
+pub fn load_initrd_file(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    mut file: File,
     kernel_end: u64,
 ) -> Result<(u64, u64), BootError> {
     let err = |err| BootError::InitrdFile {
         path: path.to_owned(),
         err,
     };
-    let mut file = File::open(path).map_err(err)?;
     let size = file.metadata().map_err(err)?.len();
     let low_end = (mem.last_addr().0 + 1).min(MMIO_GAP_START);
     let addr = low_end
@@ -321,16 +344,49 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize, Boot
     Ok(cmdline.len())
 }
 
+/// The kernel and initrd of a boot, open: opened before the VMM's jail (they are host files
+/// the jail's root does not hold) and read, which is parsing an image a tenant may have
+/// supplied, only after it ([`prepare`]).
+#[derive(Debug)]
+pub struct BootFiles {
+    kernel: (PathBuf, File),
+    initrd: Option<(PathBuf, File)>,
+}
+
+impl BootFiles {
+    /// Opens the kernel and the initrd; reads nothing yet.
+    pub fn open(kernel: &Path, initrd: Option<&Path>) -> Result<Self, BootError> {
+        let k = File::open(kernel).map_err(|err| BootError::KernelFile {
+            path: kernel.to_owned(),
+            err,
+        })?;
+        let i = match initrd {
+            Some(p) => Some((
+                p.to_owned(),
+                File::open(p).map_err(|err| BootError::InitrdFile {
+                    path: p.to_owned(),
+                    err,
+                })?,
+            )),
+            None => None,
+        };
+        Ok(Self {
+            kernel: (kernel.to_owned(), k),
+            initrd: i,
+        })
+    }
+}
+
 /// Loads everything and writes the boot structures; returns how to enter the guest.
 pub fn prepare(
     mem: &GuestMemoryMmap,
-    kernel: &Path,
-    initrd: Option<&Path>,
+    files: BootFiles,
     cmdline: &str,
 ) -> Result<BootEntry, BootError> {
-    let k = load_kernel(mem, kernel)?;
+    let BootFiles { kernel, initrd } = files;
+    let k = load_kernel_file(mem, &kernel.0, kernel.1)?;
     let initrd = match initrd {
-        Some(p) => Some(load_initrd(mem, p, k.end)?),
+        Some((path, file)) => Some(load_initrd_file(mem, &path, file, k.end)?),
         None => None,
     };
     let info = BootInfo {
@@ -402,7 +458,12 @@ mod tests {
     fn loads_a_minimal_elf_with_the_64_bit_entry() {
         let ram = create_guest_memory(8).unwrap();
         let p = tmp("ok.elf", &elf(0x10_0000, &[0xf4], 1));
-        let e = prepare(&ram.mem, &p, None, "console=ttyS0").unwrap();
+        let e = prepare(
+            &ram.mem,
+            BootFiles::open(&p, None).unwrap(),
+            "console=ttyS0",
+        )
+        .unwrap();
         assert_eq!(e.mode, EntryMode::Linux64);
         assert_eq!(e.entry, 0x10_0000);
         let b: u8 = ram.mem.read_obj(GuestAddress(0x10_0000)).unwrap();
