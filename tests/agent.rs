@@ -498,7 +498,36 @@ fn the_agent_survives_kill_9_and_finds_every_vm_as_it_was() {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         std::thread::sleep(Duration::from_millis(100));
+        // A VM deleted just before the agent died leaves its cgroups (they go after the
+        // record): the restarted agent removes those of VMs it has no record of, and only those.
+        let parent = common::agent_cgroup_parent(&agent.dir);
+        let cgroups = |id: &str| -> Vec<PathBuf> {
+            ["cpu", "cpuacct", "memory", "pids", "blkio", "unified"]
+                .iter()
+                .map(|h| {
+                    Path::new("/sys/fs/cgroup")
+                        .join(h)
+                        .join(&parent)
+                        .join(format!("vm-{id}"))
+                })
+                .filter(|d| d.parent().is_some_and(|p| p.exists()))
+                .collect()
+        };
+        let ghost = cgroups("ghost");
+        for d in &ghost {
+            std::fs::create_dir(d).unwrap();
+        }
+        let keep_cgroups = cgroups("keep");
         agent.spawn();
+        if !ghost.is_empty() {
+            // spawn() returns once the agent has recovered, which is when it sweeps.
+            for d in &ghost {
+                assert!(!d.exists(), "{} stays after the restart", d.display());
+            }
+            for d in &keep_cgroups {
+                assert!(d.exists(), "{} of a running VM went", d.display());
+            }
+        }
 
         // Re-adopted: same process, console and stop still work.
         let keep = get("keep").await;

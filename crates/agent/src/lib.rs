@@ -413,6 +413,15 @@ impl Agent {
         let t = std::time::Instant::now();
         self.store.sweep_temp();
         self.recover().await;
+        if let Some(cg) = &self.cgroups {
+            // What a delete left when the agent died before the VM's cgroups were gone.
+            let known: std::collections::HashSet<String> =
+                lock(&self.vms).keys().cloned().collect();
+            let n = cg.sweep(|id| known.contains(id));
+            if n > 0 {
+                tracing::info!(cgroups = n, "removed the cgroups of VMs no longer recorded");
+            }
+        }
         self.recovered.send_replace(true);
         tracing::info!(
             vms = self.entries().len(),

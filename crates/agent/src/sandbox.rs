@@ -624,6 +624,37 @@ impl Cgroups {
         );
     }
 
+    /// Removes the VM cgroups under the parent whose VM `known` does not know: what a delete
+    /// left when the agent died before they were gone (it removes them after the record).
+    /// Called at start, before any change is taken. One still holding a process stays, with a
+    /// warning. Returns how many were removed.
+    pub fn sweep(&self, known: impl Fn(&str) -> bool) -> usize {
+        let mut removed = 0;
+        for d in self.hierarchy.dirs(&self.parent) {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let Some(id) = name.to_str().and_then(|n| n.strip_prefix("vm-")) else {
+                    continue;
+                };
+                if known(id) || !e.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                match std::fs::remove_dir(e.path()) {
+                    Ok(()) => removed += 1,
+                    Err(err) => tracing::warn!(
+                        vm = id,
+                        "{} belongs to no VM the agent knows and stays: {err}",
+                        e.path().display()
+                    ),
+                }
+            }
+        }
+        removed
+    }
+
     /// Out-of-memory kills in VM `id`'s cgroup so far.
     pub fn oom_kills(&self, id: &str) -> u64 {
         let rel = self.rel(id);
