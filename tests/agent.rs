@@ -498,24 +498,35 @@ fn the_agent_survives_kill_9_and_finds_every_vm_as_it_was() {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         std::thread::sleep(Duration::from_millis(100));
-        // A VM deleted just before the agent died leaves its cgroups (they go after the
-        // record): the restarted agent removes those of VMs it has no record of, and only those.
+        // A VM whose cgroups would not go when it was deleted (a process still in them) leaves
+        // them: the restarted agent removes those of VMs it has no record of, and only those.
         let parent = common::agent_cgroup_parent(&agent.dir);
         let cgroups = |id: &str| -> Vec<PathBuf> {
-            ["cpu", "cpuacct", "memory", "pids", "blkio", "unified"]
-                .iter()
-                .map(|h| {
-                    Path::new("/sys/fs/cgroup")
-                        .join(h)
-                        .join(&parent)
-                        .join(format!("vm-{id}"))
-                })
-                .filter(|d| d.parent().is_some_and(|p| p.exists()))
-                .collect()
+            // Each hierarchy once (cpu and cpuacct may be links to one), v2 at the top or not.
+            let mut dirs: Vec<PathBuf> =
+                ["cpu", "cpuacct", "memory", "pids", "blkio", "unified", ""]
+                    .iter()
+                    .filter_map(|h| {
+                        Path::new("/sys/fs/cgroup")
+                            .join(h)
+                            .join(&parent)
+                            .canonicalize()
+                            .ok()
+                    })
+                    .map(|p| p.join(format!("vm-{id}")))
+                    .collect();
+            dirs.sort();
+            dirs.dedup();
+            dirs
         };
         let ghost = cgroups("ghost");
         for d in &ghost {
-            std::fs::create_dir(d).unwrap();
+            match std::fs::create_dir(d) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    panic!("{}: {e}", d.display())
+                }
+                _ => {}
+            }
         }
         let keep_cgroups = cgroups("keep");
         agent.spawn();
@@ -2385,6 +2396,18 @@ fn remote_disk_goes_away(agent: &TestAgent, server: &mut Remote) {
             assert!(rec.contains("secret-of-16-bytes"));
         }
         wait_console(&c, "remote", "round 1 flushed", 30).await;
+        // Its VMM keeps the host's network (to reconnect) but may connect to its server's port
+        // only: another service listening on the host is out of its reach (Landlock).
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = other.local_addr().unwrap().port();
+        let socket = agent.state().join("vms/remote/control.sock");
+        let r = common::vmm_control(&socket, &json!({"op": "fault", "fault": {"connect": port}}));
+        let err = r["error"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            err.starts_with("cannot connect") && err.contains("os error 13"),
+            "{r}"
+        );
+        drop(other);
         let link = |v: &Value| v["disks"][0]["link"].as_str().unwrap_or("").to_owned();
         let wait_link = |want: &'static str| {
             let c = &c;

@@ -235,11 +235,14 @@ fn arm_jail(args: &RunArgs) -> Result<(), String> {
         );
         return Ok(());
     }
-    let remote = args
+    // The remote disks' servers' ports: the only TCP the jail allows.
+    let ports: Vec<u16> = args
         .vm
         .disk
         .iter()
-        .any(|d| d.nbd.is_some() || d.iscsi.is_some());
+        .filter_map(|d| d.remote_port())
+        .collect();
+    let remote = !ports.is_empty();
     bexar_vmm::seccomp::arm(None, remote).map_err(|e| e.to_string())?;
     if nix::unistd::geteuid().as_raw() != 0 {
         tracing::warn!(
@@ -253,8 +256,9 @@ fn arm_jail(args: &RunArgs) -> Result<(), String> {
     std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o555))
         .map_err(|e| format!("{RUN_JAIL_ROOT}: {e}"))?;
     let mut j = bexar_vmm::jail::JailConfig::new(args.jail_uid_base, root.to_owned());
-    // Remote disks keep the host's network, to reconnect to their servers.
+    // Remote disks keep the host's network, to reconnect to their servers' ports (only).
     j.network = !remote;
+    j.tcp_ports = ports;
     bexar_vmm::jail::arm(j).map_err(|e| e.to_string())
 }
 

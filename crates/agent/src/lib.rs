@@ -414,7 +414,7 @@ impl Agent {
         self.store.sweep_temp();
         self.recover().await;
         if let Some(cg) = &self.cgroups {
-            // What a delete left when the agent died before the VM's cgroups were gone.
+            // What a delete left when a VM's cgroups would not go in time.
             let known: std::collections::HashSet<String> =
                 lock(&self.vms).keys().cloned().collect();
             let n = cg.sweep(|id| known.contains(id));

@@ -53,15 +53,19 @@ pub const DEFAULT_MEMORY_HEADROOM_MIB: u64 = 64;
 /// reaper, io_uring's workers).
 const PIDS_HEADROOM: u64 = 256;
 
-/// The jail for a VMM of the VM in `dir`; `remote_disks`: it has NBD or iSCSI disks, which keep
-/// the host's network to reconnect.
-pub fn jail_for(cfg: &SandboxConfig, dir: &Path, remote_disks: bool) -> Option<JailConfig> {
+/// The jail for a VMM of the VM in `dir`; `remote_ports`: the TCP ports of its NBD or iSCSI
+/// disks' servers. A VMM with remote disks keeps the host's network to reconnect to them, and
+/// may connect to those ports only (Landlock).
+pub fn jail_for(cfg: &SandboxConfig, dir: &Path, remote_ports: &[u16]) -> Option<JailConfig> {
     if !cfg.jail {
         return None;
     }
     let mut j = JailConfig::new(cfg.uid_base, dir.join(files::JAIL_ROOT));
     j.own_root = true;
-    j.network = !remote_disks;
+    j.network = remote_ports.is_empty();
+    j.tcp_ports = remote_ports.to_vec();
+    j.tcp_ports.sort_unstable();
+    j.tcp_ports.dedup();
     Some(j)
 }
 
@@ -318,10 +322,33 @@ pub enum DynMods {
 
 /// One line of /proc/self/mountinfo, the fields used here.
 struct MountLine<'a> {
-    mount_point: &'a str,
+    mount_point: String,
     mount_options: &'a str,
     fs_type: &'a str,
     super_options: &'a str,
+}
+
+/// A mountinfo path with its octal escapes (`\040` for a space...) undone.
+fn unescape_mountinfo(p: &str) -> String {
+    let b = p.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn mountinfo_line(l: &str) -> Option<MountLine<'_>> {
@@ -330,7 +357,7 @@ fn mountinfo_line(l: &str) -> Option<MountLine<'_>> {
     let h: Vec<&str> = head.split(' ').collect();
     let t: Vec<&str> = tail.split(' ').collect();
     (h.len() >= 6 && t.len() >= 3).then(|| MountLine {
-        mount_point: h[4],
+        mount_point: unescape_mountinfo(h[4]),
         mount_options: h[5],
         fs_type: t[0],
         super_options: t[2],
@@ -346,6 +373,44 @@ pub fn favor_dynmods_mount() -> Option<PathBuf> {
         .map(|m| PathBuf::from(m.mount_point))
 }
 
+/// The flags and data of a remount that adds `favordynmods` to a cgroup2 mount with these
+/// per-mount and super-block options, changing nothing else; `Err` if that cannot be done.
+///
+/// A legacy remount sets the mount's flags from its arguments (so nosuid, nodev and noexec are
+/// passed again; the atime mode is kept when none is given) and cgroup2 sets every root option
+/// from its data (so `nsdelegate`, `memory_recursiveprot`... are passed again). A read-only
+/// mount is refused: `MS_RDONLY` on a remount applies to the super block too, which is the
+/// whole host's cgroup2, and a read-only view of it is not the agent's to change.
+fn dynmods_remount(
+    mount_options: &str,
+    super_options: &str,
+) -> Result<(nix::mount::MsFlags, String), String> {
+    use nix::mount::MsFlags;
+    let mut flags = MsFlags::MS_REMOUNT;
+    for o in mount_options.split(',') {
+        flags |= match o {
+            "rw" | "relatime" | "noatime" | "strictatime" | "nodiratime" => MsFlags::empty(),
+            "nosuid" => MsFlags::MS_NOSUID,
+            "nodev" => MsFlags::MS_NODEV,
+            "noexec" => MsFlags::MS_NOEXEC,
+            other => {
+                return Err(format!(
+                    "the mount is {other}; the agent leaves it as it is"
+                ))
+            }
+        };
+    }
+    let mut data: Vec<&str> = super_options
+        .split(',')
+        .filter(|o| !o.is_empty() && *o != "rw")
+        .collect();
+    if data.contains(&"ro") {
+        return Err("the cgroup2 file system is read-only".into());
+    }
+    data.push("favordynmods");
+    Ok((flags, data.join(",")))
+}
+
 /// Makes moving a process into a cgroup cheap, host-wide, with cgroup2's `favordynmods`
 /// mount option (Linux 6.0+).
 ///
@@ -358,9 +423,8 @@ pub fn favor_dynmods_mount() -> Option<PathBuf> {
 /// trade the option exists for. The lock is one for all hierarchies, so the cgroup2 mount's
 /// option speeds up v1 controllers too (this host's case).
 ///
-/// A remount sets every cgroup2 root option from its arguments, so the mount's current
-/// options (`nsdelegate`, `memory_recursiveprot`...) are passed again, and its per-mount flags
-/// (nosuid, nodev, noexec, read-only) with them.
+/// The remount changes nothing else ([`dynmods_remount`]), and is checked: the kernel applies
+/// root options only from the initial cgroup namespace and says nothing otherwise.
 pub fn favor_dynmods() -> DynMods {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return DynMods::Unavailable("cannot read /proc/self/mountinfo".into());
@@ -374,40 +438,34 @@ pub fn favor_dynmods() -> DynMods {
             "the host has no cgroup2 mount (a v1 hierarchy cannot change it on a remount)".into(),
         );
     };
-    let target = PathBuf::from(m.mount_point);
-    let mut opts: Vec<&str> = m
-        .super_options
-        .split(',')
-        .filter(|o| !o.is_empty() && *o != "rw" && *o != "ro")
-        .collect();
-    if opts.contains(&"favordynmods") {
+    let target = PathBuf::from(&m.mount_point);
+    if m.super_options.split(',').any(|o| o == "favordynmods") {
         return DynMods::AlreadyOn(target);
     }
     let features = std::fs::read_to_string("/sys/kernel/cgroup/features").unwrap_or_default();
     if !features.lines().any(|f| f.trim() == "favordynmods") {
         return DynMods::Unavailable("this kernel has no favordynmods (Linux 6.0+)".into());
     }
-    opts.push("favordynmods");
-    use nix::mount::MsFlags;
-    let mut flags = MsFlags::MS_REMOUNT;
-    for o in m.mount_options.split(',') {
-        flags |= match o {
-            "ro" => MsFlags::MS_RDONLY,
-            "nosuid" => MsFlags::MS_NOSUID,
-            "nodev" => MsFlags::MS_NODEV,
-            "noexec" => MsFlags::MS_NOEXEC,
-            _ => MsFlags::empty(),
-        };
-    }
-    match nix::mount::mount(
+    let (flags, data) = match dynmods_remount(m.mount_options, m.super_options) {
+        Ok(a) => a,
+        Err(why) => return DynMods::Unavailable(why),
+    };
+    if let Err(e) = nix::mount::mount(
         None::<&str>,
         &target,
         None::<&str>,
         flags,
-        Some(opts.join(",").as_str()),
+        Some(data.as_str()),
     ) {
-        Ok(()) => DynMods::TurnedOn(target),
-        Err(e) => DynMods::Unavailable(format!("remount {}: {e}", target.display())),
+        return DynMods::Unavailable(format!("remount {}: {e}", target.display()));
+    }
+    match favor_dynmods_mount() {
+        Some(_) => DynMods::TurnedOn(target),
+        None => DynMods::Unavailable(format!(
+            "remounted {} but the option did not take (the agent is not in the initial cgroup \
+             namespace?)",
+            target.display()
+        )),
     }
 }
 
@@ -625,9 +683,10 @@ impl Cgroups {
     }
 
     /// Removes the VM cgroups under the parent whose VM `known` does not know: what a delete
-    /// left when the agent died before they were gone (it removes them after the record).
-    /// Called at start, before any change is taken. One still holding a process stays, with a
-    /// warning. Returns how many were removed.
+    /// left when its cgroups would not go in time (a process still in them after 2 s: the
+    /// record goes anyway), or an agent with other records left. Called at start, before any
+    /// change is taken; the parent is this agent's alone (two agents must not share one). One
+    /// still holding a process stays, with a warning. Returns how many were removed.
     pub fn sweep(&self, known: impl Fn(&str) -> bool) -> usize {
         let mut removed = 0;
         for d in self.hierarchy.dirs(&self.parent) {
@@ -781,7 +840,12 @@ mod tests {
                  cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot";
         let m = mountinfo_line(l).unwrap();
         assert_eq!(
-            (m.mount_point, m.mount_options, m.fs_type, m.super_options),
+            (
+                m.mount_point.as_str(),
+                m.mount_options,
+                m.fs_type,
+                m.super_options
+            ),
             (
                 "/sys/fs/cgroup",
                 "rw,nosuid,nodev,noexec,relatime",
@@ -792,6 +856,35 @@ mod tests {
         let l = "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
         assert_eq!(mountinfo_line(l).unwrap().super_options, "rw");
         assert!(mountinfo_line("41 31 0:38 / /x rw").is_none());
+        let l = "50 31 0:38 / /srv/my\\040cgroups rw - cgroup2 cgroup2 rw";
+        assert_eq!(mountinfo_line(l).unwrap().mount_point, "/srv/my cgroups");
+    }
+
+    #[test]
+    fn the_favordynmods_remount_keeps_every_other_option_and_flag() {
+        use nix::mount::MsFlags;
+        // systemd's mount: its flags and root options are passed again.
+        let (flags, data) = dynmods_remount(
+            "rw,nosuid,nodev,noexec,relatime",
+            "rw,nsdelegate,memory_recursiveprot",
+        )
+        .unwrap();
+        assert_eq!(
+            flags,
+            MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC
+        );
+        assert_eq!(data, "nsdelegate,memory_recursiveprot,favordynmods");
+        // This host's.
+        let (flags, data) = dynmods_remount("rw,relatime", "rw").unwrap();
+        assert_eq!(
+            (flags, data.as_str()),
+            (MsFlags::MS_REMOUNT, "favordynmods")
+        );
+        // A read-only view (a remount would make the host's cgroup2 read-only), a flag the
+        // remount could not keep, and a read-only super block: left alone.
+        assert!(dynmods_remount("ro,nosuid,nodev,noexec,relatime", "rw").is_err());
+        assert!(dynmods_remount("rw,nosymfollow", "rw").is_err());
+        assert!(dynmods_remount("rw", "ro,nsdelegate").is_err());
     }
 
     #[test]

@@ -103,6 +103,8 @@ pub enum Fault {
     OpenHostFile,
     /// Allocate and touch memory without end, as a leak would.
     Leak,
+    /// Connect to this TCP port on 127.0.0.1; the reply says what happened.
+    Connect(u16),
 }
 
 /// Whether the guest runs.

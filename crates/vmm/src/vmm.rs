@@ -1382,6 +1382,10 @@ fn fault_for_tests(fault: crate::control::Fault) -> Reply {
             Ok(b) => Reply::error(format!("opened /etc/passwd: {} bytes", b.len())),
             Err(e) => Reply::error(format!("cannot open /etc/passwd: {e}")),
         },
+        Fault::Connect(port) => match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(_) => Reply::error(format!("connected to 127.0.0.1:{port}")),
+            Err(e) => Reply::error(format!("cannot connect to 127.0.0.1:{port}: {e}")),
+        },
         Fault::Leak => {
             tracing::warn!("test fault: leaking memory until stopped");
             let mut kept: Vec<Vec<u8>> = Vec::new();

@@ -85,6 +85,14 @@ fn name_ok(n: &str) -> bool {
 }
 
 impl IscsiTarget {
+    /// The portal's TCP port (3260 unless it names one); `None` for a portal that does not
+    /// parse (refused by [`Self::check`]).
+    pub fn port(&self) -> Option<u16> {
+        split_host_port(&self.portal, DEFAULT_PORT)
+            .ok()
+            .map(|(_, p)| p)
+    }
+
     /// Checks it; returns the field and the problem.
     pub fn check(&self) -> Result<(), (String, String)> {
         let (host, _) =

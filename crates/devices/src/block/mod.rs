@@ -174,6 +174,15 @@ impl std::str::FromStr for DiskConfig {
 }
 
 impl DiskConfig {
+    /// The TCP port of the disk's server, for an NBD or iSCSI disk.
+    pub fn remote_port(&self) -> Option<u16> {
+        match (&self.nbd, &self.iscsi) {
+            (Some(n), _) => Some(n.port),
+            (None, Some(i)) => i.port(),
+            (None, None) => None,
+        }
+    }
+
     /// Checks what can be checked without opening the image; returns the field and the
     /// problem.
     pub fn check(&self) -> Result<(), (String, String)> {
