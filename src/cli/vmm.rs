@@ -68,6 +68,14 @@ fn arm_jail(dir: &Path, launch: &Launch) -> Result<(), String> {
             .any(|d| d.nbd.is_some() || d.iscsi.is_some());
         bexar_vmm::seccomp::arm(Some(fault.into()), inet).map_err(|e| e.to_string())?;
     }
+    let mut j = j.clone();
+    // The only TCP the jail allows: the remote disks' servers' ports.
+    j.tcp_ports = launch
+        .config
+        .disks
+        .iter()
+        .filter_map(|d| d.remote_port())
+        .collect();
     bexar_vmm::jail::arm(j.clone()).map_err(|e| e.to_string())?;
     std::env::set_current_dir(&j.root).map_err(|e| format!("{}: {e}", j.root.display()))?;
     Ok(())

@@ -749,3 +749,13 @@ pub fn status_field(status: &str, key: &str) -> String {
         .map(|v| v.trim().to_owned())
         .unwrap_or_else(|| panic!("no {key} in {status}"))
 }
+
+/// Whether the host kernel is at least `major.minor`.
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
+}

@@ -671,12 +671,11 @@ impl Agent {
             Ok(c) => c,
             Err(e) => return Err(fail(format!("the VM cannot be configured: {e}"))),
         };
-        let remote: Vec<u16> = config
+        let remote = config
             .disks
             .iter()
-            .filter_map(|d| d.remote_port())
-            .collect();
-        let jail = sandbox::jail_for(&self.config.sandbox, &dir, &remote);
+            .any(|d| d.nbd.is_some() || d.iscsi.is_some());
+        let jail = sandbox::jail_for(&self.config.sandbox, &dir, remote);
         if jail.is_some() {
             // The VMM binds and connects its vsock sockets relative to its working directory,
             // the jail's root before and after pivot_root; VMM_DIR/vsock.sock points there.

@@ -53,19 +53,16 @@ pub const DEFAULT_MEMORY_HEADROOM_MIB: u64 = 64;
 /// reaper, io_uring's workers).
 const PIDS_HEADROOM: u64 = 256;
 
-/// The jail for a VMM of the VM in `dir`; `remote_ports`: the TCP ports of its NBD or iSCSI
-/// disks' servers. A VMM with remote disks keeps the host's network to reconnect to them, and
-/// may connect to those ports only (Landlock).
-pub fn jail_for(cfg: &SandboxConfig, dir: &Path, remote_ports: &[u16]) -> Option<JailConfig> {
+/// The jail for a VMM of the VM in `dir`; `remote_disks`: it has NBD or iSCSI disks, which keep
+/// the host's network to reconnect (and, through Landlock, may reach their servers' ports
+/// only: the VMM takes those from its disks as it arms the jail).
+pub fn jail_for(cfg: &SandboxConfig, dir: &Path, remote_disks: bool) -> Option<JailConfig> {
     if !cfg.jail {
         return None;
     }
     let mut j = JailConfig::new(cfg.uid_base, dir.join(files::JAIL_ROOT));
     j.own_root = true;
-    j.network = remote_ports.is_empty();
-    j.tcp_ports = remote_ports.to_vec();
-    j.tcp_ports.sort_unstable();
-    j.tcp_ports.dedup();
+    j.network = !remote_disks;
     Some(j)
 }
 
@@ -441,6 +438,16 @@ pub fn favor_dynmods() -> DynMods {
     let target = PathBuf::from(&m.mount_point);
     if m.super_options.split(',').any(|o| o == "favordynmods") {
         return DynMods::AlreadyOn(target);
+    }
+    if info
+        .lines()
+        .filter_map(mountinfo_line)
+        .filter(|x| x.mount_point == m.mount_point)
+        .count()
+        > 1
+    {
+        // A remount by path would change what is mounted on top, with this one's flags.
+        return DynMods::Unavailable(format!("{} is mounted over", target.display()));
     }
     let features = std::fs::read_to_string("/sys/kernel/cgroup/features").unwrap_or_default();
     if !features.lines().any(|f| f.trim() == "favordynmods") {

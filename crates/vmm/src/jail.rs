@@ -57,7 +57,9 @@ pub struct JailConfig {
     /// The TCP ports the VMM may connect to: its remote disks' servers'. Landlock (ABI 4,
     /// Linux 6.7+) refuses a connect to any other port and every bind, so a VMM that keeps the
     /// host's network (`network` off) reaches its storage servers' ports and no other service.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Not in the launch file: the VMM sets it from its own disks as it arms the jail, so a
+    /// launch written by an agent of another version cannot leave it without its ports.
+    #[serde(skip)]
     pub tcp_ports: Vec<u16>,
     /// A network namespace made ahead of time, empty, this process's alone: its descriptor
     /// (inherited across exec). Joined instead of making one at start, the dearest part of
