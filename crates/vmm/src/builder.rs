@@ -410,6 +410,8 @@ fn assemble(
     let (main_loop, console_input) = main_loop(&exit, &devices, control.as_ref())?;
     // Everything the VM needs is open: the process gives up the host before its first thread
     // (jail.rs), and each thread below installs its seccomp filter as it starts.
+    // Remote disks reconnect to the addresses their servers' names resolved to before.
+    bexar_devices::block::remote::pin_resolved();
     crate::jail::enter_armed(file_size_limit(&config))?;
     let entry = load(&ram)?;
     // The vCPUs first: their threads end by themselves if a later step fails (they are

@@ -147,11 +147,44 @@ pub(super) fn proto(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
+/// Set once the process can no longer resolve names: see [`pin_resolved`].
+static PINNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// From now on, a server's name means the addresses it resolved to last (the VMM calls this as
+/// it enters its jail). Its disks were opened, so their names resolved, before; a reconnect
+/// happens inside the jail, where the host's `/etc/hosts` and `/etc/resolv.conf` are not and
+/// the resolver's own system calls (`uname`) are refused by the seccomp filter: resolving
+/// there killed the VMM. A server that moves to another address is followed by restarting the
+/// VM, not by a reconnect. Processes that never call it (the agent's checks) resolve afresh
+/// each time.
+pub fn pin_resolved() {
+    PINNED.store(true, std::sync::atomic::Ordering::Release);
+}
+
+/// The addresses of `host:port`: resolved, and recorded; once [`pin_resolved`], the recorded
+/// ones.
+fn resolve(host: &str, port: u16) -> io::Result<Vec<std::net::SocketAddr>> {
+    type Known = std::collections::HashMap<(String, u16), Vec<std::net::SocketAddr>>;
+    static KNOWN: std::sync::OnceLock<std::sync::Mutex<Known>> = std::sync::OnceLock::new();
+    let known = KNOWN.get_or_init(Default::default);
+    let key = (host.to_owned(), port);
+    if PINNED.load(std::sync::atomic::Ordering::Acquire) {
+        if let Some(addrs) = lock(known).get(&key) {
+            return Ok(addrs.clone());
+        }
+    }
+    let addrs: Vec<_> = (host, port).to_socket_addrs()?.collect();
+    if !addrs.is_empty() {
+        lock(known).insert(key, addrs.clone());
+    }
+    Ok(addrs)
+}
+
 /// Opens a TCP connection to the first address of `host:port` that answers, with
 /// `timeout` on the connect and on blocking reads and writes (the handshake).
 pub(super) fn dial(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-    for a in (host, port).to_socket_addrs()? {
+    for a in resolve(host, port)? {
         match TcpStream::connect_timeout(&a, timeout) {
             Ok(s) => {
                 s.set_read_timeout(Some(timeout))?;
