@@ -242,7 +242,7 @@ fn arm_jail(args: &RunArgs) -> Result<(), String> {
         .iter()
         .filter_map(|d| d.remote_port())
         .collect();
-    let remote = !ports.is_empty();
+    let remote = args.vm.disk.iter().any(|d| d.is_remote());
     bexar_vmm::seccomp::arm(None, remote).map_err(|e| e.to_string())?;
     if nix::unistd::geteuid().as_raw() != 0 {
         tracing::warn!(

@@ -61,22 +61,21 @@ fn arm_jail(dir: &Path, launch: &Launch) -> Result<(), String> {
             .mode(0o600)
             .open(dir.join(files::FAULT))
             .map_err(|e| format!("{}: {e}", dir.join(files::FAULT).display()))?;
-        let inet = launch
-            .config
-            .disks
-            .iter()
-            .any(|d| d.nbd.is_some() || d.iscsi.is_some());
+        let inet = launch.config.disks.iter().any(|d| d.is_remote());
         bexar_vmm::seccomp::arm(Some(fault.into()), inet).map_err(|e| e.to_string())?;
     }
-    let mut j = j.clone();
     // The only TCP the jail allows: the remote disks' servers' ports.
-    j.tcp_ports = launch
+    let tcp_ports = launch
         .config
         .disks
         .iter()
         .filter_map(|d| d.remote_port())
         .collect();
-    bexar_vmm::jail::arm(j.clone()).map_err(|e| e.to_string())?;
+    bexar_vmm::jail::arm(bexar_vmm::jail::JailConfig {
+        tcp_ports,
+        ..j.clone()
+    })
+    .map_err(|e| e.to_string())?;
     std::env::set_current_dir(&j.root).map_err(|e| format!("{}: {e}", j.root.display()))?;
     Ok(())
 }

@@ -289,26 +289,30 @@ impl Agent {
             return None;
         };
         let name = h.name();
-        if cfg.favor_dynmods {
-            match sandbox::favor_dynmods() {
-                sandbox::DynMods::AlreadyOn(m) => {
-                    tracing::debug!("cgroup2 at {} has favordynmods", m.display());
-                }
-                sandbox::DynMods::TurnedOn(m) => tracing::info!(
-                    "remounted cgroup2 at {} with favordynmods: a VMM joins its cgroups in \
-                     microseconds, not an RCU grace period (--no-cgroup-favordynmods leaves \
-                     the mount as it is)",
-                    m.display()
-                ),
-                sandbox::DynMods::Unavailable(why) => tracing::warn!(
-                    "cgroup favordynmods is off ({why}): each VM start waits an RCU grace \
-                     period (3-20 ms here) to move its VMM into its cgroups"
-                ),
+        let off = match (cfg.favor_dynmods, sandbox::favor_dynmods_mount()) {
+            (_, Some(m)) => {
+                tracing::debug!("cgroup2 at {} has favordynmods", m.display());
+                None
             }
-        } else if sandbox::favor_dynmods_mount().is_none() {
+            (false, None) => Some("--no-cgroup-favordynmods".to_owned()),
+            (true, None) => match sandbox::favor_dynmods() {
+                sandbox::DynMods::AlreadyOn(_) => None,
+                sandbox::DynMods::TurnedOn(m) => {
+                    tracing::info!(
+                        "remounted cgroup2 at {} with favordynmods: a VMM joins its cgroups in \
+                         microseconds, not an RCU grace period (--no-cgroup-favordynmods \
+                         leaves the mount as it is)",
+                        m.display()
+                    );
+                    None
+                }
+                sandbox::DynMods::Unavailable(why) => Some(why),
+            },
+        };
+        if let Some(why) = off {
             tracing::warn!(
-                "cgroup favordynmods is off (--no-cgroup-favordynmods): each VM start waits an \
-                 RCU grace period (3-20 ms here) to move its VMM into its cgroups"
+                "cgroup favordynmods is off ({why}): each VM start waits an RCU grace period \
+                 (3-20 ms here) to move its VMM into its cgroups"
             );
         }
         match sandbox::Cgroups::new(h, parent) {

@@ -671,10 +671,7 @@ impl Agent {
             Ok(c) => c,
             Err(e) => return Err(fail(format!("the VM cannot be configured: {e}"))),
         };
-        let remote = config
-            .disks
-            .iter()
-            .any(|d| d.nbd.is_some() || d.iscsi.is_some());
+        let remote = config.disks.iter().any(|d| d.is_remote());
         let jail = sandbox::jail_for(&self.config.sandbox, &dir, remote);
         if jail.is_some() {
             // The VMM binds and connects its vsock sockets relative to its working directory,

@@ -990,12 +990,7 @@ impl Agent {
     /// on here, and the migration's own request ends with `migration_cancelled`.
     pub async fn cancel_migration(&self, id: &str) -> Result<VmRecord, AgentError> {
         use std::sync::atomic::Ordering;
-        let entry = self.entry(id)?;
-        let cancel = lock(&entry.migration).clone();
-        let rec = Self::snapshot(&entry);
-        let Some(cancel) = cancel else {
-            return Err(super::lifecycle::illegal(&rec, "cancel the migration of"));
-        };
+        let (cancel, rec) = self.migration_under_way(id, "cancel the migration of")?;
         if cancel.switching.load(Ordering::SeqCst) {
             return Err(AgentError::Conflict(FieldError::new(
                 "id",
@@ -1013,16 +1008,27 @@ impl Agent {
     /// switch-over has begun, it changes nothing.
     pub async fn complete_migration(&self, id: &str) -> Result<VmRecord, AgentError> {
         use std::sync::atomic::Ordering;
-        let entry = self.entry(id)?;
-        let steer = lock(&entry.migration).clone();
-        let rec = Self::snapshot(&entry);
-        let Some(steer) = steer else {
-            return Err(super::lifecycle::illegal(&rec, "complete the migration of"));
-        };
+        let (steer, rec) = self.migration_under_way(id, "complete the migration of")?;
         if !steer.complete.swap(true, Ordering::SeqCst) {
             steer.notify.notify_one();
         }
         Ok(rec)
+    }
+
+    /// The handle of VM `id`'s migration under way, and its record; none under way is an
+    /// illegal transition for `verb`.
+    fn migration_under_way(
+        &self,
+        id: &str,
+        verb: &'static str,
+    ) -> Result<(Arc<Cancel>, VmRecord), AgentError> {
+        let entry = self.entry(id)?;
+        let handle = lock(&entry.migration).clone();
+        let rec = Self::snapshot(&entry);
+        match handle {
+            Some(h) => Ok((h, rec)),
+            None => Err(super::lifecycle::illegal(&rec, verb)),
+        }
     }
 
     /// Whether this host holds the VM a [`Query`] names.

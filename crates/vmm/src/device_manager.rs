@@ -595,9 +595,7 @@ impl DeviceManager {
             drop(transport);
             let d = lock(&dev);
             if d.common().is_active() {
-                for evt in d.queue_events() {
-                    let _ = evt.write(1);
-                }
+                d.common().notify_queues();
             }
         }
     }

@@ -440,19 +440,10 @@ impl<W: Write> Sender<W> {
         if b[..words].contains(&CANCEL) {
             return Err(MigrationError::Cancelled);
         }
-        for (i, &w) in b[..words].iter().enumerate() {
+        for &w in &b[..words] {
             if w == b'F' {
-                // The receiver's refusal: its reason is what follows, here and on the stream.
-                let mut why = b[i + 1..n].to_vec();
-                if let Some(back) = &self.listen {
-                    let mut back = back;
-                    if let MigrationError::Refused(more) = refusal(&mut back)? {
-                        why.extend_from_slice(more.as_bytes());
-                    }
-                }
-                return Err(MigrationError::Refused(
-                    String::from_utf8_lossy(&why).into_owned(),
-                ));
+                // The receiver's refusal: its reason begins with what was read after it.
+                return Err(self.refused(&b[words..n])?);
             }
             self.word(w, "before the end")?;
         }
@@ -461,6 +452,22 @@ impl<W: Write> Sender<W> {
 
     /// What a byte from the other end does while the pre-copy runs: a [`CANCEL`] ends it, a
     /// [`COMPLETE`] hurries it, an `F` is the receiver's refusal (its reason follows).
+    /// The receiver's refusal whose reason begins with `read` and goes on, on the way back,
+    /// until the receiver closes it.
+    fn refused(&self, read: &[u8]) -> Result<MigrationError, MigrationError> {
+        let Some(back) = &self.listen else {
+            return Err(bad("a refusal with no way back"));
+        };
+        let mut back = back;
+        let mut why = read.to_vec();
+        if let MigrationError::Refused(more) = refusal(&mut back)? {
+            why.extend_from_slice(more.as_bytes());
+        }
+        Ok(MigrationError::Refused(
+            String::from_utf8_lossy(&why).into_owned(),
+        ))
+    }
+
     fn word(&mut self, b: u8, when: &str) -> Result<(), MigrationError> {
         match b {
             CANCEL => Err(MigrationError::Cancelled),
@@ -468,13 +475,7 @@ impl<W: Write> Sender<W> {
                 self.force();
                 Ok(())
             }
-            b'F' => match &self.listen {
-                Some(back) => {
-                    let mut back = back;
-                    Err(refusal(&mut back)?)
-                }
-                None => Err(bad("a refusal with no way back")),
-            },
+            b'F' => Err(self.refused(&[])?),
             other => Err(bad(format!("answer byte {other:#04x} {when}"))),
         }
     }
