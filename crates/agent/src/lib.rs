@@ -835,6 +835,7 @@ impl Agent {
                 started_ms: now,
                 progress: None,
                 destination: None,
+                timeout_ms: None,
             }),
             nics,
             disks,

@@ -48,7 +48,29 @@ pub(crate) fn op(kind: Op) -> Option<Operation> {
         started_ms: now_ms(),
         progress: None,
         destination: None,
+        timeout_ms: None,
     })
+}
+
+/// A stop or reboot, with the grace the caller gave the guest (zero when forced), so that an
+/// agent finishing it after a crash gives no more and no less.
+fn ending_op(kind: Op, grace: Duration) -> Option<Operation> {
+    op(kind).map(|o| Operation {
+        timeout_ms: Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)),
+        ..o
+    })
+}
+
+/// What is left of the grace a recorded stop or reboot gave the guest when it began (the
+/// agent's default for records written before the grace was recorded).
+fn recorded_grace(rec: &VmRecord, default: Duration, now_ms: u64) -> Duration {
+    let Some(o) = rec.operation.as_ref() else {
+        return default;
+    };
+    let Some(grace) = o.timeout_ms.map(Duration::from_millis) else {
+        return default;
+    };
+    grace.saturating_sub(Duration::from_millis(now_ms.saturating_sub(o.started_ms)))
 }
 
 pub(crate) fn illegal(rec: &VmRecord, action: &'static str) -> AgentError {
@@ -307,14 +329,13 @@ impl Agent {
             }
             _ => return Err(illegal(&rec, "stop")),
         }
+        let grace = timeout.unwrap_or(self.config.stop_timeout);
         self.update(&entry, |r| {
             r.desired = Desired::Stopped;
             r.generation += 1;
-            r.operation = op(Op::Stop);
+            r.operation = ending_op(Op::Stop, if force { Duration::ZERO } else { grace });
         })?;
-        let result = self
-            .end_vmm(&entry, timeout.unwrap_or(self.config.stop_timeout), force)
-            .await;
+        let result = self.end_vmm(&entry, grace, force).await;
         let rec = self.update(&entry, |r| r.operation = None)?;
         result.map(|_| rec)
     }
@@ -510,9 +531,9 @@ impl Agent {
         if !rec.state.has_vmm() {
             return Err(illegal(&rec, "reboot"));
         }
-        self.update(&entry, |r| r.operation = op(Op::Reboot))?;
-        self.end_vmm(&entry, timeout.unwrap_or(self.config.stop_timeout), false)
-            .await?;
+        let grace = timeout.unwrap_or(self.config.stop_timeout);
+        self.update(&entry, |r| r.operation = ending_op(Op::Reboot, grace))?;
+        self.end_vmm(&entry, grace, false).await?;
         self.launch(&entry, Op::Reboot).await
     }
 
@@ -624,7 +645,10 @@ impl Agent {
             r.status.previous_token =
                 (kind == Op::Upgrade).then(|| std::mem::take(&mut r.status.token));
             r.status.token = token.clone();
-            r.operation = op(kind);
+            // A reboot's second half is a start, and is recorded as one: a VMM found running
+            // after a crash is then the new one, adopted as it is, not the old one still to
+            // be stopped (which would reboot the VM twice, the second time after the grace).
+            r.operation = op(if kind == Op::Reboot { Op::Start } else { kind });
             if r.desired != Desired::Running {
                 r.desired = Desired::Running;
                 r.generation += 1;
@@ -1246,11 +1270,10 @@ impl Agent {
             tokio::spawn(async move {
                 let id = entry.id.clone();
                 let _op = entry.op.lock().await;
-                let _ = agent.update(&entry, |r| r.operation = op(Op::Stop));
-                if let Err(e) = agent
-                    .end_vmm(&entry, agent.config.stop_timeout, false)
-                    .await
-                {
+                let grace =
+                    recorded_grace(&Self::snapshot(&entry), agent.config.stop_timeout, now_ms());
+                let _ = agent.update(&entry, |r| r.operation = ending_op(Op::Stop, grace));
+                if let Err(e) = agent.end_vmm(&entry, grace, grace.is_zero()).await {
                     tracing::warn!(vm = %id, "finishing an interrupted stop failed: {e}");
                 }
                 let _ = agent.update(&entry, |r| r.operation = None);
@@ -1260,10 +1283,9 @@ impl Agent {
             let agent = self.clone();
             tokio::spawn(async move {
                 let _op = entry.op.lock().await;
-                let r = match agent
-                    .end_vmm(&entry, agent.config.stop_timeout, false)
-                    .await
-                {
+                let grace =
+                    recorded_grace(&Self::snapshot(&entry), agent.config.stop_timeout, now_ms());
+                let r = match agent.end_vmm(&entry, grace, false).await {
                     Ok(()) => agent.launch(&entry, Op::Reboot).await.map(drop),
                     Err(e) => Err(e),
                 };
@@ -1743,6 +1765,44 @@ mod tests {
             Recovery::Idle {
                 clear_operation: false,
                 restart_policy: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_finished_stop_keeps_what_is_left_of_the_callers_grace() {
+        use Desired as D;
+        use Phase as P;
+        let default = Duration::from_secs(10);
+        let mut r = rec(P::Running, D::Stopped, None);
+        r.operation = ending_op(Op::Stop, Duration::from_secs(3));
+        let began = r.operation.as_ref().unwrap().started_ms;
+        assert_eq!(recorded_grace(&r, default, began), Duration::from_secs(3));
+        assert_eq!(
+            recorded_grace(&r, default, began + 1_000),
+            Duration::from_secs(2)
+        );
+        // Past the deadline the stop is forced; a clock that went back gives no more grace.
+        assert_eq!(recorded_grace(&r, default, began + 60_000), Duration::ZERO);
+        assert_eq!(
+            recorded_grace(&r, default, began - 5),
+            Duration::from_secs(3)
+        );
+        // A forced stop stays forced.
+        r.operation = ending_op(Op::Stop, Duration::ZERO);
+        assert_eq!(recorded_grace(&r, default, began), Duration::ZERO);
+        // A record from before the grace was kept: the agent's default.
+        r.operation = op(Op::Reboot);
+        assert_eq!(recorded_grace(&r, default, began + 1), default);
+        // A reboot whose new VMM runs is recorded as a start, so that VMM is adopted as it is.
+        assert_eq!(
+            decide(
+                &rec(P::Running, D::Running, Some(Op::Start)),
+                &found(Some(P::Running), None)
+            ),
+            Recovery::Adopted {
+                state: P::Running,
+                then: AfterAdopt::Reconcile
             }
         );
     }

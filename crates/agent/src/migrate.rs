@@ -1376,6 +1376,7 @@ impl Agent {
                 started_ms: now_ms(),
                 progress: None,
                 destination: None,
+                timeout_ms: None,
             });
         });
         let rec = match rec {

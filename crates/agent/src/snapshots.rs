@@ -113,6 +113,7 @@ impl Agent {
                 started_ms: now_ms(),
                 progress: None,
                 destination: None,
+                timeout_ms: None,
             });
             if req.then.ends_vmm() {
                 // The VMM ends once the snapshot is durable: not a failure to restart from.

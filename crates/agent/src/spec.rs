@@ -818,6 +818,10 @@ pub struct Operation {
     /// answer that never came, whether the VM runs there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination: Option<String>,
+    /// A `stop` or `reboot` operation's grace (ms) before the VMM is killed, as the caller
+    /// asked (0: forced): an agent that finishes the operation after a crash keeps to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// Desired power state, from the last action the caller asked for.

@@ -1697,6 +1697,7 @@ mod tests {
                 started_ms: 1,
                 progress: Some(Default::default()),
                 destination: Some("h:1".into()),
+                timeout_ms: Some(1),
             }),
             nics: vec![crate::segment::NicState {
                 segment: Some("s".into()),
