@@ -1904,6 +1904,11 @@ fn snapshots_through_the_api_and_vms_created_from_them() {
         let text = console_text(&c, "clone").await;
         assert!(!text.contains("idle: ready"), "the clone booted: {text}");
         assert!(text.contains("ctrl-alt-del, shutting down"), "{text}");
+        // The snapshot's state (which the source's VMM wrote) was read by a jailed VMM.
+        common::assert_read_in_jail(
+            &common::read(&agent.state().join("vms/clone/vmm.log")),
+            "snapshot state read, in the jail",
+        );
         let v = wait_state(&c, "clone", "stopped").await;
         assert_eq!(v["state"], "stopped", "{v}");
         // Its next start boots the kernel.
@@ -2003,6 +2008,19 @@ fn a_running_vm_is_handed_to_a_new_vmm_process() {
             pauses.push(ms);
         }
         eprintln!("live upgrade: the guest was paused {pauses:?} ms");
+        // Each new VMM read the state its predecessor wrote only once jailed.
+        let log = common::read(&agent.state().join("vms/up/vmm.log"));
+        assert_eq!(
+            log.matches("handed-over state read, in the jail").count(),
+            3,
+            "{log}"
+        );
+        // The boot's VMM entered its jail once, and each new one once before it read: the
+        // k-th read follows at least k + 1 jail lines.
+        for (k, (at, _)) in log.match_indices("handed-over state read").enumerate() {
+            let jails = log[..at].matches("jailed in").count();
+            assert!(jails > k + 1, "read {k} before its jail: {log}");
+        }
         // The guest never rebooted, and it still answers: Ctrl-Alt-Del ends it in order.
         expect_status(&c.post("/v1/vms/up/stop", &Value::Null).await.unwrap(), 200);
         let text = console_text(&c, "up").await;

@@ -24,9 +24,17 @@ fn dir(name: &str) -> PathBuf {
 
 /// A `bexar run` with its console in `out` (appended as it runs).
 fn spawn(args: &[&str], out: &Path, stdin: bool) -> Child {
+    spawn_in(false, args, out, stdin)
+}
+
+/// [`spawn`], in its jail if `jailed`.
+fn spawn_in(jailed: bool, args: &[&str], out: &Path, stdin: bool) -> Child {
     let mut c = bexar();
-    c.arg("run")
-        .args(["--no-jail", "--timeout", "60"])
+    c.arg("run");
+    if !jailed {
+        c.arg("--no-jail");
+    }
+    c.args(["--timeout", "60"])
         .args(args)
         .stdout(std::fs::File::create(out).unwrap())
         .stderr(std::fs::File::create(out.with_extension("err")).unwrap());
@@ -341,8 +349,11 @@ fn guest_moves_with_its_disk(d: &Path, reference: &Path, a: &Path, b: &Path) -> 
         "{}",
         read(&d.join("reference.err"))
     );
+    // The receiver is jailed: it opens its disk (and a qcow2 overlay's base) before, and
+    // reads the stream and the overlay's metadata only in its jail.
     let incoming = d.join("in.sock");
-    let mut dest = spawn(
+    let mut dest = spawn_in(
+        true,
         &[
             "--incoming",
             incoming.to_str().unwrap(),
@@ -366,6 +377,7 @@ fn guest_moves_with_its_disk(d: &Path, reference: &Path, a: &Path, b: &Path) -> 
     assert!(at_move < SCATTER_ROUNDS, "the guest ended before it moved");
     assert!(m["disk_bytes"].as_u64().unwrap() > 0, "{m}");
     assert_eq!(wait_exit(&mut dest), 0, "{}", read(&d.join("dest.err")));
+    common::assert_read_in_jail(&read(&d.join("dest.err")), "received");
     let text = read(&d.join("dest.out"));
     assert!(
         text.contains(&format!("{SCATTER_ROUNDS} rounds of 8 writes")),

@@ -125,13 +125,13 @@ pub(super) fn receive_migration(
     restore: &RestoreConfig,
     timeout: Option<Duration>,
 ) -> Result<Vmm, VmmError> {
-    use bexar_vmm::migration::{answer, open_disks, receive};
+    use bexar_vmm::migration::{answer, receive};
     let control_err = |err: std::io::Error| VmmError::Control {
         path: socket.to_owned(),
         err,
     };
-    // Only this user's processes may connect (the stream names the disk files this VMM will
-    // open), and only a connection from this user or root is taken.
+    // Only this user's processes may connect (what they send becomes this VM, written onto
+    // the disks this launch names), and only a connection from this user or root is taken.
     let listener = bexar_util::unix::bind_owner_only(socket).map_err(control_err)?;
     listener.set_nonblocking(true).map_err(control_err)?;
     let deadline = timeout.map(|t| std::time::Instant::now() + t);
@@ -164,24 +164,8 @@ pub(super) fn receive_migration(
     stream
         .set_read_timeout(Some(bexar_vmm::migration::IO_TIMEOUT))
         .map_err(control_err)?;
-    let disks = restore
-        .backends
-        .as_ref()
-        .and_then(|b| b.disks.as_deref())
-        .unwrap_or_default();
-    let built = open_disks(disks)
-        .and_then(|files| receive(&mut &stream, &mut &stream, &files))
-        .map_err(VmmError::from)
-        .and_then(|rx| {
-            tracing::info!(
-                "received {} pages of a {} MiB guest and {} disk bytes in {:.1} ms",
-                rx.pages,
-                rx.memory_mib,
-                rx.disk_bytes,
-                rx.elapsed.as_secs_f64() * 1e3
-            );
-            build_from_migration(rx, restore)
-        });
+    // The stream is read once this process is jailed, onto the disks its launch names.
+    let built = build_from_migration(restore, |disks| receive(&mut &stream, &mut &stream, disks));
     let said = answer(
         &mut stream,
         built.as_ref().map(|_| ()).map_err(|e| e.to_string()),

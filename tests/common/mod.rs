@@ -759,3 +759,19 @@ pub fn kernel_at_least(major: u32, minor: u32) -> bool {
         .map(|p| p.parse::<u32>().unwrap_or(0));
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }
+
+/// Asserts that a VMM's log (`log`) has it enter its jail before it says `read` (the line it
+/// writes once it has read what a guest, or a VMM a guest may have compromised, wrote).
+pub fn assert_read_in_jail(log: &str, read: &str) {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: no jail to check the order against");
+        return;
+    }
+    let entered = log
+        .find("jailed in")
+        .unwrap_or_else(|| panic!("no jail line: {log}"));
+    let at = log
+        .find(read)
+        .unwrap_or_else(|| panic!("no {read:?} line: {log}"));
+    assert!(entered < at, "read before the jail ({read:?}): {log}");
+}

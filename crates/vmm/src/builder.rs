@@ -17,7 +17,7 @@ use crate::boot::{self, BootEntry};
 use crate::config::{ControlConfig, VmConfig};
 use crate::control::ControlServer;
 use crate::cpuid;
-use crate::device_manager::{DeviceError, DeviceManager};
+use crate::device_manager::{DeviceError, DeviceManager, OpenedDevices};
 use crate::layout::KVM_TSS_ADDR;
 use crate::memory::{self, create_guest_memory, GuestRam};
 use crate::platform::{adjust_cmdline, Platform};
@@ -26,11 +26,9 @@ use crate::vcpu::{self, VcpuContext, VcpuError, VcpuHandle};
 use crate::vmm::{main_loop, VirtioLoop, Vmm, VmmState};
 use crate::{ExitHandle, VmmError};
 use bexar_devices::block::DiskConfig;
-use bexar_devices::serial::{ConsoleConfig, ConsoleSetup, ConsoleStats};
+use bexar_devices::serial::{self, ConsoleConfig, ConsoleSetup, ConsoleStats};
 use bexar_devices::virtio::block::Block;
-use bexar_devices::virtio::net::Net;
 use bexar_devices::virtio::rng::Rng;
-use bexar_devices::virtio::vsock::Vsock;
 use bexar_util::sync::lock;
 
 /// Builds a VM that boots `config`'s kernel: every device attached, every thread made, every
@@ -44,14 +42,34 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vmm, VmmError> {
         )
     };
     config.validate()?;
-    // Opened now, read after the jail (assemble): a kernel image may be a tenant's.
+    // Opened now, read after the jail: a kernel image may be a tenant's.
     let files = boot::BootFiles::open(&config.kernel, config.initrd.as_deref())?;
-    let platform = Platform::detect();
+    let host = HostSide::open(
+        start,
+        (&config.console, config.stdin, config.control.as_ref()),
+        &config.disks,
+        &config.nics,
+        config.vsock.as_ref(),
+    )?;
+    let mut kept = config.clone();
+    fill_formats(&mut kept.disks, &host.devices);
+    // Everything the VM needs is open: the process gives up the host (jail.rs).
+    host.enter_jail(config.memory_mib << 20)?;
+    phase("opened, and jailed");
+    let HostSide {
+        platform,
+        kvm,
+        stats,
+        console,
+        control,
+        devices,
+        ..
+    } = host;
     let mut cmdline = platform_cmdline(platform, config);
     let ram = create_guest_memory(config.memory_mib)?;
-    let parts = machine(ram, config, platform, start, |vm, ram, exit, console| {
+    let parts = machine(kvm, ram, config, platform, start, stats, |vm, ram, exit| {
         phase("VM, memory and interrupt controllers created");
-        attach_devices(vm, ram, config, exit, console)
+        attach_devices(vm, ram, config, exit, console, devices)
     })?;
     // The platform description: the MP table, SMBIOS, and where the virtio devices are.
     let described = parts
@@ -64,7 +82,8 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vmm, VmmError> {
     let line = cmdline.clone();
     let vmm = assemble(
         parts,
-        config.clone(),
+        kept,
+        control,
         move |ram| {
             let entry = boot::prepare(&ram.mem, files, &line)?;
             tracing::debug!(?entry, "kernel loaded, in the jail");
@@ -91,6 +110,9 @@ pub struct RestoreConfig {
     /// `None` keeps what the snapshot names. Given, each list must have one entry per saved
     /// device of its kind, in slot order.
     pub backends: Option<Backends>,
+    /// The guest memory (MiB) the launch expects, if it says: what a migration's receiver
+    /// sizes its jail's file limit by before the stream says.
+    pub memory_mib: Option<u64>,
 }
 
 impl RestoreConfig {
@@ -101,7 +123,16 @@ impl RestoreConfig {
             stdin: false,
             control: None,
             backends: None,
+            memory_mib: None,
         }
+    }
+
+    /// Whether the launch names every backend (the agent's always does): then nothing of the
+    /// saved state is read before the jail.
+    fn names_backends(&self) -> bool {
+        self.backends
+            .as_ref()
+            .is_some_and(|b| b.disks.is_some() && b.nics.is_some())
     }
 }
 
@@ -184,13 +215,32 @@ fn rebind(saved: &mut snapshot::SnapshotState, backends: &Backends) -> Result<()
 /// built again on its reopened backend at the slot it had, and the vCPUs and the VM-wide state
 /// are loaded. The VM is returned paused; [`Vmm::run_until_exit`] resumes it where it was.
 /// Nothing is half-restored: an error leaves no VM (and the snapshot files unchanged).
+///
+/// The state is read once the process is jailed, like every restore's ([`HostSide`]); a
+/// restore whose launch does not name its backends learns them from the state, which is then
+/// read first.
 pub fn build_from_snapshot(dir: &Path, restore: &RestoreConfig) -> Result<Vmm, VmmError> {
-    restore_from(
-        snapshot::read_state(dir)?,
-        restore,
-        Memory::File(snapshot::memory_path(dir)),
-        None,
-    )
+    let state = snapshot::open_state(dir)?;
+    let path = snapshot::memory_path(dir);
+    let memory = std::fs::File::open(&path).map_err(|err| SnapshotError::Io { path, err })?;
+    let (host, state) = if restore.names_backends() {
+        (HostSide::for_restore(restore, None)?, Saved::Unread(state))
+    } else {
+        let mut s = state.read()?;
+        rebind(
+            &mut s,
+            restore.backends.as_ref().unwrap_or(&Backends::default()),
+        )?;
+        (
+            HostSide::for_restore(restore, Some(&s.config))?,
+            Saved::Read(Box::new(s)),
+        )
+    };
+    let size = memory.metadata().map(|m| m.len()).unwrap_or(0);
+    host.enter_jail(size)?;
+    let saved = state.read()?;
+    tracing::info!("snapshot state read{}", crate::jail::in_jail());
+    host.restore(saved, restore, Memory::File(memory), None)
 }
 
 /// Builds the VM another VMM handed over (live upgrade): its state from `dir`, its memory the
@@ -202,25 +252,62 @@ pub fn build_from_handoff(
     memory: std::fs::File,
     paused_at_ns: u64,
 ) -> Result<Vmm, VmmError> {
-    let state = snapshot::read_state(dir)?;
+    let state = snapshot::open_state(dir)?;
+    let host = HostSide::for_restore(restore, None)?;
+    host.enter_jail(memory.metadata().map(|m| m.len()).unwrap_or(0))?;
+    let state = state.read()?;
+    tracing::info!("handed-over state read{}", crate::jail::in_jail());
     // Saved by the VMM that handed over, on this host's clock (one older than these readings
     // paused the guest just before it saved it).
     let saved_at = state.vm.saved_at_ns.or(Some(paused_at_ns));
-    let mut vmm = restore_from(state, restore, Memory::Memfd(memory), saved_at)?;
+    let mut vmm = host.restore(state, restore, Memory::Memfd(memory), saved_at)?;
     vmm.handed_over = Some((paused_at_ns, None));
     Ok(vmm)
 }
 
-/// Builds the VM a live migration brought ([`crate::migration::receive`]): its state, its
-/// memory in a memfd the stream filled, paused by the sender at `paused_at_ns` (carried over
-/// to this host's `CLOCK_MONOTONIC`, see [`crate::migration::Received`]). Returned paused.
+/// Builds the VM a live migration brings: `receive` ([`crate::migration::receive`] on the
+/// caller's stream) runs once the process is jailed, writing the VM's disks through the
+/// targets it is given, and returns its memory (a memfd the stream filled) and state, paused
+/// by the sender at `paused_at_ns` (carried over to this host's `CLOCK_MONOTONIC`, see
+/// [`crate::migration::Received`]). The disks, NICs and vsock socket are the launch's; a
+/// launch that names none receives a VM with none. Returned paused.
 pub fn build_from_migration(
-    received: crate::migration::Received,
     restore: &RestoreConfig,
+    receive: impl FnOnce(
+        &[Option<bexar_devices::block::copy::CopyTarget>],
+    ) -> Result<crate::migration::Received, crate::migration::MigrationError>,
 ) -> Result<Vmm, VmmError> {
-    let mut vmm = restore_from(
+    let mut restore = restore.clone();
+    let b = restore.backends.get_or_insert_with(Backends::default);
+    b.disks.get_or_insert_with(Vec::new);
+    b.nics.get_or_insert_with(Vec::new);
+    let host = HostSide::for_restore(&restore, None)?;
+    let memory = restore
+        .memory_mib
+        .unwrap_or(crate::config::MAX_MEMORY_MIB)
+        .saturating_mul(1 << 20);
+    host.enter_jail(memory)?;
+    let targets = host
+        .devices
+        .disks
+        .iter()
+        .map(bexar_devices::block::copy::CopyTarget::on)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(crate::migration::MigrationError::from)?;
+    let received = receive(&targets)?;
+    // The targets' metadata is written back; the disks' backends are made on the same files.
+    drop(targets);
+    tracing::info!(
+        "received {} pages of a {} MiB guest and {} disk bytes in {:.1} ms{}",
+        received.pages,
+        received.memory_mib,
+        received.disk_bytes,
+        received.elapsed.as_secs_f64() * 1e3,
+        crate::jail::in_jail()
+    );
+    let mut vmm = host.restore(
         received.state,
-        restore,
+        &restore,
         Memory::Memfd(received.memory),
         received.saved_at_ns,
     )?;
@@ -246,90 +333,233 @@ pub fn build_from_migration(
     Ok(vmm)
 }
 
+/// A snapshot's state, read before the jail only when it had to be.
+enum Saved {
+    /// Opened, to be read in the jail.
+    Unread(snapshot::StateFile),
+    /// Read already (its backends rebound): it named what the launch did not.
+    Read(Box<snapshot::SnapshotState>),
+}
+
+impl Saved {
+    fn read(self) -> Result<snapshot::SnapshotState, VmmError> {
+        match self {
+            Self::Unread(f) => Ok(f.read()?),
+            Self::Read(s) => Ok(*s),
+        }
+    }
+}
+
 /// Where a restored VM's memory comes from.
 enum Memory {
     /// A snapshot's memory file, mapped privately (read as the guest touches it).
-    File(std::path::PathBuf),
+    File(std::fs::File),
     /// Another VMM's memfd, or one a migration filled, mapped shared.
     Memfd(std::fs::File),
 }
 
-/// `saved_at_ns`: for a guest that lived through the time since its state was saved (a
-/// handover, a migration), when that was on this host's `CLOCK_MONOTONIC`: its clocks are moved
-/// on by the time since ([`crate::vm_state::VmState::advance`]). `None` for a snapshot.
-fn restore_from(
-    mut saved: snapshot::SnapshotState,
-    restore: &RestoreConfig,
-    memory: Memory,
-    saved_at_ns: Option<u64>,
-) -> Result<Vmm, VmmError> {
-    let start = Instant::now();
-    rebind(
-        &mut saved,
-        restore.backends.as_ref().unwrap_or(&Backends::default()),
-    )?;
-    let config = VmConfig {
-        console: restore.console.clone(),
-        stdin: restore.stdin,
-        control: restore.control.clone(),
-        ..saved.config.clone()
-    };
-    config.validate_restored()?;
-    if saved.vcpus.len() != usize::from(config.vcpus) {
-        return Err(VmmError::Restore(format!(
-            "{} vCPU states for a VM of {} vCPUs",
-            saved.vcpus.len(),
-            config.vcpus
-        )));
+/// What a restored VM's process opens with the host's rights, before its jail: /dev/kvm, the
+/// console, the control socket, and each device's backend (a disk's files, a NIC's TAP, the
+/// vsock socket), all named by the launch. The saved state (a snapshot's, a handed-over VM's,
+/// a migration stream), which a compromised VMM may have written, is read only after
+/// [`HostSide::enter_jail`]; so is every image's metadata.
+struct HostSide {
+    start: Instant,
+    /// What /dev/kvm is (read from sysfs, which the jail does not have).
+    platform: Platform,
+    kvm: Kvm,
+    stats: Arc<ConsoleStats>,
+    console: serial::Console,
+    control: Option<ControlServer>,
+    devices: OpenedDevices,
+}
+
+impl HostSide {
+    /// Opens what `restore` names (its backends, or `saved`'s where it names none).
+    fn for_restore(restore: &RestoreConfig, saved: Option<&VmConfig>) -> Result<Self, VmmError> {
+        let named = restore.backends.clone().unwrap_or_default();
+        let disks = named
+            .disks
+            .or_else(|| saved.map(|c| c.disks.clone()))
+            .unwrap_or_default();
+        let nics = named
+            .nics
+            .or_else(|| saved.map(|c| c.nics.clone()))
+            .unwrap_or_default();
+        let vsock = named.vsock.or_else(|| saved.and_then(|c| c.vsock.clone()));
+        VmConfig::check_disk_files(&disks)?;
+        Self::open(
+            Instant::now(),
+            (&restore.console, restore.stdin, restore.control.as_ref()),
+            &disks,
+            &nics,
+            vsock.as_ref(),
+        )
     }
-    if saved.memory.size != config.memory_mib << 20 {
-        return Err(VmmError::Restore(format!(
-            "{} bytes of memory saved for a VM of {} MiB",
-            saved.memory.size, config.memory_mib
-        )));
+
+    /// Opens /dev/kvm, the console (its config, whether stdin feeds it, the control socket)
+    /// and the backends of `disks`, `nics` and `vsock`.
+    fn open(
+        start: Instant,
+        (console, stdin, control): (&ConsoleConfig, bool, Option<&ControlConfig>),
+        disks: &[DiskConfig],
+        nics: &[bexar_devices::virtio::net::NicConfig],
+        vsock: Option<&bexar_devices::virtio::vsock::VsockConfig>,
+    ) -> Result<Self, VmmError> {
+        let platform = Platform::detect();
+        let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
+        let stats = ConsoleStats::new(start);
+        let console = serial::build(ConsoleSetup {
+            config: console,
+            stdin,
+            stats: stats.clone(),
+        })
+        .map_err(DeviceError::from)?;
+        let control = bind_control(control)?;
+        let devices = OpenedDevices::open(disks, nics, vsock)?;
+        Ok(Self {
+            start,
+            platform,
+            kvm,
+            stats,
+            console,
+            control,
+            devices,
+        })
     }
-    let restored_from_file = matches!(memory, Memory::File(_));
-    let ram = match memory {
-        Memory::Memfd(memfd) => memory::map_ram_memfd(memfd, config.memory_mib)?,
-        Memory::File(path) => {
-            let file = std::fs::File::open(&path).map_err(|err| SnapshotError::Io { path, err })?;
-            memory::map_ram_file(file, config.memory_mib)?
+
+    /// Enters the armed jail, its file limit sized by `memory` bytes and the disks opened.
+    fn enter_jail(&self, memory: u64) -> Result<(), VmmError> {
+        enter_jail(file_size_limit(memory, &self.devices))
+    }
+
+    /// Builds the VM `saved` describes on what was opened, in the jail. `saved_at_ns`: for a
+    /// guest that lived through the time since its state was saved (a handover, a migration),
+    /// when that was on this host's `CLOCK_MONOTONIC`: its clocks are moved on by the time
+    /// since ([`crate::vm_state::VmState::advance`]). `None` for a snapshot.
+    fn restore(
+        self,
+        mut saved: snapshot::SnapshotState,
+        restore: &RestoreConfig,
+        memory: Memory,
+        saved_at_ns: Option<u64>,
+    ) -> Result<Vmm, VmmError> {
+        let Self {
+            start,
+            platform,
+            kvm,
+            stats,
+            console,
+            control,
+            mut devices,
+        } = self;
+        rebind(
+            &mut saved,
+            restore.backends.as_ref().unwrap_or(&Backends::default()),
+        )?;
+        let mut config = VmConfig {
+            console: restore.console.clone(),
+            stdin: restore.stdin,
+            control: restore.control.clone(),
+            ..saved.config.clone()
+        };
+        fill_formats(&mut config.disks, &devices);
+        config.validate_restored()?;
+        if saved.vcpus.len() != usize::from(config.vcpus) {
+            return Err(VmmError::Restore(format!(
+                "{} vCPU states for a VM of {} vCPUs",
+                saved.vcpus.len(),
+                config.vcpus
+            )));
         }
-    };
-    let parts = machine(
-        ram,
-        &config,
-        Platform::detect(),
-        start,
-        |vm, ram, exit, console| restore_devices(vm, ram, &config, exit, console, &saved.devices),
-    )?;
-    let entry = saved.entry;
-    let mut vmm = assemble(parts, config, move |_| Ok(entry), false, saved.cmdline)?;
-    if restored_from_file {
-        // A VM that may now exist twice (a clone, or the same snapshot restored again) gets a
-        // new generation ID; a handover is the same VM going on.
-        if let Some(g) = boot::smbios::new_generation(&vmm.ram.mem)? {
-            tracing::debug!("VM generation ID {g:032x}");
+        if saved.memory.size != config.memory_mib << 20 {
+            return Err(VmmError::Restore(format!(
+                "{} bytes of memory saved for a VM of {} MiB",
+                saved.memory.size, config.memory_mib
+            )));
+        }
+        let restored_from_file = matches!(memory, Memory::File(_));
+        let ram = match memory {
+            Memory::Memfd(memfd) => memory::map_ram_memfd(memfd, config.memory_mib)?,
+            Memory::File(file) => memory::map_ram_file(file, config.memory_mib)?,
+        };
+        let parts = machine(
+            kvm,
+            ram,
+            &config,
+            platform,
+            start,
+            stats,
+            |vm, ram, exit| restore_devices(vm, ram, console, exit, &saved.devices, &mut devices),
+        )?;
+        let entry = saved.entry;
+        let mut vmm = assemble(
+            parts,
+            config,
+            control,
+            move |_| Ok(entry),
+            false,
+            saved.cmdline,
+        )?;
+        if restored_from_file {
+            // A VM that may now exist twice (a clone, or the same snapshot restored again)
+            // gets a new generation ID; a handover is the same VM going on.
+            if let Some(g) = boot::smbios::new_generation(&vmm.ram.mem)? {
+                tracing::debug!("VM generation ID {g:032x}");
+            }
+        }
+        vmm.state = VmmState::Paused;
+        // Last before loading: the time since the state was saved is measured as late as it
+        // can be.
+        let advance_ns = saved_at_ns.map_or(0, |at| {
+            saved
+                .vm
+                .advance(crate::control::monotonic_ns().saturating_sub(at))
+        });
+        if advance_ns > 0 {
+            tracing::debug!(
+                "guest clocks advanced {:.3} ms (the pause)",
+                advance_ns as f64 / 1e6
+            );
+        }
+        vmm.restore_vm_state(&saved.vm)?;
+        vmm.restore_vcpus(saved.vcpus, advance_ns)?;
+        vmm.devices.notify_restored();
+        tracing::debug!("restored in {:.3} ms", start.elapsed().as_secs_f64() * 1e3);
+        Ok(vmm)
+    }
+}
+
+/// Records in `disks` the format of each image `opened` (in the same order) found, where the
+/// disk does not say: a jailed VMM cannot look at a file by its path again, and what it does
+/// with a disk later (refusing to move a writable qcow2 image without copying it) depends on
+/// the format.
+fn fill_formats(disks: &mut [DiskConfig], opened: &OpenedDevices) {
+    for (d, o) in disks.iter_mut().zip(&opened.disks) {
+        if d.format.is_none() {
+            d.format = o.local().map(|(f, _)| f);
         }
     }
-    vmm.state = VmmState::Paused;
-    // Last before loading: the time since the state was saved is measured as late as it can be.
-    let advance_ns = saved_at_ns.map_or(0, |at| {
-        saved
-            .vm
-            .advance(crate::control::monotonic_ns().saturating_sub(at))
-    });
-    if advance_ns > 0 {
-        tracing::debug!(
-            "guest clocks advanced {:.3} ms (the pause)",
-            advance_ns as f64 / 1e6
-        );
-    }
-    vmm.restore_vm_state(&saved.vm)?;
-    vmm.restore_vcpus(saved.vcpus, advance_ns)?;
-    vmm.devices.notify_restored();
-    tracing::debug!("restored in {:.3} ms", start.elapsed().as_secs_f64() * 1e3);
-    Ok(vmm)
+}
+
+/// Binds the control socket, if the VM has one.
+fn bind_control(control: Option<&ControlConfig>) -> Result<Option<ControlServer>, VmmError> {
+    control
+        .map(|c| {
+            ControlServer::bind(&c.socket).map_err(|err| VmmError::Control {
+                path: c.socket.clone(),
+                err,
+            })
+        })
+        .transpose()
+}
+
+/// Enters the armed jail, if any: from here the process has given up the host ([`crate::jail`]).
+fn enter_jail(file_bytes: u64) -> Result<(), VmmError> {
+    // Remote disks reconnect to the addresses their servers' names resolved to before.
+    bexar_devices::block::remote::pin_resolved();
+    crate::jail::enter_armed(file_bytes)?;
+    Ok(())
 }
 
 /// What both recipes make before the vCPUs: the VM, its memory, its devices.
@@ -344,28 +574,23 @@ struct Parts {
     start: Instant,
 }
 
-/// The VM on `ram` with its interrupt controllers, the VM's end and console clock, and the
-/// devices `attach` makes: what both recipes build before the vCPUs.
+/// The VM on `ram` with its interrupt controllers and the devices `attach` makes: what both
+/// recipes build before the vCPUs, on /dev/kvm and a console clock opened before.
 fn machine(
+    kvm: Kvm,
     ram: GuestRam,
     config: &VmConfig,
     platform: Platform,
     start: Instant,
-    attach: impl FnOnce(
-        &VmFd,
-        &GuestRam,
-        &ExitHandle,
-        &Arc<ConsoleStats>,
-    ) -> Result<DeviceManager, VmmError>,
+    console: Arc<ConsoleStats>,
+    attach: impl FnOnce(&VmFd, &GuestRam, &ExitHandle) -> Result<DeviceManager, VmmError>,
 ) -> Result<Parts, VmmError> {
-    let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
     let vm = create_vm(&kvm, &ram, config.legacy_pit)?;
     let exit = ExitHandle::new().map_err(|err| VmmError::Start {
         what: "exit eventfd",
         err,
     })?;
-    let console = ConsoleStats::new(start);
-    let devices = attach(&vm, &ram, &exit, &console)?;
+    let devices = attach(&vm, &ram, &exit)?;
     Ok(Parts {
         kvm,
         vm,
@@ -378,12 +603,13 @@ fn machine(
     })
 }
 
-/// The control socket, the event loops and the vCPU threads around `parts`: the boot vCPU set
-/// at the entry `load` gives (run in the jail: it reads the kernel) if `at_entry`, else every
+/// The event loops and the vCPU threads around `parts` and its `control` socket, in the jail:
+/// the boot vCPU set at the entry `load` gives (it reads the kernel) if `at_entry`, else every
 /// vCPU waits for its saved state.
 fn assemble(
     parts: Parts,
     config: VmConfig,
+    control: Option<ControlServer>,
     load: impl FnOnce(&GuestRam) -> Result<BootEntry, VmmError>,
     at_entry: bool,
     cmdline: String,
@@ -398,21 +624,11 @@ fn assemble(
         platform,
         start,
     } = parts;
-    let control = match &config.control {
-        Some(c) => Some(Arc::new(Mutex::new(
-            ControlServer::bind(&c.socket).map_err(|err| VmmError::Control {
-                path: c.socket.clone(),
-                err,
-            })?,
-        ))),
-        None => None,
-    };
+    let control = control.map(|c| Arc::new(Mutex::new(c)));
     let (main_loop, console_input) = main_loop(&exit, &devices, control.as_ref())?;
-    // Everything the VM needs is open: the process gives up the host before its first thread
-    // (jail.rs), and each thread below installs its seccomp filter as it starts.
-    // Remote disks reconnect to the addresses their servers' names resolved to before.
-    bexar_devices::block::remote::pin_resolved();
-    crate::jail::enter_armed(file_size_limit(&config))?;
+    // The process gave up the host before (its caller entered the jail), before its first
+    // thread; each thread below installs its seccomp filter as it starts.
+    debug_assert!(crate::jail::armed().is_none() || crate::jail::entered().is_some());
     let entry = load(&ram)?;
     // The vCPUs first: their threads end by themselves if a later step fails (they are
     // parked, and their channels close), the virtio loop's would not.
@@ -466,23 +682,22 @@ fn assemble(
 }
 
 /// RLIMIT_FSIZE for a jailed VMM: no file it writes (a disk image growing, a snapshot's
-/// memory) needs more than twice the larger of guest memory and its largest disk, plus 1 GiB
-/// for qcow2 metadata and snapshot state.
-fn file_size_limit(config: &VmConfig) -> u64 {
-    let mut largest = config.memory_mib << 20;
-    for d in &config.disks {
-        if d.path.as_os_str().is_empty() {
-            continue;
-        }
-        let Ok(mut f) = std::fs::File::open(&d.path) else {
+/// memory) needs more than twice the larger of guest memory (`memory` bytes) and its largest
+/// disk, plus 1 GiB for qcow2 metadata and snapshot state.
+fn file_size_limit(memory: u64, opened: &OpenedDevices) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut largest = memory;
+    for (format, files) in opened.disks.iter().filter_map(|d| d.local()) {
+        let Some((_, f)) = files.first() else {
             continue;
         };
         let mut size = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let mut head = [0u8; 32];
-        if std::io::Read::read_exact(&mut f, &mut head).is_ok() && head[..4] == *b"QFI\xfb" {
+        let mut virt = [0u8; 8];
+        if format == bexar_devices::block::DiskFormat::Qcow2
+            && f.read_exact_at(&mut virt, 24).is_ok()
+        {
             // A qcow2 file grows towards its virtual size (bytes 24..32, big-endian).
-            let virt = u64::from_be_bytes(head[24..32].try_into().unwrap_or([0; 8]));
-            size = size.max(virt);
+            size = size.max(u64::from_be_bytes(virt));
         }
         largest = largest.max(size);
     }
@@ -532,75 +747,76 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam, legacy_pit: bool) -> Result<VmFd, VmmErr
 }
 
 /// The legacy devices, then every virtio device in slot order: disks (the first is
-/// /dev/vda), NICs, the entropy device, vsock.
+/// /dev/vda), NICs, the entropy device, vsock; each on the backend `opened` before the jail
+/// (a disk's image is parsed here).
 #[inline(never)]
 fn attach_devices(
     vm: &VmFd,
     ram: &GuestRam,
     config: &VmConfig,
     exit: &ExitHandle,
-    console: &Arc<ConsoleStats>,
+    console: serial::Console,
+    mut opened: OpenedDevices,
 ) -> Result<DeviceManager, VmmError> {
-    let mut dm = attach_legacy(vm, config, exit, console)?;
+    let mut dm = attach_legacy(vm, console, exit)?;
     let mem = &ram.mem;
+    let missing = |what: &str| VmmError::Restore(format!("no {what} was opened for the VM"));
     for disk in &config.disks {
-        dm.attach_virtio(vm, mem, open_block(disk)?)?;
+        let o = opened.disks.pop_front().ok_or_else(|| missing("disk"))?;
+        let backend = bexar_devices::block::open_disk_from(o).map_err(DeviceError::from)?;
+        let b = Block::with_backend(disk, backend).map_err(DeviceError::from)?;
+        tracing::debug!(disk = %disk.path.display(), "virtio-blk on {:?}", b);
+        dm.attach_virtio(vm, mem, b)?;
     }
-    for nic in &config.nics {
-        dm.attach_virtio(vm, mem, Net::new(nic).map_err(DeviceError::from)?)?;
+    for _ in &config.nics {
+        let n = opened.nics.pop_front().ok_or_else(|| missing("TAP"))?;
+        dm.attach_virtio(vm, mem, n)?;
     }
     if config.rng {
         dm.attach_virtio(vm, mem, Rng::new().map_err(DeviceError::Rng)?)?;
     }
-    if let Some(v) = &config.vsock {
-        dm.attach_virtio(vm, mem, Vsock::new(v).map_err(DeviceError::from)?)?;
+    if config.vsock.is_some() {
+        let v = opened.vsock.take().ok_or_else(|| missing("vsock socket"))?;
+        dm.attach_virtio(vm, mem, v)?;
     }
     Ok(dm)
 }
 
-/// COM1, the i8042 and the exit port: the same for a boot and a restore.
+/// COM1 on `console`, the i8042 and the exit port: the same for a boot and a restore.
 fn attach_legacy(
     vm: &VmFd,
-    config: &VmConfig,
+    console: serial::Console,
     exit: &ExitHandle,
-    console: &Arc<ConsoleStats>,
 ) -> Result<DeviceManager, VmmError> {
     let mut dm = DeviceManager::new();
-    dm.attach_serial(
-        vm,
-        ConsoleSetup {
-            config: &config.console,
-            stdin: config.stdin,
-            stats: console.clone(),
-        },
-    )?;
+    dm.attach_console(vm, console)?;
     dm.attach_i8042(vm, exit)?;
     dm.attach_exit_port(exit)?;
     Ok(dm)
 }
 
 /// The devices of a snapshot: the legacy ones as at boot with their saved state, then every
-/// virtio device built again from its state, in slot order.
+/// virtio device in slot order, on the backends `opened` before the jail, with its saved
+/// state put on it. A backend opened and not claimed by a saved device is an error.
 fn restore_devices(
     vm: &VmFd,
     ram: &GuestRam,
-    config: &VmConfig,
+    console: serial::Console,
     exit: &ExitHandle,
-    console: &Arc<ConsoleStats>,
     saved: &crate::device_manager::DevicesState,
+    opened: &mut OpenedDevices,
 ) -> Result<DeviceManager, VmmError> {
-    let mut dm = attach_legacy(vm, config, exit, console)?;
+    let mut dm = attach_legacy(vm, console, exit)?;
     dm.restore_legacy(saved)?;
     for slot in &saved.virtio {
-        dm.restore_virtio(vm, &ram.mem, slot)?;
+        dm.restore_virtio(vm, &ram.mem, slot, opened)?;
+    }
+    if !opened.disks.is_empty() || !opened.nics.is_empty() || opened.vsock.is_some() {
+        return Err(VmmError::Restore(
+            "the launch names more devices than the saved VM has".into(),
+        ));
     }
     Ok(dm)
-}
-
-fn open_block(disk: &DiskConfig) -> Result<Block, DeviceError> {
-    let b = Block::new(disk)?;
-    tracing::debug!(disk = %disk.path.display(), "virtio-blk on {:?}", b);
-    Ok(b)
 }
 
 /// One thread per vCPU, each configured (CPUID per vCPU, boot MSRs, FPU, LAPIC LINT pins; the

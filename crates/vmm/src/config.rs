@@ -189,6 +189,17 @@ impl VmConfig {
         self.check(false)
     }
 
+    /// Checks that each local disk of `disks` is a regular file, naming the field: what a
+    /// restore does before it opens them (and its jail, after which it cannot look again).
+    pub fn check_disk_files(disks: &[DiskConfig]) -> Result<(), ConfigError> {
+        for (i, d) in disks.iter().enumerate() {
+            if !d.is_remote() {
+                check_file(&format!("disks[{i}].path"), &d.path)?;
+            }
+        }
+        Ok(())
+    }
+
     fn check(&self, boot: bool) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::new(
@@ -230,7 +241,8 @@ impl VmConfig {
         for (i, d) in self.disks.iter().enumerate() {
             d.check()
                 .map_err(|(f, m)| ConfigError::new(format!("disks[{i}].{f}"), m))?;
-            if !d.is_remote() {
+            // A restore's disks were checked as they were opened (before its jail).
+            if boot && !d.is_remote() {
                 check_file(&format!("disks[{i}].path"), &d.path)?;
             }
         }

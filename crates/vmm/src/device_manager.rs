@@ -36,6 +36,38 @@ use bexar_devices::virtio::{
 use bexar_devices::IrqTrigger;
 use bexar_util::sync::lock;
 
+/// A restored VM's virtio devices as opened before its jail, on the backends its launch names:
+/// each kind in slot order. [`DeviceManager::restore_virtio`] takes them one by one as the
+/// saved state lists them and puts that state on them.
+#[derive(Default)]
+pub struct OpenedDevices {
+    /// The disks' files or connections (the backend is made, and an image parsed, as each
+    /// is restored).
+    pub disks: std::collections::VecDeque<bexar_devices::block::OpenedDisk>,
+    /// The NICs, each on its TAP.
+    pub nics: std::collections::VecDeque<Net>,
+    /// The vsock device, listening on its socket.
+    pub vsock: Option<Vsock>,
+}
+
+impl OpenedDevices {
+    /// Opens the backends `disks`, `nics` and `vsock` name.
+    pub fn open(
+        disks: &[bexar_devices::block::DiskConfig],
+        nics: &[bexar_devices::virtio::net::NicConfig],
+        vsock: Option<&bexar_devices::virtio::vsock::VsockConfig>,
+    ) -> Result<Self, DeviceError> {
+        Ok(Self {
+            disks: disks
+                .iter()
+                .map(bexar_devices::block::preopen_disk)
+                .collect::<Result<_, _>>()?,
+            nics: nics.iter().map(Net::new).collect::<Result<_, _>>()?,
+            vsock: vsock.map(Vsock::new).transpose()?,
+        })
+    }
+}
+
 /// A device could not be attached.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -231,7 +263,16 @@ impl DeviceManager {
 
     /// COM1 (ports 0x3f8-0x3ff, ISA IRQ 4) with its console.
     pub fn attach_serial(&mut self, vm: &VmFd, setup: ConsoleSetup<'_>) -> Result<(), DeviceError> {
-        let console = serial::build(setup)?;
+        self.attach_console(vm, serial::build(setup)?)
+    }
+
+    /// COM1 on a console built before ([`serial::build`]: where its output goes is opened
+    /// there).
+    pub fn attach_console(
+        &mut self,
+        vm: &VmFd,
+        console: serial::Console,
+    ) -> Result<(), DeviceError> {
         vm.register_irqfd(&console.irq, serial::COM1_IRQ)
             .map_err(|e| DeviceError::Kvm("KVM_IRQFD", e))?;
         self.attach_ports(
@@ -547,23 +588,36 @@ impl DeviceManager {
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         slot: &VirtioSlotState,
+        opened: &mut OpenedDevices,
     ) -> Result<(), DeviceError> {
         let persist = |err| DeviceError::Persist {
             id: slot.id.clone(),
             err,
         };
+        let missing = |what: &str| DeviceError::Persist {
+            id: slot.id.clone(),
+            err: PersistError::Backend(format!("no {what} was opened for it")),
+        };
         let id = match &slot.device {
             DeviceSnapshot::Block(s) => {
-                self.attach_virtio(vm, mem, Block::restore(s).map_err(persist)?)
+                let disk = opened.disks.pop_front().ok_or_else(|| missing("disk"))?;
+                let backend = bexar_devices::block::open_disk_from(disk)?;
+                let mut d = Block::with_backend(&s.disk, backend)?;
+                d.restore_state(s).map_err(persist)?;
+                self.attach_virtio(vm, mem, d)
             }
             DeviceSnapshot::Net(s) => {
-                self.attach_virtio(vm, mem, Net::restore(s).map_err(persist)?)
+                let mut d = opened.nics.pop_front().ok_or_else(|| missing("TAP"))?;
+                d.restore_state(s).map_err(persist)?;
+                self.attach_virtio(vm, mem, d)
             }
             DeviceSnapshot::Rng(s) => {
                 self.attach_virtio(vm, mem, Rng::restore(s).map_err(persist)?)
             }
             DeviceSnapshot::Vsock(s) => {
-                self.attach_virtio(vm, mem, Vsock::restore(s).map_err(persist)?)
+                let mut d = opened.vsock.take().ok_or_else(|| missing("vsock socket"))?;
+                d.restore_state(s).map_err(persist)?;
+                self.attach_virtio(vm, mem, d)
             }
         }?;
         let Some(entry) = self.virtio.last() else {

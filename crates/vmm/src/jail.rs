@@ -1,8 +1,8 @@
 //! The VMM's sandbox: what a process gives up before its guest runs.
 //!
 //! The agent (or `bexar run`) arms a [`JailConfig`] with [`arm`]; the builder enters it in
-//! [`enter_armed`] once every file, TAP, socket and the VM itself are open and before the first
-//! thread exists (new namespaces and a changed uid are per-thread in the kernel, so a second
+//! [`enter_armed`] once every file, TAP and socket is open (and before it reads the kernel, a
+//! disk image's metadata or a saved state) and before the first thread exists (new namespaces and a changed uid are per-thread in the kernel, so a second
 //! thread would keep the host's). From then on the process:
 //!
 //! * lives in new mount, IPC, UTS and network namespaces: its network namespace holds only a
@@ -216,6 +216,16 @@ pub fn armed() -> Option<&'static JailConfig> {
 /// What entering the jail cost, once entered.
 pub fn entered() -> Option<JailTimes> {
     ENTERED.get().copied()
+}
+
+/// ", in the jail" once the process has entered one, for log lines that say what was read
+/// only then; empty otherwise.
+pub fn in_jail() -> &'static str {
+    if ENTERED.get().is_some() {
+        ", in the jail"
+    } else {
+        ""
+    }
 }
 
 /// What the sandbox cost so far: the jail's layers and the seccomp filters (`None` for a

@@ -152,6 +152,7 @@ impl Launch {
                 nics: Some(c.nics.clone()),
                 vsock: c.vsock.clone(),
             }),
+            memory_mib: Some(c.memory_mib),
             ..crate::builder::RestoreConfig::new(c.console.clone())
         }
     }

@@ -971,18 +971,6 @@ fn sync_disks(disks: &[Option<CopyTarget>], unsynced: &mut bool) -> std::io::Res
     Ok(())
 }
 
-/// The receiving side's disks for [`receive`]: each writable local disk of `disks` opened for
-/// writing (raw, or qcow2 through its chain), `None` for the others (read-only or remote disks
-/// are not copied).
-pub fn open_disks(
-    disks: &[bexar_devices::block::DiskConfig],
-) -> Result<Vec<Option<CopyTarget>>, MigrationError> {
-    disks
-        .iter()
-        .map(|d| CopyTarget::open(d).map_err(MigrationError::from))
-        .collect()
-}
-
 /// Tells the sender whether this side holds the VM now (`Ok`) or not.
 pub fn answer(out: &mut impl Write, result: Result<(), String>) -> std::io::Result<()> {
     match result {

@@ -268,14 +268,33 @@ pub fn decode(path: &Path, data: &[u8]) -> Result<SnapshotState, SnapshotError> 
 
 /// Reads the state file of snapshot directory `dir`.
 pub fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
+    open_state(dir)?.read()
+}
+
+/// The state file of snapshot directory `dir`, opened (not read: [`StateFile::read`]).
+pub fn open_state(dir: &Path) -> Result<StateFile, SnapshotError> {
     let path = state_path(dir);
-    let mut f = File::open(&path).map_err(SnapshotError::io(&path))?;
-    let mut data = Vec::new();
-    f.by_ref()
-        .take(MAX_BODY + MAX_HEADER as u64)
-        .read_to_end(&mut data)
-        .map_err(SnapshotError::io(&path))?;
-    decode(&path, &data)
+    let file = File::open(&path).map_err(SnapshotError::io(&path))?;
+    Ok(StateFile { path, file })
+}
+
+/// A snapshot's state file, opened by a VMM that may read it only once jailed.
+#[derive(Debug)]
+pub struct StateFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl StateFile {
+    /// Reads and decodes the state.
+    pub fn read(mut self) -> Result<SnapshotState, SnapshotError> {
+        let mut data = Vec::new();
+        (&mut self.file)
+            .take(MAX_BODY + MAX_HEADER as u64)
+            .read_to_end(&mut data)
+            .map_err(SnapshotError::io(&self.path))?;
+        decode(&self.path, &data)
+    }
 }
 
 /// Writes the state file of snapshot directory `dir` atomically and durably; returns its size.

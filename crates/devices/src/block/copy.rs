@@ -15,7 +15,7 @@
 //! overlay sits on the same base image (the agent checks its content hash), so they read the
 //! same there already. That is the whole of "only the overlay moves".
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -123,23 +123,40 @@ impl CopyTarget {
         if cfg.read_only || cfg.is_remote() {
             return Ok(None);
         }
-        let format = match cfg.format {
-            Some(f) => f,
-            None => qcow2::probe(&cfg.path)?,
+        Self::on(&super::preopen_disk(cfg)?)
+    }
+
+    /// The target on a disk opened before ([`super::preopen_disk`]), through its own
+    /// descriptors: `None` for a disk a copy does not write. A qcow2 image's metadata is
+    /// parsed here; the target is dropped (its metadata written back by [`Self::sync`])
+    /// before the disk's backend is made on the same files.
+    pub fn on(disk: &super::OpenedDisk) -> Result<Option<Self>, BlockError> {
+        let cfg = disk.config();
+        if cfg.read_only {
+            return Ok(None);
+        }
+        let Some((format, files)) = disk.local() else {
+            return Ok(None);
         };
         Ok(Some(match format {
-            DiskFormat::Raw => Self::Raw(OpenOptions::new().write(true).open(&cfg.path).map_err(
-                |err| BlockError::Open {
-                    path: cfg.path.clone(),
-                    err,
-                },
-            )?),
-            DiskFormat::Qcow2 => Self::Qcow2(qcow2::open_chain(
+            DiskFormat::Raw => {
+                let f = files
+                    .first()
+                    .map(|(_, f)| f.try_clone())
+                    .unwrap_or_else(|| Err(io::ErrorKind::NotFound.into()))
+                    .map_err(|err| BlockError::Open {
+                        path: cfg.path.clone(),
+                        err,
+                    })?;
+                Self::Raw(f)
+            }
+            DiskFormat::Qcow2 => Self::Qcow2(qcow2::open_chain_with(
                 &cfg.path,
                 DiskFormat::Qcow2,
                 true,
                 false,
                 &mut Vec::new(),
+                &mut disk.opener(),
             )?),
         }))
     }

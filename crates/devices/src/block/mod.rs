@@ -32,7 +32,6 @@ pub mod raw;
 pub mod remote;
 
 use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -540,32 +539,167 @@ pub(crate) fn check(info: &DiskInfo, req: &BlockRequest) -> Result<(), BlockErro
 }
 
 /// Opens the disk `cfg` describes with the most capable backend this host offers, probing
-/// the format when `cfg` does not name one.
+/// the format when `cfg` does not name one: [`preopen_disk`], then [`open_disk_from`].
 pub fn open_disk(cfg: &DiskConfig) -> Result<Box<dyn DiskBackend>, BlockError> {
-    if let Some(t) = &cfg.nbd {
-        return Ok(Box::new(nbd::open(t, cfg.read_only)?));
+    open_disk_from(preopen_disk(cfg)?)
+}
+
+/// A disk as a VMM opens it while it still has the host's rights: a local image's file and
+/// every backing file under it, none of them parsed beyond where the next one is, or a
+/// remote disk's connection. [`open_disk_from`] makes the backend, which is where an image's
+/// metadata (written by a guest's VMM, perhaps a compromised one) is read: in the jail.
+pub struct OpenedDisk {
+    cfg: DiskConfig,
+    what: Opened,
+}
+
+enum Opened {
+    /// An NBD or iSCSI disk, connected and logged in.
+    Remote(Box<dyn DiskBackend>),
+    /// A local image in `format`: its file, then the files of its backing chain, each with
+    /// the path the chain names it by. None has O_DIRECT yet (a migration's receiver writes
+    /// unaligned through them first); [`open_disk_from`] sets it where the disk asks.
+    Local {
+        format: DiskFormat,
+        files: Vec<(PathBuf, std::fs::File)>,
+    },
+}
+
+impl std::fmt::Debug for OpenedDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let files = match &self.what {
+            Opened::Remote(_) => 0,
+            Opened::Local { files, .. } => files.len(),
+        };
+        f.debug_struct("OpenedDisk")
+            .field("cfg", &self.cfg)
+            .field("files", &files)
+            .finish()
     }
-    if let Some(t) = &cfg.iscsi {
-        return Ok(Box::new(iscsi::open(t, cfg.read_only)?));
+}
+
+impl OpenedDisk {
+    /// What the disk was opened as.
+    pub fn config(&self) -> &DiskConfig {
+        &self.cfg
     }
-    let format = match cfg.format {
-        Some(f) => f,
-        None => qcow2::probe(&cfg.path)?,
+
+    /// A local image's format and files (top first), `None` for a remote disk.
+    pub fn local(&self) -> Option<(DiskFormat, &[(PathBuf, std::fs::File)])> {
+        match &self.what {
+            Opened::Remote(_) => None,
+            Opened::Local { format, files } => Some((*format, files)),
+        }
+    }
+
+    /// Hands out the files opened here by the path the chain names them by (a duplicate
+    /// descriptor each time): [`qcow2::open_chain_with`]'s opener. A path not among them is
+    /// not found: nothing is opened by path.
+    pub fn opener(&self) -> impl FnMut(&Path, bool) -> std::io::Result<std::fs::File> + '_ {
+        move |p: &Path, _writable: bool| {
+            let files = match &self.what {
+                Opened::Remote(_) => &[][..],
+                Opened::Local { files, .. } => &files[..],
+            };
+            match files.iter().find(|(q, _)| q == p) {
+                Some((_, f)) => f.try_clone(),
+                None => Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not among the files opened before the jail",
+                )),
+            }
+        }
+    }
+}
+
+/// Opens what the disk `cfg` describes with the host's rights, parsing nothing of an image
+/// but its first four bytes (the format, when `cfg` does not name one) and where each backing
+/// file is ([`qcow2::open_chain_files`]). A remote disk connects and logs in here.
+pub fn preopen_disk(cfg: &DiskConfig) -> Result<OpenedDisk, BlockError> {
+    let what = if let Some(t) = &cfg.nbd {
+        Opened::Remote(Box::new(nbd::open(t, cfg.read_only)?))
+    } else if let Some(t) = &cfg.iscsi {
+        Opened::Remote(Box::new(iscsi::open(t, cfg.read_only)?))
+    } else {
+        let open_err = |err| BlockError::Open {
+            path: cfg.path.clone(),
+            err,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!cfg.read_only)
+            .open(&cfg.path)
+            .map_err(open_err)?;
+        let format = match cfg.format {
+            Some(f) => f,
+            None => qcow2::probe_file(&file).map_err(open_err)?,
+        };
+        let files = match format {
+            DiskFormat::Qcow2 => qcow2::open_chain_files(&cfg.path, file)?,
+            DiskFormat::Raw => vec![(cfg.path.clone(), file)],
+        };
+        Opened::Local { format, files }
+    };
+    Ok(OpenedDisk {
+        cfg: cfg.clone(),
+        what,
+    })
+}
+
+/// Turns O_DIRECT on for an open file (as opening it with the flag would have).
+fn set_direct(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl F_GETFL/F_SETFL on a descriptor `f` owns; no memory is passed.
+    unsafe {
+        let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags | libc::O_DIRECT) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The backend for a disk [`preopen_disk`] opened: here an image's metadata is parsed (a
+/// qcow2 chain through [`qcow2::open_chain_with`], on the files opened before), and no file
+/// is opened by path.
+pub fn open_disk_from(disk: OpenedDisk) -> Result<Box<dyn DiskBackend>, BlockError> {
+    let OpenedDisk { cfg, what } = disk;
+    let (format, files) = match what {
+        Opened::Remote(b) => return Ok(b),
+        Opened::Local { format, files } => (format, files),
+    };
+    if cfg.direct {
+        for (path, f) in &files {
+            set_direct(f).map_err(|err| BlockError::Open {
+                path: path.clone(),
+                err,
+            })?;
+        }
+    }
+    let open_err = |err| BlockError::Open {
+        path: cfg.path.clone(),
+        err,
     };
     if format == DiskFormat::Qcow2 {
-        let image = qcow2::open_chain(
+        let opened = OpenedDisk {
+            cfg: cfg.clone(),
+            what: Opened::Local { format, files },
+        };
+        let image = qcow2::open_chain_with(
             &cfg.path,
             DiskFormat::Qcow2,
             !cfg.read_only,
             cfg.direct,
             &mut Vec::new(),
+            &mut opened.opener(),
         )?;
         if image.size() % SECTOR != 0 {
             return Err(BlockError::Size(cfg.path.clone()));
         }
         let disk = Immediate::wrap(qcow2::Qcow2Image::new(image, cfg.read_only))?;
         if !cfg.direct && io_uring_available() {
-            match qcow2::Qcow2Uring::new(disk, &cfg.path) {
+            let ring_file = opened.opener()(&cfg.path, !cfg.read_only).map_err(open_err)?;
+            match qcow2::Qcow2Uring::new(disk, ring_file) {
                 Ok(b) => return Ok(Box::new(b)),
                 Err((disk, e)) => {
                     tracing::info!(
@@ -578,16 +712,9 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Box<dyn DiskBackend>, BlockError> {
         }
         return Ok(Box::new(disk));
     }
-    let open_err = |err| BlockError::Open {
-        path: cfg.path.clone(),
-        err,
+    let Some((_, file)) = files.into_iter().next() else {
+        return Err(open_err(std::io::ErrorKind::NotFound.into()));
     };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!cfg.read_only)
-        .custom_flags(if cfg.direct { libc::O_DIRECT } else { 0 })
-        .open(&cfg.path)
-        .map_err(open_err)?;
     let capacity = file.metadata().map_err(open_err)?.len();
     if capacity % SECTOR != 0 {
         return Err(BlockError::Size(cfg.path.clone()));

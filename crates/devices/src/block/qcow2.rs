@@ -22,8 +22,8 @@
 //! leave leaked clusters at worst, which `qemu-img check` reports as leaks, not corruption.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use imago::io_buffers::{IoVector, IoVectorMut};
@@ -55,19 +55,24 @@ pub type Image = FormatAccess<imago::file::File>;
 /// a guest owning a raw disk can write a qcow2 header into it, so a disk's format is probed
 /// once, when it is first attached, and recorded.
 pub fn probe(path: &Path) -> Result<DiskFormat, BlockError> {
-    let mut magic = [0u8; 4];
-    let mut f = File::open(path).map_err(|err| BlockError::Open {
+    let f = File::open(path).map_err(|err| BlockError::Open {
         path: path.to_owned(),
         err,
     })?;
-    match f.read_exact(&mut magic) {
+    probe_file(&f).map_err(|err| BlockError::Open {
+        path: path.to_owned(),
+        err,
+    })
+}
+
+/// [`probe`] on an open file (its first four bytes, read in place).
+pub fn probe_file(f: &File) -> io::Result<DiskFormat> {
+    let mut magic = [0u8; 4];
+    match f.read_exact_at(&mut magic, 0) {
         Ok(()) if magic == QCOW2_MAGIC => Ok(DiskFormat::Qcow2),
         Ok(()) => Ok(DiskFormat::Raw),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(DiskFormat::Raw),
-        Err(err) => Err(BlockError::Open {
-            path: path.to_owned(),
-            err,
-        }),
+        Err(e) => Err(e),
     }
 }
 
@@ -107,37 +112,69 @@ pub fn open_chain(
     direct: bool,
     levels: &mut Vec<ChainLevel>,
 ) -> Result<Image, BlockError> {
-    let canon = std::fs::canonicalize(path).map_err(|err| BlockError::Open {
+    let mut by_path = |p: &Path, writable: bool| {
+        OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+            .open(p)
+    };
+    open_chain_with(path, format, writable, direct, levels, &mut by_path)
+}
+
+/// How [`open_chain_with`] gets each file of a chain, by the path the chain names it by (and
+/// whether it is to be written): opened there and then, or handed out from what was opened
+/// before a jail ([`super::OpenedDisk`]).
+pub type ChainOpener<'a> = dyn FnMut(&Path, bool) -> io::Result<File> + 'a;
+
+/// [`open_chain`] with the files coming from `open`.
+pub fn open_chain_with(
+    path: &Path,
+    format: DiskFormat,
+    writable: bool,
+    direct: bool,
+    levels: &mut Vec<ChainLevel>,
+    open: &mut ChainOpener<'_>,
+) -> Result<Image, BlockError> {
+    let file = open(path, writable).map_err(|err| BlockError::Open {
         path: path.to_owned(),
         err,
     })?;
-    if let Some(at) = levels
-        .iter()
-        .position(|l| std::fs::canonicalize(&l.path).is_ok_and(|c| c == canon))
-    {
+    let mut seen = Vec::new();
+    chain_level(
+        path, file, format, writable, direct, levels, &mut seen, open,
+    )
+}
+
+/// One level of [`open_chain_with`], on its open `file`; `seen` holds the (device, inode) of
+/// every level above it, so that a chain looping back is refused without a path lookup (which
+/// a jailed process could not make).
+#[allow(clippy::too_many_arguments)]
+fn chain_level(
+    path: &Path,
+    file: File,
+    format: DiskFormat,
+    writable: bool,
+    direct: bool,
+    levels: &mut Vec<ChainLevel>,
+    seen: &mut Vec<(u64, u64)>,
+    open: &mut ChainOpener<'_>,
+) -> Result<Image, BlockError> {
+    let meta = file.metadata().map_err(|err| BlockError::Open {
+        path: path.to_owned(),
+        err,
+    })?;
+    let id = (meta.dev(), meta.ino());
+    if let Some(at) = seen.iter().position(|s| *s == id) {
         return Err(image_err(
             path,
             format!(
                 "backing chain loops: {} is already level {at} of the chain",
-                canon.display()
+                path.display()
             ),
         ));
     }
-    if levels.len() >= MAX_CHAIN {
-        return Err(image_err(
-            path,
-            format!("backing chain deeper than {MAX_CHAIN} images"),
-        ));
-    }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(writable)
-        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
-        .open(path)
-        .map_err(|err| BlockError::Open {
-            path: path.to_owned(),
-            err,
-        })?;
+    seen.push(id);
     let opts = StorageOpenOptions::new()
         .filename(path)
         .write(writable)
@@ -162,14 +199,30 @@ pub fn open_chain(
             }
             let backing = match q.implicit_backing_file() {
                 None => None,
+                Some(_) if levels.len() >= MAX_CHAIN => {
+                    return Err(image_err(
+                        path,
+                        format!("backing chain deeper than {MAX_CHAIN} images"),
+                    ))
+                }
                 Some(name) => {
                     let bpath = backing_path(path, name);
-                    if !bpath.exists() {
-                        return Err(image_err(
+                    let missing = || {
+                        image_err(
                             path,
                             format!("its backing file {} is missing", bpath.display()),
-                        ));
-                    }
+                        )
+                    };
+                    let bfile = match open(&bpath, false) {
+                        Ok(f) => f,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing()),
+                        Err(err) => {
+                            return Err(BlockError::Open {
+                                path: bpath.clone(),
+                                err,
+                            })
+                        }
+                    };
                     let bformat = match q.implicit_backing_format().map(String::as_str) {
                         Some("raw") => DiskFormat::Raw,
                         Some("qcow2") => DiskFormat::Qcow2,
@@ -180,9 +233,14 @@ pub fn open_chain(
                             ))
                         }
                         // Backing images are never written by a guest, so probing one is safe.
-                        None => probe(&bpath)?,
+                        None => probe_file(&bfile).map_err(|err| BlockError::Open {
+                            path: bpath.clone(),
+                            err,
+                        })?,
                     };
-                    Some(open_chain(&bpath, bformat, false, direct, levels)?)
+                    Some(chain_level(
+                        &bpath, bfile, bformat, false, direct, levels, seen, open,
+                    )?)
                 }
             };
             q.set_backing(backing);
@@ -190,6 +248,136 @@ pub fn open_chain(
         }
     };
     Ok(image)
+}
+
+/// Opens, read-only, every backing file under the qcow2 image `top` (at `path`), reading of
+/// each header no more than where its backing file is: the name (at most 1023 bytes, as qemu
+/// writes) and, from the header extensions, the format. Returns `top` and those files, each
+/// with the path the chain names it by, top first. This is what a VMM does with the host's
+/// rights; the full parse ([`open_chain_with`]) comes once it has given them up, on these
+/// descriptors, and fails if it reads the chain differently. A chain that loops or runs too
+/// deep ends here without error: the full parse refuses it by name.
+pub fn open_chain_files(path: &Path, top: File) -> Result<Vec<(PathBuf, File)>, BlockError> {
+    let mut files = vec![(path.to_owned(), top)];
+    loop {
+        let (cur, file) = files.last().expect("the top is there");
+        let backing = backing_of(file).map_err(|e| image_err(cur, e))?;
+        let Some((name, format)) = backing else {
+            return Ok(files);
+        };
+        let bpath = backing_path(cur, &name);
+        if files.len() >= MAX_CHAIN {
+            return Ok(files);
+        }
+        let bfile = match File::open(&bpath) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(image_err(
+                    cur,
+                    format!("its backing file {} is missing", bpath.display()),
+                ))
+            }
+            Err(err) => return Err(BlockError::Open { path: bpath, err }),
+        };
+        let meta = bfile.metadata().map_err(|err| BlockError::Open {
+            path: bpath.clone(),
+            err,
+        })?;
+        let looped = files.iter().any(|(_, f)| {
+            f.metadata()
+                .is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()))
+        });
+        let format = match format.as_deref() {
+            Some("qcow2") => DiskFormat::Qcow2,
+            Some(_) => DiskFormat::Raw,
+            None => probe_file(&bfile).map_err(|err| BlockError::Open {
+                path: bpath.clone(),
+                err,
+            })?,
+        };
+        files.push((bpath, bfile));
+        if looped || format != DiskFormat::Qcow2 {
+            return Ok(files);
+        }
+    }
+}
+
+/// The backing file a qcow2 header names, with the format its backing-format extension gives
+/// (`None` for a file that is not qcow2 or has no backing file). Reads only the fixed header
+/// fields that say where the name is, the name, and the extensions' type and length words.
+fn backing_of(f: &File) -> Result<Option<(String, Option<String>)>, String> {
+    /// Header extension: the backing file's format.
+    const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+    /// Header extensions read at most (qemu writes a handful).
+    const MAX_EXTENSIONS: usize = 64;
+    let mut h = [0u8; 104];
+    let n = read_up_to(f, &mut h, 0).map_err(|e| e.to_string())?;
+    if n < 72 || h[..4] != QCOW2_MAGIC {
+        return Ok(None);
+    }
+    let be32 = |b: &[u8]| u32::from_be_bytes(b[..4].try_into().expect("4 bytes"));
+    let be64 = |b: &[u8]| u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
+    let version = be32(&h[4..]);
+    let (offset, size) = (be64(&h[8..]), be32(&h[16..]));
+    if offset == 0 || size == 0 {
+        return Ok(None);
+    }
+    if size > 1023 {
+        return Err(format!("backing file name of {size} bytes (at most 1023)"));
+    }
+    let mut name = vec![0u8; size as usize];
+    f.read_exact_at(&mut name, offset)
+        .map_err(|e| format!("backing file name: {e}"))?;
+    let name = String::from_utf8(name).map_err(|_| "backing file name is not UTF-8".to_owned())?;
+    // imago, which parses the image in the jail, reads header extensions of version 3 images
+    // only, within the first cluster; so does this.
+    if version < 3 || n < 104 {
+        return Ok(Some((name, None)));
+    }
+    let cluster = 1u64 << be32(&h[20..]).clamp(9, 21);
+    let mut at = u64::from(be32(&h[100..]));
+    for _ in 0..MAX_EXTENSIONS {
+        if at.saturating_add(8) > cluster {
+            break;
+        }
+        let mut e = [0u8; 8];
+        if f.read_exact_at(&mut e, at).is_err() {
+            break;
+        }
+        let (kind, len) = (be32(&e), be32(&e[4..]));
+        if kind == 0 {
+            break;
+        }
+        if kind == EXT_BACKING_FORMAT {
+            if len > 16 {
+                // No format we take is this long: the walk stops, the parse names it.
+                return Ok(Some((name, Some(String::new()))));
+            }
+            let mut fmt = vec![0u8; len as usize];
+            f.read_exact_at(&mut fmt, at + 8)
+                .map_err(|e| format!("backing format: {e}"))?;
+            return Ok(Some((
+                name,
+                Some(String::from_utf8_lossy(&fmt).into_owned()),
+            )));
+        }
+        at = at.saturating_add(8 + u64::from(len).next_multiple_of(8));
+    }
+    Ok(Some((name, None)))
+}
+
+/// Reads from `offset` until `buf` is full or the file ends; returns how much was read.
+fn read_up_to(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], offset + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// Creates a qcow2 image at `path` (which must not exist) over `backing` (recorded relative
@@ -348,17 +536,13 @@ pub struct Qcow2Uring {
 }
 
 impl Qcow2Uring {
-    /// A second descriptor on the top image (`path`, the file imago has open) for the ring;
-    /// on failure the synchronous disk comes back with the error.
+    /// The ring works on `file`, a descriptor of the top image (the file imago has open); on
+    /// failure the synchronous disk comes back with the error.
     pub fn new(
         sync: Immediate<Qcow2Image>,
-        path: &Path,
+        file: File,
     ) -> Result<Self, (Immediate<Qcow2Image>, io::Error)> {
         let ro = sync.disk().info.read_only;
-        let file = match OpenOptions::new().read(true).write(!ro).open(path) {
-            Ok(f) => f,
-            Err(e) => return Err((sync, e)),
-        };
         // The ring sees host offsets in the file, which grows as clusters are allocated: its
         // own bounds check must not stop it (the guest's range was checked against the disk).
         let info = DiskInfo {
@@ -597,6 +781,76 @@ mod tests {
             .unwrap()
             .write_all_at(data, offset)
             .unwrap();
+    }
+
+    #[test]
+    fn a_chain_opened_before_is_parsed_and_used_with_no_path_left() {
+        // What a jailed VMM does: the chain's files are opened (reading of each header only
+        // where its backing file is), the directory goes away, and the image is parsed and
+        // written through the descriptors alone.
+        let d = Dir::new("preopened");
+        let mem = crate::memory::test_memory(4);
+        const SIZE: u64 = 4 << 20;
+        let base = d.path("base.raw");
+        std::fs::write(&base, pattern(3, SIZE as usize)).unwrap();
+        let mid = d.path("mid.qcow2");
+        let top = d.path("top.qcow2");
+        for (img, under, fmt) in [(&mid, "base.raw", "raw"), (&top, "mid.qcow2", "qcow2")] {
+            let i = img.to_str().unwrap();
+            ok(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", "-b", under, "-F", fmt, i],
+            );
+        }
+        ok(
+            "qemu-io",
+            &["-c", "write -P 0x6b 64k 64k", mid.to_str().unwrap()],
+        );
+        let cfg = DiskConfig {
+            path: top.clone(),
+            ..Default::default()
+        };
+        let opened = crate::block::preopen_disk(&cfg).unwrap();
+        let (format, files) = opened.local().unwrap();
+        assert_eq!(format, DiskFormat::Qcow2);
+        let names: Vec<_> = files.iter().map(|(p, _)| p.clone()).collect();
+        assert_eq!(names, [top.clone(), mid.clone(), base.clone()]);
+        let gone = d.0.with_extension("gone");
+        std::fs::rename(&d.0, &gone).unwrap();
+        let mut b = crate::block::open_disk_from(opened).unwrap();
+        assert_eq!(b.info().capacity, SIZE);
+        assert_eq!(read(b.as_mut(), &mem, 0, 4096), pattern(3, 4096));
+        assert_eq!(read(b.as_mut(), &mem, 64 << 10, 512), vec![0x6b; 512]);
+        write(b.as_mut(), &mem, 1 << 20, &[0x77; 8192]);
+        simple(b.as_mut(), &mem, BlockOp::Flush, 0, 0);
+        drop(b);
+        std::fs::rename(&gone, &d.0).unwrap();
+        let t = top.to_str().unwrap();
+        ok("qemu-img", &["check", "-q", t]);
+        let out = ok(
+            "qemu-io",
+            &["-c", "read -P 0x77 1M 8k", "-c", "read -P 0x6b 64k 64k", t],
+        );
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+        // A backing file the chain names and nobody opened is not found, by name.
+        let opened = crate::block::preopen_disk(&DiskConfig {
+            path: mid.clone(),
+            format: Some(DiskFormat::Raw),
+            ..Default::default()
+        })
+        .unwrap();
+        let e = open_chain_with(
+            &mid,
+            DiskFormat::Qcow2,
+            false,
+            false,
+            &mut Vec::new(),
+            &mut opened.opener(),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("base.raw") && e.contains("missing"), "{e}");
     }
 
     #[test]

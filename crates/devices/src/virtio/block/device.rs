@@ -169,16 +169,22 @@ impl Block {
     /// A device in `state` on its disk, opened again (activated by its transport's restore).
     pub fn restore(state: &BlockState) -> Result<Self, PersistError> {
         let mut d = Self::new(&state.disk).map_err(|e| PersistError::Backend(e.to_string()))?;
-        if d.info.capacity != state.capacity {
+        d.restore_state(state)?;
+        Ok(d)
+    }
+
+    /// Puts `state` on this device, made afresh on the disk the state names (which must be
+    /// as big as it was).
+    pub fn restore_state(&mut self, state: &BlockState) -> Result<(), PersistError> {
+        if self.info.capacity != state.capacity {
             return Err(PersistError::Backend(format!(
                 "{} is {} bytes, it was {} when saved",
                 state.disk.path.display(),
-                d.info.capacity,
+                self.info.capacity,
                 state.capacity
             )));
         }
-        d.common.restore(&state.virtio)?;
-        Ok(d)
+        self.common.restore(&state.virtio)
     }
 
     /// Records, from now on, every block a guest request changes in `map` (a disk copy while

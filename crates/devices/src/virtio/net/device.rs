@@ -127,8 +127,13 @@ impl Net {
     /// A device in `state` on its TAP, opened again (activated by its transport's restore).
     pub fn restore(state: &NetState) -> Result<Self, PersistError> {
         let mut d = Self::new(&state.nic).map_err(|e| PersistError::Backend(e.to_string()))?;
-        d.common.restore(&state.virtio)?;
+        d.restore_state(state)?;
         Ok(d)
+    }
+
+    /// Puts `state` on this device, made afresh on the TAP the state names.
+    pub fn restore_state(&mut self, state: &NetState) -> Result<(), PersistError> {
+        self.common.restore(&state.virtio)
     }
 
     /// Moves frames from the TAP into rx buffers while both exist (`notified`: because the

@@ -187,9 +187,15 @@ impl Vsock {
     /// buffer for it.
     pub fn restore(state: &VsockState) -> Result<Self, PersistError> {
         let mut d = Self::new(&state.config).map_err(|e| PersistError::Backend(e.to_string()))?;
-        d.common.restore(&state.virtio)?;
-        d.reset_event_pending = state.virtio.activated;
+        d.restore_state(state)?;
         Ok(d)
+    }
+
+    /// Puts `state` on this device, made afresh on the socket the state names.
+    pub fn restore_state(&mut self, state: &VsockState) -> Result<(), PersistError> {
+        self.common.restore(&state.virtio)?;
+        self.reset_event_pending = state.virtio.activated;
+        Ok(())
     }
 
     /// Delivers a pending transport reset event into the event queue, if the driver gave a
