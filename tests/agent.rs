@@ -2224,6 +2224,33 @@ fn images_give_each_vm_its_own_overlay_and_bad_disks_are_refused_by_field() {
             assert!(same.contains("identical"), "{id}: {same}");
             std::fs::remove_file(&want).unwrap();
         }
+        // A VMM a guest took over rewrote its overlay's header to name a host file as its
+        // backing data: the next VMM refuses the disk, by name, and opens nothing; put back,
+        // the VM starts again.
+        let secret = src.join("secret.raw");
+        common::random_file(&secret, SIZE, 0x5ec);
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let vm = expect_status(&c.get("/v1/vms/img0").await.unwrap(), 200);
+        let overlay = vm["disks"][0]["path"].as_str().unwrap().to_owned();
+        let base = vm["disks"][0]["backing"].as_str().unwrap().to_owned();
+        assert!(base.starts_with(blobs.to_str().unwrap()), "{vm}");
+        let rebase = |to: &str| {
+            common::qemu_img_ok(&["rebase", "-u", "-b", to, "-F", "raw", &overlay]);
+        };
+        rebase(secret.to_str().unwrap());
+        let r = c.post("/v1/vms/img0/start", &Value::Null).await.unwrap();
+        assert!(!r.status.is_success(), "{}", r.json());
+        let vm = expect_status(&c.get("/v1/vms/img0").await.unwrap(), 200);
+        let why = vm["status"]["exit_reason"].as_str().unwrap_or("").to_owned();
+        assert!(
+            why.contains("secret.raw") && why.contains("refused"),
+            "{vm}"
+        );
+        rebase(&base);
+        expect_status(&c.post("/v1/vms/img0/start", &Value::Null).await.unwrap(), 200);
+        wait_state(&c, "img0", "stopped").await;
+
         // The bases are as registered.
         let blob = blobs.join(format!("{}.raw", img["sha256"].as_str().unwrap()));
         assert_eq!(std::fs::read(&blob).unwrap(), std::fs::read(&raw).unwrap());

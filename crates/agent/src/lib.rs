@@ -661,6 +661,7 @@ impl Agent {
                         size: remote.get(i).copied().flatten().unwrap_or(0),
                         rate_limit: d.rate_limit,
                         link: None,
+                        backing: None,
                     });
                     continue;
                 }
@@ -670,7 +671,8 @@ impl Agent {
                             Some(f) => f,
                             None => qcow2::probe(p).map_err(|e| bad("path", e))?,
                         };
-                        let image = qcow2::open_chain(p, format, false, false, &mut Vec::new())
+                        let mut levels = Vec::new();
+                        let image = qcow2::open_chain(p, format, false, false, &mut levels)
                             .map_err(|e| bad("path", e))?;
                         out.push(spec::DiskState {
                             path: p.clone(),
@@ -678,6 +680,10 @@ impl Agent {
                             size: image.size(),
                             rate_limit: d.rate_limit,
                             link: None,
+                            backing: levels
+                                .get(1)
+                                .filter(|_| !d.read_only)
+                                .map(|l| l.path.clone()),
                         });
                     }
                     (None, Some(id)) => {
@@ -707,15 +713,16 @@ impl Agent {
                                 })?;
                         }
                         let path = dir.join(spec::overlay_name(i));
-                        let size =
-                            qcow2::create_overlay(&path, &self.images.blob(&img), img.format, size)
-                                .map_err(|e| bad("image", e))?;
+                        let blob = self.images.blob(&img);
+                        let size = qcow2::create_overlay(&path, &blob, img.format, size)
+                            .map_err(|e| bad("image", e))?;
                         out.push(spec::DiskState {
                             path,
                             format: DiskFormat::Qcow2,
                             size,
                             rate_limit: d.rate_limit,
                             link: None,
+                            backing: Some(blob),
                         });
                     }
                     (None, None) => {

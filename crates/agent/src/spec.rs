@@ -148,6 +148,7 @@ impl DiskSpec {
             direct: self.direct,
             serial: self.serial.clone(),
             rate_limit,
+            backing: None,
         }
     }
 }
@@ -170,6 +171,10 @@ pub struct DiskState {
     /// or `failing` (the guest's requests fail with I/O errors).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link: Option<String>,
+    /// For a writable qcow2 disk: its backing file when the VM was made (an image's blob, or
+    /// what the spec's image named). Every VMM refuses the disk if its header names another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<PathBuf>,
 }
 
 /// The overlay file of disk `index` of a VM, in the VM's directory.
@@ -609,7 +614,10 @@ impl VmSpec {
             .enumerate()
             .map(|(i, d)| match disks.get(i) {
                 Some(s) if d.is_remote() => d.config(PathBuf::new(), None, s.rate_limit),
-                Some(s) => d.config(s.path.clone(), Some(s.format), s.rate_limit),
+                Some(s) => DiskConfig {
+                    backing: s.backing.clone(),
+                    ..d.config(s.path.clone(), Some(s.format), s.rate_limit)
+                },
                 None if d.is_remote() => d.config(PathBuf::new(), None, d.rate_limit),
                 None => d.config(
                     d.path.clone().unwrap_or_else(|| dir.join(overlay_name(i))),

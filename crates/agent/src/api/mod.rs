@@ -1714,6 +1714,7 @@ mod tests {
                 size: 1,
                 rate_limit: Some(full_limit()),
                 link: Some("up".into()),
+                backing: Some("/b".into()),
             }],
             metadata: full_metadata(),
             uuid: uuid::Uuid::nil(),

@@ -111,6 +111,12 @@ pub struct DiskConfig {
     /// Rate limits (bytes and requests per refill time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitConfig>,
+    /// For a writable qcow2 image: the backing file it had when it was made or first attached
+    /// (the agent records it). A VMM writes the image's header, so one a guest took over could
+    /// make it name any host file, which the next VMM would open as root as the guest's
+    /// backing data: an image whose header names another file than this is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<PathBuf>,
 }
 
 impl std::str::FromStr for DiskConfig {
@@ -635,7 +641,10 @@ pub fn preopen_disk(cfg: &DiskConfig) -> Result<OpenedDisk, BlockError> {
             None => qcow2::probe_file(&file).map_err(open_err)?,
         };
         let files = match format {
-            DiskFormat::Qcow2 => qcow2::open_chain_files(&cfg.path, file)?,
+            DiskFormat::Qcow2 => {
+                let pinned = cfg.backing.as_deref().filter(|_| !cfg.read_only);
+                qcow2::open_chain_files(&cfg.path, file, pinned)?
+            }
             DiskFormat::Raw => vec![(cfg.path.clone(), file)],
         };
         Opened::Local { format, files }

@@ -257,8 +257,38 @@ fn chain_level(
 /// rights; the full parse ([`open_chain_with`]) comes once it has given them up, on these
 /// descriptors, and fails if it reads the chain differently. A chain that loops or runs too
 /// deep ends here without error: the full parse refuses it by name.
-pub fn open_chain_files(path: &Path, top: File) -> Result<Vec<(PathBuf, File)>, BlockError> {
+///
+/// A backing file must be a regular file (opened without blocking, so a FIFO cannot hang
+/// the VMM), and where `pinned` is given (a writable image's recorded backing file), the top's
+/// backing file must be that one (the same inode): the top's header is the one a VMM writes.
+pub fn open_chain_files(
+    path: &Path,
+    top: File,
+    pinned: Option<&Path>,
+) -> Result<Vec<(PathBuf, File)>, BlockError> {
     let mut files = vec![(path.to_owned(), top)];
+    if let Some(want) = pinned {
+        let named = backing_of(&files[0].1)
+            .map_err(|e| image_err(path, e))?
+            .map(|(name, _)| backing_path(path, &name));
+        let same = named.as_deref().is_some_and(|got| {
+            match (std::fs::metadata(got), std::fs::metadata(want)) {
+                (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+                _ => false,
+            }
+        });
+        if !same {
+            return Err(image_err(
+                path,
+                format!(
+                    "its header names backing file {}, not {} as when it was made: refused \
+                     (a VMM may have rewritten it)",
+                    named.map_or_else(|| "none".into(), |p| p.display().to_string()),
+                    want.display()
+                ),
+            ));
+        }
+    }
     loop {
         let (cur, file) = files.last().expect("the top is there");
         let backing = backing_of(file).map_err(|e| image_err(cur, e))?;
@@ -269,7 +299,11 @@ pub fn open_chain_files(path: &Path, top: File) -> Result<Vec<(PathBuf, File)>, 
         if files.len() >= MAX_CHAIN {
             return Ok(files);
         }
-        let bfile = match File::open(&bpath) {
+        let bfile = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&bpath)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(image_err(
@@ -283,6 +317,12 @@ pub fn open_chain_files(path: &Path, top: File) -> Result<Vec<(PathBuf, File)>, 
             path: bpath.clone(),
             err,
         })?;
+        if !meta.is_file() {
+            return Err(image_err(
+                cur,
+                format!("its backing file {} is not a regular file", bpath.display()),
+            ));
+        }
         let looped = files.iter().any(|(_, f)| {
             f.metadata()
                 .is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()))
@@ -810,6 +850,39 @@ mod tests {
             path: top.clone(),
             ..Default::default()
         };
+        // A writable image's backing file is the one recorded, or the image is refused.
+        for (pinned, ok) in [(&base, false), (&mid, true)] {
+            let r = crate::block::preopen_disk(&DiskConfig {
+                backing: Some(pinned.clone()),
+                ..cfg.clone()
+            });
+            match r {
+                Ok(_) => assert!(ok),
+                Err(e) => assert!(!ok && e.to_string().contains("refused"), "{e}"),
+            }
+        }
+        // A backing file that is not a regular file is refused, without blocking on it.
+        let pipe = d.path("pipe");
+        let fifo = d.path("fifo.qcow2");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&pipe)
+            .status()
+            .unwrap()
+            .success());
+        let f = fifo.to_str().unwrap();
+        ok(
+            "qemu-img",
+            &[
+                "create", "-q", "-f", "qcow2", "-u", "-b", "pipe", "-F", "raw", f, "1M",
+            ],
+        );
+        let e = crate::block::preopen_disk(&DiskConfig {
+            path: fifo.clone(),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
         let opened = crate::block::preopen_disk(&cfg).unwrap();
         let (format, files) = opened.local().unwrap();
         assert_eq!(format, DiskFormat::Qcow2);

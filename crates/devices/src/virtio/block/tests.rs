@@ -58,6 +58,7 @@ fn rig_with(sectors: u64, read_only: bool, direct: bool) -> Rig {
         rate_limit: None,
         nbd: None,
         iscsi: None,
+        backing: None,
     };
     Rig {
         mem: test_memory(4),
