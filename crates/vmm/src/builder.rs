@@ -56,18 +56,9 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vmm, VmmError> {
     // Everything the VM needs is open: the process gives up the host (jail.rs).
     host.enter_jail(config.memory_mib << 20)?;
     phase("opened, and jailed");
-    let HostSide {
-        platform,
-        kvm,
-        stats,
-        console,
-        control,
-        devices,
-        ..
-    } = host;
-    let mut cmdline = platform_cmdline(platform, config);
+    let mut cmdline = platform_cmdline(host.platform, config);
     let ram = create_guest_memory(config.memory_mib)?;
-    let parts = machine(kvm, ram, config, platform, start, stats, |vm, ram, exit| {
+    let (parts, control) = host.machine(ram, config, |vm, ram, exit, console, devices| {
         phase("VM, memory and interrupt controllers created");
         attach_devices(vm, ram, config, exit, console, devices)
     })?;
@@ -433,6 +424,35 @@ impl HostSide {
         enter_jail(file_size_limit(memory, &self.devices))
     }
 
+    /// The VM on `ram` with the devices `attach` makes on what was opened (the console, the
+    /// devices' backends), and the control socket.
+    fn machine(
+        self,
+        ram: GuestRam,
+        config: &VmConfig,
+        attach: impl FnOnce(
+            &VmFd,
+            &GuestRam,
+            &ExitHandle,
+            serial::Console,
+            OpenedDevices,
+        ) -> Result<DeviceManager, VmmError>,
+    ) -> Result<(Parts, Option<ControlServer>), VmmError> {
+        let Self {
+            start,
+            platform,
+            kvm,
+            stats,
+            console,
+            control,
+            devices,
+        } = self;
+        let parts = machine(kvm, ram, config, platform, start, stats, |vm, ram, exit| {
+            attach(vm, ram, exit, console, devices)
+        })?;
+        Ok((parts, control))
+    }
+
     /// Builds the VM `saved` describes on what was opened, in the jail. `saved_at_ns`: for a
     /// guest that lived through the time since its state was saved (a handover, a migration),
     /// when that was on this host's `CLOCK_MONOTONIC`: its clocks are moved on by the time
@@ -444,15 +464,6 @@ impl HostSide {
         memory: Memory,
         saved_at_ns: Option<u64>,
     ) -> Result<Vmm, VmmError> {
-        let Self {
-            start,
-            platform,
-            kvm,
-            stats,
-            console,
-            control,
-            mut devices,
-        } = self;
         rebind(
             &mut saved,
             restore.backends.as_ref().unwrap_or(&Backends::default()),
@@ -463,7 +474,7 @@ impl HostSide {
             control: restore.control.clone(),
             ..saved.config.clone()
         };
-        fill_formats(&mut config.disks, &devices);
+        fill_formats(&mut config.disks, &self.devices);
         config.validate_restored()?;
         if saved.vcpus.len() != usize::from(config.vcpus) {
             return Err(VmmError::Restore(format!(
@@ -483,15 +494,11 @@ impl HostSide {
             Memory::Memfd(memfd) => memory::map_ram_memfd(memfd, config.memory_mib)?,
             Memory::File(file) => memory::map_ram_file(file, config.memory_mib)?,
         };
-        let parts = machine(
-            kvm,
-            ram,
-            &config,
-            platform,
-            start,
-            stats,
-            |vm, ram, exit| restore_devices(vm, ram, console, exit, &saved.devices, &mut devices),
-        )?;
+        let start = self.start;
+        let (parts, control) =
+            self.machine(ram, &config, |vm, ram, exit, console, mut opened| {
+                restore_devices(vm, ram, console, exit, &saved.devices, &mut opened)
+            })?;
         let entry = saved.entry;
         let mut vmm = assemble(
             parts,
