@@ -2233,21 +2233,31 @@ fn images_give_each_vm_its_own_overlay_and_bad_disks_are_refused_by_field() {
             .unwrap();
         let vm = expect_status(&c.get("/v1/vms/img0").await.unwrap(), 200);
         let overlay = vm["disks"][0]["path"].as_str().unwrap().to_owned();
-        let base = vm["disks"][0]["backing"].as_str().unwrap().to_owned();
+        let base = vm["disks"][0]["backing"]["file"].as_str().unwrap().to_owned();
         assert!(base.starts_with(blobs.to_str().unwrap()), "{vm}");
-        let rebase = |to: &str| {
-            common::qemu_img_ok(&["rebase", "-u", "-b", to, "-F", "raw", &overlay]);
+        assert_eq!(vm["disks"][0]["backing"]["format"], "raw", "{vm}");
+        let rebase = |to: &str, format: &str| {
+            if to.is_empty() {
+                common::qemu_img_ok(&["rebase", "-u", "-b", "", &overlay]);
+            } else {
+                common::qemu_img_ok(&["rebase", "-u", "-b", to, "-F", format, &overlay]);
+            }
         };
-        rebase(secret.to_str().unwrap());
-        let r = c.post("/v1/vms/img0/start", &Value::Null).await.unwrap();
-        assert!(!r.status.is_success(), "{}", r.json());
-        let vm = expect_status(&c.get("/v1/vms/img0").await.unwrap(), 200);
-        let why = vm["status"]["exit_reason"].as_str().unwrap_or("").to_owned();
-        assert!(
-            why.contains("secret.raw") && why.contains("refused"),
-            "{vm}"
-        );
-        rebase(&base);
+        // Another file; the blob as qcow2 (whose first bytes a tenant chose); no backing file.
+        let secret = secret.to_str().unwrap().to_owned();
+        for ((to, format), needle) in [
+            ((secret.as_str(), "raw"), "secret.raw"),
+            ((base.as_str(), "qcow2"), "format"),
+            (("", "raw"), "no backing file"),
+        ] {
+            rebase(to, format);
+            let r = c.post("/v1/vms/img0/start", &Value::Null).await.unwrap();
+            assert!(!r.status.is_success(), "{to} {format}: {}", r.json());
+            let vm = expect_status(&c.get("/v1/vms/img0").await.unwrap(), 200);
+            let why = vm["status"]["exit_reason"].as_str().unwrap_or("").to_owned();
+            assert!(why.contains(needle) && why.contains("refused"), "{vm}");
+        }
+        rebase(&base, "raw");
         expect_status(&c.post("/v1/vms/img0/start", &Value::Null).await.unwrap(), 200);
         wait_state(&c, "img0", "stopped").await;
 

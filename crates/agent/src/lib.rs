@@ -680,10 +680,12 @@ impl Agent {
                             size: image.size(),
                             rate_limit: d.rate_limit,
                             link: None,
-                            backing: levels
-                                .get(1)
-                                .filter(|_| !d.read_only)
-                                .map(|l| l.path.clone()),
+                            backing: (format == DiskFormat::Qcow2 && !d.read_only).then(|| {
+                                bexar_devices::block::BackingPin {
+                                    file: levels.get(1).map(|l| l.path.clone()),
+                                    format: levels.get(1).map(|l| l.format),
+                                }
+                            }),
                         });
                     }
                     (None, Some(id)) => {
@@ -722,7 +724,10 @@ impl Agent {
                             size,
                             rate_limit: d.rate_limit,
                             link: None,
-                            backing: Some(blob),
+                            backing: (!d.read_only).then_some(bexar_devices::block::BackingPin {
+                                file: Some(blob),
+                                format: Some(img.format),
+                            }),
                         });
                     }
                     (None, None) => {

@@ -171,10 +171,10 @@ pub struct DiskState {
     /// or `failing` (the guest's requests fail with I/O errors).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link: Option<String>,
-    /// For a writable qcow2 disk: its backing file when the VM was made (an image's blob, or
-    /// what the spec's image named). Every VMM refuses the disk if its header names another.
+    /// For a writable qcow2 disk: what it was made over (an image's blob, or what the spec's
+    /// image named, or none). Every VMM refuses the disk if its header says otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backing: Option<PathBuf>,
+    pub backing: Option<bexar_devices::block::BackingPin>,
 }
 
 /// The overlay file of disk `index` of a VM, in the VM's directory.

@@ -1714,7 +1714,10 @@ mod tests {
                 size: 1,
                 rate_limit: Some(full_limit()),
                 link: Some("up".into()),
-                backing: Some("/b".into()),
+                backing: Some(bexar_devices::block::BackingPin {
+                    file: Some("/b".into()),
+                    format: Some(bexar_devices::block::DiskFormat::Raw),
+                }),
             }],
             metadata: full_metadata(),
             uuid: uuid::Uuid::nil(),

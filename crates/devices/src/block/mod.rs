@@ -111,12 +111,26 @@ pub struct DiskConfig {
     /// Rate limits (bytes and requests per refill time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitConfig>,
-    /// For a writable qcow2 image: the backing file it had when it was made or first attached
-    /// (the agent records it). A VMM writes the image's header, so one a guest took over could
-    /// make it name any host file, which the next VMM would open as root as the guest's
-    /// backing data: an image whose header names another file than this is refused.
+    /// For a writable qcow2 image: what it was made over (the agent records it). A VMM writes
+    /// the image's header, so one a guest took over could make it name any host file, which
+    /// the next VMM would open as root as the guest's backing data: an image whose header
+    /// names another backing file (or one where none was), or another format for it, is
+    /// refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backing: Option<PathBuf>,
+    pub backing: Option<BackingPin>,
+}
+
+/// What a writable qcow2 image was made over, recorded when it was made: its header, which
+/// a VMM writes, must still say so ([`qcow2::open_chain_files`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackingPin {
+    /// The backing file; `None` for an image made with none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// The backing file's format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
 }
 
 impl std::str::FromStr for DiskConfig {
@@ -642,7 +656,7 @@ pub fn preopen_disk(cfg: &DiskConfig) -> Result<OpenedDisk, BlockError> {
         };
         let files = match format {
             DiskFormat::Qcow2 => {
-                let pinned = cfg.backing.as_deref().filter(|_| !cfg.read_only);
+                let pinned = cfg.backing.as_ref().filter(|_| !cfg.read_only);
                 qcow2::open_chain_files(&cfg.path, file, pinned)?
             }
             DiskFormat::Raw => vec![(cfg.path.clone(), file)],

@@ -34,8 +34,8 @@ use vm_memory::GuestMemoryBackend;
 
 use super::raw::RawUring;
 use super::{
-    check, BlockError, BlockOp, BlockRequest, Completion, DiskBackend, DiskFormat, DiskInfo,
-    Immediate, SyncDisk,
+    check, BackingPin, BlockError, BlockOp, BlockRequest, Completion, DiskBackend, DiskFormat,
+    DiskInfo, Immediate, SyncDisk,
 };
 use crate::memory::{mark_dirty, GuestMemoryMmap};
 
@@ -259,43 +259,44 @@ fn chain_level(
 /// deep ends here without error: the full parse refuses it by name.
 ///
 /// A backing file must be a regular file (opened without blocking, so a FIFO cannot hang
-/// the VMM), and where `pinned` is given (a writable image's recorded backing file), the top's
-/// backing file must be that one (the same inode): the top's header is the one a VMM writes.
+/// the VMM). Where `pinned` is given (what a writable image was made over), the top's header
+/// is the one a VMM writes: the file it names, as opened (compared by inode), must be the
+/// pinned one, or none where none was, and a format it gives must be the pinned one (the walk
+/// takes the pinned format where it gives none).
 pub fn open_chain_files(
     path: &Path,
     top: File,
-    pinned: Option<&Path>,
+    pinned: Option<&BackingPin>,
 ) -> Result<Vec<(PathBuf, File)>, BlockError> {
+    let rewritten = |what: String| {
+        image_err(
+            path,
+            format!("{what} as when it was made: refused (a VMM may have rewritten its header)"),
+        )
+    };
     let mut files = vec![(path.to_owned(), top)];
-    if let Some(want) = pinned {
-        let named = backing_of(&files[0].1)
-            .map_err(|e| image_err(path, e))?
-            .map(|(name, _)| backing_path(path, &name));
-        let same = named.as_deref().is_some_and(|got| {
-            match (std::fs::metadata(got), std::fs::metadata(want)) {
-                (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-                _ => false,
-            }
-        });
-        if !same {
-            return Err(image_err(
-                path,
-                format!(
-                    "its header names backing file {}, not {} as when it was made: refused \
-                     (a VMM may have rewritten it)",
-                    named.map_or_else(|| "none".into(), |p| p.display().to_string()),
-                    want.display()
-                ),
-            ));
-        }
-    }
+    let mut pin = pinned;
     loop {
         let (cur, file) = files.last().expect("the top is there");
+        // Read once: what is checked is what is opened.
         let backing = backing_of(file).map_err(|e| image_err(cur, e))?;
+        let first = pin.take();
         let Some((name, format)) = backing else {
+            if let Some(want) = first.and_then(|p| p.file.as_ref()) {
+                return Err(rewritten(format!(
+                    "it names no backing file, not {}",
+                    want.display()
+                )));
+            }
             return Ok(files);
         };
         let bpath = backing_path(cur, &name);
+        if first.is_some_and(|p| p.file.is_none()) {
+            return Err(rewritten(format!(
+                "it names backing file {}, where it had none",
+                bpath.display()
+            )));
+        }
         if files.len() >= MAX_CHAIN {
             return Ok(files);
         }
@@ -322,6 +323,33 @@ pub fn open_chain_files(
                 cur,
                 format!("its backing file {} is not a regular file", bpath.display()),
             ));
+        }
+        let mut format = format;
+        if let Some(BackingPin {
+            file: Some(want),
+            format: wanted_format,
+        }) = first
+        {
+            let same = std::fs::metadata(want)
+                .is_ok_and(|w| (w.dev(), w.ino()) == (meta.dev(), meta.ino()));
+            if !same {
+                return Err(rewritten(format!(
+                    "it names backing file {}, not {}",
+                    bpath.display(),
+                    want.display()
+                )));
+            }
+            if let Some(w) = wanted_format {
+                match format.as_deref() {
+                    Some(f) if f != w.as_str() => {
+                        return Err(rewritten(format!(
+                            "it gives its backing file's format as {f:?}, not {:?}",
+                            w.as_str()
+                        )))
+                    }
+                    _ => format = Some(w.as_str().to_owned()),
+                }
+            }
         }
         let looped = files.iter().any(|(_, f)| {
             f.metadata()
@@ -850,10 +878,21 @@ mod tests {
             path: top.clone(),
             ..Default::default()
         };
-        // A writable image's backing file is the one recorded, or the image is refused.
-        for (pinned, ok) in [(&base, false), (&mid, true)] {
+        // A writable image's backing file and its format are the ones recorded, or the image
+        // is refused.
+        use crate::block::BackingPin;
+        let pin = |file: Option<&PathBuf>, format| BackingPin {
+            file: file.cloned(),
+            format: Some(format),
+        };
+        for (pinned, ok) in [
+            (pin(Some(&base), DiskFormat::Raw), false),
+            (pin(Some(&mid), DiskFormat::Raw), false),
+            (pin(None, DiskFormat::Raw), false),
+            (pin(Some(&mid), DiskFormat::Qcow2), true),
+        ] {
             let r = crate::block::preopen_disk(&DiskConfig {
-                backing: Some(pinned.clone()),
+                backing: Some(pinned),
                 ..cfg.clone()
             });
             match r {
