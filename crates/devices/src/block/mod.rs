@@ -582,6 +582,8 @@ enum Opened {
     Local {
         format: DiskFormat,
         files: Vec<(PathBuf, std::fs::File)>,
+        /// Each file's format as the walk took it (the top's is `format`).
+        formats: Vec<DiskFormat>,
     },
 }
 
@@ -608,21 +610,24 @@ impl OpenedDisk {
     pub fn local(&self) -> Option<(DiskFormat, &[(PathBuf, std::fs::File)])> {
         match &self.what {
             Opened::Remote(_) => None,
-            Opened::Local { format, files } => Some((*format, files)),
+            Opened::Local { format, files, .. } => Some((*format, files)),
         }
     }
 
     /// Hands out the files opened here by the path the chain names them by (a duplicate
-    /// descriptor each time): [`qcow2::open_chain_with`]'s opener. A path not among them is
-    /// not found: nothing is opened by path.
-    pub fn opener(&self) -> impl FnMut(&Path, bool) -> std::io::Result<std::fs::File> + '_ {
+    /// descriptor each time), with the format the walk took each to be:
+    /// [`qcow2::open_chain_with`]'s opener. A path not among them is not found: nothing is
+    /// opened by path.
+    pub fn opener(
+        &self,
+    ) -> impl FnMut(&Path, bool) -> std::io::Result<(std::fs::File, Option<DiskFormat>)> + '_ {
         move |p: &Path, _writable: bool| {
-            let files = match &self.what {
-                Opened::Remote(_) => &[][..],
-                Opened::Local { files, .. } => &files[..],
+            let (files, formats) = match &self.what {
+                Opened::Remote(_) => (&[][..], &[][..]),
+                Opened::Local { files, formats, .. } => (&files[..], &formats[..]),
             };
-            match files.iter().find(|(q, _)| q == p) {
-                Some((_, f)) => f.try_clone(),
+            match files.iter().position(|(q, _)| q == p) {
+                Some(i) => Ok((files[i].1.try_clone()?, formats.get(i).copied())),
                 None => Err(std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "not among the files opened before the jail",
@@ -654,14 +659,21 @@ pub fn preopen_disk(cfg: &DiskConfig) -> Result<OpenedDisk, BlockError> {
             Some(f) => f,
             None => qcow2::probe_file(&file).map_err(open_err)?,
         };
-        let files = match format {
+        let (files, formats) = match format {
             DiskFormat::Qcow2 => {
                 let pinned = cfg.backing.as_ref().filter(|_| !cfg.read_only);
                 qcow2::open_chain_files(&cfg.path, file, pinned)?
+                    .into_iter()
+                    .map(|(p, f, fmt)| ((p, f), fmt))
+                    .unzip()
             }
-            DiskFormat::Raw => vec![(cfg.path.clone(), file)],
+            DiskFormat::Raw => (vec![(cfg.path.clone(), file)], vec![DiskFormat::Raw]),
         };
-        Opened::Local { format, files }
+        Opened::Local {
+            format,
+            files,
+            formats,
+        }
     };
     Ok(OpenedDisk {
         cfg: cfg.clone(),
@@ -687,9 +699,13 @@ fn set_direct(f: &std::fs::File) -> std::io::Result<()> {
 /// is opened by path.
 pub fn open_disk_from(disk: OpenedDisk) -> Result<Box<dyn DiskBackend>, BlockError> {
     let OpenedDisk { cfg, what } = disk;
-    let (format, files) = match what {
+    let (format, files, formats) = match what {
         Opened::Remote(b) => return Ok(b),
-        Opened::Local { format, files } => (format, files),
+        Opened::Local {
+            format,
+            files,
+            formats,
+        } => (format, files, formats),
     };
     if cfg.direct {
         for (path, f) in &files {
@@ -706,7 +722,11 @@ pub fn open_disk_from(disk: OpenedDisk) -> Result<Box<dyn DiskBackend>, BlockErr
     if format == DiskFormat::Qcow2 {
         let opened = OpenedDisk {
             cfg: cfg.clone(),
-            what: Opened::Local { format, files },
+            what: Opened::Local {
+                format,
+                files,
+                formats,
+            },
         };
         let image = qcow2::open_chain_with(
             &cfg.path,
@@ -721,7 +741,7 @@ pub fn open_disk_from(disk: OpenedDisk) -> Result<Box<dyn DiskBackend>, BlockErr
         }
         let disk = Immediate::wrap(qcow2::Qcow2Image::new(image, cfg.read_only))?;
         if !cfg.direct && io_uring_available() {
-            let ring_file = opened.opener()(&cfg.path, !cfg.read_only).map_err(open_err)?;
+            let (ring_file, _) = opened.opener()(&cfg.path, !cfg.read_only).map_err(open_err)?;
             match qcow2::Qcow2Uring::new(disk, ring_file) {
                 Ok(b) => return Ok(Box::new(b)),
                 Err((disk, e)) => {

@@ -118,14 +118,16 @@ pub fn open_chain(
             .write(writable)
             .custom_flags(if direct { libc::O_DIRECT } else { 0 })
             .open(p)
+            .map(|f| (f, None))
     };
     open_chain_with(path, format, writable, direct, levels, &mut by_path)
 }
 
 /// How [`open_chain_with`] gets each file of a chain, by the path the chain names it by (and
 /// whether it is to be written): opened there and then, or handed out from what was opened
-/// before a jail ([`super::OpenedDisk`]).
-pub type ChainOpener<'a> = dyn FnMut(&Path, bool) -> io::Result<File> + 'a;
+/// before a jail ([`super::OpenedDisk`]), with the format the walk then took it to be (which
+/// the parse keeps: the header it reads again may have been rewritten meanwhile).
+pub type ChainOpener<'a> = dyn FnMut(&Path, bool) -> io::Result<(File, Option<DiskFormat>)> + 'a;
 
 /// [`open_chain`] with the files coming from `open`.
 pub fn open_chain_with(
@@ -136,7 +138,7 @@ pub fn open_chain_with(
     levels: &mut Vec<ChainLevel>,
     open: &mut ChainOpener<'_>,
 ) -> Result<Image, BlockError> {
-    let file = open(path, writable).map_err(|err| BlockError::Open {
+    let (file, _) = open(path, writable).map_err(|err| BlockError::Open {
         path: path.to_owned(),
         err,
     })?;
@@ -213,7 +215,7 @@ fn chain_level(
                             format!("its backing file {} is missing", bpath.display()),
                         )
                     };
-                    let bfile = match open(&bpath, false) {
+                    let (bfile, walked) = match open(&bpath, false) {
                         Ok(f) => f,
                         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing()),
                         Err(err) => {
@@ -223,17 +225,32 @@ fn chain_level(
                             })
                         }
                     };
-                    let bformat = match q.implicit_backing_format().map(String::as_str) {
-                        Some("raw") => DiskFormat::Raw,
-                        Some("qcow2") => DiskFormat::Qcow2,
+                    let header = match q.implicit_backing_format().map(String::as_str) {
+                        Some("raw") => Some(DiskFormat::Raw),
+                        Some("qcow2") => Some(DiskFormat::Qcow2),
                         Some(other) => {
                             return Err(image_err(
                                 path,
                                 format!("backing format {other:?} is not supported (raw or qcow2)"),
                             ))
                         }
-                        // Backing images are never written by a guest, so probing one is safe.
-                        None => probe_file(&bfile).map_err(|err| BlockError::Open {
+                        None => None,
+                    };
+                    let bformat = match (walked, header) {
+                        (Some(w), Some(h)) if w != h => {
+                            return Err(image_err(
+                                path,
+                                format!(
+                                    "its header changed while it was opened: its backing \
+                                     file's format read {} before, {} now",
+                                    w.as_str(),
+                                    h.as_str()
+                                ),
+                            ))
+                        }
+                        (Some(f), _) | (None, Some(f)) => f,
+                        // An operator's chain, opened here: probed, as qemu does.
+                        (None, None) => probe_file(&bfile).map_err(|err| BlockError::Open {
                             path: bpath.clone(),
                             err,
                         })?,
@@ -258,8 +275,8 @@ fn chain_level(
 /// descriptors, and fails if it reads the chain differently. A chain that loops or runs too
 /// deep ends here without error: the full parse refuses it by name.
 ///
-/// A backing file must be a regular file (opened without blocking, so a FIFO cannot hang
-/// the VMM). Where `pinned` is given (what a writable image was made over), the top's header
+/// A backing file must be a regular file, and nothing else is ever opened (a device's
+/// driver, a FIFO, a terminal: [`open_regular`]). Where `pinned` is given (what a writable image was made over), the top's header
 /// is the one a VMM writes: the file it names, as opened (compared by inode), must be the
 /// pinned one, or none where none was, and a format it gives must be the pinned one (the walk
 /// takes the pinned format where it gives none).
@@ -267,17 +284,17 @@ pub fn open_chain_files(
     path: &Path,
     top: File,
     pinned: Option<&BackingPin>,
-) -> Result<Vec<(PathBuf, File)>, BlockError> {
+) -> Result<Vec<(PathBuf, File, DiskFormat)>, BlockError> {
     let rewritten = |what: String| {
         image_err(
             path,
             format!("{what} as when it was made: refused (a VMM may have rewritten its header)"),
         )
     };
-    let mut files = vec![(path.to_owned(), top)];
+    let mut files = vec![(path.to_owned(), top, DiskFormat::Qcow2)];
     let mut pin = pinned;
     loop {
-        let (cur, file) = files.last().expect("the top is there");
+        let (cur, file, _) = files.last().expect("the top is there");
         // Read once: what is checked is what is opened.
         let backing = backing_of(file).map_err(|e| image_err(cur, e))?;
         let first = pin.take();
@@ -300,12 +317,14 @@ pub fn open_chain_files(
         if files.len() >= MAX_CHAIN {
             return Ok(files);
         }
-        let bfile = match OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&bpath)
-        {
-            Ok(f) => f,
+        let (bfile, meta) = match open_regular(&bpath) {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                return Err(image_err(
+                    cur,
+                    format!("its backing file {} is not a regular file", bpath.display()),
+                ))
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(image_err(
                     cur,
@@ -314,16 +333,6 @@ pub fn open_chain_files(
             }
             Err(err) => return Err(BlockError::Open { path: bpath, err }),
         };
-        let meta = bfile.metadata().map_err(|err| BlockError::Open {
-            path: bpath.clone(),
-            err,
-        })?;
-        if !meta.is_file() {
-            return Err(image_err(
-                cur,
-                format!("its backing file {} is not a regular file", bpath.display()),
-            ));
-        }
         let mut format = format;
         if let Some(BackingPin {
             file: Some(want),
@@ -339,19 +348,22 @@ pub fn open_chain_files(
                     want.display()
                 )));
             }
-            if let Some(w) = wanted_format {
-                match format.as_deref() {
-                    Some(f) if f != w.as_str() => {
-                        return Err(rewritten(format!(
-                            "it gives its backing file's format as {f:?}, not {:?}",
-                            w.as_str()
-                        )))
-                    }
-                    _ => format = Some(w.as_str().to_owned()),
+            let Some(w) = wanted_format else {
+                return Err(rewritten(
+                    "its backing file's format was not recorded".into(),
+                ));
+            };
+            match format.as_deref() {
+                Some(f) if f != w.as_str() => {
+                    return Err(rewritten(format!(
+                        "it gives its backing file's format as {f:?}, not {:?}",
+                        w.as_str()
+                    )))
                 }
+                _ => format = Some(w.as_str().to_owned()),
             }
         }
-        let looped = files.iter().any(|(_, f)| {
+        let looped = files.iter().any(|(_, f, _)| {
             f.metadata()
                 .is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()))
         });
@@ -363,11 +375,36 @@ pub fn open_chain_files(
                 err,
             })?,
         };
-        files.push((bpath, bfile));
+        files.push((bpath, bfile, format));
         if looped || format != DiskFormat::Qcow2 {
             return Ok(files);
         }
     }
+}
+
+/// Opens `path` read-only if it is a regular file, `None` if it is something else, without
+/// ever opening anything else: it is looked at through an `O_PATH` descriptor first (which
+/// opens no device, FIFO or terminal), and that very file is then opened through
+/// `/proc/self/fd`, so nothing can be swapped in between. Returns the file and what it is.
+fn open_regular(path: &Path) -> io::Result<Option<(File, std::fs::Metadata)>> {
+    use std::os::fd::AsRawFd;
+    let look = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)?;
+    let meta = look.metadata()?;
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(format!("/proc/self/fd/{}", look.as_raw_fd()))?;
+    let opened = file.metadata()?;
+    if (opened.dev(), opened.ino()) != (meta.dev(), meta.ino()) {
+        return Ok(None);
+    }
+    Ok(Some((file, opened)))
 }
 
 /// The backing file a qcow2 header names, with the format its backing-format extension gives
@@ -963,6 +1000,61 @@ mod tests {
         .map(|e| e.to_string())
         .unwrap_or_default();
         assert!(e.contains("base.raw") && e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn a_pinned_backing_format_holds_when_the_header_gives_none() {
+        // A raw base whose first bytes a tenant chose to look like qcow2, under an overlay
+        // whose header gives no backing format: probed, the base would be parsed as qcow2;
+        // pinned raw, it is read as the raw bytes it is, in the walk and in the parse.
+        let d = Dir::new("pinned-format");
+        let mem = crate::memory::test_memory(4);
+        let base = d.path("base.raw");
+        let mut bytes = QCOW2_MAGIC.to_vec();
+        bytes.extend(pattern(9, (1 << 20) - 4));
+        std::fs::write(&base, &bytes).unwrap();
+        let top = d.path("top.qcow2");
+        let t = top.to_str().unwrap();
+        // A version 2 header: its format extension is read neither by imago nor by the walk.
+        ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10",
+                "-b",
+                "base.raw",
+                "-F",
+                "raw",
+                t,
+            ],
+        );
+        let cfg = DiskConfig {
+            path: top.clone(),
+            format: Some(DiskFormat::Qcow2),
+            ..Default::default()
+        };
+        let pinned = |format| DiskConfig {
+            backing: Some(crate::block::BackingPin {
+                file: Some(base.clone()),
+                format,
+            }),
+            ..cfg.clone()
+        };
+        let mut b = crate::block::open_disk_from(
+            crate::block::preopen_disk(&pinned(Some(DiskFormat::Raw))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(read(b.as_mut(), &mem, 0, 4096), bytes[..4096].to_vec());
+        drop(b);
+        // A pin that does not say the format is no pin.
+        let e = crate::block::preopen_disk(&pinned(None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("format was not recorded"), "{e}");
     }
 
     #[test]
