@@ -9,8 +9,13 @@
 //!   the mount, IPC and UTS ones (the network namespace is the dear one);
 //! * cgroup placement: a VM's cgroups made and limited, and a child joining them between fork
 //!   and exec, against the same fork and exec without;
+//! * the PID namespace: fork+exec of `/bin/true` as the first process of a new one (the
+//!   agent's way: a thread that unshares, then spawns) against the same fork and exec;
 //! * the agent's start rate (create and start through the API until the guest's ready line)
-//!   with the jail and cgroups on, against `--no-jail --cgroup-parent off`.
+//!   with the jail and cgroups on, against `--no-jail --cgroup-parent off`, and its forced
+//!   stops (API call to answer, which waits for the VMM's exit): a jailed VMM is the first
+//!   process of its own PID namespace and hands its VM to the agent, so KVM's teardown (about
+//!   14 ms here) is in neither's exit.
 //!
 //! `cargo bench --bench jail` (BEXAR_BENCH_ITERS=N samples, default 40). Needs root and the
 //! test guest. Prints medians and ratios; asserts nothing about time.
@@ -81,10 +86,34 @@ fn spawn_true(procs: &[i32]) -> f64 {
     t.elapsed().as_secs_f64() * 1e6
 }
 
-/// Milliseconds per VM to create and start `n` VMs through an agent started with `flags`,
-/// each until its guest's ready line, and the network namespace's part of each VMM's jail as
-/// its log says (µs); the medians.
-fn agent_starts(bexar: &Path, guest: &Path, flags: &[&str], n: usize, tag: &str) -> (f64, f64) {
+/// fork+exec of /bin/true as the first process of a new PID namespace: a thread that unshares
+/// and spawns, as the agent starts a VMM.
+fn spawn_true_pid_ns() -> f64 {
+    let t = Instant::now();
+    std::thread::spawn(|| {
+        // SAFETY: unshare with a namespace flag only, on this short-lived thread.
+        let r = unsafe { libc::unshare(libc::CLONE_NEWPID) };
+        assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
+        assert!(Command::new("/bin/true").status().unwrap().success());
+    })
+    .join()
+    .unwrap();
+    t.elapsed().as_secs_f64() * 1e6
+}
+
+/// What `agent_starts` measured, medians.
+struct AgentRun {
+    /// ms per VM, create and start to the guest's ready line.
+    start_ms: f64,
+    /// µs, the network namespace's part of each VMM's jail as its log says.
+    ns_us: f64,
+    /// ms per VM, a forced stop's API call.
+    stop_ms: f64,
+}
+
+/// Creates and starts `n` VMs through an agent started with `flags`, each until its guest's
+/// ready line, then stops each (forced) and deletes it.
+fn agent_starts(bexar: &Path, guest: &Path, flags: &[&str], n: usize, tag: &str) -> AgentRun {
     let dir = std::env::temp_dir().join(format!("bexar-bench-jail-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut all = vec!["--cpu-allocation-ratio", "200", "--imds-listen", "off"];
@@ -125,6 +154,19 @@ fn agent_starts(bexar: &Path, guest: &Path, flags: &[&str], n: usize, tag: &str)
             log[at..].split_whitespace().next()?.parse().ok()
         })
         .collect();
+    let mut stops = rt.block_on(async {
+        let mut v = Vec::new();
+        for i in 0..n {
+            let t = Instant::now();
+            let r = c
+                .post(&format!("/v1/vms/j-{i:03}/stop?force=true"), &json!({}))
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "stop: {}", String::from_utf8_lossy(&r.body));
+            v.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        v
+    });
     rt.block_on(async {
         for i in 0..n {
             // Deleted through the API: the VMs' cgroups go with them.
@@ -143,7 +185,11 @@ fn agent_starts(bexar: &Path, guest: &Path, flags: &[&str], n: usize, tag: &str)
     } else {
         percentile(&mut ns, 0.5)
     };
-    (percentile(&mut per_vm, 0.5), ns)
+    AgentRun {
+        start_ms: percentile(&mut per_vm, 0.5),
+        ns_us: ns,
+        stop_ms: percentile(&mut stops, 0.5),
+    }
 }
 
 fn main() {
@@ -258,12 +304,25 @@ fn main() {
         }
     }
 
-    // 4. The agent's start rate, jail and cgroups on against off.
+    // 4. The PID namespace, at spawn (its end is in the agent's stops below).
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        with.push(spawn_true_pid_ns());
+        without.push(spawn_true(&[]));
+    }
+    let (w, wo) = (percentile(&mut with, 0.5), percentile(&mut without, 0.5));
+    println!(
+        "PID namespace: fork+exec as the first process of a new one (thread, unshare, spawn) {w:.0} µs, plain fork+exec {wo:.0} µs: ratio {:.2} ({:+.0} µs)",
+        w / wo,
+        w - wo
+    );
+
+    // 5. The agent's start rate and stops, jail and cgroups on against off.
     let vms = (n / 2).max(5);
-    let (on, ns_pool) = agent_starts(&bexar, &guest, &[], vms, "on");
-    let (jail_only, _) = agent_starts(&bexar, &guest, &["--cgroup-parent", "off"], vms, "jail");
-    let (cgroups_only, _) = agent_starts(&bexar, &guest, &["--no-jail"], vms, "cgroups");
-    let (off, _) = agent_starts(
+    let on = agent_starts(&bexar, &guest, &[], vms, "on");
+    let jail_only = agent_starts(&bexar, &guest, &["--cgroup-parent", "off"], vms, "jail");
+    let cgroups_only = agent_starts(&bexar, &guest, &["--no-jail"], vms, "cgroups");
+    let off = agent_starts(
         &bexar,
         &guest,
         &["--no-jail", "--cgroup-parent", "off"],
@@ -271,20 +330,26 @@ fn main() {
         "off",
     );
     println!(
-        "agent VMMs' namespaces step (joining a network namespace the agent made ahead), median: {ns_pool:.0} µs"
+        "agent VMMs' namespaces step (joining a network namespace the agent made ahead), median: {:.0} µs",
+        on.ns_us
     );
-    println!("agent create+start to the guest's ready line, median of {vms} (ratio to neither):");
-    for (what, ms) in [
-        ("jail and cgroups", on),
-        ("jail only", jail_only),
-        ("cgroups only", cgroups_only),
-        ("neither", off),
-    ] {
+    println!("agent create+start to the guest's ready line, and forced stop, median of {vms} (ratio to neither):");
+    let runs = [
+        ("jail and cgroups", &on),
+        ("jail only", &jail_only),
+        ("cgroups only", &cgroups_only),
+        ("neither", &off),
+    ];
+    for (what, r) in runs {
         println!(
-            "  {what:<17} {ms:>7.2} ms  ratio {:.3} ({:+.2} ms), {:.0} starts/s",
-            ms / off,
-            ms - off,
-            1e3 / ms
+            "  {what:<17} start {:>7.2} ms  ratio {:.3} ({:+.2} ms), {:.0} starts/s; stop {:>6.2} ms  ratio {:.3} ({:+.2} ms)",
+            r.start_ms,
+            r.start_ms / off.start_ms,
+            r.start_ms - off.start_ms,
+            1e3 / r.start_ms,
+            r.stop_ms,
+            r.stop_ms / off.stop_ms,
+            r.stop_ms - off.stop_ms,
         );
     }
 }

@@ -2554,7 +2554,7 @@ fn a_low_open_file_limit_is_raised_then_refuses_cleanly() {
             f0 = f;
         }
         assert_eq!(f0["limit"], 110, "the soft limit was not raised: {f0}");
-        assert_eq!(f0["per_vm"], 2);
+        assert_eq!(f0["per_vm"], 3);
         let room = f0["vms_more"].as_u64().unwrap();
         assert!((2..30).contains(&room), "{f0}");
         // Create and start VMs until the agent says no.
@@ -2585,18 +2585,19 @@ fn a_low_open_file_limit_is_raised_then_refuses_cleanly() {
         // loaded CI those cost up to two VMs' worth (10 made of 12 promised, once). And a VM
         // costs what it says.
         assert!(made + 3 >= room, "{made} VMs, {room} promised: {f0}");
-        // Once what was in flight has let go (within 10 s), a VM holds its two.
+        // Once what was in flight has let go (within 10 s), a VM holds its three (its VMM's
+        // pidfd, a copy waiting for its exit, and the VM its jailed VMM handed over).
         let deadline = Instant::now() + Duration::from_secs(10);
         let (grew, f1) = loop {
             let f1 = files(&expect_status(&c.get("/v1/host").await.unwrap(), 200));
             let grew = f1["open"].as_u64().unwrap() - f0["open"].as_u64().unwrap();
-            if grew <= 2 * made + 2 || Instant::now() > deadline {
+            if grew <= 3 * made + 2 || Instant::now() > deadline {
                 break (grew, f1);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         assert!(
-            grew <= 2 * made + 2,
+            grew <= 3 * made + 2,
             "{grew} descriptors for {made} VMs: {f0} -> {f1}"
         );
         // Nothing of the refused VM, and every VM made runs.
@@ -2610,7 +2611,7 @@ fn a_low_open_file_limit_is_raised_then_refuses_cleanly() {
         }
         // Room again: a delete answers before each VM's watcher task has dropped its
         // process handle and control connection, so give those a moment; what stays is at
-        // most the descriptors the agent opens once (the first VM's), never two per VM.
+        // most the descriptors the agent opens once (the first VM's), never a VM's worth.
         let deadline = Instant::now() + Duration::from_secs(10);
         let f2 = loop {
             let f2 = files(&expect_status(&c.get("/v1/host").await.unwrap(), 200));
@@ -2626,6 +2627,17 @@ fn a_low_open_file_limit_is_raised_then_refuses_cleanly() {
         );
         assert!(f2["vms_more"].as_u64().unwrap() + 1 >= room, "{f2}");
     });
+}
+
+/// How many KVM VMs process `pid` holds a descriptor of.
+fn kvm_vms_held_by(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:kvm-vm")
+        })
+        .count()
 }
 
 /// The file of `controller`'s cgroup of process `pid` (v1 here, v2 on a pure-v2 host).
@@ -2735,6 +2747,17 @@ fn assert_jailed(
         std::fs::read_dir(jail.join("out")).unwrap().count(),
         0,
         "{id}: out"
+    );
+    // It is the first process of a PID namespace of its own: pid 1 there.
+    let nspid = common::status_field(&status, "NSpid:");
+    assert_eq!(
+        nspid.split_whitespace().collect::<Vec<_>>(),
+        [pid.to_string().as_str(), "1"],
+        "{id}: NSpid"
+    );
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap(),
+        std::fs::read_link("/proc/self/ns/pid").unwrap()
     );
     // Its network namespace has lo and nothing else.
     let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
@@ -2851,9 +2874,16 @@ fn every_vmm_is_jailed_and_a_vmm_that_breaks_out_is_stopped_and_named() {
             1,
             32,
         );
-        // Each in a network namespace of its own (made ahead of time, never shared).
+        // Each in a network namespace of its own (made ahead of time, never shared), and in
+        // a PID namespace of its own.
         let netns = |v: &Value| std::fs::read_link(format!("/proc/{}/ns/net", pid(v))).unwrap();
         assert_ne!(netns(&plain), netns(&vsock));
+        let pidns = |v: &Value| std::fs::read_link(format!("/proc/{}/ns/pid", pid(v))).unwrap();
+        assert_ne!(pidns(&plain), pidns(&vsock));
+        // Each VMM handed its VM to the agent, which drops it once the VMM has gone (so KVM's
+        // teardown is not in the VMM's exit, teardown.rs): one per running VM.
+        let agent_pid = agent.child.as_ref().unwrap().id();
+        assert_eq!(kvm_vms_held_by(agent_pid), 3, "the agent holds every VM");
         // The vsock socket is where the API says, through the link to the jail.
         assert!(agent.state().join("vms/vsock/vsock.sock").exists());
         let m = c.get("/v1/metrics").await.unwrap();
@@ -2884,6 +2914,16 @@ fn every_vmm_is_jailed_and_a_vmm_that_breaks_out_is_stopped_and_named() {
             reason.contains("seccomp") && reason.contains("system call 165 (mount)"),
             "{reason}"
         );
+        // What the failed VMM handed over is let go once it has ended.
+        let t = Instant::now();
+        while kvm_vms_held_by(agent_pid) != 2 {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the agent still holds {} VMs",
+                kvm_vms_held_by(agent_pid)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // The other VMs did not notice.
         let again = expect_status(&c.get("/v1/vms/vsock").await.unwrap(), 200);
         assert_eq!(

@@ -143,7 +143,7 @@ pub fn main(dir: &Path) -> ExitCode {
             .unwrap_or_default();
         let state = dir.join(files::HANDOFF);
         let root = dir.join(files::JAIL_ROOT);
-        match bexar_vmm::control::take_over(&socket, &state, &root)
+        match bexar_vmm::control::take_over(&socket, &state, &root, launch.handoff_from)
             .and_then(|(memory, report, state)| Ok((memory, report, state, wait_lock(dir)?)))
         {
             Ok((memory, report, state, lock)) => (
@@ -183,7 +183,7 @@ pub fn main(dir: &Path) -> ExitCode {
         };
         tracing::info!(
             vm = %launch.id(),
-            pid = std::process::id(),
+            pid = bexar_vmm::jail::host_pid(),
             "VMM starting: {} vCPUs, {} MiB",
             launch.config.vcpus,
             launch.config.memory_mib

@@ -151,10 +151,11 @@ pub struct DiskSpace {
     pub overlays_used_mib: u64,
 }
 
-/// Descriptors the agent holds for each running VM: the VMM process's pidfd, and a copy of it
-/// that waits for the process's exit. Checked by tests/agent.rs
-/// (`a_low_open_file_limit_is_raised_then_refuses_cleanly`).
-pub const FDS_PER_VM: u64 = 2;
+/// Descriptors the agent holds for each running VM: the VMM process's pidfd, a copy of it
+/// that waits for the process's exit, and the VM's own descriptor, which a jailed VMM hands
+/// over so that KVM's teardown is not in its exit (`bexar_vmm::teardown`). Checked by
+/// tests/agent.rs (`a_low_open_file_limit_is_raised_then_refuses_cleanly`).
+pub const FDS_PER_VM: u64 = 3;
 /// Descriptors kept free for what comes and goes: API and VMM control connections, event
 /// streams, the files a create writes.
 pub const FDS_RESERVED: u64 = 64;

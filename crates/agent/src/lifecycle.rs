@@ -757,10 +757,23 @@ impl Agent {
             },
             _ => None,
         };
+        // A jailed VMM is the first process of a PID namespace of its own and hands its VM to
+        // the agent, which drops it after the VMM has ended (teardown.rs says why).
+        let keeper = match &mut jail {
+            Some(j) => match std::os::unix::net::UnixStream::pair() {
+                Ok(pair) => {
+                    j.keeper_fd = Some(sandbox::KEEPER_FD);
+                    Some(pair)
+                }
+                Err(e) => return Err(fail(format!("cannot make the VM's keeper socket: {e}"))),
+            },
+            None => None,
+        };
         let mut launch = Launch::new(config);
         launch.jail = jail;
         if kind == Op::Upgrade {
             launch.handoff = true;
+            launch.handoff_from = rec.status.pid;
         } else if kind == Op::Incoming {
             let socket = dir.join(layout::INCOMING_SOCKET);
             let _ = std::fs::remove_file(&socket);
@@ -772,8 +785,16 @@ impl Agent {
         write_atomic(&dir.join(layout::LAUNCH), &data).map_err(super::StoreError::from)?;
         let _ = std::fs::remove_file(dir.join(layout::RESULT));
         let procs = cgroup.as_ref().map(|g| g.raw()).unwrap_or_default();
-        let spawned = vp::spawn(&self.config.exe, &dir, &procs, netns.as_ref());
-        drop((cgroup, netns));
+        let (kept, theirs) = keeper.unzip();
+        let spawned = vp::spawn(
+            &self.config.exe,
+            &dir,
+            &procs,
+            netns.as_ref(),
+            theirs.as_ref(),
+            kept.is_some(),
+        );
+        drop((cgroup, netns, theirs));
         let pid = match spawned {
             Ok(p) => p,
             Err(e) => return Err(fail(e.to_string())),
@@ -793,6 +814,9 @@ impl Agent {
                 return Err(fail(format!("cannot duplicate a pidfd: {e}")));
             }
         };
+        if let Some(sock) = kept {
+            drop(tokio::spawn(vp::keep_vm(sock, pidfd.clone())));
+        }
         // Until the VMM answers with our token, watch for it dying instead.
         let exit = tokio::spawn(vp::wait_exit(watch_fd));
         // A VMM receiving a migration answers once the whole VM has arrived; the stream's

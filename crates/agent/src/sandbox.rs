@@ -70,6 +70,11 @@ pub fn jail_for(cfg: &SandboxConfig, dir: &Path, remote_disks: bool) -> Option<J
 /// and exec).
 pub const NETNS_FD: i32 = 100;
 
+/// The descriptor number a jailed VMM finds its keeper's socket at: it sends its VM's
+/// descriptor there, and the agent drops the VM once the VMM has ended
+/// ([`bexar_vmm::teardown`]).
+pub const KEEPER_FD: i32 = 101;
+
 /// Empty network namespaces made ahead of time, one per VMM start: making one costs about
 /// 0.5 ms of kernel time here, the dearest part of the jail, and is done off the start path.
 /// None is ever used twice, so no two VMMs share one.
@@ -808,15 +813,29 @@ fn keyed(text: &str, key: &str) -> Option<u64> {
     })
 }
 
-/// Puts the ready-made network namespace `fd` at [`NETNS_FD`], inherited across exec: run in
-/// the child between fork and exec (after [`join_in_child`], whose descriptors it may cover).
-pub fn pass_netns_in_child(fd: i32) -> std::io::Result<()> {
-    // SAFETY: dup2 and fcntl on descriptors of this process, async-signal-safe.
-    unsafe {
-        if fd != NETNS_FD && libc::dup2(fd, NETNS_FD) < 0 {
+/// Puts each descriptor `from` at its number `to` (the ready-made network namespace at
+/// [`NETNS_FD`], the keeper's socket at [`KEEPER_FD`]), inherited across exec: run in the
+/// child between fork and exec (after [`join_in_child`], whose descriptors it may cover).
+/// Each is first copied above every target, so that no source is covered by another's target.
+pub fn pass_fds_in_child(fds: &[(i32, i32)]) -> std::io::Result<()> {
+    // No allocation between fork and exec: a fixed array, enough for what a VMM is passed.
+    let mut tmp = [-1; 4];
+    if fds.len() > tmp.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::E2BIG));
+    }
+    let above = fds.iter().map(|(_, to)| *to).max().unwrap_or(0) + 1;
+    for ((from, _), t) in fds.iter().zip(tmp.iter_mut()) {
+        // SAFETY: fcntl on a descriptor of this process, async-signal-safe; the copy is
+        // close-on-exec.
+        *t = unsafe { libc::fcntl(*from, libc::F_DUPFD_CLOEXEC, above) };
+        if *t < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        if libc::fcntl(NETNS_FD, libc::F_SETFD, 0) < 0 {
+    }
+    for ((_, to), t) in fds.iter().zip(tmp) {
+        // SAFETY: dup2 on descriptors of this process, async-signal-safe; `to` is made
+        // without close-on-exec, so it is inherited.
+        if unsafe { libc::dup2(t, *to) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
     }

@@ -84,12 +84,16 @@ pub fn new_token() -> String {
 /// tie to the agent: the agent can die or be upgraded while it runs. The child joins the
 /// cgroups whose `cgroup.procs` are open as `cgroup_procs` before it execs, so the VMM never
 /// runs a line outside them, and finds `netns` (a ready-made network namespace) at
-/// [`super::sandbox::NETNS_FD`]. Returns its pid.
+/// [`super::sandbox::NETNS_FD`] and `keeper` (the socket it hands its VM to) at
+/// [`super::sandbox::KEEPER_FD`]. With `pid_ns`, the VMM is the first process of a PID
+/// namespace of its own. Returns its pid (as the agent's namespace sees it).
 pub fn spawn(
     exe: &Path,
     dir: &Path,
     cgroup_procs: &[i32],
     netns: Option<&OwnedFd>,
+    keeper: Option<&std::os::unix::net::UnixStream>,
+    pid_ns: bool,
 ) -> Result<u32, VmmProcessError> {
     let log = OpenOptions::new()
         .create(true)
@@ -106,25 +110,71 @@ pub fn spawn(
         .stderr(log2)
         .env_remove("BEXAR_SOCKET");
     let procs = cgroup_procs.to_vec();
-    let netns = netns.map(|f| f.as_raw_fd());
-    // SAFETY: setsid and write are async-signal-safe and allocate nothing (`procs` was made
-    // before the fork); setsid detaches the VMM from the agent's session and process group, so
-    // signals meant for the agent do not reach it.
+    let passed: Vec<(i32, i32)> = netns
+        .map(|f| (f.as_raw_fd(), super::sandbox::NETNS_FD))
+        .into_iter()
+        .chain(keeper.map(|f| (f.as_raw_fd(), super::sandbox::KEEPER_FD)))
+        .collect();
+    // SAFETY: setsid, write, fcntl and dup2 are async-signal-safe and allocate nothing
+    // (`procs` and `passed` were made before the fork); setsid detaches the VMM from the
+    // agent's session and process group, so signals meant for the agent do not reach it.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             super::sandbox::join_in_child(&procs)?;
-            match netns {
-                Some(fd) => super::sandbox::pass_netns_in_child(fd),
-                None => Ok(()),
-            }
+            super::sandbox::pass_fds_in_child(&passed)
         });
     }
-    let child = cmd.spawn().map_err(VmmProcessError::Spawn)?;
+    let child = if pid_ns {
+        // A process cannot move itself into a new PID namespace: unshare gives one to the
+        // children its thread makes from then on, the first of which is the namespace's first
+        // process. So a thread of its own, which asks once and ends.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
+                    .map_err(std::io::Error::from)?;
+                cmd.spawn()
+            })
+            .join()
+        })
+        .map_err(|_| std::io::Error::other("the thread starting the VMM panicked"))
+        .and_then(|r| r)
+    } else {
+        cmd.spawn()
+    };
+    let child = child.map_err(VmmProcessError::Spawn)?;
     // Not waited on here: the exit watcher reaps it (or init does, after an agent restart).
     Ok(child.id())
+}
+
+/// Keeps the VM a VMM sends on `sock` (its end of the keeper socket) until the VMM's process
+/// (`pidfd`) has ended, then drops it on a blocking thread: KVM's teardown of the VM (an SRCU
+/// grace period) waits there, not in the VMM's exit ([`bexar_vmm::teardown`]). Ends at once
+/// if the VMM closes the socket without a VM.
+pub async fn keep_vm(sock: std::os::unix::net::UnixStream, pidfd: std::sync::Arc<OwnedFd>) {
+    let vm = async {
+        sock.set_nonblocking(true)?;
+        // SAFETY: the AsyncFd owns the socket, so the descriptor stays open and the same for
+        // its whole life.
+        let afd =
+            unsafe { tokio::io::unix::AsyncFd::register(sock) }.map_err(|e| e.into_parts().1)?;
+        loop {
+            let mut ready = afd.readable().await?;
+            if let Ok(r) = ready.try_io(|s| bexar_vmm::teardown::receive_vm(s.get_ref())) {
+                break r;
+            }
+        }
+    };
+    match vm.await {
+        Ok(Some(vm)) => {
+            wait_exit(pidfd).await;
+            let _ = tokio::task::spawn_blocking(move || drop(vm)).await;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::debug!("no VM from the VMM's keeper socket: {e}"),
+    }
 }
 
 /// Reaps `pid` if it is our child and has ended; harmless otherwise.
@@ -164,7 +214,7 @@ pub fn pidfd_kill(fd: &OwnedFd, sig: i32) -> std::io::Result<()> {
 }
 
 /// Waits until the process behind `fd` ends.
-pub async fn wait_exit(fd: OwnedFd) {
+pub async fn wait_exit<F: AsRawFd + Send + 'static>(fd: F) {
     // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for its
     // whole life.
     match unsafe { tokio::io::unix::AsyncFd::register(fd) } {

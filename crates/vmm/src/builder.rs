@@ -593,6 +593,7 @@ fn machine(
     attach: impl FnOnce(&VmFd, &GuestRam, &ExitHandle) -> Result<DeviceManager, VmmError>,
 ) -> Result<Parts, VmmError> {
     let vm = create_vm(&kvm, &ram, config.legacy_pit)?;
+    crate::teardown::hand_to_keeper(&vm);
     let exit = ExitHandle::new().map_err(|err| VmmError::Start {
         what: "exit eventfd",
         err,

@@ -259,15 +259,23 @@ pub fn monotonic_ns() -> u64 {
 /// which it answers with guest memory's descriptor and this report once the VM's state is
 /// written. Returns where the state is: `state_dir` for a VMM that sees the host's root, the
 /// same name in `jail_root`'s `out` for one jailed there (which writes `/out/handoff`).
+/// `from_pid`: that VMM's pid as the host sees it, which a caller in a PID namespace of its
+/// own cannot learn from the socket.
 pub fn take_over(
     socket: &Path,
     state_dir: &Path,
     jail_root: &Path,
+    from_pid: Option<u32>,
 ) -> Result<(std::fs::File, HandoffReport, std::path::PathBuf), String> {
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
     let peer = peer_pid(&s).map_err(|e| format!("{}: {e}", socket.display()))?;
-    let (asked, found) = if crate::jail::is_root_of(peer as u32, jail_root) {
+    // 0: the peer is outside this process's PID namespace; the launch says who it is.
+    let peer = match (peer, from_pid) {
+        (0, Some(p)) => p,
+        (p, _) => p as u32,
+    };
+    let (asked, found) = if crate::jail::is_root_of(peer, jail_root) {
         let name = Path::new(crate::launch::files::JAIL_OUT)
             .join(state_dir.file_name().unwrap_or_default());
         (Path::new("/").join(&name), jail_root.join(name))

@@ -66,6 +66,14 @@ pub struct JailConfig {
     /// the jail (about 0.5 ms here); `None` makes a new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns_fd: Option<i32>,
+    /// A socket (inherited across exec) to which the VMM sends its VM's descriptor as soon as
+    /// it has made the VM, so that the VM's last reference is dropped by whoever holds the
+    /// other end, after this process has gone. Set by the agent, which starts the VMM as the
+    /// first process of a PID namespace of its own: the exit of such a process waits until
+    /// every other process of its namespace has gone, so the reaper child of
+    /// [`crate::teardown`] would put KVM's teardown back into the VMM's exit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keeper_fd: Option<i32>,
     /// Install the per-thread seccomp filters.
     #[serde(default = "yes")]
     pub seccomp: bool,
@@ -87,15 +95,38 @@ impl JailConfig {
             network: true,
             tcp_ports: Vec::new(),
             netns_fd: None,
+            keeper_fd: None,
             seccomp: true,
             landlock: true,
         }
     }
 
-    /// The uid (and gid) this process gets.
+    /// The uid (and gid) this process gets: from its pid as the host sees it (in a PID
+    /// namespace of its own every VMM is pid 1).
     pub fn uid(&self) -> u32 {
-        self.uid_base.saturating_add(std::process::id())
+        self.uid_base.saturating_add(host_pid())
     }
+}
+
+static HOST_PID: OnceLock<u32> = OnceLock::new();
+
+/// This process's pid in the host's PID namespace (the one `/proc` is mounted from), which is
+/// what the agent and the host's tools know it by. Learnt before the jail (from `/proc/self`,
+/// which names the reader as the mount's namespace sees it) and kept.
+pub fn host_pid() -> u32 {
+    *HOST_PID.get_or_init(|| {
+        std::fs::read_link("/proc/self")
+            .ok()
+            .and_then(|p| p.to_str()?.parse().ok())
+            .unwrap_or_else(std::process::id)
+    })
+}
+
+/// Whether this process is the first of a PID namespace of its own (the agent starts every
+/// jailed VMM so): it can name no process outside it, and none of the host's can be named
+/// from inside.
+pub fn own_pid_namespace() -> bool {
+    std::process::id() == 1
 }
 
 /// The lowest first uid accepted: below it live the host's own users and groups.
@@ -203,6 +234,8 @@ pub fn arm(config: JailConfig) -> Result<(), JailError> {
             config.root.display()
         )));
     }
+    // Learnt while /proc is still there.
+    host_pid();
     ARMED
         .set(config)
         .map_err(|_| JailError::Config("armed twice".into()))
@@ -255,8 +288,14 @@ pub fn enter_armed(file_bytes: u64) -> Result<Option<JailTimes>, JailError> {
     let _ = ENTERED.set(t);
     tracing::info!(
         uid = c.uid(),
-        "jailed in {}: namespaces {} µs, pivot_root {} µs, drop {} µs, landlock {} µs ({})",
+        pid = host_pid(),
+        "jailed in {}{}: namespaces {} µs, pivot_root {} µs, drop {} µs, landlock {} µs ({})",
         c.root.display(),
+        if own_pid_namespace() {
+            ", first process of its own PID namespace"
+        } else {
+            ""
+        },
         t.namespaces_us,
         t.pivot_root_us,
         t.drop_us,

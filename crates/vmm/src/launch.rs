@@ -52,6 +52,11 @@ pub struct Launch {
     /// guest memory's descriptor through its control socket, then its lock once it has ended.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub handoff: bool,
+    /// The pid of the VMM running it, as the host sees it (with `handoff`). A VMM in a PID
+    /// namespace of its own cannot learn it from the control socket (the kernel names a peer
+    /// outside the namespace as pid 0), and needs it to tell whether that VMM is jailed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff_from: Option<u32>,
     /// Receive the VM from a live migration on this Unix socket (bound by the VMM, before its
     /// jail) instead of booting `config`'s kernel (whose disks, NICs and vsock device are the
     /// received VM's backends; its writable raw disks are written from the stream).
@@ -102,6 +107,7 @@ impl Launch {
             config,
             restore: None,
             handoff: false,
+            handoff_from: None,
             incoming: None,
             jail: None,
         }

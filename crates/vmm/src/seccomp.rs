@@ -409,8 +409,9 @@ extern "C" fn sigsys_handler(
     w.put(b"\n");
     let len = w.len;
     let fault = FAULT_FD.load(Ordering::Relaxed);
-    // SAFETY: write, sigaction, sigprocmask and tgkill are async-signal-safe; the buffers are
-    // on this stack and the descriptors ours.
+    // SAFETY: write, sigaction, sigprocmask, tgkill, a refused system call and _exit are
+    // async-signal-safe; the buffers are on this stack and the descriptors ours; `_ctx` is the
+    // ucontext the kernel passed to this SA_SIGINFO handler.
     unsafe {
         libc::write(2, buf.as_ptr().cast(), len);
         if fault >= 0 {
@@ -429,6 +430,22 @@ extern "C" fn sigsys_handler(
             libc::gettid(),
             libc::SIGSYS,
         );
+        // Still here: this process is the first of its own PID namespace, which ignores a
+        // signal it sends itself while that signal's action is the default. The same call
+        // made again is refused by the same filter, and the kernel's own SIGSYS, with the
+        // default action now, ends any process.
+        let g = &(*_ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs;
+        let arg = |r: libc::c_int| g[r as usize];
+        libc::syscall(
+            libc::c_long::from(nr),
+            arg(libc::REG_RDI),
+            arg(libc::REG_RSI),
+            arg(libc::REG_RDX),
+            arg(libc::REG_R10),
+            arg(libc::REG_R8),
+            arg(libc::REG_R9),
+        );
+        libc::_exit(128 + libc::SIGSYS);
     }
 }
 

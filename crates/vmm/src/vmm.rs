@@ -1056,7 +1056,7 @@ impl Vmm {
         Info {
             id,
             token,
-            pid: std::process::id(),
+            pid: crate::jail::host_pid(),
             state: if self.state == VmmState::Paused {
                 RunState::Paused
             } else {
@@ -1292,10 +1292,13 @@ impl Vmm {
             }
         }
         let mem_use = memory_use();
-        // The VM's last reference goes to a child, so this process can exit without waiting
-        // for KVM's teardown (teardown.rs).
-        if let Some(reaper) = Reaper::spawn(&self.vm) {
-            reaper.wait();
+        // The VM's last reference goes to its keeper or to a child, so this process can exit
+        // without waiting for KVM's teardown (teardown.rs). In a PID namespace of its own a
+        // child would make the exit wait all the same: there the VM is dropped at exit.
+        if !crate::teardown::kept() && !crate::jail::own_pid_namespace() {
+            if let Some(reaper) = Reaper::spawn(&self.vm) {
+                reaper.wait();
+            }
         }
         if let Some(uart) = self.devices.uart() {
             use std::io::Write;
