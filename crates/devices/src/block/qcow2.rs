@@ -803,6 +803,17 @@ mod tests {
         text
     }
 
+    /// `qemu-img create -f qcow2` of `path` over `backing` (named relative to it) in
+    /// `format`, as large as the backing file.
+    fn qcow2_over(path: &str, backing: &str, format: &str) {
+        ok(
+            "qemu-img",
+            &[
+                "create", "-q", "-f", "qcow2", "-b", backing, "-F", format, path,
+            ],
+        );
+    }
+
     fn pattern(seed: u64, len: usize) -> Vec<u8> {
         let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         (0..len)
@@ -900,13 +911,8 @@ mod tests {
         std::fs::write(&base, pattern(3, SIZE as usize)).unwrap();
         let mid = d.path("mid.qcow2");
         let top = d.path("top.qcow2");
-        for (img, under, fmt) in [(&mid, "base.raw", "raw"), (&top, "mid.qcow2", "qcow2")] {
-            let i = img.to_str().unwrap();
-            ok(
-                "qemu-img",
-                &["create", "-q", "-f", "qcow2", "-b", under, "-F", fmt, i],
-            );
-        }
+        qcow2_over(mid.to_str().unwrap(), "base.raw", "raw");
+        qcow2_over(top.to_str().unwrap(), "mid.qcow2", "qcow2");
         ok(
             "qemu-io",
             &["-c", "write -P 0x6b 64k 64k", mid.to_str().unwrap()],
@@ -1067,20 +1073,7 @@ mod tests {
         std::fs::write(&base, pattern(1, SIZE as usize)).unwrap();
         // Middle: qcow2 over it made by qemu-img, with writes by qemu-io (data and zeroes).
         let mid = d.path("mid.qcow2");
-        ok(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.raw",
-                "-F",
-                "raw",
-                mid.to_str().unwrap(),
-            ],
-        );
+        qcow2_over(mid.to_str().unwrap(), "base.raw", "raw");
         ok(
             "qemu-io",
             &[
@@ -1281,20 +1274,7 @@ mod tests {
             "qemu-img",
             &["create", "-q", "-f", "qcow2", &s("a.qcow2"), "1M"],
         );
-        ok(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "a.qcow2",
-                "-F",
-                "qcow2",
-                &s("b.qcow2"),
-            ],
-        );
+        qcow2_over(&s("b.qcow2"), "a.qcow2", "qcow2");
         ok(
             "qemu-img",
             &[
@@ -1313,20 +1293,7 @@ mod tests {
         ok("qemu-img", &["create", "-q", "-f", "raw", &s("l0"), "1M"]);
         for i in 1..=MAX_CHAIN {
             let (below, fmt) = (format!("l{}", i - 1), if i == 1 { "raw" } else { "qcow2" });
-            ok(
-                "qemu-img",
-                &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-b",
-                    &below,
-                    "-F",
-                    fmt,
-                    &s(&format!("l{i}")),
-                ],
-            );
+            qcow2_over(&s(&format!("l{i}")), &below, fmt);
         }
         let e = err(&p(&format!("l{MAX_CHAIN}")));
         assert!(e.contains("deeper than 16"), "{e}");
