@@ -23,6 +23,24 @@ fn wait_any() -> Option<(libc::pid_t, i32)> {
     }
 }
 
+/// How many children of this process (live or zombie) are named `comm`.
+fn children_named(comm: &str) -> usize {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            // "pid (comm) state ppid ...": the name may hold spaces, so split at the last ')'.
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                return false;
+            };
+            let ppid = stat[close + 1..].split_whitespace().nth(1);
+            &stat[open + 1..close] == comm && ppid == Some(me.as_str())
+        })
+        .count()
+}
+
 #[test]
 fn the_vm_is_released_by_a_reaper_after_the_vmm_exits() {
     // SAFETY: prctl with an integer argument changes only this process's reaping.
@@ -42,6 +60,12 @@ fn the_vm_is_released_by_a_reaper_after_the_vmm_exits() {
             .expect("run bexar");
         let vmm_done = Instant::now();
         assert_exit(&o, 0);
+        // Named apart from the VMM whose command line it shares (a zombie keeps its name).
+        assert_eq!(
+            children_named("bexar-reaper"),
+            1,
+            "the reaper does not name itself"
+        );
         // The VMM is gone (output() reaped it); what is left is its reaper, now ours. It ends
         // by itself, cleanly, once it has dropped the VM.
         let (pid, status) = wait_any().expect("a reaper outlived the VMM");

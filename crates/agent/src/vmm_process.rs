@@ -322,11 +322,15 @@ pub fn find_vmms(vms_root: &Path) -> Vec<(u32, PathBuf)> {
 }
 
 /// The directory D if `pid` is a live `bexar vmm --dir D` process (a zombie's command line is
-/// empty).
+/// empty), and not a VMM's reaper (which shares its command line and holds only the VM, for a
+/// moment after the VMM ended).
 pub fn vmm_dir_of(pid: u32) -> Option<PathBuf> {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     if args.len() < 4 || args[1] != b"vmm" || args[2] != b"--dir" {
+        return None;
+    }
+    if bexar_vmm::teardown::is_reaper(pid) {
         return None;
     }
     Some(PathBuf::from(String::from_utf8_lossy(args[3]).into_owned()))

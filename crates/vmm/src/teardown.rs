@@ -103,6 +103,16 @@ pub fn receive_vm(sock: &UnixStream) -> std::io::Result<Option<File>> {
     Ok(vm)
 }
 
+/// The reaper's name (`/proc/PID/comm`), NUL-terminated.
+const REAPER_COMM: &[u8] = b"bexar-reaper\0";
+
+/// Whether process `pid` is a VMM's reaper (a process with the VMM's command line that holds
+/// only its VM, for a moment after the VMM ended).
+pub fn is_reaper(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/comm"))
+        .is_ok_and(|c| c.trim_ascii_end() == &REAPER_COMM[..REAPER_COMM.len() - 1])
+}
+
 /// The parent's side of a started reaper.
 #[derive(Debug)]
 pub struct Reaper {
@@ -161,9 +171,13 @@ impl Reaper {
 fn child(vm: RawFd, pidfd: RawFd) -> ! {
     let (lo, hi) = (vm.min(pidfd) as u32, vm.max(pidfd) as u32);
     // SAFETY: system calls only, in this single-threaded child: close_range leaves `vm` and
-    // `pidfd` open, signal() changes this process's dispositions, poll gets a valid one-element
-    // array, _exit never returns.
+    // `pidfd` open, prctl reads a static NUL-terminated name, signal() changes this process's
+    // dispositions, poll gets a valid one-element array, _exit never returns.
     unsafe {
+        // Named apart from the VMM (whose command line it shares), so that whoever looks for
+        // VMMs in /proc (the agent, at its start and after a live upgrade) can skip it; before
+        // the VMM goes on (it waits for the descriptors closed below).
+        libc::prctl(libc::PR_SET_NAME, REAPER_COMM.as_ptr());
         if lo > 0 {
             libc::close_range(0, lo - 1, 0);
         }
