@@ -671,6 +671,16 @@ fn the_agent_survives_kill_9_and_finds_every_vm_as_it_was() {
                 "VMM {pid} runs {d}, which no VM owns"
             );
         }
+        // "keep"'s VMM outlived the agent that held its VM (teardown.rs): it sees the keeper
+        // socket closed and leaves the VM to a reaper of its own.
+        expect_status(
+            &c.post("/v1/vms/keep/stop?force=true", &json!({}))
+                .await
+                .unwrap(),
+            200,
+        );
+        let log = common::read(&agent.state().join("vms/keep/vmm.log"));
+        assert!(log.contains("its keeper has gone"), "{log}");
         for v in list["items"].as_array().unwrap() {
             let id = v["id"].as_str().unwrap();
             assert_eq!(
@@ -2047,6 +2057,9 @@ fn a_running_vm_is_handed_to_a_new_vmm_process() {
             Some(true),
             "{v}"
         );
+        // The agent held each VMM's VM to the end (teardown.rs): none fell back to a reaper.
+        let log = common::read(&agent.state().join("vms/up/vmm.log"));
+        assert!(!log.contains("its keeper has gone"), "{log}");
         // Only a running VM is handed over.
         let r = c.post("/v1/vms/up/upgrade", &Value::Null).await.unwrap();
         assert_eq!(error_of(&expect_status(&r, 409)).0, "illegal_transition");

@@ -531,10 +531,52 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
             extra,
             "debug",
         );
-        let pid = child.id();
+        let run_pid = child.id();
         // Checked in a closure so that a failure shows what the VMM said.
         let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             wait_idle_ready(&mut conn);
+            // Jailed, the process started forks as it enters the jail: the VMM goes on as pid 1
+            // of a PID namespace of its own, the parent waits outside, without root.
+            let pid = if jailed {
+                let children =
+                    std::fs::read_to_string(format!("/proc/{run_pid}/task/{run_pid}/children"))
+                        .unwrap();
+                let kids: Vec<u32> = children
+                    .split_whitespace()
+                    .map(|c| c.parse().unwrap())
+                    .collect();
+                assert_eq!(kids.len(), 1, "one child, the VMM: {children:?}");
+                let s = std::fs::read_to_string(format!("/proc/{run_pid}/status")).unwrap();
+                let uid = common::status_field(&s, "Uid:");
+                assert!(uid.split_whitespace().all(|u| u != "0"), "{s}");
+                assert_eq!(
+                    common::status_field(&s, "CapEff:"),
+                    "0000000000000000",
+                    "{s}"
+                );
+                assert_eq!(common::status_field(&s, "NoNewPrivs:"), "1", "{s}");
+                let fds = std::fs::read_dir(format!("/proc/{run_pid}/fd")).unwrap();
+                let held: Vec<String> = fds
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().parse::<u32>().unwrap() > 2)
+                    .map(|e| std::fs::read_link(e.path()).unwrap().display().to_string())
+                    .collect();
+                assert!(
+                    held.iter()
+                        .all(|l| l.starts_with("socket:") || l == "anon_inode:kvm-vm"),
+                    "the waiting parent holds only its socket and the VM: {held:?}"
+                );
+                let vmm = kids[0];
+                let s = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
+                assert_eq!(
+                    common::status_field(&s, "NSpid:"),
+                    format!("{vmm}\t1"),
+                    "{s}"
+                );
+                vmm
+            } else {
+                run_pid
+            };
             let mut seen = 0;
             for t in std::fs::read_dir(format!("/proc/{pid}/task"))
                 .unwrap()
@@ -577,12 +619,28 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
             } else {
                 assert_eq!((root.dev(), root.ino()), (host.dev(), host.ino()));
             }
+            pid
         }));
-        let _ = child.kill();
+        // A SIGTERM ends the VMM even as pid 1 of its namespace (which ignores a signal left
+        // at its default action), and `bexar run` exits as it did.
+        let termed = match &checked {
+            Ok(vmm) if jailed => {
+                // SAFETY: kill(2) of the VMM this test started and just checked.
+                unsafe { libc::kill(*vmm as i32, libc::SIGTERM) };
+                true
+            }
+            _ => {
+                let _ = child.kill();
+                false
+            }
+        };
         let o = child.wait_with_output().unwrap();
         if let Err(p) = checked {
             eprintln!("the VMM said: {}", String::from_utf8_lossy(&o.stderr));
             std::panic::resume_unwind(p);
+        }
+        if termed {
+            assert_eq!(o.status.code(), Some(128 + libc::SIGTERM), "{o:?}");
         }
         // The kernel (which may be a tenant's) is read and parsed only once the VMM is jailed.
         let log = String::from_utf8_lossy(&o.stderr);

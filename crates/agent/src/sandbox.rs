@@ -75,6 +75,25 @@ pub const NETNS_FD: i32 = 100;
 /// ([`bexar_vmm::teardown`]).
 pub const KEEPER_FD: i32 = 101;
 
+/// Keeps [`NETNS_FD`] and [`KEEPER_FD`] taken in the agent (by `/dev/null`, close-on-exec), so
+/// that nothing it opens lands there: between fork and exec they are overwritten with what a
+/// VMM is passed, which would cover, for one, the pipe through which the standard library
+/// reports a failed exec. Run at the agent's start.
+pub fn reserve_passed_fds() {
+    let Ok(null) = std::fs::File::open("/dev/null") else {
+        return;
+    };
+    for fd in [NETNS_FD, KEEPER_FD] {
+        // SAFETY: fcntl probes a descriptor number; dup3 makes `fd` a copy of /dev/null only
+        // where the probe found nothing open, so no descriptor of this process is replaced.
+        unsafe {
+            if libc::fcntl(fd, libc::F_GETFD) < 0 {
+                libc::dup3(null.as_raw_fd(), fd, libc::O_CLOEXEC);
+            }
+        }
+    }
+}
+
 /// Empty network namespaces made ahead of time, one per VMM start: making one costs about
 /// 0.5 ms of kernel time here, the dearest part of the jail, and is done off the start path.
 /// None is ever used twice, so no two VMMs share one.

@@ -163,13 +163,16 @@ pub async fn keep_vm(sock: std::os::unix::net::UnixStream, pidfd: std::sync::Arc
         loop {
             let mut ready = afd.readable().await?;
             if let Ok(r) = ready.try_io(|s| bexar_vmm::teardown::receive_vm(s.get_ref())) {
-                break r;
+                break r.map(|vm| vm.map(|vm| (vm, afd)));
             }
         }
     };
     match vm.await {
-        Ok(Some(vm)) => {
+        Ok(Some((vm, sock))) => {
+            // The socket stays open while the agent holds the VM: the VMM sees it close if
+            // the agent goes, and then releases the VM its own way.
             wait_exit(pidfd).await;
+            drop(sock);
             let _ = tokio::task::spawn_blocking(move || drop(vm)).await;
         }
         Ok(None) => {}

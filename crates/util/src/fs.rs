@@ -32,13 +32,43 @@ pub fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) 
 /// instant, `path` holds the old contents or the new ones.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), FsError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
-    f.write_all(data).map_err(io_err("write", &tmp))?;
-    f.sync_all().map_err(io_err("fsync", &tmp))?;
+    let tmp = temp_name(path);
+    // New, never one another process left: in a PID namespace of its own every VMM is pid 1,
+    // and the next one to write here (a live upgrade's) has another uid.
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(io_err("create", &tmp))?;
+    let written = f
+        .write_all(data)
+        .map_err(io_err("write", &tmp))
+        .and_then(|()| f.sync_all().map_err(io_err("fsync", &tmp)));
     drop(f);
-    std::fs::rename(&tmp, path).map_err(io_err("rename", path))?;
+    let renamed =
+        written.and_then(|()| std::fs::rename(&tmp, path).map_err(io_err("rename", path)));
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    renamed?;
     sync_dir(dir)
+}
+
+/// A name beside `path` for a temporary file no other process picks: the pid and 64 random
+/// bits.
+pub fn temp_name(path: &Path) -> std::path::PathBuf {
+    let mut r = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into `r`.
+    let n = unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
+    let r = if n == 8 {
+        u64::from_ne_bytes(r)
+    } else {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default()
+    };
+    path.with_extension(format!("tmp.{}.{r:016x}", std::process::id()))
 }
 
 /// fsyncs a directory, making renames and unlinks in it durable.

@@ -21,9 +21,10 @@
 //! opened here, before the root goes.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,12 @@ pub struct JailConfig {
     /// [`crate::teardown`] would put KVM's teardown back into the VMM's exit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keeper_fd: Option<i32>,
+    /// Fork as the jail is entered, so that the VMM goes on as the first process of a new PID
+    /// namespace while the parent waits outside it, holds the VM for its teardown and exits
+    /// as the VMM did ([`crate::pid_ns`]). For `bexar run`, the process its caller waits for;
+    /// the agent starts its VMMs in a namespace of their own instead.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fork_pid_namespace: bool,
     /// Install the per-thread seccomp filters.
     #[serde(default = "yes")]
     pub seccomp: bool,
@@ -96,6 +103,7 @@ impl JailConfig {
             tcp_ports: Vec::new(),
             netns_fd: None,
             keeper_fd: None,
+            fork_pid_namespace: false,
             seccomp: true,
             landlock: true,
         }
@@ -108,18 +116,56 @@ impl JailConfig {
     }
 }
 
-static HOST_PID: OnceLock<u32> = OnceLock::new();
+static HOST_PID: AtomicU32 = AtomicU32::new(0);
 
 /// This process's pid in the host's PID namespace (the one `/proc` is mounted from), which is
 /// what the agent and the host's tools know it by. Learnt before the jail (from `/proc/self`,
 /// which names the reader as the mount's namespace sees it) and kept.
 pub fn host_pid() -> u32 {
-    *HOST_PID.get_or_init(|| {
-        std::fs::read_link("/proc/self")
-            .ok()
-            .and_then(|p| p.to_str()?.parse().ok())
-            .unwrap_or_else(std::process::id)
-    })
+    match HOST_PID.load(Ordering::Relaxed) {
+        0 => learn_host_pid(),
+        pid => pid,
+    }
+}
+
+/// Reads this process's host pid afresh (a forked child's differs from its parent's); without
+/// `/proc`, the pid this process knows itself by.
+pub(crate) fn learn_host_pid() -> u32 {
+    let pid = read_host_pid().unwrap_or_else(std::process::id);
+    HOST_PID.store(pid, Ordering::Relaxed);
+    pid
+}
+
+fn read_host_pid() -> Option<u32> {
+    std::fs::read_link("/proc/self")
+        .ok()?
+        .to_str()?
+        .parse()
+        .ok()
+}
+
+/// The keeper's socket (see [`JailConfig::keeper_fd`]), until taken.
+static KEEPER: AtomicI32 = AtomicI32::new(-1);
+
+/// Takes the socket this process hands its VM to, if it has one: the agent's (named by the
+/// jail) or the waiting parent's ([`crate::pid_ns`]). Once.
+pub fn take_keeper() -> Option<OwnedFd> {
+    match KEEPER.swap(-1, Ordering::Relaxed) {
+        -1 => None,
+        // SAFETY: the descriptor was handed to this process for this alone (by the agent,
+        // across exec, or made by the fork) and is owned from here on; the swap takes it once.
+        fd => Some(unsafe { OwnedFd::from_raw_fd(fd) }),
+    }
+}
+
+/// Makes `fd` the socket this process hands its VM to (owned by the slot until taken).
+pub(crate) fn set_keeper(fd: OwnedFd) {
+    use std::os::fd::IntoRawFd;
+    let old = KEEPER.swap(fd.into_raw_fd(), Ordering::Relaxed);
+    if old >= 0 {
+        // SAFETY: the slot owned the descriptor it held.
+        drop(unsafe { OwnedFd::from_raw_fd(old) });
+    }
 }
 
 /// Whether this process is the first of a PID namespace of its own (the agent starts every
@@ -174,6 +220,9 @@ fn nix_step(step: &'static str) -> impl FnOnce(nix::Error) -> JailError {
 /// What entering the jail cost, by layer (µs).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct JailTimes {
+    /// `bexar run`'s fork into a new PID namespace (0 for a VMM started in one).
+    #[serde(default)]
+    pub pid_namespace_us: u64,
     /// unshare of the mount, IPC, UTS and network namespaces.
     pub namespaces_us: u64,
     /// The private mount tree, bind and pivot_root.
@@ -234,8 +283,18 @@ pub fn arm(config: JailConfig) -> Result<(), JailError> {
             config.root.display()
         )));
     }
-    // Learnt while /proc is still there.
-    host_pid();
+    // Learnt while /proc is still there; without it every VMM of a PID namespace of its own
+    // would take the same uid.
+    if read_host_pid().is_none() {
+        return Err(JailError::Config(
+            "cannot read /proc/self: this process's pid on the host is unknown".into(),
+        ));
+    }
+    learn_host_pid();
+    if let Some(fd) = config.keeper_fd {
+        // SAFETY: the agent passed this descriptor for this process alone (launch.json).
+        set_keeper(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
     ARMED
         .set(config)
         .map_err(|_| JailError::Config("armed twice".into()))
@@ -356,7 +415,11 @@ const THREADS_SETTLE: Duration = Duration::from_millis(500);
 
 /// The names of this process's threads other than the caller's, for the error.
 fn other_threads() -> String {
-    let me = nix::unistd::gettid().as_raw().to_string();
+    // The thread's id as /proc names it ("PID/task/TID"): gettid says 1 in a PID namespace.
+    let me = std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+        .unwrap_or_default();
     let mut names: Vec<String> = std::fs::read_dir("/proc/self/task")
         .map(|d| {
             d.flatten()
@@ -395,12 +458,21 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
             settle.elapsed().as_secs_f64() * 1e3
         );
     }
+    let mut t = JailTimes::default();
+    let us = |since: Instant| since.elapsed().as_micros() as u64;
+    if c.fork_pid_namespace && !own_pid_namespace() {
+        let t0 = Instant::now();
+        // Returns in the child only (one thread: checked above).
+        crate::pid_ns::fork_into_new(c.uid_base)?;
+        t.pid_namespace_us = us(t0);
+    }
+    if own_pid_namespace() {
+        crate::pid_ns::end_on_signals();
+    }
     let _ = PROC_SELF.set(ProcSelf {
         status: File::open("/proc/self/status").map_err(step("open /proc/self/status"))?,
         pagemap: File::open("/proc/self/pagemap").map_err(step("open /proc/self/pagemap"))?,
     });
-    let mut t = JailTimes::default();
-    let us = |since: Instant| since.elapsed().as_micros() as u64;
 
     let uid = c.uid();
     if c.own_root {
@@ -518,6 +590,8 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
             .map_err(|e| step("clear capabilities")(std::io::Error::other(e.to_string())))?;
     }
     nix::sys::prctl::set_no_new_privs().map_err(nix_step("no_new_privs"))?;
+    // After the uid changed, which clears a parent-death signal.
+    crate::pid_ns::die_with_parent()?;
     t.drop_us = us(t0);
 
     if c.landlock {

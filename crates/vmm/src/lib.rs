@@ -25,6 +25,7 @@ pub mod launch;
 pub mod layout;
 pub mod memory;
 pub mod migration;
+pub mod pid_ns;
 pub mod platform;
 pub mod resources;
 pub mod seccomp;

@@ -380,6 +380,9 @@ fn build(kind: ThreadKind, inet: bool) -> Result<Vec<BpfProgram>, SeccompError> 
     Ok(programs)
 }
 
+/// `si_code` of a SIGSYS a seccomp filter raised.
+const SYS_SECCOMP: libc::c_int = 1;
+
 /// SIGSYS: record the call, then die of the signal.
 extern "C" fn sigsys_handler(
     _sig: libc::c_int,
@@ -389,6 +392,25 @@ extern "C" fn sigsys_handler(
     // The kernel fills `si_syscall` (an int at offset 24 of siginfo_t on x86_64, after
     // si_signo, si_errno, si_code, the padding and si_call_addr) for SIGSYS from seccomp.
     // SAFETY: `info` is the siginfo the kernel passed to this SA_SIGINFO handler.
+    let code = unsafe { (*info).si_code };
+    if code != SYS_SECCOMP {
+        // Sent by a process (`kill -SYS`), not by a filter: no call to report or to repeat.
+        // SAFETY: write, sigaction, tgkill and _exit are async-signal-safe.
+        unsafe {
+            let msg = b"bexar vmm: SIGSYS from outside\n";
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+            libc::signal(libc::SIGSYS, libc::SIG_DFL);
+            libc::syscall(
+                libc::SYS_tgkill,
+                libc::getpid(),
+                libc::gettid(),
+                libc::SIGSYS,
+            );
+            // A namespace's first process ignores that one (see below).
+            libc::_exit(128 + libc::SIGSYS);
+        }
+    }
+    // SAFETY: as above; a SYS_SECCOMP siginfo carries the call's number.
     let nr = unsafe { *(info as *const u8).add(24).cast::<libc::c_int>() };
     let name = syscalls::Sysno::new(nr as usize).map_or("unknown", |s| s.name());
     let mut buf = [0u8; 160];

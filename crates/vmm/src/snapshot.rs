@@ -314,7 +314,7 @@ pub fn write_state(dir: &Path, state: &SnapshotState) -> Result<u64, SnapshotErr
 /// of the guest's pause).
 pub fn write_state_now(dir: &Path, state: &SnapshotState) -> Result<u64, SnapshotError> {
     let path = state_path(dir);
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let tmp = bexar_util::fs::temp_name(&path);
     let data = encode(state)?;
     let io = |p: &Path| {
         let p = p.to_owned();

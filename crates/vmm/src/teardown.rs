@@ -14,39 +14,32 @@
 //! booting VM was measured to slow the boot more than that). If the child cannot be started, the
 //! VM is simply dropped in this process.
 //!
-//! A VMM that is the first process of a PID namespace of its own (as the agent starts every
-//! jailed one) cannot use a child for this: the kernel holds such a process's exit until every
-//! other process of its namespace has gone, the reaper and its wait included (measured: +10.6
-//! ms per VM end). Its keeper, outside the namespace, takes the VM instead: the VMM sends a
-//! copy of the VM's descriptor to it over a socket as soon as the VM exists
-//! ([`hand_to_keeper`]), and the keeper (the agent, [`receive_vm`]) drops it once the VMM's
-//! process has ended. A keeper that went away (an agent restarted) only costs the VMM's exit
-//! the wait again.
+//! A VMM that is the first process of a PID namespace of its own (every jailed one) cannot
+//! count on a child for this: the kernel holds such a process's exit until every other
+//! process of its namespace has gone, the reaper and its wait included (measured: +10.6 ms
+//! per VM end). Its keeper, outside the namespace, takes the VM instead: the VMM sends a copy
+//! of the VM's descriptor to it over a socket as soon as the VM exists ([`hand_to_keeper`]),
+//! and the keeper (the agent, or `bexar run`'s waiting parent: [`receive_vm`]) drops it once
+//! the VMM's process has ended. A keeper that went away (an agent restarted) closes its end
+//! of the socket; the VMM then falls back to a reaper ([`kept`]).
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvm_ioctls::VmFd;
 
-static KEPT: AtomicBool = AtomicBool::new(false);
+/// The keeper's socket, once it has taken the VM.
+static KEEPER: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None);
 
-/// Sends a copy of `vm` to the keeper the armed jail names, if it names one (its socket is
-/// closed here: one VM per process). Run once the VM exists, before the main thread's seccomp
-/// filter (which allows no `sendmsg`).
+/// Sends a copy of `vm` to this process's keeper, if it has one (the agent, or `bexar run`'s
+/// waiting parent: [`crate::jail::take_keeper`]), as soon as the VM exists. One VM per
+/// process; the socket stays open, so that [`kept`] can tell whether the keeper still is.
 pub fn hand_to_keeper(vm: &VmFd) {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    static TAKEN: AtomicBool = AtomicBool::new(false);
-    let Some(fd) = crate::jail::armed().and_then(|j| j.keeper_fd) else {
+    let Some(keeper) = crate::jail::take_keeper() else {
         return;
     };
-    if TAKEN.swap(true, Ordering::Relaxed) {
-        return;
-    }
-    // SAFETY: the agent handed this descriptor over for this process alone (launch.json names
-    // it); it is owned here from now on, and taken only once (`TAKEN`).
-    let keeper = unsafe { OwnedFd::from_raw_fd(fd) };
     let fds = [vm.as_raw_fd()];
     let iov = [std::io::IoSlice::new(&[1u8])];
     let cmsg = [ControlMessage::ScmRights(&fds)];
@@ -58,7 +51,9 @@ pub fn hand_to_keeper(vm: &VmFd) {
         None,
     ) {
         Ok(_) => {
-            KEPT.store(true, Ordering::Relaxed);
+            // Kept open: its end closing says the keeper has gone (an agent restarted), and
+            // with it the copy of the VM ([`kept`]).
+            *bexar_util::sync::lock(&KEEPER) = Some(keeper);
             tracing::debug!("the VM will be released by its keeper after this process");
         }
         // The VM is then released at this process's exit, as it would be with no keeper.
@@ -66,9 +61,25 @@ pub fn hand_to_keeper(vm: &VmFd) {
     }
 }
 
-/// Whether a keeper holds the VM (so this process's exit never waits for KVM's teardown).
+/// Whether a keeper holds the VM still (so this process's exit never waits for KVM's
+/// teardown): it took it, and its end of the socket is open.
 pub fn kept() -> bool {
-    KEPT.load(Ordering::Relaxed)
+    let keeper = bexar_util::sync::lock(&KEEPER);
+    let Some(fd) = keeper.as_ref() else {
+        return false;
+    };
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid descriptor, no wait.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    let there = n == 0 || p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) == 0;
+    if !there {
+        tracing::info!("its keeper has gone (an agent restarted): the VM goes to a reaper");
+    }
+    there
 }
 
 /// The keeper's side: the VM a VMM sent on `sock`, `None` if it closed the socket without
@@ -87,6 +98,10 @@ pub fn receive_vm(sock: &UnixStream) -> std::io::Result<Option<File>> {
         MsgFlags::MSG_CMSG_CLOEXEC,
     )
     .map_err(std::io::Error::from)?;
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        // This process is out of descriptors: the VM is then released in the VMM's exit.
+        tracing::warn!("a VMM's VM did not arrive: out of descriptors");
+    }
     let mut vm = None;
     for c in msg.cmsgs().map_err(std::io::Error::from)? {
         if let ControlMessageOwned::ScmRights(fds) = c {
@@ -124,7 +139,7 @@ pub struct Reaper {
 impl Reaper {
     /// Forks the reaper for `vm`. The caller then drops its own reference (and waits with
     /// [`Reaper::wait`] before exiting).
-    pub fn spawn(vm: &VmFd) -> Option<Self> {
+    pub fn spawn(vm: &impl AsRawFd) -> Option<Self> {
         let vm_fd = vm.as_raw_fd();
         // SAFETY: pidfd_open takes a pid and flags; on success the new descriptor is ours alone.
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };

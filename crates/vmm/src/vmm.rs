@@ -955,8 +955,7 @@ impl Vmm {
     /// with `freeze`, the devices do nothing more once saved (the VM goes on elsewhere).
     fn capture(&self, dir: &std::path::Path, freeze: bool) -> Result<Captured, VmmError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let memory_tmp =
-            snapshot::memory_path(dir).with_extension(format!("tmp.{}", std::process::id()));
+        let memory_tmp = bexar_util::fs::temp_name(&snapshot::memory_path(dir));
         // Devices first, held still while the rest is read: completing a disk request raises
         // an interrupt, which must be in the interrupt controllers and LAPICs saved after it.
         let t0 = Instant::now();
@@ -1293,9 +1292,12 @@ impl Vmm {
         }
         let mem_use = memory_use();
         // The VM's last reference goes to its keeper or to a child, so this process can exit
-        // without waiting for KVM's teardown (teardown.rs). In a PID namespace of its own a
-        // child would make the exit wait all the same: there the VM is dropped at exit.
-        if !crate::teardown::kept() && !crate::jail::own_pid_namespace() {
+        // without waiting for KVM's teardown (teardown.rs). A keeper that has gone (an agent
+        // restarted) took its copy with it: then a child too, even in a PID namespace of its
+        // own, where the kernel makes this process's end wait for the child's. Its descriptors
+        // (its lock, the TAPs) still close at the start of its exit, which is what a live
+        // upgrade's new VMM waits for.
+        if !crate::teardown::kept() {
             if let Some(reaper) = Reaper::spawn(&self.vm) {
                 reaper.wait();
             }

@@ -786,13 +786,18 @@ pub fn open(target: &IscsiTarget, read_only: bool) -> Result<RemoteDisk, BlockEr
     };
     // ISID of the random type (RFC 7143 10.12.5): the same one on every reconnect, so a new
     // login replaces the session the target may still hold.
+    // Random: two VMMs logging in to one target must not share it (every jailed VMM is pid 1
+    // of its own PID namespace, so the pid tells none apart).
     let mut isid = [0x80, 0, 0, 0, 0, 0];
-    let r = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default()
-        ^ std::process::id().rotate_left(16);
-    isid[2..6].copy_from_slice(&r.to_be_bytes());
+    // SAFETY: getrandom writes at most 4 bytes into the ISID's last four.
+    let n = unsafe { libc::getrandom(isid[2..6].as_mut_ptr().cast(), 4, 0) };
+    if n != 4 {
+        let r = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        isid[2..6].copy_from_slice(&r.to_be_bytes());
+    }
     let mut sess = login(target, isid, Duration::from_secs(5)).map_err(err)?;
     let lun = inspect(&mut sess, target.lun).map_err(err)?;
     let ro = read_only || lun.write_protected;

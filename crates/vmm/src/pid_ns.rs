@@ -1,0 +1,206 @@
+//! `bexar run` in a PID namespace of its own.
+//!
+//! A process cannot move itself into a new PID namespace: `unshare(CLONE_NEWPID)` puts only
+//! the children it makes afterwards there, the first of which is the namespace's pid 1. The
+//! agent starts its VMMs that way. `bexar run` is itself the process its caller (a shell, a CI
+//! job) waits for, so as it enters its jail it forks ([`fork_into_new`]): the child goes on as
+//! the VMM, pid 1 of the new namespace, and the parent waits outside it.
+//!
+//! The parent holds nothing of the VM's: it closes every descriptor but the standard ones and
+//! its end of a socket, and gives up root (a uid of its own from the jail's range, no
+//! capabilities, `no_new_privs`). The child hands it the VM's descriptor as soon as it has made
+//! the VM ([`crate::teardown::hand_to_keeper`]), so the child's exit does not wait for KVM's
+//! teardown (a namespace's first process could not leave that to a child of its own: the
+//! kernel holds its exit until the rest of its namespace has gone). Once the child has ended,
+//! the parent leaves the VM to a reaper ([`crate::teardown::Reaper`]) and exits as the child
+//! did: the same exit code, or the same signal.
+//!
+//! The child dies with the parent (`PR_SET_PDEATHSIG`): a Ctrl+C, which the tty sends to
+//! both and which a namespace's pid 1 ignores, ends the parent and so the VMM, as it ended
+//! `bexar run` before.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use crate::jail::JailError;
+
+fn io_step(step: &'static str) -> impl FnOnce(std::io::Error) -> JailError {
+    move |err| JailError::Step { step, err }
+}
+
+fn nix_step(step: &'static str) -> impl FnOnce(nix::Error) -> JailError {
+    move |e| JailError::Step {
+        step,
+        err: std::io::Error::from_raw_os_error(e as i32),
+    }
+}
+
+/// Forks this process, which must have one thread, into a new PID namespace. Returns in the
+/// child (the namespace's pid 1, which goes on as the VMM); the parent never returns. Its
+/// uid outside is `uid_base` plus its own pid.
+pub(crate) fn fork_into_new(uid_base: u32) -> Result<(), JailError> {
+    use nix::unistd::{fork, ForkResult};
+    let (outside, inside) = UnixStream::pair().map_err(io_step("the keeper socket"))?;
+    // SAFETY: pidfd_open takes a pid and flags; on success the descriptor is ours alone.
+    let parent = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+    if parent < 0 {
+        return Err(io_step("pidfd_open")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: pidfd_open returned a fresh descriptor (CLOEXEC) owned by nobody else.
+    let parent = unsafe { OwnedFd::from_raw_fd(parent as RawFd) };
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
+        .map_err(nix_step("unshare the PID namespace"))?;
+    // SAFETY: the caller checked that this process has one thread, so the child is a full
+    // copy of it and may run any code.
+    match unsafe { fork() }.map_err(nix_step("fork into the PID namespace"))? {
+        ForkResult::Child => {
+            drop(outside);
+            *bexar_util::sync::lock(&PARENT) = Some(parent);
+            crate::jail::learn_host_pid();
+            crate::jail::set_keeper(OwnedFd::from(inside));
+            Ok(())
+        }
+        ForkResult::Parent { child } => {
+            drop(inside);
+            // Back to this process's own PID namespace for the children it makes from now on
+            // (the reaper): the new one ends with the VMM, and a fork into it would fail. As
+            // root, before the drop. Without it, the VM is dropped here instead.
+            if let Err(e) = nix::sched::setns(&parent, nix::sched::CloneFlags::CLONE_NEWPID) {
+                tracing::warn!("cannot return to the host's PID namespace for the reaper: {e}");
+            }
+            drop(parent);
+            wait_outside(child, outside, uid_base)
+        }
+    }
+}
+
+/// The waiting parent's pidfd, in the child, until [`die_with_parent`].
+static PARENT: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None);
+
+/// In a child of [`fork_into_new`]: dies with the parent from now on (SIGKILL). Called once
+/// the jail has changed the uid, which clears a parent-death signal set before. If the parent
+/// has already gone (getppid cannot say: it is 0 here, the parent being outside the
+/// namespace), exits at once.
+pub(crate) fn die_with_parent() -> Result<(), JailError> {
+    let Some(parent) = bexar_util::sync::lock(&PARENT).take() else {
+        return Ok(());
+    };
+    // SAFETY: prctl with integer arguments; it changes only this process.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(io_step("PR_SET_PDEATHSIG")(std::io::Error::last_os_error()));
+    }
+    let mut p = libc::pollfd {
+        fd: parent.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid descriptor, no wait; _exit ends this process at once.
+    unsafe {
+        if libc::poll(&mut p, 1, 0) > 0 {
+            libc::_exit(1);
+        }
+    }
+    Ok(())
+}
+
+/// The parent: gives up what it holds, keeps the VM the child hands over, waits for the child
+/// and exits as it did.
+fn wait_outside(child: nix::unistd::Pid, sock: UnixStream, uid_base: u32) -> ! {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    let keep = sock.as_raw_fd() as u32;
+    // SAFETY: close_range on this process's own descriptors above stdio, sparing the socket;
+    // nothing else here uses them (the child has its own copies).
+    unsafe {
+        libc::close_range(3, keep - 1, 0);
+        libc::close_range(keep + 1, u32::MAX, 0);
+    }
+    drop_root(uid_base);
+    let vm = crate::teardown::receive_vm(&sock).ok().flatten();
+    let status = loop {
+        match waitpid(child, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => break r,
+        }
+    };
+    // Open until the child has ended: it tells the child this process still holds the VM.
+    drop(sock);
+    if let Some(vm) = vm {
+        match crate::teardown::Reaper::spawn(&vm) {
+            Some(reaper) => {
+                drop(vm);
+                reaper.wait();
+            }
+            None => drop(vm),
+        }
+    }
+    match status {
+        Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
+        Ok(WaitStatus::Signaled(_, sig, _)) => die_of(sig as i32),
+        _ => std::process::exit(1),
+    }
+}
+
+/// A uid of its own (from the jail's range), no groups, no capabilities, no way back.
+fn drop_root(uid_base: u32) {
+    // SAFETY: plain system calls on this process's credentials; each failure leaves it with
+    // more rights, never fewer than it needs (it only waits and forks a reaper).
+    unsafe {
+        if libc::geteuid() != 0 {
+            return;
+        }
+        let id = uid_base.saturating_add(libc::getpid() as u32);
+        libc::setgroups(0, std::ptr::null());
+        libc::setresgid(id, id, id);
+        libc::setresuid(id, id, id);
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+    }
+}
+
+/// Ends this process by signal `sig`, as the child ended (no core: it holds nothing).
+fn die_of(sig: i32) -> ! {
+    // SAFETY: signal dispositions, the core limit and a signal to this process itself.
+    unsafe {
+        let zero = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &zero);
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::kill(libc::getpid(), sig);
+    }
+    std::process::exit(128 + sig)
+}
+
+/// The signals that end a process by default and that people and service managers send to
+/// end one (`kill PID`, systemd's shutdown, a terminal's Ctrl+C and hang-up).
+const ENDING: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+
+/// In the first process of a PID namespace: makes [`ENDING`] end it again. The kernel drops a
+/// signal whose action is the default when it is sent to a namespace's first process (only
+/// SIGKILL and SIGSTOP from outside get through), so without a handler `kill PID` would do
+/// nothing and a host's shutdown would wait for its SIGKILL. The handler exits at once with
+/// 128 + the signal, as a shell reports a process the signal ended.
+pub(crate) fn end_on_signals() {
+    extern "C" fn end(sig: libc::c_int) {
+        // SAFETY: _exit is async-signal-safe and never returns.
+        unsafe { libc::_exit(128 + sig) }
+    }
+    for sig in ENDING {
+        // SAFETY: a zeroed sigaction with a handler that only calls _exit.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = end as *const () as usize;
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, std::ptr::null(), &mut old);
+            // One the process was started with ignored stays ignored (nohup, a shell's
+            // background job).
+            if old.sa_sigaction != libc::SIG_IGN {
+                libc::sigaction(sig, &sa, std::ptr::null_mut());
+            }
+        }
+    }
+}
