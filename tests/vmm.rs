@@ -522,7 +522,7 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
     use std::os::unix::fs::MetadataExt;
     for jailed in [true, false] {
         let extra: &[&str] = if jailed {
-            &["--cmdline", "bexar.test=idle"]
+            &["--cmdline", "bexar.test=idle", "--pid-namespace"]
         } else {
             &["--cmdline", "bexar.test=idle", "--no-jail"]
         };
@@ -535,8 +535,8 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
         // Checked in a closure so that a failure shows what the VMM said.
         let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             wait_idle_ready(&mut conn);
-            // Jailed, the process started forks as it enters the jail: the VMM goes on as pid 1
-            // of a PID namespace of its own, the parent waits outside, without root.
+            // With --pid-namespace the process started forks as it enters the jail: the VMM goes
+            // on as pid 1 of a PID namespace of its own, the parent waits outside, without root.
             let pid = if jailed {
                 let children =
                     std::fs::read_to_string(format!("/proc/{run_pid}/task/{run_pid}/children"))
@@ -622,16 +622,18 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
             pid
         }));
         // A SIGTERM ends the VMM even as pid 1 of its namespace (which ignores a signal left
-        // at its default action), and `bexar run` exits as it did.
+        // at its default action), and `bexar run` exits as it did. Sent to `bexar run`, the
+        // parent: it forwards it and waits, so the VMM is gone when it has exited.
         let termed = match &checked {
             Ok(vmm) if jailed => {
-                // SAFETY: kill(2) of the VMM this test started and just checked.
-                unsafe { libc::kill(*vmm as i32, libc::SIGTERM) };
-                true
+                let vmm = *vmm;
+                // SAFETY: kill(2) of the process this test started.
+                unsafe { libc::kill(run_pid as i32, libc::SIGTERM) };
+                Some(vmm)
             }
             _ => {
                 let _ = child.kill();
-                false
+                None
             }
         };
         let o = child.wait_with_output().unwrap();
@@ -639,8 +641,12 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
             eprintln!("the VMM said: {}", String::from_utf8_lossy(&o.stderr));
             std::panic::resume_unwind(p);
         }
-        if termed {
+        if let Some(vmm) = termed {
             assert_eq!(o.status.code(), Some(128 + libc::SIGTERM), "{o:?}");
+            assert!(
+                !std::path::Path::new(&format!("/proc/{vmm}")).exists(),
+                "the VMM outlived bexar run"
+            );
         }
         // The kernel (which may be a tenant's) is read and parsed only once the VMM is jailed.
         let log = String::from_utf8_lossy(&o.stderr);

@@ -232,8 +232,8 @@ pub fn main(a: &AgentArgs) -> ExitCode {
     };
     // Before anything opens a hundred descriptors.
     bexar_agent::sandbox::reserve_passed_fds();
-    // Three descriptors per running VM: a shell's default soft limit of 1024 would stop the
-    // agent near 340 VMs however high the hard limit is.
+    // Four descriptors per running VM: a shell's default soft limit of 1024 would stop the
+    // agent near 240 VMs however high the hard limit is.
     match bexar_agent::host::raise_open_files() {
         Ok((before, after)) if before < after => {
             tracing::info!("open-file limit raised from {before} to {after}")

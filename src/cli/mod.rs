@@ -203,6 +203,12 @@ pub struct RunArgs {
     /// host.
     #[arg(long)]
     pub no_jail: bool,
+    /// Jailed, run the VMM as pid 1 of a PID namespace of its own: this process forks as it
+    /// enters the jail and waits outside, without root, holding only the VM, forwarding
+    /// SIGTERM, SIGINT, SIGHUP, SIGQUIT and Ctrl+Z to the VMM, and exits as it did. Off by
+    /// default: this process is then no longer the VMM that tools and `kill` see.
+    #[arg(long)]
+    pub pid_namespace: bool,
     /// First uid of the jail's range: the VMM runs as this plus its pid.
     #[arg(long, value_name = "UID", default_value_t = bexar_vmm::jail::DEFAULT_UID_BASE)]
     pub jail_uid_base: u32,

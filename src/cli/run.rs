@@ -243,8 +243,9 @@ fn arm_jail(args: &RunArgs) -> Result<(), String> {
     // Remote disks keep the host's network, to reconnect to their servers' ports (only).
     j.network = !remote;
     j.tcp_ports = ports;
-    // The VMM goes on as pid 1 of a PID namespace of its own; this process waits outside.
-    j.fork_pid_namespace = true;
+    // On request, the VMM goes on as pid 1 of a PID namespace of its own; this process waits
+    // outside.
+    j.fork_pid_namespace = args.pid_namespace;
     bexar_vmm::jail::arm(j).map_err(|e| e.to_string())
 }
 

@@ -152,10 +152,11 @@ pub struct DiskSpace {
 }
 
 /// Descriptors the agent holds for each running VM: the VMM process's pidfd, a copy of it
-/// that waits for the process's exit, and the VM's own descriptor, which a jailed VMM hands
-/// over so that KVM's teardown is not in its exit (`bexar_vmm::teardown`). Checked by
-/// tests/agent.rs (`a_low_open_file_limit_is_raised_then_refuses_cleanly`).
-pub const FDS_PER_VM: u64 = 3;
+/// that waits for the process's exit, and, from a jailed VMM, the VM's own descriptor (so that
+/// KVM's teardown is not in the VMM's exit) and the socket it came on (open while the agent
+/// holds the VM: `bexar_vmm::teardown`). Checked by tests/agent.rs
+/// (`a_low_open_file_limit_is_raised_then_refuses_cleanly`).
+pub const FDS_PER_VM: u64 = 4;
 /// Descriptors kept free for what comes and goes: API and VMM control connections, event
 /// streams, the files a create writes.
 pub const FDS_RESERVED: u64 = 64;

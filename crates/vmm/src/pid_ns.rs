@@ -7,7 +7,7 @@
 //! the VMM, pid 1 of the new namespace, and the parent waits outside it.
 //!
 //! The parent holds nothing of the VM's: it closes every descriptor but the standard ones and
-//! its end of a socket, and gives up root (a uid of its own from the jail's range, no
+//! its end of a socket, and gives up root (the child's uid, so it may still signal it; no
 //! capabilities, `no_new_privs`). The child hands it the VM's descriptor as soon as it has made
 //! the VM ([`crate::teardown::hand_to_keeper`]), so the child's exit does not wait for KVM's
 //! teardown (a namespace's first process could not leave that to a child of its own: the
@@ -15,9 +15,10 @@
 //! the parent leaves the VM to a reaper ([`crate::teardown::Reaper`]) and exits as the child
 //! did: the same exit code, or the same signal.
 //!
-//! The child dies with the parent (`PR_SET_PDEATHSIG`): a Ctrl+C, which the tty sends to
-//! both and which a namespace's pid 1 ignores, ends the parent and so the VMM, as it ended
-//! `bexar run` before.
+//! The parent forwards what ends a process (SIGTERM, SIGINT, SIGHUP, SIGQUIT) to the child
+//! and waits for it, relays Ctrl+Z as SIGSTOP and SIGCONT, and the child dies with the parent
+//! (`PR_SET_PDEATHSIG`) should the parent be killed. Opt-in (`bexar run --pid-namespace`):
+//! the process a caller started is then not the VMM that `/proc` tools look at.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -36,8 +37,8 @@ fn nix_step(step: &'static str) -> impl FnOnce(nix::Error) -> JailError {
 }
 
 /// Forks this process, which must have one thread, into a new PID namespace. Returns in the
-/// child (the namespace's pid 1, which goes on as the VMM); the parent never returns. Its
-/// uid outside is `uid_base` plus its own pid.
+/// child (the namespace's pid 1, which goes on as the VMM); the parent never returns. Both
+/// take the uid `uid_base` plus the child's pid.
 pub(crate) fn fork_into_new(uid_base: u32) -> Result<(), JailError> {
     use nix::unistd::{fork, ForkResult};
     let (outside, inside) = UnixStream::pair().map_err(io_step("the keeper socket"))?;
@@ -48,6 +49,9 @@ pub(crate) fn fork_into_new(uid_base: u32) -> Result<(), JailError> {
     }
     // SAFETY: pidfd_open returned a fresh descriptor (CLOEXEC) owned by nobody else.
     let parent = unsafe { OwnedFd::from_raw_fd(parent as RawFd) };
+    // A SIGCHLD ignored since exec would reap the child unseen, and its status with it.
+    // SAFETY: SIG_DFL installs no handler code.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
         .map_err(nix_step("unshare the PID namespace"))?;
     // SAFETY: the caller checked that this process has one thread, so the child is a full
@@ -55,6 +59,15 @@ pub(crate) fn fork_into_new(uid_base: u32) -> Result<(), JailError> {
     match unsafe { fork() }.map_err(nix_step("fork into the PID namespace"))? {
         ForkResult::Child => {
             drop(outside);
+            // The terminal's job-control signals are dropped for a namespace's pid 1 while
+            // their action is the default, and a read of the terminal from the background
+            // would then be retried for ever: ignored, such a read fails (EIO) instead, and a
+            // write goes through. Ctrl+Z is relayed by the parent as SIGSTOP.
+            // SAFETY: SIG_IGN installs no handler code.
+            unsafe {
+                libc::signal(libc::SIGTTIN, libc::SIG_IGN);
+                libc::signal(libc::SIGTTOU, libc::SIG_IGN);
+            }
             *bexar_util::sync::lock(&PARENT) = Some(parent);
             crate::jail::learn_host_pid();
             crate::jail::set_keeper(OwnedFd::from(inside));
@@ -69,6 +82,7 @@ pub(crate) fn fork_into_new(uid_base: u32) -> Result<(), JailError> {
                 tracing::warn!("cannot return to the host's PID namespace for the reaper: {e}");
             }
             drop(parent);
+            forward_signals(child);
             wait_outside(child, outside, uid_base)
         }
     }
@@ -114,7 +128,7 @@ fn wait_outside(child: nix::unistd::Pid, sock: UnixStream, uid_base: u32) -> ! {
         libc::close_range(3, keep - 1, 0);
         libc::close_range(keep + 1, u32::MAX, 0);
     }
-    drop_root(uid_base);
+    drop_root(uid_base.saturating_add(child.as_raw() as u32));
     let vm = crate::teardown::receive_vm(&sock).ok().flatten();
     let status = loop {
         match waitpid(child, None) {
@@ -140,15 +154,75 @@ fn wait_outside(child: nix::unistd::Pid, sock: UnixStream, uid_base: u32) -> ! {
     }
 }
 
-/// A uid of its own (from the jail's range), no groups, no capabilities, no way back.
-fn drop_root(uid_base: u32) {
+/// The child, for the parent's signal handlers.
+static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// In the parent: what is sent to it to end it goes on to the child, and the parent waits for
+/// the child to end (so a caller's `kill` then `wait` still sees the VMM gone, its disks and
+/// TAPs closed); Ctrl+Z stops the child with it and `fg` resumes both. SIGKILL cannot be
+/// forwarded: the child then dies by its parent-death signal, a moment after the parent.
+fn forward_signals(child: nix::unistd::Pid) {
+    extern "C" fn forward(sig: libc::c_int) {
+        let child = CHILD.load(std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(child, sig) };
+    }
+    extern "C" fn stop(_: libc::c_int) {
+        let child = CHILD.load(std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: kill, signal, sigprocmask and raise are async-signal-safe. The child cannot be stopped
+        // by SIGTSTP (pid 1 drops it), so by SIGSTOP; this process then stops by the default
+        // action and, once continued, continues the child and takes the signal again.
+        // SIGTSTP is blocked while this handler runs: unblocked for the raise, or it would
+        // stay pending and run this handler again as it returns, for ever. (A process group
+        // with no parent in its session, which has no job control, discards the stop: the
+        // child is then continued at once.)
+        unsafe {
+            libc::kill(child, libc::SIGSTOP);
+            libc::signal(libc::SIGTSTP, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTSTP);
+            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            libc::raise(libc::SIGTSTP);
+            libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            libc::signal(libc::SIGTSTP, stop as *const () as libc::sighandler_t);
+            libc::kill(child, libc::SIGCONT);
+        }
+    }
+    CHILD.store(child.as_raw(), std::sync::atomic::Ordering::Relaxed);
+    for (sig, handler) in [
+        (libc::SIGTERM, forward as *const ()),
+        (libc::SIGINT, forward as *const ()),
+        (libc::SIGHUP, forward as *const ()),
+        (libc::SIGQUIT, forward as *const ()),
+        (libc::SIGTSTP, stop as *const ()),
+    ] {
+        // SAFETY: a zeroed sigaction with a handler that makes async-signal-safe calls only,
+        // restarting interrupted calls (the wait).
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, std::ptr::null(), &mut old);
+            if old.sa_sigaction == libc::SIG_IGN {
+                continue;
+            }
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = handler as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// The child's uid (so that it may still signal the child: the child cannot name this process,
+/// which is outside its PID namespace), no groups, no capabilities, no way back.
+fn drop_root(id: u32) {
     // SAFETY: plain system calls on this process's credentials; each failure leaves it with
-    // more rights, never fewer than it needs (it only waits and forks a reaper).
+    // more rights, never fewer than it needs (it only waits, signals the child and forks a
+    // reaper).
     unsafe {
         if libc::geteuid() != 0 {
             return;
         }
-        let id = uid_base.saturating_add(libc::getpid() as u32);
         libc::setgroups(0, std::ptr::null());
         libc::setresgid(id, id, id);
         libc::setresuid(id, id, id);

@@ -395,11 +395,15 @@ extern "C" fn sigsys_handler(
     let code = unsafe { (*info).si_code };
     if code != SYS_SECCOMP {
         // Sent by a process (`kill -SYS`), not by a filter: no call to report or to repeat.
-        // SAFETY: write, sigaction, tgkill and _exit are async-signal-safe.
+        // SAFETY: write, sigaction, sigprocmask, tgkill and _exit are async-signal-safe.
         unsafe {
             let msg = b"bexar vmm: SIGSYS from outside\n";
             libc::write(2, msg.as_ptr().cast(), msg.len());
             libc::signal(libc::SIGSYS, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGSYS);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
             libc::syscall(
                 libc::SYS_tgkill,
                 libc::getpid(),
