@@ -206,11 +206,11 @@ pub enum JailError {
     Config(String),
 }
 
-fn step(step: &'static str) -> impl FnOnce(std::io::Error) -> JailError {
+pub(crate) fn step(step: &'static str) -> impl FnOnce(std::io::Error) -> JailError {
     move |err| JailError::Step { step, err }
 }
 
-fn nix_step(step: &'static str) -> impl FnOnce(nix::Error) -> JailError {
+pub(crate) fn nix_step(step: &'static str) -> impl FnOnce(nix::Error) -> JailError {
     move |e| JailError::Step {
         step,
         err: std::io::Error::from_raw_os_error(e as i32),

@@ -23,18 +23,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use crate::jail::JailError;
-
-fn io_step(step: &'static str) -> impl FnOnce(std::io::Error) -> JailError {
-    move |err| JailError::Step { step, err }
-}
-
-fn nix_step(step: &'static str) -> impl FnOnce(nix::Error) -> JailError {
-    move |e| JailError::Step {
-        step,
-        err: std::io::Error::from_raw_os_error(e as i32),
-    }
-}
+use crate::jail::{nix_step, step as io_step, JailError};
 
 /// Forks this process, which must have one thread, into a new PID namespace. Returns in the
 /// child (the namespace's pid 1, which goes on as the VMM); the parent never returns. Both
@@ -232,19 +221,14 @@ fn drop_root(id: u32) {
 
 /// Ends this process by signal `sig`, as the child ended (no core: it holds nothing).
 fn die_of(sig: i32) -> ! {
-    // SAFETY: signal dispositions, the core limit and a signal to this process itself.
+    // SAFETY: the core limit, then `sig`'s default action for this process, which is ending.
     unsafe {
         let zero = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
         libc::setrlimit(libc::RLIMIT_CORE, &zero);
-        libc::signal(sig, libc::SIG_DFL);
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, sig);
-        libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-        libc::kill(libc::getpid(), sig);
+        crate::seccomp::raise_default(sig);
     }
     std::process::exit(128 + sig)
 }

@@ -395,21 +395,11 @@ extern "C" fn sigsys_handler(
     let code = unsafe { (*info).si_code };
     if code != SYS_SECCOMP {
         // Sent by a process (`kill -SYS`), not by a filter: no call to report or to repeat.
-        // SAFETY: write, sigaction, sigprocmask, tgkill and _exit are async-signal-safe.
+        // SAFETY: write and _exit are async-signal-safe, as is `raise_default`.
         unsafe {
             let msg = b"bexar vmm: SIGSYS from outside\n";
             libc::write(2, msg.as_ptr().cast(), msg.len());
-            libc::signal(libc::SIGSYS, libc::SIG_DFL);
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGSYS);
-            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-            libc::syscall(
-                libc::SYS_tgkill,
-                libc::getpid(),
-                libc::gettid(),
-                libc::SIGSYS,
-            );
+            raise_default(libc::SIGSYS);
             // A namespace's first process ignores that one (see below).
             libc::_exit(128 + libc::SIGSYS);
         }
@@ -443,19 +433,7 @@ extern "C" fn sigsys_handler(
         if fault >= 0 {
             libc::pwrite(fault, buf.as_ptr().cast(), len, 0);
         }
-        let mut dfl: libc::sigaction = std::mem::zeroed();
-        dfl.sa_sigaction = libc::SIG_DFL;
-        libc::sigaction(libc::SIGSYS, &dfl, std::ptr::null_mut());
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGSYS);
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-        libc::syscall(
-            libc::SYS_tgkill,
-            libc::getpid(),
-            libc::gettid(),
-            libc::SIGSYS,
-        );
+        raise_default(libc::SIGSYS);
         // Still here: this process is the first of its own PID namespace, which ignores a
         // signal it sends itself while that signal's action is the default. The same call
         // made again is refused by the same filter, and the kernel's own SIGSYS, with the
@@ -472,6 +450,27 @@ extern "C" fn sigsys_handler(
             arg(libc::REG_R9),
         );
         libc::_exit(128 + libc::SIGSYS);
+    }
+}
+
+/// Gives `sig` its default action, unblocks it and sends it to the calling thread: the way a
+/// handler ends its process by the signal it handles. Async-signal-safe.
+///
+/// # Safety
+///
+/// Changes the whole process's disposition of `sig`; meant for a handler that is ending it.
+pub(crate) unsafe fn raise_default(sig: libc::c_int) {
+    // SAFETY: sigaction, sigprocmask and tgkill with values built here; the caller accepts
+    // the change of disposition.
+    unsafe {
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(sig, &dfl, std::ptr::null_mut());
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), sig);
     }
 }
 

@@ -320,8 +320,13 @@ pub fn write_state_now(dir: &Path, state: &SnapshotState) -> Result<u64, Snapsho
         let p = p.to_owned();
         move |err| SnapshotError::Io { path: p, err }
     };
-    std::fs::write(&tmp, &data).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    let written = std::fs::write(&tmp, &data)
+        .map_err(io(&tmp))
+        .and_then(|()| std::fs::rename(&tmp, &path).map_err(io(&path)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     Ok(data.len() as u64)
 }
 
