@@ -2424,7 +2424,7 @@ impl Remote {
 
 #[test]
 fn a_remote_disk_that_goes_away_shows_in_the_vm_and_its_events() {
-    let agent = TestAgent::start("remote");
+    let mut agent = TestAgent::start("remote");
     for kind in ["nbd", "iscsi"] {
         let dir = tmp(&format!("agent-{kind}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -2442,15 +2442,15 @@ fn a_remote_disk_that_goes_away_shows_in_the_vm_and_its_events() {
                 false,
             ))
         };
-        remote_disk_goes_away(&agent, &mut server);
+        remote_disk_goes_away(&mut agent, &mut server);
         server.kill();
         std::fs::remove_dir_all(dir).ok();
     }
 }
 
-fn remote_disk_goes_away(agent: &TestAgent, server: &mut Remote) {
+fn remote_disk_goes_away(agent: &mut TestAgent, server: &mut Remote) {
+    let c = agent.client();
     rt().block_on(async {
-        let c = agent.client();
         let mut v = spec("remote");
         v["boot"]["cmdline"] = json!(format!(
             "console=ttyS0 bexar.test=blk-scatter bexar.rounds=100000 bexar.writes=8{}",
@@ -2477,21 +2477,30 @@ fn remote_disk_goes_away(agent: &TestAgent, server: &mut Remote) {
             assert!(rec.contains("secret-of-16-bytes"));
         }
         wait_console(&c, "remote", "round 1 flushed", 30).await;
-        // Its VMM keeps the host's network (to reconnect) but may connect to its server's port
-        // only: another service listening on the host is out of its reach (Landlock's network
-        // rules, Linux 6.7+).
-        if common::kernel_at_least(6, 7) {
-            let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let port = other.local_addr().unwrap().port();
-            let socket = agent.state().join("vms/remote/control.sock");
-            let r =
-                common::vmm_control(&socket, &json!({"op": "fault", "fault": {"connect": port}}));
-            let err = r["error"].as_str().unwrap_or_default().to_owned();
-            assert!(
-                err.starts_with("cannot connect") && err.contains("os error 13"),
-                "{r}"
-            );
-        }
+        // Its VMM's network namespace is as empty as any other's: the agent connects its disk
+        // to the server (through the VM's dialer socket) and hands the socket over.
+        let pid = vm["status"]["pid"].as_u64().unwrap();
+        let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
+        let ifaces: Vec<&str> = dev
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next())
+            .collect();
+        assert_eq!(
+            ifaces.iter().map(|i| i.trim()).collect::<Vec<_>>(),
+            ["lo"],
+            "{dev}"
+        );
+        let launch: Value = serde_json::from_slice(
+            &std::fs::read(agent.state().join("vms/remote/launch.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(launch["dialer"], "dialer.sock", "{launch}");
+    });
+    // The agent's dialer goes with it: the one it starts with serves the VM's reconnections.
+    agent.kill9();
+    agent.spawn();
+    rt().block_on(async {
         let link = |v: &Value| v["disks"][0]["link"].as_str().unwrap_or("").to_owned();
         let wait_link = |want: &'static str| {
             let c = &c;
@@ -2725,6 +2734,37 @@ fn assert_jailed(
         );
         assert_eq!(common::status_field(&s, "Seccomp:"), "2", "{id}/{name}");
         assert_eq!(common::status_field(&s, "NoNewPrivs:"), "1", "{id}/{name}");
+    }
+    // The agent opened for it what it needs of the host, and it opens nothing by path: a
+    // strict list (the VMM fails on anything not in it; tests/vmm.rs).
+    let launch: Value = serde_json::from_slice(
+        &std::fs::read(state.join("vms").join(id).join("launch.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(launch["handed"]["strict"], true, "{id}: {launch}");
+    let handed = launch["handed"]["fds"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let has = |f: &dyn Fn(&Value) -> bool| handed.iter().any(|h| f(&h["what"]));
+    assert!(has(&|w| *w == "kvm"), "{id}: {handed:?}");
+    assert!(
+        has(&|w| w["file"]["path"] == launch["config"]["kernel"]),
+        "{id}: the kernel: {handed:?}"
+    );
+    assert!(
+        has(&|w| w["listener"]["path"] == launch["config"]["control"]["socket"]),
+        "{id}: the control socket: {handed:?}"
+    );
+    for nic in launch["config"]["nics"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        assert!(
+            has(&|w| w["tap"]["name"] == nic["tap"]),
+            "{id}: {nic}: {handed:?}"
+        );
     }
     // Its root is the VM's jail directory, holding only what the VMM put there.
     use std::os::unix::fs::MetadataExt;

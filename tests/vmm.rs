@@ -662,3 +662,124 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
         }
     }
 }
+
+/// Runs `bexar vmm --dir dir` on `launch`, which inherits `fds` (what the launch hands it),
+/// until it ends; its exit status and its result's reason.
+fn run_launch(
+    dir: &std::path::Path,
+    launch: &bexar_vmm::launch::Launch,
+    fds: &[(bexar_util::handed::What, std::os::fd::OwnedFd)],
+) -> (Option<i32>, String) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let mut launch = launch.clone();
+    launch.handed = Some(bexar_util::handed::Handed {
+        fds: fds
+            .iter()
+            .map(|(what, fd)| bexar_util::handed::HandedFd {
+                what: what.clone(),
+                fd: fd.as_raw_fd(),
+            })
+            .collect(),
+        strict: true,
+    });
+    std::fs::write(
+        dir.join("launch.json"),
+        serde_json::to_vec(&launch).unwrap(),
+    )
+    .unwrap();
+    let _ = std::fs::remove_file(dir.join("result.json"));
+    let raw: Vec<i32> = fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    let mut c = bexar();
+    c.arg("vmm").arg("--dir").arg(dir).stdin(Stdio::null());
+    // SAFETY: fcntl is async-signal-safe; `raw` was made before the fork.
+    unsafe {
+        c.pre_exec(move || {
+            for fd in &raw {
+                if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let o = c.output().unwrap();
+    let result: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("result.json")).unwrap_or_default())
+            .unwrap_or_default();
+    let (_, err) = text(&o);
+    assert!(!err.contains("panicked"), "{err}");
+    (
+        o.status.code(),
+        format!("{} / {err}", result["reason"].as_str().unwrap_or("")),
+    )
+}
+
+/// `bexar vmm` as the agent starts it, handed /dev/kvm, the kernel, its disk's file, the
+/// console's log and the control socket: it runs the guest on them. One left out of the list
+/// and the VMM fails naming it: it opens nothing by path.
+#[test]
+fn a_vmm_handed_what_it_needs_opens_nothing_by_path() {
+    use bexar_util::handed::What;
+    let dir = tmp("handed");
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut config = bexar_vmm::VmConfig::new(testguest());
+    config.cmdline = format!("console=ttyS0 bexar.test=banner{}", guest_platform_params());
+    config.memory_mib = 64;
+    config.console = bexar_devices::serial::ConsoleConfig::File {
+        path: dir.join("console.log"),
+    };
+    config.disks = vec![bexar_devices::block::DiskConfig {
+        path: disk.clone(),
+        ..Default::default()
+    }];
+    config.control = Some(bexar_vmm::config::ControlConfig {
+        socket: dir.join("control.sock"),
+        id: "handed".into(),
+        token: "t".into(),
+    });
+    let launch = bexar_vmm::launch::Launch::new(config);
+    let fds = launch.open_handed().unwrap();
+    let kinds: Vec<&What> = fds.iter().map(|(w, _)| w).collect();
+    assert!(kinds.contains(&&What::Kvm), "{kinds:?}");
+    assert!(
+        kinds.contains(&&What::File {
+            path: disk.clone(),
+            writable: true
+        }),
+        "{kinds:?}"
+    );
+
+    let (code, why) = run_launch(&dir, &launch, &fds);
+    assert_eq!(code, Some(0), "{why}");
+    let console = read(&dir.join("console.log"));
+    assert!(console.contains("PASS banner"), "{console}");
+
+    for left_out in [
+        What::Kvm,
+        What::File {
+            path: disk.clone(),
+            writable: true,
+        },
+        What::File {
+            path: testguest(),
+            writable: false,
+        },
+    ] {
+        let fewer: Vec<_> = launch
+            .open_handed()
+            .unwrap()
+            .into_iter()
+            .filter(|(w, _)| *w != left_out)
+            .collect();
+        let (code, why) = run_launch(&dir, &launch, &fewer);
+        assert_ne!(code, Some(0), "{left_out:?}: {why}");
+        assert!(why.contains("was not handed"), "{left_out:?}: {why}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

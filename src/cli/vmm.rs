@@ -61,14 +61,17 @@ fn arm_jail(dir: &Path, launch: &Launch) -> Result<(), String> {
             .mode(0o600)
             .open(dir.join(files::FAULT))
             .map_err(|e| format!("{}: {e}", dir.join(files::FAULT).display()))?;
-        let inet = launch.config.disks.iter().any(|d| d.is_remote());
+        // TCP sockets only for remote disks that the VMM connects itself.
+        let inet = launch.dialer.is_none() && launch.config.disks.iter().any(|d| d.is_remote());
         bexar_vmm::seccomp::arm(Some(fault.into()), inet).map_err(|e| e.to_string())?;
     }
-    // The only TCP the jail allows: the remote disks' servers' ports.
+    // The only TCP the jail allows: the remote disks' servers' ports (none when the agent
+    // connects them).
     let tcp_ports = launch
         .config
         .disks
         .iter()
+        .filter(|_| launch.dialer.is_none())
         .filter_map(|d| d.remote_port())
         .collect();
     bexar_vmm::jail::arm(bexar_vmm::jail::JailConfig {
@@ -117,7 +120,13 @@ pub fn main(dir: &Path) -> ExitCode {
         }
     };
     let token = launch.token().to_owned();
-    if let Err(e) = arm_jail(dir, &launch) {
+    let handed = launch.handed.as_ref().map_or(Ok(()), |h| {
+        bexar_util::handed::install(h).map_err(|e| format!("the launch's descriptors: {e}"))
+    });
+    if let Some(p) = &launch.dialer {
+        bexar_devices::block::remote::dial_through(p.clone());
+    }
+    if let Err(e) = handed.and_then(|()| arm_jail(dir, &launch)) {
         {
             tracing::error!(vm = %launch.id(), "{e}");
             write_result(

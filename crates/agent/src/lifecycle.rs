@@ -6,7 +6,7 @@
 //! record that says what was going on. The exit watcher never takes the operation lock: it only
 //! records what happened, so an action can wait for it.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -695,8 +695,7 @@ impl Agent {
             Ok(c) => c,
             Err(e) => return Err(fail(format!("the VM cannot be configured: {e}"))),
         };
-        let remote = config.disks.iter().any(|d| d.is_remote());
-        let jail = sandbox::jail_for(&self.config.sandbox, &dir, remote);
+        let jail = sandbox::jail_for(&self.config.sandbox, &dir);
         if jail.is_some() {
             // The VMM binds and connects its vsock sockets relative to its working directory,
             // the jail's root before and after pivot_root; VMM_DIR/vsock.sock points there.
@@ -716,6 +715,16 @@ impl Agent {
         if let Err(e) = sandbox::prepare_root(&dir) {
             return Err(fail(format!("cannot prepare the jail's root: {e}")));
         }
+        // A jailed VMM's remote disks connect through the agent: its network namespace is
+        // empty. Bound before the VMM starts, which connects its disks first thing.
+        let dialer = if jail.is_some() && config.disks.iter().any(|d| d.is_remote()) {
+            match sandbox::bind_dialer(&dir) {
+                Ok(l) => Some(l),
+                Err(e) => return Err(fail(format!("cannot make the VM's dialer socket: {e}"))),
+            }
+        } else {
+            None
+        };
         let cgroup = match &self.cgroups {
             None => None,
             Some(c) => {
@@ -771,6 +780,9 @@ impl Agent {
         };
         let mut launch = Launch::new(config);
         launch.jail = jail;
+        if dialer.is_some() {
+            launch.dialer = Some(sandbox::DIALER_SOCKET.into());
+        }
         if kind == Op::Upgrade {
             launch.handoff = true;
             launch.handoff_from = rec.status.pid;
@@ -781,20 +793,38 @@ impl Agent {
         } else if rec.restore_pending {
             launch.restore = Some(dir.join(super::snapshots::RESTORE_DIR));
         }
+        // What the VMM needs of the host, opened here: it opens nothing by path. A VMM taking
+        // a running VM over gets the rest (TAPs, sockets) once the old one has let them go.
+        let handed = match launch.open_handed() {
+            Ok(h) => h,
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        launch.handed = Some(bexar_util::handed::Handed {
+            fds: handed
+                .iter()
+                .map(|(what, fd)| bexar_util::handed::HandedFd {
+                    what: what.clone(),
+                    fd: fd.as_raw_fd(),
+                })
+                .collect(),
+            strict: kind != Op::Upgrade,
+        });
         let data = serde_json::to_vec_pretty(&launch).map_err(super::StoreError::from)?;
         write_atomic(&dir.join(layout::LAUNCH), &data).map_err(super::StoreError::from)?;
         let _ = std::fs::remove_file(dir.join(layout::RESULT));
         let procs = cgroup.as_ref().map(|g| g.raw()).unwrap_or_default();
         let (kept, theirs) = keeper.unzip();
+        let handed_fds: Vec<i32> = handed.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
         let spawned = vp::spawn(
             &self.config.exe,
             &dir,
             &procs,
-            netns.as_ref(),
-            theirs.as_ref(),
+            (netns.as_ref(), theirs.as_ref()),
+            &handed_fds,
             kept.is_some(),
         );
-        drop((cgroup, netns, theirs));
+        // The VMM has its copies: a socket it serves must close when it ends.
+        drop((cgroup, netns, theirs, handed));
         let pid = match spawned {
             Ok(p) => p,
             Err(e) => return Err(fail(e.to_string())),
@@ -816,6 +846,9 @@ impl Agent {
         };
         if let Some(sock) = kept {
             drop(tokio::spawn(vp::keep_vm(sock, pidfd.clone())));
+        }
+        if let Some(l) = dialer {
+            sandbox::spawn_dialer(&launch, l, &pidfd);
         }
         // Until the VMM answers with our token, watch for it dying instead.
         let exit = tokio::spawn(vp::wait_exit(watch_fd));
@@ -1452,6 +1485,17 @@ impl Agent {
             Phase::Running
         });
         let watch_fd = pidfd.try_clone().ok()?;
+        // Its remote disks connected through the agent before: serve them again (the old
+        // agent's socket went with it).
+        match Launch::read(&dir) {
+            Ok(launch) if launch.dialer.is_some() => match sandbox::bind_dialer(&dir) {
+                Ok(l) => sandbox::spawn_dialer(&launch, l, &pidfd),
+                Err(e) => {
+                    tracing::warn!(vm = %rec.id, "cannot make the VM's dialer socket again: {e}; its remote disks cannot reconnect")
+                }
+            },
+            _ => {}
+        }
         let done = Self::attach_vmm(entry, &token, Arc::new(pidfd));
         if let Err(e) = self.update(entry, |r| {
             r.status.token = token.clone();

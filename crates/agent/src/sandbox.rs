@@ -53,17 +53,98 @@ pub const DEFAULT_MEMORY_HEADROOM_MIB: u64 = 64;
 /// reaper, io_uring's workers).
 const PIDS_HEADROOM: u64 = 256;
 
-/// The jail for a VMM of the VM in `dir`; `remote_disks`: it has NBD or iSCSI disks, which keep
-/// the host's network to reconnect (and, through Landlock, may reach their servers' ports
-/// only: the VMM takes those from its disks as it arms the jail).
-pub fn jail_for(cfg: &SandboxConfig, dir: &Path, remote_disks: bool) -> Option<JailConfig> {
+/// The jail for a VMM of the VM in `dir`. Its network namespace is empty even with remote
+/// disks: the agent connects those ([`DIALER_SOCKET`]).
+pub fn jail_for(cfg: &SandboxConfig, dir: &Path) -> Option<JailConfig> {
     if !cfg.jail {
         return None;
     }
     let mut j = JailConfig::new(cfg.uid_base, dir.join(files::JAIL_ROOT));
     j.own_root = true;
-    j.network = !remote_disks;
     Some(j)
+}
+
+/// The socket in a jailed VMM's root on which the agent connects its remote disks to their
+/// servers (`Launch::dialer`).
+pub const DIALER_SOCKET: &str = "dialer.sock";
+
+/// Binds the dialer socket of the VM in `dir` (replacing a stale one): root's, in the VM's
+/// jail root, mode 0666 so that the VMM's own uid can connect after it drops root (the VM's
+/// directory is root's alone, mode 0700: no other host user reaches it).
+pub fn bind_dialer(dir: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(files::JAIL_ROOT).join(DIALER_SOCKET);
+    let l = bexar_util::unix::bind_owner_only(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(l)
+}
+
+/// Serves `listener` as the dialer of the VMM behind `pidfd`, whose launch names its remote
+/// disks, in the background ([`serve_dialer`]).
+pub fn spawn_dialer(
+    launch: &bexar_vmm::launch::Launch,
+    listener: std::os::unix::net::UnixListener,
+    pidfd: &OwnedFd,
+) {
+    let allowed = launch
+        .config
+        .disks
+        .iter()
+        .filter_map(|d| d.remote_server())
+        .collect();
+    match pidfd.try_clone() {
+        Ok(fd) => drop(tokio::spawn(serve_dialer(listener, allowed, fd))),
+        Err(e) => {
+            tracing::warn!("cannot duplicate a pidfd: {e}; the VM's remote disks cannot reconnect")
+        }
+    }
+}
+
+/// Serves the dialer `listener` for a VMM (`pidfd`) whose remote disks' servers are
+/// `allowed`, until it ends: each connection asks for one TCP connection, made here (on a
+/// blocking thread) and handed back ([`bexar_devices::block::remote::serve_dial`]); a server
+/// the VM's disks do not name is refused.
+pub async fn serve_dialer(
+    listener: std::os::unix::net::UnixListener,
+    allowed: Vec<(String, u16)>,
+    pidfd: OwnedFd,
+) {
+    let allowed = std::sync::Arc::new(allowed);
+    let serve = async {
+        listener.set_nonblocking(true)?;
+        let l = tokio::net::UnixListener::from_std(listener)?;
+        loop {
+            let conn = match l.accept().await {
+                Ok((c, _)) => c.into_std().and_then(|c| {
+                    c.set_nonblocking(false)?;
+                    Ok(c)
+                }),
+                Err(e) => Err(e),
+            };
+            match conn {
+                Ok(c) => {
+                    let a = allowed.clone();
+                    drop(tokio::task::spawn_blocking(move || {
+                        if let Err(e) = bexar_devices::block::remote::serve_dial(c, &a) {
+                            tracing::warn!("a remote disk's connection for its VMM: {e}");
+                        }
+                    }));
+                }
+                Err(e) => {
+                    tracing::warn!("the dialer socket: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), std::io::Error>(())
+    };
+    tokio::select! {
+        r = serve => if let Err(e) = r {
+            tracing::warn!("cannot serve the dialer socket: {e}");
+        },
+        () = super::vmm_process::wait_exit(pidfd) => {}
+    }
 }
 
 /// The descriptor number a VMM finds its ready-made network namespace at (set between fork

@@ -85,14 +85,15 @@ pub fn new_token() -> String {
 /// cgroups whose `cgroup.procs` are open as `cgroup_procs` before it execs, so the VMM never
 /// runs a line outside them, and finds `netns` (a ready-made network namespace) at
 /// [`super::sandbox::NETNS_FD`] and `keeper` (the socket it hands its VM to) at
-/// [`super::sandbox::KEEPER_FD`]. With `pid_ns`, the VMM is the first process of a PID
-/// namespace of its own. Returns its pid (as the agent's namespace sees it).
+/// [`super::sandbox::KEEPER_FD`], and inherits the descriptors `handed` at their numbers
+/// (the launch lists them). With `pid_ns`, the VMM is the first process of a PID namespace of
+/// its own. Returns its pid (as the agent's namespace sees it).
 pub fn spawn(
     exe: &Path,
     dir: &Path,
     cgroup_procs: &[i32],
-    netns: Option<&OwnedFd>,
-    keeper: Option<&std::os::unix::net::UnixStream>,
+    (netns, keeper): (Option<&OwnedFd>, Option<&std::os::unix::net::UnixStream>),
+    handed: &[i32],
     pid_ns: bool,
 ) -> Result<u32, VmmProcessError> {
     let log = OpenOptions::new()
@@ -115,16 +116,26 @@ pub fn spawn(
         .into_iter()
         .chain(keeper.map(|f| (f.as_raw_fd(), super::sandbox::KEEPER_FD)))
         .collect();
+    let handed = handed.to_vec();
     // SAFETY: setsid, write, fcntl and dup2 are async-signal-safe and allocate nothing
-    // (`procs` and `passed` were made before the fork); setsid detaches the VMM from the
-    // agent's session and process group, so signals meant for the agent do not reach it.
+    // (`procs`, `passed` and `handed` were made before the fork); setsid detaches the VMM
+    // from the agent's session and process group, so signals meant for the agent do not
+    // reach it.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             super::sandbox::join_in_child(&procs)?;
-            super::sandbox::pass_fds_in_child(&passed)
+            super::sandbox::pass_fds_in_child(&passed)?;
+            // Opened close-on-exec, as everything the agent opens (other threads fork
+            // too): inherited by this child alone.
+            for fd in &handed {
+                if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
         });
     }
     let child = if pid_ns {

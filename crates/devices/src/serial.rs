@@ -626,14 +626,13 @@ pub struct Console {
 }
 
 fn open_log(path: &std::path::Path) -> Result<File, ConsoleError> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|err| ConsoleError::File {
-            path: path.to_owned(),
-            err,
-        })
+    bexar_util::handed::file(path, true, || {
+        OpenOptions::new().create(true).append(true).open(path)
+    })
+    .map_err(|err| ConsoleError::File {
+        path: path.to_owned(),
+        err,
+    })
 }
 
 fn listen(path: &std::path::Path) -> Result<UnixListener, ConsoleError> {

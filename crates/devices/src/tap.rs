@@ -96,6 +96,17 @@ impl Tap {
             what,
             err,
         };
+        let handed = bexar_util::handed::What::Tap {
+            name: name.to_owned(),
+        };
+        if let Some(fd) = bexar_util::handed::take(&handed) {
+            // Attached by whoever handed it, with the same flags and header size.
+            let file = std::fs::File::from(fd.map_err(|e| err("take the handed TAP", e))?);
+            return Ok(Self {
+                file,
+                name: name.to_owned(),
+            });
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)

@@ -213,7 +213,8 @@ fn rebind(saved: &mut snapshot::SnapshotState, backends: &Backends) -> Result<()
 pub fn build_from_snapshot(dir: &Path, restore: &RestoreConfig) -> Result<Vmm, VmmError> {
     let state = snapshot::open_state(dir)?;
     let path = snapshot::memory_path(dir);
-    let memory = std::fs::File::open(&path).map_err(|err| SnapshotError::Io { path, err })?;
+    let memory = bexar_util::handed::file(&path, false, || std::fs::File::open(&path))
+        .map_err(|err| SnapshotError::Io { path, err })?;
     let (host, state) = if restore.names_backends() {
         (HostSide::for_restore(restore, None)?, Saved::Unread(state))
     } else {
@@ -398,7 +399,7 @@ impl HostSide {
         vsock: Option<&bexar_devices::virtio::vsock::VsockConfig>,
     ) -> Result<Self, VmmError> {
         let platform = Platform::detect();
-        let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
+        let kvm = open_kvm()?;
         let stats = ConsoleStats::new(start);
         let console = serial::build(ConsoleSetup {
             config: console,
@@ -545,6 +546,20 @@ fn fill_formats(disks: &mut [DiskConfig], opened: &OpenedDevices) {
     for (d, o) in disks.iter_mut().zip(&opened.disks) {
         if d.format.is_none() {
             d.format = o.local().map(|(f, _)| f);
+        }
+    }
+}
+
+/// /dev/kvm, as the agent handed it or opened here.
+fn open_kvm() -> Result<Kvm, VmmError> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    match bexar_util::handed::take(&bexar_util::handed::What::Kvm) {
+        None => Kvm::new().map_err(VmmError::KvmOpen),
+        Some(fd) => {
+            let fd = fd.map_err(VmmError::KvmNotHanded)?;
+            // SAFETY: `fd` is a descriptor of /dev/kvm this process owns (a copy of the one
+            // the agent handed it), given up here to the Kvm object, which closes it.
+            Ok(unsafe { Kvm::from_raw_fd(fd.into_raw_fd()) })
         }
     }
 }

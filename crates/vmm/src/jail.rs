@@ -52,7 +52,8 @@ pub struct JailConfig {
     #[serde(default)]
     pub max_file_bytes: u64,
     /// A new, empty network namespace. Off only for a VM whose remote disks (NBD, iSCSI) must
-    /// be able to reconnect to their servers.
+    /// be able to reconnect to their servers by themselves (`bexar run`; the agent's VMMs get
+    /// their connections from the agent, `Launch::dialer`).
     #[serde(default = "yes")]
     pub network: bool,
     /// The TCP ports the VMM may connect to: its remote disks' servers'. Landlock (ABI 4,

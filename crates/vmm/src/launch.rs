@@ -7,6 +7,9 @@
 
 use std::path::Path;
 
+use std::os::fd::OwnedFd;
+
+use bexar_util::handed::{Handed, What};
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
@@ -65,6 +68,15 @@ pub struct Launch {
     /// Jail the VMM (`DIR/root` its root) before the guest runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jail: Option<crate::jail::JailConfig>,
+    /// What the agent opened for the VMM ([`Launch::open_handed`]), inherited at exec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed: Option<Handed>,
+    /// The Unix socket (relative to the jail's root, the VMM's working directory) on which
+    /// the agent connects the VMM's remote disks to their servers and hands the sockets back
+    /// (`bexar_devices::block::remote::dial_through`): the VMM's own network namespace stays
+    /// empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dialer: Option<std::path::PathBuf>,
 }
 
 /// `launch.json` cannot be used.
@@ -94,6 +106,14 @@ pub enum LaunchError {
         /// Its version.
         found: u32,
     },
+    /// What the VMM needs of the host cannot be opened for it.
+    #[error("cannot {what}: {err}")]
+    Hand {
+        /// What was being opened.
+        what: String,
+        /// Why not.
+        err: String,
+    },
     /// It has no control section (the VMM must be able to prove who it is).
     #[error("{0} has no control socket, VM id and launch token")]
     NoControl(std::path::PathBuf),
@@ -110,7 +130,144 @@ impl Launch {
             handoff_from: None,
             incoming: None,
             jail: None,
+            handed: None,
+            dialer: None,
         }
+    }
+
+    /// What a VMM of this launch would open of the host, opened here with this process's
+    /// rights, to be handed to it at exec ([`bexar_util::handed`]): /dev/kvm, the kernel and
+    /// initrd (or a snapshot's state and memory), every local disk's file and the files of
+    /// its backing chain (found as the VMM would find them, pins checked), and, unless the
+    /// VMM takes a running VM over (whose VMM still holds them until it ends), each TAP, the
+    /// console's log and socket, the control socket, the vsock socket and the socket a
+    /// migration arrives on. A path relative to the VMM's working directory (its jail's root,
+    /// where it has one) is opened there. Remote disks are not here: their connections are
+    /// the VMM's.
+    pub fn open_handed(&self) -> Result<Vec<(What, OwnedFd)>, LaunchError> {
+        use bexar_devices::serial::ConsoleConfig;
+        let c = &self.config;
+        let base = self.jail.as_ref().map(|j| j.root.clone());
+        let at = |p: &Path| match &base {
+            Some(b) if p.is_relative() => b.join(p),
+            _ => p.to_owned(),
+        };
+        let mut out: Vec<(What, OwnedFd)> = Vec::new();
+        let open_err = |what: &str, p: &Path, err: std::io::Error| LaunchError::Hand {
+            what: format!("{what} {}", p.display()),
+            err: err.to_string(),
+        };
+        let kvm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map_err(|e| open_err("open", Path::new("/dev/kvm"), e))?;
+        out.push((What::Kvm, kvm.into()));
+        let mut read_only = |p: &Path| -> Result<(), LaunchError> {
+            let f = std::fs::File::open(at(p)).map_err(|e| open_err("open", p, e))?;
+            out.push((
+                What::File {
+                    path: p.to_owned(),
+                    writable: false,
+                },
+                f.into(),
+            ));
+            Ok(())
+        };
+        match (&self.restore, &self.incoming, self.handoff) {
+            (_, Some(_), _) | (_, _, true) => {}
+            (Some(dir), None, false) => {
+                read_only(&crate::snapshot::state_path(dir))?;
+                read_only(&crate::snapshot::memory_path(dir))?;
+            }
+            (None, None, false) => {
+                read_only(&c.kernel)?;
+                if let Some(i) = &c.initrd {
+                    read_only(i)?;
+                }
+            }
+        }
+        for d in c.disks.iter().filter(|d| !d.is_remote()) {
+            let opened = bexar_devices::block::preopen_disk(d).map_err(|e| LaunchError::Hand {
+                what: format!("open disk {}", d.path.display()),
+                err: e.to_string(),
+            })?;
+            for (i, (path, f)) in opened
+                .local()
+                .map(|l| l.1)
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
+                let f = f.try_clone().map_err(|e| open_err("copy", path, e))?;
+                let writable = i == 0 && !d.read_only;
+                out.push((
+                    What::File {
+                        path: path.clone(),
+                        writable,
+                    },
+                    f.into(),
+                ));
+            }
+        }
+        if self.handoff {
+            return Ok(out);
+        }
+        for n in &c.nics {
+            let tap = bexar_devices::tap::Tap::open(&n.tap).map_err(|e| LaunchError::Hand {
+                what: format!("open TAP {}", n.tap),
+                err: e.to_string(),
+            })?;
+            let f = tap
+                .file()
+                .try_clone()
+                .map_err(|e| open_err("copy TAP", Path::new(&n.tap), e))?;
+            out.push((
+                What::Tap {
+                    name: n.tap.clone(),
+                },
+                f.into(),
+            ));
+        }
+        let mut listen = |p: &Path| -> Result<(), LaunchError> {
+            // Bound, not listening: the VMM listens, so that the agent's client sees the
+            // VMM's pid as its peer's.
+            let l =
+                bexar_util::unix::bind_for_another(&at(p)).map_err(|e| open_err("bind", p, e))?;
+            out.push((What::Listener { path: p.to_owned() }, l));
+            Ok(())
+        };
+        match &c.console {
+            ConsoleConfig::Socket { path } => listen(path)?,
+            ConsoleConfig::SocketWithLog { socket, .. } => listen(socket)?,
+            _ => {}
+        }
+        if let Some(ctl) = &c.control {
+            listen(&ctl.socket)?;
+        }
+        if let Some(v) = &c.vsock {
+            listen(&v.uds)?;
+        }
+        if let Some(s) = &self.incoming {
+            listen(s)?;
+        }
+        if let ConsoleConfig::File { path } | ConsoleConfig::SocketWithLog { log: path, .. } =
+            &c.console
+        {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(at(path))
+                .map_err(|e| open_err("open", path, e))?;
+            out.push((
+                What::File {
+                    path: path.clone(),
+                    writable: true,
+                },
+                f.into(),
+            ));
+        }
+        Ok(out)
     }
 
     /// Reads `DIR/launch.json`.

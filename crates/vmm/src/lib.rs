@@ -58,6 +58,9 @@ pub enum VmmError {
     /// /dev/kvm cannot be used.
     #[error("cannot open /dev/kvm: {0} (is KVM enabled and are you allowed to use it?)")]
     KvmOpen(kvm_ioctls::Error),
+    /// /dev/kvm was not among what the launch handed the VMM ([`bexar_util::handed`]).
+    #[error("cannot use /dev/kvm: {0}")]
+    KvmNotHanded(std::io::Error),
     /// The sandbox could not be entered.
     #[error(transparent)]
     Jail(#[from] jail::JailError),

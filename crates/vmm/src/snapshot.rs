@@ -274,7 +274,8 @@ pub fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
 /// The state file of snapshot directory `dir`, opened (not read: [`StateFile::read`]).
 pub fn open_state(dir: &Path) -> Result<StateFile, SnapshotError> {
     let path = state_path(dir);
-    let file = File::open(&path).map_err(SnapshotError::io(&path))?;
+    let file = bexar_util::handed::file(&path, false, || File::open(&path))
+        .map_err(SnapshotError::io(&path))?;
     Ok(StateFile { path, file })
 }
 

@@ -88,9 +88,14 @@ impl IscsiTarget {
     /// The portal's TCP port (3260 unless it names one); `None` for a portal that does not
     /// parse (refused by [`Self::check`]).
     pub fn port(&self) -> Option<u16> {
+        self.server().map(|(_, p)| p)
+    }
+
+    /// The portal's host and TCP port, as [`Self::port`].
+    pub fn server(&self) -> Option<(String, u16)> {
         split_host_port(&self.portal, DEFAULT_PORT)
             .ok()
-            .map(|(_, p)| p)
+            .map(|(h, p)| (h.to_owned(), p))
     }
 
     /// Checks it; returns the field and the problem.

@@ -195,9 +195,14 @@ impl std::str::FromStr for DiskConfig {
 impl DiskConfig {
     /// The TCP port of the disk's server, for an NBD or iSCSI disk.
     pub fn remote_port(&self) -> Option<u16> {
+        self.remote_server().map(|(_, p)| p)
+    }
+
+    /// A remote disk's server: the host as the disk names it, and the TCP port.
+    pub fn remote_server(&self) -> Option<(String, u16)> {
         match (&self.nbd, &self.iscsi) {
-            (Some(n), _) => Some(n.port),
-            (None, Some(i)) => i.port(),
+            (Some(n), _) => Some((n.host.clone(), n.port)),
+            (None, Some(i)) => i.server(),
             (None, None) => None,
         }
     }
@@ -650,11 +655,13 @@ pub fn preopen_disk(cfg: &DiskConfig) -> Result<OpenedDisk, BlockError> {
             path: cfg.path.clone(),
             err,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!cfg.read_only)
-            .open(&cfg.path)
-            .map_err(open_err)?;
+        let file = bexar_util::handed::file(&cfg.path, !cfg.read_only, || {
+            OpenOptions::new()
+                .read(true)
+                .write(!cfg.read_only)
+                .open(&cfg.path)
+        })
+        .map_err(open_err)?;
         let format = match cfg.format {
             Some(f) => f,
             None => qcow2::probe_file(&file).map_err(open_err)?,

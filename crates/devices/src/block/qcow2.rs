@@ -388,6 +388,15 @@ pub fn open_chain_files(
 /// `/proc/self/fd`, so nothing can be swapped in between. Returns the file and what it is.
 fn open_regular(path: &Path) -> io::Result<Option<(File, std::fs::Metadata)>> {
     use std::os::fd::AsRawFd;
+    let what = bexar_util::handed::What::File {
+        path: path.to_owned(),
+        writable: false,
+    };
+    if let Some(fd) = bexar_util::handed::take(&what) {
+        let file = File::from(fd?);
+        let meta = file.metadata()?;
+        return Ok(meta.is_file().then_some((file, meta)));
+    }
     let look = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH)

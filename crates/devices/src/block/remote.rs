@@ -180,18 +180,165 @@ fn resolve(host: &str, port: u16) -> io::Result<Vec<std::net::SocketAddr>> {
     Ok(addrs)
 }
 
+/// Where this process asks for its remote disks' connections, if it does not make them.
+static DIALER: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// From now on this process's remote disks get their TCP connections from whoever listens on
+/// the Unix socket `path` ([`serve_dial`]; relative paths are relative to the working
+/// directory): a VMM whose network namespace is empty asks its agent, which connects to the
+/// disk's server (only to one of that VM's disks' servers) and hands back the socket. Set once.
+pub fn dial_through(path: std::path::PathBuf) {
+    let _ = DIALER.set(path);
+}
+
+/// A request for a connection ([`dial_through`]): one JSON line.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DialRequest {
+    /// The server's host (a name or an address).
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// How long the connect may take, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+/// The answer: one JSON line, sent with the connected socket when `error` is `None`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DialReply {
+    /// Why there is no connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The longest request or reply line.
+const DIAL_LINE_MAX: usize = 4096;
+
+/// Reads one line (at most [`DIAL_LINE_MAX`] bytes) after `first`, which came with the first
+/// read.
+fn dial_line(s: &mut std::os::unix::net::UnixStream, mut text: Vec<u8>) -> io::Result<Vec<u8>> {
+    let mut buf = [0u8; 512];
+    while !text.contains(&b'\n') {
+        if text.len() > DIAL_LINE_MAX {
+            return Err(proto("a dial line too long"));
+        }
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the dialer closed the connection",
+            ));
+        }
+        text.extend_from_slice(&buf[..n]);
+    }
+    Ok(text)
+}
+
+/// Asks the dialer at `path` for a connection to `host:port`.
+fn ask_dialer(
+    path: &std::path::Path,
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let mut s = std::os::unix::net::UnixStream::connect(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("the dialer {}: {e}", path.display())))?;
+    // The dialer's connect, and a little for the exchange.
+    s.set_read_timeout(Some(timeout + Duration::from_secs(2)))?;
+    s.set_write_timeout(Some(timeout))?;
+    let req = DialRequest {
+        host: host.to_owned(),
+        port,
+        timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
+    };
+    let mut line = serde_json::to_vec(&req).map_err(io::Error::other)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut buf = [0u8; 512];
+    let (n, file) = s
+        .recv_with_fd(&mut buf)
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let text = dial_line(&mut s, buf[..n].to_vec())?;
+    let reply: DialReply = serde_json::from_slice(text.trim_ascii_end())
+        .map_err(|e| proto(format!("a dialer reply that does not parse: {e}")))?;
+    match (reply.error, file) {
+        (Some(e), _) => Err(io::Error::new(io::ErrorKind::ConnectionRefused, e)),
+        (None, Some(f)) => {
+            let sock = TcpStream::from(std::os::fd::OwnedFd::from(f));
+            // Only a TCP socket will do (the dialer is trusted, but a mistake should not
+            // become a stream of something else).
+            sock.peer_addr()?;
+            sock.set_nonblocking(false)?;
+            Ok(sock)
+        }
+        (None, None) => Err(proto("the dialer answered without a socket")),
+    }
+}
+
+/// Answers one request on `conn` from a process whose remote disks' servers are `allowed`
+/// (host and port as its disks name them): connects (resolving the name afresh) and sends the
+/// socket back, or says why not. What is not in `allowed` is refused.
+pub fn serve_dial(
+    mut conn: std::os::unix::net::UnixStream,
+    allowed: &[(String, u16)],
+) -> io::Result<()> {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let text = dial_line(&mut conn, Vec::new())?;
+    let req: DialRequest = serde_json::from_slice(text.trim_ascii_end())
+        .map_err(|e| proto(format!("a dial request that does not parse: {e}")))?;
+    let timeout = Duration::from_millis(req.timeout_ms.clamp(1, 60_000));
+    let result = if allowed
+        .iter()
+        .any(|(h, p)| *h == req.host && *p == req.port)
+    {
+        connect_to(&req.host, req.port, timeout)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{}:{} is not one of this VM's disks' servers",
+                req.host, req.port
+            ),
+        ))
+    };
+    let reply = DialReply {
+        error: result.as_ref().err().map(|e| e.to_string()),
+    };
+    let mut line = serde_json::to_vec(&reply).map_err(io::Error::other)?;
+    line.push(b'\n');
+    match &result {
+        Ok(sock) => conn
+            .send_with_fd(&line[..], sock.as_raw_fd())
+            .map(drop)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno())),
+        Err(_) => conn.write_all(&line),
+    }
+}
+
 /// Opens a TCP connection to the first address of `host:port` that answers, with
-/// `timeout` on the connect and on blocking reads and writes (the handshake).
+/// `timeout` on the connect and on blocking reads and writes (the handshake); through the
+/// dialer, if this process has one ([`dial_through`]).
 pub(super) fn dial(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
+    let s = match DIALER.get() {
+        Some(path) => ask_dialer(path, host, port, timeout)?,
+        None => connect_to(host, port, timeout)?,
+    };
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Connects to the first address of `host:port` that answers within `timeout`.
+fn connect_to(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
     for a in resolve(host, port)? {
         match TcpStream::connect_timeout(&a, timeout) {
-            Ok(s) => {
-                s.set_read_timeout(Some(timeout))?;
-                s.set_write_timeout(Some(timeout))?;
-                s.set_nodelay(true)?;
-                return Ok(s);
-            }
+            Ok(s) => return Ok(s),
             Err(e) => last = e,
         }
     }
@@ -930,5 +1077,55 @@ pub mod fuzz {
             }
         }
         results
+    }
+}
+
+#[cfg(test)]
+mod dial_tests {
+    use super::*;
+
+    /// A dialer connects to a server the disks name and hands the socket over; any other
+    /// server is refused, and a server that is down is reported as such.
+    #[test]
+    fn a_dialer_connects_only_to_the_servers_it_was_given() {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = server.local_addr().unwrap().port();
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let other_port = other.local_addr().unwrap().port();
+        let down_port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let path = std::env::temp_dir().join(format!("bexar-dialer-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let dialer = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let allowed = vec![
+            ("127.0.0.1".to_string(), port),
+            ("127.0.0.1".to_string(), down_port),
+        ];
+        let serving = std::thread::spawn(move || {
+            for _ in 0..3 {
+                let (c, _) = dialer.accept().unwrap();
+                let _ = serve_dial(c, &allowed);
+            }
+        });
+        let t = Duration::from_secs(2);
+        let mut s = ask_dialer(&path, "127.0.0.1", port, t).unwrap();
+        let (mut at_server, _) = server.accept().unwrap();
+        s.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        at_server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+
+        let e = ask_dialer(&path, "127.0.0.1", other_port, t).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("not one of this VM's disks' servers"),
+            "{e}"
+        );
+        let e = ask_dialer(&path, "127.0.0.1", down_port, t).unwrap_err();
+        assert!(e.to_string().contains("refused"), "{e}");
+        serving.join().unwrap();
+        std::fs::remove_file(&path).ok();
     }
 }

@@ -212,7 +212,7 @@ pub struct LoadedKernel {
 
 /// Loads the kernel image at `path` into guest memory.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let file = File::open(path).map_err(|err| BootError::KernelFile {
+    let file = open_ro(path).map_err(|err| BootError::KernelFile {
         path: path.to_owned(),
         err,
     })?;
@@ -301,7 +301,7 @@ pub fn load_initrd(
     path: &Path,
     kernel_end: u64,
 ) -> Result<(u64, u64), BootError> {
-    let file = File::open(path).map_err(|err| BootError::InitrdFile {
+    let file = open_ro(path).map_err(|err| BootError::InitrdFile {
         path: path.to_owned(),
         err,
     })?;
@@ -347,6 +347,11 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize, Boot
 /// The kernel and initrd of a boot, open: opened before the VMM's jail (they are host files
 /// the jail's root does not hold) and read, which is parsing an image a tenant may have
 /// supplied, only after it ([`prepare`]).
+/// A kernel or initrd as the agent handed it, or opened by path ([`bexar_util::handed`]).
+fn open_ro(path: &Path) -> std::io::Result<File> {
+    bexar_util::handed::file(path, false, || File::open(path))
+}
+
 #[derive(Debug)]
 pub struct BootFiles {
     kernel: (PathBuf, File),
@@ -356,14 +361,14 @@ pub struct BootFiles {
 impl BootFiles {
     /// Opens the kernel and the initrd; reads nothing yet.
     pub fn open(kernel: &Path, initrd: Option<&Path>) -> Result<Self, BootError> {
-        let k = File::open(kernel).map_err(|err| BootError::KernelFile {
+        let k = open_ro(kernel).map_err(|err| BootError::KernelFile {
             path: kernel.to_owned(),
             err,
         })?;
         let i = match initrd {
             Some(p) => Some((
                 p.to_owned(),
-                File::open(p).map_err(|err| BootError::InitrdFile {
+                open_ro(p).map_err(|err| BootError::InitrdFile {
                     path: p.to_owned(),
                     err,
                 })?,
