@@ -2495,7 +2495,10 @@ fn remote_disk_goes_away(agent: &mut TestAgent, server: &mut Remote) {
             &std::fs::read(agent.state().join("vms/remote/launch.json")).unwrap(),
         )
         .unwrap();
-        assert_eq!(launch["dialer"], "dialer.sock", "{launch}");
+        // Its dialer socket, this launch's own, in its jail's root.
+        let dialer = launch["dialer"].as_str().unwrap_or_default();
+        assert!(dialer.starts_with("dialer-"), "{launch}");
+        assert!(agent.state().join("vms/remote/root").join(dialer).exists());
     });
     // The agent's dialer goes with it: the one it starts with serves the VM's reconnections.
     agent.kill9();
@@ -2766,6 +2769,15 @@ fn assert_jailed(
             "{id}: {nic}: {handed:?}"
         );
     }
+    // What it took it holds once: the handed originals were closed as it entered the jail.
+    let open_to = |target: &str| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == Path::new(target)))
+            .count()
+    };
+    assert_eq!(open_to("/dev/kvm"), 1, "{id}: /dev/kvm");
     // Its root is the VM's jail directory, holding only what the VMM put there.
     use std::os::unix::fs::MetadataExt;
     let jail = state.join("vms").join(id).join("root");

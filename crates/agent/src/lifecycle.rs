@@ -718,8 +718,8 @@ impl Agent {
         // A jailed VMM's remote disks connect through the agent: its network namespace is
         // empty. Bound before the VMM starts, which connects its disks first thing.
         let dialer = if jail.is_some() && config.disks.iter().any(|d| d.is_remote()) {
-            match sandbox::bind_dialer(&dir) {
-                Ok(l) => Some(l),
+            match sandbox::Dialer::bind(&dir, &token) {
+                Ok(d) => Some(d),
                 Err(e) => return Err(fail(format!("cannot make the VM's dialer socket: {e}"))),
             }
         } else {
@@ -781,7 +781,7 @@ impl Agent {
         let mut launch = Launch::new(config);
         launch.jail = jail;
         if dialer.is_some() {
-            launch.dialer = Some(sandbox::DIALER_SOCKET.into());
+            launch.dialer = dialer.as_ref().map(|d| d.name.clone());
         }
         if kind == Op::Upgrade {
             launch.handoff = true;
@@ -795,6 +795,15 @@ impl Agent {
         }
         // What the VMM needs of the host, opened here: it opens nothing by path. A VMM taking
         // a running VM over gets the rest (TAPs, sockets) once the old one has let them go.
+        // Anything else first checks that no VMM runs this VM, whose sockets these would
+        // replace (the VMM itself checks again, holding the lock for its life).
+        if kind != Op::Upgrade {
+            match bexar_util::fs::try_lock(&dir.join(layout::VMM_LOCK)) {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(fail("another VMM still runs this VM".into())),
+                Err(e) => return Err(fail(e.to_string())),
+            }
+        }
         let handed = match launch.open_handed() {
             Ok(h) => h,
             Err(e) => return Err(fail(e.to_string())),
@@ -847,8 +856,8 @@ impl Agent {
         if let Some(sock) = kept {
             drop(tokio::spawn(vp::keep_vm(sock, pidfd.clone())));
         }
-        if let Some(l) = dialer {
-            sandbox::spawn_dialer(&launch, l, &pidfd);
+        if let Some(d) = dialer {
+            d.spawn(&launch, &pidfd);
         }
         // Until the VMM answers with our token, watch for it dying instead.
         let exit = tokio::spawn(vp::wait_exit(watch_fd));
@@ -1487,13 +1496,20 @@ impl Agent {
         let watch_fd = pidfd.try_clone().ok()?;
         // Its remote disks connected through the agent before: serve them again (the old
         // agent's socket went with it).
+        // (The launch on record is the adopted VMM's unless an agent died in a live upgrade
+        // that did not finish: then the old VMM's dialer is not known.)
         match Launch::read(&dir) {
-            Ok(launch) if launch.dialer.is_some() => match sandbox::bind_dialer(&dir) {
-                Ok(l) => sandbox::spawn_dialer(&launch, l, &pidfd),
-                Err(e) => {
-                    tracing::warn!(vm = %rec.id, "cannot make the VM's dialer socket again: {e}; its remote disks cannot reconnect")
+            Ok(launch) if launch.dialer.is_some() && launch.token() == token => {
+                match sandbox::Dialer::bind(&dir, &token) {
+                    Ok(d) => d.spawn(&launch, &pidfd),
+                    Err(e) => {
+                        tracing::warn!(vm = %rec.id, "cannot make the VM's dialer socket again: {e}; its remote disks cannot reconnect")
+                    }
                 }
-            },
+            }
+            Ok(launch) if launch.dialer.is_some() => {
+                tracing::warn!(vm = %rec.id, "the VMM of an unfinished live upgrade: its remote disks cannot reconnect until it is restarted")
+            }
             _ => {}
         }
         let done = Self::attach_vmm(entry, &token, Arc::new(pidfd));

@@ -54,7 +54,7 @@ pub const DEFAULT_MEMORY_HEADROOM_MIB: u64 = 64;
 const PIDS_HEADROOM: u64 = 256;
 
 /// The jail for a VMM of the VM in `dir`. Its network namespace is empty even with remote
-/// disks: the agent connects those ([`DIALER_SOCKET`]).
+/// disks: the agent connects those ([`Dialer`]).
 pub fn jail_for(cfg: &SandboxConfig, dir: &Path) -> Option<JailConfig> {
     if !cfg.jail {
         return None;
@@ -64,56 +64,81 @@ pub fn jail_for(cfg: &SandboxConfig, dir: &Path) -> Option<JailConfig> {
     Some(j)
 }
 
-/// The socket in a jailed VMM's root on which the agent connects its remote disks to their
-/// servers (`Launch::dialer`).
-pub const DIALER_SOCKET: &str = "dialer.sock";
+/// How many connections one VMM's dialer makes at a time: each holds a blocking thread of the
+/// agent while it waits (for the request, at most 5 s, and for the server), so a VMM a guest
+/// took over cannot tie up the pool every VM shares.
+const DIALS_PER_VM: usize = 4;
 
-/// Binds the dialer socket of the VM in `dir` (replacing a stale one): root's, in the VM's
-/// jail root, mode 0666 so that the VMM's own uid can connect after it drops root (the VM's
-/// directory is root's alone, mode 0700: no other host user reaches it).
-pub fn bind_dialer(dir: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(files::JAIL_ROOT).join(DIALER_SOCKET);
-    let l = bexar_util::unix::bind_owner_only(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
-    Ok(l)
+/// The socket in a jailed VMM's root on which the agent connects its remote disks to their
+/// servers (`Launch::dialer`): one per launch (named by the launch's token), so a live
+/// upgrade's new VMM has its own while the old one keeps its own, and a failed upgrade leaves
+/// the old one's served.
+#[derive(Debug)]
+pub struct Dialer {
+    /// Relative to the jail's root.
+    pub name: PathBuf,
+    path: PathBuf,
+    listener: std::os::unix::net::UnixListener,
 }
 
-/// Serves `listener` as the dialer of the VMM behind `pidfd`, whose launch names its remote
-/// disks, in the background ([`serve_dialer`]).
-pub fn spawn_dialer(
-    launch: &bexar_vmm::launch::Launch,
-    listener: std::os::unix::net::UnixListener,
-    pidfd: &OwnedFd,
-) {
-    let allowed = launch
-        .config
-        .disks
-        .iter()
-        .filter_map(|d| d.remote_server())
-        .collect();
-    match pidfd.try_clone() {
-        Ok(fd) => drop(tokio::spawn(serve_dialer(listener, allowed, fd))),
-        Err(e) => {
-            tracing::warn!("cannot duplicate a pidfd: {e}; the VM's remote disks cannot reconnect")
+impl Dialer {
+    /// Binds the dialer of the launch with `token` of the VM in `dir` (replacing a stale
+    /// one): root's, in the VM's jail root, mode 0666 so that the VMM's own uid can connect
+    /// after it drops root (the VM's directory is root's alone, mode 0700: no other host user
+    /// reaches it).
+    pub fn bind(dir: &Path, token: &str) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let name = PathBuf::from(format!("dialer-{}.sock", &token[..token.len().min(12)]));
+        let path = dir.join(files::JAIL_ROOT).join(&name);
+        let listener = bexar_util::unix::bind_owner_only(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+        Ok(Self {
+            name,
+            path,
+            listener,
+        })
+    }
+
+    /// Serves it for the VMM behind `pidfd`, whose launch names its remote disks, in the
+    /// background until that VMM ends ([`serve_dialer`]).
+    pub fn spawn(self, launch: &bexar_vmm::launch::Launch, pidfd: &OwnedFd) {
+        let allowed = launch
+            .config
+            .disks
+            .iter()
+            .filter_map(|d| d.remote_server())
+            .collect();
+        match pidfd.try_clone() {
+            Ok(fd) => drop(tokio::spawn(serve_dialer(self, allowed, fd))),
+            Err(e) => tracing::warn!(
+                "cannot duplicate a pidfd: {e}; the VM's remote disks cannot reconnect"
+            ),
         }
     }
 }
 
-/// Serves the dialer `listener` for a VMM (`pidfd`) whose remote disks' servers are
-/// `allowed`, until it ends: each connection asks for one TCP connection, made here (on a
-/// blocking thread) and handed back ([`bexar_devices::block::remote::serve_dial`]); a server
-/// the VM's disks do not name is refused.
-pub async fn serve_dialer(
-    listener: std::os::unix::net::UnixListener,
-    allowed: Vec<(String, u16)>,
-    pidfd: OwnedFd,
-) {
+impl Drop for Dialer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Serves `dialer` for a VMM (`pidfd`) whose remote disks' servers are `allowed`, until it
+/// ends: each connection asks for one TCP connection, made here (on a blocking thread, at
+/// most [`DIALS_PER_VM`] at a time) and handed back
+/// ([`bexar_devices::block::remote::serve_dial`]); a server the VM's disks do not name is
+/// refused, and logged.
+async fn serve_dialer(dialer: Dialer, allowed: Vec<(String, u16)>, pidfd: OwnedFd) {
     let allowed = std::sync::Arc::new(allowed);
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(DIALS_PER_VM));
     let serve = async {
-        listener.set_nonblocking(true)?;
-        let l = tokio::net::UnixListener::from_std(listener)?;
+        let l = dialer.listener.try_clone()?;
+        l.set_nonblocking(true)?;
+        let l = tokio::net::UnixListener::from_std(l)?;
         loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return Ok(());
+            };
             let conn = match l.accept().await {
                 Ok((c, _)) => c.into_std().and_then(|c| {
                     c.set_nonblocking(false)?;
@@ -128,6 +153,7 @@ pub async fn serve_dialer(
                         if let Err(e) = bexar_devices::block::remote::serve_dial(c, &a) {
                             tracing::warn!("a remote disk's connection for its VMM: {e}");
                         }
+                        drop(permit);
                     }));
                 }
                 Err(e) => {
@@ -136,15 +162,15 @@ pub async fn serve_dialer(
                 }
             }
         }
-        #[allow(unreachable_code)]
-        Ok::<(), std::io::Error>(())
     };
     tokio::select! {
         r = serve => if let Err(e) = r {
+            let e: std::io::Error = e;
             tracing::warn!("cannot serve the dialer socket: {e}");
         },
         () = super::vmm_process::wait_exit(pidfd) => {}
     }
+    drop(dialer);
 }
 
 /// The descriptor number a VMM finds its ready-made network namespace at (set between fork

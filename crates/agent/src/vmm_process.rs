@@ -116,6 +116,14 @@ pub fn spawn(
         .into_iter()
         .chain(keeper.map(|f| (f.as_raw_fd(), super::sandbox::KEEPER_FD)))
         .collect();
+    // The agent keeps those two numbers taken (sandbox::reserve_passed_fds), so nothing it
+    // opens lands there; were one handed, the dup2 below would cover it.
+    let reserved = [super::sandbox::NETNS_FD, super::sandbox::KEEPER_FD];
+    if handed.iter().any(|fd| reserved.contains(fd)) {
+        return Err(VmmProcessError::Spawn(std::io::Error::other(
+            "a handed descriptor is at a number reserved for the VMM's namespace or keeper",
+        )));
+    }
     let handed = handed.to_vec();
     // SAFETY: setsid, write, fcntl and dup2 are async-signal-safe and allocate nothing
     // (`procs`, `passed` and `handed` were made before the fork); setsid detaches the VMM

@@ -107,12 +107,16 @@ pub fn install(handed: &Handed) -> io::Result<()> {
 }
 
 /// What was handed for `what`: `None` when nothing was and the caller may open it itself;
-/// a copy of the descriptor (the table keeps its own until [`close_all`], as two disks may
-/// share a backing file); or, from a strict table, an error naming what was not handed.
+/// a descriptor of it (the table keeps its own until [`close_all`], as two disks may share a
+/// backing file); or, from a strict table, an error naming what was not handed. A file is
+/// opened again through `/proc/self/fd` with the handed one's access mode and flags, so each
+/// taker has a file description of its own (one disk's `O_DIRECT` is not another's); the
+/// rest are copies.
 pub fn take(what: &What) -> Option<io::Result<OwnedFd>> {
     let table = lock(&TABLE);
     let t = table.as_ref()?;
     match t.fds.get(what) {
+        Some(fd) if matches!(what, What::File { .. }) => Some(reopen(fd)),
         Some(fd) => Some(fd.try_clone()),
         None if t.strict => Some(Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
@@ -120,6 +124,26 @@ pub fn take(what: &What) -> Option<io::Result<OwnedFd>> {
         ))),
         None => None,
     }
+}
+
+/// `fd`, opened again: a new file description of the same file, with its access mode and
+/// its `O_APPEND` and `O_NONBLOCK`.
+fn reopen(fd: &OwnedFd) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    // SAFETY: F_GETFL only reads the status flags of a descriptor the table owns.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mode = flags & libc::O_ACCMODE;
+    let f = std::fs::OpenOptions::new()
+        .read(mode != libc::O_WRONLY)
+        .write(mode != libc::O_RDONLY && flags & libc::O_APPEND == 0)
+        .append(flags & libc::O_APPEND != 0)
+        .custom_flags(flags & libc::O_NONBLOCK)
+        .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    Ok(f.into())
 }
 
 /// Closes every handed descriptor (the copies [`take`] gave out stay open); a strict table
@@ -206,7 +230,11 @@ mod tests {
         assert_eq!(unsafe { libc::fcntl(f, libc::F_GETFD) }, libc::FD_CLOEXEC);
         let got = file(&path, false, || panic!("handed: not opened by path")).unwrap();
         assert_ne!(got.as_raw_fd(), f, "a copy");
-        assert_eq!(std::io::read_to_string(got).unwrap(), "handed");
+        assert_eq!(std::io::read_to_string(&got).unwrap(), "handed");
+        // A file description of its own: the first taker's offset (at the end) is not the
+        // second's.
+        let again = file(&path, false, || panic!()).unwrap();
+        assert_eq!(std::io::read_to_string(again).unwrap(), "handed");
         // Same path, other mode; another path: refused, not opened.
         assert_eq!(
             file(&path, true, || panic!()).unwrap_err().kind(),

@@ -578,6 +578,9 @@ fn bind_control(control: Option<&ControlConfig>) -> Result<Option<ControlServer>
 
 /// Enters the armed jail, if any: from here the process has given up the host ([`crate::jail`]).
 fn enter_jail(file_bytes: u64) -> Result<(), VmmError> {
+    // Everything is open: what the agent handed and nothing took is closed, not kept in the
+    // jail.
+    bexar_util::handed::close_all();
     // Remote disks reconnect to the addresses their servers' names resolved to before.
     bexar_devices::block::remote::pin_resolved();
     crate::jail::enter_armed(file_bytes)?;

@@ -245,8 +245,10 @@ fn ask_dialer(
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     let mut s = std::os::unix::net::UnixStream::connect(path)
         .map_err(|e| io::Error::new(e.kind(), format!("the dialer {}: {e}", path.display())))?;
-    // The dialer's connect, and a little for the exchange.
-    s.set_read_timeout(Some(timeout + Duration::from_secs(2)))?;
+    // The dialer's connects (one per address it tries), and a little for the exchange.
+    s.set_read_timeout(Some(
+        timeout * MAX_ADDRESSES as u32 + Duration::from_secs(2),
+    ))?;
     s.set_write_timeout(Some(timeout))?;
     let req = DialRequest {
         host: host.to_owned(),
@@ -279,7 +281,9 @@ fn ask_dialer(
 
 /// Answers one request on `conn` from a process whose remote disks' servers are `allowed`
 /// (host and port as its disks name them): connects (resolving the name afresh) and sends the
-/// socket back, or says why not. What is not in `allowed` is refused.
+/// socket back, or says why not. What is not in `allowed` is refused, answered, and returned
+/// as a `PermissionDenied` error for the caller to log; a server that does not answer is only
+/// answered (the asking VMM logs it, and retries on its disk's policy).
 pub fn serve_dial(
     mut conn: std::os::unix::net::UnixStream,
     allowed: &[(String, u16)],
@@ -291,10 +295,10 @@ pub fn serve_dial(
     let req: DialRequest = serde_json::from_slice(text.trim_ascii_end())
         .map_err(|e| proto(format!("a dial request that does not parse: {e}")))?;
     let timeout = Duration::from_millis(req.timeout_ms.clamp(1, 60_000));
-    let result = if allowed
+    let allowed = allowed
         .iter()
-        .any(|(h, p)| *h == req.host && *p == req.port)
-    {
+        .any(|(h, p)| *h == req.host && *p == req.port);
+    let result = if allowed {
         connect_to(&req.host, req.port, timeout)
     } else {
         Err(io::Error::new(
@@ -310,14 +314,25 @@ pub fn serve_dial(
     };
     let mut line = serde_json::to_vec(&reply).map_err(io::Error::other)?;
     line.push(b'\n');
-    match &result {
+    match result {
         Ok(sock) => conn
             .send_with_fd(&line[..], sock.as_raw_fd())
             .map(drop)
             .map_err(|e| io::Error::from_raw_os_error(e.errno())),
-        Err(_) => conn.write_all(&line),
+        Err(e) => {
+            conn.write_all(&line)?;
+            if allowed {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        }
     }
 }
+
+/// The most addresses of one server name a connection is tried at (each with the whole
+/// timeout): bounds how long a reconnect waits for a name with many dead addresses.
+const MAX_ADDRESSES: usize = 4;
 
 /// Opens a TCP connection to the first address of `host:port` that answers, with
 /// `timeout` on the connect and on blocking reads and writes (the handshake); through the
@@ -336,7 +351,7 @@ pub(super) fn dial(host: &str, port: u16, timeout: Duration) -> io::Result<TcpSt
 /// Connects to the first address of `host:port` that answers within `timeout`.
 fn connect_to(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-    for a in resolve(host, port)? {
+    for a in resolve(host, port)?.into_iter().take(MAX_ADDRESSES) {
         match TcpStream::connect_timeout(&a, timeout) {
             Ok(s) => return Ok(s),
             Err(e) => last = e,
@@ -1104,10 +1119,9 @@ mod dial_tests {
             ("127.0.0.1".to_string(), down_port),
         ];
         let serving = std::thread::spawn(move || {
-            for _ in 0..3 {
-                let (c, _) = dialer.accept().unwrap();
-                let _ = serve_dial(c, &allowed);
-            }
+            (0..3)
+                .map(|_| serve_dial(dialer.accept().unwrap().0, &allowed).map_err(|e| e.kind()))
+                .collect::<Vec<_>>()
         });
         let t = Duration::from_secs(2);
         let mut s = ask_dialer(&path, "127.0.0.1", port, t).unwrap();
@@ -1118,6 +1132,7 @@ mod dial_tests {
         assert_eq!(&got, b"ping");
 
         let e = ask_dialer(&path, "127.0.0.1", other_port, t).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
         assert!(
             e.to_string()
                 .contains("not one of this VM's disks' servers"),
@@ -1125,7 +1140,11 @@ mod dial_tests {
         );
         let e = ask_dialer(&path, "127.0.0.1", down_port, t).unwrap_err();
         assert!(e.to_string().contains("refused"), "{e}");
-        serving.join().unwrap();
+        // The refusal is the server's error too (the agent logs it); a server down is not.
+        assert_eq!(
+            serving.join().unwrap(),
+            [Ok(()), Err(io::ErrorKind::PermissionDenied), Ok(())]
+        );
         std::fs::remove_file(&path).ok();
     }
 }
