@@ -1996,6 +1996,7 @@ fn a_running_vm_is_handed_to_a_new_vmm_process() {
         let c = agent.client();
         let mut s = spec("up");
         s["vcpus"] = json!(2);
+        s["vsock"] = json!({"cid": 9});
         let r = c.post("/v1/vms?start=true", &s).await.unwrap();
         let before = expect_status(&r, 201);
         wait_console(&c, "up", "idle: ready", 30).await;
@@ -2033,6 +2034,22 @@ fn a_running_vm_is_handed_to_a_new_vmm_process() {
         eprintln!("live upgrade: the guest was paused {pauses:?} ms");
         // Each new VMM read the state its predecessor wrote only once jailed.
         let log = common::read(&agent.state().join("vms/up/vmm.log"));
+        // And opened nothing of the host by path: the agent handed it /dev/kvm and the disks,
+        // the old VMM its sockets (control, console, vsock) and TAPs, as they were. (What it
+        // opens itself is its predecessor's state, in the VM's own directory.)
+        let by_path: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("opened by path"))
+            .collect();
+        assert_eq!(by_path.len(), 3, "{log}");
+        for l in by_path {
+            let rest = l.split("not handed: ").nth(1).unwrap_or_default();
+            assert!(
+                rest.starts_with("[File { path: ")
+                    && rest.ends_with("/handoff/vm.state\", writable: false }]"),
+                "{l}"
+            );
+        }
         assert_eq!(
             log.matches("handed-over state read, in the jail").count(),
             3,

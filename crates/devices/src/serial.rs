@@ -448,6 +448,12 @@ pub struct ConsoleInput {
 }
 
 impl ConsoleInput {
+    /// The console socket's listening descriptor, if the console has one.
+    pub fn listener_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.listener.as_ref().map(|(l, _)| l.as_raw_fd())
+    }
+
     /// Whether input waits for FIFO room (the owner retries [`Self::retry`] now and then, for a
     /// guest that left the UART in loopback mode and so never empties the FIFO).
     pub fn has_pending(&self) -> bool {

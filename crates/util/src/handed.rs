@@ -69,6 +69,8 @@ pub struct Handed {
 struct Table {
     strict: bool,
     fds: HashMap<What, OwnedFd>,
+    /// A lenient table's misses.
+    by_path: Vec<What>,
 }
 
 static TABLE: Mutex<Option<Table>> = Mutex::new(None);
@@ -102,8 +104,30 @@ pub fn install(handed: &Handed) -> io::Result<()> {
     *lock(&TABLE) = Some(Table {
         strict: handed.strict,
         fds,
+        by_path: Vec::new(),
     });
     Ok(())
+}
+
+/// Adds `fds` to the table (a descriptor already there for the same thing is replaced),
+/// making a lenient table if there is none: what a VMM handing its VM over sends along
+/// (`bexar_vmm::control::take_over`).
+pub fn add(fds: impl IntoIterator<Item = (What, OwnedFd)>) {
+    let mut table = lock(&TABLE);
+    let t = table.get_or_insert_with(|| Table {
+        strict: false,
+        fds: HashMap::new(),
+        by_path: Vec::new(),
+    });
+    t.fds.extend(fds);
+}
+
+/// What this process opened by path because it was not handed (a lenient table's misses),
+/// for its log.
+pub fn opened_by_path() -> Vec<What> {
+    lock(&TABLE)
+        .as_ref()
+        .map_or(Vec::new(), |t| t.by_path.clone())
 }
 
 /// What was handed for `what`: `None` when nothing was and the caller may open it itself;
@@ -113,8 +137,8 @@ pub fn install(handed: &Handed) -> io::Result<()> {
 /// taker has a file description of its own (one disk's `O_DIRECT` is not another's); the
 /// rest are copies.
 pub fn take(what: &What) -> Option<io::Result<OwnedFd>> {
-    let table = lock(&TABLE);
-    let t = table.as_ref()?;
+    let mut table = lock(&TABLE);
+    let t = table.as_mut()?;
     match t.fds.get(what) {
         Some(fd) if matches!(what, What::File { .. }) => Some(reopen(fd)),
         Some(fd) => Some(fd.try_clone()),
@@ -122,7 +146,10 @@ pub fn take(what: &What) -> Option<io::Result<OwnedFd>> {
             io::ErrorKind::PermissionDenied,
             format!("{what:?} was not handed to this process, which opens nothing by path"),
         ))),
-        None => None,
+        None => {
+            t.by_path.push(what.clone());
+            None
+        }
     }
 }
 

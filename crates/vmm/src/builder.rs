@@ -580,6 +580,10 @@ fn bind_control(control: Option<&ControlConfig>) -> Result<Option<ControlServer>
 fn enter_jail(file_bytes: u64) -> Result<(), VmmError> {
     // Everything is open: what the agent handed and nothing took is closed, not kept in the
     // jail.
+    let by_path = bexar_util::handed::opened_by_path();
+    if !by_path.is_empty() {
+        tracing::info!("opened by path, not handed: {by_path:?}");
+    }
     bexar_util::handed::close_all();
     // Remote disks reconnect to the addresses their servers' names resolved to before.
     bexar_devices::block::remote::pin_resolved();

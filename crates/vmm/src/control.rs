@@ -235,14 +235,22 @@ impl Reply {
 }
 
 /// What a VMM handing its VM over says with guest memory's descriptor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandoffReport {
     /// When its vCPUs were paused (`CLOCK_MONOTONIC`, ns): the new VMM measures the pause the
     /// guest saw from here.
     pub paused_at_ns: u64,
     /// Guest memory in bytes (the descriptor's size).
     pub memory_bytes: u64,
+    /// What the descriptors sent after guest memory's are, in order: the TAPs and listening
+    /// sockets the new VMM takes as they are (none from a VMM of an older version, whose
+    /// successor opens them again).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub descriptors: Vec<bexar_util::handed::What>,
 }
+
+/// The most descriptors a handover carries besides guest memory's.
+const HANDOFF_MAX_FDS: usize = 64;
 
 /// Now on `CLOCK_MONOTONIC`, in ns (one clock for every process of the host).
 pub fn monotonic_ns() -> u64 {
@@ -267,7 +275,6 @@ pub fn take_over(
     jail_root: &Path,
     from_pid: Option<u32>,
 ) -> Result<(std::fs::File, HandoffReport, std::path::PathBuf), String> {
-    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
     let peer = peer_pid(&s).map_err(|e| format!("{}: {e}", socket.display()))?;
     // 0: the peer is outside this process's PID namespace; the launch says who it is.
@@ -293,9 +300,8 @@ pub fn take_over(
     line.push(b'\n');
     s.write_all(&line).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 4096];
-    let (n, memory) = s
-        .recv_with_fd(&mut buf)
-        .map_err(|e| format!("no answer to the handover: {e}"))?;
+    let (n, mut fds) =
+        recv_fds(&s, &mut buf).map_err(|e| format!("no answer to the handover: {e}"))?;
     let mut text = buf[..n].to_vec();
     while !text.contains(&b'\n') {
         let m = s.read(&mut buf).map_err(|e| e.to_string())?;
@@ -312,10 +318,57 @@ pub fn take_over(
             reply.error.unwrap_or_default()
         ));
     }
-    match (memory, reply.handoff) {
-        (Some(m), Some(r)) => Ok((m, r, found)),
-        _ => Err("the handover reply came without guest memory".into()),
+    let Some(r) = reply.handoff else {
+        return Err("the handover reply came without guest memory".into());
+    };
+    if fds.is_empty() {
+        return Err("the handover reply came without guest memory".into());
     }
+    let memory = std::fs::File::from(fds.remove(0));
+    // The TAPs and listening sockets, taken as they are; were they not all there, the new
+    // VMM opens them again by name, as from a VMM of an older version.
+    if fds.len() == r.descriptors.len() {
+        bexar_util::handed::add(r.descriptors.iter().cloned().zip(fds));
+    } else if !fds.is_empty() || !r.descriptors.is_empty() {
+        tracing::warn!(
+            "the handover named {} descriptors and {} came: opening them again",
+            r.descriptors.len(),
+            fds.len()
+        );
+    }
+    Ok((memory, r, found))
+}
+
+/// Receives one message into `buf` with the descriptors it carries (close-on-exec as they
+/// arrive); at most 1 + [`HANDOFF_MAX_FDS`].
+fn recv_fds(s: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; 1 + HANDOFF_MAX_FDS]);
+    let msg = recvmsg::<()>(
+        s.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(got) = c {
+            // SAFETY: the kernel just installed these descriptors in this process for us.
+            fds.extend(
+                got.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(std::io::Error::other(
+            "descriptors were cut off (too many, or this process is out of them)",
+        ));
+    }
+    Ok((msg.bytes, fds))
 }
 
 /// The pid of the process at the other end of `s` (SO_PEERCRED).
@@ -374,6 +427,11 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
+    /// The listening socket's descriptor (a live upgrade hands it to the next VMM).
+    pub fn listener_fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
     /// Binds the socket (owner-only), replacing a stale one.
     pub fn bind(path: &Path) -> std::io::Result<Self> {
         let listener = bexar_util::unix::bind_owner_only(path)?;
@@ -419,7 +477,12 @@ impl ControlServer {
     }
 
     /// [`Self::reply`] with a descriptor passed along (`SCM_RIGHTS`), in one message.
-    pub fn reply_with_fd(&mut self, conn: ConnId, reply: &Reply, fd: RawFd) -> std::io::Result<()> {
+    pub fn reply_with_fds(
+        &mut self,
+        conn: ConnId,
+        reply: &Reply,
+        fds: &[RawFd],
+    ) -> std::io::Result<()> {
         use vmm_sys_util::sock_ctrl_msg::ScmSocket;
         let c = self
             .conns
@@ -430,7 +493,7 @@ impl ControlServer {
         text.push(b'\n');
         let n = c
             .stream
-            .send_with_fd(&text[..], fd)
+            .send_with_fds(&[&text[..]], fds)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         if n != text.len() {
             return Err(std::io::Error::other("the reply was cut short"));

@@ -635,6 +635,30 @@ impl DeviceManager {
             .map_err(persist)
     }
 
+    /// What of the host the devices hold that a VMM taking the VM over gets as it is
+    /// ([`VirtioDevice::host_descriptors`]), and the console's listening socket.
+    pub fn host_descriptors(
+        &self,
+        console_socket: Option<&std::path::Path>,
+    ) -> Vec<(bexar_util::handed::What, std::os::fd::RawFd)> {
+        let mut out = Vec::new();
+        for v in &self.virtio {
+            let dev = lock(&v.transport).device().clone();
+            out.extend(lock(&dev).host_descriptors());
+        }
+        if let (Some(path), Some(input)) = (console_socket, &self.console_input) {
+            if let Some(fd) = lock(input).listener_fd() {
+                out.push((
+                    bexar_util::handed::What::Listener {
+                        path: path.to_owned(),
+                    },
+                    fd,
+                ));
+            }
+        }
+        out
+    }
+
     /// Notifies every active virtio device once on each queue, as the guest would: a restored
     /// device looks at the rings the guest filled before the snapshot (frames to send, buffers
     /// to receive into), which the guest will not announce again; and raises again the

@@ -138,10 +138,10 @@ impl Launch {
     /// What a VMM of this launch would open of the host, opened here with this process's
     /// rights, to be handed to it at exec ([`bexar_util::handed`]): /dev/kvm, the kernel and
     /// initrd (or a snapshot's state and memory), every local disk's file and the files of
-    /// its backing chain (found as the VMM would find them, pins checked), and, unless the
-    /// VMM takes a running VM over (whose VMM still holds them until it ends), each TAP, the
-    /// console's log and socket, the control socket, the vsock socket and the socket a
-    /// migration arrives on. A path relative to the VMM's working directory (its jail's root,
+    /// its backing chain (found as the VMM would find them, pins checked), the console's log,
+    /// and, unless the VMM takes a running VM over (whose VMM holds them, and hands them to it
+    /// as they are: `control::take_over`), each TAP, the console's socket, the control socket,
+    /// the vsock socket and the socket a migration arrives on. A path relative to the VMM's working directory (its jail's root,
     /// where it has one) is opened there. Remote disks are not here: their connections are
     /// the VMM's.
     pub fn open_handed(&self) -> Result<Vec<(What, OwnedFd)>, LaunchError> {
@@ -210,6 +210,22 @@ impl Launch {
                 ));
             }
         }
+        if let ConsoleConfig::File { path } | ConsoleConfig::SocketWithLog { log: path, .. } =
+            &c.console
+        {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(at(path))
+                .map_err(|e| open_err("open", path, e))?;
+            out.push((
+                What::File {
+                    path: path.clone(),
+                    writable: true,
+                },
+                f.into(),
+            ));
+        }
         if self.handoff {
             return Ok(out);
         }
@@ -250,22 +266,6 @@ impl Launch {
         }
         if let Some(s) = &self.incoming {
             listen(s)?;
-        }
-        if let ConsoleConfig::File { path } | ConsoleConfig::SocketWithLog { log: path, .. } =
-            &c.console
-        {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(at(path))
-                .map_err(|e| open_err("open", path, e))?;
-            out.push((
-                What::File {
-                    path: path.clone(),
-                    writable: true,
-                },
-                f.into(),
-            ));
         }
         Ok(out)
     }

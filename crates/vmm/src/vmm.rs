@@ -163,8 +163,9 @@ pub struct Vmm {
     pub(crate) state: VmmState,
     /// When the vCPUs were first let run.
     pub(crate) running: Option<Instant>,
-    /// Guest memory to send with the reply being made (a handover).
-    pub(crate) handoff_memory: Option<std::fs::File>,
+    /// Guest memory to send with the reply being made (a handover), then the TAPs and
+    /// listening sockets the reply's report names.
+    pub(crate) handoff_memory: Option<(std::fs::File, Vec<std::os::fd::RawFd>)>,
     /// The VM was handed to a new VMM: this one only ends.
     pub(crate) handed_off: bool,
     /// For a VM handed over by another VMM: when that one paused it (`CLOCK_MONOTONIC`, ns),
@@ -928,9 +929,34 @@ impl Vmm {
             crate::control::HandoffReport {
                 paused_at_ns,
                 memory_bytes: self.ram.size,
+                descriptors: Vec::new(),
             },
             memory,
         ))
+    }
+
+    /// What of the host this VMM holds that the VMM taking its VM over gets as it is, rather
+    /// than open again after this one has ended: the control socket, the console's socket,
+    /// each TAP, the vsock socket (each with what it stands for; the descriptors stay this
+    /// VMM's).
+    fn host_descriptors(&self) -> Vec<(bexar_util::handed::What, std::os::fd::RawFd)> {
+        use bexar_devices::serial::ConsoleConfig;
+        let mut out = Vec::new();
+        if let (Some(ctl), Some(c)) = (&self.control, &self.config.control) {
+            out.push((
+                bexar_util::handed::What::Listener {
+                    path: c.socket.clone(),
+                },
+                lock(ctl).listener_fd(),
+            ));
+        }
+        let console = match &self.config.console {
+            ConsoleConfig::Socket { path } => Some(path.as_path()),
+            ConsoleConfig::SocketWithLog { socket, .. } => Some(socket.as_path()),
+            _ => None,
+        };
+        out.extend(self.devices.host_descriptors(console));
+        out
     }
 
     fn write_handoff(&self, dir: &std::path::Path) -> Result<std::fs::File, VmmError> {
@@ -1114,8 +1140,10 @@ impl Vmm {
                 Reply::ok()
             }
             Request::Handoff { dir } => match self.handoff(dir) {
-                Ok((report, memory)) => {
-                    self.handoff_memory = Some(memory);
+                Ok((mut report, memory)) => {
+                    let (what, fds) = self.host_descriptors().into_iter().unzip();
+                    report.descriptors = what;
+                    self.handoff_memory = Some((memory, fds));
                     Reply::handoff(report)
                 }
                 Err(e) => Reply::error(e.to_string()),
@@ -1177,10 +1205,11 @@ impl Vmm {
             };
             match self.handoff_memory.take() {
                 None => lock(&ctl).reply(conn, &reply),
-                Some(memory) => {
+                Some((memory, host)) => {
                     // The VM is the new VMM's once it holds the memory: this one ends. If the
                     // descriptor did not get there, the VM goes on here.
-                    match lock(&ctl).reply_with_fd(conn, &reply, memory.as_raw_fd()) {
+                    let fds: Vec<_> = std::iter::once(memory.as_raw_fd()).chain(host).collect();
+                    match lock(&ctl).reply_with_fds(conn, &reply, &fds) {
                         Ok(()) => {
                             tracing::info!("VM handed over to a new VMM");
                             self.handed_off = true;

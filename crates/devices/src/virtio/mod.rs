@@ -778,6 +778,12 @@ pub trait VirtioDevice: Send {
     fn frozen_flag(&self) -> Arc<AtomicBool> {
         self.common().frozen.clone()
     }
+    /// What of the host the device holds that a VMM taking its VM over should get as it is
+    /// (a TAP, a listening socket), rather than open again: each with what it stands for
+    /// ([`bexar_util::handed`]). The descriptors stay the device's.
+    fn host_descriptors(&self) -> Vec<(bexar_util::handed::What, std::os::fd::RawFd)> {
+        Vec::new()
+    }
 }
 
 /// Reads `data.len()` bytes of a configuration structure at `offset`; bytes past its end read

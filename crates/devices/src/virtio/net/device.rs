@@ -352,6 +352,15 @@ impl VirtioDevice for Net {
     fn common(&self) -> &VirtioCommon {
         &self.common
     }
+    fn host_descriptors(&self) -> Vec<(bexar_util::handed::What, std::os::fd::RawFd)> {
+        use std::os::fd::AsRawFd;
+        vec![(
+            bexar_util::handed::What::Tap {
+                name: self.tap.name().to_owned(),
+            },
+            self.tap.file().as_raw_fd(),
+        )]
+    }
     fn announce(&mut self) -> bool {
         use std::io::Write;
         let mut frames = vec![announcement(self.nic.mac).to_vec()];

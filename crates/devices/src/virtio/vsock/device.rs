@@ -676,6 +676,15 @@ impl VirtioDevice for Vsock {
     fn common(&self) -> &VirtioCommon {
         &self.common
     }
+    fn host_descriptors(&self) -> Vec<(bexar_util::handed::What, std::os::fd::RawFd)> {
+        use std::os::fd::AsRawFd;
+        vec![(
+            bexar_util::handed::What::Listener {
+                path: self.uds.clone(),
+            },
+            self.listener.as_raw_fd(),
+        )]
+    }
     fn common_mut(&mut self) -> &mut VirtioCommon {
         &mut self.common
     }
