@@ -142,8 +142,8 @@ pub fn main(dir: &Path) -> ExitCode {
         }
     }
     let (lock, built) = if launch.handoff {
-        // The running VMM pauses the guest and hands over its memory; this one restores it as
-        // soon as that one has ended (and released the TAPs, sockets and lock).
+        // The running VMM pauses the guest and hands over its memory, TAPs and sockets; this
+        // one restores it as soon as that one has ended (and released its lock).
         let socket = launch
             .config
             .control

@@ -695,6 +695,18 @@ impl Agent {
             Ok(c) => c,
             Err(e) => return Err(fail(format!("the VM cannot be configured: {e}"))),
         };
+        // Anything but a live upgrade first checks that no VMM runs this VM, whose sockets,
+        // cgroup limits and dialer the steps below would replace (the VMM itself checks again,
+        // and holds the lock for its life). Then a dialer socket left in the jail's root is
+        // stale (its VMM ended while the agent was down).
+        if kind != Op::Upgrade {
+            match bexar_util::fs::try_lock(&dir.join(layout::VMM_LOCK)) {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(fail("another VMM still runs this VM".into())),
+                Err(e) => return Err(fail(e.to_string())),
+            }
+            sandbox::Dialer::remove_stale(&dir);
+        }
         let jail = sandbox::jail_for(&self.config.sandbox, &dir);
         if jail.is_some() {
             // The VMM binds and connects its vsock sockets relative to its working directory,
@@ -794,16 +806,7 @@ impl Agent {
             launch.restore = Some(dir.join(super::snapshots::RESTORE_DIR));
         }
         // What the VMM needs of the host, opened here: it opens nothing by path. A VMM taking
-        // a running VM over gets the rest (TAPs, sockets) once the old one has let them go.
-        // Anything else first checks that no VMM runs this VM, whose sockets these would
-        // replace (the VMM itself checks again, holding the lock for its life).
-        if kind != Op::Upgrade {
-            match bexar_util::fs::try_lock(&dir.join(layout::VMM_LOCK)) {
-                Ok(Some(_)) => {}
-                Ok(None) => return Err(fail("another VMM still runs this VM".into())),
-                Err(e) => return Err(fail(e.to_string())),
-            }
-        }
+        // a running VM over gets the rest (TAPs, sockets) from the old one, as they are.
         let handed = match launch.open_handed() {
             Ok(h) => h,
             Err(e) => return Err(fail(e.to_string())),

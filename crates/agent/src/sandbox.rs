@@ -99,6 +99,20 @@ impl Dialer {
         })
     }
 
+    /// Removes every dialer socket in the VM's jail root: run when no VMM runs the VM.
+    pub fn remove_stale(dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir.join(files::JAIL_ROOT)) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("dialer-") && name.ends_with(".sock") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
     /// Serves it for the VMM behind `pidfd`, whose launch names its remote disks, in the
     /// background until that VMM ends ([`serve_dialer`]).
     pub fn spawn(self, launch: &bexar_vmm::launch::Launch, pidfd: &OwnedFd) {

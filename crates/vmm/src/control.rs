@@ -300,7 +300,7 @@ pub fn take_over(
     line.push(b'\n');
     s.write_all(&line).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 4096];
-    let (n, mut fds) =
+    let (n, mut fds, cut) =
         recv_fds(&s, &mut buf).map_err(|e| format!("no answer to the handover: {e}"))?;
     let mut text = buf[..n].to_vec();
     while !text.contains(&b'\n') {
@@ -326,8 +326,17 @@ pub fn take_over(
     }
     let memory = std::fs::File::from(fds.remove(0));
     // The TAPs and listening sockets, taken as they are; were they not all there, the new
-    // VMM opens them again by name, as from a VMM of an older version.
-    if fds.len() == r.descriptors.len() {
+    // VMM opens them again by name, as from a VMM of an older version. (The VM is this VMM's
+    // now: the old one ends, so guest memory is kept whatever else went wrong.)
+    if !cut && fds.len() == r.descriptors.len() {
+        for (what, fd) in r.descriptors.iter().zip(&fds) {
+            if matches!(what, bexar_util::handed::What::Listener { .. }) {
+                // Listening here at once makes a client's SO_PEERCRED name this VMM from now
+                // on, not the old one, whose last listen() the socket still carries.
+                // SAFETY: listen on a socket descriptor this process owns; no memory passed.
+                unsafe { libc::listen(fd.as_raw_fd(), 128) };
+            }
+        }
         bexar_util::handed::add(r.descriptors.iter().cloned().zip(fds));
     } else if !fds.is_empty() || !r.descriptors.is_empty() {
         tracing::warn!(
@@ -340,8 +349,12 @@ pub fn take_over(
 }
 
 /// Receives one message into `buf` with the descriptors it carries (close-on-exec as they
-/// arrive); at most 1 + [`HANDOFF_MAX_FDS`].
-fn recv_fds(s: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+/// arrive; at most 1 + [`HANDOFF_MAX_FDS`]), and whether some were cut off (too many, or
+/// this process out of descriptors): those that came are kept.
+fn recv_fds(
+    s: &UnixStream,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, Vec<std::os::fd::OwnedFd>, bool)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     use std::os::fd::{FromRawFd, OwnedFd};
     let mut iov = [std::io::IoSliceMut::new(buf)];
@@ -363,12 +376,11 @@ fn recv_fds(s: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Vec<std::
             );
         }
     }
-    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-        return Err(std::io::Error::other(
-            "descriptors were cut off (too many, or this process is out of them)",
-        ));
+    let cut = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    if cut {
+        tracing::warn!("the handover's descriptors were cut off (too many, or none left here)");
     }
-    Ok((msg.bytes, fds))
+    Ok((msg.bytes, fds, cut))
 }
 
 /// The pid of the process at the other end of `s` (SO_PEERCRED).
