@@ -792,9 +792,7 @@ impl Agent {
         };
         let mut launch = Launch::new(config);
         launch.jail = jail;
-        if dialer.is_some() {
-            launch.dialer = dialer.as_ref().map(|d| d.name.clone());
-        }
+        launch.dialer = dialer.as_ref().map(|d| d.name.clone());
         if kind == Op::Upgrade {
             launch.handoff = true;
             launch.handoff_from = rec.status.pid;

@@ -1,7 +1,7 @@
 //! Unix sockets only their owner may use.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -16,10 +16,7 @@ pub fn bind_owner_only(path: &Path) -> io::Result<UnixListener> {
         let fd = fd?;
         // Listening here (again, if it was already) makes a client's SO_PEERCRED name this
         // process, not the one that bound it: the agent tells its VMM by that pid.
-        // SAFETY: listen on a socket descriptor this process owns; no memory is passed.
-        if unsafe { libc::listen(fd.as_raw_fd(), 128) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        socket2::SockRef::from(&fd).listen(128)?;
         return Ok(UnixListener::from(fd));
     }
     match std::fs::remove_file(path) {
@@ -37,49 +34,23 @@ pub fn bind_owner_only(path: &Path) -> io::Result<UnixListener> {
 /// from [`crate::handed`]), so that until then a client is refused, as if nothing were
 /// there, and afterwards its SO_PEERCRED names that process.
 pub fn bind_for_another(path: &Path) -> io::Result<OwnedFd> {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "{}: not a Unix socket path (at most 107 bytes)",
-                path.display()
-            ),
-        ));
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
+    // Checked here for a clear error: the kernel's limit is 107 bytes and a NUL.
+    let addr = socket2::SockAddr::unix(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("{}: not a Unix socket path ({e})", path.display()),
+        )
+    })?;
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    // SAFETY: socket takes constants and returns a new descriptor or -1.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned `fd`; nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    // SAFETY: bind reads `len` bytes of `addr`, a sockaddr_un on this stack at least that long.
-    let r = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // Close-on-exec, as socket2 makes every socket.
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    s.bind(&addr)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(fd)
+    Ok(s.into())
 }
 
 #[cfg(test)]
@@ -105,8 +76,7 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let e = std::os::unix::net::UnixStream::connect(&p).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
-        // SAFETY: listen on the socket `fd` owns.
-        assert_eq!(unsafe { libc::listen(fd.as_raw_fd(), 1) }, 0);
+        socket2::SockRef::from(&fd).listen(1).unwrap();
         let l = UnixListener::from(fd);
         let _c = std::os::unix::net::UnixStream::connect(&p).unwrap();
         l.accept().unwrap();

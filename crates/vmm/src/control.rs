@@ -333,8 +333,9 @@ pub fn take_over(
             if matches!(what, bexar_util::handed::What::Listener { .. }) {
                 // Listening here at once makes a client's SO_PEERCRED name this VMM from now
                 // on, not the old one, whose last listen() the socket still carries.
-                // SAFETY: listen on a socket descriptor this process owns; no memory passed.
-                unsafe { libc::listen(fd.as_raw_fd(), 128) };
+                if let Err(e) = nix::sys::socket::listen(fd, nix::sys::socket::Backlog::MAXCONN) {
+                    tracing::warn!("cannot listen on the handed-over {what:?}: {e}");
+                }
             }
         }
         bexar_util::handed::add(r.descriptors.iter().cloned().zip(fds));

@@ -5,9 +5,8 @@
 //! * `vmm.lock`: an flock the VMM holds for its whole life (two VMMs never run one VM);
 //! * `result.json` ([`RunResult`]): how the VM ended, written atomically by the VMM.
 
-use std::path::Path;
-
 use std::os::fd::OwnedFd;
+use std::path::Path;
 
 use bexar_util::handed::{Handed, What};
 use serde::{Deserialize, Serialize};
@@ -141,9 +140,9 @@ impl Launch {
     /// its backing chain (found as the VMM would find them, pins checked), the console's log,
     /// and, unless the VMM takes a running VM over (whose VMM holds them, and hands them to it
     /// as they are: `control::take_over`), each TAP, the console's socket, the control socket,
-    /// the vsock socket and the socket a migration arrives on. A path relative to the VMM's working directory (its jail's root,
-    /// where it has one) is opened there. Remote disks are not here: their connections are
-    /// the VMM's.
+    /// the vsock socket and the socket a migration arrives on. A path relative to the VMM's
+    /// working directory (its jail's root, where it has one) is opened there. Remote disks
+    /// are not here: the agent connects them when the VMM asks ([`Launch::dialer`]).
     pub fn open_handed(&self) -> Result<Vec<(What, OwnedFd)>, LaunchError> {
         use bexar_devices::serial::ConsoleConfig;
         let c = &self.config;
