@@ -2037,6 +2037,9 @@ fn a_running_vm_is_handed_to_a_new_vmm_process() {
         // And opened nothing of the host by path: the agent handed it /dev/kvm and the disks,
         // the old VMM its sockets (control, console, vsock) and TAPs, as they were. (What it
         // opens itself is its predecessor's state, in the VM's own directory.)
+        // Each old VMM wrote its result (read by an agent that restarted during the
+        // upgrade) before the new one made the jail's `out` its own.
+        assert!(!log.contains("cannot write the result"), "{log}");
         let by_path: Vec<&str> = log
             .lines()
             .filter(|l| l.contains("opened by path"))

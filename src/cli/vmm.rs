@@ -19,9 +19,18 @@ use bexar_vmm::{build_for_boot, build_from_handoff, build_from_snapshot};
 const INCOMING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn write_result(dir: &Path, result: &RunResult) {
+    write_result_as(dir, result, write_atomic)
+}
+
+/// [`write_result`] with `write`.
+fn write_result_as(
+    dir: &Path,
+    result: &RunResult,
+    write: fn(&Path, &[u8]) -> Result<(), bexar_util::fs::FsError>,
+) {
     match serde_json::to_vec_pretty(result) {
         Ok(data) => {
-            if let Err(e) = write_atomic(&dir.join(files::RESULT), &data) {
+            if let Err(e) = write(&dir.join(files::RESULT), &data) {
                 tracing::error!("cannot write the result: {e}");
             }
         }
@@ -218,20 +227,23 @@ pub fn main(dir: &Path) -> ExitCode {
     match built.and_then(|vmm| vmm.run_until_exit(None)) {
         Ok(outcome) => {
             tracing::info!(vm = %launch.id(), "VM ended: {}", outcome.reason);
+            let result = RunResult {
+                token,
+                clean: outcome.reason.is_clean(),
+                reason: outcome.reason.to_string(),
+                outcome: serde_json::to_value(&outcome).ok(),
+            };
             if outcome.handed_off {
-                // The new VMM waits for the lock with the guest paused: it goes before the
-                // result is written (which the agent ignores for this launch anyway).
+                // The new VMM waits for the lock with the guest paused, and then makes the
+                // jail's `out` its own: the result (which an agent that restarted during a
+                // live upgrade reads) is written first, and without fsyncs, so the pause
+                // grows by microseconds. It is worth nothing after a host crash, when the
+                // guest's memory is gone too.
+                write_result_as(&out_dir(dir), &result, bexar_util::fs::write_replace);
                 drop(lock.take());
+            } else {
+                write_result(&out_dir(dir), &result);
             }
-            write_result(
-                &out_dir(dir),
-                &RunResult {
-                    token,
-                    clean: outcome.reason.is_clean(),
-                    reason: outcome.reason.to_string(),
-                    outcome: serde_json::to_value(&outcome).ok(),
-                },
-            );
             status_for(&outcome.reason).into()
         }
         Err(e) => {

@@ -31,6 +31,18 @@ pub fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) 
 /// written and fsynced, renamed over `path`, and the directory fsynced. After a crash at any
 /// instant, `path` holds the old contents or the new ones.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), FsError> {
+    replace(path, data, true)
+}
+
+/// Replaces `path` with `data` atomically (a reader sees the old contents or the new ones) but
+/// not durably: nothing is fsynced, so it takes microseconds, not milliseconds. For what is
+/// worth nothing after a host crash (a VMM that handed its VM over, whose guest memory went
+/// with the crash too).
+pub fn write_replace(path: &Path, data: &[u8]) -> Result<(), FsError> {
+    replace(path, data, false)
+}
+
+fn replace(path: &Path, data: &[u8], durable: bool) -> Result<(), FsError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = temp_name(path);
     // New, never one another process left: in a PID namespace of its own every VMM is pid 1,
@@ -43,7 +55,13 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), FsError> {
     let written = f
         .write_all(data)
         .map_err(io_err("write", &tmp))
-        .and_then(|()| f.sync_all().map_err(io_err("fsync", &tmp)));
+        .and_then(|()| {
+            if durable {
+                f.sync_all().map_err(io_err("fsync", &tmp))
+            } else {
+                Ok(())
+            }
+        });
     drop(f);
     let renamed =
         written.and_then(|()| std::fs::rename(&tmp, path).map_err(io_err("rename", path)));
@@ -51,7 +69,10 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), FsError> {
         let _ = std::fs::remove_file(&tmp);
     }
     renamed?;
-    sync_dir(dir)
+    if durable {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// A name beside `path` for a temporary file no other process picks: the pid and 64 random
