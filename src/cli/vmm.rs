@@ -19,22 +19,31 @@ use bexar_vmm::{build_for_boot, build_from_handoff, build_from_snapshot};
 const INCOMING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn write_result(dir: &Path, result: &RunResult) {
-    write_result_as(dir, result, write_atomic)
-}
-
-/// [`write_result`] with `write`.
-fn write_result_as(
-    dir: &Path,
-    result: &RunResult,
-    write: fn(&Path, &[u8]) -> Result<(), bexar_util::fs::FsError>,
-) {
     match serde_json::to_vec_pretty(result) {
         Ok(data) => {
-            if let Err(e) = write(&dir.join(files::RESULT), &data) {
+            if let Err(e) = write_atomic(&dir.join(files::RESULT), &data) {
                 tracing::error!("cannot write the result: {e}");
             }
         }
         Err(e) => tracing::error!("cannot encode the result: {e}"),
+    }
+}
+
+/// [`write_result`] in place at once, made durable by the caller later
+/// ([`bexar_util::fs::Unsynced::sync`]).
+fn write_result_unsynced(dir: &Path, result: &RunResult) -> Option<bexar_util::fs::Unsynced> {
+    let written = serde_json::to_vec_pretty(result)
+        .map_err(|e| e.to_string())
+        .and_then(|data| {
+            bexar_util::fs::write_replace(&dir.join(files::RESULT), &data)
+                .map_err(|e| e.to_string())
+        });
+    match written {
+        Ok(u) => Some(u),
+        Err(e) => {
+            tracing::error!("cannot write the result: {e}");
+            None
+        }
     }
 }
 
@@ -236,11 +245,13 @@ pub fn main(dir: &Path) -> ExitCode {
             if outcome.handed_off {
                 // The new VMM waits for the lock with the guest paused, and then makes the
                 // jail's `out` its own: the result (which an agent that restarted during a
-                // live upgrade reads) is written first, and without fsyncs, so the pause
-                // grows by microseconds. It is worth nothing after a host crash, when the
-                // guest's memory is gone too.
-                write_result_as(&out_dir(dir), &result, bexar_util::fs::write_replace);
+                // live upgrade or a migration reads) is put in place first, its fsyncs
+                // after the lock, so the pause grows by microseconds, not milliseconds.
+                let unsynced = write_result_unsynced(&out_dir(dir), &result);
                 drop(lock.take());
+                if let Some(Err(e)) = unsynced.map(bexar_util::fs::Unsynced::sync) {
+                    tracing::error!("cannot make the result durable: {e}");
+                }
             } else {
                 write_result(&out_dir(dir), &result);
             }

@@ -31,18 +31,6 @@ pub fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) 
 /// written and fsynced, renamed over `path`, and the directory fsynced. After a crash at any
 /// instant, `path` holds the old contents or the new ones.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), FsError> {
-    replace(path, data, true)
-}
-
-/// Replaces `path` with `data` atomically (a reader sees the old contents or the new ones) but
-/// not durably: nothing is fsynced, so it takes microseconds, not milliseconds. For what is
-/// worth nothing after a host crash (a VMM that handed its VM over, whose guest memory went
-/// with the crash too).
-pub fn write_replace(path: &Path, data: &[u8]) -> Result<(), FsError> {
-    replace(path, data, false)
-}
-
-fn replace(path: &Path, data: &[u8], durable: bool) -> Result<(), FsError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = temp_name(path);
     // New, never one another process left: in a PID namespace of its own every VMM is pid 1,
@@ -55,13 +43,7 @@ fn replace(path: &Path, data: &[u8], durable: bool) -> Result<(), FsError> {
     let written = f
         .write_all(data)
         .map_err(io_err("write", &tmp))
-        .and_then(|()| {
-            if durable {
-                f.sync_all().map_err(io_err("fsync", &tmp))
-            } else {
-                Ok(())
-            }
-        });
+        .and_then(|()| f.sync_all().map_err(io_err("fsync", &tmp)));
     drop(f);
     let renamed =
         written.and_then(|()| std::fs::rename(&tmp, path).map_err(io_err("rename", path)));
@@ -69,10 +51,55 @@ fn replace(path: &Path, data: &[u8], durable: bool) -> Result<(), FsError> {
         let _ = std::fs::remove_file(&tmp);
     }
     renamed?;
-    if durable {
-        sync_dir(dir)?;
+    sync_dir(dir)
+}
+
+/// Replaces `path` with `data` atomically (a reader sees the old contents or the new ones),
+/// leaving the fsyncs to the caller ([`Unsynced::sync`]): for a caller that must have the file
+/// in place within microseconds and can make it durable a moment later (a VMM that handed its
+/// VM over writes its result, then lets go of its lock, then syncs). A crash before the sync
+/// may leave the old contents, the new ones, or an empty file.
+pub fn write_replace(path: &Path, data: &[u8]) -> Result<Unsynced, FsError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir_file = File::open(dir).map_err(io_err("open", dir))?;
+    let tmp = temp_name(path);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(io_err("create", &tmp))?;
+    let renamed = f
+        .write_all(data)
+        .map_err(io_err("write", &tmp))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(io_err("rename", path)));
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    Ok(())
+    renamed?;
+    Ok(Unsynced {
+        file: f,
+        dir: dir_file,
+        path: path.to_owned(),
+    })
+}
+
+/// A file [`write_replace`] put in place, not yet durable.
+#[derive(Debug)]
+pub struct Unsynced {
+    file: File,
+    dir: File,
+    path: PathBuf,
+}
+
+impl Unsynced {
+    /// Makes it durable: the file's data, then the directory's entry (through descriptors
+    /// opened before, so it works where the path can no longer be opened).
+    pub fn sync(self) -> Result<(), FsError> {
+        self.file.sync_all().map_err(io_err("fsync", &self.path))?;
+        self.dir
+            .sync_all()
+            .map_err(io_err("fsync the directory of", &self.path))
+    }
 }
 
 /// A name beside `path` for a temporary file no other process picks: the pid and 64 random
@@ -177,6 +204,22 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_replace_is_in_place_at_once_and_synced_later_through_its_descriptors() {
+        let d = dir("replace");
+        let p = d.join("x.json");
+        write_atomic(&p, b"one").unwrap();
+        let pending = write_replace(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
+        // The directory may go away meanwhile: the sync needs no path.
+        let moved = d.with_extension("moved");
+        let _ = std::fs::remove_dir_all(&moved);
+        std::fs::rename(&d, &moved).unwrap();
+        pending.sync().unwrap();
+        let _ = std::fs::remove_dir_all(&moved);
     }
 
     #[test]
