@@ -13,7 +13,8 @@
 //! * the PID namespace: fork+exec of `/bin/true` as the first process of a new one (the
 //!   agent's way: a thread that unshares, then spawns) against the same fork and exec;
 //! * the agent's start rate (create and start through the API until the guest's ready line)
-//!   with the jail and cgroups on, against `--no-jail --cgroup-parent off`, and its forced
+//!   with the jail and cgroups on, against `--no-jail --cgroup-parent off` (four agents, one
+//!   per configuration, their VMs started in turn), and its forced
 //!   stops (API call to answer, which waits for the VMM's exit): a jailed VMM is the first
 //!   process of its own PID namespace and hands its VM to the agent, so KVM's teardown (about
 //!   14 ms here) is in neither's exit.
@@ -112,85 +113,119 @@ struct AgentRun {
     stop_ms: f64,
 }
 
-/// Creates and starts `n` VMs through an agent started with `flags`, each until its guest's
-/// ready line, then stops each (forced) and deletes it.
-fn agent_starts(bexar: &Path, guest: &Path, flags: &[&str], n: usize, tag: &str) -> AgentRun {
-    let dir = std::env::temp_dir().join(format!("bexar-bench-jail-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut all = vec!["--cpu-allocation-ratio", "200", "--imds-listen", "off"];
-    all.extend_from_slice(flags);
-    let (child, socket) = common::start_agent(bexar, &dir, &[], &all, "info");
-    let agent = common::BenchAgent { dir, child };
+/// Starts one agent per configuration (`tag`, `flags`), then creates and starts `n` VMs on
+/// them in turn (VM i on every agent before VM i + 1 on any, each round beginning with the
+/// next agent), each until its guest's ready line, then stops each (forced) and deletes it, in turn too: a drift in the machine's speed
+/// during the run falls on every configuration alike (run one after another, two runs of the
+/// same build differed by 10 ms in which came out ahead).
+fn agent_starts(
+    bexar: &Path,
+    guest: &Path,
+    configs: &[(&str, &[&str])],
+    n: usize,
+) -> Vec<AgentRun> {
+    let agents: Vec<(common::BenchAgent, bexar_agent::api::client::Client)> = configs
+        .iter()
+        .map(|(tag, flags)| {
+            let dir =
+                std::env::temp_dir().join(format!("bexar-bench-jail-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut all = vec!["--cpu-allocation-ratio", "200", "--imds-listen", "off"];
+            all.extend_from_slice(flags);
+            let (child, socket) = common::start_agent(bexar, &dir, &[], &all, "info");
+            (
+                common::BenchAgent { dir, child },
+                bexar_agent::api::client::Client::new(&socket),
+            )
+        })
+        .collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let c = bexar_agent::api::client::Client::new(&socket);
-    let mut per_vm = rt.block_on(async {
-        let mut v = Vec::new();
-        for i in 0..n {
-            let id = format!("j-{i:03}");
-            let spec = json!({
-                "id": id, "vcpus": 1, "memory_mib": 32,
-                "boot": {"kernel": guest.display().to_string(), "cmdline": "console=ttyS0 bexar.test=idle"}
-            });
-            let t = Instant::now();
-            let r = c.post("/v1/vms?start=true", &spec).await.unwrap();
-            assert_eq!(r.status.as_u16(), 201, "{}", String::from_utf8_lossy(&r.body));
-            let console = format!("/v1/vms/{id}/console");
-            while !String::from_utf8_lossy(&c.get(&console).await.unwrap().body).contains("idle: ready") {
-                tokio::time::sleep(Duration::from_micros(500)).await;
-            }
-            v.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        v
-    });
-    // "jailed in DIR: namespaces N µs, ..." in each VMM's log.
-    let mut ns: Vec<f64> = (0..n)
-        .filter_map(|i| {
-            let log =
-                std::fs::read_to_string(agent.dir.join(format!("state/vms/j-{i:03}/vmm.log")))
-                    .ok()?;
-            let at = log.find("namespaces ")? + "namespaces ".len();
-            log[at..].split_whitespace().next()?.parse().ok()
-        })
-        .collect();
-    let mut stops = rt.block_on(async {
-        let mut v = Vec::new();
-        for i in 0..n {
-            let t = Instant::now();
-            let r = c
-                .post(&format!("/v1/vms/j-{i:03}/stop?force=true"), &json!({}))
-                .await
-                .unwrap();
-            assert_eq!(r.status, 200, "stop: {}", String::from_utf8_lossy(&r.body));
-            v.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        v
-    });
+    let mut starts = vec![Vec::new(); agents.len()];
+    let mut stops = vec![Vec::new(); agents.len()];
     rt.block_on(async {
         for i in 0..n {
-            // Deleted through the API: the VMs' cgroups go with them.
-            let r = c.delete(&format!("/v1/vms/j-{i:03}")).await.unwrap();
-            assert_eq!(
-                r.status,
-                204,
-                "delete j-{i:03}: {}",
-                String::from_utf8_lossy(&r.body)
-            );
+            // Each round begins with the next agent: none is always first.
+            for j in 0..agents.len() {
+                let k = (i + j) % agents.len();
+                let c = &agents[k].1;
+                let id = format!("j-{i:03}");
+                let spec = json!({
+                    "id": id, "vcpus": 1, "memory_mib": 32,
+                    "boot": {"kernel": guest.display().to_string(), "cmdline": "console=ttyS0 bexar.test=idle"}
+                });
+                let t = Instant::now();
+                let r = c.post("/v1/vms?start=true", &spec).await.unwrap();
+                assert_eq!(r.status.as_u16(), 201, "{}", String::from_utf8_lossy(&r.body));
+                let console = format!("/v1/vms/{id}/console");
+                while !String::from_utf8_lossy(&c.get(&console).await.unwrap().body)
+                    .contains("idle: ready")
+                {
+                    tokio::time::sleep(Duration::from_micros(500)).await;
+                }
+                starts[k].push(t.elapsed().as_secs_f64() * 1e3);
+            }
         }
     });
-    drop(agent);
-    let ns = if ns.is_empty() {
-        f64::NAN
-    } else {
-        percentile(&mut ns, 0.5)
-    };
-    AgentRun {
-        start_ms: percentile(&mut per_vm, 0.5),
-        ns_us: ns,
-        stop_ms: percentile(&mut stops, 0.5),
-    }
+    // "jailed in DIR: namespaces N µs, ..." in each VMM's log, read before the VMs go.
+    let mut ns: Vec<Vec<f64>> = agents
+        .iter()
+        .map(|(agent, _)| {
+            (0..n)
+                .filter_map(|i| {
+                    let log = std::fs::read_to_string(
+                        agent.dir.join(format!("state/vms/j-{i:03}/vmm.log")),
+                    )
+                    .ok()?;
+                    let at = log.find("namespaces ")? + "namespaces ".len();
+                    log[at..].split_whitespace().next()?.parse().ok()
+                })
+                .collect()
+        })
+        .collect();
+    rt.block_on(async {
+        for i in 0..n {
+            for (k, (_, c)) in agents.iter().enumerate() {
+                let t = Instant::now();
+                let r = c
+                    .post(&format!("/v1/vms/j-{i:03}/stop?force=true"), &json!({}))
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, 200, "stop: {}", String::from_utf8_lossy(&r.body));
+                stops[k].push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        for i in 0..n {
+            for (_, c) in &agents {
+                // Deleted through the API: the VMs' cgroups go with them.
+                let r = c.delete(&format!("/v1/vms/j-{i:03}")).await.unwrap();
+                assert_eq!(
+                    r.status,
+                    204,
+                    "delete j-{i:03}: {}",
+                    String::from_utf8_lossy(&r.body)
+                );
+            }
+        }
+    });
+    agents
+        .into_iter()
+        .zip(starts.iter_mut().zip(stops.iter_mut()).zip(ns.iter_mut()))
+        .map(|(agent, ((start, stop), ns))| {
+            drop(agent);
+            AgentRun {
+                start_ms: percentile(start, 0.5),
+                ns_us: if ns.is_empty() {
+                    f64::NAN
+                } else {
+                    percentile(ns, 0.5)
+                },
+                stop_ms: percentile(stop, 0.5),
+            }
+        })
+        .collect()
 }
 
 fn main() {
@@ -321,26 +356,28 @@ fn main() {
 
     // 5. The agent's start rate and stops, jail and cgroups on against off.
     let vms = (n / 2).max(5);
-    let on = agent_starts(&bexar, &guest, &[], vms, "on");
-    let jail_only = agent_starts(&bexar, &guest, &["--cgroup-parent", "off"], vms, "jail");
-    let cgroups_only = agent_starts(&bexar, &guest, &["--no-jail"], vms, "cgroups");
-    let off = agent_starts(
+    let runs = agent_starts(
         &bexar,
         &guest,
-        &["--no-jail", "--cgroup-parent", "off"],
+        &[
+            ("on", &[]),
+            ("jail", &["--cgroup-parent", "off"]),
+            ("cgroups", &["--no-jail"]),
+            ("off", &["--no-jail", "--cgroup-parent", "off"]),
+        ],
         vms,
-        "off",
     );
+    let (on, jail_only, cgroups_only, off) = (&runs[0], &runs[1], &runs[2], &runs[3]);
     println!(
         "agent VMMs' namespaces step (joining a network namespace the agent made ahead), median: {:.0} µs",
         on.ns_us
     );
-    println!("agent create+start to the guest's ready line, and forced stop, median of {vms} (ratio to neither):");
+    println!("agent create+start to the guest's ready line, and forced stop, median of {vms}, the four agents taken in turn (ratio to neither):");
     let runs = [
-        ("jail and cgroups", &on),
-        ("jail only", &jail_only),
-        ("cgroups only", &cgroups_only),
-        ("neither", &off),
+        ("jail and cgroups", on),
+        ("jail only", jail_only),
+        ("cgroups only", cgroups_only),
+        ("neither", off),
     ];
     for (what, r) in runs {
         println!(

@@ -31,27 +31,8 @@ pub fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) 
 /// written and fsynced, renamed over `path`, and the directory fsynced. After a crash at any
 /// instant, `path` holds the old contents or the new ones.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), FsError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = temp_name(path);
-    // New, never one another process left: in a PID namespace of its own every VMM is pid 1,
-    // and the next one to write here (a live upgrade's) has another uid.
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(io_err("create", &tmp))?;
-    let written = f
-        .write_all(data)
-        .map_err(io_err("write", &tmp))
-        .and_then(|()| f.sync_all().map_err(io_err("fsync", &tmp)));
-    drop(f);
-    let renamed =
-        written.and_then(|()| std::fs::rename(&tmp, path).map_err(io_err("rename", path)));
-    if renamed.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    renamed?;
-    sync_dir(dir)
+    put_in_place(path, data, true)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
 /// Replaces `path` with `data` atomically (a reader sees the old contents or the new ones),
@@ -62,25 +43,38 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), FsError> {
 pub fn write_replace(path: &Path, data: &[u8]) -> Result<Unsynced, FsError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let dir_file = File::open(dir).map_err(io_err("open", dir))?;
-    let tmp = temp_name(path);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(io_err("create", &tmp))?;
-    let renamed = f
-        .write_all(data)
-        .map_err(io_err("write", &tmp))
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(io_err("rename", path)));
-    if renamed.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    renamed?;
+    let f = put_in_place(path, data, false)?;
     Ok(Unsynced {
         file: f,
         dir: dir_file,
         path: path.to_owned(),
     })
+}
+
+/// Writes `data` to a new temporary file beside `path` (fsynced first with `sync_first`) and
+/// renames it over `path`; the file, still open. The temporary file goes on any failure.
+fn put_in_place(path: &Path, data: &[u8], sync_first: bool) -> Result<File, FsError> {
+    let tmp = temp_name(path);
+    // New, never one another process left: in a PID namespace of its own every VMM is pid 1,
+    // and the next one to write here (a live upgrade's) has another uid.
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(io_err("create", &tmp))?;
+    let written = f.write_all(data).map_err(io_err("write", &tmp));
+    let synced = written.and_then(|()| {
+        if sync_first {
+            f.sync_all().map_err(io_err("fsync", &tmp))
+        } else {
+            Ok(())
+        }
+    });
+    let renamed = synced.and_then(|()| std::fs::rename(&tmp, path).map_err(io_err("rename", path)));
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    renamed.map(|()| f)
 }
 
 /// A file [`write_replace`] put in place, not yet durable.
