@@ -130,8 +130,11 @@ fn fleet_memory(bexar: &Path, guest: &Path, vms: usize) -> Fleet {
     let after = kernel_kib();
     let (mut pss, mut uss) = (0.0, 0.0);
     for (child, _) in &children {
-        let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", child.id()))
-            .expect("smaps_rollup");
+        let rollup = std::fs::read_to_string(format!(
+            "/proc/{}/smaps_rollup",
+            common::vmm_of_run(child.id())
+        ))
+        .expect("smaps_rollup");
         let field = |name| bexar_util::procfs::kib_field(&rollup, name).unwrap_or(0) as f64;
         pss += field("Pss:") - field("Pss_Shmem:");
         // The guest's memfd pages are mapped by this VMM alone, so its Pss_Shmem is all private.

@@ -208,7 +208,7 @@ fn snapshot_against_touched(bexar: &Path, guest: &Path) {
             let socket = tmp("touch.sock");
             let mode = format!("touch bexar.touch-mib={mib}");
             let mut vm = boot_until(bexar, guest, &mode, 256, &socket, "pages written");
-            let touched = guest_resident(vm.id());
+            let touched = guest_resident(common::vmm_of_run(vm.id()));
             let t = Instant::now();
             let r = control(
                 &socket,

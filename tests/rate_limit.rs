@@ -119,7 +119,7 @@ fn disk_run(limits: &str, iters: u64) -> (f64, f64, f64) {
         "randread4k iops=",
         "hanging after blk-bench",
     );
-    let cpu = thread_cpu(child.id(), "virtio");
+    let cpu = thread_cpu(vmm_of_run(child.id()), "virtio");
     child.kill().unwrap();
     child.wait().unwrap();
     std::fs::remove_file(img).ok();

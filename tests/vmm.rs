@@ -297,9 +297,9 @@ fn idle_guest_sleeps_without_host_cpu_and_echoes_console_input() {
     let mut got = wait_idle_ready(&mut conn);
     // Asleep in hlt: the VMM's threads use (almost) no CPU. A spinning vCPU would use a whole
     // core: 2 s, 200 ticks at the usual 100 Hz.
-    let before = cpu_ticks(child.id());
+    let before = cpu_ticks(common::vmm_of_run(child.id()));
     std::thread::sleep(std::time::Duration::from_secs(2));
-    let used = cpu_ticks(child.id()) - before;
+    let used = cpu_ticks(common::vmm_of_run(child.id())) - before;
     assert!(
         used <= 10,
         "idle guest used {used} clock ticks of host CPU in 2 s"
@@ -522,7 +522,7 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
     use std::os::unix::fs::MetadataExt;
     for jailed in [true, false] {
         let extra: &[&str] = if jailed {
-            &["--cmdline", "bexar.test=idle", "--pid-namespace"]
+            &["--cmdline", "bexar.test=idle"]
         } else {
             &["--cmdline", "bexar.test=idle", "--no-jail"]
         };
@@ -535,8 +535,8 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
         // Checked in a closure so that a failure shows what the VMM said.
         let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             wait_idle_ready(&mut conn);
-            // With --pid-namespace the process started forks as it enters the jail: the VMM goes
-            // on as pid 1 of a PID namespace of its own, the parent waits outside, without root.
+            // The process started forks as it enters the jail: the VMM goes on as pid 1 of a PID
+            // namespace of its own, the parent waits outside, without root, under a filter.
             let pid = if jailed {
                 let children =
                     std::fs::read_to_string(format!("/proc/{run_pid}/task/{run_pid}/children"))
@@ -555,6 +555,12 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
                     "{s}"
                 );
                 assert_eq!(common::status_field(&s, "NoNewPrivs:"), "1", "{s}");
+                assert_eq!(common::status_field(&s, "Seccomp:"), "2", "{s}");
+                assert_eq!(
+                    common::status_field(&s, "CapBnd:"),
+                    "0000000000000000",
+                    "{s}"
+                );
                 let fds = std::fs::read_dir(format!("/proc/{run_pid}/fd")).unwrap();
                 let held: Vec<String> = fds
                     .flatten()

@@ -174,3 +174,13 @@ impl Drop for BenchAgent {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The VMM of the `bexar run` process `pid`: jailed (the default, as root), its only child,
+/// pid 1 of a PID namespace of its own; otherwise (`--no-jail`, an older binary) `pid` itself.
+#[allow(dead_code)] // not every bench looks at the VMM's process
+pub fn vmm_of_run(pid: u32) -> u32 {
+    match bexar_util::procfs::children(pid)[..] {
+        [vmm] => vmm,
+        _ => pid,
+    }
+}

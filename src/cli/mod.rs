@@ -203,12 +203,15 @@ pub struct RunArgs {
     /// host.
     #[arg(long)]
     pub no_jail: bool,
-    /// Jailed, run the VMM as pid 1 of a PID namespace of its own: this process forks as it
-    /// enters the jail and waits outside, without root, holding only the VM, forwarding
-    /// SIGTERM, SIGINT, SIGHUP, SIGQUIT and Ctrl+Z to the VMM, and exits as it did. Off by
-    /// default: this process is then no longer the VMM that tools and `kill` see.
+    /// Jailed, keep the VMM in this process and the host's PID namespace. By default the VMM
+    /// goes on as pid 1 of a PID namespace of its own: this process forks as it enters the
+    /// jail and waits outside (without root, under its own seccomp filter, holding only the
+    /// VM), forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT and Ctrl+Z to the VMM, connects its
+    /// remote disks to their servers (so the VMM's network namespace stays empty), and exits
+    /// as the VMM did. With this flag a VMM with remote disks keeps the host's network
+    /// namespace, fenced by Landlock to its servers' ports.
     #[arg(long)]
-    pub pid_namespace: bool,
+    pub no_pid_namespace: bool,
     /// First uid of the jail's range: the VMM runs as this plus its pid.
     #[arg(long, value_name = "UID", default_value_t = bexar_vmm::jail::DEFAULT_UID_BASE)]
     pub jail_uid_base: u32,

@@ -219,16 +219,18 @@ fn arm_jail(args: &RunArgs) -> Result<(), String> {
         );
         return Ok(());
     }
-    // The remote disks' servers' ports: the only TCP the jail allows.
-    let ports: Vec<u16> = args
+    let remote: Vec<(String, u16)> = args
         .vm
         .disk
         .iter()
-        .filter_map(|d| d.remote_port())
+        .filter_map(|d| d.remote_server())
         .collect();
-    let remote = args.vm.disk.iter().any(|d| d.is_remote());
-    bexar_vmm::seccomp::arm(None, remote).map_err(|e| e.to_string())?;
-    if nix::unistd::geteuid().as_raw() != 0 {
+    // Forking into a PID namespace needs root; as another user the VMM stays this process.
+    let root_user = nix::unistd::geteuid().as_raw() == 0;
+    let fork = root_user && !args.no_pid_namespace;
+    // TCP sockets only for a VMM that connects its remote disks itself.
+    bexar_vmm::seccomp::arm(None, !remote.is_empty() && !fork).map_err(|e| e.to_string())?;
+    if !root_user {
         tracing::warn!(
             "not root: no jail (namespaces, empty root, own uid) for this VMM, only its seccomp \
              filters"
@@ -240,12 +242,17 @@ fn arm_jail(args: &RunArgs) -> Result<(), String> {
     std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o555))
         .map_err(|e| format!("{RUN_JAIL_ROOT}: {e}"))?;
     let mut j = bexar_vmm::jail::JailConfig::new(args.jail_uid_base, root.to_owned());
-    // Remote disks keep the host's network, to reconnect to their servers' ports (only).
-    j.network = !remote;
-    j.tcp_ports = ports;
-    // On request, the VMM goes on as pid 1 of a PID namespace of its own; this process waits
-    // outside.
-    j.fork_pid_namespace = args.pid_namespace;
+    // The VMM goes on as pid 1 of a PID namespace of its own; this process waits outside, in
+    // the host's network namespace, and connects the remote disks for the VMM, whose own
+    // network namespace is then empty.
+    j.fork_pid_namespace = fork;
+    if fork {
+        j.dial_for = remote;
+    } else {
+        // Remote disks keep the host's network, to reconnect to their servers' ports (only).
+        j.network = remote.is_empty();
+        j.tcp_ports = remote.iter().map(|(_, p)| *p).collect();
+    }
     bexar_vmm::jail::arm(j).map_err(|e| e.to_string())
 }
 

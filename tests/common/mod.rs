@@ -775,3 +775,13 @@ pub fn assert_read_in_jail(log: &str, read: &str) {
         .unwrap_or_else(|| panic!("no {read:?} line: {log}"));
     assert!(entered < at, "read before the jail ({read:?}): {log}");
 }
+
+/// The VMM of the `bexar run` process `pid`: jailed (the default, as root), its only child,
+/// pid 1 of a PID namespace of its own; otherwise `pid` itself.
+#[allow(dead_code)] // not every test file looks at the VMM's process
+pub fn vmm_of_run(pid: u32) -> u32 {
+    match bexar_util::procfs::children(pid)[..] {
+        [vmm] => vmm,
+        _ => pid,
+    }
+}

@@ -82,6 +82,12 @@ pub struct JailConfig {
     /// the agent starts its VMMs in a namespace of their own instead.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fork_pid_namespace: bool,
+    /// With [`JailConfig::fork_pid_namespace`]: the remote disks' servers (host and port as
+    /// the disks name them) that the waiting parent, which stays in the host's network
+    /// namespace, connects to for the VMM, whose own namespace is then empty. Not in the
+    /// launch file: `bexar run`'s alone (the agent dials for its VMMs itself).
+    #[serde(skip)]
+    pub dial_for: Vec<(String, u16)>,
     /// Install the per-thread seccomp filters.
     #[serde(default = "yes")]
     pub seccomp: bool,
@@ -105,6 +111,7 @@ impl JailConfig {
             netns_fd: None,
             keeper_fd: None,
             fork_pid_namespace: false,
+            dial_for: Vec::new(),
             seccomp: true,
             landlock: true,
         }
@@ -464,7 +471,7 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
     if c.fork_pid_namespace && !own_pid_namespace() {
         let t0 = Instant::now();
         // Returns in the child only (one thread: checked above).
-        crate::pid_ns::fork_into_new(c.uid_base)?;
+        crate::pid_ns::fork_into_new(c.uid_base, &c.dial_for)?;
         t.pid_namespace_us = us(t0);
     }
     if own_pid_namespace() {
@@ -636,6 +643,41 @@ pub fn confine_thread(kind: crate::threads::ThreadKind) -> Result<(), JailError>
         .and_then(|r| r.restrict_self())
         .map_err(|e| step("landlock")(std::io::Error::other(e.to_string())))?;
     crate::seccomp::install(kind).map_err(|e| step("seccomp")(std::io::Error::other(e.to_string())))
+}
+
+/// Confines `bexar run`'s waiting parent ([`crate::pid_ns`]), which stays in the host's
+/// namespaces and gave up root already: no capability in any set, no file by path (Landlock, a
+/// ruleset with no rule), TCP only to connect to `tcp_ports` (its remote disks' servers, for
+/// the VMM), and its own seccomp filter ([`crate::seccomp::install_waiter`]).
+pub(crate) fn confine_waiter(tcp_ports: &[u16]) -> Result<(), JailError> {
+    use landlock::{
+        Access, AccessFs, AccessNet, NetPort, Ruleset, RulesetAttr, RulesetCreatedAttr, ABI,
+    };
+    for set in [
+        caps::CapSet::Ambient,
+        caps::CapSet::Inheritable,
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+    ] {
+        caps::clear(None, set)
+            .map_err(|e| step("clear capabilities")(std::io::Error::other(e.to_string())))?;
+    }
+    nix::sys::prctl::set_no_new_privs().map_err(nix_step("no_new_privs"))?;
+    Ruleset::default()
+        .handle_access(AccessFs::from_all(ABI::V3))
+        .and_then(|r| r.handle_access(AccessNet::from_all(ABI::V4)))
+        .and_then(|r| r.create())
+        .and_then(|r| {
+            r.add_rules(
+                tcp_ports
+                    .iter()
+                    .map(|&p| Ok(NetPort::new(p, AccessNet::ConnectTcp))),
+            )
+        })
+        .and_then(|r| r.restrict_self())
+        .map_err(|e| step("landlock")(std::io::Error::other(e.to_string())))?;
+    crate::seccomp::install_waiter(!tcp_ports.is_empty())
+        .map_err(|e| step("seccomp")(std::io::Error::other(e.to_string())))
 }
 
 /// Restricts every path this process opens from now on to beneath its (new) root, and its TCP

@@ -7,8 +7,11 @@
 //! the VMM, pid 1 of the new namespace, and the parent waits outside it.
 //!
 //! The parent holds nothing of the VM's: it closes every descriptor but the standard ones and
-//! its end of a socket, and gives up root (the child's uid, so it may still signal it; no
-//! capabilities, `no_new_privs`). The child hands it the VM's descriptor as soon as it has made
+//! its ends of two sockets, gives up root (the child's uid, so it may still signal it) and
+//! confines itself ([`crate::jail::confine_waiter`]: no capabilities, `no_new_privs`, no file
+//! by path, its own seccomp filter). It stays in the host's network namespace, and connects the
+//! child's remote disks to their servers for it (`remote::serve_dials_over`), so the child's
+//! network namespace is empty. The child hands it the VM's descriptor as soon as it has made
 //! the VM ([`crate::teardown::hand_to_keeper`]), so the child's exit does not wait for KVM's
 //! teardown (a namespace's first process could not leave that to a child of its own: the
 //! kernel holds its exit until the rest of its namespace has gone). Once the child has ended,
@@ -17,20 +20,24 @@
 //!
 //! The parent forwards what ends a process (SIGTERM, SIGINT, SIGHUP, SIGQUIT) to the child
 //! and waits for it, relays Ctrl+Z as SIGSTOP and SIGCONT, and the child dies with the parent
-//! (`PR_SET_PDEATHSIG`) should the parent be killed. Opt-in (`bexar run --pid-namespace`):
-//! the process a caller started is then not the VMM that `/proc` tools look at.
+//! (`PR_SET_PDEATHSIG`) should the parent be killed. A jailed `bexar run` does so unless
+//! `--no-pid-namespace`: the process a caller started is then not the VMM but its parent.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixDatagram, UnixStream};
 
 use crate::jail::{nix_step, step as io_step, JailError};
 
 /// Forks this process, which must have one thread, into a new PID namespace. Returns in the
 /// child (the namespace's pid 1, which goes on as the VMM); the parent never returns. Both
 /// take the uid `uid_base` plus the child's pid.
-pub(crate) fn fork_into_new(uid_base: u32) -> Result<(), JailError> {
+pub(crate) fn fork_into_new(uid_base: u32, dial_for: &[(String, u16)]) -> Result<(), JailError> {
     use nix::unistd::{fork, ForkResult};
     let (outside, inside) = UnixStream::pair().map_err(io_step("the keeper socket"))?;
+    let dial = match dial_for {
+        [] => None,
+        _ => Some(UnixDatagram::pair().map_err(io_step("the dial channel"))?),
+    };
     // SAFETY: pidfd_open takes a pid and flags; on success the descriptor is ours alone.
     let parent = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
     if parent < 0 {
@@ -58,6 +65,10 @@ pub(crate) fn fork_into_new(uid_base: u32) -> Result<(), JailError> {
                 libc::signal(libc::SIGTTOU, libc::SIG_IGN);
             }
             *bexar_util::sync::lock(&PARENT) = Some(parent);
+            if let Some((inside, outside)) = dial {
+                drop(outside);
+                bexar_devices::block::remote::dial_over(inside);
+            }
             crate::jail::learn_host_pid();
             crate::jail::set_keeper(OwnedFd::from(inside));
             Ok(())
@@ -72,7 +83,8 @@ pub(crate) fn fork_into_new(uid_base: u32) -> Result<(), JailError> {
             }
             drop(parent);
             forward_signals(child);
-            wait_outside(child, outside, uid_base)
+            let dial = dial.map(|(_, outside)| (outside, dial_for.to_vec()));
+            wait_outside(child, outside, uid_base, dial)
         }
     }
 }
@@ -106,18 +118,36 @@ pub(crate) fn die_with_parent() -> Result<(), JailError> {
     Ok(())
 }
 
-/// The parent: gives up what it holds, keeps the VM the child hands over, waits for the child
-/// and exits as it did.
-fn wait_outside(child: nix::unistd::Pid, sock: UnixStream, uid_base: u32) -> ! {
+/// The parent: gives up what it holds, keeps the VM the child hands over, connects the
+/// child's remote disks to their servers (`dial`: the channel and the servers), waits for the
+/// child and exits as it did.
+fn wait_outside(
+    child: nix::unistd::Pid,
+    sock: UnixStream,
+    uid_base: u32,
+    dial: Option<(UnixDatagram, Vec<(String, u16)>)>,
+) -> ! {
     use nix::sys::wait::{waitpid, WaitStatus};
-    let keep = sock.as_raw_fd() as u32;
-    // SAFETY: close_range on this process's own descriptors above stdio, sparing the socket;
-    // nothing else here uses them (the child has its own copies).
-    unsafe {
-        libc::close_range(3, keep - 1, 0);
-        libc::close_range(keep + 1, u32::MAX, 0);
-    }
+    let mut keep = vec![sock.as_raw_fd()];
+    keep.extend(dial.as_ref().map(|(c, _)| c.as_raw_fd()));
+    close_all_but(&mut keep);
     drop_root(uid_base.saturating_add(child.as_raw() as u32));
+    let ports: Vec<u16> = dial
+        .as_ref()
+        .map(|(_, servers)| servers.iter().map(|(_, p)| *p).collect())
+        .unwrap_or_default();
+    if let Err(e) = crate::jail::confine_waiter(&ports) {
+        // The child is jailed all the same; this process only waits, with no root.
+        tracing::warn!("the waiting parent is not confined: {e}");
+    }
+    if let Some((channel, servers)) = dial {
+        let serving = std::thread::Builder::new()
+            .name("dialer".into())
+            .spawn(move || bexar_devices::block::remote::serve_dials_over(&channel, &servers));
+        if let Err(e) = serving {
+            tracing::warn!("no dialer for the VMM's remote disks: {e}");
+        }
+    }
     let vm = crate::teardown::receive_vm(&sock).ok().flatten();
     let status = loop {
         match waitpid(child, None) {
@@ -202,8 +232,26 @@ fn forward_signals(child: nix::unistd::Pid) {
     }
 }
 
+/// Closes every descriptor of this process above standard error but those in `keep`.
+fn close_all_but(keep: &mut [RawFd]) {
+    keep.sort_unstable();
+    let mut from = 3u32;
+    for &fd in keep.iter() {
+        let fd = fd as u32;
+        if fd > from {
+            // SAFETY: close_range on this process's own descriptors in [from, fd), none of
+            // which anything here uses (the child has its own copies).
+            unsafe { libc::close_range(from, fd - 1, 0) };
+        }
+        from = from.max(fd + 1);
+    }
+    // SAFETY: as above, above the last kept.
+    unsafe { libc::close_range(from, u32::MAX, 0) };
+}
+
 /// The child's uid (so that it may still signal the child: the child cannot name this process,
-/// which is outside its PID namespace), no groups, no capabilities, no way back.
+/// which is outside its PID namespace), no groups, an empty bounding set (the rest of its
+/// capabilities go with root, and in [`crate::jail::confine_waiter`]).
 fn drop_root(id: u32) {
     // SAFETY: plain system calls on this process's credentials; each failure leaves it with
     // more rights, never fewer than it needs (it only waits, signals the child and forks a
@@ -212,10 +260,11 @@ fn drop_root(id: u32) {
         if libc::geteuid() != 0 {
             return;
         }
+        // Needs CAP_SETPCAP: before the uid changes.
+        let _ = caps::clear(None, caps::CapSet::Bounding);
         libc::setgroups(0, std::ptr::null());
         libc::setresgid(id, id, id);
         libc::setresuid(id, id, id);
-        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
     }
 }
 

@@ -121,6 +121,101 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     Ok(())
 }
 
+/// Installs the filter of `bexar run`'s waiting parent ([`crate::pid_ns`]) on the calling
+/// thread, if filters are armed: it waits for its child, forwards signals to it, receives the
+/// VM and forks the reaper for it; with `dialing`, a thread it starts next also connects the
+/// VMM's remote disks to their servers. No file is opened (an open fails with EACCES, for a
+/// library that copes), no other socket is made, no namespace.
+pub(crate) fn install_waiter(dialing: bool) -> Result<(), SeccompError> {
+    if !armed() {
+        return Ok(());
+    }
+    let kind = "waiting parent";
+    let mut rules = BTreeMap::new();
+    add(&mut rules, WAITER);
+    if dialing {
+        add(&mut rules, DIALING);
+        rules.insert(libc::SYS_socket, socket_rules(true));
+        let req = |v: u64| rule(vec![cond(1, Len::Dword, Op::Eq, v)]);
+        rules.insert(
+            libc::SYS_ioctl,
+            vec![req(libc::FIONBIO), req(libc::FIOCLEX)],
+        );
+    }
+    // A process (the reaper) or a thread (the dialer), in no new namespace.
+    rules.insert(libc::SYS_clone, clone_rules(ThreadKind::Vmm));
+    rules.insert(libc::SYS_prctl, prctl_rules());
+    let programs = programs(
+        kind,
+        rules,
+        &[
+            (libc::SYS_clone3, libc::ENOSYS),
+            (libc::SYS_openat, libc::EACCES),
+        ],
+    )?;
+    for p in &programs {
+        seccompiler::apply_filter(p.as_slice()).map_err(|e| SeccompError::Install {
+            kind: kind.into(),
+            err: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+/// The waiting parent's calls: its descriptors and memory, signals (forwarded to the child,
+/// Ctrl+Z relayed, its own end by the child's signal), the wait, receiving the VM, and the
+/// reaper's fork (pidfd, pipe, `close_range` and `poll` in the child).
+const WAITER: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_close,
+    libc::SYS_fcntl,
+    libc::SYS_futex,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigaction,
+    libc::SYS_sigaltstack,
+    libc::SYS_tgkill,
+    libc::SYS_kill,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_rseq,
+    // A thread's start (the dialer's).
+    libc::SYS_sched_getaffinity,
+    libc::SYS_set_robust_list,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_getrandom,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_recvmsg,
+    libc::SYS_wait4,
+    libc::SYS_pidfd_open,
+    libc::SYS_pipe2,
+    libc::SYS_close_range,
+    libc::SYS_prlimit64,
+    libc::SYS_restart_syscall,
+    libc::SYS_seccomp,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// The waiting parent's dialer thread: TCP connects with a timeout, the exchange with the VMM.
+const DIALING: &[i64] = &[
+    libc::SYS_connect,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+];
+
 /// Allowed for every thread: memory, futexes, signals, time, descriptors it already has.
 const COMMON: &[i64] = &[
     libc::SYS_read,
@@ -192,6 +287,8 @@ const VCPU: &[i64] = &[libc::SYS_sendto, libc::SYS_sendmsg, libc::SYS_shutdown];
 const IO: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_connect,
+    // A connection of its own for each request to `bexar run`'s dialer (Unix sockets only).
+    libc::SYS_socketpair,
     libc::SYS_recvfrom,
     libc::SYS_recvmsg,
     libc::SYS_sendto,
@@ -343,19 +440,7 @@ fn rules_of(kind: ThreadKind, inet: bool) -> BTreeMap<i64, Vec<SeccompRule>> {
 }
 
 fn build(kind: ThreadKind, inet: bool) -> Result<Vec<BpfProgram>, SeccompError> {
-    let err = |e: &dyn std::fmt::Display| SeccompError::Build {
-        kind: kind.to_string(),
-        err: e.to_string(),
-    };
-    let program = |rules, mismatch, on_match| -> Result<BpfProgram, SeccompError> {
-        SeccompFilter::new(rules, mismatch, on_match, TargetArch::x86_64)
-            .map_err(|e| err(&e))?
-            .try_into()
-            .map_err(|e: seccompiler::BackendError| err(&e))
-    };
-    let mut rules = rules_of(kind, inet);
-    // Answered with an error rather than a kill, by a second filter (the kernel takes the
-    // stricter answer of stacked filters, and an errno is stricter than allow):
+    // Answered with an error rather than a kill:
     // * clone3: its flags sit behind a pointer, so no filter can tell a thread from a process;
     //   ENOSYS makes the C library fall back to clone, whose flags the list checks;
     // * openat outside the main thread: the C library's malloc opens
@@ -365,12 +450,33 @@ fn build(kind: ThreadKind, inet: bool) -> Result<Vec<BpfProgram>, SeccompError> 
     if kind != ThreadKind::Vmm {
         errors.push((libc::SYS_openat, libc::EACCES));
     }
+    programs(&kind.to_string(), rules_of(kind, inet), &errors)
+}
+
+/// The programs of a filter: `rules` allowed and everything else trapped, and each of `errors`
+/// answered with its errno instead, by a second program (the kernel takes the stricter answer
+/// of stacked filters, and an errno is stricter than allow).
+fn programs(
+    kind: &str,
+    mut rules: BTreeMap<i64, Vec<SeccompRule>>,
+    errors: &[(i64, i32)],
+) -> Result<Vec<BpfProgram>, SeccompError> {
+    let err = |e: &dyn std::fmt::Display| SeccompError::Build {
+        kind: kind.to_owned(),
+        err: e.to_string(),
+    };
+    let program = |rules, mismatch, on_match| -> Result<BpfProgram, SeccompError> {
+        SeccompFilter::new(rules, mismatch, on_match, TargetArch::x86_64)
+            .map_err(|e| err(&e))?
+            .try_into()
+            .map_err(|e: seccompiler::BackendError| err(&e))
+    };
     let mut programs = Vec::new();
-    for (call, _) in &errors {
+    for (call, _) in errors {
         rules.insert(*call, Vec::new());
     }
     programs.push(program(rules, SeccompAction::Trap, SeccompAction::Allow)?);
-    for (call, errno) in errors {
+    for &(call, errno) in errors {
         programs.push(program(
             BTreeMap::from([(call, Vec::new())]),
             SeccompAction::Allow,

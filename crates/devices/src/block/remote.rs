@@ -180,15 +180,29 @@ fn resolve(host: &str, port: u16) -> io::Result<Vec<std::net::SocketAddr>> {
     Ok(addrs)
 }
 
-/// Where this process asks for its remote disks' connections, if it does not make them.
-static DIALER: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+/// Whom this process asks for its remote disks' connections, if it does not make them.
+enum Dialer {
+    /// A Unix socket's path: the agent's, for its VMMs.
+    Path(std::path::PathBuf),
+    /// One end of a datagram pair: `bexar run`'s waiting parent ([`serve_dials_over`]).
+    Channel(std::os::unix::net::UnixDatagram),
+}
+
+static DIALER: std::sync::OnceLock<Dialer> = std::sync::OnceLock::new();
 
 /// From now on this process's remote disks get their TCP connections from whoever listens on
 /// the Unix socket `path` ([`serve_dial`]; relative paths are relative to the working
 /// directory): a VMM whose network namespace is empty asks its agent, which connects to the
 /// disk's server (only to one of that VM's disks' servers) and hands back the socket. Set once.
 pub fn dial_through(path: std::path::PathBuf) {
-    let _ = DIALER.set(path);
+    let _ = DIALER.set(Dialer::Path(path));
+}
+
+/// As [`dial_through`], asking over `channel` instead, whose other end a process outside this
+/// one's network namespace serves with [`serve_dials_over`]: `bexar run`'s parent, which
+/// stays in the host's network namespace as its VMM leaves it. Set once.
+pub fn dial_over(channel: std::os::unix::net::UnixDatagram) {
+    let _ = DIALER.set(Dialer::Channel(channel));
 }
 
 /// A request for a connection ([`dial_through`]): one JSON line.
@@ -235,16 +249,27 @@ fn dial_line(s: &mut std::os::unix::net::UnixStream, mut text: Vec<u8>) -> io::R
     Ok(text)
 }
 
-/// Asks the dialer at `path` for a connection to `host:port`.
-fn ask_dialer(
-    path: &std::path::Path,
-    host: &str,
-    port: u16,
-    timeout: Duration,
-) -> io::Result<TcpStream> {
+/// Asks `dialer` for a connection to `host:port`.
+fn ask_dialer(dialer: &Dialer, host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-    let mut s = std::os::unix::net::UnixStream::connect(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("the dialer {}: {e}", path.display())))?;
+    let mut s = match dialer {
+        Dialer::Path(path) => std::os::unix::net::UnixStream::connect(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("the dialer {}: {e}", path.display())))?,
+        Dialer::Channel(channel) => {
+            // A connection of its own for each request, handed over as a datagram (which the
+            // kernel keeps whole), so that requests from several disks at once never mix.
+            let (mine, theirs) = std::os::unix::net::UnixStream::pair()?;
+            channel
+                .send_with_fd(&b"d"[..], theirs.as_raw_fd())
+                .map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        format!("the dialer (this process's parent): {e}"),
+                    )
+                })?;
+            mine
+        }
+    };
     // The dialer's connects (one per address it tries), and a little for the exchange.
     s.set_read_timeout(Some(
         timeout * MAX_ADDRESSES as u32 + Duration::from_secs(2),
@@ -330,6 +355,31 @@ pub fn serve_dial(
     }
 }
 
+/// Serves the requests that come over `channel` (the other end of a [`dial_over`]), one at a
+/// time, until the other end has gone; for servers in `allowed` only, as [`serve_dial`].
+/// Refusals and broken requests are logged and answered, never fatal.
+pub fn serve_dials_over(channel: &std::os::unix::net::UnixDatagram, allowed: &[(String, u16)]) {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    loop {
+        let mut b = [0u8; 1];
+        match channel.recv_with_fd(&mut b) {
+            Ok((_, Some(f))) => {
+                let conn = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(f));
+                if let Err(e) = serve_dial(conn, allowed) {
+                    tracing::warn!("a dial request from the VMM: {e}");
+                }
+            }
+            // A datagram without a connection: nothing to answer on.
+            Ok((_, None)) => tracing::warn!("a dial request without its connection"),
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => {
+                tracing::debug!("the dial channel: {e}");
+                return;
+            }
+        }
+    }
+}
+
 /// The most addresses of one server name a connection is tried at (each with the whole
 /// timeout): bounds how long a reconnect waits for a name with many dead addresses.
 const MAX_ADDRESSES: usize = 4;
@@ -339,7 +389,7 @@ const MAX_ADDRESSES: usize = 4;
 /// dialer, if this process has one ([`dial_through`]).
 pub(super) fn dial(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
     let s = match DIALER.get() {
-        Some(path) => ask_dialer(path, host, port, timeout)?,
+        Some(dialer) => ask_dialer(dialer, host, port, timeout)?,
         None => connect_to(host, port, timeout)?,
     };
     s.set_read_timeout(Some(timeout))?;
@@ -1124,6 +1174,7 @@ mod dial_tests {
                 .collect::<Vec<_>>()
         });
         let t = Duration::from_secs(2);
+        let path = Dialer::Path(path);
         let mut s = ask_dialer(&path, "127.0.0.1", port, t).unwrap();
         let (mut at_server, _) = server.accept().unwrap();
         s.write_all(b"ping").unwrap();
@@ -1145,6 +1196,44 @@ mod dial_tests {
             serving.join().unwrap(),
             [Ok(()), Err(io::ErrorKind::PermissionDenied), Ok(())]
         );
-        std::fs::remove_file(&path).ok();
+        if let Dialer::Path(p) = path {
+            std::fs::remove_file(p).ok();
+        }
+    }
+
+    /// Over a channel (`bexar run`'s parent), each request has a connection of its own: two
+    /// disks asking at once each get their own server socket, and a server not named is
+    /// refused as through a path.
+    #[test]
+    fn a_dialer_over_a_channel_answers_each_request_apart() {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = server.local_addr().unwrap().port();
+        let (inside, outside) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let allowed = vec![("127.0.0.1".to_string(), port)];
+        std::thread::spawn(move || serve_dials_over(&outside, &allowed));
+        let dialer = Dialer::Channel(inside);
+        let t = Duration::from_secs(2);
+        let socks: Vec<TcpStream> = std::thread::scope(|scope| {
+            let asks: Vec<_> = (0..2)
+                .map(|_| scope.spawn(|| ask_dialer(&dialer, "127.0.0.1", port, t)))
+                .collect();
+            asks.into_iter()
+                .map(|a| a.join().unwrap().unwrap())
+                .collect()
+        });
+        let mut ports: Vec<u16> = (0..2).map(|_| server.accept().unwrap().1.port()).collect();
+        ports.sort_unstable();
+        let mut mine: Vec<u16> = socks
+            .iter()
+            .map(|s| s.local_addr().unwrap().port())
+            .collect();
+        mine.sort_unstable();
+        assert_eq!(ports, mine, "two connections, one per request");
+        let e = ask_dialer(&dialer, "127.0.0.1", port + 1, t).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("not one of this VM's disks' servers"),
+            "{e}"
+        );
     }
 }
