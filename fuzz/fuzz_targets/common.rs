@@ -10,15 +10,101 @@ use bexar_vmm::threads::ThreadKind;
 use bexar_devices::block::DiskConfig;
 use bexar_devices::memory::{test_memory, GuestMemoryMmap};
 
-/// A 64 KiB raw image in the temporary directory.
+/// The jail's root while this process is jailed ([`jail_process`]).
+static JAILED: OnceLock<std::path::PathBuf> = OnceLock::new();
+
+/// Where a file of this process's goes: the jail's root once jailed (where it is `/name`),
+/// else the temporary directory.
+pub fn own_path(name: &str) -> std::path::PathBuf {
+    match JAILED.get() {
+        Some(_) => std::path::Path::new("/").join(name),
+        None => std::env::temp_dir().join(format!("bexar-fuzz-{}-{name}", std::process::id())),
+    }
+}
+
+/// Jails this whole process as a VMM is jailed (`bexar_vmm::jail`): namespaces of its own
+/// (mount, network, IPC, UTS), `pivot_root` into an empty directory of its own, a uid of the
+/// VMMs' range, no capabilities, `no_new_privs`, the VMM's rlimits, Landlock beneath that root.
+/// What libFuzzer and its sanitizer need there is added: the corpus directories and the
+/// directory of crash files (from its command line), bound in at the same paths, and a `/proc`
+/// that shows this process alone. The device code runs on a thread confined further
+/// ([`confined`]), which reaches no path at all. Run from the
+/// target's `init`, before libFuzzer starts its threads (the jail wants one). Only as root
+/// (CI); otherwise the device code still runs on the confined thread alone.
+pub fn jail_process() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("bexar fuzz: not root, so not jailed: device code runs on a confined thread only");
+        return;
+    }
+    let root = std::env::temp_dir().join(format!("bexar-fuzz-jail-{}", std::process::id()));
+    std::fs::create_dir_all(&root).expect("make the fuzz jail's root");
+    let mut binds = Vec::new();
+    for a in std::env::args().skip(1) {
+        let dir = match a.strip_prefix("-artifact_prefix=") {
+            // A prefix is a directory ending in `/`, or a directory and a file-name prefix.
+            Some(p) if p.ends_with('/') => std::path::PathBuf::from(p),
+            Some(p) => std::path::Path::new(p)
+                .parent()
+                .map(|d| d.to_owned())
+                .unwrap_or_default(),
+            None if !a.starts_with('-') => std::path::PathBuf::from(&a),
+            None => continue,
+        };
+        let Ok(dir) = std::fs::canonicalize(&dir) else {
+            continue;
+        };
+        if dir.is_dir() && dir != std::path::Path::new("/") {
+            binds.push(dir);
+        }
+    }
+    let mut j = bexar_vmm::jail::JailConfig::new(bexar_vmm::jail::DEFAULT_UID_BASE, root.clone());
+    // Its corpus entries and crash files, and the small disk image.
+    j.max_file_bytes = 64 << 20;
+    j.binds = binds.clone();
+    // LeakSanitizer lists this process's threads in /proc, and stops them with ptrace from a
+    // helper of its own, which a process that changed its uid may only do once it is dumpable
+    // again (below; its core limit stays 0).
+    j.proc = true;
+    let uid = j.uid();
+    // The jailed uid writes its own files in its root and libFuzzer's in the bound directories.
+    for d in std::iter::once(&root).chain(&binds) {
+        std::os::unix::fs::chown(d, Some(uid), Some(uid)).expect("chown a fuzz directory");
+    }
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let disk = root.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 * 1024)
+        .unwrap();
+    std::os::unix::fs::chown(&disk, Some(uid), Some(uid)).unwrap();
+    bexar_vmm::jail::arm(j).expect("arm the fuzz jail");
+    let t = bexar_vmm::jail::enter_armed(64 << 20)
+        .expect("enter the fuzz jail")
+        .expect("the jail was armed");
+    JAILED.set(root.clone()).unwrap();
+    // SAFETY: prctl with integer arguments; it changes only this process.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+    eprintln!(
+        "bexar fuzz: jailed as uid {uid} in {} (bound: {binds:?}; landlock {})",
+        root.display(),
+        if t.landlock { "on" } else { "not offered" }
+    );
+}
+
+/// A 64 KiB raw image: in the jail's root (made by [`jail_process`]), else in the temporary
+/// directory.
 pub fn disk() -> &'static DiskConfig {
     static D: OnceLock<DiskConfig> = OnceLock::new();
     D.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("bexar-fuzz-{}.img", std::process::id()));
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(64 * 1024)
-            .unwrap();
+        let path = own_path("disk.img");
+        if JAILED.get().is_none() {
+            std::fs::File::create(&path)
+                .unwrap()
+                .set_len(64 * 1024)
+                .unwrap();
+        }
         DiskConfig {
             path,
             ..Default::default()

@@ -15,7 +15,7 @@ use bexar_vmm::threads::ThreadKind;
 use common::confined;
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: common::jail_process(), |data: &[u8]| {
     let Some((&which, rest)) = data.split_first() else {
         return;
     };

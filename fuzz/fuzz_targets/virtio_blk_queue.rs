@@ -19,7 +19,7 @@ use vm_memory::{Address, Bytes, GuestAddress};
 const RING: u64 = 0x10000;
 const QUEUE: u16 = 16;
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: common::jail_process(), |data: &[u8]| {
     if data.len() < 4 {
         return;
     }

@@ -18,7 +18,7 @@ use common::{confined, disk, mem};
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::EventFd;
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: common::jail_process(), |data: &[u8]| {
     let dev: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Block::new(disk()).unwrap()));
     let irq = Arc::new(MmioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
     let mut t = MmioTransport::new(dev, mem().clone(), irq);

@@ -38,7 +38,7 @@ const TX: usize = 1;
 fn host() -> &'static (PathBuf, UnixListener) {
     static H: OnceLock<(PathBuf, UnixListener)> = OnceLock::new();
     H.get_or_init(|| {
-        let uds = std::env::temp_dir().join(format!("bexar-fuzz-vsock-{}", std::process::id()));
+        let uds = common::own_path("vsock");
         let service = format!("{}_5000", uds.display());
         let _ = std::fs::remove_file(&service);
         let l = UnixListener::bind(&service).unwrap();
@@ -47,7 +47,7 @@ fn host() -> &'static (PathBuf, UnixListener) {
     })
 }
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: common::jail_process(), |data: &[u8]| {
     let (uds, service) = host();
     let mem = mem();
     let dev = Arc::new(Mutex::new(

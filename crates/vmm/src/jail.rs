@@ -88,6 +88,17 @@ pub struct JailConfig {
     /// launch file: `bexar run`'s alone (the agent dials for its VMMs itself).
     #[serde(skip)]
     pub dial_for: Vec<(String, u16)>,
+    /// Host directories (absolute paths, which must exist) bound read-write at the same paths
+    /// beneath the root before the jail enters it. For the fuzz targets, whose process is
+    /// jailed as a VMM is while libFuzzer goes on writing its corpus and crash files; empty for
+    /// every VMM, and not in the launch file.
+    #[serde(skip)]
+    pub binds: Vec<PathBuf>,
+    /// Mount a `/proc` of this process's own in the root (`hidepid=invisible`: it shows the
+    /// processes of this uid alone). For the fuzz targets, whose sanitizer lists the process's
+    /// threads there; never for a VMM, and not in the launch file.
+    #[serde(skip)]
+    pub proc: bool,
     /// Install the per-thread seccomp filters.
     #[serde(default = "yes")]
     pub seccomp: bool,
@@ -112,6 +123,8 @@ impl JailConfig {
             keeper_fd: None,
             fork_pid_namespace: false,
             dial_for: Vec::new(),
+            binds: Vec::new(),
+            proc: false,
             seccomp: true,
             landlock: true,
         }
@@ -548,6 +561,30 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
         None::<&str>,
     )
     .map_err(nix_step("remount the jail root nosuid,nodev"))?;
+    for b in &c.binds {
+        let inside = root.join(b.strip_prefix("/").unwrap_or(b));
+        std::fs::create_dir_all(&inside).map_err(step("make a bound directory's place"))?;
+        mount(
+            Some(b.as_path()),
+            &inside,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None::<&str>,
+        )
+        .map_err(nix_step("bind a directory into the jail"))?;
+    }
+    if c.proc {
+        let at = root.join("proc");
+        std::fs::create_dir_all(&at).map_err(step("make /proc's place"))?;
+        mount(
+            Some("proc"),
+            &at,
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("hidepid=invisible"),
+        )
+        .map_err(nix_step("mount /proc in the jail"))?;
+    }
     chdir(root).map_err(nix_step("chdir to the jail root"))?;
     // pivot_root(".", ".") stacks the old root on top of the new one; detaching "." then
     // leaves the new root alone, with no directory needed for the old one.
