@@ -291,10 +291,8 @@ fn scatter_with(
     // The VMM is `bexar run`'s child, pid 1 of a PID namespace of its own, and its network
     // namespace holds only lo: every connection its disk makes, the reconnection included,
     // comes from the waiting parent, which stays in the host's.
-    let vmm = match bexar_util::procfs::children(child.id())[..] {
-        [vmm] => vmm,
-        ref kids => panic!("{label}: bexar run should have one child, the VMM: {kids:?}"),
-    };
+    let vmm = vmm_of_run(child.id());
+    assert_ne!(vmm, child.id(), "{label}: bexar run has no VMM child");
     let dev = std::fs::read_to_string(format!("/proc/{vmm}/net/dev")).unwrap();
     assert_eq!(
         dev.lines().count(),

@@ -538,14 +538,22 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
             // The process started forks as it enters the jail: the VMM goes on as pid 1 of a PID
             // namespace of its own, the parent waits outside, without root, under a filter.
             let pid = if jailed {
-                let children =
-                    std::fs::read_to_string(format!("/proc/{run_pid}/task/{run_pid}/children"))
-                        .unwrap();
-                let kids: Vec<u32> = children
-                    .split_whitespace()
-                    .map(|c| c.parse().unwrap())
+                // Two children: the VMM, and the reaper that holds the VM for its teardown
+                // (forked as soon as the VMM handed the VM over), holding nothing else.
+                let kids = bexar_util::procfs::children(run_pid);
+                let (reapers, vmms): (Vec<u32>, Vec<u32>) = kids
+                    .iter()
+                    .partition(|&&c| bexar_vmm::teardown::is_reaper(c));
+                assert_eq!((reapers.len(), vmms.len()), (1, 1), "{kids:?}");
+                let reaper_fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", reapers[0]))
+                    .unwrap()
+                    .flatten()
+                    .map(|e| std::fs::read_link(e.path()).unwrap().display().to_string())
                     .collect();
-                assert_eq!(kids.len(), 1, "one child, the VMM: {children:?}");
+                assert!(
+                    reaper_fds.len() == 2 && reaper_fds.iter().any(|l| l == "anon_inode:kvm-vm"),
+                    "the reaper holds the VM and its parent's pidfd: {reaper_fds:?}"
+                );
                 let s = std::fs::read_to_string(format!("/proc/{run_pid}/status")).unwrap();
                 let uid = common::status_field(&s, "Uid:");
                 assert!(uid.split_whitespace().all(|u| u != "0"), "{s}");
@@ -568,11 +576,10 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
                     .map(|e| std::fs::read_link(e.path()).unwrap().display().to_string())
                     .collect();
                 assert!(
-                    held.iter()
-                        .all(|l| l.starts_with("socket:") || l == "anon_inode:kvm-vm"),
-                    "the waiting parent holds only its socket and the VM: {held:?}"
+                    held.iter().all(|l| l.starts_with("socket:")),
+                    "the waiting parent holds only its socket: {held:?}"
                 );
-                let vmm = kids[0];
+                let vmm = vmms[0];
                 let s = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
                 assert_eq!(
                     common::status_field(&s, "NSpid:"),

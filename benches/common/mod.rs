@@ -175,11 +175,15 @@ impl Drop for BenchAgent {
     }
 }
 
-/// The VMM of the `bexar run` process `pid`: jailed (the default, as root), its only child,
-/// pid 1 of a PID namespace of its own; otherwise (`--no-jail`, an older binary) `pid` itself.
+/// The VMM of the `bexar run` process `pid`: jailed (the default, as root), its only child but
+/// the reaper that holds its VM, pid 1 of a PID namespace of its own; otherwise (`--no-jail`, an older binary) `pid` itself.
 #[allow(dead_code)] // not every bench looks at the VMM's process
 pub fn vmm_of_run(pid: u32) -> u32 {
-    match bexar_util::procfs::children(pid)[..] {
+    let vmms: Vec<u32> = bexar_util::procfs::children(pid)
+        .into_iter()
+        .filter(|&c| !bexar_vmm::teardown::is_reaper(c))
+        .collect();
+    match vmms[..] {
         [vmm] => vmm,
         _ => pid,
     }

@@ -38,27 +38,15 @@ pub fn jail_process() {
         eprintln!("bexar fuzz: not root, so not jailed: device code runs on a confined thread only");
         return;
     }
+    let binds = match fuzzing_dirs() {
+        Ok(dirs) => dirs,
+        Err(why) => {
+            eprintln!("bexar fuzz: not jailed ({why}): device code runs on a confined thread only");
+            return;
+        }
+    };
     let root = std::env::temp_dir().join(format!("bexar-fuzz-jail-{}", std::process::id()));
     std::fs::create_dir_all(&root).expect("make the fuzz jail's root");
-    let mut binds = Vec::new();
-    for a in std::env::args().skip(1) {
-        let dir = match a.strip_prefix("-artifact_prefix=") {
-            // A prefix is a directory ending in `/`, or a directory and a file-name prefix.
-            Some(p) if p.ends_with('/') => std::path::PathBuf::from(p),
-            Some(p) => std::path::Path::new(p)
-                .parent()
-                .map(|d| d.to_owned())
-                .unwrap_or_default(),
-            None if !a.starts_with('-') => std::path::PathBuf::from(&a),
-            None => continue,
-        };
-        let Ok(dir) = std::fs::canonicalize(&dir) else {
-            continue;
-        };
-        if dir.is_dir() && dir != std::path::Path::new("/") {
-            binds.push(dir);
-        }
-    }
     let mut j = bexar_vmm::jail::JailConfig::new(bexar_vmm::jail::DEFAULT_UID_BASE, root.clone());
     // Its corpus entries and crash files, and the small disk image.
     j.max_file_bytes = 64 << 20;
@@ -91,6 +79,45 @@ pub fn jail_process() {
         root.display(),
         if t.landlock { "on" } else { "not offered" }
     );
+}
+
+/// The directories libFuzzer reads and writes in a fuzzing run (its corpus directories and
+/// the one its crash files go to), from its command line; each must be a directory beneath
+/// this fuzz project's, since the jail binds it in and gives it to the jailed uid. Any other
+/// use (a file to reproduce, merging, forks, a dictionary, paths elsewhere) is refused: that
+/// run is not jailed.
+fn fuzzing_dirs() -> Result<Vec<std::path::PathBuf>, String> {
+    let project = std::fs::canonicalize(env!("CARGO_MANIFEST_DIR")).map_err(|e| e.to_string())?;
+    let mut dirs = Vec::new();
+    for a in std::env::args().skip(1) {
+        let dir = match a.strip_prefix("-artifact_prefix=") {
+            Some(p) if p.ends_with('/') => std::path::PathBuf::from(p),
+            Some(p) => return Err(format!("an artifact prefix that is not a directory: {p}")),
+            None if a.starts_with('-') => {
+                let flag = a.trim_start_matches('-').split('=').next().unwrap_or("");
+                // The flags that make libFuzzer open other paths or start other processes.
+                if matches!(
+                    flag,
+                    "merge" | "set_cover_merge" | "fork" | "jobs" | "workers" | "dict"
+                        | "exact_artifact_path" | "minimize_crash" | "cleanse_crash"
+                        | "features_dir" | "create_missing_dirs" | "seed_inputs" | "runs_file"
+                ) {
+                    return Err(format!("{a} is not supported jailed"));
+                }
+                continue;
+            }
+            None => std::path::PathBuf::from(&a),
+        };
+        let dir = std::fs::canonicalize(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if !dir.is_dir() {
+            return Err(format!("{} is not a directory", dir.display()));
+        }
+        if !dir.starts_with(&project) || dir == project {
+            return Err(format!("{} is outside {}", dir.display(), project.display()));
+        }
+        dirs.push(dir);
+    }
+    Ok(dirs)
 }
 
 /// A 64 KiB raw image: in the jail's root (made by [`jail_process`]), else in the temporary

@@ -225,9 +225,10 @@ fn arm_jail(args: &RunArgs) -> Result<(), String> {
         .iter()
         .filter_map(|d| d.remote_server())
         .collect();
-    // Forking into a PID namespace needs root; as another user the VMM stays this process.
+    // Forking into a PID namespace needs root; as another user the VMM stays this process, as
+    // it does when it is the first process of a PID namespace already (a container's).
     let root_user = nix::unistd::geteuid().as_raw() == 0;
-    let fork = root_user && !args.no_pid_namespace;
+    let fork = root_user && !args.no_pid_namespace && !bexar_vmm::jail::own_pid_namespace();
     // TCP sockets only for a VMM that connects its remote disks itself.
     bexar_vmm::seccomp::arm(None, !remote.is_empty() && !fork).map_err(|e| e.to_string())?;
     if !root_user {

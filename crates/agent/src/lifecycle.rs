@@ -1496,11 +1496,11 @@ impl Agent {
         });
         let watch_fd = pidfd.try_clone().ok()?;
         // Its remote disks connected through the agent before: serve them again (the old
-        // agent's socket went with it).
-        // (The launch on record is the adopted VMM's unless an agent died in a live upgrade
-        // that did not finish: then the old VMM's dialer is not known.)
-        match Launch::read(&dir) {
-            Ok(launch) if launch.dialer.is_some() && launch.token() == token => {
+        // agent's socket went with it), under the name the adopted VMM asks on, its own
+        // launch's token. That is the launch on record, or, if an agent died in a live upgrade
+        // that did not finish, its predecessor's: the same VM's, with the same disks.
+        if let Ok(launch) = Launch::read(&dir) {
+            if launch.dialer.is_some() {
                 match sandbox::Dialer::bind(&dir, &token) {
                     Ok(d) => d.spawn(&launch, &pidfd),
                     Err(e) => {
@@ -1508,10 +1508,6 @@ impl Agent {
                     }
                 }
             }
-            Ok(launch) if launch.dialer.is_some() => {
-                tracing::warn!(vm = %rec.id, "the VMM of an unfinished live upgrade: its remote disks cannot reconnect until it is restarted")
-            }
-            _ => {}
         }
         let done = Self::attach_vmm(entry, &token, Arc::new(pidfd));
         if let Err(e) = self.update(entry, |r| {

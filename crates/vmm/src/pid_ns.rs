@@ -14,9 +14,10 @@
 //! network namespace is empty. The child hands it the VM's descriptor as soon as it has made
 //! the VM ([`crate::teardown::hand_to_keeper`]), so the child's exit does not wait for KVM's
 //! teardown (a namespace's first process could not leave that to a child of its own: the
-//! kernel holds its exit until the rest of its namespace has gone). Once the child has ended,
-//! the parent leaves the VM to a reaper ([`crate::teardown::Reaper`]) and exits as the child
-//! did: the same exit code, or the same signal.
+//! kernel holds its exit until the rest of its namespace has gone). The parent leaves the VM to
+//! a reaper ([`crate::teardown::Reaper`]) at once, which holds it until the parent has gone;
+//! once the child has ended the parent exits as the child did: the same exit code, or the same
+//! signal.
 //!
 //! The parent forwards what ends a process (SIGTERM, SIGINT, SIGHUP, SIGQUIT) to the child
 //! and waits for it, relays Ctrl+Z as SIGSTOP and SIGCONT, and the child dies with the parent
@@ -79,7 +80,12 @@ pub(crate) fn fork_into_new(uid_base: u32, dial_for: &[(String, u16)]) -> Result
             // (the reaper): the new one ends with the VMM, and a fork into it would fail. As
             // root, before the drop. Without it, the VM is dropped here instead.
             if let Err(e) = nix::sched::setns(&parent, nix::sched::CloneFlags::CLONE_NEWPID) {
-                tracing::warn!("cannot return to the host's PID namespace for the reaper: {e}");
+                // (Linux 5.8+ takes a pidfd here.) Nor can this process start a thread then:
+                // the kernel refuses one whose namespace for children differs.
+                tracing::warn!(
+                    "cannot return to the host's PID namespace: {e}; the VM is released here, \
+                     and remote disks cannot reconnect"
+                );
             }
             drop(parent);
             forward_signals(child);
@@ -148,24 +154,29 @@ fn wait_outside(
             tracing::warn!("no dialer for the VMM's remote disks: {e}");
         }
     }
+    // The VM goes to a reaper at once, while the guest runs, rather than once the child has
+    // ended: its fork is then off the path from the guest's end to this process's exit, which
+    // is what a caller waits for. The reaper holds the VM until this process has gone.
     let vm = crate::teardown::receive_vm(&sock).ok().flatten();
+    let vm = match vm.as_ref().map(crate::teardown::Reaper::spawn) {
+        Some(Some(reaper)) => {
+            drop(vm);
+            reaper.wait();
+            None
+        }
+        _ => vm,
+    };
     let status = loop {
         match waitpid(child, None) {
             Err(nix::errno::Errno::EINTR) => continue,
             r => break r,
         }
     };
-    // Open until the child has ended: it tells the child this process still holds the VM.
+    // Open until the child has ended: it tells the child the VM is held outside its
+    // namespace.
     drop(sock);
-    if let Some(vm) = vm {
-        match crate::teardown::Reaper::spawn(&vm) {
-            Some(reaper) => {
-                drop(vm);
-                reaper.wait();
-            }
-            None => drop(vm),
-        }
-    }
+    // No reaper (a failed fork): the VM is released in this process's exit.
+    drop(vm);
     match status {
         Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
         Ok(WaitStatus::Signaled(_, sig, _)) => die_of(sig as i32),
@@ -251,7 +262,7 @@ fn close_all_but(keep: &mut [RawFd]) {
 
 /// The child's uid (so that it may still signal the child: the child cannot name this process,
 /// which is outside its PID namespace), no groups, an empty bounding set (the rest of its
-/// capabilities go with root, and in [`crate::jail::confine_waiter`]).
+/// capabilities go with root, and in [`crate::jail::confine_waiter`]), no way back.
 fn drop_root(id: u32) {
     // SAFETY: plain system calls on this process's credentials; each failure leaves it with
     // more rights, never fewer than it needs (it only waits, signals the child and forks a
@@ -265,6 +276,7 @@ fn drop_root(id: u32) {
         libc::setgroups(0, std::ptr::null());
         libc::setresgid(id, id, id);
         libc::setresuid(id, id, id);
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
     }
 }
 

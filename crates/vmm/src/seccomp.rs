@@ -124,8 +124,9 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
 /// Installs the filter of `bexar run`'s waiting parent ([`crate::pid_ns`]) on the calling
 /// thread, if filters are armed: it waits for its child, forwards signals to it, receives the
 /// VM and forks the reaper for it; with `dialing`, a thread it starts next also connects the
-/// VMM's remote disks to their servers. No file is opened (an open fails with EACCES, for a
-/// library that copes), no other socket is made, no namespace.
+/// VMM's remote disks to their servers (the filter is the whole process's: the thread inherits
+/// it). No file is opened (an open fails with EACCES, for a library that copes), no socket but
+/// a TCP one when dialing, no namespace.
 pub(crate) fn install_waiter(dialing: bool) -> Result<(), SeccompError> {
     if !armed() {
         return Ok(());
@@ -135,7 +136,22 @@ pub(crate) fn install_waiter(dialing: bool) -> Result<(), SeccompError> {
     add(&mut rules, WAITER);
     if dialing {
         add(&mut rules, DIALING);
-        rules.insert(libc::SYS_socket, socket_rules(true));
+        // TCP alone: AF_INET or AF_INET6, SOCK_STREAM (with its flags), never a Unix socket.
+        let stream = |family: i32| {
+            rule(vec![
+                cond(0, Len::Dword, Op::Eq, family as u64),
+                cond(
+                    1,
+                    Len::Dword,
+                    Op::MaskedEq(!((libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) as u32) as u64),
+                    libc::SOCK_STREAM as u64,
+                ),
+            ])
+        };
+        rules.insert(
+            libc::SYS_socket,
+            vec![stream(libc::AF_INET), stream(libc::AF_INET6)],
+        );
         let req = |v: u64| rule(vec![cond(1, Len::Dword, Op::Eq, v)]);
         rules.insert(
             libc::SYS_ioctl,

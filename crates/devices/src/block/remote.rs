@@ -323,13 +323,18 @@ pub fn serve_dial(
     let allowed = allowed
         .iter()
         .any(|(h, p)| *h == req.host && *p == req.port);
+    if asker_gone(&conn) {
+        // It gave up waiting (requests queued behind dead servers): no connection for nobody.
+        return Ok(());
+    }
     let result = if allowed {
         connect_to(&req.host, req.port, timeout)
     } else {
         Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
+            // Quoted: the name is the asker's, and goes to a log.
             format!(
-                "{}:{} is not one of this VM's disks' servers",
+                "{:?}:{} is not one of this VM's disks' servers",
                 req.host, req.port
             ),
         ))
@@ -355,9 +360,22 @@ pub fn serve_dial(
     }
 }
 
+/// Whether the asker of a request on `conn` has closed its end (a read would see the end).
+fn asker_gone(conn: &std::os::unix::net::UnixStream) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    // A Unix stream socket whose peer has closed reports POLLHUP (asked for or not).
+    let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLHUP)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLHUP))
+}
+
 /// Serves the requests that come over `channel` (the other end of a [`dial_over`]), one at a
-/// time, until the other end has gone; for servers in `allowed` only, as [`serve_dial`].
-/// Refusals and broken requests are logged and answered, never fatal.
+/// time, for servers in `allowed` only, as [`serve_dial`]; for the life of the process (a
+/// datagram socket sees no end when its peer goes). Refusals and broken requests are logged
+/// and answered; only the channel's own failure ends it.
 pub fn serve_dials_over(channel: &std::os::unix::net::UnixDatagram, allowed: &[(String, u16)]) {
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     loop {
@@ -371,9 +389,15 @@ pub fn serve_dials_over(channel: &std::os::unix::net::UnixDatagram, allowed: &[(
             }
             // A datagram without a connection: nothing to answer on.
             Ok((_, None)) => tracing::warn!("a dial request without its connection"),
-            Err(e) if e.errno() == libc::EINTR => {}
+            // Interrupted, or a datagram that came with more than a connection (refused, its
+            // descriptors closed): the next one is served.
+            Err(e) if matches!(e.errno(), libc::EINTR | libc::ENOBUFS | libc::EMSGSIZE) => {
+                if e.errno() != libc::EINTR {
+                    tracing::warn!("a dial request that is not one: {e}");
+                }
+            }
             Err(e) => {
-                tracing::debug!("the dial channel: {e}");
+                tracing::warn!("the dial channel: {e}; no more connections for the VMM");
                 return;
             }
         }
@@ -1199,6 +1223,33 @@ mod dial_tests {
         if let Dialer::Path(p) = path {
             std::fs::remove_file(p).ok();
         }
+    }
+
+    /// A request whose asker has given up by the time it is served makes no connection (the
+    /// queue behind a dead server would otherwise open one per stale request).
+    #[test]
+    fn a_request_whose_asker_has_gone_is_not_dialed() {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = server.local_addr().unwrap().port();
+        server.set_nonblocking(true).unwrap();
+        let allowed = vec![("127.0.0.1".to_string(), port)];
+        let (mut asker, conn) = std::os::unix::net::UnixStream::pair().unwrap();
+        let req = DialRequest {
+            host: "127.0.0.1".into(),
+            port,
+            timeout_ms: 1000,
+        };
+        let mut line = serde_json::to_vec(&req).unwrap();
+        line.push(b'\n');
+        asker.write_all(&line).unwrap();
+        drop(asker);
+        serve_dial(conn, &allowed).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            server.accept().map(drop).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "a connection was made for nobody"
+        );
     }
 
     /// Over a channel (`bexar run`'s parent), each request has a connection of its own: two
