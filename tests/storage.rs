@@ -379,6 +379,92 @@ fn nbd_servers_serve_a_disk_byte_for_byte_across_a_restart_during_io() {
     }
 }
 
+/// A snapshot names its remote disk: restored jailed without `--disk`, its VMM has an empty
+/// network namespace all the same (the waiting parent dials the snapshot's servers), and
+/// reconnects through it when the server restarts.
+#[test]
+fn a_restored_remote_disk_reconnects_through_the_waiting_parent() {
+    let img = Images::new("nbd-restore");
+    let export = img.path("export.raw");
+    random_file(&export, SIZE, 0x5e5);
+    let want = img.path("want.raw");
+    std::fs::copy(&export, &want).unwrap();
+    let mut server = NbdServer::start("qemu-nbd", &export, &img.dir);
+    let (seed, rounds) = (0x5e5, 400);
+    let control = img.path("control.sock");
+    let snapshot = img.path("snapshot");
+    // Snapshotted after its first round (a jailed bexar run has nowhere to write one).
+    let mut first = bexar()
+        .args(["run", "--no-jail", "--kernel"])
+        .arg(testguest())
+        .args(["--no-stdin", "--memory", "64", "--disk", &server.url("")])
+        .arg("--control")
+        .arg(&control)
+        .args([
+            "--cmdline",
+            &format!(
+                "console=ttyS0 bexar.test=blk-scatter bexar.seed={seed} bexar.rounds={rounds} bexar.writes=32{}",
+                guest_platform_params()
+            ),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(first.stdout.take().unwrap()).lines();
+    while !lines.next().unwrap().unwrap().contains("round 0 flushed") {}
+    let reply = vmm_control(
+        &control,
+        &serde_json::json!({"op": "snapshot", "dir": snapshot, "then": "stop"}),
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert!(first.wait().unwrap().success());
+    let mut restored = bexar()
+        .args(["run", "--no-stdin", "--timeout", "120", "--restore"])
+        .arg(&snapshot)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(restored.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while !seen.last().is_some_and(|l: &String| l.contains("flushed")) {
+        seen.push(
+            lines
+                .next()
+                .expect("the restored guest stopped talking")
+                .unwrap(),
+        );
+    }
+    let vmm = vmm_of_run(restored.id());
+    assert_ne!(vmm, restored.id(), "bexar run has no VMM child");
+    let dev = std::fs::read_to_string(format!("/proc/{vmm}/net/dev")).unwrap();
+    assert_eq!(dev.lines().count(), 3, "the VMM's interfaces: {dev}");
+    server.kill();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    server.spawn();
+    seen.extend(lines.map(|l| l.unwrap()));
+    let status = restored.wait().unwrap();
+    let mut err = String::new();
+    restored
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{}\n{err}", seen.join("\n"));
+    assert!(
+        seen.iter().any(|l| l.contains("PASS blk-scatter")),
+        "{seen:?}"
+    );
+    assert!(
+        err.contains("connected again"),
+        "no reconnection in:\n{err}"
+    );
+    server.kill();
+    assert_scattered("restored", &export, &want, seed, rounds);
+}
+
 #[test]
 fn tgt_serves_an_iscsi_disk_with_chap_byte_for_byte_across_a_restart_during_io() {
     let img = Images::new("iscsi");

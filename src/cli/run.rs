@@ -246,10 +246,9 @@ fn arm_jail(args: &RunArgs) -> Result<(), String> {
     // The VMM goes on as pid 1 of a PID namespace of its own; this process waits outside, in
     // the host's network namespace, and connects the remote disks for the VMM, whose own
     // network namespace is then empty.
+    // (The servers it dials are those of the disks the VMM opens, a snapshot's included.)
     j.fork_pid_namespace = fork;
-    if fork {
-        j.dial_for = remote;
-    } else {
+    if !fork {
         // Remote disks keep the host's network, to reconnect to their servers' ports (only).
         j.network = remote.is_empty();
         j.tcp_ports = remote.iter().map(|(_, p)| *p).collect();

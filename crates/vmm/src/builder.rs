@@ -422,6 +422,13 @@ impl HostSide {
 
     /// Enters the armed jail, its file limit sized by `memory` bytes and the disks opened.
     fn enter_jail(&self, memory: u64) -> Result<(), VmmError> {
+        crate::jail::dial_for(
+            self.devices
+                .disks
+                .iter()
+                .filter_map(|d| d.config().remote_server())
+                .collect(),
+        );
         enter_jail(file_size_limit(memory, &self.devices))
     }
 

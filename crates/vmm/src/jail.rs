@@ -82,12 +82,6 @@ pub struct JailConfig {
     /// the agent starts its VMMs in a namespace of their own instead.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fork_pid_namespace: bool,
-    /// With [`JailConfig::fork_pid_namespace`]: the remote disks' servers (host and port as
-    /// the disks name them) that the waiting parent, which stays in the host's network
-    /// namespace, connects to for the VMM, whose own namespace is then empty. Not in the
-    /// launch file: `bexar run`'s alone (the agent dials for its VMMs itself).
-    #[serde(skip)]
-    pub dial_for: Vec<(String, u16)>,
     /// Host directories (absolute paths, which must exist) bound read-write at the same paths
     /// beneath the root before the jail enters it. For the fuzz targets, whose process is
     /// jailed as a VMM is while libFuzzer goes on writing its corpus and crash files; empty for
@@ -122,7 +116,6 @@ impl JailConfig {
             netns_fd: None,
             keeper_fd: None,
             fork_pid_namespace: false,
-            dial_for: Vec::new(),
             binds: Vec::new(),
             proc: false,
             seccomp: true,
@@ -396,6 +389,17 @@ pub fn times() -> Option<JailTimes> {
     }
 }
 
+/// The remote disks' servers (host and port as the disks name them) the VMM opened, for
+/// [`JailConfig::fork_pid_namespace`]: the waiting parent, which stays in the host's network
+/// namespace, connects to these for the VMM, whose own namespace is empty. Set by the builder
+/// from the disks it opened (the command line's, a snapshot's), just before the jail.
+static DIAL_FOR: std::sync::Mutex<Vec<(String, u16)>> = std::sync::Mutex::new(Vec::new());
+
+/// Names the servers of the remote disks this process opened ([`DIAL_FOR`]).
+pub fn dial_for(servers: Vec<(String, u16)>) {
+    *bexar_util::sync::lock(&DIAL_FOR) = servers;
+}
+
 /// Enters the armed jail (if armed and not yet entered). `file_bytes` is the RLIMIT_FSIZE to
 /// use when the configuration leaves it to the builder.
 pub fn enter_armed(file_bytes: u64) -> Result<Option<JailTimes>, JailError> {
@@ -526,7 +530,8 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
     if c.fork_pid_namespace && !own_pid_namespace() {
         let t0 = Instant::now();
         // Returns in the child only (one thread: checked above).
-        crate::pid_ns::fork_into_new(c.uid_base, &c.dial_for)?;
+        let dial_for = bexar_util::sync::lock(&DIAL_FOR).clone();
+        crate::pid_ns::fork_into_new(c.uid_base, &dial_for)?;
         t.pid_namespace_us = us(t0);
     }
     if own_pid_namespace() {
