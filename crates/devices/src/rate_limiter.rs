@@ -264,6 +264,12 @@ impl RateLimiter {
         }
     }
 
+    /// Whether the device waits for the timer (a [`Self::blocked`] said so, and it has not
+    /// fired yet).
+    pub fn waiting(&self) -> bool {
+        self.armed
+    }
+
     /// [`Self::blocked`], adding one to `episodes` each time the limiter starts a wait (not
     /// for every check while it waits).
     pub fn blocked_counting(&mut self, episodes: &std::sync::atomic::AtomicU64) -> bool {

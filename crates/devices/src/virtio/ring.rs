@@ -24,6 +24,7 @@ pub struct DriverRing<'a> {
     /// overwritten by the device's answers.
     used: UsedRing<'a, GuestMemoryMmap>,
     used_addr: GuestAddress,
+    mem: &'a GuestMemoryMmap,
     size: u16,
     next_avail: u16,
 }
@@ -57,6 +58,7 @@ impl<'a> DriverRing<'a> {
             q,
             used,
             used_addr,
+            mem,
             size,
             next_avail: 0,
         }
@@ -132,6 +134,12 @@ impl<'a> DriverRing<'a> {
     /// Writes the available index directly (hostile drivers do this).
     pub fn set_avail_idx(&self, idx: u16) {
         self.q.avail().idx().store(idx.to_le());
+    }
+
+    /// The used ring's flags (`VRING_USED_F_NO_NOTIFY`: the device asks not to be kicked).
+    pub fn used_flags(&self) -> u16 {
+        use vm_memory::Bytes;
+        u16::from_le(self.mem.read_obj(self.used_addr).unwrap_or(u16::MAX))
     }
 
     /// The used ring's index.
