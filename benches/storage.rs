@@ -18,9 +18,7 @@
 //! the host.
 
 mod common;
-#[path = "../tests/common/mod.rs"]
-#[allow(unused_imports)]
-mod tc;
+use common::tests_common as tc;
 
 use std::process::Command;
 

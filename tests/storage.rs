@@ -144,21 +144,7 @@ fn what_was_flushed_survives_a_kill_9_in_the_middle_of_writes() {
     let top = overlay(&img, &b, fmt);
     let seed = 0x2222;
     let (rounds, writes) = (10_000u64, 16u64);
-    let mut child = bexar()
-        .arg("run")
-        .arg("--kernel")
-        .arg(testguest())
-        .args(["--no-stdin", "--memory", "64", "--timeout", "120"])
-        .arg("--disk")
-        .arg(&top)
-        .args([
-            "--cmdline",
-            &format!(
-                "console=ttyS0 bexar.test=blk-scatter bexar.seed={seed} bexar.rounds={rounds} bexar.writes={writes}{}",
-                guest_platform_params()
-            ),
-        ])
-        .stdout(Stdio::piped())
+    let mut child = scatter_cmd(&top.to_string_lossy(), seed, rounds, writes, &[])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -249,21 +235,29 @@ fn what_was_flushed_survives_a_kill_9_in_the_middle_of_writes() {
     );
 }
 
-/// `bexar run` of `blk-scatter` on `disk`, its stdout piped.
-fn scatter_on(disk: &str, seed: u64, rounds: u64) -> std::process::Child {
-    bexar()
-        .arg("run")
+/// `bexar run` of `blk-scatter` (`rounds` rounds of `writes` writes from `seed`) on `disk`,
+/// with `extra` flags, its stdout piped.
+fn scatter_cmd(disk: &str, seed: u64, rounds: u64, writes: u64, extra: &[&str]) -> Command {
+    let mut c = bexar();
+    c.arg("run")
+        .args(extra)
         .arg("--kernel")
         .arg(testguest())
         .args(["--no-stdin", "--memory", "64", "--timeout", "120", "--disk", disk])
         .args([
             "--cmdline",
             &format!(
-                "console=ttyS0 bexar.test=blk-scatter bexar.seed={seed} bexar.rounds={rounds} bexar.writes=32{}",
+                "console=ttyS0 bexar.test=blk-scatter bexar.seed={seed} bexar.rounds={rounds} bexar.writes={writes}{}",
                 guest_platform_params()
             ),
         ])
-        .stdout(Stdio::piped())
+        .stdout(Stdio::piped());
+    c
+}
+
+/// [`scatter_cmd`] with 32 writes a round, its stderr piped too.
+fn scatter_on(disk: &str, seed: u64, rounds: u64) -> std::process::Child {
+    scatter_cmd(disk, seed, rounds, 32, &[])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
@@ -394,23 +388,17 @@ fn a_restored_remote_disk_reconnects_through_the_waiting_parent() {
     let control = img.path("control.sock");
     let snapshot = img.path("snapshot");
     // Snapshotted after its first round (a jailed bexar run has nowhere to write one).
-    let mut first = bexar()
-        .args(["run", "--no-jail", "--kernel"])
-        .arg(testguest())
-        .args(["--no-stdin", "--memory", "64", "--disk", &server.url("")])
-        .arg("--control")
-        .arg(&control)
-        .args([
-            "--cmdline",
-            &format!(
-                "console=ttyS0 bexar.test=blk-scatter bexar.seed={seed} bexar.rounds={rounds} bexar.writes=32{}",
-                guest_platform_params()
-            ),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let control_flag = format!("--control={}", control.display());
+    let mut first = scatter_cmd(
+        &server.url(""),
+        seed,
+        rounds,
+        32,
+        &["--no-jail", &control_flag],
+    )
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     let mut lines = BufReader::new(first.stdout.take().unwrap()).lines();
     while !lines.next().unwrap().unwrap().contains("round 0 flushed") {}
     let reply = vmm_control(

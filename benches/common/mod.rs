@@ -175,16 +175,10 @@ impl Drop for BenchAgent {
     }
 }
 
-/// The VMM of the `bexar run` process `pid`: jailed (the default, as root), its only child but
-/// the reaper that holds its VM, pid 1 of a PID namespace of its own; otherwise (`--no-jail`, an older binary) `pid` itself.
-#[allow(dead_code)] // not every bench looks at the VMM's process
-pub fn vmm_of_run(pid: u32) -> u32 {
-    let vmms: Vec<u32> = bexar_util::procfs::children(pid)
-        .into_iter()
-        .filter(|&c| !bexar_vmm::teardown::is_reaper(c))
-        .collect();
-    match vmms[..] {
-        [vmm] => vmm,
-        _ => pid,
-    }
-}
+/// The integration tests' helpers, for the benches that drive the same guests.
+#[path = "../../tests/common/mod.rs"]
+#[allow(unused_imports)]
+pub mod tests_common;
+/// The VMM of the `bexar run` process `pid` (the tests' helper).
+#[allow(unused_imports)] // not every bench looks at the VMM's process
+pub use tests_common::vmm_of_run;

@@ -133,6 +133,7 @@ pub(crate) fn install_waiter(dialing: bool) -> Result<(), SeccompError> {
     }
     let kind = "waiting parent";
     let mut rules = BTreeMap::new();
+    add(&mut rules, BASICS);
     add(&mut rules, WAITER);
     if dialing {
         add(&mut rules, DIALING);
@@ -178,48 +179,17 @@ pub(crate) fn install_waiter(dialing: bool) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// The waiting parent's calls: its descriptors and memory, signals (forwarded to the child,
-/// Ctrl+Z relayed, its own end by the child's signal), the wait, receiving the VM, and the
-/// reaper's fork (pidfd, pipe, `close_range` and `poll` in the child).
+/// The waiting parent's calls beyond [`BASICS`]: signals to the child (forwarded, Ctrl+Z
+/// relayed), the wait, receiving the VM, the reaper's fork (pidfd, pipe, `close_range` in the
+/// child) and its own end by the child's signal (the core limit).
 const WAITER: &[i64] = &[
-    libc::SYS_read,
-    libc::SYS_write,
-    libc::SYS_close,
-    libc::SYS_fcntl,
-    libc::SYS_futex,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mprotect,
-    libc::SYS_madvise,
-    libc::SYS_brk,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_rt_sigaction,
-    libc::SYS_sigaltstack,
-    libc::SYS_tgkill,
     libc::SYS_kill,
-    libc::SYS_getpid,
-    libc::SYS_gettid,
-    libc::SYS_rseq,
-    // A thread's start (the dialer's).
-    libc::SYS_sched_getaffinity,
-    libc::SYS_set_robust_list,
-    libc::SYS_clock_gettime,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_nanosleep,
-    libc::SYS_getrandom,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
     libc::SYS_recvmsg,
     libc::SYS_wait4,
     libc::SYS_pidfd_open,
     libc::SYS_pipe2,
     libc::SYS_close_range,
     libc::SYS_prlimit64,
-    libc::SYS_restart_syscall,
-    libc::SYS_seccomp,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
 ];
 
 /// The waiting parent's dialer thread: TCP connects with a timeout, the exchange with the VMM.
@@ -232,10 +202,9 @@ const DIALING: &[i64] = &[
     libc::SYS_recvfrom,
 ];
 
-/// Allowed for every thread: memory, futexes, signals, time, descriptors it already has.
+/// Allowed for every VMM thread beyond [`BASICS`]: vectored and positioned I/O on descriptors
+/// it has, event loops, timers, io_uring.
 const COMMON: &[i64] = &[
-    libc::SYS_read,
-    libc::SYS_write,
     libc::SYS_readv,
     libc::SYS_writev,
     libc::SYS_pread64,
@@ -245,19 +214,37 @@ const COMMON: &[i64] = &[
     libc::SYS_preadv2,
     libc::SYS_pwritev2,
     libc::SYS_lseek,
-    libc::SYS_close,
     libc::SYS_dup,
-    libc::SYS_fcntl,
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
+    libc::SYS_mremap,
+    libc::SYS_sched_yield,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_create1,
+    libc::SYS_eventfd2,
+    libc::SYS_io_uring_enter,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
+];
+
+/// What any thread of any Bexar process under a filter needs (in [`COMMON`] and [`WAITER`]'s
+/// lists both): reading and writing descriptors it has, memory, futexes, signals, time, a
+/// thread's start, and its end.
+const BASICS: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_close,
+    libc::SYS_fcntl,
     libc::SYS_futex,
     libc::SYS_mmap,
     libc::SYS_munmap,
     libc::SYS_mprotect,
-    libc::SYS_mremap,
     libc::SYS_madvise,
     libc::SYS_brk,
     libc::SYS_rt_sigprocmask,
@@ -268,24 +255,14 @@ const COMMON: &[i64] = &[
     libc::SYS_getpid,
     libc::SYS_gettid,
     libc::SYS_sched_getaffinity,
-    libc::SYS_sched_yield,
     libc::SYS_rseq,
     libc::SYS_set_robust_list,
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
     libc::SYS_getrandom,
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_epoll_ctl,
-    libc::SYS_epoll_create1,
-    libc::SYS_eventfd2,
     libc::SYS_poll,
     libc::SYS_ppoll,
-    libc::SYS_io_uring_enter,
-    libc::SYS_timerfd_create,
-    libc::SYS_timerfd_settime,
-    libc::SYS_timerfd_gettime,
     libc::SYS_restart_syscall,
     // Only ever narrows: a thread installs its second filter (clone3) after its first.
     libc::SYS_seccomp,
@@ -436,6 +413,7 @@ fn prctl_rules() -> Vec<SeccompRule> {
 /// The allow-list of `kind`; `inet`: the VMM has remote disks.
 fn rules_of(kind: ThreadKind, inet: bool) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut rules = BTreeMap::new();
+    add(&mut rules, BASICS);
     add(&mut rules, COMMON);
     match kind {
         ThreadKind::Vcpu(_) => add(&mut rules, VCPU),
