@@ -407,6 +407,20 @@ fn a_restored_remote_disk_reconnects_through_the_waiting_parent() {
     );
     assert_eq!(reply["ok"], true, "{reply}");
     assert!(first.wait().unwrap().success());
+    // Without the waiting parent, no one could connect the snapshot's disk for the jailed
+    // VMM (and its filter has no TCP socket, the command line naming no remote disk): refused
+    // before the guest runs, naming the server, rather than killed at its first reconnect.
+    let o = bexar()
+        .args(["run", "--no-stdin", "--no-pid-namespace", "--restore"])
+        .arg(&snapshot)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("could not reconnect in this jail") && err.contains(&server.port.to_string()),
+        "{err}"
+    );
     let mut restored = bexar()
         .args(["run", "--no-stdin", "--timeout", "120", "--restore"])
         .arg(&snapshot)

@@ -428,7 +428,7 @@ impl HostSide {
                 .iter()
                 .filter_map(|d| d.config().remote_server())
                 .collect(),
-        );
+        )?;
         enter_jail(file_size_limit(memory, &self.devices))
     }
 

@@ -395,9 +395,29 @@ pub fn times() -> Option<JailTimes> {
 /// from the disks it opened (the command line's, a snapshot's), just before the jail.
 static DIAL_FOR: std::sync::Mutex<Vec<(String, u16)>> = std::sync::Mutex::new(Vec::new());
 
-/// Names the servers of the remote disks this process opened ([`DIAL_FOR`]).
-pub fn dial_for(servers: Vec<(String, u16)>) {
+/// Names the servers of the remote disks this process opened ([`DIAL_FOR`]). Refused when
+/// no one would connect them once jailed: the jail forks no waiting parent to dial, the
+/// process has no dialer of its own, and its filters allow no TCP socket (a `bexar run
+/// --restore` without `--disk` of a snapshot with remote disks, not forking): its first
+/// reconnection would otherwise die of its filter.
+pub fn dial_for(servers: Vec<(String, u16)>) -> Result<(), JailError> {
+    let forks = ARMED
+        .get()
+        .is_some_and(|c| c.fork_pid_namespace && !own_pid_namespace());
+    if !servers.is_empty()
+        && !forks
+        && !bexar_devices::block::remote::has_dialer()
+        && !crate::seccomp::allows_tcp()
+    {
+        let names: Vec<String> = servers.iter().map(|(h, p)| format!("{h}:{p}")).collect();
+        return Err(JailError::Config(format!(
+            "remote disks on {} could not reconnect in this jail (no one connects them for it \
+             and its filter has no TCP socket): name them on the command line (--disk)",
+            names.join(", ")
+        )));
+    }
     *bexar_util::sync::lock(&DIAL_FOR) = servers;
+    Ok(())
 }
 
 /// Enters the armed jail (if armed and not yet entered). `file_bytes` is the RLIMIT_FSIZE to

@@ -79,18 +79,20 @@ pub(crate) fn fork_into_new(uid_base: u32, dial_for: &[(String, u16)]) -> Result
             // Back to this process's own PID namespace for the children it makes from now on
             // (the reaper): the new one ends with the VMM, and a fork into it would fail. As
             // root, before the drop. Without it, the VM is dropped here instead.
-            if let Err(e) = nix::sched::setns(&parent, nix::sched::CloneFlags::CLONE_NEWPID) {
-                // (Linux 5.8+ takes a pidfd here.) Nor can this process start a thread then:
-                // the kernel refuses one whose namespace for children differs.
+            let back = nix::sched::setns(&parent, nix::sched::CloneFlags::CLONE_NEWPID);
+            if let Err(e) = &back {
+                // (Linux 5.8+ takes a pidfd here.) A reaper forked now would be the child's
+                // namespace's, which could not end before it; nor can this process start a
+                // thread then: the kernel refuses one whose namespace for children differs.
                 tracing::warn!(
-                    "cannot return to the host's PID namespace: {e}; the VM is released here, \
-                     and remote disks cannot reconnect"
+                    "cannot return to the host's PID namespace: {e}; the VM is released by \
+                     this process as it exits, and remote disks cannot reconnect"
                 );
             }
             drop(parent);
             forward_signals(child);
             let dial = dial.map(|(_, outside)| (outside, dial_for.to_vec()));
-            wait_outside(child, outside, uid_base, dial)
+            wait_outside(child, outside, uid_base, dial, back.is_ok())
         }
     }
 }
@@ -124,14 +126,16 @@ pub(crate) fn die_with_parent() -> Result<(), JailError> {
     Ok(())
 }
 
-/// The parent: gives up what it holds, keeps the VM the child hands over, connects the
-/// child's remote disks to their servers (`dial`: the channel and the servers), waits for the
-/// child and exits as it did.
+/// The parent: gives up what it holds, hands the VM the child sends to a reaper (if `reaper`:
+/// this process is back in the host's PID namespace), connects the child's remote disks to
+/// their servers (`dial`: the channel and the servers), waits for the child and exits as it
+/// did.
 fn wait_outside(
     child: nix::unistd::Pid,
     sock: UnixStream,
     uid_base: u32,
     dial: Option<(UnixDatagram, Vec<(String, u16)>)>,
+    reaper: bool,
 ) -> ! {
     use nix::sys::wait::{waitpid, WaitStatus};
     let mut keep = vec![sock.as_raw_fd()];
@@ -158,7 +162,11 @@ fn wait_outside(
     // ended: its fork is then off the path from the guest's end to this process's exit, which
     // is what a caller waits for. The reaper holds the VM until this process has gone.
     let vm = crate::teardown::receive_vm(&sock).ok().flatten();
-    let vm = match vm.as_ref().map(crate::teardown::Reaper::spawn) {
+    let vm = match vm
+        .as_ref()
+        .filter(|_| reaper)
+        .map(crate::teardown::Reaper::spawn)
+    {
         Some(Some(reaper)) => {
             drop(vm);
             reaper.wait();

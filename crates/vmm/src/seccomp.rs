@@ -66,6 +66,7 @@ static FAULT_FD: AtomicI32 = AtomicI32::new(-1);
 /// (TCP sockets allowed, for their reconnection).
 pub fn arm(fault: Option<OwnedFd>, inet: bool) -> Result<(), SeccompError> {
     let t = std::time::Instant::now();
+    INET.store(inet, Ordering::Relaxed);
     let f = Filters {
         vmm: build(ThreadKind::Vmm, inet)?,
         vcpu: build(ThreadKind::Vcpu(0), inet)?,
@@ -91,6 +92,15 @@ pub fn times_us() -> (u64, u64) {
         BUILD_US.load(Ordering::Relaxed),
         MAIN_INSTALL_US.load(Ordering::Relaxed),
     )
+}
+
+/// Whether the armed filters let the VMM make TCP sockets (its remote disks' reconnections).
+static INET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process may connect its remote disks itself: no filters armed, or armed with
+/// TCP sockets.
+pub fn allows_tcp() -> bool {
+    !armed() || INET.load(Ordering::Relaxed)
 }
 
 /// Whether filters are armed (and so installed by each thread).

@@ -198,6 +198,11 @@ pub fn dial_through(path: std::path::PathBuf) {
     let _ = DIALER.set(Dialer::Path(path));
 }
 
+/// Whether this process's remote disks get their connections from a dialer.
+pub fn has_dialer() -> bool {
+    DIALER.get().is_some()
+}
+
 /// As [`dial_through`], asking over `channel` instead, whose other end a process outside this
 /// one's network namespace serves with [`serve_dials_over`]: `bexar run`'s parent, which
 /// stays in the host's network namespace as its VMM leaves it. Set once.

@@ -518,6 +518,10 @@ impl<'a> Serving<'a> {
     /// came back on counts as more). An idle driver costs one `spin` after its last batch.
     pub fn more_soon(&mut self, q: usize, spin: std::time::Duration) -> bool {
         let mem = self.mem;
+        // A device the batch failed serves nothing more until a reset.
+        if self.needs_reset.load(Ordering::Acquire) {
+            return false;
+        }
         let Some(queue) = self.queues.get_mut(q) else {
             return false;
         };
