@@ -274,7 +274,7 @@ const BASICS: &[i64] = &[
     libc::SYS_poll,
     libc::SYS_ppoll,
     libc::SYS_restart_syscall,
-    // Only ever narrows: a thread installs its second filter (clone3) after its first.
+    // Only ever narrows (seccompiler's install; a filter stacked later can only refuse more).
     libc::SYS_seccomp,
     libc::SYS_exit,
     libc::SYS_exit_group,
@@ -457,37 +457,66 @@ fn build(kind: ThreadKind, inet: bool) -> Result<Vec<BpfProgram>, SeccompError> 
     programs(&kind.to_string(), rules_of(kind, inet), &errors)
 }
 
-/// The programs of a filter: `rules` allowed and everything else trapped, and each of `errors`
-/// answered with its errno instead, by a second program (the kernel takes the stricter answer
-/// of stacked filters, and an errno is stricter than allow).
+/// The program of a filter: `rules` allowed and everything else trapped, and each of `errors`
+/// answered with its errno instead. One program, not one per action: every system call a
+/// thread makes runs every filter stacked on it (a virtio thread's write to a TAP, once per
+/// frame, ran three). `seccompiler` gives a filter one action for all its rules, so the errno
+/// answers are a short prefix written here ([`errno_prefix`]), ahead of its program.
 fn programs(
     kind: &str,
-    mut rules: BTreeMap<i64, Vec<SeccompRule>>,
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
     errors: &[(i64, i32)],
 ) -> Result<Vec<BpfProgram>, SeccompError> {
     let err = |e: &dyn std::fmt::Display| SeccompError::Build {
         kind: kind.to_owned(),
         err: e.to_string(),
     };
-    let program = |rules, mismatch, on_match| -> Result<BpfProgram, SeccompError> {
-        SeccompFilter::new(rules, mismatch, on_match, TargetArch::x86_64)
-            .map_err(|e| err(&e))?
-            .try_into()
-            .map_err(|e: seccompiler::BackendError| err(&e))
-    };
-    let mut programs = Vec::new();
-    for (call, _) in errors {
-        rules.insert(*call, Vec::new());
+    let allow: BpfProgram = SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| err(&e))?
+    .try_into()
+    .map_err(|e: seccompiler::BackendError| err(&e))?;
+    let mut program = errno_prefix(errors);
+    program.extend(allow);
+    if program.len() > usize::from(u16::MAX) {
+        return Err(err(&"the program is too long"));
     }
-    programs.push(program(rules, SeccompAction::Trap, SeccompAction::Allow)?);
+    Ok(vec![program])
+}
+
+/// Classic BPF that answers each of `errors` (system call, errno) on x86_64 with its errno
+/// and falls through to what follows for everything else (the instructions after it, whose
+/// own first check is the architecture: a call of another one is refused there).
+fn errno_prefix(errors: &[(i64, i32)]) -> BpfProgram {
+    use seccompiler::sock_filter;
+    // linux/filter.h and linux/seccomp.h, linux/audit.h.
+    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const RET_ERRNO: u32 = 0x0005_0000; // SECCOMP_RET_ERRNO
+    const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+    const NR: u32 = 0; // offsetof(struct seccomp_data, nr)
+    const ARCH: u32 = 4; // offsetof(struct seccomp_data, arch)
+    let op = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    if errors.is_empty() {
+        return Vec::new();
+    }
+    // After the arch check: a load, then two instructions per call.
+    let rest = (1 + 2 * errors.len()) as u8;
+    let mut p = vec![
+        op(LD_W_ABS, 0, 0, ARCH),
+        op(JEQ_K, 0, rest, AUDIT_ARCH_X86_64),
+        op(LD_W_ABS, 0, 0, NR),
+    ];
     for &(call, errno) in errors {
-        programs.push(program(
-            BTreeMap::from([(call, Vec::new())]),
-            SeccompAction::Allow,
-            SeccompAction::Errno(errno as u32),
-        )?);
+        p.push(op(JEQ_K, 0, 1, call as u32));
+        p.push(op(RET_K, 0, 0, RET_ERRNO | (errno as u32 & 0xffff)));
     }
-    Ok(programs)
+    p
 }
 
 /// `si_code` of a SIGSYS a seccomp filter raised.
@@ -625,4 +654,42 @@ fn install_handler() {
 /// The name of system call `nr` (x86_64), for reports.
 pub fn syscall_name(nr: u64) -> &'static str {
     syscalls::Sysno::new(nr as usize).map_or("unknown", |s| s.name())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The errno prefix answers its calls with their errno, on a thread under a filter built
+    /// the way every thread's is, and leaves the rest to the allow-list.
+    #[test]
+    fn the_errno_prefix_answers_its_calls_and_the_list_the_rest() {
+        let t = std::thread::spawn(|| {
+            let mut rules = BTreeMap::new();
+            add(&mut rules, BASICS);
+            let prog = programs(
+                "test",
+                rules,
+                &[
+                    (libc::SYS_clone3, libc::ENOSYS),
+                    (libc::SYS_openat, libc::EACCES),
+                ],
+            )
+            .unwrap();
+            assert_eq!(prog.len(), 1, "one program per thread");
+            seccompiler::apply_filter(&prog[0]).unwrap();
+            let open = std::fs::File::open("/proc/self/status").unwrap_err();
+            // SAFETY: clone3 with a null argument and size 0 fails before doing anything.
+            let clone3 = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };
+            let clone3_err = std::io::Error::last_os_error().raw_os_error();
+            // Allowed by the list: getpid goes through.
+            // SAFETY: getpid has no preconditions.
+            let pid = unsafe { libc::getpid() };
+            (open.raw_os_error(), clone3, clone3_err, pid)
+        });
+        let (open, clone3, clone3_err, pid) = t.join().unwrap();
+        assert_eq!(open, Some(libc::EACCES));
+        assert_eq!((clone3, clone3_err), (-1, Some(libc::ENOSYS)));
+        assert_eq!(pid as u32, std::process::id());
+    }
 }
