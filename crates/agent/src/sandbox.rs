@@ -229,13 +229,9 @@ const NETNS_READY: usize = 4;
 
 /// A new empty network namespace, made on a thread of its own (which leaves it at once).
 fn new_netns() -> std::io::Result<OwnedFd> {
-    std::thread::spawn(|| {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
-        std::fs::File::open("/proc/thread-self/ns/net").map(OwnedFd::from)
-    })
-    .join()
-    .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
+    bexar_vmm::jail::netns_on_thread()?
+        .join()
+        .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
 }
 
 impl NetnsPool {

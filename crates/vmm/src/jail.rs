@@ -289,17 +289,22 @@ static NETNS_AHEAD: std::sync::Mutex<Option<std::thread::JoinHandle<std::io::Res
 /// may unshare its network namespace alone; it hands the namespace over as a descriptor and
 /// ends. The agent makes its VMMs' ahead of time itself (`JailConfig::netns_fd`).
 fn make_netns_ahead() {
-    let made =
-        std::thread::Builder::new()
-            .name("netns".into())
-            .spawn(|| -> std::io::Result<OwnedFd> {
-                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
-                Ok(File::open("/proc/thread-self/ns/net")?.into())
-            });
-    match made {
+    match netns_on_thread() {
         Ok(h) => *bexar_util::sync::lock(&NETNS_AHEAD) = Some(h),
         Err(e) => tracing::debug!("no thread to make the network namespace ahead: {e}"),
     }
+}
+
+/// Starts a thread that makes a new, empty network namespace and ends, handing it over as a
+/// descriptor (a thread may unshare its network namespace alone): for a jail's
+/// ([`make_netns_ahead`]) and the agent's pool of namespaces made ahead.
+pub fn netns_on_thread() -> std::io::Result<std::thread::JoinHandle<std::io::Result<OwnedFd>>> {
+    std::thread::Builder::new()
+        .name("netns".into())
+        .spawn(|| -> std::io::Result<OwnedFd> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(File::open("/proc/thread-self/ns/net")?.into())
+        })
 }
 
 /// The namespace [`make_netns_ahead`] made, once its thread has ended; `None` if it made none

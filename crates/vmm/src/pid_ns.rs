@@ -140,7 +140,7 @@ fn wait_outside(
     use nix::sys::wait::{waitpid, WaitStatus};
     let mut keep = vec![sock.as_raw_fd()];
     keep.extend(dial.as_ref().map(|(c, _)| c.as_raw_fd()));
-    close_all_but(&mut keep);
+    crate::teardown::close_all_but(3, &mut keep);
     drop_root(uid_base.saturating_add(child.as_raw() as u32));
     let ports: Vec<u16> = dial
         .as_ref()
@@ -249,23 +249,6 @@ fn forward_signals(child: nix::unistd::Pid) {
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
     }
-}
-
-/// Closes every descriptor of this process above standard error but those in `keep`.
-fn close_all_but(keep: &mut [RawFd]) {
-    keep.sort_unstable();
-    let mut from = 3u32;
-    for &fd in keep.iter() {
-        let fd = fd as u32;
-        if fd > from {
-            // SAFETY: close_range on this process's own descriptors in [from, fd), none of
-            // which anything here uses (the child has its own copies).
-            unsafe { libc::close_range(from, fd - 1, 0) };
-        }
-        from = from.max(fd + 1);
-    }
-    // SAFETY: as above, above the last kept.
-    unsafe { libc::close_range(from, u32::MAX, 0) };
 }
 
 /// The child's uid (so that it may still signal the child: the child cannot name this process,

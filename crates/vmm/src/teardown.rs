@@ -182,24 +182,35 @@ impl Reaper {
     }
 }
 
+/// Closes every descriptor of this process from `from` up but those in `keep` (sorted here,
+/// in place). Allocates nothing, so a child forked from a threaded process may call it.
+pub(crate) fn close_all_but(from: u32, keep: &mut [RawFd]) {
+    keep.sort_unstable();
+    let mut from = from;
+    for &fd in keep.iter() {
+        let fd = fd as u32;
+        if fd > from {
+            // SAFETY: close_range on this process's own descriptors in [from, fd), which
+            // nothing here uses any more (the caller keeps what it needs in `keep`).
+            unsafe { libc::close_range(from, fd - 1, 0) };
+        }
+        from = from.max(fd + 1);
+    }
+    // SAFETY: as above, above the last kept.
+    unsafe { libc::close_range(from, u32::MAX, 0) };
+}
+
 /// The child: keep only the VM and the parent's pidfd, wait for the parent to end, exit.
 fn child(vm: RawFd, pidfd: RawFd) -> ! {
-    let (lo, hi) = (vm.min(pidfd) as u32, vm.max(pidfd) as u32);
-    // SAFETY: system calls only, in this single-threaded child: close_range leaves `vm` and
-    // `pidfd` open, prctl reads a static NUL-terminated name, signal() changes this process's
-    // dispositions, poll gets a valid one-element array, _exit never returns.
+    // SAFETY: prctl reads a static NUL-terminated name. Named apart from the VMM (whose
+    // command line it shares), so that whoever looks for VMMs in /proc (the agent, at its
+    // start and after a live upgrade) can skip it; before the VMM goes on (it waits for the
+    // descriptors closed next).
+    unsafe { libc::prctl(libc::PR_SET_NAME, REAPER_COMM.as_ptr()) };
+    close_all_but(0, &mut [vm, pidfd]);
+    // SAFETY: system calls only, in this single-threaded child: signal() changes this
+    // process's dispositions, poll gets a valid one-element array, _exit never returns.
     unsafe {
-        // Named apart from the VMM (whose command line it shares), so that whoever looks for
-        // VMMs in /proc (the agent, at its start and after a live upgrade) can skip it; before
-        // the VMM goes on (it waits for the descriptors closed below).
-        libc::prctl(libc::PR_SET_NAME, REAPER_COMM.as_ptr());
-        if lo > 0 {
-            libc::close_range(0, lo - 1, 0);
-        }
-        if hi > lo + 1 {
-            libc::close_range(lo + 1, hi - 1, 0);
-        }
-        libc::close_range(hi + 1, u32::MAX, 0);
         // A Ctrl+C in the terminal is for the VMM, not for this.
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
