@@ -209,6 +209,9 @@ fn control_of(path: Option<&std::path::Path>) -> Option<ControlConfig> {
 /// The root every jailed `bexar run` shares: empty, owned by root, read-only to the VMM.
 const RUN_JAIL_ROOT: &str = "/run/bexar/empty";
 
+/// Where the mount namespace of that root is kept ([`bexar_vmm::jail::JailConfig::shared_mount_ns`]).
+const RUN_JAIL_MNTNS: &str = "/run/bexar/empty.mntns";
+
 /// Arms the jail and the seccomp filters for this run, as `bexar vmm` does for the agent. As
 /// another user than root only seccomp (which needs no privilege) is armed.
 fn arm_jail(args: &RunArgs) -> Result<(), String> {
@@ -243,6 +246,9 @@ fn arm_jail(args: &RunArgs) -> Result<(), String> {
     std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o555))
         .map_err(|e| format!("{RUN_JAIL_ROOT}: {e}"))?;
     let mut j = bexar_vmm::jail::JailConfig::new(args.jail_uid_base, root.to_owned());
+    // Every jailed `bexar run` joins one mount namespace whose only mount is that root,
+    // rather than making its own and pivoting (about 1 ms here).
+    j.shared_mount_ns = Some(RUN_JAIL_MNTNS.into());
     // The VMM goes on as pid 1 of a PID namespace of its own; this process waits outside, in
     // the host's network namespace, and connects the remote disks for the VMM, whose own
     // network namespace is then empty.

@@ -360,6 +360,10 @@ struct HostSide {
     /// What /dev/kvm is (read from sysfs, which the jail does not have).
     platform: Platform,
     kvm: Kvm,
+    /// What KVM supports here, asked before the jail: the query costs ~1 ms on this machine
+    /// (each leaf a CPUID the host's hypervisor answers), which overlaps the making of the
+    /// jail's network namespace on another thread ([`crate::jail::arm`]).
+    supported: kvm_bindings::CpuId,
     stats: Arc<ConsoleStats>,
     console: serial::Console,
     control: Option<ControlServer>,
@@ -400,6 +404,8 @@ impl HostSide {
     ) -> Result<Self, VmmError> {
         let platform = Platform::detect();
         let kvm = open_kvm()?;
+        let supported = cpuid::supported(&kvm, platform)
+            .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
         let stats = ConsoleStats::new(start);
         let console = serial::build(ConsoleSetup {
             config: console,
@@ -413,6 +419,7 @@ impl HostSide {
             start,
             platform,
             kvm,
+            supported,
             stats,
             console,
             control,
@@ -450,14 +457,21 @@ impl HostSide {
             start,
             platform,
             kvm,
+            supported,
             stats,
             console,
             control,
             devices,
         } = self;
-        let parts = machine(kvm, ram, config, platform, start, stats, |vm, ram, exit| {
-            attach(vm, ram, exit, console, devices)
-        })?;
+        let parts = machine(
+            (kvm, supported),
+            ram,
+            config,
+            platform,
+            start,
+            stats,
+            |vm, ram, exit| attach(vm, ram, exit, console, devices),
+        )?;
         Ok((parts, control))
     }
 
@@ -601,6 +615,7 @@ fn enter_jail(file_bytes: u64) -> Result<(), VmmError> {
 /// What both recipes make before the vCPUs: the VM, its memory, its devices.
 struct Parts {
     kvm: Kvm,
+    supported: kvm_bindings::CpuId,
     vm: VmFd,
     ram: GuestRam,
     devices: DeviceManager,
@@ -613,7 +628,7 @@ struct Parts {
 /// The VM on `ram` with its interrupt controllers and the devices `attach` makes: what both
 /// recipes build before the vCPUs, on /dev/kvm and a console clock opened before.
 fn machine(
-    kvm: Kvm,
+    (kvm, supported): (Kvm, kvm_bindings::CpuId),
     ram: GuestRam,
     config: &VmConfig,
     platform: Platform,
@@ -630,6 +645,7 @@ fn machine(
     let devices = attach(&vm, &ram, &exit)?;
     Ok(Parts {
         kvm,
+        supported,
         vm,
         ram,
         devices,
@@ -653,6 +669,7 @@ fn assemble(
 ) -> Result<Vmm, VmmError> {
     let Parts {
         kvm,
+        supported,
         vm,
         ram,
         mut devices,
@@ -671,11 +688,10 @@ fn assemble(
     // parked, and their channels close), the virtio loop's would not.
     let completed = Arc::new(AtomicU64::new(0));
     let vcpus = create_vcpus(
-        &kvm,
+        &supported,
         &vm,
         &ram,
         &config,
-        platform,
         at_entry.then_some(&entry),
         &exit,
         &completed,
@@ -862,18 +878,15 @@ fn restore_devices(
 #[allow(clippy::too_many_arguments)]
 #[inline(never)]
 fn create_vcpus(
-    kvm: &Kvm,
+    supported: &kvm_bindings::CpuId,
     vm: &VmFd,
     ram: &GuestRam,
     config: &VmConfig,
-    platform: Platform,
     entry: Option<&BootEntry>,
     exit: &ExitHandle,
     completed: &Arc<AtomicU64>,
     devices: &DeviceManager,
 ) -> Result<Vec<VcpuHandle>, VmmError> {
-    let supported =
-        cpuid::supported(kvm, platform).map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
     vcpu::install_kick_handler().map_err(|err| VmmError::Start {
         what: "vCPU kick handler",
         err,
@@ -884,7 +897,7 @@ fn create_vcpus(
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(|e| VcpuError::Kvm("KVM_CREATE_VCPU", e))?;
-        let cpuid = cpuid::for_vcpu(&supported, config.cpu_template, id, config.vcpus);
+        let cpuid = cpuid::for_vcpu(supported, config.cpu_template, id, config.vcpus);
         vcpu::configure(
             &fd,
             &ram.mem,

@@ -21,7 +21,7 @@
 //! opened here, before the root goes.
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
@@ -93,6 +93,15 @@ pub struct JailConfig {
     /// threads there; never for a VMM, and not in the launch file.
     #[serde(skip)]
     pub proc: bool,
+    /// A file on which a mount namespace is kept whose only mount is `root` (read-only,
+    /// nosuid, nodev, noexec), shared by every jail of this root: joined instead of making a
+    /// mount namespace and pivoting into the root for each VMM. That costs about 1 ms here
+    /// (the copy of the host's mount table, then its detach and again the namespace's end as
+    /// the VMM exits, each waiting for an RCU grace period), joining about 50 µs. Made on
+    /// first use ([`shared_mount_ns`]). For `bexar run`, whose VMMs share their empty root
+    /// anyway; not with `binds`, `proc` or `own_root`; not in the launch file.
+    #[serde(skip)]
+    pub shared_mount_ns: Option<PathBuf>,
     /// Install the per-thread seccomp filters.
     #[serde(default = "yes")]
     pub seccomp: bool,
@@ -118,6 +127,7 @@ impl JailConfig {
             fork_pid_namespace: false,
             binds: Vec::new(),
             proc: false,
+            shared_mount_ns: None,
             seccomp: true,
             landlock: true,
         }
@@ -237,7 +247,8 @@ pub struct JailTimes {
     /// `bexar run`'s fork into a new PID namespace (0 for a VMM started in one).
     #[serde(default)]
     pub pid_namespace_us: u64,
-    /// unshare of the mount, IPC, UTS and network namespaces.
+    /// unshare of the mount, IPC, UTS and network namespaces (with the wait for a network
+    /// namespace made ahead, if it was not ready).
     pub namespaces_us: u64,
     /// The private mount tree, bind and pivot_root.
     pub pivot_root_us: u64,
@@ -307,6 +318,136 @@ pub fn netns_on_thread() -> std::io::Result<std::thread::JoinHandle<std::io::Res
         })
 }
 
+/// The mount namespace [`JailConfig::shared_mount_ns`] keeps, until the jail joins it.
+static SHARED_MNTNS: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None);
+
+/// The mount namespace kept on `keep` whose only mount is `root` ([`JailConfig::shared_mount_ns`]):
+/// opened, or made and kept there first. A mount namespace outlives its processes while bound
+/// to a file, as `ip netns` keeps network namespaces: until `umount KEEP` or the host's
+/// reboot. The lock file beside `keep` (`KEEP.lock`, taken while one is made, so two first
+/// VMMs do not each bind one) says which directory it was made of (device and inode): one made
+/// of a `root` since replaced is made anew.
+pub fn shared_mount_ns(keep: &Path, root: &Path) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{Flock, FlockArg};
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(root)?;
+    let stamp = format!("{} {}\n", meta.dev(), meta.ino());
+    let lock_path = keep.with_extension("lock");
+    if std::fs::read_to_string(&lock_path).is_ok_and(|s| s == stamp) {
+        if let Some(ns) = kept_mount_ns(keep)? {
+            return Ok(ns);
+        }
+    }
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)?;
+    let mut lock = Flock::lock(lock, FlockArg::LockExclusive).map_err(|(_, e)| e)?;
+    // Again under the lock: a VMM that held it may have made it meanwhile.
+    let mut made_of = String::new();
+    lock.read_to_string(&mut made_of)?;
+    let kept = kept_mount_ns(keep)?;
+    if made_of == stamp {
+        if let Some(ns) = kept {
+            return Ok(ns);
+        }
+    } else if kept.is_some() {
+        // Made of a directory that has been replaced since.
+        umount2(keep, MntFlags::MNT_DETACH)?;
+    }
+    let owned = root.to_owned();
+    let ns = std::thread::Builder::new()
+        .name("mntns".into())
+        .spawn(move || mount_ns_of(&owned))?
+        .join()
+        .map_err(|_| std::io::Error::other("the thread making the mount namespace panicked"))??;
+    // The file the namespace is bound on (an empty regular file, as `ip netns` makes).
+    File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(keep)?;
+    mount(
+        Some(format!("/proc/self/fd/{}", ns.as_raw_fd()).as_str()),
+        keep,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )?;
+    lock.set_len(0)?;
+    lock.write_all_at(stamp.as_bytes(), 0)?;
+    tracing::info!(
+        "made the jail's shared mount namespace of {} (inode {}), kept on {}",
+        root.display(),
+        meta.ino(),
+        keep.display()
+    );
+    Ok(ns)
+}
+
+/// The mount namespace bound on `keep`, if one is: `None` if the file is missing or is the
+/// plain file a first VMM made before it was killed.
+fn kept_mount_ns(keep: &Path) -> std::io::Result<Option<OwnedFd>> {
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    let f = match File::open(keep) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let fs = nix::sys::statfs::fstatfs(&f)?;
+    if fs.filesystem_type().0 as i64 != NSFS_MAGIC {
+        return Ok(None);
+    }
+    // Whether it is a mount namespace (and not, say, a network one) setns checks as it joins.
+    Ok(Some(f.into()))
+}
+
+/// Makes, on the calling thread (which it leaves in it), a mount namespace whose only mount
+/// is `root`, bound read-only, nosuid, nodev and noexec; returns it. The thread must be one
+/// of its own: it leaves the host's mounts.
+fn mount_ns_of(root: &Path) -> std::io::Result<OwnedFd> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    use nix::unistd::{chdir, pivot_root};
+    // CLONE_NEWNS unshares this thread's root and working directory from the process's too.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+    let ns: OwnedFd = File::open("/proc/thread-self/ns/mnt")?.into();
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )?;
+    mount(
+        Some(root),
+        root,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )?;
+    mount(
+        None::<&str>,
+        root,
+        None::<&str>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )?;
+    chdir(root)?;
+    pivot_root(".", ".")?;
+    umount2(".", MntFlags::MNT_DETACH)?;
+    chdir("/")?;
+    Ok(ns)
+}
+
 /// The namespace [`make_netns_ahead`] made, once its thread has ended; `None` if it made none
 /// (the jail then makes one itself).
 fn netns_made_ahead() -> Option<OwnedFd> {
@@ -354,6 +495,15 @@ pub fn arm(config: JailConfig) -> Result<(), JailError> {
     }
     if config.network && config.netns_fd.is_none() {
         make_netns_ahead();
+    }
+    if let Some(keep) = &config.shared_mount_ns {
+        if config.binds.is_empty() && !config.proc && !config.own_root {
+            match shared_mount_ns(keep, &config.root) {
+                Ok(ns) => *bexar_util::sync::lock(&SHARED_MNTNS) = Some(ns),
+                // The jail then makes its own, as the agent's VMMs do.
+                Err(e) => tracing::info!("no shared mount namespace at {}: {e}", keep.display()),
+            }
+        }
     }
     ARMED
         .set(config)
@@ -527,12 +677,17 @@ fn other_threads() -> String {
 }
 
 fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
-    use nix::mount::{mount, umount2, MntFlags, MsFlags};
     use nix::sched::{unshare, CloneFlags};
     use nix::sys::resource::{setrlimit, Resource};
-    use nix::unistd::{chdir, pivot_root, setgroups, setresgid, setresuid, Gid, Uid};
+    use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
 
+    // The filters' thread ends here, before the count of threads below.
+    crate::seccomp::built()
+        .map_err(|e| step("seccomp filters")(std::io::Error::other(e.to_string())))?;
+    // Waiting for the namespace made ahead counts as the namespaces' cost.
+    let joined = Instant::now();
     let netns_ahead = netns_made_ahead();
+    let netns_wait = joined.elapsed();
     // Threads that are ending are waited for; one that stays is refused.
     let settle = Instant::now();
     let mut n = threads();
@@ -587,7 +742,11 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
             .map_err(step("chmod out"))?;
     }
     let t0 = Instant::now();
-    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+    let shared_mount_ns = bexar_util::sync::lock(&SHARED_MNTNS).take();
+    let mut flags = CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+    if shared_mount_ns.is_none() {
+        flags |= CloneFlags::CLONE_NEWNS;
+    }
     match (c.network, c.netns_fd) {
         (true, Some(fd)) => {
             // SAFETY: the agent handed this descriptor over for this process alone; it is
@@ -607,9 +766,85 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
         }
     }
     unshare(flags).map_err(nix_step("unshare"))?;
-    t.namespaces_us = us(t0);
+    t.namespaces_us = us(t0) + netns_wait.as_micros() as u64;
 
     let t0 = Instant::now();
+    if let Some(ns) = shared_mount_ns {
+        nix::sched::setns(&ns, CloneFlags::CLONE_NEWNS)
+            .map_err(nix_step("join the jail's shared mount namespace"))?;
+        // Joining put the root and the working directory at the namespace's root, which must
+        // be the empty jail root.
+        let entries = std::fs::read_dir("/").map_err(step("list the shared root"))?;
+        if entries.count() != 0 {
+            return Err(step("the shared mount namespace")(std::io::Error::other(
+                "its root is not empty",
+            )));
+        }
+        PIVOTED.store(true, std::sync::atomic::Ordering::Relaxed);
+    } else {
+        pivot_into(c)?;
+    }
+    t.pivot_root_us = us(t0);
+
+    let t0 = Instant::now();
+    let _ = nix::unistd::sethostname("bexar-vmm");
+    // Never above the limit the VMM was started with (the agent's, which may be lower).
+    let (_, hard) = nix::sys::resource::getrlimit(Resource::RLIMIT_NOFILE)
+        .map_err(nix_step("RLIMIT_NOFILE"))?;
+    let files = c.max_open_files.min(hard);
+    setrlimit(Resource::RLIMIT_NOFILE, files, files).map_err(nix_step("RLIMIT_NOFILE"))?;
+    let fsize = if c.max_file_bytes > 0 {
+        c.max_file_bytes
+    } else {
+        file_bytes
+    };
+    setrlimit(Resource::RLIMIT_FSIZE, fsize, fsize).map_err(nix_step("RLIMIT_FSIZE"))?;
+    // A write past the limit (a disk, the log) fails with EFBIG rather than killing the VMM.
+    // SAFETY: SIG_IGN installs no handler code.
+    unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGXFSZ,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    }
+    .map_err(nix_step("ignore SIGXFSZ"))?;
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(nix_step("RLIMIT_CORE"))?;
+    // The bounding set needs CAP_SETPCAP to shrink: before the uid changes.
+    caps::clear(None, caps::CapSet::Bounding)
+        .map_err(|e| step("clear the bounding set")(std::io::Error::other(e.to_string())))?;
+    setgroups(&[]).map_err(nix_step("setgroups"))?;
+    let (g, u) = (Gid::from_raw(uid), Uid::from_raw(uid));
+    setresgid(g, g, g).map_err(nix_step("setresgid"))?;
+    // From uid 0 to another uid everywhere: the kernel clears the permitted and effective sets.
+    setresuid(u, u, u).map_err(nix_step("setresuid"))?;
+    for set in [
+        caps::CapSet::Ambient,
+        caps::CapSet::Inheritable,
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+    ] {
+        caps::clear(None, set)
+            .map_err(|e| step("clear capabilities")(std::io::Error::other(e.to_string())))?;
+    }
+    nix::sys::prctl::set_no_new_privs().map_err(nix_step("no_new_privs"))?;
+    // After the uid changed, which clears a parent-death signal.
+    crate::pid_ns::die_with_parent()?;
+    t.drop_us = us(t0);
+
+    if c.landlock {
+        let t0 = Instant::now();
+        t.landlock = landlock_beneath_root(&c.tcp_ports).map_err(step("landlock"))?;
+        t.landlock_us = us(t0);
+    }
+    Ok(t)
+}
+
+/// Makes the calling process's (new) mount namespace private, binds the jail root nosuid and
+/// nodev (with `binds` and `/proc` beneath it if asked) and pivots into it, leaving nothing of
+/// the host's mounts.
+fn pivot_into(c: &JailConfig) -> Result<(), JailError> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    use nix::unistd::{chdir, pivot_root};
     // Nothing done to mounts from here on may reach the host's namespace.
     mount(
         None::<&str>,
@@ -676,59 +911,7 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
     umount2(".", MntFlags::MNT_DETACH).map_err(nix_step("detach the old root"))?;
     chdir("/").map_err(nix_step("chdir /"))?;
     PIVOTED.store(true, std::sync::atomic::Ordering::Relaxed);
-    t.pivot_root_us = us(t0);
-
-    let t0 = Instant::now();
-    let _ = nix::unistd::sethostname("bexar-vmm");
-    // Never above the limit the VMM was started with (the agent's, which may be lower).
-    let (_, hard) = nix::sys::resource::getrlimit(Resource::RLIMIT_NOFILE)
-        .map_err(nix_step("RLIMIT_NOFILE"))?;
-    let files = c.max_open_files.min(hard);
-    setrlimit(Resource::RLIMIT_NOFILE, files, files).map_err(nix_step("RLIMIT_NOFILE"))?;
-    let fsize = if c.max_file_bytes > 0 {
-        c.max_file_bytes
-    } else {
-        file_bytes
-    };
-    setrlimit(Resource::RLIMIT_FSIZE, fsize, fsize).map_err(nix_step("RLIMIT_FSIZE"))?;
-    // A write past the limit (a disk, the log) fails with EFBIG rather than killing the VMM.
-    // SAFETY: SIG_IGN installs no handler code.
-    unsafe {
-        nix::sys::signal::signal(
-            nix::sys::signal::Signal::SIGXFSZ,
-            nix::sys::signal::SigHandler::SigIgn,
-        )
-    }
-    .map_err(nix_step("ignore SIGXFSZ"))?;
-    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(nix_step("RLIMIT_CORE"))?;
-    // The bounding set needs CAP_SETPCAP to shrink: before the uid changes.
-    caps::clear(None, caps::CapSet::Bounding)
-        .map_err(|e| step("clear the bounding set")(std::io::Error::other(e.to_string())))?;
-    setgroups(&[]).map_err(nix_step("setgroups"))?;
-    let (g, u) = (Gid::from_raw(uid), Uid::from_raw(uid));
-    setresgid(g, g, g).map_err(nix_step("setresgid"))?;
-    // From uid 0 to another uid everywhere: the kernel clears the permitted and effective sets.
-    setresuid(u, u, u).map_err(nix_step("setresuid"))?;
-    for set in [
-        caps::CapSet::Ambient,
-        caps::CapSet::Inheritable,
-        caps::CapSet::Effective,
-        caps::CapSet::Permitted,
-    ] {
-        caps::clear(None, set)
-            .map_err(|e| step("clear capabilities")(std::io::Error::other(e.to_string())))?;
-    }
-    nix::sys::prctl::set_no_new_privs().map_err(nix_step("no_new_privs"))?;
-    // After the uid changed, which clears a parent-death signal.
-    crate::pid_ns::die_with_parent()?;
-    t.drop_us = us(t0);
-
-    if c.landlock {
-        let t0 = Instant::now();
-        t.landlock = landlock_beneath_root(&c.tcp_ports).map_err(step("landlock"))?;
-        t.landlock_us = us(t0);
-    }
-    Ok(t)
+    Ok(())
 }
 
 /// Confines the calling thread alone, as far as one thread can be confined without the rest
@@ -836,4 +1019,96 @@ fn landlock_beneath_root(tcp_ports: &[u16]) -> std::io::Result<bool> {
         .and_then(|r| r.restrict_self())
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     Ok(status.ruleset != RulesetStatus::NotEnforced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// What a thread that joins mount namespace `ns` sees: its root's device and inode, and
+    /// how many entries are beneath it.
+    fn inside(ns: &OwnedFd) -> ((u64, u64), usize) {
+        let ns = ns.try_clone().unwrap();
+        std::thread::spawn(move || {
+            // A thread shares its root with the process until it unshares it.
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).unwrap();
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+            let m = std::fs::metadata("/").unwrap();
+            ((m.dev(), m.ino()), std::fs::read_dir("/").unwrap().count())
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// `bexar run`'s shared mount namespace: made once, its only mount the (empty, read-only)
+    /// root; the same one on the next call; made anew once the root directory is replaced.
+    #[test]
+    fn the_shared_mount_namespace_is_the_root_alone_and_follows_a_replaced_root() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (mount namespaces)");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("bexar-mntns-test-{}", std::process::id()));
+        let root = dir.join("empty");
+        let keep = dir.join("empty.mntns");
+        std::fs::create_dir_all(&root).unwrap();
+        let id = |p: &Path| {
+            let m = std::fs::metadata(p).unwrap();
+            (m.dev(), m.ino())
+        };
+        let ns_id = |f: &OwnedFd| {
+            let m = File::from(f.try_clone().unwrap()).metadata().unwrap();
+            m.ino()
+        };
+        let first = shared_mount_ns(&keep, &root).unwrap();
+        let (seen, entries) = inside(&first);
+        assert_eq!(seen, id(&root), "the namespace's root is the jail root");
+        assert_eq!(entries, 0);
+        // Its mount table, as the kernel lists it for a thread in it: the root alone.
+        let ns = first.try_clone().unwrap();
+        let table = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).unwrap();
+            let tid = nix::unistd::gettid();
+            let path = format!("/proc/self/task/{tid}/mountinfo");
+            let proc_dir = File::open("/proc").unwrap();
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+            // /proc is gone from this thread's view: read through the directory opened before.
+            let rel = path.trim_start_matches("/proc/");
+            let fd = nix::fcntl::openat(
+                &proc_dir,
+                rel,
+                nix::fcntl::OFlag::O_RDONLY,
+                nix::sys::stat::Mode::empty(),
+            )
+            .unwrap();
+            std::io::read_to_string(File::from(fd)).unwrap()
+        })
+        .join()
+        .unwrap();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 1, "{table}");
+        for opt in ["ro", "nosuid", "nodev", "noexec"] {
+            assert!(
+                lines[0]
+                    .split_whitespace()
+                    .nth(5)
+                    .unwrap()
+                    .split(',')
+                    .any(|o| o == opt),
+                "{opt}: {table}"
+            );
+        }
+        // Kept: the next call joins the same namespace.
+        let again = shared_mount_ns(&keep, &root).unwrap();
+        assert_eq!(ns_id(&again), ns_id(&first));
+        // The root replaced (removed and made again): a namespace of the new one.
+        std::fs::remove_dir(&root).unwrap();
+        std::fs::create_dir(&root).unwrap();
+        let remade = shared_mount_ns(&keep, &root).unwrap();
+        assert_ne!(ns_id(&remade), ns_id(&first));
+        assert_eq!(inside(&remade).0, id(&root));
+        nix::mount::umount2(&keep, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
