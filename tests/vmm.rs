@@ -630,9 +630,9 @@ fn bexar_run_is_jailed_by_default_and_not_with_no_jail() {
                 let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
                 assert_eq!(dev.lines().count(), 3, "only lo: {dev}");
                 // Every jailed `bexar run` joins the one mount namespace kept on
-                // /run/bexar/empty.mntns, whose only mount is that root, read-only.
+                // /run/bexar/ns/empty.mntns, whose only mount is that root, read-only.
                 let ns = std::fs::metadata(format!("/proc/{pid}/ns/mnt")).unwrap();
-                let kept = std::fs::metadata("/run/bexar/empty.mntns").unwrap();
+                let kept = std::fs::metadata("/run/bexar/ns/empty.mntns").unwrap();
                 assert_eq!(ns.ino(), kept.ino(), "the shared mount namespace");
                 let table = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
                 assert_eq!(table.lines().count(), 1, "the root alone: {table}");

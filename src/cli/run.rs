@@ -210,7 +210,7 @@ fn control_of(path: Option<&std::path::Path>) -> Option<ControlConfig> {
 const RUN_JAIL_ROOT: &str = "/run/bexar/empty";
 
 /// Where the mount namespace of that root is kept ([`bexar_vmm::jail::JailConfig::shared_mount_ns`]).
-const RUN_JAIL_MNTNS: &str = "/run/bexar/empty.mntns";
+const RUN_JAIL_MNTNS: &str = "/run/bexar/ns/empty.mntns";
 
 /// Arms the jail and the seccomp filters for this run, as `bexar vmm` does for the agent. As
 /// another user than root only seccomp (which needs no privilege) is armed.

@@ -318,62 +318,73 @@ pub fn netns_on_thread() -> std::io::Result<std::thread::JoinHandle<std::io::Res
         })
 }
 
-/// The mount namespace [`JailConfig::shared_mount_ns`] keeps, until the jail joins it.
-static SHARED_MNTNS: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None);
+/// The mount namespace [`JailConfig::shared_mount_ns`] keeps, and the device and inode its
+/// root must have, until the jail joins it.
+#[allow(clippy::type_complexity)]
+static SHARED_MNTNS: std::sync::Mutex<Option<(OwnedFd, (u64, u64))>> = std::sync::Mutex::new(None);
 
-/// The mount namespace kept on `keep` whose only mount is `root` ([`JailConfig::shared_mount_ns`]):
-/// opened, or made and kept there first. A mount namespace outlives its processes while bound
-/// to a file, as `ip netns` keeps network namespaces: until `umount KEEP` or the host's
-/// reboot. The lock file beside `keep` (`KEEP.lock`, taken while one is made, so two first
-/// VMMs do not each bind one) says which directory it was made of (device and inode): one made
-/// of a `root` since replaced is made anew.
-pub fn shared_mount_ns(keep: &Path, root: &Path) -> std::io::Result<OwnedFd> {
+/// The mount namespace kept on `keep` whose only mount is `root` ([`JailConfig::shared_mount_ns`]),
+/// with the device and inode of `root` it was made of: opened, or made and kept there first. A
+/// mount namespace outlives its processes while bound to a file, as `ip netns` keeps network
+/// namespaces: until `umount KEEP` or the host's reboot. `keep`'s directory is made a private
+/// mount of its own first (the kernel refuses to bind a mount namespace where the mount would
+/// propagate, as `/run` does on a systemd host). The lock file beside `keep` (`KEEP.lock`,
+/// taken while one is made, so two first VMMs do not each bind one) says which directory it was
+/// made of: one made of a `root` since replaced, or anything else bound on `keep`, is replaced.
+pub fn shared_mount_ns(keep: &Path, root: &Path) -> std::io::Result<(OwnedFd, (u64, u64))> {
     use nix::fcntl::{Flock, FlockArg};
     use nix::mount::{mount, umount2, MntFlags, MsFlags};
     use std::io::Read;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let meta = std::fs::metadata(root)?;
-    let stamp = format!("{} {}\n", meta.dev(), meta.ino());
+    let id = (meta.dev(), meta.ino());
+    let stamp = format!("{} {}\n", id.0, id.1);
+    let dir = keep
+        .parent()
+        .ok_or_else(|| std::io::Error::other("no directory to keep the namespace in"))?;
     let lock_path = keep.with_extension("lock");
     if std::fs::read_to_string(&lock_path).is_ok_and(|s| s == stamp) {
-        if let Some(ns) = kept_mount_ns(keep)? {
-            return Ok(ns);
+        if let Kept::Mount(ns) = kept_mount_ns(keep)? {
+            return Ok((ns, id));
         }
     }
+    std::fs::create_dir_all(dir)?;
+    // Not through a link: these are root's files, written and mounted over as root.
     let lock = File::options()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&lock_path)?;
     let mut lock = Flock::lock(lock, FlockArg::LockExclusive).map_err(|(_, e)| e)?;
     // Again under the lock: a VMM that held it may have made it meanwhile.
     let mut made_of = String::new();
     lock.read_to_string(&mut made_of)?;
-    let kept = kept_mount_ns(keep)?;
-    if made_of == stamp {
-        if let Some(ns) = kept {
-            return Ok(ns);
-        }
-    } else if kept.is_some() {
-        // Made of a directory that has been replaced since.
-        umount2(keep, MntFlags::MNT_DETACH)?;
+    match kept_mount_ns(keep)? {
+        Kept::Mount(ns) if made_of == stamp => return Ok((ns, id)),
+        Kept::Missing => {}
+        // Made of a directory replaced since, or not a mount namespace at all.
+        Kept::Mount(_) | Kept::Other => umount2(keep, MntFlags::MNT_DETACH)?,
     }
+    private_mount_of(dir)?;
     let owned = root.to_owned();
     let ns = std::thread::Builder::new()
         .name("mntns".into())
         .spawn(move || mount_ns_of(&owned))?
         .join()
         .map_err(|_| std::io::Error::other("the thread making the mount namespace panicked"))??;
-    // The file the namespace is bound on (an empty regular file, as `ip netns` makes).
-    File::options()
+    // The file the namespace is bound on (an empty regular file, as `ip netns` makes), named
+    // by its descriptor for the mount.
+    let file = File::options()
         .create(true)
         .truncate(false)
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(keep)?;
     mount(
         Some(format!("/proc/self/fd/{}", ns.as_raw_fd()).as_str()),
-        keep,
+        format!("/proc/self/fd/{}", file.as_raw_fd()).as_str(),
         None::<&str>,
         MsFlags::MS_BIND,
         None::<&str>,
@@ -386,24 +397,89 @@ pub fn shared_mount_ns(keep: &Path, root: &Path) -> std::io::Result<OwnedFd> {
         meta.ino(),
         keep.display()
     );
-    Ok(ns)
+    Ok((ns, id))
 }
 
-/// The mount namespace bound on `keep`, if one is: `None` if the file is missing or is the
-/// plain file a first VMM made before it was killed.
-fn kept_mount_ns(keep: &Path) -> std::io::Result<Option<OwnedFd>> {
+/// What is on a [`shared_mount_ns`] file.
+enum Kept {
+    /// No file, or the plain file a first VMM made before it was killed.
+    Missing,
+    /// A mount namespace.
+    Mount(OwnedFd),
+    /// Another kind of namespace.
+    Other,
+}
+
+fn kept_mount_ns(keep: &Path) -> std::io::Result<Kept> {
+    use std::os::unix::fs::OpenOptionsExt;
     const NSFS_MAGIC: i64 = 0x6e73_6673;
-    let f = match File::open(keep) {
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703; // _IO(0xb7, 0x3), linux/nsfs.h
+    let f = match File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(keep)
+    {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Kept::Missing),
         Err(e) => return Err(e),
     };
     let fs = nix::sys::statfs::fstatfs(&f)?;
     if fs.filesystem_type().0 as i64 != NSFS_MAGIC {
-        return Ok(None);
+        return Ok(Kept::Missing);
     }
-    // Whether it is a mount namespace (and not, say, a network one) setns checks as it joins.
-    Ok(Some(f.into()))
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the descriptor's namespace.
+    let kind = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE) };
+    Ok(if kind == libc::CLONE_NEWNS {
+        Kept::Mount(f.into())
+    } else {
+        Kept::Other
+    })
+}
+
+/// Makes `dir` a mount of its own (bound on itself, unless it is one already) and private, so
+/// that what is mounted beneath it propagates nowhere.
+fn private_mount_of(dir: &Path) -> std::io::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    if !is_mount_root(dir)? {
+        mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)?;
+    }
+    mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )?;
+    Ok(())
+}
+
+/// Whether `dir` is the root of a mount (statx's STATX_ATTR_MOUNT_ROOT, Linux 5.8+).
+fn is_mount_root(dir: &Path) -> std::io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("a path with a NUL byte"))?;
+    // SAFETY: a zeroed statx is a valid value for the kernel to fill.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx of a NUL-terminated path into `st`, which outlives the call.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            0,
+            &mut st,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    if st.stx_attributes_mask & bit == 0 {
+        return Err(std::io::Error::other(
+            "the kernel does not say where mounts begin",
+        ));
+    }
+    Ok(st.stx_attributes & bit != 0)
 }
 
 /// Makes, on the calling thread (which it leaves in it), a mount namespace whose only mount
@@ -499,9 +575,12 @@ pub fn arm(config: JailConfig) -> Result<(), JailError> {
     if let Some(keep) = &config.shared_mount_ns {
         if config.binds.is_empty() && !config.proc && !config.own_root {
             match shared_mount_ns(keep, &config.root) {
-                Ok(ns) => *bexar_util::sync::lock(&SHARED_MNTNS) = Some(ns),
-                // The jail then makes its own, as the agent's VMMs do.
-                Err(e) => tracing::info!("no shared mount namespace at {}: {e}", keep.display()),
+                Ok(kept) => *bexar_util::sync::lock(&SHARED_MNTNS) = Some(kept),
+                // The jail then makes its own, as the agent's VMMs do (about 1 ms dearer).
+                Err(e) => tracing::warn!(
+                    "no shared mount namespace at {}: {e}; this VMM makes its own",
+                    keep.display()
+                ),
             }
         }
     }
@@ -692,7 +771,13 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
     let settle = Instant::now();
     let mut n = threads();
     while n != 1 && settle.elapsed() < THREADS_SETTLE {
-        std::thread::sleep(Duration::from_millis(1));
+        // A thread just joined (the network namespace's, the filters') is counted until its
+        // exit ends a few microseconds later: short naps first.
+        std::thread::sleep(if settle.elapsed() < Duration::from_millis(5) {
+            Duration::from_micros(20)
+        } else {
+            Duration::from_millis(1)
+        });
         n = threads();
     }
     if n != 1 {
@@ -769,16 +854,30 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
     t.namespaces_us = us(t0) + netns_wait.as_micros() as u64;
 
     let t0 = Instant::now();
-    if let Some(ns) = shared_mount_ns {
+    if let Some((ns, id)) = shared_mount_ns {
+        use std::os::unix::fs::MetadataExt;
         nix::sched::setns(&ns, CloneFlags::CLONE_NEWNS)
             .map_err(nix_step("join the jail's shared mount namespace"))?;
         // Joining put the root and the working directory at the namespace's root, which must
-        // be the empty jail root.
-        let entries = std::fs::read_dir("/").map_err(step("list the shared root"))?;
-        if entries.count() != 0 {
-            return Err(step("the shared mount namespace")(std::io::Error::other(
-                "its root is not empty",
-            )));
+        // be the jail root: that directory, empty, read-only, nosuid, nodev and noexec.
+        let bad =
+            |why: &str| step("the shared mount namespace")(std::io::Error::other(why.to_owned()));
+        let m = std::fs::metadata("/").map_err(step("stat the shared root"))?;
+        if (m.dev(), m.ino()) != id {
+            return Err(bad("its root is not the jail root"));
+        }
+        use nix::sys::statvfs::FsFlags;
+        let want = FsFlags::ST_RDONLY | FsFlags::ST_NOSUID | FsFlags::ST_NODEV | FsFlags::ST_NOEXEC;
+        let vfs = nix::sys::statvfs::statvfs("/").map_err(nix_step("statvfs the shared root"))?;
+        if !vfs.flags().contains(want) {
+            return Err(bad("its root is not read-only, nosuid, nodev and noexec"));
+        }
+        if std::fs::read_dir("/")
+            .map_err(step("list the shared root"))?
+            .count()
+            != 0
+        {
+            return Err(bad("its root is not empty"));
         }
         PIVOTED.store(true, std::sync::atomic::Ordering::Relaxed);
     } else {
@@ -1042,26 +1141,65 @@ mod tests {
     }
 
     /// `bexar run`'s shared mount namespace: made once, its only mount the (empty, read-only)
-    /// root; the same one on the next call; made anew once the root directory is replaced.
+    /// root; the same one on the next call; made anew once the root directory is replaced or
+    /// something else is bound on its file. Its directory lies on a shared mount with a peer
+    /// in another mount namespace, as `/run` on a systemd host.
     #[test]
     fn the_shared_mount_namespace_is_the_root_alone_and_follows_a_replaced_root() {
+        use nix::mount::{mount, umount2, MntFlags, MsFlags};
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipped: needs root (mount namespaces)");
             return;
         }
         let dir = std::env::temp_dir().join(format!("bexar-mntns-test-{}", std::process::id()));
         let root = dir.join("empty");
-        let keep = dir.join("empty.mntns");
+        let keep = dir.join("ns/empty.mntns");
         std::fs::create_dir_all(&root).unwrap();
+        /// Unmounts what the test mounted, also when it fails.
+        struct Cleanup(PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                for p in [
+                    self.0.join("ns/empty.mntns"),
+                    self.0.join("ns"),
+                    self.0.clone(),
+                ] {
+                    while nix::mount::umount2(&p, MntFlags::MNT_DETACH).is_ok() {}
+                }
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _cleanup = Cleanup(dir.clone());
+        // The test's directory made a shared mount, with a peer kept alive by a namespace.
+        mount(
+            Some(&dir),
+            &dir,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        mount(
+            None::<&str>,
+            &dir,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .unwrap();
+        let peer: OwnedFd = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+            OwnedFd::from(File::open("/proc/thread-self/ns/mnt").unwrap())
+        })
+        .join()
+        .unwrap();
         let id = |p: &Path| {
             let m = std::fs::metadata(p).unwrap();
             (m.dev(), m.ino())
         };
-        let ns_id = |f: &OwnedFd| {
-            let m = File::from(f.try_clone().unwrap()).metadata().unwrap();
-            m.ino()
-        };
-        let first = shared_mount_ns(&keep, &root).unwrap();
+        let ns_id = |f: &OwnedFd| File::from(f.try_clone().unwrap()).metadata().unwrap().ino();
+        let (first, made_of) = shared_mount_ns(&keep, &root).unwrap();
+        assert_eq!(made_of, id(&root));
         let (seen, entries) = inside(&first);
         assert_eq!(seen, id(&root), "the namespace's root is the jail root");
         assert_eq!(entries, 0);
@@ -1069,15 +1207,13 @@ mod tests {
         let ns = first.try_clone().unwrap();
         let table = std::thread::spawn(move || {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).unwrap();
-            let tid = nix::unistd::gettid();
-            let path = format!("/proc/self/task/{tid}/mountinfo");
             let proc_dir = File::open("/proc").unwrap();
+            let tid = nix::unistd::gettid();
             nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
             // /proc is gone from this thread's view: read through the directory opened before.
-            let rel = path.trim_start_matches("/proc/");
             let fd = nix::fcntl::openat(
                 &proc_dir,
-                rel,
+                format!("self/task/{tid}/mountinfo").as_str(),
                 nix::fcntl::OFlag::O_RDONLY,
                 nix::sys::stat::Mode::empty(),
             )
@@ -1100,15 +1236,26 @@ mod tests {
             );
         }
         // Kept: the next call joins the same namespace.
-        let again = shared_mount_ns(&keep, &root).unwrap();
+        let (again, _) = shared_mount_ns(&keep, &root).unwrap();
         assert_eq!(ns_id(&again), ns_id(&first));
         // The root replaced (removed and made again): a namespace of the new one.
         std::fs::remove_dir(&root).unwrap();
         std::fs::create_dir(&root).unwrap();
-        let remade = shared_mount_ns(&keep, &root).unwrap();
+        let (remade, made_of) = shared_mount_ns(&keep, &root).unwrap();
         assert_ne!(ns_id(&remade), ns_id(&first));
-        assert_eq!(inside(&remade).0, id(&root));
-        nix::mount::umount2(&keep, nix::mount::MntFlags::MNT_DETACH).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((inside(&remade).0, made_of), (id(&root), id(&root)));
+        // A network namespace bound there instead (with the right stamp): replaced too.
+        umount2(&keep, MntFlags::MNT_DETACH).unwrap();
+        mount(
+            Some("/proc/self/ns/net"),
+            &keep,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        let (fixed, _) = shared_mount_ns(&keep, &root).unwrap();
+        assert_eq!(inside(&fixed).0, id(&root));
+        drop(peer);
     }
 }

