@@ -350,6 +350,12 @@ pub fn shared_mount_ns(keep: &Path, root: &Path) -> std::io::Result<(OwnedFd, (u
     }
     std::fs::create_dir_all(dir)?;
     // Not through a link: these are root's files, written and mounted over as root.
+    if std::fs::symlink_metadata(dir)?.file_type().is_symlink() {
+        return Err(std::io::Error::other(format!(
+            "{} is a symbolic link",
+            dir.display()
+        )));
+    }
     let lock = File::options()
         .create(true)
         .truncate(false)
@@ -365,7 +371,9 @@ pub fn shared_mount_ns(keep: &Path, root: &Path) -> std::io::Result<(OwnedFd, (u
         Kept::Mount(ns) if made_of == stamp => return Ok((ns, id)),
         Kept::Missing => {}
         // Made of a directory replaced since, or not a mount namespace at all.
-        Kept::Mount(_) | Kept::Other => umount2(keep, MntFlags::MNT_DETACH)?,
+        Kept::Mount(_) | Kept::Other => {
+            umount2(keep, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW)?
+        }
     }
     private_mount_of(dir)?;
     let owned = root.to_owned();
@@ -375,7 +383,8 @@ pub fn shared_mount_ns(keep: &Path, root: &Path) -> std::io::Result<(OwnedFd, (u
         .join()
         .map_err(|_| std::io::Error::other("the thread making the mount namespace panicked"))??;
     // The file the namespace is bound on (an empty regular file, as `ip netns` makes), named
-    // by its descriptor for the mount.
+    // by its descriptor for the mount; opened after `dir` became a private mount, so that the
+    // descriptor is on that mount.
     let file = File::options()
         .create(true)
         .truncate(false)
@@ -486,42 +495,57 @@ fn is_mount_root(dir: &Path) -> std::io::Result<bool> {
 /// is `root`, bound read-only, nosuid, nodev and noexec; returns it. The thread must be one
 /// of its own: it leaves the host's mounts.
 fn mount_ns_of(root: &Path) -> std::io::Result<OwnedFd> {
-    use nix::mount::{mount, umount2, MntFlags, MsFlags};
-    use nix::unistd::{chdir, pivot_root};
+    use nix::mount::MsFlags;
     // CLONE_NEWNS unshares this thread's root and working directory from the process's too.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
     let ns: OwnedFd = File::open("/proc/thread-self/ns/mnt")?.into();
+    private_tree()?;
+    bind_with(
+        root,
+        root,
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+    )?;
+    pivot_to(root)?;
+    Ok(ns)
+}
+
+/// Makes every mount of the calling thread's (new) mount namespace private: nothing done to
+/// mounts from then on reaches the host's namespace.
+fn private_tree() -> nix::Result<()> {
+    use nix::mount::{mount, MsFlags};
     mount(
         None::<&str>,
         "/",
         None::<&str>,
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None::<&str>,
-    )?;
+    )
+}
+
+/// Binds `from` on `to` with `flags` (nosuid and the like), which a bind mount takes only on a
+/// remount.
+fn bind_with(from: &Path, to: &Path, flags: nix::mount::MsFlags) -> nix::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    mount(Some(from), to, None::<&str>, MsFlags::MS_BIND, None::<&str>)?;
     mount(
-        Some(root),
-        root,
         None::<&str>,
-        MsFlags::MS_BIND,
+        to,
         None::<&str>,
-    )?;
-    mount(
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
         None::<&str>,
-        root,
-        None::<&str>,
-        MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV
-            | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )?;
+    )
+}
+
+/// Makes `root` the calling thread's root and working directory, with nothing of the old root
+/// left: pivot_root(".", ".") stacks the old root on top of the new one, and detaching "."
+/// then leaves the new root alone, with no directory needed for the old one.
+fn pivot_to(root: &Path) -> nix::Result<()> {
+    use nix::mount::{umount2, MntFlags};
+    use nix::unistd::{chdir, pivot_root};
     chdir(root)?;
     pivot_root(".", ".")?;
     umount2(".", MntFlags::MNT_DETACH)?;
-    chdir("/")?;
-    Ok(ns)
+    chdir("/")
 }
 
 /// The namespace [`make_netns_ahead`] made, once its thread has ended; `None` if it made none
@@ -827,7 +851,10 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
             .map_err(step("chmod out"))?;
     }
     let t0 = Instant::now();
-    let shared_mount_ns = bexar_util::sync::lock(&SHARED_MNTNS).take();
+    // Only for a jail whose root is the shared one's alone (no binds, no /proc, no `out`).
+    let shared_mount_ns = bexar_util::sync::lock(&SHARED_MNTNS)
+        .take()
+        .filter(|_| c.binds.is_empty() && !c.proc && !c.own_root);
     let mut flags = CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
     if shared_mount_ns.is_none() {
         flags |= CloneFlags::CLONE_NEWNS;
@@ -860,8 +887,14 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
             .map_err(nix_step("join the jail's shared mount namespace"))?;
         // Joining put the root and the working directory at the namespace's root, which must
         // be the jail root: that directory, empty, read-only, nosuid, nodev and noexec.
-        let bad =
-            |why: &str| step("the shared mount namespace")(std::io::Error::other(why.to_owned()));
+        let bad = |why: &str| {
+            let remedy = c
+                .shared_mount_ns
+                .as_deref()
+                .map(|k| format!(" (umount {}: the next VMM makes it again)", k.display()))
+                .unwrap_or_default();
+            step("the shared mount namespace")(std::io::Error::other(format!("{why}{remedy}")))
+        };
         let m = std::fs::metadata("/").map_err(step("stat the shared root"))?;
         if (m.dev(), m.ino()) != id {
             return Err(bad("its root is not the jail root"));
@@ -942,54 +975,16 @@ fn enter(c: &JailConfig, file_bytes: u64) -> Result<JailTimes, JailError> {
 /// nodev (with `binds` and `/proc` beneath it if asked) and pivots into it, leaving nothing of
 /// the host's mounts.
 fn pivot_into(c: &JailConfig) -> Result<(), JailError> {
-    use nix::mount::{mount, umount2, MntFlags, MsFlags};
-    use nix::unistd::{chdir, pivot_root};
-    // Nothing done to mounts from here on may reach the host's namespace.
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(nix_step("make / private"))?;
+    use nix::mount::{mount, MsFlags};
+    let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    private_tree().map_err(nix_step("make / private"))?;
     let root: &Path = &c.root;
-    mount(
-        Some(root),
-        root,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        None::<&str>,
-    )
-    .map_err(nix_step("bind the jail root"))?;
-    // A bind mount takes the flags only on a remount.
-    mount(
-        None::<&str>,
-        root,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        None::<&str>,
-    )
-    .map_err(nix_step("remount the jail root nosuid,nodev"))?;
+    bind_with(root, root, nosuid_nodev).map_err(nix_step("bind the jail root nosuid,nodev"))?;
     for b in &c.binds {
         let inside = root.join(b.strip_prefix("/").unwrap_or(b));
         std::fs::create_dir_all(&inside).map_err(step("make a bound directory's place"))?;
-        mount(
-            Some(b.as_path()),
-            &inside,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(nix_step("bind a directory into the jail"))?;
-        mount(
-            None::<&str>,
-            &inside,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            None::<&str>,
-        )
-        .map_err(nix_step("remount a bound directory nosuid,nodev"))?;
+        bind_with(b, &inside, nosuid_nodev)
+            .map_err(nix_step("bind a directory into the jail nosuid,nodev"))?;
     }
     if c.proc {
         let at = root.join("proc");
@@ -1003,12 +998,7 @@ fn pivot_into(c: &JailConfig) -> Result<(), JailError> {
         )
         .map_err(nix_step("mount /proc in the jail"))?;
     }
-    chdir(root).map_err(nix_step("chdir to the jail root"))?;
-    // pivot_root(".", ".") stacks the old root on top of the new one; detaching "." then
-    // leaves the new root alone, with no directory needed for the old one.
-    pivot_root(".", ".").map_err(nix_step("pivot_root"))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(nix_step("detach the old root"))?;
-    chdir("/").map_err(nix_step("chdir /"))?;
+    pivot_to(root).map_err(nix_step("pivot_root into the jail root"))?;
     PIVOTED.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }

@@ -294,7 +294,9 @@ fn transmit(
         iov_base: std::ptr::null_mut(),
         iov_len: 0,
     }; TX_IOVECS];
-    let (mut used, mut total) = (0usize, 0usize);
+    let (mut used, mut total, mut copy) = (0usize, 0usize, false);
+    // Every buffer is checked, whichever way the frame then goes: a chain with a buffer for
+    // the device to write, or longer than a frame, is refused.
     for desc in chain.clone() {
         let len = desc.len() as usize;
         total += len;
@@ -302,31 +304,32 @@ fn transmit(
             Counters::inc(&counters.refused);
             return 0;
         }
-        if len == 0 {
+        if len == 0 || copy {
             continue;
         }
         // A buffer across two memory regions, or a chain of many: copied, below.
-        let Some(slot) = iov.get_mut(used) else {
-            return transmit_copied(chain, tap, frame, counters);
-        };
-        match mem.get_slice(desc.addr(), len) {
-            Ok(slice) => {
+        match (iov.get_mut(used), mem.get_slice(desc.addr(), len)) {
+            (Some(slot), Ok(slice)) => {
                 *slot = libc::iovec {
                     iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(),
                     iov_len: len,
                 };
                 used += 1;
             }
-            Err(_) => return transmit_copied(chain, tap, frame, counters),
+            _ => copy = true,
         }
     }
     if total <= VNET_HDR_LEN {
         Counters::inc(&counters.refused);
         return 0;
     }
-    // SAFETY: the first `used` iovecs point into guest memory, which stays mapped while `mem`
-    // is borrowed, at ranges `get_slice` checked; the kernel only reads them. One frame per
-    // write on a TAP.
+    if copy {
+        return transmit_copied(chain, tap, frame, counters);
+    }
+    // SAFETY: the first `used` iovecs point into guest memory at ranges `get_slice` checked,
+    // which stays mapped while `mem` is borrowed (vm-memory without its `xen` feature, which
+    // this workspace does not enable: there a guard's drop would unmap it); the kernel only
+    // reads them. One frame per write on a TAP.
     let w = unsafe { libc::writev(tap.file().as_raw_fd(), iov.as_ptr(), used as libc::c_int) };
     if usize::try_from(w) == Ok(total) {
         Counters::inc(&counters.requests);
@@ -767,14 +770,21 @@ mod tests {
             assert!(chain_b.len() > TX_IOVECS);
             let mut chain_c = vec![put(&hdr), put(&a)];
             chain_c[1].2 = true; // device-writable: refused
+            // The same past the buffers sent straight from memory: refused too, not copied.
+            let mut chain_d = vec![put(&hdr)];
+            chain_d.extend(b.chunks(4).map(&mut put));
+            chain_d.push(put(&a[..8]));
+            chain_d.last_mut().unwrap().2 = true;
             tx.push_chain(0, &chain_a);
             tx.push_chain(3, &chain_b);
-            tx.push_chain(3 + chain_b.len() as u16, &chain_c);
+            let at_c = 3 + chain_b.len() as u16;
+            tx.push_chain(at_c, &chain_c);
+            tx.push_chain(at_c + chain_c.len() as u16, &chain_d);
             dev.process_tx();
-            assert_eq!(tx.used_idx(), 3);
+            assert_eq!(tx.used_idx(), 4);
             let c = dev.counters().clone();
             assert_eq!(c.requests.load(Ordering::Relaxed), 2);
-            assert_eq!(c.refused.load(Ordering::Relaxed), 1);
+            assert_eq!(c.refused.load(Ordering::Relaxed), 2);
             assert_eq!(c.io_errors.load(Ordering::Relaxed), 0);
             // The frames as the kernel got them (other traffic on the link skipped).
             let tv = libc::timeval {
