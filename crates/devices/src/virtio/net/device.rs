@@ -768,8 +768,9 @@ mod tests {
             let mut chain_b = vec![put(&hdr)];
             chain_b.extend(b.chunks(4).map(&mut put));
             assert!(chain_b.len() > TX_IOVECS);
+            // A device-writable buffer: refused.
             let mut chain_c = vec![put(&hdr), put(&a)];
-            chain_c[1].2 = true; // device-writable: refused
+            chain_c[1].2 = true;
             // The same past the buffers sent straight from memory: refused too, not copied.
             let mut chain_d = vec![put(&hdr)];
             chain_d.extend(b.chunks(4).map(&mut put));
