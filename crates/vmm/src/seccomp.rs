@@ -549,6 +549,20 @@ fn programs(
 /// System calls per part of a [`dispatched`] program.
 const PART: usize = 8;
 
+/// `seccompiler`'s own program for `rules` (allowed, everything else trapped): every listed
+/// call compared in turn. A part of [`dispatched`].
+fn linear(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, String> {
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| e.to_string())?
+    .try_into()
+    .map_err(|e: seccompiler::BackendError| e.to_string())
+}
+
 /// `seccompiler`'s program for `rules` (allowed, everything else trapped), laid out so that
 /// installing it is cheap. The kernel works out, as a filter is installed, which system
 /// calls it allows whatever their arguments, by running the program for every call number
@@ -570,26 +584,15 @@ fn dispatched(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, Stri
     const JGE_K: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
     const JA: u16 = 0x05; // BPF_JMP | BPF_JA
     const NR: u32 = 0; // offsetof(struct seccomp_data, nr)
-    let compile = |part: BTreeMap<i64, Vec<SeccompRule>>| -> Result<BpfProgram, String> {
-        SeccompFilter::new(
-            part,
-            SeccompAction::Trap,
-            SeccompAction::Allow,
-            TargetArch::x86_64,
-        )
-        .map_err(|e| e.to_string())?
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| e.to_string())
-    };
     if rules.len() <= PART {
-        return compile(rules);
+        return linear(rules);
     }
     let mut firsts = Vec::new();
     let mut parts = Vec::new();
     let mut calls = rules.into_iter().peekable();
     while let Some(&(first, _)) = calls.peek() {
         firsts.push(u32::try_from(first).map_err(|_| format!("system call {first}"))?);
-        parts.push(compile(calls.by_ref().take(PART).collect())?);
+        parts.push(linear(calls.by_ref().take(PART).collect())?);
     }
     // The search: parts [lo, hi) below a node; "number >= the middle part's first" jumps to
     // the right half, else falls through to the left one, which follows. A leaf jumps to its
@@ -894,19 +897,6 @@ mod tests {
         }
     }
 
-    /// seccompiler's own layout of `rules`: every listed call compared in turn.
-    fn linear(rules: BTreeMap<i64, Vec<SeccompRule>>) -> BpfProgram {
-        SeccompFilter::new(
-            rules,
-            SeccompAction::Trap,
-            SeccompAction::Allow,
-            TargetArch::x86_64,
-        )
-        .unwrap()
-        .try_into()
-        .unwrap()
-    }
-
     /// Every thread kind's program, as installed (errno answers, then the list cut into parts
     /// behind a search), decides every call as seccompiler's own program of the same list
     /// does: each call number of x86_64 and past it, x32's, another architecture's, with the
@@ -967,7 +957,7 @@ mod tests {
             for inet in [false, true] {
                 let installed = programs("test", rules_of(kind, inet), &errors).unwrap();
                 let mut theirs = errno_prefix(&errors);
-                theirs.extend(linear(rules_of(kind, inet)));
+                theirs.extend(linear(rules_of(kind, inet)).unwrap());
                 let mut numbers: Vec<u32> = (0..520).collect();
                 numbers.extend([0x4000_0000, 0x4000_0001, 0x4000_0010, u32::MAX]);
                 for nr in numbers {
@@ -1002,7 +992,7 @@ mod tests {
     fn a_dispatched_list_is_walked_briefly_at_install() {
         for kind in [ThreadKind::Vmm, ThreadKind::Vcpu(0), ThreadKind::Virtio] {
             let installed = programs("test", rules_of(kind, true), &[]).unwrap();
-            let theirs = linear(rules_of(kind, true));
+            let theirs = linear(rules_of(kind, true)).unwrap();
             let walk = |p: &[seccompiler::sock_filter]| -> usize {
                 (0..460)
                     .map(|nr| run(p, (nr, 0xC000_003E, [0; 6]), true).1)
