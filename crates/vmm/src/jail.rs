@@ -409,6 +409,18 @@ pub fn shared_mount_ns(keep: &Path, root: &Path) -> std::io::Result<(OwnedFd, (u
     Ok((ns, id))
 }
 
+/// Whether this process is in the mount namespace of the host's (or its container's) first
+/// process, the one [`shared_mount_ns`] keeps its namespace in. False if that cannot be read.
+fn in_hosts_mount_ns() -> bool {
+    match (
+        std::fs::read_link("/proc/self/ns/mnt"),
+        std::fs::read_link("/proc/1/ns/mnt"),
+    ) {
+        (Ok(me), Ok(init)) => me == init,
+        _ => false,
+    }
+}
+
 /// What is on a [`shared_mount_ns`] file.
 enum Kept {
     /// No file, or the plain file a first VMM made before it was killed.
@@ -597,7 +609,17 @@ pub fn arm(config: JailConfig) -> Result<(), JailError> {
         make_netns_ahead();
     }
     if let Some(keep) = &config.shared_mount_ns {
-        if config.binds.is_empty() && !config.proc && !config.own_root {
+        if !in_hosts_mount_ns() {
+            // `ip netns exec`, a systemd unit's sandbox, a container: a copy of the host's
+            // mounts without the kept namespace (the kernel copies no mount of a mount
+            // namespace file), where one made here would die with this namespace and binding
+            // it may be refused (a bind of a namespace no newer than the caller's is). Made
+            // here for every VMM, it would cost more than the jail's own.
+            tracing::debug!(
+                "not in the host's mount namespace: {} is not used",
+                keep.display()
+            );
+        } else if config.binds.is_empty() && !config.proc && !config.own_root {
             match shared_mount_ns(keep, &config.root) {
                 Ok(kept) => *bexar_util::sync::lock(&SHARED_MNTNS) = Some(kept),
                 // The jail then makes its own, as the agent's VMMs do (about 1 ms dearer).
