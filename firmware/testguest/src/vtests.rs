@@ -1013,8 +1013,9 @@ fn rand_4k(
             }
         }
         let now = rdtsc();
+        // As Linux's driver: no kick while the device watches the ring.
         if refill {
-            d.kick();
+            d.kick_if_wanted();
         }
         if progress {
             last = now;
@@ -1118,8 +1119,9 @@ pub fn test_blk_bench(bp: &BootParams) -> TestResult {
             }
         }
         let now = rdtsc();
+        // As Linux's driver: no kick while the device watches the ring.
         if refill {
-            d.kick();
+            d.kick_if_wanted();
         }
         if progress {
             last = now;

@@ -326,6 +326,11 @@ impl Blk {
         self.q.kick()
     }
 
+    /// [`Self::kick`] unless the device is watching the ring (`Queue::kick_if_wanted`).
+    pub fn kick_if_wanted(&self) {
+        self.q.kick_if_wanted()
+    }
+
     fn completion(&self, u: Used) -> Completion {
         let status = unsafe { read_volatile(self.status.add(u.id as usize)) };
         Completion { head: u.id, used_len: u.len, status }

@@ -232,6 +232,17 @@ impl VirtQueue {
         unsafe { write_volatile((self.notify_base + reg::QUEUE_NOTIFY) as *mut u32, self.index as u32) };
     }
 
+    /// Kicks unless the device said it needs none (VIRTQ_USED_F_NO_NOTIFY: it is watching
+    /// the ring), as Linux's `virtqueue_kick_prepare` decides without EVENT_IDX. The barrier
+    /// orders the available index before the flag's read; the device clears the flag before
+    /// it reads the index a last time, so one of the two sees the other.
+    pub fn kick_if_wanted(&self) {
+        mb();
+        if self.device_wants_notify() {
+            self.kick();
+        }
+    }
+
     /// The device's used.idx.
     pub fn used_idx(&self) -> u16 {
         unsafe { read_volatile(self.used.add(2) as *const u16) }
