@@ -60,7 +60,9 @@ fn main() {
     }
     std::fs::write(&img, &data).expect("write the image");
     drop(data);
-    let iters = 100_000;
+    // Long enough that both sides run for about half a second here (100 000 ran for a tenth,
+    // and the ratio moved by a third between runs).
+    let iters = 300_000;
 
     let hz = tsc_hz();
     let out = Command::new(&bexar)

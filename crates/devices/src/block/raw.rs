@@ -234,8 +234,12 @@ impl RawUring {
         pushed
     }
 
-    /// The host addresses of a request's guest buffers.
-    fn iovecs(mem: &GuestMemoryMmap, req: &BlockRequest) -> Result<Vec<libc::iovec>, BlockError> {
+    /// The host addresses of a request's guest buffers (on the stack up to four: a request
+    /// the page cache serves at once needs no allocation).
+    fn iovecs(
+        mem: &GuestMemoryMmap,
+        req: &BlockRequest,
+    ) -> Result<smallvec::SmallVec<[libc::iovec; 4]>, BlockError> {
         req.segments
             .iter()
             .map(|(addr, len)| {
@@ -289,6 +293,9 @@ impl DiskBackend for RawUring {
                     });
                     return Ok(());
                 }
+                // On the heap from here: the kernel reads the array when it takes the entry,
+                // after `InFlight` (which keeps it) has moved into the map.
+                let iovecs = iovecs.into_vec();
                 let (ptr, n) = (iovecs.as_ptr(), iovecs.len() as u32);
                 let (entry, fills) = if req.op == BlockOp::Read {
                     let e = opcode::Readv::new(fd, ptr, n).offset(req.offset).build();

@@ -184,9 +184,14 @@ pub struct Refused {
     pub status: Option<GuestAddress>,
 }
 
+/// A list of guest buffers, on the stack up to four (a request's header, data and status are
+/// one to three): parsing allocated four lists per request, 6 % of a virtio-blk thread serving
+/// 4 KiB reads from the page cache (perf).
+type Bufs = smallvec::SmallVec<[(GuestAddress, u32); 4]>;
+
 /// Takes `len` bytes from the front of a list of buffers; returns them as buffers.
-fn take(bufs: &mut Vec<(GuestAddress, u32)>, mut len: u64) -> Vec<(GuestAddress, u32)> {
-    let mut out = Vec::new();
+fn take(bufs: &mut Bufs, mut len: u64) -> Bufs {
+    let mut out = Bufs::new();
     while len > 0 && !bufs.is_empty() {
         let (addr, n) = bufs[0];
         let k = u64::from(n).min(len);
@@ -228,8 +233,8 @@ impl Request {
         mem: &GuestMemoryMmap,
         limits: Limits,
     ) -> Result<Request, Refused> {
-        let mut readable = Vec::new();
-        let mut writable = Vec::new();
+        let mut readable = Bufs::new();
+        let mut writable = Bufs::new();
         let mut order_ok = true;
         let mut bad = None;
         for d in chain.clone() {
@@ -293,17 +298,17 @@ impl Request {
         let (op, data) = match kind {
             RequestType::In => {
                 let off = transfer(in_len)?;
-                (Some((BlockOp::Read, off, in_len)), in_data)
+                (Some((BlockOp::Read, off, in_len)), in_data.into_vec())
             }
             RequestType::Out => {
                 let len = total(&out_data);
                 let off = transfer(len)?;
-                (Some((BlockOp::Write, off, len)), out_data)
+                (Some((BlockOp::Write, off, len)), out_data.into_vec())
             }
             RequestType::Flush => (Some((BlockOp::Flush, 0, 0)), Vec::new()),
             RequestType::GetId => {
                 let n = in_len.min(vb::VIRTIO_BLK_ID_BYTES as u64);
-                (None, take(&mut in_data, n))
+                (None, take(&mut in_data, n).into_vec())
             }
             RequestType::Discard | RequestType::WriteZeroes => {
                 // We advertise one range per request (max_discard_seg = 1).
