@@ -1037,7 +1037,7 @@ mod tests {
         use crate::memory::is_dirty;
         use crate::virtio::ring::DriverRing;
         use crate::virtio::test_utils::{context, TestInterrupt};
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        use vm_memory::GuestMemoryBackend;
         let mem = crate::memory::tracked_test_memory(1);
         // Laid out so that the used ring's index is on page 0x2000 and its second entry
         // (bytes 0x3004-0x300b) on page 0x3000 alone.
