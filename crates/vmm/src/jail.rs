@@ -417,7 +417,15 @@ fn in_hosts_mount_ns() -> bool {
         std::fs::read_link("/proc/1/ns/mnt"),
     ) {
         (Ok(me), Ok(init)) => me == init,
-        _ => false,
+        (me, init) => {
+            tracing::info!(
+                "cannot compare this mount namespace with the host's ({:?}, {:?}): the jail \
+                 makes its own",
+                me.err(),
+                init.err()
+            );
+            false
+        }
     }
 }
 

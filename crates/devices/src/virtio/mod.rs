@@ -426,7 +426,7 @@ fn driver_polls(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
 enum Published {
     /// The entries are on the used ring; whether the driver wants an interrupt for them.
     Done { interrupt: bool },
-    /// A head outside the ring: nothing was published.
+    /// A head outside the ring: nothing of the batch was published.
     BadHead(u16),
 }
 
@@ -531,15 +531,21 @@ impl<'a> Serving<'a> {
                 ring.get_atomic_ref::<AtomicU32>(off + 4).ok()?,
             ))
         };
-        // Every entry's place is checked before the first is written.
+        // What the driver's wishes are read from, every entry's place and every head, checked
+        // before the first write: a `None` after it would have the fallback publish the batch
+        // again.
+        let used_event = avail
+            .get_atomic_ref::<AtomicU16>(4 + 2 * usize::from(size))
+            .ok()?;
+        let flags = avail.get_atomic_ref::<AtomicU16>(0).ok()?;
         entry(0)?;
         entry(size - 1)?;
+        if let Some(&(head, _)) = used.iter().find(|(head, _)| *head >= size) {
+            return Some(Published::BadHead(head));
+        }
         let old = Wrapping(queue.next_used());
         let mut at = old;
         for &(head, len) in used {
-            if head >= size {
-                return Some(Published::BadHead(head));
-            }
             let (id_at, len_at) = entry(at.0 % size)?;
             id_at.store(u32::from(head).to_le(), Ordering::Relaxed);
             len_at.store(len.to_le(), Ordering::Relaxed);
@@ -553,19 +559,15 @@ impl<'a> Serving<'a> {
         ring.bitmap().mark_dirty(2, 2);
         std::sync::atomic::fence(Ordering::SeqCst);
         let interrupt = if queue.event_idx_enabled() {
-            let event = avail
-                .get_atomic_ref::<AtomicU16>(4 + 2 * usize::from(size))
-                .ok()?
-                .load(Ordering::Relaxed);
+            // No queue mixes this with virtio-queue's `add_used` and `needs_notification`
+            // (whose `num_added` this does not count): rx queues use those; tx, event and rng
+            // queues this. EVENT_IDX is not offered yet.
+            let event = used_event.load(Ordering::Relaxed);
             // The driver wants an interrupt once the index passes `used_event`: whether it
             // lies in old..at (as Linux's virtio_ring and virtio-queue reckon it).
             at - Wrapping(u16::from_le(event)) - Wrapping(1) < at - old
         } else {
-            let flags = avail
-                .get_atomic_ref::<AtomicU16>(0)
-                .ok()?
-                .load(Ordering::Relaxed);
-            u16::from_le(flags) & VIRTQ_AVAIL_F_NO_INTERRUPT == 0
+            u16::from_le(flags.load(Ordering::Relaxed)) & VIRTQ_AVAIL_F_NO_INTERRUPT == 0
         };
         Some(Published::Done { interrupt })
     }

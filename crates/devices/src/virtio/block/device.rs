@@ -226,7 +226,12 @@ impl Block {
             if let Some(mut s) = self.common.serving_quiet() {
                 s.quiet(0);
             }
-            while self.submit_available(notified) && self.answer_completed() {
+            // Rounds while completions make room, within the turn (a guest that refills as
+            // fast as the page cache answers would otherwise keep this loop going).
+            while self.submit_available(notified)
+                && self.answer_completed()
+                && turn.elapsed() < TURN
+            {
                 notified = false;
             }
             notified = false;
