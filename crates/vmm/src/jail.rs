@@ -409,20 +409,25 @@ pub fn shared_mount_ns(keep: &Path, root: &Path) -> std::io::Result<(OwnedFd, (u
     Ok((ns, id))
 }
 
-/// Whether this process is in the mount namespace of the host's (or its container's) first
-/// process, the one [`shared_mount_ns`] keeps its namespace in. False if that cannot be read.
-fn in_hosts_mount_ns() -> bool {
+/// Whether this process is in its parent's mount namespace. A process whose namespace is not
+/// (`ip netns exec` makes one as it starts its command, as do a systemd unit's `PrivateTmp=`
+/// and a container's first process) is in a copy of the mounts it came from, where the kept
+/// namespace is not bound (the kernel copies no mount of a mount namespace file): one made
+/// there would die with that namespace and be made again by every run. False if either cannot
+/// be read (`/proc/1` is not readable everywhere, even by root).
+fn in_parents_mount_ns() -> bool {
+    let parent = format!("/proc/{}/ns/mnt", nix::unistd::getppid());
     match (
         std::fs::read_link("/proc/self/ns/mnt"),
-        std::fs::read_link("/proc/1/ns/mnt"),
+        std::fs::read_link(&parent),
     ) {
-        (Ok(me), Ok(init)) => me == init,
-        (me, init) => {
+        (Ok(me), Ok(theirs)) => me == theirs,
+        (me, theirs) => {
             tracing::info!(
-                "cannot compare this mount namespace with the host's ({:?}, {:?}): the jail \
+                "cannot compare this mount namespace with the parent's ({:?}, {:?}): the jail \
                  makes its own",
                 me.err(),
-                init.err()
+                theirs.err()
             );
             false
         }
@@ -617,14 +622,11 @@ pub fn arm(config: JailConfig) -> Result<(), JailError> {
         make_netns_ahead();
     }
     if let Some(keep) = &config.shared_mount_ns {
-        if !in_hosts_mount_ns() {
-            // `ip netns exec`, a systemd unit's sandbox, a container: a copy of the host's
-            // mounts without the kept namespace (the kernel copies no mount of a mount
-            // namespace file), where one made here would die with this namespace and binding
-            // it may be refused (a bind of a namespace no newer than the caller's is). Made
-            // here for every VMM, it would cost more than the jail's own.
+        if !in_parents_mount_ns() {
+            // (Made here for every VMM, it would cost more than the jail's own namespace, and
+            // one bind in four failed with EINVAL under `ip netns exec` here.)
             tracing::debug!(
-                "not in the host's mount namespace: {} is not used",
+                "not in the parent's mount namespace: {} is not used",
                 keep.display()
             );
         } else if config.binds.is_empty() && !config.proc && !config.own_root {
