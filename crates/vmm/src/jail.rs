@@ -409,23 +409,33 @@ pub fn shared_mount_ns(keep: &Path, root: &Path) -> std::io::Result<(OwnedFd, (u
     Ok((ns, id))
 }
 
-/// Whether this process is in its parent's mount namespace. A process whose namespace is not
+/// Whether this process is in another mount namespace than its parent's. Such a process
 /// (`ip netns exec` makes one as it starts its command, as do a systemd unit's `PrivateTmp=`
 /// and a container's first process) is in a copy of the mounts it came from, where the kept
 /// namespace is not bound (the kernel copies no mount of a mount namespace file): one made
-/// there would die with that namespace and be made again by every run. False if either cannot
-/// be read (`/proc/1` is not readable everywhere, even by root).
-fn in_parents_mount_ns() -> bool {
-    let parent = format!("/proc/{}/ns/mnt", nix::unistd::getppid());
+/// there would die with that namespace and be made again by every run. False when it cannot
+/// be told (no parent in this PID namespace, or a parent whose `/proc` entry is not readable:
+/// `/proc/1` is not, here, even for root): the kept namespace is then tried as before.
+fn in_copied_mount_ns() -> bool {
+    // The parent as `/proc` numbers it (`getppid` answers in the caller's PID namespace).
+    let parent = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // After the command's closing parenthesis: state, then the parent's pid.
+            let rest = &s[s.rfind(')')? + 1..];
+            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+        });
+    let Some(parent) = parent.filter(|p| *p > 0) else {
+        return false;
+    };
     match (
         std::fs::read_link("/proc/self/ns/mnt"),
-        std::fs::read_link(&parent),
+        std::fs::read_link(format!("/proc/{parent}/ns/mnt")),
     ) {
-        (Ok(me), Ok(theirs)) => me == theirs,
+        (Ok(me), Ok(theirs)) => me != theirs,
         (me, theirs) => {
-            tracing::info!(
-                "cannot compare this mount namespace with the parent's ({:?}, {:?}): the jail \
-                 makes its own",
+            tracing::debug!(
+                "cannot compare this mount namespace with the parent's ({:?}, {:?})",
                 me.err(),
                 theirs.err()
             );
@@ -622,7 +632,7 @@ pub fn arm(config: JailConfig) -> Result<(), JailError> {
         make_netns_ahead();
     }
     if let Some(keep) = &config.shared_mount_ns {
-        if !in_parents_mount_ns() {
+        if in_copied_mount_ns() {
             // (Made here for every VMM, it would cost more than the jail's own namespace, and
             // one bind in four failed with EINVAL under `ip netns exec` here.)
             tracing::debug!(

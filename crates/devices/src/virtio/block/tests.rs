@@ -601,6 +601,8 @@ fn a_driver_as_fast_as_the_disk_is_served_in_rounds_not_by_recursion() {
             }
             dev.settle();
             assert!(turns > 1, "50 000 requests in one turn");
+            // Served to the end, with the driver's kicks back on.
+            assert_eq!(ring.used_flags() & 1, 0, "VIRTQ_USED_F_NO_NOTIFY left set");
             dev.counters().requests.load(Ordering::Relaxed)
         })
         .unwrap()
