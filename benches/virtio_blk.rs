@@ -60,6 +60,10 @@ fn main() {
     }
     std::fs::write(&img, &data).expect("write the image");
     drop(data);
+    // Written back before either side measures: the kernel's writeback of this image (and of
+    // a build just before, in CI) otherwise runs on the same two cores as the guest's first
+    // run, which got a third of its rate right after a build here.
+    nix::unistd::sync();
     // Long enough that both sides run for about half a second here (100 000 ran for a tenth,
     // and the ratio moved by a third between runs).
     let iters = 300_000;
