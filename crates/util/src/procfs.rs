@@ -16,13 +16,25 @@ pub fn self_status_kib(name: &str) -> Option<u64> {
     kib_field(&std::fs::read_to_string("/proc/self/status").ok()?, name)
 }
 
-/// The process start time (field 22 of /proc/PID/stat, clock ticks since boot): with the pid,
-/// it names one process, whatever pid reuse happens later.
-pub fn start_ticks(pid: u32) -> Option<u64> {
+/// Field `n` (numbered from 1, as proc(5) does; 3 or more) of `/proc/PID/stat`, `pid` being a
+/// number or `self`.
+fn stat_field(pid: &str, n: usize) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
+}
+
+/// The process start time (field 22 of /proc/PID/stat, clock ticks since boot): with the pid,
+/// it names one process, whatever pid reuse happens later.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    stat_field(&pid.to_string(), 22)
+}
+
+/// This process's parent (field 4 of /proc/self/stat), as `/proc` numbers it (`getppid`
+/// answers in the caller's PID namespace); 0 for the first process of a PID namespace.
+pub fn self_parent() -> Option<u32> {
+    u32::try_from(stat_field("self", 4)?).ok()
 }
 
 /// The processes `pid` made that are still there (its threads' `children` lists), as the host

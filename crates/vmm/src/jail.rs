@@ -417,15 +417,7 @@ pub fn shared_mount_ns(keep: &Path, root: &Path) -> std::io::Result<(OwnedFd, (u
 /// be told (no parent in this PID namespace, or a parent whose `/proc` entry is not readable:
 /// `/proc/1` is not, here, even for root): the kept namespace is then tried as before.
 fn in_copied_mount_ns() -> bool {
-    // The parent as `/proc` numbers it (`getppid` answers in the caller's PID namespace).
-    let parent = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            // After the command's closing parenthesis: state, then the parent's pid.
-            let rest = &s[s.rfind(')')? + 1..];
-            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-        });
-    let Some(parent) = parent.filter(|p| *p > 0) else {
+    let Some(parent) = bexar_util::procfs::self_parent().filter(|p| *p > 0) else {
         return false;
     };
     match (

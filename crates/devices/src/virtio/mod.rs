@@ -422,6 +422,26 @@ fn driver_polls(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
             .is_ok_and(|f| u16::from_le(f) & VIRTQ_AVAIL_F_NO_INTERRUPT != 0)
 }
 
+/// How long a queue whose driver streams is watched for more after a round
+/// ([`Serving::next_round`]): a driver refills within microseconds of the used entries it
+/// sees, while a wake-up by its kick costs tens here.
+pub const POLL: std::time::Duration = std::time::Duration::from_micros(50);
+/// The longest a queue keeps the virtio thread at once; the other devices and the VMM's
+/// requests (a pause) then get theirs.
+pub const TURN: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// What [`Serving::next_round`] says to do after a round on a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Round {
+    /// More is available: serve it now (the driver's kicks are still off).
+    Now,
+    /// More is available but the turn is over: come back once the event loop has gone round
+    /// (the caller writes the queue's eventfd; the kicks stay off).
+    Later,
+    /// Nothing more: the kicks are back on.
+    Done,
+}
+
 /// What [`Serving::publish_used`] did.
 enum Published {
     /// The entries are on the used ring; whether the driver wants an interrupt for them.
@@ -651,6 +671,29 @@ impl<'a> Serving<'a> {
             }
         }
         matches!(queue.enable_notification(mem), Ok(true))
+    }
+
+    /// After a round on queue `q` that began its turn at `turn`: watches the ring for `spin`
+    /// ([`Self::more_soon`]), or only looks once the turn has lasted [`TURN`].
+    pub fn next_round(
+        &mut self,
+        q: usize,
+        turn: std::time::Instant,
+        spin: std::time::Duration,
+    ) -> Round {
+        let over = turn.elapsed() >= TURN;
+        match self.more_soon(
+            q,
+            if over {
+                std::time::Duration::ZERO
+            } else {
+                spin
+            },
+        ) {
+            false => Round::Done,
+            true if over => Round::Later,
+            true => Round::Now,
+        }
     }
 
     /// Serves every chain available on queue `q` with `handle`, which returns the bytes it
@@ -965,17 +1008,28 @@ mod tests {
         assert_eq!(b, [0; 4]);
     }
 
-    #[test]
-    fn a_batch_is_published_at_once_and_interrupts_as_the_driver_asks() {
-        use crate::virtio::ring::DriverRing;
-        use crate::virtio::test_utils::{context, TestInterrupt};
-        use vm_memory::{Address, Bytes};
-        let mem = crate::memory::test_memory(1);
-        let ring = DriverRing::new(&mem, 0x1000, 8);
+    /// A device with one queue of 8 on a ring laid out from `base`, activated on `mem`.
+    fn one_queue<'m>(
+        mem: &'m GuestMemoryMmap,
+        base: u64,
+        irq: &Arc<crate::virtio::test_utils::TestInterrupt>,
+    ) -> (crate::virtio::ring::DriverRing<'m>, VirtioCommon) {
+        let ring = crate::virtio::ring::DriverRing::new(mem, base, 8);
         let mut common = VirtioCommon::new(4, "test", 0, &[8]).unwrap();
         ring.configure(&mut common.queues[0]);
+        common
+            .activate(crate::virtio::test_utils::context(mem, irq))
+            .unwrap();
+        (ring, common)
+    }
+
+    #[test]
+    fn a_batch_is_published_at_once_and_interrupts_as_the_driver_asks() {
+        use crate::virtio::test_utils::TestInterrupt;
+        use vm_memory::{Address, Bytes};
+        let mem = crate::memory::test_memory(1);
         let irq = TestInterrupt::new();
-        common.activate(context(&mem, &irq)).unwrap();
+        let (ring, mut common) = one_queue(&mem, 0x1000, &irq);
         let avail = ring.avail_addr();
         let set_flags = |v: u16| mem.write_obj(v.to_le(), avail).unwrap();
         let set_used_event = |v: u16| {
@@ -1036,18 +1090,12 @@ mod tests {
     #[test]
     fn published_entries_and_index_are_in_the_dirty_page_log() {
         use crate::memory::is_dirty;
-        use crate::virtio::ring::DriverRing;
-        use crate::virtio::test_utils::{context, TestInterrupt};
         use vm_memory::GuestMemoryBackend;
         let mem = crate::memory::tracked_test_memory(1);
         // Laid out so that the used ring's index is on page 0x2000 and its second entry
         // (bytes 0x3004-0x300b) on page 0x3000 alone.
-        let ring = DriverRing::new(&mem, 0x2f60, 8);
-        let mut common = VirtioCommon::new(4, "test", 0, &[8]).unwrap();
-        ring.configure(&mut common.queues[0]);
-        common
-            .activate(context(&mem, &TestInterrupt::new()))
-            .unwrap();
+        let irq = crate::virtio::test_utils::TestInterrupt::new();
+        let (ring, mut common) = one_queue(&mem, 0x2f60, &irq);
         assert!(common.serving().unwrap().complete(0, &[(0, 1)]));
         for r in mem.iter() {
             // The region's whole bitmap (the trait's `bitmap()` is a view without a reset).

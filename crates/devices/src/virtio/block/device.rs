@@ -17,17 +17,12 @@ use crate::block::{
 use crate::memory::GuestMemoryMmap;
 use crate::rate_limiter::{LimitedPath, RateLimitConfig, RateLimiter};
 use crate::virtio::{
-    read_config_bytes, ActivateError, ActivationContext, Counters, PersistError, VirtioCommon,
-    VirtioDevice, VirtioState,
+    read_config_bytes, ActivateError, ActivationContext, Counters, PersistError, Round,
+    VirtioCommon, VirtioDevice, VirtioState, POLL, TURN,
 };
 
 /// Queue size we offer.
 pub const QUEUE_SIZE: u16 = 256;
-/// How long the queue is watched for more requests once every request is answered
-/// ([`crate::virtio::Serving::more_soon`]).
-const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
-/// The longest the queue keeps the virtio thread at once.
-const TURN: std::time::Duration = std::time::Duration::from_millis(1);
 
 const fn bit(b: u32) -> u64 {
     1 << b
@@ -212,13 +207,13 @@ impl Block {
     ///
     /// While it works, the driver's kicks are off ([`crate::virtio::Serving::quiet`]). Once
     /// every request is answered (a page-cache-hot image: each answered as it was taken), it
-    /// watches the available ring for [`SPIN`] before it sleeps, as an iothread of QEMU polls
+    /// watches the available ring for [`POLL`] before it sleeps, as an iothread of QEMU polls
     /// (up to 32 µs by default): a driver at queue depth refills within microseconds of the
     /// answers it sees, and catching that spares it a kick (an exit) and this thread a
     /// wake-up. At queue depth 32 from the test guest, the thread slept and woke 9,300 times
     /// a second here and was idle 37 % of the time. With requests in flight it sleeps at once
     /// (their completions wake it, and a spin would only delay their answers). One turn holds
-    /// the thread at most [`TURN`].
+    /// the thread at most [`TURN`] ([`crate::virtio::Serving::next_round`]).
     fn process(&mut self, notified: bool) {
         let turn = std::time::Instant::now();
         let mut notified = notified;
@@ -240,22 +235,21 @@ impl Block {
             if self.limiter.waiting() || self.pending.len() >= usize::from(QUEUE_SIZE) {
                 return;
             }
-            let over = turn.elapsed() >= TURN;
-            let spin = if self.pending.is_empty() && !over {
-                SPIN
+            let spin = if self.pending.is_empty() {
+                POLL
             } else {
                 std::time::Duration::ZERO
             };
             let Some(mut s) = self.common.serving_quiet() else {
                 return;
             };
-            if !s.more_soon(0, spin) {
-                return;
-            }
-            if over {
-                // Back here once the event loop has gone round (the kicks stay off).
-                let _ = self.common.queue_evts[0].write(1);
-                return;
+            match s.next_round(0, turn, spin) {
+                Round::Now => {}
+                Round::Later => {
+                    let _ = self.common.queue_evts[0].write(1);
+                    return;
+                }
+                Round::Done => return,
             }
         }
     }

@@ -17,18 +17,12 @@ use crate::memory::GuestMemoryMmap;
 use crate::rate_limiter::{LimitedPath, RateLimitConfig, RateLimiter};
 use crate::tap::{offload, Tap, TapError, VNET_HDR_LEN};
 use crate::virtio::{
-    read_config_bytes, ActivateError, ActivationContext, Counters, PersistError, VirtioCommon,
-    VirtioDevice, VirtioState,
+    read_config_bytes, ActivateError, ActivationContext, Counters, PersistError, Round,
+    VirtioCommon, VirtioDevice, VirtioState, POLL,
 };
 
 /// Queue size we offer.
 pub const QUEUE_SIZE: u16 = 256;
-/// How long the transmit queue is watched for more frames after a batch
-/// ([`crate::virtio::Serving::more_soon`]): a streaming guest refills within microseconds,
-/// while a wake-up by its kick costs tens here.
-const TX_SPIN: std::time::Duration = std::time::Duration::from_micros(50);
-/// The longest the transmit queue keeps the virtio thread at once.
-const TX_TURN: std::time::Duration = std::time::Duration::from_millis(1);
 /// Largest frame with its header: a 64 KiB GSO frame plus headers.
 const MAX_FRAME: usize = 65562;
 
@@ -220,13 +214,12 @@ impl Net {
             if tx_limiter.waiting() {
                 break false;
             }
-            // A guest that never stops sending gets the thread for a turn, then the other
-            // devices and the VMM's requests (a pause) theirs; its frames wait for the next.
-            if turn.elapsed() >= TX_TURN {
-                break s.more_soon(TX, std::time::Duration::ZERO);
-            }
-            if !s.more_soon(TX, TX_SPIN) {
-                break false;
+            // A guest that never stops sending gets the thread for a turn; its frames then
+            // wait for the next.
+            match s.next_round(TX, turn, POLL) {
+                Round::Now => {}
+                Round::Later => break true,
+                Round::Done => break false,
             }
         };
         if again {
